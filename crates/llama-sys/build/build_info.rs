@@ -1,0 +1,112 @@
+//! The build info the crate exports: what exactly was compiled, so every benchmark row can say
+//! what it measured.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::cmake_build::Installed;
+use crate::plan::BuildPlan;
+use crate::source::Source;
+use crate::tools;
+
+pub struct BuildInfo {
+    pub llama_cpp: String,
+    pub build_number: u32,
+    pub upstream_commit: String,
+    pub source_dir: String,
+    pub target: String,
+    pub switches: Vec<(String, bool)>,
+    pub defines: Vec<(String, String)>,
+    pub c_flags: String,
+    pub cxx_flags: String,
+    pub ggml_cpu_flags: String,
+    pub c_compiler: String,
+    pub cxx_compiler: String,
+}
+
+impl BuildInfo {
+    pub fn collect(plan: &BuildPlan, source: &Source, target: &str, installed: &Installed) -> BuildInfo {
+        let cache = std::fs::read_to_string(installed.cmake_cache()).unwrap_or_default();
+        let cache_var = |name: &str| {
+            cache
+                .lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+                .and_then(|r| r.split_once('=').map(|(_, v)| v.trim().to_string()))
+                .unwrap_or_default()
+        };
+        let compiler = |lang: &str| {
+            let path = cache_var(&format!("CMAKE_{lang}_COMPILER"));
+            format!("{path} ({})", tools::compiler_version(&path))
+        };
+        let ggml_cpu_flags = std::fs::read_to_string(installed.ggml_cpu_flags_file())
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("CXX_FLAGS = ").map(|f| f.trim().to_string()))
+            .unwrap_or_default();
+        BuildInfo {
+            llama_cpp: source.pin.describe(),
+            build_number: source.pin.build_number.unwrap_or(0),
+            upstream_commit: if source.pin.upstream_commit.is_empty() { "unknown".into() } else { source.pin.upstream_commit.clone() },
+            source_dir: source.dir.display().to_string(),
+            target: target.to_string(),
+            switches: plan.switches.iter().map(|(s, on)| (s.to_string(), *on)).collect(),
+            defines: plan.defines.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            c_flags: format!("{} {}", cache_var("CMAKE_C_FLAGS"), cache_var("CMAKE_C_FLAGS_RELEASE")).trim().to_string(),
+            cxx_flags: format!("{} {}", cache_var("CMAKE_CXX_FLAGS"), cache_var("CMAKE_CXX_FLAGS_RELEASE")).trim().to_string(),
+            ggml_cpu_flags,
+            c_compiler: compiler("C"),
+            cxx_compiler: compiler("CXX"),
+        }
+    }
+
+    /// A short hash of everything above: two builds with the same hash compiled the same thing.
+    pub fn hash(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(format!(
+            "{}|{}|{}|{:?}|{:?}|{}|{}|{}|{}|{}",
+            self.llama_cpp,
+            self.build_number,
+            self.target,
+            self.switches,
+            self.defines,
+            self.c_flags,
+            self.cxx_flags,
+            self.ggml_cpu_flags,
+            self.c_compiler,
+            self.cxx_compiler
+        ));
+        hex(&h.finalize())[..12].to_string()
+    }
+
+    /// Rust source for `OUT_DIR/build_info.rs`, included by the library.
+    pub fn write(&self, out_dir: &Path) {
+        let mut s = String::new();
+        let pairs = |v: &[(String, String)]| v.iter().map(|(k, v)| format!("({k:?}, {v:?})")).collect::<Vec<_>>().join(", ");
+        let switches = self.switches.iter().map(|(k, v)| format!("({k:?}, {v})")).collect::<Vec<_>>().join(", ");
+        writeln!(
+            s,
+            "/// What this build of llama.cpp is, and how it was compiled.\npub const BUILD_INFO: BuildInfo = BuildInfo {{\n    llama_cpp: {:?},\n    build_number: {},\n    upstream_commit: {:?},\n    source_dir: {:?},\n    target: {:?},\n    switches: &[{switches}],\n    cmake_defines: &[{}],\n    c_flags: {:?},\n    cxx_flags: {:?},\n    ggml_cpu_flags: {:?},\n    c_compiler: {:?},\n    cxx_compiler: {:?},\n    hash: {:?},\n}};",
+            self.llama_cpp,
+            self.build_number,
+            self.upstream_commit,
+            self.source_dir,
+            self.target,
+            pairs(&self.defines),
+            self.c_flags,
+            self.cxx_flags,
+            self.ggml_cpu_flags,
+            self.c_compiler,
+            self.cxx_compiler,
+            self.hash(),
+        )
+        .expect("formatting into a String cannot fail");
+        let path = out_dir.join("build_info.rs");
+        std::fs::write(&path, s).unwrap_or_else(|e| crate::fail(&format!("cannot write {}: {e}", path.display())));
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,774 @@
+//! The build plan: target + features + environment → CMake defines, compiler flags and the
+//! libraries to link, in order.
+//!
+//! Pure on purpose: nothing here reads the environment or touches the file system, so the
+//! Metal, CUDA and Accelerate paths that no CI machine of ours can build are still proven right
+//! by the unit tests at the bottom. The library compiles this file under `cfg(test)` to run them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// The platform being compiled for, from Cargo's `CARGO_CFG_TARGET_*` variables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub triple: String,
+    pub os: String,
+    pub arch: String,
+    pub env: String,
+}
+
+impl Target {
+    pub fn is_apple(&self) -> bool {
+        matches!(self.os.as_str(), "macos" | "ios" | "tvos" | "visionos")
+    }
+
+    pub fn is_msvc(&self) -> bool {
+        self.env == "msvc"
+    }
+}
+
+/// The C++ compiler family, which decides the OpenMP runtime and the flag syntax.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompilerFamily {
+    Gnu,
+    Clang,
+    Msvc,
+}
+
+/// One on/off dimension of the build. Each maps to exactly one ggml CMake option.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Switch {
+    Native,
+    OpenMp,
+    Llamafile,
+    Repack,
+    Lto,
+    Blas,
+    Metal,
+    Accelerate,
+    Cuda,
+    Rpc,
+}
+
+impl Switch {
+    pub const ALL: [Switch; 10] = [
+        Switch::Native,
+        Switch::OpenMp,
+        Switch::Llamafile,
+        Switch::Repack,
+        Switch::Lto,
+        Switch::Blas,
+        Switch::Metal,
+        Switch::Accelerate,
+        Switch::Cuda,
+        Switch::Rpc,
+    ];
+
+    /// The cargo feature that forces this switch on.
+    pub fn feature(self) -> &'static str {
+        match self {
+            Switch::Native => "native",
+            Switch::OpenMp => "openmp",
+            Switch::Llamafile => "llamafile",
+            Switch::Repack => "repack",
+            Switch::Lto => "lto",
+            Switch::Blas => "blas",
+            Switch::Metal => "metal",
+            Switch::Accelerate => "accelerate",
+            Switch::Cuda => "cuda",
+            Switch::Rpc => "rpc",
+        }
+    }
+
+    /// The environment variable that overrides both the feature and the platform default.
+    pub fn env_var(self) -> String {
+        format!("LLAMA_SYS_{}", self.feature().to_ascii_uppercase())
+    }
+
+    /// The ggml CMake option this switch sets.
+    pub fn cmake_define(self) -> &'static str {
+        match self {
+            Switch::Native => "GGML_NATIVE",
+            Switch::OpenMp => "GGML_OPENMP",
+            Switch::Llamafile => "GGML_LLAMAFILE",
+            Switch::Repack => "GGML_CPU_REPACK",
+            Switch::Lto => "GGML_LTO",
+            Switch::Blas => "GGML_BLAS",
+            Switch::Metal => "GGML_METAL",
+            Switch::Accelerate => "GGML_ACCELERATE",
+            Switch::Cuda => "GGML_CUDA",
+            Switch::Rpc => "GGML_RPC",
+        }
+    }
+
+    /// What the switch is when neither a feature nor the environment says otherwise.
+    fn platform_default(self, target: &Target, host_build: bool) -> bool {
+        match self {
+            // -march=native describes the build machine, so only a host build may use it.
+            Switch::Native => host_build && !target.is_msvc(),
+            // Apple's toolchain ships no OpenMP runtime; ggml's own threadpool serves there.
+            Switch::OpenMp => !target.is_apple(),
+            Switch::Llamafile | Switch::Repack => true,
+            Switch::Metal | Switch::Accelerate => target.is_apple(),
+            Switch::Lto | Switch::Blas | Switch::Cuda | Switch::Rpc => false,
+        }
+    }
+}
+
+impl fmt::Display for Switch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.feature())
+    }
+}
+
+/// Everything the plan depends on, gathered by the build script.
+#[derive(Clone, Debug)]
+pub struct PlanInput {
+    pub target: Target,
+    /// Whether target == host, which is what allows native CPU flags.
+    pub host_build: bool,
+    pub compiler: CompilerFamily,
+    /// Switches forced on by cargo features.
+    pub features: BTreeSet<Switch>,
+    /// `LLAMA_SYS_*` variables that were set, by name (see [`known_env_vars`]).
+    pub env: BTreeMap<String, String>,
+    /// Path of a ccache binary, when one should be used.
+    pub ccache: Option<String>,
+    /// LLAMA_BUILD_NUMBER / LLAMA_BUILD_COMMIT for llama.cpp's own version reporting.
+    pub build_number: Option<u32>,
+    pub build_commit: Option<String>,
+}
+
+/// A library to link, in the order the linker must see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// One of llama.cpp's own static libraries, from the install folder.
+    Static(String),
+    /// A system shared library (`-l`).
+    Dylib(String),
+    /// An Apple framework.
+    Framework(String),
+}
+
+impl Link {
+    /// The `cargo:rustc-link-lib` value for this library.
+    pub fn cargo_value(&self) -> String {
+        match self {
+            Link::Static(name) => format!("static={name}"),
+            Link::Dylib(name) => format!("dylib={name}"),
+            Link::Framework(name) => format!("framework={name}"),
+        }
+    }
+}
+
+/// What to build and how, for one target and flag set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildPlan {
+    /// Every switch with its resolved value.
+    pub switches: BTreeMap<Switch, bool>,
+    /// `-D` definitions passed to CMake, the validated pass-through ones included.
+    pub defines: BTreeMap<String, String>,
+    pub c_flags: Vec<String>,
+    pub cxx_flags: Vec<String>,
+    /// Libraries in link order: llama first, ggml-base after every backend, system last.
+    pub links: Vec<Link>,
+    /// Extra native search paths (CUDA's library folders, for one).
+    pub search_paths: Vec<String>,
+    /// Headers bindgen reads, relative to the llama.cpp source root.
+    pub headers: Vec<&'static str>,
+}
+
+/// A configuration the plan refuses, with the variable or feature at fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanError(pub String);
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub const OPT_LEVEL_VAR: &str = "LLAMA_SYS_OPT_LEVEL";
+pub const CUDA_ARCHS_VAR: &str = "LLAMA_SYS_CUDA_ARCHITECTURES";
+pub const BLAS_VENDOR_VAR: &str = "LLAMA_SYS_BLAS_VENDOR";
+pub const CMAKE_ARGS_VAR: &str = "LLAMA_SYS_CMAKE_ARGS";
+pub const CFLAGS_VAR: &str = "LLAMA_SYS_CFLAGS";
+pub const CXXFLAGS_VAR: &str = "LLAMA_SYS_CXXFLAGS";
+pub const CUDA_PATH_VAR: &str = "CUDA_PATH";
+
+/// Every variable the plan reads, so the build script can watch them all.
+pub fn known_env_vars() -> Vec<String> {
+    let mut vars: Vec<String> = Switch::ALL.iter().map(|s| s.env_var()).collect();
+    vars.extend(
+        [OPT_LEVEL_VAR, CUDA_ARCHS_VAR, BLAS_VENDOR_VAR, CMAKE_ARGS_VAR, CFLAGS_VAR, CXXFLAGS_VAR, CUDA_PATH_VAR]
+            .map(String::from),
+    );
+    vars
+}
+
+impl BuildPlan {
+    pub fn new(input: &PlanInput) -> Result<BuildPlan, PlanError> {
+        let switches = resolve_switches(input)?;
+        let on = |s: Switch| switches[&s];
+        let target = &input.target;
+
+        let mut defines = BTreeMap::new();
+        let mut define = |k: &str, v: &str| {
+            defines.insert(k.to_string(), v.to_string());
+        };
+        let onoff = |b: bool| if b { "ON" } else { "OFF" };
+
+        // Static libraries only, and none of upstream's programs: we link the library and
+        // nothing else, so its tests, tools, server and network code are dead weight.
+        // Release whatever cargo's profile: a Debug llama.cpp is two orders of magnitude slower.
+        define("CMAKE_BUILD_TYPE", "Release");
+        define("BUILD_SHARED_LIBS", "OFF");
+        define("CMAKE_POSITION_INDEPENDENT_CODE", "ON");
+        for off in [
+            "LLAMA_BUILD_TESTS",
+            "LLAMA_BUILD_EXAMPLES",
+            "LLAMA_BUILD_TOOLS",
+            "LLAMA_BUILD_SERVER",
+            "LLAMA_BUILD_COMMON",
+            "LLAMA_BUILD_APP",
+            "LLAMA_OPENSSL",
+            "GGML_BUILD_TESTS",
+            "GGML_BUILD_EXAMPLES",
+        ] {
+            define(off, "OFF");
+        }
+        for s in Switch::ALL {
+            define(s.cmake_define(), onoff(on(s)));
+        }
+        if on(Switch::Metal) {
+            // The shader library goes inside the binary: no .metallib to ship or find at run time.
+            define("GGML_METAL_EMBED_LIBRARY", "ON");
+        }
+        if on(Switch::Blas) {
+            let vendor = match input.env.get(BLAS_VENDOR_VAR) {
+                Some(v) => v.clone(),
+                None if target.is_apple() => "Apple".to_string(),
+                None => "OpenBLAS".to_string(),
+            };
+            define("GGML_BLAS_VENDOR", &vendor);
+        }
+        if on(Switch::Cuda) {
+            if let Some(archs) = input.env.get(CUDA_ARCHS_VAR) {
+                validate_cuda_archs(archs)?;
+                define("CMAKE_CUDA_ARCHITECTURES", archs);
+            }
+        }
+        if let Some(ccache) = &input.ccache {
+            define("CMAKE_C_COMPILER_LAUNCHER", ccache);
+            define("CMAKE_CXX_COMPILER_LAUNCHER", ccache);
+            if on(Switch::Cuda) {
+                define("CMAKE_CUDA_COMPILER_LAUNCHER", ccache);
+            }
+        }
+        if let Some(n) = input.build_number {
+            define("LLAMA_BUILD_NUMBER", &n.to_string());
+        }
+        if let Some(commit) = &input.build_commit {
+            define("LLAMA_BUILD_COMMIT", commit);
+        }
+        if let Some(level) = input.env.get(OPT_LEVEL_VAR) {
+            let flags = release_flags(level, input.compiler)?;
+            define("CMAKE_C_FLAGS_RELEASE", &flags);
+            define("CMAKE_CXX_FLAGS_RELEASE", &flags);
+        }
+        if let Some(args) = input.env.get(CMAKE_ARGS_VAR) {
+            for (k, v) in parse_cmake_args(args)? {
+                defines.insert(k, v);
+            }
+        }
+
+        let c_flags = parse_compiler_flags(CFLAGS_VAR, input.env.get(CFLAGS_VAR))?;
+        let cxx_flags = parse_compiler_flags(CXXFLAGS_VAR, input.env.get(CXXFLAGS_VAR))?;
+        let (links, search_paths) = link_list(input, &switches);
+
+        let mut headers = vec![
+            "include/llama.h",
+            "ggml/include/ggml.h",
+            "ggml/include/ggml-backend.h",
+            "ggml/include/ggml-cpu.h",
+            "ggml/include/gguf.h",
+        ];
+        if on(Switch::Rpc) {
+            headers.push("ggml/include/ggml-rpc.h");
+        }
+
+        Ok(BuildPlan { switches, defines, c_flags, cxx_flags, links, search_paths, headers })
+    }
+
+    /// A stable text form of everything that decides the compiled output; its hash names the
+    /// cached CMake build folder.
+    pub fn fingerprint(&self) -> String {
+        let mut out = String::new();
+        for (k, v) in &self.defines {
+            out.push_str(&format!("-D{k}={v}\n"));
+        }
+        out.push_str(&format!("cflags={}\ncxxflags={}\n", self.c_flags.join(" "), self.cxx_flags.join(" ")));
+        out
+    }
+}
+
+fn resolve_switches(input: &PlanInput) -> Result<BTreeMap<Switch, bool>, PlanError> {
+    let mut switches = BTreeMap::new();
+    for s in Switch::ALL {
+        let value = match input.env.get(&s.env_var()) {
+            Some(raw) => parse_bool(&s.env_var(), raw)?,
+            None => input.features.contains(&s) || s.platform_default(&input.target, input.host_build),
+        };
+        switches.insert(s, value);
+    }
+    let target = &input.target;
+    for s in [Switch::Metal, Switch::Accelerate] {
+        if switches[&s] && !target.is_apple() {
+            return Err(PlanError(format!(
+                "the `{s}` feature ({}) needs an Apple target, not {}; unset it or build for macOS/iOS",
+                s.env_var(),
+                target.triple
+            )));
+        }
+    }
+    if switches[&Switch::Native] && !input.host_build {
+        return Err(PlanError(format!(
+            "native CPU flags ({}) describe the build machine and cannot target {}; set {}=off",
+            Switch::Native.cmake_define(),
+            target.triple,
+            Switch::Native.env_var()
+        )));
+    }
+    Ok(switches)
+}
+
+fn parse_bool(var: &str, raw: &str) -> Result<bool, PlanError> {
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "1" | "on" | "true" | "yes" => Ok(true),
+        "0" | "off" | "false" | "no" => Ok(false),
+        other => Err(PlanError(format!("{var}={other:?} is not on/off (use 1/0, on/off, true/false)"))),
+    }
+}
+
+/// CMAKE_<LANG>_FLAGS_RELEASE for an explicit optimisation level. `-Ofast` is refused: it
+/// changes results, and every build here must give the same tokens.
+fn release_flags(level: &str, compiler: CompilerFamily) -> Result<String, PlanError> {
+    let level = level.trim();
+    let valid = match compiler {
+        CompilerFamily::Msvc => matches!(level, "1" | "2" | "d"),
+        _ => matches!(level, "0" | "1" | "2" | "3" | "s" | "z"),
+    };
+    if !valid {
+        return Err(PlanError(format!(
+            "{OPT_LEVEL_VAR}={level:?} is not an optimisation level this compiler takes (0-3, s, z; MSVC: 1, 2, d)"
+        )));
+    }
+    Ok(match compiler {
+        CompilerFamily::Msvc => format!("/O{level} /DNDEBUG"),
+        _ => format!("-O{level} -DNDEBUG"),
+    })
+}
+
+fn validate_cuda_archs(archs: &str) -> Result<(), PlanError> {
+    let ok = archs == "native"
+        || archs == "all"
+        || archs == "all-major"
+        || archs.split(';').all(|a| {
+            let a = a.trim_end_matches("-real").trim_end_matches("-virtual");
+            !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric())
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(PlanError(format!(
+            "{CUDA_ARCHS_VAR}={archs:?} is not a CMake CUDA architecture list (e.g. \"86;89\", \"90a\", \"native\")"
+        )))
+    }
+}
+
+/// `-DNAME=VALUE` words; anything else is refused rather than handed to CMake unseen.
+fn parse_cmake_args(args: &str) -> Result<Vec<(String, String)>, PlanError> {
+    args.split_whitespace()
+        .map(|word| {
+            let body = word.strip_prefix("-D").ok_or_else(|| {
+                PlanError(format!("{CMAKE_ARGS_VAR}: {word:?} is not of the form -DNAME=VALUE"))
+            })?;
+            let (name, value) = body.split_once('=').ok_or_else(|| {
+                PlanError(format!("{CMAKE_ARGS_VAR}: {word:?} has no =VALUE"))
+            })?;
+            let name = name.split(':').next().unwrap_or(name); // -DNAME:BOOL=ON
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(PlanError(format!("{CMAKE_ARGS_VAR}: {name:?} is not a CMake variable name")));
+            }
+            Ok((name.to_string(), value.to_string()))
+        })
+        .collect()
+}
+
+fn parse_compiler_flags(var: &str, raw: Option<&String>) -> Result<Vec<String>, PlanError> {
+    let Some(raw) = raw else { return Ok(Vec::new()) };
+    raw.split_whitespace()
+        .map(|flag| {
+            if flag.starts_with('-') || flag.starts_with('/') {
+                Ok(flag.to_string())
+            } else {
+                Err(PlanError(format!("{var}: {flag:?} is not a compiler flag (flags start with '-')")))
+            }
+        })
+        .collect()
+}
+
+fn link_list(input: &PlanInput, switches: &BTreeMap<Switch, bool>) -> (Vec<Link>, Vec<String>) {
+    let on = |s: Switch| switches[&s];
+    let target = &input.target;
+    let mut links = vec![Link::Static("llama".into()), Link::Static("ggml".into()), Link::Static("ggml-cpu".into())];
+    let mut search_paths = Vec::new();
+
+    // Backends sit between ggml and ggml-base: they call into ggml-base and are registered by ggml.
+    if on(Switch::Blas) {
+        links.push(Link::Static("ggml-blas".into()));
+    }
+    if on(Switch::Metal) {
+        links.push(Link::Static("ggml-metal".into()));
+    }
+    if on(Switch::Cuda) {
+        links.push(Link::Static("ggml-cuda".into()));
+    }
+    if on(Switch::Rpc) {
+        links.push(Link::Static("ggml-rpc".into()));
+    }
+    links.push(Link::Static("ggml-base".into()));
+
+    if on(Switch::Cuda) {
+        let root = input.env.get(CUDA_PATH_VAR).cloned().unwrap_or_else(|| "/usr/local/cuda".to_string());
+        if target.os == "windows" {
+            search_paths.push(format!("{root}/lib/x64"));
+        } else {
+            search_paths.push(format!("{root}/lib64"));
+            // libcuda.so belongs to the driver; the stub lets machines without one link.
+            search_paths.push(format!("{root}/lib64/stubs"));
+        }
+        for lib in ["cudart", "cublas", "cublasLt", "cuda"] {
+            links.push(Link::Dylib(lib.into()));
+        }
+    }
+    if on(Switch::Blas) && !target.is_apple() {
+        let vendor = input.env.get(BLAS_VENDOR_VAR).map(String::as_str).unwrap_or("OpenBLAS");
+        links.push(Link::Dylib(if vendor == "OpenBLAS" { "openblas".into() } else { vendor.to_ascii_lowercase() }));
+    }
+    if on(Switch::OpenMp) {
+        match input.compiler {
+            CompilerFamily::Gnu => links.push(Link::Dylib("gomp".into())),
+            CompilerFamily::Clang => links.push(Link::Dylib("omp".into())),
+            // MSVC's OpenMP runtime comes in through the compiler's default libraries.
+            CompilerFamily::Msvc => {}
+        }
+    }
+    if target.is_apple() {
+        if on(Switch::Metal) {
+            for fw in ["Foundation", "Metal", "MetalKit"] {
+                links.push(Link::Framework(fw.into()));
+            }
+        }
+        if on(Switch::Accelerate) || on(Switch::Blas) {
+            links.push(Link::Framework("Accelerate".into()));
+        }
+        links.push(Link::Dylib("c++".into()));
+    } else if target.os == "linux" || target.os == "android" {
+        let cxx = if target.os == "android" { "c++_shared" } else { "stdc++" };
+        for lib in [cxx, "m", "dl", "pthread"] {
+            links.push(Link::Dylib(lib.into()));
+        }
+    } else if !target.is_msvc() {
+        links.push(Link::Dylib("stdc++".into()));
+    }
+    (links, search_paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(triple: &str) -> Target {
+        let (arch, os, env) = match triple {
+            "x86_64-unknown-linux-gnu" => ("x86_64", "linux", "gnu"),
+            "aarch64-unknown-linux-gnu" => ("aarch64", "linux", "gnu"),
+            "aarch64-apple-darwin" => ("aarch64", "macos", ""),
+            "x86_64-pc-windows-msvc" => ("x86_64", "windows", "msvc"),
+            other => panic!("no test target {other}"),
+        };
+        Target { triple: triple.into(), os: os.into(), arch: arch.into(), env: env.into() }
+    }
+
+    fn input(triple: &str) -> PlanInput {
+        PlanInput {
+            target: target(triple),
+            host_build: true,
+            compiler: if triple.contains("apple") { CompilerFamily::Clang } else { CompilerFamily::Gnu },
+            features: BTreeSet::new(),
+            env: BTreeMap::new(),
+            ccache: None,
+            build_number: None,
+            build_commit: None,
+        }
+    }
+
+    fn with_env(mut i: PlanInput, k: &str, v: &str) -> PlanInput {
+        i.env.insert(k.into(), v.into());
+        i
+    }
+
+    fn plan(i: &PlanInput) -> BuildPlan {
+        BuildPlan::new(i).expect("plan")
+    }
+
+    fn define<'a>(p: &'a BuildPlan, k: &str) -> Option<&'a str> {
+        p.defines.get(k).map(String::as_str)
+    }
+
+    fn position(p: &BuildPlan, l: &Link) -> usize {
+        p.links.iter().position(|x| x == l).unwrap_or_else(|| panic!("{l:?} not linked: {:?}", p.links))
+    }
+
+    #[test]
+    fn linux_x86_64_host_build_is_native_with_openmp() {
+        let p = plan(&input("x86_64-unknown-linux-gnu"));
+        assert_eq!(define(&p, "GGML_NATIVE"), Some("ON"));
+        assert_eq!(define(&p, "GGML_OPENMP"), Some("ON"));
+        assert_eq!(define(&p, "GGML_LLAMAFILE"), Some("ON"));
+        assert_eq!(define(&p, "GGML_CPU_REPACK"), Some("ON"));
+        assert_eq!(define(&p, "GGML_METAL"), Some("OFF"));
+        assert_eq!(define(&p, "GGML_CUDA"), Some("OFF"));
+        assert_eq!(define(&p, "CMAKE_BUILD_TYPE"), Some("Release"));
+        assert_eq!(define(&p, "BUILD_SHARED_LIBS"), Some("OFF"));
+        assert_eq!(define(&p, "LLAMA_BUILD_TESTS"), Some("OFF"));
+        assert_eq!(define(&p, "LLAMA_BUILD_SERVER"), Some("OFF"));
+        assert_eq!(define(&p, "LLAMA_OPENSSL"), Some("OFF"));
+        assert!(p.links.contains(&Link::Dylib("gomp".into())));
+        assert!(p.links.contains(&Link::Dylib("stdc++".into())));
+        assert!(!p.links.iter().any(|l| matches!(l, Link::Framework(_))));
+        assert_eq!(p.headers.len(), 5, "{:?}", p.headers);
+    }
+
+    #[test]
+    fn static_link_order_puts_llama_first_and_ggml_base_after_backends() {
+        let mut i = input("x86_64-unknown-linux-gnu");
+        i.features.extend([Switch::Cuda, Switch::Blas, Switch::Rpc]);
+        let p = plan(&i);
+        let base = position(&p, &Link::Static("ggml-base".into()));
+        assert_eq!(position(&p, &Link::Static("llama".into())), 0);
+        for backend in ["ggml", "ggml-cpu", "ggml-blas", "ggml-cuda", "ggml-rpc"] {
+            assert!(position(&p, &Link::Static(backend.into())) < base, "{backend} after ggml-base");
+        }
+        // System libraries come after every static library that needs them.
+        assert!(position(&p, &Link::Dylib("cublas".into())) > base);
+        assert!(position(&p, &Link::Dylib("stdc++".into())) > base);
+    }
+
+    #[test]
+    fn apple_silicon_uses_metal_with_embedded_shaders_and_accelerate() {
+        let p = plan(&input("aarch64-apple-darwin"));
+        assert_eq!(define(&p, "GGML_METAL"), Some("ON"));
+        assert_eq!(define(&p, "GGML_METAL_EMBED_LIBRARY"), Some("ON"));
+        assert_eq!(define(&p, "GGML_ACCELERATE"), Some("ON"));
+        assert_eq!(define(&p, "GGML_NATIVE"), Some("ON"));
+        assert_eq!(define(&p, "GGML_OPENMP"), Some("OFF"));
+        for fw in ["Metal", "MetalKit", "Foundation", "Accelerate"] {
+            assert!(p.links.contains(&Link::Framework(fw.into())), "{fw} not linked: {:?}", p.links);
+        }
+        assert!(p.links.contains(&Link::Static("ggml-metal".into())));
+        assert!(p.links.contains(&Link::Dylib("c++".into())));
+        assert!(!p.links.contains(&Link::Dylib("stdc++".into())));
+        assert!(position(&p, &Link::Static("ggml-metal".into())) < position(&p, &Link::Static("ggml-base".into())));
+    }
+
+    #[test]
+    fn apple_metal_can_be_turned_off_by_env() {
+        let p = plan(&with_env(input("aarch64-apple-darwin"), "LLAMA_SYS_METAL", "off"));
+        assert_eq!(define(&p, "GGML_METAL"), Some("OFF"));
+        assert_eq!(define(&p, "GGML_METAL_EMBED_LIBRARY"), None);
+        assert!(!p.links.contains(&Link::Framework("Metal".into())));
+        assert!(p.links.contains(&Link::Framework("Accelerate".into())));
+    }
+
+    #[test]
+    fn apple_blas_uses_the_accelerate_vendor() {
+        let mut i = input("aarch64-apple-darwin");
+        i.features.insert(Switch::Blas);
+        let p = plan(&i);
+        assert_eq!(define(&p, "GGML_BLAS_VENDOR"), Some("Apple"));
+        assert!(!p.links.contains(&Link::Dylib("openblas".into())));
+    }
+
+    #[test]
+    fn linux_cuda_links_the_runtime_and_cublas_and_sets_architectures() {
+        let mut i = with_env(input("x86_64-unknown-linux-gnu"), CUDA_ARCHS_VAR, "86;90a");
+        i.features.insert(Switch::Cuda);
+        i.ccache = Some("/usr/bin/ccache".into());
+        let p = plan(&i);
+        assert_eq!(define(&p, "GGML_CUDA"), Some("ON"));
+        assert_eq!(define(&p, "CMAKE_CUDA_ARCHITECTURES"), Some("86;90a"));
+        assert_eq!(define(&p, "CMAKE_CUDA_COMPILER_LAUNCHER"), Some("/usr/bin/ccache"));
+        for lib in ["cudart", "cublas", "cuda"] {
+            assert!(p.links.contains(&Link::Dylib(lib.into())), "{lib} not linked");
+        }
+        assert!(p.links.contains(&Link::Static("ggml-cuda".into())));
+        assert!(p.search_paths.contains(&"/usr/local/cuda/lib64".to_string()));
+    }
+
+    #[test]
+    fn cuda_path_moves_the_search_path() {
+        let mut i = with_env(input("x86_64-unknown-linux-gnu"), CUDA_PATH_VAR, "/opt/cuda-12.8");
+        i.features.insert(Switch::Cuda);
+        assert_eq!(plan(&i).search_paths[0], "/opt/cuda-12.8/lib64");
+    }
+
+    #[test]
+    fn bad_cuda_architectures_are_refused_by_name() {
+        let mut i = with_env(input("x86_64-unknown-linux-gnu"), CUDA_ARCHS_VAR, "sm_86; rm -rf");
+        i.features.insert(Switch::Cuda);
+        let err = BuildPlan::new(&i).unwrap_err();
+        assert!(err.0.contains(CUDA_ARCHS_VAR), "{err}");
+    }
+
+    #[test]
+    fn openmp_off_uses_ggml_threadpool_and_links_no_runtime() {
+        let p = plan(&with_env(input("x86_64-unknown-linux-gnu"), "LLAMA_SYS_OPENMP", "0"));
+        assert_eq!(define(&p, "GGML_OPENMP"), Some("OFF"));
+        assert!(!p.links.contains(&Link::Dylib("gomp".into())));
+        assert!(!p.links.contains(&Link::Dylib("omp".into())));
+    }
+
+    #[test]
+    fn clang_openmp_links_libomp() {
+        let mut i = input("x86_64-unknown-linux-gnu");
+        i.compiler = CompilerFamily::Clang;
+        assert!(plan(&i).links.contains(&Link::Dylib("omp".into())));
+    }
+
+    #[test]
+    fn env_overrides_beat_features_and_platform_defaults() {
+        let mut i = input("x86_64-unknown-linux-gnu");
+        i.features.insert(Switch::Lto);
+        i.env.insert("LLAMA_SYS_LTO".into(), "off".into());
+        i.env.insert("LLAMA_SYS_NATIVE".into(), "false".into());
+        i.env.insert("LLAMA_SYS_LLAMAFILE".into(), "no".into());
+        i.env.insert("LLAMA_SYS_BLAS".into(), "yes".into());
+        let p = plan(&i);
+        assert_eq!(define(&p, "GGML_LTO"), Some("OFF"));
+        assert_eq!(define(&p, "GGML_NATIVE"), Some("OFF"));
+        assert_eq!(define(&p, "GGML_LLAMAFILE"), Some("OFF"));
+        assert_eq!(define(&p, "GGML_BLAS"), Some("ON"));
+        assert_eq!(define(&p, "GGML_BLAS_VENDOR"), Some("OpenBLAS"));
+        assert!(p.links.contains(&Link::Dylib("openblas".into())));
+    }
+
+    #[test]
+    fn features_force_switches_on() {
+        let mut i = input("x86_64-unknown-linux-gnu");
+        i.features.extend([Switch::Lto, Switch::Rpc]);
+        let p = plan(&i);
+        assert_eq!(define(&p, "GGML_LTO"), Some("ON"));
+        assert_eq!(define(&p, "GGML_RPC"), Some("ON"));
+        assert!(p.headers.contains(&"ggml/include/ggml-rpc.h"));
+    }
+
+    #[test]
+    fn opt_level_sets_release_flags() {
+        let p = plan(&with_env(input("x86_64-unknown-linux-gnu"), OPT_LEVEL_VAR, "2"));
+        assert_eq!(define(&p, "CMAKE_C_FLAGS_RELEASE"), Some("-O2 -DNDEBUG"));
+        assert_eq!(define(&p, "CMAKE_CXX_FLAGS_RELEASE"), Some("-O2 -DNDEBUG"));
+        assert!(plan(&input("x86_64-unknown-linux-gnu")).defines.get("CMAKE_C_FLAGS_RELEASE").is_none());
+    }
+
+    #[test]
+    fn fast_math_opt_level_is_refused() {
+        let err = BuildPlan::new(&with_env(input("x86_64-unknown-linux-gnu"), OPT_LEVEL_VAR, "fast")).unwrap_err();
+        assert!(err.0.starts_with(OPT_LEVEL_VAR), "{err}");
+    }
+
+    #[test]
+    fn bad_switch_values_name_the_variable() {
+        let err = BuildPlan::new(&with_env(input("x86_64-unknown-linux-gnu"), "LLAMA_SYS_OPENMP", "maybe")).unwrap_err();
+        assert!(err.0.contains("LLAMA_SYS_OPENMP"), "{err}");
+    }
+
+    #[test]
+    fn metal_on_linux_is_refused() {
+        let mut i = input("x86_64-unknown-linux-gnu");
+        i.features.insert(Switch::Metal);
+        let err = BuildPlan::new(&i).unwrap_err();
+        assert!(err.0.contains("Apple target"), "{err}");
+    }
+
+    #[test]
+    fn cross_builds_are_not_native() {
+        let mut i = input("aarch64-unknown-linux-gnu");
+        i.host_build = false;
+        assert_eq!(define(&plan(&i), "GGML_NATIVE"), Some("OFF"));
+        i.env.insert("LLAMA_SYS_NATIVE".into(), "on".into());
+        assert!(BuildPlan::new(&i).unwrap_err().0.contains("LLAMA_SYS_NATIVE"));
+    }
+
+    #[test]
+    fn cmake_args_pass_through_validated() {
+        let p = plan(&with_env(
+            input("x86_64-unknown-linux-gnu"),
+            CMAKE_ARGS_VAR,
+            "-DGGML_AVX512=OFF -DGGML_SCHED_MAX_COPIES:STRING=2",
+        ));
+        assert_eq!(define(&p, "GGML_AVX512"), Some("OFF"));
+        assert_eq!(define(&p, "GGML_SCHED_MAX_COPIES"), Some("2"));
+        for bad in ["GGML_AVX512=OFF", "-DGGML_AVX512", "-D=1", "-D$(x)=1"] {
+            let err = BuildPlan::new(&with_env(input("x86_64-unknown-linux-gnu"), CMAKE_ARGS_VAR, bad)).unwrap_err();
+            assert!(err.0.starts_with(CMAKE_ARGS_VAR), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn compiler_flags_pass_through_validated() {
+        let p = plan(&with_env(input("x86_64-unknown-linux-gnu"), CFLAGS_VAR, "-fno-plt  -mtune=znver3"));
+        assert_eq!(p.c_flags, vec!["-fno-plt", "-mtune=znver3"]);
+        let err = BuildPlan::new(&with_env(input("x86_64-unknown-linux-gnu"), CXXFLAGS_VAR, "-O2 ;rm")).unwrap_err();
+        assert!(err.0.starts_with(CXXFLAGS_VAR), "{err}");
+    }
+
+    #[test]
+    fn ccache_becomes_the_compiler_launcher() {
+        let mut i = input("x86_64-unknown-linux-gnu");
+        i.ccache = Some("/usr/bin/ccache".into());
+        let p = plan(&i);
+        assert_eq!(define(&p, "CMAKE_C_COMPILER_LAUNCHER"), Some("/usr/bin/ccache"));
+        assert_eq!(define(&p, "CMAKE_CXX_COMPILER_LAUNCHER"), Some("/usr/bin/ccache"));
+        assert_eq!(define(&p, "CMAKE_CUDA_COMPILER_LAUNCHER"), None);
+    }
+
+    #[test]
+    fn fingerprint_changes_with_every_flag_and_only_then() {
+        let base = plan(&input("x86_64-unknown-linux-gnu"));
+        assert_eq!(base.fingerprint(), plan(&input("x86_64-unknown-linux-gnu")).fingerprint());
+        let other = plan(&with_env(input("x86_64-unknown-linux-gnu"), "LLAMA_SYS_REPACK", "off"));
+        assert_ne!(base.fingerprint(), other.fingerprint());
+        let flags = plan(&with_env(input("x86_64-unknown-linux-gnu"), CFLAGS_VAR, "-fno-plt"));
+        assert_ne!(base.fingerprint(), flags.fingerprint());
+    }
+
+    #[test]
+    fn pin_sets_llama_cpp_build_number_and_commit() {
+        let mut i = input("x86_64-unknown-linux-gnu");
+        i.build_number = Some(7000);
+        i.build_commit = Some("abc1234".into());
+        let p = plan(&i);
+        assert_eq!(define(&p, "LLAMA_BUILD_NUMBER"), Some("7000"));
+        assert_eq!(define(&p, "LLAMA_BUILD_COMMIT"), Some("abc1234"));
+    }
+
+    #[test]
+    fn every_switch_has_a_distinct_variable_and_define() {
+        let vars: BTreeSet<_> = Switch::ALL.iter().map(|s| s.env_var()).collect();
+        let defines: BTreeSet<_> = Switch::ALL.iter().map(|s| s.cmake_define()).collect();
+        assert_eq!(vars.len(), Switch::ALL.len());
+        assert_eq!(defines.len(), Switch::ALL.len());
+        assert!(known_env_vars().contains(&"LLAMA_SYS_OPENMP".to_string()));
+    }
+}

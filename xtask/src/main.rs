@@ -1,0 +1,39 @@
+//! `cargo xtask <command>`: the project's automation, one module per command.
+
+mod fetch_model;
+mod hashing;
+mod pin;
+mod setup;
+mod test;
+mod vendor;
+mod workspace;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "exsa-engine project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install cmake, libclang and ccache when missing (apt-get or brew), or print the command.
+    Setup(setup::Args),
+    /// Materialise the pinned llama.cpp source in vendor/llama.cpp and verify its hash.
+    Vendor(vendor::Args),
+    /// Install the default model (Gemma 3 270M Q4_K_M) into .cache/models and print its path.
+    FetchModel(fetch_model::Args),
+    /// Set everything up, then run every test of the workspace.
+    Test(test::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup(args) => setup::run(&args),
+        Command::Vendor(args) => vendor::run(&args),
+        Command::FetchModel(args) => fetch_model::run(&args).map(|path| println!("{}", path.display())),
+        Command::Test(args) => test::run(&args),
+    }
+}
