@@ -1,0 +1,168 @@
+//! An owned, capacity-checked batch of tokens for [`crate::Context::decode`].
+
+use crate::error::BatchError;
+use crate::sys;
+use crate::vocab::Token;
+
+/// Tokens with their positions, sequence ids and output flags. Every write is checked against
+/// the allocation, which llama.cpp's own `llama_batch` leaves to the caller.
+#[derive(Debug)]
+pub struct Batch {
+    raw: sys::llama_batch,
+    capacity: usize,
+    n_seq_max: usize,
+}
+
+// SAFETY: the batch owns its buffers outright; nothing in it is shared with llama.cpp between
+// calls, so moving it to another thread is fine. Mutation needs &mut.
+unsafe impl Send for Batch {}
+// SAFETY: &Batch only reads.
+unsafe impl Sync for Batch {}
+
+impl Batch {
+    /// A batch of up to `capacity` tokens, each in up to `n_seq_max` sequences.
+    pub fn new(capacity: usize, n_seq_max: usize) -> Result<Batch, BatchError> {
+        let (Ok(cap), Ok(seq)) = (i32::try_from(capacity), i32::try_from(n_seq_max)) else {
+            return Err(BatchError::ZeroSize { capacity, n_seq_max });
+        };
+        if cap < 1 || seq < 1 {
+            return Err(BatchError::ZeroSize { capacity, n_seq_max });
+        }
+        // SAFETY: allocates token/pos/n_seq_id/seq_id/logits arrays of `cap` entries, each
+        // seq_id entry with room for `seq` ids; freed in Drop.
+        let raw = unsafe { sys::llama_batch_init(cap, 0, seq) };
+        Ok(Batch { raw, capacity, n_seq_max })
+    }
+
+    /// A single-sequence batch of `tokens` at positions `start..`, with logits for the last.
+    pub fn from_tokens(tokens: &[Token], start: i32, seq_id: i32) -> Result<Batch, BatchError> {
+        let mut batch = Batch::new(tokens.len().max(1), 1)?;
+        batch.add_sequence(tokens, start, seq_id, true)?;
+        Ok(batch)
+    }
+
+    /// Appends one token.
+    pub fn add(&mut self, token: Token, pos: i32, seq_ids: &[i32], logits: bool) -> Result<(), BatchError> {
+        let i = self.len();
+        if i >= self.capacity {
+            return Err(BatchError::Full { capacity: self.capacity });
+        }
+        if seq_ids.is_empty() {
+            return Err(BatchError::NoSeqId);
+        }
+        if seq_ids.len() > self.n_seq_max {
+            return Err(BatchError::TooManySeqIds { given: seq_ids.len(), max: self.n_seq_max });
+        }
+        if let Some(&bad) = seq_ids.iter().find(|&&s| s < 0) {
+            return Err(BatchError::NegativeSeqId(bad));
+        }
+        if pos < 0 {
+            return Err(BatchError::NegativePosition(pos));
+        }
+        // SAFETY: i < capacity, the length of every array llama_batch_init allocated, and
+        // seq_ids fits the n_seq_max ids allocated for each token.
+        unsafe {
+            *self.raw.token.add(i) = token.0;
+            *self.raw.pos.add(i) = pos;
+            *self.raw.n_seq_id.add(i) = seq_ids.len() as i32;
+            let dst = *self.raw.seq_id.add(i);
+            std::ptr::copy_nonoverlapping(seq_ids.as_ptr(), dst, seq_ids.len());
+            *self.raw.logits.add(i) = i8::from(logits);
+        }
+        self.raw.n_tokens += 1;
+        Ok(())
+    }
+
+    /// Appends `tokens` to one sequence at consecutive positions from `start`; `logits_last`
+    /// requests an output for the last one.
+    pub fn add_sequence(&mut self, tokens: &[Token], start: i32, seq_id: i32, logits_last: bool) -> Result<(), BatchError> {
+        if self.len() + tokens.len() > self.capacity {
+            return Err(BatchError::Full { capacity: self.capacity });
+        }
+        for (k, &t) in tokens.iter().enumerate() {
+            let last = k + 1 == tokens.len();
+            self.add(t, start + k as i32, &[seq_id], logits_last && last)?;
+        }
+        Ok(())
+    }
+
+    pub fn clear(&mut self) {
+        self.raw.n_tokens = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.raw.n_tokens as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.raw.n_tokens == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The entries, for inspection: (token, position, sequence ids, wants logits).
+    pub fn entries(&self) -> impl Iterator<Item = (Token, i32, &[i32], bool)> + '_ {
+        (0..self.len()).map(move |i| {
+            // SAFETY: i < n_tokens <= capacity, and entries below n_tokens were written by add.
+            unsafe {
+                let n = *self.raw.n_seq_id.add(i) as usize;
+                (
+                    Token(*self.raw.token.add(i)),
+                    *self.raw.pos.add(i),
+                    std::slice::from_raw_parts(*self.raw.seq_id.add(i), n),
+                    *self.raw.logits.add(i) != 0,
+                )
+            }
+        })
+    }
+
+    pub(crate) fn raw(&self) -> sys::llama_batch {
+        self.raw
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // SAFETY: allocated by llama_batch_init in Batch::new, freed once.
+        unsafe { sys::llama_batch_free(self.raw) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_batch_refuses_more_tokens() {
+        let mut b = Batch::new(2, 1).unwrap();
+        b.add(Token(1), 0, &[0], false).unwrap();
+        b.add(Token(2), 1, &[0], true).unwrap();
+        assert_eq!(b.add(Token(3), 2, &[0], false), Err(BatchError::Full { capacity: 2 }));
+        assert_eq!(b.len(), 2);
+        b.clear();
+        assert!(b.is_empty());
+        b.add(Token(3), 0, &[0], false).unwrap();
+    }
+
+    #[test]
+    fn sequence_ids_are_checked_against_the_allocation() {
+        let mut b = Batch::new(4, 2).unwrap();
+        assert_eq!(b.add(Token(1), 0, &[0, 1, 2], false), Err(BatchError::TooManySeqIds { given: 3, max: 2 }));
+        assert_eq!(b.add(Token(1), 0, &[], false), Err(BatchError::NoSeqId));
+        assert_eq!(b.add(Token(1), 0, &[-1], false), Err(BatchError::NegativeSeqId(-1)));
+        assert_eq!(b.add(Token(1), -3, &[0], false), Err(BatchError::NegativePosition(-3)));
+        b.add(Token(7), 5, &[0, 1], true).unwrap();
+        let entries: Vec<_> = b.entries().map(|(t, p, s, l)| (t, p, s.to_vec(), l)).collect();
+        assert_eq!(entries, vec![(Token(7), 5, vec![0, 1], true)]);
+    }
+
+    #[test]
+    fn add_sequence_is_all_or_nothing() {
+        let mut b = Batch::new(3, 1).unwrap();
+        assert!(b.add_sequence(&[Token(1), Token(2), Token(3), Token(4)], 0, 0, true).is_err());
+        assert!(b.is_empty());
+        assert!(Batch::new(0, 1).is_err());
+    }
+}

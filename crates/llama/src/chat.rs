@@ -1,0 +1,84 @@
+//! Chat templates: messages to the prompt text the model was trained on.
+
+use std::ffi::CString;
+
+use crate::error::ChatError;
+use crate::model::Model;
+use crate::sys;
+
+/// One chat message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// "system", "user" or "assistant".
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+}
+
+/// The names of llama.cpp's built-in templates ("chatml", "llama3", "gemma", ...).
+pub fn builtin_templates() -> Vec<String> {
+    // SAFETY: with a null buffer the call only counts.
+    let n = unsafe { sys::llama_chat_builtin_templates(std::ptr::null_mut(), 0) };
+    let mut names = vec![std::ptr::null(); n.max(0) as usize];
+    // SAFETY: names has n slots; llama.cpp fills them with pointers to static strings.
+    unsafe { sys::llama_chat_builtin_templates(names.as_mut_ptr(), names.len()) };
+    names
+        .into_iter()
+        .filter(|p| !p.is_null())
+        // SAFETY: static NUL-terminated strings owned by llama.cpp.
+        .map(|p| unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Formats `messages` with a template: the model's own when `template` is None, else a template
+/// text or the name of a built-in one. `add_assistant` opens the assistant's turn at the end.
+pub fn apply_template(
+    model: Option<&Model>,
+    template: Option<&str>,
+    messages: &[ChatMessage],
+    add_assistant: bool,
+) -> Result<String, ChatError> {
+    let template = match (template, model) {
+        (Some(t), _) => t.to_string(),
+        (None, Some(m)) => m.chat_template(None).ok_or(ChatError::NoTemplate)?,
+        (None, None) => return Err(ChatError::NoTemplate),
+    };
+    let c_template = CString::new(template.as_str()).map_err(|_| ChatError::Nul("the chat template"))?;
+    let owned: Vec<(CString, CString)> = messages
+        .iter()
+        .map(|m| Ok((CString::new(m.role.as_str())?, CString::new(m.content.as_str())?)))
+        .collect::<Result<_, std::ffi::NulError>>()
+        .map_err(|_| ChatError::Nul("a chat message"))?;
+    let raw: Vec<sys::llama_chat_message> =
+        owned.iter().map(|(role, content)| sys::llama_chat_message { role: role.as_ptr(), content: content.as_ptr() }).collect();
+    let total: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+    let mut buf = vec![0u8; total * 2 + 256];
+    loop {
+        // SAFETY: every pointer in raw points into `owned`, alive across the call; buf is
+        // writable for its length.
+        let n = unsafe {
+            sys::llama_chat_apply_template(
+                c_template.as_ptr(),
+                raw.as_ptr(),
+                raw.len(),
+                add_assistant,
+                buf.as_mut_ptr().cast(),
+                i32::try_from(buf.len()).unwrap_or(i32::MAX),
+            )
+        };
+        if n < 0 {
+            return Err(ChatError::UnknownTemplate(template.chars().take(64).collect()));
+        }
+        let n = n as usize;
+        if n <= buf.len() {
+            buf.truncate(n);
+            return String::from_utf8(buf).map_err(|_| ChatError::InvalidUtf8);
+        }
+        buf.resize(n, 0);
+    }
+}

@@ -1,0 +1,79 @@
+//! A safe Rust API over llama.cpp as compiled from source by [`llama_sys`].
+//!
+//! Lifetimes carry llama.cpp's ownership rules: a [`Context`], [`Vocab`], [`Sampler`] or
+//! [`LoraAdapter`] borrows its [`Model`] and cannot outlive it; logits borrow their context
+//! and cannot outlive the next decode. Everything is checked before it reaches C: tokens,
+//! positions and sequence ids against the context, batch writes against the allocation, output
+//! indices against the last decode. Bad input comes back as a typed error that names the
+//! cause; llama.cpp's own log lines are kept in the error where it explained itself.
+//!
+//! The load → tokenize → decode → sample loop (on the default model, `cargo xtask fetch-model`):
+//!
+//! ```
+//! use llama::{Batch, Context, ContextParams, Model, ModelParams, SamplerChain, TokenizeOptions, Utf8Decoder};
+//!
+//! # fn main() -> llama::Result<()> {
+//! let model = Model::load(std::env::var("EXSA_MODEL").unwrap(), &ModelParams::default())?;
+//! let mut ctx = Context::new(&model, &ContextParams { n_ctx: 512, ..Default::default() })?;
+//! let vocab = model.vocab();
+//! let prompt = vocab.tokenize("The three primary colours are", TokenizeOptions::default())?;
+//! let mut sampler = SamplerChain::new().greedy().build(&model)?;
+//!
+//! let mut batch = Batch::from_tokens(&prompt, 0, 0)?;
+//! let (mut text, mut utf8, mut piece) = (String::new(), Utf8Decoder::new(), Vec::new());
+//! let mut pos = prompt.len() as i32;
+//! for _ in 0..16 {
+//!     ctx.decode(&batch)?;
+//!     let token = sampler.sample(&ctx, batch.len() as i32 - 1)?;
+//!     if vocab.is_eog(token) {
+//!         break;
+//!     }
+//!     piece.clear();
+//!     vocab.piece_into(token, false, &mut piece)?;
+//!     utf8.push(&piece, &mut text);
+//!     batch.clear();
+//!     batch.add(token, pos, &[0], true)?;
+//!     pos += 1;
+//! }
+//! utf8.finish(&mut text);
+//! assert!(!text.is_empty());
+//! # Ok(()) }
+//! ```
+
+pub use llama_sys as sys;
+
+mod backend;
+mod batch;
+mod chat;
+mod context;
+mod error;
+mod gguf;
+mod lora;
+mod model;
+mod quantize;
+mod sampler;
+mod system;
+mod utf8;
+mod vocab;
+
+pub use backend::{LogLevel, init, set_log_level};
+pub use batch::Batch;
+pub use chat::{ChatMessage, apply_template, builtin_templates};
+pub use context::{Context, ContextParams, FlashAttention, KvType, PerfCounters, Pooling};
+pub use error::{
+    BatchError, ChatError, ContextError, DecodeError, Error, LlamaMessages, LoadError, LoraError, OutputError,
+    QuantizeError, Result, SamplerError, StateError, TokenizeError,
+};
+pub use gguf::{GgufSummary, check as check_gguf};
+pub use lora::LoraAdapter;
+pub use model::{Model, ModelParams, SplitMode};
+pub use quantize::{QuantType, quantize};
+pub use sampler::{Sampler, SamplerChain};
+pub use system::{Capabilities, Device, DeviceKind, capabilities, devices, system_info};
+pub use utf8::Utf8Decoder;
+pub use vocab::{Token, TokenizeOptions, Vocab};
+
+/// What exactly was compiled: see [`llama_sys::BuildInfo`].
+pub fn build_info() -> &'static llama_sys::BuildInfo {
+    &llama_sys::BUILD_INFO
+}

@@ -1,0 +1,273 @@
+//! A loaded model: weights (unless vocab-only), vocabulary and metadata.
+
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use crate::error::LoadError;
+use crate::vocab::Vocab;
+use crate::{backend, gguf, sys};
+
+/// How layers are spread over several GPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SplitMode {
+    /// Everything on `main_gpu`.
+    None,
+    /// Whole layers per GPU.
+    #[default]
+    Layer,
+    /// Rows of each layer across GPUs.
+    Row,
+}
+
+/// Parameters for [`Model::load`].
+#[derive(Clone, Debug)]
+pub struct ModelParams {
+    /// Layers to offload to the GPU; negative means all. Ignored without a GPU backend.
+    pub n_gpu_layers: i32,
+    pub split_mode: SplitMode,
+    pub main_gpu: i32,
+    /// Map the file instead of reading it (llama.cpp's default where supported).
+    pub use_mmap: bool,
+    /// Lock the weights in RAM.
+    pub use_mlock: bool,
+    /// Load only the vocabulary: tokenize and detokenize, but no context can run.
+    pub vocab_only: bool,
+}
+
+impl Default for ModelParams {
+    fn default() -> Self {
+        backend::init();
+        // SAFETY: returns a struct by value; no pointers are retained.
+        let d = unsafe { sys::llama_model_default_params() };
+        ModelParams {
+            n_gpu_layers: d.n_gpu_layers,
+            split_mode: SplitMode::Layer,
+            main_gpu: d.main_gpu,
+            use_mmap: d.load_mode != sys::LLAMA_LOAD_MODE_NONE,
+            use_mlock: false,
+            vocab_only: false,
+        }
+    }
+}
+
+impl ModelParams {
+    fn to_raw(&self) -> sys::llama_model_params {
+        // SAFETY: as above.
+        let mut p = unsafe { sys::llama_model_default_params() };
+        p.n_gpu_layers = self.n_gpu_layers;
+        p.split_mode = match self.split_mode {
+            SplitMode::None => sys::LLAMA_SPLIT_MODE_NONE,
+            SplitMode::Layer => sys::LLAMA_SPLIT_MODE_LAYER,
+            SplitMode::Row => sys::LLAMA_SPLIT_MODE_ROW,
+        };
+        p.main_gpu = self.main_gpu;
+        p.load_mode = match (self.use_mmap, self.use_mlock) {
+            (true, false) => p.load_mode, // llama.cpp's default picks mmap where it can
+            (true, true) => sys::LLAMA_LOAD_MODE_MMAP_MLOCK,
+            (false, true) => sys::LLAMA_LOAD_MODE_MLOCK,
+            (false, false) => sys::LLAMA_LOAD_MODE_NONE,
+        };
+        p.vocab_only = self.vocab_only;
+        p
+    }
+}
+
+/// A model loaded from a GGUF file. Freed on drop; contexts borrow it.
+#[derive(Debug)]
+pub struct Model {
+    raw: NonNull<sys::llama_model>,
+    path: PathBuf,
+    vocab_only: bool,
+}
+
+// SAFETY: a llama_model is immutable once loaded; llama.cpp documents using one model from
+// several contexts on several threads. Every method here only reads it.
+unsafe impl Send for Model {}
+// SAFETY: as above: shared access is read-only.
+unsafe impl Sync for Model {}
+
+impl Model {
+    /// Loads a GGUF model. The header is checked in Rust first, so a missing, foreign,
+    /// truncated or corrupt file gets an error that says which.
+    pub fn load(path: impl AsRef<Path>, params: &ModelParams) -> Result<Model, LoadError> {
+        Self::load_with_progress(path, params, |_| true)
+    }
+
+    /// As [`Model::load`], calling `progress` with 0.0..=1.0 as the weights load; returning
+    /// false cancels the load.
+    pub fn load_with_progress(
+        path: impl AsRef<Path>,
+        params: &ModelParams,
+        mut progress: impl FnMut(f32) -> bool,
+    ) -> Result<Model, LoadError> {
+        backend::init();
+        let path = path.as_ref();
+        gguf::check(path)?;
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| LoadError::InvalidPath { path: path.to_path_buf() })?;
+
+        let mut state = ProgressState { callback: &mut progress, panic: None, cancelled: false };
+        let mut raw_params = params.to_raw();
+        raw_params.progress_callback = Some(progress_trampoline);
+        raw_params.progress_callback_user_data = (&raw mut state).cast::<c_void>();
+        // SAFETY: c_path is NUL-terminated and outlives the call; the user data points at
+        // `state`, which outlives the call, and the trampoline matches its type.
+        let (raw, messages) = backend::capture(|| unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), raw_params) });
+        if let Some(panic) = state.panic {
+            if let Some(raw) = NonNull::new(raw) {
+                // SAFETY: a model we own and nobody else has seen.
+                unsafe { sys::llama_model_free(raw.as_ptr()) };
+            }
+            resume_unwind(panic);
+        }
+        match NonNull::new(raw) {
+            Some(raw) => Ok(Model { raw, path: path.to_path_buf(), vocab_only: params.vocab_only }),
+            None if state.cancelled => Err(LoadError::Cancelled { path: path.to_path_buf() }),
+            None => Err(LoadError::Llama { path: path.to_path_buf(), messages }),
+        }
+    }
+
+    pub fn as_ptr(&self) -> *mut sys::llama_model {
+        self.raw.as_ptr()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether only the vocabulary was loaded.
+    pub fn is_vocab_only(&self) -> bool {
+        self.vocab_only
+    }
+
+    pub fn vocab(&self) -> Vocab<'_> {
+        // SAFETY: the vocab is owned by the model and lives as long as it; Vocab borrows self.
+        let raw = unsafe { sys::llama_model_get_vocab(self.raw.as_ptr()) };
+        Vocab::new(NonNull::new(raw.cast_mut()).expect("a loaded model has a vocab"), self)
+    }
+
+    /// `general.architecture`, e.g. "gemma3".
+    pub fn architecture(&self) -> Option<String> {
+        self.meta("general.architecture")
+    }
+
+    /// llama.cpp's one-line description (architecture, size, quantisation).
+    pub fn description(&self) -> String {
+        // SAFETY: writes at most buf.len() bytes, NUL included, and returns the full length.
+        read_c_string(|buf, len| unsafe { sys::llama_model_desc(self.raw.as_ptr(), buf, len) }).unwrap_or_default()
+    }
+
+    pub fn n_params(&self) -> u64 {
+        // SAFETY: reads a field of a live model.
+        unsafe { sys::llama_model_n_params(self.raw.as_ptr()) }
+    }
+
+    /// Size of all weights in bytes.
+    pub fn size(&self) -> u64 {
+        // SAFETY: reads a field of a live model.
+        unsafe { sys::llama_model_size(self.raw.as_ptr()) }
+    }
+
+    pub fn n_ctx_train(&self) -> u32 {
+        // SAFETY: reads a field of a live model.
+        unsafe { sys::llama_model_n_ctx_train(self.raw.as_ptr()) }.max(0) as u32
+    }
+
+    pub fn n_embd(&self) -> usize {
+        // SAFETY: reads a field of a live model.
+        unsafe { sys::llama_model_n_embd(self.raw.as_ptr()) }.max(0) as usize
+    }
+
+    pub fn n_layer(&self) -> u32 {
+        // SAFETY: reads a field of a live model.
+        unsafe { sys::llama_model_n_layer(self.raw.as_ptr()) }.max(0) as u32
+    }
+
+    pub fn has_encoder(&self) -> bool {
+        // SAFETY: reads a field of a live model.
+        unsafe { sys::llama_model_has_encoder(self.raw.as_ptr()) }
+    }
+
+    /// One metadata value as a string.
+    pub fn meta(&self, key: &str) -> Option<String> {
+        let key = CString::new(key).ok()?;
+        // SAFETY: key is NUL-terminated; the buffer contract is snprintf's.
+        read_c_string(|buf, len| unsafe { sys::llama_model_meta_val_str(self.raw.as_ptr(), key.as_ptr(), buf, len) })
+    }
+
+    /// Every metadata key/value pair, in file order.
+    pub fn metadata(&self) -> Vec<(String, String)> {
+        // SAFETY: reads a field of a live model.
+        let n = unsafe { sys::llama_model_meta_count(self.raw.as_ptr()) };
+        (0..n)
+            .filter_map(|i| {
+                // SAFETY: i < meta_count; snprintf-style buffers as above.
+                let key = read_c_string(|b, l| unsafe { sys::llama_model_meta_key_by_index(self.raw.as_ptr(), i, b, l) })?;
+                // SAFETY: as above.
+                let val = read_c_string(|b, l| unsafe { sys::llama_model_meta_val_str_by_index(self.raw.as_ptr(), i, b, l) })?;
+                Some((key, val))
+            })
+            .collect()
+    }
+
+    /// The model's chat template (`name` = None for the default one).
+    pub fn chat_template(&self, name: Option<&str>) -> Option<String> {
+        let name = name.map(CString::new).transpose().ok()?;
+        // SAFETY: name is NUL-terminated or null (default); the result is owned by the model.
+        let ptr = unsafe { sys::llama_model_chat_template(self.raw.as_ptr(), name.as_ref().map_or(std::ptr::null(), |n| n.as_ptr())) };
+        // SAFETY: non-null results are NUL-terminated strings owned by the model.
+        (!ptr.is_null()).then(|| unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned())
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        // SAFETY: we own the model; contexts, vocabs and samplers borrow it, so none is alive.
+        unsafe { sys::llama_model_free(self.raw.as_ptr()) }
+    }
+}
+
+struct ProgressState<'a> {
+    callback: &'a mut dyn FnMut(f32) -> bool,
+    panic: Option<Box<dyn std::any::Any + Send>>,
+    cancelled: bool,
+}
+
+extern "C" fn progress_trampoline(progress: f32, user: *mut c_void) -> bool {
+    // SAFETY: `user` is the ProgressState that Model::load_with_progress passed in, alive for
+    // the duration of the load, and used from this one thread.
+    let state = unsafe { &mut *user.cast::<ProgressState<'_>>() };
+    if state.panic.is_some() {
+        return false;
+    }
+    match catch_unwind(AssertUnwindSafe(|| (state.callback)(progress))) {
+        Ok(go_on) => {
+            state.cancelled = !go_on;
+            go_on
+        }
+        Err(panic) => {
+            // Re-raised once llama.cpp has returned: unwinding through C is undefined.
+            state.panic = Some(panic);
+            false
+        }
+    }
+}
+
+/// Calls an snprintf-style function, growing the buffer until the string fits.
+pub(crate) fn read_c_string(mut f: impl FnMut(*mut c_char, usize) -> i32) -> Option<String> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        let n = f(buf.as_mut_ptr().cast(), buf.len());
+        if n < 0 {
+            return None;
+        }
+        let n = n as usize;
+        if n < buf.len() {
+            buf.truncate(n);
+            return Some(String::from_utf8_lossy(&buf).into_owned());
+        }
+        buf.resize(n + 1, 0);
+    }
+}

@@ -1,0 +1,52 @@
+//! Quantizing a model file to another type.
+
+use std::ffi::CString;
+use std::path::Path;
+
+use crate::error::QuantizeError;
+use crate::{backend, gguf, sys};
+
+/// Target types for [`quantize`] (llama.cpp's `llama_ftype`s most used).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantType {
+    F16,
+    Q8_0,
+    Q6K,
+    Q5KM,
+    Q4KM,
+    Q4_0,
+}
+
+impl QuantType {
+    fn ftype(self) -> sys::llama_ftype {
+        match self {
+            QuantType::F16 => sys::LLAMA_FTYPE_MOSTLY_F16,
+            QuantType::Q8_0 => sys::LLAMA_FTYPE_MOSTLY_Q8_0,
+            QuantType::Q6K => sys::LLAMA_FTYPE_MOSTLY_Q6_K,
+            QuantType::Q5KM => sys::LLAMA_FTYPE_MOSTLY_Q5_K_M,
+            QuantType::Q4KM => sys::LLAMA_FTYPE_MOSTLY_Q4_K_M,
+            QuantType::Q4_0 => sys::LLAMA_FTYPE_MOSTLY_Q4_0,
+        }
+    }
+}
+
+/// Writes `input` quantized to `ty` as `output`. `allow_requantize` permits an input that is
+/// already quantized (at some cost in quality).
+pub fn quantize(input: &Path, output: &Path, ty: QuantType, threads: i32, allow_requantize: bool) -> Result<(), QuantizeError> {
+    backend::init();
+    gguf::check(input).map_err(|e| QuantizeError::Input(Box::new(e)))?;
+    let c_in = CString::new(input.as_os_str().as_encoded_bytes()).map_err(|_| QuantizeError::InvalidPath(input.to_path_buf()))?;
+    let c_out = CString::new(output.as_os_str().as_encoded_bytes()).map_err(|_| QuantizeError::InvalidPath(output.to_path_buf()))?;
+    // SAFETY: returns a struct by value.
+    let mut params = unsafe { sys::llama_model_quantize_default_params() };
+    params.nthread = threads;
+    params.ftype = ty.ftype();
+    params.allow_requantize = allow_requantize;
+    // SAFETY: both paths NUL-terminated; params lives across the call.
+    let (code, messages) = backend::capture(|| unsafe { sys::llama_model_quantize(c_in.as_ptr(), c_out.as_ptr(), &params) });
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(QuantizeError::Llama { input: input.to_path_buf(), output: output.to_path_buf(), messages })
+    }
+}

@@ -1,0 +1,278 @@
+//! Sampler chains over llama.cpp's samplers.
+
+use std::ffi::CString;
+use std::ptr::NonNull;
+
+use crate::context::Context;
+use crate::error::SamplerError;
+use crate::model::Model;
+use crate::vocab::Token;
+use crate::{backend, sys};
+
+/// One stage of a chain, with its parameters, validated when the chain is built.
+#[derive(Clone, Debug, PartialEq)]
+enum Stage {
+    Greedy,
+    Dist { seed: u32 },
+    Temp { t: f32 },
+    TopK { k: i32 },
+    TopP { p: f32, min_keep: usize },
+    MinP { p: f32, min_keep: usize },
+    Typical { p: f32, min_keep: usize },
+    Xtc { p: f32, t: f32, min_keep: usize, seed: u32 },
+    Penalties { last_n: i32, repeat: f32, freq: f32, present: f32 },
+    Dry { multiplier: f32, base: f32, allowed_length: i32, last_n: i32, breakers: Vec<String> },
+    Mirostat { seed: u32, tau: f32, eta: f32, m: i32 },
+    MirostatV2 { seed: u32, tau: f32, eta: f32 },
+    Grammar { grammar: String, root: String },
+    LogitBias { biases: Vec<(Token, f32)> },
+}
+
+/// Builds a [`Sampler`]: stages run in the order added; the last should pick a token
+/// (`greedy`, `dist`, `mirostat*`).
+///
+/// ```no_run
+/// # fn f(model: &llama::Model) -> llama::Result<()> {
+/// let sampler = llama::SamplerChain::new().top_k(40).top_p(0.95, 1).min_p(0.05, 1).temp(0.8).dist(42).build(model)?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SamplerChain {
+    stages: Vec<Stage>,
+}
+
+impl SamplerChain {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with(mut self, stage: Stage) -> Self {
+        self.stages.push(stage);
+        self
+    }
+
+    /// Picks the most likely token.
+    pub fn greedy(self) -> Self {
+        self.with(Stage::Greedy)
+    }
+    /// Draws from the distribution with a seeded RNG.
+    pub fn dist(self, seed: u32) -> Self {
+        self.with(Stage::Dist { seed })
+    }
+    pub fn temp(self, t: f32) -> Self {
+        self.with(Stage::Temp { t })
+    }
+    /// Keeps the `k` most likely tokens (`k <= 0`: all).
+    pub fn top_k(self, k: i32) -> Self {
+        self.with(Stage::TopK { k })
+    }
+    pub fn top_p(self, p: f32, min_keep: usize) -> Self {
+        self.with(Stage::TopP { p, min_keep })
+    }
+    pub fn min_p(self, p: f32, min_keep: usize) -> Self {
+        self.with(Stage::MinP { p, min_keep })
+    }
+    pub fn typical(self, p: f32, min_keep: usize) -> Self {
+        self.with(Stage::Typical { p, min_keep })
+    }
+    /// Exclude Top Choices: with probability `p`, drops tokens above threshold `t` but the least of them.
+    pub fn xtc(self, p: f32, t: f32, min_keep: usize, seed: u32) -> Self {
+        self.with(Stage::Xtc { p, t, min_keep, seed })
+    }
+    /// Repetition (`repeat`, 1.0 = off), frequency and presence (0.0 = off) penalties over the
+    /// last `last_n` tokens (0 = off, -1 = the whole context).
+    pub fn penalties(self, last_n: i32, repeat: f32, freq: f32, present: f32) -> Self {
+        self.with(Stage::Penalties { last_n, repeat, freq, present })
+    }
+    /// DRY ("don't repeat yourself") with its sequence breakers.
+    pub fn dry(self, multiplier: f32, base: f32, allowed_length: i32, last_n: i32, breakers: &[&str]) -> Self {
+        let breakers = breakers.iter().map(|s| s.to_string()).collect();
+        self.with(Stage::Dry { multiplier, base, allowed_length, last_n, breakers })
+    }
+    pub fn mirostat(self, seed: u32, tau: f32, eta: f32, m: i32) -> Self {
+        self.with(Stage::Mirostat { seed, tau, eta, m })
+    }
+    pub fn mirostat_v2(self, seed: u32, tau: f32, eta: f32) -> Self {
+        self.with(Stage::MirostatV2 { seed, tau, eta })
+    }
+    /// Constrains output to a GBNF grammar starting at rule `root`.
+    pub fn grammar(self, grammar: &str, root: &str) -> Self {
+        self.with(Stage::Grammar { grammar: grammar.to_string(), root: root.to_string() })
+    }
+    pub fn logit_bias(self, biases: &[(Token, f32)]) -> Self {
+        self.with(Stage::LogitBias { biases: biases.to_vec() })
+    }
+
+    /// Validates every stage and creates the chain for `model`.
+    pub fn build(self, model: &Model) -> Result<Sampler<'_>, SamplerError> {
+        backend::init();
+        for stage in &self.stages {
+            validate(stage, model.vocab().n_tokens())?;
+        }
+        // SAFETY: returns a struct by value.
+        let params = unsafe { sys::llama_sampler_chain_default_params() };
+        // SAFETY: creates an empty chain, owned by the Sampler below (freed on drop even if a
+        // later stage fails).
+        let chain = NonNull::new(unsafe { sys::llama_sampler_chain_init(params) }).ok_or(SamplerError::Llama("chain"))?;
+        let sampler = Sampler { raw: chain, model };
+        for stage in &self.stages {
+            let raw = create(stage, model)?;
+            // SAFETY: the chain takes ownership of the stage.
+            unsafe { sys::llama_sampler_chain_add(sampler.raw.as_ptr(), raw.as_ptr()) };
+        }
+        Ok(sampler)
+    }
+}
+
+fn validate(stage: &Stage, n_vocab: i32) -> Result<(), SamplerError> {
+    let check = |ok: bool, sampler, name, value: &dyn std::fmt::Debug, reason| {
+        if ok { Ok(()) } else { Err(SamplerError::InvalidParam { sampler, name, value: format!("{value:?}"), reason }) }
+    };
+    let unit = |x: f32| x.is_finite() && (0.0..=1.0).contains(&x);
+    match stage {
+        Stage::Greedy | Stage::Dist { .. } | Stage::TopK { .. } | Stage::Grammar { .. } => Ok(()),
+        Stage::Temp { t } => check(t.is_finite() && *t >= 0.0, "temperature", "t", t, "must be finite and >= 0"),
+        Stage::TopP { p, .. } => check(unit(*p), "top-p", "p", p, "must be within 0..=1"),
+        Stage::MinP { p, .. } => check(unit(*p), "min-p", "p", p, "must be within 0..=1"),
+        Stage::Typical { p, .. } => check(unit(*p), "typical", "p", p, "must be within 0..=1"),
+        Stage::Xtc { p, t, .. } => {
+            check(unit(*p), "xtc", "p", p, "must be within 0..=1")?;
+            check(unit(*t), "xtc", "t", t, "must be within 0..=1")
+        }
+        Stage::Penalties { last_n, repeat, freq, present } => {
+            check(*last_n >= -1, "penalties", "last_n", last_n, "must be >= -1")?;
+            check(repeat.is_finite() && *repeat > 0.0, "penalties", "repeat", repeat, "must be finite and > 0 (1 = off)")?;
+            check(freq.is_finite(), "penalties", "freq", freq, "must be finite")?;
+            check(present.is_finite(), "penalties", "present", present, "must be finite")
+        }
+        Stage::Dry { multiplier, base, allowed_length, last_n, .. } => {
+            check(multiplier.is_finite() && *multiplier >= 0.0, "dry", "multiplier", multiplier, "must be finite and >= 0")?;
+            check(base.is_finite() && *base >= 1.0, "dry", "base", base, "must be finite and >= 1")?;
+            check(*allowed_length >= 0, "dry", "allowed_length", allowed_length, "must be >= 0")?;
+            check(*last_n >= -1, "dry", "last_n", last_n, "must be >= -1")
+        }
+        Stage::Mirostat { tau, eta, m, .. } => {
+            check(tau.is_finite() && *tau > 0.0, "mirostat", "tau", tau, "must be finite and > 0")?;
+            check(eta.is_finite() && *eta > 0.0, "mirostat", "eta", eta, "must be finite and > 0")?;
+            check(*m > 0, "mirostat", "m", m, "must be > 0")
+        }
+        Stage::MirostatV2 { tau, eta, .. } => {
+            check(tau.is_finite() && *tau > 0.0, "mirostat-v2", "tau", tau, "must be finite and > 0")?;
+            check(eta.is_finite() && *eta > 0.0, "mirostat-v2", "eta", eta, "must be finite and > 0")
+        }
+        Stage::LogitBias { biases } => {
+            for (token, bias) in biases {
+                check((0..n_vocab).contains(&token.0), "logit-bias", "token", token, "is outside the vocabulary")?;
+                check(bias.is_finite() || *bias == f32::NEG_INFINITY, "logit-bias", "bias", bias, "must be finite or -inf")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn create(stage: &Stage, model: &Model) -> Result<NonNull<sys::llama_sampler>, SamplerError> {
+    let vocab = model.vocab();
+    let n_vocab = vocab.n_tokens();
+    // SAFETY (all arms): constructors that copy their arguments; pointers passed are valid
+    // for the call (CStrings and slices owned here) and the vocab outlives the sampler,
+    // which borrows the model.
+    let (raw, name, messages) = unsafe {
+        match stage {
+            Stage::Greedy => (sys::llama_sampler_init_greedy(), "greedy", None),
+            Stage::Dist { seed } => (sys::llama_sampler_init_dist(*seed), "dist", None),
+            Stage::Temp { t } => (sys::llama_sampler_init_temp(*t), "temperature", None),
+            Stage::TopK { k } => (sys::llama_sampler_init_top_k(*k), "top-k", None),
+            Stage::TopP { p, min_keep } => (sys::llama_sampler_init_top_p(*p, *min_keep), "top-p", None),
+            Stage::MinP { p, min_keep } => (sys::llama_sampler_init_min_p(*p, *min_keep), "min-p", None),
+            Stage::Typical { p, min_keep } => (sys::llama_sampler_init_typical(*p, *min_keep), "typical", None),
+            Stage::Xtc { p, t, min_keep, seed } => (sys::llama_sampler_init_xtc(*p, *t, *min_keep, *seed), "xtc", None),
+            Stage::Penalties { last_n, repeat, freq, present } => {
+                (sys::llama_sampler_init_penalties(n_vocab, *last_n, *repeat, *freq, *present), "penalties", None)
+            }
+            Stage::Dry { multiplier, base, allowed_length, last_n, breakers } => {
+                let owned: Vec<CString> =
+                    breakers.iter().map(|b| CString::new(b.as_str())).collect::<Result<_, _>>().map_err(|_| SamplerError::Nul("a DRY sequence breaker"))?;
+                let mut ptrs: Vec<*const std::ffi::c_char> = owned.iter().map(|c| c.as_ptr()).collect();
+                let raw = sys::llama_sampler_init_dry(vocab.as_ptr(), *multiplier, *base, *allowed_length, *last_n, ptrs.as_mut_ptr(), ptrs.len());
+                (raw, "dry", None)
+            }
+            Stage::Mirostat { seed, tau, eta, m } => (sys::llama_sampler_init_mirostat(n_vocab, *seed, *tau, *eta, *m), "mirostat", None),
+            Stage::MirostatV2 { seed, tau, eta } => (sys::llama_sampler_init_mirostat_v2(*seed, *tau, *eta), "mirostat-v2", None),
+            Stage::Grammar { grammar, root } => {
+                let g = CString::new(grammar.as_str()).map_err(|_| SamplerError::Nul("the grammar"))?;
+                let r = CString::new(root.as_str()).map_err(|_| SamplerError::Nul("the grammar root"))?;
+                let (raw, messages) = backend::capture(|| sys::llama_sampler_init_grammar(vocab.as_ptr(), g.as_ptr(), r.as_ptr()));
+                (raw, "grammar", Some(messages))
+            }
+            Stage::LogitBias { biases } => {
+                let raw: Vec<sys::llama_logit_bias> = biases.iter().map(|(t, b)| sys::llama_logit_bias { token: t.0, bias: *b }).collect();
+                (sys::llama_sampler_init_logit_bias(n_vocab, raw.len() as i32, raw.as_ptr()), "logit-bias", None)
+            }
+        }
+    };
+    match (NonNull::new(raw), messages) {
+        (Some(raw), _) => Ok(raw),
+        (None, Some(messages)) => Err(SamplerError::Grammar { messages }),
+        (None, None) => Err(SamplerError::Llama(name)),
+    }
+}
+
+/// A sampler chain, tied to the model whose vocabulary it was built for.
+#[derive(Debug)]
+pub struct Sampler<'m> {
+    raw: NonNull<sys::llama_sampler>,
+    model: &'m Model,
+}
+
+// SAFETY: the chain owns its state outright and every method that touches it takes &mut self.
+unsafe impl Send for Sampler<'_> {}
+
+impl Sampler<'_> {
+    pub fn as_ptr(&self) -> *mut sys::llama_sampler {
+        self.raw.as_ptr()
+    }
+
+    /// Samples a token from the logits of batch entry `index` of the context's last decode,
+    /// and accepts it into the chain's state (penalties, grammar, mirostat).
+    pub fn sample(&mut self, ctx: &Context<'_>, index: i32) -> Result<Token, SamplerError> {
+        if !std::ptr::eq(ctx.model(), self.model) {
+            return Err(SamplerError::WrongModel);
+        }
+        if !ctx.outputs().contains(&index) {
+            return Err(SamplerError::NotAnOutput { index, outputs: ctx.outputs().to_vec() });
+        }
+        // SAFETY: index is an output of the context's last decode, so llama.cpp has logits for
+        // it (it aborts otherwise); the chain and context are alive. Context is not Sync, so
+        // nothing else uses it meanwhile.
+        Ok(Token(unsafe { sys::llama_sampler_sample(self.raw.as_ptr(), ctx.as_ptr(), index) }))
+    }
+
+    /// Feeds a token chosen elsewhere into the chain's state.
+    pub fn accept(&mut self, token: Token) {
+        // SAFETY: live chain; stages that index by token guard their own ranges.
+        unsafe { sys::llama_sampler_accept(self.raw.as_ptr(), token.0) }
+    }
+
+    /// Resets the chain's state (penalty history, grammar, RNG stays seeded as built).
+    pub fn reset(&mut self) {
+        // SAFETY: live chain.
+        unsafe { sys::llama_sampler_reset(self.raw.as_ptr()) }
+    }
+
+    /// Number of stages.
+    pub fn len(&self) -> usize {
+        // SAFETY: live chain.
+        unsafe { sys::llama_sampler_chain_n(self.raw.as_ptr()) }.max(0) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for Sampler<'_> {
+    fn drop(&mut self) {
+        // SAFETY: we own the chain, which frees its stages.
+        unsafe { sys::llama_sampler_free(self.raw.as_ptr()) }
+    }
+}

@@ -1,0 +1,201 @@
+//! Tokens and the vocabulary: tokenize, detokenize, special tokens.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use crate::error::TokenizeError;
+use crate::model::Model;
+use crate::sys;
+
+/// A token id. `repr(transparent)` over llama.cpp's `llama_token`, so slices pass through FFI
+/// without copying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct Token(pub sys::llama_token);
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Whether special tokens are added and recognised when tokenizing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenizeOptions {
+    /// Add BOS/EOS as the model's metadata asks.
+    pub add_special: bool,
+    /// Turn special-token text (e.g. `<start_of_turn>`) into the special token.
+    pub parse_special: bool,
+}
+
+impl Default for TokenizeOptions {
+    fn default() -> Self {
+        TokenizeOptions { add_special: true, parse_special: false }
+    }
+}
+
+/// The vocabulary of a [`Model`], borrowed from it.
+#[derive(Clone, Copy, Debug)]
+pub struct Vocab<'m> {
+    raw: NonNull<sys::llama_vocab>,
+    n_tokens: i32,
+    _model: PhantomData<&'m Model>,
+}
+
+// SAFETY: the vocab is part of an immutable, Sync model; every method reads it.
+unsafe impl Send for Vocab<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for Vocab<'_> {}
+
+impl<'m> Vocab<'m> {
+    pub(crate) fn new(raw: NonNull<sys::llama_vocab>, _model: &'m Model) -> Self {
+        // SAFETY: raw is the live vocab of `_model`.
+        let n_tokens = unsafe { sys::llama_vocab_n_tokens(raw.as_ptr()) };
+        Vocab { raw, n_tokens, _model: PhantomData }
+    }
+
+    pub fn as_ptr(&self) -> *const sys::llama_vocab {
+        self.raw.as_ptr()
+    }
+
+    /// Number of tokens in the vocabulary.
+    pub fn n_tokens(&self) -> i32 {
+        self.n_tokens
+    }
+
+    pub fn bos(&self) -> Token {
+        // SAFETY: reads a field of a live vocab.
+        Token(unsafe { sys::llama_vocab_bos(self.raw.as_ptr()) })
+    }
+
+    pub fn eos(&self) -> Token {
+        // SAFETY: reads a field of a live vocab.
+        Token(unsafe { sys::llama_vocab_eos(self.raw.as_ptr()) })
+    }
+
+    pub fn eot(&self) -> Token {
+        // SAFETY: reads a field of a live vocab.
+        Token(unsafe { sys::llama_vocab_eot(self.raw.as_ptr()) })
+    }
+
+    /// Whether `token` ends generation (EOS, EOT and the model's other end tokens).
+    pub fn is_eog(&self, token: Token) -> bool {
+        // SAFETY: llama.cpp looks the id up in a set; any id is safe to ask about.
+        unsafe { sys::llama_vocab_is_eog(self.raw.as_ptr(), token.0) }
+    }
+
+    /// Whether the token is valid for this vocabulary.
+    pub fn contains(&self, token: Token) -> bool {
+        (0..self.n_tokens).contains(&token.0)
+    }
+
+    fn check(&self, token: Token) -> Result<(), TokenizeError> {
+        if self.contains(token) { Ok(()) } else { Err(TokenizeError::InvalidToken { token, n_vocab: self.n_tokens }) }
+    }
+
+    /// Tokenizes `text` into `out`, replacing its contents; reuses `out`'s allocation.
+    pub fn tokenize_into(&self, text: &str, options: TokenizeOptions, out: &mut Vec<Token>) -> Result<(), TokenizeError> {
+        let len = i32::try_from(text.len()).map_err(|_| TokenizeError::TooLong { len: text.len() })?;
+        // A token is at least one byte, plus BOS/EOS.
+        let guess = text.len() + 2;
+        out.clear();
+        out.reserve(guess);
+        for _ in 0..2 {
+            let cap = i32::try_from(out.capacity()).unwrap_or(i32::MAX);
+            // SAFETY: text is valid for len bytes; out has `cap` writable Token slots, and Token
+            // is repr(transparent) over llama_token.
+            let n = unsafe {
+                sys::llama_tokenize(
+                    self.raw.as_ptr(),
+                    text.as_ptr().cast(),
+                    len,
+                    out.as_mut_ptr().cast(),
+                    cap,
+                    options.add_special,
+                    options.parse_special,
+                )
+            };
+            if n >= 0 {
+                // SAFETY: llama.cpp initialised the first n slots.
+                unsafe { out.set_len(n as usize) };
+                return Ok(());
+            }
+            if n == i32::MIN {
+                return Err(TokenizeError::Failed(n));
+            }
+            // A negative count is the size needed.
+            out.reserve((-n) as usize);
+        }
+        Err(TokenizeError::Failed(-1))
+    }
+
+    /// Tokenizes `text` into a new vector.
+    pub fn tokenize(&self, text: &str, options: TokenizeOptions) -> Result<Vec<Token>, TokenizeError> {
+        let mut out = Vec::new();
+        self.tokenize_into(text, options, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the bytes of `token`'s text to `out`. Bytes, not a string: a piece may be part
+    /// of a multi-byte character; see [`crate::Utf8Decoder`]. `special` renders control tokens.
+    pub fn piece_into(&self, token: Token, special: bool, out: &mut Vec<u8>) -> Result<(), TokenizeError> {
+        self.check(token)?;
+        let start = out.len();
+        let mut room = 32usize;
+        loop {
+            out.resize(start + room, 0);
+            // SAFETY: the token is in range; the buffer has `room` writable bytes.
+            let n = unsafe {
+                sys::llama_token_to_piece(
+                    self.raw.as_ptr(),
+                    token.0,
+                    out[start..].as_mut_ptr().cast(),
+                    room as i32,
+                    0,
+                    special,
+                )
+            };
+            if n >= 0 {
+                out.truncate(start + n as usize);
+                return Ok(());
+            }
+            room = (-n) as usize;
+        }
+    }
+
+    /// The bytes of one token's text.
+    pub fn piece(&self, token: Token, special: bool) -> Result<Vec<u8>, TokenizeError> {
+        let mut out = Vec::new();
+        self.piece_into(token, special, &mut out)?;
+        Ok(out)
+    }
+
+    /// Detokenizes a whole sequence; invalid UTF-8 (a cut-off character) becomes U+FFFD.
+    pub fn detokenize(&self, tokens: &[Token], remove_special: bool, unparse_special: bool) -> Result<String, TokenizeError> {
+        if let Some(bad) = tokens.iter().find(|t| !self.contains(**t)) {
+            return Err(TokenizeError::InvalidToken { token: *bad, n_vocab: self.n_tokens });
+        }
+        let n_tokens = i32::try_from(tokens.len()).map_err(|_| TokenizeError::TooLong { len: tokens.len() })?;
+        let mut buf = vec![0u8; tokens.len() * 8 + 16];
+        loop {
+            // SAFETY: tokens are valid ids (checked above) read for n_tokens; buf is writable.
+            let n = unsafe {
+                sys::llama_detokenize(
+                    self.raw.as_ptr(),
+                    tokens.as_ptr().cast(),
+                    n_tokens,
+                    buf.as_mut_ptr().cast(),
+                    i32::try_from(buf.len()).unwrap_or(i32::MAX),
+                    remove_special,
+                    unparse_special,
+                )
+            };
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return Ok(String::from_utf8_lossy(&buf).into_owned());
+            }
+            buf.resize((-n) as usize, 0);
+        }
+    }
+}

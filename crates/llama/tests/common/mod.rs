@@ -1,0 +1,33 @@
+//! Shared by the integration tests: the real default model, loaded once per test binary.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use llama::{Context, ContextParams, Model, ModelParams};
+
+pub fn model_path() -> PathBuf {
+    let path = PathBuf::from(std::env::var("EXSA_MODEL").expect("EXSA_MODEL is set by .cargo/config.toml"));
+    assert!(path.is_file(), "default model missing at {}: run `cargo xtask fetch-model`", path.display());
+    path
+}
+
+pub fn model() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| Model::load(model_path(), &ModelParams::default()).expect("default model loads"))
+}
+
+pub fn small_params() -> ContextParams {
+    ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, n_threads: 2, n_threads_batch: 2, ..Default::default() }
+}
+
+pub fn context() -> Context<'static> {
+    Context::new(model(), &small_params()).expect("context")
+}
+
+pub fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llama-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}

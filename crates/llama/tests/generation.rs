@@ -1,0 +1,349 @@
+//! The wrapper end to end on the real default model.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use common::{context, model, model_path, small_params, temp_path};
+use llama::*;
+
+/// Greedy continuation of `prompt` for `n` tokens; returns the token ids.
+fn greedy(ctx: &mut Context<'_>, prompt: &str, n: usize) -> Vec<Token> {
+    let vocab = ctx.model().vocab();
+    let tokens = vocab.tokenize(prompt, TokenizeOptions::default()).unwrap();
+    let mut sampler = SamplerChain::new().greedy().build(ctx.model()).unwrap();
+    let mut batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
+    let mut out = Vec::new();
+    let mut pos = tokens.len() as i32;
+    for _ in 0..n {
+        ctx.decode(&batch).unwrap();
+        let t = sampler.sample(ctx, batch.len() as i32 - 1).unwrap();
+        out.push(t);
+        batch.clear();
+        batch.add(t, pos, &[0], true).unwrap();
+        pos += 1;
+    }
+    out
+}
+
+#[test]
+fn metadata_describes_the_default_model() {
+    let m = model();
+    assert_eq!(m.architecture().as_deref(), Some("gemma3"));
+    assert!(m.n_params() > 200_000_000 && m.n_params() < 400_000_000, "{}", m.n_params());
+    assert!(m.size() > 100_000_000);
+    assert!(m.n_ctx_train() >= 8192);
+    assert_eq!(m.n_embd(), 640);
+    assert_eq!(m.n_layer(), 18);
+    assert!(m.description().contains("gemma3"), "{}", m.description());
+    let meta = m.metadata();
+    assert!(meta.iter().any(|(k, v)| k == "general.architecture" && v == "gemma3"));
+    // This GGUF ships no chat template: callers fall back to a named one ("gemma").
+    assert_eq!(m.chat_template(None), None);
+    assert_eq!(m.vocab().n_tokens(), 262_144);
+}
+
+#[test]
+fn load_progress_is_reported_and_can_cancel() {
+    let mut seen = Vec::new();
+    let m = Model::load_with_progress(model_path(), &ModelParams::default(), |p| {
+        seen.push(p);
+        true
+    })
+    .unwrap();
+    drop(m);
+    assert!(seen.last().is_some_and(|&p| p >= 1.0), "{seen:?}");
+    let err = Model::load_with_progress(model_path(), &ModelParams::default(), |_| false).unwrap_err();
+    assert!(matches!(err, LoadError::Cancelled { .. }), "{err}");
+}
+
+#[test]
+fn a_panic_in_the_progress_callback_is_raised_after_llama_cpp_returns() {
+    let caught = std::panic::catch_unwind(|| {
+        let _ = Model::load_with_progress(model_path(), &ModelParams::default(), |_| panic!("from the callback"));
+    });
+    let payload = caught.unwrap_err();
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"from the callback"));
+}
+
+#[test]
+fn greedy_decoding_is_deterministic_and_sensible() {
+    let a = greedy(&mut context(), "Monday, Tuesday, Wednesday,", 3);
+    let b = greedy(&mut context(), "Monday, Tuesday, Wednesday,", 3);
+    assert_eq!(a, b);
+    let text = model().vocab().detokenize(&a, false, false).unwrap();
+    assert!(text.contains("Thursday"), "{text:?}");
+}
+
+#[test]
+fn tokenize_detokenize_round_trips_multilingual_text() {
+    let vocab = model().vocab();
+    let text = "Hello, 世界! Ünïcödé 🦀 ok";
+    let no_special = TokenizeOptions { add_special: false, parse_special: false };
+    let tokens = vocab.tokenize(text, no_special).unwrap();
+    assert_eq!(vocab.detokenize(&tokens, false, false).unwrap(), text);
+    let with_bos = vocab.tokenize(text, TokenizeOptions::default()).unwrap();
+    assert_eq!(with_bos[0], vocab.bos());
+    // The buffer is reused: tokenize_into replaces the contents.
+    let mut buf = vec![Token(9); 100];
+    vocab.tokenize_into("a", no_special, &mut buf).unwrap();
+    assert_eq!(buf.len(), 1);
+}
+
+#[test]
+fn streaming_pieces_through_the_utf8_decoder_never_breaks_characters() {
+    let vocab = model().vocab();
+    // Rare scripts have no token of their own and fall back to byte tokens, which is where a
+    // character spans several tokens.
+    let text = "日本語のテキスト 🦀🎉 émoji 𒀀𓂀𐍈 ꙮ";
+    let tokens = vocab.tokenize(text, TokenizeOptions { add_special: false, parse_special: false }).unwrap();
+    let mut decoder = Utf8Decoder::new();
+    let mut out = String::new();
+    let mut piece = Vec::new();
+    let mut split_somewhere = false;
+    for t in tokens {
+        piece.clear();
+        vocab.piece_into(t, false, &mut piece).unwrap();
+        split_somewhere |= std::str::from_utf8(&piece).is_err();
+        let before = out.len();
+        decoder.push(&piece, &mut out);
+        assert!(!out[before..].contains('\u{fffd}'), "a character was broken at token {t}");
+    }
+    decoder.finish(&mut out);
+    assert_eq!(out, text);
+    assert!(split_somewhere, "no token split a character, so the test proved nothing");
+}
+
+#[test]
+fn special_tokens_and_end_of_generation() {
+    let vocab = model().vocab();
+    assert!(vocab.is_eog(vocab.eos()));
+    let parsed = vocab.tokenize("<end_of_turn>", TokenizeOptions { add_special: false, parse_special: true }).unwrap();
+    assert_eq!(parsed.len(), 1);
+    assert!(vocab.is_eog(parsed[0]), "<end_of_turn> ends generation on Gemma");
+    let literal = vocab.tokenize("<end_of_turn>", TokenizeOptions { add_special: false, parse_special: false }).unwrap();
+    assert!(literal.len() > 1);
+}
+
+#[test]
+fn chat_templates_format_messages() {
+    let msgs = [ChatMessage::new("user", "Hi there")];
+    assert!(matches!(apply_template(Some(model()), None, &msgs, true), Err(ChatError::NoTemplate)));
+    let gemma = apply_template(Some(model()), Some("gemma"), &msgs, true).unwrap();
+    assert_eq!(gemma, "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n");
+    let chatml = apply_template(None, Some("chatml"), &msgs, true).unwrap();
+    assert_eq!(chatml, "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n");
+    assert!(builtin_templates().iter().any(|t| t == "llama3"));
+}
+
+#[test]
+fn logits_are_finite_and_vocabulary_wide() {
+    let mut ctx = context();
+    let tokens = model().vocab().tokenize("Hello", TokenizeOptions::default()).unwrap();
+    ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
+    let logits = ctx.last_logits().unwrap();
+    assert_eq!(logits.len(), 262_144);
+    assert!(logits.iter().all(|x| x.is_finite()));
+    assert_eq!(ctx.outputs(), &[tokens.len() as i32 - 1]);
+}
+
+#[test]
+fn memory_operations_and_state_restore_reproduce_logits() {
+    let mut ctx = context();
+    let vocab = model().vocab();
+    let tokens = vocab.tokenize("The quick brown fox", TokenizeOptions::default()).unwrap();
+    let n = tokens.len() as i32;
+    ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
+    assert_eq!(ctx.max_position(0).unwrap(), Some(n - 1));
+    let state = ctx.save_state().unwrap();
+
+    let next = Token(vocab.tokenize(" jumps", TokenizeOptions { add_special: false, parse_special: false }).unwrap()[0].0);
+    let mut step = Batch::new(1, 1).unwrap();
+    step.add(next, n, &[0], true).unwrap();
+    ctx.decode(&step).unwrap();
+    let first = ctx.last_logits().unwrap().to_vec();
+
+    // Drop the last position and decode it again: same logits.
+    assert!(ctx.remove_range(0, n, -1).unwrap());
+    assert_eq!(ctx.max_position(0).unwrap(), Some(n - 1));
+    ctx.decode(&step).unwrap();
+    assert_eq!(ctx.last_logits().unwrap(), &first[..]);
+
+    // Clear everything, restore the saved state, decode again: same logits.
+    ctx.clear_memory(true);
+    assert_eq!(ctx.max_position(0).unwrap(), None);
+    ctx.load_state(&state).unwrap();
+    assert_eq!(ctx.max_position(0).unwrap(), Some(n - 1));
+    ctx.decode(&step).unwrap();
+    assert_eq!(ctx.last_logits().unwrap(), &first[..]);
+
+    // The same through a file, with the tokens saved beside it.
+    let path = temp_path("state.bin");
+    ctx.remove_range(0, n, -1).unwrap();
+    ctx.save_state_file(&path, &tokens).unwrap();
+    ctx.clear_memory(true);
+    assert_eq!(ctx.load_state_file(&path, 64).unwrap(), tokens);
+    ctx.decode(&step).unwrap();
+    assert_eq!(ctx.last_logits().unwrap(), &first[..]);
+}
+
+#[test]
+fn sequences_can_be_copied_saved_and_restored() {
+    let params = ContextParams { n_seq_max: 2, ..small_params() };
+    let mut ctx = Context::new(model(), &params).unwrap();
+    let tokens = model().vocab().tokenize("one two three", TokenizeOptions::default()).unwrap();
+    ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
+    ctx.copy_range(0, 1, -1, -1).unwrap();
+    assert_eq!(ctx.max_position(1).unwrap(), ctx.max_position(0).unwrap());
+    let seq_state = ctx.save_sequence_state(1).unwrap();
+    assert!(ctx.remove_range(1, -1, -1).unwrap());
+    assert_eq!(ctx.max_position(1).unwrap(), None);
+    ctx.load_sequence_state(&seq_state, 1).unwrap();
+    assert_eq!(ctx.max_position(1).unwrap(), Some(tokens.len() as i32 - 1));
+    ctx.shift_range(1, 0, -1, 10).unwrap();
+    assert_eq!(ctx.max_position(1).unwrap(), Some(tokens.len() as i32 - 1 + 10));
+
+    // A sequence decoded on its own is dropped by keep_only.
+    ctx.clear_memory(true);
+    ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
+    ctx.decode(&Batch::from_tokens(&tokens[..2], 0, 1).unwrap()).unwrap();
+    assert_eq!(ctx.max_position(1).unwrap(), Some(1));
+    ctx.keep_only(0).unwrap();
+    assert_eq!(ctx.max_position(1).unwrap(), None);
+    assert_eq!(ctx.max_position(0).unwrap(), Some(tokens.len() as i32 - 1));
+}
+
+#[test]
+fn the_abort_flag_cancels_a_decode() {
+    let mut ctx = context();
+    let flag = Arc::new(AtomicBool::new(true));
+    ctx.set_abort_flag(Some(flag.clone()));
+    let tokens = model().vocab().tokenize("a b c d e f g", TokenizeOptions::default()).unwrap();
+    let batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
+    assert!(matches!(ctx.decode(&batch), Err(DecodeError::Aborted)));
+    flag.store(false, std::sync::atomic::Ordering::Relaxed);
+    ctx.clear_memory(true);
+    ctx.decode(&batch).unwrap();
+    ctx.set_abort_flag(None);
+}
+
+#[test]
+fn seeded_sampling_chains_are_reproducible_and_constrained() {
+    let run = |seed| {
+        let mut ctx = context();
+        let vocab = model().vocab();
+        let tokens = vocab.tokenize("Once upon a time", TokenizeOptions::default()).unwrap();
+        let mut sampler = SamplerChain::new()
+            .penalties(64, 1.1, 0.0, 0.0)
+            .dry(0.8, 1.75, 2, 64, &["\n"])
+            .top_k(40)
+            .typical(1.0, 1)
+            .top_p(0.95, 1)
+            .min_p(0.05, 1)
+            .xtc(0.0, 0.1, 1, seed)
+            .temp(0.8)
+            .dist(seed)
+            .build(model())
+            .unwrap();
+        assert_eq!(sampler.len(), 9);
+        let mut batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
+        let mut out = Vec::new();
+        for i in 0..12 {
+            ctx.decode(&batch).unwrap();
+            let t = sampler.sample(&ctx, batch.len() as i32 - 1).unwrap();
+            out.push(t);
+            batch.clear();
+            batch.add(t, tokens.len() as i32 + i, &[0], true).unwrap();
+        }
+        out
+    };
+    assert_eq!(run(7), run(7));
+    assert_ne!(run(7), run(8), "different seeds gave the same 12 tokens");
+}
+
+#[test]
+fn a_grammar_constrains_the_output() {
+    let mut ctx = context();
+    let vocab = model().vocab();
+    let tokens = vocab.tokenize("Is the sky green? Answer:", TokenizeOptions::default()).unwrap();
+    let mut sampler = SamplerChain::new().grammar("root ::= \" yes\" | \" no\"", "root").greedy().build(model()).unwrap();
+    let mut batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
+    let mut out = Vec::new();
+    for i in 0..4 {
+        ctx.decode(&batch).unwrap();
+        let t = sampler.sample(&ctx, batch.len() as i32 - 1).unwrap();
+        if vocab.is_eog(t) {
+            break;
+        }
+        out.push(t);
+        batch.clear();
+        batch.add(t, tokens.len() as i32 + i, &[0], true).unwrap();
+    }
+    let text = vocab.detokenize(&out, false, false).unwrap();
+    assert!(text == " yes" || text == " no", "{text:?}");
+}
+
+#[test]
+fn a_logit_bias_forces_a_token_and_mirostat_samples() {
+    let mut ctx = context();
+    let vocab = model().vocab();
+    let forced = vocab.tokenize(" banana", TokenizeOptions { add_special: false, parse_special: false }).unwrap()[0];
+    let tokens = vocab.tokenize("My favourite colour is", TokenizeOptions::default()).unwrap();
+    ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
+    let last = tokens.len() as i32 - 1;
+    let mut biased = SamplerChain::new().logit_bias(&[(forced, 100.0)]).greedy().build(model()).unwrap();
+    assert_eq!(biased.sample(&ctx, last).unwrap(), forced);
+    for mut chain in [
+        SamplerChain::new().temp(0.8).mirostat(3, 5.0, 0.1, 100).build(model()).unwrap(),
+        SamplerChain::new().temp(0.8).mirostat_v2(3, 5.0, 0.1).build(model()).unwrap(),
+    ] {
+        assert!(vocab.contains(chain.sample(&ctx, last).unwrap()));
+        chain.reset();
+    }
+}
+
+#[test]
+fn embeddings_are_produced_when_enabled() {
+    let params = ContextParams { embeddings: true, pooling: Pooling::Mean, ..small_params() };
+    let mut ctx = Context::new(model(), &params).unwrap();
+    let tokens = model().vocab().tokenize("an embedding", TokenizeOptions::default()).unwrap();
+    ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
+    let e = ctx.sequence_embeddings(0).unwrap();
+    assert_eq!(e.len(), 640);
+    assert!(e.iter().all(|x| x.is_finite()) && e.iter().any(|x| *x != 0.0));
+}
+
+#[test]
+fn threads_and_perf_counters() {
+    let mut ctx = context();
+    ctx.set_threads(1, 2).unwrap();
+    assert_eq!(ctx.threads(), (1, 2));
+    greedy(&mut ctx, "Count: one, two,", 3);
+    let perf = ctx.perf();
+    assert!(perf.n_prompt_tokens > 0 && perf.n_eval_tokens >= 2, "{perf:?}");
+    assert!(perf.eval_ms > 0.0);
+    ctx.reset_perf();
+    // llama.cpp reports at least one evaluated token (it divides by it), but no time.
+    assert_eq!(ctx.perf().eval_ms, 0.0);
+}
+
+#[test]
+fn system_information_shows_the_cpu() {
+    assert!(system_info().contains("CPU"));
+    let devices = devices();
+    assert!(devices.iter().any(|d| d.kind == DeviceKind::Cpu), "{devices:?}");
+    assert!(capabilities().mmap);
+    assert_eq!(build_info().switch("native"), Some(true));
+}
+
+#[test]
+fn quantize_writes_a_loadable_model() {
+    let out = temp_path("requant-q8_0.gguf");
+    quantize(&model_path(), &out, QuantType::Q8_0, 2, true).unwrap();
+    let q = Model::load(&out, &ModelParams { vocab_only: true, ..Default::default() }).unwrap();
+    assert_eq!(q.meta("general.file_type").as_deref(), Some("7"), "Q8_0 is ftype 7");
+    let err = quantize(std::path::Path::new("/no/input.gguf"), &out, QuantType::Q4_0, 2, true).unwrap_err();
+    assert!(matches!(err, QuantizeError::Input(_)), "{err}");
+    std::fs::remove_file(out).unwrap();
+}
