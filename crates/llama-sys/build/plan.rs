@@ -260,11 +260,9 @@ impl BuildPlan {
             };
             define("GGML_BLAS_VENDOR", &vendor);
         }
-        if on(Switch::Cuda) {
-            if let Some(archs) = input.env.get(CUDA_ARCHS_VAR) {
-                validate_cuda_archs(archs)?;
-                define("CMAKE_CUDA_ARCHITECTURES", archs);
-            }
+        if let (true, Some(archs)) = (on(Switch::Cuda), input.env.get(CUDA_ARCHS_VAR)) {
+            validate_cuda_archs(archs)?;
+            define("CMAKE_CUDA_ARCHITECTURES", archs);
         }
         if let Some(ccache) = &input.ccache {
             define("CMAKE_C_COMPILER_LAUNCHER", ccache);
@@ -700,7 +698,7 @@ mod tests {
         let p = plan(&with_env(input("x86_64-unknown-linux-gnu"), OPT_LEVEL_VAR, "2"));
         assert_eq!(define(&p, "CMAKE_C_FLAGS_RELEASE"), Some("-O2 -DNDEBUG"));
         assert_eq!(define(&p, "CMAKE_CXX_FLAGS_RELEASE"), Some("-O2 -DNDEBUG"));
-        assert!(plan(&input("x86_64-unknown-linux-gnu")).defines.get("CMAKE_C_FLAGS_RELEASE").is_none());
+        assert!(!plan(&input("x86_64-unknown-linux-gnu")).defines.contains_key("CMAKE_C_FLAGS_RELEASE"));
     }
 
     #[test]

@@ -30,10 +30,10 @@ pub fn require_libclang() {
 
 /// ccache when it is installed, unless LLAMA_SYS_CCACHE=off.
 pub fn ccache() -> Option<String> {
-    if let Some(v) = crate::env::var("LLAMA_SYS_CCACHE") {
-        if matches!(v.to_ascii_lowercase().as_str(), "0" | "off" | "false" | "no") {
-            return None;
-        }
+    let disabled = crate::env::var("LLAMA_SYS_CCACHE")
+        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "0" | "off" | "false" | "no"));
+    if disabled {
+        return None;
     }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

@@ -91,7 +91,7 @@ pub fn check(path: &Path) -> Result<GgufSummary, LoadError> {
         let ty = r.u32(&format!("the type of {name}"))?;
         let offset = r.u64(&format!("the offset of {name}"))?;
         let bytes = tensor_bytes(ty, &ne).ok_or_else(|| r.corrupt(format!("tensor {name} has type {ty} or shape {ne:?} that no file can hold")))?;
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(r.corrupt(format!("tensor {name} starts at offset {offset}, not a multiple of {alignment}")));
         }
         let end = offset.checked_add(bytes).ok_or_else(|| r.corrupt(format!("tensor {name} ends past 2^64")))?;
@@ -113,7 +113,7 @@ fn tensor_bytes(ty: u32, ne: &[u64; 4]) -> Option<u64> {
     }
     // SAFETY: pure table look-ups, valid for any type id below GGML_TYPE_COUNT.
     let (type_size, block) = unsafe { (sys::ggml_type_size(ty) as u64, sys::ggml_blck_size(ty) as u64) };
-    if type_size == 0 || block == 0 || ne[0] % block != 0 {
+    if type_size == 0 || block == 0 || !ne[0].is_multiple_of(block) {
         return None;
     }
     let row = (ne[0] / block).checked_mul(type_size)?;

@@ -173,8 +173,8 @@ fn validate(stage: &Stage, n_vocab: i32) -> Result<(), SamplerError> {
 fn create(stage: &Stage, model: &Model) -> Result<NonNull<sys::llama_sampler>, SamplerError> {
     let vocab = model.vocab();
     let n_vocab = vocab.n_tokens();
-    // SAFETY (all arms): constructors that copy their arguments; pointers passed are valid
-    // for the call (CStrings and slices owned here) and the vocab outlives the sampler,
+    // SAFETY: every arm calls a constructor that copies its arguments; the pointers passed are
+    // valid for the call (CStrings and slices owned here), and the vocab outlives the sampler,
     // which borrows the model.
     let (raw, name, messages) = unsafe {
         match stage {

@@ -15,14 +15,12 @@ fn greedy(ctx: &mut Context<'_>, prompt: &str, n: usize) -> Vec<Token> {
     let mut sampler = SamplerChain::new().greedy().build(ctx.model()).unwrap();
     let mut batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
     let mut out = Vec::new();
-    let mut pos = tokens.len() as i32;
-    for _ in 0..n {
+    for pos in (tokens.len() as i32..).take(n) {
         ctx.decode(&batch).unwrap();
         let t = sampler.sample(ctx, batch.len() as i32 - 1).unwrap();
         out.push(t);
         batch.clear();
         batch.add(t, pos, &[0], true).unwrap();
-        pos += 1;
     }
     out
 }
