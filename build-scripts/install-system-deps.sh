@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the llama.cpp source build needs and Rust does not bring: cmake, libclang (for
-# bindgen) and ccache. Uses apt-get on Debian/Ubuntu and brew on macOS; elsewhere, or without
+# bindgen), ccache, and valgrind on Linux (for the leak check). Uses apt-get on Debian/Ubuntu and brew on macOS; elsewhere, or without
 # the rights to install, prints the command to run and fails.
 #   --check   report only, install nothing
 set -euo pipefail
@@ -23,9 +23,11 @@ missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 have_libclang || missing+=(libclang)
 command -v ccache >/dev/null 2>&1 || missing+=(ccache)
+# valgrind runs `cargo xtask leak-check`; macOS has none worth the name.
+[[ "$(uname -s)" != Darwin ]] && ! command -v valgrind >/dev/null 2>&1 && missing+=(valgrind)
 
 if [[ ${#missing[@]} -eq 0 ]]; then
-  echo "system dependencies present: cmake, libclang, ccache" >&2
+  echo "system dependencies present: cmake, libclang, ccache$([[ "$(uname -s)" != Darwin ]] && echo ", valgrind")" >&2
   exit 0
 fi
 

@@ -2,6 +2,7 @@
 
 mod fetch_model;
 mod hashing;
+mod leak_check;
 mod pin;
 mod setup;
 mod test;
@@ -27,6 +28,8 @@ enum Command {
     FetchModel(fetch_model::Args),
     /// Set everything up, then run every test of the workspace.
     Test(test::Args),
+    /// Run the safe wrapper's test binaries under valgrind; fail on any definite leak.
+    LeakCheck(leak_check::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +38,6 @@ fn main() -> anyhow::Result<()> {
         Command::Vendor(args) => vendor::run(&args),
         Command::FetchModel(args) => fetch_model::run(&args).map(|path| println!("{}", path.display())),
         Command::Test(args) => test::run(&args),
+        Command::LeakCheck(args) => leak_check::run(&args),
     }
 }

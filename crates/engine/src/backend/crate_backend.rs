@@ -1,0 +1,252 @@
+//! Backend `crate`: Option A, the baseline: llama.cpp through the `llama-cpp-2` crate with its
+//! default features, as the seed's exsa-engine used it.
+
+use std::ffi::CStr;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+
+use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
+use crate::config::{SamplingParams, SessionConfig};
+use crate::error::EngineError;
+
+/// llama-cpp-2 refuses a second `LlamaBackend::init`, so the one instance lives here.
+fn backend() -> &'static LlamaBackend {
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+        LlamaBackend::init().expect("the only LlamaBackend::init of the process")
+    })
+}
+
+#[derive(Debug)]
+pub struct CrateBackend;
+
+impl Backend for CrateBackend {
+    const NAME: &'static str = "crate";
+    type Model = CrateModel;
+
+    fn load(path: &Path, n_gpu_layers: i32) -> Result<CrateModel, EngineError> {
+        // llama-cpp-2 answers every bad file with "null result"; say at least which file.
+        if !path.is_file() {
+            return Err(EngineError::Load(format!("model file not found: {}", path.display())));
+        }
+        let params = LlamaModelParams::default().with_n_gpu_layers(n_gpu_layers.max(0) as u32);
+        let model = LlamaModel::load_from_file(backend(), path, &params)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        Ok(CrateModel { model, path: path.display().to_string() })
+    }
+
+    fn build_info() -> serde_json::Value {
+        // llama-cpp-sys-2 does not export its flags; its build script's rules are: GGML_NATIVE
+        // only with RUSTFLAGS=-C target-cpu=native, otherwise ggml's default ISA list plus
+        // whatever rustc target features are on; OpenMP on (default feature); Release unless
+        // the cargo profile is debug.
+        let rustflags = env!("EXSA_RUSTFLAGS");
+        serde_json::json!({
+            "backend": "crate",
+            "llama_cpp": "llama-cpp-2 0.1.160 over llama-cpp-sys-2 0.1.161",
+            "features": "default (openmp, common)",
+            "ggml_native": rustflags.contains("target-cpu=native"),
+            "rustc_target_features": {
+                "avx2": cfg!(target_feature = "avx2"),
+                "fma": cfg!(target_feature = "fma"),
+                "f16c": cfg!(target_feature = "f16c"),
+                "avx512f": cfg!(target_feature = "avx512f"),
+            },
+            "rustflags": rustflags,
+        })
+    }
+
+    fn system_info() -> String {
+        backend();
+        // SAFETY: returns a static NUL-terminated string.
+        unsafe { CStr::from_ptr(llama_cpp_sys_2::llama_print_system_info()) }.to_string_lossy().into_owned()
+    }
+}
+
+#[derive(Debug)]
+pub struct CrateModel {
+    model: LlamaModel,
+    path: String,
+}
+
+impl BackendModel for CrateModel {
+    type Session<'m> = CrateSession<'m>;
+
+    fn info(&self) -> ModelInfo {
+        let m = &self.model;
+        ModelInfo {
+            path: self.path.clone(),
+            description: m.meta_val_str("general.name").unwrap_or_default(),
+            architecture: m.meta_val_str("general.architecture").unwrap_or_default(),
+            n_params: m.n_params(),
+            size_bytes: m.size(),
+            n_vocab: m.n_vocab(),
+            n_ctx_train: m.n_ctx_train(),
+            n_embd: m.n_embd().max(0) as usize,
+            has_chat_template: m.chat_template(None).is_ok(),
+        }
+    }
+
+    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
+        out.clear();
+        out.extend(self.model.vocab().tokenize(text.as_bytes(), add_special, parse_special).into_iter().map(|t| t.0));
+        Ok(())
+    }
+
+    fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
+        if !(0..self.model.n_vocab()).contains(&token) {
+            return Err(EngineError::Tokenize(format!("token {token} is outside the vocabulary")));
+        }
+        self.model.vocab().token_to_piece_into(LlamaToken(token), out, false, None);
+        Ok(())
+    }
+
+    fn is_eog(&self, token: TokenId) -> bool {
+        self.model.vocab().is_eog(LlamaToken(token))
+    }
+
+    fn bos(&self) -> TokenId {
+        self.model.vocab().bos().0
+    }
+
+    fn n_vocab(&self) -> i32 {
+        self.model.n_vocab()
+    }
+
+    fn chat_template(&self) -> Option<String> {
+        self.model.chat_template(None).ok().and_then(|t| t.to_string().ok())
+    }
+
+    fn apply_chat_template(&self, template: &str, messages: &[(String, String)]) -> Result<String, EngineError> {
+        let tmpl = LlamaChatTemplate::new(template).map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        let msgs = messages
+            .iter()
+            .map(|(r, c)| LlamaChatMessage::new(r.clone(), c.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        self.model.apply_chat_template(&tmpl, &msgs, true).map_err(|e| EngineError::ChatTemplate(e.to_string()))
+    }
+
+    fn session(&self, config: &SessionConfig) -> Result<CrateSession<'_>, EngineError> {
+        let mut params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(config.n_ctx))
+            .with_n_batch(config.n_batch)
+            .with_n_ubatch(config.n_ubatch)
+            .with_n_threads(config.n_threads)
+            .with_n_threads_batch(config.n_threads_batch)
+            .with_embeddings(config.embeddings)
+            .with_flash_attention_policy(match config.flash_attention {
+                None => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+                Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                Some(false) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            });
+        if config.embeddings {
+            params = params.with_pooling_type(LlamaPoolingType::Mean);
+        }
+        let ctx = self.model.new_context(backend(), params).map_err(|e| EngineError::Session(e.to_string()))?;
+        let n_batch = ctx.n_batch() as usize;
+        Ok(CrateSession { model: &self.model, ctx, batch: LlamaBatch::new(n_batch, 1), sampler: None, last_output: None, abort: None })
+    }
+}
+
+pub struct CrateSession<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    sampler: Option<LlamaSampler>,
+    last_output: Option<i32>,
+    abort: Option<Arc<AtomicBool>>,
+}
+
+impl std::fmt::Debug for CrateSession<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrateSession").field("last_output", &self.last_output).finish_non_exhaustive()
+    }
+}
+
+impl BackendSession for CrateSession<'_> {
+    fn n_ctx(&self) -> u32 {
+        self.ctx.n_ctx()
+    }
+
+    fn n_batch(&self) -> u32 {
+        self.ctx.n_batch()
+    }
+
+    fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+        // The crate has no abort callback; the engine checks the flag between steps, and a
+        // single decode runs to its end.
+        if self.abort.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed)) {
+            return Err(EngineError::Cancelled);
+        }
+        self.batch.clear();
+        self.last_output = None;
+        for (k, &t) in ids.iter().enumerate() {
+            let logits = outputs == Outputs::Last && k + 1 == ids.len();
+            self.batch.add(LlamaToken(t), start + k as i32, &[0], logits).map_err(|e| EngineError::Decode(e.to_string()))?;
+        }
+        self.ctx.decode(&mut self.batch).map_err(|e| EngineError::Decode(e.to_string()))?;
+        if outputs == Outputs::Last {
+            self.last_output = Some(ids.len() as i32 - 1);
+        }
+        Ok(())
+    }
+
+    fn truncate(&mut self, from: i32) -> bool {
+        self.ctx.clear_kv_cache_seq(Some(0), Some(from.max(0) as u32), None).unwrap_or(false)
+    }
+
+    fn clear(&mut self) {
+        self.ctx.clear_kv_cache();
+    }
+
+    fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
+        let mut stages = Vec::new();
+        if p.repeat_penalty != 1.0 {
+            stages.push(LlamaSampler::penalties(p.repeat_last_n, p.repeat_penalty, 0.0, 0.0));
+        }
+        if p.is_greedy() {
+            stages.push(LlamaSampler::greedy());
+        } else {
+            if p.top_k > 0 {
+                stages.push(LlamaSampler::top_k(p.top_k));
+            }
+            if p.top_p < 1.0 {
+                stages.push(LlamaSampler::top_p(p.top_p, 1));
+            }
+            if p.min_p > 0.0 {
+                stages.push(LlamaSampler::min_p(p.min_p, 1));
+            }
+            stages.push(LlamaSampler::temp(p.temperature));
+            stages.push(LlamaSampler::dist(p.seed));
+        }
+        self.sampler = Some(LlamaSampler::chain_simple(stages));
+        Ok(())
+    }
+
+    fn sample(&mut self) -> Result<TokenId, EngineError> {
+        let idx = self.last_output.ok_or_else(|| EngineError::Sampler("the last decode produced no logits".into()))?;
+        let sampler = self.sampler.as_mut().ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
+        Ok(sampler.sample(&self.ctx, idx).0)
+    }
+
+    fn set_abort_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.abort = Some(flag);
+    }
+
+    fn embedding(&self) -> Result<Vec<f32>, EngineError> {
+        self.ctx.embeddings_seq_ith(0).map(<[f32]>::to_vec).map_err(|e| EngineError::Decode(e.to_string()))
+    }
+}

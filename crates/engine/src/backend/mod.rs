@@ -1,0 +1,123 @@
+//! The narrow interface the engine needs from llama.cpp, implemented once per backend:
+//!
+//! - `source`: our build (crates/llama over llama-sys): Option B;
+//! - `crate`: the `llama-cpp-2` crate with its default features: Option A, the baseline;
+//! - `raw`: our build through raw llama-sys calls, to make the safe wrapper's cost visible.
+//!
+//! Exactly one is compiled into a build: each links all of llama.cpp's symbols, and two
+//! copies of them must never meet in one binary.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use serde::Serialize;
+
+use crate::config::{SamplingParams, SessionConfig};
+use crate::error::EngineError;
+
+#[cfg(any(
+    all(feature = "source", feature = "crate"),
+    all(feature = "source", feature = "raw"),
+    all(feature = "crate", feature = "raw")
+))]
+compile_error!(
+    "exsa-engine: enable exactly one backend feature: `source`, `crate` or `raw` \
+     (e.g. --no-default-features --features crate); each links its own copy of llama.cpp"
+);
+#[cfg(not(any(feature = "source", feature = "crate", feature = "raw")))]
+compile_error!("exsa-engine: enable one backend feature: `source` (default), `crate` or `raw`");
+
+#[cfg(feature = "crate")]
+mod crate_backend;
+#[cfg(feature = "raw")]
+mod raw;
+#[cfg(feature = "source")]
+mod source;
+
+#[cfg(feature = "crate")]
+pub use crate_backend::CrateBackend as Active;
+#[cfg(feature = "raw")]
+pub use raw::RawBackend as Active;
+#[cfg(feature = "source")]
+pub use source::SourceBackend as Active;
+
+/// A token id, as llama.cpp numbers them.
+pub type TokenId = i32;
+
+/// Which outputs a decode should produce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outputs {
+    /// Logits of the last token only (prompt processing, generation).
+    Last,
+    /// No logits at all (filling the cache).
+    None,
+}
+
+/// What the engine reports about a model, the same for every backend.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub path: String,
+    pub description: String,
+    pub architecture: String,
+    pub n_params: u64,
+    pub size_bytes: u64,
+    pub n_vocab: i32,
+    pub n_ctx_train: u32,
+    pub n_embd: usize,
+    pub has_chat_template: bool,
+}
+
+/// A llama.cpp backend.
+pub trait Backend: 'static {
+    /// "source", "crate" or "raw".
+    const NAME: &'static str;
+    type Model: BackendModel;
+
+    fn load(path: &Path, n_gpu_layers: i32) -> Result<Self::Model, EngineError>;
+
+    /// What was compiled, as JSON (flags, compiler, llama.cpp version).
+    fn build_info() -> serde_json::Value;
+
+    /// ggml's system-info line.
+    fn system_info() -> String;
+}
+
+/// A loaded model: tokenizer, templates, and a factory for sessions.
+pub trait BackendModel: Send + Sync + Sized {
+    type Session<'m>: BackendSession
+    where
+        Self: 'm;
+
+    fn info(&self) -> ModelInfo;
+    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError>;
+    /// Appends the bytes of a token's text (special tokens rendered as empty).
+    fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError>;
+    fn is_eog(&self, token: TokenId) -> bool;
+    fn bos(&self) -> TokenId;
+    fn n_vocab(&self) -> i32;
+    /// The model's own chat template, if its file has one.
+    fn chat_template(&self) -> Option<String>;
+    /// Formats messages with a template text or a llama.cpp built-in template name.
+    fn apply_chat_template(&self, template: &str, messages: &[(String, String)]) -> Result<String, EngineError>;
+    fn session(&self, config: &SessionConfig) -> Result<Self::Session<'_>, EngineError>;
+}
+
+/// A context with its KV cache, a reusable batch and a sampler.
+pub trait BackendSession {
+    fn n_ctx(&self) -> u32;
+    fn n_batch(&self) -> u32;
+    /// Decodes `tokens` at positions `start..` in sequence 0 (at most n_batch of them).
+    fn decode(&mut self, tokens: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError>;
+    /// Drops positions `from..` from the cache; false if the backend could not (recurrent state).
+    fn truncate(&mut self, from: i32) -> bool;
+    fn clear(&mut self);
+    /// (Re)builds the sampler chain for a request.
+    fn set_sampler(&mut self, params: &SamplingParams) -> Result<(), EngineError>;
+    /// Samples from the last output of the last decode, and accepts the token.
+    fn sample(&mut self) -> Result<TokenId, EngineError>;
+    /// Cancels a running decode while the flag is set.
+    fn set_abort_flag(&mut self, flag: Arc<AtomicBool>);
+    /// Mean-pooled embedding of the last decode (sessions built with `embeddings`).
+    fn embedding(&self) -> Result<Vec<f32>, EngineError>;
+}

@@ -1,0 +1,196 @@
+//! Backend `source`: Option B, our llama.cpp build through the safe `llama` crate.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use llama::{Batch, ChatMessage, Context, ContextParams, FlashAttention, Model, ModelParams, Pooling, Sampler, SamplerChain, Token, TokenizeOptions};
+
+use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
+use crate::config::{SamplingParams, SessionConfig};
+use crate::error::EngineError;
+
+#[derive(Debug)]
+pub struct SourceBackend;
+
+impl Backend for SourceBackend {
+    const NAME: &'static str = "source";
+    type Model = SourceModel;
+
+    fn load(path: &Path, n_gpu_layers: i32) -> Result<SourceModel, EngineError> {
+        let params = ModelParams { n_gpu_layers, ..Default::default() };
+        let model = Model::load(path, &params).map_err(|e| EngineError::Load(e.to_string()))?;
+        Ok(SourceModel { model })
+    }
+
+    fn build_info() -> serde_json::Value {
+        let mut info: serde_json::Value = serde_json::from_str(&llama::build_info().to_json()).unwrap_or_default();
+        info["backend"] = "source".into();
+        info
+    }
+
+    fn system_info() -> String {
+        llama::system_info()
+    }
+}
+
+#[derive(Debug)]
+pub struct SourceModel {
+    model: Model,
+}
+
+fn tokens(ids: &[TokenId]) -> &[Token] {
+    // SAFETY: Token is repr(transparent) over i32, so the slices have the same layout.
+    unsafe { std::slice::from_raw_parts(ids.as_ptr().cast(), ids.len()) }
+}
+
+impl BackendModel for SourceModel {
+    type Session<'m> = SourceSession<'m>;
+
+    fn info(&self) -> ModelInfo {
+        let m = &self.model;
+        ModelInfo {
+            path: m.path().display().to_string(),
+            description: m.description(),
+            architecture: m.architecture().unwrap_or_default(),
+            n_params: m.n_params(),
+            size_bytes: m.size(),
+            n_vocab: m.vocab().n_tokens(),
+            n_ctx_train: m.n_ctx_train(),
+            n_embd: m.n_embd(),
+            has_chat_template: m.chat_template(None).is_some(),
+        }
+    }
+
+    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
+        let mut buf: Vec<Token> = std::mem::take(out).into_iter().map(Token).collect();
+        self.model
+            .vocab()
+            .tokenize_into(text, TokenizeOptions { add_special, parse_special }, &mut buf)
+            .map_err(|e| EngineError::Tokenize(e.to_string()))?;
+        *out = buf.into_iter().map(|t| t.0).collect();
+        Ok(())
+    }
+
+    fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
+        self.model.vocab().piece_into(Token(token), false, out).map_err(|e| EngineError::Tokenize(e.to_string()))
+    }
+
+    fn is_eog(&self, token: TokenId) -> bool {
+        self.model.vocab().is_eog(Token(token))
+    }
+
+    fn bos(&self) -> TokenId {
+        self.model.vocab().bos().0
+    }
+
+    fn n_vocab(&self) -> i32 {
+        self.model.vocab().n_tokens()
+    }
+
+    fn chat_template(&self) -> Option<String> {
+        self.model.chat_template(None)
+    }
+
+    fn apply_chat_template(&self, template: &str, messages: &[(String, String)]) -> Result<String, EngineError> {
+        let msgs: Vec<ChatMessage> = messages.iter().map(|(r, c)| ChatMessage::new(r.as_str(), c.as_str())).collect();
+        llama::apply_template(Some(&self.model), Some(template), &msgs, true).map_err(|e| EngineError::ChatTemplate(e.to_string()))
+    }
+
+    fn session(&self, config: &SessionConfig) -> Result<SourceSession<'_>, EngineError> {
+        let params = ContextParams {
+            n_ctx: config.n_ctx,
+            n_batch: config.n_batch,
+            n_ubatch: config.n_ubatch,
+            n_seq_max: 1,
+            n_threads: config.n_threads,
+            n_threads_batch: config.n_threads_batch,
+            flash_attention: match config.flash_attention {
+                None => FlashAttention::Auto,
+                Some(true) => FlashAttention::On,
+                Some(false) => FlashAttention::Off,
+            },
+            embeddings: config.embeddings,
+            pooling: if config.embeddings { Pooling::Mean } else { Pooling::Unspecified },
+            ..Default::default()
+        };
+        let ctx = Context::new(&self.model, &params).map_err(|e| EngineError::Session(e.to_string()))?;
+        let batch = Batch::new(ctx.n_batch() as usize, 1).map_err(|e| EngineError::Session(e.to_string()))?;
+        Ok(SourceSession { model: &self.model, ctx, batch, sampler: None })
+    }
+}
+
+#[derive(Debug)]
+pub struct SourceSession<'m> {
+    model: &'m Model,
+    ctx: Context<'m>,
+    batch: Batch,
+    sampler: Option<Sampler<'m>>,
+}
+
+impl BackendSession for SourceSession<'_> {
+    fn n_ctx(&self) -> u32 {
+        self.ctx.n_ctx()
+    }
+
+    fn n_batch(&self) -> u32 {
+        self.ctx.n_batch()
+    }
+
+    fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+        self.batch.clear();
+        self.batch
+            .add_sequence(tokens(ids), start, 0, outputs == Outputs::Last)
+            .map_err(|e| EngineError::Decode(e.to_string()))?;
+        self.ctx.decode(&self.batch).map_err(|e| match e {
+            llama::DecodeError::Aborted => EngineError::Cancelled,
+            e => EngineError::Decode(e.to_string()),
+        })
+    }
+
+    fn truncate(&mut self, from: i32) -> bool {
+        self.ctx.remove_range(0, from, -1).unwrap_or(false)
+    }
+
+    fn clear(&mut self) {
+        self.ctx.clear_memory(false);
+    }
+
+    fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
+        let mut chain = SamplerChain::new();
+        if p.repeat_penalty != 1.0 {
+            chain = chain.penalties(p.repeat_last_n, p.repeat_penalty, 0.0, 0.0);
+        }
+        chain = if p.is_greedy() {
+            chain.greedy()
+        } else {
+            let mut c = chain;
+            if p.top_k > 0 {
+                c = c.top_k(p.top_k);
+            }
+            if p.top_p < 1.0 {
+                c = c.top_p(p.top_p, 1);
+            }
+            if p.min_p > 0.0 {
+                c = c.min_p(p.min_p, 1);
+            }
+            c.temp(p.temperature).dist(p.seed)
+        };
+        self.sampler = Some(chain.build(self.model).map_err(|e| EngineError::Sampler(e.to_string()))?);
+        Ok(())
+    }
+
+    fn sample(&mut self) -> Result<TokenId, EngineError> {
+        let sampler = self.sampler.as_mut().ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
+        let last = *self.ctx.outputs().last().ok_or_else(|| EngineError::Sampler("the last decode produced no logits".into()))?;
+        sampler.sample(&self.ctx, last).map(|t| t.0).map_err(|e| EngineError::Sampler(e.to_string()))
+    }
+
+    fn set_abort_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.ctx.set_abort_flag(Some(flag));
+    }
+
+    fn embedding(&self) -> Result<Vec<f32>, EngineError> {
+        self.ctx.sequence_embeddings(0).map(<[f32]>::to_vec).map_err(|e| EngineError::Decode(e.to_string()))
+    }
+}

@@ -1,0 +1,247 @@
+//! `exsa`: the engine on the command line. `generate` streams text, `chat` is interactive,
+//! `info` describes model, devices and build, `bench` runs the measurement harness as JSON.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use exsa_engine::harness::{self, Test};
+use exsa_engine::{CancelToken, ChatMessage, Engine, EngineConfig, EngineError, GenerateRequest, SamplingParams, SessionConfig};
+
+#[derive(Parser)]
+#[command(name = "exsa", version, about = "Local LLM inference over llama.cpp")]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Common {
+    /// GGUF model (default: the project's default model, see `cargo xtask fetch-model`).
+    #[arg(long, global = true)]
+    model: Option<PathBuf>,
+    /// Context length.
+    #[arg(long, global = true, default_value_t = 4096)]
+    ctx: u32,
+    /// Threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<i32>,
+    /// Layers to offload to a GPU (-1: all).
+    #[arg(long, global = true, default_value_t = -1)]
+    gpu_layers: i32,
+    /// Flash attention: on, off or auto.
+    #[arg(long, global = true, default_value = "auto")]
+    flash_attn: String,
+    /// Show llama.cpp's log at this level and above (debug, info, warn, error).
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+}
+
+#[derive(Args)]
+struct Sampling {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: i32,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u32,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl Sampling {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: 64,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream a continuation of a prompt to stdout.
+    Generate {
+        prompt: String,
+        #[command(flatten)]
+        sampling: Sampling,
+        /// Print the stats as JSON on stderr at the end.
+        #[arg(long)]
+        stats: bool,
+    },
+    /// Chat on the terminal (one line per turn; the KV cache is reused between turns).
+    Chat {
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: Sampling,
+    },
+    /// Describe the model, the devices and the build.
+    Info,
+    /// Run the measurement harness and print JSON.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Tests: ppN, tgN, ppN+tgM, e2e[N] (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "pp512,tg128")]
+    tests: Vec<Test>,
+    /// Timed runs of each test in this process.
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+    /// Skip the untimed warm-up run.
+    #[arg(long)]
+    no_warmup: bool,
+    #[arg(long, default_value_t = 2048)]
+    batch: u32,
+    #[arg(long, default_value_t = 512)]
+    ubatch: u32,
+    /// Also report the greedy token ids of a fixed prompt (the equivalence check).
+    #[arg(long, default_value_t = 0)]
+    greedy_tokens: usize,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = format!("warn,llama_cpp={},llama_cpp_2={}", cli.common.log, cli.common.log);
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn session_config(common: &Common) -> Result<SessionConfig, EngineError> {
+    let mut config = SessionConfig { n_ctx: common.ctx, ..Default::default() };
+    if let Some(t) = common.threads {
+        config.n_threads = t;
+        config.n_threads_batch = t;
+    }
+    config.flash_attention = match common.flash_attn.as_str() {
+        "auto" => None,
+        "on" | "1" | "true" => Some(true),
+        "off" | "0" | "false" => Some(false),
+        other => {
+            return Err(EngineError::InvalidConfig { field: "flash_attn", value: other.into(), reason: "use on, off or auto" });
+        }
+    };
+    Ok(config)
+}
+
+fn load(common: &Common, session: SessionConfig) -> Result<Engine, EngineError> {
+    let model = common.model.clone().unwrap_or_else(exsa_engine::default_model_path);
+    let config = EngineConfig { session, n_gpu_layers: common.gpu_layers, ..EngineConfig::new(model) };
+    Engine::load(config)
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let session = session_config(&cli.common)?;
+    match cli.command {
+        Command::Generate { prompt, sampling, stats } => {
+            let engine = load(&cli.common, session)?;
+            let mut s = engine.session()?;
+            let request = GenerateRequest { max_tokens: sampling.max_tokens, stop: sampling.stop.clone(), sampling: sampling.params(), ..GenerateRequest::new(prompt) };
+            let mut generation = s.generate(&request)?;
+            let mut out = std::io::stdout().lock();
+            for delta in generation.by_ref() {
+                out.write_all(delta?.as_bytes())?;
+                out.flush()?;
+            }
+            writeln!(out)?;
+            if stats {
+                eprintln!("{}", serde_json::to_string(generation.stats())?);
+            }
+        }
+        Command::Chat { system, sampling } => {
+            let engine = load(&cli.common, session)?;
+            let mut s = engine.session()?;
+            let mut history: Vec<ChatMessage> = system.into_iter().map(|c| ChatMessage::new("system", c)).collect();
+            let stdin = std::io::stdin();
+            loop {
+                eprint!("> ");
+                let mut line = String::new();
+                if stdin.lock().read_line(&mut line)? == 0 {
+                    break;
+                }
+                history.push(ChatMessage::new("user", line.trim()));
+                let request = GenerateRequest {
+                    max_tokens: sampling.max_tokens,
+                    stop: sampling.stop.clone(),
+                    sampling: sampling.params(),
+                    cancel: Some(CancelToken::new()),
+                    ..GenerateRequest::new("")
+                };
+                let mut reply = String::new();
+                let mut generation = s.chat(&history, request)?;
+                for delta in generation.by_ref() {
+                    let delta = delta?;
+                    print!("{delta}");
+                    std::io::stdout().flush()?;
+                    reply.push_str(&delta);
+                }
+                let st = generation.stats().clone();
+                println!();
+                eprintln!("[{} tokens, {:.1} t/s, {} prompt tokens reused]", st.completion_tokens, st.generation_tokens_per_s, st.prompt_tokens_reused);
+                history.push(ChatMessage::new("assistant", reply));
+            }
+        }
+        Command::Info => {
+            let engine = load(&cli.common, session)?;
+            let info = serde_json::json!({
+                "backend": Engine::backend_name(),
+                "model": engine.model_info(),
+                "chat_template": engine.chat_template(),
+                "system_info": Engine::system_info(),
+                "build_info": Engine::build_info(),
+            });
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        Command::Bench(args) => {
+            let session = SessionConfig { n_batch: args.batch, n_ubatch: args.ubatch, ..session };
+            let engine = load(&cli.common, session.clone())?;
+            if !args.no_warmup {
+                // llama-bench's warm-up: one short prompt and one token, untimed.
+                harness::run(&engine, &session, Test::PromptGenerate(16, 1))?;
+            }
+            let mut samples = Vec::new();
+            for _ in 0..args.reps {
+                for test in &args.tests {
+                    samples.push(harness::run(&engine, &session, *test)?);
+                }
+            }
+            let greedy = if args.greedy_tokens > 0 { Some(harness::greedy_tokens(&engine, &session, harness::EQUIVALENCE_PROMPT, args.greedy_tokens)?) } else { None };
+            let report = serde_json::json!({
+                "backend": Engine::backend_name(),
+                "model": engine.model_info(),
+                "threads": session.n_threads,
+                "n_batch": session.n_batch,
+                "n_ubatch": session.n_ubatch,
+                "flash_attn": cli.common.flash_attn,
+                "samples": samples,
+                "greedy_tokens": greedy,
+                "system_info": Engine::system_info(),
+                "build_info": Engine::build_info(),
+            });
+            println!("{}", serde_json::to_string(&report)?);
+        }
+    }
+    Ok(())
+}

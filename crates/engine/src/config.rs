@@ -1,0 +1,220 @@
+//! Engine, session and request parameters, validated before anything reaches llama.cpp.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::error::EngineError;
+
+/// How to load a model and size its sessions.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub model: PathBuf,
+    pub session: SessionConfig,
+    /// Layers on the GPU where the build has one (-1: all).
+    pub n_gpu_layers: i32,
+    /// Template used when the model file has none: a llama.cpp built-in name or template text.
+    /// None picks by architecture (gemma → "gemma", llama → "llama3", otherwise "chatml").
+    pub chat_template_fallback: Option<String>,
+}
+
+impl EngineConfig {
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        EngineConfig { model: model.into(), session: SessionConfig::default(), n_gpu_layers: -1, chat_template_fallback: None }
+    }
+}
+
+/// Context parameters of a session.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionConfig {
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+    pub n_threads: i32,
+    pub n_threads_batch: i32,
+    /// None: llama.cpp decides.
+    pub flash_attention: Option<bool>,
+    pub embeddings: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get()) as i32;
+        SessionConfig {
+            n_ctx: 4096,
+            n_batch: 2048,
+            n_ubatch: 512,
+            n_threads: threads,
+            n_threads_batch: threads,
+            flash_attention: None,
+            embeddings: false,
+        }
+    }
+}
+
+impl SessionConfig {
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |field, value: String, reason| Err(EngineError::InvalidConfig { field, value, reason });
+        if self.n_ctx < 8 {
+            return bad("n_ctx", self.n_ctx.to_string(), "must be at least 8");
+        }
+        if self.n_batch < 1 || self.n_ubatch < 1 || self.n_ubatch > self.n_batch {
+            return bad("n_ubatch", format!("{}/{}", self.n_ubatch, self.n_batch), "need 1 <= n_ubatch <= n_batch");
+        }
+        if self.n_threads < 1 {
+            return bad("n_threads", self.n_threads.to_string(), "at least one thread is needed");
+        }
+        if self.n_threads_batch < 1 {
+            return bad("n_threads_batch", self.n_threads_batch.to_string(), "at least one thread is needed");
+        }
+        Ok(())
+    }
+}
+
+/// Sampling parameters of a request. Temperature 0 means greedy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: i32,
+    /// 1.0: off.
+    pub top_p: f32,
+    /// 0.0: off.
+    pub min_p: f32,
+    /// 1.0: off.
+    pub repeat_penalty: f32,
+    /// Tokens the repeat penalty looks back over.
+    pub repeat_last_n: i32,
+    pub seed: u32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding: the most likely token every step.
+    pub fn greedy() -> Self {
+        SamplingParams { temperature: 0.0, ..Default::default() }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |field, value: f32, reason| Err(EngineError::InvalidRequest { field, value: value.to_string(), reason });
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad("temperature", self.temperature, "must be finite and >= 0");
+        }
+        if self.top_k < 0 {
+            return bad("top_k", self.top_k as f32, "must be >= 0 (0 = off)");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", self.top_p, "must be within (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", self.min_p, "must be within [0, 1]");
+        }
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
+            return bad("repeat_penalty", self.repeat_penalty, "must be finite and > 0 (1 = off)");
+        }
+        if self.repeat_last_n < -1 {
+            return bad("repeat_last_n", self.repeat_last_n as f32, "must be >= -1");
+        }
+        Ok(())
+    }
+}
+
+/// Cancels a generation from another thread: the token loop stops at the next step, and a
+/// decode in progress is aborted.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(pub(crate) Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One generation request.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub max_tokens: usize,
+    /// Generation stops before any of these; the stop text is not returned.
+    pub stop: Vec<String>,
+    pub sampling: SamplingParams,
+    /// Turn special-token text in the prompt into special tokens (chat prompts need this).
+    pub parse_special: bool,
+    pub cancel: Option<CancelToken>,
+}
+
+impl GenerateRequest {
+    pub fn new(prompt: impl Into<String>) -> Self {
+        GenerateRequest {
+            prompt: prompt.into(),
+            max_tokens: 128,
+            stop: Vec::new(),
+            sampling: SamplingParams::default(),
+            parse_special: false,
+            cancel: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), EngineError> {
+        if self.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if self.max_tokens == 0 {
+            return Err(EngineError::InvalidRequest { field: "max_tokens", value: "0".into(), reason: "must be at least 1" });
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(EngineError::InvalidRequest { field: "stop", value: "\"\"".into(), reason: "stop sequences must not be empty" });
+        }
+        self.sampling.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_sampling_values_are_named() {
+        for (p, field) in [
+            (SamplingParams { temperature: -0.1, ..Default::default() }, "temperature"),
+            (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature"),
+            (SamplingParams { top_k: -1, ..Default::default() }, "top_k"),
+            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
+            (SamplingParams { min_p: 2.0, ..Default::default() }, "min_p"),
+            (SamplingParams { repeat_penalty: 0.0, ..Default::default() }, "repeat_penalty"),
+        ] {
+            match p.validate() {
+                Err(EngineError::InvalidRequest { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        assert!(SamplingParams::default().validate().is_ok());
+        assert!(SamplingParams::greedy().is_greedy());
+    }
+
+    #[test]
+    fn empty_prompts_and_zero_max_tokens_are_refused() {
+        assert!(matches!(GenerateRequest::new("").validate(), Err(EngineError::EmptyPrompt)));
+        let r = GenerateRequest { max_tokens: 0, ..GenerateRequest::new("x") };
+        assert!(matches!(r.validate(), Err(EngineError::InvalidRequest { field: "max_tokens", .. })));
+        let r = GenerateRequest { stop: vec![String::new()], ..GenerateRequest::new("x") };
+        assert!(matches!(r.validate(), Err(EngineError::InvalidRequest { field: "stop", .. })));
+    }
+}

@@ -1,0 +1,393 @@
+//! The engine: a model, sessions over it with prefix reuse, and streaming generation.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
+use crate::config::{CancelToken, EngineConfig, GenerateRequest, SessionConfig};
+use crate::error::EngineError;
+use crate::stop::{StopMatcher, StopScan};
+use crate::utf8::Utf8Decoder;
+
+type Model = <Active as Backend>::Model;
+type RawSession<'m> = <Model as BackendModel>::Session<'m>;
+
+/// One chat message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    EndOfText,
+    /// A stop sequence was produced (and not returned).
+    StopSequence,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The context is full.
+    ContextFull,
+    /// The request's cancel token was triggered.
+    Cancelled,
+}
+
+/// What a finished generation measured.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct GenerationStats {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Of those, tokens already in the KV cache from the previous request (not decoded again).
+    pub prompt_tokens_reused: usize,
+    pub completion_tokens: usize,
+    /// From the request to the first generated token, prompt processing included.
+    pub time_to_first_token_ms: f64,
+    pub prompt_ms: f64,
+    /// From the end of prompt processing to the last token's text.
+    pub generation_ms: f64,
+    /// Prompt tokens decoded per second.
+    pub prompt_tokens_per_s: f64,
+    /// Completion tokens per second as the user sees them: sampled, detokenized, streamed.
+    pub generation_tokens_per_s: f64,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// A loaded model, ready to make sessions.
+#[derive(Debug)]
+pub struct Engine {
+    model: Model,
+    config: EngineConfig,
+}
+
+impl Engine {
+    /// Loads the model named in `config`.
+    pub fn load(config: EngineConfig) -> Result<Engine, EngineError> {
+        config.session.validate()?;
+        let model = Active::load(&config.model, config.n_gpu_layers)?;
+        Ok(Engine { model, config })
+    }
+
+    pub fn backend_name() -> &'static str {
+        Active::NAME
+    }
+
+    pub fn build_info() -> serde_json::Value {
+        Active::build_info()
+    }
+
+    pub fn system_info() -> String {
+        Active::system_info()
+    }
+
+    pub fn model_info(&self) -> ModelInfo {
+        self.model.info()
+    }
+
+    /// A session with the engine's default context parameters.
+    pub fn session(&self) -> Result<Session<'_>, EngineError> {
+        self.session_with(&self.config.session)
+    }
+
+    pub fn session_with(&self, config: &SessionConfig) -> Result<Session<'_>, EngineError> {
+        config.validate()?;
+        Ok(Session { engine: self, inner: self.model.session(config)?, cached: Vec::new(), scratch: Vec::new() })
+    }
+
+    /// One-shot generation to a string, in a fresh session.
+    pub fn generate(&self, request: &GenerateRequest) -> Result<(String, GenerationStats), EngineError> {
+        self.session()?.generate_text(request)
+    }
+
+    /// The mean-pooled embedding of `text`.
+    pub fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError> {
+        let config = SessionConfig { embeddings: true, ..self.config.session.clone() };
+        let mut session = self.session_with(&config)?;
+        let mut tokens = Vec::new();
+        self.model.tokenize(text, true, false, &mut tokens)?;
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        session.prefill(&tokens)?;
+        session.inner.embedding()
+    }
+
+    /// The template for chats: the model's own, the configured fallback, or one chosen by
+    /// architecture.
+    pub fn chat_template(&self) -> String {
+        if let Some(t) = self.model.chat_template() {
+            return t;
+        }
+        if let Some(t) = &self.config.chat_template_fallback {
+            return t.clone();
+        }
+        let arch = self.model.info().architecture;
+        if arch.starts_with("gemma") {
+            "gemma".into()
+        } else if arch.starts_with("llama") {
+            "llama3".into()
+        } else {
+            "chatml".into()
+        }
+    }
+
+    /// Formats a chat with [`Engine::chat_template`], opening the assistant's turn.
+    pub fn format_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        if messages.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let pairs: Vec<(String, String)> = messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
+        self.model.apply_chat_template(&self.chat_template(), &pairs)
+    }
+
+    pub(crate) fn model(&self) -> &Model {
+        &self.model
+    }
+}
+
+/// A context with memory of what it decoded: a request that shares a prefix with the previous
+/// one decodes only the new suffix.
+pub struct Session<'e> {
+    engine: &'e Engine,
+    inner: RawSession<'e>,
+    /// The tokens in the KV cache, in position order.
+    cached: Vec<TokenId>,
+    scratch: Vec<TokenId>,
+}
+
+impl std::fmt::Debug for Session<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("cached_tokens", &self.cached.len()).finish_non_exhaustive()
+    }
+}
+
+impl<'e> Session<'e> {
+    pub fn n_ctx(&self) -> u32 {
+        self.inner.n_ctx()
+    }
+
+    /// Tokens held in the KV cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// Forgets everything decoded.
+    pub fn reset(&mut self) {
+        self.inner.clear();
+        self.cached.clear();
+    }
+
+    /// Brings the cache to `tokens`, decoding only what it does not share with the cache.
+    /// Returns the number of tokens reused.
+    fn prefill(&mut self, tokens: &[TokenId]) -> Result<usize, EngineError> {
+        if tokens.len() >= self.n_ctx() as usize {
+            return Err(EngineError::PromptTooLong { prompt_tokens: tokens.len(), n_ctx: self.n_ctx() });
+        }
+        // Keep at least one token to decode: its logits start the generation.
+        let mut common = self.cached.iter().zip(tokens).take_while(|(a, b)| a == b).count().min(tokens.len() - 1);
+        if common < self.cached.len() && !self.inner.truncate(common as i32) {
+            self.inner.clear();
+            common = 0;
+        }
+        self.cached.truncate(common);
+        let n_batch = self.inner.n_batch() as usize;
+        let rest = &tokens[common..];
+        let n_chunks = rest.len().div_ceil(n_batch);
+        for (i, chunk) in rest.chunks(n_batch).enumerate() {
+            let outputs = if i + 1 == n_chunks { Outputs::Last } else { Outputs::None };
+            if let Err(e) = self.inner.decode(chunk, self.cached.len() as i32, outputs) {
+                // The cache may hold part of the chunk: start clean next time.
+                self.reset();
+                return Err(e);
+            }
+            self.cached.extend_from_slice(chunk);
+        }
+        Ok(common)
+    }
+
+    /// Starts generating from a raw prompt. The returned iterator yields text deltas, each
+    /// valid UTF-8 and free of stop sequences; [`Generation::stats`] says how it went.
+    pub fn generate(&mut self, request: &GenerateRequest) -> Result<Generation<'_, 'e>, EngineError> {
+        request.validate()?;
+        let started = Instant::now();
+        let cancel = request.cancel.clone().unwrap_or_default();
+        self.inner.set_abort_flag(cancel.0.clone());
+        self.inner.set_sampler(&request.sampling)?;
+        let mut tokens = std::mem::take(&mut self.scratch);
+        self.engine.model().tokenize(&request.prompt, true, request.parse_special, &mut tokens)?;
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let prompt_tokens = tokens.len();
+        let reused = self.prefill(&tokens).map_err(|e| if cancel.is_cancelled() { EngineError::Cancelled } else { e })?;
+        self.scratch = tokens;
+        let prompt_done = Instant::now();
+        let prompt_ms = ms(prompt_done - started);
+        let decoded = prompt_tokens - reused;
+        Ok(Generation {
+            session: self,
+            max_tokens: request.max_tokens,
+            cancel,
+            stop: StopMatcher::new(&request.stop),
+            utf8: Utf8Decoder::new(),
+            piece: Vec::new(),
+            text: String::new(),
+            started,
+            prompt_done,
+            stats: GenerationStats {
+                prompt_tokens,
+                prompt_tokens_reused: reused,
+                prompt_ms,
+                prompt_tokens_per_s: if prompt_ms > 0.0 { decoded as f64 / (prompt_ms / 1000.0) } else { 0.0 },
+                ..Default::default()
+            },
+            finished: false,
+        })
+    }
+
+    /// Generates a chat reply: the messages formatted with the model's template.
+    pub fn chat(&mut self, messages: &[ChatMessage], mut request: GenerateRequest) -> Result<Generation<'_, 'e>, EngineError> {
+        request.prompt = self.engine.format_chat(messages)?;
+        request.parse_special = true;
+        self.generate(&request)
+    }
+
+    /// Runs a request to the end and returns all its text.
+    pub fn generate_text(&mut self, request: &GenerateRequest) -> Result<(String, GenerationStats), EngineError> {
+        let mut generation = self.generate(request)?;
+        let mut text = String::new();
+        for delta in generation.by_ref() {
+            text.push_str(&delta?);
+        }
+        Ok((text, generation.stats().clone()))
+    }
+}
+
+/// A generation in progress: an iterator of text deltas.
+pub struct Generation<'s, 'e> {
+    session: &'s mut Session<'e>,
+    max_tokens: usize,
+    cancel: CancelToken,
+    stop: StopMatcher,
+    utf8: Utf8Decoder,
+    piece: Vec<u8>,
+    text: String,
+    started: Instant,
+    prompt_done: Instant,
+    stats: GenerationStats,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Generation<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation").field("stats", &self.stats).finish_non_exhaustive()
+    }
+}
+
+impl Generation<'_, '_> {
+    /// The measurements so far; complete once the iterator has returned None.
+    pub fn stats(&self) -> &GenerationStats {
+        &self.stats
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> Option<String> {
+        self.finished = true;
+        self.stats.finish_reason = Some(reason);
+        let mut tail = String::new();
+        if reason != FinishReason::StopSequence {
+            self.utf8.finish(&mut tail);
+            let held = self.stop.flush();
+            tail.insert_str(0, &held);
+        }
+        let generation_ms = ms(Instant::now() - self.prompt_done);
+        self.stats.generation_ms = generation_ms;
+        if generation_ms > 0.0 {
+            self.stats.generation_tokens_per_s = self.stats.completion_tokens as f64 / (generation_ms / 1000.0);
+        }
+        (!tail.is_empty()).then_some(tail)
+    }
+
+    /// One token: sample, detokenize, check stops, decode it for the next step.
+    fn step(&mut self) -> Result<Option<String>, EngineError> {
+        if self.cancel.is_cancelled() {
+            return Ok(self.finish(FinishReason::Cancelled));
+        }
+        let session = &mut *self.session;
+        let token = session.inner.sample()?;
+        if self.stats.completion_tokens == 0 {
+            self.stats.time_to_first_token_ms = ms(Instant::now() - self.started);
+        }
+        let model = session.engine.model();
+        if model.is_eog(token) {
+            return Ok(self.finish(FinishReason::EndOfText));
+        }
+        self.stats.completion_tokens += 1;
+        self.piece.clear();
+        model.piece(token, &mut self.piece)?;
+        self.text.clear();
+        self.utf8.push(&self.piece, &mut self.text);
+        let delta = match self.stop.push(&self.text) {
+            StopScan::Stop(before) => {
+                self.finish(FinishReason::StopSequence);
+                return Ok(Some(before));
+            }
+            StopScan::Continue(delta) => delta,
+        };
+        let done = if self.stats.completion_tokens >= self.max_tokens {
+            Some(FinishReason::MaxTokens)
+        } else if session.cached.len() + 1 >= session.n_ctx() as usize {
+            Some(FinishReason::ContextFull)
+        } else {
+            let pos = session.cached.len() as i32;
+            match session.inner.decode(&[token], pos, Outputs::Last) {
+                Ok(()) => {
+                    session.cached.push(token);
+                    None
+                }
+                Err(EngineError::Cancelled) => {
+                    session.reset();
+                    Some(FinishReason::Cancelled)
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        match done {
+            Some(reason) => {
+                let tail = self.finish(reason).unwrap_or_default();
+                Ok(Some(delta + &tail))
+            }
+            None => Ok(Some(delta)),
+        }
+    }
+}
+
+impl Iterator for Generation<'_, '_> {
+    type Item = Result<String, EngineError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.finished {
+            match self.step() {
+                Ok(Some(delta)) if !delta.is_empty() => return Some(Ok(delta)),
+                Ok(_) => {}
+                Err(e) => {
+                    self.finished = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        None
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,209 @@
+//! The measurement harness that `cargo xtask bench-compare` runs in every variant's binary:
+//! the same code over whichever backend the binary was built with.
+//!
+//! Tests follow llama-bench so figures compare with llama.cpp's own: `ppN` decodes N prompt
+//! tokens, `tgN` generates N tokens one decode at a time, `ppN+tgM` does both in one timing,
+//! all on pseudo-random token ids (nothing of the tokenizer or sampler is timed) and a cleared
+//! cache. `e2e` is what a user sees: a chat prompt through the engine with sampling,
+//! detokenization and streaming, giving generation tokens/s and time to first token.
+
+use std::str::FromStr;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::{BackendModel, BackendSession, Outputs, TokenId};
+use crate::config::{GenerateRequest, SamplingParams, SessionConfig};
+use crate::engine::{ChatMessage, Engine};
+use crate::error::EngineError;
+
+/// One benchmark test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Test {
+    Prompt(usize),
+    Generate(usize),
+    PromptGenerate(usize, usize),
+    EndToEnd(usize),
+}
+
+impl FromStr for Test {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let num = |t: &str, what: &str| t.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| format!("{what} in test {s:?} is not a positive number"));
+        if let Some((pp, tg)) = s.split_once('+') {
+            let pp = pp.strip_prefix("pp").ok_or_else(|| format!("test {s:?}: expected ppN+tgM"))?;
+            let tg = tg.strip_prefix("tg").ok_or_else(|| format!("test {s:?}: expected ppN+tgM"))?;
+            return Ok(Test::PromptGenerate(num(pp, "the prompt size")?, num(tg, "the generation size")?));
+        }
+        if let Some(n) = s.strip_prefix("pp") {
+            return Ok(Test::Prompt(num(n, "the prompt size")?));
+        }
+        if let Some(n) = s.strip_prefix("tg") {
+            return Ok(Test::Generate(num(n, "the generation size")?));
+        }
+        if s == "e2e" {
+            return Ok(Test::EndToEnd(128));
+        }
+        if let Some(n) = s.strip_prefix("e2e") {
+            return Ok(Test::EndToEnd(num(n, "the token count")?));
+        }
+        Err(format!("unknown test {s:?}: use ppN, tgN, ppN+tgM or e2e[N]"))
+    }
+}
+
+impl std::fmt::Display for Test {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Test::Prompt(n) => write!(f, "pp{n}"),
+            Test::Generate(n) => write!(f, "tg{n}"),
+            Test::PromptGenerate(p, g) => write!(f, "pp{p}+tg{g}"),
+            Test::EndToEnd(128) => write!(f, "e2e"),
+            Test::EndToEnd(n) => write!(f, "e2e{n}"),
+        }
+    }
+}
+
+/// One timed run of one test.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Sample {
+    pub test: String,
+    /// Tokens the rate counts (prompt + generated for ppN+tgM).
+    pub tokens: usize,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    /// e2e only: from the request to the first generated token.
+    pub time_to_first_token_ms: Option<f64>,
+}
+
+/// The fixed chat of the e2e test.
+pub const E2E_PROMPT: &str = "Write a short story about a lighthouse keeper who finds a message in a bottle.";
+
+/// The sampling of the e2e test (llama.cpp's common defaults, seeded).
+pub fn e2e_sampling() -> SamplingParams {
+    SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, seed: 42 }
+}
+
+/// Deterministic pseudo-random token ids: every variant decodes the same ones.
+fn random_tokens(n: usize, n_vocab: i32, bos: TokenId, seed: u64) -> Vec<TokenId> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(n);
+    out.push(bos);
+    while out.len() < n {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.push((state % n_vocab as u64) as TokenId);
+    }
+    out
+}
+
+/// Runs `test` once in `session_config`'s context and times it.
+pub fn run(engine: &Engine, session_config: &SessionConfig, test: Test) -> Result<Sample, EngineError> {
+    match test {
+        Test::EndToEnd(n) => end_to_end(engine, session_config, n),
+        _ => raw_decode(engine, session_config, test),
+    }
+}
+
+fn raw_decode(engine: &Engine, config: &SessionConfig, test: Test) -> Result<Sample, EngineError> {
+    let model = engine.model();
+    let (n_prompt, n_gen) = match test {
+        Test::Prompt(p) => (p, 0),
+        Test::Generate(g) => (0, g),
+        Test::PromptGenerate(p, g) => (p, g),
+        Test::EndToEnd(_) => unreachable!("handled by end_to_end"),
+    };
+    if n_prompt + n_gen >= config.n_ctx as usize {
+        return Err(EngineError::PromptTooLong { prompt_tokens: n_prompt + n_gen, n_ctx: config.n_ctx });
+    }
+    let mut session = model.session(config)?;
+    let prompt = random_tokens(n_prompt.max(1), model.n_vocab(), model.bos(), 1);
+    let generated = random_tokens(n_gen.max(1), model.n_vocab(), model.bos(), 2);
+    let n_batch = session.n_batch() as usize;
+    let start = Instant::now();
+    let mut pos = 0i32;
+    if n_prompt > 0 {
+        for chunk in prompt.chunks(n_batch) {
+            session.decode(chunk, pos, Outputs::Last)?;
+            pos += chunk.len() as i32;
+        }
+    }
+    for &t in generated.iter().take(n_gen) {
+        session.decode(&[t], pos, Outputs::Last)?;
+        pos += 1;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let tokens = n_prompt + n_gen;
+    Ok(Sample { test: test.to_string(), tokens, seconds, tokens_per_s: tokens as f64 / seconds, time_to_first_token_ms: None })
+}
+
+fn end_to_end(engine: &Engine, config: &SessionConfig, n: usize) -> Result<Sample, EngineError> {
+    let mut session = engine.session_with(config)?;
+    let request = GenerateRequest { max_tokens: n, sampling: e2e_sampling(), ..GenerateRequest::new("") };
+    let messages = [ChatMessage::new("user", E2E_PROMPT)];
+    let mut generation = session.chat(&messages, request)?;
+    let mut sink = String::new();
+    for delta in generation.by_ref() {
+        sink.push_str(&delta?);
+    }
+    let stats = generation.stats();
+    std::hint::black_box(&sink);
+    Ok(Sample {
+        test: Test::EndToEnd(n).to_string(),
+        tokens: stats.completion_tokens,
+        seconds: stats.generation_ms / 1000.0,
+        tokens_per_s: stats.generation_tokens_per_s,
+        time_to_first_token_ms: Some(stats.time_to_first_token_ms),
+    })
+}
+
+/// The prompt of the equivalence check.
+pub const EQUIVALENCE_PROMPT: &str = "The history of the printing press begins";
+
+/// The greedy token ids of `prompt`: every variant must produce the same ones.
+pub fn greedy_tokens(engine: &Engine, config: &SessionConfig, prompt: &str, n: usize) -> Result<Vec<TokenId>, EngineError> {
+    let model = engine.model();
+    let mut session = model.session(config)?;
+    session.set_sampler(&SamplingParams::greedy())?;
+    let mut tokens = Vec::new();
+    model.tokenize(prompt, true, false, &mut tokens)?;
+    if tokens.is_empty() || tokens.len() + n >= config.n_ctx as usize {
+        return Err(EngineError::PromptTooLong { prompt_tokens: tokens.len() + n, n_ctx: config.n_ctx });
+    }
+    session.decode(&tokens, 0, Outputs::Last)?;
+    let mut out = Vec::with_capacity(n);
+    let mut pos = tokens.len() as i32;
+    for _ in 0..n {
+        let t = session.sample()?;
+        out.push(t);
+        session.decode(&[t], pos, Outputs::Last)?;
+        pos += 1;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_names_round_trip_and_bad_ones_are_explained() {
+        for name in ["pp512", "tg128", "pp512+tg128", "e2e", "e2e64"] {
+            assert_eq!(name.parse::<Test>().unwrap().to_string(), name);
+        }
+        assert_eq!("e2e".parse::<Test>().unwrap(), Test::EndToEnd(128));
+        for bad in ["pp", "tg0", "pp512+", "xx12", "pp5+pp6"] {
+            assert!(bad.parse::<Test>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn random_tokens_are_deterministic_in_range_and_start_with_bos() {
+        let a = random_tokens(100, 1000, 2, 1);
+        assert_eq!(a, random_tokens(100, 1000, 2, 1));
+        assert_ne!(a, random_tokens(100, 1000, 2, 2));
+        assert_eq!(a[0], 2);
+        assert!(a.iter().all(|t| (0..1000).contains(t)));
+    }
+}

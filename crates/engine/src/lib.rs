@@ -1,0 +1,46 @@
+//! exsa-engine: local LLM inference over llama.cpp.
+//!
+//! The same engine code runs over one of two backends, chosen by cargo feature: `source`
+//! (default; llama.cpp built from source by llama-sys, through the safe `llama` crate) or
+//! `crate` (the `llama-cpp-2` crate, the baseline). A third, `raw`, drives llama-sys directly
+//! for benchmarks. Comparing builds of this crate is comparing builds and bindings of
+//! llama.cpp, nothing else.
+//!
+//! ```no_run
+//! use exsa_engine::{Engine, EngineConfig, GenerateRequest};
+//!
+//! # fn main() -> Result<(), exsa_engine::EngineError> {
+//! let engine = Engine::load(EngineConfig::new("model.gguf"))?;
+//! let mut session = engine.session()?;
+//! let mut generation = session.generate(&GenerateRequest::new("Once upon a time"))?;
+//! for delta in generation.by_ref() {
+//!     print!("{}", delta?);
+//! }
+//! println!("\n{:.1} t/s", generation.stats().generation_tokens_per_s);
+//! # Ok(()) }
+//! ```
+
+pub mod backend;
+mod config;
+mod engine;
+mod error;
+pub mod harness;
+mod stop;
+
+// One UTF-8 stream decoder for the whole workspace: the `llama` crate's, compiled in here
+// because the `crate` backend must not link llama-sys.
+#[path = "../../llama/src/utf8.rs"]
+mod utf8;
+
+pub use config::{CancelToken, EngineConfig, GenerateRequest, SamplingParams, SessionConfig};
+pub use engine::{ChatMessage, Engine, FinishReason, Generation, GenerationStats, Session};
+pub use error::{EngineError, Result};
+pub use utf8::Utf8Decoder;
+
+/// Where the default model lives: `EXSA_MODEL`, else the workspace cache (`cargo xtask
+/// fetch-model` puts it there).
+pub fn default_model_path() -> std::path::PathBuf {
+    std::env::var_os("EXSA_MODEL").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/gemma-3-270m-q4_k_m.gguf")
+    })
+}

@@ -1,0 +1,163 @@
+//! Conformance of the engine on the real default model. CI runs this file once per backend
+//! (`source`, then `crate`); the greedy tokens of both must equal the committed reference.
+
+use std::sync::OnceLock;
+
+use exsa_engine::*;
+
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let path = default_model_path();
+        assert!(path.is_file(), "default model missing at {}: run `cargo xtask fetch-model`", path.display());
+        let mut config = EngineConfig::new(path);
+        config.session = SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+        Engine::load(config).expect("engine loads")
+    })
+}
+
+fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest { max_tokens, sampling: SamplingParams::greedy(), ..GenerateRequest::new(prompt) }
+}
+
+const REFERENCE: &str = "tests/data/greedy_reference.json";
+const PROMPTS: [&str; 3] = ["The history of the printing press begins", "def fibonacci(n):", "Les trois couleurs primaires sont"];
+
+/// Greedy token ids of fixed prompts, through the backend's own tokenizer, decode and sampler.
+#[test]
+fn greedy_tokens_match_the_reference_on_every_backend() {
+    let mut got = serde_json::Map::new();
+    for prompt in PROMPTS {
+        let ids = harness_ids(prompt);
+        got.insert(prompt.to_string(), ids.into());
+    }
+    let got = serde_json::Value::Object(got);
+    if std::env::var_os("EXSA_UPDATE_REFERENCE").is_some() {
+        std::fs::write(REFERENCE, serde_json::to_string_pretty(&got).unwrap() + "\n").unwrap();
+        return;
+    }
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(REFERENCE).unwrap()).unwrap();
+    for prompt in PROMPTS {
+        assert_eq!(got[prompt], reference[prompt], "backend {} diverges on {prompt:?}", Engine::backend_name());
+    }
+}
+
+fn harness_ids(prompt: &str) -> Vec<i32> {
+    let config = SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    harness::greedy_tokens(engine(), &config, prompt, 24).unwrap()
+}
+
+#[test]
+fn max_tokens_ends_the_generation() {
+    let (_, stats) = engine().generate(&greedy("Count: one, two, three,", 5)).unwrap();
+    assert_eq!(stats.completion_tokens, 5);
+    assert_eq!(stats.finish_reason, Some(FinishReason::MaxTokens));
+    assert!(stats.generation_tokens_per_s > 0.0 && stats.time_to_first_token_ms > 0.0);
+}
+
+#[test]
+fn a_stop_sequence_ends_the_generation_and_is_not_returned() {
+    let (full, _) = engine().generate(&greedy("Monday, Tuesday, Wednesday,", 12)).unwrap();
+    assert!(full.contains("Friday"), "{full:?}");
+    let request = GenerateRequest { stop: vec!["Friday".into()], ..greedy("Monday, Tuesday, Wednesday,", 12) };
+    let (text, stats) = engine().generate(&request).unwrap();
+    assert_eq!(stats.finish_reason, Some(FinishReason::StopSequence));
+    assert!(!text.contains("Friday"), "{text:?}");
+    assert!(full.starts_with(&text), "{text:?} is not a prefix of {full:?}");
+}
+
+#[test]
+fn cjk_and_emoji_stream_without_broken_characters() {
+    for prompt in ["日本の首都は東京です。日本の有名な食べ物は", "🍎🍊🍋🍌🍉🍇🍓🫐🍈🍒🍑🥭🍍🥥🥝🍅"] {
+        let mut session = engine().session().unwrap();
+        let mut generation = session.generate(&greedy(prompt, 32)).unwrap();
+        let mut text = String::new();
+        for delta in generation.by_ref() {
+            let delta = delta.unwrap();
+            assert!(!delta.contains('\u{fffd}'), "broken character in {delta:?}");
+            text.push_str(&delta);
+        }
+        assert!(text.chars().any(|c| c as u32 > 0x2E80), "{prompt}: no CJK or emoji generated: {text:?}");
+    }
+}
+
+#[test]
+fn chat_uses_the_gemma_template_and_answers() {
+    let e = engine();
+    assert_eq!(e.chat_template(), "gemma", "the default model has no template; gemma is the fallback");
+    let msgs = [ChatMessage::new("user", "Say hello.")];
+    assert_eq!(e.format_chat(&msgs).unwrap(), "<start_of_turn>user\nSay hello.<end_of_turn>\n<start_of_turn>model\n");
+    let mut session = e.session().unwrap();
+    let request = GenerateRequest { max_tokens: 48, sampling: SamplingParams::greedy(), ..GenerateRequest::new("") };
+    let mut generation = session.chat(&msgs, request).unwrap();
+    let text: String = generation.by_ref().map(|d| d.unwrap()).collect();
+    assert!(!text.trim().is_empty());
+    assert!(!text.contains("<end_of_turn>"), "{text:?}");
+}
+
+#[test]
+fn a_second_turn_decodes_only_its_new_tokens() {
+    let mut session = engine().session().unwrap();
+    let first = "The quick brown fox jumps over the lazy dog. The quick brown fox";
+    let (_, a) = session.generate_text(&greedy(first, 4)).unwrap();
+    assert_eq!(a.prompt_tokens_reused, 0);
+    let second = format!("{first} jumps again and again");
+    let (_, b) = session.generate_text(&greedy(&second, 4)).unwrap();
+    assert!(b.prompt_tokens_reused >= a.prompt_tokens - 1, "reused {} of {}", b.prompt_tokens_reused, a.prompt_tokens);
+    assert!(b.prompt_tokens - b.prompt_tokens_reused <= 8, "decoded {} new tokens", b.prompt_tokens - b.prompt_tokens_reused);
+    // And the reuse changes nothing: a fresh session says the same.
+    let (fresh, _) = engine().generate(&greedy(&second, 4)).unwrap();
+    let (again, _) = session.generate_text(&greedy(&second, 4)).unwrap();
+    assert_eq!(fresh, again);
+}
+
+#[test]
+fn cancellation_stops_the_generation() {
+    let cancel = CancelToken::new();
+    let mut session = engine().session().unwrap();
+    let request = GenerateRequest { cancel: Some(cancel.clone()), ..greedy("Once upon a time", 64) };
+    let mut generation = session.generate(&request).unwrap();
+    let first = generation.next().unwrap().unwrap();
+    assert!(!first.is_empty());
+    cancel.cancel();
+    let rest: Vec<_> = generation.by_ref().collect();
+    assert!(rest.len() <= 1, "{rest:?}");
+    assert_eq!(generation.stats().finish_reason, Some(FinishReason::Cancelled));
+    assert!(generation.stats().completion_tokens < 64);
+}
+
+#[test]
+fn bad_requests_get_typed_errors() {
+    let e = engine();
+    assert!(matches!(e.generate(&GenerateRequest::new("")), Err(EngineError::EmptyPrompt)));
+    let long = "word ".repeat(600);
+    match e.generate(&greedy(&long, 4)) {
+        Err(EngineError::PromptTooLong { prompt_tokens, n_ctx: 512 }) => assert!(prompt_tokens > 512),
+        other => panic!("expected PromptTooLong, got {other:?}"),
+    }
+    let bad = GenerateRequest { sampling: SamplingParams { top_p: 1.5, ..Default::default() }, ..GenerateRequest::new("x") };
+    assert!(matches!(e.generate(&bad), Err(EngineError::InvalidRequest { field: "top_p", .. })));
+    let missing = Engine::load(EngineConfig::new("/no/such/model.gguf")).unwrap_err();
+    assert!(matches!(&missing, EngineError::Load(m) if m.contains("/no/such/model.gguf")), "{missing}");
+    let zero = EngineConfig { session: SessionConfig { n_threads: 0, ..Default::default() }, ..EngineConfig::new(default_model_path()) };
+    assert!(matches!(Engine::load(zero), Err(EngineError::InvalidConfig { field: "n_threads", .. })));
+}
+
+#[test]
+fn embeddings_have_the_model_width() {
+    let e = engine().embed("hello world").unwrap();
+    assert_eq!(e.len(), engine().model_info().n_embd);
+    assert!(e.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn the_harness_measures_every_test_kind() {
+    let config = SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    for test in ["pp32", "tg4", "pp16+tg4", "e2e8"] {
+        let sample = harness::run(engine(), &config, test.parse().unwrap()).unwrap();
+        assert_eq!(sample.test, test);
+        assert!(sample.tokens > 0 && sample.tokens_per_s > 0.0, "{sample:?}");
+    }
+    let a = harness::greedy_tokens(engine(), &config, harness::EQUIVALENCE_PROMPT, 6).unwrap();
+    assert_eq!(a, harness::greedy_tokens(engine(), &config, harness::EQUIVALENCE_PROMPT, 6).unwrap());
+}

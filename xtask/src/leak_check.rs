@@ -1,0 +1,62 @@
+//! `cargo xtask leak-check`: the safe wrapper's own test binaries under valgrind; any
+//! definitely-lost block fails the run.
+//!
+//! valgrind 3.19 (Debian 12) cannot decode AVX-512, which a native build uses on AVX-512
+//! machines, so the binaries are built with `LLAMA_SYS_NATIVE=off` (ggml's AVX2 baseline) in a
+//! target folder of their own. The wrapper code under test is the same either way.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+
+use crate::workspace;
+
+/// The test binaries to check, with the tests to skip (too slow under valgrind).
+const BINARIES: &[(&str, &[&str])] = &[("bad_input", &[]), ("generation", &["quantize"])];
+
+#[derive(clap::Args, Default)]
+pub struct Args {}
+
+pub fn run(_: &Args) -> Result<()> {
+    let target_dir = workspace::target_dir().join("leak-check");
+    let output = workspace::cargo()
+        .args(["test", "-p", "llama", "--tests", "--no-run", "--locked", "--message-format=json"])
+        .env("LLAMA_SYS_NATIVE", "off")
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .output()
+        .context("cannot run cargo")?;
+    if !output.status.success() {
+        bail!("building the test binaries failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let executables = executables(&output.stdout);
+    let mut failed = Vec::new();
+    for (name, skip) in BINARIES {
+        let exe = executables.iter().find(|(n, _)| n == name).map(|(_, p)| p).with_context(|| format!("cargo built no `{name}` test binary"))?;
+        eprintln!("leak-check: valgrind {name} (this takes a minute or two)");
+        let mut cmd = std::process::Command::new("valgrind");
+        cmd.args(["--leak-check=full", "--errors-for-leak-kinds=definite", "--error-exitcode=3", "--quiet"])
+            .arg(exe)
+            .arg("--test-threads=1");
+        for s in *skip {
+            cmd.args(["--skip", s]);
+        }
+        let status = cmd.current_dir(workspace::root().join("crates/llama")).status().context("cannot run valgrind (install it: cargo xtask setup)")?;
+        if !status.success() {
+            failed.push(format!("{name} ({status})"));
+        }
+    }
+    if !failed.is_empty() {
+        bail!("leak-check failed: {}", failed.join(", "));
+    }
+    eprintln!("leak-check: no definite leaks, no memory errors");
+    Ok(())
+}
+
+fn executables(json_lines: &[u8]) -> Vec<(String, PathBuf)> {
+    String::from_utf8_lossy(json_lines)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .filter_map(|m| Some((m["target"]["name"].as_str()?.to_string(), PathBuf::from(m["executable"].as_str()?))))
+        .collect()
+}
