@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: the project's automation, one module per command.
 
+mod bench;
 mod fetch_model;
 mod hashing;
 mod leak_check;
@@ -30,6 +31,8 @@ enum Command {
     Test(test::Args),
     /// Run the safe wrapper's test binaries under valgrind; fail on any definite leak.
     LeakCheck(leak_check::Args),
+    /// The A/B speed test: our source build against the llama-cpp-2 crate baseline.
+    BenchCompare(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         Command::FetchModel(args) => fetch_model::run(&args).map(|path| println!("{}", path.display())),
         Command::Test(args) => test::run(&args),
         Command::LeakCheck(args) => leak_check::run(&args),
+        Command::BenchCompare(args) => bench::run(&args),
     }
 }

@@ -163,6 +163,19 @@ pub const EQUIVALENCE_PROMPT: &str = "The history of the printing press begins";
 
 /// The greedy token ids of `prompt`: every variant must produce the same ones.
 pub fn greedy_tokens(engine: &Engine, config: &SessionConfig, prompt: &str, n: usize) -> Result<Vec<TokenId>, EngineError> {
+    Ok(greedy_trace(engine, config, prompt, n)?.into_iter().map(|s| s.token).collect())
+}
+
+/// One greedy step: the token, and how far ahead of the runner-up it was.
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct GreedyStep {
+    pub token: TokenId,
+    /// Top logit minus the second: near 0, a different SIMD kernel may flip the choice.
+    pub margin: f32,
+}
+
+/// Greedy steps of `prompt` with their margins, for the equivalence check.
+pub fn greedy_trace(engine: &Engine, config: &SessionConfig, prompt: &str, n: usize) -> Result<Vec<GreedyStep>, EngineError> {
     let model = engine.model();
     let mut session = model.session(config)?;
     session.set_sampler(&SamplingParams::greedy())?;
@@ -173,19 +186,37 @@ pub fn greedy_tokens(engine: &Engine, config: &SessionConfig, prompt: &str, n: u
     }
     session.decode(&tokens, 0, Outputs::Last)?;
     let mut out = Vec::with_capacity(n);
-    let mut pos = tokens.len() as i32;
-    for _ in 0..n {
+    for pos in (tokens.len() as i32..).take(n) {
+        let margin = top2_margin(session.last_logits()?);
         let t = session.sample()?;
-        out.push(t);
+        out.push(GreedyStep { token: t, margin });
         session.decode(&[t], pos, Outputs::Last)?;
-        pos += 1;
     }
     Ok(out)
+}
+
+fn top2_margin(logits: &[f32]) -> f32 {
+    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &x in logits {
+        if x > first {
+            second = first;
+            first = x;
+        } else if x > second {
+            second = x;
+        }
+    }
+    first - second
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_margin_is_top_minus_runner_up() {
+        assert_eq!(top2_margin(&[0.5, 3.0, 2.25, -1.0]), 0.75);
+        assert_eq!(top2_margin(&[1.0, 1.0]), 0.0);
+    }
 
     #[test]
     fn test_names_round_trip_and_bad_ones_are_explained() {

@@ -22,29 +22,41 @@ fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
 
 const REFERENCE: &str = "tests/data/greedy_reference.json";
 const PROMPTS: [&str; 3] = ["The history of the printing press begins", "def fibonacci(n):", "Les trois couleurs primaires sont"];
+/// Below this top-1/top-2 logit margin, two correct builds may pick different tokens: AVX-512
+/// and AVX2 kernels sum in different orders, and a near-tie can flip.
+const NEAR_TIE: f32 = 0.25;
 
-/// Greedy token ids of fixed prompts, through the backend's own tokenizer, decode and sampler.
+/// Greedy token ids of fixed prompts, through the backend's own tokenizer, decode and sampler,
+/// against the committed reference (recorded with the `source` backend; regenerate with
+/// EXSA_UPDATE_REFERENCE=1 after a llama.cpp bump). Identical ids are required up to the first
+/// near-tie; a divergence anywhere else fails.
 #[test]
 fn greedy_tokens_match_the_reference_on_every_backend() {
-    let mut got = serde_json::Map::new();
-    for prompt in PROMPTS {
-        let ids = harness_ids(prompt);
-        got.insert(prompt.to_string(), ids.into());
-    }
-    let got = serde_json::Value::Object(got);
+    let config = SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    let got: std::collections::BTreeMap<String, Vec<harness::GreedyStep>> =
+        PROMPTS.iter().map(|p| (p.to_string(), harness::greedy_trace(engine(), &config, p, 24).unwrap())).collect();
     if std::env::var_os("EXSA_UPDATE_REFERENCE").is_some() {
         std::fs::write(REFERENCE, serde_json::to_string_pretty(&got).unwrap() + "\n").unwrap();
         return;
     }
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(REFERENCE).unwrap()).unwrap();
+    let reference: std::collections::BTreeMap<String, Vec<harness::GreedyStep>> =
+        serde_json::from_str(&std::fs::read_to_string(REFERENCE).unwrap()).unwrap();
     for prompt in PROMPTS {
-        assert_eq!(got[prompt], reference[prompt], "backend {} diverges on {prompt:?}", Engine::backend_name());
+        let (want, have) = (&reference[prompt], &got[prompt]);
+        assert_eq!(want.len(), have.len());
+        if let Some(k) = want.iter().zip(have).position(|(w, h)| w.token != h.token) {
+            assert!(
+                want[k].margin < NEAR_TIE && have[k].margin < NEAR_TIE,
+                "backend {} diverges on {prompt:?} at token {k} ({} instead of {}) where the choice was clear (margins {} and {})",
+                Engine::backend_name(),
+                have[k].token,
+                want[k].token,
+                want[k].margin,
+                have[k].margin
+            );
+            eprintln!("{prompt:?}: near-tie at token {k} (margins {} / {}); later tokens not compared", want[k].margin, have[k].margin);
+        }
     }
-}
-
-fn harness_ids(prompt: &str) -> Vec<i32> {
-    let config = SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
-    harness::greedy_tokens(engine(), &config, prompt, 24).unwrap()
 }
 
 #[test]

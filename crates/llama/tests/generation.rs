@@ -332,7 +332,8 @@ fn system_information_shows_the_cpu() {
     let devices = devices();
     assert!(devices.iter().any(|d| d.kind == DeviceKind::Cpu), "{devices:?}");
     assert!(capabilities().mmap);
-    assert_eq!(build_info().switch("native"), Some(true));
+    let native = build_info().switch("native").unwrap();
+    assert_eq!(build_info().define("GGML_NATIVE"), Some(if native { "ON" } else { "OFF" }));
 }
 
 #[test]

@@ -215,7 +215,7 @@ impl BackendSession for CrateSession<'_> {
     fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
         let mut stages = Vec::new();
         if p.repeat_penalty != 1.0 {
-            stages.push(LlamaSampler::penalties(p.repeat_last_n, p.repeat_penalty, 0.0, 0.0));
+            stages.push(LlamaSampler::penalties(self.model.n_vocab(), p.repeat_last_n, p.repeat_penalty, 0.0, 0.0));
         }
         if p.is_greedy() {
             stages.push(LlamaSampler::greedy());
@@ -240,6 +240,11 @@ impl BackendSession for CrateSession<'_> {
         let idx = self.last_output.ok_or_else(|| EngineError::Sampler("the last decode produced no logits".into()))?;
         let sampler = self.sampler.as_mut().ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
         Ok(sampler.sample(&self.ctx, idx).0)
+    }
+
+    fn last_logits(&self) -> Result<&[f32], EngineError> {
+        let idx = self.last_output.ok_or_else(|| EngineError::Decode("the last decode produced no logits".into()))?;
+        Ok(self.ctx.get_logits_ith(idx))
     }
 
     fn set_abort_flag(&mut self, flag: Arc<AtomicBool>) {

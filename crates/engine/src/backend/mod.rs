@@ -116,6 +116,8 @@ pub trait BackendSession {
     fn set_sampler(&mut self, params: &SamplingParams) -> Result<(), EngineError>;
     /// Samples from the last output of the last decode, and accepts the token.
     fn sample(&mut self) -> Result<TokenId, EngineError>;
+    /// The logits (n_vocab wide) of the last output of the last decode.
+    fn last_logits(&self) -> Result<&[f32], EngineError>;
     /// Cancels a running decode while the flag is set.
     fn set_abort_flag(&mut self, flag: Arc<AtomicBool>);
     /// Mean-pooled embedding of the last decode (sessions built with `embeddings`).

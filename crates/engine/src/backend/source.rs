@@ -186,6 +186,10 @@ impl BackendSession for SourceSession<'_> {
         sampler.sample(&self.ctx, last).map(|t| t.0).map_err(|e| EngineError::Sampler(e.to_string()))
     }
 
+    fn last_logits(&self) -> Result<&[f32], EngineError> {
+        self.ctx.last_logits().map_err(|e| EngineError::Decode(e.to_string()))
+    }
+
     fn set_abort_flag(&mut self, flag: Arc<AtomicBool>) {
         self.ctx.set_abort_flag(Some(flag));
     }

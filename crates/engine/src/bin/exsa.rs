@@ -117,6 +117,9 @@ struct BenchArgs {
     /// Also report the greedy token ids of a fixed prompt (the equivalence check).
     #[arg(long, default_value_t = 0)]
     greedy_tokens: usize,
+    /// Run no timed test: only the equivalence check (with --greedy-tokens).
+    #[arg(long)]
+    greedy_only: bool,
 }
 
 fn main() {
@@ -217,13 +220,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Bench(args) => {
             let session = SessionConfig { n_batch: args.batch, n_ubatch: args.ubatch, ..session };
             let engine = load(&cli.common, session.clone())?;
-            if !args.no_warmup {
+            let tests = if args.greedy_only { Vec::new() } else { args.tests.clone() };
+            if !args.no_warmup && !tests.is_empty() {
                 // llama-bench's warm-up: one short prompt and one token, untimed.
                 harness::run(&engine, &session, Test::PromptGenerate(16, 1))?;
             }
             let mut samples = Vec::new();
             for _ in 0..args.reps {
-                for test in &args.tests {
+                for test in &tests {
                     samples.push(harness::run(&engine, &session, *test)?);
                 }
             }

@@ -1,0 +1,363 @@
+//! Backend `raw`: our llama.cpp build driven by raw llama-sys calls, with no safe wrapper in
+//! between. It exists for bench-compare's `B-raw` variant: the difference between `B` and
+//! `B-raw` is what the `llama` crate and its checks cost.
+
+use std::ffi::{CStr, CString, c_void};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use llama_sys as sys;
+
+use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
+use crate::config::{SamplingParams, SessionConfig};
+use crate::error::EngineError;
+
+#[derive(Debug)]
+pub struct RawBackend;
+
+fn init() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    // SAFETY: one-time global initialisation.
+    INIT.call_once(|| unsafe { sys::llama_backend_init() });
+}
+
+impl Backend for RawBackend {
+    const NAME: &'static str = "raw";
+    type Model = RawModel;
+
+    fn load(path: &Path, n_gpu_layers: i32) -> Result<RawModel, EngineError> {
+        init();
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| EngineError::Load(format!("{}: NUL in path", path.display())))?;
+        // SAFETY: default params by value; the path is NUL-terminated and outlives the call.
+        let raw = unsafe {
+            let mut p = sys::llama_model_default_params();
+            p.n_gpu_layers = n_gpu_layers;
+            sys::llama_model_load_from_file(c_path.as_ptr(), p)
+        };
+        let raw = NonNull::new(raw).ok_or_else(|| EngineError::Load(format!("llama.cpp could not load {}", path.display())))?;
+        // SAFETY: the vocab belongs to the live model.
+        let vocab = unsafe { sys::llama_model_get_vocab(raw.as_ptr()) };
+        Ok(RawModel { raw, vocab, path: path.display().to_string() })
+    }
+
+    fn build_info() -> serde_json::Value {
+        let mut info: serde_json::Value = serde_json::from_str(&sys::BUILD_INFO.to_json()).unwrap_or_default();
+        info["backend"] = "raw".into();
+        info
+    }
+
+    fn system_info() -> String {
+        init();
+        // SAFETY: a static NUL-terminated string.
+        unsafe { CStr::from_ptr(sys::llama_print_system_info()) }.to_string_lossy().into_owned()
+    }
+}
+
+#[derive(Debug)]
+pub struct RawModel {
+    raw: NonNull<sys::llama_model>,
+    vocab: *const sys::llama_vocab,
+    path: String,
+}
+
+// SAFETY: a loaded llama_model is read-only; llama.cpp supports sharing it across threads.
+unsafe impl Send for RawModel {}
+// SAFETY: as above.
+unsafe impl Sync for RawModel {}
+
+impl Drop for RawModel {
+    fn drop(&mut self) {
+        // SAFETY: sessions borrow the model, so none is alive.
+        unsafe { sys::llama_model_free(self.raw.as_ptr()) }
+    }
+}
+
+fn snprintf(mut f: impl FnMut(*mut std::ffi::c_char, usize) -> i32) -> Option<String> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        let n = f(buf.as_mut_ptr().cast(), buf.len());
+        if n < 0 {
+            return None;
+        }
+        if (n as usize) < buf.len() {
+            buf.truncate(n as usize);
+            return Some(String::from_utf8_lossy(&buf).into_owned());
+        }
+        buf.resize(n as usize + 1, 0);
+    }
+}
+
+impl BackendModel for RawModel {
+    type Session<'m> = RawSession<'m>;
+
+    fn info(&self) -> ModelInfo {
+        let m = self.raw.as_ptr();
+        let meta = |key: &CStr| {
+            // SAFETY: snprintf contract on a live model.
+            snprintf(|b, l| unsafe { sys::llama_model_meta_val_str(m, key.as_ptr(), b, l) }).unwrap_or_default()
+        };
+        // SAFETY: field reads of a live model.
+        unsafe {
+            ModelInfo {
+                path: self.path.clone(),
+                description: snprintf(|b, l| sys::llama_model_desc(m, b, l)).unwrap_or_default(),
+                architecture: meta(c"general.architecture"),
+                n_params: sys::llama_model_n_params(m),
+                size_bytes: sys::llama_model_size(m),
+                n_vocab: sys::llama_vocab_n_tokens(self.vocab),
+                n_ctx_train: sys::llama_model_n_ctx_train(m).max(0) as u32,
+                n_embd: sys::llama_model_n_embd(m).max(0) as usize,
+                has_chat_template: !sys::llama_model_chat_template(m, std::ptr::null()).is_null(),
+            }
+        }
+    }
+
+    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
+        out.clear();
+        out.reserve(text.len() + 2);
+        // SAFETY: text readable for its length; out has capacity() writable slots.
+        let n = unsafe {
+            sys::llama_tokenize(self.vocab, text.as_ptr().cast(), text.len() as i32, out.as_mut_ptr(), out.capacity() as i32, add_special, parse_special)
+        };
+        if n < 0 {
+            return Err(EngineError::Tokenize(format!("llama_tokenize returned {n}")));
+        }
+        // SAFETY: llama.cpp wrote n tokens.
+        unsafe { out.set_len(n as usize) };
+        Ok(())
+    }
+
+    fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
+        let mut buf = [0u8; 256];
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { sys::llama_token_to_piece(self.vocab, token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, false) };
+        if n < 0 {
+            return Err(EngineError::Tokenize(format!("token {token} has a piece longer than 256 bytes")));
+        }
+        out.extend_from_slice(&buf[..n as usize]);
+        Ok(())
+    }
+
+    fn is_eog(&self, token: TokenId) -> bool {
+        // SAFETY: a set look-up.
+        unsafe { sys::llama_vocab_is_eog(self.vocab, token) }
+    }
+
+    fn bos(&self) -> TokenId {
+        // SAFETY: field read.
+        unsafe { sys::llama_vocab_bos(self.vocab) }
+    }
+
+    fn n_vocab(&self) -> i32 {
+        // SAFETY: field read.
+        unsafe { sys::llama_vocab_n_tokens(self.vocab) }
+    }
+
+    fn chat_template(&self) -> Option<String> {
+        // SAFETY: null or a NUL-terminated string owned by the model.
+        let p = unsafe { sys::llama_model_chat_template(self.raw.as_ptr(), std::ptr::null()) };
+        // SAFETY: as above.
+        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    }
+
+    fn apply_chat_template(&self, template: &str, messages: &[(String, String)]) -> Result<String, EngineError> {
+        let nul = |_| EngineError::ChatTemplate("NUL byte in the chat".into());
+        let tmpl = CString::new(template).map_err(nul)?;
+        let owned: Vec<(CString, CString)> =
+            messages.iter().map(|(r, c)| Ok((CString::new(r.as_str())?, CString::new(c.as_str())?))).collect::<Result<_, std::ffi::NulError>>().map_err(nul)?;
+        let chat: Vec<sys::llama_chat_message> = owned.iter().map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            // SAFETY: chat points into `owned`; buf writable for its length.
+            let n = unsafe { sys::llama_chat_apply_template(tmpl.as_ptr(), chat.as_ptr(), chat.len(), true, buf.as_mut_ptr().cast(), buf.len() as i32) };
+            if n < 0 {
+                return Err(EngineError::ChatTemplate(format!("template {template:?} could not be applied")));
+            }
+            if n as usize <= buf.len() {
+                buf.truncate(n as usize);
+                return String::from_utf8(buf).map_err(|_| EngineError::ChatTemplate("not UTF-8".into()));
+            }
+            buf.resize(n as usize, 0);
+        }
+    }
+
+    fn session(&self, config: &SessionConfig) -> Result<RawSession<'_>, EngineError> {
+        // SAFETY: default params by value, then a context over the live model.
+        let ctx = unsafe {
+            let mut p = sys::llama_context_default_params();
+            p.n_ctx = config.n_ctx;
+            p.n_batch = config.n_batch;
+            p.n_ubatch = config.n_ubatch;
+            p.n_threads = config.n_threads;
+            p.n_threads_batch = config.n_threads_batch;
+            p.embeddings = config.embeddings;
+            if config.embeddings {
+                p.pooling_type = sys::LLAMA_POOLING_TYPE_MEAN;
+            }
+            p.flash_attn_type = match config.flash_attention {
+                None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+                Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+            };
+            sys::llama_init_from_model(self.raw.as_ptr(), p)
+        };
+        let ctx = NonNull::new(ctx).ok_or_else(|| EngineError::Session("llama.cpp could not create the context".into()))?;
+        // SAFETY: reads a field of the new context; allocates a batch freed in Drop.
+        let (n_batch, n_ctx, batch) = unsafe {
+            let n_batch = sys::llama_n_batch(ctx.as_ptr());
+            (n_batch, sys::llama_n_ctx(ctx.as_ptr()), sys::llama_batch_init(n_batch as i32, 0, 1))
+        };
+        Ok(RawSession { model: self, ctx, batch, n_batch, n_ctx, sampler: None, abort: None, has_logits: false })
+    }
+}
+
+#[derive(Debug)]
+pub struct RawSession<'m> {
+    model: &'m RawModel,
+    ctx: NonNull<sys::llama_context>,
+    batch: sys::llama_batch,
+    n_batch: u32,
+    n_ctx: u32,
+    sampler: Option<NonNull<sys::llama_sampler>>,
+    abort: Option<Arc<AtomicBool>>,
+    has_logits: bool,
+}
+
+impl Drop for RawSession<'_> {
+    fn drop(&mut self) {
+        // SAFETY: each object is ours and freed once.
+        unsafe {
+            if let Some(s) = self.sampler.take() {
+                sys::llama_sampler_free(s.as_ptr());
+            }
+            sys::llama_batch_free(self.batch);
+            sys::llama_free(self.ctx.as_ptr());
+        }
+    }
+}
+
+extern "C" fn abort_trampoline(data: *mut c_void) -> bool {
+    // SAFETY: data is the AtomicBool of the Arc the session keeps while it is installed.
+    unsafe { &*data.cast::<AtomicBool>() }.load(Ordering::Relaxed)
+}
+
+impl BackendSession for RawSession<'_> {
+    fn n_ctx(&self) -> u32 {
+        self.n_ctx
+    }
+
+    fn n_batch(&self) -> u32 {
+        self.n_batch
+    }
+
+    fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+        if ids.is_empty() || ids.len() > self.n_batch as usize {
+            return Err(EngineError::Decode(format!("{} tokens for a batch of {}", ids.len(), self.n_batch)));
+        }
+        // SAFETY: ids.len() <= n_batch, the capacity the batch was allocated with, with one
+        // sequence id per token.
+        let code = unsafe {
+            let b = &mut self.batch;
+            for (i, &t) in ids.iter().enumerate() {
+                *b.token.add(i) = t;
+                *b.pos.add(i) = start + i as i32;
+                *b.n_seq_id.add(i) = 1;
+                **b.seq_id.add(i) = 0;
+                *b.logits.add(i) = i8::from(outputs == Outputs::Last && i + 1 == ids.len());
+            }
+            b.n_tokens = ids.len() as i32;
+            sys::llama_decode(self.ctx.as_ptr(), *b)
+        };
+        self.has_logits = code == 0 && outputs == Outputs::Last;
+        match code {
+            0 => Ok(()),
+            2 => Err(EngineError::Cancelled),
+            c => Err(EngineError::Decode(format!("llama_decode returned {c}"))),
+        }
+    }
+
+    fn truncate(&mut self, from: i32) -> bool {
+        // SAFETY: memory handle of the live context.
+        unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.ctx.as_ptr()), 0, from, -1) }
+    }
+
+    fn clear(&mut self) {
+        // SAFETY: as above.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), false) }
+        self.has_logits = false;
+    }
+
+    fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
+        p.validate()?;
+        // SAFETY: the chain takes ownership of each stage; the old chain is freed once.
+        unsafe {
+            if let Some(old) = self.sampler.take() {
+                sys::llama_sampler_free(old.as_ptr());
+            }
+            let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
+            let add = |s| sys::llama_sampler_chain_add(chain, s);
+            if p.repeat_penalty != 1.0 {
+                add(sys::llama_sampler_init_penalties(self.model.n_vocab(), p.repeat_last_n, p.repeat_penalty, 0.0, 0.0));
+            }
+            if p.is_greedy() {
+                add(sys::llama_sampler_init_greedy());
+            } else {
+                if p.top_k > 0 {
+                    add(sys::llama_sampler_init_top_k(p.top_k));
+                }
+                if p.top_p < 1.0 {
+                    add(sys::llama_sampler_init_top_p(p.top_p, 1));
+                }
+                if p.min_p > 0.0 {
+                    add(sys::llama_sampler_init_min_p(p.min_p, 1));
+                }
+                add(sys::llama_sampler_init_temp(p.temperature));
+                add(sys::llama_sampler_init_dist(p.seed));
+            }
+            self.sampler = Some(NonNull::new(chain).ok_or_else(|| EngineError::Sampler("no chain".into()))?);
+        }
+        Ok(())
+    }
+
+    fn sample(&mut self) -> Result<TokenId, EngineError> {
+        let s = self.sampler.ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
+        if !self.has_logits {
+            return Err(EngineError::Sampler("the last decode produced no logits".into()));
+        }
+        // SAFETY: the last decode produced logits for its last token (-1).
+        Ok(unsafe { sys::llama_sampler_sample(s.as_ptr(), self.ctx.as_ptr(), -1) })
+    }
+
+    fn last_logits(&self) -> Result<&[f32], EngineError> {
+        if !self.has_logits {
+            return Err(EngineError::Decode("the last decode produced no logits".into()));
+        }
+        // SAFETY: the last decode produced logits for its last token; the row is n_vocab
+        // floats, valid until the next decode, which needs &mut self.
+        unsafe {
+            let p = sys::llama_get_logits_ith(self.ctx.as_ptr(), -1);
+            if p.is_null() {
+                return Err(EngineError::Decode("no logits".into()));
+            }
+            Ok(std::slice::from_raw_parts(p, self.model.n_vocab() as usize))
+        }
+    }
+
+    fn set_abort_flag(&mut self, flag: Arc<AtomicBool>) {
+        // SAFETY: the data pointer is kept alive by self.abort while installed.
+        unsafe { sys::llama_set_abort_callback(self.ctx.as_ptr(), Some(abort_trampoline), Arc::as_ptr(&flag).cast_mut().cast()) };
+        self.abort = Some(flag);
+    }
+
+    fn embedding(&self) -> Result<Vec<f32>, EngineError> {
+        // SAFETY: null or n_embd floats of the pooled sequence 0.
+        let p = unsafe { sys::llama_get_embeddings_seq(self.ctx.as_ptr(), 0) };
+        if p.is_null() {
+            return Err(EngineError::Decode("no pooled embedding".into()));
+        }
+        // SAFETY: as above.
+        Ok(unsafe { std::slice::from_raw_parts(p, self.model.info().n_embd) }.to_vec())
+    }
+}

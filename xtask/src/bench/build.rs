@@ -1,0 +1,99 @@
+//! Compiles one bench binary per variant, each in a cargo target folder of its own
+//! configuration, so a variant is rebuilt only when its configuration changes.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::variants::Variant;
+use crate::workspace;
+
+/// A built variant: its binary, or why it could not be built.
+#[derive(Debug)]
+pub struct Built {
+    pub variant: Variant,
+    pub binary: Result<PathBuf, String>,
+    pub seconds: f64,
+}
+
+pub fn bench_root() -> PathBuf {
+    workspace::target_dir().join("bench-compare")
+}
+
+/// Builds each variant; a failure is recorded and the others go on.
+pub fn build_all(variants: &[Variant]) -> Vec<Built> {
+    variants
+        .iter()
+        .map(|v| {
+            let bar = ProgressBar::new_spinner().with_message(format!("building {} ({} backend)", v.name, v.backend));
+            bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("valid template"));
+            bar.enable_steady_tick(Duration::from_millis(200));
+            let start = Instant::now();
+            let binary = build(v).map_err(|e| format!("{e:#}"));
+            let seconds = start.elapsed().as_secs_f64();
+            match &binary {
+                Ok(_) => bar.finish_with_message(format!("built {} in {seconds:.0} s", v.name)),
+                Err(e) => bar.finish_with_message(format!("FAILED to build {}: {e}", v.name)),
+            }
+            Built { variant: v.clone(), binary, seconds }
+        })
+        .collect()
+}
+
+fn build(v: &Variant) -> Result<PathBuf> {
+    let root = bench_root();
+    let target = root.join("targets").join(v.target_key());
+    let log_path = root.join("logs").join(format!("build-{}.log", v.name));
+    std::fs::create_dir_all(log_path.parent().expect("logs folder"))?;
+    let log = std::fs::File::create(&log_path)?;
+    let mut cmd = workspace::cargo();
+    cmd.args(["build", "--locked", "--profile", &v.profile, "-p", "exsa-engine", "--bin", "exsa", "--no-default-features", "--features", &v.backend])
+        .env("CARGO_TARGET_DIR", &target)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log));
+    // A clean slate: the caller's LLAMA_SYS_* tuning must not leak into a variant that does
+    // not ask for it. The shared CMake build cache stays.
+    for (key, _) in std::env::vars() {
+        if (key.starts_with("LLAMA_SYS_") && key != "LLAMA_SYS_BUILD_CACHE") || key == "LLAMA_CPP_DIR" || key == "LLAMA_LIB_PROFILE" {
+            cmd.env_remove(key);
+        }
+    }
+    for (k, val) in v.build_env() {
+        cmd.env(k, val);
+    }
+    let status = cmd.status().context("cannot run cargo build")?;
+    if !status.success() {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
+        bail!("cargo build failed ({status}); log {}:\n{}", log_path.display(), tail.join("\n"));
+    }
+    let profile_dir = if v.profile == "dev" { "debug" } else { v.profile.as_str() };
+    let built = target.join(profile_dir).join(format!("exsa{}", std::env::consts::EXE_SUFFIX));
+    // Variants sharing a target folder overwrite its `exsa`: keep each variant's own copy.
+    let dest = root.join("bin").join(&v.name).join(built.file_name().expect("binary name"));
+    std::fs::create_dir_all(dest.parent().expect("bin folder"))?;
+    std::fs::copy(&built, &dest).with_context(|| format!("cannot copy {}", built.display()))?;
+    Ok(dest)
+}
+
+/// Whether a run should go on without building: every variant's binary is already there.
+pub fn cached(variants: &[Variant]) -> Option<Vec<Built>> {
+    variants
+        .iter()
+        .map(|v| {
+            let bin = bench_root().join("bin").join(&v.name).join(format!("exsa{}", std::env::consts::EXE_SUFFIX));
+            bin.is_file().then(|| Built { variant: v.clone(), binary: Ok(bin), seconds: 0.0 })
+        })
+        .collect()
+}
+
+/// A command for one run of a variant's binary.
+pub fn command(binary: &PathBuf) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.stdin(Stdio::null());
+    cmd
+}

@@ -1,0 +1,236 @@
+//! `cargo xtask bench-compare`: the A/B speed test of the source build against the crate
+//! baseline, with paired, interleaved runs and confidence intervals.
+
+mod build;
+mod machine;
+mod report;
+mod run;
+mod stats;
+mod variants;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+
+use crate::{fetch_model, hashing, setup, vendor, workspace};
+use report::{Equivalence, ModelDescription, Report, VariantInfo};
+use run::RunSettings;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Variants to compare, baseline first (built-in: A, A-native, B, B-raw).
+    #[arg(long, value_delimiter = ',', default_value = "A,B")]
+    variants: Vec<String>,
+    /// A TOML file of further variants ([[variant]] tables; see docs/benchmarks.md).
+    #[arg(long)]
+    variants_file: Option<PathBuf>,
+    /// Tests in llama-bench's terms, plus e2e[N] (the engine's user-visible generation).
+    #[arg(long, value_delimiter = ',', default_value = "pp512,tg128,e2e")]
+    tests: Vec<String>,
+    /// Interleaved rounds: each variant runs every test once per round, in its own process.
+    #[arg(long, default_value_t = 8)]
+    reps: usize,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    threads: Option<u32>,
+    #[arg(long, default_value_t = 2048)]
+    batch: u32,
+    #[arg(long, default_value_t = 512)]
+    ubatch: u32,
+    /// Flash attention: on, off or auto.
+    #[arg(long, default_value = "auto")]
+    flash_attn: String,
+    #[arg(long, default_value_t = -1)]
+    gpu_layers: i32,
+    /// Any GGUF model (default: the project's default model, fetched if missing).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Report files to write besides the chart.
+    #[arg(long, value_delimiter = ',', default_value = "md,json,csv")]
+    format: Vec<String>,
+    /// Greedy tokens compared across variants before timing.
+    #[arg(long, default_value_t = 32)]
+    greedy_tokens: usize,
+    /// Seconds after which one run is killed and counted as failed.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+    /// A smoke run: cached builds (built if missing), small tests, 2 rounds.
+    #[arg(long)]
+    quick: bool,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let started = Instant::now();
+    let mut args_tests = args.tests.clone();
+    let mut reps = args.reps;
+    if args.quick {
+        args_tests = vec!["pp64".into(), "tg16".into(), "e2e16".into()];
+        reps = 2;
+    }
+    if reps < 2 {
+        bail!("--reps must be at least 2: a ratio needs paired rounds");
+    }
+    let variants = variants::resolve(args.variants_file.as_deref(), &args.variants)?;
+    let model = match &args.model {
+        Some(m) => {
+            llama_header_check(m)?;
+            m.clone()
+        }
+        None => {
+            setup::run(&setup::Args::default())?;
+            vendor::run(&vendor::Args::default())?;
+            fetch_model::run(&fetch_model::Args::default())?
+        }
+    };
+    if args.model.is_some() && variants.iter().any(|v| v.backend != "crate" && v.llama_cpp_dir.is_none()) {
+        vendor::run(&vendor::Args::default())?;
+    }
+
+    let built = match (args.quick, build::cached(&variants)) {
+        (true, Some(cached)) => {
+            eprintln!("--quick: using the cached builds");
+            cached
+        }
+        _ => build::build_all(&variants),
+    };
+    let build_done = Instant::now();
+    eprintln!("measuring memory-read bandwidth");
+    let machine = machine::describe();
+    let model_desc = ModelDescription {
+        path: model.display().to_string(),
+        description: String::new(),
+        size_bytes: std::fs::metadata(&model)?.len(),
+        sha256: hashing::file_sha256(&model)?,
+    };
+
+    let timestamp = timestamp();
+    let out_dir = build::bench_root().join(&timestamp);
+    std::fs::create_dir_all(&out_dir)?;
+    let settings = RunSettings {
+        model: model.clone(),
+        tests: args_tests,
+        reps,
+        threads: args.threads,
+        batch: args.batch,
+        ubatch: args.ubatch,
+        flash_attn: args.flash_attn.clone(),
+        gpu_layers: args.gpu_layers,
+        greedy_tokens: args.greedy_tokens,
+        timeout_s: args.timeout_s,
+    };
+    let runs = run::run_all(&built, &settings, &out_dir);
+
+    let baseline = variants[0].name.clone();
+    let base_tokens = runs.get(&baseline).and_then(|r| r.greedy_tokens.clone());
+    let equivalence: Vec<Equivalence> = variants
+        .iter()
+        .map(|v| {
+            let tokens = runs.get(&v.name).and_then(|r| r.greedy_tokens.clone());
+            match (&base_tokens, tokens) {
+                (Some(b), Some(t)) => Equivalence { variant: v.name.clone(), diverges_at: report::divergence(b, &t), checked: true },
+                _ => Equivalence { variant: v.name.clone(), diverges_at: None, checked: false },
+            }
+        })
+        .collect();
+    let diverged: Vec<String> = equivalence.iter().filter(|e| e.diverges_at.is_some()).map(|e| e.variant.clone()).collect();
+    let order: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
+    let rows = report::rows(&settings, &order, &baseline, &runs, &diverged);
+
+    let mut model_desc = model_desc;
+    let variant_infos: Vec<VariantInfo> = built
+        .iter()
+        .map(|b| {
+            let r = runs.get(&b.variant.name);
+            let rep = r.and_then(|r| r.report.as_ref());
+            if let Some(desc) = rep.and_then(|x| x["model"]["description"].as_str()) {
+                model_desc.description = desc.to_string();
+            }
+            VariantInfo {
+                variant: b.variant.clone(),
+                build_seconds: b.seconds,
+                build_info: rep.map(|x| x["build_info"].clone()),
+                system_info: rep.and_then(|x| x["system_info"].as_str().map(str::to_string)),
+                errors: r.map(|r| r.errors.clone()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    let ceiling = machine.memory_read_gb_s * 1e9 / model_desc.size_bytes as f64;
+    let report = Report {
+        timestamp,
+        command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+        git_revision: git_revision(),
+        machine,
+        model: model_desc,
+        settings,
+        baseline,
+        variants: variant_infos,
+        equivalence,
+        rows,
+        tg_ceiling_tokens_per_s: ceiling,
+    };
+    println!("{}", report.table());
+    for path in report.write(&out_dir, &args.format)? {
+        println!("wrote {}", path.display());
+    }
+    println!(
+        "total {:.1} min (builds {:.1} min, runs {:.1} min)",
+        started.elapsed().as_secs_f64() / 60.0,
+        (build_done - started).as_secs_f64() / 60.0,
+        build_done.elapsed().as_secs_f64() / 60.0
+    );
+    if report.variants.iter().all(|v| !v.errors.is_empty()) {
+        bail!("every variant failed");
+    }
+    Ok(())
+}
+
+/// A model path that is not GGUF is refused before anything is built.
+fn llama_header_check(path: &std::path::Path) -> Result<()> {
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("model {}: {e}", path.display()))?;
+    std::io::Read::read_exact(&mut f, &mut magic).map_err(|_| anyhow::anyhow!("model {} is too short to be GGUF", path.display()))?;
+    if &magic != b"GGUF" {
+        bail!("model {} is not a GGUF file (magic {:02x?})", path.display(), magic);
+    }
+    Ok(())
+}
+
+fn git_revision() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(workspace::root())
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// UTC `YYYYMMDD-HHMMSS`, without a date crate.
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_are_sortable_utc() {
+        let t = super::timestamp();
+        assert_eq!(t.len(), 15);
+        assert!(t.starts_with("20"), "{t}");
+    }
+}

@@ -1,0 +1,264 @@
+//! The report: terminal table, Markdown, JSON (every sample), CSV and an SVG chart.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::machine::Machine;
+use super::run::{RunSettings, VariantRuns};
+use super::stats::{self, Ratio, Summary};
+use super::variants::Variant;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelDescription {
+    pub path: String,
+    pub description: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub variant: String,
+    pub test: String,
+    pub samples: Vec<Option<f64>>,
+    pub summary: Option<Summary>,
+    pub vs_baseline: Option<Ratio>,
+    /// e2e: time to first token, ms.
+    pub ttft: Option<Summary>,
+    /// Rows of a variant whose greedy output diverged from the baseline's.
+    pub diverged: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Equivalence {
+    pub variant: String,
+    /// None when it matched the baseline token for token (or could not be checked).
+    pub diverges_at: Option<usize>,
+    pub checked: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VariantInfo {
+    pub variant: Variant,
+    pub build_seconds: f64,
+    pub build_info: Option<serde_json::Value>,
+    pub system_info: Option<String>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub timestamp: String,
+    pub command: String,
+    pub git_revision: String,
+    pub machine: Machine,
+    pub model: ModelDescription,
+    pub settings: RunSettings,
+    pub baseline: String,
+    pub variants: Vec<VariantInfo>,
+    pub equivalence: Vec<Equivalence>,
+    pub rows: Vec<Row>,
+    /// Memory bandwidth / bytes read per token: the fastest tg this machine allows.
+    pub tg_ceiling_tokens_per_s: f64,
+}
+
+pub fn rows(settings: &RunSettings, order: &[String], baseline: &str, runs: &BTreeMap<String, VariantRuns>, diverged: &[String]) -> Vec<Row> {
+    let empty = VariantRuns::default();
+    let base = runs.get(baseline).unwrap_or(&empty);
+    let mut out = Vec::new();
+    for test in &settings.tests {
+        for name in order {
+            let r = runs.get(name).unwrap_or(&empty);
+            let samples = r.tokens_per_s.get(test).cloned().unwrap_or_default();
+            let present: Vec<f64> = samples.iter().flatten().copied().collect();
+            let ttft: Vec<f64> = r.ttft_ms.get(test).map(|v| v.iter().flatten().copied().collect()).unwrap_or_default();
+            let vs_baseline = if name == baseline { None } else { base.tokens_per_s.get(test).and_then(|b| stats::paired_ratio(&samples, b)) };
+            out.push(Row {
+                variant: name.clone(),
+                test: test.clone(),
+                summary: stats::summarize(&present),
+                vs_baseline,
+                ttft: stats::summarize(&ttft),
+                diverged: diverged.contains(name),
+                samples,
+            });
+        }
+    }
+    out
+}
+
+/// First index where two token streams differ (or where one ends early).
+pub fn divergence(a: &[i64], b: &[i64]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y).or_else(|| (a.len() != b.len()).then(|| a.len().min(b.len())))
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let vs = format!("vs {} [95% CI]", self.baseline);
+        let _ = writeln!(s, "{:<12} {:<12} {:>4} {:>18} {:>9} {vs:>28}  verdict", "variant", "test", "n", "t/s mean ± sd", "median");
+        for r in &self.rows {
+            let (n, mean, median) = match &r.summary {
+                Some(s) => (s.n.to_string(), format!("{:.2} ± {:.2}", s.mean, s.sd), format!("{:.2}", s.median)),
+                None => ("0".into(), "failed".into(), "-".into()),
+            };
+            let (ratio, verdict) = match &r.vs_baseline {
+                Some(x) => (format!("{:.3} [{:.3}, {:.3}]", x.ratio, x.ci_low, x.ci_high), x.verdict.to_string()),
+                None if r.variant == self.baseline => ("baseline".into(), String::new()),
+                None => ("-".into(), String::new()),
+            };
+            let flag = if r.diverged { "  DIVERGED" } else { "" };
+            let _ = writeln!(s, "{:<12} {:<12} {:>4} {:>18} {:>9} {:>28}  {verdict}{flag}", r.variant, r.test, n, mean, median, ratio);
+        }
+        for r in self.rows.iter().filter(|r| r.ttft.is_some()) {
+            let t = r.ttft.as_ref().expect("filtered");
+            let _ = writeln!(s, "{:<12} {:<12} time to first token: {:.1} ± {:.1} ms (median {:.1})", r.variant, r.test, t.mean, t.sd, t.median);
+        }
+        let _ = writeln!(
+            s,
+            "tg ceiling: {:.1} GB/s memory read / {:.0} MB of weights = {:.1} t/s",
+            self.machine.memory_read_gb_s,
+            self.model.size_bytes as f64 / 1e6,
+            self.tg_ceiling_tokens_per_s
+        );
+        for r in self.rows.iter().filter(|r| r.test.starts_with("tg") && !r.test.contains('+')) {
+            if let Some(sm) = &r.summary {
+                let _ = writeln!(s, "  {} {}: {:.0} % of the ceiling", r.variant, r.test, 100.0 * sm.median / self.tg_ceiling_tokens_per_s);
+            }
+        }
+        for e in self.equivalence.iter().filter(|e| e.diverges_at.is_some()) {
+            let _ = writeln!(s, "WARNING: {} diverges from {}'s greedy tokens at token {}", e.variant, self.baseline, e.diverges_at.unwrap_or(0));
+        }
+        for v in self.variants.iter().filter(|v| !v.errors.is_empty()) {
+            let _ = writeln!(s, "ERROR: {}: {}", v.variant.name, v.errors.join("; "));
+        }
+        s
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(s, "# bench-compare {}\n", self.timestamp);
+        let _ = writeln!(s, "Command: `{}` (git {})\n", self.command, self.git_revision);
+        let _ = writeln!(
+            s,
+            "Machine: {}, {} cores, {} GiB, SIMD {}, {} (kernel {}); memory read {:.1} GB/s\n",
+            m.cpu,
+            m.cores,
+            m.memory_bytes >> 30,
+            m.simd.join(" "),
+            m.os,
+            m.kernel,
+            m.memory_read_gb_s
+        );
+        let _ = writeln!(s, "Model: {} ({}, {:.0} MB, sha256 {})\n", self.model.path, self.model.description, self.model.size_bytes as f64 / 1e6, self.model.sha256);
+        let st = &self.settings;
+        let _ = writeln!(
+            s,
+            "Settings: tests {}, {} interleaved rounds, threads {}, batch {}/{}, flash attention {}\n",
+            st.tests.join(" "),
+            st.reps,
+            st.threads.map_or("all".into(), |t| t.to_string()),
+            st.batch,
+            st.ubatch,
+            st.flash_attn
+        );
+        let _ = writeln!(s, "| variant | test | n | t/s mean ± sd | median | vs {} [95% CI] | verdict |", self.baseline);
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        for r in &self.rows {
+            let (n, mean, median) = match &r.summary {
+                Some(x) => (x.n.to_string(), format!("{:.2} ± {:.2}", x.mean, x.sd), format!("{:.2}", x.median)),
+                None => ("0".into(), "failed".into(), "-".into()),
+            };
+            let (ratio, verdict) = match &r.vs_baseline {
+                Some(x) => (format!("{:.3} [{:.3}, {:.3}]", x.ratio, x.ci_low, x.ci_high), x.verdict.to_string()),
+                None => ("-".into(), String::new()),
+            };
+            let flag = if r.diverged { " (diverged)" } else { "" };
+            let _ = writeln!(s, "| {}{flag} | {} | {n} | {mean} | {median} | {ratio} | {verdict} |", r.variant, r.test);
+        }
+        let _ = writeln!(s, "\n```\n{}```\n", self.table());
+        let _ = writeln!(s, "## Builds\n");
+        for v in &self.variants {
+            let _ = writeln!(s, "- **{}** (backend `{}`, built in {:.0} s): `{}`", v.variant.name, v.variant.backend, v.build_seconds, v.build_info.as_ref().map(|b| b.to_string()).unwrap_or_else(|| "no build info".into()));
+        }
+        s
+    }
+
+    pub fn csv(&self) -> String {
+        let mut s = String::from("variant,test,round,tokens_per_s\n");
+        for r in &self.rows {
+            for (i, x) in r.samples.iter().enumerate() {
+                let _ = writeln!(s, "{},{},{},{}", r.variant, r.test, i + 1, x.map(|v| format!("{v:.4}")).unwrap_or_default());
+            }
+        }
+        s
+    }
+
+    /// Tokens/s per test and variant: medians as bars, min..max as whiskers.
+    pub fn svg(&self) -> String {
+        let tests: Vec<&String> = self.settings.tests.iter().collect();
+        let variants: Vec<&String> = self.variants.iter().map(|v| &v.variant.name).collect();
+        let (w, h, pad, top) = (760.0, 360.0, 60.0, 40.0);
+        let group_w = (w - 2.0 * pad) / tests.len().max(1) as f64;
+        let bar_w = group_w * 0.8 / variants.len().max(1) as f64;
+        let colours = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"];
+        let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{pad}\" y=\"20\" font-size=\"14\">tokens/s (median, whiskers min..max) — {}</text>\n", self.model.description);
+        for (ti, test) in tests.iter().enumerate() {
+            let rows: Vec<&Row> = self.rows.iter().filter(|r| &&r.test == test).collect();
+            let max = rows.iter().filter_map(|r| r.summary.as_ref().map(|s| s.max)).fold(0.0f64, f64::max).max(1e-9);
+            let gx = pad + ti as f64 * group_w;
+            let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{test}</text>", gx + group_w / 2.0, h - 15.0);
+            for (vi, r) in rows.iter().enumerate() {
+                let Some(sm) = &r.summary else { continue };
+                let scale = |v: f64| (h - pad) - (v / max) * (h - pad - top);
+                let x = gx + group_w * 0.1 + vi as f64 * bar_w;
+                let colour = colours[vi % colours.len()];
+                let _ = writeln!(s, "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\"><title>{} {test}: {:.2} t/s</title></rect>", scale(sm.median), bar_w * 0.9, (h - pad) - scale(sm.median), r.variant, sm.median);
+                let cx = x + bar_w * 0.45;
+                let _ = writeln!(s, "<line x1=\"{cx:.1}\" x2=\"{cx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>", scale(sm.min), scale(sm.max));
+                let _ = writeln!(s, "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{:.1}</text>", scale(sm.max) - 4.0, sm.median);
+            }
+        }
+        for (vi, v) in variants.iter().enumerate() {
+            let y = 28.0 + 14.0 * vi as f64;
+            let _ = writeln!(s, "<rect x=\"{:.1}\" y=\"{y:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{v}</text>", w - 150.0, colours[vi % colours.len()], w - 136.0, y + 9.0);
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+
+    pub fn write(&self, dir: &Path, formats: &[String]) -> Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(dir)?;
+        let mut written = Vec::new();
+        for f in formats {
+            let (name, text) = match f.as_str() {
+                "md" => ("report.md", self.markdown()),
+                "json" => ("report.json", serde_json::to_string_pretty(self)?),
+                "csv" => ("samples.csv", self.csv()),
+                other => anyhow::bail!("unknown format {other:?} (use md, json, csv)"),
+            };
+            std::fs::write(dir.join(name), text)?;
+            written.push(dir.join(name));
+        }
+        std::fs::write(dir.join("chart.svg"), self.svg())?;
+        written.push(dir.join("chart.svg"));
+        Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn divergence_finds_the_first_differing_token() {
+        assert_eq!(divergence(&[1, 2, 3], &[1, 2, 3]), None);
+        assert_eq!(divergence(&[1, 2, 3], &[1, 9, 3]), Some(1));
+        assert_eq!(divergence(&[1, 2], &[1, 2, 3]), Some(2));
+    }
+}

@@ -1,0 +1,212 @@
+//! The builds being compared: built-in variants and any from a TOML file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// One build of the engine's bench binary.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    pub name: String,
+    /// `source` (B: our build), `crate` (A: llama-cpp-2) or `raw` (B through raw FFI).
+    pub backend: String,
+    /// llama-sys switches forced on (native, openmp, lto, blas, ...), for source/raw.
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// Extra environment for the build (LLAMA_SYS_* overrides, for instance).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// CMake definitions for llama.cpp (source/raw), passed as LLAMA_SYS_CMAKE_ARGS.
+    #[serde(default)]
+    pub cmake_defines: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cflags: String,
+    #[serde(default)]
+    pub cxxflags: String,
+    #[serde(default)]
+    pub rustflags: String,
+    /// Another llama.cpp checkout to build (source/raw).
+    #[serde(default)]
+    pub llama_cpp_dir: Option<PathBuf>,
+    /// Cargo profile (release, or release-lto to see what Rust-side LTO does).
+    #[serde(default = "release")]
+    pub profile: String,
+    /// Runtime: thread count (default: all cores).
+    #[serde(default)]
+    pub threads: Option<u32>,
+    /// Runtime: flash attention on/off/auto.
+    #[serde(default)]
+    pub flash_attn: Option<String>,
+}
+
+fn release() -> String {
+    "release".into()
+}
+
+impl Variant {
+    fn builtin(name: &str, backend: &str, rustflags: &str) -> Variant {
+        Variant {
+            name: name.into(),
+            backend: backend.into(),
+            features: Vec::new(),
+            env: BTreeMap::new(),
+            cmake_defines: BTreeMap::new(),
+            cflags: String::new(),
+            cxxflags: String::new(),
+            rustflags: rustflags.into(),
+            llama_cpp_dir: None,
+            profile: release(),
+            threads: None,
+            flash_attn: None,
+        }
+    }
+
+    /// Environment for `cargo build`, on top of one cleared of LLAMA_SYS_* and RUSTFLAGS.
+    pub fn build_env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = vec![("RUSTFLAGS".into(), self.rustflags.clone())];
+        for f in &self.features {
+            env.push((format!("LLAMA_SYS_{}", f.to_ascii_uppercase()), "on".into()));
+        }
+        if !self.cmake_defines.is_empty() {
+            let args: Vec<String> = self.cmake_defines.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
+            env.push(("LLAMA_SYS_CMAKE_ARGS".into(), args.join(" ")));
+        }
+        if !self.cflags.is_empty() {
+            env.push(("LLAMA_SYS_CFLAGS".into(), self.cflags.clone()));
+        }
+        if !self.cxxflags.is_empty() {
+            env.push(("LLAMA_SYS_CXXFLAGS".into(), self.cxxflags.clone()));
+        }
+        if let Some(dir) = &self.llama_cpp_dir {
+            env.push(("LLAMA_CPP_DIR".into(), dir.display().to_string()));
+        }
+        env.extend(self.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env
+    }
+
+    /// Names the cargo target folder: variants that differ only in backend share one, so the
+    /// dependencies compile once.
+    pub fn target_key(&self) -> String {
+        let mut h = Sha256::new();
+        let mut env = self.build_env();
+        env.sort();
+        h.update(format!("{env:?}|{}", self.profile));
+        crate::hashing::hex(&h.finalize())[..12].to_string()
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !matches!(self.backend.as_str(), "source" | "crate" | "raw") {
+            bail!("variant {}: unknown backend {:?} (use source, crate or raw)", self.name, self.backend);
+        }
+        if self.backend == "crate" && (!self.features.is_empty() || !self.cmake_defines.is_empty() || self.llama_cpp_dir.is_some()) {
+            bail!("variant {}: llama-sys features, CMake defines and llama_cpp_dir apply to source/raw builds, not the crate baseline", self.name);
+        }
+        const SWITCHES: [&str; 11] = ["native", "openmp", "llamafile", "repack", "lto", "blas", "metal", "accelerate", "cuda", "rpc", "amx"];
+        if let Some(bad) = self.features.iter().find(|f| !SWITCHES.contains(&f.as_str())) {
+            bail!("variant {}: unknown llama-sys feature {bad:?} (known: {})", self.name, SWITCHES.join(", "));
+        }
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            bail!("variant name {:?} must be letters, digits, '-', '_' or '.'", self.name);
+        }
+        Ok(())
+    }
+}
+
+/// A, A-native, B, B-raw.
+pub fn builtins() -> Vec<Variant> {
+    vec![
+        // The crate baseline exactly as `cargo add llama-cpp-2` gives it.
+        Variant::builtin("A", "crate", ""),
+        // The best A can do: rustc's native target makes llama-cpp-sys-2 build GGML_NATIVE.
+        Variant::builtin("A-native", "crate", "-C target-cpu=native"),
+        // Our build with its default flags.
+        Variant::builtin("B", "source", ""),
+        // The same build through raw llama-sys calls: B minus the safe wrapper.
+        Variant::builtin("B-raw", "raw", ""),
+    ]
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VariantsFile {
+    #[serde(default)]
+    variant: Vec<Variant>,
+}
+
+/// Built-ins plus the file's variants, then `selected` picked out in order.
+pub fn resolve(file: Option<&Path>, selected: &[String]) -> Result<Vec<Variant>> {
+    let mut all = builtins();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read variants file {}", path.display()))?;
+        let parsed: VariantsFile = toml::from_str(&text).with_context(|| format!("variants file {} is malformed", path.display()))?;
+        for v in parsed.variant {
+            if all.iter().any(|b| b.name == v.name) {
+                bail!("variants file {}: variant {:?} is defined twice", path.display(), v.name);
+            }
+            all.push(v);
+        }
+    }
+    for v in &all {
+        v.validate()?;
+    }
+    selected
+        .iter()
+        .map(|name| {
+            all.iter().find(|v| &v.name == name).cloned().with_context(|| {
+                let known: Vec<&str> = all.iter().map(|v| v.name.as_str()).collect();
+                format!("unknown variant {name:?} (known: {})", known.join(", "))
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_resolve_and_unknown_names_are_refused() {
+        let v = resolve(None, &["A".into(), "B".into()]).unwrap();
+        assert_eq!(v.iter().map(|v| v.backend.as_str()).collect::<Vec<_>>(), ["crate", "source"]);
+        let err = resolve(None, &["C".into()]).unwrap_err().to_string();
+        assert!(err.contains("unknown variant \"C\"") && err.contains("A-native"), "{err}");
+    }
+
+    #[test]
+    fn a_variants_file_adds_variants_and_bad_ones_are_named() {
+        let dir = std::env::temp_dir().join(format!("variants-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "[[variant]]\nname = \"B-lto\"\nbackend = \"source\"\nfeatures = [\"lto\"]\ncmake_defines = { GGML_AVX512 = \"OFF\" }\n").unwrap();
+        let v = resolve(Some(&good), &["B-lto".into()]).unwrap();
+        let env = v[0].build_env();
+        assert!(env.contains(&("LLAMA_SYS_LTO".into(), "on".into())));
+        assert!(env.contains(&("LLAMA_SYS_CMAKE_ARGS".into(), "-DGGML_AVX512=OFF".into())));
+
+        for (text, needle) in [
+            ("[[variant]]\nname = \"X\"\nbackend = \"gpu\"\n", "unknown backend"),
+            ("[[variant]]\nname = \"X\"\nbackend = \"source\"\nfeatures = [\"turbo\"]\n", "unknown llama-sys feature"),
+            ("[[variant]]\nname = \"X\"\nbackend = \"crate\"\nfeatures = [\"lto\"]\n", "not the crate baseline"),
+            ("[[variant]]\nname = \"X\"\nbakend = \"source\"\n", "malformed"),
+            ("[[variant]]\nname = \"A\"\nbackend = \"source\"\n", "defined twice"),
+        ] {
+            let path = dir.join("bad.toml");
+            std::fs::write(&path, text).unwrap();
+            let err = format!("{:#}", resolve(Some(&path), &["A".into()]).unwrap_err());
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn variants_differing_only_in_backend_share_a_target_folder() {
+        let all = builtins();
+        let key = |n: &str| all.iter().find(|v| v.name == n).unwrap().target_key();
+        assert_eq!(key("A"), key("B"));
+        assert_eq!(key("B"), key("B-raw"));
+        assert_ne!(key("A"), key("A-native"));
+    }
+}
