@@ -122,14 +122,21 @@ pub fn run(args: &Args) -> Result<()> {
     let runs = run::run_all(&built, &settings, &out_dir);
 
     let baseline = variants[0].name.clone();
-    let base_tokens = runs.get(&baseline).and_then(|r| r.greedy_tokens.clone());
+    let base = runs.get(&baseline);
+    let margin = |r: Option<&run::VariantRuns>, k: usize| r.and_then(|r| r.greedy_margins.as_ref()).and_then(|m| m.get(k).copied());
     let equivalence: Vec<Equivalence> = variants
         .iter()
         .map(|v| {
-            let tokens = runs.get(&v.name).and_then(|r| r.greedy_tokens.clone());
-            match (&base_tokens, tokens) {
-                (Some(b), Some(t)) => Equivalence { variant: v.name.clone(), diverges_at: report::divergence(b, &t), checked: true },
-                _ => Equivalence { variant: v.name.clone(), diverges_at: None, checked: false },
+            let this = runs.get(&v.name);
+            match (base.and_then(|b| b.greedy_tokens.as_ref()), this.and_then(|r| r.greedy_tokens.as_ref())) {
+                (Some(b), Some(t)) => {
+                    let diverges_at = report::divergence(b, t);
+                    let near_tie = diverges_at.is_some_and(|k| {
+                        margin(base, k).is_some_and(|m| m < report::NEAR_TIE) && margin(this, k).is_some_and(|m| m < report::NEAR_TIE)
+                    });
+                    Equivalence { variant: v.name.clone(), diverges_at, checked: true, near_tie }
+                }
+                _ => Equivalence { variant: v.name.clone(), diverges_at: None, checked: false, near_tie: false },
             }
         })
         .collect();

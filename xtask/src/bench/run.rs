@@ -40,6 +40,8 @@ pub struct VariantRuns {
     /// The last successful run's report: build info, system info, model info.
     pub report: Option<serde_json::Value>,
     pub greedy_tokens: Option<Vec<i64>>,
+    /// Top-1 minus top-2 logit at each greedy step.
+    pub greedy_margins: Option<Vec<f64>>,
 }
 
 fn args(settings: &RunSettings, variant_threads: Option<u32>, variant_fa: Option<&str>) -> Vec<String> {
@@ -48,7 +50,7 @@ fn args(settings: &RunSettings, variant_threads: Option<u32>, variant_fa: Option
         a.extend(["--threads".into(), t.to_string()]);
     }
     a.extend(["--flash-attn".into(), variant_fa.unwrap_or(&settings.flash_attn).to_string()]);
-    a.extend(["--gpu-layers".into(), settings.gpu_layers.to_string()]);
+    a.push(format!("--gpu-layers={}", settings.gpu_layers));
     a.extend(["bench".into(), "--batch".into(), settings.batch.to_string(), "--ubatch".into(), settings.ubatch.to_string()]);
     a
 }
@@ -113,6 +115,7 @@ pub fn run_all(built: &[Built], settings: &RunSettings, out_dir: &Path) -> BTree
             match run_json(bin, &a, timeout, &log) {
                 Ok(report) => {
                     entry.greedy_tokens = report["greedy_tokens"].as_array().map(|a| a.iter().filter_map(|t| t.as_i64()).collect());
+                    entry.greedy_margins = report["greedy_margins"].as_array().map(|a| a.iter().filter_map(|t| t.as_f64()).collect());
                     entry.report = Some(report);
                 }
                 Err(e) => entry.errors.push(format!("equivalence run: {e:#}")),

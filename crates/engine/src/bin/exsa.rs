@@ -231,7 +231,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     samples.push(harness::run(&engine, &session, *test)?);
                 }
             }
-            let greedy = if args.greedy_tokens > 0 { Some(harness::greedy_tokens(&engine, &session, harness::EQUIVALENCE_PROMPT, args.greedy_tokens)?) } else { None };
+            let greedy = if args.greedy_tokens > 0 { Some(harness::greedy_trace(&engine, &session, harness::EQUIVALENCE_PROMPT, args.greedy_tokens)?) } else { None };
+            let greedy_tokens = greedy.as_ref().map(|g| g.iter().map(|s| s.token).collect::<Vec<_>>());
+            let greedy_margins = greedy.as_ref().map(|g| g.iter().map(|s| s.margin).collect::<Vec<_>>());
             let report = serde_json::json!({
                 "backend": Engine::backend_name(),
                 "model": engine.model_info(),
@@ -240,7 +242,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 "n_ubatch": session.n_ubatch,
                 "flash_attn": cli.common.flash_attn,
                 "samples": samples,
-                "greedy_tokens": greedy,
+                "greedy_tokens": greedy_tokens,
+                "greedy_margins": greedy_margins,
                 "system_info": Engine::system_info(),
                 "build_info": Engine::build_info(),
             });
