@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the llama.cpp source build needs and Rust does not bring: cmake, libclang (for
-# bindgen), ccache, and valgrind on Linux (for the leak check). Uses apt-get on Debian/Ubuntu and brew on macOS; elsewhere, or without
-# the rights to install, prints the command to run and fails.
+# bindgen), ccache, and on Linux valgrind (for the leak check). Uses apt-get on Debian/Ubuntu
+# and brew on macOS; elsewhere, or without the rights to install, prints the command to run
+# and fails.
 #   --check   report only, install nothing
 set -euo pipefail
 

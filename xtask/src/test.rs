@@ -1,6 +1,6 @@
 //! `cargo xtask test`: the README's test command. Sets up what the tests need (system packages,
-//! the vendored source, the default model), then runs every test of the workspace, and the
-//! leak check on Linux.
+//! the vendored source, the default model), then runs every test of the workspace, the
+//! engine's tests once more per other backend, and the leak check on Linux.
 
 use anyhow::Result;
 
@@ -8,7 +8,8 @@ use crate::{fetch_model, leak_check, setup, vendor, workspace};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+    /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter. With them, only
+    /// the workspace run happens.
     #[arg(last = true)]
     cargo_args: Vec<String>,
 }
@@ -17,8 +18,17 @@ pub fn run(args: &Args) -> Result<()> {
     setup::run(&setup::Args::default())?;
     vendor::run(&vendor::Args::default())?;
     fetch_model::run(&fetch_model::Args::default())?;
+    // The workspace, with the engine on its default backend (`source`).
     workspace::run(workspace::cargo().args(["test", "--workspace", "--locked"]).args(&args.cargo_args))?;
-    if args.cargo_args.is_empty() && cfg!(target_os = "linux") {
+    if !args.cargo_args.is_empty() {
+        return Ok(());
+    }
+    // The engine's conformance tests again over the crate baseline and over raw FFI: the same
+    // assertions must hold whichever llama.cpp binding runs them.
+    for backend in ["crate", "raw"] {
+        workspace::run(workspace::cargo().args(["test", "--locked", "-p", "exsa-engine", "--no-default-features", "--features", backend]))?;
+    }
+    if cfg!(target_os = "linux") {
         leak_check::run(&leak_check::Args::default())?;
     }
     Ok(())

@@ -58,9 +58,30 @@ pub struct Args {
     /// A smoke run: cached builds (built if missing), small tests, 2 rounds.
     #[arg(long)]
     quick: bool,
+    /// Run the criterion micro-benchmarks instead: A with --save-baseline, then B against it.
+    #[arg(long)]
+    micro: bool,
+}
+
+/// Criterion's own A/B: the same benchmark ids over each backend, B compared with A's baseline.
+fn micro() -> Result<()> {
+    fetch_model::run(&fetch_model::Args::default())?;
+    vendor::run(&vendor::Args::default())?;
+    for (backend, baseline) in [("crate", "--save-baseline"), ("source", "--baseline")] {
+        eprintln!("micro-benchmarks: backend {backend} ({baseline} A)");
+        workspace::run(
+            workspace::cargo()
+                .args(["bench", "--locked", "-p", "exsa-benches", "--no-default-features", "--features", backend, "--bench", "steps", "--"])
+                .args([baseline, "A"]),
+        )?;
+    }
+    Ok(())
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if args.micro {
+        return micro();
+    }
     let started = Instant::now();
     let mut args_tests = args.tests.clone();
     let mut reps = args.reps;

@@ -103,6 +103,10 @@ pub fn divergence(a: &[i64], b: &[i64]) -> Option<usize> {
 }
 
 impl Report {
+    fn near_tie(&self, variant: &str) -> bool {
+        self.equivalence.iter().any(|e| e.variant == variant && e.near_tie)
+    }
+
     pub fn table(&self) -> String {
         let mut s = String::new();
         let vs = format!("vs {} [95% CI]", self.baseline);
@@ -117,7 +121,11 @@ impl Report {
                 None if r.variant == self.baseline => ("baseline".into(), String::new()),
                 None => ("-".into(), String::new()),
             };
-            let flag = if r.diverged { "  DIVERGED" } else { "" };
+            let flag = match (r.diverged, self.near_tie(&r.variant)) {
+                (true, true) => "  (diverged at a near-tie)",
+                (true, false) => "  DIVERGED",
+                _ => "",
+            };
             let _ = writeln!(s, "{:<12} {:<12} {:>4} {:>18} {:>9} {:>28}  {verdict}{flag}", r.variant, r.test, n, mean, median, ratio);
         }
         for r in self.rows.iter().filter(|r| r.ttft.is_some()) {
@@ -188,7 +196,11 @@ impl Report {
                 Some(x) => (format!("{:.3} [{:.3}, {:.3}]", x.ratio, x.ci_low, x.ci_high), x.verdict.to_string()),
                 None => ("-".into(), String::new()),
             };
-            let flag = if r.diverged { " (diverged)" } else { "" };
+            let flag = match (r.diverged, self.near_tie(&r.variant)) {
+                (true, true) => " (diverged at a near-tie)",
+                (true, false) => " (DIVERGED)",
+                _ => "",
+            };
             let _ = writeln!(s, "| {}{flag} | {} | {n} | {mean} | {median} | {ratio} | {verdict} |", r.variant, r.test);
         }
         let _ = writeln!(s, "\n```\n{}```\n", self.table());

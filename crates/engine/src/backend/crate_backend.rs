@@ -185,18 +185,23 @@ impl BackendSession for CrateSession<'_> {
         self.ctx.n_batch()
     }
 
-    fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
-        // The crate has no abort callback; the engine checks the flag between steps, and a
-        // single decode runs to its end.
-        if self.abort.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed)) {
-            return Err(EngineError::Cancelled);
-        }
+    fn fill(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.batch.clear();
         self.last_output = None;
         for (k, &t) in ids.iter().enumerate() {
             let logits = outputs == Outputs::Last && k + 1 == ids.len();
             self.batch.add(LlamaToken(t), start + k as i32, &[0], logits).map_err(|e| EngineError::Decode(e.to_string()))?;
         }
+        Ok(())
+    }
+
+    fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+        // The crate has no abort callback; the engine checks the flag between steps, and a
+        // single decode runs to its end.
+        if self.abort.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed)) {
+            return Err(EngineError::Cancelled);
+        }
+        self.fill(ids, start, outputs)?;
         self.ctx.decode(&mut self.batch).map_err(|e| EngineError::Decode(e.to_string()))?;
         if outputs == Outputs::Last {
             self.last_output = Some(ids.len() as i32 - 1);

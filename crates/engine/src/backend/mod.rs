@@ -107,6 +107,9 @@ pub trait BackendModel: Send + Sync + Sized {
 pub trait BackendSession {
     fn n_ctx(&self) -> u32;
     fn n_batch(&self) -> u32;
+    /// Writes `tokens` at positions `start..` of sequence 0 into the session's batch (at most
+    /// n_batch of them), without decoding: `decode` is `fill` and then the model run.
+    fn fill(&mut self, tokens: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError>;
     /// Decodes `tokens` at positions `start..` in sequence 0 (at most n_batch of them).
     fn decode(&mut self, tokens: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError>;
     /// Drops positions `from..` from the cache; false if the backend could not (recurrent state).

@@ -252,13 +252,13 @@ impl BackendSession for RawSession<'_> {
         self.n_batch
     }
 
-    fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+    fn fill(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         if ids.is_empty() || ids.len() > self.n_batch as usize {
             return Err(EngineError::Decode(format!("{} tokens for a batch of {}", ids.len(), self.n_batch)));
         }
         // SAFETY: ids.len() <= n_batch, the capacity the batch was allocated with, with one
         // sequence id per token.
-        let code = unsafe {
+        unsafe {
             let b = &mut self.batch;
             for (i, &t) in ids.iter().enumerate() {
                 *b.token.add(i) = t;
@@ -268,8 +268,14 @@ impl BackendSession for RawSession<'_> {
                 *b.logits.add(i) = i8::from(outputs == Outputs::Last && i + 1 == ids.len());
             }
             b.n_tokens = ids.len() as i32;
-            sys::llama_decode(self.ctx.as_ptr(), *b)
-        };
+        }
+        Ok(())
+    }
+
+    fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+        self.fill(ids, start, outputs)?;
+        // SAFETY: the batch was filled within its allocation just above.
+        let code = unsafe { sys::llama_decode(self.ctx.as_ptr(), self.batch) };
         self.has_logits = code == 0 && outputs == Outputs::Last;
         match code {
             0 => Ok(()),

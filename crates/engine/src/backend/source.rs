@@ -137,11 +137,13 @@ impl BackendSession for SourceSession<'_> {
         self.ctx.n_batch()
     }
 
-    fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+    fn fill(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.batch.clear();
-        self.batch
-            .add_sequence(tokens(ids), start, 0, outputs == Outputs::Last)
-            .map_err(|e| EngineError::Decode(e.to_string()))?;
+        self.batch.add_sequence(tokens(ids), start, 0, outputs == Outputs::Last).map_err(|e| EngineError::Decode(e.to_string()))
+    }
+
+    fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+        self.fill(ids, start, outputs)?;
         self.ctx.decode(&self.batch).map_err(|e| match e {
             llama::DecodeError::Aborted => EngineError::Cancelled,
             e => EngineError::Decode(e.to_string()),
