@@ -164,6 +164,7 @@ pub fn run(args: &Args) -> Result<()> {
     let diverged: Vec<String> = equivalence.iter().filter(|e| e.diverges_at.is_some()).map(|e| e.variant.clone()).collect();
     let order: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
     let rows = report::rows(&settings, &order, &baseline, &runs, &diverged);
+    let e2e_over_tg = report::e2e_over_tg(&settings, &order, &runs);
 
     let mut model_desc = model_desc;
     let variant_infos: Vec<VariantInfo> = built
@@ -196,6 +197,7 @@ pub fn run(args: &Args) -> Result<()> {
         equivalence,
         rows,
         tg_ceiling_tokens_per_s: ceiling,
+        e2e_over_tg,
     };
     println!("{}", report.table());
     for path in report.write(&out_dir, &args.format)? {

@@ -70,6 +70,24 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Memory bandwidth / bytes read per token: the fastest tg this machine allows.
     pub tg_ceiling_tokens_per_s: f64,
+    /// Per variant: user-visible e2e tokens/s over raw tgN tokens/s, paired by round. What
+    /// the engine's sampling, detokenizing and streaming cost on top of decoding.
+    pub e2e_over_tg: Vec<(String, Ratio)>,
+}
+
+/// e2e / tg per variant, when both tests ran.
+pub fn e2e_over_tg(settings: &RunSettings, order: &[String], runs: &BTreeMap<String, VariantRuns>) -> Vec<(String, Ratio)> {
+    let e2e = settings.tests.iter().find(|t| t.starts_with("e2e"));
+    let tg = settings.tests.iter().find(|t| t.starts_with("tg"));
+    let (Some(e2e), Some(tg)) = (e2e, tg) else { return Vec::new() };
+    order
+        .iter()
+        .filter_map(|name| {
+            let r = runs.get(name)?;
+            let ratio = stats::paired_ratio(r.tokens_per_s.get(e2e)?, r.tokens_per_s.get(tg)?)?;
+            Some((name.clone(), ratio))
+        })
+        .collect()
 }
 
 pub fn rows(settings: &RunSettings, order: &[String], baseline: &str, runs: &BTreeMap<String, VariantRuns>, diverged: &[String]) -> Vec<Row> {
@@ -144,6 +162,9 @@ impl Report {
                 let _ = writeln!(s, "  {} {}: {:.0} % of the ceiling", r.variant, r.test, 100.0 * sm.median / self.tg_ceiling_tokens_per_s);
             }
         }
+        for (variant, r) in &self.e2e_over_tg {
+            let _ = writeln!(s, "  {variant}: e2e / tg = {:.3} [{:.3}, {:.3}] (user-visible over raw decode)", r.ratio, r.ci_low, r.ci_high);
+        }
         for e in self.equivalence.iter().filter(|e| e.diverges_at.is_some()) {
             let why = if e.near_tie { " (a near-tie: both margins under 0.25 logits)" } else { " (NOT a near-tie: a real difference)" };
             let _ = writeln!(s, "WARNING: {} diverges from {}'s greedy tokens at token {}{why}", e.variant, self.baseline, e.diverges_at.unwrap_or(0));
@@ -194,6 +215,7 @@ impl Report {
             };
             let (ratio, verdict) = match &r.vs_baseline {
                 Some(x) => (format!("{:.3} [{:.3}, {:.3}]", x.ratio, x.ci_low, x.ci_high), x.verdict.to_string()),
+                None if r.variant == self.baseline => ("baseline".into(), String::new()),
                 None => ("-".into(), String::new()),
             };
             let flag = match (r.diverged, self.near_tie(&r.variant)) {
