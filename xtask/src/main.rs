@@ -7,6 +7,7 @@ mod leak_check;
 mod pin;
 mod setup;
 mod test;
+mod tune;
 mod vendor;
 mod workspace;
 
@@ -33,6 +34,8 @@ enum Command {
     LeakCheck(leak_check::Args),
     /// The A/B speed test: our source build against the llama-cpp-2 crate baseline.
     BenchCompare(bench::Args),
+    /// Find the fastest llama.cpp build for this machine and make it the default.
+    Tune(tune::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(args) => test::run(&args),
         Command::LeakCheck(args) => leak_check::run(&args),
         Command::BenchCompare(args) => bench::run(&args),
+        Command::Tune(args) => tune::run(&args),
     }
 }

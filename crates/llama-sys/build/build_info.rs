@@ -24,10 +24,11 @@ pub struct BuildInfo {
     pub ggml_cpu_flags: String,
     pub c_compiler: String,
     pub cxx_compiler: String,
+    pub tuned_profile: String,
 }
 
 impl BuildInfo {
-    pub fn collect(plan: &BuildPlan, source: &Source, target: &str, installed: &Installed) -> BuildInfo {
+    pub fn collect(plan: &BuildPlan, source: &Source, target: &str, installed: &Installed, profile: &crate::profile::Profile) -> BuildInfo {
         let cache = std::fs::read_to_string(installed.cmake_cache()).unwrap_or_default();
         let cache_var = |name: &str| {
             cache
@@ -58,6 +59,7 @@ impl BuildInfo {
             ggml_cpu_flags,
             c_compiler: compiler("C"),
             cxx_compiler: compiler("CXX"),
+            tuned_profile: profile.path.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string()),
         }
     }
 
@@ -65,7 +67,7 @@ impl BuildInfo {
     pub fn hash(&self) -> String {
         let mut h = Sha256::new();
         h.update(format!(
-            "{}|{}|{}|{:?}|{:?}|{}|{}|{}|{}|{}",
+            "{}|{}|{}|{:?}|{:?}|{}|{}|{}|{}|{}|{}",
             self.llama_cpp,
             self.build_number,
             self.target,
@@ -75,7 +77,8 @@ impl BuildInfo {
             self.cxx_flags,
             self.ggml_cpu_flags,
             self.c_compiler,
-            self.cxx_compiler
+            self.cxx_compiler,
+            self.tuned_profile
         ));
         hex(&h.finalize())[..12].to_string()
     }
@@ -87,7 +90,7 @@ impl BuildInfo {
         let switches = self.switches.iter().map(|(k, v)| format!("({k:?}, {v})")).collect::<Vec<_>>().join(", ");
         writeln!(
             s,
-            "/// What this build of llama.cpp is, and how it was compiled.\npub const BUILD_INFO: BuildInfo = BuildInfo {{\n    llama_cpp: {:?},\n    build_number: {},\n    upstream_commit: {:?},\n    source_dir: {:?},\n    target: {:?},\n    switches: &[{switches}],\n    cmake_defines: &[{}],\n    c_flags: {:?},\n    cxx_flags: {:?},\n    ggml_cpu_flags: {:?},\n    c_compiler: {:?},\n    cxx_compiler: {:?},\n    hash: {:?},\n}};",
+            "/// What this build of llama.cpp is, and how it was compiled.\npub const BUILD_INFO: BuildInfo = BuildInfo {{\n    llama_cpp: {:?},\n    build_number: {},\n    upstream_commit: {:?},\n    source_dir: {:?},\n    target: {:?},\n    switches: &[{switches}],\n    cmake_defines: &[{}],\n    c_flags: {:?},\n    cxx_flags: {:?},\n    ggml_cpu_flags: {:?},\n    c_compiler: {:?},\n    cxx_compiler: {:?},\n    tuned_profile: {:?},\n    hash: {:?},\n}};",
             self.llama_cpp,
             self.build_number,
             self.upstream_commit,
@@ -99,6 +102,7 @@ impl BuildInfo {
             self.ggml_cpu_flags,
             self.c_compiler,
             self.cxx_compiler,
+            self.tuned_profile,
             self.hash(),
         )
         .expect("formatting into a String cannot fail");

@@ -6,6 +6,7 @@ mod build_info;
 mod cmake_build;
 mod env;
 mod plan;
+mod profile;
 mod source;
 mod tools;
 
@@ -33,7 +34,8 @@ fn main() {
     };
 
     let source = source::locate(&manifest_dir);
-    let plan = BuildPlan::new(&plan_input(&target, &source)).unwrap_or_else(|e| fail(&e.to_string()));
+    let profile = profile::load(&plan::known_env_vars());
+    let plan = BuildPlan::new(&plan_input(&target, &source, &profile)).unwrap_or_else(|e| fail(&e.to_string()));
 
     tools::require_cmake();
     tools::require_libclang();
@@ -45,7 +47,7 @@ fn main() {
     let installed = cmake_build::build(&plan, &source.dir, cache.as_deref(), &out_dir, &key);
     emit_link(&plan, &installed);
 
-    let info = build_info::BuildInfo::collect(&plan, &source, &target.triple, &installed);
+    let info = build_info::BuildInfo::collect(&plan, &source, &target.triple, &installed, &profile);
     info.write(&out_dir);
 
     println!("cargo:include={}", source.dir.join("include").display());
@@ -58,21 +60,30 @@ fn main() {
     println!("cargo:rerun-if-changed=build");
 }
 
-fn plan_input(target: &Target, source: &source::Source) -> PlanInput {
+fn plan_input(target: &Target, source: &source::Source, profile: &profile::Profile) -> PlanInput {
     let features: BTreeSet<Switch> = Switch::ALL
         .into_iter()
         .filter(|s| std::env::var_os(format!("CARGO_FEATURE_{}", s.feature().to_ascii_uppercase())).is_some())
         .collect();
-    let env: BTreeMap<String, String> =
-        plan::known_env_vars().into_iter().filter_map(|k| env::var(&k).map(|v| (k, v))).collect();
+    // The tuned profile first, the environment over it: an explicit variable always wins.
+    let mut env: BTreeMap<String, String> = profile.env.clone();
+    env.extend(plan::known_env_vars().into_iter().filter_map(|k| env::var(&k).map(|v| (k, v))));
     let host_build = env::cargo("HOST") == target.triple;
-    let compiler = cc::Build::new().cpp(true).cargo_metadata(false).get_compiler();
-    let compiler = if compiler.is_like_msvc() {
-        CompilerFamily::Msvc
-    } else if compiler.is_like_clang() {
-        CompilerFamily::Clang
-    } else {
-        CompilerFamily::Gnu
+    // The family decides the OpenMP runtime to link: that of LLAMA_SYS_CXX when it is set,
+    // else that of the compiler the cc crate would pick.
+    let compiler = match env.get(plan::CXX_VAR) {
+        Some(cxx) if cxx.contains("clang") => CompilerFamily::Clang,
+        Some(_) => CompilerFamily::Gnu,
+        None => {
+            let compiler = cc::Build::new().cpp(true).cargo_metadata(false).get_compiler();
+            if compiler.is_like_msvc() {
+                CompilerFamily::Msvc
+            } else if compiler.is_like_clang() {
+                CompilerFamily::Clang
+            } else {
+                CompilerFamily::Gnu
+            }
+        }
     };
     PlanInput {
         target: target.clone(),

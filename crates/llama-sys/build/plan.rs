@@ -202,12 +202,15 @@ pub const CMAKE_ARGS_VAR: &str = "LLAMA_SYS_CMAKE_ARGS";
 pub const CFLAGS_VAR: &str = "LLAMA_SYS_CFLAGS";
 pub const CXXFLAGS_VAR: &str = "LLAMA_SYS_CXXFLAGS";
 pub const CUDA_PATH_VAR: &str = "CUDA_PATH";
+/// C and C++ compilers for CMake (`gcc`/`g++`, `clang`/`clang++`, or paths): a tuning dimension.
+pub const CC_VAR: &str = "LLAMA_SYS_CC";
+pub const CXX_VAR: &str = "LLAMA_SYS_CXX";
 
 /// Every variable the plan reads, so the build script can watch them all.
 pub fn known_env_vars() -> Vec<String> {
     let mut vars: Vec<String> = Switch::ALL.iter().map(|s| s.env_var()).collect();
     vars.extend(
-        [OPT_LEVEL_VAR, CUDA_ARCHS_VAR, BLAS_VENDOR_VAR, CMAKE_ARGS_VAR, CFLAGS_VAR, CXXFLAGS_VAR, CUDA_PATH_VAR]
+        [OPT_LEVEL_VAR, CUDA_ARCHS_VAR, BLAS_VENDOR_VAR, CMAKE_ARGS_VAR, CFLAGS_VAR, CXXFLAGS_VAR, CUDA_PATH_VAR, CC_VAR, CXX_VAR]
             .map(String::from),
     );
     vars
@@ -276,6 +279,14 @@ impl BuildPlan {
         }
         if let Some(commit) = &input.build_commit {
             define("LLAMA_BUILD_COMMIT", commit);
+        }
+        for (var, cmake) in [(CC_VAR, "CMAKE_C_COMPILER"), (CXX_VAR, "CMAKE_CXX_COMPILER")] {
+            if let Some(compiler) = input.env.get(var) {
+                if compiler.is_empty() || compiler.contains(char::is_whitespace) {
+                    return Err(PlanError(format!("{var}={compiler:?} is not a compiler name or path")));
+                }
+                define(cmake, compiler);
+            }
         }
         if let Some(level) = input.env.get(OPT_LEVEL_VAR) {
             let flags = release_flags(level, input.compiler)?;
@@ -712,6 +723,16 @@ mod tests {
         let arm = plan(&input("aarch64-apple-darwin"));
         assert_eq!(define(&arm, "GGML_AMX_INT8"), None);
         assert!(arm.cxx_flags.is_empty());
+    }
+
+    #[test]
+    fn the_compiler_can_be_chosen() {
+        let mut i = with_env(input("x86_64-unknown-linux-gnu"), CC_VAR, "clang");
+        i.env.insert(CXX_VAR.into(), "clang++".into());
+        let p = plan(&i);
+        assert_eq!(define(&p, "CMAKE_C_COMPILER"), Some("clang"));
+        assert_eq!(define(&p, "CMAKE_CXX_COMPILER"), Some("clang++"));
+        assert!(BuildPlan::new(&with_env(input("x86_64-unknown-linux-gnu"), CC_VAR, "gcc -O0")).is_err());
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct BuildInfo {
     /// Compiler path and the first line of its `--version`.
     pub c_compiler: &'static str,
     pub cxx_compiler: &'static str,
+    /// The tuned profile applied under the environment (`cargo xtask tune`), or "none".
+    pub tuned_profile: &'static str,
     /// A short hash of all of the above.
     pub hash: &'static str,
 }
@@ -67,6 +69,7 @@ impl BuildInfo {
         field(&mut s, "ggml_cpu_flags", self.ggml_cpu_flags);
         field(&mut s, "c_compiler", self.c_compiler);
         field(&mut s, "cxx_compiler", self.cxx_compiler);
+        field(&mut s, "tuned_profile", self.tuned_profile);
         let _ = write!(s, "\"hash\":{}}}", json_str(self.hash));
         s
     }

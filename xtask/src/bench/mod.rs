@@ -1,12 +1,12 @@
 //! `cargo xtask bench-compare`: the A/B speed test of the source build against the crate
 //! baseline, with paired, interleaved runs and confidence intervals.
 
-mod build;
-mod machine;
-mod report;
-mod run;
-mod stats;
-mod variants;
+pub(crate) mod build;
+pub(crate) mod machine;
+pub(crate) mod report;
+pub(crate) mod run;
+pub(crate) mod stats;
+pub(crate) mod variants;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -226,7 +226,7 @@ fn llama_header_check(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn git_revision() -> String {
+pub(crate) fn git_revision() -> String {
     std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .current_dir(workspace::root())
@@ -239,7 +239,7 @@ fn git_revision() -> String {
 }
 
 /// UTC `YYYYMMDD-HHMMSS`, without a date crate.
-fn timestamp() -> String {
+pub(crate) fn timestamp() -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil-from-days (Howard Hinnant's algorithm).

@@ -48,7 +48,7 @@ fn release() -> String {
 }
 
 impl Variant {
-    fn builtin(name: &str, backend: &str, rustflags: &str) -> Variant {
+    pub fn builtin(name: &str, backend: &str, rustflags: &str) -> Variant {
         Variant {
             name: name.into(),
             backend: backend.into(),
@@ -88,13 +88,13 @@ impl Variant {
         env
     }
 
-    /// Names the cargo target folder: variants that differ only in backend share one, so the
-    /// dependencies compile once.
+    /// Names the cargo target folder. Only what makes cargo recompile everything goes in
+    /// (RUSTFLAGS, profile): variants that differ in llama.cpp settings share a folder, and
+    /// switching between them reruns llama-sys' build script, whose CMake builds are cached per
+    /// flag set anyway, instead of compiling every dependency again.
     pub fn target_key(&self) -> String {
         let mut h = Sha256::new();
-        let mut env = self.build_env();
-        env.sort();
-        h.update(format!("{env:?}|{}", self.profile));
+        h.update(format!("{}|{}", self.rustflags, self.profile));
         crate::hashing::hex(&h.finalize())[..12].to_string()
     }
 
@@ -116,17 +116,28 @@ impl Variant {
     }
 }
 
-/// A, A-native, B, B-raw.
+/// Where `cargo xtask tune` writes its profile and llama-sys looks for it by default.
+pub fn tuned_profile_path() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from(".config"))
+        .join("exsa/tuned.toml")
+}
+
+/// A, A-native, B, B-tuned, B-raw.
 pub fn builtins() -> Vec<Variant> {
     vec![
         // The crate baseline exactly as `cargo add llama-cpp-2` gives it.
         Variant::builtin("A", "crate", ""),
         // The best A can do: rustc's native target makes llama-cpp-sys-2 build GGML_NATIVE.
         Variant::builtin("A-native", "crate", "-C target-cpu=native"),
-        // Our build with its default flags.
-        Variant::builtin("B", "source", ""),
+        // Our build with its default flags: a tuned profile on this machine is ignored.
+        Variant { env: [("LLAMA_SYS_PROFILE".to_string(), "none".to_string())].into(), ..Variant::builtin("B", "source", "") },
+        // Our build with the profile `cargo xtask tune` wrote (fails to build without one).
+        Variant { env: [("LLAMA_SYS_PROFILE".to_string(), tuned_profile_path().display().to_string())].into(), ..Variant::builtin("B-tuned", "source", "") },
         // The same build through raw llama-sys calls: B minus the safe wrapper.
-        Variant::builtin("B-raw", "raw", ""),
+        Variant { env: [("LLAMA_SYS_PROFILE".to_string(), "none".to_string())].into(), ..Variant::builtin("B-raw", "raw", "") },
     ]
 }
 
@@ -202,11 +213,14 @@ mod tests {
     }
 
     #[test]
-    fn variants_differing_only_in_backend_share_a_target_folder() {
+    fn variants_share_a_target_folder_unless_rustflags_or_profile_differ() {
         let all = builtins();
         let key = |n: &str| all.iter().find(|v| v.name == n).unwrap().target_key();
         assert_eq!(key("A"), key("B"));
         assert_eq!(key("B"), key("B-raw"));
+        assert_eq!(key("B"), key("B-tuned"));
         assert_ne!(key("A"), key("A-native"));
+        let lto = Variant { profile: "release-lto".into(), ..all[0].clone() };
+        assert_ne!(lto.target_key(), key("A"));
     }
 }
