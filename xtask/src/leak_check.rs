@@ -32,7 +32,7 @@ pub fn run(_: &Args) -> Result<()> {
     let mut failed = Vec::new();
     for (name, skip) in BINARIES {
         let exe = executables.iter().find(|(n, _)| n == name).map(|(_, p)| p).with_context(|| format!("cargo built no `{name}` test binary"))?;
-        eprintln!("leak-check: valgrind {name} (this takes a minute or two)");
+        eprintln!("leak-check: valgrind {name} (a few minutes under valgrind)");
         let mut cmd = std::process::Command::new("valgrind");
         cmd.args(["--leak-check=full", "--errors-for-leak-kinds=definite", "--error-exitcode=3", "--quiet"])
             .arg(exe)
