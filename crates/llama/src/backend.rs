@@ -27,10 +27,15 @@ pub fn init() {
 /// formatted. `tracing`'s own filters apply on top.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
+    /// Everything, down to llama.cpp's debug lines.
     Debug = 1,
+    /// Informational lines and above (model loading details).
     Info = 2,
+    /// Warnings and errors (the default).
     Warn = 3,
+    /// Errors only.
     Error = 4,
+    /// Nothing.
     Off = 5,
 }
 

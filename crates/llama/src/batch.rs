@@ -86,18 +86,22 @@ impl Batch {
         Ok(())
     }
 
+    /// Empties the batch, keeping its allocation.
     pub fn clear(&mut self) {
         self.raw.n_tokens = 0;
     }
 
+    /// Tokens in the batch.
     pub fn len(&self) -> usize {
         self.raw.n_tokens as usize
     }
 
+    /// Whether the batch holds no token.
     pub fn is_empty(&self) -> bool {
         self.raw.n_tokens == 0
     }
 
+    /// Most tokens the batch holds.
     pub fn capacity(&self) -> usize {
         self.capacity
     }

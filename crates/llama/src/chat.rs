@@ -11,10 +11,12 @@ use crate::sys;
 pub struct ChatMessage {
     /// "system", "user" or "assistant".
     pub role: String,
+    /// The message text.
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A message of `role` with `content`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         ChatMessage { role: role.into(), content: content.into() }
     }

@@ -20,18 +20,25 @@ pub enum FlashAttention {
     /// llama.cpp decides per device (its default).
     #[default]
     Auto,
+    /// Always (fails at creation where unsupported).
     On,
+    /// Never.
     Off,
 }
 
 /// The element type of the KV cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvType {
+    /// 32-bit floats.
     F32,
     #[default]
+    /// 16-bit floats (llama.cpp's default).
     F16,
+    /// bfloat16.
     Bf16,
+    /// 8-bit blocks (half the memory of F16).
     Q8_0,
+    /// 4-bit blocks.
     Q4_0,
 }
 
@@ -53,10 +60,15 @@ pub enum Pooling {
     /// The model's own choice.
     #[default]
     Unspecified,
+    /// No pooling: one embedding per token.
     None,
+    /// Mean over the sequence's tokens.
     Mean,
+    /// The first (CLS) token's.
     Cls,
+    /// The last token's.
     Last,
+    /// Reranking score.
     Rank,
 }
 
@@ -75,11 +87,15 @@ pub struct ContextParams {
     pub n_threads: i32,
     /// Threads for prompt batches.
     pub n_threads_batch: i32,
+    /// When to use Flash Attention.
     pub flash_attention: FlashAttention,
+    /// Element type of the K cache.
     pub type_k: KvType,
+    /// Element type of the V cache.
     pub type_v: KvType,
     /// Compute embeddings (as well as logits).
     pub embeddings: bool,
+    /// How embeddings are pooled per sequence.
     pub pooling: Pooling,
     /// Skip llama.cpp's timing counters.
     pub no_perf: bool,
@@ -161,11 +177,17 @@ impl ContextParams {
 /// llama.cpp's timing counters for a context.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PerfCounters {
+    /// Time spent loading the model, ms.
     pub load_ms: f64,
+    /// Time spent on prompt batches, ms.
     pub prompt_ms: f64,
+    /// Time spent on single-token generation, ms.
     pub eval_ms: f64,
+    /// Prompt tokens decoded.
     pub n_prompt_tokens: i32,
+    /// Generated tokens decoded (llama.cpp reports at least 1).
     pub n_eval_tokens: i32,
+    /// Times a compute graph was reused instead of rebuilt.
     pub n_graph_reused: i32,
 }
 
@@ -189,6 +211,7 @@ pub struct Context<'m> {
 unsafe impl Send for Context<'_> {}
 
 impl<'m> Context<'m> {
+    /// Creates a context over `model`; parameters are checked first, and a vocab-only model is refused.
     pub fn new(model: &'m Model, params: &ContextParams) -> Result<Context<'m>, ContextError> {
         backend::init();
         if model.is_vocab_only() {
@@ -214,10 +237,12 @@ impl<'m> Context<'m> {
         })
     }
 
+    /// The raw handle, for calls this crate does not wrap. It stays owned by the context.
     pub fn as_ptr(&self) -> *mut sys::llama_context {
         self.raw.as_ptr()
     }
 
+    /// The model the context runs.
     pub fn model(&self) -> &'m Model {
         self.model
     }
@@ -227,10 +252,12 @@ impl<'m> Context<'m> {
         self.n_ctx_seq
     }
 
+    /// Most tokens one `decode` takes.
     pub fn n_batch(&self) -> u32 {
         self.n_batch
     }
 
+    /// Sequences the KV cache holds.
     pub fn n_seq_max(&self) -> u32 {
         self.n_seq_max
     }
@@ -500,6 +527,37 @@ impl<'m> Context<'m> {
         Ok(tokens)
     }
 
+    /// Saves one sequence's state and the `tokens` it holds to a file.
+    pub fn save_sequence_state_file(&mut self, seq_id: i32, path: &Path, tokens: &[Token]) -> Result<(), StateError> {
+        self.check_seq(seq_id, false).map_err(|_| StateError::Save { path: path.to_path_buf() })?;
+        let c_path = c_path(path)?;
+        // SAFETY: checked id; path NUL-terminated; tokens readable, Token repr(transparent).
+        let written = unsafe {
+            sys::llama_state_seq_save_file(self.raw.as_ptr(), c_path.as_ptr(), seq_id, tokens.as_ptr().cast(), tokens.len())
+        };
+        if written == 0 { Err(StateError::Save { path: path.to_path_buf() }) } else { Ok(()) }
+    }
+
+    /// Loads a sequence state file into `dest_seq_id`; returns the tokens saved with it (at
+    /// most `max_tokens`).
+    pub fn load_sequence_state_file(&mut self, dest_seq_id: i32, path: &Path, max_tokens: usize) -> Result<Vec<Token>, StateError> {
+        self.check_seq(dest_seq_id, false)
+            .map_err(|_| StateError::Load { path: path.to_path_buf(), messages: Default::default() })?;
+        let c_path = c_path(path)?;
+        self.outputs.clear();
+        let mut tokens = vec![Token(0); max_tokens];
+        let mut n = 0usize;
+        // SAFETY: checked id; tokens has max_tokens writable slots; n receives the count.
+        let (read, messages) = backend::capture(|| unsafe {
+            sys::llama_state_seq_load_file(self.raw.as_ptr(), c_path.as_ptr(), dest_seq_id, tokens.as_mut_ptr().cast(), max_tokens, &mut n)
+        });
+        if read == 0 {
+            return Err(StateError::Load { path: path.to_path_buf(), messages });
+        }
+        tokens.truncate(n);
+        Ok(tokens)
+    }
+
     /// llama.cpp's timing counters since the context was created or last reset.
     pub fn perf(&self) -> PerfCounters {
         // SAFETY: reads counters of a live context.
@@ -514,6 +572,7 @@ impl<'m> Context<'m> {
         }
     }
 
+    /// Zeroes the timing counters.
     pub fn reset_perf(&mut self) {
         // SAFETY: resets counters of a live context.
         unsafe { sys::llama_perf_context_reset(self.raw.as_ptr()) }

@@ -23,36 +23,104 @@ impl std::fmt::Display for LlamaMessages {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
+    /// The file does not exist.
     #[error("model file not found: {path}")]
-    NotFound { path: PathBuf },
+    NotFound {
+        /// The file at fault.
+        path: PathBuf,
+    },
+    /// The file could not be read.
     #[error("cannot read model file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file at fault.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file does not start with the GGUF magic.
     #[error("{path} is not a GGUF file (magic bytes {magic:02x?}, expected \"GGUF\")")]
-    NotGguf { path: PathBuf, magic: Vec<u8> },
+    NotGguf {
+        /// The file at fault.
+        path: PathBuf,
+        /// The first bytes of the file.
+        magic: Vec<u8>,
+    },
+    /// A GGUF version llama.cpp does not read.
     #[error("{path} is GGUF version {version}, which llama.cpp does not read (supported: 2, 3)")]
-    UnsupportedVersion { path: PathBuf, version: u32 },
+    UnsupportedVersion {
+        /// The file at fault.
+        path: PathBuf,
+        /// The version in the header.
+        version: u32,
+    },
+    /// The file is shorter than its tensors need.
     #[error("{path} is truncated: its tensors need {expected} bytes, the file has {actual}")]
-    Truncated { path: PathBuf, expected: u64, actual: u64 },
+    Truncated {
+        /// The file at fault.
+        path: PathBuf,
+        /// What was expected.
+        expected: u64,
+        /// What the file has, in bytes.
+        actual: u64,
+    },
+    /// The file ends inside its header.
     #[error("{path} is truncated inside its header: the file ends at byte {actual} while reading {what}")]
-    TruncatedHeader { path: PathBuf, actual: u64, what: String },
+    TruncatedHeader {
+        /// The file at fault.
+        path: PathBuf,
+        /// What the file has, in bytes.
+        actual: u64,
+        /// What was being read.
+        what: String,
+    },
+    /// The header cannot be right.
     #[error("{path} has a corrupt GGUF header: {detail}")]
-    CorruptHeader { path: PathBuf, detail: String },
+    CorruptHeader {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The path cannot be passed to C.
     #[error("model path {path:?} contains a NUL byte")]
-    InvalidPath { path: PathBuf },
+    InvalidPath {
+        /// The file at fault.
+        path: PathBuf,
+    },
+    /// The progress callback returned false.
     #[error("loading {path} was cancelled by the progress callback")]
-    Cancelled { path: PathBuf },
+    Cancelled {
+        /// The file at fault.
+        path: PathBuf,
+    },
+    /// llama.cpp refused the file for a reason of its own.
     #[error("llama.cpp could not load {path}: {messages}")]
-    Llama { path: PathBuf, messages: LlamaMessages },
+    Llama {
+        /// The file at fault.
+        path: PathBuf,
+        /// llama.cpp's own warning and error lines from the call.
+        messages: LlamaMessages,
+    },
 }
 
 /// Creating a context, or changing its settings.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ContextError {
+    /// A parameter out of range.
     #[error("invalid context parameter {name} = {value}: {reason}")]
-    InvalidParam { name: &'static str, value: String, reason: &'static str },
+    InvalidParam {
+        /// The parameter.
+        name: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// The model has no weights.
     #[error("the model was loaded vocab-only: it has no weights to run a context on")]
     VocabOnly,
+    /// llama.cpp could not create the context.
     #[error("llama.cpp could not create the context: {0}")]
     Llama(LlamaMessages),
 }
@@ -61,64 +129,145 @@ pub enum ContextError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
+    /// Nothing to decode.
     #[error("the batch is empty")]
     EmptyBatch,
+    /// More tokens than n_batch.
     #[error("the batch holds {n_tokens} tokens, more than the context's n_batch {n_batch}")]
-    BatchTooLarge { n_tokens: usize, n_batch: u32 },
+    BatchTooLarge {
+        /// Tokens in the batch.
+        n_tokens: usize,
+        /// The context's n_batch.
+        n_batch: u32,
+    },
+    /// A token outside the vocabulary.
     #[error("batch entry {index}: token {token} is outside the vocabulary (n_vocab {n_vocab})")]
-    TokenOutOfRange { index: usize, token: Token, n_vocab: i32 },
+    TokenOutOfRange {
+        /// The batch entry.
+        index: usize,
+        /// The token.
+        token: Token,
+        /// Tokens in the vocabulary.
+        n_vocab: i32,
+    },
+    /// A position past the context.
     #[error("batch entry {index}: position {pos} is past the context (n_ctx per sequence {n_ctx})")]
-    PositionOutOfRange { index: usize, pos: i32, n_ctx: u32 },
+    PositionOutOfRange {
+        /// The batch entry.
+        index: usize,
+        /// The position.
+        pos: i32,
+        /// Positions per sequence in the context.
+        n_ctx: u32,
+    },
+    /// A sequence id the context does not have.
     #[error("batch entry {index}: sequence id {seq_id} is invalid for this context (n_seq_max {n_seq_max})")]
-    SeqIdOutOfRange { index: usize, seq_id: i32, n_seq_max: u32 },
+    SeqIdOutOfRange {
+        /// The batch entry.
+        index: usize,
+        /// The sequence id.
+        seq_id: i32,
+        /// Sequences the context or batch holds.
+        n_seq_max: u32,
+    },
+    /// The KV cache is full (llama.cpp's code 1).
     #[error("no KV cache slot for the batch: the context is full (clear or shift sequences, or use a larger n_ctx)")]
     NoKvSlot,
+    /// The abort flag was set (code 2).
     #[error("decoding was aborted by the abort callback")]
     Aborted,
+    /// Any other failure code.
     #[error("llama.cpp rejected the batch (code {code}): {messages}")]
-    Rejected { code: i32, messages: LlamaMessages },
+    Rejected {
+        /// llama.cpp's return code.
+        code: i32,
+        /// llama.cpp's own warning and error lines from the call.
+        messages: LlamaMessages,
+    },
 }
 
 /// Reading logits or embeddings of an output.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OutputError {
+    /// The entry requested no logits.
     #[error("batch entry {index} did not request an output in the last decode (outputs: {outputs:?})")]
-    NotAnOutput { index: i32, outputs: Vec<i32> },
+    NotAnOutput {
+        /// The batch entry.
+        index: i32,
+        /// The entries that did request outputs.
+        outputs: Vec<i32>,
+    },
+    /// No decode with outputs yet.
     #[error("nothing was decoded yet, or the last batch requested no outputs")]
     NoOutputs,
+    /// Embeddings were not enabled.
     #[error("the context was not created with embeddings enabled")]
     EmbeddingsDisabled,
+    /// llama.cpp returned no data.
     #[error("llama.cpp returned no data for output {index}")]
-    Missing { index: i32 },
+    Missing {
+        /// The batch entry.
+        index: i32,
+    },
 }
 
 /// Adding to a [`crate::Batch`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BatchError {
+    /// The batch is at capacity.
     #[error("the batch is full (capacity {capacity} tokens)")]
-    Full { capacity: usize },
+    Full {
+        /// The capacity.
+        capacity: usize,
+    },
+    /// More sequence ids than the batch allocates per token.
     #[error("{given} sequence ids given, the batch holds at most {max} per token")]
-    TooManySeqIds { given: usize, max: usize },
+    TooManySeqIds {
+        /// How many were given.
+        given: usize,
+        /// The most allowed.
+        max: usize,
+    },
+    /// A token without a sequence.
     #[error("a token must belong to at least one sequence")]
     NoSeqId,
+    /// A negative sequence id.
     #[error("sequence id {0} is negative")]
     NegativeSeqId(i32),
+    /// A negative position.
     #[error("position {0} is negative")]
     NegativePosition(i32),
+    /// A batch of no capacity.
     #[error("a batch needs a capacity and n_seq_max of at least 1 (got {capacity}, {n_seq_max})")]
-    ZeroSize { capacity: usize, n_seq_max: usize },
+    ZeroSize {
+        /// The capacity.
+        capacity: usize,
+        /// Sequences the context or batch holds.
+        n_seq_max: usize,
+    },
 }
 
 /// Tokenizing or detokenizing.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TokenizeError {
+    /// Text beyond llama.cpp's i32 lengths.
     #[error("the text is {len} bytes, more than llama.cpp's tokenizer takes (i32::MAX)")]
-    TooLong { len: usize },
+    TooLong {
+        /// The length.
+        len: usize,
+    },
+    /// A token outside the vocabulary.
     #[error("token {token} is outside the vocabulary (n_vocab {n_vocab})")]
-    InvalidToken { token: Token, n_vocab: i32 },
+    InvalidToken {
+        /// The token.
+        token: Token,
+        /// Tokens in the vocabulary.
+        n_vocab: i32,
+    },
+    /// llama.cpp's tokenizer failed.
     #[error("llama.cpp failed to tokenize (code {0})")]
     Failed(i32),
 }
@@ -127,16 +276,39 @@ pub enum TokenizeError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SamplerError {
+    /// A sampling parameter out of range.
     #[error("invalid {sampler} sampler parameter {name} = {value}: {reason}")]
-    InvalidParam { sampler: &'static str, name: &'static str, value: String, reason: &'static str },
+    InvalidParam {
+        /// The sampler.
+        sampler: &'static str,
+        /// The parameter.
+        name: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// The GBNF grammar does not parse.
     #[error("the grammar does not parse: {messages}")]
-    Grammar { messages: LlamaMessages },
+    Grammar {
+        /// llama.cpp's own warning and error lines from the call.
+        messages: LlamaMessages,
+    },
+    /// A string with a NUL byte.
     #[error("{0} contains a NUL byte")]
     Nul(&'static str),
+    /// llama.cpp returned no sampler.
     #[error("llama.cpp could not create the {0} sampler")]
     Llama(&'static str),
+    /// The entry has no logits.
     #[error("batch entry {index} has no logits to sample from (outputs of the last decode: {outputs:?})")]
-    NotAnOutput { index: i32, outputs: Vec<i32> },
+    NotAnOutput {
+        /// The batch entry.
+        index: i32,
+        /// The entries that did request outputs.
+        outputs: Vec<i32>,
+    },
+    /// Sampler and context belong to different models.
     #[error("the sampler was built for another model than the context's")]
     WrongModel,
 }
@@ -145,30 +317,63 @@ pub enum SamplerError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StateError {
+    /// The path cannot be passed to C.
     #[error("state path {0:?} contains a NUL byte")]
     InvalidPath(PathBuf),
+    /// Saving failed.
     #[error("llama.cpp could not save the state to {path}")]
-    Save { path: PathBuf },
+    Save {
+        /// The file at fault.
+        path: PathBuf,
+    },
+    /// Loading failed.
     #[error("llama.cpp could not load the state from {path}: {messages}")]
-    Load { path: PathBuf, messages: LlamaMessages },
+    Load {
+        /// The file at fault.
+        path: PathBuf,
+        /// llama.cpp's own warning and error lines from the call.
+        messages: LlamaMessages,
+    },
+    /// The state holds more tokens than allowed.
     #[error("the state holds {needed} tokens, more than the {capacity} the caller allowed")]
-    TooManyTokens { needed: usize, capacity: usize },
+    TooManyTokens {
+        /// How many are needed.
+        needed: usize,
+        /// The capacity.
+        capacity: usize,
+    },
+    /// The bytes are not a state of this context.
     #[error("llama.cpp could not restore the state from {len} bytes: {messages}")]
-    Restore { len: usize, messages: LlamaMessages },
+    Restore {
+        /// The length.
+        len: usize,
+        /// llama.cpp's own warning and error lines from the call.
+        messages: LlamaMessages,
+    },
+    /// llama.cpp wrote another size than it announced.
     #[error("llama.cpp wrote {written} state bytes, {expected} were expected")]
-    SizeMismatch { written: usize, expected: usize },
+    SizeMismatch {
+        /// Bytes written.
+        written: usize,
+        /// What was expected.
+        expected: usize,
+    },
 }
 
 /// Applying a chat template.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ChatError {
+    /// No template given and none in the model.
     #[error("the model has no chat template; name one (e.g. \"chatml\", \"llama3\", \"gemma\")")]
     NoTemplate,
+    /// A template llama.cpp cannot apply.
     #[error("chat template {0:?} is not one llama.cpp knows or could apply")]
     UnknownTemplate(String),
+    /// A string with a NUL byte.
     #[error("{0} contains a NUL byte")]
     Nul(&'static str),
+    /// The output is not UTF-8.
     #[error("the templated chat is not valid UTF-8")]
     InvalidUtf8,
 }
@@ -177,26 +382,46 @@ pub enum ChatError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum QuantizeError {
+    /// The path cannot be passed to C.
     #[error("quantize path {0:?} contains a NUL byte")]
     InvalidPath(PathBuf),
+    /// The input is not a loadable model.
     #[error(transparent)]
     Input(#[from] Box<LoadError>),
+    /// llama.cpp's quantizer failed.
     #[error("llama.cpp could not quantize {input} to {output}: {messages}")]
-    Llama { input: PathBuf, output: PathBuf, messages: LlamaMessages },
+    Llama {
+        /// The input model.
+        input: PathBuf,
+        /// The output path.
+        output: PathBuf,
+        /// llama.cpp's own warning and error lines from the call.
+        messages: LlamaMessages,
+    },
 }
 
 /// Loading or applying LoRA adapters.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoraError {
+    /// The path cannot be passed to C.
     #[error("adapter path {0:?} contains a NUL byte")]
     InvalidPath(PathBuf),
+    /// The adapter file does not exist.
     #[error("adapter file not found: {0}")]
     NotFound(PathBuf),
+    /// llama.cpp could not load the adapter.
     #[error("llama.cpp could not load the adapter {path}: {messages}")]
-    Load { path: PathBuf, messages: LlamaMessages },
+    Load {
+        /// The file at fault.
+        path: PathBuf,
+        /// llama.cpp's own warning and error lines from the call.
+        messages: LlamaMessages,
+    },
+    /// llama.cpp could not apply the adapters.
     #[error("llama.cpp could not apply the adapters: {0}")]
     Apply(LlamaMessages),
+    /// The adapter belongs to another model.
     #[error("an adapter was loaded for another model")]
     WrongModel,
 }
@@ -205,28 +430,40 @@ pub enum LoraError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// A load error.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// A context error.
     #[error(transparent)]
     Context(#[from] ContextError),
+    /// A decode error.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// A output error.
     #[error(transparent)]
     Output(#[from] OutputError),
+    /// A batch error.
     #[error(transparent)]
     Batch(#[from] BatchError),
+    /// A tokenize error.
     #[error(transparent)]
     Tokenize(#[from] TokenizeError),
+    /// A sampler error.
     #[error(transparent)]
     Sampler(#[from] SamplerError),
+    /// A state error.
     #[error(transparent)]
     State(#[from] StateError),
+    /// A chat error.
     #[error(transparent)]
     Chat(#[from] ChatError),
+    /// A quantize error.
     #[error(transparent)]
     Quantize(#[from] QuantizeError),
+    /// A lora error.
     #[error(transparent)]
     Lora(#[from] LoraError),
 }
 
+/// A result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

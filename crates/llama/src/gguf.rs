@@ -24,8 +24,11 @@ const MAX_DIMS: u32 = 4;
 /// What the header says, for callers that want it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GgufSummary {
+    /// GGUF format version (2 or 3).
     pub version: u32,
+    /// Tensors in the file.
     pub n_tensors: u64,
+    /// Metadata key/value pairs.
     pub n_kv: u64,
     /// The file size the tensor infos require.
     pub expected_size: u64,

@@ -17,6 +17,7 @@ pub struct LoraAdapter<'m> {
 }
 
 impl<'m> LoraAdapter<'m> {
+    /// Loads the adapter at `path` for `model`.
     pub fn load(model: &'m Model, path: impl AsRef<Path>) -> Result<LoraAdapter<'m>, LoraError> {
         let path = path.as_ref();
         if !path.is_file() {
@@ -29,10 +30,12 @@ impl<'m> LoraAdapter<'m> {
         Ok(LoraAdapter { raw, model })
     }
 
+    /// The raw handle; it stays owned by the model.
     pub fn as_ptr(&self) -> *mut sys::llama_adapter_lora {
         self.raw.as_ptr()
     }
 
+    /// The model the adapter belongs to.
     pub fn model(&self) -> &'m Model {
         self.model
     }

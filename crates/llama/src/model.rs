@@ -26,7 +26,9 @@ pub enum SplitMode {
 pub struct ModelParams {
     /// Layers to offload to the GPU; negative means all. Ignored without a GPU backend.
     pub n_gpu_layers: i32,
+    /// How layers are spread over several GPUs.
     pub split_mode: SplitMode,
+    /// The GPU used for the whole model (SplitMode::None) or for intermediate results.
     pub main_gpu: i32,
     /// Map the file instead of reading it (llama.cpp's default where supported).
     pub use_mmap: bool,
@@ -129,10 +131,12 @@ impl Model {
         }
     }
 
+    /// The raw handle, for calls this crate does not wrap. It stays owned by the model.
     pub fn as_ptr(&self) -> *mut sys::llama_model {
         self.raw.as_ptr()
     }
 
+    /// The file the model was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -142,6 +146,7 @@ impl Model {
         self.vocab_only
     }
 
+    /// The model's vocabulary.
     pub fn vocab(&self) -> Vocab<'_> {
         // SAFETY: the vocab is owned by the model and lives as long as it; Vocab borrows self.
         let raw = unsafe { sys::llama_model_get_vocab(self.raw.as_ptr()) };
@@ -159,6 +164,7 @@ impl Model {
         read_c_string(|buf, len| unsafe { sys::llama_model_desc(self.raw.as_ptr(), buf, len) }).unwrap_or_default()
     }
 
+    /// Number of parameters.
     pub fn n_params(&self) -> u64 {
         // SAFETY: reads a field of a live model.
         unsafe { sys::llama_model_n_params(self.raw.as_ptr()) }
@@ -170,21 +176,25 @@ impl Model {
         unsafe { sys::llama_model_size(self.raw.as_ptr()) }
     }
 
+    /// Context length the model was trained with.
     pub fn n_ctx_train(&self) -> u32 {
         // SAFETY: reads a field of a live model.
         unsafe { sys::llama_model_n_ctx_train(self.raw.as_ptr()) }.max(0) as u32
     }
 
+    /// Embedding width.
     pub fn n_embd(&self) -> usize {
         // SAFETY: reads a field of a live model.
         unsafe { sys::llama_model_n_embd(self.raw.as_ptr()) }.max(0) as usize
     }
 
+    /// Number of layers.
     pub fn n_layer(&self) -> u32 {
         // SAFETY: reads a field of a live model.
         unsafe { sys::llama_model_n_layer(self.raw.as_ptr()) }.max(0) as u32
     }
 
+    /// Whether the model has an encoder (encoder-decoder models such as T5).
     pub fn has_encoder(&self) -> bool {
         // SAFETY: reads a field of a live model.
         unsafe { sys::llama_model_has_encoder(self.raw.as_ptr()) }

@@ -9,11 +9,17 @@ use crate::{backend, gguf, sys};
 /// Target types for [`quantize`] (llama.cpp's `llama_ftype`s most used).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantType {
+    /// 16-bit floats.
     F16,
+    /// 8-bit blocks.
     Q8_0,
+    /// 6-bit k-quants.
     Q6K,
+    /// 5-bit k-quants, medium mix.
     Q5KM,
+    /// 4-bit k-quants, medium mix (the default model's type).
     Q4KM,
+    /// 4-bit blocks.
     Q4_0,
 }
 

@@ -42,6 +42,7 @@ pub struct SamplerChain {
 }
 
 impl SamplerChain {
+    /// An empty chain.
     pub fn new() -> Self {
         Self::default()
     }
@@ -59,6 +60,7 @@ impl SamplerChain {
     pub fn dist(self, seed: u32) -> Self {
         self.with(Stage::Dist { seed })
     }
+    /// Scales logits by 1/`t` (0: the most likely token).
     pub fn temp(self, t: f32) -> Self {
         self.with(Stage::Temp { t })
     }
@@ -66,12 +68,15 @@ impl SamplerChain {
     pub fn top_k(self, k: i32) -> Self {
         self.with(Stage::TopK { k })
     }
+    /// Keeps the smallest set of tokens whose probabilities sum to `p` (at least `min_keep`).
     pub fn top_p(self, p: f32, min_keep: usize) -> Self {
         self.with(Stage::TopP { p, min_keep })
     }
+    /// Drops tokens less likely than `p` times the most likely one (at least `min_keep` stay).
     pub fn min_p(self, p: f32, min_keep: usize) -> Self {
         self.with(Stage::MinP { p, min_keep })
     }
+    /// Locally typical sampling with mass `p` (at least `min_keep` stay).
     pub fn typical(self, p: f32, min_keep: usize) -> Self {
         self.with(Stage::Typical { p, min_keep })
     }
@@ -89,9 +94,11 @@ impl SamplerChain {
         let breakers = breakers.iter().map(|s| s.to_string()).collect();
         self.with(Stage::Dry { multiplier, base, allowed_length, last_n, breakers })
     }
+    /// Mirostat 1.0 with target surprise `tau`, learning rate `eta` and `m` tokens for its estimate.
     pub fn mirostat(self, seed: u32, tau: f32, eta: f32, m: i32) -> Self {
         self.with(Stage::Mirostat { seed, tau, eta, m })
     }
+    /// Mirostat 2.0 with target surprise `tau` and learning rate `eta`.
     pub fn mirostat_v2(self, seed: u32, tau: f32, eta: f32) -> Self {
         self.with(Stage::MirostatV2 { seed, tau, eta })
     }
@@ -99,6 +106,7 @@ impl SamplerChain {
     pub fn grammar(self, grammar: &str, root: &str) -> Self {
         self.with(Stage::Grammar { grammar: grammar.to_string(), root: root.to_string() })
     }
+    /// Adds a bias to the logits of the given tokens (-inf bans a token).
     pub fn logit_bias(self, biases: &[(Token, f32)]) -> Self {
         self.with(Stage::LogitBias { biases: biases.to_vec() })
     }
@@ -228,6 +236,7 @@ pub struct Sampler<'m> {
 unsafe impl Send for Sampler<'_> {}
 
 impl Sampler<'_> {
+    /// The raw chain; it stays owned by the sampler.
     pub fn as_ptr(&self) -> *mut sys::llama_sampler {
         self.raw.as_ptr()
     }
@@ -265,6 +274,7 @@ impl Sampler<'_> {
         unsafe { sys::llama_sampler_chain_n(self.raw.as_ptr()) }.max(0) as usize
     }
 
+    /// Whether the chain has no stage.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

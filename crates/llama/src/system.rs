@@ -14,20 +14,30 @@ pub fn system_info() -> String {
 /// The kind of a backend device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
+    /// The CPU backend.
     Cpu,
+    /// A discrete GPU (CUDA, Metal on a Mac with one, ...).
     Gpu,
+    /// An integrated GPU (Apple silicon's, for one).
     IntegratedGpu,
+    /// An accelerator (BLAS, AMX, ...).
     Accelerator,
+    /// A kind this build does not name.
     Other,
 }
 
 /// A compute device registered with ggml (CPU, Metal, CUDA, ...).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Device {
+    /// The backend's short name (e.g. "CPU", "CUDA0", "MTL0").
     pub name: String,
+    /// What the backend says of the device (the CPU or GPU model).
     pub description: String,
+    /// What kind of device it is.
     pub kind: DeviceKind,
+    /// Free memory in bytes, as the backend reports it.
     pub memory_free: usize,
+    /// Total memory in bytes.
     pub memory_total: usize,
 }
 
@@ -69,11 +79,15 @@ pub fn devices() -> Vec<Device> {
 /// What the build supports: GPU offload, mmap, mlock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capabilities {
+    /// Layers can be offloaded to a GPU.
     pub gpu_offload: bool,
+    /// Models can be memory-mapped.
     pub mmap: bool,
+    /// Model memory can be locked in RAM.
     pub mlock: bool,
 }
 
+/// What this build and machine support.
 pub fn capabilities() -> Capabilities {
     backend::init();
     // SAFETY: constant queries.

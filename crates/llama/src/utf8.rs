@@ -9,6 +9,7 @@ pub struct Utf8Decoder {
 }
 
 impl Utf8Decoder {
+    /// A decoder with nothing pending.
     pub fn new() -> Self {
         Self::default()
     }

@@ -55,6 +55,7 @@ impl<'m> Vocab<'m> {
         Vocab { raw, n_tokens, _model: PhantomData }
     }
 
+    /// The raw handle; it stays owned by the model.
     pub fn as_ptr(&self) -> *const sys::llama_vocab {
         self.raw.as_ptr()
     }
@@ -64,16 +65,19 @@ impl<'m> Vocab<'m> {
         self.n_tokens
     }
 
+    /// The beginning-of-sequence token.
     pub fn bos(&self) -> Token {
         // SAFETY: reads a field of a live vocab.
         Token(unsafe { sys::llama_vocab_bos(self.raw.as_ptr()) })
     }
 
+    /// The end-of-sequence token.
     pub fn eos(&self) -> Token {
         // SAFETY: reads a field of a live vocab.
         Token(unsafe { sys::llama_vocab_eos(self.raw.as_ptr()) })
     }
 
+    /// The end-of-turn token (chat models).
     pub fn eot(&self) -> Token {
         // SAFETY: reads a field of a live vocab.
         Token(unsafe { sys::llama_vocab_eot(self.raw.as_ptr()) })

@@ -202,6 +202,14 @@ fn sequences_can_be_copied_saved_and_restored() {
     ctx.shift_range(1, 0, -1, 10).unwrap();
     assert_eq!(ctx.max_position(1).unwrap(), Some(tokens.len() as i32 - 1 + 10));
 
+    // Per-sequence state through a file, tokens included.
+    let path = temp_path("seq-state.bin");
+    ctx.save_sequence_state_file(0, &path, &tokens).unwrap();
+    assert!(ctx.remove_range(1, -1, -1).unwrap());
+    assert_eq!(ctx.load_sequence_state_file(1, &path, 64).unwrap(), tokens);
+    assert_eq!(ctx.max_position(1).unwrap(), Some(tokens.len() as i32 - 1));
+    assert!(ctx.load_sequence_state_file(1, std::path::Path::new("/no/state.bin"), 64).is_err());
+
     // A sequence decoded on its own is dropped by keep_only.
     ctx.clear_memory(true);
     ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
