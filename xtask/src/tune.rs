@@ -172,7 +172,8 @@ pub fn run(args: &Args) -> Result<()> {
     standings.remove("default");
     for b in &built {
         if let (Err(e), Some(s)) = (&b.binary, standings.get_mut(&b.variant.name)) {
-            s.dropped = Some(format!("build failed: {}", e.lines().next().unwrap_or_default()));
+            let cause = e.lines().find(|l| l.contains("error") && !l.contains("cargo build failed")).unwrap_or_else(|| e.lines().next().unwrap_or_default());
+            s.dropped = Some(format!("build failed: {}", cause.trim()));
         }
     }
 
@@ -245,7 +246,13 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::write(out_dir.join("tune.md"), format!("# cargo xtask tune\n\n```\n{table}```\n"))?;
     println!("wrote {}", out_dir.join("tune.md").display());
 
-    let winner = ranked.iter().find(|s| s.dropped.is_none() && s.vs_b.values().all(|r| r.verdict == Verdict::Faster));
+    // A winner is better than the default somewhere and worse nowhere.
+    let winner = ranked.iter().find(|s| {
+        s.dropped.is_none()
+            && s.vs_b.len() == args.tests.len()
+            && s.vs_b.values().all(|r| r.verdict != Verdict::Slower)
+            && s.vs_b.values().any(|r| r.verdict == Verdict::Faster)
+    });
     match winner {
         Some(w) if !args.no_write => {
             let path = args.profile.clone().unwrap_or_else(variants::tuned_profile_path);
@@ -253,7 +260,7 @@ pub fn run(args: &Args) -> Result<()> {
             println!("the winner, {}, is now the tuned profile: {} (llama-sys builds use it from now on; bench-compare's B-tuned measures it)", w.candidate, path.display());
         }
         Some(w) => println!("the winner is {} (--no-write: no profile written)", w.candidate),
-        None => println!("no candidate was significantly faster than the default build on every test: no profile written"),
+        None => println!("no candidate was significantly faster than the default build on a test without being slower on another: no profile written"),
     }
     println!("tune took {:.1} min", started.elapsed().as_secs_f64() / 60.0);
     Ok(())

@@ -313,6 +313,14 @@ impl BuildPlan {
             }
         }
 
+        if on(Switch::Lto) && input.compiler == CompilerFamily::Gnu {
+            // GGML_LTO makes GCC write GIMPLE-only objects, which Rust's linker (rust-lld by
+            // default) cannot read: every ggml symbol comes out undefined. Fat objects carry
+            // machine code too, so the link works; cross-language LTO happens only where the
+            // final link runs GCC's LTO plugin (RUSTFLAGS="-C link-arg=-fuse-ld=bfd -C link-arg=-flto").
+            c_flags.push("-ffat-lto-objects".into());
+            cxx_flags.push("-ffat-lto-objects".into());
+        }
         c_flags.extend(parse_compiler_flags(CFLAGS_VAR, input.env.get(CFLAGS_VAR))?);
         cxx_flags.extend(parse_compiler_flags(CXXFLAGS_VAR, input.env.get(CXXFLAGS_VAR))?);
         let (links, search_paths) = link_list(input, &switches);
@@ -692,6 +700,13 @@ mod tests {
         assert_eq!(define(&p, "GGML_BLAS"), Some("ON"));
         assert_eq!(define(&p, "GGML_BLAS_VENDOR"), Some("OpenBLAS"));
         assert!(p.links.contains(&Link::Dylib("openblas".into())));
+    }
+
+    #[test]
+    fn gcc_lto_builds_fat_objects_that_any_linker_reads() {
+        let p = plan(&with_env(input("x86_64-unknown-linux-gnu"), "LLAMA_SYS_LTO", "on"));
+        assert!(p.cxx_flags.contains(&"-ffat-lto-objects".to_string()), "{:?}", p.cxx_flags);
+        assert!(!plan(&input("x86_64-unknown-linux-gnu")).cxx_flags.contains(&"-ffat-lto-objects".to_string()));
     }
 
     #[test]

@@ -68,8 +68,10 @@ fn build(v: &Variant) -> Result<PathBuf> {
     let status = cmd.status().context("cannot run cargo build")?;
     if !status.success() {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        // The first error line says more than the last lines (often a backtrace).
+        let first_error = text.lines().find(|l| l.contains("error:") && !l.contains("could not compile")).unwrap_or("").trim();
         let tail: Vec<&str> = text.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
-        bail!("cargo build failed ({status}); log {}:\n{}", log_path.display(), tail.join("\n"));
+        bail!("cargo build failed ({status}); log {}:\n{first_error}\n{}", log_path.display(), tail.join("\n"));
     }
     let profile_dir = if v.profile == "dev" { "debug" } else { v.profile.as_str() };
     let built = target.join(profile_dir).join(format!("exsa{}", std::env::consts::EXE_SUFFIX));
