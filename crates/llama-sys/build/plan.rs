@@ -313,14 +313,6 @@ impl BuildPlan {
             }
         }
 
-        if on(Switch::Lto) && input.compiler == CompilerFamily::Gnu {
-            // GGML_LTO makes GCC write GIMPLE-only objects, which Rust's linker (rust-lld by
-            // default) cannot read: every ggml symbol comes out undefined. Fat objects carry
-            // machine code too, so the link works; cross-language LTO happens only where the
-            // final link runs GCC's LTO plugin (RUSTFLAGS="-C link-arg=-fuse-ld=bfd -C link-arg=-flto").
-            c_flags.push("-ffat-lto-objects".into());
-            cxx_flags.push("-ffat-lto-objects".into());
-        }
         c_flags.extend(parse_compiler_flags(CFLAGS_VAR, input.env.get(CFLAGS_VAR))?);
         cxx_flags.extend(parse_compiler_flags(CXXFLAGS_VAR, input.env.get(CXXFLAGS_VAR))?);
         let (links, search_paths) = link_list(input, &switches);
@@ -361,6 +353,15 @@ fn resolve_switches(input: &PlanInput) -> Result<BTreeMap<Switch, bool>, PlanErr
         switches.insert(s, value);
     }
     let target = &input.target;
+    if switches[&Switch::Lto] && input.compiler == CompilerFamily::Gnu {
+        // CMake's IPO for GCC writes GIMPLE-only objects (-fno-fat-lto-objects) into the static
+        // libraries; Rust's linker (rust-lld here) cannot read them, and every ggml symbol comes
+        // out undefined at the final link. Found by `cargo xtask tune`.
+        return Err(PlanError(format!(
+            "{} (GGML_LTO) with GCC produces static libraries Rust cannot link; unset it, or build with clang (LLAMA_SYS_CC/LLAMA_SYS_CXX)",
+            Switch::Lto.env_var()
+        )));
+    }
     for s in [Switch::Metal, Switch::Accelerate] {
         if switches[&s] && !target.is_apple() {
             return Err(PlanError(format!(
@@ -703,16 +704,19 @@ mod tests {
     }
 
     #[test]
-    fn gcc_lto_builds_fat_objects_that_any_linker_reads() {
-        let p = plan(&with_env(input("x86_64-unknown-linux-gnu"), "LLAMA_SYS_LTO", "on"));
-        assert!(p.cxx_flags.contains(&"-ffat-lto-objects".to_string()), "{:?}", p.cxx_flags);
-        assert!(!plan(&input("x86_64-unknown-linux-gnu")).cxx_flags.contains(&"-ffat-lto-objects".to_string()));
+    fn gcc_lto_is_refused_with_the_reason_and_clang_lto_allowed() {
+        let err = BuildPlan::new(&with_env(input("x86_64-unknown-linux-gnu"), "LLAMA_SYS_LTO", "on")).unwrap_err();
+        assert!(err.0.starts_with("LLAMA_SYS_LTO") && err.0.contains("cannot link"), "{err}");
+        let mut clang = with_env(input("x86_64-unknown-linux-gnu"), "LLAMA_SYS_LTO", "on");
+        clang.compiler = CompilerFamily::Clang;
+        assert_eq!(define(&plan(&clang), "GGML_LTO"), Some("ON"));
     }
 
     #[test]
     fn features_force_switches_on() {
         let mut i = input("x86_64-unknown-linux-gnu");
         i.features.extend([Switch::Lto, Switch::Rpc]);
+        i.compiler = CompilerFamily::Clang;
         let p = plan(&i);
         assert_eq!(define(&p, "GGML_LTO"), Some("ON"));
         assert_eq!(define(&p, "GGML_RPC"), Some("ON"));
