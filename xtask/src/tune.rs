@@ -284,8 +284,7 @@ fn judge(runs: &BTreeMap<String, VariantRuns>, standings: &mut BTreeMap<String, 
             _ => None,
         };
         if let Some(k) = divergence {
-            let margin = |x: Option<&VariantRuns>| x.and_then(|x| x.greedy_margins.as_ref()).and_then(|m| m.get(k).copied()).unwrap_or(f64::MAX);
-            if margin(b) >= NEAR_TIE || margin(Some(r)) >= NEAR_TIE {
+            if !b.is_some_and(|b| r.near_tie_swap_at(b, k, NEAR_TIE)) {
                 s.dropped = Some(format!("greedy output differs from B's at token {k}, not a near-tie"));
                 continue;
             }

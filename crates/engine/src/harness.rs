@@ -166,12 +166,24 @@ pub fn greedy_tokens(engine: &Engine, config: &SessionConfig, prompt: &str, n: u
     Ok(greedy_trace(engine, config, prompt, n)?.into_iter().map(|s| s.token).collect())
 }
 
-/// One greedy step: the token, and how far ahead of the runner-up it was.
+/// One greedy step: the token, the runner-up, and how far ahead the token was.
 #[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct GreedyStep {
     pub token: TokenId,
-    /// Top logit minus the second: near 0, a different SIMD kernel may flip the choice.
+    /// The second most likely token.
+    pub runner_up: TokenId,
+    /// Top logit minus the second: near 0, a different kernel may swap the two.
     pub margin: f32,
+}
+
+impl GreedyStep {
+    /// Whether `other` (the same step in another build) picked differently only because the
+    /// two builds swapped a near-tied top two: one picked the other's runner-up, and at least
+    /// one of them saw the pair within `near_tie` logits.
+    pub fn is_near_tie_swap(&self, other: &GreedyStep, near_tie: f32) -> bool {
+        let swapped = self.runner_up == other.token || other.runner_up == self.token;
+        swapped && (self.margin < near_tie || other.margin < near_tie)
+    }
 }
 
 /// Greedy steps of `prompt` with their margins, for the equivalence check.
@@ -187,25 +199,26 @@ pub fn greedy_trace(engine: &Engine, config: &SessionConfig, prompt: &str, n: us
     session.decode(&tokens, 0, Outputs::Last)?;
     let mut out = Vec::with_capacity(n);
     for pos in (tokens.len() as i32..).take(n) {
-        let margin = top2_margin(session.last_logits()?);
+        let (_, runner_up, margin) = top2(session.last_logits()?);
         let t = session.sample()?;
-        out.push(GreedyStep { token: t, margin });
+        out.push(GreedyStep { token: t, runner_up, margin });
         session.decode(&[t], pos, Outputs::Last)?;
     }
     Ok(out)
 }
 
-fn top2_margin(logits: &[f32]) -> f32 {
-    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-    for &x in logits {
-        if x > first {
+/// (best token, runner-up, best logit minus runner-up's).
+fn top2(logits: &[f32]) -> (TokenId, TokenId, f32) {
+    let (mut first, mut second) = ((0usize, f32::NEG_INFINITY), (0usize, f32::NEG_INFINITY));
+    for (i, &x) in logits.iter().enumerate() {
+        if x > first.1 {
             second = first;
-            first = x;
-        } else if x > second {
-            second = x;
+            first = (i, x);
+        } else if x > second.1 {
+            second = (i, x);
         }
     }
-    first - second
+    (first.0 as TokenId, second.0 as TokenId, first.1 - second.1)
 }
 
 #[cfg(test)]
@@ -214,8 +227,16 @@ mod tests {
 
     #[test]
     fn the_margin_is_top_minus_runner_up() {
-        assert_eq!(top2_margin(&[0.5, 3.0, 2.25, -1.0]), 0.75);
-        assert_eq!(top2_margin(&[1.0, 1.0]), 0.0);
+        assert_eq!(top2(&[0.5, 3.0, 2.25, -1.0]), (1, 2, 0.75));
+        assert_eq!(top2(&[1.0, 1.0]).2, 0.0);
+    }
+
+    #[test]
+    fn a_near_tie_swap_needs_the_runner_up_and_a_small_margin() {
+        let a = GreedyStep { token: 5, runner_up: 7, margin: 0.1 };
+        assert!(a.is_near_tie_swap(&GreedyStep { token: 7, runner_up: 5, margin: 0.4 }, 0.25));
+        assert!(!a.is_near_tie_swap(&GreedyStep { token: 9, runner_up: 5, margin: 0.4 }, 0.25) || a.runner_up == 9);
+        assert!(!GreedyStep { margin: 2.0, ..a }.is_near_tie_swap(&GreedyStep { token: 7, runner_up: 5, margin: 1.5 }, 0.25));
     }
 
     #[test]

@@ -29,7 +29,8 @@ const NEAR_TIE: f32 = 0.25;
 /// Greedy token ids of fixed prompts, through the backend's own tokenizer, decode and sampler,
 /// against the committed reference (recorded with the `source` backend; regenerate with
 /// EXSA_UPDATE_REFERENCE=1 after a llama.cpp bump). Identical ids are required up to the first
-/// near-tie; a divergence anywhere else fails.
+/// near-tie swap (the builds exchanged a top two that one of them saw within NEAR_TIE logits,
+/// as different kernels or weight layouts can); a divergence anywhere else fails.
 #[test]
 fn greedy_tokens_match_the_reference_on_every_backend() {
     let config = SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
@@ -46,7 +47,7 @@ fn greedy_tokens_match_the_reference_on_every_backend() {
         assert_eq!(want.len(), have.len());
         if let Some(k) = want.iter().zip(have).position(|(w, h)| w.token != h.token) {
             assert!(
-                want[k].margin < NEAR_TIE && have[k].margin < NEAR_TIE,
+                want[k].is_near_tie_swap(&have[k], NEAR_TIE),
                 "backend {} diverges on {prompt:?} at token {k} ({} instead of {}) where the choice was clear (margins {} and {})",
                 Engine::backend_name(),
                 have[k].token,

@@ -144,7 +144,6 @@ pub fn run(args: &Args) -> Result<()> {
 
     let baseline = variants[0].name.clone();
     let base = runs.get(&baseline);
-    let margin = |r: Option<&run::VariantRuns>, k: usize| r.and_then(|r| r.greedy_margins.as_ref()).and_then(|m| m.get(k).copied());
     let equivalence: Vec<Equivalence> = variants
         .iter()
         .map(|v| {
@@ -152,9 +151,10 @@ pub fn run(args: &Args) -> Result<()> {
             match (base.and_then(|b| b.greedy_tokens.as_ref()), this.and_then(|r| r.greedy_tokens.as_ref())) {
                 (Some(b), Some(t)) => {
                     let diverges_at = report::divergence(b, t);
-                    let near_tie = diverges_at.is_some_and(|k| {
-                        margin(base, k).is_some_and(|m| m < report::NEAR_TIE) && margin(this, k).is_some_and(|m| m < report::NEAR_TIE)
-                    });
+                    let near_tie = match (diverges_at, base, this) {
+                        (Some(k), Some(b), Some(t)) => t.near_tie_swap_at(b, k, report::NEAR_TIE),
+                        _ => false,
+                    };
                     Equivalence { variant: v.name.clone(), diverges_at, checked: true, near_tie }
                 }
                 _ => Equivalence { variant: v.name.clone(), diverges_at: None, checked: false, near_tie: false },

@@ -39,8 +39,8 @@ pub struct Equivalence {
     /// None when it matched the baseline token for token (or could not be checked).
     pub diverges_at: Option<usize>,
     pub checked: bool,
-    /// The divergence is at a near-tie (top-1/top-2 logit margin under 0.25 in both), where
-    /// different SIMD kernels may legitimately pick differently.
+    /// The divergence is a near-tie swap: the two builds exchanged their top two tokens, and
+    /// at least one saw them within 0.25 logits, which different kernels may legitimately do.
     pub near_tie: bool,
 }
 
@@ -166,7 +166,7 @@ impl Report {
             let _ = writeln!(s, "  {variant}: e2e / tg = {:.3} [{:.3}, {:.3}] (user-visible over raw decode)", r.ratio, r.ci_low, r.ci_high);
         }
         for e in self.equivalence.iter().filter(|e| e.diverges_at.is_some()) {
-            let why = if e.near_tie { " (a near-tie: both margins under 0.25 logits)" } else { " (NOT a near-tie: a real difference)" };
+            let why = if e.near_tie { " (a near-tie swap of the top two, within 0.25 logits)" } else { " (NOT a near-tie: a real difference)" };
             let _ = writeln!(s, "WARNING: {} diverges from {}'s greedy tokens at token {}{why}", e.variant, self.baseline, e.diverges_at.unwrap_or(0));
         }
         for e in self.equivalence.iter().filter(|e| !e.checked) {

@@ -42,6 +42,20 @@ pub struct VariantRuns {
     pub greedy_tokens: Option<Vec<i64>>,
     /// Top-1 minus top-2 logit at each greedy step.
     pub greedy_margins: Option<Vec<f64>>,
+    /// The second most likely token at each greedy step.
+    pub greedy_runner_ups: Option<Vec<i64>>,
+}
+
+impl VariantRuns {
+    /// Whether this variant's greedy step `k` differs from `other`'s only by a swap of a
+    /// near-tied top two (see the engine's `GreedyStep::is_near_tie_swap`).
+    pub fn near_tie_swap_at(&self, other: &VariantRuns, k: usize, near_tie: f64) -> bool {
+        let at = |r: &VariantRuns| -> Option<(i64, i64, f64)> {
+            Some((*r.greedy_tokens.as_ref()?.get(k)?, *r.greedy_runner_ups.as_ref()?.get(k)?, *r.greedy_margins.as_ref()?.get(k)?))
+        };
+        let (Some((t1, r1, m1)), Some((t2, r2, m2))) = (at(self), at(other)) else { return false };
+        (r1 == t2 || r2 == t1) && (m1 < near_tie || m2 < near_tie)
+    }
 }
 
 fn args(settings: &RunSettings, variant_threads: Option<u32>, variant_fa: Option<&str>) -> Vec<String> {
@@ -116,6 +130,7 @@ pub fn run_all(built: &[Built], settings: &RunSettings, out_dir: &Path) -> BTree
                 Ok(report) => {
                     entry.greedy_tokens = report["greedy_tokens"].as_array().map(|a| a.iter().filter_map(|t| t.as_i64()).collect());
                     entry.greedy_margins = report["greedy_margins"].as_array().map(|a| a.iter().filter_map(|t| t.as_f64()).collect());
+                    entry.greedy_runner_ups = report["greedy_runner_ups"].as_array().map(|a| a.iter().filter_map(|t| t.as_i64()).collect());
                     entry.report = Some(report);
                 }
                 Err(e) => entry.errors.push(format!("equivalence run: {e:#}")),

@@ -234,6 +234,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let greedy = if args.greedy_tokens > 0 { Some(harness::greedy_trace(&engine, &session, harness::EQUIVALENCE_PROMPT, args.greedy_tokens)?) } else { None };
             let greedy_tokens = greedy.as_ref().map(|g| g.iter().map(|s| s.token).collect::<Vec<_>>());
             let greedy_margins = greedy.as_ref().map(|g| g.iter().map(|s| s.margin).collect::<Vec<_>>());
+            let greedy_runner_ups = greedy.as_ref().map(|g| g.iter().map(|s| s.runner_up).collect::<Vec<_>>());
             let report = serde_json::json!({
                 "backend": Engine::backend_name(),
                 "model": engine.model_info(),
@@ -244,6 +245,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 "samples": samples,
                 "greedy_tokens": greedy_tokens,
                 "greedy_margins": greedy_margins,
+                "greedy_runner_ups": greedy_runner_ups,
                 "system_info": Engine::system_info(),
                 "build_info": Engine::build_info(),
             });
