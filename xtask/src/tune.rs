@@ -283,11 +283,9 @@ fn judge(runs: &BTreeMap<String, VariantRuns>, standings: &mut BTreeMap<String, 
             (Some(bt), Some(ct)) => report::divergence(bt, ct),
             _ => None,
         };
-        if let Some(k) = divergence {
-            if !b.is_some_and(|b| r.near_tie_swap_at(b, k, NEAR_TIE)) {
-                s.dropped = Some(format!("greedy output differs from B's at token {k}, not a near-tie"));
-                continue;
-            }
+        if let Some(k) = divergence.filter(|&k| !b.is_some_and(|b| r.near_tie_swap_at(b, k, NEAR_TIE))) {
+            s.dropped = Some(format!("greedy output differs from B's at token {k}, not a near-tie"));
+            continue;
         }
         for t in tests {
             let Some(samples) = r.tokens_per_s.get(t) else { continue };

@@ -178,10 +178,10 @@ pub struct GreedyStep {
 
 impl GreedyStep {
     /// Whether `other` (the same step in another build) picked differently only because the
-    /// two builds swapped a near-tied top two: one picked the other's runner-up, and at least
+    /// two builds swapped a near-tied top two: each picked the other's runner-up, and at least
     /// one of them saw the pair within `near_tie` logits.
     pub fn is_near_tie_swap(&self, other: &GreedyStep, near_tie: f32) -> bool {
-        let swapped = self.runner_up == other.token || other.runner_up == self.token;
+        let swapped = self.runner_up == other.token && other.runner_up == self.token;
         swapped && (self.margin < near_tie || other.margin < near_tie)
     }
 }
@@ -235,7 +235,7 @@ mod tests {
     fn a_near_tie_swap_needs_the_runner_up_and_a_small_margin() {
         let a = GreedyStep { token: 5, runner_up: 7, margin: 0.1 };
         assert!(a.is_near_tie_swap(&GreedyStep { token: 7, runner_up: 5, margin: 0.4 }, 0.25));
-        assert!(!a.is_near_tie_swap(&GreedyStep { token: 9, runner_up: 5, margin: 0.4 }, 0.25) || a.runner_up == 9);
+        assert!(!a.is_near_tie_swap(&GreedyStep { token: 9, runner_up: 5, margin: 0.4 }, 0.25), "9 was not a's runner-up");
         assert!(!GreedyStep { margin: 2.0, ..a }.is_near_tie_swap(&GreedyStep { token: 7, runner_up: 5, margin: 1.5 }, 0.25));
     }
 

@@ -54,7 +54,7 @@ impl VariantRuns {
             Some((*r.greedy_tokens.as_ref()?.get(k)?, *r.greedy_runner_ups.as_ref()?.get(k)?, *r.greedy_margins.as_ref()?.get(k)?))
         };
         let (Some((t1, r1, m1)), Some((t2, r2, m2))) = (at(self), at(other)) else { return false };
-        (r1 == t2 || r2 == t1) && (m1 < near_tie || m2 < near_tie)
+        r1 == t2 && r2 == t1 && (m1 < near_tie || m2 < near_tie)
     }
 }
 
