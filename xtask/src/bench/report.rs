@@ -120,9 +120,37 @@ pub fn divergence(a: &[i64], b: &[i64]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y).or_else(|| (a.len() != b.len()).then(|| a.len().min(b.len())))
 }
 
+struct Cells {
+    n: String,
+    mean: String,
+    median: String,
+    ratio: String,
+    verdict: String,
+    flag: &'static str,
+}
+
 impl Report {
     fn near_tie(&self, variant: &str) -> bool {
         self.equivalence.iter().any(|e| e.variant == variant && e.near_tie)
+    }
+
+    /// One row's cells as both the terminal table and the Markdown show them.
+    fn cells(&self, r: &Row) -> Cells {
+        let (n, mean, median) = match &r.summary {
+            Some(x) => (x.n.to_string(), format!("{:.2} ± {:.2}", x.mean, x.sd), format!("{:.2}", x.median)),
+            None => ("0".into(), "failed".into(), "-".into()),
+        };
+        let (ratio, verdict) = match &r.vs_baseline {
+            Some(x) => (format!("{:.3} [{:.3}, {:.3}]", x.ratio, x.ci_low, x.ci_high), x.verdict.to_string()),
+            None if r.variant == self.baseline => ("baseline".into(), String::new()),
+            None => ("-".into(), String::new()),
+        };
+        let flag = match (r.diverged, self.near_tie(&r.variant)) {
+            (true, true) => " (diverged at a near-tie)",
+            (true, false) => " (DIVERGED)",
+            _ => "",
+        };
+        Cells { n, mean, median, ratio, verdict, flag }
     }
 
     pub fn table(&self) -> String {
@@ -130,21 +158,8 @@ impl Report {
         let vs = format!("vs {} [95% CI]", self.baseline);
         let _ = writeln!(s, "{:<12} {:<12} {:>4} {:>18} {:>9} {vs:>28}  verdict", "variant", "test", "n", "t/s mean ± sd", "median");
         for r in &self.rows {
-            let (n, mean, median) = match &r.summary {
-                Some(s) => (s.n.to_string(), format!("{:.2} ± {:.2}", s.mean, s.sd), format!("{:.2}", s.median)),
-                None => ("0".into(), "failed".into(), "-".into()),
-            };
-            let (ratio, verdict) = match &r.vs_baseline {
-                Some(x) => (format!("{:.3} [{:.3}, {:.3}]", x.ratio, x.ci_low, x.ci_high), x.verdict.to_string()),
-                None if r.variant == self.baseline => ("baseline".into(), String::new()),
-                None => ("-".into(), String::new()),
-            };
-            let flag = match (r.diverged, self.near_tie(&r.variant)) {
-                (true, true) => "  (diverged at a near-tie)",
-                (true, false) => "  DIVERGED",
-                _ => "",
-            };
-            let _ = writeln!(s, "{:<12} {:<12} {:>4} {:>18} {:>9} {:>28}  {verdict}{flag}", r.variant, r.test, n, mean, median, ratio);
+            let c = self.cells(r);
+            let _ = writeln!(s, "{:<12} {:<12} {:>4} {:>18} {:>9} {:>28}  {}{}", r.variant, r.test, c.n, c.mean, c.median, c.ratio, c.verdict, c.flag);
         }
         for r in self.rows.iter().filter(|r| r.ttft.is_some()) {
             let t = r.ttft.as_ref().expect("filtered");
@@ -209,21 +224,8 @@ impl Report {
         let _ = writeln!(s, "| variant | test | n | t/s mean ± sd | median | vs {} [95% CI] | verdict |", self.baseline);
         let _ = writeln!(s, "|---|---|---|---|---|---|---|");
         for r in &self.rows {
-            let (n, mean, median) = match &r.summary {
-                Some(x) => (x.n.to_string(), format!("{:.2} ± {:.2}", x.mean, x.sd), format!("{:.2}", x.median)),
-                None => ("0".into(), "failed".into(), "-".into()),
-            };
-            let (ratio, verdict) = match &r.vs_baseline {
-                Some(x) => (format!("{:.3} [{:.3}, {:.3}]", x.ratio, x.ci_low, x.ci_high), x.verdict.to_string()),
-                None if r.variant == self.baseline => ("baseline".into(), String::new()),
-                None => ("-".into(), String::new()),
-            };
-            let flag = match (r.diverged, self.near_tie(&r.variant)) {
-                (true, true) => " (diverged at a near-tie)",
-                (true, false) => " (DIVERGED)",
-                _ => "",
-            };
-            let _ = writeln!(s, "| {}{flag} | {} | {n} | {mean} | {median} | {ratio} | {verdict} |", r.variant, r.test);
+            let c = self.cells(r);
+            let _ = writeln!(s, "| {}{} | {} | {} | {} | {} | {} | {} |", r.variant, c.flag, r.test, c.n, c.mean, c.median, c.ratio, c.verdict);
         }
         let _ = writeln!(s, "\n```\n{}```\n", self.table());
         let _ = writeln!(s, "## Builds\n");
