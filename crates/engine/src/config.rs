@@ -104,6 +104,31 @@ impl SamplingParams {
         self.temperature == 0.0
     }
 
+    /// The sampler chain these parameters mean, stage by stage. Every backend builds exactly
+    /// this chain with its own API, so A and B sample the same way.
+    pub fn stages(&self) -> Vec<SamplerStage> {
+        let mut stages = Vec::new();
+        if self.repeat_penalty != 1.0 {
+            stages.push(SamplerStage::Penalties { last_n: self.repeat_last_n, repeat: self.repeat_penalty });
+        }
+        if self.is_greedy() {
+            stages.push(SamplerStage::Greedy);
+            return stages;
+        }
+        if self.top_k > 0 {
+            stages.push(SamplerStage::TopK(self.top_k));
+        }
+        if self.top_p < 1.0 {
+            stages.push(SamplerStage::TopP(self.top_p));
+        }
+        if self.min_p > 0.0 {
+            stages.push(SamplerStage::MinP(self.min_p));
+        }
+        stages.push(SamplerStage::Temp(self.temperature));
+        stages.push(SamplerStage::Dist(self.seed));
+        stages
+    }
+
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |field, value: f32, reason| Err(EngineError::InvalidRequest { field, value: value.to_string(), reason });
         if !self.temperature.is_finite() || self.temperature < 0.0 {
@@ -126,6 +151,20 @@ impl SamplingParams {
         }
         Ok(())
     }
+}
+
+/// One stage of a sampler chain, in llama.cpp's terms (min_keep is 1 throughout).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SamplerStage {
+    /// Repetition penalty over the last `last_n` tokens.
+    Penalties { last_n: i32, repeat: f32 },
+    TopK(i32),
+    TopP(f32),
+    MinP(f32),
+    Temp(f32),
+    /// Draw with a seeded RNG.
+    Dist(u32),
+    Greedy,
 }
 
 /// Cancels a generation from another thread: the token loop stops at the next step, and a
@@ -207,6 +246,16 @@ mod tests {
         }
         assert!(SamplingParams::default().validate().is_ok());
         assert!(SamplingParams::greedy().is_greedy());
+    }
+
+    #[test]
+    fn the_chain_is_the_usual_order_and_greedy_skips_the_truncations() {
+        use SamplerStage::*;
+        let p = SamplingParams { repeat_penalty: 1.1, seed: 7, ..Default::default() };
+        assert_eq!(p.stages(), vec![Penalties { last_n: 64, repeat: 1.1 }, TopK(40), TopP(0.95), MinP(0.05), Temp(0.8), Dist(7)]);
+        assert_eq!(SamplingParams::greedy().stages(), vec![Greedy]);
+        let off = SamplingParams { top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() };
+        assert_eq!(off.stages(), vec![Temp(0.8), Dist(0)]);
     }
 
     #[test]

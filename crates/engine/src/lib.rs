@@ -32,7 +32,7 @@ mod stop;
 #[path = "../../llama/src/utf8.rs"]
 mod utf8;
 
-pub use config::{CancelToken, EngineConfig, GenerateRequest, SamplingParams, SessionConfig};
+pub use config::{CancelToken, EngineConfig, GenerateRequest, SamplerStage, SamplingParams, SessionConfig};
 pub use engine::{ChatMessage, Engine, FinishReason, Generation, GenerationStats, Session};
 pub use error::{EngineError, Result};
 pub use utf8::Utf8Decoder;

@@ -17,7 +17,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
-use crate::config::{SamplingParams, SessionConfig};
+use crate::config::{SamplerStage, SamplingParams, SessionConfig};
 use crate::error::EngineError;
 
 /// llama-cpp-2 refuses a second `LlamaBackend::init`, so the one instance lives here.
@@ -218,25 +218,16 @@ impl BackendSession for CrateSession<'_> {
     }
 
     fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
-        let mut stages = Vec::new();
-        if p.repeat_penalty != 1.0 {
-            stages.push(LlamaSampler::penalties(self.model.n_vocab(), p.repeat_last_n, p.repeat_penalty, 0.0, 0.0));
-        }
-        if p.is_greedy() {
-            stages.push(LlamaSampler::greedy());
-        } else {
-            if p.top_k > 0 {
-                stages.push(LlamaSampler::top_k(p.top_k));
-            }
-            if p.top_p < 1.0 {
-                stages.push(LlamaSampler::top_p(p.top_p, 1));
-            }
-            if p.min_p > 0.0 {
-                stages.push(LlamaSampler::min_p(p.min_p, 1));
-            }
-            stages.push(LlamaSampler::temp(p.temperature));
-            stages.push(LlamaSampler::dist(p.seed));
-        }
+        let n_vocab = self.model.n_vocab();
+        let stages = p.stages().into_iter().map(|stage| match stage {
+            SamplerStage::Penalties { last_n, repeat } => LlamaSampler::penalties(n_vocab, last_n, repeat, 0.0, 0.0),
+            SamplerStage::TopK(k) => LlamaSampler::top_k(k),
+            SamplerStage::TopP(p) => LlamaSampler::top_p(p, 1),
+            SamplerStage::MinP(p) => LlamaSampler::min_p(p, 1),
+            SamplerStage::Temp(t) => LlamaSampler::temp(t),
+            SamplerStage::Dist(seed) => LlamaSampler::dist(seed),
+            SamplerStage::Greedy => LlamaSampler::greedy(),
+        });
         self.sampler = Some(LlamaSampler::chain_simple(stages));
         Ok(())
     }

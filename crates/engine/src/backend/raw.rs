@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use llama_sys as sys;
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
-use crate::config::{SamplingParams, SessionConfig};
+use crate::config::{SamplerStage, SamplingParams, SessionConfig};
 use crate::error::EngineError;
 
 #[derive(Debug)]
@@ -303,24 +303,17 @@ impl BackendSession for RawSession<'_> {
                 sys::llama_sampler_free(old.as_ptr());
             }
             let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
-            let add = |s| sys::llama_sampler_chain_add(chain, s);
-            if p.repeat_penalty != 1.0 {
-                add(sys::llama_sampler_init_penalties(self.model.n_vocab(), p.repeat_last_n, p.repeat_penalty, 0.0, 0.0));
-            }
-            if p.is_greedy() {
-                add(sys::llama_sampler_init_greedy());
-            } else {
-                if p.top_k > 0 {
-                    add(sys::llama_sampler_init_top_k(p.top_k));
-                }
-                if p.top_p < 1.0 {
-                    add(sys::llama_sampler_init_top_p(p.top_p, 1));
-                }
-                if p.min_p > 0.0 {
-                    add(sys::llama_sampler_init_min_p(p.min_p, 1));
-                }
-                add(sys::llama_sampler_init_temp(p.temperature));
-                add(sys::llama_sampler_init_dist(p.seed));
+            for stage in p.stages() {
+                let s = match stage {
+                    SamplerStage::Penalties { last_n, repeat } => sys::llama_sampler_init_penalties(self.model.n_vocab(), last_n, repeat, 0.0, 0.0),
+                    SamplerStage::TopK(k) => sys::llama_sampler_init_top_k(k),
+                    SamplerStage::TopP(p) => sys::llama_sampler_init_top_p(p, 1),
+                    SamplerStage::MinP(p) => sys::llama_sampler_init_min_p(p, 1),
+                    SamplerStage::Temp(t) => sys::llama_sampler_init_temp(t),
+                    SamplerStage::Dist(seed) => sys::llama_sampler_init_dist(seed),
+                    SamplerStage::Greedy => sys::llama_sampler_init_greedy(),
+                };
+                sys::llama_sampler_chain_add(chain, s);
             }
             self.sampler = Some(NonNull::new(chain).ok_or_else(|| EngineError::Sampler("no chain".into()))?);
         }

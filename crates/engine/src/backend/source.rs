@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use llama::{Batch, ChatMessage, Context, ContextParams, FlashAttention, Model, ModelParams, Pooling, Sampler, SamplerChain, Token, TokenizeOptions};
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
-use crate::config::{SamplingParams, SessionConfig};
+use crate::config::{SamplerStage, SamplingParams, SessionConfig};
 use crate::error::EngineError;
 
 #[derive(Debug)]
@@ -159,25 +159,15 @@ impl BackendSession for SourceSession<'_> {
     }
 
     fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
-        let mut chain = SamplerChain::new();
-        if p.repeat_penalty != 1.0 {
-            chain = chain.penalties(p.repeat_last_n, p.repeat_penalty, 0.0, 0.0);
-        }
-        chain = if p.is_greedy() {
-            chain.greedy()
-        } else {
-            let mut c = chain;
-            if p.top_k > 0 {
-                c = c.top_k(p.top_k);
-            }
-            if p.top_p < 1.0 {
-                c = c.top_p(p.top_p, 1);
-            }
-            if p.min_p > 0.0 {
-                c = c.min_p(p.min_p, 1);
-            }
-            c.temp(p.temperature).dist(p.seed)
-        };
+        let chain = p.stages().into_iter().fold(SamplerChain::new(), |chain, stage| match stage {
+            SamplerStage::Penalties { last_n, repeat } => chain.penalties(last_n, repeat, 0.0, 0.0),
+            SamplerStage::TopK(k) => chain.top_k(k),
+            SamplerStage::TopP(p) => chain.top_p(p, 1),
+            SamplerStage::MinP(p) => chain.min_p(p, 1),
+            SamplerStage::Temp(t) => chain.temp(t),
+            SamplerStage::Dist(seed) => chain.dist(seed),
+            SamplerStage::Greedy => chain.greedy(),
+        });
         self.sampler = Some(chain.build(self.model).map_err(|e| EngineError::Sampler(e.to_string()))?);
         Ok(())
     }
