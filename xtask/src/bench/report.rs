@@ -249,7 +249,7 @@ impl Report {
     pub fn svg(&self) -> String {
         let tests: Vec<&String> = self.settings.tests.iter().collect();
         let variants: Vec<&String> = self.variants.iter().map(|v| &v.variant.name).collect();
-        let (w, h, pad, top) = (760.0, 360.0, 60.0, 40.0);
+        let (w, h, pad, top) = (760.0, 380.0, 60.0, 70.0);
         let group_w = (w - 2.0 * pad) / tests.len().max(1) as f64;
         let bar_w = group_w * 0.8 / variants.len().max(1) as f64;
         let colours = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"];
@@ -270,9 +270,10 @@ impl Report {
                 let _ = writeln!(s, "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{:.1}</text>", scale(sm.max) - 4.0, sm.median);
             }
         }
+        // The legend: one row under the title, above the bars.
         for (vi, v) in variants.iter().enumerate() {
-            let y = 28.0 + 14.0 * vi as f64;
-            let _ = writeln!(s, "<rect x=\"{:.1}\" y=\"{y:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{v}</text>", w - 150.0, colours[vi % colours.len()], w - 136.0, y + 9.0);
+            let x = pad + 120.0 * vi as f64;
+            let _ = writeln!(s, "<rect x=\"{x:.1}\" y=\"32\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"41\">{v}</text>", colours[vi % colours.len()], x + 14.0);
         }
         s.push_str("</svg>\n");
         s
