@@ -67,6 +67,8 @@ pub struct GenerationStats {
 pub struct Engine {
     model: Model,
     config: EngineConfig,
+    /// Resolved once at load: every chat request uses it.
+    chat_template: String,
 }
 
 impl Engine {
@@ -74,7 +76,8 @@ impl Engine {
     pub fn load(config: EngineConfig) -> Result<Engine, EngineError> {
         config.session.validate()?;
         let model = Active::load(&config.model, config.n_gpu_layers)?;
-        Ok(Engine { model, config })
+        let chat_template = resolve_chat_template(&model, config.chat_template_fallback.as_deref());
+        Ok(Engine { model, config, chat_template })
     }
 
     pub fn backend_name() -> &'static str {
@@ -123,21 +126,8 @@ impl Engine {
 
     /// The template for chats: the model's own, the configured fallback, or one chosen by
     /// architecture.
-    pub fn chat_template(&self) -> String {
-        if let Some(t) = self.model.chat_template() {
-            return t;
-        }
-        if let Some(t) = &self.config.chat_template_fallback {
-            return t.clone();
-        }
-        let arch = self.model.info().architecture;
-        if arch.starts_with("gemma") {
-            "gemma".into()
-        } else if arch.starts_with("llama") {
-            "llama3".into()
-        } else {
-            "chatml".into()
-        }
+    pub fn chat_template(&self) -> &str {
+        &self.chat_template
     }
 
     /// Formats a chat with [`Engine::chat_template`], opening the assistant's turn.
@@ -146,11 +136,28 @@ impl Engine {
             return Err(EngineError::EmptyPrompt);
         }
         let pairs: Vec<(String, String)> = messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
-        self.model.apply_chat_template(&self.chat_template(), &pairs)
+        self.model.apply_chat_template(&self.chat_template, &pairs)
     }
 
     pub(crate) fn model(&self) -> &Model {
         &self.model
+    }
+}
+
+fn resolve_chat_template(model: &Model, fallback: Option<&str>) -> String {
+    if let Some(t) = model.chat_template() {
+        return t;
+    }
+    if let Some(t) = fallback {
+        return t.to_string();
+    }
+    let arch = model.info().architecture;
+    if arch.starts_with("gemma") {
+        "gemma".into()
+    } else if arch.starts_with("llama") {
+        "llama3".into()
+    } else {
+        "chatml".into()
     }
 }
 

@@ -356,7 +356,7 @@ impl BackendSession for RawSession<'_> {
         if p.is_null() {
             return Err(EngineError::Decode("no pooled embedding".into()));
         }
-        // SAFETY: as above.
-        Ok(unsafe { std::slice::from_raw_parts(p, self.model.info().n_embd) }.to_vec())
+        // SAFETY: as above; n_embd is a field read of the live model.
+        Ok(unsafe { std::slice::from_raw_parts(p, sys::llama_model_n_embd(self.model.raw.as_ptr()).max(0) as usize) }.to_vec())
     }
 }
