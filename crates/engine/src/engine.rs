@@ -55,11 +55,22 @@ pub struct GenerationStats {
     pub prompt_ms: f64,
     /// From the end of prompt processing to the last token's text.
     pub generation_ms: f64,
+    /// Of `generation_ms`, the time spent in the backend's decode; the rest went to sampling,
+    /// detokenizing, stop-sequence checks and streaming (and to the caller between deltas).
+    pub decode_ms: f64,
     /// Prompt tokens decoded per second.
     pub prompt_tokens_per_s: f64,
     /// Completion tokens per second as the user sees them: sampled, detokenized, streamed.
     pub generation_tokens_per_s: f64,
     pub finish_reason: Option<FinishReason>,
+}
+
+impl GenerationStats {
+    /// The share of the generation's time spent outside decoding, in percent (0 before any
+    /// generation time was measured).
+    pub fn outside_decode_percent(&self) -> f64 {
+        if self.generation_ms > 0.0 { 100.0 * (self.generation_ms - self.decode_ms).max(0.0) / self.generation_ms } else { 0.0 }
+    }
 }
 
 /// A loaded model, ready to make sessions.
@@ -237,6 +248,9 @@ impl<'e> Session<'e> {
         let prompt_tokens = tokens.len();
         let reused = self.prefill(&tokens).map_err(|e| if cancel.is_cancelled() { EngineError::Cancelled } else { e })?;
         self.scratch = tokens;
+        // Room for every token this request may add, so the token loop never grows the cache list.
+        let room = (self.n_ctx() as usize).saturating_sub(self.cached.len()).min(request.max_tokens);
+        self.cached.reserve(room);
         let prompt_done = Instant::now();
         let prompt_ms = ms(prompt_done - started);
         let decoded = prompt_tokens - reused;
@@ -246,8 +260,10 @@ impl<'e> Session<'e> {
             cancel,
             stop: StopMatcher::new(&request.stop),
             utf8: Utf8Decoder::new(),
-            piece: Vec::new(),
-            text: String::new(),
+            // Sized for any token's text at once, so the loop does not grow them piecemeal.
+            piece: Vec::with_capacity(TOKEN_TEXT_CAPACITY),
+            decoded: String::with_capacity(TOKEN_TEXT_CAPACITY),
+            delta: String::with_capacity(TOKEN_TEXT_CAPACITY),
             started,
             prompt_done,
             stats: GenerationStats {
@@ -272,22 +288,31 @@ impl<'e> Session<'e> {
     pub fn generate_text(&mut self, request: &GenerateRequest) -> Result<(String, GenerationStats), EngineError> {
         let mut generation = self.generate(request)?;
         let mut text = String::new();
-        for delta in generation.by_ref() {
-            text.push_str(&delta?);
+        while let Some(delta) = generation.next_text() {
+            text.push_str(delta?);
         }
         Ok((text, generation.stats().clone()))
     }
 }
 
-/// A generation in progress: an iterator of text deltas.
+/// Bytes reserved up front for one token's text (the longest piece in common vocabularies is
+/// well under this).
+const TOKEN_TEXT_CAPACITY: usize = 256;
+
+/// A generation in progress: an iterator of text deltas, or, without an allocation per token,
+/// [`Generation::next_text`].
 pub struct Generation<'s, 'e> {
     session: &'s mut Session<'e>,
     max_tokens: usize,
     cancel: CancelToken,
     stop: StopMatcher,
     utf8: Utf8Decoder,
+    /// The bytes of the current token.
     piece: Vec<u8>,
-    text: String,
+    /// The complete characters those bytes finished.
+    decoded: String,
+    /// What the current step emits. All three buffers keep their allocations across steps.
+    delta: String,
     started: Instant,
     prompt_done: Instant,
     stats: GenerationStats,
@@ -306,27 +331,48 @@ impl Generation<'_, '_> {
         &self.stats
     }
 
-    fn finish(&mut self, reason: FinishReason) -> Option<String> {
+    /// The next text delta, lent until the next call: what the iterator yields, without
+    /// allocating a `String` for it. None once the generation has finished.
+    pub fn next_text(&mut self) -> Option<Result<&str, EngineError>> {
+        while !self.finished {
+            self.delta.clear();
+            match self.step() {
+                Ok(()) if !self.delta.is_empty() => return Some(Ok(&self.delta)),
+                Ok(()) => {}
+                Err(e) => {
+                    self.finished = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        None
+    }
+
+    /// Ends the generation, appending whatever text was held back to the step's delta.
+    fn finish(&mut self, reason: FinishReason) {
         self.finished = true;
         self.stats.finish_reason = Some(reason);
-        let mut tail = String::new();
         if reason != FinishReason::StopSequence {
-            self.utf8.finish(&mut tail);
-            let held = self.stop.flush();
-            tail.insert_str(0, &held);
+            // Bytes of an unfinished character are replaced, not dropped; they come after
+            // anything the stop matcher held back.
+            self.decoded.clear();
+            self.utf8.finish(&mut self.decoded);
+            self.stop.flush(&mut self.delta);
+            self.delta.push_str(&self.decoded);
         }
         let generation_ms = ms(Instant::now() - self.prompt_done);
         self.stats.generation_ms = generation_ms;
         if generation_ms > 0.0 {
             self.stats.generation_tokens_per_s = self.stats.completion_tokens as f64 / (generation_ms / 1000.0);
         }
-        (!tail.is_empty()).then_some(tail)
     }
 
-    /// One token: sample, detokenize, check stops, decode it for the next step.
-    fn step(&mut self) -> Result<Option<String>, EngineError> {
+    /// One token: sample, detokenize, check stops, decode it for the next step. Text to emit
+    /// goes to `self.delta`.
+    fn step(&mut self) -> Result<(), EngineError> {
         if self.cancel.is_cancelled() {
-            return Ok(self.finish(FinishReason::Cancelled));
+            self.finish(FinishReason::Cancelled);
+            return Ok(());
         }
         let session = &mut *self.session;
         let token = session.inner.sample()?;
@@ -335,27 +381,28 @@ impl Generation<'_, '_> {
         }
         let model = session.engine.model();
         if model.is_eog(token) {
-            return Ok(self.finish(FinishReason::EndOfText));
+            self.finish(FinishReason::EndOfText);
+            return Ok(());
         }
         self.stats.completion_tokens += 1;
         self.piece.clear();
         model.piece(token, &mut self.piece)?;
-        self.text.clear();
-        self.utf8.push(&self.piece, &mut self.text);
-        let delta = match self.stop.push(&self.text) {
-            StopScan::Stop(before) => {
-                self.finish(FinishReason::StopSequence);
-                return Ok(Some(before));
-            }
-            StopScan::Continue(delta) => delta,
-        };
+        self.decoded.clear();
+        self.utf8.push(&self.piece, &mut self.decoded);
+        if self.stop.push(&self.decoded, &mut self.delta) == StopScan::Stop {
+            self.finish(FinishReason::StopSequence);
+            return Ok(());
+        }
         let done = if self.stats.completion_tokens >= self.max_tokens {
             Some(FinishReason::MaxTokens)
         } else if session.cached.len() + 1 >= session.n_ctx() as usize {
             Some(FinishReason::ContextFull)
         } else {
             let pos = session.cached.len() as i32;
-            match session.inner.decode(&[token], pos, Outputs::Last) {
+            let decode_started = Instant::now();
+            let decoded = session.inner.decode(&[token], pos, Outputs::Last);
+            self.stats.decode_ms += ms(decode_started.elapsed());
+            match decoded {
                 Ok(()) => {
                     session.cached.push(token);
                     None
@@ -367,13 +414,10 @@ impl Generation<'_, '_> {
                 Err(e) => return Err(e),
             }
         };
-        match done {
-            Some(reason) => {
-                let tail = self.finish(reason).unwrap_or_default();
-                Ok(Some(delta + &tail))
-            }
-            None => Ok(Some(delta)),
+        if let Some(reason) = done {
+            self.finish(reason);
         }
+        Ok(())
     }
 }
 
@@ -381,17 +425,7 @@ impl Iterator for Generation<'_, '_> {
     type Item = Result<String, EngineError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        while !self.finished {
-            match self.step() {
-                Ok(Some(delta)) if !delta.is_empty() => return Some(Ok(delta)),
-                Ok(_) => {}
-                Err(e) => {
-                    self.finished = true;
-                    return Some(Err(e));
-                }
-            }
-        }
-        None
+        self.next_text().map(|delta| delta.map(str::to_owned))
     }
 }
 

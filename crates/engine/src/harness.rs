@@ -74,6 +74,9 @@ pub struct Sample {
     pub tokens_per_s: f64,
     /// e2e only: from the request to the first generated token.
     pub time_to_first_token_ms: Option<f64>,
+    /// e2e only: the share of generation time spent outside decoding (sampling, detokenizing,
+    /// stop checks, streaming), in percent.
+    pub outside_decode_percent: Option<f64>,
 }
 
 /// The fixed chat of the e2e test.
@@ -135,7 +138,7 @@ fn raw_decode(engine: &Engine, config: &SessionConfig, test: Test) -> Result<Sam
     }
     let seconds = start.elapsed().as_secs_f64();
     let tokens = n_prompt + n_gen;
-    Ok(Sample { test: test.to_string(), tokens, seconds, tokens_per_s: tokens as f64 / seconds, time_to_first_token_ms: None })
+    Ok(Sample { test: test.to_string(), tokens, seconds, tokens_per_s: tokens as f64 / seconds, time_to_first_token_ms: None, outside_decode_percent: None })
 }
 
 fn end_to_end(engine: &Engine, config: &SessionConfig, n: usize) -> Result<Sample, EngineError> {
@@ -143,9 +146,10 @@ fn end_to_end(engine: &Engine, config: &SessionConfig, n: usize) -> Result<Sampl
     let request = GenerateRequest { max_tokens: n, sampling: e2e_sampling(), ..GenerateRequest::new("") };
     let messages = [ChatMessage::new("user", E2E_PROMPT)];
     let mut generation = session.chat(&messages, request)?;
+    // Streamed the way an allocation-conscious caller would: deltas are lent, not copied.
     let mut sink = String::new();
-    for delta in generation.by_ref() {
-        sink.push_str(&delta?);
+    while let Some(delta) = generation.next_text() {
+        sink.push_str(delta?);
     }
     let stats = generation.stats();
     std::hint::black_box(&sink);
@@ -155,6 +159,7 @@ fn end_to_end(engine: &Engine, config: &SessionConfig, n: usize) -> Result<Sampl
         seconds: stats.generation_ms / 1000.0,
         tokens_per_s: stats.generation_tokens_per_s,
         time_to_first_token_ms: Some(stats.time_to_first_token_ms),
+        outside_decode_percent: Some(stats.outside_decode_percent()),
     })
 }
 

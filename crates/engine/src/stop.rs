@@ -1,15 +1,17 @@
 //! Stop sequences over streamed text: text that could still turn into a stop sequence is held
 //! back until it cannot, so a stop sequence never reaches the caller, even split over tokens.
 
-/// What to do with newly decoded text.
-#[derive(Debug, PartialEq, Eq)]
+/// Whether a stop sequence ended the text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopScan {
-    /// Emit this text; keep going.
-    Continue(String),
-    /// Emit this text (what came before the stop sequence) and stop.
-    Stop(String),
+    /// No stop sequence yet; keep going.
+    Continue,
+    /// A stop sequence was found; what came before it has been emitted.
+    Stop,
 }
 
+/// Holds back streamed text that could still become a stop sequence. Text moves through one
+/// buffer that keeps its allocation, so the per-token path allocates nothing.
 #[derive(Clone, Debug, Default)]
 pub struct StopMatcher {
     stops: Vec<String>,
@@ -18,36 +20,35 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     pub fn new(stops: &[String]) -> Self {
-        StopMatcher { stops: stops.to_vec(), held: String::new() }
+        // What is held is at most a stop sequence plus one token's text.
+        let longest = stops.iter().map(String::len).max().unwrap_or(0);
+        StopMatcher { stops: stops.to_vec(), held: String::with_capacity(if longest == 0 { 0 } else { longest + 256 }) }
     }
 
-    /// Adds decoded text and says what may be emitted.
-    pub fn push(&mut self, text: &str) -> StopScan {
-        self.held.push_str(text);
+    /// Adds decoded text and appends to `out` what may be emitted.
+    pub fn push(&mut self, text: &str, out: &mut String) -> StopScan {
         if self.stops.is_empty() {
-            return StopScan::Continue(std::mem::take(&mut self.held));
+            out.push_str(text);
+            return StopScan::Continue;
         }
+        self.held.push_str(text);
         if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
-            let before = self.held[..at].to_string();
+            out.push_str(&self.held[..at]);
             self.held.clear();
-            return StopScan::Stop(before);
+            return StopScan::Stop;
         }
         // Hold back the longest tail that is a prefix of some stop sequence.
-        let keep = self
-            .stops
-            .iter()
-            .map(|s| longest_suffix_prefix(&self.held, s))
-            .max()
-            .unwrap_or(0);
+        let keep = self.stops.iter().map(|s| longest_suffix_prefix(&self.held, s)).max().unwrap_or(0);
         let emit_to = self.held.len() - keep;
-        let out = self.held[..emit_to].to_string();
+        out.push_str(&self.held[..emit_to]);
         self.held.drain(..emit_to);
-        StopScan::Continue(out)
+        StopScan::Continue
     }
 
     /// The end of generation for another reason: whatever was held back is text after all.
-    pub fn flush(&mut self) -> String {
-        std::mem::take(&mut self.held)
+    pub fn flush(&mut self, out: &mut String) {
+        out.push_str(&self.held);
+        self.held.clear();
     }
 }
 
@@ -69,16 +70,22 @@ mod tests {
         let mut m = StopMatcher::new(&stops);
         let mut out = String::new();
         for p in pieces {
-            match m.push(p) {
-                StopScan::Continue(t) => out.push_str(&t),
-                StopScan::Stop(t) => {
-                    out.push_str(&t);
-                    return (out, true);
-                }
+            if m.push(p, &mut out) == StopScan::Stop {
+                return (out, true);
             }
         }
-        out.push_str(&m.flush());
+        m.flush(&mut out);
         (out, false)
+    }
+
+    #[test]
+    fn what_is_emitted_leaves_as_soon_as_it_cannot_start_a_stop() {
+        let mut m = StopMatcher::new(&["</s>".to_string()]);
+        let mut out = String::new();
+        assert_eq!(m.push("ab<", &mut out), StopScan::Continue);
+        assert_eq!(out, "ab");
+        assert_eq!(m.push("x", &mut out), StopScan::Continue);
+        assert_eq!(out, "ab<x");
     }
 
     #[test]

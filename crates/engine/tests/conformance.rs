@@ -66,6 +66,9 @@ fn max_tokens_ends_the_generation() {
     assert_eq!(stats.completion_tokens, 5);
     assert_eq!(stats.finish_reason, Some(FinishReason::MaxTokens));
     assert!(stats.generation_tokens_per_s > 0.0 && stats.time_to_first_token_ms > 0.0);
+    // Five tokens take four decodes after the prompt's: their time is inside the generation's.
+    assert!(stats.decode_ms > 0.0 && stats.decode_ms < stats.generation_ms, "{stats:?}");
+    assert!((0.0..100.0).contains(&stats.outside_decode_percent()), "{stats:?}");
 }
 
 #[test]

@@ -311,6 +311,19 @@ pub enum SamplerError {
     /// Sampler and context belong to different models.
     #[error("the sampler was built for another model than the context's")]
     WrongModel,
+    /// The chain's last stage does not pick a token.
+    #[error("a sampler chain must end with greedy, dist, mirostat or mirostat-v2 (it ends with {})", last.unwrap_or("nothing: it is empty"))]
+    NoSelector {
+        /// The last stage, if any.
+        last: Option<&'static str>,
+    },
+    /// The chain ended without choosing a token (its last stage does not pick one, or every
+    /// logit was NaN).
+    #[error("the sampler chain selected no token from {candidates} candidates; does it end with greedy, dist or mirostat?")]
+    NothingSelected {
+        /// The candidates left when the chain finished.
+        candidates: usize,
+    },
 }
 
 /// Saving or restoring context state.

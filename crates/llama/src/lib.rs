@@ -55,6 +55,7 @@ mod model;
 mod quantize;
 mod sampler;
 mod system;
+mod top_k;
 mod utf8;
 mod vocab;
 

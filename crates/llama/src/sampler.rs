@@ -7,7 +7,7 @@ use crate::context::Context;
 use crate::error::SamplerError;
 use crate::model::Model;
 use crate::vocab::Token;
-use crate::{backend, sys};
+use crate::{backend, sys, top_k};
 
 /// One stage of a chain, with its parameters, validated when the chain is built.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,23 +28,65 @@ enum Stage {
     LogitBias { biases: Vec<(Token, f32)> },
 }
 
-/// Builds a [`Sampler`]: stages run in the order added; the last should pick a token
-/// (`greedy`, `dist`, `mirostat*`).
+impl Stage {
+    fn name(&self) -> &'static str {
+        match self {
+            Stage::Greedy => "greedy",
+            Stage::Dist { .. } => "dist",
+            Stage::Temp { .. } => "temperature",
+            Stage::TopK { .. } => "top-k",
+            Stage::TopP { .. } => "top-p",
+            Stage::MinP { .. } => "min-p",
+            Stage::Typical { .. } => "typical",
+            Stage::Xtc { .. } => "xtc",
+            Stage::Penalties { .. } => "penalties",
+            Stage::Dry { .. } => "dry",
+            Stage::Mirostat { .. } => "mirostat",
+            Stage::MirostatV2 { .. } => "mirostat-v2",
+            Stage::Grammar { .. } => "grammar",
+            Stage::LogitBias { .. } => "logit-bias",
+        }
+    }
+}
+
+/// Builds a [`Sampler`]: stages run in the order added; the last must pick a token
+/// (`greedy`, `dist`, `mirostat`, `mirostat_v2`).
 ///
 /// ```no_run
 /// # fn f(model: &llama::Model) -> llama::Result<()> {
 /// let sampler = llama::SamplerChain::new().top_k(40).top_p(0.95, 1).min_p(0.05, 1).temp(0.8).dist(42).build(model)?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SamplerChain {
     stages: Vec<Stage>,
+    preselect: bool,
+}
+
+impl Default for SamplerChain {
+    fn default() -> Self {
+        SamplerChain { stages: Vec::new(), preselect: true }
+    }
 }
 
 impl SamplerChain {
     /// An empty chain.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether [`Sampler::sample`] may select the candidates of a chain that starts with
+    /// `top_k` (k up to 256), or is `greedy` alone, straight from the logits row (on by default).
+    ///
+    /// llama.cpp's `llama_sampler_sample` writes a candidate for every token of the vocabulary
+    /// and then cuts them down; preselection hands the chain only the `k` best, sorted, which
+    /// the top-k stage would have left. The rest of the chain, its random draws included, runs
+    /// unchanged on them, so a seeded chain picks the same tokens either way. The one
+    /// difference: where logits tie exactly, preselection orders the lower token id first,
+    /// llama.cpp's partial sort in no defined order.
+    pub fn preselect(mut self, on: bool) -> Self {
+        self.preselect = on;
+        self
     }
 
     fn with(mut self, stage: Stage) -> Self {
@@ -117,12 +159,18 @@ impl SamplerChain {
         for stage in &self.stages {
             validate(stage, model.vocab().n_tokens())?;
         }
+        // llama.cpp aborts the process when a chain leaves no token selected.
+        if !matches!(self.stages.last(), Some(Stage::Greedy | Stage::Dist { .. } | Stage::Mirostat { .. } | Stage::MirostatV2 { .. })) {
+            return Err(SamplerError::NoSelector { last: self.stages.last().map(Stage::name) });
+        }
         // SAFETY: returns a struct by value.
         let params = unsafe { sys::llama_sampler_chain_default_params() };
         // SAFETY: creates an empty chain, owned by the Sampler below (freed on drop even if a
         // later stage fails).
         let chain = NonNull::new(unsafe { sys::llama_sampler_chain_init(params) }).ok_or(SamplerError::Llama("chain"))?;
-        let sampler = Sampler { raw: chain, model };
+        let n_vocab = usize::try_from(model.vocab().n_tokens()).unwrap_or(0);
+        let preselect = if self.preselect { preselection(&self.stages, n_vocab) } else { None };
+        let sampler = Sampler { raw: chain, model, preselect, candidates: Vec::new() };
         for stage in &self.stages {
             let raw = create(stage, model)?;
             // SAFETY: the chain takes ownership of the stage.
@@ -130,6 +178,17 @@ impl SamplerChain {
         }
         Ok(sampler)
     }
+}
+
+/// How many candidates the chain needs to see, where that is fewer than the whole vocabulary
+/// and they can be selected from the logits row without changing what the chain does.
+fn preselection(stages: &[Stage], n_vocab: usize) -> Option<usize> {
+    let k = match stages {
+        [Stage::Greedy] => 1,
+        [Stage::TopK { k }, ..] => usize::try_from(*k).ok()?,
+        _ => return None,
+    };
+    (k > 0 && k <= top_k::MAX_K && k < n_vocab).then_some(k)
 }
 
 fn validate(stage: &Stage, n_vocab: i32) -> Result<(), SamplerError> {
@@ -230,6 +289,11 @@ fn create(stage: &Stage, model: &Model) -> Result<NonNull<sys::llama_sampler>, S
 pub struct Sampler<'m> {
     raw: NonNull<sys::llama_sampler>,
     model: &'m Model,
+    /// The chain's candidates are the top this-many of the logits row (see
+    /// [`SamplerChain::preselect`]).
+    preselect: Option<usize>,
+    /// Reused by every preselected sample: no allocation per token.
+    candidates: Vec<sys::llama_token_data>,
 }
 
 // SAFETY: the chain owns its state outright and every method that touches it takes &mut self.
@@ -250,10 +314,41 @@ impl Sampler<'_> {
         if !ctx.outputs().contains(&index) {
             return Err(SamplerError::NotAnOutput { index, outputs: ctx.outputs().to_vec() });
         }
-        // SAFETY: index is an output of the context's last decode, so llama.cpp has logits for
-        // it (it aborts otherwise); the chain and context are alive. Context is not Sync, so
-        // nothing else uses it meanwhile.
-        Ok(Token(unsafe { sys::llama_sampler_sample(self.raw.as_ptr(), ctx.as_ptr(), index) }))
+        match self.preselect {
+            Some(k) => self.sample_preselected(ctx, index, k),
+            // SAFETY: index is an output of the context's last decode, so llama.cpp has logits
+            // for it (it aborts otherwise); the chain and context are alive. Context is not
+            // Sync, so nothing else uses it meanwhile.
+            None => Ok(Token(unsafe { sys::llama_sampler_sample(self.raw.as_ptr(), ctx.as_ptr(), index) })),
+        }
+    }
+
+    /// `llama_sampler_sample` with the candidate array cut to the top `k` before the chain sees
+    /// it. The chain then runs whole: its top-k stage finds the array sorted and already `k`
+    /// long and leaves it be.
+    fn sample_preselected(&mut self, ctx: &Context<'_>, index: i32, k: usize) -> Result<Token, SamplerError> {
+        let logits = ctx.logits(index).map_err(|_| SamplerError::NotAnOutput { index, outputs: ctx.outputs().to_vec() })?;
+        top_k::select(logits, k, &mut self.candidates);
+        let mut array = sys::llama_token_data_array {
+            data: self.candidates.as_mut_ptr(),
+            size: self.candidates.len(),
+            selected: -1,
+            sorted: true,
+        };
+        // SAFETY: the array points into our buffer, which lives and is not touched elsewhere
+        // for the call; the stages only shrink `size` and write within it.
+        unsafe { sys::llama_sampler_apply(self.raw.as_ptr(), &mut array) };
+        let selected = usize::try_from(array.selected).ok().filter(|&i| i < array.size);
+        let token = selected.map(|i| self.candidates[i].id).ok_or(SamplerError::NothingSelected { candidates: array.size })?;
+        // SAFETY: live chain; the token comes from the logits row, so it is in the vocabulary.
+        unsafe { sys::llama_sampler_accept(self.raw.as_ptr(), token) };
+        Ok(Token(token))
+    }
+
+    /// The number of candidates this sampler selects from the logits row before its chain runs,
+    /// or None where the chain sees the whole vocabulary (see [`SamplerChain::preselect`]).
+    pub fn preselected(&self) -> Option<usize> {
+        self.preselect
     }
 
     /// Feeds a token chosen elsewhere into the chain's state.

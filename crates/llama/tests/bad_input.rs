@@ -156,6 +156,16 @@ fn a_grammar_that_does_not_parse_is_a_grammar_error() {
 }
 
 #[test]
+fn a_chain_that_picks_no_token_is_refused_before_llama_cpp_would_abort() {
+    for (chain, last) in [(SamplerChain::new(), None), (SamplerChain::new().top_k(40).temp(0.8), Some("temperature")), (SamplerChain::new().dist(1).top_k(5), Some("top-k"))] {
+        match chain.build(model()) {
+            Err(SamplerError::NoSelector { last: got }) => assert_eq!(got, last),
+            other => panic!("{last:?}: {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn bad_sampling_values_name_the_parameter() {
     for (chain, name) in [
         (SamplerChain::new().temp(-1.0), "t"),

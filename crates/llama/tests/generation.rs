@@ -269,6 +269,60 @@ fn seeded_sampling_chains_are_reproducible_and_constrained() {
 }
 
 #[test]
+fn preselected_candidates_sample_the_same_tokens_as_llama_cpps_full_array() {
+    type ChainFor = fn(u32) -> SamplerChain;
+    let chains: [(&str, ChainFor); 4] = [
+        ("common", |seed| SamplerChain::new().top_k(40).top_p(0.95, 1).min_p(0.05, 1).temp(0.8).dist(seed)),
+        ("hot", |seed| SamplerChain::new().top_k(200).temp(1.5).dist(seed)),
+        ("top-k then typical", |seed| SamplerChain::new().top_k(64).typical(0.9, 1).temp(1.0).dist(seed)),
+        ("greedy", |_| SamplerChain::new().greedy()),
+    ];
+    let mut ctx = context();
+    let vocab = model().vocab();
+    for (name, chain) in chains {
+        for (seed, prompt) in [(1, "Once upon a time"), (2, "The recipe calls for"), (3, "def fibonacci(n):")] {
+            let mut fast = chain(seed).build(model()).unwrap();
+            let mut full = chain(seed).preselect(false).build(model()).unwrap();
+            assert!(fast.preselected().is_some() && full.preselected().is_none(), "{name}");
+            ctx.clear_memory(true);
+            let tokens = vocab.tokenize(prompt, TokenizeOptions::default()).unwrap();
+            let mut batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
+            let mut distinct = std::collections::HashSet::new();
+            for pos in (tokens.len() as i32..).take(48) {
+                ctx.decode(&batch).unwrap();
+                let last = batch.len() as i32 - 1;
+                let (a, b) = (fast.sample(&ctx, last).unwrap(), full.sample(&ctx, last).unwrap());
+                assert_eq!(a, b, "{name}, seed {seed}, position {pos}");
+                distinct.insert(a);
+                batch.clear();
+                batch.add(a, pos, &[0], true).unwrap();
+            }
+            assert!(distinct.len() > 8, "{name}: only {} distinct tokens: the comparison saw too little", distinct.len());
+        }
+    }
+}
+
+#[test]
+fn a_preselected_chain_draws_from_the_top_k() {
+    let mut ctx = context();
+    let tokens = model().vocab().tokenize("The best thing about summer is", TokenizeOptions::default()).unwrap();
+    let mut batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
+    let mut sampler = SamplerChain::new().top_k(5).temp(2.0).dist(11).build(model()).unwrap();
+    assert_eq!(sampler.preselected(), Some(5));
+    for pos in (tokens.len() as i32..).take(6) {
+        ctx.decode(&batch).unwrap();
+        let last = batch.len() as i32 - 1;
+        let logits = ctx.logits(last).unwrap();
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let t = sampler.sample(&ctx, last).unwrap();
+        assert!(order[..5].contains(&(t.0 as usize)), "token {t:?} is not among the 5 most likely at {pos}");
+        batch.clear();
+        batch.add(t, pos, &[0], true).unwrap();
+    }
+}
+
+#[test]
 fn a_grammar_constrains_the_output() {
     let mut ctx = context();
     let vocab = model().vocab();

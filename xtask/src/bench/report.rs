@@ -29,6 +29,8 @@ pub struct Row {
     pub vs_baseline: Option<Ratio>,
     /// e2e: time to first token, ms.
     pub ttft: Option<Summary>,
+    /// e2e: share of generation time outside decoding, %.
+    pub outside_decode: Option<Summary>,
     /// Rows of a variant whose greedy output diverged from the baseline's.
     pub diverged: bool,
 }
@@ -99,7 +101,9 @@ pub fn rows(settings: &RunSettings, order: &[String], baseline: &str, runs: &BTr
             let r = runs.get(name).unwrap_or(&empty);
             let samples = r.tokens_per_s.get(test).cloned().unwrap_or_default();
             let present: Vec<f64> = samples.iter().flatten().copied().collect();
-            let ttft: Vec<f64> = r.ttft_ms.get(test).map(|v| v.iter().flatten().copied().collect()).unwrap_or_default();
+            let present_of = |m: &BTreeMap<String, Vec<Option<f64>>>| -> Vec<f64> { m.get(test).map(|v| v.iter().flatten().copied().collect()).unwrap_or_default() };
+            let ttft = present_of(&r.ttft_ms);
+            let outside_decode = present_of(&r.outside_decode_pct);
             let vs_baseline = if name == baseline { None } else { base.tokens_per_s.get(test).and_then(|b| stats::paired_ratio(&samples, b)) };
             out.push(Row {
                 variant: name.clone(),
@@ -107,12 +111,21 @@ pub fn rows(settings: &RunSettings, order: &[String], baseline: &str, runs: &BTr
                 summary: stats::summarize(&present),
                 vs_baseline,
                 ttft: stats::summarize(&ttft),
+                outside_decode: stats::summarize(&outside_decode),
                 diverged: diverged.contains(name),
                 samples,
             });
         }
     }
     out
+}
+
+/// The token count of an e2e test name ("e2e" is 128, "e2e64" 64).
+fn e2e_tokens(test: &str) -> Option<usize> {
+    match test.strip_prefix("e2e")? {
+        "" => Some(128),
+        n => n.parse().ok().filter(|&n| n > 1),
+    }
 }
 
 /// First index where two token streams differ (or where one ends early).
@@ -165,6 +178,14 @@ impl Report {
             let t = r.ttft.as_ref().expect("filtered");
             let _ = writeln!(s, "{:<12} {:<12} time to first token: {:.1} ± {:.1} ms (median {:.1})", r.variant, r.test, t.mean, t.sd, t.median);
         }
+        for r in self.rows.iter().filter(|r| r.outside_decode.is_some()) {
+            let o = r.outside_decode.as_ref().expect("filtered");
+            let _ = writeln!(
+                s,
+                "{:<12} {:<12} outside decode: {:.2} ± {:.2} % of generation time (median {:.2}, max {:.2}): sampling, detokenizing, stops, streaming",
+                r.variant, r.test, o.mean, o.sd, o.median, o.max
+            );
+        }
         let _ = writeln!(
             s,
             "tg ceiling: {:.1} GB/s memory read / {:.0} MB of weights = {:.1} t/s",
@@ -179,6 +200,14 @@ impl Report {
         }
         for (variant, r) in &self.e2e_over_tg {
             let _ = writeln!(s, "  {variant}: e2e / tg = {:.3} [{:.3}, {:.3}] (user-visible over raw decode)", r.ratio, r.ci_low, r.ci_high);
+        }
+        if let (Some(n), false) = (self.settings.tests.iter().find_map(|t| e2e_tokens(t)), self.e2e_over_tg.is_empty()) {
+            let _ = writeln!(
+                s,
+                "  (e2e's {n} tokens take {} decodes after the prompt's, tgN's N take N: with nothing outside decoding, e2e / tg would read {:.3})",
+                n - 1,
+                n as f64 / (n - 1) as f64
+            );
         }
         for e in self.equivalence.iter().filter(|e| e.diverges_at.is_some()) {
             let why = if e.near_tie { " (a near-tie swap of the top two, within 0.25 logits)" } else { " (NOT a near-tie: a real difference)" };
@@ -301,6 +330,14 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn e2e_test_names_give_their_token_count() {
+        assert_eq!(e2e_tokens("e2e"), Some(128));
+        assert_eq!(e2e_tokens("e2e64"), Some(64));
+        assert_eq!(e2e_tokens("tg128"), None);
+        assert_eq!(e2e_tokens("e2e1"), None);
+    }
 
     #[test]
     fn divergence_finds_the_first_differing_token() {

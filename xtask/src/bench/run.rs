@@ -36,6 +36,8 @@ pub struct VariantRuns {
     pub tokens_per_s: BTreeMap<String, Vec<Option<f64>>>,
     /// e2e time to first token (ms), per round.
     pub ttft_ms: BTreeMap<String, Vec<Option<f64>>>,
+    /// e2e share of generation time outside decoding (%), per round.
+    pub outside_decode_pct: BTreeMap<String, Vec<Option<f64>>>,
     pub errors: Vec<String>,
     /// The last successful run's report: build info, system info, model info.
     pub report: Option<serde_json::Value>,
@@ -114,6 +116,7 @@ pub fn run_all(built: &[Built], settings: &RunSettings, out_dir: &Path) -> BTree
         for t in &settings.tests {
             entry.tokens_per_s.insert(t.clone(), vec![None; settings.reps]);
             entry.ttft_ms.insert(t.clone(), vec![None; settings.reps]);
+            entry.outside_decode_pct.insert(t.clone(), vec![None; settings.reps]);
         }
     }
     let timeout = Duration::from_secs(settings.timeout_s);
@@ -164,6 +167,9 @@ pub fn run_all(built: &[Built], settings: &RunSettings, out_dir: &Path) -> BTree
                         }
                         if let Some(slot) = entry.ttft_ms.get_mut(test) {
                             slot[round] = s["time_to_first_token_ms"].as_f64();
+                        }
+                        if let Some(slot) = entry.outside_decode_pct.get_mut(test) {
+                            slot[round] = s["outside_decode_percent"].as_f64();
                         }
                     }
                     if entry.report.is_none() {

@@ -1,6 +1,9 @@
 //! Backend `raw`: our llama.cpp build driven by raw llama-sys calls, with no safe wrapper in
-//! between. It exists for bench-compare's `B-raw` variant: the difference between `B` and
-//! `B-raw` is what the `llama` crate and its checks cost.
+//! between. It exists for bench-compare's `B-raw` variant. In the tests that do not sample
+//! (ppN, tgN) the difference between `B` and `B-raw` is what the `llama` crate and its checks
+//! cost; in e2e it also holds the sampling lever, since this backend samples the way a plain
+//! llama.cpp program does (`llama_sampler_sample`, a candidate for every token) while `B`'s
+//! sampler preselects the top k from the logits row.
 
 use std::ffi::{CStr, CString, c_void};
 use std::path::Path;

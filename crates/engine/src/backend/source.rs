@@ -44,6 +44,20 @@ fn tokens(ids: &[TokenId]) -> &[Token] {
     unsafe { std::slice::from_raw_parts(ids.as_ptr().cast(), ids.len()) }
 }
 
+/// The same allocation seen as tokens: tokenizing into the engine's buffer copies nothing.
+fn into_tokens(ids: Vec<TokenId>) -> Vec<Token> {
+    let mut ids = std::mem::ManuallyDrop::new(ids);
+    // SAFETY: Token is repr(transparent) over i32 (same size and alignment), so the allocation,
+    // its length and capacity describe a valid Vec<Token>; ManuallyDrop gives up the old owner.
+    unsafe { Vec::from_raw_parts(ids.as_mut_ptr().cast(), ids.len(), ids.capacity()) }
+}
+
+fn into_ids(tokens: Vec<Token>) -> Vec<TokenId> {
+    let mut tokens = std::mem::ManuallyDrop::new(tokens);
+    // SAFETY: as in into_tokens, the other way round.
+    unsafe { Vec::from_raw_parts(tokens.as_mut_ptr().cast(), tokens.len(), tokens.capacity()) }
+}
+
 impl BackendModel for SourceModel {
     type Session<'m> = SourceSession<'m>;
 
@@ -63,13 +77,10 @@ impl BackendModel for SourceModel {
     }
 
     fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
-        let mut buf: Vec<Token> = std::mem::take(out).into_iter().map(Token).collect();
-        self.model
-            .vocab()
-            .tokenize_into(text, TokenizeOptions { add_special, parse_special }, &mut buf)
-            .map_err(|e| EngineError::Tokenize(e.to_string()))?;
-        *out = buf.into_iter().map(|t| t.0).collect();
-        Ok(())
+        let mut buf = into_tokens(std::mem::take(out));
+        let result = self.model.vocab().tokenize_into(text, TokenizeOptions { add_special, parse_special }, &mut buf);
+        *out = into_ids(buf);
+        result.map_err(|e| EngineError::Tokenize(e.to_string()))
     }
 
     fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
