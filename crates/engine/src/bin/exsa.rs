@@ -164,7 +164,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let request = GenerateRequest { max_tokens: sampling.max_tokens, stop: sampling.stop.clone(), sampling: sampling.params(), ..GenerateRequest::new(prompt) };
             let mut generation = s.generate(&request)?;
             let mut out = std::io::stdout().lock();
-            for delta in generation.by_ref() {
+            while let Some(delta) = generation.next_text() {
                 out.write_all(delta?.as_bytes())?;
                 out.flush()?;
             }
@@ -194,11 +194,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 };
                 let mut reply = String::new();
                 let mut generation = s.chat(&history, request)?;
-                for delta in generation.by_ref() {
+                while let Some(delta) = generation.next_text() {
                     let delta = delta?;
                     print!("{delta}");
                     std::io::stdout().flush()?;
-                    reply.push_str(&delta);
+                    reply.push_str(delta);
                 }
                 let st = generation.stats().clone();
                 println!();
