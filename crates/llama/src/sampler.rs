@@ -339,7 +339,7 @@ impl Sampler<'_> {
         // for the call; the stages only shrink `size` and write within it.
         unsafe { sys::llama_sampler_apply(self.raw.as_ptr(), &mut array) };
         let selected = usize::try_from(array.selected).ok().filter(|&i| i < array.size);
-        let token = selected.map(|i| self.candidates[i].id).ok_or(SamplerError::NothingSelected { candidates: array.size })?;
+        let token = selected.and_then(|i| self.candidates.get(i)).map(|c| c.id).ok_or(SamplerError::NothingSelected { candidates: array.size })?;
         // SAFETY: live chain; the token comes from the logits row, so it is in the vocabulary.
         unsafe { sys::llama_sampler_accept(self.raw.as_ptr(), token) };
         Ok(Token(token))
@@ -379,5 +379,30 @@ impl Drop for Sampler<'_> {
     fn drop(&mut self) {
         // SAFETY: we own the chain, which frees its stages.
         unsafe { sys::llama_sampler_free(self.raw.as_ptr()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_chains_that_start_by_cutting_to_a_small_top_k_are_preselected() {
+        let n_vocab = 262_144;
+        let top_k = |k| Stage::TopK { k };
+        assert_eq!(preselection(&[Stage::Greedy], n_vocab), Some(1));
+        assert_eq!(preselection(&[top_k(40), Stage::TopP { p: 0.95, min_keep: 1 }, Stage::Temp { t: 0.8 }, Stage::Dist { seed: 1 }], n_vocab), Some(40));
+        assert_eq!(preselection(&[top_k(top_k::MAX_K as i32), Stage::Dist { seed: 1 }], n_vocab), Some(top_k::MAX_K));
+        // Off, too large for the insertion buffer, or the whole vocabulary: nothing to save.
+        assert_eq!(preselection(&[top_k(0), Stage::Dist { seed: 1 }], n_vocab), None);
+        assert_eq!(preselection(&[top_k(-3), Stage::Dist { seed: 1 }], n_vocab), None);
+        assert_eq!(preselection(&[top_k(top_k::MAX_K as i32 + 1), Stage::Dist { seed: 1 }], n_vocab), None);
+        assert_eq!(preselection(&[top_k(40), Stage::Dist { seed: 1 }], 40), None);
+        // A stage before top-k changes logits, so the row is not what top-k would see.
+        let penalties = Stage::Penalties { last_n: 64, repeat: 1.1, freq: 0.0, present: 0.0 };
+        assert_eq!(preselection(&[penalties, top_k(40), Stage::Dist { seed: 1 }], n_vocab), None);
+        assert_eq!(preselection(&[Stage::LogitBias { biases: vec![] }, Stage::Greedy], n_vocab), None);
+        assert_eq!(preselection(&[Stage::Temp { t: 0.8 }, Stage::Dist { seed: 1 }], n_vocab), None);
+        assert_eq!(preselection(&[], n_vocab), None);
     }
 }
