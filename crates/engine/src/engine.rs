@@ -297,7 +297,7 @@ impl<'e> Session<'e> {
 
 /// Bytes reserved up front for one token's text (the longest piece in common vocabularies is
 /// well under this).
-const TOKEN_TEXT_CAPACITY: usize = 256;
+pub(crate) const TOKEN_TEXT_CAPACITY: usize = 256;
 
 /// A generation in progress: an iterator of text deltas, or, without an allocation per token,
 /// [`Generation::next_text`].
@@ -353,12 +353,10 @@ impl Generation<'_, '_> {
         self.finished = true;
         self.stats.finish_reason = Some(reason);
         if reason != FinishReason::StopSequence {
-            // Bytes of an unfinished character are replaced, not dropped; they come after
-            // anything the stop matcher held back.
-            self.decoded.clear();
-            self.utf8.finish(&mut self.decoded);
+            // Held-back text first, then the bytes of an unfinished character, replaced rather
+            // than dropped.
             self.stop.flush(&mut self.delta);
-            self.delta.push_str(&self.decoded);
+            self.utf8.finish(&mut self.delta);
         }
         let generation_ms = ms(Instant::now() - self.prompt_done);
         self.stats.generation_ms = generation_ms;

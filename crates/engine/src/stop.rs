@@ -1,6 +1,8 @@
 //! Stop sequences over streamed text: text that could still turn into a stop sequence is held
 //! back until it cannot, so a stop sequence never reaches the caller, even split over tokens.
 
+use crate::engine::TOKEN_TEXT_CAPACITY;
+
 /// Whether a stop sequence ended the text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopScan {
@@ -22,7 +24,8 @@ impl StopMatcher {
     pub fn new(stops: &[String]) -> Self {
         // What is held is at most a stop sequence plus one token's text.
         let longest = stops.iter().map(String::len).max().unwrap_or(0);
-        StopMatcher { stops: stops.to_vec(), held: String::with_capacity(if longest == 0 { 0 } else { longest + 256 }) }
+        let capacity = if longest == 0 { 0 } else { longest + TOKEN_TEXT_CAPACITY };
+        StopMatcher { stops: stops.to_vec(), held: String::with_capacity(capacity) }
     }
 
     /// Adds decoded text and appends to `out` what may be emitted.

@@ -317,9 +317,10 @@ pub enum SamplerError {
         /// The last stage, if any.
         last: Option<&'static str>,
     },
-    /// The chain ended without choosing a token (its last stage does not pick one, or every
-    /// logit was NaN).
-    #[error("the sampler chain selected no token from {candidates} candidates; does it end with greedy, dist or mirostat?")]
+    /// The chain ended without choosing a token, for instance because every logit was NaN
+    /// and no candidate was left (a chain whose last stage picks no token is refused when built:
+    /// `NoSelector`).
+    #[error("the sampler chain selected no token from {candidates} candidates (were the logits NaN?)")]
     NothingSelected {
         /// The candidates left when the chain finished.
         candidates: usize,

@@ -192,45 +192,46 @@ fn preselection(stages: &[Stage], n_vocab: usize) -> Option<usize> {
 }
 
 fn validate(stage: &Stage, n_vocab: i32) -> Result<(), SamplerError> {
-    let check = |ok: bool, sampler, name, value: &dyn std::fmt::Debug, reason| {
+    let sampler = stage.name();
+    let check = |ok: bool, name, value: &dyn std::fmt::Debug, reason| {
         if ok { Ok(()) } else { Err(SamplerError::InvalidParam { sampler, name, value: format!("{value:?}"), reason }) }
     };
     let unit = |x: f32| x.is_finite() && (0.0..=1.0).contains(&x);
     match stage {
         Stage::Greedy | Stage::Dist { .. } | Stage::TopK { .. } | Stage::Grammar { .. } => Ok(()),
-        Stage::Temp { t } => check(t.is_finite() && *t >= 0.0, "temperature", "t", t, "must be finite and >= 0"),
-        Stage::TopP { p, .. } => check(unit(*p), "top-p", "p", p, "must be within 0..=1"),
-        Stage::MinP { p, .. } => check(unit(*p), "min-p", "p", p, "must be within 0..=1"),
-        Stage::Typical { p, .. } => check(unit(*p), "typical", "p", p, "must be within 0..=1"),
+        Stage::Temp { t } => check(t.is_finite() && *t >= 0.0, "t", t, "must be finite and >= 0"),
+        Stage::TopP { p, .. } => check(unit(*p), "p", p, "must be within 0..=1"),
+        Stage::MinP { p, .. } => check(unit(*p), "p", p, "must be within 0..=1"),
+        Stage::Typical { p, .. } => check(unit(*p), "p", p, "must be within 0..=1"),
         Stage::Xtc { p, t, .. } => {
-            check(unit(*p), "xtc", "p", p, "must be within 0..=1")?;
-            check(unit(*t), "xtc", "t", t, "must be within 0..=1")
+            check(unit(*p), "p", p, "must be within 0..=1")?;
+            check(unit(*t), "t", t, "must be within 0..=1")
         }
         Stage::Penalties { last_n, repeat, freq, present } => {
-            check(*last_n >= -1, "penalties", "last_n", last_n, "must be >= -1")?;
-            check(repeat.is_finite() && *repeat > 0.0, "penalties", "repeat", repeat, "must be finite and > 0 (1 = off)")?;
-            check(freq.is_finite(), "penalties", "freq", freq, "must be finite")?;
-            check(present.is_finite(), "penalties", "present", present, "must be finite")
+            check(*last_n >= -1, "last_n", last_n, "must be >= -1")?;
+            check(repeat.is_finite() && *repeat > 0.0, "repeat", repeat, "must be finite and > 0 (1 = off)")?;
+            check(freq.is_finite(), "freq", freq, "must be finite")?;
+            check(present.is_finite(), "present", present, "must be finite")
         }
         Stage::Dry { multiplier, base, allowed_length, last_n, .. } => {
-            check(multiplier.is_finite() && *multiplier >= 0.0, "dry", "multiplier", multiplier, "must be finite and >= 0")?;
-            check(base.is_finite() && *base >= 1.0, "dry", "base", base, "must be finite and >= 1")?;
-            check(*allowed_length >= 0, "dry", "allowed_length", allowed_length, "must be >= 0")?;
-            check(*last_n >= -1, "dry", "last_n", last_n, "must be >= -1")
+            check(multiplier.is_finite() && *multiplier >= 0.0, "multiplier", multiplier, "must be finite and >= 0")?;
+            check(base.is_finite() && *base >= 1.0, "base", base, "must be finite and >= 1")?;
+            check(*allowed_length >= 0, "allowed_length", allowed_length, "must be >= 0")?;
+            check(*last_n >= -1, "last_n", last_n, "must be >= -1")
         }
         Stage::Mirostat { tau, eta, m, .. } => {
-            check(tau.is_finite() && *tau > 0.0, "mirostat", "tau", tau, "must be finite and > 0")?;
-            check(eta.is_finite() && *eta > 0.0, "mirostat", "eta", eta, "must be finite and > 0")?;
-            check(*m > 0, "mirostat", "m", m, "must be > 0")
+            check(tau.is_finite() && *tau > 0.0, "tau", tau, "must be finite and > 0")?;
+            check(eta.is_finite() && *eta > 0.0, "eta", eta, "must be finite and > 0")?;
+            check(*m > 0, "m", m, "must be > 0")
         }
         Stage::MirostatV2 { tau, eta, .. } => {
-            check(tau.is_finite() && *tau > 0.0, "mirostat-v2", "tau", tau, "must be finite and > 0")?;
-            check(eta.is_finite() && *eta > 0.0, "mirostat-v2", "eta", eta, "must be finite and > 0")
+            check(tau.is_finite() && *tau > 0.0, "tau", tau, "must be finite and > 0")?;
+            check(eta.is_finite() && *eta > 0.0, "eta", eta, "must be finite and > 0")
         }
         Stage::LogitBias { biases } => {
             for (token, bias) in biases {
-                check((0..n_vocab).contains(&token.0), "logit-bias", "token", token, "is outside the vocabulary")?;
-                check(bias.is_finite() || *bias == f32::NEG_INFINITY, "logit-bias", "bias", bias, "must be finite or -inf")?;
+                check((0..n_vocab).contains(&token.0), "token", token, "is outside the vocabulary")?;
+                check(bias.is_finite() || *bias == f32::NEG_INFINITY, "bias", bias, "must be finite or -inf")?;
             }
             Ok(())
         }
@@ -243,44 +244,44 @@ fn create(stage: &Stage, model: &Model) -> Result<NonNull<sys::llama_sampler>, S
     // SAFETY: every arm calls a constructor that copies its arguments; the pointers passed are
     // valid for the call (CStrings and slices owned here), and the vocab outlives the sampler,
     // which borrows the model.
-    let (raw, name, messages) = unsafe {
+    let (raw, messages) = unsafe {
         match stage {
-            Stage::Greedy => (sys::llama_sampler_init_greedy(), "greedy", None),
-            Stage::Dist { seed } => (sys::llama_sampler_init_dist(*seed), "dist", None),
-            Stage::Temp { t } => (sys::llama_sampler_init_temp(*t), "temperature", None),
-            Stage::TopK { k } => (sys::llama_sampler_init_top_k(*k), "top-k", None),
-            Stage::TopP { p, min_keep } => (sys::llama_sampler_init_top_p(*p, *min_keep), "top-p", None),
-            Stage::MinP { p, min_keep } => (sys::llama_sampler_init_min_p(*p, *min_keep), "min-p", None),
-            Stage::Typical { p, min_keep } => (sys::llama_sampler_init_typical(*p, *min_keep), "typical", None),
-            Stage::Xtc { p, t, min_keep, seed } => (sys::llama_sampler_init_xtc(*p, *t, *min_keep, *seed), "xtc", None),
+            Stage::Greedy => (sys::llama_sampler_init_greedy(), None),
+            Stage::Dist { seed } => (sys::llama_sampler_init_dist(*seed), None),
+            Stage::Temp { t } => (sys::llama_sampler_init_temp(*t), None),
+            Stage::TopK { k } => (sys::llama_sampler_init_top_k(*k), None),
+            Stage::TopP { p, min_keep } => (sys::llama_sampler_init_top_p(*p, *min_keep), None),
+            Stage::MinP { p, min_keep } => (sys::llama_sampler_init_min_p(*p, *min_keep), None),
+            Stage::Typical { p, min_keep } => (sys::llama_sampler_init_typical(*p, *min_keep), None),
+            Stage::Xtc { p, t, min_keep, seed } => (sys::llama_sampler_init_xtc(*p, *t, *min_keep, *seed), None),
             Stage::Penalties { last_n, repeat, freq, present } => {
-                (sys::llama_sampler_init_penalties(n_vocab, *last_n, *repeat, *freq, *present), "penalties", None)
+                (sys::llama_sampler_init_penalties(n_vocab, *last_n, *repeat, *freq, *present), None)
             }
             Stage::Dry { multiplier, base, allowed_length, last_n, breakers } => {
                 let owned: Vec<CString> =
                     breakers.iter().map(|b| CString::new(b.as_str())).collect::<Result<_, _>>().map_err(|_| SamplerError::Nul("a DRY sequence breaker"))?;
                 let mut ptrs: Vec<*const std::ffi::c_char> = owned.iter().map(|c| c.as_ptr()).collect();
                 let raw = sys::llama_sampler_init_dry(vocab.as_ptr(), *multiplier, *base, *allowed_length, *last_n, ptrs.as_mut_ptr(), ptrs.len());
-                (raw, "dry", None)
+                (raw, None)
             }
-            Stage::Mirostat { seed, tau, eta, m } => (sys::llama_sampler_init_mirostat(n_vocab, *seed, *tau, *eta, *m), "mirostat", None),
-            Stage::MirostatV2 { seed, tau, eta } => (sys::llama_sampler_init_mirostat_v2(*seed, *tau, *eta), "mirostat-v2", None),
+            Stage::Mirostat { seed, tau, eta, m } => (sys::llama_sampler_init_mirostat(n_vocab, *seed, *tau, *eta, *m), None),
+            Stage::MirostatV2 { seed, tau, eta } => (sys::llama_sampler_init_mirostat_v2(*seed, *tau, *eta), None),
             Stage::Grammar { grammar, root } => {
                 let g = CString::new(grammar.as_str()).map_err(|_| SamplerError::Nul("the grammar"))?;
                 let r = CString::new(root.as_str()).map_err(|_| SamplerError::Nul("the grammar root"))?;
                 let (raw, messages) = backend::capture(|| sys::llama_sampler_init_grammar(vocab.as_ptr(), g.as_ptr(), r.as_ptr()));
-                (raw, "grammar", Some(messages))
+                (raw, Some(messages))
             }
             Stage::LogitBias { biases } => {
                 let raw: Vec<sys::llama_logit_bias> = biases.iter().map(|(t, b)| sys::llama_logit_bias { token: t.0, bias: *b }).collect();
-                (sys::llama_sampler_init_logit_bias(n_vocab, raw.len() as i32, raw.as_ptr()), "logit-bias", None)
+                (sys::llama_sampler_init_logit_bias(n_vocab, raw.len() as i32, raw.as_ptr()), None)
             }
         }
     };
     match (NonNull::new(raw), messages) {
         (Some(raw), _) => Ok(raw),
         (None, Some(messages)) => Err(SamplerError::Grammar { messages }),
-        (None, None) => Err(SamplerError::Llama(name)),
+        (None, None) => Err(SamplerError::Llama(stage.name())),
     }
 }
 
