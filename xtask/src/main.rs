@@ -38,8 +38,20 @@ enum Command {
     Tune(tune::Args),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+/// Errors end the run with one `error:` line (the cause chain joined), never with a backtrace:
+/// the last line a user sees is the one that says what to do.
+fn main() -> std::process::ExitCode {
+    match dispatch(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Setup(args) => setup::run(&args),
         Command::Vendor(args) => vendor::run(&args),
         Command::FetchModel(args) => fetch_model::run(&args).map(|path| println!("{}", path.display())),

@@ -23,24 +23,43 @@ pub fn bench_root() -> PathBuf {
     workspace::target_dir().join("bench-compare")
 }
 
-/// Builds each variant; a failure is recorded and the others go on.
+/// Builds each variant; a failure is recorded and the others go on. Each variant gets a line
+/// when it starts and one when it ends, also when stderr is no terminal (a log file, CI), so a
+/// first build's silent minutes say what they are; a terminal also shows a ticking spinner.
 pub fn build_all(variants: &[Variant]) -> Vec<Built> {
     variants
         .iter()
-        .map(|v| {
-            let bar = ProgressBar::new_spinner().with_message(format!("building {} ({} backend)", v.name, v.backend));
+        .enumerate()
+        .map(|(i, v)| {
+            eprintln!("[{}/{}] building {} ({} backend, profile {}); the first build of llama.cpp takes minutes", i + 1, variants.len(), v.name, v.backend, v.profile);
+            let bar = ProgressBar::new_spinner().with_message(format!("building {}", v.name));
             bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("valid template"));
             bar.enable_steady_tick(Duration::from_millis(200));
             let start = Instant::now();
             let binary = build(v).map_err(|e| format!("{e:#}"));
             let seconds = start.elapsed().as_secs_f64();
+            bar.finish_and_clear();
             match &binary {
-                Ok(_) => bar.finish_with_message(format!("built {} in {seconds:.0} s", v.name)),
-                Err(e) => bar.finish_with_message(format!("FAILED to build {}: {e}", v.name)),
+                Ok(_) => eprintln!("[{}/{}] built {} in {seconds:.0} s", i + 1, variants.len(), v.name),
+                Err(e) => eprintln!("[{}/{}] FAILED to build {} after {seconds:.0} s: {e}", i + 1, variants.len(), v.name),
             }
             Built { variant: v.clone(), binary, seconds }
         })
         .collect()
+}
+
+/// The line that says what to do when every variant failed to build: llama-sys names its fix in
+/// an `error: llama-sys:` line; otherwise the first error of the first log.
+pub fn fix_line(built: &[Built]) -> String {
+    let errors: Vec<&str> = built.iter().filter_map(|b| b.binary.as_ref().err().map(String::as_str)).collect();
+    let llama_sys = errors.iter().flat_map(|e| e.lines()).find(|l| l.contains("error: llama-sys:"));
+    match llama_sys {
+        Some(line) => line.trim().trim_start_matches("error: ").to_string(),
+        None => format!(
+            "{}; `cargo xtask setup --check` lists what is missing",
+            errors.first().and_then(|e| e.lines().nth(1)).unwrap_or("see the build logs").trim()
+        ),
+    }
 }
 
 fn build(v: &Variant) -> Result<PathBuf> {
@@ -71,7 +90,7 @@ fn build(v: &Variant) -> Result<PathBuf> {
         // The first error line says more than the last lines (often a backtrace).
         let first_error = text.lines().find(|l| l.contains("error:") && !l.contains("could not compile")).unwrap_or("").trim();
         let tail: Vec<&str> = text.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
-        bail!("cargo build failed ({status}); log {}:\n{first_error}\n{}", log_path.display(), tail.join("\n"));
+        bail!("cargo build failed ({status}); log {}\n{first_error}\n{}", log_path.display(), tail.join("\n"));
     }
     let profile_dir = if v.profile == "dev" { "debug" } else { v.profile.as_str() };
     let built = target.join(profile_dir).join(format!("exsa{}", std::env::consts::EXE_SUFFIX));

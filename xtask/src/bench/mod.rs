@@ -93,20 +93,18 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("--reps must be at least 2: a ratio needs paired rounds");
     }
     let variants = variants::resolve(args.variants_file.as_deref(), &args.variants)?;
-    let model = match &args.model {
-        Some(m) => {
-            llama_header_check(m)?;
-            m.clone()
-        }
-        None => {
-            setup::run(&setup::Args::default())?;
-            vendor::run(&vendor::Args::default())?;
-            fetch_model::run(&fetch_model::Args::default())?
-        }
-    };
-    if args.model.is_some() && variants.iter().any(|v| v.backend != "crate" && v.llama_cpp_dir.is_none()) {
+    if let Some(m) = &args.model {
+        llama_header_check(m)?;
+    }
+    // Both builds need cmake and libclang whatever the model.
+    setup::run(&setup::Args::default())?;
+    if variants.iter().any(|v| v.backend != "crate" && v.llama_cpp_dir.is_none()) {
         vendor::run(&vendor::Args::default())?;
     }
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => fetch_model::run(&fetch_model::Args::default())?,
+    };
 
     let built = match (args.quick, build::cached(&variants)) {
         (true, Some(cached)) => {
@@ -115,6 +113,9 @@ pub fn run(args: &Args) -> Result<()> {
         }
         _ => build::build_all(&variants),
     };
+    if built.iter().all(|b| b.binary.is_err()) {
+        bail!("every variant failed to build (logs in {}): {}", build::bench_root().join("logs").display(), build::fix_line(&built));
+    }
     let build_done = Instant::now();
     eprintln!("measuring memory-read bandwidth");
     let machine = machine::describe();
