@@ -1,9 +1,11 @@
 //! `cargo xtask <command>`: the project's automation, one module per command.
 
+mod app_test;
 mod bench;
 mod fetch_model;
 mod hashing;
 mod leak_check;
+mod package;
 mod pin;
 mod setup;
 mod test;
@@ -28,6 +30,10 @@ enum Command {
     Vendor(vendor::Args),
     /// Install the default model (Gemma 3 270M Q4_K_M) into .cache/models and print its path.
     FetchModel(fetch_model::Args),
+    /// .crate files of llama-src (with the pinned llama.cpp inside), llama-sys and llama.
+    Package(package::Args),
+    /// Build and run an app outside the workspace against the packaged crates, offline.
+    AppTest(app_test::Args),
     /// Set everything up, then run every test of the workspace.
     Test(test::Args),
     /// Run the safe wrapper's test binaries under valgrind; fail on any definite leak.
@@ -55,6 +61,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Setup(args) => setup::run(&args),
         Command::Vendor(args) => vendor::run(&args),
         Command::FetchModel(args) => fetch_model::run(&args).map(|path| println!("{}", path.display())),
+        Command::Package(args) => package::run(&args).map(|_| ()),
+        Command::AppTest(args) => app_test::run(&args),
         Command::Test(args) => test::run(&args),
         Command::LeakCheck(args) => leak_check::run(&args),
         Command::BenchCompare(args) => bench::run(&args),

@@ -3,9 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+
 use anyhow::{Context, Result, bail};
 
-use crate::{hashing, pin, workspace};
+use crate::{pin, workspace};
 
 #[derive(clap::Args, Default)]
 pub struct Args {
@@ -21,7 +22,7 @@ pub fn run(args: &Args) -> Result<()> {
     let pin = pin::read()?;
     let dest = workspace::root().join("vendor/llama.cpp");
     if dest.exists() && !args.update_pin {
-        let (hash, _) = hashing::tree_sha256(&dest)?;
+        let (hash, _) = llama_src::tree_sha256(&dest).with_context(|| format!("cannot hash {}", dest.display()))?;
         if hash == pin.tree_sha256 {
             eprintln!("vendor/llama.cpp is up to date ({} {}, sha256 {})", pin.package, pin.version, &hash[..12]);
             return Ok(());
@@ -38,7 +39,7 @@ pub fn run(args: &Args) -> Result<()> {
 
     let package_dir = fetch_package(&pin.package, &pin.version)?;
     let src = package_dir.join(&pin.folder);
-    let (hash, files) = hashing::tree_sha256(&src)?;
+    let (hash, files) = llama_src::tree_sha256(&src).with_context(|| format!("cannot hash {}", src.display()))?;
     if args.update_pin {
         pin::write(&pin::Pin { tree_sha256: hash.clone(), files, ..pin.clone() })?;
         eprintln!("pin updated: {} {} sha256 {hash} ({files} files)", pin.package, pin.version);
@@ -64,40 +65,14 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Asks cargo to resolve a throw-away manifest that depends on exactly `name =version`, and
-/// returns the package's unpacked source folder.
+/// The pinned package's unpacked source, through cargo (llama-src does the asking).
 fn fetch_package(name: &str, version: &str) -> Result<PathBuf> {
-    let dir = workspace::target_dir().join("xtask/vendor-fetch");
-    std::fs::create_dir_all(dir.join("src"))?;
-    std::fs::write(
-        dir.join("Cargo.toml"),
-        format!(
-            "[package]\nname = \"vendor-fetch\"\nversion = \"0.0.0\"\nedition = \"2021\"\npublish = false\n\n\
-             [dependencies]\n{name} = \"={version}\"\n\n[workspace]\n"
-        ),
-    )?;
-    std::fs::write(dir.join("src/lib.rs"), "")?;
     eprintln!("fetching {name} {version} through cargo");
-    let output = workspace::cargo()
-        .args(["metadata", "--format-version", "1", "--manifest-path"])
-        .arg(dir.join("Cargo.toml"))
-        .output()
-        .context("cannot run cargo metadata")?;
-    if !output.status.success() {
-        bail!("cargo could not fetch {name} {version}: {}", String::from_utf8_lossy(&output.stderr).trim());
-    }
-    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).context("cargo metadata printed no JSON")?;
-    let manifest = metadata["packages"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["name"] == name && p["version"] == version)
-        .and_then(|p| p["manifest_path"].as_str())
-        .with_context(|| format!("cargo metadata does not list {name} {version}"))?;
-    Ok(Path::new(manifest).parent().expect("a manifest is inside its package").to_path_buf())
+    let cargo = std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| "cargo".into());
+    Ok(llama_src::fetch_package(&cargo, name, version, &workspace::target_dir().join("xtask/vendor-fetch"))?)
 }
 
-fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
     std::fs::create_dir_all(dst)?;
     for entry in std::fs::read_dir(src).with_context(|| format!("cannot list {}", src.display()))? {
         let entry = entry?;

@@ -196,6 +196,10 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Turn special-token text in the prompt into special tokens (chat prompts need this).
     pub parse_special: bool,
+    /// For chats: let control-token text inside message contents (`<end_of_turn>`, ...) become
+    /// control tokens. Off by default, since it lets whoever writes a message forge turns;
+    /// only for trusted callers who build raw prompts through messages.
+    pub specials_in_messages: bool,
     pub cancel: Option<CancelToken>,
 }
 
@@ -207,6 +211,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             sampling: SamplingParams::default(),
             parse_special: false,
+            specials_in_messages: false,
             cancel: None,
         }
     }

@@ -122,14 +122,20 @@ impl Engine {
         self.session()?.generate_text(request)
     }
 
-    /// The mean-pooled embedding of `text`.
+    /// The mean-pooled embedding of `text`. The whole text must fit one batch (n_batch tokens):
+    /// pooling covers one decode, so a longer text would be pooled over its last part only.
     pub fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError> {
-        let config = SessionConfig { embeddings: true, ..self.config.session.clone() };
+        let base = &self.config.session;
+        // One micro-batch per batch, so models that attend both ways take a whole batch too.
+        let config = SessionConfig { embeddings: true, n_ubatch: base.n_batch, ..base.clone() };
         let mut session = self.session_with(&config)?;
         let mut tokens = Vec::new();
         self.model.tokenize(text, true, false, &mut tokens)?;
         if tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
+        }
+        if tokens.len() > config.n_batch as usize {
+            return Err(EngineError::EmbedTooLong { tokens: tokens.len(), n_batch: config.n_batch });
         }
         session.prefill(&tokens)?;
         session.inner.embedding()
@@ -139,6 +145,23 @@ impl Engine {
     /// architecture.
     pub fn chat_template(&self) -> &str {
         &self.chat_template
+    }
+
+    /// The prompt tokens of a chat, as [`Session::chat`] decodes them: the template's control
+    /// tokens parsed, message contents kept as text unless `specials_in_messages`.
+    pub fn chat_tokens(&self, messages: &[ChatMessage], specials_in_messages: bool) -> Result<Vec<TokenId>, EngineError> {
+        let rendered = self.format_chat(messages)?;
+        let mut tokens = Vec::new();
+        crate::chat_tokens::tokenize(&self.model, &rendered, messages, specials_in_messages, &mut tokens)?;
+        Ok(tokens)
+    }
+
+    /// Tokenizes plain text (BOS added where the model wants one; control-token text parsed
+    /// only with `parse_special`).
+    pub fn tokenize(&self, text: &str, parse_special: bool) -> Result<Vec<TokenId>, EngineError> {
+        let mut tokens = Vec::new();
+        self.model.tokenize(text, true, parse_special, &mut tokens)?;
+        Ok(tokens)
     }
 
     /// Formats a chat with [`Engine::chat_template`], opening the assistant's turn.
@@ -237,11 +260,16 @@ impl<'e> Session<'e> {
     pub fn generate(&mut self, request: &GenerateRequest) -> Result<Generation<'_, 'e>, EngineError> {
         request.validate()?;
         let started = Instant::now();
+        let mut tokens = std::mem::take(&mut self.scratch);
+        self.engine.model().tokenize(&request.prompt, true, request.parse_special, &mut tokens)?;
+        self.start(tokens, request, started)
+    }
+
+    /// Prefills `tokens` (the prompt) and returns the generation that follows it.
+    fn start(&mut self, tokens: Vec<TokenId>, request: &GenerateRequest, started: Instant) -> Result<Generation<'_, 'e>, EngineError> {
         let cancel = request.cancel.clone().unwrap_or_default();
         self.inner.set_abort_flag(cancel.0.clone());
         self.inner.set_sampler(&request.sampling)?;
-        let mut tokens = std::mem::take(&mut self.scratch);
-        self.engine.model().tokenize(&request.prompt, true, request.parse_special, &mut tokens)?;
         if tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -277,11 +305,18 @@ impl<'e> Session<'e> {
         })
     }
 
-    /// Generates a chat reply: the messages formatted with the model's template.
+    /// Generates a chat reply: the messages formatted with the model's template. The template's
+    /// own control tokens are parsed; text inside message contents never becomes a control
+    /// token (a user cannot forge turns by typing `<end_of_turn>`), unless the request sets
+    /// [`GenerateRequest::specials_in_messages`].
     pub fn chat(&mut self, messages: &[ChatMessage], mut request: GenerateRequest) -> Result<Generation<'_, 'e>, EngineError> {
+        let started = Instant::now();
         request.prompt = self.engine.format_chat(messages)?;
         request.parse_special = true;
-        self.generate(&request)
+        request.validate()?;
+        let mut tokens = std::mem::take(&mut self.scratch);
+        crate::chat_tokens::tokenize(self.engine.model(), &request.prompt, messages, request.specials_in_messages, &mut tokens)?;
+        self.start(tokens, &request, started)
     }
 
     /// Runs a request to the end and returns all its text.

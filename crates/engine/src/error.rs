@@ -10,6 +10,8 @@ pub enum EngineError {
     InvalidConfig { field: &'static str, value: String, reason: &'static str },
     #[error("the prompt is {prompt_tokens} tokens, but the context holds {n_ctx}")]
     PromptTooLong { prompt_tokens: usize, n_ctx: u32 },
+    #[error("the text to embed is {tokens} tokens, more than one batch ({n_batch}) pools; raise n_batch or split the text")]
+    EmbedTooLong { tokens: usize, n_batch: u32 },
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error("could not load the model: {0}")]

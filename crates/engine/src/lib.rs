@@ -21,6 +21,7 @@
 //! ```
 
 pub mod backend;
+mod chat_tokens;
 mod config;
 mod engine;
 mod error;

@@ -4,12 +4,14 @@ use std::path::Path;
 
 use crate::plan::BuildPlan;
 
-pub fn generate(plan: &BuildPlan, source: &Path, out_dir: &Path) {
-    let wrapper: String = plan
+/// `shim_header` declares the exception guards (build/shim.rs), bound beside llama.h.
+pub fn generate(plan: &BuildPlan, source: &Path, shim_header: &Path, out_dir: &Path) {
+    let mut wrapper: String = plan
         .headers
         .iter()
         .map(|h| format!("#include \"{}\"\n", source.join(h).display()))
         .collect();
+    wrapper.push_str(&format!("#include \"{}\"\n", shim_header.display()));
     for h in &plan.headers {
         println!("cargo:rerun-if-changed={}", source.join(h).display());
     }
@@ -17,9 +19,9 @@ pub fn generate(plan: &BuildPlan, source: &Path, out_dir: &Path) {
         .header_contents("llama_sys_wrapper.h", &wrapper)
         .clang_arg(format!("-I{}", source.join("include").display()))
         .clang_arg(format!("-I{}", source.join("ggml/include").display()))
-        .allowlist_function("(llama|ggml|gguf)_.*")
-        .allowlist_type("(llama|ggml|gguf)_.*")
-        .allowlist_var("(LLAMA|GGML|GGUF)_.*")
+        .allowlist_function("(llama|ggml|gguf|exsa)_.*")
+        .allowlist_type("(llama|ggml|gguf|exsa)_.*")
+        .allowlist_var("(LLAMA|GGML|GGUF|EXSA)_.*")
         .rust_edition(bindgen::RustEdition::Edition2024)
         .derive_default(true)
         .derive_debug(true)

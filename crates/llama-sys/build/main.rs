@@ -7,6 +7,7 @@ mod cmake_build;
 mod env;
 mod plan;
 mod profile;
+mod shim;
 mod source;
 mod tools;
 
@@ -33,18 +34,20 @@ fn main() {
         env: std::env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default(),
     };
 
-    let source = source::locate(&manifest_dir);
+    let source = source::locate(&out_dir);
     let profile = profile::load(&plan::known_env_vars());
     let plan = BuildPlan::new(&plan_input(&target, &source, &profile)).unwrap_or_else(|e| fail(&e.to_string()));
 
     tools::require_cmake();
     tools::require_libclang();
     // bindgen first: it takes seconds and fails early, CMake takes minutes.
-    bindings::generate(&plan, &source.dir, &out_dir);
+    bindings::generate(&plan, &source.dir, &manifest_dir.join(shim::HEADER), &out_dir);
 
     let key = cache_key(&plan, &target, &source);
     let cache = env::var("LLAMA_SYS_BUILD_CACHE").map(PathBuf::from);
     let installed = cmake_build::build(&plan, &source.dir, cache.as_deref(), &out_dir, &key);
+    // The guards call into llama.cpp: a static library must come before those it uses.
+    shim::compile(&manifest_dir, &source.dir);
     emit_link(&plan, &installed);
 
     let info = build_info::BuildInfo::collect(&plan, &source, &target.triple, &installed, &profile);

@@ -79,6 +79,11 @@ impl Batch {
         if self.len() + tokens.len() > self.capacity {
             return Err(BatchError::Full { capacity: self.capacity });
         }
+        // The last position must fit i32: a wrapped position would decode at the wrong place.
+        let last_pos = i32::try_from(tokens.len()).ok().and_then(|n| start.checked_add(n.saturating_sub(1)));
+        if last_pos.is_none() {
+            return Err(BatchError::PositionOverflow { start, len: tokens.len() });
+        }
         for (k, &t) in tokens.iter().enumerate() {
             let last = k + 1 == tokens.len();
             self.add(t, start + k as i32, &[seq_id], logits_last && last)?;

@@ -61,18 +61,21 @@ pub fn apply_template(
     let total: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
     let mut buf = vec![0u8; total * 2 + 256];
     loop {
+        let mut n = 0;
         // SAFETY: every pointer in raw points into `owned`, alive across the call; buf is
-        // writable for its length.
-        let n = unsafe {
-            sys::llama_chat_apply_template(
+        // writable for its length; `n` is a live out-parameter.
+        crate::cpp::guard("llama_chat_apply_template", |err| unsafe {
+            sys::exsa_chat_apply_template(
                 c_template.as_ptr(),
                 raw.as_ptr(),
                 raw.len(),
                 add_assistant,
                 buf.as_mut_ptr().cast(),
                 i32::try_from(buf.len()).unwrap_or(i32::MAX),
+                &mut n,
+                err,
             )
-        };
+        })?;
         if n < 0 {
             return Err(ChatError::UnknownTemplate(template.chars().take(64).collect()));
         }

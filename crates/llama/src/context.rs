@@ -198,12 +198,21 @@ pub struct Context<'m> {
     model: &'m Model,
     n_ctx_seq: u32,
     n_batch: u32,
+    n_ubatch: u32,
+    /// False for models that attend both ways: their batches must fit one micro-batch.
+    causal: bool,
+    /// Whether all sequences share one KV stream; else each has its own, and llama.cpp copies
+    /// between streams whole sequences only.
+    unified_kv: bool,
     n_seq_max: u32,
     n_vocab: i32,
     embeddings: bool,
     /// Batch indices that requested an output in the last successful decode.
     outputs: Vec<i32>,
     abort_flag: Option<Arc<AtomicBool>>,
+    /// The adapters applied with [`Context::set_lora_adapters`]: llama.cpp keeps their pointers,
+    /// so the context keeps them alive.
+    lora: Vec<LoraAdapter<'m>>,
 }
 
 // SAFETY: a llama_context may move between threads; it is never used from two at once because
@@ -218,22 +227,30 @@ impl<'m> Context<'m> {
             return Err(ContextError::VocabOnly);
         }
         params.validate()?;
-        // SAFETY: the model is alive for 'm, which this context cannot outlive.
-        let (raw, messages) = backend::capture(|| unsafe { sys::llama_init_from_model(model.as_ptr(), params.to_raw()) });
+        let _adapters = model.adapters_read();
+        let raw_params = params.to_raw();
+        // SAFETY: the model is alive for 'm, which this context cannot outlive; its adapter set,
+        // which sizing the graph reads, is not written meanwhile (read lock).
+        let (raw, messages) = backend::capture(|| unsafe { sys::llama_init_from_model(model.as_ptr(), raw_params) });
         let raw = NonNull::new(raw).ok_or(ContextError::Llama(messages))?;
         // SAFETY: reads fields of the context just created.
-        let (n_ctx_seq, n_batch, n_seq_max) =
-            unsafe { (sys::llama_n_ctx_seq(raw.as_ptr()), sys::llama_n_batch(raw.as_ptr()), sys::llama_n_seq_max(raw.as_ptr())) };
+        let (n_ctx_seq, n_batch, n_ubatch, n_seq_max) = unsafe {
+            (sys::llama_n_ctx_seq(raw.as_ptr()), sys::llama_n_batch(raw.as_ptr()), sys::llama_n_ubatch(raw.as_ptr()), sys::llama_n_seq_max(raw.as_ptr()))
+        };
         Ok(Context {
             raw,
             model,
             n_ctx_seq,
             n_batch,
+            n_ubatch,
+            causal: model.is_causal(),
+            unified_kv: raw_params.kv_unified,
             n_seq_max,
             n_vocab: model.vocab().n_tokens(),
             embeddings: params.embeddings,
             outputs: Vec::new(),
             abort_flag: None,
+            lora: Vec::new(),
         })
     }
 
@@ -257,6 +274,12 @@ impl<'m> Context<'m> {
         self.n_batch
     }
 
+    /// Most tokens computed at once; an encoder's batch, and the batch of a model that attends
+    /// both ways, must fit in it.
+    pub fn n_ubatch(&self) -> u32 {
+        self.n_ubatch
+    }
+
     /// Sequences the KV cache holds.
     pub fn n_seq_max(&self) -> u32 {
         self.n_seq_max
@@ -267,12 +290,16 @@ impl<'m> Context<'m> {
         &self.outputs
     }
 
-    fn check_batch(&self, batch: &Batch) -> Result<(), DecodeError> {
+    /// `whole` says the batch must fit one micro-batch (llama.cpp asserts, aborting, otherwise).
+    fn check_batch(&self, batch: &Batch, whole: Option<&'static str>) -> Result<(), DecodeError> {
         if batch.is_empty() {
             return Err(DecodeError::EmptyBatch);
         }
         if batch.len() > self.n_batch as usize {
             return Err(DecodeError::BatchTooLarge { n_tokens: batch.len(), n_batch: self.n_batch });
+        }
+        if let Some(why) = whole.filter(|_| batch.len() > self.n_ubatch as usize) {
+            return Err(DecodeError::ExceedsUbatch { n_tokens: batch.len(), n_ubatch: self.n_ubatch, why });
         }
         for (index, (token, pos, seq_ids, _)) in batch.entries().enumerate() {
             if !(0..self.n_vocab).contains(&token.0) {
@@ -291,25 +318,36 @@ impl<'m> Context<'m> {
     /// Runs the model on `batch`. Every token, position and sequence id is checked against
     /// this context first; llama.cpp's codes come back as [`DecodeError`] variants.
     pub fn decode(&mut self, batch: &Batch) -> Result<(), DecodeError> {
-        self.run(batch, |ctx, raw| {
+        let whole = (!self.causal).then_some("the model attends both ways (not causal)");
+        self.run(batch, whole, "llama_decode", |ctx, raw, code, err| {
             // SAFETY: the batch was validated against this context and stays alive (borrowed)
-            // for the call.
-            unsafe { sys::llama_decode(ctx, raw) }
+            // for the call; `code` and `err` are live out-parameters.
+            unsafe { sys::exsa_decode(ctx, raw, code, err) }
         })
     }
 
     /// Runs the encoder of an encoder-decoder model on `batch`.
     pub fn encode(&mut self, batch: &Batch) -> Result<(), DecodeError> {
-        self.run(batch, |ctx, raw| {
+        self.run(batch, Some("an encoder takes the whole batch at once"), "llama_encode", |ctx, raw, code, err| {
             // SAFETY: as for decode.
-            unsafe { sys::llama_encode(ctx, raw) }
+            unsafe { sys::exsa_encode(ctx, raw, code, err) }
         })
     }
 
-    fn run(&mut self, batch: &Batch, call: impl FnOnce(*mut sys::llama_context, sys::llama_batch) -> i32) -> Result<(), DecodeError> {
-        self.check_batch(batch)?;
+    fn run(
+        &mut self,
+        batch: &Batch,
+        whole: Option<&'static str>,
+        function: &'static str,
+        call: impl FnOnce(*mut sys::llama_context, sys::llama_batch, *mut i32, *mut sys::exsa_error) -> i32,
+    ) -> Result<(), DecodeError> {
+        self.check_batch(batch, whole)?;
         self.outputs.clear();
-        let (code, messages) = backend::capture(|| call(self.raw.as_ptr(), batch.raw()));
+        let mut code = 0;
+        // Graph building reads the model's adapter set: no adapter may be loaded or freed meanwhile.
+        let _adapters = self.model.adapters_read();
+        let (guarded, messages) = backend::capture(|| crate::cpp::guard(function, |err| call(self.raw.as_ptr(), batch.raw(), &mut code, err)));
+        guarded?;
         match code {
             0 => {
                 self.outputs.extend(batch.entries().enumerate().filter(|(_, e)| e.3).map(|(i, _)| i as i32));
@@ -351,22 +389,24 @@ impl<'m> Context<'m> {
         self.logits(last)
     }
 
-    /// The embedding (n_embd wide) of batch entry `index`; needs `embeddings: true`.
+    /// The embedding ([`Model::n_embd_out`] wide) of batch entry `index`; needs `embeddings: true`.
     pub fn embeddings(&self, index: i32) -> Result<&[f32], OutputError> {
         if !self.embeddings {
             return Err(OutputError::EmbeddingsDisabled);
         }
         self.check_output(index)?;
-        // SAFETY: as for logits; rows are n_embd floats.
+        // SAFETY: as for logits.
         let ptr = unsafe { sys::llama_get_embeddings_ith(self.raw.as_ptr(), index) };
         if ptr.is_null() {
             return Err(OutputError::Missing { index });
         }
-        // SAFETY: as for logits.
-        Ok(unsafe { std::slice::from_raw_parts(ptr, self.model.n_embd()) })
+        // SAFETY: llama.cpp writes n_embd_out floats per output row (not n_embd: models with an
+        // output projection differ), valid until the next decode, which needs &mut self.
+        Ok(unsafe { std::slice::from_raw_parts(ptr, self.model.n_embd_out()) })
     }
 
-    /// The pooled embedding of a whole sequence (pooling other than None).
+    /// The pooled embedding of a whole sequence (pooling other than None): [`Model::n_embd_out`]
+    /// floats, or [`Model::n_cls_out`] scores for rank pooling (rerankers).
     pub fn sequence_embeddings(&self, seq_id: i32) -> Result<&[f32], OutputError> {
         if !self.embeddings {
             return Err(OutputError::EmbeddingsDisabled);
@@ -376,8 +416,12 @@ impl<'m> Context<'m> {
         if ptr.is_null() {
             return Err(OutputError::Missing { index: seq_id });
         }
-        // SAFETY: pooled rows are n_embd floats (rank pooling writes fewer, never more).
-        Ok(unsafe { std::slice::from_raw_parts(ptr, self.model.n_embd()) })
+        // SAFETY: reads a field of the live context.
+        let pooling = unsafe { sys::llama_pooling_type(self.raw.as_ptr()) };
+        let width = if pooling == sys::LLAMA_POOLING_TYPE_RANK { self.model.n_cls_out() } else { self.model.n_embd_out() };
+        // SAFETY: llama.cpp's pooled rows are n_embd_out floats, n_cls_out for rank pooling;
+        // valid until the next decode, which needs &mut self.
+        Ok(unsafe { std::slice::from_raw_parts(ptr, width) })
     }
 
     fn memory(&self) -> sys::llama_memory_t {
@@ -408,10 +452,21 @@ impl<'m> Context<'m> {
         Ok(unsafe { sys::llama_memory_seq_rm(self.memory(), seq_id, p0, p1) })
     }
 
-    /// Copies positions `[p0, p1)` of sequence `src` to sequence `dst`.
+    /// Copies positions `[p0, p1)` of sequence `src` to sequence `dst`. Where each sequence
+    /// has its own KV stream (several sequences, the default non-unified cache), llama.cpp
+    /// copies whole sequences only (`p0 <= 0`, `p1 <= 0`); a part is refused, where llama.cpp
+    /// would abort.
     pub fn copy_range(&mut self, src: i32, dst: i32, p0: i32, p1: i32) -> Result<(), ContextError> {
         self.check_seq(src, false)?;
         self.check_seq(dst, false)?;
+        let cross_stream = src != dst && !self.unified_kv && self.n_seq_max > 1;
+        if cross_stream && (p0 > 0 || p1 > 0) {
+            return Err(ContextError::InvalidParam {
+                name: "p0/p1",
+                value: format!("[{p0}, {p1})"),
+                reason: "sequences in separate KV streams are copied whole (p0 <= 0 and p1 <= 0)",
+            });
+        }
         // SAFETY: both ids checked.
         unsafe { sys::llama_memory_seq_cp(self.memory(), src, dst, p0, p1) };
         Ok(())
@@ -434,11 +489,22 @@ impl<'m> Context<'m> {
     }
 
     /// Adds `delta` to the positions `[p0, p1)` of `seq_id` (a context shift).
+    /// Refused with [`ContextError::CannotShift`] where the memory cannot shift positions
+    /// (M-RoPE models, some recurrent ones), on which llama.cpp aborts.
     pub fn shift_range(&mut self, seq_id: i32, p0: i32, p1: i32, delta: i32) -> Result<(), ContextError> {
         self.check_seq(seq_id, false)?;
+        if !self.can_shift() {
+            return Err(ContextError::CannotShift);
+        }
         // SAFETY: checked id.
         unsafe { sys::llama_memory_seq_add(self.memory(), seq_id, p0, p1, delta) };
         Ok(())
+    }
+
+    /// Whether [`Context::shift_range`] can move positions in this context's memory.
+    pub fn can_shift(&self) -> bool {
+        // SAFETY: valid memory handle of this context.
+        unsafe { sys::llama_memory_can_shift(self.memory()) }
     }
 
     /// The largest position held for `seq_id`, or None when it is empty.
@@ -453,6 +519,9 @@ impl<'m> Context<'m> {
     pub fn save_state(&mut self) -> Result<Vec<u8>, StateError> {
         // SAFETY: size query on a live context.
         let size = unsafe { sys::llama_state_get_size(self.raw.as_ptr()) };
+        if size == 0 {
+            return Err(StateError::Empty);
+        }
         let mut buf = vec![0u8; size];
         // SAFETY: buf is writable for `size` bytes.
         let written = unsafe { sys::llama_state_get_data(self.raw.as_ptr(), buf.as_mut_ptr(), size) };
@@ -465,20 +534,36 @@ impl<'m> Context<'m> {
     /// Restores a state from [`Context::save_state`].
     pub fn load_state(&mut self, state: &[u8]) -> Result<(), StateError> {
         self.outputs.clear();
-        // SAFETY: state is readable for its length; llama.cpp validates the content.
-        let (read, messages) =
-            backend::capture(|| unsafe { sys::llama_state_set_data(self.raw.as_ptr(), state.as_ptr(), state.len()) });
+        let mut read = 0;
+        let (guarded, messages) = backend::capture(|| {
+            // SAFETY: state is readable for its length; llama.cpp validates the content; `read` is a
+            // live out-parameter.
+            crate::cpp::guard("llama_state_set_data", |err| unsafe {
+                sys::exsa_state_set_data(self.raw.as_ptr(), state.as_ptr(), state.len(), &mut read, err)
+            })
+        });
+        guarded?;
         if read == 0 {
             return Err(StateError::Restore { len: state.len(), messages });
+        }
+        if read != state.len() {
+            return Err(StateError::TrailingBytes { len: state.len(), read });
         }
         Ok(())
     }
 
+    fn check_state_seq(&self, seq_id: i32) -> Result<(), StateError> {
+        self.check_seq(seq_id, false).map_err(|_| StateError::InvalidSeqId { seq_id, n_seq_max: self.n_seq_max })
+    }
+
     /// One sequence's state as bytes.
     pub fn save_sequence_state(&mut self, seq_id: i32) -> Result<Vec<u8>, StateError> {
-        self.check_seq(seq_id, false).map_err(|_| StateError::SizeMismatch { written: 0, expected: 0 })?;
+        self.check_state_seq(seq_id)?;
         // SAFETY: checked id.
         let size = unsafe { sys::llama_state_seq_get_size(self.raw.as_ptr(), seq_id) };
+        if size == 0 {
+            return Err(StateError::Empty);
+        }
         let mut buf = vec![0u8; size];
         // SAFETY: buf is writable for `size` bytes.
         let written = unsafe { sys::llama_state_seq_get_data(self.raw.as_ptr(), buf.as_mut_ptr(), size, seq_id) };
@@ -490,14 +575,21 @@ impl<'m> Context<'m> {
 
     /// Restores one sequence's state into `dest_seq_id`.
     pub fn load_sequence_state(&mut self, state: &[u8], dest_seq_id: i32) -> Result<(), StateError> {
-        self.check_seq(dest_seq_id, false).map_err(|_| StateError::Restore { len: state.len(), messages: Default::default() })?;
+        self.check_state_seq(dest_seq_id)?;
         self.outputs.clear();
-        // SAFETY: state readable for its length; id checked.
-        let (read, messages) = backend::capture(|| unsafe {
-            sys::llama_state_seq_set_data(self.raw.as_ptr(), state.as_ptr(), state.len(), dest_seq_id)
+        let mut read = 0;
+        let (guarded, messages) = backend::capture(|| {
+            // SAFETY: state readable for its length; id checked; `read` is a live out-parameter.
+            crate::cpp::guard("llama_state_seq_set_data", |err| unsafe {
+                sys::exsa_state_seq_set_data(self.raw.as_ptr(), state.as_ptr(), state.len(), dest_seq_id, &mut read, err)
+            })
         });
+        guarded?;
         if read == 0 {
             return Err(StateError::Restore { len: state.len(), messages });
+        }
+        if read != state.len() {
+            return Err(StateError::TrailingBytes { len: state.len(), read });
         }
         Ok(())
     }
@@ -516,10 +608,14 @@ impl<'m> Context<'m> {
         self.outputs.clear();
         let mut tokens = vec![Token(0); max_tokens];
         let mut n = 0usize;
-        // SAFETY: tokens has max_tokens writable slots; n receives the count.
-        let (ok, messages) = backend::capture(|| unsafe {
-            sys::llama_state_load_file(self.raw.as_ptr(), c_path.as_ptr(), tokens.as_mut_ptr().cast(), max_tokens, &mut n)
+        let mut ok = false;
+        let (guarded, messages) = backend::capture(|| {
+            // SAFETY: tokens has max_tokens writable slots; n and ok receive the results.
+            crate::cpp::guard("llama_state_load_file", |err| unsafe {
+                sys::exsa_state_load_file(self.raw.as_ptr(), c_path.as_ptr(), tokens.as_mut_ptr().cast(), max_tokens, &mut n, &mut ok, err)
+            })
         });
+        guarded?;
         if !ok {
             return Err(StateError::Load { path: path.to_path_buf(), messages });
         }
@@ -529,7 +625,7 @@ impl<'m> Context<'m> {
 
     /// Saves one sequence's state and the `tokens` it holds to a file.
     pub fn save_sequence_state_file(&mut self, seq_id: i32, path: &Path, tokens: &[Token]) -> Result<(), StateError> {
-        self.check_seq(seq_id, false).map_err(|_| StateError::Save { path: path.to_path_buf() })?;
+        self.check_state_seq(seq_id)?;
         let c_path = c_path(path)?;
         // SAFETY: checked id; path NUL-terminated; tokens readable, Token repr(transparent).
         let written = unsafe {
@@ -541,16 +637,19 @@ impl<'m> Context<'m> {
     /// Loads a sequence state file into `dest_seq_id`; returns the tokens saved with it (at
     /// most `max_tokens`).
     pub fn load_sequence_state_file(&mut self, dest_seq_id: i32, path: &Path, max_tokens: usize) -> Result<Vec<Token>, StateError> {
-        self.check_seq(dest_seq_id, false)
-            .map_err(|_| StateError::Load { path: path.to_path_buf(), messages: Default::default() })?;
+        self.check_state_seq(dest_seq_id)?;
         let c_path = c_path(path)?;
         self.outputs.clear();
         let mut tokens = vec![Token(0); max_tokens];
         let mut n = 0usize;
-        // SAFETY: checked id; tokens has max_tokens writable slots; n receives the count.
-        let (read, messages) = backend::capture(|| unsafe {
-            sys::llama_state_seq_load_file(self.raw.as_ptr(), c_path.as_ptr(), dest_seq_id, tokens.as_mut_ptr().cast(), max_tokens, &mut n)
+        let mut read = 0;
+        let (guarded, messages) = backend::capture(|| {
+            // SAFETY: checked id; tokens has max_tokens writable slots; n and read receive results.
+            crate::cpp::guard("llama_state_seq_load_file", |err| unsafe {
+                sys::exsa_state_seq_load_file(self.raw.as_ptr(), c_path.as_ptr(), dest_seq_id, tokens.as_mut_ptr().cast(), max_tokens, &mut n, &mut read, err)
+            })
         });
+        guarded?;
         if read == 0 {
             return Err(StateError::Load { path: path.to_path_buf(), messages });
         }
@@ -618,12 +717,20 @@ impl<'m> Context<'m> {
         }
         let mut raw: Vec<*mut sys::llama_adapter_lora> = adapters.iter().map(|(a, _)| a.as_ptr()).collect();
         let mut scales: Vec<f32> = adapters.iter().map(|(_, s)| *s).collect();
-        // SAFETY: the adapters belong to this context's model (checked above) and live as long
-        // as that model, which outlives this context: llama.cpp may keep the pointers.
-        let (code, messages) = backend::capture(|| unsafe {
-            sys::llama_set_adapters_lora(self.raw.as_ptr(), raw.as_mut_ptr(), raw.len(), scales.as_mut_ptr())
+        let mut code = 0;
+        let (guarded, messages) = backend::capture(|| {
+            // SAFETY: the adapters belong to this context's model (checked above); llama.cpp keeps
+            // their pointers, and `self.lora` below keeps them alive while it may use them.
+            crate::cpp::guard("llama_set_adapters_lora", |err| unsafe {
+                sys::exsa_set_adapters_lora(self.raw.as_ptr(), raw.as_mut_ptr(), raw.len(), scales.as_mut_ptr(), &mut code, err)
+            })
         });
-        if code != 0 { Err(LoraError::Apply(messages)) } else { Ok(()) }
+        guarded?;
+        if code != 0 {
+            return Err(LoraError::Apply(messages));
+        }
+        self.lora = adapters.iter().map(|(a, _)| (*a).clone()).collect();
+        Ok(())
     }
 }
 

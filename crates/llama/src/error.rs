@@ -19,6 +19,17 @@ impl std::fmt::Display for LlamaMessages {
     }
 }
 
+/// A C++ exception thrown inside llama.cpp, caught at the FFI boundary by llama-sys' guards
+/// instead of unwinding into Rust (which would abort the process).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("llama.cpp threw a C++ exception in {function}: {what}")]
+pub struct CppException {
+    /// The llama.cpp function that threw.
+    pub function: &'static str,
+    /// The exception's `what()` text.
+    pub what: String,
+}
+
 /// Loading a model file.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -120,6 +131,9 @@ pub enum ContextError {
     /// The model has no weights.
     #[error("the model was loaded vocab-only: it has no weights to run a context on")]
     VocabOnly,
+    /// The context's memory cannot shift positions (M-RoPE models, some recurrent ones).
+    #[error("this model's memory cannot shift positions (llama_memory_can_shift is false)")]
+    CannotShift,
     /// llama.cpp could not create the context.
     #[error("llama.cpp could not create the context: {0}")]
     Llama(LlamaMessages),
@@ -139,6 +153,17 @@ pub enum DecodeError {
         n_tokens: usize,
         /// The context's n_batch.
         n_batch: u32,
+    },
+    /// The batch must fit one micro-batch here (an encoder, a model that attends both ways),
+    /// and does not: llama.cpp asserts on it.
+    #[error("the batch holds {n_tokens} tokens, more than the context's n_ubatch {n_ubatch}: {why} (raise n_ubatch to n_batch)")]
+    ExceedsUbatch {
+        /// Tokens in the batch.
+        n_tokens: usize,
+        /// The context's n_ubatch.
+        n_ubatch: u32,
+        /// Why the batch must fit one micro-batch.
+        why: &'static str,
     },
     /// A token outside the vocabulary.
     #[error("batch entry {index}: token {token} is outside the vocabulary (n_vocab {n_vocab})")]
@@ -184,6 +209,9 @@ pub enum DecodeError {
         /// llama.cpp's own warning and error lines from the call.
         messages: LlamaMessages,
     },
+    /// llama.cpp threw a C++ exception (caught at the boundary).
+    #[error(transparent)]
+    Exception(#[from] CppException),
 }
 
 /// Reading logits or embeddings of an output.
@@ -239,6 +267,14 @@ pub enum BatchError {
     /// A negative position.
     #[error("position {0} is negative")]
     NegativePosition(i32),
+    /// `start + len - 1` does not fit a position (i32).
+    #[error("{len} tokens from position {start} run past the largest position (i32::MAX)")]
+    PositionOverflow {
+        /// The first position.
+        start: i32,
+        /// Tokens to add.
+        len: usize,
+    },
     /// A batch of no capacity.
     #[error("a batch needs a capacity and n_seq_max of at least 1 (got {capacity}, {n_seq_max})")]
     ZeroSize {
@@ -270,6 +306,9 @@ pub enum TokenizeError {
     /// llama.cpp's tokenizer failed.
     #[error("llama.cpp failed to tokenize (code {0})")]
     Failed(i32),
+    /// llama.cpp threw a C++ exception (caught at the boundary).
+    #[error(transparent)]
+    Exception(#[from] CppException),
 }
 
 /// Building a sampler chain.
@@ -325,6 +364,34 @@ pub enum SamplerError {
         /// The candidates left when the chain finished.
         candidates: usize,
     },
+    /// Every candidate was ruled out (logit -inf), e.g. by a grammar that accepts none of the
+    /// top k, and the selector picked one anyway: accepting it would break the grammar.
+    #[error("every one of the {candidates} candidates was ruled out (a grammar or bias left no token); widen top-k or fix the grammar")]
+    AllRuledOut {
+        /// The candidates the chain saw.
+        candidates: usize,
+    },
+    /// A grammar stage of the chain cannot take this token now.
+    #[error("token {token} does not fit the chain's grammar here")]
+    GrammarRejects {
+        /// The token.
+        token: Token,
+    },
+    /// llama.cpp threw inside this chain before, which may have left its state (a grammar's
+    /// stacks) broken; [`crate::Sampler::reset`] makes it usable again.
+    #[error("the sampler is unusable after an exception inside llama.cpp; reset it")]
+    Poisoned,
+    /// A token passed to [`crate::Sampler::accept`] is not in the vocabulary.
+    #[error("token {token} is outside the vocabulary (n_vocab {n_vocab})")]
+    TokenOutOfRange {
+        /// The token.
+        token: Token,
+        /// The vocabulary size.
+        n_vocab: i32,
+    },
+    /// llama.cpp threw a C++ exception (caught at the boundary).
+    #[error(transparent)]
+    Exception(#[from] CppException),
 }
 
 /// Saving or restoring context state.
@@ -372,6 +439,28 @@ pub enum StateError {
         /// What was expected.
         expected: usize,
     },
+    /// llama.cpp reported a state of size 0: there is nothing to save or restore from.
+    #[error("llama.cpp reported an empty state (size 0)")]
+    Empty,
+    /// The bytes hold a state followed by more: not what a save wrote.
+    #[error("the state is {len} bytes, but llama.cpp read only {read} of them: trailing bytes")]
+    TrailingBytes {
+        /// The length given.
+        len: usize,
+        /// What llama.cpp read.
+        read: usize,
+    },
+    /// The sequence id is not one of this context's.
+    #[error("sequence id {seq_id} is not a sequence of this context (n_seq_max {n_seq_max})")]
+    InvalidSeqId {
+        /// The id.
+        seq_id: i32,
+        /// The context's sequences.
+        n_seq_max: u32,
+    },
+    /// llama.cpp threw a C++ exception (caught at the boundary).
+    #[error(transparent)]
+    Exception(#[from] CppException),
 }
 
 /// Applying a chat template.
@@ -390,6 +479,9 @@ pub enum ChatError {
     /// The output is not UTF-8.
     #[error("the templated chat is not valid UTF-8")]
     InvalidUtf8,
+    /// llama.cpp threw a C++ exception (caught at the boundary).
+    #[error(transparent)]
+    Exception(#[from] CppException),
 }
 
 /// Quantizing a model file.
@@ -399,6 +491,13 @@ pub enum QuantizeError {
     /// The path cannot be passed to C.
     #[error("quantize path {0:?} contains a NUL byte")]
     InvalidPath(PathBuf),
+    /// The output is the input (maybe through a link): llama.cpp would truncate the file it
+    /// is reading.
+    #[error("the quantize output {output} is the input file itself")]
+    SameFile {
+        /// The output path given.
+        output: PathBuf,
+    },
     /// The input is not a loadable model.
     #[error(transparent)]
     Input(#[from] Box<LoadError>),
@@ -438,6 +537,9 @@ pub enum LoraError {
     /// The adapter belongs to another model.
     #[error("an adapter was loaded for another model")]
     WrongModel,
+    /// llama.cpp threw a C++ exception (caught at the boundary).
+    #[error(transparent)]
+    Exception(#[from] CppException),
 }
 
 /// Any error of this crate.

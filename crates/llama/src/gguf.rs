@@ -8,6 +8,9 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
+/// The longest string the header check reads into memory (GGUF keys are far shorter).
+const MAX_STRING: u64 = 1 << 20;
+
 use crate::error::LoadError;
 use crate::sys;
 
@@ -170,7 +173,9 @@ impl Reader<'_> {
 
     fn string(&mut self, what: &str) -> Result<String, LoadError> {
         let len = self.u64(what)?;
-        if len > self.size {
+        // The strings read (keys, the architecture) are short; a corrupt length must not make
+        // the check allocate up to the file's size.
+        if len > MAX_STRING || len > self.size {
             return Err(self.corrupt(format!("{what} claims a length of {len} bytes")));
         }
         let b = self.bytes(len, what)?;

@@ -5,7 +5,9 @@
 //! and cannot outlive the next decode. Everything is checked before it reaches C: tokens,
 //! positions and sequence ids against the context, batch writes against the allocation, output
 //! indices against the last decode. Bad input comes back as a typed error that names the
-//! cause; llama.cpp's own log lines are kept in the error where it explained itself.
+//! cause; llama.cpp's own log lines are kept in the error where it explained itself. C++
+//! exceptions never cross into Rust: see [`soundness`] for what is checked before each call,
+//! which llama.cpp functions can throw, and the known limits.
 //!
 //! The load → tokenize → decode → sample loop (on the default model, `cargo xtask fetch-model`):
 //!
@@ -48,12 +50,14 @@ mod backend;
 mod batch;
 mod chat;
 mod context;
+mod cpp;
 mod error;
 mod gguf;
 mod lora;
 mod model;
 mod quantize;
 mod sampler;
+pub mod soundness;
 mod system;
 mod top_k;
 mod utf8;
@@ -64,7 +68,7 @@ pub use batch::Batch;
 pub use chat::{ChatMessage, apply_template, builtin_templates};
 pub use context::{Context, ContextParams, FlashAttention, KvType, PerfCounters, Pooling};
 pub use error::{
-    BatchError, ChatError, ContextError, DecodeError, Error, LlamaMessages, LoadError, LoraError, OutputError,
+    BatchError, ChatError, ContextError, CppException, DecodeError, Error, LlamaMessages, LoadError, LoraError, OutputError,
     QuantizeError, Result, SamplerError, StateError, TokenizeError,
 };
 pub use gguf::{GgufSummary, check as check_gguf};

@@ -4,6 +4,7 @@ use std::ffi::{CStr, CString, c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::LoadError;
 use crate::vocab::Vocab;
@@ -82,10 +83,14 @@ pub struct Model {
     raw: NonNull<sys::llama_model>,
     path: PathBuf,
     vocab_only: bool,
+    /// llama.cpp keeps a set of the model's LoRA adapters inside the model, written when one is
+    /// loaded or freed and read by every decode: writers and readers are serialised here.
+    adapters: RwLock<()>,
 }
 
-// SAFETY: a llama_model is immutable once loaded; llama.cpp documents using one model from
-// several contexts on several threads. Every method here only reads it.
+// SAFETY: a llama_model is immutable once loaded, but for its LoRA adapter set, which is only
+// touched under `adapters` (see LoraAdapter); llama.cpp documents using one model from several
+// contexts on several threads. Every other method here only reads it.
 unsafe impl Send for Model {}
 // SAFETY: as above: shared access is read-only.
 unsafe impl Sync for Model {}
@@ -125,7 +130,7 @@ impl Model {
             resume_unwind(panic);
         }
         match NonNull::new(raw) {
-            Some(raw) => Ok(Model { raw, path: path.to_path_buf(), vocab_only: params.vocab_only }),
+            Some(raw) => Ok(Model { raw, path: path.to_path_buf(), vocab_only: params.vocab_only, adapters: RwLock::new(()) }),
             None if state.cancelled => Err(LoadError::Cancelled { path: path.to_path_buf() }),
             None => Err(LoadError::Llama { path: path.to_path_buf(), messages }),
         }
@@ -188,10 +193,31 @@ impl Model {
         unsafe { sys::llama_model_n_embd(self.raw.as_ptr()) }.max(0) as usize
     }
 
+    /// Width of the embeddings a context returns: n_embd for most models, another width for
+    /// models with an output projection. [`crate::Context::embeddings`] rows have this width.
+    pub fn n_embd_out(&self) -> usize {
+        // SAFETY: reads a field of a live model.
+        unsafe { sys::llama_model_n_embd_out(self.raw.as_ptr()) }.max(0) as usize
+    }
+
+    /// Outputs of a classifier head: the width of a rank-pooled (reranker) result.
+    pub fn n_cls_out(&self) -> usize {
+        // SAFETY: reads a field of a live model.
+        unsafe { sys::llama_model_n_cls_out(self.raw.as_ptr()) as usize }
+    }
+
     /// Number of layers.
     pub fn n_layer(&self) -> u32 {
         // SAFETY: reads a field of a live model.
         unsafe { sys::llama_model_n_layer(self.raw.as_ptr()) }.max(0) as u32
+    }
+
+    /// Whether the model attends causally (each token sees only earlier ones), as decoders do.
+    /// Embedding models such as BERT attend both ways; llama.cpp then needs a whole batch in one
+    /// micro-batch (n_ubatch). Read from `<arch>.attention.causal`, true when absent.
+    pub fn is_causal(&self) -> bool {
+        let Some(arch) = self.architecture() else { return true };
+        self.meta(&format!("{arch}.attention.causal")).is_none_or(|v| v != "false")
     }
 
     /// Whether the model has an encoder (encoder-decoder models such as T5).
@@ -229,6 +255,18 @@ impl Model {
         let ptr = unsafe { sys::llama_model_chat_template(self.raw.as_ptr(), name.as_ref().map_or(std::ptr::null(), |n| n.as_ptr())) };
         // SAFETY: non-null results are NUL-terminated strings owned by the model.
         (!ptr.is_null()).then(|| unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned())
+    }
+}
+
+impl Model {
+    /// Held while an adapter is loaded or freed.
+    pub(crate) fn adapters_write(&self) -> RwLockWriteGuard<'_, ()> {
+        self.adapters.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Held while a context of this model builds or runs a graph (which reads the adapter set).
+    pub(crate) fn adapters_read(&self) -> RwLockReadGuard<'_, ()> {
+        self.adapters.read().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -41,6 +41,9 @@ impl QuantType {
 pub fn quantize(input: &Path, output: &Path, ty: QuantType, threads: i32, allow_requantize: bool) -> Result<(), QuantizeError> {
     backend::init();
     gguf::check(input).map_err(|e| QuantizeError::Input(Box::new(e)))?;
+    if same_file(input, output) {
+        return Err(QuantizeError::SameFile { output: output.to_path_buf() });
+    }
     let c_in = CString::new(input.as_os_str().as_encoded_bytes()).map_err(|_| QuantizeError::InvalidPath(input.to_path_buf()))?;
     let c_out = CString::new(output.as_os_str().as_encoded_bytes()).map_err(|_| QuantizeError::InvalidPath(output.to_path_buf()))?;
     // SAFETY: returns a struct by value.
@@ -55,4 +58,16 @@ pub fn quantize(input: &Path, output: &Path, ty: QuantType, threads: i32, allow_
     } else {
         Err(QuantizeError::Llama { input: input.to_path_buf(), output: output.to_path_buf(), messages })
     }
+}
+
+/// Whether `output` names `input`'s file, directly, through links, or by another spelling. The
+/// output need not exist: its folder is resolved instead.
+fn same_file(input: &Path, output: &Path) -> bool {
+    let Ok(input) = input.canonicalize() else { return false };
+    if let Ok(output) = output.canonicalize() {
+        return output == input;
+    }
+    let (Some(dir), Some(name)) = (output.parent(), output.file_name()) else { return false };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    dir.canonicalize().is_ok_and(|d| d.join(name) == input)
 }

@@ -127,11 +127,13 @@ impl SamplerChain {
         self.with(Stage::Xtc { p, t, min_keep, seed })
     }
     /// Repetition (`repeat`, 1.0 = off), frequency and presence (0.0 = off) penalties over the
-    /// last `last_n` tokens (0 = off, -1 = the whole context).
+    /// last `last_n` tokens (0 = off, -1 = the whole context: the model's training context, the
+    /// most any context of it holds, as llama.cpp's own tools map it).
     pub fn penalties(self, last_n: i32, repeat: f32, freq: f32, present: f32) -> Self {
         self.with(Stage::Penalties { last_n, repeat, freq, present })
     }
-    /// DRY ("don't repeat yourself") with its sequence breakers.
+    /// DRY ("don't repeat yourself") with its sequence breakers, over the last `last_n` tokens
+    /// (0 = off, -1 = the whole context, as for [`SamplerChain::penalties`]).
     pub fn dry(self, multiplier: f32, base: f32, allowed_length: i32, last_n: i32, breakers: &[&str]) -> Self {
         let breakers = breakers.iter().map(|s| s.to_string()).collect();
         self.with(Stage::Dry { multiplier, base, allowed_length, last_n, breakers })
@@ -170,14 +172,24 @@ impl SamplerChain {
         let chain = NonNull::new(unsafe { sys::llama_sampler_chain_init(params) }).ok_or(SamplerError::Llama("chain"))?;
         let n_vocab = usize::try_from(model.vocab().n_tokens()).unwrap_or(0);
         let preselect = if self.preselect { preselection(&self.stages, n_vocab) } else { None };
-        let sampler = Sampler { raw: chain, model, preselect, candidates: Vec::new() };
+        let mut sampler = Sampler { raw: chain, model, preselect, candidates: Vec::new(), grammars: Vec::new(), poisoned: false };
         for stage in &self.stages {
             let raw = create(stage, model)?;
-            // SAFETY: the chain takes ownership of the stage.
+            // SAFETY: the chain takes ownership of the stage, which lives as long as the chain.
             unsafe { sys::llama_sampler_chain_add(sampler.raw.as_ptr(), raw.as_ptr()) };
+            if matches!(stage, Stage::Grammar { .. }) {
+                sampler.grammars.push(raw);
+            }
         }
         Ok(sampler)
     }
+}
+
+/// The `k` best candidates of a logits row. An all-NaN row leaves nothing to choose from, and
+/// llama.cpp's stages assert on an empty array: that is an error here.
+fn preselect_row(logits: &[f32], k: usize, out: &mut Vec<sys::llama_token_data>) -> Result<(), SamplerError> {
+    top_k::select(logits, k, out);
+    if out.is_empty() { Err(SamplerError::NothingSelected { candidates: 0 }) } else { Ok(()) }
 }
 
 /// How many candidates the chain needs to see, where that is fewer than the whole vocabulary
@@ -238,12 +250,19 @@ fn validate(stage: &Stage, n_vocab: i32) -> Result<(), SamplerError> {
     }
 }
 
+/// `-1` ("the whole context") as a token count: llama.cpp's samplers clamp negative windows to 0,
+/// which would switch the stage off silently.
+fn window(last_n: i32, model: &Model) -> i32 {
+    if last_n == -1 { i32::try_from(model.n_ctx_train()).unwrap_or(i32::MAX) } else { last_n }
+}
+
 fn create(stage: &Stage, model: &Model) -> Result<NonNull<sys::llama_sampler>, SamplerError> {
     let vocab = model.vocab();
     let n_vocab = vocab.n_tokens();
     // SAFETY: every arm calls a constructor that copies its arguments; the pointers passed are
-    // valid for the call (CStrings and slices owned here), and the vocab outlives the sampler,
-    // which borrows the model.
+    // valid for the call (CStrings and slices owned here, out-parameters on this stack), and the
+    // vocab outlives the sampler, which borrows the model. Constructors that can throw (DRY
+    // tokenizes its breakers, the grammar parses) go through llama-sys' exception guards.
     let (raw, messages) = unsafe {
         match stage {
             Stage::Greedy => (sys::llama_sampler_init_greedy(), None),
@@ -255,13 +274,17 @@ fn create(stage: &Stage, model: &Model) -> Result<NonNull<sys::llama_sampler>, S
             Stage::Typical { p, min_keep } => (sys::llama_sampler_init_typical(*p, *min_keep), None),
             Stage::Xtc { p, t, min_keep, seed } => (sys::llama_sampler_init_xtc(*p, *t, *min_keep, *seed), None),
             Stage::Penalties { last_n, repeat, freq, present } => {
-                (sys::llama_sampler_init_penalties(n_vocab, *last_n, *repeat, *freq, *present), None)
+                (sys::llama_sampler_init_penalties(n_vocab, window(*last_n, model), *repeat, *freq, *present), None)
             }
             Stage::Dry { multiplier, base, allowed_length, last_n, breakers } => {
                 let owned: Vec<CString> =
                     breakers.iter().map(|b| CString::new(b.as_str())).collect::<Result<_, _>>().map_err(|_| SamplerError::Nul("a DRY sequence breaker"))?;
                 let mut ptrs: Vec<*const std::ffi::c_char> = owned.iter().map(|c| c.as_ptr()).collect();
-                let raw = sys::llama_sampler_init_dry(vocab.as_ptr(), *multiplier, *base, *allowed_length, *last_n, ptrs.as_mut_ptr(), ptrs.len());
+                let mut raw = std::ptr::null_mut();
+                let last_n = window(*last_n, model);
+                crate::cpp::guard("llama_sampler_init_dry", |err| {
+                    sys::exsa_sampler_init_dry(vocab.as_ptr(), *multiplier, *base, *allowed_length, last_n, ptrs.as_mut_ptr(), ptrs.len(), &mut raw, err)
+                })?;
                 (raw, None)
             }
             Stage::Mirostat { seed, tau, eta, m } => (sys::llama_sampler_init_mirostat(n_vocab, *seed, *tau, *eta, *m), None),
@@ -269,7 +292,11 @@ fn create(stage: &Stage, model: &Model) -> Result<NonNull<sys::llama_sampler>, S
             Stage::Grammar { grammar, root } => {
                 let g = CString::new(grammar.as_str()).map_err(|_| SamplerError::Nul("the grammar"))?;
                 let r = CString::new(root.as_str()).map_err(|_| SamplerError::Nul("the grammar root"))?;
-                let (raw, messages) = backend::capture(|| sys::llama_sampler_init_grammar(vocab.as_ptr(), g.as_ptr(), r.as_ptr()));
+                let mut raw = std::ptr::null_mut();
+                let (guarded, messages) = backend::capture(|| {
+                    crate::cpp::guard("llama_sampler_init_grammar", |err| sys::exsa_sampler_init_grammar(vocab.as_ptr(), g.as_ptr(), r.as_ptr(), &mut raw, err))
+                });
+                guarded.map_err(|e| SamplerError::Grammar { messages: crate::error::LlamaMessages(vec![e.what]) })?;
                 (raw, Some(messages))
             }
             Stage::LogitBias { biases } => {
@@ -295,6 +322,13 @@ pub struct Sampler<'m> {
     preselect: Option<usize>,
     /// Reused by every preselected sample: no allocation per token.
     candidates: Vec<sys::llama_token_data>,
+    /// The chain's grammar stages (owned by the chain): asked before a token is accepted,
+    /// because llama.cpp's grammar aborts on an end-of-generation token it cannot take and
+    /// throws on other tokens it cannot take, leaving itself broken.
+    grammars: Vec<NonNull<sys::llama_sampler>>,
+    /// Set when llama.cpp threw inside the chain: its state (a grammar's stacks) may be broken,
+    /// and using it again could abort. Cleared by a successful [`Sampler::reset`].
+    poisoned: bool,
 }
 
 // SAFETY: the chain owns its state outright and every method that touches it takes &mut self.
@@ -304,6 +338,34 @@ impl Sampler<'_> {
     /// The raw chain; it stays owned by the sampler.
     pub fn as_ptr(&self) -> *mut sys::llama_sampler {
         self.raw.as_ptr()
+    }
+
+    /// A guarded call into the chain: an exception poisons the sampler until it is reset.
+    fn guarded(&mut self, function: &'static str, call: impl FnOnce(*mut sys::exsa_error) -> i32) -> Result<(), SamplerError> {
+        if self.poisoned {
+            return Err(SamplerError::Poisoned);
+        }
+        crate::cpp::guard(function, call).map_err(|e| {
+            self.poisoned = true;
+            SamplerError::Exception(e)
+        })
+    }
+
+    /// Whether every grammar stage of the chain can take `token` now: each is applied to a
+    /// one-candidate array, which a grammar sets to -inf when it cannot take the token.
+    fn grammars_accept(&mut self, token: i32) -> Result<bool, SamplerError> {
+        for i in 0..self.grammars.len() {
+            let grammar = self.grammars[i];
+            let mut one = [sys::llama_token_data { id: token, logit: 0.0, p: 0.0 }];
+            let mut array = sys::llama_token_data_array { data: one.as_mut_ptr(), size: 1, selected: -1, sorted: false };
+            // SAFETY: the stage lives inside the chain we own; the array points to one live
+            // candidate with a token id inside the vocabulary (checked by the callers).
+            self.guarded("llama_sampler_apply", |err| unsafe { sys::exsa_sampler_apply(grammar.as_ptr(), &mut array, err) })?;
+            if one[0].logit == f32::NEG_INFINITY {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Samples a token from the logits of batch entry `index` of the context's last decode,
@@ -317,10 +379,16 @@ impl Sampler<'_> {
         }
         match self.preselect {
             Some(k) => self.sample_preselected(ctx, index, k),
-            // SAFETY: index is an output of the context's last decode, so llama.cpp has logits
-            // for it (it aborts otherwise); the chain and context are alive. Context is not
-            // Sync, so nothing else uses it meanwhile.
-            None => Ok(Token(unsafe { sys::llama_sampler_sample(self.raw.as_ptr(), ctx.as_ptr(), index) })),
+            None => {
+                let mut token = 0;
+                let chain = self.raw.as_ptr();
+                // SAFETY: index is an output of the context's last decode, so llama.cpp has
+                // logits for it (it aborts otherwise); the chain and context are alive. Context
+                // is not Sync, so nothing else uses it meanwhile. A grammar's accept throws when
+                // the selected token breaks it: the guard turns that into an error.
+                self.guarded("llama_sampler_sample", |err| unsafe { sys::exsa_sampler_sample(chain, ctx.as_ptr(), index, &mut token, err) })?;
+                Ok(Token(token))
+            }
         }
     }
 
@@ -328,21 +396,31 @@ impl Sampler<'_> {
     /// it. The chain then runs whole: its top-k stage finds the array sorted and already `k`
     /// long and leaves it be.
     fn sample_preselected(&mut self, ctx: &Context<'_>, index: i32, k: usize) -> Result<Token, SamplerError> {
+        if self.poisoned {
+            return Err(SamplerError::Poisoned);
+        }
         let logits = ctx.logits(index).map_err(|_| SamplerError::NotAnOutput { index, outputs: ctx.outputs().to_vec() })?;
-        top_k::select(logits, k, &mut self.candidates);
+        preselect_row(logits, k, &mut self.candidates)?;
         let mut array = sys::llama_token_data_array {
             data: self.candidates.as_mut_ptr(),
             size: self.candidates.len(),
             selected: -1,
             sorted: true,
         };
+        let chain = self.raw.as_ptr();
         // SAFETY: the array points into our buffer, which lives and is not touched elsewhere
         // for the call; the stages only shrink `size` and write within it.
-        unsafe { sys::llama_sampler_apply(self.raw.as_ptr(), &mut array) };
-        let selected = usize::try_from(array.selected).ok().filter(|&i| i < array.size);
-        let token = selected.and_then(|i| self.candidates.get(i)).map(|c| c.id).ok_or(SamplerError::NothingSelected { candidates: array.size })?;
+        self.guarded("llama_sampler_apply", |err| unsafe { sys::exsa_sampler_apply(chain, &mut array, err) })?;
+        let selected = usize::try_from(array.selected).ok().filter(|&i| i < array.size.min(self.candidates.len()));
+        let chosen = selected.and_then(|i| self.candidates.get(i)).ok_or(SamplerError::NothingSelected { candidates: array.size })?;
+        // A stage (a grammar that fits none of the top k, a logit bias) ruled every candidate
+        // out and the selector still picked one: accepting it would break the grammar.
+        if chosen.logit == f32::NEG_INFINITY {
+            return Err(SamplerError::AllRuledOut { candidates: array.size });
+        }
+        let token = chosen.id;
         // SAFETY: live chain; the token comes from the logits row, so it is in the vocabulary.
-        unsafe { sys::llama_sampler_accept(self.raw.as_ptr(), token) };
+        self.guarded("llama_sampler_accept", |err| unsafe { sys::exsa_sampler_accept(chain, token, err) })?;
         Ok(Token(token))
     }
 
@@ -352,16 +430,29 @@ impl Sampler<'_> {
         self.preselect
     }
 
-    /// Feeds a token chosen elsewhere into the chain's state.
-    pub fn accept(&mut self, token: Token) {
-        // SAFETY: live chain; stages that index by token guard their own ranges.
-        unsafe { sys::llama_sampler_accept(self.raw.as_ptr(), token.0) }
+    /// Feeds a token chosen elsewhere into the chain's state. A token outside the vocabulary,
+    /// or one a grammar stage cannot take now, is refused and leaves the chain as it was.
+    pub fn accept(&mut self, token: Token) -> Result<(), SamplerError> {
+        let n_vocab = self.model.vocab().n_tokens();
+        if !(0..n_vocab).contains(&token.0) {
+            return Err(SamplerError::TokenOutOfRange { token, n_vocab });
+        }
+        if !self.grammars_accept(token.0)? {
+            return Err(SamplerError::GrammarRejects { token });
+        }
+        let chain = self.raw.as_ptr();
+        // SAFETY: live chain; the token is in the vocabulary and every grammar stage takes it;
+        // anything else that throws is caught by the guard.
+        self.guarded("llama_sampler_accept", |err| unsafe { sys::exsa_sampler_accept(chain, token.0, err) })
     }
 
-    /// Resets the chain's state (penalty history, grammar, RNG stays seeded as built).
-    pub fn reset(&mut self) {
+    /// Resets the chain's state (penalty history, grammar; the RNG stays seeded as built), and
+    /// with it a sampler that [`SamplerError::Poisoned`] refused.
+    pub fn reset(&mut self) -> Result<(), SamplerError> {
+        self.poisoned = false;
+        let chain = self.raw.as_ptr();
         // SAFETY: live chain.
-        unsafe { sys::llama_sampler_reset(self.raw.as_ptr()) }
+        self.guarded("llama_sampler_reset", |err| unsafe { sys::exsa_sampler_reset(chain, err) })
     }
 
     /// Number of stages.
@@ -386,6 +477,17 @@ impl Drop for Sampler<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_all_nan_row_selects_nothing_and_says_so() {
+        let mut out = Vec::new();
+        let err = preselect_row(&[f32::NAN; 1000], 40, &mut out).unwrap_err();
+        assert!(matches!(err, SamplerError::NothingSelected { candidates: 0 }), "{err}");
+        let mut row = vec![f32::NAN; 1000];
+        row[7] = 1.0;
+        preselect_row(&row, 40, &mut out).unwrap();
+        assert_eq!(out.iter().map(|c| c.id).collect::<Vec<_>>(), vec![7]);
+    }
 
     #[test]
     fn only_chains_that_start_by_cutting_to_a_small_top_k_are_preselected() {

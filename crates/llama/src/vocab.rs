@@ -107,10 +107,11 @@ impl<'m> Vocab<'m> {
         out.reserve(guess);
         for _ in 0..2 {
             let cap = i32::try_from(out.capacity()).unwrap_or(i32::MAX);
+            let mut n = 0;
             // SAFETY: text is valid for len bytes; out has `cap` writable Token slots, and Token
-            // is repr(transparent) over llama_token.
-            let n = unsafe {
-                sys::llama_tokenize(
+            // is repr(transparent) over llama_token; `n` is a live out-parameter.
+            crate::cpp::guard("llama_tokenize", |err| unsafe {
+                sys::exsa_tokenize(
                     self.raw.as_ptr(),
                     text.as_ptr().cast(),
                     len,
@@ -118,8 +119,10 @@ impl<'m> Vocab<'m> {
                     cap,
                     options.add_special,
                     options.parse_special,
+                    &mut n,
+                    err,
                 )
-            };
+            })?;
             if n >= 0 {
                 // SAFETY: llama.cpp initialised the first n slots.
                 unsafe { out.set_len(n as usize) };
@@ -149,17 +152,12 @@ impl<'m> Vocab<'m> {
         let mut room = 32usize;
         loop {
             out.resize(start + room, 0);
-            // SAFETY: the token is in range; the buffer has `room` writable bytes.
-            let n = unsafe {
-                sys::llama_token_to_piece(
-                    self.raw.as_ptr(),
-                    token.0,
-                    out[start..].as_mut_ptr().cast(),
-                    room as i32,
-                    0,
-                    special,
-                )
-            };
+            let mut n = 0;
+            // SAFETY: the token is in range; the buffer has `room` writable bytes; `n` is a live
+            // out-parameter.
+            crate::cpp::guard("llama_token_to_piece", |err| unsafe {
+                sys::exsa_token_to_piece(self.raw.as_ptr(), token.0, out[start..].as_mut_ptr().cast(), room as i32, 0, special, &mut n, err)
+            })?;
             if n >= 0 {
                 out.truncate(start + n as usize);
                 return Ok(());
@@ -183,9 +181,11 @@ impl<'m> Vocab<'m> {
         let n_tokens = i32::try_from(tokens.len()).map_err(|_| TokenizeError::TooLong { len: tokens.len() })?;
         let mut buf = vec![0u8; tokens.len() * 8 + 16];
         loop {
-            // SAFETY: tokens are valid ids (checked above) read for n_tokens; buf is writable.
-            let n = unsafe {
-                sys::llama_detokenize(
+            let mut n = 0;
+            // SAFETY: tokens are valid ids (checked above) read for n_tokens; buf is writable for
+            // its length; `n` is a live out-parameter.
+            crate::cpp::guard("llama_detokenize", |err| unsafe {
+                sys::exsa_detokenize(
                     self.raw.as_ptr(),
                     tokens.as_ptr().cast(),
                     n_tokens,
@@ -193,8 +193,10 @@ impl<'m> Vocab<'m> {
                     i32::try_from(buf.len()).unwrap_or(i32::MAX),
                     remove_special,
                     unparse_special,
+                    &mut n,
+                    err,
                 )
-            };
+            })?;
             if n >= 0 {
                 buf.truncate(n as usize);
                 return Ok(String::from_utf8_lossy(&buf).into_owned());

@@ -359,7 +359,7 @@ fn a_logit_bias_forces_a_token_and_mirostat_samples() {
         SamplerChain::new().temp(0.8).mirostat_v2(3, 5.0, 0.1).build(model()).unwrap(),
     ] {
         assert!(vocab.contains(chain.sample(&ctx, last).unwrap()));
-        chain.reset();
+        chain.reset().unwrap();
     }
 }
 

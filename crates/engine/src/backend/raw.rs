@@ -20,6 +20,18 @@ use crate::error::EngineError;
 #[derive(Debug)]
 pub struct RawBackend;
 
+/// Runs a llama.cpp call through llama-sys' exception guard (`exsa_*`): a C++ exception becomes
+/// an error instead of unwinding into Rust, which would abort.
+fn guarded(function: &str, call: impl FnOnce(*mut sys::exsa_error) -> i32) -> Result<(), EngineError> {
+    let mut err = sys::exsa_error { what: [0; 512] };
+    if call(&mut err) == sys::EXSA_OK as i32 {
+        return Ok(());
+    }
+    let bytes: Vec<u8> = err.what.iter().map(|&c| c as u8).collect();
+    let what = CStr::from_bytes_until_nul(&bytes).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    Err(EngineError::Decode(format!("llama.cpp threw in {function}: {what}")))
+}
+
 fn init() {
     static INIT: std::sync::Once = std::sync::Once::new();
     // SAFETY: one-time global initialisation.
@@ -118,28 +130,54 @@ impl BackendModel for RawModel {
     }
 
     fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
+        let len = i32::try_from(text.len()).map_err(|_| EngineError::Tokenize(format!("a text of {} bytes is more than llama_tokenize takes", text.len())))?;
         out.clear();
         out.reserve(text.len() + 2);
-        // SAFETY: text readable for its length; out has capacity() writable slots.
-        let n = unsafe {
-            sys::llama_tokenize(self.vocab, text.as_ptr().cast(), text.len() as i32, out.as_mut_ptr(), out.capacity() as i32, add_special, parse_special)
-        };
-        if n < 0 {
-            return Err(EngineError::Tokenize(format!("llama_tokenize returned {n}")));
+        // Twice at most: a negative count is the room needed.
+        for _ in 0..2 {
+            let cap = i32::try_from(out.capacity()).unwrap_or(i32::MAX);
+            let mut n = 0;
+            // SAFETY: text readable for len bytes; out has `cap` writable slots; `n` and the
+            // error slot are live out-parameters.
+            guarded("llama_tokenize", |err| unsafe {
+                sys::exsa_tokenize(self.vocab, text.as_ptr().cast(), len, out.as_mut_ptr(), cap, add_special, parse_special, &mut n, err)
+            })?;
+            if n >= 0 {
+                // SAFETY: llama.cpp wrote n tokens.
+                unsafe { out.set_len(n as usize) };
+                return Ok(());
+            }
+            if n == i32::MIN {
+                break;
+            }
+            out.reserve(n.unsigned_abs() as usize);
         }
-        // SAFETY: llama.cpp wrote n tokens.
-        unsafe { out.set_len(n as usize) };
-        Ok(())
+        Err(EngineError::Tokenize("llama_tokenize failed".into()))
     }
 
     fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
-        let mut buf = [0u8; 256];
-        // SAFETY: buf is writable for its length.
-        let n = unsafe { sys::llama_token_to_piece(self.vocab, token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, false) };
-        if n < 0 {
-            return Err(EngineError::Tokenize(format!("token {token} has a piece longer than 256 bytes")));
+        if !(0..self.n_vocab()).contains(&token) {
+            return Err(EngineError::Tokenize(format!("token {token} is outside the vocabulary")));
         }
-        out.extend_from_slice(&buf[..n as usize]);
+        let mut buf = [0u8; 256];
+        let mut n = 0;
+        // SAFETY: buf is writable for its length; the token is in range.
+        guarded("llama_token_to_piece", |err| unsafe {
+            sys::exsa_token_to_piece(self.vocab, token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, false, &mut n, err)
+        })?;
+        if n >= 0 {
+            out.extend_from_slice(&buf[..n as usize]);
+            return Ok(());
+        }
+        // Longer than the stack buffer: -n is its length.
+        let start = out.len();
+        out.resize(start + n.unsigned_abs() as usize, 0);
+        let mut again = 0;
+        // SAFETY: out has -n writable bytes from `start`.
+        guarded("llama_token_to_piece", |err| unsafe {
+            sys::exsa_token_to_piece(self.vocab, token, out[start..].as_mut_ptr().cast(), -n, 0, false, &mut again, err)
+        })?;
+        out.truncate(start + again.max(0) as usize);
         Ok(())
     }
 
@@ -173,8 +211,11 @@ impl BackendModel for RawModel {
         let chat: Vec<sys::llama_chat_message> = owned.iter().map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();
         let mut buf = vec![0u8; 4096];
         loop {
+            let mut n = 0;
             // SAFETY: chat points into `owned`; buf writable for its length.
-            let n = unsafe { sys::llama_chat_apply_template(tmpl.as_ptr(), chat.as_ptr(), chat.len(), true, buf.as_mut_ptr().cast(), buf.len() as i32) };
+            guarded("llama_chat_apply_template", |err| unsafe {
+                sys::exsa_chat_apply_template(tmpl.as_ptr(), chat.as_ptr(), chat.len(), true, buf.as_mut_ptr().cast(), buf.len() as i32, &mut n, err)
+            })?;
             if n < 0 {
                 return Err(EngineError::ChatTemplate(format!("template {template:?} could not be applied")));
             }
@@ -277,8 +318,9 @@ impl BackendSession for RawSession<'_> {
 
     fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.fill(ids, start, outputs)?;
+        let mut code = 0;
         // SAFETY: the batch was filled within its allocation just above.
-        let code = unsafe { sys::llama_decode(self.ctx.as_ptr(), self.batch) };
+        guarded("llama_decode", |err| unsafe { sys::exsa_decode(self.ctx.as_ptr(), self.batch, &mut code, err) })?;
         self.has_logits = code == 0 && outputs == Outputs::Last;
         match code {
             0 => Ok(()),
@@ -308,7 +350,11 @@ impl BackendSession for RawSession<'_> {
             let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
             for stage in p.stages() {
                 let s = match stage {
-                    SamplerStage::Penalties { last_n, repeat } => sys::llama_sampler_init_penalties(self.model.n_vocab(), last_n, repeat, 0.0, 0.0),
+                    // -1 is "the whole context"; llama.cpp would clamp it to 0 (off).
+                    SamplerStage::Penalties { last_n, repeat } => {
+                        let last_n = if last_n == -1 { i32::try_from(self.n_ctx).unwrap_or(i32::MAX) } else { last_n };
+                        sys::llama_sampler_init_penalties(self.model.n_vocab(), last_n, repeat, 0.0, 0.0)
+                    }
                     SamplerStage::TopK(k) => sys::llama_sampler_init_top_k(k),
                     SamplerStage::TopP(p) => sys::llama_sampler_init_top_p(p, 1),
                     SamplerStage::MinP(p) => sys::llama_sampler_init_min_p(p, 1),
@@ -328,8 +374,10 @@ impl BackendSession for RawSession<'_> {
         if !self.has_logits {
             return Err(EngineError::Sampler("the last decode produced no logits".into()));
         }
+        let mut token = 0;
         // SAFETY: the last decode produced logits for its last token (-1).
-        Ok(unsafe { sys::llama_sampler_sample(s.as_ptr(), self.ctx.as_ptr(), -1) })
+        guarded("llama_sampler_sample", |err| unsafe { sys::exsa_sampler_sample(s.as_ptr(), self.ctx.as_ptr(), -1, &mut token, err) })?;
+        Ok(token)
     }
 
     fn last_logits(&self) -> Result<&[f32], EngineError> {
@@ -354,12 +402,13 @@ impl BackendSession for RawSession<'_> {
     }
 
     fn embedding(&self) -> Result<Vec<f32>, EngineError> {
-        // SAFETY: null or n_embd floats of the pooled sequence 0.
+        // SAFETY: null or the pooled row of sequence 0.
         let p = unsafe { sys::llama_get_embeddings_seq(self.ctx.as_ptr(), 0) };
         if p.is_null() {
             return Err(EngineError::Decode("no pooled embedding".into()));
         }
-        // SAFETY: as above; n_embd is a field read of the live model.
-        Ok(unsafe { std::slice::from_raw_parts(p, sys::llama_model_n_embd(self.model.raw.as_ptr()).max(0) as usize) }.to_vec())
+        // SAFETY: mean-pooled rows are n_embd_out floats (a field read of the live model), valid
+        // until the next decode, which needs &mut self.
+        Ok(unsafe { std::slice::from_raw_parts(p, sys::llama_model_n_embd_out(self.model.raw.as_ptr()).max(0) as usize) }.to_vec())
     }
 }

@@ -1,0 +1,84 @@
+//! `llama.cpp.toml`: which package ships the tree, and the tree's content hash.
+
+/// The pin, read without a TOML parser: the file is ours, flat, and written by [`Pin::to_toml`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pin {
+    /// The crates.io package that ships the tree.
+    pub package: String,
+    pub version: String,
+    /// The folder inside the package.
+    pub folder: String,
+    /// The upstream llama.cpp commit, or "unknown" when the package does not record it.
+    pub upstream_commit: String,
+    /// llama.cpp's build number (its git commit count), when known.
+    pub build_number: Option<u32>,
+    /// [`crate::tree_sha256`] of the folder.
+    pub tree_sha256: String,
+    pub files: usize,
+}
+
+const HEADER: &str = "\
+# The llama.cpp source that Option B compiles: the tree inside this crates.io package, the same
+# one the llama-cpp-2 baseline compiles. `cargo xtask vendor` copies it to vendor/llama.cpp and
+# checks tree_sha256 (as llama-sys does when it fetches the tree itself); `cargo xtask vendor
+# --update-pin` rewrites this file after a bump.
+# The package carries no git metadata, so the upstream commit and build number are unknown.
+";
+
+impl Pin {
+    pub fn parse(text: &str) -> Pin {
+        let mut pin = Pin::default();
+        for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+            let Some((key, value)) = line.split_once('=') else { continue };
+            let value = value.trim().trim_matches('"').to_string();
+            match key.trim() {
+                "package" => pin.package = value,
+                "version" => pin.version = value,
+                "folder" => pin.folder = value,
+                "upstream_commit" => pin.upstream_commit = value,
+                "build_number" => pin.build_number = value.parse().ok(),
+                "tree_sha256" => pin.tree_sha256 = value,
+                "files" => pin.files = value.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        pin
+    }
+
+    pub fn to_toml(&self) -> String {
+        format!(
+            "{HEADER}package = {:?}\nversion = {:?}\nfolder = {:?}\nupstream_commit = {:?}\nbuild_number = {}\ntree_sha256 = {:?}\nfiles = {}\n",
+            self.package,
+            self.version,
+            self.folder,
+            self.upstream_commit,
+            self.build_number.unwrap_or(0),
+            self.tree_sha256,
+            self.files
+        )
+    }
+
+    /// One line that says which llama.cpp this is.
+    pub fn describe(&self) -> String {
+        if self.package.is_empty() {
+            return "unpinned (LLAMA_CPP_DIR)".into();
+        }
+        format!("{} {} (tree sha256 {})", self.package, self.version, &self.tree_sha256[..self.tree_sha256.len().min(12)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_pin_parses_and_writes_back_unchanged() {
+        let pin = Pin::parse(crate::PIN_TOML);
+        assert_eq!(pin.package, "llama-cpp-sys-2");
+        assert_eq!(pin.folder, "llama.cpp");
+        assert_eq!(pin.tree_sha256.len(), 64);
+        assert!(pin.files > 1000, "{pin:?}");
+        assert_eq!(pin.to_toml(), crate::PIN_TOML);
+        assert_eq!(Pin::parse(&pin.to_toml()), pin);
+    }
+}

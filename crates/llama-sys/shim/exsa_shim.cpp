@@ -1,0 +1,121 @@
+// See exsa_shim.h. Every function is noexcept: whatever llama.cpp throws stops here.
+
+#include "exsa_shim.h"
+
+#include <cstring>
+#include <exception>
+
+namespace {
+
+void set_error(exsa_error * err, const char * what) noexcept {
+    if (err == nullptr) {
+        return;
+    }
+    std::strncpy(err->what, what != nullptr ? what : "", sizeof(err->what) - 1);
+    err->what[sizeof(err->what) - 1] = '\0';
+}
+
+template <class F> int32_t guarded(exsa_error * err, F && f) noexcept {
+    try {
+        f();
+        return EXSA_OK;
+    } catch (const std::exception & e) {
+        set_error(err, e.what());
+    } catch (...) {
+        set_error(err, "an exception that is not a std::exception");
+    }
+    return EXSA_EXCEPTION;
+}
+
+}  // namespace
+
+extern "C" {
+
+int32_t exsa_decode(llama_context * ctx, llama_batch batch, int32_t * ret, exsa_error * err) {
+    return guarded(err, [&] { *ret = llama_decode(ctx, batch); });
+}
+
+int32_t exsa_encode(llama_context * ctx, llama_batch batch, int32_t * ret, exsa_error * err) {
+    return guarded(err, [&] { *ret = llama_encode(ctx, batch); });
+}
+
+int32_t exsa_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len, llama_token * tokens,
+                      int32_t n_tokens_max, bool add_special, bool parse_special, int32_t * ret, exsa_error * err) {
+    return guarded(err, [&] { *ret = llama_tokenize(vocab, text, text_len, tokens, n_tokens_max, add_special, parse_special); });
+}
+
+int32_t exsa_token_to_piece(const llama_vocab * vocab, llama_token token, char * buf, int32_t length, int32_t lstrip,
+                            bool special, int32_t * ret, exsa_error * err) {
+    return guarded(err, [&] { *ret = llama_token_to_piece(vocab, token, buf, length, lstrip, special); });
+}
+
+int32_t exsa_detokenize(const llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens, char * text,
+                        int32_t text_len_max, bool remove_special, bool unparse_special, int32_t * ret, exsa_error * err) {
+    return guarded(err, [&] { *ret = llama_detokenize(vocab, tokens, n_tokens, text, text_len_max, remove_special, unparse_special); });
+}
+
+int32_t exsa_chat_apply_template(const char * tmpl, const llama_chat_message * chat, size_t n_msg, bool add_ass,
+                                 char * buf, int32_t length, int32_t * ret, exsa_error * err) {
+    return guarded(err, [&] { *ret = llama_chat_apply_template(tmpl, chat, n_msg, add_ass, buf, length); });
+}
+
+int32_t exsa_sampler_init_grammar(const llama_vocab * vocab, const char * grammar_str, const char * grammar_root,
+                                  llama_sampler ** out, exsa_error * err) {
+    return guarded(err, [&] { *out = llama_sampler_init_grammar(vocab, grammar_str, grammar_root); });
+}
+
+int32_t exsa_sampler_init_dry(const llama_vocab * vocab, float multiplier, float base,
+                              int32_t allowed_length, int32_t penalty_last_n, const char ** seq_breakers,
+                              size_t num_breakers, llama_sampler ** out, exsa_error * err) {
+    return guarded(err, [&] {
+        *out = llama_sampler_init_dry(vocab, multiplier, base, allowed_length, penalty_last_n, seq_breakers, num_breakers);
+    });
+}
+
+int32_t exsa_sampler_accept(llama_sampler * smpl, llama_token token, exsa_error * err) {
+    return guarded(err, [&] { llama_sampler_accept(smpl, token); });
+}
+
+int32_t exsa_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p, exsa_error * err) {
+    return guarded(err, [&] { llama_sampler_apply(smpl, cur_p); });
+}
+
+int32_t exsa_sampler_sample(llama_sampler * smpl, llama_context * ctx, int32_t idx, llama_token * out, exsa_error * err) {
+    return guarded(err, [&] { *out = llama_sampler_sample(smpl, ctx, idx); });
+}
+
+int32_t exsa_sampler_reset(llama_sampler * smpl, exsa_error * err) {
+    return guarded(err, [&] { llama_sampler_reset(smpl); });
+}
+
+int32_t exsa_state_set_data(llama_context * ctx, const uint8_t * src, size_t size, size_t * ret, exsa_error * err) {
+    return guarded(err, [&] { *ret = llama_state_set_data(ctx, src, size); });
+}
+
+int32_t exsa_state_seq_set_data(llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id,
+                                size_t * ret, exsa_error * err) {
+    return guarded(err, [&] { *ret = llama_state_seq_set_data(ctx, src, size, dest_seq_id); });
+}
+
+int32_t exsa_state_load_file(llama_context * ctx, const char * path, llama_token * tokens_out, size_t n_token_capacity,
+                             size_t * n_token_count_out, bool * ret, exsa_error * err) {
+    return guarded(err, [&] { *ret = llama_state_load_file(ctx, path, tokens_out, n_token_capacity, n_token_count_out); });
+}
+
+int32_t exsa_state_seq_load_file(llama_context * ctx, const char * path, llama_seq_id dest_seq_id, llama_token * tokens_out,
+                                 size_t n_token_capacity, size_t * n_token_count_out, size_t * ret, exsa_error * err) {
+    return guarded(err, [&] {
+        *ret = llama_state_seq_load_file(ctx, path, dest_seq_id, tokens_out, n_token_capacity, n_token_count_out);
+    });
+}
+
+int32_t exsa_adapter_lora_init(llama_model * model, const char * path, llama_adapter_lora ** out, exsa_error * err) {
+    return guarded(err, [&] { *out = llama_adapter_lora_init(model, path); });
+}
+
+int32_t exsa_set_adapters_lora(llama_context * ctx, llama_adapter_lora ** adapters, size_t n_adapters, float * scales,
+                               int32_t * ret, exsa_error * err) {
+    return guarded(err, [&] { *ret = llama_set_adapters_lora(ctx, adapters, n_adapters, scales); });
+}
+
+}  // extern "C"

@@ -1,0 +1,63 @@
+// Exception guards for the llama.cpp functions that can throw a C++ exception out of their
+// `extern "C"` signature. An exception unwinding into Rust aborts the process ("Rust cannot
+// catch foreign exceptions"), so safe Rust calls these instead: each runs the llama.cpp
+// function inside try/catch and reports an exception as EXSA_EXCEPTION with its what() text.
+// The audit of which functions need this is in the `llama` crate's docs (module `soundness`).
+#pragma once
+
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Returned by every guard: the call ran (its own result is in the out parameter), or it threw.
+#define EXSA_OK 0
+#define EXSA_EXCEPTION (-1)
+
+// The message of a caught exception, truncated to fit and always NUL-terminated.
+typedef struct exsa_error {
+    char what[512];
+} exsa_error;
+
+int32_t exsa_decode(struct llama_context * ctx, struct llama_batch batch, int32_t * ret, exsa_error * err);
+int32_t exsa_encode(struct llama_context * ctx, struct llama_batch batch, int32_t * ret, exsa_error * err);
+
+int32_t exsa_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len, llama_token * tokens,
+                      int32_t n_tokens_max, bool add_special, bool parse_special, int32_t * ret, exsa_error * err);
+int32_t exsa_token_to_piece(const struct llama_vocab * vocab, llama_token token, char * buf, int32_t length,
+                            int32_t lstrip, bool special, int32_t * ret, exsa_error * err);
+int32_t exsa_detokenize(const struct llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens, char * text,
+                        int32_t text_len_max, bool remove_special, bool unparse_special, int32_t * ret, exsa_error * err);
+
+int32_t exsa_chat_apply_template(const char * tmpl, const struct llama_chat_message * chat, size_t n_msg, bool add_ass,
+                                 char * buf, int32_t length, int32_t * ret, exsa_error * err);
+
+int32_t exsa_sampler_init_grammar(const struct llama_vocab * vocab, const char * grammar_str, const char * grammar_root,
+                                  struct llama_sampler ** out, exsa_error * err);
+int32_t exsa_sampler_init_dry(const struct llama_vocab * vocab, float multiplier, float base,
+                              int32_t allowed_length, int32_t penalty_last_n, const char ** seq_breakers,
+                              size_t num_breakers, struct llama_sampler ** out, exsa_error * err);
+int32_t exsa_sampler_accept(struct llama_sampler * smpl, llama_token token, exsa_error * err);
+int32_t exsa_sampler_apply(struct llama_sampler * smpl, llama_token_data_array * cur_p, exsa_error * err);
+int32_t exsa_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx, llama_token * out,
+                            exsa_error * err);
+int32_t exsa_sampler_reset(struct llama_sampler * smpl, exsa_error * err);
+
+int32_t exsa_state_set_data(struct llama_context * ctx, const uint8_t * src, size_t size, size_t * ret, exsa_error * err);
+int32_t exsa_state_seq_set_data(struct llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id,
+                                size_t * ret, exsa_error * err);
+int32_t exsa_state_load_file(struct llama_context * ctx, const char * path, llama_token * tokens_out,
+                             size_t n_token_capacity, size_t * n_token_count_out, bool * ret, exsa_error * err);
+int32_t exsa_state_seq_load_file(struct llama_context * ctx, const char * path, llama_seq_id dest_seq_id,
+                                 llama_token * tokens_out, size_t n_token_capacity, size_t * n_token_count_out,
+                                 size_t * ret, exsa_error * err);
+
+int32_t exsa_adapter_lora_init(struct llama_model * model, const char * path, struct llama_adapter_lora ** out,
+                               exsa_error * err);
+int32_t exsa_set_adapters_lora(struct llama_context * ctx, struct llama_adapter_lora ** adapters, size_t n_adapters,
+                               float * scales, int32_t * ret, exsa_error * err);
+
+#ifdef __cplusplus
+}
+#endif
