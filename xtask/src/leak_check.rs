@@ -11,9 +11,26 @@ use anyhow::{Context, Result, bail};
 
 use crate::workspace;
 
-/// The test binaries to check, with the tests to skip (too slow under valgrind).
+/// A test binary to check: the tests to skip (too slow under valgrind) and its environment.
+struct Binary {
+    name: &'static str,
+    skip: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+}
+
 /// (`a_preselected_chain_draws_from_the_top_k` keeps the preselection path under valgrind.)
-const BINARIES: &[(&str, &[&str])] = &[("bad_input", &[]), ("generation", &["quantize", "preselected_candidates_sample_the_same_tokens"])];
+/// The randomized cases run in this process (valgrind follows no re-executed child) with a
+/// budget per group that fits valgrind's pace.
+const BINARIES: &[Binary] = &[
+    Binary { name: "bad_input", skip: &[], env: &[] },
+    Binary { name: "generation", skip: &["quantize", "preselected_candidates_sample_the_same_tokens"], env: &[] },
+    Binary { name: "soundness", skip: &["penalties_over_the_whole_context_penalise"], env: &[] },
+    Binary {
+        name: "fuzz",
+        skip: &[],
+        env: &[("LLAMA_FUZZ_IN_PROCESS", "1"), ("LLAMA_FUZZ_CASES", "200"), ("LLAMA_FUZZ_SECONDS", "30")],
+    },
+];
 
 #[derive(clap::Args, Default)]
 pub struct Args {}
@@ -31,7 +48,7 @@ pub fn run(_: &Args) -> Result<()> {
     }
     let executables = executables(&output.stdout);
     let mut failed = Vec::new();
-    for (name, skip) in BINARIES {
+    for Binary { name, skip, env } in BINARIES {
         let exe = executables.iter().find(|(n, _)| n == name).map(|(_, p)| p).with_context(|| format!("cargo built no `{name}` test binary"))?;
         eprintln!("leak-check: valgrind {name} (a few minutes under valgrind)");
         let mut cmd = std::process::Command::new("valgrind");
@@ -41,6 +58,7 @@ pub fn run(_: &Args) -> Result<()> {
         for s in *skip {
             cmd.args(["--skip", s]);
         }
+        cmd.envs(env.iter().copied());
         let status = cmd.current_dir(workspace::root().join("crates/llama")).status().context("cannot run valgrind (install it: cargo xtask setup)")?;
         if !status.success() {
             failed.push(format!("{name} ({status})"));

@@ -3,6 +3,7 @@
 mod app_test;
 mod bench;
 mod fetch_model;
+mod fuzz;
 mod hashing;
 mod leak_check;
 mod package;
@@ -36,6 +37,8 @@ enum Command {
     AppTest(app_test::Args),
     /// Set everything up, then run every test of the workspace.
     Test(test::Args),
+    /// The randomized safe-API test for longer, with a fresh seed.
+    Fuzz(fuzz::Args),
     /// Run the safe wrapper's test binaries under valgrind; fail on any definite leak.
     LeakCheck(leak_check::Args),
     /// The A/B speed test: our source build against the llama-cpp-2 crate baseline.
@@ -65,6 +68,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::AppTest(args) => app_test::run(&args),
         Command::Test(args) => test::run(&args),
         Command::LeakCheck(args) => leak_check::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::BenchCompare(args) => bench::run(&args),
         Command::Tune(args) => tune::run(&args),
     }

@@ -1,10 +1,11 @@
 //! `cargo xtask test`: the README's test command. Sets up what the tests need (system packages,
-//! the vendored source, the default model), then runs every test of the workspace, the
-//! engine's tests once more per other backend, and the leak check on Linux.
+//! reported with their paths; the vendored source; the default model), then runs every test of
+//! the workspace, the engine's tests once more per other backend, an app outside the workspace
+//! built against the packaged crates, and the leak check on Linux.
 
 use anyhow::Result;
 
-use crate::{fetch_model, leak_check, setup, vendor, workspace};
+use crate::{app_test, fetch_model, leak_check, setup, vendor, workspace};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,6 +29,7 @@ pub fn run(args: &Args) -> Result<()> {
     for backend in ["crate", "raw"] {
         workspace::run(workspace::cargo().args(["test", "--locked", "-p", "exsa-engine", "--no-default-features", "--features", backend]))?;
     }
+    app_test::run(&app_test::Args::default())?;
     if cfg!(target_os = "linux") {
         leak_check::run(&leak_check::Args::default())?;
     }
