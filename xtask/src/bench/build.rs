@@ -118,3 +118,29 @@ pub fn command(binary: &PathBuf) -> Command {
     cmd.stdin(Stdio::null());
     cmd
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(name: &str, error: &str) -> Built {
+        Built { variant: Variant::builtin(name, "source", ""), binary: Err(error.to_string()), seconds: 1.0 }
+    }
+
+    #[test]
+    fn the_fix_line_is_llama_sys_own_when_it_gave_one() {
+        let built = [
+            failed("A", "cargo build failed (exit status: 101); log /t/build-A.log\nerror: failed to run custom build command for `llama-cpp-sys-2`\n..."),
+            failed("B", "cargo build failed (exit status: 101); log /t/build-B.log\nerror: failed to run custom build command for `llama-sys`\n  error: llama-sys: libclang not found (bindgen needs it): run `cargo xtask setup`"),
+        ];
+        assert_eq!(fix_line(&built), "llama-sys: libclang not found (bindgen needs it): run `cargo xtask setup`");
+    }
+
+    #[test]
+    fn without_one_the_first_error_and_the_check_command_are_named() {
+        let built = [failed("A", "cargo build failed (exit status: 101); log /t/build-A.log\nerror: linker `cc` not found\n...")];
+        let line = fix_line(&built);
+        assert!(line.starts_with("error: linker `cc` not found"), "{line}");
+        assert!(line.ends_with("`cargo xtask setup --check` lists what is missing"), "{line}");
+    }
+}
