@@ -42,10 +42,7 @@ pub fn run(args: &Args) -> Result<()> {
 
     eprintln!("app-test: building an app outside the workspace against the packaged crates (offline)");
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(&app)
-        .args(["run", "--release", "--offline", "--quiet", "--"])
-        .arg(&model)
-        .env("CARGO_TARGET_DIR", root.join("target"));
+    cmd.current_dir(&app).args(["run", "--release", "--offline", "--quiet", "--"]).arg(&model).env("CARGO_TARGET_DIR", root.join("target"));
     // As an outside app sees it: no workspace build cache, no source override, no tuned profile.
     for var in ["LLAMA_SYS_BUILD_CACHE", "LLAMA_CPP_DIR", "EXSA_MODEL", "CARGO_MANIFEST_DIR"] {
         cmd.env_remove(var);
@@ -66,11 +63,8 @@ pub fn run(args: &Args) -> Result<()> {
 /// picks the versions already in cargo's cache.
 fn write_app(app: &Path, crate_dirs: &[PathBuf]) -> Result<()> {
     std::fs::create_dir_all(app.join("src"))?;
-    let patches: String = package::CRATES
-        .iter()
-        .zip(crate_dirs)
-        .map(|(name, dir)| format!("{name} = {{ path = {:?} }}\n", dir.display().to_string()))
-        .collect();
+    let patches: String =
+        package::CRATES.iter().zip(crate_dirs).map(|(name, dir)| format!("{name} = {{ path = {:?} }}\n", dir.display().to_string())).collect();
     std::fs::write(
         app.join("Cargo.toml"),
         format!(

@@ -27,9 +27,7 @@ pub struct Args {
 /// Where the default model lives: `EXSA_MODEL` (set by .cargo/config.toml for every cargo
 /// command in this workspace) or `.cache/models/`.
 pub fn default_path() -> PathBuf {
-    std::env::var_os("EXSA_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace::cache_dir().join("models").join(FILE_NAME))
+    std::env::var_os("EXSA_MODEL").map(PathBuf::from).unwrap_or_else(|| workspace::cache_dir().join("models").join(FILE_NAME))
 }
 
 pub fn run(args: &Args) -> Result<PathBuf> {

@@ -17,9 +17,7 @@ pub fn file_sha256(path: &Path) -> Result<String> {
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let len = file.metadata()?.len();
     let bar = ProgressBar::new(len).with_message(format!("sha256 {}", path.file_name().unwrap_or_default().display()));
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes}").expect("valid template").progress_chars("=> "),
-    );
+    bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes}").expect("valid template").progress_chars("=> "));
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

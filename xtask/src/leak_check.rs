@@ -25,11 +25,7 @@ const BINARIES: &[Binary] = &[
     Binary { name: "bad_input", skip: &[], env: &[] },
     Binary { name: "generation", skip: &["quantize", "preselected_candidates_sample_the_same_tokens"], env: &[] },
     Binary { name: "soundness", skip: &["penalties_over_the_whole_context_penalise"], env: &[] },
-    Binary {
-        name: "fuzz",
-        skip: &[],
-        env: &[("LLAMA_FUZZ_IN_PROCESS", "1"), ("LLAMA_FUZZ_CASES", "200"), ("LLAMA_FUZZ_SECONDS", "30")],
-    },
+    Binary { name: "fuzz", skip: &[], env: &[("LLAMA_FUZZ_IN_PROCESS", "1"), ("LLAMA_FUZZ_CASES", "200"), ("LLAMA_FUZZ_SECONDS", "30")] },
 ];
 
 #[derive(clap::Args, Default)]
@@ -52,14 +48,13 @@ pub fn run(_: &Args) -> Result<()> {
         let exe = executables.iter().find(|(n, _)| n == name).map(|(_, p)| p).with_context(|| format!("cargo built no `{name}` test binary"))?;
         eprintln!("leak-check: valgrind {name} (a few minutes under valgrind)");
         let mut cmd = std::process::Command::new("valgrind");
-        cmd.args(["--leak-check=full", "--errors-for-leak-kinds=definite", "--error-exitcode=3", "--quiet"])
-            .arg(exe)
-            .arg("--test-threads=1");
+        cmd.args(["--leak-check=full", "--errors-for-leak-kinds=definite", "--error-exitcode=3", "--quiet"]).arg(exe).arg("--test-threads=1");
         for s in *skip {
             cmd.args(["--skip", s]);
         }
         cmd.envs(env.iter().copied());
-        let status = cmd.current_dir(workspace::root().join("crates/llama")).status().context("cannot run valgrind (install it: cargo xtask setup)")?;
+        let status =
+            cmd.current_dir(workspace::root().join("crates/llama")).status().context("cannot run valgrind (install it: cargo xtask setup)")?;
         if !status.success() {
             failed.push(format!("{name} ({status})"));
         }

@@ -1,4 +1,5 @@
-//! `cargo xtask package`: `.crate` files of llama-src, llama-sys and llama that build anywhere.
+//! `cargo xtask package`: `.crate` files of exsa-utf8, llama-src, llama-sys and llama that build
+//! anywhere.
 //!
 //! llama-src's package must carry the pinned llama.cpp tree (as openssl-src carries OpenSSL), but
 //! the tree is never committed here: it is staged into `crates/llama-src/llama.cpp/` (git-ignored)
@@ -12,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use crate::{vendor, workspace};
 
 /// The packaged crates, dependencies first.
-pub const CRATES: &[&str] = &["llama-src", "llama-sys", "llama"];
+pub const CRATES: &[&str] = &["exsa-utf8", "llama-src", "llama-sys", "llama"];
 
 #[derive(clap::Args, Default)]
 pub struct Args {}
@@ -35,10 +36,7 @@ pub fn run(_: &Args) -> Result<Vec<PathBuf>> {
         bail!("cargo package failed: {}", String::from_utf8_lossy(&output.stderr).trim());
     }
     let dir = workspace::target_dir().join("package");
-    let files = CRATES
-        .iter()
-        .map(|name| crate_file(&dir, name))
-        .collect::<Result<Vec<_>>>()?;
+    let files = CRATES.iter().map(|name| crate_file(&dir, name)).collect::<Result<Vec<_>>>()?;
     for f in &files {
         eprintln!("packaged {} ({:.1} MB)", f.display(), std::fs::metadata(f)?.len() as f64 / 1e6);
     }
@@ -52,7 +50,8 @@ fn crate_file(dir: &Path, name: &str) -> Result<PathBuf> {
         .map(|e| e.path())
         .filter(|p| {
             let file = p.file_name().unwrap_or_default().to_string_lossy();
-            file.ends_with(".crate") && file.strip_prefix(name).and_then(|r| r.strip_prefix('-')).is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()))
+            file.ends_with(".crate")
+                && file.strip_prefix(name).and_then(|r| r.strip_prefix('-')).is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()))
         })
         .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .with_context(|| format!("cargo package wrote no {name} crate into {}", dir.display()))

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: the README's test command. Sets up what the tests need (system packages,
 //! reported with their paths; the vendored source; the default model), then runs every test of
 //! the workspace, the engine's tests once more per other backend, an app outside the workspace
-//! built against the packaged crates, and the leak check on Linux.
+//! built against the packaged crates, rustfmt and clippy, and the leak check on Linux.
 
 use anyhow::Result;
 
@@ -16,6 +16,8 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    // Formatting first: it takes a second and needs nothing installed.
+    workspace::run(workspace::cargo().args(["fmt", "--all", "--check"]))?;
     setup::run(&setup::Args::default())?;
     vendor::run(&vendor::Args::default())?;
     fetch_model::run(&fetch_model::Args::default())?;
@@ -30,6 +32,23 @@ pub fn run(args: &Args) -> Result<()> {
         workspace::run(workspace::cargo().args(["test", "--locked", "-p", "exsa-engine", "--no-default-features", "--features", backend]))?;
     }
     app_test::run(&app_test::Args::default())?;
+    // Lints on every target (tests, examples, benches: so the benches cannot rot unbuilt), for
+    // the default backend and raw FFI. The crate backend is left out: linting it would build
+    // llama-cpp-sys-2's llama.cpp once more, for a module the tests above already compile.
+    workspace::run(workspace::cargo().args(["clippy", "--locked", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    workspace::run(workspace::cargo().args([
+        "clippy",
+        "--locked",
+        "-p",
+        "exsa-engine",
+        "--all-targets",
+        "--no-default-features",
+        "--features",
+        "raw",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     if cfg!(target_os = "linux") {
         leak_check::run(&leak_check::Args::default())?;
     }

@@ -123,7 +123,8 @@ pub struct Standing {
 }
 
 fn settings_of(v: &Variant) -> BTreeMap<String, String> {
-    let mut s: BTreeMap<String, String> = v.env.iter().filter(|(k, _)| k.as_str() != "LLAMA_SYS_PROFILE").map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut s: BTreeMap<String, String> =
+        v.env.iter().filter(|(k, _)| k.as_str() != "LLAMA_SYS_PROFILE").map(|(k, v)| (k.clone(), v.clone())).collect();
     if let Some(fa) = &v.flash_attn {
         s.insert("flash_attn".into(), fa.clone());
     }
@@ -167,12 +168,26 @@ pub fn run(args: &Args) -> Result<()> {
     built.extend(build::build_all(&space[1..]));
     let mut standings: BTreeMap<String, Standing> = space
         .iter()
-        .map(|v| (v.name.clone(), Standing { candidate: v.name.clone(), settings: settings_of(v), score: None, vs_b: BTreeMap::new(), vs_a: BTreeMap::new(), rounds: 0, dropped: None }))
+        .map(|v| {
+            (
+                v.name.clone(),
+                Standing {
+                    candidate: v.name.clone(),
+                    settings: settings_of(v),
+                    score: None,
+                    vs_b: BTreeMap::new(),
+                    vs_a: BTreeMap::new(),
+                    rounds: 0,
+                    dropped: None,
+                },
+            )
+        })
         .collect();
     standings.remove("default");
     for b in &built {
         if let (Err(e), Some(s)) = (&b.binary, standings.get_mut(&b.variant.name)) {
-            let cause = e.lines().find(|l| l.contains("error") && !l.contains("cargo build failed")).unwrap_or_else(|| e.lines().next().unwrap_or_default());
+            let cause =
+                e.lines().find(|l| l.contains("error") && !l.contains("cargo build failed")).unwrap_or_else(|| e.lines().next().unwrap_or_default());
             s.dropped = Some(format!("build failed: {}", cause.trim()));
         }
     }
@@ -194,14 +209,16 @@ pub fn run(args: &Args) -> Result<()> {
         timeout_s: 600,
     };
     while !alive.is_empty() {
-        let round_set: Vec<&Built> = built.iter().filter(|b| b.variant.name == "A" || b.variant.name == "B" || alive.contains(&b.variant.name)).collect();
+        let round_set: Vec<&Built> =
+            built.iter().filter(|b| b.variant.name == "A" || b.variant.name == "B" || alive.contains(&b.variant.name)).collect();
         let estimate = Duration::from_secs_f64(10.0 * (round_set.len() * reps) as f64);
         if Instant::now() + estimate > deadline && !last.is_empty() {
             eprintln!("tune: the budget leaves no room for a round of {reps} repetitions; stopping");
             break;
         }
         eprintln!("tune: round with {} candidates, {reps} paired repetitions each", alive.len());
-        let round: Vec<Built> = round_set.iter().map(|b| Built { variant: b.variant.clone(), binary: b.binary.clone(), seconds: b.seconds }).collect();
+        let round: Vec<Built> =
+            round_set.iter().map(|b| Built { variant: b.variant.clone(), binary: b.binary.clone(), seconds: b.seconds }).collect();
         let runs = run::run_all(&round, &settings(reps), &out_dir);
         judge(&runs, &mut standings, &alive, &args.tests, reps);
         alive.retain(|n| standings[n].dropped.is_none());
@@ -210,11 +227,29 @@ pub fn run(args: &Args) -> Result<()> {
         alive.sort_by(|a, b| standings[b].score.unwrap_or(0.0).total_cmp(&standings[a].score.unwrap_or(0.0)));
         if !tried_combined {
             tried_combined = true;
-            let winners: Vec<&Variant> = space.iter().filter(|v| alive.contains(&v.name) && standings[&v.name].vs_b.values().all(|r| r.verdict != Verdict::Slower) && standings[&v.name].score.is_some_and(|s| s > 1.0)).collect();
+            let winners: Vec<&Variant> = space
+                .iter()
+                .filter(|v| {
+                    alive.contains(&v.name)
+                        && standings[&v.name].vs_b.values().all(|r| r.verdict != Verdict::Slower)
+                        && standings[&v.name].score.is_some_and(|s| s > 1.0)
+                })
+                .collect();
             if let Some(c) = combined(&winners) {
                 eprintln!("tune: adding {}", c.name);
                 let b = build::build_all(std::slice::from_ref(&c)).remove(0);
-                standings.insert(c.name.clone(), Standing { candidate: c.name.clone(), settings: settings_of(&c), score: None, vs_b: BTreeMap::new(), vs_a: BTreeMap::new(), rounds: 0, dropped: b.binary.as_ref().err().cloned() });
+                standings.insert(
+                    c.name.clone(),
+                    Standing {
+                        candidate: c.name.clone(),
+                        settings: settings_of(&c),
+                        score: None,
+                        vs_b: BTreeMap::new(),
+                        vs_a: BTreeMap::new(),
+                        rounds: 0,
+                        dropped: b.binary.as_ref().err().cloned(),
+                    },
+                );
                 if b.binary.is_ok() {
                     alive.insert(0, c.name.clone());
                 }
@@ -257,10 +292,16 @@ pub fn run(args: &Args) -> Result<()> {
         Some(w) if !args.no_write => {
             let path = args.profile.clone().unwrap_or_else(variants::tuned_profile_path);
             write_profile(&path, w, &args.tests)?;
-            println!("the winner, {}, is now the tuned profile: {} (llama-sys builds use it from now on; bench-compare's B-tuned measures it)", w.candidate, path.display());
+            println!(
+                "the winner, {}, is now the tuned profile: {} (llama-sys builds use it from now on; bench-compare's B-tuned measures it)",
+                w.candidate,
+                path.display()
+            );
         }
         Some(w) => println!("the winner is {} (--no-write: no profile written)", w.candidate),
-        None => println!("no candidate was significantly faster than the default build on a test without being slower on another: no profile written"),
+        None => {
+            println!("no candidate was significantly faster than the default build on a test without being slower on another: no profile written")
+        }
     }
     println!("tune took {:.1} min", started.elapsed().as_secs_f64() / 60.0);
     Ok(())
@@ -307,11 +348,21 @@ fn table(ranked: &[&Standing], tests: &[String]) -> String {
         let _ = write!(s, " {:>30} {:>30}", format!("{t} vs B [95% CI]"), format!("{t} vs A [95% CI]"));
     }
     s.push('\n');
-    let fmt = |r: Option<&Ratio>| r.map_or("-".to_string(), |r| format!("{:.3} [{:.3}, {:.3}] {}", r.ratio, r.ci_low, r.ci_high, match r.verdict {
-        Verdict::Faster => "+",
-        Verdict::Slower => "-",
-        Verdict::NoSignificantDifference => "=",
-    }));
+    let fmt = |r: Option<&Ratio>| {
+        r.map_or("-".to_string(), |r| {
+            format!(
+                "{:.3} [{:.3}, {:.3}] {}",
+                r.ratio,
+                r.ci_low,
+                r.ci_high,
+                match r.verdict {
+                    Verdict::Faster => "+",
+                    Verdict::Slower => "-",
+                    Verdict::NoSignificantDifference => "=",
+                }
+            )
+        })
+    };
     for st in ranked {
         let _ = write!(s, "{:<28} {:>7} {:>6}", st.candidate, st.score.map_or("-".into(), |x| format!("{x:.3}")), st.rounds);
         for t in tests {
@@ -401,7 +452,8 @@ mod tests {
         let mut settings = BTreeMap::new();
         settings.insert("LLAMA_SYS_LTO".to_string(), "on".to_string());
         settings.insert("flash_attn".to_string(), "on".to_string());
-        let st = Standing { candidate: "x".into(), settings, score: Some(1.05), vs_b: BTreeMap::new(), vs_a: BTreeMap::new(), rounds: 4, dropped: None };
+        let st =
+            Standing { candidate: "x".into(), settings, score: Some(1.05), vs_b: BTreeMap::new(), vs_a: BTreeMap::new(), rounds: 4, dropped: None };
         write_profile(&path, &st, &["tg128".into()]).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let env = text.split("[env]").nth(1).unwrap().split("[runtime]").next().unwrap();

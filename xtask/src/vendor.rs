@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-
 use anyhow::{Context, Result, bail};
 
 use crate::{pin, workspace};
@@ -44,12 +43,7 @@ pub fn run(args: &Args) -> Result<()> {
         pin::write(&pin::Pin { tree_sha256: hash.clone(), files, ..pin.clone() })?;
         eprintln!("pin updated: {} {} sha256 {hash} ({files} files)", pin.package, pin.version);
     } else if hash != pin.tree_sha256 {
-        bail!(
-            "{} {} from the registry hashes to {hash}, but the pin says {}: refusing to vendor it",
-            pin.package,
-            pin.version,
-            pin.tree_sha256
-        );
+        bail!("{} {} from the registry hashes to {hash}, but the pin says {}: refusing to vendor it", pin.package, pin.version, pin.tree_sha256);
     }
 
     let staging = dest.with_extension("partial");

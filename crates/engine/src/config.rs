@@ -157,7 +157,10 @@ impl SamplingParams {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum SamplerStage {
     /// Repetition penalty over the last `last_n` tokens.
-    Penalties { last_n: i32, repeat: f32 },
+    Penalties {
+        last_n: i32,
+        repeat: f32,
+    },
     TopK(i32),
     TopP(f32),
     MinP(f32),

@@ -7,8 +7,8 @@ use serde::Serialize;
 use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
 use crate::config::{CancelToken, EngineConfig, GenerateRequest, SessionConfig};
 use crate::error::EngineError;
-use crate::stop::{StopMatcher, StopScan};
-use crate::utf8::Utf8Decoder;
+use crate::stop::{StopMatcher, StopScan, TOKEN_TEXT_CAPACITY};
+use exsa_utf8::Utf8Decoder;
 
 type Model = <Active as Backend>::Model;
 type RawSession<'m> = <Model as BackendModel>::Session<'m>;
@@ -329,10 +329,6 @@ impl<'e> Session<'e> {
         Ok((text, generation.stats().clone()))
     }
 }
-
-/// Bytes reserved up front for one token's text (the longest piece in common vocabularies is
-/// well under this).
-pub(crate) const TOKEN_TEXT_CAPACITY: usize = 256;
 
 /// A generation in progress: an iterator of text deltas, or, without an allocation per token,
 /// [`Generation::next_text`].

@@ -1,6 +1,42 @@
-//! The engine's errors: one enum, each variant naming what was wrong.
+//! The engine's errors: one enum whose variants say which step failed, in a form a caller (the
+//! server, mapping them to HTTP statuses) can match on, with the binding's own error kept as the
+//! `source` so that the chain reaches the root cause.
 
-/// An engine failure.
+use std::path::PathBuf;
+
+/// The underlying error of a failed step: the backend binding's own error (`llama`'s,
+/// `llama-cpp-2`'s) or, for the raw backend, a description of the failed call.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a decode failed, for callers that act on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecodeFailure {
+    /// The KV cache has no room for the batch: a shorter prompt, fewer parallel sequences or a
+    /// larger context helps; retrying the same request does not.
+    NoKvSlot,
+    /// The batch was refused before it reached llama.cpp (too large, bad tokens or positions):
+    /// the request or configuration is at fault.
+    InvalidBatch,
+    /// llama.cpp failed on a valid batch (an error code, a C++ exception): an internal error.
+    Internal,
+    /// The step needs the output of a decode, and the last decode produced none.
+    NoOutput,
+}
+
+impl std::fmt::Display for DecodeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DecodeFailure::NoKvSlot => "no KV cache slot",
+            DecodeFailure::InvalidBatch => "invalid batch",
+            DecodeFailure::Internal => "llama.cpp failed",
+            DecodeFailure::NoOutput => "no output to read",
+        })
+    }
+}
+
+/// An engine failure. The message says which step failed and why; [`std::error::Error::source`]
+/// gives the binding's error where there is one.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EngineError {
@@ -14,20 +50,40 @@ pub enum EngineError {
     EmbedTooLong { tokens: usize, n_batch: u32 },
     #[error("the prompt is empty")]
     EmptyPrompt,
-    #[error("could not load the model: {0}")]
-    Load(String),
+    #[error("could not load the model {path}: {source}")]
+    Load { path: PathBuf, source: Cause },
     #[error("could not create a session: {0}")]
-    Session(String),
+    Session(#[source] Cause),
     #[error("tokenizer: {0}")]
-    Tokenize(String),
+    Tokenize(#[source] Cause),
     #[error("chat template: {0}")]
-    ChatTemplate(String),
-    #[error("decode failed: {0}")]
-    Decode(String),
+    ChatTemplate(#[source] Cause),
+    #[error("decode failed ({kind}): {source}")]
+    Decode { kind: DecodeFailure, source: Cause },
     #[error("sampler: {0}")]
-    Sampler(String),
+    Sampler(#[source] Cause),
     #[error("the request was cancelled")]
     Cancelled,
+}
+
+impl EngineError {
+    /// A decode failure of `kind`.
+    pub(crate) fn decode(kind: DecodeFailure, source: impl Into<Cause>) -> EngineError {
+        EngineError::Decode { kind, source: source.into() }
+    }
+
+    /// A load failure of `path`.
+    pub(crate) fn load(path: &std::path::Path, source: impl Into<Cause>) -> EngineError {
+        EngineError::Load { path: path.to_path_buf(), source: source.into() }
+    }
+
+    /// The decode failure's kind, if this is one.
+    pub fn decode_failure(&self) -> Option<DecodeFailure> {
+        match self {
+            EngineError::Decode { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -30,7 +30,8 @@ impl FromStr for Test {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let num = |t: &str, what: &str| t.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| format!("{what} in test {s:?} is not a positive number"));
+        let num =
+            |t: &str, what: &str| t.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| format!("{what} in test {s:?} is not a positive number"));
         if let Some((pp, tg)) = s.split_once('+') {
             let pp = pp.strip_prefix("pp").ok_or_else(|| format!("test {s:?}: expected ppN+tgM"))?;
             let tg = tg.strip_prefix("tg").ok_or_else(|| format!("test {s:?}: expected ppN+tgM"))?;
@@ -138,7 +139,14 @@ fn raw_decode(engine: &Engine, config: &SessionConfig, test: Test) -> Result<Sam
     }
     let seconds = start.elapsed().as_secs_f64();
     let tokens = n_prompt + n_gen;
-    Ok(Sample { test: test.to_string(), tokens, seconds, tokens_per_s: tokens as f64 / seconds, time_to_first_token_ms: None, outside_decode_percent: None })
+    Ok(Sample {
+        test: test.to_string(),
+        tokens,
+        seconds,
+        tokens_per_s: tokens as f64 / seconds,
+        time_to_first_token_ms: None,
+        outside_decode_percent: None,
+    })
 }
 
 fn end_to_end(engine: &Engine, config: &SessionConfig, n: usize) -> Result<Sample, EngineError> {

@@ -28,20 +28,17 @@ mod error;
 pub mod harness;
 mod stop;
 
-// One UTF-8 stream decoder for the whole workspace: the `llama` crate's, compiled in here
-// because the `crate` backend must not link llama-sys.
-#[path = "../../llama/src/utf8.rs"]
-mod utf8;
-
 pub use config::{CancelToken, EngineConfig, GenerateRequest, SamplerStage, SamplingParams, SessionConfig};
 pub use engine::{ChatMessage, Engine, FinishReason, Generation, GenerationStats, Session};
-pub use error::{EngineError, Result};
-pub use utf8::Utf8Decoder;
+pub use error::{Cause, DecodeFailure, EngineError, Result};
+// One UTF-8 stream decoder for the whole workspace, from a crate of its own: the `crate`
+// backend must not link llama-sys, so it cannot come through `llama`.
+pub use exsa_utf8::Utf8Decoder;
 
 /// Where the default model lives: `EXSA_MODEL`, else the workspace cache (`cargo xtask
 /// fetch-model` puts it there).
 pub fn default_model_path() -> std::path::PathBuf {
-    std::env::var_os("EXSA_MODEL").map(std::path::PathBuf::from).unwrap_or_else(|| {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/gemma-3-270m-q4_k_m.gguf")
-    })
+    std::env::var_os("EXSA_MODEL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/gemma-3-270m-q4_k_m.gguf"))
 }

@@ -1,7 +1,9 @@
 //! Stop sequences over streamed text: text that could still turn into a stop sequence is held
 //! back until it cannot, so a stop sequence never reaches the caller, even split over tokens.
 
-use crate::engine::TOKEN_TEXT_CAPACITY;
+/// Bytes reserved up front for one token's text (the longest piece in common vocabularies is
+/// well under this): the generation loop's buffers and the stop matcher's are sized with it.
+pub(crate) const TOKEN_TEXT_CAPACITY: usize = 256;
 
 /// Whether a stop sequence ended the text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,10 +60,7 @@ impl StopMatcher {
 /// Length of the longest suffix of `text` that is a proper prefix of `stop`, on char boundaries.
 fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
     let max = text.len().min(stop.len().saturating_sub(1));
-    (1..=max)
-        .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
-        .unwrap_or(0)
+    (1..=max).rev().find(|&n| text.is_char_boundary(text.len() - n) && stop.is_char_boundary(n) && text.ends_with(&stop[..n])).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -84,7 +84,8 @@ fn a_stop_sequence_ends_the_generation_and_is_not_returned() {
 
 #[test]
 fn cjk_and_emoji_stream_without_broken_characters() {
-    for prompt in ["日本の首都は東京です。日本の有名な食べ物は", "🍎🍊🍋🍌🍉🍇🍓🫐🍈🍒🍑🥭🍍🥥🥝🍅"] {
+    for prompt in ["日本の首都は東京です。日本の有名な食べ物は", "🍎🍊🍋🍌🍉🍇🍓🫐🍈🍒🍑🥭🍍🥥🥝🍅"]
+    {
         let mut session = engine().session().unwrap();
         let mut generation = session.generate(&greedy(prompt, 32)).unwrap();
         let mut text = String::new();
@@ -154,7 +155,9 @@ fn bad_requests_get_typed_errors() {
     let bad = GenerateRequest { sampling: SamplingParams { top_p: 1.5, ..Default::default() }, ..GenerateRequest::new("x") };
     assert!(matches!(e.generate(&bad), Err(EngineError::InvalidRequest { field: "top_p", .. })));
     let missing = Engine::load(EngineConfig::new("/no/such/model.gguf")).unwrap_err();
-    assert!(matches!(&missing, EngineError::Load(m) if m.contains("/no/such/model.gguf")), "{missing}");
+    assert!(matches!(&missing, EngineError::Load { path, .. } if path.ends_with("no/such/model.gguf")), "{missing}");
+    assert!(missing.to_string().contains("/no/such/model.gguf"), "{missing}");
+    assert!(std::error::Error::source(&missing).is_some(), "the binding's error is kept as the cause");
     let zero = EngineConfig { session: SessionConfig { n_threads: 0, ..Default::default() }, ..EngineConfig::new(default_model_path()) };
     assert!(matches!(Engine::load(zero), Err(EngineError::InvalidConfig { field: "n_threads", .. })));
 }

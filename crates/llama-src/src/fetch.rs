@@ -39,10 +39,17 @@ pub fn fetch_package(cargo: &Path, name: &str, version: &str, scratch: &Path) ->
                 cmd.env_remove(key.as_ref());
             }
         }
-        let output = cmd.output().map_err(|e| Error::Fetch { package: name.into(), version: version.into(), detail: format!("cannot run {}: {e}", cargo.display()) })?;
+        let output = cmd.output().map_err(|e| Error::Fetch {
+            package: name.into(),
+            version: version.into(),
+            detail: format!("cannot run {}: {e}", cargo.display()),
+        })?;
         if output.status.success() {
-            return manifest_dir_of(&output.stdout, name, version)
-                .ok_or_else(|| Error::Fetch { package: name.into(), version: version.into(), detail: "cargo metadata does not list it".into() });
+            return manifest_dir_of(&output.stdout, name, version).ok_or_else(|| Error::Fetch {
+                package: name.into(),
+                version: version.into(),
+                detail: "cargo metadata does not list it".into(),
+            });
         }
         last_error = String::from_utf8_lossy(&output.stderr).trim().lines().last().unwrap_or("").to_string();
     }

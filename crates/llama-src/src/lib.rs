@@ -46,10 +46,22 @@ pub struct Located {
 #[derive(Debug)]
 pub enum Error {
     /// cargo could not obtain the package (offline without it in the cache, say).
-    Fetch { package: String, version: String, detail: String },
+    Fetch {
+        package: String,
+        version: String,
+        detail: String,
+    },
     /// The package's tree is not the pinned one.
-    Mismatch { package: String, version: String, found: String, pinned: String },
-    Io { path: PathBuf, source: std::io::Error },
+    Mismatch {
+        package: String,
+        version: String,
+        found: String,
+        pinned: String,
+    },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl std::fmt::Display for Error {
@@ -60,10 +72,9 @@ impl std::fmt::Display for Error {
                 "cannot obtain the pinned llama.cpp source ({package} {version}) through cargo: {detail}; \
                  build once with network access, or set LLAMA_CPP_DIR to a llama.cpp checkout"
             ),
-            Error::Mismatch { package, version, found, pinned } => write!(
-                f,
-                "{package} {version} from the registry hashes to {found}, but the pin says {pinned}: refusing to build it"
-            ),
+            Error::Mismatch { package, version, found, pinned } => {
+                write!(f, "{package} {version} from the registry hashes to {found}, but the pin says {pinned}: refusing to build it")
+            }
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
         }
     }

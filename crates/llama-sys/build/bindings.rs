@@ -6,11 +6,7 @@ use crate::plan::BuildPlan;
 
 /// `shim_header` declares the exception guards (build/shim.rs), bound beside llama.h.
 pub fn generate(plan: &BuildPlan, source: &Path, shim_header: &Path, out_dir: &Path) {
-    let mut wrapper: String = plan
-        .headers
-        .iter()
-        .map(|h| format!("#include \"{}\"\n", source.join(h).display()))
-        .collect();
+    let mut wrapper: String = plan.headers.iter().map(|h| format!("#include \"{}\"\n", source.join(h).display())).collect();
     wrapper.push_str(&format!("#include \"{}\"\n", shim_header.display()));
     for h in &plan.headers {
         println!("cargo:rerun-if-changed={}", source.join(h).display());
@@ -32,7 +28,5 @@ pub fn generate(plan: &BuildPlan, source: &Path, shim_header: &Path, out_dir: &P
         .generate()
         .unwrap_or_else(|e| crate::fail(&format!("bindgen could not parse llama.h from {}: {e}", source.display())));
     let path = out_dir.join("bindings.rs");
-    bindings
-        .write_to_file(&path)
-        .unwrap_or_else(|e| crate::fail(&format!("cannot write {}: {e}", path.display())));
+    bindings.write_to_file(&path).unwrap_or_else(|e| crate::fail(&format!("cannot write {}: {e}", path.display())));
 }

@@ -10,9 +10,7 @@ pub fn var(name: &str) -> Option<String> {
     for key in [specific.as_str(), name] {
         println!("cargo:rerun-if-env-changed={key}");
     }
-    [specific.as_str(), name]
-        .into_iter()
-        .find_map(|key| std::env::var(key).ok().filter(|v| !v.trim().is_empty()))
+    [specific.as_str(), name].into_iter().find_map(|key| std::env::var(key).ok().filter(|v| !v.trim().is_empty()))
 }
 
 /// A variable cargo always sets for build scripts.

@@ -64,10 +64,8 @@ fn main() {
 }
 
 fn plan_input(target: &Target, source: &source::Source, profile: &profile::Profile) -> PlanInput {
-    let features: BTreeSet<Switch> = Switch::ALL
-        .into_iter()
-        .filter(|s| std::env::var_os(format!("CARGO_FEATURE_{}", s.feature().to_ascii_uppercase())).is_some())
-        .collect();
+    let features: BTreeSet<Switch> =
+        Switch::ALL.into_iter().filter(|s| std::env::var_os(format!("CARGO_FEATURE_{}", s.feature().to_ascii_uppercase())).is_some()).collect();
     // The tuned profile first, the environment over it: an explicit variable always wins.
     let mut env: BTreeMap<String, String> = profile.env.clone();
     env.extend(plan::known_env_vars().into_iter().filter_map(|k| env::var(&k).map(|v| (k, v))));

@@ -210,8 +210,7 @@ pub const CXX_VAR: &str = "LLAMA_SYS_CXX";
 pub fn known_env_vars() -> Vec<String> {
     let mut vars: Vec<String> = Switch::ALL.iter().map(|s| s.env_var()).collect();
     vars.extend(
-        [OPT_LEVEL_VAR, CUDA_ARCHS_VAR, BLAS_VENDOR_VAR, CMAKE_ARGS_VAR, CFLAGS_VAR, CXXFLAGS_VAR, CUDA_PATH_VAR, CC_VAR, CXX_VAR]
-            .map(String::from),
+        [OPT_LEVEL_VAR, CUDA_ARCHS_VAR, BLAS_VENDOR_VAR, CMAKE_ARGS_VAR, CFLAGS_VAR, CXXFLAGS_VAR, CUDA_PATH_VAR, CC_VAR, CXX_VAR].map(String::from),
     );
     vars
 }
@@ -317,13 +316,8 @@ impl BuildPlan {
         cxx_flags.extend(parse_compiler_flags(CXXFLAGS_VAR, input.env.get(CXXFLAGS_VAR))?);
         let (links, search_paths) = link_list(input, &switches);
 
-        let mut headers = vec![
-            "include/llama.h",
-            "ggml/include/ggml.h",
-            "ggml/include/ggml-backend.h",
-            "ggml/include/ggml-cpu.h",
-            "ggml/include/gguf.h",
-        ];
+        let mut headers =
+            vec!["include/llama.h", "ggml/include/ggml.h", "ggml/include/ggml-backend.h", "ggml/include/ggml-cpu.h", "ggml/include/gguf.h"];
         if on(Switch::Rpc) {
             headers.push("ggml/include/ggml-rpc.h");
         }
@@ -399,9 +393,7 @@ fn release_flags(level: &str, compiler: CompilerFamily) -> Result<String, PlanEr
         _ => matches!(level, "0" | "1" | "2" | "3" | "s" | "z"),
     };
     if !valid {
-        return Err(PlanError(format!(
-            "{OPT_LEVEL_VAR}={level:?} is not an optimisation level this compiler takes (0-3, s, z; MSVC: 1, 2, d)"
-        )));
+        return Err(PlanError(format!("{OPT_LEVEL_VAR}={level:?} is not an optimisation level this compiler takes (0-3, s, z; MSVC: 1, 2, d)")));
     }
     Ok(match compiler {
         CompilerFamily::Msvc => format!("/O{level} /DNDEBUG"),
@@ -420,9 +412,7 @@ fn validate_cuda_archs(archs: &str) -> Result<(), PlanError> {
     if ok {
         Ok(())
     } else {
-        Err(PlanError(format!(
-            "{CUDA_ARCHS_VAR}={archs:?} is not a CMake CUDA architecture list (e.g. \"86;89\", \"90a\", \"native\")"
-        )))
+        Err(PlanError(format!("{CUDA_ARCHS_VAR}={archs:?} is not a CMake CUDA architecture list (e.g. \"86;89\", \"90a\", \"native\")")))
     }
 }
 
@@ -430,12 +420,8 @@ fn validate_cuda_archs(archs: &str) -> Result<(), PlanError> {
 fn parse_cmake_args(args: &str) -> Result<Vec<(String, String)>, PlanError> {
     args.split_whitespace()
         .map(|word| {
-            let body = word.strip_prefix("-D").ok_or_else(|| {
-                PlanError(format!("{CMAKE_ARGS_VAR}: {word:?} is not of the form -DNAME=VALUE"))
-            })?;
-            let (name, value) = body.split_once('=').ok_or_else(|| {
-                PlanError(format!("{CMAKE_ARGS_VAR}: {word:?} has no =VALUE"))
-            })?;
+            let body = word.strip_prefix("-D").ok_or_else(|| PlanError(format!("{CMAKE_ARGS_VAR}: {word:?} is not of the form -DNAME=VALUE")))?;
+            let (name, value) = body.split_once('=').ok_or_else(|| PlanError(format!("{CMAKE_ARGS_VAR}: {word:?} has no =VALUE")))?;
             let name = name.split(':').next().unwrap_or(name); // -DNAME:BOOL=ON
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(PlanError(format!("{CMAKE_ARGS_VAR}: {name:?} is not a CMake variable name")));
@@ -785,11 +771,7 @@ mod tests {
 
     #[test]
     fn cmake_args_pass_through_validated() {
-        let p = plan(&with_env(
-            input("x86_64-unknown-linux-gnu"),
-            CMAKE_ARGS_VAR,
-            "-DGGML_AVX512=OFF -DGGML_SCHED_MAX_COPIES:STRING=2",
-        ));
+        let p = plan(&with_env(input("x86_64-unknown-linux-gnu"), CMAKE_ARGS_VAR, "-DGGML_AVX512=OFF -DGGML_SCHED_MAX_COPIES:STRING=2"));
         assert_eq!(define(&p, "GGML_AVX512"), Some("OFF"));
         assert_eq!(define(&p, "GGML_SCHED_MAX_COPIES"), Some("2"));
         for bad in ["GGML_AVX512=OFF", "-DGGML_AVX512", "-D=1", "-D$(x)=1"] {

@@ -19,10 +19,7 @@ pub fn locate(out_dir: &Path) -> Source {
     if let Some(dir) = env::var(SOURCE_DIR_VAR) {
         let dir = PathBuf::from(dir);
         if !llama_src::is_tree(&dir) {
-            crate::fail(&format!(
-                "{SOURCE_DIR_VAR}={} is not a llama.cpp source tree (no include/llama.h or CMakeLists.txt)",
-                dir.display()
-            ));
+            crate::fail(&format!("{SOURCE_DIR_VAR}={} is not a llama.cpp source tree (no include/llama.h or CMakeLists.txt)", dir.display()));
         }
         return Source { dir, pin: Pin::default() };
     }

@@ -30,8 +30,7 @@ pub fn require_libclang() {
 
 /// ccache when it is installed, unless LLAMA_SYS_CCACHE=off.
 pub fn ccache() -> Option<String> {
-    let disabled = crate::env::var("LLAMA_SYS_CCACHE")
-        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "0" | "off" | "false" | "no"));
+    let disabled = crate::env::var("LLAMA_SYS_CCACHE").is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "0" | "off" | "false" | "no"));
     if disabled {
         return None;
     }

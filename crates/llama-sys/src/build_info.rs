@@ -60,8 +60,7 @@ impl BuildInfo {
         let switches: Vec<String> = self.switches.iter().map(|(k, v)| format!("{}:{v}", json_str(k))).collect();
         s.push_str(&switches.join(","));
         s.push_str("},\"cmake_defines\":{");
-        let defines: Vec<String> =
-            self.cmake_defines.iter().map(|(k, v)| format!("{}:{}", json_str(k), json_str(v))).collect();
+        let defines: Vec<String> = self.cmake_defines.iter().map(|(k, v)| format!("{}:{}", json_str(k), json_str(v))).collect();
         s.push_str(&defines.join(","));
         s.push_str("},");
         field(&mut s, "c_flags", self.c_flags);

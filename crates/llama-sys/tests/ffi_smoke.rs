@@ -8,10 +8,7 @@ use llama_sys as sys;
 
 fn model_path() -> CString {
     let path = std::env::var("EXSA_MODEL").expect("EXSA_MODEL is set by .cargo/config.toml");
-    assert!(
-        std::path::Path::new(&path).is_file(),
-        "default model missing at {path}: run `cargo xtask fetch-model`"
-    );
+    assert!(std::path::Path::new(&path).is_file(), "default model missing at {path}: run `cargo xtask fetch-model`");
     CString::new(path).unwrap()
 }
 
@@ -31,15 +28,7 @@ fn raw_ffi_decodes_the_default_model() {
 
         let prompt = "Monday, Tuesday, Wednesday, Thursday,";
         let mut tokens = vec![0 as sys::llama_token; 64];
-        let n = sys::llama_tokenize(
-            vocab,
-            prompt.as_ptr().cast(),
-            prompt.len() as i32,
-            tokens.as_mut_ptr(),
-            tokens.len() as i32,
-            true,
-            false,
-        );
+        let n = sys::llama_tokenize(vocab, prompt.as_ptr().cast(), prompt.len() as i32, tokens.as_mut_ptr(), tokens.len() as i32, true, false);
         assert!(n > 1 && (n as usize) < tokens.len(), "tokenize returned {n}");
         tokens.truncate(n as usize);
         assert_eq!(tokens[0], sys::llama_vocab_bos(vocab), "first token is BOS");

@@ -39,12 +39,7 @@ pub fn builtin_templates() -> Vec<String> {
 
 /// Formats `messages` with a template: the model's own when `template` is None, else a template
 /// text or the name of a built-in one. `add_assistant` opens the assistant's turn at the end.
-pub fn apply_template(
-    model: Option<&Model>,
-    template: Option<&str>,
-    messages: &[ChatMessage],
-    add_assistant: bool,
-) -> Result<String, ChatError> {
+pub fn apply_template(model: Option<&Model>, template: Option<&str>, messages: &[ChatMessage], add_assistant: bool) -> Result<String, ChatError> {
     let template = match (template, model) {
         (Some(t), _) => t.to_string(),
         (None, Some(m)) => m.chat_template(None).ok_or(ChatError::NoTemplate)?,

@@ -235,7 +235,12 @@ impl<'m> Context<'m> {
         let raw = NonNull::new(raw).ok_or(ContextError::Llama(messages))?;
         // SAFETY: reads fields of the context just created.
         let (n_ctx_seq, n_batch, n_ubatch, n_seq_max) = unsafe {
-            (sys::llama_n_ctx_seq(raw.as_ptr()), sys::llama_n_batch(raw.as_ptr()), sys::llama_n_ubatch(raw.as_ptr()), sys::llama_n_seq_max(raw.as_ptr()))
+            (
+                sys::llama_n_ctx_seq(raw.as_ptr()),
+                sys::llama_n_batch(raw.as_ptr()),
+                sys::llama_n_ubatch(raw.as_ptr()),
+                sys::llama_n_seq_max(raw.as_ptr()),
+            )
         };
         Ok(Context {
             raw,
@@ -628,9 +633,7 @@ impl<'m> Context<'m> {
         self.check_state_seq(seq_id)?;
         let c_path = c_path(path)?;
         // SAFETY: checked id; path NUL-terminated; tokens readable, Token repr(transparent).
-        let written = unsafe {
-            sys::llama_state_seq_save_file(self.raw.as_ptr(), c_path.as_ptr(), seq_id, tokens.as_ptr().cast(), tokens.len())
-        };
+        let written = unsafe { sys::llama_state_seq_save_file(self.raw.as_ptr(), c_path.as_ptr(), seq_id, tokens.as_ptr().cast(), tokens.len()) };
         if written == 0 { Err(StateError::Save { path: path.to_path_buf() }) } else { Ok(()) }
     }
 
@@ -646,7 +649,16 @@ impl<'m> Context<'m> {
         let (guarded, messages) = backend::capture(|| {
             // SAFETY: checked id; tokens has max_tokens writable slots; n and read receive results.
             crate::cpp::guard("llama_state_seq_load_file", |err| unsafe {
-                sys::exsa_state_seq_load_file(self.raw.as_ptr(), c_path.as_ptr(), dest_seq_id, tokens.as_mut_ptr().cast(), max_tokens, &mut n, &mut read, err)
+                sys::exsa_state_seq_load_file(
+                    self.raw.as_ptr(),
+                    c_path.as_ptr(),
+                    dest_seq_id,
+                    tokens.as_mut_ptr().cast(),
+                    max_tokens,
+                    &mut n,
+                    &mut read,
+                    err,
+                )
             })
         });
         guarded?;
@@ -701,9 +713,7 @@ impl<'m> Context<'m> {
         match &flag {
             // SAFETY: the user data points into the Arc kept in self.abort_flag, so it lives
             // as long as the callback is installed; the callback only reads an atomic.
-            Some(f) => unsafe {
-                sys::llama_set_abort_callback(self.raw.as_ptr(), Some(abort_trampoline), Arc::as_ptr(f).cast_mut().cast())
-            },
+            Some(f) => unsafe { sys::llama_set_abort_callback(self.raw.as_ptr(), Some(abort_trampoline), Arc::as_ptr(f).cast_mut().cast()) },
             // SAFETY: removes the callback.
             None => unsafe { sys::llama_set_abort_callback(self.raw.as_ptr(), None, std::ptr::null_mut()) },
         }

@@ -11,11 +11,7 @@ pub struct LlamaMessages(pub Vec<String>);
 
 impl std::fmt::Display for LlamaMessages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.is_empty() {
-            f.write_str("llama.cpp gave no reason")
-        } else {
-            write!(f, "llama.cpp said: {}", self.0.join(" | "))
-        }
+        if self.0.is_empty() { f.write_str("llama.cpp gave no reason") } else { write!(f, "llama.cpp said: {}", self.0.join(" | ")) }
     }
 }
 
@@ -339,14 +335,9 @@ pub enum SamplerError {
     /// llama.cpp returned no sampler.
     #[error("llama.cpp could not create the {0} sampler")]
     Llama(&'static str),
-    /// The entry has no logits.
-    #[error("batch entry {index} has no logits to sample from (outputs of the last decode: {outputs:?})")]
-    NotAnOutput {
-        /// The batch entry.
-        index: i32,
-        /// The entries that did request outputs.
-        outputs: Vec<i32>,
-    },
+    /// The context has no logits for the entry asked for.
+    #[error("no logits to sample from: {0}")]
+    Output(#[from] OutputError),
     /// Sampler and context belong to different models.
     #[error("the sampler was built for another model than the context's")]
     WrongModel,

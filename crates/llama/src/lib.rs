@@ -60,7 +60,6 @@ mod sampler;
 pub mod soundness;
 mod system;
 mod top_k;
-mod utf8;
 mod vocab;
 
 pub use backend::{LogLevel, init, set_log_level};
@@ -68,16 +67,16 @@ pub use batch::Batch;
 pub use chat::{ChatMessage, apply_template, builtin_templates};
 pub use context::{Context, ContextParams, FlashAttention, KvType, PerfCounters, Pooling};
 pub use error::{
-    BatchError, ChatError, ContextError, CppException, DecodeError, Error, LlamaMessages, LoadError, LoraError, OutputError,
-    QuantizeError, Result, SamplerError, StateError, TokenizeError,
+    BatchError, ChatError, ContextError, CppException, DecodeError, Error, LlamaMessages, LoadError, LoraError, OutputError, QuantizeError, Result,
+    SamplerError, StateError, TokenizeError,
 };
+pub use exsa_utf8::Utf8Decoder;
 pub use gguf::{GgufSummary, check as check_gguf};
 pub use lora::LoraAdapter;
 pub use model::{Model, ModelParams, SplitMode};
 pub use quantize::{QuantType, quantize};
 pub use sampler::{Sampler, SamplerChain};
 pub use system::{Capabilities, Device, DeviceKind, capabilities, devices, system_info};
-pub use utf8::Utf8Decoder;
 pub use vocab::{Token, TokenizeOptions, Vocab};
 
 /// What exactly was compiled: see [`llama_sys::BuildInfo`].

@@ -1,6 +1,7 @@
 //! A loaded model: weights (unless vocab-only), vocabulary and metadata.
 
 use std::ffi::{CStr, CString, c_char, c_void};
+use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -104,16 +105,11 @@ impl Model {
 
     /// As [`Model::load`], calling `progress` with 0.0..=1.0 as the weights load; returning
     /// false cancels the load.
-    pub fn load_with_progress(
-        path: impl AsRef<Path>,
-        params: &ModelParams,
-        mut progress: impl FnMut(f32) -> bool,
-    ) -> Result<Model, LoadError> {
+    pub fn load_with_progress(path: impl AsRef<Path>, params: &ModelParams, mut progress: impl FnMut(f32) -> bool) -> Result<Model, LoadError> {
         backend::init();
         let path = path.as_ref();
         gguf::check(path)?;
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(|_| LoadError::InvalidPath { path: path.to_path_buf() })?;
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| LoadError::InvalidPath { path: path.to_path_buf() })?;
 
         let mut state = ProgressState { callback: &mut progress, panic: None, cancelled: false };
         let mut raw_params = params.to_raw();
@@ -155,7 +151,7 @@ impl Model {
     pub fn vocab(&self) -> Vocab<'_> {
         // SAFETY: the vocab is owned by the model and lives as long as it; Vocab borrows self.
         let raw = unsafe { sys::llama_model_get_vocab(self.raw.as_ptr()) };
-        Vocab::new(NonNull::new(raw.cast_mut()).expect("a loaded model has a vocab"), self)
+        Vocab::new(NonNull::new(raw.cast_mut()).expect("a loaded model has a vocab"), PhantomData)
     }
 
     /// `general.architecture`, e.g. "gemma3".

@@ -53,11 +53,7 @@ pub fn quantize(input: &Path, output: &Path, ty: QuantType, threads: i32, allow_
     params.allow_requantize = allow_requantize;
     // SAFETY: both paths NUL-terminated; params lives across the call.
     let (code, messages) = backend::capture(|| unsafe { sys::llama_model_quantize(c_in.as_ptr(), c_out.as_ptr(), &params) });
-    if code == 0 {
-        Ok(())
-    } else {
-        Err(QuantizeError::Llama { input: input.to_path_buf(), output: output.to_path_buf(), messages })
-    }
+    if code == 0 { Ok(()) } else { Err(QuantizeError::Llama { input: input.to_path_buf(), output: output.to_path_buf(), messages }) }
 }
 
 /// Whether `output` names `input`'s file, directly, through links, or by another spelling. The

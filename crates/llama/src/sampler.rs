@@ -4,7 +4,7 @@ use std::ffi::CString;
 use std::ptr::NonNull;
 
 use crate::context::Context;
-use crate::error::SamplerError;
+use crate::error::{OutputError, SamplerError};
 use crate::model::Model;
 use crate::vocab::Token;
 use crate::{backend, sys, top_k};
@@ -277,13 +277,26 @@ fn create(stage: &Stage, model: &Model) -> Result<NonNull<sys::llama_sampler>, S
                 (sys::llama_sampler_init_penalties(n_vocab, window(*last_n, model), *repeat, *freq, *present), None)
             }
             Stage::Dry { multiplier, base, allowed_length, last_n, breakers } => {
-                let owned: Vec<CString> =
-                    breakers.iter().map(|b| CString::new(b.as_str())).collect::<Result<_, _>>().map_err(|_| SamplerError::Nul("a DRY sequence breaker"))?;
+                let owned: Vec<CString> = breakers
+                    .iter()
+                    .map(|b| CString::new(b.as_str()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| SamplerError::Nul("a DRY sequence breaker"))?;
                 let mut ptrs: Vec<*const std::ffi::c_char> = owned.iter().map(|c| c.as_ptr()).collect();
                 let mut raw = std::ptr::null_mut();
                 let last_n = window(*last_n, model);
                 crate::cpp::guard("llama_sampler_init_dry", |err| {
-                    sys::exsa_sampler_init_dry(vocab.as_ptr(), *multiplier, *base, *allowed_length, last_n, ptrs.as_mut_ptr(), ptrs.len(), &mut raw, err)
+                    sys::exsa_sampler_init_dry(
+                        vocab.as_ptr(),
+                        *multiplier,
+                        *base,
+                        *allowed_length,
+                        last_n,
+                        ptrs.as_mut_ptr(),
+                        ptrs.len(),
+                        &mut raw,
+                        err,
+                    )
                 })?;
                 (raw, None)
             }
@@ -294,7 +307,9 @@ fn create(stage: &Stage, model: &Model) -> Result<NonNull<sys::llama_sampler>, S
                 let r = CString::new(root.as_str()).map_err(|_| SamplerError::Nul("the grammar root"))?;
                 let mut raw = std::ptr::null_mut();
                 let (guarded, messages) = backend::capture(|| {
-                    crate::cpp::guard("llama_sampler_init_grammar", |err| sys::exsa_sampler_init_grammar(vocab.as_ptr(), g.as_ptr(), r.as_ptr(), &mut raw, err))
+                    crate::cpp::guard("llama_sampler_init_grammar", |err| {
+                        sys::exsa_sampler_init_grammar(vocab.as_ptr(), g.as_ptr(), r.as_ptr(), &mut raw, err)
+                    })
                 });
                 guarded.map_err(|e| SamplerError::Grammar { messages: crate::error::LlamaMessages(vec![e.what]) })?;
                 (raw, Some(messages))
@@ -375,7 +390,7 @@ impl Sampler<'_> {
             return Err(SamplerError::WrongModel);
         }
         if !ctx.outputs().contains(&index) {
-            return Err(SamplerError::NotAnOutput { index, outputs: ctx.outputs().to_vec() });
+            return Err(OutputError::NotAnOutput { index, outputs: ctx.outputs().to_vec() }.into());
         }
         match self.preselect {
             Some(k) => self.sample_preselected(ctx, index, k),
@@ -399,14 +414,9 @@ impl Sampler<'_> {
         if self.poisoned {
             return Err(SamplerError::Poisoned);
         }
-        let logits = ctx.logits(index).map_err(|_| SamplerError::NotAnOutput { index, outputs: ctx.outputs().to_vec() })?;
+        let logits = ctx.logits(index)?;
         preselect_row(logits, k, &mut self.candidates)?;
-        let mut array = sys::llama_token_data_array {
-            data: self.candidates.as_mut_ptr(),
-            size: self.candidates.len(),
-            selected: -1,
-            sorted: true,
-        };
+        let mut array = sys::llama_token_data_array { data: self.candidates.as_mut_ptr(), size: self.candidates.len(), selected: -1, sorted: true };
         let chain = self.raw.as_ptr();
         // SAFETY: the array points into our buffer, which lives and is not touched elsewhere
         // for the call; the stages only shrink `size` and write within it.
@@ -494,7 +504,10 @@ mod tests {
         let n_vocab = 262_144;
         let top_k = |k| Stage::TopK { k };
         assert_eq!(preselection(&[Stage::Greedy], n_vocab), Some(1));
-        assert_eq!(preselection(&[top_k(40), Stage::TopP { p: 0.95, min_keep: 1 }, Stage::Temp { t: 0.8 }, Stage::Dist { seed: 1 }], n_vocab), Some(40));
+        assert_eq!(
+            preselection(&[top_k(40), Stage::TopP { p: 0.95, min_keep: 1 }, Stage::Temp { t: 0.8 }, Stage::Dist { seed: 1 }], n_vocab),
+            Some(40)
+        );
         assert_eq!(preselection(&[top_k(top_k::MAX_K as i32), Stage::Dist { seed: 1 }], n_vocab), Some(top_k::MAX_K));
         // Off, too large for the insertion buffer, or the whole vocabulary: nothing to save.
         assert_eq!(preselection(&[top_k(0), Stage::Dist { seed: 1 }], n_vocab), None);

@@ -91,11 +91,5 @@ pub struct Capabilities {
 pub fn capabilities() -> Capabilities {
     backend::init();
     // SAFETY: constant queries.
-    unsafe {
-        Capabilities {
-            gpu_offload: sys::llama_supports_gpu_offload(),
-            mmap: sys::llama_supports_mmap(),
-            mlock: sys::llama_supports_mlock(),
-        }
-    }
+    unsafe { Capabilities { gpu_offload: sys::llama_supports_gpu_offload(), mmap: sys::llama_supports_mmap(), mlock: sys::llama_supports_mlock() } }
 }

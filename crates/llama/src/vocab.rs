@@ -5,7 +5,6 @@ use std::marker::PhantomData;
 use std::ptr::NonNull;
 
 use crate::error::TokenizeError;
-use crate::model::Model;
 use crate::sys;
 
 /// A token id. `repr(transparent)` over llama.cpp's `llama_token`, so slices pass through FFI
@@ -35,12 +34,13 @@ impl Default for TokenizeOptions {
     }
 }
 
-/// The vocabulary of a [`Model`], borrowed from it.
+/// The vocabulary of a [`Model`](crate::Model), borrowed from it.
 #[derive(Clone, Copy, Debug)]
 pub struct Vocab<'m> {
     raw: NonNull<sys::llama_vocab>,
     n_tokens: i32,
-    _model: PhantomData<&'m Model>,
+    /// Borrowed from its model for 'm.
+    _model: PhantomData<&'m ()>,
 }
 
 // SAFETY: the vocab is part of an immutable, Sync model; every method reads it.
@@ -49,7 +49,8 @@ unsafe impl Send for Vocab<'_> {}
 unsafe impl Sync for Vocab<'_> {}
 
 impl<'m> Vocab<'m> {
-    pub(crate) fn new(raw: NonNull<sys::llama_vocab>, _model: &'m Model) -> Self {
+    /// `raw` must be the vocabulary of a model that lives for 'm (the caller ties the lifetime).
+    pub(crate) fn new(raw: NonNull<sys::llama_vocab>, _model: PhantomData<&'m ()>) -> Self {
         // SAFETY: raw is the live vocab of `_model`.
         let n_tokens = unsafe { sys::llama_vocab_n_tokens(raw.as_ptr()) };
         Vocab { raw, n_tokens, _model: PhantomData }

@@ -140,7 +140,7 @@ fn outputs_that_were_not_requested_cannot_be_read_or_sampled() {
     assert!(matches!(ctx.logits(0), Err(OutputError::NotAnOutput { index: 0, .. })));
     assert!(matches!(ctx.embeddings(0), Err(OutputError::EmbeddingsDisabled)));
     let mut sampler = SamplerChain::new().greedy().build(model()).unwrap();
-    assert!(matches!(sampler.sample(&ctx, 0), Err(SamplerError::NotAnOutput { .. })));
+    assert!(matches!(sampler.sample(&ctx, 0), Err(SamplerError::Output(OutputError::NotAnOutput { index: 0, .. }))));
     assert!(sampler.sample(&ctx, batch.len() as i32 - 1).is_ok());
 }
 
@@ -157,7 +157,11 @@ fn a_grammar_that_does_not_parse_is_a_grammar_error() {
 
 #[test]
 fn a_chain_that_picks_no_token_is_refused_before_llama_cpp_would_abort() {
-    for (chain, last) in [(SamplerChain::new(), None), (SamplerChain::new().top_k(40).temp(0.8), Some("temperature")), (SamplerChain::new().dist(1).top_k(5), Some("top-k"))] {
+    for (chain, last) in [
+        (SamplerChain::new(), None),
+        (SamplerChain::new().top_k(40).temp(0.8), Some("temperature")),
+        (SamplerChain::new().dist(1).top_k(5), Some("top-k")),
+    ] {
         match chain.build(model()) {
             Err(SamplerError::NoSelector { last: got }) => assert_eq!(got, last),
             other => panic!("{last:?}: {other:?}"),

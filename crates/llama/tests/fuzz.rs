@@ -46,12 +46,14 @@ fn random_api_use_never_aborts() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         // llama.cpp's own last words (GGML_ASSERT ...), then the end of the output.
         let said: Vec<&str> = stderr.lines().filter(|l| l.contains("GGML_") || l.contains("panicked") || l.contains("terminate called")).collect();
-        let tail = format!("{}\n...\n{}", said.join("\n"), stderr.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"));
+        let tail = format!(
+            "{}\n...\n{}",
+            said.join("\n"),
+            stderr.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
         assert!(output.status.success(), "fuzz group {group} ended with {}:\n{tail}\n{}", output.status, stdout.trim());
-        let summary = stdout
-            .lines()
-            .find_map(|l| l.find("fuzz ").map(|at| &l[at..]))
-            .unwrap_or_else(|| panic!("group {group} printed no summary:\n{stdout}"));
+        let summary =
+            stdout.lines().find_map(|l| l.find("fuzz ").map(|at| &l[at..])).unwrap_or_else(|| panic!("group {group} printed no summary:\n{stdout}"));
         println!("{summary}");
         let count = |key: &str| -> usize {
             summary.split(", ").find_map(|part| part.strip_suffix(key).and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())).unwrap_or(0)
@@ -109,55 +111,53 @@ fn run_group(group: &str) {
     let result = match group {
         "samplers" => {
             let (ctx, index) = sampling_context();
-            runner.run(&sampler_case(), |case| {
-                if started.elapsed() < budget {
-                    let mut tally = tally.borrow_mut();
-                    tally.cases += 1;
-                    run_sampler_case(&case, &ctx, index, &mut tally);
-                }
-                Ok(())
-            })
-            .map_err(|e| e.to_string())
+            runner
+                .run(&sampler_case(), |case| {
+                    if started.elapsed() < budget {
+                        let mut tally = tally.borrow_mut();
+                        tally.cases += 1;
+                        run_sampler_case(&case, &ctx, index, &mut tally);
+                    }
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())
         }
         "batches" => {
-            let params = ContextParams { n_ctx: 128, n_batch: 32, n_ubatch: 32, n_seq_max: 4, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+            let params =
+                ContextParams { n_ctx: 128, n_batch: 32, n_ubatch: 32, n_seq_max: 4, n_threads: 2, n_threads_batch: 2, ..Default::default() };
             let ctx = RefCell::new(Context::new(model(), &params).unwrap());
-            runner.run(&batch_case(), |case| {
-                if started.elapsed() < budget {
-                    let mut tally = tally.borrow_mut();
-                    tally.cases += 1;
-                    run_batch_case(&case, &mut ctx.borrow_mut(), &mut tally);
-                }
-                Ok(())
-            })
-            .map_err(|e| e.to_string())
+            runner
+                .run(&batch_case(), |case| {
+                    if started.elapsed() < budget {
+                        let mut tally = tally.borrow_mut();
+                        tally.cases += 1;
+                        run_batch_case(&case, &mut ctx.borrow_mut(), &mut tally);
+                    }
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())
         }
         "gguf" => {
             let pristine = std::fs::read(model_path()).unwrap();
             let head_len = pristine.len().min(1 << 20);
             let path = temp_path("fuzz-mutant.gguf");
             std::fs::write(&path, &pristine).unwrap();
-            runner.run(&gguf_case(head_len), |case| {
-                if started.elapsed() < budget {
-                    let mut tally = tally.borrow_mut();
-                    tally.cases += 1;
-                    run_gguf_case(&case, &pristine, &path, &mut tally);
-                }
-                Ok(())
-            })
-            .map_err(|e| e.to_string())
+            runner
+                .run(&gguf_case(head_len), |case| {
+                    if started.elapsed() < budget {
+                        let mut tally = tally.borrow_mut();
+                        tally.cases += 1;
+                        run_gguf_case(&case, &pristine, &path, &mut tally);
+                    }
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())
         }
         other => panic!("unknown fuzz group {other}"),
     };
     result.unwrap_or_else(|e| panic!("fuzz group {group} (seed {seed}): {e}"));
     let tally = tally.into_inner();
-    println!(
-        "fuzz {group}: seed {seed}, {} cases, {} ok, {} errors, {:.1} s",
-        tally.cases,
-        tally.ok,
-        tally.errors,
-        started.elapsed().as_secs_f64()
-    );
+    println!("fuzz {group}: seed {seed}, {} cases, {} ok, {} errors, {:.1} s", tally.cases, tally.ok, tally.errors, started.elapsed().as_secs_f64());
 }
 
 // ---- samplers ----------------------------------------------------------------------------
@@ -257,8 +257,11 @@ fn sampler_case() -> impl Strategy<Value = SamplerCase> {
         3 => token_id().prop_map(SamplerAction::Accept),
         1 => Just(SamplerAction::Reset),
     ];
-    (prop::collection::vec(stage(), 0..6), any::<bool>(), prop::collection::vec(action, 0..6))
-        .prop_map(|(stages, preselect, actions)| SamplerCase { stages, preselect, actions })
+    (prop::collection::vec(stage(), 0..6), any::<bool>(), prop::collection::vec(action, 0..6)).prop_map(|(stages, preselect, actions)| SamplerCase {
+        stages,
+        preselect,
+        actions,
+    })
 }
 
 /// A context holding one decoded prompt, and the batch index of its logits.

@@ -31,7 +31,14 @@ pub fn build_all(variants: &[Variant]) -> Vec<Built> {
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            eprintln!("[{}/{}] building {} ({} backend, profile {}); the first build of llama.cpp takes minutes", i + 1, variants.len(), v.name, v.backend, v.profile);
+            eprintln!(
+                "[{}/{}] building {} ({} backend, profile {}); the first build of llama.cpp takes minutes",
+                i + 1,
+                variants.len(),
+                v.name,
+                v.backend,
+                v.profile
+            );
             let bar = ProgressBar::new_spinner().with_message(format!("building {}", v.name));
             bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("valid template"));
             bar.enable_steady_tick(Duration::from_millis(200));
@@ -130,8 +137,14 @@ mod tests {
     #[test]
     fn the_fix_line_is_llama_sys_own_when_it_gave_one() {
         let built = [
-            failed("A", "cargo build failed (exit status: 101); log /t/build-A.log\nerror: failed to run custom build command for `llama-cpp-sys-2`\n..."),
-            failed("B", "cargo build failed (exit status: 101); log /t/build-B.log\nerror: failed to run custom build command for `llama-sys`\n  error: llama-sys: libclang not found (bindgen needs it): run `cargo xtask setup`"),
+            failed(
+                "A",
+                "cargo build failed (exit status: 101); log /t/build-A.log\nerror: failed to run custom build command for `llama-cpp-sys-2`\n...",
+            ),
+            failed(
+                "B",
+                "cargo build failed (exit status: 101); log /t/build-B.log\nerror: failed to run custom build command for `llama-sys`\n  error: llama-sys: libclang not found (bindgen needs it): run `cargo xtask setup`",
+            ),
         ];
         assert_eq!(fix_line(&built), "llama-sys: libclang not found (bindgen needs it): run `cargo xtask setup`");
     }

@@ -101,7 +101,9 @@ pub fn rows(settings: &RunSettings, order: &[String], baseline: &str, runs: &BTr
             let r = runs.get(name).unwrap_or(&empty);
             let samples = r.tokens_per_s.get(test).cloned().unwrap_or_default();
             let present: Vec<f64> = samples.iter().flatten().copied().collect();
-            let present_of = |m: &BTreeMap<String, Vec<Option<f64>>>| -> Vec<f64> { m.get(test).map(|v| v.iter().flatten().copied().collect()).unwrap_or_default() };
+            let present_of = |m: &BTreeMap<String, Vec<Option<f64>>>| -> Vec<f64> {
+                m.get(test).map(|v| v.iter().flatten().copied().collect()).unwrap_or_default()
+            };
             let ttft = present_of(&r.ttft_ms);
             let outside_decode = present_of(&r.outside_decode_pct);
             let vs_baseline = if name == baseline { None } else { base.tokens_per_s.get(test).and_then(|b| stats::paired_ratio(&samples, b)) };
@@ -172,7 +174,8 @@ impl Report {
         let _ = writeln!(s, "{:<12} {:<12} {:>4} {:>18} {:>9} {vs:>28}  verdict", "variant", "test", "n", "t/s mean ± sd", "median");
         for r in &self.rows {
             let c = self.cells(r);
-            let _ = writeln!(s, "{:<12} {:<12} {:>4} {:>18} {:>9} {:>28}  {}{}", r.variant, r.test, c.n, c.mean, c.median, c.ratio, c.verdict, c.flag);
+            let _ =
+                writeln!(s, "{:<12} {:<12} {:>4} {:>18} {:>9} {:>28}  {}{}", r.variant, r.test, c.n, c.mean, c.median, c.ratio, c.verdict, c.flag);
         }
         for r in self.rows.iter().filter(|r| r.ttft.is_some()) {
             let t = r.ttft.as_ref().expect("filtered");
@@ -211,7 +214,8 @@ impl Report {
         }
         for e in self.equivalence.iter().filter(|e| e.diverges_at.is_some()) {
             let why = if e.near_tie { " (a near-tie swap of the top two, within 0.25 logits)" } else { " (NOT a near-tie: a real difference)" };
-            let _ = writeln!(s, "WARNING: {} diverges from {}'s greedy tokens at token {}{why}", e.variant, self.baseline, e.diverges_at.unwrap_or(0));
+            let _ =
+                writeln!(s, "WARNING: {} diverges from {}'s greedy tokens at token {}{why}", e.variant, self.baseline, e.diverges_at.unwrap_or(0));
         }
         for e in self.equivalence.iter().filter(|e| !e.checked) {
             let _ = writeln!(s, "WARNING: {}'s greedy tokens could not be compared", e.variant);
@@ -238,7 +242,14 @@ impl Report {
             m.kernel,
             m.memory_read_gb_s
         );
-        let _ = writeln!(s, "Model: {} ({}, {:.0} MB, sha256 {})\n", self.model.path, self.model.description, self.model.size_bytes as f64 / 1e6, self.model.sha256);
+        let _ = writeln!(
+            s,
+            "Model: {} ({}, {:.0} MB, sha256 {})\n",
+            self.model.path,
+            self.model.description,
+            self.model.size_bytes as f64 / 1e6,
+            self.model.sha256
+        );
         let st = &self.settings;
         let _ = writeln!(
             s,
@@ -259,7 +270,14 @@ impl Report {
         let _ = writeln!(s, "\n```\n{}```\n", self.table());
         let _ = writeln!(s, "## Builds\n");
         for v in &self.variants {
-            let _ = writeln!(s, "- **{}** (backend `{}`, built in {:.0} s): `{}`", v.variant.name, v.variant.backend, v.build_seconds, v.build_info.as_ref().map(|b| b.to_string()).unwrap_or_else(|| "no build info".into()));
+            let _ = writeln!(
+                s,
+                "- **{}** (backend `{}`, built in {:.0} s): `{}`",
+                v.variant.name,
+                v.variant.backend,
+                v.build_seconds,
+                v.build_info.as_ref().map(|b| b.to_string()).unwrap_or_else(|| "no build info".into())
+            );
         }
         s
     }
@@ -282,7 +300,10 @@ impl Report {
         let group_w = (w - 2.0 * pad) / tests.len().max(1) as f64;
         let bar_w = group_w * 0.8 / variants.len().max(1) as f64;
         let colours = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"];
-        let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{pad}\" y=\"20\" font-size=\"14\">tokens/s (median, whiskers min..max) — {}</text>\n", self.model.description);
+        let mut s = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{pad}\" y=\"20\" font-size=\"14\">tokens/s (median, whiskers min..max) — {}</text>\n",
+            self.model.description
+        );
         for (ti, test) in tests.iter().enumerate() {
             let rows: Vec<&Row> = self.rows.iter().filter(|r| &&r.test == test).collect();
             let max = rows.iter().filter_map(|r| r.summary.as_ref().map(|s| s.max)).fold(0.0f64, f64::max).max(1e-9);
@@ -293,16 +314,34 @@ impl Report {
                 let scale = |v: f64| (h - pad) - (v / max) * (h - pad - top);
                 let x = gx + group_w * 0.1 + vi as f64 * bar_w;
                 let colour = colours[vi % colours.len()];
-                let _ = writeln!(s, "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\"><title>{} {test}: {:.2} t/s</title></rect>", scale(sm.median), bar_w * 0.9, (h - pad) - scale(sm.median), r.variant, sm.median);
+                let _ = writeln!(
+                    s,
+                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\"><title>{} {test}: {:.2} t/s</title></rect>",
+                    scale(sm.median),
+                    bar_w * 0.9,
+                    (h - pad) - scale(sm.median),
+                    r.variant,
+                    sm.median
+                );
                 let cx = x + bar_w * 0.45;
                 let _ = writeln!(s, "<line x1=\"{cx:.1}\" x2=\"{cx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>", scale(sm.min), scale(sm.max));
-                let _ = writeln!(s, "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{:.1}</text>", scale(sm.max) - 4.0, sm.median);
+                let _ = writeln!(
+                    s,
+                    "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{:.1}</text>",
+                    scale(sm.max) - 4.0,
+                    sm.median
+                );
             }
         }
         // The legend: one row under the title, above the bars.
         for (vi, v) in variants.iter().enumerate() {
             let x = pad + 120.0 * vi as f64;
-            let _ = writeln!(s, "<rect x=\"{x:.1}\" y=\"32\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"41\">{v}</text>", colours[vi % colours.len()], x + 14.0);
+            let _ = writeln!(
+                s,
+                "<rect x=\"{x:.1}\" y=\"32\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"41\">{v}</text>",
+                colours[vi % colours.len()],
+                x + 14.0
+            );
         }
         s.push_str("</svg>\n");
         s

@@ -135,7 +135,10 @@ pub fn builtins() -> Vec<Variant> {
         // Our build with its default flags: a tuned profile on this machine is ignored.
         Variant { env: [("LLAMA_SYS_PROFILE".to_string(), "none".to_string())].into(), ..Variant::builtin("B", "source", "") },
         // Our build with the profile `cargo xtask tune` wrote (fails to build without one).
-        Variant { env: [("LLAMA_SYS_PROFILE".to_string(), tuned_profile_path().display().to_string())].into(), ..Variant::builtin("B-tuned", "source", "") },
+        Variant {
+            env: [("LLAMA_SYS_PROFILE".to_string(), tuned_profile_path().display().to_string())].into(),
+            ..Variant::builtin("B-tuned", "source", "")
+        },
         // The same build through raw llama-sys calls: B minus the safe wrapper.
         Variant { env: [("LLAMA_SYS_PROFILE".to_string(), "none".to_string())].into(), ..Variant::builtin("B-raw", "raw", "") },
     ]
@@ -192,7 +195,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("variants-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good.toml");
-        std::fs::write(&good, "[[variant]]\nname = \"B-lto\"\nbackend = \"source\"\nfeatures = [\"lto\"]\ncmake_defines = { GGML_AVX512 = \"OFF\" }\n").unwrap();
+        std::fs::write(
+            &good,
+            "[[variant]]\nname = \"B-lto\"\nbackend = \"source\"\nfeatures = [\"lto\"]\ncmake_defines = { GGML_AVX512 = \"OFF\" }\n",
+        )
+        .unwrap();
         let v = resolve(Some(&good), &["B-lto".into()]).unwrap();
         let env = v[0].build_env();
         assert!(env.contains(&("LLAMA_SYS_LTO".into(), "on".into())));

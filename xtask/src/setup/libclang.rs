@@ -45,11 +45,7 @@ pub fn accepts(file_name: &str, os: Os) -> bool {
 /// The version numbers a file name carries (`libclang-14.so.1` → [14, 1]), for choosing the
 /// newest of several, as clang-sys does.
 pub fn version(file_name: &str) -> Vec<u32> {
-    file_name
-        .trim_start_matches("libclang")
-        .split(['-', '.'])
-        .filter_map(|part| part.parse().ok())
-        .collect()
+    file_name.trim_start_matches("libclang").split(['-', '.']).filter_map(|part| part.parse().ok()).collect()
 }
 
 /// The libclang clang-sys would pick among `found` (directory order = preference): the highest
@@ -99,7 +95,9 @@ fn first_line_of(program: &str, args: &[&str]) -> Option<String> {
 /// clang-sys' system folders, in its order of preference.
 fn system_patterns(os: Os) -> &'static [&'static str] {
     match os {
-        Os::Linux => &["/usr/local/llvm*/lib*", "/usr/local/lib*/*/*", "/usr/local/lib*/*", "/usr/local/lib*", "/usr/lib*/*/*", "/usr/lib*/*", "/usr/lib*"],
+        Os::Linux => {
+            &["/usr/local/llvm*/lib*", "/usr/local/lib*/*/*", "/usr/local/lib*/*", "/usr/local/lib*", "/usr/lib*/*/*", "/usr/lib*/*", "/usr/lib*"]
+        }
         Os::MacOs => &[
             "/usr/local/opt/llvm*/lib/llvm*/lib",
             "/Library/Developer/CommandLineTools/usr/lib",
@@ -150,9 +148,7 @@ pub fn candidates(dirs: &[PathBuf], os: Os, list: impl Fn(&Path) -> Vec<String>)
 pub fn find(env: &SearchEnv, os: Os) -> Option<PathBuf> {
     let dirs = search_dirs(env, os);
     let list = |dir: &Path| -> Vec<String> {
-        std::fs::read_dir(dir)
-            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-            .unwrap_or_default()
+        std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
     };
     let found = candidates(&dirs, os, list);
     // LIBCLANG_PATH naming a file: that file, if clang-sys would accept it.

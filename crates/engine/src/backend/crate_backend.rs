@@ -18,7 +18,7 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
 use crate::config::{SamplerStage, SamplingParams, SessionConfig};
-use crate::error::EngineError;
+use crate::error::{DecodeFailure, EngineError};
 
 /// llama-cpp-2 refuses a second `LlamaBackend::init`, so the one instance lives here.
 fn backend() -> &'static LlamaBackend {
@@ -39,11 +39,10 @@ impl Backend for CrateBackend {
     fn load(path: &Path, n_gpu_layers: i32) -> Result<CrateModel, EngineError> {
         // llama-cpp-2 answers every bad file with "null result"; say at least which file.
         if !path.is_file() {
-            return Err(EngineError::Load(format!("model file not found: {}", path.display())));
+            return Err(EngineError::load(path, "model file not found"));
         }
         let params = LlamaModelParams::default().with_n_gpu_layers(n_gpu_layers.max(0) as u32);
-        let model = LlamaModel::load_from_file(backend(), path, &params)
-            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        let model = LlamaModel::load_from_file(backend(), path, &params).map_err(|e| EngineError::load(path, e))?;
         Ok(CrateModel { model, path: path.display().to_string() })
     }
 
@@ -107,7 +106,7 @@ impl BackendModel for CrateModel {
 
     fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
         if !(0..self.model.n_vocab()).contains(&token) {
-            return Err(EngineError::Tokenize(format!("token {token} is outside the vocabulary")));
+            return Err(EngineError::Tokenize(format!("token {token} is outside the vocabulary").into()));
         }
         self.model.vocab().token_to_piece_into(LlamaToken(token), out, false, None);
         Ok(())
@@ -130,13 +129,13 @@ impl BackendModel for CrateModel {
     }
 
     fn apply_chat_template(&self, template: &str, messages: &[(String, String)]) -> Result<String, EngineError> {
-        let tmpl = LlamaChatTemplate::new(template).map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        let tmpl = LlamaChatTemplate::new(template).map_err(|e| EngineError::ChatTemplate(e.into()))?;
         let msgs = messages
             .iter()
             .map(|(r, c)| LlamaChatMessage::new(r.clone(), c.clone()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
-        self.model.apply_chat_template(&tmpl, &msgs, true).map_err(|e| EngineError::ChatTemplate(e.to_string()))
+            .map_err(|e| EngineError::ChatTemplate(e.into()))?;
+        self.model.apply_chat_template(&tmpl, &msgs, true).map_err(|e| EngineError::ChatTemplate(e.into()))
     }
 
     fn session(&self, config: &SessionConfig) -> Result<CrateSession<'_>, EngineError> {
@@ -155,7 +154,7 @@ impl BackendModel for CrateModel {
         if config.embeddings {
             params = params.with_pooling_type(LlamaPoolingType::Mean);
         }
-        let ctx = self.model.new_context(backend(), params).map_err(|e| EngineError::Session(e.to_string()))?;
+        let ctx = self.model.new_context(backend(), params).map_err(|e| EngineError::Session(e.into()))?;
         let n_batch = ctx.n_batch() as usize;
         Ok(CrateSession { model: &self.model, ctx, batch: LlamaBatch::new(n_batch, 1), sampler: None, last_output: None, abort: None })
     }
@@ -190,7 +189,7 @@ impl BackendSession for CrateSession<'_> {
         self.last_output = None;
         for (k, &t) in ids.iter().enumerate() {
             let logits = outputs == Outputs::Last && k + 1 == ids.len();
-            self.batch.add(LlamaToken(t), start + k as i32, &[0], logits).map_err(|e| EngineError::Decode(e.to_string()))?;
+            self.batch.add(LlamaToken(t), start + k as i32, &[0], logits).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))?;
         }
         Ok(())
     }
@@ -202,7 +201,10 @@ impl BackendSession for CrateSession<'_> {
             return Err(EngineError::Cancelled);
         }
         self.fill(ids, start, outputs)?;
-        self.ctx.decode(&mut self.batch).map_err(|e| EngineError::Decode(e.to_string()))?;
+        self.ctx.decode(&mut self.batch).map_err(|e| {
+            let kind = if matches!(e, llama_cpp_2::DecodeError::NoKvCacheSlot) { DecodeFailure::NoKvSlot } else { DecodeFailure::Internal };
+            EngineError::decode(kind, e)
+        })?;
         if outputs == Outputs::Last {
             self.last_output = Some(ids.len() as i32 - 1);
         }
@@ -233,13 +235,13 @@ impl BackendSession for CrateSession<'_> {
     }
 
     fn sample(&mut self) -> Result<TokenId, EngineError> {
-        let idx = self.last_output.ok_or_else(|| EngineError::Sampler("the last decode produced no logits".into()))?;
+        let idx = self.last_output.ok_or_else(|| EngineError::decode(DecodeFailure::NoOutput, "the last decode produced no logits"))?;
         let sampler = self.sampler.as_mut().ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
         Ok(sampler.sample(&self.ctx, idx).0)
     }
 
     fn last_logits(&self) -> Result<&[f32], EngineError> {
-        let idx = self.last_output.ok_or_else(|| EngineError::Decode("the last decode produced no logits".into()))?;
+        let idx = self.last_output.ok_or_else(|| EngineError::decode(DecodeFailure::NoOutput, "the last decode produced no logits"))?;
         Ok(self.ctx.get_logits_ith(idx))
     }
 
@@ -248,6 +250,6 @@ impl BackendSession for CrateSession<'_> {
     }
 
     fn embedding(&self) -> Result<Vec<f32>, EngineError> {
-        self.ctx.embeddings_seq_ith(0).map(<[f32]>::to_vec).map_err(|e| EngineError::Decode(e.to_string()))
+        self.ctx.embeddings_seq_ith(0).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
     }
 }

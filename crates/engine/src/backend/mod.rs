@@ -16,11 +16,7 @@ use serde::Serialize;
 use crate::config::{SamplingParams, SessionConfig};
 use crate::error::EngineError;
 
-#[cfg(any(
-    all(feature = "source", feature = "crate"),
-    all(feature = "source", feature = "raw"),
-    all(feature = "crate", feature = "raw")
-))]
+#[cfg(any(all(feature = "source", feature = "crate"), all(feature = "source", feature = "raw"), all(feature = "crate", feature = "raw")))]
 compile_error!(
     "exsa-engine: enable exactly one backend feature: `source`, `crate` or `raw` \
      (e.g. --no-default-features --features crate); each links its own copy of llama.cpp"

@@ -15,7 +15,7 @@ use llama_sys as sys;
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
 use crate::config::{SamplerStage, SamplingParams, SessionConfig};
-use crate::error::EngineError;
+use crate::error::{DecodeFailure, EngineError};
 
 #[derive(Debug)]
 pub struct RawBackend;
@@ -29,7 +29,7 @@ fn guarded(function: &str, call: impl FnOnce(*mut sys::exsa_error) -> i32) -> Re
     }
     let bytes: Vec<u8> = err.what.iter().map(|&c| c as u8).collect();
     let what = CStr::from_bytes_until_nul(&bytes).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    Err(EngineError::Decode(format!("llama.cpp threw in {function}: {what}")))
+    Err(EngineError::decode(DecodeFailure::Internal, format!("llama.cpp threw a C++ exception in {function}: {what}")))
 }
 
 fn init() {
@@ -44,14 +44,14 @@ impl Backend for RawBackend {
 
     fn load(path: &Path, n_gpu_layers: i32) -> Result<RawModel, EngineError> {
         init();
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| EngineError::Load(format!("{}: NUL in path", path.display())))?;
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| EngineError::load(path, "the path contains a NUL byte"))?;
         // SAFETY: default params by value; the path is NUL-terminated and outlives the call.
         let raw = unsafe {
             let mut p = sys::llama_model_default_params();
             p.n_gpu_layers = n_gpu_layers;
             sys::llama_model_load_from_file(c_path.as_ptr(), p)
         };
-        let raw = NonNull::new(raw).ok_or_else(|| EngineError::Load(format!("llama.cpp could not load {}", path.display())))?;
+        let raw = NonNull::new(raw).ok_or_else(|| EngineError::load(path, "llama.cpp could not load it"))?;
         // SAFETY: the vocab belongs to the live model.
         let vocab = unsafe { sys::llama_model_get_vocab(raw.as_ptr()) };
         Ok(RawModel { raw, vocab, path: path.display().to_string() })
@@ -130,7 +130,8 @@ impl BackendModel for RawModel {
     }
 
     fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
-        let len = i32::try_from(text.len()).map_err(|_| EngineError::Tokenize(format!("a text of {} bytes is more than llama_tokenize takes", text.len())))?;
+        let len = i32::try_from(text.len())
+            .map_err(|_| EngineError::Tokenize(format!("a text of {} bytes is more than llama_tokenize takes", text.len()).into()))?;
         out.clear();
         out.reserve(text.len() + 2);
         // Twice at most: a negative count is the room needed.
@@ -157,7 +158,7 @@ impl BackendModel for RawModel {
 
     fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
         if !(0..self.n_vocab()).contains(&token) {
-            return Err(EngineError::Tokenize(format!("token {token} is outside the vocabulary")));
+            return Err(EngineError::Tokenize(format!("token {token} is outside the vocabulary").into()));
         }
         let mut buf = [0u8; 256];
         let mut n = 0;
@@ -206,9 +207,13 @@ impl BackendModel for RawModel {
     fn apply_chat_template(&self, template: &str, messages: &[(String, String)]) -> Result<String, EngineError> {
         let nul = |_| EngineError::ChatTemplate("NUL byte in the chat".into());
         let tmpl = CString::new(template).map_err(nul)?;
-        let owned: Vec<(CString, CString)> =
-            messages.iter().map(|(r, c)| Ok((CString::new(r.as_str())?, CString::new(c.as_str())?))).collect::<Result<_, std::ffi::NulError>>().map_err(nul)?;
-        let chat: Vec<sys::llama_chat_message> = owned.iter().map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();
+        let owned: Vec<(CString, CString)> = messages
+            .iter()
+            .map(|(r, c)| Ok((CString::new(r.as_str())?, CString::new(c.as_str())?)))
+            .collect::<Result<_, std::ffi::NulError>>()
+            .map_err(nul)?;
+        let chat: Vec<sys::llama_chat_message> =
+            owned.iter().map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();
         let mut buf = vec![0u8; 4096];
         loop {
             let mut n = 0;
@@ -217,7 +222,7 @@ impl BackendModel for RawModel {
                 sys::exsa_chat_apply_template(tmpl.as_ptr(), chat.as_ptr(), chat.len(), true, buf.as_mut_ptr().cast(), buf.len() as i32, &mut n, err)
             })?;
             if n < 0 {
-                return Err(EngineError::ChatTemplate(format!("template {template:?} could not be applied")));
+                return Err(EngineError::ChatTemplate(format!("template {template:?} could not be applied").into()));
             }
             if n as usize <= buf.len() {
                 buf.truncate(n as usize);
@@ -298,7 +303,7 @@ impl BackendSession for RawSession<'_> {
 
     fn fill(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         if ids.is_empty() || ids.len() > self.n_batch as usize {
-            return Err(EngineError::Decode(format!("{} tokens for a batch of {}", ids.len(), self.n_batch)));
+            return Err(EngineError::decode(DecodeFailure::InvalidBatch, format!("{} tokens for a batch of {}", ids.len(), self.n_batch)));
         }
         // SAFETY: ids.len() <= n_batch, the capacity the batch was allocated with, with one
         // sequence id per token.
@@ -325,7 +330,8 @@ impl BackendSession for RawSession<'_> {
         match code {
             0 => Ok(()),
             2 => Err(EngineError::Cancelled),
-            c => Err(EngineError::Decode(format!("llama_decode returned {c}"))),
+            1 => Err(EngineError::decode(DecodeFailure::NoKvSlot, "llama_decode returned 1")),
+            c => Err(EngineError::decode(DecodeFailure::Internal, format!("llama_decode returned {c}"))),
         }
     }
 
@@ -372,7 +378,7 @@ impl BackendSession for RawSession<'_> {
     fn sample(&mut self) -> Result<TokenId, EngineError> {
         let s = self.sampler.ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
         if !self.has_logits {
-            return Err(EngineError::Sampler("the last decode produced no logits".into()));
+            return Err(EngineError::decode(DecodeFailure::NoOutput, "the last decode produced no logits"));
         }
         let mut token = 0;
         // SAFETY: the last decode produced logits for its last token (-1).
@@ -382,14 +388,14 @@ impl BackendSession for RawSession<'_> {
 
     fn last_logits(&self) -> Result<&[f32], EngineError> {
         if !self.has_logits {
-            return Err(EngineError::Decode("the last decode produced no logits".into()));
+            return Err(EngineError::decode(DecodeFailure::NoOutput, "the last decode produced no logits"));
         }
         // SAFETY: the last decode produced logits for its last token; the row is n_vocab
         // floats, valid until the next decode, which needs &mut self.
         unsafe {
             let p = sys::llama_get_logits_ith(self.ctx.as_ptr(), -1);
             if p.is_null() {
-                return Err(EngineError::Decode("no logits".into()));
+                return Err(EngineError::decode(DecodeFailure::NoOutput, "no logits"));
             }
             Ok(std::slice::from_raw_parts(p, self.model.n_vocab() as usize))
         }
@@ -405,7 +411,7 @@ impl BackendSession for RawSession<'_> {
         // SAFETY: null or the pooled row of sequence 0.
         let p = unsafe { sys::llama_get_embeddings_seq(self.ctx.as_ptr(), 0) };
         if p.is_null() {
-            return Err(EngineError::Decode("no pooled embedding".into()));
+            return Err(EngineError::decode(DecodeFailure::NoOutput, "no pooled embedding"));
         }
         // SAFETY: mean-pooled rows are n_embd_out floats (a field read of the live model), valid
         // until the next decode, which needs &mut self.

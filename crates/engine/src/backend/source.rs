@@ -8,7 +8,7 @@ use llama::{Batch, ChatMessage, Context, ContextParams, FlashAttention, Model, M
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
 use crate::config::{SamplerStage, SamplingParams, SessionConfig};
-use crate::error::EngineError;
+use crate::error::{DecodeFailure, EngineError};
 
 #[derive(Debug)]
 pub struct SourceBackend;
@@ -19,7 +19,7 @@ impl Backend for SourceBackend {
 
     fn load(path: &Path, n_gpu_layers: i32) -> Result<SourceModel, EngineError> {
         let params = ModelParams { n_gpu_layers, ..Default::default() };
-        let model = Model::load(path, &params).map_err(|e| EngineError::Load(e.to_string()))?;
+        let model = Model::load(path, &params).map_err(|e| EngineError::load(path, e))?;
         Ok(SourceModel { model })
     }
 
@@ -80,11 +80,11 @@ impl BackendModel for SourceModel {
         let mut buf = into_tokens(std::mem::take(out));
         let result = self.model.vocab().tokenize_into(text, TokenizeOptions { add_special, parse_special }, &mut buf);
         *out = into_ids(buf);
-        result.map_err(|e| EngineError::Tokenize(e.to_string()))
+        result.map_err(|e| EngineError::Tokenize(e.into()))
     }
 
     fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
-        self.model.vocab().piece_into(Token(token), false, out).map_err(|e| EngineError::Tokenize(e.to_string()))
+        self.model.vocab().piece_into(Token(token), false, out).map_err(|e| EngineError::Tokenize(e.into()))
     }
 
     fn is_eog(&self, token: TokenId) -> bool {
@@ -105,7 +105,7 @@ impl BackendModel for SourceModel {
 
     fn apply_chat_template(&self, template: &str, messages: &[(String, String)]) -> Result<String, EngineError> {
         let msgs: Vec<ChatMessage> = messages.iter().map(|(r, c)| ChatMessage::new(r.as_str(), c.as_str())).collect();
-        llama::apply_template(Some(&self.model), Some(template), &msgs, true).map_err(|e| EngineError::ChatTemplate(e.to_string()))
+        llama::apply_template(Some(&self.model), Some(template), &msgs, true).map_err(|e| EngineError::ChatTemplate(e.into()))
     }
 
     fn session(&self, config: &SessionConfig) -> Result<SourceSession<'_>, EngineError> {
@@ -125,8 +125,8 @@ impl BackendModel for SourceModel {
             pooling: if config.embeddings { Pooling::Mean } else { Pooling::Unspecified },
             ..Default::default()
         };
-        let ctx = Context::new(&self.model, &params).map_err(|e| EngineError::Session(e.to_string()))?;
-        let batch = Batch::new(ctx.n_batch() as usize, 1).map_err(|e| EngineError::Session(e.to_string()))?;
+        let ctx = Context::new(&self.model, &params).map_err(|e| EngineError::Session(e.into()))?;
+        let batch = Batch::new(ctx.n_batch() as usize, 1).map_err(|e| EngineError::Session(e.into()))?;
         Ok(SourceSession { model: &self.model, ctx, batch, sampler: None })
     }
 }
@@ -150,14 +150,16 @@ impl BackendSession for SourceSession<'_> {
 
     fn fill(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.batch.clear();
-        self.batch.add_sequence(tokens(ids), start, 0, outputs == Outputs::Last).map_err(|e| EngineError::Decode(e.to_string()))
+        self.batch.add_sequence(tokens(ids), start, 0, outputs == Outputs::Last).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))
     }
 
     fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.fill(ids, start, outputs)?;
         self.ctx.decode(&self.batch).map_err(|e| match e {
             llama::DecodeError::Aborted => EngineError::Cancelled,
-            e => EngineError::Decode(e.to_string()),
+            e @ llama::DecodeError::NoKvSlot => EngineError::decode(DecodeFailure::NoKvSlot, e),
+            e @ (llama::DecodeError::Rejected { .. } | llama::DecodeError::Exception(_)) => EngineError::decode(DecodeFailure::Internal, e),
+            e => EngineError::decode(DecodeFailure::InvalidBatch, e),
         })
     }
 
@@ -179,18 +181,18 @@ impl BackendSession for SourceSession<'_> {
             SamplerStage::Dist(seed) => chain.dist(seed),
             SamplerStage::Greedy => chain.greedy(),
         });
-        self.sampler = Some(chain.build(self.model).map_err(|e| EngineError::Sampler(e.to_string()))?);
+        self.sampler = Some(chain.build(self.model).map_err(|e| EngineError::Sampler(e.into()))?);
         Ok(())
     }
 
     fn sample(&mut self) -> Result<TokenId, EngineError> {
         let sampler = self.sampler.as_mut().ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
-        let last = *self.ctx.outputs().last().ok_or_else(|| EngineError::Sampler("the last decode produced no logits".into()))?;
-        sampler.sample(&self.ctx, last).map(|t| t.0).map_err(|e| EngineError::Sampler(e.to_string()))
+        let last = *self.ctx.outputs().last().ok_or_else(|| EngineError::decode(DecodeFailure::NoOutput, "the last decode produced no logits"))?;
+        sampler.sample(&self.ctx, last).map(|t| t.0).map_err(|e| EngineError::Sampler(e.into()))
     }
 
     fn last_logits(&self) -> Result<&[f32], EngineError> {
-        self.ctx.last_logits().map_err(|e| EngineError::Decode(e.to_string()))
+        self.ctx.last_logits().map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
     }
 
     fn set_abort_flag(&mut self, flag: Arc<AtomicBool>) {
@@ -198,6 +200,6 @@ impl BackendSession for SourceSession<'_> {
     }
 
     fn embedding(&self) -> Result<Vec<f32>, EngineError> {
-        self.ctx.sequence_embeddings(0).map(<[f32]>::to_vec).map_err(|e| EngineError::Decode(e.to_string()))
+        self.ctx.sequence_embeddings(0).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
     }
 }

@@ -161,7 +161,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Generate { prompt, sampling, stats } => {
             let engine = load(&cli.common, session)?;
             let mut s = engine.session()?;
-            let request = GenerateRequest { max_tokens: sampling.max_tokens, stop: sampling.stop.clone(), sampling: sampling.params(), ..GenerateRequest::new(prompt) };
+            let request = GenerateRequest {
+                max_tokens: sampling.max_tokens,
+                stop: sampling.stop.clone(),
+                sampling: sampling.params(),
+                ..GenerateRequest::new(prompt)
+            };
             let mut generation = s.generate(&request)?;
             let mut out = std::io::stdout().lock();
             while let Some(delta) = generation.next_text() {
@@ -202,7 +207,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 }
                 let st = generation.stats().clone();
                 println!();
-                eprintln!("[{} tokens, {:.1} t/s, {} prompt tokens reused]", st.completion_tokens, st.generation_tokens_per_s, st.prompt_tokens_reused);
+                eprintln!(
+                    "[{} tokens, {:.1} t/s, {} prompt tokens reused]",
+                    st.completion_tokens, st.generation_tokens_per_s, st.prompt_tokens_reused
+                );
                 history.push(ChatMessage::new("assistant", reply));
             }
         }
@@ -231,7 +239,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     samples.push(harness::run(&engine, &session, *test)?);
                 }
             }
-            let greedy = if args.greedy_tokens > 0 { Some(harness::greedy_trace(&engine, &session, harness::EQUIVALENCE_PROMPT, args.greedy_tokens)?) } else { None };
+            let greedy = if args.greedy_tokens > 0 {
+                Some(harness::greedy_trace(&engine, &session, harness::EQUIVALENCE_PROMPT, args.greedy_tokens)?)
+            } else {
+                None
+            };
             let greedy_tokens = greedy.as_ref().map(|g| g.iter().map(|s| s.token).collect::<Vec<_>>());
             let greedy_margins = greedy.as_ref().map(|g| g.iter().map(|s| s.margin).collect::<Vec<_>>());
             let greedy_runner_ups = greedy.as_ref().map(|g| g.iter().map(|s| s.runner_up).collect::<Vec<_>>());
