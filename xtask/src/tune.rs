@@ -11,7 +11,6 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::bench::build::{self, Built};
-use crate::bench::report::{self, NEAR_TIE};
 use crate::bench::run::{self, RunSettings, VariantRuns};
 use crate::bench::stats::{self, Ratio, Verdict};
 use crate::bench::variants::{self, Variant};
@@ -320,11 +319,7 @@ fn judge(runs: &BTreeMap<String, VariantRuns>, standings: &mut BTreeMap<String, 
             s.dropped = Some(format!("failed: {}", r.errors.join("; ")));
             continue;
         }
-        let divergence = match (b.and_then(|b| b.greedy_tokens.as_ref()), r.greedy_tokens.as_ref()) {
-            (Some(bt), Some(ct)) => report::divergence(bt, ct),
-            _ => None,
-        };
-        if let Some(k) = divergence.filter(|&k| !b.is_some_and(|b| r.near_tie_swap_at(b, k, NEAR_TIE))) {
+        if let Some(exsa_bench_protocol::Equivalence::Differs(k)) = b.and_then(|b| r.equivalence_to(b)) {
             s.dropped = Some(format!("greedy output differs from B's at token {k}, not a near-tie"));
             continue;
         }

@@ -10,7 +10,8 @@
 use std::str::FromStr;
 use std::time::Instant;
 
-use serde::Serialize;
+// The protocol's types are the harness's: what `exsa bench` prints is what xtask reads.
+pub use exsa_bench_protocol::{BenchReport, Equivalence, GreedyStep, NEAR_TIE, Sample, compare};
 
 use crate::backend::{BackendModel, BackendSession, Outputs, TokenId};
 use crate::config::{GenerateRequest, SamplingParams, SessionConfig};
@@ -63,21 +64,6 @@ impl std::fmt::Display for Test {
             Test::EndToEnd(n) => write!(f, "e2e{n}"),
         }
     }
-}
-
-/// One timed run of one test.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Sample {
-    pub test: String,
-    /// Tokens the rate counts (prompt + generated for ppN+tgM).
-    pub tokens: usize,
-    pub seconds: f64,
-    pub tokens_per_s: f64,
-    /// e2e only: from the request to the first generated token.
-    pub time_to_first_token_ms: Option<f64>,
-    /// e2e only: the share of generation time spent outside decoding (sampling, detokenizing,
-    /// stop checks, streaming), in percent.
-    pub outside_decode_percent: Option<f64>,
 }
 
 /// The fixed chat of the e2e test.
@@ -179,26 +165,6 @@ pub fn greedy_tokens(engine: &Engine, config: &SessionConfig, prompt: &str, n: u
     Ok(greedy_trace(engine, config, prompt, n)?.into_iter().map(|s| s.token).collect())
 }
 
-/// One greedy step: the token, the runner-up, and how far ahead the token was.
-#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq)]
-pub struct GreedyStep {
-    pub token: TokenId,
-    /// The second most likely token.
-    pub runner_up: TokenId,
-    /// Top logit minus the second: near 0, a different kernel may swap the two.
-    pub margin: f32,
-}
-
-impl GreedyStep {
-    /// Whether `other` (the same step in another build) picked differently only because the
-    /// two builds swapped a near-tied top two: each picked the other's runner-up, and at least
-    /// one of them saw the pair within `near_tie` logits.
-    pub fn is_near_tie_swap(&self, other: &GreedyStep, near_tie: f32) -> bool {
-        let swapped = self.runner_up == other.token && other.runner_up == self.token;
-        swapped && (self.margin < near_tie || other.margin < near_tie)
-    }
-}
-
 /// Greedy steps of `prompt` with their margins, for the equivalence check.
 pub fn greedy_trace(engine: &Engine, config: &SessionConfig, prompt: &str, n: usize) -> Result<Vec<GreedyStep>, EngineError> {
     let model = engine.model();
@@ -242,14 +208,6 @@ mod tests {
     fn the_margin_is_top_minus_runner_up() {
         assert_eq!(top2(&[0.5, 3.0, 2.25, -1.0]), (1, 2, 0.75));
         assert_eq!(top2(&[1.0, 1.0]).2, 0.0);
-    }
-
-    #[test]
-    fn a_near_tie_swap_needs_the_runner_up_and_a_small_margin() {
-        let a = GreedyStep { token: 5, runner_up: 7, margin: 0.1 };
-        assert!(a.is_near_tie_swap(&GreedyStep { token: 7, runner_up: 5, margin: 0.4 }, 0.25));
-        assert!(!a.is_near_tie_swap(&GreedyStep { token: 9, runner_up: 5, margin: 0.4 }, 0.25), "9 was not a's runner-up");
-        assert!(!GreedyStep { margin: 2.0, ..a }.is_near_tie_swap(&GreedyStep { token: 7, runner_up: 5, margin: 1.5 }, 0.25));
     }
 
     #[test]

@@ -22,9 +22,9 @@ fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
 
 const REFERENCE: &str = "tests/data/greedy_reference.json";
 const PROMPTS: [&str; 3] = ["The history of the printing press begins", "def fibonacci(n):", "Les trois couleurs primaires sont"];
-/// Below this top-1/top-2 logit margin, two correct builds may pick different tokens: AVX-512
-/// and AVX2 kernels sum in different orders, and a near-tie can flip.
-const NEAR_TIE: f32 = 0.25;
+/// Below this top-1/top-2 logit margin, two correct builds may pick different tokens (the bench
+/// protocol's rule, shared with bench-compare and tune).
+use harness::NEAR_TIE;
 
 /// Greedy token ids of fixed prompts, through the backend's own tokenizer, decode and sampler,
 /// against the committed reference (recorded with the `source` backend; regenerate with

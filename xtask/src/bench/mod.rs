@@ -149,16 +149,14 @@ pub fn run(args: &Args) -> Result<()> {
         .iter()
         .map(|v| {
             let this = runs.get(&v.name);
-            match (base.and_then(|b| b.greedy_tokens.as_ref()), this.and_then(|r| r.greedy_tokens.as_ref())) {
-                (Some(b), Some(t)) => {
-                    let diverges_at = report::divergence(b, t);
-                    let near_tie = match (diverges_at, base, this) {
-                        (Some(k), Some(b), Some(t)) => t.near_tie_swap_at(b, k, report::NEAR_TIE),
-                        _ => false,
-                    };
-                    Equivalence { variant: v.name.clone(), diverges_at, checked: true, near_tie }
-                }
-                _ => Equivalence { variant: v.name.clone(), diverges_at: None, checked: false, near_tie: false },
+            match base.zip(this).and_then(|(b, t)| t.equivalence_to(b)) {
+                Some(e) => Equivalence {
+                    variant: v.name.clone(),
+                    diverges_at: e.diverges_at(),
+                    checked: true,
+                    near_tie: matches!(e, exsa_bench_protocol::Equivalence::NearTieSwap(_)),
+                },
+                None => Equivalence { variant: v.name.clone(), diverges_at: None, checked: false, near_tie: false },
             }
         })
         .collect();
@@ -173,14 +171,14 @@ pub fn run(args: &Args) -> Result<()> {
         .map(|b| {
             let r = runs.get(&b.variant.name);
             let rep = r.and_then(|r| r.report.as_ref());
-            if let Some(desc) = rep.and_then(|x| x["model"]["description"].as_str()) {
-                model_desc.description = desc.to_string();
+            if let Some(rep) = rep {
+                model_desc.description = rep.model.description.clone();
             }
             VariantInfo {
                 variant: b.variant.clone(),
                 build_seconds: b.seconds,
-                build_info: rep.map(|x| x["build_info"].clone()),
-                system_info: rep.and_then(|x| x["system_info"].as_str().map(str::to_string)),
+                build_info: rep.map(|x| x.build_info.clone()),
+                system_info: rep.map(|x| x.system_info.clone()),
                 errors: r.map(|r| r.errors.clone()).unwrap_or_default(),
             }
         })

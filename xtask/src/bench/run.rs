@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use exsa_bench_protocol::{BenchReport, Equivalence, GreedyStep, NEAR_TIE, compare};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -39,24 +40,19 @@ pub struct VariantRuns {
     /// e2e share of generation time outside decoding (%), per round.
     pub outside_decode_pct: BTreeMap<String, Vec<Option<f64>>>,
     pub errors: Vec<String>,
+    /// A timed run failed: the variant is not run again (a crash repeats itself).
+    pub crashed: bool,
     /// The last successful run's report: build info, system info, model info.
-    pub report: Option<serde_json::Value>,
-    pub greedy_tokens: Option<Vec<i64>>,
-    /// Top-1 minus top-2 logit at each greedy step.
-    pub greedy_margins: Option<Vec<f64>>,
-    /// The second most likely token at each greedy step.
-    pub greedy_runner_ups: Option<Vec<i64>>,
+    pub report: Option<BenchReport>,
+    /// The greedy trace of the equivalence prompt.
+    pub greedy: Option<Vec<GreedyStep>>,
 }
 
 impl VariantRuns {
-    /// Whether this variant's greedy step `k` differs from `other`'s only by a swap of a
-    /// near-tied top two (see the engine's `GreedyStep::is_near_tie_swap`).
-    pub fn near_tie_swap_at(&self, other: &VariantRuns, k: usize, near_tie: f64) -> bool {
-        let at = |r: &VariantRuns| -> Option<(i64, i64, f64)> {
-            Some((*r.greedy_tokens.as_ref()?.get(k)?, *r.greedy_runner_ups.as_ref()?.get(k)?, *r.greedy_margins.as_ref()?.get(k)?))
-        };
-        let (Some((t1, r1, m1)), Some((t2, r2, m2))) = (at(self), at(other)) else { return false };
-        r1 == t2 && r2 == t1 && (m1 < near_tie || m2 < near_tie)
+    /// How this variant's greedy trace compares with `baseline`'s under the near-tie rule, when
+    /// both have one.
+    pub fn equivalence_to(&self, baseline: &VariantRuns) -> Option<Equivalence> {
+        Some(compare(baseline.greedy.as_ref()?, self.greedy.as_ref()?, NEAR_TIE))
     }
 }
 
@@ -71,8 +67,8 @@ fn args(settings: &RunSettings, variant_threads: Option<u32>, variant_fa: Option
     a
 }
 
-/// Runs the binary, kills it past the timeout, and parses its JSON report.
-fn run_json(binary: &Path, args: &[String], timeout: Duration, log: &Path) -> Result<serde_json::Value> {
+/// Runs the binary, kills it past the timeout, and parses its report.
+fn run_json(binary: &Path, args: &[String], timeout: Duration, log: &Path) -> Result<BenchReport> {
     let mut child = build::command(&binary.to_path_buf())
         .args(args)
         .stdout(Stdio::piped())
@@ -101,7 +97,7 @@ fn run_json(binary: &Path, args: &[String], timeout: Duration, log: &Path) -> Re
     if !status.success() {
         bail!("exited with {status} (see {})", log.display());
     }
-    serde_json::from_str(out.trim()).with_context(|| format!("printed no JSON report (see {})", log.display()))
+    BenchReport::parse(&out).with_context(|| format!("printed no bench report (see {})", log.display()))
 }
 
 /// The greedy tokens of every variant, and the rounds.
@@ -131,9 +127,7 @@ pub fn run_all(built: &[Built], settings: &RunSettings, out_dir: &Path) -> BTree
             let entry = runs.get_mut(&v.name).expect("entry made above");
             match run_json(bin, &a, timeout, &log) {
                 Ok(report) => {
-                    entry.greedy_tokens = report["greedy_tokens"].as_array().map(|a| a.iter().filter_map(|t| t.as_i64()).collect());
-                    entry.greedy_margins = report["greedy_margins"].as_array().map(|a| a.iter().filter_map(|t| t.as_f64()).collect());
-                    entry.greedy_runner_ups = report["greedy_runner_ups"].as_array().map(|a| a.iter().filter_map(|t| t.as_i64()).collect());
+                    entry.greedy = report.greedy.clone();
                     entry.report = Some(report);
                 }
                 Err(e) => entry.errors.push(format!("equivalence run: {e:#}")),
@@ -150,7 +144,7 @@ pub fn run_all(built: &[Built], settings: &RunSettings, out_dir: &Path) -> BTree
             let v = &b.variant;
             bar.set_message(format!("round {} {}", round + 1, v.name));
             let entry = runs.get_mut(&v.name).expect("entry made above");
-            if entry.errors.iter().any(|e| e.starts_with("run")) {
+            if entry.crashed {
                 // A variant that crashed once crashes again: don't spend the budget on it.
                 bar.inc(1);
                 continue;
@@ -160,16 +154,15 @@ pub fn run_all(built: &[Built], settings: &RunSettings, out_dir: &Path) -> BTree
             a.extend(["--tests".into(), settings.tests.join(","), "--reps".into(), "1".into()]);
             match run_json(bin, &a, timeout, &log) {
                 Ok(report) => {
-                    for s in report["samples"].as_array().into_iter().flatten() {
-                        let Some(test) = s["test"].as_str() else { continue };
-                        if let Some(slot) = entry.tokens_per_s.get_mut(test) {
-                            slot[round] = s["tokens_per_s"].as_f64();
+                    for s in &report.samples {
+                        if let Some(slot) = entry.tokens_per_s.get_mut(&s.test) {
+                            slot[round] = Some(s.tokens_per_s);
                         }
-                        if let Some(slot) = entry.ttft_ms.get_mut(test) {
-                            slot[round] = s["time_to_first_token_ms"].as_f64();
+                        if let Some(slot) = entry.ttft_ms.get_mut(&s.test) {
+                            slot[round] = s.time_to_first_token_ms;
                         }
-                        if let Some(slot) = entry.outside_decode_pct.get_mut(test) {
-                            slot[round] = s["outside_decode_percent"].as_f64();
+                        if let Some(slot) = entry.outside_decode_pct.get_mut(&s.test) {
+                            slot[round] = s.outside_decode_percent;
                         }
                     }
                     if entry.report.is_none() {
@@ -179,6 +172,7 @@ pub fn run_all(built: &[Built], settings: &RunSettings, out_dir: &Path) -> BTree
                 Err(e) => {
                     bar.println(format!("variant {} failed in round {}: {e:#}", v.name, round + 1));
                     entry.errors.push(format!("run (round {}): {e:#}", round + 1));
+                    entry.crashed = true;
                 }
             }
             bar.inc(1);

@@ -11,8 +11,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use serde::Serialize;
-
 use crate::config::{SamplingParams, SessionConfig};
 use crate::error::EngineError;
 
@@ -50,19 +48,9 @@ pub enum Outputs {
     None,
 }
 
-/// What the engine reports about a model, the same for every backend.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct ModelInfo {
-    pub path: String,
-    pub description: String,
-    pub architecture: String,
-    pub n_params: u64,
-    pub size_bytes: u64,
-    pub n_vocab: i32,
-    pub n_ctx_train: u32,
-    pub n_embd: usize,
-    pub has_chat_template: bool,
-}
+/// What the engine reports about a model, the same for every backend (part of the bench
+/// protocol).
+pub use exsa_bench_protocol::ModelInfo;
 
 /// A llama.cpp backend.
 pub trait Backend: 'static {

@@ -244,23 +244,18 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 None
             };
-            let greedy_tokens = greedy.as_ref().map(|g| g.iter().map(|s| s.token).collect::<Vec<_>>());
-            let greedy_margins = greedy.as_ref().map(|g| g.iter().map(|s| s.margin).collect::<Vec<_>>());
-            let greedy_runner_ups = greedy.as_ref().map(|g| g.iter().map(|s| s.runner_up).collect::<Vec<_>>());
-            let report = serde_json::json!({
-                "backend": Engine::backend_name(),
-                "model": engine.model_info(),
-                "threads": session.n_threads,
-                "n_batch": session.n_batch,
-                "n_ubatch": session.n_ubatch,
-                "flash_attn": cli.common.flash_attn,
-                "samples": samples,
-                "greedy_tokens": greedy_tokens,
-                "greedy_margins": greedy_margins,
-                "greedy_runner_ups": greedy_runner_ups,
-                "system_info": Engine::system_info(),
-                "build_info": Engine::build_info(),
-            });
+            let report = harness::BenchReport {
+                backend: Engine::backend_name().into(),
+                model: engine.model_info(),
+                threads: session.n_threads,
+                n_batch: session.n_batch,
+                n_ubatch: session.n_ubatch,
+                flash_attn: cli.common.flash_attn.clone(),
+                samples,
+                greedy,
+                system_info: Engine::system_info(),
+                build_info: Engine::build_info(),
+            };
             println!("{}", serde_json::to_string(&report)?);
         }
     }

@@ -1,0 +1,178 @@
+//! The bench protocol: what `exsa bench` prints (one [`BenchReport`] as JSON on stdout) and
+//! `cargo xtask bench-compare` / `tune` read back, and the near-tie rule that decides whether two
+//! builds' greedy outputs differ for a real reason. The engine, xtask and the conformance tests
+//! all use these definitions, so the writer and the reader cannot drift apart.
+
+use serde::{Deserialize, Serialize};
+
+/// Below this top-1/top-2 logit margin, two correct builds may pick different greedy tokens:
+/// kernels for different ISAs (AVX-512 against AVX2, say) sum in different orders.
+pub const NEAR_TIE: f32 = 0.25;
+
+/// One greedy step: the token, the runner-up, and how far ahead the token was.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GreedyStep {
+    pub token: i32,
+    /// The second most likely token.
+    pub runner_up: i32,
+    /// Top logit minus the second: near 0, a different kernel may swap the two.
+    pub margin: f32,
+}
+
+impl GreedyStep {
+    /// Whether `other` (the same step in another build) picked differently only because the
+    /// two builds swapped a near-tied top two: each picked the other's runner-up, and at least
+    /// one of them saw the pair within `near_tie` logits (strictly).
+    pub fn is_near_tie_swap(&self, other: &GreedyStep, near_tie: f32) -> bool {
+        let swapped = self.runner_up == other.token && other.runner_up == self.token;
+        swapped && (self.margin < near_tie || other.margin < near_tie)
+    }
+}
+
+/// How two greedy traces compare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Equivalence {
+    /// The same tokens, as many of them.
+    Identical,
+    /// They first differ at this step by a near-tie swap (later steps follow other text and
+    /// are not comparable).
+    NearTieSwap(usize),
+    /// They first differ at this step, and not by a near-tie swap: a real difference.
+    Differs(usize),
+}
+
+impl Equivalence {
+    /// The first step where the tokens differ, if any.
+    pub fn diverges_at(self) -> Option<usize> {
+        match self {
+            Equivalence::Identical => None,
+            Equivalence::NearTieSwap(k) | Equivalence::Differs(k) => Some(k),
+        }
+    }
+}
+
+/// Compares `other` with `reference` step by step under the near-tie rule. Traces of different
+/// lengths differ where the shorter one ends.
+pub fn compare(reference: &[GreedyStep], other: &[GreedyStep], near_tie: f32) -> Equivalence {
+    match reference.iter().zip(other).position(|(a, b)| a.token != b.token) {
+        None if reference.len() == other.len() => Equivalence::Identical,
+        None => Equivalence::Differs(reference.len().min(other.len())),
+        Some(k) if reference[k].is_near_tie_swap(&other[k], near_tie) => Equivalence::NearTieSwap(k),
+        Some(k) => Equivalence::Differs(k),
+    }
+}
+
+/// One timed run of one test.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Sample {
+    /// The test, in llama-bench's terms (`pp512`, `tg128`, `pp512+tg128`) or `e2eN`.
+    pub test: String,
+    /// Tokens the rate counts (prompt + generated for ppN+tgM).
+    pub tokens: usize,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    /// e2e only: from the request to the first generated token.
+    pub time_to_first_token_ms: Option<f64>,
+    /// e2e only: the share of generation time spent outside decoding (sampling, detokenizing,
+    /// stop checks, streaming), in percent.
+    pub outside_decode_percent: Option<f64>,
+}
+
+/// What the engine reports about a model, the same for every backend.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub path: String,
+    pub description: String,
+    pub architecture: String,
+    pub n_params: u64,
+    pub size_bytes: u64,
+    pub n_vocab: i32,
+    pub n_ctx_train: u32,
+    pub n_embd: usize,
+    pub has_chat_template: bool,
+}
+
+/// The whole output of one `exsa bench` process.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BenchReport {
+    /// `source`, `crate` or `raw`.
+    pub backend: String,
+    pub model: ModelInfo,
+    pub threads: i32,
+    pub n_batch: u32,
+    pub n_ubatch: u32,
+    pub flash_attn: String,
+    /// Every timed run, in the order run.
+    pub samples: Vec<Sample>,
+    /// The greedy trace of the equivalence prompt, when asked for.
+    pub greedy: Option<Vec<GreedyStep>>,
+    /// llama.cpp's `llama_print_system_info`.
+    pub system_info: String,
+    /// The backend's build description (llama-sys' `BUILD_INFO` as JSON, or the crate's).
+    pub build_info: serde_json::Value,
+}
+
+impl BenchReport {
+    /// Parses what `exsa bench` printed.
+    pub fn parse(stdout: &str) -> serde_json::Result<BenchReport> {
+        serde_json::from_str(stdout.trim())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(token: i32, runner_up: i32, margin: f32) -> GreedyStep {
+        GreedyStep { token, runner_up, margin }
+    }
+
+    #[test]
+    fn a_swap_is_near_tie_only_within_the_threshold_on_one_side() {
+        let a = step(5, 7, 0.1);
+        assert!(a.is_near_tie_swap(&step(7, 5, 0.4), NEAR_TIE));
+        assert!(step(5, 7, 0.4).is_near_tie_swap(&step(7, 5, 0.1), NEAR_TIE), "either side's margin counts");
+        assert!(!step(5, 7, NEAR_TIE).is_near_tie_swap(&step(7, 5, NEAR_TIE), NEAR_TIE), "exactly at the threshold is not below it");
+        assert!(!a.is_near_tie_swap(&step(9, 5, 0.0), NEAR_TIE), "9 was not a's runner-up");
+        assert!(!a.is_near_tie_swap(&step(7, 9, 0.0), NEAR_TIE), "5 was not the other's runner-up");
+        assert!(!step(5, 7, 2.0).is_near_tie_swap(&step(7, 5, 1.5), NEAR_TIE));
+    }
+
+    #[test]
+    fn traces_compare_at_their_first_difference() {
+        let reference = [step(1, 2, 1.0), step(3, 4, 0.05), step(5, 6, 1.0)];
+        assert_eq!(compare(&reference, &reference, NEAR_TIE), Equivalence::Identical);
+        assert_eq!(compare(&reference, &reference[..2], NEAR_TIE), Equivalence::Differs(2), "a trace that stops short differs there");
+        let swapped = [step(1, 2, 1.0), step(4, 3, 0.3), step(9, 9, 1.0)];
+        assert_eq!(compare(&reference, &swapped, NEAR_TIE), Equivalence::NearTieSwap(1));
+        let wrong = [step(1, 2, 1.0), step(3, 4, 0.05), step(8, 5, 1.0)];
+        assert_eq!(compare(&reference, &wrong, NEAR_TIE), Equivalence::Differs(2));
+        assert_eq!(Equivalence::Differs(2).diverges_at(), Some(2));
+    }
+
+    #[test]
+    fn a_report_round_trips_and_a_foreign_one_is_refused() {
+        let report = BenchReport {
+            backend: "source".into(),
+            model: ModelInfo { description: "gemma3 270M Q4_K - Medium".into(), n_vocab: 262_144, ..Default::default() },
+            threads: 2,
+            n_batch: 2048,
+            n_ubatch: 512,
+            flash_attn: "auto".into(),
+            samples: vec![Sample {
+                test: "e2e".into(),
+                tokens: 128,
+                seconds: 1.5,
+                tokens_per_s: 85.3,
+                time_to_first_token_ms: Some(50.0),
+                outside_decode_percent: Some(0.3),
+            }],
+            greedy: Some(vec![step(1, 2, 0.5)]),
+            system_info: "AVX2 = 1".into(),
+            build_info: serde_json::json!({"hash": "abc"}),
+        };
+        let text = serde_json::to_string(&report).unwrap();
+        assert_eq!(BenchReport::parse(&format!("{text}\n")).unwrap(), report);
+        assert!(BenchReport::parse(r#"{"greedy_tokens": [1, 2]}"#).is_err(), "the old untyped layout is refused, not misread");
+    }
+}
