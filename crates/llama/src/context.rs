@@ -757,5 +757,5 @@ extern "C" fn abort_trampoline(data: *mut c_void) -> bool {
 }
 
 fn c_path(path: &Path) -> Result<CString, StateError> {
-    CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| StateError::InvalidPath(path.to_path_buf()))
+    crate::c_string::path(path).ok_or_else(|| StateError::InvalidPath(path.to_path_buf()))
 }

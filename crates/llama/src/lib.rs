@@ -48,6 +48,7 @@ pub use llama_sys as sys;
 
 mod backend;
 mod batch;
+mod c_string;
 mod chat;
 mod context;
 mod cpp;

@@ -1,6 +1,5 @@
 //! LoRA adapters.
 
-use std::ffi::CString;
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -39,7 +38,7 @@ impl<'m> LoraAdapter<'m> {
         if !path.is_file() {
             return Err(LoraError::NotFound(path.to_path_buf()));
         }
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| LoraError::InvalidPath(path.to_path_buf()))?;
+        let c_path = crate::c_string::path(path).ok_or_else(|| LoraError::InvalidPath(path.to_path_buf()))?;
         backend::init();
         let mut raw = std::ptr::null_mut();
         let _writer = model.adapters_write();

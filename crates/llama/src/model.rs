@@ -109,7 +109,7 @@ impl Model {
         backend::init();
         let path = path.as_ref();
         gguf::check(path)?;
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| LoadError::InvalidPath { path: path.to_path_buf() })?;
+        let c_path = crate::c_string::path(path).ok_or_else(|| LoadError::InvalidPath { path: path.to_path_buf() })?;
 
         let mut state = ProgressState { callback: &mut progress, panic: None, cancelled: false };
         let mut raw_params = params.to_raw();

@@ -1,6 +1,5 @@
 //! Quantizing a model file to another type.
 
-use std::ffi::CString;
 use std::path::Path;
 
 use crate::error::QuantizeError;
@@ -44,8 +43,8 @@ pub fn quantize(input: &Path, output: &Path, ty: QuantType, threads: i32, allow_
     if same_file(input, output) {
         return Err(QuantizeError::SameFile { output: output.to_path_buf() });
     }
-    let c_in = CString::new(input.as_os_str().as_encoded_bytes()).map_err(|_| QuantizeError::InvalidPath(input.to_path_buf()))?;
-    let c_out = CString::new(output.as_os_str().as_encoded_bytes()).map_err(|_| QuantizeError::InvalidPath(output.to_path_buf()))?;
+    let c_in = crate::c_string::path(input).ok_or_else(|| QuantizeError::InvalidPath(input.to_path_buf()))?;
+    let c_out = crate::c_string::path(output).ok_or_else(|| QuantizeError::InvalidPath(output.to_path_buf()))?;
     // SAFETY: returns a struct by value.
     let mut params = unsafe { sys::llama_model_quantize_default_params() };
     params.nthread = threads;
