@@ -101,7 +101,8 @@ impl Switch {
             Switch::Accelerate => "GGML_ACCELERATE",
             Switch::Cuda => "GGML_CUDA",
             Switch::Rpc => "GGML_RPC",
-            // GGML_AMX_TILE and GGML_AMX_BF16 follow it; see `amx_defines_and_flags`.
+            // GGML_AMX_TILE and GGML_AMX_BF16 follow it, and native builds without it get -mno-amx-*;
+            // see BuildPlan::new.
             Switch::Amx => "GGML_AMX_INT8",
         }
     }

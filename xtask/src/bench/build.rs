@@ -84,7 +84,7 @@ fn build(v: &Variant) -> Result<PathBuf> {
     // A clean slate: the caller's LLAMA_SYS_* tuning must not leak into a variant that does
     // not ask for it. The shared CMake build cache stays.
     for (key, _) in std::env::vars() {
-        if (key.starts_with("LLAMA_SYS_") && key != "LLAMA_SYS_BUILD_CACHE") || key == "LLAMA_CPP_DIR" || key == "LLAMA_LIB_PROFILE" {
+        if (key.starts_with("LLAMA_SYS_") && key != "LLAMA_SYS_BUILD_CACHE") || key == "LLAMA_CPP_DIR" {
             cmd.env_remove(key);
         }
     }
