@@ -26,88 +26,76 @@ pub struct CppException {
     pub what: String,
 }
 
-/// Loading a model file.
+/// Loading a model file failed: which file ([`LoadError::path`]), and why ([`LoadError::kind`]).
+#[derive(Debug, thiserror::Error)]
+#[error("model {}: {kind}", path.display())]
+pub struct LoadError {
+    /// The file at fault.
+    pub path: PathBuf,
+    /// What is wrong with it.
+    #[source]
+    pub kind: LoadErrorKind,
+}
+
+impl LoadError {
+    pub(crate) fn new(path: &std::path::Path, kind: LoadErrorKind) -> LoadError {
+        LoadError { path: path.to_path_buf(), kind }
+    }
+}
+
+/// Why a model file could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum LoadError {
-    /// The file does not exist.
-    #[error("model file not found: {path}")]
-    NotFound {
-        /// The file at fault.
-        path: PathBuf,
-    },
-    /// The file could not be read.
-    #[error("cannot read model file {path}: {source}")]
-    Io {
-        /// The file at fault.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+pub enum LoadErrorKind {
+    /// No file at the path.
+    #[error("file not found")]
+    NotFound,
+    /// The file exists but cannot be read.
+    #[error("cannot read it: {0}")]
+    Io(#[source] std::io::Error),
     /// The file does not start with the GGUF magic.
-    #[error("{path} is not a GGUF file (magic bytes {magic:02x?}, expected \"GGUF\")")]
+    #[error("not a GGUF file (magic bytes {magic:02x?}, expected \"GGUF\")")]
     NotGguf {
-        /// The file at fault.
-        path: PathBuf,
-        /// The first bytes of the file.
+        /// The first bytes found (fewer than 4 for a shorter file).
         magic: Vec<u8>,
     },
-    /// A GGUF version llama.cpp does not read.
-    #[error("{path} is GGUF version {version}, which llama.cpp does not read (supported: 2, 3)")]
+    /// A GGUF version llama.cpp cannot read.
+    #[error("GGUF version {version}, which llama.cpp does not read (supported: 2, 3)")]
     UnsupportedVersion {
-        /// The file at fault.
-        path: PathBuf,
         /// The version in the header.
         version: u32,
     },
-    /// The file is shorter than its tensors need.
-    #[error("{path} is truncated: its tensors need {expected} bytes, the file has {actual}")]
+    /// The tensor data is cut short.
+    #[error("truncated: its tensors need {expected} bytes, the file has {actual}")]
     Truncated {
-        /// The file at fault.
-        path: PathBuf,
-        /// What was expected.
+        /// The size the header's tensor infos require.
         expected: u64,
-        /// What the file has, in bytes.
+        /// The file's size.
         actual: u64,
     },
     /// The file ends inside its header.
-    #[error("{path} is truncated inside its header: the file ends at byte {actual} while reading {what}")]
+    #[error("truncated inside its header: the file ends at byte {actual} while reading {what}")]
     TruncatedHeader {
-        /// The file at fault.
-        path: PathBuf,
-        /// What the file has, in bytes.
+        /// The file's size.
         actual: u64,
         /// What was being read.
         what: String,
     },
-    /// The header cannot be right.
-    #[error("{path} has a corrupt GGUF header: {detail}")]
+    /// The header holds impossible values.
+    #[error("corrupt GGUF header: {detail}")]
     CorruptHeader {
-        /// The file at fault.
-        path: PathBuf,
-        /// What is wrong.
+        /// What is impossible, and where.
         detail: String,
     },
     /// The path cannot be passed to C.
-    #[error("model path {path:?} contains a NUL byte")]
-    InvalidPath {
-        /// The file at fault.
-        path: PathBuf,
-    },
+    #[error("the path contains a NUL byte")]
+    InvalidPath,
     /// The progress callback returned false.
-    #[error("loading {path} was cancelled by the progress callback")]
-    Cancelled {
-        /// The file at fault.
-        path: PathBuf,
-    },
+    #[error("loading was cancelled by the progress callback")]
+    Cancelled,
     /// llama.cpp refused the file for a reason of its own.
-    #[error("llama.cpp could not load {path}: {messages}")]
-    Llama {
-        /// The file at fault.
-        path: PathBuf,
-        /// llama.cpp's own warning and error lines from the call.
-        messages: LlamaMessages,
-    },
+    #[error("llama.cpp could not load it: {0}")]
+    Llama(LlamaMessages),
 }
 
 /// Creating a context, or changing its settings.

@@ -11,7 +11,7 @@ use std::path::Path;
 /// The longest string the header check reads into memory (GGUF keys are far shorter).
 const MAX_STRING: u64 = 1 << 20;
 
-use crate::error::LoadError;
+use crate::error::{LoadError, LoadErrorKind};
 use crate::sys;
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -40,22 +40,22 @@ pub struct GgufSummary {
 /// Checks `path` is a complete, well-formed GGUF file as far as its header can tell.
 pub fn check(path: &Path) -> Result<GgufSummary, LoadError> {
     let file = File::open(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => LoadError::NotFound { path: path.to_path_buf() },
-        _ => LoadError::Io { path: path.to_path_buf(), source },
+        std::io::ErrorKind::NotFound => LoadError::new(path, LoadErrorKind::NotFound),
+        _ => LoadError::new(path, LoadErrorKind::Io(source)),
     })?;
-    let size = file.metadata().map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?.len();
+    let size = file.metadata().map_err(|source| LoadError::new(path, LoadErrorKind::Io(source)))?.len();
     let mut r = Reader { inner: BufReader::with_capacity(1 << 16, file), pos: 0, size, path };
 
-    let magic = r.bytes(4, "the magic bytes").map_err(|e| match e {
-        LoadError::TruncatedHeader { .. } => LoadError::NotGguf { path: path.to_path_buf(), magic: Vec::new() },
-        other => other,
+    let magic = r.bytes(4, "the magic bytes").map_err(|e| match e.kind {
+        LoadErrorKind::TruncatedHeader { .. } => LoadError::new(path, LoadErrorKind::NotGguf { magic: Vec::new() }),
+        _ => e,
     })?;
     if magic != MAGIC {
-        return Err(LoadError::NotGguf { path: path.to_path_buf(), magic });
+        return Err(LoadError::new(path, LoadErrorKind::NotGguf { magic }));
     }
     let version = r.u32("the version")?;
     if !(2..=3).contains(&version) {
-        return Err(LoadError::UnsupportedVersion { path: path.to_path_buf(), version });
+        return Err(LoadError::new(path, LoadErrorKind::UnsupportedVersion { version }));
     }
     let n_tensors = r.u64("the tensor count")?;
     let n_kv = r.u64("the key/value count")?;
@@ -106,7 +106,7 @@ pub fn check(path: &Path) -> Result<GgufSummary, LoadError> {
     let data_start = r.pos.div_ceil(alignment) * alignment;
     let expected_size = data_start + data_size;
     if size < expected_size {
-        return Err(LoadError::Truncated { path: path.to_path_buf(), expected: expected_size, actual: size });
+        return Err(LoadError::new(path, LoadErrorKind::Truncated { expected: expected_size, actual: size }));
     }
     Ok(GgufSummary { version, n_tensors, n_kv, expected_size })
 }
@@ -135,12 +135,12 @@ struct Reader<'p> {
 
 impl Reader<'_> {
     fn corrupt(&self, detail: String) -> LoadError {
-        LoadError::CorruptHeader { path: self.path.to_path_buf(), detail: format!("{detail} (at byte {})", self.pos) }
+        LoadError::new(self.path, LoadErrorKind::CorruptHeader { detail: format!("{detail} (at byte {})", self.pos) })
     }
 
     fn need(&self, n: u64, what: &str) -> Result<(), LoadError> {
         if self.pos.checked_add(n).is_none_or(|end| end > self.size) {
-            return Err(LoadError::TruncatedHeader { path: self.path.to_path_buf(), actual: self.size, what: what.to_string() });
+            return Err(LoadError::new(self.path, LoadErrorKind::TruncatedHeader { actual: self.size, what: what.to_string() }));
         }
         Ok(())
     }
@@ -148,7 +148,7 @@ impl Reader<'_> {
     fn bytes(&mut self, n: u64, what: &str) -> Result<Vec<u8>, LoadError> {
         self.need(n, what)?;
         let mut buf = vec![0u8; n as usize];
-        self.inner.read_exact(&mut buf).map_err(|source| LoadError::Io { path: self.path.to_path_buf(), source })?;
+        self.inner.read_exact(&mut buf).map_err(|source| LoadError::new(self.path, LoadErrorKind::Io(source)))?;
         self.pos += n;
         Ok(buf)
     }
@@ -156,7 +156,7 @@ impl Reader<'_> {
     fn skip(&mut self, n: u64, what: &str) -> Result<(), LoadError> {
         self.need(n, what)?;
         let copied = std::io::copy(&mut (&mut self.inner).take(n), &mut std::io::sink())
-            .map_err(|source| LoadError::Io { path: self.path.to_path_buf(), source })?;
+            .map_err(|source| LoadError::new(self.path, LoadErrorKind::Io(source)))?;
         self.pos += copied;
         Ok(())
     }

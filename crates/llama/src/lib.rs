@@ -68,8 +68,8 @@ pub use batch::Batch;
 pub use chat::{ChatMessage, apply_template, builtin_templates};
 pub use context::{Context, ContextParams, FlashAttention, KvType, PerfCounters, Pooling};
 pub use error::{
-    BatchError, ChatError, ContextError, CppException, DecodeError, Error, LlamaMessages, LoadError, LoraError, OutputError, QuantizeError, Result,
-    SamplerError, StateError, TokenizeError,
+    BatchError, ChatError, ContextError, CppException, DecodeError, Error, LlamaMessages, LoadError, LoadErrorKind, LoraError, OutputError,
+    QuantizeError, Result, SamplerError, StateError, TokenizeError,
 };
 pub use exsa_utf8::Utf8Decoder;
 pub use gguf::{GgufSummary, check as check_gguf};

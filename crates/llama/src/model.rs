@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::error::LoadError;
+use crate::error::{LoadError, LoadErrorKind};
 use crate::vocab::Vocab;
 use crate::{backend, gguf, sys};
 
@@ -109,7 +109,7 @@ impl Model {
         backend::init();
         let path = path.as_ref();
         gguf::check(path)?;
-        let c_path = crate::c_string::path(path).ok_or_else(|| LoadError::InvalidPath { path: path.to_path_buf() })?;
+        let c_path = crate::c_string::path(path).ok_or_else(|| LoadError::new(path, LoadErrorKind::InvalidPath))?;
 
         let mut state = ProgressState { callback: &mut progress, panic: None, cancelled: false };
         let mut raw_params = params.to_raw();
@@ -127,8 +127,8 @@ impl Model {
         }
         match NonNull::new(raw) {
             Some(raw) => Ok(Model { raw, path: path.to_path_buf(), vocab_only: params.vocab_only, adapters: RwLock::new(()) }),
-            None if state.cancelled => Err(LoadError::Cancelled { path: path.to_path_buf() }),
-            None => Err(LoadError::Llama { path: path.to_path_buf(), messages }),
+            None if state.cancelled => Err(LoadError::new(path, LoadErrorKind::Cancelled)),
+            None => Err(LoadError::new(path, LoadErrorKind::Llama(messages))),
         }
     }
 

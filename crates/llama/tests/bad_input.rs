@@ -14,7 +14,8 @@ fn load(path: &std::path::Path) -> Result<Model, LoadError> {
 #[test]
 fn a_missing_file_is_not_found() {
     let err = load(std::path::Path::new("/no/such/model.gguf")).unwrap_err();
-    assert!(matches!(err, LoadError::NotFound { .. }), "{err}");
+    assert!(matches!(err.kind, LoadErrorKind::NotFound), "{err}");
+    assert_eq!(err.path, std::path::Path::new("/no/such/model.gguf"));
     assert!(err.to_string().contains("/no/such/model.gguf"), "{err}");
 }
 
@@ -23,10 +24,10 @@ fn a_file_that_is_not_gguf_says_so() {
     let path = temp_path("not-gguf.gguf");
     std::fs::write(&path, b"PK\x03\x04 this is a zip file, not a model").unwrap();
     let err = load(&path).unwrap_err();
-    assert!(matches!(&err, LoadError::NotGguf { magic, .. } if magic == b"PK\x03\x04"), "{err}");
+    assert!(matches!(&err.kind, LoadErrorKind::NotGguf { magic } if magic == b"PK\x03\x04"), "{err}");
     let empty = temp_path("empty.gguf");
     std::fs::write(&empty, b"").unwrap();
-    assert!(matches!(load(&empty).unwrap_err(), LoadError::NotGguf { .. }));
+    assert!(matches!(load(&empty).unwrap_err().kind, LoadErrorKind::NotGguf { .. }));
 }
 
 #[test]
@@ -36,7 +37,7 @@ fn a_truncated_model_reports_expected_and_actual_size() {
     let keep = full.len() - 1_000_000;
     std::fs::write(&path, &full[..keep]).unwrap();
     match load(&path).unwrap_err() {
-        LoadError::Truncated { expected, actual, .. } => {
+        LoadError { kind: LoadErrorKind::Truncated { expected, actual }, .. } => {
             assert_eq!(actual, keep as u64);
             assert_eq!(expected, full.len() as u64, "the header's tensors end exactly at the real file's end");
         }
@@ -44,7 +45,7 @@ fn a_truncated_model_reports_expected_and_actual_size() {
     }
     // Cut inside the header (the vocabulary is stored there).
     std::fs::write(&path, &full[..100_000]).unwrap();
-    assert!(matches!(load(&path).unwrap_err(), LoadError::TruncatedHeader { .. }));
+    assert!(matches!(load(&path).unwrap_err().kind, LoadErrorKind::TruncatedHeader { .. }));
 }
 
 fn header(version: u32, n_tensors: u64, n_kv: u64) -> Vec<u8> {
@@ -63,11 +64,11 @@ fn absurd_counts_and_versions_are_corrupt_or_unsupported() {
     f.write_all(&[0u8; 1024]).unwrap();
     drop(f);
     let err = load(&path).unwrap_err();
-    assert!(matches!(err, LoadError::CorruptHeader { .. }), "{err}");
+    assert!(matches!(err.kind, LoadErrorKind::CorruptHeader { .. }), "{err}");
     assert!(err.to_string().contains("more than"), "{err}");
 
     std::fs::write(&path, header(7, 0, 0)).unwrap();
-    assert!(matches!(load(&path).unwrap_err(), LoadError::UnsupportedVersion { version: 7, .. }));
+    assert!(matches!(load(&path).unwrap_err().kind, LoadErrorKind::UnsupportedVersion { version: 7 }));
 
     // A key of unknown value type.
     let mut h = header(3, 0, 1);
