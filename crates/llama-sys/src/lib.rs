@@ -5,8 +5,11 @@
 //! Everything here is `unsafe` and unchecked; the `llama` crate is the safe layer. What is
 //! specific to this crate is [`BUILD_INFO`]: the exact configuration that was compiled.
 //!
-//! The source is `vendor/llama.cpp` (materialised by `cargo xtask vendor`) or whatever
-//! `LLAMA_CPP_DIR` points at.
+//! The source is the pinned tree that the `llama-src` crate locates (packaged, `vendor/llama.cpp`,
+//! or fetched through cargo and verified) or whatever `LLAMA_CPP_DIR` points at. Besides
+//! llama.cpp's own API, the `exsa_*` functions are exception guards (`shim/exsa_shim.h`): each
+//! calls one llama.cpp function inside try/catch and returns [`EXSA_EXCEPTION`] with the
+//! exception's text in an [`exsa_error`] instead of letting it unwind into Rust.
 
 #[allow(
     non_upper_case_globals,
@@ -28,6 +31,19 @@ pub use bindings::*;
 
 mod build_info;
 pub use build_info::{BUILD_INFO, BuildInfo};
+
+impl exsa_error {
+    /// An empty slot for a guard to fill.
+    pub fn new() -> exsa_error {
+        exsa_error { what: [0; 512] }
+    }
+
+    /// The caught exception's text (the guard NUL-terminates it; lossy UTF-8).
+    pub fn what(&self) -> String {
+        let bytes: Vec<u8> = self.what.iter().map(|&c| c as u8).collect();
+        std::ffi::CStr::from_bytes_until_nul(&bytes).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+}
 
 // The build plan is the build script's, but its unit tests run here: build scripts have no
 // test harness of their own.

@@ -23,13 +23,11 @@ pub struct RawBackend;
 /// Runs a llama.cpp call through llama-sys' exception guard (`exsa_*`): a C++ exception becomes
 /// an error instead of unwinding into Rust, which would abort.
 fn guarded(function: &str, call: impl FnOnce(*mut sys::exsa_error) -> i32) -> Result<(), EngineError> {
-    let mut err = sys::exsa_error { what: [0; 512] };
+    let mut err = sys::exsa_error::new();
     if call(&mut err) == sys::EXSA_OK as i32 {
         return Ok(());
     }
-    let bytes: Vec<u8> = err.what.iter().map(|&c| c as u8).collect();
-    let what = CStr::from_bytes_until_nul(&bytes).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    Err(EngineError::decode(DecodeFailure::Internal, format!("llama.cpp threw a C++ exception in {function}: {what}")))
+    Err(EngineError::decode(DecodeFailure::Internal, format!("llama.cpp threw a C++ exception in {function}: {}", err.what())))
 }
 
 fn init() {
