@@ -74,18 +74,6 @@ fn a_broken_grammar_is_a_typed_error() {
 }
 
 #[test]
-fn embeddings_are_as_wide_as_llama_cpp_writes_them() {
-    let params = ContextParams { embeddings: true, pooling: Pooling::Mean, ..small_params() };
-    let mut ctx = Context::new(model(), &params).unwrap();
-    let tokens = model().vocab().tokenize("hello world", TokenizeOptions::default()).unwrap();
-    ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
-    let pooled = ctx.sequence_embeddings(0).unwrap();
-    assert_eq!(pooled.len(), model().n_embd_out());
-    assert!(pooled.iter().all(|x| x.is_finite()));
-    assert!(model().n_embd_out() > 0);
-}
-
-#[test]
 fn an_encoder_batch_larger_than_n_ubatch_is_refused_before_llama_cpp_asserts() {
     let params = ContextParams { n_batch: 64, n_ubatch: 16, ..small_params() };
     let mut ctx = Context::new(model(), &params).unwrap();
