@@ -15,10 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut text = Vec::new();
     for pos in prompt.len()..prompt.len() + 8 {
         ctx.decode(&batch)?;
-        let token = sampler.sample(&ctx, batch.len() as i32 - 1)?;
+        let token = sampler.sample_last(&ctx)?;
         vocab.piece_into(token, false, &mut text)?;
         batch.clear();
-        batch.add(token, pos as i32, &[0], true)?;
+        batch.add_output(token, pos as i32, 0)?;
     }
     println!("source_dir={}", llama::sys::BUILD_INFO.source_dir);
     println!("llama_cpp={}", llama::sys::BUILD_INFO.llama_cpp);

@@ -292,9 +292,8 @@ pub fn run(args: &Args) -> Result<()> {
             let path = args.profile.clone().unwrap_or_else(variants::tuned_profile_path);
             write_profile(&path, w, &args.tests)?;
             println!(
-                "the winner, {}, is now the tuned profile: {} (llama-sys builds use it from now on; a target folder that built \
-                 llama-sys before the file existed needs `cargo clean -p llama-sys` once, since cargo only watches a profile that \
-                 exists; bench-compare's B-tuned measures it)",
+                "the winner, {}, is now the tuned profile: {} (llama-sys builds use it from now on; bench-compare's B-tuned \
+                 measures it)",
                 w.candidate,
                 path.display()
             );

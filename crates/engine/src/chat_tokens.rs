@@ -8,7 +8,7 @@
 //! keep theirs. Chats with no such message tokenize exactly as before, in one piece.
 
 use crate::backend::{BackendModel, TokenId};
-use crate::engine::ChatMessage;
+use crate::chat::ChatMessage;
 use crate::error::EngineError;
 
 /// Tokenizes `rendered` (the chat `messages` through their template) into `out`.

@@ -14,8 +14,9 @@ use std::time::Instant;
 pub use exsa_bench_protocol::{BenchReport, Equivalence, GreedyStep, NEAR_TIE, Sample, compare};
 
 use crate::backend::{BackendModel, BackendSession, Outputs, TokenId};
+use crate::chat::ChatMessage;
 use crate::config::{GenerateRequest, SamplingParams, SessionConfig};
-use crate::engine::{ChatMessage, Engine};
+use crate::engine::Engine;
 use crate::error::EngineError;
 
 /// One benchmark test.

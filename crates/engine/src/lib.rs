@@ -21,6 +21,7 @@
 //! ```
 
 pub mod backend;
+mod chat;
 mod chat_tokens;
 mod config;
 mod engine;
@@ -28,8 +29,9 @@ mod error;
 pub mod harness;
 mod stop;
 
+pub use chat::ChatMessage;
 pub use config::{CancelToken, EngineConfig, GenerateRequest, SamplerStage, SamplingParams, SessionConfig};
-pub use engine::{ChatMessage, Engine, FinishReason, Generation, GenerationStats, Session};
+pub use engine::{Engine, FinishReason, Generation, GenerationStats, Session};
 pub use error::{Cause, DecodeFailure, EngineError, Result};
 // One UTF-8 stream decoder for the whole workspace, from a crate of its own: the `crate`
 // backend must not link llama-sys, so it cannot come through `llama`.

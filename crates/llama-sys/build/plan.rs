@@ -820,6 +820,21 @@ mod tests {
     }
 
     #[test]
+    fn the_switches_are_the_manifests_features() {
+        // xtask reads the switch list from the manifest; the plan must agree with it.
+        let manifest = include_str!("../Cargo.toml");
+        let section = manifest.split("\n[features]\n").nth(1).expect("a [features] section");
+        let section = section.split("\n[").next().unwrap();
+        let features: BTreeSet<&str> = section
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+            .filter(|k| !k.is_empty() && !k.starts_with('#') && *k != "default")
+            .collect();
+        let switches: BTreeSet<&str> = Switch::ALL.iter().map(|s| s.feature()).collect();
+        assert_eq!(features, switches);
+    }
+
+    #[test]
     fn every_switch_has_a_distinct_variable_and_define() {
         let vars: BTreeSet<_> = Switch::ALL.iter().map(|s| s.env_var()).collect();
         let defines: BTreeSet<_> = Switch::ALL.iter().map(|s| s.cmake_define()).collect();

@@ -26,11 +26,14 @@ pub fn load(known: &[String]) -> Profile {
     let path = match env::var(PROFILE_VAR) {
         Some(v) if v == "none" => return Profile::default(),
         Some(v) => Some(PathBuf::from(v)),
-        None => std::env::var_os("XDG_CONFIG_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-            .map(|c| c.join("exsa/tuned.toml"))
-            .filter(|p| p.is_file()),
+        None => {
+            let dir = std::env::var_os("XDG_CONFIG_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+                .map(|c| c.join("exsa"));
+            dir.as_deref().and_then(watch_profile_dir);
+            dir.map(|d| d.join("tuned.toml")).filter(|p| p.is_file())
+        }
     };
     let Some(path) = path else { return Profile::default() };
     println!("cargo:rerun-if-changed={}", path.display());
@@ -38,6 +41,17 @@ pub fn load(known: &[String]) -> Profile {
         .unwrap_or_else(|e| crate::fail(&format!("cannot read the tuned profile {} ({PROFILE_VAR}): {e}", path.display())));
     let env = parse(&text, known).unwrap_or_else(|e| crate::fail(&format!("tuned profile {}: {e}", path.display())));
     Profile { path: Some(path), env }
+}
+
+/// Has cargo rerun this script when a profile appears in, changes in or leaves `dir`, so a
+/// target folder built before the first `cargo xtask tune` picks the profile up. Cargo watches
+/// a folder's files, but reruns every build for a path that does not exist: the folder is
+/// created (empty) when missing, which costs one extra run of this script on the next build.
+/// Where it cannot be (a read-only home), nothing is watched.
+fn watch_profile_dir(dir: &std::path::Path) -> Option<()> {
+    std::fs::create_dir_all(dir).ok()?;
+    println!("cargo:rerun-if-changed={}", dir.display());
+    Some(())
 }
 
 /// `[env]` lines `KEY = "value"`; unknown keys are an error, not silently ignored.

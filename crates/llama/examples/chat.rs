@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, Write};
 
-use llama::{Batch, ChatMessage, Context, ContextParams, Model, ModelParams, SamplerChain, Token, TokenizeOptions, Utf8Decoder};
+use llama::{Batch, ChatEnding, ChatMessage, Context, ContextParams, Model, ModelParams, SamplerChain, Token, TokenizeOptions, Utf8Decoder};
 
 fn flag(args: &mut Vec<String>, name: &str) -> Option<String> {
     let i = args.iter().position(|a| a == name)?;
@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             break;
         }
         history.push(ChatMessage::new("user", line.trim()));
-        let prompt = llama::apply_template(None, Some(&template), &history, true)?;
+        let prompt = llama::apply_template(&template, &history, ChatEnding::AssistantTurn)?;
         let tokens = vocab.tokenize(&prompt, special)?;
         // Reuse the longest prefix already in the KV cache; decode the rest.
         let common = cached.iter().zip(&tokens).take_while(|(a, b)| a == b).count().min(tokens.len() - 1);
@@ -52,10 +52,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ctx.decode(&Batch::from_tokens(chunk, start, 0)?)?;
             cached.extend_from_slice(chunk);
         }
-        let mut index = ((tokens.len() - common - 1) % ctx.n_batch() as usize) as i32;
         let mut batch = Batch::new(1, 1)?;
         loop {
-            let token = sampler.sample(&ctx, index)?;
+            let token = sampler.sample_last(&ctx)?;
             if vocab.is_eog(token) || cached.len() + 1 >= ctx.n_ctx() as usize {
                 break;
             }
@@ -66,10 +65,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             print!("{}", &reply[before..]);
             std::io::stdout().flush()?;
             batch.clear();
-            batch.add(token, cached.len() as i32, &[0], true)?;
+            batch.add_output(token, cached.len() as i32, 0)?;
             ctx.decode(&batch)?;
             cached.push(token);
-            index = 0;
         }
         utf8.finish(&mut reply);
         println!();

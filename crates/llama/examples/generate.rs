@@ -40,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     write!(out, "{prompt}")?;
     for pos in tokens.len()..tokens.len() + max_tokens {
         ctx.decode(&batch)?;
-        let token = sampler.sample(&ctx, batch.len() as i32 - 1)?;
+        let token = sampler.sample_last(&ctx)?;
         if vocab.is_eog(token) {
             break;
         }
@@ -51,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         write!(out, "{text}")?;
         out.flush()?;
         batch.clear();
-        batch.add(token, pos as i32, &[0], true)?;
+        batch.add_output(token, pos as i32, 0)?;
     }
     text.clear();
     utf8.finish(&mut text);

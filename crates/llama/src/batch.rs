@@ -4,6 +4,27 @@ use crate::error::BatchError;
 use crate::sys;
 use crate::vocab::Token;
 
+/// A token's position in its sequence (0-based). Plain `i32`, as llama.cpp takes it; a type
+/// name so signatures say which `i32` is which.
+pub type Pos = i32;
+
+/// A sequence id: which of a context's sequences (0..n_seq_max) a token belongs to. Plain
+/// `i32`, as llama.cpp takes it (where -1 means "every sequence").
+pub type SeqId = i32;
+
+/// One entry of a [`Batch`], as [`Batch::entries`] reads it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchEntry<'b> {
+    /// The token decoded.
+    pub token: Token,
+    /// Its position.
+    pub pos: Pos,
+    /// The sequences it belongs to.
+    pub seq_ids: &'b [SeqId],
+    /// Whether the decode produces an output (logits, embeddings) for it.
+    pub output: bool,
+}
+
 /// Tokens with their positions, sequence ids and output flags. Every write is checked against
 /// the allocation, which llama.cpp's own `llama_batch` leaves to the caller.
 #[derive(Debug)]
@@ -35,14 +56,15 @@ impl Batch {
     }
 
     /// A single-sequence batch of `tokens` at positions `start..`, with logits for the last.
-    pub fn from_tokens(tokens: &[Token], start: i32, seq_id: i32) -> Result<Batch, BatchError> {
+    pub fn from_tokens(tokens: &[Token], start: Pos, seq_id: SeqId) -> Result<Batch, BatchError> {
         let mut batch = Batch::new(tokens.len().max(1), 1)?;
         batch.add_sequence(tokens, start, seq_id, true)?;
         Ok(batch)
     }
 
-    /// Appends one token.
-    pub fn add(&mut self, token: Token, pos: i32, seq_ids: &[i32], logits: bool) -> Result<(), BatchError> {
+    /// Appends one token at `pos` of the sequences `seq_ids`; `output` asks the decode for its
+    /// logits (and embeddings). For the usual case, see [`Batch::add_output`].
+    pub fn add(&mut self, token: Token, pos: Pos, seq_ids: &[SeqId], output: bool) -> Result<(), BatchError> {
         let i = self.len();
         if i >= self.capacity {
             return Err(BatchError::Full { capacity: self.capacity });
@@ -67,15 +89,20 @@ impl Batch {
             *self.raw.n_seq_id.add(i) = seq_ids.len() as i32;
             let dst = *self.raw.seq_id.add(i);
             std::ptr::copy_nonoverlapping(seq_ids.as_ptr(), dst, seq_ids.len());
-            *self.raw.logits.add(i) = i8::from(logits);
+            *self.raw.logits.add(i) = i8::from(output);
         }
         self.raw.n_tokens += 1;
         Ok(())
     }
 
-    /// Appends `tokens` to one sequence at consecutive positions from `start`; `logits_last`
+    /// Appends one token of one sequence, with an output: the next token of a generation.
+    pub fn add_output(&mut self, token: Token, pos: Pos, seq_id: SeqId) -> Result<(), BatchError> {
+        self.add(token, pos, &[seq_id], true)
+    }
+
+    /// Appends `tokens` to one sequence at consecutive positions from `start`; `output_last`
     /// requests an output for the last one.
-    pub fn add_sequence(&mut self, tokens: &[Token], start: i32, seq_id: i32, logits_last: bool) -> Result<(), BatchError> {
+    pub fn add_sequence(&mut self, tokens: &[Token], start: Pos, seq_id: SeqId, output_last: bool) -> Result<(), BatchError> {
         if self.len() + tokens.len() > self.capacity {
             return Err(BatchError::Full { capacity: self.capacity });
         }
@@ -86,7 +113,7 @@ impl Batch {
         }
         for (k, &t) in tokens.iter().enumerate() {
             let last = k + 1 == tokens.len();
-            self.add(t, start + k as i32, &[seq_id], logits_last && last)?;
+            self.add(t, start + k as i32, &[seq_id], output_last && last)?;
         }
         Ok(())
     }
@@ -111,18 +138,18 @@ impl Batch {
         self.capacity
     }
 
-    /// The entries, for inspection: (token, position, sequence ids, wants logits).
-    pub fn entries(&self) -> impl Iterator<Item = (Token, i32, &[i32], bool)> + '_ {
+    /// The entries, in batch order (an entry's index is its output index after a decode).
+    pub fn entries(&self) -> impl Iterator<Item = BatchEntry<'_>> + '_ {
         (0..self.len()).map(move |i| {
             // SAFETY: i < n_tokens <= capacity, and entries below n_tokens were written by add.
             unsafe {
                 let n = *self.raw.n_seq_id.add(i) as usize;
-                (
-                    Token(*self.raw.token.add(i)),
-                    *self.raw.pos.add(i),
-                    std::slice::from_raw_parts(*self.raw.seq_id.add(i), n),
-                    *self.raw.logits.add(i) != 0,
-                )
+                BatchEntry {
+                    token: Token(*self.raw.token.add(i)),
+                    pos: *self.raw.pos.add(i),
+                    seq_ids: std::slice::from_raw_parts(*self.raw.seq_id.add(i), n),
+                    output: *self.raw.logits.add(i) != 0,
+                }
             }
         })
     }
@@ -147,7 +174,7 @@ mod tests {
     fn a_full_batch_refuses_more_tokens() {
         let mut b = Batch::new(2, 1).unwrap();
         b.add(Token(1), 0, &[0], false).unwrap();
-        b.add(Token(2), 1, &[0], true).unwrap();
+        b.add_output(Token(2), 1, 0).unwrap();
         assert_eq!(b.add(Token(3), 2, &[0], false), Err(BatchError::Full { capacity: 2 }));
         assert_eq!(b.len(), 2);
         b.clear();
@@ -163,8 +190,8 @@ mod tests {
         assert_eq!(b.add(Token(1), 0, &[-1], false), Err(BatchError::NegativeSeqId(-1)));
         assert_eq!(b.add(Token(1), -3, &[0], false), Err(BatchError::NegativePosition(-3)));
         b.add(Token(7), 5, &[0, 1], true).unwrap();
-        let entries: Vec<_> = b.entries().map(|(t, p, s, l)| (t, p, s.to_vec(), l)).collect();
-        assert_eq!(entries, vec![(Token(7), 5, vec![0, 1], true)]);
+        let entries: Vec<_> = b.entries().collect();
+        assert_eq!(entries, vec![BatchEntry { token: Token(7), pos: 5, seq_ids: &[0, 1], output: true }]);
     }
 
     #[test]

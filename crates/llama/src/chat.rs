@@ -37,15 +37,31 @@ pub fn builtin_templates() -> Vec<String> {
         .collect()
 }
 
-/// Formats `messages` with a template: the model's own when `template` is None, else a template
-/// text or the name of a built-in one. `add_assistant` opens the assistant's turn at the end.
-pub fn apply_template(model: Option<&Model>, template: Option<&str>, messages: &[ChatMessage], add_assistant: bool) -> Result<String, ChatError> {
-    let template = match (template, model) {
-        (Some(t), _) => t.to_string(),
-        (None, Some(m)) => m.chat_template(None).ok_or(ChatError::NoTemplate)?,
-        (None, None) => return Err(ChatError::NoTemplate),
-    };
-    let c_template = CString::new(template.as_str()).map_err(|_| ChatError::Nul("the chat template"))?;
+/// What a formatted chat ends with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChatEnding {
+    /// The opening of the assistant's turn: the prompt to generate a reply from.
+    #[default]
+    AssistantTurn,
+    /// The last message and nothing after it: a conversation as it stands (to count its tokens,
+    /// or to store it).
+    LastMessage,
+}
+
+impl Model {
+    /// Formats `messages` with the model's own chat template ([`ChatError::NoTemplate`] when
+    /// its GGUF has none).
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], ending: ChatEnding) -> Result<String, ChatError> {
+        let template = self.chat_template(None).ok_or(ChatError::NoTemplate)?;
+        apply_template(&template, messages, ending)
+    }
+}
+
+/// Formats `messages` with `template`: a template's text, or the name of one of llama.cpp's
+/// built-in templates ([`builtin_templates`]).
+pub fn apply_template(template: &str, messages: &[ChatMessage], ending: ChatEnding) -> Result<String, ChatError> {
+    let add_assistant = ending == ChatEnding::AssistantTurn;
+    let c_template = CString::new(template).map_err(|_| ChatError::Nul("the chat template"))?;
     let owned: Vec<(CString, CString)> = messages
         .iter()
         .map(|m| Ok((CString::new(m.role.as_str())?, CString::new(m.content.as_str())?)))

@@ -26,7 +26,7 @@
 //! let mut pos = prompt.len() as i32;
 //! for _ in 0..16 {
 //!     ctx.decode(&batch)?;
-//!     let token = sampler.sample(&ctx, batch.len() as i32 - 1)?;
+//!     let token = sampler.sample_last(&ctx)?;
 //!     if vocab.is_eog(token) {
 //!         break;
 //!     }
@@ -34,7 +34,7 @@
 //!     vocab.piece_into(token, false, &mut piece)?;
 //!     utf8.push(&piece, &mut text);
 //!     batch.clear();
-//!     batch.add(token, pos, &[0], true)?;
+//!     batch.add_output(token, pos, 0)?;
 //!     pos += 1;
 //! }
 //! utf8.finish(&mut text);
@@ -64,8 +64,8 @@ mod top_k;
 mod vocab;
 
 pub use backend::{LogLevel, init, set_log_level};
-pub use batch::Batch;
-pub use chat::{ChatMessage, apply_template, builtin_templates};
+pub use batch::{Batch, BatchEntry, Pos, SeqId};
+pub use chat::{ChatEnding, ChatMessage, apply_template, builtin_templates};
 pub use context::{Context, ContextParams, FlashAttention, KvType, PerfCounters, Pooling};
 pub use error::{
     BatchError, ChatError, ContextError, CppException, DecodeError, Error, LlamaMessages, LoadError, LoadErrorKind, LoraError, OutputError,
@@ -78,7 +78,7 @@ pub use model::{Model, ModelParams, SplitMode};
 pub use quantize::{QuantType, quantize};
 pub use sampler::{Sampler, SamplerChain};
 pub use system::{Capabilities, Device, DeviceKind, capabilities, devices, system_info};
-pub use vocab::{Token, TokenizeOptions, Vocab};
+pub use vocab::{DetokenizeOptions, Token, TokenizeOptions, Vocab};
 
 /// What exactly was compiled: see [`llama_sys::BuildInfo`].
 pub fn build_info() -> &'static llama_sys::BuildInfo {

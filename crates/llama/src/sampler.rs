@@ -407,6 +407,13 @@ impl Sampler<'_> {
         }
     }
 
+    /// Samples from the last output of the context's last decode: the next token of a
+    /// generation whose batch asked for one output, at its end.
+    pub fn sample_last(&mut self, ctx: &Context<'_>) -> Result<Token, SamplerError> {
+        let last = *ctx.outputs().last().ok_or(OutputError::NoOutputs)?;
+        self.sample(ctx, last)
+    }
+
     /// `llama_sampler_sample` with the candidate array cut to the top `k` before the chain sees
     /// it. The chain then runs whole: its top-k stage finds the array sorted and already `k`
     /// long and leaves it be.

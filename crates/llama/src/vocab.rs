@@ -34,6 +34,15 @@ impl Default for TokenizeOptions {
     }
 }
 
+/// How special tokens are written when detokenizing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DetokenizeOptions {
+    /// Leave out the BOS/EOS the model adds (as [`TokenizeOptions::add_special`] put them in).
+    pub remove_special: bool,
+    /// Write special tokens as their text (`<end_of_turn>`) instead of leaving them out.
+    pub unparse_special: bool,
+}
+
 /// The vocabulary of a [`Model`](crate::Model), borrowed from it.
 #[derive(Clone, Copy, Debug)]
 pub struct Vocab<'m> {
@@ -175,7 +184,7 @@ impl<'m> Vocab<'m> {
     }
 
     /// Detokenizes a whole sequence; invalid UTF-8 (a cut-off character) becomes U+FFFD.
-    pub fn detokenize(&self, tokens: &[Token], remove_special: bool, unparse_special: bool) -> Result<String, TokenizeError> {
+    pub fn detokenize(&self, tokens: &[Token], options: DetokenizeOptions) -> Result<String, TokenizeError> {
         if let Some(bad) = tokens.iter().find(|t| !self.contains(**t)) {
             return Err(TokenizeError::InvalidToken { token: *bad, n_vocab: self.n_tokens });
         }
@@ -192,8 +201,8 @@ impl<'m> Vocab<'m> {
                     n_tokens,
                     buf.as_mut_ptr().cast(),
                     i32::try_from(buf.len()).unwrap_or(i32::MAX),
-                    remove_special,
-                    unparse_special,
+                    options.remove_special,
+                    options.unparse_special,
                     &mut n,
                     err,
                 )

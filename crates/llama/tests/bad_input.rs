@@ -117,7 +117,7 @@ fn decode_checks_batch_size_positions_sequences_and_tokens() {
     assert!(matches!(ctx.decode(&big), Err(DecodeError::BatchTooLarge { n_tokens: 65, n_batch: 64 })));
 
     let mut past = Batch::new(1, 1).unwrap();
-    past.add(Token(2), n_ctx, &[0], true).unwrap();
+    past.add_output(Token(2), n_ctx, 0).unwrap();
     assert!(matches!(ctx.decode(&past), Err(DecodeError::PositionOutOfRange { pos, .. }) if pos == n_ctx));
 
     let mut seq = Batch::new(1, 1).unwrap();
@@ -125,7 +125,7 @@ fn decode_checks_batch_size_positions_sequences_and_tokens() {
     assert!(matches!(ctx.decode(&seq), Err(DecodeError::SeqIdOutOfRange { seq_id: 3, n_seq_max: 1, .. })));
 
     let mut tok = Batch::new(1, 1).unwrap();
-    tok.add(Token(i32::MAX), 0, &[0], true).unwrap();
+    tok.add_output(Token(i32::MAX), 0, 0).unwrap();
     assert!(matches!(ctx.decode(&tok), Err(DecodeError::TokenOutOfRange { .. })));
 
     assert!(matches!(ctx.decode(&Batch::new(1, 1).unwrap()), Err(DecodeError::EmptyBatch)));
@@ -142,7 +142,7 @@ fn outputs_that_were_not_requested_cannot_be_read_or_sampled() {
     assert!(matches!(ctx.embeddings(0), Err(OutputError::EmbeddingsDisabled)));
     let mut sampler = SamplerChain::new().greedy().build(model()).unwrap();
     assert!(matches!(sampler.sample(&ctx, 0), Err(SamplerError::Output(OutputError::NotAnOutput { index: 0, .. }))));
-    assert!(sampler.sample(&ctx, batch.len() as i32 - 1).is_ok());
+    assert!(sampler.sample_last(&ctx).is_ok());
 }
 
 #[test]
@@ -191,7 +191,7 @@ fn bad_sampling_values_name_the_parameter() {
 fn invalid_tokens_and_sequences_are_refused() {
     let vocab = model().vocab();
     assert!(matches!(vocab.piece(Token(-1), false), Err(TokenizeError::InvalidToken { .. })));
-    assert!(matches!(vocab.detokenize(&[Token(1), Token(vocab.n_tokens())], false, false), Err(TokenizeError::InvalidToken { .. })));
+    assert!(matches!(vocab.detokenize(&[Token(1), Token(vocab.n_tokens())], DetokenizeOptions::default()), Err(TokenizeError::InvalidToken { .. })));
     let mut ctx = context();
     assert!(matches!(ctx.remove_range(5, 0, -1), Err(ContextError::InvalidParam { name: "seq_id", .. })));
     assert!(ctx.remove_range(-1, 0, -1).is_ok());
@@ -201,8 +201,7 @@ fn invalid_tokens_and_sequences_are_refused() {
 #[test]
 fn an_unknown_chat_template_is_an_error() {
     let msgs = [ChatMessage::new("user", "hi")];
-    assert!(matches!(apply_template(None, Some("no-such-template"), &msgs, true), Err(ChatError::UnknownTemplate(_))));
-    assert!(matches!(apply_template(None, None, &msgs, true), Err(ChatError::NoTemplate)));
+    assert!(matches!(apply_template("no-such-template", &msgs, ChatEnding::AssistantTurn), Err(ChatError::UnknownTemplate(_))));
 }
 
 #[test]

@@ -17,10 +17,10 @@ fn greedy(ctx: &mut Context<'_>, prompt: &str, n: usize) -> Vec<Token> {
     let mut out = Vec::new();
     for pos in (tokens.len() as i32..).take(n) {
         ctx.decode(&batch).unwrap();
-        let t = sampler.sample(ctx, batch.len() as i32 - 1).unwrap();
+        let t = sampler.sample_last(ctx).unwrap();
         out.push(t);
         batch.clear();
-        batch.add(t, pos, &[0], true).unwrap();
+        batch.add_output(t, pos, 0).unwrap();
     }
     out
 }
@@ -70,7 +70,7 @@ fn greedy_decoding_is_deterministic_and_sensible() {
     let a = greedy(&mut context(), "Monday, Tuesday, Wednesday,", 3);
     let b = greedy(&mut context(), "Monday, Tuesday, Wednesday,", 3);
     assert_eq!(a, b);
-    let text = model().vocab().detokenize(&a, false, false).unwrap();
+    let text = model().vocab().detokenize(&a, DetokenizeOptions::default()).unwrap();
     assert!(text.contains("Thursday"), "{text:?}");
 }
 
@@ -80,7 +80,7 @@ fn tokenize_detokenize_round_trips_multilingual_text() {
     let text = "Hello, 世界! Ünïcödé 🦀 ok";
     let no_special = TokenizeOptions { add_special: false, parse_special: false };
     let tokens = vocab.tokenize(text, no_special).unwrap();
-    assert_eq!(vocab.detokenize(&tokens, false, false).unwrap(), text);
+    assert_eq!(vocab.detokenize(&tokens, DetokenizeOptions::default()).unwrap(), text);
     let with_bos = vocab.tokenize(text, TokenizeOptions::default()).unwrap();
     assert_eq!(with_bos[0], vocab.bos());
     // The buffer is reused: tokenize_into replaces the contents.
@@ -127,10 +127,10 @@ fn special_tokens_and_end_of_generation() {
 #[test]
 fn chat_templates_format_messages() {
     let msgs = [ChatMessage::new("user", "Hi there")];
-    assert!(matches!(apply_template(Some(model()), None, &msgs, true), Err(ChatError::NoTemplate)));
-    let gemma = apply_template(Some(model()), Some("gemma"), &msgs, true).unwrap();
+    assert!(matches!(model().apply_chat_template(&msgs, ChatEnding::AssistantTurn), Err(ChatError::NoTemplate)));
+    let gemma = apply_template("gemma", &msgs, ChatEnding::AssistantTurn).unwrap();
     assert_eq!(gemma, "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n");
-    let chatml = apply_template(None, Some("chatml"), &msgs, true).unwrap();
+    let chatml = apply_template("chatml", &msgs, ChatEnding::AssistantTurn).unwrap();
     assert_eq!(chatml, "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n");
     assert!(builtin_templates().iter().any(|t| t == "llama3"));
 }
@@ -158,7 +158,7 @@ fn memory_operations_and_state_restore_reproduce_logits() {
 
     let next = Token(vocab.tokenize(" jumps", TokenizeOptions { add_special: false, parse_special: false }).unwrap()[0].0);
     let mut step = Batch::new(1, 1).unwrap();
-    step.add(next, n, &[0], true).unwrap();
+    step.add_output(next, n, 0).unwrap();
     ctx.decode(&step).unwrap();
     let first = ctx.last_logits().unwrap().to_vec();
 
@@ -257,10 +257,10 @@ fn seeded_sampling_chains_are_reproducible_and_constrained() {
         let mut out = Vec::new();
         for i in 0..12 {
             ctx.decode(&batch).unwrap();
-            let t = sampler.sample(&ctx, batch.len() as i32 - 1).unwrap();
+            let t = sampler.sample_last(&ctx).unwrap();
             out.push(t);
             batch.clear();
-            batch.add(t, tokens.len() as i32 + i, &[0], true).unwrap();
+            batch.add_output(t, tokens.len() as i32 + i, 0).unwrap();
         }
         out
     };
@@ -295,7 +295,7 @@ fn preselected_candidates_sample_the_same_tokens_as_llama_cpps_full_array() {
                 assert_eq!(a, b, "{name}, seed {seed}, position {pos}");
                 distinct.insert(a);
                 batch.clear();
-                batch.add(a, pos, &[0], true).unwrap();
+                batch.add_output(a, pos, 0).unwrap();
             }
             assert!(distinct.len() > 8, "{name}: only {} distinct tokens: the comparison saw too little", distinct.len());
         }
@@ -318,7 +318,7 @@ fn a_preselected_chain_draws_from_the_top_k() {
         let t = sampler.sample(&ctx, last).unwrap();
         assert!(order[..5].contains(&(t.0 as usize)), "token {t:?} is not among the 5 most likely at {pos}");
         batch.clear();
-        batch.add(t, pos, &[0], true).unwrap();
+        batch.add_output(t, pos, 0).unwrap();
     }
 }
 
@@ -332,15 +332,15 @@ fn a_grammar_constrains_the_output() {
     let mut out = Vec::new();
     for i in 0..4 {
         ctx.decode(&batch).unwrap();
-        let t = sampler.sample(&ctx, batch.len() as i32 - 1).unwrap();
+        let t = sampler.sample_last(&ctx).unwrap();
         if vocab.is_eog(t) {
             break;
         }
         out.push(t);
         batch.clear();
-        batch.add(t, tokens.len() as i32 + i, &[0], true).unwrap();
+        batch.add_output(t, tokens.len() as i32 + i, 0).unwrap();
     }
-    let text = vocab.detokenize(&out, false, false).unwrap();
+    let text = vocab.detokenize(&out, DetokenizeOptions::default()).unwrap();
     assert!(text == " yes" || text == " no", "{text:?}");
 }
 

@@ -105,15 +105,25 @@ impl Variant {
         if self.backend == "crate" && (!self.features.is_empty() || !self.cmake_defines.is_empty() || self.llama_cpp_dir.is_some()) {
             bail!("variant {}: llama-sys features, CMake defines and llama_cpp_dir apply to source/raw builds, not the crate baseline", self.name);
         }
-        const SWITCHES: [&str; 11] = ["native", "openmp", "llamafile", "repack", "lto", "blas", "metal", "accelerate", "cuda", "rpc", "amx"];
-        if let Some(bad) = self.features.iter().find(|f| !SWITCHES.contains(&f.as_str())) {
-            bail!("variant {}: unknown llama-sys feature {bad:?} (known: {})", self.name, SWITCHES.join(", "));
+        let switches = llama_sys_switches()?;
+        if let Some(bad) = self.features.iter().find(|f| !switches.contains(f)) {
+            bail!("variant {}: unknown llama-sys feature {bad:?} (known: {})", self.name, switches.join(", "));
         }
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             bail!("variant name {:?} must be letters, digits, '-', '_' or '.'", self.name);
         }
         Ok(())
     }
+}
+
+/// The build switches llama-sys has, as its manifest declares them: one cargo feature per switch
+/// of its build plan (llama-sys' own tests hold the plan's switch list to the manifest).
+pub fn llama_sys_switches() -> Result<Vec<String>> {
+    let path = crate::workspace::root().join("crates/llama-sys/Cargo.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let manifest: toml::Table = text.parse().with_context(|| format!("parsing {}", path.display()))?;
+    let features = manifest.get("features").and_then(|f| f.as_table()).with_context(|| format!("{} has no [features]", path.display()))?;
+    Ok(features.keys().filter(|k| *k != "default").cloned().collect())
 }
 
 /// Where `cargo xtask tune` writes its profile and llama-sys looks for it by default.

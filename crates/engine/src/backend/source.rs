@@ -4,7 +4,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use llama::{Batch, ChatMessage, Context, ContextParams, FlashAttention, Model, ModelParams, Pooling, Sampler, SamplerChain, Token, TokenizeOptions};
+use llama::{
+    Batch, ChatEnding, ChatMessage, Context, ContextParams, FlashAttention, Model, ModelParams, Pooling, Sampler, SamplerChain, Token,
+    TokenizeOptions,
+};
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
 use crate::config::{SamplerStage, SamplingParams, SessionConfig};
@@ -105,7 +108,7 @@ impl BackendModel for SourceModel {
 
     fn apply_chat_template(&self, template: &str, messages: &[(String, String)]) -> Result<String, EngineError> {
         let msgs: Vec<ChatMessage> = messages.iter().map(|(r, c)| ChatMessage::new(r.as_str(), c.as_str())).collect();
-        llama::apply_template(Some(&self.model), Some(template), &msgs, true).map_err(|e| EngineError::ChatTemplate(e.into()))
+        llama::apply_template(template, &msgs, ChatEnding::AssistantTurn).map_err(|e| EngineError::ChatTemplate(e.into()))
     }
 
     fn session(&self, config: &SessionConfig) -> Result<SourceSession<'_>, EngineError> {

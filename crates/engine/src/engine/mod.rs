@@ -1,0 +1,121 @@
+//! The engine: a loaded model that makes sessions ([`Session`], `session.rs`), which run
+//! streaming generations ([`Generation`], `generation.rs`).
+
+mod generation;
+mod session;
+
+use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, TokenId};
+use crate::chat::{ChatMessage, resolve_chat_template};
+use crate::config::{EngineConfig, GenerateRequest, SessionConfig};
+use crate::error::EngineError;
+
+pub use generation::{FinishReason, Generation, GenerationStats};
+pub use session::Session;
+
+pub(crate) type Model = <Active as Backend>::Model;
+type RawSession<'m> = <Model as BackendModel>::Session<'m>;
+
+/// A loaded model, ready to make sessions.
+#[derive(Debug)]
+pub struct Engine {
+    model: Model,
+    config: EngineConfig,
+    /// Resolved once at load: every chat request uses it.
+    chat_template: String,
+}
+
+impl Engine {
+    /// Loads the model named in `config`.
+    pub fn load(config: EngineConfig) -> Result<Engine, EngineError> {
+        config.session.validate()?;
+        let model = Active::load(&config.model, config.n_gpu_layers)?;
+        let chat_template = resolve_chat_template(&model, config.chat_template_fallback.as_deref());
+        Ok(Engine { model, config, chat_template })
+    }
+
+    pub fn backend_name() -> &'static str {
+        Active::NAME
+    }
+
+    pub fn build_info() -> serde_json::Value {
+        Active::build_info()
+    }
+
+    pub fn system_info() -> String {
+        Active::system_info()
+    }
+
+    pub fn model_info(&self) -> ModelInfo {
+        self.model.info()
+    }
+
+    /// A session with the engine's default context parameters.
+    pub fn session(&self) -> Result<Session<'_>, EngineError> {
+        self.session_with(&self.config.session)
+    }
+
+    pub fn session_with(&self, config: &SessionConfig) -> Result<Session<'_>, EngineError> {
+        config.validate()?;
+        Ok(Session { engine: self, inner: self.model.session(config)?, cached: Vec::new(), scratch: Vec::new() })
+    }
+
+    /// One-shot generation to a string, in a fresh session.
+    pub fn generate(&self, request: &GenerateRequest) -> Result<(String, GenerationStats), EngineError> {
+        self.session()?.generate_text(request)
+    }
+
+    /// The mean-pooled embedding of `text`. The whole text must fit one batch (n_batch tokens):
+    /// pooling covers one decode, so a longer text would be pooled over its last part only.
+    pub fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError> {
+        let base = &self.config.session;
+        // One micro-batch per batch, so models that attend both ways take a whole batch too.
+        let config = SessionConfig { embeddings: true, n_ubatch: base.n_batch, ..base.clone() };
+        let mut session = self.session_with(&config)?;
+        let mut tokens = Vec::new();
+        self.model.tokenize(text, true, false, &mut tokens)?;
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if tokens.len() > config.n_batch as usize {
+            return Err(EngineError::EmbedTooLong { tokens: tokens.len(), n_batch: config.n_batch });
+        }
+        session.prefill(&tokens)?;
+        session.inner.embedding()
+    }
+
+    /// The template for chats: the model's own, the configured fallback, or one chosen by
+    /// architecture.
+    pub fn chat_template(&self) -> &str {
+        &self.chat_template
+    }
+
+    /// The prompt tokens of a chat, as [`Session::chat`] decodes them: the template's control
+    /// tokens parsed, message contents kept as text unless `specials_in_messages`.
+    pub fn chat_tokens(&self, messages: &[ChatMessage], specials_in_messages: bool) -> Result<Vec<TokenId>, EngineError> {
+        let rendered = self.format_chat(messages)?;
+        let mut tokens = Vec::new();
+        crate::chat_tokens::tokenize(&self.model, &rendered, messages, specials_in_messages, &mut tokens)?;
+        Ok(tokens)
+    }
+
+    /// Tokenizes plain text (BOS added where the model wants one; control-token text parsed
+    /// only with `parse_special`).
+    pub fn tokenize(&self, text: &str, parse_special: bool) -> Result<Vec<TokenId>, EngineError> {
+        let mut tokens = Vec::new();
+        self.model.tokenize(text, true, parse_special, &mut tokens)?;
+        Ok(tokens)
+    }
+
+    /// Formats a chat with [`Engine::chat_template`], opening the assistant's turn.
+    pub fn format_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        if messages.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let pairs: Vec<(String, String)> = messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
+        self.model.apply_chat_template(&self.chat_template, &pairs)
+    }
+
+    pub(crate) fn model(&self) -> &Model {
+        &self.model
+    }
+}

@@ -1,0 +1,164 @@
+//! What a context is created with: sizes, threads, attention, cache types, pooling.
+
+use crate::error::ContextError;
+use crate::sys;
+
+/// When to use Flash Attention.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FlashAttention {
+    /// llama.cpp decides per device (its default).
+    #[default]
+    Auto,
+    /// Always (fails at creation where unsupported).
+    On,
+    /// Never.
+    Off,
+}
+
+/// The element type of the KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// 32-bit floats.
+    F32,
+    #[default]
+    /// 16-bit floats (llama.cpp's default).
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// 8-bit blocks (half the memory of F16).
+    Q8_0,
+    /// 4-bit blocks.
+    Q4_0,
+}
+
+impl KvType {
+    fn ggml(self) -> sys::ggml_type {
+        match self {
+            KvType::F32 => sys::GGML_TYPE_F32,
+            KvType::F16 => sys::GGML_TYPE_F16,
+            KvType::Bf16 => sys::GGML_TYPE_BF16,
+            KvType::Q8_0 => sys::GGML_TYPE_Q8_0,
+            KvType::Q4_0 => sys::GGML_TYPE_Q4_0,
+        }
+    }
+}
+
+/// How embeddings are pooled per sequence.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pooling {
+    /// The model's own choice.
+    #[default]
+    Unspecified,
+    /// No pooling: one embedding per token.
+    None,
+    /// Mean over the sequence's tokens.
+    Mean,
+    /// The first (CLS) token's.
+    Cls,
+    /// The last token's.
+    Last,
+    /// Reranking score.
+    Rank,
+}
+
+/// Parameters for [`Context::new`]. Zero sizes mean "the model's" where llama.cpp allows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContextParams {
+    /// Context length in tokens; 0 = the model's training context.
+    pub n_ctx: u32,
+    /// Most tokens one `decode` call takes.
+    pub n_batch: u32,
+    /// Most tokens computed at once inside a decode.
+    pub n_ubatch: u32,
+    /// Distinct sequences the KV cache holds.
+    pub n_seq_max: u32,
+    /// Threads for single-token generation.
+    pub n_threads: i32,
+    /// Threads for prompt batches.
+    pub n_threads_batch: i32,
+    /// When to use Flash Attention.
+    pub flash_attention: FlashAttention,
+    /// Element type of the K cache.
+    pub type_k: KvType,
+    /// Element type of the V cache.
+    pub type_v: KvType,
+    /// Compute embeddings (as well as logits).
+    pub embeddings: bool,
+    /// How embeddings are pooled per sequence.
+    pub pooling: Pooling,
+    /// Skip llama.cpp's timing counters.
+    pub no_perf: bool,
+}
+
+impl Default for ContextParams {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get()) as i32;
+        ContextParams {
+            n_ctx: 4096,
+            n_batch: 2048,
+            n_ubatch: 512,
+            n_seq_max: 1,
+            n_threads: threads,
+            n_threads_batch: threads,
+            flash_attention: FlashAttention::Auto,
+            type_k: KvType::F16,
+            type_v: KvType::F16,
+            embeddings: false,
+            pooling: Pooling::Unspecified,
+            no_perf: false,
+        }
+    }
+}
+
+impl ContextParams {
+    pub(super) fn validate(&self) -> Result<(), ContextError> {
+        let bad = |name, value: String, reason| Err(ContextError::InvalidParam { name, value, reason });
+        if self.n_threads < 1 {
+            return bad("n_threads", self.n_threads.to_string(), "at least one thread is needed");
+        }
+        if self.n_threads_batch < 1 {
+            return bad("n_threads_batch", self.n_threads_batch.to_string(), "at least one thread is needed");
+        }
+        if self.n_batch < 1 {
+            return bad("n_batch", self.n_batch.to_string(), "must be at least 1");
+        }
+        if self.n_ubatch < 1 || self.n_ubatch > self.n_batch {
+            return bad("n_ubatch", self.n_ubatch.to_string(), "must be between 1 and n_batch");
+        }
+        // SAFETY: a constant of the library.
+        let max_seq = unsafe { sys::llama_max_parallel_sequences() } as u32;
+        if self.n_seq_max < 1 || self.n_seq_max > max_seq {
+            return bad("n_seq_max", self.n_seq_max.to_string(), "must be between 1 and llama_max_parallel_sequences()");
+        }
+        Ok(())
+    }
+
+    pub(super) fn to_raw(&self) -> sys::llama_context_params {
+        // SAFETY: returns a struct by value.
+        let mut p = unsafe { sys::llama_context_default_params() };
+        p.n_ctx = self.n_ctx;
+        p.n_batch = self.n_batch;
+        p.n_ubatch = self.n_ubatch;
+        p.n_seq_max = self.n_seq_max;
+        p.n_threads = self.n_threads;
+        p.n_threads_batch = self.n_threads_batch;
+        p.flash_attn_type = match self.flash_attention {
+            FlashAttention::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            FlashAttention::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            FlashAttention::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        };
+        p.type_k = self.type_k.ggml();
+        p.type_v = self.type_v.ggml();
+        p.embeddings = self.embeddings;
+        p.pooling_type = match self.pooling {
+            Pooling::Unspecified => sys::LLAMA_POOLING_TYPE_UNSPECIFIED,
+            Pooling::None => sys::LLAMA_POOLING_TYPE_NONE,
+            Pooling::Mean => sys::LLAMA_POOLING_TYPE_MEAN,
+            Pooling::Cls => sys::LLAMA_POOLING_TYPE_CLS,
+            Pooling::Last => sys::LLAMA_POOLING_TYPE_LAST,
+            Pooling::Rank => sys::LLAMA_POOLING_TYPE_RANK,
+        };
+        p.no_perf = self.no_perf;
+        p
+    }
+}

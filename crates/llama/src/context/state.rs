@@ -1,0 +1,167 @@
+//! Saving and restoring a context's state (KV cache, outputs, RNG), whole or per sequence,
+//! as bytes or files.
+
+use std::ffi::CString;
+use std::path::Path;
+
+use super::Context;
+use crate::backend;
+use crate::batch::SeqId;
+use crate::error::StateError;
+use crate::sys;
+use crate::vocab::Token;
+
+impl Context<'_> {
+    /// The whole state (KV cache, outputs, RNG) as bytes.
+    pub fn save_state(&mut self) -> Result<Vec<u8>, StateError> {
+        // SAFETY: size query on a live context.
+        let size = unsafe { sys::llama_state_get_size(self.raw.as_ptr()) };
+        if size == 0 {
+            return Err(StateError::Empty);
+        }
+        let mut buf = vec![0u8; size];
+        // SAFETY: buf is writable for `size` bytes.
+        let written = unsafe { sys::llama_state_get_data(self.raw.as_ptr(), buf.as_mut_ptr(), size) };
+        if written != size {
+            return Err(StateError::SizeMismatch { written, expected: size });
+        }
+        Ok(buf)
+    }
+
+    /// Restores a state from [`Context::save_state`].
+    pub fn load_state(&mut self, state: &[u8]) -> Result<(), StateError> {
+        self.outputs.clear();
+        let mut read = 0;
+        let (guarded, messages) = backend::capture(|| {
+            // SAFETY: state is readable for its length; llama.cpp validates the content; `read` is a
+            // live out-parameter.
+            crate::cpp::guard("llama_state_set_data", |err| unsafe {
+                sys::exsa_state_set_data(self.raw.as_ptr(), state.as_ptr(), state.len(), &mut read, err)
+            })
+        });
+        guarded?;
+        if read == 0 {
+            return Err(StateError::Restore { len: state.len(), messages });
+        }
+        if read != state.len() {
+            return Err(StateError::TrailingBytes { len: state.len(), read });
+        }
+        Ok(())
+    }
+
+    fn check_state_seq(&self, seq_id: SeqId) -> Result<(), StateError> {
+        self.check_seq(seq_id, false).map_err(|_| StateError::InvalidSeqId { seq_id, n_seq_max: self.n_seq_max })
+    }
+
+    /// One sequence's state as bytes.
+    pub fn save_sequence_state(&mut self, seq_id: SeqId) -> Result<Vec<u8>, StateError> {
+        self.check_state_seq(seq_id)?;
+        // SAFETY: checked id.
+        let size = unsafe { sys::llama_state_seq_get_size(self.raw.as_ptr(), seq_id) };
+        if size == 0 {
+            return Err(StateError::Empty);
+        }
+        let mut buf = vec![0u8; size];
+        // SAFETY: buf is writable for `size` bytes.
+        let written = unsafe { sys::llama_state_seq_get_data(self.raw.as_ptr(), buf.as_mut_ptr(), size, seq_id) };
+        if written != size {
+            return Err(StateError::SizeMismatch { written, expected: size });
+        }
+        Ok(buf)
+    }
+
+    /// Restores one sequence's state into `dest_seq_id`.
+    pub fn load_sequence_state(&mut self, state: &[u8], dest_seq_id: SeqId) -> Result<(), StateError> {
+        self.check_state_seq(dest_seq_id)?;
+        self.outputs.clear();
+        let mut read = 0;
+        let (guarded, messages) = backend::capture(|| {
+            // SAFETY: state readable for its length; id checked; `read` is a live out-parameter.
+            crate::cpp::guard("llama_state_seq_set_data", |err| unsafe {
+                sys::exsa_state_seq_set_data(self.raw.as_ptr(), state.as_ptr(), state.len(), dest_seq_id, &mut read, err)
+            })
+        });
+        guarded?;
+        if read == 0 {
+            return Err(StateError::Restore { len: state.len(), messages });
+        }
+        if read != state.len() {
+            return Err(StateError::TrailingBytes { len: state.len(), read });
+        }
+        Ok(())
+    }
+
+    /// Saves the whole state and the `tokens` it holds to a file.
+    pub fn save_state_file(&mut self, path: &Path, tokens: &[Token]) -> Result<(), StateError> {
+        let c_path = c_path(path)?;
+        // SAFETY: path NUL-terminated; tokens readable; Token is repr(transparent).
+        let ok = unsafe { sys::llama_state_save_file(self.raw.as_ptr(), c_path.as_ptr(), tokens.as_ptr().cast(), tokens.len()) };
+        if ok { Ok(()) } else { Err(StateError::Save { path: path.to_path_buf() }) }
+    }
+
+    /// Loads a state file; returns the tokens saved with it (at most `max_tokens`).
+    pub fn load_state_file(&mut self, path: &Path, max_tokens: usize) -> Result<Vec<Token>, StateError> {
+        let c_path = c_path(path)?;
+        self.outputs.clear();
+        let mut tokens = vec![Token(0); max_tokens];
+        let mut n = 0usize;
+        let mut ok = false;
+        let (guarded, messages) = backend::capture(|| {
+            // SAFETY: tokens has max_tokens writable slots; n and ok receive the results.
+            crate::cpp::guard("llama_state_load_file", |err| unsafe {
+                sys::exsa_state_load_file(self.raw.as_ptr(), c_path.as_ptr(), tokens.as_mut_ptr().cast(), max_tokens, &mut n, &mut ok, err)
+            })
+        });
+        guarded?;
+        if !ok {
+            return Err(StateError::Load { path: path.to_path_buf(), messages });
+        }
+        tokens.truncate(n);
+        Ok(tokens)
+    }
+
+    /// Saves one sequence's state and the `tokens` it holds to a file.
+    pub fn save_sequence_state_file(&mut self, seq_id: SeqId, path: &Path, tokens: &[Token]) -> Result<(), StateError> {
+        self.check_state_seq(seq_id)?;
+        let c_path = c_path(path)?;
+        // SAFETY: checked id; path NUL-terminated; tokens readable, Token repr(transparent).
+        let written = unsafe { sys::llama_state_seq_save_file(self.raw.as_ptr(), c_path.as_ptr(), seq_id, tokens.as_ptr().cast(), tokens.len()) };
+        if written == 0 { Err(StateError::Save { path: path.to_path_buf() }) } else { Ok(()) }
+    }
+
+    /// Loads a sequence state file into `dest_seq_id`; returns the tokens saved with it (at
+    /// most `max_tokens`).
+    pub fn load_sequence_state_file(&mut self, dest_seq_id: SeqId, path: &Path, max_tokens: usize) -> Result<Vec<Token>, StateError> {
+        self.check_state_seq(dest_seq_id)?;
+        let c_path = c_path(path)?;
+        self.outputs.clear();
+        let mut tokens = vec![Token(0); max_tokens];
+        let mut n = 0usize;
+        let mut read = 0;
+        let (guarded, messages) = backend::capture(|| {
+            // SAFETY: checked id; tokens has max_tokens writable slots; n and read receive results.
+            crate::cpp::guard("llama_state_seq_load_file", |err| unsafe {
+                sys::exsa_state_seq_load_file(
+                    self.raw.as_ptr(),
+                    c_path.as_ptr(),
+                    dest_seq_id,
+                    tokens.as_mut_ptr().cast(),
+                    max_tokens,
+                    &mut n,
+                    &mut read,
+                    err,
+                )
+            })
+        });
+        guarded?;
+        if read == 0 {
+            return Err(StateError::Load { path: path.to_path_buf(), messages });
+        }
+        tokens.truncate(n);
+        Ok(tokens)
+    }
+}
+
+fn c_path(path: &Path) -> Result<CString, StateError> {
+    crate::c_string::path(path).ok_or_else(|| StateError::InvalidPath(path.to_path_buf()))
+}
