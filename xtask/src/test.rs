@@ -1,11 +1,12 @@
 //! `cargo xtask test`: the README's test command. Sets up what the tests need (system packages,
-//! reported with their paths; the vendored source; the default model), then runs every test of
+//! reported with their paths; the vendored source; the default model; the random-weight models
+//! of other architectures from `synth-models`), then runs every test of
 //! the workspace, the engine's tests once more per other backend, an app outside the workspace
 //! built against the packaged crates, rustfmt and clippy, and the leak check on Linux.
 
 use anyhow::Result;
 
-use crate::{app_test, fetch_model, leak_check, setup, vendor, workspace};
+use crate::{app_test, fetch_model, leak_check, setup, synth_models, vendor, workspace};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,6 +22,7 @@ pub fn run(args: &Args) -> Result<()> {
     setup::run(&setup::Args::default())?;
     vendor::run(&vendor::Args::default())?;
     fetch_model::run(&fetch_model::Args::default())?;
+    synth_models::run(&synth_models::Args::default())?;
     // The workspace, with the engine on its default backend (`source`).
     workspace::run(workspace::cargo().args(["test", "--workspace", "--locked"]).args(&args.cargo_args))?;
     if !args.cargo_args.is_empty() {

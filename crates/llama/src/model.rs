@@ -216,6 +216,15 @@ impl Model {
         self.meta(&format!("{arch}.attention.causal")).is_none_or(|v| v != "false")
     }
 
+    /// Whether the model's memory is (or includes, for hybrid models such as LFM2) a recurrent
+    /// state, which holds only its latest position: such memory cannot be cut back to an
+    /// earlier position, except within the last decode with
+    /// [`ContextParams::recurrent_snapshots`](crate::ContextParams::recurrent_snapshots).
+    pub fn has_recurrent_state(&self) -> bool {
+        // SAFETY: reads fields of a live model.
+        unsafe { sys::llama_model_is_recurrent(self.raw.as_ptr()) || sys::llama_model_is_hybrid(self.raw.as_ptr()) }
+    }
+
     /// Whether the model has an encoder (encoder-decoder models such as T5).
     pub fn has_encoder(&self) -> bool {
         // SAFETY: reads a field of a live model.

@@ -20,17 +20,58 @@ impl Context<'_> {
         }
     }
 
+    /// llama.cpp cuts a recurrent state back by restoring one of the snapshots its last decode
+    /// took, one per token of that decode; it accepts a cut to before that decode too, and then
+    /// restores a stale snapshot: a wrong state, silently. Only a tail of the last decode's own
+    /// tokens is let through (llama.cpp still refuses it without snapshots or beyond their
+    /// number).
+    fn recurrent_cut_allowed(&self, seq_id: SeqId, p0: Pos, p1: Pos) -> bool {
+        let Some(floors) = &self.recurrent_cut_floor else { return true };
+        let whole = p0 <= 0 && p1 < 0;
+        if whole || seq_id < 0 {
+            // llama.cpp refuses partial ranges over every sequence itself.
+            return true;
+        }
+        p1 < 0 && floors.get(seq_id as usize).copied().flatten().is_some_and(|floor| p0 >= floor)
+    }
+
+    /// Records, per sequence, the first position `batch` wrote: the floor of a later cut.
+    pub(super) fn note_cut_floors(&mut self, batch: &crate::batch::Batch) {
+        let Some(floors) = &mut self.recurrent_cut_floor else { return };
+        for entry in batch.entries() {
+            for &seq in entry.seq_ids {
+                let floor = &mut floors[seq as usize];
+                *floor = Some(floor.map_or(entry.pos, |f| f.min(entry.pos)));
+            }
+        }
+    }
+
+    /// No cut of a recurrent state until the next decode.
+    pub(super) fn forget_cut_floors(&mut self) {
+        if let Some(floors) = &mut self.recurrent_cut_floor {
+            floors.fill(None);
+        }
+    }
+
     /// Empties the KV cache (and its buffers too, with `data`).
     pub fn clear_memory(&mut self, data: bool) {
+        self.forget_cut_floors();
         // SAFETY: valid memory handle of this context.
         unsafe { sys::llama_memory_clear(self.memory(), data) };
         self.outputs.clear();
     }
 
     /// Removes positions `[p0, p1)` of `seq_id` (-1: every sequence; negative bounds: open).
-    /// False when a partial range cannot be removed (recurrent models).
+    /// False, with the memory untouched, when the range cannot be removed: on a model with a
+    /// recurrent state ([`Model::has_recurrent_state`](crate::Model::has_recurrent_state)),
+    /// any range but the whole sequence, except a tail of the last decode's tokens with
+    /// [`ContextParams::recurrent_snapshots`](crate::ContextParams::recurrent_snapshots).
     pub fn remove_range(&mut self, seq_id: SeqId, p0: Pos, p1: Pos) -> Result<bool, ContextError> {
         self.check_seq(seq_id, true)?;
+        if !self.recurrent_cut_allowed(seq_id, p0, p1) {
+            return Ok(false);
+        }
+        self.forget_cut_floors();
         // SAFETY: checked sequence id; llama.cpp accepts any bounds.
         Ok(unsafe { sys::llama_memory_seq_rm(self.memory(), seq_id, p0, p1) })
     }
@@ -40,6 +81,7 @@ impl Context<'_> {
     /// copies whole sequences only (`p0 <= 0`, `p1 <= 0`); a part is refused, where llama.cpp
     /// would abort.
     pub fn copy_range(&mut self, src: SeqId, dst: SeqId, p0: Pos, p1: Pos) -> Result<(), ContextError> {
+        self.forget_cut_floors();
         self.check_seq(src, false)?;
         self.check_seq(dst, false)?;
         let cross_stream = src != dst && !self.unified_kv && self.n_seq_max > 1;
@@ -57,6 +99,7 @@ impl Context<'_> {
 
     /// Removes every sequence but `seq_id`.
     pub fn keep_only(&mut self, seq_id: SeqId) -> Result<(), ContextError> {
+        self.forget_cut_floors();
         self.check_seq(seq_id, false)?;
         // llama_memory_seq_keep only looks at the KV stream of `seq_id`: with one stream per
         // sequence (kv_unified off, the default) the others survive it. Removing each other
@@ -75,6 +118,7 @@ impl Context<'_> {
     /// Refused with [`ContextError::CannotShift`] where the memory cannot shift positions
     /// (M-RoPE models, some recurrent ones), on which llama.cpp aborts.
     pub fn shift_range(&mut self, seq_id: SeqId, p0: Pos, p1: Pos, delta: Pos) -> Result<(), ContextError> {
+        self.forget_cut_floors();
         self.check_seq(seq_id, false)?;
         if !self.can_shift() {
             return Err(ContextError::CannotShift);

@@ -12,7 +12,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use crate::batch::{Batch, BatchEntry, SeqId};
+use crate::batch::{Batch, BatchEntry, Pos, SeqId};
 use crate::error::{ContextError, DecodeError, OutputError};
 use crate::lora::LoraAdapter;
 use crate::model::Model;
@@ -39,6 +39,9 @@ pub struct Context<'m> {
     embeddings: bool,
     /// Batch indices that requested an output in the last successful decode.
     outputs: Vec<i32>,
+    /// For models with a recurrent state: per sequence, the first position the last decode
+    /// wrote, below which llama.cpp's snapshots cannot cut back (None: no cut at all).
+    recurrent_cut_floor: Option<Vec<Option<Pos>>>,
     abort_flag: Option<Arc<AtomicBool>>,
     /// The adapters applied with [`Context::set_lora_adapters`]: llama.cpp keeps their pointers,
     /// so the context keeps them alive.
@@ -84,6 +87,7 @@ impl<'m> Context<'m> {
             n_vocab: model.vocab().n_tokens(),
             embeddings: params.embeddings,
             outputs: Vec::new(),
+            recurrent_cut_floor: model.has_recurrent_state().then(|| vec![None; n_seq_max as usize]),
             abort_flag: None,
             lora: Vec::new(),
         })
@@ -182,10 +186,13 @@ impl<'m> Context<'m> {
         // Graph building reads the model's adapter set: no adapter may be loaded or freed meanwhile.
         let _adapters = self.model.adapters_read();
         let (guarded, messages) = backend::capture(|| crate::cpp::guard(function, |err| call(self.raw.as_ptr(), batch.raw(), &mut code, err)));
+        // Whatever happens next, the snapshots of earlier decodes are gone (or now in doubt).
+        self.forget_cut_floors();
         guarded?;
         match code {
             0 => {
                 self.outputs.extend(batch.entries().enumerate().filter(|(_, e)| e.output).map(|(i, _)| i as i32));
+                self.note_cut_floors(batch);
                 Ok(())
             }
             1 => Err(DecodeError::NoKvSlot),

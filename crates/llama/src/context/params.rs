@@ -88,6 +88,14 @@ pub struct ContextParams {
     pub pooling: Pooling,
     /// Skip llama.cpp's timing counters.
     pub no_perf: bool,
+    /// Recurrent-state snapshots kept per sequence: a recurrent or hybrid model's memory can
+    /// then drop up to this many of the tokens its last decode added (the rejected tail of a
+    /// speculative draft, verified in one decode), like an attention cache. 0 (the default):
+    /// a recurrent state cannot be cut back at all. A cut to before the last decode is refused
+    /// (see [`Context::remove_range`](crate::Context::remove_range)). llama.cpp ignores the
+    /// setting on architectures without support (LFM2 has it, Mamba not) and marks it
+    /// experimental; each snapshot costs a copy of the state.
+    pub recurrent_snapshots: u32,
 }
 
 impl Default for ContextParams {
@@ -106,6 +114,7 @@ impl Default for ContextParams {
             embeddings: false,
             pooling: Pooling::Unspecified,
             no_perf: false,
+            recurrent_snapshots: 0,
         }
     }
 }
@@ -159,6 +168,7 @@ impl ContextParams {
             Pooling::Rank => sys::LLAMA_POOLING_TYPE_RANK,
         };
         p.no_perf = self.no_perf;
+        p.n_rs_seq = self.recurrent_snapshots;
         p
     }
 }

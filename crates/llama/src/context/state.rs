@@ -12,7 +12,8 @@ use crate::sys;
 use crate::vocab::Token;
 
 impl Context<'_> {
-    /// The whole state (KV cache, outputs, RNG) as bytes.
+    /// The whole memory (KV cache, recurrent state) as bytes. The last decode's outputs are not
+    /// part of it: save before a prompt's last token and decode that token after restoring.
     pub fn save_state(&mut self) -> Result<Vec<u8>, StateError> {
         // SAFETY: size query on a live context.
         let size = unsafe { sys::llama_state_get_size(self.raw.as_ptr()) };
@@ -31,6 +32,7 @@ impl Context<'_> {
     /// Restores a state from [`Context::save_state`].
     pub fn load_state(&mut self, state: &[u8]) -> Result<(), StateError> {
         self.outputs.clear();
+        self.forget_cut_floors();
         let mut read = 0;
         let (guarded, messages) = backend::capture(|| {
             // SAFETY: state is readable for its length; llama.cpp validates the content; `read` is a
@@ -74,6 +76,7 @@ impl Context<'_> {
     pub fn load_sequence_state(&mut self, state: &[u8], dest_seq_id: SeqId) -> Result<(), StateError> {
         self.check_state_seq(dest_seq_id)?;
         self.outputs.clear();
+        self.forget_cut_floors();
         let mut read = 0;
         let (guarded, messages) = backend::capture(|| {
             // SAFETY: state readable for its length; id checked; `read` is a live out-parameter.
@@ -103,6 +106,7 @@ impl Context<'_> {
     pub fn load_state_file(&mut self, path: &Path, max_tokens: usize) -> Result<Vec<Token>, StateError> {
         let c_path = c_path(path)?;
         self.outputs.clear();
+        self.forget_cut_floors();
         let mut tokens = vec![Token(0); max_tokens];
         let mut n = 0usize;
         let mut ok = false;
@@ -135,6 +139,7 @@ impl Context<'_> {
         self.check_state_seq(dest_seq_id)?;
         let c_path = c_path(path)?;
         self.outputs.clear();
+        self.forget_cut_floors();
         let mut tokens = vec![Token(0); max_tokens];
         let mut n = 0usize;
         let mut read = 0;

@@ -1,0 +1,109 @@
+//! `cargo xtask synth-models`: small GGUFs with random weights for architectures no GGUF of
+//! which can be downloaded here (LFM2's hybrid memory, a dense llama, Mamba's recurrent state),
+//! and, with `--bench`, one of LFM2-1.2B's shape in Q4_K_M for speed measurements.
+//!
+//! `xtask/synth/synth_models.py` writes them with the `gguf` package from PyPI, the tokenizer
+//! copied from the default model. A model is written again only when the generator, the
+//! package version or the tokenizer's model changed: its key sits beside it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+use crate::{fetch_model, hashing, python, workspace};
+
+const GGUF_PACKAGE: &str = "gguf";
+const GGUF_VERSION: &str = "0.19.0";
+const GENERATOR: &str = "xtask/synth/synth_models.py";
+
+/// The models the tests use (one per kind of memory).
+const TEST_MODELS: [&str; 3] = ["llama-tiny", "lfm2-tiny", "mamba-tiny"];
+/// Written in F16 and quantized to Q4_K_M: for bench-compare, not the tests.
+const BENCH_MODEL: &str = "lfm2-1.2b-shape";
+
+#[derive(clap::Args, Default)]
+pub struct Args {
+    /// Also the LFM2-1.2B-shaped Q4_K_M model (~0.7 GB; a few minutes).
+    #[arg(long)]
+    bench: bool,
+    /// Write every model again.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn dir() -> PathBuf {
+    workspace::cache_dir().join("models").join("synth")
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let tokenizer = fetch_model::run(&fetch_model::Args::default())?;
+    let site = python::site(GGUF_PACKAGE, GGUF_VERSION, "gguf")?;
+    let generator = workspace::root().join(GENERATOR);
+    let key = cache_key(&generator)?;
+    let out = dir();
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+
+    let stale: Vec<&str> = TEST_MODELS.into_iter().filter(|m| args.force || !is_current(&out.join(format!("{m}.gguf")), &key)).collect();
+    if !stale.is_empty() {
+        generate(&site, &generator, &tokenizer, &out, &stale)?;
+        for m in &stale {
+            write_key(&out.join(format!("{m}.gguf")), &key)?;
+        }
+    }
+    for m in TEST_MODELS {
+        println!("{}", out.join(format!("{m}.gguf")).display());
+    }
+    if args.bench {
+        let quantized = out.join(format!("{BENCH_MODEL}-q4_k_m.gguf"));
+        if args.force || !is_current(&quantized, &key) {
+            let f16 = out.join(format!("{BENCH_MODEL}.gguf"));
+            generate(&site, &generator, &tokenizer, &out, &[BENCH_MODEL])?;
+            quantize(&f16, &quantized)?;
+            std::fs::remove_file(&f16).with_context(|| format!("cannot remove {}", f16.display()))?;
+            write_key(&quantized, &key)?;
+        }
+        println!("{}", quantized.display());
+    }
+    Ok(())
+}
+
+/// What the models depend on: the generator's text, the gguf package's version and the
+/// tokenizer source (the default model, pinned by its sha256).
+fn cache_key(generator: &Path) -> Result<String> {
+    let text = std::fs::read(generator).with_context(|| format!("cannot read {}", generator.display()))?;
+    let mut h = Sha256::new();
+    h.update(&text);
+    h.update(format!("|{GGUF_PACKAGE}=={GGUF_VERSION}|{}", fetch_model::SHA256));
+    Ok(hashing::hex(&h.finalize()))
+}
+
+fn key_path(model: &Path) -> PathBuf {
+    model.with_extension("gguf.key")
+}
+
+fn is_current(model: &Path, key: &str) -> bool {
+    model.is_file() && std::fs::read_to_string(key_path(model)).is_ok_and(|k| k.trim() == key)
+}
+
+fn write_key(model: &Path, key: &str) -> Result<()> {
+    std::fs::write(key_path(model), format!("{key}\n")).with_context(|| format!("cannot write the key of {}", model.display()))
+}
+
+fn generate(site: &Path, generator: &Path, tokenizer: &Path, out: &Path, models: &[&str]) -> Result<()> {
+    eprintln!("writing {} into {}", models.join(", "), out.display());
+    workspace::run(python::python().env("PYTHONPATH", site).arg(generator).arg("--tokenizer-from").arg(tokenizer).arg("--out").arg(out).args(models))
+        .context("the model generator failed")
+}
+
+/// Our own quantize (the safe wrapper's, through its example), from F16 to Q4_K_M.
+fn quantize(input: &Path, output: &Path) -> Result<()> {
+    eprintln!("quantizing {} to Q4_K_M", input.display());
+    let partial = output.with_extension("gguf.partial");
+    workspace::run(workspace::cargo().args(["run", "--quiet", "-p", "llama", "--example", "quantize", "--"]).arg(input).arg(&partial).arg("q4_k_m"))?;
+    if !partial.is_file() {
+        bail!("quantize wrote nothing at {}", partial.display());
+    }
+    std::fs::rename(&partial, output)?;
+    Ok(())
+}
