@@ -97,6 +97,9 @@ pub fn check(path: &Path) -> Result<GgufSummary, LoadError> {
         let ty = r.u32(&format!("the type of {name}"))?;
         let offset = r.u64(&format!("the offset of {name}"))?;
         let bytes = tensor_bytes(ty, &ne).ok_or_else(|| r.corrupt(format!("tensor {name} has type {ty} or shape {ne:?} that no file can hold")))?;
+        if let Some(kernel) = F32_ONLY.iter().find(|k| name.ends_with(*k)).filter(|_| ty != sys::GGML_TYPE_F32) {
+            return Err(r.corrupt(format!("tensor {name} has ggml type {ty}, but ggml reads a {kernel} as F32 only (its ssm_conv aborts otherwise)")));
+        }
         if !offset.is_multiple_of(alignment) {
             return Err(r.corrupt(format!("tensor {name} starts at offset {offset}, not a multiple of {alignment}")));
         }
@@ -110,6 +113,11 @@ pub fn check(path: &Path) -> Result<GgufSummary, LoadError> {
     }
     Ok(GgufSummary { version, n_tensors, n_kv, expected_size })
 }
+
+/// Weights that the pinned ggml reads as F32 whatever the file says: the convolution kernels of
+/// recurrent blocks (`ssm_conv` asserts F32). llama.cpp's loader takes other types for them and
+/// the first decode then aborts; converters always write them as F32.
+const F32_ONLY: [&str; 2] = ["ssm_conv1d.weight", "shortconv.conv.weight"];
 
 /// Bytes of a tensor of ggml type `ty` and shape `ne`, or None for an unknown type, a row that
 /// is not a whole number of blocks, or an overflow.

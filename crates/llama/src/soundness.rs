@@ -13,7 +13,7 @@
 //! | [`Context::decode`](crate::Context::decode) / [`encode`](crate::Context::encode) | batch not empty, within `n_batch`; within `n_ubatch` for encoders and models that attend both ways (llama.cpp asserts); every token in the vocabulary, position inside the context, sequence id below `n_seq_max` |
 //! | [`Batch`](crate::Batch) writes | capacity, sequence ids per token, negative ids and positions, `start + len` overflow |
 //! | [`Context::logits`](crate::Context::logits) / [`embeddings`](crate::Context::embeddings) | the index requested an output in the last decode; rows are `n_vocab`, `n_embd_out` wide (`n_cls_out` for rank pooling) |
-//! | memory operations | sequence ids; [`shift_range`](crate::Context::shift_range) only where `llama_memory_can_shift` (else llama.cpp aborts) |
+//! | memory operations | sequence ids; [`shift_range`](crate::Context::shift_range) only where `llama_memory_can_shift` (else llama.cpp aborts); on a recurrent state, [`remove_range`](crate::Context::remove_range) cuts back only within the last decode's tokens (llama.cpp accepts an earlier cut with snapshots on and restores a stale state: wrong results, silently) |
 //! | state | sequence ids; an empty state is an error; trailing bytes after a state are refused |
 //! | [`SamplerChain::build`](crate::SamplerChain::build) | every parameter's range; the chain ends with a selector (llama.cpp aborts otherwise); `last_n = -1` means the whole (training) context, which llama.cpp would silently clamp to 0 |
 //! | [`Sampler::sample`](crate::Sampler::sample) / [`accept`](crate::Sampler::accept) | model and output index; accepted tokens in the vocabulary; an all-NaN row or a chain whose stages rule out every candidate is an error before llama.cpp's accept runs |
@@ -55,7 +55,10 @@
 //! - **Failed `GGML_ASSERT`s and out-of-memory inside ggml abort.** The checks above rule out
 //!   the asserts that bad arguments reach; an allocation failure inside a compute graph, or
 //!   weights that are corrupt beyond what the header check sees (NaN-producing tensors are fine;
-//!   impossible shapes are not), can still end in `abort()`.
+//!   impossible shapes are not), can still end in `abort()`. So can a tensor of a type the
+//!   loader accepts but a kernel does not: found with the synthetic models, an LFM2 or Mamba
+//!   GGUF whose convolution kernel is F16 instead of F32 loads, then aborts in ggml's
+//!   `ssm_conv` on the first decode.
 //! - **`as_ptr()`** hands out raw handles for calls this crate does not wrap; using them is
 //!   `unsafe` and outside these guarantees.
 //! - **Full-vocabulary sampling** (chains that are not preselected) runs llama.cpp's own

@@ -80,6 +80,27 @@ fn absurd_counts_and_versions_are_corrupt_or_unsupported() {
     assert!(err.to_string().contains("unknown value type 99"), "{err}");
 }
 
+/// A convolution kernel stored as F16: llama.cpp loads it and ggml aborts on the first decode;
+/// the header check refuses it first.
+#[test]
+fn a_recurrent_convolution_kernel_that_is_not_f32_is_refused_at_load() {
+    let path = temp_path("f16-conv.gguf");
+    let mut h = header(3, 1, 0);
+    let name = b"blk.0.shortconv.conv.weight";
+    h.extend((name.len() as u64).to_le_bytes());
+    h.extend(name);
+    h.extend(2u32.to_le_bytes()); // two dimensions
+    h.extend(3u64.to_le_bytes());
+    h.extend(64u64.to_le_bytes());
+    h.extend(1u32.to_le_bytes()); // GGML_TYPE_F16
+    h.extend(0u64.to_le_bytes()); // offset
+    h.resize(h.len().div_ceil(32) * 32 + 3 * 64 * 2, 0);
+    std::fs::write(&path, h).unwrap();
+    let err = load(&path).unwrap_err();
+    assert!(matches!(err.kind, LoadErrorKind::CorruptHeader { .. }), "{err}");
+    assert!(err.to_string().contains("shortconv.conv.weight") && err.to_string().contains("F32"), "{err}");
+}
+
 #[test]
 fn a_vocab_only_model_tokenizes_but_cannot_decode() {
     let vocab_only = Model::load(model_path(), &ModelParams { vocab_only: true, ..Default::default() }).unwrap();
