@@ -27,6 +27,7 @@ impl EngineConfig {
 /// Context parameters of a session.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SessionConfig {
+    /// Context length in tokens; with several sequences, the size of the KV cache they share.
     pub n_ctx: u32,
     pub n_batch: u32,
     pub n_ubatch: u32,
@@ -35,6 +36,9 @@ pub struct SessionConfig {
     /// None: llama.cpp decides.
     pub flash_attention: Option<bool>,
     pub embeddings: bool,
+    /// Sequences decoded together in one context (a server's slots), sharing one KV cache of
+    /// n_ctx tokens. 1 for a single-stream session.
+    pub n_seq: u32,
 }
 
 impl Default for SessionConfig {
@@ -48,6 +52,7 @@ impl Default for SessionConfig {
             n_threads_batch: threads,
             flash_attention: None,
             embeddings: false,
+            n_seq: 1,
         }
     }
 }
@@ -66,6 +71,9 @@ impl SessionConfig {
         }
         if self.n_threads_batch < 1 {
             return bad("n_threads_batch", self.n_threads_batch.to_string(), "at least one thread is needed");
+        }
+        if !(1..=256).contains(&self.n_seq) {
+            return bad("n_seq", self.n_seq.to_string(), "must be between 1 and 256");
         }
         Ok(())
     }

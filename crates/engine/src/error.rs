@@ -64,6 +64,8 @@ pub enum EngineError {
     Sampler(#[source] Cause),
     #[error("the request was cancelled")]
     Cancelled,
+    #[error("backend {backend} does not support {what}")]
+    Unsupported { what: &'static str, backend: &'static str },
 }
 
 impl EngineError {

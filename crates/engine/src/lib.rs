@@ -27,6 +27,7 @@ mod config;
 mod engine;
 mod error;
 pub mod harness;
+pub mod serving;
 mod stop;
 
 pub use chat::ChatMessage;

@@ -146,6 +146,8 @@ impl BackendModel for CrateModel {
             .with_n_threads(config.n_threads)
             .with_n_threads_batch(config.n_threads_batch)
             .with_embeddings(config.embeddings)
+            .with_n_seq_max(config.n_seq)
+            .with_kv_unified(config.n_seq > 1)
             .with_flash_attention_policy(match config.flash_attention {
                 None => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
                 Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -201,10 +203,7 @@ impl BackendSession for CrateSession<'_> {
             return Err(EngineError::Cancelled);
         }
         self.fill(ids, start, outputs)?;
-        self.ctx.decode(&mut self.batch).map_err(|e| {
-            let kind = if matches!(e, llama_cpp_2::DecodeError::NoKvCacheSlot) { DecodeFailure::NoKvSlot } else { DecodeFailure::Internal };
-            EngineError::decode(kind, e)
-        })?;
+        self.ctx.decode(&mut self.batch).map_err(decode_error)?;
         if outputs == Outputs::Last {
             self.last_output = Some(ids.len() as i32 - 1);
         }
@@ -220,17 +219,7 @@ impl BackendSession for CrateSession<'_> {
     }
 
     fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
-        let n_vocab = self.model.n_vocab();
-        let stages = p.stages().into_iter().map(|stage| match stage {
-            SamplerStage::Penalties { last_n, repeat } => LlamaSampler::penalties(n_vocab, last_n, repeat, 0.0, 0.0),
-            SamplerStage::TopK(k) => LlamaSampler::top_k(k),
-            SamplerStage::TopP(p) => LlamaSampler::top_p(p, 1),
-            SamplerStage::MinP(p) => LlamaSampler::min_p(p, 1),
-            SamplerStage::Temp(t) => LlamaSampler::temp(t),
-            SamplerStage::Dist(seed) => LlamaSampler::dist(seed),
-            SamplerStage::Greedy => LlamaSampler::greedy(),
-        });
-        self.sampler = Some(LlamaSampler::chain_simple(stages));
+        self.sampler = Some(chain(self.model, p));
         Ok(())
     }
 
@@ -252,4 +241,66 @@ impl BackendSession for CrateSession<'_> {
     fn embedding(&self) -> Result<Vec<f32>, EngineError> {
         self.ctx.embeddings_seq_ith(0).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
     }
+
+    type Sampler = LlamaSampler;
+
+    fn new_sampler(&self, params: &SamplingParams) -> Result<LlamaSampler, EngineError> {
+        Ok(chain(self.model, params))
+    }
+
+    fn batch_clear(&mut self) {
+        self.batch.clear();
+        self.last_output = None;
+    }
+
+    fn batch_push(&mut self, token: TokenId, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
+        self.batch.add(LlamaToken(token), pos, &[seq], output).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))
+    }
+
+    fn batch_len(&self) -> usize {
+        self.batch.n_tokens() as usize
+    }
+
+    fn batch_decode(&mut self) -> Result<(), EngineError> {
+        self.ctx.decode(&mut self.batch).map_err(decode_error)
+    }
+
+    fn sample_with(&mut self, sampler: &mut LlamaSampler, index: i32) -> Result<TokenId, EngineError> {
+        Ok(sampler.sample(&self.ctx, index).0)
+    }
+
+    fn logits_at(&self, index: i32) -> Result<&[f32], EngineError> {
+        Ok(self.ctx.get_logits_ith(index))
+    }
+
+    fn seq_truncate(&mut self, seq: i32, from: i32) -> bool {
+        let Ok(seq) = u32::try_from(seq) else { return false };
+        self.ctx.clear_kv_cache_seq(Some(seq), Some(from.max(0) as u32), None).unwrap_or(false)
+    }
+
+    fn seq_clear(&mut self, seq: i32) {
+        if let Ok(seq) = u32::try_from(seq) {
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
+        }
+    }
+}
+
+fn decode_error(e: llama_cpp_2::DecodeError) -> EngineError {
+    let kind = if matches!(e, llama_cpp_2::DecodeError::NoKvCacheSlot) { DecodeFailure::NoKvSlot } else { DecodeFailure::Internal };
+    EngineError::decode(kind, e)
+}
+
+/// The engine's sampling parameters as a llama-cpp-2 chain.
+fn chain(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
+    let n_vocab = model.n_vocab();
+    let stages = p.stages().into_iter().map(|stage| match stage {
+        SamplerStage::Penalties { last_n, repeat } => LlamaSampler::penalties(n_vocab, last_n, repeat, 0.0, 0.0),
+        SamplerStage::TopK(k) => LlamaSampler::top_k(k),
+        SamplerStage::TopP(p) => LlamaSampler::top_p(p, 1),
+        SamplerStage::MinP(p) => LlamaSampler::min_p(p, 1),
+        SamplerStage::Temp(t) => LlamaSampler::temp(t),
+        SamplerStage::Dist(seed) => LlamaSampler::dist(seed),
+        SamplerStage::Greedy => LlamaSampler::greedy(),
+    });
+    LlamaSampler::chain_simple(stages)
 }

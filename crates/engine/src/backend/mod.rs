@@ -109,4 +109,29 @@ pub trait BackendSession {
     fn set_abort_flag(&mut self, flag: Arc<AtomicBool>);
     /// Mean-pooled embedding of the last decode (sessions built with `embeddings`).
     fn embedding(&self) -> Result<Vec<f32>, EngineError>;
+
+    // Several sequences in one batch (continuous batching; sessions made with `n_seq` > 1).
+    // The caller owns one sampler per sequence and reads outputs by batch index.
+
+    /// A sampler chain of its own, for one sequence.
+    type Sampler;
+    fn new_sampler(&self, params: &SamplingParams) -> Result<Self::Sampler, EngineError>;
+    /// Empties the batch (keeping its allocation).
+    fn batch_clear(&mut self);
+    /// Appends `token` at `pos` of sequence `seq`; `output` asks for its logits, which
+    /// [`BackendSession::sample_with`] then reads at this entry's index (the batch length before
+    /// the call).
+    fn batch_push(&mut self, token: TokenId, pos: i32, seq: i32, output: bool) -> Result<(), EngineError>;
+    fn batch_len(&self) -> usize;
+    /// Decodes the batch built with `batch_push`.
+    fn batch_decode(&mut self) -> Result<(), EngineError>;
+    /// Samples with `sampler` from the output at batch `index` of the last decode, and accepts
+    /// the token into that sampler.
+    fn sample_with(&mut self, sampler: &mut Self::Sampler, index: i32) -> Result<TokenId, EngineError>;
+    /// The logits at batch `index` of the last decode.
+    fn logits_at(&self, index: i32) -> Result<&[f32], EngineError>;
+    /// Drops positions `from..` of sequence `seq`; false if the memory cannot (recurrent state).
+    fn seq_truncate(&mut self, seq: i32, from: i32) -> bool;
+    /// Empties sequence `seq`.
+    fn seq_clear(&mut self, seq: i32);
 }

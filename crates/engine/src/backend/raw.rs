@@ -239,6 +239,8 @@ impl BackendModel for RawModel {
             p.n_ubatch = config.n_ubatch;
             p.n_threads = config.n_threads;
             p.n_threads_batch = config.n_threads_batch;
+            p.n_seq_max = config.n_seq;
+            p.kv_unified = config.n_seq > 1;
             p.embeddings = config.embeddings;
             if config.embeddings {
                 p.pooling_type = sys::LLAMA_POOLING_TYPE_MEAN;
@@ -325,12 +327,7 @@ impl BackendSession for RawSession<'_> {
         // SAFETY: the batch was filled within its allocation just above.
         guarded("llama_decode", |err| unsafe { sys::exsa_decode(self.ctx.as_ptr(), self.batch, &mut code, err) })?;
         self.has_logits = code == 0 && outputs == Outputs::Last;
-        match code {
-            0 => Ok(()),
-            2 => Err(EngineError::Cancelled),
-            1 => Err(EngineError::decode(DecodeFailure::NoKvSlot, "llama_decode returned 1")),
-            c => Err(EngineError::decode(DecodeFailure::Internal, format!("llama_decode returned {c}"))),
-        }
+        decode_result(code)
     }
 
     fn truncate(&mut self, from: i32) -> bool {
@@ -414,5 +411,83 @@ impl BackendSession for RawSession<'_> {
         // SAFETY: mean-pooled rows are n_embd_out floats (a field read of the live model), valid
         // until the next decode, which needs &mut self.
         Ok(unsafe { std::slice::from_raw_parts(p, sys::llama_model_n_embd_out(self.model.raw.as_ptr()).max(0) as usize) }.to_vec())
+    }
+
+    /// The raw backend measures the safe wrapper's cost on one stream; it has no sampler per
+    /// sequence, so multi-sequence serving is refused here (and the type says no such sampler
+    /// can exist).
+    type Sampler = std::convert::Infallible;
+
+    fn new_sampler(&self, _: &SamplingParams) -> Result<Self::Sampler, EngineError> {
+        Err(EngineError::Unsupported { what: "a sampler per sequence (multi-sequence serving)", backend: "raw" })
+    }
+
+    fn batch_clear(&mut self) {
+        self.batch.n_tokens = 0;
+        self.has_logits = false;
+    }
+
+    fn batch_push(&mut self, token: TokenId, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
+        let i = self.batch.n_tokens as usize;
+        if i >= self.n_batch as usize {
+            return Err(EngineError::decode(DecodeFailure::InvalidBatch, format!("the batch holds {} tokens", self.n_batch)));
+        }
+        // SAFETY: i < n_batch, the capacity the batch was allocated with, one sequence id each.
+        unsafe {
+            let b = &mut self.batch;
+            *b.token.add(i) = token;
+            *b.pos.add(i) = pos;
+            *b.n_seq_id.add(i) = 1;
+            **b.seq_id.add(i) = seq;
+            *b.logits.add(i) = i8::from(output);
+            b.n_tokens += 1;
+        }
+        Ok(())
+    }
+
+    fn batch_len(&self) -> usize {
+        self.batch.n_tokens as usize
+    }
+
+    fn batch_decode(&mut self) -> Result<(), EngineError> {
+        let mut code = 0;
+        // SAFETY: every entry below n_tokens was written within the allocation by batch_push.
+        guarded("llama_decode", |err| unsafe { sys::exsa_decode(self.ctx.as_ptr(), self.batch, &mut code, err) })?;
+        decode_result(code)
+    }
+
+    fn sample_with(&mut self, sampler: &mut Self::Sampler, _: i32) -> Result<TokenId, EngineError> {
+        match *sampler {}
+    }
+
+    fn logits_at(&self, index: i32) -> Result<&[f32], EngineError> {
+        // SAFETY: llama_get_logits_ith checks the index and returns null for one without
+        // logits (release builds); a row is n_vocab floats, valid until the next decode.
+        unsafe {
+            let p = sys::llama_get_logits_ith(self.ctx.as_ptr(), index);
+            if p.is_null() {
+                return Err(EngineError::decode(DecodeFailure::NoOutput, format!("no logits at batch index {index}")));
+            }
+            Ok(std::slice::from_raw_parts(p, self.model.n_vocab() as usize))
+        }
+    }
+
+    fn seq_truncate(&mut self, seq: i32, from: i32) -> bool {
+        // SAFETY: memory handle of the live context; llama.cpp checks the sequence id.
+        unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.ctx.as_ptr()), seq, from, -1) }
+    }
+
+    fn seq_clear(&mut self, seq: i32) {
+        // SAFETY: as above.
+        unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.ctx.as_ptr()), seq, -1, -1) };
+    }
+}
+
+fn decode_result(code: i32) -> Result<(), EngineError> {
+    match code {
+        0 => Ok(()),
+        2 => Err(EngineError::Cancelled),
+        1 => Err(EngineError::decode(DecodeFailure::NoKvSlot, "llama_decode returned 1")),
+        c => Err(EngineError::decode(DecodeFailure::Internal, format!("llama_decode returned {c}"))),
     }
 }

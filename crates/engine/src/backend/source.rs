@@ -116,7 +116,8 @@ impl BackendModel for SourceModel {
             n_ctx: config.n_ctx,
             n_batch: config.n_batch,
             n_ubatch: config.n_ubatch,
-            n_seq_max: 1,
+            n_seq_max: config.n_seq,
+            unified_kv: config.n_seq > 1,
             n_threads: config.n_threads,
             n_threads_batch: config.n_threads_batch,
             flash_attention: match config.flash_attention {
@@ -129,6 +130,7 @@ impl BackendModel for SourceModel {
             ..Default::default()
         };
         let ctx = Context::new(&self.model, &params).map_err(|e| EngineError::Session(e.into()))?;
+        // Each token of a multi-sequence batch belongs to one sequence: one id per entry is enough.
         let batch = Batch::new(ctx.n_batch() as usize, 1).map_err(|e| EngineError::Session(e.into()))?;
         Ok(SourceSession { model: &self.model, ctx, batch, sampler: None })
     }
@@ -142,7 +144,7 @@ pub struct SourceSession<'m> {
     sampler: Option<Sampler<'m>>,
 }
 
-impl BackendSession for SourceSession<'_> {
+impl<'m> BackendSession for SourceSession<'m> {
     fn n_ctx(&self) -> u32 {
         self.ctx.n_ctx()
     }
@@ -158,12 +160,7 @@ impl BackendSession for SourceSession<'_> {
 
     fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.fill(ids, start, outputs)?;
-        self.ctx.decode(&self.batch).map_err(|e| match e {
-            llama::DecodeError::Aborted => EngineError::Cancelled,
-            e @ llama::DecodeError::NoKvSlot => EngineError::decode(DecodeFailure::NoKvSlot, e),
-            e @ (llama::DecodeError::Rejected { .. } | llama::DecodeError::Exception(_)) => EngineError::decode(DecodeFailure::Internal, e),
-            e => EngineError::decode(DecodeFailure::InvalidBatch, e),
-        })
+        self.ctx.decode(&self.batch).map_err(decode_error)
     }
 
     fn truncate(&mut self, from: i32) -> bool {
@@ -175,16 +172,7 @@ impl BackendSession for SourceSession<'_> {
     }
 
     fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
-        let chain = p.stages().into_iter().fold(SamplerChain::new(), |chain, stage| match stage {
-            SamplerStage::Penalties { last_n, repeat } => chain.penalties(last_n, repeat, 0.0, 0.0),
-            SamplerStage::TopK(k) => chain.top_k(k),
-            SamplerStage::TopP(p) => chain.top_p(p, 1),
-            SamplerStage::MinP(p) => chain.min_p(p, 1),
-            SamplerStage::Temp(t) => chain.temp(t),
-            SamplerStage::Dist(seed) => chain.dist(seed),
-            SamplerStage::Greedy => chain.greedy(),
-        });
-        self.sampler = Some(chain.build(self.model).map_err(|e| EngineError::Sampler(e.into()))?);
+        self.sampler = Some(chain(p).build(self.model).map_err(|e| EngineError::Sampler(e.into()))?);
         Ok(())
     }
 
@@ -205,4 +193,64 @@ impl BackendSession for SourceSession<'_> {
     fn embedding(&self) -> Result<Vec<f32>, EngineError> {
         self.ctx.sequence_embeddings(0).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
     }
+
+    type Sampler = Sampler<'m>;
+
+    fn new_sampler(&self, params: &SamplingParams) -> Result<Sampler<'m>, EngineError> {
+        chain(params).build(self.model).map_err(|e| EngineError::Sampler(e.into()))
+    }
+
+    fn batch_clear(&mut self) {
+        self.batch.clear();
+    }
+
+    fn batch_push(&mut self, token: TokenId, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
+        self.batch.add(Token(token), pos, &[seq], output).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))
+    }
+
+    fn batch_len(&self) -> usize {
+        self.batch.len()
+    }
+
+    fn batch_decode(&mut self) -> Result<(), EngineError> {
+        self.ctx.decode(&self.batch).map_err(decode_error)
+    }
+
+    fn sample_with(&mut self, sampler: &mut Sampler<'m>, index: i32) -> Result<TokenId, EngineError> {
+        sampler.sample(&self.ctx, index).map(|t| t.0).map_err(|e| EngineError::Sampler(e.into()))
+    }
+
+    fn logits_at(&self, index: i32) -> Result<&[f32], EngineError> {
+        self.ctx.logits(index).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
+    }
+
+    fn seq_truncate(&mut self, seq: i32, from: i32) -> bool {
+        self.ctx.remove_range(seq, from, -1).unwrap_or(false)
+    }
+
+    fn seq_clear(&mut self, seq: i32) {
+        let _ = self.ctx.remove_range(seq, -1, -1);
+    }
+}
+
+fn decode_error(e: llama::DecodeError) -> EngineError {
+    match e {
+        llama::DecodeError::Aborted => EngineError::Cancelled,
+        e @ llama::DecodeError::NoKvSlot => EngineError::decode(DecodeFailure::NoKvSlot, e),
+        e @ (llama::DecodeError::Rejected { .. } | llama::DecodeError::Exception(_)) => EngineError::decode(DecodeFailure::Internal, e),
+        e => EngineError::decode(DecodeFailure::InvalidBatch, e),
+    }
+}
+
+/// The engine's sampling parameters as a chain of the safe wrapper's stages.
+fn chain(p: &SamplingParams) -> SamplerChain {
+    p.stages().into_iter().fold(SamplerChain::new(), |chain, stage| match stage {
+        SamplerStage::Penalties { last_n, repeat } => chain.penalties(last_n, repeat, 0.0, 0.0),
+        SamplerStage::TopK(k) => chain.top_k(k),
+        SamplerStage::TopP(p) => chain.top_p(p, 1),
+        SamplerStage::MinP(p) => chain.min_p(p, 1),
+        SamplerStage::Temp(t) => chain.temp(t),
+        SamplerStage::Dist(seed) => chain.dist(seed),
+        SamplerStage::Greedy => chain.greedy(),
+    })
 }

@@ -49,6 +49,11 @@ impl Engine {
         self.model.info()
     }
 
+    /// The context parameters sessions get by default.
+    pub fn session_config(&self) -> &SessionConfig {
+        &self.config.session
+    }
+
     /// A session with the engine's default context parameters.
     pub fn session(&self) -> Result<Session<'_>, EngineError> {
         self.session_with(&self.config.session)

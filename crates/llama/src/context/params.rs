@@ -72,6 +72,9 @@ pub struct ContextParams {
     pub n_ubatch: u32,
     /// Distinct sequences the KV cache holds.
     pub n_seq_max: u32,
+    /// One KV buffer shared by all sequences (each may then grow to n_ctx while others are
+    /// short), instead of n_ctx / n_seq_max cells reserved for each.
+    pub unified_kv: bool,
     /// Threads for single-token generation.
     pub n_threads: i32,
     /// Threads for prompt batches.
@@ -106,6 +109,7 @@ impl Default for ContextParams {
             n_batch: 2048,
             n_ubatch: 512,
             n_seq_max: 1,
+            unified_kv: false,
             n_threads: threads,
             n_threads_batch: threads,
             flash_attention: FlashAttention::Auto,
@@ -149,6 +153,7 @@ impl ContextParams {
         p.n_batch = self.n_batch;
         p.n_ubatch = self.n_ubatch;
         p.n_seq_max = self.n_seq_max;
+        p.kv_unified = self.unified_kv;
         p.n_threads = self.n_threads;
         p.n_threads_batch = self.n_threads_batch;
         p.flash_attn_type = match self.flash_attention {

@@ -1,0 +1,365 @@
+//! The decode loop: admission into slots, one batch per step, sampling per slot.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::time::Instant;
+
+use super::{Completion, Counters, Event, ServeRequest, Submission};
+use crate::backend::{BackendModel, BackendSession, TokenId};
+use crate::config::SessionConfig;
+use crate::engine::{Engine, FinishReason, GenerationStats, Model};
+use crate::error::{DecodeFailure, EngineError};
+use crate::stop::{StopMatcher, StopScan, TOKEN_TEXT_CAPACITY};
+use exsa_bench_protocol::GreedyStep;
+use exsa_utf8::Utf8Decoder;
+
+type Session<'e> = <Model as BackendModel>::Session<'e>;
+type Sampler<'e> = <Session<'e> as BackendSession>::Sampler;
+
+/// One sequence of the shared context.
+struct Slot<'e> {
+    seq: i32,
+    /// The tokens in this sequence's cache, in position order: kept after a request ends, for
+    /// the next one to reuse.
+    cached: Vec<TokenId>,
+    request: Option<Running<'e>>,
+    /// When the slot last ended a request (for choosing among equally good free slots).
+    last_used: u64,
+}
+
+/// A request in a slot.
+struct Running<'e> {
+    events: mpsc::Sender<Event>,
+    prompt: Vec<TokenId>,
+    /// Prompt tokens in the cache so far (reused or decoded).
+    prefilled: usize,
+    /// A sampled token to decode in the next step.
+    pending: Option<TokenId>,
+    /// This step's batch index of the slot's output, if it has one.
+    output: Option<i32>,
+    sampler: Sampler<'e>,
+    max_tokens: usize,
+    cancel: crate::config::CancelToken,
+    stop: StopMatcher,
+    utf8: Utf8Decoder,
+    piece: Vec<u8>,
+    decoded: String,
+    delta: String,
+    tokens: Vec<TokenId>,
+    trace: Option<Vec<GreedyStep>>,
+    admitted: u64,
+    started: Instant,
+    prompt_done: Option<Instant>,
+    stats: GenerationStats,
+}
+
+/// Runs until the queue's sender is gone and every accepted request has ended. `ready` gets
+/// the outcome of creating the context, before anything else.
+pub(super) fn run(
+    engine: &Engine,
+    config: &SessionConfig,
+    requests: Receiver<Submission>,
+    counters: &Counters,
+    ready: SyncSender<Result<(), EngineError>>,
+) {
+    let model = engine.model();
+    let mut session = match model.session(config) {
+        Ok(session) => session,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    // A backend without per-sequence samplers says so here, before any request is accepted.
+    if let Err(e) = session.new_sampler(&crate::SamplingParams::greedy()) {
+        let _ = ready.send(Err(e));
+        return;
+    }
+    let _ = ready.send(Ok(()));
+    let n_ctx = session.n_ctx() as usize;
+    let n_batch = session.n_batch() as usize;
+    let mut slots: Vec<Slot<'_>> = (0..config.n_seq as i32)
+        .map(|seq| Slot { seq, cached: Vec::with_capacity(n_ctx), request: None, last_used: 0 })
+        .collect();
+    let mut clock = 0u64;
+    let mut open = true;
+    loop {
+        // Admission: fill free slots from the queue; block only when there is nothing to run.
+        while open && slots.iter().any(|s| s.request.is_none()) {
+            let idle = slots.iter().all(|s| s.request.is_none());
+            let submission = if idle {
+                match requests.recv() {
+                    Ok(s) => s,
+                    Err(_) => {
+                        open = false;
+                        break;
+                    }
+                }
+            } else {
+                match requests.try_recv() {
+                    Ok(s) => s,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            };
+            counters.queued.fetch_sub(1, Ordering::Relaxed);
+            clock += 1;
+            admit(&mut session, &mut slots, submission, n_ctx, clock, counters);
+        }
+        if slots.iter().all(|s| s.request.is_none()) {
+            if open {
+                continue;
+            }
+            return;
+        }
+
+        // Requests whose client left or that were cancelled end here, prefill included.
+        for slot in &mut slots {
+            if slot.request.as_ref().is_some_and(|r| r.cancel.is_cancelled()) {
+                finish(slot, FinishReason::Cancelled, &mut clock, counters);
+            }
+        }
+
+        session.batch_clear();
+        let built = build_batch(&mut session, &mut slots, n_ctx, n_batch, &mut clock, counters);
+        if let Err(e) = built.and_then(|_| if session.batch_len() == 0 { Ok(()) } else { session.batch_decode() }) {
+            fail_batch(&mut session, &mut slots, &e, &mut clock, counters);
+            continue;
+        }
+        if session.batch_len() > 0 {
+            counters.steps.fetch_add(1, Ordering::Relaxed);
+        }
+        for slot in &mut slots {
+            if slot.request.as_ref().is_some_and(|r| r.output.is_some())
+                && let Err(e) = sample(&mut session, model, slot, n_ctx, &mut clock, counters)
+            {
+                fail(slot, e, &mut clock, counters);
+            }
+        }
+    }
+}
+
+/// Puts a request into the free slot whose cache shares the longest prefix with its prompt.
+fn admit<'e>(session: &mut Session<'e>, slots: &mut [Slot<'e>], submission: Submission, n_ctx: usize, clock: u64, counters: &Counters) {
+    let Submission { request, events } = submission;
+    let ServeRequest { tokens, max_tokens, stop, sampling, cancel, trace } = request;
+    let refuse = |e: EngineError| {
+        let _ = events.send(Event::Failed(e));
+    };
+    if cancel.is_cancelled() {
+        return refuse(EngineError::Cancelled);
+    }
+    if tokens.is_empty() {
+        return refuse(EngineError::EmptyPrompt);
+    }
+    if tokens.len() >= n_ctx {
+        return refuse(EngineError::PromptTooLong { prompt_tokens: tokens.len(), n_ctx: n_ctx as u32 });
+    }
+    let sampler = match session.new_sampler(&sampling) {
+        Ok(s) => s,
+        Err(e) => return refuse(e),
+    };
+    let Some(index) = choose_slot(slots, &tokens) else {
+        return refuse(EngineError::Session("no free slot".into()));
+    };
+    let slot = &mut slots[index];
+    let common_prefix = |s: &Slot<'_>| s.cached.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
+    // Keep one prompt token to decode: its logits start the generation.
+    let mut reused = common_prefix(slot).min(tokens.len() - 1);
+    if reused < slot.cached.len() && !session.seq_truncate(slot.seq, reused as i32) {
+        session.seq_clear(slot.seq);
+        reused = 0;
+    }
+    slot.cached.truncate(reused);
+    counters.busy_slots.fetch_add(1, Ordering::Relaxed);
+    counters.prompt_tokens_reused.fetch_add(reused as u64, Ordering::Relaxed);
+    slot.request = Some(Running {
+        events,
+        prefilled: reused,
+        pending: None,
+        output: None,
+        sampler,
+        max_tokens,
+        cancel,
+        stop: StopMatcher::new(&stop),
+        utf8: Utf8Decoder::new(),
+        piece: Vec::with_capacity(TOKEN_TEXT_CAPACITY),
+        decoded: String::with_capacity(TOKEN_TEXT_CAPACITY),
+        delta: String::with_capacity(TOKEN_TEXT_CAPACITY),
+        tokens: Vec::with_capacity(max_tokens.min(n_ctx)),
+        trace: trace.then(Vec::new),
+        admitted: clock,
+        started: Instant::now(),
+        prompt_done: None,
+        stats: GenerationStats { prompt_tokens: tokens.len(), prompt_tokens_reused: reused, ..Default::default() },
+        prompt: tokens,
+    });
+}
+
+/// The free slot for a prompt: the one whose cache shares the longest prefix with it, when
+/// that covers at least half the prompt; otherwise the least valuable cache is given up: an
+/// empty slot, else the one used longest ago. (A prefix of a token or two, such as BOS, is
+/// not worth another prompt's whole cache.)
+fn choose_slot(slots: &[Slot<'_>], prompt: &[TokenId]) -> Option<usize> {
+    let common = |s: &Slot<'_>| s.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+    let free = || slots.iter().enumerate().filter(|(_, s)| s.request.is_none());
+    let (best, best_common) = free().map(|(i, s)| (i, common(s))).max_by_key(|&(i, c)| (c, std::cmp::Reverse(i)))?;
+    if best_common * 2 >= prompt.len() {
+        return Some(best);
+    }
+    free().min_by_key(|(_, s)| (!s.cached.is_empty(), s.last_used)).map(|(i, _)| i)
+}
+
+/// The step's batch: first the next token of every generating request (one each), then prompt
+/// chunks, oldest request first, up to n_batch tokens in all.
+fn build_batch(
+    session: &mut Session<'_>,
+    slots: &mut [Slot<'_>],
+    n_ctx: usize,
+    n_batch: usize,
+    clock: &mut u64,
+    counters: &Counters,
+) -> Result<(), EngineError> {
+    for slot in slots.iter_mut() {
+        let Some(r) = slot.request.as_mut() else { continue };
+        r.output = None;
+        let Some(token) = r.pending.take() else { continue };
+        if slot.cached.len() + 1 >= n_ctx {
+            finish(slot, FinishReason::ContextFull, clock, counters);
+            continue;
+        }
+        r.output = Some(session.batch_len() as i32);
+        session.batch_push(token, slot.cached.len() as i32, slot.seq, true)?;
+        slot.cached.push(token);
+    }
+    let mut prefilling: Vec<usize> = Vec::new();
+    prefilling.extend((0..slots.len()).filter(|&i| slots[i].request.as_ref().is_some_and(|r| r.prefilled < r.prompt.len())));
+    prefilling.sort_by_key(|&i| slots[i].request.as_ref().map_or(0, |r| r.admitted));
+    for i in prefilling {
+        let room = n_batch - session.batch_len();
+        if room == 0 {
+            break;
+        }
+        let slot = &mut slots[i];
+        let r = slot.request.as_mut().expect("a prefilling slot has a request");
+        let n = room.min(r.prompt.len() - r.prefilled);
+        for k in r.prefilled..r.prefilled + n {
+            let last = k + 1 == r.prompt.len();
+            if last {
+                r.output = Some(session.batch_len() as i32);
+            }
+            session.batch_push(r.prompt[k], k as i32, slot.seq, last)?;
+        }
+        slot.cached.extend_from_slice(&r.prompt[r.prefilled..r.prefilled + n]);
+        r.prefilled += n;
+        counters.prompt_tokens_decoded.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Samples the slot's output of this step and handles the token as the single-stream
+/// generation does: end of text, text with stop sequences held back, max tokens.
+fn sample<'e>(session: &mut Session<'e>, model: &Model, slot: &mut Slot<'e>, n_ctx: usize, clock: &mut u64, counters: &Counters) -> Result<(), EngineError> {
+    let r = slot.request.as_mut().expect("sampled slots have a request");
+    let index = r.output.take().expect("sampled slots have an output");
+    let now = Instant::now();
+    if r.prompt_done.is_none() {
+        r.prompt_done = Some(now);
+        let prompt_ms = ms(now - r.started);
+        let decoded = r.stats.prompt_tokens - r.stats.prompt_tokens_reused;
+        r.stats.prompt_ms = prompt_ms;
+        r.stats.prompt_tokens_per_s = if prompt_ms > 0.0 { decoded as f64 / (prompt_ms / 1000.0) } else { 0.0 };
+    }
+    if let Some(trace) = r.trace.as_mut() {
+        let (token, runner_up, margin) = crate::harness::top2(session.logits_at(index)?);
+        trace.push(GreedyStep { token, runner_up, margin });
+    }
+    let token = session.sample_with(&mut r.sampler, index)?;
+    if r.stats.completion_tokens == 0 {
+        r.stats.time_to_first_token_ms = ms(now - r.started);
+    }
+    if model.is_eog(token) {
+        finish(slot, FinishReason::EndOfText, clock, counters);
+        return Ok(());
+    }
+    r.stats.completion_tokens += 1;
+    r.tokens.push(token);
+    counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
+    r.piece.clear();
+    model.piece(token, &mut r.piece)?;
+    r.decoded.clear();
+    r.utf8.push(&r.piece, &mut r.decoded);
+    r.delta.clear();
+    let stopped = r.stop.push(&r.decoded, &mut r.delta) == StopScan::Stop;
+    if !r.delta.is_empty() && r.events.send(Event::Delta(r.delta.clone())).is_err() {
+        // The client left: end the request without a word.
+        finish(slot, FinishReason::Cancelled, clock, counters);
+        return Ok(());
+    }
+    if stopped {
+        finish(slot, FinishReason::StopSequence, clock, counters);
+    } else if r.stats.completion_tokens >= r.max_tokens {
+        finish(slot, FinishReason::MaxTokens, clock, counters);
+    } else if slot.cached.len() + 1 >= n_ctx {
+        finish(slot, FinishReason::ContextFull, clock, counters);
+    } else {
+        r.pending = Some(token);
+    }
+    Ok(())
+}
+
+/// Ends the slot's request with `reason`: held-back text and `Done` go out, the slot is free.
+fn finish(slot: &mut Slot<'_>, reason: FinishReason, clock: &mut u64, counters: &Counters) {
+    let Some(mut r) = slot.request.take() else { return };
+    counters.busy_slots.fetch_sub(1, Ordering::Relaxed);
+    *clock += 1;
+    slot.last_used = *clock;
+    r.delta.clear();
+    if reason != FinishReason::StopSequence {
+        r.stop.flush(&mut r.delta);
+        r.utf8.finish(&mut r.delta);
+    }
+    if !r.delta.is_empty() {
+        let _ = r.events.send(Event::Delta(std::mem::take(&mut r.delta)));
+    }
+    let now = Instant::now();
+    r.stats.finish_reason = Some(reason);
+    if let Some(done) = r.prompt_done {
+        r.stats.generation_ms = ms(now - done);
+        if r.stats.generation_ms > 0.0 {
+            r.stats.generation_tokens_per_s = r.stats.completion_tokens as f64 / (r.stats.generation_ms / 1000.0);
+        }
+    }
+    let completion = Completion { finish_reason: reason, stats: r.stats, tokens: r.tokens, trace: r.trace.unwrap_or_default() };
+    let _ = r.events.send(Event::Done(completion));
+}
+
+/// Ends the slot's request with an error. Its cache may hold part of what failed: emptied.
+fn fail(slot: &mut Slot<'_>, e: EngineError, clock: &mut u64, counters: &Counters) {
+    let Some(r) = slot.request.take() else { return };
+    counters.busy_slots.fetch_sub(1, Ordering::Relaxed);
+    *clock += 1;
+    slot.last_used = *clock;
+    let _ = r.events.send(Event::Failed(e));
+}
+
+/// A decode (or batch) failure: every running request had tokens in the batch or depends on
+/// the cache it may have half written, so each fails with it and its sequence is emptied.
+/// (Finer recovery, such as failing only the newest request when the KV cache is full and
+/// retrying the rest, is left to do.)
+fn fail_batch(session: &mut Session<'_>, slots: &mut [Slot<'_>], e: &EngineError, clock: &mut u64, counters: &Counters) {
+    let kind = e.decode_failure().unwrap_or(DecodeFailure::Internal);
+    for slot in slots.iter_mut().filter(|s| s.request.is_some()) {
+        session.seq_clear(slot.seq);
+        slot.cached.clear();
+        let error = if matches!(e, EngineError::Cancelled) { EngineError::Cancelled } else { EngineError::decode(kind, e.to_string()) };
+        fail(slot, error, clock, counters);
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

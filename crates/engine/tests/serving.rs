@@ -1,0 +1,173 @@
+//! The serving core (continuous batching) on the real default model: concurrent requests give
+//! what each gives alone, cancellation and disconnection free their slots, a full queue is
+//! refused at once, prefix reuse per slot, shutdown lets accepted requests finish. CI runs this
+//! file on every backend; backend `raw` has no sampler per sequence and must refuse to serve.
+
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use exsa_engine::serving::{Completion, Event, ServeRequest, ServingConfig, ServingCore, SubmitError};
+use exsa_engine::*;
+
+fn engine() -> Arc<Engine> {
+    let path = default_model_path();
+    assert!(path.is_file(), "default model missing at {}: run `cargo xtask fetch-model`", path.display());
+    let mut config = EngineConfig::new(path);
+    config.session = SessionConfig { n_ctx: 1024, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    Arc::new(Engine::load(config).expect("engine loads"))
+}
+
+fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest { max_tokens, sampling: SamplingParams::greedy(), ..GenerateRequest::new(prompt) }
+}
+
+/// Text and completion of a request, once it has ended.
+fn collect(events: Receiver<Event>) -> Result<(String, Completion), EngineError> {
+    let mut text = String::new();
+    for event in events {
+        match event {
+            Event::Delta(d) => text.push_str(&d),
+            Event::Done(c) => return Ok((text, c)),
+            Event::Failed(e) => return Err(e),
+        }
+    }
+    panic!("the event stream ended without Done or Failed");
+}
+
+fn start(engine: &Arc<Engine>, slots: u32, max_queue: usize) -> Result<ServingCore, EngineError> {
+    ServingCore::start(Arc::clone(engine), ServingConfig { max_queue, ..ServingConfig::new(engine, slots) })
+}
+
+const PROMPTS: [&str; 6] = [
+    "The history of the printing press begins",
+    "def fibonacci(n):",
+    "Water boils at",
+    "The capital of Japan is",
+    "Once upon a time, in a small village,",
+    "The three primary colours are",
+];
+
+#[test]
+fn concurrent_requests_give_what_each_gives_alone() {
+    let engine = engine();
+    let core = match start(&engine, 4, 16) {
+        Err(EngineError::Unsupported { backend, .. }) => {
+            assert_eq!(Engine::backend_name(), "raw", "only the raw backend may refuse to serve");
+            assert_eq!(backend, "raw");
+            return;
+        }
+        other => other.expect("the serving core starts"),
+    };
+    // Six requests for four slots: two wait in the queue, and join as others finish.
+    let receivers: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| {
+            let mut request = ServeRequest::generate(&engine, &greedy(p, 24)).unwrap();
+            request.trace = true;
+            core.submit(request).unwrap()
+        })
+        .collect();
+    let served: Vec<_> = receivers.into_iter().map(|r| collect(r).unwrap()).collect();
+    for (prompt, (text, completion)) in PROMPTS.iter().zip(&served) {
+        let alone = harness::greedy_trace(&engine, engine.session_config(), prompt, 24).unwrap();
+        assert_eq!(completion.trace.len(), completion.tokens.len());
+        // Batched and single decodes may round differently: identical tokens are required up
+        // to the first near-tie swap, by the project's rule.
+        let first_difference = alone.iter().zip(&completion.trace).position(|(a, b)| a.token != b.token);
+        match first_difference {
+            None => {
+                assert_eq!(completion.tokens.len(), alone.len(), "{prompt:?}: {text:?}");
+                let (single, _) = engine.generate(&greedy(prompt, 24)).unwrap();
+                assert_eq!(text, &single, "{prompt:?}");
+            }
+            Some(k) => assert!(
+                alone[k].is_near_tie_swap(&completion.trace[k], harness::NEAR_TIE),
+                "{prompt:?} diverges at token {k} where the choice was clear (margins {} and {})",
+                alone[k].margin,
+                completion.trace[k].margin
+            ),
+        }
+        assert_eq!(completion.finish_reason, FinishReason::MaxTokens);
+        assert_eq!(completion.stats.completion_tokens, 24);
+    }
+    let status = core.status();
+    assert_eq!((status.queued, status.busy_slots), (0, 0));
+    assert_eq!(status.generated_tokens, 6 * 24);
+    // Fewer decodes than tokens: requests shared steps.
+    assert!(status.steps < status.generated_tokens, "{status:?}");
+}
+
+#[test]
+fn cancellation_and_disconnection_free_the_slot_at_the_next_step() {
+    let engine = engine();
+    let Ok(core) = start(&engine, 2, 4) else {
+        assert_eq!(Engine::backend_name(), "raw");
+        return;
+    };
+    let cancel = CancelToken::new();
+    let cancelled = core.submit(ServeRequest::generate(&engine, &GenerateRequest { cancel: Some(cancel.clone()), ..greedy("Once upon a time", 400) }).unwrap()).unwrap();
+    let dropped = core.submit(ServeRequest::generate(&engine, &greedy("In the beginning", 400)).unwrap()).unwrap();
+    // Both run: wait for their first text, then cancel one and walk away from the other.
+    let first = cancelled.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(matches!(first, Event::Delta(_)), "{first:?}");
+    assert!(matches!(dropped.recv_timeout(Duration::from_secs(60)).unwrap(), Event::Delta(_)));
+    cancel.cancel();
+    drop(dropped);
+    let (_, completion) = collect(cancelled).unwrap();
+    assert_eq!(completion.finish_reason, FinishReason::Cancelled);
+    assert!(completion.stats.completion_tokens < 400);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while core.status().busy_slots > 0 {
+        assert!(Instant::now() < deadline, "slots still busy: {:?}", core.status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The slots serve again.
+    let (_, again) = collect(core.submit(ServeRequest::generate(&engine, &greedy("Hello", 4)).unwrap()).unwrap()).unwrap();
+    assert_eq!(again.stats.completion_tokens, 4);
+}
+
+#[test]
+fn a_full_queue_is_refused_at_once_and_shutdown_finishes_what_was_accepted() {
+    let engine = engine();
+    let Ok(core) = start(&engine, 1, 2) else {
+        assert_eq!(Engine::backend_name(), "raw");
+        return;
+    };
+    let request = || ServeRequest::generate(&engine, &greedy("The quick brown fox", 32)).unwrap();
+    let running = core.submit(request()).unwrap();
+    // Wait until it occupies the slot, so that the queue's two places are what is left.
+    assert!(matches!(running.recv_timeout(Duration::from_secs(60)).unwrap(), Event::Delta(_)));
+    let queued: Vec<_> = (0..2).map(|_| core.submit(request()).unwrap()).collect();
+    assert_eq!(core.submit(request()).unwrap_err(), SubmitError::QueueFull { capacity: 2 });
+    core.shutdown();
+    // Every accepted request ran to its end.
+    let (_, first) = collect(running).unwrap();
+    assert_eq!(first.finish_reason, FinishReason::MaxTokens);
+    for q in queued {
+        assert_eq!(collect(q).unwrap().1.stats.completion_tokens, 32);
+    }
+}
+
+#[test]
+fn a_slot_reuses_the_longest_cached_prefix() {
+    let engine = engine();
+    let Ok(core) = start(&engine, 2, 4) else {
+        assert_eq!(Engine::backend_name(), "raw");
+        return;
+    };
+    let long = "The quick brown fox jumps over the lazy dog while the cat watches from the window.";
+    let (_, first) = collect(core.submit(ServeRequest::generate(&engine, &greedy(long, 4)).unwrap()).unwrap()).unwrap();
+    assert_eq!(first.stats.prompt_tokens_reused, 0);
+    let other = "A completely different prompt about the weather";
+    collect(core.submit(ServeRequest::generate(&engine, &greedy(other, 4)).unwrap()).unwrap()).unwrap();
+    let longer = format!("{long} Then");
+    let (text, again) = collect(core.submit(ServeRequest::generate(&engine, &greedy(&longer, 8)).unwrap()).unwrap()).unwrap();
+    assert!(again.stats.prompt_tokens_reused >= first.stats.prompt_tokens - 1, "{:?}", again.stats);
+    let (alone, _) = engine.generate(&greedy(&longer, 8)).unwrap();
+    assert_eq!(text, alone);
+    // Prompt errors come back as typed errors.
+    let too_long = "word ".repeat(2000);
+    let e = collect(core.submit(ServeRequest::generate(&engine, &greedy(&too_long, 4)).unwrap()).unwrap()).unwrap_err();
+    assert!(matches!(e, EngineError::PromptTooLong { n_ctx: 1024, .. }), "{e}");
+}
