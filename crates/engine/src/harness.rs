@@ -188,7 +188,7 @@ pub fn greedy_trace(engine: &Engine, config: &SessionConfig, prompt: &str, n: us
 }
 
 /// (best token, runner-up, best logit minus runner-up's).
-pub(crate) fn top2(logits: &[f32]) -> (TokenId, TokenId, f32) {
+fn top2(logits: &[f32]) -> (TokenId, TokenId, f32) {
     let (mut first, mut second) = ((0usize, f32::NEG_INFINITY), (0usize, f32::NEG_INFINITY));
     for (i, &x) in logits.iter().enumerate() {
         if x > first.1 {

@@ -27,6 +27,7 @@ mod config;
 mod engine;
 mod error;
 pub mod harness;
+pub mod http;
 pub mod serving;
 mod stop;
 

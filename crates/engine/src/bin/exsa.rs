@@ -97,6 +97,37 @@ enum Command {
     Info,
     /// Run the measurement harness and print JSON.
     Bench(BenchArgs),
+    /// Serve an OpenAI-style HTTP API (chat and text completions, streaming) with continuous
+    /// batching over --parallel slots.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to bind. 127.0.0.1 keeps the server to this machine; anything else exposes it.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0: any free one; the chosen address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Requests decoded together (slots sharing one KV cache of --ctx tokens).
+    #[arg(long, default_value_t = 4)]
+    parallel: u32,
+    /// Requests that may wait for a slot; more are answered 503 at once.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Require `Authorization: Bearer <KEY>` (except on /health). Also read from EXSA_API_KEY.
+    #[arg(long, env = "EXSA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body: usize,
+    /// Most tokens one decode step takes (prompt chunks included).
+    #[arg(long, default_value_t = 512)]
+    batch: u32,
+    /// The model's id in the API (default: the GGUF's file name without extension).
+    #[arg(long)]
+    model_id: Option<String>,
 }
 
 #[derive(Args)]
@@ -158,6 +189,7 @@ fn load(common: &Common, session: SessionConfig) -> Result<Engine, EngineError> 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let session = session_config(&cli.common)?;
     match cli.command {
+        Command::Serve(args) => serve(&cli.common, session, args)?,
         Command::Generate { prompt, sampling, stats } => {
             let engine = load(&cli.common, session)?;
             let mut s = engine.session()?;
@@ -259,5 +291,23 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", serde_json::to_string(&report)?);
         }
     }
+    Ok(())
+}
+
+fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use exsa_engine::http::{self, ServerConfig};
+    use exsa_engine::serving::ServingConfig;
+
+    let session = SessionConfig { n_batch: args.batch, n_ubatch: args.batch.min(512), ..session };
+    let engine = std::sync::Arc::new(load(common, session.clone())?);
+    let model_path = common.model.clone().unwrap_or_else(exsa_engine::default_model_path);
+    let model_id = args.model_id.unwrap_or_else(|| model_path.file_stem().map_or("default".into(), |s| s.to_string_lossy().into_owned()));
+    let serving = ServingConfig { slots: args.parallel, max_queue: args.max_queue, session };
+    let config = ServerConfig { addr: (args.host, args.port).into(), api_key: args.api_key, max_body_bytes: args.max_body, model_id };
+    http::run(engine, serving, config, |addr| {
+        // One line on stdout with the address, for scripts (and tests) that ask for port 0.
+        println!("listening on http://{addr}");
+        let _ = std::io::stdout().flush();
+    })?;
     Ok(())
 }

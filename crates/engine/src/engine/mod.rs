@@ -49,6 +49,14 @@ impl Engine {
         self.model.info()
     }
 
+    /// The bytes of a token's text (special tokens render as empty), for token-level output
+    /// such as log-probabilities.
+    pub fn token_bytes(&self, token: TokenId) -> Result<Vec<u8>, EngineError> {
+        let mut out = Vec::new();
+        self.model.piece(token, &mut out)?;
+        Ok(out)
+    }
+
     /// The context parameters sessions get by default.
     pub fn session_config(&self) -> &SessionConfig {
         &self.config.session

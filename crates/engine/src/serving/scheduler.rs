@@ -4,13 +4,12 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::time::Instant;
 
-use super::{Completion, Counters, Event, ServeRequest, Submission};
+use super::{Completion, Counters, Event, ServeRequest, Submission, TokenLogprobs};
 use crate::backend::{BackendModel, BackendSession, TokenId};
 use crate::config::SessionConfig;
 use crate::engine::{Engine, FinishReason, GenerationStats, Model};
 use crate::error::{DecodeFailure, EngineError};
 use crate::stop::{StopMatcher, StopScan, TOKEN_TEXT_CAPACITY};
-use exsa_bench_protocol::GreedyStep;
 use exsa_utf8::Utf8Decoder;
 
 type Session<'e> = <Model as BackendModel>::Session<'e>;
@@ -46,7 +45,8 @@ struct Running<'e> {
     decoded: String,
     delta: String,
     tokens: Vec<TokenId>,
-    trace: Option<Vec<GreedyStep>>,
+    /// With logprobs asked for: how many candidates, and the entries so far.
+    logprobs: Option<(usize, Vec<TokenLogprobs>)>,
     admitted: u64,
     started: Instant,
     prompt_done: Option<Instant>,
@@ -78,9 +78,8 @@ pub(super) fn run(
     let _ = ready.send(Ok(()));
     let n_ctx = session.n_ctx() as usize;
     let n_batch = session.n_batch() as usize;
-    let mut slots: Vec<Slot<'_>> = (0..config.n_seq as i32)
-        .map(|seq| Slot { seq, cached: Vec::with_capacity(n_ctx), request: None, last_used: 0 })
-        .collect();
+    let mut slots: Vec<Slot<'_>> =
+        (0..config.n_seq as i32).map(|seq| Slot { seq, cached: Vec::with_capacity(n_ctx), request: None, last_used: 0 }).collect();
     let mut clock = 0u64;
     let mut open = true;
     loop {
@@ -145,7 +144,7 @@ pub(super) fn run(
 /// Puts a request into the free slot whose cache shares the longest prefix with its prompt.
 fn admit<'e>(session: &mut Session<'e>, slots: &mut [Slot<'e>], submission: Submission, n_ctx: usize, clock: u64, counters: &Counters) {
     let Submission { request, events } = submission;
-    let ServeRequest { tokens, max_tokens, stop, sampling, cancel, trace } = request;
+    let ServeRequest { tokens, max_tokens, stop, sampling, cancel, logprobs } = request;
     let refuse = |e: EngineError| {
         let _ = events.send(Event::Failed(e));
     };
@@ -190,7 +189,7 @@ fn admit<'e>(session: &mut Session<'e>, slots: &mut [Slot<'e>], submission: Subm
         decoded: String::with_capacity(TOKEN_TEXT_CAPACITY),
         delta: String::with_capacity(TOKEN_TEXT_CAPACITY),
         tokens: Vec::with_capacity(max_tokens.min(n_ctx)),
-        trace: trace.then(Vec::new),
+        logprobs: logprobs.map(|n| (n.min(20), Vec::new())),
         admitted: clock,
         started: Instant::now(),
         prompt_done: None,
@@ -262,7 +261,14 @@ fn build_batch(
 
 /// Samples the slot's output of this step and handles the token as the single-stream
 /// generation does: end of text, text with stop sequences held back, max tokens.
-fn sample<'e>(session: &mut Session<'e>, model: &Model, slot: &mut Slot<'e>, n_ctx: usize, clock: &mut u64, counters: &Counters) -> Result<(), EngineError> {
+fn sample<'e>(
+    session: &mut Session<'e>,
+    model: &Model,
+    slot: &mut Slot<'e>,
+    n_ctx: usize,
+    clock: &mut u64,
+    counters: &Counters,
+) -> Result<(), EngineError> {
     let r = slot.request.as_mut().expect("sampled slots have a request");
     let index = r.output.take().expect("sampled slots have an output");
     let now = Instant::now();
@@ -273,11 +279,16 @@ fn sample<'e>(session: &mut Session<'e>, model: &Model, slot: &mut Slot<'e>, n_c
         r.stats.prompt_ms = prompt_ms;
         r.stats.prompt_tokens_per_s = if prompt_ms > 0.0 { decoded as f64 / (prompt_ms / 1000.0) } else { 0.0 };
     }
-    if let Some(trace) = r.trace.as_mut() {
-        let (token, runner_up, margin) = crate::harness::top2(session.logits_at(index)?);
-        trace.push(GreedyStep { token, runner_up, margin });
-    }
+    let candidates = match &r.logprobs {
+        Some((n, _)) => Some(log_softmax_top(session.logits_at(index)?, *n)),
+        None => None,
+    };
     let token = session.sample_with(&mut r.sampler, index)?;
+    if let (Some((_, entries)), Some((top, lse))) = (r.logprobs.as_mut(), candidates) {
+        // llama.cpp's samplers work on a copy of the row, so it still holds the model's logits.
+        let logit = session.logits_at(index)?.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+        entries.push(TokenLogprobs { token, logprob: logit - lse, top });
+    }
     if r.stats.completion_tokens == 0 {
         r.stats.time_to_first_token_ms = ms(now - r.started);
     }
@@ -333,7 +344,7 @@ fn finish(slot: &mut Slot<'_>, reason: FinishReason, clock: &mut u64, counters: 
             r.stats.generation_tokens_per_s = r.stats.completion_tokens as f64 / (r.stats.generation_ms / 1000.0);
         }
     }
-    let completion = Completion { finish_reason: reason, stats: r.stats, tokens: r.tokens, trace: r.trace.unwrap_or_default() };
+    let completion = Completion { finish_reason: reason, stats: r.stats, tokens: r.tokens, logprobs: r.logprobs.map(|(_, e)| e).unwrap_or_default() };
     let _ = r.events.send(Event::Done(completion));
 }
 
@@ -358,6 +369,25 @@ fn fail_batch(session: &mut Session<'_>, slots: &mut [Slot<'_>], e: &EngineError
         let error = if matches!(e, EngineError::Cancelled) { EngineError::Cancelled } else { EngineError::decode(kind, e.to_string()) };
         fail(slot, error, clock, counters);
     }
+}
+
+/// The `n` likeliest tokens of a logits row with their log-probabilities, and the row's
+/// log-sum-exp.
+fn log_softmax_top(row: &[f32], n: usize) -> (Vec<(TokenId, f32)>, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let mut top: Vec<(TokenId, f32)> = Vec::with_capacity(n + 1);
+    for (i, &x) in row.iter().enumerate() {
+        if top.len() < n || top.last().is_some_and(|&(_, worst)| x > worst) {
+            let at = top.partition_point(|&(_, v)| v >= x);
+            top.insert(at, (i as TokenId, x));
+            top.truncate(n);
+        }
+    }
+    for entry in &mut top {
+        entry.1 -= lse;
+    }
+    (top, lse)
 }
 
 fn ms(d: std::time::Duration) -> f64 {

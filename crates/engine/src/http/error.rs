@@ -1,0 +1,89 @@
+//! Errors as OpenAI shapes them: `{"error": {"message", "type", "param", "code"}}` with the
+//! matching HTTP status.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::error::{DecodeFailure, EngineError};
+use crate::serving::SubmitError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn invalid(param: &'static str, message: impl std::fmt::Display) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: format!("{param}: {message}"),
+            param: Some(param),
+            code: None,
+        }
+    }
+
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, kind, message: message.into(), param: None, code: None }
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> ApiError {
+        self.code = Some(code);
+        self
+    }
+
+    /// The error as an OpenAI error body (for a stream's `error` event too).
+    pub fn body(&self) -> serde_json::Value {
+        json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> ApiError {
+        match &e {
+            EngineError::PromptTooLong { .. } => ApiError::invalid("messages", &e).with_code("context_length_exceeded"),
+            EngineError::EmptyPrompt => ApiError::invalid("prompt", &e),
+            EngineError::InvalidRequest { field, .. } => ApiError::invalid(field, &e),
+            EngineError::Tokenize(_) | EngineError::ChatTemplate(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", e.to_string()),
+            EngineError::Decode { kind: DecodeFailure::NoKvSlot, .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string()).with_code("kv_cache_full")
+            }
+            EngineError::Cancelled => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string()).with_code("cancelled"),
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> ApiError {
+        let code = match e {
+            SubmitError::QueueFull { .. } => "queue_full",
+            SubmitError::Stopped => "shutting_down",
+        };
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string()).with_code(code)
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(e: axum::extract::rejection::JsonRejection) -> ApiError {
+        // Bad JSON, a known field of the wrong type (400, 422 made 400 as OpenAI does), or a
+        // body over the limit (413).
+        let status = if e.status() == StatusCode::UNPROCESSABLE_ENTITY { StatusCode::BAD_REQUEST } else { e.status() };
+        ApiError::new(status, "invalid_request_error", e.body_text())
+    }
+}

@@ -1,0 +1,336 @@
+//! The OpenAI-style request and response bodies, and their mapping onto engine requests.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use crate::chat::ChatMessage;
+use crate::config::{GenerateRequest, SamplingParams};
+use crate::engine::{FinishReason, GenerationStats};
+use crate::serving::TokenLogprobs;
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// A message's content: text, or a list of parts of which only text is understood.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: Option<Content>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// The sampling and length fields chat and completion requests share. Fields a client sends
+/// that this server does not know are ignored, as OpenAI's own API does with new clients;
+/// known fields of the wrong type are a 400.
+#[derive(Debug, Default, Deserialize)]
+pub struct Sampling {
+    pub model: Option<String>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    pub stop: Option<Stop>,
+    pub n: Option<u32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<Value>,
+    pub response_format: Option<ResponseFormat>,
+    /// Chat: a boolean; text completions: the number of candidates (the legacy API).
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: Prompt,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+/// `prompt`: one string (a list of one is accepted too).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Prompt {
+    pub fn into_text(self) -> Result<String, ApiError> {
+        match self {
+            Prompt::One(p) => Ok(p),
+            Prompt::Many(mut v) if v.len() == 1 => Ok(v.remove(0)),
+            Prompt::Many(_) => Err(ApiError::invalid("prompt", "a list of prompts is not supported; send one per request")),
+        }
+    }
+}
+
+impl Sampling {
+    /// The engine request these fields ask for, or a 400 naming the field that cannot be met.
+    /// Unset fields take the engine's defaults (as llama-server does); `max_tokens` defaults to
+    /// the rest of the context, and the context bounds it.
+    pub fn to_request(&self) -> Result<GenerateRequest, ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid("n", "only n = 1 is supported"));
+        }
+        for (name, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::invalid(name, "is not supported yet (use repeat_penalty)"));
+            }
+        }
+        if self.logit_bias.as_ref().is_some_and(|b| b.as_object().is_none_or(|m| !m.is_empty())) {
+            return Err(ApiError::invalid("logit_bias", "is not supported yet"));
+        }
+        if self.response_format.as_ref().is_some_and(|f| f.kind != "text") {
+            return Err(ApiError::invalid("response_format", "only {\"type\": \"text\"} is supported yet"));
+        }
+        let defaults = SamplingParams::default();
+        let sampling = SamplingParams {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            min_p: self.min_p.unwrap_or(defaults.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(defaults.repeat_penalty),
+            repeat_last_n: defaults.repeat_last_n,
+            // OpenAI's seed is 64-bit; llama.cpp's samplers take 32.
+            seed: self.seed.map_or(defaults.seed, |s| s as u32),
+        };
+        sampling.validate().map_err(|e| ApiError::invalid("temperature/top_p/top_k/min_p", e.to_string()))?;
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.iter().any(String::is_empty) || stop.len() > 16 {
+            return Err(ApiError::invalid("stop", "up to 16 non-empty stop sequences"));
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens).map_or(usize::MAX, |n| n as usize);
+        if max_tokens == 0 {
+            return Err(ApiError::invalid("max_tokens", "must be at least 1"));
+        }
+        Ok(GenerateRequest { max_tokens, stop, sampling, ..GenerateRequest::new(" ") })
+    }
+
+    /// How many candidates per token the response lists with log-probabilities, if any.
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        let n = match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => return Ok(None),
+            Some(Value::Bool(true)) => self.top_logprobs.unwrap_or(0) as usize,
+            Some(Value::Number(n)) => n.as_u64().ok_or_else(|| ApiError::invalid("logprobs", "must be a count from 0 to 20"))? as usize,
+            Some(_) => return Err(ApiError::invalid("logprobs", "must be a boolean (chat) or a count (completions)")),
+        };
+        if n > 20 {
+            return Err(ApiError::invalid("top_logprobs", "at most 20"));
+        }
+        if self.stream {
+            return Err(ApiError::invalid("logprobs", "is not supported with stream yet"));
+        }
+        Ok(Some(n))
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+    }
+}
+
+impl ChatRequest {
+    pub fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid("messages", "at least one message is needed"));
+        }
+        self.messages
+            .iter()
+            .map(|m| {
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Parts(parts)) => {
+                        let mut text = String::new();
+                        for p in parts {
+                            match (p.kind.as_str(), &p.text) {
+                                ("text", Some(t)) => text.push_str(t),
+                                (kind, _) => return Err(ApiError::invalid("messages", format!("content parts of type {kind:?} are not supported"))),
+                            }
+                        }
+                        text
+                    }
+                };
+                Ok(ChatMessage::new(m.role.clone(), content))
+            })
+            .collect()
+    }
+}
+
+/// OpenAI's finish reasons.
+pub fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::EndOfText | FinishReason::StopSequence => "stop",
+        FinishReason::MaxTokens | FinishReason::ContextFull => "length",
+        FinishReason::Cancelled => "cancelled",
+    }
+}
+
+pub fn usage(stats: &GenerationStats) -> Value {
+    json!({
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": stats.prompt_tokens_reused },
+    })
+}
+
+/// Who a response is: its id, creation time and model, the same in every chunk of a stream.
+#[derive(Clone, Debug)]
+pub struct Meta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+/// What kind of request a response answers: the two differ in object names and in where the
+/// text goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Chat => "chatcmpl",
+            Kind::Completion => "cmpl",
+        }
+    }
+
+    /// A whole response; `logprobs` is already in this kind's shape (or null).
+    pub fn response(self, meta: &Meta, text: &str, finish: &str, stats: &GenerationStats, logprobs: Value) -> Value {
+        let Meta { id, created, model } = meta;
+        match self {
+            Kind::Chat => json!({
+                "id": id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish, "logprobs": logprobs }],
+                "usage": usage(stats),
+            }),
+            Kind::Completion => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{ "index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs }],
+                "usage": usage(stats),
+            }),
+        }
+    }
+
+    /// Log-probabilities in this kind's shape: chat's `content` list, or the legacy parallel
+    /// lists of text completions. `text` gives a token's text.
+    pub fn logprobs(self, entries: &[TokenLogprobs], text: impl Fn(i32) -> Vec<u8>) -> Value {
+        let piece = |t: i32| String::from_utf8_lossy(&text(t)).into_owned();
+        match self {
+            Kind::Chat => {
+                let content: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let top: Vec<Value> = e.top.iter().map(|&(t, lp)| json!({ "token": piece(t), "logprob": lp, "bytes": text(t) })).collect();
+                        json!({ "token": piece(e.token), "logprob": e.logprob, "bytes": text(e.token), "top_logprobs": top })
+                    })
+                    .collect();
+                json!({ "content": content })
+            }
+            Kind::Completion => {
+                let tokens: Vec<String> = entries.iter().map(|e| piece(e.token)).collect();
+                let logprobs: Vec<f32> = entries.iter().map(|e| e.logprob).collect();
+                let top: Vec<Value> = entries.iter().map(|e| Value::Object(e.top.iter().map(|&(t, lp)| (piece(t), json!(lp))).collect())).collect();
+                json!({ "tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top })
+            }
+        }
+    }
+
+    /// One streamed chunk: `text` as the delta, or the role opening (chat), or the end.
+    pub fn chunk(self, meta: &Meta, delta: Delta<'_>) -> Value {
+        let Meta { id, created, model } = meta;
+        let (delta_value, finish): (Value, Value) = match delta {
+            Delta::Role => (json!({ "role": "assistant", "content": "" }), Value::Null),
+            Delta::Text(t) => (json!({ "content": t }), Value::Null),
+            Delta::End(reason) => (json!({}), json!(reason)),
+        };
+        match self {
+            Kind::Chat => json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{ "index": 0, "delta": delta_value, "finish_reason": finish }],
+            }),
+            Kind::Completion => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{ "index": 0, "text": delta_value.get("content").cloned().unwrap_or(json!("")), "finish_reason": finish, "logprobs": null }],
+            }),
+        }
+    }
+
+    /// The last chunk before `[DONE]` with `stream_options.include_usage`.
+    pub fn usage_chunk(self, meta: &Meta, stats: &GenerationStats) -> Value {
+        let Meta { id, created, model } = meta;
+        let object = if self == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+        json!({ "id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage(stats) })
+    }
+}
+
+/// What a streamed chunk carries.
+#[derive(Clone, Copy, Debug)]
+pub enum Delta<'a> {
+    Role,
+    Text(&'a str),
+    End(&'static str),
+}
+
+/// `GET /v1/models`'s entry.
+#[derive(Debug, Serialize)]
+pub struct ModelEntry {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+}

@@ -1,0 +1,297 @@
+//! The handlers, and the bridge from the decode loop's events to HTTP responses.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, extract::FromRequest};
+use serde_json::json;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::AppState;
+use super::error::ApiError;
+use super::openai::{ChatRequest, CompletionRequest, Delta, Kind, Meta, ModelEntry, finish_reason};
+use crate::config::CancelToken;
+use crate::error::EngineError;
+use crate::serving::{Completion, Event, ServeRequest};
+
+/// Counters for `/metrics`, beside the decode loop's own.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    ok: AtomicU64,
+    client_errors: AtomicU64,
+    server_errors: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_key));
+    Router::new()
+        .route("/health", get(health))
+        .merge(api)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .with_state(state)
+}
+
+async fn health() -> Json<serde_json::Value> {
+    // The model is loaded before the socket listens, so a server that answers is ready.
+    Json(json!({ "status": "ok" }))
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("no route {} {}", request.method(), request.uri().path()))
+}
+
+async fn require_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if let Some(key) = &state.config.api_key {
+        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same(g.as_bytes(), key.as_bytes())) {
+            state.metrics.client_errors.fetch_add(1, Ordering::Relaxed);
+            return ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "missing or wrong API key (Authorization: Bearer <key>)")
+                .with_code("invalid_api_key")
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares keys in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let entry = ModelEntry { id: state.config.model_id.clone(), object: "model", created: 0, owned_by: "exsa" };
+    Json(json!({ "object": "list", "data": [entry] }))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let s = state.core.status();
+    let m = &state.metrics;
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let body = format!(
+        "# TYPE exsa_requests_total counter\n\
+         exsa_requests_total{{status=\"ok\"}} {}\n\
+         exsa_requests_total{{status=\"client_error\"}} {}\n\
+         exsa_requests_total{{status=\"server_error\"}} {}\n\
+         # TYPE exsa_prompt_tokens_total counter\nexsa_prompt_tokens_total {}\n\
+         # TYPE exsa_completion_tokens_total counter\nexsa_completion_tokens_total {}\n\
+         # TYPE exsa_prompt_tokens_reused_total counter\nexsa_prompt_tokens_reused_total {}\n\
+         # TYPE exsa_decode_steps_total counter\nexsa_decode_steps_total {}\n\
+         # TYPE exsa_queue_depth gauge\nexsa_queue_depth {}\n\
+         # TYPE exsa_busy_slots gauge\nexsa_busy_slots {}\n",
+        load(&m.ok),
+        load(&m.client_errors),
+        load(&m.server_errors),
+        load(&m.prompt_tokens),
+        load(&m.completion_tokens),
+        s.prompt_tokens_reused,
+        s.steps,
+        s.queued,
+        s.busy_slots,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+/// JSON bodies whose rejections (bad JSON, wrong types, too large) are OpenAI-shaped errors.
+struct Body<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let Json(value) = Json::<T>::from_request(request, state).await.map_err(|e: JsonRejection| ApiError::from(e))?;
+        Ok(Body(value))
+    }
+}
+
+async fn chat(State(state): State<Arc<AppState>>, Body(body): Body<ChatRequest>) -> Response {
+    let result = async {
+        check_model(&state, body.sampling.model.as_deref())?;
+        let messages = body.messages()?;
+        let request = body.sampling.to_request()?;
+        let mut serve = ServeRequest::chat(&state.engine, &messages, &request)?;
+        serve.logprobs = body.sampling.logprobs()?;
+        Ok::<_, ApiError>(serve)
+    }
+    .await;
+    respond(state, result, Kind::Chat, body.sampling.stream, body.sampling.include_usage()).await
+}
+
+async fn completions(State(state): State<Arc<AppState>>, Body(body): Body<CompletionRequest>) -> Response {
+    let (stream, usage) = (body.sampling.stream, body.sampling.include_usage());
+    let result = async {
+        check_model(&state, body.sampling.model.as_deref())?;
+        let request = body.sampling.to_request()?;
+        let logprobs = body.sampling.logprobs()?;
+        let prompt = body.prompt.into_text()?;
+        let mut serve = ServeRequest::generate(&state.engine, &crate::GenerateRequest { prompt, ..request })?;
+        serve.logprobs = logprobs;
+        Ok::<_, ApiError>(serve)
+    }
+    .await;
+    respond(state, result, Kind::Completion, stream, usage).await
+}
+
+fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != state.config.model_id => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("the model {m:?} does not exist here; GET /v1/models lists {:?}", state.config.model_id),
+        )
+        .with_code("model_not_found")),
+        _ => Ok(()),
+    }
+}
+
+/// Cancels its request when dropped: when axum drops a response stream or a handler future,
+/// the client has gone, and the decode loop stops the request at its next step.
+struct CancelOnDrop(CancelToken);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+async fn respond(state: Arc<AppState>, request: Result<ServeRequest, ApiError>, kind: Kind, stream: bool, include_usage: bool) -> Response {
+    let received = Instant::now();
+    let request = request.and_then(|mut r| {
+        if r.tokens.len() >= state.n_ctx {
+            return Err(EngineError::PromptTooLong { prompt_tokens: r.tokens.len(), n_ctx: state.n_ctx as u32 }.into());
+        }
+        // The context bounds max_tokens (the default is all of what is left).
+        r.max_tokens = r.max_tokens.min(state.n_ctx - r.tokens.len());
+        Ok(r)
+    });
+    let request = match request {
+        Ok(r) => r,
+        Err(e) => return error_response(&state, e),
+    };
+    let guard = CancelOnDrop(request.cancel.clone());
+    let asked_logprobs = request.logprobs.is_some();
+    let events = match state.core.submit(request) {
+        Ok(events) => events,
+        Err(e) => return error_response(&state, e.into()),
+    };
+    let meta = Meta {
+        id: format!("{}-{}", kind.id_prefix(), state.next_id.fetch_add(1, Ordering::Relaxed)),
+        created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        model: state.config.model_id.clone(),
+    };
+    if stream {
+        let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
+        let forward_state = Arc::clone(&state);
+        tokio::task::spawn_blocking(move || {
+            let send = |value: serde_json::Value| tx.blocking_send(SseEvent::default().data(value.to_string())).is_ok();
+            if kind == Kind::Chat && !send(kind.chunk(&meta, Delta::Role)) {
+                return;
+            }
+            for event in events {
+                match event {
+                    Event::Delta(text) => {
+                        if !send(kind.chunk(&meta, Delta::Text(&text))) {
+                            return;
+                        }
+                    }
+                    Event::Done(c) => {
+                        record(&forward_state, &meta.id, &c, received);
+                        let _ = send(kind.chunk(&meta, Delta::End(finish_reason(c.finish_reason))));
+                        if include_usage {
+                            let _ = send(kind.usage_chunk(&meta, &c.stats));
+                        }
+                        let _ = tx.blocking_send(SseEvent::default().data("[DONE]"));
+                        return;
+                    }
+                    Event::Failed(e) => {
+                        let error = ApiError::from(e);
+                        count_error(&forward_state, error.status);
+                        let _ = send(error.body());
+                        let _ = tx.blocking_send(SseEvent::default().data("[DONE]"));
+                        return;
+                    }
+                }
+            }
+        });
+        let stream = ReceiverStream::new(rx).map(move |event| {
+            let _ = &guard;
+            Ok::<_, Infallible>(event)
+        });
+        return Sse::new(stream).into_response();
+    }
+    let collected = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        for event in events {
+            match event {
+                Event::Delta(d) => text.push_str(&d),
+                Event::Done(c) => return Ok((text, c)),
+                Event::Failed(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Cancelled)
+    })
+    .await;
+    drop(guard);
+    match collected {
+        Ok(Ok((text, c))) => {
+            record(&state, &meta.id, &c, received);
+            let logprobs = if asked_logprobs {
+                kind.logprobs(&c.logprobs, |t| state.engine.token_bytes(t).unwrap_or_default())
+            } else {
+                serde_json::Value::Null
+            };
+            Json(kind.response(&meta, &text, finish_reason(c.finish_reason), &c.stats, logprobs)).into_response()
+        }
+        Ok(Err(e)) => error_response(&state, e.into()),
+        Err(join) => error_response(&state, ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", join.to_string())),
+    }
+}
+
+fn error_response(state: &AppState, error: ApiError) -> Response {
+    count_error(state, error.status);
+    tracing::info!(status = error.status.as_u16(), "request refused: {}", error.message);
+    error.into_response()
+}
+
+fn count_error(state: &AppState, status: StatusCode) {
+    let counter = if status.is_client_error() { &state.metrics.client_errors } else { &state.metrics.server_errors };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One log line and the counters of a finished request.
+fn record(state: &AppState, id: &str, c: &Completion, received: Instant) {
+    let m = &state.metrics;
+    m.ok.fetch_add(1, Ordering::Relaxed);
+    m.prompt_tokens.fetch_add(c.stats.prompt_tokens as u64, Ordering::Relaxed);
+    m.completion_tokens.fetch_add(c.stats.completion_tokens as u64, Ordering::Relaxed);
+    tracing::info!(
+        id,
+        model = %state.config.model_id,
+        prompt_tokens = c.stats.prompt_tokens,
+        reused = c.stats.prompt_tokens_reused,
+        completion_tokens = c.stats.completion_tokens,
+        ttft_ms = format!("{:.1}", c.stats.time_to_first_token_ms),
+        tokens_per_s = format!("{:.1}", c.stats.generation_tokens_per_s),
+        total_ms = received.elapsed().as_millis() as u64,
+        finish = finish_reason(c.finish_reason),
+        "request done"
+    );
+}
