@@ -71,7 +71,7 @@ pub(super) fn run(
         }
     };
     // A backend without per-sequence samplers says so here, before any request is accepted.
-    if let Err(e) = session.new_sampler(&crate::SamplingParams::greedy()) {
+    if let Some(e) = session.new_sampler(&crate::SamplingParams::greedy()).err() {
         let _ = ready.send(Err(e));
         return;
     }
