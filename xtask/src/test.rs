@@ -6,7 +6,11 @@
 
 use anyhow::Result;
 
-use crate::{app_test, fetch_model, leak_check, setup, synth_models, vendor, workspace};
+use crate::{app_test, fetch_model, leak_check, python, setup, synth_models, vendor, workspace};
+
+/// The `openai` client the server tests drive `exsa serve` with (`.cargo/config.toml`'s
+/// EXSA_OPENAI_SITE names its folder).
+const OPENAI_VERSION: &str = "3.57.0";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,6 +27,7 @@ pub fn run(args: &Args) -> Result<()> {
     vendor::run(&vendor::Args::default())?;
     fetch_model::run(&fetch_model::Args::default())?;
     synth_models::run(&synth_models::Args::default())?;
+    python::site("openai", OPENAI_VERSION, "openai")?;
     // The workspace, with the engine on its default backend (`source`).
     workspace::run(workspace::cargo().args(["test", "--workspace", "--locked"]).args(&args.cargo_args))?;
     if !args.cargo_args.is_empty() {
@@ -55,4 +60,13 @@ pub fn run(args: &Args) -> Result<()> {
         leak_check::run(&leak_check::Args::default())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_openai_version_is_the_one_the_tests_look_for() {
+        let config = std::fs::read_to_string(crate::workspace::root().join(".cargo/config.toml")).unwrap();
+        assert!(config.contains(&format!(".cache/pip/openai-{}", super::OPENAI_VERSION)), "EXSA_OPENAI_SITE and OPENAI_VERSION differ");
+    }
 }

@@ -1,0 +1,58 @@
+"""The official `openai` Python client against a running `exsa serve` (run by openai_client.rs).
+
+Usage: openai_client.py BASE_URL API_KEY MODEL_ID. Exits 0 when every check holds; an
+assertion error names the first that did not.
+"""
+
+import sys
+
+import openai
+
+base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+
+# Models.
+assert [m.id for m in client.models.list()] == [model]
+
+# Chat, whole and streamed: the same greedy text, the role first, usage at the end.
+messages = [{"role": "user", "content": "Name three fruits."}]
+whole = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+text = whole.choices[0].message.content
+assert whole.choices[0].finish_reason == "length", whole
+assert whole.usage.completion_tokens == 16 and whole.usage.prompt_tokens > 0, whole.usage
+
+chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}))
+assert chunks[0].choices[0].delta.role == "assistant", chunks[0]
+streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+assert streamed == text, (streamed, text)
+assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+assert chunks[-1].usage.completion_tokens == 16 and chunks[-1].usage.prompt_tokens_details.cached_tokens > 0, chunks[-1]
+
+# Log-probabilities of the tokens chosen.
+with_logprobs = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+content = with_logprobs.choices[0].logprobs.content
+assert len(content) == 4 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content), content
+
+# Text completions, with a stop sequence.
+completion = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0, stop=["\n"])
+assert completion.choices[0].finish_reason in ("stop", "length") and "\n" not in completion.choices[0].text, completion
+
+# Errors as the client's typed exceptions.
+try:
+    openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+    raise AssertionError("a wrong key was accepted")
+except openai.AuthenticationError:
+    pass
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=4)
+    raise AssertionError("an unknown model was accepted")
+except openai.NotFoundError:
+    pass
+try:
+    client.chat.completions.create(model=model, messages=messages, max_tokens=4, n=2)
+    raise AssertionError("n=2 was accepted")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "n", e.body
+
+print("openai client: every check passed")
