@@ -4,10 +4,9 @@
 //! file on every backend; backend `raw` has no sampler per sequence and must refuse to serve.
 
 use std::sync::Arc;
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use exsa_engine::serving::{BATCH_NEAR_TIE, Completion, Event, ServeRequest, ServingConfig, ServingCore, SubmitError};
+use exsa_engine::serving::{BATCH_NEAR_TIE, Event, ServeRequest, ServingConfig, ServingCore, SubmitError, collect};
 use exsa_engine::*;
 
 fn engine() -> Arc<Engine> {
@@ -20,19 +19,6 @@ fn engine() -> Arc<Engine> {
 
 fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
     GenerateRequest { max_tokens, sampling: SamplingParams::greedy(), ..GenerateRequest::new(prompt) }
-}
-
-/// Text and completion of a request, once it has ended.
-fn collect(events: Receiver<Event>) -> Result<(String, Completion), EngineError> {
-    let mut text = String::new();
-    for event in events {
-        match event {
-            Event::Delta(d) => text.push_str(&d),
-            Event::Done(c) => return Ok((text, c)),
-            Event::Failed(e) => return Err(e),
-        }
-    }
-    panic!("the event stream ended without Done or Failed");
 }
 
 fn start(engine: &Arc<Engine>, slots: u32, max_queue: usize) -> Result<ServingCore, EngineError> {

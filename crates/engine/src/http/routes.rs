@@ -237,18 +237,7 @@ async fn respond(state: Arc<AppState>, request: Result<ServeRequest, ApiError>, 
         });
         return Sse::new(stream).into_response();
     }
-    let collected = tokio::task::spawn_blocking(move || {
-        let mut text = String::new();
-        for event in events {
-            match event {
-                Event::Delta(d) => text.push_str(&d),
-                Event::Done(c) => return Ok((text, c)),
-                Event::Failed(e) => return Err(e),
-            }
-        }
-        Err(EngineError::Cancelled)
-    })
-    .await;
+    let collected = tokio::task::spawn_blocking(move || crate::serving::collect(events)).await;
     drop(guard);
     match collected {
         Ok(Ok((text, c))) => {

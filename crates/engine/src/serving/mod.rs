@@ -147,6 +147,20 @@ impl TokenLogprobs {
 /// part where the top candidates are within this much; beyond it, a difference is a bug.
 pub const BATCH_NEAR_TIE: f32 = 0.5;
 
+/// Waits for a request's end: its whole text and how it ended. A stream that ends without
+/// `Done` or `Failed` (the core stopped under it) is [`EngineError::Cancelled`].
+pub fn collect(events: Receiver<Event>) -> Result<(String, Completion), EngineError> {
+    let mut text = String::new();
+    for event in events {
+        match event {
+            Event::Delta(d) => text.push_str(&d),
+            Event::Done(c) => return Ok((text, c)),
+            Event::Failed(e) => return Err(e),
+        }
+    }
+    Err(EngineError::Cancelled)
+}
+
 /// Why a request was not accepted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubmitError {

@@ -42,13 +42,7 @@ impl Context<'_> {
             })
         });
         guarded?;
-        if read == 0 {
-            return Err(StateError::Restore { len: state.len(), messages });
-        }
-        if read != state.len() {
-            return Err(StateError::TrailingBytes { len: state.len(), read });
-        }
-        Ok(())
+        restored(state.len(), read, messages)
     }
 
     fn check_state_seq(&self, seq_id: SeqId) -> Result<(), StateError> {
@@ -85,13 +79,7 @@ impl Context<'_> {
             })
         });
         guarded?;
-        if read == 0 {
-            return Err(StateError::Restore { len: state.len(), messages });
-        }
-        if read != state.len() {
-            return Err(StateError::TrailingBytes { len: state.len(), read });
-        }
-        Ok(())
+        restored(state.len(), read, messages)
     }
 
     /// Saves the whole state and the `tokens` it holds to a file.
@@ -169,4 +157,16 @@ impl Context<'_> {
 
 fn c_path(path: &Path) -> Result<CString, StateError> {
     crate::c_string::path(path).ok_or_else(|| StateError::InvalidPath(path.to_path_buf()))
+}
+
+/// The outcome of a state restore that read `read` of `len` bytes: nothing read is a state
+/// llama.cpp refused (its log lines say why), fewer than all is trailing data.
+fn restored(len: usize, read: usize, messages: crate::error::LlamaMessages) -> Result<(), StateError> {
+    if read == 0 {
+        return Err(StateError::Restore { len, messages });
+    }
+    if read != len {
+        return Err(StateError::TrailingBytes { len, read });
+    }
+    Ok(())
 }
