@@ -184,6 +184,68 @@ fn eight_concurrent_requests_each_give_what_they_give_alone() {
 }
 
 #[test]
+fn embeddings_tokenize_detokenize_and_latency_metrics() {
+    if raw_cannot_serve() {
+        return;
+    }
+    let server = Server::start(&["--parallel", "1"]);
+    let http = client();
+    let floats: Value =
+        http.post(server.url("/v1/embeddings")).json(&json!({ "input": ["Hello there", "Good night"] })).send().unwrap().json().unwrap();
+    let data = floats["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    let first: Vec<f32> = data[0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    assert_eq!(first.len(), 640, "Gemma 3 270M's width");
+    assert_ne!(data[0]["embedding"], data[1]["embedding"]);
+    assert!(floats["usage"]["prompt_tokens"].as_u64().unwrap() >= 4);
+    // The same vector in base64 (little-endian f32), and what the engine computes in this process.
+    let b64: Value =
+        http.post(server.url("/v1/embeddings")).json(&json!({ "input": "Hello there", "encoding_format": "base64" })).send().unwrap().json().unwrap();
+    let decoded = decode_base64(b64["data"][0]["embedding"].as_str().unwrap());
+    let from_base64: Vec<f32> = decoded.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    assert_eq!(from_base64.len(), 640);
+    for (a, b) in from_base64.iter().zip(&first) {
+        assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "{a} vs {b}");
+    }
+    let engine = Engine::load(EngineConfig::new(default_model_path())).unwrap();
+    let local = engine.embed("Hello there").unwrap();
+    for (a, b) in local.iter().zip(&first) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+    }
+
+    let tokens: Value = http.post(server.url("/tokenize")).json(&json!({ "content": "Hello there" })).send().unwrap().json().unwrap();
+    let ids: Vec<i64> = tokens["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+    assert_eq!(ids, engine.tokenize("Hello there", false).unwrap().iter().map(|&t| i64::from(t)).collect::<Vec<_>>());
+    let text: Value = http.post(server.url("/detokenize")).json(&json!({ "tokens": ids })).send().unwrap().json().unwrap();
+    assert_eq!(text["content"], "Hello there", "BOS renders as nothing");
+    assert_eq!(http.post(server.url("/detokenize")).json(&json!({ "tokens": [1, 99999999] })).send().unwrap().status(), 400);
+
+    http.post(server.url("/v1/chat/completions")).json(&chat_body("Hi", 4, true)).send().unwrap().text().unwrap();
+    assert_eq!(server.metric("exsa_time_to_first_token_seconds_count"), 1.0);
+    // Four tokens: up to three gaps (a token that completes no character sends nothing).
+    assert!((1.0..=3.0).contains(&server.metric("exsa_inter_token_seconds_count")));
+}
+
+fn decode_base64(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let mut out = Vec::new();
+    for quad in text.as_bytes().chunks(4) {
+        let n = quad.iter().filter(|&&c| c != b'=').fold(0u32, |acc, &c| (acc << 6) | u32::from(value(c)))
+            << (6 * quad.iter().filter(|&&c| c == b'=').count());
+        let bytes = quad.iter().filter(|&&c| c != b'=').count() - 1;
+        out.extend(&n.to_be_bytes()[1..1 + bytes]);
+    }
+    out
+}
+
+#[test]
 fn errors_have_openai_shapes_and_the_right_status() {
     if raw_cannot_serve() {
         return;
@@ -271,6 +333,24 @@ fn a_client_that_leaves_frees_its_slot_and_shutdown_drains() {
         assert!(Instant::now() < deadline, "the slot stayed busy after the client left");
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    // Leave during prefill: a long prompt (several n_batch chunks) and a client that gives up
+    // after 200 ms; the slot is free long before the prompt could have been decoded.
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(150);
+    let impatient = reqwest::blocking::Client::builder().timeout(Duration::from_millis(200)).build().unwrap();
+    let started = Instant::now();
+    assert!(impatient.post(server.url("/v1/chat/completions")).json(&chat_body(&long, 4, false)).send().is_err());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.metric("exsa_busy_slots") > 0.0 {
+        assert!(Instant::now() < deadline, "the slot stayed busy after the client left during prefill");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let freed_after = started.elapsed();
+    // A prompt as long in full, for comparison (sharing no prefix worth reusing with the first).
+    let full = Instant::now();
+    let other = long.replace("quick brown fox", "slow green turtle");
+    client().post(server.url("/v1/chat/completions")).json(&chat_body(&other, 1, false)).send().unwrap().text().unwrap();
+    assert!(freed_after < full.elapsed(), "freed after {freed_after:?}, while the whole prompt takes {:?}", full.elapsed());
 
     // Shutdown under load: two streams in flight, SIGTERM, both end with [DONE], exit 0.
     let in_flight: Vec<_> = (0..2)

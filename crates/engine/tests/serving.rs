@@ -116,6 +116,34 @@ fn cancellation_and_disconnection_free_the_slot_at_the_next_step() {
     assert_eq!(again.stats.completion_tokens, 4);
 }
 
+/// A long prompt is decoded in n_batch chunks, one per step: a cancel lands between two of them.
+#[test]
+fn a_cancel_during_prefill_stops_before_the_prompt_is_decoded() {
+    let engine = engine();
+    let Ok(core) = start(&engine, 1, 1) else {
+        assert_eq!(Engine::backend_name(), "raw");
+        return;
+    };
+    let cancel = CancelToken::new();
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(80);
+    let request = ServeRequest::generate(&engine, &GenerateRequest { cancel: Some(cancel.clone()), ..greedy(&long, 8) }).unwrap();
+    let prompt_tokens = request.tokens.len() as u64;
+    assert!(prompt_tokens > 3 * 256, "{prompt_tokens} tokens: several chunks of n_batch 256");
+    let events = core.submit(request).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while core.status().steps == 0 {
+        assert!(Instant::now() < deadline, "prefill did not start");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cancel.cancel();
+    let (text, completion) = collect(events).unwrap();
+    assert_eq!((text.as_str(), completion.finish_reason), ("", FinishReason::Cancelled));
+    assert_eq!(completion.stats.completion_tokens, 0);
+    let decoded = core.status().prompt_tokens_decoded;
+    assert!(decoded < prompt_tokens, "the whole prompt ({decoded} of {prompt_tokens} tokens) was decoded before the cancel took");
+    assert_eq!(core.status().busy_slots, 0);
+}
+
 #[test]
 fn a_full_queue_is_refused_at_once_and_shutdown_finishes_what_was_accepted() {
     let engine = engine();

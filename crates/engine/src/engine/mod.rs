@@ -81,8 +81,9 @@ impl Engine {
     /// pooling covers one decode, so a longer text would be pooled over its last part only.
     pub fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError> {
         let base = &self.config.session;
-        // One micro-batch per batch, so models that attend both ways take a whole batch too.
-        let config = SessionConfig { embeddings: true, n_ubatch: base.n_batch, ..base.clone() };
+        // One micro-batch per batch, so models that attend both ways take a whole batch too; a
+        // context just large enough for one batch, since nothing is kept.
+        let config = SessionConfig { embeddings: true, n_ubatch: base.n_batch, n_ctx: base.n_batch.saturating_add(1), n_seq: 1, ..base.clone() };
         let mut session = self.session_with(&config)?;
         let mut tokens = Vec::new();
         self.model.tokenize(text, true, false, &mut tokens)?;
@@ -116,6 +117,13 @@ impl Engine {
     pub fn tokenize(&self, text: &str, parse_special: bool) -> Result<Vec<TokenId>, EngineError> {
         let mut tokens = Vec::new();
         self.model.tokenize(text, true, parse_special, &mut tokens)?;
+        Ok(tokens)
+    }
+
+    /// Tokenizes text as it stands, without the BOS the model may want first.
+    pub fn tokenize_plain(&self, text: &str, parse_special: bool) -> Result<Vec<TokenId>, EngineError> {
+        let mut tokens = Vec::new();
+        self.model.tokenize(text, false, parse_special, &mut tokens)?;
         Ok(tokens)
     }
 

@@ -334,3 +334,74 @@ pub struct ModelEntry {
     pub created: u64,
     pub owned_by: &'static str,
 }
+
+/// `POST /v1/embeddings`.
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingRequest {
+    pub input: Prompt,
+    pub model: Option<String>,
+    /// "float" (default) or "base64" (little-endian f32 bytes).
+    pub encoding_format: Option<String>,
+}
+
+impl Prompt {
+    /// Every text of an embeddings request (at most `max`).
+    pub fn texts(self, max: usize) -> Result<Vec<String>, ApiError> {
+        let texts = match self {
+            Prompt::One(t) => vec![t],
+            Prompt::Many(v) => v,
+        };
+        if texts.is_empty() || texts.len() > max {
+            return Err(ApiError::invalid("input", format!("1 to {max} texts")));
+        }
+        Ok(texts)
+    }
+}
+
+/// `POST /tokenize` (llama-server's shape).
+#[derive(Debug, Deserialize)]
+pub struct TokenizeRequest {
+    pub content: String,
+    /// Add BOS where the model wants one (default true).
+    pub add_special: Option<bool>,
+    /// Turn control-token text into control tokens (default false).
+    pub parse_special: Option<bool>,
+}
+
+/// `POST /detokenize`.
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    pub tokens: Vec<i64>,
+}
+
+/// Standard base64 of `bytes`, as OpenAI encodes embeddings.
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> shift & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_rfc_4648_vectors() {
+        for (input, want) in
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")]
+        {
+            assert_eq!(base64(input.as_bytes()), want);
+        }
+    }
+}

@@ -20,7 +20,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::AppState;
 use super::error::ApiError;
-use super::openai::{ChatRequest, CompletionRequest, Delta, Kind, Meta, ModelEntry, finish_reason};
+use super::openai::{
+    ChatRequest, CompletionRequest, Delta, DetokenizeRequest, EmbeddingRequest, Kind, Meta, ModelEntry, TokenizeRequest, finish_reason,
+};
 use crate::config::CancelToken;
 use crate::error::EngineError;
 use crate::serving::{Completion, Event, ServeRequest};
@@ -33,6 +35,45 @@ pub struct Metrics {
     server_errors: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
+    /// From the request's arrival to its first generated token.
+    ttft: Histogram,
+    /// Between consecutive tokens of a stream, as the forwarder sees them.
+    inter_token: Histogram,
+}
+
+/// A Prometheus histogram of milliseconds over fixed buckets.
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS_MS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+const BUCKETS_MS: [f64; 12] = [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0];
+
+impl Histogram {
+    fn observe(&self, ms: f64) {
+        if let Some(i) = BUCKETS_MS.iter().position(|&b| ms <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add((ms * 1000.0) as u64, Ordering::Relaxed);
+    }
+
+    /// The histogram in Prometheus' text format (buckets cumulative, `le` in seconds).
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, le) in self.buckets.iter().zip(BUCKETS_MS) {
+            cumulative += b.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", le / 1000.0);
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -40,6 +81,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), require_key));
     Router::new()
@@ -86,7 +130,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let s = state.core.status();
     let m = &state.metrics;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let body = format!(
+    let mut body = format!(
         "# TYPE exsa_requests_total counter\n\
          exsa_requests_total{{status=\"ok\"}} {}\n\
          exsa_requests_total{{status=\"client_error\"}} {}\n\
@@ -107,6 +151,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         s.queued,
         s.busy_slots,
     );
+    m.ttft.render("exsa_time_to_first_token_seconds", "From a request's arrival to its first token.", &mut body);
+    m.inter_token.render("exsa_inter_token_seconds", "Between consecutive streamed tokens.", &mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
@@ -205,9 +251,16 @@ async fn respond(state: Arc<AppState>, request: Result<ServeRequest, ApiError>, 
             if kind == Kind::Chat && !send(kind.chunk(&meta, Delta::Role)) {
                 return;
             }
+            let mut last: Option<Instant> = None;
             for event in events {
                 match event {
                     Event::Delta(text) => {
+                        let now = Instant::now();
+                        match last {
+                            None => forward_state.metrics.ttft.observe(ms(now - received)),
+                            Some(previous) => forward_state.metrics.inter_token.observe(ms(now - previous)),
+                        }
+                        last = Some(now);
                         if !send(kind.chunk(&meta, Delta::Text(&text))) {
                             return;
                         }
@@ -242,6 +295,11 @@ async fn respond(state: Arc<AppState>, request: Result<ServeRequest, ApiError>, 
     match collected {
         Ok(Ok((text, c))) => {
             record(&state, &meta.id, &c, received);
+            // A whole response's first token came after its queue wait and prefill: all of its
+            // time but the generation's.
+            if c.stats.completion_tokens > 0 {
+                state.metrics.ttft.observe((ms(received.elapsed()) - c.stats.generation_ms).max(0.0));
+            }
             let logprobs = if asked_logprobs {
                 kind.logprobs(&c.logprobs, |t| state.engine.token_bytes(t).unwrap_or_default())
             } else {
@@ -252,6 +310,79 @@ async fn respond(state: Arc<AppState>, request: Result<ServeRequest, ApiError>, 
         Ok(Err(e)) => error_response(&state, e.into()),
         Err(join) => error_response(&state, ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", join.to_string())),
     }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Embeddings are computed apart from the decode loop, each in a context of its own sized for one
+/// batch (the model's weights are shared).
+async fn embeddings(State(state): State<Arc<AppState>>, Body(body): Body<EmbeddingRequest>) -> Response {
+    let result = async {
+        check_model(&state, body.model.as_deref())?;
+        let base64 = match body.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => return Err(ApiError::invalid("encoding_format", format!("{other:?} is not float or base64"))),
+        };
+        let texts = body.input.texts(64)?;
+        let engine = Arc::clone(&state.engine);
+        let computed = tokio::task::spawn_blocking(move || {
+            texts.iter().map(|t| Ok::<_, EngineError>((engine.embed(t)?, engine.tokenize(t, false)?.len()))).collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?
+        .map_err(|e| match e {
+            e @ EngineError::EmbedTooLong { .. } => ApiError::invalid("input", e),
+            e => ApiError::from(e),
+        })?;
+        let tokens: usize = computed.iter().map(|(_, n)| n).sum();
+        let data: Vec<serde_json::Value> = computed
+            .into_iter()
+            .enumerate()
+            .map(|(index, (v, _))| {
+                let embedding =
+                    if base64 { json!(super::openai::base64(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())) } else { json!(v) };
+                json!({ "object": "embedding", "index": index, "embedding": embedding })
+            })
+            .collect();
+        Ok(json!({ "object": "list", "data": data, "model": state.config.model_id, "usage": { "prompt_tokens": tokens, "total_tokens": tokens } }))
+    }
+    .await;
+    match result {
+        Ok(v) => {
+            state.metrics.ok.fetch_add(1, Ordering::Relaxed);
+            Json(v).into_response()
+        }
+        Err(e) => error_response(&state, e),
+    }
+}
+
+async fn tokenize(State(state): State<Arc<AppState>>, Body(body): Body<TokenizeRequest>) -> Response {
+    let add_special = body.add_special.unwrap_or(true);
+    let parse_special = body.parse_special.unwrap_or(false);
+    let tokens =
+        if add_special { state.engine.tokenize(&body.content, parse_special) } else { state.engine.tokenize_plain(&body.content, parse_special) };
+    match tokens {
+        Ok(tokens) => Json(json!({ "tokens": tokens })).into_response(),
+        Err(e) => error_response(&state, e.into()),
+    }
+}
+
+async fn detokenize(State(state): State<Arc<AppState>>, Body(body): Body<DetokenizeRequest>) -> Response {
+    let n_vocab = i64::from(state.engine.model_info().n_vocab);
+    if let Some(bad) = body.tokens.iter().find(|&&t| !(0..n_vocab).contains(&t)) {
+        return error_response(&state, ApiError::invalid("tokens", format!("{bad} is not a token of this model (0..{n_vocab})")));
+    }
+    let mut bytes = Vec::new();
+    for &t in &body.tokens {
+        match state.engine.token_bytes(t as i32) {
+            Ok(b) => bytes.extend(b),
+            Err(e) => return error_response(&state, e.into()),
+        }
+    }
+    Json(json!({ "content": String::from_utf8_lossy(&bytes) })).into_response()
 }
 
 fn error_response(state: &AppState, error: ApiError) -> Response {
