@@ -2,6 +2,7 @@
 
 mod app_test;
 mod bench;
+mod bench_serve;
 mod fetch_model;
 mod fuzz;
 mod hashing;
@@ -47,6 +48,8 @@ enum Command {
     LeakCheck(leak_check::Args),
     /// The A/B speed test: our source build against the llama-cpp-2 crate baseline.
     BenchCompare(bench::Args),
+    /// Our server against llama.cpp's llama-server under streaming chat load.
+    BenchServe(bench_serve::Args),
     /// Find the fastest llama.cpp build for this machine and make it the default.
     Tune(tune::Args),
 }
@@ -76,5 +79,6 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Fuzz(args) => fuzz::run(&args),
         Command::BenchCompare(args) => bench::run(&args),
         Command::Tune(args) => tune::run(&args),
+        Command::BenchServe(args) => bench_serve::run(&args),
     }
 }

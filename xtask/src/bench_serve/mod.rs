@@ -1,0 +1,274 @@
+//! `cargo xtask bench-serve`: our `exsa serve` against llama.cpp's own `llama-server` on the
+//! same model, slots and threads, under streaming chat load at several concurrencies.
+//!
+//! llama-server is built with CMake from the `llama-cpp-python` sdist on PyPI (its vendored
+//! llama.cpp is of a near-identical version), natively, under `target/llama-server/`. Each
+//! round starts each server afresh (their order alternates), runs every load level against it
+//! and stops it; the report compares aggregate tokens/s per level with a bootstrap interval over
+//! the paired rounds, and gives TTFT and inter-token latency percentiles over all requests.
+
+mod load;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::bench::stats;
+use crate::{fetch_model, python, workspace};
+use load::{LevelResult, percentile};
+
+const LLAMA_CPP_PYTHON: &str = "llama-cpp-python";
+const LLAMA_CPP_PYTHON_VERSION: &str = "0.3.36";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// GGUF model (default: the project's default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Concurrent clients, one level after another.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    concurrency: Vec<usize>,
+    /// Slots of each server (`--parallel` / `-np`).
+    #[arg(long, default_value_t = 8)]
+    slots: usize,
+    /// Rounds (each starts both servers afresh, in alternating order).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Requests each client sends per level, one after another.
+    #[arg(long, default_value_t = 2)]
+    per_client: usize,
+    /// Tokens per reply (greedy).
+    #[arg(long, default_value_t = 96)]
+    max_tokens: usize,
+    /// Context shared by the slots.
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+}
+
+/// One server under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+enum Server {
+    Exsa,
+    LlamaServer,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::Exsa => "exsa serve",
+            Server::LlamaServer => "llama-server",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Sample {
+    round: usize,
+    server: Server,
+    level: LevelResult,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    if args.rounds < 2 {
+        bail!("--rounds must be at least 2 (the comparison pairs rounds)");
+    }
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => fetch_model::run(&fetch_model::Args::default())?,
+    };
+    let exsa = build_exsa()?;
+    let llama_server = ensure_llama_server()?;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let out = workspace::target_dir().join("bench-serve").join(crate::bench::timestamp());
+    std::fs::create_dir_all(&out)?;
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    for round in 0..args.rounds {
+        let order = if round % 2 == 0 { [Server::Exsa, Server::LlamaServer] } else { [Server::LlamaServer, Server::Exsa] };
+        for server in order {
+            let (mut child, base) = start(server, &exsa, &llama_server, &model, args, threads, &out)?;
+            let result = (|| -> Result<()> {
+                for &c in &args.concurrency {
+                    let level = load::run_level(&base, "default", c, args.per_client, args.max_tokens)
+                        .with_context(|| format!("{} at concurrency {c}", server.name()))?;
+                    eprintln!("round {}/{} {:<12} c={c:<3} {:7.1} t/s aggregate", round + 1, args.rounds, server.name(), level.tokens_per_s());
+                    samples.push(Sample { round, server, level });
+                }
+                Ok(())
+            })();
+            let _ = child.kill();
+            let _ = child.wait();
+            result?;
+        }
+    }
+    let report = report(args, &model, &samples, started.elapsed());
+    std::fs::write(out.join("report.md"), &report)?;
+    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&samples)?)?;
+    std::fs::write(out.join("samples.csv"), csv(&samples))?;
+    println!("{report}");
+    println!("reports in {}", out.display());
+    Ok(())
+}
+
+fn build_exsa() -> Result<PathBuf> {
+    eprintln!("building exsa (release)");
+    workspace::run(workspace::cargo().args(["build", "--release", "--locked", "-p", "exsa-engine", "--bin", "exsa"]))?;
+    Ok(workspace::target_dir().join("release").join("exsa"))
+}
+
+/// llama-server of the llama-cpp-python sdist's llama.cpp, built natively once.
+fn ensure_llama_server() -> Result<PathBuf> {
+    let root = workspace::target_dir().join("llama-server");
+    let binary = root.join("build").join("bin").join("llama-server");
+    if binary.is_file() {
+        return Ok(binary);
+    }
+    let src = root.join("src");
+    if !src.join("CMakeLists.txt").is_file() {
+        let download = root.join("sdist");
+        std::fs::create_dir_all(&download)?;
+        eprintln!("downloading the {LLAMA_CPP_PYTHON} {LLAMA_CPP_PYTHON_VERSION} sdist (it vendors llama.cpp)");
+        workspace::run(
+            python::python()
+                .args(["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check", "-d"])
+                .arg(&download)
+                .arg(format!("{LLAMA_CPP_PYTHON}=={LLAMA_CPP_PYTHON_VERSION}")),
+        )?;
+        let tarball = download.join(format!("llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"));
+        workspace::run(Command::new("tar").arg("xzf").arg(&tarball).arg("-C").arg(&download))?;
+        let vendored = download.join(format!("llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}")).join("vendor").join("llama.cpp");
+        std::fs::rename(&vendored, &src).with_context(|| format!("moving {} to {}", vendored.display(), src.display()))?;
+    }
+    eprintln!("building llama-server natively (minutes)");
+    let mut configure = Command::new("cmake");
+    configure.arg("-S").arg(&src).arg("-B").arg(root.join("build"));
+    // AMX kernels crash on the pinned tree (as in our own plan): off, on every CPU.
+    configure.args([
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=ON",
+        "-DLLAMA_BUILD_TOOLS=ON",
+        "-DLLAMA_BUILD_APP=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DGGML_NATIVE=ON",
+        "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+        "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+    ]);
+    if let Some(ccache) = crate::setup::which("ccache") {
+        configure.arg(format!("-DCMAKE_C_COMPILER_LAUNCHER={}", ccache.display())).arg(format!("-DCMAKE_CXX_COMPILER_LAUNCHER={}", ccache.display()));
+    }
+    workspace::run(&mut configure)?;
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get()).to_string();
+    workspace::run(Command::new("cmake").arg("--build").arg(root.join("build")).args(["--target", "llama-server", "-j", &jobs]))?;
+    Ok(binary)
+}
+
+/// Starts `server` on a free port and waits until /health answers 200.
+fn start(server: Server, exsa: &Path, llama_server: &Path, model: &Path, args: &Args, threads: usize, out: &Path) -> Result<(Child, String)> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let (slots, ctx, threads) = (args.slots.to_string(), args.ctx.to_string(), threads.to_string());
+    let log = std::fs::File::create(out.join(format!("{}.log", server.name().replace(' ', "-"))))?;
+    let mut command = match server {
+        Server::Exsa => {
+            let mut c = Command::new(exsa);
+            c.arg("--model").arg(model).args(["--log", "error", "--ctx", &ctx, "--threads", &threads]);
+            c.args(["serve", "--port", &port.to_string(), "--parallel", &slots, "--max-queue", "256", "--model-id", "default"]);
+            c
+        }
+        Server::LlamaServer => {
+            let mut c = Command::new(llama_server);
+            c.arg("-m").arg(model).args(["--port", &port.to_string(), "-np", &slots, "-c", &ctx, "-t", &threads, "-tb", &threads]);
+            c.args(["--alias", "default", "--no-webui", "-lv", "1"]);
+            c
+        }
+    };
+    let child = command.stdout(Stdio::null()).stderr(log).spawn().with_context(|| format!("starting {}", server.name()))?;
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if client.get(format!("{base}/health")).send().is_ok_and(|r| r.status().is_success()) {
+            return Ok((child, base));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{} did not become healthy within 120 s (log in {})", server.name(), out.display())
+}
+
+fn report(args: &Args, model: &Path, samples: &[Sample], took: Duration) -> String {
+    let machine = crate::bench::machine::describe();
+    let mut md = format!(
+        "# bench-serve\n\nCommand: `cargo xtask bench-serve` ({} rounds, concurrency {:?}, {} slots, {} requests per client of {} greedy tokens, ctx {})\n\
+         Model: {}\nMachine: {}\nTook {:.1} min.\n\n\
+         | concurrency | server | aggregate t/s (median) | vs llama-server [95% CI] | req/s | TTFT p50 / p99 ms | inter-token p50 / p99 ms |\n|---|---|---|---|---|---|---|\n",
+        args.rounds,
+        args.concurrency,
+        args.slots,
+        args.per_client,
+        args.max_tokens,
+        args.ctx,
+        model.display(),
+        format!("{}, {} cores, {}, {:.1} GB/s memory read", machine.cpu, machine.cores, machine.simd.join(" "), machine.memory_read_gb_s),
+        took.as_secs_f64() / 60.0
+    );
+    for &c in &args.concurrency {
+        let per_round = |server: Server| -> Vec<Option<f64>> {
+            (0..args.rounds)
+                .map(|r| samples.iter().find(|s| s.round == r && s.server == server && s.level.concurrency == c).map(|s| s.level.tokens_per_s()))
+                .collect()
+        };
+        let (ours, theirs) = (per_round(Server::Exsa), per_round(Server::LlamaServer));
+        let ratio = stats::paired_ratio(&ours, &theirs);
+        for server in [Server::LlamaServer, Server::Exsa] {
+            let levels: Vec<&LevelResult> = samples.iter().filter(|s| s.server == server && s.level.concurrency == c).map(|s| &s.level).collect();
+            let tps: Vec<f64> = levels.iter().map(|l| l.tokens_per_s()).collect();
+            let rps: Vec<f64> = levels.iter().map(|l| l.requests_per_s()).collect();
+            let ttft: Vec<f64> = levels.iter().flat_map(|l| l.ttft_ms()).collect();
+            let gaps: Vec<f64> = levels.iter().flat_map(|l| l.gaps_ms()).collect();
+            let vs = match (server, &ratio) {
+                (Server::Exsa, Some(r)) => format!("{:.3} [{:.3}, {:.3}] {}", r.ratio, r.ci_low, r.ci_high, r.verdict),
+                (Server::Exsa, None) => "n/a".into(),
+                (Server::LlamaServer, _) => "baseline".into(),
+            };
+            md += &format!(
+                "| {c} | {} | {:.1} | {vs} | {:.2} | {:.0} / {:.0} | {:.1} / {:.1} |\n",
+                server.name(),
+                stats::summarize(&tps).map_or(f64::NAN, |s| s.median),
+                stats::summarize(&rps).map_or(f64::NAN, |s| s.median),
+                percentile(&ttft, 50.0),
+                percentile(&ttft, 99.0),
+                percentile(&gaps, 50.0),
+                percentile(&gaps, 99.0),
+            );
+        }
+    }
+    md
+}
+
+fn csv(samples: &[Sample]) -> String {
+    let mut out = String::from("round,server,concurrency,wall_s,tokens,tokens_per_s,requests,ttft_p50_ms,ttft_p99_ms\n");
+    for s in samples {
+        let l = &s.level;
+        let tokens: usize = l.requests.iter().map(|r| r.tokens).sum();
+        out += &format!(
+            "{},{},{},{:.3},{tokens},{:.2},{},{:.1},{:.1}\n",
+            s.round,
+            s.server.name(),
+            l.concurrency,
+            l.wall_s,
+            l.tokens_per_s(),
+            l.requests.len(),
+            percentile(&l.ttft_ms(), 50.0),
+            percentile(&l.ttft_ms(), 99.0)
+        );
+    }
+    out
+}
