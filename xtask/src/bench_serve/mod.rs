@@ -205,6 +205,7 @@ fn start(server: Server, exsa: &Path, llama_server: &Path, model: &Path, args: &
 
 fn report(args: &Args, model: &Path, samples: &[Sample], took: Duration) -> String {
     let machine = crate::bench::machine::describe();
+    let machine = format!("{}, {} cores, {}, {:.1} GB/s memory read", machine.cpu, machine.cores, machine.simd.join(" "), machine.memory_read_gb_s);
     let mut md = format!(
         "# bench-serve\n\nCommand: `cargo xtask bench-serve` ({} rounds, concurrency {:?}, {} slots, {} requests per client of {} greedy tokens, ctx {})\n\
          Model: {}\nMachine: {}\nTook {:.1} min.\n\n\
@@ -216,7 +217,7 @@ fn report(args: &Args, model: &Path, samples: &[Sample], took: Duration) -> Stri
         args.max_tokens,
         args.ctx,
         model.display(),
-        format!("{}, {} cores, {}, {:.1} GB/s memory read", machine.cpu, machine.cores, machine.simd.join(" "), machine.memory_read_gb_s),
+        machine,
         took.as_secs_f64() / 60.0
     );
     for &c in &args.concurrency {
