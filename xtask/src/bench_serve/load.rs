@@ -64,7 +64,9 @@ pub fn run_level(base: &str, model: &str, concurrency: usize, per_client: usize,
         let handles: Vec<_> = (0..concurrency)
             .map(|c| {
                 s.spawn(move || {
-                    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(600)).build()?;
+                    // A new connection per request: a pooled one that the server closed meanwhile
+                    // (llama-server's keep-alive) would fail the request, not the server.
+                    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(600)).pool_max_idle_per_host(0).build()?;
                     (0..per_client).map(|k| one_request(&client, base, model, PROMPTS[(c + k) % PROMPTS.len()], max_tokens)).collect()
                 })
             })

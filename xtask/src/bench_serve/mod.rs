@@ -186,7 +186,8 @@ fn start(server: Server, exsa: &Path, llama_server: &Path, model: &Path, args: &
         Server::LlamaServer => {
             let mut c = Command::new(llama_server);
             c.arg("-m").arg(model).args(["--port", &port.to_string(), "-np", &slots, "-c", &ctx, "-t", &threads, "-tb", &threads]);
-            c.args(["--alias", "default", "--no-webui", "-lv", "1"]);
+            // Unified KV cache and 512-token batches, as `exsa serve` runs.
+            c.args(["--alias", "default", "--no-webui", "-lv", "1", "-kvu", "-b", "512", "-ub", "512"]);
             c
         }
     };
