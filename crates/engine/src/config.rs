@@ -91,14 +91,35 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// 1.0: off.
     pub repeat_penalty: f32,
-    /// Tokens the repeat penalty looks back over.
+    /// Tokens the repeat, frequency and presence penalties look back over.
     pub repeat_last_n: i32,
+    /// Subtracted from a token's logit once per time it occurred (OpenAI's; 0: off).
+    pub frequency_penalty: f32,
+    /// Subtracted from a token's logit if it occurred at all (OpenAI's; 0: off).
+    pub presence_penalty: f32,
+    /// Added to the given tokens' logits before anything else (-inf bans a token).
+    pub logit_bias: Vec<(crate::backend::TokenId, f32)>,
+    /// A GBNF grammar (rule `root` first) every generated token must fit, checked the way
+    /// llama.cpp's server does (see `llama::SamplerChain::constrain`). Backend `source` only.
+    pub grammar: Option<String>,
     pub seed: u32,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
+            grammar: None,
+            seed: 0,
+        }
     }
 }
 
@@ -112,12 +133,21 @@ impl SamplingParams {
         self.temperature == 0.0
     }
 
-    /// The sampler chain these parameters mean, stage by stage. Every backend builds exactly
-    /// this chain with its own API, so A and B sample the same way.
+    /// The sampler chain these parameters mean, stage by stage (the grammar is not a stage:
+    /// it checks the chain's choice). Every backend builds exactly this chain with its own API,
+    /// so A and B sample the same way.
     pub fn stages(&self) -> Vec<SamplerStage> {
         let mut stages = Vec::new();
-        if self.repeat_penalty != 1.0 {
-            stages.push(SamplerStage::Penalties { last_n: self.repeat_last_n, repeat: self.repeat_penalty });
+        if !self.logit_bias.is_empty() {
+            stages.push(SamplerStage::LogitBias(self.logit_bias.clone()));
+        }
+        if self.repeat_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0 {
+            stages.push(SamplerStage::Penalties {
+                last_n: self.repeat_last_n,
+                repeat: self.repeat_penalty,
+                frequency: self.frequency_penalty,
+                presence: self.presence_penalty,
+            });
         }
         if self.is_greedy() {
             stages.push(SamplerStage::Greedy);
@@ -135,6 +165,16 @@ impl SamplingParams {
         stages.push(SamplerStage::Temp(self.temperature));
         stages.push(SamplerStage::Dist(self.seed));
         stages
+    }
+
+    /// [`SamplingParams::validate`], and every biased token inside a vocabulary of `n_vocab`
+    /// (llama.cpp's logit-bias stage writes at the token's index unchecked).
+    pub fn validate_for(&self, n_vocab: i32) -> Result<(), EngineError> {
+        self.validate()?;
+        match self.logit_bias.iter().find(|(t, _)| !(0..n_vocab).contains(t)) {
+            Some((t, _)) => Err(EngineError::InvalidRequest { field: "logit_bias", value: t.to_string(), reason: "is not a token of this model" }),
+            None => Ok(()),
+        }
     }
 
     pub fn validate(&self) -> Result<(), EngineError> {
@@ -157,17 +197,34 @@ impl SamplingParams {
         if self.repeat_last_n < -1 {
             return bad("repeat_last_n", self.repeat_last_n as f32, "must be >= -1");
         }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return bad("frequency_penalty", self.frequency_penalty, "must be within [-2, 2]");
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return bad("presence_penalty", self.presence_penalty, "must be within [-2, 2]");
+        }
+        if let Some(&(_, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b) && *b != f32::NEG_INFINITY) {
+            return bad("logit_bias", b, "each bias must be within [-100, 100] (or -inf to ban)");
+        }
+        if self.grammar.as_deref().is_some_and(str::is_empty) {
+            return Err(EngineError::InvalidRequest { field: "grammar", value: "\"\"".into(), reason: "must not be empty when given" });
+        }
         Ok(())
     }
 }
 
 /// One stage of a sampler chain, in llama.cpp's terms (min_keep is 1 throughout).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum SamplerStage {
-    /// Repetition penalty over the last `last_n` tokens.
+    /// Biases added to the logits of single tokens.
+    LogitBias(Vec<(crate::backend::TokenId, f32)>),
+    /// Repetition (divides), frequency and presence (subtract) penalties over the last `last_n`
+    /// tokens.
     Penalties {
         last_n: i32,
         repeat: f32,
+        frequency: f32,
+        presence: f32,
     },
     TopK(i32),
     TopP(f32),
@@ -254,6 +311,10 @@ mod tests {
             (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
             (SamplingParams { min_p: 2.0, ..Default::default() }, "min_p"),
             (SamplingParams { repeat_penalty: 0.0, ..Default::default() }, "repeat_penalty"),
+            (SamplingParams { frequency_penalty: 2.5, ..Default::default() }, "frequency_penalty"),
+            (SamplingParams { presence_penalty: f32::NAN, ..Default::default() }, "presence_penalty"),
+            (SamplingParams { logit_bias: vec![(5, 101.0)], ..Default::default() }, "logit_bias"),
+            (SamplingParams { grammar: Some(String::new()), ..Default::default() }, "grammar"),
         ] {
             match p.validate() {
                 Err(EngineError::InvalidRequest { field: f, .. }) => assert_eq!(f, field),
@@ -268,7 +329,11 @@ mod tests {
     fn the_chain_is_the_usual_order_and_greedy_skips_the_truncations() {
         use SamplerStage::*;
         let p = SamplingParams { repeat_penalty: 1.1, seed: 7, ..Default::default() };
-        assert_eq!(p.stages(), vec![Penalties { last_n: 64, repeat: 1.1 }, TopK(40), TopP(0.95), MinP(0.05), Temp(0.8), Dist(7)]);
+        let penalties = Penalties { last_n: 64, repeat: 1.1, frequency: 0.0, presence: 0.0 };
+        assert_eq!(p.stages(), vec![penalties, TopK(40), TopP(0.95), MinP(0.05), Temp(0.8), Dist(7)]);
+        // Biases come first, then one penalties stage for all three penalties.
+        let p = SamplingParams { logit_bias: vec![(3, -1.0)], presence_penalty: 0.5, ..SamplingParams::greedy() };
+        assert_eq!(p.stages(), vec![LogitBias(vec![(3, -1.0)]), Penalties { last_n: 64, repeat: 1.0, frequency: 0.0, presence: 0.5 }, Greedy]);
         assert_eq!(SamplingParams::greedy().stages(), vec![Greedy]);
         let off = SamplingParams { top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() };
         assert_eq!(off.stages(), vec![Temp(0.8), Dist(0)]);

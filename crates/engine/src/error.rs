@@ -62,6 +62,9 @@ pub enum EngineError {
     Decode { kind: DecodeFailure, source: Cause },
     #[error("sampler: {0}")]
     Sampler(#[source] Cause),
+    /// The grammar a request asked for does not parse (or is too large).
+    #[error("grammar: {0}")]
+    Grammar(#[source] Cause),
     #[error("the request was cancelled")]
     Cancelled,
     #[error("backend {backend} does not support {what}")]

@@ -72,7 +72,7 @@ pub const E2E_PROMPT: &str = "Write a short story about a lighthouse keeper who 
 
 /// The sampling of the e2e test (llama.cpp's common defaults, seeded).
 pub fn e2e_sampling() -> SamplingParams {
-    SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, seed: 42 }
+    SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, seed: 42, ..Default::default() }
 }
 
 /// Deterministic pseudo-random token ids: every variant decodes the same ones.

@@ -28,12 +28,14 @@ mod engine;
 mod error;
 pub mod harness;
 pub mod http;
+pub mod json_grammar;
 pub mod serving;
 mod stop;
+mod token_text;
 
 pub use chat::ChatMessage;
 pub use config::{CancelToken, EngineConfig, GenerateRequest, SamplerStage, SamplingParams, SessionConfig};
-pub use engine::{Engine, FinishReason, Generation, GenerationStats, Session};
+pub use engine::{Engine, FinishReason, Generation, GenerationStats, Session, TokenizeOptions};
 pub use error::{Cause, DecodeFailure, EngineError, Result};
 // One UTF-8 stream decoder for the whole workspace, from a crate of its own: the `crate`
 // backend must not link llama-sys, so it cannot come through `llama`.

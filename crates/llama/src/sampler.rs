@@ -61,11 +61,13 @@ impl Stage {
 pub struct SamplerChain {
     stages: Vec<Stage>,
     preselect: bool,
+    /// A grammar (GBNF text, root rule) checked outside the chain: see [`SamplerChain::constrain`].
+    constraint: Option<(String, String)>,
 }
 
 impl Default for SamplerChain {
     fn default() -> Self {
-        SamplerChain { stages: Vec::new(), preselect: true }
+        SamplerChain { stages: Vec::new(), preselect: true, constraint: None }
     }
 }
 
@@ -150,6 +152,21 @@ impl SamplerChain {
     pub fn grammar(self, grammar: &str, root: &str) -> Self {
         self.with(Stage::Grammar { grammar: grammar.to_string(), root: root.to_string() })
     }
+    /// Constrains every sampled token to a GBNF grammar starting at rule `root`, the way
+    /// llama.cpp's server does it: the chain samples as it would without the grammar, and only
+    /// when the grammar cannot take that token is the whole vocabulary masked by the grammar and
+    /// the chain run again on what is left.
+    ///
+    /// A [`grammar`](Self::grammar) stage inside the chain instead masks the whole vocabulary
+    /// every step (tens of milliseconds with a vocabulary of 262k tokens), and after a `top_k`
+    /// stage it sees only the k best. For a deterministic chain (greedy, with or without
+    /// penalties or biases) both give the same tokens; a random chain draws from the grammar's
+    /// tokens only when its first draw was refused.
+    pub fn constrain(mut self, grammar: &str, root: &str) -> Self {
+        self.constraint = Some((grammar.to_string(), root.to_string()));
+        self
+    }
+
     /// Adds a bias to the logits of the given tokens (-inf bans a token).
     pub fn logit_bias(self, biases: &[(Token, f32)]) -> Self {
         self.with(Stage::LogitBias { biases: biases.to_vec() })
@@ -172,7 +189,13 @@ impl SamplerChain {
         let chain = NonNull::new(unsafe { sys::llama_sampler_chain_init(params) }).ok_or(SamplerError::Llama("chain"))?;
         let n_vocab = usize::try_from(model.vocab().n_tokens()).unwrap_or(0);
         let preselect = if self.preselect { preselection(&self.stages, n_vocab) } else { None };
-        let mut sampler = Sampler { raw: chain, model, preselect, candidates: Vec::new(), grammars: Vec::new(), poisoned: false };
+        let mut sampler =
+            Sampler { raw: chain, model, preselect, candidates: Vec::new(), grammars: Vec::new(), constraint: None, poisoned: false };
+        if let Some((grammar, root)) = &self.constraint {
+            let stage = Stage::Grammar { grammar: grammar.clone(), root: root.clone() };
+            // Owned by the Sampler from here (freed on drop), not by the chain.
+            sampler.constraint = Some(create(&stage, model)?);
+        }
         for stage in &self.stages {
             let raw = create(stage, model)?;
             // SAFETY: the chain takes ownership of the stage, which lives as long as the chain.
@@ -190,6 +213,13 @@ impl SamplerChain {
 fn preselect_row(logits: &[f32], k: usize, out: &mut Vec<sys::llama_token_data>) -> Result<(), SamplerError> {
     top_k::select(logits, k, out);
     if out.is_empty() { Err(SamplerError::NothingSelected { candidates: 0 }) } else { Ok(()) }
+}
+
+/// Every token of a logits row as a candidate, in token order (what `llama_sampler_sample`
+/// hands a chain).
+fn whole_row(logits: &[f32], out: &mut Vec<sys::llama_token_data>) {
+    out.clear();
+    out.extend(logits.iter().zip(0..).map(|(&logit, id)| sys::llama_token_data { id, logit, p: 0.0 }));
 }
 
 /// How many candidates the chain needs to see, where that is fewer than the whole vocabulary
@@ -341,6 +371,8 @@ pub struct Sampler<'m> {
     /// because llama.cpp's grammar aborts on an end-of-generation token it cannot take and
     /// throws on other tokens it cannot take, leaving itself broken.
     grammars: Vec<NonNull<sys::llama_sampler>>,
+    /// The grammar of [`SamplerChain::constrain`], owned here (not by the chain).
+    constraint: Option<NonNull<sys::llama_sampler>>,
     /// Set when llama.cpp threw inside the chain: its state (a grammar's stacks) may be broken,
     /// and using it again could abort. Cleared by a successful [`Sampler::reset`].
     poisoned: bool,
@@ -369,8 +401,8 @@ impl Sampler<'_> {
     /// Whether every grammar stage of the chain can take `token` now: each is applied to a
     /// one-candidate array, which a grammar sets to -inf when it cannot take the token.
     fn grammars_accept(&mut self, token: i32) -> Result<bool, SamplerError> {
-        for i in 0..self.grammars.len() {
-            let grammar = self.grammars[i];
+        for i in 0..self.grammars.len() + usize::from(self.constraint.is_some()) {
+            let Some(grammar) = self.grammars.get(i).copied().or(self.constraint) else { break };
             let mut one = [sys::llama_token_data { id: token, logit: 0.0, p: 0.0 }];
             let mut array = sys::llama_token_data_array { data: one.as_mut_ptr(), size: 1, selected: -1, sorted: false };
             // SAFETY: the stage lives inside the chain we own; the array points to one live
@@ -391,6 +423,9 @@ impl Sampler<'_> {
         }
         if !ctx.outputs().contains(&index) {
             return Err(OutputError::NotAnOutput { index, outputs: ctx.outputs().to_vec() }.into());
+        }
+        if let Some(constraint) = self.constraint {
+            return self.sample_constrained(ctx, index, constraint);
         }
         match self.preselect {
             Some(k) => self.sample_preselected(ctx, index, k),
@@ -418,16 +453,52 @@ impl Sampler<'_> {
     /// it. The chain then runs whole: its top-k stage finds the array sorted and already `k`
     /// long and leaves it be.
     fn sample_preselected(&mut self, ctx: &Context<'_>, index: i32, k: usize) -> Result<Token, SamplerError> {
+        preselect_row(ctx.logits(index)?, k, &mut self.candidates)?;
+        let token = self.select(true, None)?;
+        self.accept_into(self.raw, token)?;
+        Ok(Token(token))
+    }
+
+    /// Samples with the [`SamplerChain::constrain`] grammar: the chain's own choice if the
+    /// grammar takes it, else the chain's choice among the tokens the grammar allows.
+    fn sample_constrained(&mut self, ctx: &Context<'_>, index: i32, constraint: NonNull<sys::llama_sampler>) -> Result<Token, SamplerError> {
+        let logits = ctx.logits(index)?;
+        let sorted = match self.preselect {
+            Some(k) => {
+                preselect_row(logits, k, &mut self.candidates)?;
+                true
+            }
+            None => {
+                whole_row(logits, &mut self.candidates);
+                false
+            }
+        };
+        let first = self.select(sorted, None)?;
+        let token = if self.grammars_accept(first)? {
+            first
+        } else {
+            whole_row(logits, &mut self.candidates);
+            self.select(false, Some(constraint))?
+        };
+        self.accept_into(constraint, token)?;
+        self.accept_into(self.raw, token)?;
+        Ok(Token(token))
+    }
+
+    /// Runs `mask` (a grammar), then the chain, over `self.candidates` without accepting
+    /// anything, and returns the selected token. A token ruled out (-inf) is an error: accepting
+    /// it would break a grammar.
+    fn select(&mut self, sorted: bool, mask: Option<NonNull<sys::llama_sampler>>) -> Result<i32, SamplerError> {
         if self.poisoned {
             return Err(SamplerError::Poisoned);
         }
-        let logits = ctx.logits(index)?;
-        preselect_row(logits, k, &mut self.candidates)?;
-        let mut array = sys::llama_token_data_array { data: self.candidates.as_mut_ptr(), size: self.candidates.len(), selected: -1, sorted: true };
-        let chain = self.raw.as_ptr();
-        // SAFETY: the array points into our buffer, which lives and is not touched elsewhere
-        // for the call; the stages only shrink `size` and write within it.
-        self.guarded("llama_sampler_apply", |err| unsafe { sys::exsa_sampler_apply(chain, &mut array, err) })?;
+        let mut array = sys::llama_token_data_array { data: self.candidates.as_mut_ptr(), size: self.candidates.len(), selected: -1, sorted };
+        for stage in mask.into_iter().chain([self.raw]) {
+            // SAFETY: the array points into our buffer, which lives and is not touched elsewhere
+            // for the call; stages only shrink `size`, reorder and write within it. The stage is
+            // the chain or the constraint, both owned by this sampler.
+            self.guarded("llama_sampler_apply", |err| unsafe { sys::exsa_sampler_apply(stage.as_ptr(), &mut array, err) })?;
+        }
         let selected = usize::try_from(array.selected).ok().filter(|&i| i < array.size.min(self.candidates.len()));
         let chosen = selected.and_then(|i| self.candidates.get(i)).ok_or(SamplerError::NothingSelected { candidates: array.size })?;
         // A stage (a grammar that fits none of the top k, a logit bias) ruled every candidate
@@ -435,10 +506,16 @@ impl Sampler<'_> {
         if chosen.logit == f32::NEG_INFINITY {
             return Err(SamplerError::AllRuledOut { candidates: array.size });
         }
-        let token = chosen.id;
-        // SAFETY: live chain; the token comes from the logits row, so it is in the vocabulary.
-        self.guarded("llama_sampler_accept", |err| unsafe { sys::exsa_sampler_accept(chain, token, err) })?;
-        Ok(Token(token))
+        Ok(chosen.id)
+    }
+
+    /// Accepts a token the chain or a grammar check has let through into `target` (the chain
+    /// or the constraint).
+    fn accept_into(&mut self, target: NonNull<sys::llama_sampler>, token: i32) -> Result<(), SamplerError> {
+        // SAFETY: `target` is owned by this sampler and alive; the token comes from the logits
+        // row, so it is in the vocabulary, and every grammar that sees it has taken it (a
+        // grammar's accept aborts on an end-of-generation token it cannot take).
+        self.guarded("llama_sampler_accept", |err| unsafe { sys::exsa_sampler_accept(target.as_ptr(), token, err) })
     }
 
     /// The number of candidates this sampler selects from the logits row before its chain runs,
@@ -457,19 +534,21 @@ impl Sampler<'_> {
         if !self.grammars_accept(token.0)? {
             return Err(SamplerError::GrammarRejects { token });
         }
-        let chain = self.raw.as_ptr();
-        // SAFETY: live chain; the token is in the vocabulary and every grammar stage takes it;
-        // anything else that throws is caught by the guard.
-        self.guarded("llama_sampler_accept", |err| unsafe { sys::exsa_sampler_accept(chain, token.0, err) })
+        if let Some(constraint) = self.constraint {
+            self.accept_into(constraint, token.0)?;
+        }
+        self.accept_into(self.raw, token.0)
     }
 
     /// Resets the chain's state (penalty history, grammar; the RNG stays seeded as built), and
     /// with it a sampler that [`SamplerError::Poisoned`] refused.
     pub fn reset(&mut self) -> Result<(), SamplerError> {
         self.poisoned = false;
-        let chain = self.raw.as_ptr();
-        // SAFETY: live chain.
-        self.guarded("llama_sampler_reset", |err| unsafe { sys::exsa_sampler_reset(chain, err) })
+        for stage in [Some(self.raw), self.constraint].into_iter().flatten() {
+            // SAFETY: live chain or constraint, owned by this sampler.
+            self.guarded("llama_sampler_reset", |err| unsafe { sys::exsa_sampler_reset(stage.as_ptr(), err) })?;
+        }
+        Ok(())
     }
 
     /// Number of stages.
@@ -486,8 +565,14 @@ impl Sampler<'_> {
 
 impl Drop for Sampler<'_> {
     fn drop(&mut self) {
-        // SAFETY: we own the chain, which frees its stages.
-        unsafe { sys::llama_sampler_free(self.raw.as_ptr()) }
+        // SAFETY: we own the chain, which frees its stages, and the constraint, which is in no
+        // chain; each is freed once.
+        unsafe {
+            sys::llama_sampler_free(self.raw.as_ptr());
+            if let Some(constraint) = self.constraint {
+                sys::llama_sampler_free(constraint.as_ptr());
+            }
+        }
     }
 }
 

@@ -344,6 +344,58 @@ fn a_grammar_constrains_the_output() {
     assert!(text == " yes" || text == " no", "{text:?}");
 }
 
+/// Generates up to `n` tokens greedily-or-not with `sampler`, stopping at end of generation.
+fn generate_with(sampler: &mut Sampler<'_>, prompt: &str, n: usize) -> Vec<Token> {
+    let mut ctx = context();
+    let vocab = model().vocab();
+    let tokens = vocab.tokenize(prompt, TokenizeOptions::default()).unwrap();
+    let mut batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
+    let mut out = Vec::new();
+    for pos in (tokens.len() as i32..).take(n) {
+        ctx.decode(&batch).unwrap();
+        let t = sampler.sample_last(&ctx).unwrap();
+        if vocab.is_eog(t) {
+            break;
+        }
+        out.push(t);
+        batch.clear();
+        batch.add_output(t, pos, 0).unwrap();
+    }
+    out
+}
+
+#[test]
+fn a_constraint_picks_what_a_grammar_stage_picks_and_reaches_past_the_top_k() {
+    // Digits only, then the end: the model would rather write words after this prompt.
+    let digits = r#"root ::= [0-9] [0-9] [0-9] "!""#;
+    let prompt = "Write a short poem about the sea:";
+    let vocab = model().vocab();
+    let mut staged = SamplerChain::new().grammar(digits, "root").greedy().build(model()).unwrap();
+    let mut constrained = SamplerChain::new().constrain(digits, "root").greedy().build(model()).unwrap();
+    assert_eq!(constrained.preselected(), Some(1), "the constraint keeps the chain's preselection");
+    let a = generate_with(&mut staged, prompt, 8);
+    let b = generate_with(&mut constrained, prompt, 8);
+    assert_eq!(a, b, "a greedy chain must choose the same tokens either way");
+    let text = vocab.detokenize(&b, DetokenizeOptions::default()).unwrap();
+    assert!(text.len() == 4 && text[..3].bytes().all(|c| c.is_ascii_digit()) && text.ends_with('!'), "{text:?}");
+    // A grammar stage after top-k sees only the k best and finds no digit among them; the
+    // constraint falls back to the whole vocabulary.
+    let mut cut = SamplerChain::new().top_k(2).grammar(digits, "root").temp(0.5).dist(3).build(model()).unwrap();
+    let mut ctx = context();
+    let tokens = vocab.tokenize(prompt, TokenizeOptions::default()).unwrap();
+    ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
+    assert!(matches!(cut.sample_last(&ctx), Err(SamplerError::AllRuledOut { .. })));
+    let mut constrained = SamplerChain::new().constrain(digits, "root").top_k(2).temp(0.5).dist(3).build(model()).unwrap();
+    let text = vocab.detokenize(&generate_with(&mut constrained, prompt, 8), DetokenizeOptions::default()).unwrap();
+    assert!(text.len() == 4 && text[..3].bytes().all(|c| c.is_ascii_digit()) && text.ends_with('!'), "{text:?}");
+    // Reset starts the grammar over.
+    constrained.reset().unwrap();
+    let again = vocab.detokenize(&generate_with(&mut constrained, prompt, 8), DetokenizeOptions::default()).unwrap();
+    assert_eq!(again.len(), 4, "{again:?}");
+    // A broken constraint is refused when built.
+    assert!(matches!(SamplerChain::new().constrain("root ::= (", "root").greedy().build(model()), Err(SamplerError::Grammar { .. })));
+}
+
 #[test]
 fn a_logit_bias_forces_a_token_and_mirostat_samples() {
     let mut ctx = context();

@@ -138,6 +138,10 @@ impl BackendModel for CrateModel {
         self.model.apply_chat_template(&tmpl, &msgs, true).map_err(|e| EngineError::ChatTemplate(e.into()))
     }
 
+    fn check_sampling(&self, params: &SamplingParams) -> Result<(), EngineError> {
+        chain(&self.model, params).map(drop)
+    }
+
     fn session(&self, config: &SessionConfig) -> Result<CrateSession<'_>, EngineError> {
         let mut params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(config.n_ctx))
@@ -219,7 +223,7 @@ impl BackendSession for CrateSession<'_> {
     }
 
     fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
-        self.sampler = Some(chain(self.model, p));
+        self.sampler = Some(chain(self.model, p)?);
         Ok(())
     }
 
@@ -245,7 +249,7 @@ impl BackendSession for CrateSession<'_> {
     type Sampler = LlamaSampler;
 
     fn new_sampler(&self, params: &SamplingParams) -> Result<LlamaSampler, EngineError> {
-        Ok(chain(self.model, params))
+        chain(self.model, params)
     }
 
     fn batch_clear(&mut self) {
@@ -290,11 +294,20 @@ fn decode_error(e: llama_cpp_2::DecodeError) -> EngineError {
     EngineError::decode(kind, e)
 }
 
-/// The engine's sampling parameters as a llama-cpp-2 chain.
-fn chain(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
+/// The engine's sampling parameters as a llama-cpp-2 chain. A grammar is refused: the crate's
+/// grammar sampler accepts tokens unchecked, and llama.cpp aborts the process on an
+/// end-of-generation token the grammar cannot take.
+fn chain(model: &LlamaModel, p: &SamplingParams) -> Result<LlamaSampler, EngineError> {
     let n_vocab = model.n_vocab();
+    p.validate_for(n_vocab)?;
+    if p.grammar.is_some() {
+        return Err(EngineError::Unsupported { what: "grammars (response_format)", backend: "crate" });
+    }
     let stages = p.stages().into_iter().map(|stage| match stage {
-        SamplerStage::Penalties { last_n, repeat } => LlamaSampler::penalties(n_vocab, last_n, repeat, 0.0, 0.0),
+        SamplerStage::LogitBias(biases) => {
+            LlamaSampler::logit_bias(n_vocab, &biases.iter().map(|&(t, b)| LlamaLogitBias::new(LlamaToken(t), b)).collect::<Vec<_>>())
+        }
+        SamplerStage::Penalties { last_n, repeat, frequency, presence } => LlamaSampler::penalties(n_vocab, last_n, repeat, frequency, presence),
         SamplerStage::TopK(k) => LlamaSampler::top_k(k),
         SamplerStage::TopP(p) => LlamaSampler::top_p(p, 1),
         SamplerStage::MinP(p) => LlamaSampler::min_p(p, 1),
@@ -302,5 +315,5 @@ fn chain(model: &LlamaModel, p: &SamplingParams) -> LlamaSampler {
         SamplerStage::Dist(seed) => LlamaSampler::dist(seed),
         SamplerStage::Greedy => LlamaSampler::greedy(),
     });
-    LlamaSampler::chain_simple(stages)
+    Ok(LlamaSampler::chain_simple(stages))
 }

@@ -84,6 +84,9 @@ pub trait BackendModel: Send + Sync + Sized {
     fn chat_template(&self) -> Option<String>;
     /// Formats messages with a template text or a llama.cpp built-in template name.
     fn apply_chat_template(&self, template: &str, messages: &[(String, String)]) -> Result<String, EngineError>;
+    /// Whether a sampler for `params` can be built for this model (biases in the vocabulary,
+    /// a grammar that parses, a backend that supports it), without a session.
+    fn check_sampling(&self, params: &SamplingParams) -> Result<(), EngineError>;
     fn session(&self, config: &SessionConfig) -> Result<Self::Session<'_>, EngineError>;
 }
 

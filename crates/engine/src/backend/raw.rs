@@ -230,6 +230,14 @@ impl BackendModel for RawModel {
         }
     }
 
+    fn check_sampling(&self, params: &SamplingParams) -> Result<(), EngineError> {
+        params.validate_for(self.n_vocab())?;
+        if params.grammar.is_some() {
+            return Err(EngineError::Unsupported { what: "grammars", backend: "raw" });
+        }
+        Ok(())
+    }
+
     fn session(&self, config: &SessionConfig) -> Result<RawSession<'_>, EngineError> {
         // SAFETY: default params by value, then a context over the live model.
         let ctx = unsafe {
@@ -342,7 +350,7 @@ impl BackendSession for RawSession<'_> {
     }
 
     fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
-        p.validate()?;
+        self.model.check_sampling(p)?;
         // SAFETY: the chain takes ownership of each stage; the old chain is freed once.
         unsafe {
             if let Some(old) = self.sampler.take() {
@@ -352,9 +360,13 @@ impl BackendSession for RawSession<'_> {
             for stage in p.stages() {
                 let s = match stage {
                     // -1 is "the whole context"; llama.cpp would clamp it to 0 (off).
-                    SamplerStage::Penalties { last_n, repeat } => {
+                    SamplerStage::LogitBias(biases) => {
+                        let biases: Vec<sys::llama_logit_bias> = biases.iter().map(|&(token, bias)| sys::llama_logit_bias { token, bias }).collect();
+                        sys::llama_sampler_init_logit_bias(self.model.n_vocab(), biases.len() as i32, biases.as_ptr())
+                    }
+                    SamplerStage::Penalties { last_n, repeat, frequency, presence } => {
                         let last_n = if last_n == -1 { i32::try_from(self.n_ctx).unwrap_or(i32::MAX) } else { last_n };
-                        sys::llama_sampler_init_penalties(self.model.n_vocab(), last_n, repeat, 0.0, 0.0)
+                        sys::llama_sampler_init_penalties(self.model.n_vocab(), last_n, repeat, frequency, presence)
                     }
                     SamplerStage::TopK(k) => sys::llama_sampler_init_top_k(k),
                     SamplerStage::TopP(p) => sys::llama_sampler_init_top_p(p, 1),

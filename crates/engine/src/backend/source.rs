@@ -111,6 +111,10 @@ impl BackendModel for SourceModel {
         llama::apply_template(template, &msgs, ChatEnding::AssistantTurn).map_err(|e| EngineError::ChatTemplate(e.into()))
     }
 
+    fn check_sampling(&self, params: &SamplingParams) -> Result<(), EngineError> {
+        build_sampler(&self.model, params).map(drop)
+    }
+
     fn session(&self, config: &SessionConfig) -> Result<SourceSession<'_>, EngineError> {
         let params = ContextParams {
             n_ctx: config.n_ctx,
@@ -172,7 +176,7 @@ impl<'m> BackendSession for SourceSession<'m> {
     }
 
     fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
-        self.sampler = Some(chain(p).build(self.model).map_err(|e| EngineError::Sampler(e.into()))?);
+        self.sampler = Some(build_sampler(self.model, p)?);
         Ok(())
     }
 
@@ -197,7 +201,7 @@ impl<'m> BackendSession for SourceSession<'m> {
     type Sampler = Sampler<'m>;
 
     fn new_sampler(&self, params: &SamplingParams) -> Result<Sampler<'m>, EngineError> {
-        chain(params).build(self.model).map_err(|e| EngineError::Sampler(e.into()))
+        build_sampler(self.model, params)
     }
 
     fn batch_clear(&mut self) {
@@ -242,15 +246,31 @@ fn decode_error(e: llama::DecodeError) -> EngineError {
     }
 }
 
-/// The engine's sampling parameters as a chain of the safe wrapper's stages.
+/// The sampler these parameters ask for; a grammar that does not parse is
+/// [`EngineError::Grammar`].
+fn build_sampler<'m>(model: &'m Model, p: &SamplingParams) -> Result<Sampler<'m>, EngineError> {
+    p.validate_for(model.vocab().n_tokens())?;
+    chain(p).build(model).map_err(|e| match e {
+        e @ llama::SamplerError::Grammar { .. } => EngineError::Grammar(e.into()),
+        e => EngineError::Sampler(e.into()),
+    })
+}
+
+/// The engine's sampling parameters as a chain of the safe wrapper's stages, the grammar as
+/// its constraint.
 fn chain(p: &SamplingParams) -> SamplerChain {
-    p.stages().into_iter().fold(SamplerChain::new(), |chain, stage| match stage {
-        SamplerStage::Penalties { last_n, repeat } => chain.penalties(last_n, repeat, 0.0, 0.0),
+    let chain = p.stages().into_iter().fold(SamplerChain::new(), |chain, stage| match stage {
+        SamplerStage::LogitBias(biases) => chain.logit_bias(&biases.iter().map(|&(t, b)| (Token(t), b)).collect::<Vec<_>>()),
+        SamplerStage::Penalties { last_n, repeat, frequency, presence } => chain.penalties(last_n, repeat, frequency, presence),
         SamplerStage::TopK(k) => chain.top_k(k),
         SamplerStage::TopP(p) => chain.top_p(p, 1),
         SamplerStage::MinP(p) => chain.min_p(p, 1),
         SamplerStage::Temp(t) => chain.temp(t),
         SamplerStage::Dist(seed) => chain.dist(seed),
         SamplerStage::Greedy => chain.greedy(),
-    })
+    });
+    match &p.grammar {
+        Some(grammar) => chain.constrain(grammar, "root"),
+        None => chain,
+    }
 }

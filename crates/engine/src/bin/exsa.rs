@@ -69,8 +69,8 @@ impl Sampling {
             top_p: self.top_p,
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
-            repeat_last_n: 64,
             seed: self.seed,
+            ..SamplingParams::default()
         }
     }
 }

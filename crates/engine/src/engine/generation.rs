@@ -8,8 +8,7 @@ use super::Session;
 use crate::backend::{BackendModel, BackendSession, Outputs};
 use crate::config::CancelToken;
 use crate::error::EngineError;
-use crate::stop::{StopMatcher, StopScan};
-use exsa_utf8::Utf8Decoder;
+use crate::token_text::{TokenText, ms};
 
 /// Why a generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -51,6 +50,15 @@ pub struct GenerationStats {
 }
 
 impl GenerationStats {
+    /// Records how the generation ended and its generation time (from `prompt_done`) and speed.
+    pub(crate) fn end(&mut self, reason: FinishReason, prompt_done: Instant) {
+        self.finish_reason = Some(reason);
+        self.generation_ms = ms(Instant::now() - prompt_done);
+        if self.generation_ms > 0.0 {
+            self.generation_tokens_per_s = self.completion_tokens as f64 / (self.generation_ms / 1000.0);
+        }
+    }
+
     /// The share of the generation's time spent outside decoding, in percent (0 before any
     /// generation time was measured).
     pub fn outside_decode_percent(&self) -> f64 {
@@ -64,13 +72,8 @@ pub struct Generation<'s, 'e> {
     pub(super) session: &'s mut Session<'e>,
     pub(super) max_tokens: usize,
     pub(super) cancel: CancelToken,
-    pub(super) stop: StopMatcher,
-    pub(super) utf8: Utf8Decoder,
-    /// The bytes of the current token.
-    pub(super) piece: Vec<u8>,
-    /// The complete characters those bytes finished.
-    pub(super) decoded: String,
-    /// What the current step emits. All three buffers keep their allocations across steps.
+    pub(super) text: TokenText,
+    /// What the current step emits (keeps its allocation across steps).
     pub(super) delta: String,
     pub(super) started: Instant,
     pub(super) prompt_done: Instant,
@@ -110,18 +113,8 @@ impl Generation<'_, '_> {
     /// Ends the generation, appending whatever text was held back to the step's delta.
     fn finish(&mut self, reason: FinishReason) {
         self.finished = true;
-        self.stats.finish_reason = Some(reason);
-        if reason != FinishReason::StopSequence {
-            // Held-back text first, then the bytes of an unfinished character, replaced rather
-            // than dropped.
-            self.stop.flush(&mut self.delta);
-            self.utf8.finish(&mut self.delta);
-        }
-        let generation_ms = ms(Instant::now() - self.prompt_done);
-        self.stats.generation_ms = generation_ms;
-        if generation_ms > 0.0 {
-            self.stats.generation_tokens_per_s = self.stats.completion_tokens as f64 / (generation_ms / 1000.0);
-        }
+        self.text.finish(reason, &mut self.delta);
+        self.stats.end(reason, self.prompt_done);
     }
 
     /// One token: sample, detokenize, check stops, decode it for the next step. Text to emit
@@ -142,11 +135,7 @@ impl Generation<'_, '_> {
             return Ok(());
         }
         self.stats.completion_tokens += 1;
-        self.piece.clear();
-        model.piece(token, &mut self.piece)?;
-        self.decoded.clear();
-        self.utf8.push(&self.piece, &mut self.decoded);
-        if self.stop.push(&self.decoded, &mut self.delta) == StopScan::Stop {
+        if self.text.push(model, token, &mut self.delta)? {
             self.finish(FinishReason::StopSequence);
             return Ok(());
         }
@@ -184,8 +173,4 @@ impl Iterator for Generation<'_, '_> {
     fn next(&mut self) -> Option<Self::Item> {
         self.next_text().map(|delta| delta.map(str::to_owned))
     }
-}
-
-pub(super) fn ms(d: std::time::Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }

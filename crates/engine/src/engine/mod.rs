@@ -112,19 +112,24 @@ impl Engine {
         Ok(tokens)
     }
 
-    /// Tokenizes plain text (BOS added where the model wants one; control-token text parsed
-    /// only with `parse_special`).
+    /// Tokenizes a prompt: BOS added where the model wants one; control-token text parsed only
+    /// with `parse_special`.
     pub fn tokenize(&self, text: &str, parse_special: bool) -> Result<Vec<TokenId>, EngineError> {
+        self.tokenize_with(text, TokenizeOptions { parse_special, ..TokenizeOptions::default() })
+    }
+
+    /// Tokenizes text with every choice explicit (e.g. a fragment, without BOS).
+    pub fn tokenize_with(&self, text: &str, options: TokenizeOptions) -> Result<Vec<TokenId>, EngineError> {
         let mut tokens = Vec::new();
-        self.model.tokenize(text, true, parse_special, &mut tokens)?;
+        self.model.tokenize(text, options.add_special, options.parse_special, &mut tokens)?;
         Ok(tokens)
     }
 
-    /// Tokenizes text as it stands, without the BOS the model may want first.
-    pub fn tokenize_plain(&self, text: &str, parse_special: bool) -> Result<Vec<TokenId>, EngineError> {
-        let mut tokens = Vec::new();
-        self.model.tokenize(text, false, parse_special, &mut tokens)?;
-        Ok(tokens)
+    /// Checks that a sampler for `params` can be built for this model (biased tokens in the
+    /// vocabulary, a grammar that parses, a backend that supports it), before a request that
+    /// asks for it is accepted.
+    pub fn check_sampling(&self, params: &crate::SamplingParams) -> Result<(), EngineError> {
+        self.model.check_sampling(params)
     }
 
     /// Formats a chat with [`Engine::chat_template`], opening the assistant's turn.
@@ -138,5 +143,20 @@ impl Engine {
 
     pub(crate) fn model(&self) -> &Model {
         &self.model
+    }
+}
+
+/// How [`Engine::tokenize_with`] treats text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenizeOptions {
+    /// Add BOS (and whatever else the model adds around a whole text).
+    pub add_special: bool,
+    /// Turn control-token text (`<start_of_turn>`, ...) into control tokens.
+    pub parse_special: bool,
+}
+
+impl Default for TokenizeOptions {
+    fn default() -> Self {
+        TokenizeOptions { add_special: true, parse_special: false }
     }
 }

@@ -3,14 +3,14 @@
 
 use std::time::Instant;
 
-use super::generation::{Generation, GenerationStats, ms};
+use super::generation::{Generation, GenerationStats};
 use super::{Engine, RawSession};
 use crate::backend::{BackendModel, BackendSession, Outputs, TokenId};
 use crate::chat::ChatMessage;
 use crate::config::GenerateRequest;
 use crate::error::EngineError;
-use crate::stop::{StopMatcher, TOKEN_TEXT_CAPACITY};
-use exsa_utf8::Utf8Decoder;
+use crate::stop::TOKEN_TEXT_CAPACITY;
+use crate::token_text::{TokenText, ms};
 
 /// A context with memory of what it decoded: a request that shares a prefix with the previous
 /// one decodes only the new suffix.
@@ -103,11 +103,8 @@ impl<'e> Session<'e> {
             session: self,
             max_tokens: request.max_tokens,
             cancel,
-            stop: StopMatcher::new(&request.stop),
-            utf8: Utf8Decoder::new(),
-            // Sized for any token's text at once, so the loop does not grow them piecemeal.
-            piece: Vec::with_capacity(TOKEN_TEXT_CAPACITY),
-            decoded: String::with_capacity(TOKEN_TEXT_CAPACITY),
+            text: TokenText::new(&request.stop),
+            // Sized for any token's text at once, so the loop does not grow it piecemeal.
             delta: String::with_capacity(TOKEN_TEXT_CAPACITY),
             started,
             prompt_done,

@@ -1,7 +1,7 @@
 //! The OpenAI-style request and response bodies, and their mapping onto engine requests.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
 use crate::chat::ChatMessage;
@@ -45,10 +45,18 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+/// `response_format`: `{"type": "text" | "json_object"}` or
+/// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`.
 #[derive(Debug, Deserialize)]
 pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub schema: Option<Value>,
 }
 
 /// The sampling and length fields chat and completion requests share. Fields a client sends
@@ -72,8 +80,11 @@ pub struct Sampling {
     pub n: Option<u32>,
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
-    pub logit_bias: Option<Value>,
+    /// Token id (as a string key) → bias in [-100, 100].
+    pub logit_bias: Option<Map<String, Value>>,
     pub response_format: Option<ResponseFormat>,
+    /// A GBNF grammar (rule `root`), as llama-server takes it; not with `response_format`.
+    pub grammar: Option<String>,
     /// Chat: a boolean; text completions: the number of candidates (the legacy API).
     pub logprobs: Option<Value>,
     pub top_logprobs: Option<u32>,
@@ -119,17 +130,6 @@ impl Sampling {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid("n", "only n = 1 is supported"));
         }
-        for (name, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
-            if value.is_some_and(|v| v != 0.0) {
-                return Err(ApiError::invalid(name, "is not supported yet (use repeat_penalty)"));
-            }
-        }
-        if self.logit_bias.as_ref().is_some_and(|b| b.as_object().is_none_or(|m| !m.is_empty())) {
-            return Err(ApiError::invalid("logit_bias", "is not supported yet"));
-        }
-        if self.response_format.as_ref().is_some_and(|f| f.kind != "text") {
-            return Err(ApiError::invalid("response_format", "only {\"type\": \"text\"} is supported yet"));
-        }
         let defaults = SamplingParams::default();
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(defaults.temperature),
@@ -138,10 +138,14 @@ impl Sampling {
             min_p: self.min_p.unwrap_or(defaults.min_p),
             repeat_penalty: self.repeat_penalty.unwrap_or(defaults.repeat_penalty),
             repeat_last_n: defaults.repeat_last_n,
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            logit_bias: self.logit_bias()?,
+            grammar: self.grammar()?,
             // OpenAI's seed is 64-bit; llama.cpp's samplers take 32.
             seed: self.seed.map_or(defaults.seed, |s| s as u32),
         };
-        sampling.validate().map_err(|e| ApiError::invalid("temperature/top_p/top_k/min_p", e.to_string()))?;
+        sampling.validate()?;
         let stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -155,6 +159,43 @@ impl Sampling {
             return Err(ApiError::invalid("max_tokens", "must be at least 1"));
         }
         Ok(GenerateRequest { max_tokens, stop, sampling, ..GenerateRequest::new(" ") })
+    }
+
+    /// `logit_bias` as token ids and biases (token range checked against the model later).
+    fn logit_bias(&self) -> Result<Vec<(i32, f32)>, ApiError> {
+        let Some(map) = &self.logit_bias else { return Ok(Vec::new()) };
+        if map.len() > 1024 {
+            return Err(ApiError::invalid("logit_bias", "at most 1024 tokens"));
+        }
+        map.iter()
+            .map(|(token, bias)| {
+                let token = token.parse::<i32>().map_err(|_| ApiError::invalid("logit_bias", format!("key {token:?} is not a token id")))?;
+                let bias = bias.as_f64().ok_or_else(|| ApiError::invalid("logit_bias", format!("the bias of token {token} is not a number")))?;
+                Ok((token, bias as f32))
+            })
+            .collect()
+    }
+
+    /// The grammar `response_format` or `grammar` asks for.
+    fn grammar(&self) -> Result<Option<String>, ApiError> {
+        let format = match &self.response_format {
+            None => return Ok(self.grammar.clone()),
+            Some(f) if f.kind == "text" => return Ok(self.grammar.clone()),
+            Some(_) if self.grammar.is_some() => return Err(ApiError::invalid("grammar", "give either grammar or response_format, not both")),
+            Some(f) => f,
+        };
+        match format.kind.as_str() {
+            "json_object" => Ok(Some(crate::json_grammar::json_object_grammar())),
+            "json_schema" => {
+                let schema = format
+                    .json_schema
+                    .as_ref()
+                    .and_then(|s| s.schema.as_ref())
+                    .ok_or_else(|| ApiError::invalid("response_format", "json_schema needs {\"json_schema\": {\"schema\": {...}}}"))?;
+                crate::json_grammar::json_schema_grammar(schema).map(Some).map_err(|e| ApiError::invalid("response_format", e))
+            }
+            other => Err(ApiError::invalid("response_format", format!("type {other:?} is not text, json_object or json_schema"))),
+        }
     }
 
     /// How many candidates per token the response lists with log-probabilities, if any.

@@ -26,6 +26,7 @@ use super::openai::{
 use crate::config::CancelToken;
 use crate::error::EngineError;
 use crate::serving::{Completion, Event, ServeRequest};
+use crate::token_text::ms;
 
 /// Counters for `/metrics`, beside the decode loop's own.
 #[derive(Debug, Default)]
@@ -226,6 +227,9 @@ async fn respond(state: Arc<AppState>, request: Result<ServeRequest, ApiError>, 
         }
         // The context bounds max_tokens (the default is all of what is left).
         r.max_tokens = r.max_tokens.min(state.n_ctx - r.tokens.len());
+        // A grammar that does not parse or a bias outside the vocabulary is the client's
+        // error, answered before a stream starts.
+        state.engine.check_sampling(&r.sampling)?;
         Ok(r)
     });
     let request = match request {
@@ -312,10 +316,6 @@ async fn respond(state: Arc<AppState>, request: Result<ServeRequest, ApiError>, 
     }
 }
 
-fn ms(d: std::time::Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 /// Embeddings are computed apart from the decode loop, each in a context of its own sized for one
 /// batch (the model's weights are shared).
 async fn embeddings(State(state): State<Arc<AppState>>, Body(body): Body<EmbeddingRequest>) -> Response {
@@ -360,10 +360,12 @@ async fn embeddings(State(state): State<Arc<AppState>>, Body(body): Body<Embeddi
 }
 
 async fn tokenize(State(state): State<Arc<AppState>>, Body(body): Body<TokenizeRequest>) -> Response {
-    let add_special = body.add_special.unwrap_or(true);
-    let parse_special = body.parse_special.unwrap_or(false);
-    let tokens =
-        if add_special { state.engine.tokenize(&body.content, parse_special) } else { state.engine.tokenize_plain(&body.content, parse_special) };
+    let defaults = crate::TokenizeOptions::default();
+    let options = crate::TokenizeOptions {
+        add_special: body.add_special.unwrap_or(defaults.add_special),
+        parse_special: body.parse_special.unwrap_or(defaults.parse_special),
+    };
+    let tokens = state.engine.tokenize_with(&body.content, options);
     match tokens {
         Ok(tokens) => Json(json!({ "tokens": tokens })).into_response(),
         Err(e) => error_response(&state, e.into()),

@@ -9,8 +9,8 @@ use crate::backend::{BackendModel, BackendSession, TokenId};
 use crate::config::SessionConfig;
 use crate::engine::{Engine, FinishReason, GenerationStats, Model};
 use crate::error::{DecodeFailure, EngineError};
-use crate::stop::{StopMatcher, StopScan, TOKEN_TEXT_CAPACITY};
-use exsa_utf8::Utf8Decoder;
+use crate::stop::TOKEN_TEXT_CAPACITY;
+use crate::token_text::{TokenText, ms};
 
 type Session<'e> = <Model as BackendModel>::Session<'e>;
 type Sampler<'e> = <Session<'e> as BackendSession>::Sampler;
@@ -39,10 +39,7 @@ struct Running<'e> {
     sampler: Sampler<'e>,
     max_tokens: usize,
     cancel: crate::config::CancelToken,
-    stop: StopMatcher,
-    utf8: Utf8Decoder,
-    piece: Vec<u8>,
-    decoded: String,
+    text: TokenText,
     delta: String,
     tokens: Vec<TokenId>,
     /// With logprobs asked for: how many candidates, and the entries so far.
@@ -183,10 +180,7 @@ fn admit<'e>(session: &mut Session<'e>, slots: &mut [Slot<'e>], submission: Subm
         sampler,
         max_tokens,
         cancel,
-        stop: StopMatcher::new(&stop),
-        utf8: Utf8Decoder::new(),
-        piece: Vec::with_capacity(TOKEN_TEXT_CAPACITY),
-        decoded: String::with_capacity(TOKEN_TEXT_CAPACITY),
+        text: TokenText::new(&stop),
         delta: String::with_capacity(TOKEN_TEXT_CAPACITY),
         tokens: Vec::with_capacity(max_tokens.min(n_ctx)),
         logprobs: logprobs.map(|n| (n.min(20), Vec::new())),
@@ -299,12 +293,8 @@ fn sample<'e>(
     r.stats.completion_tokens += 1;
     r.tokens.push(token);
     counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
-    r.piece.clear();
-    model.piece(token, &mut r.piece)?;
-    r.decoded.clear();
-    r.utf8.push(&r.piece, &mut r.decoded);
     r.delta.clear();
-    let stopped = r.stop.push(&r.decoded, &mut r.delta) == StopScan::Stop;
+    let stopped = r.text.push(model, token, &mut r.delta)?;
     if !r.delta.is_empty() && r.events.send(Event::Delta(r.delta.clone())).is_err() {
         // The client left: end the request without a word.
         finish(slot, FinishReason::Cancelled, clock, counters);
@@ -329,20 +319,14 @@ fn finish(slot: &mut Slot<'_>, reason: FinishReason, clock: &mut u64, counters: 
     *clock += 1;
     slot.last_used = *clock;
     r.delta.clear();
-    if reason != FinishReason::StopSequence {
-        r.stop.flush(&mut r.delta);
-        r.utf8.finish(&mut r.delta);
-    }
+    r.text.finish(reason, &mut r.delta);
     if !r.delta.is_empty() {
         let _ = r.events.send(Event::Delta(std::mem::take(&mut r.delta)));
     }
-    let now = Instant::now();
-    r.stats.finish_reason = Some(reason);
-    if let Some(done) = r.prompt_done {
-        r.stats.generation_ms = ms(now - done);
-        if r.stats.generation_ms > 0.0 {
-            r.stats.generation_tokens_per_s = r.stats.completion_tokens as f64 / (r.stats.generation_ms / 1000.0);
-        }
+    match r.prompt_done {
+        Some(done) => r.stats.end(reason, done),
+        // Ended before its prompt was in: no generation to time.
+        None => r.stats.finish_reason = Some(reason),
     }
     let completion = Completion { finish_reason: reason, stats: r.stats, tokens: r.tokens, logprobs: r.logprobs.map(|(_, e)| e).unwrap_or_default() };
     let _ = r.events.send(Event::Done(completion));
@@ -388,8 +372,4 @@ fn log_softmax_top(row: &[f32], n: usize) -> (Vec<(TokenId, f32)>, f32) {
         entry.1 -= lse;
     }
     (top, lse)
-}
-
-fn ms(d: std::time::Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
