@@ -143,7 +143,9 @@ impl<'a> Converter<'a> {
             None if object.contains_key("items") || object.contains_key("prefixItems") => vec!["array"],
             None => return Ok("value".into()),
             Some(Value::String(t)) => vec![t.as_str()],
-            Some(Value::Array(ts)) => ts.iter().map(|t| t.as_str().ok_or_else(|| error(path, "`type` lists must hold strings"))).collect::<Result<_, _>>()?,
+            Some(Value::Array(ts)) => {
+                ts.iter().map(|t| t.as_str().ok_or_else(|| error(path, "`type` lists must hold strings"))).collect::<Result<_, _>>()?
+            }
             Some(_) => return Err(error(path, "`type` must be a string or a list of strings")),
         };
         let mut alternatives = Vec::new();
@@ -248,7 +250,9 @@ impl<'a> Converter<'a> {
         };
         let required: Vec<&str> = match object.get("required") {
             None => Vec::new(),
-            Some(Value::Array(r)) => r.iter().map(|k| k.as_str().ok_or_else(|| error(path, "`required` must list strings"))).collect::<Result<_, _>>()?,
+            Some(Value::Array(r)) => {
+                r.iter().map(|k| k.as_str().ok_or_else(|| error(path, "`required` must list strings"))).collect::<Result<_, _>>()?
+            }
             Some(_) => return Err(error(path, "`required` must be a list")),
         };
         if let Some(missing) = required.iter().find(|k| !properties.iter().any(|(p, _)| p == *k)) {
@@ -404,7 +408,10 @@ mod tests {
             "anyOf": [ { "enum": ["a", 1, null] }, { "const": {"k": "v\"q"} }, { "$ref": "#/$defs/node" }, { "type": ["integer", "null"] } ]
         });
         let g = json_schema_grammar(&schema).unwrap();
-        assert!(g.starts_with(r#"root ::= ( ( "\"a\"" space | "1" space | "null" space ) | "{\"k\":\"v\\\"q\"}" space | node | ( integer | null ) )"#), "{g}");
+        assert!(
+            g.starts_with(r#"root ::= ( ( "\"a\"" space | "1" space | "null" space ) | "{\"k\":\"v\\\"q\"}" space | node | ( integer | null ) )"#),
+            "{g}"
+        );
         // The recursion refers to the rule by name, defined once.
         assert_eq!(g.matches("\nnode ::= ").count(), 1, "{g}");
         assert!(g.contains("node-children ::= \"[\" space ( node (\",\" space node)* )? \"]\" space"), "{g}");

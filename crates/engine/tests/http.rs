@@ -376,3 +376,93 @@ fn a_client_that_leaves_frees_its_slot_and_shutdown_drains() {
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn structured_output_penalties_and_logit_bias() {
+    if raw_cannot_serve() {
+        return;
+    }
+    let server = Server::start(&["--parallel", "2"]);
+    let http = client();
+    let chat = |extra: Value| {
+        let mut body = chat_body("Describe a person as JSON.", 96, false);
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let r = http.post(server.url("/v1/chat/completions")).json(&body).send().unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": { "type": "string", "maxLength": 24 },
+            "age": { "type": "integer" },
+            "role": { "enum": ["admin", "user"] }
+        },
+        "required": ["name", "age", "role"]
+    });
+    let format = json!({ "response_format": { "type": "json_schema", "json_schema": { "name": "person", "schema": schema } } });
+    let (status, body) = chat(format.clone());
+    if Engine::backend_name() == "crate" {
+        // The crate baseline's grammar sampler can abort the process: refused, by name.
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("unsupported")), "{body}");
+    } else {
+        assert_eq!(status, 200, "{body}");
+        let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+        let person: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+        let keys: Vec<&str> = person.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["name", "age", "role"], "{text}");
+        assert!(person["name"].as_str().unwrap().chars().count() <= 24 && person["age"].is_i64(), "{text}");
+        assert!(["admin", "user"].contains(&person["role"].as_str().unwrap()), "{text}");
+        assert_eq!(body["choices"][0]["finish_reason"], "stop", "the grammar ends the object, the model then ends the text");
+        // Streamed, the same text.
+        let mut streaming = chat_body("Describe a person as JSON.", 96, true);
+        streaming.as_object_mut().unwrap().extend(format.as_object().unwrap().clone());
+        let events = sse_events(http.post(server.url("/v1/chat/completions")).json(&streaming).send().unwrap());
+        assert_eq!(streamed_text(&events).0, text);
+        // A raw GBNF grammar, llama-server's extension.
+        let (status, body) = chat(json!({ "grammar": "root ::= (\"yes\" | \"no\") \".\"" }));
+        assert_eq!(status, 200, "{body}");
+        assert!(["yes.", "no."].contains(&body["choices"][0]["message"]["content"].as_str().unwrap()), "{body}");
+    }
+    // A schema the converter cannot honour, a grammar that does not parse: 400 naming the field.
+    let (status, body) =
+        chat(json!({ "response_format": { "type": "json_schema", "json_schema": { "schema": { "type": "string", "pattern": "a+" } } } }));
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("response_format")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("pattern"), "{body}");
+    if Engine::backend_name() == "source" {
+        let (status, body) = chat(json!({ "grammar": "root ::= (" }));
+        assert_eq!((status, body["error"]["param"].as_str()), (400, Some("grammar")), "{body}");
+    }
+
+    // logit_bias: +100 on one token makes greedy decoding repeat it.
+    let tokens: Value =
+        http.post(server.url("/tokenize")).json(&json!({ "content": " banana", "add_special": false })).send().unwrap().json().unwrap();
+    let banana = tokens["tokens"][0].as_i64().unwrap();
+    let (status, body) = chat(json!({ "max_tokens": 3, "logit_bias": { banana.to_string(): 100 } }));
+    assert_eq!((status, body["choices"][0]["message"]["content"].as_str()), (200, Some(" banana banana banana")), "{body}");
+    // ... and with a presence penalty of 2 the bias still wins (100 - 2), while a bias of -100
+    // bans it from a text that would otherwise use it.
+    let (_, body) = chat(json!({ "max_tokens": 3, "presence_penalty": 2.0, "logit_bias": { banana.to_string(): 100 } }));
+    assert_eq!(body["choices"][0]["message"]["content"], " banana banana banana");
+    let (_, unbiased) = chat(json!({ "max_tokens": 8 }));
+    let first: Value = http
+        .post(server.url("/tokenize"))
+        .json(&json!({ "content": unbiased["choices"][0]["message"]["content"], "add_special": false }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let first = first["tokens"][0].as_i64().unwrap();
+    let (_, banned) = chat(json!({ "max_tokens": 8, "logit_bias": { first.to_string(): -100 } }));
+    assert_ne!(banned["choices"][0]["message"]["content"], unbiased["choices"][0]["message"]["content"]);
+    // Out of range: 400 naming the field.
+    for bad in [json!({ "logit_bias": { "99999999": 5 } }), json!({ "logit_bias": { "1": 500 } }), json!({ "logit_bias": { "x": 1 } })] {
+        let (status, body) = chat(bad.clone());
+        assert_eq!((status, body["error"]["param"].as_str()), (400, Some("logit_bias")), "{bad}: {body}");
+    }
+    let (status, body) = chat(json!({ "presence_penalty": 3.0 }));
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("presence_penalty")), "{body}");
+    let (status, body) = chat(json!({ "frequency_penalty": -2.5 }));
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("frequency_penalty")), "{body}");
+    let (status, _) = chat(json!({ "frequency_penalty": 1.5, "presence_penalty": 0.5 }));
+    assert_eq!(status, 200);
+}

@@ -1,14 +1,15 @@
 """The official `openai` Python client against a running `exsa serve` (run by openai_client.rs).
 
-Usage: openai_client.py BASE_URL API_KEY MODEL_ID. Exits 0 when every check holds; an
+Usage: openai_client.py BASE_URL API_KEY MODEL_ID BACKEND. Exits 0 when every check holds; an
 assertion error names the first that did not.
 """
 
+import json
 import sys
 
 import openai
 
-base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+base, key, model, backend = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
 
 # Models.
@@ -37,6 +38,28 @@ assert len(content) == 4 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for
 # Text completions, with a stop sequence.
 completion = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0, stop=["\n"])
 assert completion.choices[0].finish_reason in ("stop", "length") and "\n" not in completion.choices[0].text, completion
+
+# Structured output: the reply is JSON that fits the schema (backend source; the crate
+# baseline refuses grammars).
+schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"type": "string", "maxLength": 30}},
+          "required": ["city", "country"]}
+response_format = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}}
+place_messages = [{"role": "user", "content": "Name a city and its country, as JSON."}]
+if backend == "source":
+    place = client.chat.completions.create(model=model, messages=place_messages, max_tokens=64, temperature=0, response_format=response_format)
+    parsed = json.loads(place.choices[0].message.content)
+    assert list(parsed) == ["city", "country"] and all(isinstance(v, str) for v in parsed.values()), parsed
+else:
+    try:
+        client.chat.completions.create(model=model, messages=place_messages, max_tokens=8, response_format=response_format)
+        raise AssertionError("the crate backend accepted a grammar")
+    except openai.BadRequestError as e:
+        assert e.body["code"] == "unsupported", e.body
+
+# Embeddings, one per input, in order.
+embeddings = client.embeddings.create(model=model, input=["first text", "second text"])
+assert [d.index for d in embeddings.data] == [0, 1] and len(embeddings.data[0].embedding) == 640, embeddings.data[0]
+assert embeddings.data[0].embedding != embeddings.data[1].embedding
 
 # Errors as the client's typed exceptions.
 try:

@@ -1,7 +1,7 @@
 //! The official `openai` Python client (pip-installed by `cargo xtask test` into
 //! `.cache/pip/`, see EXSA_OPENAI_SITE) against `exsa serve` as a separate process: models,
-//! chat whole and streamed, log-probabilities, text completions, and errors as the client's
-//! typed exceptions. The checks are in `openai_client.py`.
+//! chat whole and streamed, log-probabilities, text completions, structured output
+//! (`response_format`), embeddings, and errors as the client's typed exceptions. The checks are in `openai_client.py`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -24,7 +24,7 @@ fn the_official_openai_client_works_against_the_server() {
     let out = Command::new(std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into()))
         .env("PYTHONPATH", &site)
         .arg(script)
-        .args([&server.base, "sekret", "gemma-3-270m-q4_k_m"])
+        .args([&server.base, "sekret", "gemma-3-270m-q4_k_m", Engine::backend_name()])
         .output()
         .expect("python3 runs");
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

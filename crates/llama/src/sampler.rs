@@ -189,8 +189,7 @@ impl SamplerChain {
         let chain = NonNull::new(unsafe { sys::llama_sampler_chain_init(params) }).ok_or(SamplerError::Llama("chain"))?;
         let n_vocab = usize::try_from(model.vocab().n_tokens()).unwrap_or(0);
         let preselect = if self.preselect { preselection(&self.stages, n_vocab) } else { None };
-        let mut sampler =
-            Sampler { raw: chain, model, preselect, candidates: Vec::new(), grammars: Vec::new(), constraint: None, poisoned: false };
+        let mut sampler = Sampler { raw: chain, model, preselect, candidates: Vec::new(), grammars: Vec::new(), constraint: None, poisoned: false };
         if let Some((grammar, root)) = &self.constraint {
             let stage = Stage::Grammar { grammar: grammar.clone(), root: root.clone() };
             // Owned by the Sampler from here (freed on drop), not by the chain.

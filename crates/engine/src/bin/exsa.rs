@@ -37,6 +37,9 @@ struct Common {
     /// Show llama.cpp's log at this level and above (debug, info, warn, error).
     #[arg(long, global = true, default_value = "warn")]
     log: String,
+    /// Show exsa's own log (a line per served request, model loads) at this level and above.
+    #[arg(long, global = true, default_value = "info")]
+    server_log: String,
 }
 
 #[derive(Args)]
@@ -125,9 +128,20 @@ struct ServeArgs {
     /// Most tokens one decode step takes (prompt chunks included).
     #[arg(long, default_value_t = 512)]
     batch: u32,
-    /// The model's id in the API (default: the GGUF's file name without extension).
+    /// The id of --model in the API (default: the GGUF's file name without extension).
     #[arg(long)]
     model_id: Option<String>,
+    /// Also serve every .gguf file in DIR (id: the file name without .gguf), each loaded on
+    /// its first request. Without --model, only these are served.
+    #[arg(long, value_name = "DIR")]
+    models_dir: Option<std::path::PathBuf>,
+    /// Models from --models-dir loaded at once, at most; a request for another unloads the one
+    /// used longest ago (503 if every one is busy).
+    #[arg(long, default_value_t = 1)]
+    max_loaded: usize,
+    /// Seconds a --models-dir model stays loaded without requests.
+    #[arg(long, default_value_t = 300)]
+    keep_alive: u64,
 }
 
 #[derive(Args)]
@@ -155,8 +169,11 @@ struct BenchArgs {
 
 fn main() {
     let cli = Cli::parse();
-    let filter = format!("warn,llama_cpp={},llama_cpp_2={}", cli.common.log, cli.common.log);
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
+    let (log, own) = (&cli.common.log, &cli.common.server_log);
+    let filter = format!("warn,exsa_engine={own},exsa={own},llama_cpp={log},llama_cpp_2={log}");
+    // Colour only on a terminal: a log file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(filter).init();
     if let Err(e) = run(cli) {
         eprintln!("error: {e}");
         std::process::exit(1);
@@ -295,16 +312,36 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    use exsa_engine::http::{self, ServerConfig};
-    use exsa_engine::serving::ServingConfig;
+    use exsa_engine::http::{self, ModelPolicy, ModelSource, ServerConfig};
 
+    let mut sources = Vec::new();
+    // --model (or the default model) unless only a directory was given.
+    if common.model.is_some() || args.models_dir.is_none() {
+        let path = common.model.clone().unwrap_or_else(exsa_engine::default_model_path);
+        let id = args.model_id.clone().unwrap_or_else(|| path.file_stem().map_or("default".into(), |s| s.to_string_lossy().into_owned()));
+        sources.push(ModelSource { id, path, pinned: true });
+    }
+    if let Some(dir) = &args.models_dir {
+        let found = ModelSource::scan(dir).map_err(|e| format!("--models-dir {}: {e}", dir.display()))?;
+        if found.is_empty() && sources.is_empty() {
+            return Err(format!("--models-dir {}: no .gguf files in it", dir.display()).into());
+        }
+        sources.extend(found);
+    }
+    if args.max_loaded == 0 {
+        return Err("--max-loaded must be at least 1".into());
+    }
     let session = SessionConfig { n_batch: args.batch, n_ubatch: args.batch.min(512), ..session };
-    let engine = std::sync::Arc::new(load(common, session.clone())?);
-    let model_path = common.model.clone().unwrap_or_else(exsa_engine::default_model_path);
-    let model_id = args.model_id.unwrap_or_else(|| model_path.file_stem().map_or("default".into(), |s| s.to_string_lossy().into_owned()));
-    let serving = ServingConfig { slots: args.parallel, max_queue: args.max_queue, session };
-    let config = ServerConfig { addr: (args.host, args.port).into(), api_key: args.api_key, max_body_bytes: args.max_body, model_id };
-    http::run(engine, serving, config, |addr| {
+    let engine = EngineConfig { session, n_gpu_layers: common.gpu_layers, ..EngineConfig::new("") };
+    let policy = ModelPolicy {
+        engine,
+        slots: args.parallel,
+        max_queue: args.max_queue,
+        max_loaded: args.max_loaded,
+        keep_alive: std::time::Duration::from_secs(args.keep_alive),
+    };
+    let config = ServerConfig { addr: (args.host, args.port).into(), api_key: args.api_key, max_body_bytes: args.max_body };
+    http::run(sources, policy, config, |addr| {
         // One line on stdout with the address, for scripts (and tests) that ask for port 0.
         println!("listening on http://{addr}");
         let _ = std::io::stdout().flush();

@@ -60,7 +60,9 @@ impl From<EngineError> for ApiError {
             EngineError::EmptyPrompt => ApiError::invalid("prompt", &e),
             EngineError::InvalidRequest { field, .. } => ApiError::invalid(field, &e),
             EngineError::Grammar(_) => ApiError::invalid("grammar", &e),
-            EngineError::Unsupported { .. } => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", e.to_string()).with_code("unsupported"),
+            EngineError::Unsupported { .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", e.to_string()).with_code("unsupported")
+            }
             EngineError::Tokenize(_) | EngineError::ChatTemplate(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", e.to_string()),
             EngineError::Decode { kind: DecodeFailure::NoKvSlot, .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string()).with_code("kv_cache_full")

@@ -7,20 +7,22 @@
 //! decode step; SIGTERM or Ctrl-C stops accepting and lets every accepted request finish.
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (streaming as SSE or not),
-//! `GET /v1/models`, `GET /health` (open without the API key), `GET /metrics` (Prometheus).
+//! `POST /v1/embeddings`, `GET /v1/models`, `POST /tokenize`, `POST /detokenize`, `GET /health`
+//! (open without the API key; 503 while the model loads), `GET /metrics` (Prometheus).
+//! Several models: see [`ModelSource`] and [`ModelPolicy`].
 
 mod error;
+mod models;
 mod openai;
 mod routes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-
-use crate::engine::Engine;
-use crate::serving::{ServingConfig, ServingCore};
+use std::time::Duration;
 
 pub use error::ApiError;
+pub use models::{ModelPolicy, ModelSource};
 
 /// How the HTTP server runs.
 #[derive(Clone, Debug)]
@@ -31,32 +33,31 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
-    /// The model's id in `/v1/models` and responses.
-    pub model_id: String,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { addr: SocketAddr::from(([127, 0, 0, 1], 8080)), api_key: None, max_body_bytes: 1 << 20, model_id: "default".into() }
+        ServerConfig { addr: SocketAddr::from(([127, 0, 0, 1], 8080)), api_key: None, max_body_bytes: 1 << 20 }
     }
 }
 
 /// What the handlers share.
 pub(crate) struct AppState {
-    pub engine: Arc<Engine>,
-    pub core: ServingCore,
+    pub models: models::Models,
     pub config: ServerConfig,
-    pub n_ctx: usize,
     pub next_id: AtomicU64,
     pub metrics: routes::Metrics,
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then drains: no new connections, every accepted
-/// request ends (complete or with an error), the decode loop stops. `on_listening` gets the
-/// bound address (port 0 resolved) once the socket listens.
-pub fn run(engine: Arc<Engine>, serving: ServingConfig, config: ServerConfig, on_listening: impl FnOnce(SocketAddr)) -> std::io::Result<()> {
-    let n_ctx = serving.session.n_ctx as usize;
-    let core = ServingCore::start(Arc::clone(&engine), serving).map_err(std::io::Error::other)?;
+/// request ends (complete or with an error), the decode loops stop. The socket listens at
+/// once (`on_listening` gets the bound address, port 0 resolved) and `/health` answers 503
+/// until the pinned models have loaded; if one cannot be loaded, the server stops and the
+/// error is returned.
+pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig, on_listening: impl FnOnce(SocketAddr)) -> std::io::Result<()> {
+    if sources.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no model to serve (give --model or a --models-dir with .gguf files)"));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).thread_name("exsa-http").build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.addr).await?;
@@ -64,23 +65,65 @@ pub fn run(engine: Arc<Engine>, serving: ServingConfig, config: ServerConfig, on
         if !addr.ip().is_loopback() {
             tracing::warn!("listening on {addr}, reachable from other machines{}", if config.api_key.is_none() { " without an API key" } else { "" });
         }
-        let state = Arc::new(AppState { engine, core, config, n_ctx, next_id: AtomicU64::new(1), metrics: routes::Metrics::default() });
+        let keep_alive = policy.keep_alive;
+        let state = Arc::new(AppState {
+            models: models::Models::new(sources, policy),
+            config,
+            next_id: AtomicU64::new(1),
+            metrics: routes::Metrics::default(),
+        });
         let app = routes::router(Arc::clone(&state));
         on_listening(addr);
-        axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
-        tracing::info!("no more connections; waiting for the decode loop to end");
-        // The last responses' forwarders may still hold the state for a moment.
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
+        let loader = Arc::clone(&state);
+        tokio::spawn(async move {
+            if let Err(e) = loader.models.load_pinned().await {
+                let _ = failed_tx.send(e);
+            }
+        });
+        let reaper = Arc::clone(&state);
+        let reaping = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(keep_alive.clamp(Duration::from_millis(100), Duration::from_secs(5)));
+            loop {
+                tick.tick().await;
+                reaper.models.unload_expired().await;
+            }
+        });
+        let failure = Arc::new(std::sync::Mutex::new(None));
+        let stop = {
+            let failure = Arc::clone(&failure);
+            async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    Ok(e) = failed_rx => {
+                        tracing::error!("{e}");
+                        *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    }
+                }
+            }
+        };
+        axum::serve(listener, app).with_graceful_shutdown(stop).await?;
+        reaping.abort();
+        tracing::info!("no more connections; waiting for the decode loops to end");
+        // The last responses' forwarders may still hold the state for a moment; then dropping
+        // it stops every decode loop once its accepted requests have ended.
         let mut state = state;
         loop {
             match Arc::try_unwrap(state) {
-                Ok(s) => break s.core.shutdown(),
+                Ok(s) => {
+                    let _ = tokio::task::spawn_blocking(move || drop(s)).await;
+                    break;
+                }
                 Err(shared) => {
                     state = shared;
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
         }
-        Ok(())
+        match failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(std::io::Error::other(e)),
+            None => Ok(()),
+        }
     })
 }
 

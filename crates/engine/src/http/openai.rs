@@ -374,6 +374,9 @@ pub struct ModelEntry {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+    /// Whether the model is loaded now (an extension: a model listed but not loaded loads
+    /// on its first request).
+    pub loaded: bool,
 }
 
 /// `POST /v1/embeddings`.
@@ -403,6 +406,8 @@ impl Prompt {
 #[derive(Debug, Deserialize)]
 pub struct TokenizeRequest {
     pub content: String,
+    /// Which model's tokenizer (default: as for completions).
+    pub model: Option<String>,
     /// Add BOS where the model wants one (default true).
     pub add_special: Option<bool>,
     /// Turn control-token text into control tokens (default false).
@@ -413,6 +418,7 @@ pub struct TokenizeRequest {
 #[derive(Debug, Deserialize)]
 pub struct DetokenizeRequest {
     pub tokens: Vec<i64>,
+    pub model: Option<String>,
 }
 
 /// Standard base64 of `bytes`, as OpenAI encodes embeddings.

@@ -20,12 +20,13 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::AppState;
 use super::error::ApiError;
+use super::models::Loaded;
 use super::openai::{
     ChatRequest, CompletionRequest, Delta, DetokenizeRequest, EmbeddingRequest, Kind, Meta, ModelEntry, TokenizeRequest, finish_reason,
 };
 use crate::config::CancelToken;
 use crate::error::EngineError;
-use crate::serving::{Completion, Event, ServeRequest};
+use crate::serving::{Completion, Event, ServeRequest, ServingStatus};
 use crate::token_text::ms;
 
 /// Counters for `/metrics`, beside the decode loop's own.
@@ -95,9 +96,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn health() -> Json<serde_json::Value> {
-    // The model is loaded before the socket listens, so a server that answers is ready.
-    Json(json!({ "status": "ok" }))
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.models.is_ready() {
+        Json(json!({ "status": "ok" })).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(json!({ "status": "loading" }))).into_response()
+    }
 }
 
 async fn not_found(request: Request) -> ApiError {
@@ -123,12 +127,15 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let entry = ModelEntry { id: state.config.model_id.clone(), object: "model", created: 0, owned_by: "exsa" };
-    Json(json!({ "object": "list", "data": [entry] }))
+    let data: Vec<ModelEntry> = state
+        .models
+        .ids()
+        .map(|id| ModelEntry { id: id.to_string(), object: "model", created: 0, owned_by: "exsa", loaded: state.models.is_loaded(id) })
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let s = state.core.status();
     let m = &state.metrics;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let mut body = format!(
@@ -137,24 +144,41 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
          exsa_requests_total{{status=\"client_error\"}} {}\n\
          exsa_requests_total{{status=\"server_error\"}} {}\n\
          # TYPE exsa_prompt_tokens_total counter\nexsa_prompt_tokens_total {}\n\
-         # TYPE exsa_completion_tokens_total counter\nexsa_completion_tokens_total {}\n\
-         # TYPE exsa_prompt_tokens_reused_total counter\nexsa_prompt_tokens_reused_total {}\n\
-         # TYPE exsa_decode_steps_total counter\nexsa_decode_steps_total {}\n\
-         # TYPE exsa_queue_depth gauge\nexsa_queue_depth {}\n\
-         # TYPE exsa_busy_slots gauge\nexsa_busy_slots {}\n",
+         # TYPE exsa_completion_tokens_total counter\nexsa_completion_tokens_total {}\n",
         load(&m.ok),
         load(&m.client_errors),
         load(&m.server_errors),
         load(&m.prompt_tokens),
         load(&m.completion_tokens),
-        s.prompt_tokens_reused,
-        s.steps,
-        s.queued,
-        s.busy_slots,
     );
+    render_decode_loops(&state.models.loaded(), &mut body);
     m.ttft.render("exsa_time_to_first_token_seconds", "From a request's arrival to its first token.", &mut body);
     m.inter_token.render("exsa_inter_token_seconds", "Between consecutive streamed tokens.", &mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+/// The decode loops' own counters, one series per loaded model.
+fn render_decode_loops(loaded: &[Arc<Loaded>], out: &mut String) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# TYPE exsa_models_loaded gauge\nexsa_models_loaded {}", loaded.len());
+    let series: [(&str, &str, &str, fn(&ServingStatus, &Loaded) -> u64); 7] = [
+        ("exsa_prompt_tokens_reused_total", "counter", "Prompt tokens found in a slot's cache, not decoded again.", |s, _| s.prompt_tokens_reused),
+        ("exsa_decode_steps_total", "counter", "Decodes run (each carries every busy slot's next token).", |s, _| s.steps),
+        ("exsa_queue_depth", "gauge", "Requests accepted and waiting for a slot.", |s, _| s.queued as u64),
+        ("exsa_busy_slots", "gauge", "Slots with a request.", |s, _| s.busy_slots as u64),
+        ("exsa_kv_used_tokens", "gauge", "KV cache cells the slots hold (finished requests' caches kept for reuse included).", |s, _| {
+            s.kv_used as u64
+        }),
+        ("exsa_kv_capacity_tokens", "gauge", "KV cache cells the slots share.", |_, m| m.n_ctx as u64),
+        ("exsa_slots", "gauge", "Slots of the model's decode loop.", |s, _| s.slots as u64),
+    ];
+    let statuses: Vec<ServingStatus> = loaded.iter().map(|m| m.core.status()).collect();
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (model, status) in loaded.iter().zip(&statuses) {
+            let _ = writeln!(out, "{name}{{model=\"{}\"}} {}", model.id.replace(['\\', '"', '\n'], "_"), value(status, model));
+        }
+    }
 }
 
 /// JSON bodies whose rejections (bad JSON, wrong types, too large) are OpenAI-shaped errors.
@@ -171,12 +195,13 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
 
 async fn chat(State(state): State<Arc<AppState>>, Body(body): Body<ChatRequest>) -> Response {
     let result = async {
-        check_model(&state, body.sampling.model.as_deref())?;
         let messages = body.messages()?;
         let request = body.sampling.to_request()?;
-        let mut serve = ServeRequest::chat(&state.engine, &messages, &request)?;
-        serve.logprobs = body.sampling.logprobs()?;
-        Ok::<_, ApiError>(serve)
+        let logprobs = body.sampling.logprobs()?;
+        let model = state.models.get(body.sampling.model.as_deref()).await?;
+        let mut serve = ServeRequest::chat(&model.engine, &messages, &request)?;
+        serve.logprobs = logprobs;
+        Ok::<_, ApiError>((model, serve))
     }
     .await;
     respond(state, result, Kind::Chat, body.sampling.stream, body.sampling.include_usage()).await
@@ -185,28 +210,16 @@ async fn chat(State(state): State<Arc<AppState>>, Body(body): Body<ChatRequest>)
 async fn completions(State(state): State<Arc<AppState>>, Body(body): Body<CompletionRequest>) -> Response {
     let (stream, usage) = (body.sampling.stream, body.sampling.include_usage());
     let result = async {
-        check_model(&state, body.sampling.model.as_deref())?;
         let request = body.sampling.to_request()?;
         let logprobs = body.sampling.logprobs()?;
         let prompt = body.prompt.into_text()?;
-        let mut serve = ServeRequest::generate(&state.engine, &crate::GenerateRequest { prompt, ..request })?;
+        let model = state.models.get(body.sampling.model.as_deref()).await?;
+        let mut serve = ServeRequest::generate(&model.engine, &crate::GenerateRequest { prompt, ..request })?;
         serve.logprobs = logprobs;
-        Ok::<_, ApiError>(serve)
+        Ok::<_, ApiError>((model, serve))
     }
     .await;
     respond(state, result, Kind::Completion, stream, usage).await
-}
-
-fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
-    match model {
-        Some(m) if m != state.config.model_id => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!("the model {m:?} does not exist here; GET /v1/models lists {:?}", state.config.model_id),
-        )
-        .with_code("model_not_found")),
-        _ => Ok(()),
-    }
 }
 
 /// Cancels its request when dropped: when axum drops a response stream or a handler future,
@@ -219,38 +232,48 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn respond(state: Arc<AppState>, request: Result<ServeRequest, ApiError>, kind: Kind, stream: bool, include_usage: bool) -> Response {
+async fn respond(
+    state: Arc<AppState>,
+    request: Result<(Arc<Loaded>, ServeRequest), ApiError>,
+    kind: Kind,
+    stream: bool,
+    include_usage: bool,
+) -> Response {
     let received = Instant::now();
-    let request = request.and_then(|mut r| {
-        if r.tokens.len() >= state.n_ctx {
-            return Err(EngineError::PromptTooLong { prompt_tokens: r.tokens.len(), n_ctx: state.n_ctx as u32 }.into());
+    let request = request.and_then(|(model, mut r)| {
+        if r.tokens.len() >= model.n_ctx {
+            return Err(EngineError::PromptTooLong { prompt_tokens: r.tokens.len(), n_ctx: model.n_ctx as u32 }.into());
         }
         // The context bounds max_tokens (the default is all of what is left).
-        r.max_tokens = r.max_tokens.min(state.n_ctx - r.tokens.len());
+        r.max_tokens = r.max_tokens.min(model.n_ctx - r.tokens.len());
         // A grammar that does not parse or a bias outside the vocabulary is the client's
         // error, answered before a stream starts.
-        state.engine.check_sampling(&r.sampling)?;
-        Ok(r)
+        model.engine.check_sampling(&r.sampling)?;
+        Ok((model, r))
     });
-    let request = match request {
+    let (model, request) = match request {
         Ok(r) => r,
         Err(e) => return error_response(&state, e),
     };
     let guard = CancelOnDrop(request.cancel.clone());
     let asked_logprobs = request.logprobs.is_some();
-    let events = match state.core.submit(request) {
+    let events = match model.core.submit(request) {
         Ok(events) => events,
         Err(e) => return error_response(&state, e.into()),
     };
     let meta = Meta {
         id: format!("{}-{}", kind.id_prefix(), state.next_id.fetch_add(1, Ordering::Relaxed)),
         created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        model: state.config.model_id.clone(),
+        model: model.id.clone(),
     };
     if stream {
         let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
         let forward_state = Arc::clone(&state);
+        // The forwarder holds the model until the response has ended: it is not unloaded
+        // under a request.
+        let held = Arc::clone(&model);
         tokio::task::spawn_blocking(move || {
+            let _held = held;
             let send = |value: serde_json::Value| tx.blocking_send(SseEvent::default().data(value.to_string())).is_ok();
             if kind == Kind::Chat && !send(kind.chunk(&meta, Delta::Role)) {
                 return;
@@ -270,7 +293,7 @@ async fn respond(state: Arc<AppState>, request: Result<ServeRequest, ApiError>, 
                         }
                     }
                     Event::Done(c) => {
-                        record(&forward_state, &meta.id, &c, received);
+                        record(&forward_state, &meta.model, &meta.id, &c, received);
                         let _ = send(kind.chunk(&meta, Delta::End(finish_reason(c.finish_reason))));
                         if include_usage {
                             let _ = send(kind.usage_chunk(&meta, &c.stats));
@@ -298,14 +321,14 @@ async fn respond(state: Arc<AppState>, request: Result<ServeRequest, ApiError>, 
     drop(guard);
     match collected {
         Ok(Ok((text, c))) => {
-            record(&state, &meta.id, &c, received);
+            record(&state, &meta.model, &meta.id, &c, received);
             // A whole response's first token came after its queue wait and prefill: all of its
             // time but the generation's.
             if c.stats.completion_tokens > 0 {
                 state.metrics.ttft.observe((ms(received.elapsed()) - c.stats.generation_ms).max(0.0));
             }
             let logprobs = if asked_logprobs {
-                kind.logprobs(&c.logprobs, |t| state.engine.token_bytes(t).unwrap_or_default())
+                kind.logprobs(&c.logprobs, |t| model.engine.token_bytes(t).unwrap_or_default())
             } else {
                 serde_json::Value::Null
             };
@@ -320,14 +343,14 @@ async fn respond(state: Arc<AppState>, request: Result<ServeRequest, ApiError>, 
 /// batch (the model's weights are shared).
 async fn embeddings(State(state): State<Arc<AppState>>, Body(body): Body<EmbeddingRequest>) -> Response {
     let result = async {
-        check_model(&state, body.model.as_deref())?;
         let base64 = match body.encoding_format.as_deref() {
             None | Some("float") => false,
             Some("base64") => true,
             Some(other) => return Err(ApiError::invalid("encoding_format", format!("{other:?} is not float or base64"))),
         };
         let texts = body.input.texts(64)?;
-        let engine = Arc::clone(&state.engine);
+        let model = state.models.get(body.model.as_deref()).await?;
+        let engine = Arc::clone(&model.engine);
         let computed = tokio::task::spawn_blocking(move || {
             texts.iter().map(|t| Ok::<_, EngineError>((engine.embed(t)?, engine.tokenize(t, false)?.len()))).collect::<Result<Vec<_>, _>>()
         })
@@ -347,7 +370,7 @@ async fn embeddings(State(state): State<Arc<AppState>>, Body(body): Body<Embeddi
                 json!({ "object": "embedding", "index": index, "embedding": embedding })
             })
             .collect();
-        Ok(json!({ "object": "list", "data": data, "model": state.config.model_id, "usage": { "prompt_tokens": tokens, "total_tokens": tokens } }))
+        Ok(json!({ "object": "list", "data": data, "model": model.id, "usage": { "prompt_tokens": tokens, "total_tokens": tokens } }))
     }
     .await;
     match result {
@@ -365,21 +388,28 @@ async fn tokenize(State(state): State<Arc<AppState>>, Body(body): Body<TokenizeR
         add_special: body.add_special.unwrap_or(defaults.add_special),
         parse_special: body.parse_special.unwrap_or(defaults.parse_special),
     };
-    let tokens = state.engine.tokenize_with(&body.content, options);
+    let tokens = match state.models.get(body.model.as_deref()).await {
+        Ok(model) => model.engine.tokenize_with(&body.content, options).map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
     match tokens {
         Ok(tokens) => Json(json!({ "tokens": tokens })).into_response(),
-        Err(e) => error_response(&state, e.into()),
+        Err(e) => error_response(&state, e),
     }
 }
 
 async fn detokenize(State(state): State<Arc<AppState>>, Body(body): Body<DetokenizeRequest>) -> Response {
-    let n_vocab = i64::from(state.engine.model_info().n_vocab);
+    let model = match state.models.get(body.model.as_deref()).await {
+        Ok(model) => model,
+        Err(e) => return error_response(&state, e),
+    };
+    let n_vocab = i64::from(model.engine.model_info().n_vocab);
     if let Some(bad) = body.tokens.iter().find(|&&t| !(0..n_vocab).contains(&t)) {
         return error_response(&state, ApiError::invalid("tokens", format!("{bad} is not a token of this model (0..{n_vocab})")));
     }
     let mut bytes = Vec::new();
     for &t in &body.tokens {
-        match state.engine.token_bytes(t as i32) {
+        match model.engine.token_bytes(t as i32) {
             Ok(b) => bytes.extend(b),
             Err(e) => return error_response(&state, e.into()),
         }
@@ -399,14 +429,14 @@ fn count_error(state: &AppState, status: StatusCode) {
 }
 
 /// One log line and the counters of a finished request.
-fn record(state: &AppState, id: &str, c: &Completion, received: Instant) {
+fn record(state: &AppState, model: &str, id: &str, c: &Completion, received: Instant) {
     let m = &state.metrics;
     m.ok.fetch_add(1, Ordering::Relaxed);
     m.prompt_tokens.fetch_add(c.stats.prompt_tokens as u64, Ordering::Relaxed);
     m.completion_tokens.fetch_add(c.stats.completion_tokens as u64, Ordering::Relaxed);
     tracing::info!(
         id,
-        model = %state.config.model_id,
+        model,
         prompt_tokens = c.stats.prompt_tokens,
         reused = c.stats.prompt_tokens_reused,
         completion_tokens = c.stats.completion_tokens,

@@ -181,6 +181,7 @@ pub(crate) struct Counters {
     generated_tokens: AtomicU64,
     prompt_tokens_decoded: AtomicU64,
     prompt_tokens_reused: AtomicU64,
+    kv_used: AtomicUsize,
 }
 
 /// A snapshot of the decode loop's counters.
@@ -196,6 +197,10 @@ pub struct ServingStatus {
     pub prompt_tokens_decoded: u64,
     /// Prompt tokens found in a slot's cache and not decoded again.
     pub prompt_tokens_reused: u64,
+    /// KV cache cells the slots hold, finished requests' caches (kept for reuse) included.
+    pub kv_used: usize,
+    /// The decode loop's slots.
+    pub slots: usize,
 }
 
 struct Submission {
@@ -208,6 +213,7 @@ struct Submission {
 pub struct ServingCore {
     queue: Option<SyncSender<Submission>>,
     max_queue: usize,
+    slots: usize,
     counters: Arc<Counters>,
     thread: Option<JoinHandle<()>>,
 }
@@ -236,7 +242,9 @@ impl ServingCore {
             .spawn(move || scheduler::run(&engine, &session, requests, &loop_counters, ready_tx))
             .map_err(|e| EngineError::Session(e.into()))?;
         match ready.recv() {
-            Ok(Ok(())) => Ok(ServingCore { queue: Some(queue), max_queue: config.max_queue, counters, thread: Some(thread) }),
+            Ok(Ok(())) => {
+                Ok(ServingCore { queue: Some(queue), max_queue: config.max_queue, slots: config.slots as usize, counters, thread: Some(thread) })
+            }
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -275,6 +283,8 @@ impl ServingCore {
             generated_tokens: c.generated_tokens.load(Ordering::Relaxed),
             prompt_tokens_decoded: c.prompt_tokens_decoded.load(Ordering::Relaxed),
             prompt_tokens_reused: c.prompt_tokens_reused.load(Ordering::Relaxed),
+            kv_used: c.kv_used.load(Ordering::Relaxed),
+            slots: self.slots,
         }
     }
 

@@ -135,6 +135,7 @@ pub(super) fn run(
                 fail(slot, e, &mut clock, counters);
             }
         }
+        counters.kv_used.store(slots.iter().map(|s| s.cached.len()).sum(), Ordering::Relaxed);
     }
 }
 

@@ -14,7 +14,7 @@ pub struct Server {
 impl Server {
     pub fn start(extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_exsa"))
-            .args(["--log", "error", "--threads", "2", "serve", "--port", "0"])
+            .args(["--log", "error", "--server-log", "warn", "--threads", "2", "serve", "--port", "0"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -23,16 +23,41 @@ impl Server {
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        Server { child, base: addr.to_string() }
+        let server = Server { child, base: addr.to_string() };
+        server.wait_ready();
+        server
+    }
+
+    /// Waits until `/health` says the server's models are loaded (it listens before).
+    pub fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let http = client();
+        loop {
+            match http.get(self.url("/health")).send() {
+                Ok(r) if r.status().as_u16() == 200 => return,
+                Ok(r) => assert_eq!(r.status().as_u16(), 503, "/health while loading"),
+                Err(e) => panic!("/health: {e}"),
+            }
+            assert!(std::time::Instant::now() < deadline, "the server did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
+    /// A metric's value, summed over its series (one per loaded model for the decode loops'
+    /// metrics).
     pub fn metric(&self, name: &str) -> f64 {
         let text = client().get(self.url("/metrics")).send().unwrap().text().unwrap();
-        text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("no {name} in {text}"))
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
+            .collect();
+        assert!(!values.is_empty(), "no {name} in {text}");
+        values.iter().sum()
     }
 }
 

@@ -1,0 +1,285 @@
+//! The models a server offers, loaded on first use and unloaded when idle.
+//!
+//! `--model PATH` is loaded when the server starts and stays loaded (pinned); every GGUF file
+//! of `--models-dir DIR` is listed by `/v1/models` under its file name without `.gguf` and
+//! loaded when a request first names it. At most `max_loaded` of those on-demand models are
+//! loaded at once: a request for another one unloads the one used longest ago, if nothing runs
+//! on it, and is answered 503 (retry) when every loaded one is busy. A model idle for
+//! `keep_alive` is unloaded. Each loaded model has its own decode loop ([`ServingCore`]) and
+//! slots; a request holds its model (an `Arc`) until its response has ended, so a model with a
+//! request in flight is never unloaded.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+
+use super::error::ApiError;
+use crate::config::EngineConfig;
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::serving::{ServingConfig, ServingCore};
+
+/// One model the server can serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSource {
+    /// The id requests name it by.
+    pub id: String,
+    pub path: PathBuf,
+    /// Loaded at start and never unloaded (`--model`).
+    pub pinned: bool,
+}
+
+impl ModelSource {
+    /// Every `*.gguf` file directly in `dir`, by file name, each with its file stem as id.
+    pub fn scan(dir: &Path) -> std::io::Result<Vec<ModelSource>> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+                let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                found.push(ModelSource { id, path, pinned: false });
+            }
+        }
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(found)
+    }
+}
+
+/// How models are loaded and kept.
+#[derive(Clone, Debug)]
+pub struct ModelPolicy {
+    /// The engine settings every model is loaded with (`model` is replaced by each source's path).
+    pub engine: EngineConfig,
+    /// Slots and queue of each loaded model's decode loop.
+    pub slots: u32,
+    pub max_queue: usize,
+    /// On-demand models loaded at once, at most (pinned ones not counted).
+    pub max_loaded: usize,
+    /// An on-demand model unused this long is unloaded.
+    pub keep_alive: Duration,
+}
+
+/// A loaded model with its decode loop.
+pub(crate) struct Loaded {
+    pub id: String,
+    pub engine: Arc<Engine>,
+    pub core: ServingCore,
+    /// The KV cache the slots share, in tokens.
+    pub n_ctx: usize,
+}
+
+struct Entry {
+    source: ModelSource,
+    /// None while unloaded. The lock is held across a load, so requests for a model that is
+    /// loading wait for that load instead of starting their own.
+    loaded: tokio::sync::Mutex<Option<Arc<Loaded>>>,
+    /// Milliseconds since the registry started, at the last request.
+    last_used_ms: AtomicU64,
+}
+
+/// The server's models.
+pub(crate) struct Models {
+    entries: Vec<Entry>,
+    policy: ModelPolicy,
+    /// Serialises loads and unloads, so that `max_loaded` holds.
+    gate: tokio::sync::Mutex<()>,
+    epoch: Instant,
+    /// False until every pinned model has loaded (`/health` answers 503 meanwhile).
+    ready: AtomicBool,
+    /// Why a pinned model could not be loaded, if it could not.
+    failed: OnceLock<String>,
+}
+
+impl Models {
+    /// A registry over `sources` (ids must be unique: later duplicates are dropped with a warning).
+    pub fn new(sources: Vec<ModelSource>, policy: ModelPolicy) -> Models {
+        let mut entries: Vec<Entry> = Vec::new();
+        for source in sources {
+            if entries.iter().any(|e| e.source.id == source.id) {
+                tracing::warn!(id = %source.id, path = %source.path.display(), "a model with this id is listed already; this file is not served");
+                continue;
+            }
+            entries.push(Entry { source, loaded: tokio::sync::Mutex::new(None), last_used_ms: AtomicU64::new(0) });
+        }
+        let ready = !entries.iter().any(|e| e.source.pinned);
+        Models { entries, policy, gate: tokio::sync::Mutex::new(()), epoch: Instant::now(), ready: AtomicBool::new(ready), failed: OnceLock::new() }
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.source.id.as_str())
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Loads the pinned models; `/health` turns ready once they are in. The error of the first
+    /// that fails is returned (the server should not run without its `--model`).
+    pub async fn load_pinned(&self) -> Result<(), String> {
+        for entry in self.entries.iter().filter(|e| e.source.pinned) {
+            let mut slot = entry.loaded.lock().await;
+            match self.load(&entry.source).await {
+                Ok(loaded) => *slot = Some(loaded),
+                Err(e) => {
+                    let message = format!("could not load {}: {}", entry.source.path.display(), e.message);
+                    let _ = self.failed.set(message.clone());
+                    return Err(message);
+                }
+            }
+        }
+        self.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The model a request names (None: the pinned model, if there is exactly one way to
+    /// choose), loading it if needed.
+    pub async fn get(&self, id: Option<&str>) -> Result<Arc<Loaded>, ApiError> {
+        let entry = self.entry(id)?;
+        entry.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
+        {
+            let slot = entry.loaded.lock().await;
+            if let Some(loaded) = slot.as_ref() {
+                return Ok(Arc::clone(loaded));
+            }
+            if entry.source.pinned {
+                // Its load at start failed.
+                let reason = self.failed.get().cloned().unwrap_or_else(|| "the model is not loaded".into());
+                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", reason).with_code("model_unavailable"));
+            }
+        }
+        // Locks are taken gate first, then an entry: the only order in which two are held.
+        let _gate = self.gate.lock().await;
+        let mut slot = entry.loaded.lock().await;
+        if let Some(loaded) = slot.as_ref() {
+            // Loaded by the request that held the gate before us.
+            return Ok(Arc::clone(loaded));
+        }
+        self.make_room(entry).await?;
+        let loaded = self.load(&entry.source).await?;
+        *slot = Some(Arc::clone(&loaded));
+        Ok(loaded)
+    }
+
+    fn entry(&self, id: Option<&str>) -> Result<&Entry, ApiError> {
+        let listed = || self.ids().collect::<Vec<_>>().join(", ");
+        match id {
+            Some(id) => self.entries.iter().find(|e| e.source.id == id).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    format!("the model {id:?} does not exist here; GET /v1/models lists: {}", listed()),
+                )
+                .with_code("model_not_found")
+            }),
+            None => {
+                let mut pinned = self.entries.iter().filter(|e| e.source.pinned);
+                match (pinned.next(), pinned.next(), self.entries.len()) {
+                    (Some(e), None, _) => Ok(e),
+                    (None, None, 1) => Ok(&self.entries[0]),
+                    _ => Err(ApiError::invalid("model", format!("name one of: {}", listed()))),
+                }
+            }
+        }
+    }
+
+    /// Unloads on-demand models until one more fits `max_loaded`: the least recently used
+    /// idle one first. 503 when every loaded one has requests in flight.
+    async fn make_room(&self, wanted: &Entry) -> Result<(), ApiError> {
+        loop {
+            let mut loaded = 0;
+            let mut idle: Option<(&Entry, u64)> = None;
+            for e in self.entries.iter().filter(|e| !e.source.pinned && !std::ptr::eq(*e, wanted)) {
+                // A locked entry is loading or being looked up: count it as loaded and busy.
+                let Ok(slot) = e.loaded.try_lock() else {
+                    loaded += 1;
+                    continue;
+                };
+                if let Some(model) = slot.as_ref() {
+                    loaded += 1;
+                    let used = e.last_used_ms.load(Ordering::Relaxed);
+                    if Arc::strong_count(model) == 1 && idle.is_none_or(|(_, u)| used < u) {
+                        idle = Some((e, used));
+                    }
+                }
+            }
+            if loaded < self.policy.max_loaded {
+                return Ok(());
+            }
+            let Some((victim, _)) = idle else {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    format!("{} models are loaded (--max-loaded) and every one is busy; retry shortly", self.policy.max_loaded),
+                )
+                .with_code("model_capacity"));
+            };
+            self.unload_if_idle(victim).await;
+        }
+    }
+
+    /// Unloads `entry` if nothing uses it; its decode thread is joined off the async workers.
+    async fn unload_if_idle(&self, entry: &Entry) {
+        let taken = {
+            let mut slot = entry.loaded.lock().await;
+            if slot.as_ref().is_some_and(|m| Arc::strong_count(m) == 1) { slot.take() } else { None }
+        };
+        if let Some(model) = taken {
+            tracing::info!(model = %entry.source.id, "unloading");
+            // Out of the entry's lock, which lookups take; the caller's gate keeps loads out
+            // until the memory is given back.
+            let _ = tokio::task::spawn_blocking(move || drop(model)).await;
+        }
+    }
+
+    /// Unloads on-demand models idle for longer than the keep-alive.
+    pub async fn unload_expired(&self) {
+        let now = self.now_ms();
+        let keep = self.policy.keep_alive.as_millis() as u64;
+        for entry in self.entries.iter().filter(|e| !e.source.pinned) {
+            if now.saturating_sub(entry.last_used_ms.load(Ordering::Relaxed)) >= keep {
+                let _gate = self.gate.lock().await;
+                self.unload_if_idle(entry).await;
+            }
+        }
+    }
+
+    /// The models loaded now, for metrics.
+    pub fn loaded(&self) -> Vec<Arc<Loaded>> {
+        self.entries.iter().filter_map(|e| e.loaded.try_lock().ok().and_then(|s| s.clone())).collect()
+    }
+
+    /// Whether `id` is loaded now (false while it loads).
+    pub fn is_loaded(&self, id: &str) -> bool {
+        self.entries.iter().any(|e| e.source.id == id && e.loaded.try_lock().is_ok_and(|s| s.is_some()))
+    }
+
+    async fn load(&self, source: &ModelSource) -> Result<Arc<Loaded>, ApiError> {
+        let config = EngineConfig { model: source.path.clone(), ..self.policy.engine.clone() };
+        let (slots, max_queue, id) = (self.policy.slots, self.policy.max_queue, source.id.clone());
+        tracing::info!(model = %id, path = %source.path.display(), "loading");
+        let started = Instant::now();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let engine = Arc::new(Engine::load(config)?);
+            let serving = ServingConfig { slots, max_queue, session: engine.session_config().clone() };
+            let n_ctx = serving.session.n_ctx as usize;
+            let core = ServingCore::start(Arc::clone(&engine), serving)?;
+            Ok::<_, EngineError>(Loaded { id, engine, core, n_ctx })
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?
+        .map_err(|e| {
+            tracing::error!(model = %source.id, "could not load: {e}");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("could not load the model {:?}: {e}", source.id))
+                .with_code("model_load_failed")
+        })?;
+        tracing::info!(model = %source.id, ms = started.elapsed().as_millis() as u64, "loaded");
+        Ok(Arc::new(loaded))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
