@@ -161,7 +161,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 fn render_decode_loops(loaded: &[Arc<Loaded>], out: &mut String) {
     use std::fmt::Write;
     let _ = writeln!(out, "# TYPE exsa_models_loaded gauge\nexsa_models_loaded {}", loaded.len());
-    let series: [(&str, &str, &str, fn(&ServingStatus, &Loaded) -> u64); 7] = [
+    /// Name, type, help, and how to read it.
+    type Series = (&'static str, &'static str, &'static str, fn(&ServingStatus, &Loaded) -> u64);
+    let series: [Series; 7] = [
         ("exsa_prompt_tokens_reused_total", "counter", "Prompt tokens found in a slot's cache, not decoded again.", |s, _| s.prompt_tokens_reused),
         ("exsa_decode_steps_total", "counter", "Decodes run (each carries every busy slot's next token).", |s, _| s.steps),
         ("exsa_queue_depth", "gauge", "Requests accepted and waiting for a slot.", |s, _| s.queued as u64),
