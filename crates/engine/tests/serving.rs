@@ -188,3 +188,36 @@ fn a_slot_reuses_the_longest_cached_prefix() {
     let e = collect(core.submit(ServeRequest::generate(&engine, &greedy(&too_long, 4)).unwrap()).unwrap()).unwrap_err();
     assert!(matches!(e, EngineError::PromptTooLong { n_ctx: 1024, .. }), "{e}");
 }
+
+#[test]
+fn a_full_kv_cache_fails_the_newest_request_and_the_older_ones_finish() {
+    // 384 cache cells shared by three slots; each request wants 40-odd prompt tokens and 150
+    // generated ones: two fit, three do not.
+    let mut config = EngineConfig::new(default_model_path());
+    config.session = SessionConfig { n_ctx: 384, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    let engine = Arc::new(Engine::load(config).unwrap());
+    let core = match start(&engine, 3, 4) {
+        Err(EngineError::Unsupported { .. }) => return, // raw: checked above
+        other => other.unwrap(),
+    };
+    let long = |topic: &str| {
+        format!("Write a long, detailed essay about {topic}. Cover its history, its science, its culture and its future, with examples.")
+    };
+    let mut receivers = Vec::new();
+    for topic in ["the ocean", "mountains", "deserts"] {
+        // Greedy, with the end of text banned, so that every request wants its 150 tokens.
+        let mut request = ServeRequest::generate(&engine, &greedy(&long(topic), 150)).unwrap();
+        request.sampling.logit_bias = engine.end_of_generation_tokens().into_iter().map(|t| (t, f32::NEG_INFINITY)).collect();
+        receivers.push(core.submit(request).unwrap());
+        // Admitted in this order (the newest is the last).
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let outcomes: Vec<_> = receivers.into_iter().map(collect).collect();
+    let (first_text, first) = outcomes[0].as_ref().expect("the oldest request finishes");
+    assert_eq!(first.stats.completion_tokens, 150, "{first_text:?}");
+    let last = outcomes[2].as_ref().expect_err("the newest request gives way");
+    assert_eq!(last.decode_failure(), Some(DecodeFailure::NoKvSlot), "{last}");
+    // The middle one fits beside the first once the newest is gone.
+    assert!(outcomes[1].is_ok(), "{:?}", outcomes[1].as_ref().err());
+    assert_eq!(core.status().busy_slots, 0);
+}

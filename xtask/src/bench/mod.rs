@@ -2,6 +2,7 @@
 //! baseline, with paired, interleaved runs and confidence intervals.
 
 pub(crate) mod build;
+pub(crate) mod chart;
 pub(crate) mod machine;
 pub(crate) mod report;
 pub(crate) mod run;

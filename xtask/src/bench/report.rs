@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::Serialize;
 
+use super::chart;
 use super::machine::Machine;
 use super::run::{RunSettings, VariantRuns};
 use super::stats::{self, Ratio, Summary};
@@ -291,57 +292,22 @@ impl Report {
 
     /// Tokens/s per test and variant: medians as bars, min..max as whiskers.
     pub fn svg(&self) -> String {
-        let tests: Vec<&String> = self.settings.tests.iter().collect();
-        let variants: Vec<&String> = self.variants.iter().map(|v| &v.variant.name).collect();
-        let (w, h, pad, top) = (760.0, 380.0, 60.0, 70.0);
-        let group_w = (w - 2.0 * pad) / tests.len().max(1) as f64;
-        let bar_w = group_w * 0.8 / variants.len().max(1) as f64;
-        let colours = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7"];
-        let mut s = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{pad}\" y=\"20\" font-size=\"14\">tokens/s (median, whiskers min..max) — {}</text>\n",
-            self.model.description
-        );
-        for (ti, test) in tests.iter().enumerate() {
-            let rows: Vec<&Row> = self.rows.iter().filter(|r| &&r.test == test).collect();
-            let max = rows.iter().filter_map(|r| r.summary.as_ref().map(|s| s.max)).fold(0.0f64, f64::max).max(1e-9);
-            let gx = pad + ti as f64 * group_w;
-            let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{test}</text>", gx + group_w / 2.0, h - 15.0);
-            for (vi, r) in rows.iter().enumerate() {
-                let Some(sm) = &r.summary else { continue };
-                let scale = |v: f64| (h - pad) - (v / max) * (h - pad - top);
-                let x = gx + group_w * 0.1 + vi as f64 * bar_w;
-                let colour = colours[vi % colours.len()];
-                let _ = writeln!(
-                    s,
-                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\"><title>{} {test}: {:.2} t/s</title></rect>",
-                    scale(sm.median),
-                    bar_w * 0.9,
-                    (h - pad) - scale(sm.median),
-                    r.variant,
-                    sm.median
-                );
-                let cx = x + bar_w * 0.45;
-                let _ = writeln!(s, "<line x1=\"{cx:.1}\" x2=\"{cx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>", scale(sm.min), scale(sm.max));
-                let _ = writeln!(
-                    s,
-                    "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{:.1}</text>",
-                    scale(sm.max) - 4.0,
-                    sm.median
-                );
-            }
-        }
-        // The legend: one row under the title, above the bars.
-        for (vi, v) in variants.iter().enumerate() {
-            let x = pad + 120.0 * vi as f64;
-            let _ = writeln!(
-                s,
-                "<rect x=\"{x:.1}\" y=\"32\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"41\">{v}</text>",
-                colours[vi % colours.len()],
-                x + 14.0
-            );
-        }
-        s.push_str("</svg>\n");
-        s
+        let variants: Vec<String> = self.variants.iter().map(|v| v.variant.name.clone()).collect();
+        let groups: Vec<chart::Group> = self
+            .settings
+            .tests
+            .iter()
+            .map(|test| chart::Group {
+                label: test.clone(),
+                bars: self
+                    .rows
+                    .iter()
+                    .filter(|r| &r.test == test)
+                    .filter_map(|r| Some((variants.iter().position(|v| *v == r.variant)?, r.summary.clone()?)))
+                    .collect(),
+            })
+            .collect();
+        chart::bars(&format!("tokens/s (median, whiskers min..max) — {}", self.model.description), "t/s", &variants, &groups)
     }
 
     pub fn write(&self, dir: &Path, formats: &[String]) -> Result<Vec<PathBuf>> {

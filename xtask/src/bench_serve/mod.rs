@@ -105,10 +105,13 @@ pub fn run(args: &Args) -> Result<()> {
             result?;
         }
     }
-    let report = report(args, &model, &samples, started.elapsed());
+    let builds = build_info(&exsa, &llama_server, &model);
+    let report = report(args, &model, &samples, started.elapsed(), &builds);
     std::fs::write(out.join("report.md"), &report)?;
-    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&samples)?)?;
+    let json = serde_json::json!({ "build_info": builds, "samples": samples });
+    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&json)?)?;
     std::fs::write(out.join("samples.csv"), csv(&samples))?;
+    std::fs::write(out.join("chart.svg"), svg(args, &samples))?;
     println!("{report}");
     println!("reports in {}", out.display());
     Ok(())
@@ -171,6 +174,61 @@ fn ensure_llama_server() -> Result<PathBuf> {
     Ok(binary)
 }
 
+/// What each server was built from and with: exsa's build info (`exsa info`: llama.cpp
+/// version, compiler, flags) and llama-server's `--version` lines.
+fn build_info(exsa: &Path, llama_server: &Path, model: &Path) -> serde_json::Value {
+    let exsa_info = Command::new(exsa)
+        .arg("--model")
+        .arg(model)
+        .args(["--log", "error", "info"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+        .map_or(
+            serde_json::Value::Null,
+            |v| serde_json::json!({ "backend": v["backend"], "build_info": v["build_info"], "system_info": v["system_info"] }),
+        );
+    let llama_version = Command::new(llama_server)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .chain(String::from_utf8_lossy(&o.stdout).lines())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default();
+    serde_json::json!({ "exsa serve": exsa_info, "llama-server": llama_version.trim() })
+}
+
+/// Aggregate tokens/s per concurrency level and server, over the rounds.
+fn svg(args: &Args, samples: &[Sample]) -> String {
+    use crate::bench::chart;
+    let servers = [Server::LlamaServer, Server::Exsa];
+    let series: Vec<String> = servers.iter().map(|s| s.name().to_string()).collect();
+    let groups: Vec<chart::Group> = args
+        .concurrency
+        .iter()
+        .map(|&c| chart::Group {
+            label: format!("{c} clients"),
+            bars: servers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &server)| {
+                    let tps: Vec<f64> =
+                        samples.iter().filter(|s| s.server == server && s.level.concurrency == c).map(|s| s.level.tokens_per_s()).collect();
+                    Some((i, stats::summarize(&tps)?))
+                })
+                .collect(),
+        })
+        .collect();
+    chart::bars("aggregate generated tokens/s under streaming chat load (median, whiskers min..max)", "t/s", &series, &groups)
+}
+
 /// Starts `server` on a free port and waits until /health answers 200.
 fn start(server: Server, exsa: &Path, llama_server: &Path, model: &Path, args: &Args, threads: usize, out: &Path) -> Result<(Child, String)> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -204,7 +262,7 @@ fn start(server: Server, exsa: &Path, llama_server: &Path, model: &Path, args: &
     bail!("{} did not become healthy within 120 s (log in {})", server.name(), out.display())
 }
 
-fn report(args: &Args, model: &Path, samples: &[Sample], took: Duration) -> String {
+fn report(args: &Args, model: &Path, samples: &[Sample], took: Duration, builds: &serde_json::Value) -> String {
     let machine = crate::bench::machine::describe();
     let machine = format!("{}, {} cores, {}, {:.1} GB/s memory read", machine.cpu, machine.cores, machine.simd.join(" "), machine.memory_read_gb_s);
     let mut md = format!(
@@ -252,6 +310,11 @@ fn report(args: &Args, model: &Path, samples: &[Sample], took: Duration) -> Stri
             );
         }
     }
+    md += &format!(
+        "\nBuilds:\n- exsa serve: `{}`\n- llama-server: `{}`\n",
+        builds["exsa serve"],
+        builds["llama-server"].as_str().unwrap_or("?").replace('\n', " / ")
+    );
     md
 }
 

@@ -15,6 +15,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
 use crate::config::{SamplerStage, SamplingParams, SessionConfig};
@@ -38,8 +39,11 @@ impl Backend for CrateBackend {
 
     fn load(path: &Path, n_gpu_layers: i32) -> Result<CrateModel, EngineError> {
         // llama-cpp-2 answers every bad file with "null result"; say at least which file.
-        if !path.is_file() {
+        if !path.exists() {
             return Err(EngineError::load(path, "model file not found"));
+        }
+        if path.is_dir() {
+            return Err(EngineError::load(path, "is a directory, not a model file"));
         }
         let params = LlamaModelParams::default().with_n_gpu_layers(n_gpu_layers.max(0) as u32);
         let model = LlamaModel::load_from_file(backend(), path, &params).map_err(|e| EngineError::load(path, e))?;

@@ -125,6 +125,12 @@ impl Engine {
         Ok(tokens)
     }
 
+    /// Every token that ends a generation (end of sequence, end of turn, ...): to ban them with
+    /// a logit bias when a fixed number of tokens is wanted.
+    pub fn end_of_generation_tokens(&self) -> Vec<TokenId> {
+        (0..self.model.n_vocab()).filter(|&t| self.model.is_eog(t)).collect()
+    }
+
     /// Checks that a sampler for `params` can be built for this model (biased tokens in the
     /// vocabulary, a grammar that parses, a backend that supports it), before a request that
     /// asks for it is accepted.

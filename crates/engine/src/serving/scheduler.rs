@@ -50,6 +50,16 @@ struct Running<'e> {
     stats: GenerationStats,
 }
 
+/// How a slot with a request stood before this step's batch was built: what a failed decode
+/// puts back.
+#[derive(Clone, Copy, Debug)]
+struct Before {
+    slot: usize,
+    cached: usize,
+    pending: Option<TokenId>,
+    prefilled: usize,
+}
+
 /// Runs until the queue's sender is gone and every accepted request has ended. `ready` gets
 /// the outcome of creating the context, before anything else.
 pub(super) fn run(
@@ -79,6 +89,7 @@ pub(super) fn run(
         (0..config.n_seq as i32).map(|seq| Slot { seq, cached: Vec::with_capacity(n_ctx), request: None, last_used: 0 }).collect();
     let mut clock = 0u64;
     let mut open = true;
+    let mut before: Vec<Before> = Vec::with_capacity(slots.len());
     loop {
         // Admission: fill free slots from the queue; block only when there is nothing to run.
         while open && slots.iter().any(|s| s.request.is_none()) {
@@ -120,13 +131,27 @@ pub(super) fn run(
         }
 
         session.batch_clear();
+        before.clear();
+        before.extend(
+            slots.iter().enumerate().filter_map(|(slot, s)| {
+                s.request.as_ref().map(|r| Before { slot, cached: s.cached.len(), pending: r.pending, prefilled: r.prefilled })
+            }),
+        );
         let built = build_batch(&mut session, &mut slots, n_ctx, n_batch, &mut clock, counters);
-        if let Err(e) = built.and_then(|_| if session.batch_len() == 0 { Ok(()) } else { session.batch_decode() }) {
+        let decoded = built.and_then(|prompt_tokens| {
+            if session.batch_len() > 0 {
+                session.batch_decode()?;
+                counters.steps.fetch_add(1, Ordering::Relaxed);
+                counters.prompt_tokens_decoded.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+            }
+            Ok(())
+        });
+        if let Err(e) = decoded {
+            if e.decode_failure() == Some(DecodeFailure::NoKvSlot) && make_room(&mut session, &mut slots, &before, &mut clock, counters) {
+                continue;
+            }
             fail_batch(&mut session, &mut slots, &e, &mut clock, counters);
             continue;
-        }
-        if session.batch_len() > 0 {
-            counters.steps.fetch_add(1, Ordering::Relaxed);
         }
         for slot in &mut slots {
             if slot.request.as_ref().is_some_and(|r| r.output.is_some())
@@ -208,7 +233,7 @@ fn choose_slot(slots: &[Slot<'_>], prompt: &[TokenId]) -> Option<usize> {
 }
 
 /// The step's batch: first the next token of every generating request (one each), then prompt
-/// chunks, oldest request first, up to n_batch tokens in all.
+/// chunks, oldest request first, up to n_batch tokens in all. Returns the prompt tokens in it.
 fn build_batch(
     session: &mut Session<'_>,
     slots: &mut [Slot<'_>],
@@ -216,7 +241,8 @@ fn build_batch(
     n_batch: usize,
     clock: &mut u64,
     counters: &Counters,
-) -> Result<(), EngineError> {
+) -> Result<usize, EngineError> {
+    let mut prompt_tokens = 0;
     for slot in slots.iter_mut() {
         let Some(r) = slot.request.as_mut() else { continue };
         r.output = None;
@@ -249,9 +275,59 @@ fn build_batch(
         }
         slot.cached.extend_from_slice(&r.prompt[r.prefilled..r.prefilled + n]);
         r.prefilled += n;
-        counters.prompt_tokens_decoded.fetch_add(n as u64, Ordering::Relaxed);
+        prompt_tokens += n;
     }
-    Ok(())
+    Ok(prompt_tokens)
+}
+
+/// The KV cache had no room for the step. Every slot is put back as it was before the batch
+/// (llama.cpp finds room for a whole batch before it computes any of it, so the cache holds
+/// nothing of it), then room is made: first by dropping the caches free slots keep for reuse,
+/// else by failing the newest running request, so that the older ones go on. False when
+/// nothing can give way (a single request that does not fit): the caller fails it.
+fn make_room(session: &mut Session<'_>, slots: &mut [Slot<'_>], before: &[Before], clock: &mut u64, counters: &Counters) -> bool {
+    for b in before {
+        let slot = &mut slots[b.slot];
+        let Some(r) = slot.request.as_mut() else { continue };
+        slot.cached.truncate(b.cached);
+        r.pending = b.pending;
+        r.prefilled = b.prefilled;
+        r.output = None;
+        if !session.seq_truncate(slot.seq, b.cached as i32) {
+            // A memory that cannot cut back (recurrent state): this request cannot go on.
+            session.seq_clear(slot.seq);
+            slot.cached.clear();
+            fail(
+                slot,
+                EngineError::decode(DecodeFailure::NoKvSlot, "the KV cache is full and this sequence's state cannot be rolled back"),
+                clock,
+                counters,
+            );
+        }
+    }
+    let mut freed = false;
+    for slot in slots.iter_mut().filter(|s| s.request.is_none() && !s.cached.is_empty()) {
+        session.seq_clear(slot.seq);
+        slot.cached.clear();
+        freed = true;
+    }
+    if freed {
+        return true;
+    }
+    let running: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].request.is_some()).collect();
+    let Some(&newest) = running.iter().max_by_key(|&&i| slots[i].request.as_ref().map_or(0, |r| r.admitted)) else { return false };
+    if running.len() < 2 {
+        return false;
+    }
+    let slot = &mut slots[newest];
+    session.seq_clear(slot.seq);
+    slot.cached.clear();
+    let error = EngineError::decode(
+        DecodeFailure::NoKvSlot,
+        "the KV cache is full; the newest request gives way to the older ones (a larger --ctx or fewer --parallel slots helps)",
+    );
+    fail(slot, error, clock, counters);
+    true
 }
 
 /// Samples the slot's output of this step and handles the token as the single-stream
