@@ -20,7 +20,7 @@ use super::error::ApiError;
 use crate::config::EngineConfig;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::serving::{ServingConfig, ServingCore};
+use crate::serving::{ServingConfig, ServingCore, ServingStatus};
 
 /// One model the server can serve.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,8 +76,29 @@ struct Entry {
     /// None while unloaded. The lock is held across a load, so requests for a model that is
     /// loading wait for that load instead of starting their own.
     loaded: tokio::sync::Mutex<Option<Arc<Loaded>>>,
+    /// The same model for readers that must not wait (metrics, listings); set and cleared with
+    /// `loaded`, under its lock. Readers look, never clone, so that a model's strong count
+    /// stays 2 while no request holds it.
+    view: std::sync::Mutex<Option<Arc<Loaded>>>,
     /// Milliseconds since the registry started, at the last request.
     last_used_ms: AtomicU64,
+}
+
+impl Entry {
+    /// Sets the model, for the lock holder and for readers.
+    fn set(&self, slot: &mut Option<Arc<Loaded>>, model: Option<Arc<Loaded>>) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = model.clone();
+        *slot = model;
+    }
+
+    fn view(&self) -> std::sync::MutexGuard<'_, Option<Arc<Loaded>>> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// No request holds the model: only the entry's two references remain.
+    fn idle(model: &Arc<Loaded>) -> bool {
+        Arc::strong_count(model) == 2
+    }
 }
 
 /// The server's models.
@@ -102,7 +123,7 @@ impl Models {
                 tracing::warn!(id = %source.id, path = %source.path.display(), "a model with this id is listed already; this file is not served");
                 continue;
             }
-            entries.push(Entry { source, loaded: tokio::sync::Mutex::new(None), last_used_ms: AtomicU64::new(0) });
+            entries.push(Entry { source, loaded: tokio::sync::Mutex::new(None), view: std::sync::Mutex::new(None), last_used_ms: AtomicU64::new(0) });
         }
         let ready = !entries.iter().any(|e| e.source.pinned);
         Models { entries, policy, gate: tokio::sync::Mutex::new(()), epoch: Instant::now(), ready: AtomicBool::new(ready), failed: OnceLock::new() }
@@ -122,7 +143,7 @@ impl Models {
         for entry in self.entries.iter().filter(|e| e.source.pinned) {
             let mut slot = entry.loaded.lock().await;
             match self.load(&entry.source).await {
-                Ok(loaded) => *slot = Some(loaded),
+                Ok(loaded) => entry.set(&mut slot, Some(loaded)),
                 Err(e) => {
                     let message = format!("could not load {}: {}", entry.source.path.display(), e.message);
                     let _ = self.failed.set(message.clone());
@@ -159,7 +180,7 @@ impl Models {
         }
         self.make_room(entry).await?;
         let loaded = self.load(&entry.source).await?;
-        *slot = Some(Arc::clone(&loaded));
+        entry.set(&mut slot, Some(Arc::clone(&loaded)));
         Ok(loaded)
     }
 
@@ -200,7 +221,7 @@ impl Models {
                 if let Some(model) = slot.as_ref() {
                     loaded += 1;
                     let used = e.last_used_ms.load(Ordering::Relaxed);
-                    if Arc::strong_count(model) == 1 && idle.is_none_or(|(_, u)| used < u) {
+                    if Entry::idle(model) && idle.is_none_or(|(_, u)| used < u) {
                         idle = Some((e, used));
                     }
                 }
@@ -224,7 +245,14 @@ impl Models {
     async fn unload_if_idle(&self, entry: &Entry) {
         let taken = {
             let mut slot = entry.loaded.lock().await;
-            if slot.as_ref().is_some_and(|m| Arc::strong_count(m) == 1) { slot.take() } else { None }
+            match slot.as_ref() {
+                Some(m) if Entry::idle(m) => {
+                    let model = slot.clone();
+                    entry.set(&mut slot, None);
+                    model
+                }
+                _ => None,
+            }
         };
         if let Some(model) = taken {
             tracing::info!(model = %entry.source.id, "unloading");
@@ -246,14 +274,14 @@ impl Models {
         }
     }
 
-    /// The models loaded now, for metrics.
-    pub fn loaded(&self) -> Vec<Arc<Loaded>> {
-        self.entries.iter().filter_map(|e| e.loaded.try_lock().ok().and_then(|s| s.clone())).collect()
+    /// Each loaded model's id, decode-loop status and KV cache size, for metrics.
+    pub fn statuses(&self) -> Vec<(String, ServingStatus, usize)> {
+        self.entries.iter().filter_map(|e| e.view().as_ref().map(|m| (m.id.clone(), m.core.status(), m.n_ctx))).collect()
     }
 
     /// Whether `id` is loaded now (false while it loads).
     pub fn is_loaded(&self, id: &str) -> bool {
-        self.entries.iter().any(|e| e.source.id == id && e.loaded.try_lock().is_ok_and(|s| s.is_some()))
+        self.entries.iter().any(|e| e.source.id == id && e.view().is_some())
     }
 
     async fn load(&self, source: &ModelSource) -> Result<Arc<Loaded>, ApiError> {

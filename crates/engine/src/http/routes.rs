@@ -151,18 +151,18 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         load(&m.prompt_tokens),
         load(&m.completion_tokens),
     );
-    render_decode_loops(&state.models.loaded(), &mut body);
+    render_decode_loops(&state.models.statuses(), &mut body);
     m.ttft.render("exsa_time_to_first_token_seconds", "From a request's arrival to its first token.", &mut body);
     m.inter_token.render("exsa_inter_token_seconds", "Between consecutive streamed tokens.", &mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 /// The decode loops' own counters, one series per loaded model.
-fn render_decode_loops(loaded: &[Arc<Loaded>], out: &mut String) {
+fn render_decode_loops(loaded: &[(String, ServingStatus, usize)], out: &mut String) {
     use std::fmt::Write;
     let _ = writeln!(out, "# TYPE exsa_models_loaded gauge\nexsa_models_loaded {}", loaded.len());
     /// Name, type, help, and how to read it.
-    type Series = (&'static str, &'static str, &'static str, fn(&ServingStatus, &Loaded) -> u64);
+    type Series = (&'static str, &'static str, &'static str, fn(&ServingStatus, usize) -> u64);
     let series: [Series; 7] = [
         ("exsa_prompt_tokens_reused_total", "counter", "Prompt tokens found in a slot's cache, not decoded again.", |s, _| s.prompt_tokens_reused),
         ("exsa_decode_steps_total", "counter", "Decodes run (each carries every busy slot's next token).", |s, _| s.steps),
@@ -171,14 +171,13 @@ fn render_decode_loops(loaded: &[Arc<Loaded>], out: &mut String) {
         ("exsa_kv_used_tokens", "gauge", "KV cache cells the slots hold (finished requests' caches kept for reuse included).", |s, _| {
             s.kv_used as u64
         }),
-        ("exsa_kv_capacity_tokens", "gauge", "KV cache cells the slots share.", |_, m| m.n_ctx as u64),
+        ("exsa_kv_capacity_tokens", "gauge", "KV cache cells the slots share.", |_, n_ctx| n_ctx as u64),
         ("exsa_slots", "gauge", "Slots of the model's decode loop.", |s, _| s.slots as u64),
     ];
-    let statuses: Vec<ServingStatus> = loaded.iter().map(|m| m.core.status()).collect();
     for (name, kind, help, value) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (model, status) in loaded.iter().zip(&statuses) {
-            let _ = writeln!(out, "{name}{{model=\"{}\"}} {}", model.id.replace(['\\', '"', '\n'], "_"), value(status, model));
+        for (id, status, n_ctx) in loaded {
+            let _ = writeln!(out, "{name}{{model=\"{}\"}} {}", id.replace(['\\', '"', '\n'], "_"), value(status, *n_ctx));
         }
     }
 }
