@@ -61,16 +61,8 @@ fn steps(c: &mut Criterion) {
     session.decode(&[tokens[1]], pos, Outputs::Last).unwrap();
     session.set_sampler(&SamplingParams::greedy()).unwrap();
     group.bench_function("sample_greedy", |b| b.iter(|| black_box(session.sample().unwrap())));
-    let chain = SamplingParams {
-        temperature: 0.8,
-        top_k: 40,
-        top_p: 0.95,
-        min_p: 0.05,
-        repeat_penalty: 1.0,
-        repeat_last_n: 64,
-        seed: 1,
-        ..Default::default()
-    };
+    // The default chain (top-k 40, top-p 0.95, min-p 0.05, temperature 0.8), seeded.
+    let chain = SamplingParams { seed: 1, ..Default::default() };
     session.set_sampler(&chain).unwrap();
     group.bench_function("sample_chain_topk40_topp_minp_temp_dist", |b| b.iter(|| black_box(session.sample().unwrap())));
     group.finish();

@@ -221,3 +221,31 @@ fn a_full_kv_cache_fails_the_newest_request_and_the_older_ones_finish() {
     assert!(outcomes[1].is_ok(), "{:?}", outcomes[1].as_ref().err());
     assert_eq!(core.status().busy_slots, 0);
 }
+
+#[test]
+fn a_prompt_that_does_not_fit_beside_the_running_ones_waits_for_room_instead_of_failing() {
+    // 384 cells: a 250-token prompt runs; a 200-token prompt cannot join it (450 > 384) and
+    // waits in the queue until the first is done, then runs alone. Admitted at once, it would
+    // have filled the cache and been failed as the newest request.
+    let mut config = EngineConfig::new(default_model_path());
+    config.session = SessionConfig { n_ctx: 384, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    let engine = Arc::new(Engine::load(config).unwrap());
+    let core = match start(&engine, 2, 4) {
+        Err(EngineError::Unsupported { .. }) => return,
+        other => other.unwrap(),
+    };
+    let words = |n: usize, word: &str| format!("{}.", vec![word; n].join(" "));
+    let first = ServeRequest::generate(&engine, &greedy(&words(240, "alpha"), 40)).unwrap();
+    let second = ServeRequest::generate(&engine, &greedy(&words(190, "beta"), 20)).unwrap();
+    assert!(first.tokens.len() + second.tokens.len() > 384 && first.tokens.len() + 40 < 384, "{} + {}", first.tokens.len(), second.tokens.len());
+    let a = core.submit(first).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let b = core.submit(second).unwrap();
+    // While the first runs, the second is still queued, not in a slot.
+    std::thread::sleep(Duration::from_millis(100));
+    let status = core.status();
+    assert_eq!((status.busy_slots, status.queued), (1, 1), "{status:?}");
+    let (_, done_a) = collect(a).expect("the first request finishes");
+    let (_, done_b) = collect(b).expect("the second request runs once there is room");
+    assert_eq!((done_a.stats.completion_tokens, done_b.stats.completion_tokens), (40, 20));
+}

@@ -324,23 +324,8 @@ fn a_preselected_chain_draws_from_the_top_k() {
 
 #[test]
 fn a_grammar_constrains_the_output() {
-    let mut ctx = context();
-    let vocab = model().vocab();
-    let tokens = vocab.tokenize("Is the sky green? Answer:", TokenizeOptions::default()).unwrap();
     let mut sampler = SamplerChain::new().grammar("root ::= \" yes\" | \" no\"", "root").greedy().build(model()).unwrap();
-    let mut batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
-    let mut out = Vec::new();
-    for i in 0..4 {
-        ctx.decode(&batch).unwrap();
-        let t = sampler.sample_last(&ctx).unwrap();
-        if vocab.is_eog(t) {
-            break;
-        }
-        out.push(t);
-        batch.clear();
-        batch.add_output(t, tokens.len() as i32 + i, 0).unwrap();
-    }
-    let text = vocab.detokenize(&out, DetokenizeOptions::default()).unwrap();
+    let text = model().vocab().detokenize(&generate_with(&mut sampler, "Is the sky green? Answer:", 4), DetokenizeOptions::default()).unwrap();
     assert!(text == " yes" || text == " no", "{text:?}");
 }
 

@@ -152,7 +152,8 @@ impl Engine {
     }
 }
 
-/// How [`Engine::tokenize_with`] treats text.
+/// How [`Engine::tokenize_with`] treats text. (`llama::TokenizeOptions` says the same for the
+/// safe wrapper; the engine has its own because backend `crate` does not link `llama`.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenizeOptions {
     /// Add BOS (and whatever else the model adds around a whole text).

@@ -6,7 +6,10 @@
 //! request is then sampled at its own batch index with its own sampler chain and stop rules.
 //! Requests reach the thread through a bounded queue ([`ServingConfig::max_queue`]: a full
 //! queue is refused at once, never waited on) and get their [`Event`]s back on a channel of
-//! their own. A request whose receiver is dropped (its client left) or whose cancel token is
+//! their own. A request is admitted when a slot is free and the KV cache has room for its
+//! prompt beside the running ones' (it waits in the queue otherwise); if generation fills the
+//! cache, the caches idle slots keep are dropped first, then the newest request fails
+//! (`DecodeFailure::NoKvSlot`) so that the older ones finish. A request whose receiver is dropped (its client left) or whose cancel token is
 //! set ends at the next step, also during prefill, and frees its slot.
 //!
 //! A free slot keeps the tokens it decoded: a new request goes to the free slot whose cache
@@ -14,7 +17,7 @@
 //! cut the memory cannot make (a recurrent state, see docs/architectures.md), the slot starts
 //! from empty instead.
 //!
-//! This is the engine side of `exsa serve` (the HTTP layer is a later step); it runs on
+//! This is the engine side of `exsa serve` (the HTTP layer is [`crate::http`]); it runs on
 //! backends `source` and `crate`. Backend `raw` has no sampler per sequence:
 //! [`ServingCore::start`] refuses it with [`EngineError::Unsupported`].
 

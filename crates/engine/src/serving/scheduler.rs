@@ -90,34 +90,44 @@ pub(super) fn run(
     let mut clock = 0u64;
     let mut open = true;
     let mut before: Vec<Before> = Vec::with_capacity(slots.len());
+    // A request taken from the queue that waits for KV space (it stays counted as queued).
+    let mut deferred: Option<Submission> = None;
     loop {
-        // Admission: fill free slots from the queue; block only when there is nothing to run.
-        while open && slots.iter().any(|s| s.request.is_none()) {
+        // Admission: fill free slots from the queue while the KV cache has room for the
+        // prompts; block only when there is nothing to run.
+        while slots.iter().any(|s| s.request.is_none()) {
             let idle = slots.iter().all(|s| s.request.is_none());
-            let submission = if idle {
-                match requests.recv() {
+            let submission = match deferred.take() {
+                Some(s) => s,
+                None if !open => break,
+                None if idle => match requests.recv() {
                     Ok(s) => s,
                     Err(_) => {
                         open = false;
                         break;
                     }
-                }
-            } else {
-                match requests.try_recv() {
+                },
+                None => match requests.try_recv() {
                     Ok(s) => s,
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         open = false;
                         break;
                     }
-                }
+                },
             };
+            // Alone, a request gets the whole cache (or fails for length); beside others, it
+            // waits until its prompt fits. A cancelled one is let through to be refused.
+            if !idle && !submission.request.cancel.is_cancelled() && committed_cells(&slots) + submission.request.tokens.len() > n_ctx {
+                deferred = Some(submission);
+                break;
+            }
             counters.queued.fetch_sub(1, Ordering::Relaxed);
             clock += 1;
             admit(&mut session, &mut slots, submission, n_ctx, clock, counters);
         }
         if slots.iter().all(|s| s.request.is_none()) {
-            if open {
+            if open || deferred.is_some() {
                 continue;
             }
             return;
@@ -162,6 +172,12 @@ pub(super) fn run(
         }
         counters.kv_used.store(slots.iter().map(|s| s.cached.len()).sum(), Ordering::Relaxed);
     }
+}
+
+/// The KV cells the running requests hold or will hold for their prompts (what generation adds
+/// is not reserved: a full cache makes the newest request give way, see [`make_room`]).
+fn committed_cells(slots: &[Slot<'_>]) -> usize {
+    slots.iter().filter_map(|s| s.request.as_ref().map(|r| r.prompt.len().max(s.cached.len()))).sum()
 }
 
 /// Puts a request into the free slot whose cache shares the longest prefix with its prompt.
