@@ -269,6 +269,21 @@ pub struct GenerateRequest {
     /// only for trusted callers who build raw prompts through messages.
     pub specials_in_messages: bool,
     pub cancel: Option<CancelToken>,
+    /// Draft tokens and verify them in one decode (see [`Speculation`]).
+    pub speculation: Speculation,
+}
+
+/// Speculative decoding of a single-stream generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Speculation {
+    /// One decode per token.
+    #[default]
+    Off,
+    /// Prompt lookup: up to `max_draft` tokens drafted from the continuation of the last few
+    /// tokens' most recent earlier occurrence in the prompt or output, verified in one decode.
+    /// Greedy requests only (temperature 0, no penalties, biases or grammar), whose output it
+    /// does not change.
+    Ngram { max_draft: u32 },
 }
 
 impl GenerateRequest {
@@ -281,6 +296,7 @@ impl GenerateRequest {
             parse_special: false,
             specials_in_messages: false,
             cancel: None,
+            speculation: Speculation::Off,
         }
     }
 
@@ -293,6 +309,22 @@ impl GenerateRequest {
         }
         if self.stop.iter().any(String::is_empty) {
             return Err(EngineError::InvalidRequest { field: "stop", value: "\"\"".into(), reason: "stop sequences must not be empty" });
+        }
+        if let Speculation::Ngram { max_draft } = self.speculation {
+            if !(1..=64).contains(&max_draft) {
+                return Err(EngineError::InvalidRequest {
+                    field: "speculation",
+                    value: max_draft.to_string(),
+                    reason: "max_draft must be within 1..=64",
+                });
+            }
+            if self.sampling.stages() != [SamplerStage::Greedy] || self.sampling.grammar.is_some() {
+                return Err(EngineError::InvalidRequest {
+                    field: "speculation",
+                    value: "ngram".into(),
+                    reason: "needs plain greedy sampling (temperature 0, no penalties, biases or grammar); sampled speculation is not implemented",
+                });
+            }
         }
         self.sampling.validate()
     }

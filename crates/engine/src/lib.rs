@@ -30,11 +30,12 @@ pub mod harness;
 pub mod http;
 pub mod json_grammar;
 pub mod serving;
+mod speculative;
 mod stop;
 mod token_text;
 
 pub use chat::ChatMessage;
-pub use config::{CancelToken, EngineConfig, GenerateRequest, SamplerStage, SamplingParams, SessionConfig};
+pub use config::{CancelToken, EngineConfig, GenerateRequest, SamplerStage, SamplingParams, SessionConfig, Speculation};
 pub use engine::{Engine, FinishReason, Generation, GenerationStats, Session, TokenizeOptions};
 pub use error::{Cause, DecodeFailure, EngineError, Result};
 // One UTF-8 stream decoder for the whole workspace, from a crate of its own: the `crate`

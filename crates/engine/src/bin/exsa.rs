@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use exsa_engine::harness::{self, Test};
-use exsa_engine::{CancelToken, ChatMessage, Engine, EngineConfig, EngineError, GenerateRequest, SamplingParams, SessionConfig};
+use exsa_engine::{CancelToken, ChatMessage, Engine, EngineConfig, EngineError, GenerateRequest, SamplingParams, SessionConfig, Speculation};
 
 #[derive(Parser)]
 #[command(name = "exsa", version, about = "Local LLM inference over llama.cpp")]
@@ -62,9 +62,23 @@ struct Sampling {
     /// Stop before this text (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// Speculative decoding: `ngram` drafts from the prompt and output and verifies the drafts
+    /// in one decode (greedy only: --temperature 0, no penalties); `off` decodes token by token.
+    #[arg(long, default_value = "off", value_parser = ["off", "ngram"])]
+    speculative: String,
+    /// Most tokens drafted per round with --speculative.
+    #[arg(long, default_value_t = 8)]
+    draft_max: u32,
 }
 
 impl Sampling {
+    fn speculation(&self) -> Speculation {
+        match self.speculative.as_str() {
+            "ngram" => Speculation::Ngram { max_draft: self.draft_max },
+            _ => Speculation::Off,
+        }
+    }
+
     fn params(&self) -> SamplingParams {
         SamplingParams {
             temperature: self.temperature,
@@ -214,6 +228,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 max_tokens: sampling.max_tokens,
                 stop: sampling.stop.clone(),
                 sampling: sampling.params(),
+                speculation: sampling.speculation(),
                 ..GenerateRequest::new(prompt)
             };
             let mut generation = s.generate(&request)?;
@@ -243,6 +258,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     max_tokens: sampling.max_tokens,
                     stop: sampling.stop.clone(),
                     sampling: sampling.params(),
+                    speculation: sampling.speculation(),
                     cancel: Some(CancelToken::new()),
                     ..GenerateRequest::new("")
                 };

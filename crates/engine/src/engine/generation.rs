@@ -5,7 +5,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::Session;
-use crate::backend::{BackendModel, BackendSession, Outputs};
+use crate::backend::{BackendModel, BackendSession, Outputs, TokenId};
 use crate::config::CancelToken;
 use crate::error::EngineError;
 use crate::token_text::{TokenText, ms};
@@ -47,6 +47,12 @@ pub struct GenerationStats {
     /// Completion tokens per second as the user sees them: sampled, detokenized, streamed.
     pub generation_tokens_per_s: f64,
     pub finish_reason: Option<FinishReason>,
+    /// Decodes run during generation (prompt processing not counted): with speculation, fewer
+    /// than the tokens generated.
+    pub generation_decodes: usize,
+    /// Speculation: tokens drafted, and of those the ones the model confirmed.
+    pub drafted_tokens: usize,
+    pub accepted_tokens: usize,
 }
 
 impl GenerationStats {
@@ -79,6 +85,8 @@ pub struct Generation<'s, 'e> {
     pub(super) prompt_done: Instant,
     pub(super) stats: GenerationStats,
     pub(super) finished: bool,
+    /// With [`crate::Speculation::Ngram`].
+    pub(super) speculation: Option<SpeculationState>,
 }
 
 impl std::fmt::Debug for Generation<'_, '_> {
@@ -117,54 +125,157 @@ impl Generation<'_, '_> {
         self.stats.end(reason, self.prompt_done);
     }
 
-    /// One token: sample, detokenize, check stops, decode it for the next step. Text to emit
-    /// goes to `self.delta`.
+    /// One token (or, with speculation, one verified run of tokens): sample, detokenize, check
+    /// stops, decode for the next step. Text to emit goes to `self.delta`.
     fn step(&mut self) -> Result<(), EngineError> {
         if self.cancel.is_cancelled() {
             self.finish(FinishReason::Cancelled);
             return Ok(());
         }
-        let session = &mut *self.session;
-        let token = session.inner.sample()?;
+        let token = match self.speculation.as_mut().and_then(|s| s.next.take()) {
+            Some(token) => token,
+            None => self.session.inner.sample()?,
+        };
         if self.stats.completion_tokens == 0 {
             self.stats.time_to_first_token_ms = ms(Instant::now() - self.started);
         }
-        let model = session.engine.model();
-        if model.is_eog(token) {
-            self.finish(FinishReason::EndOfText);
+        if self.emit(token)? {
             return Ok(());
         }
-        self.stats.completion_tokens += 1;
-        if self.text.push(model, token, &mut self.delta)? {
-            self.finish(FinishReason::StopSequence);
-            return Ok(());
-        }
-        let done = if self.stats.completion_tokens >= self.max_tokens {
-            Some(FinishReason::MaxTokens)
-        } else if session.cached.len() + 1 >= session.n_ctx() as usize {
-            Some(FinishReason::ContextFull)
+        if self.speculation.is_some() { self.speculate(token) } else { self.decode_one(token) }
+    }
+
+    /// Handles a generated token before it is decoded: end of text, its text (stop sequences
+    /// held back and cut), max tokens, context room. True when the generation ended with it.
+    fn emit(&mut self, token: TokenId) -> Result<bool, EngineError> {
+        let model = self.session.engine.model();
+        let reason = if model.is_eog(token) {
+            Some(FinishReason::EndOfText)
         } else {
-            let pos = session.cached.len() as i32;
-            let decode_started = Instant::now();
-            let decoded = session.inner.decode(&[token], pos, Outputs::Last);
-            self.stats.decode_ms += ms(decode_started.elapsed());
-            match decoded {
-                Ok(()) => {
-                    session.cached.push(token);
-                    None
-                }
-                Err(EngineError::Cancelled) => {
-                    session.reset();
-                    Some(FinishReason::Cancelled)
-                }
-                Err(e) => return Err(e),
+            self.stats.completion_tokens += 1;
+            if self.text.push(model, token, &mut self.delta)? {
+                Some(FinishReason::StopSequence)
+            } else if self.stats.completion_tokens >= self.max_tokens {
+                Some(FinishReason::MaxTokens)
+            } else if self.session.cached.len() + 1 >= self.session.n_ctx() as usize {
+                Some(FinishReason::ContextFull)
+            } else {
+                None
             }
         };
-        if let Some(reason) = done {
+        if let Some(reason) = reason {
             self.finish(reason);
         }
+        Ok(reason.is_some())
+    }
+
+    /// Decodes `token` alone: its logits are the next step's.
+    fn decode_one(&mut self, token: TokenId) -> Result<(), EngineError> {
+        let session = &mut *self.session;
+        let pos = session.cached.len() as i32;
+        let decode_started = Instant::now();
+        let decoded = session.inner.decode(&[token], pos, Outputs::Last);
+        self.stats.decode_ms += ms(decode_started.elapsed());
+        self.stats.generation_decodes += 1;
+        match decoded {
+            Ok(()) => {
+                session.cached.push(token);
+                Ok(())
+            }
+            Err(EngineError::Cancelled) => {
+                session.reset();
+                self.finish(FinishReason::Cancelled);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Decodes `token` with the tokens drafted after it in one batch, emits the drafts the
+    /// model would have chosen itself (each its logits' argmax after the ones before), and
+    /// keeps the first token it would not have drafted for the next step. The cache is cut
+    /// back to what was accepted.
+    fn speculate(&mut self, token: TokenId) -> Result<(), EngineError> {
+        let spec = self.speculation.as_mut().expect("speculating generations have their state");
+        let session = &mut *self.session;
+        let pos = session.cached.len();
+        // Room: the batch, the context (one position kept for the next token), and max tokens
+        // (a draft past them would be cut anyway).
+        let room = (session.n_ctx() as usize)
+            .saturating_sub(pos + 2)
+            .min(session.inner.n_batch() as usize - 1)
+            .min(self.max_tokens.saturating_sub(self.stats.completion_tokens))
+            .min(spec.length.get());
+        let mut drafts = std::mem::take(&mut spec.drafts);
+        drafts.clear();
+        session.cached.push(token);
+        crate::speculative::draft(&session.cached, room, &mut drafts);
+        session.cached.pop();
+        if drafts.is_empty() {
+            self.speculation.as_mut().expect("still speculating").drafts = drafts;
+            return self.decode_one(token);
+        }
+        let decode_started = Instant::now();
+        let decoded = (|| {
+            session.inner.batch_clear();
+            for (i, &t) in std::iter::once(&token).chain(&drafts).enumerate() {
+                session.inner.batch_push(t, (pos + i) as i32, 0, true)?;
+            }
+            session.inner.batch_decode()
+        })();
+        self.stats.decode_ms += ms(decode_started.elapsed());
+        self.stats.generation_decodes += 1;
+        if let Err(e) = decoded {
+            // The cache may hold part of the batch: start clean.
+            session.reset();
+            if matches!(e, EngineError::Cancelled) {
+                self.finish(FinishReason::Cancelled);
+                return Ok(());
+            }
+            return Err(e);
+        }
+        session.cached.push(token);
+        self.stats.drafted_tokens += drafts.len();
+        let mut accepted = 0;
+        let mut next = None;
+        for i in 0..=drafts.len() {
+            let chosen = crate::speculative::argmax(self.session.inner.logits_at(i as i32)?);
+            if drafts.get(i) != Some(&chosen) {
+                next = Some(chosen);
+                break;
+            }
+            accepted += 1;
+            if self.emit(chosen)? {
+                break;
+            }
+            self.session.cached.push(chosen);
+        }
+        self.stats.accepted_tokens += accepted;
+        let session = &mut *self.session;
+        // Rejected drafts (and an accepted one that ended the generation) leave the cache.
+        let keep = session.cached.len();
+        if !session.inner.truncate(keep as i32) {
+            // A memory that cannot cut back (recurrent state): decode what is kept again.
+            let kept = session.cached.clone();
+            session.reset();
+            session.prefill(&kept)?;
+        }
+        let spec = self.speculation.as_mut().expect("still speculating");
+        spec.length.update(drafts.len(), accepted);
+        spec.next = next;
+        spec.drafts = drafts;
         Ok(())
     }
+}
+
+/// A speculating generation's state between steps.
+#[derive(Debug)]
+pub(super) struct SpeculationState {
+    pub(super) length: crate::speculative::DraftLength,
+    /// The token the last verification chose after the accepted drafts: the next step's.
+    pub(super) next: Option<TokenId>,
+    /// Reused for every round's drafts.
+    pub(super) drafts: Vec<TokenId>,
 }
 
 impl Iterator for Generation<'_, '_> {

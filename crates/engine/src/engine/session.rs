@@ -3,12 +3,13 @@
 
 use std::time::Instant;
 
-use super::generation::{Generation, GenerationStats};
+use super::generation::{Generation, GenerationStats, SpeculationState};
 use super::{Engine, RawSession};
 use crate::backend::{BackendModel, BackendSession, Outputs, TokenId};
 use crate::chat::ChatMessage;
-use crate::config::GenerateRequest;
+use crate::config::{GenerateRequest, Speculation};
 use crate::error::EngineError;
+use crate::speculative::DraftLength;
 use crate::stop::TOKEN_TEXT_CAPACITY;
 use crate::token_text::{TokenText, ms};
 
@@ -116,6 +117,14 @@ impl<'e> Session<'e> {
                 ..Default::default()
             },
             finished: false,
+            speculation: match request.speculation {
+                Speculation::Off => None,
+                Speculation::Ngram { max_draft } => Some(SpeculationState {
+                    length: DraftLength::new(max_draft as usize),
+                    next: None,
+                    drafts: Vec::with_capacity(max_draft as usize),
+                }),
+            },
         })
     }
 

@@ -1,0 +1,128 @@
+//! Speculative decoding by prompt lookup: draft the tokens that followed the most recent earlier
+//! occurrence of the last few tokens (in the prompt or the output so far), verify the drafts in
+//! one batched decode, keep the ones the model would have chosen itself.
+//!
+//! Greedy only: a drafted token is accepted exactly when it is the argmax of the logits the
+//! model computes for its position, so the output is the one plain greedy decoding gives (up to
+//! the near ties where a batched decode rounds differently from a single-token one; see
+//! `serving::BATCH_NEAR_TIE`). Sampled requests would need the speculative-sampling acceptance
+//! rule, which is not implemented: [`crate::GenerateRequest::validate`] refuses them.
+
+use crate::backend::TokenId;
+
+/// The longest n-gram looked up; shorter ones are tried when it has no earlier occurrence.
+const MAX_NGRAM: usize = 4;
+/// A single repeated token is too weak a signal to draft from.
+const MIN_NGRAM: usize = 2;
+
+/// Appends to `out` up to `max_len` tokens that followed the most recent earlier occurrence of
+/// the longest suffix of `history` (from [`MAX_NGRAM`] down to [`MIN_NGRAM`] tokens) that has
+/// one. Nothing when no suffix recurs.
+pub(crate) fn draft(history: &[TokenId], max_len: usize, out: &mut Vec<TokenId>) {
+    if max_len == 0 {
+        return;
+    }
+    for n in (MIN_NGRAM..=MAX_NGRAM.min(history.len().saturating_sub(1))).rev() {
+        let key = &history[history.len() - n..];
+        // Most recent first: the continuation nearest to now is the likeliest to repeat.
+        let found = (0..history.len() - n).rev().find(|&start| &history[start..start + n] == key);
+        if let Some(start) = found {
+            let from = start + n;
+            out.extend_from_slice(&history[from..(from + max_len).min(history.len())]);
+            return;
+        }
+    }
+}
+
+/// The most likely token of a logits row; the lowest id among exact ties (as the engine's
+/// greedy sampler picks).
+pub(crate) fn argmax(row: &[f32]) -> TokenId {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as TokenId
+}
+
+/// How many tokens to draft next: all the way up to the maximum while drafts are accepted,
+/// cut back to what was accepted (plus one) when they are not, so that text that does not
+/// repeat itself costs little more than plain decoding.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DraftLength {
+    current: usize,
+    max: usize,
+}
+
+impl DraftLength {
+    pub(crate) fn new(max: usize) -> Self {
+        DraftLength { current: max, max }
+    }
+
+    pub(crate) fn get(&self) -> usize {
+        self.current
+    }
+
+    /// After a round that drafted `drafted` tokens, of which the first `accepted` held.
+    pub(crate) fn update(&mut self, drafted: usize, accepted: usize) {
+        if drafted == 0 {
+            return;
+        }
+        self.current = if accepted == drafted { (self.current * 2).clamp(1, self.max) } else { (accepted + 1).min(self.max) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drafted(history: &[TokenId], max_len: usize) -> Vec<TokenId> {
+        let mut out = Vec::new();
+        draft(history, max_len, &mut out);
+        out
+    }
+
+    #[test]
+    fn the_longest_recurring_suffix_drafts_what_followed_it_last_time() {
+        // "1 2 3 4 5 6 ... 1 2 3" → after "1 2 3" came "4 5 6".
+        assert_eq!(drafted(&[1, 2, 3, 4, 5, 6, 9, 1, 2, 3], 3), [4, 5, 6]);
+        assert_eq!(drafted(&[1, 2, 3, 4, 5, 6, 9, 1, 2, 3], 8), [4, 5, 6, 9, 1, 2, 3]);
+        // The most recent occurrence wins: "7 8" was followed by 1 first, by 2 later.
+        assert_eq!(drafted(&[7, 8, 1, 7, 8, 2, 7, 8], 1), [2]);
+        // A longer match beats a more recent shorter one.
+        assert_eq!(drafted(&[5, 6, 7, 10, 0, 6, 7, 11, 5, 6, 7], 1), [10]);
+    }
+
+    #[test]
+    fn nothing_is_drafted_without_a_recurring_suffix_of_two() {
+        assert!(drafted(&[1, 2, 3, 4, 5], 8).is_empty());
+        assert!(drafted(&[3, 1, 2, 3], 8).is_empty(), "one token recurring is not enough");
+        assert!(drafted(&[], 8).is_empty());
+        assert!(drafted(&[1], 8).is_empty());
+        assert!(drafted(&[1, 2, 1, 2], 0).is_empty());
+    }
+
+    #[test]
+    fn argmax_takes_the_lowest_id_among_ties() {
+        assert_eq!(argmax(&[0.5, 2.0, 1.0, 2.0]), 1);
+        assert_eq!(argmax(&[-1.0]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, -3.0]), 1);
+    }
+
+    #[test]
+    fn the_draft_length_grows_while_accepted_and_shrinks_when_not() {
+        let mut len = DraftLength::new(8);
+        assert_eq!(len.get(), 8);
+        len.update(8, 2);
+        assert_eq!(len.get(), 3);
+        len.update(3, 3);
+        assert_eq!(len.get(), 6);
+        len.update(6, 6);
+        assert_eq!(len.get(), 8, "capped at the maximum");
+        len.update(8, 0);
+        assert_eq!(len.get(), 1, "never below one");
+        len.update(0, 0);
+        assert_eq!(len.get(), 1, "a round without drafts says nothing");
+    }
+}
