@@ -15,7 +15,7 @@ pub use exsa_bench_protocol::{BenchReport, Equivalence, GreedyStep, NEAR_TIE, Sa
 
 use crate::backend::{BackendModel, BackendSession, Outputs, TokenId};
 use crate::chat::ChatMessage;
-use crate::config::{GenerateRequest, SamplingParams, SessionConfig};
+use crate::config::{GenerateRequest, SamplingParams, SessionConfig, Speculation};
 use crate::engine::Engine;
 use crate::error::EngineError;
 
@@ -26,7 +26,53 @@ pub enum Test {
     Generate(usize),
     PromptGenerate(usize, usize),
     EndToEnd(usize),
+    /// A fixed task a user runs, greedy, 128 tokens at most, with speculation (prompt lookup,
+    /// up to 8 drafted tokens) or without: `task-rewrite`, `task-rewrite-spec`, ...
+    Task(Task, bool),
 }
+
+/// The fixed tasks of the speculative-decoding comparison: one whose answer quotes its input
+/// (rewrite), one that condenses it (summary), one free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    Rewrite,
+    Summary,
+    Free,
+}
+
+impl Task {
+    pub const ALL: [Task; 3] = [Task::Rewrite, Task::Summary, Task::Free];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Rewrite => "rewrite",
+            Task::Summary => "summary",
+            Task::Free => "free",
+        }
+    }
+
+    /// The user's message.
+    pub fn prompt(self) -> &'static str {
+        match self {
+            Task::Rewrite => TASK_REWRITE,
+            Task::Summary => TASK_SUMMARY,
+            Task::Free => E2E_PROMPT,
+        }
+    }
+}
+
+const TASK_REWRITE: &str = "Rewrite this Python code with the variable `total` renamed to `acc`. Reply with the code only.\n\n\
+```python\ndef summarize(values):\n    total = 0\n    count = 0\n    for v in values:\n        if v is None:\n            continue\n\
+        total += v\n        count += 1\n    if count == 0:\n        return 0.0\n    mean = total / count\n\
+    print(f\"total={total} count={count} mean={mean}\")\n    return mean\n```";
+
+const TASK_SUMMARY: &str = "Summarise this text in two sentences.\n\n\
+The printing press, developed by Johannes Gutenberg around 1440, used movable metal type, oil-based ink and a wooden \
+press adapted from those used for wine and olive oil. Before it, books were copied by hand, which made them rare and \
+costly. Within fifty years presses were at work in more than two hundred European cities, and millions of books had \
+been printed. Cheaper books spread literacy, carried the ideas of the Renaissance and the Reformation across borders, \
+and let scientists share and check each other's results. Historians count the press among the inventions that shaped \
+the modern world.";
 
 impl FromStr for Test {
     type Err = String;
@@ -48,10 +94,18 @@ impl FromStr for Test {
         if s == "e2e" {
             return Ok(Test::EndToEnd(128));
         }
+        if let Some(rest) = s.strip_prefix("task-") {
+            let (name, spec) = match rest.strip_suffix("-spec") {
+                Some(name) => (name, true),
+                None => (rest, false),
+            };
+            let task = Task::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| format!("unknown task in {s:?}: rewrite, summary or free"))?;
+            return Ok(Test::Task(task, spec));
+        }
         if let Some(n) = s.strip_prefix("e2e") {
             return Ok(Test::EndToEnd(num(n, "the token count")?));
         }
-        Err(format!("unknown test {s:?}: use ppN, tgN, ppN+tgM or e2e[N]"))
+        Err(format!("unknown test {s:?}: use ppN, tgN, ppN+tgM, e2e[N] or task-NAME[-spec]"))
     }
 }
 
@@ -63,6 +117,8 @@ impl std::fmt::Display for Test {
             Test::PromptGenerate(p, g) => write!(f, "pp{p}+tg{g}"),
             Test::EndToEnd(128) => write!(f, "e2e"),
             Test::EndToEnd(n) => write!(f, "e2e{n}"),
+            Test::Task(task, false) => write!(f, "task-{}", task.name()),
+            Test::Task(task, true) => write!(f, "task-{}-spec", task.name()),
         }
     }
 }
@@ -92,7 +148,18 @@ fn random_tokens(n: usize, n_vocab: i32, bos: TokenId, seed: u64) -> Vec<TokenId
 /// Runs `test` once in `session_config`'s context and times it.
 pub fn run(engine: &Engine, session_config: &SessionConfig, test: Test) -> Result<Sample, EngineError> {
     match test {
-        Test::EndToEnd(n) => end_to_end(engine, session_config, n),
+        Test::EndToEnd(n) => end_to_end(
+            engine,
+            session_config,
+            test,
+            E2E_PROMPT,
+            GenerateRequest { max_tokens: n, sampling: e2e_sampling(), ..GenerateRequest::new("") },
+        ),
+        Test::Task(task, spec) => {
+            let speculation = if spec { Speculation::Ngram { max_draft: 8 } } else { Speculation::Off };
+            let request = GenerateRequest { max_tokens: 128, sampling: SamplingParams::greedy(), speculation, ..GenerateRequest::new("") };
+            end_to_end(engine, session_config, test, task.prompt(), request)
+        }
         _ => raw_decode(engine, session_config, test),
     }
 }
@@ -103,7 +170,7 @@ fn raw_decode(engine: &Engine, config: &SessionConfig, test: Test) -> Result<Sam
         Test::Prompt(p) => (p, 0),
         Test::Generate(g) => (0, g),
         Test::PromptGenerate(p, g) => (p, g),
-        Test::EndToEnd(_) => unreachable!("handled by end_to_end"),
+        Test::EndToEnd(_) | Test::Task(..) => unreachable!("handled by end_to_end"),
     };
     if n_prompt + n_gen >= config.n_ctx as usize {
         return Err(EngineError::PromptTooLong { prompt_tokens: n_prompt + n_gen, n_ctx: config.n_ctx });
@@ -136,10 +203,10 @@ fn raw_decode(engine: &Engine, config: &SessionConfig, test: Test) -> Result<Sam
     })
 }
 
-fn end_to_end(engine: &Engine, config: &SessionConfig, n: usize) -> Result<Sample, EngineError> {
+/// A chat of one user message through the engine, as a user sees it.
+fn end_to_end(engine: &Engine, config: &SessionConfig, test: Test, prompt: &str, request: GenerateRequest) -> Result<Sample, EngineError> {
     let mut session = engine.session_with(config)?;
-    let request = GenerateRequest { max_tokens: n, sampling: e2e_sampling(), ..GenerateRequest::new("") };
-    let messages = [ChatMessage::new("user", E2E_PROMPT)];
+    let messages = [ChatMessage::new("user", prompt)];
     let mut generation = session.chat(&messages, request)?;
     // Streamed the way an allocation-conscious caller would: deltas are lent, not copied.
     let mut sink = String::new();
@@ -149,7 +216,7 @@ fn end_to_end(engine: &Engine, config: &SessionConfig, n: usize) -> Result<Sampl
     let stats = generation.stats();
     std::hint::black_box(&sink);
     Ok(Sample {
-        test: Test::EndToEnd(n).to_string(),
+        test: test.to_string(),
         tokens: stats.completion_tokens,
         seconds: stats.generation_ms / 1000.0,
         tokens_per_s: stats.generation_tokens_per_s,
@@ -213,11 +280,12 @@ mod tests {
 
     #[test]
     fn test_names_round_trip_and_bad_ones_are_explained() {
-        for name in ["pp512", "tg128", "pp512+tg128", "e2e", "e2e64"] {
+        for name in ["pp512", "tg128", "pp512+tg128", "e2e", "e2e64", "task-rewrite", "task-rewrite-spec", "task-summary", "task-free-spec"] {
             assert_eq!(name.parse::<Test>().unwrap().to_string(), name);
         }
         assert_eq!("e2e".parse::<Test>().unwrap(), Test::EndToEnd(128));
-        for bad in ["pp", "tg0", "pp512+", "xx12", "pp5+pp6"] {
+        assert_eq!("task-summary-spec".parse::<Test>().unwrap(), Test::Task(Task::Summary, true));
+        for bad in ["pp", "tg0", "pp512+", "xx12", "pp5+pp6", "task-poem", "task-", "task-rewrite-fast"] {
             assert!(bad.parse::<Test>().is_err(), "{bad}");
         }
     }

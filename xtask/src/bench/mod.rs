@@ -165,6 +165,7 @@ pub fn run(args: &Args) -> Result<()> {
     let order: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
     let rows = report::rows(&settings, &order, &baseline, &runs, &diverged);
     let e2e_over_tg = report::e2e_over_tg(&settings, &order, &runs);
+    let speculation_gain = report::speculation_gain(&settings, &order, &runs);
 
     let mut model_desc = model_desc;
     let variant_infos: Vec<VariantInfo> = built
@@ -198,6 +199,7 @@ pub fn run(args: &Args) -> Result<()> {
         rows,
         tg_ceiling_tokens_per_s: ceiling,
         e2e_over_tg,
+        speculation_gain,
     };
     println!("{}", report.table());
     for path in report.write(&out_dir, &args.format)? {

@@ -74,6 +74,21 @@ pub struct Report {
     /// Per variant: user-visible e2e tokens/s over raw tgN tokens/s, paired by round. What
     /// the engine's sampling, detokenizing and streaming cost on top of decoding.
     pub e2e_over_tg: Vec<(String, Ratio)>,
+    /// Per variant and task: tokens/s with speculative decoding over without (`task-X-spec`
+    /// over `task-X`), paired by round. What speculation adds on top of the build.
+    pub speculation_gain: Vec<(String, String, Ratio)>,
+}
+
+/// `numerator` / `denominator` tokens/s per variant, paired by round, where both tests ran.
+fn within_variant(order: &[String], runs: &BTreeMap<String, VariantRuns>, numerator: &str, denominator: &str) -> Vec<(String, Ratio)> {
+    order
+        .iter()
+        .filter_map(|name| {
+            let r = runs.get(name)?;
+            let ratio = stats::paired_ratio(r.tokens_per_s.get(numerator)?, r.tokens_per_s.get(denominator)?)?;
+            Some((name.clone(), ratio))
+        })
+        .collect()
 }
 
 /// e2e / tg per variant, when both tests ran.
@@ -81,14 +96,19 @@ pub fn e2e_over_tg(settings: &RunSettings, order: &[String], runs: &BTreeMap<Str
     let e2e = settings.tests.iter().find(|t| t.starts_with("e2e"));
     let tg = settings.tests.iter().find(|t| t.starts_with("tg"));
     let (Some(e2e), Some(tg)) = (e2e, tg) else { return Vec::new() };
-    order
-        .iter()
-        .filter_map(|name| {
-            let r = runs.get(name)?;
-            let ratio = stats::paired_ratio(r.tokens_per_s.get(e2e)?, r.tokens_per_s.get(tg)?)?;
-            Some((name.clone(), ratio))
-        })
-        .collect()
+    within_variant(order, runs, e2e, tg)
+}
+
+/// `task-X-spec` / `task-X` per variant, for every task run both ways.
+pub fn speculation_gain(settings: &RunSettings, order: &[String], runs: &BTreeMap<String, VariantRuns>) -> Vec<(String, String, Ratio)> {
+    let mut out = Vec::new();
+    for spec in &settings.tests {
+        let Some(plain) = spec.strip_suffix("-spec").filter(|p| p.starts_with("task-") && settings.tests.iter().any(|t| t == p)) else { continue };
+        for (variant, ratio) in within_variant(order, runs, spec, plain) {
+            out.push((variant, plain.to_string(), ratio));
+        }
+    }
+    out
 }
 
 pub fn rows(settings: &RunSettings, order: &[String], baseline: &str, runs: &BTreeMap<String, VariantRuns>, diverged: &[String]) -> Vec<Row> {
@@ -197,6 +217,9 @@ impl Report {
         }
         for (variant, r) in &self.e2e_over_tg {
             let _ = writeln!(s, "  {variant}: e2e / tg = {:.3} [{:.3}, {:.3}] (user-visible over raw decode)", r.ratio, r.ci_low, r.ci_high);
+        }
+        for (variant, task, r) in &self.speculation_gain {
+            let _ = writeln!(s, "  {variant}: {task} with speculation / without = {:.3} [{:.3}, {:.3}] {}", r.ratio, r.ci_low, r.ci_high, r.verdict);
         }
         if let (Some(n), false) = (self.settings.tests.iter().find_map(|t| e2e_tokens(t)), self.e2e_over_tg.is_empty()) {
             let _ = writeln!(
