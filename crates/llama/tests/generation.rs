@@ -349,34 +349,47 @@ fn generate_with(sampler: &mut Sampler<'_>, prompt: &str, n: usize) -> Vec<Token
     out
 }
 
+/// Three digits, then "!": the model would rather write words after [`POEM`].
+const DIGITS: &str = r#"root ::= [0-9] [0-9] [0-9] "!""#;
+const POEM: &str = "Write a short poem about the sea:";
+
+fn is_digits(text: &str, n: usize) -> bool {
+    text.len() == n + 1 && text[..n].bytes().all(|c| c.is_ascii_digit()) && text.ends_with('!')
+}
+
 #[test]
-fn a_constraint_picks_what_a_grammar_stage_picks_and_reaches_past_the_top_k() {
-    // Digits only, then the end: the model would rather write words after this prompt.
-    let digits = r#"root ::= [0-9] [0-9] [0-9] "!""#;
-    let prompt = "Write a short poem about the sea:";
+fn a_constraint_picks_what_a_grammar_stage_picks() {
     let vocab = model().vocab();
-    let mut staged = SamplerChain::new().grammar(digits, "root").greedy().build(model()).unwrap();
-    let mut constrained = SamplerChain::new().constrain(digits, "root").greedy().build(model()).unwrap();
+    let mut staged = SamplerChain::new().grammar(DIGITS, "root").greedy().build(model()).unwrap();
+    let mut constrained = SamplerChain::new().constrain(DIGITS, "root").greedy().build(model()).unwrap();
     assert_eq!(constrained.preselected(), Some(1), "the constraint keeps the chain's preselection");
-    let a = generate_with(&mut staged, prompt, 8);
-    let b = generate_with(&mut constrained, prompt, 8);
+    let a = generate_with(&mut staged, POEM, 8);
+    let b = generate_with(&mut constrained, POEM, 8);
     assert_eq!(a, b, "a greedy chain must choose the same tokens either way");
     let text = vocab.detokenize(&b, DetokenizeOptions::default()).unwrap();
-    assert!(text.len() == 4 && text[..3].bytes().all(|c| c.is_ascii_digit()) && text.ends_with('!'), "{text:?}");
+    assert!(is_digits(&text, 3), "{text:?}");
+}
+
+#[test]
+fn a_constraint_reaches_past_the_top_k_and_starts_over_on_reset() {
+    let vocab = model().vocab();
+    let one_digit = r#"root ::= [0-9] "!""#;
     // A grammar stage after top-k sees only the k best and finds no digit among them; the
     // constraint falls back to the whole vocabulary.
-    let mut cut = SamplerChain::new().top_k(2).grammar(digits, "root").temp(0.5).dist(3).build(model()).unwrap();
+    let mut cut = SamplerChain::new().top_k(2).grammar(one_digit, "root").temp(0.5).dist(3).build(model()).unwrap();
     let mut ctx = context();
-    let tokens = vocab.tokenize(prompt, TokenizeOptions::default()).unwrap();
+    let tokens = vocab.tokenize(POEM, TokenizeOptions::default()).unwrap();
     ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
     assert!(matches!(cut.sample_last(&ctx), Err(SamplerError::AllRuledOut { .. })));
-    let mut constrained = SamplerChain::new().constrain(digits, "root").top_k(2).temp(0.5).dist(3).build(model()).unwrap();
-    let text = vocab.detokenize(&generate_with(&mut constrained, prompt, 8), DetokenizeOptions::default()).unwrap();
-    assert!(text.len() == 4 && text[..3].bytes().all(|c| c.is_ascii_digit()) && text.ends_with('!'), "{text:?}");
-    // Reset starts the grammar over.
+    let mut constrained = SamplerChain::new().constrain(one_digit, "root").top_k(2).temp(0.5).dist(3).build(model()).unwrap();
+    let text = vocab.detokenize(&generate_with(&mut constrained, POEM, 4), DetokenizeOptions::default()).unwrap();
+    assert!(is_digits(&text, 1), "{text:?}");
+    // Reset starts the grammar over; a token it cannot take is refused, not accepted.
     constrained.reset().unwrap();
-    let again = vocab.detokenize(&generate_with(&mut constrained, prompt, 8), DetokenizeOptions::default()).unwrap();
-    assert_eq!(again.len(), 4, "{again:?}");
+    let bang = vocab.tokenize("!", TokenizeOptions { add_special: false, parse_special: false }).unwrap()[0];
+    assert!(matches!(constrained.accept(bang), Err(SamplerError::GrammarRejects { .. })));
+    let again = vocab.detokenize(&generate_with(&mut constrained, POEM, 4), DetokenizeOptions::default()).unwrap();
+    assert!(is_digits(&again, 1), "{again:?}");
     // A broken constraint is refused when built.
     assert!(matches!(SamplerChain::new().constrain("root ::= (", "root").greedy().build(model()), Err(SamplerError::Grammar { .. })));
 }
