@@ -142,7 +142,7 @@ fn run_group(group: &str) {
             let head_len = pristine.len().min(1 << 20);
             let path = temp_path("fuzz-mutant.gguf");
             std::fs::write(&path, &pristine).unwrap();
-            runner
+            let result = runner
                 .run(&gguf_case(head_len), |case| {
                     if started.elapsed() < budget {
                         let mut tally = tally.borrow_mut();
@@ -151,7 +151,10 @@ fn run_group(group: &str) {
                     }
                     Ok(())
                 })
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string());
+            // A model-sized file: not left behind.
+            let _ = std::fs::remove_file(&path);
+            result
         }
         other => panic!("unknown fuzz group {other}"),
     };

@@ -238,19 +238,27 @@ impl Generation<'_, '_> {
         self.stats.drafted_tokens += drafts.len();
         let mut accepted = 0;
         let mut next = None;
-        for i in 0..=drafts.len() {
-            let chosen = crate::speculative::argmax(self.session.inner.logits_at(i as i32)?);
-            if drafts.get(i) != Some(&chosen) {
-                next = Some(chosen);
-                break;
+        let verified = (|| {
+            for i in 0..=drafts.len() {
+                let chosen = crate::speculative::argmax(self.session.inner.logits_at(i as i32)?);
+                if drafts.get(i) != Some(&chosen) {
+                    next = Some(chosen);
+                    break;
+                }
+                accepted += 1;
+                if self.emit(chosen)? {
+                    break;
+                }
+                self.session.cached.push(chosen);
             }
-            accepted += 1;
-            if self.emit(chosen)? {
-                break;
-            }
-            self.session.cached.push(chosen);
-        }
+            Ok::<_, EngineError>(())
+        })();
         self.stats.accepted_tokens += accepted;
+        if let Err(e) = verified {
+            // The cache holds drafts `cached` does not list: start clean.
+            self.session.reset();
+            return Err(e);
+        }
         let session = &mut *self.session;
         // Rejected drafts (and an accepted one that ended the generation) leave the cache.
         let keep = session.cached.len();

@@ -27,7 +27,9 @@ pub fn context() -> Context<'static> {
 }
 
 pub fn temp_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("llama-tests-{}", std::process::id()));
+    // Under the target directory, one fixed name per file: every run overwrites the last one's
+    // files instead of leaving a model-sized copy per process in the system's temp dir.
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("llama-tests");
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
 }
