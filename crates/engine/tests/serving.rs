@@ -10,10 +10,15 @@ use exsa_engine::serving::{BATCH_NEAR_TIE, Event, ServeRequest, ServingConfig, S
 use exsa_engine::*;
 
 fn engine() -> Arc<Engine> {
+    engine_with_ctx(1024)
+}
+
+/// The default model with a KV cache of `n_ctx` cells for all slots together.
+fn engine_with_ctx(n_ctx: u32) -> Arc<Engine> {
     let path = default_model_path();
     assert!(path.is_file(), "default model missing at {}: run `cargo xtask fetch-model`", path.display());
     let mut config = EngineConfig::new(path);
-    config.session = SessionConfig { n_ctx: 1024, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    config.session = SessionConfig { n_ctx, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
     Arc::new(Engine::load(config).expect("engine loads"))
 }
 
@@ -193,9 +198,7 @@ fn a_slot_reuses_the_longest_cached_prefix() {
 fn a_full_kv_cache_fails_the_newest_request_and_the_older_ones_finish() {
     // 384 cache cells shared by three slots; each request wants 40-odd prompt tokens and 150
     // generated ones: two fit, three do not.
-    let mut config = EngineConfig::new(default_model_path());
-    config.session = SessionConfig { n_ctx: 384, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
-    let engine = Arc::new(Engine::load(config).unwrap());
+    let engine = engine_with_ctx(384);
     let core = match start(&engine, 3, 4) {
         Err(EngineError::Unsupported { .. }) => return, // raw: checked above
         other => other.unwrap(),
@@ -227,9 +230,7 @@ fn a_prompt_that_does_not_fit_beside_the_running_ones_waits_for_room_instead_of_
     // 384 cells: a 250-token prompt runs; a 200-token prompt cannot join it (450 > 384) and
     // waits in the queue until the first is done, then runs alone. Admitted at once, it would
     // have filled the cache and been failed as the newest request.
-    let mut config = EngineConfig::new(default_model_path());
-    config.session = SessionConfig { n_ctx: 384, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
-    let engine = Arc::new(Engine::load(config).unwrap());
+    let engine = engine_with_ctx(384);
     let core = match start(&engine, 2, 4) {
         Err(EngineError::Unsupported { .. }) => return,
         other => other.unwrap(),
