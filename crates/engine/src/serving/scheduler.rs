@@ -434,10 +434,10 @@ fn fail(slot: &mut Slot<'_>, e: EngineError, clock: &mut u64, counters: &Counter
     let _ = r.events.send(Event::Failed(e));
 }
 
-/// A decode (or batch) failure: every running request had tokens in the batch or depends on
-/// the cache it may have half written, so each fails with it and its sequence is emptied.
-/// (Finer recovery, such as failing only the newest request when the KV cache is full and
-/// retrying the rest, is left to do.)
+/// A decode (or batch) failure other than a full cache that [`make_room`] could relieve (an
+/// internal error, an aborted decode): every running request had tokens in the batch or
+/// depends on the cache it may have half written, so each fails with it and its sequence is
+/// emptied.
 fn fail_batch(session: &mut Session<'_>, slots: &mut [Slot<'_>], e: &EngineError, clock: &mut u64, counters: &Counters) {
     let kind = e.decode_failure().unwrap_or(DecodeFailure::Internal);
     for slot in slots.iter_mut().filter(|s| s.request.is_some()) {
