@@ -212,13 +212,9 @@ impl Models {
         loop {
             let mut loaded = 0;
             let mut idle: Option<(&Entry, u64)> = None;
+            // Only the gate holder (this task) loads on-demand models, so the views are exact.
             for e in self.entries.iter().filter(|e| !e.source.pinned && !std::ptr::eq(*e, wanted)) {
-                // A locked entry is loading or being looked up: count it as loaded and busy.
-                let Ok(slot) = e.loaded.try_lock() else {
-                    loaded += 1;
-                    continue;
-                };
-                if let Some(model) = slot.as_ref() {
+                if let Some(model) = e.view().as_ref() {
                     loaded += 1;
                     let used = e.last_used_ms.load(Ordering::Relaxed);
                     if Entry::idle(model) && idle.is_none_or(|(_, u)| used < u) {
