@@ -76,6 +76,12 @@ pub struct Sample {
     /// e2e only: the share of generation time spent outside decoding (sampling, detokenizing,
     /// stop checks, streaming), in percent.
     pub outside_decode_percent: Option<f64>,
+    /// Speculative task tests only: generated tokens per decode, and the share of drafted tokens
+    /// the model confirmed, in percent.
+    #[serde(default)]
+    pub tokens_per_decode: Option<f64>,
+    #[serde(default)]
+    pub draft_acceptance_percent: Option<f64>,
 }
 
 /// What the engine reports about a model, the same for every backend.
@@ -166,6 +172,8 @@ mod tests {
                 tokens_per_s: 85.3,
                 time_to_first_token_ms: Some(50.0),
                 outside_decode_percent: Some(0.3),
+                tokens_per_decode: None,
+                draft_acceptance_percent: None,
             }],
             greedy: Some(vec![step(1, 2, 0.5)]),
             system_info: "AVX2 = 1".into(),

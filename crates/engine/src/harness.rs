@@ -200,11 +200,14 @@ fn raw_decode(engine: &Engine, config: &SessionConfig, test: Test) -> Result<Sam
         tokens_per_s: tokens as f64 / seconds,
         time_to_first_token_ms: None,
         outside_decode_percent: None,
+        tokens_per_decode: None,
+        draft_acceptance_percent: None,
     })
 }
 
 /// A chat of one user message through the engine, as a user sees it.
 fn end_to_end(engine: &Engine, config: &SessionConfig, test: Test, prompt: &str, request: GenerateRequest) -> Result<Sample, EngineError> {
+    let speculating = request.speculation != Speculation::Off;
     let mut session = engine.session_with(config)?;
     let messages = [ChatMessage::new("user", prompt)];
     let mut generation = session.chat(&messages, request)?;
@@ -222,6 +225,8 @@ fn end_to_end(engine: &Engine, config: &SessionConfig, test: Test, prompt: &str,
         tokens_per_s: stats.generation_tokens_per_s,
         time_to_first_token_ms: Some(stats.time_to_first_token_ms),
         outside_decode_percent: Some(stats.outside_decode_percent()),
+        tokens_per_decode: speculating.then(|| stats.completion_tokens as f64 / stats.generation_decodes.max(1) as f64),
+        draft_acceptance_percent: speculating.then(|| 100.0 * stats.accepted_tokens as f64 / stats.drafted_tokens.max(1) as f64),
     })
 }
 

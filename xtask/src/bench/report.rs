@@ -32,6 +32,9 @@ pub struct Row {
     pub ttft: Option<Summary>,
     /// e2e: share of generation time outside decoding, %.
     pub outside_decode: Option<Summary>,
+    /// Speculative tests: generated tokens per decode, and drafted tokens accepted (%).
+    pub tokens_per_decode: Option<Summary>,
+    pub draft_acceptance: Option<Summary>,
     /// Rows of a variant whose greedy output diverged from the baseline's.
     pub diverged: bool,
 }
@@ -125,6 +128,8 @@ pub fn rows(settings: &RunSettings, order: &[String], baseline: &str, runs: &BTr
             };
             let ttft = present_of(&r.ttft_ms);
             let outside_decode = present_of(&r.outside_decode_pct);
+            let tokens_per_decode = present_of(&r.tokens_per_decode);
+            let draft_acceptance = present_of(&r.draft_acceptance_pct);
             let vs_baseline = if name == baseline { None } else { base.tokens_per_s.get(test).and_then(|b| stats::paired_ratio(&samples, b)) };
             out.push(Row {
                 variant: name.clone(),
@@ -133,6 +138,8 @@ pub fn rows(settings: &RunSettings, order: &[String], baseline: &str, runs: &BTr
                 vs_baseline,
                 ttft: stats::summarize(&ttft),
                 outside_decode: stats::summarize(&outside_decode),
+                tokens_per_decode: stats::summarize(&tokens_per_decode),
+                draft_acceptance: stats::summarize(&draft_acceptance),
                 diverged: diverged.contains(name),
                 samples,
             });
@@ -194,6 +201,15 @@ impl Report {
         for r in self.rows.iter().filter(|r| r.ttft.is_some()) {
             let t = r.ttft.as_ref().expect("filtered");
             let _ = writeln!(s, "{:<12} {:<12} time to first token: {:.1} ± {:.1} ms (median {:.1})", r.variant, r.test, t.mean, t.sd, t.median);
+        }
+        for r in self.rows.iter() {
+            if let (Some(t), Some(a)) = (&r.tokens_per_decode, &r.draft_acceptance) {
+                let _ = writeln!(
+                    s,
+                    "{:<12} {:<12} speculation: {:.2} tokens per decode (median; {:.2}..{:.2}), {:.0} % of drafted tokens accepted",
+                    r.variant, r.test, t.median, t.min, t.max, a.median
+                );
+            }
         }
         for r in self.rows.iter().filter(|r| r.outside_decode.is_some()) {
             let o = r.outside_decode.as_ref().expect("filtered");

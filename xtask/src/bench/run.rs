@@ -39,6 +39,9 @@ pub struct VariantRuns {
     pub ttft_ms: BTreeMap<String, Vec<Option<f64>>>,
     /// e2e share of generation time outside decoding (%), per round.
     pub outside_decode_pct: BTreeMap<String, Vec<Option<f64>>>,
+    /// Speculative tests: generated tokens per decode, and drafts accepted (%), per round.
+    pub tokens_per_decode: BTreeMap<String, Vec<Option<f64>>>,
+    pub draft_acceptance_pct: BTreeMap<String, Vec<Option<f64>>>,
     pub errors: Vec<String>,
     /// A timed run failed: the variant is not run again (a crash repeats itself).
     pub crashed: bool,
@@ -113,6 +116,8 @@ pub fn run_all(built: &[Built], settings: &RunSettings, out_dir: &Path) -> BTree
             entry.tokens_per_s.insert(t.clone(), vec![None; settings.reps]);
             entry.ttft_ms.insert(t.clone(), vec![None; settings.reps]);
             entry.outside_decode_pct.insert(t.clone(), vec![None; settings.reps]);
+            entry.tokens_per_decode.insert(t.clone(), vec![None; settings.reps]);
+            entry.draft_acceptance_pct.insert(t.clone(), vec![None; settings.reps]);
         }
     }
     let timeout = Duration::from_secs(settings.timeout_s);
@@ -163,6 +168,12 @@ pub fn run_all(built: &[Built], settings: &RunSettings, out_dir: &Path) -> BTree
                         }
                         if let Some(slot) = entry.outside_decode_pct.get_mut(&s.test) {
                             slot[round] = s.outside_decode_percent;
+                        }
+                        if let Some(slot) = entry.tokens_per_decode.get_mut(&s.test) {
+                            slot[round] = s.tokens_per_decode;
+                        }
+                        if let Some(slot) = entry.draft_acceptance_pct.get_mut(&s.test) {
+                            slot[round] = s.draft_acceptance_percent;
                         }
                     }
                     if entry.report.is_none() {
