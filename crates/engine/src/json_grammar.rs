@@ -47,10 +47,15 @@ const PRIMITIVES: &[(&str, &str)] = &[
 /// Any JSON object: what `response_format: {"type": "json_object"}` asks for.
 pub fn json_object_grammar() -> String {
     let mut out = String::from("root ::= object\n");
+    write_primitives(&mut out);
+    out
+}
+
+/// Appends the shared rules.
+fn write_primitives(out: &mut String) {
     for (name, body) in PRIMITIVES {
         let _ = writeln!(out, "{name} ::= {body}");
     }
-    out
 }
 
 /// A grammar whose `root` matches exactly the JSON values `schema` describes (see the module
@@ -67,9 +72,7 @@ pub fn json_schema_grammar(schema: &Value) -> Result<String, SchemaError> {
         let _ = writeln!(out, "{name} ::= {body}");
     }
     // The primitives are few and small: always included, whether used or not.
-    for (name, body) in PRIMITIVES {
-        let _ = writeln!(out, "{name} ::= {body}");
-    }
+    write_primitives(&mut out);
     Ok(out)
 }
 
