@@ -17,8 +17,8 @@ const GGUF_PACKAGE: &str = "gguf";
 const GGUF_VERSION: &str = "0.19.0";
 const GENERATOR: &str = "xtask/synth/synth_models.py";
 
-/// The models the tests use (one per kind of memory).
-const TEST_MODELS: [&str; 3] = ["llama-tiny", "lfm2-tiny", "mamba-tiny"];
+/// The models the tests use (one per kind of memory, and one with another vocabulary).
+const TEST_MODELS: [&str; 4] = ["llama-tiny", "lfm2-tiny", "mamba-tiny", "llama-tiny-32k"];
 /// Written in F16 and quantized to Q4_K_M: for bench-compare, not the tests.
 const BENCH_MODEL: &str = "lfm2-1.2b-shape";
 

@@ -45,6 +45,9 @@ TOKENIZER_KEYS = (
 # with an output matrix of their own (see write_model).
 MODELS = {
     "llama-tiny": dict(arch="llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, n_vocab=None, dtype="f16"),
+    # The same with the vocabulary cut to its first 32,768 tokens: a model that cannot draft for
+    # the default one (the draft-model tests' mismatch).
+    "llama-tiny-32k": dict(arch="llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, n_vocab=32768, dtype="f16"),
     "lfm2-tiny": dict(arch="lfm2", n_embd=64, n_layer=4, n_head=4, n_head_kv=2, n_ff=128, attn_layers=(1, 3), l_cache=3, n_vocab=None, dtype="f16"),
     "mamba-tiny": dict(arch="mamba", n_embd=64, n_layer=2, d_inner=128, d_state=16, dt_rank=4, d_conv=4, n_vocab=None, dtype="f16"),
     "lfm2-1.2b-shape": dict(

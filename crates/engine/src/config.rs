@@ -16,11 +16,14 @@ pub struct EngineConfig {
     /// Template used when the model file has none: a llama.cpp built-in name or template text.
     /// None picks by architecture (gemma → "gemma", llama → "llama3", otherwise "chatml").
     pub chat_template_fallback: Option<String>,
+    /// A smaller model with the same vocabulary, loaded beside the main one, that drafts tokens
+    /// for [`Speculation::Draft`] requests.
+    pub draft_model: Option<PathBuf>,
 }
 
 impl EngineConfig {
     pub fn new(model: impl Into<PathBuf>) -> Self {
-        EngineConfig { model: model.into(), session: SessionConfig::default(), n_gpu_layers: -1, chat_template_fallback: None }
+        EngineConfig { model: model.into(), session: SessionConfig::default(), n_gpu_layers: -1, chat_template_fallback: None, draft_model: None }
     }
 }
 
@@ -273,17 +276,42 @@ pub struct GenerateRequest {
     pub speculation: Speculation,
 }
 
-/// Speculative decoding of a single-stream generation.
+/// Speculative decoding of a single-stream generation: tokens are drafted cheaply, then the
+/// model decodes them all in one batch and the request's own sampler draws each position in
+/// turn, keeping drafts while they equal what it drew. Every token of the output is therefore
+/// drawn from the distribution it would have had without speculation (greedy or sampled, with
+/// penalties, biases or a grammar; see `speculative.rs` for the argument and the rounding
+/// caveat).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Speculation {
     /// One decode per token.
     #[default]
     Off,
     /// Prompt lookup: up to `max_draft` tokens drafted from the continuation of the last few
-    /// tokens' most recent earlier occurrence in the prompt or output, verified in one decode.
-    /// Greedy requests only (temperature 0, no penalties, biases or grammar), whose output it
-    /// does not change.
+    /// tokens' most recent earlier occurrence in the prompt or output.
     Ngram { max_draft: u32 },
+    /// Up to `max_draft` tokens drafted greedily by the engine's draft model
+    /// ([`EngineConfig::draft_model`]).
+    Draft { max_draft: u32 },
+}
+
+impl Speculation {
+    /// The most tokens drafted per round; None when off.
+    pub fn max_draft(self) -> Option<u32> {
+        match self {
+            Speculation::Off => None,
+            Speculation::Ngram { max_draft } | Speculation::Draft { max_draft } => Some(max_draft),
+        }
+    }
+
+    /// The name the CLI and reports use: `off`, `ngram`, `draft`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Speculation::Off => "off",
+            Speculation::Ngram { .. } => "ngram",
+            Speculation::Draft { .. } => "draft",
+        }
+    }
 }
 
 impl GenerateRequest {
@@ -310,21 +338,14 @@ impl GenerateRequest {
         if self.stop.iter().any(String::is_empty) {
             return Err(EngineError::InvalidRequest { field: "stop", value: "\"\"".into(), reason: "stop sequences must not be empty" });
         }
-        if let Speculation::Ngram { max_draft } = self.speculation {
-            if !(1..=64).contains(&max_draft) {
-                return Err(EngineError::InvalidRequest {
-                    field: "speculation",
-                    value: max_draft.to_string(),
-                    reason: "max_draft must be within 1..=64",
-                });
-            }
-            if self.sampling.stages() != [SamplerStage::Greedy] || self.sampling.grammar.is_some() {
-                return Err(EngineError::InvalidRequest {
-                    field: "speculation",
-                    value: "ngram".into(),
-                    reason: "needs plain greedy sampling (temperature 0, no penalties, biases or grammar); sampled speculation is not implemented",
-                });
-            }
+        if let Some(max_draft) = self.speculation.max_draft()
+            && !(1..=64).contains(&max_draft)
+        {
+            return Err(EngineError::InvalidRequest {
+                field: "speculation",
+                value: max_draft.to_string(),
+                reason: "max_draft must be within 1..=64",
+            });
         }
         self.sampling.validate()
     }

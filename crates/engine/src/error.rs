@@ -52,6 +52,9 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("could not load the model {path}: {source}")]
     Load { path: PathBuf, source: Cause },
+    /// The draft model cannot draft for the main one (another vocabulary).
+    #[error("the draft model {path} does not fit the main model: {reason}")]
+    DraftModel { path: PathBuf, reason: String },
     #[error("could not create a session: {0}")]
     Session(#[source] Cause),
     #[error("tokenizer: {0}")]

@@ -1,12 +1,19 @@
-//! Speculative decoding by prompt lookup: draft the tokens that followed the most recent earlier
-//! occurrence of the last few tokens (in the prompt or the output so far), verify the drafts in
-//! one batched decode, keep the ones the model would have chosen itself.
+//! Speculative decoding: draft sources and the draft length.
 //!
-//! Greedy only: a drafted token is accepted exactly when it is the argmax of the logits the
-//! model computes for its position, so the output is the one plain greedy decoding gives (up to
-//! the near ties where a batched decode rounds differently from a single-token one; see
-//! `serving::BATCH_NEAR_TIE`). Sampled requests would need the speculative-sampling acceptance
-//! rule, which is not implemented: [`crate::GenerateRequest::validate`] refuses them.
+//! Drafts come from prompt lookup ([`draft`]: what followed the most recent earlier occurrence
+//! of the last few tokens, in the prompt or the output so far) or from a draft model
+//! (`Session::draft_greedy`). The generation decodes a round's drafts in one batch and draws
+//! each position with the request's own sampler, keeping a draft while it equals the draw.
+//!
+//! Why that is lossless: drafts here are deterministic (a lookup, or the draft model's argmax),
+//! so the draft distribution q is a point mass on the drafted token d. The standard
+//! speculative-sampling rule accepts d with probability min(1, p(d)/q(d)) = p(d) and otherwise
+//! draws from max(0, p - q), normalised: p without d. Drawing x from p and keeping d when x = d
+//! (x otherwise) gives exactly those probabilities. The logits a batched decode gives differ
+//! from a one-token decode's by rounding (up to about one logit on the CPUs measured, see
+//! `serving::BATCH_NEAR_TIE`): greedy output is the same except at near ties, and a seeded
+//! sampled request, though drawn from the same distribution, may part from its plain twin
+//! wherever a draw lands near a boundary.
 
 use crate::backend::TokenId;
 
@@ -32,18 +39,6 @@ pub(crate) fn draft(history: &[TokenId], max_len: usize, out: &mut Vec<TokenId>)
             return;
         }
     }
-}
-
-/// The most likely token of a logits row; the lowest id among exact ties (as the engine's
-/// greedy sampler picks).
-pub(crate) fn argmax(row: &[f32]) -> TokenId {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as TokenId
 }
 
 /// How many tokens to draft next: all the way up to the maximum while drafts are accepted,
@@ -101,13 +96,6 @@ mod tests {
         assert!(drafted(&[], 8).is_empty());
         assert!(drafted(&[1], 8).is_empty());
         assert!(drafted(&[1, 2, 1, 2], 0).is_empty());
-    }
-
-    #[test]
-    fn argmax_takes_the_lowest_id_among_ties() {
-        assert_eq!(argmax(&[0.5, 2.0, 1.0, 2.0]), 1);
-        assert_eq!(argmax(&[-1.0]), 0);
-        assert_eq!(argmax(&[f32::NEG_INFINITY, -3.0]), 1);
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! Speculative decoding by prompt lookup on the real default model: greedy output is the same
-//! as without speculation (up to the project's near-tie rule, counted), drafts are accepted
-//! where the answer quotes its prompt, and stop sequences and max tokens end the text exactly
-//! where they do without speculation.
+//! Speculative decoding on the real default model: greedy output is the same as without
+//! speculation (up to the project's near-tie rule, counted), sampled output has the same
+//! distribution (a two-sample test over many seeds on a chain cut to three candidates), drafts are accepted where the answer quotes its prompt, stop sequences
+//! and max tokens end the text exactly where they do without speculation, and a draft model
+//! drafts only for a model with its vocabulary.
+
+use std::path::PathBuf;
 
 use exsa_engine::serving::BATCH_NEAR_TIE;
 use exsa_engine::*;
@@ -86,17 +89,172 @@ fn stop_sequences_and_max_tokens_end_the_text_where_they_do_without_speculation(
 }
 
 #[test]
-fn speculation_refuses_what_it_cannot_keep_lossless() {
+fn bad_speculation_settings_are_refused() {
     let engine = engine();
     let mut session = engine.session().unwrap();
-    for sampling in [
-        SamplingParams { temperature: 0.7, ..Default::default() },
-        SamplingParams { repeat_penalty: 1.1, ..SamplingParams::greedy() },
-        SamplingParams { grammar: Some("root ::= \"a\"".into()), ..SamplingParams::greedy() },
-    ] {
-        let r = GenerateRequest { sampling, ..request(FREE, 8, Speculation::Ngram { max_draft: 8 }) };
-        assert!(matches!(session.generate(&r), Err(EngineError::InvalidRequest { field: "speculation", .. })));
+    for speculation in [Speculation::Ngram { max_draft: 0 }, Speculation::Draft { max_draft: 65 }] {
+        let r = request(FREE, 8, speculation);
+        assert!(matches!(session.generate(&r), Err(EngineError::InvalidRequest { field: "speculation", .. })), "{speculation:?}");
     }
-    let r = request(FREE, 8, Speculation::Ngram { max_draft: 0 });
-    assert!(matches!(session.generate(&r), Err(EngineError::InvalidRequest { field: "speculation", .. })));
+    // No draft model loaded.
+    let r = request(FREE, 8, Speculation::Draft { max_draft: 4 });
+    let err = session.generate(&r).expect_err("refused");
+    assert!(err.to_string().contains("no draft model"), "{err}");
+}
+
+/// A prompt whose continuation repeats it: prompt lookup drafts from the first token on.
+const REPEATING: &str = "red green blue, red green blue, red green blue, red green blue, red green";
+
+/// A request's text as token ids (re-tokenized: a function of the text, the same for both arms
+/// of a comparison).
+fn sampled_ids(engine: &Engine, session: &mut Session<'_>, r: &GenerateRequest) -> (Vec<i32>, GenerationStats) {
+    let mut generation = session.generate(r).unwrap();
+    let mut text = String::new();
+    while let Some(delta) = generation.next_text() {
+        text.push_str(delta.unwrap());
+    }
+    let stats = generation.stats().clone();
+    drop(generation);
+    let ids = engine.tokenize_with(&text, TokenizeOptions { add_special: false, parse_special: false }).unwrap();
+    (ids, stats)
+}
+
+/// Pearson's statistic of two equal-sized samples over the same cells, with its degrees of
+/// freedom. Cells too thin for the statistic (fewer than 10 observations in both samples
+/// together, so an expected count under 5 in each) are pooled into one.
+fn two_sample_chi_square(a: &[u32], b: &[u32]) -> (f64, usize) {
+    let (mut cells, mut pooled) = (Vec::new(), (0, 0));
+    for (&x, &y) in a.iter().zip(b) {
+        if x + y >= 10 {
+            cells.push((x, y));
+        } else {
+            pooled = (pooled.0 + x, pooled.1 + y);
+        }
+    }
+    if pooled.0 + pooled.1 > 0 {
+        cells.push(pooled);
+    }
+    let (na, nb) = (a.iter().sum::<u32>() as f64, b.iter().sum::<u32>() as f64);
+    let chi = cells
+        .iter()
+        .map(|&(x, y)| {
+            let total = (x + y) as f64;
+            let (ea, eb) = (total * na / (na + nb), total * nb / (na + nb));
+            (x as f64 - ea).powi(2) / ea + (y as f64 - eb).powi(2) / eb
+        })
+        .sum();
+    (chi, cells.len().saturating_sub(1))
+}
+
+/// Where the chi-square distribution with `df` degrees of freedom leaves 0.1 % above it, by
+/// Wilson and Hilferty's cube-root approximation (within 3 % of the tables from df 2 up, and
+/// above them: a little lenient, never strict).
+fn chi_square_critical_0_001(df: usize) -> f64 {
+    const Z: f64 = 3.0902;
+    let k = df as f64;
+    let c = 2.0 / (9.0 * k);
+    k * (1.0 - c + Z * c.sqrt()).powi(3)
+}
+
+#[test]
+fn the_critical_values_match_the_tables() {
+    for (df, table) in [(2, 13.816), (5, 20.515), (10, 29.588), (20, 45.315)] {
+        let got = chi_square_critical_0_001(df);
+        assert!(got >= table && (got - table) / table < 0.03, "df {df}: {got} vs {table}");
+    }
+    // Identical samples score 0; disjoint ones score the sample size.
+    assert_eq!(two_sample_chi_square(&[50, 50], &[50, 50]).0, 0.0);
+    assert!((two_sample_chi_square(&[100, 0], &[0, 100]).0 - 200.0).abs() < 1e-9);
+}
+
+/// With a chain cut to three candidates and flattened (top-k 3, temperature 2), every position
+/// is a real three-way draw. Over many seeds, the tokens at each drafted position follow the
+/// same distribution with speculation as without: the plain runs and the speculative runs use
+/// disjoint seeds, so this compares two samples, not one sample twice. A verifier that kept
+/// drafts without drawing would pile the speculative sample onto the drafted tokens.
+#[test]
+fn sampled_speculation_keeps_the_distribution() {
+    let engine = engine();
+    let mut session = engine.session().unwrap();
+    let sampling = |seed| SamplingParams { temperature: 2.0, top_k: 3, top_p: 1.0, min_p: 0.0, repeat_penalty: 1.0, seed, ..Default::default() };
+    const RUNS: u32 = 300;
+    const POSITIONS: usize = 4;
+    // Per position, counts per token (keyed by id), for plain and speculative runs.
+    let mut counts: Vec<std::collections::BTreeMap<i32, [u32; 2]>> = vec![Default::default(); POSITIONS];
+    let (mut drafted, mut accepted) = (0, 0);
+    for arm in 0..2 {
+        for run in 0..RUNS {
+            let seed = 1 + run + arm as u32 * RUNS;
+            let speculation = if arm == 1 { Speculation::Ngram { max_draft: 4 } } else { Speculation::Off };
+            let r = GenerateRequest { max_tokens: POSITIONS, sampling: sampling(seed), speculation, ..GenerateRequest::new(REPEATING) };
+            let (ids, stats) = sampled_ids(&engine, &mut session, &r);
+            drafted += stats.drafted_tokens;
+            accepted += stats.accepted_tokens;
+            for (position, id) in ids.iter().take(POSITIONS).enumerate() {
+                counts[position].entry(*id).or_default()[arm] += 1;
+            }
+        }
+    }
+    // Both paths of the verifier ran: drafts kept, and drafts replaced by a different draw.
+    assert!(accepted > 50 && accepted + 50 < drafted, "{accepted} of {drafted} drafts kept");
+    for (position, cells) in counts.iter().enumerate() {
+        let plain: Vec<u32> = cells.values().map(|c| c[0]).collect();
+        let spec: Vec<u32> = cells.values().map(|c| c[1]).collect();
+        let (chi, df) = two_sample_chi_square(&plain, &spec);
+        eprintln!("position {position}: plain {plain:?} speculative {spec:?}: chi-square {chi:.2}, df {df}");
+        assert!(df >= 1, "position {position} was not a draw: {cells:?}");
+        assert!(chi < chi_square_critical_0_001(df), "position {position}: {cells:?}: chi-square {chi:.2} with {df} df");
+    }
+}
+
+#[test]
+fn a_draft_model_drafts_for_a_model_with_its_vocabulary() {
+    // The default model as its own draft: the same vocabulary, and greedy drafts that the main
+    // model (the same weights) keeps nearly always.
+    let mut config = EngineConfig::new(default_model_path());
+    config.session = SessionConfig { n_ctx: 2048, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    config.draft_model = Some(default_model_path());
+    let engine = Engine::load(config).expect("a model drafts for itself");
+    let mut session = engine.session().unwrap();
+    let n = 40;
+    let (steps, pieces) = plain(&engine, FREE, n);
+    let (text, stats) = session.generate_text(&request(FREE, n, Speculation::Draft { max_draft: 6 })).unwrap();
+    let expected: String = pieces.concat();
+    if text != expected {
+        let common = text.bytes().zip(expected.bytes()).take_while(|(a, b)| a == b).count();
+        let mut at = 0;
+        let step = pieces.iter().position(|p| {
+            at += p.len();
+            at > common
+        });
+        let margin = step.map_or(f32::INFINITY, |i| steps[i].margin);
+        assert!(margin < BATCH_NEAR_TIE, "parted at a margin of {margin}:\n{text:?}\n{expected:?}");
+    }
+    assert!(stats.drafted_tokens >= 20 && stats.accepted_tokens * 10 >= stats.drafted_tokens * 8, "{stats:?}");
+    assert!(stats.generation_decodes * 2 < stats.completion_tokens, "{stats:?}");
+    // Sampled: the draft model's argmax is kept only where the sampler draws it.
+    let sampled = GenerateRequest {
+        max_tokens: 32,
+        sampling: harness::e2e_sampling(),
+        speculation: Speculation::Draft { max_draft: 6 },
+        ..GenerateRequest::new(FREE)
+    };
+    let (text, stats) = session.generate_text(&sampled).unwrap();
+    assert!(!text.is_empty() && stats.drafted_tokens > 0 && stats.accepted_tokens <= stats.drafted_tokens, "{stats:?}");
+
+    // A model with another vocabulary is refused at load, naming the difference.
+    let other = PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml")).join("llama-tiny-32k.gguf");
+    let mut config = EngineConfig::new(default_model_path());
+    config.draft_model = Some(other.clone());
+    match Engine::load(config) {
+        Err(EngineError::DraftModel { path, reason }) => {
+            assert_eq!(path, other);
+            assert!(reason.contains("32768 tokens") && reason.contains("262144"), "{reason}");
+        }
+        other => panic!("expected DraftModel, got {other:?}"),
+    }
+    // A draft model that does not load is the load error of its path.
+    let mut config = EngineConfig::new(default_model_path());
+    config.draft_model = Some("/nonexistent/draft.gguf".into());
+    assert!(matches!(Engine::load(config), Err(EngineError::Load { path, .. }) if path == std::path::Path::new("/nonexistent/draft.gguf")));
 }

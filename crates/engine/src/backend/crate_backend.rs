@@ -166,7 +166,15 @@ impl BackendModel for CrateModel {
         }
         let ctx = self.model.new_context(backend(), params).map_err(|e| EngineError::Session(e.into()))?;
         let n_batch = ctx.n_batch() as usize;
-        Ok(CrateSession { model: &self.model, ctx, batch: LlamaBatch::new(n_batch, 1), sampler: None, last_output: None, abort: None })
+        Ok(CrateSession {
+            model: &self.model,
+            ctx,
+            batch: LlamaBatch::new(n_batch, 1),
+            sampler: None,
+            pending: Vec::new(),
+            outputs: Vec::new(),
+            abort: None,
+        })
     }
 }
 
@@ -175,13 +183,17 @@ pub struct CrateSession<'m> {
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
     sampler: Option<LlamaSampler>,
-    last_output: Option<i32>,
+    /// Batch indexes asking for logits in the batch being built, and in the last decode: the
+    /// crate reads logits at any index it is given (llama.cpp aborts on one without), so every
+    /// read is checked against these first.
+    pending: Vec<i32>,
+    outputs: Vec<i32>,
     abort: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for CrateSession<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CrateSession").field("last_output", &self.last_output).finish_non_exhaustive()
+        f.debug_struct("CrateSession").field("outputs", &self.outputs).finish_non_exhaustive()
     }
 }
 
@@ -195,11 +207,10 @@ impl BackendSession for CrateSession<'_> {
     }
 
     fn fill(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
-        self.batch.clear();
-        self.last_output = None;
+        self.batch_clear();
         for (k, &t) in ids.iter().enumerate() {
             let logits = outputs == Outputs::Last && k + 1 == ids.len();
-            self.batch.add(LlamaToken(t), start + k as i32, &[0], logits).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))?;
+            self.batch_push(t, start + k as i32, 0, logits)?;
         }
         Ok(())
     }
@@ -211,11 +222,7 @@ impl BackendSession for CrateSession<'_> {
             return Err(EngineError::Cancelled);
         }
         self.fill(ids, start, outputs)?;
-        self.ctx.decode(&mut self.batch).map_err(decode_error)?;
-        if outputs == Outputs::Last {
-            self.last_output = Some(ids.len() as i32 - 1);
-        }
-        Ok(())
+        self.batch_decode()
     }
 
     fn truncate(&mut self, from: i32) -> bool {
@@ -232,14 +239,18 @@ impl BackendSession for CrateSession<'_> {
     }
 
     fn sample(&mut self) -> Result<TokenId, EngineError> {
-        let idx = self.last_output.ok_or_else(|| EngineError::decode(DecodeFailure::NoOutput, "the last decode produced no logits"))?;
+        let last = self.last_output()?;
+        self.sample_at(last)
+    }
+
+    fn sample_at(&mut self, index: i32) -> Result<TokenId, EngineError> {
+        self.check_output(index)?;
         let sampler = self.sampler.as_mut().ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
-        Ok(sampler.sample(&self.ctx, idx).0)
+        Ok(sampler.sample(&self.ctx, index).0)
     }
 
     fn last_logits(&self) -> Result<&[f32], EngineError> {
-        let idx = self.last_output.ok_or_else(|| EngineError::decode(DecodeFailure::NoOutput, "the last decode produced no logits"))?;
-        Ok(self.ctx.get_logits_ith(idx))
+        self.logits_at(self.last_output()?)
     }
 
     fn set_abort_flag(&mut self, flag: Arc<AtomicBool>) {
@@ -258,11 +269,16 @@ impl BackendSession for CrateSession<'_> {
 
     fn batch_clear(&mut self) {
         self.batch.clear();
-        self.last_output = None;
+        self.pending.clear();
     }
 
     fn batch_push(&mut self, token: TokenId, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
-        self.batch.add(LlamaToken(token), pos, &[seq], output).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))
+        let index = self.batch.n_tokens();
+        self.batch.add(LlamaToken(token), pos, &[seq], output).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))?;
+        if output {
+            self.pending.push(index);
+        }
+        Ok(())
     }
 
     fn batch_len(&self) -> usize {
@@ -270,14 +286,19 @@ impl BackendSession for CrateSession<'_> {
     }
 
     fn batch_decode(&mut self) -> Result<(), EngineError> {
-        self.ctx.decode(&mut self.batch).map_err(decode_error)
+        self.outputs.clear();
+        self.ctx.decode(&mut self.batch).map_err(decode_error)?;
+        self.outputs.clone_from(&self.pending);
+        Ok(())
     }
 
     fn sample_with(&mut self, sampler: &mut LlamaSampler, index: i32) -> Result<TokenId, EngineError> {
+        self.check_output(index)?;
         Ok(sampler.sample(&self.ctx, index).0)
     }
 
     fn logits_at(&self, index: i32) -> Result<&[f32], EngineError> {
+        self.check_output(index)?;
         Ok(self.ctx.get_logits_ith(index))
     }
 
@@ -289,6 +310,20 @@ impl BackendSession for CrateSession<'_> {
     fn seq_clear(&mut self, seq: i32) {
         if let Ok(seq) = u32::try_from(seq) {
             let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
+        }
+    }
+}
+
+impl CrateSession<'_> {
+    fn last_output(&self) -> Result<i32, EngineError> {
+        self.outputs.last().copied().ok_or_else(|| EngineError::decode(DecodeFailure::NoOutput, "the last decode produced no logits"))
+    }
+
+    fn check_output(&self, index: i32) -> Result<(), EngineError> {
+        if self.outputs.contains(&index) {
+            Ok(())
+        } else {
+            Err(EngineError::decode(DecodeFailure::NoOutput, format!("batch index {index} has no logits in the last decode")))
         }
     }
 }

@@ -106,6 +106,10 @@ pub trait BackendSession {
     fn set_sampler(&mut self, params: &SamplingParams) -> Result<(), EngineError>;
     /// Samples from the last output of the last decode, and accepts the token.
     fn sample(&mut self) -> Result<TokenId, EngineError>;
+    /// Samples with the session's sampler from the output at batch `index` of the last decode
+    /// (a batch built with `batch_push`), and accepts the token: speculation verifies a run of
+    /// drafted tokens this way, one output after another.
+    fn sample_at(&mut self, index: i32) -> Result<TokenId, EngineError>;
     /// The logits (n_vocab wide) of the last output of the last decode.
     fn last_logits(&self) -> Result<&[f32], EngineError>;
     /// Cancels a running decode while the flag is set.

@@ -393,6 +393,17 @@ impl BackendSession for RawSession<'_> {
         Ok(token)
     }
 
+    fn sample_at(&mut self, index: i32) -> Result<TokenId, EngineError> {
+        let s = self.sampler.ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
+        // llama_sampler_sample aborts on an index without logits: ask for the row first, which
+        // llama_get_logits_ith answers with null for such an index.
+        self.logits_at(index)?;
+        let mut token = 0;
+        // SAFETY: batch entry `index` of the last decode has logits (checked just above).
+        guarded("llama_sampler_sample", |err| unsafe { sys::exsa_sampler_sample(s.as_ptr(), self.ctx.as_ptr(), index, &mut token, err) })?;
+        Ok(token)
+    }
+
     fn last_logits(&self) -> Result<&[f32], EngineError> {
         if !self.has_logits {
             return Err(EngineError::decode(DecodeFailure::NoOutput, "the last decode produced no logits"));

@@ -181,9 +181,14 @@ impl<'m> BackendSession for SourceSession<'m> {
     }
 
     fn sample(&mut self) -> Result<TokenId, EngineError> {
-        let sampler = self.sampler.as_mut().ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
         let last = *self.ctx.outputs().last().ok_or_else(|| EngineError::decode(DecodeFailure::NoOutput, "the last decode produced no logits"))?;
-        sampler.sample(&self.ctx, last).map(|t| t.0).map_err(|e| EngineError::Sampler(e.into()))
+        self.sample_at(last)
+    }
+
+    fn sample_at(&mut self, index: i32) -> Result<TokenId, EngineError> {
+        let sampler = self.sampler.as_mut().ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
+        // The wrapper checks that `index` is an output of the last decode.
+        sampler.sample(&self.ctx, index).map(|t| t.0).map_err(|e| EngineError::Sampler(e.into()))
     }
 
     fn last_logits(&self) -> Result<&[f32], EngineError> {

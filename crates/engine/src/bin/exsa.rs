@@ -4,7 +4,7 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use exsa_engine::harness::{self, Test};
 use exsa_engine::{CancelToken, ChatMessage, Engine, EngineConfig, EngineError, GenerateRequest, SamplingParams, SessionConfig, Speculation};
 
@@ -62,20 +62,34 @@ struct Sampling {
     /// Stop before this text (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    /// Speculative decoding: `ngram` drafts from the prompt and output and verifies the drafts
-    /// in one decode (greedy only: --temperature 0, no penalties); `off` decodes token by token.
-    #[arg(long, default_value = "off", value_parser = ["off", "ngram"])]
-    speculative: String,
+    /// Speculative decoding: drafts verified several per decode, the output drawn as without.
+    #[arg(long, value_enum, default_value_t = SpeculativeKind::Off)]
+    speculative: SpeculativeKind,
     /// Most tokens drafted per round with --speculative.
     #[arg(long, default_value_t = 8)]
     draft_max: u32,
+    /// The model that drafts for `--speculative draft`: smaller, with the main model's
+    /// vocabulary (checked at load).
+    #[arg(long)]
+    draft_model: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SpeculativeKind {
+    /// One decode per token.
+    Off,
+    /// Prompt lookup: drafts what followed the last few tokens earlier in the prompt or output.
+    Ngram,
+    /// A draft model (--draft-model) drafts greedily.
+    Draft,
 }
 
 impl Sampling {
     fn speculation(&self) -> Speculation {
-        match self.speculative.as_str() {
-            "ngram" => Speculation::Ngram { max_draft: self.draft_max },
-            _ => Speculation::Off,
+        match self.speculative {
+            SpeculativeKind::Off => Speculation::Off,
+            SpeculativeKind::Ngram => Speculation::Ngram { max_draft: self.draft_max },
+            SpeculativeKind::Draft => Speculation::Draft { max_draft: self.draft_max },
         }
     }
 
@@ -212,8 +226,12 @@ fn session_config(common: &Common) -> Result<SessionConfig, EngineError> {
 }
 
 fn load(common: &Common, session: SessionConfig) -> Result<Engine, EngineError> {
+    load_with_draft(common, session, None)
+}
+
+fn load_with_draft(common: &Common, session: SessionConfig, draft_model: Option<PathBuf>) -> Result<Engine, EngineError> {
     let model = common.model.clone().unwrap_or_else(exsa_engine::default_model_path);
-    let config = EngineConfig { session, n_gpu_layers: common.gpu_layers, ..EngineConfig::new(model) };
+    let config = EngineConfig { session, n_gpu_layers: common.gpu_layers, draft_model, ..EngineConfig::new(model) };
     Engine::load(config)
 }
 
@@ -222,7 +240,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Serve(args) => serve(&cli.common, session, args)?,
         Command::Generate { prompt, sampling, stats } => {
-            let engine = load(&cli.common, session)?;
+            let engine = load_with_draft(&cli.common, session, sampling.draft_model.clone())?;
             let mut s = engine.session()?;
             let request = GenerateRequest {
                 max_tokens: sampling.max_tokens,
@@ -243,7 +261,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         Command::Chat { system, sampling } => {
-            let engine = load(&cli.common, session)?;
+            let engine = load_with_draft(&cli.common, session, sampling.draft_model.clone())?;
             let mut s = engine.session()?;
             let mut history: Vec<ChatMessage> = system.into_iter().map(|c| ChatMessage::new("system", c)).collect();
             let stdin = std::io::stdin();

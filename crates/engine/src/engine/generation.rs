@@ -85,7 +85,7 @@ pub struct Generation<'s, 'e> {
     pub(super) prompt_done: Instant,
     pub(super) stats: GenerationStats,
     pub(super) finished: bool,
-    /// With [`crate::Speculation::Ngram`].
+    /// With speculation ([`crate::Speculation`]) on.
     pub(super) speculation: Option<SpeculationState>,
 }
 
@@ -191,10 +191,11 @@ impl Generation<'_, '_> {
         }
     }
 
-    /// Decodes `token` with the tokens drafted after it in one batch, emits the drafts the
-    /// model would have chosen itself (each its logits' argmax after the ones before), and
-    /// keeps the first token it would not have drafted for the next step. The cache is cut
-    /// back to what was accepted.
+    /// Decodes `token` with the tokens drafted after it in one batch, then draws each position
+    /// with the request's sampler in turn: drafts are kept while they equal what was drawn, and
+    /// the first draw that differs is the next step's token. Every emitted token is thus a draw
+    /// from the distribution it has without speculation (see [`crate::Speculation`]). The
+    /// cache is cut back to what was kept.
     fn speculate(&mut self, token: TokenId) -> Result<(), EngineError> {
         let spec = self.speculation.as_mut().expect("speculating generations have their state");
         let session = &mut *self.session;
@@ -209,7 +210,16 @@ impl Generation<'_, '_> {
         let mut drafts = std::mem::take(&mut spec.drafts);
         drafts.clear();
         session.cached.push(token);
-        crate::speculative::draft(&session.cached, room, &mut drafts);
+        if spec.from_model {
+            let drafter = session.draft.as_mut().expect("draft sessions are opened when the generation starts");
+            if drafter.draft_greedy(&session.cached, room, &mut drafts).is_err() {
+                // A draft that cannot be made (its context full, a failed decode) costs the
+                // round its drafts, not the request.
+                drafts.clear();
+            }
+        } else {
+            crate::speculative::draft(&session.cached, room, &mut drafts);
+        }
         session.cached.pop();
         if drafts.is_empty() {
             self.speculation.as_mut().expect("still speculating").drafts = drafts;
@@ -240,16 +250,16 @@ impl Generation<'_, '_> {
         let mut next = None;
         let verified = (|| {
             for i in 0..=drafts.len() {
-                let chosen = crate::speculative::argmax(self.session.inner.logits_at(i as i32)?);
-                if drafts.get(i) != Some(&chosen) {
-                    next = Some(chosen);
+                let drawn = self.session.inner.sample_at(i as i32)?;
+                if drafts.get(i) != Some(&drawn) {
+                    next = Some(drawn);
                     break;
                 }
                 accepted += 1;
-                if self.emit(chosen)? {
+                if self.emit(drawn)? {
                     break;
                 }
-                self.session.cached.push(chosen);
+                self.session.cached.push(drawn);
             }
             Ok::<_, EngineError>(())
         })();
@@ -279,8 +289,10 @@ impl Generation<'_, '_> {
 /// A speculating generation's state between steps.
 #[derive(Debug)]
 pub(super) struct SpeculationState {
+    /// Drafts come from the draft model (else from prompt lookup).
+    pub(super) from_model: bool,
     pub(super) length: crate::speculative::DraftLength,
-    /// The token the last verification chose after the accepted drafts: the next step's.
+    /// The token the last verification drew after the kept drafts: the next step's.
     pub(super) next: Option<TokenId>,
     /// Reused for every round's drafts.
     pub(super) drafts: Vec<TokenId>,

@@ -22,6 +22,8 @@ pub struct Engine {
     config: EngineConfig,
     /// Resolved once at load: every chat request uses it.
     chat_template: String,
+    /// The model that drafts for [`crate::Speculation::Draft`], its vocabulary checked.
+    draft: Option<Box<Engine>>,
 }
 
 impl Engine {
@@ -30,7 +32,22 @@ impl Engine {
         config.session.validate()?;
         let model = Active::load(&config.model, config.n_gpu_layers)?;
         let chat_template = resolve_chat_template(&model, config.chat_template_fallback.as_deref());
-        Ok(Engine { model, config, chat_template })
+        let draft = match &config.draft_model {
+            Some(path) => {
+                let draft = Engine::load(EngineConfig { model: path.clone(), draft_model: None, ..config.clone() })?;
+                if let Some(reason) = vocabulary_difference(&model, &draft.model)? {
+                    return Err(EngineError::DraftModel { path: path.clone(), reason });
+                }
+                Some(Box::new(draft))
+            }
+            None => None,
+        };
+        Ok(Engine { model, config, chat_template, draft })
+    }
+
+    /// The draft model's engine, when one was loaded.
+    pub fn draft(&self) -> Option<&Engine> {
+        self.draft.as_deref()
     }
 
     pub fn backend_name() -> &'static str {
@@ -69,7 +86,7 @@ impl Engine {
 
     pub fn session_with(&self, config: &SessionConfig) -> Result<Session<'_>, EngineError> {
         config.validate()?;
-        Ok(Session { engine: self, inner: self.model.session(config)?, cached: Vec::new(), scratch: Vec::new() })
+        Ok(Session { engine: self, inner: self.model.session(config)?, cached: Vec::new(), scratch: Vec::new(), draft: None })
     }
 
     /// One-shot generation to a string, in a fresh session.
@@ -150,6 +167,33 @@ impl Engine {
     pub(crate) fn model(&self) -> &Model {
         &self.model
     }
+}
+
+/// Why `draft` cannot draft for `target`, or None when it can: its token ids must mean the same
+/// text and the same end-of-generation tokens, since drafts are handed over as ids.
+fn vocabulary_difference(target: &Model, draft: &Model) -> Result<Option<String>, EngineError> {
+    let (n_target, n_draft) = (target.n_vocab(), draft.n_vocab());
+    if n_target != n_draft {
+        return Ok(Some(format!("its vocabulary has {n_draft} tokens, the main model's {n_target}")));
+    }
+    if target.bos() != draft.bos() {
+        return Ok(Some(format!("its BOS token is {}, the main model's {}", draft.bos(), target.bos())));
+    }
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for token in 0..n_target {
+        a.clear();
+        b.clear();
+        target.piece(token, &mut a)?;
+        draft.piece(token, &mut b)?;
+        if a != b {
+            let (a, b) = (String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
+            return Ok(Some(format!("token {token} is {b:?} in it, {a:?} in the main model")));
+        }
+        if target.is_eog(token) != draft.is_eog(token) {
+            return Ok(Some(format!("token {token} ends a generation in one model and not in the other")));
+        }
+    }
+    Ok(None)
 }
 
 /// How [`Engine::tokenize_with`] treats text. (`llama::TokenizeOptions` says the same for the

@@ -21,6 +21,9 @@ pub struct Session<'e> {
     /// The tokens in the KV cache, in position order.
     pub(super) cached: Vec<TokenId>,
     pub(super) scratch: Vec<TokenId>,
+    /// The draft model's session for [`Speculation::Draft`], made on first use and kept, so
+    /// that it too decodes only what is new.
+    pub(super) draft: Option<Box<Session<'e>>>,
 }
 
 impl std::fmt::Debug for Session<'_> {
@@ -86,6 +89,9 @@ impl<'e> Session<'e> {
     /// Prefills `tokens` (the prompt) and returns the generation that follows it.
     fn start(&mut self, tokens: Vec<TokenId>, request: &GenerateRequest, started: Instant) -> Result<Generation<'_, 'e>, EngineError> {
         let cancel = request.cancel.clone().unwrap_or_default();
+        if matches!(request.speculation, Speculation::Draft { .. }) {
+            self.open_draft()?;
+        }
         self.inner.set_abort_flag(cancel.0.clone());
         self.inner.set_sampler(&request.sampling)?;
         if tokens.is_empty() {
@@ -117,15 +123,50 @@ impl<'e> Session<'e> {
                 ..Default::default()
             },
             finished: false,
-            speculation: match request.speculation {
-                Speculation::Off => None,
-                Speculation::Ngram { max_draft } => Some(SpeculationState {
-                    length: DraftLength::new(max_draft as usize),
-                    next: None,
-                    drafts: Vec::with_capacity(max_draft as usize),
-                }),
-            },
+            speculation: request.speculation.max_draft().map(|max_draft| SpeculationState {
+                from_model: matches!(request.speculation, Speculation::Draft { .. }),
+                length: DraftLength::new(max_draft as usize),
+                next: None,
+                drafts: Vec::with_capacity(max_draft as usize),
+            }),
         })
+    }
+
+    /// Makes the draft model's session (greedy, the same context length) unless there is one.
+    fn open_draft(&mut self) -> Result<(), EngineError> {
+        if self.draft.is_some() {
+            return Ok(());
+        }
+        let draft = self.engine.draft().ok_or(EngineError::InvalidRequest {
+            field: "speculation",
+            value: "draft".into(),
+            reason: "the engine has no draft model (EngineConfig::draft_model, --draft-model)",
+        })?;
+        let config = crate::SessionConfig { n_ctx: self.n_ctx(), n_seq: 1, embeddings: false, ..draft.session_config().clone() };
+        let mut session = draft.session_with(&config)?;
+        session.inner.set_sampler(&crate::SamplingParams::greedy())?;
+        self.draft = Some(Box::new(session));
+        Ok(())
+    }
+
+    /// Appends to `out` up to `max_len` tokens the draft model would generate greedily after
+    /// `history` (the main session's tokens). Its cache keeps what it decoded, so the next
+    /// round decodes only what changed.
+    pub(super) fn draft_greedy(&mut self, history: &[TokenId], max_len: usize, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
+        self.prefill(history)?;
+        while out.len() < max_len {
+            let token = self.inner.sample()?;
+            out.push(token);
+            if out.len() == max_len || self.engine.model().is_eog(token) {
+                break;
+            }
+            if let Err(e) = self.inner.decode(&[token], self.cached.len() as i32, Outputs::Last) {
+                self.reset();
+                return Err(e);
+            }
+            self.cached.push(token);
+        }
+        Ok(())
     }
 
     /// Generates a chat reply: the messages formatted with the model's template. The template's
