@@ -7,6 +7,7 @@ mod fetch_model;
 mod fuzz;
 mod hashing;
 mod leak_check;
+mod llama_tools;
 mod package;
 mod pin;
 mod python;

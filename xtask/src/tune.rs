@@ -218,7 +218,7 @@ pub fn run(args: &Args) -> Result<()> {
         eprintln!("tune: round with {} candidates, {reps} paired repetitions each", alive.len());
         let round: Vec<Built> =
             round_set.iter().map(|b| Built { variant: b.variant.clone(), binary: b.binary.clone(), seconds: b.seconds }).collect();
-        let runs = run::run_all(&round, &settings(reps), &out_dir);
+        let runs = run::run_all(&round, None, &settings(reps), &out_dir);
         judge(&runs, &mut standings, &alive, &args.tests, reps);
         alive.retain(|n| standings[n].dropped.is_none());
         last = runs;

@@ -84,6 +84,30 @@ pub struct Sample {
     pub draft_acceptance_percent: Option<f64>,
 }
 
+/// What a task test runs (`exsa bench --task-setup`), so that a reference program (llama.cpp's
+/// `llama-lookup`) can run the same request: the chat prompt as rendered by the model's
+/// template, and the sampling.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TaskSetup {
+    /// `task-NAME` or `task-NAME-spec`.
+    pub test: String,
+    /// The chat prompt with the template applied (control-token text to be parsed, BOS to be
+    /// added by the tokenizer).
+    pub prompt: String,
+    pub max_tokens: usize,
+    /// Most tokens drafted per round (prompt lookup); 0 without speculation.
+    pub max_draft: u32,
+    /// 0: greedy.
+    pub temperature: f32,
+    pub top_k: i32,
+    pub top_p: f32,
+    pub min_p: f32,
+    /// 1: off.
+    pub repeat_penalty: f32,
+    pub repeat_last_n: i32,
+    pub seed: u32,
+}
+
 /// What the engine reports about a model, the same for every backend.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ModelInfo {

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use std::time::Instant;
 
 // The protocol's types are the harness's: what `exsa bench` prints is what xtask reads.
-pub use exsa_bench_protocol::{BenchReport, Equivalence, GreedyStep, NEAR_TIE, Sample, compare};
+pub use exsa_bench_protocol::{BenchReport, Equivalence, GreedyStep, NEAR_TIE, Sample, TaskSetup, compare};
 
 use crate::backend::{BackendModel, BackendSession, Outputs, TokenId};
 use crate::chat::ChatMessage;
@@ -26,8 +26,9 @@ pub enum Test {
     Generate(usize),
     PromptGenerate(usize, usize),
     EndToEnd(usize),
-    /// A fixed task a user runs, greedy, 128 tokens at most, with speculation (prompt lookup,
-    /// up to 8 drafted tokens) or without: `task-rewrite`, `task-rewrite-spec`, ...
+    /// A fixed task a user runs, 128 tokens at most, with speculation (prompt lookup, up to 8
+    /// drafted tokens) or without: `task-rewrite`, `task-rewrite-spec`, ... (see
+    /// [`Task::request`]).
     Task(Task, bool),
 }
 
@@ -59,12 +60,72 @@ impl Task {
             Task::Free => E2E_PROMPT,
         }
     }
+
+    /// Greedy where the answer is determined by the input (rewrite, summary); sampled for the
+    /// free answer: the e2e test's seeded sampling with a repetition penalty of 1.15 over the
+    /// last 64 tokens. The default model loops on this prompt under greedy decoding, and with
+    /// sampling alone too (it repeats the question), which prompt lookup would exploit: free
+    /// text must measure honest text, where speculation has little to find.
+    pub fn sampling(self) -> SamplingParams {
+        match self {
+            Task::Rewrite | Task::Summary => SamplingParams::greedy(),
+            Task::Free => SamplingParams { repeat_penalty: 1.15, repeat_last_n: 64, ..e2e_sampling() },
+        }
+    }
+
+    /// The request (without its chat prompt) of the task, speculating or not.
+    pub fn request(self, speculate: bool) -> GenerateRequest {
+        let speculation = if speculate { Speculation::Ngram { max_draft: TASK_MAX_DRAFT } } else { Speculation::Off };
+        GenerateRequest { max_tokens: TASK_MAX_TOKENS, sampling: self.sampling(), speculation, ..GenerateRequest::new("") }
+    }
 }
 
-const TASK_REWRITE: &str = "Rewrite this Python code with the variable `total` renamed to `acc`. Reply with the code only.\n\n\
-```python\ndef summarize(values):\n    total = 0\n    count = 0\n    for v in values:\n        if v is None:\n            continue\n\
-        total += v\n        count += 1\n    if count == 0:\n        return 0.0\n    mean = total / count\n\
-    print(f\"total={total} count={count} mean={mean}\")\n    return mean\n```";
+/// Tokens a task generates at most.
+pub const TASK_MAX_TOKENS: usize = 128;
+/// Tokens a speculating task drafts per round at most (llama-lookup's default draft length).
+pub const TASK_MAX_DRAFT: u32 = 8;
+
+/// What `test` (a task) runs, for a reference program to run the same: the chat prompt as this
+/// engine renders it, and the request's sampling.
+pub fn task_setup(engine: &Engine, test: Test) -> Result<TaskSetup, EngineError> {
+    let Test::Task(task, speculate) = test else {
+        return Err(EngineError::InvalidRequest { field: "test", value: test.to_string(), reason: "only task tests have a setup" });
+    };
+    let request = task.request(speculate);
+    let s = &request.sampling;
+    Ok(TaskSetup {
+        test: test.to_string(),
+        prompt: engine.format_chat(&[ChatMessage::new("user", task.prompt())])?,
+        max_tokens: request.max_tokens,
+        max_draft: request.speculation.max_draft().unwrap_or(0),
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repeat_penalty: s.repeat_penalty,
+        repeat_last_n: s.repeat_last_n,
+        seed: s.seed,
+    })
+}
+
+// A raw literal: a `\` line continuation would eat the code's indentation.
+const TASK_REWRITE: &str = r#"Rewrite this Python code with the variable `total` renamed to `acc`. Reply with the code only.
+
+```python
+def summarize(values):
+    total = 0
+    count = 0
+    for v in values:
+        if v is None:
+            continue
+        total += v
+        count += 1
+    if count == 0:
+        return 0.0
+    mean = total / count
+    print(f"total={total} count={count} mean={mean}")
+    return mean
+```"#;
 
 const TASK_SUMMARY: &str = "Summarise this text in two sentences.\n\n\
 The printing press, developed by Johannes Gutenberg around 1440, used movable metal type, oil-based ink and a wooden \
@@ -155,11 +216,7 @@ pub fn run(engine: &Engine, session_config: &SessionConfig, test: Test) -> Resul
             E2E_PROMPT,
             GenerateRequest { max_tokens: n, sampling: e2e_sampling(), ..GenerateRequest::new("") },
         ),
-        Test::Task(task, spec) => {
-            let speculation = if spec { Speculation::Ngram { max_draft: 8 } } else { Speculation::Off };
-            let request = GenerateRequest { max_tokens: 128, sampling: SamplingParams::greedy(), speculation, ..GenerateRequest::new("") };
-            end_to_end(engine, session_config, test, task.prompt(), request)
-        }
+        Test::Task(task, spec) => end_to_end(engine, session_config, test, task.prompt(), task.request(spec)),
         _ => raw_decode(engine, session_config, test),
     }
 }

@@ -3,6 +3,7 @@
 
 pub(crate) mod build;
 pub(crate) mod chart;
+pub(crate) mod lookup;
 pub(crate) mod machine;
 pub(crate) mod report;
 pub(crate) mod run;
@@ -62,6 +63,10 @@ pub struct Args {
     /// Run the criterion micro-benchmarks instead: A with --save-baseline, then B against it.
     #[arg(long)]
     micro: bool,
+    /// Leave out the llama-lookup reference variant, which otherwise runs the task tests
+    /// (`task-*`) beside the variants (built from the llama-cpp-python sdist on first use).
+    #[arg(long)]
+    no_reference: bool,
 }
 
 /// Criterion's own A/B: the same benchmark ids over each backend, B compared with A's baseline.
@@ -142,7 +147,19 @@ pub fn run(args: &Args) -> Result<()> {
         greedy_tokens: args.greedy_tokens,
         timeout_s: args.timeout_s,
     };
-    let runs = run::run_all(&built, &settings, &out_dir);
+    let reference = if args.no_reference || !settings.tests.iter().any(|t| lookup::runs(t)) {
+        None
+    } else {
+        let exsa = built.iter().find_map(|b| b.binary.as_ref().ok()).expect("checked above: some variant built");
+        match lookup::prepare(exsa, &settings) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("the {} reference is left out: {e:#}", lookup::NAME);
+                None
+            }
+        }
+    };
+    let runs = run::run_all(&built, reference.as_ref(), &settings, &out_dir);
 
     let baseline = variants[0].name.clone();
     let base = runs.get(&baseline);
@@ -162,13 +179,16 @@ pub fn run(args: &Args) -> Result<()> {
         })
         .collect();
     let diverged: Vec<String> = equivalence.iter().filter(|e| e.diverges_at.is_some()).map(|e| e.variant.clone()).collect();
-    let order: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
+    let mut order: Vec<String> = variants.iter().map(|v| v.name.clone()).collect();
+    if reference.is_some() {
+        order.push(lookup::NAME.into());
+    }
     let rows = report::rows(&settings, &order, &baseline, &runs, &diverged);
     let e2e_over_tg = report::e2e_over_tg(&settings, &order, &runs);
     let speculation_gain = report::speculation_gain(&settings, &order, &runs);
 
     let mut model_desc = model_desc;
-    let variant_infos: Vec<VariantInfo> = built
+    let mut variant_infos: Vec<VariantInfo> = built
         .iter()
         .map(|b| {
             let r = runs.get(&b.variant.name);
@@ -185,6 +205,15 @@ pub fn run(args: &Args) -> Result<()> {
             }
         })
         .collect();
+    if let Some(reference) = &reference {
+        variant_infos.push(VariantInfo {
+            variant: variants::Variant::builtin(lookup::NAME, "reference", ""),
+            build_seconds: 0.0,
+            build_info: Some(serde_json::json!({ "llama-lookup --version": lookup::version(reference), "binary": reference.binary })),
+            system_info: None,
+            errors: runs.get(lookup::NAME).map(|r| r.errors.clone()).unwrap_or_default(),
+        });
+    }
     let ceiling = machine.memory_read_gb_s * 1e9 / model_desc.size_bytes as f64;
     let report = Report {
         timestamp,

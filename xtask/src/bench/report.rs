@@ -121,6 +121,10 @@ pub fn rows(settings: &RunSettings, order: &[String], baseline: &str, runs: &BTr
     for test in &settings.tests {
         for name in order {
             let r = runs.get(name).unwrap_or(&empty);
+            if runs.contains_key(name) && !r.tokens_per_s.contains_key(test) {
+                // A variant that does not run this test (the llama-lookup reference: tasks only).
+                continue;
+            }
             let samples = r.tokens_per_s.get(test).cloned().unwrap_or_default();
             let present: Vec<f64> = samples.iter().flatten().copied().collect();
             let present_of = |m: &BTreeMap<String, Vec<Option<f64>>>| -> Vec<f64> {

@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::build::{self, Built};
+use super::lookup::{self, Reference};
 
 /// Runtime settings shared by every variant.
 #[derive(Clone, Debug, Serialize)]
@@ -103,28 +104,75 @@ fn run_json(binary: &Path, args: &[String], timeout: Duration, log: &Path) -> Re
     BenchReport::parse(&out).with_context(|| format!("printed no bench report (see {})", log.display()))
 }
 
-/// The greedy tokens of every variant, and the rounds.
-pub fn run_all(built: &[Built], settings: &RunSettings, out_dir: &Path) -> BTreeMap<String, VariantRuns> {
+impl VariantRuns {
+    /// Empty slots, one per round, for `tests`.
+    fn for_tests<'t>(tests: impl Iterator<Item = &'t String>, reps: usize) -> VariantRuns {
+        let mut entry = VariantRuns::default();
+        for t in tests {
+            entry.tokens_per_s.insert(t.clone(), vec![None; reps]);
+            entry.ttft_ms.insert(t.clone(), vec![None; reps]);
+            entry.outside_decode_pct.insert(t.clone(), vec![None; reps]);
+            entry.tokens_per_decode.insert(t.clone(), vec![None; reps]);
+            entry.draft_acceptance_pct.insert(t.clone(), vec![None; reps]);
+        }
+        entry
+    }
+
+    /// Files one run's samples under `round`.
+    fn record(&mut self, round: usize, samples: &[exsa_bench_protocol::Sample]) {
+        for s in samples {
+            let slots = [
+                (&mut self.tokens_per_s, Some(s.tokens_per_s)),
+                (&mut self.ttft_ms, s.time_to_first_token_ms),
+                (&mut self.outside_decode_pct, s.outside_decode_percent),
+                (&mut self.tokens_per_decode, s.tokens_per_decode),
+                (&mut self.draft_acceptance_pct, s.draft_acceptance_percent),
+            ];
+            for (map, value) in slots {
+                if let Some(slot) = map.get_mut(&s.test) {
+                    slot[round] = value;
+                }
+            }
+        }
+    }
+}
+
+/// What runs in a round: a variant's `exsa bench`, or the llama-lookup reference.
+#[derive(Clone, Copy)]
+enum Runner<'a> {
+    Exsa(&'a Built, &'a PathBuf),
+    Lookup(&'a Reference),
+}
+
+impl Runner<'_> {
+    fn name(&self) -> &str {
+        match self {
+            Runner::Exsa(b, _) => &b.variant.name,
+            Runner::Lookup(_) => lookup::NAME,
+        }
+    }
+}
+
+/// The greedy tokens of every variant, and the rounds (with the llama-lookup reference, when
+/// given, as one more variant of the task tests).
+pub fn run_all(built: &[Built], reference: Option<&Reference>, settings: &RunSettings, out_dir: &Path) -> BTreeMap<String, VariantRuns> {
     let mut runs: BTreeMap<String, VariantRuns> = BTreeMap::new();
-    let runnable: Vec<(&Built, &PathBuf)> = built.iter().filter_map(|b| b.binary.as_ref().ok().map(|p| (b, p))).collect();
+    let mut runnable: Vec<Runner<'_>> = built.iter().filter_map(|b| b.binary.as_ref().ok().map(|p| Runner::Exsa(b, p))).collect();
     for b in built {
-        let entry = runs.entry(b.variant.name.clone()).or_default();
+        let entry = runs.entry(b.variant.name.clone()).or_insert_with(|| VariantRuns::for_tests(settings.tests.iter(), settings.reps));
         if let Err(e) = &b.binary {
             entry.errors.push(format!("build: {e}"));
         }
-        for t in &settings.tests {
-            entry.tokens_per_s.insert(t.clone(), vec![None; settings.reps]);
-            entry.ttft_ms.insert(t.clone(), vec![None; settings.reps]);
-            entry.outside_decode_pct.insert(t.clone(), vec![None; settings.reps]);
-            entry.tokens_per_decode.insert(t.clone(), vec![None; settings.reps]);
-            entry.draft_acceptance_pct.insert(t.clone(), vec![None; settings.reps]);
-        }
+    }
+    if let Some(reference) = reference {
+        runs.insert(lookup::NAME.into(), VariantRuns::for_tests(settings.tests.iter().filter(|t| lookup::runs(t)), settings.reps));
+        runnable.push(Runner::Lookup(reference));
     }
     let timeout = Duration::from_secs(settings.timeout_s);
 
     // The equivalence check, before any timing.
     if settings.greedy_tokens > 0 {
-        for (b, bin) in &runnable {
+        for (b, bin) in runnable.iter().filter_map(|r| if let Runner::Exsa(b, bin) = r { Some((b, bin)) } else { None }) {
             let v = &b.variant;
             let log = out_dir.join(format!("run-{}.log", v.name));
             let mut a = args(settings, v.threads, v.flash_attn.as_deref());
@@ -145,46 +193,38 @@ pub fn run_all(built: &[Built], settings: &RunSettings, out_dir: &Path) -> BTree
     for round in 0..settings.reps {
         // Rotate the order each round so no variant always runs first (or right after another).
         for k in 0..runnable.len() {
-            let (b, bin) = runnable[(k + round) % runnable.len()];
-            let v = &b.variant;
-            bar.set_message(format!("round {} {}", round + 1, v.name));
-            let entry = runs.get_mut(&v.name).expect("entry made above");
+            let runner = runnable[(k + round) % runnable.len()];
+            let name = runner.name().to_string();
+            bar.set_message(format!("round {} {name}", round + 1));
+            let entry = runs.get_mut(&name).expect("entry made above");
             if entry.crashed {
                 // A variant that crashed once crashes again: don't spend the budget on it.
                 bar.inc(1);
                 continue;
             }
-            let log = out_dir.join(format!("run-{}.log", v.name));
-            let mut a = args(settings, v.threads, v.flash_attn.as_deref());
-            a.extend(["--tests".into(), settings.tests.join(","), "--reps".into(), "1".into()]);
-            match run_json(bin, &a, timeout, &log) {
-                Ok(report) => {
-                    for s in &report.samples {
-                        if let Some(slot) = entry.tokens_per_s.get_mut(&s.test) {
-                            slot[round] = Some(s.tokens_per_s);
+            let result = match runner {
+                Runner::Exsa(b, bin) => {
+                    let v = &b.variant;
+                    let log = out_dir.join(format!("run-{}.log", v.name));
+                    let mut a = args(settings, v.threads, v.flash_attn.as_deref());
+                    a.extend(["--tests".into(), settings.tests.join(","), "--reps".into(), "1".into()]);
+                    run_json(bin, &a, timeout, &log).map(|report| {
+                        entry.record(round, &report.samples);
+                        if entry.report.is_none() {
+                            entry.report = Some(report);
                         }
-                        if let Some(slot) = entry.ttft_ms.get_mut(&s.test) {
-                            slot[round] = s.time_to_first_token_ms;
-                        }
-                        if let Some(slot) = entry.outside_decode_pct.get_mut(&s.test) {
-                            slot[round] = s.outside_decode_percent;
-                        }
-                        if let Some(slot) = entry.tokens_per_decode.get_mut(&s.test) {
-                            slot[round] = s.tokens_per_decode;
-                        }
-                        if let Some(slot) = entry.draft_acceptance_pct.get_mut(&s.test) {
-                            slot[round] = s.draft_acceptance_percent;
-                        }
-                    }
-                    if entry.report.is_none() {
-                        entry.report = Some(report);
-                    }
+                    })
                 }
-                Err(e) => {
-                    bar.println(format!("variant {} failed in round {}: {e:#}", v.name, round + 1));
-                    entry.errors.push(format!("run (round {}): {e:#}", round + 1));
-                    entry.crashed = true;
-                }
+                Runner::Lookup(reference) => settings.tests.iter().filter(|t| lookup::runs(t)).try_for_each(|test| {
+                    let sample = lookup::run_once(reference, test, settings, out_dir, timeout)?;
+                    entry.record(round, &[sample]);
+                    Ok(())
+                }),
+            };
+            if let Err(e) = result {
+                bar.println(format!("variant {name} failed in round {}: {e:#}", round + 1));
+                entry.errors.push(format!("run (round {}): {e:#}", round + 1));
+                entry.crashed = true;
             }
             bar.inc(1);
         }

@@ -1,8 +1,8 @@
 //! `cargo xtask bench-serve`: our `exsa serve` against llama.cpp's own `llama-server` on the
 //! same model, slots and threads, under streaming chat load at several concurrencies.
 //!
-//! llama-server is built with CMake from the `llama-cpp-python` sdist on PyPI (its vendored
-//! llama.cpp is of a near-identical version), natively, under `target/llama-server/`. Each
+//! llama-server is built by `llama_tools` (llama.cpp's own programs, from the `llama-cpp-python`
+//! sdist on PyPI, natively, under `target/llama-server/`). Each
 //! round starts each server afresh (their order alternates), runs every load level against it
 //! and stops it; the report compares aggregate tokens/s per level with a bootstrap interval over
 //! the paired rounds, and gives TTFT and inter-token latency percentiles over all requests.
@@ -18,11 +18,8 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::bench::stats;
-use crate::{fetch_model, python, workspace};
+use crate::{fetch_model, llama_tools, workspace};
 use load::{LevelResult, percentile};
-
-const LLAMA_CPP_PYTHON: &str = "llama-cpp-python";
-const LLAMA_CPP_PYTHON_VERSION: &str = "0.3.36";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -81,7 +78,7 @@ pub fn run(args: &Args) -> Result<()> {
         None => fetch_model::run(&fetch_model::Args::default())?,
     };
     let exsa = build_exsa()?;
-    let llama_server = ensure_llama_server()?;
+    let llama_server = llama_tools::ensure("llama-server")?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let out = workspace::target_dir().join("bench-serve").join(crate::bench::timestamp());
     std::fs::create_dir_all(&out)?;
@@ -121,57 +118,6 @@ fn build_exsa() -> Result<PathBuf> {
     eprintln!("building exsa (release)");
     workspace::run(workspace::cargo().args(["build", "--release", "--locked", "-p", "exsa-engine", "--bin", "exsa"]))?;
     Ok(workspace::target_dir().join("release").join("exsa"))
-}
-
-/// llama-server of the llama-cpp-python sdist's llama.cpp, built natively once.
-fn ensure_llama_server() -> Result<PathBuf> {
-    let root = workspace::target_dir().join("llama-server");
-    let binary = root.join("build").join("bin").join("llama-server");
-    if binary.is_file() {
-        return Ok(binary);
-    }
-    let src = root.join("src");
-    if !src.join("CMakeLists.txt").is_file() {
-        let download = root.join("sdist");
-        std::fs::create_dir_all(&download)?;
-        eprintln!("downloading the {LLAMA_CPP_PYTHON} {LLAMA_CPP_PYTHON_VERSION} sdist (it vendors llama.cpp)");
-        workspace::run(
-            python::python()
-                .args(["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check", "-d"])
-                .arg(&download)
-                .arg(format!("{LLAMA_CPP_PYTHON}=={LLAMA_CPP_PYTHON_VERSION}")),
-        )?;
-        let tarball = download.join(format!("llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"));
-        workspace::run(Command::new("tar").arg("xzf").arg(&tarball).arg("-C").arg(&download))?;
-        let vendored = download.join(format!("llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}")).join("vendor").join("llama.cpp");
-        std::fs::rename(&vendored, &src).with_context(|| format!("moving {} to {}", vendored.display(), src.display()))?;
-    }
-    eprintln!("building llama-server natively (minutes)");
-    let mut configure = Command::new("cmake");
-    configure.arg("-S").arg(&src).arg("-B").arg(root.join("build"));
-    // AMX kernels crash on the pinned tree (as in our own plan): off, on every CPU.
-    configure.args([
-        "-DCMAKE_BUILD_TYPE=Release",
-        "-DLLAMA_BUILD_TESTS=OFF",
-        "-DLLAMA_BUILD_EXAMPLES=OFF",
-        "-DLLAMA_BUILD_SERVER=ON",
-        "-DLLAMA_BUILD_TOOLS=ON",
-        "-DLLAMA_BUILD_APP=OFF",
-        "-DLLAMA_USE_PREBUILT_UI=OFF",
-        "-DLLAMA_BUILD_UI=OFF",
-        "-DLLAMA_CURL=OFF",
-        "-DLLAMA_OPENSSL=OFF",
-        "-DGGML_NATIVE=ON",
-        "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
-        "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
-    ]);
-    if let Some(ccache) = crate::setup::which("ccache") {
-        configure.arg(format!("-DCMAKE_C_COMPILER_LAUNCHER={}", ccache.display())).arg(format!("-DCMAKE_CXX_COMPILER_LAUNCHER={}", ccache.display()));
-    }
-    workspace::run(&mut configure)?;
-    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get()).to_string();
-    workspace::run(Command::new("cmake").arg("--build").arg(root.join("build")).args(["--target", "llama-server", "-j", &jobs]))?;
-    Ok(binary)
 }
 
 /// What each server was built from and with: exsa's build info (`exsa info`: llama.cpp

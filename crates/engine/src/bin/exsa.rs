@@ -193,6 +193,10 @@ struct BenchArgs {
     /// Run no timed test: only the equivalence check (with --greedy-tokens).
     #[arg(long)]
     greedy_only: bool,
+    /// Print what each task test of --tests runs (chat prompt, sampling; one JSON line each)
+    /// and time nothing: for reference programs that run the same tasks.
+    #[arg(long)]
+    task_setup: bool,
 }
 
 fn main() {
@@ -311,6 +315,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Bench(args) => {
             let session = SessionConfig { n_batch: args.batch, n_ubatch: args.ubatch, ..session };
             let engine = load(&cli.common, session.clone())?;
+            if args.task_setup {
+                for test in args.tests.iter().filter(|t| matches!(t, Test::Task(..))) {
+                    println!("{}", serde_json::to_string(&harness::task_setup(&engine, *test)?)?);
+                }
+                return Ok(());
+            }
             let tests = if args.greedy_only { Vec::new() } else { args.tests.clone() };
             if !args.no_warmup && !tests.is_empty() {
                 // llama-bench's warm-up: one short prompt and one token, untimed.
