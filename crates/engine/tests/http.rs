@@ -118,11 +118,18 @@ impl Step {
 }
 
 fn chat_with_logprobs(server: &Server, prompt: &str, max_tokens: u32) -> Vec<Step> {
+    chat_with_logprobs_and(server, prompt, max_tokens, json!({})).1
+}
+
+/// A chat (with `extra` fields) and its text and steps.
+fn chat_with_logprobs_and(server: &Server, prompt: &str, max_tokens: u32, extra: Value) -> (String, Vec<Step>) {
     let mut body = chat_body(prompt, max_tokens, false);
     body["logprobs"] = json!(true);
     body["top_logprobs"] = json!(5);
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     let response: Value = client().post(server.url("/v1/chat/completions")).json(&body).send().unwrap().json().unwrap();
-    response["choices"][0]["logprobs"]["content"]
+    let text = response["choices"][0]["message"]["content"].as_str().unwrap_or_else(|| panic!("{response}")).to_string();
+    let steps = response["choices"][0]["logprobs"]["content"]
         .as_array()
         .unwrap()
         .iter()
@@ -135,7 +142,19 @@ fn chat_with_logprobs(server: &Server, prompt: &str, max_tokens: u32) -> Vec<Ste
                 .map(|c| (c["token"].as_str().unwrap().to_string(), c["logprob"].as_f64().unwrap()))
                 .collect(),
         })
-        .collect()
+        .collect();
+    (text, steps)
+}
+
+/// Two runs of one request agree token for token up to their first difference, where each
+/// side's choice was within `serving::BATCH_NEAR_TIE` of the top of the other's (a tie may have
+/// more than two members); later tokens are not compared. Returns where they parted.
+fn agree_up_to_a_near_tie(a: &[Step], b: &[Step], what: &str) -> Option<usize> {
+    let k = a.iter().zip(b).position(|(x, y)| x.token != y.token)?;
+    let (x, y) = (&a[k], &b[k]);
+    assert!(x.near_top(&y.token) && y.near_top(&x.token), "{what} diverges at token {k} where the choice was clear: {x:?} / {y:?}");
+    eprintln!("{what}: near-tie at token {k} ({:?} / {:?}); later tokens not compared", x.top, y.top);
+    Some(k)
 }
 
 /// Eight requests decoded together give the tokens each gives alone, up to a near tie
@@ -156,14 +175,7 @@ fn eight_concurrent_requests_each_give_what_they_give_alone() {
     for (p, batched) in prompts.iter().zip(&together) {
         let alone = chat_with_logprobs(&server, p, 24);
         assert_eq!(batched.len(), 24);
-        if let Some(k) = alone.iter().zip(batched).position(|(a, b)| a.token != b.token) {
-            let (a, b) = (&alone[k], &batched[k]);
-            assert!(
-                a.near_top(&b.token) && b.near_top(&a.token),
-                "{p:?} diverges at token {k} where the choice was clear: alone {a:?}, batched {b:?}"
-            );
-            eprintln!("{p:?}: near-tie at token {k} ({:?} / {:?}); later tokens not compared", a.top, b.top);
-        }
+        agree_up_to_a_near_tie(&alone, batched, p);
     }
     assert_eq!(server.metric("exsa_requests_total{status=\"ok\"}"), 16.0);
     // Streaming with several requests at once ends each stream properly too.
@@ -465,4 +477,49 @@ fn structured_output_penalties_and_logit_bias() {
     assert_eq!((status, body["error"]["param"].as_str()), (400, Some("frequency_penalty")), "{body}");
     let (status, _) = chat(json!({ "frequency_penalty": 1.5, "presence_penalty": 0.5 }));
     assert_eq!(status, 200);
+}
+
+/// Speculation per request (`speculative`, exsa's extension) and as the server's default
+/// (`--speculative ngram`): the same text as without, streamed the same, fewer decodes than
+/// tokens on an answer that quotes its prompt; bad settings are a 400 naming the field.
+#[test]
+fn speculative_requests_give_the_same_text() {
+    if raw_cannot_serve() {
+        return;
+    }
+    let server = Server::start(&["--parallel", "2", "--speculative", "ngram", "--draft-max", "6"]);
+    let http = client();
+    let prompt = "Repeat this line exactly, three times:\nThe quick brown fox jumps over the lazy dog.";
+    let chat = |extra: Value, stream: bool| {
+        let mut body = chat_body(prompt, 48, stream);
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        http.post(server.url("/v1/chat/completions")).json(&body).send().unwrap()
+    };
+    let steps_before = server.metric("exsa_decode_steps_total");
+    let (_, off) = chat_with_logprobs_and(&server, prompt, 48, json!({ "speculative": { "type": "off" } }));
+    let steps_off = server.metric("exsa_decode_steps_total") - steps_before;
+    let drafted_before = server.metric("exsa_draft_tokens_total");
+    // The server's default (ngram), then asked for explicitly, then streamed.
+    let (default_text, default) = chat_with_logprobs_and(&server, prompt, 48, json!({}));
+    let steps_default = server.metric("exsa_decode_steps_total") - steps_before - steps_off;
+    let (_, explicit) = chat_with_logprobs_and(&server, prompt, 48, json!({ "speculative": { "type": "ngram", "max_draft": 4 } }));
+    for (what, steps) in [("server default", &default), ("explicit", &explicit)] {
+        assert_eq!(steps.len(), off.len(), "{what}");
+        agree_up_to_a_near_tie(&off, steps, what);
+    }
+    // The same request again, streamed: the same steps, so the same text.
+    let (streamed, _) = streamed_text(&sse_events(chat(json!({}), true)));
+    assert_eq!(streamed, default_text);
+    assert!(server.metric("exsa_draft_tokens_total") > drafted_before, "nothing drafted");
+    assert!(server.metric("exsa_draft_tokens_accepted_total") > 0.0, "no draft kept");
+    assert!(steps_default < steps_off, "speculation took {steps_default} decodes, plain {steps_off}");
+    for bad in [json!({ "type": "draft" }), json!({ "type": "ngram", "max_draft": 0 }), json!({ "type": "fast" }), json!({ "kind": "ngram" })] {
+        let r = chat(json!({ "speculative": bad }), false);
+        let status = r.status().as_u16();
+        let body: Value = r.json().unwrap();
+        assert_eq!(status, 400, "{bad}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        // Named: the field, or (for a misspelt key) the keys it takes.
+        assert!(message.contains("specul") || message.contains("expected `type`"), "{bad}: {body}");
+    }
 }

@@ -250,3 +250,61 @@ fn a_prompt_that_does_not_fit_beside_the_running_ones_waits_for_room_instead_of_
     let (_, done_b) = collect(b).expect("the second request runs once there is room");
     assert_eq!((done_a.stats.completion_tokens, done_b.stats.completion_tokens), (40, 20));
 }
+
+/// Code to continue: its answer repeats names from the prompt, which prompt lookup drafts.
+const QUOTING: &str = "def area(width, height):\n    return width * height\n\ndef perimeter(width, height):\n    return 2 * (width + height)\n\n\
+def describe(width, height):\n    return f\"area={area(width, height)} perimeter={perimeter(width, height)}\"\n\n\
+def area(width, height):\n    return";
+
+#[test]
+fn speculating_requests_give_what_they_give_without_and_take_fewer_decodes() {
+    let engine = engine();
+    let core = match start(&engine, 3, 8) {
+        Err(EngineError::Unsupported { .. }) => return, // backend raw (see above)
+        other => other.expect("the serving core starts"),
+    };
+    let request = |prompt: &str, speculation| {
+        let mut r = ServeRequest::generate(&engine, &GenerateRequest { speculation, ..greedy(prompt, 40) }).unwrap();
+        r.logprobs = Some(5);
+        r
+    };
+    let ngram = Speculation::Ngram { max_draft: 6 };
+    // Two speculating requests beside one that does not, in the same steps.
+    let prompts = [(QUOTING, ngram), (PROMPTS[1], ngram), (PROMPTS[0], Speculation::Off)];
+    let receivers: Vec<_> = prompts.iter().map(|&(p, s)| core.submit(request(p, s)).unwrap()).collect();
+    let served: Vec<_> = receivers.into_iter().map(|r| collect(r).unwrap()).collect();
+    for ((prompt, speculation), (text, completion)) in prompts.iter().zip(&served) {
+        let alone_core = start(&engine, 1, 1).unwrap();
+        let (alone_text, alone) = collect(alone_core.submit(request(prompt, Speculation::Off)).unwrap()).unwrap();
+        assert_eq!(completion.logprobs.len(), completion.tokens.len(), "a log-probability per token, drafts included");
+        match alone.tokens.iter().zip(&completion.tokens).position(|(a, b)| a != b) {
+            None => assert_eq!(text, &alone_text, "{prompt:?} ({speculation:?})"),
+            Some(k) => {
+                let (a, b) = (&alone.logprobs[k], &completion.logprobs[k]);
+                assert!(
+                    a.near_top(b.token, BATCH_NEAR_TIE) && b.near_top(a.token, BATCH_NEAR_TIE),
+                    "{prompt:?} ({speculation:?}) diverges at token {k} where the choice was clear: alone {a:?}, served {b:?}"
+                );
+            }
+        }
+        assert_eq!(completion.stats.completion_tokens, alone.stats.completion_tokens.min(40), "{prompt:?}");
+        let stats = &completion.stats;
+        assert!(stats.accepted_tokens <= stats.drafted_tokens, "{stats:?}");
+        if *speculation == Speculation::Off {
+            assert_eq!(stats.drafted_tokens, 0);
+        }
+    }
+    // The quoting request kept drafts and so took fewer decodes than tokens.
+    let quoting = &served[0].1.stats;
+    assert!(quoting.accepted_tokens >= 5, "{quoting:?}");
+    assert!(quoting.generation_decodes + 5 <= quoting.completion_tokens, "{quoting:?}");
+    let status = core.status();
+    assert!(status.drafted_tokens >= status.accepted_tokens && status.accepted_tokens >= 5, "{status:?}");
+    assert_eq!((status.queued, status.busy_slots), (0, 0));
+
+    // A draft model is not served; a bad draft length is refused before it is queued.
+    let refused = collect(core.submit(request(PROMPTS[2], Speculation::Draft { max_draft: 4 })).unwrap());
+    assert!(matches!(refused, Err(EngineError::InvalidRequest { field: "speculation", .. })), "{refused:?}");
+    let bad = ServeRequest::generate(&engine, &GenerateRequest { speculation: Speculation::Ngram { max_draft: 0 }, ..greedy("x", 4) });
+    assert!(matches!(bad, Err(EngineError::InvalidRequest { field: "speculation", .. })));
+}

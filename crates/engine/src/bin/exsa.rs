@@ -170,6 +170,13 @@ struct ServeArgs {
     /// Seconds a --models-dir model stays loaded without requests.
     #[arg(long, default_value_t = 300)]
     keep_alive: u64,
+    /// Speculation for requests that do not set `speculative`: `ngram` (prompt lookup) or
+    /// `off` (a draft model is not served).
+    #[arg(long, value_enum, default_value_t = SpeculativeKind::Off)]
+    speculative: SpeculativeKind,
+    /// Most tokens drafted per round with --speculative ngram.
+    #[arg(long, default_value_t = 8)]
+    draft_max: u32,
 }
 
 #[derive(Args)]
@@ -384,7 +391,14 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         max_loaded: args.max_loaded,
         keep_alive: std::time::Duration::from_secs(args.keep_alive),
     };
-    let config = ServerConfig { addr: (args.host, args.port).into(), api_key: args.api_key, max_body_bytes: args.max_body };
+    let speculation = match args.speculative {
+        SpeculativeKind::Off => Speculation::Off,
+        SpeculativeKind::Ngram => Speculation::Ngram { max_draft: args.draft_max },
+        SpeculativeKind::Draft => return Err("exsa serve drafts by prompt lookup only: use --speculative ngram or off".into()),
+    };
+    let probe = GenerateRequest { speculation, ..GenerateRequest::new(" ") };
+    probe.validate()?;
+    let config = ServerConfig { addr: (args.host, args.port).into(), api_key: args.api_key, max_body_bytes: args.max_body, speculation };
     http::run(sources, policy, config, |addr| {
         // One line on stdout with the address, for scripts (and tests) that ask for port 0.
         println!("listening on http://{addr}");

@@ -33,11 +33,13 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Speculation for requests that do not set `speculative` (prompt lookup or off).
+    pub speculation: crate::Speculation,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { addr: SocketAddr::from(([127, 0, 0, 1], 8080)), api_key: None, max_body_bytes: 1 << 20 }
+        ServerConfig { addr: SocketAddr::from(([127, 0, 0, 1], 8080)), api_key: None, max_body_bytes: 1 << 20, speculation: crate::Speculation::Off }
     }
 }
 

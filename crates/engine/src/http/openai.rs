@@ -5,7 +5,7 @@ use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
 use crate::chat::ChatMessage;
-use crate::config::{GenerateRequest, SamplingParams};
+use crate::config::{GenerateRequest, SamplingParams, Speculation};
 use crate::engine::{FinishReason, GenerationStats};
 use crate::serving::TokenLogprobs;
 
@@ -88,6 +88,29 @@ pub struct Sampling {
     /// Chat: a boolean; text completions: the number of candidates (the legacy API).
     pub logprobs: Option<Value>,
     pub top_logprobs: Option<u32>,
+    /// exsa's extension: speculative decoding by prompt lookup, `{"type": "ngram", "max_draft":
+    /// 8}` or `{"type": "off"}`; unset, the server's `--speculative` setting applies.
+    pub speculative: Option<SpeculativeField>,
+}
+
+/// The `speculative` field.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeculativeField {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub max_draft: Option<u32>,
+}
+
+impl SpeculativeField {
+    /// The speculation it asks for (drafts default to 8).
+    pub fn speculation(&self) -> Result<Speculation, ApiError> {
+        match self.kind.as_str() {
+            "off" => Ok(Speculation::Off),
+            "ngram" => Ok(Speculation::Ngram { max_draft: self.max_draft.unwrap_or(8) }),
+            other => Err(ApiError::invalid("speculative", format!("type {other:?} is not ngram or off (a draft model is not served)"))),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,8 +148,9 @@ impl Prompt {
 impl Sampling {
     /// The engine request these fields ask for, or a 400 naming the field that cannot be met.
     /// Unset fields take the engine's defaults (as llama-server does); `max_tokens` defaults to
-    /// the rest of the context, and the context bounds it.
-    pub fn to_request(&self) -> Result<GenerateRequest, ApiError> {
+    /// the rest of the context, and the context bounds it. `speculation` applies unless the
+    /// request sets `speculative`.
+    pub fn to_request(&self, speculation: Speculation) -> Result<GenerateRequest, ApiError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid("n", "only n = 1 is supported"));
         }
@@ -158,7 +182,11 @@ impl Sampling {
         if max_tokens == 0 {
             return Err(ApiError::invalid("max_tokens", "must be at least 1"));
         }
-        Ok(GenerateRequest { max_tokens, stop, sampling, ..GenerateRequest::new(" ") })
+        let speculation = match &self.speculative {
+            Some(field) => field.speculation()?,
+            None => speculation,
+        };
+        Ok(GenerateRequest { max_tokens, stop, sampling, speculation, ..GenerateRequest::new(" ") })
     }
 
     /// `logit_bias` as token ids and biases (token range checked against the model later).

@@ -163,7 +163,7 @@ fn render_decode_loops(loaded: &[(String, ServingStatus, usize)], out: &mut Stri
     let _ = writeln!(out, "# TYPE exsa_models_loaded gauge\nexsa_models_loaded {}", loaded.len());
     /// Name, type, help, and how to read it.
     type Series = (&'static str, &'static str, &'static str, fn(&ServingStatus, usize) -> u64);
-    let series: [Series; 7] = [
+    let series: [Series; 9] = [
         ("exsa_prompt_tokens_reused_total", "counter", "Prompt tokens found in a slot's cache, not decoded again.", |s, _| s.prompt_tokens_reused),
         ("exsa_decode_steps_total", "counter", "Decodes run (each carries every busy slot's next token).", |s, _| s.steps),
         ("exsa_queue_depth", "gauge", "Requests accepted and waiting for a slot.", |s, _| s.queued as u64),
@@ -173,6 +173,8 @@ fn render_decode_loops(loaded: &[(String, ServingStatus, usize)], out: &mut Stri
         }),
         ("exsa_kv_capacity_tokens", "gauge", "KV cache cells the slots share.", |_, n_ctx| n_ctx as u64),
         ("exsa_slots", "gauge", "Slots of the model's decode loop.", |s, _| s.slots as u64),
+        ("exsa_draft_tokens_total", "counter", "Tokens drafted by prompt lookup (speculative requests).", |s, _| s.drafted_tokens),
+        ("exsa_draft_tokens_accepted_total", "counter", "Drafted tokens the sampler drew too (kept).", |s, _| s.accepted_tokens),
     ];
     for (name, kind, help, value) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -197,7 +199,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
 async fn chat(State(state): State<Arc<AppState>>, Body(body): Body<ChatRequest>) -> Response {
     let result = async {
         let messages = body.messages()?;
-        let request = body.sampling.to_request()?;
+        let request = body.sampling.to_request(state.config.speculation)?;
         let logprobs = body.sampling.logprobs()?;
         let model = state.models.get(body.sampling.model.as_deref()).await?;
         let mut serve = ServeRequest::chat(&model.engine, &messages, &request)?;
@@ -211,7 +213,7 @@ async fn chat(State(state): State<Arc<AppState>>, Body(body): Body<ChatRequest>)
 async fn completions(State(state): State<Arc<AppState>>, Body(body): Body<CompletionRequest>) -> Response {
     let (stream, usage) = (body.sampling.stream, body.sampling.include_usage());
     let result = async {
-        let request = body.sampling.to_request()?;
+        let request = body.sampling.to_request(state.config.speculation)?;
         let logprobs = body.sampling.logprobs()?;
         let prompt = body.prompt.into_text()?;
         let model = state.models.get(body.sampling.model.as_deref()).await?;

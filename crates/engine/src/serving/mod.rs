@@ -30,7 +30,7 @@ use std::thread::JoinHandle;
 
 use crate::backend::TokenId;
 use crate::chat::ChatMessage;
-use crate::config::{CancelToken, GenerateRequest, SamplingParams, SessionConfig};
+use crate::config::{CancelToken, GenerateRequest, SamplingParams, SessionConfig, Speculation};
 use crate::engine::{Engine, FinishReason, GenerationStats};
 use crate::error::EngineError;
 use exsa_bench_protocol::GreedyStep;
@@ -66,6 +66,8 @@ pub struct ServeRequest {
     /// Record each generated token's log-probability and those of the `n` likeliest
     /// candidates (at most 20) in [`Completion::logprobs`], as OpenAI's `logprobs` asks.
     pub logprobs: Option<usize>,
+    /// Prompt lookup ([`Speculation::Ngram`]) or off; a draft model is not served.
+    pub speculation: Speculation,
 }
 
 impl ServeRequest {
@@ -92,6 +94,7 @@ impl ServeRequest {
             sampling: request.sampling.clone(),
             cancel: request.cancel.clone().unwrap_or_default(),
             logprobs: None,
+            speculation: request.speculation,
         }
     }
 }
@@ -185,6 +188,8 @@ pub(crate) struct Counters {
     prompt_tokens_decoded: AtomicU64,
     prompt_tokens_reused: AtomicU64,
     kv_used: AtomicUsize,
+    drafted_tokens: AtomicU64,
+    accepted_tokens: AtomicU64,
 }
 
 /// A snapshot of the decode loop's counters.
@@ -204,6 +209,9 @@ pub struct ServingStatus {
     pub kv_used: usize,
     /// The decode loop's slots.
     pub slots: usize,
+    /// Speculation: tokens drafted by prompt lookup, and of those the ones kept.
+    pub drafted_tokens: u64,
+    pub accepted_tokens: u64,
 }
 
 struct Submission {
@@ -288,6 +296,8 @@ impl ServingCore {
             prompt_tokens_reused: c.prompt_tokens_reused.load(Ordering::Relaxed),
             kv_used: c.kv_used.load(Ordering::Relaxed),
             slots: self.slots,
+            drafted_tokens: c.drafted_tokens.load(Ordering::Relaxed),
+            accepted_tokens: c.accepted_tokens.load(Ordering::Relaxed),
         }
     }
 

@@ -7,8 +7,10 @@ use std::time::Instant;
 use super::{Completion, Counters, Event, ServeRequest, Submission, TokenLogprobs};
 use crate::backend::{BackendModel, BackendSession, TokenId};
 use crate::config::SessionConfig;
+use crate::config::Speculation;
 use crate::engine::{Engine, FinishReason, GenerationStats, Model};
 use crate::error::{DecodeFailure, EngineError};
+use crate::speculative::DraftLength;
 use crate::stop::TOKEN_TEXT_CAPACITY;
 use crate::token_text::{TokenText, ms};
 
@@ -44,6 +46,11 @@ struct Running<'e> {
     tokens: Vec<TokenId>,
     /// With logprobs asked for: how many candidates, and the entries so far.
     logprobs: Option<(usize, Vec<TokenLogprobs>)>,
+    /// Prompt lookup ([`Speculation::Ngram`]): how many tokens to draft next.
+    speculation: Option<DraftLength>,
+    /// This step's drafts, decoded after the pending token at the batch indexes after
+    /// `output`, verified in [`sample`].
+    drafts: Vec<TokenId>,
     admitted: u64,
     started: Instant,
     prompt_done: Option<Instant>,
@@ -92,6 +99,9 @@ pub(super) fn run(
     let mut before: Vec<Before> = Vec::with_capacity(slots.len());
     // A request taken from the queue that waits for KV space (it stays counted as queued).
     let mut deferred: Option<Submission> = None;
+    // Set when a step with drafts found the KV cache full: the step is built again without
+    // drafts before anything else gives way.
+    let mut without_drafts = false;
     loop {
         // Admission: fill free slots from the queue while the KV cache has room for the
         // prompts; block only when there is nothing to run.
@@ -147,7 +157,8 @@ pub(super) fn run(
                 s.request.as_ref().map(|r| Before { slot, cached: s.cached.len(), pending: r.pending, prefilled: r.prefilled })
             }),
         );
-        let built = build_batch(&mut session, &mut slots, n_ctx, n_batch, &mut clock, counters);
+        let built = build_batch(&mut session, &mut slots, n_ctx, n_batch, without_drafts, &mut clock, counters);
+        let had_drafts = slots.iter().any(|s| s.request.as_ref().is_some_and(|r| !r.drafts.is_empty()));
         let decoded = built.and_then(|prompt_tokens| {
             if session.batch_len() > 0 {
                 session.batch_decode()?;
@@ -157,12 +168,20 @@ pub(super) fn run(
             Ok(())
         });
         if let Err(e) = decoded {
-            if e.decode_failure() == Some(DecodeFailure::NoKvSlot) && make_room(&mut session, &mut slots, &before, &mut clock, counters) {
-                continue;
+            if e.decode_failure() == Some(DecodeFailure::NoKvSlot) {
+                roll_back(&mut session, &mut slots, &before, &mut clock, counters);
+                if had_drafts {
+                    without_drafts = true;
+                    continue;
+                }
+                if make_room(&mut session, &mut slots, &mut clock, counters) {
+                    continue;
+                }
             }
             fail_batch(&mut session, &mut slots, &e, &mut clock, counters);
             continue;
         }
+        without_drafts = false;
         for slot in &mut slots {
             if slot.request.as_ref().is_some_and(|r| r.output.is_some())
                 && let Err(e) = sample(&mut session, model, slot, n_ctx, &mut clock, counters)
@@ -183,7 +202,7 @@ fn committed_cells(slots: &[Slot<'_>]) -> usize {
 /// Puts a request into the free slot whose cache shares the longest prefix with its prompt.
 fn admit<'e>(session: &mut Session<'e>, slots: &mut [Slot<'e>], submission: Submission, n_ctx: usize, clock: u64, counters: &Counters) {
     let Submission { request, events } = submission;
-    let ServeRequest { tokens, max_tokens, stop, sampling, cancel, logprobs } = request;
+    let ServeRequest { tokens, max_tokens, stop, sampling, cancel, logprobs, speculation } = request;
     let refuse = |e: EngineError| {
         let _ = events.send(Event::Failed(e));
     };
@@ -196,6 +215,17 @@ fn admit<'e>(session: &mut Session<'e>, slots: &mut [Slot<'e>], submission: Subm
     if tokens.len() >= n_ctx {
         return refuse(EngineError::PromptTooLong { prompt_tokens: tokens.len(), n_ctx: n_ctx as u32 });
     }
+    let speculation = match speculation {
+        Speculation::Off => None,
+        Speculation::Ngram { max_draft } => Some(DraftLength::new(max_draft as usize)),
+        Speculation::Draft { .. } => {
+            return refuse(EngineError::InvalidRequest {
+                field: "speculation",
+                value: "draft".into(),
+                reason: "the serving loop drafts by prompt lookup (ngram) only",
+            });
+        }
+    };
     let sampler = match session.new_sampler(&sampling) {
         Ok(s) => s,
         Err(e) => return refuse(e),
@@ -226,6 +256,8 @@ fn admit<'e>(session: &mut Session<'e>, slots: &mut [Slot<'e>], submission: Subm
         delta: String::with_capacity(TOKEN_TEXT_CAPACITY),
         tokens: Vec::with_capacity(max_tokens.min(n_ctx)),
         logprobs: logprobs.map(|n| (n.min(20), Vec::new())),
+        drafts: Vec::with_capacity(speculation.map_or(0, |s| s.get())),
+        speculation,
         admitted: clock,
         started: Instant::now(),
         prompt_done: None,
@@ -248,20 +280,28 @@ fn choose_slot(slots: &[Slot<'_>], prompt: &[TokenId]) -> Option<usize> {
     free().min_by_key(|(_, s)| (!s.cached.is_empty(), s.last_used)).map(|(i, _)| i)
 }
 
-/// The step's batch: first the next token of every generating request (one each), then prompt
-/// chunks, oldest request first, up to n_batch tokens in all. Returns the prompt tokens in it.
+/// The step's batch: first the next token of every generating request (one each, with its
+/// drafts when it speculates), then prompt chunks, oldest request first, up to n_batch tokens
+/// in all. Returns the prompt tokens in it.
 fn build_batch(
     session: &mut Session<'_>,
     slots: &mut [Slot<'_>],
     n_ctx: usize,
     n_batch: usize,
+    without_drafts: bool,
     clock: &mut u64,
     counters: &Counters,
 ) -> Result<usize, EngineError> {
     let mut prompt_tokens = 0;
+    let n_slots = slots.len();
     for slot in slots.iter_mut() {
         let Some(r) = slot.request.as_mut() else { continue };
         r.output = None;
+        r.drafts.clear();
+        // A request decoding its tokens again (see `sample`) keeps its next token until then.
+        if r.prefilled < r.prompt.len() {
+            continue;
+        }
         let Some(token) = r.pending.take() else { continue };
         if slot.cached.len() + 1 >= n_ctx {
             finish(slot, FinishReason::ContextFull, clock, counters);
@@ -270,6 +310,19 @@ fn build_batch(
         r.output = Some(session.batch_len() as i32);
         session.batch_push(token, slot.cached.len() as i32, slot.seq, true)?;
         slot.cached.push(token);
+        if let Some(length) = r.speculation.filter(|_| !without_drafts) {
+            // Room: a position kept for the next token, max tokens, and the batch less a token
+            // for every other slot.
+            let room = n_ctx
+                .saturating_sub(slot.cached.len() + 1)
+                .min(r.max_tokens.saturating_sub(r.stats.completion_tokens))
+                .min(n_batch.saturating_sub(session.batch_len() + n_slots))
+                .min(length.get());
+            crate::speculative::draft(&slot.cached, room, &mut r.drafts);
+            for (i, &draft) in r.drafts.iter().enumerate() {
+                session.batch_push(draft, (slot.cached.len() + i) as i32, slot.seq, true)?;
+            }
+        }
     }
     let mut prefilling: Vec<usize> = Vec::new();
     prefilling.extend((0..slots.len()).filter(|&i| slots[i].request.as_ref().is_some_and(|r| r.prefilled < r.prompt.len())));
@@ -283,7 +336,9 @@ fn build_batch(
         let r = slot.request.as_mut().expect("a prefilling slot has a request");
         let n = room.min(r.prompt.len() - r.prefilled);
         for k in r.prefilled..r.prefilled + n {
-            let last = k + 1 == r.prompt.len();
+            // The last prompt token's logits give the first token; a request decoding its
+            // tokens again has that token already.
+            let last = k + 1 == r.prompt.len() && r.pending.is_none();
             if last {
                 r.output = Some(session.batch_len() as i32);
             }
@@ -296,12 +351,10 @@ fn build_batch(
     Ok(prompt_tokens)
 }
 
-/// The KV cache had no room for the step. Every slot is put back as it was before the batch
+/// The KV cache had no room for the step: every slot is put back as it was before the batch
 /// (llama.cpp finds room for a whole batch before it computes any of it, so the cache holds
-/// nothing of it), then room is made: first by dropping the caches free slots keep for reuse,
-/// else by failing the newest running request, so that the older ones go on. False when
-/// nothing can give way (a single request that does not fit): the caller fails it.
-fn make_room(session: &mut Session<'_>, slots: &mut [Slot<'_>], before: &[Before], clock: &mut u64, counters: &Counters) -> bool {
+/// nothing of it).
+fn roll_back(session: &mut Session<'_>, slots: &mut [Slot<'_>], before: &[Before], clock: &mut u64, counters: &Counters) {
     for b in before {
         let slot = &mut slots[b.slot];
         let Some(r) = slot.request.as_mut() else { continue };
@@ -309,6 +362,7 @@ fn make_room(session: &mut Session<'_>, slots: &mut [Slot<'_>], before: &[Before
         r.pending = b.pending;
         r.prefilled = b.prefilled;
         r.output = None;
+        r.drafts.clear();
         if !session.seq_truncate(slot.seq, b.cached as i32) {
             // A memory that cannot cut back (recurrent state): this request cannot go on.
             session.seq_clear(slot.seq);
@@ -321,6 +375,12 @@ fn make_room(session: &mut Session<'_>, slots: &mut [Slot<'_>], before: &[Before
             );
         }
     }
+}
+
+/// Makes room after [`roll_back`]: first by dropping the caches free slots keep for reuse, else
+/// by failing the newest running request, so that the older ones go on. False when nothing can
+/// give way (a single request that does not fit): the caller fails it.
+fn make_room(session: &mut Session<'_>, slots: &mut [Slot<'_>], clock: &mut u64, counters: &Counters) -> bool {
     let mut freed = false;
     for slot in slots.iter_mut().filter(|s| s.request.is_none() && !s.cached.is_empty()) {
         session.seq_clear(slot.seq);
@@ -347,7 +407,9 @@ fn make_room(session: &mut Session<'_>, slots: &mut [Slot<'_>], before: &[Before
 }
 
 /// Samples the slot's output of this step and handles the token as the single-stream
-/// generation does: end of text, text with stop sequences held back, max tokens.
+/// generation does: end of text, text with stop sequences held back, max tokens. With drafts,
+/// each following output is drawn in turn while the draws equal the drafts (as
+/// [`crate::Generation`] verifies them), and the cache is cut back to what was kept.
 fn sample<'e>(
     session: &mut Session<'e>,
     model: &Model,
@@ -359,13 +421,77 @@ fn sample<'e>(
     let r = slot.request.as_mut().expect("sampled slots have a request");
     let index = r.output.take().expect("sampled slots have an output");
     let now = Instant::now();
-    if r.prompt_done.is_none() {
+    if r.prompt_done.is_some() {
+        r.stats.generation_decodes += 1;
+    } else {
         r.prompt_done = Some(now);
         let prompt_ms = ms(now - r.started);
         let decoded = r.stats.prompt_tokens - r.stats.prompt_tokens_reused;
         r.stats.prompt_ms = prompt_ms;
         r.stats.prompt_tokens_per_s = if prompt_ms > 0.0 { decoded as f64 / (prompt_ms / 1000.0) } else { 0.0 };
     }
+    let drafts = std::mem::take(&mut r.drafts);
+    let mut kept = 0;
+    let mut outcome = Ok(());
+    for i in 0..=drafts.len() {
+        let r = slot.request.as_mut().expect("checked: the request goes on");
+        let token = match draw(session, r, index + i as i32) {
+            Ok(token) => token,
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        };
+        let is_draft = drafts.get(i) == Some(&token);
+        match take_token(model, slot, token, n_ctx, clock, counters) {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+        let r = slot.request.as_mut().expect("take_token said the request goes on");
+        if is_draft {
+            // Decoded in this step already.
+            slot.cached.push(token);
+            kept += 1;
+        } else {
+            r.pending = Some(token);
+            break;
+        }
+    }
+    if drafts.is_empty() {
+        return outcome;
+    }
+    counters.drafted_tokens.fetch_add(drafts.len() as u64, Ordering::Relaxed);
+    counters.accepted_tokens.fetch_add(kept as u64, Ordering::Relaxed);
+    if let Some(r) = slot.request.as_mut() {
+        r.stats.drafted_tokens += drafts.len();
+        r.stats.accepted_tokens += kept;
+        if let Some(length) = r.speculation.as_mut() {
+            length.update(drafts.len(), kept);
+        }
+        r.drafts = drafts;
+    }
+    // Rejected drafts (and a kept one that ended the request) leave the cache.
+    if !session.seq_truncate(slot.seq, slot.cached.len() as i32) {
+        // A memory that cannot cut back (recurrent state): the sequence is decoded again from
+        // its tokens, without speculation from here on; its next token waits (`build_batch`).
+        session.seq_clear(slot.seq);
+        let tokens = std::mem::take(&mut slot.cached);
+        if let Some(r) = slot.request.as_mut() {
+            r.prompt = tokens;
+            r.prefilled = 0;
+            r.speculation = None;
+        }
+    }
+    outcome
+}
+
+/// Draws the token at batch `index` with the request's sampler (its log-probabilities noted when
+/// asked for).
+fn draw<'e>(session: &mut Session<'e>, r: &mut Running<'e>, index: i32) -> Result<TokenId, EngineError> {
     let candidates = match &r.logprobs {
         Some((n, _)) => Some(log_softmax_top(session.logits_at(index)?, *n)),
         None => None,
@@ -377,11 +503,18 @@ fn sample<'e>(
         entries.push(TokenLogprobs { token, logprob: logit - lse, top });
     }
     if r.stats.completion_tokens == 0 {
-        r.stats.time_to_first_token_ms = ms(now - r.started);
+        r.stats.time_to_first_token_ms = ms(Instant::now() - r.started);
     }
+    Ok(token)
+}
+
+/// Hands a drawn token to the request: end of text, its text (stop sequences held back) to the
+/// client, max tokens, context room. True when the request ended with it.
+fn take_token(model: &Model, slot: &mut Slot<'_>, token: TokenId, n_ctx: usize, clock: &mut u64, counters: &Counters) -> Result<bool, EngineError> {
+    let r = slot.request.as_mut().expect("a token goes to a running request");
     if model.is_eog(token) {
         finish(slot, FinishReason::EndOfText, clock, counters);
-        return Ok(());
+        return Ok(true);
     }
     r.stats.completion_tokens += 1;
     r.tokens.push(token);
@@ -391,18 +524,21 @@ fn sample<'e>(
     if !r.delta.is_empty() && r.events.send(Event::Delta(r.delta.clone())).is_err() {
         // The client left: end the request without a word.
         finish(slot, FinishReason::Cancelled, clock, counters);
-        return Ok(());
+        return Ok(true);
     }
-    if stopped {
-        finish(slot, FinishReason::StopSequence, clock, counters);
+    let reason = if stopped {
+        Some(FinishReason::StopSequence)
     } else if r.stats.completion_tokens >= r.max_tokens {
-        finish(slot, FinishReason::MaxTokens, clock, counters);
+        Some(FinishReason::MaxTokens)
     } else if slot.cached.len() + 1 >= n_ctx {
-        finish(slot, FinishReason::ContextFull, clock, counters);
+        Some(FinishReason::ContextFull)
     } else {
-        r.pending = Some(token);
+        None
+    };
+    if let Some(reason) = reason {
+        finish(slot, reason, clock, counters);
     }
-    Ok(())
+    Ok(reason.is_some())
 }
 
 /// Ends the slot's request with `reason`: held-back text and `Done` go out, the slot is free.
