@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use super::{Completion, Counters, Event, ServeRequest, Submission, TokenLogprobs};
 use crate::backend::{BackendModel, BackendSession, TokenId};
-use crate::config::SessionConfig;
-use crate::config::Speculation;
+use crate::config::{SessionConfig, Speculation};
 use crate::engine::{Engine, FinishReason, GenerationStats, Model};
 use crate::error::{DecodeFailure, EngineError};
 use crate::speculative::DraftLength;
