@@ -120,6 +120,10 @@ pub struct ModelInfo {
     pub n_ctx_train: u32,
     pub n_embd: usize,
     pub has_chat_template: bool,
+    /// Where the weights went, as llama.cpp logged it at load (layers offloaded, each device's
+    /// model buffer: local CPU, GPUs, rpc-servers); empty where the backend does not say.
+    #[serde(default)]
+    pub placement: Vec<String>,
 }
 
 /// The whole output of one `exsa bench` process.

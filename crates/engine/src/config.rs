@@ -19,11 +19,25 @@ pub struct EngineConfig {
     /// A smaller model with the same vocabulary, loaded beside the main one, that drafts tokens
     /// for [`Speculation::Draft`] requests.
     pub draft_model: Option<PathBuf>,
+    /// ggml rpc-servers (`HOST:PORT`) that take offloaded layers (`n_gpu_layers`) beside the
+    /// local GPUs; backend `source` only. See `llama::rpc` for what a server's failure does.
+    pub rpc_servers: Vec<String>,
+    /// Proportions of the offloaded layers per device (local GPUs, then the servers' devices);
+    /// empty: by free memory.
+    pub tensor_split: Vec<f32>,
 }
 
 impl EngineConfig {
     pub fn new(model: impl Into<PathBuf>) -> Self {
-        EngineConfig { model: model.into(), session: SessionConfig::default(), n_gpu_layers: -1, chat_template_fallback: None, draft_model: None }
+        EngineConfig {
+            model: model.into(),
+            session: SessionConfig::default(),
+            n_gpu_layers: -1,
+            chat_template_fallback: None,
+            draft_model: None,
+            rpc_servers: Vec::new(),
+            tensor_split: Vec::new(),
+        }
     }
 }
 

@@ -52,6 +52,9 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("could not load the model {path}: {source}")]
     Load { path: PathBuf, source: Cause },
+    /// An rpc-server could not be served or reached.
+    #[error("rpc: {0}")]
+    Rpc(String),
     /// The draft model cannot draft for the main one (another vocabulary).
     #[error("the draft model {path} does not fit the main model: {reason}")]
     DraftModel { path: PathBuf, reason: String },

@@ -248,6 +248,8 @@ fn raw_decode(engine: &Engine, config: &SessionConfig, test: Test) -> Result<Sam
         session.decode(&[t], pos, Outputs::Last)?;
         pos += 1;
     }
+    // GPU and RPC backends return from a decode before it has run.
+    session.synchronize();
     let seconds = start.elapsed().as_secs_f64();
     let tokens = n_prompt + n_gen;
     Ok(Sample {

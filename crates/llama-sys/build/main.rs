@@ -47,7 +47,7 @@ fn main() {
     let cache = env::var("LLAMA_SYS_BUILD_CACHE").map(PathBuf::from);
     let installed = cmake_build::build(&plan, &source.dir, cache.as_deref(), &out_dir, &key);
     // The guards call into llama.cpp: a static library must come before those it uses.
-    shim::compile(&manifest_dir, &source.dir);
+    shim::compile(&manifest_dir, &source.dir, plan.switches[&plan::Switch::Rpc]);
     emit_link(&plan, &installed);
 
     let info = build_info::BuildInfo::collect(&plan, &source, &target.triple, &installed, &profile);

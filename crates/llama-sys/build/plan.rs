@@ -116,9 +116,12 @@ impl Switch {
             Switch::OpenMp => !target.is_apple(),
             Switch::Llamafile | Switch::Repack => true,
             Switch::Metal | Switch::Accelerate => target.is_apple(),
+            // ggml's RPC backend: a small library that does nothing until a server is named, so
+            // every build can reach rpc-servers and be one (`exsa rpc-server`, `--rpc`).
+            Switch::Rpc => true,
             // ggml's AMX matmul segfaults in decode with the default model on the pinned tree
             // (Xeon with AMX, found by tests/ffi_smoke.rs), so it is opt-in until upstream fixes it.
-            Switch::Lto | Switch::Blas | Switch::Cuda | Switch::Rpc | Switch::Amx => false,
+            Switch::Lto | Switch::Blas | Switch::Cuda | Switch::Amx => false,
         }
     }
 }
@@ -566,6 +569,8 @@ mod tests {
         assert_eq!(define(&p, "GGML_CPU_REPACK"), Some("ON"));
         assert_eq!(define(&p, "GGML_METAL"), Some("OFF"));
         assert_eq!(define(&p, "GGML_CUDA"), Some("OFF"));
+        assert_eq!(define(&p, "GGML_RPC"), Some("ON"), "every build can use rpc-servers");
+        assert!(p.links.contains(&Link::Static("ggml-rpc".into())));
         assert_eq!(define(&p, "CMAKE_BUILD_TYPE"), Some("Release"));
         assert_eq!(define(&p, "BUILD_SHARED_LIBS"), Some("OFF"));
         assert_eq!(define(&p, "LLAMA_BUILD_TESTS"), Some("OFF"));
@@ -574,7 +579,7 @@ mod tests {
         assert!(p.links.contains(&Link::Dylib("gomp".into())));
         assert!(p.links.contains(&Link::Dylib("stdc++".into())));
         assert!(!p.links.iter().any(|l| matches!(l, Link::Framework(_))));
-        assert_eq!(p.headers.len(), 5, "{:?}", p.headers);
+        assert_eq!(p.headers.len(), 6, "{:?}", p.headers);
     }
 
     #[test]
@@ -702,12 +707,24 @@ mod tests {
     #[test]
     fn features_force_switches_on() {
         let mut i = input("x86_64-unknown-linux-gnu");
-        i.features.extend([Switch::Lto, Switch::Rpc]);
+        i.features.extend([Switch::Lto, Switch::Blas]);
         i.compiler = CompilerFamily::Clang;
         let p = plan(&i);
         assert_eq!(define(&p, "GGML_LTO"), Some("ON"));
-        assert_eq!(define(&p, "GGML_RPC"), Some("ON"));
-        assert!(p.headers.contains(&"ggml/include/ggml-rpc.h"));
+        assert_eq!(define(&p, "GGML_BLAS"), Some("ON"));
+    }
+
+    #[test]
+    fn rpc_is_on_by_default_everywhere_and_the_environment_turns_it_off() {
+        for triple in ["x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu", "aarch64-apple-darwin", "x86_64-pc-windows-msvc"] {
+            let p = plan(&input(triple));
+            assert_eq!(define(&p, "GGML_RPC"), Some("ON"), "{triple}");
+            assert!(p.headers.contains(&"ggml/include/ggml-rpc.h"), "{triple}");
+        }
+        let off = plan(&with_env(input("x86_64-unknown-linux-gnu"), "LLAMA_SYS_RPC", "off"));
+        assert_eq!(define(&off, "GGML_RPC"), Some("OFF"));
+        assert!(!off.headers.contains(&"ggml/include/ggml-rpc.h"));
+        assert!(!off.links.contains(&Link::Static("ggml-rpc".into())));
     }
 
     #[test]

@@ -6,11 +6,17 @@ use std::path::Path;
 pub const HEADER: &str = "shim/exsa_shim.h";
 const SOURCE: &str = "shim/exsa_shim.cpp";
 
-pub fn compile(manifest_dir: &Path, llama_source: &Path) {
+/// `rpc`: the build has ggml's RPC backend, which the guards then call (else they report that
+/// it is missing).
+pub fn compile(manifest_dir: &Path, llama_source: &Path, rpc: bool) {
     for file in [HEADER, SOURCE] {
         println!("cargo:rerun-if-changed={}", manifest_dir.join(file).display());
     }
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    if rpc {
+        build.define("EXSA_WITH_RPC", "1");
+    }
+    build
         .cpp(true)
         .std("c++17")
         .file(manifest_dir.join(SOURCE))

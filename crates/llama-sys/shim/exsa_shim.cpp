@@ -2,8 +2,16 @@
 
 #include "exsa_shim.h"
 
+#include <cstdio>
 #include <cstring>
 #include <exception>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef EXSA_WITH_RPC
+#include "ggml-rpc.h"
+#endif
 
 namespace {
 
@@ -26,6 +34,63 @@ template <class F> int32_t guarded(exsa_error * err, F && f) noexcept {
     }
     return EXSA_EXCEPTION;
 }
+
+// How many `fatal_guarded` calls this thread is inside.
+thread_local int fatal_depth = 0;
+
+// ggml's abort hook (ggml_abort calls it, then abort()). Inside `fatal_guarded` on this thread it
+// throws, so the fatal error unwinds to that call's catch: through ggml_abort's C frame, which
+// GCC and Clang give unwind tables on the platforms we build for; MSVC does not promise that, so
+// there the hook is not installed. Anywhere else it prints what ggml prints without a hook and
+// returns, and ggml aborts as before: an exception there could reach a thread with no catch or
+// unwind into Rust.
+void abort_hook(const char * message) {
+    if (fatal_depth > 0) {
+        throw std::runtime_error(message != nullptr ? message : "ggml: fatal error");
+    }
+    std::fprintf(stderr, "%s\n", message != nullptr ? message : "ggml: fatal error");
+}
+
+// `guarded`, with ggml's fatal errors on this thread turned into exceptions (see abort_hook).
+template <class F> int32_t fatal_guarded(exsa_error * err, F && f) noexcept {
+#ifndef _MSC_VER
+    static const bool installed = (ggml_set_abort_callback(abort_hook), true);
+    (void) installed;
+#endif
+    ++fatal_depth;
+    const int32_t result = guarded(err, f);
+    --fatal_depth;
+    return result;
+}
+
+#ifdef EXSA_WITH_RPC
+// The devices an rpc-server offers: every GPU or accelerator, else the CPU.
+std::vector<ggml_backend_dev_t> served_devices() {
+    std::vector<ggml_backend_dev_t> gpus;
+    ggml_backend_dev_t cpu = nullptr;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        switch (ggml_backend_dev_type(dev)) {
+            case GGML_BACKEND_DEVICE_TYPE_CPU:
+                cpu = cpu != nullptr ? cpu : dev;
+                break;
+            case GGML_BACKEND_DEVICE_TYPE_GPU:
+            case GGML_BACKEND_DEVICE_TYPE_IGPU:
+                // An RPC device of this process (a client of other servers) is not served on.
+                if (std::strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "RPC") != 0) {
+                    gpus.push_back(dev);
+                }
+                break;
+            default:
+                break;
+        }
+    }
+    if (gpus.empty() && cpu != nullptr) {
+        gpus.push_back(cpu);
+    }
+    return gpus;
+}
+#endif
 
 }  // namespace
 
@@ -116,6 +181,58 @@ int32_t exsa_adapter_lora_init(llama_model * model, const char * path, llama_ada
 int32_t exsa_set_adapters_lora(llama_context * ctx, llama_adapter_lora ** adapters, size_t n_adapters, float * scales,
                                int32_t * ret, exsa_error * err) {
     return guarded(err, [&] { *ret = llama_set_adapters_lora(ctx, adapters, n_adapters, scales); });
+}
+
+int32_t exsa_model_load_from_file(const char * path, llama_model_params params, llama_model ** out, exsa_error * err) {
+    return fatal_guarded(err, [&] { *out = llama_model_load_from_file(path, params); });
+}
+
+bool exsa_rpc_available(void) {
+#ifdef EXSA_WITH_RPC
+    return true;
+#else
+    return false;
+#endif
+}
+
+int32_t exsa_rpc_add_server(const char * endpoint, ggml_backend_dev_t * devices, size_t max_devices, size_t * n_devices,
+                            exsa_error * err) {
+#ifdef EXSA_WITH_RPC
+    return fatal_guarded(err, [&] {
+        *n_devices = 0;
+        ggml_backend_reg_t reg = ggml_backend_rpc_add_server(endpoint);
+        if (reg == nullptr) {
+            throw std::runtime_error(std::string("the rpc-server at ") + endpoint + " offers no device");
+        }
+        const size_t count = ggml_backend_reg_dev_count(reg);
+        for (size_t i = 0; i < count && i < max_devices; ++i) {
+            devices[i] = ggml_backend_reg_dev_get(reg, i);
+            *n_devices = i + 1;
+        }
+    });
+#else
+    (void) endpoint, (void) devices, (void) max_devices, (void) n_devices;
+    set_error(err, "this build has no RPC backend (the `rpc` switch of llama-sys is off)");
+    return EXSA_EXCEPTION;
+#endif
+}
+
+int32_t exsa_rpc_start_server(const char * endpoint, const char * cache_dir, size_t n_threads, exsa_error * err) {
+#ifdef EXSA_WITH_RPC
+    return fatal_guarded(err, [&] {
+        std::vector<ggml_backend_dev_t> devices = served_devices();
+        if (devices.empty()) {
+            throw std::runtime_error("no device to serve");
+        }
+        ggml_backend_rpc_start_server(endpoint, cache_dir, n_threads, devices.size(), devices.data());
+        // It returns only when it could not start (its reason went to stderr).
+        throw std::runtime_error(std::string("the RPC server could not serve on ") + endpoint + " (see the lines above)");
+    });
+#else
+    (void) endpoint, (void) cache_dir, (void) n_threads;
+    set_error(err, "this build has no RPC backend (the `rpc` switch of llama-sys is off)");
+    return EXSA_EXCEPTION;
+#endif
 }
 
 }  // extern "C"

@@ -58,6 +58,24 @@ int32_t exsa_adapter_lora_init(struct llama_model * model, const char * path, st
 int32_t exsa_set_adapters_lora(struct llama_context * ctx, struct llama_adapter_lora ** adapters, size_t n_adapters,
                                float * scales, int32_t * ret, exsa_error * err);
 
+// Where ggml gives up on an RPC endpoint (it cannot be parsed, reached or greeted) it calls
+// ggml_abort, which ends the process. During the calls below, such a fatal error on the calling
+// thread becomes EXSA_EXCEPTION instead (see fatal_guarded in the source); anywhere else ggml
+// still aborts. Builds without the `rpc` switch report that for the two rpc functions.
+
+// Loads a model like llama_model_load_from_file (which reports its own failures as null).
+int32_t exsa_model_load_from_file(const char * path, struct llama_model_params params, struct llama_model ** out,
+                                  exsa_error * err);
+// Connects to a ggml rpc-server at `endpoint` (host:port) and writes up to `max_devices` of
+// its devices to `devices`, their number to `n_devices`.
+int32_t exsa_rpc_add_server(const char * endpoint, ggml_backend_dev_t * devices, size_t max_devices, size_t * n_devices,
+                            exsa_error * err);
+// Serves this process's devices on `endpoint` (the GPUs if there are any, else the CPU) until
+// the process ends. `cache_dir` (may be NULL) keeps tensors sent before, by hash.
+int32_t exsa_rpc_start_server(const char * endpoint, const char * cache_dir, size_t n_threads, exsa_error * err);
+// Whether this build has the RPC backend.
+bool exsa_rpc_available(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -51,16 +51,37 @@ thread_local! {
     /// The line being assembled from llama.cpp's chunks, and its level.
     static PENDING: RefCell<(u32, String)> = const { RefCell::new((0, String::new())) };
     /// Open captures on this thread: warning and error lines are collected for error messages.
-    static CAPTURES: RefCell<Vec<Vec<String>>> = const { RefCell::new(Vec::new()) };
+    static CAPTURES: RefCell<Vec<Captured>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What one [`capture`] collects.
+#[derive(Default)]
+pub(crate) struct Captured {
+    /// Warning and error lines.
+    pub messages: Vec<String>,
+    /// The loader's account of where weights went, at any level: which layers were offloaded,
+    /// and each device's model buffer (`load_tensors: RPC0[host:port] model buffer size = ...`).
+    pub placement: Vec<String>,
 }
 
 /// Runs `f` and returns, with its result, the warning and error lines llama.cpp logged on this
 /// thread meanwhile: the reason behind a null pointer or a failure code.
 pub(crate) fn capture<T>(f: impl FnOnce() -> T) -> (T, LlamaMessages) {
-    CAPTURES.with_borrow_mut(|c| c.push(Vec::new()));
+    let (out, captured) = capture_all(f);
+    (out, LlamaMessages(captured.messages))
+}
+
+/// [`capture`], with the placement lines too.
+pub(crate) fn capture_all<T>(f: impl FnOnce() -> T) -> (T, Captured) {
+    CAPTURES.with_borrow_mut(|c| c.push(Captured::default()));
     let out = f();
-    let lines = CAPTURES.with_borrow_mut(|c| c.pop().unwrap_or_default());
-    (out, LlamaMessages(lines))
+    let captured = CAPTURES.with_borrow_mut(|c| c.pop().unwrap_or_default());
+    (out, captured)
+}
+
+/// Whether a loader line says where weights went.
+fn is_placement(line: &str) -> bool {
+    line.starts_with("load_tensors:") && (line.contains("offloaded") || line.contains("buffer size"))
 }
 
 extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
@@ -92,10 +113,17 @@ fn emit(level: u32, line: &str) {
     if line.is_empty() {
         return;
     }
-    if level >= sys::GGML_LOG_LEVEL_WARN {
+    let warning = level >= sys::GGML_LOG_LEVEL_WARN;
+    let placement = is_placement(line);
+    if warning || placement {
         CAPTURES.with_borrow_mut(|c| {
             if let Some(open) = c.last_mut() {
-                open.push(line.to_string());
+                if warning {
+                    open.messages.push(line.to_string());
+                }
+                if placement {
+                    open.placement.push(line.trim_start_matches("load_tensors:").trim().to_string());
+                }
             }
         });
     }
@@ -123,5 +151,17 @@ mod tests {
             on_log(sys::GGML_LOG_LEVEL_INFO, "not captured\n");
         });
         assert_eq!(messages.0, vec!["failed to open file", "second line"]);
+    }
+
+    #[test]
+    fn the_loaders_placement_lines_are_kept_at_any_level() {
+        let ((), captured) = capture_all(|| {
+            on_log(sys::GGML_LOG_LEVEL_INFO, "load_tensors: offloaded 12/19 layers to GPU\n");
+            on_log(sys::GGML_LOG_LEVEL_INFO, "load_tensors: RPC0[127.0.0.1:50052] model buffer size =    20.50 MiB\n");
+            on_log(sys::GGML_LOG_LEVEL_INFO, "load_tensors: loading model tensors, this can take a while\n");
+            on_log(sys::GGML_LOG_LEVEL_DEBUG, "llama_model_loader: - type q4_K\n");
+        });
+        assert_eq!(captured.placement, ["offloaded 12/19 layers to GPU", "RPC0[127.0.0.1:50052] model buffer size =    20.50 MiB"]);
+        assert!(captured.messages.is_empty());
     }
 }

@@ -96,6 +96,18 @@ pub enum LoadErrorKind {
     /// llama.cpp refused the file for a reason of its own.
     #[error("llama.cpp could not load it: {0}")]
     Llama(LlamaMessages),
+    /// An rpc-server of [`ModelParams::rpc_servers`](crate::ModelParams::rpc_servers) cannot be
+    /// used.
+    #[error(transparent)]
+    Rpc(#[from] crate::rpc::RpcError),
+    /// [`ModelParams::tensor_split`](crate::ModelParams::tensor_split) is unusable.
+    #[error("invalid tensor split {split:?}: {reason}")]
+    TensorSplit {
+        /// The split given.
+        split: Vec<f32>,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Creating a context, or changing its settings.

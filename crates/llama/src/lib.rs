@@ -57,6 +57,7 @@ mod gguf;
 mod lora;
 mod model;
 mod quantize;
+pub mod rpc;
 mod sampler;
 pub mod soundness;
 mod system;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::error::{LoadError, LoadErrorKind};
+use crate::error::{LlamaMessages, LoadError, LoadErrorKind};
 use crate::vocab::Vocab;
 use crate::{backend, gguf, sys};
 
@@ -38,6 +38,12 @@ pub struct ModelParams {
     pub use_mlock: bool,
     /// Load only the vocabulary: tokenize and detokenize, but no context can run.
     pub vocab_only: bool,
+    /// ggml rpc-servers (`HOST:PORT`) whose devices take offloaded layers beside the local GPUs
+    /// (see [`crate::rpc`]); the layers not offloaded stay on the local CPU.
+    pub rpc_servers: Vec<String>,
+    /// How offloaded layers are shared among the devices (local GPUs first, then the servers'
+    /// in the order given), as proportions; empty: by each device's free memory.
+    pub tensor_split: Vec<f32>,
 }
 
 impl Default for ModelParams {
@@ -52,6 +58,8 @@ impl Default for ModelParams {
             use_mmap: d.load_mode != sys::LLAMA_LOAD_MODE_NONE,
             use_mlock: false,
             vocab_only: false,
+            rpc_servers: Vec::new(),
+            tensor_split: Vec::new(),
         }
     }
 }
@@ -78,6 +86,55 @@ impl ModelParams {
     }
 }
 
+/// The devices that take offloaded layers when rpc-servers are named (the local GPUs, then each
+/// server's devices), null-terminated as llama.cpp reads them; empty without servers, so that
+/// llama.cpp picks the local devices itself.
+fn offload_devices(params: &ModelParams) -> Result<Vec<sys::ggml_backend_dev_t>, crate::rpc::RpcError> {
+    if params.rpc_servers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut devices = Vec::new();
+    // SAFETY: ggml's device registry is filled once at backend init and read-only after; every
+    // index is below the count, and names are NUL-terminated strings owned by the registry.
+    unsafe {
+        for i in 0..sys::ggml_backend_dev_count() {
+            let dev = sys::ggml_backend_dev_get(i);
+            let gpu = matches!(sys::ggml_backend_dev_type(dev), sys::GGML_BACKEND_DEVICE_TYPE_GPU | sys::GGML_BACKEND_DEVICE_TYPE_IGPU);
+            let reg = sys::ggml_backend_dev_backend_reg(dev);
+            let rpc = !reg.is_null() && std::ffi::CStr::from_ptr(sys::ggml_backend_reg_name(reg)).to_bytes() == b"RPC";
+            if gpu && !rpc {
+                devices.push(dev);
+            }
+        }
+    }
+    for endpoint in &params.rpc_servers {
+        devices.extend(crate::rpc::connect(endpoint)?);
+    }
+    devices.push(std::ptr::null_mut());
+    Ok(devices)
+}
+
+/// [`ModelParams::tensor_split`] as llama.cpp reads it: `llama_max_devices()` proportions, or
+/// empty for its own split.
+fn tensor_split(params: &ModelParams) -> Result<Vec<f32>, LoadErrorKind> {
+    let split = &params.tensor_split;
+    if split.is_empty() {
+        return Ok(Vec::new());
+    }
+    // SAFETY: returns a constant.
+    let max = unsafe { sys::llama_max_devices() };
+    let bad = |reason: String| LoadErrorKind::TensorSplit { split: split.clone(), reason };
+    if split.len() > max {
+        return Err(bad(format!("at most {max} devices")));
+    }
+    if split.iter().any(|x| !x.is_finite() || *x < 0.0) || split.iter().sum::<f32>() <= 0.0 {
+        return Err(bad("proportions must be finite, >= 0 and not all 0".into()));
+    }
+    let mut out = vec![0.0; max];
+    out[..split.len()].copy_from_slice(split);
+    Ok(out)
+}
+
 /// A model loaded from a GGUF file. Freed on drop; contexts borrow it.
 #[derive(Debug)]
 pub struct Model {
@@ -87,6 +144,8 @@ pub struct Model {
     /// llama.cpp keeps a set of the model's LoRA adapters inside the model, written when one is
     /// loaded or freed and read by every decode: writers and readers are serialised here.
     adapters: RwLock<()>,
+    /// See [`Model::placement`].
+    placement: Vec<String>,
 }
 
 // SAFETY: a llama_model is immutable once loaded, but for its LoRA adapter set, which is only
@@ -111,13 +170,33 @@ impl Model {
         gguf::check(path)?;
         let c_path = crate::c_string::path(path).ok_or_else(|| LoadError::new(path, LoadErrorKind::InvalidPath))?;
 
+        let mut devices = offload_devices(params).map_err(|e| LoadError::new(path, e.into()))?;
+        let split = tensor_split(params).map_err(|kind| LoadError::new(path, kind))?;
         let mut state = ProgressState { callback: &mut progress, panic: None, cancelled: false };
         let mut raw_params = params.to_raw();
+        if !devices.is_empty() {
+            raw_params.devices = devices.as_mut_ptr();
+        }
+        if !split.is_empty() {
+            raw_params.tensor_split = split.as_ptr();
+        }
         raw_params.progress_callback = Some(progress_trampoline);
         raw_params.progress_callback_user_data = (&raw mut state).cast::<c_void>();
-        // SAFETY: c_path is NUL-terminated and outlives the call; the user data points at
-        // `state`, which outlives the call, and the trampoline matches its type.
-        let (raw, messages) = backend::capture(|| unsafe { sys::llama_model_load_from_file(c_path.as_ptr(), raw_params) });
+        let mut raw = std::ptr::null_mut();
+        let load = |err| {
+            // SAFETY: c_path is NUL-terminated and outlives the call; the user data points at
+            // `state`, the device list (null-terminated) and the split (llama_max_devices()
+            // long) at locals, all of which outlive the call, and the trampoline matches its
+            // type. The guard turns ggml's fatal errors on this thread (an rpc-server gone while
+            // loading) into an error; llama.cpp reports its own failures as null.
+            unsafe { sys::exsa_model_load_from_file(c_path.as_ptr(), raw_params, &mut raw, err) }
+        };
+        let (guarded, captured) = backend::capture_all(|| crate::cpp::guard("llama_model_load_from_file", load));
+        let mut messages = LlamaMessages(captured.messages);
+        if let Err(e) = guarded {
+            messages.0.push(e.what);
+            return Err(LoadError::new(path, LoadErrorKind::Llama(messages)));
+        }
         if let Some(panic) = state.panic {
             if let Some(raw) = NonNull::new(raw) {
                 // SAFETY: a model we own and nobody else has seen.
@@ -126,7 +205,9 @@ impl Model {
             resume_unwind(panic);
         }
         match NonNull::new(raw) {
-            Some(raw) => Ok(Model { raw, path: path.to_path_buf(), vocab_only: params.vocab_only, adapters: RwLock::new(()) }),
+            Some(raw) => {
+                Ok(Model { raw, path: path.to_path_buf(), vocab_only: params.vocab_only, adapters: RwLock::new(()), placement: captured.placement })
+            }
             None if state.cancelled => Err(LoadError::new(path, LoadErrorKind::Cancelled)),
             None => Err(LoadError::new(path, LoadErrorKind::Llama(messages))),
         }
@@ -140,6 +221,13 @@ impl Model {
     /// The file the model was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where the weights went, in llama.cpp's own words as it loaded them: how many layers were
+    /// offloaded, and each device's share (`CPU_Mapped model buffer size = 250.2 MiB`,
+    /// `RPC0[10.0.0.2:50052] model buffer size = 40.1 MiB`, ...).
+    pub fn placement(&self) -> &[String] {
+        &self.placement
     }
 
     /// Whether only the vocabulary was loaded.

@@ -42,13 +42,24 @@
 //! | `llama_decode`, `llama_encode` | yes | graph building and memory (`std::runtime_error` on allocation failures, `std::bad_alloc`) | guard |
 //! | `llama_state_set_data`, `llama_state_seq_set_data`, `llama_state_load_file`, `llama_state_seq_load_file` | yes | state readers (`std::runtime_error` on a malformed state; some catch it themselves) | guard |
 //! | `llama_adapter_lora_init`, `llama_set_adapters_lora` | yes | adapter loading (catches its own `runtime_error`), `std::map` insertions | guard |
-//! | `llama_model_load_from_file`, `llama_init_from_model`, `llama_model_quantize` | caught inside | each wraps its work in `try`/`catch` and returns null or an error code | log lines kept in the error |
+//! | `llama_model_load_from_file` | caught inside; ggml aborts | `try`/`catch` around the load, returning null; with rpc-servers, ggml aborts on one it cannot reach | guard with ggml's fatal errors turned into exceptions on this thread (below); log lines kept in the error |
+//! | `ggml_backend_rpc_add_server`, `ggml_backend_rpc_start_server` | ggml aborts | an endpoint that cannot be parsed, reached or greeted; a port that cannot be bound | the same guard; endpoints checked in Rust first |
+//! | `llama_init_from_model`, `llama_model_quantize` | caught inside | each wraps its work in `try`/`catch` and returns null or an error code | log lines kept in the error |
 //! | `llama_state_get_size`/`_data`, `llama_state_save_file`, `llama_state_seq_*` savers | caught inside | `try`/`catch` in llama-context.cpp | return value checked |
 //! | memory operations (`llama_memory_seq_*`, `llama_memory_clear`) | no | (no throw site reachable) | — |
 //! | getters (`llama_model_*`, `llama_vocab_*` reads, `llama_get_logits_ith`, ...) | no | field reads; `llama_get_*_ith` catch their own index errors and return null | null checked |
 //!
 //! Rust never unwinds into C either: the log callback and the abort callback catch panics (or
 //! cannot panic) before returning to llama.cpp.
+//!
+//! **ggml's fatal errors as exceptions, in three calls only.** ggml gives up by calling
+//! `ggml_abort`, which calls a hook and then `abort()`. The shim installs a hook that throws a
+//! `std::runtime_error` when, and only when, the calling thread is inside one of the guards
+//! marked above (a thread-local depth counter); the exception unwinds through `ggml_abort`'s C
+//! frame (GCC and Clang emit unwind tables for it on the targets we build; on MSVC the hook is not
+//! installed) to the guard's `catch`. Everywhere else the hook prints ggml's message and returns,
+//! and ggml aborts as it always did: an exception on another thread would find no `catch`, and
+//! one outside a guard would unwind into Rust.
 //!
 //! ## Known limits
 //!
@@ -66,3 +77,6 @@
 //!   error.
 //! - GPU backends report device errors (CUDA, Metal) by aborting inside ggml; no guard can catch
 //!   those.
+//! - **An rpc-server that goes away after the model loaded ends the client process**: ggml's RPC
+//!   client (protocol 7.0) sends every command from a dispatcher thread of its own and aborts
+//!   there when a reply fails; the caller only waits for it. See [`crate::rpc`].

@@ -6,6 +6,7 @@ pub(crate) mod chart;
 pub(crate) mod lookup;
 pub(crate) mod machine;
 pub(crate) mod report;
+pub(crate) mod rpc_servers;
 pub(crate) mod run;
 pub(crate) mod stats;
 pub(crate) mod variants;

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::build::{self, Built};
 use super::lookup::{self, Reference};
+use super::rpc_servers;
 
 /// Runtime settings shared by every variant.
 #[derive(Clone, Debug, Serialize)]
@@ -60,8 +61,11 @@ impl VariantRuns {
     }
 }
 
-fn args(settings: &RunSettings, variant_threads: Option<u32>, variant_fa: Option<&str>) -> Vec<String> {
+fn args(settings: &RunSettings, variant_threads: Option<u32>, variant_fa: Option<&str>, rpc: &[String]) -> Vec<String> {
     let mut a = vec!["--model".to_string(), settings.model.display().to_string(), "--log".into(), "error".into()];
+    if !rpc.is_empty() {
+        a.extend(["--rpc".into(), rpc.join(",")]);
+    }
     if let Some(t) = variant_threads.or(settings.threads) {
         a.extend(["--threads".into(), t.to_string()]);
     }
@@ -175,10 +179,13 @@ pub fn run_all(built: &[Built], reference: Option<&Reference>, settings: &RunSet
         for (b, bin) in runnable.iter().filter_map(|r| if let Runner::Exsa(b, bin) = r { Some((b, bin)) } else { None }) {
             let v = &b.variant;
             let log = out_dir.join(format!("run-{}.log", v.name));
-            let mut a = args(settings, v.threads, v.flash_attn.as_deref());
-            a.extend(["--greedy-only".into(), "--greedy-tokens".into(), settings.greedy_tokens.to_string()]);
             let entry = runs.get_mut(&v.name).expect("entry made above");
-            match run_json(bin, &a, timeout, &log) {
+            let run = rpc_servers::start(bin, &v.rpc, v.threads.or(settings.threads)).and_then(|servers| {
+                let mut a = args(settings, v.threads, v.flash_attn.as_deref(), &servers.endpoints);
+                a.extend(["--greedy-only".into(), "--greedy-tokens".into(), settings.greedy_tokens.to_string()]);
+                run_json(bin, &a, timeout, &log)
+            });
+            match run {
                 Ok(report) => {
                     entry.greedy = report.greedy.clone();
                     entry.report = Some(report);
@@ -206,14 +213,18 @@ pub fn run_all(built: &[Built], reference: Option<&Reference>, settings: &RunSet
                 Runner::Exsa(b, bin) => {
                     let v = &b.variant;
                     let log = out_dir.join(format!("run-{}.log", v.name));
-                    let mut a = args(settings, v.threads, v.flash_attn.as_deref());
-                    a.extend(["--tests".into(), settings.tests.join(","), "--reps".into(), "1".into()]);
-                    run_json(bin, &a, timeout, &log).map(|report| {
-                        entry.record(round, &report.samples);
-                        if entry.report.is_none() {
-                            entry.report = Some(report);
-                        }
-                    })
+                    rpc_servers::start(bin, &v.rpc, v.threads.or(settings.threads))
+                        .and_then(|servers| {
+                            let mut a = args(settings, v.threads, v.flash_attn.as_deref(), &servers.endpoints);
+                            a.extend(["--tests".into(), settings.tests.join(","), "--reps".into(), "1".into()]);
+                            run_json(bin, &a, timeout, &log)
+                        })
+                        .map(|report| {
+                            entry.record(round, &report.samples);
+                            if entry.report.is_none() {
+                                entry.report = Some(report);
+                            }
+                        })
                 }
                 Runner::Lookup(reference) => settings.tests.iter().filter(|t| lookup::runs(t)).try_for_each(|test| {
                     let sample = lookup::run_once(reference, test, settings, out_dir, timeout)?;

@@ -41,6 +41,11 @@ pub struct Variant {
     /// Runtime: flash attention on/off/auto.
     #[serde(default)]
     pub flash_attn: Option<String>,
+    /// Runtime: rpc-servers that take the offloaded layers (`--gpu-layers`, all by default).
+    /// `"loopback"` starts an `exsa rpc-server` of the variant's own binary on a free 127.0.0.1
+    /// port for each run and stops it after; anything else is the HOST:PORT of a running server.
+    #[serde(default)]
+    pub rpc: Vec<String>,
 }
 
 fn release() -> String {
@@ -62,6 +67,7 @@ impl Variant {
             profile: release(),
             threads: None,
             flash_attn: None,
+            rpc: Vec::new(),
         }
     }
 
@@ -109,6 +115,14 @@ impl Variant {
         if let Some(bad) = self.features.iter().find(|f| !switches.contains(f)) {
             bail!("variant {}: unknown llama-sys feature {bad:?} (known: {})", self.name, switches.join(", "));
         }
+        if !self.rpc.is_empty() && self.backend != "source" {
+            bail!("variant {}: rpc-servers need backend source", self.name);
+        }
+        if let Some(bad) =
+            self.rpc.iter().find(|e| *e != "loopback" && !e.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()))
+        {
+            bail!("variant {}: rpc entry {bad:?} is neither \"loopback\" nor HOST:PORT", self.name);
+        }
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             bail!("variant name {:?} must be letters, digits, '-', '_' or '.'", self.name);
         }
@@ -135,7 +149,7 @@ pub fn tuned_profile_path() -> PathBuf {
         .join("exsa/tuned.toml")
 }
 
-/// A, A-native, B, B-tuned, B-raw.
+/// A, A-native, B, B-tuned, B-raw, B-rpc.
 pub fn builtins() -> Vec<Variant> {
     vec![
         // The crate baseline exactly as `cargo add llama-cpp-2` gives it.
@@ -151,6 +165,12 @@ pub fn builtins() -> Vec<Variant> {
         },
         // The same build through raw llama-sys calls: B minus the safe wrapper.
         Variant { env: [("LLAMA_SYS_PROFILE".to_string(), "none".to_string())].into(), ..Variant::builtin("B-raw", "raw", "") },
+        // B with its layers on an rpc-server on loopback: what the network hop costs.
+        Variant {
+            env: [("LLAMA_SYS_PROFILE".to_string(), "none".to_string())].into(),
+            rpc: vec!["loopback".into()],
+            ..Variant::builtin("B-rpc", "source", "")
+        },
     ]
 }
 
@@ -221,6 +241,8 @@ mod tests {
             ("[[variant]]\nname = \"X\"\nbackend = \"crate\"\nfeatures = [\"lto\"]\n", "not the crate baseline"),
             ("[[variant]]\nname = \"X\"\nbakend = \"source\"\n", "malformed"),
             ("[[variant]]\nname = \"A\"\nbackend = \"source\"\n", "defined twice"),
+            ("[[variant]]\nname = \"X\"\nbackend = \"crate\"\nrpc = [\"loopback\"]\n", "need backend source"),
+            ("[[variant]]\nname = \"X\"\nbackend = \"source\"\nrpc = [\"nowhere\"]\n", "neither"),
         ] {
             let path = dir.join("bad.toml");
             std::fs::write(&path, text).unwrap();

@@ -28,14 +28,21 @@ pub enum Dependency {
     Libclang,
     Ccache,
     Valgrind,
+    /// The load balancer of the scale-out recipe's test (docs/distributed.md).
+    Haproxy,
 }
 
 impl Dependency {
-    /// What this platform needs: valgrind runs `cargo xtask leak-check`, which is Linux-only.
+    /// What this platform needs: valgrind runs `cargo xtask leak-check`, which is Linux-only;
+    /// HAProxy fronts two servers in the scale-out test, which runs where the other server tests
+    /// do (Linux, macOS).
     pub fn needed() -> Vec<Dependency> {
         let mut deps = vec![Dependency::Cmake, Dependency::Libclang, Dependency::Ccache];
         if cfg!(target_os = "linux") {
             deps.push(Dependency::Valgrind);
+        }
+        if cfg!(unix) {
+            deps.push(Dependency::Haproxy);
         }
         deps
     }
@@ -46,6 +53,7 @@ impl Dependency {
             Dependency::Libclang => "libclang",
             Dependency::Ccache => "ccache",
             Dependency::Valgrind => "valgrind",
+            Dependency::Haproxy => "haproxy",
         }
     }
 
@@ -56,6 +64,8 @@ impl Dependency {
             Dependency::Cmake => std::env::var_os("CMAKE").map(PathBuf::from).filter(|p| p.is_file()).or_else(|| which("cmake")),
             Dependency::Libclang => libclang::find(&libclang::SearchEnv::from_process(), libclang::Os::host()),
             Dependency::Ccache | Dependency::Valgrind => which(self.name()),
+            // Debian installs it in /usr/sbin, which a user's PATH may lack.
+            Dependency::Haproxy => which("haproxy").or_else(|| Some(PathBuf::from("/usr/sbin/haproxy")).filter(|p| p.is_file())),
         }
     }
 }

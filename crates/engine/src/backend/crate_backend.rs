@@ -17,7 +17,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 
-use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
+use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, Placement, TokenId};
 use crate::config::{SamplerStage, SamplingParams, SessionConfig};
 use crate::error::{DecodeFailure, EngineError};
 
@@ -37,7 +37,9 @@ impl Backend for CrateBackend {
     const NAME: &'static str = "crate";
     type Model = CrateModel;
 
-    fn load(path: &Path, n_gpu_layers: i32) -> Result<CrateModel, EngineError> {
+    fn load(path: &Path, placement: &Placement) -> Result<CrateModel, EngineError> {
+        placement.local_only(Self::NAME)?;
+        let n_gpu_layers = placement.n_gpu_layers;
         // llama-cpp-2 answers every bad file with "null result"; say at least which file.
         if !path.exists() {
             return Err(EngineError::load(path, "model file not found"));
@@ -99,6 +101,7 @@ impl BackendModel for CrateModel {
             n_ctx_train: m.n_ctx_train(),
             n_embd: m.n_embd().max(0) as usize,
             has_chat_template: m.chat_template(None).is_ok(),
+            placement: Vec::new(),
         }
     }
 
@@ -255,6 +258,10 @@ impl BackendSession for CrateSession<'_> {
 
     fn set_abort_flag(&mut self, flag: Arc<AtomicBool>) {
         self.abort = Some(flag);
+    }
+
+    fn synchronize(&self) {
+        self.ctx.synchronize();
     }
 
     fn embedding(&self) -> Result<Vec<f32>, EngineError> {

@@ -52,16 +52,47 @@ pub enum Outputs {
 /// protocol).
 pub use exsa_bench_protocol::ModelInfo;
 
+/// Where a model's layers go.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Placement {
+    /// Layers offloaded to GPUs and rpc-servers (-1: all).
+    pub n_gpu_layers: i32,
+    /// ggml rpc-servers (`HOST:PORT`) that take offloaded layers (backend `source` only).
+    pub rpc_servers: Vec<String>,
+    /// Proportions of the offloaded layers per device: local GPUs, then the servers' devices.
+    pub tensor_split: Vec<f32>,
+}
+
+impl Placement {
+    /// An error for a backend that can only place layers on local devices.
+    #[cfg(any(feature = "crate", feature = "raw"))]
+    pub(crate) fn local_only(&self, backend: &'static str) -> Result<(), EngineError> {
+        if self.rpc_servers.is_empty() && self.tensor_split.is_empty() {
+            Ok(())
+        } else {
+            Err(EngineError::Unsupported { what: "rpc-servers and tensor splits (use backend source)", backend })
+        }
+    }
+}
+
 /// A llama.cpp backend.
 pub trait Backend: 'static {
     /// "source", "crate" or "raw".
     const NAME: &'static str;
     type Model: BackendModel;
 
-    fn load(path: &Path, n_gpu_layers: i32) -> Result<Self::Model, EngineError>;
+    /// Loads `path` with `placement`'s layer offload (and rpc-servers, where the backend can).
+    fn load(path: &Path, placement: &Placement) -> Result<Self::Model, EngineError>;
 
     /// What was compiled, as JSON (flags, compiler, llama.cpp version).
     fn build_info() -> serde_json::Value;
+
+    /// Serves this process's devices to other processes' models as a ggml rpc-server on
+    /// `endpoint` (`HOST:PORT`) until the process ends; returns only on failure.
+    fn serve_rpc(endpoint: &str, cache_dir: Option<&Path>, threads: usize) -> EngineError {
+        let _ = (endpoint, cache_dir, threads);
+        EngineError::Unsupported { what: "serving as an rpc-server (use backend source)", backend: Self::NAME }
+    }
 
     /// ggml's system-info line.
     fn system_info() -> String;
@@ -114,6 +145,9 @@ pub trait BackendSession {
     fn last_logits(&self) -> Result<&[f32], EngineError>;
     /// Cancels a running decode while the flag is set.
     fn set_abort_flag(&mut self, flag: Arc<AtomicBool>);
+    /// Waits until the last decode has finished computing (GPU and RPC backends return before
+    /// it has; reading logits waits anyway). For timing decodes.
+    fn synchronize(&self);
     /// Mean-pooled embedding of the last decode (sessions built with `embeddings`).
     fn embedding(&self) -> Result<Vec<f32>, EngineError>;
 

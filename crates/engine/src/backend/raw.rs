@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use llama_sys as sys;
 
-use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
+use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, Placement, TokenId};
 use crate::config::{SamplerStage, SamplingParams, SessionConfig};
 use crate::error::{DecodeFailure, EngineError};
 
@@ -40,7 +40,9 @@ impl Backend for RawBackend {
     const NAME: &'static str = "raw";
     type Model = RawModel;
 
-    fn load(path: &Path, n_gpu_layers: i32) -> Result<RawModel, EngineError> {
+    fn load(path: &Path, placement: &Placement) -> Result<RawModel, EngineError> {
+        placement.local_only(Self::NAME)?;
+        let n_gpu_layers = placement.n_gpu_layers;
         init();
         let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| EngineError::load(path, "the path contains a NUL byte"))?;
         // SAFETY: default params by value; the path is NUL-terminated and outlives the call.
@@ -123,6 +125,7 @@ impl BackendModel for RawModel {
                 n_ctx_train: sys::llama_model_n_ctx_train(m).max(0) as u32,
                 n_embd: sys::llama_model_n_embd(m).max(0) as usize,
                 has_chat_template: !sys::llama_model_chat_template(m, std::ptr::null()).is_null(),
+                placement: Vec::new(),
             }
         }
     }
@@ -423,6 +426,11 @@ impl BackendSession for RawSession<'_> {
         // SAFETY: the data pointer is kept alive by self.abort while installed.
         unsafe { sys::llama_set_abort_callback(self.ctx.as_ptr(), Some(abort_trampoline), Arc::as_ptr(&flag).cast_mut().cast()) };
         self.abort = Some(flag);
+    }
+
+    fn synchronize(&self) {
+        // SAFETY: the live context; it waits for the backends and throws nothing.
+        unsafe { sys::llama_synchronize(self.ctx.as_ptr()) }
     }
 
     fn embedding(&self) -> Result<Vec<f32>, EngineError> {

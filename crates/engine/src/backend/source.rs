@@ -9,7 +9,7 @@ use llama::{
     TokenizeOptions,
 };
 
-use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
+use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, Placement, TokenId};
 use crate::config::{SamplerStage, SamplingParams, SessionConfig};
 use crate::error::{DecodeFailure, EngineError};
 
@@ -20,8 +20,13 @@ impl Backend for SourceBackend {
     const NAME: &'static str = "source";
     type Model = SourceModel;
 
-    fn load(path: &Path, n_gpu_layers: i32) -> Result<SourceModel, EngineError> {
-        let params = ModelParams { n_gpu_layers, ..Default::default() };
+    fn load(path: &Path, placement: &Placement) -> Result<SourceModel, EngineError> {
+        let params = ModelParams {
+            n_gpu_layers: placement.n_gpu_layers,
+            rpc_servers: placement.rpc_servers.clone(),
+            tensor_split: placement.tensor_split.clone(),
+            ..Default::default()
+        };
         let model = Model::load(path, &params).map_err(|e| EngineError::load(path, e))?;
         Ok(SourceModel { model })
     }
@@ -30,6 +35,13 @@ impl Backend for SourceBackend {
         let mut info: serde_json::Value = serde_json::from_str(&llama::build_info().to_json()).unwrap_or_default();
         info["backend"] = "source".into();
         info
+    }
+
+    fn serve_rpc(endpoint: &str, cache_dir: Option<&Path>, threads: usize) -> EngineError {
+        match llama::rpc::serve(endpoint, cache_dir, threads) {
+            Err(e) => EngineError::Rpc(e.to_string()),
+            Ok(never) => match never {},
+        }
     }
 
     fn system_info() -> String {
@@ -76,6 +88,7 @@ impl BackendModel for SourceModel {
             n_ctx_train: m.n_ctx_train(),
             n_embd: m.n_embd(),
             has_chat_template: m.chat_template(None).is_some(),
+            placement: m.placement().to_vec(),
         }
     }
 
@@ -197,6 +210,10 @@ impl<'m> BackendSession for SourceSession<'m> {
 
     fn set_abort_flag(&mut self, flag: Arc<AtomicBool>) {
         self.ctx.set_abort_flag(Some(flag));
+    }
+
+    fn synchronize(&self) {
+        self.ctx.synchronize();
     }
 
     fn embedding(&self) -> Result<Vec<f32>, EngineError> {

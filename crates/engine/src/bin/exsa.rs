@@ -28,9 +28,17 @@ struct Common {
     /// Threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<i32>,
-    /// Layers to offload to a GPU (-1: all).
+    /// Layers to offload to GPUs and rpc-servers (-1: all).
     #[arg(long, global = true, default_value_t = -1)]
     gpu_layers: i32,
+    /// ggml rpc-servers (HOST:PORT, comma-separated; see `exsa rpc-server`) that take offloaded
+    /// layers beside the local GPUs; the layers not offloaded run on this machine's CPU.
+    #[arg(long, global = true, value_delimiter = ',', value_name = "HOST:PORT")]
+    rpc: Vec<String>,
+    /// Proportions of the offloaded layers per device (local GPUs, then each rpc-server's), e.g.
+    /// 1,1; default: by free memory.
+    #[arg(long, global = true, value_delimiter = ',')]
+    tensor_split: Vec<f32>,
     /// Flash attention: on, off or auto.
     #[arg(long, global = true, default_value = "auto")]
     flash_attn: String,
@@ -126,6 +134,20 @@ enum Command {
     },
     /// Describe the model, the devices and the build.
     Info,
+    /// Serve this machine's devices (GPUs, else the CPU) to models loaded elsewhere with --rpc:
+    /// ggml's RPC server. It has no authentication: keep it on 127.0.0.1 (the default), a
+    /// private network or an SSH tunnel.
+    RpcServer {
+        /// Address to bind; anything but a loopback address exposes it (a warning says so).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        #[arg(long, default_value_t = 50052)]
+        port: u16,
+        /// Keep tensors clients send, by hash, in DIR: a client that loads the same model again
+        /// sends only their hashes.
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+    },
     /// Run the measurement harness and print JSON.
     Bench(BenchArgs),
     /// Serve an OpenAI-style HTTP API (chat and text completions, streaming) with continuous
@@ -242,8 +264,18 @@ fn load(common: &Common, session: SessionConfig) -> Result<Engine, EngineError> 
 
 fn load_with_draft(common: &Common, session: SessionConfig, draft_model: Option<PathBuf>) -> Result<Engine, EngineError> {
     let model = common.model.clone().unwrap_or_else(exsa_engine::default_model_path);
-    let config = EngineConfig { session, n_gpu_layers: common.gpu_layers, draft_model, ..EngineConfig::new(model) };
-    Engine::load(config)
+    Engine::load(EngineConfig { draft_model, ..engine_config(common, session, model) })
+}
+
+/// The engine configuration the common options describe.
+fn engine_config(common: &Common, session: SessionConfig, model: PathBuf) -> EngineConfig {
+    EngineConfig {
+        session,
+        n_gpu_layers: common.gpu_layers,
+        rpc_servers: common.rpc.clone(),
+        tensor_split: common.tensor_split.clone(),
+        ..EngineConfig::new(model)
+    }
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
@@ -307,6 +339,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 );
                 history.push(ChatMessage::new("assistant", reply));
             }
+        }
+        Command::RpcServer { host, port, cache } => {
+            let endpoint = std::net::SocketAddr::new(host, port).to_string();
+            if !host.is_loopback() {
+                eprintln!(
+                    "warning: the RPC protocol has no authentication; on {host} anyone who reaches port {port} can run code on this machine's devices and read their memory (use a private network or an SSH tunnel)"
+                );
+            }
+            let threads = session.n_threads.max(1) as usize;
+            return Err(Engine::serve_rpc(&endpoint, cache.as_deref(), threads).into());
         }
         Command::Info => {
             let engine = load(&cli.common, session)?;
@@ -383,7 +425,7 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         return Err("--max-loaded must be at least 1".into());
     }
     let session = SessionConfig { n_batch: args.batch, n_ubatch: args.batch.min(512), ..session };
-    let engine = EngineConfig { session, n_gpu_layers: common.gpu_layers, ..EngineConfig::new("") };
+    let engine = engine_config(common, session, PathBuf::new());
     let policy = ModelPolicy {
         engine,
         slots: args.parallel,

@@ -175,6 +175,8 @@ impl Generation<'_, '_> {
         let pos = session.cached.len() as i32;
         let decode_started = Instant::now();
         let decoded = session.inner.decode(&[token], pos, Outputs::Last);
+        // Counted as decoding: GPU and RPC backends return before the work is done.
+        session.inner.synchronize();
         self.stats.decode_ms += ms(decode_started.elapsed());
         self.stats.generation_decodes += 1;
         match decoded {
@@ -233,6 +235,7 @@ impl Generation<'_, '_> {
             }
             session.inner.batch_decode()
         })();
+        session.inner.synchronize();
         self.stats.decode_ms += ms(decode_started.elapsed());
         self.stats.generation_decodes += 1;
         if let Err(e) = decoded {

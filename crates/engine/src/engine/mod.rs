@@ -4,7 +4,7 @@
 mod generation;
 mod session;
 
-use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, TokenId};
+use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, Placement, TokenId};
 use crate::chat::{ChatMessage, resolve_chat_template};
 use crate::config::{EngineConfig, GenerateRequest, SessionConfig};
 use crate::error::EngineError;
@@ -30,7 +30,9 @@ impl Engine {
     /// Loads the model named in `config`.
     pub fn load(config: EngineConfig) -> Result<Engine, EngineError> {
         config.session.validate()?;
-        let model = Active::load(&config.model, config.n_gpu_layers)?;
+        let placement =
+            Placement { n_gpu_layers: config.n_gpu_layers, rpc_servers: config.rpc_servers.clone(), tensor_split: config.tensor_split.clone() };
+        let model = Active::load(&config.model, &placement)?;
         let chat_template = resolve_chat_template(&model, config.chat_template_fallback.as_deref());
         let draft = match &config.draft_model {
             Some(path) => {
@@ -56,6 +58,14 @@ impl Engine {
 
     pub fn build_info() -> serde_json::Value {
         Active::build_info()
+    }
+
+    /// Serves this process's devices (GPUs, else the CPU with `threads` threads) as a ggml
+    /// rpc-server on `endpoint` (`HOST:PORT`), for models loaded elsewhere with
+    /// [`EngineConfig::rpc_servers`]. Runs until the process ends; returns only the reason it
+    /// could not serve. The protocol has no authentication: see `llama::rpc`.
+    pub fn serve_rpc(endpoint: &str, cache_dir: Option<&std::path::Path>, threads: usize) -> EngineError {
+        Active::serve_rpc(endpoint, cache_dir, threads)
     }
 
     pub fn system_info() -> String {

@@ -99,6 +99,8 @@ impl<'e> Session<'e> {
         }
         let prompt_tokens = tokens.len();
         let reused = self.prefill(&tokens).map_err(|e| if cancel.is_cancelled() { EngineError::Cancelled } else { e })?;
+        // The prompt's time includes its computation (GPU and RPC backends return before it).
+        self.inner.synchronize();
         self.scratch = tokens;
         // Room for every token this request may add, so the token loop never grows the cache list.
         let room = (self.n_ctx() as usize).saturating_sub(self.cached.len()).min(request.max_tokens);

@@ -165,6 +165,15 @@ impl<'m> Context<'m> {
         })
     }
 
+    /// Waits until the last decode has finished. A decode may return before its computation has
+    /// (GPU and RPC backends queue the work; reading logits waits for it): time a decode with
+    /// this, as llama-bench does.
+    pub fn synchronize(&self) {
+        // SAFETY: a live context, not shared (Context is not Sync); it waits for the backends'
+        // queues and throws nothing.
+        unsafe { sys::llama_synchronize(self.raw.as_ptr()) }
+    }
+
     /// Runs the encoder of an encoder-decoder model on `batch`.
     pub fn encode(&mut self, batch: &Batch) -> Result<(), DecodeError> {
         self.run(batch, Some("an encoder takes the whole batch at once"), "llama_encode", |ctx, raw, code, err| {
