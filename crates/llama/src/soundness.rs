@@ -46,7 +46,7 @@
 //! | `ggml_backend_rpc_add_server`, `ggml_backend_rpc_start_server` | ggml aborts | an endpoint that cannot be parsed, reached or greeted; a port that cannot be bound | the same guard; endpoints checked in Rust first |
 //! | `llama_init_from_model`, `llama_model_quantize` | caught inside | each wraps its work in `try`/`catch` and returns null or an error code | log lines kept in the error |
 //! | `llama_state_get_size`/`_data`, `llama_state_save_file`, `llama_state_seq_*` savers | caught inside | `try`/`catch` in llama-context.cpp | return value checked |
-//! | memory operations (`llama_memory_seq_*`, `llama_memory_clear`) | no | (no throw site reachable) | — |
+//! | memory operations (`llama_memory_seq_*`, `llama_memory_clear`), `llama_synchronize` | no | (no throw site reachable) | — |
 //! | getters (`llama_model_*`, `llama_vocab_*` reads, `llama_get_logits_ith`, ...) | no | field reads; `llama_get_*_ith` catch their own index errors and return null | null checked |
 //!
 //! Rust never unwinds into C either: the log callback and the abort callback catch panics (or
