@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The system packages of the source build (cmake, libclang, ccache; valgrind on Linux), for
+# The system packages of the source build (cmake, libclang, ccache; valgrind on Linux; haproxy
+# for the scale-out test), for
 # scripts that prepare a machine. The logic (find each as its user finds it, install with
 # apt-get or brew, check again, load libclang through bindgen) lives in `cargo xtask setup`,
 # where it is unit-tested.

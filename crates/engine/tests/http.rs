@@ -51,6 +51,7 @@ fn raw_cannot_serve() -> bool {
 
 #[test]
 fn chat_and_completions_stream_and_not_as_the_engine_generates() {
+    let _one_at_a_time = common::one_at_a_time();
     if raw_cannot_serve() {
         return;
     }
@@ -163,6 +164,7 @@ fn agree_up_to_a_near_tie(a: &[Step], b: &[Step], what: &str) -> Option<usize> {
 /// `serving::BATCH_NEAR_TIE` of the top of the other's (a tie may have more than two members).
 #[test]
 fn eight_concurrent_requests_each_give_what_they_give_alone() {
+    let _one_at_a_time = common::one_at_a_time();
     if raw_cannot_serve() {
         return;
     }
@@ -197,6 +199,7 @@ fn eight_concurrent_requests_each_give_what_they_give_alone() {
 
 #[test]
 fn embeddings_tokenize_detokenize_and_latency_metrics() {
+    let _one_at_a_time = common::one_at_a_time();
     if raw_cannot_serve() {
         return;
     }
@@ -259,6 +262,7 @@ fn decode_base64(text: &str) -> Vec<u8> {
 
 #[test]
 fn errors_have_openai_shapes_and_the_right_status() {
+    let _one_at_a_time = common::one_at_a_time();
     if raw_cannot_serve() {
         return;
     }
@@ -297,6 +301,7 @@ fn errors_have_openai_shapes_and_the_right_status() {
 
 #[test]
 fn a_full_queue_answers_503_at_once_and_loses_nothing_accepted() {
+    let _one_at_a_time = common::one_at_a_time();
     if raw_cannot_serve() {
         return;
     }
@@ -330,6 +335,7 @@ fn a_full_queue_answers_503_at_once_and_loses_nothing_accepted() {
 
 #[test]
 fn a_client_that_leaves_frees_its_slot_and_shutdown_drains() {
+    let _one_at_a_time = common::one_at_a_time();
     if raw_cannot_serve() {
         return;
     }
@@ -391,6 +397,7 @@ fn a_client_that_leaves_frees_its_slot_and_shutdown_drains() {
 
 #[test]
 fn structured_output_penalties_and_logit_bias() {
+    let _one_at_a_time = common::one_at_a_time();
     if raw_cannot_serve() {
         return;
     }
@@ -484,6 +491,7 @@ fn structured_output_penalties_and_logit_bias() {
 /// tokens on an answer that quotes its prompt; bad settings are a 400 naming the field.
 #[test]
 fn speculative_requests_give_the_same_text() {
+    let _one_at_a_time = common::one_at_a_time();
     if raw_cannot_serve() {
         return;
     }

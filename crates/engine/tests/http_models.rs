@@ -44,6 +44,7 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn models_of_a_directory_load_on_first_use_and_unload_when_idle_or_to_make_room() {
+    let _one_at_a_time = common::one_at_a_time();
     if Engine::backend_name() == "raw" {
         return; // cannot serve: tests/http.rs checks that it says so
     }
@@ -103,6 +104,7 @@ fn models_of_a_directory_load_on_first_use_and_unload_when_idle_or_to_make_room(
 
 #[test]
 fn health_is_503_while_the_model_loads_and_a_model_that_cannot_load_stops_the_server() {
+    let _one_at_a_time = common::one_at_a_time();
     if Engine::backend_name() == "raw" {
         return;
     }

@@ -68,6 +68,15 @@ impl Drop for Server {
     }
 }
 
+/// Held by each server test for its whole run: the tests of one binary otherwise run two at a
+/// time, each server decoding with all cores, and llama.cpp's spinning worker threads slow
+/// oversubscribed cores down many times over (http.rs took 213 s that way, 33 s in turn).
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed while holding it poisons nothing the next one needs.
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
 }
