@@ -84,6 +84,22 @@ pub struct Sample {
     pub draft_acceptance_percent: Option<f64>,
 }
 
+impl Sample {
+    /// `tokens` in `seconds`, with nothing else measured.
+    pub fn timed(test: impl Into<String>, tokens: usize, seconds: f64) -> Sample {
+        Sample {
+            test: test.into(),
+            tokens,
+            seconds,
+            tokens_per_s: tokens as f64 / seconds,
+            time_to_first_token_ms: None,
+            outside_decode_percent: None,
+            tokens_per_decode: None,
+            draft_acceptance_percent: None,
+        }
+    }
+}
+
 /// What a task test runs (`exsa bench --task-setup`), so that a reference program (llama.cpp's
 /// `llama-lookup`) can run the same request: the chat prompt as rendered by the model's
 /// template, and the sampling.

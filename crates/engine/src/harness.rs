@@ -251,17 +251,7 @@ fn raw_decode(engine: &Engine, config: &SessionConfig, test: Test) -> Result<Sam
     // GPU and RPC backends return from a decode before it has run.
     session.synchronize();
     let seconds = start.elapsed().as_secs_f64();
-    let tokens = n_prompt + n_gen;
-    Ok(Sample {
-        test: test.to_string(),
-        tokens,
-        seconds,
-        tokens_per_s: tokens as f64 / seconds,
-        time_to_first_token_ms: None,
-        outside_decode_percent: None,
-        tokens_per_decode: None,
-        draft_acceptance_percent: None,
-    })
+    Ok(Sample::timed(test.to_string(), n_prompt + n_gen, seconds))
 }
 
 /// A chat of one user message through the engine, as a user sees it.

@@ -34,6 +34,18 @@ fn plain(engine: &Engine, prompt: &str, n: usize) -> (Vec<harness::GreedyStep>, 
     (steps, pieces)
 }
 
+/// The plain trace's step at which `text` parts from `expected` (the pieces' concatenation), or
+/// None where it parts after the plain text ended.
+fn parting_step<'s>(steps: &'s [harness::GreedyStep], pieces: &[String], text: &str, expected: &str) -> Option<&'s harness::GreedyStep> {
+    let common = text.bytes().zip(expected.bytes()).take_while(|(a, b)| a == b).count();
+    let mut at = 0;
+    let step = pieces.iter().position(|p| {
+        at += p.len();
+        at > common
+    });
+    step.map(|i| &steps[i])
+}
+
 #[test]
 fn greedy_output_is_unchanged_and_quoted_text_is_drafted() {
     let engine = engine();
@@ -55,13 +67,8 @@ fn greedy_output_is_unchanged_and_quoted_text_is_drafted() {
         let (text, stats) = session.generate_text(&request(prompt, n, Speculation::Ngram { max_draft: 8 })).unwrap();
         if text != expected {
             // Where they part, the plain decode's top two must be within the near-tie bound.
-            let common = text.bytes().zip(expected.bytes()).take_while(|(a, b)| a == b).count();
-            let mut at = 0;
-            let step = pieces.iter().position(|p| {
-                at += p.len();
-                at > common
-            });
-            let step = step.map(|i| &steps[i]).unwrap_or_else(|| panic!("{prompt:?}: parted after the plain text ended:\n{text:?}\n{expected:?}"));
+            let step = parting_step(&steps, &pieces, &text, &expected)
+                .unwrap_or_else(|| panic!("{prompt:?}: parted after the plain text ended:\n{text:?}\n{expected:?}"));
             assert!(step.margin < BATCH_NEAR_TIE, "{prompt:?}: parted at a margin of {} (not a near tie):\n{text:?}\n{expected:?}", step.margin);
             near_ties += 1;
         }
@@ -231,13 +238,7 @@ fn a_draft_model_drafts_for_a_model_with_its_vocabulary() {
     let (text, stats) = session.generate_text(&request(FREE, n, Speculation::Draft { max_draft: 6 })).unwrap();
     let expected: String = pieces.concat();
     if text != expected {
-        let common = text.bytes().zip(expected.bytes()).take_while(|(a, b)| a == b).count();
-        let mut at = 0;
-        let step = pieces.iter().position(|p| {
-            at += p.len();
-            at > common
-        });
-        let margin = step.map_or(f32::INFINITY, |i| steps[i].margin);
+        let margin = parting_step(&steps, &pieces, &text, &expected).map_or(f32::INFINITY, |s| s.margin);
         assert!(margin < BATCH_NEAR_TIE, "parted at a margin of {margin}:\n{text:?}\n{expected:?}");
     }
     assert!(stats.drafted_tokens >= 20 && stats.accepted_tokens * 10 >= stats.drafted_tokens * 8, "{stats:?}");

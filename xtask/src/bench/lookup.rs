@@ -100,14 +100,9 @@ pub fn parse(test: &str, max_draft: u32, log: &str) -> Result<Sample> {
     let decodes = tokens.saturating_sub(accepted).saturating_sub(1).max(1);
     let speculating = max_draft > 0;
     Ok(Sample {
-        test: test.to_string(),
-        tokens,
-        seconds,
-        tokens_per_s: tokens as f64 / seconds,
-        time_to_first_token_ms: None,
-        outside_decode_percent: None,
         tokens_per_decode: speculating.then(|| tokens as f64 / decodes as f64),
         draft_acceptance_percent: speculating.then(|| 100.0 * accepted as f64 / drafted.max(1) as f64),
+        ..Sample::timed(test, tokens, seconds)
     })
 }
 
@@ -125,25 +120,8 @@ pub fn run_once(reference: &Reference, test: &str, settings: &RunSettings, dir: 
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start {}", reference.binary.display()))?;
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
-        s
-    });
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("killed after {} s", timeout.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let text = reader.join().unwrap_or_default();
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (status, text) = super::run::wait_reading(child, stderr, timeout)?;
     let _ = std::fs::OpenOptions::new().create(true).append(true).open(&log).and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
     if !status.success() {
         bail!("exited with {status} (see {})", log.display());

@@ -75,18 +75,16 @@ fn args(settings: &RunSettings, variant_threads: Option<u32>, variant_fa: Option
     a
 }
 
-/// Runs the binary, kills it past the timeout, and parses its report.
-fn run_json(binary: &Path, args: &[String], timeout: Duration, log: &Path) -> Result<BenchReport> {
-    let mut child = build::command(&binary.to_path_buf())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(log)?))
-        .spawn()
-        .with_context(|| format!("cannot start {}", binary.display()))?;
-    let mut stdout = child.stdout.take().expect("piped stdout");
+/// Waits for `child`, reading all of `output` (its piped stdout or stderr) meanwhile, and kills
+/// it past `timeout`. Returns its exit status and what it wrote.
+pub(crate) fn wait_reading(
+    mut child: std::process::Child,
+    mut output: impl Read + Send + 'static,
+    timeout: Duration,
+) -> Result<(std::process::ExitStatus, String)> {
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
+        let _ = output.read_to_string(&mut s);
         s
     });
     let start = Instant::now();
@@ -97,11 +95,23 @@ fn run_json(binary: &Path, args: &[String], timeout: Duration, log: &Path) -> Re
         if start.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("killed after {} s (see {})", timeout.as_secs(), log.display());
+            bail!("killed after {} s", timeout.as_secs());
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let out = reader.join().unwrap_or_default();
+    Ok((status, reader.join().unwrap_or_default()))
+}
+
+/// Runs the binary, kills it past the timeout, and parses its report.
+fn run_json(binary: &Path, args: &[String], timeout: Duration, log: &Path) -> Result<BenchReport> {
+    let mut child = build::command(&binary.to_path_buf())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(log)?))
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (status, out) = wait_reading(child, stdout, timeout).with_context(|| format!("see {}", log.display()))?;
     if !status.success() {
         bail!("exited with {status} (see {})", log.display());
     }
