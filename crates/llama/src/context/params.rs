@@ -61,7 +61,7 @@ pub enum Pooling {
     Rank,
 }
 
-/// Parameters for [`Context::new`]. Zero sizes mean "the model's" where llama.cpp allows it.
+/// Parameters for [`Context::new`](crate::Context::new). Zero sizes mean "the model's" where llama.cpp allows it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ContextParams {
     /// Context length in tokens; 0 = the model's training context.

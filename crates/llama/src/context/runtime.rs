@@ -65,7 +65,7 @@ impl Context<'_> {
     }
 
     /// Cancellation: while `flag` is true, a running decode stops and returns
-    /// [`DecodeError::Aborted`]. `None` removes it.
+    /// [`DecodeError::Aborted`](crate::DecodeError::Aborted). `None` removes it.
     pub fn set_abort_flag(&mut self, flag: Option<Arc<AtomicBool>>) {
         match &flag {
             // SAFETY: the user data points into the Arc kept in self.abort_flag, so it lives
