@@ -460,18 +460,22 @@ fn sample<'e>(
             break;
         }
     }
-    if drafts.is_empty() {
+    let drafted = drafts.len();
+    if let Some(r) = slot.request.as_mut() {
+        // The buffer goes back, empty or not: the next step drafts into it without allocating.
+        r.drafts = drafts;
+    }
+    if drafted == 0 {
         return outcome;
     }
-    counters.drafted_tokens.fetch_add(drafts.len() as u64, Ordering::Relaxed);
+    counters.drafted_tokens.fetch_add(drafted as u64, Ordering::Relaxed);
     counters.accepted_tokens.fetch_add(kept as u64, Ordering::Relaxed);
     if let Some(r) = slot.request.as_mut() {
-        r.stats.drafted_tokens += drafts.len();
+        r.stats.drafted_tokens += drafted;
         r.stats.accepted_tokens += kept;
         if let Some(length) = r.speculation.as_mut() {
-            length.update(drafts.len(), kept);
+            length.update(drafted, kept);
         }
-        r.drafts = drafts;
     }
     // Rejected drafts (and a kept one that ended the request) leave the cache.
     if !session.seq_truncate(slot.seq, slot.cached.len() as i32) {
