@@ -1,19 +1,21 @@
 //! Layers across processes through ggml's RPC backend, on loopback: two `exsa rpc-server`
 //! processes take most of the default model's layers, the rest stay on this process's CPU, and
 //! greedy output is the local output (up to the near-tie rule). A bad endpoint and a refused
-//! connection are typed errors, through the library and the CLI. Backends `crate` and `raw`
-//! refuse rpc-servers by name.
-//!
-//! Not tested, because it does not hold: a server killed after the model loaded ends the client
-//! process (ggml's RPC client aborts on a thread of its own; see `llama::rpc`).
+//! connection are typed errors, through the library and the CLI; so is a server killed while a
+//! generation runs (the client process carries on, and says which server it lost). Backends
+//! `crate` and `raw` refuse rpc-servers by name.
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Server, client};
 use exsa_engine::serving::BATCH_NEAR_TIE;
 use exsa_engine::*;
+use serde_json::json;
+
+mod common;
 
 /// An `exsa rpc-server` child on a free loopback port, killed on drop.
 struct RpcServer {
@@ -24,7 +26,10 @@ struct RpcServer {
 impl RpcServer {
     fn start() -> RpcServer {
         // A port that was free a moment ago (the server binds it itself).
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        RpcServer::start_on(TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+    }
+
+    fn start_on(port: u16) -> RpcServer {
         let child = Command::new(env!("CARGO_BIN_EXE_exsa"))
             .args(["--log", "error", "--threads", "1", "rpc-server", "--port", &port.to_string()])
             .stdout(Stdio::null())
@@ -45,6 +50,14 @@ impl RpcServer {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl RpcServer {
+    /// Ends the server the hard way: no goodbye on its sockets but what the kernel sends.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 }
 
@@ -160,4 +173,117 @@ fn a_server_bound_beyond_loopback_warns_that_the_protocol_has_no_authentication(
     let port = taken.local_addr().unwrap().port().to_string();
     let out = Command::new(env!("CARGO_BIN_EXE_exsa")).args(["--log", "error", "rpc-server", "--port", &port]).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_server_killed_mid_generation_is_an_error_not_an_abort() {
+    if !supported() {
+        return;
+    }
+    assert!(llama::rpc::watched(), "this build's RPC client is unpatched (see llama-sys build/rpc_patch.rs)");
+    let mut servers = [RpcServer::start(), RpcServer::start()];
+    let mut remote = config(servers.iter().map(|s| s.endpoint.clone()).collect(), 12);
+    remote.tensor_split = vec![1.0, 1.0];
+    let engine = Engine::load(remote).unwrap();
+    let request = GenerateRequest { max_tokens: 200, sampling: SamplingParams::greedy(), ..GenerateRequest::new("Once upon a time") };
+    let mut session = engine.session().unwrap();
+    let mut generation = session.generate(&request).unwrap();
+    for _ in 0..4 {
+        generation.next().expect("a token").expect("the servers are up");
+    }
+    let lost = servers[1].endpoint.clone();
+    servers[1].kill();
+    // The next decode finds the connection gone; at most one more may complete first, if its
+    // reply was already on the way.
+    let err = generation.by_ref().take(3).find_map(Result::err).expect("the generation fails once a server is gone");
+    assert!(matches!(&err, EngineError::Rpc(m) if m.contains(&lost) && m.contains("lost")), "{err:?}");
+    assert!(generation.next().is_none_or(|r| r.is_err()), "no token after the loss");
+    drop(generation);
+    drop(session);
+    // Every later use of the model says the same, at once, instead of computing on zeros.
+    let started = Instant::now();
+    let again = engine.generate(&GenerateRequest { max_tokens: 4, ..request.clone() }).expect_err("the model lost its layers");
+    assert!(matches!(&again, EngineError::Rpc(m) if m.contains(&lost)), "{again:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    // The model frees cleanly (the live server gives its buffers back), and the process goes on.
+    drop(engine);
+    Engine::load(config(vec![servers[0].endpoint.clone()], 6)).expect("the surviving server still serves a new model");
+
+    // The CLI: exit 1 with the lost endpoint named, not an abort (134) or a hang.
+    let mut servers = [RpcServer::start(), RpcServer::start()];
+    let endpoints = format!("{},{}", servers[0].endpoint, servers[1].endpoint);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_exsa"))
+        .args(["--log", "error", "--rpc", &endpoints, "--gpu-layers", "12", "generate", "Once upon a time", "--max-tokens", "400"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    stdout.read_exact(&mut first).expect("the CLI streams text before the server goes");
+    let lost = servers[0].endpoint.clone();
+    servers[0].kill();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "exsa generate hangs after losing {lost}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&lost) && stderr.contains("lost"), "{stderr}");
+}
+
+#[test]
+fn exsa_serve_reports_a_lost_rpc_server_and_loads_the_model_again_once_it_is_back() {
+    if !supported() {
+        return;
+    }
+    let _turn = common::one_at_a_time();
+    let mut servers = [RpcServer::start(), RpcServer::start()];
+    let endpoints = format!("{},{}", servers[0].endpoint, servers[1].endpoint);
+    let server = Server::start(&["--rpc", &endpoints, "--gpu-layers", "12", "--parallel", "2"]);
+    let http = client();
+    let chat = || {
+        http.post(server.url("/v1/chat/completions"))
+            .json(&json!({ "messages": [{ "role": "user", "content": "Say hello." }], "max_tokens": 8, "temperature": 0 }))
+            .send()
+            .unwrap()
+    };
+    let health = || {
+        let r = http.get(server.url("/health")).send().unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().unwrap())
+    };
+    assert_eq!(chat().status().as_u16(), 200);
+
+    let port: u16 = servers[1].endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    servers[1].kill();
+    // The request that finds the server gone fails with a typed error, and the server lives on.
+    let failed = chat();
+    let status = failed.status().as_u16();
+    let body: serde_json::Value = failed.json().unwrap();
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "rpc_server_lost", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains(&servers[1].endpoint), "{body}");
+    // /health takes the server out of a balancer's rotation while the model cannot be reloaded.
+    let (status, said) = health();
+    assert_eq!(status, 503, "{said}");
+    assert!(said["status"] == "rpc_server_lost" || said["status"] == "model_unavailable", "{said}");
+    let refused = chat();
+    assert!(matches!(refused.status().as_u16(), 502 | 503), "{}", refused.status());
+
+    // The rpc-server comes back on its port: the model loads again and serves.
+    let _back = RpcServer::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while health().0 != 200 {
+        assert!(Instant::now() < deadline, "the model was not loaded again: {}", health().1);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let again = chat();
+    assert_eq!(again.status().as_u16(), 200);
+    let body: serde_json::Value = again.json().unwrap();
+    assert!(!body["choices"][0]["message"]["content"].as_str().unwrap_or("").is_empty(), "{body}");
 }

@@ -25,13 +25,18 @@ impl Installed {
     }
 }
 
-/// `cache` is LLAMA_SYS_BUILD_CACHE when set (the workspace sets it, so debug, release and
-/// tuning builds share one folder per flag set), else OUT_DIR as for any -sys crate.
-pub fn build(plan: &BuildPlan, source: &Path, cache: Option<&Path>, out_dir: &Path, key: &str) -> Installed {
-    let root = match cache {
+/// The build folder of flag set `key`. `cache` is LLAMA_SYS_BUILD_CACHE when set (the workspace
+/// sets it, so debug, release and tuning builds share one folder per flag set), else OUT_DIR as
+/// for any -sys crate.
+pub fn root(cache: Option<&Path>, out_dir: &Path, key: &str) -> PathBuf {
+    match cache {
         Some(cache) => cache.join(key),
         None => out_dir.join("llama.cpp"),
-    };
+    }
+}
+
+/// `project_include`: a CMake script run at the tree's `project()` (CMAKE_PROJECT_INCLUDE).
+pub fn build(plan: &BuildPlan, source: &Path, root: PathBuf, project_include: Option<&Path>) -> Installed {
     std::fs::create_dir_all(&root).unwrap_or_else(|e| crate::fail(&format!("cannot create {}: {e}", root.display())));
     // Two cargo invocations (say, `cargo test` and `cargo build --release`) may build the same
     // flag set at once; the second waits instead of corrupting the first's tree.
@@ -45,6 +50,9 @@ pub fn build(plan: &BuildPlan, source: &Path, cache: Option<&Path>, out_dir: &Pa
     config.profile("Release").no_default_flags(true).out_dir(&root);
     for (k, v) in &plan.defines {
         config.define(k, v);
+    }
+    if let Some(script) = project_include {
+        config.define("CMAKE_PROJECT_INCLUDE", script);
     }
     for flag in &plan.c_flags {
         config.cflag(flag);

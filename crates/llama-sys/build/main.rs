@@ -7,6 +7,7 @@ mod cmake_build;
 mod env;
 mod plan;
 mod profile;
+mod rpc_patch;
 mod shim;
 mod source;
 mod tools;
@@ -43,11 +44,18 @@ fn main() {
     // bindgen first: it takes seconds and fails early, CMake takes minutes.
     bindings::generate(&plan, &source.dir, &manifest_dir.join(shim::HEADER), &out_dir);
 
-    let key = cache_key(&plan, &target, &source);
+    let rpc = plan.switches[&plan::Switch::Rpc];
+    let rpc_patch = if rpc { rpc_patch(&source, &manifest_dir) } else { None };
+    let key = cache_key(&plan, &target, &source, rpc_patch.as_ref());
     let cache = env::var("LLAMA_SYS_BUILD_CACHE").map(PathBuf::from);
-    let installed = cmake_build::build(&plan, &source.dir, cache.as_deref(), &out_dir, &key);
+    let root = cmake_build::root(cache.as_deref(), &out_dir, &key);
+    let swap_script = rpc_patch.as_ref().map(|patch| {
+        let dir = root.join("exsa-rpc-client");
+        patch.write(&dir).unwrap_or_else(|e| fail(&format!("cannot write the patched RPC client to {}: {e}", dir.display())))
+    });
+    let installed = cmake_build::build(&plan, &source.dir, root, swap_script.as_deref());
     // The guards call into llama.cpp: a static library must come before those it uses.
-    shim::compile(&manifest_dir, &source.dir, plan.switches[&plan::Switch::Rpc]);
+    shim::compile(&manifest_dir, &source.dir, shim::Rpc::from_build(rpc, rpc_patch.is_some()));
     emit_link(&plan, &installed);
 
     let info = build_info::BuildInfo::collect(&plan, &source, &target.triple, &installed, &profile);
@@ -98,11 +106,35 @@ fn plan_input(target: &Target, source: &source::Source, profile: &profile::Profi
     }
 }
 
-/// Names the cached build folder: the plan, the target, the source tree, and the CFLAGS the cc
-/// crate forwards to CMake.
-fn cache_key(plan: &BuildPlan, target: &Target, source: &source::Source) -> String {
+/// The RPC client patched to report a lost server (see rpc_patch.rs). The pinned tree must take
+/// the patch; another tree (LLAMA_CPP_DIR) or a CMake too old builds ggml's client unpatched.
+fn rpc_patch(source: &source::Source, manifest_dir: &std::path::Path) -> Option<rpc_patch::Patch> {
+    let cmake = std::env::var("CMAKE").unwrap_or_else(|_| "cmake".into());
+    let version =
+        std::process::Command::new(&cmake).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let unpatched = |why: String| {
+        println!("cargo:warning=llama-sys: ggml's RPC client is unpatched ({why}): losing an rpc-server mid-run ends the process");
+        None
+    };
+    if !rpc_patch::cmake_supports(&version) {
+        let (major, minor) = rpc_patch::MIN_CMAKE;
+        return unpatched(format!("CMake {major}.{minor} or newer is needed, found {:?}", version.lines().next().unwrap_or("")));
+    }
+    match rpc_patch::Patch::prepare(&source.dir, manifest_dir) {
+        Ok(patch) => Some(patch),
+        Err(e) if env::var(source::SOURCE_DIR_VAR).is_some() => unpatched(e),
+        Err(e) => fail(&format!("the pinned llama.cpp tree does not take the RPC client patch: {e} (update build/rpc_patch.rs with the pin)")),
+    }
+}
+
+/// Names the cached build folder: the plan, the target, the source tree, the RPC client patch,
+/// and the CFLAGS the cc crate forwards to CMake.
+fn cache_key(plan: &BuildPlan, target: &Target, source: &source::Source, rpc_patch: Option<&rpc_patch::Patch>) -> String {
     let mut h = Sha256::new();
     h.update(plan.fingerprint());
+    if let Some(patch) = rpc_patch {
+        h.update(patch.fingerprint());
+    }
     h.update(&target.triple);
     h.update(source.dir.display().to_string());
     h.update(&source.pin.tree_sha256);

@@ -12,6 +12,9 @@
 #ifdef EXSA_WITH_RPC
 #include "ggml-rpc.h"
 #endif
+#ifdef EXSA_WITH_RPC_WATCH
+#include "exsa_rpc_watch.h"
+#endif
 
 namespace {
 
@@ -191,6 +194,32 @@ bool exsa_rpc_available(void) {
 #ifdef EXSA_WITH_RPC
     return true;
 #else
+    return false;
+#endif
+}
+
+bool exsa_rpc_watched(void) {
+#ifdef EXSA_WITH_RPC_WATCH
+    return true;
+#else
+    return false;
+#endif
+}
+
+uint64_t exsa_rpc_connection(const char * endpoint) {
+#ifdef EXSA_WITH_RPC_WATCH
+    return exsa_rpc_watch_current(endpoint);
+#else
+    (void) endpoint;
+    return 0;
+#endif
+}
+
+bool exsa_rpc_connection_lost(uint64_t id) {
+#ifdef EXSA_WITH_RPC_WATCH
+    return exsa_rpc_watch_is_lost(id);
+#else
+    (void) id;
     return false;
 #endif
 }

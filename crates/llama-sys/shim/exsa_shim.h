@@ -76,6 +76,15 @@ int32_t exsa_rpc_start_server(const char * endpoint, const char * cache_dir, siz
 // Whether this build has the RPC backend.
 bool exsa_rpc_available(void);
 
+// Whether this build's RPC client reports a lost server (rpc-watch, see llama-sys'
+// build/rpc_patch.rs) instead of ending the process.
+bool exsa_rpc_watched(void);
+// The number of the latest connection to `endpoint` (0: none, or not watched). A model loaded over
+// an endpoint keeps that connection for its whole life.
+uint64_t exsa_rpc_connection(const char * endpoint);
+// Whether connection `id` was lost (a reply failed: the server closed, crashed or vanished).
+bool exsa_rpc_connection_lost(uint64_t id);
+
 #ifdef __cplusplus
 }
 #endif

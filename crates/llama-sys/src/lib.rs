@@ -51,3 +51,8 @@ impl exsa_error {
 #[path = "../build/plan.rs"]
 #[allow(dead_code)]
 mod plan;
+
+#[cfg(test)]
+#[path = "../build/rpc_patch.rs"]
+#[allow(dead_code)]
+mod rpc_patch;

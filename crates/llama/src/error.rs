@@ -133,6 +133,9 @@ pub enum ContextError {
     /// llama.cpp could not create the context.
     #[error("llama.cpp could not create the context: {0}")]
     Llama(LlamaMessages),
+    /// An rpc-server holding the model's layers was lost (see [`crate::rpc`]).
+    #[error(transparent)]
+    Rpc(#[from] crate::rpc::RpcError),
 }
 
 /// Decoding or encoding a batch.
@@ -208,6 +211,10 @@ pub enum DecodeError {
     /// llama.cpp threw a C++ exception (caught at the boundary).
     #[error(transparent)]
     Exception(#[from] CppException),
+    /// An rpc-server holding the model's layers was lost before or during this decode; its
+    /// results are not to be trusted, nor any later decode's (see [`crate::rpc`]).
+    #[error(transparent)]
+    Rpc(#[from] crate::rpc::RpcError),
 }
 
 /// Reading logits or embeddings of an output.

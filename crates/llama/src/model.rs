@@ -146,6 +146,9 @@ pub struct Model {
     adapters: RwLock<()>,
     /// See [`Model::placement`].
     placement: Vec<String>,
+    /// The rpc-server connections the model's remote layers live on (empty without servers, or
+    /// where the build does not watch them).
+    rpc: Vec<crate::rpc::Connection>,
 }
 
 // SAFETY: a llama_model is immutable once loaded, but for its LoRA adapter set, which is only
@@ -206,7 +209,18 @@ impl Model {
         }
         match NonNull::new(raw) {
             Some(raw) => {
-                Ok(Model { raw, path: path.to_path_buf(), vocab_only: params.vocab_only, adapters: RwLock::new(()), placement: captured.placement })
+                let rpc = params.rpc_servers.iter().filter_map(|e| crate::rpc::Connection::current(e)).collect();
+                let model = Model {
+                    raw,
+                    path: path.to_path_buf(),
+                    vocab_only: params.vocab_only,
+                    adapters: RwLock::new(()),
+                    placement: captured.placement,
+                    rpc,
+                };
+                // A server lost while the weights went out leaves zeros where they should be.
+                model.check_servers().map_err(|e| LoadError::new(path, e.into()))?;
+                Ok(model)
             }
             None if state.cancelled => Err(LoadError::new(path, LoadErrorKind::Cancelled)),
             None => Err(LoadError::new(path, LoadErrorKind::Llama(messages))),
@@ -228,6 +242,19 @@ impl Model {
     /// `RPC0[10.0.0.2:50052] model buffer size = 40.1 MiB`, ...).
     pub fn placement(&self) -> &[String] {
         &self.placement
+    }
+
+    /// `Err(RpcError::Lost)` once a connection to one of the rpc-servers holding this model's
+    /// layers has failed: the model cannot compute any more (see [`crate::rpc`]). Always Ok for
+    /// a model without servers.
+    pub fn check_servers(&self) -> Result<(), crate::rpc::RpcError> {
+        self.rpc.iter().try_for_each(crate::rpc::Connection::check)
+    }
+
+    /// Whether layers of this model live on rpc-servers whose loss [`Model::check_servers`]
+    /// reports.
+    pub(crate) fn has_watched_servers(&self) -> bool {
+        !self.rpc.is_empty()
     }
 
     /// Whether only the vocabulary was loaded.

@@ -8,9 +8,14 @@
 //!
 //! Failures: an endpoint that cannot be parsed, reached or greeted is a typed error
 //! ([`RpcError`], or [`LoadErrorKind::Rpc`](crate::LoadErrorKind::Rpc) when loading), where ggml
-//! itself would end the process. A server that goes away **after** the model loaded still ends
-//! the client process: ggml (protocol 7.0) talks to each server from a thread of its own and
-//! aborts there when a reply does not come; nothing on the caller's side can catch that.
+//! itself would end the process. A server that goes away **after** the model loaded (it stopped,
+//! crashed, or its host vanished: keepalive probes notice that in about 25 s) is
+//! [`RpcError::Lost`]: from the decode that found it on, every decode of every context of that
+//! model fails with [`DecodeError::Rpc`](crate::DecodeError::Rpc), and so does creating a context;
+//! the model's remote tensors are gone, so load it again once the server is back. Upstream ggml
+//! (protocol 7.0) aborts the process there instead, from the thread that talks to the server;
+//! llama-sys patches that one spot of its client ([`watched`] says whether this build has the
+//! patch: a build from another `LLAMA_CPP_DIR` tree may not).
 //!
 //! [`ModelParams::rpc_servers`]: crate::ModelParams::rpc_servers
 
@@ -21,6 +26,11 @@ use crate::{backend, sys};
 
 /// The most devices one server may offer here.
 const MAX_DEVICES_PER_SERVER: usize = 16;
+
+/// How long a server may take to accept a connection before loading gives up on it (ggml itself
+/// would wait for the system's connect timeout, about 2 minutes on Linux for a host that drops
+/// packets).
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why an RPC call failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,9 +52,25 @@ pub enum RpcError {
         /// ggml's reason, without its source location.
         message: String,
     },
+    /// Nothing answered at the endpoint within [`CONNECT_TIMEOUT`] (or the name does not
+    /// resolve): checked before ggml connects, which would wait for the system's own timeout.
+    #[error("rpc-server {endpoint}: cannot connect: {reason}")]
+    Unreachable {
+        /// The server's endpoint.
+        endpoint: String,
+        /// What the system said, or that the time ran out.
+        reason: String,
+    },
     /// The cache directory's path is not valid for C.
     #[error("the cache directory {0:?} contains a NUL byte")]
     BadCacheDir(String),
+    /// The connection to a server the model was loaded over failed after loading: the server
+    /// stopped, crashed or cannot be reached, and the model's layers there are gone.
+    #[error("lost the rpc-server {endpoint} (it closed the connection or stopped answering); load the model again once it is back")]
+    Lost {
+        /// The server's endpoint.
+        endpoint: String,
+    },
 }
 
 /// Whether this build has ggml's RPC backend.
@@ -53,7 +79,41 @@ pub fn available() -> bool {
     unsafe { sys::exsa_rpc_available() }
 }
 
-/// Checks `endpoint` is `HOST:PORT` (a bracketed IPv6 address works too) before ggml sees it:
+/// Whether this build's RPC client reports a lost server as [`RpcError::Lost`]; without the
+/// patch (a build from an unpinned tree), losing a server ends the process, as upstream.
+pub fn watched() -> bool {
+    // SAFETY: reads a compile-time constant of the shim.
+    unsafe { sys::exsa_rpc_watched() }
+}
+
+/// A model's connection to one server, as numbered by the patched client: a server that comes
+/// back gets a new connection, which does not revive a model loaded over the old one.
+#[derive(Debug, Clone)]
+pub(crate) struct Connection {
+    endpoint: String,
+    id: u64,
+}
+
+impl Connection {
+    /// The connection to `endpoint` that a model loading over it now uses; None when the build
+    /// does not watch connections.
+    pub(crate) fn current(endpoint: &str) -> Option<Connection> {
+        let c = CString::new(endpoint).ok()?;
+        // SAFETY: a NUL-terminated string that outlives the call; the registry copies it.
+        let id = unsafe { sys::exsa_rpc_connection(c.as_ptr()) };
+        (id != 0).then(|| Connection { endpoint: endpoint.to_string(), id })
+    }
+
+    /// `Err(Lost)` once a reply on this connection has failed.
+    pub(crate) fn check(&self) -> Result<(), RpcError> {
+        // SAFETY: reads the registry under its lock.
+        let lost = unsafe { sys::exsa_rpc_connection_lost(self.id) };
+        if lost { Err(RpcError::Lost { endpoint: self.endpoint.clone() }) } else { Ok(()) }
+    }
+}
+
+/// Checks `endpoint` is `HOST:PORT` (a bracketed IPv6 address passes, but ggml connects over
+/// IPv4 only, so connecting to one is [`RpcError::Unreachable`]) before ggml sees it:
 /// ggml ends the process on one it cannot parse.
 pub fn check_endpoint(endpoint: &str) -> Result<(), RpcError> {
     let bad = || RpcError::BadEndpoint { endpoint: endpoint.to_string() };
@@ -73,6 +133,7 @@ pub(crate) fn connect(endpoint: &str) -> Result<Vec<sys::ggml_backend_dev_t>, Rp
         return Err(RpcError::Unavailable);
     }
     let c = CString::new(endpoint).map_err(|_| RpcError::BadEndpoint { endpoint: endpoint.to_string() })?;
+    reachable(endpoint)?;
     let mut devices: Vec<sys::ggml_backend_dev_t> = vec![std::ptr::null_mut(); MAX_DEVICES_PER_SERVER];
     let mut n = 0usize;
     let add = |err| {
@@ -85,6 +146,20 @@ pub(crate) fn connect(endpoint: &str) -> Result<Vec<sys::ggml_backend_dev_t>, Rp
     result.map_err(|e| RpcError::Ggml { endpoint: endpoint.to_string(), message: ggml_message(&e.what) })?;
     devices.truncate(n);
     Ok(devices)
+}
+
+/// Connects once with [`CONNECT_TIMEOUT`] and hangs up (the server goes back to waiting).
+fn reachable(endpoint: &str) -> Result<(), RpcError> {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let unreachable = |reason: String| RpcError::Unreachable { endpoint: endpoint.to_string(), reason };
+    // ggml connects over IPv4 to the host's first address; so does this.
+    let mut addrs = endpoint.to_socket_addrs().map_err(|e| unreachable(e.to_string()))?;
+    let addr = addrs.find(std::net::SocketAddr::is_ipv4).ok_or_else(|| unreachable("the host has no IPv4 address".into()))?;
+    match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(unreachable(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()))),
+        Err(e) => Err(unreachable(e.to_string())),
+    }
 }
 
 /// Serves this process's devices on `endpoint` (GPUs where the build has them, else the CPU with

@@ -77,6 +77,8 @@
 //!   error.
 //! - GPU backends report device errors (CUDA, Metal) by aborting inside ggml; no guard can catch
 //!   those.
-//! - **An rpc-server that goes away after the model loaded ends the client process**: ggml's RPC
-//!   client (protocol 7.0) sends every command from a dispatcher thread of its own and aborts
-//!   there when a reply fails; the caller only waits for it. See [`crate::rpc`].
+//! - **An rpc-server that goes away after the model loaded ends the client process in builds
+//!   without the RPC client patch** (another `LLAMA_CPP_DIR` tree; [`crate::rpc::watched`] says
+//!   which): upstream ggml's client (protocol 7.0) aborts on a dispatcher thread of its own when a
+//!   reply fails. The pinned tree is patched at build time so that the loss is
+//!   [`crate::rpc::RpcError::Lost`] instead. See [`crate::rpc`].

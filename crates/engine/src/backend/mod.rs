@@ -118,6 +118,11 @@ pub trait BackendModel: Send + Sync + Sized {
     /// Whether a sampler for `params` can be built for this model (biases in the vocabulary,
     /// a grammar that parses, a backend that supports it), without a session.
     fn check_sampling(&self, params: &SamplingParams) -> Result<(), EngineError>;
+    /// [`EngineError::Rpc`] once an rpc-server holding the model's layers was lost (the model
+    /// cannot compute any more); Ok for a model without servers.
+    fn check_servers(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
     fn session(&self, config: &SessionConfig) -> Result<Self::Session<'_>, EngineError>;
 }
 

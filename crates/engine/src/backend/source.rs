@@ -128,6 +128,10 @@ impl BackendModel for SourceModel {
         build_sampler(&self.model, params).map(drop)
     }
 
+    fn check_servers(&self) -> Result<(), EngineError> {
+        self.model.check_servers().map_err(|lost| EngineError::Rpc(lost.to_string()))
+    }
+
     fn session(&self, config: &SessionConfig) -> Result<SourceSession<'_>, EngineError> {
         let params = ContextParams {
             n_ctx: config.n_ctx,
@@ -146,7 +150,10 @@ impl BackendModel for SourceModel {
             pooling: if config.embeddings { Pooling::Mean } else { Pooling::Unspecified },
             ..Default::default()
         };
-        let ctx = Context::new(&self.model, &params).map_err(|e| EngineError::Session(e.into()))?;
+        let ctx = Context::new(&self.model, &params).map_err(|e| match e {
+            llama::ContextError::Rpc(lost) => EngineError::Rpc(lost.to_string()),
+            e => EngineError::Session(e.into()),
+        })?;
         // Each token of a multi-sequence batch belongs to one sequence: one id per entry is enough.
         let batch = Batch::new(ctx.n_batch() as usize, 1).map_err(|e| EngineError::Session(e.into()))?;
         Ok(SourceSession { model: &self.model, ctx, batch, sampler: None })
@@ -262,6 +269,7 @@ impl<'m> BackendSession for SourceSession<'m> {
 fn decode_error(e: llama::DecodeError) -> EngineError {
     match e {
         llama::DecodeError::Aborted => EngineError::Cancelled,
+        llama::DecodeError::Rpc(lost) => EngineError::Rpc(lost.to_string()),
         e @ llama::DecodeError::NoKvSlot => EngineError::decode(DecodeFailure::NoKvSlot, e),
         e @ (llama::DecodeError::Rejected { .. } | llama::DecodeError::Exception(_)) => EngineError::decode(DecodeFailure::Internal, e),
         e => EngineError::decode(DecodeFailure::InvalidBatch, e),

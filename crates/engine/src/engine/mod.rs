@@ -165,6 +165,13 @@ impl Engine {
         self.model.check_sampling(params)
     }
 
+    /// [`EngineError::Rpc`] once an rpc-server holding the model's layers was lost: every
+    /// generation fails from then on, and the model must be loaded again (the server does that
+    /// itself, see `exsa serve`). Ok for a model without rpc-servers.
+    pub fn check_servers(&self) -> Result<(), EngineError> {
+        self.model.check_servers()
+    }
+
     /// Formats a chat with [`Engine::chat_template`], opening the assistant's turn.
     pub fn format_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
         if messages.is_empty() {

@@ -68,6 +68,8 @@ impl From<EngineError> for ApiError {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string()).with_code("kv_cache_full")
             }
             EngineError::Cancelled => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string()).with_code("cancelled"),
+            // The model's layers on another host are gone; the server reloads the model.
+            EngineError::Rpc(_) => ApiError::new(StatusCode::BAD_GATEWAY, "server_error", e.to_string()).with_code("rpc_server_lost"),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()),
         }
     }

@@ -89,6 +89,7 @@ pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig,
             loop {
                 tick.tick().await;
                 reaper.models.unload_expired().await;
+                reaper.models.recover_lost().await;
             }
         });
         let failure = Arc::new(std::sync::Mutex::new(None));

@@ -82,6 +82,8 @@ struct Entry {
     view: std::sync::Mutex<Option<Arc<Loaded>>>,
     /// Milliseconds since the registry started, at the last request.
     last_used_ms: AtomicU64,
+    /// Why the model is not loaded now, after it lost an rpc-server and could not be loaded again.
+    reload_failed: std::sync::Mutex<Option<String>>,
 }
 
 impl Entry {
@@ -93,6 +95,15 @@ impl Entry {
 
     fn view(&self) -> std::sync::MutexGuard<'_, Option<Arc<Loaded>>> {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The loaded model, if an rpc-server holding its layers was lost.
+    fn lost(&self) -> Option<String> {
+        self.view().as_ref().and_then(|m| m.engine.check_servers().err()).map(|e| e.to_string())
+    }
+
+    fn reload_failed(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.reload_failed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// No request holds the model: only the entry's two references remain.
@@ -123,7 +134,13 @@ impl Models {
                 tracing::warn!(id = %source.id, path = %source.path.display(), "a model with this id is listed already; this file is not served");
                 continue;
             }
-            entries.push(Entry { source, loaded: tokio::sync::Mutex::new(None), view: std::sync::Mutex::new(None), last_used_ms: AtomicU64::new(0) });
+            entries.push(Entry {
+                source,
+                loaded: tokio::sync::Mutex::new(None),
+                view: std::sync::Mutex::new(None),
+                last_used_ms: AtomicU64::new(0),
+                reload_failed: std::sync::Mutex::new(None),
+            });
         }
         let ready = !entries.iter().any(|e| e.source.pinned);
         Models { entries, policy, gate: tokio::sync::Mutex::new(()), epoch: Instant::now(), ready: AtomicBool::new(ready), failed: OnceLock::new() }
@@ -135,6 +152,55 @@ impl Models {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// What `/health` says: Err(status, reason) while the pinned models load, while a loaded
+    /// model has lost an rpc-server, or while a pinned one that did could not be loaded again.
+    pub fn health(&self) -> Result<(), (&'static str, String)> {
+        if !self.is_ready() {
+            return Err(("loading", "the pinned models are loading".into()));
+        }
+        for entry in &self.entries {
+            if let Some(lost) = entry.lost() {
+                return Err(("rpc_server_lost", format!("{}: {lost}", entry.source.id)));
+            }
+            if let Some(failed) = entry.reload_failed().clone() {
+                return Err(("model_unavailable", format!("{}: {failed}", entry.source.id)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads again the models that lost an rpc-server, once no request holds them (requests
+    /// that do fail at their next decode and let go); pinned ones whose reload failed are
+    /// tried again. Called on the reaper's tick and by requests that find a model lost.
+    pub async fn recover_lost(&self) {
+        for entry in &self.entries {
+            let retry_pinned = entry.source.pinned && entry.reload_failed().is_some();
+            if entry.lost().is_none() && !retry_pinned {
+                continue;
+            }
+            let _gate = self.gate.lock().await;
+            if entry.lost().is_some() {
+                tracing::warn!(model = %entry.source.id, "an rpc-server of this model was lost; loading it again once idle");
+                self.unload_if_idle(entry).await;
+            }
+            // On-demand models load again at their next request.
+            if !entry.source.pinned {
+                continue;
+            }
+            let mut slot = entry.loaded.lock().await;
+            if slot.is_some() {
+                continue;
+            }
+            match self.load(&entry.source).await {
+                Ok(loaded) => {
+                    entry.set(&mut slot, Some(loaded));
+                    *entry.reload_failed() = None;
+                }
+                Err(e) => *entry.reload_failed() = Some(e.message),
+            }
+        }
     }
 
     /// Loads the pinned models; `/health` turns ready once they are in. The error of the first
@@ -160,14 +226,21 @@ impl Models {
     pub async fn get(&self, id: Option<&str>) -> Result<Arc<Loaded>, ApiError> {
         let entry = self.entry(id)?;
         entry.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
+        if entry.lost().is_some() || entry.reload_failed().is_some() {
+            self.recover_lost().await;
+            if let Some(lost) = entry.lost() {
+                // Requests still hold it; they fail at their next decode.
+                return Err(ApiError::new(StatusCode::BAD_GATEWAY, "server_error", lost).with_code("rpc_server_lost"));
+            }
+        }
         {
             let slot = entry.loaded.lock().await;
             if let Some(loaded) = slot.as_ref() {
                 return Ok(Arc::clone(loaded));
             }
             if entry.source.pinned {
-                // Its load at start failed.
-                let reason = self.failed.get().cloned().unwrap_or_else(|| "the model is not loaded".into());
+                // Its load at start failed, or its reload after losing an rpc-server.
+                let reason = entry.reload_failed().clone().or_else(|| self.failed.get().cloned()).unwrap_or_else(|| "the model is not loaded".into());
                 return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", reason).with_code("model_unavailable"));
             }
         }

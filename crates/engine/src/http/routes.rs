@@ -96,11 +96,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// 200 while the server can serve; 503 while it loads, or while a model lost an rpc-server and
+/// is not loaded again yet: a balancer polling this sends requests elsewhere meanwhile.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.models.is_ready() {
-        Json(json!({ "status": "ok" })).into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(json!({ "status": "loading" }))).into_response()
+    match state.models.health() {
+        Ok(()) => Json(json!({ "status": "ok" })).into_response(),
+        Err((status, reason)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(json!({ "status": status, "reason": reason }))).into_response()
+        }
     }
 }
 

@@ -582,7 +582,12 @@ fn fail_batch(session: &mut Session<'_>, slots: &mut [Slot<'_>], e: &EngineError
     for slot in slots.iter_mut().filter(|s| s.request.is_some()) {
         session.seq_clear(slot.seq);
         slot.cached.clear();
-        let error = if matches!(e, EngineError::Cancelled) { EngineError::Cancelled } else { EngineError::decode(kind, e.to_string()) };
+        // Each slot gets its own copy, of the same kind (a lost rpc-server stays one).
+        let error = match e {
+            EngineError::Cancelled => EngineError::Cancelled,
+            EngineError::Rpc(lost) => EngineError::Rpc(lost.clone()),
+            e => EngineError::decode(kind, e.to_string()),
+        };
         fail(slot, error, clock, counters);
     }
 }

@@ -60,6 +60,7 @@ impl<'m> Context<'m> {
             return Err(ContextError::VocabOnly);
         }
         params.validate()?;
+        model.check_servers()?;
         let _adapters = model.adapters_read();
         let raw_params = params.to_raw();
         // SAFETY: the model is alive for 'm, which this context cannot outlive; its adapter set,
@@ -190,6 +191,7 @@ impl<'m> Context<'m> {
         call: impl FnOnce(*mut sys::llama_context, sys::llama_batch, *mut i32, *mut sys::exsa_error) -> i32,
     ) -> Result<(), DecodeError> {
         self.check_batch(batch, whole)?;
+        self.model.check_servers()?;
         self.outputs.clear();
         let mut code = 0;
         // Graph building reads the model's adapter set: no adapter may be loaded or freed meanwhile.
@@ -198,6 +200,12 @@ impl<'m> Context<'m> {
         // Whatever happens next, the snapshots of earlier decodes are gone (or now in doubt).
         self.forget_cut_floors();
         guarded?;
+        if code == 0 && self.model.has_watched_servers() {
+            // An RPC decode returns before its computation has; a server lost meanwhile leaves
+            // zeros in the outputs, which must not be read as logits.
+            self.synchronize();
+            self.model.check_servers()?;
+        }
         match code {
             0 => {
                 self.outputs.extend(batch.entries().enumerate().filter(|(_, e)| e.output).map(|(i, _)| i as i32));
