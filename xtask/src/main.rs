@@ -3,8 +3,10 @@
 mod app_test;
 mod bench;
 mod bench_serve;
+mod check_cuda;
 mod fetch_model;
 mod fuzz;
+mod gpu_bundle;
 mod hashing;
 mod leak_check;
 mod llama_tools;
@@ -53,6 +55,10 @@ enum Command {
     BenchServe(bench_serve::Args),
     /// Find the fastest llama.cpp build for this machine and make it the default.
     Tune(tune::Args),
+    /// Build the CUDA backend here against a toolkit from PyPI (setup --cuda): the full check.
+    CheckCuda(check_cuda::Args),
+    /// Everything a GPU machine without Rust needs to bench our build on its GPU (docs/gpu.md).
+    GpuBundle(gpu_bundle::Args),
 }
 
 /// Errors end the run with one `error:` line (the cause chain joined), never with a backtrace:
@@ -80,6 +86,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Fuzz(args) => fuzz::run(&args),
         Command::BenchCompare(args) => bench::run(&args),
         Command::Tune(args) => tune::run(&args),
+        Command::CheckCuda(args) => check_cuda::run(&args),
+        Command::GpuBundle(args) => gpu_bundle::run(&args),
         Command::BenchServe(args) => bench_serve::run(&args),
     }
 }

@@ -1,12 +1,14 @@
 //! `cargo xtask test`: the README's test command. Sets up what the tests need (system packages,
 //! reported with their paths; the vendored source; the default model; the random-weight models
 //! of other architectures from `synth-models`), then runs every test of
-//! the workspace, the engine's tests once more per other backend, an app outside the workspace
-//! built against the packaged crates, rustfmt and clippy, and the leak check on Linux.
+//! the workspace, the engine's tests once more per other backend and in the dynamic-backend mode,
+//! an app outside the workspace built against the packaged crates, rustfmt and clippy, the leak
+//! check on Linux, and the reduced CUDA check on Linux x86-64 (a toolkit from PyPI, ggml
+//! configured with CUDA, one CUDA source compiled).
 
 use anyhow::Result;
 
-use crate::{app_test, fetch_model, leak_check, python, setup, synth_models, vendor, workspace};
+use crate::{app_test, check_cuda, fetch_model, leak_check, python, setup, synth_models, vendor, workspace};
 
 /// The `openai` client the server tests drive `exsa serve` with (`.cargo/config.toml`'s
 /// EXSA_OPENAI_SITE names its folder).
@@ -38,6 +40,8 @@ pub fn run(args: &Args) -> Result<()> {
     for backend in ["crate", "raw"] {
         workspace::run(workspace::cargo().args(["test", "--locked", "-p", "exsa-engine", "--no-default-features", "--features", backend]))?;
     }
+    // Dynamic backends: llama.cpp as shared libraries, the CPU backend a module loaded at start.
+    workspace::run(workspace::cargo().args(["test", "--locked", "-p", "exsa-engine", "--features", "backend-dl", "--test", "backend_dl"]))?;
     app_test::run(&app_test::Args::default())?;
     // Lints on every target (tests, examples, benches: so the benches cannot rot unbuilt), for
     // the default backend and raw FFI. The crate backend is left out: linting it would build
@@ -58,6 +62,9 @@ pub fn run(args: &Args) -> Result<()> {
     ]))?;
     if cfg!(target_os = "linux") {
         leak_check::run(&leak_check::Args::default())?;
+    }
+    if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        check_cuda::run_quick()?;
     }
     Ok(())
 }

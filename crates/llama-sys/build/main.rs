@@ -61,6 +61,13 @@ fn main() {
     let info = build_info::BuildInfo::collect(&plan, &source, &target.triple, &installed, &profile);
     info.write(&out_dir);
 
+    if plan.switches[&plan::Switch::BackendDl] {
+        // The modules, for the llama crate to load; the shared libraries, for dependents to
+        // find at run time (links metadata: DEP_LLAMA_SOURCE_LIB_DIR).
+        println!("cargo:rustc-env=LLAMA_SYS_BACKEND_DIR={}", installed.root.join("bin").display());
+        let dirs: Vec<String> = installed.lib_dirs().iter().map(|d| d.display().to_string()).collect();
+        println!("cargo:lib_dir={}", dirs.join(":"));
+    }
     println!("cargo:include={}", source.dir.join("include").display());
     println!("cargo:ggml_include={}", source.dir.join("ggml/include").display());
     println!("cargo:build_hash={}", info.hash());
@@ -72,8 +79,10 @@ fn main() {
 }
 
 fn plan_input(target: &Target, source: &source::Source, profile: &profile::Profile) -> PlanInput {
-    let features: BTreeSet<Switch> =
-        Switch::ALL.into_iter().filter(|s| std::env::var_os(format!("CARGO_FEATURE_{}", s.feature().to_ascii_uppercase())).is_some()).collect();
+    let features: BTreeSet<Switch> = Switch::ALL
+        .into_iter()
+        .filter(|s| std::env::var_os(format!("CARGO_FEATURE_{}", s.feature().to_ascii_uppercase().replace('-', "_"))).is_some())
+        .collect();
     // The tuned profile first, the environment over it: an explicit variable always wins.
     let mut env: BTreeMap<String, String> = profile.env.clone();
     env.extend(plan::known_env_vars().into_iter().filter_map(|k| env::var(&k).map(|v| (k, v))));
@@ -94,6 +103,7 @@ fn plan_input(target: &Target, source: &source::Source, profile: &profile::Profi
             }
         }
     };
+    let cuda_driver_stub = cuda_driver_stub(&env, target);
     PlanInput {
         target: target.clone(),
         host_build,
@@ -101,9 +111,17 @@ fn plan_input(target: &Target, source: &source::Source, profile: &profile::Profi
         features,
         env,
         ccache: tools::ccache(),
+        cuda_driver_stub,
         build_number: source.pin.build_number,
         build_commit: Some(source.pin.upstream_commit.clone()).filter(|c| !c.is_empty() && c != "unknown"),
     }
+}
+
+/// Whether the CUDA toolkit (CUDA_PATH, else /usr/local/cuda) has the driver's link stub.
+fn cuda_driver_stub(env: &BTreeMap<String, String>, target: &Target) -> bool {
+    let root = PathBuf::from(env.get(plan::CUDA_PATH_VAR).map_or("/usr/local/cuda", String::as_str));
+    let stub = if target.os == "windows" { root.join("lib/x64/cuda.lib") } else { root.join("lib64/stubs/libcuda.so") };
+    stub.is_file()
 }
 
 /// The RPC client patched to report a lost server (see rpc_patch.rs). The pinned tree must take

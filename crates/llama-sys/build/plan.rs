@@ -49,10 +49,11 @@ pub enum Switch {
     Cuda,
     Rpc,
     Amx,
+    BackendDl,
 }
 
 impl Switch {
-    pub const ALL: [Switch; 11] = [
+    pub const ALL: [Switch; 12] = [
         Switch::Native,
         Switch::OpenMp,
         Switch::Llamafile,
@@ -64,6 +65,7 @@ impl Switch {
         Switch::Cuda,
         Switch::Rpc,
         Switch::Amx,
+        Switch::BackendDl,
     ];
 
     /// The cargo feature that forces this switch on.
@@ -80,12 +82,13 @@ impl Switch {
             Switch::Cuda => "cuda",
             Switch::Rpc => "rpc",
             Switch::Amx => "amx",
+            Switch::BackendDl => "backend-dl",
         }
     }
 
     /// The environment variable that overrides both the feature and the platform default.
     pub fn env_var(self) -> String {
-        format!("LLAMA_SYS_{}", self.feature().to_ascii_uppercase())
+        format!("LLAMA_SYS_{}", self.feature().to_ascii_uppercase().replace('-', "_"))
     }
 
     /// The ggml CMake option this switch sets.
@@ -104,6 +107,8 @@ impl Switch {
             // GGML_AMX_TILE and GGML_AMX_BF16 follow it, and native builds without it get -mno-amx-*;
             // see BuildPlan::new.
             Switch::Amx => "GGML_AMX_INT8",
+            // Shared libraries, and each backend a module ggml loads at run time.
+            Switch::BackendDl => "GGML_BACKEND_DL",
         }
     }
 
@@ -121,7 +126,7 @@ impl Switch {
             Switch::Rpc => true,
             // ggml's AMX matmul segfaults in decode with the default model on the pinned tree
             // (Xeon with AMX, found by tests/ffi_smoke.rs), so it is opt-in until upstream fixes it.
-            Switch::Lto | Switch::Blas | Switch::Cuda | Switch::Amx => false,
+            Switch::Lto | Switch::Blas | Switch::Cuda | Switch::Amx | Switch::BackendDl => false,
         }
     }
 }
@@ -145,6 +150,10 @@ pub struct PlanInput {
     pub env: BTreeMap<String, String>,
     /// Path of a ccache binary, when one should be used.
     pub ccache: Option<String>,
+    /// Whether the CUDA toolkit has the driver's link stub (`lib64/stubs/libcuda.so`): the PyPI
+    /// wheels of `cargo xtask setup --cuda` do not, and ggml then builds without the driver API
+    /// (GGML_CUDA_NO_VMM).
+    pub cuda_driver_stub: bool,
     /// LLAMA_BUILD_NUMBER / LLAMA_BUILD_COMMIT for llama.cpp's own version reporting.
     pub build_number: Option<u32>,
     pub build_commit: Option<String>,
@@ -206,6 +215,14 @@ pub const CMAKE_ARGS_VAR: &str = "LLAMA_SYS_CMAKE_ARGS";
 pub const CFLAGS_VAR: &str = "LLAMA_SYS_CFLAGS";
 pub const CXXFLAGS_VAR: &str = "LLAMA_SYS_CXXFLAGS";
 pub const CUDA_PATH_VAR: &str = "CUDA_PATH";
+/// `1` builds ggml's CUDA backend without the driver API's virtual memory pool
+/// (GGML_CUDA_NO_VMM), so nothing links the driver library; implied when the toolkit has no
+/// driver stub.
+pub const CUDA_NO_VMM_VAR: &str = "LLAMA_SYS_CUDA_NO_VMM";
+/// CUDA architectures when LLAMA_SYS_CUDA_ARCHITECTURES is not set: machine code for the current
+/// generations (Ampere and Ada consumer cards, Hopper and Blackwell datacenter parts, Blackwell
+/// consumer cards), and Ampere PTX that the driver compiles for anything newer.
+pub const DEFAULT_CUDA_ARCHS: &str = "86-real;89-real;90a-real;100a-real;120a-real;86-virtual";
 /// C and C++ compilers for CMake (`gcc`/`g++`, `clang`/`clang++`, or paths): a tuning dimension.
 pub const CC_VAR: &str = "LLAMA_SYS_CC";
 pub const CXX_VAR: &str = "LLAMA_SYS_CXX";
@@ -214,7 +231,8 @@ pub const CXX_VAR: &str = "LLAMA_SYS_CXX";
 pub fn known_env_vars() -> Vec<String> {
     let mut vars: Vec<String> = Switch::ALL.iter().map(|s| s.env_var()).collect();
     vars.extend(
-        [OPT_LEVEL_VAR, CUDA_ARCHS_VAR, BLAS_VENDOR_VAR, CMAKE_ARGS_VAR, CFLAGS_VAR, CXXFLAGS_VAR, CUDA_PATH_VAR, CC_VAR, CXX_VAR].map(String::from),
+        [OPT_LEVEL_VAR, CUDA_ARCHS_VAR, CUDA_NO_VMM_VAR, BLAS_VENDOR_VAR, CMAKE_ARGS_VAR, CFLAGS_VAR, CXXFLAGS_VAR, CUDA_PATH_VAR, CC_VAR, CXX_VAR]
+            .map(String::from),
     );
     vars
 }
@@ -235,7 +253,8 @@ impl BuildPlan {
         // nothing else, so its tests, tools, server and network code are dead weight.
         // Release whatever cargo's profile: a Debug llama.cpp is two orders of magnitude slower.
         define("CMAKE_BUILD_TYPE", "Release");
-        define("BUILD_SHARED_LIBS", "OFF");
+        // Static libraries, but for the dynamic-backend mode: ggml then needs shared ones.
+        define("BUILD_SHARED_LIBS", onoff(on(Switch::BackendDl)));
         define("CMAKE_POSITION_INDEPENDENT_CODE", "ON");
         for off in [
             "LLAMA_BUILD_TESTS",
@@ -266,9 +285,18 @@ impl BuildPlan {
             };
             define("GGML_BLAS_VENDOR", &vendor);
         }
-        if let (true, Some(archs)) = (on(Switch::Cuda), input.env.get(CUDA_ARCHS_VAR)) {
+        if on(Switch::Cuda) {
+            let archs = input.env.get(CUDA_ARCHS_VAR).map_or(DEFAULT_CUDA_ARCHS, String::as_str);
             validate_cuda_archs(archs)?;
             define("CMAKE_CUDA_ARCHITECTURES", archs);
+            define("GGML_CUDA_NO_VMM", onoff(cuda_no_vmm(input)?));
+            // The toolkit named, not whichever nvcc PATH finds first (a toolkit assembled by
+            // `cargo xtask setup --cuda` is on no PATH).
+            if let Some(root) = input.env.get(CUDA_PATH_VAR) {
+                let nvcc = if target.os == "windows" { "nvcc.exe" } else { "nvcc" };
+                define("CUDAToolkit_ROOT", root);
+                define("CMAKE_CUDA_COMPILER", &format!("{root}/bin/{nvcc}"));
+            }
         }
         if let Some(ccache) = &input.ccache {
             define("CMAKE_C_COMPILER_LAUNCHER", ccache);
@@ -369,6 +397,25 @@ fn resolve_switches(input: &PlanInput) -> Result<BTreeMap<Switch, bool>, PlanErr
             )));
         }
     }
+    if switches[&Switch::BackendDl] {
+        // The dynamic-backend mode goes without two defaults: RPC (our shim calls ggml-rpc's
+        // functions directly, which a loaded module does not export to the link) and native CPU
+        // flags (ggml refuses them there: a module is meant to run on other CPUs; the CPU module
+        // gets ggml's portable x86-64 level, or one module per CPU generation with
+        // LLAMA_SYS_CMAKE_ARGS=-DGGML_CPU_ALL_VARIANTS=ON). Asked for by name, each is an error.
+        for s in [Switch::Rpc, Switch::Native] {
+            let asked = input.env.get(&s.env_var()).is_some_and(|v| parse_bool(&s.env_var(), v).unwrap_or(true)) || input.features.contains(&s);
+            if asked {
+                return Err(PlanError(format!(
+                    "{s} ({}) and backend-dl ({}) do not combine: with dynamic backends ggml builds every backend as a module{}",
+                    s.env_var(),
+                    Switch::BackendDl.env_var(),
+                    if s == Switch::Rpc { ", which the guards cannot link" } else { " meant for other CPUs too" }
+                )));
+            }
+            switches.insert(s, false);
+        }
+    }
     if switches[&Switch::Native] && !input.host_build {
         return Err(PlanError(format!(
             "native CPU flags ({}) describe the build machine and cannot target {}; set {}=off",
@@ -378,6 +425,22 @@ fn resolve_switches(input: &PlanInput) -> Result<BTreeMap<Switch, bool>, PlanErr
         )));
     }
     Ok(switches)
+}
+
+/// GGML_CUDA_NO_VMM: asked for, or forced by a toolkit without the driver stub to link.
+fn cuda_no_vmm(input: &PlanInput) -> Result<bool, PlanError> {
+    match input.env.get(CUDA_NO_VMM_VAR) {
+        Some(raw) => {
+            let no_vmm = parse_bool(CUDA_NO_VMM_VAR, raw)?;
+            if !no_vmm && !input.cuda_driver_stub {
+                return Err(PlanError(format!(
+                    "{CUDA_NO_VMM_VAR}=off needs the CUDA driver's link stub (lib64/stubs/libcuda.so under {CUDA_PATH_VAR}), which this toolkit lacks"
+                )));
+            }
+            Ok(no_vmm)
+        }
+        None => Ok(!input.cuda_driver_stub),
+    }
 }
 
 fn parse_bool(var: &str, raw: &str) -> Result<bool, PlanError> {
@@ -451,8 +514,16 @@ fn parse_compiler_flags(var: &str, raw: Option<&String>) -> Result<Vec<String>, 
 fn link_list(input: &PlanInput, switches: &BTreeMap<Switch, bool>) -> (Vec<Link>, Vec<String>) {
     let on = |s: Switch| switches[&s];
     let target = &input.target;
-    let mut links = vec![Link::Static("llama".into()), Link::Static("ggml".into()), Link::Static("ggml-cpu".into())];
     let mut search_paths = Vec::new();
+    if on(Switch::BackendDl) {
+        // Every backend (the CPU's too) is a module ggml loads at run time; the program links
+        // the three shared libraries alone, so it starts where a backend's own libraries (CUDA's)
+        // are missing.
+        let mut links: Vec<Link> = ["llama", "ggml", "ggml-base"].map(|l| Link::Dylib(l.into())).into();
+        links.extend(system_links(input, switches));
+        return (links, search_paths);
+    }
+    let mut links = vec![Link::Static("llama".into()), Link::Static("ggml".into()), Link::Static("ggml-cpu".into())];
 
     // Backends sit between ggml and ggml-base: they call into ggml-base and are registered by ggml.
     if on(Switch::Blas) {
@@ -478,10 +549,24 @@ fn link_list(input: &PlanInput, switches: &BTreeMap<Switch, bool>) -> (Vec<Link>
             // libcuda.so belongs to the driver; the stub lets machines without one link.
             search_paths.push(format!("{root}/lib64/stubs"));
         }
-        for lib in ["cudart", "cublas", "cublasLt", "cuda"] {
+        for lib in ["cudart", "cublas", "cublasLt"] {
             links.push(Link::Dylib(lib.into()));
         }
+        // The driver library only for the virtual memory pool (GGML_CUDA_NO_VMM off).
+        if input.cuda_driver_stub && !matches!(cuda_no_vmm(input), Ok(true)) {
+            links.push(Link::Dylib("cuda".into()));
+        }
     }
+    links.extend(system_links(input, switches));
+    (links, search_paths)
+}
+
+/// BLAS, OpenMP, Apple frameworks and the C++ runtime: what the static libraries need from the
+/// system (the dynamic-backend mode needs the C++ runtime too, for the shim).
+fn system_links(input: &PlanInput, switches: &BTreeMap<Switch, bool>) -> Vec<Link> {
+    let on = |s: Switch| switches[&s] && !switches[&Switch::BackendDl];
+    let target = &input.target;
+    let mut links = Vec::new();
     if on(Switch::Blas) && !target.is_apple() {
         let vendor = input.env.get(BLAS_VENDOR_VAR).map(String::as_str).unwrap_or("OpenBLAS");
         links.push(Link::Dylib(if vendor == "OpenBLAS" { "openblas".into() } else { vendor.to_ascii_lowercase() }));
@@ -512,7 +597,7 @@ fn link_list(input: &PlanInput, switches: &BTreeMap<Switch, bool>) -> (Vec<Link>
     } else if !target.is_msvc() {
         links.push(Link::Dylib("stdc++".into()));
     }
-    (links, search_paths)
+    links
 }
 
 #[cfg(test)]
@@ -538,6 +623,7 @@ mod tests {
             features: BTreeSet::new(),
             env: BTreeMap::new(),
             ccache: None,
+            cuda_driver_stub: true,
             build_number: None,
             build_commit: None,
         }
@@ -649,10 +735,72 @@ mod tests {
     }
 
     #[test]
+    fn cuda_without_architectures_builds_the_current_generations() {
+        let mut i = input("x86_64-unknown-linux-gnu");
+        i.features.insert(Switch::Cuda);
+        let p = plan(&i);
+        assert_eq!(define(&p, "CMAKE_CUDA_ARCHITECTURES"), Some(DEFAULT_CUDA_ARCHS));
+        for arch in ["89-real", "90a-real", "120a-real", "-virtual"] {
+            assert!(DEFAULT_CUDA_ARCHS.contains(arch), "{arch}");
+        }
+        assert_eq!(define(&p, "GGML_CUDA_NO_VMM"), Some("OFF"));
+    }
+
+    #[test]
+    fn a_toolkit_without_the_driver_stub_builds_without_vmm_and_links_no_driver() {
+        let mut i = input("x86_64-unknown-linux-gnu");
+        i.features.insert(Switch::Cuda);
+        i.cuda_driver_stub = false;
+        let p = plan(&i);
+        assert_eq!(define(&p, "GGML_CUDA_NO_VMM"), Some("ON"));
+        assert!(!p.links.contains(&Link::Dylib("cuda".into())), "{:?}", p.links);
+        assert!(p.links.contains(&Link::Dylib("cudart".into())) && p.links.contains(&Link::Dylib("cublas".into())));
+        // Asking for the pool without the stub is refused by name.
+        let err = BuildPlan::new(&with_env(i.clone(), CUDA_NO_VMM_VAR, "off")).unwrap_err();
+        assert!(err.0.contains(CUDA_NO_VMM_VAR), "{err}");
+        // With the stub, no-VMM can still be asked for, and then the driver is not linked.
+        i.cuda_driver_stub = true;
+        let p = plan(&with_env(i, CUDA_NO_VMM_VAR, "1"));
+        assert_eq!(define(&p, "GGML_CUDA_NO_VMM"), Some("ON"));
+        assert!(!p.links.contains(&Link::Dylib("cuda".into())));
+    }
+
+    #[test]
+    fn backend_dl_links_three_shared_libraries_and_no_backend() {
+        let mut i = input("x86_64-unknown-linux-gnu");
+        i.features.extend([Switch::BackendDl, Switch::Cuda]);
+        let p = plan(&i);
+        assert_eq!(define(&p, "GGML_BACKEND_DL"), Some("ON"));
+        assert_eq!(define(&p, "BUILD_SHARED_LIBS"), Some("ON"));
+        assert_eq!(define(&p, "GGML_CUDA"), Some("ON"), "the CUDA module is still built");
+        let dylibs: Vec<&Link> = p.links.iter().filter(|l| matches!(l, Link::Dylib(n) if n.starts_with("llama") || n.starts_with("ggml"))).collect();
+        assert_eq!(dylibs, [&Link::Dylib("llama".into()), &Link::Dylib("ggml".into()), &Link::Dylib("ggml-base".into())]);
+        assert!(!p.links.iter().any(|l| matches!(l, Link::Static(_))), "{:?}", p.links);
+        for lib in ["cudart", "cublas", "cuda", "gomp"] {
+            assert!(!p.links.contains(&Link::Dylib(lib.into())), "{lib}: a module's library, not the program's");
+        }
+        // RPC goes: the shim cannot link a module's functions. Asked for by name, it is an error.
+        assert!(!p.switches[&Switch::Rpc]);
+        assert!(!p.headers.contains(&"ggml/include/ggml-rpc.h"));
+        let err = BuildPlan::new(&with_env(i.clone(), &Switch::Rpc.env_var(), "on")).unwrap_err();
+        assert!(err.0.contains("backend-dl"), "{err}");
+        // Native flags likewise (ggml refuses them with dynamic backends): off, or an error when
+        // asked for; an explicit "off" is fine.
+        assert_eq!(define(&p, "GGML_NATIVE"), Some("OFF"));
+        assert!(!p.cxx_flags.iter().any(|f| f.contains("amx")), "{:?}", p.cxx_flags);
+        let err = BuildPlan::new(&with_env(i.clone(), &Switch::Native.env_var(), "1")).unwrap_err();
+        assert!(err.0.contains("native") && err.0.contains("backend-dl"), "{err}");
+        assert!(BuildPlan::new(&with_env(i.clone(), &Switch::Native.env_var(), "off")).is_ok());
+        assert_eq!(Switch::BackendDl.env_var(), "LLAMA_SYS_BACKEND_DL");
+    }
+
+    #[test]
     fn cuda_path_moves_the_search_path() {
         let mut i = with_env(input("x86_64-unknown-linux-gnu"), CUDA_PATH_VAR, "/opt/cuda-12.8");
         i.features.insert(Switch::Cuda);
         assert_eq!(plan(&i).search_paths[0], "/opt/cuda-12.8/lib64");
+        assert_eq!(define(&plan(&i), "CMAKE_CUDA_COMPILER"), Some("/opt/cuda-12.8/bin/nvcc"));
+        assert_eq!(define(&plan(&i), "CUDAToolkit_ROOT"), Some("/opt/cuda-12.8"));
     }
 
     #[test]

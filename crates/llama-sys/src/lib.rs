@@ -32,6 +32,10 @@ pub use bindings::*;
 mod build_info;
 pub use build_info::{BUILD_INFO, BuildInfo};
 
+/// Dynamic-backend builds (`backend-dl`): the folder this build's CMake installed the backend
+/// modules into (`libggml-cpu.so`, ...), the last place the `llama` crate looks for them.
+pub const BACKEND_DIR: Option<&str> = option_env!("LLAMA_SYS_BACKEND_DIR");
+
 impl exsa_error {
     /// An empty slot for a guard to fill.
     pub fn new() -> exsa_error {

@@ -20,6 +20,7 @@ pub fn init() {
         unsafe { sys::llama_log_set(Some(log_callback), std::ptr::null_mut()) };
         // SAFETY: one-time global initialisation, guarded by the OnceLock.
         unsafe { sys::llama_backend_init() };
+        crate::backend_modules::load();
     });
 }
 

@@ -50,6 +50,13 @@ pub enum LoadErrorKind {
     /// No file at the path.
     #[error("file not found")]
     NotFound,
+    /// A dynamic-backend build found no backend module to compute with (see
+    /// [`crate::backend_modules`]).
+    #[error("no ggml backend module was found (searched {searched}); set EXSA_BACKEND_DIR to the folder holding libggml-cpu*")]
+    NoBackend {
+        /// The folders searched, joined.
+        searched: String,
+    },
     /// The file exists but cannot be read.
     #[error("cannot read it: {0}")]
     Io(#[source] std::io::Error),

@@ -47,6 +47,7 @@
 pub use llama_sys as sys;
 
 mod backend;
+pub mod backend_modules;
 mod batch;
 mod c_string;
 mod chat;

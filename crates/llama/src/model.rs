@@ -171,6 +171,10 @@ impl Model {
         backend::init();
         let path = path.as_ref();
         gguf::check(path)?;
+        if crate::backend_modules::is_dynamic() && crate::backend_modules::loaded_from().is_none() {
+            let searched = crate::backend_modules::search_dirs().iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
+            return Err(LoadError::new(path, LoadErrorKind::NoBackend { searched }));
+        }
         let c_path = crate::c_string::path(path).ok_or_else(|| LoadError::new(path, LoadErrorKind::InvalidPath))?;
 
         let mut devices = offload_devices(params).map_err(|e| LoadError::new(path, e.into()))?;

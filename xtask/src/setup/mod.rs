@@ -4,6 +4,7 @@
 //! reported with its path; libclang is then loaded through bindgen itself, so a library that only
 //! looks right cannot pass.
 
+pub mod cuda;
 mod libclang;
 mod packages;
 
@@ -19,6 +20,10 @@ pub struct Args {
     /// Only report each dependency and its path; install nothing, fail when one is missing.
     #[arg(long)]
     check: bool,
+    /// Also assemble a CUDA toolkit from NVIDIA's PyPI wheels into .cache/cuda (Linux x86-64)
+    /// and print the CUDA_PATH to build with.
+    #[arg(long)]
+    cuda: bool,
 }
 
 /// A system dependency of the source build.
@@ -92,7 +97,11 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     report();
-    check_libclang_loads()
+    check_libclang_loads()?;
+    if args.cuda {
+        cuda::run()?;
+    }
+    Ok(())
 }
 
 /// One line per dependency: its path, or that it is missing.

@@ -28,12 +28,17 @@ impl Backend for SourceBackend {
             ..Default::default()
         };
         let model = Model::load(path, &params).map_err(|e| EngineError::load(path, e))?;
+        if placement.n_gpu_layers != 0 {
+            warn_if_no_gpu();
+        }
         Ok(SourceModel { model })
     }
 
     fn build_info() -> serde_json::Value {
         let mut info: serde_json::Value = serde_json::from_str(&llama::build_info().to_json()).unwrap_or_default();
         info["backend"] = "source".into();
+        // Dynamic-backend builds: where the modules were loaded from (null: static, or none found).
+        info["backend_modules"] = llama::backend_modules::loaded_from().map(|d| d.display().to_string()).into();
         info
     }
 
@@ -47,6 +52,20 @@ impl Backend for SourceBackend {
     fn system_info() -> String {
         llama::system_info()
     }
+}
+
+/// A build that can use CUDA (compiled in, or a loaded module beside it) on a machine where no GPU
+/// answered runs on the CPU: said once, so that nobody mistakes CPU speed for GPU speed.
+fn warn_if_no_gpu() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let cuda_built = llama::sys::BUILD_INFO.switch("cuda") == Some(true)
+            || llama::backend_modules::loaded_from().is_some_and(|dir| llama::backend_modules::has_module(dir, "cuda"));
+        let gpu = llama::devices().iter().any(|d| matches!(d.kind, llama::DeviceKind::Gpu | llama::DeviceKind::IntegratedGpu));
+        if cuda_built && !gpu {
+            tracing::warn!("this build can use CUDA, but no GPU was found (no NVIDIA driver, or no device): running on the CPU");
+        }
+    });
 }
 
 #[derive(Debug)]

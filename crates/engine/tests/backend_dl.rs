@@ -1,0 +1,93 @@
+//! The dynamic-backend mode (`--features backend-dl`): llama.cpp as shared libraries and every
+//! ggml backend a module loaded at run time, the CPU's included. Runs only in such a build
+//! (`cargo test -p exsa-engine --features backend-dl --test backend_dl`, part of `cargo xtask
+//! test`): the module is found and mapped into the process, the model generates, a folder named by
+//! EXSA_BACKEND_DIR is used alone, a folder without a CPU module is a clear error, and a CUDA
+//! module that cannot load (as on a machine without a GPU driver) leaves the CPU running, with a
+//! warning that says so.
+#![cfg(feature = "backend-dl")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use exsa_engine::*;
+
+fn exsa(backend_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_exsa")).env("EXSA_BACKEND_DIR", backend_dir).args(args).output().expect("exsa runs")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("exsa-backend-dl-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn the_cpu_backend_is_a_loaded_module_and_generates() {
+    assert!(llama::backend_modules::is_dynamic());
+    let dir = llama::backend_modules::loaded_from().expect("a folder with a CPU module was found");
+    assert!(llama::backend_modules::has_module(dir, "cpu"), "{}", dir.display());
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    assert!(
+        maps.lines().any(|l| l.contains("libggml-cpu") && l.contains(&*dir.to_string_lossy())),
+        "libggml-cpu is not mapped from {}",
+        dir.display()
+    );
+    assert!(maps.contains("libllama.so"), "llama.cpp is not a shared library here");
+
+    let mut config = EngineConfig::new(default_model_path());
+    config.session = SessionConfig { n_ctx: 256, ..Default::default() };
+    let engine = Engine::load(config).unwrap();
+    let (text, stats) = engine
+        .generate(&GenerateRequest { max_tokens: 8, sampling: SamplingParams::greedy(), ..GenerateRequest::new("The capital of France is") })
+        .unwrap();
+    assert_eq!(stats.completion_tokens, 8);
+    assert!(!text.trim().is_empty(), "{text:?}");
+}
+
+#[test]
+fn exsa_backend_dir_is_used_alone_and_a_folder_without_modules_is_an_error() {
+    let built = llama::backend_modules::loaded_from().unwrap().to_path_buf();
+    // A bundle-like folder holding a copy of the CPU module: used, and reported by `exsa info`.
+    let copy = temp_dir("copy");
+    for entry in std::fs::read_dir(&built).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with("libggml-cpu") {
+            std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let out = exsa(&copy, &["--log", "error", "info"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["build_info"]["backend_modules"], copy.display().to_string());
+
+    // No CPU module there: nothing to compute with, said by name; no crash.
+    let empty = temp_dir("empty");
+    let out = exsa(&empty, &["--log", "error", "generate", "hello", "--max-tokens", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no ggml backend module") && stderr.contains(&*empty.to_string_lossy()), "{stderr}");
+    let _ = std::fs::remove_dir_all(&copy);
+    let _ = std::fs::remove_dir_all(&empty);
+}
+
+#[test]
+fn a_cuda_module_that_cannot_load_leaves_the_cpu_running_and_says_so() {
+    let built = llama::backend_modules::loaded_from().unwrap().to_path_buf();
+    let dir = temp_dir("cuda");
+    for entry in std::fs::read_dir(&built).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with("libggml-cpu") {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    // What a CUDA module is on a machine without the NVIDIA driver: a file dlopen refuses.
+    std::fs::write(dir.join("libggml-cuda.so"), b"not an ELF file").unwrap();
+    let out = exsa(&dir, &["--log", "warn", "generate", "The capital of France is", "--max-tokens", "4"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    assert!(stderr.contains("no GPU was found") && stderr.contains("running on the CPU"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
