@@ -22,7 +22,16 @@ pub struct Args {
     cargo_args: Vec<String>,
 }
 
+/// What every build of the test run sees: no tuned profile, so that a machine tuned by
+/// `cargo xtask tune` tests the default flags like every other (the tests check them).
+pub const ISOLATED_ENV: [(&str, &str); 1] = [("LLAMA_SYS_PROFILE", "none")];
+
 pub fn run(args: &Args) -> Result<()> {
+    for (name, value) in ISOLATED_ENV {
+        // SAFETY: nothing else runs yet: xtask is one thread until a command starts others, and
+        // every process this run starts inherits the variable.
+        unsafe { std::env::set_var(name, value) };
+    }
     // Formatting first: it takes a second and needs nothing installed.
     workspace::run(workspace::cargo().args(["fmt", "--all", "--check"]))?;
     setup::run(&setup::Args::default())?;
@@ -71,6 +80,14 @@ pub fn run(args: &Args) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_test_run_ignores_the_machines_tuned_profile() {
+        // llama-sys reads this variable (build/profile.rs); "none" is its word for no profile.
+        assert_eq!(super::ISOLATED_ENV, [("LLAMA_SYS_PROFILE", "none")]);
+        let profile_rs = std::fs::read_to_string(crate::workspace::root().join("crates/llama-sys/build/profile.rs")).unwrap();
+        assert!(profile_rs.contains("pub const PROFILE_VAR: &str = \"LLAMA_SYS_PROFILE\"") && profile_rs.contains("Some(\"none\") => Location::Ignored"));
+    }
+
     #[test]
     fn the_openai_version_is_the_one_the_tests_look_for() {
         let config = std::fs::read_to_string(crate::workspace::root().join(".cargo/config.toml")).unwrap();

@@ -223,17 +223,10 @@ pub fn run(args: &Args) -> Result<()> {
         alive.retain(|n| standings[n].dropped.is_none());
         last = runs;
         // Keep the better half; stop at the winner.
-        alive.sort_by(|a, b| standings[b].score.unwrap_or(0.0).total_cmp(&standings[a].score.unwrap_or(0.0)));
+        rank_by_score(&mut alive, &standings);
         if !tried_combined {
             tried_combined = true;
-            let winners: Vec<&Variant> = space
-                .iter()
-                .filter(|v| {
-                    alive.contains(&v.name)
-                        && standings[&v.name].vs_b.values().all(|r| r.verdict != Verdict::Slower)
-                        && standings[&v.name].score.is_some_and(|s| s > 1.0)
-                })
-                .collect();
+            let winners: Vec<&Variant> = space.iter().filter(|v| alive.contains(&v.name) && helps_alone(&standings[&v.name])).collect();
             if let Some(c) = combined(&winners) {
                 eprintln!("tune: adding {}", c.name);
                 let b = build::build_all(std::slice::from_ref(&c)).remove(0);
@@ -256,10 +249,9 @@ pub fn run(args: &Args) -> Result<()> {
                 continue;
             }
         }
-        if alive.len() <= 1 {
+        if !halve(&mut alive) {
             break;
         }
-        alive.truncate(alive.len().div_ceil(2));
         reps *= 2;
     }
 
@@ -280,13 +272,7 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::write(out_dir.join("tune.md"), format!("# cargo xtask tune\n\n```\n{table}```\n"))?;
     println!("wrote {}", out_dir.join("tune.md").display());
 
-    // A winner is better than the default somewhere and worse nowhere.
-    let winner = ranked.iter().find(|s| {
-        s.dropped.is_none()
-            && s.vs_b.len() == args.tests.len()
-            && s.vs_b.values().all(|r| r.verdict != Verdict::Slower)
-            && s.vs_b.values().any(|r| r.verdict == Verdict::Faster)
-    });
+    let winner = winner(&ranked, &args.tests);
     match winner {
         Some(w) if !args.no_write => {
             let path = args.profile.clone().unwrap_or_else(variants::tuned_profile_path);
@@ -305,6 +291,37 @@ pub fn run(args: &Args) -> Result<()> {
     }
     println!("tune took {:.1} min", started.elapsed().as_secs_f64() / 60.0);
     Ok(())
+}
+
+/// Best score first (a candidate without one last).
+fn rank_by_score(alive: &mut [String], standings: &BTreeMap<String, Standing>) {
+    alive.sort_by(|a, b| standings[b].score.unwrap_or(0.0).total_cmp(&standings[a].score.unwrap_or(0.0)));
+}
+
+/// Keeps the better half of a ranked list (the odd one in); false when one or none is left,
+/// which ends the search.
+fn halve(alive: &mut Vec<String>) -> bool {
+    if alive.len() <= 1 {
+        return false;
+    }
+    alive.truncate(alive.len().div_ceil(2));
+    true
+}
+
+/// A flip worth combining with the others: slower nowhere, and faster overall.
+fn helps_alone(s: &Standing) -> bool {
+    s.vs_b.values().all(|r| r.verdict != Verdict::Slower) && s.score.is_some_and(|score| score > 1.0)
+}
+
+/// The best-ranked candidate that is significantly faster than the default build on some test
+/// and slower on none, measured on every test.
+fn winner<'a>(ranked: &[&'a Standing], tests: &[String]) -> Option<&'a Standing> {
+    ranked.iter().copied().find(|s| {
+        s.dropped.is_none()
+            && s.vs_b.len() == tests.len()
+            && s.vs_b.values().all(|r| r.verdict != Verdict::Slower)
+            && s.vs_b.values().any(|r| r.verdict == Verdict::Faster)
+    })
 }
 
 /// Scores every candidate of the round against B and A, and drops those whose greedy tokens
@@ -407,6 +424,127 @@ fn write_profile(path: &Path, winner: &Standing, tests: &[String]) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rounds of tokens/s: the baseline's `base`, a candidate `factor` times it with a
+    /// round-to-round wobble of ±1 % (so that intervals have width).
+    fn rounds(base: &[f64], factor: f64) -> Vec<Option<f64>> {
+        base.iter().enumerate().map(|(i, b)| Some(b * factor * if i % 2 == 0 { 1.01 } else { 0.99 })).collect()
+    }
+
+    fn runs_of(pp: Vec<Option<f64>>, tg: Vec<Option<f64>>) -> VariantRuns {
+        let mut r = VariantRuns::default();
+        r.tokens_per_s.insert("pp512".into(), pp);
+        r.tokens_per_s.insert("tg128".into(), tg);
+        r
+    }
+
+    fn standing(name: &str) -> Standing {
+        Standing {
+            candidate: name.into(),
+            settings: BTreeMap::new(),
+            score: None,
+            vs_b: BTreeMap::new(),
+            vs_a: BTreeMap::new(),
+            rounds: 0,
+            dropped: None,
+        }
+    }
+
+    fn tests() -> Vec<String> {
+        vec!["pp512".into(), "tg128".into()]
+    }
+
+    /// B, A, and candidates that are: faster on both tests, faster on one and slower on the
+    /// other, the same, failed, and greedy-different.
+    fn judged() -> BTreeMap<String, Standing> {
+        let pp = [400.0, 380.0, 410.0, 395.0, 405.0, 390.0];
+        let tg = [60.0, 58.0, 61.0, 59.0, 60.5, 58.5];
+        let mut runs = BTreeMap::new();
+        runs.insert("B".to_string(), runs_of(pp.map(Some).to_vec(), tg.map(Some).to_vec()));
+        runs.insert("A".to_string(), runs_of(rounds(&pp, 0.9), rounds(&tg, 0.95)));
+        runs.insert("fast".to_string(), runs_of(rounds(&pp, 1.10), rounds(&tg, 1.05)));
+        runs.insert("mixed".to_string(), runs_of(rounds(&pp, 1.30), rounds(&tg, 0.90)));
+        runs.insert("same".to_string(), runs_of(rounds(&pp, 1.0), rounds(&tg, 1.0)));
+        let mut failed = runs_of(rounds(&pp, 2.0), rounds(&tg, 2.0));
+        failed.errors.push("exited with signal 11".into());
+        runs.insert("failed".to_string(), failed);
+        let step = |token, runner_up, margin| exsa_bench_protocol::GreedyStep { token, runner_up, margin };
+        let mut wrong = runs_of(rounds(&pp, 1.5), rounds(&tg, 1.5));
+        wrong.greedy = Some(vec![step(1, 2, 1.0), step(9, 4, 2.0)]);
+        runs.insert("wrong".to_string(), wrong);
+        runs.get_mut("B").unwrap().greedy = Some(vec![step(1, 2, 1.0), step(3, 4, 2.0)]);
+        let alive: Vec<String> = ["fast", "mixed", "same", "failed", "wrong"].map(String::from).to_vec();
+        let mut standings: BTreeMap<String, Standing> = alive.iter().map(|n| (n.clone(), standing(n))).collect();
+        judge(&runs, &mut standings, &alive, &tests(), 6);
+        standings
+    }
+
+    #[test]
+    fn the_score_is_the_geometric_mean_of_the_ratios() {
+        let s = judged();
+        let fast = &s["fast"];
+        // sqrt(1.10 * 1.05), from the paired ratios of sums.
+        assert!((fast.score.unwrap() - (1.10f64 * 1.05).sqrt()).abs() < 2e-3, "{:?}", fast.score);
+        assert_eq!(fast.vs_b["pp512"].verdict, Verdict::Faster);
+        assert!((fast.vs_a["tg128"].ratio - 1.05 / 0.95).abs() < 5e-3, "against A as well");
+        assert_eq!(fast.rounds, 6);
+        // A test without a ratio leaves no score (no geometric mean of what is missing).
+        let mut partial = BTreeMap::new();
+        partial.insert("pp512".to_string(), fast.vs_b["pp512"].clone());
+        assert_eq!(score(&partial, &tests()), None);
+        assert!((score(&fast.vs_b, &tests()[..1]).unwrap() - fast.vs_b["pp512"].ratio).abs() < 1e-12);
+    }
+
+    #[test]
+    fn failed_and_greedy_different_candidates_are_dropped_whatever_their_speed() {
+        let s = judged();
+        assert!(s["failed"].dropped.as_deref().is_some_and(|d| d.contains("signal 11")), "{:?}", s["failed"].dropped);
+        assert!(s["wrong"].dropped.as_deref().is_some_and(|d| d.contains("token 1")), "{:?}", s["wrong"].dropped);
+        assert!(s["wrong"].score.is_none(), "a dropped candidate is not scored");
+        for kept in ["fast", "mixed", "same"] {
+            assert!(s[kept].dropped.is_none(), "{kept}");
+        }
+    }
+
+    #[test]
+    fn the_winner_is_faster_somewhere_and_slower_nowhere() {
+        let s = judged();
+        // "mixed" has the best score (sqrt(1.3 * 0.9) = 1.082 against fast's sqrt(1.10 * 1.05) =
+        // 1.075) but is slower on tg128, so it can never win; "same" is faster nowhere.
+        let mut ranked: Vec<&Standing> = s.values().collect();
+        ranked.sort_by(|a, b| b.score.unwrap_or(0.0).total_cmp(&a.score.unwrap_or(0.0)));
+        assert_eq!(ranked[0].candidate, "mixed", "{:?}", ranked.iter().map(|r| (&r.candidate, r.score)).collect::<Vec<_>>());
+        assert_eq!(winner(&ranked, &tests()).map(|w| w.candidate.as_str()), Some("fast"));
+        // Flips worth combining: slower nowhere and a score above 1 (a neutral flip qualifies
+        // only by its score, which ±1 % noise decides; it cannot make the combination slower).
+        assert!(helps_alone(&s["fast"]) && !helps_alone(&s["mixed"]));
+        assert_eq!(helps_alone(&s["same"]), s["same"].score.unwrap() > 1.0);
+        // Without "fast" nothing qualifies: no profile is written.
+        let without: Vec<&Standing> = ranked.iter().copied().filter(|r| r.candidate != "fast").collect();
+        assert!(winner(&without, &tests()).is_none());
+        // Measured on one test of two: not a winner (slower-nowhere is unknown).
+        let mut half = s["fast"].clone();
+        half.vs_b.remove("tg128");
+        assert!(winner(&[&half], &tests()).is_none());
+    }
+
+    #[test]
+    fn halving_keeps_the_better_half_by_score_until_one_is_left() {
+        let s = judged();
+        let mut alive: Vec<String> = ["same", "fast", "mixed"].map(String::from).to_vec();
+        rank_by_score(&mut alive, &s);
+        assert_eq!(alive, ["mixed", "fast", "same"]);
+        assert!(halve(&mut alive));
+        assert_eq!(alive, ["mixed", "fast"], "the odd one in: ceil(3 / 2)");
+        assert!(halve(&mut alive));
+        assert_eq!(alive, ["mixed"]);
+        assert!(!halve(&mut alive), "one left: the search ends");
+        assert!(!halve(&mut Vec::new()));
+        // A candidate without a score (dropped or unmeasured) ranks last.
+        let mut with_unscored: Vec<String> = ["failed", "same"].map(String::from).to_vec();
+        rank_by_score(&mut with_unscored, &s);
+        assert_eq!(with_unscored, ["same", "failed"]);
+    }
 
     #[test]
     fn budgets_parse_and_bad_ones_are_explained() {

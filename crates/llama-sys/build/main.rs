@@ -84,8 +84,7 @@ fn plan_input(target: &Target, source: &source::Source, profile: &profile::Profi
         .filter(|s| std::env::var_os(format!("CARGO_FEATURE_{}", s.feature().to_ascii_uppercase().replace('-', "_"))).is_some())
         .collect();
     // The tuned profile first, the environment over it: an explicit variable always wins.
-    let mut env: BTreeMap<String, String> = profile.env.clone();
-    env.extend(plan::known_env_vars().into_iter().filter_map(|k| env::var(&k).map(|v| (k, v))));
+    let env = profile::with_explicit(&profile.env, plan::known_env_vars().into_iter().filter_map(|k| env::var(&k).map(|v| (k, v))));
     let host_build = env::cargo("HOST") == target.triple;
     // The family decides the OpenMP runtime to link: that of LLAMA_SYS_CXX when it is set,
     // else that of the compiler the cc crate would pick.

@@ -60,3 +60,20 @@ mod plan;
 #[path = "../build/rpc_patch.rs"]
 #[allow(dead_code)]
 mod rpc_patch;
+
+// The build script's tuned-profile reader, tested here with stand-ins for the two build-script
+// helpers it calls (`super::env::var`, `super::fail`).
+#[cfg(test)]
+#[path = "../build/profile.rs"]
+#[allow(dead_code)]
+mod profile;
+#[cfg(test)]
+fn fail(message: &str) -> ! {
+    panic!("{message}")
+}
+#[cfg(test)]
+mod env {
+    pub fn var(name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}

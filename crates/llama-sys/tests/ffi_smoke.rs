@@ -66,6 +66,11 @@ fn raw_ffi_decodes_the_default_model() {
 #[test]
 fn host_build_reports_native_flags_and_matching_simd() {
     let info = &sys::BUILD_INFO;
+    // These are the default flags. `cargo xtask test` builds with LLAMA_SYS_PROFILE=none, so that
+    // a machine's tuned profile cannot change them; the build must then have read none.
+    if std::env::var("LLAMA_SYS_PROFILE").as_deref() == Ok("none") {
+        assert_eq!(info.tuned_profile, "none", "the tuned profile leaked into the test build");
+    }
     assert_eq!(info.switch("native"), Some(true), "a host build defaults to native");
     assert_eq!(info.define("GGML_NATIVE"), Some("ON"));
     #[cfg(not(target_env = "msvc"))]
