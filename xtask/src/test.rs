@@ -44,6 +44,9 @@ pub fn run(args: &Args) -> Result<()> {
     if !args.cargo_args.is_empty() {
         return Ok(());
     }
+    // The criterion benches, built (in the test profile, reusing the builds above) so that they
+    // cannot rot until someone runs `bench-compare --micro`.
+    workspace::run(workspace::cargo().args(["test", "--locked", "--workspace", "--benches", "--no-run"]))?;
     // The engine's conformance tests again over the crate baseline and over raw FFI: the same
     // assertions must hold whichever llama.cpp binding runs them.
     for backend in ["crate", "raw"] {
@@ -85,7 +88,9 @@ mod tests {
         // llama-sys reads this variable (build/profile.rs); "none" is its word for no profile.
         assert_eq!(super::ISOLATED_ENV, [("LLAMA_SYS_PROFILE", "none")]);
         let profile_rs = std::fs::read_to_string(crate::workspace::root().join("crates/llama-sys/build/profile.rs")).unwrap();
-        assert!(profile_rs.contains("pub const PROFILE_VAR: &str = \"LLAMA_SYS_PROFILE\"") && profile_rs.contains("Some(\"none\") => Location::Ignored"));
+        assert!(
+            profile_rs.contains("pub const PROFILE_VAR: &str = \"LLAMA_SYS_PROFILE\"") && profile_rs.contains("Some(\"none\") => Location::Ignored")
+        );
     }
 
     #[test]

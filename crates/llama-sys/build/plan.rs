@@ -610,6 +610,7 @@ mod tests {
             "aarch64-unknown-linux-gnu" => ("aarch64", "linux", "gnu"),
             "aarch64-apple-darwin" => ("aarch64", "macos", ""),
             "x86_64-pc-windows-msvc" => ("x86_64", "windows", "msvc"),
+            "aarch64-linux-android" => ("aarch64", "android", ""),
             other => panic!("no test target {other}"),
         };
         Target { triple: triple.into(), os: os.into(), arch: arch.into(), env: env.into() }
@@ -972,6 +973,84 @@ mod tests {
         assert_ne!(base.fingerprint(), other.fingerprint());
         let flags = plan(&with_env(input("x86_64-unknown-linux-gnu"), CFLAGS_VAR, "-fno-plt"));
         assert_ne!(base.fingerprint(), flags.fingerprint());
+    }
+
+    #[test]
+    fn fingerprint_changes_with_every_switch_and_setting() {
+        let base = input("x86_64-unknown-linux-gnu");
+        let base_fp = plan(&base).fingerprint();
+        for s in Switch::ALL {
+            let flipped = !plan(&base).switches[&s];
+            let value = if flipped { "on" } else { "off" };
+            // Some flips are refused on this target (Metal off Apple, LTO with GCC): no build, no key.
+            if let Ok(p) = BuildPlan::new(&with_env(base.clone(), &s.env_var(), value)) {
+                assert_ne!(p.fingerprint(), base_fp, "flipping {s} must change the build folder's key");
+            }
+        }
+        let mut cuda = base.clone();
+        cuda.features.insert(Switch::Cuda);
+        let cuda_fp = plan(&cuda).fingerprint();
+        for (var, value, on) in [
+            (OPT_LEVEL_VAR, "2", &base),
+            (CFLAGS_VAR, "-fno-plt", &base),
+            (CXXFLAGS_VAR, "-fno-plt", &base),
+            (CMAKE_ARGS_VAR, "-DGGML_SCHED_MAX_COPIES=2", &base),
+            (CC_VAR, "clang", &base),
+            (CXX_VAR, "clang++", &base),
+            (BLAS_VENDOR_VAR, "Intel10_64lp", &base),
+            (CUDA_ARCHS_VAR, "89-real", &cuda),
+            (CUDA_NO_VMM_VAR, "1", &cuda),
+            (CUDA_PATH_VAR, "/opt/cuda", &cuda),
+        ] {
+            let before = if std::ptr::eq(on, &cuda) { &cuda_fp } else { &base_fp };
+            let changed = plan(&with_env(on.clone(), var, value)).fingerprint();
+            // The BLAS vendor only matters with BLAS on.
+            if var == BLAS_VENDOR_VAR {
+                assert_eq!(&changed, before, "{var} without BLAS changes nothing");
+                let mut blas = base.clone();
+                blas.features.insert(Switch::Blas);
+                assert_ne!(plan(&blas).fingerprint(), plan(&with_env(blas.clone(), var, value)).fingerprint(), "{var}");
+                continue;
+            }
+            assert_ne!(&changed, before, "{var}={value} must change the build folder's key");
+        }
+    }
+
+    #[test]
+    fn windows_msvc_links_no_cxx_runtime_and_finds_cuda_under_x64() {
+        let mut i = input("x86_64-pc-windows-msvc");
+        i.compiler = CompilerFamily::Msvc;
+        let p = plan(&i);
+        assert!(!p.switches[&Switch::Native], "MSVC has no -march=native: native is off by default");
+        assert!(!p.links.iter().any(|l| matches!(l, Link::Dylib(n) if n == "stdc++" || n == "gomp" || n == "omp")), "{:?}", p.links);
+        assert!(p.cxx_flags.iter().all(|f| !f.contains("amx")), "no GCC flags for MSVC");
+        assert_eq!(define(&plan(&with_env(i.clone(), OPT_LEVEL_VAR, "2")), "CMAKE_CXX_FLAGS_RELEASE"), Some("/O2 /DNDEBUG"));
+        let mut cuda = with_env(i, CUDA_PATH_VAR, "C:/CUDA/v13.0");
+        cuda.features.insert(Switch::Cuda);
+        let p = plan(&cuda);
+        assert_eq!(p.search_paths, ["C:/CUDA/v13.0/lib/x64"]);
+        assert_eq!(define(&p, "CMAKE_CUDA_COMPILER"), Some("C:/CUDA/v13.0/bin/nvcc.exe"));
+    }
+
+    #[test]
+    fn android_links_the_shared_cxx_runtime_and_is_never_native_when_cross_compiled() {
+        let mut i = input("aarch64-linux-android");
+        i.host_build = false;
+        i.compiler = CompilerFamily::Clang;
+        let p = plan(&i);
+        assert!(!p.switches[&Switch::Native]);
+        assert!(!p.switches[&Switch::Metal] && !p.switches[&Switch::Accelerate]);
+        for lib in ["c++_shared", "m", "dl", "pthread", "omp"] {
+            assert!(p.links.contains(&Link::Dylib(lib.into())), "{lib}: {:?}", p.links);
+        }
+        assert!(!p.links.contains(&Link::Dylib("stdc++".into())));
+        assert!(!defines_key(&p, "GGML_AMX_TILE"), "AMX is an x86 switch");
+        let err = BuildPlan::new(&with_env(i, &Switch::Native.env_var(), "on")).unwrap_err();
+        assert!(err.0.contains("aarch64-linux-android"), "{err}");
+    }
+
+    fn defines_key(p: &BuildPlan, key: &str) -> bool {
+        p.defines.contains_key(key)
     }
 
     #[test]

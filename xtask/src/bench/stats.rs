@@ -194,7 +194,10 @@ mod tests {
         let (lo, hi) = percentile_interval(&bootstrap(&pairs, RESAMPLES, SEED), 0.95);
         let (want_lo, want_hi) = (r - 1.96 * sd, r + 1.96 * sd);
         let half = 1.96 * sd;
-        assert!((lo - want_lo).abs() < 0.15 * half && (hi - want_hi).abs() < 0.15 * half, "bootstrap [{lo}, {hi}], delta method [{want_lo}, {want_hi}]");
+        assert!(
+            (lo - want_lo).abs() < 0.15 * half && (hi - want_hi).abs() < 0.15 * half,
+            "bootstrap [{lo}, {hi}], delta method [{want_lo}, {want_hi}]"
+        );
     }
 
     #[test]
