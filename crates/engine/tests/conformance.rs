@@ -145,6 +145,51 @@ fn cancellation_stops_the_generation() {
 }
 
 #[test]
+fn a_cancel_during_prefill_stops_it_and_leaves_the_session_usable() {
+    // A ~450-token prompt is one long decode; the cancel comes from another thread a moment
+    // into it, so it lands inside llama.cpp's graph computation (the abort callback).
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(45);
+    let cancel = CancelToken::new();
+    let request = GenerateRequest { cancel: Some(cancel.clone()), ..greedy(&prompt, 16) };
+    let mut session = engine().session().unwrap();
+    let started = std::time::Instant::now();
+    let (_, plain) = session.generate_text(&greedy(&prompt, 1)).unwrap();
+    let prefill = started.elapsed();
+    assert!(plain.prompt_tokens > 400, "{}", plain.prompt_tokens);
+    // Forget the prompt, or the next request would reuse it instead of decoding it.
+    session.reset();
+
+    let canceller = {
+        let cancel = cancel.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(prefill / 10);
+            cancel.cancel();
+        })
+    };
+    let started = std::time::Instant::now();
+    let outcome = session.generate_text(&request);
+    let took = started.elapsed();
+    canceller.join().unwrap();
+    match outcome {
+        Err(EngineError::Cancelled) => {}
+        Ok((text, stats)) => {
+            assert_eq!(stats.finish_reason, Some(FinishReason::Cancelled), "{text:?}");
+            assert_eq!(stats.completion_tokens, 0, "nothing is generated from a cancelled prefill");
+        }
+        Err(e) => panic!("expected a cancellation, got {e}"),
+    }
+    // The crate baseline cannot stop a running decode: llama-cpp-2 (0.1.160) wraps no abort
+    // callback, so it sees the cancel only once the prefill's decode has returned.
+    if Engine::backend_name() != "crate" {
+        assert!(took < prefill * 3 / 4, "the cancel took effect after {took:?} of a {prefill:?} prefill");
+    }
+    // The session goes on: a new request (without the cancelled token) gives what a fresh one does.
+    let (after, _) = session.generate_text(&greedy("Once upon a time", 6)).unwrap();
+    let (fresh, _) = engine().generate(&greedy("Once upon a time", 6)).unwrap();
+    assert_eq!(after, fresh);
+}
+
+#[test]
 fn bad_requests_get_typed_errors() {
     let e = engine();
     assert!(matches!(e.generate(&GenerateRequest::new("")), Err(EngineError::EmptyPrompt)));

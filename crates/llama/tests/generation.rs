@@ -235,6 +235,41 @@ fn the_abort_flag_cancels_a_decode() {
 }
 
 #[test]
+fn an_abort_from_another_thread_stops_a_running_decode() {
+    let params = ContextParams { n_ctx: 1024, n_batch: 1024, n_ubatch: 1024, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    let mut ctx = Context::new(model(), &params).unwrap();
+    let tokens = model().vocab().tokenize(&"The quick brown fox jumps over the lazy dog. ".repeat(90), TokenizeOptions::default()).unwrap();
+    assert!(tokens.len() > 900, "{}", tokens.len());
+    let batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
+    // How long the whole decode takes here, to know that the abort cut it short.
+    let started = std::time::Instant::now();
+    ctx.decode(&batch).unwrap();
+    let full = started.elapsed();
+    ctx.clear_memory(true);
+
+    let flag = Arc::new(AtomicBool::new(false));
+    ctx.set_abort_flag(Some(flag.clone()));
+    let setter = {
+        let flag = flag.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(full / 10);
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
+    };
+    let started = std::time::Instant::now();
+    let result = ctx.decode(&batch);
+    let took = started.elapsed();
+    setter.join().unwrap();
+    assert!(matches!(result, Err(DecodeError::Aborted)), "{result:?}");
+    assert!(took < full * 3 / 4, "aborted after {took:?} of a {full:?} decode");
+    // The context is usable again once the flag is down and its memory cleared.
+    flag.store(false, std::sync::atomic::Ordering::Relaxed);
+    ctx.clear_memory(true);
+    ctx.decode(&Batch::from_tokens(&tokens[..8], 0, 0).unwrap()).unwrap();
+    assert!(ctx.logits(7).unwrap().iter().all(|x| x.is_finite()));
+}
+
+#[test]
 fn seeded_sampling_chains_are_reproducible_and_constrained() {
     let run = |seed| {
         let mut ctx = context();
