@@ -36,6 +36,8 @@ const BINARIES: &[Binary] = &[
             // Grammar stage against constraint over the whole vocabulary, step by step; the
             // constraint's own paths stay under valgrind in the test after it.
             "a_constraint_picks_what_a_grammar_stage_picks",
+            // Two 900-token decodes; the abort path it takes is the one the test above it takes.
+            "an_abort_from_another_thread_stops_a_running_decode",
         ],
         env: &[],
     },

@@ -106,7 +106,7 @@ impl Context<'_> {
         });
         guarded?;
         if !ok {
-            return Err(StateError::Load { path: path.to_path_buf(), messages });
+            return Err(load_failure(path, messages));
         }
         tokens.truncate(n);
         Ok(tokens)
@@ -148,7 +148,7 @@ impl Context<'_> {
         });
         guarded?;
         if read == 0 {
-            return Err(StateError::Load { path: path.to_path_buf(), messages });
+            return Err(load_failure(path, messages));
         }
         tokens.truncate(n);
         Ok(tokens)
@@ -157,6 +157,20 @@ impl Context<'_> {
 
 fn c_path(path: &Path) -> Result<CString, StateError> {
     crate::c_string::path(path).ok_or_else(|| StateError::InvalidPath(path.to_path_buf()))
+}
+
+/// Why a state file did not load: more tokens than the caller made room for (llama.cpp says
+/// so in its log: "token count in session file exceeded capacity! N > M"), or anything else.
+fn load_failure(path: &Path, messages: crate::error::LlamaMessages) -> StateError {
+    let capacity = messages.0.iter().find_map(|line| {
+        let (_, counts) = line.split_once("exceeded capacity!")?;
+        let (needed, capacity) = counts.split_once('>')?;
+        Some((needed.trim().parse().ok()?, capacity.trim().parse().ok()?))
+    });
+    match capacity {
+        Some((needed, capacity)) => StateError::TooManyTokens { needed, capacity },
+        None => StateError::Load { path: path.to_path_buf(), messages },
+    }
 }
 
 /// The outcome of a state restore that read `read` of `len` bytes: nothing read is a state
