@@ -39,6 +39,10 @@ pub struct GgufSummary {
 
 /// Checks `path` is a complete, well-formed GGUF file as far as its header can tell.
 pub fn check(path: &Path) -> Result<GgufSummary, LoadError> {
+    // Named for what it is, before the system's "invalid input" for the NUL could hide it.
+    if crate::c_string::path(path).is_none() {
+        return Err(LoadError::new(path, LoadErrorKind::InvalidPath));
+    }
     let file = File::open(path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => LoadError::new(path, LoadErrorKind::NotFound),
         _ => LoadError::new(path, LoadErrorKind::Io(source)),

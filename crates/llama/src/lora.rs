@@ -36,10 +36,11 @@ impl<'m> LoraAdapter<'m> {
     /// Loads the adapter at `path` for `model`.
     pub fn load(model: &'m Model, path: impl AsRef<Path>) -> Result<LoraAdapter<'m>, LoraError> {
         let path = path.as_ref();
+        // Before the file check: a path with a NUL is no file, but the reason is the NUL.
+        let c_path = crate::c_string::path(path).ok_or_else(|| LoraError::InvalidPath(path.to_path_buf()))?;
         if !path.is_file() {
             return Err(LoraError::NotFound(path.to_path_buf()));
         }
-        let c_path = crate::c_string::path(path).ok_or_else(|| LoraError::InvalidPath(path.to_path_buf()))?;
         backend::init();
         let mut raw = std::ptr::null_mut();
         let _writer = model.adapters_write();

@@ -1,0 +1,88 @@
+//! The error variants no other test produces, each from the input a user could give: a model
+//! path that is a folder or holds a NUL, a full KV cache, a text too long for llama.cpp's
+//! tokenizer, a sampler used with another model's context, and files that are not adapters
+//! (`SamplerError::NothingSelected` comes from a grammar that allows no candidate, in the
+//! sampler's unit tests; a chain without a selecting stage is refused when it is built). (`DecodeError::Rejected` and `StateError::SizeMismatch` are
+//! defensive: llama.cpp returns no other code for a batch that passed our checks, and writes the
+//! size it announced; no input reaches them.)
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{model, model_path, temp_path};
+use llama::*;
+
+#[test]
+fn model_paths_that_are_folders_or_hold_a_nul_are_named_errors() {
+    let dir = temp_path("a-folder.gguf");
+    std::fs::create_dir_all(&dir).unwrap();
+    let err = Model::load(&dir, &ModelParams::default()).unwrap_err();
+    assert!(matches!(&err.kind, LoadErrorKind::Io(e) if e.kind() == std::io::ErrorKind::IsADirectory), "{err}");
+    let nul = Path::new("model\0.gguf");
+    let err = Model::load(nul, &ModelParams::default()).unwrap_err();
+    assert!(matches!(err.kind, LoadErrorKind::InvalidPath), "{err}");
+}
+
+#[test]
+fn a_full_kv_cache_is_no_kv_slot() {
+    // Two sequences share 256 cells (one unified cache); each stays within its positions,
+    // together they do not fit.
+    let params = ContextParams {
+        n_ctx: 256,
+        n_batch: 256,
+        n_ubatch: 256,
+        n_seq_max: 2,
+        unified_kv: true,
+        n_threads: 2,
+        n_threads_batch: 2,
+        ..Default::default()
+    };
+    let mut ctx = Context::new(model(), &params).unwrap();
+    let tokens: Vec<Token> = model().vocab().tokenize(&"one two three four ".repeat(40), TokenizeOptions::default()).unwrap();
+    let fill = &tokens[..120];
+    ctx.decode(&Batch::from_tokens(fill, 0, 0).unwrap()).unwrap();
+    ctx.decode(&Batch::from_tokens(fill, 0, 1).unwrap()).unwrap();
+    let err = ctx.decode(&Batch::from_tokens(&tokens[..40], 120, 0).unwrap()).unwrap_err();
+    assert!(matches!(err, DecodeError::NoKvSlot), "{err}");
+    // Freeing a sequence makes room again.
+    ctx.remove_range(1, -1, -1).unwrap();
+    ctx.decode(&Batch::from_tokens(&tokens[..40], 120, 0).unwrap()).unwrap();
+}
+
+#[test]
+fn a_text_longer_than_the_tokenizer_takes_is_too_long() {
+    // llama.cpp takes the length as an int32: 2 GiB and more cannot be passed at all.
+    let text = "a".repeat(i32::MAX as usize + 1);
+    let err = model().vocab().tokenize(&text, TokenizeOptions::default()).unwrap_err();
+    assert!(matches!(err, TokenizeError::TooLong { len } if len == text.len()), "{err}");
+}
+
+fn synth_model(name: &str) -> PathBuf {
+    let dir = PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("EXSA_SYNTH_MODELS is set by .cargo/config.toml"));
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} missing: run `cargo xtask synth-models`", path.display());
+    path
+}
+
+#[test]
+fn a_sampler_used_with_another_models_context_is_the_wrong_model() {
+    let other = Model::load(synth_model("llama-tiny.gguf"), &ModelParams::default()).unwrap();
+    let mut sampler = SamplerChain::new().greedy().build(&other).unwrap();
+    let mut ctx = common::context();
+    let tokens = model().vocab().tokenize("Hello", TokenizeOptions::default()).unwrap();
+    ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
+    let err = sampler.sample_last(&ctx).unwrap_err();
+    assert!(matches!(err, SamplerError::WrongModel), "{err}");
+}
+
+#[test]
+fn files_that_are_not_adapters_are_lora_errors() {
+    let missing = temp_path("no-such-adapter.gguf");
+    let _ = std::fs::remove_file(&missing);
+    assert!(matches!(LoraAdapter::load(model(), &missing), Err(LoraError::NotFound(p)) if p == missing));
+    assert!(matches!(LoraAdapter::load(model(), Path::new("lora\0.gguf")), Err(LoraError::InvalidPath(_))));
+    // A model is not an adapter: llama.cpp refuses it, and says why.
+    let err = LoraAdapter::load(model(), model_path()).unwrap_err();
+    assert!(matches!(&err, LoraError::Load { messages, .. } if !messages.0.is_empty()), "{err}");
+}
