@@ -34,9 +34,10 @@ mod speculative;
 mod stop;
 mod token_text;
 
+pub use backend::LlamaLogLevel;
 pub use chat::ChatMessage;
 pub use config::{CancelToken, EngineConfig, GenerateRequest, SamplerStage, SamplingParams, SessionConfig, Speculation};
-pub use engine::{Engine, FinishReason, Generation, GenerationStats, Session, TokenizeOptions};
+pub use engine::{Engine, FinishReason, Generation, GenerationStats, Session, TokenizeOptions, set_llama_log_level};
 pub use error::{Cause, DecodeFailure, EngineError, Result};
 // One UTF-8 stream decoder for the whole workspace, from a crate of its own: the `crate`
 // backend must not link llama-sys, so it cannot come through `llama`.

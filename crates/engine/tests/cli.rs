@@ -93,9 +93,10 @@ fn log_levels_gate_llama_cpps_lines() {
     let loud = exsa(&["--log", "info", "generate", "Hi", "--max-tokens", "1"]);
     assert_eq!(quiet.status.code(), Some(0));
     assert_eq!(loud.status.code(), Some(0));
-    // llama.cpp's model-load lines come through at info, not at error.
-    assert!(text(&loud.stderr).contains("llama_cpp"), "{}", text(&loud.stderr));
-    assert!(!text(&quiet.stderr).contains("llama_cpp"), "{}", text(&quiet.stderr));
+    // llama.cpp's model-load lines come through at info, not at error, whichever binding
+    // forwards them (the crate baseline's did not reach the filter until this test).
+    assert!(text(&loud.stderr).contains("loaded meta data"), "{}", text(&loud.stderr));
+    assert!(!text(&quiet.stderr).contains("loaded meta data"), "{}", text(&quiet.stderr));
 }
 
 #[test]
@@ -104,7 +105,9 @@ fn bad_input_exits_with_a_message_not_a_crash() {
     let out = exsa(&["--model", "/no/such/model.gguf", "generate", "x"]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains("/no/such/model.gguf") && err.starts_with("error:") && !err.contains("panicked"), "{err}");
+    // The last line is ours (llama.cpp may log its own errors before it, at --log error).
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error:") && last.contains("/no/such/model.gguf") && !err.contains("panicked"), "{err}");
     // A value the engine refuses: exit 1 naming the field.
     let out = exsa(&["--log", "error", "generate", "x", "--top-p", "1.5"]);
     assert_eq!(out.status.code(), Some(1));

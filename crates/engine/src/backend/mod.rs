@@ -96,6 +96,37 @@ pub trait Backend: 'static {
 
     /// ggml's system-info line.
     fn system_info() -> String;
+
+    /// The lowest level of llama.cpp's own log lines that reach `tracing` (target `llama_cpp`,
+    /// or `llama-cpp-2` for the crate baseline, which forwards all of them).
+    fn set_llama_log_level(level: LlamaLogLevel) {
+        let _ = level;
+    }
+}
+
+/// How much of llama.cpp's log the engine forwards (`exsa --log`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LlamaLogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+    Off,
+}
+
+impl std::str::FromStr for LlamaLogLevel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "debug" | "trace" => Ok(LlamaLogLevel::Debug),
+            "info" => Ok(LlamaLogLevel::Info),
+            "warn" | "warning" => Ok(LlamaLogLevel::Warn),
+            "error" => Ok(LlamaLogLevel::Error),
+            "off" | "none" => Ok(LlamaLogLevel::Off),
+            other => Err(format!("{other:?} is not a log level (debug, info, warn, error, off)")),
+        }
+    }
 }
 
 /// A loaded model: tokenizer, templates, and a factory for sessions.

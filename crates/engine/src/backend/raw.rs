@@ -32,13 +32,58 @@ fn guarded(function: &str, call: impl FnOnce(*mut sys::exsa_error) -> i32) -> Re
 
 fn init() {
     static INIT: std::sync::Once = std::sync::Once::new();
-    // SAFETY: one-time global initialisation.
-    INIT.call_once(|| unsafe { sys::llama_backend_init() });
+    INIT.call_once(|| {
+        // SAFETY: the callback is a plain `extern "C" fn` that lives for the program and never
+        // unwinds; it takes no user data.
+        unsafe { sys::llama_log_set(Some(forward_log), std::ptr::null_mut()) };
+        // SAFETY: one-time global initialisation.
+        unsafe { sys::llama_backend_init() }
+    });
+}
+
+/// llama.cpp's lowest forwarded level, as ggml numbers levels (DEBUG 1 .. ERROR 4; 5 = off).
+static MIN_LOG_LEVEL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(sys::GGML_LOG_LEVEL_WARN);
+/// The level of the last line, for continuation pieces (GGML_LOG_LEVEL_CONT).
+static LAST_LOG_LEVEL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(sys::GGML_LOG_LEVEL_WARN);
+
+/// llama.cpp's log into `tracing` (target `llama_cpp`), as the `llama` crate does for `source`.
+extern "C" fn forward_log(level: sys::ggml_log_level, text: *const std::ffi::c_char, _: *mut std::ffi::c_void) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let level = if level == sys::GGML_LOG_LEVEL_CONT { LAST_LOG_LEVEL.load(Relaxed) } else { level };
+    LAST_LOG_LEVEL.store(level, Relaxed);
+    if level < MIN_LOG_LEVEL.load(Relaxed) || text.is_null() {
+        return;
+    }
+    // Nothing may unwind into C: a panicking subscriber costs the line, not the process.
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: llama.cpp passes a NUL-terminated string valid for the call.
+        let text = unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy();
+        let text = text.trim_end();
+        match level {
+            sys::GGML_LOG_LEVEL_ERROR => tracing::error!(target: "llama_cpp", "{text}"),
+            sys::GGML_LOG_LEVEL_WARN => tracing::warn!(target: "llama_cpp", "{text}"),
+            sys::GGML_LOG_LEVEL_INFO => tracing::info!(target: "llama_cpp", "{text}"),
+            _ => tracing::debug!(target: "llama_cpp", "{text}"),
+        }
+    });
 }
 
 impl Backend for RawBackend {
     const NAME: &'static str = "raw";
     type Model = RawModel;
+
+    fn set_llama_log_level(level: super::LlamaLogLevel) {
+        use super::LlamaLogLevel as L;
+        let min = match level {
+            L::Debug => sys::GGML_LOG_LEVEL_DEBUG,
+            L::Info => sys::GGML_LOG_LEVEL_INFO,
+            L::Warn => sys::GGML_LOG_LEVEL_WARN,
+            L::Error => sys::GGML_LOG_LEVEL_ERROR,
+            L::Off => sys::GGML_LOG_LEVEL_CONT,
+        };
+        MIN_LOG_LEVEL.store(min, std::sync::atomic::Ordering::Relaxed);
+        init();
+    }
 
     fn load(path: &Path, placement: &Placement) -> Result<RawModel, EngineError> {
         placement.local_only(Self::NAME)?;

@@ -52,6 +52,17 @@ impl Backend for SourceBackend {
     fn system_info() -> String {
         llama::system_info()
     }
+
+    fn set_llama_log_level(level: super::LlamaLogLevel) {
+        use super::LlamaLogLevel as L;
+        llama::set_log_level(match level {
+            L::Debug => llama::LogLevel::Debug,
+            L::Info => llama::LogLevel::Info,
+            L::Warn => llama::LogLevel::Warn,
+            L::Error => llama::LogLevel::Error,
+            L::Off => llama::LogLevel::Off,
+        });
+    }
 }
 
 /// A build that can use CUDA (compiled in, or a loaded module beside it) on a machine where no GPU

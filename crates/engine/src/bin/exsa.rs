@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use exsa_engine::harness::{self, Test};
-use exsa_engine::{CancelToken, ChatMessage, Engine, EngineConfig, EngineError, GenerateRequest, SamplingParams, SessionConfig, Speculation};
+use exsa_engine::{
+    CancelToken, ChatMessage, Engine, EngineConfig, EngineError, GenerateRequest, LlamaLogLevel, SamplingParams, SessionConfig, Speculation,
+    set_llama_log_level,
+};
 
 #[derive(Parser)]
 #[command(name = "exsa", version, about = "Local LLM inference over llama.cpp")]
@@ -231,10 +234,20 @@ struct BenchArgs {
 fn main() {
     let cli = Cli::parse();
     let (log, own) = (&cli.common.log, &cli.common.server_log);
-    let filter = format!("warn,exsa_engine={own},exsa={own},llama_cpp={log},llama_cpp_2={log}");
+    // llama.cpp's lines: target `llama_cpp` (ours), `llama-cpp-2` (the crate baseline's, whose
+    // callsites name the crate, dashes included).
+    let filter = format!("warn,exsa_engine={own},exsa={own},llama_cpp={log},llama-cpp-2={log}");
     // Colour only on a terminal: a log file or a pipe gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(filter).init();
+    // The filter only narrows what reaches it; the bindings drop lines below their own level first.
+    match log.parse::<LlamaLogLevel>() {
+        Ok(level) => set_llama_log_level(level),
+        Err(e) => {
+            eprintln!("error: --log: {e}");
+            std::process::exit(2);
+        }
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {e}");
         std::process::exit(1);

@@ -26,6 +26,12 @@ pub struct Engine {
     draft: Option<Box<Engine>>,
 }
 
+/// How much of llama.cpp's own log reaches `tracing` (default: warnings and errors), for every
+/// backend; `tracing`'s filters apply on top.
+pub fn set_llama_log_level(level: crate::backend::LlamaLogLevel) {
+    <crate::backend::Active as crate::backend::Backend>::set_llama_log_level(level);
+}
+
 impl Engine {
     /// Loads the model named in `config`.
     pub fn load(config: EngineConfig) -> Result<Engine, EngineError> {
