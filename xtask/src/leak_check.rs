@@ -2,8 +2,10 @@
 //! definitely-lost block fails the run.
 //!
 //! valgrind 3.19 (Debian 12) cannot decode AVX-512, which a native build uses on AVX-512
-//! machines, so the binaries are built with `LLAMA_SYS_NATIVE=off` (ggml's AVX2 baseline) in a
-//! target folder of their own. The wrapper code under test is the same either way.
+//! machines, so the binaries are built without native flags (ggml's AVX2 baseline), in a target
+//! folder of their own. They use the dynamic-backend build (`backend-dl`, which is never native):
+//! the same llama.cpp build as the engine's dynamic-backend tests in `cargo xtask test`, so that
+//! run compiles llama.cpp once for both. The wrapper code under test is the same either way.
 
 use std::path::PathBuf;
 
@@ -51,7 +53,7 @@ pub struct Args {}
 pub fn run(_: &Args) -> Result<()> {
     let target_dir = workspace::target_dir().join("leak-check");
     let output = workspace::cargo()
-        .args(["test", "-p", "llama", "--tests", "--no-run", "--locked", "--message-format=json"])
+        .args(["test", "-p", "llama", "--features", "backend-dl", "--tests", "--no-run", "--locked", "--message-format=json"])
         .env("LLAMA_SYS_NATIVE", "off")
         .env("CARGO_TARGET_DIR", &target_dir)
         .output()
@@ -60,6 +62,9 @@ pub fn run(_: &Args) -> Result<()> {
         bail!("building the test binaries failed:\n{}", String::from_utf8_lossy(&output.stderr));
     }
     let executables = executables(&output.stdout);
+    // The test binaries load llama.cpp's shared libraries from the build's folder; cargo
+    // would say where when it runs them, valgrind needs it said.
+    let library_path = std::env::join_paths(native_link_paths(&output.stdout)).context("a library folder with a ':' in its path")?;
     let mut failed = Vec::new();
     for Binary { name, skip, env } in BINARIES {
         let exe = executables.iter().find(|(n, _)| n == name).map(|(_, p)| p).with_context(|| format!("cargo built no `{name}` test binary"))?;
@@ -69,7 +74,7 @@ pub fn run(_: &Args) -> Result<()> {
         for s in *skip {
             cmd.args(["--skip", s]);
         }
-        cmd.envs(env.iter().copied());
+        cmd.envs(env.iter().copied()).env("LD_LIBRARY_PATH", &library_path);
         let status =
             cmd.current_dir(workspace::root().join("crates/llama")).status().context("cannot run valgrind (install it: cargo xtask setup)")?;
         if !status.success() {
@@ -81,6 +86,17 @@ pub fn run(_: &Args) -> Result<()> {
     }
     eprintln!("leak-check: no definite leaks, no memory errors");
     Ok(())
+}
+
+/// The `native=` folders build scripts asked the linker to search (llama-sys: the shared libraries).
+fn native_link_paths(json_lines: &[u8]) -> Vec<PathBuf> {
+    String::from_utf8_lossy(json_lines)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "build-script-executed")
+        .flat_map(|m| m["linked_paths"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p.as_str().and_then(|p| p.strip_prefix("native=")).map(PathBuf::from))
+        .collect()
 }
 
 fn executables(json_lines: &[u8]) -> Vec<(String, PathBuf)> {

@@ -354,6 +354,10 @@ impl Report {
     }
 
     pub fn write(&self, dir: &Path, formats: &[String]) -> Result<Vec<PathBuf>> {
+        // All or nothing: a typo in the last format must not leave the first ones written.
+        if let Some(other) = formats.iter().find(|f| !["md", "json", "csv"].contains(&f.as_str())) {
+            anyhow::bail!("unknown format {other:?} (use md, json, csv)");
+        }
         std::fs::create_dir_all(dir)?;
         let mut written = Vec::new();
         for f in formats {
@@ -375,6 +379,117 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings(tests: &[&str]) -> RunSettings {
+        RunSettings {
+            model: "m.gguf".into(),
+            tests: tests.iter().map(|t| t.to_string()).collect(),
+            reps: 4,
+            threads: Some(2),
+            batch: 2048,
+            ubatch: 512,
+            flash_attn: "auto".into(),
+            gpu_layers: 0,
+            greedy_tokens: 0,
+            timeout_s: 600,
+        }
+    }
+
+    /// B a baseline with drifting rounds, A 0.8 of it; e2e 0.9 of tg in both.
+    fn runs() -> (Vec<String>, BTreeMap<String, VariantRuns>) {
+        let tg = [60.0, 57.0, 62.0, 59.0];
+        let mut out = BTreeMap::new();
+        for (name, factor) in [("B", 1.0), ("A", 0.8)] {
+            let mut r = VariantRuns::default();
+            r.tokens_per_s.insert("tg128".into(), tg.iter().map(|x| Some(x * factor)).collect());
+            r.tokens_per_s.insert("e2e".into(), tg.iter().map(|x| Some(x * factor * 0.9)).collect());
+            r.ttft_ms.insert("e2e".into(), vec![Some(50.0); 4]);
+            out.insert(name.to_string(), r);
+        }
+        (vec!["B".to_string(), "A".to_string()], out)
+    }
+
+    fn report() -> Report {
+        let settings = settings(&["tg128", "e2e"]);
+        let (order, runs) = runs();
+        let rows = rows(&settings, &order, "B", &runs, &[]);
+        let e2e_over_tg = e2e_over_tg(&settings, &order, &runs);
+        Report {
+            timestamp: "20261126-000000".into(),
+            command: "cargo xtask bench-compare".into(),
+            git_revision: "abc1234".into(),
+            machine: Machine {
+                cpu: "Test CPU".into(),
+                cores: 2,
+                simd: vec!["avx2".into()],
+                memory_bytes: 24 << 30,
+                os: "Linux".into(),
+                kernel: "6.1".into(),
+                memory_read_gb_s: 10.0,
+            },
+            model: ModelDescription { path: "m.gguf".into(), description: "test model".into(), size_bytes: 1, sha256: "00".into() },
+            settings,
+            baseline: "B".into(),
+            variants: order
+                .iter()
+                .map(|n| VariantInfo {
+                    variant: Variant::builtin(n, if n == "A" { "crate" } else { "source" }, ""),
+                    build_seconds: 1.0,
+                    build_info: None,
+                    system_info: None,
+                    errors: Vec::new(),
+                })
+                .collect(),
+            equivalence: Vec::new(),
+            rows,
+            tg_ceiling_tokens_per_s: 100.0,
+            e2e_over_tg,
+            speculation_gain: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rows_pair_each_variant_with_the_baseline_and_e2e_with_tg() {
+        let r = report();
+        assert_eq!(r.rows.len(), 4, "2 tests x 2 variants");
+        let a_tg = r.rows.iter().find(|x| x.variant == "A" && x.test == "tg128").unwrap();
+        let ratio = a_tg.vs_baseline.as_ref().unwrap();
+        assert!((ratio.ratio - 0.8).abs() < 1e-9 && ratio.verdict == stats::Verdict::Slower, "{ratio:?}");
+        assert!(r.rows.iter().filter(|x| x.variant == "B").all(|x| x.vs_baseline.is_none()), "the baseline is not compared with itself");
+        assert_eq!(r.rows.iter().find(|x| x.test == "e2e").unwrap().ttft.as_ref().unwrap().median, 50.0);
+        assert_eq!(r.e2e_over_tg.len(), 2);
+        for (_, ratio) in &r.e2e_over_tg {
+            assert!((ratio.ratio - 0.9).abs() < 1e-9, "{ratio:?}");
+        }
+        // Without both an e2e and a tg test there is nothing to pair.
+        let (order, runs) = runs();
+        assert!(e2e_over_tg(&settings(&["tg128"]), &order, &runs).is_empty());
+    }
+
+    #[test]
+    fn every_format_writes_what_it_says_and_an_unknown_one_is_refused() {
+        let r = report();
+        let md = r.markdown();
+        assert!(md.contains("| A | tg128 | 4 |") && md.contains("slower") && md.contains("Test CPU, 2 cores"), "{md}");
+        let csv = r.csv();
+        assert_eq!(csv.lines().count(), 1 + 4 * 4, "a header and a line per row and round");
+        assert!(csv.lines().nth(1).unwrap().starts_with("B,tg128,1,60.0000"), "{csv}");
+        let svg = r.svg();
+        assert!(svg.starts_with("<svg") && svg.contains(">A<") && svg.contains(">B<"), "{svg}");
+
+        let dir = std::env::temp_dir().join(format!("exsa-report-{}", std::process::id()));
+        let written = r.write(&dir, &["md".into(), "json".into(), "csv".into()]).unwrap();
+        let names: Vec<String> = written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["report.md", "report.json", "samples.csv", "chart.svg"]);
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+        assert_eq!(json["rows"].as_array().unwrap().len(), 4);
+        assert_eq!(json["baseline"], "B");
+        let fresh = dir.join("refused");
+        let err = r.write(&fresh, &["md".into(), "xml".into()]).unwrap_err();
+        assert!(err.to_string().contains("\"xml\"") && err.to_string().contains("md, json, csv"), "{err}");
+        assert!(!fresh.exists(), "nothing is written when a format is unknown");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn e2e_test_names_give_their_token_count() {
