@@ -72,6 +72,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_tree_without_a_pin_says_it_is_unpinned() {
+        // LLAMA_CPP_DIR builds carry Pin::default(): reports must not pass them off as the pin.
+        assert_eq!(Pin::default().describe(), "unpinned (LLAMA_CPP_DIR)");
+        let pin = Pin { package: "llama-cpp-sys-2".into(), version: "0.1.161".into(), tree_sha256: "cc3991296b10ff".into(), ..Pin::default() };
+        assert_eq!(pin.describe(), "llama-cpp-sys-2 0.1.161 (tree sha256 cc3991296b10)");
+    }
+
+    #[test]
     fn the_committed_pin_parses_and_writes_back_unchanged() {
         let pin = Pin::parse(crate::PIN_TOML);
         assert_eq!(pin.package, "llama-cpp-sys-2");

@@ -85,20 +85,22 @@ fn micro() -> Result<()> {
     Ok(())
 }
 
+/// The tests and rounds to run: `--quick` is three short tests in 2 rounds; fewer than 2 rounds
+/// cannot give a paired ratio.
+fn tests_and_rounds(args: &Args) -> Result<(Vec<String>, usize)> {
+    let (tests, reps) = if args.quick { (vec!["pp64".into(), "tg16".into(), "e2e16".into()], 2) } else { (args.tests.clone(), args.reps) };
+    if reps < 2 {
+        bail!("--reps must be at least 2: a ratio needs paired rounds");
+    }
+    Ok((tests, reps))
+}
+
 pub fn run(args: &Args) -> Result<()> {
     if args.micro {
         return micro();
     }
     let started = Instant::now();
-    let mut args_tests = args.tests.clone();
-    let mut reps = args.reps;
-    if args.quick {
-        args_tests = vec!["pp64".into(), "tg16".into(), "e2e16".into()];
-        reps = 2;
-    }
-    if reps < 2 {
-        bail!("--reps must be at least 2: a ratio needs paired rounds");
-    }
+    let (args_tests, reps) = tests_and_rounds(args)?;
     let variants = variants::resolve(args.variants_file.as_deref(), &args.variants)?;
     if let Some(m) = &args.model {
         llama_header_check(m)?;
@@ -289,6 +291,28 @@ pub(crate) fn timestamp() -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::{Args, tests_and_rounds};
+
+    fn parse(args: &[&str]) -> Args {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        Cli::try_parse_from(std::iter::once("bench-compare").chain(args.iter().copied())).unwrap().args
+    }
+
+    #[test]
+    fn quick_runs_three_short_tests_and_one_round_is_refused() {
+        let (tests, reps) = tests_and_rounds(&parse(&["--quick", "--reps", "9"])).unwrap();
+        assert_eq!((tests, reps), (vec!["pp64".to_string(), "tg16".into(), "e2e16".into()], 2));
+        let (tests, reps) = tests_and_rounds(&parse(&["--tests", "pp512,tg128", "--reps", "3"])).unwrap();
+        assert_eq!((tests.len(), reps), (2, 3));
+        let err = tests_and_rounds(&parse(&["--reps", "1"])).unwrap_err();
+        assert!(err.to_string().contains("at least 2"), "{err}");
+    }
+
     #[test]
     fn timestamps_are_sortable_utc() {
         let t = super::timestamp();
