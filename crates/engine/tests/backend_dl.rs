@@ -16,6 +16,19 @@ fn exsa(backend_dir: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_exsa")).env("EXSA_BACKEND_DIR", backend_dir).args(args).output().expect("exsa runs")
 }
 
+/// A folder of its own holding copies of the build's CPU modules: a bundle's layout.
+fn dir_with_cpu_modules(name: &str) -> PathBuf {
+    let built = llama::backend_modules::loaded_from().unwrap().to_path_buf();
+    let dir = temp_dir(name);
+    for entry in std::fs::read_dir(&built).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with("libggml-cpu") {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    dir
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("exsa-backend-dl-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -48,15 +61,8 @@ fn the_cpu_backend_is_a_loaded_module_and_generates() {
 
 #[test]
 fn exsa_backend_dir_is_used_alone_and_a_folder_without_modules_is_an_error() {
-    let built = llama::backend_modules::loaded_from().unwrap().to_path_buf();
     // A bundle-like folder holding a copy of the CPU module: used, and reported by `exsa info`.
-    let copy = temp_dir("copy");
-    for entry in std::fs::read_dir(&built).unwrap() {
-        let path = entry.unwrap().path();
-        if path.file_name().unwrap().to_string_lossy().starts_with("libggml-cpu") {
-            std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
-        }
-    }
+    let copy = dir_with_cpu_modules("copy");
     let out = exsa(&copy, &["--log", "error", "info"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -74,14 +80,7 @@ fn exsa_backend_dir_is_used_alone_and_a_folder_without_modules_is_an_error() {
 
 #[test]
 fn a_cuda_module_that_cannot_load_leaves_the_cpu_running_and_says_so() {
-    let built = llama::backend_modules::loaded_from().unwrap().to_path_buf();
-    let dir = temp_dir("cuda");
-    for entry in std::fs::read_dir(&built).unwrap() {
-        let path = entry.unwrap().path();
-        if path.file_name().unwrap().to_string_lossy().starts_with("libggml-cpu") {
-            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-        }
-    }
+    let dir = dir_with_cpu_modules("cuda");
     // What a CUDA module is on a machine without the NVIDIA driver: a file dlopen refuses.
     std::fs::write(dir.join("libggml-cuda.so"), b"not an ELF file").unwrap();
     let out = exsa(&dir, &["--log", "warn", "generate", "The capital of France is", "--max-tokens", "4"]);
