@@ -17,8 +17,9 @@ const GGUF_PACKAGE: &str = "gguf";
 const GGUF_VERSION: &str = "0.19.0";
 const GENERATOR: &str = "xtask/synth/synth_models.py";
 
-/// The models the tests use (one per kind of memory, and one with another vocabulary).
-const TEST_MODELS: [&str; 4] = ["llama-tiny", "lfm2-tiny", "mamba-tiny", "llama-tiny-32k"];
+/// The models the tests use (one per kind of memory, one with another vocabulary, and a LoRA
+/// adapter for llama-tiny).
+const TEST_MODELS: [&str; 5] = ["llama-tiny", "lfm2-tiny", "mamba-tiny", "llama-tiny-32k", "llama-tiny-lora"];
 /// Written in F16 and quantized to Q4_K_M: for bench-compare, not the tests.
 const BENCH_MODEL: &str = "lfm2-1.2b-shape";
 

@@ -152,6 +152,38 @@ def feed_forward(w, i, n_embd, n_ff):
     w.normal(f"blk.{i}.ffn_down.weight", (n_embd, n_ff), n_ff**-0.5)
 
 
+# A LoRA adapter for llama-tiny (rank 4 on every attention query and output projection), random
+# and large enough to change the logits: the adapter tests' only adapter, since no published
+# adapter fits a model downloadable here.
+ADAPTERS = {"llama-tiny-lora": dict(base="llama-tiny", rank=4, alpha=8.0, targets=("attn_q", "attn_output"))}
+
+
+def write_adapter(name, spec, out_dir):
+    base = MODELS[spec["base"]]
+    n_embd, rank = base["n_embd"], spec["rank"]
+    head_dim = n_embd // base["n_head"]
+    path = os.path.join(out_dir, f"{name}.gguf")
+    writer = gguf.GGUFWriter(path + ".partial", base["arch"])
+    writer.add_name(name)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", spec["alpha"])
+    w = Weights(writer, name, "f32")
+    for i in range(base["n_layer"]):
+        for target in spec["targets"]:
+            # In ggml's order the base weight is [n_in, n_out]; A is [n_in, rank], B [rank, n_out]:
+            # numpy shapes are the reverse.
+            n_out, n_in = (base["n_head"] * head_dim, n_embd) if target == "attn_q" else (n_embd, base["n_head"] * head_dim)
+            w.normal(f"blk.{i}.{target}.weight.lora_a", (rank, n_in), n_in**-0.5)
+            w.normal(f"blk.{i}.{target}.weight.lora_b", (n_out, rank), 1.0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(path + ".partial", path)
+    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
+
+
 def write_model(name, spec, tokenizer, out_dir):
     arch = spec["arch"]
     n_vocab = spec["n_vocab"] or len(tokenizer["tokenizer.ggml.tokens"][0])
@@ -241,16 +273,20 @@ def main():
     parser.add_argument("--list", action="store_true", help="print the model names and exit")
     parser.add_argument("models", nargs="*")
     args = parser.parse_args()
+    known = list(MODELS) + list(ADAPTERS)
     if args.list:
-        print("\n".join(MODELS))
+        print("\n".join(known))
         return
-    unknown = [m for m in args.models if m not in MODELS]
+    unknown = [m for m in args.models if m not in known]
     if unknown:
-        sys.exit(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+        sys.exit(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(known)}")
     os.makedirs(args.out, exist_ok=True)
     tokenizer = read_tokenizer(args.tokenizer_from)
     for name in args.models:
-        write_model(name, MODELS[name], tokenizer, args.out)
+        if name in ADAPTERS:
+            write_adapter(name, ADAPTERS[name], args.out)
+        else:
+            write_model(name, MODELS[name], tokenizer, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 //! The error variants no other test produces, each from the input a user could give: a model
 //! path that is a folder or holds a NUL, a full KV cache, a text too long for llama.cpp's
-//! tokenizer, a sampler used with another model's context, and files that are not adapters
+//! tokenizer, a sampler used with another model's context, files that are not adapters, and an
+//! adapter (the synthetic llama-tiny-lora) used where it does not belong
 //! (`SamplerError::NothingSelected` comes from a grammar that allows no candidate, in the
 //! sampler's unit tests; a chain without a selecting stage is refused when it is built). (`DecodeError::Rejected` and `StateError::SizeMismatch` are
 //! defensive: llama.cpp returns no other code for a batch that passed our checks, and writes the
@@ -85,4 +86,30 @@ fn files_that_are_not_adapters_are_lora_errors() {
     // A model is not an adapter: llama.cpp refuses it, and says why.
     let err = LoraAdapter::load(model(), model_path()).unwrap_err();
     assert!(matches!(&err, LoraError::Load { messages, .. } if !messages.0.is_empty()), "{err}");
+}
+
+#[test]
+fn a_lora_adapter_changes_the_logits_of_its_own_model_only() {
+    let tiny = Model::load(synth_model("llama-tiny.gguf"), &ModelParams::default()).unwrap();
+    let adapter = LoraAdapter::load(&tiny, synth_model("llama-tiny-lora.gguf")).unwrap();
+    let mut ctx = Context::new(&tiny, &common::small_params()).unwrap();
+    let tokens = tiny.vocab().tokenize("Once upon a time", TokenizeOptions::default()).unwrap();
+    let mut logits = |ctx: &mut Context<'_>| {
+        ctx.clear_memory(true);
+        ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
+        ctx.logits(tokens.len() as i32 - 1).unwrap().to_vec()
+    };
+    let base = logits(&mut ctx);
+    ctx.set_lora_adapters(&[(&adapter, 1.0)]).unwrap();
+    let adapted = logits(&mut ctx);
+    let moved = base.iter().zip(&adapted).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(moved > 1e-2, "the adapter left the logits as they were (max change {moved})");
+    ctx.set_lora_adapters(&[]).unwrap();
+    assert_eq!(logits(&mut ctx), base, "without the adapter the model is itself again");
+
+    // Another model's context, another architecture: each refused by name.
+    let mut other = common::context();
+    assert!(matches!(other.set_lora_adapters(&[(&adapter, 1.0)]), Err(LoraError::WrongModel)));
+    let err = LoraAdapter::load(model(), synth_model("llama-tiny-lora.gguf")).unwrap_err();
+    assert!(matches!(&err, LoraError::Load { messages, .. } if messages.to_string().contains("arch")), "{err}");
 }
