@@ -289,6 +289,24 @@ pub fn greedy_tokens(engine: &Engine, config: &SessionConfig, prompt: &str, n: u
 
 /// Greedy steps of `prompt` with their margins, for the equivalence check.
 pub fn greedy_trace(engine: &Engine, config: &SessionConfig, prompt: &str, n: usize) -> Result<Vec<GreedyStep>, EngineError> {
+    trace(engine, config, prompt, n, |_, chosen| chosen)
+}
+
+/// The greedy steps of `prompt` while `forced` is decoded instead of each step's own choice
+/// (teacher forcing): every step sees the same text as the run that chose `forced`, so two
+/// builds stay comparable past a first near-tie swap, where free runs follow different text.
+pub fn forced_trace(engine: &Engine, config: &SessionConfig, prompt: &str, forced: &[TokenId]) -> Result<Vec<GreedyStep>, EngineError> {
+    trace(engine, config, prompt, forced.len(), |i, _| forced[i])
+}
+
+/// Decodes `prompt`, then `n` steps: records each step's top two, decodes `next(step, choice)`.
+fn trace(
+    engine: &Engine,
+    config: &SessionConfig,
+    prompt: &str,
+    n: usize,
+    next: impl Fn(usize, TokenId) -> TokenId,
+) -> Result<Vec<GreedyStep>, EngineError> {
     let model = engine.model();
     let mut session = model.session(config)?;
     session.set_sampler(&SamplingParams::greedy())?;
@@ -299,11 +317,11 @@ pub fn greedy_trace(engine: &Engine, config: &SessionConfig, prompt: &str, n: us
     }
     session.decode(&tokens, 0, Outputs::Last)?;
     let mut out = Vec::with_capacity(n);
-    for pos in (tokens.len() as i32..).take(n) {
+    for (i, pos) in (tokens.len() as i32..).take(n).enumerate() {
         let (_, runner_up, margin) = top2(session.last_logits()?);
         let t = session.sample()?;
         out.push(GreedyStep { token: t, runner_up, margin });
-        session.decode(&[t], pos, Outputs::Last)?;
+        session.decode(&[next(i, t)], pos, Outputs::Last)?;
     }
     Ok(out)
 }
