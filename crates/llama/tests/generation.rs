@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -483,6 +484,24 @@ fn system_information_shows_the_cpu() {
     assert!(capabilities().mmap);
     let native = build_info().switch("native").unwrap();
     assert_eq!(build_info().define("GGML_NATIVE"), Some(if native { "ON" } else { "OFF" }));
+}
+
+#[test]
+fn quantizing_a_small_model_runs_clean_under_the_leak_check() {
+    // The synthetic llama with a 32k vocabulary (9 MB of F16): small enough that the leak check
+    // runs llama.cpp's quantizer under valgrind (the default model's takes minutes there).
+    let dir = PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("EXSA_SYNTH_MODELS is set by .cargo/config.toml"));
+    let input = dir.join("llama-tiny-32k.gguf");
+    assert!(input.is_file(), "{} missing: run `cargo xtask synth-models`", input.display());
+    let out = temp_path("tiny-q8_0.gguf");
+    quantize(&input, &out, QuantType::Q8_0, 2, false).unwrap();
+    let q = Model::load(&out, &ModelParams::default()).unwrap();
+    assert_eq!(q.meta("general.file_type").as_deref(), Some("7"), "Q8_0 is ftype 7");
+    assert!(std::fs::metadata(&out).unwrap().len() < std::fs::metadata(&input).unwrap().len());
+    let err = quantize(&input, &input, QuantType::Q8_0, 2, false).unwrap_err();
+    assert!(matches!(err, QuantizeError::SameFile { .. }), "{err}");
+    drop(q);
+    std::fs::remove_file(out).unwrap();
 }
 
 #[test]
