@@ -74,16 +74,25 @@ pub struct Args {
 fn micro() -> Result<()> {
     fetch_model::run(&fetch_model::Args::default())?;
     vendor::run(&vendor::Args::default())?;
-    for (backend, baseline) in [("crate", "--save-baseline"), ("source", "--baseline")] {
-        eprintln!("micro-benchmarks: backend {backend} ({baseline} A)");
-        workspace::run(
-            workspace::cargo()
-                .args(["bench", "--locked", "-p", "exsa-benches", "--no-default-features", "--features", backend, "--bench", "steps", "--"])
-                .args([baseline, "A"]),
-        )?;
+    for (backend, args) in micro_runs() {
+        eprintln!("micro-benchmarks: backend {backend}");
+        workspace::run(workspace::cargo().args(&args))?;
     }
     Ok(())
 }
+
+/// The crate baseline saved as criterion's baseline "A", then our build compared with it: the
+/// same benchmark ids over both backends.
+fn micro_runs() -> [(&'static str, Vec<String>); 2] {
+    [("crate", "--save-baseline"), ("source", "--baseline")].map(|(backend, baseline)| {
+        let args =
+            ["bench", "--locked", "-p", "exsa-benches", "--no-default-features", "--features", backend, "--bench", MICRO_BENCH, "--", baseline, "A"];
+        (backend, args.map(String::from).to_vec())
+    })
+}
+
+/// The criterion bench `--micro` runs (benches/benches/steps.rs).
+const MICRO_BENCH: &str = "steps";
 
 /// The tests and rounds to run: `--quick` is three short tests in 2 rounds; fewer than 2 rounds
 /// cannot give a paired ratio.
@@ -301,6 +310,19 @@ mod tests {
             args: Args,
         }
         Cli::try_parse_from(std::iter::once("bench-compare").chain(args.iter().copied())).unwrap().args
+    }
+
+    #[test]
+    fn micro_saves_the_baseline_on_the_crate_and_compares_our_build_with_it() {
+        let [(first, save), (second, compare)] = super::micro_runs();
+        assert_eq!((first, second), ("crate", "source"), "the baseline must be saved before it is compared with");
+        assert!(save.ends_with(&["--save-baseline".to_string(), "A".into()]) && compare.ends_with(&["--baseline".to_string(), "A".into()]));
+        // The bench and both backend features exist where cargo will look for them.
+        let manifest = std::fs::read_to_string(crate::workspace::root().join("benches/Cargo.toml")).unwrap();
+        assert!(manifest.contains(&format!("name = \"{}\"", super::MICRO_BENCH)), "no [[bench]] {}", super::MICRO_BENCH);
+        for feature in ["crate", "source"] {
+            assert!(manifest.lines().any(|l| l.trim_start().starts_with(&format!("{feature} ="))), "exsa-benches has no feature {feature}");
+        }
     }
 
     #[test]
