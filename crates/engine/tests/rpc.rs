@@ -104,6 +104,14 @@ fn layers_on_two_rpc_servers_give_the_local_output() {
         assert!(placement.iter().any(|l| l.contains(&server.endpoint) && l.contains("buffer size")), "{placement:?}");
     }
     assert!(placement.iter().any(|l| l.contains("offloaded 12/")), "{placement:?}");
+    // A child process inherits none of the connections (they are close-on-exec): an inherited
+    // one outlives the model and keeps the one-client rpc-server from serving anyone else.
+    #[cfg(target_os = "linux")]
+    {
+        let fds = Command::new("ls").args(["-l", "/proc/self/fd"]).output().unwrap();
+        let fds = String::from_utf8_lossy(&fds.stdout);
+        assert!(!fds.contains("socket:"), "a child inherited sockets:\n{fds}");
+    }
     let local = Engine::load(config(Vec::new(), 0)).unwrap();
     let prompt = "The history of the printing press begins";
     let want = harness::greedy_trace(&local, local.session_config(), prompt, 24).unwrap();

@@ -9,6 +9,7 @@
 #include <unordered_set>
 
 #ifndef _WIN32
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
@@ -80,6 +81,14 @@ bool exsa_rpc_watch_is_lost(uint64_t id) {
 void exsa_rpc_watch_socket(intptr_t fd) {
 #ifndef _WIN32
     const int s = static_cast<int>(fd);
+    // ggml opens its sockets without SOCK_CLOEXEC: a child process spawned meanwhile (any
+    // Command::spawn of the program) inherits them and keeps the connection open after the
+    // program closes it, and an rpc-server (one client at a time) then waits on that orphan
+    // forever while the next client hangs in its handshake. Found by the RPC tests.
+    const int flags = fcntl(s, F_GETFD);
+    if (flags >= 0) {
+        (void) fcntl(s, F_SETFD, flags | FD_CLOEXEC);
+    }
     int on = 1;
     int idle = KEEPALIVE_IDLE_S;
     int interval = KEEPALIVE_INTERVAL_S;

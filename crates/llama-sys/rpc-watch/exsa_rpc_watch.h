@@ -24,8 +24,9 @@ void exsa_rpc_watch_lost(uint64_t id);
 uint64_t exsa_rpc_watch_current(const char * endpoint);
 // Whether connection `id` was lost.
 bool exsa_rpc_watch_is_lost(uint64_t id);
-// Socket options for every RPC socket, both sides: keepalive probes, so that a host that vanished
-// (power, network) is noticed in about half a minute instead of never.
+// Socket options for every RPC socket, both sides: close-on-exec (children must not inherit a
+// connection), and keepalive probes, so that a host that vanished (power, network) is noticed in
+// about half a minute instead of never.
 void exsa_rpc_watch_socket(intptr_t fd);
 
 #ifdef __cplusplus
