@@ -83,14 +83,28 @@ fn fetch_package(name: &str, version: &str) -> Result<PathBuf> {
 }
 
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
-    std::fs::create_dir_all(dst)?;
-    for entry in std::fs::read_dir(src).with_context(|| format!("cannot list {}", src.display()))? {
+    copy_tree_except(src, dst, &|_| false)
+}
+
+/// `copy_tree`, leaving out every file or folder for which `skip` (given its path relative to
+/// `src`) is true.
+pub fn copy_tree_except(src: &Path, dst: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()> {
+    copy_below(src, dst, Path::new(""), skip)
+}
+
+fn copy_below(src: &Path, dst: &Path, rel: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()> {
+    std::fs::create_dir_all(dst.join(rel))?;
+    let dir = src.join(rel);
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let entry = entry?;
-        let to = dst.join(entry.file_name());
+        let child = rel.join(entry.file_name());
+        if skip(&child) {
+            continue;
+        }
         if entry.file_type()?.is_dir() {
-            copy_tree(&entry.path(), &to)?;
+            copy_below(src, dst, &child, skip)?;
         } else {
-            std::fs::copy(entry.path(), &to).with_context(|| format!("cannot copy {}", entry.path().display()))?;
+            std::fs::copy(src.join(&child), dst.join(&child)).with_context(|| format!("cannot copy {}", src.join(&child).display()))?;
         }
     }
     Ok(())

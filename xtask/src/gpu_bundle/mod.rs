@@ -139,7 +139,7 @@ fn llama_source() -> Result<PathBuf> {
 /// ggml's tree as its CMake needs it for the CUDA module alone: everything but the other
 /// backends' folders (ggml-base includes the CPU backend's headers, so that folder stays).
 fn copy_ggml_source(llama: &Path, dest: &Path) -> Result<()> {
-    copy_tree(&llama.join("ggml"), dest, Path::new(""), &another_backend)?;
+    crate::vendor::copy_tree_except(&llama.join("ggml"), dest, &another_backend)?;
     // ggml configured on its own installs a pkg-config file from this template, which the
     // crates.io package of the tree leaves out; nothing here uses the file.
     let template = dest.join("ggml.pc.in");
@@ -154,23 +154,6 @@ fn another_backend(rel: &Path) -> bool {
     let mut parts = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned());
     parts.next().as_deref() == Some("src")
         && parts.next().is_some_and(|dir| dir.starts_with("ggml-") && !["ggml-cuda", "ggml-cpu"].contains(&dir.as_str()) && !dir.contains('.'))
-}
-
-fn copy_tree(src: &Path, dest: &Path, rel: &Path, skip: &dyn Fn(&Path) -> bool) -> Result<()> {
-    std::fs::create_dir_all(dest.join(rel))?;
-    for entry in std::fs::read_dir(src.join(rel))? {
-        let entry = entry?;
-        let child = rel.join(entry.file_name());
-        if skip(&child) {
-            continue;
-        }
-        if entry.file_type()?.is_dir() {
-            copy_tree(src, dest, &child, skip)?;
-        } else {
-            std::fs::copy(src.join(&child), dest.join(&child))?;
-        }
-    }
-    Ok(())
 }
 
 /// Writes `model` as parts of `chunk_mib` MiB (one part for 0) and its SHA-256; returns the
