@@ -285,11 +285,13 @@ impl BuildPlan {
             };
             define("GGML_BLAS_VENDOR", &vendor);
         }
+        // Decided once: the define and whether the driver library is linked follow from it.
+        let cuda_vmm = on(Switch::Cuda) && !cuda_no_vmm(input)?;
         if on(Switch::Cuda) {
             let archs = input.env.get(CUDA_ARCHS_VAR).map_or(DEFAULT_CUDA_ARCHS, String::as_str);
             validate_cuda_archs(archs)?;
             define("CMAKE_CUDA_ARCHITECTURES", archs);
-            define("GGML_CUDA_NO_VMM", onoff(cuda_no_vmm(input)?));
+            define("GGML_CUDA_NO_VMM", onoff(!cuda_vmm));
             // The toolkit named, not whichever nvcc PATH finds first (a toolkit assembled by
             // `cargo xtask setup --cuda` is on no PATH).
             if let Some(root) = input.env.get(CUDA_PATH_VAR) {
@@ -346,7 +348,7 @@ impl BuildPlan {
 
         c_flags.extend(parse_compiler_flags(CFLAGS_VAR, input.env.get(CFLAGS_VAR))?);
         cxx_flags.extend(parse_compiler_flags(CXXFLAGS_VAR, input.env.get(CXXFLAGS_VAR))?);
-        let (links, search_paths) = link_list(input, &switches);
+        let (links, search_paths) = link_list(input, &switches, cuda_vmm);
 
         let mut headers =
             vec!["include/llama.h", "ggml/include/ggml.h", "ggml/include/ggml-backend.h", "ggml/include/ggml-cpu.h", "ggml/include/gguf.h"];
@@ -511,7 +513,9 @@ fn parse_compiler_flags(var: &str, raw: Option<&String>) -> Result<Vec<String>, 
         .collect()
 }
 
-fn link_list(input: &PlanInput, switches: &BTreeMap<Switch, bool>) -> (Vec<Link>, Vec<String>) {
+/// `cuda_vmm`: ggml's CUDA backend uses the driver API's memory pool, so the driver library is
+/// linked.
+fn link_list(input: &PlanInput, switches: &BTreeMap<Switch, bool>, cuda_vmm: bool) -> (Vec<Link>, Vec<String>) {
     let on = |s: Switch| switches[&s];
     let target = &input.target;
     let mut search_paths = Vec::new();
@@ -552,8 +556,7 @@ fn link_list(input: &PlanInput, switches: &BTreeMap<Switch, bool>) -> (Vec<Link>
         for lib in ["cudart", "cublas", "cublasLt"] {
             links.push(Link::Dylib(lib.into()));
         }
-        // The driver library only for the virtual memory pool (GGML_CUDA_NO_VMM off).
-        if input.cuda_driver_stub && !matches!(cuda_no_vmm(input), Ok(true)) {
+        if cuda_vmm {
             links.push(Link::Dylib("cuda".into()));
         }
     }
