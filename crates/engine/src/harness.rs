@@ -299,6 +299,39 @@ pub fn forced_trace(engine: &Engine, config: &SessionConfig, prompt: &str, force
     trace(engine, config, prompt, forced.len(), |i, _| forced[i])
 }
 
+/// Teacher forcing with log-probabilities, the solo reference that batched and speculative runs
+/// are checked against step by step: decodes `prompt` alone in a single-sequence context of
+/// `config`, then at each step records `forced[i]`'s log-probability and the `top` likeliest
+/// candidates of that step's logits, and decodes `forced[i]` (whatever the step would have
+/// chosen), so every step sees the text the checked run saw.
+pub fn forced_logprobs(
+    engine: &Engine,
+    config: &SessionConfig,
+    prompt: &[TokenId],
+    forced: &[TokenId],
+    top: usize,
+) -> Result<Vec<crate::serving::TokenLogprobs>, EngineError> {
+    let model = engine.model();
+    if prompt.is_empty() || prompt.len() + forced.len() >= config.n_ctx as usize {
+        return Err(EngineError::PromptTooLong { prompt_tokens: prompt.len() + forced.len(), n_ctx: config.n_ctx });
+    }
+    let mut session = model.session(&SessionConfig { n_seq: 1, ..config.clone() })?;
+    let n_batch = session.n_batch() as usize;
+    let mut pos = 0;
+    for chunk in prompt.chunks(n_batch) {
+        let outputs = if pos + chunk.len() == prompt.len() { Outputs::Last } else { Outputs::None };
+        session.decode(chunk, pos as i32, outputs)?;
+        pos += chunk.len();
+    }
+    let mut out = Vec::with_capacity(forced.len());
+    for &token in forced {
+        out.push(crate::serving::TokenLogprobs::from_row(session.last_logits()?, token, top));
+        session.decode(&[token], pos as i32, Outputs::Last)?;
+        pos += 1;
+    }
+    Ok(out)
+}
+
 /// Decodes `prompt`, then `n` steps: records each step's top two, decodes `next(step, choice)`.
 fn trace(
     engine: &Engine,

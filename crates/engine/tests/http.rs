@@ -12,6 +12,7 @@ use exsa_engine::*;
 use serde_json::{Value, json};
 
 mod common;
+mod equivalence;
 
 fn chat_body(content: &str, max_tokens: u32, stream: bool) -> Value {
     json!({ "messages": [{ "role": "user", "content": content }], "max_tokens": max_tokens, "temperature": 0, "stream": stream,
@@ -102,20 +103,11 @@ fn chat_and_completions_stream_and_not_as_the_engine_generates() {
     assert_eq!(completion["object"], "text_completion");
 }
 
-/// One generated token: its text and the five likeliest candidates with their log-probabilities.
+/// One generated token as the server lists it: its id and log-probability.
 #[derive(Debug)]
 struct Step {
-    token: String,
-    top: Vec<(String, f64)>,
-}
-
-impl Step {
-    /// Whether `token` was within the batched-decoding tolerance of this step's likeliest
-    /// candidate (see `serving::BATCH_NEAR_TIE`, where it was measured).
-    fn near_top(&self, token: &str) -> bool {
-        let best = self.top[0].1;
-        self.top.iter().any(|(t, lp)| t == token && best - lp <= exsa_engine::serving::BATCH_NEAR_TIE as f64)
-    }
+    id: i32,
+    logprob: f32,
 }
 
 fn chat_with_logprobs(server: &Server, prompt: &str, max_tokens: u32) -> Vec<Step> {
@@ -134,34 +126,38 @@ fn chat_with_logprobs_and(server: &Server, prompt: &str, max_tokens: u32, extra:
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| Step {
-            token: t["token"].as_str().unwrap().to_string(),
-            top: t["top_logprobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| (c["token"].as_str().unwrap().to_string(), c["logprob"].as_f64().unwrap()))
-                .collect(),
-        })
+        .map(|t| Step { id: t["id"].as_i64().unwrap() as i32, logprob: t["logprob"].as_f64().unwrap() as f32 })
         .collect();
     (text, steps)
 }
 
-/// Two runs of one request agree token for token up to their first difference, where each
-/// side's choice was within `serving::BATCH_NEAR_TIE` of the top of the other's (a tie may have
-/// more than two members); later tokens are not compared. Returns where they parted.
-fn agree_up_to_a_near_tie(a: &[Step], b: &[Step], what: &str) -> Option<usize> {
-    let k = a.iter().zip(b).position(|(x, y)| x.token != y.token)?;
-    let (x, y) = (&a[k], &b[k]);
-    assert!(x.near_top(&y.token) && y.near_top(&x.token), "{what} diverges at token {k} where the choice was clear: {x:?} / {y:?}");
-    eprintln!("{what}: near-tie at token {k} ({:?} / {:?}); later tokens not compared", x.top, y.top);
-    Some(k)
+/// The default model in this process, for solo references of what the server (the same model,
+/// the same chat template) generated.
+struct Reference {
+    engine: Engine,
 }
 
-/// Eight requests decoded together give the tokens each gives alone, up to a near tie
-/// (batched and single decodes round differently, and which requests share a step varies from
-/// run to run): at the first difference, each side's choice must have been within
-/// `serving::BATCH_NEAR_TIE` of the top of the other's (a tie may have more than two members).
+impl Reference {
+    fn load() -> Reference {
+        let mut config = EngineConfig::new(default_model_path());
+        config.session = SessionConfig { n_ctx: 1024, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+        Reference { engine: Engine::load(config).unwrap() }
+    }
+
+    /// Every step of a server's greedy chat reply against a solo decode forced through the same
+    /// tokens (see `equivalence`).
+    fn check(&self, prompt: &str, steps: &[Step], what: &str) -> equivalence::Checked {
+        let tokens: Vec<i32> = steps.iter().map(|s| s.id).collect();
+        let logprobs: Vec<exsa_engine::serving::TokenLogprobs> =
+            steps.iter().zip(&tokens).map(|(s, &token)| exsa_engine::serving::TokenLogprobs { token, logprob: s.logprob, top: Vec::new() }).collect();
+        let prompt = self.engine.chat_tokens(&[ChatMessage::new("user", prompt)], false).unwrap();
+        equivalence::check(&self.engine, &prompt, &tokens, Some(&logprobs), &[], what)
+    }
+}
+
+/// Eight requests decoded together, and then each alone, give at every step what a solo decode
+/// of the same text gives (see `equivalence`: near ties may swap, logits may round differently,
+/// nothing more).
 #[test]
 fn eight_concurrent_requests_each_give_what_they_give_alone() {
     let _one_at_a_time = common::one_at_a_time();
@@ -169,16 +165,20 @@ fn eight_concurrent_requests_each_give_what_they_give_alone() {
         return;
     }
     let server = Server::start(&["--parallel", "8"]);
+    let reference = Reference::load();
     let prompts: Vec<String> = (0..8).map(|i| format!("Write one sentence about the number {i}.")).collect();
     let together: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = prompts.iter().map(|p| s.spawn(|| chat_with_logprobs(&server, p, 24))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    let mut checked = Vec::new();
     for (p, batched) in prompts.iter().zip(&together) {
-        let alone = chat_with_logprobs(&server, p, 24);
         assert_eq!(batched.len(), 24);
-        agree_up_to_a_near_tie(&alone, batched, p);
+        checked.push(reference.check(p, batched, &format!("{p} (batched)")));
+        let alone = chat_with_logprobs(&server, p, 24);
+        checked.push(reference.check(p, &alone, &format!("{p} (alone)")));
     }
+    equivalence::cap_partings(&checked, "eight requests together, then alone");
     assert_eq!(server.metric("exsa_requests_total{status=\"ok\"}"), 16.0);
     // Streaming with several requests at once ends each stream properly too.
     let streams: Vec<_> = std::thread::scope(|s| {
@@ -511,9 +511,10 @@ fn speculative_requests_give_the_same_text() {
     let (default_text, default) = chat_with_logprobs_and(&server, prompt, 48, json!({}));
     let steps_default = server.metric("exsa_decode_steps_total") - steps_before - steps_off;
     let (_, explicit) = chat_with_logprobs_and(&server, prompt, 48, json!({ "speculative": { "type": "ngram", "max_draft": 4 } }));
-    for (what, steps) in [("server default", &default), ("explicit", &explicit)] {
+    let reference = Reference::load();
+    for (what, steps) in [("off", &off), ("server default", &default), ("explicit", &explicit)] {
         assert_eq!(steps.len(), off.len(), "{what}");
-        agree_up_to_a_near_tie(&off, steps, what);
+        reference.check(prompt, steps, what);
     }
     // The same request again, streamed: the same steps, so the same text.
     let (streamed, _) = streamed_text(&sse_events(chat(json!({}), true)));

@@ -87,6 +87,8 @@ pub struct Generation<'s, 'e> {
     pub(super) finished: bool,
     /// With speculation ([`crate::Speculation`]) on.
     pub(super) speculation: Option<SpeculationState>,
+    /// The generated tokens (end of generation not included).
+    pub(super) tokens: Vec<TokenId>,
 }
 
 impl std::fmt::Debug for Generation<'_, '_> {
@@ -99,6 +101,11 @@ impl Generation<'_, '_> {
     /// The measurements so far; complete once the iterator has returned None.
     pub fn stats(&self) -> &GenerationStats {
         &self.stats
+    }
+
+    /// The tokens generated so far (an end-of-generation token is not listed).
+    pub fn tokens(&self) -> &[TokenId] {
+        &self.tokens
     }
 
     /// The next text delta, lent until the next call: what the iterator yields, without
@@ -153,6 +160,7 @@ impl Generation<'_, '_> {
             Some(FinishReason::EndOfText)
         } else {
             self.stats.completion_tokens += 1;
+            self.tokens.push(token);
             if self.text.push(model, token, &mut self.delta)? {
                 Some(FinishReason::StopSequence)
             } else if self.stats.completion_tokens >= self.max_tokens {

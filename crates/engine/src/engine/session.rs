@@ -125,6 +125,7 @@ impl<'e> Session<'e> {
                 ..Default::default()
             },
             finished: false,
+            tokens: Vec::with_capacity(room),
             speculation: request.speculation.max_draft().map(|max_draft| SpeculationState {
                 from_model: matches!(request.speculation, Speculation::Draft { .. }),
                 length: DraftLength::new(max_draft as usize),

@@ -344,8 +344,11 @@ impl Kind {
                 let content: Vec<Value> = entries
                     .iter()
                     .map(|e| {
-                        let top: Vec<Value> = e.top.iter().map(|&(t, lp)| json!({ "token": piece(t), "logprob": lp, "bytes": text(t) })).collect();
-                        json!({ "token": piece(e.token), "logprob": e.logprob, "bytes": text(e.token), "top_logprobs": top })
+                        // `id` as llama-server lists it: a token's text does not always name it
+                        // (several tokens can have the same bytes).
+                        let top: Vec<Value> =
+                            e.top.iter().map(|&(t, lp)| json!({ "id": t, "token": piece(t), "logprob": lp, "bytes": text(t) })).collect();
+                        json!({ "id": e.token, "token": piece(e.token), "logprob": e.logprob, "bytes": text(e.token), "top_logprobs": top })
                     })
                     .collect();
                 json!({ "content": content })

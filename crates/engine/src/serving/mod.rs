@@ -131,6 +131,26 @@ pub struct TokenLogprobs {
 }
 
 impl TokenLogprobs {
+    /// `token`'s log-probability in a logits row and the row's `n` likeliest candidates (at most
+    /// the row's width).
+    pub(crate) fn from_row(row: &[f32], token: TokenId, n: usize) -> TokenLogprobs {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+        let mut top: Vec<(TokenId, f32)> = Vec::with_capacity(n + 1);
+        for (i, &x) in row.iter().enumerate() {
+            if top.len() < n || top.last().is_some_and(|&(_, worst)| x > worst) {
+                let at = top.partition_point(|&(_, v)| v >= x);
+                top.insert(at, (i as TokenId, x));
+                top.truncate(n);
+            }
+        }
+        for entry in &mut top {
+            entry.1 -= lse;
+        }
+        let logit = row.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+        TokenLogprobs { token, logprob: logit - lse, top }
+    }
+
     /// The step as the project's near-tie rule reads it (needs at least two candidates).
     pub fn greedy_step(&self) -> Option<GreedyStep> {
         let [(_, first), (runner_up, second), ..] = self.top[..] else { return None };
@@ -190,6 +210,7 @@ pub(crate) struct Counters {
     kv_used: AtomicUsize,
     drafted_tokens: AtomicU64,
     accepted_tokens: AtomicU64,
+    steps_without_drafts: AtomicU64,
 }
 
 /// A snapshot of the decode loop's counters.
@@ -212,6 +233,8 @@ pub struct ServingStatus {
     /// Speculation: tokens drafted by prompt lookup, and of those the ones kept.
     pub drafted_tokens: u64,
     pub accepted_tokens: u64,
+    /// Steps built again without their drafts because the KV cache had no room for them.
+    pub steps_without_drafts: u64,
 }
 
 struct Submission {
@@ -298,6 +321,7 @@ impl ServingCore {
             slots: self.slots,
             drafted_tokens: c.drafted_tokens.load(Ordering::Relaxed),
             accepted_tokens: c.accepted_tokens.load(Ordering::Relaxed),
+            steps_without_drafts: c.steps_without_drafts.load(Ordering::Relaxed),
         }
     }
 

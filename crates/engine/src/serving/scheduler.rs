@@ -171,6 +171,7 @@ pub(super) fn run(
                 roll_back(&mut session, &mut slots, &before, &mut clock, counters);
                 if had_drafts {
                     without_drafts = true;
+                    counters.steps_without_drafts.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 if make_room(&mut session, &mut slots, &mut clock, counters) {
@@ -430,6 +431,8 @@ fn sample<'e>(
         r.stats.prompt_tokens_per_s = if prompt_ms > 0.0 { decoded as f64 / (prompt_ms / 1000.0) } else { 0.0 };
     }
     let drafts = std::mem::take(&mut r.drafts);
+    // Counted before drawing: a round can end the request, and its stats go out with it.
+    r.stats.drafted_tokens += drafts.len();
     let mut kept = 0;
     let mut outcome = Ok(());
     for i in 0..=drafts.len() {
@@ -442,6 +445,11 @@ fn sample<'e>(
             }
         };
         let is_draft = drafts.get(i) == Some(&token);
+        if is_draft {
+            // Kept, also when it ends the request (counted as the single stream counts it).
+            kept += 1;
+            slot.request.as_mut().expect("checked: the request goes on").stats.accepted_tokens += 1;
+        }
         match take_token(model, slot, token, n_ctx, clock, counters) {
             Ok(true) => break,
             Ok(false) => {}
@@ -454,7 +462,6 @@ fn sample<'e>(
         if is_draft {
             // Decoded in this step already.
             slot.cached.push(token);
-            kept += 1;
         } else {
             r.pending = Some(token);
             break;
@@ -471,8 +478,6 @@ fn sample<'e>(
     counters.drafted_tokens.fetch_add(drafted as u64, Ordering::Relaxed);
     counters.accepted_tokens.fetch_add(kept as u64, Ordering::Relaxed);
     if let Some(r) = slot.request.as_mut() {
-        r.stats.drafted_tokens += drafted;
-        r.stats.accepted_tokens += kept;
         if let Some(length) = r.speculation.as_mut() {
             length.update(drafted, kept);
         }
@@ -495,15 +500,10 @@ fn sample<'e>(
 /// Draws the token at batch `index` with the request's sampler (its log-probabilities noted when
 /// asked for).
 fn draw<'e>(session: &mut Session<'e>, r: &mut Running<'e>, index: i32) -> Result<TokenId, EngineError> {
-    let candidates = match &r.logprobs {
-        Some((n, _)) => Some(log_softmax_top(session.logits_at(index)?, *n)),
-        None => None,
-    };
     let token = session.sample_with(&mut r.sampler, index)?;
-    if let (Some((_, entries)), Some((top, lse))) = (r.logprobs.as_mut(), candidates) {
+    if let Some((n, entries)) = r.logprobs.as_mut() {
         // llama.cpp's samplers work on a copy of the row, so it still holds the model's logits.
-        let logit = session.logits_at(index)?.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
-        entries.push(TokenLogprobs { token, logprob: logit - lse, top });
+        entries.push(TokenLogprobs::from_row(session.logits_at(index)?, token, *n));
     }
     if r.stats.completion_tokens == 0 {
         r.stats.time_to_first_token_ms = ms(Instant::now() - r.started);
@@ -590,23 +590,4 @@ fn fail_batch(session: &mut Session<'_>, slots: &mut [Slot<'_>], e: &EngineError
         };
         fail(slot, error, clock, counters);
     }
-}
-
-/// The `n` likeliest tokens of a logits row with their log-probabilities, and the row's
-/// log-sum-exp.
-fn log_softmax_top(row: &[f32], n: usize) -> (Vec<(TokenId, f32)>, f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
-    let mut top: Vec<(TokenId, f32)> = Vec::with_capacity(n + 1);
-    for (i, &x) in row.iter().enumerate() {
-        if top.len() < n || top.last().is_some_and(|&(_, worst)| x > worst) {
-            let at = top.partition_point(|&(_, v)| v >= x);
-            top.insert(at, (i as TokenId, x));
-            top.truncate(n);
-        }
-    }
-    for entry in &mut top {
-        entry.1 -= lse;
-    }
-    (top, lse)
 }
