@@ -2,7 +2,7 @@
 
 use crate::error::BatchError;
 use crate::sys;
-use crate::vocab::Token;
+use crate::token::Token;
 
 /// A token's position in its sequence (0-based). Plain `i32`, as llama.cpp takes it; a type
 /// name so signatures say which `i32` is which.

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::Token;
+use crate::token::Token;
 
 /// llama.cpp's own error and warning lines, captured while a call ran.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -106,7 +106,7 @@ pub enum LoadErrorKind {
     /// An rpc-server of [`ModelParams::rpc_servers`](crate::ModelParams::rpc_servers) cannot be
     /// used.
     #[error(transparent)]
-    Rpc(#[from] crate::rpc::RpcError),
+    Rpc(#[from] RpcError),
     /// [`ModelParams::tensor_split`](crate::ModelParams::tensor_split) is unusable.
     #[error("invalid tensor split {split:?}: {reason}")]
     TensorSplit {
@@ -142,7 +142,7 @@ pub enum ContextError {
     Llama(LlamaMessages),
     /// An rpc-server holding the model's layers was lost (see [`crate::rpc`]).
     #[error(transparent)]
-    Rpc(#[from] crate::rpc::RpcError),
+    Rpc(#[from] RpcError),
 }
 
 /// Decoding or encoding a batch.
@@ -221,7 +221,7 @@ pub enum DecodeError {
     /// An rpc-server holding the model's layers was lost before or during this decode; its
     /// results are not to be trusted, nor any later decode's (see [`crate::rpc`]).
     #[error(transparent)]
-    Rpc(#[from] crate::rpc::RpcError),
+    Rpc(#[from] RpcError),
 }
 
 /// Reading logits or embeddings of an output.
@@ -588,3 +588,44 @@ pub enum Error {
 
 /// A result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why an RPC call failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RpcError {
+    /// The endpoint is not `HOST:PORT`.
+    #[error("{endpoint:?} is not HOST:PORT (a host name or address, and a port 1-65535)")]
+    BadEndpoint {
+        /// The endpoint given.
+        endpoint: String,
+    },
+    /// This build has no RPC backend (llama-sys' `rpc` switch is off).
+    #[error("this build has no RPC backend (llama-sys was built with LLAMA_SYS_RPC=off)")]
+    Unavailable,
+    /// ggml could not connect, greet or serve; its message says why.
+    #[error("rpc-server {endpoint}: {message}")]
+    Ggml {
+        /// The server's endpoint.
+        endpoint: String,
+        /// ggml's reason, without its source location.
+        message: String,
+    },
+    /// Nothing answered at the endpoint within [`crate::rpc::CONNECT_TIMEOUT`] (or the name does not
+    /// resolve): checked before ggml connects, which would wait for the system's own timeout.
+    #[error("rpc-server {endpoint}: cannot connect: {reason}")]
+    Unreachable {
+        /// The server's endpoint.
+        endpoint: String,
+        /// What the system said, or that the time ran out.
+        reason: String,
+    },
+    /// The cache directory's path is not valid for C.
+    #[error("the cache directory {0:?} contains a NUL byte")]
+    BadCacheDir(String),
+    /// The connection to a server the model was loaded over failed after loading: the server
+    /// stopped, crashed or cannot be reached, and the model's layers there are gone.
+    #[error("lost the rpc-server {endpoint} (it closed the connection or stopped answering); load the model again once it is back")]
+    Lost {
+        /// The server's endpoint.
+        endpoint: String,
+    },
+}

@@ -47,7 +47,6 @@
 pub use llama_sys as sys;
 
 mod backend;
-pub mod backend_modules;
 mod batch;
 mod c_string;
 mod chat;
@@ -62,9 +61,11 @@ pub mod rpc;
 mod sampler;
 pub mod soundness;
 mod system;
+mod token;
 mod top_k;
 mod vocab;
 
+pub use backend::modules as backend_modules;
 pub use backend::{LogLevel, init, set_log_level};
 pub use batch::{Batch, BatchEntry, Pos, SeqId};
 pub use chat::{ChatEnding, ChatMessage, apply_template, builtin_templates};
@@ -80,7 +81,8 @@ pub use model::{Model, ModelParams, SplitMode};
 pub use quantize::{QuantType, quantize};
 pub use sampler::{Sampler, SamplerChain};
 pub use system::{Capabilities, Device, DeviceKind, capabilities, devices, system_info};
-pub use vocab::{DetokenizeOptions, Token, TokenizeOptions, Vocab};
+pub use token::Token;
+pub use vocab::{DetokenizeOptions, TokenizeOptions, Vocab};
 
 /// What exactly was compiled: see [`llama_sys::BuildInfo`].
 pub fn build_info() -> &'static llama_sys::BuildInfo {

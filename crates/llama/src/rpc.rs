@@ -32,46 +32,7 @@ const MAX_DEVICES_PER_SERVER: usize = 16;
 /// packets).
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Why an RPC call failed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum RpcError {
-    /// The endpoint is not `HOST:PORT`.
-    #[error("{endpoint:?} is not HOST:PORT (a host name or address, and a port 1-65535)")]
-    BadEndpoint {
-        /// The endpoint given.
-        endpoint: String,
-    },
-    /// This build has no RPC backend (llama-sys' `rpc` switch is off).
-    #[error("this build has no RPC backend (llama-sys was built with LLAMA_SYS_RPC=off)")]
-    Unavailable,
-    /// ggml could not connect, greet or serve; its message says why.
-    #[error("rpc-server {endpoint}: {message}")]
-    Ggml {
-        /// The server's endpoint.
-        endpoint: String,
-        /// ggml's reason, without its source location.
-        message: String,
-    },
-    /// Nothing answered at the endpoint within [`CONNECT_TIMEOUT`] (or the name does not
-    /// resolve): checked before ggml connects, which would wait for the system's own timeout.
-    #[error("rpc-server {endpoint}: cannot connect: {reason}")]
-    Unreachable {
-        /// The server's endpoint.
-        endpoint: String,
-        /// What the system said, or that the time ran out.
-        reason: String,
-    },
-    /// The cache directory's path is not valid for C.
-    #[error("the cache directory {0:?} contains a NUL byte")]
-    BadCacheDir(String),
-    /// The connection to a server the model was loaded over failed after loading: the server
-    /// stopped, crashed or cannot be reached, and the model's layers there are gone.
-    #[error("lost the rpc-server {endpoint} (it closed the connection or stopped answering); load the model again once it is back")]
-    Lost {
-        /// The server's endpoint.
-        endpoint: String,
-    },
-}
+pub use crate::error::RpcError;
 
 /// Whether this build has ggml's RPC backend.
 pub fn available() -> bool {

@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 use crate::context::Context;
 use crate::error::{OutputError, SamplerError};
 use crate::model::Model;
-use crate::vocab::Token;
+use crate::token::Token;
 use crate::{backend, sys, top_k};
 
 /// One stage of a chain, with its parameters, validated when the chain is built.

@@ -1,23 +1,11 @@
-//! Tokens and the vocabulary: tokenize, detokenize, special tokens.
+//! The vocabulary: tokenize, detokenize, special tokens.
 
-use std::fmt;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
 use crate::error::TokenizeError;
 use crate::sys;
-
-/// A token id. `repr(transparent)` over llama.cpp's `llama_token`, so slices pass through FFI
-/// without copying.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[repr(transparent)]
-pub struct Token(pub sys::llama_token);
-
-impl fmt::Display for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
+use crate::token::Token;
 
 /// Whether special tokens are added and recognised when tokenizing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,8 +1,9 @@
 //! An inference context over a [`Model`]: decoding and the outputs of the last decode. Its
 //! other concerns have files of their own beside this one: creation parameters (`params.rs`),
 //! the KV cache (`memory.rs`), state persistence (`state.rs`), threads, cancellation and timing
-//! (`runtime.rs`); applying LoRA adapters lives with the adapters (`lora.rs`).
+//! (`runtime.rs`), applying LoRA adapters (`lora.rs`).
 
+mod lora;
 mod memory;
 mod params;
 mod runtime;

@@ -9,7 +9,7 @@ use crate::backend;
 use crate::batch::SeqId;
 use crate::error::StateError;
 use crate::sys;
-use crate::vocab::Token;
+use crate::token::Token;
 
 impl Context<'_> {
     /// The whole memory (KV cache, recurrent state) as bytes. The last decode's outputs are not

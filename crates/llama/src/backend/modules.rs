@@ -27,7 +27,7 @@ pub fn is_dynamic() -> bool {
 /// The folder the backend modules were loaded from; None in a static build, or when no folder
 /// held a CPU module (then nothing can run: [`crate::Model::load`] says so).
 pub fn loaded_from() -> Option<&'static Path> {
-    crate::backend::init();
+    super::init();
     LOADED_FROM.get().and_then(Option::as_deref)
 }
 

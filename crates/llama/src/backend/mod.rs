@@ -1,5 +1,7 @@
 //! Process-wide initialisation, and llama.cpp's log routed into `tracing`.
 
+pub mod modules;
+
 use std::cell::RefCell;
 use std::ffi::{CStr, c_char, c_void};
 use std::sync::OnceLock;
@@ -20,7 +22,7 @@ pub fn init() {
         unsafe { sys::llama_log_set(Some(log_callback), std::ptr::null_mut()) };
         // SAFETY: one-time global initialisation, guarded by the OnceLock.
         unsafe { sys::llama_backend_init() };
-        crate::backend_modules::load();
+        modules::load();
     });
 }
 
