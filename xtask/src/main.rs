@@ -4,6 +4,7 @@ mod app_test;
 mod bench;
 mod bench_serve;
 mod check_cuda;
+mod crate_shape;
 mod fetch_model;
 mod fuzz;
 mod gpu_bundle;

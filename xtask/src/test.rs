@@ -50,7 +50,8 @@ pub fn run(args: &Args) -> Result<()> {
     // The engine's conformance tests again over the crate baseline and over raw FFI: the same
     // assertions must hold whichever llama.cpp binding runs them.
     for backend in ["crate", "raw"] {
-        workspace::run(workspace::cargo().args(["test", "--locked", "-p", "exsa-engine", "--no-default-features", "--features", backend]))?;
+        let features = format!("{backend},cli");
+        workspace::run(workspace::cargo().args(["test", "--locked", "-p", "exsa-engine", "--no-default-features", "--features", &features]))?;
     }
     // Dynamic backends: llama.cpp as shared libraries, the CPU backend a module loaded at start.
     workspace::run(workspace::cargo().args(["test", "--locked", "-p", "exsa-engine", "--features", "backend-dl", "--test", "backend_dl"]))?;
@@ -67,7 +68,22 @@ pub fn run(args: &Args) -> Result<()> {
         "--all-targets",
         "--no-default-features",
         "--features",
-        "raw",
+        "raw,cli",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The engine as a Rust app uses it: the library alone, without the server, the harness or
+    // the command line (crate_shape's test checks what it pulls in; this, that it builds clean).
+    workspace::run(workspace::cargo().args([
+        "clippy",
+        "--locked",
+        "-p",
+        "exsa-engine",
+        "--lib",
+        "--no-default-features",
+        "--features",
+        "source",
         "--",
         "-D",
         "warnings",
