@@ -5,8 +5,8 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use exsa_engine::backend::{Active, Backend, BackendModel, BackendSession, Outputs, Placement};
-use exsa_engine::{SamplingParams, SessionConfig, Utf8Decoder};
+use exsa_engine::backend::{Active, Backend, BackendModel, BackendSession, Outputs};
+use exsa_engine::{Placement, SamplingParams, SessionConfig, Utf8Decoder};
 
 const TEXT: &str = "The lighthouse keeper climbed the spiral stairs every evening at dusk, counting \
 the steps as his father had taught him: one hundred and twelve, no more, no fewer. Tonight the sea \
@@ -18,8 +18,7 @@ in the surf. He hurried down, heart quickening, and pulled it from the foam. Ins
 and tied with a faded ribbon, was a letter written in a careful hand, dated forty years before.";
 
 fn steps(c: &mut Criterion) {
-    let model = Active::load(&exsa_engine::default_model_path(), &Placement { n_gpu_layers: -1, ..Default::default() })
-        .expect("the default model: run `cargo xtask fetch-model`");
+    let model = Active::load(&exsa_engine::default_model_path(), &Placement::default()).expect("the default model: run `cargo xtask fetch-model`");
     let text: String = TEXT.chars().cycle().take(1000).collect();
     let mut tokens = Vec::new();
     // One group name for every backend, so criterion compares B against the saved A baseline.
@@ -55,17 +54,17 @@ fn steps(c: &mut Criterion) {
     group.bench_function("decode_one_token", |b| {
         b.iter(|| {
             session.decode(&[tokens[1]], pos, Outputs::Last).unwrap();
-            session.truncate(pos);
+            session.seq_truncate(0, pos);
         })
     });
 
+    // The one-token decode's output is at batch index 0.
     session.decode(&[tokens[1]], pos, Outputs::Last).unwrap();
-    session.set_sampler(&SamplingParams::greedy()).unwrap();
-    group.bench_function("sample_greedy", |b| b.iter(|| black_box(session.sample().unwrap())));
+    let mut greedy = model.sampler(&SamplingParams::greedy()).unwrap();
+    group.bench_function("sample_greedy", |b| b.iter(|| black_box(session.sample_with(&mut greedy, 0).unwrap())));
     // The default chain (top-k 40, top-p 0.95, min-p 0.05, temperature 0.8), seeded.
-    let chain = SamplingParams { seed: 1, ..Default::default() };
-    session.set_sampler(&chain).unwrap();
-    group.bench_function("sample_chain_topk40_topp_minp_temp_dist", |b| b.iter(|| black_box(session.sample().unwrap())));
+    let mut chain = model.sampler(&SamplingParams { seed: 1, ..Default::default() }).unwrap();
+    group.bench_function("sample_chain_topk40_topp_minp_temp_dist", |b| b.iter(|| black_box(session.sample_with(&mut chain, 0).unwrap())));
     group.finish();
 }
 

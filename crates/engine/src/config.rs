@@ -4,27 +4,24 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::chat::ChatMessage;
 use crate::error::EngineError;
+use crate::token::TokenId;
 
 /// How to load a model and size its sessions.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub model: PathBuf,
     pub session: SessionConfig,
-    /// Layers on the GPU where the build has one (-1: all).
-    pub n_gpu_layers: i32,
+    /// Where the model's layers go: GPUs, rpc-servers (see `llama::rpc` for what a server's
+    /// failure does).
+    pub placement: Placement,
     /// Template used when the model file has none: a llama.cpp built-in name or template text.
     /// None picks by architecture (gemma → "gemma", llama → "llama3", otherwise "chatml").
     pub chat_template_fallback: Option<String>,
     /// A smaller model with the same vocabulary, loaded beside the main one, that drafts tokens
     /// for [`Speculation::Draft`] requests.
     pub draft_model: Option<PathBuf>,
-    /// ggml rpc-servers (`HOST:PORT`) that take offloaded layers (`n_gpu_layers`) beside the
-    /// local GPUs; backend `source` only. See `llama::rpc` for what a server's failure does.
-    pub rpc_servers: Vec<String>,
-    /// Proportions of the offloaded layers per device (local GPUs, then the servers' devices);
-    /// empty: by free memory.
-    pub tensor_split: Vec<f32>,
 }
 
 impl EngineConfig {
@@ -32,11 +29,40 @@ impl EngineConfig {
         EngineConfig {
             model: model.into(),
             session: SessionConfig::default(),
-            n_gpu_layers: -1,
+            placement: Placement::default(),
             chat_template_fallback: None,
             draft_model: None,
-            rpc_servers: Vec::new(),
-            tensor_split: Vec::new(),
+        }
+    }
+}
+
+/// Where a model's layers go.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement {
+    /// Layers offloaded to GPUs and rpc-servers where the build has them (-1: all, the default).
+    pub n_gpu_layers: i32,
+    /// ggml rpc-servers (`HOST:PORT`) that take offloaded layers beside the local GPUs (backend
+    /// `source` only).
+    pub rpc_servers: Vec<String>,
+    /// Proportions of the offloaded layers per device: local GPUs, then the servers' devices;
+    /// empty: by free memory.
+    pub tensor_split: Vec<f32>,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement { n_gpu_layers: -1, rpc_servers: Vec::new(), tensor_split: Vec::new() }
+    }
+}
+
+impl Placement {
+    /// An error for a backend that can only place layers on local devices.
+    #[cfg(any(feature = "crate", feature = "raw"))]
+    pub(crate) fn local_only(&self, backend: &'static str) -> Result<(), EngineError> {
+        if self.rpc_servers.is_empty() && self.tensor_split.is_empty() {
+            Ok(())
+        } else {
+            Err(EngineError::Unsupported { what: "rpc-servers and tensor splits (use backend source)", backend })
         }
     }
 }
@@ -115,7 +141,7 @@ pub struct SamplingParams {
     /// Subtracted from a token's logit if it occurred at all (OpenAI's; 0: off).
     pub presence_penalty: f32,
     /// Added to the given tokens' logits before anything else (-inf bans a token).
-    pub logit_bias: Vec<(crate::backend::TokenId, f32)>,
+    pub logit_bias: Vec<(TokenId, f32)>,
     /// A GBNF grammar (rule `root` first) every generated token must fit, checked the way
     /// llama.cpp's server does (see `llama::SamplerChain::constrain`). Backend `source` only.
     pub grammar: Option<String>,
@@ -234,7 +260,7 @@ impl SamplingParams {
 #[derive(Clone, Debug, PartialEq)]
 pub enum SamplerStage {
     /// Biases added to the logits of single tokens.
-    LogitBias(Vec<(crate::backend::TokenId, f32)>),
+    LogitBias(Vec<(TokenId, f32)>),
     /// Repetition (divides), frequency and presence (subtract) penalties over the last `last_n`
     /// tokens.
     Penalties {
@@ -271,23 +297,172 @@ impl CancelToken {
     }
 }
 
-/// One generation request.
+/// What a generation starts from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    /// Text, tokenized with BOS where the model wants one. Control-token text (`<end_of_turn>`,
+    /// ...) becomes control tokens only with `parse_special` (raw prompts written for a template
+    /// need it).
+    Text { text: String, parse_special: bool },
+    /// A chat, formatted with the engine's template ([`crate::Engine::chat_template`]). The
+    /// template's own control tokens are parsed; text inside message contents never becomes a
+    /// control token (a user cannot forge turns by typing `<end_of_turn>`), unless
+    /// `specials_in_messages`: that lets whoever writes a message forge turns, so it is only for
+    /// trusted callers who build raw prompts through messages.
+    Chat { messages: Vec<ChatMessage>, specials_in_messages: bool },
+    /// Token ids, decoded as they are.
+    Tokens(Vec<TokenId>),
+}
+
+impl Prompt {
+    /// Text without control-token parsing.
+    pub fn text(text: impl Into<String>) -> Self {
+        Prompt::Text { text: text.into(), parse_special: false }
+    }
+
+    /// A chat whose message contents stay text.
+    pub fn chat(messages: impl Into<Vec<ChatMessage>>) -> Self {
+        Prompt::Chat { messages: messages.into(), specials_in_messages: false }
+    }
+}
+
+/// How to generate: everything of a request but its prompt.
 #[derive(Clone, Debug)]
-pub struct GenerateRequest {
-    pub prompt: String,
+pub struct GenerateOptions {
+    /// Tokens generated at most (the context bounds it too).
     pub max_tokens: usize,
     /// Generation stops before any of these; the stop text is not returned.
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
-    /// Turn special-token text in the prompt into special tokens (chat prompts need this).
-    pub parse_special: bool,
-    /// For chats: let control-token text inside message contents (`<end_of_turn>`, ...) become
-    /// control tokens. Off by default, since it lets whoever writes a message forge turns;
-    /// only for trusted callers who build raw prompts through messages.
-    pub specials_in_messages: bool,
+    /// Cancels the generation from another thread.
     pub cancel: Option<CancelToken>,
     /// Draft tokens and verify them in one decode (see [`Speculation`]).
     pub speculation: Speculation,
+    /// Record each drawn token's log-probability and those of its `n` likeliest alternatives
+    /// (at most 20) in [`crate::outcome::Completion::logprobs`], as OpenAI's `logprobs` asks.
+    pub logprobs: Option<usize>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 128,
+            stop: Vec::new(),
+            sampling: SamplingParams::default(),
+            cancel: None,
+            speculation: Speculation::Off,
+            logprobs: None,
+        }
+    }
+}
+
+/// The most candidates [`GenerateOptions::logprobs`] lists per token.
+pub const MAX_LOGPROBS: usize = 20;
+
+impl GenerateOptions {
+    pub fn validate(&self) -> Result<(), EngineError> {
+        if self.max_tokens == 0 {
+            return Err(EngineError::InvalidRequest { field: "max_tokens", value: "0".into(), reason: "must be at least 1" });
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(EngineError::InvalidRequest { field: "stop", value: "\"\"".into(), reason: "stop sequences must not be empty" });
+        }
+        if let Some(max_draft) = self.speculation.max_draft()
+            && !(1..=64).contains(&max_draft)
+        {
+            return Err(EngineError::InvalidRequest {
+                field: "speculation",
+                value: max_draft.to_string(),
+                reason: "max_draft must be within 1..=64",
+            });
+        }
+        if let Some(n) = self.logprobs.filter(|&n| n > MAX_LOGPROBS) {
+            return Err(EngineError::InvalidRequest { field: "logprobs", value: n.to_string(), reason: "at most 20 candidates per token" });
+        }
+        self.sampling.validate()
+    }
+}
+
+/// One generation request: what it starts from, and how to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    pub options: GenerateOptions,
+}
+
+impl GenerateRequest {
+    /// A request for `prompt` (text without control-token parsing) with the default options.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        GenerateRequest { prompt: Prompt::text(prompt), options: GenerateOptions::default() }
+    }
+
+    /// A chat request with the default options.
+    pub fn chat(messages: impl Into<Vec<ChatMessage>>) -> Self {
+        GenerateRequest { prompt: Prompt::chat(messages), options: GenerateOptions::default() }
+    }
+
+    /// A request for token ids as they are, with the default options.
+    pub fn tokens(tokens: impl Into<Vec<TokenId>>) -> Self {
+        GenerateRequest { prompt: Prompt::Tokens(tokens.into()), options: GenerateOptions::default() }
+    }
+
+    /// These options instead of the current ones.
+    pub fn with(self, options: GenerateOptions) -> Self {
+        GenerateRequest { options, ..self }
+    }
+
+    /// Tokens generated at most.
+    pub fn max_tokens(mut self, max_tokens: usize) -> Self {
+        self.options.max_tokens = max_tokens;
+        self
+    }
+
+    /// Stop sequences.
+    pub fn stop(mut self, stop: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.options.stop = stop.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sampling parameters.
+    pub fn sampling(mut self, sampling: SamplingParams) -> Self {
+        self.options.sampling = sampling;
+        self
+    }
+
+    /// A token that cancels the generation.
+    pub fn cancel(mut self, cancel: CancelToken) -> Self {
+        self.options.cancel = Some(cancel);
+        self
+    }
+
+    /// Speculative decoding.
+    pub fn speculation(mut self, speculation: Speculation) -> Self {
+        self.options.speculation = speculation;
+        self
+    }
+
+    /// Log-probabilities of each token and its `n` likeliest alternatives.
+    pub fn logprobs(mut self, n: usize) -> Self {
+        self.options.logprobs = Some(n);
+        self
+    }
+
+    /// Text prompts: parse control-token text into control tokens (see [`Prompt::Text`]); chats:
+    /// let message contents hold control tokens (see [`Prompt::Chat`]). Tokens: no effect.
+    pub fn specials(mut self, on: bool) -> Self {
+        match &mut self.prompt {
+            Prompt::Text { parse_special, .. } => *parse_special = on,
+            Prompt::Chat { specials_in_messages, .. } => *specials_in_messages = on,
+            Prompt::Tokens(_) => {}
+        }
+        self
+    }
+
+    /// The options' checks (the prompt is checked when it is tokenized: an empty one is
+    /// [`EngineError::EmptyPrompt`]).
+    pub fn validate(&self) -> Result<(), EngineError> {
+        self.options.validate()
+    }
 }
 
 /// Speculative decoding of a single-stream generation: tokens are drafted cheaply, then the
@@ -325,43 +500,6 @@ impl Speculation {
             Speculation::Ngram { .. } => "ngram",
             Speculation::Draft { .. } => "draft",
         }
-    }
-}
-
-impl GenerateRequest {
-    pub fn new(prompt: impl Into<String>) -> Self {
-        GenerateRequest {
-            prompt: prompt.into(),
-            max_tokens: 128,
-            stop: Vec::new(),
-            sampling: SamplingParams::default(),
-            parse_special: false,
-            specials_in_messages: false,
-            cancel: None,
-            speculation: Speculation::Off,
-        }
-    }
-
-    pub fn validate(&self) -> Result<(), EngineError> {
-        if self.prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if self.max_tokens == 0 {
-            return Err(EngineError::InvalidRequest { field: "max_tokens", value: "0".into(), reason: "must be at least 1" });
-        }
-        if self.stop.iter().any(String::is_empty) {
-            return Err(EngineError::InvalidRequest { field: "stop", value: "\"\"".into(), reason: "stop sequences must not be empty" });
-        }
-        if let Some(max_draft) = self.speculation.max_draft()
-            && !(1..=64).contains(&max_draft)
-        {
-            return Err(EngineError::InvalidRequest {
-                field: "speculation",
-                value: max_draft.to_string(),
-                reason: "max_draft must be within 1..=64",
-            });
-        }
-        self.sampling.validate()
     }
 }
 
@@ -407,11 +545,23 @@ mod tests {
     }
 
     #[test]
-    fn empty_prompts_and_zero_max_tokens_are_refused() {
-        assert!(matches!(GenerateRequest::new("").validate(), Err(EngineError::EmptyPrompt)));
-        let r = GenerateRequest { max_tokens: 0, ..GenerateRequest::new("x") };
-        assert!(matches!(r.validate(), Err(EngineError::InvalidRequest { field: "max_tokens", .. })));
-        let r = GenerateRequest { stop: vec![String::new()], ..GenerateRequest::new("x") };
-        assert!(matches!(r.validate(), Err(EngineError::InvalidRequest { field: "stop", .. })));
+    fn zero_max_tokens_empty_stops_and_too_many_logprobs_are_refused() {
+        let bad = |r: GenerateRequest| match r.validate() {
+            Err(EngineError::InvalidRequest { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(bad(GenerateRequest::new("x").max_tokens(0)), "max_tokens");
+        assert_eq!(bad(GenerateRequest::new("x").stop([""])), "stop");
+        assert_eq!(bad(GenerateRequest::new("x").logprobs(21)), "logprobs");
+        assert_eq!(bad(GenerateRequest::new("x").speculation(Speculation::Ngram { max_draft: 0 })), "speculation");
+        // The prompt is not the options' business: an empty one is found when it is tokenized.
+        assert!(GenerateRequest::new("").logprobs(20).validate().is_ok());
+    }
+
+    #[test]
+    fn specials_set_the_prompt_kinds_own_switch() {
+        assert_eq!(GenerateRequest::new("x").specials(true).prompt, Prompt::Text { text: "x".into(), parse_special: true });
+        let chat = GenerateRequest::chat(vec![ChatMessage::new("user", "x")]).specials(true);
+        assert!(matches!(chat.prompt, Prompt::Chat { specials_in_messages: true, .. }));
     }
 }

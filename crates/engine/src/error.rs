@@ -3,10 +3,18 @@
 //! `source` so that the chain reaches the root cause.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// The underlying error of a failed step: the backend binding's own error (`llama`'s,
-/// `llama-cpp-2`'s) or, for the raw backend, a description of the failed call.
-pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// `llama-cpp-2`'s) or, for the raw backend, a description of the failed call. Shared, so that an
+/// error that ends several requests at once (a failed batch, a lost rpc-server) reaches each of
+/// them as itself, not flattened to its message.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A [`Cause`] from an error or a message.
+pub(crate) fn cause(e: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Cause {
+    Arc::from(e.into())
+}
 
 /// Why a decode failed, for callers that act on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,8 +44,8 @@ impl std::fmt::Display for DecodeFailure {
 }
 
 /// An engine failure. The message says which step failed and why; [`std::error::Error::source`]
-/// gives the binding's error where there is one.
-#[derive(Debug, thiserror::Error)]
+/// gives the binding's error where there is one. Cloning shares the cause.
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EngineError {
     #[error("invalid request: {field} = {value}: {reason}")]
@@ -52,9 +60,9 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("could not load the model {path}: {source}")]
     Load { path: PathBuf, source: Cause },
-    /// An rpc-server could not be served or reached.
+    /// An rpc-server could not be served or reached, or was lost while it held the model's layers.
     #[error("rpc: {0}")]
-    Rpc(String),
+    Rpc(#[source] Cause),
     /// The draft model cannot draft for the main one (another vocabulary).
     #[error("the draft model {path} does not fit the main model: {reason}")]
     DraftModel { path: PathBuf, reason: String },
@@ -79,13 +87,13 @@ pub enum EngineError {
 
 impl EngineError {
     /// A decode failure of `kind`.
-    pub(crate) fn decode(kind: DecodeFailure, source: impl Into<Cause>) -> EngineError {
-        EngineError::Decode { kind, source: source.into() }
+    pub(crate) fn decode(kind: DecodeFailure, source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> EngineError {
+        EngineError::Decode { kind, source: cause(source) }
     }
 
     /// A load failure of `path`.
-    pub(crate) fn load(path: &std::path::Path, source: impl Into<Cause>) -> EngineError {
-        EngineError::Load { path: path.to_path_buf(), source: source.into() }
+    pub(crate) fn load(path: &std::path::Path, source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> EngineError {
+        EngineError::Load { path: path.to_path_buf(), source: cause(source) }
     }
 
     /// The decode failure's kind, if this is one.

@@ -13,11 +13,12 @@ use std::time::Instant;
 // The protocol's types are the harness's: what `exsa bench` prints is what xtask reads.
 pub use exsa_bench_protocol::{BenchReport, Equivalence, GreedyStep, NEAR_TIE, Sample, TaskSetup, compare};
 
-use crate::backend::{BackendModel, BackendSession, Outputs, TokenId};
+use crate::backend::{BackendModel, BackendSession, Outputs};
 use crate::chat::ChatMessage;
-use crate::config::{GenerateRequest, SamplingParams, SessionConfig, Speculation};
+use crate::config::{GenerateOptions, SamplingParams, SessionConfig, Speculation};
 use crate::engine::Engine;
 use crate::error::EngineError;
+use crate::token::{TokenId, TokenLogprobs};
 
 /// One benchmark test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,10 +74,11 @@ impl Task {
         }
     }
 
-    /// The request (without its chat prompt) of the task, speculating or not.
-    pub fn request(self, speculate: bool) -> GenerateRequest {
+    /// The options of the task's request (its prompt is a chat of [`Task::prompt`]), speculating
+    /// or not.
+    pub fn request(self, speculate: bool) -> GenerateOptions {
         let speculation = if speculate { Speculation::Ngram { max_draft: TASK_MAX_DRAFT } } else { Speculation::Off };
-        GenerateRequest { max_tokens: TASK_MAX_TOKENS, sampling: self.sampling(), speculation, ..GenerateRequest::new("") }
+        GenerateOptions { max_tokens: TASK_MAX_TOKENS, sampling: self.sampling(), speculation, ..Default::default() }
     }
 }
 
@@ -209,13 +211,9 @@ fn random_tokens(n: usize, n_vocab: i32, bos: TokenId, seed: u64) -> Vec<TokenId
 /// Runs `test` once in `session_config`'s context and times it.
 pub fn run(engine: &Engine, session_config: &SessionConfig, test: Test) -> Result<Sample, EngineError> {
     match test {
-        Test::EndToEnd(n) => end_to_end(
-            engine,
-            session_config,
-            test,
-            E2E_PROMPT,
-            GenerateRequest { max_tokens: n, sampling: e2e_sampling(), ..GenerateRequest::new("") },
-        ),
+        Test::EndToEnd(n) => {
+            end_to_end(engine, session_config, test, E2E_PROMPT, GenerateOptions { max_tokens: n, sampling: e2e_sampling(), ..Default::default() })
+        }
         Test::Task(task, spec) => end_to_end(engine, session_config, test, task.prompt(), task.request(spec)),
         _ => raw_decode(engine, session_config, test),
     }
@@ -255,11 +253,11 @@ fn raw_decode(engine: &Engine, config: &SessionConfig, test: Test) -> Result<Sam
 }
 
 /// A chat of one user message through the engine, as a user sees it.
-fn end_to_end(engine: &Engine, config: &SessionConfig, test: Test, prompt: &str, request: GenerateRequest) -> Result<Sample, EngineError> {
-    let speculating = request.speculation != Speculation::Off;
+fn end_to_end(engine: &Engine, config: &SessionConfig, test: Test, prompt: &str, options: GenerateOptions) -> Result<Sample, EngineError> {
+    let speculating = options.speculation != Speculation::Off;
     let mut session = engine.session_with(config)?;
     let messages = [ChatMessage::new("user", prompt)];
-    let mut generation = session.chat(&messages, request)?;
+    let mut generation = session.chat(&messages, options)?;
     // Streamed the way an allocation-conscious caller would: deltas are lent, not copied.
     let mut sink = String::new();
     while let Some(delta) = generation.next_text() {
@@ -310,7 +308,7 @@ pub fn forced_logprobs(
     prompt: &[TokenId],
     forced: &[TokenId],
     top: usize,
-) -> Result<Vec<crate::serving::TokenLogprobs>, EngineError> {
+) -> Result<Vec<TokenLogprobs>, EngineError> {
     let model = engine.model();
     if prompt.is_empty() || prompt.len() + forced.len() >= config.n_ctx as usize {
         return Err(EngineError::PromptTooLong { prompt_tokens: prompt.len() + forced.len(), n_ctx: config.n_ctx });
@@ -325,7 +323,7 @@ pub fn forced_logprobs(
     }
     let mut out = Vec::with_capacity(forced.len());
     for &token in forced {
-        out.push(crate::serving::TokenLogprobs::from_row(session.last_logits()?, token, top));
+        out.push(TokenLogprobs::from_row(session.last_logits()?, token, top));
         session.decode(&[token], pos as i32, Outputs::Last)?;
         pos += 1;
     }
@@ -342,19 +340,22 @@ fn trace(
 ) -> Result<Vec<GreedyStep>, EngineError> {
     let model = engine.model();
     let mut session = model.session(config)?;
-    session.set_sampler(&SamplingParams::greedy())?;
+    let mut greedy = model.sampler(&SamplingParams::greedy())?;
     let mut tokens = Vec::new();
     model.tokenize(prompt, true, false, &mut tokens)?;
     if tokens.is_empty() || tokens.len() + n >= config.n_ctx as usize {
         return Err(EngineError::PromptTooLong { prompt_tokens: tokens.len() + n, n_ctx: config.n_ctx });
     }
     session.decode(&tokens, 0, Outputs::Last)?;
+    // The output of a decode with Outputs::Last is its last token's.
+    let mut last = tokens.len() as i32 - 1;
     let mut out = Vec::with_capacity(n);
     for (i, pos) in (tokens.len() as i32..).take(n).enumerate() {
         let (_, runner_up, margin) = top2(session.last_logits()?);
-        let t = session.sample()?;
+        let t = session.sample_with(&mut greedy, last)?;
         out.push(GreedyStep { token: t, runner_up, margin });
         session.decode(&[next(i, t)], pos, Outputs::Last)?;
+        last = 0;
     }
     Ok(out)
 }

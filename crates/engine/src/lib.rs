@@ -12,7 +12,7 @@
 //! # fn main() -> Result<(), exsa_engine::EngineError> {
 //! let engine = Engine::load(EngineConfig::new("model.gguf"))?;
 //! let mut session = engine.session()?;
-//! let mut generation = session.generate(&GenerateRequest::new("Once upon a time"))?;
+//! let mut generation = session.generate(&GenerateRequest::new("Once upon a time").max_tokens(64))?;
 //! for delta in generation.by_ref() {
 //!     print!("{}", delta?);
 //! }
@@ -26,19 +26,28 @@ mod chat_tokens;
 mod config;
 mod engine;
 mod error;
+#[cfg(feature = "bench")]
 pub mod harness;
+#[cfg(feature = "server")]
 pub mod http;
 pub mod json_grammar;
+pub mod outcome;
+mod scheduler;
 pub mod serving;
 mod speculative;
 mod stop;
+mod token;
 mod token_text;
 
 pub use backend::LlamaLogLevel;
 pub use chat::ChatMessage;
-pub use config::{CancelToken, EngineConfig, GenerateRequest, SamplerStage, SamplingParams, SessionConfig, Speculation};
-pub use engine::{Engine, FinishReason, Generation, GenerationStats, Session, TokenizeOptions, set_llama_log_level};
+pub use config::{
+    CancelToken, EngineConfig, GenerateOptions, GenerateRequest, Placement, Prompt, SamplerStage, SamplingParams, SessionConfig, Speculation,
+};
+pub use engine::{Engine, Generation, Session, TokenizeOptions, set_llama_log_level};
 pub use error::{Cause, DecodeFailure, EngineError, Result};
+pub use outcome::{Completion, FinishReason, GenerationStats};
+pub use token::{TokenId, TokenLogprobs};
 // One UTF-8 stream decoder for the whole workspace, from a crate of its own: the `crate`
 // backend must not link llama-sys, so it cannot come through `llama`.
 pub use exsa_utf8::Utf8Decoder;

@@ -15,7 +15,7 @@
 //! sampled request, though drawn from the same distribution, may part from its plain twin
 //! wherever a draw lands near a boundary.
 
-use crate::backend::TokenId;
+use crate::token::TokenId;
 
 /// The longest n-gram looked up; shorter ones are tried when it has no earlier occurrence.
 const MAX_NGRAM: usize = 4;

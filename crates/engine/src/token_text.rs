@@ -1,11 +1,12 @@
 //! From sampled tokens to the text a client sees: each token's bytes, complete UTF-8
-//! characters only, stop sequences held back and cut. The single-stream generation and the
-//! serving loop both end their texts through this one piece, so they cannot drift apart.
+//! characters only, stop sequences held back and cut (for every request, through the
+//! scheduler's `request` module).
 
-use crate::backend::{BackendModel, TokenId};
-use crate::engine::FinishReason;
+use crate::backend::BackendModel;
 use crate::error::EngineError;
+use crate::outcome::FinishReason;
 use crate::stop::{StopMatcher, StopScan, TOKEN_TEXT_CAPACITY};
+use crate::token::TokenId;
 use exsa_utf8::Utf8Decoder;
 
 /// The text state of one generation. Its buffers keep their allocations across tokens.
@@ -47,9 +48,4 @@ impl TokenText {
             self.utf8.finish(delta);
         }
     }
-}
-
-/// Milliseconds, as the engine's statistics count them.
-pub(crate) fn ms(d: std::time::Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }

@@ -59,12 +59,10 @@ fn steady_state_generation_allocates_nothing_per_token() {
     let engine = Engine::load(config).expect("the default model: run `cargo xtask fetch-model`");
     let mut session = engine.session().unwrap();
     // A stop sequence that never appears keeps the matcher busy holding and releasing text.
-    let request = GenerateRequest {
-        max_tokens: 96,
-        stop: vec!["\n\n\n\n".into()],
-        sampling: SamplingParams { seed: 3, ..Default::default() },
-        ..GenerateRequest::new("Write a long story about a lighthouse keeper.")
-    };
+    let request = GenerateRequest::new("Write a long story about a lighthouse keeper.")
+        .max_tokens(96)
+        .stop(["\n\n\n\n"])
+        .sampling(SamplingParams { seed: 3, ..Default::default() });
     let mut generation = session.generate(&request).unwrap();
     let mut text = String::with_capacity(1 << 16);
     let mut per_step = Vec::new();

@@ -52,9 +52,7 @@ fn the_cpu_backend_is_a_loaded_module_and_generates() {
     let mut config = EngineConfig::new(default_model_path());
     config.session = SessionConfig { n_ctx: 256, ..Default::default() };
     let engine = Engine::load(config).unwrap();
-    let (text, stats) = engine
-        .generate(&GenerateRequest { max_tokens: 8, sampling: SamplingParams::greedy(), ..GenerateRequest::new("The capital of France is") })
-        .unwrap();
+    let (text, stats) = engine.generate(&GenerateRequest::new("The capital of France is").max_tokens(8).sampling(SamplingParams::greedy())).unwrap();
     assert_eq!(stats.completion_tokens, 8);
     assert!(!text.trim().is_empty(), "{text:?}");
 }

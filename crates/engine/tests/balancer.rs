@@ -1,8 +1,7 @@
 //! The scale-out recipe of docs/distributed.md, as written there: two `exsa serve` processes
 //! behind HAProxy (`cargo xtask setup` installs it), balanced by fewest requests in flight and
 //! health-checked on `/health`. Requests through the balancer reach both servers; when one
-//! stops, the balancer takes it out and every request still succeeds. (Backend `raw` cannot
-//! serve; `http.rs` checks that it says so.)
+//! stops, the balancer takes it out and every request still succeeds.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -10,7 +9,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Server, client};
-use exsa_engine::Engine;
 use serde_json::json;
 
 mod common;
@@ -59,9 +57,6 @@ impl Drop for Balancer {
 
 #[test]
 fn two_servers_behind_haproxy_share_the_load_and_survive_one_stopping() {
-    if Engine::backend_name() == "raw" {
-        return;
-    }
     let a = Server::start(&["--parallel", "2"]);
     let mut b = Server::start(&["--parallel", "2"]);
     let host = |s: &Server| s.base.trim_start_matches("http://").to_string();

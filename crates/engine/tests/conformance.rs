@@ -18,7 +18,7 @@ fn engine() -> &'static Engine {
 }
 
 fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest { max_tokens, sampling: SamplingParams::greedy(), ..GenerateRequest::new(prompt) }
+    GenerateRequest::new(prompt).max_tokens(max_tokens).sampling(SamplingParams::greedy())
 }
 
 const REFERENCE: &str = "tests/data/greedy_reference.json";
@@ -87,7 +87,7 @@ fn max_tokens_ends_the_generation() {
 fn a_stop_sequence_ends_the_generation_and_is_not_returned() {
     let (full, _) = engine().generate(&greedy("Monday, Tuesday, Wednesday,", 12)).unwrap();
     assert!(full.contains("Friday"), "{full:?}");
-    let request = GenerateRequest { stop: vec!["Friday".into()], ..greedy("Monday, Tuesday, Wednesday,", 12) };
+    let request = greedy("Monday, Tuesday, Wednesday,", 12).stop(["Friday"]);
     let (text, stats) = engine().generate(&request).unwrap();
     assert_eq!(stats.finish_reason, Some(FinishReason::StopSequence));
     assert!(!text.contains("Friday"), "{text:?}");
@@ -117,8 +117,8 @@ fn chat_uses_the_gemma_template_and_answers() {
     let msgs = [ChatMessage::new("user", "Say hello.")];
     assert_eq!(e.format_chat(&msgs).unwrap(), "<start_of_turn>user\nSay hello.<end_of_turn>\n<start_of_turn>model\n");
     let mut session = e.session().unwrap();
-    let request = GenerateRequest { max_tokens: 48, sampling: SamplingParams::greedy(), ..GenerateRequest::new("") };
-    let mut generation = session.chat(&msgs, request).unwrap();
+    let request = GenerateRequest::new("").max_tokens(48).sampling(SamplingParams::greedy());
+    let mut generation = session.chat(&msgs, request.options).unwrap();
     let text: String = generation.by_ref().map(|d| d.unwrap()).collect();
     assert!(!text.trim().is_empty());
     assert!(!text.contains("<end_of_turn>"), "{text:?}");
@@ -144,7 +144,7 @@ fn a_second_turn_decodes_only_its_new_tokens() {
 fn cancellation_stops_the_generation() {
     let cancel = CancelToken::new();
     let mut session = engine().session().unwrap();
-    let request = GenerateRequest { cancel: Some(cancel.clone()), ..greedy("Once upon a time", 64) };
+    let request = greedy("Once upon a time", 64).cancel(cancel.clone());
     let mut generation = session.generate(&request).unwrap();
     let first = generation.next().unwrap().unwrap();
     assert!(!first.is_empty());
@@ -161,7 +161,7 @@ fn a_cancel_during_prefill_stops_it_and_leaves_the_session_usable() {
     // into it, so it lands inside llama.cpp's graph computation (the abort callback).
     let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(45);
     let cancel = CancelToken::new();
-    let request = GenerateRequest { cancel: Some(cancel.clone()), ..greedy(&prompt, 16) };
+    let request = greedy(&prompt, 16).cancel(cancel.clone());
     let mut session = engine().session().unwrap();
     let started = std::time::Instant::now();
     let (_, plain) = session.generate_text(&greedy(&prompt, 1)).unwrap();
@@ -209,7 +209,7 @@ fn bad_requests_get_typed_errors() {
         Err(EngineError::PromptTooLong { prompt_tokens, n_ctx: 512 }) => assert!(prompt_tokens > 512),
         other => panic!("expected PromptTooLong, got {other:?}"),
     }
-    let bad = GenerateRequest { sampling: SamplingParams { top_p: 1.5, ..Default::default() }, ..GenerateRequest::new("x") };
+    let bad = GenerateRequest::new("x").sampling(SamplingParams { top_p: 1.5, ..Default::default() });
     assert!(matches!(e.generate(&bad), Err(EngineError::InvalidRequest { field: "top_p", .. })));
     let missing = Engine::load(EngineConfig::new("/no/such/model.gguf")).unwrap_err();
     assert!(matches!(&missing, EngineError::Load { path, .. } if path.ends_with("no/such/model.gguf")), "{missing}");

@@ -1,10 +1,8 @@
 //! `exsa serve` as a separate process on an ephemeral port, driven by a real HTTP client over
 //! the real default model: the OpenAI-style routes, streaming, concurrency, errors and their
 //! status codes, a full queue, a client that walks away, and a graceful shutdown under load.
-//! (Backend `raw` cannot serve: its test checks that `serve` says so.)
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Server, client};
@@ -40,22 +38,9 @@ fn streamed_text(events: &[String]) -> (String, String) {
     (text, finish)
 }
 
-fn raw_cannot_serve() -> bool {
-    if Engine::backend_name() != "raw" {
-        return false;
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_exsa")).args(["--log", "error", "serve", "--port", "0"]).output().unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not support"), "{}", String::from_utf8_lossy(&out.stderr));
-    true
-}
-
 #[test]
 fn chat_and_completions_stream_and_not_as_the_engine_generates() {
     let _one_at_a_time = common::one_at_a_time();
-    if raw_cannot_serve() {
-        return;
-    }
     let server = Server::start(&["--parallel", "2"]);
     let http = client();
     assert_eq!(http.get(server.url("/health")).send().unwrap().json::<Value>().unwrap()["status"], "ok");
@@ -70,8 +55,8 @@ fn chat_and_completions_stream_and_not_as_the_engine_generates() {
     // The same chat through the engine in this process, greedy.
     let engine = Engine::load(EngineConfig::new(default_model_path())).unwrap();
     let mut session = engine.session().unwrap();
-    let request = GenerateRequest { max_tokens: 16, sampling: SamplingParams::greedy(), ..GenerateRequest::new(" ") };
-    let alone: String = session.chat(&[ChatMessage::new("user", "Name a colour.")], request).unwrap().map(|d| d.unwrap()).collect();
+    let request = GenerateRequest::new(" ").max_tokens(16).sampling(SamplingParams::greedy());
+    let alone: String = session.chat(&[ChatMessage::new("user", "Name a colour.")], request.options).unwrap().map(|d| d.unwrap()).collect();
     assert_eq!(text, alone);
 
     // Streamed: the role first, the same text, the finish reason, usage (with the cached prompt), [DONE].
@@ -91,14 +76,8 @@ fn chat_and_completions_stream_and_not_as_the_engine_generates() {
         .unwrap()
         .json()
         .unwrap();
-    let (want, _) = engine
-        .generate(&GenerateRequest {
-            max_tokens: 8,
-            stop: vec!["\n".into()],
-            sampling: SamplingParams::greedy(),
-            ..GenerateRequest::new("The capital of France is")
-        })
-        .unwrap();
+    let (want, _) =
+        engine.generate(&GenerateRequest::new("The capital of France is").max_tokens(8).stop(["\n"]).sampling(SamplingParams::greedy())).unwrap();
     assert_eq!(completion["choices"][0]["text"].as_str().unwrap(), want);
     assert_eq!(completion["object"], "text_completion");
 }
@@ -161,9 +140,6 @@ impl Reference {
 #[test]
 fn eight_concurrent_requests_each_give_what_they_give_alone() {
     let _one_at_a_time = common::one_at_a_time();
-    if raw_cannot_serve() {
-        return;
-    }
     let server = Server::start(&["--parallel", "8"]);
     let reference = Reference::load();
     let prompts: Vec<String> = (0..8).map(|i| format!("Write one sentence about the number {i}.")).collect();
@@ -200,9 +176,6 @@ fn eight_concurrent_requests_each_give_what_they_give_alone() {
 #[test]
 fn embeddings_tokenize_detokenize_and_latency_metrics() {
     let _one_at_a_time = common::one_at_a_time();
-    if raw_cannot_serve() {
-        return;
-    }
     let server = Server::start(&["--parallel", "1"]);
     let http = client();
     let floats: Value =
@@ -263,9 +236,6 @@ fn decode_base64(text: &str) -> Vec<u8> {
 #[test]
 fn errors_have_openai_shapes_and_the_right_status() {
     let _one_at_a_time = common::one_at_a_time();
-    if raw_cannot_serve() {
-        return;
-    }
     let server = Server::start(&["--parallel", "1", "--ctx", "256", "--max-body", "2000", "--api-key", "sekret"]);
     let http = client();
     let post = |body: String| {
@@ -302,9 +272,6 @@ fn errors_have_openai_shapes_and_the_right_status() {
 #[test]
 fn a_full_queue_answers_503_at_once_and_loses_nothing_accepted() {
     let _one_at_a_time = common::one_at_a_time();
-    if raw_cannot_serve() {
-        return;
-    }
     let server = Server::start(&["--parallel", "1", "--max-queue", "1"]);
     let outcomes: Vec<(u16, Option<String>, String)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..5)
@@ -336,9 +303,6 @@ fn a_full_queue_answers_503_at_once_and_loses_nothing_accepted() {
 #[test]
 fn a_client_that_leaves_frees_its_slot_and_shutdown_drains() {
     let _one_at_a_time = common::one_at_a_time();
-    if raw_cannot_serve() {
-        return;
-    }
     let mut server = Server::start(&["--parallel", "2"]);
     // Leave mid-stream: read a few chunks of a long generation, then drop the connection.
     let mut response = client().post(server.url("/v1/chat/completions")).json(&chat_body("Tell a long story.", 2000, true)).send().unwrap();
@@ -398,9 +362,6 @@ fn a_client_that_leaves_frees_its_slot_and_shutdown_drains() {
 #[test]
 fn structured_output_penalties_and_logit_bias() {
     let _one_at_a_time = common::one_at_a_time();
-    if raw_cannot_serve() {
-        return;
-    }
     let server = Server::start(&["--parallel", "2"]);
     let http = client();
     let chat = |extra: Value| {
@@ -420,8 +381,9 @@ fn structured_output_penalties_and_logit_bias() {
     });
     let format = json!({ "response_format": { "type": "json_schema", "json_schema": { "name": "person", "schema": schema } } });
     let (status, body) = chat(format.clone());
-    if Engine::backend_name() == "crate" {
-        // The crate baseline's grammar sampler can abort the process: refused, by name.
+    if Engine::backend_name() != "source" {
+        // The crate baseline's grammar sampler can abort the process, and raw FFI has none:
+        // refused, by name.
         assert_eq!((status, body["error"]["code"].as_str()), (400, Some("unsupported")), "{body}");
     } else {
         assert_eq!(status, 200, "{body}");
@@ -492,9 +454,6 @@ fn structured_output_penalties_and_logit_bias() {
 #[test]
 fn speculative_requests_give_the_same_text() {
     let _one_at_a_time = common::one_at_a_time();
-    if raw_cannot_serve() {
-        return;
-    }
     let server = Server::start(&["--parallel", "2", "--speculative", "ngram", "--draft-max", "6"]);
     let http = client();
     let prompt = "Repeat this line exactly, three times:\nThe quick brown fox jumps over the lazy dog.";

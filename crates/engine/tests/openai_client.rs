@@ -13,10 +13,6 @@ mod common;
 
 #[test]
 fn the_official_openai_client_works_against_the_server() {
-    if Engine::backend_name() == "raw" {
-        // Backend raw cannot serve; http.rs checks that it says so.
-        return;
-    }
     let site = PathBuf::from(std::env::var("EXSA_OPENAI_SITE").expect("EXSA_OPENAI_SITE is set by .cargo/config.toml"));
     assert!(site.join("openai").is_dir(), "the openai package is missing at {}: run `cargo xtask test` (it installs it)", site.display());
     let server = Server::start(&["--parallel", "2", "--api-key", "sekret"]);

@@ -71,8 +71,8 @@ impl Drop for RpcServer {
 fn config(rpc_servers: Vec<String>, n_gpu_layers: i32) -> EngineConfig {
     let mut config = EngineConfig::new(default_model_path());
     config.session = SessionConfig { n_ctx: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
-    config.rpc_servers = rpc_servers;
-    config.n_gpu_layers = n_gpu_layers;
+    config.placement.rpc_servers = rpc_servers;
+    config.placement.n_gpu_layers = n_gpu_layers;
     config
 }
 
@@ -94,7 +94,7 @@ fn layers_on_two_rpc_servers_give_the_local_output() {
     let before: Vec<u64> = servers.iter().map(RpcServer::rss_kib).collect();
     // 12 of the 18 layers on the servers, split evenly; 6 and the output stay here.
     let mut remote = config(servers.iter().map(|s| s.endpoint.clone()).collect(), 12);
-    remote.tensor_split = vec![1.0, 1.0];
+    remote.placement.tensor_split = vec![1.0, 1.0];
     let engine = Engine::load(remote).expect("the model loads across the servers");
     let placement = engine.model_info().placement;
     for (server, before) in servers.iter().zip(&before) {
@@ -120,8 +120,7 @@ fn layers_on_two_rpc_servers_give_the_local_output() {
         assert!(want[k].margin < BATCH_NEAR_TIE, "parted at token {k} where the choice was clear: {:?} / {:?}", want[k], got[k]);
     }
     // Generation through the engine works end to end.
-    let (text, stats) =
-        engine.generate(&GenerateRequest { max_tokens: 8, sampling: SamplingParams::greedy(), ..GenerateRequest::new(prompt) }).unwrap();
+    let (text, stats) = engine.generate(&GenerateRequest::new(prompt).max_tokens(8).sampling(SamplingParams::greedy())).unwrap();
     assert!(!text.is_empty() && stats.completion_tokens == 8, "{stats:?}");
 }
 
@@ -193,9 +192,9 @@ fn a_server_killed_mid_generation_is_an_error_not_an_abort() {
     assert!(llama::rpc::watched(), "this build's RPC client is unpatched (see llama-sys build/rpc_patch.rs)");
     let mut servers = [RpcServer::start(), RpcServer::start()];
     let mut remote = config(servers.iter().map(|s| s.endpoint.clone()).collect(), 12);
-    remote.tensor_split = vec![1.0, 1.0];
+    remote.placement.tensor_split = vec![1.0, 1.0];
     let engine = Engine::load(remote).unwrap();
-    let request = GenerateRequest { max_tokens: 200, sampling: SamplingParams::greedy(), ..GenerateRequest::new("Once upon a time") };
+    let request = GenerateRequest::new("Once upon a time").max_tokens(200).sampling(SamplingParams::greedy());
     let mut session = engine.session().unwrap();
     let mut generation = session.generate(&request).unwrap();
     for _ in 0..4 {
@@ -206,14 +205,14 @@ fn a_server_killed_mid_generation_is_an_error_not_an_abort() {
     // The next decode finds the connection gone; at most one more may complete first, if its
     // reply was already on the way.
     let err = generation.by_ref().take(3).find_map(Result::err).expect("the generation fails once a server is gone");
-    assert!(matches!(&err, EngineError::Rpc(m) if m.contains(&lost) && m.contains("lost")), "{err:?}");
+    assert!(matches!(&err, EngineError::Rpc(m) if m.to_string().contains(&lost) && m.to_string().contains("lost")), "{err:?}");
     assert!(generation.next().is_none_or(|r| r.is_err()), "no token after the loss");
     drop(generation);
     drop(session);
     // Every later use of the model says the same, at once, instead of computing on zeros.
     let started = Instant::now();
-    let again = engine.generate(&GenerateRequest { max_tokens: 4, ..request.clone() }).expect_err("the model lost its layers");
-    assert!(matches!(&again, EngineError::Rpc(m) if m.contains(&lost)), "{again:?}");
+    let again = engine.generate(&request.clone().max_tokens(4)).expect_err("the model lost its layers");
+    assert!(matches!(&again, EngineError::Rpc(m) if m.to_string().contains(&lost)), "{again:?}");
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     // The model frees cleanly (the live server gives its buffers back), and the process goes on.
     drop(engine);

@@ -1,7 +1,7 @@
 //! The serving core (continuous batching) on the real default model: concurrent requests give
 //! what each gives alone, cancellation and disconnection free their slots, a full queue is
 //! refused at once, prefix reuse per slot, shutdown lets accepted requests finish. CI runs this
-//! file on every backend; backend `raw` has no sampler per sequence and must refuse to serve.
+//! file on every backend.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ fn engine_with_ctx(n_ctx: u32) -> Arc<Engine> {
 }
 
 fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest { max_tokens, sampling: SamplingParams::greedy(), ..GenerateRequest::new(prompt) }
+    GenerateRequest::new(prompt).max_tokens(max_tokens).sampling(SamplingParams::greedy())
 }
 
 fn start(engine: &Arc<Engine>, slots: u32, max_queue: usize) -> Result<ServingCore, EngineError> {
@@ -44,23 +44,9 @@ const PROMPTS: [&str; 6] = [
 #[test]
 fn concurrent_requests_give_what_each_gives_alone() {
     let engine = engine();
-    let core = match start(&engine, 4, 16) {
-        Err(EngineError::Unsupported { backend, .. }) => {
-            assert_eq!(Engine::backend_name(), "raw", "only the raw backend may refuse to serve");
-            assert_eq!(backend, "raw");
-            return;
-        }
-        other => other.expect("the serving core starts"),
-    };
+    let core = start(&engine, 4, 16).expect("the serving core starts");
     // Six requests for four slots: two wait in the queue, and join as others finish.
-    let receivers: Vec<_> = PROMPTS
-        .iter()
-        .map(|p| {
-            let mut request = ServeRequest::generate(&engine, &greedy(p, 24)).unwrap();
-            request.logprobs = Some(5);
-            core.submit(request).unwrap()
-        })
-        .collect();
+    let receivers: Vec<_> = PROMPTS.iter().map(|p| core.submit(traced(&engine, p, 24)).unwrap()).collect();
     let served: Vec<_> = receivers.into_iter().map(|r| collect(r).unwrap()).collect();
     let mut checked = Vec::new();
     for (prompt, (_, completion)) in PROMPTS.iter().zip(&served) {
@@ -87,10 +73,17 @@ fn check_served(engine: &Engine, prompt: &str, completion: &Completion, banned: 
 }
 
 /// A greedy request asking for log-probabilities.
-fn traced(engine: &Engine, prompt: &str, max_tokens: usize) -> ServeRequest {
-    let mut request = ServeRequest::generate(engine, &greedy(prompt, max_tokens)).unwrap();
-    request.logprobs = Some(5);
-    request
+fn traced(engine: &Arc<Engine>, prompt: &str, max_tokens: usize) -> ServeRequest {
+    ServeRequest::new(engine, &greedy(prompt, max_tokens).logprobs(5)).unwrap()
+}
+
+/// The request with every end-of-generation token banned, so that it runs to `max_tokens`.
+fn banning_eog(engine: &Engine, request: GenerateRequest) -> GenerateRequest {
+    let sampling = SamplingParams {
+        logit_bias: engine.end_of_generation_tokens().into_iter().map(|t| (t, f32::NEG_INFINITY)).collect(),
+        ..request.options.sampling.clone()
+    };
+    request.sampling(sampling)
 }
 
 /// Requests admitted while others generate (into a running batch), and requests whose slots
@@ -99,10 +92,7 @@ fn traced(engine: &Engine, prompt: &str, max_tokens: usize) -> ServeRequest {
 #[test]
 fn requests_admitted_mid_flight_and_reusing_prefixes_match_solo_runs() {
     let engine = engine();
-    let Ok(core) = start(&engine, 4, 16) else {
-        assert_eq!(Engine::backend_name(), "raw");
-        return;
-    };
+    let core = start(&engine, 4, 16).expect("the serving core starts");
     const PREFIX: &str = "You are a careful assistant. Answer in one short sentence, plainly, without lists or markdown. Question:";
     let prompt = |q: &str| format!("{PREFIX} {q}");
     // Two slots decode the prefix (with different questions) and keep it.
@@ -137,15 +127,10 @@ fn requests_admitted_mid_flight_and_reusing_prefixes_match_solo_runs() {
 #[test]
 fn cancellation_and_disconnection_free_the_slot_at_the_next_step() {
     let engine = engine();
-    let Ok(core) = start(&engine, 2, 4) else {
-        assert_eq!(Engine::backend_name(), "raw");
-        return;
-    };
+    let core = start(&engine, 2, 4).expect("the serving core starts");
     let cancel = CancelToken::new();
-    let cancelled = core
-        .submit(ServeRequest::generate(&engine, &GenerateRequest { cancel: Some(cancel.clone()), ..greedy("Once upon a time", 400) }).unwrap())
-        .unwrap();
-    let dropped = core.submit(ServeRequest::generate(&engine, &greedy("In the beginning", 400)).unwrap()).unwrap();
+    let cancelled = core.submit(ServeRequest::new(&engine, &greedy("Once upon a time", 400).cancel(cancel.clone())).unwrap()).unwrap();
+    let dropped = core.submit(ServeRequest::new(&engine, &greedy("In the beginning", 400)).unwrap()).unwrap();
     // Both run: wait for their first text, then cancel one and walk away from the other.
     let first = cancelled.recv_timeout(Duration::from_secs(60)).unwrap();
     assert!(matches!(first, Event::Delta(_)), "{first:?}");
@@ -161,7 +146,7 @@ fn cancellation_and_disconnection_free_the_slot_at_the_next_step() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // The slots serve again.
-    let (_, again) = collect(core.submit(ServeRequest::generate(&engine, &greedy("Hello", 4)).unwrap()).unwrap()).unwrap();
+    let (_, again) = collect(core.submit(ServeRequest::new(&engine, &greedy("Hello", 4)).unwrap()).unwrap()).unwrap();
     assert_eq!(again.stats.completion_tokens, 4);
 }
 
@@ -169,14 +154,11 @@ fn cancellation_and_disconnection_free_the_slot_at_the_next_step() {
 #[test]
 fn a_cancel_during_prefill_stops_before_the_prompt_is_decoded() {
     let engine = engine();
-    let Ok(core) = start(&engine, 1, 1) else {
-        assert_eq!(Engine::backend_name(), "raw");
-        return;
-    };
+    let core = start(&engine, 1, 1).expect("the serving core starts");
     let cancel = CancelToken::new();
     let long = "The quick brown fox jumps over the lazy dog. ".repeat(80);
-    let request = ServeRequest::generate(&engine, &GenerateRequest { cancel: Some(cancel.clone()), ..greedy(&long, 8) }).unwrap();
-    let prompt_tokens = request.tokens.len() as u64;
+    let request = ServeRequest::new(&engine, &greedy(&long, 8).cancel(cancel.clone())).unwrap();
+    let prompt_tokens = request.tokens().len() as u64;
     assert!(prompt_tokens > 3 * 256, "{prompt_tokens} tokens: several chunks of n_batch 256");
     let events = core.submit(request).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -196,11 +178,8 @@ fn a_cancel_during_prefill_stops_before_the_prompt_is_decoded() {
 #[test]
 fn a_full_queue_is_refused_at_once_and_shutdown_finishes_what_was_accepted() {
     let engine = engine();
-    let Ok(core) = start(&engine, 1, 2) else {
-        assert_eq!(Engine::backend_name(), "raw");
-        return;
-    };
-    let request = || ServeRequest::generate(&engine, &greedy("The quick brown fox", 32)).unwrap();
+    let core = start(&engine, 1, 2).expect("the serving core starts");
+    let request = || ServeRequest::new(&engine, &greedy("The quick brown fox", 32)).unwrap();
     let running = core.submit(request()).unwrap();
     // Wait until it occupies the slot, so that the queue's two places are what is left.
     assert!(matches!(running.recv_timeout(Duration::from_secs(60)).unwrap(), Event::Delta(_)));
@@ -218,23 +197,20 @@ fn a_full_queue_is_refused_at_once_and_shutdown_finishes_what_was_accepted() {
 #[test]
 fn a_slot_reuses_the_longest_cached_prefix() {
     let engine = engine();
-    let Ok(core) = start(&engine, 2, 4) else {
-        assert_eq!(Engine::backend_name(), "raw");
-        return;
-    };
+    let core = start(&engine, 2, 4).expect("the serving core starts");
     let long = "The quick brown fox jumps over the lazy dog while the cat watches from the window.";
-    let (_, first) = collect(core.submit(ServeRequest::generate(&engine, &greedy(long, 4)).unwrap()).unwrap()).unwrap();
+    let (_, first) = collect(core.submit(ServeRequest::new(&engine, &greedy(long, 4)).unwrap()).unwrap()).unwrap();
     assert_eq!(first.stats.prompt_tokens_reused, 0);
     let other = "A completely different prompt about the weather";
-    collect(core.submit(ServeRequest::generate(&engine, &greedy(other, 4)).unwrap()).unwrap()).unwrap();
+    collect(core.submit(ServeRequest::new(&engine, &greedy(other, 4)).unwrap()).unwrap()).unwrap();
     let longer = format!("{long} Then");
-    let (text, again) = collect(core.submit(ServeRequest::generate(&engine, &greedy(&longer, 8)).unwrap()).unwrap()).unwrap();
+    let (text, again) = collect(core.submit(ServeRequest::new(&engine, &greedy(&longer, 8)).unwrap()).unwrap()).unwrap();
     assert!(again.stats.prompt_tokens_reused >= first.stats.prompt_tokens - 1, "{:?}", again.stats);
     let (alone, _) = engine.generate(&greedy(&longer, 8)).unwrap();
     assert_eq!(text, alone);
     // Prompt errors come back as typed errors.
     let too_long = "word ".repeat(2000);
-    let e = collect(core.submit(ServeRequest::generate(&engine, &greedy(&too_long, 4)).unwrap()).unwrap()).unwrap_err();
+    let e = collect(core.submit(ServeRequest::new(&engine, &greedy(&too_long, 4)).unwrap()).unwrap()).unwrap_err();
     assert!(matches!(e, EngineError::PromptTooLong { n_ctx: 1024, .. }), "{e}");
 }
 
@@ -243,10 +219,7 @@ fn a_full_kv_cache_fails_the_newest_request_and_the_older_ones_finish() {
     // 384 cache cells shared by three slots; each request wants 40-odd prompt tokens and 150
     // generated ones: two fit, three do not.
     let engine = engine_with_ctx(384);
-    let core = match start(&engine, 3, 4) {
-        Err(EngineError::Unsupported { .. }) => return, // raw: checked above
-        other => other.unwrap(),
-    };
+    let core = start(&engine, 3, 4).expect("the serving core starts");
     let long = |topic: &str| {
         format!("Write a long, detailed essay about {topic}. Cover its history, its science, its culture and its future, with examples.")
     };
@@ -255,8 +228,7 @@ fn a_full_kv_cache_fails_the_newest_request_and_the_older_ones_finish() {
     let mut receivers = Vec::new();
     for topic in topics {
         // Greedy, with the end of text banned, so that every request wants its 150 tokens.
-        let mut request = traced(&engine, &long(topic), 150);
-        request.sampling.logit_bias = eog.iter().map(|&t| (t, f32::NEG_INFINITY)).collect();
+        let request = ServeRequest::new(&engine, &banning_eog(&engine, greedy(&long(topic), 150).logprobs(5))).unwrap();
         receivers.push(core.submit(request).unwrap());
         // Admitted in this order (the newest is the last).
         std::thread::sleep(Duration::from_millis(50));
@@ -282,14 +254,16 @@ fn a_prompt_that_does_not_fit_beside_the_running_ones_waits_for_room_instead_of_
     // waits in the queue until the first is done, then runs alone. Admitted at once, it would
     // have filled the cache and been failed as the newest request.
     let engine = engine_with_ctx(384);
-    let core = match start(&engine, 2, 4) {
-        Err(EngineError::Unsupported { .. }) => return,
-        other => other.unwrap(),
-    };
+    let core = start(&engine, 2, 4).expect("the serving core starts");
     let words = |n: usize, word: &str| format!("{}.", vec![word; n].join(" "));
-    let first = ServeRequest::generate(&engine, &greedy(&words(240, "alpha"), 40)).unwrap();
-    let second = ServeRequest::generate(&engine, &greedy(&words(190, "beta"), 20)).unwrap();
-    assert!(first.tokens.len() + second.tokens.len() > 384 && first.tokens.len() + 40 < 384, "{} + {}", first.tokens.len(), second.tokens.len());
+    let first = ServeRequest::new(&engine, &greedy(&words(240, "alpha"), 40)).unwrap();
+    let second = ServeRequest::new(&engine, &greedy(&words(190, "beta"), 20)).unwrap();
+    assert!(
+        first.tokens().len() + second.tokens().len() > 384 && first.tokens().len() + 40 < 384,
+        "{} + {}",
+        first.tokens().len(),
+        second.tokens().len()
+    );
     let a = core.submit(first).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let b = core.submit(second).unwrap();
@@ -310,15 +284,8 @@ def area(width, height):\n    return";
 #[test]
 fn speculating_requests_give_what_they_give_without_and_take_fewer_decodes() {
     let engine = engine();
-    let core = match start(&engine, 3, 8) {
-        Err(EngineError::Unsupported { .. }) => return, // backend raw (see above)
-        other => other.expect("the serving core starts"),
-    };
-    let request = |prompt: &str, speculation| {
-        let mut r = ServeRequest::generate(&engine, &GenerateRequest { speculation, ..greedy(prompt, 40) }).unwrap();
-        r.logprobs = Some(5);
-        r
-    };
+    let core = start(&engine, 3, 8).expect("the serving core starts");
+    let request = |prompt: &str, speculation| ServeRequest::new(&engine, &greedy(prompt, 40).speculation(speculation).logprobs(5)).unwrap();
     let ngram = Speculation::Ngram { max_draft: 6 };
     // Two speculating requests beside one that does not, in the same steps.
     let prompts = [(QUOTING, ngram), (PROMPTS[1], ngram), (PROMPTS[0], Speculation::Off)];
@@ -345,7 +312,7 @@ fn speculating_requests_give_what_they_give_without_and_take_fewer_decodes() {
     // A draft model is not served; a bad draft length is refused before it is queued.
     let refused = collect(core.submit(request(PROMPTS[2], Speculation::Draft { max_draft: 4 })).unwrap());
     assert!(matches!(refused, Err(EngineError::InvalidRequest { field: "speculation", .. })), "{refused:?}");
-    let bad = ServeRequest::generate(&engine, &GenerateRequest { speculation: Speculation::Ngram { max_draft: 0 }, ..greedy("x", 4) });
+    let bad = ServeRequest::new(&engine, &greedy("x", 4).speculation(Speculation::Ngram { max_draft: 0 }));
     assert!(matches!(bad, Err(EngineError::InvalidRequest { field: "speculation", .. })));
 }
 
@@ -357,25 +324,16 @@ fn speculating_requests_give_what_they_give_without_and_take_fewer_decodes() {
 fn a_step_whose_drafts_do_not_fit_is_rebuilt_without_them() {
     // 256 cells: an idle slot keeps 70-odd, and the two running requests want 230 between them.
     let engine = engine_with_ctx(256);
-    let core = match start(&engine, 3, 4) {
-        Err(EngineError::Unsupported { .. }) => return,
-        other => other.unwrap(),
-    };
+    let core = start(&engine, 3, 4).expect("the serving core starts");
     let eog = engine.end_of_generation_tokens();
-    let ban_eog = |mut r: ServeRequest| {
-        r.sampling.logit_bias = eog.iter().map(|&t| (t, f32::NEG_INFINITY)).collect();
-        r
-    };
-    collect(core.submit(ban_eog(traced(&engine, "Write a long essay about the history of bread.", 60))).unwrap()).unwrap();
+    let ban_eog = |r: GenerateRequest| ServeRequest::new(&engine, &banning_eog(&engine, r.logprobs(5))).unwrap();
+    collect(core.submit(ban_eog(greedy("Write a long essay about the history of bread.", 60))).unwrap()).unwrap();
     // A repeating text is drafted every step, up to 8 tokens.
     let repeating = "red green blue, red green blue, red green blue, red green blue, red green blue, red green";
-    let mut speculating =
-        ServeRequest::generate(&engine, &GenerateRequest { speculation: Speculation::Ngram { max_draft: 8 }, ..greedy(repeating, 150) }).unwrap();
-    speculating.logprobs = Some(5);
-    let speculating = ban_eog(speculating);
-    let plain = ban_eog(traced(&engine, PROMPTS[4], 40));
+    let speculating = ban_eog(greedy(repeating, 150).speculation(Speculation::Ngram { max_draft: 8 }));
+    let plain = ban_eog(greedy(PROMPTS[4], 40));
     let used = core.status().kv_used;
-    assert!(used + speculating.tokens.len() + plain.tokens.len() + 190 > 256, "{used}");
+    assert!(used + speculating.tokens().len() + plain.tokens().len() + 190 > 256, "{used}");
     let a = core.submit(speculating).unwrap();
     let b = core.submit(plain).unwrap();
     let (_, a) = collect(a).expect("the speculating request finishes");

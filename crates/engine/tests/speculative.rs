@@ -23,7 +23,7 @@ Rewritten:\n```python\n";
 const FREE: &str = "Write a short story about a lighthouse keeper who finds a message in a bottle.";
 
 fn request(prompt: &str, max_tokens: usize, speculation: Speculation) -> GenerateRequest {
-    GenerateRequest { max_tokens, sampling: SamplingParams::greedy(), speculation, ..GenerateRequest::new(prompt) }
+    GenerateRequest::new(prompt).max_tokens(max_tokens).sampling(SamplingParams::greedy()).speculation(speculation)
 }
 
 /// A single-stream generation's text, tokens and stats.
@@ -76,8 +76,8 @@ fn stop_sequences_and_max_tokens_end_the_text_where_they_do_without_speculation(
     let mut session = engine.session().unwrap();
     let speculative = Speculation::Ngram { max_draft: 8 };
     for (stop, max_tokens) in [(vec!["return".to_string()], 64), (vec![], 17), (vec!["acc".to_string(), "\n\n".to_string()], 64)] {
-        let plain = GenerateRequest { stop: stop.clone(), ..request(REWRITE, max_tokens, Speculation::Off) };
-        let spec = GenerateRequest { stop: stop.clone(), ..request(REWRITE, max_tokens, speculative) };
+        let plain = request(REWRITE, max_tokens, Speculation::Off).stop(stop.clone());
+        let spec = request(REWRITE, max_tokens, speculative).stop(stop.clone());
         let (a, sa) = session.generate_text(&plain).unwrap();
         let (b, sb) = session.generate_text(&spec).unwrap();
         assert_eq!((a.as_str(), sa.finish_reason), (b.as_str(), sb.finish_reason), "stop {stop:?}, max {max_tokens}");
@@ -223,7 +223,7 @@ fn single_stream_draws<'e>(engine: &'e Engine, sampling: impl Fn(u32) -> Samplin
             .iter()
             .map(|&seed| {
                 let speculation = if speculate { Speculation::Ngram { max_draft: 4 } } else { Speculation::Off };
-                let r = GenerateRequest { max_tokens: POSITIONS, sampling: sampling(seed), speculation, ..GenerateRequest::new(REPEATING) };
+                let r = GenerateRequest::new(REPEATING).max_tokens(POSITIONS).sampling(sampling(seed)).speculation(speculation);
                 let (_, tokens, stats) = generate(&mut session, &r);
                 (tokens, stats)
             })
@@ -233,20 +233,17 @@ fn single_stream_draws<'e>(engine: &'e Engine, sampling: impl Fn(u32) -> Samplin
 
 /// The same draws through the serving loop: every seed's request submitted at once to four
 /// slots, so that speculating requests share steps.
-fn served_draws(engine: &std::sync::Arc<Engine>, sampling: impl Fn(u32) -> SamplingParams) -> Option<impl FnMut(&[u32], bool) -> Draws> {
+fn served_draws(engine: &std::sync::Arc<Engine>, sampling: impl Fn(u32) -> SamplingParams) -> impl FnMut(&[u32], bool) -> Draws {
     let config = ServingConfig { max_queue: 1024, ..ServingConfig::new(engine, 4) };
-    let core = match ServingCore::start(std::sync::Arc::clone(engine), config) {
-        Err(EngineError::Unsupported { .. }) => return None, // backend raw serves nothing
-        other => other.unwrap(),
-    };
+    let core = ServingCore::start(std::sync::Arc::clone(engine), config).unwrap();
     let engine = std::sync::Arc::clone(engine);
-    Some(move |seeds: &[u32], speculate: bool| {
+    move |seeds: &[u32], speculate: bool| {
         let receivers: Vec<_> = seeds
             .iter()
             .map(|&seed| {
                 let speculation = if speculate { Speculation::Ngram { max_draft: 4 } } else { Speculation::Off };
-                let r = GenerateRequest { max_tokens: POSITIONS, sampling: sampling(seed), speculation, ..GenerateRequest::new(REPEATING) };
-                core.submit(ServeRequest::generate(&engine, &r).unwrap()).unwrap()
+                let r = GenerateRequest::new(REPEATING).max_tokens(POSITIONS).sampling(sampling(seed)).speculation(speculation);
+                core.submit(ServeRequest::new(&engine, &r).unwrap()).unwrap()
             })
             .collect();
         receivers
@@ -256,7 +253,7 @@ fn served_draws(engine: &std::sync::Arc<Engine>, sampling: impl Fn(u32) -> Sampl
                 (c.tokens, c.stats)
             })
             .collect()
-    })
+    }
 }
 
 #[test]
@@ -274,42 +271,53 @@ fn sampled_speculation_keeps_the_distribution_with_penalties_a_bias_and_a_gramma
         let engine = std::sync::Arc::clone(&engine);
         move |seed| three_way_with_everything(&engine, seed)
     };
-    check_distribution("penalties, bias, grammar: single stream", 200, single_stream_draws(&engine, everything.clone()));
-    if let Some(draws) = served_draws(&engine, three_way) {
-        check_distribution("three-way: serving loop", 200, draws);
-    }
-    if let Some(draws) = served_draws(&engine, everything) {
-        check_distribution("penalties, bias, grammar: serving loop", 200, draws);
-    }
+    check_distribution("penalties, bias, grammar: single stream", 150, single_stream_draws(&engine, everything.clone()));
+    check_distribution("three-way: serving loop", 150, served_draws(&engine, three_way));
+    check_distribution("penalties, bias, grammar: serving loop", 150, served_draws(&engine, everything));
 }
 
 /// Both paths consume one random number per token (a plain step draws once; a speculative round
-/// draws once per position it verifies, and a rejected draft's draw is the token), so a seeded
-/// request with speculation repeats its plain twin token for token, except where a draw lands
-/// within rounding of a boundary (batched and single decodes round differently). A verifier that
-/// kept a draft without drawing would shift the random stream and part nearly every run.
+/// draws once per position it verifies, and a rejected draft's draw is the token), so a plain
+/// decode of the same seed, forced through the speculative run's tokens, draws what the
+/// speculative run drew at every position, except where a draw lands within rounding of a
+/// boundary between candidates (batched and single decodes round differently); forcing keeps
+/// both on the same text after such a parting, and the random streams stay in step. A verifier
+/// that kept a draft without drawing would put the speculative run one number behind from its
+/// first kept draft on, and the draws would differ at many positions after it. Measured over these
+/// 1,200 positions (AMD EPYC Zen 4): 1.5 % differ on backend source, 6.8 % on the crate
+/// baseline (its AVX2 build's batched rows round further from single decodes); with the verifier
+/// broken so (a draft kept without its draw), 17 % and 22.5 %.
 #[test]
-fn same_seed_speculative_and_plain_runs_part_only_at_rounding() {
+fn same_seed_speculative_and_plain_draws_differ_only_at_rounding() {
+    use exsa_engine::backend::{Active, Backend, BackendModel, BackendSession, Outputs};
     let engine = engine();
+    let model = Active::load(&default_model_path(), &Placement::default()).unwrap();
     let mut session = engine.session().unwrap();
-    const RUNS: u32 = 60;
-    let (mut parted, mut accepted) = (Vec::new(), 0);
+    const RUNS: u32 = 100;
+    let (mut positions, mut differing, mut accepted) = (0, Vec::new(), 0);
+    let prompt = engine.tokenize(REPEATING, false).unwrap();
     for seed in 1..=RUNS {
-        let sampling = SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.95, min_p: 0.05, seed, ..Default::default() };
-        let plain = GenerateRequest { max_tokens: 12, sampling, ..GenerateRequest::new(REPEATING) };
-        let speculating = GenerateRequest { speculation: Speculation::Ngram { max_draft: 6 }, ..plain.clone() };
-        let (_, a, _) = generate(&mut session, &plain);
-        let (_, b, stats) = generate(&mut session, &speculating);
+        let speculating = GenerateRequest::new(REPEATING).max_tokens(12).sampling(three_way(seed)).speculation(Speculation::Ngram { max_draft: 4 });
+        let (_, tokens, stats) = generate(&mut session, &speculating);
         accepted += stats.accepted_tokens;
-        if let Some(k) = a.iter().zip(&b).position(|(x, y)| x != y).or((a.len() != b.len()).then_some(a.len().min(b.len()))) {
-            parted.push((seed, k));
+        // The plain decode, forced through those tokens, drawing with the same seed.
+        let mut plain = model.session(engine.session_config()).unwrap();
+        let mut sampler = model.sampler(&three_way(seed)).unwrap();
+        plain.decode(&prompt, 0, Outputs::Last).unwrap();
+        let mut last = prompt.len() as i32 - 1;
+        for (k, &token) in tokens.iter().enumerate() {
+            if plain.sample_with(&mut sampler, last).unwrap() != token {
+                differing.push((seed, k));
+            }
+            plain.decode(&[token], (prompt.len() + k) as i32, Outputs::Last).unwrap();
+            last = 0;
         }
+        positions += tokens.len();
     }
-    eprintln!("{} of {RUNS} seeds parted (seed, position): {parted:?}; {accepted} drafts kept", parted.len());
-    assert!(accepted > 5 * RUNS as usize, "too few drafts kept ({accepted}) for the comparison to mean anything");
-    assert!(parted.len() * 10 <= RUNS as usize, "{} of {RUNS} seeds parted: {parted:?}", parted.len());
+    eprintln!("draws differed at {} of {positions} positions (seed, position): {differing:?}; {accepted} drafts kept", differing.len());
+    assert!(accepted > RUNS as usize / 2, "too few drafts kept ({accepted}) for the comparison to mean anything");
+    assert!(differing.len() * 10 <= positions, "draws differed at {} of {positions} positions: {differing:?}", differing.len());
 }
-
 #[test]
 fn a_draft_model_drafts_for_a_model_with_its_vocabulary() {
     // The default model as its own draft: the same vocabulary, and greedy drafts that the main
@@ -324,12 +332,7 @@ fn a_draft_model_drafts_for_a_model_with_its_vocabulary() {
     assert!(stats.drafted_tokens >= 20 && stats.accepted_tokens * 10 >= stats.drafted_tokens * 8, "{stats:?}");
     assert!(stats.generation_decodes * 2 < stats.completion_tokens, "{stats:?}");
     // Sampled: the draft model's argmax is kept only where the sampler draws it.
-    let sampled = GenerateRequest {
-        max_tokens: 32,
-        sampling: harness::e2e_sampling(),
-        speculation: Speculation::Draft { max_draft: 6 },
-        ..GenerateRequest::new(FREE)
-    };
+    let sampled = GenerateRequest::new(FREE).max_tokens(32).sampling(harness::e2e_sampling()).speculation(Speculation::Draft { max_draft: 6 });
     let (text, stats) = session.generate_text(&sampled).unwrap();
     assert!(!text.is_empty() && stats.drafted_tokens > 0 && stats.accepted_tokens <= stats.drafted_tokens, "{stats:?}");
 

@@ -22,7 +22,7 @@ fn engine(name: &str) -> Engine {
 }
 
 fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest { max_tokens, sampling: SamplingParams::greedy(), ..GenerateRequest::new(prompt) }
+    GenerateRequest::new(prompt).max_tokens(max_tokens).sampling(SamplingParams::greedy())
 }
 
 fn is_recurrent(name: &str) -> bool {
@@ -38,7 +38,7 @@ fn every_synthetic_model_loads_generates_and_chats() {
         let (text, stats) = engine.generate(&greedy("The weather today is", 12)).unwrap();
         assert!(stats.completion_tokens > 0 && !text.is_empty(), "{name}: {stats:?}");
         let mut session = engine.session().unwrap();
-        let mut chat = session.chat(&[ChatMessage::new("user", "Hello!")], greedy("", 8)).unwrap();
+        let mut chat = session.chat(&[ChatMessage::new("user", "Hello!")], greedy("", 8).options).unwrap();
         let reply: String = chat.by_ref().map(|d| d.unwrap()).collect();
         assert!(chat.stats().completion_tokens > 0, "{name}: {reply:?}");
     }
@@ -79,12 +79,12 @@ fn a_second_chat_turn_equals_a_fresh_session() {
         let engine = engine(name);
         let mut session = engine.session().unwrap();
         let mut history = vec![ChatMessage::new("user", "Name three colours.")];
-        let mut first = session.chat(&history, greedy("", 8)).unwrap();
+        let mut first = session.chat(&history, greedy("", 8).options).unwrap();
         let reply: String = first.by_ref().map(|d| d.unwrap()).collect();
         let first_prompt = first.stats().prompt_tokens;
         history.push(ChatMessage::new("assistant", reply));
         history.push(ChatMessage::new("user", "And three more?"));
-        let mut second = session.chat(&history, greedy("", 8)).unwrap();
+        let mut second = session.chat(&history, greedy("", 8).options).unwrap();
         let again: String = second.by_ref().map(|d| d.unwrap()).collect();
         // The first turn's prompt and reply are a prefix of the second turn's prompt when the
         // reply tokenizes back to the tokens generated: then even a recurrent state is reused
@@ -97,7 +97,7 @@ fn a_second_chat_turn_equals_a_fresh_session() {
             assert!(reused >= first_prompt, "{name}: reused {reused} of a {first_prompt}-token first prompt");
         }
         let mut fresh_session = engine.session().unwrap();
-        let mut fresh = fresh_session.chat(&history, greedy("", 8)).unwrap();
+        let mut fresh = fresh_session.chat(&history, greedy("", 8).options).unwrap();
         let want: String = fresh.by_ref().map(|d| d.unwrap()).collect();
         assert_eq!(again, want, "{name}");
     }
@@ -109,7 +109,7 @@ fn cancellation_stops_generation_on_every_memory_kind() {
         let engine = engine(name);
         let cancel = CancelToken::new();
         let mut session = engine.session().unwrap();
-        let request = GenerateRequest { cancel: Some(cancel.clone()), ..greedy("Once upon a time", 64) };
+        let request = greedy("Once upon a time", 64).cancel(cancel.clone());
         let mut generation = session.generate(&request).unwrap();
         assert!(generation.next().is_some());
         cancel.cancel();
@@ -118,7 +118,7 @@ fn cancellation_stops_generation_on_every_memory_kind() {
         assert!(generation.stats().completion_tokens < 64, "{name}");
         // A request cancelled before it starts decodes nothing, and the session stays usable.
         let (fresh, _) = engine.generate(&greedy("Once upon a time", 4)).unwrap();
-        let before = GenerateRequest { cancel: Some(cancel.clone()), ..greedy("Once upon a time", 4) };
+        let before = greedy("Once upon a time", 4).cancel(cancel.clone());
         assert!(matches!(session.generate(&before).map(|_| ()), Err(EngineError::Cancelled)), "{name}");
         let (after, _) = session.generate_text(&greedy("Once upon a time", 4)).unwrap();
         assert_eq!(after, fresh, "{name}");
@@ -139,19 +139,16 @@ fn speculation_gives_the_plain_text_on_every_memory_kind() {
         // four words, so that it recurs (drafts) without being periodic (some drafts fail).
         let words = engine.tokenize_with(" one two three four", TokenizeOptions { add_special: false, parse_special: false }).unwrap();
         let sampling = SamplingParams { logit_bias: words.iter().map(|&t| (t, 50.0)).collect(), ..SamplingParams::greedy() };
-        let plain = GenerateRequest { sampling, ..greedy(PROMPT, 48) };
+        let plain = greedy(PROMPT, 48).sampling(sampling);
         let (want, _) = engine.generate(&plain).unwrap();
         let mut session = engine.session().unwrap();
-        let (got, stats) = session.generate_text(&GenerateRequest { speculation: ngram, ..plain.clone() }).unwrap();
+        let (got, stats) = session.generate_text(&plain.clone().speculation(ngram)).unwrap();
         assert_eq!(got, want, "{name}: single stream");
         assert!(stats.drafted_tokens > 0, "{name}: nothing drafted: {stats:?}");
         eprintln!("{name}: {} of {} drafts kept in {} decodes", stats.accepted_tokens, stats.drafted_tokens, stats.generation_decodes);
-        let core = match ServingCore::start(std::sync::Arc::clone(&engine), ServingConfig::new(&engine, 2)) {
-            Err(EngineError::Unsupported { .. }) => continue, // backend raw serves nothing
-            other => other.unwrap(),
-        };
-        let speculating = core.submit(ServeRequest::generate(&engine, &GenerateRequest { speculation: ngram, ..plain.clone() }).unwrap()).unwrap();
-        let beside = core.submit(ServeRequest::generate(&engine, &greedy("Once upon a time", 24)).unwrap()).unwrap();
+        let core = ServingCore::start(std::sync::Arc::clone(&engine), ServingConfig::new(&engine, 2)).unwrap();
+        let speculating = core.submit(ServeRequest::new(&engine, &plain.clone().speculation(ngram)).unwrap()).unwrap();
+        let beside = core.submit(ServeRequest::new(&engine, &greedy("Once upon a time", 24)).unwrap()).unwrap();
         let (served, completion) = collect(speculating).unwrap();
         assert_eq!(served, want, "{name}: serving loop");
         assert!(completion.stats.drafted_tokens > 0, "{name}: {:?}", completion.stats);

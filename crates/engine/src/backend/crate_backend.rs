@@ -17,9 +17,9 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 
-use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, Placement, TokenId};
-use crate::config::{SamplerStage, SamplingParams, SessionConfig};
-use crate::error::{DecodeFailure, EngineError};
+use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
+use crate::config::{Placement, SamplerStage, SamplingParams, SessionConfig};
+use crate::error::{DecodeFailure, EngineError, cause};
 
 /// llama-cpp-2 refuses a second `LlamaBackend::init`, so the one instance lives here.
 fn backend() -> &'static LlamaBackend {
@@ -113,7 +113,7 @@ impl BackendModel for CrateModel {
 
     fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
         if !(0..self.model.n_vocab()).contains(&token) {
-            return Err(EngineError::Tokenize(format!("token {token} is outside the vocabulary").into()));
+            return Err(EngineError::Tokenize(cause(format!("token {token} is outside the vocabulary"))));
         }
         self.model.vocab().token_to_piece_into(LlamaToken(token), out, false, None);
         Ok(())
@@ -136,17 +136,17 @@ impl BackendModel for CrateModel {
     }
 
     fn apply_chat_template(&self, template: &str, messages: &[(String, String)]) -> Result<String, EngineError> {
-        let tmpl = LlamaChatTemplate::new(template).map_err(|e| EngineError::ChatTemplate(e.into()))?;
+        let tmpl = LlamaChatTemplate::new(template).map_err(|e| EngineError::ChatTemplate(cause(e)))?;
         let msgs = messages
             .iter()
             .map(|(r, c)| LlamaChatMessage::new(r.clone(), c.clone()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| EngineError::ChatTemplate(e.into()))?;
-        self.model.apply_chat_template(&tmpl, &msgs, true).map_err(|e| EngineError::ChatTemplate(e.into()))
+            .map_err(|e| EngineError::ChatTemplate(cause(e)))?;
+        self.model.apply_chat_template(&tmpl, &msgs, true).map_err(|e| EngineError::ChatTemplate(cause(e)))
     }
 
-    fn check_sampling(&self, params: &SamplingParams) -> Result<(), EngineError> {
-        chain(&self.model, params).map(drop)
+    fn sampler(&self, params: &SamplingParams) -> Result<LlamaSampler, EngineError> {
+        chain(&self.model, params)
     }
 
     fn session(&self, config: &SessionConfig) -> Result<CrateSession<'_>, EngineError> {
@@ -167,25 +167,15 @@ impl BackendModel for CrateModel {
         if config.embeddings {
             params = params.with_pooling_type(LlamaPoolingType::Mean);
         }
-        let ctx = self.model.new_context(backend(), params).map_err(|e| EngineError::Session(e.into()))?;
+        let ctx = self.model.new_context(backend(), params).map_err(|e| EngineError::Session(cause(e)))?;
         let n_batch = ctx.n_batch() as usize;
-        Ok(CrateSession {
-            model: &self.model,
-            ctx,
-            batch: LlamaBatch::new(n_batch, 1),
-            sampler: None,
-            pending: Vec::new(),
-            outputs: Vec::new(),
-            abort: None,
-        })
+        Ok(CrateSession { ctx, batch: LlamaBatch::new(n_batch, 1), pending: Vec::new(), outputs: Vec::new(), abort: None })
     }
 }
 
 pub struct CrateSession<'m> {
-    model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
-    sampler: Option<LlamaSampler>,
     /// Batch indexes asking for logits in the batch being built, and in the last decode: the
     /// crate reads logits at any index it is given (llama.cpp aborts on one without), so every
     /// read is checked against these first.
@@ -201,6 +191,8 @@ impl std::fmt::Debug for CrateSession<'_> {
 }
 
 impl BackendSession for CrateSession<'_> {
+    type Sampler = LlamaSampler;
+
     fn n_ctx(&self) -> u32 {
         self.ctx.n_ctx()
     }
@@ -219,37 +211,8 @@ impl BackendSession for CrateSession<'_> {
     }
 
     fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
-        // The crate has no abort callback; the engine checks the flag between steps, and a
-        // single decode runs to its end.
-        if self.abort.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed)) {
-            return Err(EngineError::Cancelled);
-        }
         self.fill(ids, start, outputs)?;
         self.batch_decode()
-    }
-
-    fn truncate(&mut self, from: i32) -> bool {
-        self.ctx.clear_kv_cache_seq(Some(0), Some(from.max(0) as u32), None).unwrap_or(false)
-    }
-
-    fn clear(&mut self) {
-        self.ctx.clear_kv_cache();
-    }
-
-    fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
-        self.sampler = Some(chain(self.model, p)?);
-        Ok(())
-    }
-
-    fn sample(&mut self) -> Result<TokenId, EngineError> {
-        let last = self.last_output()?;
-        self.sample_at(last)
-    }
-
-    fn sample_at(&mut self, index: i32) -> Result<TokenId, EngineError> {
-        self.check_output(index)?;
-        let sampler = self.sampler.as_mut().ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
-        Ok(sampler.sample(&self.ctx, index).0)
     }
 
     fn last_logits(&self) -> Result<&[f32], EngineError> {
@@ -266,12 +229,6 @@ impl BackendSession for CrateSession<'_> {
 
     fn embedding(&self) -> Result<Vec<f32>, EngineError> {
         self.ctx.embeddings_seq_ith(0).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
-    }
-
-    type Sampler = LlamaSampler;
-
-    fn new_sampler(&self, params: &SamplingParams) -> Result<LlamaSampler, EngineError> {
-        chain(self.model, params)
     }
 
     fn batch_clear(&mut self) {
@@ -293,6 +250,11 @@ impl BackendSession for CrateSession<'_> {
     }
 
     fn batch_decode(&mut self) -> Result<(), EngineError> {
+        // The crate has no abort callback: a cancel is seen before a decode starts, and a
+        // decode runs to its end.
+        if self.abort.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed)) {
+            return Err(EngineError::Cancelled);
+        }
         self.outputs.clear();
         self.ctx.decode(&mut self.batch).map_err(decode_error)?;
         self.outputs.clone_from(&self.pending);

@@ -11,8 +11,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use crate::config::{SamplingParams, SessionConfig};
+use crate::config::{Placement, SamplingParams, SessionConfig};
 use crate::error::EngineError;
+pub use crate::token::TokenId;
 
 #[cfg(any(all(feature = "source", feature = "crate"), all(feature = "source", feature = "raw"), all(feature = "crate", feature = "raw")))]
 compile_error!(
@@ -36,9 +37,6 @@ pub use raw::RawBackend as Active;
 #[cfg(feature = "source")]
 pub use source::SourceBackend as Active;
 
-/// A token id, as llama.cpp numbers them.
-pub type TokenId = i32;
-
 /// Which outputs a decode should produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outputs {
@@ -51,29 +49,6 @@ pub enum Outputs {
 /// What the engine reports about a model, the same for every backend (part of the bench
 /// protocol).
 pub use exsa_bench_protocol::ModelInfo;
-
-/// Where a model's layers go.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Placement {
-    /// Layers offloaded to GPUs and rpc-servers (-1: all).
-    pub n_gpu_layers: i32,
-    /// ggml rpc-servers (`HOST:PORT`) that take offloaded layers (backend `source` only).
-    pub rpc_servers: Vec<String>,
-    /// Proportions of the offloaded layers per device: local GPUs, then the servers' devices.
-    pub tensor_split: Vec<f32>,
-}
-
-impl Placement {
-    /// An error for a backend that can only place layers on local devices.
-    #[cfg(any(feature = "crate", feature = "raw"))]
-    pub(crate) fn local_only(&self, backend: &'static str) -> Result<(), EngineError> {
-        if self.rpc_servers.is_empty() && self.tensor_split.is_empty() {
-            Ok(())
-        } else {
-            Err(EngineError::Unsupported { what: "rpc-servers and tensor splits (use backend source)", backend })
-        }
-    }
-}
 
 /// A llama.cpp backend.
 pub trait Backend: 'static {
@@ -146,9 +121,11 @@ pub trait BackendModel: Send + Sync + Sized {
     fn chat_template(&self) -> Option<String>;
     /// Formats messages with a template text or a llama.cpp built-in template name.
     fn apply_chat_template(&self, template: &str, messages: &[(String, String)]) -> Result<String, EngineError>;
-    /// Whether a sampler for `params` can be built for this model (biases in the vocabulary,
-    /// a grammar that parses, a backend that supports it), without a session.
-    fn check_sampling(&self, params: &SamplingParams) -> Result<(), EngineError>;
+    /// A sampler chain for `params` (biases in the vocabulary and a grammar that parses checked;
+    /// [`EngineError::Unsupported`] for what the backend cannot sample), for one sequence of
+    /// this model's sessions. Built apart from any session, so that a server builds it before a
+    /// request is accepted, off the decode loop.
+    fn sampler(&self, params: &SamplingParams) -> Result<SamplerOf<'_, Self>, EngineError>;
     /// [`EngineError::Rpc`] once an rpc-server holding the model's layers was lost (the model
     /// cannot compute any more); Ok for a model without servers.
     fn check_servers(&self) -> Result<(), EngineError> {
@@ -157,26 +134,24 @@ pub trait BackendModel: Send + Sync + Sized {
     fn session(&self, config: &SessionConfig) -> Result<Self::Session<'_>, EngineError>;
 }
 
-/// A context with its KV cache, a reusable batch and a sampler.
+/// The sampler type of a model's sessions.
+pub type SamplerOf<'m, M> = <<M as BackendModel>::Session<'m> as BackendSession>::Sampler;
+
+/// A context with its KV cache and a reusable batch. One or several sequences (a server's slots,
+/// made with `n_seq` > 1); samplers are the caller's, one per sequence, reading outputs by batch
+/// index.
 pub trait BackendSession {
+    /// A sampler chain of its own, for one sequence (see [`BackendModel::sampler`]).
+    type Sampler: Send;
+
     fn n_ctx(&self) -> u32;
     fn n_batch(&self) -> u32;
     /// Writes `tokens` at positions `start..` of sequence 0 into the session's batch (at most
     /// n_batch of them), without decoding: `decode` is `fill` and then the model run.
     fn fill(&mut self, tokens: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError>;
-    /// Decodes `tokens` at positions `start..` in sequence 0 (at most n_batch of them).
+    /// Decodes `tokens` at positions `start..` in sequence 0 (at most n_batch of them); with
+    /// [`Outputs::Last`], the last token's logits are at batch index `tokens.len() - 1`.
     fn decode(&mut self, tokens: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError>;
-    /// Drops positions `from..` from the cache; false if the backend could not (recurrent state).
-    fn truncate(&mut self, from: i32) -> bool;
-    fn clear(&mut self);
-    /// (Re)builds the sampler chain for a request.
-    fn set_sampler(&mut self, params: &SamplingParams) -> Result<(), EngineError>;
-    /// Samples from the last output of the last decode, and accepts the token.
-    fn sample(&mut self) -> Result<TokenId, EngineError>;
-    /// Samples with the session's sampler from the output at batch `index` of the last decode
-    /// (a batch built with `batch_push`), and accepts the token: speculation verifies a run of
-    /// drafted tokens this way, one output after another.
-    fn sample_at(&mut self, index: i32) -> Result<TokenId, EngineError>;
     /// The logits (n_vocab wide) of the last output of the last decode.
     fn last_logits(&self) -> Result<&[f32], EngineError>;
     /// Cancels a running decode while the flag is set.
@@ -186,13 +161,6 @@ pub trait BackendSession {
     fn synchronize(&self);
     /// Mean-pooled embedding of the last decode (sessions built with `embeddings`).
     fn embedding(&self) -> Result<Vec<f32>, EngineError>;
-
-    // Several sequences in one batch (continuous batching; sessions made with `n_seq` > 1).
-    // The caller owns one sampler per sequence and reads outputs by batch index.
-
-    /// A sampler chain of its own, for one sequence.
-    type Sampler;
-    fn new_sampler(&self, params: &SamplingParams) -> Result<Self::Sampler, EngineError>;
     /// Empties the batch (keeping its allocation).
     fn batch_clear(&mut self);
     /// Appends `token` at `pos` of sequence `seq`; `output` asks for its logits, which

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use llama_sys as sys;
 
-use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, Placement, TokenId};
-use crate::config::{SamplerStage, SamplingParams, SessionConfig};
-use crate::error::{DecodeFailure, EngineError};
+use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
+use crate::config::{Placement, SamplerStage, SamplingParams, SessionConfig};
+use crate::error::{DecodeFailure, EngineError, cause};
 
 #[derive(Debug)]
 pub struct RawBackend;
@@ -177,7 +177,7 @@ impl BackendModel for RawModel {
 
     fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
         let len = i32::try_from(text.len())
-            .map_err(|_| EngineError::Tokenize(format!("a text of {} bytes is more than llama_tokenize takes", text.len()).into()))?;
+            .map_err(|_| EngineError::Tokenize(cause(format!("a text of {} bytes is more than llama_tokenize takes", text.len()))))?;
         out.clear();
         out.reserve(text.len() + 2);
         // Twice at most: a negative count is the room needed.
@@ -199,12 +199,12 @@ impl BackendModel for RawModel {
             }
             out.reserve(n.unsigned_abs() as usize);
         }
-        Err(EngineError::Tokenize("llama_tokenize failed".into()))
+        Err(EngineError::Tokenize(cause("llama_tokenize failed")))
     }
 
     fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
         if !(0..self.n_vocab()).contains(&token) {
-            return Err(EngineError::Tokenize(format!("token {token} is outside the vocabulary").into()));
+            return Err(EngineError::Tokenize(cause(format!("token {token} is outside the vocabulary"))));
         }
         let mut buf = [0u8; 256];
         let mut n = 0;
@@ -251,7 +251,7 @@ impl BackendModel for RawModel {
     }
 
     fn apply_chat_template(&self, template: &str, messages: &[(String, String)]) -> Result<String, EngineError> {
-        let nul = |_| EngineError::ChatTemplate("NUL byte in the chat".into());
+        let nul = |_| EngineError::ChatTemplate(cause("NUL byte in the chat"));
         let tmpl = CString::new(template).map_err(nul)?;
         let owned: Vec<(CString, CString)> = messages
             .iter()
@@ -268,22 +268,54 @@ impl BackendModel for RawModel {
                 sys::exsa_chat_apply_template(tmpl.as_ptr(), chat.as_ptr(), chat.len(), true, buf.as_mut_ptr().cast(), buf.len() as i32, &mut n, err)
             })?;
             if n < 0 {
-                return Err(EngineError::ChatTemplate(format!("template {template:?} could not be applied").into()));
+                return Err(EngineError::ChatTemplate(cause(format!("template {template:?} could not be applied"))));
             }
             if n as usize <= buf.len() {
                 buf.truncate(n as usize);
-                return String::from_utf8(buf).map_err(|_| EngineError::ChatTemplate("not UTF-8".into()));
+                return String::from_utf8(buf).map_err(|_| EngineError::ChatTemplate(cause("not UTF-8")));
             }
             buf.resize(n as usize, 0);
         }
     }
 
-    fn check_sampling(&self, params: &SamplingParams) -> Result<(), EngineError> {
-        params.validate_for(self.n_vocab())?;
-        if params.grammar.is_some() {
+    fn sampler(&self, p: &SamplingParams) -> Result<RawSampler, EngineError> {
+        p.validate_for(self.n_vocab())?;
+        if p.grammar.is_some() {
             return Err(EngineError::Unsupported { what: "grammars", backend: "raw" });
         }
-        Ok(())
+        // SAFETY: the chain takes ownership of each stage as it is added; RawSampler owns the
+        // chain from here and frees it once.
+        let chain = unsafe { sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params()) };
+        let sampler = RawSampler(NonNull::new(chain).ok_or_else(|| EngineError::Sampler(cause("llama.cpp could not make a sampler chain")))?);
+        for stage in p.stages() {
+            // SAFETY: each init returns a new stage (or null, refused below) that the chain adopts.
+            let stage = unsafe {
+                match stage {
+                    SamplerStage::LogitBias(biases) => {
+                        let biases: Vec<sys::llama_logit_bias> = biases.iter().map(|&(token, bias)| sys::llama_logit_bias { token, bias }).collect();
+                        sys::llama_sampler_init_logit_bias(self.n_vocab(), biases.len() as i32, biases.as_ptr())
+                    }
+                    // -1 is the whole context: the model's training context, as the safe wrapper
+                    // reads it (llama.cpp would clamp -1 to 0, off).
+                    SamplerStage::Penalties { last_n, repeat, frequency, presence } => {
+                        let last_n = if last_n == -1 { sys::llama_model_n_ctx_train(self.raw.as_ptr()) } else { last_n };
+                        sys::llama_sampler_init_penalties(self.n_vocab(), last_n, repeat, frequency, presence)
+                    }
+                    SamplerStage::TopK(k) => sys::llama_sampler_init_top_k(k),
+                    SamplerStage::TopP(p) => sys::llama_sampler_init_top_p(p, 1),
+                    SamplerStage::MinP(p) => sys::llama_sampler_init_min_p(p, 1),
+                    SamplerStage::Temp(t) => sys::llama_sampler_init_temp(t),
+                    SamplerStage::Dist(seed) => sys::llama_sampler_init_dist(seed),
+                    SamplerStage::Greedy => sys::llama_sampler_init_greedy(),
+                }
+            };
+            if stage.is_null() {
+                return Err(EngineError::Sampler(cause("llama.cpp could not make a sampler stage")));
+            }
+            // SAFETY: the live chain adopts the new stage.
+            unsafe { sys::llama_sampler_chain_add(sampler.0.as_ptr(), stage) };
+        }
+        Ok(sampler)
     }
 
     fn session(&self, config: &SessionConfig) -> Result<RawSession<'_>, EngineError> {
@@ -308,13 +340,13 @@ impl BackendModel for RawModel {
             };
             sys::llama_init_from_model(self.raw.as_ptr(), p)
         };
-        let ctx = NonNull::new(ctx).ok_or_else(|| EngineError::Session("llama.cpp could not create the context".into()))?;
+        let ctx = NonNull::new(ctx).ok_or_else(|| EngineError::Session(cause("llama.cpp could not create the context")))?;
         // SAFETY: reads a field of the new context; allocates a batch freed in Drop.
         let (n_batch, n_ctx, batch) = unsafe {
             let n_batch = sys::llama_n_batch(ctx.as_ptr());
             (n_batch, sys::llama_n_ctx(ctx.as_ptr()), sys::llama_batch_init(n_batch as i32, 0, 1))
         };
-        Ok(RawSession { model: self, ctx, batch, n_batch, n_ctx, sampler: None, abort: None, has_logits: false })
+        Ok(RawSession { model: self, ctx, batch, n_batch, n_ctx, abort: None, has_logits: false })
     }
 }
 
@@ -325,7 +357,6 @@ pub struct RawSession<'m> {
     batch: sys::llama_batch,
     n_batch: u32,
     n_ctx: u32,
-    sampler: Option<NonNull<sys::llama_sampler>>,
     abort: Option<Arc<AtomicBool>>,
     has_logits: bool,
 }
@@ -334,9 +365,6 @@ impl Drop for RawSession<'_> {
     fn drop(&mut self) {
         // SAFETY: each object is ours and freed once.
         unsafe {
-            if let Some(s) = self.sampler.take() {
-                sys::llama_sampler_free(s.as_ptr());
-            }
             sys::llama_batch_free(self.batch);
             sys::llama_free(self.ctx.as_ptr());
         }
@@ -348,7 +376,24 @@ extern "C" fn abort_trampoline(data: *mut c_void) -> bool {
     unsafe { &*data.cast::<AtomicBool>() }.load(Ordering::Relaxed)
 }
 
+/// A sampler chain of llama.cpp's, owned.
+#[derive(Debug)]
+pub struct RawSampler(NonNull<sys::llama_sampler>);
+
+// SAFETY: the chain is owned outright, and every use of it takes &mut (sampling) or ownership
+// (drop): it is never touched from two threads at once.
+unsafe impl Send for RawSampler {}
+
+impl Drop for RawSampler {
+    fn drop(&mut self) {
+        // SAFETY: the chain (with the stages it adopted) is ours and freed once.
+        unsafe { sys::llama_sampler_free(self.0.as_ptr()) }
+    }
+}
+
 impl BackendSession for RawSession<'_> {
+    type Sampler = RawSampler;
+
     fn n_ctx(&self) -> u32 {
         self.n_ctx
     }
@@ -384,72 +429,6 @@ impl BackendSession for RawSession<'_> {
         guarded("llama_decode", |err| unsafe { sys::exsa_decode(self.ctx.as_ptr(), self.batch, &mut code, err) })?;
         self.has_logits = code == 0 && outputs == Outputs::Last;
         decode_result(code)
-    }
-
-    fn truncate(&mut self, from: i32) -> bool {
-        // SAFETY: memory handle of the live context.
-        unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.ctx.as_ptr()), 0, from, -1) }
-    }
-
-    fn clear(&mut self) {
-        // SAFETY: as above.
-        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ctx.as_ptr()), false) }
-        self.has_logits = false;
-    }
-
-    fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
-        self.model.check_sampling(p)?;
-        // SAFETY: the chain takes ownership of each stage; the old chain is freed once.
-        unsafe {
-            if let Some(old) = self.sampler.take() {
-                sys::llama_sampler_free(old.as_ptr());
-            }
-            let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
-            for stage in p.stages() {
-                let s = match stage {
-                    // -1 is "the whole context"; llama.cpp would clamp it to 0 (off).
-                    SamplerStage::LogitBias(biases) => {
-                        let biases: Vec<sys::llama_logit_bias> = biases.iter().map(|&(token, bias)| sys::llama_logit_bias { token, bias }).collect();
-                        sys::llama_sampler_init_logit_bias(self.model.n_vocab(), biases.len() as i32, biases.as_ptr())
-                    }
-                    SamplerStage::Penalties { last_n, repeat, frequency, presence } => {
-                        let last_n = if last_n == -1 { i32::try_from(self.n_ctx).unwrap_or(i32::MAX) } else { last_n };
-                        sys::llama_sampler_init_penalties(self.model.n_vocab(), last_n, repeat, frequency, presence)
-                    }
-                    SamplerStage::TopK(k) => sys::llama_sampler_init_top_k(k),
-                    SamplerStage::TopP(p) => sys::llama_sampler_init_top_p(p, 1),
-                    SamplerStage::MinP(p) => sys::llama_sampler_init_min_p(p, 1),
-                    SamplerStage::Temp(t) => sys::llama_sampler_init_temp(t),
-                    SamplerStage::Dist(seed) => sys::llama_sampler_init_dist(seed),
-                    SamplerStage::Greedy => sys::llama_sampler_init_greedy(),
-                };
-                sys::llama_sampler_chain_add(chain, s);
-            }
-            self.sampler = Some(NonNull::new(chain).ok_or_else(|| EngineError::Sampler("no chain".into()))?);
-        }
-        Ok(())
-    }
-
-    fn sample(&mut self) -> Result<TokenId, EngineError> {
-        let s = self.sampler.ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
-        if !self.has_logits {
-            return Err(EngineError::decode(DecodeFailure::NoOutput, "the last decode produced no logits"));
-        }
-        let mut token = 0;
-        // SAFETY: the last decode produced logits for its last token (-1).
-        guarded("llama_sampler_sample", |err| unsafe { sys::exsa_sampler_sample(s.as_ptr(), self.ctx.as_ptr(), -1, &mut token, err) })?;
-        Ok(token)
-    }
-
-    fn sample_at(&mut self, index: i32) -> Result<TokenId, EngineError> {
-        let s = self.sampler.ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
-        // llama_sampler_sample aborts on an index without logits: ask for the row first, which
-        // llama_get_logits_ith answers with null for such an index.
-        self.logits_at(index)?;
-        let mut token = 0;
-        // SAFETY: batch entry `index` of the last decode has logits (checked just above).
-        guarded("llama_sampler_sample", |err| unsafe { sys::exsa_sampler_sample(s.as_ptr(), self.ctx.as_ptr(), index, &mut token, err) })?;
-        Ok(token)
     }
 
     fn last_logits(&self) -> Result<&[f32], EngineError> {
@@ -489,15 +468,6 @@ impl BackendSession for RawSession<'_> {
         Ok(unsafe { std::slice::from_raw_parts(p, sys::llama_model_n_embd_out(self.model.raw.as_ptr()).max(0) as usize) }.to_vec())
     }
 
-    /// The raw backend measures the safe wrapper's cost on one stream; it has no sampler per
-    /// sequence, so multi-sequence serving is refused here (and the type says no such sampler
-    /// can exist).
-    type Sampler = std::convert::Infallible;
-
-    fn new_sampler(&self, _: &SamplingParams) -> Result<Self::Sampler, EngineError> {
-        Err(EngineError::Unsupported { what: "a sampler per sequence (multi-sequence serving)", backend: "raw" })
-    }
-
     fn batch_clear(&mut self) {
         self.batch.n_tokens = 0;
         self.has_logits = false;
@@ -532,8 +502,15 @@ impl BackendSession for RawSession<'_> {
         decode_result(code)
     }
 
-    fn sample_with(&mut self, sampler: &mut Self::Sampler, _: i32) -> Result<TokenId, EngineError> {
-        match *sampler {}
+    fn sample_with(&mut self, sampler: &mut RawSampler, index: i32) -> Result<TokenId, EngineError> {
+        // llama_sampler_sample aborts on an index without logits: ask for the row first, which
+        // llama_get_logits_ith answers with null for such an index.
+        self.logits_at(index)?;
+        let mut token = 0;
+        // SAFETY: batch entry `index` of the last decode has logits (checked just above); the
+        // chain is ours (&mut), the context alive.
+        guarded("llama_sampler_sample", |err| unsafe { sys::exsa_sampler_sample(sampler.0.as_ptr(), self.ctx.as_ptr(), index, &mut token, err) })?;
+        Ok(token)
     }
 
     fn logits_at(&self, index: i32) -> Result<&[f32], EngineError> {

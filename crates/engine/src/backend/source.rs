@@ -9,9 +9,9 @@ use llama::{
     TokenizeOptions,
 };
 
-use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, Placement, TokenId};
-use crate::config::{SamplerStage, SamplingParams, SessionConfig};
-use crate::error::{DecodeFailure, EngineError};
+use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
+use crate::config::{Placement, SamplerStage, SamplingParams, SessionConfig};
+use crate::error::{DecodeFailure, EngineError, cause};
 
 #[derive(Debug)]
 pub struct SourceBackend;
@@ -44,7 +44,7 @@ impl Backend for SourceBackend {
 
     fn serve_rpc(endpoint: &str, cache_dir: Option<&Path>, threads: usize) -> EngineError {
         match llama::rpc::serve(endpoint, cache_dir, threads) {
-            Err(e) => EngineError::Rpc(e.to_string()),
+            Err(e) => EngineError::Rpc(cause(e)),
             Ok(never) => match never {},
         }
     }
@@ -126,11 +126,11 @@ impl BackendModel for SourceModel {
         let mut buf = into_tokens(std::mem::take(out));
         let result = self.model.vocab().tokenize_into(text, TokenizeOptions { add_special, parse_special }, &mut buf);
         *out = into_ids(buf);
-        result.map_err(|e| EngineError::Tokenize(e.into()))
+        result.map_err(|e| EngineError::Tokenize(cause(e)))
     }
 
     fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
-        self.model.vocab().piece_into(Token(token), false, out).map_err(|e| EngineError::Tokenize(e.into()))
+        self.model.vocab().piece_into(Token(token), false, out).map_err(|e| EngineError::Tokenize(cause(e)))
     }
 
     fn is_eog(&self, token: TokenId) -> bool {
@@ -151,15 +151,15 @@ impl BackendModel for SourceModel {
 
     fn apply_chat_template(&self, template: &str, messages: &[(String, String)]) -> Result<String, EngineError> {
         let msgs: Vec<ChatMessage> = messages.iter().map(|(r, c)| ChatMessage::new(r.as_str(), c.as_str())).collect();
-        llama::apply_template(template, &msgs, ChatEnding::AssistantTurn).map_err(|e| EngineError::ChatTemplate(e.into()))
+        llama::apply_template(template, &msgs, ChatEnding::AssistantTurn).map_err(|e| EngineError::ChatTemplate(cause(e)))
     }
 
-    fn check_sampling(&self, params: &SamplingParams) -> Result<(), EngineError> {
-        build_sampler(&self.model, params).map(drop)
+    fn sampler(&self, params: &SamplingParams) -> Result<Sampler<'_>, EngineError> {
+        build_sampler(&self.model, params)
     }
 
     fn check_servers(&self) -> Result<(), EngineError> {
-        self.model.check_servers().map_err(|lost| EngineError::Rpc(lost.to_string()))
+        self.model.check_servers().map_err(|lost| EngineError::Rpc(cause(lost)))
     }
 
     fn session(&self, config: &SessionConfig) -> Result<SourceSession<'_>, EngineError> {
@@ -181,24 +181,24 @@ impl BackendModel for SourceModel {
             ..Default::default()
         };
         let ctx = Context::new(&self.model, &params).map_err(|e| match e {
-            llama::ContextError::Rpc(lost) => EngineError::Rpc(lost.to_string()),
-            e => EngineError::Session(e.into()),
+            llama::ContextError::Rpc(lost) => EngineError::Rpc(cause(lost)),
+            e => EngineError::Session(cause(e)),
         })?;
         // Each token of a multi-sequence batch belongs to one sequence: one id per entry is enough.
-        let batch = Batch::new(ctx.n_batch() as usize, 1).map_err(|e| EngineError::Session(e.into()))?;
-        Ok(SourceSession { model: &self.model, ctx, batch, sampler: None })
+        let batch = Batch::new(ctx.n_batch() as usize, 1).map_err(|e| EngineError::Session(cause(e)))?;
+        Ok(SourceSession { ctx, batch })
     }
 }
 
 #[derive(Debug)]
 pub struct SourceSession<'m> {
-    model: &'m Model,
     ctx: Context<'m>,
     batch: Batch,
-    sampler: Option<Sampler<'m>>,
 }
 
 impl<'m> BackendSession for SourceSession<'m> {
+    type Sampler = Sampler<'m>;
+
     fn n_ctx(&self) -> u32 {
         self.ctx.n_ctx()
     }
@@ -217,30 +217,6 @@ impl<'m> BackendSession for SourceSession<'m> {
         self.ctx.decode(&self.batch).map_err(decode_error)
     }
 
-    fn truncate(&mut self, from: i32) -> bool {
-        self.ctx.remove_range(0, from, -1).unwrap_or(false)
-    }
-
-    fn clear(&mut self) {
-        self.ctx.clear_memory(false);
-    }
-
-    fn set_sampler(&mut self, p: &SamplingParams) -> Result<(), EngineError> {
-        self.sampler = Some(build_sampler(self.model, p)?);
-        Ok(())
-    }
-
-    fn sample(&mut self) -> Result<TokenId, EngineError> {
-        let last = *self.ctx.outputs().last().ok_or_else(|| EngineError::decode(DecodeFailure::NoOutput, "the last decode produced no logits"))?;
-        self.sample_at(last)
-    }
-
-    fn sample_at(&mut self, index: i32) -> Result<TokenId, EngineError> {
-        let sampler = self.sampler.as_mut().ok_or_else(|| EngineError::Sampler("no sampler set".into()))?;
-        // The wrapper checks that `index` is an output of the last decode.
-        sampler.sample(&self.ctx, index).map(|t| t.0).map_err(|e| EngineError::Sampler(e.into()))
-    }
-
     fn last_logits(&self) -> Result<&[f32], EngineError> {
         self.ctx.last_logits().map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
     }
@@ -255,12 +231,6 @@ impl<'m> BackendSession for SourceSession<'m> {
 
     fn embedding(&self) -> Result<Vec<f32>, EngineError> {
         self.ctx.sequence_embeddings(0).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
-    }
-
-    type Sampler = Sampler<'m>;
-
-    fn new_sampler(&self, params: &SamplingParams) -> Result<Sampler<'m>, EngineError> {
-        build_sampler(self.model, params)
     }
 
     fn batch_clear(&mut self) {
@@ -280,7 +250,7 @@ impl<'m> BackendSession for SourceSession<'m> {
     }
 
     fn sample_with(&mut self, sampler: &mut Sampler<'m>, index: i32) -> Result<TokenId, EngineError> {
-        sampler.sample(&self.ctx, index).map(|t| t.0).map_err(|e| EngineError::Sampler(e.into()))
+        sampler.sample(&self.ctx, index).map(|t| t.0).map_err(|e| EngineError::Sampler(cause(e)))
     }
 
     fn logits_at(&self, index: i32) -> Result<&[f32], EngineError> {
@@ -299,7 +269,7 @@ impl<'m> BackendSession for SourceSession<'m> {
 fn decode_error(e: llama::DecodeError) -> EngineError {
     match e {
         llama::DecodeError::Aborted => EngineError::Cancelled,
-        llama::DecodeError::Rpc(lost) => EngineError::Rpc(lost.to_string()),
+        llama::DecodeError::Rpc(lost) => EngineError::Rpc(cause(lost)),
         e @ llama::DecodeError::NoKvSlot => EngineError::decode(DecodeFailure::NoKvSlot, e),
         e @ (llama::DecodeError::Rejected { .. } | llama::DecodeError::Exception(_)) => EngineError::decode(DecodeFailure::Internal, e),
         e => EngineError::decode(DecodeFailure::InvalidBatch, e),
@@ -311,8 +281,8 @@ fn decode_error(e: llama::DecodeError) -> EngineError {
 fn build_sampler<'m>(model: &'m Model, p: &SamplingParams) -> Result<Sampler<'m>, EngineError> {
     p.validate_for(model.vocab().n_tokens())?;
     chain(p).build(model).map_err(|e| match e {
-        e @ llama::SamplerError::Grammar { .. } => EngineError::Grammar(e.into()),
-        e => EngineError::Sampler(e.into()),
+        e @ llama::SamplerError::Grammar { .. } => EngineError::Grammar(cause(e)),
+        e => EngineError::Sampler(cause(e)),
     })
 }
 

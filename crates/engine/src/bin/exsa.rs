@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use exsa_engine::harness::{self, Test};
 use exsa_engine::{
-    CancelToken, ChatMessage, Engine, EngineConfig, EngineError, GenerateRequest, LlamaLogLevel, SamplingParams, SessionConfig, Speculation,
-    set_llama_log_level,
+    ChatMessage, Engine, EngineConfig, EngineError, GenerateOptions, GenerateRequest, LlamaLogLevel, Placement, SamplingParams, SessionConfig,
+    Speculation, set_llama_log_level,
 };
 
 #[derive(Parser)]
@@ -96,6 +96,17 @@ enum SpeculativeKind {
 }
 
 impl Sampling {
+    /// The generation options these flags ask for.
+    fn options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            sampling: self.params(),
+            speculation: self.speculation(),
+            ..GenerateOptions::default()
+        }
+    }
+
     fn speculation(&self) -> Speculation {
         match self.speculative {
             SpeculativeKind::Off => Speculation::Off,
@@ -282,13 +293,8 @@ fn load_with_draft(common: &Common, session: SessionConfig, draft_model: Option<
 
 /// The engine configuration the common options describe.
 fn engine_config(common: &Common, session: SessionConfig, model: PathBuf) -> EngineConfig {
-    EngineConfig {
-        session,
-        n_gpu_layers: common.gpu_layers,
-        rpc_servers: common.rpc.clone(),
-        tensor_split: common.tensor_split.clone(),
-        ..EngineConfig::new(model)
-    }
+    let placement = Placement { n_gpu_layers: common.gpu_layers, rpc_servers: common.rpc.clone(), tensor_split: common.tensor_split.clone() };
+    EngineConfig { session, placement, ..EngineConfig::new(model) }
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
@@ -298,14 +304,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Generate { prompt, sampling, stats } => {
             let engine = load_with_draft(&cli.common, session, sampling.draft_model.clone())?;
             let mut s = engine.session()?;
-            let request = GenerateRequest {
-                max_tokens: sampling.max_tokens,
-                stop: sampling.stop.clone(),
-                sampling: sampling.params(),
-                speculation: sampling.speculation(),
-                ..GenerateRequest::new(prompt)
-            };
-            let mut generation = s.generate(&request)?;
+            let mut generation = s.generate(&GenerateRequest::new(prompt).with(sampling.options()))?;
             let mut out = std::io::stdout().lock();
             while let Some(delta) = generation.next_text() {
                 out.write_all(delta?.as_bytes())?;
@@ -328,16 +327,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     break;
                 }
                 history.push(ChatMessage::new("user", line.trim()));
-                let request = GenerateRequest {
-                    max_tokens: sampling.max_tokens,
-                    stop: sampling.stop.clone(),
-                    sampling: sampling.params(),
-                    speculation: sampling.speculation(),
-                    cancel: Some(CancelToken::new()),
-                    ..GenerateRequest::new("")
-                };
                 let mut reply = String::new();
-                let mut generation = s.chat(&history, request)?;
+                let mut generation = s.chat(&history, sampling.options())?;
                 while let Some(delta) = generation.next_text() {
                     let delta = delta?;
                     print!("{delta}");
@@ -451,8 +442,7 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         SpeculativeKind::Ngram => Speculation::Ngram { max_draft: args.draft_max },
         SpeculativeKind::Draft => return Err("exsa serve drafts by prompt lookup only: use --speculative ngram or off".into()),
     };
-    let probe = GenerateRequest { speculation, ..GenerateRequest::new(" ") };
-    probe.validate()?;
+    GenerateOptions { speculation, ..GenerateOptions::default() }.validate()?;
     let config = ServerConfig { addr: (args.host, args.port).into(), api_key: args.api_key, max_body_bytes: args.max_body, speculation };
     http::run(sources, policy, config, |addr| {
         // One line on stdout with the address, for scripts (and tests) that ask for port 0.

@@ -1,19 +1,25 @@
-//! The engine: a loaded model that makes sessions ([`Session`], `session.rs`), which run
-//! streaming generations ([`Generation`], `generation.rs`).
+//! The engine: a loaded model that prepares requests and makes sessions ([`Session`],
+//! `session.rs`), which run streaming generations ([`Generation`], `generation.rs`) through the
+//! scheduler that serves the server's requests too.
 
 mod generation;
 mod session;
 
-use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, Placement, TokenId};
-use crate::chat::{ChatMessage, resolve_chat_template};
-use crate::config::{EngineConfig, GenerateRequest, SessionConfig};
-use crate::error::EngineError;
+use std::time::Instant;
 
-pub use generation::{FinishReason, Generation, GenerationStats};
+use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, Outputs, SamplerOf, TokenId};
+use crate::chat::ChatMessage;
+use crate::config::{EngineConfig, GenerateRequest, Prompt, SessionConfig};
+use crate::error::EngineError;
+use crate::outcome::GenerationStats;
+use crate::scheduler::Prepared;
+
+pub use generation::Generation;
 pub use session::Session;
 
 pub(crate) type Model = <Active as Backend>::Model;
-type RawSession<'m> = <Model as BackendModel>::Session<'m>;
+/// The sampler type of the engine's backend.
+pub(crate) type Sampler<'m> = SamplerOf<'m, Model>;
 
 /// A loaded model, ready to make sessions.
 #[derive(Debug)]
@@ -36,10 +42,8 @@ impl Engine {
     /// Loads the model named in `config`.
     pub fn load(config: EngineConfig) -> Result<Engine, EngineError> {
         config.session.validate()?;
-        let placement =
-            Placement { n_gpu_layers: config.n_gpu_layers, rpc_servers: config.rpc_servers.clone(), tensor_split: config.tensor_split.clone() };
-        let model = Active::load(&config.model, &placement)?;
-        let chat_template = resolve_chat_template(&model, config.chat_template_fallback.as_deref());
+        let model = Active::load(&config.model, &config.placement)?;
+        let chat_template = chat_template_for(&model, config.chat_template_fallback.as_deref());
         let draft = match &config.draft_model {
             Some(path) => {
                 let draft = Engine::load(EngineConfig { model: path.clone(), draft_model: None, ..config.clone() })?;
@@ -101,8 +105,7 @@ impl Engine {
     }
 
     pub fn session_with(&self, config: &SessionConfig) -> Result<Session<'_>, EngineError> {
-        config.validate()?;
-        Ok(Session { engine: self, inner: self.model.session(config)?, cached: Vec::new(), scratch: Vec::new(), draft: None })
+        Session::new(self, config)
     }
 
     /// One-shot generation to a string, in a fresh session.
@@ -117,7 +120,8 @@ impl Engine {
         // One micro-batch per batch, so models that attend both ways take a whole batch too; a
         // context just large enough for one batch, since nothing is kept.
         let config = SessionConfig { embeddings: true, n_ubatch: base.n_batch, n_ctx: base.n_batch.saturating_add(1), n_seq: 1, ..base.clone() };
-        let mut session = self.session_with(&config)?;
+        config.validate()?;
+        let mut session = self.model.session(&config)?;
         let mut tokens = Vec::new();
         self.model.tokenize(text, true, false, &mut tokens)?;
         if tokens.is_empty() {
@@ -126,8 +130,33 @@ impl Engine {
         if tokens.len() > config.n_batch as usize {
             return Err(EngineError::EmbedTooLong { tokens: tokens.len(), n_batch: config.n_batch });
         }
-        session.prefill(&tokens)?;
-        session.inner.embedding()
+        session.decode(&tokens, 0, Outputs::Last)?;
+        session.embedding()
+    }
+
+    /// A request ready for a scheduler: its prompt tokenized as its kind asks, its options
+    /// checked, its sampler built (a grammar parsed here, once).
+    pub(crate) fn prepare(&self, request: &GenerateRequest) -> Result<Prepared<Sampler<'_>>, EngineError> {
+        let arrived = Instant::now();
+        request.validate()?;
+        let tokens = match &request.prompt {
+            // BOS alone is no prompt.
+            Prompt::Text { text, .. } if text.is_empty() => return Err(EngineError::EmptyPrompt),
+            Prompt::Text { text, parse_special } => self.tokenize(text, *parse_special)?,
+            Prompt::Chat { messages, specials_in_messages } => self.chat_tokens(messages, *specials_in_messages)?,
+            Prompt::Tokens(tokens) => {
+                let n_vocab = self.model.n_vocab();
+                if let Some(bad) = tokens.iter().find(|t| !(0..n_vocab).contains(*t)) {
+                    return Err(EngineError::InvalidRequest { field: "prompt", value: bad.to_string(), reason: "is not a token of this model" });
+                }
+                tokens.clone()
+            }
+        };
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let sampler = self.model.sampler(&request.options.sampling)?;
+        Ok(Prepared { tokens, options: request.options.clone(), sampler, arrived })
     }
 
     /// The template for chats: the model's own, the configured fallback, or one chosen by
@@ -164,13 +193,6 @@ impl Engine {
         (0..self.model.n_vocab()).filter(|&t| self.model.is_eog(t)).collect()
     }
 
-    /// Checks that a sampler for `params` can be built for this model (biased tokens in the
-    /// vocabulary, a grammar that parses, a backend that supports it), before a request that
-    /// asks for it is accepted.
-    pub fn check_sampling(&self, params: &crate::SamplingParams) -> Result<(), EngineError> {
-        self.model.check_sampling(params)
-    }
-
     /// [`EngineError::Rpc`] once an rpc-server holding the model's layers was lost: every
     /// generation fails from then on, and the model must be loaded again (the server does that
     /// itself, see `exsa serve`). Ok for a model without rpc-servers.
@@ -189,6 +211,24 @@ impl Engine {
 
     pub(crate) fn model(&self) -> &Model {
         &self.model
+    }
+}
+
+/// The template for chats: the model's own, else `fallback`, else one chosen by architecture.
+fn chat_template_for(model: &Model, fallback: Option<&str>) -> String {
+    if let Some(t) = model.chat_template() {
+        return t;
+    }
+    if let Some(t) = fallback {
+        return t.to_string();
+    }
+    let arch = model.info().architecture;
+    if arch.starts_with("gemma") {
+        "gemma".into()
+    } else if arch.starts_with("llama") {
+        "llama3".into()
+    } else {
+        "chatml".into()
     }
 }
 

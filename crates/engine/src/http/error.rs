@@ -77,11 +77,13 @@ impl From<EngineError> for ApiError {
 
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> ApiError {
-        let code = match e {
-            SubmitError::QueueFull { .. } => "queue_full",
-            SubmitError::Stopped => "shutting_down",
+        let (status, code) = match e {
+            SubmitError::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
+            SubmitError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            // The handlers prepare each request for the model they submit it to: a bug.
+            SubmitError::OtherEngine => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string()).with_code(code)
+        ApiError::new(status, "server_error", e.to_string()).with_code(code)
     }
 }
 

@@ -11,10 +11,15 @@
 //! (open without the API key; 503 while the model loads), `GET /metrics` (Prometheus).
 //! Several models: see [`ModelSource`] and [`ModelPolicy`].
 
+mod auth;
 mod error;
+mod handlers;
+mod log;
+mod metrics;
 mod models;
 mod openai;
 mod routes;
+mod stream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,7 +53,7 @@ pub(crate) struct AppState {
     pub models: models::Models,
     pub config: ServerConfig,
     pub next_id: AtomicU64,
-    pub metrics: routes::Metrics,
+    pub metrics: metrics::Metrics,
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then drains: no new connections, every accepted
@@ -72,7 +77,7 @@ pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig,
             models: models::Models::new(sources, policy),
             config,
             next_id: AtomicU64::new(1),
-            metrics: routes::Metrics::default(),
+            metrics: metrics::Metrics::default(),
         });
         let app = routes::router(Arc::clone(&state));
         on_listening(addr);
@@ -108,8 +113,8 @@ pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig,
         axum::serve(listener, app).with_graceful_shutdown(stop).await?;
         reaping.abort();
         tracing::info!("no more connections; waiting for the decode loops to end");
-        // The last responses' forwarders may still hold the state for a moment; then dropping
-        // it stops every decode loop once its accepted requests have ended.
+        // The last responses may still hold the state for a moment; then dropping it stops every
+        // decode loop once its accepted requests have ended.
         let mut state = state;
         loop {
             match Arc::try_unwrap(state) {

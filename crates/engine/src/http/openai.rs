@@ -5,9 +5,9 @@ use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
 use crate::chat::ChatMessage;
-use crate::config::{GenerateRequest, SamplingParams, Speculation};
-use crate::engine::{FinishReason, GenerationStats};
-use crate::serving::TokenLogprobs;
+use crate::config::{CancelToken, GenerateOptions, GenerateRequest, Prompt as EnginePrompt, SamplingParams, Speculation};
+use crate::outcome::{FinishReason, GenerationStats};
+use crate::token::TokenLogprobs;
 
 /// `stop`: one string or a list.
 #[derive(Debug, Deserialize)]
@@ -135,22 +135,30 @@ pub enum Prompt {
     Many(Vec<String>),
 }
 
+impl CompletionRequest {
+    /// The engine request: the prompt as text, and the options.
+    pub fn to_request(&self, speculation: Speculation, cancel: CancelToken) -> Result<GenerateRequest, ApiError> {
+        let options = self.sampling.to_options(speculation, cancel)?;
+        Ok(GenerateRequest { prompt: EnginePrompt::text(self.prompt.text()?), options })
+    }
+}
+
 impl Prompt {
-    pub fn into_text(self) -> Result<String, ApiError> {
+    fn text(&self) -> Result<String, ApiError> {
         match self {
-            Prompt::One(p) => Ok(p),
-            Prompt::Many(mut v) if v.len() == 1 => Ok(v.remove(0)),
+            Prompt::One(p) => Ok(p.clone()),
+            Prompt::Many(v) if v.len() == 1 => Ok(v[0].clone()),
             Prompt::Many(_) => Err(ApiError::invalid("prompt", "a list of prompts is not supported; send one per request")),
         }
     }
 }
 
 impl Sampling {
-    /// The engine request these fields ask for, or a 400 naming the field that cannot be met.
-    /// Unset fields take the engine's defaults (as llama-server does); `max_tokens` defaults to
-    /// the rest of the context, and the context bounds it. `speculation` applies unless the
-    /// request sets `speculative`.
-    pub fn to_request(&self, speculation: Speculation) -> Result<GenerateRequest, ApiError> {
+    /// The generation options these fields ask for, or a 400 naming the field that cannot be
+    /// met. Unset fields take the engine's defaults (as llama-server does); `max_tokens` defaults
+    /// to the rest of the context, which bounds it anyway. `speculation` applies unless the
+    /// request sets `speculative`. `cancel` ends the generation when the client goes.
+    pub fn to_options(&self, speculation: Speculation, cancel: CancelToken) -> Result<GenerateOptions, ApiError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid("n", "only n = 1 is supported"));
         }
@@ -169,7 +177,6 @@ impl Sampling {
             // OpenAI's seed is 64-bit; llama.cpp's samplers take 32.
             seed: self.seed.map_or(defaults.seed, |s| s as u32),
         };
-        sampling.validate()?;
         let stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
@@ -179,14 +186,13 @@ impl Sampling {
             return Err(ApiError::invalid("stop", "up to 16 non-empty stop sequences"));
         }
         let max_tokens = self.max_completion_tokens.or(self.max_tokens).map_or(usize::MAX, |n| n as usize);
-        if max_tokens == 0 {
-            return Err(ApiError::invalid("max_tokens", "must be at least 1"));
-        }
         let speculation = match &self.speculative {
             Some(field) => field.speculation()?,
             None => speculation,
         };
-        Ok(GenerateRequest { max_tokens, stop, sampling, speculation, ..GenerateRequest::new(" ") })
+        let options = GenerateOptions { max_tokens, stop, sampling, cancel: Some(cancel), speculation, logprobs: self.logprobs()? };
+        options.validate()?;
+        Ok(options)
     }
 
     /// `logit_bias` as token ids and biases (token range checked against the model later).
@@ -227,7 +233,7 @@ impl Sampling {
     }
 
     /// How many candidates per token the response lists with log-probabilities, if any.
-    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+    fn logprobs(&self) -> Result<Option<usize>, ApiError> {
         let n = match &self.logprobs {
             None | Some(Value::Null) | Some(Value::Bool(false)) => return Ok(None),
             Some(Value::Bool(true)) => self.top_logprobs.unwrap_or(0) as usize,
@@ -249,7 +255,12 @@ impl Sampling {
 }
 
 impl ChatRequest {
-    pub fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
+    /// The engine request: the messages as a chat prompt, and the options.
+    pub fn to_request(&self, speculation: Speculation, cancel: CancelToken) -> Result<GenerateRequest, ApiError> {
+        Ok(GenerateRequest { prompt: EnginePrompt::chat(self.messages()?), options: self.sampling.to_options(speculation, cancel)? })
+    }
+
+    fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid("messages", "at least one message is needed"));
         }

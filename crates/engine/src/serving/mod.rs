@@ -17,23 +17,27 @@
 //! cut the memory cannot make (a recurrent state, see docs/architectures.md), the slot starts
 //! from empty instead.
 //!
-//! This is the engine side of `exsa serve` (the HTTP layer is [`crate::http`]); it runs on
-//! backends `source` and `crate`. Backend `raw` has no sampler per sequence:
-//! [`ServingCore::start`] refuses it with [`EngineError::Unsupported`].
+//! The decode thread drives the same scheduler as a single-stream [`crate::Session`] (with N
+//! slots instead of one), so a request's tokens follow the same rules either way. Requests are
+//! prepared on the caller's thread ([`ServeRequest::new`]: tokenized, their sampler and grammar
+//! built once), and their events go to an [`EventSink`] of the caller's choice (a std channel by
+//! default; the HTTP layer hands a tokio channel, so no thread waits per stream).
+//!
+//! This is the engine side of `exsa serve` (the HTTP layer is `crate::http`).
 
-mod scheduler;
-
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
-use crate::backend::TokenId;
-use crate::chat::ChatMessage;
-use crate::config::{CancelToken, GenerateRequest, SamplingParams, SessionConfig, Speculation};
-use crate::engine::{Engine, FinishReason, GenerationStats};
-use crate::error::EngineError;
-use exsa_bench_protocol::GreedyStep;
+use crate::backend::BackendModel;
+use crate::config::{GenerateRequest, SessionConfig};
+use crate::engine::{Engine, Sampler};
+use crate::error::{EngineError, cause};
+use crate::scheduler::{Counters, Ended, Prepared, Scheduler};
+
+pub use crate::outcome::Completion;
+pub use crate::token::TokenLogprobs;
 
 /// How the serving core runs.
 #[derive(Clone, Debug)]
@@ -54,54 +58,51 @@ impl ServingConfig {
     }
 }
 
-/// One request, tokenized.
-#[derive(Clone, Debug)]
+/// A request ready for a serving core: tokenized, its options checked, its sampler (and grammar)
+/// built, on the caller's thread, so that a bad request is refused before it is queued and the
+/// decode loop never parses a grammar.
 pub struct ServeRequest {
-    pub tokens: Vec<TokenId>,
-    pub max_tokens: usize,
-    /// Generation stops before any of these; the stop text is not returned.
-    pub stop: Vec<String>,
-    pub sampling: SamplingParams,
-    pub cancel: CancelToken,
-    /// Record each generated token's log-probability and those of the `n` likeliest
-    /// candidates (at most 20) in [`Completion::logprobs`], as OpenAI's `logprobs` asks.
-    pub logprobs: Option<usize>,
-    /// Prompt lookup ([`Speculation::Ngram`]) or off; a draft model is not served.
-    pub speculation: Speculation,
+    // Declared before `engine`: the sampler borrows the engine's model, so it is dropped first.
+    prepared: Prepared<Sampler<'static>>,
+    engine: Arc<Engine>,
+}
+
+impl std::fmt::Debug for ServeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeRequest").field("prompt_tokens", &self.prepared.tokens.len()).field("options", &self.prepared.options).finish()
+    }
 }
 
 impl ServeRequest {
-    /// A completion request: the prompt tokenized as [`crate::Session::generate`] does.
-    pub fn generate(engine: &Engine, request: &GenerateRequest) -> Result<ServeRequest, EngineError> {
-        request.validate()?;
-        Ok(Self::from_parts(engine.tokenize(&request.prompt, request.parse_special)?, request))
+    /// Prepares `request` for a core serving `engine`: its prompt tokenized as its kind asks
+    /// (chats with the model's template, message contents kept as text), its sampler built.
+    pub fn new(engine: &Arc<Engine>, request: &GenerateRequest) -> Result<ServeRequest, EngineError> {
+        let prepared = engine.prepare(request)?;
+        let Prepared { tokens, options, sampler, arrived } = prepared;
+        let sampler = std::mem::ManuallyDrop::new(sampler);
+        // SAFETY: only the lifetime changes (ManuallyDrop<T> has T's layout, and the sampler was
+        // moved out of it without being dropped). The sampler borrows the model inside `engine`,
+        // which this request holds in an Arc declared after it (dropped after it), and which the
+        // core it is submitted to holds for as long as it runs the request (`submit` refuses a
+        // request prepared for another engine): the model outlives the sampler either way.
+        let sampler: Sampler<'static> = unsafe { std::mem::transmute_copy(&sampler) };
+        Ok(ServeRequest { prepared: Prepared { tokens, options, sampler, arrived }, engine: Arc::clone(engine) })
     }
 
-    /// A chat request: the messages formatted and tokenized as [`crate::Session::chat`] does
-    /// (message contents cannot forge control tokens).
-    pub fn chat(engine: &Engine, messages: &[ChatMessage], request: &GenerateRequest) -> Result<ServeRequest, EngineError> {
-        let tokens = engine.chat_tokens(messages, request.specials_in_messages)?;
-        let request = GenerateRequest { prompt: " ".into(), ..request.clone() };
-        request.validate()?;
-        Ok(Self::from_parts(tokens, &request))
+    /// The prompt's tokens.
+    pub fn tokens(&self) -> &[crate::TokenId] {
+        &self.prepared.tokens
     }
 
-    fn from_parts(tokens: Vec<TokenId>, request: &GenerateRequest) -> ServeRequest {
-        ServeRequest {
-            tokens,
-            max_tokens: request.max_tokens,
-            stop: request.stop.clone(),
-            sampling: request.sampling.clone(),
-            cancel: request.cancel.clone().unwrap_or_default(),
-            logprobs: None,
-            speculation: request.speculation,
-        }
+    /// Bounds `max_tokens` by `limit` (a server bounds it by the context that is left).
+    pub fn limit_max_tokens(&mut self, limit: usize) {
+        self.prepared.options.max_tokens = self.prepared.options.max_tokens.min(limit);
     }
 }
 
 /// What a request receives, in order: text deltas (valid UTF-8, free of stop sequences), then
 /// exactly one `Done` or `Failed`. A request cancelled through its token ends with `Done` and
-/// [`FinishReason::Cancelled`].
+/// [`crate::FinishReason::Cancelled`].
 #[derive(Debug)]
 pub enum Event {
     Delta(String),
@@ -109,70 +110,28 @@ pub enum Event {
     Failed(EngineError),
 }
 
-/// How a request ended and what it measured.
-#[derive(Clone, Debug)]
-pub struct Completion {
-    pub finish_reason: FinishReason,
-    pub stats: GenerationStats,
-    /// The generated tokens.
-    pub tokens: Vec<TokenId>,
-    /// With [`ServeRequest::logprobs`]: one entry per generated token.
-    pub logprobs: Vec<TokenLogprobs>,
+/// Where a request's events go. The decode loop never waits on it: an implementation must not
+/// block (a channel without bound per request is fine: a request sends at most one event per
+/// token it generates, and the context bounds those).
+pub trait EventSink: Send + 'static {
+    /// Delivers an event; false when nobody listens any more (the request is then cancelled).
+    fn send(&mut self, event: Event) -> bool;
 }
 
-/// A generated token's log-probability under the model (before the sampler's temperature and
-/// cuts), and the likeliest candidates at that step.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TokenLogprobs {
-    pub token: TokenId,
-    pub logprob: f32,
-    /// The `n` likeliest tokens, likeliest first.
-    pub top: Vec<(TokenId, f32)>,
-}
-
-impl TokenLogprobs {
-    /// `token`'s log-probability in a logits row and the row's `n` likeliest candidates (at most
-    /// the row's width).
-    pub(crate) fn from_row(row: &[f32], token: TokenId, n: usize) -> TokenLogprobs {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
-        let mut top: Vec<(TokenId, f32)> = Vec::with_capacity(n + 1);
-        for (i, &x) in row.iter().enumerate() {
-            if top.len() < n || top.last().is_some_and(|&(_, worst)| x > worst) {
-                let at = top.partition_point(|&(_, v)| v >= x);
-                top.insert(at, (i as TokenId, x));
-                top.truncate(n);
-            }
-        }
-        for entry in &mut top {
-            entry.1 -= lse;
-        }
-        let logit = row.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
-        TokenLogprobs { token, logprob: logit - lse, top }
-    }
-
-    /// The step as the project's near-tie rule reads it (needs at least two candidates).
-    pub fn greedy_step(&self) -> Option<GreedyStep> {
-        let [(_, first), (runner_up, second), ..] = self.top[..] else { return None };
-        Some(GreedyStep { token: self.token, runner_up, margin: first - second })
-    }
-
-    /// Whether `token` was among the listed candidates within `tolerance` of the likeliest.
-    pub fn near_top(&self, token: TokenId, tolerance: f32) -> bool {
-        let Some(&(_, best)) = self.top.first() else { return false };
-        self.top.iter().any(|&(t, lp)| t == token && best - lp <= tolerance)
+impl EventSink for mpsc::Sender<Event> {
+    fn send(&mut self, event: Event) -> bool {
+        mpsc::Sender::send(self, event).is_ok()
     }
 }
 
 /// How far a batched decode's log-probabilities may stray from a single-sequence decode's of
 /// the same tokens. llama.cpp's kernels depend on the batch's size and make-up (matrix-product
 /// paths, flash attention's tiling), and the differences grow through the cache. Measured on the
-/// default model (Gemma 3 270M Q4_K_M, 8 sequences, 24 tokens, AMD EPYC Zen 4): the chosen
-/// token's log-probability moved by up to 0.28 on our build and up to 0.39 on the crate
-/// baseline's (AVX2) build, against 1e-3 or less between two single-sequence runs; the margin
-/// between two candidates can move by the sum of their shifts. Greedy outputs of batched and
-/// single decodes may therefore part where the top candidates are within this much; beyond it,
-/// a difference is a bug (mixing up sequences moves logits by whole units).
+/// default model (Gemma 3 270M Q4_K_M, every step of the serving, speculation and server tests,
+/// AMD EPYC Zen 4): a token's log-probability moved by up to 0.56, and near-tie swaps happened at
+/// solo gaps of up to 0.60, against 1e-3 or less between two single-sequence runs. Greedy outputs
+/// of batched and single decodes may therefore part where the top candidates are within this
+/// much; beyond it, a difference is a bug (mixing up sequences moves logits by whole units).
 pub const BATCH_NEAR_TIE: f32 = 1.0;
 
 /// Waits for a request's end: its whole text and how it ended. A stream that ends without
@@ -196,21 +155,8 @@ pub enum SubmitError {
     QueueFull { capacity: usize },
     #[error("the server is shutting down")]
     Stopped,
-}
-
-/// Counters of the decode loop, readable while it runs.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    queued: AtomicUsize,
-    busy_slots: AtomicUsize,
-    steps: AtomicU64,
-    generated_tokens: AtomicU64,
-    prompt_tokens_decoded: AtomicU64,
-    prompt_tokens_reused: AtomicU64,
-    kv_used: AtomicUsize,
-    drafted_tokens: AtomicU64,
-    accepted_tokens: AtomicU64,
-    steps_without_drafts: AtomicU64,
+    #[error("the request was prepared for another model")]
+    OtherEngine,
 }
 
 /// A snapshot of the decode loop's counters.
@@ -239,12 +185,13 @@ pub struct ServingStatus {
 
 struct Submission {
     request: ServeRequest,
-    events: mpsc::Sender<Event>,
+    sink: Box<dyn EventSink>,
 }
 
 /// The running decode loop. Dropping it (or [`ServingCore::shutdown`]) stops admission; requests
 /// already accepted run to their end first.
 pub struct ServingCore {
+    engine: Arc<Engine>,
     queue: Option<SyncSender<Submission>>,
     max_queue: usize,
     slots: usize,
@@ -271,21 +218,27 @@ impl ServingCore {
         let (ready_tx, ready) = mpsc::sync_channel(1);
         let counters = Arc::new(Counters::default());
         let loop_counters = Arc::clone(&counters);
+        let loop_engine = Arc::clone(&engine);
         let thread = std::thread::Builder::new()
             .name("exsa-decode".into())
-            .spawn(move || scheduler::run(&engine, &session, requests, &loop_counters, ready_tx))
-            .map_err(|e| EngineError::Session(e.into()))?;
+            .spawn(move || decode_loop(&loop_engine, &session, requests, loop_counters, ready_tx))
+            .map_err(|e| EngineError::Session(cause(e)))?;
         match ready.recv() {
-            Ok(Ok(())) => {
-                Ok(ServingCore { queue: Some(queue), max_queue: config.max_queue, slots: config.slots as usize, counters, thread: Some(thread) })
-            }
+            Ok(Ok(())) => Ok(ServingCore {
+                engine,
+                queue: Some(queue),
+                max_queue: config.max_queue,
+                slots: config.slots as usize,
+                counters,
+                thread: Some(thread),
+            }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
             }
             Err(_) => {
                 let _ = thread.join();
-                Err(EngineError::Session("the decode thread ended before its context was made".into()))
+                Err(EngineError::Session(cause("the decode thread ended before its context was made")))
             }
         }
     }
@@ -293,11 +246,21 @@ impl ServingCore {
     /// Queues a request; its events arrive on the returned receiver. Refused at once when the
     /// queue is full.
     pub fn submit(&self, request: ServeRequest) -> Result<Receiver<Event>, SubmitError> {
-        let queue = self.queue.as_ref().ok_or(SubmitError::Stopped)?;
         let (events, receiver) = mpsc::channel();
+        self.submit_to(request, events)?;
+        Ok(receiver)
+    }
+
+    /// Queues a request whose events go to `sink`. Refused at once when the queue is full, or
+    /// when the request was prepared for another engine.
+    pub fn submit_to(&self, request: ServeRequest, sink: impl EventSink) -> Result<(), SubmitError> {
+        if !Arc::ptr_eq(&request.engine, &self.engine) {
+            return Err(SubmitError::OtherEngine);
+        }
+        let queue = self.queue.as_ref().ok_or(SubmitError::Stopped)?;
         self.counters.queued.fetch_add(1, Ordering::Relaxed);
-        match queue.try_send(Submission { request, events }) {
-            Ok(()) => Ok(receiver),
+        match queue.try_send(Submission { request, sink: Box::new(sink) }) {
+            Ok(()) => Ok(()),
             Err(e) => {
                 self.counters.queued.fetch_sub(1, Ordering::Relaxed);
                 Err(match e {
@@ -342,4 +305,90 @@ impl Drop for ServingCore {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The decode thread: admits queued requests into free slots while the KV cache has room for
+/// their prompts (blocking only when nothing runs), steps the scheduler, and delivers what each
+/// step produced. Runs until the queue's sender is gone and every accepted request has ended.
+/// `ready` gets the outcome of creating the context, before anything else.
+fn decode_loop(
+    engine: &Engine,
+    config: &SessionConfig,
+    requests: Receiver<Submission>,
+    counters: Arc<Counters>,
+    ready: SyncSender<Result<(), EngineError>>,
+) {
+    let session = match engine.model().session(config) {
+        Ok(session) => session,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let mut scheduler: Scheduler<'_, _, Box<dyn EventSink>> = Scheduler::new(engine.model(), session, config.n_seq as usize, Arc::clone(&counters));
+    let mut open = true;
+    // A request taken from the queue that waits for KV space (it stays counted as queued).
+    let mut deferred: Option<Submission> = None;
+    loop {
+        while scheduler.has_free_slot() {
+            let idle = scheduler.is_idle();
+            let submission = match deferred.take() {
+                Some(s) => s,
+                None if !open => break,
+                None if idle => match requests.recv() {
+                    Ok(s) => s,
+                    Err(_) => {
+                        open = false;
+                        break;
+                    }
+                },
+                None => match requests.try_recv() {
+                    Ok(s) => s,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                },
+            };
+            // A cancelled request is let through, to be refused.
+            let cancelled = submission.request.prepared.options.cancel.as_ref().is_some_and(|c| c.is_cancelled());
+            if !cancelled && !scheduler.admits(submission.request.prepared.tokens.len()) {
+                deferred = Some(submission);
+                break;
+            }
+            counters.queued.fetch_sub(1, Ordering::Relaxed);
+            let Submission { request, sink } = submission;
+            // The request's own Arc of the engine goes here; this thread's keeps the model alive
+            // for the sampler (see `ServeRequest::new`).
+            let ServeRequest { prepared, engine: _ } = request;
+            if let Err((mut sink, e)) = scheduler.admit(prepared, sink) {
+                sink.send(Event::Failed(e));
+            }
+        }
+        if scheduler.is_idle() {
+            if open || deferred.is_some() {
+                continue;
+            }
+            return;
+        }
+        scheduler.step();
+        scheduler.deliver(|sink, text| sink.send(Event::Delta(text.to_owned())));
+        for ended in scheduler.take_ended() {
+            deliver_end(ended);
+        }
+    }
+}
+
+/// A request's last text and its end.
+fn deliver_end(ended: Ended<Box<dyn EventSink>>) {
+    let Ended { mut client, delta, outcome, stats, tokens, logprobs } = ended;
+    if !delta.is_empty() {
+        client.send(Event::Delta(delta));
+    }
+    client.send(match outcome {
+        Ok(finish_reason) => Event::Done(Completion { finish_reason, stats, tokens, logprobs }),
+        Err(e) => Event::Failed(e),
+    });
 }

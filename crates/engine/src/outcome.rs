@@ -1,0 +1,80 @@
+//! How a generation ended and what it measured: the same for a single stream and for a request
+//! of the serving loop, which both end through one path (`scheduler`).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::token::{TokenId, TokenLogprobs};
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    EndOfText,
+    /// A stop sequence was produced (and not returned).
+    StopSequence,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The context is full.
+    ContextFull,
+    /// The request's cancel token was triggered (or its client left).
+    Cancelled,
+}
+
+/// What a finished generation measured.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct GenerationStats {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Of those, tokens already in the KV cache from an earlier request (not decoded again).
+    pub prompt_tokens_reused: usize,
+    pub completion_tokens: usize,
+    /// From the request's arrival (before tokenizing) to the first generated token: queueing,
+    /// tokenizing and prompt processing included.
+    pub time_to_first_token_ms: f64,
+    /// From the request's arrival to the end of prompt processing.
+    pub prompt_ms: f64,
+    /// From the end of prompt processing to the last token's text.
+    pub generation_ms: f64,
+    /// Of `generation_ms`, the time spent in the backend's decodes; the rest went to sampling,
+    /// detokenizing, stop-sequence checks and streaming (and to the caller between deltas).
+    pub decode_ms: f64,
+    /// Prompt tokens decoded per second of `prompt_ms`.
+    pub prompt_tokens_per_s: f64,
+    /// Completion tokens per second as the user sees them: sampled, detokenized, streamed.
+    pub generation_tokens_per_s: f64,
+    pub finish_reason: Option<FinishReason>,
+    /// Decodes run during generation (prompt processing not counted): with speculation, fewer
+    /// than the tokens generated.
+    pub generation_decodes: usize,
+    /// Speculation: tokens drafted, and of those the ones the model confirmed.
+    pub drafted_tokens: usize,
+    pub accepted_tokens: usize,
+}
+
+impl GenerationStats {
+    /// The share of the generation's time spent outside decoding, in percent (0 before any
+    /// generation time was measured).
+    pub fn outside_decode_percent(&self) -> f64 {
+        if self.generation_ms > 0.0 { 100.0 * (self.generation_ms - self.decode_ms).max(0.0) / self.generation_ms } else { 0.0 }
+    }
+}
+
+/// How a request ended and what it produced.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub finish_reason: FinishReason,
+    pub stats: GenerationStats,
+    /// The generated tokens (an end-of-generation token is not listed).
+    pub tokens: Vec<TokenId>,
+    /// With log-probabilities asked for: one entry per drawn token (the end-of-generation token
+    /// included).
+    pub logprobs: Vec<TokenLogprobs>,
+}
+
+/// Milliseconds, as the engine's statistics count them.
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

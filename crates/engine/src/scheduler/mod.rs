@@ -1,0 +1,520 @@
+//! The decode loop's core: requests in the slots of one context, one batch per step.
+//!
+//! Single-stream generation ([`crate::Session`]: one slot, driven by the caller's iterator) and
+//! the server ([`crate::serving`]: N slots, driven by a decode thread) run every request through
+//! this one path, so each rule about a token exists once: [`request`] holds a request's rules
+//! (what a drawn token does, the verification of drafts, the room for drafts, the timing of its
+//! stats), [`slot`] a sequence's (prefix reuse, cutting back, the recurrent fallback's
+//! tokens), and this module the step's (admission, the batch, a full cache, failures).
+//!
+//! A step decodes one batch: the pending token of every generating slot (with its drafts when it
+//! speculates), then chunks of the prompts being prefilled, oldest request first, up to n_batch
+//! tokens. After the decode each slot notes what it decoded and draws its outputs. When the KV
+//! cache has no room for the batch (llama.cpp places a whole batch before computing any of it, so
+//! nothing of it is kept), the step is built again without drafts, then with the caches idle
+//! slots keep dropped, then without the newest request, which fails.
+
+mod drafter;
+mod request;
+mod slot;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+pub(crate) use drafter::DraftModel;
+pub(crate) use request::Prepared;
+use request::{DraftSource, Request, Verified};
+use slot::{Phase, Sequence, Slot};
+
+use crate::backend::{BackendModel, BackendSession, SamplerOf};
+use crate::config::Speculation;
+use crate::error::{DecodeFailure, EngineError};
+use crate::outcome::{FinishReason, GenerationStats, ms};
+use crate::token::{TokenId, TokenLogprobs};
+
+/// Counters of a scheduler, readable from other threads while it runs.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) queued: AtomicUsize,
+    pub(crate) busy_slots: AtomicUsize,
+    pub(crate) steps: AtomicU64,
+    pub(crate) generated_tokens: AtomicU64,
+    pub(crate) prompt_tokens_decoded: AtomicU64,
+    pub(crate) prompt_tokens_reused: AtomicU64,
+    pub(crate) kv_used: AtomicUsize,
+    pub(crate) drafted_tokens: AtomicU64,
+    pub(crate) accepted_tokens: AtomicU64,
+    pub(crate) steps_without_drafts: AtomicU64,
+}
+
+/// A request that ended, for its driver to deliver.
+#[derive(Debug)]
+pub(crate) struct Ended<C> {
+    pub(crate) client: C,
+    /// The text of its last step (held-back text included when it ended normally).
+    pub(crate) delta: String,
+    /// How it ended: the reason, or the error that failed it.
+    pub(crate) outcome: Result<FinishReason, EngineError>,
+    pub(crate) stats: GenerationStats,
+    pub(crate) tokens: Vec<TokenId>,
+    pub(crate) logprobs: Vec<TokenLogprobs>,
+}
+
+type Running<'e, M, C> = Box<Request<SamplerOf<'e, M>, C>>;
+
+/// Requests in the slots of one context. `C` is what a request's driver needs to deliver its
+/// output (the server's event channel; nothing for a single stream).
+pub(crate) struct Scheduler<'e, M: BackendModel + 'e, C> {
+    model: &'e M,
+    session: M::Session<'e>,
+    slots: Vec<Slot<Running<'e, M, C>>>,
+    n_ctx: usize,
+    n_batch: usize,
+    clock: u64,
+    counters: Arc<Counters>,
+    /// Set when a batch with drafts found the KV cache full: the step is built again without
+    /// them, before anything else gives way.
+    without_drafts: bool,
+    /// Requests that ended, until their driver takes them.
+    ended: Vec<Ended<C>>,
+    /// The draft model's context, for requests with [`Speculation::Draft`].
+    draft: Option<DraftModel<'e, M>>,
+    /// Slots prefilling in this step, oldest request first (kept to reuse its allocation).
+    prefilling: Vec<usize>,
+}
+
+impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
+    /// `slots` slots over `session` (a context of at least that many sequences).
+    pub(crate) fn new(model: &'e M, session: M::Session<'e>, slots: usize, counters: Arc<Counters>) -> Self {
+        let n_ctx = session.n_ctx() as usize;
+        let n_batch = session.n_batch() as usize;
+        Scheduler {
+            model,
+            session,
+            slots: (0..slots).map(|seq| Slot { seq: Sequence::new(seq as i32, n_ctx), phase: Phase::Idle, last_used: 0 }).collect(),
+            n_ctx,
+            n_batch,
+            clock: 0,
+            counters,
+            without_drafts: false,
+            ended: Vec::with_capacity(slots),
+            draft: None,
+            prefilling: Vec::with_capacity(slots),
+        }
+    }
+
+    pub(crate) fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// Gives [`Speculation::Draft`] requests a draft model (one context for the scheduler: meant
+    /// for a single stream).
+    pub(crate) fn set_draft_model(&mut self, draft: DraftModel<'e, M>) {
+        self.draft = Some(draft);
+    }
+
+    pub(crate) fn has_draft_model(&self) -> bool {
+        self.draft.is_some()
+    }
+
+    /// No slot runs a request.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.slots.iter().all(Slot::is_idle)
+    }
+
+    pub(crate) fn has_free_slot(&self) -> bool {
+        self.slots.iter().any(Slot::is_idle)
+    }
+
+    /// Whether a prompt of `prompt_len` tokens may be admitted now. Alone, a request gets the
+    /// whole cache (or fails for its length); beside others, it waits until its prompt fits
+    /// beside the cells they hold or will hold for their prompts. (What generation adds is not
+    /// reserved: a full cache makes the newest request give way, see [`Scheduler::make_room`].)
+    pub(crate) fn admits(&self, prompt_len: usize) -> bool {
+        self.is_idle() || self.committed_cells() + prompt_len <= self.n_ctx
+    }
+
+    fn committed_cells(&self) -> usize {
+        self.slots
+            .iter()
+            .map(|s| match &s.phase {
+                Phase::Idle => 0,
+                Phase::Prefilling { prompt, .. } => prompt.len().max(s.seq.len()),
+                Phase::Generating { .. } => s.seq.len() + 1,
+            })
+            .sum()
+    }
+
+    /// Puts a request into the free slot whose cache serves its prompt best (see
+    /// [`choose_slot`]), reusing what that cache shares with the prompt. A request that cannot
+    /// run is handed back with the reason.
+    pub(crate) fn admit(&mut self, prepared: Prepared<SamplerOf<'e, M>>, client: C) -> Result<usize, (C, EngineError)> {
+        let tokens = &prepared.tokens;
+        let refused = if prepared.options.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+            Some(EngineError::Cancelled)
+        } else if tokens.is_empty() {
+            Some(EngineError::EmptyPrompt)
+        } else if tokens.len() >= self.n_ctx {
+            Some(EngineError::PromptTooLong { prompt_tokens: tokens.len(), n_ctx: self.n_ctx as u32 })
+        } else if matches!(prepared.options.speculation, Speculation::Draft { .. }) && self.draft.is_none() {
+            Some(EngineError::InvalidRequest {
+                field: "speculation",
+                value: "draft".into(),
+                reason: "no draft model here (EngineConfig::draft_model, --draft-model; the serving loop drafts by prompt lookup only)",
+            })
+        } else {
+            None
+        };
+        let index = match (refused, choose_slot(&self.slots, tokens)) {
+            (Some(e), _) => return Err((client, e)),
+            (None, None) => return Err((client, EngineError::Session(crate::error::cause("no free slot")))),
+            (None, Some(index)) => index,
+        };
+        self.clock += 1;
+        let single = self.slots.len() == 1;
+        let slot = &mut self.slots[index];
+        let reused = slot.seq.keep_prefix(&mut self.session, &prepared.tokens);
+        self.counters.busy_slots.fetch_add(1, Ordering::Relaxed);
+        self.counters.prompt_tokens_reused.fetch_add(reused as u64, Ordering::Relaxed);
+        let (request, prompt) = Request::new(prepared, client, reused, self.clock, self.n_ctx);
+        let request = Box::new(request);
+        if single {
+            // One slot: every decode is this request's, so its cancel aborts a decode in
+            // progress (several slots share a decode, and cancel between steps).
+            let flag: Arc<AtomicBool> = Arc::clone(&request.cancel_token().0);
+            self.session.set_abort_flag(flag);
+        }
+        slot.phase = Phase::Prefilling { request, prompt, done: reused, then: None };
+        Ok(index)
+    }
+
+    /// One step: ends cancelled requests, decodes one batch, and lets each slot in it go on.
+    /// Does nothing when every slot is idle.
+    pub(crate) fn step(&mut self) {
+        for i in 0..self.slots.len() {
+            if let Some(request) = self.slots[i].phase.request_mut() {
+                request.delta.clear();
+                if request.is_cancelled() {
+                    // Requests whose client left or that were cancelled end here, prefill included.
+                    self.end(i, Ok(FinishReason::Cancelled));
+                }
+            }
+        }
+        loop {
+            self.session.batch_clear();
+            let prompt_tokens = match self.build_batch() {
+                Ok(n) => n,
+                Err(e) => return self.fail_batch(&e),
+            };
+            if self.session.batch_len() == 0 {
+                return;
+            }
+            let started = Instant::now();
+            let decoded = self.session.batch_decode();
+            // Counted as decoding: GPU and RPC backends return before the work is done.
+            self.session.synchronize();
+            let decode_ms = ms(started.elapsed());
+            match decoded {
+                Ok(()) => {
+                    self.counters.steps.fetch_add(1, Ordering::Relaxed);
+                    self.counters.prompt_tokens_decoded.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+                    self.without_drafts = false;
+                    self.commit(decode_ms);
+                    self.counters.kv_used.store(self.slots.iter().map(|s| s.seq.len()).sum(), Ordering::Relaxed);
+                    return;
+                }
+                Err(e) if e.decode_failure() == Some(DecodeFailure::NoKvSlot) => {
+                    let had_drafts = self.has_drafts();
+                    self.roll_back();
+                    if had_drafts {
+                        self.without_drafts = true;
+                        self.counters.steps_without_drafts.fetch_add(1, Ordering::Relaxed);
+                    } else if !self.make_room() {
+                        return self.fail_batch(&e);
+                    }
+                }
+                Err(e) => return self.fail_batch(&e),
+            }
+        }
+    }
+
+    /// The step's batch: the pending token of every generating slot, with its drafts, then prompt
+    /// chunks, oldest request first, up to n_batch tokens. Returns the prompt tokens in it.
+    fn build_batch(&mut self) -> Result<usize, EngineError> {
+        let n_slots = self.slots.len();
+        for slot in &mut self.slots {
+            let Slot { seq, phase, .. } = slot;
+            if let Some(request) = phase.request_mut() {
+                request.output = None;
+                request.chunk = 0;
+            }
+            let Phase::Generating { request, pending } = phase else { continue };
+            let pos = seq.len();
+            request.output = Some(self.session.batch_len() as i32);
+            self.session.batch_push(*pending, pos as i32, seq.id(), true)?;
+            // Room: the batch less a token for every other slot.
+            let room = if self.without_drafts {
+                0
+            } else {
+                request.draft_room(pos, self.n_ctx, self.n_batch.saturating_sub(self.session.batch_len() + n_slots))
+            };
+            let Some(drafting) = request.drafting.as_mut() else { continue };
+            drafting.drafts.clear();
+            if room == 0 {
+                continue;
+            }
+            // Drafted after the history with the pending token, which this batch decodes.
+            seq.push(*pending);
+            match (drafting.source, self.draft.as_mut()) {
+                (DraftSource::Lookup, _) => crate::speculative::draft(seq.tokens(), room, &mut drafting.drafts),
+                (DraftSource::Model, Some(draft)) => {
+                    if draft.draft(seq.tokens(), room, &mut drafting.drafts).is_err() {
+                        // A draft that cannot be made costs the round its drafts, not the request.
+                        drafting.drafts.clear();
+                    }
+                }
+                (DraftSource::Model, None) => {}
+            }
+            seq.pop();
+            for (i, &draft) in drafting.drafts.iter().enumerate() {
+                self.session.batch_push(draft, (pos + 1 + i) as i32, seq.id(), true)?;
+            }
+        }
+        self.prefilling.clear();
+        self.prefilling.extend((0..n_slots).filter(|&i| matches!(self.slots[i].phase, Phase::Prefilling { .. })));
+        let slots = &self.slots;
+        self.prefilling.sort_by_key(|&i| slots[i].phase.request().map_or(0, |r| r.admitted));
+        let mut prompt_tokens = 0;
+        for &i in &self.prefilling {
+            let room = self.n_batch - self.session.batch_len();
+            if room == 0 {
+                break;
+            }
+            let Slot { seq, phase, .. } = &mut self.slots[i];
+            let Phase::Prefilling { request, prompt, done, then } = phase else { continue };
+            let n = room.min(prompt.len() - *done);
+            for (k, &token) in prompt[*done..*done + n].iter().enumerate() {
+                // The last prompt token's logits give the first token, unless the sequence is
+                // being decoded again and has its next token already.
+                let last = *done + k + 1 == prompt.len() && then.is_none();
+                if last {
+                    request.output = Some(self.session.batch_len() as i32);
+                }
+                self.session.batch_push(token, (seq.len() + k) as i32, seq.id(), last)?;
+            }
+            request.chunk = n;
+            prompt_tokens += n;
+        }
+        Ok(prompt_tokens)
+    }
+
+    fn has_drafts(&self) -> bool {
+        self.slots.iter().any(|s| s.phase.request().and_then(|r| r.drafting.as_ref()).is_some_and(|d| !d.drafts.is_empty()))
+    }
+
+    /// After a decode: each slot notes what it decoded and draws its outputs.
+    fn commit(&mut self, decode_ms: f64) {
+        for i in 0..self.slots.len() {
+            let Slot { seq, phase, .. } = &mut self.slots[i];
+            let verified = match phase {
+                Phase::Idle => continue,
+                Phase::Prefilling { request, prompt, done, then } => {
+                    if request.chunk == 0 {
+                        continue;
+                    }
+                    seq.extend(&prompt[*done..*done + request.chunk]);
+                    *done += request.chunk;
+                    if *done < prompt.len() {
+                        continue;
+                    }
+                    match *then {
+                        // Decoded again after a cut the memory could not make: generation goes on
+                        // with the token it had.
+                        Some(pending) => Ok(Verified::Next(pending)),
+                        // Cancelled while its prompt decoded (a backend that cannot abort a
+                        // decode): nothing is generated from it.
+                        None if request.is_cancelled() => Ok(Verified::Ended(FinishReason::Cancelled)),
+                        None => {
+                            request.prompt_done();
+                            let first = request.output.expect("a prompt's last token has an output");
+                            request.verify(&mut self.session, self.model, first, seq, self.n_ctx, &self.counters)
+                        }
+                    }
+                }
+                Phase::Generating { request, pending } => {
+                    let Some(first) = request.output else { continue };
+                    seq.push(*pending);
+                    request.decoded(decode_ms);
+                    let drafted = request.drafting.as_ref().is_some_and(|d| !d.drafts.is_empty());
+                    let verified = request.verify(&mut self.session, self.model, first, seq, self.n_ctx, &self.counters);
+                    // Rejected drafts (and a kept one that ended the request) leave the cache.
+                    if drafted
+                        && let Ok(kept) = &verified
+                        && !seq.cut(&mut self.session, seq.len())
+                    {
+                        self.rebuild(i, *kept);
+                        continue;
+                    }
+                    verified
+                }
+            };
+            match verified {
+                Ok(Verified::Next(pending)) => {
+                    let request = self.slots[i].phase.take_request().expect("a slot that drew has a request");
+                    self.slots[i].phase = Phase::Generating { request, pending };
+                }
+                Ok(Verified::Ended(reason)) => self.end(i, Ok(reason)),
+                Err(e) => self.end(i, Err(e)),
+            }
+        }
+    }
+
+    /// The recurrent fallback: a cache that cannot be cut back (a recurrent state) after a round
+    /// of drafts is decoded again from its tokens, and the request goes on without speculation
+    /// (every rejected draft would cost that again); its next token waits until then.
+    fn rebuild(&mut self, i: usize, verified: Verified) {
+        let slot = &mut self.slots[i];
+        let tokens = slot.seq.take(&mut self.session);
+        match verified {
+            Verified::Next(pending) => {
+                let mut request = slot.phase.take_request().expect("a slot that drew has a request");
+                request.drafting = None;
+                slot.phase = Phase::Prefilling { request, prompt: tokens, done: 0, then: Some(pending) };
+            }
+            // It ended: its tokens are not worth decoding again for a later request.
+            Verified::Ended(reason) => self.end(i, Ok(reason)),
+        }
+    }
+
+    /// The KV cache had no room for the step: every slot stands as before the batch, its cache
+    /// cut back to what it noted (llama.cpp kept nothing of the batch; a recurrent state that
+    /// cannot be cut there fails its request).
+    fn roll_back(&mut self) {
+        for i in 0..self.slots.len() {
+            let slot = &mut self.slots[i];
+            let Some(request) = slot.phase.request_mut() else { continue };
+            request.output = None;
+            request.chunk = 0;
+            if let Some(drafting) = request.drafting.as_mut() {
+                drafting.drafts.clear();
+            }
+            if !slot.seq.cut(&mut self.session, slot.seq.len()) {
+                let e = EngineError::decode(DecodeFailure::NoKvSlot, "the KV cache is full and this sequence's state cannot be rolled back");
+                self.end(i, Err(e));
+            }
+        }
+    }
+
+    /// Makes room after [`Scheduler::roll_back`]: first by dropping the caches idle slots keep
+    /// for reuse, else by failing the newest running request, so that the older ones go on. False
+    /// when nothing can give way (a single request that does not fit).
+    fn make_room(&mut self) -> bool {
+        let mut freed = false;
+        for slot in self.slots.iter_mut().filter(|s| s.is_idle() && s.seq.len() > 0) {
+            slot.seq.clear(&mut self.session);
+            freed = true;
+        }
+        if freed {
+            return true;
+        }
+        let running = self.slots.iter().filter(|s| !s.is_idle()).count();
+        let newest = (0..self.slots.len()).max_by_key(|&i| self.slots[i].phase.request().map_or(0, |r| r.admitted));
+        match newest {
+            Some(i) if running >= 2 => {
+                let e = EngineError::decode(
+                    DecodeFailure::NoKvSlot,
+                    "the KV cache is full; the newest request gives way to the older ones (a larger --ctx or fewer --parallel slots helps)",
+                );
+                self.end(i, Err(e));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A failure other than a full cache that [`Scheduler::make_room`] could relieve (an internal
+    /// error, an aborted decode): every running request had tokens in the batch or depends on the
+    /// cache it may have half written, so each ends (cancelled ones as cancelled) and its cache
+    /// is emptied.
+    fn fail_batch(&mut self, e: &EngineError) {
+        for i in 0..self.slots.len() {
+            let Some(request) = self.slots[i].phase.request() else { continue };
+            let outcome = if request.is_cancelled() { Ok(FinishReason::Cancelled) } else { Err(e.clone()) };
+            self.slots[i].seq.clear(&mut self.session);
+            self.end(i, outcome);
+        }
+    }
+
+    /// Ends slot `i`'s request: the slot is free, and the request waits in [`Scheduler::take_ended`]
+    /// for its driver. A failed request's cache may hold part of what failed: emptied.
+    fn end(&mut self, i: usize, outcome: Result<FinishReason, EngineError>) {
+        let slot = &mut self.slots[i];
+        let Some(mut request) = slot.phase.take_request() else { return };
+        self.clock += 1;
+        slot.last_used = self.clock;
+        self.counters.busy_slots.fetch_sub(1, Ordering::Relaxed);
+        match &outcome {
+            Ok(reason) => request.finish(*reason),
+            Err(_) => slot.seq.clear(&mut self.session),
+        }
+        let (client, delta, stats, tokens, logprobs) = request.into_parts();
+        self.ended.push(Ended { client, delta, outcome, stats, tokens, logprobs });
+    }
+
+    /// The requests that ended since the last call, oldest first.
+    pub(crate) fn take_ended(&mut self) -> std::vec::Drain<'_, Ended<C>> {
+        self.ended.drain(..)
+    }
+
+    /// Hands each running request's text of the last step to `deliver`; a request whose client
+    /// is gone (`deliver` says false) is cancelled, and ends at the next step.
+    pub(crate) fn deliver(&mut self, mut deliver: impl FnMut(&mut C, &str) -> bool) {
+        for slot in &mut self.slots {
+            let Some(request) = slot.phase.request_mut() else { continue };
+            if !request.delta.is_empty() {
+                let Request { client, delta, .. } = &mut **request;
+                if !deliver(client, delta) {
+                    request.cancel_token().cancel();
+                }
+            }
+        }
+    }
+
+    /// Slot `i`'s running request: its text of the last step, stats and tokens so far.
+    pub(crate) fn running(&self, i: usize) -> Option<(&str, &GenerationStats, &[TokenId])> {
+        self.slots[i].phase.request().map(|r| (r.delta.as_str(), r.stats(), r.tokens()))
+    }
+
+    /// Whether slot `i` is decoding a prompt.
+    pub(crate) fn is_prefilling(&self, i: usize) -> bool {
+        matches!(self.slots[i].phase, Phase::Prefilling { .. })
+    }
+
+    /// The tokens slot `i`'s cache holds.
+    pub(crate) fn cached(&self, i: usize) -> &[TokenId] {
+        self.slots[i].seq.tokens()
+    }
+
+    /// Empties every idle slot's cache.
+    pub(crate) fn forget(&mut self) {
+        for slot in self.slots.iter_mut().filter(|s| s.is_idle()) {
+            slot.seq.clear(&mut self.session);
+        }
+    }
+}
+
+/// The free slot for a prompt: the one whose cache shares the longest prefix with it, when that
+/// covers at least half the prompt; otherwise the least valuable cache is given up: an empty
+/// slot, else the one used longest ago. (A prefix of a token or two, such as BOS, is not worth
+/// another prompt's whole cache.)
+fn choose_slot<R>(slots: &[Slot<R>], prompt: &[TokenId]) -> Option<usize> {
+    let free = || slots.iter().enumerate().filter(|(_, s)| s.is_idle());
+    let (best, best_common) = free().map(|(i, s)| (i, s.seq.common_prefix(prompt))).max_by_key(|&(i, c)| (c, std::cmp::Reverse(i)))?;
+    if best_common * 2 >= prompt.len() {
+        return Some(best);
+    }
+    free().min_by_key(|(_, s)| (s.seq.len() > 0, s.last_used)).map(|(i, _)| i)
+}

@@ -1,0 +1,282 @@
+//! A running request's state and its rules: what a drawn token does (end of text, stop
+//! sequences, max tokens, a full context), how drafts are verified, how much room there is for
+//! drafts, and when each figure of its stats is measured. Single-stream generation and the server
+//! run every request through this one piece.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::Counters;
+use super::slot::Sequence;
+use crate::backend::{BackendModel, BackendSession};
+use crate::config::{CancelToken, GenerateOptions, Speculation};
+use crate::error::EngineError;
+use crate::outcome::{FinishReason, GenerationStats, ms};
+use crate::speculative::DraftLength;
+use crate::stop::TOKEN_TEXT_CAPACITY;
+use crate::token::{TokenId, TokenLogprobs};
+use crate::token_text::TokenText;
+
+/// A request ready to run: its prompt tokens, options and sampler, made by the caller (on its
+/// own thread, before the request is accepted: a grammar is parsed once, off the decode loop).
+#[derive(Debug)]
+pub(crate) struct Prepared<S> {
+    pub(crate) tokens: Vec<TokenId>,
+    pub(crate) options: GenerateOptions,
+    pub(crate) sampler: S,
+    /// When the request arrived: its time to first token counts from here.
+    pub(crate) arrived: Instant,
+}
+
+/// Where a speculating request's drafts come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DraftSource {
+    /// Prompt lookup ([`crate::speculative::draft`]).
+    Lookup,
+    /// The scheduler's draft model.
+    Model,
+}
+
+/// A speculating request's drafting state.
+#[derive(Debug)]
+pub(crate) struct Drafting {
+    pub(crate) source: DraftSource,
+    length: DraftLength,
+    /// This step's drafts, decoded after the pending token (reused from step to step).
+    pub(crate) drafts: Vec<TokenId>,
+}
+
+/// How a verification ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verified {
+    /// The request goes on; this token is the next to decode.
+    Next(TokenId),
+    /// The request ended with the last token drawn.
+    Ended(FinishReason),
+}
+
+/// A request in a slot.
+#[derive(Debug)]
+pub(crate) struct Request<S, C> {
+    /// Whoever waits for the request's output (the server's event channel; nothing for a
+    /// single stream, which reads the scheduler directly).
+    pub(crate) client: C,
+    pub(crate) sampler: S,
+    max_tokens: usize,
+    cancel: CancelToken,
+    /// With log-probabilities asked for: how many candidates per token.
+    logprobs: Option<usize>,
+    text: TokenText,
+    /// The text this step produced (cleared when a step starts).
+    pub(crate) delta: String,
+    tokens: Vec<TokenId>,
+    drawn: Vec<TokenLogprobs>,
+    pub(crate) drafting: Option<Drafting>,
+    /// The scheduler's clock at admission (the oldest request goes first, the newest gives way).
+    pub(crate) admitted: u64,
+    arrived: Instant,
+    prompt_done: Option<Instant>,
+    /// Whether a token was drawn yet (the first draw is the time to first token).
+    drew: bool,
+    stats: GenerationStats,
+    /// This step's batch entries: the index of the first output, and the prompt tokens in it.
+    pub(crate) output: Option<i32>,
+    pub(crate) chunk: usize,
+}
+
+impl<S, C> Request<S, C> {
+    /// A request admitted at `admitted` whose prompt reuses `reused` cached tokens, and its
+    /// prompt; `n_ctx` bounds what it can generate (its buffers are sized once, here).
+    pub(crate) fn new(prepared: Prepared<S>, client: C, reused: usize, admitted: u64, n_ctx: usize) -> (Self, Vec<TokenId>) {
+        let Prepared { tokens, options, sampler, arrived } = prepared;
+        let GenerateOptions { max_tokens, stop, cancel, speculation, logprobs, sampling: _ } = options;
+        let room = max_tokens.min(n_ctx);
+        let drafting = match speculation {
+            Speculation::Off => None,
+            Speculation::Ngram { max_draft } | Speculation::Draft { max_draft } => Some(Drafting {
+                source: if matches!(speculation, Speculation::Draft { .. }) { DraftSource::Model } else { DraftSource::Lookup },
+                length: DraftLength::new(max_draft as usize),
+                drafts: Vec::with_capacity(max_draft as usize),
+            }),
+        };
+        let request = Request {
+            client,
+            sampler,
+            max_tokens,
+            cancel: cancel.unwrap_or_default(),
+            logprobs,
+            text: TokenText::new(&stop),
+            delta: String::with_capacity(TOKEN_TEXT_CAPACITY),
+            tokens: Vec::with_capacity(room),
+            drawn: Vec::with_capacity(if logprobs.is_some() { room + 1 } else { 0 }),
+            drafting,
+            admitted,
+            arrived,
+            prompt_done: None,
+            drew: false,
+            stats: GenerationStats { prompt_tokens: tokens.len(), prompt_tokens_reused: reused, ..Default::default() },
+            output: None,
+            chunk: 0,
+        };
+        (request, tokens)
+    }
+
+    pub(crate) fn cancel_token(&self) -> &CancelToken {
+        &self.cancel
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    pub(crate) fn stats(&self) -> &GenerationStats {
+        &self.stats
+    }
+
+    pub(crate) fn tokens(&self) -> &[TokenId] {
+        &self.tokens
+    }
+
+    /// The one place prompt processing is timed: its prompt is in the cache.
+    pub(crate) fn prompt_done(&mut self) {
+        let now = Instant::now();
+        self.prompt_done = Some(now);
+        let prompt_ms = ms(now - self.arrived);
+        let decoded = self.stats.prompt_tokens - self.stats.prompt_tokens_reused;
+        self.stats.prompt_ms = prompt_ms;
+        self.stats.prompt_tokens_per_s = if prompt_ms > 0.0 { decoded as f64 / (prompt_ms / 1000.0) } else { 0.0 };
+    }
+
+    /// A decode of `decode_ms` carried this request's next token.
+    pub(crate) fn decoded(&mut self, decode_ms: f64) {
+        self.stats.generation_decodes += 1;
+        self.stats.decode_ms += decode_ms;
+    }
+
+    /// How many tokens may be drafted after the pending token at position `pos`: a position is
+    /// kept for the token after the drafts, none past `max_tokens` (they would be cut anyway),
+    /// at most `batch_room`, and no more than the draft length that recent rounds earned.
+    pub(crate) fn draft_room(&self, pos: usize, n_ctx: usize, batch_room: usize) -> usize {
+        let Some(drafting) = &self.drafting else { return 0 };
+        n_ctx.saturating_sub(pos + 2).min(self.max_tokens.saturating_sub(self.stats.completion_tokens)).min(batch_room).min(drafting.length.get())
+    }
+
+    /// Draws the output at batch `index` with the request's sampler (its log-probabilities
+    /// noted when asked for); the first draw is the one place time to first token is taken.
+    fn draw<Sess: BackendSession<Sampler = S>>(&mut self, session: &mut Sess, index: i32) -> Result<TokenId, EngineError> {
+        let token = session.sample_with(&mut self.sampler, index)?;
+        if let Some(n) = self.logprobs {
+            // llama.cpp's samplers work on a copy of the row, so it still holds the model's logits.
+            self.drawn.push(TokenLogprobs::from_row(session.logits_at(index)?, token, n));
+        }
+        if !self.drew {
+            self.drew = true;
+            self.stats.time_to_first_token_ms = ms(self.arrived.elapsed());
+        }
+        Ok(token)
+    }
+
+    /// The end rules for a drawn token that would take position `pos`: end of generation, its
+    /// text (stop sequences held back and cut), max tokens, and a context that has no position
+    /// left after it. Its text goes to the step's delta. The reason when the request ends with it.
+    fn accept(
+        &mut self,
+        model: &impl BackendModel,
+        token: TokenId,
+        pos: usize,
+        n_ctx: usize,
+        counters: &Counters,
+    ) -> Result<Option<FinishReason>, EngineError> {
+        if model.is_eog(token) {
+            return Ok(Some(FinishReason::EndOfText));
+        }
+        self.stats.completion_tokens += 1;
+        self.tokens.push(token);
+        counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        Ok(if self.text.push(model, token, &mut self.delta)? {
+            Some(FinishReason::StopSequence)
+        } else if self.stats.completion_tokens >= self.max_tokens {
+            Some(FinishReason::MaxTokens)
+        } else if pos + 1 >= n_ctx {
+            Some(FinishReason::ContextFull)
+        } else {
+            None
+        })
+    }
+
+    /// The one verification of a step's outputs, from batch index `first` (the output of the
+    /// token just decoded, followed by one per draft). Each position is drawn with the request's
+    /// own sampler in turn; a draft is kept while it equals the draw, so every token is a draw
+    /// from the distribution it has without speculation (see [`crate::speculative`]). Kept drafts
+    /// join `seq` (they were decoded in this step); the first draw that differs from its draft is
+    /// the next token. Without drafts this is one draw. The caller cuts the cache back to `seq`.
+    pub(crate) fn verify<Sess: BackendSession<Sampler = S>>(
+        &mut self,
+        session: &mut Sess,
+        model: &impl BackendModel,
+        first: i32,
+        seq: &mut Sequence,
+        n_ctx: usize,
+        counters: &Counters,
+    ) -> Result<Verified, EngineError> {
+        let drafts = self.drafting.as_mut().map_or(Vec::new(), |d| std::mem::take(&mut d.drafts));
+        let (mut kept, mut outcome) = (0, Ok(Verified::Ended(FinishReason::EndOfText)));
+        for i in 0..=drafts.len() {
+            let token = match self.draw(session, first + i as i32) {
+                Ok(token) => token,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            };
+            let is_draft = drafts.get(i) == Some(&token);
+            kept += usize::from(is_draft);
+            match self.accept(model, token, seq.len(), n_ctx, counters) {
+                Ok(Some(reason)) => {
+                    outcome = Ok(Verified::Ended(reason));
+                    break;
+                }
+                Ok(None) if is_draft => seq.push(token),
+                Ok(None) => {
+                    outcome = Ok(Verified::Next(token));
+                    break;
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        if let Some(drafting) = self.drafting.as_mut() {
+            if !drafts.is_empty() {
+                self.stats.drafted_tokens += drafts.len();
+                self.stats.accepted_tokens += kept;
+                counters.drafted_tokens.fetch_add(drafts.len() as u64, Ordering::Relaxed);
+                counters.accepted_tokens.fetch_add(kept as u64, Ordering::Relaxed);
+                drafting.length.update(drafts.len(), kept);
+            }
+            // The buffer goes back: the next step drafts into it without allocating.
+            drafting.drafts = drafts;
+        }
+        outcome
+    }
+
+    /// Ends the request with `reason`: held-back text joins the step's delta, generation time
+    /// and speed are taken.
+    pub(crate) fn finish(&mut self, reason: FinishReason) {
+        self.text.finish(reason, &mut self.delta);
+        self.stats.finish_reason = Some(reason);
+        // Ended before its prompt was in: no generation to time.
+        if let Some(done) = self.prompt_done {
+            self.stats.generation_ms = ms(done.elapsed());
+            if self.stats.generation_ms > 0.0 {
+                self.stats.generation_tokens_per_s = self.stats.completion_tokens as f64 / (self.stats.generation_ms / 1000.0);
+            }
+        }
+    }
+
+    /// What the request produced: its client, last text, stats, tokens and log-probabilities.
+    pub(crate) fn into_parts(self) -> (C, String, GenerationStats, Vec<TokenId>, Vec<TokenLogprobs>) {
+        (self.client, self.delta, self.stats, self.tokens, self.drawn)
+    }
+}

@@ -1,0 +1,426 @@
+//! The scheduler's decisions on a small fake backend: which slot a prompt goes to, when a
+//! request is admitted, what a full cache rolls back and who gives way, how much room drafts get,
+//! and the recurrent fallback. The fake checks every batch the way llama.cpp would need it (each
+//! token at the next position of its sequence, room in the cache), and its "model" is a table:
+//! the logits after token `t` put all weight on `next[t]`, so each slot's output row says whose
+//! token it followed, and a mixed-up row shows as a wrong token.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::*;
+use crate::backend::{BackendModel, BackendSession, ModelInfo, Outputs};
+use crate::config::{GenerateOptions, SamplingParams, SessionConfig, Speculation};
+use crate::error::{DecodeFailure, EngineError};
+
+const VOCAB: i32 = 32;
+/// The fake's end-of-generation token.
+const EOG: TokenId = 0;
+
+/// A batch entry as the fake sees it: token, position, sequence, whether it has an output.
+type Entry = (TokenId, i32, i32, bool);
+
+/// A model whose only knowledge is `next`: the token after each token.
+struct FakeModel {
+    next: Vec<TokenId>,
+    /// Its memory is recurrent: a sequence can only be cut where it ends.
+    recurrent: bool,
+    /// Every batch decoded, for tests that look at them: (token, position, sequence, output).
+    batches: Mutex<Vec<Vec<Entry>>>,
+}
+
+impl FakeModel {
+    /// `next[t] = t + 1`, wrapping past EOG.
+    fn counting() -> Self {
+        FakeModel { next: (0..VOCAB).map(|t| if t + 1 == VOCAB { 1 } else { t + 1 }).collect(), recurrent: false, batches: Mutex::default() }
+    }
+
+    fn with_next(mut self, pairs: &[(TokenId, TokenId)]) -> Self {
+        for &(t, n) in pairs {
+            self.next[t as usize] = n;
+        }
+        self
+    }
+}
+
+struct FakeSession<'m> {
+    model: &'m FakeModel,
+    n_ctx: usize,
+    n_batch: usize,
+    /// Each sequence's cache, position by position.
+    kv: Vec<Vec<TokenId>>,
+    batch: Vec<Entry>,
+    /// The last decode's rows, by batch index.
+    rows: Vec<Option<Vec<f32>>>,
+    abort: Option<Arc<AtomicBool>>,
+}
+
+/// Greedy: the row's argmax.
+struct FakeSampler;
+
+impl BackendModel for FakeModel {
+    type Session<'m> = FakeSession<'m>;
+
+    fn info(&self) -> ModelInfo {
+        ModelInfo { architecture: "fake".into(), n_vocab: VOCAB, ..Default::default() }
+    }
+
+    fn tokenize(&self, text: &str, _: bool, _: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
+        out.clear();
+        out.extend(text.bytes().map(|b| TokenId::from(b) % VOCAB));
+        Ok(())
+    }
+
+    fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
+        out.push(b'a' + (token % 26) as u8);
+        Ok(())
+    }
+
+    fn is_eog(&self, token: TokenId) -> bool {
+        token == EOG
+    }
+
+    fn bos(&self) -> TokenId {
+        1
+    }
+
+    fn n_vocab(&self) -> i32 {
+        VOCAB
+    }
+
+    fn chat_template(&self) -> Option<String> {
+        None
+    }
+
+    fn apply_chat_template(&self, _: &str, _: &[(String, String)]) -> Result<String, EngineError> {
+        Err(EngineError::Unsupported { what: "chats", backend: "fake" })
+    }
+
+    fn sampler(&self, _: &SamplingParams) -> Result<FakeSampler, EngineError> {
+        Ok(FakeSampler)
+    }
+
+    fn session(&self, config: &SessionConfig) -> Result<FakeSession<'_>, EngineError> {
+        Ok(FakeSession {
+            model: self,
+            n_ctx: config.n_ctx as usize,
+            n_batch: config.n_batch as usize,
+            kv: vec![Vec::new(); config.n_seq as usize],
+            batch: Vec::new(),
+            rows: Vec::new(),
+            abort: None,
+        })
+    }
+}
+
+impl BackendSession for FakeSession<'_> {
+    type Sampler = FakeSampler;
+
+    fn n_ctx(&self) -> u32 {
+        self.n_ctx as u32
+    }
+
+    fn n_batch(&self) -> u32 {
+        self.n_batch as u32
+    }
+
+    fn fill(&mut self, tokens: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+        self.batch_clear();
+        for (i, &t) in tokens.iter().enumerate() {
+            self.batch_push(t, start + i as i32, 0, outputs == Outputs::Last && i + 1 == tokens.len())?;
+        }
+        Ok(())
+    }
+
+    fn decode(&mut self, tokens: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+        self.fill(tokens, start, outputs)?;
+        self.batch_decode()
+    }
+
+    fn last_logits(&self) -> Result<&[f32], EngineError> {
+        self.rows.iter().rev().flatten().next().map(Vec::as_slice).ok_or_else(|| EngineError::decode(DecodeFailure::NoOutput, "no rows"))
+    }
+
+    fn set_abort_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.abort = Some(flag);
+    }
+
+    fn synchronize(&self) {}
+
+    fn embedding(&self) -> Result<Vec<f32>, EngineError> {
+        Err(EngineError::Unsupported { what: "embeddings", backend: "fake" })
+    }
+
+    fn batch_clear(&mut self) {
+        self.batch.clear();
+    }
+
+    fn batch_push(&mut self, token: TokenId, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
+        if self.batch.len() == self.n_batch {
+            return Err(EngineError::decode(DecodeFailure::InvalidBatch, "the batch is full"));
+        }
+        self.batch.push((token, pos, seq, output));
+        Ok(())
+    }
+
+    fn batch_len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// As llama.cpp: refuses a batch the cache has no room for before placing any of it, and
+    /// needs each token at the next position of its sequence.
+    fn batch_decode(&mut self) -> Result<(), EngineError> {
+        if self.abort.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+            return Err(EngineError::Cancelled);
+        }
+        let used: usize = self.kv.iter().map(Vec::len).sum();
+        if used + self.batch.len() > self.n_ctx {
+            return Err(EngineError::decode(DecodeFailure::NoKvSlot, "no room"));
+        }
+        self.model.batches.lock().unwrap().push(self.batch.clone());
+        self.rows.clear();
+        for &(token, pos, seq, output) in &self.batch {
+            let cache = &mut self.kv[seq as usize];
+            assert_eq!(pos as usize, cache.len(), "token {token} of sequence {seq} at position {pos}, but the sequence holds {} tokens", cache.len());
+            cache.push(token);
+            self.rows.push(output.then(|| {
+                let mut row = vec![0.0; VOCAB as usize];
+                row[self.model.next[token as usize] as usize] = 1.0;
+                row
+            }));
+        }
+        Ok(())
+    }
+
+    fn sample_with(&mut self, _: &mut FakeSampler, index: i32) -> Result<TokenId, EngineError> {
+        let row = self.logits_at(index)?;
+        Ok(row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(t, _)| t as TokenId).unwrap())
+    }
+
+    fn logits_at(&self, index: i32) -> Result<&[f32], EngineError> {
+        self.rows
+            .get(index as usize)
+            .and_then(Option::as_deref)
+            .ok_or_else(|| EngineError::decode(DecodeFailure::NoOutput, format!("no output at {index}")))
+    }
+
+    fn seq_truncate(&mut self, seq: i32, from: i32) -> bool {
+        let cache = &mut self.kv[seq as usize];
+        if self.model.recurrent && (from as usize) < cache.len() {
+            return false;
+        }
+        cache.truncate(from as usize);
+        true
+    }
+
+    fn seq_clear(&mut self, seq: i32) {
+        self.kv[seq as usize].clear();
+    }
+}
+
+fn scheduler(model: &FakeModel, slots: u32, n_ctx: u32, n_batch: u32) -> Scheduler<'_, FakeModel, &'static str> {
+    let config = SessionConfig { n_ctx, n_batch, n_ubatch: n_batch, n_seq: slots, ..SessionConfig::default() };
+    Scheduler::new(model, model.session(&config).unwrap(), slots as usize, Arc::default())
+}
+
+fn prepared(tokens: &[TokenId], max_tokens: usize, speculation: Speculation) -> Prepared<FakeSampler> {
+    Prepared {
+        tokens: tokens.to_vec(),
+        options: GenerateOptions { max_tokens, speculation, ..Default::default() },
+        sampler: FakeSampler,
+        arrived: Instant::now(),
+    }
+}
+
+/// Steps until every request has ended; each ended request's name, outcome and tokens, in the
+/// order they ended.
+fn run(s: &mut Scheduler<'_, FakeModel, &'static str>) -> Vec<(&'static str, Result<FinishReason, EngineError>, Vec<TokenId>)> {
+    let mut ended = Vec::new();
+    for _ in 0..1000 {
+        if s.is_idle() {
+            return ended;
+        }
+        s.step();
+        ended.extend(s.take_ended().map(|e| (e.client, e.outcome, e.tokens)));
+    }
+    panic!("the requests did not end in 1000 steps");
+}
+
+fn tokens(from: TokenId, n: usize) -> Vec<TokenId> {
+    (from..from + n as TokenId).collect()
+}
+
+#[test]
+fn requests_in_one_batch_each_get_the_continuation_of_their_own_sequence() {
+    let model = FakeModel::counting();
+    let mut s = scheduler(&model, 3, 64, 16);
+    s.admit(prepared(&[1, 2, 3], 5, Speculation::Off), "a").unwrap();
+    s.admit(prepared(&[10, 11], 4, Speculation::Off), "b").unwrap();
+    s.admit(prepared(&[20], 3, Speculation::Off), "c").unwrap();
+    let ended = run(&mut s);
+    let by_name = |n| ended.iter().find(|e| e.0 == n).map(|e| e.2.clone()).unwrap();
+    assert_eq!(by_name("a"), tokens(4, 5));
+    assert_eq!(by_name("b"), tokens(12, 4));
+    assert_eq!(by_name("c"), tokens(21, 3));
+    assert!(ended.iter().all(|e| e.1.as_ref().ok() == Some(&FinishReason::MaxTokens)));
+    // One step for the three prompts, then one per token after the first: they share steps.
+    assert_eq!(model.batches.lock().unwrap().len(), 1 + 4);
+}
+
+#[test]
+fn a_prompt_goes_to_the_slot_with_the_longest_shared_prefix_or_gives_up_the_least_valuable_cache() {
+    let model = FakeModel::counting();
+    let mut s = scheduler(&model, 3, 128, 64);
+    // Slot 0 caches 1..=8 (and what was generated), slot 1 caches 20..=27; slot 2 is empty.
+    assert_eq!(s.admit(prepared(&tokens(1, 8), 1, Speculation::Off), "warm0").unwrap(), 0);
+    assert_eq!(s.admit(prepared(&tokens(20, 8), 1, Speculation::Off), "warm1").unwrap(), 1);
+    run(&mut s);
+    // Half or more of the prompt cached: that slot, reusing all but the last prompt token.
+    assert_eq!(s.admit(prepared(&[20, 21, 22, 23, 5], 1, Speculation::Off), "x").unwrap(), 1);
+    let (_, stats, _) = s.running(1).unwrap();
+    assert_eq!(stats.prompt_tokens_reused, 4);
+    // Less than half shared: the empty slot, not a cache worth keeping.
+    assert_eq!(s.admit(prepared(&[1, 30, 31, 29], 1, Speculation::Off), "y").unwrap(), 2);
+    run(&mut s);
+    // No empty slot left: the one used longest ago (slot 0).
+    assert_eq!(s.admit(prepared(&[9, 9, 9], 1, Speculation::Off), "z").unwrap(), 0);
+    // A prompt that fully repeats a cache still decodes its last token (its logits start it).
+    run(&mut s);
+    assert_eq!(s.admit(prepared(&[9, 9, 9], 1, Speculation::Off), "again").unwrap(), 0);
+    assert_eq!(s.running(0).unwrap().1.prompt_tokens_reused, 2);
+}
+
+#[test]
+fn a_prompt_waits_until_it_fits_beside_the_running_requests() {
+    let model = FakeModel::counting();
+    let mut s = scheduler(&model, 2, 20, 16);
+    // Alone, anything shorter than the context is admitted.
+    assert!(s.admits(19));
+    s.admit(prepared(&tokens(1, 12), 4, Speculation::Off), "a").unwrap();
+    // Beside a request holding 12 cells: 8 more fit, 9 do not.
+    assert!(s.admits(8));
+    assert!(!s.admits(9));
+    // The same rule counts what a prefilled request holds once it generates.
+    s.step();
+    assert!(!s.admits(8), "12 prompt cells and a pending token");
+    assert!(s.admits(7));
+}
+
+#[test]
+fn a_full_cache_rolls_the_step_back_drops_idle_caches_then_fails_the_newest_request() {
+    let model = FakeModel::counting();
+    let mut s = scheduler(&model, 3, 24, 16);
+    // An idle slot keeps 6 cells.
+    s.admit(prepared(&tokens(1, 4), 2, Speculation::Off), "idle").unwrap();
+    run(&mut s);
+    // Two requests of 4 prompt tokens and 12 generated each: 32 cells, with 24 in all.
+    s.admit(prepared(&tokens(10, 4), 12, Speculation::Off), "older").unwrap();
+    s.step();
+    s.admit(prepared(&[20, 21, 22, 23], 12, Speculation::Off), "newer").unwrap();
+    let ended = run(&mut s);
+    // The idle cache went first (it is empty now), then the newest request gave way.
+    assert!(s.cached(0).is_empty(), "{:?}", s.cached(0));
+    let newer = ended.iter().find(|e| e.0 == "newer").unwrap();
+    assert_eq!(newer.1.as_ref().err().and_then(EngineError::decode_failure), Some(DecodeFailure::NoKvSlot), "{newer:?}");
+    let older = ended.iter().find(|e| e.0 == "older").unwrap();
+    // The survivor went on from the rolled-back step with every token in place (the fake
+    // checks positions; a lost or doubled token would show in the count).
+    assert_eq!((older.1.as_ref().ok(), &older.2), (Some(&FinishReason::MaxTokens), &tokens(14, 12)));
+}
+
+#[test]
+fn drafts_are_verified_against_the_model_and_get_the_room_that_is_left() {
+    // After 5 comes 6, after 6 comes 5: a cycle prompt lookup drafts from, always right.
+    let model = FakeModel::counting().with_next(&[(5, 6), (6, 5)]);
+    let mut s = scheduler(&model, 2, 64, 64);
+    s.admit(prepared(&[5, 6, 5, 6, 5], 9, Speculation::Ngram { max_draft: 8 }), "a").unwrap();
+    let ended = run(&mut s);
+    assert_eq!(ended[0].2, [6, 5, 6, 5, 6, 5, 6, 5, 6]);
+    // Drafts kept: fewer decodes than tokens (the prompt's, then fewer than 8 more).
+    let decodes = model.batches.lock().unwrap().len();
+    assert!(decodes < 1 + 8, "{decodes} decodes for 9 tokens");
+    assert!(s.counters.accepted_tokens.load(Ordering::Relaxed) >= 4, "{:?}", s.counters);
+    // The rule: a position kept for the token after the drafts, max tokens, the batch's room,
+    // the draft length.
+    let (request, _) = Request::new(prepared(&[1], 10, Speculation::Ngram { max_draft: 8 }), (), 0, 1, 64);
+    assert_eq!(request.draft_room(0, 64, 100), 8, "the draft length");
+    assert_eq!(request.draft_room(60, 64, 100), 2, "two positions left after the pending token and one kept");
+    assert_eq!(request.draft_room(0, 64, 3), 3, "the batch's room");
+    let plain = Request::new(prepared(&[1], 10, Speculation::Off), (), 0, 1, 64).0;
+    assert_eq!(plain.draft_room(0, 64, 100), 0);
+}
+
+#[test]
+fn a_step_whose_drafts_do_not_fit_is_built_again_without_them() {
+    let model = FakeModel::counting().with_next(&[(5, 6), (6, 5)]);
+    // 16 cells: an idle slot keeps 4; a 5-token prompt and 8 tokens fit beside it, not with
+    // drafts on top. Without drafts first, then without the idle cache.
+    let mut s = scheduler(&model, 2, 16, 64);
+    s.admit(prepared(&[20, 21, 22], 2, Speculation::Off), "idle").unwrap();
+    run(&mut s);
+    assert_eq!(s.cached(0).len(), 4);
+    s.admit(prepared(&[5, 6, 5, 6, 5], 8, Speculation::Ngram { max_draft: 8 }), "a").unwrap();
+    let ended = run(&mut s);
+    assert_eq!((ended[0].1.as_ref().ok(), &ended[0].2), (Some(&FinishReason::MaxTokens), &vec![6, 5, 6, 5, 6, 5, 6, 5]));
+    assert!(s.counters.steps_without_drafts.load(Ordering::Relaxed) > 0);
+}
+
+#[test]
+fn a_recurrent_state_that_cannot_be_cut_back_is_decoded_again_and_the_text_is_the_same() {
+    // After the prompt's "5 6" came 9 once: lookup drafts 9, the model says 7. A recurrent state
+    // cannot drop the rejected draft, so the sequence is decoded again, without speculation.
+    let pairs = [(5, 6), (6, 7), (7, 8), (8, 5), (9, 5)];
+    let plain_model = FakeModel::counting().with_next(&pairs);
+    let mut plain = scheduler(&plain_model, 1, 64, 64);
+    plain.admit(prepared(&[5, 6, 9, 5], 6, Speculation::Off), "plain").unwrap();
+    let want = run(&mut plain).remove(0).2;
+    let model = FakeModel { recurrent: true, ..FakeModel::counting().with_next(&pairs) };
+    let mut s = scheduler(&model, 1, 64, 64);
+    s.admit(prepared(&[5, 6, 9, 5], 6, Speculation::Ngram { max_draft: 4 }), "spec").unwrap();
+    let ended = run(&mut s);
+    assert_eq!(ended[0].2, want);
+    // A batch restarting from position 0 of the sequence: the rebuild.
+    assert!(model.batches.lock().unwrap().iter().skip(1).any(|b| b[0].1 == 0), "no sequence was decoded again");
+}
+
+#[test]
+fn end_rules_end_of_text_max_tokens_and_a_full_context() {
+    let model = FakeModel::counting().with_next(&[(7, EOG)]);
+    let mut s = scheduler(&model, 1, 64, 64);
+    s.admit(prepared(&[4], 10, Speculation::Off), "eog").unwrap();
+    let ended = run(&mut s);
+    assert_eq!((ended[0].1.as_ref().ok(), &ended[0].2), (Some(&FinishReason::EndOfText), &vec![5, 6, 7]));
+    // 8 cells: a 3-token prompt, then tokens for positions 3..=7; the one for the last cell
+    // leaves no position after it.
+    let model = FakeModel::counting();
+    let mut s = scheduler(&model, 1, 8, 64);
+    s.admit(prepared(&[1, 2, 3], 100, Speculation::Off), "full").unwrap();
+    let ended = run(&mut s);
+    assert_eq!((ended[0].1.as_ref().ok(), &ended[0].2), (Some(&FinishReason::ContextFull), &tokens(4, 5)));
+}
+
+#[test]
+fn a_cancelled_request_ends_at_the_next_step_and_frees_its_slot() {
+    let model = FakeModel::counting();
+    let mut s = scheduler(&model, 2, 64, 64);
+    let cancel = crate::CancelToken::new();
+    let mut request = prepared(&[1, 2], 50, Speculation::Off);
+    request.options.cancel = Some(cancel.clone());
+    s.admit(request, "cancelled").unwrap();
+    s.admit(prepared(&[10], 5, Speculation::Off), "other").unwrap();
+    s.step();
+    s.step();
+    cancel.cancel();
+    s.step();
+    let ended: Vec<_> = s.take_ended().collect();
+    assert_eq!(ended.len(), 1);
+    assert_eq!((ended[0].client, ended[0].outcome.as_ref().ok()), ("cancelled", Some(&FinishReason::Cancelled)));
+    assert!(s.has_free_slot());
+    // A request cancelled before it is admitted is refused.
+    let mut late = prepared(&[1], 5, Speculation::Off);
+    late.options.cancel = Some(cancel);
+    assert!(matches!(s.admit(late, "late"), Err(("late", EngineError::Cancelled))));
+    // The other one was not disturbed.
+    assert_eq!(run(&mut s)[0].2, tokens(11, 5));
+}

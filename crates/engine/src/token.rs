@@ -1,0 +1,54 @@
+//! Tokens as the engine passes them around: ids, and a generated token's log-probabilities.
+
+/// A token id, as llama.cpp numbers them.
+pub type TokenId = i32;
+
+/// A generated token's log-probability under the model (before the sampler's temperature and
+/// cuts), and the likeliest candidates at that step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: TokenId,
+    pub logprob: f32,
+    /// The `n` likeliest tokens, likeliest first.
+    pub top: Vec<(TokenId, f32)>,
+}
+
+impl TokenLogprobs {
+    /// `token`'s log-probability in a logits row and the row's `n` likeliest candidates (at most
+    /// the row's width).
+    pub(crate) fn from_row(row: &[f32], token: TokenId, n: usize) -> TokenLogprobs {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+        let mut top: Vec<(TokenId, f32)> = Vec::with_capacity(n + 1);
+        for (i, &x) in row.iter().enumerate() {
+            if top.len() < n || top.last().is_some_and(|&(_, worst)| x > worst) {
+                let at = top.partition_point(|&(_, v)| v >= x);
+                top.insert(at, (i as TokenId, x));
+                top.truncate(n);
+            }
+        }
+        for entry in &mut top {
+            entry.1 -= lse;
+        }
+        let logit = row.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+        TokenLogprobs { token, logprob: logit - lse, top }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_probabilities_are_normalised_and_the_top_is_sorted() {
+        let row = [0.0, 2.0, 1.0, -1.0];
+        let lp = TokenLogprobs::from_row(&row, 2, 2);
+        let total: f32 = row.iter().map(|&x| (x - 2.0f32).exp()).sum();
+        let lse = 2.0 + total.ln();
+        assert!((lp.logprob - (1.0 - lse)).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|&(t, _)| t).collect::<Vec<_>>(), [1, 2]);
+        assert!((lp.top[0].1 - (2.0 - lse)).abs() < 1e-6);
+        // Asking for more candidates than the row has lists the row.
+        assert_eq!(TokenLogprobs::from_row(&row, 0, 10).top.len(), 4);
+    }
+}
