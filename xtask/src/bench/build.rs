@@ -1,7 +1,7 @@
 //! Compiles one bench binary per variant, each in a cargo target folder of its own
 //! configuration, so a variant is rebuilt only when its configuration changes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -75,9 +75,18 @@ fn build(v: &Variant) -> Result<PathBuf> {
     let log_path = root.join("logs").join(format!("build-{}.log", v.name));
     std::fs::create_dir_all(log_path.parent().expect("logs folder"))?;
     let log = std::fs::File::create(&log_path)?;
+    let tree = match &v.git_rev {
+        Some(rev) => source_tree(rev)?,
+        None => workspace::root(),
+    };
     let mut cmd = workspace::cargo();
-    cmd.args(["build", "--locked", "--profile", &v.profile, "-p", "exsa-engine", "--bin", "exsa", "--no-default-features", "--features", &v.backend])
+    let features = binary_features(&tree, &v.backend)?;
+    cmd.args(["build", "--locked", "--profile", &v.profile, "-p", "exsa-engine", "--bin", "exsa", "--no-default-features", "--features", &features])
+        .arg("--manifest-path")
+        .arg(tree.join("Cargo.toml"))
         .env("CARGO_TARGET_DIR", &target)
+        // The CMake builds of llama.cpp are shared with this workspace's, also by an older tree.
+        .env("LLAMA_SYS_BUILD_CACHE", workspace::target_dir().join("llama-cmake"))
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log));
@@ -106,6 +115,46 @@ fn build(v: &Variant) -> Result<PathBuf> {
     std::fs::create_dir_all(dest.parent().expect("bin folder"))?;
     std::fs::copy(&built, &dest).with_context(|| format!("cannot copy {}", built.display()))?;
     Ok(dest)
+}
+
+/// The workspace as it was at `rev` (a commit, tag or branch), unpacked with `git archive` under
+/// target/bench-compare/sources/ (once per commit), with the pinned llama.cpp tree linked in: a
+/// variant built from it measures a change against what came before.
+pub fn source_tree(rev: &str) -> Result<PathBuf> {
+    let root = workspace::root();
+    let resolved = Command::new("git").current_dir(&root).args(["rev-parse", "--verify", &format!("{rev}^{{commit}}")]).output()?;
+    if !resolved.status.success() {
+        bail!("git_rev {rev:?} is no commit of this repository");
+    }
+    let commit = String::from_utf8_lossy(&resolved.stdout).trim().to_string();
+    let dir = bench_root().join("sources").join(&commit[..12]);
+    if !dir.join("Cargo.toml").is_file() {
+        let partial = dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial)?;
+        let archive = Command::new("git").current_dir(&root).args(["archive", "--format=tar", &commit]).stdout(Stdio::piped()).spawn()?;
+        let unpacked = Command::new("tar").arg("-x").arg("-C").arg(&partial).stdin(archive.stdout.context("git archive's output")?).status()?;
+        if !unpacked.success() {
+            bail!("could not unpack revision {commit} into {}", partial.display());
+        }
+        std::fs::rename(&partial, &dir)?;
+    }
+    let vendored = dir.join("vendor").join("llama.cpp");
+    if !vendored.exists() {
+        std::fs::create_dir_all(vendored.parent().expect("vendor folder"))?;
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(root.join("vendor").join("llama.cpp"), &vendored)?;
+        #[cfg(not(unix))]
+        bail!("git_rev variants need a symbolic link to the vendored llama.cpp: Unix only");
+    }
+    Ok(dir)
+}
+
+/// The features the `exsa` binary of `tree` is built with for `backend`: the backend, and the
+/// binary's own (`cli`) where that tree's engine has them (older trees built it by default).
+fn binary_features(tree: &Path, backend: &str) -> Result<String> {
+    let manifest = std::fs::read_to_string(tree.join("crates/engine/Cargo.toml"))?;
+    Ok(if manifest.lines().any(|l| l.trim_start().starts_with("cli = [")) { format!("{backend},cli") } else { backend.to_string() })
 }
 
 /// Whether a run should go on without building: every variant's binary is already there.

@@ -46,6 +46,10 @@ pub struct Variant {
     /// port for each run and stops it after; anything else is the HOST:PORT of a running server.
     #[serde(default)]
     pub rpc: Vec<String>,
+    /// Build the engine as it was at this revision of this repository (a commit, tag or branch),
+    /// to measure a change against what came before it (see `build::source_tree`).
+    #[serde(default)]
+    pub git_rev: Option<String>,
 }
 
 fn release() -> String {
@@ -68,6 +72,7 @@ impl Variant {
             threads: None,
             flash_attn: None,
             rpc: Vec::new(),
+            git_rev: None,
         }
     }
 
@@ -95,12 +100,12 @@ impl Variant {
     }
 
     /// Names the cargo target folder. Only what makes cargo recompile everything goes in
-    /// (RUSTFLAGS, profile): variants that differ in llama.cpp settings share a folder, and
-    /// switching between them reruns llama-sys' build script, whose CMake builds are cached per
-    /// flag set anyway, instead of compiling every dependency again.
+    /// (RUSTFLAGS, profile, the source revision): variants that differ in llama.cpp settings
+    /// share a folder, and switching between them reruns llama-sys' build script, whose CMake
+    /// builds are cached per flag set anyway, instead of compiling every dependency again.
     pub fn target_key(&self) -> String {
         let mut h = Sha256::new();
-        h.update(format!("{}|{}", self.rustflags, self.profile));
+        h.update(format!("{}|{}|{}", self.rustflags, self.profile, self.git_rev.as_deref().unwrap_or("")));
         crate::hashing::hex(&h.finalize())[..12].to_string()
     }
 
