@@ -191,7 +191,7 @@ fn no_import_cycle_between_the_modules_of_the_engine_and_the_safe_wrapper() {
 fn the_engine_as_a_library_pulls_in_no_server_or_cli_crate() {
     for features in ["source", "crate", "raw"] {
         let out = workspace::cargo()
-            .args(["tree", "--locked", "--offline", "-p", "exsa-engine", "--no-default-features", "--features", features])
+            .args(["tree", "--locked", "-p", "exsa-engine", "--no-default-features", "--features", features])
             .args(["-e", "normal", "--prefix", "none", "--format", "{p}"])
             .output()
             .expect("cargo runs");

@@ -4,7 +4,8 @@
 //! the workspace, the engine's tests once more per other backend and in the dynamic-backend mode,
 //! an app outside the workspace built against the packaged crates, rustfmt and clippy, the leak
 //! check on Linux, and the reduced CUDA check on Linux x86-64 (a toolkit from PyPI, ggml
-//! configured with CUDA, one CUDA source compiled).
+//! configured with CUDA, one CUDA source compiled). `--full` adds what CI leaves out to stay
+//! within its time budget (`FULL_ONLY_ON_OTHER_BACKENDS`).
 
 use anyhow::Result;
 
@@ -14,8 +15,18 @@ use crate::{app_test, check_cuda, fetch_model, leak_check, python, setup, synth_
 /// EXSA_OPENAI_SITE names its folder).
 const OPENAI_VERSION: &str = "3.57.0";
 
+/// The tests the crate and raw backends' runs leave to `--full`: the statistical checks of
+/// sampled speculation (thousands of draws each, minutes per backend). The rule they check is the
+/// engine's one verification path, the same over every backend; the default backend runs them
+/// every time, and the other backends' runs keep every other speculation test.
+const FULL_ONLY_ON_OTHER_BACKENDS: &str = "sampled_speculation_keeps_the_distribution";
+
 #[derive(clap::Args)]
 pub struct Args {
+    /// Everything, also what CI leaves out to stay under its time budget (the statistical
+    /// speculation tests once per backend). Run it before a change lands.
+    #[arg(long)]
+    full: bool,
     /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter. With them, only
     /// the workspace run happens.
     #[arg(last = true)]
@@ -51,7 +62,12 @@ pub fn run(args: &Args) -> Result<()> {
     // assertions must hold whichever llama.cpp binding runs them.
     for backend in ["crate", "raw"] {
         let features = format!("{backend},cli");
-        workspace::run(workspace::cargo().args(["test", "--locked", "-p", "exsa-engine", "--no-default-features", "--features", &features]))?;
+        let mut test = workspace::cargo();
+        test.args(["test", "--locked", "-p", "exsa-engine", "--no-default-features", "--features", &features]);
+        if !args.full {
+            test.args(["--", "--skip", FULL_ONLY_ON_OTHER_BACKENDS]);
+        }
+        workspace::run(&mut test)?;
     }
     // Dynamic backends: llama.cpp as shared libraries, the CPU backend a module loaded at start.
     workspace::run(workspace::cargo().args(["test", "--locked", "-p", "exsa-engine", "--features", "backend-dl", "--test", "backend_dl"]))?;
@@ -107,6 +123,12 @@ mod tests {
         assert!(
             profile_rs.contains("pub const PROFILE_VAR: &str = \"LLAMA_SYS_PROFILE\"") && profile_rs.contains("Some(\"none\") => Location::Ignored")
         );
+    }
+
+    #[test]
+    fn what_full_mode_adds_names_tests_that_exist() {
+        let speculative = std::fs::read_to_string(crate::workspace::root().join("crates/engine/tests/speculative.rs")).unwrap();
+        assert!(speculative.contains(&format!("fn {}", super::FULL_ONLY_ON_OTHER_BACKENDS)), "no test matches the --skip filter");
     }
 
     #[test]

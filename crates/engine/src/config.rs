@@ -278,8 +278,9 @@ pub enum SamplerStage {
     Greedy,
 }
 
-/// Cancels a generation from another thread: the token loop stops at the next step, and a
-/// decode in progress is aborted.
+/// Cancels a generation from another thread: it ends at the next step. A single stream's decode
+/// in progress (a long prompt) is aborted too, where the backend can (not the crate baseline); a
+/// server's decodes carry several requests and are not.
 #[derive(Clone, Debug, Default)]
 pub struct CancelToken(pub(crate) Arc<AtomicBool>);
 

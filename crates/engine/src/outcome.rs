@@ -34,7 +34,8 @@ pub struct GenerationStats {
     /// From the request's arrival (before tokenizing) to the first generated token: queueing,
     /// tokenizing and prompt processing included.
     pub time_to_first_token_ms: f64,
-    /// From the request's arrival to the end of prompt processing.
+    /// From the request getting its slot (a server's queue not counted) to the end of prompt
+    /// processing.
     pub prompt_ms: f64,
     /// From the end of prompt processing to the last token's text.
     pub generation_ms: f64,

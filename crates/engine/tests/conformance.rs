@@ -155,6 +155,21 @@ fn cancellation_stops_the_generation() {
     assert!(generation.stats().completion_tokens < 64);
 }
 
+/// A caller may stop reading a generation at any point: the session's next request runs as in a
+/// fresh session, and reuses what the dropped one decoded.
+#[test]
+fn a_generation_dropped_before_its_end_leaves_the_session_usable() {
+    let mut session = engine().session().unwrap();
+    let prompt = "The quick brown fox jumps over the lazy dog. The quick brown fox";
+    let mut generation = session.generate(&greedy(prompt, 64)).unwrap();
+    assert!(generation.next().is_some() && generation.next().is_some());
+    drop(generation);
+    let (after, stats) = session.generate_text(&greedy(prompt, 6)).unwrap();
+    let (fresh, _) = engine().generate(&greedy(prompt, 6)).unwrap();
+    assert_eq!(after, fresh);
+    assert_eq!(stats.prompt_tokens_reused + 1, stats.prompt_tokens, "{stats:?}");
+}
+
 #[test]
 fn a_cancel_during_prefill_stops_it_and_leaves_the_session_usable() {
     // A ~450-token prompt is one long decode; the cancel comes from another thread a moment

@@ -82,6 +82,7 @@ fn a_second_chat_turn_equals_a_fresh_session() {
         let mut first = session.chat(&history, greedy("", 8).options).unwrap();
         let reply: String = first.by_ref().map(|d| d.unwrap()).collect();
         let first_prompt = first.stats().prompt_tokens;
+        drop(first);
         history.push(ChatMessage::new("assistant", reply));
         history.push(ChatMessage::new("user", "And three more?"));
         let mut second = session.chat(&history, greedy("", 8).options).unwrap();
@@ -116,6 +117,7 @@ fn cancellation_stops_generation_on_every_memory_kind() {
         generation.by_ref().for_each(drop);
         assert_eq!(generation.stats().finish_reason, Some(FinishReason::Cancelled), "{name}");
         assert!(generation.stats().completion_tokens < 64, "{name}");
+        drop(generation);
         // A request cancelled before it starts decodes nothing, and the session stays usable.
         let (fresh, _) = engine.generate(&greedy("Once upon a time", 4)).unwrap();
         let before = greedy("Once upon a time", 4).cancel(cancel.clone());

@@ -16,11 +16,11 @@ pub struct Generation<'s, 'e> {
     /// Whether `delta` is still to be handed out.
     unsent: bool,
     /// Once the request has ended: how, what it measured, and its tokens.
-    ended: Option<Ended>,
+    ended: Option<Finished>,
 }
 
 /// What remains of an ended generation.
-struct Ended {
+struct Finished {
     outcome: Result<FinishReason, EngineError>,
     /// Whether the error was handed out (it is, once).
     reported: bool,
@@ -91,9 +91,19 @@ impl<'s, 'e> Generation<'s, 'e> {
         self.unsent = true;
         if let Some(ended) = scheduler.take_ended().next() {
             self.delta.push_str(&ended.delta);
-            self.ended = Some(Ended { outcome: ended.outcome, reported: false, stats: ended.stats, tokens: ended.tokens });
+            self.ended = Some(Finished { outcome: ended.outcome, reported: false, stats: ended.stats, tokens: ended.tokens });
         } else if let Some((delta, _, _)) = scheduler.running(0) {
             self.delta.push_str(delta);
+        }
+    }
+}
+
+/// A generation dropped before its end (the caller stopped reading) ends as cancelled, so that
+/// the session's slot is free for the next request; what it decoded stays cached for reuse.
+impl Drop for Generation<'_, '_> {
+    fn drop(&mut self) {
+        if self.ended.is_none() {
+            self.session.scheduler.abandon(0);
         }
     }
 }

@@ -470,14 +470,14 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     }
 
     /// Hands each running request's text of the last step to `deliver`; a request whose client
-    /// is gone (`deliver` says false) is cancelled, and ends at the next step.
+    /// is gone (`deliver` says false) ends at the next step, as cancelled.
     pub(crate) fn deliver(&mut self, mut deliver: impl FnMut(&mut C, &str) -> bool) {
         for slot in &mut self.slots {
             let Some(request) = slot.phase.request_mut() else { continue };
             if !request.delta.is_empty() {
                 let Request { client, delta, .. } = &mut **request;
                 if !deliver(client, delta) {
-                    request.cancel_token().cancel();
+                    request.abandon();
                 }
             }
         }
@@ -496,6 +496,13 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// The tokens slot `i`'s cache holds.
     pub(crate) fn cached(&self, i: usize) -> &[TokenId] {
         self.slots[i].seq.tokens()
+    }
+
+    /// Ends slot `i`'s request as cancelled and forgets it (its driver has gone); its cache
+    /// stays as decoded, for the next request to reuse.
+    pub(crate) fn abandon(&mut self, i: usize) {
+        self.end(i, Ok(FinishReason::Cancelled));
+        self.ended.clear();
     }
 
     /// Empties every idle slot's cache.

@@ -75,6 +75,11 @@ pub(crate) struct Request<S, C> {
     /// The scheduler's clock at admission (the oldest request goes first, the newest gives way).
     pub(crate) admitted: u64,
     arrived: Instant,
+    /// When it got its slot: prompt processing is timed from here (not the queue before it).
+    started: Instant,
+    /// Its client has gone (the driver could not deliver to it): it ends at the next step. Its
+    /// cancel token stays the caller's, who may share it with other requests.
+    abandoned: bool,
     prompt_done: Option<Instant>,
     /// Whether a token was drawn yet (the first draw is the time to first token).
     drew: bool,
@@ -112,6 +117,8 @@ impl<S, C> Request<S, C> {
             drafting,
             admitted,
             arrived,
+            started: Instant::now(),
+            abandoned: false,
             prompt_done: None,
             drew: false,
             stats: GenerationStats { prompt_tokens: tokens.len(), prompt_tokens_reused: reused, ..Default::default() },
@@ -125,8 +132,14 @@ impl<S, C> Request<S, C> {
         &self.cancel
     }
 
+    /// Cancelled through its token, or abandoned by its client.
     pub(crate) fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.abandoned || self.cancel.is_cancelled()
+    }
+
+    /// Its client has gone: it ends at the next step.
+    pub(crate) fn abandon(&mut self) {
+        self.abandoned = true;
     }
 
     pub(crate) fn stats(&self) -> &GenerationStats {
@@ -141,7 +154,7 @@ impl<S, C> Request<S, C> {
     pub(crate) fn prompt_done(&mut self) {
         let now = Instant::now();
         self.prompt_done = Some(now);
-        let prompt_ms = ms(now - self.arrived);
+        let prompt_ms = ms(now - self.started);
         let decoded = self.stats.prompt_tokens - self.stats.prompt_tokens_reused;
         self.stats.prompt_ms = prompt_ms;
         self.stats.prompt_tokens_per_s = if prompt_ms > 0.0 { decoded as f64 / (prompt_ms / 1000.0) } else { 0.0 };

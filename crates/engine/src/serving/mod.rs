@@ -79,13 +79,15 @@ impl ServeRequest {
     pub fn new(engine: &Arc<Engine>, request: &GenerateRequest) -> Result<ServeRequest, EngineError> {
         let prepared = engine.prepare(request)?;
         let Prepared { tokens, options, sampler, arrived } = prepared;
-        let sampler = std::mem::ManuallyDrop::new(sampler);
-        // SAFETY: only the lifetime changes (ManuallyDrop<T> has T's layout, and the sampler was
-        // moved out of it without being dropped). The sampler borrows the model inside `engine`,
-        // which this request holds in an Arc declared after it (dropped after it), and which the
-        // core it is submitted to holds for as long as it runs the request (`submit` refuses a
-        // request prepared for another engine): the model outlives the sampler either way.
-        let sampler: Sampler<'static> = unsafe { std::mem::transmute_copy(&sampler) };
+        // SAFETY: only the lifetime changes (the same type otherwise, which transmute checks by
+        // size). The sampler borrows the model inside `engine`, which this request holds in an Arc
+        // declared after it (dropped after it), and which the core it is submitted to holds for as
+        // long as it runs the request (`submit_to` refuses a request prepared for another engine):
+        // the model outlives the sampler either way. The field is private, so no other code can
+        // take the sampler out of that arrangement. (The raw backend's sampler borrows nothing: there
+        // the transmute is the identity.)
+        #[allow(clippy::useless_transmute)]
+        let sampler = unsafe { std::mem::transmute::<Sampler<'_>, Sampler<'static>>(sampler) };
         Ok(ServeRequest { prepared: Prepared { tokens, options, sampler, arrived }, engine: Arc::clone(engine) })
     }
 
@@ -101,8 +103,9 @@ impl ServeRequest {
 }
 
 /// What a request receives, in order: text deltas (valid UTF-8, free of stop sequences), then
-/// exactly one `Done` or `Failed`. A request cancelled through its token ends with `Done` and
-/// [`crate::FinishReason::Cancelled`].
+/// exactly one `Done` or `Failed`. A request cancelled through its token (or whose receiver went
+/// away) while it runs ends with `Done` and [`crate::FinishReason::Cancelled`]; one cancelled
+/// before it got a slot is refused with `Failed(EngineError::Cancelled)`.
 #[derive(Debug)]
 pub enum Event {
     Delta(String),
