@@ -39,7 +39,8 @@ pub fn ensure(target: &str) -> Result<PathBuf> {
     eprintln!("building {target} natively (minutes)");
     let mut configure = Command::new("cmake");
     configure.arg("-S").arg(&src).arg("-B").arg(root.join("build"));
-    // AMX kernels crash on the pinned tree (as in our own plan): off, on every CPU.
+    // ggml's AMX kernels crash when GCC builds them (docs/amx.md) and this tree is not patched:
+    // off, on every CPU.
     configure.args([
         "-DCMAKE_BUILD_TYPE=Release",
         "-DLLAMA_BUILD_TESTS=OFF",

@@ -1,6 +1,7 @@
 //! Build script of llama-sys: plan, check tools, bindgen, CMake, link, build info.
 //! Each step is its own module; this file only puts them in order.
 
+mod amx_patch;
 mod bindings;
 mod build_info;
 mod cmake_build;
@@ -10,6 +11,7 @@ mod profile;
 mod rpc_patch;
 mod shim;
 mod source;
+mod source_patch;
 mod tools;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,7 +39,10 @@ fn main() {
 
     let source = source::locate(&out_dir);
     let profile = profile::load(&plan::known_env_vars());
-    let plan = BuildPlan::new(&plan_input(&target, &source, &profile)).unwrap_or_else(|e| fail(&e.to_string()));
+    // Prepared before the plan: whether the AMX kernels are patched decides AMX's default.
+    let x86 = target.arch == "x86_64" || target.arch == "x86";
+    let amx_patch = if x86 { patch(&amx_patch::SPEC, &source, &manifest_dir, "AMX is off by default") } else { None };
+    let plan = BuildPlan::new(&plan_input(&target, &source, &profile, amx_patch.is_some())).unwrap_or_else(|e| fail(&e.to_string()));
 
     tools::require_cmake();
     tools::require_libclang();
@@ -45,15 +50,13 @@ fn main() {
     bindings::generate(&plan, &source.dir, &manifest_dir.join(shim::HEADER), &out_dir);
 
     let rpc = plan.switches[&plan::Switch::Rpc];
-    let rpc_patch = if rpc { rpc_patch(&source, &manifest_dir) } else { None };
-    let key = cache_key(&plan, &target, &source, rpc_patch.as_ref());
+    let rpc_patch = if rpc { patch(&rpc_patch::SPEC, &source, &manifest_dir, "losing an rpc-server mid-run ends the process") } else { None };
+    let patches: Vec<&source_patch::Patch> = rpc_patch.iter().chain(amx_patch.iter()).collect();
+    let key = cache_key(&plan, &target, &source, &patches);
     let cache = env::var("LLAMA_SYS_BUILD_CACHE").map(PathBuf::from);
     let root = cmake_build::root(cache.as_deref(), &out_dir, &key);
-    let swap_script = rpc_patch.as_ref().map(|patch| {
-        let dir = root.join("exsa-rpc-client");
-        patch.write(&dir).unwrap_or_else(|e| fail(&format!("cannot write the patched RPC client to {}: {e}", dir.display())))
-    });
-    let installed = cmake_build::build(&plan, &source.dir, root, swap_script.as_deref());
+    let project_include = write_patches(&root, &patches);
+    let installed = cmake_build::build(&plan, &source.dir, root, project_include.as_deref());
     // The guards call into llama.cpp: a static library must come before those it uses.
     shim::compile(&manifest_dir, &source.dir, shim::Rpc::from_build(rpc, rpc_patch.is_some()));
     emit_link(&plan, &installed);
@@ -78,7 +81,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build");
 }
 
-fn plan_input(target: &Target, source: &source::Source, profile: &profile::Profile) -> PlanInput {
+fn plan_input(target: &Target, source: &source::Source, profile: &profile::Profile, amx_patched: bool) -> PlanInput {
     let features: BTreeSet<Switch> = Switch::ALL
         .into_iter()
         .filter(|s| std::env::var_os(format!("CARGO_FEATURE_{}", s.feature().to_ascii_uppercase().replace('-', "_"))).is_some())
@@ -111,6 +114,7 @@ fn plan_input(target: &Target, source: &source::Source, profile: &profile::Profi
         env,
         ccache: tools::ccache(),
         cuda_driver_stub,
+        amx_patched,
         build_number: source.pin.build_number,
         build_commit: Some(source.pin.upstream_commit.clone()).filter(|c| !c.is_empty() && c != "unknown"),
     }
@@ -123,33 +127,52 @@ fn cuda_driver_stub(env: &BTreeMap<String, String>, target: &Target) -> bool {
     stub.is_file()
 }
 
-/// The RPC client patched to report a lost server (see rpc_patch.rs). The pinned tree must take
-/// the patch; another tree (LLAMA_CPP_DIR) or a CMake too old builds ggml's client unpatched.
-fn rpc_patch(source: &source::Source, manifest_dir: &std::path::Path) -> Option<rpc_patch::Patch> {
+/// A patch of the tree (rpc_patch.rs, amx_patch.rs), prepared. The pinned tree must take it;
+/// another tree (LLAMA_CPP_DIR) or a CMake too old builds unpatched, with a warning that says
+/// `unpatched_means`.
+fn patch(
+    spec: &'static source_patch::Spec,
+    source: &source::Source,
+    manifest_dir: &std::path::Path,
+    unpatched_means: &str,
+) -> Option<source_patch::Patch> {
     let cmake = std::env::var("CMAKE").unwrap_or_else(|_| "cmake".into());
     let version =
         std::process::Command::new(&cmake).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
     let unpatched = |why: String| {
-        println!("cargo:warning=llama-sys: ggml's RPC client is unpatched ({why}): losing an rpc-server mid-run ends the process");
+        println!("cargo:warning=llama-sys: the {} patch is not applied ({why}): {unpatched_means}", spec.id);
         None
     };
-    if !rpc_patch::cmake_supports(&version) {
-        let (major, minor) = rpc_patch::MIN_CMAKE;
+    if !source_patch::cmake_supports(&version) {
+        let (major, minor) = source_patch::MIN_CMAKE;
         return unpatched(format!("CMake {major}.{minor} or newer is needed, found {:?}", version.lines().next().unwrap_or("")));
     }
-    match rpc_patch::Patch::prepare(&source.dir, manifest_dir) {
+    match source_patch::Patch::prepare(spec, &source.dir, manifest_dir) {
         Ok(patch) => Some(patch),
         Err(e) if env::var(source::SOURCE_DIR_VAR).is_some() => unpatched(e),
-        Err(e) => fail(&format!("the pinned llama.cpp tree does not take the RPC client patch: {e} (update build/rpc_patch.rs with the pin)")),
+        Err(e) => {
+            fail(&format!("the pinned llama.cpp tree does not take the {} patch: {e} (update build/{}_patch.rs with the pin)", spec.id, spec.id))
+        }
     }
 }
 
-/// Names the cached build folder: the plan, the target, the source tree, the RPC client patch,
-/// and the CFLAGS the cc crate forwards to CMake.
-fn cache_key(plan: &BuildPlan, target: &Target, source: &source::Source, rpc_patch: Option<&rpc_patch::Patch>) -> String {
+/// Writes each patch into the build folder; returns the script CMake runs at `project()`.
+fn write_patches(root: &std::path::Path, patches: &[&source_patch::Patch]) -> Option<PathBuf> {
+    let mut scripts = Vec::new();
+    for patch in patches {
+        let dir = root.join(format!("exsa-{}-patch", patch.id()));
+        let script = patch.write(&dir).unwrap_or_else(|e| fail(&format!("cannot write the {} patch to {}: {e}", patch.id(), dir.display())));
+        scripts.push(script);
+    }
+    source_patch::write_project_include(root, &scripts).unwrap_or_else(|e| fail(&format!("cannot write into {}: {e}", root.display())))
+}
+
+/// Names the cached build folder: the plan, the target, the source tree, the patches, and the
+/// CFLAGS the cc crate forwards to CMake.
+fn cache_key(plan: &BuildPlan, target: &Target, source: &source::Source, patches: &[&source_patch::Patch]) -> String {
     let mut h = Sha256::new();
     h.update(plan.fingerprint());
-    if let Some(patch) = rpc_patch {
+    for patch in patches {
         h.update(patch.fingerprint());
     }
     h.update(&target.triple);

@@ -124,8 +124,7 @@ impl Switch {
             // ggml's RPC backend: a small library that does nothing until a server is named, so
             // every build can reach rpc-servers and be one (`exsa rpc-server`, `--rpc`).
             Switch::Rpc => true,
-            // ggml's AMX matmul segfaults in decode with the default model on the pinned tree
-            // (Xeon with AMX, found by tests/ffi_smoke.rs), so it is opt-in until upstream fixes it.
+            // AMX follows native CPU flags where the AMX patch applies (resolve_switches).
             Switch::Lto | Switch::Blas | Switch::Cuda | Switch::Amx | Switch::BackendDl => false,
         }
     }
@@ -154,6 +153,9 @@ pub struct PlanInput {
     /// wheels of `cargo xtask setup --cuda` do not, and ggml then builds without the driver API
     /// (GGML_CUDA_NO_VMM).
     pub cuda_driver_stub: bool,
+    /// Whether the tree's AMX kernels compile patched (build/amx_patch.rs): unpatched, ggml's AMX
+    /// matmul crashes on the pinned tree, so AMX is on by default only when they are.
+    pub amx_patched: bool,
     /// LLAMA_BUILD_NUMBER / LLAMA_BUILD_COMMIT for llama.cpp's own version reporting.
     pub build_number: Option<u32>,
     pub build_commit: Option<String>,
@@ -426,6 +428,12 @@ fn resolve_switches(input: &PlanInput) -> Result<BTreeMap<Switch, bool>, PlanErr
             Switch::Native.env_var()
         )));
     }
+    // Unasked, AMX comes with native flags (-march=native enables it where the CPU has it) once
+    // the patch makes ggml's AMX kernels correct; a non-native build names no AMX CPU.
+    let amx_asked = input.env.contains_key(&Switch::Amx.env_var()) || input.features.contains(&Switch::Amx);
+    if !amx_asked {
+        switches.insert(Switch::Amx, input.amx_patched && switches[&Switch::Native]);
+    }
     Ok(switches)
 }
 
@@ -628,6 +636,7 @@ mod tests {
             env: BTreeMap::new(),
             ccache: None,
             cuda_driver_stub: true,
+            amx_patched: true,
             build_number: None,
             build_commit: None,
         }
@@ -888,13 +897,25 @@ mod tests {
     }
 
     #[test]
-    fn native_x86_builds_leave_amx_out_unless_asked() {
-        let p = plan(&input("x86_64-unknown-linux-gnu"));
-        assert_eq!(define(&p, "GGML_AMX_INT8"), Some("OFF"));
-        assert!(p.cxx_flags.contains(&"-mno-amx-int8".to_string()), "{:?}", p.cxx_flags);
-        let amx = plan(&with_env(input("x86_64-unknown-linux-gnu"), "LLAMA_SYS_AMX", "on"));
-        assert_eq!(define(&amx, "GGML_AMX_TILE"), Some("ON"));
-        assert!(!amx.cxx_flags.iter().any(|f| f.contains("amx")));
+    fn native_x86_builds_have_amx_where_the_patch_applies_and_leave_it_out_otherwise() {
+        let linux = || input("x86_64-unknown-linux-gnu");
+        let p = plan(&linux());
+        assert!(p.switches[&Switch::Amx]);
+        assert_eq!(define(&p, "GGML_AMX_INT8"), Some("ON"));
+        assert!(!p.cxx_flags.iter().any(|f| f.contains("amx")), "{:?}", p.cxx_flags);
+        // The ways out: the variable, and a tree that does not take the patch.
+        for off in [with_env(linux(), "LLAMA_SYS_AMX", "off"), PlanInput { amx_patched: false, ..linux() }] {
+            let p = plan(&off);
+            assert_eq!(define(&p, "GGML_AMX_INT8"), Some("OFF"));
+            assert!(p.cxx_flags.contains(&"-mno-amx-int8".to_string()), "{:?}", p.cxx_flags);
+        }
+        // Asked for by name, it is on even unpatched (testing an upstream fix).
+        let asked = plan(&with_env(PlanInput { amx_patched: false, ..linux() }, "LLAMA_SYS_AMX", "on"));
+        assert_eq!(define(&asked, "GGML_AMX_TILE"), Some("ON"));
+        assert!(!asked.cxx_flags.iter().any(|f| f.contains("amx")));
+        // Without native flags the build names no CPU: no AMX unless asked.
+        let generic = plan(&with_env(linux(), "LLAMA_SYS_NATIVE", "off"));
+        assert_eq!(define(&generic, "GGML_AMX_INT8"), Some("OFF"));
         let arm = plan(&input("aarch64-apple-darwin"));
         assert_eq!(define(&arm, "GGML_AMX_INT8"), None);
         assert!(arm.cxx_flags.is_empty());

@@ -57,9 +57,19 @@ impl exsa_error {
 mod plan;
 
 #[cfg(test)]
+#[path = "../build/source_patch.rs"]
+#[allow(dead_code)]
+mod source_patch;
+
+#[cfg(test)]
 #[path = "../build/rpc_patch.rs"]
 #[allow(dead_code)]
 mod rpc_patch;
+
+#[cfg(test)]
+#[path = "../build/amx_patch.rs"]
+#[allow(dead_code)]
+mod amx_patch;
 
 // The build script's tuned-profile reader, tested here with stand-ins for the two build-script
 // helpers it calls (`super::env::var`, `super::fail`).

@@ -154,7 +154,7 @@ pub fn tuned_profile_path() -> PathBuf {
         .join("exsa/tuned.toml")
 }
 
-/// A, A-native, B, B-tuned, B-raw, B-rpc.
+/// A, A-native, B, B-tuned, B-raw, B-rpc, B-amx, B-noamx.
 pub fn builtins() -> Vec<Variant> {
     vec![
         // The crate baseline exactly as `cargo add llama-cpp-2` gives it.
@@ -170,6 +170,16 @@ pub fn builtins() -> Vec<Variant> {
         },
         // The same build through raw llama-sys calls: B minus the safe wrapper.
         Variant { env: [("LLAMA_SYS_PROFILE".to_string(), "none".to_string())].into(), ..Variant::builtin("B-raw", "raw", "") },
+        // B with ggml's AMX kernels asked for, and without them (docs/amx.md): B is the first
+        // where the CPU has AMX, the second elsewhere.
+        Variant {
+            env: [("LLAMA_SYS_PROFILE", "none"), ("LLAMA_SYS_AMX", "on")].map(|(k, v)| (k.to_string(), v.to_string())).into(),
+            ..Variant::builtin("B-amx", "source", "")
+        },
+        Variant {
+            env: [("LLAMA_SYS_PROFILE", "none"), ("LLAMA_SYS_AMX", "off")].map(|(k, v)| (k.to_string(), v.to_string())).into(),
+            ..Variant::builtin("B-noamx", "source", "")
+        },
         // B with its layers on an rpc-server on loopback: what the network hop costs.
         Variant {
             env: [("LLAMA_SYS_PROFILE".to_string(), "none".to_string())].into(),
