@@ -468,7 +468,7 @@ mod tests {
         let mut failed = runs_of(rounds(&pp, 2.0), rounds(&tg, 2.0));
         failed.errors.push("exited with signal 11".into());
         runs.insert("failed".to_string(), failed);
-        let step = |token, runner_up, margin| exsa_bench_protocol::GreedyStep { token, runner_up, margin };
+        let step = |token, runner_up, margin| exsa_bench_protocol::GreedyStep { token, runner_up, margin, third: None };
         let mut wrong = runs_of(rounds(&pp, 1.5), rounds(&tg, 1.5));
         wrong.greedy = Some(vec![step(1, 2, 1.0), step(9, 4, 2.0)]);
         runs.insert("wrong".to_string(), wrong);

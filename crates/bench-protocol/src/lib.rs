@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 /// kernels for different ISAs (AVX-512 against AVX2, say) sum in different orders.
 pub const NEAR_TIE: f32 = 0.25;
 
-/// One greedy step: the token, the runner-up, and how far ahead the token was.
+/// One greedy step: the token, the runner-up and how far ahead the token was, and the third
+/// candidate with its distance from the top.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct GreedyStep {
     pub token: i32,
@@ -17,15 +18,34 @@ pub struct GreedyStep {
     pub runner_up: i32,
     /// Top logit minus the second: near 0, a different kernel may swap the two.
     pub margin: f32,
+    /// The third most likely token and the top logit minus its logit: in a three-way tie a
+    /// different kernel may pick it. Absent in reports written before it was recorded.
+    #[serde(default)]
+    pub third: Option<(i32, f32)>,
 }
 
 impl GreedyStep {
+    /// How far below this step's top `token` was, when it was among the top three.
+    pub fn gap_to(&self, token: i32) -> Option<f32> {
+        if token == self.token {
+            Some(0.0)
+        } else if token == self.runner_up {
+            Some(self.margin)
+        } else {
+            self.third.filter(|&(t, _)| t == token).map(|(_, gap)| gap)
+        }
+    }
+
     /// Whether `other` (the same step in another build) picked differently only because the
-    /// two builds swapped a near-tied top two: each picked the other's runner-up, and at least
-    /// one of them saw the pair within `near_tie` logits (strictly).
+    /// two builds ranked near-tied candidates differently: each picked one of the other's top
+    /// three, and at least one of them saw the two picks within `near_tie` logits (strictly). A
+    /// swap of the top two is the common case; a three-way tie, where the builds agree on the
+    /// runner-up but not on the top, is the other.
     pub fn is_near_tie_swap(&self, other: &GreedyStep, near_tie: f32) -> bool {
-        let swapped = self.runner_up == other.token && other.runner_up == self.token;
-        swapped && (self.margin < near_tie || other.margin < near_tie)
+        match (self.gap_to(other.token), other.gap_to(self.token)) {
+            (Some(mine), Some(theirs)) => mine < near_tie || theirs < near_tie,
+            _ => false,
+        }
     }
 }
 
@@ -174,7 +194,31 @@ mod tests {
     use super::*;
 
     fn step(token: i32, runner_up: i32, margin: f32) -> GreedyStep {
-        GreedyStep { token, runner_up, margin }
+        GreedyStep { token, runner_up, margin, third: None }
+    }
+
+    fn step3(token: i32, runner_up: i32, margin: f32, third: i32, gap: f32) -> GreedyStep {
+        GreedyStep { token, runner_up, margin, third: Some((third, gap)) }
+    }
+
+    #[test]
+    fn a_three_way_tie_is_a_near_tie_when_each_pick_is_among_the_others_top_three() {
+        // Seen with AMX against AVX2 kernels (docs/amx.md): both builds ranked 12974 second,
+        // each ranked the other's pick third.
+        let a = step3(5464, 12974, 0.052, 4744, 0.06);
+        let b = step3(4744, 12974, 0.041, 5464, 0.07);
+        assert!(a.is_near_tie_swap(&b, NEAR_TIE) && b.is_near_tie_swap(&a, NEAR_TIE));
+        assert!(!step3(5464, 12974, 0.4, 4744, 0.5).is_near_tie_swap(&step3(4744, 12974, 0.3, 5464, 0.6), NEAR_TIE), "too far apart on both sides");
+        assert!(!a.is_near_tie_swap(&step3(4744, 12974, 0.041, 77, 0.07), NEAR_TIE), "5464 is not among the other's top three");
+        assert!(!a.is_near_tie_swap(&step(4744, 12974, 0.041), NEAR_TIE), "an old report without the third candidate knows only swaps");
+    }
+
+    #[test]
+    fn an_old_report_without_the_third_candidate_still_reads() {
+        let old: GreedyStep = serde_json::from_str(r#"{"token":1,"runner_up":2,"margin":0.5}"#).unwrap();
+        assert_eq!(old, step(1, 2, 0.5));
+        let new = step3(1, 2, 0.5, 3, 0.75);
+        assert_eq!(serde_json::from_str::<GreedyStep>(&serde_json::to_string(&new).unwrap()).unwrap(), new);
     }
 
     #[test]

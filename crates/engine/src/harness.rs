@@ -330,7 +330,7 @@ pub fn forced_logprobs(
     Ok(out)
 }
 
-/// Decodes `prompt`, then `n` steps: records each step's top two, decodes `next(step, choice)`.
+/// Decodes `prompt`, then `n` steps: records each step's top three, decodes `next(step, choice)`.
 fn trace(
     engine: &Engine,
     config: &SessionConfig,
@@ -351,27 +351,25 @@ fn trace(
     let mut last = tokens.len() as i32 - 1;
     let mut out = Vec::with_capacity(n);
     for (i, pos) in (tokens.len() as i32..).take(n).enumerate() {
-        let (_, runner_up, margin) = top2(session.last_logits()?);
+        let [top, second, third] = top3(session.last_logits()?);
         let t = session.sample_with(&mut greedy, last)?;
-        out.push(GreedyStep { token: t, runner_up, margin });
+        out.push(GreedyStep { token: t, runner_up: second.0, margin: top.1 - second.1, third: Some((third.0, top.1 - third.1)) });
         session.decode(&[next(i, t)], pos, Outputs::Last)?;
         last = 0;
     }
     Ok(out)
 }
 
-/// (best token, runner-up, best logit minus runner-up's).
-fn top2(logits: &[f32]) -> (TokenId, TokenId, f32) {
-    let (mut first, mut second) = ((0usize, f32::NEG_INFINITY), (0usize, f32::NEG_INFINITY));
+/// The three best tokens with their logits, best first.
+fn top3(logits: &[f32]) -> [(TokenId, f32); 3] {
+    let mut best = [(0 as TokenId, f32::NEG_INFINITY); 3];
     for (i, &x) in logits.iter().enumerate() {
-        if x > first.1 {
-            second = first;
-            first = (i, x);
-        } else if x > second.1 {
-            second = (i, x);
+        if let Some(slot) = best.iter().position(|&(_, y)| x > y) {
+            best.copy_within(slot..2, slot + 1);
+            best[slot] = (i as TokenId, x);
         }
     }
-    (first.0 as TokenId, second.0 as TokenId, first.1 - second.1)
+    best
 }
 
 #[cfg(test)]
@@ -379,9 +377,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_margin_is_top_minus_runner_up() {
-        assert_eq!(top2(&[0.5, 3.0, 2.25, -1.0]), (1, 2, 0.75));
-        assert_eq!(top2(&[1.0, 1.0]).2, 0.0);
+    fn the_top_three_come_best_first() {
+        assert_eq!(top3(&[0.5, 3.0, 2.25, -1.0]), [(1, 3.0), (2, 2.25), (0, 0.5)]);
+        assert_eq!(top3(&[1.0, 1.0, 1.0, 4.0]), [(3, 4.0), (0, 1.0), (1, 1.0)], "ties keep the first");
+        assert_eq!(top3(&[-1.0, 2.0, 5.0]), [(2, 5.0), (1, 2.0), (0, -1.0)]);
     }
 
     #[test]

@@ -516,6 +516,16 @@ pub enum QuantizeError {
         /// llama.cpp's own warning and error lines from the call.
         messages: LlamaMessages,
     },
+    /// The quantized model was written beside the output but could not be moved into place.
+    #[error("cannot move the quantized model {partial} to {output}: {source}")]
+    Rename {
+        /// Where the finished model was written.
+        partial: PathBuf,
+        /// The output path.
+        output: PathBuf,
+        /// Why the rename failed.
+        source: std::io::Error,
+    },
 }
 
 /// Loading or applying LoRA adapters.

@@ -37,6 +37,10 @@ impl QuantType {
 
 /// Writes `input` quantized to `ty` as `output`. `allow_requantize` permits an input that is
 /// already quantized (at some cost in quality).
+///
+/// llama.cpp writes the file as it goes; the model is written beside `output` and moved into
+/// place when complete, so a failure leaves no partial model behind and an earlier file at
+/// `output` as it was.
 pub fn quantize(input: &Path, output: &Path, ty: QuantType, threads: i32, allow_requantize: bool) -> Result<(), QuantizeError> {
     backend::init();
     gguf::check(input).map_err(|e| QuantizeError::Input(Box::new(e)))?;
@@ -44,7 +48,8 @@ pub fn quantize(input: &Path, output: &Path, ty: QuantType, threads: i32, allow_
         return Err(QuantizeError::SameFile { output: output.to_path_buf() });
     }
     let c_in = crate::c_string::path(input).ok_or_else(|| QuantizeError::InvalidPath(input.to_path_buf()))?;
-    let c_out = crate::c_string::path(output).ok_or_else(|| QuantizeError::InvalidPath(output.to_path_buf()))?;
+    let partial = partial_path(output);
+    let c_out = crate::c_string::path(&partial).ok_or_else(|| QuantizeError::InvalidPath(output.to_path_buf()))?;
     // SAFETY: returns a struct by value.
     let mut params = unsafe { sys::llama_model_quantize_default_params() };
     params.nthread = threads;
@@ -52,7 +57,23 @@ pub fn quantize(input: &Path, output: &Path, ty: QuantType, threads: i32, allow_
     params.allow_requantize = allow_requantize;
     // SAFETY: both paths NUL-terminated; params lives across the call.
     let (code, messages) = backend::capture(|| unsafe { sys::llama_model_quantize(c_in.as_ptr(), c_out.as_ptr(), &params) });
-    if code == 0 { Ok(()) } else { Err(QuantizeError::Llama { input: input.to_path_buf(), output: output.to_path_buf(), messages }) }
+    if code != 0 {
+        // Nothing to keep; it may not exist when llama.cpp failed before opening it.
+        let _ = std::fs::remove_file(&partial);
+        return Err(QuantizeError::Llama { input: input.to_path_buf(), output: output.to_path_buf(), messages });
+    }
+    std::fs::rename(&partial, output).map_err(|source| {
+        let _ = std::fs::remove_file(&partial);
+        QuantizeError::Rename { partial: partial.clone(), output: output.to_path_buf(), source }
+    })
+}
+
+/// A file in the output's folder (a rename within one filesystem is atomic), named after it and
+/// this process.
+fn partial_path(output: &Path) -> std::path::PathBuf {
+    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".partial-{}", std::process::id()));
+    output.with_file_name(name)
 }
 
 /// Whether `output` names `input`'s file, directly, through links, or by another spelling. The

@@ -512,5 +512,18 @@ fn quantize_writes_a_loadable_model() {
     assert_eq!(q.meta("general.file_type").as_deref(), Some("7"), "Q8_0 is ftype 7");
     let err = quantize(std::path::Path::new("/no/input.gguf"), &out, QuantType::Q4_0, 2, true).unwrap_err();
     assert!(matches!(err, QuantizeError::Input(_)), "{err}");
+    // A failure in the middle (this model's tensors are quantized already) leaves the earlier
+    // output as it was and no partial file.
+    let before = std::fs::read(&out).unwrap();
+    let err = quantize(&model_path(), &out, QuantType::Q4_0, 2, false).unwrap_err();
+    assert!(matches!(err, QuantizeError::Llama { .. }) && err.to_string().contains("requantizing"), "{err}");
+    assert!(std::fs::read(&out).unwrap() == before, "the earlier output was changed");
+    let partial = format!("{}.partial-", out.file_name().unwrap().to_string_lossy());
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&partial))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     std::fs::remove_file(out).unwrap();
 }

@@ -251,7 +251,7 @@ impl Report {
         }
         for e in self.equivalence.iter().filter(|e| e.diverges_at.is_some()) {
             let why = if e.near_tie {
-                format!(" (a near-tie swap of the top two, within {} logits)", exsa_bench_protocol::NEAR_TIE)
+                format!(" (a near tie: each build's pick among the other's top three, within {} logits)", exsa_bench_protocol::NEAR_TIE)
             } else {
                 " (NOT a near-tie: a real difference)".to_string()
             };
