@@ -20,22 +20,7 @@ pub fn ensure(target: &str) -> Result<PathBuf> {
     if binary.is_file() {
         return Ok(binary);
     }
-    let src = root.join("src");
-    if !src.join("CMakeLists.txt").is_file() {
-        let download = root.join("sdist");
-        std::fs::create_dir_all(&download)?;
-        eprintln!("downloading the {LLAMA_CPP_PYTHON} {LLAMA_CPP_PYTHON_VERSION} sdist (it vendors llama.cpp)");
-        workspace::run(
-            python::python()
-                .args(["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check", "-d"])
-                .arg(&download)
-                .arg(format!("{LLAMA_CPP_PYTHON}=={LLAMA_CPP_PYTHON_VERSION}")),
-        )?;
-        let tarball = download.join(format!("llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"));
-        workspace::run(Command::new("tar").arg("xzf").arg(&tarball).arg("-C").arg(&download))?;
-        let vendored = download.join(format!("llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}")).join("vendor").join("llama.cpp");
-        std::fs::rename(&vendored, &src).with_context(|| format!("moving {} to {}", vendored.display(), src.display()))?;
-    }
+    let src = sdist_source()?;
     eprintln!("building {target} natively (minutes)");
     let mut configure = Command::new("cmake");
     configure.arg("-S").arg(&src).arg("-B").arg(root.join("build"));
@@ -63,4 +48,29 @@ pub fn ensure(target: &str) -> Result<PathBuf> {
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get()).to_string();
     workspace::run(Command::new("cmake").arg("--build").arg(root.join("build")).args(["--target", target, "-j", &jobs]))?;
     Ok(binary)
+}
+
+/// The llama.cpp tree the `llama-cpp-python` sdist vendors, unpacked once under
+/// `target/llama-server/src/`: the reference programs build from it, and its `models/templates/`
+/// is the chat template corpus the chat tests read (`.cargo/config.toml`'s EXSA_CHAT_TEMPLATES).
+pub fn sdist_source() -> Result<PathBuf> {
+    let root = workspace::target_dir().join("llama-server");
+    let src = root.join("src");
+    if src.join("CMakeLists.txt").is_file() {
+        return Ok(src);
+    }
+    let download = root.join("sdist");
+    std::fs::create_dir_all(&download)?;
+    eprintln!("downloading the {LLAMA_CPP_PYTHON} {LLAMA_CPP_PYTHON_VERSION} sdist (it vendors llama.cpp)");
+    workspace::run(
+        python::python()
+            .args(["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check", "-d"])
+            .arg(&download)
+            .arg(format!("{LLAMA_CPP_PYTHON}=={LLAMA_CPP_PYTHON_VERSION}")),
+    )?;
+    let tarball = download.join(format!("llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"));
+    workspace::run(Command::new("tar").arg("xzf").arg(&tarball).arg("-C").arg(&download))?;
+    let vendored = download.join(format!("llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}")).join("vendor").join("llama.cpp");
+    std::fs::rename(&vendored, &src).with_context(|| format!("moving {} to {}", vendored.display(), src.display()))?;
+    Ok(src)
 }

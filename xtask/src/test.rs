@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the README's test command. Sets up what the tests need (system packages,
 //! reported with their paths; the vendored source; the default model; the random-weight models
 //! of other architectures from `synth-models`), then runs every test of
-//! the workspace, the engine's tests once more per other backend and in the dynamic-backend mode,
+//! the workspace, the chat layer's (feature `chat`, on llama.cpp's template corpus), the engine's
+//! tests once more per other backend and in the dynamic-backend mode,
 //! an app outside the workspace built against the packaged crates, rustfmt and clippy, the leak
 //! check on Linux, and the reduced CUDA check on Linux x86-64 (a toolkit from PyPI, ggml
 //! configured with CUDA, one CUDA source compiled). `--full` adds what CI leaves out to stay
@@ -9,7 +10,7 @@
 
 use anyhow::Result;
 
-use crate::{app_test, check_cuda, fetch_model, leak_check, python, setup, synth_models, vendor, workspace};
+use crate::{app_test, check_cuda, fetch_model, leak_check, llama_tools, python, setup, synth_models, vendor, workspace};
 
 /// The `openai` client the server tests drive `exsa serve` with (`.cargo/config.toml`'s
 /// EXSA_OPENAI_SITE names its folder).
@@ -55,6 +56,11 @@ pub fn run(args: &Args) -> Result<()> {
     if !args.cargo_args.is_empty() {
         return Ok(());
     }
+    // llama.cpp's chat layer (the `chat` feature, not in the default build), on the Jinja
+    // templates of llama.cpp's corpus, and linted.
+    llama_tools::sdist_source()?;
+    workspace::run(workspace::cargo().args(["test", "--locked", "-p", "llama", "--features", "chat", "--test", "chat_templates"]))?;
+    workspace::run(workspace::cargo().args(["clippy", "--locked", "-p", "llama", "--features", "chat", "--all-targets", "--", "-D", "warnings"]))?;
     // The criterion benches, built (in the test profile, reusing the builds above) so that they
     // cannot rot until someone runs `bench-compare --micro`.
     workspace::run(workspace::cargo().args(["test", "--locked", "--workspace", "--benches", "--no-run"]))?;

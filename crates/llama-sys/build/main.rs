@@ -4,6 +4,7 @@
 mod amx_patch;
 mod bindings;
 mod build_info;
+mod chat;
 mod cmake_build;
 mod env;
 mod plan;
@@ -47,7 +48,9 @@ fn main() {
     tools::require_cmake();
     tools::require_libclang();
     // bindgen first: it takes seconds and fails early, CMake takes minutes.
-    bindings::generate(&plan, &source.dir, &manifest_dir.join(shim::HEADER), &out_dir);
+    let chat = chat::enabled();
+    let extra_headers: Vec<PathBuf> = chat.then(|| manifest_dir.join(chat::HEADER)).into_iter().collect();
+    bindings::generate(&plan, &source.dir, &manifest_dir.join(shim::HEADER), &extra_headers, &out_dir);
 
     let rpc = plan.switches[&plan::Switch::Rpc];
     let rpc_patch = if rpc { patch(&rpc_patch::SPEC, &source, &manifest_dir, "losing an rpc-server mid-run ends the process") } else { None };
@@ -57,7 +60,11 @@ fn main() {
     let root = cmake_build::root(cache.as_deref(), &out_dir, &key);
     let project_include = write_patches(&root, &patches);
     let installed = cmake_build::build(&plan, &source.dir, root, project_include.as_deref());
-    // The guards call into llama.cpp: a static library must come before those it uses.
+    // The guards call into llama.cpp, and the chat layer into both: a static library must come
+    // before those it uses.
+    if chat {
+        chat::compile(&manifest_dir, &source.dir);
+    }
     shim::compile(&manifest_dir, &source.dir, shim::Rpc::from_build(rpc, rpc_patch.is_some()));
     emit_link(&plan, &installed);
 

@@ -1,6 +1,7 @@
 // See exsa_shim.h. Every function is noexcept: whatever llama.cpp throws stops here.
 
 #include "exsa_shim.h"
+#include "exsa_guard.h"
 
 #include <cstdio>
 #include <cstring>
@@ -16,15 +17,17 @@
 #include "exsa_rpc_watch.h"
 #endif
 
-namespace {
-
-void set_error(exsa_error * err, const char * what) noexcept {
+void exsa::set_error(exsa_error * err, const char * what) noexcept {
     if (err == nullptr) {
         return;
     }
     std::strncpy(err->what, what != nullptr ? what : "", sizeof(err->what) - 1);
     err->what[sizeof(err->what) - 1] = '\0';
 }
+
+namespace {
+
+using exsa::set_error;
 
 template <class F> int32_t guarded(exsa_error * err, F && f) noexcept {
     try {
@@ -265,3 +268,7 @@ int32_t exsa_rpc_start_server(const char * endpoint, const char * cache_dir, siz
 }
 
 }  // extern "C"
+
+int32_t exsa::fatal_guarded_call(exsa_error * err, void (*f)(void *), void * ctx) noexcept {
+    return ::fatal_guarded(err, [&] { f(ctx); });
+}

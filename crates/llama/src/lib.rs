@@ -50,6 +50,8 @@ mod backend;
 mod batch;
 mod c_string;
 mod chat;
+#[cfg(feature = "chat")]
+pub mod chat_templates;
 mod context;
 mod cpp;
 mod error;

@@ -136,13 +136,22 @@ impl Variant {
 }
 
 /// The build switches llama-sys has, as its manifest declares them: one cargo feature per switch
-/// of its build plan (llama-sys' own tests hold the plan's switch list to the manifest).
+/// of its build plan, besides the features listed as extras in `[package.metadata.llama-sys]`
+/// (llama-sys' own tests hold the plan's switch list to the manifest).
 pub fn llama_sys_switches() -> Result<Vec<String>> {
     let path = crate::workspace::root().join("crates/llama-sys/Cargo.toml");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let manifest: toml::Table = text.parse().with_context(|| format!("parsing {}", path.display()))?;
     let features = manifest.get("features").and_then(|f| f.as_table()).with_context(|| format!("{} has no [features]", path.display()))?;
-    Ok(features.keys().filter(|k| *k != "default").cloned().collect())
+    let extras: Vec<&str> = manifest
+        .get("package")
+        .and_then(|p| p.get("metadata"))
+        .and_then(|m| m.get("llama-sys"))
+        .and_then(|l| l.get("extras"))
+        .and_then(|e| e.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    Ok(features.keys().filter(|k| *k != "default" && !extras.contains(&k.as_str())).cloned().collect())
 }
 
 /// Where `cargo xtask tune` writes its profile and llama-sys looks for it by default.
