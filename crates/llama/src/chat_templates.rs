@@ -11,6 +11,11 @@
 //! streaming deltas are here; the engine and the server do not use them yet, and a template
 //! without tool support (such as Gemma 3's) renders the tools as it likes (usually not at all)
 //! with no grammar: upstream has no generic tool format for those any more.
+//!
+//! **Known gap, not yet closed:** llama.cpp's Jinja parser and interpreter and its output parser
+//! recurse without a depth limit, so a template (or, for parse, a reply) nested deeply enough
+//! overflows the calling thread's stack, which ends the process. Until they are bounded, give
+//! these functions only templates you trust and run them on a thread with a large stack.
 
 use std::ffi::{CStr, CString, c_char};
 use std::ptr::NonNull;
