@@ -59,7 +59,7 @@ pub fn enabled() -> bool {
 /// llama.cpp, whose functions it calls.
 pub fn compile(manifest_dir: &Path, llama_source: &Path) {
     let common = llama_source.join("common");
-    let mut build = cc::Build::new();
+    let mut build = crate::shim::guarded_cpp(manifest_dir, llama_source);
     for file in COMMON_SOURCES {
         let path = common.join(file);
         if !path.is_file() {
@@ -74,16 +74,9 @@ pub fn compile(manifest_dir: &Path, llama_source: &Path) {
         build.file(manifest_dir.join(file));
     }
     build
-        .cpp(true)
-        .std("c++17")
         .include(manifest_dir.join("chat"))
-        .include(manifest_dir.join("shim"))
         .include(&common)
-        .include(llama_source.join("include"))
-        .include(llama_source.join("ggml/include"))
         .include(llama_source.join("vendor"))
-        // The guards must catch: never build them with exceptions off.
-        .flag_if_supported("-fexceptions")
         // Upstream's code, not ours to clean up.
         .warnings(false)
         .try_compile("exsa_chat")

@@ -41,8 +41,8 @@ fn main() {
     let source = source::locate(&out_dir);
     let profile = profile::load(&plan::known_env_vars());
     // Prepared before the plan: whether the AMX kernels are patched decides AMX's default.
-    let x86 = target.arch == "x86_64" || target.arch == "x86";
-    let amx_patch = if x86 { patch(&amx_patch::SPEC, &source, &manifest_dir, "AMX is off by default") } else { None };
+    let cmake_version = cmake_version();
+    let amx_patch = if target.is_x86() { patch(&amx_patch::SPEC, &source, &manifest_dir, &cmake_version, "AMX is off by default") } else { None };
     let plan = BuildPlan::new(&plan_input(&target, &source, &profile, amx_patch.is_some())).unwrap_or_else(|e| fail(&e.to_string()));
 
     tools::require_cmake();
@@ -53,7 +53,8 @@ fn main() {
     bindings::generate(&plan, &source.dir, &manifest_dir.join(shim::HEADER), &extra_headers, &out_dir);
 
     let rpc = plan.switches[&plan::Switch::Rpc];
-    let rpc_patch = if rpc { patch(&rpc_patch::SPEC, &source, &manifest_dir, "losing an rpc-server mid-run ends the process") } else { None };
+    let rpc_patch =
+        if rpc { patch(&rpc_patch::SPEC, &source, &manifest_dir, &cmake_version, "losing an rpc-server mid-run ends the process") } else { None };
     let patches: Vec<&source_patch::Patch> = rpc_patch.iter().chain(amx_patch.iter()).collect();
     let key = cache_key(&plan, &target, &source, &patches);
     let cache = env::var("LLAMA_SYS_BUILD_CACHE").map(PathBuf::from);
@@ -134,6 +135,12 @@ fn cuda_driver_stub(env: &BTreeMap<String, String>, target: &Target) -> bool {
     stub.is_file()
 }
 
+/// What `cmake --version` prints (empty when it does not run): asked once for all patches.
+fn cmake_version() -> String {
+    let cmake = std::env::var("CMAKE").unwrap_or_else(|_| "cmake".into());
+    std::process::Command::new(&cmake).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
 /// A patch of the tree (rpc_patch.rs, amx_patch.rs), prepared. The pinned tree must take it;
 /// another tree (LLAMA_CPP_DIR) or a CMake too old builds unpatched, with a warning that says
 /// `unpatched_means`.
@@ -141,16 +148,14 @@ fn patch(
     spec: &'static source_patch::Spec,
     source: &source::Source,
     manifest_dir: &std::path::Path,
+    version: &str,
     unpatched_means: &str,
 ) -> Option<source_patch::Patch> {
-    let cmake = std::env::var("CMAKE").unwrap_or_else(|_| "cmake".into());
-    let version =
-        std::process::Command::new(&cmake).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
     let unpatched = |why: String| {
         println!("cargo:warning=llama-sys: the {} patch is not applied ({why}): {unpatched_means}", spec.id);
         None
     };
-    if !source_patch::cmake_supports(&version) {
+    if !source_patch::cmake_supports(version) {
         let (major, minor) = source_patch::MIN_CMAKE;
         return unpatched(format!("CMake {major}.{minor} or newer is needed, found {:?}", version.lines().next().unwrap_or("")));
     }

@@ -25,6 +25,10 @@ impl Target {
     pub fn is_msvc(&self) -> bool {
         self.env == "msvc"
     }
+
+    pub fn is_x86(&self) -> bool {
+        self.arch == "x86_64" || self.arch == "x86"
+    }
 }
 
 /// The C++ compiler family, which decides the OpenMP runtime and the flag syntax.
@@ -271,7 +275,7 @@ impl BuildPlan {
         ] {
             define(off, "OFF");
         }
-        let x86 = target.arch == "x86_64" || target.arch == "x86";
+        let x86 = target.is_x86();
         for s in Switch::ALL.into_iter().filter(|&s| x86 || s != Switch::Amx) {
             define(s.cmake_define(), onoff(on(s)));
         }

@@ -27,11 +27,26 @@ impl Rpc {
     }
 }
 
+/// A C++ build of code that calls llama.cpp through exception guards (the shim here, the chat
+/// layer in build/chat.rs): C++17, llama.cpp's public headers and the shim's, exceptions on.
+pub fn guarded_cpp(manifest_dir: &Path, llama_source: &Path) -> cc::Build {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .include(manifest_dir.join("shim"))
+        .include(llama_source.join("include"))
+        .include(llama_source.join("ggml/include"))
+        // The guards must catch: never build them with exceptions off.
+        .flag_if_supported("-fexceptions");
+    build
+}
+
 pub fn compile(manifest_dir: &Path, llama_source: &Path, rpc: Rpc) {
     for file in [HEADER, SOURCE] {
         println!("cargo:rerun-if-changed={}", manifest_dir.join(file).display());
     }
-    let mut build = cc::Build::new();
+    let mut build = guarded_cpp(manifest_dir, llama_source);
     if rpc != Rpc::Off {
         build.define("EXSA_WITH_RPC", "1");
     }
@@ -39,13 +54,7 @@ pub fn compile(manifest_dir: &Path, llama_source: &Path, rpc: Rpc) {
         build.define("EXSA_WITH_RPC_WATCH", "1").include(manifest_dir.join("rpc-watch"));
     }
     build
-        .cpp(true)
-        .std("c++17")
         .file(manifest_dir.join(SOURCE))
-        .include(llama_source.join("include"))
-        .include(llama_source.join("ggml/include"))
-        // The guards must catch: never build them with exceptions off.
-        .flag_if_supported("-fexceptions")
         .warnings(true)
         .try_compile("exsa_shim")
         .unwrap_or_else(|e| crate::fail(&format!("cannot compile the exception guards {SOURCE}: {e}")));

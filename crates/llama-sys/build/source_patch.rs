@@ -148,6 +148,7 @@ fn swap_script(spec: &Spec, dir: &Path) -> String {
     let dir = cmake_path(dir);
     let id = spec.id;
     let mut edited: Vec<&str> = spec.edits.iter().map(|e| e.file).collect();
+    edited.sort_unstable();
     edited.dedup();
     let originals: Vec<String> = edited.iter().map(|f| format!("\"${{CMAKE_SOURCE_DIR}}/{}/{f}\"", spec.tree_dir)).collect();
     let own_sources: Vec<String> =
@@ -251,7 +252,11 @@ mod tests {
     static SPEC: Spec = Spec {
         id: "demo",
         tree_dir: "ggml/src/x",
-        edits: &[Edit { file: "a.cpp", anchor: "1", replacement: "2" }, Edit { file: "a.cpp", anchor: "3", replacement: "4" }],
+        edits: &[
+            Edit { file: "a.cpp", anchor: "1", replacement: "2" },
+            Edit { file: "b.cpp", anchor: "5", replacement: "6" },
+            Edit { file: "a.cpp", anchor: "3", replacement: "4" },
+        ],
         copied: &["a.h"],
         own: &["demo/ours.cpp", "demo/ours.h"],
         own_sources: &["demo/ours.cpp"],
@@ -263,6 +268,7 @@ mod tests {
     fn the_swap_script_replaces_each_edited_file_once_and_adds_our_sources() {
         let script = swap_script(&SPEC, Path::new("/b/exsa-demo"));
         assert_eq!(script.matches("ggml/src/x/a.cpp\"").count(), 1, "{script}");
+        assert_eq!(script.matches("ggml/src/x/b.cpp\"").count(), 1, "{script}");
         assert!(script.contains("list(APPEND swapped \"/b/exsa-demo/ours.cpp\")"), "{script}");
         assert!(!script.contains("ours.h\""), "headers are not compiled: {script}");
         assert!(script.contains("DIRECTORY \"${CMAKE_SOURCE_DIR}/ggml/src\" BUILDSYSTEM_TARGETS"), "{script}");
@@ -278,12 +284,14 @@ mod tests {
         std::fs::create_dir_all(root.join("crate/demo")).unwrap();
         std::fs::write(tree.join("ggml/src/x/a.cpp"), "1 3\n").unwrap();
         std::fs::write(tree.join("ggml/src/x/a.h"), "h\n").unwrap();
+        std::fs::write(tree.join("ggml/src/x/b.cpp"), "5\n").unwrap();
         std::fs::write(root.join("crate/demo/ours.cpp"), "o\n").unwrap();
         std::fs::write(root.join("crate/demo/ours.h"), "oh\n").unwrap();
         let patch = Patch::prepare(&SPEC, &tree, &root.join("crate")).unwrap();
         let names: Vec<&str> = patch.files.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["a.cpp", "a.h", "ours.cpp", "ours.h"]);
-        assert_eq!(patch.files[0].1, "2 4\n");
+        assert_eq!(names, ["a.cpp", "b.cpp", "a.h", "ours.cpp", "ours.h"]);
+        assert_eq!(patch.files[0].1, "2 4\n", "both edits of a.cpp, though another file's came between");
+        assert_eq!(patch.files[1].1, "6\n");
         let before = patch.fingerprint();
         std::fs::write(tree.join("ggml/src/x/a.h"), "h2\n").unwrap();
         assert_ne!(Patch::prepare(&SPEC, &tree, &root.join("crate")).unwrap().fingerprint(), before, "a copied header is part of the key");
