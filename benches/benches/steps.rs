@@ -36,7 +36,7 @@ fn steps(c: &mut Criterion) {
             out.clear();
             for &t in &tokens {
                 piece.clear();
-                model.piece(t, &mut piece).unwrap();
+                model.piece(t, false, &mut piece).unwrap();
                 utf8.push(&piece, &mut out);
             }
             black_box(&out);

@@ -16,6 +16,7 @@ mod pin;
 mod python;
 mod setup;
 mod synth_models;
+mod template_parity;
 mod test;
 mod tune;
 mod vendor;
@@ -58,6 +59,8 @@ enum Command {
     Tune(tune::Args),
     /// Build the CUDA backend here against a toolkit from PyPI (setup --cuda): the full check.
     CheckCuda(check_cuda::Args),
+    /// Every chat template of llama.cpp's corpus rendered by exsa serve and by llama-server, compared.
+    TemplateParity(template_parity::Args),
     /// Everything a GPU machine without Rust needs to bench our build on its GPU (docs/gpu.md).
     GpuBundle(gpu_bundle::Args),
 }
@@ -90,5 +93,6 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::CheckCuda(args) => check_cuda::run(&args),
         Command::GpuBundle(args) => gpu_bundle::run(&args),
         Command::BenchServe(args) => bench_serve::run(&args),
+        Command::TemplateParity(args) => template_parity::run(&args),
     }
 }

@@ -1,16 +1,17 @@
 //! `cargo xtask test`: the README's test command. Sets up what the tests need (system packages,
 //! reported with their paths; the vendored source; the default model; the random-weight models
-//! of other architectures from `synth-models`), then runs every test of
-//! the workspace, the chat layer's (feature `chat`, on llama.cpp's template corpus), the engine's
+//! of other architectures from `synth-models`; llama.cpp's chat template corpus), then runs every
+//! test of the workspace (the chat layer's included, on that corpus), the engine's
 //! tests once more per other backend and in the dynamic-backend mode,
 //! an app outside the workspace built against the packaged crates, rustfmt and clippy, the leak
 //! check on Linux, and the reduced CUDA check on Linux x86-64 (a toolkit from PyPI, ggml
 //! configured with CUDA, one CUDA source compiled). `--full` adds what CI leaves out to stay
-//! within its time budget (`FULL_ONLY_ON_OTHER_BACKENDS`).
+//! within its time budget (`FULL_ONLY_ON_OTHER_BACKENDS`, and the chat template parity with
+//! llama-server, `cargo xtask template-parity`, which builds llama-server).
 
 use anyhow::Result;
 
-use crate::{app_test, check_cuda, fetch_model, leak_check, llama_tools, python, setup, synth_models, vendor, workspace};
+use crate::{app_test, check_cuda, fetch_model, leak_check, llama_tools, python, setup, synth_models, template_parity, vendor, workspace};
 
 /// The `openai` client the server tests drive `exsa serve` with (`.cargo/config.toml`'s
 /// EXSA_OPENAI_SITE names its folder).
@@ -25,7 +26,8 @@ const FULL_ONLY_ON_OTHER_BACKENDS: &str = "sampled_speculation_keeps_the_distrib
 #[derive(clap::Args)]
 pub struct Args {
     /// Everything, also what CI leaves out to stay under its time budget (the statistical
-    /// speculation tests once per backend). Run it before a change lands.
+    /// speculation tests once per backend, the template parity with llama-server). Run it
+    /// before a change lands.
     #[arg(long)]
     full: bool,
     /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter. With them, only
@@ -51,16 +53,14 @@ pub fn run(args: &Args) -> Result<()> {
     fetch_model::run(&fetch_model::Args::default())?;
     synth_models::run(&synth_models::Args::default())?;
     python::site("openai", OPENAI_VERSION, "openai")?;
-    // The workspace, with the engine on its default backend (`source`).
+    // llama.cpp's corpus of Jinja chat templates, which the chat-layer and tool-calling tests read.
+    llama_tools::sdist_source()?;
+    // The workspace, with the engine on its default backend (`source`). Its server turns on
+    // llama's `chat` feature, so the chat layer's own tests run here too.
     workspace::run(workspace::cargo().args(["test", "--workspace", "--locked"]).args(&args.cargo_args))?;
     if !args.cargo_args.is_empty() {
         return Ok(());
     }
-    // llama.cpp's chat layer (the `chat` feature, not in the default build), on the Jinja
-    // templates of llama.cpp's corpus, and linted.
-    llama_tools::sdist_source()?;
-    workspace::run(workspace::cargo().args(["test", "--locked", "-p", "llama", "--features", "chat", "--test", "chat_templates"]))?;
-    workspace::run(workspace::cargo().args(["clippy", "--locked", "-p", "llama", "--features", "chat", "--all-targets", "--", "-D", "warnings"]))?;
     // The criterion benches, built (in the test profile, reusing the builds above) so that they
     // cannot rot until someone runs `bench-compare --micro`.
     workspace::run(workspace::cargo().args(["test", "--locked", "--workspace", "--benches", "--no-run"]))?;
@@ -115,6 +115,11 @@ pub fn run(args: &Args) -> Result<()> {
     }
     if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
         check_cuda::run_quick()?;
+    }
+    if args.full {
+        // Every template of llama.cpp's corpus rendered by us and by llama-server (which it
+        // builds: minutes, more than CI's budget has left).
+        template_parity::run(&template_parity::Args::default())?;
     }
     Ok(())
 }

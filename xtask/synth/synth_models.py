@@ -48,7 +48,10 @@ MODELS = {
     # The same with the vocabulary cut to its first 32,768 tokens: a model that cannot draft for
     # the default one (the draft-model tests' mismatch).
     "llama-tiny-32k": dict(arch="llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, n_vocab=32768, dtype="f16"),
-    "lfm2-tiny": dict(arch="lfm2", n_embd=64, n_layer=4, n_head=4, n_head_kv=2, n_ff=128, attn_layers=(1, 3), l_cache=3, n_vocab=None, dtype="f16"),
+    # With LFM2's tool-call markers as control tokens (see LFM2_MARKERS): the tool-calling tests
+    # render LFM2's own chat templates for it.
+    "lfm2-tiny": dict(arch="lfm2", n_embd=64, n_layer=4, n_head=4, n_head_kv=2, n_ff=128, attn_layers=(1, 3), l_cache=3, n_vocab=None, dtype="f16",
+                      markers=True),
     "mamba-tiny": dict(arch="mamba", n_embd=64, n_layer=2, d_inner=128, d_state=16, dt_rank=4, d_conv=4, n_vocab=None, dtype="f16"),
     "lfm2-1.2b-shape": dict(
         arch="lfm2",
@@ -88,12 +91,25 @@ def read_tokenizer(path):
     return fields
 
 
-def write_tokenizer(writer, fields, n_vocab):
-    """Copies the tokenizer, cut to the first `n_vocab` tokens when asked."""
+# LFM2's tool-call markers, written over the copied vocabulary's first unused control tokens
+# (Gemma's `<unused0>`, ...), so that a model of LFM2's architecture has them as single special
+# tokens as LFM2's tokenizer does. `<|im_end|>` is left out: llama.cpp would make it an
+# end-of-generation token, which would change how the random model's replies end.
+LFM2_MARKERS = ["<|tool_call_start|>", "<|tool_call_end|>", "<|tool_list_start|>", "<|tool_list_end|>"]
+
+
+def write_tokenizer(writer, fields, n_vocab, markers=False):
+    """Copies the tokenizer, cut to the first `n_vocab` tokens when asked, with LFM2's markers in
+    place of the first unused tokens when asked."""
     for key, (value, kind, item) in fields.items():
         if kind == gguf.GGUFValueType.ARRAY:
             if n_vocab is not None and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
                 value = value[:n_vocab]
+            if markers and key == "tokenizer.ggml.tokens":
+                value = list(value)
+                for marker, unused in zip(LFM2_MARKERS, range(len(LFM2_MARKERS))):
+                    index = value.index(f"<unused{unused}>".encode())
+                    value[index] = marker.encode()
             writer.add_array(key, value)
         elif kind == gguf.GGUFValueType.STRING:
             writer.add_string(key, value)
@@ -191,7 +207,7 @@ def write_model(name, spec, tokenizer, out_dir):
     path = os.path.join(out_dir, f"{name}.gguf")
     writer = gguf.GGUFWriter(path + ".partial", arch)
     add_common(writer, arch, spec, n_vocab, name)
-    write_tokenizer(writer, tokenizer, spec["n_vocab"])
+    write_tokenizer(writer, tokenizer, spec["n_vocab"], spec.get("markers", False))
     w = Weights(writer, name, spec.get("dtype", "f32"))
     w.normal("token_embd.weight", (n_vocab, n_embd), 1.0)
     # An output matrix of its own: tied to the embeddings, random weights make each token its

@@ -1,22 +1,237 @@
-//! Chat messages.
+//! Chat messages, the tools a chat offers, and what a reply parses into.
 //!
-//! `llama::ChatMessage` is the safe wrapper's; this one is the engine's API over every backend
-//! (the `crate` backend does not link `llama`), serializable for the server's JSON.
+//! `llama::ChatMessage` is the safe wrapper's; these are the engine's API over every backend
+//! (the `crate` backend does not link `llama`). Tools, tool calls and template options need the
+//! model's own Jinja template ([`crate::ChatTemplating::Jinja`], backend `source`); elsewhere they
+//! are [`crate::EngineError::Unsupported`].
 
-use serde::Serialize;
+use serde_json::{Map, Value, json};
 
 /// One chat message.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ChatMessage {
-    /// "system", "user" or "assistant".
+    /// "system", "user", "assistant" or "tool".
     pub role: String,
     /// The message text.
     pub content: String,
+    /// An assistant message's tool calls.
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool message: the id of the call it answers.
+    pub tool_call_id: Option<String>,
+    /// A tool message: the tool's name (some templates print it).
+    pub name: Option<String>,
+    /// An assistant message's reasoning text (templates that keep it in the history print it).
+    pub reasoning_content: Option<String>,
 }
 
 impl ChatMessage {
     /// A message of `role` with `content`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage { role: role.into(), content: content.into(), ..Default::default() }
     }
+
+    /// An assistant message that calls tools.
+    pub fn tool_calls(calls: impl Into<Vec<ToolCall>>) -> Self {
+        ChatMessage { role: "assistant".into(), tool_calls: calls.into(), ..Default::default() }
+    }
+
+    /// A tool's result, answering the call `call_id`.
+    pub fn tool_result(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage { role: "tool".into(), content: content.into(), tool_call_id: Some(call_id.into()), ..Default::default() }
+    }
+
+    /// Whether the message carries anything but a role and text.
+    pub fn is_plain(&self) -> bool {
+        self.tool_calls.is_empty() && self.tool_call_id.is_none() && self.name.is_none() && self.reasoning_content.is_none()
+    }
+
+    /// The message in OpenAI's shape, as chat templates read it.
+    pub fn to_openai(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("role".into(), json!(self.role));
+        m.insert("content".into(), json!(self.content));
+        if !self.tool_calls.is_empty() {
+            m.insert("tool_calls".into(), Value::Array(self.tool_calls.iter().map(ToolCall::to_openai).collect()));
+        }
+        for (key, value) in [("tool_call_id", &self.tool_call_id), ("name", &self.name), ("reasoning_content", &self.reasoning_content)] {
+            if let Some(value) = value {
+                m.insert(key.into(), json!(value));
+            }
+        }
+        Value::Object(m)
+    }
+}
+
+/// A function the model may call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tool {
+    pub name: String,
+    pub description: Option<String>,
+    /// A JSON schema of its arguments (an object); None: any object.
+    pub parameters: Option<Value>,
+}
+
+impl Tool {
+    /// A tool with a name and a JSON schema of its arguments.
+    pub fn new(name: impl Into<String>, parameters: Value) -> Self {
+        Tool { name: name.into(), description: None, parameters: Some(parameters) }
+    }
+
+    /// The tool in OpenAI's shape.
+    pub fn to_openai(&self) -> Value {
+        let mut function = Map::new();
+        function.insert("name".into(), json!(self.name));
+        if let Some(d) = &self.description {
+            function.insert("description".into(), json!(d));
+        }
+        if let Some(p) = &self.parameters {
+            function.insert("parameters".into(), p.clone());
+        }
+        json!({ "type": "function", "function": function })
+    }
+}
+
+/// A call of a tool, as the model made it: `arguments` is JSON text.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+impl ToolCall {
+    /// The call in OpenAI's shape.
+    pub fn to_openai(&self) -> Value {
+        json!({ "id": self.id, "type": "function", "function": { "name": self.name, "arguments": self.arguments } })
+    }
+}
+
+/// Whether and which tool the model must call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// A call or text, as the model likes.
+    #[default]
+    Auto,
+    /// Text only (the tools are still described to the model).
+    None,
+    /// A call of one of the tools.
+    Required,
+    /// A call of this tool.
+    Function(String),
+}
+
+impl ToolChoice {
+    /// The choice in OpenAI's shape.
+    pub fn to_openai(&self) -> Value {
+        match self {
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::None => json!("none"),
+            ToolChoice::Required => json!("required"),
+            ToolChoice::Function(name) => json!({ "type": "function", "function": { "name": name } }),
+        }
+    }
+}
+
+/// How reasoning text ("thinking") in a reply is returned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReasoningFormat {
+    /// Left in the content as the model wrote it.
+    None,
+    /// Split out into [`ChatReply::reasoning_content`] where the template's format has it
+    /// (llama-server's default).
+    #[default]
+    Auto,
+}
+
+impl ReasoningFormat {
+    /// llama.cpp's name of it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReasoningFormat::None => "none",
+            ReasoningFormat::Auto => "auto",
+        }
+    }
+}
+
+impl std::str::FromStr for ReasoningFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(ReasoningFormat::None),
+            "auto" => Ok(ReasoningFormat::Auto),
+            other => Err(format!("{other:?} is not a reasoning format (none, auto)")),
+        }
+    }
+}
+
+/// What a chat asks of its template beyond the messages.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChatOptions {
+    pub tools: Vec<Tool>,
+    pub tool_choice: ToolChoice,
+    /// Whether a reply may call several tools; None: as the template can (llama-server's
+    /// default; the generic format of templates without tools calls one).
+    pub parallel_tool_calls: Option<bool>,
+    pub reasoning_format: ReasoningFormat,
+    /// Extra variables for the template (`enable_thinking`, ...).
+    pub template_kwargs: Map<String, Value>,
+}
+
+impl ChatOptions {
+    /// Whether these are the defaults, which a built-in template can render too.
+    pub fn is_plain(&self) -> bool {
+        // Without tools, whether calls may be parallel changes nothing.
+        self.tools.is_empty() && self.tool_choice == ToolChoice::Auto && self.template_kwargs.is_empty()
+    }
+
+    /// `messages` with these options as an OpenAI-shaped request, as llama.cpp's chat layer
+    /// (`llama::chat_templates::ChatTemplates::apply`) renders it.
+    pub fn request(&self, messages: &[ChatMessage]) -> Value {
+        let mut request = json!({
+            "messages": messages.iter().map(ChatMessage::to_openai).collect::<Vec<_>>(),
+            "reasoning_format": self.reasoning_format.name(),
+            "add_generation_prompt": true,
+        });
+        if let Some(parallel) = self.parallel_tool_calls {
+            request["parallel_tool_calls"] = json!(parallel);
+        }
+        if !self.tools.is_empty() {
+            request["tools"] = Value::Array(self.tools.iter().map(Tool::to_openai).collect());
+        }
+        if self.tool_choice != ToolChoice::Auto || !self.tools.is_empty() {
+            request["tool_choice"] = self.tool_choice.to_openai();
+        }
+        if !self.template_kwargs.is_empty() {
+            request["chat_template_kwargs"] = Value::Object(self.template_kwargs.clone());
+        }
+        request
+    }
+}
+
+/// A reply read by its chat format.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChatReply {
+    /// The text meant for the user.
+    pub content: String,
+    /// Reasoning text the format sets apart.
+    pub reasoning_content: String,
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// A piece of a reply as it streams: text to append, or part of a tool call (its id and name
+/// first, then fragments of its arguments).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChatDelta {
+    Content(String),
+    Reasoning(String),
+    ToolCall {
+        /// Which call (0, 1, ... in the reply's order).
+        index: usize,
+        /// Set on the call's first delta.
+        id: Option<String>,
+        /// Set on the call's first delta.
+        name: Option<String>,
+        arguments: String,
+    },
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::chat::ChatMessage;
+use crate::chat::{ChatMessage, ChatOptions};
 use crate::error::EngineError;
 use crate::token::TokenId;
 
@@ -19,6 +19,9 @@ pub struct EngineConfig {
     /// Template used when the model file has none: a llama.cpp built-in name or template text.
     /// None picks by architecture (gemma → "gemma", llama → "llama3", otherwise "chatml").
     pub chat_template_fallback: Option<String>,
+    /// How chats are rendered: llama.cpp's built-in formats, or the model's own Jinja template
+    /// (needed for tools and template options).
+    pub chat_templating: ChatTemplating,
     /// A smaller model with the same vocabulary, loaded beside the main one, that drafts tokens
     /// for [`Speculation::Draft`] requests.
     pub draft_model: Option<PathBuf>,
@@ -31,9 +34,24 @@ impl EngineConfig {
             session: SessionConfig::default(),
             placement: Placement::default(),
             chat_template_fallback: None,
+            chat_templating: ChatTemplating::Builtin,
             draft_model: None,
         }
     }
+}
+
+/// How chats become prompts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ChatTemplating {
+    /// llama.cpp's built-in formats (`llama_chat_apply_template`), which every backend has; they
+    /// know nothing of tools, so chats with tools or template options are
+    /// [`EngineError::Unsupported`].
+    #[default]
+    Builtin,
+    /// The model's own Jinja template, or `override_source` (Jinja source, or `"chatml"`), with
+    /// tools, reasoning and template options, through llama.cpp's chat layer, as its server
+    /// renders chats: backend `source` with feature `jinja`.
+    Jinja { override_source: Option<String> },
 }
 
 /// Where a model's layers go.
@@ -145,7 +163,24 @@ pub struct SamplingParams {
     /// A GBNF grammar (rule `root` first) every generated token must fit, checked the way
     /// llama.cpp's server does (see `llama::SamplerChain::constrain`). Backend `source` only.
     pub grammar: Option<String>,
+    /// When the grammar starts to apply.
+    pub grammar_start: GrammarStart,
     pub seed: u32,
+}
+
+/// When [`SamplingParams::grammar`] starts to apply.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum GrammarStart {
+    /// From the first generated token.
+    #[default]
+    Immediately,
+    /// From the first generated token, the grammar having read these tokens first: the end of
+    /// the prompt that a chat format's grammar starts with (the opening of the assistant's turn).
+    AfterPrefill(Vec<TokenId>),
+    /// Once the output matches one of `patterns` (regular expressions matched from the output's
+    /// start; the grammar reads from the first group on) or one of `tokens` is drawn: a tool call
+    /// starting, where the reply may also be prose.
+    Lazy { patterns: Vec<String>, tokens: Vec<TokenId> },
 }
 
 impl Default for SamplingParams {
@@ -161,6 +196,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             logit_bias: Vec::new(),
             grammar: None,
+            grammar_start: GrammarStart::Immediately,
             seed: 0,
         }
     }
@@ -310,7 +346,8 @@ pub enum Prompt {
     /// control token (a user cannot forge turns by typing `<end_of_turn>`), unless
     /// `specials_in_messages`: that lets whoever writes a message forge turns, so it is only for
     /// trusted callers who build raw prompts through messages.
-    Chat { messages: Vec<ChatMessage>, specials_in_messages: bool },
+    /// `options` (tools, ...) need [`ChatTemplating::Jinja`] unless they are the defaults.
+    Chat { messages: Vec<ChatMessage>, specials_in_messages: bool, options: ChatOptions },
     /// Token ids, decoded as they are.
     Tokens(Vec<TokenId>),
 }
@@ -323,7 +360,12 @@ impl Prompt {
 
     /// A chat whose message contents stay text.
     pub fn chat(messages: impl Into<Vec<ChatMessage>>) -> Self {
-        Prompt::Chat { messages: messages.into(), specials_in_messages: false }
+        Prompt::Chat { messages: messages.into(), specials_in_messages: false, options: ChatOptions::default() }
+    }
+
+    /// A chat with tools or template options.
+    pub fn chat_with(messages: impl Into<Vec<ChatMessage>>, options: ChatOptions) -> Self {
+        Prompt::Chat { messages: messages.into(), specials_in_messages: false, options }
     }
 }
 
@@ -342,6 +384,12 @@ pub struct GenerateOptions {
     /// Record each drawn token's log-probability and those of its `n` likeliest alternatives
     /// (at most 20) in [`crate::outcome::Completion::logprobs`], as OpenAI's `logprobs` asks.
     pub logprobs: Option<usize>,
+    /// Special tokens written into the text as their text rather than left out: a chat format's
+    /// tool-call markers, which its parser reads (set by a chat with tools).
+    pub preserved_tokens: Vec<TokenId>,
+    /// Never draw an end-of-generation token: the text ends at `max_tokens`, a stop sequence or
+    /// a full context.
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateOptions {
@@ -353,6 +401,8 @@ impl Default for GenerateOptions {
             cancel: None,
             speculation: Speculation::Off,
             logprobs: None,
+            preserved_tokens: Vec::new(),
+            ignore_eos: false,
         }
     }
 }

@@ -72,6 +72,11 @@ pub enum EngineError {
     Tokenize(#[source] Cause),
     #[error("chat template: {0}")]
     ChatTemplate(#[source] Cause),
+    /// A chat the model's Jinja template could not render (a bad tool, a `tool_choice` naming no
+    /// tool, a template that fails on these messages), or a template that does not parse:
+    /// `field` names the request field at fault.
+    #[error("{field}: {source}")]
+    Chat { field: &'static str, source: Cause },
     #[error("decode failed ({kind}): {source}")]
     Decode { kind: DecodeFailure, source: Cause },
     #[error("sampler: {0}")]

@@ -36,17 +36,20 @@ mod scheduler;
 pub mod serving;
 mod speculative;
 mod stop;
+mod templates;
 mod token;
 mod token_text;
 
 pub use backend::LlamaLogLevel;
-pub use chat::ChatMessage;
+pub use chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, ReasoningFormat, Tool, ToolCall, ToolChoice};
 pub use config::{
-    CancelToken, EngineConfig, GenerateOptions, GenerateRequest, Placement, Prompt, SamplerStage, SamplingParams, SessionConfig, Speculation,
+    CancelToken, ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, GrammarStart, Placement, Prompt, SamplerStage, SamplingParams,
+    SessionConfig, Speculation,
 };
 pub use engine::{Engine, Generation, Session, TokenizeOptions, set_llama_log_level};
 pub use error::{Cause, DecodeFailure, EngineError, Result};
 pub use outcome::{Completion, FinishReason, GenerationStats};
+pub use templates::ReplyParser;
 pub use token::{TokenId, TokenLogprobs};
 // One UTF-8 stream decoder for the whole workspace, from a crate of its own: the `crate`
 // backend must not link llama-sys, so it cannot come through `llama`.

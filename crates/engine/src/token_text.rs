@@ -18,15 +18,18 @@ pub(crate) struct TokenText {
     piece: Vec<u8>,
     /// The complete characters those bytes finished.
     decoded: String,
+    /// Special tokens written as their text.
+    preserved: Vec<TokenId>,
 }
 
 impl TokenText {
-    pub(crate) fn new(stop: &[String]) -> Self {
+    pub(crate) fn new(stop: &[String], preserved: Vec<TokenId>) -> Self {
         TokenText {
             stop: StopMatcher::new(stop),
             utf8: Utf8Decoder::new(),
             piece: Vec::with_capacity(TOKEN_TEXT_CAPACITY),
             decoded: String::with_capacity(TOKEN_TEXT_CAPACITY),
+            preserved,
         }
     }
 
@@ -34,7 +37,7 @@ impl TokenText {
     /// sequence. True when a stop sequence has ended the text (the stop text is not emitted).
     pub(crate) fn push(&mut self, model: &impl BackendModel, token: TokenId, delta: &mut String) -> Result<bool, EngineError> {
         self.piece.clear();
-        model.piece(token, &mut self.piece)?;
+        model.piece(token, self.preserved.contains(&token), &mut self.piece)?;
         self.decoded.clear();
         self.utf8.push(&self.piece, &mut self.decoded);
         Ok(self.stop.push(&self.decoded, delta) == StopScan::Stop)

@@ -115,7 +115,7 @@ pub fn write_project_include(root: &Path, scripts: &[PathBuf]) -> std::io::Resul
     Ok(Some(path))
 }
 
-fn apply(text: &str, edit: &Edit) -> Result<String, String> {
+pub fn apply(text: &str, edit: &Edit) -> Result<String, String> {
     match text.matches(edit.anchor).count() {
         1 => Ok(text.replacen(edit.anchor, edit.replacement, 1)),
         0 => Err(format!("the text to patch is not there (another llama.cpp version?): {:?}", first_line(edit.anchor))),
@@ -127,8 +127,8 @@ pub fn first_line(text: &str) -> &str {
     text.lines().find(|l| !l.trim().is_empty()).unwrap_or(text).trim()
 }
 
-/// Rewriting an unchanged file would make CMake recompile it.
-fn write_if_changed(path: &Path, text: &str) -> std::io::Result<()> {
+/// Rewriting an unchanged file would make CMake (or cc's change check) recompile it.
+pub fn write_if_changed(path: &Path, text: &str) -> std::io::Result<()> {
     if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
         return Ok(());
     }

@@ -15,6 +15,10 @@
 
 struct exsa_chat_templates {
     common_chat_templates_ptr templates;
+    // llama-server's defaults for what a request leaves out, worked out once: thinking on where
+    // the template has it, parallel calls where it can render them.
+    bool thinking_by_default;
+    bool parallel_by_default;
 };
 
 namespace {
@@ -49,7 +53,9 @@ const char * trigger_type_name(common_grammar_trigger_type type) {
     return "unknown";
 }
 
-common_chat_templates_inputs parse_request(const char * request_json) {
+// What a request leaves out takes llama-server's defaults (`templates`'), so that a request renders
+// as llama-server renders it.
+common_chat_templates_inputs parse_request(const char * request_json, const exsa_chat_templates & templates) {
     const common_json request = common_json::parse(request_json);
     if (!request.is_object()) {
         throw std::invalid_argument("the request is not a JSON object");
@@ -65,12 +71,14 @@ common_chat_templates_inputs parse_request(const char * request_json) {
     if (request.contains("tool_choice")) {
         inputs.tool_choice = common_chat_tool_choice_parse_oaicompat(request.at("tool_choice").get<std::string>());
     }
-    inputs.parallel_tool_calls   = request.value("parallel_tool_calls", false);
+    inputs.parallel_tool_calls   = request.value("parallel_tool_calls", templates.parallel_by_default);
     inputs.add_generation_prompt = request.value("add_generation_prompt", true);
     if (request.contains("reasoning_format")) {
         inputs.reasoning_format = common_reasoning_format_from_name(request.at("reasoning_format").get<std::string>());
     }
-    inputs.enable_thinking = request.value("enable_thinking", true);
+    inputs.enable_thinking = request.value("enable_thinking", templates.thinking_by_default);
+    // llama-server keeps earlier turns' reasoning where the template can (its default).
+    inputs.chat_template_kwargs["preserve_reasoning"] = "true";
     if (request.contains("chat_template_kwargs")) {
         const common_json & kwargs = request.at("chat_template_kwargs");
         if (!kwargs.is_object()) {
@@ -78,6 +86,13 @@ common_chat_templates_inputs parse_request(const char * request_json) {
         }
         for (const auto & [key, value] : kwargs.items()) {
             inputs.chat_template_kwargs[key] = value.dump();
+        }
+        // As llama-server reads it: the kwarg switches thinking too.
+        if (kwargs.contains("enable_thinking")) {
+            if (!kwargs.at("enable_thinking").is_boolean()) {
+                throw std::invalid_argument("\"enable_thinking\" in chat_template_kwargs is not a boolean");
+            }
+            inputs.enable_thinking = kwargs.at("enable_thinking").get<bool>();
         }
     }
     if (request.contains("json_schema") && !request.at("json_schema").is_null()) {
@@ -172,12 +187,48 @@ int32_t exsa_chat_templates_init(const llama_model * model, const char * overrid
         if (!templates) {
             throw std::runtime_error("llama.cpp gave no chat template");
         }
-        *out = new exsa_chat_templates{ std::move(templates) };
+        const bool thinking = common_chat_templates_support_enable_thinking(templates.get());
+        const bool parallel = common_chat_templates_get_caps(templates.get())["supports_parallel_tool_calls"];
+        *out = new exsa_chat_templates{ std::move(templates), thinking, parallel };
     });
 }
 
 void exsa_chat_templates_free(exsa_chat_templates * templates) {
     delete templates;
+}
+
+int32_t exsa_chat_templates_caps(const exsa_chat_templates * templates, char ** caps_json, exsa_error * err) {
+    if (templates == nullptr || caps_json == nullptr) {
+        exsa::set_error(err, "exsa_chat_templates_caps: a null argument");
+        return EXSA_CHAT_BAD_REQUEST;
+    }
+    *caps_json = nullptr;
+    return exsa::fatal_guarded(err, [&] {
+        common_json out = common_json::object();
+        for (const auto & [name, value] : common_chat_templates_get_caps(templates->templates.get())) {
+            out[name] = value;
+        }
+        *caps_json = to_c_string(out.dump());
+    });
+}
+
+int32_t exsa_chat_json_schema_to_grammar(const char * schema_json, char ** grammar, exsa_error * err) {
+    if (schema_json == nullptr || grammar == nullptr) {
+        exsa::set_error(err, "exsa_chat_json_schema_to_grammar: a null argument");
+        return EXSA_CHAT_BAD_REQUEST;
+    }
+    *grammar = nullptr;
+    common_json schema;
+    int32_t code = stage(EXSA_CHAT_BAD_REQUEST, err, [&] { schema = common_json::parse(schema_json); });
+    if (code != EXSA_OK) {
+        return code;
+    }
+    std::string text;
+    code = stage(EXSA_CHAT_SCHEMA, err, [&] { text = json_schema_to_grammar(schema); });
+    if (code != EXSA_OK) {
+        return code;
+    }
+    return exsa::fatal_guarded(err, [&] { *grammar = to_c_string(text); });
 }
 
 int32_t exsa_chat_apply(const exsa_chat_templates * templates, const char * request_json, char ** result, exsa_error * err) {
@@ -187,7 +238,7 @@ int32_t exsa_chat_apply(const exsa_chat_templates * templates, const char * requ
     }
     *result = nullptr;
     common_chat_templates_inputs inputs;
-    int32_t code = stage(EXSA_CHAT_BAD_REQUEST, err, [&] { inputs = parse_request(request_json); });
+    int32_t code = stage(EXSA_CHAT_BAD_REQUEST, err, [&] { inputs = parse_request(request_json, *templates); });
     if (code != EXSA_OK) {
         return code;
     }

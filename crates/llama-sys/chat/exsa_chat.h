@@ -25,11 +25,21 @@ int32_t exsa_chat_templates_init(const struct llama_model * model, const char * 
                                  exsa_error * err);
 void exsa_chat_templates_free(exsa_chat_templates * templates);
 
+// What the template can do, as llama.cpp's server reports it in /props: {"supports_tools": bool,
+// "supports_tool_calls", "supports_system_role", "supports_parallel_tool_calls", ...}.
+int32_t exsa_chat_templates_caps(const exsa_chat_templates * templates, char ** caps_json, exsa_error * err);
+
+// The GBNF grammar (rule "root") of a JSON schema, by llama.cpp's converter (the one its server
+// uses for response_format and tool parameters). EXSA_CHAT_SCHEMA when the schema cannot be one.
+int32_t exsa_chat_json_schema_to_grammar(const char * schema_json, char ** grammar, exsa_error * err);
+
 // Renders an OpenAI-shaped request:
 //   {"messages": [...], "tools": [...], "tool_choice": "auto"|"none"|"required",
-//    "parallel_tool_calls": bool, "add_generation_prompt": bool, "reasoning_format": "none"|"auto"|...,
+//    "parallel_tool_calls": bool (default: whether the template can), "add_generation_prompt": bool, "reasoning_format": "none"|"auto"|...,
 //    "enable_thinking": bool, "chat_template_kwargs": {...}, "json_schema": {...}, "grammar": "..."}
-// (all but "messages" optional) into
+// (all but "messages" optional; what is left out takes llama-server's defaults: thinking where the
+// template has it, "preserve_reasoning": true among the kwargs, whose "enable_thinking" switches
+// thinking too) into
 //   {"prompt", "format", "format_name", "grammar", "grammar_lazy", "generation_prompt",
 //    "grammar_triggers": [{"type": "token"|"word"|"pattern"|"pattern_full", "value", "token"}],
 //    "preserved_tokens": [...], "additional_stops": [...], "parser", "supports_thinking",

@@ -135,6 +135,16 @@ int32_t exsa_sampler_init_grammar(const llama_vocab * vocab, const char * gramma
     return guarded(err, [&] { *out = llama_sampler_init_grammar(vocab, grammar_str, grammar_root); });
 }
 
+int32_t exsa_sampler_init_grammar_lazy(const llama_vocab * vocab, const char * grammar_str, const char * grammar_root,
+                                       const char ** trigger_patterns, size_t num_trigger_patterns,
+                                       const llama_token * trigger_tokens, size_t num_trigger_tokens, llama_sampler ** out,
+                                       exsa_error * err) {
+    return guarded(err, [&] {
+        *out = llama_sampler_init_grammar_lazy_patterns(vocab, grammar_str, grammar_root, trigger_patterns, num_trigger_patterns,
+                                                        trigger_tokens, num_trigger_tokens);
+    });
+}
+
 int32_t exsa_sampler_init_dry(const llama_vocab * vocab, float multiplier, float base,
                               int32_t allowed_length, int32_t penalty_last_n, const char ** seq_breakers,
                               size_t num_breakers, llama_sampler ** out, exsa_error * err) {

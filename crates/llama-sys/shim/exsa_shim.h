@@ -35,6 +35,13 @@ int32_t exsa_chat_apply_template(const char * tmpl, const struct llama_chat_mess
 
 int32_t exsa_sampler_init_grammar(const struct llama_vocab * vocab, const char * grammar_str, const char * grammar_root,
                                   struct llama_sampler ** out, exsa_error * err);
+// A grammar that applies only once the output matches one of `trigger_patterns` (regular
+// expressions, matched from the output's start; the grammar reads from the first match group) or
+// one of `trigger_tokens` is drawn. A pattern that is not a regular expression throws (caught).
+int32_t exsa_sampler_init_grammar_lazy(const struct llama_vocab * vocab, const char * grammar_str, const char * grammar_root,
+                                       const char ** trigger_patterns, size_t num_trigger_patterns,
+                                       const llama_token * trigger_tokens, size_t num_trigger_tokens,
+                                       struct llama_sampler ** out, exsa_error * err);
 int32_t exsa_sampler_init_dry(const struct llama_vocab * vocab, float multiplier, float base,
                               int32_t allowed_length, int32_t penalty_last_n, const char ** seq_breakers,
                               size_t num_breakers, struct llama_sampler ** out, exsa_error * err);

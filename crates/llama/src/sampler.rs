@@ -13,19 +13,71 @@ use crate::{backend, sys, top_k};
 #[derive(Clone, Debug, PartialEq)]
 enum Stage {
     Greedy,
-    Dist { seed: u32 },
-    Temp { t: f32 },
-    TopK { k: i32 },
-    TopP { p: f32, min_keep: usize },
-    MinP { p: f32, min_keep: usize },
-    Typical { p: f32, min_keep: usize },
-    Xtc { p: f32, t: f32, min_keep: usize, seed: u32 },
-    Penalties { last_n: i32, repeat: f32, freq: f32, present: f32 },
-    Dry { multiplier: f32, base: f32, allowed_length: i32, last_n: i32, breakers: Vec<String> },
-    Mirostat { seed: u32, tau: f32, eta: f32, m: i32 },
-    MirostatV2 { seed: u32, tau: f32, eta: f32 },
-    Grammar { grammar: String, root: String },
-    LogitBias { biases: Vec<(Token, f32)> },
+    Dist {
+        seed: u32,
+    },
+    Temp {
+        t: f32,
+    },
+    TopK {
+        k: i32,
+    },
+    TopP {
+        p: f32,
+        min_keep: usize,
+    },
+    MinP {
+        p: f32,
+        min_keep: usize,
+    },
+    Typical {
+        p: f32,
+        min_keep: usize,
+    },
+    Xtc {
+        p: f32,
+        t: f32,
+        min_keep: usize,
+        seed: u32,
+    },
+    Penalties {
+        last_n: i32,
+        repeat: f32,
+        freq: f32,
+        present: f32,
+    },
+    Dry {
+        multiplier: f32,
+        base: f32,
+        allowed_length: i32,
+        last_n: i32,
+        breakers: Vec<String>,
+    },
+    Mirostat {
+        seed: u32,
+        tau: f32,
+        eta: f32,
+        m: i32,
+    },
+    MirostatV2 {
+        seed: u32,
+        tau: f32,
+        eta: f32,
+    },
+    Grammar {
+        grammar: String,
+        root: String,
+    },
+    /// A grammar that applies from a trigger on (only as a constraint, see
+    /// [`SamplerChain::constrain_lazy`]).
+    LazyGrammar {
+        grammar: String,
+        root: String,
+        triggers: GrammarTriggers,
+    },
+    LogitBias {
+        biases: Vec<(Token, f32)>,
+    },
 }
 
 impl Stage {
@@ -44,6 +96,7 @@ impl Stage {
             Stage::Mirostat { .. } => "mirostat",
             Stage::MirostatV2 { .. } => "mirostat-v2",
             Stage::Grammar { .. } => "grammar",
+            Stage::LazyGrammar { .. } => "lazy grammar",
             Stage::LogitBias { .. } => "logit-bias",
         }
     }
@@ -61,8 +114,28 @@ impl Stage {
 pub struct SamplerChain {
     stages: Vec<Stage>,
     preselect: bool,
-    /// A grammar (GBNF text, root rule) checked outside the chain: see [`SamplerChain::constrain`].
-    constraint: Option<(String, String)>,
+    /// A grammar checked outside the chain: see [`SamplerChain::constrain`].
+    constraint: Option<Constraint>,
+}
+
+/// The grammar of [`SamplerChain::constrain`] or [`SamplerChain::constrain_lazy`], and the
+/// tokens it is fed before the first sample.
+#[derive(Clone, Debug, PartialEq)]
+struct Constraint {
+    stage: Stage,
+    prefill: Vec<Token>,
+}
+
+/// What wakes a lazy grammar ([`SamplerChain::constrain_lazy`]): until one of these, any token
+/// is allowed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GrammarTriggers {
+    /// Regular expressions (ECMAScript syntax, as `std::regex` reads them) matched against the
+    /// output from its start; the grammar then reads the output from the first match group on
+    /// (from the match on, when the pattern has no group).
+    pub patterns: Vec<String>,
+    /// Tokens that wake the grammar when drawn; the grammar reads from that token on.
+    pub tokens: Vec<Token>,
 }
 
 impl Default for SamplerChain {
@@ -163,7 +236,29 @@ impl SamplerChain {
     /// penalties or biases) both give the same tokens; a random chain draws from the grammar's
     /// tokens only when its first draw was refused.
     pub fn constrain(mut self, grammar: &str, root: &str) -> Self {
-        self.constraint = Some((grammar.to_string(), root.to_string()));
+        let stage = Stage::Grammar { grammar: grammar.to_string(), root: root.to_string() };
+        self.constraint = Some(Constraint { stage, prefill: Vec::new() });
+        self
+    }
+
+    /// [`constrain`](Self::constrain), with a grammar that applies only once the output
+    /// matches one of `triggers` (a tool call starting, in llama.cpp's chat formats): before
+    /// that, the chain samples freely.
+    pub fn constrain_lazy(mut self, grammar: &str, root: &str, triggers: GrammarTriggers) -> Self {
+        let stage = Stage::LazyGrammar { grammar: grammar.to_string(), root: root.to_string(), triggers };
+        self.constraint = Some(Constraint { stage, prefill: Vec::new() });
+        self
+    }
+
+    /// Tokens the constraint's grammar reads before the first sample (and again after a
+    /// [`Sampler::reset`]): text the prompt already ends with that the grammar starts with,
+    /// such as the opening of the assistant's turn in a chat format's grammar. A grammar that
+    /// cannot read them fails the build with [`SamplerError::Grammar`]. No effect without a
+    /// constraint.
+    pub fn prefill_constraint(mut self, tokens: &[Token]) -> Self {
+        if let Some(constraint) = &mut self.constraint {
+            constraint.prefill = tokens.to_vec();
+        }
         self
     }
 
@@ -189,11 +284,30 @@ impl SamplerChain {
         let chain = NonNull::new(unsafe { sys::llama_sampler_chain_init(params) }).ok_or(SamplerError::Llama("chain"))?;
         let n_vocab = usize::try_from(model.vocab().n_tokens()).unwrap_or(0);
         let preselect = if self.preselect { preselection(&self.stages, n_vocab) } else { None };
-        let mut sampler = Sampler { raw: chain, model, preselect, candidates: Vec::new(), grammars: Vec::new(), constraint: None, poisoned: false };
-        if let Some((grammar, root)) = &self.constraint {
-            let stage = Stage::Grammar { grammar: grammar.clone(), root: root.clone() };
+        let mut sampler = Sampler {
+            raw: chain,
+            model,
+            preselect,
+            candidates: Vec::new(),
+            grammars: Vec::new(),
+            constraint: None,
+            prefill: Vec::new(),
+            poisoned: false,
+        };
+        if let Some(Constraint { stage, prefill }) = &self.constraint {
+            validate(stage, model.vocab().n_tokens())?;
+            if let Some(bad) = prefill.iter().find(|t| !(0..model.vocab().n_tokens()).contains(&t.0)) {
+                return Err(SamplerError::InvalidParam {
+                    sampler: "grammar",
+                    name: "prefill",
+                    value: bad.0.to_string(),
+                    reason: "is outside the vocabulary",
+                });
+            }
             // Owned by the Sampler from here (freed on drop), not by the chain.
-            sampler.constraint = Some(create(&stage, model)?);
+            sampler.constraint = Some(create(stage, model)?);
+            sampler.prefill = prefill.clone();
+            sampler.feed_prefill().map_err(|e| SamplerError::Grammar { messages: crate::error::LlamaMessages(vec![e.to_string()]) })?;
         }
         for stage in &self.stages {
             let raw = create(stage, model)?;
@@ -240,6 +354,12 @@ fn validate(stage: &Stage, n_vocab: i32) -> Result<(), SamplerError> {
     let unit = |x: f32| x.is_finite() && (0.0..=1.0).contains(&x);
     match stage {
         Stage::Greedy | Stage::Dist { .. } | Stage::TopK { .. } | Stage::Grammar { .. } => Ok(()),
+        Stage::LazyGrammar { triggers, .. } => {
+            for token in &triggers.tokens {
+                check((0..n_vocab).contains(&token.0), "trigger token", token, "is outside the vocabulary")?;
+            }
+            check(!triggers.patterns.is_empty() || !triggers.tokens.is_empty(), "triggers", &triggers, "a lazy grammar needs a trigger")
+        }
         Stage::Temp { t } => check(t.is_finite() && *t >= 0.0, "t", t, "must be finite and >= 0"),
         Stage::TopP { p, .. } => check(unit(*p), "p", p, "must be within 0..=1"),
         Stage::MinP { p, .. } => check(unit(*p), "p", p, "must be within 0..=1"),
@@ -343,6 +463,35 @@ fn create(stage: &Stage, model: &Model) -> Result<NonNull<sys::llama_sampler>, S
                 guarded.map_err(|e| SamplerError::Grammar { messages: crate::error::LlamaMessages(vec![e.what]) })?;
                 (raw, Some(messages))
             }
+            Stage::LazyGrammar { grammar, root, triggers } => {
+                let g = CString::new(grammar.as_str()).map_err(|_| SamplerError::Nul("the grammar"))?;
+                let r = CString::new(root.as_str()).map_err(|_| SamplerError::Nul("the grammar root"))?;
+                let patterns = triggers
+                    .patterns
+                    .iter()
+                    .map(|p| CString::new(p.as_str()).map_err(|_| SamplerError::Nul("a grammar trigger")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut pattern_ptrs: Vec<*const std::ffi::c_char> = patterns.iter().map(|p| p.as_ptr()).collect();
+                let tokens: Vec<sys::llama_token> = triggers.tokens.iter().map(|t| t.0).collect();
+                let mut raw = std::ptr::null_mut();
+                let (guarded, messages) = backend::capture(|| {
+                    crate::cpp::guard("llama_sampler_init_grammar_lazy_patterns", |err| {
+                        sys::exsa_sampler_init_grammar_lazy(
+                            vocab.as_ptr(),
+                            g.as_ptr(),
+                            r.as_ptr(),
+                            pattern_ptrs.as_mut_ptr(),
+                            pattern_ptrs.len(),
+                            tokens.as_ptr(),
+                            tokens.len(),
+                            &mut raw,
+                            err,
+                        )
+                    })
+                });
+                guarded.map_err(|e| SamplerError::Grammar { messages: crate::error::LlamaMessages(vec![e.what]) })?;
+                (raw, Some(messages))
+            }
             Stage::LogitBias { biases } => {
                 let raw: Vec<sys::llama_logit_bias> = biases.iter().map(|(t, b)| sys::llama_logit_bias { token: t.0, bias: *b }).collect();
                 (sys::llama_sampler_init_logit_bias(n_vocab, raw.len() as i32, raw.as_ptr()), None)
@@ -372,6 +521,8 @@ pub struct Sampler<'m> {
     grammars: Vec<NonNull<sys::llama_sampler>>,
     /// The grammar of [`SamplerChain::constrain`], owned here (not by the chain).
     constraint: Option<NonNull<sys::llama_sampler>>,
+    /// What the constraint reads first ([`SamplerChain::prefill_constraint`]).
+    prefill: Vec<Token>,
     /// Set when llama.cpp threw inside the chain: its state (a grammar's stacks) may be broken,
     /// and using it again could abort. Cleared by a successful [`Sampler::reset`].
     poisoned: bool,
@@ -395,6 +546,18 @@ impl Sampler<'_> {
             self.poisoned = true;
             SamplerError::Exception(e)
         })
+    }
+
+    /// Feeds the prefill to the constraint.
+    fn feed_prefill(&mut self) -> Result<(), SamplerError> {
+        let Some(constraint) = self.constraint else { return Ok(()) };
+        for i in 0..self.prefill.len() {
+            let token = self.prefill[i].0;
+            // SAFETY: the constraint is live and owned by this sampler; the token is inside
+            // the vocabulary (checked at build).
+            self.guarded("llama_sampler_accept", |err| unsafe { sys::exsa_sampler_accept(constraint.as_ptr(), token, err) })?;
+        }
+        Ok(())
     }
 
     /// Whether every grammar stage of the chain can take `token` now: each is applied to a
@@ -539,15 +702,16 @@ impl Sampler<'_> {
         self.accept_into(self.raw, token.0)
     }
 
-    /// Resets the chain's state (penalty history, grammar; the RNG stays seeded as built), and
-    /// with it a sampler that [`SamplerError::Poisoned`] refused.
+    /// Resets the chain's state (penalty history, grammar; the RNG stays seeded as built; the
+    /// constraint reads its prefill again), and with it a sampler that
+    /// [`SamplerError::Poisoned`] refused.
     pub fn reset(&mut self) -> Result<(), SamplerError> {
         self.poisoned = false;
         for stage in [Some(self.raw), self.constraint].into_iter().flatten() {
             // SAFETY: live chain or constraint, owned by this sampler.
             self.guarded("llama_sampler_reset", |err| unsafe { sys::exsa_sampler_reset(stage.as_ptr(), err) })?;
         }
-        Ok(())
+        self.feed_prefill()
     }
 
     /// Number of stages.

@@ -231,3 +231,25 @@ fn a_missing_or_foreign_lora_adapter_is_an_error() {
     // The base model is GGUF but not an adapter.
     assert!(matches!(LoraAdapter::load(model(), model_path()), Err(LoraError::Load { .. })));
 }
+
+#[test]
+fn lazy_constraints_with_bad_triggers_or_prefills_are_typed_errors() {
+    let digits = r#"root ::= [0-9]"#;
+    // No trigger at all: the grammar could never apply.
+    let none = SamplerChain::new().constrain_lazy(digits, "root", GrammarTriggers::default()).greedy().build(model());
+    assert!(matches!(none, Err(SamplerError::InvalidParam { name: "triggers", .. })), "{none:?}");
+    // A trigger token outside the vocabulary.
+    let outside = GrammarTriggers { patterns: vec![], tokens: vec![Token(i32::MAX)] };
+    let err = SamplerChain::new().constrain_lazy(digits, "root", outside).greedy().build(model());
+    assert!(matches!(err, Err(SamplerError::InvalidParam { name: "trigger token", .. })), "{err:?}");
+    // A pattern std::regex cannot compile: llama.cpp throws, and that is an error, not an abort.
+    let broken = GrammarTriggers { patterns: vec!["([unclosed".into()], tokens: vec![] };
+    let err = SamplerChain::new().constrain_lazy(digits, "root", broken).greedy().build(model());
+    assert!(matches!(err, Err(SamplerError::Grammar { .. })), "{err:?}");
+    // A prefill the grammar cannot read, and one outside the vocabulary.
+    let letters = model().vocab().tokenize("abc", TokenizeOptions { add_special: false, parse_special: false }).unwrap();
+    let err = SamplerChain::new().constrain(digits, "root").prefill_constraint(&letters).greedy().build(model());
+    assert!(matches!(err, Err(SamplerError::Grammar { .. })), "{err:?}");
+    let err = SamplerChain::new().constrain(digits, "root").prefill_constraint(&[Token(-1)]).greedy().build(model());
+    assert!(matches!(err, Err(SamplerError::InvalidParam { name: "prefill", .. })), "{err:?}");
+}

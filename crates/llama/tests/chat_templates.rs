@@ -153,7 +153,14 @@ fn bad_templates_requests_and_schemas_are_typed_errors() {
     let err = templates.apply(&json!({ "tools": [weather_tool()] })).unwrap_err();
     assert!(matches!(err, ChatTemplateError::BadRequest(_)) && err.to_string().contains("messages"), "{err}");
     let err = templates.apply(&request("sometimes")).unwrap_err();
-    assert!(matches!(err, ChatTemplateError::BadRequest(_)), "{err}");
+    assert!(matches!(err, ChatTemplateError::Field { field: "tool_choice", .. }), "{err}");
+    let mut unknown = request("auto");
+    unknown["tool_choice"] = json!({ "type": "function", "function": { "name": "get_time" } });
+    let err = templates.apply(&unknown).unwrap_err();
+    assert!(matches!(err, ChatTemplateError::Field { field: "tool_choice", .. }) && err.to_string().contains("get_time"), "{err}");
+    let mut nameless = request("auto");
+    nameless["tools"][0]["function"].as_object_mut().unwrap().remove("name");
+    assert!(matches!(templates.apply(&nameless), Err(ChatTemplateError::Field { field: "tools", .. })));
     let mut bad_schema = request("auto");
     bad_schema["tools"][0]["function"]["parameters"] = json!({ "type": "object", "properties": { "city": { "type": "no-such-type" } } });
     let err = templates.apply(&bad_schema).unwrap_err();
@@ -167,4 +174,56 @@ fn bad_templates_requests_and_schemas_are_typed_errors() {
     let err = raising.apply(&json!({ "messages": [{ "role": "user", "content": "boom" }] })).unwrap_err();
     assert!(matches!(err, ChatTemplateError::Render(_)) && err.to_string().contains("boom was asked for"), "{err}");
     assert!(matches!(templates.apply(&json!({ "messages": "not a list" })), Err(ChatTemplateError::BadRequest(_))));
+}
+
+fn time_tool() -> serde_json::Value {
+    json!({ "type": "function", "function": { "name": "get_time", "parameters": { "type": "object", "properties": { "zone": { "type": "string" } } } } })
+}
+
+#[test]
+fn a_named_tool_choice_requires_that_tool_alone() {
+    let templates = ChatTemplates::from_source(&template("NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use")).unwrap();
+    let mut named = request("auto");
+    named["tools"] = json!([weather_tool(), time_tool()]);
+    named["tool_choice"] = json!({ "type": "function", "function": { "name": "get_time" } });
+    let prompt = templates.apply(&named).unwrap();
+    assert!(!prompt.grammar_lazy, "a required call is grammar-forced from the start: {prompt:?}");
+    assert!(prompt.grammar.contains("get_time") && !prompt.grammar.contains("get_weather"), "{}", prompt.grammar);
+}
+
+#[test]
+fn a_template_without_tools_gets_the_generic_json_format() {
+    let templates = ChatTemplates::from_source(&template("google-gemma-2-2b-it")).unwrap();
+    let caps = templates.caps();
+    assert!(!caps.supports_tools && !caps.supports_tool_calls, "{caps:?}");
+    let prompt = templates.apply(&request("required")).unwrap();
+    assert!(prompt.is_generic() && !prompt.grammar_lazy && prompt.generation_prompt.is_empty(), "{prompt:?}");
+    assert!(prompt.prompt.contains("You can call tools.") && prompt.prompt.contains("get_weather"), "{}", prompt.prompt);
+    // Gemma 2 has no system role: the instructions join the first user turn.
+    assert!(prompt.prompt.starts_with("<start_of_turn>user\n") || prompt.prompt.starts_with("<bos><start_of_turn>user\n"), "{}", prompt.prompt);
+    let call = prompt.parse(r#"{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}}"#, false).unwrap();
+    assert_eq!(call.tool_calls.len(), 1, "{call:?}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&call.tool_calls[0].arguments).unwrap(), json!({ "city": "Paris" }));
+    // tool_choice none: the same format, a response only.
+    let none = templates.apply(&request("none")).unwrap();
+    assert!(none.is_generic() && !none.grammar.contains("tool_call"), "{}", none.grammar);
+    assert_eq!(none.parse(r#"{"response": "Sunny."}"#, false).unwrap().content, "Sunny.");
+    // The schema a generic grammar is made from is llama.cpp's converter's: a bad one is an error.
+    assert!(matches!(json_schema_grammar(&json!({ "$ref": "#/nowhere" })), Err(ChatTemplateError::Schema(_))));
+    assert!(json_schema_grammar(&json!({ "type": "string", "pattern": "^a+$" })).unwrap().contains("root"));
+}
+
+#[test]
+fn reasoning_is_split_out_where_the_format_has_it() {
+    let templates = ChatTemplates::from_source(&template("Qwen-Qwen3-0.6B")).unwrap();
+    let chat = json!({ "messages": [{ "role": "user", "content": "Hi" }], "reasoning_format": "auto" });
+    let prompt = templates.apply(&chat).unwrap();
+    assert!(prompt.supports_thinking, "{prompt:?}");
+    let reply = prompt.parse("<think>\nLet me think.\n</think>\n\nHello!", false).unwrap();
+    assert_eq!((reply.reasoning_content.trim(), reply.content.trim()), ("Let me think.", "Hello!"), "{reply:?}");
+    let mut inline = chat.clone();
+    inline["reasoning_format"] = json!("none");
+    let prompt = templates.apply(&inline).unwrap();
+    let reply = prompt.parse("<think>\nLet me think.\n</think>\n\nHello!", false).unwrap();
+    assert!(reply.reasoning_content.is_empty() && reply.content.contains("<think>"), "{reply:?}");
 }

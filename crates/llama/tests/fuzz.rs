@@ -1,7 +1,9 @@
 //! Randomized use of the safe API on the default model: random sampler chains (stages,
 //! parameters, grammars that reject everything), random accepts, random batch shapes, sequence
-//! ids and positions, random memory and state operations, and GGUF headers with flipped bytes,
-//! huge counts and truncations. Each case must either work or return a typed error.
+//! ids and positions, random memory and state operations, GGUF headers with flipped bytes,
+//! huge counts and truncations, and (feature `chat`) the real chat templates of llama.cpp's corpus
+//! mutated, rendered with random messages and tools, their replies parsed from random text. Each
+//! case must either work or return a typed error.
 //!
 //! An abort cannot be caught in-process, so the test re-runs this binary once per group as a
 //! child and checks how the child ended: a signal (SIGABRT, SIGSEGV) fails the test with the
@@ -24,7 +26,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
 const GROUP_VAR: &str = "LLAMA_FUZZ_GROUP";
-const GROUPS: [&str; 3] = ["samplers", "batches", "gguf"];
+#[cfg(not(feature = "chat"))]
+const GROUPS: &[&str] = &["samplers", "batches", "gguf"];
+#[cfg(feature = "chat")]
+const GROUPS: &[&str] = &["samplers", "batches", "gguf", "templates"];
 
 #[test]
 fn random_api_use_never_aborts() {
@@ -36,7 +41,7 @@ fn random_api_use_never_aborts() {
         GROUPS.iter().for_each(|g| run_group(g));
         return;
     }
-    for group in GROUPS {
+    for &group in GROUPS {
         let output = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "random_api_use_never_aborts", "--nocapture", "--test-threads=1"])
             .env(GROUP_VAR, group)
@@ -96,6 +101,7 @@ fn run_group(group: &str) {
     let (default_cases, default_seconds) = match group {
         "samplers" => (1500, 60),
         "batches" => (800, 60),
+        "templates" => (1500, 30),
         _ => (120, 60),
     };
     let cases = env_num("LLAMA_FUZZ_CASES", default_cases) as u32;
@@ -155,6 +161,20 @@ fn run_group(group: &str) {
             // A model-sized file: not left behind.
             let _ = std::fs::remove_file(&path);
             result
+        }
+        #[cfg(feature = "chat")]
+        "templates" => {
+            let corpus = templates::corpus();
+            runner
+                .run(&templates::case(corpus.len()), |case| {
+                    if started.elapsed() < budget {
+                        let mut tally = tally.borrow_mut();
+                        tally.cases += 1;
+                        templates::run_case(&case, &corpus, &mut tally);
+                    }
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())
         }
         other => panic!("unknown fuzz group {other}"),
     };
@@ -458,4 +478,207 @@ fn run_gguf_case(mutations: &[Mutation], pristine: &[u8], path: &std::path::Path
     }
     file.seek(SeekFrom::Start(0)).unwrap();
     file.write_all(&pristine[..head_len]).unwrap();
+}
+
+// ---- chat templates -------------------------------------------------------------------------
+
+#[cfg(feature = "chat")]
+mod templates {
+    use llama::chat_templates::ChatTemplates;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::Tally;
+
+    /// The Jinja templates of llama.cpp's corpus (`EXSA_CHAT_TEMPLATES`), in name order.
+    pub fn corpus() -> Vec<String> {
+        let dir = std::env::var("EXSA_CHAT_TEMPLATES").expect("EXSA_CHAT_TEMPLATES is set by .cargo/config.toml");
+        let mut paths: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{dir}: {e} (run `cargo xtask test`, which unpacks the corpus)"))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jinja"))
+            .collect();
+        paths.sort();
+        paths.iter().map(|p| std::fs::read_to_string(p).unwrap()).collect()
+    }
+
+    #[derive(Clone, Debug)]
+    pub enum Edit {
+        /// Remove `len` bytes at a fraction of the text (rounded to a character boundary).
+        Delete(f64, usize),
+        /// Insert one of [`PIECES`] there.
+        Insert(f64, usize),
+        /// Repeat `len` bytes from there.
+        Duplicate(f64, usize),
+    }
+
+    /// Jinja syntax to break templates with.
+    const PIECES: &[&str] = &[
+        "{%",
+        "%}",
+        "{{",
+        "}}",
+        "{#",
+        "#}",
+        "{% endfor %}",
+        "{% endif %}",
+        "{% if x %}",
+        "{% for m in messages %}",
+        "|",
+        "|tojson",
+        "(",
+        ")",
+        "[",
+        "]",
+        "'",
+        "\"",
+        ".",
+        ",",
+        "loop.",
+        "namespace(",
+        "raise_exception('boom')",
+        "none",
+        "messages[-1]",
+        "[::-1]",
+        "~",
+        "{% set x = ",
+        "{% macro m() %}",
+        "{% endmacro %}",
+        "m()",
+        "tools",
+        "tool_calls",
+        "\\",
+        "\u{0}",
+    ];
+
+    /// Message contents, tool arguments and reply texts: markup of several formats, odd text.
+    const TEXTS: &[&str] = &[
+        "hello",
+        "",
+        " ",
+        "<|im_end|>\n<|im_start|>system",
+        "<start_of_turn>model",
+        "{{ 7 * 7 }}",
+        "{% raise_exception('x') %}",
+        "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": 1}}</tool_call>",
+        "<|tool_call_start|>[f(a=1)]<|tool_call_end|>",
+        "<think>hm</think>answer",
+        "[TOOL_CALLS]f[ARGS]{}",
+        "{\"tool_call\": {\"name\": \"f\", \"arguments\": {",
+        "\u{fffd}\u{1F600}",
+        "{",
+        "}",
+        "\\",
+        "\"",
+        "null",
+    ];
+    const ROLES: &[&str] = &["system", "user", "assistant", "tool", "developer", "model", ""];
+    const CHOICES: &[&str] = &["auto", "none", "required", "named", "bogus"];
+
+    #[derive(Clone, Debug)]
+    pub struct Case {
+        template: usize,
+        edits: Vec<Edit>,
+        /// (role, content, with a tool call) per message.
+        messages: Vec<(usize, usize, bool)>,
+        tools: bool,
+        choice: usize,
+        parallel: bool,
+        reply: usize,
+        cut: f64,
+    }
+
+    pub fn case(n_templates: usize) -> impl Strategy<Value = Case> {
+        let edit = prop_oneof![
+            (0.0..1.0f64, 0usize..40).prop_map(|(at, n)| Edit::Delete(at, n)),
+            (0.0..1.0f64, 0..PIECES.len()).prop_map(|(at, i)| Edit::Insert(at, i)),
+            (0.0..1.0f64, 0usize..60).prop_map(|(at, n)| Edit::Duplicate(at, n)),
+        ];
+        let message = (0..ROLES.len(), 0..TEXTS.len(), any::<bool>());
+        (
+            0..n_templates,
+            prop::collection::vec(edit, 0..3),
+            prop::collection::vec(message, 0..6),
+            any::<bool>(),
+            0..CHOICES.len(),
+            any::<bool>(),
+            0..TEXTS.len(),
+            0.0..1.0f64,
+        )
+            .prop_map(|(template, edits, messages, tools, choice, parallel, reply, cut)| Case {
+                template,
+                edits,
+                messages,
+                tools,
+                choice,
+                parallel,
+                reply,
+                cut,
+            })
+    }
+
+    /// The byte offset at `fraction` of `text`, moved back to a character boundary.
+    fn offset(text: &str, fraction: f64) -> usize {
+        let mut at = ((text.len() as f64) * fraction) as usize;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        at
+    }
+
+    fn edited(source: &str, edits: &[Edit]) -> String {
+        let mut text = source.to_owned();
+        for edit in edits {
+            match *edit {
+                Edit::Delete(at, n) => {
+                    let start = offset(&text, at);
+                    let end = offset(&text, ((start + n) as f64 / text.len().max(1) as f64).min(1.0)).max(start);
+                    text.replace_range(start..end, "");
+                }
+                Edit::Insert(at, i) => {
+                    let at = offset(&text, at);
+                    text.insert_str(at, PIECES[i]);
+                }
+                Edit::Duplicate(at, n) => {
+                    let start = offset(&text, at);
+                    let end = offset(&text, ((start + n) as f64 / text.len().max(1) as f64).min(1.0)).max(start);
+                    let copy = text[start..end].to_owned();
+                    text.insert_str(end, &copy);
+                }
+            }
+        }
+        text
+    }
+
+    pub fn run_case(case: &Case, corpus: &[String], tally: &mut Tally) {
+        let source = edited(&corpus[case.template], &case.edits);
+        let Some(templates) = tally.note(ChatTemplates::from_source(&source)) else { return };
+        let messages: Vec<Value> = case
+            .messages
+            .iter()
+            .map(|&(role, text, call)| {
+                let mut m = json!({ "role": ROLES[role], "content": TEXTS[text] });
+                if call {
+                    m["tool_calls"] = json!([{ "id": "c1", "type": "function", "function": { "name": "f", "arguments": TEXTS[text] } }]);
+                    m["tool_call_id"] = json!("c1");
+                }
+                m
+            })
+            .collect();
+        let mut request = json!({ "messages": messages, "parallel_tool_calls": case.parallel });
+        if case.tools {
+            request["tools"] = json!([{ "type": "function", "function": { "name": "f", "parameters": { "type": "object", "properties": { "a": { "type": "integer" } } } } }]);
+        }
+        request["tool_choice"] = match CHOICES[case.choice] {
+            "named" => json!({ "type": "function", "function": { "name": "f" } }),
+            other => json!(other),
+        };
+        let Some(prompt) = tally.note(templates.apply(&request)) else { return };
+        let reply = TEXTS[case.reply];
+        let partial = &reply[..offset(reply, case.cut)];
+        let previous = tally.note(prompt.parse(partial, true)).unwrap_or_default();
+        if let Some(whole) = tally.note(prompt.parse(reply, false)) {
+            drop(tally.note(whole.deltas_since(&previous)));
+        }
+    }
 }

@@ -527,3 +527,37 @@ fn quantize_writes_a_loadable_model() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     std::fs::remove_file(out).unwrap();
 }
+
+#[test]
+fn a_lazy_constraint_is_free_until_its_trigger_then_holds() {
+    let vocab = model().vocab();
+    let free = generate_with(&mut SamplerChain::new().greedy().build(model()).unwrap(), POEM, 6);
+    // A pattern that never matches: the output is the unconstrained one.
+    let never = GrammarTriggers { patterns: vec!["^NEVER_WRITTEN$".into()], tokens: vec![] };
+    let mut asleep = SamplerChain::new().constrain_lazy(DIGITS, "root", never).greedy().build(model()).unwrap();
+    assert_eq!(generate_with(&mut asleep, POEM, 6), free);
+    // Triggered by the first token the free chain draws: the grammar reads from that token on,
+    // so a grammar starting with its text and then digits makes the rest digits.
+    let first = String::from_utf8(vocab.piece(free[0], false).unwrap()).unwrap();
+    let escaped: String = first.chars().map(|c| if c == '"' || c == '\\' { format!("\\{c}") } else { c.to_string() }).collect();
+    let grammar = format!(r#"root ::= "{escaped}" [0-9] [0-9] "!""#);
+    let on_first = GrammarTriggers { patterns: vec![], tokens: vec![free[0]] };
+    let mut woken = SamplerChain::new().constrain_lazy(&grammar, "root", on_first).greedy().build(model()).unwrap();
+    let out = generate_with(&mut woken, POEM, 8);
+    assert_eq!(out[0], free[0]);
+    let text = vocab.detokenize(&out[1..], DetokenizeOptions::default()).unwrap();
+    assert!(is_digits(&text, 2), "{text:?}");
+}
+
+#[test]
+fn a_prefilled_constraint_reads_its_prefill_first_and_again_after_reset() {
+    let vocab = model().vocab();
+    let open = vocab.tokenize("Sure:", TokenizeOptions { add_special: false, parse_special: false }).unwrap();
+    let grammar = r#"root ::= "Sure:" [0-9] [0-9] "!""#;
+    let mut sampler = SamplerChain::new().constrain(grammar, "root").prefill_constraint(&open).greedy().build(model()).unwrap();
+    let text = vocab.detokenize(&generate_with(&mut sampler, POEM, 6), DetokenizeOptions::default()).unwrap();
+    assert!(is_digits(&text, 2), "{text:?}");
+    sampler.reset().unwrap();
+    let again = vocab.detokenize(&generate_with(&mut sampler, POEM, 6), DetokenizeOptions::default()).unwrap();
+    assert_eq!(again, text);
+}

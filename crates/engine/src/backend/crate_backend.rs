@@ -111,11 +111,11 @@ impl BackendModel for CrateModel {
         Ok(())
     }
 
-    fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
+    fn piece(&self, token: TokenId, special: bool, out: &mut Vec<u8>) -> Result<(), EngineError> {
         if !(0..self.model.n_vocab()).contains(&token) {
             return Err(EngineError::Tokenize(cause(format!("token {token} is outside the vocabulary"))));
         }
-        self.model.vocab().token_to_piece_into(LlamaToken(token), out, false, None);
+        self.model.vocab().token_to_piece_into(LlamaToken(token), out, special, None);
         Ok(())
     }
 

@@ -112,8 +112,9 @@ pub trait BackendModel: Send + Sync + Sized {
 
     fn info(&self) -> ModelInfo;
     fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError>;
-    /// Appends the bytes of a token's text (special tokens rendered as empty).
-    fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError>;
+    /// Appends the bytes of a token's text; special tokens render as empty unless `special`
+    /// (a chat format's tool-call markers, which its parser reads).
+    fn piece(&self, token: TokenId, special: bool, out: &mut Vec<u8>) -> Result<(), EngineError>;
     fn is_eog(&self, token: TokenId) -> bool;
     fn bos(&self) -> TokenId;
     fn n_vocab(&self) -> i32;

@@ -202,7 +202,7 @@ impl BackendModel for RawModel {
         Err(EngineError::Tokenize(cause("llama_tokenize failed")))
     }
 
-    fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
+    fn piece(&self, token: TokenId, special: bool, out: &mut Vec<u8>) -> Result<(), EngineError> {
         if !(0..self.n_vocab()).contains(&token) {
             return Err(EngineError::Tokenize(cause(format!("token {token} is outside the vocabulary"))));
         }
@@ -210,7 +210,7 @@ impl BackendModel for RawModel {
         let mut n = 0;
         // SAFETY: buf is writable for its length; the token is in range.
         guarded("llama_token_to_piece", |err| unsafe {
-            sys::exsa_token_to_piece(self.vocab, token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, false, &mut n, err)
+            sys::exsa_token_to_piece(self.vocab, token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, special, &mut n, err)
         })?;
         if n >= 0 {
             out.extend_from_slice(&buf[..n as usize]);
@@ -222,7 +222,7 @@ impl BackendModel for RawModel {
         let mut again = 0;
         // SAFETY: out has -n writable bytes from `start`.
         guarded("llama_token_to_piece", |err| unsafe {
-            sys::exsa_token_to_piece(self.vocab, token, out[start..].as_mut_ptr().cast(), -n, 0, false, &mut again, err)
+            sys::exsa_token_to_piece(self.vocab, token, out[start..].as_mut_ptr().cast(), -n, 0, special, &mut again, err)
         })?;
         out.truncate(start + again.max(0) as usize);
         Ok(())

@@ -10,7 +10,7 @@ use llama::{
 };
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
-use crate::config::{Placement, SamplerStage, SamplingParams, SessionConfig};
+use crate::config::{GrammarStart, Placement, SamplerStage, SamplingParams, SessionConfig};
 use crate::error::{DecodeFailure, EngineError, cause};
 
 #[derive(Debug)]
@@ -84,6 +84,14 @@ pub struct SourceModel {
     model: Model,
 }
 
+impl SourceModel {
+    /// The safe wrapper's model (for its chat layer).
+    #[cfg_attr(not(feature = "jinja"), allow(dead_code))]
+    pub(crate) fn llama(&self) -> &Model {
+        &self.model
+    }
+}
+
 fn tokens(ids: &[TokenId]) -> &[Token] {
     // SAFETY: Token is repr(transparent) over i32, so the slices have the same layout.
     unsafe { std::slice::from_raw_parts(ids.as_ptr().cast(), ids.len()) }
@@ -129,8 +137,8 @@ impl BackendModel for SourceModel {
         result.map_err(|e| EngineError::Tokenize(cause(e)))
     }
 
-    fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
-        self.model.vocab().piece_into(Token(token), false, out).map_err(|e| EngineError::Tokenize(cause(e)))
+    fn piece(&self, token: TokenId, special: bool, out: &mut Vec<u8>) -> Result<(), EngineError> {
+        self.model.vocab().piece_into(Token(token), special, out).map_err(|e| EngineError::Tokenize(cause(e)))
     }
 
     fn is_eog(&self, token: TokenId) -> bool {
@@ -299,8 +307,13 @@ fn chain(p: &SamplingParams) -> SamplerChain {
         SamplerStage::Dist(seed) => chain.dist(seed),
         SamplerStage::Greedy => chain.greedy(),
     });
-    match &p.grammar {
-        Some(grammar) => chain.constrain(grammar, "root"),
-        None => chain,
+    let Some(grammar) = &p.grammar else { return chain };
+    match &p.grammar_start {
+        GrammarStart::Immediately => chain.constrain(grammar, "root"),
+        GrammarStart::AfterPrefill(tokens) => chain.constrain(grammar, "root").prefill_constraint(self::tokens(tokens)),
+        GrammarStart::Lazy { patterns, tokens } => {
+            let triggers = llama::GrammarTriggers { patterns: patterns.clone(), tokens: self::tokens(tokens).to_vec() };
+            chain.constrain_lazy(grammar, "root", triggers)
+        }
     }
 }

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use exsa_engine::harness::{self, Test};
 use exsa_engine::{
-    ChatMessage, Engine, EngineConfig, EngineError, GenerateOptions, GenerateRequest, LlamaLogLevel, Placement, SamplingParams, SessionConfig,
-    Speculation, set_llama_log_level,
+    ChatMessage, ChatTemplating, Engine, EngineConfig, EngineError, GenerateOptions, GenerateRequest, LlamaLogLevel, Placement, SamplingParams,
+    SessionConfig, Speculation, set_llama_log_level,
 };
 
 #[derive(Parser)]
@@ -213,6 +213,21 @@ struct ServeArgs {
     /// Most tokens drafted per round with --speculative ngram.
     #[arg(long, default_value_t = 8)]
     draft_max: u32,
+    /// Render chats with llama.cpp's built-in formats instead of the model's Jinja template
+    /// (no tools then). Builds without the chat layer (backends crate and raw) always do.
+    #[arg(long)]
+    no_jinja: bool,
+    /// The chat template instead of the model's: a file of Jinja source, Jinja source itself,
+    /// or `chatml`.
+    #[arg(long, value_name = "NAME|FILE")]
+    chat_template: Option<String>,
+    /// The chat template instead of the model's, from a file of Jinja source.
+    #[arg(long, value_name = "PATH", conflicts_with = "chat_template")]
+    chat_template_file: Option<PathBuf>,
+    /// How reasoning text is returned when a request does not say: `auto` splits it into
+    /// `reasoning_content` where the template's format has it, `none` leaves it in `content`.
+    #[arg(long, default_value = "auto")]
+    reasoning_format: exsa_engine::ReasoningFormat,
 }
 
 #[derive(Args)]
@@ -429,7 +444,7 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         return Err("--max-loaded must be at least 1".into());
     }
     let session = SessionConfig { n_batch: args.batch, n_ubatch: args.batch.min(512), ..session };
-    let engine = engine_config(common, session, PathBuf::new());
+    let engine = EngineConfig { chat_templating: chat_templating(&args)?, ..engine_config(common, session, PathBuf::new()) };
     let policy = ModelPolicy {
         engine,
         slots: args.parallel,
@@ -443,11 +458,40 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         SpeculativeKind::Draft => return Err("exsa serve drafts by prompt lookup only: use --speculative ngram or off".into()),
     };
     GenerateOptions { speculation, ..GenerateOptions::default() }.validate()?;
-    let config = ServerConfig { addr: (args.host, args.port).into(), api_key: args.api_key, max_body_bytes: args.max_body, speculation };
+    let config = ServerConfig {
+        addr: (args.host, args.port).into(),
+        api_key: args.api_key,
+        max_body_bytes: args.max_body,
+        speculation,
+        reasoning_format: args.reasoning_format,
+    };
     http::run(sources, policy, config, |addr| {
         // One line on stdout with the address, for scripts (and tests) that ask for port 0.
         println!("listening on http://{addr}");
         let _ = std::io::stdout().flush();
     })?;
     Ok(())
+}
+
+/// How the server renders chats: the model's Jinja template (or the override) where the build has
+/// the chat layer, unless --no-jinja.
+fn chat_templating(args: &ServeArgs) -> Result<ChatTemplating, Box<dyn std::error::Error>> {
+    let override_source = match (&args.chat_template, &args.chat_template_file) {
+        (Some(value), _) if std::path::Path::new(value).is_file() => Some(read_template(std::path::Path::new(value))?),
+        (Some(value), _) if value == "chatml" || value.contains("{{") || value.contains("{%") => Some(value.clone()),
+        (Some(value), _) => return Err(format!("--chat-template {value:?}: not a file, not Jinja source and not chatml").into()),
+        (None, Some(path)) => Some(read_template(path)?),
+        (None, None) => None,
+    };
+    if args.no_jinja || !Engine::has_jinja() {
+        if override_source.is_some() {
+            return Err("--chat-template needs Jinja templates (backend source, without --no-jinja)".into());
+        }
+        return Ok(ChatTemplating::Builtin);
+    }
+    Ok(ChatTemplating::Jinja { override_source })
+}
+
+fn read_template(path: &std::path::Path) -> Result<String, Box<dyn std::error::Error>> {
+    std::fs::read_to_string(path).map_err(|e| format!("chat template {}: {e}", path.display()).into())
 }

@@ -17,6 +17,8 @@ pub struct Generation<'s, 'e> {
     unsent: bool,
     /// Once the request has ended: how, what it measured, and its tokens.
     ended: Option<Finished>,
+    /// The reply's parser, for a chat rendered by its Jinja template.
+    parser: Option<crate::ReplyParser>,
 }
 
 /// What remains of an ended generation.
@@ -37,8 +39,8 @@ impl std::fmt::Debug for Generation<'_, '_> {
 impl<'s, 'e> Generation<'s, 'e> {
     /// Decodes the request's prompt (admitted into the session's slot) and draws its first token.
     /// A prompt that fails, or is cancelled before it is in, is the error.
-    pub(super) fn start(session: &'s mut Session<'e>) -> Result<Self, EngineError> {
-        let mut generation = Generation { session, delta: String::with_capacity(TOKEN_TEXT_CAPACITY), unsent: false, ended: None };
+    pub(super) fn start(session: &'s mut Session<'e>, parser: Option<crate::ReplyParser>) -> Result<Self, EngineError> {
+        let mut generation = Generation { session, delta: String::with_capacity(TOKEN_TEXT_CAPACITY), unsent: false, ended: None, parser };
         while generation.ended.is_none() && generation.session.scheduler.is_prefilling(0) {
             generation.step();
         }
@@ -48,6 +50,13 @@ impl<'s, 'e> Generation<'s, 'e> {
             Some((Ok(FinishReason::Cancelled), 0)) => Err(EngineError::Cancelled),
             _ => Ok(generation),
         }
+    }
+
+    /// The parser that reads this generation's text as its chat format says (content,
+    /// reasoning, tool calls), for a chat rendered by the model's Jinja template; None otherwise
+    /// and after the first call.
+    pub fn take_reply_parser(&mut self) -> Option<crate::ReplyParser> {
+        self.parser.take()
     }
 
     /// The measurements so far; complete once the iterator has returned None.

@@ -8,11 +8,12 @@ mod session;
 use std::time::Instant;
 
 use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, Outputs, SamplerOf, TokenId};
-use crate::chat::ChatMessage;
-use crate::config::{EngineConfig, GenerateRequest, Prompt, SessionConfig};
+use crate::chat::{ChatMessage, ChatOptions};
+use crate::config::{ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, Prompt, SessionConfig};
 use crate::error::EngineError;
 use crate::outcome::GenerationStats;
 use crate::scheduler::Prepared;
+use crate::templates::{JinjaTemplates, RenderedChat, ReplyParser};
 
 pub use generation::Generation;
 pub use session::Session;
@@ -28,6 +29,8 @@ pub struct Engine {
     config: EngineConfig,
     /// Resolved once at load: every chat request uses it.
     chat_template: String,
+    /// The model's Jinja templates, with [`ChatTemplating::Jinja`].
+    templates: Option<JinjaTemplates>,
     /// The model that drafts for [`crate::Speculation::Draft`], its vocabulary checked.
     draft: Option<Box<Engine>>,
 }
@@ -44,9 +47,20 @@ impl Engine {
         config.session.validate()?;
         let model = Active::load(&config.model, &config.placement)?;
         let chat_template = chat_template_for(&model, config.chat_template_fallback.as_deref());
+        let templates = match &config.chat_templating {
+            ChatTemplating::Builtin => None,
+            ChatTemplating::Jinja { override_source } => {
+                // A model without a template of its own gets its architecture's, as Jinja.
+                let source = override_source.clone().or_else(|| model.chat_template().is_none().then(|| fallback_template(&model).jinja.to_owned()));
+                Some(JinjaTemplates::load(&model, source.as_deref())?)
+            }
+        };
         let draft = match &config.draft_model {
             Some(path) => {
-                let draft = Engine::load(EngineConfig { model: path.clone(), draft_model: None, ..config.clone() })?;
+                // The draft model only drafts tokens: it renders no chat.
+                let draft_config =
+                    EngineConfig { model: path.clone(), draft_model: None, chat_templating: ChatTemplating::Builtin, ..config.clone() };
+                let draft = Engine::load(draft_config)?;
                 if let Some(reason) = vocabulary_difference(&model, &draft.model)? {
                     return Err(EngineError::DraftModel { path: path.clone(), reason });
                 }
@@ -54,7 +68,7 @@ impl Engine {
             }
             None => None,
         };
-        Ok(Engine { model, config, chat_template, draft })
+        Ok(Engine { model, config, chat_template, templates, draft })
     }
 
     /// The draft model's engine, when one was loaded.
@@ -64,6 +78,12 @@ impl Engine {
 
     pub fn backend_name() -> &'static str {
         Active::NAME
+    }
+
+    /// Whether this build renders chats by their Jinja templates ([`ChatTemplating::Jinja`]):
+    /// backend `source` with feature `jinja`.
+    pub fn has_jinja() -> bool {
+        cfg!(all(feature = "source", feature = "jinja"))
     }
 
     pub fn build_info() -> serde_json::Value {
@@ -90,7 +110,7 @@ impl Engine {
     /// such as log-probabilities.
     pub fn token_bytes(&self, token: TokenId) -> Result<Vec<u8>, EngineError> {
         let mut out = Vec::new();
-        self.model.piece(token, &mut out)?;
+        self.model.piece(token, false, &mut out)?;
         Ok(out)
     }
 
@@ -135,15 +155,36 @@ impl Engine {
     }
 
     /// A request ready for a scheduler: its prompt tokenized as its kind asks, its options
-    /// checked, its sampler built (a grammar parsed here, once).
-    pub(crate) fn prepare(&self, request: &GenerateRequest) -> Result<Prepared<Sampler<'_>>, EngineError> {
+    /// checked, its sampler built (a grammar parsed here, once); and, for a chat rendered by its
+    /// Jinja template, the parser of its reply.
+    pub(crate) fn prepare(&self, request: &GenerateRequest) -> Result<(Prepared<Sampler<'_>>, Option<ReplyParser>), EngineError> {
         let arrived = Instant::now();
         request.validate()?;
+        let mut options = request.options.clone();
+        let mut parser = None;
         let tokens = match &request.prompt {
             // BOS alone is no prompt.
             Prompt::Text { text, .. } if text.is_empty() => return Err(EngineError::EmptyPrompt),
             Prompt::Text { text, parse_special } => self.tokenize(text, *parse_special)?,
-            Prompt::Chat { messages, specials_in_messages } => self.chat_tokens(messages, *specials_in_messages)?,
+            Prompt::Chat { messages, specials_in_messages, options: chat } => match &self.templates {
+                Some(templates) => {
+                    if messages.is_empty() {
+                        return Err(EngineError::EmptyPrompt);
+                    }
+                    let rendered = templates.render(messages, chat)?;
+                    let tokens = self.rendered_chat_tokens(&rendered.prompt, messages, *specials_in_messages)?;
+                    self.apply_format(&rendered, &mut options)?;
+                    parser = Some(rendered.parser);
+                    tokens
+                }
+                None if chat.is_plain() && messages.iter().all(ChatMessage::is_plain) => self.chat_tokens(messages, *specials_in_messages)?,
+                None => {
+                    return Err(EngineError::Unsupported {
+                        what: "tools, tool calls and template options in a chat without Jinja templates (ChatTemplating::Jinja, exsa serve --jinja)",
+                        backend: Active::NAME,
+                    });
+                }
+            },
             Prompt::Tokens(tokens) => {
                 let n_vocab = self.model.n_vocab();
                 if let Some(bad) = tokens.iter().find(|t| !(0..n_vocab).contains(*t)) {
@@ -155,8 +196,56 @@ impl Engine {
         if tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        let sampler = self.model.sampler(&request.options.sampling)?;
-        Ok(Prepared { tokens, options: request.options.clone(), sampler, arrived })
+        if options.ignore_eos {
+            // Biases add up: -inf wins over any bias the request gave the same token.
+            let banned = self.end_of_generation_tokens().into_iter().map(|t| (t, f32::NEG_INFINITY));
+            options.sampling.logit_bias.extend(banned);
+        }
+        let sampler = self.model.sampler(&options.sampling)?;
+        Ok((Prepared { tokens, options, sampler, arrived }, parser))
+    }
+
+    /// What a rendered chat's format asks of the generation: its grammar (a request's own
+    /// grammar cannot be combined with it), stop strings and special tokens written as text.
+    fn apply_format(&self, rendered: &RenderedChat, options: &mut GenerateOptions) -> Result<(), EngineError> {
+        let word_tokens = |text: &str| {
+            let mut tokens = Vec::new();
+            self.model.tokenize(text, false, true, &mut tokens)?;
+            Ok(tokens)
+        };
+        for text in &rendered.preserved {
+            if let [token] = word_tokens(text)?.as_slice() {
+                options.preserved_tokens.push(*token);
+            }
+        }
+        for stop in &rendered.stops {
+            if !options.stop.contains(stop) {
+                options.stop.push(stop.clone());
+            }
+        }
+        if let Some((grammar, start)) = &rendered.grammar {
+            if options.sampling.grammar.is_some() {
+                return Err(EngineError::InvalidRequest {
+                    field: "grammar",
+                    value: "(given)".into(),
+                    reason: "cannot be combined with the grammar of tool calls (or response_format) of the chat's template",
+                });
+            }
+            let piece = |token| {
+                let mut bytes = Vec::new();
+                self.model.piece(token, true, &mut bytes)?;
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            };
+            options.sampling.grammar_start = start.to_start(word_tokens, piece, &options.preserved_tokens)?;
+            options.sampling.grammar = Some(grammar.clone());
+        }
+        Ok(())
+    }
+
+    /// Whether chats are rendered by the model's Jinja template (tools and template options
+    /// work).
+    pub fn renders_jinja(&self) -> bool {
+        self.templates.is_some()
     }
 
     /// The template for chats: the model's own, the configured fallback, or one chosen by
@@ -169,8 +258,12 @@ impl Engine {
     /// tokens parsed, message contents kept as text unless `specials_in_messages`.
     pub fn chat_tokens(&self, messages: &[ChatMessage], specials_in_messages: bool) -> Result<Vec<TokenId>, EngineError> {
         let rendered = self.format_chat(messages)?;
+        self.rendered_chat_tokens(&rendered, messages, specials_in_messages)
+    }
+
+    fn rendered_chat_tokens(&self, rendered: &str, messages: &[ChatMessage], specials_in_messages: bool) -> Result<Vec<TokenId>, EngineError> {
         let mut tokens = Vec::new();
-        crate::chat_tokens::tokenize(&self.model, &rendered, messages, specials_in_messages, &mut tokens)?;
+        crate::chat_tokens::tokenize(&self.model, rendered, messages, specials_in_messages, &mut tokens)?;
         Ok(tokens)
     }
 
@@ -202,8 +295,20 @@ impl Engine {
 
     /// Formats a chat with [`Engine::chat_template`], opening the assistant's turn.
     pub fn format_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        self.format_chat_with(messages, &ChatOptions::default())
+    }
+
+    /// Formats a chat with its options (tools, ...) as generation would, without generating
+    /// (llama-server's `/apply-template`): by the Jinja template where the engine has one.
+    pub fn format_chat_with(&self, messages: &[ChatMessage], options: &ChatOptions) -> Result<String, EngineError> {
         if messages.is_empty() {
             return Err(EngineError::EmptyPrompt);
+        }
+        if let Some(templates) = &self.templates {
+            return Ok(templates.render(messages, options)?.prompt);
+        }
+        if !options.is_plain() || !messages.iter().all(ChatMessage::is_plain) {
+            return Err(EngineError::Unsupported { what: "tools and template options without Jinja templates", backend: Active::NAME });
         }
         let pairs: Vec<(String, String)> = messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
         self.model.apply_chat_template(&self.chat_template, &pairs)
@@ -222,13 +327,25 @@ fn chat_template_for(model: &Model, fallback: Option<&str>) -> String {
     if let Some(t) = fallback {
         return t.to_string();
     }
+    fallback_template(model).builtin.to_owned()
+}
+
+/// A chat format for models whose file has no template, by architecture: llama.cpp's built-in
+/// name, and the same format as Jinja source (for [`ChatTemplating::Jinja`]).
+struct FallbackTemplate {
+    builtin: &'static str,
+    jinja: &'static str,
+}
+
+fn fallback_template(model: &Model) -> FallbackTemplate {
     let arch = model.info().architecture;
     if arch.starts_with("gemma") {
-        "gemma".into()
+        FallbackTemplate { builtin: "gemma", jinja: include_str!("../templates_fallback/gemma.jinja") }
     } else if arch.starts_with("llama") {
-        "llama3".into()
+        FallbackTemplate { builtin: "llama3", jinja: include_str!("../templates_fallback/llama3.jinja") }
     } else {
-        "chatml".into()
+        // llama.cpp's chat layer knows "chatml" by name.
+        FallbackTemplate { builtin: "chatml", jinja: "chatml" }
     }
 }
 
@@ -246,8 +363,8 @@ fn vocabulary_difference(target: &Model, draft: &Model) -> Result<Option<String>
     for token in 0..n_target {
         a.clear();
         b.clear();
-        target.piece(token, &mut a)?;
-        draft.piece(token, &mut b)?;
+        target.piece(token, false, &mut a)?;
+        draft.piece(token, false, &mut b)?;
         if a != b {
             let (a, b) = (String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
             return Ok(Some(format!("token {token} is {b:?} in it, {a:?} in the main model")));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::generation::Generation;
 use super::{Engine, Model};
 use crate::backend::BackendModel;
-use crate::chat::ChatMessage;
+use crate::chat::{ChatMessage, ChatOptions, ChatReply};
 use crate::config::{GenerateOptions, GenerateRequest, Prompt, SessionConfig, Speculation};
 use crate::error::EngineError;
 use crate::outcome::GenerationStats;
@@ -51,18 +51,40 @@ impl<'e> Session<'e> {
     /// stop sequences; [`Generation::stats`] says how it went. The prompt is decoded before this
     /// returns: a prompt that does not fit, or a cancel during its decode, is an error here.
     pub fn generate(&mut self, request: &GenerateRequest) -> Result<Generation<'_, 'e>, EngineError> {
-        let prepared = self.engine.prepare(request)?;
+        let (prepared, parser) = self.engine.prepare(request)?;
         if matches!(request.options.speculation, Speculation::Draft { .. }) {
             self.open_draft()?;
         }
         self.scheduler.admit(prepared, ()).map_err(|(_, e)| e)?;
-        Generation::start(self)
+        Generation::start(self, parser)
     }
 
     /// Generates a chat reply: the messages formatted with the model's template (see
     /// [`Prompt::Chat`]: message contents stay text).
     pub fn chat(&mut self, messages: &[ChatMessage], options: GenerateOptions) -> Result<Generation<'_, 'e>, EngineError> {
         self.generate(&GenerateRequest { prompt: Prompt::chat(messages.to_vec()), options })
+    }
+
+    /// Generates a chat reply with tools or template options (an engine with
+    /// [`crate::ChatTemplating::Jinja`]) and reads it as its format says: content, reasoning
+    /// text and tool calls. To stream it, [`Session::generate`] a [`Prompt::chat_with`] and feed
+    /// the text to [`Generation::take_reply_parser`]'s parser.
+    pub fn chat_reply(
+        &mut self,
+        messages: &[ChatMessage],
+        chat: &ChatOptions,
+        options: GenerateOptions,
+    ) -> Result<(ChatReply, GenerationStats), EngineError> {
+        let mut generation = self.generate(&GenerateRequest { prompt: Prompt::chat_with(messages.to_vec(), chat.clone()), options })?;
+        let mut parser = generation.take_reply_parser().ok_or(EngineError::Unsupported {
+            what: "reading replies by their chat format without Jinja templates",
+            backend: crate::Engine::backend_name(),
+        })?;
+        while let Some(delta) = generation.next_text() {
+            parser.push(delta?)?;
+        }
+        let (_, reply) = parser.finish()?;
+        Ok((reply, generation.stats().clone()))
     }
 
     /// Runs a request to the end and returns all its text.

@@ -13,12 +13,14 @@ pub struct ApiError {
     pub status: StatusCode,
     pub kind: &'static str,
     pub message: String,
-    pub param: Option<&'static str>,
+    /// The request field at fault (a client's own field name for an unknown one).
+    pub param: Option<std::borrow::Cow<'static, str>>,
     pub code: Option<&'static str>,
 }
 
 impl ApiError {
-    pub fn invalid(param: &'static str, message: impl std::fmt::Display) -> ApiError {
+    pub fn invalid(param: impl Into<std::borrow::Cow<'static, str>>, message: impl std::fmt::Display) -> ApiError {
+        let param = param.into();
         ApiError {
             status: StatusCode::BAD_REQUEST,
             kind: "invalid_request_error",
@@ -58,8 +60,9 @@ impl From<EngineError> for ApiError {
         match &e {
             EngineError::PromptTooLong { .. } => ApiError::invalid("messages", &e).with_code("context_length_exceeded"),
             EngineError::EmptyPrompt => ApiError::invalid("prompt", &e),
-            EngineError::InvalidRequest { field, .. } => ApiError::invalid(field, &e),
+            EngineError::InvalidRequest { field, .. } => ApiError::invalid(*field, &e),
             EngineError::Grammar(_) => ApiError::invalid("grammar", &e),
+            EngineError::Chat { field, .. } => ApiError::invalid(*field, &e),
             EngineError::Unsupported { .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", e.to_string()).with_code("unsupported")
             }

@@ -60,7 +60,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
 
 pub(super) async fn chat(State(state): State<Arc<AppState>>, Body(body): Body<ChatRequest>) -> Response {
     let cancel = CancelToken::new();
-    let request = body.to_request(state.config.speculation, cancel.clone());
+    let request = body.to_request(state.config.speculation, state.config.reasoning_format, cancel.clone());
     let (stream, usage) = (body.sampling.stream, body.sampling.include_usage());
     generate(state, body.sampling.model.as_deref(), request, cancel, Kind::Chat, stream, usage).await
 }
@@ -91,18 +91,19 @@ async fn generate(
         let request = request?;
         let model = state.models.get(model).await?;
         let logprobs = request.options.logprobs.is_some();
-        let prepared = tokio::task::spawn_blocking({
+        let mut prepared = tokio::task::spawn_blocking({
             let model = Arc::clone(&model);
             move || prepare(&model, &request)
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))??;
+        let parser = prepared.take_reply_parser();
         let (sink, events) = tokio::sync::mpsc::unbounded_channel();
         model.core.submit_to(prepared, sink)?;
-        Ok::<_, ApiError>((model, logprobs, events))
+        Ok::<_, ApiError>((model, logprobs, events, parser))
     }
     .await;
-    let (model, logprobs, events) = match submitted {
+    let (model, logprobs, events, parser) = match submitted {
         Ok(s) => s,
         Err(e) => return log::refused(&state, e),
     };
@@ -111,7 +112,7 @@ async fn generate(
         created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         model: model.id.clone(),
     };
-    let answer = Answer { state, model, meta, kind, received, include_usage, logprobs, events, _cancel: cancel };
+    let answer = Answer { state, model, meta, kind, received, include_usage, logprobs, events, parser, _cancel: cancel };
     if stream { answer.stream() } else { answer.whole().await }
 }
 
@@ -166,6 +167,24 @@ pub(super) async fn embeddings(State(state): State<Arc<AppState>>, Body(body): B
             state.metrics.count_ok(&crate::outcome::GenerationStats { prompt_tokens, ..Default::default() });
             Json(v).into_response()
         }
+        Err(e) => log::refused(&state, e),
+    }
+}
+
+/// llama-server's `/apply-template`: a chat request rendered to its prompt, without generating.
+pub(super) async fn apply_template(State(state): State<Arc<AppState>>, Body(body): Body<ChatRequest>) -> Response {
+    let rendered = async {
+        let (messages, options) = body.chat(state.config.reasoning_format)?;
+        let model = state.models.get(body.sampling.model.as_deref()).await?;
+        let engine = Arc::clone(&model.engine);
+        tokio::task::spawn_blocking(move || engine.format_chat_with(&messages, &options))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?
+            .map_err(ApiError::from)
+    }
+    .await;
+    match rendered {
+        Ok(prompt) => Json(json!({ "prompt": prompt })).into_response(),
         Err(e) => log::refused(&state, e),
     }
 }

@@ -22,7 +22,7 @@ pub(super) fn finished(state: &AppState, model: &str, id: &str, c: &Completion, 
         ttft_ms = format!("{:.1}", c.stats.time_to_first_token_ms),
         tokens_per_s = format!("{:.1}", c.stats.generation_tokens_per_s),
         total_ms = received.elapsed().as_millis() as u64,
-        finish = finish_reason(c.finish_reason),
+        finish = finish_reason(c.finish_reason, false),
         "request done"
     );
 }

@@ -13,6 +13,7 @@
 
 mod auth;
 mod error;
+pub mod fields;
 mod handlers;
 mod log;
 mod metrics;
@@ -40,11 +41,19 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Speculation for requests that do not set `speculative` (prompt lookup or off).
     pub speculation: crate::Speculation,
+    /// How reasoning text is returned to chats that do not set `reasoning_format`.
+    pub reasoning_format: crate::ReasoningFormat,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { addr: SocketAddr::from(([127, 0, 0, 1], 8080)), api_key: None, max_body_bytes: 1 << 20, speculation: crate::Speculation::Off }
+        ServerConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_key: None,
+            max_body_bytes: 1 << 20,
+            speculation: crate::Speculation::Off,
+            reasoning_format: crate::ReasoningFormat::Auto,
+        }
     }
 }
 

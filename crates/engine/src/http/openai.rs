@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
-use crate::chat::ChatMessage;
+use crate::chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, ReasoningFormat, Tool, ToolCall, ToolChoice};
 use crate::config::{CancelToken, GenerateOptions, GenerateRequest, Prompt as EnginePrompt, SamplingParams, Speculation};
 use crate::outcome::{FinishReason, GenerationStats};
 use crate::token::TokenLogprobs;
@@ -37,6 +37,50 @@ pub struct ContentPart {
 pub struct Message {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant message's tool calls.
+    #[serde(default)]
+    pub tool_calls: Vec<MessageToolCall>,
+    /// A tool message: the call it answers.
+    pub tool_call_id: Option<String>,
+    /// A tool message: the tool's name.
+    pub name: Option<String>,
+    /// An assistant message's reasoning text (llama-server's extension).
+    pub reasoning_content: Option<String>,
+}
+
+/// A tool call in an assistant message of the history.
+#[derive(Debug, Deserialize)]
+pub struct MessageToolCall {
+    #[serde(default)]
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// JSON text, as OpenAI sends it (an object is accepted too).
+    #[serde(default)]
+    pub arguments: Value,
+}
+
+/// A tool of `tools`.
+#[derive(Debug, Deserialize)]
+pub struct ToolField {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: Option<FunctionField>,
+}
+
+/// A function tool. OpenAI's `strict` (arguments always fit the schema) is what every call gets
+/// here: once a call starts, the format's grammar holds its arguments to the schema.
+#[derive(Debug, Deserialize)]
+pub struct FunctionField {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub parameters: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +135,9 @@ pub struct Sampling {
     /// exsa's extension: speculative decoding by prompt lookup, `{"type": "ngram", "max_draft":
     /// 8}` or `{"type": "off"}`; unset, the server's `--speculative` setting applies.
     pub speculative: Option<SpeculativeField>,
+    /// llama-server's extension: end-of-generation tokens are never drawn (the reply ends at
+    /// `max_tokens`, a stop sequence or a full context).
+    pub ignore_eos: Option<bool>,
 }
 
 /// The `speculative` field.
@@ -116,8 +163,20 @@ impl SpeculativeField {
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<Message>,
+    pub tools: Option<Vec<ToolField>>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    /// Extra variables for the chat template (llama-server's extension).
+    pub chat_template_kwargs: Option<Map<String, Value>>,
+    /// `none` or `auto` (llama-server's extension; default: the server's --reasoning-format).
+    pub reasoning_format: Option<String>,
+    /// `none` turns thinking off; other values go to the template as `reasoning_effort`.
+    pub reasoning_effort: Option<String>,
     #[serde(flatten)]
     pub sampling: Sampling,
+    /// Every field not named above: see [`fields::check`].
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +184,9 @@ pub struct CompletionRequest {
     pub prompt: Prompt,
     #[serde(flatten)]
     pub sampling: Sampling,
+    /// Every field not named above: see [`fields::check`].
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 /// `prompt`: one string (a list of one is accepted too).
@@ -138,6 +200,7 @@ pub enum Prompt {
 impl CompletionRequest {
     /// The engine request: the prompt as text, and the options.
     pub fn to_request(&self, speculation: Speculation, cancel: CancelToken) -> Result<GenerateRequest, ApiError> {
+        super::fields::check(&self.other, super::fields::Endpoint::Completions)?;
         let options = self.sampling.to_options(speculation, cancel)?;
         Ok(GenerateRequest { prompt: EnginePrompt::text(self.prompt.text()?), options })
     }
@@ -174,6 +237,7 @@ impl Sampling {
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
             logit_bias: self.logit_bias()?,
             grammar: self.grammar()?,
+            grammar_start: Default::default(),
             // OpenAI's seed is 64-bit; llama.cpp's samplers take 32.
             seed: self.seed.map_or(defaults.seed, |s| s as u32),
         };
@@ -190,7 +254,16 @@ impl Sampling {
             Some(field) => field.speculation()?,
             None => speculation,
         };
-        let options = GenerateOptions { max_tokens, stop, sampling, cancel: Some(cancel), speculation, logprobs: self.logprobs()? };
+        let options = GenerateOptions {
+            max_tokens,
+            stop,
+            sampling,
+            cancel: Some(cancel),
+            speculation,
+            logprobs: self.logprobs()?,
+            preserved_tokens: Vec::new(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+        };
         options.validate()?;
         Ok(options)
     }
@@ -255,9 +328,64 @@ impl Sampling {
 }
 
 impl ChatRequest {
-    /// The engine request: the messages as a chat prompt, and the options.
-    pub fn to_request(&self, speculation: Speculation, cancel: CancelToken) -> Result<GenerateRequest, ApiError> {
-        Ok(GenerateRequest { prompt: EnginePrompt::chat(self.messages()?), options: self.sampling.to_options(speculation, cancel)? })
+    /// The engine request: the messages as a chat prompt with its tools and template options,
+    /// and the options. `reasoning` applies unless the request sets `reasoning_format`.
+    pub fn to_request(&self, speculation: Speculation, reasoning: ReasoningFormat, cancel: CancelToken) -> Result<GenerateRequest, ApiError> {
+        let (messages, chat) = self.chat(reasoning)?;
+        let options = self.sampling.to_options(speculation, cancel)?;
+        Ok(GenerateRequest { prompt: EnginePrompt::chat_with(messages, chat), options })
+    }
+
+    /// The messages and what the chat asks of its template; every field checked.
+    pub fn chat(&self, reasoning: ReasoningFormat) -> Result<(Vec<ChatMessage>, ChatOptions), ApiError> {
+        super::fields::check(&self.other, super::fields::Endpoint::Chat)?;
+        Ok((self.messages()?, self.chat_options(reasoning)?))
+    }
+
+    /// Tools, tool choice and template options as the engine takes them.
+    pub fn chat_options(&self, reasoning: ReasoningFormat) -> Result<ChatOptions, ApiError> {
+        let tools = self.tools.as_deref().unwrap_or_default().iter().enumerate().map(|(i, t)| t.to_tool(i)).collect::<Result<Vec<_>, _>>()?;
+        let tool_choice = match &self.tool_choice {
+            None | Some(Value::Null) => ToolChoice::Auto,
+            Some(Value::String(s)) if s == "auto" => ToolChoice::Auto,
+            Some(Value::String(s)) if s == "none" => ToolChoice::None,
+            Some(Value::String(s)) if s == "required" => ToolChoice::Required,
+            Some(Value::Object(o)) if o.get("type").is_none_or(|t| t == "function") => {
+                match o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+                    Some(name) => ToolChoice::Function(name.to_owned()),
+                    None => {
+                        return Err(ApiError::invalid("tool_choice", "a named choice is {\"type\": \"function\", \"function\": {\"name\": ...}}"));
+                    }
+                }
+            }
+            Some(other) => return Err(ApiError::invalid("tool_choice", format!("{other} is not auto, none, required or a function"))),
+        };
+        if tools.is_empty() && !matches!(tool_choice, ToolChoice::Auto | ToolChoice::None) {
+            return Err(ApiError::invalid("tool_choice", "is given without tools"));
+        }
+        if let ToolChoice::Function(name) = &tool_choice
+            && !tools.iter().any(|t| &t.name == name)
+        {
+            return Err(ApiError::invalid("tool_choice", format!("names the function {name:?}, which is not among the tools")));
+        }
+        if !tools.is_empty() && tool_choice != ToolChoice::None && self.sampling.grammar.is_some() {
+            return Err(ApiError::invalid("grammar", "cannot be combined with tools"));
+        }
+        let reasoning_format = match &self.reasoning_format {
+            None => reasoning,
+            Some(name) => name.parse().map_err(|e: String| ApiError::invalid("reasoning_format", e))?,
+        };
+        let mut template_kwargs = self.chat_template_kwargs.clone().unwrap_or_default();
+        match self.reasoning_effort.as_deref() {
+            None => {}
+            Some("none") => {
+                template_kwargs.insert("enable_thinking".into(), Value::Bool(false));
+            }
+            Some(effort) => {
+                template_kwargs.insert("reasoning_effort".into(), Value::String(effort.to_owned()));
+            }
+        }
+        Ok(ChatOptions { tools, tool_choice, parallel_tool_calls: self.parallel_tool_calls, reasoning_format, template_kwargs })
     }
 
     fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
@@ -281,15 +409,81 @@ impl ChatRequest {
                         text
                     }
                 };
-                Ok(ChatMessage::new(m.role.clone(), content))
+                Ok((m, content))
+            })
+            .enumerate()
+            .map(|(i, m)| {
+                let (m, content) = m?;
+                m.to_message(content).map_err(|reason| ApiError::invalid("messages", format!("messages[{i}]: {reason}")))
             })
             .collect()
     }
 }
 
-/// OpenAI's finish reasons.
-pub fn finish_reason(reason: FinishReason) -> &'static str {
+impl Message {
+    /// The engine's message, with `content` already read; the reason it is malformed otherwise.
+    fn to_message(&self, content: String) -> Result<ChatMessage, String> {
+        if !["system", "developer", "user", "assistant", "tool"].contains(&self.role.as_str()) {
+            return Err(format!("role {:?} is not system, developer, user, assistant or tool", self.role));
+        }
+        if self.role == "tool" && self.tool_call_id.as_deref().is_none_or(str::is_empty) {
+            return Err("a tool message needs tool_call_id".into());
+        }
+        if !self.tool_calls.is_empty() && self.role != "assistant" {
+            return Err("only assistant messages carry tool_calls".into());
+        }
+        let tool_calls = self
+            .tool_calls
+            .iter()
+            .map(|c| {
+                if c.kind.as_deref().is_some_and(|k| k != "function") {
+                    return Err("a tool call's type must be function".to_string());
+                }
+                let arguments = match &c.function.arguments {
+                    Value::String(text) => text.clone(),
+                    Value::Null => "{}".into(),
+                    other => other.to_string(),
+                };
+                Ok(ToolCall { id: c.id.clone(), name: c.function.name.clone(), arguments })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ChatMessage {
+            role: self.role.clone(),
+            content,
+            tool_calls,
+            tool_call_id: self.tool_call_id.clone(),
+            name: self.name.clone(),
+            reasoning_content: self.reasoning_content.clone(),
+        })
+    }
+}
+
+impl ToolField {
+    /// The engine's tool; `tools[i]` named in the error otherwise.
+    fn to_tool(&self, i: usize) -> Result<Tool, ApiError> {
+        let bad = |reason: &str| ApiError::invalid("tools", format!("tools[{i}]: {reason}"));
+        if self.kind != "function" {
+            return Err(bad("only tools of type function exist"));
+        }
+        let function = self.function.as_ref().ok_or_else(|| bad("a function tool needs \"function\""))?;
+        let name = function.name.as_deref().filter(|n| !n.is_empty()).ok_or_else(|| bad("a function needs a name"))?;
+        match &function.parameters {
+            None | Some(Value::Null) | Some(Value::Object(_)) => {}
+            Some(_) => return Err(bad("parameters must be a JSON schema (an object)")),
+        }
+        Ok(Tool {
+            name: name.to_owned(),
+            description: function.description.clone(),
+            parameters: function.parameters.clone().filter(|p| !p.is_null()),
+        })
+    }
+}
+
+/// OpenAI's finish reasons: a reply that ended on its own after calling tools ended for
+/// `tool_calls`.
+pub fn finish_reason(reason: FinishReason, called_tools: bool) -> &'static str {
     match reason {
+        FinishReason::EndOfText | FinishReason::StopSequence if called_tools => "tool_calls",
         FinishReason::EndOfText | FinishReason::StopSequence => "stop",
         FinishReason::MaxTokens | FinishReason::ContextFull => "length",
         FinishReason::Cancelled => "cancelled",
@@ -329,13 +523,14 @@ impl Kind {
         }
     }
 
-    /// A whole response; `logprobs` is already in this kind's shape (or null).
-    pub fn response(self, meta: &Meta, text: &str, finish: &str, stats: &GenerationStats, logprobs: Value) -> Value {
+    /// A whole response; `logprobs` is already in this kind's shape (or null). A chat read by
+    /// its format answers with `reply` (content, reasoning, tool calls) rather than `text`.
+    pub fn response(self, meta: &Meta, text: &str, reply: Option<&ChatReply>, finish: &str, stats: &GenerationStats, logprobs: Value) -> Value {
         let Meta { id, created, model } = meta;
         match self {
             Kind::Chat => json!({
                 "id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": finish, "logprobs": logprobs }],
+                "choices": [{ "index": 0, "message": message(text, reply), "finish_reason": finish, "logprobs": logprobs }],
                 "usage": usage(stats),
             }),
             Kind::Completion => json!({
@@ -379,6 +574,20 @@ impl Kind {
         let (delta_value, finish): (Value, Value) = match delta {
             Delta::Role => (json!({ "role": "assistant", "content": "" }), Value::Null),
             Delta::Text(t) => (json!({ "content": t }), Value::Null),
+            Delta::Chat(ChatDelta::Content(t)) => (json!({ "content": t }), Value::Null),
+            Delta::Chat(ChatDelta::Reasoning(t)) => (json!({ "reasoning_content": t }), Value::Null),
+            // As OpenAI streams a call: index, id, type and name first, then argument fragments.
+            Delta::Chat(ChatDelta::ToolCall { index, id, name, arguments }) => {
+                let mut call = json!({ "index": index, "function": { "arguments": arguments } });
+                if let Some(id) = id {
+                    call["id"] = json!(id);
+                    call["type"] = json!("function");
+                }
+                if let Some(name) = name {
+                    call["function"]["name"] = json!(name);
+                }
+                (json!({ "tool_calls": [call] }), Value::Null)
+            }
             Delta::End(reason) => (json!({}), json!(reason)),
         };
         match self {
@@ -406,7 +615,24 @@ impl Kind {
 pub enum Delta<'a> {
     Role,
     Text(&'a str),
+    /// A piece of a chat reply read by its format.
+    Chat(&'a ChatDelta),
     End(&'static str),
+}
+
+/// A whole chat response's message: the text as it is, or as its format read it (`content` is
+/// null when the reply only calls tools, as OpenAI's is).
+fn message(text: &str, reply: Option<&ChatReply>) -> Value {
+    let Some(reply) = reply else { return json!({ "role": "assistant", "content": text }) };
+    let content = if reply.content.is_empty() && !reply.tool_calls.is_empty() { Value::Null } else { json!(reply.content) };
+    let mut message = json!({ "role": "assistant", "content": content });
+    if !reply.reasoning_content.is_empty() {
+        message["reasoning_content"] = json!(reply.reasoning_content);
+    }
+    if !reply.tool_calls.is_empty() {
+        message["tool_calls"] = Value::Array(reply.tool_calls.iter().map(ToolCall::to_openai).collect());
+    }
+    message
 }
 
 /// `GET /v1/models`'s entry.

@@ -16,6 +16,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::models))
         .route("/v1/embeddings", post(handlers::embeddings))
+        .route("/apply-template", post(handlers::apply_template))
         .route("/tokenize", post(handlers::tokenize))
         .route("/detokenize", post(handlers::detokenize))
         .route("/metrics", get(metrics::metrics))

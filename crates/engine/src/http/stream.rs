@@ -20,10 +20,12 @@ use super::error::ApiError;
 use super::log;
 use super::models::Loaded;
 use super::openai::{Delta, Kind, Meta, finish_reason};
+use crate::chat::ChatDelta;
 use crate::config::CancelToken;
 use crate::error::EngineError;
 use crate::outcome::ms;
 use crate::serving::{Event, EventSink};
+use crate::templates::ReplyParser;
 
 impl EventSink for tokio::sync::mpsc::UnboundedSender<Event> {
     fn send(&mut self, event: Event) -> bool {
@@ -52,6 +54,8 @@ pub(super) struct Answer {
     pub(super) include_usage: bool,
     pub(super) logprobs: bool,
     pub(super) events: UnboundedReceiver<Event>,
+    /// Reads a chat's reply as its format says (a chat rendered by its Jinja template).
+    pub(super) parser: Option<ReplyParser>,
     /// Cancels the request when the answer is dropped (its client gone).
     pub(super) _cancel: CancelOnDrop,
 }
@@ -64,7 +68,7 @@ impl Answer {
         if self.kind == Kind::Chat {
             queue.push_back(chunk(self.kind.chunk(&self.meta, Delta::Role)));
         }
-        Sse::new(SseBridge { answer: self, queue, last: None, done: false }).into_response()
+        Sse::new(SseBridge { answer: self, queue, last: None, done: false, called_tools: false }).into_response()
     }
 
     /// The answer as one body, once the request has ended.
@@ -80,6 +84,13 @@ impl Answer {
             }
         };
         let state = &self.state;
+        let reply = match (&mut self.parser, end.is_ok()) {
+            (Some(parser), true) => match parser.push(&text).and_then(|_| parser.finish()) {
+                Ok((_, reply)) => Some(reply),
+                Err(e) => return log::refused(state, e.into()),
+            },
+            _ => None,
+        };
         match end {
             Ok(c) => {
                 log::finished(state, &self.meta.model, &self.meta.id, &c, self.received);
@@ -93,7 +104,9 @@ impl Answer {
                 } else {
                     serde_json::Value::Null
                 };
-                Json(self.kind.response(&self.meta, &text, finish_reason(c.finish_reason), &c.stats, logprobs)).into_response()
+                let called_tools = reply.as_ref().is_some_and(|r| !r.tool_calls.is_empty());
+                let finish = finish_reason(c.finish_reason, called_tools);
+                Json(self.kind.response(&self.meta, &text, reply.as_ref(), finish, &c.stats, logprobs)).into_response()
             }
             Err(e) => log::refused(state, e.into()),
         }
@@ -112,24 +125,37 @@ struct SseBridge {
     last: Option<Instant>,
     /// The request ended: what is queued is the rest of the stream.
     done: bool,
+    /// A tool call went out (the finish reason is then `tool_calls`).
+    called_tools: bool,
 }
 
 impl SseBridge {
     fn on_event(&mut self, event: Option<Event>) {
-        let a = &self.answer;
         match event {
             Some(Event::Delta(text)) => {
+                let a = &self.answer;
                 let now = Instant::now();
                 match self.last {
                     None => a.state.metrics.observe_ttft(ms(now - a.received)),
                     Some(previous) => a.state.metrics.observe_inter_token(ms(now - previous)),
                 }
                 self.last = Some(now);
-                self.queue.push_back(chunk(a.kind.chunk(&a.meta, Delta::Text(&text))));
+                match self.answer.parser.as_mut().map(|p| p.push(&text)) {
+                    None => self.queue.push_back(chunk(self.answer.kind.chunk(&self.answer.meta, Delta::Text(&text)))),
+                    Some(Ok(deltas)) => self.push_chat(&deltas),
+                    Some(Err(e)) => self.fail(e),
+                }
             }
             Some(Event::Done(c)) => {
+                if let Some(finished) = self.answer.parser.as_mut().map(ReplyParser::finish) {
+                    match finished {
+                        Ok((deltas, _)) => self.push_chat(&deltas),
+                        Err(e) => return self.fail(e),
+                    }
+                }
+                let a = &self.answer;
                 log::finished(&a.state, &a.meta.model, &a.meta.id, &c, a.received);
-                self.queue.push_back(chunk(a.kind.chunk(&a.meta, Delta::End(finish_reason(c.finish_reason)))));
+                self.queue.push_back(chunk(a.kind.chunk(&a.meta, Delta::End(finish_reason(c.finish_reason, self.called_tools)))));
                 if a.include_usage {
                     self.queue.push_back(chunk(a.kind.usage_chunk(&a.meta, &c.stats)));
                 }
@@ -138,6 +164,15 @@ impl SseBridge {
             Some(Event::Failed(e)) => self.fail(e),
             // The decode loop stopped under the request.
             None => self.fail(EngineError::Cancelled),
+        }
+    }
+
+    /// Chunks for what a chat's parser read.
+    fn push_chat(&mut self, deltas: &[ChatDelta]) {
+        let a = &self.answer;
+        for delta in deltas {
+            self.called_tools |= matches!(delta, ChatDelta::ToolCall { .. });
+            self.queue.push_back(chunk(a.kind.chunk(&a.meta, Delta::Chat(delta))));
         }
     }
 

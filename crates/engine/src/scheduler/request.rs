@@ -94,7 +94,8 @@ impl<S, C> Request<S, C> {
     /// prompt; `n_ctx` bounds what it can generate (its buffers are sized once, here).
     pub(crate) fn new(prepared: Prepared<S>, client: C, reused: usize, admitted: u64, n_ctx: usize) -> (Self, Vec<TokenId>) {
         let Prepared { tokens, options, sampler, arrived } = prepared;
-        let GenerateOptions { max_tokens, stop, cancel, speculation, logprobs, sampling: _ } = options;
+        // The sampler was built from `sampling` and `ignore_eos` already.
+        let GenerateOptions { max_tokens, stop, cancel, speculation, logprobs, preserved_tokens, sampling: _, ignore_eos: _ } = options;
         let room = max_tokens.min(n_ctx);
         let drafting = match speculation {
             Speculation::Off => None,
@@ -110,7 +111,7 @@ impl<S, C> Request<S, C> {
             max_tokens,
             cancel: cancel.unwrap_or_default(),
             logprobs,
-            text: TokenText::new(&stop),
+            text: TokenText::new(&stop, preserved_tokens),
             delta: String::with_capacity(TOKEN_TEXT_CAPACITY),
             tokens: Vec::with_capacity(room),
             drawn: Vec::with_capacity(if logprobs.is_some() { room + 1 } else { 0 }),

@@ -72,7 +72,7 @@ impl BackendModel for FakeModel {
         Ok(())
     }
 
-    fn piece(&self, token: TokenId, out: &mut Vec<u8>) -> Result<(), EngineError> {
+    fn piece(&self, token: TokenId, _special: bool, out: &mut Vec<u8>) -> Result<(), EngineError> {
         out.push(b'a' + (token % 26) as u8);
         Ok(())
     }

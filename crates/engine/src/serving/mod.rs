@@ -65,6 +65,7 @@ pub struct ServeRequest {
     // Declared before `engine`: the sampler borrows the engine's model, so it is dropped first.
     prepared: Prepared<Sampler<'static>>,
     engine: Arc<Engine>,
+    parser: Option<crate::ReplyParser>,
 }
 
 impl std::fmt::Debug for ServeRequest {
@@ -77,7 +78,7 @@ impl ServeRequest {
     /// Prepares `request` for a core serving `engine`: its prompt tokenized as its kind asks
     /// (chats with the model's template, message contents kept as text), its sampler built.
     pub fn new(engine: &Arc<Engine>, request: &GenerateRequest) -> Result<ServeRequest, EngineError> {
-        let prepared = engine.prepare(request)?;
+        let (prepared, parser) = engine.prepare(request)?;
         let Prepared { tokens, options, sampler, arrived } = prepared;
         // SAFETY: only the lifetime changes (the same type otherwise, which transmute checks by
         // size). The sampler borrows the model inside `engine`, which this request holds in an Arc
@@ -88,7 +89,12 @@ impl ServeRequest {
         // the transmute is the identity.)
         #[allow(clippy::useless_transmute)]
         let sampler = unsafe { std::mem::transmute::<Sampler<'_>, Sampler<'static>>(sampler) };
-        Ok(ServeRequest { prepared: Prepared { tokens, options, sampler, arrived }, engine: Arc::clone(engine) })
+        Ok(ServeRequest { prepared: Prepared { tokens, options, sampler, arrived }, engine: Arc::clone(engine), parser })
+    }
+
+    /// The parser of the reply, for a chat rendered by the model's Jinja template (once).
+    pub fn take_reply_parser(&mut self) -> Option<crate::ReplyParser> {
+        self.parser.take()
     }
 
     /// The prompt's tokens.
@@ -365,7 +371,7 @@ fn decode_loop(
             let Submission { request, sink } = submission;
             // The request's own Arc of the engine goes here; this thread's keeps the model alive
             // for the sampler (see `ServeRequest::new`).
-            let ServeRequest { prepared, engine: _ } = request;
+            let ServeRequest { prepared, engine: _, parser: _ } = request;
             if let Err((mut sink, e)) = scheduler.admit(prepared, sink) {
                 sink.send(Event::Failed(e));
             }

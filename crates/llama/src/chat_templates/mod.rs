@@ -7,10 +7,10 @@
 //! JSON text in and out. Requests are `serde_json::Value`s in the shape of OpenAI's chat
 //! completions (`messages`, `tools`, `tool_choice`, ...; see [`ChatTemplates::apply`]).
 //!
-//! Status: the first part of issue 27. Rendering, the grammar and its triggers, parsing and the
-//! streaming deltas are here; the engine and the server do not use them yet, and a template
-//! without tool support (such as Gemma 3's) renders the tools as it likes (usually not at all)
-//! with no grammar: upstream has no generic tool format for those any more.
+//! A named function in `tool_choice` narrows the tools to that one and requires a call. A
+//! template that knows nothing of tools (Gemma 3's) gets them through a generic JSON format of
+//! ours (`generic.rs`): the tools described in the system message, and a grammar that makes
+//! every reply one JSON object, a call or a response.
 //!
 //! **Known gap, not yet closed:** llama.cpp's Jinja parser and interpreter and its output parser
 //! recurse without a depth limit, so a template (or, for parse, a reply) nested deeply enough
@@ -21,6 +21,7 @@ use std::ffi::{CStr, CString, c_char};
 use std::ptr::NonNull;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::model::Model;
 use crate::sys;
@@ -38,9 +39,17 @@ pub enum ChatTemplateError {
     /// A tool's parameters (or the JSON schema) cannot become a grammar.
     #[error("a JSON schema cannot become a grammar: {0}")]
     Schema(String),
-    /// The request is malformed: not OpenAI-shaped, an unknown `tool_choice`, ...
+    /// The request is malformed: not OpenAI-shaped, an unknown role, ...
     #[error("bad chat request: {0}")]
     BadRequest(String),
+    /// A field of the request is wrong: a tool without a name, a `tool_choice` naming no tool.
+    #[error("{field}: {reason}")]
+    Field {
+        /// The field's name (`tools`, `tool_choice`, ...).
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The generated text does not match the template's format (or a parse is not a
     /// continuation of the previous one).
     #[error("the output does not match the chat format: {0}")]
@@ -95,11 +104,43 @@ fn from_shim<T: for<'de> Deserialize<'de>>(json: &str) -> Result<T, ChatTemplate
     serde_json::from_str(json).map_err(|e| ChatTemplateError::Other(format!("unexpected JSON from the chat layer: {e}")))
 }
 
+mod generic;
+
 /// A model's chat templates (its default one and, where it has one, its tool-use variant), or a
 /// template given as Jinja source.
 #[derive(Debug)]
 pub struct ChatTemplates {
     raw: NonNull<sys::exsa_chat_templates>,
+    caps: TemplateCaps,
+}
+
+/// What a template can do, as llama.cpp reads it from the template's source (its server reports
+/// the same in `/props`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct TemplateCaps {
+    /// It describes the tools it is given.
+    pub supports_tools: bool,
+    /// It renders assistant messages' tool calls.
+    pub supports_tool_calls: bool,
+    /// It renders several calls in one message.
+    pub supports_parallel_tool_calls: bool,
+    /// It has a system role (otherwise llama.cpp folds system messages into the first user one).
+    pub supports_system_role: bool,
+    /// It takes `reasoning_effort`.
+    pub supports_reasoning_effort: bool,
+}
+
+/// The GBNF grammar (rule `root`) of a JSON schema, by llama.cpp's converter: the one its server
+/// uses for `response_format` and tool parameters (`pattern`, `format`, `minimum`, `$ref`, ...).
+pub fn json_schema_grammar(schema: &Value) -> Result<String, ChatTemplateError> {
+    crate::backend::init();
+    let schema = c_text(&schema.to_string(), "the schema")?;
+    call_for_string(|out, err| {
+        // SAFETY: the schema is NUL-terminated; out and err are valid for writes.
+        unsafe { sys::exsa_chat_json_schema_to_grammar(schema.as_ptr(), out, err) }
+    })
 }
 
 // SAFETY: the handle owns everything it uses (llama.cpp copies the template sources and the
@@ -133,15 +174,52 @@ impl ChatTemplates {
         if code != sys::EXSA_OK as i32 {
             return Err(ChatTemplateError::from_code(code, &err));
         }
-        NonNull::new(out).map(|raw| ChatTemplates { raw }).ok_or_else(|| ChatTemplateError::Other("no template handle".into()))
+        let raw = NonNull::new(out).ok_or_else(|| ChatTemplateError::Other("no template handle".into()))?;
+        // Owned from here: dropped (freed) if reading the caps fails.
+        let mut templates = ChatTemplates { raw, caps: TemplateCaps::default() };
+        let caps = call_for_string(|out, err| {
+            // SAFETY: the handle is alive; out and err are valid for writes.
+            unsafe { sys::exsa_chat_templates_caps(templates.raw.as_ptr(), out, err) }
+        })?;
+        templates.caps = from_shim(&caps)?;
+        Ok(templates)
+    }
+
+    /// What the template can do.
+    pub fn caps(&self) -> TemplateCaps {
+        self.caps
     }
 
     /// Renders a request in the shape of OpenAI's chat completions: `messages` (with `tool_calls`
     /// on assistant messages and `tool` messages with `tool_call_id`), and optionally `tools`,
-    /// `tool_choice` (`"auto"`, `"none"`, `"required"`), `parallel_tool_calls`,
-    /// `add_generation_prompt` (default true), `reasoning_format` (`"none"`, `"auto"`, ...),
-    /// `enable_thinking`, `chat_template_kwargs`, `json_schema`.
-    pub fn apply(&self, request: &serde_json::Value) -> Result<ChatPrompt, ChatTemplateError> {
+    /// `tool_choice` (`"auto"`, `"none"`, `"required"`, or `{"type": "function", "function":
+    /// {"name": ...}}`), `parallel_tool_calls` (default: whether the template can render parallel
+    /// calls, as llama-server does; false for the generic format), `add_generation_prompt` (default true),
+    /// `reasoning_format` (`"none"`, `"auto"`, ...), `enable_thinking`, `chat_template_kwargs`,
+    /// `json_schema`.
+    pub fn apply(&self, request: &Value) -> Result<ChatPrompt, ChatTemplateError> {
+        let request = normalized(request)?;
+        let has_tools = request.get("tools").and_then(Value::as_array).is_some_and(|t| !t.is_empty());
+        if has_tools && !self.caps.supports_tools && !self.caps.supports_tool_calls {
+            if request.get("json_schema").is_some_and(|s| !s.is_null()) || request.get("grammar").is_some_and(|g| !g.is_null()) {
+                return Err(ChatTemplateError::Field { field: "tools", reason: "a JSON schema or grammar cannot be combined with tools".into() });
+            }
+            let rewritten = generic::rewrite(request)?;
+            let mut prompt = self.apply_native(&rewritten.request)?;
+            prompt.grammar = json_schema_grammar(&rewritten.schema)?;
+            prompt.grammar_lazy = false;
+            prompt.grammar_triggers.clear();
+            // The grammar covers the reply alone: nothing before it to feed.
+            prompt.generation_prompt.clear();
+            prompt.format_name = "exsa generic JSON".into();
+            prompt.generic = Some(rewritten.format);
+            return Ok(prompt);
+        }
+        self.apply_native(&request)
+    }
+
+    /// The template and llama.cpp's format for it, as they are.
+    fn apply_native(&self, request: &Value) -> Result<ChatPrompt, ChatTemplateError> {
         let request = c_text(&request.to_string(), "the request")?;
         let json = call_for_string(|out, err| {
             // SAFETY: the handle is alive (&self); the request is NUL-terminated; out and err
@@ -186,6 +264,45 @@ pub struct ChatPrompt {
     pub thinking_end_tags: Vec<String>,
     format: i64,
     parser: String,
+    /// Set for templates without tools given tools (see `generic.rs`).
+    #[serde(skip)]
+    generic: Option<generic::GenericFormat>,
+}
+
+fn field(field: &'static str, reason: impl Into<String>) -> ChatTemplateError {
+    ChatTemplateError::Field { field, reason: reason.into() }
+}
+
+/// The request with `tools` checked and a named `tool_choice` turned into a required call of
+/// that tool alone.
+fn normalized(request: &Value) -> Result<Value, ChatTemplateError> {
+    let mut request = request.clone();
+    let object = request.as_object_mut().ok_or_else(|| ChatTemplateError::BadRequest("the request is not a JSON object".into()))?;
+    let tools = generic::checked_tools(object)?.to_vec();
+    let named = match object.get("tool_choice") {
+        None | Some(Value::Null) => {
+            object.remove("tool_choice");
+            return Ok(request);
+        }
+        Some(Value::String(choice)) if ["auto", "none", "required"].contains(&choice.as_str()) => None,
+        Some(Value::Object(choice)) => match choice.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+            Some(name) => Some(name.to_owned()),
+            None => return Err(field("tool_choice", "a named choice is {\"type\": \"function\", \"function\": {\"name\": ...}}")),
+        },
+        Some(other) => return Err(field("tool_choice", format!("{other} is not auto, none, required or a function"))),
+    };
+    if tools.is_empty() && object["tool_choice"] != "none" {
+        return Err(field("tool_choice", "is given without tools"));
+    }
+    if let Some(name) = named {
+        let tool = tools
+            .into_iter()
+            .find(|t| t["function"]["name"] == name.as_str())
+            .ok_or_else(|| field("tool_choice", format!("names the function {name:?}, which is not among the tools")))?;
+        object.insert("tools".into(), Value::Array(vec![tool]));
+        object.insert("tool_choice".into(), "required".into());
+    }
+    Ok(request)
 }
 
 /// Where a lazy grammar starts applying.
@@ -215,10 +332,19 @@ pub enum TriggerKind {
 }
 
 impl ChatPrompt {
+    /// Whether the reply is the generic JSON format of ours (a template without tools given
+    /// tools; see the module's documentation).
+    pub fn is_generic(&self) -> bool {
+        self.generic.is_some()
+    }
+
     /// Parses text the model generated for this prompt into content, reasoning text and tool
     /// calls. `partial`: the text may end mid-way (streaming), and what is incomplete is held
     /// back rather than failed.
     pub fn parse(&self, text: &str, partial: bool) -> Result<AssistantMessage, ChatTemplateError> {
+        if let Some(generic) = &self.generic {
+            return Ok(generic.parse(text, partial));
+        }
         let params = serde_json::json!({ "format": self.format, "parser": self.parser, "generation_prompt": self.generation_prompt });
         let params = c_text(&params.to_string(), "the parser state")?;
         let json = call_for_string(|out, err| {
