@@ -1,7 +1,7 @@
 //! The dynamic-backend mode (`--features backend-dl`): llama.cpp as shared libraries and every
 //! ggml backend a module loaded at run time, the CPU's included. Runs only in such a build
-//! (`cargo test -p exsa-engine --features backend-dl --test backend_dl`, part of `cargo xtask
-//! test`): the module is found and mapped into the process, the model generates, a folder named by
+//! (`cargo test -p exsa-engine --no-default-features --features source,cli,backend-dl --test
+//! backend_dl`, part of `cargo xtask test`): the module is found and mapped into the process, the model generates, a folder named by
 //! EXSA_BACKEND_DIR is used alone, a folder without a CPU module is a clear error, and a CUDA
 //! module that cannot load (as on a machine without a GPU driver) leaves the CPU running, with a
 //! warning that says so.

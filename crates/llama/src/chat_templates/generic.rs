@@ -118,15 +118,28 @@ fn rewrite_messages(messages: &[Value], tools: &[Value], schema: &Value) -> Resu
     }
     let skip = usize::from(messages.first().is_some_and(|m| m["role"] == "system"));
     let mut results: Vec<Value> = Vec::new();
+    // The tool each call id called, for results that do not name it.
+    let mut called: Vec<(Value, Value)> = Vec::new();
     for message in &messages[skip..] {
         let role = message["role"].as_str().unwrap_or_default();
         if role == "tool" {
-            results.push(json!({
-                "tool_call_id": message.get("tool_call_id").cloned().unwrap_or(Value::Null),
-                "name": message.get("name").cloned().unwrap_or(Value::Null),
-                "content": content_text(message)?,
-            }));
+            let id = message.get("tool_call_id").cloned().unwrap_or(Value::Null);
+            let name = match message.get("name") {
+                Some(name) if !name.is_null() => name.clone(),
+                _ => called.iter().find(|(i, _)| *i == id).map_or(Value::Null, |(_, n)| n.clone()),
+            };
+            // A result that is JSON is shown as the value it is, not as a string of it.
+            let text = content_text(message)?;
+            let content = serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text));
+            let mut result = json!({ "content": content });
+            if !name.is_null() {
+                result["name"] = name;
+            }
+            results.push(result);
             continue;
+        }
+        for call in message.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+            called.push((call["id"].clone(), call["function"]["name"].clone()));
         }
         flush_results(&mut results, &mut out);
         if role == "assistant" {
@@ -374,7 +387,8 @@ mod tests {
         let call: Value = serde_json::from_str(out[2]["content"].as_str().unwrap()).unwrap();
         assert_eq!(call, json!({ "tool_call": { "name": "get_weather", "arguments": { "city": "Paris" } } }));
         assert_eq!(out[3]["role"], "user");
-        assert!(out[3]["content"].as_str().unwrap().contains("tool_response"));
+        let result: Value = serde_json::from_str(out[3]["content"].as_str().unwrap()).unwrap();
+        assert_eq!(result, json!({ "tool_response": { "name": "get_weather", "content": "18 C" } }));
         assert_eq!(out[4]["content"], json!({ "response": "It is 18 C." }).to_string());
     }
 
