@@ -106,7 +106,10 @@ pub(crate) struct JinjaTemplates {
 #[cfg(all(feature = "source", feature = "jinja"))]
 impl JinjaTemplates {
     /// The model's own template, or `override_source` (Jinja source, or `"chatml"`).
-    pub(crate) fn load(model: &crate::engine::Model, override_source: Option<&str>) -> Result<JinjaTemplates, EngineError> {
+    pub(crate) fn load(
+        model: &<crate::backend::Active as crate::backend::Backend>::Model,
+        override_source: Option<&str>,
+    ) -> Result<JinjaTemplates, EngineError> {
         let templates =
             llama::chat_templates::ChatTemplates::from_model(model.llama(), override_source).map_err(|e| chat_error(e, "chat_template"))?;
         Ok(JinjaTemplates { templates: std::sync::Mutex::new(templates) })
@@ -302,7 +305,10 @@ pub(crate) struct JinjaTemplates;
 
 #[cfg(not(all(feature = "source", feature = "jinja")))]
 impl JinjaTemplates {
-    pub(crate) fn load(_model: &crate::engine::Model, _override_source: Option<&str>) -> Result<JinjaTemplates, EngineError> {
+    pub(crate) fn load(
+        _model: &<crate::backend::Active as crate::backend::Backend>::Model,
+        _override_source: Option<&str>,
+    ) -> Result<JinjaTemplates, EngineError> {
         Err(EngineError::Unsupported {
             what: "Jinja chat templates (backend source with feature jinja)",
             backend: <crate::backend::Active as crate::backend::Backend>::NAME,
