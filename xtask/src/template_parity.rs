@@ -7,6 +7,10 @@
 //! The one difference by design: a template that knows nothing of tools, given tools, renders our
 //! generic format (the tools described in the system message, see docs/tools.md), where
 //! llama-server renders the messages as if there were no tools.
+//!
+//! `--record` also writes llama-server's renders to [`RECORD`], which CI's
+//! `crates/llama/tests/chat_parity.rs` holds our chat layer to without building llama-server
+//! (the date the templates print there is pinned to the recording day's, noon UTC).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -18,11 +22,17 @@ use serde_json::{Value, json};
 
 use crate::{fetch_model, llama_tools, workspace};
 
+/// llama-server's renders, as `--record` writes them (relative to the workspace).
+pub const RECORD: &str = "crates/llama/tests/data/llama_server_renders.json";
+
 #[derive(clap::Args, Default)]
 pub struct Args {
     /// Only templates whose file name contains this.
     #[arg(long)]
     only: Option<String>,
+    /// Also write llama-server's renders to crates/llama/tests/data/llama_server_renders.json.
+    #[arg(long)]
+    record: bool,
 }
 
 /// A server with its child process (killed on drop).
@@ -80,6 +90,10 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build()?;
     let (mut equal, mut by_design, mut mismatches) = (0, 0, Vec::new());
+    // Both servers print today's date; the record says which day (its noon, UTC), for the CI
+    // test to pin it on our side.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() / 86_400 * 86_400 + 43_200;
+    let mut renders = Vec::new();
     for template in &templates {
         let name = template.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
         let theirs = start(&llama_server, &model, template, &out, Side::LlamaServer)?;
@@ -100,6 +114,7 @@ pub fn run(args: &Args) -> Result<()> {
         for (conversation, request) in conversations() {
             let a = apply(&http, &ours.base, &request);
             let b = apply(&http, &theirs.base, &request);
+            renders.push(json!({ "template": name, "conversation": conversation, "prompt": b.as_ref().ok() }));
             match (&a, &b) {
                 (Ok(a), Ok(b)) if a == b => equal += 1,
                 // Both refuse the conversation (a template that allows no system message, ...).
@@ -115,6 +130,21 @@ pub fn run(args: &Args) -> Result<()> {
         conversations().len(),
         mismatches.len()
     );
+    if args.record {
+        let version = Command::new(&llama_server).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())?;
+        let conversations: serde_json::Map<String, Value> = conversations().into_iter().map(|(n, r)| (n.to_owned(), r)).collect();
+        let record = json!({
+            "what": "llama-server's /apply-template for each template of llama.cpp's corpus (llama-cpp-python 0.3.36 sdist) and conversation, on the default model; written by `cargo xtask template-parity --record`",
+            "llama_server": version,
+            "now": now,
+            "conversations": conversations,
+            "renders": renders,
+        });
+        let path = workspace::root().join(RECORD);
+        std::fs::create_dir_all(path.parent().expect("a file in a folder"))?;
+        std::fs::write(&path, serde_json::to_string_pretty(&record)? + "\n")?;
+        println!("template-parity: llama-server's renders written to {}", path.display());
+    }
     if !mismatches.is_empty() {
         bail!("prompts differ from llama-server's:\n{}", mismatches.join("\n"));
     }

@@ -6,8 +6,10 @@
 //! an app outside the workspace built against the packaged crates, rustfmt and clippy, the leak
 //! check on Linux, and the reduced CUDA check on Linux x86-64 (a toolkit from PyPI, ggml
 //! configured with CUDA, one CUDA source compiled). `--full` adds what CI leaves out to stay
-//! within its time budget (`FULL_ONLY_ON_OTHER_BACKENDS`, and the chat template parity with
-//! llama-server, `cargo xtask template-parity`, which builds llama-server).
+//! within its time budget: the engine's tests over raw FFI, the statistical speculation tests on
+//! the other backends (`FULL_ONLY_ON_OTHER_BACKENDS`), the leak check under valgrind (~11 min),
+//! and the chat template parity with llama-server (`cargo xtask template-parity`, which builds
+//! llama-server).
 
 use anyhow::Result;
 
@@ -25,9 +27,9 @@ const FULL_ONLY_ON_OTHER_BACKENDS: &str = "sampled_speculation_keeps_the_distrib
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Everything, also what CI leaves out to stay under its time budget (the statistical
-    /// speculation tests once per backend, the template parity with llama-server). Run it
-    /// before a change lands.
+    /// Everything, also what CI leaves out to stay under its time budget (the engine over raw
+    /// FFI, the statistical speculation tests once per backend, the leak check, the template
+    /// parity with llama-server). Run it before a change lands.
     #[arg(long)]
     full: bool,
     /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter. With them, only
@@ -64,9 +66,10 @@ pub fn run(args: &Args) -> Result<()> {
     // The criterion benches, built (in the test profile, reusing the builds above) so that they
     // cannot rot until someone runs `bench-compare --micro`.
     workspace::run(workspace::cargo().args(["test", "--locked", "--workspace", "--benches", "--no-run"]))?;
-    // The engine's conformance tests again over the crate baseline and over raw FFI: the same
-    // assertions must hold whichever llama.cpp binding runs them.
-    for backend in ["crate", "raw"] {
+    // The engine's conformance tests again over the crate baseline and (in full mode) over raw
+    // FFI: the same assertions must hold whichever llama.cpp binding runs them.
+    let backends: &[&str] = if args.full { &["crate", "raw"] } else { &["crate"] };
+    for &backend in backends {
         let features = format!("{backend},cli");
         let mut test = workspace::cargo();
         test.args(["test", "--locked", "-p", "exsa-engine", "--no-default-features", "--features", &features]);
@@ -121,7 +124,7 @@ pub fn run(args: &Args) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    if cfg!(target_os = "linux") {
+    if args.full && cfg!(target_os = "linux") {
         leak_check::run(&leak_check::Args::default())?;
     }
     if cfg!(all(target_os = "linux", target_arch = "x86_64")) {

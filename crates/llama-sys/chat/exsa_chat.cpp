@@ -8,6 +8,8 @@
 #include "chat.h"
 #include "json-schema-to-grammar.h"
 
+#include <chrono>
+#include <ctime>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -99,6 +101,10 @@ common_chat_templates_inputs parse_request(const char * request_json, const exsa
         inputs.json_schema = request.at("json_schema").dump();
     }
     inputs.grammar = request.value("grammar", std::string());
+    // The time templates print (strftime_now), in seconds since the epoch; now by default.
+    if (request.contains("now")) {
+        inputs.now = std::chrono::system_clock::from_time_t(static_cast<std::time_t>(request.at("now").get<int64_t>()));
+    }
     return inputs;
 }
 

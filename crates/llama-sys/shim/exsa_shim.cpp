@@ -3,6 +3,7 @@
 #include "exsa_shim.h"
 #include "exsa_guard.h"
 
+#include <regex>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -140,6 +141,12 @@ int32_t exsa_sampler_init_grammar_lazy(const llama_vocab * vocab, const char * g
                                        const llama_token * trigger_tokens, size_t num_trigger_tokens, llama_sampler ** out,
                                        exsa_error * err) {
     return guarded(err, [&] {
+        // Compiled here first, as llama.cpp compiles them: a pattern std::regex refuses throws
+        // inside llama.cpp after it has allocated the sampler, which then leaks (found by the
+        // leak check); here it throws before anything is allocated.
+        for (size_t i = 0; i < num_trigger_patterns; ++i) {
+            std::regex check(trigger_patterns[i]);
+        }
         *out = llama_sampler_init_grammar_lazy_patterns(vocab, grammar_str, grammar_root, trigger_patterns, num_trigger_patterns,
                                                         trigger_tokens, num_trigger_tokens);
     });

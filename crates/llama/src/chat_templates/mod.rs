@@ -196,7 +196,7 @@ impl ChatTemplates {
     /// {"name": ...}}`), `parallel_tool_calls` (default: whether the template can render parallel
     /// calls, as llama-server does; false for the generic format), `add_generation_prompt` (default true),
     /// `reasoning_format` (`"none"`, `"auto"`, ...), `enable_thinking`, `chat_template_kwargs`,
-    /// `json_schema`.
+    /// `json_schema`, `now` (seconds since the epoch: the date templates print; default now).
     pub fn apply(&self, request: &Value) -> Result<ChatPrompt, ChatTemplateError> {
         let request = normalized(request)?;
         let has_tools = request.get("tools").and_then(Value::as_array).is_some_and(|t| !t.is_empty());
