@@ -101,7 +101,7 @@ fn run_group(group: &str) {
     let (default_cases, default_seconds) = match group {
         "samplers" => (1500, 60),
         "batches" => (800, 60),
-        "templates" => (1500, 30),
+        "templates" => (1500, 20),
         _ => (120, 60),
     };
     let cases = env_num("LLAMA_FUZZ_CASES", default_cases) as u32;
