@@ -214,6 +214,13 @@ impl ReplyParser {
         Ok((deltas, self.reply()))
     }
 
+    /// The whole reply of `text`, generated without streaming: read once, at the end, rather
+    /// than again after every piece as [`ReplyParser::push`] does.
+    pub fn read_whole(mut self, text: &str) -> Result<ChatReply, EngineError> {
+        self.text.push_str(text);
+        self.finish().map(|(_, reply)| reply)
+    }
+
     /// Everything generated so far, as it came.
     pub fn text(&self) -> &str {
         &self.text
@@ -309,17 +316,18 @@ impl JinjaTemplates {
         _model: &<crate::backend::Active as crate::backend::Backend>::Model,
         _override_source: Option<&str>,
     ) -> Result<JinjaTemplates, EngineError> {
-        Err(EngineError::Unsupported {
-            what: "Jinja chat templates (backend source with feature jinja)",
-            backend: <crate::backend::Active as crate::backend::Backend>::NAME,
-        })
+        Err(Self::unsupported())
     }
 
     pub(crate) fn render(&self, _messages: &[ChatMessage], _options: &ChatOptions) -> Result<RenderedChat, EngineError> {
-        Err(EngineError::Unsupported {
+        Err(Self::unsupported())
+    }
+
+    fn unsupported() -> EngineError {
+        EngineError::Unsupported {
             what: "Jinja chat templates (backend source with feature jinja)",
             backend: <crate::backend::Active as crate::backend::Backend>::NAME,
-        })
+        }
     }
 }
 

@@ -13,17 +13,8 @@ use exsa_engine::Engine;
 mod common;
 
 fn run_client(server: &Server, model: &str, mode: &str, extra: &[&str]) {
-    let site = PathBuf::from(std::env::var("EXSA_OPENAI_SITE").expect("EXSA_OPENAI_SITE is set by .cargo/config.toml"));
-    assert!(site.join("openai").is_dir(), "the openai package is missing at {}: run `cargo xtask test` (it installs it)", site.display());
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tools_client.py");
-    let out = Command::new(std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into()))
-        .env("PYTHONPATH", &site)
-        .arg(script)
-        .args([&server.base, model, mode])
-        .args(extra)
-        .output()
-        .expect("python3 runs");
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let args: Vec<&str> = [server.base.as_str(), model, mode].into_iter().chain(extra.iter().copied()).collect();
+    common::run_openai_script("tools_client.py", &args);
 }
 
 #[test]

@@ -208,11 +208,7 @@ impl Engine {
     /// What a rendered chat's format asks of the generation: its grammar (a request's own
     /// grammar cannot be combined with it), stop strings and special tokens written as text.
     fn apply_format(&self, rendered: &RenderedChat, options: &mut GenerateOptions) -> Result<(), EngineError> {
-        let word_tokens = |text: &str| {
-            let mut tokens = Vec::new();
-            self.model.tokenize(text, false, true, &mut tokens)?;
-            Ok(tokens)
-        };
+        let word_tokens = |text: &str| self.tokenize_with(text, TokenizeOptions { add_special: false, parse_special: true });
         for text in &rendered.preserved {
             if let [token] = word_tokens(text)?.as_slice() {
                 options.preserved_tokens.push(*token);
@@ -240,12 +236,6 @@ impl Engine {
             options.sampling.grammar = Some(grammar.clone());
         }
         Ok(())
-    }
-
-    /// Whether chats are rendered by the model's Jinja template (tools and template options
-    /// work).
-    pub fn renders_jinja(&self) -> bool {
-        self.templates.is_some()
     }
 
     /// The template for chats: the model's own, the configured fallback, or one chosen by

@@ -76,15 +76,15 @@ impl<'e> Session<'e> {
         options: GenerateOptions,
     ) -> Result<(ChatReply, GenerationStats), EngineError> {
         let mut generation = self.generate(&GenerateRequest { prompt: Prompt::chat_with(messages.to_vec(), chat.clone()), options })?;
-        let mut parser = generation.take_reply_parser().ok_or(EngineError::Unsupported {
+        let parser = generation.take_reply_parser().ok_or(EngineError::Unsupported {
             what: "reading replies by their chat format without Jinja templates",
             backend: crate::Engine::backend_name(),
         })?;
+        let mut text = String::new();
         while let Some(delta) = generation.next_text() {
-            parser.push(delta?)?;
+            text.push_str(delta?);
         }
-        let (_, reply) = parser.finish()?;
-        Ok((reply, generation.stats().clone()))
+        Ok((parser.read_whole(&text)?, generation.stats().clone()))
     }
 
     /// Runs a request to the end and returns all its text.

@@ -84,9 +84,9 @@ impl Answer {
             }
         };
         let state = &self.state;
-        let reply = match (&mut self.parser, end.is_ok()) {
-            (Some(parser), true) => match parser.push(&text).and_then(|_| parser.finish()) {
-                Ok((_, reply)) => Some(reply),
+        let reply = match (self.parser.take(), end.is_ok()) {
+            (Some(parser), true) => match parser.read_whole(&text) {
+                Ok(reply) => Some(reply),
                 Err(e) => return log::refused(state, e.into()),
             },
             _ => None,

@@ -80,3 +80,18 @@ pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
 }
+
+/// Runs `tests/<script>` with the official `openai` Python client on its path (pip-installed by
+/// `cargo xtask test` at EXSA_OPENAI_SITE) and `args`; fails with its output unless it exits 0.
+pub fn run_openai_script(script: &str, args: &[&str]) {
+    let site = std::path::PathBuf::from(std::env::var("EXSA_OPENAI_SITE").expect("EXSA_OPENAI_SITE is set by .cargo/config.toml"));
+    assert!(site.join("openai").is_dir(), "the openai package is missing at {}: run `cargo xtask test` (it installs it)", site.display());
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join(script);
+    let out = Command::new(std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into()))
+        .env("PYTHONPATH", &site)
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}

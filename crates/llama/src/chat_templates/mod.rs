@@ -21,7 +21,7 @@ use std::ffi::{CStr, CString, c_char};
 use std::ptr::NonNull;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::model::Model;
 use crate::sys;
@@ -273,12 +273,36 @@ fn field(field: &'static str, reason: impl Into<String>) -> ChatTemplateError {
     ChatTemplateError::Field { field, reason: reason.into() }
 }
 
+/// The tools of `request`, each a function with a name (what every format needs).
+fn checked_tools(request: &Map<String, Value>) -> Result<&[Value], ChatTemplateError> {
+    let tools = match request.get("tools") {
+        None | Some(Value::Null) => return Ok(&[]),
+        Some(Value::Array(tools)) => tools,
+        Some(_) => return Err(field("tools", "is not a list")),
+    };
+    for (i, tool) in tools.iter().enumerate() {
+        if tool.get("type").is_some_and(|t| t != "function") {
+            return Err(field("tools", format!("tools[{i}]: only tools of type \"function\" exist")));
+        }
+        let name = tool.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+        if name.is_none_or(str::is_empty) {
+            return Err(field("tools", format!("tools[{i}]: a function needs a name")));
+        }
+        if let Some(parameters) = tool["function"].get("parameters")
+            && !(parameters.is_object() || parameters.is_null())
+        {
+            return Err(field("tools", format!("tools[{i}]: parameters must be a JSON schema (an object)")));
+        }
+    }
+    Ok(tools)
+}
+
 /// The request with `tools` checked and a named `tool_choice` turned into a required call of
 /// that tool alone.
 fn normalized(request: &Value) -> Result<Value, ChatTemplateError> {
     let mut request = request.clone();
     let object = request.as_object_mut().ok_or_else(|| ChatTemplateError::BadRequest("the request is not a JSON object".into()))?;
-    let tools = generic::checked_tools(object)?.to_vec();
+    let tools = checked_tools(object)?.to_vec();
     let named = match object.get("tool_choice") {
         None | Some(Value::Null) => {
             object.remove("tool_choice");
@@ -465,5 +489,27 @@ impl From<&AssistantMessage> for WireMessage {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn tools_without_a_name_or_with_bad_parameters_are_refused() {
+        let bad = |tools: Value| checked_tools(json!({ "tools": tools }).as_object().unwrap()).map(<[Value]>::len);
+        assert!(
+            matches!(bad(json!([{ "type": "function", "function": {} }])), Err(ChatTemplateError::Field { field: "tools", reason }) if reason.contains("name"))
+        );
+        assert!(
+            matches!(bad(json!([{ "type": "function", "function": { "name": "f", "parameters": 3 } }])), Err(ChatTemplateError::Field { field: "tools", reason }) if reason.contains("JSON schema"))
+        );
+        assert_eq!(
+            bad(json!([json!({ "type": "function", "function": { "name": "get_weather", "parameters": { "type": "object" } } })])).unwrap(),
+            1
+        );
     }
 }
