@@ -14,6 +14,7 @@ mod llama_tools;
 mod package;
 mod pin;
 mod python;
+mod server_process;
 mod setup;
 mod synth_models;
 mod template_parity;

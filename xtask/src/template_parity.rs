@@ -12,14 +12,14 @@
 //! `crates/llama/tests/chat_parity.rs` holds our chat layer to without building llama-server
 //! (the date the templates print there is pinned to the recording day's, noon UTC).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+use crate::server_process::{self, Started};
 use crate::{fetch_model, llama_tools, workspace};
 
 /// llama-server's renders, as `--record` writes them (relative to the workspace).
@@ -171,7 +171,7 @@ fn apply(http: &reqwest::blocking::Client, base: &str, request: &Value) -> Resul
 /// Starts one server with `template` on a free port and waits for /health; Ok(Err) when the
 /// server refused the template (it exited).
 fn start(binary: &Path, model: &Path, template: &Path, out: &Path, side: Side) -> Result<Result<Running, String>> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port().to_string();
+    let port = server_process::free_port()?.to_string();
     let mut command = Command::new(binary);
     let log_name = match side {
         Side::Exsa => {
@@ -188,17 +188,13 @@ fn start(binary: &Path, model: &Path, template: &Path, out: &Path, side: Side) -
     let log = std::fs::File::create(out.join(log_name))?;
     let child = command.stdout(Stdio::null()).stderr(log).spawn().with_context(|| format!("starting {}", binary.display()))?;
     let mut running = Running { child, base: format!("http://127.0.0.1:{port}") };
-    let probe = reqwest::blocking::Client::builder().timeout(Duration::from_secs(2)).build()?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        if let Some(status) = running.child.try_wait()? {
+    match server_process::wait_healthy(&mut running.child, &running.base)? {
+        Started::Healthy => return Ok(Ok(running)),
+        Started::Exited(status) => {
             let said = std::fs::read_to_string(out.join(log_name)).unwrap_or_default();
             return Ok(Err(format!("exited ({status}): {}", said.lines().rev().take(2).collect::<Vec<_>>().join(" | "))));
         }
-        if probe.get(format!("{}/health", running.base)).send().is_ok_and(|r| r.status().is_success()) {
-            return Ok(Ok(running));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        Started::TimedOut => {}
     }
     bail!("{} with {} did not become healthy within 120 s (log in {})", binary.display(), template.display(), out.join(log_name).display())
 }

@@ -9,7 +9,6 @@
 
 mod load;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::bench::stats;
+use crate::server_process::{self, Started};
 use crate::{fetch_model, llama_tools, workspace};
 use load::{LevelResult, percentile};
 
@@ -232,7 +232,7 @@ fn svg(args: &Args, samples: &[Sample], servers: &[Contender]) -> String {
 
 /// Starts `server` on a free port and waits until /health answers 200.
 fn start(server: Contender, binary: &Path, model: &Path, args: &Args, threads: usize, out: &Path) -> Result<(Child, String)> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = server_process::free_port()?;
     let (slots, ctx, threads) = (args.slots.to_string(), args.ctx.to_string(), threads.to_string());
     let log = std::fs::File::create(out.join(format!("{}.log", server.name().replace([' ', '@'], "-"))))?;
     let mut command = match server {
@@ -250,17 +250,16 @@ fn start(server: Contender, binary: &Path, model: &Path, args: &Args, threads: u
             c
         }
     };
-    let child = command.stdout(Stdio::null()).stderr(log).spawn().with_context(|| format!("starting {}", server.name()))?;
+    let mut child = command.stdout(Stdio::null()).stderr(log).spawn().with_context(|| format!("starting {}", server.name()))?;
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(2)).build()?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        if client.get(format!("{base}/health")).send().is_ok_and(|r| r.status().is_success()) {
-            return Ok((child, base));
+    match server_process::wait_healthy(&mut child, &base)? {
+        Started::Healthy => Ok((child, base)),
+        Started::Exited(status) => bail!("{} exited ({status}) before it became healthy (log in {})", server.name(), out.display()),
+        Started::TimedOut => {
+            let _ = child.kill();
+            bail!("{} did not become healthy within 120 s (log in {})", server.name(), out.display())
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
-    bail!("{} did not become healthy within 120 s (log in {})", server.name(), out.display())
 }
 
 fn report(
