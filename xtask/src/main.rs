@@ -15,6 +15,7 @@ mod package;
 mod pin;
 mod python;
 mod server_process;
+mod server_suite;
 mod setup;
 mod synth_models;
 mod template_parity;
@@ -62,6 +63,8 @@ enum Command {
     CheckCuda(check_cuda::Args),
     /// Every chat template of llama.cpp's corpus rendered by exsa serve and by llama-server, compared.
     TemplateParity(template_parity::Args),
+    /// llama.cpp's own server test suite against exsa serve (and llama-server with --reference).
+    ServerSuite(server_suite::Args),
     /// Everything a GPU machine without Rust needs to bench our build on its GPU (docs/gpu.md).
     GpuBundle(gpu_bundle::Args),
 }
@@ -95,5 +98,6 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::GpuBundle(args) => gpu_bundle::run(&args),
         Command::BenchServe(args) => bench_serve::run(&args),
         Command::TemplateParity(args) => template_parity::run(&args),
+        Command::ServerSuite(args) => server_suite::run(&args),
     }
 }

@@ -4,16 +4,19 @@
 //! test of the workspace (the chat layer's included, on that corpus), the engine's
 //! tests once more per other backend and in the dynamic-backend mode,
 //! an app outside the workspace built against the packaged crates, rustfmt and clippy, the leak
-//! check on Linux, and the reduced CUDA check on Linux x86-64 (a toolkit from PyPI, ggml
+//! check on Linux, llama.cpp's own server test suite against `exsa serve` (`cargo xtask
+//! server-suite`, its OpenAI-surface files), and the reduced CUDA check on Linux x86-64 (a toolkit from PyPI, ggml
 //! configured with CUDA, one CUDA source compiled). `--full` adds what CI leaves out to stay
 //! within its time budget: the engine's tests over raw FFI, the statistical speculation tests on
 //! the other backends (`FULL_ONLY_ON_OTHER_BACKENDS`), the leak check under valgrind (~11 min),
-//! and the chat template parity with llama-server (`cargo xtask template-parity`, which builds
-//! llama-server).
+//! the chat template parity with llama-server (`cargo xtask template-parity`, which builds
+//! llama-server), and the whole server suite beside llama-server's own result.
 
 use anyhow::Result;
 
-use crate::{app_test, check_cuda, fetch_model, leak_check, llama_tools, python, setup, synth_models, template_parity, vendor, workspace};
+use crate::{
+    app_test, check_cuda, fetch_model, leak_check, llama_tools, python, server_suite, setup, synth_models, template_parity, vendor, workspace,
+};
 
 /// The `openai` client the server tests drive `exsa serve` with (`.cargo/config.toml`'s
 /// EXSA_OPENAI_SITE names its folder).
@@ -65,6 +68,9 @@ pub fn run(args: &Args) -> Result<()> {
     if !args.cargo_args.is_empty() {
         return Ok(());
     }
+    // llama.cpp's own server test suite against `exsa serve`: its OpenAI-surface files here (with
+    // the debug build the tests just made), the whole suite beside llama-server in full mode.
+    server_suite::run(&if args.full { server_suite::Args::full() } else { server_suite::Args::default() })?;
     // The criterion benches, built (in the test profile, reusing the builds above) so that they
     // cannot rot until someone runs `bench-compare --micro`.
     workspace::run(workspace::cargo().args(["test", "--locked", "--workspace", "--benches", "--no-run"]))?;

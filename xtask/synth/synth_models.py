@@ -49,7 +49,8 @@ MODELS = {
     # the default one (the draft-model tests' mismatch).
     "llama-tiny-32k": dict(arch="llama", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, n_vocab=32768, dtype="f16"),
     # With LFM2's tool-call markers as control tokens (see LFM2_MARKERS): the tool-calling tests
-    # render LFM2's own chat templates for it.
+    # render LFM2's own chat templates for it; and fill-in-the-middle tokens (FIM_MARKERS) for
+    # the infill tests.
     "lfm2-tiny": dict(arch="lfm2", n_embd=64, n_layer=4, n_head=4, n_head_kv=2, n_ff=128, attn_layers=(1, 3), l_cache=3, n_vocab=None, dtype="f16",
                       markers=True),
     "mamba-tiny": dict(arch="mamba", n_embd=64, n_layer=2, d_inner=128, d_state=16, dt_rank=4, d_conv=4, n_vocab=None, dtype="f16"),
@@ -97,10 +98,14 @@ def read_tokenizer(path):
 # end-of-generation token, which would change how the random model's replies end.
 LFM2_MARKERS = ["<|tool_call_start|>", "<|tool_call_end|>", "<|tool_list_start|>", "<|tool_list_end|>"]
 
+# Fill-in-the-middle tokens, written over the next unused control tokens (`<unused4>` ...) and
+# named in the metadata as llama.cpp reads them, so that one model has what `/infill` needs.
+FIM_MARKERS = [("<|fim_prefix|>", "fim_pre"), ("<|fim_suffix|>", "fim_suf"), ("<|fim_middle|>", "fim_mid")]
+
 
 def write_tokenizer(writer, fields, n_vocab, markers=False):
-    """Copies the tokenizer, cut to the first `n_vocab` tokens when asked, with LFM2's markers in
-    place of the first unused tokens when asked."""
+    """Copies the tokenizer, cut to the first `n_vocab` tokens when asked, with LFM2's markers and
+    the fill-in-the-middle tokens in place of the first unused tokens when asked."""
     for key, (value, kind, item) in fields.items():
         if kind == gguf.GGUFValueType.ARRAY:
             if n_vocab is not None and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
@@ -110,6 +115,10 @@ def write_tokenizer(writer, fields, n_vocab, markers=False):
                 for marker, unused in zip(LFM2_MARKERS, range(len(LFM2_MARKERS))):
                     index = value.index(f"<unused{unused}>".encode())
                     value[index] = marker.encode()
+                for (marker, name), unused in zip(FIM_MARKERS, range(len(LFM2_MARKERS), len(LFM2_MARKERS) + len(FIM_MARKERS))):
+                    index = value.index(f"<unused{unused}>".encode())
+                    value[index] = marker.encode()
+                    writer.add_uint32(f"tokenizer.ggml.{name}_token_id", index)
             writer.add_array(key, value)
         elif kind == gguf.GGUFValueType.STRING:
             writer.add_string(key, value)

@@ -14,6 +14,10 @@ pub struct ChatMessage {
     pub role: String,
     /// The message text.
     pub content: String,
+    /// A content sent as a list of text parts (OpenAI's content parts), for templates that read
+    /// them one by one; `content` then holds them joined by line breaks (llama.cpp's chat layer
+    /// does the same for templates that read text). Empty for a content sent as text.
+    pub content_parts: Vec<String>,
     /// An assistant message's tool calls.
     pub tool_calls: Vec<ToolCall>,
     /// A tool message: the id of the call it answers.
@@ -49,7 +53,11 @@ impl ChatMessage {
     pub fn to_openai(&self) -> Value {
         let mut m = Map::new();
         m.insert("role".into(), json!(self.role));
-        m.insert("content".into(), json!(self.content));
+        if self.content_parts.is_empty() {
+            m.insert("content".into(), json!(self.content));
+        } else {
+            m.insert("content".into(), self.content_parts.iter().map(|text| json!({ "type": "text", "text": text })).collect());
+        }
         if !self.tool_calls.is_empty() {
             m.insert("tool_calls".into(), Value::Array(self.tool_calls.iter().map(ToolCall::to_openai).collect()));
         }
@@ -166,7 +174,7 @@ impl std::str::FromStr for ReasoningFormat {
 }
 
 /// What a chat asks of its template beyond the messages.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ChatOptions {
     pub tools: Vec<Tool>,
     pub tool_choice: ToolChoice,
@@ -176,13 +184,60 @@ pub struct ChatOptions {
     pub reasoning_format: ReasoningFormat,
     /// Extra variables for the template (`enable_thinking`, ...).
     pub template_kwargs: Map<String, Value>,
+    /// Whether the prompt ends by opening the assistant's turn (default true; false with a
+    /// continuation).
+    pub add_generation_prompt: bool,
+    /// The last message, an assistant's, is a reply begun: the prompt ends inside it.
+    pub continuation: Continuation,
+}
+
+impl Default for ChatOptions {
+    fn default() -> Self {
+        ChatOptions {
+            tools: Vec::new(),
+            tool_choice: ToolChoice::default(),
+            parallel_tool_calls: None,
+            reasoning_format: ReasoningFormat::default(),
+            template_kwargs: Map::new(),
+            add_generation_prompt: true,
+            continuation: Continuation::None,
+        }
+    }
+}
+
+/// Which part of a last assistant message a reply continues (llama.cpp's `continue_final_message`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Continuation {
+    /// The prompt does not end inside a message.
+    #[default]
+    None,
+    /// Where the message ends: its reasoning if it has no content, else its content.
+    Auto,
+    Content,
+    Reasoning,
+}
+
+impl Continuation {
+    /// `continue_final_message` as llama.cpp's chat layer reads it.
+    fn to_openai(self) -> Option<Value> {
+        match self {
+            Continuation::None => None,
+            Continuation::Auto => Some(json!(true)),
+            Continuation::Content => Some(json!("content")),
+            Continuation::Reasoning => Some(json!("reasoning_content")),
+        }
+    }
 }
 
 impl ChatOptions {
     /// Whether these are the defaults, which a built-in template can render too.
     pub fn is_plain(&self) -> bool {
         // Without tools, whether calls may be parallel changes nothing.
-        self.tools.is_empty() && self.tool_choice == ToolChoice::Auto && self.template_kwargs.is_empty()
+        self.tools.is_empty()
+            && self.tool_choice == ToolChoice::Auto
+            && self.template_kwargs.is_empty()
+            && self.add_generation_prompt
+            && self.continuation == Continuation::None
     }
 
     /// `messages` with these options as an OpenAI-shaped request, as llama.cpp's chat layer
@@ -191,8 +246,11 @@ impl ChatOptions {
         let mut request = json!({
             "messages": messages.iter().map(ChatMessage::to_openai).collect::<Vec<_>>(),
             "reasoning_format": self.reasoning_format.name(),
-            "add_generation_prompt": true,
+            "add_generation_prompt": self.add_generation_prompt,
         });
+        if let Some(continuation) = self.continuation.to_openai() {
+            request["continue_final_message"] = continuation;
+        }
         if let Some(parallel) = self.parallel_tool_calls {
             request["parallel_tool_calls"] = json!(parallel);
         }

@@ -49,13 +49,15 @@ fn risky_contents<'a, M: BackendModel>(model: &M, messages: &'a [ChatMessage]) -
     let (mut plain, mut special) = (Vec::new(), Vec::new());
     let mut risky = Vec::new();
     for (i, m) in messages.iter().enumerate() {
-        if m.content.is_empty() {
-            continue;
-        }
-        model.tokenize(&m.content, false, false, &mut plain)?;
-        model.tokenize(&m.content, false, true, &mut special)?;
-        if plain != special {
-            risky.push((i, m.content.as_str()));
+        // A content of parts is rendered part by part: each is located on its own.
+        let texts: Vec<&str> =
+            if m.content_parts.is_empty() { vec![m.content.as_str()] } else { m.content_parts.iter().map(String::as_str).collect() };
+        for text in texts.into_iter().filter(|t| !t.is_empty()) {
+            model.tokenize(text, false, false, &mut plain)?;
+            model.tokenize(text, false, true, &mut special)?;
+            if plain != special {
+                risky.push((i, text));
+            }
         }
     }
     Ok(risky)

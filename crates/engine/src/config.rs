@@ -48,6 +48,10 @@ pub enum ChatTemplating {
     /// [`EngineError::Unsupported`].
     #[default]
     Builtin,
+    /// llama.cpp's built-in format of this name (`llama3`, `chatml`, `command-r`, ... as
+    /// `llama_chat_apply_template` knows them) instead of the model's own, as llama-server's
+    /// `--chat-template NAME` without `--jinja`; otherwise as [`ChatTemplating::Builtin`].
+    Named(String),
     /// The model's own Jinja template, or `override_source` (Jinja source, or `"chatml"`), with
     /// tools, reasoning and template options, through llama.cpp's chat layer, as its server
     /// renders chats: backend `source` with feature `jinja`.
@@ -390,6 +394,9 @@ pub struct GenerateOptions {
     /// Never draw an end-of-generation token: the text ends at `max_tokens`, a stop sequence or
     /// a full context.
     pub ignore_eos: bool,
+    /// While the prompt decodes, report its progress (a server's [`crate::serving::Event::Progress`]:
+    /// once before the first chunk, then after each).
+    pub prompt_progress: bool,
 }
 
 impl Default for GenerateOptions {
@@ -403,6 +410,7 @@ impl Default for GenerateOptions {
             logprobs: None,
             preserved_tokens: Vec::new(),
             ignore_eos: false,
+            prompt_progress: false,
         }
     }
 }

@@ -215,18 +215,24 @@ impl<'a> Converter<'a> {
     }
 
     fn array(&mut self, object: &'a Map<String, Value>, hint: &str, path: &str) -> Result<String, SchemaError> {
-        let items = match object.get("items") {
+        // `items` as a list is the older form of a tuple (`prefixItems`), with nothing after it.
+        let (tuple, tuple_key, items) = match (object.get("prefixItems"), object.get("items")) {
+            (Some(prefix), items) => (Some(prefix), "prefixItems", items),
+            (None, Some(list @ Value::Array(_))) => (Some(list), "items", None),
+            (None, items) => (None, "", items),
+        };
+        let items = match items {
             None => "value".to_string(),
             Some(items) => self.visit(items, &format!("{hint}-item"), &format!("{path}/items"))?,
         };
-        if let Some(prefix) = object.get("prefixItems") {
-            let prefix = prefix.as_array().ok_or_else(|| error(path, "`prefixItems` must be a list"))?;
+        if let Some(prefix) = tuple {
+            let prefix = prefix.as_array().ok_or_else(|| error(path, format!("`{tuple_key}` must be a list")))?;
             let mut parts = Vec::new();
             for (i, p) in prefix.iter().enumerate() {
-                parts.push(self.visit(p, &format!("{hint}-{i}"), &format!("{path}/prefixItems/{i}"))?);
+                parts.push(self.visit(p, &format!("{hint}-{i}"), &format!("{path}/{tuple_key}/{i}"))?);
             }
             // A tuple: exactly these, then more of `items` only if the schema gives them.
-            let tail = if object.contains_key("items") { format!(r#" ("," space {items})*"#) } else { String::new() };
+            let tail = if tuple_key == "prefixItems" && object.contains_key("items") { format!(r#" ("," space {items})*"#) } else { String::new() };
             let body = if parts.is_empty() { String::new() } else { format!(" {}{tail}", parts.join(r#" "," space "#)) };
             return Ok(self.rule(hint, format!(r#""[" space{body} "]" space"#)));
         }
@@ -428,6 +434,9 @@ mod tests {
         assert!(g.contains(r#"root ::= "[" space boolean ("," space boolean){0,2} "]" space"#), "{g}");
         let g = json_schema_grammar(&json!({ "type": "array", "prefixItems": [{ "type": "string" }, { "type": "number" }] })).unwrap();
         assert!(g.contains(r#"root ::= "[" space string "," space number "]" space"#), "{g}");
+        // The older tuple form: `items` as a list (no type needed, as llama.cpp's converter reads it).
+        let g = json_schema_grammar(&json!({ "items": [{ "type": "integer" }] })).unwrap();
+        assert!(g.contains(r#"root ::= "[" space integer "]" space"#), "{g}");
     }
 
     #[test]

@@ -41,7 +41,7 @@ mod token;
 mod token_text;
 
 pub use backend::LlamaLogLevel;
-pub use chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, ReasoningFormat, Tool, ToolCall, ToolChoice};
+pub use chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, Continuation, ReasoningFormat, Tool, ToolCall, ToolChoice};
 pub use config::{
     CancelToken, ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, GrammarStart, Placement, Prompt, SamplerStage, SamplingParams,
     SessionConfig, Speculation,
@@ -50,7 +50,7 @@ pub use engine::{Engine, Generation, Session, TokenizeOptions, set_llama_log_lev
 pub use error::{Cause, DecodeFailure, EngineError, Result};
 pub use outcome::{Completion, FinishReason, GenerationStats};
 pub use templates::ReplyParser;
-pub use token::{TokenId, TokenLogprobs};
+pub use token::{FimTokens, TokenId, TokenLogprobs};
 // One UTF-8 stream decoder for the whole workspace, from a crate of its own: the `crate`
 // backend must not link llama-sys, so it cannot come through `llama`.
 pub use exsa_utf8::Utf8Decoder;

@@ -35,6 +35,18 @@ impl TokenLogprobs {
     }
 }
 
+/// A vocabulary's fill-in-the-middle tokens (code models), each where it has one: an infill
+/// prompt is `prefix` + text before the cursor + `suffix` + text after it + `middle`, the reply
+/// what goes between; `repository` and `separator` mark files given as context.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FimTokens {
+    pub prefix: Option<TokenId>,
+    pub suffix: Option<TokenId>,
+    pub middle: Option<TokenId>,
+    pub repository: Option<TokenId>,
+    pub separator: Option<TokenId>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -203,9 +203,20 @@ fn embeddings_tokenize_detokenize_and_latency_metrics() {
 
     let tokens: Value = http.post(server.url("/tokenize")).json(&json!({ "content": "Hello there" })).send().unwrap().json().unwrap();
     let ids: Vec<i64> = tokens["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
-    assert_eq!(ids, engine.tokenize("Hello there", false).unwrap().iter().map(|&t| i64::from(t)).collect::<Vec<_>>());
-    let text: Value = http.post(server.url("/detokenize")).json(&json!({ "tokens": ids })).send().unwrap().json().unwrap();
+    // llama-server's defaults: no BOS, control-token text parsed.
+    let plain = exsa_engine::TokenizeOptions { add_special: false, parse_special: true };
+    assert_eq!(ids, engine.tokenize_with("Hello there", plain).unwrap().iter().map(|&t| i64::from(t)).collect::<Vec<_>>());
+    let with_bos: Value =
+        http.post(server.url("/tokenize")).json(&json!({ "content": "Hello there", "add_special": true })).send().unwrap().json().unwrap();
+    let with_bos: Vec<i64> = with_bos["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+    assert_eq!(with_bos.len(), ids.len() + 1, "add_special adds BOS");
+    let text: Value = http.post(server.url("/detokenize")).json(&json!({ "tokens": with_bos })).send().unwrap().json().unwrap();
     assert_eq!(text["content"], "Hello there", "BOS renders as nothing");
+    let pieces: Value =
+        http.post(server.url("/tokenize")).json(&json!({ "content": "Hello there", "with_pieces": true })).send().unwrap().json().unwrap();
+    let pieces = pieces["tokens"].as_array().unwrap();
+    assert_eq!(pieces.iter().map(|p| p["id"].as_i64().unwrap()).collect::<Vec<_>>(), ids);
+    assert_eq!(pieces.iter().map(|p| p["piece"].as_str().unwrap()).collect::<String>(), "Hello there");
     assert_eq!(http.post(server.url("/detokenize")).json(&json!({ "tokens": [1, 99999999] })).send().unwrap().status(), 400);
 
     http.post(server.url("/v1/chat/completions")).json(&chat_body("Hi", 4, true)).send().unwrap().text().unwrap();
@@ -256,11 +267,17 @@ fn errors_have_openai_shapes_and_the_right_status() {
 
     assert_eq!(status_and_error(post("{not json".into())).0, 400);
     assert_eq!(status_and_error(post(json!({ "messages": [{ "role": "user", "content": "hi" }], "max_tokens": "many" }).to_string())).0, 400);
-    let (status, body) = status_and_error(post(json!({ "messages": [{ "role": "user", "content": "hi" }], "n": 2 }).to_string()));
+    for n in [json!(0), json!(17), json!("two")] {
+        let (status, body) = status_and_error(post(json!({ "messages": [{ "role": "user", "content": "hi" }], "n": n }).to_string()));
+        assert_eq!(status, 400, "n = {n}: {body}");
+    }
+    let (status, body) = status_and_error(post(json!({ "messages": [{ "role": "user", "content": "hi" }], "n": 2, "stream": true }).to_string()));
     assert_eq!((status, body["error"]["param"].as_str().unwrap()), (400, "n"));
     assert_eq!(status_and_error(post(json!({ "messages": [] }).to_string())).0, 400);
-    let (status, body) = status_and_error(post(json!({ "model": "gpt-9", "messages": [{ "role": "user", "content": "hi" }] }).to_string()));
-    assert_eq!((status, body["error"]["code"].as_str().unwrap()), (404, "model_not_found"));
+    // One model served: it answers whatever the name (as llama-server; OpenAI clients send theirs).
+    let r = post(json!({ "model": "gpt-9", "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 2 }).to_string());
+    assert_eq!(r.status(), 200);
+    assert_ne!(r.json::<Value>().unwrap()["model"], "gpt-9", "the response names the model that answered");
     let (status, _) = status_and_error(post(chat_body(&"x".repeat(3000), 4, false).to_string()));
     assert_eq!(status, 413);
     let (status, body) = status_and_error(post(chat_body(&"word ".repeat(300), 4, false).to_string()));
@@ -490,4 +507,150 @@ fn speculative_requests_give_the_same_text() {
         // Named: the field, or (for a misspelt key) the keys it takes.
         assert!(message.contains("specul") || message.contains("expected `type`"), "{bad}: {body}");
     }
+}
+
+/// A stream carries what the whole response gives, step by step: the native `/completion`'s
+/// chunks list every generated token (with its probabilities) once, in order, and a streamed
+/// chat's chunks carry the log-probabilities of every token of the reply.
+#[test]
+fn streams_carry_the_tokens_and_logprobs_of_the_whole_response() {
+    let _one_at_a_time = common::one_at_a_time();
+    let server = Server::start(&["--parallel", "1"]);
+    let http = client();
+    let native = json!({ "prompt": "The capital of France is", "n_predict": 12, "temperature": 0, "n_probs": 3, "return_tokens": true });
+    let whole: Value = http.post(server.url("/completion")).json(&native).send().unwrap().json().unwrap();
+    let mut streamed = native.clone();
+    streamed["stream"] = json!(true);
+    let events = sse_events(http.post(server.url("/completion")).json(&streamed).send().unwrap());
+    assert!(!events.iter().any(|e| e == "[DONE]"), "the native stream has no [DONE]");
+    let chunks: Vec<Value> = events.iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let (last, deltas) = chunks.split_last().unwrap();
+    assert_eq!(last["stop"], true);
+    assert_eq!(last["tokens_predicted"], whole["tokens_predicted"]);
+    let mut tokens = Vec::new();
+    let mut probabilities = Vec::new();
+    let mut text = String::new();
+    for chunk in deltas {
+        assert_eq!(chunk["stop"], false, "{chunk}");
+        tokens.extend(chunk["tokens"].as_array().unwrap().iter().cloned());
+        probabilities.extend(chunk["completion_probabilities"].as_array().unwrap().iter().cloned());
+        text.push_str(chunk["content"].as_str().unwrap());
+    }
+    assert_eq!(text, whole["content"].as_str().unwrap());
+    assert_eq!(tokens, *whole["tokens"].as_array().unwrap(), "every token, once, in order");
+    let whole_probabilities = whole["completion_probabilities"].as_array().unwrap();
+    assert_eq!(probabilities.len(), whole_probabilities.len());
+    for (i, (s, w)) in probabilities.iter().zip(whole_probabilities).enumerate() {
+        assert_eq!(s["id"], w["id"], "step {i}");
+        assert!((s["logprob"].as_f64().unwrap() - w["logprob"].as_f64().unwrap()).abs() < 1e-3, "step {i}: {s} vs {w}");
+        assert_eq!(s["top_logprobs"].as_array().unwrap().len(), 3, "step {i}");
+    }
+
+    // A streamed chat with logprobs: the same tokens as the whole response, every step.
+    let (whole_text, whole_steps) = chat_with_logprobs_and(&server, "Name three colours.", 12, json!({}));
+    let mut body = chat_body("Name three colours.", 12, true);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(5);
+    let events = sse_events(http.post(server.url("/v1/chat/completions")).json(&body).send().unwrap());
+    let mut ids = Vec::new();
+    for e in events.iter().filter(|e| *e != "[DONE]") {
+        let v: Value = serde_json::from_str(e).unwrap();
+        if let Some(content) = v["choices"].get(0).and_then(|c| c["logprobs"]["content"].as_array()) {
+            ids.extend(content.iter().map(|t| t["id"].as_i64().unwrap() as i32));
+        }
+    }
+    assert_eq!(streamed_text(&events).0, whole_text);
+    assert_eq!(ids, whole_steps.iter().map(|s| s.id).collect::<Vec<_>>(), "every token's log-probability, once, in order");
+}
+
+/// llama-server's and OpenAI's other ways to ask for the same generation agree with the plain
+/// chat: `n` greedy choices are each the solo reply, the Responses API returns the chat's reply,
+/// `input_tokens` counts the chat's prompt, and a last assistant message is continued, not closed.
+#[test]
+fn choices_responses_and_continuations_agree_with_the_plain_chat() {
+    let _one_at_a_time = common::one_at_a_time();
+    let server = Server::start(&["--parallel", "2"]);
+    let http = client();
+    let messages = json!([{ "role": "user", "content": "Name three colours." }]);
+    let solo: Value = http
+        .post(server.url("/v1/chat/completions"))
+        .json(&json!({ "messages": messages, "max_tokens": 10, "temperature": 0 }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let solo_text = solo["choices"][0]["message"]["content"].as_str().unwrap();
+
+    let two: Value = http
+        .post(server.url("/v1/chat/completions"))
+        .json(&json!({ "messages": messages, "max_tokens": 10, "temperature": 0, "n": 2 }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let choices = two["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2, "{two}");
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        assert_eq!(choice["message"]["content"], solo_text, "greedy choice {i}");
+    }
+    assert_eq!(two["usage"]["prompt_tokens"], solo["usage"]["prompt_tokens"], "the prompt counts once");
+    assert_eq!(two["usage"]["completion_tokens"].as_u64().unwrap(), 2 * solo["usage"]["completion_tokens"].as_u64().unwrap());
+
+    let counted: Value =
+        http.post(server.url("/v1/chat/completions/input_tokens")).json(&json!({ "messages": messages })).send().unwrap().json().unwrap();
+    assert_eq!(counted["input_tokens"], solo["usage"]["prompt_tokens"]);
+
+    let response: Value = http
+        .post(server.url("/v1/responses"))
+        .json(&json!({ "input": "Name three colours.", "max_output_tokens": 10, "temperature": 0 }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(response["id"].as_str().unwrap().starts_with("resp_"), "{response}");
+    assert_eq!(response["output"][0]["content"][0]["text"], solo_text);
+    assert_eq!(response["usage"]["input_tokens"], solo["usage"]["prompt_tokens"]);
+
+    // A last assistant message is a reply begun: the prompt ends inside it.
+    let begun = json!([{ "role": "user", "content": "Name three colours." }, { "role": "assistant", "content": "Red, green and" }]);
+    let rendered: Value = http.post(server.url("/apply-template")).json(&json!({ "messages": begun })).send().unwrap().json().unwrap();
+    assert!(rendered["prompt"].as_str().unwrap().ends_with("Red, green and"), "{rendered}");
+    let closed: Value =
+        http.post(server.url("/apply-template")).json(&json!({ "messages": begun, "continue_final_message": false })).send().unwrap().json().unwrap();
+    assert!(!closed["prompt"].as_str().unwrap().ends_with("Red, green and"), "{closed}");
+    let both = http
+        .post(server.url("/v1/chat/completions"))
+        .json(&json!({ "messages": begun, "continue_final_message": true, "add_generation_prompt": true }))
+        .send()
+        .unwrap();
+    assert_eq!(both.status(), 400);
+}
+
+/// `/infill` builds llama-server's fill-in-the-middle prompt (context files, BOS, prefix, the
+/// prompt, suffix, middle), on the synthetic LFM2 model that has FIM tokens; a model without them
+/// is a 400 naming the model.
+#[test]
+fn infill_builds_llama_servers_prompt_and_needs_fim_tokens() {
+    let _one_at_a_time = common::one_at_a_time();
+    let model = std::path::PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml")).join("lfm2-tiny.gguf");
+    let server = Server::start(&["--model", model.to_str().unwrap()]);
+    let request = json!({
+        "input_prefix": "def add(a, b):\n    ", "input_suffix": "\nprint(add(1, 2))\n",
+        "input_extra": [{ "filename": "util.py", "text": "x = 1\n" }], "prompt": "return",
+        "n_predict": 4, "temperature": 0, "response_fields": ["prompt", "tokens_evaluated"],
+    });
+    let body: Value = client().post(server.url("/infill")).json(&request).send().unwrap().json().unwrap();
+    // What llama-server (target/llama-server) answered for the same request and model.
+    let expected = "\n\n--- snippet ---\n\nx = 1\n<bos><|fim_prefix|>def add(a, b):\n    return<|fim_suffix|>\nprint(add(1, 2))\n<|fim_middle|>";
+    assert_eq!(body, json!({ "prompt": expected, "tokens_evaluated": 35 }));
+    let r = client().post(server.url("/infill")).json(&json!({ "input_prefix": "x" })).send().unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().unwrap()["error"]["param"], "input_suffix");
+
+    let server = Server::start(&[]);
+    let r = client().post(server.url("/infill")).json(&json!({ "input_prefix": "a", "input_suffix": "b" })).send().unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().unwrap();
+    assert_eq!((body["error"]["param"].as_str(), body["error"]["code"].as_str()), (Some("model"), Some("not_supported")), "{body}");
 }

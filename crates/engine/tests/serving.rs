@@ -216,8 +216,9 @@ fn a_slot_reuses_the_longest_cached_prefix() {
 
 #[test]
 fn a_full_kv_cache_fails_the_newest_request_and_the_older_ones_finish() {
-    // 384 cache cells shared by three slots; each request wants 40-odd prompt tokens and 150
-    // generated ones: two fit, three do not.
+    // 384 cache cells (llama.cpp pads that to 512) shared by three slots; each request wants
+    // 26 prompt tokens, of which the first 8 are the same (copied between slots, so stored once),
+    // and 180 generated ones: two fit, three do not.
     let engine = engine_with_ctx(384);
     let core = start(&engine, 3, 4).expect("the serving core starts");
     let long = |topic: &str| {
@@ -227,15 +228,15 @@ fn a_full_kv_cache_fails_the_newest_request_and_the_older_ones_finish() {
     let topics = ["the ocean", "mountains", "deserts"];
     let mut receivers = Vec::new();
     for topic in topics {
-        // Greedy, with the end of text banned, so that every request wants its 150 tokens.
-        let request = ServeRequest::new(&engine, &banning_eog(&engine, greedy(&long(topic), 150).logprobs(5))).unwrap();
+        // Greedy, with the end of text banned, so that every request wants its 180 tokens.
+        let request = ServeRequest::new(&engine, &banning_eog(&engine, greedy(&long(topic), 180).logprobs(5))).unwrap();
         receivers.push(core.submit(request).unwrap());
         // Admitted in this order (the newest is the last).
         std::thread::sleep(Duration::from_millis(50));
     }
     let outcomes: Vec<_> = receivers.into_iter().map(collect).collect();
     let (first_text, first) = outcomes[0].as_ref().expect("the oldest request finishes");
-    assert_eq!(first.stats.completion_tokens, 150, "{first_text:?}");
+    assert_eq!(first.stats.completion_tokens, 180, "{first_text:?}");
     let last = outcomes[2].as_ref().expect_err("the newest request gives way");
     assert_eq!(last.decode_failure(), Some(DecodeFailure::NoKvSlot), "{last}");
     // The middle one fits beside the first once the newest is gone.

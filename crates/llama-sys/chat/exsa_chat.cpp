@@ -75,6 +75,10 @@ common_chat_templates_inputs parse_request(const char * request_json, const exsa
     }
     inputs.parallel_tool_calls   = request.value("parallel_tool_calls", templates.parallel_by_default);
     inputs.add_generation_prompt = request.value("add_generation_prompt", true);
+    // true (or "content", "reasoning_content"): the last assistant message is a reply to continue.
+    if (request.contains("continue_final_message")) {
+        inputs.continue_final_message = common_chat_continuation_parse(request.at("continue_final_message"));
+    }
     if (request.contains("reasoning_format")) {
         inputs.reasoning_format = common_reasoning_format_from_name(request.at("reasoning_format").get<std::string>());
     }

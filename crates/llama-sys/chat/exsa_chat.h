@@ -35,7 +35,7 @@ int32_t exsa_chat_json_schema_to_grammar(const char * schema_json, char ** gramm
 
 // Renders an OpenAI-shaped request:
 //   {"messages": [...], "tools": [...], "tool_choice": "auto"|"none"|"required",
-//    "parallel_tool_calls": bool (default: whether the template can), "add_generation_prompt": bool, "reasoning_format": "none"|"auto"|...,
+//    "parallel_tool_calls": bool (default: whether the template can), "add_generation_prompt": bool, "continue_final_message": true|"content"|"reasoning_content", "reasoning_format": "none"|"auto"|...,
 //    "enable_thinking": bool, "chat_template_kwargs": {...}, "json_schema": {...}, "grammar": "...",
 //    "now": seconds since the epoch (the time templates print; default: now)}
 // (all but "messages" optional; what is left out takes llama-server's defaults: thinking where the

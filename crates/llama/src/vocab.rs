@@ -81,6 +81,24 @@ impl<'m> Vocab<'m> {
         Token(unsafe { sys::llama_vocab_eot(self.raw.as_ptr()) })
     }
 
+    /// The model's fill-in-the-middle token of `kind`, if its vocabulary has one.
+    pub fn fim(&self, kind: FimToken) -> Option<Token> {
+        let raw = self.raw.as_ptr();
+        // SAFETY: each reads a field of a live vocab.
+        let id = unsafe {
+            match kind {
+                FimToken::Prefix => sys::llama_vocab_fim_pre(raw),
+                FimToken::Suffix => sys::llama_vocab_fim_suf(raw),
+                FimToken::Middle => sys::llama_vocab_fim_mid(raw),
+                FimToken::Padding => sys::llama_vocab_fim_pad(raw),
+                FimToken::Repository => sys::llama_vocab_fim_rep(raw),
+                FimToken::Separator => sys::llama_vocab_fim_sep(raw),
+            }
+        };
+        // LLAMA_TOKEN_NULL (-1): none.
+        self.contains(Token(id)).then_some(Token(id))
+    }
+
     /// Whether `token` ends generation (EOS, EOT and the model's other end tokens).
     pub fn is_eog(&self, token: Token) -> bool {
         // SAFETY: llama.cpp looks the id up in a set; any id is safe to ask about.
@@ -202,4 +220,22 @@ impl<'m> Vocab<'m> {
             buf.resize((-n) as usize, 0);
         }
     }
+}
+
+/// The special tokens of fill-in-the-middle prompts (code models: the text before the cursor,
+/// after it, and where the model writes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FimToken {
+    /// Starts the text before the cursor.
+    Prefix,
+    /// Starts the text after the cursor.
+    Suffix,
+    /// Where the model writes what goes between.
+    Middle,
+    /// Fills unused positions.
+    Padding,
+    /// Starts a repository's files (repo-level FIM).
+    Repository,
+    /// Starts a file of the repository.
+    Separator,
 }

@@ -131,6 +131,20 @@ impl BackendModel for CrateModel {
         self.model.n_vocab()
     }
 
+    fn fim_tokens(&self) -> crate::FimTokens {
+        let n_vocab = self.n_vocab();
+        let vocab = self.model.vocab();
+        // LLAMA_TOKEN_NULL (-1) where the vocabulary has none.
+        let some = |t: LlamaToken| (0..n_vocab).contains(&t.0).then_some(t.0);
+        crate::FimTokens {
+            prefix: some(vocab.fim_pre()),
+            suffix: some(vocab.fim_suf()),
+            middle: some(vocab.fim_mid()),
+            repository: some(vocab.fim_rep()),
+            separator: some(vocab.fim_sep()),
+        }
+    }
+
     fn chat_template(&self) -> Option<String> {
         self.model.chat_template(None).ok().and_then(|t| t.to_string().ok())
     }
@@ -169,7 +183,14 @@ impl BackendModel for CrateModel {
         }
         let ctx = self.model.new_context(backend(), params).map_err(|e| EngineError::Session(cause(e)))?;
         let n_batch = ctx.n_batch() as usize;
-        Ok(CrateSession { ctx, batch: LlamaBatch::new(n_batch, 1), pending: Vec::new(), outputs: Vec::new(), abort: None })
+        Ok(CrateSession {
+            ctx,
+            batch: LlamaBatch::new(n_batch, 1),
+            pending: Vec::new(),
+            outputs: Vec::new(),
+            abort: None,
+            n_seq: config.n_seq as i32,
+        })
     }
 }
 
@@ -182,6 +203,8 @@ pub struct CrateSession<'m> {
     pending: Vec<i32>,
     outputs: Vec<i32>,
     abort: Option<Arc<AtomicBool>>,
+    /// Sequences the context holds (llama.cpp asserts ids below this).
+    n_seq: i32,
 }
 
 impl std::fmt::Debug for CrateSession<'_> {
@@ -280,6 +303,14 @@ impl BackendSession for CrateSession<'_> {
         if let Ok(seq) = u32::try_from(seq) {
             let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
         }
+    }
+
+    fn seq_copy(&mut self, src: i32, dst: i32) -> bool {
+        // llama.cpp asserts sequence ids below the context's n_seq_max: checked first.
+        if !(0..self.n_seq).contains(&src) || !(0..self.n_seq).contains(&dst) {
+            return false;
+        }
+        self.ctx.copy_kv_cache_seq(src, dst, None, None).is_ok()
     }
 }
 

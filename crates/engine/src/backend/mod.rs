@@ -118,6 +118,8 @@ pub trait BackendModel: Send + Sync + Sized {
     fn is_eog(&self, token: TokenId) -> bool;
     fn bos(&self) -> TokenId;
     fn n_vocab(&self) -> i32;
+    /// The vocabulary's fill-in-the-middle tokens.
+    fn fim_tokens(&self) -> crate::FimTokens;
     /// The model's own chat template, if its file has one.
     fn chat_template(&self) -> Option<String>;
     /// Formats messages with a template text or a llama.cpp built-in template name.
@@ -180,4 +182,7 @@ pub trait BackendSession {
     fn seq_truncate(&mut self, seq: i32, from: i32) -> bool;
     /// Empties sequence `seq`.
     fn seq_clear(&mut self, seq: i32);
+    /// Makes empty sequence `dst` hold all that sequence `src` holds (in a unified KV cache the
+    /// cells are shared, not duplicated); false where the backend cannot.
+    fn seq_copy(&mut self, src: i32, dst: i32) -> bool;
 }

@@ -238,6 +238,22 @@ impl BackendModel for RawModel {
         unsafe { sys::llama_vocab_bos(self.vocab) }
     }
 
+    fn fim_tokens(&self) -> crate::FimTokens {
+        let n_vocab = self.n_vocab();
+        // LLAMA_TOKEN_NULL (-1) where the vocabulary has none.
+        let some = |t: TokenId| (0..n_vocab).contains(&t).then_some(t);
+        // SAFETY: field reads of the live vocab.
+        unsafe {
+            crate::FimTokens {
+                prefix: some(sys::llama_vocab_fim_pre(self.vocab)),
+                suffix: some(sys::llama_vocab_fim_suf(self.vocab)),
+                middle: some(sys::llama_vocab_fim_mid(self.vocab)),
+                repository: some(sys::llama_vocab_fim_rep(self.vocab)),
+                separator: some(sys::llama_vocab_fim_sep(self.vocab)),
+            }
+        }
+    }
+
     fn n_vocab(&self) -> i32 {
         // SAFETY: field read.
         unsafe { sys::llama_vocab_n_tokens(self.vocab) }
@@ -346,7 +362,7 @@ impl BackendModel for RawModel {
             let n_batch = sys::llama_n_batch(ctx.as_ptr());
             (n_batch, sys::llama_n_ctx(ctx.as_ptr()), sys::llama_batch_init(n_batch as i32, 0, 1))
         };
-        Ok(RawSession { model: self, ctx, batch, n_batch, n_ctx, abort: None, has_logits: false })
+        Ok(RawSession { model: self, ctx, batch, n_batch, n_ctx, n_seq: config.n_seq as i32, abort: None, has_logits: false })
     }
 }
 
@@ -357,6 +373,8 @@ pub struct RawSession<'m> {
     batch: sys::llama_batch,
     n_batch: u32,
     n_ctx: u32,
+    /// Sequences the context holds (llama.cpp asserts ids below this).
+    n_seq: i32,
     abort: Option<Arc<AtomicBool>>,
     has_logits: bool,
 }
@@ -533,6 +551,17 @@ impl BackendSession for RawSession<'_> {
     fn seq_clear(&mut self, seq: i32) {
         // SAFETY: as above.
         unsafe { sys::llama_memory_seq_rm(sys::llama_get_memory(self.ctx.as_ptr()), seq, -1, -1) };
+    }
+
+    fn seq_copy(&mut self, src: i32, dst: i32) -> bool {
+        if !(0..self.n_seq).contains(&src) || !(0..self.n_seq).contains(&dst) {
+            return false;
+        }
+        // SAFETY: memory handle of the live context; both ids are below the context's n_seq_max
+        // (checked above: llama.cpp asserts that), and a whole sequence (p0 = p1 = -1) may be
+        // copied between any two streams.
+        unsafe { sys::llama_memory_seq_cp(sys::llama_get_memory(self.ctx.as_ptr()), src, dst, -1, -1) };
+        true
     }
 }
 

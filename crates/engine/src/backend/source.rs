@@ -149,6 +149,19 @@ impl BackendModel for SourceModel {
         self.model.vocab().bos().0
     }
 
+    fn fim_tokens(&self) -> crate::FimTokens {
+        use llama::FimToken;
+        let vocab = self.model.vocab();
+        let get = |kind| vocab.fim(kind).map(|t| t.0);
+        crate::FimTokens {
+            prefix: get(FimToken::Prefix),
+            suffix: get(FimToken::Suffix),
+            middle: get(FimToken::Middle),
+            repository: get(FimToken::Repository),
+            separator: get(FimToken::Separator),
+        }
+    }
+
     fn n_vocab(&self) -> i32 {
         self.model.vocab().n_tokens()
     }
@@ -271,6 +284,10 @@ impl<'m> BackendSession for SourceSession<'m> {
 
     fn seq_clear(&mut self, seq: i32) {
         let _ = self.ctx.remove_range(seq, -1, -1);
+    }
+
+    fn seq_copy(&mut self, src: i32, dst: i32) -> bool {
+        self.ctx.copy_range(src, dst, -1, -1).is_ok()
     }
 }
 

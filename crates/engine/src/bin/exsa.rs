@@ -217,8 +217,9 @@ struct ServeArgs {
     /// (no tools then). Builds without the chat layer (backends crate and raw) always do.
     #[arg(long)]
     no_jinja: bool,
-    /// The chat template instead of the model's: a file of Jinja source, Jinja source itself,
-    /// or `chatml`.
+    /// The chat template instead of the model's: a file of Jinja source, Jinja source itself or
+    /// `chatml`; with --no-jinja, the name of one of llama.cpp's built-in formats (llama3,
+    /// command-r, ...).
     #[arg(long, value_name = "NAME|FILE")]
     chat_template: Option<String>,
     /// The chat template instead of the model's, from a file of Jinja source.
@@ -228,6 +229,20 @@ struct ServeArgs {
     /// `reasoning_content` where the template's format has it, `none` leaves it in `content`.
     #[arg(long, default_value = "auto")]
     reasoning_format: exsa_engine::ReasoningFormat,
+    /// Temperature of requests that do not set one.
+    #[arg(long, default_value_t = SamplingParams::default().temperature)]
+    temp: f32,
+    /// Sampling seed of requests that do not set one.
+    #[arg(long, default_value_t = SamplingParams::default().seed)]
+    seed: u32,
+    /// Most tokens generated for requests that do not set max_tokens (default: the rest of the
+    /// context).
+    #[arg(long)]
+    n_predict: Option<usize>,
+    /// Every response also carries `__verbose`: the prompt as decoded, the settings and timings
+    /// (llama-server's debugging aid; a request's `verbose` field overrides it).
+    #[arg(long)]
+    verbose: bool,
 }
 
 #[derive(Args)]
@@ -464,6 +479,9 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         max_body_bytes: args.max_body,
         speculation,
         reasoning_format: args.reasoning_format,
+        sampling: SamplingParams { temperature: args.temp, seed: args.seed, ..SamplingParams::default() },
+        max_tokens: args.n_predict,
+        verbose: args.verbose,
     };
     http::run(sources, policy, config, |addr| {
         // One line on stdout with the address, for scripts (and tests) that ask for port 0.
@@ -476,16 +494,19 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
 /// How the server renders chats: the model's Jinja template (or the override) where the build has
 /// the chat layer, unless --no-jinja.
 fn chat_templating(args: &ServeArgs) -> Result<ChatTemplating, Box<dyn std::error::Error>> {
+    let jinja = !args.no_jinja && Engine::has_jinja();
     let override_source = match (&args.chat_template, &args.chat_template_file) {
         (Some(value), _) if std::path::Path::new(value).is_file() => Some(read_template(std::path::Path::new(value))?),
-        (Some(value), _) if value == "chatml" || value.contains("{{") || value.contains("{%") => Some(value.clone()),
-        (Some(value), _) => return Err(format!("--chat-template {value:?}: not a file, not Jinja source and not chatml").into()),
+        // Without Jinja, a name is one of llama.cpp's built-in formats (as llama-server takes it).
+        (Some(name), _) if !jinja => return Ok(ChatTemplating::Named(name.clone())),
+        // With Jinja, anything else is the template's source (`chatml` names ChatML).
+        (Some(value), _) => Some(value.clone()),
         (None, Some(path)) => Some(read_template(path)?),
         (None, None) => None,
     };
-    if args.no_jinja || !Engine::has_jinja() {
+    if !jinja {
         if override_source.is_some() {
-            return Err("--chat-template needs Jinja templates (backend source, without --no-jinja)".into());
+            return Err("--chat-template-file needs Jinja templates (backend source, without --no-jinja)".into());
         }
         return Ok(ChatTemplating::Builtin);
     }

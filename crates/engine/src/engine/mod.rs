@@ -46,9 +46,20 @@ impl Engine {
     pub fn load(config: EngineConfig) -> Result<Engine, EngineError> {
         config.session.validate()?;
         let model = Active::load(&config.model, &config.placement)?;
-        let chat_template = chat_template_for(&model, config.chat_template_fallback.as_deref());
+        let chat_template = match &config.chat_templating {
+            ChatTemplating::Named(name) => {
+                // An unknown name fails here, not at the first chat.
+                model.apply_chat_template(name, &[("user".to_owned(), "hi".to_owned())]).map_err(|_| EngineError::InvalidConfig {
+                    field: "chat_templating",
+                    value: name.clone(),
+                    reason: "not a chat format llama.cpp has built in",
+                })?;
+                name.clone()
+            }
+            _ => chat_template_for(&model, config.chat_template_fallback.as_deref()),
+        };
         let templates = match &config.chat_templating {
-            ChatTemplating::Builtin => None,
+            ChatTemplating::Builtin | ChatTemplating::Named(_) => None,
             ChatTemplating::Jinja { override_source } => {
                 // A model without a template of its own gets its architecture's, as Jinja.
                 let source = override_source.clone().or_else(|| model.chat_template().is_none().then(|| fallback_template(&model).jinja.to_owned()));
@@ -112,6 +123,21 @@ impl Engine {
         let mut out = Vec::new();
         self.model.piece(token, false, &mut out)?;
         Ok(out)
+    }
+
+    /// The text of `tokens` with control tokens written out (`<bos>`, `<start_of_turn>`, ...), as
+    /// llama-server shows a prompt; invalid UTF-8 (a character cut between tokens) replaced.
+    pub fn tokens_to_text_with_specials(&self, tokens: &[TokenId]) -> Result<String, EngineError> {
+        let mut out = Vec::new();
+        for &t in tokens {
+            self.model.piece(t, true, &mut out)?;
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// The vocabulary's fill-in-the-middle tokens (code models have them).
+    pub fn fim_tokens(&self) -> crate::FimTokens {
+        self.model.fim_tokens()
     }
 
     /// The context parameters sessions get by default.

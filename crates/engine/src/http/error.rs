@@ -16,6 +16,9 @@ pub struct ApiError {
     /// The request field at fault (a client's own field name for an unknown one).
     pub param: Option<std::borrow::Cow<'static, str>>,
     pub code: Option<&'static str>,
+    /// Fields beside `message` and `type` that say more (llama-server's context overflow gives
+    /// `n_prompt_tokens` and `n_ctx`).
+    pub details: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl ApiError {
@@ -27,11 +30,12 @@ impl ApiError {
             message: format!("{param}: {message}"),
             param: Some(param),
             code: None,
+            details: Vec::new(),
         }
     }
 
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, kind, message: message.into(), param: None, code: None }
+        ApiError { status, kind, message: message.into(), param: None, code: None, details: Vec::new() }
     }
 
     pub fn with_code(mut self, code: &'static str) -> ApiError {
@@ -41,7 +45,11 @@ impl ApiError {
 
     /// The error as an OpenAI error body (for a stream's `error` event too).
     pub fn body(&self) -> serde_json::Value {
-        json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
+        let mut error = json!({ "message": self.message, "type": self.kind, "param": self.param, "code": self.code });
+        for (key, value) in &self.details {
+            error[*key] = value.clone();
+        }
+        json!({ "error": error })
     }
 }
 
@@ -58,7 +66,13 @@ impl IntoResponse for ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
         match &e {
-            EngineError::PromptTooLong { .. } => ApiError::invalid("messages", &e).with_code("context_length_exceeded"),
+            // llama-server's type (clients of it read the sizes); OpenAI's code.
+            &EngineError::PromptTooLong { prompt_tokens, n_ctx } => {
+                let mut error = ApiError::invalid("messages", &e).with_code("context_length_exceeded");
+                error.kind = "exceed_context_size_error";
+                error.details = vec![("n_prompt_tokens", prompt_tokens.into()), ("n_ctx", n_ctx.into())];
+                error
+            }
             EngineError::EmptyPrompt => ApiError::invalid("prompt", &e),
             EngineError::InvalidRequest { field, .. } => ApiError::invalid(*field, &e),
             EngineError::Grammar(_) => ApiError::invalid("grammar", &e),

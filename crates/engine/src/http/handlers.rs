@@ -16,7 +16,9 @@ use super::AppState;
 use super::error::ApiError;
 use super::log;
 use super::models::Loaded;
+use super::native::{NativeFields, Shape};
 use super::openai::{ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, Kind, Meta, ModelEntry, TokenizeRequest};
+use super::responses::ResponsesRequest;
 use super::stream::{Answer, CancelOnDrop};
 use crate::config::{CancelToken, GenerateRequest};
 use crate::error::EngineError;
@@ -46,74 +48,225 @@ pub(super) async fn models(State(state): State<Arc<AppState>>) -> Json<serde_jso
     Json(json!({ "object": "list", "data": data }))
 }
 
-/// JSON bodies whose rejections (bad JSON, wrong types, too large) are OpenAI-shaped errors.
-pub(super) struct Body<T>(T);
+/// JSON bodies whose rejections (bad JSON, wrong types, too large) are OpenAI-shaped errors. The
+/// body is read as JSON whatever its `Content-Type` says, as llama-server reads it (`curl -d`
+/// sends a form type).
+pub(super) struct Body<T>(pub(super) T);
 
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let Json(value) = Json::<T>::from_request(request, state).await.map_err(|e: JsonRejection| ApiError::from(e))?;
+        let bytes =
+            axum::body::Bytes::from_request(request, state).await.map_err(|e| ApiError::new(e.status(), "invalid_request_error", e.body_text()))?;
+        let Json(value) = Json::<T>::from_bytes(&bytes).map_err(|e: JsonRejection| ApiError::from(e))?;
         Ok(Body(value))
     }
 }
 
 pub(super) async fn chat(State(state): State<Arc<AppState>>, Body(body): Body<ChatRequest>) -> Response {
     let cancel = CancelToken::new();
-    let request = body.to_request(state.config.speculation, state.config.reasoning_format, cancel.clone());
-    let (stream, usage) = (body.sampling.stream, body.sampling.include_usage());
-    generate(state, body.sampling.model.as_deref(), request, cancel, Kind::Chat, stream, usage).await
+    let request = body.to_request(&state.config, cancel.clone());
+    let answering = Answering {
+        kind: Kind::Chat,
+        stream: body.sampling.stream,
+        include_usage: body.sampling.include_usage(),
+        native: None,
+        verbose: body.sampling.verbose(&state.config),
+        timings_per_token: body.sampling.timings_per_token,
+        // A bad `n` has failed `request` already.
+        choices: body.sampling.choices().unwrap_or(1),
+        extra_prompts: Vec::new(),
+    };
+    generate(state, body.sampling.model.as_deref(), request, cancel, answering).await
 }
 
 pub(super) async fn completions(State(state): State<Arc<AppState>>, Body(body): Body<CompletionRequest>) -> Response {
     let cancel = CancelToken::new();
-    let request = body.to_request(state.config.speculation, cancel.clone());
-    let (stream, usage) = (body.sampling.stream, body.sampling.include_usage());
-    generate(state, body.sampling.model.as_deref(), request, cancel, Kind::Completion, stream, usage).await
+    let request = body.to_request(&state.config, cancel.clone());
+    let answering = Answering {
+        kind: Kind::Completion,
+        stream: body.sampling.stream,
+        include_usage: body.sampling.include_usage(),
+        native: None,
+        verbose: body.sampling.verbose(&state.config),
+        timings_per_token: body.sampling.timings_per_token,
+        // A bad `n` has failed `request` already.
+        choices: body.sampling.choices().unwrap_or(1),
+        extra_prompts: Vec::new(),
+    };
+    generate(state, body.sampling.model.as_deref(), request, cancel, answering).await
+}
+
+/// How a generation request is answered.
+pub(super) struct Answering {
+    pub(super) kind: Kind,
+    pub(super) stream: bool,
+    /// A stream ends with a usage chunk (OpenAI's `stream_options.include_usage`).
+    pub(super) include_usage: bool,
+    /// What a native request asks of its response (`Kind::Native`).
+    pub(super) native: Option<super::native::NativeFields>,
+    /// The response also carries llama-server's `__verbose`: the native response, prompt included.
+    pub(super) verbose: bool,
+    /// Every streamed chunk carries the timings so far.
+    pub(super) timings_per_token: bool,
+    /// A native request's prompts after the first: a choice each (llama-server's array response).
+    pub(super) extra_prompts: Vec<crate::config::Prompt>,
+    /// Choices (`n`): that many completions of the prompt, each with its own seed (the request's,
+    /// then the next ones), decoded side by side.
+    pub(super) choices: usize,
+}
+
+/// OpenAI's Responses API: the input items as a chat, answered as output items.
+pub(super) async fn responses(State(state): State<Arc<AppState>>, Body(body): Body<ResponsesRequest>) -> Response {
+    let chat = match body.into_chat() {
+        Ok(chat) => chat,
+        Err(e) => return log::refused(&state, e),
+    };
+    let cancel = CancelToken::new();
+    let request = chat.to_request(&state.config, cancel.clone());
+    let answering = Answering {
+        kind: Kind::Responses,
+        stream: chat.sampling.stream,
+        include_usage: false,
+        native: None,
+        verbose: false,
+        timings_per_token: chat.sampling.timings_per_token,
+        choices: 1,
+        extra_prompts: Vec::new(),
+    };
+    generate(state, chat.sampling.model.as_deref(), request, cancel, answering).await
+}
+
+/// llama-server's `POST /chat/completions/input_tokens`: how many tokens the chat's prompt is,
+/// as it would be decoded (template, tools and all), without generating.
+pub(super) async fn chat_input_tokens(State(state): State<Arc<AppState>>, Body(body): Body<ChatRequest>) -> Response {
+    let counted = async {
+        let request = body.to_request(&state.config, CancelToken::new())?;
+        let model = state.models.get(body.sampling.model.as_deref()).await?;
+        tokio::task::spawn_blocking(move || ServeRequest::new(&model.engine, &request).map(|prepared| prepared.tokens().len()))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?
+            .map_err(ApiError::from)
+    }
+    .await;
+    match counted {
+        Ok(n) => Json(json!({ "object": "response.input_tokens", "input_tokens": n })).into_response(),
+        Err(e) => log::refused(&state, e),
+    }
 }
 
 /// A generation request: prepared off the async runtime (tokenizing and building its sampler,
 /// a grammar included, can take a while), submitted to the model's decode loop, answered as its
 /// events come.
-async fn generate(
+pub(super) async fn generate(
     state: Arc<AppState>,
     model: Option<&str>,
     request: Result<GenerateRequest, ApiError>,
     cancel: CancelToken,
-    kind: Kind,
-    stream: bool,
-    include_usage: bool,
+    answering: Answering,
 ) -> Response {
+    let Answering { kind, stream, include_usage, native, verbose, timings_per_token, choices, extra_prompts } = answering;
     let received = Instant::now();
     // Dropped with the handler's future when the client goes before the answer starts.
     let cancel = CancelOnDrop(cancel);
     let submitted = async {
         let request = request?;
         let model = state.models.get(model).await?;
-        let logprobs = request.options.logprobs.is_some();
-        let mut prepared = tokio::task::spawn_blocking({
-            let model = Arc::clone(&model);
-            move || prepare(&model, &request)
-        })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))??;
-        let parser = prepared.take_reply_parser();
-        let (sink, events) = tokio::sync::mpsc::unbounded_channel();
-        model.core.submit_to(prepared, sink)?;
-        Ok::<_, ApiError>((model, logprobs, events, parser))
+        // Several choices: the request once per seed (its own, then the next ones), or once per
+        // prompt of a native request with several; decoded side by side, so at most a slot each.
+        let mut requests = vec![request];
+        if !extra_prompts.is_empty() && choices > 1 {
+            return Err(ApiError::invalid("n", "several prompts each with several choices are not supported; send n = 1"));
+        }
+        for prompt in extra_prompts {
+            requests.push(GenerateRequest { prompt, options: requests[0].options.clone() });
+        }
+        for i in 1..choices {
+            let mut sibling = requests[0].clone();
+            sibling.options.sampling.seed = sibling.options.sampling.seed.wrapping_add(i as u32);
+            requests.push(sibling);
+        }
+        if requests.len() > state.models.slots() as usize {
+            let field = if choices > 1 { "n" } else { "prompt" };
+            return Err(ApiError::invalid(field, format!("at most the server's {} slots (--parallel) of choices", state.models.slots())));
+        }
+        let logprobs = requests[0].options.logprobs.is_some();
+        let mut submitted = Vec::with_capacity(requests.len());
+        for request in requests {
+            submitted.push(submit(&model, request, native.clone(), verbose, stream).await?);
+        }
+        Ok::<_, ApiError>((model, logprobs, submitted))
     }
     .await;
-    let (model, logprobs, events, parser) = match submitted {
+    let (model, logprobs, mut choices) = match submitted {
         Ok(s) => s,
         Err(e) => return log::refused(&state, e),
     };
+    let Choice { events, parser, shape } = choices.remove(0);
+    let serial = state.next_id.fetch_add(1, Ordering::Relaxed);
     let meta = Meta {
-        id: format!("{}-{}", kind.id_prefix(), state.next_id.fetch_add(1, Ordering::Relaxed)),
+        id: format!("{}-{serial}", kind.id_prefix()),
         created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         model: model.id.clone(),
+        fingerprint: state.fingerprint.clone(),
     };
-    let answer = Answer { state, model, meta, kind, received, include_usage, logprobs, events, parser, _cancel: cancel };
+    let (native, verbose) = if kind == Kind::Native { (shape, None) } else { (None, shape) };
+    let answer = Answer {
+        state,
+        model,
+        meta,
+        kind,
+        received,
+        include_usage,
+        logprobs,
+        events,
+        parser,
+        native,
+        verbose,
+        serial,
+        timings_per_token,
+        siblings: choices,
+        _cancel: cancel,
+    };
     if stream { answer.stream() } else { answer.whole().await }
+}
+
+/// One choice of a request, submitted: its events, the parser of its reply, and the native shape
+/// of its response (or of its `__verbose` echo).
+pub(super) struct Choice {
+    pub(super) events: tokio::sync::mpsc::UnboundedReceiver<crate::serving::Event>,
+    pub(super) parser: Option<crate::ReplyParser>,
+    pub(super) shape: Option<Shape>,
+}
+
+/// Prepares `request` off the async workers and submits it to `model`'s decode loop.
+async fn submit(
+    model: &Arc<Loaded>,
+    request: GenerateRequest,
+    native: Option<NativeFields>,
+    verbose: bool,
+    stream: bool,
+) -> Result<Choice, ApiError> {
+    let (mut prepared, shape) = tokio::task::spawn_blocking({
+        let model = Arc::clone(model);
+        move || {
+            let prepared = prepare(&model, &request)?;
+            // The native shape (or the verbose echo of it) reports the prompt as prepared.
+            let shape = match (native, verbose) {
+                (Some(fields), _) => Some(Shape::new(&model, prepared.tokens(), &request.options, stream, fields)?),
+                (None, true) => Some(Shape::new(&model, prepared.tokens(), &request.options, stream, Default::default())?),
+                (None, false) => None,
+            };
+            Ok::<_, ApiError>((prepared, shape))
+        }
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))??;
+    let parser = prepared.take_reply_parser();
+    let (sink, events) = tokio::sync::mpsc::unbounded_channel();
+    model.core.submit_to(prepared, sink)?;
+    Ok(Choice { events, parser, shape })
 }
 
 /// The request for `model`'s decode loop: a prompt that does not fit the context is the
@@ -190,15 +343,27 @@ pub(super) async fn apply_template(State(state): State<Arc<AppState>>, Body(body
 }
 
 pub(super) async fn tokenize(State(state): State<Arc<AppState>>, Body(body): Body<TokenizeRequest>) -> Response {
-    let defaults = crate::TokenizeOptions::default();
-    let options = crate::TokenizeOptions {
-        add_special: body.add_special.unwrap_or(defaults.add_special),
-        parse_special: body.parse_special.unwrap_or(defaults.parse_special),
-    };
-    let tokens = match state.models.get(body.model.as_deref()).await {
-        Ok(model) => model.engine.tokenize_with(&body.content, options).map_err(ApiError::from),
-        Err(e) => Err(e),
-    };
+    // llama-server's defaults: no BOS, control-token text parsed.
+    let options = crate::TokenizeOptions { add_special: body.add_special.unwrap_or(false), parse_special: body.parse_special.unwrap_or(true) };
+    let tokens = async {
+        let model = state.models.get(body.model.as_deref()).await?;
+        let tokens = model.engine.tokenize_with(&body.content, options)?;
+        if !body.with_pieces {
+            return Ok(json!(tokens));
+        }
+        let pieces = tokens
+            .iter()
+            .map(|&id| {
+                let bytes = model.engine.token_bytes(id)?;
+                Ok(match String::from_utf8(bytes) {
+                    Ok(text) => json!({ "id": id, "piece": text }),
+                    Err(e) => json!({ "id": id, "piece": e.into_bytes() }),
+                })
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        Ok::<_, ApiError>(json!(pieces))
+    }
+    .await;
     match tokens {
         Ok(tokens) => Json(json!({ "tokens": tokens })).into_response(),
         Err(e) => log::refused(&state, e),

@@ -18,7 +18,10 @@ mod handlers;
 mod log;
 mod metrics;
 mod models;
+mod native;
 mod openai;
+mod props;
+mod responses;
 mod routes;
 mod stream;
 
@@ -43,6 +46,15 @@ pub struct ServerConfig {
     pub speculation: crate::Speculation,
     /// How reasoning text is returned to chats that do not set `reasoning_format`.
     pub reasoning_format: crate::ReasoningFormat,
+    /// The sampling of requests that leave a field out (temperature, top-k, top-p, min-p, seed,
+    /// repeat penalty and its window); grammar and logit bias come only from requests.
+    pub sampling: crate::SamplingParams,
+    /// The most tokens a request generates when it does not say (default: the rest of the
+    /// context).
+    pub max_tokens: Option<usize>,
+    /// Every OpenAI response carries `__verbose` (the native response, prompt included) unless
+    /// the request sets `verbose`: llama-server's debugging aid.
+    pub verbose: bool,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +65,9 @@ impl Default for ServerConfig {
             max_body_bytes: 1 << 20,
             speculation: crate::Speculation::Off,
             reasoning_format: crate::ReasoningFormat::Auto,
+            sampling: crate::SamplingParams::default(),
+            max_tokens: None,
+            verbose: false,
         }
     }
 }
@@ -63,6 +78,8 @@ pub(crate) struct AppState {
     pub config: ServerConfig,
     pub next_id: AtomicU64,
     pub metrics: metrics::Metrics,
+    /// `system_fingerprint` of every response: llama.cpp's build number and exsa's version.
+    pub fingerprint: String,
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then drains: no new connections, every accepted
@@ -87,6 +104,7 @@ pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig,
             config,
             next_id: AtomicU64::new(1),
             metrics: metrics::Metrics::default(),
+            fingerprint: format!("b{}-exsa-{}", crate::Engine::build_info()["build_number"], env!("CARGO_PKG_VERSION")),
         });
         let app = routes::router(Arc::clone(&state));
         on_listening(addr);

@@ -146,6 +146,11 @@ impl Models {
         Models { entries, policy, gate: tokio::sync::Mutex::new(()), epoch: Instant::now(), ready: AtomicBool::new(ready), failed: OnceLock::new() }
     }
 
+    /// Slots of each loaded model's decode loop.
+    pub fn slots(&self) -> u32 {
+        self.policy.slots
+    }
+
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|e| e.source.id.as_str())
     }
@@ -257,8 +262,16 @@ impl Models {
         Ok(loaded)
     }
 
+    /// The entry a request's `model` names. A server of one model (`--model` without
+    /// `--models-dir`) serves it whatever the name, as llama-server does: clients written for
+    /// OpenAI send names like `gpt-4o-mini`. With several models, an unknown name is a 404.
     fn entry(&self, id: Option<&str>) -> Result<&Entry, ApiError> {
         let listed = || self.ids().collect::<Vec<_>>().join(", ");
+        if let [only] = self.entries.as_slice()
+            && only.source.pinned
+        {
+            return Ok(only);
+        }
         match id {
             Some(id) => self.entries.iter().find(|e| e.source.id == id).ok_or_else(|| {
                 ApiError::new(

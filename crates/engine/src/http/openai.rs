@@ -3,8 +3,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use super::ServerConfig;
 use super::error::ApiError;
-use crate::chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, ReasoningFormat, Tool, ToolCall, ToolChoice};
+use crate::chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, Continuation, ReasoningFormat, Tool, ToolCall, ToolChoice};
 use crate::config::{CancelToken, GenerateOptions, GenerateRequest, Prompt as EnginePrompt, SamplingParams, Speculation};
 use crate::outcome::{FinishReason, GenerationStats};
 use crate::token::TokenLogprobs;
@@ -96,6 +97,8 @@ pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: String,
     pub json_schema: Option<JsonSchemaFormat>,
+    /// llama-server's extension: `{"type": "json_object", "schema": {...}}` constrains the object.
+    pub schema: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,12 +132,24 @@ pub struct Sampling {
     pub response_format: Option<ResponseFormat>,
     /// A GBNF grammar (rule `root`), as llama-server takes it; not with `response_format`.
     pub grammar: Option<String>,
+    /// llama-server's extension: a JSON schema the reply must fit (as `response_format`'s).
+    pub json_schema: Option<Value>,
     /// Chat: a boolean; text completions: the number of candidates (the legacy API).
     pub logprobs: Option<Value>,
     pub top_logprobs: Option<u32>,
     /// exsa's extension: speculative decoding by prompt lookup, `{"type": "ngram", "max_draft":
     /// 8}` or `{"type": "off"}`; unset, the server's `--speculative` setting applies.
     pub speculative: Option<SpeculativeField>,
+    /// llama-server's extension: a stream reports the prompt's progress while it decodes
+    /// (`prompt_progress` chunks).
+    #[serde(default)]
+    pub return_progress: bool,
+    /// llama-server's extension: every streamed chunk carries `timings` (so far).
+    #[serde(default)]
+    pub timings_per_token: bool,
+    /// llama-server's extension: the response also carries `__verbose`, the native response
+    /// with the prompt as decoded (default: the server's `--verbose`).
+    pub verbose: Option<bool>,
     /// llama-server's extension: end-of-generation tokens are never drawn (the reply ends at
     /// `max_tokens`, a stop sequence or a full context).
     pub ignore_eos: Option<bool>,
@@ -172,6 +187,11 @@ pub struct ChatRequest {
     pub reasoning_format: Option<String>,
     /// `none` turns thinking off; other values go to the template as `reasoning_effort`.
     pub reasoning_effort: Option<String>,
+    /// Whether the prompt opens the assistant's turn (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// `true`, `"content"` or `"reasoning_content"`: the last message, an assistant's, is a reply
+    /// to continue (llama-server continues one unasked, as here).
+    pub continue_final_message: Option<Value>,
     #[serde(flatten)]
     pub sampling: Sampling,
     /// Every field not named above: see [`fields::check`].
@@ -199,9 +219,9 @@ pub enum Prompt {
 
 impl CompletionRequest {
     /// The engine request: the prompt as text, and the options.
-    pub fn to_request(&self, speculation: Speculation, cancel: CancelToken) -> Result<GenerateRequest, ApiError> {
+    pub fn to_request(&self, server: &ServerConfig, cancel: CancelToken) -> Result<GenerateRequest, ApiError> {
         super::fields::check(&self.other, super::fields::Endpoint::Completions)?;
-        let options = self.sampling.to_options(speculation, cancel)?;
+        let options = self.sampling.to_options(server, cancel)?;
         Ok(GenerateRequest { prompt: EnginePrompt::text(self.prompt.text()?), options })
     }
 }
@@ -218,14 +238,13 @@ impl Prompt {
 
 impl Sampling {
     /// The generation options these fields ask for, or a 400 naming the field that cannot be
-    /// met. Unset fields take the engine's defaults (as llama-server does); `max_tokens` defaults
-    /// to the rest of the context, which bounds it anyway. `speculation` applies unless the
-    /// request sets `speculative`. `cancel` ends the generation when the client goes.
-    pub fn to_options(&self, speculation: Speculation, cancel: CancelToken) -> Result<GenerateOptions, ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid("n", "only n = 1 is supported"));
-        }
-        let defaults = SamplingParams::default();
+    /// met. Unset fields take the server's defaults (`server.sampling`, `server.max_tokens`, as
+    /// llama-server's command line sets them); `max_tokens` is at most the rest of the context
+    /// anyway. The server's speculation applies unless the request sets `speculative`. `cancel`
+    /// ends the generation when the client goes.
+    pub fn to_options(&self, server: &ServerConfig, cancel: CancelToken) -> Result<GenerateOptions, ApiError> {
+        self.choices()?;
+        let defaults = &server.sampling;
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(defaults.temperature),
             top_k: self.top_k.unwrap_or(defaults.top_k),
@@ -233,8 +252,8 @@ impl Sampling {
             min_p: self.min_p.unwrap_or(defaults.min_p),
             repeat_penalty: self.repeat_penalty.unwrap_or(defaults.repeat_penalty),
             repeat_last_n: defaults.repeat_last_n,
-            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
-            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(defaults.frequency_penalty),
+            presence_penalty: self.presence_penalty.unwrap_or(defaults.presence_penalty),
             logit_bias: self.logit_bias()?,
             grammar: self.grammar()?,
             grammar_start: Default::default(),
@@ -249,10 +268,10 @@ impl Sampling {
         if stop.iter().any(String::is_empty) || stop.len() > 16 {
             return Err(ApiError::invalid("stop", "up to 16 non-empty stop sequences"));
         }
-        let max_tokens = self.max_completion_tokens.or(self.max_tokens).map_or(usize::MAX, |n| n as usize);
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens).map(|n| n as usize).or(server.max_tokens).unwrap_or(usize::MAX);
         let speculation = match &self.speculative {
             Some(field) => field.speculation()?,
-            None => speculation,
+            None => server.speculation,
         };
         let options = GenerateOptions {
             max_tokens,
@@ -263,6 +282,8 @@ impl Sampling {
             logprobs: self.logprobs()?,
             preserved_tokens: Vec::new(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            // Only a stream can show it.
+            prompt_progress: self.return_progress && self.stream,
         };
         options.validate()?;
         Ok(options)
@@ -283,25 +304,29 @@ impl Sampling {
             .collect()
     }
 
-    /// The grammar `response_format` or `grammar` asks for.
+    /// The grammar `response_format`, `json_schema` or `grammar` asks for (one of them).
     fn grammar(&self) -> Result<Option<String>, ApiError> {
-        let format = match &self.response_format {
-            None => return Ok(self.grammar.clone()),
-            Some(f) if f.kind == "text" => return Ok(self.grammar.clone()),
-            Some(_) if self.grammar.is_some() => return Err(ApiError::invalid("grammar", "give either grammar or response_format, not both")),
-            Some(f) => f,
-        };
-        match format.kind.as_str() {
-            "json_object" => Ok(Some(crate::json_grammar::json_object_grammar())),
-            "json_schema" => {
+        let format = self.response_format.as_ref().filter(|f| f.kind != "text");
+        let given = [format.is_some(), self.json_schema.is_some(), self.grammar.is_some()];
+        if given.iter().filter(|&&g| g).count() > 1 {
+            return Err(ApiError::invalid("grammar", "give one of grammar, json_schema and response_format"));
+        }
+        if let Some(schema) = &self.json_schema {
+            return schema_grammar("json_schema", schema).map(Some);
+        }
+        let Some(format) = format else { return Ok(self.grammar.clone()) };
+        match (format.kind.as_str(), &format.schema) {
+            ("json_object", None) => Ok(Some(crate::json_grammar::json_object_grammar())),
+            ("json_object", Some(schema)) => schema_grammar("response_format", schema).map(Some),
+            ("json_schema", _) => {
                 let schema = format
                     .json_schema
                     .as_ref()
                     .and_then(|s| s.schema.as_ref())
                     .ok_or_else(|| ApiError::invalid("response_format", "json_schema needs {\"json_schema\": {\"schema\": {...}}}"))?;
-                crate::json_grammar::json_schema_grammar(schema).map(Some).map_err(|e| ApiError::invalid("response_format", e))
+                schema_grammar("response_format", schema).map(Some)
             }
-            other => Err(ApiError::invalid("response_format", format!("type {other:?} is not text, json_object or json_schema"))),
+            (other, _) => Err(ApiError::invalid("response_format", format!("type {other:?} is not text, json_object or json_schema"))),
         }
     }
 
@@ -316,10 +341,24 @@ impl Sampling {
         if n > 20 {
             return Err(ApiError::invalid("top_logprobs", "at most 20"));
         }
-        if self.stream {
-            return Err(ApiError::invalid("logprobs", "is not supported with stream yet"));
-        }
         Ok(Some(n))
+    }
+
+    /// How many choices the request asks for (`n`, default 1): at most 16, and one when streamed
+    /// (several choices in one stream are not supported yet).
+    pub fn choices(&self) -> Result<usize, ApiError> {
+        match self.n {
+            None | Some(1) => Ok(1),
+            Some(0) => Err(ApiError::invalid("n", "must be at least 1")),
+            Some(_) if self.stream => Err(ApiError::invalid("n", "several choices in one stream are not supported yet; send n = 1 or stream: false")),
+            Some(n) if n > 16 => Err(ApiError::invalid("n", "at most 16")),
+            Some(n) => Ok(n as usize),
+        }
+    }
+
+    /// Whether the response echoes `__verbose`.
+    pub fn verbose(&self, server: &ServerConfig) -> bool {
+        self.verbose.unwrap_or(server.verbose)
     }
 
     pub fn include_usage(&self) -> bool {
@@ -327,12 +366,20 @@ impl Sampling {
     }
 }
 
+/// The grammar of a JSON schema a request gives in `field`.
+fn schema_grammar(field: &'static str, schema: &Value) -> Result<String, ApiError> {
+    if !schema.is_object() && !schema.is_boolean() {
+        return Err(ApiError::invalid(field, "the schema must be a JSON object"));
+    }
+    crate::json_grammar::json_schema_grammar(schema).map_err(|e| ApiError::invalid(field, e))
+}
+
 impl ChatRequest {
     /// The engine request: the messages as a chat prompt with its tools and template options,
-    /// and the options. `reasoning` applies unless the request sets `reasoning_format`.
-    pub fn to_request(&self, speculation: Speculation, reasoning: ReasoningFormat, cancel: CancelToken) -> Result<GenerateRequest, ApiError> {
-        let (messages, chat) = self.chat(reasoning)?;
-        let options = self.sampling.to_options(speculation, cancel)?;
+    /// and the options, with the server's defaults for what the request leaves out.
+    pub fn to_request(&self, server: &ServerConfig, cancel: CancelToken) -> Result<GenerateRequest, ApiError> {
+        let (messages, chat) = self.chat(server.reasoning_format)?;
+        let options = self.sampling.to_options(server, cancel)?;
         Ok(GenerateRequest { prompt: EnginePrompt::chat_with(messages, chat), options })
     }
 
@@ -385,36 +432,88 @@ impl ChatRequest {
                 template_kwargs.insert("reasoning_effort".into(), Value::String(effort.to_owned()));
             }
         }
-        Ok(ChatOptions { tools, tool_choice, parallel_tool_calls: self.parallel_tool_calls, reasoning_format, template_kwargs })
+        let (add_generation_prompt, continuation) = self.continuation()?;
+        Ok(ChatOptions {
+            tools,
+            tool_choice,
+            parallel_tool_calls: self.parallel_tool_calls,
+            reasoning_format,
+            template_kwargs,
+            add_generation_prompt,
+            continuation,
+        })
+    }
+
+    /// Whether the prompt opens the assistant's turn, and which reply it continues: a last
+    /// assistant message is continued unless the request says otherwise, as llama-server does.
+    fn continuation(&self) -> Result<(bool, Continuation), ApiError> {
+        let asked = match &self.continue_final_message {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+            Some(Value::Bool(true)) => Some(Continuation::Auto),
+            Some(Value::String(s)) if s == "content" => Some(Continuation::Content),
+            Some(Value::String(s)) if s == "reasoning_content" => Some(Continuation::Reasoning),
+            Some(other) => {
+                return Err(ApiError::invalid("continue_final_message", format!("{other} is not true, \"content\" or \"reasoning_content\"")));
+            }
+        };
+        let last = self.messages.last();
+        let ends_with_reply = last.is_some_and(|m| m.role == "assistant");
+        let (add_generation_prompt, continuation) = match asked {
+            Some(_) if self.add_generation_prompt == Some(true) => {
+                return Err(ApiError::invalid("continue_final_message", "cannot be set with add_generation_prompt: true"));
+            }
+            Some(c) => (false, c),
+            None if ends_with_reply && self.continue_final_message.is_none() => (false, Continuation::Auto),
+            None => (self.add_generation_prompt.unwrap_or(true), Continuation::None),
+        };
+        if continuation != Continuation::None {
+            match last {
+                Some(m) if m.role == "assistant" && m.tool_calls.is_empty() => {}
+                Some(m) if m.role == "assistant" => {
+                    return Err(ApiError::invalid("continue_final_message", "cannot continue an assistant message that calls tools"));
+                }
+                _ => return Err(ApiError::invalid("continue_final_message", "the last message is not an assistant's")),
+            }
+        }
+        Ok((add_generation_prompt, continuation))
     }
 
     fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid("messages", "at least one message is needed"));
         }
+        // A last assistant message is a reply begun; two cannot both be.
+        if let [.., a, b] = self.messages.as_slice()
+            && a.role == "assistant"
+            && b.role == "assistant"
+        {
+            return Err(ApiError::invalid("messages", "the list ends with two assistant messages; only the last may be a reply to continue"));
+        }
         self.messages
             .iter()
             .map(|m| {
-                let content = match &m.content {
-                    None => String::new(),
-                    Some(Content::Text(t)) => t.clone(),
+                let (content, parts) = match &m.content {
+                    None => (String::new(), Vec::new()),
+                    Some(Content::Text(t)) => (t.clone(), Vec::new()),
                     Some(Content::Parts(parts)) => {
-                        let mut text = String::new();
+                        let mut texts = Vec::with_capacity(parts.len());
                         for p in parts {
                             match (p.kind.as_str(), &p.text) {
-                                ("text", Some(t)) => text.push_str(t),
+                                ("text", Some(t)) => texts.push(t.clone()),
                                 (kind, _) => return Err(ApiError::invalid("messages", format!("content parts of type {kind:?} are not supported"))),
                             }
                         }
-                        text
+                        (texts.join("\n"), texts)
                     }
                 };
-                Ok((m, content))
+                Ok((m, content, parts))
             })
             .enumerate()
             .map(|(i, m)| {
-                let (m, content) = m?;
-                m.to_message(content).map_err(|reason| ApiError::invalid("messages", format!("messages[{i}]: {reason}")))
+                let (m, content, parts) = m?;
+                let mut message = m.to_message(content).map_err(|reason| ApiError::invalid("messages", format!("messages[{i}]: {reason}")))?;
+                message.content_parts = parts;
+                Ok(message)
             })
             .collect()
     }
@@ -450,6 +549,7 @@ impl Message {
         Ok(ChatMessage {
             role: self.role.clone(),
             content,
+            content_parts: Vec::new(),
             tool_calls,
             tool_call_id: self.tool_call_id.clone(),
             name: self.name.clone(),
@@ -499,12 +599,34 @@ pub fn usage(stats: &GenerationStats) -> Value {
     })
 }
 
+/// llama-server's `timings`: prompt tokens decoded (those reused from the cache apart) and
+/// generated, with their times and rates.
+pub fn timings(stats: &GenerationStats) -> Value {
+    let prompt_n = stats.prompt_tokens - stats.prompt_tokens_reused;
+    let per = |ms: f64, n: usize| if n > 0 { (ms / n as f64, 1000.0 * n as f64 / ms.max(f64::MIN_POSITIVE)) } else { (0.0, 0.0) };
+    let (prompt_per_token_ms, prompt_per_second) = per(stats.prompt_ms, prompt_n);
+    let (predicted_per_token_ms, predicted_per_second) = per(stats.generation_ms, stats.completion_tokens);
+    json!({
+        "cache_n": stats.prompt_tokens_reused,
+        "prompt_n": prompt_n,
+        "prompt_ms": stats.prompt_ms,
+        "prompt_per_token_ms": prompt_per_token_ms,
+        "prompt_per_second": prompt_per_second,
+        "predicted_n": stats.completion_tokens,
+        "predicted_ms": stats.generation_ms,
+        "predicted_per_token_ms": predicted_per_token_ms,
+        "predicted_per_second": predicted_per_second,
+    })
+}
+
 /// Who a response is: its id, creation time and model, the same in every chunk of a stream.
 #[derive(Clone, Debug)]
 pub struct Meta {
     pub id: String,
     pub created: u64,
     pub model: String,
+    /// The build that answered (OpenAI's `system_fingerprint`).
+    pub fingerprint: String,
 }
 
 /// What kind of request a response answers: the two differ in object names and in where the
@@ -513,30 +635,35 @@ pub struct Meta {
 pub enum Kind {
     Chat,
     Completion,
+    /// llama-server's native `/completion` (its bodies are [`super::native::Shape`]'s).
+    Native,
+    /// OpenAI's Responses API: a chat (its bodies are [`super::responses`]').
+    Responses,
 }
 
 impl Kind {
     pub fn id_prefix(self) -> &'static str {
         match self {
             Kind::Chat => "chatcmpl",
-            Kind::Completion => "cmpl",
+            Kind::Responses => "resp",
+            Kind::Completion | Kind::Native => "cmpl",
         }
     }
 
     /// A whole response; `logprobs` is already in this kind's shape (or null). A chat read by
     /// its format answers with `reply` (content, reasoning, tool calls) rather than `text`.
     pub fn response(self, meta: &Meta, text: &str, reply: Option<&ChatReply>, finish: &str, stats: &GenerationStats, logprobs: Value) -> Value {
-        let Meta { id, created, model } = meta;
+        let Meta { id, created, model, fingerprint } = meta;
         match self {
-            Kind::Chat => json!({
-                "id": id, "object": "chat.completion", "created": created, "model": model,
+            Kind::Chat | Kind::Responses => json!({
+                "id": id, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": fingerprint,
                 "choices": [{ "index": 0, "message": message(text, reply), "finish_reason": finish, "logprobs": logprobs }],
-                "usage": usage(stats),
+                "usage": usage(stats), "timings": timings(stats),
             }),
-            Kind::Completion => json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
+            Kind::Completion | Kind::Native => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model, "system_fingerprint": fingerprint,
                 "choices": [{ "index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs }],
-                "usage": usage(stats),
+                "usage": usage(stats), "timings": timings(stats),
             }),
         }
     }
@@ -546,7 +673,7 @@ impl Kind {
     pub fn logprobs(self, entries: &[TokenLogprobs], text: impl Fn(i32) -> Vec<u8>) -> Value {
         let piece = |t: i32| String::from_utf8_lossy(&text(t)).into_owned();
         match self {
-            Kind::Chat => {
+            Kind::Chat | Kind::Responses => {
                 let content: Vec<Value> = entries
                     .iter()
                     .map(|e| {
@@ -559,7 +686,7 @@ impl Kind {
                     .collect();
                 json!({ "content": content })
             }
-            Kind::Completion => {
+            Kind::Completion | Kind::Native => {
                 let tokens: Vec<String> = entries.iter().map(|e| piece(e.token)).collect();
                 let logprobs: Vec<f32> = entries.iter().map(|e| e.logprob).collect();
                 let top: Vec<Value> = entries.iter().map(|e| Value::Object(e.top.iter().map(|&(t, lp)| (piece(t), json!(lp))).collect())).collect();
@@ -570,9 +697,10 @@ impl Kind {
 
     /// One streamed chunk: `text` as the delta, or the role opening (chat), or the end.
     pub fn chunk(self, meta: &Meta, delta: Delta<'_>) -> Value {
-        let Meta { id, created, model } = meta;
+        let Meta { id, created, model, fingerprint } = meta;
         let (delta_value, finish): (Value, Value) = match delta {
-            Delta::Role => (json!({ "role": "assistant", "content": "" }), Value::Null),
+            // No text yet: null, as OpenAI's first chunk (clients append every non-null content).
+            Delta::Role => (json!({ "role": "assistant", "content": null }), Value::Null),
             Delta::Text(t) => (json!({ "content": t }), Value::Null),
             Delta::Chat(ChatDelta::Content(t)) => (json!({ "content": t }), Value::Null),
             Delta::Chat(ChatDelta::Reasoning(t)) => (json!({ "reasoning_content": t }), Value::Null),
@@ -591,12 +719,12 @@ impl Kind {
             Delta::End(reason) => (json!({}), json!(reason)),
         };
         match self {
-            Kind::Chat => json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            Kind::Chat | Kind::Responses => json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": fingerprint,
                 "choices": [{ "index": 0, "delta": delta_value, "finish_reason": finish }],
             }),
-            Kind::Completion => json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
+            Kind::Completion | Kind::Native => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model, "system_fingerprint": fingerprint,
                 "choices": [{ "index": 0, "text": delta_value.get("content").cloned().unwrap_or(json!("")), "finish_reason": finish, "logprobs": null }],
             }),
         }
@@ -604,9 +732,9 @@ impl Kind {
 
     /// The last chunk before `[DONE]` with `stream_options.include_usage`.
     pub fn usage_chunk(self, meta: &Meta, stats: &GenerationStats) -> Value {
-        let Meta { id, created, model } = meta;
+        let Meta { id, created, model, fingerprint } = meta;
         let object = if self == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
-        json!({ "id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage(stats) })
+        json!({ "id": id, "object": object, "created": created, "model": model, "system_fingerprint": fingerprint, "choices": [], "usage": usage(stats), "timings": timings(stats) })
     }
 }
 
@@ -673,12 +801,16 @@ impl Prompt {
 /// `POST /tokenize` (llama-server's shape).
 #[derive(Debug, Deserialize)]
 pub struct TokenizeRequest {
+    /// List each token as `{"id", "piece"}` (the piece as text, or its bytes where they are not
+    /// UTF-8 on their own).
+    #[serde(default)]
+    pub with_pieces: bool,
     pub content: String,
     /// Which model's tokenizer (default: as for completions).
     pub model: Option<String>,
-    /// Add BOS where the model wants one (default true).
+    /// Add BOS where the model wants one (default false, as llama-server).
     pub add_special: Option<bool>,
-    /// Turn control-token text into control tokens (default false).
+    /// Turn control-token text into control tokens (default true, as llama-server).
     pub parse_special: Option<bool>,
 }
 

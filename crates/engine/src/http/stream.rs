@@ -20,9 +20,11 @@ use super::error::ApiError;
 use super::log;
 use super::models::Loaded;
 use super::openai::{Delta, Kind, Meta, finish_reason};
-use crate::chat::ChatDelta;
+use super::responses;
+use crate::chat::{ChatDelta, ChatReply};
 use crate::config::CancelToken;
 use crate::error::EngineError;
+use crate::outcome::Completion;
 use crate::outcome::ms;
 use crate::serving::{Event, EventSink};
 use crate::templates::ReplyParser;
@@ -56,6 +58,17 @@ pub(super) struct Answer {
     pub(super) events: UnboundedReceiver<Event>,
     /// Reads a chat's reply as its format says (a chat rendered by its Jinja template).
     pub(super) parser: Option<ReplyParser>,
+    /// llama-server's native response shape (`Kind::Native`).
+    pub(super) native: Option<super::native::Shape>,
+    /// The same shape, echoed as `__verbose` in an OpenAI response that asked for it.
+    pub(super) verbose: Option<super::native::Shape>,
+    /// The request's number (ids of Responses API objects are made of it).
+    pub(super) serial: u64,
+    /// Every streamed chunk carries `timings` (llama-server's `timings_per_token`).
+    pub(super) timings_per_token: bool,
+    /// The other choices of a request for several (`n`, or a native request's prompts); whole
+    /// answers only.
+    pub(super) siblings: Vec<super::handlers::Choice>,
     /// Cancels the request when the answer is dropped (its client gone).
     pub(super) _cancel: CancelOnDrop,
 }
@@ -68,49 +81,113 @@ impl Answer {
         if self.kind == Kind::Chat {
             queue.push_back(chunk(self.kind.chunk(&self.meta, Delta::Role)));
         }
-        Sse::new(SseBridge { answer: self, queue, last: None, done: false, called_tools: false }).into_response()
+        let responses = (self.kind == Kind::Responses)
+            .then(|| responses::Events::new(responses::Ids::new(self.serial), self.meta.created, self.meta.model.clone()));
+        Sse::new(SseBridge {
+            answer: self,
+            queue,
+            last: None,
+            done: false,
+            called_tools: false,
+            pending_logprobs: Vec::new(),
+            predicted: 0,
+            responses,
+            pending_timings: None,
+        })
+        .into_response()
     }
 
-    /// The answer as one body, once the request has ended.
+    /// The answer as one body, once the request (each of its choices) has ended.
     pub(super) async fn whole(mut self) -> Response {
-        let mut text = String::new();
-        let end = loop {
-            match self.events.recv().await {
-                Some(Event::Delta(d)) => text.push_str(&d),
-                Some(Event::Done(c)) => break Ok(c),
-                Some(Event::Failed(e)) => break Err(e),
-                // The decode loop stopped under the request.
-                None => break Err(EngineError::Cancelled),
-            }
+        let mut choices = Vec::with_capacity(1 + self.siblings.len());
+        let first = super::handlers::Choice {
+            events: std::mem::replace(&mut self.events, tokio::sync::mpsc::unbounded_channel().1),
+            parser: self.parser.take(),
+            shape: self.native.take(),
         };
-        let state = &self.state;
-        let reply = match (self.parser.take(), end.is_ok()) {
-            (Some(parser), true) => match parser.read_whole(&text) {
-                Ok(reply) => Some(reply),
-                Err(e) => return log::refused(state, e.into()),
-            },
-            _ => None,
-        };
-        match end {
-            Ok(c) => {
-                log::finished(state, &self.meta.model, &self.meta.id, &c, self.received);
-                // A whole response's first token came after its queue wait and prefill: all of
-                // its time but the generation's.
-                if c.stats.completion_tokens > 0 {
-                    state.metrics.observe_ttft((ms(self.received.elapsed()) - c.stats.generation_ms).max(0.0));
-                }
-                let logprobs = if self.logprobs {
-                    self.kind.logprobs(&c.logprobs, |t| self.model.engine.token_bytes(t).unwrap_or_default())
-                } else {
-                    serde_json::Value::Null
-                };
-                let called_tools = reply.as_ref().is_some_and(|r| !r.tool_calls.is_empty());
-                let finish = finish_reason(c.finish_reason, called_tools);
-                Json(self.kind.response(&self.meta, &text, reply.as_ref(), finish, &c.stats, logprobs)).into_response()
+        let mut shapes = Vec::new();
+        for choice in std::iter::once(first).chain(std::mem::take(&mut self.siblings)) {
+            shapes.push(choice.shape);
+            match collect(choice.events, choice.parser).await {
+                Ok(collected) => choices.push(collected),
+                Err(e) => return log::refused(&self.state, e),
             }
-            Err(e) => log::refused(state, e.into()),
         }
+        let state = &self.state;
+        for (_, _, c) in &choices {
+            log::finished(state, &self.meta.model, &self.meta.id, c, self.received);
+            // A whole response's first token came after its queue wait and prefill: all of
+            // its time but the generation's.
+            if c.stats.completion_tokens > 0 {
+                state.metrics.observe_ttft((ms(self.received.elapsed()) - c.stats.generation_ms).max(0.0));
+            }
+        }
+        if self.kind == Kind::Native {
+            let mut bodies: Vec<serde_json::Value> = choices
+                .iter()
+                .zip(&shapes)
+                .filter_map(|((text, _, c), shape)| shape.as_ref().map(|shape| shape.response(&self.model, text, c, false)))
+                .collect();
+            // Several choices: llama-server's array of responses, each with its index.
+            if bodies.len() == 1 {
+                return Json(bodies.remove(0)).into_response();
+            }
+            for (i, body) in bodies.iter_mut().enumerate() {
+                body["index"] = i.into();
+            }
+            return Json(bodies).into_response();
+        }
+        let mut bodies = choices.into_iter().map(|(text, reply, c)| self.body(text, reply, &c));
+        let mut body = bodies.next().expect("at least one choice");
+        for (i, other) in bodies.enumerate() {
+            let mut choice = other["choices"][0].clone();
+            choice["index"] = (i + 1).into();
+            body["choices"].as_array_mut().expect("choices").push(choice);
+            // One prompt, several completions: OpenAI counts the prompt once.
+            for field in ["completion_tokens", "total_tokens"] {
+                let sum = body["usage"][field].as_u64().unwrap_or(0) + other["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+                body["usage"][field] = sum.into();
+            }
+        }
+        Json(body).into_response()
     }
+
+    /// The whole response of one choice.
+    fn body(&self, text: String, reply: Option<ChatReply>, c: &Completion) -> serde_json::Value {
+        if self.kind == Kind::Responses {
+            let reply = reply.unwrap_or_else(|| ChatReply { content: text, ..Default::default() });
+            return responses::response(&responses::Ids::new(self.serial), self.meta.created, &self.meta.model, &reply, "completed", Some(&c.stats));
+        }
+        let logprobs = if self.logprobs {
+            self.kind.logprobs(&c.logprobs, |t| self.model.engine.token_bytes(t).unwrap_or_default())
+        } else {
+            serde_json::Value::Null
+        };
+        let called_tools = reply.as_ref().is_some_and(|r| !r.tool_calls.is_empty());
+        let finish = finish_reason(c.finish_reason, called_tools);
+        let mut body = self.kind.response(&self.meta, &text, reply.as_ref(), finish, &c.stats, logprobs);
+        if let Some(verbose) = &self.verbose {
+            body["__verbose"] = verbose.response(&self.model, &text, c, false);
+        }
+        body
+    }
+}
+
+/// One choice's whole text, its reply as its chat format reads it, and how it ended.
+async fn collect(mut events: UnboundedReceiver<Event>, parser: Option<ReplyParser>) -> Result<(String, Option<ChatReply>, Completion), ApiError> {
+    let mut text = String::new();
+    let completion = loop {
+        match events.recv().await {
+            Some(Event::Delta(d)) => text.push_str(&d.text),
+            Some(Event::Progress(_)) => {}
+            Some(Event::Done(c)) => break c,
+            Some(Event::Failed(e)) => return Err(e.into()),
+            // The decode loop stopped under the request.
+            None => return Err(EngineError::Cancelled.into()),
+        }
+    };
+    let reply = parser.map(|p| p.read_whole(&text)).transpose()?;
+    Ok((text, reply, completion))
 }
 
 fn chunk(value: serde_json::Value) -> SseEvent {
@@ -127,12 +204,40 @@ struct SseBridge {
     done: bool,
     /// A tool call went out (the finish reason is then `tool_calls`).
     called_tools: bool,
+    /// Log-probabilities of tokens whose text has not gone out yet (a chat's format may hold text
+    /// back): they go with the next chunk, or the last.
+    pending_logprobs: Vec<crate::TokenLogprobs>,
+    /// Tokens streamed so far (the native shape counts them in every chunk).
+    predicted: usize,
+    /// A Responses API stream: its typed events.
+    responses: Option<responses::Events>,
+    /// With `timings_per_token`: the timings so far, for the next chunk that goes out.
+    pending_timings: Option<serde_json::Value>,
 }
 
 impl SseBridge {
     fn on_event(&mut self, event: Option<Event>) {
         match event {
-            Some(Event::Delta(text)) => {
+            Some(Event::Delta(delta)) => {
+                if self.answer.timings_per_token {
+                    self.pending_timings = Some(super::openai::timings(&delta.stats));
+                }
+                if let Some(native) = &self.answer.native {
+                    self.predicted += delta.tokens.len();
+                    let value = native.chunk(&self.answer.model, &delta, self.predicted);
+                    self.push(value);
+                    return;
+                }
+                let crate::serving::Delta { text, logprobs, .. } = delta;
+                self.pending_logprobs.extend(logprobs);
+                if self.responses.is_some() {
+                    let deltas = match self.answer.parser.as_mut().map(|p| p.push(&text)) {
+                        None => vec![ChatDelta::Content(text)],
+                        Some(Ok(deltas)) => deltas,
+                        Some(Err(e)) => return self.fail(e),
+                    };
+                    return self.push_responses(&deltas);
+                }
                 let a = &self.answer;
                 let now = Instant::now();
                 match self.last {
@@ -141,12 +246,54 @@ impl SseBridge {
                 }
                 self.last = Some(now);
                 match self.answer.parser.as_mut().map(|p| p.push(&text)) {
-                    None => self.queue.push_back(chunk(self.answer.kind.chunk(&self.answer.meta, Delta::Text(&text)))),
+                    None => {
+                        let value = self.answer.kind.chunk(&self.answer.meta, Delta::Text(&text));
+                        self.push(value);
+                    }
                     Some(Ok(deltas)) => self.push_chat(&deltas),
                     Some(Err(e)) => self.fail(e),
                 }
             }
+            Some(Event::Progress(progress)) => {
+                let progress = serde_json::json!({
+                    "total": progress.total, "cache": progress.cache, "processed": progress.processed, "time_ms": progress.time_ms,
+                });
+                let a = &self.answer;
+                if let Some(events) = self.responses.as_mut() {
+                    self.queue.extend(events.progress(progress));
+                    return;
+                }
+                let mut value = match &a.native {
+                    Some(native) => native.progress_chunk(),
+                    // A chunk without text (llama-server's shape: the role again, content null).
+                    None if a.kind == Kind::Chat => a.kind.chunk(&a.meta, Delta::Role),
+                    None => a.kind.chunk(&a.meta, Delta::Text("")),
+                };
+                value["prompt_progress"] = progress;
+                self.queue.push_back(chunk(value));
+            }
             Some(Event::Done(c)) => {
+                if self.responses.is_some() {
+                    if let Some(finished) = self.answer.parser.as_mut().map(ReplyParser::finish) {
+                        match finished {
+                            Ok((deltas, _)) => self.push_responses(&deltas),
+                            Err(e) => return self.fail(e),
+                        }
+                    }
+                    let a = &self.answer;
+                    log::finished(&a.state, &a.meta.model, &a.meta.id, &c, a.received);
+                    let events = self.responses.as_mut().map(|r| r.finish(&c.stats, super::openai::timings(&c.stats))).unwrap_or_default();
+                    self.queue.extend(events);
+                    self.done = true;
+                    return;
+                }
+                if let Some(native) = &self.answer.native {
+                    let a = &self.answer;
+                    log::finished(&a.state, &a.meta.model, &a.meta.id, &c, a.received);
+                    self.queue.push_back(chunk(native.response(&a.model, "", &c, true)));
+                    self.done = true;
+                    return;
+                }
                 if let Some(finished) = self.answer.parser.as_mut().map(ReplyParser::finish) {
                     match finished {
                         Ok((deltas, _)) => self.push_chat(&deltas),
@@ -155,9 +302,20 @@ impl SseBridge {
                 }
                 let a = &self.answer;
                 log::finished(&a.state, &a.meta.model, &a.meta.id, &c, a.received);
-                self.queue.push_back(chunk(a.kind.chunk(&a.meta, Delta::End(finish_reason(c.finish_reason, self.called_tools)))));
+                let end = a.kind.chunk(&a.meta, Delta::End(finish_reason(c.finish_reason, self.called_tools)));
+                let mut end = self.with_logprobs(end);
+                if let Some(verbose) = &self.answer.verbose {
+                    end["__verbose"] = verbose.response(&self.answer.model, "", &c, true);
+                }
+                let a = &self.answer;
                 if a.include_usage {
+                    self.queue.push_back(chunk(end));
                     self.queue.push_back(chunk(a.kind.usage_chunk(&a.meta, &c.stats)));
+                } else {
+                    // The timings go on the stream's last chunk, as llama-server sends them.
+                    let mut end = end;
+                    end["timings"] = super::openai::timings(&c.stats);
+                    self.queue.push_back(chunk(end));
                 }
                 self.end();
             }
@@ -169,11 +327,41 @@ impl SseBridge {
 
     /// Chunks for what a chat's parser read.
     fn push_chat(&mut self, deltas: &[ChatDelta]) {
-        let a = &self.answer;
         for delta in deltas {
             self.called_tools |= matches!(delta, ChatDelta::ToolCall { .. });
-            self.queue.push_back(chunk(a.kind.chunk(&a.meta, Delta::Chat(delta))));
+            let value = self.answer.kind.chunk(&self.answer.meta, Delta::Chat(delta));
+            self.push(value);
         }
+    }
+
+    /// Responses API events for what the reply's parser read.
+    fn push_responses(&mut self, deltas: &[ChatDelta]) {
+        if let Some(events) = self.responses.as_mut() {
+            for delta in deltas {
+                let timings = if matches!(delta, ChatDelta::Content(_)) { self.pending_timings.take() } else { None };
+                self.queue.extend(events.delta(delta, timings));
+            }
+        }
+    }
+
+    /// Queues a chunk, with the log-probabilities of the tokens up to its text (and the timings
+    /// so far, when asked for).
+    fn push(&mut self, value: serde_json::Value) {
+        let mut value = self.with_logprobs(value);
+        if let Some(timings) = self.pending_timings.take() {
+            value["timings"] = timings;
+        }
+        self.queue.push_back(chunk(value));
+    }
+
+    /// `value` with the pending log-probabilities (in its kind's shape), which are then sent.
+    fn with_logprobs(&mut self, mut value: serde_json::Value) -> serde_json::Value {
+        let a = &self.answer;
+        if a.logprobs && !self.pending_logprobs.is_empty() {
+            value["choices"][0]["logprobs"] = a.kind.logprobs(&self.pending_logprobs, |t| a.model.engine.token_bytes(t).unwrap_or_default());
+            self.pending_logprobs.clear();
+        }
+        value
     }
 
     fn fail(&mut self, e: EngineError) {
@@ -184,7 +372,10 @@ impl SseBridge {
     }
 
     fn end(&mut self) {
-        self.queue.push_back(SseEvent::default().data("[DONE]"));
+        // OpenAI's chat and completion streams end with [DONE]; the native and Responses ones just end.
+        if self.answer.native.is_none() && self.responses.is_none() {
+            self.queue.push_back(SseEvent::default().data("[DONE]"));
+        }
         self.done = true;
     }
 }

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 pub(crate) use drafter::DraftModel;
+pub(crate) use request::Output;
 pub(crate) use request::Prepared;
 use request::{DraftSource, Request, Verified};
 use slot::{Phase, Sequence, Slot};
@@ -61,6 +62,8 @@ pub(crate) struct Ended<C> {
     pub(crate) stats: GenerationStats,
     pub(crate) tokens: Vec<TokenId>,
     pub(crate) logprobs: Vec<TokenLogprobs>,
+    /// How many of `tokens` and `logprobs` went out with earlier deltas.
+    pub(crate) delivered: (usize, usize),
 }
 
 type Running<'e, M, C> = Box<Request<SamplerOf<'e, M>, C>>;
@@ -177,6 +180,8 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         let single = self.slots.len() == 1;
         let slot = &mut self.slots[index];
         let reused = slot.seq.keep_prefix(&mut self.session, &prepared.tokens);
+        let reused = self.copy_longer_prefix(index, &prepared.tokens, reused);
+        let slot = &mut self.slots[index];
         self.counters.busy_slots.fetch_add(1, Ordering::Relaxed);
         self.counters.prompt_tokens_reused.fetch_add(reused as u64, Ordering::Relaxed);
         let (request, prompt) = Request::new(prepared, client, reused, self.clock, self.n_ctx);
@@ -189,6 +194,45 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         }
         slot.phase = Phase::Prefilling { request, prompt, done: reused, then: None };
         Ok(index)
+    }
+
+    /// Where another slot's cache holds more of `prompt` than slot `dst` kept of its own (a
+    /// shared system prompt, the other choices of one request), its cells are copied into `dst`
+    /// (shared, in a unified cache) and cut to the shared prefix. Returns the tokens `dst` holds.
+    fn copy_longer_prefix(&mut self, dst: usize, prompt: &[TokenId], reused: usize) -> usize {
+        let usable = |s: &Slot<_>| s.seq.common_prefix(prompt).min(prompt.len().saturating_sub(1));
+        let donor = (0..self.slots.len()).filter(|&i| i != dst).max_by_key(|&i| usable(&self.slots[i]));
+        let Some(donor) = donor else { return reused };
+        let shared = usable(&self.slots[donor]);
+        if shared < reused + MIN_COPIED_PREFIX {
+            return reused;
+        }
+        let (src_id, tokens) = (self.slots[donor].seq.id(), self.slots[donor].seq.tokens().to_vec());
+        let seq = &mut self.slots[dst].seq;
+        seq.clear(&mut self.session);
+        if !self.session.seq_copy(src_id, seq.id()) {
+            return 0;
+        }
+        seq.extend(&tokens);
+        // A recurrent state copied from the middle of a sequence cannot be cut back: dropped.
+        if seq.cut(&mut self.session, shared) {
+            shared
+        } else {
+            seq.clear(&mut self.session);
+            0
+        }
+    }
+
+    /// Whether `prompt` should wait for a slot that is decoding a prompt it shares much of (the
+    /// other choices of one request, a common system prompt), to copy those cells once they are
+    /// in instead of decoding them again beside it.
+    pub(crate) fn awaits_shared_prefix(&self, prompt: &[TokenId]) -> bool {
+        let usable = |p: &[TokenId]| p.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len().saturating_sub(1));
+        let cached = self.slots.iter().map(|s| usable(s.seq.tokens())).max().unwrap_or(0);
+        self.slots.iter().any(|s| match &s.phase {
+            Phase::Prefilling { prompt: theirs, then: None, .. } => usable(theirs) >= cached + MIN_COPIED_PREFIX,
+            _ => false,
+        })
     }
 
     /// One step: ends cancelled requests, decodes one batch, and lets each slot in it go on.
@@ -327,6 +371,9 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                     }
                     seq.extend(&prompt[*done..*done + request.chunk]);
                     *done += request.chunk;
+                    if then.is_none() {
+                        request.prompt_processed(*done, prompt.len());
+                    }
                     if *done < prompt.len() {
                         continue;
                     }
@@ -460,8 +507,8 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             Ok(reason) => request.finish(*reason),
             Err(_) => slot.seq.clear(&mut self.session),
         }
-        let (client, delta, stats, tokens, logprobs) = request.into_parts();
-        self.ended.push(Ended { client, delta, outcome, stats, tokens, logprobs });
+        let (client, delta, stats, tokens, logprobs, delivered) = request.into_parts();
+        self.ended.push(Ended { client, delta, outcome, stats, tokens, logprobs, delivered });
     }
 
     /// The requests that ended since the last call, oldest first.
@@ -471,12 +518,12 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
 
     /// Hands each running request's text of the last step to `deliver`; a request whose client
     /// is gone (`deliver` says false) ends at the next step, as cancelled.
-    pub(crate) fn deliver(&mut self, mut deliver: impl FnMut(&mut C, &str) -> bool) {
+    pub(crate) fn deliver(&mut self, mut deliver: impl FnMut(&mut C, Output<'_>) -> bool) {
         for slot in &mut self.slots {
             let Some(request) = slot.phase.request_mut() else { continue };
-            if !request.delta.is_empty() {
-                let Request { client, delta, .. } = &mut **request;
-                if !deliver(client, delta) {
+            if request.has_output() {
+                let (client, output) = request.take_output();
+                if !deliver(client, output) {
                     request.abandon();
                 }
             }
@@ -512,6 +559,9 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         }
     }
 }
+
+/// Fewer shared tokens than this are not worth copying another slot's cells for (or waiting).
+const MIN_COPIED_PREFIX: usize = 4;
 
 /// The free slot for a prompt: the one whose cache shares the longest prefix with it, when that
 /// covers at least half the prompt; otherwise the least valuable cache is given up: an empty

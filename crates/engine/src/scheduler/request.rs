@@ -12,6 +12,7 @@ use crate::backend::{BackendModel, BackendSession};
 use crate::config::{CancelToken, GenerateOptions, Speculation};
 use crate::error::EngineError;
 use crate::outcome::{FinishReason, GenerationStats, ms};
+use crate::serving::PromptProgress;
 use crate::speculative::DraftLength;
 use crate::stop::TOKEN_TEXT_CAPACITY;
 use crate::token::{TokenId, TokenLogprobs};
@@ -57,6 +58,17 @@ pub(crate) enum Verified {
 
 /// A request in a slot.
 #[derive(Debug)]
+/// What a request produced since its last delivery.
+pub(crate) struct Output<'a> {
+    pub(crate) text: &'a str,
+    pub(crate) tokens: &'a [TokenId],
+    pub(crate) logprobs: &'a [TokenLogprobs],
+    /// The request's statistics so far (generation timed to now).
+    pub(crate) stats: GenerationStats,
+    /// The prompt's progress, when the request asked for it and it moved.
+    pub(crate) progress: Option<PromptProgress>,
+}
+
 pub(crate) struct Request<S, C> {
     /// Whoever waits for the request's output (the server's event channel; nothing for a
     /// single stream, which reads the scheduler directly).
@@ -71,6 +83,8 @@ pub(crate) struct Request<S, C> {
     pub(crate) delta: String,
     tokens: Vec<TokenId>,
     drawn: Vec<TokenLogprobs>,
+    /// How many of `tokens` and of `drawn` went out with a delivered text already.
+    delivered: (usize, usize),
     pub(crate) drafting: Option<Drafting>,
     /// The scheduler's clock at admission (the oldest request goes first, the newest gives way).
     pub(crate) admitted: u64,
@@ -87,6 +101,9 @@ pub(crate) struct Request<S, C> {
     /// This step's batch entries: the index of the first output, and the prompt tokens in it.
     pub(crate) output: Option<i32>,
     pub(crate) chunk: usize,
+    /// Prompt progress not delivered yet (requests that asked for it).
+    progress: Option<PromptProgress>,
+    reports_progress: bool,
 }
 
 impl<S, C> Request<S, C> {
@@ -95,7 +112,8 @@ impl<S, C> Request<S, C> {
     pub(crate) fn new(prepared: Prepared<S>, client: C, reused: usize, admitted: u64, n_ctx: usize) -> (Self, Vec<TokenId>) {
         let Prepared { tokens, options, sampler, arrived } = prepared;
         // The sampler was built from `sampling` and `ignore_eos` already.
-        let GenerateOptions { max_tokens, stop, cancel, speculation, logprobs, preserved_tokens, sampling: _, ignore_eos: _ } = options;
+        let GenerateOptions { max_tokens, stop, cancel, speculation, logprobs, preserved_tokens, sampling: _, ignore_eos: _, prompt_progress } =
+            options;
         let room = max_tokens.min(n_ctx);
         let drafting = match speculation {
             Speculation::Off => None,
@@ -115,6 +133,7 @@ impl<S, C> Request<S, C> {
             delta: String::with_capacity(TOKEN_TEXT_CAPACITY),
             tokens: Vec::with_capacity(room),
             drawn: Vec::with_capacity(if logprobs.is_some() { room + 1 } else { 0 }),
+            delivered: (0, 0),
             drafting,
             admitted,
             arrived,
@@ -125,6 +144,9 @@ impl<S, C> Request<S, C> {
             stats: GenerationStats { prompt_tokens: tokens.len(), prompt_tokens_reused: reused, ..Default::default() },
             output: None,
             chunk: 0,
+            // The first report: what the cache had, before any chunk.
+            progress: prompt_progress.then_some(PromptProgress { total: tokens.len(), cache: reused, processed: reused, time_ms: 0.0 }),
+            reports_progress: prompt_progress,
         };
         (request, tokens)
     }
@@ -149,6 +171,34 @@ impl<S, C> Request<S, C> {
 
     pub(crate) fn tokens(&self) -> &[TokenId] {
         &self.tokens
+    }
+
+    /// `processed` of its `total` prompt tokens are in the cache: reported if it asked.
+    pub(crate) fn prompt_processed(&mut self, processed: usize, total: usize) {
+        if self.reports_progress {
+            let cache = self.stats.prompt_tokens_reused;
+            self.progress = Some(PromptProgress { total, cache, processed, time_ms: ms(self.started.elapsed()) });
+        }
+    }
+
+    /// Whether there is anything to deliver: text, or prompt progress.
+    pub(crate) fn has_output(&self) -> bool {
+        !self.delta.is_empty() || self.progress.is_some()
+    }
+
+    /// This step's text with the tokens and log-probabilities not delivered before it (the text of
+    /// a token held back for a stop check goes out later, with that token), for the client;
+    /// they count as delivered from now on.
+    pub(crate) fn take_output(&mut self) -> (&mut C, Output<'_>) {
+        let (tokens, drawn) = self.delivered;
+        self.delivered = (self.tokens.len(), self.drawn.len());
+        // The generation so far, timed to now.
+        let mut stats = self.stats.clone();
+        if let Some(done) = self.prompt_done {
+            stats.generation_ms = ms(done.elapsed());
+        }
+        let progress = self.progress.take();
+        (&mut self.client, Output { text: &self.delta, tokens: &self.tokens[tokens..], logprobs: &self.drawn[drawn..], stats, progress })
     }
 
     /// The one place prompt processing is timed: its prompt is in the cache.
@@ -289,8 +339,9 @@ impl<S, C> Request<S, C> {
         }
     }
 
-    /// What the request produced: its client, last text, stats, tokens and log-probabilities.
-    pub(crate) fn into_parts(self) -> (C, String, GenerationStats, Vec<TokenId>, Vec<TokenLogprobs>) {
-        (self.client, self.delta, self.stats, self.tokens, self.drawn)
+    /// What the request produced: its client, last text, stats, tokens and log-probabilities, and
+    /// how many of those two went out with earlier texts.
+    pub(crate) fn into_parts(self) -> (C, String, GenerationStats, Vec<TokenId>, Vec<TokenLogprobs>, (usize, usize)) {
+        (self.client, self.delta, self.stats, self.tokens, self.drawn, self.delivered)
     }
 }

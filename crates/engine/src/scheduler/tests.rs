@@ -89,6 +89,10 @@ impl BackendModel for FakeModel {
         VOCAB
     }
 
+    fn fim_tokens(&self) -> crate::FimTokens {
+        crate::FimTokens::default()
+    }
+
     fn chat_template(&self) -> Option<String> {
         None
     }
@@ -216,6 +220,11 @@ impl BackendSession for FakeSession<'_> {
 
     fn seq_clear(&mut self, seq: i32) {
         self.kv[seq as usize].clear();
+    }
+
+    fn seq_copy(&mut self, src: i32, dst: i32) -> bool {
+        self.kv[dst as usize] = self.kv[src as usize].clone();
+        true
     }
 }
 
@@ -423,4 +432,41 @@ fn a_cancelled_request_ends_at_the_next_step_and_frees_its_slot() {
     assert!(matches!(s.admit(late, "late"), Err(("late", EngineError::Cancelled))));
     // The other one was not disturbed.
     assert_eq!(run(&mut s)[0].2, tokens(11, 5));
+}
+
+#[test]
+fn a_prompt_another_slot_is_decoding_waits_for_it_and_copies_its_cells() {
+    let model = FakeModel::counting();
+    let mut s = scheduler(&model, 3, 128, 8);
+    let prompt = tokens(1, 20);
+    assert!(!s.awaits_shared_prefix(&prompt), "nothing to wait for");
+    s.admit(prepared(&prompt, 4, Speculation::Off), "first").unwrap();
+    // The first prompt takes three steps of 8 tokens: the same prompt waits while they would
+    // bring it more than a few tokens, an unrelated one does not wait.
+    assert!(s.awaits_shared_prefix(&prompt));
+    assert!(!s.awaits_shared_prefix(&tokens(40, 20)));
+    let mut steps = 0;
+    while s.awaits_shared_prefix(&prompt) {
+        s.step();
+        steps += 1;
+    }
+    assert_eq!(steps, 2, "16 of its 20 tokens are in: the last chunk is not worth waiting for");
+    let batches_before = model.batches.lock().unwrap().len();
+    let second = s.admit(prepared(&prompt, 4, Speculation::Off), "second").unwrap();
+    assert_eq!(s.running(second).unwrap().1.prompt_tokens_reused, 16, "the cells in so far are copied");
+    let ended = run(&mut s);
+    // It decodes only the rest of its prompt, from its position on.
+    let batches = model.batches.lock().unwrap();
+    let seq = second as i32;
+    let decoded: Vec<Entry> = batches[batches_before..].iter().flatten().filter(|e| e.2 == seq).copied().collect();
+    assert_eq!(&decoded[..4], &[(17, 16, seq, false), (18, 17, seq, false), (19, 18, seq, false), (20, 19, seq, true)]);
+    drop(batches);
+    // Both continue the prompt alike: the copied cells are the same prompt.
+    let by_name = |n| ended.iter().find(|e| e.0 == n).map(|e| e.2.clone()).unwrap();
+    assert_eq!(by_name("second"), tokens(21, 4));
+    // A later prompt sharing most of a cache another slot keeps copies it too.
+    let mut longer = prompt.clone();
+    longer.extend([90, 91]);
+    let third = s.admit(prepared(&longer, 1, Speculation::Off), "third").unwrap();
+    assert!(s.running(third).unwrap().1.prompt_tokens_reused >= 20, "{:?}", s.running(third).unwrap().1);
 }

@@ -109,14 +109,42 @@ impl ServeRequest {
 }
 
 /// What a request receives, in order: text deltas (valid UTF-8, free of stop sequences), then
-/// exactly one `Done` or `Failed`. A request cancelled through its token (or whose receiver went
+/// exactly one `Done` or `Failed`. The deltas' tokens and log-probabilities, in order, are those of
+/// the `Done`'s [`Completion`] (log-probabilities only where the request asked for them). A request cancelled through its token (or whose receiver went
 /// away) while it runs ends with `Done` and [`crate::FinishReason::Cancelled`]; one cancelled
 /// before it got a slot is refused with `Failed(EngineError::Cancelled)`.
 #[derive(Debug)]
 pub enum Event {
-    Delta(String),
+    Delta(Delta),
+    /// The prompt's progress, for requests that asked ([`crate::GenerateOptions::prompt_progress`]).
+    Progress(PromptProgress),
     Done(Completion),
     Failed(EngineError),
+}
+
+/// How far a request's prompt has been decoded (llama-server's `prompt_progress`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PromptProgress {
+    /// Prompt tokens in all.
+    pub total: usize,
+    /// Of those, the ones the cache held already.
+    pub cache: usize,
+    /// Of those, the ones in the cache now (the cached ones included).
+    pub processed: usize,
+    /// Since the request got its slot.
+    pub time_ms: f64,
+}
+
+/// Text a request produced, with the tokens drawn since the last delta (a token whose text was
+/// held back for a stop-sequence check comes with the text it was held for).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Delta {
+    pub text: String,
+    pub tokens: Vec<crate::TokenId>,
+    /// With log-probabilities asked for: one entry per token of `tokens`.
+    pub logprobs: Vec<crate::TokenLogprobs>,
+    /// The request's statistics so far (the last delta of a request has its final ones in `Done`).
+    pub stats: crate::GenerationStats,
 }
 
 /// Where a request's events go. The decode loop never waits on it: an implementation must not
@@ -149,7 +177,8 @@ pub fn collect(events: Receiver<Event>) -> Result<(String, Completion), EngineEr
     let mut text = String::new();
     for event in events {
         match event {
-            Event::Delta(d) => text.push_str(&d),
+            Event::Delta(d) => text.push_str(&d.text),
+            Event::Progress(_) => {}
             Event::Done(c) => return Ok((text, c)),
             Event::Failed(e) => return Err(e),
         }
@@ -363,7 +392,9 @@ fn decode_loop(
             };
             // A cancelled request is let through, to be refused.
             let cancelled = submission.request.prepared.options.cancel.as_ref().is_some_and(|c| c.is_cancelled());
-            if !cancelled && !scheduler.admits(submission.request.prepared.tokens.len()) {
+            // A prompt much of which another slot is decoding waits for it, to copy its cells.
+            let tokens = &submission.request.prepared.tokens;
+            if !cancelled && (!scheduler.admits(tokens.len()) || scheduler.awaits_shared_prefix(tokens)) {
                 deferred = Some(submission);
                 break;
             }
@@ -383,7 +414,22 @@ fn decode_loop(
             return;
         }
         scheduler.step();
-        scheduler.deliver(|sink, text| sink.send(Event::Delta(text.to_owned())));
+        scheduler.deliver(|sink, output| {
+            if let Some(progress) = output.progress
+                && !sink.send(Event::Progress(progress))
+            {
+                return false;
+            }
+            if output.text.is_empty() {
+                return true;
+            }
+            sink.send(Event::Delta(Delta {
+                text: output.text.to_owned(),
+                tokens: output.tokens.to_vec(),
+                logprobs: output.logprobs.to_vec(),
+                stats: output.stats,
+            }))
+        });
         for ended in scheduler.take_ended() {
             deliver_end(ended);
         }
@@ -392,9 +438,10 @@ fn decode_loop(
 
 /// A request's last text and its end.
 fn deliver_end(ended: Ended<Box<dyn EventSink>>) {
-    let Ended { mut client, delta, outcome, stats, tokens, logprobs } = ended;
+    let Ended { mut client, delta, outcome, stats, tokens, logprobs, delivered } = ended;
     if !delta.is_empty() {
-        client.send(Event::Delta(delta));
+        let (tokens, logprobs) = (tokens[delivered.0..].to_vec(), logprobs[delivered.1..].to_vec());
+        client.send(Event::Delta(Delta { text: delta, tokens, logprobs, stats: stats.clone() }));
     }
     client.send(match outcome {
         Ok(finish_reason) => Event::Done(Completion { finish_reason, stats, tokens, logprobs }),
