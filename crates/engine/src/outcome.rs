@@ -75,6 +75,19 @@ pub struct Completion {
     pub logprobs: Vec<TokenLogprobs>,
 }
 
+/// How far a request's prompt has been decoded (llama-server's `prompt_progress`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PromptProgress {
+    /// Prompt tokens in all.
+    pub total: usize,
+    /// Of those, the ones the cache held already.
+    pub cache: usize,
+    /// Of those, the ones in the cache now (the cached ones included).
+    pub processed: usize,
+    /// Since the request got its slot.
+    pub time_ms: f64,
+}
+
 /// Milliseconds, as the engine's statistics count them.
 pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

@@ -264,6 +264,9 @@ fn errors_have_openai_shapes_and_the_right_status() {
     assert_eq!((status, body["error"]["type"].as_str().unwrap()), (401, "authentication_error"));
     assert_eq!(http.get(server.url("/v1/models")).bearer_auth("wrong").send().unwrap().status(), 401);
     assert_eq!(http.get(server.url("/v1/models")).bearer_auth("sekret").send().unwrap().status(), 200);
+    // Anthropic's clients send the key as X-Api-Key.
+    assert_eq!(http.get(server.url("/v1/models")).header("x-api-key", "sekret").send().unwrap().status(), 200);
+    assert_eq!(http.get(server.url("/v1/models")).header("x-api-key", "wrong").send().unwrap().status(), 401);
 
     assert_eq!(status_and_error(post("{not json".into())).0, 400);
     assert_eq!(status_and_error(post(json!({ "messages": [{ "role": "user", "content": "hi" }], "max_tokens": "many" }).to_string())).0, 400);
@@ -611,6 +614,29 @@ fn choices_responses_and_continuations_agree_with_the_plain_chat() {
     assert!(response["id"].as_str().unwrap().starts_with("resp_"), "{response}");
     assert_eq!(response["output"][0]["content"][0]["text"], solo_text);
     assert_eq!(response["usage"]["input_tokens"], solo["usage"]["prompt_tokens"]);
+
+    // Anthropic's Messages API: the same reply as a text block, whole and streamed.
+    let anthropic = json!({ "messages": [{ "role": "user", "content": "Name three colours." }], "max_tokens": 10, "temperature": 0 });
+    let message: Value = http.post(server.url("/v1/messages")).json(&anthropic).send().unwrap().json().unwrap();
+    assert_eq!((message["type"].as_str(), message["content"][0]["type"].as_str()), (Some("message"), Some("text")), "{message}");
+    assert_eq!(message["content"][0]["text"], solo_text);
+    assert_eq!(message["usage"]["input_tokens"], solo["usage"]["prompt_tokens"]);
+    assert_eq!(message["stop_reason"], if solo["choices"][0]["finish_reason"] == "length" { "max_tokens" } else { "end_turn" });
+    let counted: Value = http.post(server.url("/v1/messages/count_tokens")).json(&anthropic).send().unwrap().json().unwrap();
+    assert_eq!(counted, json!({ "input_tokens": solo["usage"]["prompt_tokens"] }));
+    let mut streamed = anthropic.clone();
+    streamed["stream"] = json!(true);
+    let events: Vec<Value> =
+        sse_events(http.post(server.url("/v1/messages")).json(&streamed).send().unwrap()).iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let deltas = kinds.iter().filter(|k| **k == "content_block_delta").count();
+    assert!(deltas > 0, "{kinds:?}");
+    let mut expected = vec!["message_start", "content_block_start"];
+    expected.extend(std::iter::repeat_n("content_block_delta", deltas));
+    expected.extend(["content_block_stop", "message_delta", "message_stop"]);
+    assert_eq!(kinds, expected);
+    let text: String = events.iter().filter(|e| e["type"] == "content_block_delta").map(|e| e["delta"]["text"].as_str().unwrap()).collect();
+    assert_eq!(text, solo_text);
 
     // A last assistant message is a reply begun: the prompt ends inside it.
     let begun = json!([{ "role": "user", "content": "Name three colours." }, { "role": "assistant", "content": "Red, green and" }]);

@@ -1,4 +1,5 @@
-//! The API key: every route but `/health` needs `Authorization: Bearer <key>` when one is set.
+//! The API key: every route but `/health` needs `Authorization: Bearer <key>` (or, as Anthropic's
+//! clients send it, `X-Api-Key: <key>`) when one is set.
 
 use std::sync::Arc;
 
@@ -12,7 +13,9 @@ use super::error::ApiError;
 
 pub(super) async fn require_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if let Some(key) = &state.config.api_key {
-        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let headers = request.headers();
+        let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given = bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
         if !given.is_some_and(|g| same(g.as_bytes(), key.as_bytes())) {
             state.metrics.count_error(StatusCode::UNAUTHORIZED);
             return ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "missing or wrong API key (Authorization: Bearer <key>)")

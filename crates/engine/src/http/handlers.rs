@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
+use super::anthropic::MessagesRequest;
 use super::error::ApiError;
 use super::log;
 use super::models::Loaded;
@@ -138,19 +139,53 @@ pub(super) async fn responses(State(state): State<Arc<AppState>>, Body(body): Bo
     generate(state, chat.sampling.model.as_deref(), request, cancel, answering).await
 }
 
+/// Anthropic's Messages API: the messages as a chat, answered as content blocks.
+pub(super) async fn messages(State(state): State<Arc<AppState>>, Body(body): Body<MessagesRequest>) -> Response {
+    let chat = match body.into_chat() {
+        Ok(chat) => chat,
+        Err(e) => return log::refused(&state, e),
+    };
+    let cancel = CancelToken::new();
+    let request = chat.to_request(&state.config, cancel.clone());
+    let answering = Answering {
+        kind: Kind::Messages,
+        stream: chat.sampling.stream,
+        include_usage: false,
+        native: None,
+        verbose: false,
+        timings_per_token: false,
+        choices: 1,
+        extra_prompts: Vec::new(),
+    };
+    generate(state, chat.sampling.model.as_deref(), request, cancel, answering).await
+}
+
+/// Anthropic's `POST /v1/messages/count_tokens`: the prompt's token count.
+pub(super) async fn count_message_tokens(State(state): State<Arc<AppState>>, Body(body): Body<MessagesRequest>) -> Response {
+    let chat = match body.into_chat() {
+        Ok(chat) => chat,
+        Err(e) => return log::refused(&state, e),
+    };
+    match input_tokens(&state, chat).await {
+        Ok(n) => Json(json!({ "input_tokens": n })).into_response(),
+        Err(e) => log::refused(&state, e),
+    }
+}
+
+/// How many tokens a chat's prompt is, as it would be decoded.
+async fn input_tokens(state: &AppState, chat: ChatRequest) -> Result<usize, ApiError> {
+    let request = chat.to_request(&state.config, CancelToken::new())?;
+    let model = state.models.get(chat.sampling.model.as_deref()).await?;
+    tokio::task::spawn_blocking(move || ServeRequest::new(&model.engine, &request).map(|prepared| prepared.tokens().len()))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?
+        .map_err(ApiError::from)
+}
+
 /// llama-server's `POST /chat/completions/input_tokens`: how many tokens the chat's prompt is,
 /// as it would be decoded (template, tools and all), without generating.
 pub(super) async fn chat_input_tokens(State(state): State<Arc<AppState>>, Body(body): Body<ChatRequest>) -> Response {
-    let counted = async {
-        let request = body.to_request(&state.config, CancelToken::new())?;
-        let model = state.models.get(body.sampling.model.as_deref()).await?;
-        tokio::task::spawn_blocking(move || ServeRequest::new(&model.engine, &request).map(|prepared| prepared.tokens().len()))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?
-            .map_err(ApiError::from)
-    }
-    .await;
-    match counted {
+    match input_tokens(&state, body).await {
         Ok(n) => Json(json!({ "object": "response.input_tokens", "input_tokens": n })).into_response(),
         Err(e) => log::refused(&state, e),
     }

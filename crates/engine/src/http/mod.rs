@@ -11,6 +11,7 @@
 //! (open without the API key; 503 while the model loads), `GET /metrics` (Prometheus).
 //! Several models: see [`ModelSource`] and [`ModelPolicy`].
 
+mod anthropic;
 mod auth;
 mod error;
 pub mod fields;

@@ -639,6 +639,8 @@ pub enum Kind {
     Native,
     /// OpenAI's Responses API: a chat (its bodies are [`super::responses`]').
     Responses,
+    /// Anthropic's Messages API: a chat (its bodies are [`super::anthropic`]'s).
+    Messages,
 }
 
 impl Kind {
@@ -646,6 +648,7 @@ impl Kind {
         match self {
             Kind::Chat => "chatcmpl",
             Kind::Responses => "resp",
+            Kind::Messages => "msg",
             Kind::Completion | Kind::Native => "cmpl",
         }
     }
@@ -655,7 +658,7 @@ impl Kind {
     pub fn response(self, meta: &Meta, text: &str, reply: Option<&ChatReply>, finish: &str, stats: &GenerationStats, logprobs: Value) -> Value {
         let Meta { id, created, model, fingerprint } = meta;
         match self {
-            Kind::Chat | Kind::Responses => json!({
+            Kind::Chat | Kind::Responses | Kind::Messages => json!({
                 "id": id, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": fingerprint,
                 "choices": [{ "index": 0, "message": message(text, reply), "finish_reason": finish, "logprobs": logprobs }],
                 "usage": usage(stats), "timings": timings(stats),
@@ -673,7 +676,7 @@ impl Kind {
     pub fn logprobs(self, entries: &[TokenLogprobs], text: impl Fn(i32) -> Vec<u8>) -> Value {
         let piece = |t: i32| String::from_utf8_lossy(&text(t)).into_owned();
         match self {
-            Kind::Chat | Kind::Responses => {
+            Kind::Chat | Kind::Responses | Kind::Messages => {
                 let content: Vec<Value> = entries
                     .iter()
                     .map(|e| {
@@ -719,7 +722,7 @@ impl Kind {
             Delta::End(reason) => (json!({}), json!(reason)),
         };
         match self {
-            Kind::Chat | Kind::Responses => json!({
+            Kind::Chat | Kind::Responses | Kind::Messages => json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": fingerprint,
                 "choices": [{ "index": 0, "delta": delta_value, "finish_reason": finish }],
             }),

@@ -23,6 +23,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/completion", post(native::completion))
         .route("/completions", post(native::completion))
         .route("/infill", post(native::infill))
+        .route("/v1/messages", post(handlers::messages))
+        .route("/v1/messages/count_tokens", post(handlers::count_message_tokens))
         .route("/v1/responses", post(handlers::responses))
         .route("/responses", post(handlers::responses))
         .route("/v1/models", get(handlers::models))

@@ -20,7 +20,7 @@ use super::error::ApiError;
 use super::log;
 use super::models::Loaded;
 use super::openai::{Delta, Kind, Meta, finish_reason};
-use super::responses;
+use super::{anthropic, responses};
 use crate::chat::{ChatDelta, ChatReply};
 use crate::config::CancelToken;
 use crate::error::EngineError;
@@ -83,6 +83,7 @@ impl Answer {
         }
         let responses = (self.kind == Kind::Responses)
             .then(|| responses::Events::new(responses::Ids::new(self.serial), self.meta.created, self.meta.model.clone()));
+        let anthropic = (self.kind == Kind::Messages).then(|| anthropic::Events::new(anthropic_id(self.serial), self.meta.model.clone()));
         Sse::new(SseBridge {
             answer: self,
             queue,
@@ -92,6 +93,7 @@ impl Answer {
             pending_logprobs: Vec::new(),
             predicted: 0,
             responses,
+            anthropic,
             pending_timings: None,
         })
         .into_response()
@@ -154,6 +156,10 @@ impl Answer {
 
     /// The whole response of one choice.
     fn body(&self, text: String, reply: Option<ChatReply>, c: &Completion) -> serde_json::Value {
+        if self.kind == Kind::Messages {
+            let reply = reply.unwrap_or_else(|| ChatReply { content: text, ..Default::default() });
+            return anthropic::message(&anthropic_id(self.serial), &self.meta.model, &reply, c.finish_reason, &c.stats);
+        }
         if self.kind == Kind::Responses {
             let reply = reply.unwrap_or_else(|| ChatReply { content: text, ..Default::default() });
             return responses::response(&responses::Ids::new(self.serial), self.meta.created, &self.meta.model, &reply, "completed", Some(&c.stats));
@@ -171,6 +177,11 @@ impl Answer {
         }
         body
     }
+}
+
+/// The id of an Anthropic message: `msg_` and the request's number.
+fn anthropic_id(serial: u64) -> String {
+    format!("msg_{serial:024}")
 }
 
 /// One choice's whole text, its reply as its chat format reads it, and how it ended.
@@ -211,6 +222,8 @@ struct SseBridge {
     predicted: usize,
     /// A Responses API stream: its typed events.
     responses: Option<responses::Events>,
+    /// An Anthropic Messages stream: its typed events.
+    anthropic: Option<anthropic::Events>,
     /// With `timings_per_token`: the timings so far, for the next chunk that goes out.
     pending_timings: Option<serde_json::Value>,
 }
@@ -228,15 +241,15 @@ impl SseBridge {
                     self.push(value);
                     return;
                 }
-                let crate::serving::Delta { text, logprobs, .. } = delta;
+                let crate::serving::Delta { text, logprobs, stats, .. } = delta;
                 self.pending_logprobs.extend(logprobs);
-                if self.responses.is_some() {
+                if self.responses.is_some() || self.anthropic.is_some() {
                     let deltas = match self.answer.parser.as_mut().map(|p| p.push(&text)) {
                         None => vec![ChatDelta::Content(text)],
                         Some(Ok(deltas)) => deltas,
                         Some(Err(e)) => return self.fail(e),
                     };
-                    return self.push_responses(&deltas);
+                    return self.push_events(&deltas, stats.prompt_tokens);
                 }
                 let a = &self.answer;
                 let now = Instant::now();
@@ -273,17 +286,21 @@ impl SseBridge {
                 self.queue.push_back(chunk(value));
             }
             Some(Event::Done(c)) => {
-                if self.responses.is_some() {
+                if self.responses.is_some() || self.anthropic.is_some() {
                     if let Some(finished) = self.answer.parser.as_mut().map(ReplyParser::finish) {
                         match finished {
-                            Ok((deltas, _)) => self.push_responses(&deltas),
+                            Ok((deltas, _)) => self.push_events(&deltas, c.stats.prompt_tokens),
                             Err(e) => return self.fail(e),
                         }
                     }
                     let a = &self.answer;
                     log::finished(&a.state, &a.meta.model, &a.meta.id, &c, a.received);
-                    let events = self.responses.as_mut().map(|r| r.finish(&c.stats, super::openai::timings(&c.stats))).unwrap_or_default();
-                    self.queue.extend(events);
+                    if let Some(events) = self.responses.as_mut() {
+                        self.queue.extend(events.finish(&c.stats, super::openai::timings(&c.stats)));
+                    }
+                    if let Some(events) = self.anthropic.as_mut() {
+                        self.queue.extend(events.finish(c.finish_reason, &c.stats));
+                    }
                     self.done = true;
                     return;
                 }
@@ -334,12 +351,15 @@ impl SseBridge {
         }
     }
 
-    /// Responses API events for what the reply's parser read.
-    fn push_responses(&mut self, deltas: &[ChatDelta]) {
-        if let Some(events) = self.responses.as_mut() {
-            for delta in deltas {
+    /// Responses API or Anthropic events for what the reply's parser read.
+    fn push_events(&mut self, deltas: &[ChatDelta], prompt_tokens: usize) {
+        for delta in deltas {
+            if let Some(events) = self.responses.as_mut() {
                 let timings = if matches!(delta, ChatDelta::Content(_)) { self.pending_timings.take() } else { None };
                 self.queue.extend(events.delta(delta, timings));
+            }
+            if let Some(events) = self.anthropic.as_mut() {
+                self.queue.extend(events.delta(delta, prompt_tokens));
             }
         }
     }
@@ -372,8 +392,9 @@ impl SseBridge {
     }
 
     fn end(&mut self) {
-        // OpenAI's chat and completion streams end with [DONE]; the native and Responses ones just end.
-        if self.answer.native.is_none() && self.responses.is_none() {
+        // OpenAI's chat and completion streams end with [DONE]; the native, Responses and
+        // Anthropic ones just end.
+        if self.answer.native.is_none() && self.responses.is_none() && self.anthropic.is_none() {
             self.queue.push_back(SseEvent::default().data("[DONE]"));
         }
         self.done = true;

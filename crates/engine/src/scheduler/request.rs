@@ -11,8 +11,8 @@ use super::slot::Sequence;
 use crate::backend::{BackendModel, BackendSession};
 use crate::config::{CancelToken, GenerateOptions, Speculation};
 use crate::error::EngineError;
-use crate::outcome::{FinishReason, GenerationStats, ms};
-use crate::serving::PromptProgress;
+use crate::outcome::{FinishReason, GenerationStats, PromptProgress, ms};
+
 use crate::speculative::DraftLength;
 use crate::stop::TOKEN_TEXT_CAPACITY;
 use crate::token::{TokenId, TokenLogprobs};

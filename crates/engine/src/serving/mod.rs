@@ -34,6 +34,7 @@ use crate::backend::BackendModel;
 use crate::config::{GenerateRequest, SessionConfig};
 use crate::engine::{Engine, Sampler};
 use crate::error::{EngineError, cause};
+pub use crate::outcome::PromptProgress;
 use crate::scheduler::{Counters, Ended, Prepared, Scheduler};
 
 pub use crate::outcome::Completion;
@@ -120,19 +121,6 @@ pub enum Event {
     Progress(PromptProgress),
     Done(Completion),
     Failed(EngineError),
-}
-
-/// How far a request's prompt has been decoded (llama-server's `prompt_progress`).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct PromptProgress {
-    /// Prompt tokens in all.
-    pub total: usize,
-    /// Of those, the ones the cache held already.
-    pub cache: usize,
-    /// Of those, the ones in the cache now (the cached ones included).
-    pub processed: usize,
-    /// Since the request got its slot.
-    pub time_ms: f64,
 }
 
 /// Text a request produced, with the tokens drawn since the last delta (a token whose text was
