@@ -88,6 +88,21 @@ pub struct PromptProgress {
     pub time_ms: f64,
 }
 
+/// A slot of a serving loop, as of its last step.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SlotState {
+    pub id: usize,
+    /// It has a request.
+    pub processing: bool,
+    /// Its request's prompt is still being decoded.
+    pub prefilling: bool,
+    /// Tokens its cache holds (kept after a request for the next one to reuse).
+    pub cached_tokens: usize,
+    /// Its request's prompt and generated tokens so far (0 without a request).
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+}
+
 /// Milliseconds, as the engine's statistics count them.
 pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

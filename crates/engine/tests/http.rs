@@ -680,3 +680,50 @@ fn infill_builds_llama_servers_prompt_and_needs_fim_tokens() {
     let body: Value = r.json().unwrap();
     assert_eq!((body["error"]["param"].as_str(), body["error"]["code"].as_str()), (Some("model"), Some("not_supported")), "{body}");
 }
+
+/// `GET /slots` (with `--slots`) shows a slot busy while a stream runs and idle once its client
+/// has gone; without `--slots` it is llama-server's 501.
+#[test]
+fn slots_show_what_runs_and_are_freed_when_the_client_leaves() {
+    let _one_at_a_time = common::one_at_a_time();
+    let server = Server::start(&["--parallel", "1", "--slots"]);
+    let http = client();
+    let slots = || http.get(server.url("/slots")).send().unwrap().json::<Value>().unwrap();
+    assert_eq!(slots()[0]["is_processing"], false, "{}", slots());
+    let body = json!({ "prompt": "Once upon a time", "n_predict": 2000, "stream": true, "ignore_eos": true });
+    let mut stream = BufReader::new(http.post(server.url("/completion")).json(&body).send().unwrap());
+    let mut first = String::new();
+    while !first.starts_with("data: ") {
+        first.clear();
+        stream.read_line(&mut first).unwrap();
+    }
+    let busy = slots();
+    assert_eq!((busy[0]["is_processing"].as_bool(), busy.as_array().unwrap().len()), (Some(true), 1), "{busy}");
+    assert!(busy[0]["n_decoded"].as_u64().unwrap() >= 1, "{busy}");
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while slots()[0]["is_processing"] == true {
+        assert!(Instant::now() < deadline, "the slot of a client that left is still busy: {}", slots());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A stream that asked for it reports its prompt's progress: what the cache had, then each
+    // chunk of 8 tokens decoded, up to the whole prompt.
+    let server = Server::start(&["--parallel", "1", "--batch", "8"]);
+    let body = json!({ "prompt": "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty",
+                       "n_predict": 2, "stream": true, "return_progress": true });
+    let progress: Vec<Value> = sse_events(client().post(server.url("/completion")).json(&body).send().unwrap())
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).unwrap().get("prompt_progress").cloned())
+        .collect();
+    let total = progress[0]["total"].as_u64().unwrap();
+    let processed: Vec<u64> = progress.iter().map(|p| p["processed"].as_u64().unwrap()).collect();
+    let mut expected: Vec<u64> = (0..total).step_by(8).collect();
+    expected.push(total);
+    assert_eq!(processed, expected, "{progress:?}");
+    assert!(progress.iter().all(|p| p["total"] == total && p["cache"] == 0));
+
+    let r = client().get(server.url("/slots")).send().unwrap();
+    assert_eq!(r.status(), 501);
+    assert_eq!(r.json::<Value>().unwrap()["error"]["type"], "not_supported_error");
+}

@@ -243,6 +243,9 @@ struct ServeArgs {
     /// (llama-server's debugging aid; a request's `verbose` field overrides it).
     #[arg(long)]
     verbose: bool,
+    /// List the slots' states at GET /slots (llama-server's --slots).
+    #[arg(long)]
+    slots: bool,
 }
 
 #[derive(Args)]
@@ -482,6 +485,7 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         sampling: SamplingParams { temperature: args.temp, seed: args.seed, ..SamplingParams::default() },
         max_tokens: args.n_predict,
         verbose: args.verbose,
+        slots_endpoint: args.slots,
     };
     http::run(sources, policy, config, |addr| {
         // One line on stdout with the address, for scripts (and tests) that ask for port 0.

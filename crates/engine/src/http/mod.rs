@@ -56,6 +56,8 @@ pub struct ServerConfig {
     /// Every OpenAI response carries `__verbose` (the native response, prompt included) unless
     /// the request sets `verbose`: llama-server's debugging aid.
     pub verbose: bool,
+    /// `GET /slots` lists the slots (llama-server's `--slots`); 501 otherwise.
+    pub slots_endpoint: bool,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +71,7 @@ impl Default for ServerConfig {
             sampling: crate::SamplingParams::default(),
             max_tokens: None,
             verbose: false,
+            slots_endpoint: false,
         }
     }
 }

@@ -46,19 +46,37 @@ pub(super) async fn props(State(state): State<Arc<AppState>>) -> Response {
         "modalities": { "vision": false, "audio": false },
         "chat_template": model.engine.chat_template(),
         "build_info": state.fingerprint,
-        "endpoint_slots": false,
+        "endpoint_slots": state.config.slots_endpoint,
         "endpoint_props": true,
         "endpoint_metrics": true,
     }))
     .into_response()
 }
 
-/// `GET /slots`: llama-server lists its slots' states there when started with `--slots`; this
-/// server has no such listing yet, and answers as llama-server does without the switch.
-pub(super) async fn slots() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_supported_error",
-        "this server does not list its slots (llama-server's --slots is not implemented)",
-    )
+/// `GET /slots` (with `--slots`): each slot of the model's decode loop, as of its last step. Its
+/// `n_ctx` is what one request may use: the slots share the whole KV cache. Without `--slots`,
+/// 501 as llama-server answers.
+pub(super) async fn slots(State(state): State<Arc<AppState>>) -> Response {
+    if !state.config.slots_endpoint {
+        return ApiError::new(StatusCode::NOT_IMPLEMENTED, "not_supported_error", "this server does not list its slots: start it with --slots")
+            .into_response();
+    }
+    let model = match state.models.get(None).await {
+        Ok(model) => model,
+        Err(e) => return log::refused(&state, e),
+    };
+    let speculative = !matches!(state.config.speculation, crate::Speculation::Off);
+    let slots: Vec<serde_json::Value> = model
+        .core
+        .slots()
+        .into_iter()
+        .map(|s| {
+            json!({
+                "id": s.id, "n_ctx": model.n_ctx, "speculative": speculative, "is_processing": s.processing,
+                "is_prefilling": s.prefilling, "n_cached_tokens": s.cached_tokens, "n_prompt_tokens": s.prompt_tokens,
+                "n_decoded": s.generated_tokens,
+            })
+        })
+        .collect();
+    Json(slots).into_response()
 }

@@ -49,6 +49,8 @@ pub(crate) struct Counters {
     pub(crate) drafted_tokens: AtomicU64,
     pub(crate) accepted_tokens: AtomicU64,
     pub(crate) steps_without_drafts: AtomicU64,
+    /// Each slot as of the last step (see [`Scheduler::publish_slots`]).
+    pub(crate) slots: std::sync::Mutex<Vec<crate::outcome::SlotState>>,
 }
 
 /// A request that ended, for its driver to deliver.
@@ -550,6 +552,27 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     pub(crate) fn abandon(&mut self, i: usize) {
         self.end(i, Ok(FinishReason::Cancelled));
         self.ended.clear();
+    }
+
+    /// Writes each slot's state where readers of the counters see it (a server's `/slots`).
+    pub(crate) fn publish_slots(&self) {
+        let states = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(id, slot)| {
+                let request = slot.phase.request();
+                crate::outcome::SlotState {
+                    id,
+                    processing: request.is_some(),
+                    prefilling: matches!(slot.phase, Phase::Prefilling { .. }),
+                    cached_tokens: slot.seq.len(),
+                    prompt_tokens: request.map_or(0, |r| r.stats().prompt_tokens),
+                    generated_tokens: request.map_or(0, |r| r.stats().completion_tokens),
+                }
+            })
+            .collect();
+        *self.counters.slots.lock().unwrap_or_else(|p| p.into_inner()) = states;
     }
 
     /// Empties every idle slot's cache.

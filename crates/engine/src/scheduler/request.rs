@@ -65,8 +65,8 @@ pub(crate) struct Output<'a> {
     pub(crate) logprobs: &'a [TokenLogprobs],
     /// The request's statistics so far (generation timed to now).
     pub(crate) stats: GenerationStats,
-    /// The prompt's progress, when the request asked for it and it moved.
-    pub(crate) progress: Option<PromptProgress>,
+    /// The prompt's progress since the last delivery, when the request asked for it.
+    pub(crate) progress: Vec<PromptProgress>,
 }
 
 pub(crate) struct Request<S, C> {
@@ -101,8 +101,8 @@ pub(crate) struct Request<S, C> {
     /// This step's batch entries: the index of the first output, and the prompt tokens in it.
     pub(crate) output: Option<i32>,
     pub(crate) chunk: usize,
-    /// Prompt progress not delivered yet (requests that asked for it).
-    progress: Option<PromptProgress>,
+    /// Prompt progress reports not delivered yet (requests that asked for them).
+    progress: Vec<PromptProgress>,
     reports_progress: bool,
 }
 
@@ -145,7 +145,11 @@ impl<S, C> Request<S, C> {
             output: None,
             chunk: 0,
             // The first report: what the cache had, before any chunk.
-            progress: prompt_progress.then_some(PromptProgress { total: tokens.len(), cache: reused, processed: reused, time_ms: 0.0 }),
+            progress: if prompt_progress {
+                vec![PromptProgress { total: tokens.len(), cache: reused, processed: reused, time_ms: 0.0 }]
+            } else {
+                Vec::new()
+            },
             reports_progress: prompt_progress,
         };
         (request, tokens)
@@ -177,13 +181,13 @@ impl<S, C> Request<S, C> {
     pub(crate) fn prompt_processed(&mut self, processed: usize, total: usize) {
         if self.reports_progress {
             let cache = self.stats.prompt_tokens_reused;
-            self.progress = Some(PromptProgress { total, cache, processed, time_ms: ms(self.started.elapsed()) });
+            self.progress.push(PromptProgress { total, cache, processed, time_ms: ms(self.started.elapsed()) });
         }
     }
 
     /// Whether there is anything to deliver: text, or prompt progress.
     pub(crate) fn has_output(&self) -> bool {
-        !self.delta.is_empty() || self.progress.is_some()
+        !self.delta.is_empty() || !self.progress.is_empty()
     }
 
     /// This step's text with the tokens and log-probabilities not delivered before it (the text of
@@ -197,7 +201,7 @@ impl<S, C> Request<S, C> {
         if let Some(done) = self.prompt_done {
             stats.generation_ms = ms(done.elapsed());
         }
-        let progress = self.progress.take();
+        let progress = std::mem::take(&mut self.progress);
         (&mut self.client, Output { text: &self.delta, tokens: &self.tokens[tokens..], logprobs: &self.drawn[drawn..], stats, progress })
     }
 

@@ -269,6 +269,11 @@ impl ServingCore {
         }
     }
 
+    /// Each slot as of the last step.
+    pub fn slots(&self) -> Vec<crate::outcome::SlotState> {
+        self.counters.slots.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Queues a request; its events arrive on the returned receiver. Refused at once when the
     /// queue is full.
     pub fn submit(&self, request: ServeRequest) -> Result<Receiver<Event>, SubmitError> {
@@ -353,6 +358,7 @@ fn decode_loop(
     };
     let _ = ready.send(Ok(()));
     let mut scheduler: Scheduler<'_, _, Box<dyn EventSink>> = Scheduler::new(engine.model(), session, config.n_seq as usize, Arc::clone(&counters));
+    scheduler.publish_slots();
     let mut open = true;
     // A request taken from the queue that waits for KV space (it stays counted as queued).
     let mut deferred: Option<Submission> = None;
@@ -402,11 +408,13 @@ fn decode_loop(
             return;
         }
         scheduler.step();
+        // Before the step's output goes out: a client that sees it sees the slots after it.
+        scheduler.publish_slots();
         scheduler.deliver(|sink, output| {
-            if let Some(progress) = output.progress
-                && !sink.send(Event::Progress(progress))
-            {
-                return false;
+            for progress in output.progress {
+                if !sink.send(Event::Progress(progress)) {
+                    return false;
+                }
             }
             if output.text.is_empty() {
                 return true;
@@ -421,6 +429,7 @@ fn decode_loop(
         for ended in scheduler.take_ended() {
             deliver_end(ended);
         }
+        scheduler.publish_slots();
     }
 }
 
