@@ -53,6 +53,9 @@ impl MessagesRequest {
         for (i, message) in input.into_iter().enumerate() {
             convert_message(message, &mut messages).map_err(|reason| ApiError::invalid("messages", format!("messages[{i}]: {reason}")))?;
         }
+        if self.rest.get("n").is_some_and(|n| !n.is_null() && n != 1) {
+            return Err(ApiError::invalid("n", "the Messages API answers with one reply"));
+        }
         let mut chat = self.rest;
         chat.insert("messages".into(), Value::Array(messages));
         // Required by Anthropic; llama-server's default where a client leaves it out.

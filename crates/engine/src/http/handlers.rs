@@ -18,7 +18,7 @@ use super::error::ApiError;
 use super::log;
 use super::models::Loaded;
 use super::native::{NativeFields, Shape};
-use super::openai::{ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, Kind, Meta, ModelEntry, TokenizeRequest};
+use super::openai::{ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, Kind, Meta, ModelEntry, Sampling, TokenizeRequest};
 use super::responses::ResponsesRequest;
 use super::stream::{Answer, CancelOnDrop};
 use crate::config::{CancelToken, GenerateRequest};
@@ -68,34 +68,14 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
 pub(super) async fn chat(State(state): State<Arc<AppState>>, Body(body): Body<ChatRequest>) -> Response {
     let cancel = CancelToken::new();
     let request = body.to_request(&state.config, cancel.clone());
-    let answering = Answering {
-        kind: Kind::Chat,
-        stream: body.sampling.stream,
-        include_usage: body.sampling.include_usage(),
-        native: None,
-        verbose: body.sampling.verbose(&state.config),
-        timings_per_token: body.sampling.timings_per_token,
-        // A bad `n` has failed `request` already.
-        choices: body.sampling.choices().unwrap_or(1),
-        extra_prompts: Vec::new(),
-    };
+    let answering = Answering::new(Kind::Chat, &body.sampling, &state.config);
     generate(state, body.sampling.model.as_deref(), request, cancel, answering).await
 }
 
 pub(super) async fn completions(State(state): State<Arc<AppState>>, Body(body): Body<CompletionRequest>) -> Response {
     let cancel = CancelToken::new();
     let request = body.to_request(&state.config, cancel.clone());
-    let answering = Answering {
-        kind: Kind::Completion,
-        stream: body.sampling.stream,
-        include_usage: body.sampling.include_usage(),
-        native: None,
-        verbose: body.sampling.verbose(&state.config),
-        timings_per_token: body.sampling.timings_per_token,
-        // A bad `n` has failed `request` already.
-        choices: body.sampling.choices().unwrap_or(1),
-        extra_prompts: Vec::new(),
-    };
+    let answering = Answering::new(Kind::Completion, &body.sampling, &state.config);
     generate(state, body.sampling.model.as_deref(), request, cancel, answering).await
 }
 
@@ -118,6 +98,23 @@ pub(super) struct Answering {
     pub(super) choices: usize,
 }
 
+impl Answering {
+    /// The answer a request's fields ask for, in `kind`'s shape. A bad `n` has failed the request
+    /// already (one choice is assumed here).
+    pub(super) fn new(kind: Kind, sampling: &Sampling, server: &super::ServerConfig) -> Answering {
+        Answering {
+            kind,
+            stream: sampling.stream,
+            include_usage: sampling.include_usage(),
+            native: None,
+            verbose: sampling.verbose(server),
+            timings_per_token: sampling.timings_per_token,
+            choices: sampling.choices().unwrap_or(1),
+            extra_prompts: Vec::new(),
+        }
+    }
+}
+
 /// OpenAI's Responses API: the input items as a chat, answered as output items.
 pub(super) async fn responses(State(state): State<Arc<AppState>>, Body(body): Body<ResponsesRequest>) -> Response {
     let chat = match body.into_chat() {
@@ -126,16 +123,7 @@ pub(super) async fn responses(State(state): State<Arc<AppState>>, Body(body): Bo
     };
     let cancel = CancelToken::new();
     let request = chat.to_request(&state.config, cancel.clone());
-    let answering = Answering {
-        kind: Kind::Responses,
-        stream: chat.sampling.stream,
-        include_usage: false,
-        native: None,
-        verbose: false,
-        timings_per_token: chat.sampling.timings_per_token,
-        choices: 1,
-        extra_prompts: Vec::new(),
-    };
+    let answering = Answering::new(Kind::Responses, &chat.sampling, &state.config);
     generate(state, chat.sampling.model.as_deref(), request, cancel, answering).await
 }
 
@@ -147,16 +135,7 @@ pub(super) async fn messages(State(state): State<Arc<AppState>>, Body(body): Bod
     };
     let cancel = CancelToken::new();
     let request = chat.to_request(&state.config, cancel.clone());
-    let answering = Answering {
-        kind: Kind::Messages,
-        stream: chat.sampling.stream,
-        include_usage: false,
-        native: None,
-        verbose: false,
-        timings_per_token: false,
-        choices: 1,
-        extra_prompts: Vec::new(),
-    };
+    let answering = Answering::new(Kind::Messages, &chat.sampling, &state.config);
     generate(state, chat.sampling.model.as_deref(), request, cancel, answering).await
 }
 

@@ -89,11 +89,12 @@ async fn native(state: Arc<AppState>, body: NativeRequest, infill: bool) -> Resp
         Ok(model) => model,
         Err(e) => return log::refused(&state, e),
     };
-    let (stream, timings_per_token) = (body.sampling.stream, body.sampling.timings_per_token);
-    let choices = match body.sampling.choices() {
-        Ok(n) => n,
-        Err(e) => return log::refused(&state, e),
-    };
+    if let Err(e) = body.sampling.choices() {
+        return log::refused(&state, e);
+    }
+    let mut answering = Answering::new(Kind::Native, &body.sampling, &state.config);
+    // The native object reports everything already: no `__verbose` echo of it.
+    answering.verbose = false;
     // Tokenizing the prompt and its bias texts can take a while: off the async workers.
     let built = {
         let (state, model, cancel) = (Arc::clone(&state), Arc::clone(&model), cancel.clone());
@@ -104,24 +105,10 @@ async fn native(state: Arc<AppState>, body: NativeRequest, infill: bool) -> Resp
         Ok(Err(e)) => return log::refused(&state, e),
         Err(e) => return log::refused(&state, ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string())),
     };
+    answering.native = Some(fields);
+    answering.extra_prompts = extra_prompts;
     let id = model.id.clone();
-    generate(
-        state,
-        Some(&id),
-        Ok(request),
-        cancel,
-        Answering {
-            kind: Kind::Native,
-            stream,
-            include_usage: false,
-            native: Some(fields),
-            verbose: false,
-            timings_per_token,
-            choices,
-            extra_prompts,
-        },
-    )
-    .await
+    generate(state, Some(&id), Ok(request), cancel, answering).await
 }
 
 impl NativeRequest {

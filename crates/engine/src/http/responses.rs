@@ -49,6 +49,9 @@ impl ResponsesRequest {
             }
             _ => return Err(ApiError::invalid("input", "must be text or a list of items")),
         }
+        if self.rest.get("n").is_some_and(|n| !n.is_null() && n != 1) {
+            return Err(ApiError::invalid("n", "the Responses API answers with one reply"));
+        }
         let mut chat = self.rest;
         chat.insert("messages".into(), Value::Array(messages));
         if let Some(n) = self.max_output_tokens {

@@ -144,7 +144,9 @@ impl Answer {
         for (i, other) in bodies.enumerate() {
             let mut choice = other["choices"][0].clone();
             choice["index"] = (i + 1).into();
-            body["choices"].as_array_mut().expect("choices").push(choice);
+            if let Some(choices) = body["choices"].as_array_mut() {
+                choices.push(choice);
+            }
             // One prompt, several completions: OpenAI counts the prompt once.
             for field in ["completion_tokens", "total_tokens"] {
                 let sum = body["usage"][field].as_u64().unwrap_or(0) + other["usage"]["completion_tokens"].as_u64().unwrap_or(0);
