@@ -8,7 +8,7 @@ mod session;
 use std::time::Instant;
 
 use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, Outputs, SamplerOf, TokenId};
-use crate::chat::{ChatMessage, ChatOptions};
+use crate::chat::{ChatMessage, ChatOptions, Continuation};
 use crate::config::{ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, Prompt, SessionConfig};
 use crate::error::EngineError;
 use crate::outcome::GenerationStats;
@@ -203,13 +203,7 @@ impl Engine {
                     parser = Some(rendered.parser);
                     tokens
                 }
-                None if chat.is_plain() && messages.iter().all(ChatMessage::is_plain) => self.chat_tokens(messages, *specials_in_messages)?,
-                None => {
-                    return Err(EngineError::Unsupported {
-                        what: "tools, tool calls and template options in a chat without Jinja templates (ChatTemplating::Jinja, exsa serve --jinja)",
-                        backend: Active::NAME,
-                    });
-                }
+                None => self.rendered_chat_tokens(&self.builtin_render(messages, chat)?, messages, *specials_in_messages)?,
             },
             Prompt::Tokens(tokens) => {
                 let n_vocab = self.model.n_vocab();
@@ -320,14 +314,36 @@ impl Engine {
         if messages.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        if let Some(templates) = &self.templates {
-            return Ok(templates.render(messages, options)?.prompt);
+        match &self.templates {
+            Some(templates) => Ok(templates.render(messages, options)?.prompt),
+            None => self.builtin_render(messages, options),
         }
-        if !options.is_plain() || !messages.iter().all(ChatMessage::is_plain) {
-            return Err(EngineError::Unsupported { what: "tools and template options without Jinja templates", backend: Active::NAME });
+    }
+
+    /// A chat by llama.cpp's built-in format ([`Engine::chat_template`]): plain messages, the
+    /// assistant's turn opened; a last assistant message to continue is rendered as that turn's
+    /// beginning (the messages before it, the turn opened, its text). Anything else needs the Jinja
+    /// templates.
+    fn builtin_render(&self, messages: &[ChatMessage], options: &ChatOptions) -> Result<String, EngineError> {
+        let unsupported = || EngineError::Unsupported {
+            what: "tools, tool calls and template options in a chat without Jinja templates (ChatTemplating::Jinja, exsa serve --jinja)",
+            backend: Active::NAME,
+        };
+        if !messages.iter().all(ChatMessage::is_plain) {
+            return Err(unsupported());
         }
-        let pairs: Vec<(String, String)> = messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
-        self.model.apply_chat_template(&self.chat_template, &pairs)
+        let plain = ChatOptions { continuation: Continuation::None, add_generation_prompt: true, ..options.clone() };
+        if !plain.is_plain() {
+            return Err(unsupported());
+        }
+        let pairs = |m: &[ChatMessage]| m.iter().map(|m| (m.role.clone(), m.content.clone())).collect::<Vec<_>>();
+        match (options.continuation, options.add_generation_prompt, messages.split_last()) {
+            (Continuation::None, true, _) => self.model.apply_chat_template(&self.chat_template, &pairs(messages)),
+            (Continuation::Auto | Continuation::Content, false, Some((last, before))) if last.role == "assistant" && !before.is_empty() => {
+                Ok(self.model.apply_chat_template(&self.chat_template, &pairs(before))? + &last.content)
+            }
+            _ => Err(unsupported()),
+        }
     }
 
     pub(crate) fn model(&self) -> &Model {
