@@ -66,10 +66,15 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
 }
 
 pub(super) async fn chat(State(state): State<Arc<AppState>>, Body(body): Body<ChatRequest>) -> Response {
+    answer_chat(state, body, Kind::Chat).await
+}
+
+/// A chat (OpenAI's, or what a Responses or Messages request reads as), answered in `kind`'s shape.
+async fn answer_chat(state: Arc<AppState>, chat: ChatRequest, kind: Kind) -> Response {
     let cancel = CancelToken::new();
-    let request = body.to_request(&state.config, cancel.clone());
-    let answering = Answering::new(Kind::Chat, &body.sampling, &state.config);
-    generate(state, body.sampling.model.as_deref(), request, cancel, answering).await
+    let request = chat.to_request(&state.config, cancel.clone());
+    let answering = Answering::new(kind, &chat.sampling, &state.config);
+    generate(state, chat.sampling.model.as_deref(), request, cancel, answering).await
 }
 
 pub(super) async fn completions(State(state): State<Arc<AppState>>, Body(body): Body<CompletionRequest>) -> Response {
@@ -121,10 +126,7 @@ pub(super) async fn responses(State(state): State<Arc<AppState>>, Body(body): Bo
         Ok(chat) => chat,
         Err(e) => return log::refused(&state, e),
     };
-    let cancel = CancelToken::new();
-    let request = chat.to_request(&state.config, cancel.clone());
-    let answering = Answering::new(Kind::Responses, &chat.sampling, &state.config);
-    generate(state, chat.sampling.model.as_deref(), request, cancel, answering).await
+    answer_chat(state, chat, Kind::Responses).await
 }
 
 /// Anthropic's Messages API: the messages as a chat, answered as content blocks.
@@ -133,10 +135,7 @@ pub(super) async fn messages(State(state): State<Arc<AppState>>, Body(body): Bod
         Ok(chat) => chat,
         Err(e) => return log::refused(&state, e),
     };
-    let cancel = CancelToken::new();
-    let request = chat.to_request(&state.config, cancel.clone());
-    let answering = Answering::new(Kind::Messages, &chat.sampling, &state.config);
-    generate(state, chat.sampling.model.as_deref(), request, cancel, answering).await
+    answer_chat(state, chat, Kind::Messages).await
 }
 
 /// Anthropic's `POST /v1/messages/count_tokens`: the prompt's token count.

@@ -211,22 +211,7 @@ impl NativeRequest {
             match value {
                 None => Err(ApiError::invalid(name, "is required")),
                 Some(Value::String(text)) => plain(text),
-                Some(Value::Array(items)) => {
-                    let mut tokens = Vec::new();
-                    for item in items {
-                        match item {
-                            Value::String(text) => tokens.extend(plain(text)?),
-                            other => tokens.push(
-                                other
-                                    .as_i64()
-                                    .filter(|t| (0..i64::from(model.engine.model_info().n_vocab)).contains(t))
-                                    .ok_or_else(|| ApiError::invalid(name, format!("{other} is not a token of this model")))?
-                                    as TokenId,
-                            ),
-                        }
-                    }
-                    Ok(tokens)
-                }
+                Some(Value::Array(items)) => mixed_tokens(items, model, name, |text, _| plain(text)),
                 Some(_) => Err(ApiError::invalid(name, "must be text, or token ids and text")),
             }
         };
@@ -310,11 +295,6 @@ fn prompt_tokens(prompt: &Value, model: &Loaded) -> Result<Vec<TokenId>, ApiErro
     let bad = |reason: &str| ApiError::invalid("prompt", reason);
     let text =
         |t: &str, first: bool| model.engine.tokenize_with(t, TokenizeOptions { add_special: first, parse_special: true }).map_err(ApiError::from);
-    let n_vocab = model.engine.model_info().n_vocab;
-    let token = |v: &Value| match v.as_i64() {
-        Some(t) if (0..i64::from(n_vocab)).contains(&t) => Ok(t as TokenId),
-        _ => Err(bad(&format!("{v} is not a token of this model (0..{n_vocab})"))),
-    };
     match prompt {
         Value::String(t) => text(t, true),
         Value::Object(o) => {
@@ -327,18 +307,37 @@ fn prompt_tokens(prompt: &Value, model: &Loaded) -> Result<Vec<TokenId>, ApiErro
             }
         }
         // Token ids, perhaps mixed with text.
-        Value::Array(items) => {
-            let mut tokens = Vec::new();
-            for (i, item) in items.iter().enumerate() {
-                match item {
-                    Value::String(t) => tokens.extend(text(t, i == 0)?),
-                    other => tokens.push(token(other)?),
-                }
-            }
-            Ok(tokens)
-        }
+        Value::Array(items) => mixed_tokens(items, model, "prompt", |t, i| text(t, i == 0)),
         _ => Err(bad("must be text, token ids, a list mixing both, or a list of those")),
     }
+}
+
+/// A token id of this model, given as a JSON number; a 400 naming `field` otherwise.
+fn token_id(value: &Value, model: &Loaded, field: &'static str) -> Result<TokenId, ApiError> {
+    let n_vocab = model.engine.model_info().n_vocab;
+    value
+        .as_i64()
+        .filter(|t| (0..i64::from(n_vocab)).contains(t))
+        .map(|t| t as TokenId)
+        .ok_or_else(|| ApiError::invalid(field, format!("{value} is not a token of this model (0..{n_vocab})")))
+}
+
+/// Token ids mixed with text, in order (llama-server's mixed prompts); `text` tokenizes the text
+/// at position `i` of the list.
+fn mixed_tokens(
+    items: &[Value],
+    model: &Loaded,
+    field: &'static str,
+    text: impl Fn(&str, usize) -> Result<Vec<TokenId>, ApiError>,
+) -> Result<Vec<TokenId>, ApiError> {
+    let mut tokens = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            Value::String(t) => tokens.extend(text(t, i)?),
+            other => tokens.push(token_id(other, model, field)?),
+        }
+    }
+    Ok(tokens)
 }
 
 /// llama-server's `logit_bias` forms, as token ids and biases (text keys bias each of their tokens).
@@ -358,7 +357,6 @@ fn logit_bias(value: &Value, model: &Loaded) -> Result<Vec<(TokenId, f32)>, ApiE
     if pairs.len() > 1024 {
         return Err(bad("at most 1024 entries".into()));
     }
-    let n_vocab = model.engine.model_info().n_vocab;
     let mut out = Vec::new();
     for (key, bias) in pairs {
         let bias = match bias {
@@ -367,13 +365,10 @@ fn logit_bias(value: &Value, model: &Loaded) -> Result<Vec<(TokenId, f32)>, ApiE
             other => return Err(bad(format!("the bias {other} is not a number or false"))),
         };
         let tokens = match &key {
-            Value::Number(n) => {
-                vec![n.as_i64().filter(|t| (0..i64::from(n_vocab)).contains(t)).ok_or_else(|| bad(format!("{n} is not a token of this model")))?
-                    as TokenId]
-            }
+            Value::Number(_) => vec![token_id(&key, model, "logit_bias")?],
+            // A key that reads as a number is a token id, any other a text.
             Value::String(s) => match s.parse::<i64>() {
-                Ok(t) if (0..i64::from(n_vocab)).contains(&t) => vec![t as TokenId],
-                Ok(t) => return Err(bad(format!("{t} is not a token of this model"))),
+                Ok(t) => vec![token_id(&t.into(), model, "logit_bias")?],
                 Err(_) => model.engine.tokenize_with(s, TokenizeOptions { add_special: false, parse_special: false })?,
             },
             other => return Err(bad(format!("{other} is not a token id or a text"))),
