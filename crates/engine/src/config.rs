@@ -388,6 +388,12 @@ pub struct GenerateOptions {
     /// Record each drawn token's log-probability and those of its `n` likeliest alternatives
     /// (at most 20) in [`crate::outcome::Completion::logprobs`], as OpenAI's `logprobs` asks.
     pub logprobs: Option<usize>,
+    /// With `logprobs`: list what the sampler drew from instead of the model's distribution:
+    /// each token's probability after the chain's cuts and temperature, over the candidates it
+    /// left, and the likeliest of those (llama-server's `post_sampling_probs`). The values in
+    /// [`crate::TokenLogprobs`] are then the natural logarithms of those probabilities.
+    /// Backend `source` only (the others cannot see the chain's candidates).
+    pub post_sampling: bool,
     /// Special tokens written into the text as their text rather than left out: a chat format's
     /// tool-call markers, which its parser reads (set by a chat with tools).
     pub preserved_tokens: Vec<TokenId>,
@@ -408,6 +414,7 @@ impl Default for GenerateOptions {
             cancel: None,
             speculation: Speculation::Off,
             logprobs: None,
+            post_sampling: false,
             preserved_tokens: Vec::new(),
             ignore_eos: false,
             prompt_progress: false,

@@ -88,6 +88,27 @@ pub enum EngineError {
     Cancelled,
     #[error("backend {backend} does not support {what}")]
     Unsupported { what: &'static str, backend: &'static str },
+    /// A sequence's cache could not be written to or read from a state file (a server's slot
+    /// save and restore): the file is not a state of this model and context, holds more tokens
+    /// than the context, the cache has no room for it, or the file system failed.
+    #[error("could not {action} the slot state file {path}: {source}")]
+    SlotFile { action: SlotFileAction, path: PathBuf, source: Cause },
+}
+
+/// What was being done with a slot state file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotFileAction {
+    Save,
+    Restore,
+}
+
+impl std::fmt::Display for SlotFileAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SlotFileAction::Save => "save",
+            SlotFileAction::Restore => "restore",
+        })
+    }
 }
 
 impl EngineError {
@@ -99,6 +120,15 @@ impl EngineError {
     /// A load failure of `path`.
     pub(crate) fn load(path: &std::path::Path, source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> EngineError {
         EngineError::Load { path: path.to_path_buf(), source: cause(source) }
+    }
+
+    /// A slot state file failure.
+    pub(crate) fn slot_file(
+        action: SlotFileAction,
+        path: &std::path::Path,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> EngineError {
+        EngineError::SlotFile { action, path: path.to_path_buf(), source: cause(source) }
     }
 
     /// The decode failure's kind, if this is one.

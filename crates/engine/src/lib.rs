@@ -47,8 +47,8 @@ pub use config::{
     SessionConfig, Speculation,
 };
 pub use engine::{Engine, Generation, Session, TokenizeOptions, set_llama_log_level};
-pub use error::{Cause, DecodeFailure, EngineError, Result};
-pub use outcome::{Completion, FinishReason, GenerationStats};
+pub use error::{Cause, DecodeFailure, EngineError, Result, SlotFileAction};
+pub use outcome::{Completion, FinishReason, GenerationStats, SlotAction, SlotActionDone};
 pub use templates::ReplyParser;
 pub use token::{FimTokens, TokenId, TokenLogprobs};
 // One UTF-8 stream decoder for the whole workspace, from a crate of its own: the `crate`

@@ -103,6 +103,29 @@ pub struct SlotState {
     pub generated_tokens: usize,
 }
 
+/// What [`crate::serving::ServingCore::slot_action`] does to an idle slot's cache
+/// (llama-server's `POST /slots/{id}?action=`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotAction {
+    /// Writes the cache and its tokens to the file (llama.cpp's sequence state format).
+    Save(std::path::PathBuf),
+    /// Replaces the cache with a file's (written by `Save`, or by llama-server with the same
+    /// model and context settings).
+    Restore(std::path::PathBuf),
+    /// Empties the cache.
+    Erase,
+}
+
+/// What a slot action did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SlotActionDone {
+    /// Tokens saved, restored or erased.
+    pub tokens: usize,
+    /// Bytes of the file written or read (0 for an erase).
+    pub bytes: u64,
+    pub ms: f64,
+}
+
 /// Milliseconds, as the engine's statistics count them.
 pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

@@ -274,8 +274,6 @@ fn errors_have_openai_shapes_and_the_right_status() {
         let (status, body) = status_and_error(post(json!({ "messages": [{ "role": "user", "content": "hi" }], "n": n }).to_string()));
         assert_eq!(status, 400, "n = {n}: {body}");
     }
-    let (status, body) = status_and_error(post(json!({ "messages": [{ "role": "user", "content": "hi" }], "n": 2, "stream": true }).to_string()));
-    assert_eq!((status, body["error"]["param"].as_str().unwrap()), (400, "n"));
     assert_eq!(status_and_error(post(json!({ "messages": [] }).to_string())).0, 400);
     // One model served: it answers whatever the name (as llama-server; OpenAI clients send theirs).
     let r = post(json!({ "model": "gpt-9", "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 2 }).to_string());
@@ -600,6 +598,25 @@ fn choices_responses_and_continuations_agree_with_the_plain_chat() {
     assert_eq!(two["usage"]["prompt_tokens"], solo["usage"]["prompt_tokens"], "the prompt counts once");
     assert_eq!(two["usage"]["completion_tokens"].as_u64().unwrap(), 2 * solo["usage"]["completion_tokens"].as_u64().unwrap());
 
+    // Streamed, the two choices go side by side: each chunk names its choice, each choice has
+    // the role, the text and its end, and the usage over both and [DONE] come once, last.
+    let body =
+        json!({ "messages": messages, "max_tokens": 10, "temperature": 0, "n": 2, "stream": true, "stream_options": { "include_usage": true } });
+    let events = sse_events(http.post(server.url("/v1/chat/completions")).json(&body).send().unwrap());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]), "the usage chunk is last: {usage}");
+    assert_eq!(usage["usage"]["completion_tokens"], two["usage"]["completion_tokens"]);
+    for i in 0..2 {
+        let own: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"].get(0)).filter(|c| c["index"] == i).collect();
+        assert_eq!(own[0]["delta"]["role"], "assistant", "choice {i} starts with the role");
+        let text: String = own.iter().filter_map(|c| c["delta"]["content"].as_str()).collect();
+        assert_eq!(text, solo_text, "streamed choice {i}");
+        assert_eq!(own.iter().filter(|c| !c["finish_reason"].is_null()).count(), 1, "choice {i} ends once");
+    }
+
     let counted: Value =
         http.post(server.url("/v1/chat/completions/input_tokens")).json(&json!({ "messages": messages })).send().unwrap().json().unwrap();
     assert_eq!(counted["input_tokens"], solo["usage"]["prompt_tokens"]);
@@ -726,4 +743,106 @@ fn slots_show_what_runs_and_are_freed_when_the_client_leaves() {
     let r = client().get(server.url("/slots")).send().unwrap();
     assert_eq!(r.status(), 501);
     assert_eq!(r.json::<Value>().unwrap()["error"]["type"], "not_supported_error");
+}
+
+/// `POST /slots/{id}?action=` (with `--slot-save-path`): a slot's cache saved to a file, the slot
+/// erased, the file restored into the other slot, which then serves the same prompt from it (one
+/// token decoded, the same greedy text); file names that are paths, a missing file, a file that
+/// is no state, an unknown action and a slot that does not exist are 4xx naming what is wrong;
+/// without the folder, llama-server's 501.
+#[test]
+fn slots_save_restore_and_erase_their_caches_in_the_slot_folder_only() {
+    let _one_at_a_time = common::one_at_a_time();
+    let dir = std::env::temp_dir().join(format!("exsa-slot-files-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let server = Server::start(&["--parallel", "2", "--slots", "--slot-save-path", dir.to_str().unwrap()]);
+    let http = client();
+    let cached = || -> Vec<u64> {
+        let slots: Value = http.get(server.url("/slots")).send().unwrap().json().unwrap();
+        slots.as_array().unwrap().iter().map(|s| s["n_cached_tokens"].as_u64().unwrap()).collect()
+    };
+    let action = |slot: usize, action: &str, body: Value| {
+        let r = http.post(server.url(&format!("/slots/{slot}?action={action}"))).json(&body).send().unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    let complete = || -> Value {
+        let body = json!({ "prompt": "The capital of France is a city that", "n_predict": 12, "temperature": 0 });
+        http.post(server.url("/completion")).json(&body).send().unwrap().json().unwrap()
+    };
+    let first = complete();
+    let held = cached();
+    let slot = held.iter().position(|&n| n > 0).expect("a slot holds the request's cache");
+    let tokens = held[slot];
+    let decoded = first["timings"]["prompt_n"].as_u64().unwrap() + first["tokens_predicted"].as_u64().unwrap() - 1;
+    assert_eq!(tokens, decoded, "the prompt and the generated tokens but the last: {first}");
+
+    let (status, saved) = action(slot, "save", json!({ "filename": "france.bin" }));
+    assert_eq!(status, 200, "{saved}");
+    assert_eq!(
+        (saved["id_slot"].as_u64(), saved["filename"].as_str(), saved["n_saved"].as_u64()),
+        (Some(slot as u64), Some("france.bin"), Some(tokens))
+    );
+    let written = std::fs::metadata(dir.join("france.bin")).unwrap().len();
+    assert_eq!(saved["n_written"].as_u64(), Some(written));
+
+    let (status, erased) = action(slot, "erase", Value::Null);
+    assert_eq!((status, erased["n_erased"].as_u64()), (200, Some(tokens)), "{erased}");
+    assert_eq!(cached(), vec![0, 0]);
+
+    let other = 1 - slot;
+    let (status, restored) = action(other, "restore", json!({ "filename": "france.bin" }));
+    assert_eq!(status, 200, "{restored}");
+    assert_eq!((restored["n_restored"].as_u64(), restored["n_read"].as_u64()), (Some(tokens), Some(written)));
+    assert_eq!(cached()[other], tokens);
+    let again = complete();
+    assert_eq!(again["content"], first["content"]);
+    assert_eq!(again["timings"]["prompt_n"], 1, "the restored cache serves the prompt: {again}");
+    assert_eq!(cached()[other], tokens, "the request ran in the slot holding the restored cache");
+
+    std::fs::write(dir.join("junk.bin"), b"not a state file").unwrap();
+    for (slot, act, body, status, param) in [
+        (0, "save", json!({ "filename": "../escape.bin" }), 400, "filename"),
+        (0, "save", json!({ "filename": "/tmp/escape.bin" }), 400, "filename"),
+        (0, "save", json!({}), 400, "filename"),
+        (0, "restore", json!({ "filename": "missing.bin" }), 404, "filename"),
+        (0, "restore", json!({ "filename": "junk.bin" }), 400, "filename"),
+        (0, "compact", json!({}), 400, "action"),
+        (7, "erase", json!({}), 400, "id_slot"),
+    ] {
+        let (got, body) = action(slot, act, body);
+        assert_eq!((got, body["error"]["param"].as_str()), (status, Some(param)), "{act}: {body}");
+    }
+    assert!(!dir.parent().unwrap().join("escape.bin").exists());
+    assert_eq!(complete()["content"], first["content"], "a failed restore leaves the server serving");
+
+    let server = Server::start(&["--parallel", "2"]);
+    let r = client().post(server.url("/slots/0?action=erase")).send().unwrap();
+    assert_eq!(r.status(), 501);
+    assert_eq!(r.json::<Value>().unwrap()["error"]["type"], "not_supported_error");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Several `--host` addresses serve the same routes on one port (IPv6 loopback where the machine
+/// has it); `--model-id` with several names lists the first in sort order as the id and all as
+/// aliases, with `--tags`, as llama-server lists them.
+#[test]
+fn several_addresses_and_names_of_one_model() {
+    let _one_at_a_time = common::one_at_a_time();
+    let ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    let hosts = if ipv6 { "127.0.0.1,::1" } else { "127.0.0.1" };
+    let server = Server::start(&["--host", hosts, "--model-id", "tiny,code,fim", "--tags", "chat,small"]);
+    let models: Value = client().get(server.url("/v1/models")).send().unwrap().json().unwrap();
+    let model = &models["data"][0];
+    assert_eq!((model["id"].as_str(), &model["aliases"], &model["tags"]), (Some("code"), &json!(["code", "fim", "tiny"]), &json!(["chat", "small"])));
+    if ipv6 {
+        let port = server.base.rsplit(':').next().unwrap();
+        let health = client().get(format!("http://[::1]:{port}/health")).send().unwrap();
+        assert_eq!(health.status(), 200);
+        let body = json!({ "prompt": "Once upon a time", "n_predict": 4, "temperature": 0 });
+        let there: Value = client().post(format!("http://[::1]:{port}/completion")).json(&body).send().unwrap().json().unwrap();
+        let here: Value = client().post(server.url("/completion")).json(&body).send().unwrap().json().unwrap();
+        assert_eq!(there["content"], here["content"]);
+    } else {
+        eprintln!("no IPv6 loopback here: the second address is not tested");
+    }
 }

@@ -81,7 +81,7 @@ pub use gguf::{GgufSummary, check as check_gguf};
 pub use lora::LoraAdapter;
 pub use model::{Model, ModelParams, SplitMode};
 pub use quantize::{QuantType, quantize};
-pub use sampler::{GrammarTriggers, Sampler, SamplerChain};
+pub use sampler::{GrammarTriggers, SampledFrom, Sampler, SamplerChain};
 pub use system::{Capabilities, Device, DeviceKind, capabilities, devices, system_info};
 pub use token::Token;
 pub use vocab::{DetokenizeOptions, FimToken, TokenizeOptions, Vocab};

@@ -328,6 +328,34 @@ fn preselect_row(logits: &[f32], k: usize, out: &mut Vec<sys::llama_token_data>)
     if out.is_empty() { Err(SamplerError::NothingSelected { candidates: 0 }) } else { Ok(()) }
 }
 
+/// A token drawn by [`Sampler::sample_listing`] and what the chain drew it from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampledFrom {
+    /// The token drawn (and accepted into the chain).
+    pub token: Token,
+    /// The chain's probability for `token`.
+    pub p: f32,
+    /// The likeliest candidates the chain left and their probabilities, likeliest first (ties:
+    /// the lower token id first); none of probability 0.
+    pub top: Vec<(Token, f32)>,
+}
+
+impl SampledFrom {
+    /// From the candidates a chain left (their logits as its stages left them): probabilities
+    /// by softmax over those.
+    fn of(token: Token, left: &[sys::llama_token_data], n: usize) -> SampledFrom {
+        let max = left.iter().map(|c| c.logit).fold(f32::NEG_INFINITY, f32::max);
+        let weight = |logit: f32| if max.is_finite() { (logit - max).exp() } else { 0.0 };
+        let sum: f32 = left.iter().map(|c| weight(c.logit)).sum();
+        let p = |logit: f32| if sum > 0.0 { weight(logit) / sum } else { 0.0 };
+        let mut top: Vec<(Token, f32)> = left.iter().map(|c| (Token(c.id), p(c.logit))).filter(|&(_, p)| p > 0.0).collect();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.0.cmp(&b.0.0)));
+        let p_token = top.iter().find(|(t, _)| *t == token).map_or(0.0, |&(_, p)| p);
+        top.truncate(n);
+        SampledFrom { token, p: p_token, top }
+    }
+}
+
 /// Every token of a logits row as a candidate, in token order (what `llama_sampler_sample`
 /// hands a chain).
 fn whole_row(logits: &[f32], out: &mut Vec<sys::llama_token_data>) {
@@ -580,26 +608,69 @@ impl Sampler<'_> {
     /// Samples a token from the logits of batch entry `index` of the context's last decode,
     /// and accepts it into the chain's state (penalties, grammar, mirostat).
     pub fn sample(&mut self, ctx: &Context<'_>, index: i32) -> Result<Token, SamplerError> {
+        self.check_output(ctx, index)?;
+        if self.constraint.is_some() || self.preselect.is_some() {
+            return self.draw_own(ctx, index).map(|(token, _)| token);
+        }
+        let mut token = 0;
+        let chain = self.raw.as_ptr();
+        // SAFETY: index is an output of the context's last decode, so llama.cpp has logits for
+        // it (it aborts otherwise); the chain and context are alive. Context is not Sync, so
+        // nothing else uses it meanwhile. A grammar's accept throws when the selected token
+        // breaks it: the guard turns that into an error.
+        self.guarded("llama_sampler_sample", |err| unsafe { sys::exsa_sampler_sample(chain, ctx.as_ptr(), index, &mut token, err) })?;
+        Ok(Token(token))
+    }
+
+    /// [`Sampler::sample`], also saying what the chain drew from: its probability for the token
+    /// drawn, and the `n` likeliest candidates it left with theirs, likeliest first. These are
+    /// the probabilities after the chain's cuts and temperature, over the candidates it left
+    /// (llama-server's `post_sampling_probs`): a greedy chain leaves one, certain; a candidate a
+    /// grammar or bias ruled out (probability 0) is not listed. The chain runs on this sampler's
+    /// own candidate array (as with preselection), which holds every token of the row unless
+    /// preselection cuts it: the same token is drawn as by `sample`.
+    pub fn sample_listing(&mut self, ctx: &Context<'_>, index: i32, n: usize) -> Result<SampledFrom, SamplerError> {
+        self.check_output(ctx, index)?;
+        let (token, left) = self.draw_own(ctx, index)?;
+        Ok(SampledFrom::of(token, &self.candidates[..left], n))
+    }
+
+    /// A context of this sampler's model whose last decode has an output at `index`.
+    fn check_output(&self, ctx: &Context<'_>, index: i32) -> Result<(), SamplerError> {
         if !std::ptr::eq(ctx.model(), self.model) {
             return Err(SamplerError::WrongModel);
         }
         if !ctx.outputs().contains(&index) {
             return Err(OutputError::NotAnOutput { index, outputs: ctx.outputs().to_vec() }.into());
         }
+        Ok(())
+    }
+
+    /// Draws and accepts a token with the chain running on `self.candidates` (the top `k` of
+    /// the row when preselecting: the chain's top-k stage finds the array sorted and already `k`
+    /// long and leaves it be; else the whole row, as `llama_sampler_sample` hands it a chain).
+    /// Returns the token and how many candidates the chain left.
+    fn draw_own(&mut self, ctx: &Context<'_>, index: i32) -> Result<(Token, usize), SamplerError> {
         if let Some(constraint) = self.constraint {
             return self.sample_constrained(ctx, index, constraint);
         }
+        let sorted = self.fill_candidates(ctx.logits(index)?)?;
+        let (token, left) = self.select(sorted, None)?;
+        self.accept_into(self.raw, token)?;
+        Ok((Token(token), left))
+    }
+
+    /// The chain's candidates from a logits row: the top k (sorted: true) when preselecting,
+    /// else every token.
+    fn fill_candidates(&mut self, logits: &[f32]) -> Result<bool, SamplerError> {
         match self.preselect {
-            Some(k) => self.sample_preselected(ctx, index, k),
+            Some(k) => {
+                preselect_row(logits, k, &mut self.candidates)?;
+                Ok(true)
+            }
             None => {
-                let mut token = 0;
-                let chain = self.raw.as_ptr();
-                // SAFETY: index is an output of the context's last decode, so llama.cpp has
-                // logits for it (it aborts otherwise); the chain and context are alive. Context
-                // is not Sync, so nothing else uses it meanwhile. A grammar's accept throws when
-                // the selected token breaks it: the guard turns that into an error.
-                self.guarded("llama_sampler_sample", |err| unsafe { sys::exsa_sampler_sample(chain, ctx.as_ptr(), index, &mut token, err) })?;
-                Ok(Token(token))
+                whole_row(logits, &mut self.candidates);
+                Ok(false)
             }
         }
     }
@@ -611,32 +682,14 @@ impl Sampler<'_> {
         self.sample(ctx, last)
     }
 
-    /// `llama_sampler_sample` with the candidate array cut to the top `k` before the chain sees
-    /// it. The chain then runs whole: its top-k stage finds the array sorted and already `k`
-    /// long and leaves it be.
-    fn sample_preselected(&mut self, ctx: &Context<'_>, index: i32, k: usize) -> Result<Token, SamplerError> {
-        preselect_row(ctx.logits(index)?, k, &mut self.candidates)?;
-        let token = self.select(true, None)?;
-        self.accept_into(self.raw, token)?;
-        Ok(Token(token))
-    }
-
     /// Samples with the [`SamplerChain::constrain`] grammar: the chain's own choice if the
     /// grammar takes it, else the chain's choice among the tokens the grammar allows.
-    fn sample_constrained(&mut self, ctx: &Context<'_>, index: i32, constraint: NonNull<sys::llama_sampler>) -> Result<Token, SamplerError> {
+    /// Also returns how many candidates the chain left (see [`Sampler::select`]).
+    fn sample_constrained(&mut self, ctx: &Context<'_>, index: i32, constraint: NonNull<sys::llama_sampler>) -> Result<(Token, usize), SamplerError> {
         let logits = ctx.logits(index)?;
-        let sorted = match self.preselect {
-            Some(k) => {
-                preselect_row(logits, k, &mut self.candidates)?;
-                true
-            }
-            None => {
-                whole_row(logits, &mut self.candidates);
-                false
-            }
-        };
+        let sorted = self.fill_candidates(logits)?;
         let first = self.select(sorted, None)?;
-        let token = if self.grammars_accept(first)? {
+        let (token, left) = if self.grammars_accept(first.0)? {
             first
         } else {
             whole_row(logits, &mut self.candidates);
@@ -644,13 +697,15 @@ impl Sampler<'_> {
         };
         self.accept_into(constraint, token)?;
         self.accept_into(self.raw, token)?;
-        Ok(Token(token))
+        Ok((Token(token), left))
     }
 
     /// Runs `mask` (a grammar), then the chain, over `self.candidates` without accepting
     /// anything, and returns the selected token. A token ruled out (-inf) is an error: accepting
     /// it would break a grammar.
-    fn select(&mut self, sorted: bool, mask: Option<NonNull<sys::llama_sampler>>) -> Result<i32, SamplerError> {
+    /// Also returns how many candidates the chain left: the first that many of
+    /// `self.candidates`.
+    fn select(&mut self, sorted: bool, mask: Option<NonNull<sys::llama_sampler>>) -> Result<(i32, usize), SamplerError> {
         if self.poisoned {
             return Err(SamplerError::Poisoned);
         }
@@ -668,7 +723,7 @@ impl Sampler<'_> {
         if chosen.logit == f32::NEG_INFINITY {
             return Err(SamplerError::AllRuledOut { candidates: array.size });
         }
-        Ok(chosen.id)
+        Ok((chosen.id, array.size.min(self.candidates.len())))
     }
 
     /// Accepts a token the chain or a grammar check has let through into `target` (the chain

@@ -338,6 +338,50 @@ fn preselected_candidates_sample_the_same_tokens_as_llama_cpps_full_array() {
     }
 }
 
+/// `sample_listing` draws the tokens `sample` draws (same chain, same seed, every step, with and
+/// without preselection) and lists what the chain left: probabilities after its cuts and
+/// temperature, summing to 1 over all it left (so at most 1 over the listed ones), likeliest
+/// first, none 0, the drawn token's among them when it is likely enough; a top-k of 5 leaves at
+/// most 5, a greedy chain one, certain.
+#[test]
+fn a_listing_sample_draws_the_same_tokens_and_lists_what_the_chain_left() {
+    type ChainFor = fn(u32) -> SamplerChain;
+    let chains: [(&str, ChainFor, usize); 4] = [
+        ("common", |seed| SamplerChain::new().top_k(40).top_p(0.95, 1).min_p(0.05, 1).temp(1.0).dist(seed), 40),
+        ("whole row", |seed| SamplerChain::new().top_k(40).top_p(0.95, 1).temp(1.0).dist(seed).preselect(false), 40),
+        ("top 5", |seed| SamplerChain::new().top_k(5).temp(2.0).dist(seed), 5),
+        ("greedy", |_| SamplerChain::new().greedy(), 1),
+    ];
+    let mut ctx = context();
+    let vocab = model().vocab();
+    for (name, chain, most) in chains {
+        let (mut plain, mut listing) = (chain(5).build(model()).unwrap(), chain(5).build(model()).unwrap());
+        ctx.clear_memory(true);
+        let tokens = vocab.tokenize("Today was the day. Today I would finally become a", TokenizeOptions::default()).unwrap();
+        let mut batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
+        for pos in (tokens.len() as i32..).take(16) {
+            ctx.decode(&batch).unwrap();
+            let last = batch.len() as i32 - 1;
+            let listed = listing.sample_listing(&ctx, last, 10).unwrap();
+            assert_eq!(listed.token, plain.sample(&ctx, last).unwrap(), "{name} at {pos}");
+            let ps: Vec<f32> = listed.top.iter().map(|&(_, p)| p).collect();
+            assert!(!ps.is_empty() && ps.len() <= 10.min(most), "{name} at {pos}: {ps:?}");
+            assert!(ps.windows(2).all(|w| w[0] >= w[1]) && ps.iter().all(|&p| p > 0.0 && p <= 1.0), "{name} at {pos}: {ps:?}");
+            let sum: f32 = ps.iter().sum();
+            assert!(sum <= 1.0 + 1e-4, "{name} at {pos}: {sum}");
+            assert!(listed.p > 0.0 && listed.p <= 1.0, "{name} at {pos}: the drawn token's probability {}", listed.p);
+            if listed.p >= ps[ps.len() - 1] {
+                assert!(listed.top.iter().any(|&(t, p)| t == listed.token && p == listed.p), "{name} at {pos}: {listed:?}");
+            }
+            if most == 1 {
+                assert_eq!(listed.top, vec![(listed.token, 1.0)], "{name}");
+            }
+            batch.clear();
+            batch.add_output(listed.token, pos, 0).unwrap();
+        }
+    }
+}
+
 #[test]
 fn a_preselected_chain_draws_from_the_top_k() {
     let mut ctx = context();

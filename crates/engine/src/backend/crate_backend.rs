@@ -19,7 +19,7 @@ use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
 use crate::config::{Placement, SamplerStage, SamplingParams, SessionConfig};
-use crate::error::{DecodeFailure, EngineError, cause};
+use crate::error::{DecodeFailure, EngineError, SlotFileAction, cause};
 
 /// llama-cpp-2 refuses a second `LlamaBackend::init`, so the one instance lives here.
 fn backend() -> &'static LlamaBackend {
@@ -289,6 +289,10 @@ impl BackendSession for CrateSession<'_> {
         Ok(sampler.sample(&self.ctx, index).0)
     }
 
+    fn sample_listing(&mut self, _: &mut Self::Sampler, _: i32, _: usize) -> Result<crate::TokenLogprobs, EngineError> {
+        Err(EngineError::Unsupported { what: "post_sampling_probs (the sampler chain's candidates are not visible here)", backend: "crate" })
+    }
+
     fn logits_at(&self, index: i32) -> Result<&[f32], EngineError> {
         self.check_output(index)?;
         Ok(self.ctx.get_logits_ith(index))
@@ -311,6 +315,26 @@ impl BackendSession for CrateSession<'_> {
             return false;
         }
         self.ctx.copy_kv_cache_seq(src, dst, None, None).is_ok()
+    }
+
+    fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[TokenId]) -> Result<u64, EngineError> {
+        let fail = |e: &dyn std::fmt::Display| EngineError::slot_file(SlotFileAction::Save, path, e.to_string());
+        if !(0..self.n_seq).contains(&seq) {
+            return Err(fail(&format!("no sequence {seq} in a context of {}", self.n_seq)));
+        }
+        let tokens: Vec<LlamaToken> = tokens.iter().map(|&t| LlamaToken::new(t)).collect();
+        self.ctx.state_seq_save_file(path, seq, &tokens).map_err(|e| fail(&e))?;
+        Ok(super::file_len(path))
+    }
+
+    fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<TokenId>, EngineError> {
+        let fail = |e: &dyn std::fmt::Display| EngineError::slot_file(SlotFileAction::Restore, path, e.to_string());
+        if !(0..self.n_seq).contains(&seq) {
+            return Err(fail(&format!("no sequence {seq} in a context of {}", self.n_seq)));
+        }
+        self.outputs.clear();
+        let (tokens, _) = self.ctx.state_seq_load_file(path, seq, max_tokens).map_err(|e| fail(&e))?;
+        Ok(tokens.into_iter().map(|t| t.0).collect())
     }
 }
 

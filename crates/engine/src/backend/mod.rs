@@ -176,6 +176,12 @@ pub trait BackendSession {
     /// Samples with `sampler` from the output at batch `index` of the last decode, and accepts
     /// the token into that sampler.
     fn sample_with(&mut self, sampler: &mut Self::Sampler, index: i32) -> Result<TokenId, EngineError>;
+    /// [`BackendSession::sample_with`], also listing what the sampler drew from: the drawn
+    /// token's probability after the chain's cuts and temperature, and the `n` likeliest
+    /// candidates the chain left, as natural logarithms (see
+    /// [`crate::GenerateOptions::post_sampling`]). [`EngineError::Unsupported`] where the
+    /// binding cannot see the chain's candidates.
+    fn sample_listing(&mut self, sampler: &mut Self::Sampler, index: i32, n: usize) -> Result<crate::TokenLogprobs, EngineError>;
     /// The logits at batch `index` of the last decode.
     fn logits_at(&self, index: i32) -> Result<&[f32], EngineError>;
     /// Drops positions `from..` of sequence `seq`; false if the memory cannot (recurrent state).
@@ -185,4 +191,19 @@ pub trait BackendSession {
     /// Makes empty sequence `dst` hold all that sequence `src` holds (in a unified KV cache the
     /// cells are shared, not duplicated); false where the backend cannot.
     fn seq_copy(&mut self, src: i32, dst: i32) -> bool;
+    /// Writes sequence `seq`'s cache and the `tokens` it holds to `path`, in llama.cpp's sequence
+    /// state format (the one `llama_state_seq_save_file` writes, which llama-server's slot files
+    /// also use); returns the bytes written.
+    fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[TokenId]) -> Result<u64, EngineError>;
+    /// Loads a sequence state file into empty sequence `seq`; returns the tokens it holds (a file
+    /// of more than `max_tokens` is refused). On failure the sequence may hold part of the file:
+    /// the caller empties it.
+    fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<TokenId>, EngineError>;
+}
+
+/// The size of a file just written or read, for the slot state calls whose binding does not
+/// report it.
+#[cfg(any(feature = "source", feature = "crate"))]
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }

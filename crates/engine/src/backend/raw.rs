@@ -15,7 +15,7 @@ use llama_sys as sys;
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
 use crate::config::{Placement, SamplerStage, SamplingParams, SessionConfig};
-use crate::error::{DecodeFailure, EngineError, cause};
+use crate::error::{DecodeFailure, EngineError, SlotFileAction, cause};
 
 #[derive(Debug)]
 pub struct RawBackend;
@@ -531,6 +531,10 @@ impl BackendSession for RawSession<'_> {
         Ok(token)
     }
 
+    fn sample_listing(&mut self, _: &mut Self::Sampler, _: i32, _: usize) -> Result<crate::TokenLogprobs, EngineError> {
+        Err(EngineError::Unsupported { what: "post_sampling_probs (the sampler chain's candidates are not visible here)", backend: "raw" })
+    }
+
     fn logits_at(&self, index: i32) -> Result<&[f32], EngineError> {
         // SAFETY: llama_get_logits_ith checks the index and returns null for one without
         // logits (release builds); a row is n_vocab floats, valid until the next decode.
@@ -562,6 +566,45 @@ impl BackendSession for RawSession<'_> {
         // copied between any two streams.
         unsafe { sys::llama_memory_seq_cp(sys::llama_get_memory(self.ctx.as_ptr()), src, dst, -1, -1) };
         true
+    }
+
+    fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[TokenId]) -> Result<u64, EngineError> {
+        let fail = |reason: String| EngineError::slot_file(SlotFileAction::Save, path, reason);
+        if !(0..self.n_seq).contains(&seq) {
+            return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq)));
+        }
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| fail("the path contains a NUL byte".into()))?;
+        // SAFETY: live context; the id is below its n_seq_max (checked: llama.cpp asserts it);
+        // the path is NUL-terminated; `tokens` is readable for its length (TokenId is
+        // llama_token). llama_state_seq_save_file catches its own exceptions (returns 0).
+        let written = unsafe { sys::llama_state_seq_save_file(self.ctx.as_ptr(), c_path.as_ptr(), seq, tokens.as_ptr(), tokens.len()) };
+        if written == 0 {
+            return Err(fail("llama.cpp could not write it".into()));
+        }
+        Ok(written as u64)
+    }
+
+    fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<TokenId>, EngineError> {
+        let fail = |reason: String| EngineError::slot_file(SlotFileAction::Restore, path, reason);
+        if !(0..self.n_seq).contains(&seq) {
+            return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq)));
+        }
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| fail("the path contains a NUL byte".into()))?;
+        self.has_logits = false;
+        let mut tokens: Vec<TokenId> = vec![0; max_tokens];
+        let (mut n, mut read) = (0usize, 0usize);
+        guarded("llama_state_seq_load_file", |err| {
+            // SAFETY: live context, checked id, NUL-terminated path; `tokens` has `max_tokens`
+            // writable slots and llama.cpp writes at most that many (it refuses a file of more);
+            // `n`, `read` and `err` are live out-parameters; the shim catches C++ exceptions.
+            unsafe { sys::exsa_state_seq_load_file(self.ctx.as_ptr(), c_path.as_ptr(), seq, tokens.as_mut_ptr(), max_tokens, &mut n, &mut read, err) }
+        })
+        .map_err(|e| fail(e.to_string()))?;
+        if read == 0 {
+            return Err(fail("not a state file of this model and context, or the KV cache has no room for it".into()));
+        }
+        tokens.truncate(n.min(max_tokens));
+        Ok(tokens)
     }
 }
 

@@ -11,7 +11,7 @@ use llama::{
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
 use crate::config::{GrammarStart, Placement, SamplerStage, SamplingParams, SessionConfig};
-use crate::error::{DecodeFailure, EngineError, cause};
+use crate::error::{DecodeFailure, EngineError, SlotFileAction, cause};
 
 #[derive(Debug)]
 pub struct SourceBackend;
@@ -274,6 +274,11 @@ impl<'m> BackendSession for SourceSession<'m> {
         sampler.sample(&self.ctx, index).map(|t| t.0).map_err(|e| EngineError::Sampler(cause(e)))
     }
 
+    fn sample_listing(&mut self, sampler: &mut Sampler<'m>, index: i32, n: usize) -> Result<crate::TokenLogprobs, EngineError> {
+        let drawn = sampler.sample_listing(&self.ctx, index, n).map_err(|e| EngineError::Sampler(cause(e)))?;
+        Ok(crate::TokenLogprobs { token: drawn.token.0, logprob: drawn.p.ln(), top: drawn.top.into_iter().map(|(t, p)| (t.0, p.ln())).collect() })
+    }
+
     fn logits_at(&self, index: i32) -> Result<&[f32], EngineError> {
         self.ctx.logits(index).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
     }
@@ -288,6 +293,18 @@ impl<'m> BackendSession for SourceSession<'m> {
 
     fn seq_copy(&mut self, src: i32, dst: i32) -> bool {
         self.ctx.copy_range(src, dst, -1, -1).is_ok()
+    }
+
+    fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[TokenId]) -> Result<u64, EngineError> {
+        let tokens: Vec<Token> = tokens.iter().map(|&t| Token(t)).collect();
+        self.ctx.save_sequence_state_file(seq, path, &tokens).map_err(|e| EngineError::slot_file(SlotFileAction::Save, path, e))?;
+        Ok(super::file_len(path))
+    }
+
+    fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<TokenId>, EngineError> {
+        let tokens =
+            self.ctx.load_sequence_state_file(seq, path, max_tokens).map_err(|e| EngineError::slot_file(SlotFileAction::Restore, path, e))?;
+        Ok(tokens.into_iter().map(|t| t.0).collect())
     }
 }
 

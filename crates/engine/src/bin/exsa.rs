@@ -171,9 +171,10 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to bind. 127.0.0.1 keeps the server to this machine; anything else exposes it.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: std::net::IpAddr,
+    /// Addresses to bind (comma-separated, e.g. 127.0.0.1,::1: each serves the same routes on
+    /// --port). 127.0.0.1 keeps the server to this machine; anything else exposes it.
+    #[arg(long, default_value = "127.0.0.1", value_delimiter = ',')]
+    host: Vec<std::net::IpAddr>,
     /// Port (0: any free one; the chosen address is printed).
     #[arg(long, default_value_t = 8080)]
     port: u16,
@@ -193,8 +194,13 @@ struct ServeArgs {
     #[arg(long, default_value_t = 512)]
     batch: u32,
     /// The id of --model in the API (default: the GGUF's file name without extension).
-    #[arg(long)]
-    model_id: Option<String>,
+    /// Several, comma-separated, are names requests may use for it (llama-server's --alias):
+    /// the first in sort order is its id, as llama-server lists it.
+    #[arg(long, value_delimiter = ',')]
+    model_id: Vec<String>,
+    /// Labels /v1/models lists with --model (comma-separated; llama-server's --tags).
+    #[arg(long, value_delimiter = ',')]
+    tags: Vec<String>,
     /// Also serve every .gguf file in DIR (id: the file name without .gguf), each loaded on
     /// its first request. Without --model, only these are served.
     #[arg(long, value_name = "DIR")]
@@ -246,6 +252,11 @@ struct ServeArgs {
     /// List the slots' states at GET /slots (llama-server's --slots).
     #[arg(long)]
     slots: bool,
+    /// Folder of slot state files: POST /slots/{id}?action=save|restore|erase saves a slot's KV
+    /// cache to a file there, restores one into a slot, or empties a slot (created if missing;
+    /// requests name files in it, never paths).
+    #[arg(long, value_name = "DIR")]
+    slot_save_path: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -448,8 +459,11 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
     // --model (or the default model) unless only a directory was given.
     if common.model.is_some() || args.models_dir.is_none() {
         let path = common.model.clone().unwrap_or_else(exsa_engine::default_model_path);
-        let id = args.model_id.clone().unwrap_or_else(|| path.file_stem().map_or("default".into(), |s| s.to_string_lossy().into_owned()));
-        sources.push(ModelSource { id, path, pinned: true });
+        let mut aliases = args.model_id.clone();
+        aliases.sort();
+        aliases.dedup();
+        let id = aliases.first().cloned().unwrap_or_else(|| path.file_stem().map_or("default".into(), |s| s.to_string_lossy().into_owned()));
+        sources.push(ModelSource { aliases, tags: args.tags.clone(), ..ModelSource::new(id, path, true) });
     }
     if let Some(dir) = &args.models_dir {
         let found = ModelSource::scan(dir).map_err(|e| format!("--models-dir {}: {e}", dir.display()))?;
@@ -476,8 +490,11 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         SpeculativeKind::Draft => return Err("exsa serve drafts by prompt lookup only: use --speculative ngram or off".into()),
     };
     GenerateOptions { speculation, ..GenerateOptions::default() }.validate()?;
+    if let Some(dir) = &args.slot_save_path {
+        std::fs::create_dir_all(dir).map_err(|e| format!("--slot-save-path {}: {e}", dir.display()))?;
+    }
     let config = ServerConfig {
-        addr: (args.host, args.port).into(),
+        addrs: args.host.iter().map(|&host| (host, args.port).into()).collect(),
         api_key: args.api_key,
         max_body_bytes: args.max_body,
         speculation,
@@ -486,11 +503,14 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         max_tokens: args.n_predict,
         verbose: args.verbose,
         slots_endpoint: args.slots,
+        slot_save_path: args.slot_save_path,
     };
     http::run(sources, policy, config, |addr| {
-        // One line on stdout with the address, for scripts (and tests) that ask for port 0.
-        println!("listening on http://{addr}");
-        let _ = std::io::stdout().flush();
+        // One line on stdout per address, for scripts (and tests) that ask for port 0. A reader
+        // that took the first and went away is no reason to stop.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on http://{addr}");
+        let _ = out.flush();
     })?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::error::{DecodeFailure, EngineError};
+use crate::error::{DecodeFailure, EngineError, SlotFileAction};
 use crate::serving::SubmitError;
 
 #[derive(Debug)]
@@ -87,6 +87,9 @@ impl From<EngineError> for ApiError {
             EngineError::Cancelled => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string()).with_code("cancelled"),
             // The model's layers on another host are gone; the server reloads the model.
             EngineError::Rpc(_) => ApiError::new(StatusCode::BAD_GATEWAY, "server_error", e.to_string()).with_code("rpc_server_lost"),
+            // A file that is not a state of this model and context (or no room for it) is the
+            // request's fault; a file that could not be written is the server's.
+            EngineError::SlotFile { action: SlotFileAction::Restore, .. } => ApiError::invalid("filename", &e),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()),
         }
     }

@@ -43,8 +43,16 @@ pub(super) async fn not_found(request: Request) -> ApiError {
 pub(super) async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let data: Vec<ModelEntry> = state
         .models
-        .ids()
-        .map(|id| ModelEntry { id: id.to_string(), object: "model", created: 0, owned_by: "exsa", loaded: state.models.is_loaded(id) })
+        .sources()
+        .map(|s| ModelEntry {
+            id: s.id.clone(),
+            object: "model",
+            created: 0,
+            owned_by: "exsa",
+            loaded: state.models.is_loaded(&s.id),
+            aliases: s.aliases.clone(),
+            tags: s.tags.clone(),
+        })
         .collect();
     Json(json!({ "object": "list", "data": data }))
 }

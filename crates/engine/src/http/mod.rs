@@ -24,6 +24,7 @@ mod openai;
 mod props;
 mod responses;
 mod routes;
+mod slots;
 mod stream;
 
 use std::net::SocketAddr;
@@ -37,8 +38,9 @@ pub use models::{ModelPolicy, ModelSource};
 /// How the HTTP server runs.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// Where to listen (default 127.0.0.1:8080; port 0 picks a free one).
-    pub addr: SocketAddr,
+    /// Where to listen (default 127.0.0.1:8080; port 0 picks a free one, the same for every
+    /// address): one or more addresses, each serving the same routes.
+    pub addrs: Vec<SocketAddr>,
     /// When set, every route but /health needs `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
     /// Largest request body accepted (413 beyond).
@@ -58,12 +60,15 @@ pub struct ServerConfig {
     pub verbose: bool,
     /// `GET /slots` lists the slots (llama-server's `--slots`); 501 otherwise.
     pub slots_endpoint: bool,
+    /// The folder of slot state files: `POST /slots/{id}?action=save|restore|erase` works with
+    /// it (files in it only), answers 501 without (llama-server's `--slot-save-path`).
+    pub slot_save_path: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            addrs: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
             api_key: None,
             max_body_bytes: 1 << 20,
             speculation: crate::Speculation::Off,
@@ -72,6 +77,7 @@ impl Default for ServerConfig {
             max_tokens: None,
             verbose: false,
             slots_endpoint: false,
+            slot_save_path: None,
         }
     }
 }
@@ -88,20 +94,19 @@ pub(crate) struct AppState {
 
 /// Runs the server until SIGTERM or Ctrl-C, then drains: no new connections, every accepted
 /// request ends (complete or with an error), the decode loops stop. The socket listens at
-/// once (`on_listening` gets the bound address, port 0 resolved) and `/health` answers 503
+/// once (`on_listening` gets each bound address, port 0 resolved) and `/health` answers 503
 /// until the pinned models have loaded; if one cannot be loaded, the server stops and the
 /// error is returned.
-pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig, on_listening: impl FnOnce(SocketAddr)) -> std::io::Result<()> {
+pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig, on_listening: impl FnMut(SocketAddr)) -> std::io::Result<()> {
     if sources.is_empty() {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no model to serve (give --model or a --models-dir with .gguf files)"));
     }
+    if config.addrs.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on"));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).thread_name("exsa-http").build()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.addr).await?;
-        let addr = listener.local_addr()?;
-        if !addr.ip().is_loopback() {
-            tracing::warn!("listening on {addr}, reachable from other machines{}", if config.api_key.is_none() { " without an API key" } else { "" });
-        }
+        let listeners = listen(&config, on_listening).await?;
         let keep_alive = policy.keep_alive;
         let state = Arc::new(AppState {
             models: models::Models::new(sources, policy),
@@ -111,7 +116,6 @@ pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig,
             fingerprint: format!("b{}-exsa-{}", crate::Engine::build_info()["build_number"], env!("CARGO_PKG_VERSION")),
         });
         let app = routes::router(Arc::clone(&state));
-        on_listening(addr);
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
         let loader = Arc::clone(&state);
         tokio::spawn(async move {
@@ -141,7 +145,24 @@ pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig,
                 }
             }
         };
-        axum::serve(listener, app).with_graceful_shutdown(stop).await?;
+        // Every address serves until the stop; then each stops taking connections and finishes
+        // the ones it has.
+        let (stopping, stopped) = tokio::sync::watch::channel(false);
+        let servers: Vec<_> = listeners
+            .into_iter()
+            .map(|listener| {
+                let mut stopped = stopped.clone();
+                let serve = axum::serve(listener, app.clone()).with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(|&s| s).await;
+                });
+                tokio::spawn(async move { serve.await })
+            })
+            .collect();
+        stop.await;
+        let _ = stopping.send(true);
+        for server in servers {
+            server.await.map_err(std::io::Error::other)??;
+        }
         reaping.abort();
         tracing::info!("no more connections; waiting for the decode loops to end");
         // The last responses may still hold the state for a moment; then dropping it stops every
@@ -164,6 +185,32 @@ pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig,
             None => Ok(()),
         }
     })
+}
+
+/// Binds every address of `config`, a port 0 resolved once and used for the others too (as
+/// llama-server binds one port on each of its hosts); `on_listening` gets each bound address.
+async fn listen(config: &ServerConfig, mut on_listening: impl FnMut(SocketAddr)) -> std::io::Result<Vec<tokio::net::TcpListener>> {
+    let mut listeners = Vec::with_capacity(config.addrs.len());
+    let mut port = None;
+    for &addr in &config.addrs {
+        let addr = match port {
+            Some(port) if addr.port() == 0 => SocketAddr::new(addr.ip(), port),
+            _ => addr,
+        };
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        let bound = listener.local_addr()?;
+        port.get_or_insert(bound.port());
+        if !bound.ip().is_loopback() {
+            tracing::warn!(
+                "listening on {bound}, reachable from other machines{}",
+                if config.api_key.is_none() { " without an API key" } else { "" }
+            );
+        }
+        on_listening(bound);
+        listeners.push(listener);
+    }
+    Ok(listeners)
 }
 
 async fn shutdown_signal() {

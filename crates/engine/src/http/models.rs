@@ -25,14 +25,29 @@ use crate::serving::{ServingConfig, ServingCore, ServingStatus};
 /// One model the server can serve.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelSource {
-    /// The id requests name it by.
+    /// The id requests name it by, and `/v1/models` lists it under.
     pub id: String,
+    /// Other names requests may use for it (llama-server's several `--alias` names; `id` is
+    /// one of them).
+    pub aliases: Vec<String>,
+    /// Labels `/v1/models` lists with it (llama-server's `--tags`).
+    pub tags: Vec<String>,
     pub path: PathBuf,
     /// Loaded at start and never unloaded (`--model`).
     pub pinned: bool,
 }
 
 impl ModelSource {
+    /// `path`, named `id` and nothing else.
+    pub fn new(id: impl Into<String>, path: PathBuf, pinned: bool) -> ModelSource {
+        ModelSource { id: id.into(), aliases: Vec::new(), tags: Vec::new(), path, pinned }
+    }
+
+    /// Whether a request's `model` names it.
+    pub fn is_named(&self, name: &str) -> bool {
+        self.id == name || self.aliases.iter().any(|a| a == name)
+    }
+
     /// Every `*.gguf` file directly in `dir`, by file name, each with its file stem as id.
     pub fn scan(dir: &Path) -> std::io::Result<Vec<ModelSource>> {
         let mut found = Vec::new();
@@ -40,7 +55,7 @@ impl ModelSource {
             let path = entry?.path();
             if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
                 let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                found.push(ModelSource { id, path, pinned: false });
+                found.push(ModelSource::new(id, path, false));
             }
         }
         found.sort_by(|a, b| a.id.cmp(&b.id));
@@ -153,6 +168,10 @@ impl Models {
 
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|e| e.source.id.as_str())
+    }
+
+    pub fn sources(&self) -> impl Iterator<Item = &ModelSource> {
+        self.entries.iter().map(|e| &e.source)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -273,7 +292,7 @@ impl Models {
             return Ok(only);
         }
         match id {
-            Some(id) => self.entries.iter().find(|e| e.source.id == id).ok_or_else(|| {
+            Some(id) => self.entries.iter().find(|e| e.source.is_named(id)).ok_or_else(|| {
                 ApiError::new(
                     StatusCode::NOT_FOUND,
                     "invalid_request_error",

@@ -68,6 +68,8 @@ pub struct NativeFields {
 pub struct Shape {
     fields: NativeFields,
     n_probs: usize,
+    /// The probabilities listed are the sampler's, not the model's (`post_sampling_probs`).
+    post_sampling: bool,
     /// The prompt's text (control tokens written out) and its token count.
     prompt: String,
     prompt_tokens: usize,
@@ -122,9 +124,6 @@ impl NativeRequest {
         cancel: CancelToken,
     ) -> Result<(GenerateRequest, NativeFields, Vec<Prompt>), ApiError> {
         super::fields::check(&self.other, super::fields::Endpoint::Native)?;
-        if self.post_sampling_probs == Some(true) {
-            return Err(ApiError::invalid("post_sampling_probs", "is not supported: the probabilities listed are the model's"));
-        }
         match self.n_predict {
             Some(n) if n < -1 => return Err(ApiError::invalid("n_predict", "must be -1 (no limit) or more")),
             Some(n) if n >= 0 => self.sampling.max_tokens = Some(n.min(i64::from(u32::MAX)) as u32),
@@ -136,6 +135,7 @@ impl NativeRequest {
         }
         let mut options = self.sampling.to_options(&state.config, cancel)?;
         options.logprobs = (n_probs > 0).then_some(n_probs);
+        options.post_sampling = self.post_sampling_probs == Some(true);
         if let Some(bias) = &self.logit_bias {
             options.sampling.logit_bias = logit_bias(bias, model)?;
         }
@@ -157,9 +157,6 @@ impl NativeRequest {
         .map(Prompt::Tokens);
         let first = prompts.next().ok_or_else(|| ApiError::invalid("prompt", "the list is empty"))?;
         let extra: Vec<Prompt> = prompts.collect();
-        if !extra.is_empty() && self.sampling.stream {
-            return Err(ApiError::invalid("prompt", "several prompts in one stream are not supported yet; send stream: false or one prompt"));
-        }
         let fields = NativeFields {
             return_tokens: self.return_tokens,
             response_fields: self.response_fields.filter(|f| !f.is_empty()),
@@ -187,6 +184,7 @@ impl Shape {
         Ok(Shape {
             fields,
             n_probs: options.logprobs.unwrap_or(0),
+            post_sampling: options.post_sampling,
             prompt: model.engine.tokens_to_text_with_specials(tokens)?,
             prompt_tokens: tokens.len(),
             generation_settings,
@@ -388,21 +386,25 @@ fn stop_type(reason: FinishReason) -> &'static str {
 }
 
 /// `completion_probabilities`: per token its id, text, bytes and log-probability, with the
-/// likeliest candidates.
-fn probabilities(entries: &[TokenLogprobs], model: &Loaded) -> Value {
+/// likeliest candidates; after sampling (`post_sampling_probs`), probabilities (`prob`,
+/// `top_probs`) as llama-server lists them.
+fn probabilities(entries: &[TokenLogprobs], model: &Loaded, post_sampling: bool) -> Value {
+    let (value, top) = if post_sampling { ("prob", "top_probs") } else { ("logprob", "top_logprobs") };
     let one = |t: TokenId, logprob: f32| {
         let bytes = model.engine.token_bytes(t).unwrap_or_default();
         // The text of the bytes' valid UTF-8 start (a token may end inside a character).
         let valid = std::str::from_utf8(&bytes).map_or_else(|e| e.valid_up_to(), str::len);
         let text = String::from_utf8_lossy(&bytes[..valid]).into_owned();
-        json!({ "id": t, "token": text, "bytes": bytes, "logprob": logprob })
+        let mut entry = json!({ "id": t, "token": text, "bytes": bytes });
+        entry[value] = (if post_sampling { logprob.exp() } else { logprob }).into();
+        entry
     };
     Value::Array(
         entries
             .iter()
             .map(|e| {
                 let mut entry = one(e.token, e.logprob);
-                entry["top_logprobs"] = Value::Array(e.top.iter().map(|&(t, lp)| one(t, lp)).collect());
+                entry[top] = Value::Array(e.top.iter().map(|&(t, lp)| one(t, lp)).collect());
                 entry
             })
             .collect(),
@@ -432,7 +434,7 @@ impl Shape {
             "timings": timings(stats),
         });
         if self.n_probs > 0 && !streamed {
-            body["completion_probabilities"] = probabilities(&completion.logprobs, model);
+            body["completion_probabilities"] = probabilities(&completion.logprobs, model, self.post_sampling);
         }
         match &self.fields.response_fields {
             None => body,
@@ -457,7 +459,7 @@ impl Shape {
             "tokens_evaluated": self.prompt_tokens,
         });
         if self.n_probs > 0 {
-            chunk["completion_probabilities"] = probabilities(&delta.logprobs, model);
+            chunk["completion_probabilities"] = probabilities(&delta.logprobs, model, self.post_sampling);
         }
         chunk
     }

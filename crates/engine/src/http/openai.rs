@@ -280,6 +280,8 @@ impl Sampling {
             cancel: Some(cancel),
             speculation,
             logprobs: self.logprobs()?,
+            // llama-server's native field (`super::native`); OpenAI's logprobs are the model's.
+            post_sampling: false,
             preserved_tokens: Vec::new(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             // Only a stream can show it.
@@ -344,13 +346,11 @@ impl Sampling {
         Ok(Some(n))
     }
 
-    /// How many choices the request asks for (`n`, default 1): at most 16, and one when streamed
-    /// (several choices in one stream are not supported yet).
+    /// How many choices the request asks for (`n`, default 1): at most 16.
     pub fn choices(&self) -> Result<usize, ApiError> {
         match self.n {
             None | Some(1) => Ok(1),
             Some(0) => Err(ApiError::invalid("n", "must be at least 1")),
-            Some(_) if self.stream => Err(ApiError::invalid("n", "several choices in one stream are not supported yet; send n = 1 or stream: false")),
             Some(n) if n > 16 => Err(ApiError::invalid("n", "at most 16")),
             Some(n) => Ok(n as usize),
         }
@@ -776,6 +776,9 @@ pub struct ModelEntry {
     /// Whether the model is loaded now (an extension: a model listed but not loaded loads
     /// on its first request).
     pub loaded: bool,
+    /// llama-server's: the other names requests may use, and the model's labels.
+    pub aliases: Vec<String>,
+    pub tags: Vec<String>,
 }
 
 /// `POST /v1/embeddings`.

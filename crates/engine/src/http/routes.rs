@@ -8,7 +8,7 @@ use axum::middleware;
 use axum::routing::{get, post};
 
 use super::AppState;
-use super::{auth, handlers, metrics, native, props};
+use super::{auth, handlers, metrics, native, props, slots};
 
 pub fn router(state: Arc<AppState>) -> Router {
     // OpenAI's paths, also without `/v1` (as llama-server serves them: clients configured with
@@ -37,6 +37,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics::metrics))
         .route("/props", get(props::props))
         .route("/slots", get(props::slots))
+        .route("/slots/{id}", post(slots::action))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), auth::require_key));
     Router::new()
         .route("/health", get(handlers::health))

@@ -66,8 +66,7 @@ pub(super) struct Answer {
     pub(super) serial: u64,
     /// Every streamed chunk carries `timings` (llama-server's `timings_per_token`).
     pub(super) timings_per_token: bool,
-    /// The other choices of a request for several (`n`, or a native request's prompts); whole
-    /// answers only.
+    /// The other choices of a request for several (`n`, or a native request's prompts).
     pub(super) siblings: Vec<super::handlers::Choice>,
     /// Cancels the request when the answer is dropped (its client gone).
     pub(super) _cancel: CancelOnDrop,
@@ -75,28 +74,44 @@ pub(super) struct Answer {
 
 impl Answer {
     /// The answer as an SSE stream: chunks as the text comes, then the end, the usage when asked
-    /// for, and `[DONE]`.
-    pub(super) fn stream(self) -> Response {
-        let mut queue = VecDeque::new();
-        if self.kind == Kind::Chat {
-            queue.push_back(chunk(self.kind.chunk(&self.meta, Delta::Role)));
+    /// for, and `[DONE]`. Several choices (`n`, a native request's prompts; OpenAI and native
+    /// shapes) stream side by side, each chunk carrying its choice's index; the usage (over all
+    /// choices) and `[DONE]` follow the last choice's end.
+    pub(super) fn stream(mut self) -> Response {
+        let siblings = std::mem::take(&mut self.siblings);
+        if siblings.is_empty() {
+            return Sse::new(SseBridge::new(self, None)).into_response();
         }
-        let responses = (self.kind == Kind::Responses)
-            .then(|| responses::Events::new(responses::Ids::new(self.serial), self.meta.created, self.meta.model.clone()));
-        let anthropic = (self.kind == Kind::Messages).then(|| anthropic::Events::new(anthropic_id(self.serial), self.meta.model.clone()));
-        Sse::new(SseBridge {
-            answer: self,
-            queue,
-            last: None,
-            done: false,
-            called_tools: false,
-            pending_logprobs: Vec::new(),
-            predicted: 0,
-            responses,
-            anthropic,
-            pending_timings: None,
-        })
-        .into_response()
+        let ended = Arc::new(std::sync::Mutex::new(Vec::with_capacity(1 + siblings.len())));
+        let mut bridges = tokio_stream::StreamMap::with_capacity(1 + siblings.len());
+        let answers: Vec<Answer> = siblings.into_iter().map(|choice| self.sibling(choice)).collect();
+        let tail = Tail { kind: self.kind, meta: self.meta.clone(), include_usage: self.include_usage, ended: Arc::clone(&ended) };
+        for (i, answer) in std::iter::once(self).chain(answers).enumerate() {
+            bridges.insert(i, SseBridge::new(answer, Some(Several { index: i, ended: Arc::clone(&ended) })));
+        }
+        Sse::new(SeveralChoices { bridges, tail: Some(tail), rest: VecDeque::new() }).into_response()
+    }
+
+    /// The answer of another choice of the same request.
+    fn sibling(&self, choice: super::handlers::Choice) -> Answer {
+        let (native, verbose) = if self.kind == Kind::Native { (choice.shape, None) } else { (None, choice.shape) };
+        Answer {
+            state: Arc::clone(&self.state),
+            model: Arc::clone(&self.model),
+            meta: self.meta.clone(),
+            kind: self.kind,
+            received: self.received,
+            include_usage: self.include_usage,
+            logprobs: self.logprobs,
+            events: choice.events,
+            parser: choice.parser,
+            native,
+            verbose,
+            serial: self.serial,
+            timings_per_token: self.timings_per_token,
+            siblings: Vec::new(),
+            _cancel: CancelOnDrop(self._cancel.0.clone()),
+        }
     }
 
     /// The answer as one body, once the request (each of its choices) has ended.
@@ -228,9 +243,54 @@ struct SseBridge {
     anthropic: Option<anthropic::Events>,
     /// With `timings_per_token`: the timings so far, for the next chunk that goes out.
     pending_timings: Option<serde_json::Value>,
+    /// One of several choices streamed together (see [`Answer::stream`]).
+    several: Option<Several>,
+}
+
+/// A choice streamed beside others: its index, and where its final statistics go for the usage
+/// after the last choice.
+struct Several {
+    index: usize,
+    ended: Arc<std::sync::Mutex<Vec<crate::GenerationStats>>>,
 }
 
 impl SseBridge {
+    fn new(answer: Answer, several: Option<Several>) -> SseBridge {
+        let responses = (answer.kind == Kind::Responses)
+            .then(|| responses::Events::new(responses::Ids::new(answer.serial), answer.meta.created, answer.meta.model.clone()));
+        let anthropic = (answer.kind == Kind::Messages).then(|| anthropic::Events::new(anthropic_id(answer.serial), answer.meta.model.clone()));
+        let mut bridge = SseBridge {
+            answer,
+            queue: VecDeque::new(),
+            last: None,
+            done: false,
+            called_tools: false,
+            pending_logprobs: Vec::new(),
+            predicted: 0,
+            responses,
+            anthropic,
+            pending_timings: None,
+            several,
+        };
+        if bridge.answer.kind == Kind::Chat {
+            let role = bridge.answer.kind.chunk(&bridge.answer.meta, Delta::Role);
+            bridge.emit(role);
+        }
+        bridge
+    }
+
+    /// Queues a chunk as it is (with its choice's index, when several stream together).
+    fn emit(&mut self, mut value: serde_json::Value) {
+        if let Some(several) = &self.several {
+            if self.answer.native.is_some() {
+                value["index"] = several.index.into();
+            } else if let Some(choice) = value.get_mut("choices").and_then(|c| c.get_mut(0)) {
+                choice["index"] = several.index.into();
+            }
+        }
+        self.queue.push_back(chunk(value));
+    }
+
     fn on_event(&mut self, event: Option<Event>) {
         match event {
             Some(Event::Delta(delta)) => {
@@ -285,7 +345,7 @@ impl SseBridge {
                     None => a.kind.chunk(&a.meta, Delta::Text("")),
                 };
                 value["prompt_progress"] = progress;
-                self.queue.push_back(chunk(value));
+                self.emit(value);
             }
             Some(Event::Done(c)) => {
                 if self.responses.is_some() || self.anthropic.is_some() {
@@ -309,7 +369,9 @@ impl SseBridge {
                 if let Some(native) = &self.answer.native {
                     let a = &self.answer;
                     log::finished(&a.state, &a.meta.model, &a.meta.id, &c, a.received);
-                    self.queue.push_back(chunk(native.response(&a.model, "", &c, true)));
+                    let last = native.response(&a.model, "", &c, true);
+                    self.emit(last);
+                    self.note_end(&c);
                     self.done = true;
                     return;
                 }
@@ -327,15 +389,17 @@ impl SseBridge {
                     end["__verbose"] = verbose.response(&self.answer.model, "", &c, true);
                 }
                 let a = &self.answer;
-                if a.include_usage {
-                    self.queue.push_back(chunk(end));
-                    self.queue.push_back(chunk(a.kind.usage_chunk(&a.meta, &c.stats)));
+                if a.include_usage && self.several.is_none() {
+                    let usage = a.kind.usage_chunk(&a.meta, &c.stats);
+                    self.emit(end);
+                    self.emit(usage);
                 } else {
                     // The timings go on the stream's last chunk, as llama-server sends them.
                     let mut end = end;
                     end["timings"] = super::openai::timings(&c.stats);
-                    self.queue.push_back(chunk(end));
+                    self.emit(end);
                 }
+                self.note_end(&c);
                 self.end();
             }
             Some(Event::Failed(e)) => self.fail(e),
@@ -373,7 +437,14 @@ impl SseBridge {
         if let Some(timings) = self.pending_timings.take() {
             value["timings"] = timings;
         }
-        self.queue.push_back(chunk(value));
+        self.emit(value);
+    }
+
+    /// A choice streamed beside others leaves its statistics for the usage after the last.
+    fn note_end(&self, c: &Completion) {
+        if let Some(several) = &self.several {
+            several.ended.lock().unwrap_or_else(|p| p.into_inner()).push(c.stats.clone());
+        }
     }
 
     /// `value` with the pending log-probabilities (in its kind's shape), which are then sent.
@@ -394,9 +465,9 @@ impl SseBridge {
     }
 
     fn end(&mut self) {
-        // OpenAI's chat and completion streams end with [DONE]; the native, Responses and
-        // Anthropic ones just end.
-        if self.answer.native.is_none() && self.responses.is_none() && self.anthropic.is_none() {
+        // OpenAI's chat and completion streams end with [DONE] (after the last of several
+        // choices: see `Tail`); the native, Responses and Anthropic ones just end.
+        if self.answer.native.is_none() && self.responses.is_none() && self.anthropic.is_none() && self.several.is_none() {
             self.queue.push_back(SseEvent::default().data("[DONE]"));
         }
         self.done = true;
@@ -420,5 +491,55 @@ impl Stream for SseBridge {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+/// Several choices streamed together: each choice's events as they come, then the tail.
+struct SeveralChoices {
+    bridges: tokio_stream::StreamMap<usize, SseBridge>,
+    tail: Option<Tail>,
+    rest: VecDeque<SseEvent>,
+}
+
+/// What follows the last of several choices: the usage over all of them (the prompt counted
+/// once, as OpenAI counts it) when asked for, and an OpenAI stream's `[DONE]`.
+struct Tail {
+    kind: Kind,
+    meta: Meta,
+    include_usage: bool,
+    ended: Arc<std::sync::Mutex<Vec<crate::GenerationStats>>>,
+}
+
+impl Tail {
+    fn events(self) -> VecDeque<SseEvent> {
+        let mut events = VecDeque::new();
+        if self.kind == Kind::Native {
+            return events;
+        }
+        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        if self.include_usage
+            && let Some(first) = ended.first()
+        {
+            let stats = crate::GenerationStats { completion_tokens: ended.iter().map(|s| s.completion_tokens).sum(), ..first.clone() };
+            events.push_back(chunk(self.kind.usage_chunk(&self.meta, &stats)));
+        }
+        events.push_back(SseEvent::default().data("[DONE]"));
+        events
+    }
+}
+
+impl Stream for SeveralChoices {
+    type Item = Result<SseEvent, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.tail.is_some() {
+            match Pin::new(&mut this.bridges).poll_next(cx) {
+                Poll::Ready(Some((_, event))) => return Poll::Ready(Some(event)),
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => this.rest = this.tail.take().map(Tail::events).unwrap_or_default(),
+            }
+        }
+        Poll::Ready(this.rest.pop_front().map(Ok))
     }
 }

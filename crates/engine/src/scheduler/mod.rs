@@ -17,6 +17,7 @@
 mod drafter;
 mod request;
 mod slot;
+mod slot_file;
 #[cfg(test)]
 mod tests;
 
@@ -33,7 +34,7 @@ use slot::{Phase, Sequence, Slot};
 use crate::backend::{BackendModel, BackendSession, SamplerOf};
 use crate::config::Speculation;
 use crate::error::{DecodeFailure, EngineError};
-use crate::outcome::{FinishReason, GenerationStats, ms};
+use crate::outcome::{FinishReason, GenerationStats, SlotAction, SlotActionDone, ms};
 use crate::token::{TokenId, TokenLogprobs};
 
 /// Counters of a scheduler, readable from other threads while it runs.
@@ -461,12 +462,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// for reuse, else by failing the newest running request, so that the older ones go on. False
     /// when nothing can give way (a single request that does not fit).
     fn make_room(&mut self) -> bool {
-        let mut freed = false;
-        for slot in self.slots.iter_mut().filter(|s| s.is_idle() && s.seq.len() > 0) {
-            slot.seq.clear(&mut self.session);
-            freed = true;
-        }
-        if freed {
+        if self.forget_idle(None) {
             return true;
         }
         let running = self.slots.iter().filter(|s| !s.is_idle()).count();
@@ -575,11 +571,78 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         *self.counters.slots.lock().unwrap_or_else(|p| p.into_inner()) = states;
     }
 
+    /// Whether slot `index` exists and runs no request (a slot action waits for that).
+    pub(crate) fn slot_is_idle(&self, index: usize) -> bool {
+        self.slots.get(index).is_some_and(Slot::is_idle)
+    }
+
+    /// Saves, restores or erases idle slot `index`'s cache (see [`Scheduler::slot_is_idle`]).
+    /// A restore replaces what the slot held; when the file does not load and other idle slots
+    /// hold cells, they are given up and it is tried once more (the KV cache may have had no
+    /// room). A failed restore leaves the slot empty.
+    pub(crate) fn slot_action(&mut self, index: usize, action: &SlotAction) -> Result<SlotActionDone, EngineError> {
+        debug_assert!(self.slot_is_idle(index));
+        let start = Instant::now();
+        let (tokens, bytes) = match action {
+            SlotAction::Save(path) => {
+                let seq = &self.slots[index].seq;
+                (seq.len(), self.session.seq_save_file(seq.id(), path, &slot_file::pack(seq.tokens()))?)
+            }
+            SlotAction::Restore(path) => {
+                let mut loaded = self.restore(index, path);
+                if loaded.is_err() && self.forget_idle(Some(index)) {
+                    loaded = self.restore(index, path);
+                }
+                let tokens = loaded?;
+                (tokens, std::fs::metadata(path).map_or(0, |m| m.len()))
+            }
+            SlotAction::Erase => {
+                let seq = &mut self.slots[index].seq;
+                let tokens = seq.len();
+                seq.clear(&mut self.session);
+                (tokens, 0)
+            }
+        };
+        self.counters.kv_used.store(self.slots.iter().map(|s| s.seq.len()).sum(), Ordering::Relaxed);
+        self.publish_slots();
+        Ok(SlotActionDone { tokens, bytes, ms: ms(start.elapsed()) })
+    }
+
+    /// Loads `path` into slot `index`'s emptied cache; returns the tokens it holds.
+    fn restore(&mut self, index: usize, path: &std::path::Path) -> Result<usize, EngineError> {
+        let seq = &mut self.slots[index].seq;
+        seq.clear(&mut self.session);
+        let loaded = self
+            .session
+            .seq_load_file(seq.id(), path, self.n_ctx + slot_file::OVERHEAD)
+            .and_then(|list| slot_file::unpack(list).map_err(|why| EngineError::slot_file(crate::error::SlotFileAction::Restore, path, why)));
+        match loaded {
+            Ok(tokens) => {
+                seq.extend(&tokens);
+                Ok(tokens.len())
+            }
+            Err(e) => {
+                seq.clear(&mut self.session);
+                Err(e)
+            }
+        }
+    }
+
+    /// Empties the caches idle slots keep for reuse (but `keep`'s); false when none held any.
+    fn forget_idle(&mut self, keep: Option<usize>) -> bool {
+        let mut freed = false;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if Some(i) != keep && slot.is_idle() && slot.seq.len() > 0 {
+                slot.seq.clear(&mut self.session);
+                freed = true;
+            }
+        }
+        freed
+    }
+
     /// Empties every idle slot's cache.
     pub(crate) fn forget(&mut self) {
-        for slot in self.slots.iter_mut().filter(|s| s.is_idle()) {
-            slot.seq.clear(&mut self.session);
-        }
+        self.forget_idle(None);
     }
 }
 

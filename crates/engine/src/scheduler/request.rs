@@ -78,6 +78,9 @@ pub(crate) struct Request<S, C> {
     cancel: CancelToken,
     /// With log-probabilities asked for: how many candidates per token.
     logprobs: Option<usize>,
+    /// The log-probabilities are those the sampler drew from (see
+    /// [`GenerateOptions::post_sampling`]).
+    post_sampling: bool,
     text: TokenText,
     /// The text this step produced (cleared when a step starts).
     pub(crate) delta: String,
@@ -112,8 +115,18 @@ impl<S, C> Request<S, C> {
     pub(crate) fn new(prepared: Prepared<S>, client: C, reused: usize, admitted: u64, n_ctx: usize) -> (Self, Vec<TokenId>) {
         let Prepared { tokens, options, sampler, arrived } = prepared;
         // The sampler was built from `sampling` and `ignore_eos` already.
-        let GenerateOptions { max_tokens, stop, cancel, speculation, logprobs, preserved_tokens, sampling: _, ignore_eos: _, prompt_progress } =
-            options;
+        let GenerateOptions {
+            max_tokens,
+            stop,
+            cancel,
+            speculation,
+            logprobs,
+            post_sampling,
+            preserved_tokens,
+            sampling: _,
+            ignore_eos: _,
+            prompt_progress,
+        } = options;
         let room = max_tokens.min(n_ctx);
         let drafting = match speculation {
             Speculation::Off => None,
@@ -129,6 +142,7 @@ impl<S, C> Request<S, C> {
             max_tokens,
             cancel: cancel.unwrap_or_default(),
             logprobs,
+            post_sampling,
             text: TokenText::new(&stop, preserved_tokens),
             delta: String::with_capacity(TOKEN_TEXT_CAPACITY),
             tokens: Vec::with_capacity(room),
@@ -232,11 +246,21 @@ impl<S, C> Request<S, C> {
     /// Draws the output at batch `index` with the request's sampler (its log-probabilities
     /// noted when asked for); the first draw is the one place time to first token is taken.
     fn draw<Sess: BackendSession<Sampler = S>>(&mut self, session: &mut Sess, index: i32) -> Result<TokenId, EngineError> {
-        let token = session.sample_with(&mut self.sampler, index)?;
-        if let Some(n) = self.logprobs {
-            // llama.cpp's samplers work on a copy of the row, so it still holds the model's logits.
-            self.drawn.push(TokenLogprobs::from_row(session.logits_at(index)?, token, n));
-        }
+        let token = match self.logprobs {
+            Some(n) if self.post_sampling => {
+                let listed = session.sample_listing(&mut self.sampler, index, n)?;
+                let token = listed.token;
+                self.drawn.push(listed);
+                token
+            }
+            Some(n) => {
+                let token = session.sample_with(&mut self.sampler, index)?;
+                // llama.cpp's samplers work on a copy of the row, so it still holds the model's logits.
+                self.drawn.push(TokenLogprobs::from_row(session.logits_at(index)?, token, n));
+                token
+            }
+            None => session.sample_with(&mut self.sampler, index)?,
+        };
         if !self.drew {
             self.drew = true;
             self.stats.time_to_first_token_ms = ms(self.arrived.elapsed());

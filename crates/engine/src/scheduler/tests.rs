@@ -226,6 +226,30 @@ impl BackendSession for FakeSession<'_> {
         self.kv[dst as usize] = self.kv[src as usize].clone();
         true
     }
+
+    fn sample_listing(&mut self, _: &mut FakeSampler, _: i32, _: usize) -> Result<crate::TokenLogprobs, EngineError> {
+        Err(EngineError::Unsupported { what: "post_sampling_probs", backend: "fake" })
+    }
+
+    /// The file holds the token list and the cache, as JSON.
+    fn seq_save_file(&mut self, seq: i32, path: &std::path::Path, tokens: &[TokenId]) -> Result<u64, EngineError> {
+        let text = serde_json::to_string(&(tokens, &self.kv[seq as usize])).unwrap();
+        std::fs::write(path, &text).unwrap();
+        Ok(text.len() as u64)
+    }
+
+    /// As llama.cpp: refuses a file whose cells the cache has no room for.
+    fn seq_load_file(&mut self, seq: i32, path: &std::path::Path, max_tokens: usize) -> Result<Vec<TokenId>, EngineError> {
+        let fail = |why: &str| EngineError::slot_file(crate::error::SlotFileAction::Restore, path, why.to_string());
+        let text = std::fs::read_to_string(path).map_err(|e| fail(&e.to_string()))?;
+        let (list, cells): (Vec<TokenId>, Vec<TokenId>) = serde_json::from_str(&text).map_err(|e| fail(&e.to_string()))?;
+        let used: usize = self.kv.iter().map(Vec::len).sum();
+        if list.len() > max_tokens || used + cells.len() > self.n_ctx {
+            return Err(fail("no room"));
+        }
+        self.kv[seq as usize] = cells;
+        Ok(list)
+    }
 }
 
 fn scheduler(model: &FakeModel, slots: u32, n_ctx: u32, n_batch: u32) -> Scheduler<'_, FakeModel, &'static str> {
@@ -469,4 +493,51 @@ fn a_prompt_another_slot_is_decoding_waits_for_it_and_copies_its_cells() {
     longer.extend([90, 91]);
     let third = s.admit(prepared(&longer, 1, Speculation::Off), "third").unwrap();
     assert!(s.running(third).unwrap().1.prompt_tokens_reused >= 20, "{:?}", s.running(third).unwrap().1);
+}
+
+/// Slot actions: a save holds the cache and its tokens; erase empties the slot; a restore into
+/// another slot brings both back, and a request with that prefix decodes only the rest there. A
+/// restore the cache has no room for drops what idle slots keep and is tried again; one that
+/// still fails leaves its slot empty.
+#[test]
+fn slot_actions_save_erase_and_restore_caches() {
+    let dir = std::env::temp_dir().join(format!("exsa-fake-slots-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("slot.json");
+    let model = FakeModel::counting();
+    let mut s = scheduler(&model, 3, 64, 16);
+    s.admit(prepared(&tokens(1, 10), 4, Speculation::Off), "a").unwrap();
+    run(&mut s);
+    let held = s.cached(0).to_vec();
+    assert_eq!(held.len(), 13, "10 prompt tokens and 3 of the 4 generated: {held:?}");
+
+    let saved = s.slot_action(0, &SlotAction::Save(file.clone())).unwrap();
+    assert_eq!(saved.tokens, 13);
+    assert_eq!(saved.bytes, std::fs::metadata(&file).unwrap().len());
+    assert_eq!(s.slot_action(0, &SlotAction::Erase).unwrap().tokens, 13);
+    assert!(s.cached(0).is_empty() && s.session.kv[0].is_empty());
+
+    let restored = s.slot_action(2, &SlotAction::Restore(file.clone())).unwrap();
+    assert_eq!(restored.tokens, 13);
+    assert_eq!((s.cached(2), &s.session.kv[2]), (&held[..], &held));
+    let mut prompt = held.clone();
+    prompt.push(20);
+    assert_eq!(s.admit(prepared(&prompt, 1, Speculation::Off), "b").unwrap(), 2, "the request goes to the slot holding its prefix");
+    let ended = run(&mut s);
+    assert_eq!(ended[0].1.as_ref().ok(), Some(&FinishReason::MaxTokens));
+
+    // Slot 0 and 1 fill the cache; the restore into slot 2 needs their cells.
+    s.slot_action(2, &SlotAction::Erase).unwrap();
+    s.admit(prepared(&tokens(1, 30), 1, Speculation::Off), "c").unwrap();
+    s.admit(prepared(&tokens(2, 30), 1, Speculation::Off), "d").unwrap();
+    run(&mut s);
+    assert!(s.session.kv[0].len() + s.session.kv[1].len() + 13 > 64);
+    assert_eq!(s.slot_action(2, &SlotAction::Restore(file.clone())).unwrap().tokens, 13);
+    assert_eq!(s.cached(2), &held[..]);
+    assert!(s.cached(0).is_empty() && s.cached(1).is_empty(), "the idle slots gave up their caches");
+
+    std::fs::write(&file, "not a state").unwrap();
+    assert!(matches!(s.slot_action(2, &SlotAction::Restore(file.clone())), Err(EngineError::SlotFile { .. })));
+    assert!(s.cached(2).is_empty() && s.session.kv[2].is_empty(), "a failed restore leaves its slot empty");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

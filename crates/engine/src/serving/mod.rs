@@ -35,6 +35,7 @@ use crate::config::{GenerateRequest, SessionConfig};
 use crate::engine::{Engine, Sampler};
 use crate::error::{EngineError, cause};
 pub use crate::outcome::PromptProgress;
+use crate::outcome::{SlotAction, SlotActionDone};
 use crate::scheduler::{Counters, Ended, Prepared, Scheduler};
 
 pub use crate::outcome::Completion;
@@ -214,11 +215,32 @@ struct Submission {
     sink: Box<dyn EventSink>,
 }
 
+/// What reaches the decode thread through the queue. (Nearly every job is a request: boxing it
+/// to shrink the enum would only add an allocation per request.)
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    Generate(Submission),
+    Slot(SlotJob),
+}
+
+/// A slot action: it runs once the slot is idle, and its outcome goes back on `reply`.
+struct SlotJob {
+    slot: usize,
+    action: SlotAction,
+    reply: SyncSender<Result<SlotActionDone, EngineError>>,
+}
+
+impl SlotJob {
+    fn run<M: BackendModel, C>(self, scheduler: &mut Scheduler<'_, M, C>) {
+        let _ = self.reply.send(scheduler.slot_action(self.slot, &self.action));
+    }
+}
+
 /// The running decode loop. Dropping it (or [`ServingCore::shutdown`]) stops admission; requests
 /// already accepted run to their end first.
 pub struct ServingCore {
     engine: Arc<Engine>,
-    queue: Option<SyncSender<Submission>>,
+    queue: Option<SyncSender<Job>>,
     max_queue: usize,
     slots: usize,
     counters: Arc<Counters>,
@@ -290,7 +312,7 @@ impl ServingCore {
         }
         let queue = self.queue.as_ref().ok_or(SubmitError::Stopped)?;
         self.counters.queued.fetch_add(1, Ordering::Relaxed);
-        match queue.try_send(Submission { request, sink: Box::new(sink) }) {
+        match queue.try_send(Job::Generate(Submission { request, sink: Box::new(sink) })) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.counters.queued.fetch_sub(1, Ordering::Relaxed);
@@ -299,6 +321,28 @@ impl ServingCore {
                     TrySendError::Disconnected(_) => SubmitError::Stopped,
                 })
             }
+        }
+    }
+
+    /// Saves, restores or erases slot `slot`'s cache, once no request runs in it (it waits for
+    /// the one that does; requests admitted meanwhile may take other slots). The outcome arrives
+    /// on the returned receiver. Refused at once when the queue is full; a slot the core does not
+    /// have is [`EngineError::InvalidRequest`] (on the receiver).
+    pub fn slot_action(&self, slot: usize, action: SlotAction) -> Result<Receiver<Result<SlotActionDone, EngineError>>, SubmitError> {
+        let (reply, receiver) = mpsc::sync_channel(1);
+        if slot >= self.slots {
+            let _ = reply.send(Err(EngineError::InvalidRequest {
+                field: "id_slot",
+                value: slot.to_string(),
+                reason: "no such slot (slots are numbered from 0 to --parallel - 1)",
+            }));
+            return Ok(receiver);
+        }
+        let queue = self.queue.as_ref().ok_or(SubmitError::Stopped)?;
+        match queue.try_send(Job::Slot(SlotJob { slot, action, reply })) {
+            Ok(()) => Ok(receiver),
+            Err(TrySendError::Full(_)) => Err(SubmitError::QueueFull { capacity: self.max_queue }),
+            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
         }
     }
 
@@ -345,7 +389,7 @@ impl Drop for ServingCore {
 fn decode_loop(
     engine: &Engine,
     config: &SessionConfig,
-    requests: Receiver<Submission>,
+    requests: Receiver<Job>,
     counters: Arc<Counters>,
     ready: SyncSender<Result<(), EngineError>>,
 ) {
@@ -362,27 +406,47 @@ fn decode_loop(
     let mut open = true;
     // A request taken from the queue that waits for KV space (it stays counted as queued).
     let mut deferred: Option<Submission> = None;
+    // Slot actions waiting for their slot to be idle, oldest first.
+    let mut slot_actions: Vec<SlotJob> = Vec::new();
     loop {
+        // Before admission: a slot that just became idle is the action's before a request's.
+        // (Every action waits for a busy slot: while all slots are idle, none waits.)
+        let (ready, waiting): (Vec<SlotJob>, Vec<SlotJob>) = slot_actions.drain(..).partition(|job| scheduler.slot_is_idle(job.slot));
+        slot_actions = waiting;
+        for job in ready {
+            job.run(&mut scheduler);
+        }
         while scheduler.has_free_slot() {
             let idle = scheduler.is_idle();
-            let submission = match deferred.take() {
-                Some(s) => s,
+            let job = match deferred.take() {
+                Some(s) => Job::Generate(s),
                 None if !open => break,
                 None if idle => match requests.recv() {
-                    Ok(s) => s,
+                    Ok(job) => job,
                     Err(_) => {
                         open = false;
                         break;
                     }
                 },
                 None => match requests.try_recv() {
-                    Ok(s) => s,
+                    Ok(job) => job,
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         open = false;
                         break;
                     }
                 },
+            };
+            let submission = match job {
+                Job::Generate(submission) => submission,
+                Job::Slot(job) => {
+                    if scheduler.slot_is_idle(job.slot) {
+                        job.run(&mut scheduler);
+                    } else {
+                        slot_actions.push(job);
+                    }
+                    continue;
+                }
             };
             // A cancelled request is let through, to be refused.
             let cancelled = submission.request.prepared.options.cancel.as_ref().is_some_and(|c| c.is_cancelled());
