@@ -292,7 +292,8 @@ fn counts<'a>(outcomes: impl Iterator<Item = &'a Outcome>) -> [usize; 4] {
 fn report(runs: &BTreeMap<Target, Vec<Outcome>>, expected: &[Expected], verdict: &Verdict, model: &Path, files: &[String]) -> String {
     let machine = crate::bench::machine::describe();
     let mut md = format!(
-        "# llama.cpp's server test suite against exsa serve\n\nCommand: `cargo xtask server-suite{}`\nModel (every preset): {}\nMachine: {}, {} cores\n\n",
+        "# llama.cpp's server test suite against exsa serve\n\nCommand: `cargo xtask server-suite{}{}`\nModel (every preset): {}\nMachine: {}, {} cores\n\n",
+        if files.len() > OPENAI_SURFACE.len() { " --all" } else { "" },
         if runs.contains_key(&Target::LlamaServer) { " --reference" } else { "" },
         model.display(),
         machine.cpu,

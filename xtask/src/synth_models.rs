@@ -1,6 +1,7 @@
 //! `cargo xtask synth-models`: small GGUFs with random weights for architectures no GGUF of
-//! which can be downloaded here (LFM2's hybrid memory, a dense llama, Mamba's recurrent state),
-//! and, with `--bench`, one of LFM2-1.2B's shape in Q4_K_M for speed measurements.
+//! which can be downloaded here (LFM2's hybrid memory, a dense llama, Mamba's recurrent state,
+//! BERT encoders for embeddings and reranking), and, with `--bench`, one of LFM2-1.2B's shape in
+//! Q4_K_M for speed measurements.
 //!
 //! `xtask/synth/synth_models.py` writes them with the `gguf` package from PyPI, the tokenizer
 //! copied from the default model. A model is written again only when the generator, the
@@ -17,9 +18,9 @@ const GGUF_PACKAGE: &str = "gguf";
 const GGUF_VERSION: &str = "0.19.0";
 const GENERATOR: &str = "xtask/synth/synth_models.py";
 
-/// The models the tests use (one per kind of memory, one with another vocabulary, and a LoRA
-/// adapter for llama-tiny).
-const TEST_MODELS: [&str; 5] = ["llama-tiny", "lfm2-tiny", "mamba-tiny", "llama-tiny-32k", "llama-tiny-lora"];
+/// The models the tests use (one per kind of memory, one with another vocabulary, a LoRA
+/// adapter for llama-tiny, and a BERT embedder and reranker).
+const TEST_MODELS: [&str; 7] = ["llama-tiny", "lfm2-tiny", "mamba-tiny", "llama-tiny-32k", "llama-tiny-lora", "bert-tiny", "bert-tiny-rerank"];
 /// Written in F16 and quantized to Q4_K_M: for bench-compare, not the tests.
 const BENCH_MODEL: &str = "lfm2-1.2b-shape";
 

@@ -22,6 +22,9 @@ use crate::{
 /// EXSA_OPENAI_SITE names its folder).
 const OPENAI_VERSION: &str = "3.57.0";
 
+/// The `ollama` client the Ollama API tests drive `exsa serve` with (EXSA_OLLAMA_SITE).
+const OLLAMA_VERSION: &str = "0.6.3";
+
 /// The tests the crate and raw backends' runs leave to `--full`: the statistical checks of
 /// sampled speculation (thousands of draws each, minutes per backend). The rule they check is the
 /// engine's one verification path, the same over every backend; the default backend runs them
@@ -60,6 +63,7 @@ pub fn run(args: &Args) -> Result<()> {
     fetch_model::run(&fetch_model::Args::default())?;
     synth_models::run(&synth_models::Args::default())?;
     python::site("openai", OPENAI_VERSION, "openai")?;
+    python::site("ollama", OLLAMA_VERSION, "ollama")?;
     // llama.cpp's corpus of Jinja chat templates, which the chat-layer and tool-calling tests read.
     llama_tools::sdist_source()?;
     // The workspace, with the engine on its default backend (`source`). Its server turns on
@@ -173,5 +177,6 @@ mod tests {
     fn the_openai_version_is_the_one_the_tests_look_for() {
         let config = std::fs::read_to_string(crate::workspace::root().join(".cargo/config.toml")).unwrap();
         assert!(config.contains(&format!(".cache/pip/openai-{}", super::OPENAI_VERSION)), "EXSA_OPENAI_SITE and OPENAI_VERSION differ");
+        assert!(config.contains(&format!(".cache/pip/ollama-{}", super::OLLAMA_VERSION)), "EXSA_OLLAMA_SITE and OLLAMA_VERSION differ");
     }
 }

@@ -37,7 +37,8 @@ TOKENIZER_KEYS = (
 )
 
 # Shapes. The tiny models test the engine on each kind of memory: attention only (llama),
-# short convolutions plus attention (LFM2, hybrid), a pure recurrent state (Mamba).
+# short convolutions plus attention (LFM2, hybrid), a pure recurrent state (Mamba); the BERT ones
+# test embeddings and reranking.
 # `lfm2-1.2b-shape` is LiquidAI/LFM2-1.2B's published shape (config.json: 16 layers, attention
 # at 2, 5, 8, 10, 12, 14, hidden 2048, 32 heads of 64, 8 KV heads, block_ff_dim 12288
 # auto-adjusted to 8192, conv L_cache 3, 65,536 tokens, rope theta 1e6, tied embeddings),
@@ -67,6 +68,12 @@ MODELS = {
         dtype="f16",
         tied=True,
     ),
+    # BERT encoders (attention over the whole input, learned positions, post-norm, no memory across
+    # calls), with BERT's 512 positions. The first pools the first token's state (CLS, pooling type
+    # 2); the reranker feeds it to a classification head (`cls`, then `cls.output` to one label)
+    # for a score per query and document, as bge-reranker does (rank, pooling type 4).
+    "bert-tiny": dict(arch="bert", n_embd=64, n_layer=2, n_head=4, n_ff=128, n_ctx=512, n_vocab=None, dtype="f16", pooling=gguf.PoolingType.CLS),
+    "bert-tiny-rerank": dict(arch="bert", n_embd=64, n_layer=2, n_head=4, n_ff=128, n_ctx=512, n_vocab=None, dtype="f16", pooling=gguf.PoolingType.RANK),
 }
 
 
@@ -102,11 +109,19 @@ LFM2_MARKERS = ["<|tool_call_start|>", "<|tool_call_end|>", "<|tool_list_start|>
 # named in the metadata as llama.cpp reads them, so that one model has what `/infill` needs.
 FIM_MARKERS = [("<|fim_prefix|>", "fim_pre"), ("<|fim_suffix|>", "fim_suf"), ("<|fim_middle|>", "fim_mid")]
 
+# BERT's separator, written over the unused control token after those: with it and EOS added,
+# llama-server lays out a reranker's input as `[BOS] query [EOS] [SEP] document [EOS]`, and an
+# embedding's as `[BOS] text [EOS]`, BERT's `[CLS] text [SEP]`.
+SEP_MARKER = ("[SEP]", "<unused7>")
 
-def write_tokenizer(writer, fields, n_vocab, markers=False):
+
+def write_tokenizer(writer, fields, n_vocab, markers=False, sep=False):
     """Copies the tokenizer, cut to the first `n_vocab` tokens when asked, with LFM2's markers and
-    the fill-in-the-middle tokens in place of the first unused tokens when asked."""
+    the fill-in-the-middle tokens in place of the first unused tokens when asked, and with BERT's
+    separator, added with EOS after each text, when asked."""
     for key, (value, kind, item) in fields.items():
+        if sep and key == "tokenizer.ggml.add_eos_token":
+            continue  # true, below
         if kind == gguf.GGUFValueType.ARRAY:
             if n_vocab is not None and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
                 value = value[:n_vocab]
@@ -119,6 +134,11 @@ def write_tokenizer(writer, fields, n_vocab, markers=False):
                     index = value.index(f"<unused{unused}>".encode())
                     value[index] = marker.encode()
                     writer.add_uint32(f"tokenizer.ggml.{name}_token_id", index)
+            if sep and key == "tokenizer.ggml.tokens":
+                value = list(value)
+                index = value.index(SEP_MARKER[1].encode())
+                value[index] = SEP_MARKER[0].encode()
+                writer.add_sep_token_id(index)
             writer.add_array(key, value)
         elif kind == gguf.GGUFValueType.STRING:
             writer.add_string(key, value)
@@ -128,6 +148,9 @@ def write_tokenizer(writer, fields, n_vocab, markers=False):
             if n_vocab is not None and key.endswith("_token_id") and value >= n_vocab:
                 sys.exit(f"{key} = {value} is outside the first {n_vocab} tokens")
             writer.add_uint32(key, int(value))
+    if sep:
+        writer.add_add_eos_token(True)
+        writer.add_add_sep_token(True)
 
 
 class Weights:
@@ -151,7 +174,7 @@ class Weights:
 
 def add_common(writer, arch, spec, n_vocab, name):
     writer.add_name(name)
-    writer.add_context_length(4096)
+    writer.add_context_length(spec.get("n_ctx", 4096))
     writer.add_embedding_length(spec["n_embd"])
     writer.add_block_count(spec["n_layer"])
     writer.add_layer_norm_rms_eps(1e-5)
@@ -216,14 +239,14 @@ def write_model(name, spec, tokenizer, out_dir):
     path = os.path.join(out_dir, f"{name}.gguf")
     writer = gguf.GGUFWriter(path + ".partial", arch)
     add_common(writer, arch, spec, n_vocab, name)
-    write_tokenizer(writer, tokenizer, spec["n_vocab"], spec.get("markers", False))
+    write_tokenizer(writer, tokenizer, spec["n_vocab"], spec.get("markers", False), sep=arch == "bert")
     w = Weights(writer, name, spec.get("dtype", "f32"))
     w.normal("token_embd.weight", (n_vocab, n_embd), 1.0)
     # An output matrix of its own: tied to the embeddings, random weights make each token its
     # own likeliest successor. Scaled so that logits spread out (a standard deviation of about
     # sqrt(n_embd)): greedy choices are far from ties, and two decodes of the same tokens that
-    # differ show it.
-    if not spec.get("tied"):
+    # differ show it. BERT has none: it embeds, it does not predict tokens.
+    if not spec.get("tied") and arch != "bert":
         w.normal("output.weight", (n_vocab, n_embd), 1.0)
 
     if arch == "llama":
@@ -280,6 +303,32 @@ def write_model(name, spec, tokenizer, out_dir):
             w.const(f"blk.{i}.ssm_d", np.ones(d_inner))
             w.normal(f"blk.{i}.ssm_out.weight", (n_embd, d_inner), d_inner**-0.5)
         w.const("output_norm.weight", np.ones(n_embd))
+    elif arch == "bert":
+        n_ctx, n_ff = spec["n_ctx"], spec["n_ff"]
+        writer.add_head_count(spec["n_head"])
+        writer.add_feed_forward_length(n_ff)
+        writer.add_layer_norm_eps(1e-12)
+        writer.add_causal_attention(False)
+        writer.add_pooling_type(spec["pooling"])
+        # Sentence A and B, as BERT's. llama.cpp adds A's row to every token, with an add that
+        # ggml's CPU backend does not do in F16: hence F32.
+        writer.add_token_type_count(2)
+        w.normal("token_types.weight", (2, n_embd), 1.0, f32=True)
+        w.normal("position_embd.weight", (n_ctx, n_embd), 1.0)
+        w.const("token_embd_norm.weight", np.ones(n_embd))
+        w.const("token_embd_norm.bias", np.zeros(n_embd))
+        for i in range(spec["n_layer"]):
+            attention(w, i, n_embd, spec["n_head"], spec["n_head"], n_embd // spec["n_head"], qk_norm=False)
+            w.const(f"blk.{i}.attn_output_norm.weight", np.ones(n_embd))
+            w.const(f"blk.{i}.attn_output_norm.bias", np.zeros(n_embd))
+            w.normal(f"blk.{i}.ffn_up.weight", (n_ff, n_embd), n_embd**-0.5)
+            w.normal(f"blk.{i}.ffn_down.weight", (n_embd, n_ff), n_ff**-0.5)
+            w.const(f"blk.{i}.layer_output_norm.weight", np.ones(n_embd))
+            w.const(f"blk.{i}.layer_output_norm.bias", np.zeros(n_embd))
+        if spec["pooling"] == gguf.PoolingType.RANK:
+            writer.add_classifier_output_labels(["LABEL_0"])
+            w.normal("cls.weight", (n_embd, n_embd), n_embd**-0.5)
+            w.normal("cls.output.weight", (1, n_embd), n_embd**-0.5)
     else:
         sys.exit(f"unknown architecture {arch}")
 

@@ -189,6 +189,23 @@ impl BenchReport {
     }
 }
 
+/// The UTC date and time of `secs` seconds since 1970-01-01, as (year, month, day, hour,
+/// minute, second): reports' and servers' timestamps without a date crate (Howard Hinnant's
+/// civil-from-days).
+pub fn utc_civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day, (rem / 3600) as u32, (rem % 3600 / 60) as u32, (rem % 60) as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,6 +104,51 @@ pub struct SessionConfig {
     /// Sequences decoded together in one context (a server's slots), sharing one KV cache of
     /// n_ctx tokens. 1 for a single-stream session.
     pub n_seq: u32,
+    /// How an embeddings session pools each sequence's token vectors into one. None: as the
+    /// model's file says (`<arch>.pooling_type`), mean where it says nothing (a generative model).
+    pub pooling: Option<Pooling>,
+}
+
+/// How a sequence's token vectors become one embedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    /// Their mean.
+    Mean,
+    /// The first token's (BERT's CLS token).
+    Cls,
+    /// The last token's.
+    Last,
+    /// A reranker's relevance score: its classification head over the sequence (one number per
+    /// label, usually one).
+    Rank,
+}
+
+impl Pooling {
+    /// A GGUF's `<arch>.pooling_type` (llama.cpp's numbering); None for none or unknown.
+    pub fn from_gguf(value: u32) -> Option<Pooling> {
+        match value {
+            1 => Some(Pooling::Mean),
+            2 => Some(Pooling::Cls),
+            3 => Some(Pooling::Last),
+            4 => Some(Pooling::Rank),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Pooling {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "mean" => Ok(Pooling::Mean),
+            "cls" => Ok(Pooling::Cls),
+            "last" => Ok(Pooling::Last),
+            "rank" => Ok(Pooling::Rank),
+            "none" => Err("pooling none gives a vector per token, not per text: choose mean, cls, last or rank".into()),
+            other => Err(format!("{other:?} is not a pooling (mean, cls, last, rank)")),
+        }
+    }
 }
 
 impl Default for SessionConfig {
@@ -118,6 +163,7 @@ impl Default for SessionConfig {
             flash_attention: None,
             embeddings: false,
             n_seq: 1,
+            pooling: None,
         }
     }
 }
@@ -403,6 +449,10 @@ pub struct GenerateOptions {
     /// While the prompt decodes, report its progress (a server's [`crate::serving::Event::Progress`]:
     /// once before the first chunk, then after each).
     pub prompt_progress: bool,
+    /// Run in this slot of a server's decode loop (llama-server's `id_slot`), waiting until it is
+    /// free: its cache, as a slot action saved or restored it, serves the prompt. None: the free
+    /// slot whose cache holds most of the prompt.
+    pub slot: Option<usize>,
 }
 
 impl Default for GenerateOptions {
@@ -418,6 +468,7 @@ impl Default for GenerateOptions {
             preserved_tokens: Vec::new(),
             ignore_eos: false,
             prompt_progress: false,
+            slot: None,
         }
     }
 }

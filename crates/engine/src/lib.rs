@@ -43,8 +43,8 @@ mod token_text;
 pub use backend::LlamaLogLevel;
 pub use chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, Continuation, ReasoningFormat, Tool, ToolCall, ToolChoice};
 pub use config::{
-    CancelToken, ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, GrammarStart, Placement, Prompt, SamplerStage, SamplingParams,
-    SessionConfig, Speculation,
+    CancelToken, ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, GrammarStart, Placement, Pooling, Prompt, SamplerStage,
+    SamplingParams, SessionConfig, Speculation,
 };
 pub use engine::{Engine, Generation, Session, TokenizeOptions, set_llama_log_level};
 pub use error::{Cause, DecodeFailure, EngineError, Result, SlotFileAction};

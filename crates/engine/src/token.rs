@@ -47,6 +47,18 @@ pub struct FimTokens {
     pub separator: Option<TokenId>,
 }
 
+/// The special tokens a vocabulary puts around the two texts of a pair (a reranker's query and
+/// document, as llama-server builds them): each only where the vocabulary adds it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PairTokens {
+    /// Before the first text.
+    pub bos: Option<TokenId>,
+    /// After each text (EOS, or SEP where the vocabulary has no EOS).
+    pub eos: Option<TokenId>,
+    /// Between the two (after the first's `eos`).
+    pub sep: Option<TokenId>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

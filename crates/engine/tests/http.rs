@@ -185,6 +185,7 @@ fn embeddings_tokenize_detokenize_and_latency_metrics() {
     let first: Vec<f32> = data[0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
     assert_eq!(first.len(), 640, "Gemma 3 270M's width");
     assert_ne!(data[0]["embedding"], data[1]["embedding"]);
+    assert!((norm(&first) - 1.0).abs() < 1e-4, "OpenAI's embeddings are L2-normalised: {}", norm(&first));
     assert!(floats["usage"]["prompt_tokens"].as_u64().unwrap() >= 4);
     // The same vector in base64 (little-endian f32), and what the engine computes in this process.
     let b64: Value =
@@ -197,9 +198,24 @@ fn embeddings_tokenize_detokenize_and_latency_metrics() {
     }
     let engine = Engine::load(EngineConfig::new(default_model_path())).unwrap();
     let local = engine.embed("Hello there").unwrap();
+    let local_norm = norm(&local);
     for (a, b) in local.iter().zip(&first) {
-        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+        assert!((a / local_norm - b).abs() <= 1e-4, "{a} / {local_norm} vs {b}");
     }
+    // 32 texts in one request (decoded together) give the vectors 32 single requests give, up to
+    // the rounding of a batched decode.
+    let texts: Vec<String> = (0..32).map(|i| format!("Sentence number {i} is about {}.", ["cats", "rain", "ships", "bread"][i % 4])).collect();
+    let many: Value = http.post(server.url("/v1/embeddings")).json(&json!({ "input": texts })).send().unwrap().json().unwrap();
+    let vector = |v: &Value| -> Vec<f32> { v["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+    for (i, text) in texts.iter().enumerate() {
+        let one: Value = http.post(server.url("/v1/embeddings")).json(&json!({ "input": text })).send().unwrap().json().unwrap();
+        let (batched, single) = (vector(&many["data"][i]), vector(&one["data"][0]));
+        let cosine: f32 = batched.iter().zip(&single).map(|(a, b)| a * b).sum();
+        assert!(cosine > 0.999, "text {i}: cosine {cosine} between the batched and the single vector");
+    }
+    let r = http.post(server.url("/v1/embeddings")).json(&json!({ "input": "x", "dimensions": 8 })).send().unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().unwrap()["error"]["param"], "dimensions");
 
     let tokens: Value = http.post(server.url("/tokenize")).json(&json!({ "content": "Hello there" })).send().unwrap().json().unwrap();
     let ids: Vec<i64> = tokens["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
@@ -223,6 +239,10 @@ fn embeddings_tokenize_detokenize_and_latency_metrics() {
     assert_eq!(server.metric("exsa_time_to_first_token_seconds_count"), 1.0);
     // Four tokens: up to three gaps (a token that completes no character sends nothing).
     assert!((1.0..=3.0).contains(&server.metric("exsa_inter_token_seconds_count")));
+}
+
+fn norm(v: &[f32]) -> f32 {
+    v.iter().map(|x| x * x).sum::<f32>().sqrt()
 }
 
 fn decode_base64(text: &str) -> Vec<u8> {
@@ -765,13 +785,16 @@ fn slots_save_restore_and_erase_their_caches_in_the_slot_folder_only() {
         let r = http.post(server.url(&format!("/slots/{slot}?action={action}"))).json(&body).send().unwrap();
         (r.status().as_u16(), r.json::<Value>().unwrap())
     };
-    let complete = || -> Value {
-        let body = json!({ "prompt": "The capital of France is a city that", "n_predict": 12, "temperature": 0 });
+    let complete_in = |slot: i64| -> Value {
+        let body = json!({ "prompt": "The capital of France is a city that", "n_predict": 12, "temperature": 0, "id_slot": slot });
         http.post(server.url("/completion")).json(&body).send().unwrap().json().unwrap()
     };
-    let first = complete();
+    let complete = || complete_in(-1);
+    // `id_slot` puts the request in slot 1 (the scheduler would pick slot 0 of two empty ones).
+    let first = complete_in(1);
     let held = cached();
-    let slot = held.iter().position(|&n| n > 0).expect("a slot holds the request's cache");
+    let slot = 1;
+    assert_eq!(held[0], 0, "{held:?}");
     let tokens = held[slot];
     let decoded = first["timings"]["prompt_n"].as_u64().unwrap() + first["tokens_predicted"].as_u64().unwrap() - 1;
     assert_eq!(tokens, decoded, "the prompt and the generated tokens but the last: {first}");
@@ -800,6 +823,8 @@ fn slots_save_restore_and_erase_their_caches_in_the_slot_folder_only() {
     assert_eq!(cached()[other], tokens, "the request ran in the slot holding the restored cache");
 
     std::fs::write(dir.join("junk.bin"), b"not a state file").unwrap();
+    let r = http.post(server.url("/completion")).json(&json!({ "prompt": "x", "n_predict": 1, "id_slot": 5 })).send().unwrap();
+    assert_eq!((r.status().as_u16(), r.json::<Value>().unwrap()["error"]["param"].as_str().map(str::to_owned)), (400, Some("id_slot".into())));
     for (slot, act, body, status, param) in [
         (0, "save", json!({ "filename": "../escape.bin" }), 400, "filename"),
         (0, "save", json!({ "filename": "/tmp/escape.bin" }), 400, "filename"),
@@ -845,4 +870,71 @@ fn several_addresses_and_names_of_one_model() {
     } else {
         eprintln!("no IPv6 loopback here: the second address is not tested");
     }
+}
+
+/// CORS: with `--cors-origin`, a preflight from that origin gets the headers (for a route behind
+/// the API key too: a preflight carries none), one from another origin does not; without it,
+/// no CORS header at all.
+#[test]
+fn browser_origins_named_by_cors_origin_may_call_and_no_other() {
+    let _one_at_a_time = common::one_at_a_time();
+    let preflight = |server: &Server, origin: &str| {
+        client()
+            .request(reqwest::Method::OPTIONS, server.url("/v1/chat/completions"))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header("Access-Control-Request-Headers", "authorization,content-type")
+            .send()
+            .unwrap()
+    };
+    let allowed = |r: &reqwest::blocking::Response| r.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string());
+    let server = Server::start(&["--cors-origin", "http://app.example:3000", "--api-key", "sekret"]);
+    let r = preflight(&server, "http://app.example:3000");
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(allowed(&r).as_deref(), Some("http://app.example:3000"));
+    let methods = r.headers().get("access-control-allow-methods").unwrap().to_str().unwrap().to_string();
+    assert!(methods.contains("POST"), "{methods}");
+    assert!(r.headers().get("access-control-allow-credentials").is_none());
+    assert_eq!(allowed(&preflight(&server, "http://evil.example")), None);
+    let r = client().get(server.url("/v1/models")).header("Origin", "http://app.example:3000").bearer_auth("sekret").send().unwrap();
+    assert_eq!((r.status().as_u16(), allowed(&r).as_deref()), (200, Some("http://app.example:3000")));
+
+    let server = Server::start(&[]);
+    let r = preflight(&server, "http://app.example:3000");
+    assert_eq!(allowed(&r), None);
+    assert!(r.headers().keys().all(|k| !k.as_str().starts_with("access-control-")), "{:?}", r.headers());
+}
+
+/// `/v1/rerank` (and `/rerank`) on the synthetic reranker: results by relevance, best first,
+/// `top_n` of them, with the documents when asked; the order llama-server gave for these
+/// documents (recorded in tests/embeddings.rs: "stocks fell", "a kitten", "cats purr"). A model
+/// that is no reranker is a 400 naming `model`, and a reranker gives no embeddings.
+#[test]
+fn rerank_orders_documents_by_relevance() {
+    let _one_at_a_time = common::one_at_a_time();
+    let synth = std::path::PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml"));
+    let server = Server::start(&["--model", synth.join("bert-tiny-rerank.gguf").to_str().unwrap()]);
+    let body = json!({ "query": "a cat", "documents": ["cats purr", "stocks fell", { "text": "a kitten" }], "top_n": 2, "return_documents": true });
+    if Engine::backend_name() == "crate" {
+        // Rank pooling is refused on the crate baseline (see tests/embeddings.rs).
+        let r = client().post(server.url("/v1/rerank")).json(&body).send().unwrap();
+        assert_eq!((r.status().as_u16(), r.json::<Value>().unwrap()["error"]["code"].as_str().map(str::to_owned)), (400, Some("unsupported".into())));
+        return;
+    }
+    for route in ["/v1/rerank", "/rerank"] {
+        let r: Value = client().post(server.url(route)).json(&body).send().unwrap().json().unwrap();
+        let results = r["results"].as_array().unwrap();
+        assert_eq!(results.iter().map(|x| x["index"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2], "{r}");
+        assert_eq!(results[0]["document"]["text"], "stocks fell");
+        assert!(results[0]["relevance_score"].as_f64().unwrap() > results[1]["relevance_score"].as_f64().unwrap());
+        assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 3 * 4, "{r}");
+    }
+    let r = client().post(server.url("/v1/embeddings")).json(&json!({ "input": "a cat" })).send().unwrap();
+    assert_eq!((r.status().as_u16(), r.json::<Value>().unwrap()["error"]["param"].as_str().map(str::to_owned)), (400, Some("model".into())));
+    let r = client().post(server.url("/v1/rerank")).json(&json!({ "query": "a cat", "documents": [] })).send().unwrap();
+    assert_eq!(r.status(), 400);
+
+    let server = Server::start(&[]);
+    let r = client().post(server.url("/v1/rerank")).json(&json!({ "query": "a cat", "documents": ["cats purr"] })).send().unwrap();
+    assert_eq!((r.status().as_u16(), r.json::<Value>().unwrap()["error"]["param"].as_str().map(str::to_owned)), (400, Some("model".into())));
 }

@@ -84,7 +84,7 @@ pub use quantize::{QuantType, quantize};
 pub use sampler::{GrammarTriggers, SampledFrom, Sampler, SamplerChain};
 pub use system::{Capabilities, Device, DeviceKind, capabilities, devices, system_info};
 pub use token::Token;
-pub use vocab::{DetokenizeOptions, FimToken, TokenizeOptions, Vocab};
+pub use vocab::{AddedSpecials, DetokenizeOptions, FimToken, TokenizeOptions, Vocab};
 
 /// What exactly was compiled: see [`llama_sys::BuildInfo`].
 pub fn build_info() -> &'static llama_sys::BuildInfo {

@@ -75,6 +75,24 @@ impl<'m> Vocab<'m> {
         Token(unsafe { sys::llama_vocab_eos(self.raw.as_ptr()) })
     }
 
+    /// The separator token (BERT's `[SEP]`), if the vocabulary has one.
+    pub fn sep(&self) -> Option<Token> {
+        // SAFETY: reads a field of a live vocab.
+        let id = unsafe { sys::llama_vocab_sep(self.raw.as_ptr()) };
+        // LLAMA_TOKEN_NULL (-1): none.
+        self.contains(Token(id)).then_some(Token(id))
+    }
+
+    /// Which special tokens tokenizing with `add_special` adds: BOS before the text, EOS after
+    /// it, SEP between the parts of a pair (BERT-like models; a reranker's query and document).
+    pub fn added_specials(&self) -> AddedSpecials {
+        let raw = self.raw.as_ptr();
+        // SAFETY: each reads a field of a live vocab.
+        unsafe {
+            AddedSpecials { bos: sys::llama_vocab_get_add_bos(raw), eos: sys::llama_vocab_get_add_eos(raw), sep: sys::llama_vocab_get_add_sep(raw) }
+        }
+    }
+
     /// The end-of-turn token (chat models).
     pub fn eot(&self) -> Token {
         // SAFETY: reads a field of a live vocab.
@@ -238,4 +256,15 @@ pub enum FimToken {
     Repository,
     /// Starts a file of the repository.
     Separator,
+}
+
+/// The special tokens a vocabulary adds around text (see [`Vocab::added_specials`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddedSpecials {
+    /// BOS before the text.
+    pub bos: bool,
+    /// EOS after it.
+    pub eos: bool,
+    /// SEP between the parts of a pair.
+    pub sep: bool,
 }

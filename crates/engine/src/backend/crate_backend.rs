@@ -145,6 +145,19 @@ impl BackendModel for CrateModel {
         }
     }
 
+    fn meta(&self, key: &str) -> Option<String> {
+        self.model.meta_val_str(key).ok()
+    }
+
+    fn named_template(&self, name: &str) -> Option<String> {
+        self.model.chat_template(Some(name)).ok().and_then(|t| t.to_string().ok())
+    }
+
+    /// None: this backend refuses rank pooling (see `session`), the one user of pairs.
+    fn pair_tokens(&self) -> crate::token::PairTokens {
+        crate::token::PairTokens::default()
+    }
+
     fn chat_template(&self) -> Option<String> {
         self.model.chat_template(None).ok().and_then(|t| t.to_string().ok())
     }
@@ -179,7 +192,15 @@ impl BackendModel for CrateModel {
                 Some(false) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
             });
         if config.embeddings {
-            params = params.with_pooling_type(LlamaPoolingType::Mean);
+            params = params.with_pooling_type(match config.pooling {
+                None => LlamaPoolingType::Unspecified,
+                Some(crate::Pooling::Mean) => LlamaPoolingType::Mean,
+                Some(crate::Pooling::Cls) => LlamaPoolingType::Cls,
+                Some(crate::Pooling::Last) => LlamaPoolingType::Last,
+                // The crate reads every pooled row as n_embd floats; a rank-pooled row is
+                // n_cls_out long, so reading it would run past its end.
+                Some(crate::Pooling::Rank) => return Err(EngineError::Unsupported { what: "rank pooling (reranking)", backend: "crate" }),
+            });
         }
         let ctx = self.model.new_context(backend(), params).map_err(|e| EngineError::Session(cause(e)))?;
         let n_batch = ctx.n_batch() as usize;
@@ -250,8 +271,8 @@ impl BackendSession for CrateSession<'_> {
         self.ctx.synchronize();
     }
 
-    fn embedding(&self) -> Result<Vec<f32>, EngineError> {
-        self.ctx.embeddings_seq_ith(0).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
+    fn sequence_embedding(&self, seq: i32) -> Result<Vec<f32>, EngineError> {
+        self.ctx.embeddings_seq_ith(seq).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
     }
 
     fn batch_clear(&mut self) {

@@ -120,6 +120,13 @@ pub trait BackendModel: Send + Sync + Sized {
     fn n_vocab(&self) -> i32;
     /// The vocabulary's fill-in-the-middle tokens.
     fn fim_tokens(&self) -> crate::FimTokens;
+    /// A metadata value of the model's file, as text (`general.name`, `<arch>.pooling_type`).
+    fn meta(&self, key: &str) -> Option<String>;
+    /// A named template of the model's file (`tokenizer.chat_template.<name>`: a reranker's
+    /// `rerank` prompt, with `{query}` and `{document}`).
+    fn named_template(&self, name: &str) -> Option<String>;
+    /// The special tokens around the two texts of a pair.
+    fn pair_tokens(&self) -> crate::token::PairTokens;
     /// The model's own chat template, if its file has one.
     fn chat_template(&self) -> Option<String>;
     /// Formats messages with a template text or a llama.cpp built-in template name.
@@ -162,8 +169,9 @@ pub trait BackendSession {
     /// Waits until the last decode has finished computing (GPU and RPC backends return before
     /// it has; reading logits waits anyway). For timing decodes.
     fn synchronize(&self);
-    /// Mean-pooled embedding of the last decode (sessions built with `embeddings`).
-    fn embedding(&self) -> Result<Vec<f32>, EngineError>;
+    /// Sequence `seq`'s pooled embedding from the last decode (sessions built with `embeddings`,
+    /// pooled as their config says; a rank-pooled one is the classification head's output).
+    fn sequence_embedding(&self, seq: i32) -> Result<Vec<f32>, EngineError>;
     /// Empties the batch (keeping its allocation).
     fn batch_clear(&mut self);
     /// Appends `token` at `pos` of sequence `seq`; `output` asks for its logits, which

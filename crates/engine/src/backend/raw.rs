@@ -259,6 +259,35 @@ impl BackendModel for RawModel {
         unsafe { sys::llama_vocab_n_tokens(self.vocab) }
     }
 
+    fn meta(&self, key: &str) -> Option<String> {
+        let key = CString::new(key).ok()?;
+        // SAFETY: snprintf contract on a live model; the key is NUL-terminated.
+        snprintf(|b, l| unsafe { sys::llama_model_meta_val_str(self.raw.as_ptr(), key.as_ptr(), b, l) })
+    }
+
+    fn named_template(&self, name: &str) -> Option<String> {
+        let name = CString::new(name).ok()?;
+        // SAFETY: null or a NUL-terminated string owned by the model; the name is NUL-terminated.
+        let p = unsafe { sys::llama_model_chat_template(self.raw.as_ptr(), name.as_ptr()) };
+        // SAFETY: as above.
+        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    }
+
+    fn pair_tokens(&self) -> crate::token::PairTokens {
+        let n_vocab = self.n_vocab();
+        // LLAMA_TOKEN_NULL (-1) where the vocabulary has none.
+        let some = |t: TokenId| (0..n_vocab).contains(&t).then_some(t);
+        // SAFETY: field reads of the live vocab.
+        unsafe {
+            let sep = some(sys::llama_vocab_sep(self.vocab));
+            crate::token::PairTokens {
+                bos: sys::llama_vocab_get_add_bos(self.vocab).then(|| sys::llama_vocab_bos(self.vocab)),
+                eos: if sys::llama_vocab_get_add_eos(self.vocab) { some(sys::llama_vocab_eos(self.vocab)).or(sep) } else { None },
+                sep: if sys::llama_vocab_get_add_sep(self.vocab) { sep } else { None },
+            }
+        }
+    }
+
     fn chat_template(&self) -> Option<String> {
         // SAFETY: null or a NUL-terminated string owned by the model.
         let p = unsafe { sys::llama_model_chat_template(self.raw.as_ptr(), std::ptr::null()) };
@@ -347,7 +376,13 @@ impl BackendModel for RawModel {
             p.kv_unified = config.n_seq > 1;
             p.embeddings = config.embeddings;
             if config.embeddings {
-                p.pooling_type = sys::LLAMA_POOLING_TYPE_MEAN;
+                p.pooling_type = match config.pooling {
+                    None => sys::LLAMA_POOLING_TYPE_UNSPECIFIED,
+                    Some(crate::Pooling::Mean) => sys::LLAMA_POOLING_TYPE_MEAN,
+                    Some(crate::Pooling::Cls) => sys::LLAMA_POOLING_TYPE_CLS,
+                    Some(crate::Pooling::Last) => sys::LLAMA_POOLING_TYPE_LAST,
+                    Some(crate::Pooling::Rank) => sys::LLAMA_POOLING_TYPE_RANK,
+                };
             }
             p.flash_attn_type = match config.flash_attention {
                 None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
@@ -475,15 +510,26 @@ impl BackendSession for RawSession<'_> {
         unsafe { sys::llama_synchronize(self.ctx.as_ptr()) }
     }
 
-    fn embedding(&self) -> Result<Vec<f32>, EngineError> {
-        // SAFETY: null or the pooled row of sequence 0.
-        let p = unsafe { sys::llama_get_embeddings_seq(self.ctx.as_ptr(), 0) };
+    fn sequence_embedding(&self, seq: i32) -> Result<Vec<f32>, EngineError> {
+        if !(0..self.n_seq).contains(&seq) {
+            return Err(EngineError::decode(DecodeFailure::NoOutput, format!("no sequence {seq} in a context of {}", self.n_seq)));
+        }
+        // SAFETY: null or the pooled row of sequence `seq` (an id of this context, checked).
+        let p = unsafe { sys::llama_get_embeddings_seq(self.ctx.as_ptr(), seq) };
         if p.is_null() {
             return Err(EngineError::decode(DecodeFailure::NoOutput, "no pooled embedding"));
         }
-        // SAFETY: mean-pooled rows are n_embd_out floats (a field read of the live model), valid
-        // until the next decode, which needs &mut self.
-        Ok(unsafe { std::slice::from_raw_parts(p, sys::llama_model_n_embd_out(self.model.raw.as_ptr()).max(0) as usize) }.to_vec())
+        // SAFETY: field reads of the live context and model. Pooled rows are n_embd_out floats,
+        // n_cls_out for rank pooling, valid until the next decode, which needs &mut self.
+        let width = unsafe {
+            if sys::llama_pooling_type(self.ctx.as_ptr()) == sys::LLAMA_POOLING_TYPE_RANK {
+                sys::llama_model_n_cls_out(self.model.raw.as_ptr()) as usize
+            } else {
+                sys::llama_model_n_embd_out(self.model.raw.as_ptr()).max(0) as usize
+            }
+        };
+        // SAFETY: as above.
+        Ok(unsafe { std::slice::from_raw_parts(p, width) }.to_vec())
     }
 
     fn batch_clear(&mut self) {

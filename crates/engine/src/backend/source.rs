@@ -166,6 +166,26 @@ impl BackendModel for SourceModel {
         self.model.vocab().n_tokens()
     }
 
+    fn meta(&self, key: &str) -> Option<String> {
+        self.model.meta(key)
+    }
+
+    fn named_template(&self, name: &str) -> Option<String> {
+        self.model.chat_template(Some(name))
+    }
+
+    fn pair_tokens(&self) -> crate::token::PairTokens {
+        let vocab = self.model.vocab();
+        let added = vocab.added_specials();
+        let sep = vocab.sep();
+        let eos = Some(vocab.eos()).filter(|&t| vocab.contains(t)).or(sep);
+        crate::token::PairTokens {
+            bos: added.bos.then_some(vocab.bos().0),
+            eos: if added.eos { eos.map(|t| t.0) } else { None },
+            sep: if added.sep { sep.map(|t| t.0) } else { None },
+        }
+    }
+
     fn chat_template(&self) -> Option<String> {
         self.model.chat_template(None)
     }
@@ -198,7 +218,14 @@ impl BackendModel for SourceModel {
                 Some(false) => FlashAttention::Off,
             },
             embeddings: config.embeddings,
-            pooling: if config.embeddings { Pooling::Mean } else { Pooling::Unspecified },
+            pooling: match config.pooling {
+                _ if !config.embeddings => Pooling::Unspecified,
+                None => Pooling::Unspecified,
+                Some(crate::Pooling::Mean) => Pooling::Mean,
+                Some(crate::Pooling::Cls) => Pooling::Cls,
+                Some(crate::Pooling::Last) => Pooling::Last,
+                Some(crate::Pooling::Rank) => Pooling::Rank,
+            },
             ..Default::default()
         };
         let ctx = Context::new(&self.model, &params).map_err(|e| match e {
@@ -250,8 +277,8 @@ impl<'m> BackendSession for SourceSession<'m> {
         self.ctx.synchronize();
     }
 
-    fn embedding(&self) -> Result<Vec<f32>, EngineError> {
-        self.ctx.sequence_embeddings(0).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
+    fn sequence_embedding(&self, seq: i32) -> Result<Vec<f32>, EngineError> {
+        self.ctx.sequence_embeddings(seq).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
     }
 
     fn batch_clear(&mut self) {

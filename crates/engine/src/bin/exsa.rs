@@ -45,6 +45,10 @@ struct Common {
     /// Flash attention: on, off or auto.
     #[arg(long, global = true, default_value = "auto")]
     flash_attn: String,
+    /// How embeddings pool a text's token vectors: mean, cls, last or rank (a reranker's
+    /// score). Default: what the model's file says, mean where it says nothing.
+    #[arg(long, global = true)]
+    pooling: Option<exsa_engine::Pooling>,
     /// Show llama.cpp's log at this level and above (debug, info, warn, error).
     #[arg(long, global = true, default_value = "warn")]
     log: String,
@@ -257,6 +261,10 @@ struct ServeArgs {
     /// requests name files in it, never paths).
     #[arg(long, value_name = "DIR")]
     slot_save_path: Option<PathBuf>,
+    /// Let web pages of ORIGIN (scheme://host[:port]) call the server (CORS; repeatable; `*`:
+    /// any page, with a warning). Default: none, and no CORS headers.
+    #[arg(long, value_name = "ORIGIN")]
+    cors_origin: Vec<String>,
 }
 
 #[derive(Args)]
@@ -310,7 +318,7 @@ fn main() {
 }
 
 fn session_config(common: &Common) -> Result<SessionConfig, EngineError> {
-    let mut config = SessionConfig { n_ctx: common.ctx, ..Default::default() };
+    let mut config = SessionConfig { n_ctx: common.ctx, pooling: common.pooling, ..Default::default() };
     if let Some(t) = common.threads {
         config.n_threads = t;
         config.n_threads_batch = t;
@@ -504,6 +512,7 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         verbose: args.verbose,
         slots_endpoint: args.slots,
         slot_save_path: args.slot_save_path,
+        cors_origins: args.cors_origin,
     };
     http::run(sources, policy, config, |addr| {
         // One line on stdout per address, for scripts (and tests) that ask for port 0. A reader

@@ -7,7 +7,7 @@ mod session;
 
 use std::time::Instant;
 
-use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, Outputs, SamplerOf, TokenId};
+use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, SamplerOf, TokenId};
 use crate::chat::{ChatMessage, ChatOptions, Continuation};
 use crate::config::{ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, Prompt, SessionConfig};
 use crate::error::EngineError;
@@ -39,6 +39,27 @@ pub struct Engine {
 /// backend; `tracing`'s filters apply on top.
 pub fn set_llama_log_level(level: crate::backend::LlamaLogLevel) {
     <crate::backend::Active as crate::backend::Backend>::set_llama_log_level(level);
+}
+
+/// Texts embedded in one decode at most (each its own sequence of the context).
+const MAX_EMBEDDED_TOGETHER: usize = 64;
+
+/// `texts` in order, cut into groups that fit one decode: at most `n_batch` tokens and
+/// `max_seqs` texts each.
+fn batches(texts: &[Vec<TokenId>], n_batch: usize, max_seqs: usize) -> Vec<&[Vec<TokenId>]> {
+    let mut groups = Vec::new();
+    let (mut start, mut tokens) = (0, 0);
+    for (i, text) in texts.iter().enumerate() {
+        if i > start && (tokens + text.len() > n_batch || i - start == max_seqs) {
+            groups.push(&texts[start..i]);
+            (start, tokens) = (i, 0);
+        }
+        tokens += text.len();
+    }
+    if start < texts.len() {
+        groups.push(&texts[start..]);
+    }
+    groups
 }
 
 impl Engine {
@@ -159,25 +180,137 @@ impl Engine {
         self.session()?.generate_text(request)
     }
 
-    /// The mean-pooled embedding of `text`. The whole text must fit one batch (n_batch tokens):
-    /// pooling covers one decode, so a longer text would be pooled over its last part only.
+    /// How this engine's embeddings pool a text's token vectors: the session config's choice
+    /// (`--pooling`), else what the model's file says (`<arch>.pooling_type`), else mean (a
+    /// generative model's file says nothing).
+    pub fn pooling(&self) -> crate::Pooling {
+        let declared = || {
+            let arch = self.model.info().architecture;
+            self.model.meta(&format!("{arch}.pooling_type")).and_then(|v| v.trim().parse().ok()).and_then(crate::Pooling::from_gguf)
+        };
+        self.config.session.pooling.or_else(declared).unwrap_or(crate::Pooling::Mean)
+    }
+
+    /// Whether the model attends both ways (an encoder: its file says `<arch>.attention.causal`
+    /// false), rather than causally as generative models do.
+    fn attends_both_ways(&self) -> bool {
+        let arch = self.model.info().architecture;
+        self.model.meta(&format!("{arch}.attention.causal")).is_some_and(|v| matches!(v.trim(), "false" | "0"))
+    }
+
+    /// The embedding of `text`, pooled as [`Engine::pooling`] says (see [`Engine::embed_many`]).
     pub fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError> {
+        let mut one = self.embed_many(&[text])?;
+        Ok(one.pop().unwrap_or_default())
+    }
+
+    /// Each text's embedding, pooled as [`Engine::pooling`] says (a reranker's: its scores).
+    /// An encoder's texts are decoded together, as many per decode as fit one batch (n_batch
+    /// tokens), each in a sequence of its own; a generative model's one per decode. Each text
+    /// must fit one batch (pooling covers one decode, so a longer text would be pooled over its
+    /// last part only).
+    pub fn embed_many(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EngineError> {
         let base = &self.config.session;
+        let mut tokenized = Vec::with_capacity(texts.len());
+        for text in texts {
+            let mut tokens = Vec::new();
+            self.model.tokenize(text, true, false, &mut tokens)?;
+            if tokens.is_empty() {
+                return Err(EngineError::EmptyPrompt);
+            }
+            if tokens.len() > base.n_batch as usize {
+                return Err(EngineError::EmbedTooLong { tokens: tokens.len(), n_batch: base.n_batch });
+            }
+            tokenized.push(tokens);
+        }
+        self.embed_tokens(&tokenized)
+    }
+
+    /// A reranker's relevance score of each document for `query` (a model whose pooling is
+    /// rank), in the documents' order (higher is more relevant), with the length of the pair's
+    /// prompt in tokens. Each pair is the prompt
+    /// llama-server builds: the model's `rerank` template with `{query}` and `{document}`
+    /// filled in, else `[BOS] query [EOS] [SEP] document [EOS]` (each special token where the
+    /// vocabulary adds it). The pairs are decoded together as embeddings are.
+    pub fn rerank(&self, query: &str, documents: &[&str]) -> Result<Vec<(f32, usize)>, EngineError> {
+        if self.pooling() != crate::Pooling::Rank {
+            return Err(EngineError::InvalidRequest {
+                field: "model",
+                value: self.model.info().architecture,
+                reason: "is not a reranker (its pooling is not rank; a reranker's GGUF says so, or --pooling rank)",
+            });
+        }
+        let n_batch = self.config.session.n_batch as usize;
+        let template = self.model.named_template("rerank");
+        let pair = self.model.pair_tokens();
+        let mut prompts = Vec::with_capacity(documents.len());
+        for document in documents {
+            let mut tokens = Vec::new();
+            match &template {
+                Some(t) => {
+                    let text = t.replace("{query}", query).replace("{document}", document);
+                    self.model.tokenize(&text, false, true, &mut tokens)?;
+                }
+                None => {
+                    // (`tokenize` replaces what its output holds.)
+                    let (mut q, mut d) = (Vec::new(), Vec::new());
+                    self.model.tokenize(query, false, false, &mut q)?;
+                    self.model.tokenize(document, false, false, &mut d)?;
+                    tokens.extend(pair.bos);
+                    tokens.extend(q);
+                    tokens.extend(pair.eos);
+                    tokens.extend(pair.sep);
+                    tokens.extend(d);
+                    tokens.extend(pair.eos);
+                }
+            }
+            if tokens.is_empty() {
+                return Err(EngineError::EmptyPrompt);
+            }
+            if tokens.len() > n_batch {
+                return Err(EngineError::EmbedTooLong { tokens: tokens.len(), n_batch: n_batch as u32 });
+            }
+            prompts.push(tokens);
+        }
+        let scores = self.embed_tokens(&prompts)?;
+        Ok(scores.into_iter().zip(&prompts).map(|(s, p)| (s.first().copied().unwrap_or(f32::NAN), p.len())).collect())
+    }
+
+    /// [`Engine::embed_many`] of texts already tokenized (each non-empty, within one batch).
+    pub(crate) fn embed_tokens(&self, texts: &[Vec<TokenId>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let base = &self.config.session;
+        // A causal (generative) model's texts go one per decode: llama.cpp aborts on some
+        // decodes of several such sequences with pooling (GGML_ASSERT in a pooled mul_mat; seen
+        // with Gemma 3 and 33 texts of a few tokens, or 20 of 22), which an encoder's never hit.
+        let together = if self.attends_both_ways() { MAX_EMBEDDED_TOGETHER } else { 1 };
+        let n_seq = texts.len().clamp(1, together) as u32;
         // One micro-batch per batch, so models that attend both ways take a whole batch too; a
-        // context just large enough for one batch, since nothing is kept.
-        let config = SessionConfig { embeddings: true, n_ubatch: base.n_batch, n_ctx: base.n_batch.saturating_add(1), n_seq: 1, ..base.clone() };
+        // context of one batch's cells, emptied after each decode, since nothing is kept.
+        let config = SessionConfig {
+            embeddings: true,
+            n_ubatch: base.n_batch,
+            n_ctx: base.n_batch.saturating_add(1),
+            n_seq,
+            pooling: Some(self.pooling()),
+            ..base.clone()
+        };
         config.validate()?;
         let mut session = self.model.session(&config)?;
-        let mut tokens = Vec::new();
-        self.model.tokenize(text, true, false, &mut tokens)?;
-        if tokens.is_empty() {
-            return Err(EngineError::EmptyPrompt);
+        let mut out = Vec::with_capacity(texts.len());
+        for group in batches(texts, config.n_batch as usize, n_seq as usize) {
+            session.batch_clear();
+            for (seq, tokens) in group.iter().enumerate() {
+                for (pos, &token) in tokens.iter().enumerate() {
+                    session.batch_push(token, pos as i32, seq as i32, pos + 1 == tokens.len())?;
+                }
+            }
+            session.batch_decode()?;
+            for seq in 0..group.len() as i32 {
+                out.push(session.sequence_embedding(seq)?);
+                session.seq_clear(seq);
+            }
         }
-        if tokens.len() > config.n_batch as usize {
-            return Err(EngineError::EmbedTooLong { tokens: tokens.len(), n_batch: config.n_batch });
-        }
-        session.decode(&tokens, 0, Outputs::Last)?;
-        session.embedding()
+        Ok(out)
     }
 
     /// A request ready for a scheduler: its prompt tokenized as its kind asks, its options
@@ -421,5 +554,20 @@ pub struct TokenizeOptions {
 impl Default for TokenizeOptions {
     fn default() -> Self {
         TokenizeOptions { add_special: true, parse_special: false }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_texts_are_grouped_by_batch_room_and_sequence_count() {
+        let texts: Vec<Vec<TokenId>> = [3, 4, 2, 6, 1, 1, 1].iter().map(|&n| vec![1; n]).collect();
+        let sizes = |groups: Vec<&[Vec<TokenId>]>| groups.iter().map(|g| g.iter().map(Vec::len).collect::<Vec<_>>()).collect::<Vec<_>>();
+        assert_eq!(sizes(batches(&texts, 8, 64)), vec![vec![3, 4], vec![2, 6], vec![1, 1, 1]]);
+        assert_eq!(sizes(batches(&texts, 8, 2)), vec![vec![3, 4], vec![2, 6], vec![1, 1], vec![1]]);
+        assert_eq!(sizes(batches(&texts, 100, 64)), vec![vec![3, 4, 2, 6, 1, 1, 1]]);
+        assert!(batches(&[], 8, 4).is_empty());
     }
 }

@@ -27,10 +27,6 @@ pub const IGNORED: &[(&str, &str)] = &[
     ("store", "whether OpenAI keeps the output for its dashboards: nothing is kept here"),
     ("service_tier", "OpenAI's billing and latency tier: one tier here"),
     ("cache_prompt", "llama-server's prompt cache switch: prefixes are always reused here, which never changes the output"),
-    (
-        "id_slot",
-        "llama-server's choice of slot: a request goes to the slot whose cache holds most of its prompt, and which slot decodes it never changes the output",
-    ),
 ];
 
 /// Fields a client may send whose meaning this server does not provide, with the reason given in

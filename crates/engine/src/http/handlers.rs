@@ -206,6 +206,8 @@ pub(super) async fn generate(
         for i in 1..choices {
             let mut sibling = requests[0].clone();
             sibling.options.sampling.seed = sibling.options.sampling.seed.wrapping_add(i as u32);
+            // Side by side: only the first choice takes a slot the request named.
+            sibling.options.slot = None;
             requests.push(sibling);
         }
         if requests.len() > state.models.slots() as usize {
@@ -215,7 +217,7 @@ pub(super) async fn generate(
         let logprobs = requests[0].options.logprobs.is_some();
         let mut submitted = Vec::with_capacity(requests.len());
         for request in requests {
-            submitted.push(submit(&model, request, native.clone(), verbose, stream).await?);
+            submitted.push(submit(&model, request, native.clone(), verbose, stream, None).await?);
         }
         Ok::<_, ApiError>((model, logprobs, submitted))
     }
@@ -261,18 +263,20 @@ pub(super) struct Choice {
     pub(super) shape: Option<Shape>,
 }
 
-/// Prepares `request` off the async workers and submits it to `model`'s decode loop.
-async fn submit(
+/// Prepares `request` off the async workers and submits it to `model`'s decode loop. `context`
+/// bounds the context one request may use below the model's (Ollama's `num_ctx`).
+pub(super) async fn submit(
     model: &Arc<Loaded>,
     request: GenerateRequest,
     native: Option<NativeFields>,
     verbose: bool,
     stream: bool,
+    context: Option<usize>,
 ) -> Result<Choice, ApiError> {
     let (mut prepared, shape) = tokio::task::spawn_blocking({
         let model = Arc::clone(model);
         move || {
-            let prepared = prepare(&model, &request)?;
+            let prepared = prepare(&model, &request, context)?;
             // The native shape (or the verbose echo of it) reports the prompt as prepared.
             let shape = match (native, verbose) {
                 (Some(fields), _) => Some(Shape::new(&model, prepared.tokens(), &request.options, stream, fields)?),
@@ -290,20 +294,72 @@ async fn submit(
     Ok(Choice { events, parser, shape })
 }
 
-/// The request for `model`'s decode loop: a prompt that does not fit the context is the
-/// client's error, and the context bounds `max_tokens` (by default, all of what is left).
-fn prepare(model: &Loaded, request: &GenerateRequest) -> Result<ServeRequest, ApiError> {
+/// The request for `model`'s decode loop: a prompt that does not fit the context (or the
+/// request's own bound on it) is the client's error, and the context bounds `max_tokens` (by
+/// default, all of what is left).
+fn prepare(model: &Loaded, request: &GenerateRequest, context: Option<usize>) -> Result<ServeRequest, ApiError> {
     let mut prepared = ServeRequest::new(&model.engine, request)?;
+    let n_ctx = context.map_or(model.n_ctx, |c| c.min(model.n_ctx));
     let prompt_tokens = prepared.tokens().len();
-    if prompt_tokens >= model.n_ctx {
-        return Err(EngineError::PromptTooLong { prompt_tokens, n_ctx: model.n_ctx as u32 }.into());
+    if prompt_tokens >= n_ctx {
+        return Err(EngineError::PromptTooLong { prompt_tokens, n_ctx: n_ctx as u32 }.into());
     }
-    prepared.limit_max_tokens(model.n_ctx - prompt_tokens);
+    prepared.limit_max_tokens(n_ctx - prompt_tokens);
     Ok(prepared)
 }
 
 /// Embeddings are computed apart from the decode loop, each in a context of its own sized for one
 /// batch (the model's weights are shared).
+/// Each text's embedding as the model pools it (decoded together), and its token count: the
+/// one embedding path of both API surfaces. A reranker's model (rank pooling) gives scores, not
+/// embeddings: refused.
+pub(super) async fn embed_texts(
+    state: &AppState,
+    model: Option<&str>,
+    texts: Vec<String>,
+) -> Result<(Arc<Loaded>, Vec<(Vec<f32>, usize)>), ApiError> {
+    let model = state.models.get(model).await?;
+    if model.engine.pooling() == crate::Pooling::Rank {
+        return Err(ApiError::invalid("model", format!("{} is a reranker (rank pooling): it scores pairs at /v1/rerank", model.id)));
+    }
+    let engine = Arc::clone(&model.engine);
+    let computed = pooled_off_runtime("input", move || {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let vectors = engine.embed_many(&refs)?;
+        let counts = texts.iter().map(|t| engine.tokenize(t, false).map(|t| t.len())).collect::<Result<Vec<_>, _>>()?;
+        Ok(vectors.into_iter().zip(counts).collect::<Vec<_>>())
+    })
+    .await?;
+    Ok((model, computed))
+}
+
+/// Runs a pooled computation (embeddings, rerank scores) off the async workers; a text longer
+/// than one batch is the request's fault, named by `field`.
+pub(super) async fn pooled_off_runtime<T: Send + 'static>(
+    field: &'static str,
+    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?.map_err(
+        |e| match e {
+            e @ EngineError::EmbedTooLong { .. } => ApiError::invalid(field, e),
+            e => ApiError::from(e),
+        },
+    )
+}
+
+/// `v` scaled to length 1 (a zero vector stays zero): embeddings compared by dot product, as
+/// OpenAI's and Ollama's clients compare them.
+pub(super) fn l2_normalized(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        for x in &mut v {
+            *x = (f64::from(*x) / norm) as f32;
+        }
+    }
+    v
+}
+
+/// OpenAI's `POST /v1/embeddings`: L2-normalised vectors, as OpenAI's are.
 pub(super) async fn embeddings(State(state): State<Arc<AppState>>, Body(body): Body<EmbeddingRequest>) -> Response {
     let result = async {
         let base64 = match body.encoding_format.as_deref() {
@@ -311,23 +367,23 @@ pub(super) async fn embeddings(State(state): State<Arc<AppState>>, Body(body): B
             Some("base64") => true,
             Some(other) => return Err(ApiError::invalid("encoding_format", format!("{other:?} is not float or base64"))),
         };
+        if body.dimensions.is_some() {
+            return Err(ApiError::invalid("dimensions", "embeddings are not shortened here (the model's width is returned); leave it out"));
+        }
+        if let Some(name) = body.other.keys().find(|k| *k != "user") {
+            return Err(ApiError::invalid(
+                name.clone(),
+                format!("{name} is not a field of embedding requests here; it would be ignored, so it is refused"),
+            ));
+        }
         let texts = body.input.texts(64)?;
-        let model = state.models.get(body.model.as_deref()).await?;
-        let engine = Arc::clone(&model.engine);
-        let computed = tokio::task::spawn_blocking(move || {
-            texts.iter().map(|t| Ok::<_, EngineError>((engine.embed(t)?, engine.tokenize(t, false)?.len()))).collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?
-        .map_err(|e| match e {
-            e @ EngineError::EmbedTooLong { .. } => ApiError::invalid("input", e),
-            e => ApiError::from(e),
-        })?;
+        let (model, computed) = embed_texts(&state, body.model.as_deref(), texts).await?;
         let tokens: usize = computed.iter().map(|(_, n)| n).sum();
         let data: Vec<serde_json::Value> = computed
             .into_iter()
             .enumerate()
             .map(|(index, (v, _))| {
+                let v = l2_normalized(v);
                 let embedding =
                     if base64 { json!(super::openai::base64(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())) } else { json!(v) };
                 json!({ "object": "embedding", "index": index, "embedding": embedding })

@@ -13,6 +13,7 @@
 
 mod anthropic;
 mod auth;
+mod cors;
 mod error;
 pub mod fields;
 mod handlers;
@@ -20,8 +21,10 @@ mod log;
 mod metrics;
 mod models;
 mod native;
+mod ollama;
 mod openai;
 mod props;
+mod rerank;
 mod responses;
 mod routes;
 mod slots;
@@ -63,6 +66,9 @@ pub struct ServerConfig {
     /// The folder of slot state files: `POST /slots/{id}?action=save|restore|erase` works with
     /// it (files in it only), answers 501 without (llama-server's `--slot-save-path`).
     pub slot_save_path: Option<std::path::PathBuf>,
+    /// Origins whose browser pages may call the server (CORS; `*`: any page). Empty: none, and
+    /// no CORS headers at all.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -78,6 +84,7 @@ impl Default for ServerConfig {
             verbose: false,
             slots_endpoint: false,
             slot_save_path: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -105,6 +112,8 @@ pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig,
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on"));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).thread_name("exsa-http").build()?;
+    // Checked before anything listens: a bad origin is a configuration error.
+    let cors = cors::layer(&config.cors_origins).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     runtime.block_on(async move {
         let listeners = listen(&config, on_listening).await?;
         let keep_alive = policy.keep_alive;
@@ -115,7 +124,7 @@ pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig,
             metrics: metrics::Metrics::default(),
             fingerprint: format!("b{}-exsa-{}", crate::Engine::build_info()["build_number"], env!("CARGO_PKG_VERSION")),
         });
-        let app = routes::router(Arc::clone(&state));
+        let app = routes::router(Arc::clone(&state), cors);
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
         let loader = Arc::clone(&state);
         tokio::spawn(async move {
@@ -158,6 +167,9 @@ pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig,
                 tokio::spawn(async move { serve.await })
             })
             .collect();
+        // The servers hold the routes (and through them the state) from here: the drain below
+        // waits until the state is the last reference.
+        drop(app);
         stop.await;
         let _ = stopping.send(true);
         for server in servers {

@@ -97,6 +97,9 @@ struct Entry {
     view: std::sync::Mutex<Option<Arc<Loaded>>>,
     /// Milliseconds since the registry started, at the last request.
     last_used_ms: AtomicU64,
+    /// How long the model stays loaded after its last request, as that request asked
+    /// (Ollama's `keep_alive`): milliseconds, or [`KEEP_BY_POLICY`], or [`KEEP_FOREVER`].
+    keep_ms: std::sync::atomic::AtomicI64,
     /// Why the model is not loaded now, after it lost an rpc-server and could not be loaded again.
     reload_failed: std::sync::Mutex<Option<String>>,
 }
@@ -127,6 +130,21 @@ impl Entry {
     }
 }
 
+/// An entry's `keep_ms` when its last request did not say: the policy's keep-alive.
+const KEEP_BY_POLICY: i64 = -1;
+/// An entry's `keep_ms` when its last request asked to keep it loaded.
+const KEEP_FOREVER: i64 = -2;
+
+/// A loaded model, as Ollama's `/api/ps` lists it.
+pub(crate) struct LoadedInfo {
+    pub id: String,
+    pub info: crate::backend::ModelInfo,
+    pub size_bytes: u64,
+    pub n_ctx: usize,
+    /// When it unloads unless used again; None: never (given with --model, or kept for ever).
+    pub expires_at: Option<std::time::SystemTime>,
+}
+
 /// The server's models.
 pub(crate) struct Models {
     entries: Vec<Entry>,
@@ -154,6 +172,7 @@ impl Models {
                 loaded: tokio::sync::Mutex::new(None),
                 view: std::sync::Mutex::new(None),
                 last_used_ms: AtomicU64::new(0),
+                keep_ms: std::sync::atomic::AtomicI64::new(KEEP_BY_POLICY),
                 reload_failed: std::sync::Mutex::new(None),
             });
         }
@@ -363,11 +382,68 @@ impl Models {
         }
     }
 
-    /// Unloads on-demand models idle for longer than the keep-alive.
+    /// How long `entry` stays loaded after its last request; None: for ever.
+    fn keep_alive_ms(&self, entry: &Entry) -> Option<u64> {
+        match entry.keep_ms.load(Ordering::Relaxed) {
+            _ if entry.source.pinned => None,
+            KEEP_FOREVER => None,
+            KEEP_BY_POLICY => Some(self.policy.keep_alive.as_millis() as u64),
+            ms => Some(ms.max(0) as u64),
+        }
+    }
+
+    /// How long model `id` stays loaded after the request that says so (Ollama's `keep_alive`;
+    /// None: the server's `--keep-alive`). A model given with --model stays loaded whatever a
+    /// request says.
+    pub fn keep(&self, id: &str, keep: Option<super::ollama::KeepAlive>) {
+        use super::ollama::KeepAlive;
+        let ms = match keep {
+            None => KEEP_BY_POLICY,
+            Some(KeepAlive::Forever) => KEEP_FOREVER,
+            Some(KeepAlive::UnloadNow) => 0,
+            Some(KeepAlive::For(d)) => d.as_millis().min(i64::MAX as u128) as i64,
+        };
+        if let Some(entry) = self.entries.iter().find(|e| e.source.id == id) {
+            entry.keep_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Unloads model `id` now if nothing uses it, else as soon as its requests end. A model
+    /// given with --model is never unloaded: 400.
+    pub async fn unload(&self, id: &str) -> Result<(), ApiError> {
+        let entry = self.entry(Some(id))?;
+        if entry.source.pinned {
+            return Err(ApiError::invalid("keep_alive", format!("the model {id:?} was given with --model and stays loaded")));
+        }
+        entry.keep_ms.store(0, Ordering::Relaxed);
+        let _gate = self.gate.lock().await;
+        self.unload_if_idle(entry).await;
+        Ok(())
+    }
+
+    /// The models loaded now.
+    pub fn loaded(&self) -> Vec<LoadedInfo> {
+        let now = self.now_ms();
+        self.entries
+            .iter()
+            .filter_map(|e| {
+                let expires_at = self.keep_alive_ms(e).map(|keep| {
+                    let at = e.last_used_ms.load(Ordering::Relaxed).saturating_add(keep);
+                    std::time::SystemTime::now() + Duration::from_millis(at.saturating_sub(now))
+                });
+                e.view().as_ref().map(|m| {
+                    let info = m.engine.model_info();
+                    LoadedInfo { id: m.id.clone(), size_bytes: info.size_bytes, info, n_ctx: m.n_ctx, expires_at }
+                })
+            })
+            .collect()
+    }
+
+    /// Unloads on-demand models idle for longer than their keep-alive.
     pub async fn unload_expired(&self) {
         let now = self.now_ms();
-        let keep = self.policy.keep_alive.as_millis() as u64;
         for entry in self.entries.iter().filter(|e| !e.source.pinned) {
+            let Some(keep) = self.keep_alive_ms(entry) else { continue };
             if now.saturating_sub(entry.last_used_ms.load(Ordering::Relaxed)) >= keep {
                 let _gate = self.gate.lock().await;
                 self.unload_if_idle(entry).await;

@@ -153,6 +153,9 @@ pub struct Sampling {
     /// llama-server's extension: end-of-generation tokens are never drawn (the reply ends at
     /// `max_tokens`, a stop sequence or a full context).
     pub ignore_eos: Option<bool>,
+    /// llama-server's extension: the slot to run in (-1: any), e.g. one whose cache a slot
+    /// action restored.
+    pub id_slot: Option<i64>,
 }
 
 /// The `speculative` field.
@@ -286,6 +289,10 @@ impl Sampling {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             // Only a stream can show it.
             prompt_progress: self.return_progress && self.stream,
+            slot: match self.id_slot {
+                None | Some(-1) => None,
+                Some(n) => Some(usize::try_from(n).map_err(|_| ApiError::invalid("id_slot", format!("{n} is not a slot number (or -1 for any)")))?),
+            },
         };
         options.validate()?;
         Ok(options)
@@ -788,6 +795,11 @@ pub struct EmbeddingRequest {
     pub model: Option<String>,
     /// "float" (default) or "base64" (little-endian f32 bytes).
     pub encoding_format: Option<String>,
+    /// OpenAI's shortened embeddings: refused (this server returns the model's width).
+    pub dimensions: Option<u32>,
+    /// Any other field: `user` is accepted (a label); the rest is refused by name.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 impl Prompt {

@@ -8,9 +8,11 @@ use axum::middleware;
 use axum::routing::{get, post};
 
 use super::AppState;
-use super::{auth, handlers, metrics, native, props, slots};
+use super::{auth, handlers, metrics, native, ollama, props, rerank, slots};
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// The routes, behind `cors` where the server allows browser origins (outermost, so that a
+/// preflight, which carries no key, is answered for every route).
+pub fn router(state: Arc<AppState>, cors: Option<tower_http::cors::CorsLayer>) -> Router {
     // OpenAI's paths, also without `/v1` (as llama-server serves them: clients configured with
     // the bare host call those).
     let api = Router::new()
@@ -31,6 +33,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/models", get(handlers::models))
         .route("/v1/embeddings", post(handlers::embeddings))
         .route("/embeddings", post(handlers::embeddings))
+        .route("/v1/rerank", post(rerank::rerank))
+        .route("/rerank", post(rerank::rerank))
         .route("/apply-template", post(handlers::apply_template))
         .route("/tokenize", post(handlers::tokenize))
         .route("/detokenize", post(handlers::detokenize))
@@ -38,11 +42,31 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/props", get(props::props))
         .route("/slots", get(props::slots))
         .route("/slots/{id}", post(slots::action))
+        // Ollama's API (`super::ollama`).
+        .route("/api/version", get(ollama::version))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/show", post(ollama::show))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/embed", post(ollama::embed))
+        .route("/api/embeddings", post(ollama::embeddings))
+        .route("/api/pull", post(ollama::unmanaged))
+        .route("/api/push", post(ollama::unmanaged))
+        .route("/api/create", post(ollama::unmanaged))
+        .route("/api/copy", post(ollama::unmanaged))
+        .route("/api/delete", axum::routing::delete(ollama::unmanaged))
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), auth::require_key));
-    Router::new()
+    let router = Router::new()
         .route("/health", get(handlers::health))
+        // Ollama answers its root (clients probe it to find a server), HEAD as GET.
+        .route("/", get(ollama::root))
         .merge(api)
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }

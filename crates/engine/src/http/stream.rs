@@ -202,7 +202,10 @@ fn anthropic_id(serial: u64) -> String {
 }
 
 /// One choice's whole text, its reply as its chat format reads it, and how it ended.
-async fn collect(mut events: UnboundedReceiver<Event>, parser: Option<ReplyParser>) -> Result<(String, Option<ChatReply>, Completion), ApiError> {
+pub(super) async fn collect(
+    mut events: UnboundedReceiver<Event>,
+    parser: Option<ReplyParser>,
+) -> Result<(String, Option<ChatReply>, Completion), ApiError> {
     let mut text = String::new();
     let completion = loop {
         match events.recv().await {

@@ -174,7 +174,19 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         } else {
             None
         };
-        let index = match (refused, choose_slot(&self.slots, tokens)) {
+        let refused = refused.or_else(|| match prepared.options.slot {
+            Some(slot) if slot >= self.slots.len() => Some(EngineError::InvalidRequest {
+                field: "id_slot",
+                value: slot.to_string(),
+                reason: "no such slot (slots are numbered from 0 to --parallel - 1)",
+            }),
+            _ => None,
+        });
+        let chosen = match prepared.options.slot {
+            Some(slot) => self.slots.get(slot).is_some_and(Slot::is_idle).then_some(slot),
+            None => choose_slot(&self.slots, tokens),
+        };
+        let index = match (refused, chosen) {
             (Some(e), _) => return Err((client, e)),
             (None, None) => return Err((client, EngineError::Session(crate::error::cause("no free slot")))),
             (None, Some(index)) => index,
@@ -569,6 +581,15 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             })
             .collect();
         *self.counters.slots.lock().unwrap_or_else(|p| p.into_inner()) = states;
+    }
+
+    /// Whether a request that asks for slot `slot` (or any, None) finds it free now; a slot the
+    /// scheduler does not have is let through, to be refused.
+    pub(crate) fn slot_free_for(&self, slot: Option<usize>) -> bool {
+        match slot {
+            Some(slot) if slot < self.slots.len() => self.slots[slot].is_idle(),
+            _ => true,
+        }
     }
 
     /// Whether slot `index` exists and runs no request (a slot action waits for that).

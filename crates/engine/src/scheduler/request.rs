@@ -126,6 +126,8 @@ impl<S, C> Request<S, C> {
             sampling: _,
             ignore_eos: _,
             prompt_progress,
+            // The scheduler placed it already.
+            slot: _,
         } = options;
         let room = max_tokens.min(n_ctx);
         let drafting = match speculation {

@@ -93,6 +93,18 @@ impl BackendModel for FakeModel {
         crate::FimTokens::default()
     }
 
+    fn meta(&self, _: &str) -> Option<String> {
+        None
+    }
+
+    fn named_template(&self, _: &str) -> Option<String> {
+        None
+    }
+
+    fn pair_tokens(&self) -> crate::token::PairTokens {
+        crate::token::PairTokens::default()
+    }
+
     fn chat_template(&self) -> Option<String> {
         None
     }
@@ -152,7 +164,7 @@ impl BackendSession for FakeSession<'_> {
 
     fn synchronize(&self) {}
 
-    fn embedding(&self) -> Result<Vec<f32>, EngineError> {
+    fn sequence_embedding(&self, _: i32) -> Result<Vec<f32>, EngineError> {
         Err(EngineError::Unsupported { what: "embeddings", backend: "fake" })
     }
 
@@ -540,4 +552,22 @@ fn slot_actions_save_erase_and_restore_caches() {
     assert!(matches!(s.slot_action(2, &SlotAction::Restore(file.clone())), Err(EngineError::SlotFile { .. })));
     assert!(s.cached(2).is_empty() && s.session.kv[2].is_empty(), "a failed restore leaves its slot empty");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A request for a slot (`id_slot`) runs there when it is free, and one for a slot the
+/// scheduler does not have is refused, naming the field.
+#[test]
+fn a_request_for_a_slot_runs_in_that_slot() {
+    let model = FakeModel::counting();
+    let mut s = scheduler(&model, 3, 64, 16);
+    let mut pinned = prepared(&tokens(1, 5), 2, Speculation::Off);
+    pinned.options.slot = Some(2);
+    assert_eq!(s.admit(pinned, "a").unwrap(), 2);
+    run(&mut s);
+    assert_eq!(s.cached(2).len(), 6);
+    let mut missing = prepared(&tokens(1, 5), 2, Speculation::Off);
+    missing.options.slot = Some(7);
+    let (_, e) = s.admit(missing, "b").unwrap_err();
+    assert!(matches!(e, EngineError::InvalidRequest { field: "id_slot", .. }), "{e}");
+    assert!(s.slot_free_for(Some(7)) && s.slot_free_for(Some(2)) && s.slot_free_for(None));
 }

@@ -452,7 +452,8 @@ fn decode_loop(
             let cancelled = submission.request.prepared.options.cancel.as_ref().is_some_and(|c| c.is_cancelled());
             // A prompt much of which another slot is decoding waits for it, to copy its cells.
             let tokens = &submission.request.prepared.tokens;
-            if !cancelled && (!scheduler.admits(tokens.len()) || scheduler.awaits_shared_prefix(tokens)) {
+            let pinned = submission.request.prepared.options.slot;
+            if !cancelled && (!scheduler.admits(tokens.len()) || scheduler.awaits_shared_prefix(tokens) || !scheduler.slot_free_for(pinned)) {
                 deferred = Some(submission);
                 break;
             }

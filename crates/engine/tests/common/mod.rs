@@ -84,8 +84,19 @@ pub fn client() -> reqwest::blocking::Client {
 /// Runs `tests/<script>` with the official `openai` Python client on its path (pip-installed by
 /// `cargo xtask test` at EXSA_OPENAI_SITE) and `args`; fails with its output unless it exits 0.
 pub fn run_openai_script(script: &str, args: &[&str]) {
-    let site = std::path::PathBuf::from(std::env::var("EXSA_OPENAI_SITE").expect("EXSA_OPENAI_SITE is set by .cargo/config.toml"));
-    assert!(site.join("openai").is_dir(), "the openai package is missing at {}: run `cargo xtask test` (it installs it)", site.display());
+    run_client_script("EXSA_OPENAI_SITE", "openai", script, args);
+}
+
+/// [`run_openai_script`] with the official `ollama` Python client (EXSA_OLLAMA_SITE).
+pub fn run_ollama_script(script: &str, args: &[&str]) {
+    run_client_script("EXSA_OLLAMA_SITE", "ollama", script, args);
+}
+
+/// Runs `tests/<script>` with the Python package `module` on its path (the folder `site_var`
+/// names, where `cargo xtask test` installs it) and `args`; fails with its output unless it exits 0.
+fn run_client_script(site_var: &str, module: &str, script: &str, args: &[&str]) {
+    let site = std::path::PathBuf::from(std::env::var(site_var).unwrap_or_else(|_| panic!("{site_var} is set by .cargo/config.toml")));
+    assert!(site.join(module).is_dir(), "the {module} package is missing at {}: run `cargo xtask test` (it installs it)", site.display());
     let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join(script);
     let out = Command::new(std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into()))
         .env("PYTHONPATH", &site)
