@@ -1,7 +1,8 @@
 """The official `ollama` Python client against a running `exsa serve` (run by ollama_client.rs).
 
-Usage: ollama_client.py BASE_URL MODEL ON_DEMAND_MODEL. MODEL was given with --model (pinned);
-ON_DEMAND_MODEL comes from --models-dir (loaded on its first request). Exits 0 when every check
+Usage: ollama_client.py BASE_URL MODEL ON_DEMAND_MODEL BACKEND. MODEL was given with --model
+(pinned); ON_DEMAND_MODEL comes from --models-dir (loaded on its first request); on BACKEND crate
+grammars (JSON format) are refused. Exits 0 when every check
 holds; an assertion error names the first that did not.
 """
 
@@ -13,7 +14,7 @@ import urllib.request
 
 import ollama
 
-base, model, on_demand = sys.argv[1], sys.argv[2], sys.argv[3]
+base, model, on_demand, backend = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 client = ollama.Client(host=base, timeout=120)
 greedy = {"temperature": 0, "num_predict": 12}
 
@@ -52,16 +53,23 @@ assert "".join(p.response for p in streamed) == gen.response and streamed[-1].do
 raw = client.generate(model=model, prompt="The capital of France is", raw=True, options=greedy)
 assert raw.response and raw.eval_count <= 12, raw
 
-# JSON output: "json" and a schema, through the grammar.
-as_json = client.chat(model=model, messages=[{"role": "user", "content": "Describe a cat as JSON."}], format="json",
-                      options={"temperature": 0, "num_predict": 64})
-if as_json.done_reason == "stop":
-    assert isinstance(json.loads(as_json.message.content), dict), as_json.message.content
-schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name", "age"]}
-shaped = client.chat(model=model, messages=[{"role": "user", "content": "A person."}], format=schema, options={"temperature": 0, "num_predict": 64})
-if shaped.done_reason == "stop":
-    person = json.loads(shaped.message.content)
-    assert isinstance(person["name"], str) and isinstance(person["age"], int), person
+# JSON output: "json" and a schema, through the grammar (refused by name where grammars are).
+if backend == "crate":
+    try:
+        client.chat(model=model, messages=[{"role": "user", "content": "A cat as JSON."}], format="json")
+        raise AssertionError("a grammar was accepted on the crate backend")
+    except ollama.ResponseError as e:
+        assert e.status_code == 400 and "grammar" in e.error, e
+else:
+    as_json = client.chat(model=model, messages=[{"role": "user", "content": "Describe a cat as JSON."}], format="json",
+                          options={"temperature": 0, "num_predict": 64})
+    if as_json.done_reason == "stop":
+        assert isinstance(json.loads(as_json.message.content), dict), as_json.message.content
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name", "age"]}
+    shaped = client.chat(model=model, messages=[{"role": "user", "content": "A person."}], format=schema, options={"temperature": 0, "num_predict": 64})
+    if shaped.done_reason == "stop":
+        person = json.loads(shaped.message.content)
+        assert isinstance(person["name"], str) and isinstance(person["age"], int), person
 
 # Options the server does not have are refused by name, never ignored.
 try:
@@ -78,10 +86,18 @@ history = [
     {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
     {"role": "tool", "content": "Sunny, 21 degrees", "tool_name": "get_weather"},
 ]
-reply = client.chat(model=model, messages=history, tools=tools, options=greedy)
-assert reply.done and (reply.message.content or reply.message.tool_calls), reply
-for call in reply.message.tool_calls or []:
-    assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict), call
+if backend == "crate":
+    # The crate baseline renders chats without llama.cpp's Jinja layer: tools are refused by name.
+    try:
+        client.chat(model=model, messages=history, tools=tools, options=greedy)
+        raise AssertionError("tools were accepted on the crate backend")
+    except ollama.ResponseError as e:
+        assert e.status_code == 400 and "tools" in e.error, e
+else:
+    reply = client.chat(model=model, messages=history, tools=tools, options=greedy)
+    assert reply.done and (reply.message.content or reply.message.tool_calls), reply
+    for call in reply.message.tool_calls or []:
+        assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict), call
 
 # Images: no vision model here, a clear error.
 try:

@@ -5,6 +5,7 @@
 //! `/api/chat` as through `/v1/chat/completions`. The checks are in `ollama_client.py`.
 
 use common::Server;
+use exsa_engine::Engine;
 
 mod common;
 
@@ -16,5 +17,5 @@ fn the_official_ollama_client_works_against_the_server() {
     let synth = std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml");
     let model = std::env::var("EXSA_MODEL").expect("set by .cargo/config.toml");
     let server = Server::start(&["--model", &model, "--parallel", "2", "--models-dir", &synth]);
-    common::run_ollama_script("ollama_client.py", &[&server.base, "gemma-3-270m-q4_k_m", "lfm2-tiny"]);
+    common::run_ollama_script("ollama_client.py", &[&server.base, "gemma-3-270m-q4_k_m", "lfm2-tiny", Engine::backend_name()]);
 }

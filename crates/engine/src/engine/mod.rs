@@ -191,6 +191,11 @@ impl Engine {
         self.config.session.pooling.or_else(declared).unwrap_or(crate::Pooling::Mean)
     }
 
+    /// A metadata value of the model's file, as text (`general.file_type`, `<arch>.pooling_type`).
+    pub fn meta(&self, key: &str) -> Option<String> {
+        self.model.meta(key)
+    }
+
     /// Whether the model attends both ways (an encoder: its file says `<arch>.attention.causal`
     /// false), rather than causally as generative models do.
     fn attends_both_ways(&self) -> bool {

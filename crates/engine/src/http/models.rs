@@ -139,6 +139,8 @@ const KEEP_FOREVER: i64 = -2;
 pub(crate) struct LoadedInfo {
     pub id: String,
     pub info: crate::backend::ModelInfo,
+    /// Its file's `general.file_type` (the quantization).
+    pub file_type: Option<u32>,
     pub size_bytes: u64,
     pub n_ctx: usize,
     /// When it unloads unless used again; None: never (given with --model, or kept for ever).
@@ -433,7 +435,14 @@ impl Models {
                 });
                 e.view().as_ref().map(|m| {
                     let info = m.engine.model_info();
-                    LoadedInfo { id: m.id.clone(), size_bytes: info.size_bytes, info, n_ctx: m.n_ctx, expires_at }
+                    LoadedInfo {
+                        id: m.id.clone(),
+                        size_bytes: info.size_bytes,
+                        info,
+                        file_type: super::ollama::file_type(m),
+                        n_ctx: m.n_ctx,
+                        expires_at,
+                    }
                 })
             })
             .collect()

@@ -130,7 +130,7 @@ pub(super) async fn show(State(state): State<Arc<AppState>>, bytes: Bytes) -> Re
         let name = body.model.or(body.name).ok_or_else(|| ApiError::invalid("model", "is required"))?;
         let model = model(&state, &name).await?;
         let info = model.engine.model_info();
-        let details = details(&info);
+        let details = details(&info, file_type(&model));
         let arch = &info.architecture;
         let mut model_info = Map::new();
         model_info.insert("general.architecture".into(), json!(arch));
@@ -153,21 +153,55 @@ pub(super) async fn show(State(state): State<Arc<AppState>>, bytes: Bytes) -> Re
     }
 }
 
-/// Ollama's `details` of a model: its family, parameter count and quantization (read from the
-/// file's description, e.g. "gemma3 270M Q4_K - Medium").
-fn details(info: &crate::backend::ModelInfo) -> Value {
-    let quantization = info.description.split_whitespace().skip(2).collect::<Vec<_>>().join(" ");
-    let quantization = quantization.split(" - ").next().unwrap_or("").to_string();
-    let medium_or = |q: &str| match info.description.rsplit(" - ").next() {
-        Some("Medium") if q.starts_with('Q') && q.ends_with("_K") => format!("{q}_M"),
-        Some("Small") if q.starts_with('Q') && q.ends_with("_K") => format!("{q}_S"),
-        Some("Large") if q.starts_with('Q') && q.ends_with("_K") => format!("{q}_L"),
-        _ => q.to_string(),
-    };
+/// Ollama's `details` of a model: its family, parameter count and quantization (its file's
+/// `general.file_type`).
+fn details(info: &crate::backend::ModelInfo, file_type: Option<u32>) -> Value {
     json!({
         "parent_model": "", "format": "gguf", "family": info.architecture, "families": [info.architecture],
-        "parameter_size": parameter_size(info.n_params), "quantization_level": medium_or(&quantization),
+        "parameter_size": parameter_size(info.n_params), "quantization_level": file_type.and_then(quantization).unwrap_or(""),
     })
+}
+
+/// llama.cpp's file types (`enum llama_ftype`) by the names Ollama shows.
+fn quantization(file_type: u32) -> Option<&'static str> {
+    const NAMES: [(u32, &str); 30] = [
+        (0, "F32"),
+        (1, "F16"),
+        (2, "Q4_0"),
+        (3, "Q4_1"),
+        (7, "Q8_0"),
+        (8, "Q5_0"),
+        (9, "Q5_1"),
+        (10, "Q2_K"),
+        (11, "Q3_K_S"),
+        (12, "Q3_K_M"),
+        (13, "Q3_K_L"),
+        (14, "Q4_K_S"),
+        (15, "Q4_K_M"),
+        (16, "Q5_K_S"),
+        (17, "Q5_K_M"),
+        (18, "Q6_K"),
+        (19, "IQ2_XXS"),
+        (20, "IQ2_XS"),
+        (21, "Q2_K_S"),
+        (22, "IQ3_XS"),
+        (23, "IQ3_XXS"),
+        (24, "IQ1_S"),
+        (25, "IQ4_NL"),
+        (26, "IQ3_S"),
+        (27, "IQ3_M"),
+        (28, "IQ2_S"),
+        (29, "IQ2_M"),
+        (30, "IQ4_XS"),
+        (31, "IQ1_M"),
+        (32, "BF16"),
+    ];
+    NAMES.iter().find(|(n, _)| *n == file_type).map(|(_, name)| *name)
+}
+
+/// A model's `general.file_type`.
+pub(super) fn file_type(model: &Loaded) -> Option<u32> {
+    model.engine.meta("general.file_type").and_then(|v| v.trim().parse().ok())
 }
 
 /// A parameter count as Ollama writes it: 268.10M, 7.2B.
@@ -190,7 +224,7 @@ pub(super) async fn ps(State(state): State<Arc<AppState>>) -> Json<Value> {
             let expires = m.expires_at.map_or_else(|| "2318-01-01T00:00:00Z".to_string(), rfc3339);
             json!({
                 "name": format!("{}:latest", m.id), "model": format!("{}:latest", m.id), "size": m.size_bytes,
-                "digest": "", "details": details(&m.info), "expires_at": expires, "size_vram": 0, "context_length": m.n_ctx,
+                "digest": "", "details": details(&m.info, m.file_type), "expires_at": expires, "size_vram": 0, "context_length": m.n_ctx,
             })
         })
         .collect();
@@ -943,9 +977,10 @@ mod tests {
     fn parameter_sizes_and_quantizations_read_as_ollama_writes_them() {
         assert_eq!(parameter_size(268_098_176), "268.10M");
         assert_eq!(parameter_size(7_241_732_096), "7.2B");
-        let info = crate::backend::ModelInfo { description: "gemma3 270M Q4_K - Medium".into(), architecture: "gemma3".into(), ..Default::default() };
-        assert_eq!(details(&info)["quantization_level"], "Q4_K_M");
-        let info = crate::backend::ModelInfo { description: "llama 8B Q8_0".into(), ..Default::default() };
-        assert_eq!(details(&info)["quantization_level"], "Q8_0");
+        let info = crate::backend::ModelInfo { architecture: "gemma3".into(), ..Default::default() };
+        assert_eq!(details(&info, Some(15))["quantization_level"], "Q4_K_M");
+        assert_eq!(details(&info, Some(7))["quantization_level"], "Q8_0");
+        assert_eq!(details(&info, Some(99))["quantization_level"], "");
+        assert_eq!(details(&info, None)["family"], "gemma3");
     }
 }
