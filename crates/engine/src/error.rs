@@ -131,6 +131,15 @@ impl EngineError {
         EngineError::SlotFile { action, path: path.to_path_buf(), source: cause(source) }
     }
 
+    /// A request for a slot the decode loop does not have (`id_slot`, a slot action).
+    pub(crate) fn no_such_slot(slot: usize) -> EngineError {
+        EngineError::InvalidRequest {
+            field: "id_slot",
+            value: slot.to_string(),
+            reason: "no such slot (slots are numbered from 0 to --parallel - 1)",
+        }
+    }
+
     /// The decode failure's kind, if this is one.
     pub fn decode_failure(&self) -> Option<DecodeFailure> {
         match self {

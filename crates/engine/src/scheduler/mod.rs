@@ -175,11 +175,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             None
         };
         let refused = refused.or_else(|| match prepared.options.slot {
-            Some(slot) if slot >= self.slots.len() => Some(EngineError::InvalidRequest {
-                field: "id_slot",
-                value: slot.to_string(),
-                reason: "no such slot (slots are numbered from 0 to --parallel - 1)",
-            }),
+            Some(slot) if slot >= self.slots.len() => Some(EngineError::no_such_slot(slot)),
             _ => None,
         });
         let chosen = match prepared.options.slot {
@@ -586,10 +582,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// Whether a request that asks for slot `slot` (or any, None) finds it free now; a slot the
     /// scheduler does not have is let through, to be refused.
     pub(crate) fn slot_free_for(&self, slot: Option<usize>) -> bool {
-        match slot {
-            Some(slot) if slot < self.slots.len() => self.slots[slot].is_idle(),
-            _ => true,
-        }
+        slot.is_none_or(|slot| slot >= self.slots.len() || self.slot_is_idle(slot))
     }
 
     /// Whether slot `index` exists and runs no request (a slot action waits for that).

@@ -331,11 +331,7 @@ impl ServingCore {
     pub fn slot_action(&self, slot: usize, action: SlotAction) -> Result<Receiver<Result<SlotActionDone, EngineError>>, SubmitError> {
         let (reply, receiver) = mpsc::sync_channel(1);
         if slot >= self.slots {
-            let _ = reply.send(Err(EngineError::InvalidRequest {
-                field: "id_slot",
-                value: slot.to_string(),
-                reason: "no such slot (slots are numbered from 0 to --parallel - 1)",
-            }));
+            let _ = reply.send(Err(EngineError::no_such_slot(slot)));
             return Ok(receiver);
         }
         let queue = self.queue.as_ref().ok_or(SubmitError::Stopped)?;
