@@ -2,6 +2,7 @@
 
 mod app_test;
 mod bench;
+mod bench_embed;
 mod bench_serve;
 mod check_cuda;
 mod crate_shape;
@@ -57,6 +58,8 @@ enum Command {
     BenchCompare(bench::Args),
     /// Our server against llama.cpp's llama-server under streaming chat load.
     BenchServe(bench_serve::Args),
+    /// Our server's embeddings per second against llama-server --embeddings.
+    BenchEmbed(bench_embed::Args),
     /// Find the fastest llama.cpp build for this machine and make it the default.
     Tune(tune::Args),
     /// Build the CUDA backend here against a toolkit from PyPI (setup --cuda): the full check.
@@ -97,6 +100,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::CheckCuda(args) => check_cuda::run(&args),
         Command::GpuBundle(args) => gpu_bundle::run(&args),
         Command::BenchServe(args) => bench_serve::run(&args),
+        Command::BenchEmbed(args) => bench_embed::run(&args),
         Command::TemplateParity(args) => template_parity::run(&args),
         Command::ServerSuite(args) => server_suite::run(&args),
     }

@@ -950,3 +950,88 @@ fn rerank_orders_documents_by_relevance() {
     let r = client().post(server.url("/v1/rerank")).json(&json!({ "query": "a cat", "documents": ["cats purr"] })).send().unwrap();
     assert_eq!((r.status().as_u16(), r.json::<Value>().unwrap()["error"]["param"].as_str().map(str::to_owned)), (400, Some("model".into())));
 }
+
+/// Every response carries an `X-Request-Id` (the client's, else a new one) that the request's
+/// log lines carry too (`--log-format json`: its `request_id`); a stream waiting for a slot sends
+/// keep-alive comments; `--request-timeout` ends a stream with an error event, a whole answer
+/// with 504, an Ollama stream with an error line, and each frees its slot for the next request.
+#[test]
+fn requests_carry_ids_keep_streams_alive_and_stop_at_the_time_limit() {
+    let _one_at_a_time = common::one_at_a_time();
+    let limit = ["--request-timeout", "3", "--sse-keep-alive", "0.3"];
+    let (server, log) = Server::start_logged(&[&["--parallel", "1", "--log-format", "json", "--server-log", "info"][..], &limit[..]].concat());
+    let http = client();
+
+    let r = http.post(server.url("/v1/chat/completions")).header("X-Request-Id", "client-id-42").json(&chat_body("Hi", 3, false)).send().unwrap();
+    assert_eq!((r.status().as_u16(), r.headers()["x-request-id"].to_str().unwrap()), (200, "client-id-42"));
+    let r = http.post(server.url("/v1/chat/completions")).header("X-Request-Id", "has space").json(&chat_body("Hi", 3, false)).send().unwrap();
+    let made = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(made.len() == 32 && made.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
+    let r = http.get(server.url("/no/such/route")).send().unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.headers().contains_key("x-request-id"), "refused requests carry an id too");
+    // The "request done" line of each request names its id (JSON lines, the span's field).
+    let done_with = |id: &str| {
+        log.lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|l| l["fields"]["message"] == "request done" && l["span"]["request_id"] == id)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(done_with("client-id-42") && done_with(&made)) {
+        assert!(Instant::now() < deadline, "no JSON \"request done\" line with each request's id in {:?}", log.lines());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A stream that runs into the limit: its last event is the error, then it ends.
+    let long = json!({ "messages": [{ "role": "user", "content": "Count" }], "max_tokens": 100000, "ignore_eos": true, "stream": true });
+    let started = Instant::now();
+    let mut running = BufReader::new(http.post(server.url("/v1/chat/completions")).json(&long).send().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        running.read_line(&mut line).unwrap();
+    }
+    // Meanwhile another stream waits for the one slot, kept alive by comments.
+    let mut waiting = BufReader::new(http.post(server.url("/v1/chat/completions")).json(&chat_body("Hi", 2, true)).send().unwrap());
+    // (Its first event, the assistant's role, goes out at once; no text can come before the slot.)
+    let mut line = String::new();
+    while line.trim_end() != ": keep-alive" {
+        line.clear();
+        assert!(waiting.read_line(&mut line).unwrap() > 0, "the waiting stream ended without a keep-alive comment");
+        if let Some(event) = line.strip_prefix("data: ") {
+            let event: Value = serde_json::from_str(event).unwrap();
+            assert!(event["choices"][0]["delta"]["content"].is_null(), "text came before the slot was free: {event}");
+        }
+    }
+    drop(waiting);
+    let mut rest = String::new();
+    running.read_to_string(&mut rest).unwrap();
+    let events: Vec<&str> = rest.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "request_timeout", "{last}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(6), "the stream ended after {took:?}");
+    assert!(events.len() > 5, "the stream sent tokens before its limit: {events:?}");
+
+    // A whole answer that runs into it: 504 naming the limit.
+    let r = http
+        .post(server.url("/v1/chat/completions"))
+        .json(&json!({ "messages": [{ "role": "user", "content": "Count" }], "max_tokens": 100000, "ignore_eos": true }))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let body: Value = r.json().unwrap();
+    assert_eq!(body["error"]["code"], "request_timeout", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("--request-timeout"), "{body}");
+
+    // Ollama's stream: an error line last.
+    let r = http.post(server.url("/api/generate")).json(&json!({ "model": "gemma-3-270m-q4_k_m", "prompt": "Write a long story about a dragon.", "options": { "num_predict": 100000, "temperature": 0 } })).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let lines: Vec<Value> = BufReader::new(r).lines().map_while(Result::ok).map(|l| serde_json::from_str(&l).unwrap()).collect();
+    assert!(lines.last().unwrap()["error"].as_str().unwrap().contains("--request-timeout"), "{:?}", lines.last());
+
+    // The slot is free: a short request gets it at once and finishes.
+    let r = http.post(server.url("/v1/chat/completions")).json(&chat_body("Hi", 3, false)).send().unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text());
+}

@@ -1,7 +1,8 @@
 //! The error variants no other test produces, each from the input a user could give: a model
 //! path that is a folder or holds a NUL, a full KV cache, a text too long for llama.cpp's
 //! tokenizer, a sampler used with another model's context, files that are not adapters, and an
-//! adapter (the synthetic llama-tiny-lora) used where it does not belong
+//! adapter (the synthetic llama-tiny-lora) used where it does not belong, and an averaging
+//! embeddings context whose sizes llama.cpp would abort on
 //! (`SamplerError::NothingSelected` comes from a grammar that allows no candidate, in the
 //! sampler's unit tests; a chain without a selecting stage is refused when it is built). (`DecodeError::Rejected` and `StateError::SizeMismatch` are
 //! defensive: llama.cpp returns no other code for a batch that passed our checks, and writes the
@@ -112,4 +113,32 @@ fn a_lora_adapter_changes_the_logits_of_its_own_model_only() {
     assert!(matches!(other.set_lora_adapters(&[(&adapter, 1.0)]), Err(LoraError::WrongModel)));
     let err = LoraAdapter::load(model(), synth_model("llama-tiny-lora.gguf")).unwrap_err();
     assert!(matches!(&err, LoraError::Load { messages, .. } if messages.to_string().contains("arch")), "{err}");
+}
+
+/// llama.cpp aborts creating a mean-pooled context whose micro-batch is not a multiple of its
+/// sequences (see `ContextParams`): refused by name instead, on the synthetic encoder (CLS in
+/// its file, so its own pooling is let through) and on the default model (a decoder).
+#[test]
+fn an_averaging_embeddings_context_llama_cpp_would_abort_on_is_refused() {
+    let bert = Model::load(synth_model("bert-tiny.gguf"), &ModelParams::default()).unwrap();
+    let params = |pooling, n_seq_max| ContextParams {
+        n_ctx: 513,
+        n_batch: 512,
+        n_ubatch: 512,
+        n_seq_max,
+        unified_kv: true,
+        embeddings: true,
+        pooling,
+        n_threads: 1,
+        n_threads_batch: 1,
+        ..ContextParams::default()
+    };
+    let err = Context::new(&bert, &params(Pooling::Mean, 5)).unwrap_err();
+    assert!(matches!(err, ContextError::InvalidParam { name: "n_seq_max", .. }), "{err}");
+    Context::new(&bert, &params(Pooling::Mean, 4)).unwrap();
+    Context::new(&bert, &params(Pooling::Unspecified, 5)).unwrap();
+    let gemma = model();
+    let err = Context::new(gemma, &params(Pooling::Mean, 33)).unwrap_err();
+    assert!(matches!(err, ContextError::InvalidParam { name: "n_seq_max", .. }), "{err}");
+    Context::new(gemma, &params(Pooling::Mean, 32)).unwrap();
 }

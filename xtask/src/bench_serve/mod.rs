@@ -153,7 +153,7 @@ pub fn run(args: &Args) -> Result<()> {
 
 /// `exsa` in release, from this workspace or (with `rev`) from the tree of that revision, in a
 /// target folder of its own.
-fn build_exsa(rev: Option<&str>) -> Result<PathBuf> {
+pub(crate) fn build_exsa(rev: Option<&str>) -> Result<PathBuf> {
     let Some(rev) = rev else {
         eprintln!("building exsa (release)");
         workspace::run(workspace::cargo().args(["build", "--release", "--locked", "-p", "exsa-engine", "--bin", "exsa"]))?;

@@ -55,6 +55,16 @@ struct Common {
     /// Show exsa's own log (a line per served request, model loads) at this level and above.
     #[arg(long, global = true, default_value = "info")]
     server_log: String,
+    /// How log lines are written to stderr: `text` (one readable line each) or `json` (one JSON
+    /// object per line, a request's id in its `request_id` field, for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -170,7 +180,7 @@ enum Command {
     Bench(BenchArgs),
     /// Serve an OpenAI-style HTTP API (chat and text completions, streaming) with continuous
     /// batching over --parallel slots.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 #[derive(Args)]
@@ -265,6 +275,15 @@ struct ServeArgs {
     /// any page, with a warning). Default: none, and no CORS headers.
     #[arg(long, value_name = "ORIGIN")]
     cors_origin: Vec<String>,
+    /// Stop a request that runs longer than SECS, its wait for a slot included, with an error
+    /// (504 before its answer starts, an error event in a stream), freeing its slot. Default: no
+    /// limit.
+    #[arg(long, value_name = "SECS")]
+    request_timeout: Option<f64>,
+    /// Send an SSE comment on a stream with nothing to send for SECS (proxies close streams
+    /// that stay silent, e.g. while a request waits for a slot); 0: never.
+    #[arg(long, value_name = "SECS", default_value_t = 15.0)]
+    sse_keep_alive: f64,
 }
 
 #[derive(Args)]
@@ -302,7 +321,12 @@ fn main() {
     let filter = format!("warn,exsa_engine={own},exsa={own},llama_cpp={log},llama-cpp-2={log}");
     // Colour only on a terminal: a log file or a pipe gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_env_filter(filter).init();
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    match cli.common.log_format {
+        LogFormat::Text => logs.with_ansi(ansi).init(),
+        // The request's span (its id) as fields of each line, not as a list of every span.
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+    }
     // The filter only narrows what reaches it; the bindings drop lines below their own level first.
     match log.parse::<LlamaLogLevel>() {
         Ok(level) => set_llama_log_level(level),
@@ -352,7 +376,7 @@ fn engine_config(common: &Common, session: SessionConfig, model: PathBuf) -> Eng
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let session = session_config(&cli.common)?;
     match cli.command {
-        Command::Serve(args) => serve(&cli.common, session, args)?,
+        Command::Serve(args) => serve(&cli.common, session, *args)?,
         Command::Generate { prompt, sampling, stats } => {
             let engine = load_with_draft(&cli.common, session, sampling.draft_model.clone())?;
             let mut s = engine.session()?;
@@ -513,6 +537,11 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         slots_endpoint: args.slots,
         slot_save_path: args.slot_save_path,
         cors_origins: args.cors_origin,
+        request_timeout: match args.request_timeout.map(|s| seconds("--request-timeout", s)).transpose()? {
+            Some(d) if d.is_zero() => return Err("--request-timeout 0 would stop every request: leave it out for no limit".into()),
+            limit => limit,
+        },
+        sse_keep_alive: Some(seconds("--sse-keep-alive", args.sse_keep_alive)?).filter(|d| !d.is_zero()),
     };
     http::run(sources, policy, config, |addr| {
         // One line on stdout per address, for scripts (and tests) that ask for port 0. A reader
@@ -522,6 +551,11 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         let _ = out.flush();
     })?;
     Ok(())
+}
+
+/// `secs` of the flag `flag` as a duration: finite and not negative.
+fn seconds(flag: &str, secs: f64) -> Result<std::time::Duration, String> {
+    std::time::Duration::try_from_secs_f64(secs).map_err(|_| format!("{flag} {secs}: not a number of seconds"))
 }
 
 /// How the server renders chats: the model's Jinja template (or the override) where the build has

@@ -196,13 +196,6 @@ impl Engine {
         self.model.meta(key)
     }
 
-    /// Whether the model attends both ways (an encoder: its file says `<arch>.attention.causal`
-    /// false), rather than causally as generative models do.
-    fn attends_both_ways(&self) -> bool {
-        let arch = self.model.info().architecture;
-        self.model.meta(&format!("{arch}.attention.causal")).is_some_and(|v| matches!(v.trim(), "false" | "0"))
-    }
-
     /// The embedding of `text`, pooled as [`Engine::pooling`] says (see [`Engine::embed_many`]).
     pub fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError> {
         let mut one = self.embed_many(&[text])?;
@@ -210,8 +203,8 @@ impl Engine {
     }
 
     /// Each text's embedding, pooled as [`Engine::pooling`] says (a reranker's: its scores).
-    /// An encoder's texts are decoded together, as many per decode as fit one batch (n_batch
-    /// tokens), each in a sequence of its own; a generative model's one per decode. Each text
+    /// Texts are decoded together, as many per decode as fit one batch (n_batch tokens), each
+    /// in a sequence of its own. Each text
     /// must fit one batch (pooling covers one decode, so a longer text would be pooled over its
     /// last part only).
     pub fn embed_many(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EngineError> {
@@ -284,11 +277,11 @@ impl Engine {
     /// [`Engine::embed_many`] of texts already tokenized (each non-empty, within one batch).
     pub(crate) fn embed_tokens(&self, texts: &[Vec<TokenId>]) -> Result<Vec<Vec<f32>>, EngineError> {
         let base = &self.config.session;
-        // A causal (generative) model's texts go one per decode: llama.cpp aborts on some
-        // decodes of several such sequences with pooling (GGML_ASSERT in a pooled mul_mat; seen
-        // with Gemma 3 and 33 texts of a few tokens, or 20 of 22), which an encoder's never hit.
-        let together = if self.attends_both_ways() { MAX_EMBEDDED_TOGETHER } else { 1 };
-        let n_seq = texts.len().clamp(1, together) as u32;
+        // Sequences per decode: as many as there are texts, up to a bound, and a divisor of the
+        // batch: llama.cpp aborts creating a mean- or rank-pooled context whose micro-batch
+        // (one batch here) is not a multiple of its sequences (`llama::ContextParams`' check).
+        let n_batch = base.n_batch as usize;
+        let n_seq = (1..=texts.len().clamp(1, MAX_EMBEDDED_TOGETHER)).rev().find(|n| n_batch.is_multiple_of(*n)).unwrap_or(1) as u32;
         // One micro-batch per batch, so models that attend both ways take a whole batch too; a
         // context of one batch's cells, emptied after each decode, since nothing is kept.
         let config = SessionConfig {

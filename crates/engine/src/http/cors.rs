@@ -30,6 +30,8 @@ pub fn layer(origins: &[String]) -> Result<Option<CorsLayer>, String> {
             // Whatever headers the page asks to send (Authorization, X-Api-Key, Content-Type,
             // a client's own): the server reads the ones it knows.
             .allow_headers(AllowHeaders::mirror_request())
+            // A page may read its request's id (for a bug report that finds the log line).
+            .expose_headers([super::tracking::X_REQUEST_ID.clone()])
             .max_age(std::time::Duration::from_secs(600)),
     ))
 }

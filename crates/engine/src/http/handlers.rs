@@ -308,8 +308,6 @@ fn prepare(model: &Loaded, request: &GenerateRequest, context: Option<usize>) ->
     Ok(prepared)
 }
 
-/// Embeddings are computed apart from the decode loop, each in a context of its own sized for one
-/// batch (the model's weights are shared).
 /// Each text's embedding as the model pools it (decoded together), and its token count: the
 /// one embedding path of both API surfaces. A reranker's model (rank pooling) gives scores, not
 /// embeddings: refused.
@@ -323,28 +321,16 @@ pub(super) async fn embed_texts(
         return Err(ApiError::invalid("model", format!("{} is a reranker (rank pooling): it scores pairs at /v1/rerank", model.id)));
     }
     let engine = Arc::clone(&model.engine);
-    let computed = pooled_off_runtime("input", move || {
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let vectors = engine.embed_many(&refs)?;
-        let counts = texts.iter().map(|t| engine.tokenize(t, false).map(|t| t.len())).collect::<Result<Vec<_>, _>>()?;
-        Ok(vectors.into_iter().zip(counts).collect::<Vec<_>>())
-    })
-    .await?;
+    let computed = model
+        .pooled
+        .run("input", move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let vectors = engine.embed_many(&refs)?;
+            let counts = texts.iter().map(|t| engine.tokenize(t, false).map(|t| t.len())).collect::<Result<Vec<_>, _>>()?;
+            Ok(vectors.into_iter().zip(counts).collect::<Vec<_>>())
+        })
+        .await?;
     Ok((model, computed))
-}
-
-/// Runs a pooled computation (embeddings, rerank scores) off the async workers; a text longer
-/// than one batch is the request's fault, named by `field`.
-pub(super) async fn pooled_off_runtime<T: Send + 'static>(
-    field: &'static str,
-    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?.map_err(
-        |e| match e {
-            e @ EngineError::EmbedTooLong { .. } => ApiError::invalid(field, e),
-            e => ApiError::from(e),
-        },
-    )
 }
 
 /// `v` scaled to length 1 (a zero vector stays zero): embeddings compared by dot product, as

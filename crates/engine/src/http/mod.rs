@@ -23,12 +23,14 @@ mod models;
 mod native;
 mod ollama;
 mod openai;
+mod pooled;
 mod props;
 mod rerank;
 mod responses;
 mod routes;
 mod slots;
 mod stream;
+mod tracking;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,6 +71,12 @@ pub struct ServerConfig {
     /// Origins whose browser pages may call the server (CORS; `*`: any page). Empty: none, and
     /// no CORS headers at all.
     pub cors_origins: Vec<String>,
+    /// A request running longer than this (its wait for a slot included) is stopped with an
+    /// error and its slot freed (`--request-timeout`); None: no limit.
+    pub request_timeout: Option<Duration>,
+    /// An SSE stream with nothing to send for this long sends a comment (`: keep-alive`), so
+    /// that proxies do not close it while the request waits or thinks; None: never.
+    pub sse_keep_alive: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +93,8 @@ impl Default for ServerConfig {
             slots_endpoint: false,
             slot_save_path: None,
             cors_origins: Vec::new(),
+            request_timeout: None,
+            sse_keep_alive: Some(Duration::from_secs(15)),
         }
     }
 }

@@ -84,6 +84,9 @@ pub(crate) struct Loaded {
     pub core: ServingCore,
     /// The KV cache the slots share, in tokens.
     pub n_ctx: usize,
+    /// Embeddings and rerank scores: computed apart from the decode loop, each in a context of
+    /// its own sized for one batch (the weights are shared), one at a time.
+    pub pooled: super::pooled::PooledQueue,
 }
 
 struct Entry {
@@ -480,7 +483,7 @@ impl Models {
             let serving = ServingConfig { slots, max_queue, session: engine.session_config().clone() };
             let n_ctx = serving.session.n_ctx as usize;
             let core = ServingCore::start(Arc::clone(&engine), serving)?;
-            Ok::<_, EngineError>(Loaded { id, engine, core, n_ctx })
+            Ok::<_, EngineError>(Loaded { id, engine, core, n_ctx, pooled: super::pooled::PooledQueue::new(max_queue) })
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?

@@ -43,7 +43,7 @@ use crate::templates::ReplyParser;
 const VERSION: &str = "0.12.6";
 
 /// An error in Ollama's shape.
-fn error(e: ApiError) -> Response {
+pub(super) fn error(e: ApiError) -> Response {
     (e.status, Json(json!({ "error": e.message }))).into_response()
 }
 

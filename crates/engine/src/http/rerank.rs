@@ -58,11 +58,13 @@ async fn answer(state: &AppState, body: RerankRequest) -> Result<Value, ApiError
         .map_err(|i| ApiError::invalid("documents", format!("documents[{i}] is not a text or an object with a text")))?;
     let model = state.models.get(body.model.as_deref()).await?;
     let (engine, query, texts) = (Arc::clone(&model.engine), body.query.clone(), documents.clone());
-    let scored = super::handlers::pooled_off_runtime("documents", move || {
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        engine.rerank(&query, &refs)
-    })
-    .await?;
+    let scored = model
+        .pooled
+        .run("documents", move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            engine.rerank(&query, &refs)
+        })
+        .await?;
     let tokens: usize = scored.iter().map(|(_, n)| n).sum();
     let mut results: Vec<(usize, f32)> = scored.iter().enumerate().map(|(i, &(score, _))| (i, score)).collect();
     results.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

@@ -8,7 +8,7 @@ use axum::middleware;
 use axum::routing::{get, post};
 
 use super::AppState;
-use super::{auth, handlers, metrics, native, ollama, props, rerank, slots};
+use super::{auth, handlers, metrics, native, ollama, props, rerank, slots, tracking};
 
 /// The routes, behind `cors` where the server allows browser origins (outermost, so that a
 /// preflight, which carries no key, is answered for every route).
@@ -64,6 +64,8 @@ pub fn router(state: Arc<AppState>, cors: Option<tower_http::cors::CorsLayer>) -
         .merge(api)
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        // Every request, refused ones included, gets its id and time limit.
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), tracking::track))
         .with_state(state);
     match cors {
         Some(cors) => router.layer(cors),

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::Json;
-use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::Stream;
@@ -80,16 +80,18 @@ impl Answer {
     pub(super) fn stream(mut self) -> Response {
         let siblings = std::mem::take(&mut self.siblings);
         if siblings.is_empty() {
-            return Sse::new(SseBridge::new(self, None)).into_response();
+            let keep_alive = self.state.config.sse_keep_alive;
+            return with_keep_alive(Sse::new(SseBridge::new(self, None)), keep_alive);
         }
         let ended = Arc::new(std::sync::Mutex::new(Vec::with_capacity(1 + siblings.len())));
         let mut bridges = tokio_stream::StreamMap::with_capacity(1 + siblings.len());
         let answers: Vec<Answer> = siblings.into_iter().map(|choice| self.sibling(choice)).collect();
+        let keep_alive = self.state.config.sse_keep_alive;
         let tail = Tail { kind: self.kind, meta: self.meta.clone(), include_usage: self.include_usage, ended: Arc::clone(&ended) };
         for (i, answer) in std::iter::once(self).chain(answers).enumerate() {
             bridges.insert(i, SseBridge::new(answer, Some(Several { index: i, ended: Arc::clone(&ended) })));
         }
-        Sse::new(SeveralChoices { bridges, tail: Some(tail), rest: VecDeque::new() }).into_response()
+        with_keep_alive(Sse::new(SeveralChoices { bridges, tail: Some(tail), rest: VecDeque::new() }), keep_alive)
     }
 
     /// The answer of another choice of the same request.
@@ -219,6 +221,17 @@ pub(super) async fn collect(
     };
     let reply = parser.map(|p| p.read_whole(&text)).transpose()?;
     Ok((text, reply, completion))
+}
+
+/// An SSE response that sends `: keep-alive` after `every` without an event (none: never).
+fn with_keep_alive<S>(sse: Sse<S>, every: Option<std::time::Duration>) -> Response
+where
+    S: Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+{
+    match every {
+        Some(every) => sse.keep_alive(KeepAlive::new().interval(every).text("keep-alive")).into_response(),
+        None => sse.into_response(),
+    }
 }
 
 fn chunk(value: serde_json::Value) -> SseEvent {

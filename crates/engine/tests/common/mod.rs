@@ -11,13 +11,42 @@ pub struct Server {
     pub base: String,
 }
 
+/// The lines a server wrote to stderr so far (its log), collected as they come.
+#[derive(Clone, Default)]
+pub struct Log(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Log {
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
 impl Server {
+    /// The server with `extra` arguments, its log (warnings and errors) on the test's stderr.
     pub fn start(extra: &[&str]) -> Server {
+        Server::spawn(extra, Stdio::inherit())
+    }
+
+    /// The server with `extra` arguments (later ones override the defaults, so `--server-log
+    /// info` shows request lines), and its log.
+    pub fn start_logged(extra: &[&str]) -> (Server, Log) {
+        let mut server = Server::spawn(extra, Stdio::piped());
+        let log = Log::default();
+        let (stderr, lines) = (server.child.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.0.lock().unwrap().push(line);
+            }
+        });
+        (server, log)
+    }
+
+    fn spawn(extra: &[&str], stderr: Stdio) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_exsa"))
             .args(["--log", "error", "--server-log", "warn", "--threads", "2", "serve", "--port", "0"])
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("exsa serve starts");
         let mut line = String::new();

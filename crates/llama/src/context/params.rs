@@ -146,6 +146,34 @@ impl ContextParams {
         Ok(())
     }
 
+    /// Refuses the sizes on which llama.cpp (this pin) aborts while creating an embeddings
+    /// context whose pooling averages tokens (mean; rank, whose classifier may average first):
+    /// it reserves its worst-case micro-batch with the token count rounded up to a multiple of
+    /// n_seq_max but the output count not, and the pooling's matrix product then has sides of
+    /// different lengths (GGML_ASSERT in ggml_mul_mat, a process abort). `pooling` is the one
+    /// that applies (the model's where these params leave it unspecified); the sizes follow
+    /// `llama_context`'s constructor and `sched_reserve`.
+    pub(super) fn check_pooled_reserve(&self, pooling: Pooling, causal: bool, n_ctx_train: u32) -> Result<(), ContextError> {
+        if !self.embeddings || self.n_seq_max <= 1 || !matches!(pooling, Pooling::Mean | Pooling::Rank) {
+            return Ok(());
+        }
+        let n_seq = self.n_seq_max;
+        let pad = |n: u32| n.div_ceil(256).saturating_mul(256);
+        let n_ctx = if self.n_ctx == 0 { n_ctx_train } else { self.n_ctx };
+        let n_batch = if causal { n_ctx.min(self.n_batch) } else { self.n_batch };
+        let n_ubatch = n_batch.min(self.n_ubatch);
+        let cells = if self.unified_kv { pad(n_ctx) } else { pad(pad(n_ctx) / n_seq).saturating_mul(n_seq) };
+        let reserved = cells.min(n_ubatch);
+        if !reserved.is_multiple_of(n_seq) {
+            return Err(ContextError::InvalidParam {
+                name: "n_seq_max",
+                value: format!("{n_seq} (with a worst-case micro-batch of {reserved} tokens)"),
+                reason: "with mean or rank pooling, min(n_ctx, n_ubatch) must be a multiple of n_seq_max (llama.cpp aborts otherwise)",
+            });
+        }
+        Ok(())
+    }
+
     pub(super) fn to_raw(&self) -> sys::llama_context_params {
         // SAFETY: returns a struct by value.
         let mut p = unsafe { sys::llama_context_default_params() };
@@ -175,5 +203,38 @@ impl ContextParams {
         p.no_perf = self.no_perf;
         p.n_rs_seq = self.recurrent_snapshots;
         p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pooled(n_ctx: u32, n_batch: u32, n_ubatch: u32, n_seq_max: u32, unified_kv: bool) -> ContextParams {
+        ContextParams { n_ctx, n_batch, n_ubatch, n_seq_max, unified_kv, embeddings: true, ..ContextParams::default() }
+    }
+
+    #[test]
+    fn pooled_contexts_whose_reserved_batch_llama_cpp_cannot_split_are_refused() {
+        // The sizes that aborted: an encoder's context of one batch and 5 (or a decoder's of
+        // 33) sequences, mean pooled.
+        assert!(pooled(513, 512, 512, 5, true).check_pooled_reserve(Pooling::Mean, false, 512).is_err());
+        assert!(pooled(513, 512, 512, 33, true).check_pooled_reserve(Pooling::Mean, true, 32768).is_err());
+        assert!(pooled(513, 512, 512, 22, true).check_pooled_reserve(Pooling::Rank, true, 32768).is_err());
+        // A divisor of the batch is fine, and so is any count where nothing averages.
+        for n_seq in [1, 2, 4, 8, 16, 32, 64] {
+            assert!(pooled(513, 512, 512, n_seq, true).check_pooled_reserve(Pooling::Mean, true, 32768).is_ok(), "{n_seq}");
+        }
+        for pooling in [Pooling::Cls, Pooling::Last, Pooling::None] {
+            assert!(pooled(513, 512, 512, 5, true).check_pooled_reserve(pooling, false, 512).is_ok());
+        }
+        assert!(ContextParams { embeddings: false, ..pooled(513, 512, 512, 5, true) }.check_pooled_reserve(Pooling::Mean, true, 512).is_ok());
+        // A context smaller than its micro-batch reserves the context's cells: per-sequence
+        // streams make them a multiple of the sequences, one shared stream need not.
+        assert!(pooled(300, 2048, 2048, 3, false).check_pooled_reserve(Pooling::Mean, false, 512).is_ok());
+        assert!(pooled(300, 2048, 2048, 3, true).check_pooled_reserve(Pooling::Mean, false, 512).is_err());
+        // n_ctx 0 is the model's training context.
+        assert!(pooled(0, 600, 600, 3, true).check_pooled_reserve(Pooling::Mean, true, 301).is_err());
+        assert!(pooled(0, 600, 600, 3, true).check_pooled_reserve(Pooling::Mean, true, 8192).is_ok());
     }
 }
