@@ -111,9 +111,13 @@ embedded = client.embed(model=model, input=["A cat sat on the mat.", "Stock mark
 assert len(embedded.embeddings) == 2
 for v in embedded.embeddings:
     assert abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-4
+# A text alone and beside another are decoded differently and round differently (this model
+# amplifies it: tests/embeddings.rs' tolerance), so they are compared by cosine.
 single = client.embeddings(model=model, prompt="A cat sat on the mat.").embedding
 norm = math.sqrt(sum(x * x for x in single))
-assert all(abs(a - b / norm) < 1e-4 for a, b in zip(embedded.embeddings[0], single))
+assert len(single) == len(embedded.embeddings[0])
+cosine = sum(a * b / norm for a, b in zip(embedded.embeddings[0], single))
+assert cosine > 0.997, cosine
 
 # Show: family, size, quantization, context length, template.
 shown = client.show(model)
