@@ -335,22 +335,6 @@ impl Model {
         self.meta(&format!("{arch}.attention.causal")).is_none_or(|v| v != "false")
     }
 
-    /// The pooling a context with `requested` pooling applies: `requested`, or where it is
-    /// unspecified, the model's own (`<arch>.pooling_type`; none when the file does not say).
-    pub fn pooling(&self, requested: crate::Pooling) -> crate::Pooling {
-        if requested != crate::Pooling::Unspecified {
-            return requested;
-        }
-        let declared = self.architecture().and_then(|arch| self.meta(&format!("{arch}.pooling_type")));
-        match declared.and_then(|v| v.trim().parse::<i32>().ok()) {
-            Some(1) => crate::Pooling::Mean,
-            Some(2) => crate::Pooling::Cls,
-            Some(3) => crate::Pooling::Last,
-            Some(4) => crate::Pooling::Rank,
-            _ => crate::Pooling::None,
-        }
-    }
-
     /// Whether the model's memory is (or includes, for hybrid models such as LFM2) a recurrent
     /// state, which holds only its latest position: such memory cannot be cut back to an
     /// earlier position, except within the last decode with

@@ -61,7 +61,7 @@ impl<'m> Context<'m> {
             return Err(ContextError::VocabOnly);
         }
         params.validate()?;
-        params.check_pooled_reserve(model.pooling(params.pooling), model.is_causal(), model.n_ctx_train())?;
+        params.check_pooled_reserve(params.applied_pooling(model), model.is_causal(), model.n_ctx_train())?;
         model.check_servers()?;
         let _adapters = model.adapters_read();
         let raw_params = params.to_raw();

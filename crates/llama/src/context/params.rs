@@ -146,6 +146,23 @@ impl ContextParams {
         Ok(())
     }
 
+    /// The pooling a context with these params applies on `model`: the params' own, or where
+    /// they leave it unspecified, the model's (`<arch>.pooling_type`; none when the file does
+    /// not say).
+    pub(super) fn applied_pooling(&self, model: &crate::Model) -> Pooling {
+        if self.pooling != Pooling::Unspecified {
+            return self.pooling;
+        }
+        let declared = model.architecture().and_then(|arch| model.meta(&format!("{arch}.pooling_type")));
+        match declared.and_then(|v| v.trim().parse::<i32>().ok()) {
+            Some(1) => Pooling::Mean,
+            Some(2) => Pooling::Cls,
+            Some(3) => Pooling::Last,
+            Some(4) => Pooling::Rank,
+            _ => Pooling::None,
+        }
+    }
+
     /// Refuses the sizes on which llama.cpp (this pin) aborts while creating an embeddings
     /// context whose pooling averages tokens (mean; rank, whose classifier may average first):
     /// it reserves its worst-case micro-batch with the token count rounded up to a multiple of
