@@ -10,7 +10,7 @@
 //! fails when they are not alike.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::bench::stats;
-use crate::server_process::{self, Started};
+use crate::server_process;
 use crate::{fetch_model, llama_tools, workspace};
 
 #[derive(clap::Args)]
@@ -196,9 +196,9 @@ fn embed(http: &reqwest::blocking::Client, base: &str, texts: &[String]) -> Resu
 /// Starts `server` on a free port with the run's pooling and batch, and waits until /health
 /// answers 200.
 fn start(server: Server, binary: &Path, model: &Path, args: &Args, threads: usize, out: &Path) -> Result<(Child, String)> {
-    let port = server_process::free_port()?.to_string();
+    let port_number = server_process::free_port()?;
+    let port = port_number.to_string();
     let (batch, threads) = (args.batch.to_string(), threads.to_string());
-    let log = std::fs::File::create(out.join(format!("{}.log", server.name().replace(' ', "-"))))?;
     let mut command = Command::new(binary);
     match server {
         Server::Exsa => {
@@ -212,16 +212,7 @@ fn start(server: Server, binary: &Path, model: &Path, args: &Args, threads: usiz
             command.args(["--alias", "default", "--no-webui", "-lv", "1", "-kvu", "-np", &slots, "-c", &ctx, "-b", &batch, "-ub", &batch]);
         }
     }
-    let mut child = command.stdout(Stdio::null()).stderr(log).spawn().with_context(|| format!("starting {}", server.name()))?;
-    let base = format!("http://127.0.0.1:{port}");
-    match server_process::wait_healthy(&mut child, &base)? {
-        Started::Healthy => Ok((child, base)),
-        Started::Exited(status) => bail!("{} exited ({status}) before it became healthy (log in {})", server.name(), out.display()),
-        Started::TimedOut => {
-            let _ = child.kill();
-            bail!("{} did not become healthy within 120 s (log in {})", server.name(), out.display())
-        }
-    }
+    server_process::start_healthy(&mut command, server.name(), port_number, &out.join(format!("{}.log", server.name().replace(' ', "-"))))
 }
 
 fn report(args: &Args, model: &Path, samples: &[Sample], took: Duration, exsa: &Path, llama_server: &Path) -> String {

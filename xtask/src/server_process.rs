@@ -2,10 +2,11 @@
 //! wait until its `/health` answers 200.
 
 use std::net::TcpListener;
-use std::process::{Child, ExitStatus};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 
 /// A free port on 127.0.0.1 (free when asked; the server binds it next).
 pub fn free_port() -> Result<u16> {
@@ -36,4 +37,21 @@ pub fn wait_healthy(child: &mut Child, base: &str) -> Result<Started> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(Started::TimedOut)
+}
+
+/// Starts `command`, a server `name` that listens on `port`, its stderr into the file `log`, and
+/// waits until it is healthy: the child and its base URL. A server that exits first or is not
+/// healthy within two minutes is an error naming the log (a slow one is killed).
+pub fn start_healthy(command: &mut Command, name: &str, port: u16, log: &Path) -> Result<(Child, String)> {
+    let stderr = std::fs::File::create(log)?;
+    let mut child = command.stdout(Stdio::null()).stderr(stderr).spawn().with_context(|| format!("starting {name}"))?;
+    let base = format!("http://127.0.0.1:{port}");
+    match wait_healthy(&mut child, &base)? {
+        Started::Healthy => Ok((child, base)),
+        Started::Exited(status) => bail!("{name} exited ({status}) before it became healthy (log in {})", log.display()),
+        Started::TimedOut => {
+            let _ = child.kill();
+            bail!("{name} did not become healthy within 120 s (log in {})", log.display())
+        }
+    }
 }

@@ -10,14 +10,14 @@
 mod load;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::bench::stats;
-use crate::server_process::{self, Started};
+use crate::server_process;
 use crate::{fetch_model, llama_tools, workspace};
 use load::{LevelResult, percentile};
 
@@ -234,7 +234,6 @@ fn svg(args: &Args, samples: &[Sample], servers: &[Contender]) -> String {
 fn start(server: Contender, binary: &Path, model: &Path, args: &Args, threads: usize, out: &Path) -> Result<(Child, String)> {
     let port = server_process::free_port()?;
     let (slots, ctx, threads) = (args.slots.to_string(), args.ctx.to_string(), threads.to_string());
-    let log = std::fs::File::create(out.join(format!("{}.log", server.name().replace([' ', '@'], "-"))))?;
     let mut command = match server {
         Contender::Exsa | Contender::ExsaBaseline => {
             let mut c = Command::new(binary);
@@ -250,16 +249,7 @@ fn start(server: Contender, binary: &Path, model: &Path, args: &Args, threads: u
             c
         }
     };
-    let mut child = command.stdout(Stdio::null()).stderr(log).spawn().with_context(|| format!("starting {}", server.name()))?;
-    let base = format!("http://127.0.0.1:{port}");
-    match server_process::wait_healthy(&mut child, &base)? {
-        Started::Healthy => Ok((child, base)),
-        Started::Exited(status) => bail!("{} exited ({status}) before it became healthy (log in {})", server.name(), out.display()),
-        Started::TimedOut => {
-            let _ = child.kill();
-            bail!("{} did not become healthy within 120 s (log in {})", server.name(), out.display())
-        }
-    }
+    server_process::start_healthy(&mut command, server.name(), port, &out.join(format!("{}.log", server.name().replace([' ', '@'], "-"))))
 }
 
 fn report(
