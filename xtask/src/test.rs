@@ -66,9 +66,11 @@ pub fn run(args: &Args) -> Result<()> {
     python::site("ollama", OLLAMA_VERSION, "ollama")?;
     // llama.cpp's corpus of Jinja chat templates, which the chat-layer and tool-calling tests read.
     llama_tools::sdist_source()?;
-    // llama.cpp's own embedding program, which the embedding tests compare our vectors with
-    // (.cargo/config.toml's EXSA_LLAMA_EMBEDDING; about a minute with ccache, several without).
+    // llama.cpp's own embedding program and server, which the embedding tests compare our
+    // vectors with and the rerank test our scores (.cargo/config.toml's EXSA_LLAMA_EMBEDDING and
+    // EXSA_LLAMA_SERVER; one build tree: a minute with ccache, several minutes without).
     llama_tools::ensure("llama-embedding")?;
+    llama_tools::ensure("llama-server")?;
     // The workspace, with the engine on its default backend (`source`). Its server turns on
     // llama's `chat` feature, so the chat layer's own tests run here too.
     workspace::run(workspace::cargo().args(["test", "--workspace", "--locked"]).args(&args.cargo_args))?;

@@ -3,8 +3,8 @@
 //! synth-models`, and on the default model (a generative model: mean pooling). Vectors are
 //! checked against llama.cpp's own `llama-embedding` program, run here on the same model and
 //! texts (built by `cargo xtask test` from the llama-cpp-python 0.3.36 sdist, as llama-server
-//! is); scores against what `llama-server --reranking` answered (recorded below); and texts
-//! decoded together must give what each gives alone.
+//! is); texts decoded together must give what each gives alone. Rerank scores are compared with
+//! llama-server's, asked live, in tests/http.rs.
 
 use std::path::PathBuf;
 
@@ -146,11 +146,11 @@ fn texts_embedded_together_give_what_each_gives_alone() {
     }
 }
 
-/// The reranker scores each pair as llama-server did (the same prompt: BOS, query, EOS, SEP,
-/// document, EOS), the same document the same score; an encoder is no reranker, and a reranker
-/// gives no embeddings through the server (its scores are not vectors).
+/// The reranker scores each pair (its prompt: BOS, query, EOS, SEP, document, EOS, as
+/// llama-server builds it), the same document the same score, different ones different scores;
+/// an encoder is no reranker.
 #[test]
-fn a_reranker_scores_pairs_as_llama_server_does() {
+fn a_reranker_scores_pairs() {
     let reranker = synth("bert-tiny-rerank");
     assert_eq!(reranker.pooling(), Pooling::Rank);
     let scored = reranker.rerank("a cat", &["cats purr", "stocks fell", "a kitten", "cats purr"]);
@@ -161,12 +161,9 @@ fn a_reranker_scores_pairs_as_llama_server_does() {
     }
     let scored = scored.unwrap();
     let scores: Vec<f32> = scored.iter().map(|&(s, _)| s).collect();
-    // llama-server ran with one thread, this with two: the sums round in another order.
-    let recorded = [-1.281_004_7_f32, -1.137_446_4, -1.224_280_1, -1.281_004_7];
-    for (i, (ours, theirs)) in scores.iter().zip(recorded).enumerate() {
-        assert!((ours - theirs).abs() < 5e-4, "document {i}: {ours} vs llama-server's {theirs}");
-    }
+    assert!(scores.iter().all(|s| s.is_finite()), "{scores:?}");
     assert_eq!(scores[0], scores[3], "the same document, the same score");
+    assert!(scores[0] != scores[1] && scores[1] != scores[2] && scores[0] != scores[2], "{scores:?}");
     // "<bos>a cat<eos>[SEP]cats purr<eos>": 4 specials around the texts' tokens.
     let plain = |text| reranker.tokenize_with(text, TokenizeOptions { add_special: false, parse_special: false }).unwrap().len();
     let pair = plain("a cat") + plain("cats purr") + 4;

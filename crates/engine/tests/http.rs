@@ -924,34 +924,81 @@ fn browser_origins_named_by_cors_origin_may_call_and_no_other() {
     assert!(r.headers().keys().all(|k| !k.as_str().starts_with("access-control-")), "{:?}", r.headers());
 }
 
-/// `/v1/rerank` (and `/rerank`) on the synthetic reranker: results by relevance, best first,
-/// `top_n` of them, with the documents when asked; the order llama-server gave for these
-/// documents (recorded in tests/embeddings.rs: "stocks fell", "a kitten", "cats purr"). A model
-/// that is no reranker is a 400 naming `model`, and a reranker gives no embeddings.
+/// `/v1/rerank` (and `/rerank`) on the synthetic reranker, asked the same as llama.cpp's own
+/// llama-server (`--reranking`, same file, same threads) in both shapes it answers: Jina/Cohere
+/// (`documents`, `top_n`) and TEI (`texts`, `return_text`). Every result in the same order with
+/// the same score (within float rounding) and the same token count; our documents and texts
+/// come back when asked, TEI's `raw_scores: false` gives the sigmoid of llama-server's score.
+/// Fields of the other shape, both lists, `truncate: true` and an empty list are 400s naming
+/// them; a model that is no reranker is a 400 naming `model`, and a reranker gives no embeddings.
 #[test]
-fn rerank_orders_documents_by_relevance() {
+fn rerank_orders_documents_as_llama_server_does() {
     let _one_at_a_time = common::one_at_a_time();
     let synth = std::path::PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml"));
-    let server = Server::start(&["--model", synth.join("bert-tiny-rerank.gguf").to_str().unwrap()]);
-    let body = json!({ "query": "a cat", "documents": ["cats purr", "stocks fell", { "text": "a kitten" }], "top_n": 2, "return_documents": true });
+    let model = synth.join("bert-tiny-rerank.gguf");
+    let model = model.to_str().unwrap();
+    let server = Server::start(&["--model", model]);
+    let texts = ["cats purr", "stocks fell", "a kitten", "the weather is mild today", "a cat sat on the mat", "bonds rose"];
+    let jina = json!({ "query": "a cat", "documents": texts, "top_n": 4 });
     if Engine::backend_name() == "crate" {
         // Rank pooling is refused on the crate baseline (see tests/embeddings.rs).
-        let r = client().post(server.url("/v1/rerank")).json(&body).send().unwrap();
+        let r = client().post(server.url("/v1/rerank")).json(&jina).send().unwrap();
         assert_eq!((r.status().as_u16(), r.json::<Value>().unwrap()["error"]["code"].as_str().map(str::to_owned)), (400, Some("unsupported".into())));
         return;
     }
+    let reference = {
+        let llama = common::LlamaServer::start(&["-m", model, "--reranking"]);
+        let ask = |body: &Value| client().post(llama.url("/rerank")).json(body).send().unwrap().json::<Value>().unwrap();
+        (ask(&jina), ask(&json!({ "query": "a cat", "texts": texts, "return_text": true })))
+    };
+    // (index, score) of each result, in the order given.
+    let ranked = |results: &Value, score: &str| -> Vec<(u64, f64)> {
+        results.as_array().unwrap_or_else(|| panic!("{results}")).iter().map(|r| (r["index"].as_u64().unwrap(), r[score].as_f64().unwrap())).collect()
+    };
+    let same = |ours: &[(u64, f64)], theirs: &[(u64, f64)], what: &str| {
+        assert_eq!(ours.iter().map(|r| r.0).collect::<Vec<_>>(), theirs.iter().map(|r| r.0).collect::<Vec<_>>(), "{what}: the order differs");
+        for ((i, a), (_, b)) in ours.iter().zip(theirs) {
+            assert!((a - b).abs() < 5e-4, "{what}, document {i}: score {a} here, {b} from llama-server");
+        }
+    };
+    let theirs = ranked(&reference.0["results"], "relevance_score");
+    assert_eq!(theirs.len(), 4, "{}", reference.0);
     for route in ["/v1/rerank", "/rerank"] {
+        let mut body = jina.clone();
+        body["return_documents"] = json!(true);
         let r: Value = client().post(server.url(route)).json(&body).send().unwrap().json().unwrap();
-        let results = r["results"].as_array().unwrap();
-        assert_eq!(results.iter().map(|x| x["index"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2], "{r}");
-        assert_eq!(results[0]["document"]["text"], "stocks fell");
-        assert!(results[0]["relevance_score"].as_f64().unwrap() > results[1]["relevance_score"].as_f64().unwrap());
-        assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 3 * 4, "{r}");
+        same(&ranked(&r["results"], "relevance_score"), &theirs, route);
+        assert_eq!(r["usage"]["prompt_tokens"], reference.0["usage"]["prompt_tokens"], "{r}\n{}", reference.0);
+        for result in r["results"].as_array().unwrap() {
+            assert_eq!(result["document"]["text"], texts[result["index"].as_u64().unwrap() as usize]);
+        }
     }
+    let tei = client().post(server.url("/rerank")).json(&json!({ "query": "a cat", "texts": texts, "return_text": true })).send().unwrap();
+    let tei: Value = tei.json().unwrap();
+    let theirs = ranked(&reference.1, "score");
+    same(&ranked(&tei, "score"), &theirs, "TEI");
+    assert_eq!(theirs.len(), texts.len());
+    for (ours, llama) in tei.as_array().unwrap().iter().zip(reference.1.as_array().unwrap()) {
+        assert_eq!((&ours["text"], ours.as_object().unwrap().len()), (&llama["text"], llama.as_object().unwrap().len()), "{ours} vs {llama}");
+    }
+    let squashed: Value =
+        client().post(server.url("/rerank")).json(&json!({ "query": "a cat", "texts": texts, "raw_scores": false })).send().unwrap().json().unwrap();
+    let sigmoid: Vec<(u64, f64)> = theirs.iter().map(|&(i, s)| (i, 1.0 / (1.0 + (-s).exp()))).collect();
+    same(&ranked(&squashed, "score"), &sigmoid, "TEI raw_scores false");
+
+    let refused = |body: Value| {
+        let r = client().post(server.url("/v1/rerank")).json(&body).send().unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap()["error"]["param"].as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(refused(json!({ "query": "a cat", "documents": [] })), (400, "documents".into()));
+    assert_eq!(refused(json!({ "query": "a cat", "documents": texts, "texts": texts })), (400, "texts".into()));
+    assert_eq!(refused(json!({ "query": "a cat", "texts": texts, "return_documents": true })), (400, "return_documents".into()));
+    assert_eq!(refused(json!({ "query": "a cat", "documents": texts, "return_text": true })), (400, "return_text".into()));
+    assert_eq!(refused(json!({ "query": "a cat", "texts": texts, "truncate": true })), (400, "truncate".into()));
+    assert_eq!(refused(json!({ "query": "a cat", "texts": [{ "text": "a kitten" }] })), (400, "texts".into()));
+    assert_eq!(refused(json!({ "input": "a cat" })).0, 400, "no query");
     let r = client().post(server.url("/v1/embeddings")).json(&json!({ "input": "a cat" })).send().unwrap();
     assert_eq!((r.status().as_u16(), r.json::<Value>().unwrap()["error"]["param"].as_str().map(str::to_owned)), (400, Some("model".into())));
-    let r = client().post(server.url("/v1/rerank")).json(&json!({ "query": "a cat", "documents": [] })).send().unwrap();
-    assert_eq!(r.status(), 400);
 
     let server = Server::start(&[]);
     let r = client().post(server.url("/v1/rerank")).json(&json!({ "query": "a cat", "documents": ["cats purr"] })).send().unwrap();

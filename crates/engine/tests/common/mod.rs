@@ -97,6 +97,53 @@ impl Drop for Server {
     }
 }
 
+/// llama.cpp's own `llama-server` (EXSA_LLAMA_SERVER: `cargo xtask test` builds it from the
+/// llama-cpp-python sdist) on a free port, the reference some tests ask the same questions as
+/// `exsa serve`; stopped when dropped.
+pub struct LlamaServer {
+    child: Child,
+    pub base: String,
+}
+
+impl LlamaServer {
+    /// The server with `args` (its model among them), once its `/health` answers 200.
+    pub fn start(args: &[&str]) -> LlamaServer {
+        let program = std::path::PathBuf::from(std::env::var("EXSA_LLAMA_SERVER").expect("EXSA_LLAMA_SERVER is set by .cargo/config.toml"));
+        assert!(program.is_file(), "llama.cpp's llama-server is missing at {}: run `cargo xtask test` (it builds it)", program.display());
+        // A port the system hands out now; llama-server does not print one it picked itself.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+        let child = Command::new(&program)
+            .args(["--host", "127.0.0.1", "--port", &port, "--threads", "2", "--log-disable"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("llama-server starts");
+        let mut server = LlamaServer { child, base: format!("http://127.0.0.1:{port}") };
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let http = client();
+        while !http.get(server.url("/health")).send().is_ok_and(|r| r.status().as_u16() == 200) {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("llama-server {args:?} exited: {status}");
+            }
+            assert!(std::time::Instant::now() < deadline, "llama-server {args:?} did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Held by each server test for its whole run: the tests of one binary otherwise run two at a
 /// time, each server decoding with all cores, and llama.cpp's spinning worker threads slow
 /// oversubscribed cores down many times over (http.rs took 213 s that way, 33 s in turn).
