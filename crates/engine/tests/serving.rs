@@ -194,6 +194,55 @@ fn a_full_queue_is_refused_at_once_and_shutdown_finishes_what_was_accepted() {
     }
 }
 
+/// A prompt whose beginning another slot's cache holds (a shared system prompt) takes those
+/// cells by a sequence copy instead of decoding them, on attention memory (the default model,
+/// llama-tiny), counted as copied; every step of its reply matches a solo decode. On recurrent
+/// memory (lfm2-tiny, mamba-tiny) a state copied from the middle of the donor's sequence cannot
+/// be cut back: nothing is copied, the prompt is decoded whole, and the reply is the same.
+#[test]
+fn a_shared_prefix_is_copied_from_another_slot_and_gives_what_a_fresh_decode_gives() {
+    let synth = std::path::PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml"));
+    let synth_engine = |name: &str| {
+        let mut config = EngineConfig::new(synth.join(format!("{name}.gguf")));
+        config.session = SessionConfig { n_ctx: 1024, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+        Arc::new(Engine::load(config).unwrap_or_else(|e| panic!("{name} loads: {e}")))
+    };
+    let cases = [
+        ("gemma-3-270m", engine(), true),
+        ("llama-tiny", synth_engine("llama-tiny"), true),
+        ("lfm2-tiny", synth_engine("lfm2-tiny"), false),
+        ("mamba-tiny", synth_engine("mamba-tiny"), false),
+    ];
+    const SYSTEM: &str = "You are the support assistant of a shop for hiking gear. Be brief and friendly, answer only what is asked, and never promise a delivery date. Question:";
+    let mut checked = Vec::new();
+    for (name, engine, copies) in cases {
+        let core = start(&engine, 2, 4).expect("the serving core starts");
+        let in_slot = |prompt: &str, slot: usize, max_tokens: usize| {
+            let mut request = banning_eog(&engine, greedy(prompt, max_tokens).logprobs(5));
+            request.options.slot = Some(slot);
+            collect(core.submit(ServeRequest::new(&engine, &request).unwrap()).unwrap()).unwrap().1
+        };
+        let first = format!("{SYSTEM} Do you sell tents?");
+        let second = format!("{SYSTEM} Where is my order?");
+        in_slot(&first, 0, 4);
+        // Slot 1 is empty: what it reuses, it takes from slot 0.
+        let completion = in_slot(&second, 1, 24);
+        let (a, b) = (engine.tokenize(&first, false).unwrap(), engine.tokenize(&second, false).unwrap());
+        let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        let status = core.status();
+        if copies {
+            assert_eq!(completion.stats.prompt_tokens_reused, shared, "{name}: {:?}", completion.stats);
+            assert_eq!(status.prompt_tokens_copied, shared as u64, "{name}: {status:?}");
+        } else {
+            assert_eq!((completion.stats.prompt_tokens_reused, status.prompt_tokens_copied), (0, 0), "{name}: {status:?}");
+        }
+        assert_eq!(completion.stats.completion_tokens, 24, "{name}");
+        let eog = engine.end_of_generation_tokens();
+        checked.push(check_served(&engine, &second, &completion, &eog));
+    }
+    equivalence::cap_partings(&checked, "prefixes copied between slots");
+}
+
 #[test]
 fn a_slot_reuses_the_longest_cached_prefix() {
     let engine = engine();

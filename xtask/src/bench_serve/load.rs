@@ -8,6 +8,8 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::scenario::Scenario;
+
 /// What one request saw.
 #[derive(Clone, Debug, Serialize)]
 pub struct RequestTiming {
@@ -15,12 +17,20 @@ pub struct RequestTiming {
     pub ttft_ms: f64,
     /// Between consecutive chunks of generated text.
     pub gaps_ms: Vec<f64>,
+    /// Generated tokens, as the server's usage counts them.
     pub tokens: usize,
+    pub prompt_tokens: usize,
+    /// Prompt tokens the server took from its cache (`prompt_tokens_details.cached_tokens`), where
+    /// it says.
+    pub cached_tokens: Option<usize>,
+    /// The request's turn in its conversation (0: the first).
+    pub turn: usize,
 }
 
 /// One load level against one server.
 #[derive(Clone, Debug, Serialize)]
 pub struct LevelResult {
+    pub scenario: Scenario,
     pub concurrency: usize,
     pub wall_s: f64,
     pub requests: Vec<RequestTiming>,
@@ -44,21 +54,11 @@ impl LevelResult {
     }
 }
 
-/// The prompts, one per client (cycled).
-const PROMPTS: [&str; 8] = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle stays upright.",
-    "Describe the water cycle to a child.",
-    "List some tips for learning a new language.",
-    "What makes a good cup of tea?",
-    "Tell me about the history of paper.",
-    "Why do cats purr?",
-    "Summarise the rules of chess.",
-];
-
-/// `concurrency` clients, each sending `per_client` streaming chats of `max_tokens` greedy
-/// tokens to `base` (an OpenAI-style server).
-pub fn run_level(base: &str, model: &str, concurrency: usize, per_client: usize, max_tokens: usize) -> Result<LevelResult> {
+/// `concurrency` clients against `base` (an OpenAI-style server), each holding the
+/// conversations `scenario` gives it (`per_client` of them) and sending their turns in order,
+/// every reply `max_tokens` greedy tokens (`ignore_eos`: a reply of another length fails the
+/// level, so that both servers do the same work).
+pub fn run_level(base: &str, model: &str, scenario: Scenario, concurrency: usize, per_client: usize, max_tokens: usize) -> Result<LevelResult> {
     let started = Instant::now();
     let results: Vec<Result<Vec<RequestTiming>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..concurrency)
@@ -67,7 +67,17 @@ pub fn run_level(base: &str, model: &str, concurrency: usize, per_client: usize,
                     // A new connection per request: a pooled one that the server closed meanwhile
                     // (llama-server's keep-alive) would fail the request, not the server.
                     let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(600)).pool_max_idle_per_host(0).build()?;
-                    (0..per_client).map(|k| one_request(&client, base, model, PROMPTS[(c + k) % PROMPTS.len()], max_tokens)).collect()
+                    let mut timings = Vec::new();
+                    for conversation in scenario.conversations(c, per_client) {
+                        let mut messages: Vec<Value> = conversation.system.iter().map(|s| json!({ "role": "system", "content": s })).collect();
+                        for (turn, text) in conversation.turns.iter().enumerate() {
+                            messages.push(json!({ "role": "user", "content": text }));
+                            let (timing, reply) = one_request(&client, base, model, &messages, max_tokens, turn)?;
+                            messages.push(json!({ "role": "assistant", "content": reply }));
+                            timings.push(timing);
+                        }
+                    }
+                    Ok(timings)
                 })
             })
             .collect();
@@ -78,26 +88,45 @@ pub fn run_level(base: &str, model: &str, concurrency: usize, per_client: usize,
     for r in results {
         requests.extend(r?);
     }
-    Ok(LevelResult { concurrency, wall_s, requests })
+    Ok(LevelResult { scenario, concurrency, wall_s, requests })
 }
 
-fn one_request(client: &reqwest::blocking::Client, base: &str, model: &str, prompt: &str, max_tokens: usize) -> Result<RequestTiming> {
-    let body = json!({
+/// The body of a greedy chat request of exactly `max_tokens` tokens.
+pub fn chat_body(model: &str, messages: &[Value], max_tokens: usize, stream: bool) -> Value {
+    json!({
         "model": model,
-        "messages": [{ "role": "user", "content": prompt }],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
-        "stream": true,
-    });
+        "ignore_eos": true,
+        "stream": stream,
+        "stream_options": { "include_usage": true },
+    })
+}
+
+/// One streamed request: its timing and the reply's text.
+fn one_request(
+    client: &reqwest::blocking::Client,
+    base: &str,
+    model: &str,
+    messages: &[Value],
+    max_tokens: usize,
+    turn: usize,
+) -> Result<(RequestTiming, String)> {
     let sent = Instant::now();
-    let response = client.post(format!("{base}/v1/chat/completions")).json(&body).send().context("sending a chat request")?;
+    let response = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&chat_body(model, messages, max_tokens, true))
+        .send()
+        .context("sending a chat request")?;
     if !response.status().is_success() {
         bail!("{} answered {}: {}", base, response.status(), response.text().unwrap_or_default());
     }
     let mut first = None;
     let mut last = sent;
     let mut gaps_ms = Vec::new();
-    let mut tokens = 0;
+    let mut reply = String::new();
+    let mut usage = None;
     for line in BufReader::new(response).lines() {
         let line = line.context("reading the stream")?;
         let Some(data) = line.strip_prefix("data: ") else { continue };
@@ -105,6 +134,9 @@ fn one_request(client: &reqwest::blocking::Client, base: &str, model: &str, prom
             break;
         }
         let chunk: Value = serde_json::from_str(data).with_context(|| format!("a chunk that is not JSON: {data}"))?;
+        if chunk["usage"].is_object() {
+            usage = Some(chunk["usage"].clone());
+        }
         let text = chunk["choices"][0]["delta"]["content"].as_str().unwrap_or("");
         if text.is_empty() {
             continue;
@@ -115,10 +147,24 @@ fn one_request(client: &reqwest::blocking::Client, base: &str, model: &str, prom
             Some(_) => gaps_ms.push((now - last).as_secs_f64() * 1000.0),
         }
         last = now;
-        tokens += 1;
+        reply += text;
     }
     let first = first.with_context(|| format!("{base} streamed no text"))?;
-    Ok(RequestTiming { ttft_ms: (first - sent).as_secs_f64() * 1000.0, gaps_ms, tokens })
+    let usage = usage.with_context(|| format!("{base} sent no usage (stream_options.include_usage)"))?;
+    let count = |v: &Value| v.as_u64().map(|n| n as usize);
+    let tokens = count(&usage["completion_tokens"]).with_context(|| format!("{base}: usage without completion_tokens: {usage}"))?;
+    if tokens != max_tokens {
+        bail!("{base} replied {tokens} tokens where {max_tokens} were asked with ignore_eos: the servers would not do the same work");
+    }
+    let timing = RequestTiming {
+        ttft_ms: (first - sent).as_secs_f64() * 1000.0,
+        gaps_ms,
+        tokens,
+        prompt_tokens: count(&usage["prompt_tokens"]).unwrap_or(0),
+        cached_tokens: count(&usage["prompt_tokens_details"]["cached_tokens"]),
+        turn,
+    };
+    Ok((timing, reply))
 }
 
 /// The p-th percentile (0-100) by nearest rank.

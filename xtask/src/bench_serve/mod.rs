@@ -1,48 +1,62 @@
 //! `cargo xtask bench-serve`: our `exsa serve` against llama.cpp's own `llama-server` on the
-//! same model, slots and threads, under streaming chat load at several concurrencies.
+//! same model, slots and threads, under streaming chat traffic of several kinds
+//! ([`Scenario`]) at several concurrencies.
 //!
-//! llama-server is built by `llama_tools` (llama.cpp's own programs, from the `llama-cpp-python`
-//! sdist on PyPI, natively, under `target/llama-server/`). Each
-//! round starts each server afresh (their order alternates), runs every load level against it
-//! and stops it; the report compares aggregate tokens/s per level with a bootstrap interval over
-//! the paired rounds, and gives TTFT and inter-token latency percentiles over all requests.
+//! Fair by construction: both servers render the same chat template (llama-server gets the
+//! template exsa uses when the GGUF has none), which a probe checks before anything is measured
+//! ([`parity`]); every reply is exactly `--max-tokens` tokens (`ignore_eos`), counted from each
+//! server's `usage`. llama-server is built by `llama_tools` (llama.cpp's own programs, from the
+//! `llama-cpp-python` sdist on PyPI, natively, under `target/llama-server/`). Each round starts
+//! each server afresh for each scenario (their order alternates), runs the scenario's levels and
+//! reads the server's peak RSS; the report compares aggregate tokens/s per scenario and level with
+//! a bootstrap interval over the paired rounds, and gives TTFT and inter-token latency percentiles
+//! over all requests.
 
 mod load;
+mod parity;
+mod report;
+mod scenario;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::bench::stats;
 use crate::server_process;
 use crate::{fetch_model, llama_tools, workspace};
-use load::{LevelResult, percentile};
+use load::LevelResult;
+use scenario::Scenario;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// GGUF model (default: the project's default model).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Concurrent clients, one level after another.
+    /// The kinds of traffic (all by default).
+    #[arg(long, value_delimiter = ',', default_value = "distinct,shared-system,multi-turn,long-prompt")]
+    scenario: Vec<Scenario>,
+    /// Concurrent clients of the `distinct` scenario, one level after another (the others run
+    /// at fixed levels: shared-system 8 and 16, multi-turn 4 and 8, long-prompt 8).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
     concurrency: Vec<usize>,
     /// Slots of each server (`--parallel` / `-np`).
     #[arg(long, default_value_t = 8)]
     slots: usize,
-    /// Rounds (each starts both servers afresh, in alternating order).
-    #[arg(long, default_value_t = 3)]
+    /// Rounds (each starts every server afresh for each scenario, in alternating order).
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// Requests each client sends per level, one after another.
+    /// Conversations each client holds per level, one after another (multi-turn: one).
     #[arg(long, default_value_t = 2)]
     per_client: usize,
-    /// Tokens per reply (greedy).
+    /// Tokens per reply (greedy, `ignore_eos`: every reply exactly this long).
     #[arg(long, default_value_t = 96)]
     max_tokens: usize,
-    /// Context shared by the slots.
-    #[arg(long, default_value_t = 4096)]
+    /// Context shared by the slots: room for 16 long prompts' worth of traffic without
+    /// evictions (shared-system: a 1,500-token prompt in each of 8 slots on a server that does
+    /// not share it).
+    #[arg(long, default_value_t = 16384)]
     ctx: usize,
     /// Also serve `exsa` as built from this git revision (a commit, tag or branch), to measure a
     /// change against what came before it ("exsa serve @REV" in the report, each round beside
@@ -95,6 +109,8 @@ struct Sample {
     round: usize,
     server: Contender,
     level: LevelResult,
+    /// The server's peak resident memory over this scenario's levels (VmHWM), in MiB.
+    peak_rss_mib: Option<f64>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -109,46 +125,157 @@ pub fn run(args: &Args) -> Result<()> {
     let exsa = build_exsa(None)?;
     let baseline = args.baseline_rev.as_deref().map(|rev| build_exsa(Some(rev))).transpose()?;
     let llama_server = if args.no_llama_server { PathBuf::from("llama-server") } else { llama_tools::ensure("llama-server")? };
+    let binary = |server: Contender| match server {
+        Contender::Exsa => exsa.as_path(),
+        Contender::ExsaBaseline => baseline.as_deref().expect("built when asked for"),
+        Contender::LlamaServer => llama_server.as_path(),
+    };
+    let template = llama_server_template(&exsa, &model)?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let out = workspace::target_dir().join("bench-serve").join(crate::bench::timestamp());
     std::fs::create_dir_all(&out)?;
+    let launch = Launch { model: &model, args, threads, template: &template, out: &out };
+    // Before anything is measured: the servers answer the same prompts.
+    let mut probes = Vec::new();
+    for &server in &servers {
+        let (mut child, base) = launch.start(server, binary(server))?;
+        let probe = parity::probe(&base, "default");
+        let _ = child.kill();
+        let _ = child.wait();
+        probes.push((server.name(), probe?));
+    }
+    parity::check(&probes)?;
+    eprintln!("the servers render the same probe chat into {} prompt tokens", probes[0].1.prompt_tokens);
     let mut samples = Vec::new();
     let started = Instant::now();
     for round in 0..args.rounds {
-        // Each round starts with another server, so that none always runs first.
-        let mut order = servers.clone();
-        order.rotate_left(round % servers.len());
-        for server in order {
-            let binary = match server {
-                Contender::Exsa => &exsa,
-                Contender::ExsaBaseline => baseline.as_ref().expect("built when asked for"),
-                Contender::LlamaServer => &llama_server,
-            };
-            let (mut child, base) = start(server, binary, &model, args, threads, &out)?;
-            let result = (|| -> Result<()> {
-                for &c in &args.concurrency {
-                    let level = load::run_level(&base, "default", c, args.per_client, args.max_tokens)
-                        .with_context(|| format!("{} at concurrency {c}", server.name()))?;
-                    eprintln!("round {}/{} {:<12} c={c:<3} {:7.1} t/s aggregate", round + 1, args.rounds, server.name(), level.tokens_per_s());
-                    samples.push(Sample { round, server, level });
-                }
-                Ok(())
-            })();
-            let _ = child.kill();
-            let _ = child.wait();
-            result?;
+        for &scenario in &args.scenario {
+            // Each round starts with another server, so that none always runs first.
+            let mut order = servers.clone();
+            order.rotate_left(round % servers.len());
+            for server in order {
+                let (mut child, base) = launch.start(server, binary(server))?;
+                let result = (|| -> Result<Vec<LevelResult>> {
+                    let mut levels = Vec::new();
+                    for c in scenario.levels(&args.concurrency) {
+                        let level = load::run_level(&base, "default", scenario, c, args.per_client, args.max_tokens)
+                            .with_context(|| format!("{} on {} at concurrency {c}", server.name(), scenario.name()))?;
+                        eprintln!(
+                            "round {}/{} {:<14} {:<20} c={c:<3} {:7.1} t/s aggregate",
+                            round + 1,
+                            args.rounds,
+                            scenario.name(),
+                            server.name(),
+                            level.tokens_per_s()
+                        );
+                        levels.push(level);
+                    }
+                    Ok(levels)
+                })();
+                let peak_rss_mib = peak_rss_mib(child.id());
+                let _ = child.kill();
+                let _ = child.wait();
+                samples.extend(result?.into_iter().map(|level| Sample { round, server, level, peak_rss_mib }));
+            }
         }
     }
     let builds = build_info(&exsa, baseline.as_deref(), (!args.no_llama_server).then_some(llama_server.as_path()), &model);
-    let report = report(args, &model, &samples, &servers, reference, started.elapsed(), &builds);
+    let run = report::Run {
+        args,
+        model: &model,
+        samples: &samples,
+        servers: &servers,
+        reference,
+        took: started.elapsed(),
+        builds: &builds,
+        template: template.describe(),
+    };
+    let report = run.markdown();
     std::fs::write(out.join("report.md"), &report)?;
-    let json = serde_json::json!({ "build_info": builds, "samples": samples });
+    let json = serde_json::json!({ "build_info": builds, "llama_server_template": template.describe(), "samples": samples });
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&json)?)?;
-    std::fs::write(out.join("samples.csv"), csv(&samples))?;
-    std::fs::write(out.join("chart.svg"), svg(args, &samples, &servers))?;
+    std::fs::write(out.join("samples.csv"), run.csv())?;
+    std::fs::write(out.join("chart.svg"), run.svg())?;
     println!("{report}");
     println!("reports in {}", out.display());
     Ok(())
+}
+
+/// A process's peak resident memory in MiB (Linux: `VmHWM` of /proc/PID/status).
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The chat template llama-server is given so that it renders what exsa renders: none when the
+/// GGUF has its own (both use it), else the fallback exsa chose (`exsa info`'s `chat_template`),
+/// as exsa's Jinja source of it where exsa has one, else by llama.cpp's name for it.
+#[derive(Debug)]
+enum LlamaServerTemplate {
+    TheModels,
+    File(PathBuf),
+    Named(String),
+}
+
+impl LlamaServerTemplate {
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        match self {
+            LlamaServerTemplate::TheModels => vec![],
+            LlamaServerTemplate::File(f) => vec!["--chat-template-file".into(), f.into()],
+            LlamaServerTemplate::Named(n) => vec!["--chat-template".into(), n.into()],
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            LlamaServerTemplate::TheModels => "the model's own".into(),
+            LlamaServerTemplate::File(f) => format!("--chat-template-file {}", f.strip_prefix(workspace::root()).unwrap_or(f).display()),
+            LlamaServerTemplate::Named(n) => format!("--chat-template {n}"),
+        }
+    }
+}
+
+fn llama_server_template(exsa: &Path, model: &Path) -> Result<LlamaServerTemplate> {
+    let info = exsa_info(exsa, model).context("`exsa info` on the model")?;
+    if info["model"]["has_chat_template"].as_bool() == Some(true) {
+        return Ok(LlamaServerTemplate::TheModels);
+    }
+    let name = info["chat_template"].as_str().context("`exsa info` names no chat template")?;
+    let file = workspace::root().join("crates/engine/src/templates_fallback").join(format!("{name}.jinja"));
+    Ok(if file.is_file() { LlamaServerTemplate::File(file) } else { LlamaServerTemplate::Named(name.to_owned()) })
+}
+
+/// How every server of a run is started.
+struct Launch<'a> {
+    model: &'a Path,
+    args: &'a Args,
+    threads: usize,
+    template: &'a LlamaServerTemplate,
+    out: &'a Path,
+}
+
+impl Launch<'_> {
+    /// Starts `server` on a free port and waits until /health answers 200.
+    fn start(&self, server: Contender, binary: &Path) -> Result<(Child, String)> {
+        let port = server_process::free_port()?;
+        let (slots, ctx, threads) = (self.args.slots.to_string(), self.args.ctx.to_string(), self.threads.to_string());
+        let mut command = Command::new(binary);
+        match server {
+            Contender::Exsa | Contender::ExsaBaseline => {
+                command.arg("--model").arg(self.model).args(["--log", "error", "--ctx", &ctx, "--threads", &threads]);
+                command.args(["serve", "--port", &port.to_string(), "--parallel", &slots, "--max-queue", "256", "--model-id", "default"]);
+            }
+            Contender::LlamaServer => {
+                command.arg("-m").arg(self.model).args(["--port", &port.to_string(), "-np", &slots, "-c", &ctx, "-t", &threads, "-tb", &threads]);
+                // Unified KV cache and 512-token batches, as `exsa serve` runs.
+                command.args(["--alias", "default", "--no-webui", "-lv", "1", "-kvu", "-b", "512", "-ub", "512"]);
+                command.args(self.template.args());
+            }
+        }
+        let log = self.out.join(format!("{}.log", server.name().replace([' ', '@'], "-")));
+        server_process::start_healthy(&mut command, server.name(), port, &log)
+    }
 }
 
 /// `exsa` in release, from this workspace or (with `rev`) from the tree of that revision, in a
@@ -175,19 +302,11 @@ pub(crate) fn build_exsa(rev: Option<&str>) -> Result<PathBuf> {
 /// What each server was built from and with: exsa's build info (`exsa info`: llama.cpp
 /// version, compiler, flags), the baseline's, and llama-server's `--version` lines.
 fn build_info(exsa: &Path, baseline: Option<&Path>, llama_server: Option<&Path>, model: &Path) -> serde_json::Value {
-    let exsa_info = |exsa: &Path| {
-        Command::new(exsa)
-            .arg("--model")
-            .arg(model)
-            .args(["--log", "error", "info"])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
-            .map_or(
-                serde_json::Value::Null,
-                |v| serde_json::json!({ "backend": v["backend"], "build_info": v["build_info"], "system_info": v["system_info"] }),
-            )
+    let exsa_builds = |exsa: &Path| {
+        exsa_info(exsa, model).map_or(
+            serde_json::Value::Null,
+            |v| serde_json::json!({ "backend": v["backend"], "build_info": v["build_info"], "system_info": v["system_info"] }),
+        )
     };
     let llama_version = llama_server
         .and_then(|l| Command::new(l).arg("--version").output().ok())
@@ -201,143 +320,34 @@ fn build_info(exsa: &Path, baseline: Option<&Path>, llama_server: Option<&Path>,
         })
         .unwrap_or_default();
     serde_json::json!({
-        "exsa serve": exsa_info(exsa),
-        "exsa serve @baseline": baseline.map(exsa_info),
+        "exsa serve": exsa_builds(exsa),
+        "exsa serve @baseline": baseline.map(exsa_builds),
         "llama-server": llama_version.trim(),
     })
 }
 
-/// Aggregate tokens/s per concurrency level and server, over the rounds.
-fn svg(args: &Args, samples: &[Sample], servers: &[Contender]) -> String {
-    use crate::bench::chart;
-    let series: Vec<String> = servers.iter().map(|s| s.name().to_string()).collect();
-    let groups: Vec<chart::Group> = args
-        .concurrency
-        .iter()
-        .map(|&c| chart::Group {
-            label: format!("{c} clients"),
-            bars: servers
-                .iter()
-                .enumerate()
-                .filter_map(|(i, &server)| {
-                    let tps: Vec<f64> =
-                        samples.iter().filter(|s| s.server == server && s.level.concurrency == c).map(|s| s.level.tokens_per_s()).collect();
-                    Some((i, stats::summarize(&tps)?))
-                })
-                .collect(),
-        })
-        .collect();
-    chart::bars("aggregate generated tokens/s under streaming chat load (median, whiskers min..max)", "t/s", &series, &groups)
+/// `exsa info` on `model`: the model, its chat template, the build.
+fn exsa_info(exsa: &Path, model: &Path) -> Option<serde_json::Value> {
+    let out = Command::new(exsa).arg("--model").arg(model).args(["--log", "error", "info"]).output().ok().filter(|o| o.status.success())?;
+    serde_json::from_slice(&out.stdout).ok()
 }
 
-/// Starts `server` on a free port and waits until /health answers 200.
-fn start(server: Contender, binary: &Path, model: &Path, args: &Args, threads: usize, out: &Path) -> Result<(Child, String)> {
-    let port = server_process::free_port()?;
-    let (slots, ctx, threads) = (args.slots.to_string(), args.ctx.to_string(), threads.to_string());
-    let mut command = match server {
-        Contender::Exsa | Contender::ExsaBaseline => {
-            let mut c = Command::new(binary);
-            c.arg("--model").arg(model).args(["--log", "error", "--ctx", &ctx, "--threads", &threads]);
-            c.args(["serve", "--port", &port.to_string(), "--parallel", &slots, "--max-queue", "256", "--model-id", "default"]);
-            c
-        }
-        Contender::LlamaServer => {
-            let mut c = Command::new(binary);
-            c.arg("-m").arg(model).args(["--port", &port.to_string(), "-np", &slots, "-c", &ctx, "-t", &threads, "-tb", &threads]);
-            // Unified KV cache and 512-token batches, as `exsa serve` runs.
-            c.args(["--alias", "default", "--no-webui", "-lv", "1", "-kvu", "-b", "512", "-ub", "512"]);
-            c
-        }
-    };
-    server_process::start_healthy(&mut command, server.name(), port, &out.join(format!("{}.log", server.name().replace([' ', '@'], "-"))))
-}
+#[cfg(test)]
+mod tests {
+    use clap::{Parser, ValueEnum};
 
-fn report(
-    args: &Args,
-    model: &Path,
-    samples: &[Sample],
-    servers: &[Contender],
-    reference: Contender,
-    took: Duration,
-    builds: &serde_json::Value,
-) -> String {
-    let machine = crate::bench::machine::describe();
-    let machine = format!("{}, {} cores, {}, {:.1} GB/s memory read", machine.cpu, machine.cores, machine.simd.join(" "), machine.memory_read_gb_s);
-    let mut md = format!(
-        "# bench-serve\n\nCommand: `cargo xtask bench-serve` ({} rounds, concurrency {:?}, {} slots, {} requests per client of {} greedy tokens, ctx {})\n\
-         Model: {}\nMachine: {}\n{}Took {:.1} min.\n\n\
-         | concurrency | server | aggregate t/s (median) | vs {} [95% CI] | req/s | TTFT p50 / p99 ms | inter-token p50 / p99 ms |\n|---|---|---|---|---|---|---|\n",
-        args.rounds,
-        args.concurrency,
-        args.slots,
-        args.per_client,
-        args.max_tokens,
-        args.ctx,
-        model.display(),
-        machine,
-        args.baseline_rev.as_ref().map_or(String::new(), |rev| format!("Baseline: exsa serve as of `{rev}`.\n")),
-        took.as_secs_f64() / 60.0,
-        reference.name(),
-    );
-    for &c in &args.concurrency {
-        let per_round = |server: Contender| -> Vec<Option<f64>> {
-            (0..args.rounds)
-                .map(|r| samples.iter().find(|s| s.round == r && s.server == server && s.level.concurrency == c).map(|s| s.level.tokens_per_s()))
-                .collect()
-        };
-        let baseline = per_round(reference);
-        for &server in servers.iter().rev() {
-            let levels: Vec<&LevelResult> = samples.iter().filter(|s| s.server == server && s.level.concurrency == c).map(|s| &s.level).collect();
-            let tps: Vec<f64> = levels.iter().map(|l| l.tokens_per_s()).collect();
-            let rps: Vec<f64> = levels.iter().map(|l| l.requests_per_s()).collect();
-            let ttft: Vec<f64> = levels.iter().flat_map(|l| l.ttft_ms()).collect();
-            let gaps: Vec<f64> = levels.iter().flat_map(|l| l.gaps_ms()).collect();
-            let vs = if server == reference {
-                "baseline".to_string()
-            } else {
-                match stats::paired_ratio(&per_round(server), &baseline) {
-                    Some(r) => format!("{:.3} [{:.3}, {:.3}] {}", r.ratio, r.ci_low, r.ci_high, r.verdict),
-                    None => "n/a".into(),
-                }
-            };
-            md += &format!(
-                "| {c} | {} | {:.1} | {vs} | {:.2} | {:.0} / {:.0} | {:.1} / {:.1} |\n",
-                server.name(),
-                stats::summarize(&tps).map_or(f64::NAN, |s| s.median),
-                stats::summarize(&rps).map_or(f64::NAN, |s| s.median),
-                percentile(&ttft, 50.0),
-                percentile(&ttft, 99.0),
-                percentile(&gaps, 50.0),
-                percentile(&gaps, 99.0),
-            );
-        }
-    }
-    md += &format!("\nBuilds:\n- exsa serve: `{}`\n", builds["exsa serve"]);
-    if servers.contains(&Contender::ExsaBaseline) {
-        md += &format!("- exsa serve @baseline: `{}`\n", builds["exsa serve @baseline"]);
-    }
-    if servers.contains(&Contender::LlamaServer) {
-        md += &format!("- llama-server: `{}`\n", builds["llama-server"].as_str().unwrap_or("?").replace('\n', " / "));
-    }
-    md
-}
+    use super::*;
 
-fn csv(samples: &[Sample]) -> String {
-    let mut out = String::from("round,server,concurrency,wall_s,tokens,tokens_per_s,requests,ttft_p50_ms,ttft_p99_ms\n");
-    for s in samples {
-        let l = &s.level;
-        let tokens: usize = l.requests.iter().map(|r| r.tokens).sum();
-        out += &format!(
-            "{},{},{},{:.3},{tokens},{:.2},{},{:.1},{:.1}\n",
-            s.round,
-            s.server.name(),
-            l.concurrency,
-            l.wall_s,
-            l.tokens_per_s(),
-            l.requests.len(),
-            percentile(&l.ttft_ms(), 50.0),
-            percentile(&l.ttft_ms(), 99.0)
-        );
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
     }
-    out
+
+    #[test]
+    fn the_default_run_has_every_scenario_and_five_rounds() {
+        let cli = Cli::try_parse_from(["bench-serve"]).unwrap();
+        assert_eq!(cli.args.scenario, Scenario::value_variants());
+        assert_eq!(cli.args.rounds, 5);
+    }
 }

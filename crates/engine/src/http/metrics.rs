@@ -113,8 +113,14 @@ fn render_decode_loops(loaded: &[(String, ServingStatus, usize)], out: &mut Stri
     let _ = writeln!(out, "# TYPE exsa_models_loaded gauge\nexsa_models_loaded {}", loaded.len());
     /// Name, type, help, and how to read it.
     type Series = (&'static str, &'static str, &'static str, fn(&ServingStatus, usize) -> u64);
-    let series: [Series; 10] = [
+    let series: [Series; 11] = [
         ("exsa_prompt_tokens_reused_total", "counter", "Prompt tokens found in a slot's cache, not decoded again.", |s, _| s.prompt_tokens_reused),
+        (
+            "exsa_prompt_tokens_copied_total",
+            "counter",
+            "Of the reused prompt tokens, those a slot took from another slot's cache (a shared prefix computed once).",
+            |s, _| s.prompt_tokens_copied,
+        ),
         ("exsa_decode_steps_total", "counter", "Decodes run (each carries every busy slot's next token).", |s, _| s.steps),
         ("exsa_queue_depth", "gauge", "Requests accepted and waiting for a slot.", |s, _| s.queued as u64),
         ("exsa_busy_slots", "gauge", "Slots with a request.", |s, _| s.busy_slots as u64),

@@ -46,6 +46,7 @@ pub(crate) struct Counters {
     pub(crate) generated_tokens: AtomicU64,
     pub(crate) prompt_tokens_decoded: AtomicU64,
     pub(crate) prompt_tokens_reused: AtomicU64,
+    pub(crate) prompt_tokens_copied: AtomicU64,
     pub(crate) kv_used: AtomicUsize,
     pub(crate) drafted_tokens: AtomicU64,
     pub(crate) accepted_tokens: AtomicU64,
@@ -190,11 +191,13 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         self.clock += 1;
         let single = self.slots.len() == 1;
         let slot = &mut self.slots[index];
-        let reused = slot.seq.keep_prefix(&mut self.session, &prepared.tokens);
-        let reused = self.copy_longer_prefix(index, &prepared.tokens, reused);
+        let kept = slot.seq.keep_prefix(&mut self.session, &prepared.tokens);
+        let copied = self.copy_longer_prefix(index, &prepared.tokens, kept);
+        let reused = copied.unwrap_or(kept);
         let slot = &mut self.slots[index];
         self.counters.busy_slots.fetch_add(1, Ordering::Relaxed);
         self.counters.prompt_tokens_reused.fetch_add(reused as u64, Ordering::Relaxed);
+        self.counters.prompt_tokens_copied.fetch_add(copied.unwrap_or(0) as u64, Ordering::Relaxed);
         let (request, prompt) = Request::new(prepared, client, reused, self.clock, self.n_ctx);
         let request = Box::new(request);
         if single {
@@ -209,28 +212,31 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
 
     /// Where another slot's cache holds more of `prompt` than slot `dst` kept of its own (a
     /// shared system prompt, the other choices of one request), its cells are copied into `dst`
-    /// (shared, in a unified cache) and cut to the shared prefix. Returns the tokens `dst` holds.
-    fn copy_longer_prefix(&mut self, dst: usize, prompt: &[TokenId], reused: usize) -> usize {
+    /// (shared, in a unified cache: no decode, no new cells) and cut to the shared prefix.
+    /// Returns the tokens `dst` then holds, or None when it copied nothing and `dst` holds the
+    /// `kept` tokens it had.
+    fn copy_longer_prefix(&mut self, dst: usize, prompt: &[TokenId], kept: usize) -> Option<usize> {
         let usable = |s: &Slot<_>| s.seq.common_prefix(prompt).min(prompt.len().saturating_sub(1));
-        let donor = (0..self.slots.len()).filter(|&i| i != dst).max_by_key(|&i| usable(&self.slots[i]));
-        let Some(donor) = donor else { return reused };
+        let donor = (0..self.slots.len()).filter(|&i| i != dst).max_by_key(|&i| usable(&self.slots[i]))?;
         let shared = usable(&self.slots[donor]);
-        if shared < reused + MIN_COPIED_PREFIX {
-            return reused;
+        if shared < kept + MIN_COPIED_PREFIX {
+            return None;
         }
         let (src_id, tokens) = (self.slots[donor].seq.id(), self.slots[donor].seq.tokens().to_vec());
         let seq = &mut self.slots[dst].seq;
         seq.clear(&mut self.session);
         if !self.session.seq_copy(src_id, seq.id()) {
-            return 0;
+            return Some(0);
         }
         seq.extend(&tokens);
-        // A recurrent state copied from the middle of a sequence cannot be cut back: dropped.
+        // A recurrent state (LFM2's convolutions, Mamba's) holds one position, the donor's last:
+        // copied from the middle of the donor's sequence it cannot be cut back, so it is
+        // dropped and the prompt decoded whole.
         if seq.cut(&mut self.session, shared) {
-            shared
+            Some(shared)
         } else {
             seq.clear(&mut self.session);
-            0
+            Some(0)
         }
     }
 

@@ -490,6 +490,7 @@ fn a_prompt_another_slot_is_decoding_waits_for_it_and_copies_its_cells() {
     let batches_before = model.batches.lock().unwrap().len();
     let second = s.admit(prepared(&prompt, 4, Speculation::Off), "second").unwrap();
     assert_eq!(s.running(second).unwrap().1.prompt_tokens_reused, 16, "the cells in so far are copied");
+    assert_eq!(s.counters.prompt_tokens_copied.load(Ordering::Relaxed), 16, "and counted as copied");
     let ended = run(&mut s);
     // It decodes only the rest of its prompt, from its position on.
     let batches = model.batches.lock().unwrap();
@@ -500,11 +501,13 @@ fn a_prompt_another_slot_is_decoding_waits_for_it_and_copies_its_cells() {
     // Both continue the prompt alike: the copied cells are the same prompt.
     let by_name = |n| ended.iter().find(|e| e.0 == n).map(|e| e.2.clone()).unwrap();
     assert_eq!(by_name("second"), tokens(21, 4));
-    // A later prompt sharing most of a cache another slot keeps copies it too.
+    // A later prompt extending it goes to a slot that holds it: reused from its own cache, not
+    // copied.
     let mut longer = prompt.clone();
     longer.extend([90, 91]);
     let third = s.admit(prepared(&longer, 1, Speculation::Off), "third").unwrap();
     assert!(s.running(third).unwrap().1.prompt_tokens_reused >= 20, "{:?}", s.running(third).unwrap().1);
+    assert_eq!(s.counters.prompt_tokens_copied.load(Ordering::Relaxed), 16);
 }
 
 /// Slot actions: a save holds the cache and its tokens; erase empties the slot; a restore into

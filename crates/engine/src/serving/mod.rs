@@ -199,6 +199,9 @@ pub struct ServingStatus {
     pub prompt_tokens_decoded: u64,
     /// Prompt tokens found in a slot's cache and not decoded again.
     pub prompt_tokens_reused: u64,
+    /// Of those, the tokens a slot took from another slot's cache by a sequence copy (a shared
+    /// system prompt computed once for every slot).
+    pub prompt_tokens_copied: u64,
     /// KV cache cells the slots hold, finished requests' caches (kept for reuse) included.
     pub kv_used: usize,
     /// The decode loop's slots.
@@ -351,6 +354,7 @@ impl ServingCore {
             generated_tokens: c.generated_tokens.load(Ordering::Relaxed),
             prompt_tokens_decoded: c.prompt_tokens_decoded.load(Ordering::Relaxed),
             prompt_tokens_reused: c.prompt_tokens_reused.load(Ordering::Relaxed),
+            prompt_tokens_copied: c.prompt_tokens_copied.load(Ordering::Relaxed),
             kv_used: c.kv_used.load(Ordering::Relaxed),
             slots: self.slots,
             drafted_tokens: c.drafted_tokens.load(Ordering::Relaxed),
