@@ -12,6 +12,7 @@
 //! a bootstrap interval over the paired rounds, and gives TTFT and inter-token latency percentiles
 //! over all requests.
 
+mod ceiling;
 mod load;
 mod parity;
 mod report;
@@ -34,7 +35,7 @@ pub struct Args {
     /// GGUF model (default: the project's default model).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// The kinds of traffic (all by default).
+    /// The kinds of traffic (all but `rewrite` by default).
     #[arg(long, value_delimiter = ',', default_value = "distinct,shared-system,multi-turn,long-prompt")]
     scenario: Vec<Scenario>,
     /// Concurrent clients of the `distinct` scenario, one level after another (the others run
@@ -63,14 +64,21 @@ pub struct Args {
     /// the others).
     #[arg(long, value_name = "REV")]
     baseline_rev: Option<String>,
-    /// Leave llama-server out (with --baseline-rev: this build against the earlier one only).
+    /// Leave llama-server out (with --baseline-rev: this build against the earlier one only;
+    /// with --speculative: speculation against none).
     #[arg(long)]
     no_llama_server: bool,
+    /// Also serve this build with `--speculative ngram` (prompt lookup, up to 8 drafts), to
+    /// measure speculation under load ("exsa serve +ngram" in the report).
+    #[arg(long)]
+    speculative: bool,
 }
 
 /// One server under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 enum Contender {
+    /// This build with `--speculative ngram`.
+    ExsaSpeculative,
     Exsa,
     /// `exsa` built from `--baseline-rev`.
     ExsaBaseline,
@@ -80,6 +88,7 @@ enum Contender {
 impl Contender {
     fn name(self) -> &'static str {
         match self {
+            Contender::ExsaSpeculative => "exsa serve +ngram",
             Contender::Exsa => "exsa serve",
             Contender::ExsaBaseline => "exsa serve @baseline",
             Contender::LlamaServer => "llama-server",
@@ -88,9 +97,13 @@ impl Contender {
 }
 
 /// The servers of a run, and what each is compared with: llama-server when it runs, else the
-/// baseline build.
+/// baseline build, else (speculation measured alone) this build without speculation.
 fn servers(args: &Args) -> Result<(Vec<Contender>, Contender)> {
-    let mut servers = vec![Contender::Exsa];
+    let mut servers = Vec::new();
+    if args.speculative {
+        servers.push(Contender::ExsaSpeculative);
+    }
+    servers.push(Contender::Exsa);
     if args.baseline_rev.is_some() {
         servers.push(Contender::ExsaBaseline);
     }
@@ -98,8 +111,8 @@ fn servers(args: &Args) -> Result<(Vec<Contender>, Contender)> {
         servers.push(Contender::LlamaServer);
     }
     let reference = *servers.last().expect("exsa always runs");
-    if reference == Contender::Exsa {
-        bail!("--no-llama-server leaves nothing to compare with: give --baseline-rev too");
+    if servers.len() < 2 {
+        bail!("--no-llama-server leaves nothing to compare with: give --baseline-rev or --speculative too");
     }
     Ok((servers, reference))
 }
@@ -126,10 +139,13 @@ pub fn run(args: &Args) -> Result<()> {
     let baseline = args.baseline_rev.as_deref().map(|rev| build_exsa(Some(rev))).transpose()?;
     let llama_server = if args.no_llama_server { PathBuf::from("llama-server") } else { llama_tools::ensure("llama-server")? };
     let binary = |server: Contender| match server {
-        Contender::Exsa => exsa.as_path(),
+        Contender::Exsa | Contender::ExsaSpeculative => exsa.as_path(),
         Contender::ExsaBaseline => baseline.as_deref().expect("built when asked for"),
         Contender::LlamaServer => llama_server.as_path(),
     };
+    // The kernels' ceiling for the distinct scenario, beside llama-server.
+    let batched_bench =
+        (!args.no_llama_server && args.scenario.contains(&Scenario::Distinct)).then(|| llama_tools::ensure("llama-batched-bench")).transpose()?;
     let template = llama_server_template(&exsa, &model)?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let out = workspace::target_dir().join("bench-serve").join(crate::bench::timestamp());
@@ -146,7 +162,8 @@ pub fn run(args: &Args) -> Result<()> {
     }
     parity::check(&probes)?;
     eprintln!("the servers render the same probe chat into {} prompt tokens", probes[0].1.prompt_tokens);
-    let mut samples = Vec::new();
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut ceilings = Vec::new();
     let started = Instant::now();
     for round in 0..args.rounds {
         for &scenario in &args.scenario {
@@ -177,6 +194,29 @@ pub fn run(args: &Args) -> Result<()> {
                 let _ = child.wait();
                 samples.extend(result?.into_iter().map(|level| Sample { round, server, level, peak_rss_mib }));
             }
+            if let (Scenario::Distinct, Some(binary)) = (scenario, &batched_bench) {
+                // The prompts' length as exsa counted them this round (both servers count alike).
+                let prompt: Vec<f64> = samples
+                    .iter()
+                    .filter(|s| s.round == round && s.server == Contender::Exsa && s.level.scenario == scenario)
+                    .flat_map(|s| s.level.requests.iter().map(|r| r.prompt_tokens as f64))
+                    .collect();
+                let prompt_tokens = load::percentile(&prompt, 50.0).round() as usize;
+                let levels = scenario.levels(&args.concurrency);
+                let measured = ceiling::measure(binary, &launch, prompt_tokens, &levels, round)?;
+                for c in &measured {
+                    eprintln!(
+                        "round {}/{} {:<14} {:<20} c={:<3} {:7.1} t/s aggregate",
+                        round + 1,
+                        args.rounds,
+                        scenario.name(),
+                        "llama-batched-bench",
+                        c.sequences,
+                        c.tokens_per_s
+                    );
+                }
+                ceilings.extend(measured);
+            }
         }
     }
     let builds = build_info(&exsa, baseline.as_deref(), (!args.no_llama_server).then_some(llama_server.as_path()), &model);
@@ -189,10 +229,11 @@ pub fn run(args: &Args) -> Result<()> {
         took: started.elapsed(),
         builds: &builds,
         template: template.describe(),
+        ceilings: &ceilings,
     };
     let report = run.markdown();
     std::fs::write(out.join("report.md"), &report)?;
-    let json = serde_json::json!({ "build_info": builds, "llama_server_template": template.describe(), "samples": samples });
+    let json = serde_json::json!({ "build_info": builds, "llama_server_template": template.describe(), "samples": samples, "ceiling": ceilings });
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&json)?)?;
     std::fs::write(out.join("samples.csv"), run.csv())?;
     std::fs::write(out.join("chart.svg"), run.svg())?;
@@ -262,9 +303,12 @@ impl Launch<'_> {
         let (slots, ctx, threads) = (self.args.slots.to_string(), self.args.ctx.to_string(), self.threads.to_string());
         let mut command = Command::new(binary);
         match server {
-            Contender::Exsa | Contender::ExsaBaseline => {
+            Contender::Exsa | Contender::ExsaBaseline | Contender::ExsaSpeculative => {
                 command.arg("--model").arg(self.model).args(["--log", "error", "--ctx", &ctx, "--threads", &threads]);
                 command.args(["serve", "--port", &port.to_string(), "--parallel", &slots, "--max-queue", "256", "--model-id", "default"]);
+                if server == Contender::ExsaSpeculative {
+                    command.args(["--speculative", "ngram", "--draft-max", "8"]);
+                }
             }
             Contender::LlamaServer => {
                 command.arg("-m").arg(self.model).args(["--port", &port.to_string(), "-np", &slots, "-c", &ctx, "-t", &threads, "-tb", &threads]);
@@ -345,9 +389,10 @@ mod tests {
     }
 
     #[test]
-    fn the_default_run_has_every_scenario_and_five_rounds() {
+    fn the_default_run_has_every_scenario_but_rewrite_and_five_rounds() {
         let cli = Cli::try_parse_from(["bench-serve"]).unwrap();
-        assert_eq!(cli.args.scenario, Scenario::value_variants());
+        let all_but_rewrite: Vec<Scenario> = Scenario::value_variants().iter().copied().filter(|&s| s != Scenario::Rewrite).collect();
+        assert_eq!(cli.args.scenario, all_but_rewrite);
         assert_eq!(cli.args.rounds, 5);
     }
 }

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use super::ceiling::Ceiling;
 use super::load::{LevelResult, percentile};
 use super::scenario::{Scenario, TURNS};
 use super::{Args, Contender, Sample};
@@ -20,6 +21,8 @@ pub(super) struct Run<'a> {
     pub took: Duration,
     pub builds: &'a serde_json::Value,
     pub template: String,
+    /// llama-batched-bench's aggregate for the distinct scenario's levels.
+    pub ceilings: &'a [Ceiling],
 }
 
 impl Run<'_> {
@@ -60,6 +63,9 @@ impl Run<'_> {
             for clients in scenario.levels(&args.concurrency) {
                 for &server in self.servers.iter().rev() {
                     md += &self.row(scenario, clients, server);
+                }
+                if scenario == Scenario::Distinct {
+                    md += &self.ceiling_row(clients);
                 }
             }
             if scenario == Scenario::MultiTurn {
@@ -109,6 +115,28 @@ impl Run<'_> {
             percentile(&gaps, 99.0),
             percentile(&prompt, 50.0),
             median(&rss),
+        )
+    }
+
+    /// llama-batched-bench at `clients` sequences, and exsa's aggregate as a share of it.
+    fn ceiling_row(&self, clients: usize) -> String {
+        let rounds: Vec<&Ceiling> = self.ceilings.iter().filter(|c| c.sequences == clients).collect();
+        if rounds.is_empty() {
+            return String::new();
+        }
+        let ceiling: Vec<Option<f64>> = (0..self.args.rounds).map(|r| rounds.iter().find(|c| c.round == r).map(|c| c.tokens_per_s)).collect();
+        let exsa: Vec<Option<f64>> = (0..self.args.rounds)
+            .map(|r| self.levels(Contender::Exsa, Scenario::Distinct, clients).find(|s| s.round == r).map(|s| s.level.tokens_per_s()))
+            .collect();
+        let tps: Vec<f64> = ceiling.iter().flatten().copied().collect();
+        let share = match stats::paired_ratio(&exsa, &ceiling) {
+            Some(r) => format!("exsa serve at {:.3} [{:.3}, {:.3}] of it", r.ratio, r.ci_low, r.ci_high),
+            None => "n/a".into(),
+        };
+        format!(
+            "| {clients} | llama-batched-bench (ceiling: kernels only) | {:.1} | {share} | - | - | - | {} | - |\n",
+            stats::summarize(&tps).map_or(f64::NAN, |s| s.median),
+            rounds[0].prompt_tokens
         )
     }
 

@@ -19,6 +19,9 @@ pub enum Scenario {
     /// A quarter of the clients send a document of about 2,000 tokens to summarise, the others
     /// short chats: does a long prefill stall the others' tokens?
     LongPrompt,
+    /// Code to rewrite with a name changed: replies that repeat much of their prompt, where
+    /// prompt lookup drafts well (for `--speculative`; not in the default run).
+    Rewrite,
 }
 
 /// Turns of a `multi-turn` conversation.
@@ -38,6 +41,7 @@ impl Scenario {
             Scenario::SharedSystem => "shared-system",
             Scenario::MultiTurn => "multi-turn",
             Scenario::LongPrompt => "long-prompt",
+            Scenario::Rewrite => "rewrite",
         }
     }
 
@@ -49,6 +53,7 @@ impl Scenario {
             Scenario::SharedSystem => vec![8, 16],
             Scenario::MultiTurn => vec![4, 8],
             Scenario::LongPrompt => vec![8],
+            Scenario::Rewrite => vec![1, 4, 8, 16],
         }
     }
 
@@ -80,9 +85,38 @@ impl Scenario {
                     Conversation { system: None, turns: vec![turn] }
                 })
                 .collect(),
+            Scenario::Rewrite => (0..per_client)
+                .map(|k| {
+                    let (old, new) = RENAMES[(client + k) % RENAMES.len()];
+                    let code = REWRITE_CODE.replace("{name}", old);
+                    let turn =
+                        format!("Rewrite this Python code with `{old}` renamed to `{new}`. Answer with the code only.\n\n```python\n{code}```");
+                    Conversation { system: None, turns: vec![turn] }
+                })
+                .collect(),
         }
     }
 }
+
+/// The code `rewrite` asks to rename a variable in (`{name}`: the variable).
+const REWRITE_CODE: &str = "def summarize(orders):
+    {name} = {}
+    for order in orders:
+        key = (order.customer, order.month)
+        if key not in {name}:
+            {name}[key] = {\"count\": 0, \"total\": 0.0, \"items\": []}
+        {name}[key][\"count\"] += 1
+        {name}[key][\"total\"] += order.amount
+        {name}[key][\"items\"].extend(order.items)
+    report = []
+    for (customer, month), entry in sorted({name}.items()):
+        average = entry[\"total\"] / entry[\"count\"]
+        report.append(f\"{customer} {month}: {entry['count']} orders, {average:.2f} each\")
+    return report
+";
+
+/// Names `rewrite` renames, one pair per client (cycled).
+const RENAMES: [(&str, &str); 4] = [("acc", "totals"), ("groups", "by_key"), ("table", "summary"), ("seen", "buckets")];
 
 /// Short chats, one per client (cycled).
 const SHORT_PROMPTS: [&str; 8] = [
@@ -190,5 +224,15 @@ mod tests {
         assert!((1300..1900).contains(&words), "{words} words");
         assert_eq!(Scenario::MultiTurn.conversations(3, 2), Scenario::MultiTurn.conversations(3, 5), "one conversation whatever per_client says");
         assert_eq!(Scenario::MultiTurn.conversations(3, 1)[0].turns.len(), TURNS);
+    }
+
+    #[test]
+    fn a_rewrite_names_the_variable_its_code_uses() {
+        for client in 0..4 {
+            let turn = &Scenario::Rewrite.conversations(client, 1)[0].turns[0];
+            let (old, new) = RENAMES[client];
+            assert!(turn.contains(&format!("    {old} = {{}}")) && turn.contains(&format!("`{new}`")), "{turn}");
+            assert!(!turn.contains("{name}"));
+        }
     }
 }

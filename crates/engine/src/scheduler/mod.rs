@@ -14,6 +14,7 @@
 //! nothing of it is kept), the step is built again without drafts, then with the caches idle
 //! slots keep dropped, then without the newest request, which fails.
 
+mod decode_cost;
 mod drafter;
 mod request;
 mod slot;
@@ -25,6 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
+use decode_cost::DecodeCost;
 pub(crate) use drafter::DraftModel;
 pub(crate) use request::Output;
 pub(crate) use request::Prepared;
@@ -91,6 +93,9 @@ pub(crate) struct Scheduler<'e, M: BackendModel + 'e, C> {
     draft: Option<DraftModel<'e, M>>,
     /// Slots prefilling in this step, oldest request first (kept to reuse its allocation).
     prefilling: Vec<usize>,
+    /// What this loop's decodes cost, from its generation steps: whether drafts pay at a
+    /// step's occupancy.
+    cost: DecodeCost,
 }
 
 impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
@@ -110,6 +115,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             ended: Vec::with_capacity(slots),
             draft: None,
             prefilling: Vec::with_capacity(slots),
+            cost: DecodeCost::default(),
         }
     }
 
@@ -273,6 +279,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             if self.session.batch_len() == 0 {
                 return;
             }
+            let tokens = self.session.batch_len();
             let started = Instant::now();
             let decoded = self.session.batch_decode();
             // Counted as decoding: GPU and RPC backends return before the work is done.
@@ -280,6 +287,9 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             let decode_ms = ms(started.elapsed());
             match decoded {
                 Ok(()) => {
+                    if prompt_tokens == 0 {
+                        self.cost.observe(tokens, decode_ms);
+                    }
                     self.counters.steps.fetch_add(1, Ordering::Relaxed);
                     self.counters.prompt_tokens_decoded.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
                     self.without_drafts = false;
@@ -306,6 +316,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// chunks, oldest request first, up to n_batch tokens. Returns the prompt tokens in it.
     fn build_batch(&mut self) -> Result<usize, EngineError> {
         let n_slots = self.slots.len();
+        let generating = self.slots.iter().filter(|s| matches!(s.phase, Phase::Generating { .. })).count();
         for slot in &mut self.slots {
             let Slot { seq, phase, .. } = slot;
             if let Some(request) = phase.request_mut() {
@@ -317,7 +328,8 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             request.output = Some(self.session.batch_len() as i32);
             self.session.batch_push(*pending, pos as i32, seq.id(), true)?;
             // Room: the batch less a token for every other slot.
-            let room = if self.without_drafts {
+            // No drafts where they would not pay at this occupancy (see DecodeCost).
+            let room = if self.without_drafts || !self.cost.drafts_pay(generating, request.draft_acceptance()) {
                 0
             } else {
                 request.draft_room(pos, self.n_ctx, self.n_batch.saturating_sub(self.session.batch_len() + n_slots))

@@ -237,6 +237,12 @@ impl<S, C> Request<S, C> {
         self.stats.decode_ms += decode_ms;
     }
 
+    /// The share of this request's drafted tokens that held so far, with one held and one
+    /// rejected assumed before any (a request that has not drafted yet may).
+    pub(crate) fn draft_acceptance(&self) -> f64 {
+        (self.stats.accepted_tokens as f64 + 1.0) / (self.stats.drafted_tokens as f64 + 2.0)
+    }
+
     /// How many tokens may be drafted after the pending token at position `pos`: a position is
     /// kept for the token after the drafts, none past `max_tokens` (they would be cut anyway),
     /// at most `batch_room`, and no more than the draft length that recent rounds earned.

@@ -396,6 +396,29 @@ fn drafts_are_verified_against_the_model_and_get_the_room_that_is_left() {
     assert_eq!(plain.draft_room(0, 64, 100), 0);
 }
 
+/// Drafting adapts to occupancy: with every one of 8 slots generating, drafts that half hold
+/// (the prior for a request that has not drafted yet) would cost more than they bring on a CPU
+/// (`DecodeCost`'s prior), so no step carries any, though prompt lookup would find them; one
+/// request alone drafts.
+#[test]
+fn no_drafts_when_every_slot_of_a_full_batch_is_busy() {
+    let model = FakeModel::counting().with_next(&[(5, 6), (6, 5)]);
+    let mut s = scheduler(&model, 8, 512, 64);
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    for name in names {
+        s.admit(prepared(&[5, 6, 5, 6, 5], 6, Speculation::Ngram { max_draft: 8 }), name).unwrap();
+    }
+    let ended = run(&mut s);
+    assert!(ended.iter().all(|e| e.2 == [6, 5, 6, 5, 6, 5]), "{ended:?}");
+    let batches = model.batches.lock().unwrap().clone();
+    assert_eq!(batches[0].len(), 8 * 5, "the prompts, together");
+    assert!(batches[1..].iter().all(|b| b.len() == 8), "one token per slot, no drafts: {:?}", batches.iter().map(Vec::len).collect::<Vec<_>>());
+    assert_eq!(s.counters.drafted_tokens.load(Ordering::Relaxed), 0);
+    s.admit(prepared(&[5, 6, 5, 6, 5], 6, Speculation::Ngram { max_draft: 8 }), "alone").unwrap();
+    assert_eq!(run(&mut s)[0].2, [6, 5, 6, 5, 6, 5]);
+    assert!(s.counters.drafted_tokens.load(Ordering::Relaxed) > 0, "alone, it drafts");
+}
+
 #[test]
 fn a_step_whose_drafts_do_not_fit_is_built_again_without_them() {
     let model = FakeModel::counting().with_next(&[(5, 6), (6, 5)]);
