@@ -228,9 +228,8 @@ mod tests {
 
     #[test]
     fn a_rewrite_names_the_variable_its_code_uses() {
-        for client in 0..4 {
+        for (client, (old, new)) in RENAMES.iter().enumerate() {
             let turn = &Scenario::Rewrite.conversations(client, 1)[0].turns[0];
-            let (old, new) = RENAMES[client];
             assert!(turn.contains(&format!("    {old} = {{}}")) && turn.contains(&format!("`{new}`")), "{turn}");
             assert!(!turn.contains("{name}"));
         }
