@@ -77,7 +77,7 @@ pub fn search_space() -> Vec<Variant> {
         candidate("generic-isa", &[("LLAMA_SYS_NATIVE", "off")], None, None),
         candidate("O2", &[("LLAMA_SYS_OPT_LEVEL", "2")], None, None),
         candidate("lto", &[("LLAMA_SYS_LTO", "on")], None, None),
-        candidate("openmp", &[("LLAMA_SYS_OPENMP", "on")], None, None),
+        candidate("no-openmp", &[("LLAMA_SYS_OPENMP", "off")], None, None),
         candidate("no-llamafile", &[("LLAMA_SYS_LLAMAFILE", "off")], None, None),
         candidate("no-repack", &[("LLAMA_SYS_REPACK", "off")], None, None),
         candidate("openblas", &[("LLAMA_SYS_BLAS", "on")], None, None),
@@ -562,7 +562,7 @@ mod tests {
         assert_eq!(space[0].name, "default");
         assert!(space.iter().all(|v| v.env.get("LLAMA_SYS_PROFILE").map(String::as_str) == Some("none")));
         let names: Vec<&str> = space.iter().map(|v| v.name.as_str()).collect();
-        for n in ["generic-isa", "O2", "lto", "openmp", "no-llamafile", "no-repack", "openblas", "flash-attn-on"] {
+        for n in ["generic-isa", "O2", "lto", "no-openmp", "no-llamafile", "no-repack", "openblas", "flash-attn-on"] {
             assert!(names.contains(&n), "{n} missing from {names:?}");
         }
         assert!(space[1..].iter().all(|v| settings_of(v).len() == 1 || v.name.starts_with("clang")));

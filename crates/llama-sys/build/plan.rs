@@ -121,14 +121,8 @@ impl Switch {
         match self {
             // -march=native describes the build machine, so only a host build may use it.
             Switch::Native => host_build && !target.is_msvc(),
-            // ggml's own threadpool everywhere. With OpenMP, a graph computed from any thread but
-            // the process's first (a server's decode thread, an app's worker) makes libgomp count
-            // one thread more than the cores it found, and it then spins only ~1,000 rounds at a
-            // barrier before sleeping in the kernel: measured on a 2-core Xeon, `exsa serve` at
-            // one stream decoded at 34 t/s with OpenMP, 67 with the threadpool, while single-stream
-            // generation on the main thread ran at 70 either way (docs/benchmarks.md, "Serving").
-            // Apple's toolchain ships no OpenMP runtime at all.
-            Switch::OpenMp => false,
+            // Apple's toolchain ships no OpenMP runtime; ggml's own threadpool serves there.
+            Switch::OpenMp => !target.is_apple(),
             Switch::Llamafile | Switch::Repack => true,
             Switch::Metal | Switch::Accelerate => target.is_apple(),
             // ggml's RPC backend: a small library that does nothing until a server is named, so
@@ -670,11 +664,10 @@ mod tests {
     }
 
     #[test]
-    fn linux_x86_64_host_build_is_native_with_ggmls_threadpool() {
+    fn linux_x86_64_host_build_is_native_with_openmp() {
         let p = plan(&input("x86_64-unknown-linux-gnu"));
         assert_eq!(define(&p, "GGML_NATIVE"), Some("ON"));
-        assert_eq!(define(&p, "GGML_OPENMP"), Some("OFF"), "OpenMP throttles graphs computed off the main thread");
-        assert!(!p.links.contains(&Link::Dylib("gomp".into())));
+        assert_eq!(define(&p, "GGML_OPENMP"), Some("ON"));
         assert_eq!(define(&p, "GGML_LLAMAFILE"), Some("ON"));
         assert_eq!(define(&p, "GGML_CPU_REPACK"), Some("ON"));
         assert_eq!(define(&p, "GGML_METAL"), Some("OFF"));
@@ -686,6 +679,7 @@ mod tests {
         assert_eq!(define(&p, "LLAMA_BUILD_TESTS"), Some("OFF"));
         assert_eq!(define(&p, "LLAMA_BUILD_SERVER"), Some("OFF"));
         assert_eq!(define(&p, "LLAMA_OPENSSL"), Some("OFF"));
+        assert!(p.links.contains(&Link::Dylib("gomp".into())));
         assert!(p.links.contains(&Link::Dylib("stdc++".into())));
         assert!(!p.links.iter().any(|l| matches!(l, Link::Framework(_))));
         assert_eq!(p.headers.len(), 6, "{:?}", p.headers);
@@ -835,16 +829,16 @@ mod tests {
     }
 
     #[test]
-    fn openmp_on_asked_links_its_runtime() {
-        let p = plan(&with_env(input("x86_64-unknown-linux-gnu"), "LLAMA_SYS_OPENMP", "1"));
-        assert_eq!(define(&p, "GGML_OPENMP"), Some("ON"));
-        assert!(p.links.contains(&Link::Dylib("gomp".into())));
+    fn openmp_off_uses_ggml_threadpool_and_links_no_runtime() {
+        let p = plan(&with_env(input("x86_64-unknown-linux-gnu"), "LLAMA_SYS_OPENMP", "0"));
+        assert_eq!(define(&p, "GGML_OPENMP"), Some("OFF"));
+        assert!(!p.links.contains(&Link::Dylib("gomp".into())));
         assert!(!p.links.contains(&Link::Dylib("omp".into())));
     }
 
     #[test]
     fn clang_openmp_links_libomp() {
-        let mut i = with_env(input("x86_64-unknown-linux-gnu"), "LLAMA_SYS_OPENMP", "1");
+        let mut i = input("x86_64-unknown-linux-gnu");
         i.compiler = CompilerFamily::Clang;
         assert!(plan(&i).links.contains(&Link::Dylib("omp".into())));
     }
@@ -1074,10 +1068,9 @@ mod tests {
         let p = plan(&i);
         assert!(!p.switches[&Switch::Native]);
         assert!(!p.switches[&Switch::Metal] && !p.switches[&Switch::Accelerate]);
-        for lib in ["c++_shared", "m", "dl", "pthread"] {
+        for lib in ["c++_shared", "m", "dl", "pthread", "omp"] {
             assert!(p.links.contains(&Link::Dylib(lib.into())), "{lib}: {:?}", p.links);
         }
-        assert!(plan(&with_env(i.clone(), "LLAMA_SYS_OPENMP", "on")).links.contains(&Link::Dylib("omp".into())), "OpenMP asked: libomp");
         assert!(!p.links.contains(&Link::Dylib("stdc++".into())));
         assert!(!defines_key(&p, "GGML_AMX_TILE"), "AMX is an x86 switch");
         let err = BuildPlan::new(&with_env(i, &Switch::Native.env_var(), "on")).unwrap_err();
