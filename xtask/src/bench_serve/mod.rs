@@ -146,7 +146,8 @@ pub fn run(args: &Args) -> Result<()> {
     // The kernels' ceiling for the distinct scenario, beside llama-server.
     let batched_bench =
         (!args.no_llama_server && args.scenario.contains(&Scenario::Distinct)).then(|| llama_tools::ensure("llama-batched-bench")).transpose()?;
-    let template = llama_server_template(&exsa, &model)?;
+    let info = exsa_info(&exsa, &model).context("`exsa info` on the model")?;
+    let template = llama_server_template(&info)?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let out = workspace::target_dir().join("bench-serve").join(crate::bench::timestamp());
     std::fs::create_dir_all(&out)?;
@@ -219,7 +220,7 @@ pub fn run(args: &Args) -> Result<()> {
             }
         }
     }
-    let builds = build_info(&exsa, baseline.as_deref(), (!args.no_llama_server).then_some(llama_server.as_path()), &model);
+    let builds = build_info(&info, baseline.as_deref(), (!args.no_llama_server).then_some(llama_server.as_path()), &model);
     let run = report::Run {
         args,
         model: &model,
@@ -277,8 +278,7 @@ impl LlamaServerTemplate {
     }
 }
 
-fn llama_server_template(exsa: &Path, model: &Path) -> Result<LlamaServerTemplate> {
-    let info = exsa_info(exsa, model).context("`exsa info` on the model")?;
+fn llama_server_template(info: &serde_json::Value) -> Result<LlamaServerTemplate> {
     if info["model"]["has_chat_template"].as_bool() == Some(true) {
         return Ok(LlamaServerTemplate::TheModels);
     }
@@ -345,13 +345,10 @@ pub(crate) fn build_exsa(rev: Option<&str>) -> Result<PathBuf> {
 
 /// What each server was built from and with: exsa's build info (`exsa info`: llama.cpp
 /// version, compiler, flags), the baseline's, and llama-server's `--version` lines.
-fn build_info(exsa: &Path, baseline: Option<&Path>, llama_server: Option<&Path>, model: &Path) -> serde_json::Value {
-    let exsa_builds = |exsa: &Path| {
-        exsa_info(exsa, model).map_or(
-            serde_json::Value::Null,
-            |v| serde_json::json!({ "backend": v["backend"], "build_info": v["build_info"], "system_info": v["system_info"] }),
-        )
-    };
+/// `exsa` is this build's `exsa info`, read once at the start.
+fn build_info(exsa: &serde_json::Value, baseline: Option<&Path>, llama_server: Option<&Path>, model: &Path) -> serde_json::Value {
+    let builds =
+        |v: &serde_json::Value| serde_json::json!({ "backend": v["backend"], "build_info": v["build_info"], "system_info": v["system_info"] });
     let llama_version = llama_server
         .and_then(|l| Command::new(l).arg("--version").output().ok())
         .map(|o| {
@@ -364,8 +361,8 @@ fn build_info(exsa: &Path, baseline: Option<&Path>, llama_server: Option<&Path>,
         })
         .unwrap_or_default();
     serde_json::json!({
-        "exsa serve": exsa_builds(exsa),
-        "exsa serve @baseline": baseline.map(exsa_builds),
+        "exsa serve": builds(exsa),
+        "exsa serve @baseline": baseline.map(|b| exsa_info(b, model).map_or(serde_json::Value::Null, |v| builds(&v))),
         "llama-server": llama_version.trim(),
     })
 }

@@ -82,10 +82,14 @@ impl Run<'_> {
         md
     }
 
+    /// `server`'s aggregate tokens/s in `scenario` at `clients`, round by round (None where a
+    /// round has none), as the paired ratios take them.
+    fn per_round(&self, server: Contender, scenario: Scenario, clients: usize) -> Vec<Option<f64>> {
+        (0..self.args.rounds).map(|r| self.levels(server, scenario, clients).find(|s| s.round == r).map(|s| s.level.tokens_per_s())).collect()
+    }
+
     fn row(&self, scenario: Scenario, clients: usize, server: Contender) -> String {
-        let per_round = |server: Contender| -> Vec<Option<f64>> {
-            (0..self.args.rounds).map(|r| self.levels(server, scenario, clients).find(|s| s.round == r).map(|s| s.level.tokens_per_s())).collect()
-        };
+        let per_round = |server: Contender| self.per_round(server, scenario, clients);
         let levels: Vec<&LevelResult> = self.levels(server, scenario, clients).map(|s| &s.level).collect();
         let median = |xs: &[f64]| stats::summarize(xs).map_or(f64::NAN, |s| s.median);
         let tps: Vec<f64> = levels.iter().map(|l| l.tokens_per_s()).collect();
@@ -125,9 +129,7 @@ impl Run<'_> {
             return String::new();
         }
         let ceiling: Vec<Option<f64>> = (0..self.args.rounds).map(|r| rounds.iter().find(|c| c.round == r).map(|c| c.tokens_per_s)).collect();
-        let exsa: Vec<Option<f64>> = (0..self.args.rounds)
-            .map(|r| self.levels(Contender::Exsa, Scenario::Distinct, clients).find(|s| s.round == r).map(|s| s.level.tokens_per_s()))
-            .collect();
+        let exsa = self.per_round(Contender::Exsa, Scenario::Distinct, clients);
         let tps: Vec<f64> = ceiling.iter().flatten().copied().collect();
         let share = match stats::paired_ratio(&exsa, &ceiling) {
             Some(r) => format!("exsa serve at {:.3} [{:.3}, {:.3}] of it", r.ratio, r.ci_low, r.ci_high),
