@@ -36,13 +36,29 @@ impl RpcServer {
             .stderr(Stdio::piped())
             .spawn()
             .expect("exsa rpc-server starts");
-        let server = RpcServer { child, endpoint: format!("127.0.0.1:{port}") };
+        let mut server = RpcServer { child, endpoint: format!("127.0.0.1:{port}") };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(&server.endpoint).is_err() {
+        while !server.listens() {
             assert!(Instant::now() < deadline, "rpc-server on {} did not listen", server.endpoint);
             std::thread::sleep(Duration::from_millis(20));
         }
         server
+    }
+
+    /// Whether this server's child took its port. A connection alone does not say so: the port
+    /// is in the ephemeral range, so a connect before the server binds can be given the port as
+    /// its own source and connect to itself (TCP's simultaneous open), and a child that found
+    /// the port taken has exited.
+    fn listens(&mut self) -> bool {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            let _ = self.child.stderr.take().map(|mut e| e.read_to_string(&mut stderr));
+            panic!("rpc-server on {} exited ({status}): {stderr}", self.endpoint);
+        }
+        match TcpStream::connect(&self.endpoint) {
+            Ok(stream) => stream.local_addr().ok() != stream.peer_addr().ok(),
+            Err(_) => false,
+        }
     }
 
     /// Resident memory of the server process, in KiB (Linux).
@@ -56,6 +72,7 @@ impl RpcServer {
 impl RpcServer {
     /// Ends the server the hard way: no goodbye on its sockets but what the kernel sends.
     fn kill(&mut self) {
+        self.child.stderr = None; // its end is no news
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
@@ -63,6 +80,12 @@ impl RpcServer {
 
 impl Drop for RpcServer {
     fn drop(&mut self) {
+        // A server that ended before its test let it go says why (on the failing test's output).
+        if let (Some(mut pipe), Ok(Some(status))) = (self.child.stderr.take(), self.child.try_wait()) {
+            let mut stderr = String::new();
+            let _ = pipe.read_to_string(&mut stderr);
+            eprintln!("rpc-server on {} had exited ({status}): {stderr}", self.endpoint);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
