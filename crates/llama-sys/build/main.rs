@@ -58,6 +58,11 @@ fn main() {
     let patches: Vec<&source_patch::Patch> = rpc_patch.iter().chain(amx_patch.iter()).collect();
     let key = cache_key(&plan, &target, &source, &patches);
     let cache = env::var("LLAMA_SYS_BUILD_CACHE").map(PathBuf::from);
+    // A relative path would be taken from this crate's folder (where cargo runs build scripts)
+    // and then from CMake's build folder: from neither place the user meant.
+    if let Some(relative) = cache.as_ref().filter(|c| c.is_relative()) {
+        fail(&format!("LLAMA_SYS_BUILD_CACHE must be an absolute path (got {})", relative.display()));
+    }
     let root = cmake_build::root(cache.as_deref(), &out_dir, &key);
     let project_include = write_patches(&root, &patches);
     let installed = cmake_build::build(&plan, &source.dir, root, project_include.as_deref());
@@ -66,7 +71,8 @@ fn main() {
     if chat {
         chat::compile(&manifest_dir, &source.dir);
     }
-    shim::compile(&manifest_dir, &source.dir, shim::Rpc::from_build(rpc, rpc_patch.is_some()));
+    let gomp = plan.links.contains(&plan::Link::Dylib("gomp".into()));
+    shim::compile(&manifest_dir, &source.dir, shim::Rpc::from_build(rpc, rpc_patch.is_some()), gomp);
     emit_link(&plan, &installed);
 
     let info = build_info::BuildInfo::collect(&plan, &source, &target.triple, &installed, &profile);

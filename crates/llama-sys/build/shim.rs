@@ -42,13 +42,17 @@ pub fn guarded_cpp(manifest_dir: &Path, llama_source: &Path) -> cc::Build {
     build
 }
 
-pub fn compile(manifest_dir: &Path, llama_source: &Path, rpc: Rpc) {
+/// `gomp`: whether the program links libgomp (GNU OpenMP), whose thread teams the shim releases.
+pub fn compile(manifest_dir: &Path, llama_source: &Path, rpc: Rpc, gomp: bool) {
     for file in [HEADER, SOURCE] {
         println!("cargo:rerun-if-changed={}", manifest_dir.join(file).display());
     }
     let mut build = guarded_cpp(manifest_dir, llama_source);
     if rpc != Rpc::Off {
         build.define("EXSA_WITH_RPC", "1");
+    }
+    if gomp {
+        build.define("EXSA_WITH_GOMP", "1");
     }
     if rpc == Rpc::Watched {
         build.define("EXSA_WITH_RPC_WATCH", "1").include(manifest_dir.join("rpc-watch"));

@@ -11,6 +11,10 @@
 #include <string>
 #include <vector>
 
+#ifdef EXSA_WITH_GOMP
+#include <omp.h>
+#endif
+
 #ifdef EXSA_WITH_RPC
 #include "ggml-rpc.h"
 #endif
@@ -281,6 +285,14 @@ int32_t exsa_rpc_start_server(const char * endpoint, const char * cache_dir, siz
     (void) endpoint, (void) cache_dir, (void) n_threads;
     set_error(err, "this build has no RPC backend (the `rpc` switch of llama-sys is off)");
     return EXSA_EXCEPTION;
+#endif
+}
+
+void exsa_openmp_release_team(void) {
+#ifdef EXSA_WITH_GOMP
+    // libgomp's pause ends only the calling thread's team (and refuses, returning nonzero,
+    // inside a parallel region); the next region this thread opens makes a new one.
+    (void) omp_pause_resource_all(omp_pause_soft);
 #endif
 }
 

@@ -92,6 +92,12 @@ uint64_t exsa_rpc_connection(const char * endpoint);
 // Whether connection `id` was lost (a reply failed: the server closed, crashed or vanished).
 bool exsa_rpc_connection_lost(uint64_t id);
 
+// Ends the OpenMP thread team that the calling thread started, where the build links libgomp
+// (else does nothing). libgomp keeps one team per thread that ever opened a parallel region, for
+// as long as that thread lives; while the teams' threads outnumber the cores, every team's workers
+// spin 1000 times instead of 300000 before sleeping, and each graph then waits on wake-ups.
+void exsa_openmp_release_team(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -58,6 +58,7 @@ mod error;
 mod gguf;
 mod lora;
 mod model;
+mod openmp;
 mod quantize;
 pub mod rpc;
 mod sampler;

@@ -199,6 +199,8 @@ impl Model {
             unsafe { sys::exsa_model_load_from_file(c_path.as_ptr(), raw_params, &mut raw, err) }
         };
         let (guarded, captured) = backend::capture_all(|| crate::cpp::guard("llama_model_load_from_file", load));
+        // The load may have run in parallel (weight conversion); this thread need not compute.
+        crate::openmp::release_this_threads_team();
         let mut messages = LlamaMessages(captured.messages);
         if let Err(e) = guarded {
             messages.0.push(e.what);

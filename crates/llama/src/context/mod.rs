@@ -290,5 +290,8 @@ impl Drop for Context<'_> {
     fn drop(&mut self) {
         // SAFETY: we own the context; nothing borrows it past this point.
         unsafe { sys::llama_free(self.raw.as_ptr()) }
+        // Its decodes may have left this thread a team (an embedding computed on a pooled
+        // thread, say), which would slow the threads that go on decoding.
+        crate::openmp::release_this_threads_team();
     }
 }
