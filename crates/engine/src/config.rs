@@ -107,6 +107,79 @@ pub struct SessionConfig {
     /// How an embeddings session pools each sequence's token vectors into one. None: as the
     /// model's file says (`<arch>.pooling_type`), mean where it says nothing (a generative model).
     pub pooling: Option<Pooling>,
+    /// Element type of the KV cache's keys.
+    pub cache_type_k: CacheType,
+    /// Element type of the KV cache's values (a quantized one needs flash attention).
+    pub cache_type_v: CacheType,
+}
+
+/// The element type of the KV cache's keys or values: the types llama-server offers for
+/// `--cache-type-k/-v`. The quantized ones hold a token in less memory (q8_0 in about half of
+/// f16's, q4_0 in about a quarter) and round what attention reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheType {
+    F32,
+    #[default]
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Iq4Nl,
+    Q5_0,
+    Q5_1,
+}
+
+impl CacheType {
+    pub const ALL: [CacheType; 9] = [
+        CacheType::F32,
+        CacheType::F16,
+        CacheType::Bf16,
+        CacheType::Q8_0,
+        CacheType::Q4_0,
+        CacheType::Q4_1,
+        CacheType::Iq4Nl,
+        CacheType::Q5_0,
+        CacheType::Q5_1,
+    ];
+
+    /// llama.cpp's name of the type (`q8_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheType::F32 => "f32",
+            CacheType::F16 => "f16",
+            CacheType::Bf16 => "bf16",
+            CacheType::Q8_0 => "q8_0",
+            CacheType::Q4_0 => "q4_0",
+            CacheType::Q4_1 => "q4_1",
+            CacheType::Iq4Nl => "iq4_nl",
+            CacheType::Q5_0 => "q5_0",
+            CacheType::Q5_1 => "q5_1",
+        }
+    }
+
+    /// Every type but the float ones.
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, CacheType::F32 | CacheType::F16 | CacheType::Bf16)
+    }
+}
+
+impl std::fmt::Display for CacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for CacheType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.to_ascii_lowercase();
+        CacheType::ALL.into_iter().find(|t| t.name() == wanted).ok_or_else(|| {
+            let names: Vec<&str> = CacheType::ALL.iter().map(|t| t.name()).collect();
+            format!("{s:?} is not a KV cache type ({})", names.join(", "))
+        })
+    }
 }
 
 /// How a sequence's token vectors become one embedding.
@@ -164,6 +237,8 @@ impl Default for SessionConfig {
             embeddings: false,
             n_seq: 1,
             pooling: None,
+            cache_type_k: CacheType::F16,
+            cache_type_v: CacheType::F16,
         }
     }
 }
@@ -185,6 +260,9 @@ impl SessionConfig {
         }
         if !(1..=256).contains(&self.n_seq) {
             return bad("n_seq", self.n_seq.to_string(), "must be between 1 and 256");
+        }
+        if self.cache_type_v.is_quantized() && self.flash_attention == Some(false) {
+            return bad("cache_type_v", self.cache_type_v.to_string(), "a quantized V cache needs flash attention (on or auto)");
         }
         Ok(())
     }
@@ -623,6 +701,21 @@ impl Speculation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_types_parse_by_llama_cpps_names_and_a_quantized_v_cache_needs_flash_attention() {
+        for t in CacheType::ALL {
+            assert_eq!(t.name().parse::<CacheType>(), Ok(t));
+        }
+        assert_eq!("Q8_0".parse::<CacheType>(), Ok(CacheType::Q8_0));
+        let err = "q9".parse::<CacheType>().unwrap_err();
+        assert!(err.contains("q9") && err.contains("iq4_nl"), "{err}");
+        let off = SessionConfig { flash_attention: Some(false), cache_type_v: CacheType::Q4_0, ..Default::default() };
+        assert!(matches!(off.validate(), Err(EngineError::InvalidConfig { field: "cache_type_v", .. })));
+        let keys_only = SessionConfig { flash_attention: Some(false), cache_type_k: CacheType::Q4_0, ..Default::default() };
+        assert!(keys_only.validate().is_ok());
+        assert!(SessionConfig { cache_type_v: CacheType::Q4_0, ..Default::default() }.validate().is_ok());
+    }
 
     #[test]
     fn bad_sampling_values_are_named() {

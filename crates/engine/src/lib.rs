@@ -43,7 +43,7 @@ mod token_text;
 pub use backend::LlamaLogLevel;
 pub use chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, Continuation, ReasoningFormat, Tool, ToolCall, ToolChoice};
 pub use config::{
-    CancelToken, ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, GrammarStart, Placement, Pooling, Prompt, SamplerStage,
+    CacheType, CancelToken, ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, GrammarStart, Placement, Pooling, Prompt, SamplerStage,
     SamplingParams, SessionConfig, Speculation,
 };
 pub use engine::{Engine, Generation, Session, TokenizeOptions, set_llama_log_level};

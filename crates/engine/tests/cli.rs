@@ -115,6 +115,10 @@ fn bad_input_exits_with_a_message_not_a_crash() {
     let out = exsa(&["--log", "error", "--flash-attn", "sometimes", "generate", "x"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("flash_attn"), "{}", text(&out.stderr));
+    // A quantized V cache without flash attention: exit 1 naming the field.
+    let out = exsa(&["--log", "error", "--flash-attn", "off", "--cache-type-v", "q8_0", "generate", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cache_type_v"), "{}", text(&out.stderr));
     // A prompt longer than the context.
     let long = "word ".repeat(700);
     let out = exsa(&["--log", "error", "generate", &long, "--max-tokens", "2"]);
@@ -124,4 +128,7 @@ fn bad_input_exits_with_a_message_not_a_crash() {
     assert_eq!(exsa(&["generate"]).status.code(), Some(2));
     assert_eq!(exsa(&["no-such-command"]).status.code(), Some(2));
     assert_eq!(exsa(&["bench", "--tests", "pp0x"]).status.code(), Some(2));
+    let out = exsa(&["--cache-type-k", "q9", "generate", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("q8_0"), "the valid types are listed: {}", text(&out.stderr));
 }

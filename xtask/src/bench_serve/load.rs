@@ -14,8 +14,10 @@ use super::scenario::Scenario;
 #[derive(Clone, Debug, Serialize)]
 pub struct RequestTiming {
     /// From sending the request to its first generated text.
+    #[serde(serialize_with = "microseconds")]
     pub ttft_ms: f64,
     /// Between consecutive chunks of generated text.
+    #[serde(serialize_with = "each_microseconds")]
     pub gaps_ms: Vec<f64>,
     /// Generated tokens, as the server's usage counts them.
     pub tokens: usize,
@@ -25,6 +27,16 @@ pub struct RequestTiming {
     pub cached_tokens: Option<usize>,
     /// The request's turn in its conversation (0: the first).
     pub turn: usize,
+}
+
+/// Milliseconds to the microsecond in the raw report: the clock reads nanoseconds, but the
+/// digits past a microsecond are noise that tripled the committed reports' size.
+fn microseconds<S: serde::Serializer>(ms: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((ms * 1000.0).round() / 1000.0)
+}
+
+fn each_microseconds<S: serde::Serializer>(ms: &[f64], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(ms.iter().map(|v| (v * 1000.0).round() / 1000.0))
 }
 
 /// One load level against one server.

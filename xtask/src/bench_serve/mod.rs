@@ -59,6 +59,10 @@ pub struct Args {
     /// not share it).
     #[arg(long, default_value_t = 16384)]
     ctx: usize,
+    /// Element type of both servers' KV cache, keys and values (`--cache-type-k/-v`; f16, both
+    /// servers' default, when not given): q8_0, q4_0 and the others llama.cpp offers.
+    #[arg(long, value_name = "TYPE")]
+    cache_type: Option<String>,
     /// Also serve `exsa` as built from this git revision (a commit, tag or branch), to measure a
     /// change against what came before it ("exsa serve @REV" in the report, each round beside
     /// the others).
@@ -309,12 +313,18 @@ impl Launch<'_> {
                 if server == Contender::ExsaSpeculative {
                     command.args(["--speculative", "ngram", "--draft-max", "8"]);
                 }
+                if let Some(t) = &self.args.cache_type {
+                    command.args(["--cache-type-k", t, "--cache-type-v", t]);
+                }
             }
             Contender::LlamaServer => {
                 command.arg("-m").arg(self.model).args(["--port", &port.to_string(), "-np", &slots, "-c", &ctx, "-t", &threads, "-tb", &threads]);
                 // Unified KV cache and 512-token batches, as `exsa serve` runs.
                 command.args(["--alias", "default", "--no-webui", "-lv", "1", "-kvu", "-b", "512", "-ub", "512"]);
                 command.args(self.template.args());
+                if let Some(t) = &self.args.cache_type {
+                    command.args(["-ctk", t, "-ctv", t]);
+                }
             }
         }
         let log = self.out.join(format!("{}.log", server.name().replace([' ', '@'], "-")));

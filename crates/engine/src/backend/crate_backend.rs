@@ -186,6 +186,8 @@ impl BackendModel for CrateModel {
             .with_embeddings(config.embeddings)
             .with_n_seq_max(config.n_seq)
             .with_kv_unified(config.n_seq > 1)
+            .with_type_k(kv_type(config.cache_type_k))
+            .with_type_v(kv_type(config.cache_type_v))
             .with_flash_attention_policy(match config.flash_attention {
                 None => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
                 Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -400,4 +402,20 @@ fn chain(model: &LlamaModel, p: &SamplingParams) -> Result<LlamaSampler, EngineE
         SamplerStage::Greedy => LlamaSampler::greedy(),
     });
     Ok(LlamaSampler::chain_simple(stages))
+}
+
+fn kv_type(t: crate::CacheType) -> llama_cpp_2::context::params::KvCacheType {
+    use crate::CacheType as C;
+    use llama_cpp_2::context::params::KvCacheType as K;
+    match t {
+        C::F32 => K::F32,
+        C::F16 => K::F16,
+        C::Bf16 => K::BF16,
+        C::Q8_0 => K::Q8_0,
+        C::Q4_0 => K::Q4_0,
+        C::Q4_1 => K::Q4_1,
+        C::Iq4Nl => K::IQ4_NL,
+        C::Q5_0 => K::Q5_0,
+        C::Q5_1 => K::Q5_1,
+    }
 }

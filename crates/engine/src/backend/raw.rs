@@ -384,6 +384,8 @@ impl BackendModel for RawModel {
                     Some(crate::Pooling::Rank) => sys::LLAMA_POOLING_TYPE_RANK,
                 };
             }
+            p.type_k = ggml_type(config.cache_type_k);
+            p.type_v = ggml_type(config.cache_type_v);
             p.flash_attn_type = match config.flash_attention {
                 None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
                 Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -660,5 +662,20 @@ fn decode_result(code: i32) -> Result<(), EngineError> {
         2 => Err(EngineError::Cancelled),
         1 => Err(EngineError::decode(DecodeFailure::NoKvSlot, "llama_decode returned 1")),
         c => Err(EngineError::decode(DecodeFailure::Internal, format!("llama_decode returned {c}"))),
+    }
+}
+
+fn ggml_type(t: crate::CacheType) -> sys::ggml_type {
+    use crate::CacheType as C;
+    match t {
+        C::F32 => sys::GGML_TYPE_F32,
+        C::F16 => sys::GGML_TYPE_F16,
+        C::Bf16 => sys::GGML_TYPE_BF16,
+        C::Q8_0 => sys::GGML_TYPE_Q8_0,
+        C::Q4_0 => sys::GGML_TYPE_Q4_0,
+        C::Q4_1 => sys::GGML_TYPE_Q4_1,
+        C::Iq4Nl => sys::GGML_TYPE_IQ4_NL,
+        C::Q5_0 => sys::GGML_TYPE_Q5_0,
+        C::Q5_1 => sys::GGML_TYPE_Q5_1,
     }
 }

@@ -217,6 +217,8 @@ impl BackendModel for SourceModel {
                 Some(true) => FlashAttention::On,
                 Some(false) => FlashAttention::Off,
             },
+            type_k: kv_type(config.cache_type_k),
+            type_v: kv_type(config.cache_type_v),
             embeddings: config.embeddings,
             pooling: match config.pooling {
                 _ if !config.embeddings => Pooling::Unspecified,
@@ -376,5 +378,21 @@ fn chain(p: &SamplingParams) -> SamplerChain {
             let triggers = llama::GrammarTriggers { patterns: patterns.clone(), tokens: self::tokens(tokens).to_vec() };
             chain.constrain_lazy(grammar, "root", triggers)
         }
+    }
+}
+
+fn kv_type(t: crate::CacheType) -> llama::KvType {
+    use crate::CacheType as C;
+    use llama::KvType as K;
+    match t {
+        C::F32 => K::F32,
+        C::F16 => K::F16,
+        C::Bf16 => K::Bf16,
+        C::Q8_0 => K::Q8_0,
+        C::Q4_0 => K::Q4_0,
+        C::Q4_1 => K::Q4_1,
+        C::Iq4Nl => K::Iq4Nl,
+        C::Q5_0 => K::Q5_0,
+        C::Q5_1 => K::Q5_1,
     }
 }

@@ -45,6 +45,14 @@ struct Common {
     /// Flash attention: on, off or auto.
     #[arg(long, global = true, default_value = "auto")]
     flash_attn: String,
+    /// Element type of the KV cache's keys: f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0 or
+    /// q5_1 (the quantized ones hold a token in less memory and round what attention reads).
+    #[arg(long, global = true, default_value = "f16")]
+    cache_type_k: exsa_engine::CacheType,
+    /// Element type of the KV cache's values, as --cache-type-k (a quantized one needs flash
+    /// attention: --flash-attn on or auto).
+    #[arg(long, global = true, default_value = "f16")]
+    cache_type_v: exsa_engine::CacheType,
     /// How embeddings pool a text's token vectors: mean, cls, last or rank (a reranker's
     /// score). Default: what the model's file says, mean where it says nothing.
     #[arg(long, global = true)]
@@ -342,7 +350,13 @@ fn main() {
 }
 
 fn session_config(common: &Common) -> Result<SessionConfig, EngineError> {
-    let mut config = SessionConfig { n_ctx: common.ctx, pooling: common.pooling, ..Default::default() };
+    let mut config = SessionConfig {
+        n_ctx: common.ctx,
+        pooling: common.pooling,
+        cache_type_k: common.cache_type_k,
+        cache_type_v: common.cache_type_v,
+        ..Default::default()
+    };
     if let Some(t) = common.threads {
         config.n_threads = t;
         config.n_threads_batch = t;

@@ -25,10 +25,18 @@ pub enum KvType {
     F16,
     /// bfloat16.
     Bf16,
-    /// 8-bit blocks (half the memory of F16).
+    /// 8-bit blocks (about half the memory of F16).
     Q8_0,
     /// 4-bit blocks.
     Q4_0,
+    /// 4-bit blocks with an offset.
+    Q4_1,
+    /// 4-bit non-linear blocks.
+    Iq4Nl,
+    /// 5-bit blocks.
+    Q5_0,
+    /// 5-bit blocks with an offset.
+    Q5_1,
 }
 
 impl KvType {
@@ -39,7 +47,17 @@ impl KvType {
             KvType::Bf16 => sys::GGML_TYPE_BF16,
             KvType::Q8_0 => sys::GGML_TYPE_Q8_0,
             KvType::Q4_0 => sys::GGML_TYPE_Q4_0,
+            KvType::Q4_1 => sys::GGML_TYPE_Q4_1,
+            KvType::Iq4Nl => sys::GGML_TYPE_IQ4_NL,
+            KvType::Q5_0 => sys::GGML_TYPE_Q5_0,
+            KvType::Q5_1 => sys::GGML_TYPE_Q5_1,
         }
+    }
+
+    /// Whether the type stores blocks of quantized values (every type but F32, F16 and Bf16).
+    /// A quantized V cache needs flash attention.
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, KvType::F32 | KvType::F16 | KvType::Bf16)
     }
 }
 
@@ -137,6 +155,9 @@ impl ContextParams {
         }
         if self.n_ubatch < 1 || self.n_ubatch > self.n_batch {
             return bad("n_ubatch", self.n_ubatch.to_string(), "must be between 1 and n_batch");
+        }
+        if self.type_v.is_quantized() && self.flash_attention == FlashAttention::Off {
+            return bad("type_v", format!("{:?}", self.type_v), "a quantized V cache needs flash attention (Auto or On)");
         }
         // SAFETY: a constant of the library.
         let max_seq = unsafe { sys::llama_max_parallel_sequences() } as u32;
