@@ -416,6 +416,10 @@ mod tests {
         assert!(out.status.success(), "{out:?}");
         let line = String::from_utf8(out.stdout).unwrap();
         assert_eq!(line.trim(), "--model /models/m.gguf --log error --ctx 512 serve --port 8080 --parallel 2 --model-id tiny");
+        // Without --parallel, llama-server's own default (4), not exsa's (from the context).
+        let out = run(&["--port", "8080", "--hf-repo", "ggml-org/x", "--ctx-size", "512"]);
+        let line = String::from_utf8(out.stdout).unwrap();
+        assert!(line.trim().ends_with("serve --port 8080 --parallel 4"), "{line}");
         let out = run(&["--port", "8080", "--hf-repo", "ggml-org/x", "--lora", "a.gguf"]);
         assert_eq!(out.status.code(), Some(77));
         let reason = std::fs::read_to_string(&unsupported).unwrap();

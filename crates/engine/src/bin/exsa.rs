@@ -200,9 +200,10 @@ struct ServeArgs {
     /// Port (0: any free one; the chosen address is printed).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Requests decoded together (slots sharing one KV cache of --ctx tokens).
-    #[arg(long, default_value_t = 4)]
-    parallel: u32,
+    /// Requests decoded together (slots sharing one KV cache of --ctx tokens). Default: one
+    /// per 1,024 tokens of --ctx, 1 to 16 (4 at the default --ctx of 4096).
+    #[arg(long)]
+    parallel: Option<u32>,
     /// Requests that may wait for a slot; more are answered 503 at once.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
@@ -525,7 +526,7 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
     let engine = EngineConfig { chat_templating: chat_templating(&args)?, ..engine_config(common, session, PathBuf::new()) };
     let policy = ModelPolicy {
         engine,
-        slots: args.parallel,
+        slots: args.parallel.unwrap_or_else(|| exsa_engine::serving::ServingConfig::default_slots(common.ctx)),
         max_queue: args.max_queue,
         max_loaded: args.max_loaded,
         keep_alive: std::time::Duration::from_secs(args.keep_alive),

@@ -54,6 +54,20 @@ pub struct ServingConfig {
 }
 
 impl ServingConfig {
+    /// Context each slot should be able to count on, in tokens, when the slot count is chosen
+    /// for the context (the cache is shared: one request may still use all of it).
+    pub const CONTEXT_PER_SLOT: u32 = 1024;
+    /// Most slots chosen for a context: on the 2-core Xeon where it was measured, 16 slots gave
+    /// 16 clients 1.26x the aggregate of 8 slots (docs/benchmarks.md, "Filling the machine").
+    pub const MAX_DEFAULT_SLOTS: u32 = 16;
+
+    /// Slots for a shared context of `n_ctx` tokens when none are asked for: one per
+    /// [`Self::CONTEXT_PER_SLOT`] tokens, 1 to [`Self::MAX_DEFAULT_SLOTS`] (4 at 4,096 tokens,
+    /// 16 at 16,384).
+    pub fn default_slots(n_ctx: u32) -> u32 {
+        (n_ctx / Self::CONTEXT_PER_SLOT).clamp(1, Self::MAX_DEFAULT_SLOTS)
+    }
+
     /// `slots` slots over the engine's session settings, with a queue of 4 per slot.
     pub fn new(engine: &Engine, slots: u32) -> Self {
         ServingConfig { slots, max_queue: 4 * slots as usize, session: engine.session_config().clone() }
@@ -509,4 +523,18 @@ fn deliver_end(ended: Ended<Box<dyn EventSink>>) {
         Ok(finish_reason) => Event::Done(Completion { finish_reason, stats, tokens, logprobs }),
         Err(e) => Event::Failed(e),
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServingConfig;
+
+    #[test]
+    fn the_default_slot_count_gives_each_slot_a_useful_share_of_the_context() {
+        assert_eq!(ServingConfig::default_slots(4096), 4);
+        assert_eq!(ServingConfig::default_slots(16384), 16);
+        assert_eq!(ServingConfig::default_slots(65536), 16);
+        assert_eq!(ServingConfig::default_slots(1500), 1);
+        assert_eq!(ServingConfig::default_slots(8), 1);
+    }
 }
