@@ -216,6 +216,10 @@ struct ServeArgs {
     /// Most tokens one decode step takes (prompt chunks included).
     #[arg(long, default_value_t = 512)]
     batch: u32,
+    /// Most prompt tokens in a step while other requests generate (each of their next tokens
+    /// waits for the step); with none generating, prompts fill --batch.
+    #[arg(long, default_value_t = exsa_engine::serving::ServingConfig::DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: u32,
     /// The id of --model in the API (default: the GGUF's file name without extension).
     /// Several, comma-separated, are names requests may use for it (llama-server's --alias):
     /// the first in sort order is its id, as llama-server lists it.
@@ -528,6 +532,7 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         engine,
         slots: args.parallel.unwrap_or_else(|| exsa_engine::serving::ServingConfig::default_slots(common.ctx)),
         max_queue: args.max_queue,
+        prefill_chunk: args.prefill_chunk,
         max_loaded: args.max_loaded,
         keep_alive: std::time::Duration::from_secs(args.keep_alive),
     };

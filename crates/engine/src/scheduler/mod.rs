@@ -96,6 +96,8 @@ pub(crate) struct Scheduler<'e, M: BackendModel + 'e, C> {
     /// What this loop's decodes cost, from its generation steps: whether drafts pay at a
     /// step's occupancy.
     cost: DecodeCost,
+    /// Most prompt tokens in a step while any request generates (n_batch: no bound of its own).
+    prompt_chunk: usize,
 }
 
 impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
@@ -116,7 +118,16 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             draft: None,
             prefilling: Vec::with_capacity(slots),
             cost: DecodeCost::default(),
+            prompt_chunk: n_batch,
         }
+    }
+
+    /// Bounds the prompt tokens of a step in which requests generate: each of their next tokens
+    /// waits for the whole step, and a step's time grows with its tokens, so a long prompt's
+    /// full-batch chunk would stall every stream (about a second for 512 tokens on two cores).
+    /// A step with nothing generating still fills the batch with prompts.
+    pub(crate) fn set_prompt_chunk(&mut self, tokens: usize) {
+        self.prompt_chunk = tokens.clamp(1, self.n_batch);
     }
 
     pub(crate) fn n_ctx(&self) -> usize {
@@ -361,8 +372,9 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         let slots = &self.slots;
         self.prefilling.sort_by_key(|&i| slots[i].phase.request().map_or(0, |r| r.admitted));
         let mut prompt_tokens = 0;
+        let prompt_budget = if generating > 0 { self.prompt_chunk } else { self.n_batch };
         for &i in &self.prefilling {
-            let room = self.n_batch - self.session.batch_len();
+            let room = (self.n_batch - self.session.batch_len()).min(prompt_budget - prompt_tokens);
             if room == 0 {
                 break;
             }

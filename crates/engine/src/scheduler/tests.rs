@@ -597,3 +597,29 @@ fn a_request_for_a_slot_runs_in_that_slot() {
     assert!(matches!(e, EngineError::InvalidRequest { field: "id_slot", .. }), "{e}");
     assert!(s.slot_free_for(Some(7)) && s.slot_free_for(Some(2)) && s.slot_free_for(None));
 }
+
+#[test]
+fn a_prompt_takes_at_most_the_prefill_chunk_of_a_step_while_others_generate() {
+    let model = FakeModel::counting();
+    let mut s = scheduler(&model, 2, 256, 64);
+    s.set_prompt_chunk(8);
+    // Alone, a prompt fills the batch.
+    // 40-token prompts in a 32-token vocabulary.
+    let prompt = |shift: usize| -> Vec<TokenId> { (0..40).map(|i| 1 + ((i + shift) % 30) as TokenId).collect() };
+    let after = |last: TokenId, n: usize| -> Vec<TokenId> {
+        std::iter::successors(Some(last), |&t| Some(if t + 1 == VOCAB { 1 } else { t + 1 })).skip(1).take(n).collect()
+    };
+    let a = s.admit(prepared(&prompt(0), 30, Speculation::Off), "a").unwrap() as i32;
+    s.step();
+    assert_eq!(model.batches.lock().unwrap()[0].len(), 40);
+    // Beside a generating request: 8 prompt tokens a step, and its token in every step.
+    let b = s.admit(prepared(&prompt(7), 2, Speculation::Off), "b").unwrap() as i32;
+    let ended = run(&mut s);
+    let batches = model.batches.lock().unwrap().clone();
+    let per_step: Vec<(usize, usize)> =
+        batches[1..7].iter().map(|batch| (batch.iter().filter(|e| e.2 == a).count(), batch.iter().filter(|e| e.2 == b).count())).collect();
+    assert_eq!(per_step, [(1, 8), (1, 8), (1, 8), (1, 8), (1, 8), (1, 1)], "(a's tokens, b's tokens) per step");
+    let by_name = |n| ended.iter().find(|e| e.0 == n).map(|e| e.2.clone()).unwrap();
+    assert_eq!(by_name("a"), after(10, 30));
+    assert_eq!(by_name("b"), after(17, 2));
+}
