@@ -217,9 +217,10 @@ struct ServeArgs {
     #[arg(long, default_value_t = 512)]
     batch: u32,
     /// Most prompt tokens in a step while other requests generate (each of their next tokens
-    /// waits for the step); with none generating, prompts fill --batch.
-    #[arg(long, default_value_t = exsa_engine::serving::ServingConfig::DEFAULT_PREFILL_CHUNK)]
-    prefill_chunk: u32,
+    /// waits for the step). Default: as many as --batch has room for. A bound trades the long
+    /// prompts' time to first token and some throughput for the others' inter-token latency.
+    #[arg(long)]
+    prefill_chunk: Option<u32>,
     /// The id of --model in the API (default: the GGUF's file name without extension).
     /// Several, comma-separated, are names requests may use for it (llama-server's --alias):
     /// the first in sort order is its id, as llama-server lists it.

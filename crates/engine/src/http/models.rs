@@ -72,7 +72,7 @@ pub struct ModelPolicy {
     pub slots: u32,
     pub max_queue: usize,
     /// Prompt tokens of a step beside generating requests ([`ServingConfig::prefill_chunk`]).
-    pub prefill_chunk: u32,
+    pub prefill_chunk: Option<u32>,
     /// On-demand models loaded at once, at most (pinned ones not counted).
     pub max_loaded: usize,
     /// An on-demand model unused this long is unloaded.

@@ -124,8 +124,8 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
 
     /// Bounds the prompt tokens of a step in which requests generate: each of their next tokens
     /// waits for the whole step, and a step's time grows with its tokens, so a long prompt's
-    /// full-batch chunk would stall every stream (about a second for 512 tokens on two cores).
-    /// A step with nothing generating still fills the batch with prompts.
+    /// full-batch chunk stalls every stream (about a second for 512 tokens on two cores). A
+    /// step with nothing generating still fills the batch with prompts.
     pub(crate) fn set_prompt_chunk(&mut self, tokens: usize) {
         self.prompt_chunk = tokens.clamp(1, self.n_batch);
     }

@@ -51,10 +51,13 @@ pub struct ServingConfig {
     /// The shared context: n_ctx is the KV cache all slots share (one request may use all of
     /// it while the others are idle); n_batch bounds the tokens of one step.
     pub session: SessionConfig,
-    /// Most prompt tokens in a step while other requests generate (a step with none
-    /// generating takes n_batch of them): a long prompt then delays each stream's next token by
-    /// this many tokens' compute, not a whole batch's.
-    pub prefill_chunk: u32,
+    /// Most prompt tokens in a step while other requests generate (None: as many as the batch
+    /// has room for, as in a step with none generating). A long prompt then delays each
+    /// stream's next token by this many tokens' compute, not a whole batch's, and takes more
+    /// steps to start: 128 halved the short chats' inter-token p99 beside 2,000-token prompts
+    /// on the 2-core Xeon and cost 25 % of the aggregate (docs/benchmarks.md, "long-prompt"),
+    /// so it is not the default.
+    pub prefill_chunk: Option<u32>,
 }
 
 impl ServingConfig {
@@ -72,14 +75,9 @@ impl ServingConfig {
         (n_ctx / Self::CONTEXT_PER_SLOT).clamp(1, Self::MAX_DEFAULT_SLOTS)
     }
 
-    /// Prompt tokens of a step beside generating requests, by default: on the 2-core Xeon a
-    /// 512-token chunk held every stream's next token for about a second
-    /// (docs/benchmarks.md, "long-prompt").
-    pub const DEFAULT_PREFILL_CHUNK: u32 = 128;
-
     /// `slots` slots over the engine's session settings, with a queue of 4 per slot.
     pub fn new(engine: &Engine, slots: u32) -> Self {
-        ServingConfig { slots, max_queue: 4 * slots as usize, session: engine.session_config().clone(), prefill_chunk: Self::DEFAULT_PREFILL_CHUNK }
+        ServingConfig { slots, max_queue: 4 * slots as usize, session: engine.session_config().clone(), prefill_chunk: None }
     }
 }
 
@@ -288,10 +286,10 @@ impl ServingCore {
         if config.max_queue == 0 {
             return Err(EngineError::InvalidConfig { field: "max_queue", value: "0".into(), reason: "must be at least 1" });
         }
-        if config.prefill_chunk == 0 {
+        if config.prefill_chunk == Some(0) {
             return Err(EngineError::InvalidConfig { field: "prefill_chunk", value: "0".into(), reason: "must be at least 1" });
         }
-        let prefill_chunk = config.prefill_chunk as usize;
+        let prefill_chunk = config.prefill_chunk.map(|n| n as usize);
         let (queue, requests) = mpsc::sync_channel(config.max_queue);
         let (ready_tx, ready) = mpsc::sync_channel(1);
         let counters = Arc::new(Counters::default());
@@ -416,7 +414,7 @@ impl Drop for ServingCore {
 fn decode_loop(
     engine: &Engine,
     config: &SessionConfig,
-    prefill_chunk: usize,
+    prefill_chunk: Option<usize>,
     requests: Receiver<Job>,
     counters: Arc<Counters>,
     ready: SyncSender<Result<(), EngineError>>,
@@ -430,7 +428,9 @@ fn decode_loop(
     };
     let _ = ready.send(Ok(()));
     let mut scheduler: Scheduler<'_, _, Box<dyn EventSink>> = Scheduler::new(engine.model(), session, config.n_seq as usize, Arc::clone(&counters));
-    scheduler.set_prompt_chunk(prefill_chunk);
+    if let Some(tokens) = prefill_chunk {
+        scheduler.set_prompt_chunk(tokens);
+    }
     scheduler.publish_slots();
     let mut open = true;
     // A request taken from the queue that waits for KV space (it stays counted as queued).
