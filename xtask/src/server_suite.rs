@@ -420,6 +420,10 @@ mod tests {
         let out = run(&["--port", "8080", "--hf-repo", "ggml-org/x", "--ctx-size", "512"]);
         let line = String::from_utf8(out.stdout).unwrap();
         assert!(line.trim().ends_with("serve --port 8080 --parallel 4"), "{line}");
+        // llama-server's "auto" slot count, and its KV cache types.
+        let out = run(&["--port", "8080", "--hf-repo", "ggml-org/x", "-np", "-1", "-ctk", "q8_0", "-ctv", "q8_0"]);
+        let line = String::from_utf8(out.stdout).unwrap();
+        assert!(line.contains("--cache-type-k q8_0 --cache-type-v q8_0 serve --port 8080 --parallel 4"), "{line}");
         let out = run(&["--port", "8080", "--hf-repo", "ggml-org/x", "--lora", "a.gguf"]);
         assert_eq!(out.status.code(), Some(77));
         let reason = std::fs::read_to_string(&unsupported).unwrap();

@@ -12,7 +12,10 @@
 #include <vector>
 
 #ifdef EXSA_WITH_GOMP
-#include <omp.h>
+// OpenMP 5.0's (libgomp since GCC 9), declared here rather than through <omp.h>: the shim may be
+// compiled by another compiler than ggml (cc's default against LLAMA_SYS_CXX), one without
+// GCC's header. The argument is omp_pause_resource_t; 1 is omp_pause_soft.
+extern "C" int omp_pause_resource_all(int kind);
 #endif
 
 #ifdef EXSA_WITH_RPC
@@ -292,7 +295,7 @@ void exsa_openmp_release_team(void) {
 #ifdef EXSA_WITH_GOMP
     // libgomp's pause ends only the calling thread's team (and refuses, returning nonzero,
     // inside a parallel region); the next region this thread opens makes a new one.
-    (void) omp_pause_resource_all(omp_pause_soft);
+    (void) omp_pause_resource_all(1 /* omp_pause_soft */);
 #endif
 }
 

@@ -13,7 +13,8 @@ use crate::sys;
 /// Ends the calling thread's OpenMP team, if it has one; a later parallel region on this thread
 /// makes a new one (a thread start, microseconds). A no-op unless the build links libgomp.
 pub(crate) fn release_this_threads_team() {
-    // SAFETY: takes no arguments; libgomp's pause touches only the calling thread's own team and
-    // refuses inside a parallel region, where no Rust code of this crate runs.
+    // SAFETY: takes no arguments. libgomp's pause (its behaviour, not the OpenMP spec's) ends
+    // only the calling thread's own team, waiting for its idle workers to exit, and returns an
+    // error without doing anything inside a parallel region (the abort callback runs in one).
     unsafe { sys::exsa_openmp_release_team() }
 }

@@ -96,6 +96,9 @@ impl Backend for RawBackend {
             p.n_gpu_layers = n_gpu_layers;
             sys::llama_model_load_from_file(c_path.as_ptr(), p)
         };
+        // As the llama crate does (its src/openmp.rs): the load's OpenMP team, if any, ends here.
+        // SAFETY: no arguments; ends only this thread's team, outside any parallel region.
+        unsafe { sys::exsa_openmp_release_team() };
         let raw = NonNull::new(raw).ok_or_else(|| EngineError::load(path, "llama.cpp could not load it"))?;
         // SAFETY: the vocab belongs to the live model.
         let vocab = unsafe { sys::llama_model_get_vocab(raw.as_ptr()) };
@@ -422,6 +425,8 @@ impl Drop for RawSession<'_> {
         unsafe {
             sys::llama_batch_free(self.batch);
             sys::llama_free(self.ctx.as_ptr());
+            // The session's OpenMP team on this thread, if any (see the load).
+            sys::exsa_openmp_release_team();
         }
     }
 }

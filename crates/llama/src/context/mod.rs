@@ -291,7 +291,9 @@ impl Drop for Context<'_> {
         // SAFETY: we own the context; nothing borrows it past this point.
         unsafe { sys::llama_free(self.raw.as_ptr()) }
         // Its decodes may have left this thread a team (an embedding computed on a pooled
-        // thread, say), which would slow the threads that go on decoding.
+        // thread, say), which would slow the threads that go on decoding. It is the dropping
+        // thread's team that ends: drop a context on the thread that decoded with it (another
+        // live context of that thread just makes a new team at its next decode).
         crate::openmp::release_this_threads_team();
     }
 }
