@@ -19,6 +19,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::top_two;
+
 use llama::*;
 
 /// The output file of a child process; its presence makes [`child_process_entry`] run.
@@ -270,23 +272,6 @@ fn child_process_entry() {
         text.push_str(&format!("{} {} {} {} {}\n", s.token, s.logprob, s.best, s.second, s.margin));
     }
     std::fs::write(out, text).unwrap();
-}
-
-/// The two best tokens of a row.
-fn top_two(logits: &[f32]) -> (Token, Token) {
-    let (mut best, mut second) = (0usize, 1usize);
-    if logits[second] > logits[best] {
-        std::mem::swap(&mut best, &mut second);
-    }
-    for (i, &l) in logits.iter().enumerate().skip(2) {
-        if l > logits[best] {
-            second = best;
-            best = i;
-        } else if l > logits[second] {
-            second = i;
-        }
-    }
-    (Token(best as i32), Token(second as i32))
 }
 
 fn argmax(logits: &[f32]) -> Token {

@@ -70,7 +70,7 @@ fn greedy(ctx: &mut Context<'_>, steps: usize) -> Vec<(Token, f32)> {
     let mut out = Vec::new();
     for pos in (tokens.len() as i32..).take(steps) {
         ctx.decode(&batch).unwrap();
-        let picked = top_two(ctx.last_logits().unwrap());
+        let picked = pick(ctx.last_logits().unwrap());
         out.push(picked);
         batch.clear();
         batch.add_output(picked.0, pos, 0).unwrap();
@@ -79,20 +79,9 @@ fn greedy(ctx: &mut Context<'_>, steps: usize) -> Vec<(Token, f32)> {
 }
 
 /// The best token and its margin over the second.
-fn top_two(logits: &[f32]) -> (Token, f32) {
-    let (mut best, mut second) = (0, 1);
-    if logits[second] > logits[best] {
-        std::mem::swap(&mut best, &mut second);
-    }
-    for (i, &l) in logits.iter().enumerate().skip(2) {
-        if l > logits[best] {
-            second = best;
-            best = i;
-        } else if l > logits[second] {
-            second = i;
-        }
-    }
-    (Token(best as i32), logits[best] - logits[second])
+fn pick(logits: &[f32]) -> (Token, f32) {
+    let (best, second) = common::top_two(logits);
+    (best, logits[best.0 as usize] - logits[second.0 as usize])
 }
 
 /// Forces `want`'s tokens through `ctx` and returns its own pick and margin at each step.
@@ -102,7 +91,7 @@ fn forced(ctx: &mut Context<'_>, want: &[(Token, f32)]) -> Vec<(Token, f32)> {
     let mut out = Vec::new();
     for (pos, &(token, _)) in (tokens.len() as i32..).zip(want) {
         ctx.decode(&batch).unwrap();
-        out.push(top_two(ctx.last_logits().unwrap()));
+        out.push(pick(ctx.last_logits().unwrap()));
         batch.clear();
         batch.add_output(token, pos, 0).unwrap();
     }

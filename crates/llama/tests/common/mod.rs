@@ -33,3 +33,20 @@ pub fn temp_path(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
 }
+
+/// The two best tokens of a row.
+pub fn top_two(logits: &[f32]) -> (llama::Token, llama::Token) {
+    let (mut best, mut second) = (0usize, 1usize);
+    if logits[second] > logits[best] {
+        std::mem::swap(&mut best, &mut second);
+    }
+    for (i, &l) in logits.iter().enumerate().skip(2) {
+        if l > logits[best] {
+            second = best;
+            best = i;
+        } else if l > logits[second] {
+            second = i;
+        }
+    }
+    (llama::Token(best as i32), llama::Token(second as i32))
+}
