@@ -652,9 +652,9 @@ fn choices_responses_and_continuations_agree_with_the_plain_chat() {
         assert!(!text.is_empty(), "streamed choice {i}");
         // Each choice is the solo reply up to a first parting, and parts only where the solo
         // decode's two best tokens were a near tie: batched decodes round otherwise, and how the
-        // two choices share steps depends on when each was admitted (seen under load: one choice a
-        // token shorter). A choice mixed up with another sequence parts at once, by whole units.
-        // Every step of the same paths is checked by teacher forcing in tests/serving.rs.
+        // two choices share steps depends on when each was admitted. A choice mixed up with
+        // another sequence parts at once, by whole units. Every step of the same paths is checked
+        // by teacher forcing in tests/serving.rs.
         let steps: Vec<&Value> = own.iter().filter_map(|c| c["logprobs"]["content"].as_array()).flatten().collect();
         let parting = (0..steps.len().max(solo_steps.len())).find(|&k| steps.get(k).map(|a| &a["token"]) != solo_steps.get(k).map(|b| &b["token"]));
         if let Some(at) = parting {
@@ -668,7 +668,25 @@ fn choices_responses_and_continuations_agree_with_the_plain_chat() {
         } else {
             assert_eq!(text, solo_text, "streamed choice {i}");
         }
-        assert_eq!(own.iter().filter(|c| !c["finish_reason"].is_null()).count(), 1, "choice {i} ends once");
+        // Each choice runs to its own end, as long as the solo reply: one choice that ends first
+        // does not cancel the other (it did, when its stream was dropped, for the one admitted a
+        // step later).
+        let ends: Vec<&Value> = own.iter().map(|c| &c["finish_reason"]).filter(|f| !f.is_null()).collect();
+        assert_eq!(ends, [&solo["choices"][0]["finish_reason"]], "choice {i} ends once, as the solo reply: {text:?}");
+        assert_eq!(steps.len(), solo_steps.len(), "choice {i}'s tokens: {text:?}");
+    }
+
+    // Sampled choices end at different steps (a stop string here): the one that ends first
+    // leaves the other to run to its own end.
+    let body = json!({ "messages": messages, "max_tokens": 40, "temperature": 1, "seed": 1, "stop": ["."], "n": 2, "stream": true });
+    let events = sse_events(http.post(server.url("/v1/chat/completions")).json(&body).send().unwrap());
+    let chunks: Vec<Value> = events.iter().filter(|e| *e != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect();
+    let own = |i: usize| chunks.iter().filter_map(|c| c["choices"].get(0)).filter(move |c| c["index"] == i);
+    let texts: Vec<String> = (0..2).map(|i| own(i).filter_map(|c| c["delta"]["content"].as_str()).collect()).collect();
+    assert_ne!(texts[0].len(), texts[1].len(), "the check needs choices of different lengths: {texts:?}");
+    for i in 0..2 {
+        let end = own(i).find_map(|c| c["finish_reason"].as_str());
+        assert!(matches!(end, Some("stop" | "length")), "choice {i} ends {end:?}: {texts:?}");
     }
 
     let counted: Value =

@@ -250,7 +250,7 @@ pub(super) async fn generate(
         serial,
         timings_per_token,
         siblings: choices,
-        _cancel: cancel,
+        _cancel: Arc::new(cancel),
     };
     if stream { answer.stream() } else { answer.whole().await }
 }

@@ -68,8 +68,10 @@ pub(super) struct Answer {
     pub(super) timings_per_token: bool,
     /// The other choices of a request for several (`n`, or a native request's prompts).
     pub(super) siblings: Vec<super::handlers::Choice>,
-    /// Cancels the request when the answer is dropped (its client gone).
-    pub(super) _cancel: CancelOnDrop,
+    /// Cancels the request when the last answer holding it is dropped (its client gone). The
+    /// choices of one request share it: a choice whose stream ends is dropped while the others
+    /// still generate, and must not cancel them.
+    pub(super) _cancel: Arc<CancelOnDrop>,
 }
 
 impl Answer {
@@ -112,7 +114,7 @@ impl Answer {
             serial: self.serial,
             timings_per_token: self.timings_per_token,
             siblings: Vec::new(),
-            _cancel: CancelOnDrop(self._cancel.0.clone()),
+            _cancel: Arc::clone(&self._cancel),
         }
     }
 
