@@ -243,6 +243,45 @@ fn a_shared_prefix_is_copied_from_another_slot_and_gives_what_a_fresh_decode_giv
     equivalence::cap_partings(&checked, "prefixes copied between slots");
 }
 
+/// A chat's next turn on recurrent memory (lfm2-tiny: convolutions beside attention;
+/// mamba-tiny: recurrent only): its prompt extends the last turn's prompt but not the reply as it
+/// was decoded, and a recurrent state cannot be cut back there. The checkpoint taken at the end
+/// of the last prompt is restored instead, so only the rest is decoded, and every step of the
+/// reply matches a solo decode. With no checkpoints kept the prompt is decoded whole.
+#[test]
+fn a_next_turn_on_recurrent_memory_returns_to_the_last_prompts_checkpoint() {
+    let synth = std::path::PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml"));
+    let mut checked = Vec::new();
+    for name in ["lfm2-tiny", "mamba-tiny"] {
+        let mut config = EngineConfig::new(synth.join(format!("{name}.gguf")));
+        config.session = SessionConfig { n_ctx: 1024, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+        let engine = Arc::new(Engine::load(config).unwrap_or_else(|e| panic!("{name} loads: {e}")));
+        let eog = engine.end_of_generation_tokens();
+        let first = "User: Which tent suits a rainy week in the hills?\nAssistant:";
+        let next = format!("{first} A tunnel tent with a full fly.\nUser: And which stove?\nAssistant:");
+        let (a, b) = (engine.tokenize(first, false).unwrap(), engine.tokenize(&next, false).unwrap());
+        assert!(b.starts_with(&a), "{name}: the next turn's tokens extend the first's");
+        for checkpoints in [ServingConfig::DEFAULT_CTX_CHECKPOINTS, 0] {
+            let core =
+                ServingCore::start(Arc::clone(&engine), ServingConfig { ctx_checkpoints: checkpoints, ..ServingConfig::new(&engine, 2) }).unwrap();
+            let run = |prompt: &str, max_tokens: usize| {
+                let request = banning_eog(&engine, greedy(prompt, max_tokens).logprobs(5));
+                collect(core.submit(ServeRequest::new(&engine, &request).unwrap()).unwrap()).unwrap().1
+            };
+            run(first, 6);
+            let status = core.status();
+            assert_eq!(status.checkpoints, usize::from(checkpoints > 0), "{name}: {status:?}");
+            assert_eq!(status.checkpoint_bytes > 0, checkpoints > 0, "{name}: {status:?}");
+            let completion = run(&next, 16);
+            let want = if checkpoints > 0 { a.len() } else { 0 };
+            assert_eq!(completion.stats.prompt_tokens_reused, want, "{name}, {checkpoints} checkpoints: {:?}", completion.stats);
+            assert_eq!(completion.stats.completion_tokens, 16, "{name}");
+            checked.push(check_served(&engine, &next, &completion, &eog));
+        }
+    }
+    equivalence::cap_partings(&checked, "next turns from recurrent checkpoints");
+}
+
 #[test]
 fn a_slot_reuses_the_longest_cached_prefix() {
     let engine = engine();

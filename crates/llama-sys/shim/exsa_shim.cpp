@@ -192,6 +192,11 @@ int32_t exsa_state_seq_set_data(llama_context * ctx, const uint8_t * src, size_t
     return guarded(err, [&] { *ret = llama_state_seq_set_data(ctx, src, size, dest_seq_id); });
 }
 
+int32_t exsa_state_seq_set_data_ext(llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id,
+                                    llama_state_seq_flags flags, size_t * ret, exsa_error * err) {
+    return guarded(err, [&] { *ret = llama_state_seq_set_data_ext(ctx, src, size, dest_seq_id, flags); });
+}
+
 int32_t exsa_state_load_file(llama_context * ctx, const char * path, llama_token * tokens_out, size_t n_token_capacity,
                              size_t * n_token_count_out, bool * ret, exsa_error * err) {
     return guarded(err, [&] { *ret = llama_state_load_file(ctx, path, tokens_out, n_token_capacity, n_token_count_out); });

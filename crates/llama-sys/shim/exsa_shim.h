@@ -54,6 +54,9 @@ int32_t exsa_sampler_reset(struct llama_sampler * smpl, exsa_error * err);
 int32_t exsa_state_set_data(struct llama_context * ctx, const uint8_t * src, size_t size, size_t * ret, exsa_error * err);
 int32_t exsa_state_seq_set_data(struct llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id,
                                 size_t * ret, exsa_error * err);
+int32_t exsa_state_seq_set_data_ext(struct llama_context * ctx, const uint8_t * src, size_t size,
+                                    llama_seq_id dest_seq_id, llama_state_seq_flags flags, size_t * ret,
+                                    exsa_error * err);
 int32_t exsa_state_load_file(struct llama_context * ctx, const char * path, llama_token * tokens_out,
                              size_t n_token_capacity, size_t * n_token_count_out, bool * ret, exsa_error * err);
 int32_t exsa_state_seq_load_file(struct llama_context * ctx, const char * path, llama_seq_id dest_seq_id,

@@ -463,6 +463,26 @@ pub enum StateError {
         /// The context's sequences.
         n_seq_max: u32,
     },
+    /// A recurrent checkpoint was asked of a model whose memory has no recurrent state.
+    #[error("the model has no recurrent state to checkpoint (attention-only memory can be cut back instead)")]
+    NotRecurrent,
+    /// A recurrent checkpoint made by another context.
+    #[error("the recurrent checkpoint was made by another context")]
+    ForeignCheckpoint,
+    /// A recurrent checkpoint beyond what the sequence holds now.
+    #[error("the recurrent checkpoint covers {positions} positions, but the sequence holds only {held}")]
+    CheckpointAhead {
+        /// The checkpoint's positions.
+        positions: i32,
+        /// What the sequence holds.
+        held: i32,
+    },
+    /// llama.cpp would not drop the attention cells after a restored checkpoint.
+    #[error("llama.cpp would not cut the sequence back to the checkpoint's {positions} positions; the sequence was emptied")]
+    CheckpointCut {
+        /// The checkpoint's positions.
+        positions: i32,
+    },
     /// llama.cpp threw a C++ exception (caught at the boundary).
     #[error(transparent)]
     Exception(#[from] CppException),

@@ -72,7 +72,7 @@ pub use backend::modules as backend_modules;
 pub use backend::{LogLevel, init, set_log_level};
 pub use batch::{Batch, BatchEntry, Pos, SeqId};
 pub use chat::{ChatEnding, ChatMessage, apply_template, builtin_templates};
-pub use context::{Context, ContextParams, FlashAttention, KvType, PerfCounters, Pooling};
+pub use context::{Context, ContextParams, FlashAttention, KvType, PerfCounters, Pooling, RecurrentCheckpoint};
 pub use error::{
     BatchError, ChatError, ContextError, CppException, DecodeError, Error, LlamaMessages, LoadError, LoadErrorKind, LoraError, OutputError,
     QuantizeError, Result, SamplerError, StateError, TokenizeError,

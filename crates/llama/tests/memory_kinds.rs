@@ -139,3 +139,47 @@ fn a_cut_back_is_done_on_attention_and_refused_on_recurrent_memory() {
         assert_eq!(ctx.max_position(0).unwrap(), None, "{name}");
     }
 }
+
+/// A recurrent checkpoint returns a sequence that went on to an earlier position: its recurrent
+/// state from the checkpoint, its attention cells cut there. What a server's multi-turn reuse
+/// relies on (the next turn's prompt extends the last turn's prompt, not its reply), so the
+/// continuation from the restored sequence is the one a fresh decode gives, every step of it.
+#[test]
+fn a_recurrent_checkpoint_returns_the_sequence_to_where_it_was_taken() {
+    for name in MODELS {
+        let model = load(name);
+        let tokens = prompt(&model);
+        let n = tokens.len() as Pos;
+        let split = tokens.len() / 2;
+        let mut ctx = Context::new(&model, &params(2)).unwrap();
+        ctx.decode(&Batch::from_tokens(&tokens[..split], 0, 0).unwrap()).unwrap();
+        let checkpoint = match ctx.save_recurrent_checkpoint(0) {
+            Err(StateError::NotRecurrent) if name == "llama-tiny" => continue,
+            other => other.unwrap_or_else(|e| panic!("{name}: {e}")),
+        };
+        assert_eq!(checkpoint.positions(), split as Pos, "{name}");
+        assert!(checkpoint.size() > 0, "{name}");
+        // The sequence goes on elsewhere (a reply), then comes back to the checkpoint.
+        ctx.decode(&Batch::from_tokens(&tokens[split..], split as Pos, 0).unwrap()).unwrap();
+        let original = greedy(&mut ctx, 0, n, 6);
+        ctx.restore_recurrent_checkpoint(0, &checkpoint).unwrap();
+        assert_eq!(ctx.max_position(0).unwrap(), Some(split as Pos - 1), "{name}: cut to the checkpoint");
+        ctx.decode(&Batch::from_tokens(&tokens[split..], split as Pos, 0).unwrap()).unwrap();
+        assert_eq!(greedy(&mut ctx, 0, n, 6), original, "{name}: after the restore");
+
+        // Into another sequence of the same context, holding the same first tokens (copied).
+        ctx.remove_range(1, -1, -1).unwrap();
+        ctx.copy_range(0, 1, -1, -1).unwrap();
+        ctx.restore_recurrent_checkpoint(1, &checkpoint).unwrap();
+        ctx.decode(&Batch::from_tokens(&tokens[split..], split as Pos, 1).unwrap()).unwrap();
+        assert_eq!(greedy(&mut ctx, 1, n, 6), original, "{name}: restored into a copy");
+
+        // Refused: a sequence that does not reach the checkpoint, another context's checkpoint.
+        ctx.remove_range(1, -1, -1).unwrap();
+        assert!(matches!(ctx.restore_recurrent_checkpoint(1, &checkpoint), Err(StateError::CheckpointAhead { held: 0, .. })), "{name}");
+        let mut other = Context::new(&model, &params(2)).unwrap();
+        other.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
+        assert!(matches!(other.restore_recurrent_checkpoint(0, &checkpoint), Err(StateError::ForeignCheckpoint)), "{name}");
+        assert!(matches!(ctx.save_recurrent_checkpoint(1), Err(StateError::Empty)), "{name}: an empty sequence");
+    }
+}

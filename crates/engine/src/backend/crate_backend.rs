@@ -213,12 +213,15 @@ impl BackendModel for CrateModel {
             outputs: Vec::new(),
             abort: None,
             n_seq: config.n_seq as i32,
+            recurrent: self.model.is_recurrent() || self.model.is_hybrid(),
         })
     }
 }
 
 pub struct CrateSession<'m> {
     ctx: LlamaContext<'m>,
+    /// The model's memory holds a recurrent state (see `BackendSession::memory_is_recurrent`).
+    recurrent: bool,
     batch: LlamaBatch<'static>,
     /// Batch indexes asking for logits in the batch being built, and in the last decode: the
     /// crate reads logits at any index it is given (llama.cpp aborts on one without), so every
@@ -238,6 +241,9 @@ impl std::fmt::Debug for CrateSession<'_> {
 
 impl BackendSession for CrateSession<'_> {
     type Sampler = LlamaSampler;
+    /// No checkpoints: this binding does not save part of a sequence's memory (a recurrent state
+    /// that cannot be cut is decoded again from its tokens).
+    type Checkpoint = std::convert::Infallible;
 
     fn n_ctx(&self) -> u32 {
         self.ctx.n_ctx()
@@ -338,6 +344,18 @@ impl BackendSession for CrateSession<'_> {
             return false;
         }
         self.ctx.copy_kv_cache_seq(src, dst, None, None).is_ok()
+    }
+
+    fn memory_is_recurrent(&self) -> bool {
+        self.recurrent
+    }
+
+    fn seq_checkpoint(&mut self, _: i32) -> Option<(std::convert::Infallible, usize)> {
+        None
+    }
+
+    fn seq_restore_checkpoint(&mut self, _: i32, checkpoint: &std::convert::Infallible) -> bool {
+        match *checkpoint {}
     }
 
     fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[TokenId]) -> Result<u64, EngineError> {

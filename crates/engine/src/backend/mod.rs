@@ -147,12 +147,17 @@ pub trait BackendModel: Send + Sync + Sized {
 /// The sampler type of a model's sessions.
 pub type SamplerOf<'m, M> = <<M as BackendModel>::Session<'m> as BackendSession>::Sampler;
 
+/// The recurrent checkpoint type of a model's sessions.
+pub type CheckpointOf<'m, M> = <<M as BackendModel>::Session<'m> as BackendSession>::Checkpoint;
+
 /// A context with its KV cache and a reusable batch. One or several sequences (a server's slots,
 /// made with `n_seq` > 1); samplers are the caller's, one per sequence, reading outputs by batch
 /// index.
 pub trait BackendSession {
     /// A sampler chain of its own, for one sequence (see [`BackendModel::sampler`]).
     type Sampler: Send;
+    /// A recurrent checkpoint of one of its sequences (see [`BackendSession::seq_checkpoint`]).
+    type Checkpoint: Clone + Send;
 
     fn n_ctx(&self) -> u32;
     fn n_batch(&self) -> u32;
@@ -199,6 +204,17 @@ pub trait BackendSession {
     /// Makes empty sequence `dst` hold all that sequence `src` holds (in a unified KV cache the
     /// cells are shared, not duplicated); false where the backend cannot.
     fn seq_copy(&mut self, src: i32, dst: i32) -> bool;
+    /// Whether the model's memory holds a recurrent state (LFM2's convolutions, Mamba's SSM),
+    /// which cannot be cut back to an earlier position.
+    fn memory_is_recurrent(&self) -> bool;
+    /// The recurrent part of sequence `seq`'s memory as it stands, with its size in bytes: a
+    /// checkpoint to return the sequence to once it has gone on. None where the memory has no
+    /// recurrent state (attention is cut back instead) or the binding cannot save one.
+    fn seq_checkpoint(&mut self, seq: i32) -> Option<(Self::Checkpoint, usize)>;
+    /// Returns sequence `seq`, which still holds the tokens it held when `checkpoint` was taken
+    /// and maybe more, to that point: the recurrent state from the checkpoint, the attention cut
+    /// there. False when that failed; the sequence is then empty.
+    fn seq_restore_checkpoint(&mut self, seq: i32, checkpoint: &Self::Checkpoint) -> bool;
     /// Writes sequence `seq`'s cache and the `tokens` it holds to `path`, in llama.cpp's sequence
     /// state format (the one `llama_state_seq_save_file` writes, which llama-server's slot files
     /// also use); returns the bytes written.

@@ -453,6 +453,9 @@ impl Drop for RawSampler {
 
 impl BackendSession for RawSession<'_> {
     type Sampler = RawSampler;
+    /// No checkpoints: this binding does not save part of a sequence's memory (a recurrent state
+    /// that cannot be cut is decoded again from its tokens).
+    type Checkpoint = std::convert::Infallible;
 
     fn n_ctx(&self) -> u32 {
         self.n_ctx
@@ -619,6 +622,20 @@ impl BackendSession for RawSession<'_> {
         // copied between any two streams.
         unsafe { sys::llama_memory_seq_cp(sys::llama_get_memory(self.ctx.as_ptr()), src, dst, -1, -1) };
         true
+    }
+
+    fn memory_is_recurrent(&self) -> bool {
+        let m = self.model.raw.as_ptr();
+        // SAFETY: reads fields of the live model this session borrows.
+        unsafe { sys::llama_model_is_recurrent(m) || sys::llama_model_is_hybrid(m) }
+    }
+
+    fn seq_checkpoint(&mut self, _: i32) -> Option<(std::convert::Infallible, usize)> {
+        None
+    }
+
+    fn seq_restore_checkpoint(&mut self, _: i32, checkpoint: &std::convert::Infallible) -> bool {
+        match *checkpoint {}
     }
 
     fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[TokenId]) -> Result<u64, EngineError> {

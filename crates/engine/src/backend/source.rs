@@ -248,6 +248,7 @@ pub struct SourceSession<'m> {
 
 impl<'m> BackendSession for SourceSession<'m> {
     type Sampler = Sampler<'m>;
+    type Checkpoint = llama::RecurrentCheckpoint;
 
     fn n_ctx(&self) -> u32 {
         self.ctx.n_ctx()
@@ -322,6 +323,20 @@ impl<'m> BackendSession for SourceSession<'m> {
 
     fn seq_copy(&mut self, src: i32, dst: i32) -> bool {
         self.ctx.copy_range(src, dst, -1, -1).is_ok()
+    }
+
+    fn memory_is_recurrent(&self) -> bool {
+        self.ctx.model().has_recurrent_state()
+    }
+
+    fn seq_checkpoint(&mut self, seq: i32) -> Option<(llama::RecurrentCheckpoint, usize)> {
+        let checkpoint = self.ctx.save_recurrent_checkpoint(seq).ok()?;
+        let size = checkpoint.size();
+        Some((checkpoint, size))
+    }
+
+    fn seq_restore_checkpoint(&mut self, seq: i32, checkpoint: &llama::RecurrentCheckpoint) -> bool {
+        self.ctx.restore_recurrent_checkpoint(seq, checkpoint).is_ok()
     }
 
     fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[TokenId]) -> Result<u64, EngineError> {

@@ -221,6 +221,11 @@ struct ServeArgs {
     /// prompts' time to first token and some throughput for the others' inter-token latency.
     #[arg(long)]
     prefill_chunk: Option<u32>,
+    /// Recurrent checkpoints each slot keeps on models whose memory holds a recurrent state
+    /// (LFM2, Mamba), taken at the end of each prompt: a chat's next turn returns to one and
+    /// decodes only what follows (llama-server's --ctx-checkpoints). 0: none.
+    #[arg(long, default_value_t = exsa_engine::serving::ServingConfig::DEFAULT_CTX_CHECKPOINTS)]
+    ctx_checkpoints: u32,
     /// The id of --model in the API (default: the GGUF's file name without extension).
     /// Several, comma-separated, are names requests may use for it (llama-server's --alias):
     /// the first in sort order is its id, as llama-server lists it.
@@ -534,6 +539,7 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         slots: args.parallel.unwrap_or_else(|| exsa_engine::serving::ServingConfig::default_slots(common.ctx)),
         max_queue: args.max_queue,
         prefill_chunk: args.prefill_chunk,
+        ctx_checkpoints: args.ctx_checkpoints,
         max_loaded: args.max_loaded,
         keep_alive: std::time::Duration::from_secs(args.keep_alive),
     };

@@ -113,7 +113,7 @@ fn render_decode_loops(loaded: &[(String, ServingStatus, usize)], out: &mut Stri
     let _ = writeln!(out, "# TYPE exsa_models_loaded gauge\nexsa_models_loaded {}", loaded.len());
     /// Name, type, help, and how to read it.
     type Series = (&'static str, &'static str, &'static str, fn(&ServingStatus, usize) -> u64);
-    let series: [Series; 11] = [
+    let series: [Series; 13] = [
         ("exsa_prompt_tokens_reused_total", "counter", "Prompt tokens found in a slot's cache, not decoded again.", |s, _| s.prompt_tokens_reused),
         (
             "exsa_prompt_tokens_copied_total",
@@ -128,6 +128,8 @@ fn render_decode_loops(loaded: &[(String, ServingStatus, usize)], out: &mut Stri
             s.kv_used as u64
         }),
         ("exsa_kv_capacity_tokens", "gauge", "KV cache cells the slots share.", |_, n_ctx| n_ctx as u64),
+        ("exsa_ctx_checkpoints", "gauge", "Recurrent-state checkpoints the slots keep (models with a recurrent state).", |s, _| s.checkpoints as u64),
+        ("exsa_ctx_checkpoints_bytes", "gauge", "Host memory of the recurrent-state checkpoints.", |s, _| s.checkpoint_bytes as u64),
         ("exsa_slots", "gauge", "Slots of the model's decode loop.", |s, _| s.slots as u64),
         ("exsa_draft_tokens_total", "counter", "Tokens drafted by prompt lookup (speculative requests).", |s, _| s.drafted_tokens),
         ("exsa_draft_tokens_accepted_total", "counter", "Drafted tokens the sampler drew too (kept).", |s, _| s.accepted_tokens),

@@ -73,6 +73,8 @@ pub struct ModelPolicy {
     pub max_queue: usize,
     /// Prompt tokens of a step beside generating requests ([`ServingConfig::prefill_chunk`]).
     pub prefill_chunk: Option<u32>,
+    /// Recurrent checkpoints per slot ([`ServingConfig::ctx_checkpoints`]).
+    pub ctx_checkpoints: u32,
     /// On-demand models loaded at once, at most (pinned ones not counted).
     pub max_loaded: usize,
     /// An on-demand model unused this long is unloaded.
@@ -477,12 +479,14 @@ impl Models {
 
     async fn load(&self, source: &ModelSource) -> Result<Arc<Loaded>, ApiError> {
         let config = EngineConfig { model: source.path.clone(), ..self.policy.engine.clone() };
-        let (slots, max_queue, prefill_chunk, id) = (self.policy.slots, self.policy.max_queue, self.policy.prefill_chunk, source.id.clone());
+        let policy = &self.policy;
+        let (slots, max_queue, prefill_chunk, ctx_checkpoints) = (policy.slots, policy.max_queue, policy.prefill_chunk, policy.ctx_checkpoints);
+        let id = source.id.clone();
         tracing::info!(model = %id, path = %source.path.display(), "loading");
         let started = Instant::now();
         let loaded = tokio::task::spawn_blocking(move || {
             let engine = Arc::new(Engine::load(config)?);
-            let serving = ServingConfig { slots, max_queue, prefill_chunk, session: engine.session_config().clone() };
+            let serving = ServingConfig { slots, max_queue, prefill_chunk, ctx_checkpoints, session: engine.session_config().clone() };
             let n_ctx = serving.session.n_ctx as usize;
             let core = ServingCore::start(Arc::clone(&engine), serving)?;
             Ok::<_, EngineError>(Loaded { id, engine, core, n_ctx, pooled: super::pooled::PooledQueue::new(max_queue) })

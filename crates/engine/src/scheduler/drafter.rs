@@ -3,7 +3,7 @@
 //! only what changed (the same prefix rule as every other cache, [`Sequence::keep_prefix`]).
 
 use super::slot::Sequence;
-use crate::backend::{BackendModel, BackendSession, Outputs, SamplerOf};
+use crate::backend::{BackendModel, BackendSession, CheckpointOf, Outputs, SamplerOf};
 use crate::config::{SamplingParams, SessionConfig};
 use crate::error::EngineError;
 use crate::token::TokenId;
@@ -11,7 +11,7 @@ use crate::token::TokenId;
 pub(crate) struct DraftModel<'e, M: BackendModel + 'e> {
     model: &'e M,
     session: M::Session<'e>,
-    seq: Sequence,
+    seq: Sequence<CheckpointOf<'e, M>>,
     greedy: SamplerOf<'e, M>,
 }
 

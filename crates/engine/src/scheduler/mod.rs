@@ -33,7 +33,7 @@ pub(crate) use request::Prepared;
 use request::{DraftSource, Request, Verified};
 use slot::{Phase, Sequence, Slot};
 
-use crate::backend::{BackendModel, BackendSession, SamplerOf};
+use crate::backend::{BackendModel, BackendSession, CheckpointOf, SamplerOf};
 use crate::config::Speculation;
 use crate::error::{DecodeFailure, EngineError};
 use crate::outcome::{FinishReason, GenerationStats, SlotAction, SlotActionDone, ms};
@@ -53,6 +53,9 @@ pub(crate) struct Counters {
     pub(crate) drafted_tokens: AtomicU64,
     pub(crate) accepted_tokens: AtomicU64,
     pub(crate) steps_without_drafts: AtomicU64,
+    /// Recurrent checkpoints the slots keep, and their bytes (host memory).
+    pub(crate) checkpoints: AtomicUsize,
+    pub(crate) checkpoint_bytes: AtomicUsize,
     /// Each slot as of the last step (see [`Scheduler::publish_slots`]).
     pub(crate) slots: std::sync::Mutex<Vec<crate::outcome::SlotState>>,
 }
@@ -79,7 +82,7 @@ type Running<'e, M, C> = Box<Request<SamplerOf<'e, M>, C>>;
 pub(crate) struct Scheduler<'e, M: BackendModel + 'e, C> {
     model: &'e M,
     session: M::Session<'e>,
-    slots: Vec<Slot<Running<'e, M, C>>>,
+    slots: Vec<Slot<Running<'e, M, C>, CheckpointOf<'e, M>>>,
     n_ctx: usize,
     n_batch: usize,
     clock: u64,
@@ -98,6 +101,8 @@ pub(crate) struct Scheduler<'e, M: BackendModel + 'e, C> {
     cost: DecodeCost,
     /// Most prompt tokens in a step while any request generates (n_batch: no bound of its own).
     prompt_chunk: usize,
+    /// The model's memory holds a recurrent state: a sequence is cut back only to a checkpoint.
+    recurrent: bool,
 }
 
 impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
@@ -105,7 +110,8 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     pub(crate) fn new(model: &'e M, session: M::Session<'e>, slots: usize, counters: Arc<Counters>) -> Self {
         let n_ctx = session.n_ctx() as usize;
         let n_batch = session.n_batch() as usize;
-        Scheduler {
+        let recurrent = session.memory_is_recurrent();
+        let mut scheduler = Scheduler {
             model,
             session,
             slots: (0..slots).map(|seq| Slot { seq: Sequence::new(seq as i32, n_ctx), phase: Phase::Idle, last_used: 0 }).collect(),
@@ -119,7 +125,27 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             prefilling: Vec::with_capacity(slots),
             cost: DecodeCost::default(),
             prompt_chunk: n_batch,
+            recurrent,
+        };
+        scheduler.set_checkpoints(DEFAULT_CHECKPOINTS);
+        scheduler
+    }
+
+    /// Keeps up to `n` recurrent checkpoints per slot where the memory holds a recurrent state
+    /// (none elsewhere: attention is cut back instead). Each is taken at the end of a prompt, so
+    /// that a later prompt extending it (a chat's next turn) decodes only what follows.
+    pub(crate) fn set_checkpoints(&mut self, n: usize) {
+        let n = if self.recurrent { n } else { 0 };
+        for slot in &mut self.slots {
+            slot.seq.keep_checkpoints(n);
         }
+        self.publish_checkpoints();
+    }
+
+    fn publish_checkpoints(&self) {
+        let (count, bytes) = self.slots.iter().map(|s| s.seq.checkpoint_usage()).fold((0, 0), |(c, b), (n, m)| (c + n, b + m));
+        self.counters.checkpoints.store(count, Ordering::Relaxed);
+        self.counters.checkpoint_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Bounds the prompt tokens of a step in which requests generate: each of their next tokens
@@ -198,7 +224,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         });
         let chosen = match prepared.options.slot {
             Some(slot) => self.slots.get(slot).is_some_and(Slot::is_idle).then_some(slot),
-            None => choose_slot(&self.slots, tokens),
+            None => choose_slot(&self.slots, tokens, self.recurrent),
         };
         let index = match (refused, chosen) {
             (Some(e), _) => return Err((client, e)),
@@ -233,27 +259,33 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// Returns the tokens `dst` then holds, or None when it copied nothing and `dst` holds the
     /// `kept` tokens it had.
     fn copy_longer_prefix(&mut self, dst: usize, prompt: &[TokenId], kept: usize) -> Option<usize> {
-        let usable = |s: &Slot<_>| s.seq.common_prefix(prompt).min(prompt.len().saturating_sub(1));
+        let recurrent = self.recurrent;
+        let usable = |s: &Slot<_, _>| s.seq.reusable(prompt, recurrent);
         let donor = (0..self.slots.len()).filter(|&i| i != dst).max_by_key(|&i| usable(&self.slots[i]))?;
         let shared = usable(&self.slots[donor]);
         if shared < kept + MIN_COPIED_PREFIX {
             return None;
         }
-        let (src_id, tokens) = (self.slots[donor].seq.id(), self.slots[donor].seq.tokens().to_vec());
+        let donor = &self.slots[donor].seq;
+        let (src_id, tokens) = (donor.id(), donor.tokens().to_vec());
+        // A recurrent state holds one position, the donor's last: copied from the middle of the
+        // donor's sequence it is returned to the donor's checkpoint there (see `reusable`).
+        let checkpoint = (shared < tokens.len()).then(|| donor.checkpoint_within(shared).cloned()).flatten();
         let seq = &mut self.slots[dst].seq;
         seq.clear(&mut self.session);
         if !self.session.seq_copy(src_id, seq.id()) {
             return Some(0);
         }
         seq.extend(&tokens);
-        // A recurrent state (LFM2's convolutions, Mamba's) holds one position, the donor's last:
-        // copied from the middle of the donor's sequence it cannot be cut back, so it is
-        // dropped and the prompt decoded whole.
         if seq.cut(&mut self.session, shared) {
-            Some(shared)
-        } else {
-            seq.clear(&mut self.session);
-            Some(0)
+            return Some(shared);
+        }
+        match checkpoint {
+            Some(checkpoint) => Some(seq.restore(&mut self.session, &checkpoint)),
+            None => {
+                seq.clear(&mut self.session);
+                Some(0)
+            }
         }
     }
 
@@ -261,10 +293,15 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// other choices of one request, a common system prompt), to copy those cells once they are
     /// in instead of decoding them again beside it.
     pub(crate) fn awaits_shared_prefix(&self, prompt: &[TokenId]) -> bool {
-        let usable = |p: &[TokenId]| p.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len().saturating_sub(1));
-        let cached = self.slots.iter().map(|s| usable(s.seq.tokens())).max().unwrap_or(0);
+        let cached = self.slots.iter().map(|s| s.seq.reusable(prompt, self.recurrent)).max().unwrap_or(0);
         self.slots.iter().any(|s| match &s.phase {
-            Phase::Prefilling { prompt: theirs, then: None, .. } => usable(theirs) >= cached + MIN_COPIED_PREFIX,
+            Phase::Prefilling { prompt: theirs, then: None, .. } => {
+                let common = theirs.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                // A recurrent state can be copied only as a whole prompt (checkpointed at its
+                // end): waiting pays only for a prompt that extends theirs.
+                let usable = if self.recurrent && common < theirs.len() { 0 } else { common.min(prompt.len().saturating_sub(1)) };
+                usable >= cached + MIN_COPIED_PREFIX
+            }
             _ => false,
         })
     }
@@ -306,6 +343,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                     self.without_drafts = false;
                     self.commit(decode_ms);
                     self.counters.kv_used.store(self.slots.iter().map(|s| s.seq.len()).sum(), Ordering::Relaxed);
+                    self.publish_checkpoints();
                     return;
                 }
                 Err(e) if e.decode_failure() == Some(DecodeFailure::NoKvSlot) => {
@@ -426,6 +464,9 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                         // decode): nothing is generated from it.
                         None if request.is_cancelled() => Ok(Verified::Ended(FinishReason::Cancelled)),
                         None => {
+                            // Where the state cannot be cut back, the prompt's end is where a
+                            // later prompt (the next turn) comes back to.
+                            seq.checkpoint(&mut self.session);
                             request.prompt_done();
                             let first = request.output.expect("a prompt's last token has an output");
                             request.verify(&mut self.session, self.model, first, seq, self.n_ctx, &self.counters)
@@ -648,6 +689,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             }
         };
         self.counters.kv_used.store(self.slots.iter().map(|s| s.seq.len()).sum(), Ordering::Relaxed);
+        self.publish_checkpoints();
         self.publish_slots();
         Ok(SlotActionDone { tokens, bytes, ms: ms(start.elapsed()) })
     }
@@ -693,13 +735,16 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
 /// Fewer shared tokens than this are not worth copying another slot's cells for (or waiting).
 const MIN_COPIED_PREFIX: usize = 4;
 
+/// Recurrent checkpoints a slot keeps by default (llama-server's `--ctx-checkpoints` keeps 8).
+pub(crate) const DEFAULT_CHECKPOINTS: usize = 8;
+
 /// The free slot for a prompt: the one whose cache shares the longest prefix with it, when that
 /// covers at least half the prompt; otherwise the least valuable cache is given up: an empty
 /// slot, else the one used longest ago. (A prefix of a token or two, such as BOS, is not worth
 /// another prompt's whole cache.)
-fn choose_slot<R>(slots: &[Slot<R>], prompt: &[TokenId]) -> Option<usize> {
+fn choose_slot<R, K: Clone>(slots: &[Slot<R, K>], prompt: &[TokenId], recurrent: bool) -> Option<usize> {
     let free = || slots.iter().enumerate().filter(|(_, s)| s.is_idle());
-    let (best, best_common) = free().map(|(i, s)| (i, s.seq.common_prefix(prompt))).max_by_key(|&(i, c)| (c, std::cmp::Reverse(i)))?;
+    let (best, best_common) = free().map(|(i, s)| (i, s.seq.reusable(prompt, recurrent))).max_by_key(|&(i, c)| (c, std::cmp::Reverse(i)))?;
     if best_common * 2 >= prompt.len() {
         return Some(best);
     }

@@ -315,7 +315,7 @@ impl<S, C> Request<S, C> {
         session: &mut Sess,
         model: &impl BackendModel,
         first: i32,
-        seq: &mut Sequence,
+        seq: &mut Sequence<Sess::Checkpoint>,
         n_ctx: usize,
         counters: &Counters,
     ) -> Result<Verified, EngineError> {

@@ -4,18 +4,39 @@
 use crate::backend::BackendSession;
 use crate::token::TokenId;
 
-/// One sequence of a context and the tokens its cache holds, in position order. Every change to
-/// the cache goes through it, so the list and the cache cannot drift apart.
+/// One sequence of a context and the tokens its cache holds, in position order, with the
+/// recurrent checkpoints taken along it. Every change to the cache goes through it, so the list,
+/// the checkpoints and the cache cannot drift apart.
 #[derive(Debug)]
-pub(crate) struct Sequence {
+pub(crate) struct Sequence<K> {
     id: i32,
     tokens: Vec<TokenId>,
+    /// Recurrent checkpoints (see [`Sequence::checkpoint`]): where the cache stood after its
+    /// first `len` tokens, by ascending `len`, each of them still a prefix of `tokens`.
+    checkpoints: Vec<Checkpoint<K>>,
+    /// The most checkpoints kept (0: none taken).
+    max_checkpoints: usize,
 }
 
-impl Sequence {
+/// A recurrent checkpoint of a sequence after its first `len` tokens, and its size in bytes.
+#[derive(Debug, Clone)]
+pub(crate) struct Checkpoint<K> {
+    len: usize,
+    bytes: usize,
+    state: K,
+}
+
+impl<K: Clone> Sequence<K> {
     /// Sequence `id`, with room for `capacity` tokens (the context: the token loop never grows it).
     pub(crate) fn new(id: i32, capacity: usize) -> Self {
-        Sequence { id, tokens: Vec::with_capacity(capacity) }
+        Sequence { id, tokens: Vec::with_capacity(capacity), checkpoints: Vec::new(), max_checkpoints: 0 }
+    }
+
+    /// Keeps up to `n` recurrent checkpoints (see [`Sequence::checkpoint`]).
+    pub(crate) fn keep_checkpoints(&mut self, n: usize) {
+        self.max_checkpoints = n;
+        let excess = self.checkpoints.len().saturating_sub(n);
+        self.checkpoints.drain(..excess);
     }
 
     pub(crate) fn id(&self) -> i32 {
@@ -28,6 +49,11 @@ impl Sequence {
 
     pub(crate) fn len(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// The checkpoints kept: how many, and their bytes.
+    pub(crate) fn checkpoint_usage(&self) -> (usize, usize) {
+        (self.checkpoints.len(), self.checkpoints.iter().map(|c| c.bytes).sum())
     }
 
     /// Notes `tokens` as decoded after the others.
@@ -48,18 +74,73 @@ impl Sequence {
         self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count()
     }
 
+    /// How much of `prompt` this cache can give a request: the longest prefix it shares with it,
+    /// leaving at least one prompt token to decode (its logits start the generation). A
+    /// recurrent state (`recurrent`) is cut back only to a checkpoint, or not at all where the
+    /// prompt goes on past all it holds.
+    pub(crate) fn reusable(&self, prompt: &[TokenId], recurrent: bool) -> usize {
+        let common = self.common_prefix(prompt).min(prompt.len().saturating_sub(1));
+        if !recurrent || common == self.len() {
+            return common;
+        }
+        self.checkpoints.iter().rev().map(|c| c.len).find(|&len| len <= common).unwrap_or(0)
+    }
+
+    /// Records where the cache stands now as a recurrent checkpoint, to come back to (the end of a
+    /// prompt, before its reply: the next turn of a chat extends the prompt, seldom the reply as
+    /// it was decoded). The oldest goes when more than the bound are kept. Nothing where no
+    /// checkpoints are kept or the memory has no recurrent state.
+    pub(crate) fn checkpoint(&mut self, session: &mut impl BackendSession<Checkpoint = K>) {
+        let len = self.len();
+        if self.max_checkpoints == 0 || len == 0 || self.checkpoints.last().is_some_and(|c| c.len == len) {
+            return;
+        }
+        let Some((state, bytes)) = session.seq_checkpoint(self.id) else { return };
+        if self.checkpoints.len() == self.max_checkpoints {
+            self.checkpoints.remove(0);
+        }
+        self.checkpoints.push(Checkpoint { len, bytes, state });
+    }
+
     /// The prefix-reuse rule, for every cache that runs requests: keeps the longest prefix the
-    /// cache shares with `prompt`, leaving at least one prompt token to decode (its logits start
-    /// the generation); where the memory cannot cut there (a recurrent state), starts from
-    /// empty. Returns the tokens kept.
-    pub(crate) fn keep_prefix(&mut self, session: &mut impl BackendSession, prompt: &[TokenId]) -> usize {
+    /// cache shares with `prompt`, leaving at least one prompt token to decode; where the memory
+    /// cannot cut there (a recurrent state), returns to the longest checkpoint within it, else
+    /// starts from empty. Returns the tokens kept.
+    pub(crate) fn keep_prefix(&mut self, session: &mut impl BackendSession<Checkpoint = K>, prompt: &[TokenId]) -> usize {
         let common = self.common_prefix(prompt).min(prompt.len().saturating_sub(1));
         if self.cut(session, common) {
-            common
-        } else {
-            self.clear(session);
-            0
+            return common;
         }
+        let Some(at) = self.checkpoints.iter().rposition(|c| c.len <= common) else {
+            self.clear(session);
+            return 0;
+        };
+        let checkpoint = self.checkpoints[at].clone();
+        self.restore(session, &checkpoint)
+    }
+
+    /// Returns the cache to `checkpoint` (one of its own, or another sequence's whose tokens up to
+    /// it this cache holds): the tokens after it leave, and so do later checkpoints. Returns the
+    /// tokens kept: the checkpoint's, or none when the restore failed (the cache is then empty).
+    pub(crate) fn restore(&mut self, session: &mut impl BackendSession<Checkpoint = K>, checkpoint: &Checkpoint<K>) -> usize {
+        if !session.seq_restore_checkpoint(self.id, &checkpoint.state) {
+            self.clear(session);
+            return 0;
+        }
+        self.tokens.truncate(checkpoint.len);
+        self.checkpoints.retain(|c| c.len < checkpoint.len);
+        if self.max_checkpoints > 0 {
+            if self.checkpoints.len() == self.max_checkpoints {
+                self.checkpoints.remove(0);
+            }
+            self.checkpoints.push(checkpoint.clone());
+        }
+        checkpoint.len
+    }
+
+    /// The longest of its checkpoints within its first `len` tokens.
+    pub(crate) fn checkpoint_within(&self, len: usize) -> Option<&Checkpoint<K>> {
+        self.checkpoints.iter().rev().find(|c| c.len <= len)
     }
 
     /// Cuts the cache back to its first `len` tokens, also dropping whatever it holds beyond the
@@ -70,6 +151,7 @@ impl Sequence {
             return false;
         }
         self.tokens.truncate(len);
+        self.checkpoints.retain(|c| c.len <= len);
         true
     }
 
@@ -77,12 +159,14 @@ impl Sequence {
     pub(crate) fn clear(&mut self, session: &mut impl BackendSession) {
         session.seq_clear(self.id);
         self.tokens.clear();
+        self.checkpoints.clear();
     }
 
     /// Empties the cache and hands back the tokens it held, to be decoded again (the recurrent
     /// fallback: a state that cannot be cut is rebuilt from its tokens).
     pub(crate) fn take(&mut self, session: &mut impl BackendSession) -> Vec<TokenId> {
         session.seq_clear(self.id);
+        self.checkpoints.clear();
         let capacity = self.tokens.capacity();
         std::mem::replace(&mut self.tokens, Vec::with_capacity(capacity))
     }
@@ -129,14 +213,14 @@ impl<R> Phase<R> {
 
 /// One sequence of the shared context and what runs in it.
 #[derive(Debug)]
-pub(crate) struct Slot<R> {
-    pub(crate) seq: Sequence,
+pub(crate) struct Slot<R, K> {
+    pub(crate) seq: Sequence<K>,
     pub(crate) phase: Phase<R>,
     /// When the slot last ended a request (for choosing among equally good free slots).
     pub(crate) last_used: u64,
 }
 
-impl<R> Slot<R> {
+impl<R, K> Slot<R, K> {
     pub(crate) fn is_idle(&self) -> bool {
         matches!(self.phase, Phase::Idle)
     }

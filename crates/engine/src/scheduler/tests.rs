@@ -132,6 +132,8 @@ impl BackendModel for FakeModel {
 
 impl BackendSession for FakeSession<'_> {
     type Sampler = FakeSampler;
+    /// The cache as it stood.
+    type Checkpoint = Vec<TokenId>;
 
     fn n_ctx(&self) -> u32 {
         self.n_ctx as u32
@@ -237,6 +239,24 @@ impl BackendSession for FakeSession<'_> {
     fn seq_copy(&mut self, src: i32, dst: i32) -> bool {
         self.kv[dst as usize] = self.kv[src as usize].clone();
         true
+    }
+
+    fn memory_is_recurrent(&self) -> bool {
+        self.model.recurrent
+    }
+
+    fn seq_checkpoint(&mut self, seq: i32) -> Option<(Vec<TokenId>, usize)> {
+        let cache = &self.kv[seq as usize];
+        self.model.recurrent.then(|| (cache.clone(), 4 * cache.len()))
+    }
+
+    /// As llama.cpp's: the checkpoint's positions must still be held (the caller keeps them as
+    /// they were); the fake also checks they are the same tokens.
+    fn seq_restore_checkpoint(&mut self, seq: i32, checkpoint: &Vec<TokenId>) -> bool {
+        let cache = &mut self.kv[seq as usize];
+        let ok = cache.starts_with(checkpoint);
+        *cache = if ok { checkpoint.clone() } else { Vec::new() };
+        ok
     }
 
     fn sample_listing(&mut self, _: &mut FakeSampler, _: i32, _: usize) -> Result<crate::TokenLogprobs, EngineError> {
@@ -622,4 +642,40 @@ fn a_prompt_takes_at_most_the_prefill_chunk_of_a_step_while_others_generate() {
     let by_name = |n| ended.iter().find(|e| e.0 == n).map(|e| e.2.clone()).unwrap();
     assert_eq!(by_name("a"), after(10, 30));
     assert_eq!(by_name("b"), after(17, 2));
+}
+
+/// A chat's next turn on a recurrent state: the prompt extends the last prompt but not the reply
+/// as decoded (the template closes it), so the state cannot be cut to the shared prefix; the
+/// checkpoint taken at the last prompt's end is restored and only the rest is decoded, with
+/// the same tokens as a fresh decode. Without checkpoints everything is decoded again.
+#[test]
+fn a_recurrent_state_returns_to_the_checkpoint_at_the_last_prompts_end() {
+    let first: Vec<TokenId> = vec![1, 2, 3, 4, 5, 6];
+    let mut next = first.clone();
+    next.extend([20, 21, 22, 9, 10]);
+    let fresh = |checkpoints: usize, slot: Option<usize>| {
+        let model = FakeModel { recurrent: true, ..FakeModel::counting() };
+        let counters = Arc::new(Counters::default());
+        let config = SessionConfig { n_ctx: 64, n_batch: 64, n_ubatch: 64, n_seq: 2, ..SessionConfig::default() };
+        let mut s = Scheduler::new(&model, model.session(&config).unwrap(), 2, Arc::clone(&counters));
+        s.set_checkpoints(checkpoints);
+        s.admit(prepared(&first, 3, Speculation::Off), "first").unwrap();
+        run(&mut s);
+        assert_eq!(counters.checkpoints.load(Ordering::Relaxed), usize::from(checkpoints > 0));
+        let decoded_before = model.batches.lock().unwrap().len();
+        let mut second = prepared(&next, 4, Speculation::Off);
+        second.options.slot = slot;
+        s.admit(second, "next").unwrap();
+        let out = run(&mut s).remove(0).2;
+        let batches = model.batches.lock().unwrap();
+        let start = batches[decoded_before][0].1;
+        (out, counters.prompt_tokens_reused.load(Ordering::Relaxed), start)
+    };
+    let want: Vec<TokenId> = tokens(11, 4);
+    // In the slot that ran the first turn, and in another one (the first slot's cells copied,
+    // then returned to its checkpoint).
+    for slot in [None, Some(1)] {
+        assert_eq!(fresh(8, slot), (want.clone(), first.len() as u64, first.len() as i32), "slot {slot:?}");
+    }
+    assert_eq!(fresh(0, None), (want, 0, 0), "without checkpoints");
 }

@@ -58,9 +58,17 @@ pub struct ServingConfig {
     /// on the 2-core Xeon and cost 25 % of the aggregate (docs/benchmarks.md, "long-prompt"),
     /// so it is not the default.
     pub prefill_chunk: Option<u32>,
+    /// Recurrent checkpoints each slot keeps, on a model whose memory holds a recurrent state
+    /// (LFM2, Mamba: it cannot be cut back to an earlier position). One is taken at the end of
+    /// each prompt; a later prompt that extends it (a chat's next turn) returns to it and decodes
+    /// only the rest. 0: none (such a prompt is decoded whole). Ignored on attention-only models.
+    pub ctx_checkpoints: u32,
 }
 
 impl ServingConfig {
+    /// Recurrent checkpoints per slot by default (llama-server's `--ctx-checkpoints` default).
+    pub const DEFAULT_CTX_CHECKPOINTS: u32 = crate::scheduler::DEFAULT_CHECKPOINTS as u32;
+
     /// Context each slot should be able to count on, in tokens, when the slot count is chosen
     /// for the context (the cache is shared: one request may still use all of it).
     pub const CONTEXT_PER_SLOT: u32 = 1024;
@@ -77,7 +85,13 @@ impl ServingConfig {
 
     /// `slots` slots over the engine's session settings, with a queue of 4 per slot.
     pub fn new(engine: &Engine, slots: u32) -> Self {
-        ServingConfig { slots, max_queue: 4 * slots as usize, session: engine.session_config().clone(), prefill_chunk: None }
+        ServingConfig {
+            slots,
+            max_queue: 4 * slots as usize,
+            session: engine.session_config().clone(),
+            prefill_chunk: None,
+            ctx_checkpoints: Self::DEFAULT_CTX_CHECKPOINTS,
+        }
     }
 }
 
@@ -225,6 +239,10 @@ pub struct ServingStatus {
     pub prompt_tokens_copied: u64,
     /// KV cache cells the slots hold, finished requests' caches (kept for reuse) included.
     pub kv_used: usize,
+    /// Recurrent checkpoints the slots keep ([`ServingConfig::ctx_checkpoints`]), and their
+    /// bytes (host memory).
+    pub checkpoints: usize,
+    pub checkpoint_bytes: usize,
     /// The decode loop's slots.
     pub slots: usize,
     /// Speculation: tokens drafted by prompt lookup, and of those the ones kept.
@@ -289,7 +307,7 @@ impl ServingCore {
         if config.prefill_chunk == Some(0) {
             return Err(EngineError::InvalidConfig { field: "prefill_chunk", value: "0".into(), reason: "must be at least 1" });
         }
-        let prefill_chunk = config.prefill_chunk.map(|n| n as usize);
+        let tuning = Tuning { prefill_chunk: config.prefill_chunk.map(|n| n as usize), checkpoints: config.ctx_checkpoints as usize };
         let (queue, requests) = mpsc::sync_channel(config.max_queue);
         let (ready_tx, ready) = mpsc::sync_channel(1);
         let counters = Arc::new(Counters::default());
@@ -297,7 +315,7 @@ impl ServingCore {
         let loop_engine = Arc::clone(&engine);
         let thread = std::thread::Builder::new()
             .name("exsa-decode".into())
-            .spawn(move || decode_loop(&loop_engine, &session, prefill_chunk, requests, loop_counters, ready_tx))
+            .spawn(move || decode_loop(&loop_engine, &session, tuning, requests, loop_counters, ready_tx))
             .map_err(|e| EngineError::Session(cause(e)))?;
         match ready.recv() {
             Ok(Ok(())) => Ok(ServingCore {
@@ -381,6 +399,8 @@ impl ServingCore {
             prompt_tokens_reused: c.prompt_tokens_reused.load(Ordering::Relaxed),
             prompt_tokens_copied: c.prompt_tokens_copied.load(Ordering::Relaxed),
             kv_used: c.kv_used.load(Ordering::Relaxed),
+            checkpoints: c.checkpoints.load(Ordering::Relaxed),
+            checkpoint_bytes: c.checkpoint_bytes.load(Ordering::Relaxed),
             slots: self.slots,
             drafted_tokens: c.drafted_tokens.load(Ordering::Relaxed),
             accepted_tokens: c.accepted_tokens.load(Ordering::Relaxed),
@@ -407,6 +427,12 @@ impl Drop for ServingCore {
     }
 }
 
+/// How the decode loop's scheduler is tuned (see [`ServingConfig`]).
+struct Tuning {
+    prefill_chunk: Option<usize>,
+    checkpoints: usize,
+}
+
 /// The decode thread: admits queued requests into free slots while the KV cache has room for
 /// their prompts (blocking only when nothing runs), steps the scheduler, and delivers what each
 /// step produced. Runs until the queue's sender is gone and every accepted request has ended.
@@ -414,7 +440,7 @@ impl Drop for ServingCore {
 fn decode_loop(
     engine: &Engine,
     config: &SessionConfig,
-    prefill_chunk: Option<usize>,
+    tuning: Tuning,
     requests: Receiver<Job>,
     counters: Arc<Counters>,
     ready: SyncSender<Result<(), EngineError>>,
@@ -428,9 +454,10 @@ fn decode_loop(
     };
     let _ = ready.send(Ok(()));
     let mut scheduler: Scheduler<'_, _, Box<dyn EventSink>> = Scheduler::new(engine.model(), session, config.n_seq as usize, Arc::clone(&counters));
-    if let Some(tokens) = prefill_chunk {
+    if let Some(tokens) = tuning.prefill_chunk {
         scheduler.set_prompt_chunk(tokens);
     }
+    scheduler.set_checkpoints(tuning.checkpoints);
     scheduler.publish_slots();
     let mut open = true;
     // A request taken from the queue that waits for KV space (it stays counted as queued).

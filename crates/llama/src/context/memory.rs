@@ -7,7 +7,7 @@ use crate::error::ContextError;
 use crate::sys;
 
 impl Context<'_> {
-    fn memory(&self) -> sys::llama_memory_t {
+    pub(super) fn memory(&self) -> sys::llama_memory_t {
         // SAFETY: the memory belongs to the live context.
         unsafe { sys::llama_get_memory(self.raw.as_ptr()) }
     }

@@ -21,11 +21,15 @@ use crate::{backend, sys};
 
 pub use params::{ContextParams, FlashAttention, KvType, Pooling};
 pub use runtime::PerfCounters;
+pub use state::RecurrentCheckpoint;
 
 /// A context: KV cache and compute state over a model it borrows, so it cannot outlive it.
 #[derive(Debug)]
 pub struct Context<'m> {
     raw: NonNull<sys::llama_context>,
+    /// Unique in the process: what a [`RecurrentCheckpoint`] names as its context (an address
+    /// could be reused by a later context).
+    serial: u64,
     pub(crate) model: &'m Model,
     n_ctx_seq: u32,
     n_batch: u32,
@@ -78,8 +82,10 @@ impl<'m> Context<'m> {
                 sys::llama_n_seq_max(raw.as_ptr()),
             )
         };
+        static SERIALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(Context {
             raw,
+            serial: SERIALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             model,
             n_ctx_seq,
             n_batch,

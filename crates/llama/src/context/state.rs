@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::Context;
 use crate::backend;
-use crate::batch::SeqId;
+use crate::batch::{Pos, SeqId};
 use crate::error::StateError;
 use crate::sys;
 use crate::token::Token;
@@ -80,6 +80,75 @@ impl Context<'_> {
         });
         guarded?;
         restored(state.len(), read, messages)
+    }
+
+    /// The recurrent part of sequence `seq_id`'s memory as it stands (LFM2's convolution state,
+    /// Mamba's SSM state; not the attention cells of a hybrid model): a checkpoint to return the
+    /// sequence to with [`Context::restore_recurrent_checkpoint`] after it has gone on, where a
+    /// recurrent state cannot be cut back. [`StateError::NotRecurrent`] for a model without one,
+    /// [`StateError::Empty`] for an empty sequence.
+    pub fn save_recurrent_checkpoint(&mut self, seq_id: SeqId) -> Result<RecurrentCheckpoint, StateError> {
+        self.check_state_seq(seq_id)?;
+        if !self.model.has_recurrent_state() {
+            return Err(StateError::NotRecurrent);
+        }
+        let Some(last) = self.max_position(seq_id).map_err(|_| StateError::InvalidSeqId { seq_id, n_seq_max: self.n_seq_max })? else {
+            return Err(StateError::Empty);
+        };
+        let flags = sys::LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY as sys::llama_state_seq_flags;
+        // SAFETY: size query on a live context for a checked id.
+        let size = unsafe { sys::llama_state_seq_get_size_ext(self.raw.as_ptr(), seq_id, flags) };
+        if size == 0 {
+            return Err(StateError::Empty);
+        }
+        let mut bytes = vec![0u8; size];
+        // SAFETY: `bytes` is writable for `size` bytes; checked id. llama.cpp catches its own
+        // exceptions here (returns 0).
+        let written = unsafe { sys::llama_state_seq_get_data_ext(self.raw.as_ptr(), bytes.as_mut_ptr(), size, seq_id, flags) };
+        if written != size {
+            return Err(StateError::SizeMismatch { written, expected: size });
+        }
+        Ok(RecurrentCheckpoint { context: self.serial, positions: last + 1, bytes })
+    }
+
+    /// Returns sequence `seq_id` to `checkpoint`: its recurrent state becomes the checkpoint's,
+    /// and the attention cells after the checkpoint's positions are dropped, so the sequence holds
+    /// positions `0..checkpoint.positions()` and goes on from there. The caller keeps the first
+    /// positions as they were when the checkpoint was taken (the same tokens); a checkpoint of
+    /// another context, or one beyond what the sequence holds, is refused. On a failed restore
+    /// the sequence is emptied (its recurrent part may be half read).
+    pub fn restore_recurrent_checkpoint(&mut self, seq_id: SeqId, checkpoint: &RecurrentCheckpoint) -> Result<(), StateError> {
+        self.check_state_seq(seq_id)?;
+        if checkpoint.context != self.serial {
+            return Err(StateError::ForeignCheckpoint);
+        }
+        let held = self.max_position(seq_id).map_err(|_| StateError::InvalidSeqId { seq_id, n_seq_max: self.n_seq_max })?.map_or(0, |p| p + 1);
+        if held < checkpoint.positions {
+            return Err(StateError::CheckpointAhead { positions: checkpoint.positions, held });
+        }
+        self.outputs.clear();
+        self.forget_cut_floors();
+        let flags = sys::LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY as sys::llama_state_seq_flags;
+        let bytes = &checkpoint.bytes;
+        let mut read = 0;
+        let (guarded, messages) = backend::capture(|| {
+            // SAFETY: `bytes` readable for its length; checked id; `read` is a live out-parameter.
+            crate::cpp::guard("llama_state_seq_set_data_ext", |err| unsafe {
+                sys::exsa_state_seq_set_data_ext(self.raw.as_ptr(), bytes.as_ptr(), bytes.len(), seq_id, flags, &mut read, err)
+            })
+        });
+        let memory = self.memory();
+        let restored = guarded.map_err(StateError::from).and_then(|()| restored(bytes.len(), read, messages));
+        // SAFETY: memory handle of this context, checked id. The recurrent state now ends at the
+        // checkpoint's last position, so this cut drops attention cells only.
+        let cut = restored.is_ok() && unsafe { sys::llama_memory_seq_rm(memory, seq_id, checkpoint.positions, -1) };
+        if !cut {
+            // SAFETY: as above; removing a whole sequence is valid on every memory kind.
+            unsafe { sys::llama_memory_seq_rm(memory, seq_id, -1, -1) };
+            restored?;
+            return Err(StateError::CheckpointCut { positions: checkpoint.positions });
+        }
+        Ok(())
     }
 
     /// Saves the whole state and the `tokens` it holds to a file.
@@ -183,4 +252,32 @@ fn restored(len: usize, read: usize, messages: crate::error::LlamaMessages) -> R
         return Err(StateError::TrailingBytes { len, read });
     }
     Ok(())
+}
+
+/// The recurrent part of one sequence's memory at a position it reached (see
+/// [`Context::save_recurrent_checkpoint`]). Restorable only into the context that made it.
+#[derive(Clone)]
+pub struct RecurrentCheckpoint {
+    /// The serial of the context it came from.
+    context: u64,
+    positions: Pos,
+    bytes: Vec<u8>,
+}
+
+impl RecurrentCheckpoint {
+    /// The positions it covers: the sequence held `0..positions()` when it was taken.
+    pub fn positions(&self) -> Pos {
+        self.positions
+    }
+
+    /// Its size in bytes (host memory).
+    pub fn size(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+impl std::fmt::Debug for RecurrentCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecurrentCheckpoint").field("positions", &self.positions).field("bytes", &self.bytes.len()).finish()
+    }
 }
