@@ -111,6 +111,13 @@ pub struct SessionConfig {
     pub cache_type_k: CacheType,
     /// Element type of the KV cache's values (a quantized one needs flash attention).
     pub cache_type_v: CacheType,
+    /// On a model whose memory holds a recurrent state that llama.cpp can snapshot (LFM2; not
+    /// Mamba): snapshots kept per sequence, so that a speculative round can drop its rejected
+    /// drafts (at most this many tokens of one decode) instead of decoding the sequence again;
+    /// drafts are capped at this length there. Each costs a copy of the state per sequence.
+    /// Ignored elsewhere; 0 turns it off (a rejected draft then rebuilds the sequence, and the
+    /// request stops speculating).
+    pub recurrent_snapshots: u32,
 }
 
 /// The element type of the KV cache's keys or values: the types llama-server offers for
@@ -239,11 +246,15 @@ impl Default for SessionConfig {
             pooling: None,
             cache_type_k: CacheType::F16,
             cache_type_v: CacheType::F16,
+            recurrent_snapshots: Self::DEFAULT_RECURRENT_SNAPSHOTS,
         }
     }
 }
 
 impl SessionConfig {
+    /// Recurrent snapshots by default: the longest draft on recurrent memory.
+    pub const DEFAULT_RECURRENT_SNAPSHOTS: u32 = 8;
+
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |field, value: String, reason| Err(EngineError::InvalidConfig { field, value, reason });
         if self.n_ctx < 8 {

@@ -261,6 +261,8 @@ fn a_next_turn_on_recurrent_memory_returns_to_the_last_prompts_checkpoint() {
         let next = format!("{first} A tunnel tent with a full fly.\nUser: And which stove?\nAssistant:");
         let (a, b) = (engine.tokenize(first, false).unwrap(), engine.tokenize(&next, false).unwrap());
         assert!(b.starts_with(&a), "{name}: the next turn's tokens extend the first's");
+        // The `crate` and `raw` backends keep none, whatever the setting.
+        let kept = |checkpoints: u32| checkpoints > 0 && Engine::backend_name() == "source";
         for checkpoints in [ServingConfig::DEFAULT_CTX_CHECKPOINTS, 0] {
             let core =
                 ServingCore::start(Arc::clone(&engine), ServingConfig { ctx_checkpoints: checkpoints, ..ServingConfig::new(&engine, 2) }).unwrap();
@@ -270,10 +272,10 @@ fn a_next_turn_on_recurrent_memory_returns_to_the_last_prompts_checkpoint() {
             };
             run(first, 6);
             let status = core.status();
-            assert_eq!(status.checkpoints, usize::from(checkpoints > 0), "{name}: {status:?}");
-            assert_eq!(status.checkpoint_bytes > 0, checkpoints > 0, "{name}: {status:?}");
+            assert_eq!(status.checkpoints, usize::from(kept(checkpoints)), "{name}: {status:?}");
+            assert_eq!(status.checkpoint_bytes > 0, kept(checkpoints), "{name}: {status:?}");
             let completion = run(&next, 16);
-            let want = if checkpoints > 0 { a.len() } else { 0 };
+            let want = if kept(checkpoints) { a.len() } else { 0 };
             assert_eq!(completion.stats.prompt_tokens_reused, want, "{name}, {checkpoints} checkpoints: {:?}", completion.stats);
             assert_eq!(completion.stats.completion_tokens, 16, "{name}");
             checked.push(check_served(&engine, &next, &completion, &eog));

@@ -183,3 +183,42 @@ fn a_recurrent_checkpoint_returns_the_sequence_to_where_it_was_taken() {
         assert!(matches!(ctx.save_recurrent_checkpoint(1), Err(StateError::Empty)), "{name}: an empty sequence");
     }
 }
+
+/// Two sequences verified in one decode (a serving step with two speculating slots) each drop
+/// their own rejected tail: a cut of one does not take the other's snapshots (LFM2; on Mamba,
+/// which has none, both are refused), and each goes on as a run that never decoded its tail.
+#[test]
+fn sequences_of_one_decode_each_drop_their_own_tail() {
+    for name in ["lfm2-tiny", "mamba-tiny"] {
+        let model = load(name);
+        let tokens = prompt(&model);
+        let n = tokens.len() as Pos;
+        let mut ctx = Context::new(&model, &params(1)).unwrap();
+        ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
+        let original = greedy(&mut ctx, 0, n, 6);
+
+        let mut ctx = Context::new(&model, &ContextParams { recurrent_snapshots: 4, ..params(2) }).unwrap();
+        for seq in [0, 1] {
+            ctx.decode(&Batch::from_tokens(&tokens, 0, seq).unwrap()).unwrap();
+        }
+        // One decode: the first generated token and two more after it in each sequence.
+        let mut batch = Batch::new(8, 2).unwrap();
+        for seq in [0, 1] {
+            for (i, &t) in original[..3].iter().enumerate() {
+                batch.add(t, n + i as Pos, &[seq], true).unwrap();
+            }
+        }
+        ctx.decode(&batch).unwrap();
+        let snapshots = ctx.recurrent_snapshots() > 0;
+        assert_eq!(snapshots, name == "lfm2-tiny", "{name}");
+        for seq in [0, 1] {
+            assert_eq!(ctx.remove_range(seq, n + 1, -1).unwrap(), snapshots, "{name}: sequence {seq}'s cut");
+        }
+        if snapshots {
+            for seq in [0, 1] {
+                ctx.decode(&Batch::from_tokens(&original[1..2], n + 1, seq).unwrap()).unwrap();
+                assert_eq!(greedy(&mut ctx, seq, n + 2, 4), original[2..6].to_vec(), "{name}: sequence {seq} after its cut");
+            }
+        }
+    }
+}

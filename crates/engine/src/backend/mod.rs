@@ -207,6 +207,12 @@ pub trait BackendSession {
     /// Whether the model's memory holds a recurrent state (LFM2's convolutions, Mamba's SSM),
     /// which cannot be cut back to an earlier position.
     fn memory_is_recurrent(&self) -> bool;
+    /// How many tokens of its last decode a sequence can drop (a speculative round's rejected
+    /// drafts): None for no bound (attention memory), Some(0) where a recurrent state cannot be
+    /// cut back at all, Some(n) with n recurrent snapshots ([`crate::SessionConfig::recurrent_snapshots`]).
+    fn rollback_limit(&self) -> Option<usize> {
+        self.memory_is_recurrent().then_some(0)
+    }
     /// The recurrent part of sequence `seq`'s memory as it stands, with its size in bytes: a
     /// checkpoint to return the sequence to once it has gone on. None where the memory has no
     /// recurrent state (attention is cut back instead) or the binding cannot save one.

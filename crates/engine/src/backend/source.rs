@@ -219,6 +219,7 @@ impl BackendModel for SourceModel {
             },
             type_k: kv_type(config.cache_type_k),
             type_v: kv_type(config.cache_type_v),
+            recurrent_snapshots: config.recurrent_snapshots,
             embeddings: config.embeddings,
             pooling: match config.pooling {
                 _ if !config.embeddings => Pooling::Unspecified,
@@ -327,6 +328,10 @@ impl<'m> BackendSession for SourceSession<'m> {
 
     fn memory_is_recurrent(&self) -> bool {
         self.ctx.model().has_recurrent_state()
+    }
+
+    fn rollback_limit(&self) -> Option<usize> {
+        self.memory_is_recurrent().then(|| self.ctx.recurrent_snapshots() as usize)
     }
 
     fn seq_checkpoint(&mut self, seq: i32) -> Option<(llama::RecurrentCheckpoint, usize)> {

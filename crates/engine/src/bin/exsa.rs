@@ -53,6 +53,11 @@ struct Common {
     /// attention: --flash-attn on or auto).
     #[arg(long, global = true, default_value = "f16")]
     cache_type_v: exsa_engine::CacheType,
+    /// Recurrent-state snapshots per sequence on models that take them (LFM2): a speculative
+    /// round drops its rejected drafts (at most this many) instead of decoding the sequence
+    /// again; drafts are capped at this length there. 0: none.
+    #[arg(long, global = true, default_value_t = exsa_engine::SessionConfig::DEFAULT_RECURRENT_SNAPSHOTS)]
+    recurrent_snapshots: u32,
     /// How embeddings pool a text's token vectors: mean, cls, last or rank (a reranker's
     /// score). Default: what the model's file says, mean where it says nothing.
     #[arg(long, global = true)]
@@ -366,6 +371,7 @@ fn session_config(common: &Common) -> Result<SessionConfig, EngineError> {
         pooling: common.pooling,
         cache_type_k: common.cache_type_k,
         cache_type_v: common.cache_type_v,
+        recurrent_snapshots: common.recurrent_snapshots,
         ..Default::default()
     };
     if let Some(t) = common.threads {

@@ -103,6 +103,9 @@ pub(crate) struct Scheduler<'e, M: BackendModel + 'e, C> {
     prompt_chunk: usize,
     /// The model's memory holds a recurrent state: a sequence is cut back only to a checkpoint.
     recurrent: bool,
+    /// Most drafts of a round: what the memory can drop of one decode (recurrent snapshots);
+    /// no bound where it can drop any tail, or none at all (a rejection then rebuilds).
+    max_drafts: usize,
 }
 
 impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
@@ -111,6 +114,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         let n_ctx = session.n_ctx() as usize;
         let n_batch = session.n_batch() as usize;
         let recurrent = session.memory_is_recurrent();
+        let max_drafts = session.rollback_limit().filter(|&n| n > 0).unwrap_or(usize::MAX);
         let mut scheduler = Scheduler {
             model,
             session,
@@ -126,6 +130,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             cost: DecodeCost::default(),
             prompt_chunk: n_batch,
             recurrent,
+            max_drafts,
         };
         scheduler.set_checkpoints(DEFAULT_CHECKPOINTS);
         scheduler
@@ -381,7 +386,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             let room = if self.without_drafts || !self.cost.drafts_pay(generating, request.draft_acceptance()) {
                 0
             } else {
-                request.draft_room(pos, self.n_ctx, self.n_batch.saturating_sub(self.session.batch_len() + n_slots))
+                request.draft_room(pos, self.n_ctx, self.n_batch.saturating_sub(self.session.batch_len() + n_slots)).min(self.max_drafts)
             };
             let Some(drafting) = request.drafting.as_mut() else { continue };
             drafting.drafts.clear();

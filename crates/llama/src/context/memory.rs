@@ -53,6 +53,20 @@ impl Context<'_> {
         }
     }
 
+    /// No further cut of sequence `seq_id` (every sequence, when negative) until the next
+    /// decode: llama.cpp's rollback index of a sequence is single-use, and the other sequences'
+    /// snapshots are their own.
+    fn forget_cut_floor(&mut self, seq_id: SeqId) {
+        match (&mut self.recurrent_cut_floor, usize::try_from(seq_id)) {
+            (Some(floors), Ok(i)) => {
+                if let Some(floor) = floors.get_mut(i) {
+                    *floor = None;
+                }
+            }
+            _ => self.forget_cut_floors(),
+        }
+    }
+
     /// Empties the KV cache (and its buffers too, with `data`).
     pub fn clear_memory(&mut self, data: bool) {
         self.forget_cut_floors();
@@ -71,7 +85,7 @@ impl Context<'_> {
         if !self.recurrent_cut_allowed(seq_id, p0, p1) {
             return Ok(false);
         }
-        self.forget_cut_floors();
+        self.forget_cut_floor(seq_id);
         // SAFETY: checked sequence id; llama.cpp accepts any bounds.
         Ok(unsafe { sys::llama_memory_seq_rm(self.memory(), seq_id, p0, p1) })
     }

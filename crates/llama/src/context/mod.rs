@@ -133,6 +133,14 @@ impl<'m> Context<'m> {
         self.n_seq_max
     }
 
+    /// Recurrent-state snapshots per sequence as llama.cpp applied
+    /// [`ContextParams::recurrent_snapshots`]: 0 where the architecture has none (Mamba) or the
+    /// memory no recurrent state. A sequence can drop at most this many tokens of its last decode.
+    pub fn recurrent_snapshots(&self) -> u32 {
+        // SAFETY: reads a field of the live context.
+        unsafe { sys::llama_n_rs_seq(self.raw.as_ptr()) }
+    }
+
     /// Batch indices with outputs from the last decode.
     pub fn outputs(&self) -> &[i32] {
         &self.outputs
