@@ -114,9 +114,10 @@ pub struct SessionConfig {
     /// On a model whose memory holds a recurrent state that llama.cpp can snapshot (LFM2; not
     /// Mamba): snapshots kept per sequence, so that a speculative round can drop its rejected
     /// drafts (at most this many tokens of one decode) instead of decoding the sequence again;
-    /// drafts are capped at this length there. Each costs a copy of the state per sequence.
-    /// Ignored elsewhere; 0 turns it off (a rejected draft then rebuilds the sequence, and the
-    /// request stops speculating).
+    /// drafts are capped at this length there. Ignored elsewhere. 0 (the default): none, and a
+    /// rejected draft rebuilds the sequence, after which the request stops speculating. Not
+    /// free: 8 snapshots cost 12-14 % of every served token on the LFM2-1.2B-shaped model, with
+    /// or without speculation (docs/benchmarks.md, "Speculation on LFM2").
     pub recurrent_snapshots: u32,
 }
 
@@ -252,8 +253,8 @@ impl Default for SessionConfig {
 }
 
 impl SessionConfig {
-    /// Recurrent snapshots by default: the longest draft on recurrent memory.
-    pub const DEFAULT_RECURRENT_SNAPSHOTS: u32 = 8;
+    /// Recurrent snapshots by default: none (see [`SessionConfig::recurrent_snapshots`]).
+    pub const DEFAULT_RECURRENT_SNAPSHOTS: u32 = 0;
 
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |field, value: String, reason| Err(EngineError::InvalidConfig { field, value, reason });

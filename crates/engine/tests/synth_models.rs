@@ -13,11 +13,17 @@ use exsa_engine::*;
 const MODELS: [&str; 3] = ["llama-tiny", "lfm2-tiny", "mamba-tiny"];
 
 fn engine(name: &str) -> Engine {
+    engine_with(name, |_| {})
+}
+
+/// The model with its session settings changed by `adjust`.
+fn engine_with(name: &str, adjust: impl FnOnce(&mut SessionConfig)) -> Engine {
     let dir = PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("EXSA_SYNTH_MODELS is set by .cargo/config.toml"));
     let path = dir.join(format!("{name}.gguf"));
     assert!(path.is_file(), "synthetic model missing at {}: run `cargo xtask synth-models`", path.display());
     let mut config = EngineConfig::new(path);
     config.session = SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    adjust(&mut config.session);
     Engine::load(config).unwrap_or_else(|e| panic!("{name} loads: {e}"))
 }
 
@@ -140,17 +146,17 @@ fn cancellation_stops_generation_on_every_memory_kind() {
     }
 }
 
-/// Speculation cuts the cache back to the drafts that were kept. LFM2's hybrid memory drops a
-/// rejected tail through llama.cpp's recurrent snapshots (`SessionConfig::recurrent_snapshots`,
-/// 8 by default), like an attention cache; Mamba's has none, so its sequence is decoded again
-/// after a rejection. Either way the text is the plain greedy text.
+/// Speculation cuts the cache back to the drafts that were kept. With recurrent snapshots
+/// (`SessionConfig::recurrent_snapshots`, 8 here) LFM2's hybrid memory drops a rejected tail
+/// like an attention cache; Mamba's has none, so its sequence is decoded again after a
+/// rejection. Either way the text is the plain greedy text.
 #[test]
 fn speculation_gives_the_plain_text_on_every_memory_kind() {
     use exsa_engine::serving::{ServeRequest, ServingConfig, ServingCore, collect};
     const PROMPT: &str = "one two three four one two three four one two three four one two";
     let ngram = Speculation::Ngram { max_draft: 4 };
     for name in MODELS {
-        let engine = std::sync::Arc::new(engine(name));
+        let engine = std::sync::Arc::new(engine_with(name, |session| session.recurrent_snapshots = 8));
         // Random weights seldom repeat themselves: a bias confines the output to the prompt's
         // four words, so that it recurs (drafts) without being periodic (some drafts fail).
         let words = engine.tokenize_with(" one two three four", TokenizeOptions { add_special: false, parse_special: false }).unwrap();
