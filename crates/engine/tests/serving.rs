@@ -245,9 +245,9 @@ fn a_shared_prefix_is_copied_from_another_slot_and_gives_what_a_fresh_decode_giv
 
 /// A chat's next turn on recurrent memory (lfm2-tiny: convolutions beside attention;
 /// mamba-tiny: recurrent only): its prompt extends the last turn's prompt but not the reply as it
-/// was decoded, and a recurrent state cannot be cut back there. The checkpoint taken at the end
-/// of the last prompt is restored instead, so only the rest is decoded, and every step of the
-/// reply matches a solo decode. With no checkpoints kept the prompt is decoded whole.
+/// was decoded, and a recurrent state cannot be cut back there. The checkpoint taken just before
+/// the end of the last prompt is restored instead, so only the rest is decoded, and every step
+/// of the reply matches a solo decode. With no checkpoints kept the prompt is decoded whole.
 #[test]
 fn a_next_turn_on_recurrent_memory_returns_to_the_last_prompts_checkpoint() {
     let synth = std::path::PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml"));
@@ -275,7 +275,7 @@ fn a_next_turn_on_recurrent_memory_returns_to_the_last_prompts_checkpoint() {
             assert_eq!(status.checkpoints, usize::from(kept(checkpoints)), "{name}: {status:?}");
             assert_eq!(status.checkpoint_bytes > 0, kept(checkpoints), "{name}: {status:?}");
             let completion = run(&next, 16);
-            let want = if kept(checkpoints) { a.len() } else { 0 };
+            let want = if kept(checkpoints) { a.len() - ServingConfig::CHECKPOINT_BEFORE_END } else { 0 };
             assert_eq!(completion.stats.prompt_tokens_reused, want, "{name}, {checkpoints} checkpoints: {:?}", completion.stats);
             assert_eq!(completion.stats.completion_tokens, 16, "{name}");
             checked.push(check_served(&engine, &next, &completion, &eog));

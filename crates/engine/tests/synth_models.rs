@@ -53,7 +53,7 @@ fn every_synthetic_model_loads_generates_and_chats() {
 /// A longer prompt after a shorter one, the same prompt twice, and a prompt that shares only a
 /// beginning: each equals a fresh session's greedy output. On attention-only memory the shared
 /// part is reused; on recurrent memory (which llama.cpp cannot cut back) only up to the
-/// checkpoint taken at the end of an earlier prompt that the new one extends, else nothing.
+/// checkpoint taken just before the end of an earlier prompt, else nothing.
 #[test]
 fn prefix_reuse_and_rewinds_give_what_a_fresh_session_gives() {
     let first = "The quick brown fox jumps over the lazy dog. The quick brown fox";
@@ -74,10 +74,11 @@ fn prefix_reuse_and_rewinds_give_what_a_fresh_session_gives() {
             let now = tokens(prompt);
             if is_recurrent(name) {
                 // Every request here needs a cut (the cache ends with generated tokens the next
-                // prompt lacks): only a checkpoint taken at the end of an earlier prompt that
-                // this one extends can be returned to.
+                // prompt lacks): only a checkpoint taken just before the end of an earlier prompt
+                // that this one extends that far can be returned to.
                 let reused = stats.prompt_tokens_reused;
-                let checkpointed = earlier.iter().any(|e| e.len() == reused && e.len() < now.len() && now.starts_with(e));
+                let at = |e: &Vec<i32>| e.len().saturating_sub(exsa_engine::serving::ServingConfig::CHECKPOINT_BEFORE_END);
+                let checkpointed = earlier.iter().any(|e| at(e) == reused && now.starts_with(&e[..at(e)]));
                 assert!(reused == 0 || checkpointed, "{name}: {prompt:?} reused {reused}");
                 from_checkpoints += reused;
                 earlier.push(now);

@@ -31,6 +31,7 @@ pub(crate) use drafter::DraftModel;
 pub(crate) use request::Output;
 pub(crate) use request::Prepared;
 use request::{DraftSource, Request, Verified};
+pub(crate) use slot::CHECKPOINT_BEFORE_END;
 use slot::{Phase, Sequence, Slot};
 
 use crate::backend::{BackendModel, BackendSession, CheckpointOf, SamplerOf};
@@ -254,7 +255,8 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             let flag: Arc<AtomicBool> = Arc::clone(&request.cancel_token().0);
             self.session.set_abort_flag(flag);
         }
-        slot.phase = Phase::Prefilling { request, prompt, done: reused, then: None };
+        let checkpoint_at = slot.seq.checkpoint_position(prompt.len());
+        slot.phase = Phase::Prefilling { request, prompt, done: reused, then: None, checkpoint_at };
         Ok(index)
     }
 
@@ -422,8 +424,9 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                 break;
             }
             let Slot { seq, phase, .. } = &mut self.slots[i];
-            let Phase::Prefilling { request, prompt, done, then } = phase else { continue };
-            let n = room.min(prompt.len() - *done);
+            let Phase::Prefilling { request, prompt, done, then, checkpoint_at } = phase else { continue };
+            let end = checkpoint_at.filter(|&at| *done < at).unwrap_or(prompt.len());
+            let n = room.min(end - *done);
             for (k, &token) in prompt[*done..*done + n].iter().enumerate() {
                 // The last prompt token's logits give the first token, unless the sequence is
                 // being decoded again and has its next token already.
@@ -449,12 +452,17 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             let Slot { seq, phase, .. } = &mut self.slots[i];
             let verified = match phase {
                 Phase::Idle => continue,
-                Phase::Prefilling { request, prompt, done, then } => {
+                Phase::Prefilling { request, prompt, done, then, checkpoint_at } => {
                     if request.chunk == 0 {
                         continue;
                     }
                     seq.extend(&prompt[*done..*done + request.chunk]);
                     *done += request.chunk;
+                    if *checkpoint_at == Some(*done) {
+                        // Where a later prompt (the next turn) comes back to, the state being
+                        // one that cannot be cut back.
+                        seq.checkpoint(&mut self.session);
+                    }
                     if then.is_none() {
                         request.prompt_processed(*done, prompt.len());
                     }
@@ -469,9 +477,6 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                         // decode): nothing is generated from it.
                         None if request.is_cancelled() => Ok(Verified::Ended(FinishReason::Cancelled)),
                         None => {
-                            // Where the state cannot be cut back, the prompt's end is where a
-                            // later prompt (the next turn) comes back to.
-                            seq.checkpoint(&mut self.session);
                             request.prompt_done();
                             let first = request.output.expect("a prompt's last token has an output");
                             request.verify(&mut self.session, self.model, first, seq, self.n_ctx, &self.counters)
@@ -516,7 +521,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             Verified::Next(pending) => {
                 let mut request = slot.phase.take_request().expect("a slot that drew has a request");
                 request.drafting = None;
-                slot.phase = Phase::Prefilling { request, prompt: tokens, done: 0, then: Some(pending) };
+                slot.phase = Phase::Prefilling { request, prompt: tokens, done: 0, then: Some(pending), checkpoint_at: None };
             }
             // It ended: its tokens are not worth decoding again for a later request.
             Verified::Ended(reason) => self.end(i, Ok(reason)),

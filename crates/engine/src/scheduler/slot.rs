@@ -18,6 +18,9 @@ pub(crate) struct Sequence<K> {
     max_checkpoints: usize,
 }
 
+/// How many tokens before a prompt's end its checkpoint is taken.
+pub(crate) const CHECKPOINT_BEFORE_END: usize = 4;
+
 /// A recurrent checkpoint of a sequence after its first `len` tokens, and its size in bytes.
 #[derive(Debug, Clone)]
 pub(crate) struct Checkpoint<K> {
@@ -86,10 +89,19 @@ impl<K: Clone> Sequence<K> {
         self.checkpoints.iter().rev().map(|c| c.len).find(|&len| len <= common).unwrap_or(0)
     }
 
-    /// Records where the cache stands now as a recurrent checkpoint, to come back to (the end of a
-    /// prompt, before its reply: the next turn of a chat extends the prompt, seldom the reply as
-    /// it was decoded). The oldest goes when more than the bound are kept. Nothing where no
-    /// checkpoints are kept or the memory has no recurrent state.
+    /// Where a prompt's prefill should stop for a checkpoint: a few tokens before its end (the
+    /// next turn of a chat extends the prompt, seldom the reply as decoded, and its last tokens,
+    /// the template's opening of the reply, may tokenize otherwise once a reply follows them: a
+    /// newline merging with the reply's, as llama-server also allows for), where that is past
+    /// what the cache holds. None where no checkpoints are kept.
+    pub(crate) fn checkpoint_position(&self, prompt_len: usize) -> Option<usize> {
+        let at = prompt_len.checked_sub(CHECKPOINT_BEFORE_END)?;
+        (self.max_checkpoints > 0 && at > self.len()).then_some(at)
+    }
+
+    /// Records where the cache stands now as a recurrent checkpoint, to come back to. The oldest
+    /// goes when more than the bound are kept. Nothing where no checkpoints are kept or the
+    /// memory has no recurrent state.
     pub(crate) fn checkpoint(&mut self, session: &mut impl BackendSession<Checkpoint = K>) {
         let len = self.len();
         if self.max_checkpoints == 0 || len == 0 || self.checkpoints.last().is_some_and(|c| c.len == len) {
@@ -180,8 +192,9 @@ pub(crate) enum Phase<R> {
     /// Decoding `prompt[done..]`, a chunk per step; the sequence holds `prompt[..done]`. `then`
     /// is the token to decode once the prompt is in: set when a sequence is decoded again (the
     /// recurrent fallback), None for a new request, whose first token comes from the prompt's
-    /// last logits.
-    Prefilling { request: R, prompt: Vec<TokenId>, done: usize, then: Option<TokenId> },
+    /// last logits. `checkpoint_at`: where the prefill stops for a recurrent checkpoint (see
+    /// [`Sequence::checkpoint_position`]).
+    Prefilling { request: R, prompt: Vec<TokenId>, done: usize, then: Option<TokenId>, checkpoint_at: Option<usize> },
     /// `pending` was drawn and handed to the request; the next step decodes it (with drafts after
     /// it when the request speculates).
     Generating { request: R, pending: TokenId },

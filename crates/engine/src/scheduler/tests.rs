@@ -646,11 +646,14 @@ fn a_prompt_takes_at_most_the_prefill_chunk_of_a_step_while_others_generate() {
 
 /// A chat's next turn on a recurrent state: the prompt extends the last prompt but not the reply
 /// as decoded (the template closes it), so the state cannot be cut to the shared prefix; the
-/// checkpoint taken at the last prompt's end is restored and only the rest is decoded, with
-/// the same tokens as a fresh decode. Without checkpoints everything is decoded again.
+/// checkpoint taken just before the last prompt's end is restored and only the rest is decoded,
+/// with the same tokens as a fresh decode. Without checkpoints everything is decoded again.
 #[test]
-fn a_recurrent_state_returns_to_the_checkpoint_at_the_last_prompts_end() {
-    let first: Vec<TokenId> = vec![1, 2, 3, 4, 5, 6];
+fn a_recurrent_state_returns_to_the_checkpoint_near_the_last_prompts_end() {
+    let first: Vec<TokenId> = vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+    // Taken a few tokens before the first prompt's end (its tail may tokenize otherwise once a
+    // reply follows it).
+    let at = first.len() - CHECKPOINT_BEFORE_END;
     let mut next = first.clone();
     next.extend([20, 21, 22, 9, 10]);
     let fresh = |checkpoints: usize, slot: Option<usize>| {
@@ -675,7 +678,7 @@ fn a_recurrent_state_returns_to_the_checkpoint_at_the_last_prompts_end() {
     // In the slot that ran the first turn, and in another one (the first slot's cells copied,
     // then returned to its checkpoint).
     for slot in [None, Some(1)] {
-        assert_eq!(fresh(8, slot), (want.clone(), first.len() as u64, first.len() as i32), "slot {slot:?}");
+        assert_eq!(fresh(8, slot), (want.clone(), at as u64, at as i32), "slot {slot:?}");
     }
     assert_eq!(fresh(0, None), (want, 0, 0), "without checkpoints");
 }

@@ -59,15 +59,19 @@ pub struct ServingConfig {
     /// so it is not the default.
     pub prefill_chunk: Option<u32>,
     /// Recurrent checkpoints each slot keeps, on a model whose memory holds a recurrent state
-    /// (LFM2, Mamba: it cannot be cut back to an earlier position). One is taken at the end of
-    /// each prompt; a later prompt that extends it (a chat's next turn) returns to it and decodes
-    /// only the rest. 0: none (such a prompt is decoded whole). Ignored on attention-only models.
+    /// (LFM2, Mamba: it cannot be cut back to an earlier position). One is taken
+    /// [`Self::CHECKPOINT_BEFORE_END`] tokens before the end of each prompt; a later prompt that
+    /// extends that far (a chat's next turn) returns to it and decodes only the rest. 0: none
+    /// (such a prompt is decoded whole). Ignored on attention-only models.
     pub ctx_checkpoints: u32,
 }
 
 impl ServingConfig {
     /// Recurrent checkpoints per slot by default (llama-server's `--ctx-checkpoints` default).
     pub const DEFAULT_CTX_CHECKPOINTS: u32 = crate::scheduler::DEFAULT_CHECKPOINTS as u32;
+    /// How many tokens before a prompt's end its recurrent checkpoint is taken: the template's
+    /// opening of the reply may tokenize otherwise once a reply follows it.
+    pub const CHECKPOINT_BEFORE_END: usize = crate::scheduler::CHECKPOINT_BEFORE_END;
 
     /// Context each slot should be able to count on, in tokens, when the slot count is chosen
     /// for the context (the cache is shared: one request may still use all of it).
