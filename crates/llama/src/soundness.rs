@@ -40,12 +40,12 @@
 //! | `llama_tokenize`, `llama_token_to_piece`, `llama_detokenize` | yes | `.at()` on token tables, precompiled charsmap bounds | guard + id checks |
 //! | `llama_chat_apply_template` | yes | template formatting (`std::string` operations, `.at()`) | guard |
 //! | `llama_decode`, `llama_encode` | yes | graph building and memory (`std::runtime_error` on allocation failures, `std::bad_alloc`) | guard |
-//! | `llama_state_set_data`, `llama_state_seq_set_data`, `llama_state_load_file`, `llama_state_seq_load_file` | yes | state readers (`std::runtime_error` on a malformed state; some catch it themselves) | guard |
+//! | `llama_state_set_data`, `llama_state_seq_set_data`, `llama_state_seq_set_data_ext` (a recurrent checkpoint), `llama_state_load_file`, `llama_state_seq_load_file` | yes | state readers (`std::runtime_error` on a malformed state; some catch it themselves) | guard |
 //! | `llama_adapter_lora_init`, `llama_set_adapters_lora` | yes | adapter loading (catches its own `runtime_error`), `std::map` insertions | guard |
 //! | `llama_model_load_from_file` | caught inside; ggml aborts | `try`/`catch` around the load, returning null; with rpc-servers, ggml aborts on one it cannot reach | guard with ggml's fatal errors turned into exceptions on this thread (below); log lines kept in the error |
 //! | `ggml_backend_rpc_add_server`, `ggml_backend_rpc_start_server` | ggml aborts | an endpoint that cannot be parsed, reached or greeted; a port that cannot be bound | the same guard; endpoints checked in Rust first |
 //! | `llama_init_from_model`, `llama_model_quantize` | caught inside | each wraps its work in `try`/`catch` and returns null or an error code | log lines kept in the error |
-//! | `llama_state_get_size`/`_data`, `llama_state_save_file`, `llama_state_seq_*` savers | caught inside | `try`/`catch` in llama-context.cpp | return value checked |
+//! | `llama_state_get_size`/`_data`, `llama_state_save_file`, `llama_state_seq_*` savers (`_ext` ones included) | caught inside | `try`/`catch` in llama-context.cpp | return value checked |
 //! | memory operations (`llama_memory_seq_*`, `llama_memory_clear`), `llama_synchronize` | no | (no throw site reachable) | — |
 //! | getters (`llama_model_*`, `llama_vocab_*` reads, `llama_get_logits_ith`, ...) | no | field reads; `llama_get_*_ith` catch their own index errors and return null | null checked |
 //!
