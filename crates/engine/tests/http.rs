@@ -657,6 +657,7 @@ fn choices_responses_and_continuations_agree_with_the_plain_chat() {
         // by teacher forcing in tests/serving.rs.
         let steps: Vec<&Value> = own.iter().filter_map(|c| c["logprobs"]["content"].as_array()).flatten().collect();
         let parting = (0..steps.len().max(solo_steps.len())).find(|&k| steps.get(k).map(|a| &a["token"]) != solo_steps.get(k).map(|b| &b["token"]));
+        let parted = parting.is_some();
         if let Some(at) = parting {
             let solo_step = solo_steps.get(at).unwrap_or_else(|| panic!("streamed choice {i} goes on after the solo reply ended: {text:?}"));
             let top = solo_step["top_logprobs"].as_array().unwrap();
@@ -672,8 +673,13 @@ fn choices_responses_and_continuations_agree_with_the_plain_chat() {
         // does not cancel the other (it did, when its stream was dropped, for the one admitted a
         // step later).
         let ends: Vec<&Value> = own.iter().map(|c| &c["finish_reason"]).filter(|f| !f.is_null()).collect();
-        assert_eq!(ends, [&solo["choices"][0]["finish_reason"]], "choice {i} ends once, as the solo reply: {text:?}");
-        assert_eq!(steps.len(), solo_steps.len(), "choice {i}'s tokens: {text:?}");
+        assert_eq!(ends.len(), 1, "choice {i} ends once: {text:?}");
+        assert!(matches!(ends[0].as_str(), Some("stop" | "length")), "choice {i} ends {}: {text:?}", ends[0]);
+        if !parted {
+            // (After a near-tie parting a choice may end elsewhere.)
+            assert_eq!(ends, [&solo["choices"][0]["finish_reason"]], "choice {i} ends as the solo reply: {text:?}");
+            assert_eq!(steps.len(), solo_steps.len(), "choice {i}'s tokens: {text:?}");
+        }
     }
 
     // Sampled choices end at different steps (a stop string here): the one that ends first

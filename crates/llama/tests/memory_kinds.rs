@@ -134,6 +134,15 @@ fn a_cut_back_is_done_on_attention_and_refused_on_recurrent_memory() {
         assert_eq!(head, original[..3].to_vec(), "{name}");
         assert_eq!(ctx.remove_range(0, n + 1, -1).unwrap(), !recurrent, "{name}: a cut across decodes");
 
+        // A cut after all the sequence holds removes nothing and is let through on every kind,
+        // also when the last decode was another sequence's (no snapshot of this one's involved).
+        // (The first cut uses up the sequence's snapshot floor: the second has none.)
+        let end = ctx.max_position(0).unwrap().unwrap();
+        for _ in 0..2 {
+            assert!(ctx.remove_range(0, end + 1, -1).unwrap(), "{name}: a cut after the end");
+            assert_eq!(ctx.max_position(0).unwrap(), Some(end), "{name}");
+        }
+
         // Removing the whole sequence works on every kind.
         assert!(ctx.remove_range(0, -1, -1).unwrap(), "{name}");
         assert_eq!(ctx.max_position(0).unwrap(), None, "{name}");
@@ -197,6 +206,10 @@ fn sequences_of_one_decode_each_drop_their_own_tail() {
         ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
         let original = greedy(&mut ctx, 0, n, 6);
 
+        // llama.cpp keeps a sequence's last snapshots+1 tokens in one micro-batch and asserts so:
+        // more snapshots than that is a parameter error, not an abort at the first decode.
+        let too_many = ContextParams { recurrent_snapshots: 63, ..params(2) };
+        assert!(matches!(Context::new(&model, &too_many), Err(ContextError::InvalidParam { name: "recurrent_snapshots", .. })), "{name}");
         let mut ctx = Context::new(&model, &ContextParams { recurrent_snapshots: 4, ..params(2) }).unwrap();
         for seq in [0, 1] {
             ctx.decode(&Batch::from_tokens(&tokens, 0, seq).unwrap()).unwrap();

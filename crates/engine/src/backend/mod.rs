@@ -217,6 +217,11 @@ pub trait BackendSession {
     /// checkpoint to return the sequence to once it has gone on. None where the memory has no
     /// recurrent state (attention is cut back instead) or the binding cannot save one.
     fn seq_checkpoint(&mut self, seq: i32) -> Option<(Self::Checkpoint, usize)>;
+    /// Whether [`BackendSession::seq_checkpoint`] can give checkpoints here (a recurrent state,
+    /// and a binding that saves one).
+    fn keeps_checkpoints(&self) -> bool {
+        false
+    }
     /// Returns sequence `seq`, which still holds the tokens it held when `checkpoint` was taken
     /// and maybe more, to that point: the recurrent state from the checkpoint, the attention cut
     /// there. False when that failed; the sequence is then empty.

@@ -340,6 +340,10 @@ impl<'m> BackendSession for SourceSession<'m> {
         Some((checkpoint, size))
     }
 
+    fn keeps_checkpoints(&self) -> bool {
+        self.memory_is_recurrent()
+    }
+
     fn seq_restore_checkpoint(&mut self, seq: i32, checkpoint: &llama::RecurrentCheckpoint) -> bool {
         self.ctx.restore_recurrent_checkpoint(seq, checkpoint).is_ok()
     }

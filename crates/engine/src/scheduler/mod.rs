@@ -104,6 +104,8 @@ pub(crate) struct Scheduler<'e, M: BackendModel + 'e, C> {
     prompt_chunk: usize,
     /// The model's memory holds a recurrent state: a sequence is cut back only to a checkpoint.
     recurrent: bool,
+    /// Slots keep recurrent checkpoints (see [`Scheduler::set_checkpoints`]).
+    checkpoints: bool,
     /// Most drafts of a round: what the memory can drop of one decode (recurrent snapshots);
     /// no bound where it can drop any tail, or none at all (a rejection then rebuilds).
     max_drafts: usize,
@@ -131,6 +133,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             cost: DecodeCost::default(),
             prompt_chunk: n_batch,
             recurrent,
+            checkpoints: false,
             max_drafts,
         };
         scheduler.set_checkpoints(DEFAULT_CHECKPOINTS);
@@ -141,7 +144,8 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// (none elsewhere: attention is cut back instead). Each is taken at the end of a prompt, so
     /// that a later prompt extending it (a chat's next turn) decodes only what follows.
     pub(crate) fn set_checkpoints(&mut self, n: usize) {
-        let n = if self.recurrent { n } else { 0 };
+        let n = if self.session.keeps_checkpoints() { n } else { 0 };
+        self.checkpoints = n > 0;
         for slot in &mut self.slots {
             slot.seq.keep_checkpoints(n);
         }
@@ -304,9 +308,14 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         self.slots.iter().any(|s| match &s.phase {
             Phase::Prefilling { prompt: theirs, then: None, .. } => {
                 let common = theirs.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-                // A recurrent state can be copied only as a whole prompt (checkpointed at its
-                // end): waiting pays only for a prompt that extends theirs.
-                let usable = if self.recurrent && common < theirs.len() { 0 } else { common.min(prompt.len().saturating_sub(1)) };
+                // A recurrent state is copied only up to the checkpoint their prefill takes:
+                // waiting pays only where there will be one within what the prompts share.
+                let usable = if !self.recurrent {
+                    common.min(prompt.len().saturating_sub(1))
+                } else {
+                    let at = theirs.len().saturating_sub(CHECKPOINT_BEFORE_END);
+                    if self.checkpoints && at > 0 && common >= at { at.min(prompt.len().saturating_sub(1)) } else { 0 }
+                };
                 usable >= cached + MIN_COPIED_PREFIX
             }
             _ => false,

@@ -245,6 +245,10 @@ impl BackendSession for FakeSession<'_> {
         self.model.recurrent
     }
 
+    fn keeps_checkpoints(&self) -> bool {
+        self.model.recurrent
+    }
+
     fn seq_checkpoint(&mut self, seq: i32) -> Option<(Vec<TokenId>, usize)> {
         let cache = &self.kv[seq as usize];
         self.model.recurrent.then(|| (cache.clone(), 4 * cache.len()))

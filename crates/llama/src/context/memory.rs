@@ -32,17 +32,30 @@ impl Context<'_> {
             // llama.cpp refuses partial ranges over every sequence itself.
             return true;
         }
-        p1 < 0 && floors.get(seq_id as usize).copied().flatten().is_some_and(|floor| p0 >= floor)
+        // A tail after everything the sequence holds removes nothing (llama.cpp agrees).
+        // SAFETY: reads the memory of the live context; the id is checked by the caller.
+        let after_end = p1 < 0 && p0 > unsafe { sys::llama_memory_seq_pos_max(self.memory(), seq_id) };
+        after_end || (p1 < 0 && floors.get(seq_id as usize).copied().flatten().is_some_and(|floor| p0 >= floor))
     }
 
-    /// Records, per sequence, the first position `batch` wrote: the floor of a later cut.
+    /// Records, per sequence, the first position `batch` wrote: the floor of a later cut. A
+    /// sequence with an entry shared with others gets none: those sequences share a recurrent
+    /// cell, which a cut of one would move for all, while llama.cpp's rollback index is per
+    /// sequence.
     pub(super) fn note_cut_floors(&mut self, batch: &crate::batch::Batch) {
         let Some(floors) = &mut self.recurrent_cut_floor else { return };
+        let mut shared = Vec::new();
         for entry in batch.entries() {
+            if entry.seq_ids.len() > 1 {
+                shared.extend_from_slice(entry.seq_ids);
+            }
             for &seq in entry.seq_ids {
                 let floor = &mut floors[seq as usize];
                 *floor = Some(floor.map_or(entry.pos, |f| f.min(entry.pos)));
             }
+        }
+        for seq in shared {
+            floors[seq as usize] = None;
         }
     }
 

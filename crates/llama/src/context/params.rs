@@ -156,6 +156,10 @@ impl ContextParams {
         if self.n_ubatch < 1 || self.n_ubatch > self.n_batch {
             return bad("n_ubatch", self.n_ubatch.to_string(), "must be between 1 and n_batch");
         }
+        if self.recurrent_snapshots > 0 && self.recurrent_snapshots.saturating_add(1) >= self.n_ubatch {
+            // llama.cpp keeps a sequence's last snapshots+1 tokens in one micro-batch (it asserts so).
+            return bad("recurrent_snapshots", self.recurrent_snapshots.to_string(), "must be below n_ubatch - 1");
+        }
         if self.type_v.is_quantized() && self.flash_attention == FlashAttention::Off {
             return bad("type_v", format!("{:?}", self.type_v), "a quantized V cache needs flash attention (Auto or On)");
         }
