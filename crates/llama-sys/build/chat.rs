@@ -58,7 +58,8 @@ const COMMON_SOURCES: &[&str] = &[
 ];
 
 /// The Jinja parser's checks of what it parsed, as exceptions instead of `assert`s (found by the
-/// template fuzzer, `crates/llama/tests/fuzz.rs`: `{% macro 5() %}` aborted the process).
+/// template fuzzer, `crates/llama/tests/fuzz.rs`: `{% macro 5() %}` aborted the process); and
+/// the time templates print taken from the request.
 const EDITS: &[Edit] = &[
     Edit {
         file: "jinja/runtime.h",
@@ -74,6 +75,24 @@ const EDITS: &[Edit] = &[
         file: "jinja/parser.cpp",
         anchor: "        assert(start_pos < tokens.size());\n",
         replacement: "        if (start_pos >= tokens.size()) { throw std::runtime_error(\"malformed template: it ends too early\"); }\n",
+    },
+    // The time a template prints (`strftime_now`, the `datetime` of the extra context) is the
+    // request's `now` (llama-server passes its clock there), not a second reading of the clock:
+    // a render is then reproducible (the recorded parity test ran into a new day).
+    Edit {
+        file: "chat.cpp",
+        anchor: "    jinja::context ctx(tmpl.source());\n",
+        replacement: "    jinja::context ctx(tmpl.source());\n    ctx.current_time = std::chrono::system_clock::to_time_t(inputs.now);\n",
+    },
+    Edit {
+        file: "chat.cpp",
+        anchor: "static json common_chat_extra_context() {\n    json ctx = json::object();\n    std::chrono::system_clock::time_point now = std::chrono::system_clock::now();\n",
+        replacement: "static json common_chat_extra_context(std::chrono::system_clock::time_point now) {\n    json ctx = json::object();\n",
+    },
+    Edit {
+        file: "chat.cpp",
+        anchor: "    params.extra_context = common_chat_extra_context();\n",
+        replacement: "    params.extra_context = common_chat_extra_context(params.now);\n",
     },
 ];
 
