@@ -187,11 +187,6 @@ int32_t exsa_state_set_data(llama_context * ctx, const uint8_t * src, size_t siz
     return guarded(err, [&] { *ret = llama_state_set_data(ctx, src, size); });
 }
 
-int32_t exsa_state_seq_set_data(llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id,
-                                size_t * ret, exsa_error * err) {
-    return guarded(err, [&] { *ret = llama_state_seq_set_data(ctx, src, size, dest_seq_id); });
-}
-
 int32_t exsa_state_seq_set_data_ext(llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id,
                                     llama_state_seq_flags flags, size_t * ret, exsa_error * err) {
     return guarded(err, [&] { *ret = llama_state_seq_set_data_ext(ctx, src, size, dest_seq_id, flags); });

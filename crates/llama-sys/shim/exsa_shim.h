@@ -52,8 +52,6 @@ int32_t exsa_sampler_sample(struct llama_sampler * smpl, struct llama_context * 
 int32_t exsa_sampler_reset(struct llama_sampler * smpl, exsa_error * err);
 
 int32_t exsa_state_set_data(struct llama_context * ctx, const uint8_t * src, size_t size, size_t * ret, exsa_error * err);
-int32_t exsa_state_seq_set_data(struct llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id,
-                                size_t * ret, exsa_error * err);
 int32_t exsa_state_seq_set_data_ext(struct llama_context * ctx, const uint8_t * src, size_t size,
                                     llama_seq_id dest_seq_id, llama_state_seq_flags flags, size_t * ret,
                                     exsa_error * err);

@@ -52,34 +52,57 @@ impl Context<'_> {
     /// One sequence's state as bytes.
     pub fn save_sequence_state(&mut self, seq_id: SeqId) -> Result<Vec<u8>, StateError> {
         self.check_state_seq(seq_id)?;
-        // SAFETY: checked id.
-        let size = unsafe { sys::llama_state_seq_get_size(self.raw.as_ptr(), seq_id) };
+        self.sequence_state(seq_id, WHOLE)
+    }
+
+    /// Restores one sequence's state into `dest_seq_id`.
+    pub fn load_sequence_state(&mut self, state: &[u8], dest_seq_id: SeqId) -> Result<(), StateError> {
+        self.check_state_seq(dest_seq_id)?;
+        self.read_sequence_state("llama_state_seq_set_data", state, dest_seq_id, WHOLE)
+    }
+
+    /// The `flags` part of checked sequence `seq_id`'s state as bytes.
+    fn sequence_state(&mut self, seq_id: SeqId, flags: sys::llama_state_seq_flags) -> Result<Vec<u8>, StateError> {
+        // SAFETY: size query on a live context for a checked id.
+        let size = unsafe { sys::llama_state_seq_get_size_ext(self.raw.as_ptr(), seq_id, flags) };
         if size == 0 {
             return Err(StateError::Empty);
         }
         let mut buf = vec![0u8; size];
-        // SAFETY: buf is writable for `size` bytes.
-        let written = unsafe { sys::llama_state_seq_get_data(self.raw.as_ptr(), buf.as_mut_ptr(), size, seq_id) };
+        // SAFETY: buf is writable for `size` bytes; checked id. llama.cpp catches its own
+        // exceptions here (returns 0).
+        let written = unsafe { sys::llama_state_seq_get_data_ext(self.raw.as_ptr(), buf.as_mut_ptr(), size, seq_id, flags) };
         if written != size {
             return Err(StateError::SizeMismatch { written, expected: size });
         }
         Ok(buf)
     }
 
-    /// Restores one sequence's state into `dest_seq_id`.
-    pub fn load_sequence_state(&mut self, state: &[u8], dest_seq_id: SeqId) -> Result<(), StateError> {
-        self.check_state_seq(dest_seq_id)?;
+    /// Reads `state` (the `flags` part of a sequence's state) into checked sequence `seq_id`;
+    /// `function` names the call in a caught exception.
+    fn read_sequence_state(
+        &mut self,
+        function: &'static str,
+        state: &[u8],
+        seq_id: SeqId,
+        flags: sys::llama_state_seq_flags,
+    ) -> Result<(), StateError> {
         self.outputs.clear();
         self.forget_cut_floors();
         let mut read = 0;
         let (guarded, messages) = backend::capture(|| {
             // SAFETY: state readable for its length; id checked; `read` is a live out-parameter.
-            crate::cpp::guard("llama_state_seq_set_data", |err| unsafe {
-                sys::exsa_state_seq_set_data(self.raw.as_ptr(), state.as_ptr(), state.len(), dest_seq_id, &mut read, err)
+            crate::cpp::guard(function, |err| unsafe {
+                sys::exsa_state_seq_set_data_ext(self.raw.as_ptr(), state.as_ptr(), state.len(), seq_id, flags, &mut read, err)
             })
         });
         guarded?;
         restored(state.len(), read, messages)
+    }
+
+    /// The last position sequence `seq_id` (checked) holds.
+    fn last_position(&self, seq_id: SeqId) -> Result<Option<Pos>, StateError> {
+        self.max_position(seq_id).map_err(|_| StateError::InvalidSeqId { seq_id, n_seq_max: self.n_seq_max })
     }
 
     /// The recurrent part of sequence `seq_id`'s memory as it stands (LFM2's convolution state,
@@ -92,22 +115,10 @@ impl Context<'_> {
         if !self.model.has_recurrent_state() {
             return Err(StateError::NotRecurrent);
         }
-        let Some(last) = self.max_position(seq_id).map_err(|_| StateError::InvalidSeqId { seq_id, n_seq_max: self.n_seq_max })? else {
+        let Some(last) = self.last_position(seq_id)? else {
             return Err(StateError::Empty);
         };
-        let flags = sys::LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY as sys::llama_state_seq_flags;
-        // SAFETY: size query on a live context for a checked id.
-        let size = unsafe { sys::llama_state_seq_get_size_ext(self.raw.as_ptr(), seq_id, flags) };
-        if size == 0 {
-            return Err(StateError::Empty);
-        }
-        let mut bytes = vec![0u8; size];
-        // SAFETY: `bytes` is writable for `size` bytes; checked id. llama.cpp catches its own
-        // exceptions here (returns 0).
-        let written = unsafe { sys::llama_state_seq_get_data_ext(self.raw.as_ptr(), bytes.as_mut_ptr(), size, seq_id, flags) };
-        if written != size {
-            return Err(StateError::SizeMismatch { written, expected: size });
-        }
+        let bytes = self.sequence_state(seq_id, RECURRENT_ONLY)?;
         Ok(RecurrentCheckpoint { context: self.serial, positions: last + 1, bytes })
     }
 
@@ -122,23 +133,12 @@ impl Context<'_> {
         if checkpoint.context != self.serial {
             return Err(StateError::ForeignCheckpoint);
         }
-        let held = self.max_position(seq_id).map_err(|_| StateError::InvalidSeqId { seq_id, n_seq_max: self.n_seq_max })?.map_or(0, |p| p + 1);
+        let held = self.last_position(seq_id)?.map_or(0, |p| p + 1);
         if held < checkpoint.positions {
             return Err(StateError::CheckpointAhead { positions: checkpoint.positions, held });
         }
-        self.outputs.clear();
-        self.forget_cut_floors();
-        let flags = sys::LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY as sys::llama_state_seq_flags;
-        let bytes = &checkpoint.bytes;
-        let mut read = 0;
-        let (guarded, messages) = backend::capture(|| {
-            // SAFETY: `bytes` readable for its length; checked id; `read` is a live out-parameter.
-            crate::cpp::guard("llama_state_seq_set_data_ext", |err| unsafe {
-                sys::exsa_state_seq_set_data_ext(self.raw.as_ptr(), bytes.as_ptr(), bytes.len(), seq_id, flags, &mut read, err)
-            })
-        });
+        let restored = self.read_sequence_state("llama_state_seq_set_data_ext", &checkpoint.bytes, seq_id, RECURRENT_ONLY);
         let memory = self.memory();
-        let restored = guarded.map_err(StateError::from).and_then(|()| restored(bytes.len(), read, messages));
         // SAFETY: memory handle of this context, checked id. The recurrent state now ends at the
         // checkpoint's last position, so this cut drops attention cells only.
         let cut = restored.is_ok() && unsafe { sys::llama_memory_seq_rm(memory, seq_id, checkpoint.positions, -1) };
@@ -253,6 +253,11 @@ fn restored(len: usize, read: usize, messages: crate::error::LlamaMessages) -> R
     }
     Ok(())
 }
+
+/// A sequence's whole state (`llama_state_seq_*` without flags).
+const WHOLE: sys::llama_state_seq_flags = 0;
+/// The recurrent part only: on a hybrid model, without the attention cells.
+const RECURRENT_ONLY: sys::llama_state_seq_flags = sys::LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY as sys::llama_state_seq_flags;
 
 /// The recurrent part of one sequence's memory at a position it reached (see
 /// [`Context::save_recurrent_checkpoint`]). Restorable only into the context that made it.
