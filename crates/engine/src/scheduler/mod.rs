@@ -280,7 +280,8 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         let donor = &self.slots[donor].seq;
         let (src_id, tokens) = (donor.id(), donor.tokens().to_vec());
         // A recurrent state holds one position, the donor's last: copied from the middle of the
-        // donor's sequence it is returned to the donor's checkpoint there (see `reusable`).
+        // donor's sequence it is returned to the donor's checkpoint there (see `reusable`),
+        // which the copy holds the tokens of.
         let checkpoint = (shared < tokens.len()).then(|| donor.checkpoint_within(shared).cloned()).flatten();
         let seq = &mut self.slots[dst].seq;
         seq.clear(&mut self.session);
@@ -288,16 +289,11 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             return Some(0);
         }
         seq.extend(&tokens);
-        if seq.cut(&mut self.session, shared) {
-            return Some(shared);
+        if let Some(checkpoint) = checkpoint {
+            seq.push_checkpoint(checkpoint);
         }
-        match checkpoint {
-            Some(checkpoint) => Some(seq.restore(&mut self.session, &checkpoint)),
-            None => {
-                seq.clear(&mut self.session);
-                Some(0)
-            }
-        }
+        // The one prefix rule, now over the copy.
+        Some(seq.keep_prefix(&mut self.session, prompt))
     }
 
     /// Whether `prompt` should wait for a slot that is decoding a prompt it shares much of (the

@@ -86,7 +86,7 @@ impl<K: Clone> Sequence<K> {
         if !recurrent || common == self.len() {
             return common;
         }
-        self.checkpoints.iter().rev().map(|c| c.len).find(|&len| len <= common).unwrap_or(0)
+        self.checkpoint_within(common).map_or(0, |c| c.len)
     }
 
     /// Where a prompt's prefill should stop for a checkpoint: a few tokens before its end (the
@@ -108,10 +108,20 @@ impl<K: Clone> Sequence<K> {
             return;
         }
         let Some((state, bytes)) = session.seq_checkpoint(self.id) else { return };
+        self.push_checkpoint(Checkpoint { len, bytes, state });
+    }
+
+    /// Keeps `checkpoint`, later than every one kept, as the newest (the oldest goes when more
+    /// than the bound would be kept; nothing is kept where the bound is 0). It must be of the
+    /// tokens this cache holds.
+    pub(crate) fn push_checkpoint(&mut self, checkpoint: Checkpoint<K>) {
+        if self.max_checkpoints == 0 {
+            return;
+        }
         if self.checkpoints.len() == self.max_checkpoints {
             self.checkpoints.remove(0);
         }
-        self.checkpoints.push(Checkpoint { len, bytes, state });
+        self.checkpoints.push(checkpoint);
     }
 
     /// The prefix-reuse rule, for every cache that runs requests: keeps the longest prefix the
@@ -123,30 +133,23 @@ impl<K: Clone> Sequence<K> {
         if self.cut(session, common) {
             return common;
         }
-        let Some(at) = self.checkpoints.iter().rposition(|c| c.len <= common) else {
+        let Some(checkpoint) = self.checkpoint_within(common).cloned() else {
             self.clear(session);
             return 0;
         };
-        let checkpoint = self.checkpoints[at].clone();
         self.restore(session, &checkpoint)
     }
 
-    /// Returns the cache to `checkpoint` (one of its own, or another sequence's whose tokens up to
-    /// it this cache holds): the tokens after it leave, and so do later checkpoints. Returns the
-    /// tokens kept: the checkpoint's, or none when the restore failed (the cache is then empty).
-    pub(crate) fn restore(&mut self, session: &mut impl BackendSession<Checkpoint = K>, checkpoint: &Checkpoint<K>) -> usize {
+    /// Returns the cache to one of its checkpoints: the tokens after it leave, and so do later
+    /// checkpoints. Returns the tokens kept: the checkpoint's, or none when the restore failed
+    /// (the cache is then empty).
+    fn restore(&mut self, session: &mut impl BackendSession<Checkpoint = K>, checkpoint: &Checkpoint<K>) -> usize {
         if !session.seq_restore_checkpoint(self.id, &checkpoint.state) {
             self.clear(session);
             return 0;
         }
         self.tokens.truncate(checkpoint.len);
-        self.checkpoints.retain(|c| c.len < checkpoint.len);
-        if self.max_checkpoints > 0 {
-            if self.checkpoints.len() == self.max_checkpoints {
-                self.checkpoints.remove(0);
-            }
-            self.checkpoints.push(checkpoint.clone());
-        }
+        self.checkpoints.retain(|c| c.len <= checkpoint.len);
         checkpoint.len
     }
 
