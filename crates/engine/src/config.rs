@@ -114,10 +114,12 @@ pub struct SessionConfig {
     /// On a model whose memory holds a recurrent state that llama.cpp can snapshot (LFM2; not
     /// Mamba): snapshots kept per sequence, so that a speculative round can drop its rejected
     /// drafts (at most this many tokens of one decode) instead of decoding the sequence again;
-    /// drafts are capped at this length there. Ignored elsewhere. 0 (the default): none, and a
-    /// rejected draft rebuilds the sequence, after which the request stops speculating. Not
-    /// free: 8 snapshots cost 12-14 % of every served token on the LFM2-1.2B-shaped model, with
-    /// or without speculation (docs/benchmarks.md, "Speculation on LFM2").
+    /// drafts are capped at this length there. Ignored elsewhere. 0 (the default): none; a
+    /// round of drafts is then preceded by a checkpoint of the recurrent state (about 160 KiB on
+    /// the LFM2-1.2B shape, copied on the host), and a rejection returns there and decodes the round's kept tokens again with
+    /// the next one. Snapshots are not free: 8 cost 5-12 % of every served token on the
+    /// LFM2-1.2B-shaped model, with or without speculation (docs/benchmarks.md, "Speculation on
+    /// LFM2").
     pub recurrent_snapshots: u32,
 }
 

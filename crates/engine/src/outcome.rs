@@ -53,6 +53,9 @@ pub struct GenerationStats {
     /// Speculation: tokens drafted, and of those the ones the model confirmed.
     pub drafted_tokens: usize,
     pub accepted_tokens: usize,
+    /// Speculation on a recurrent state: tokens decoded again because a round's rejected drafts
+    /// could not be dropped (the kept part of the round, after its checkpoint).
+    pub replayed_tokens: usize,
 }
 
 impl GenerationStats {

@@ -231,10 +231,12 @@ fn single_stream_draws<'e>(engine: &'e Engine, sampling: impl Fn(u32) -> Samplin
     }
 }
 
-/// The same draws through the serving loop: every seed's request submitted at once to four
-/// slots, so that speculating requests share steps.
+/// The same draws through the serving loop: every seed's request submitted at once to two
+/// slots, so that speculating requests share steps. (Not more: whether drafts pay beside others
+/// is learned from the decodes' times, see `DecodeCost`; at four streams of the default model a
+/// 2-core machine is near where they stop paying, and a loop that drafts little tests little.)
 fn served_draws(engine: &std::sync::Arc<Engine>, sampling: impl Fn(u32) -> SamplingParams) -> impl FnMut(&[u32], bool) -> Draws {
-    let config = ServingConfig { max_queue: 1024, ..ServingConfig::new(engine, 4) };
+    let config = ServingConfig { max_queue: 1024, ..ServingConfig::new(engine, 2) };
     let core = ServingCore::start(std::sync::Arc::clone(engine), config).unwrap();
     let engine = std::sync::Arc::clone(engine);
     move |seeds: &[u32], speculate: bool| {

@@ -147,46 +147,69 @@ fn cancellation_stops_generation_on_every_memory_kind() {
     }
 }
 
-/// Speculation cuts the cache back to the drafts that were kept. With recurrent snapshots
-/// (`SessionConfig::recurrent_snapshots`, 8 here) LFM2's hybrid memory drops a rejected tail
-/// like an attention cache; Mamba's has none, so its sequence is decoded again after a
-/// rejection. Either way the text is the plain greedy text.
+/// Speculation cuts the cache back to the drafts that were kept. A recurrent state cannot be
+/// cut: it returns to a checkpoint taken before the round and decodes the round's kept tokens
+/// again with the next one (LFM2 and Mamba on the source backend), or, with recurrent snapshots
+/// (`SessionConfig::recurrent_snapshots`, LFM2's hybrid memory), drops the rejected tail like an
+/// attention cache. The `crate` and `raw` backends keep neither: the sequence is decoded again
+/// from its start. Every way, the text is the plain greedy text and a rejection costs no prefill
+/// where the backend keeps checkpoints.
 #[test]
 fn speculation_gives_the_plain_text_on_every_memory_kind() {
+    for name in MODELS {
+        speculation_matches_plain(name, 0);
+    }
+    speculation_matches_plain("lfm2-tiny", 8);
+}
+
+fn speculation_matches_plain(name: &str, snapshots: u32) {
     use exsa_engine::serving::{ServeRequest, ServingConfig, ServingCore, collect};
     const PROMPT: &str = "one two three four one two three four one two three four one two";
     let ngram = Speculation::Ngram { max_draft: 4 };
-    for name in MODELS {
-        let engine = std::sync::Arc::new(engine_with(name, |session| session.recurrent_snapshots = 8));
-        // Random weights seldom repeat themselves: a bias confines the output to the prompt's
-        // four words, so that it recurs (drafts) without being periodic (some drafts fail).
-        let words = engine.tokenize_with(" one two three four", TokenizeOptions { add_special: false, parse_special: false }).unwrap();
-        let sampling = SamplingParams { logit_bias: words.iter().map(|&t| (t, 50.0)).collect(), ..SamplingParams::greedy() };
-        let plain = greedy(PROMPT, 48).sampling(sampling);
-        let (want, _) = engine.generate(&plain).unwrap();
-        let mut session = engine.session().unwrap();
-        let (got, stats) = session.generate_text(&plain.clone().speculation(ngram)).unwrap();
-        assert_eq!(got, want, "{name}: single stream");
-        assert!(stats.drafted_tokens > 0, "{name}: nothing drafted: {stats:?}");
-        eprintln!("{name}: {} of {} drafts kept in {} decodes", stats.accepted_tokens, stats.drafted_tokens, stats.generation_decodes);
-        let core = ServingCore::start(std::sync::Arc::clone(&engine), ServingConfig::new(&engine, 2)).unwrap();
-        let speculating = core.submit(ServeRequest::new(&engine, &plain.clone().speculation(ngram)).unwrap()).unwrap();
-        let beside = core.submit(ServeRequest::new(&engine, &greedy("Once upon a time", 24)).unwrap()).unwrap();
-        let (served, completion) = collect(speculating).unwrap();
-        assert_eq!(served, want, "{name}: serving loop");
-        assert!(completion.stats.drafted_tokens > 0, "{name}: {:?}", completion.stats);
-        if is_recurrent(name) {
-            // What is checked below needs a rejection.
-            assert!(completion.stats.drafted_tokens > completion.stats.accepted_tokens, "{name}: no draft was rejected: {:?}", completion.stats);
-        }
-        let (beside_text, beside_completion) = collect(beside).unwrap();
-        // Prompts decoded once, unless a rejection made the sequence decode again (Mamba only).
-        let prompts = (completion.stats.prompt_tokens + beside_completion.stats.prompt_tokens) as u64;
-        let decoded = core.status().prompt_tokens_decoded;
-        // The `crate` and `raw` backends take no snapshots: LFM2 rebuilds there too.
-        let rebuilds = name == "mamba-tiny" || (name == "lfm2-tiny" && Engine::backend_name() != "source");
-        assert_eq!(decoded > prompts, rebuilds, "{name}: {decoded} prompt tokens decoded for prompts of {prompts}");
-        eprintln!("{name} served: {} of {} drafts kept", completion.stats.accepted_tokens, completion.stats.drafted_tokens);
-        assert_eq!(beside_text, engine.generate(&greedy("Once upon a time", 24)).unwrap().0, "{name}: the request beside");
+    let label = format!("{name}, {snapshots} snapshots");
+    let engine = std::sync::Arc::new(engine_with(name, |session| session.recurrent_snapshots = snapshots));
+    // Random weights seldom repeat themselves: a bias confines the output to the prompt's
+    // four words, so that it recurs (drafts) without being periodic (some drafts fail).
+    let words = engine.tokenize_with(" one two three four", TokenizeOptions { add_special: false, parse_special: false }).unwrap();
+    let sampling = SamplingParams { logit_bias: words.iter().map(|&t| (t, 50.0)).collect(), ..SamplingParams::greedy() };
+    let plain = greedy(PROMPT, 48).sampling(sampling);
+    let (want, _) = engine.generate(&plain).unwrap();
+    let source = Engine::backend_name() == "source";
+    // Where a rejected round is replayed from its checkpoint: a recurrent state without snapshots.
+    let replays = is_recurrent(name) && source && snapshots == 0;
+    let mut session = engine.session().unwrap();
+    let (got, stats) = session.generate_text(&plain.clone().speculation(ngram)).unwrap();
+    assert_eq!(got, want, "{label}: single stream");
+    assert!(stats.drafted_tokens > 0, "{label}: nothing drafted: {stats:?}");
+    if is_recurrent(name) {
+        // What is checked below needs a rejection (early in the reply, before it turns periodic).
+        assert!(stats.drafted_tokens > stats.accepted_tokens, "{label}: no draft was rejected: {stats:?}");
+        assert_eq!(stats.replayed_tokens > 0, replays, "{label}: {stats:?}");
     }
+    eprintln!("{label}: {} of {} drafts kept in {} decodes", stats.accepted_tokens, stats.drafted_tokens, stats.generation_decodes);
+    let core = ServingCore::start(std::sync::Arc::clone(&engine), ServingConfig::new(&engine, 2)).unwrap();
+    let speculating = core.submit(ServeRequest::new(&engine, &plain.clone().speculation(ngram)).unwrap()).unwrap();
+    // Short: a recurrent model drafts only while it is the one sequence generating.
+    let beside = core.submit(ServeRequest::new(&engine, &greedy("Once upon a time", 4)).unwrap()).unwrap();
+    let (served, completion) = collect(speculating).unwrap();
+    assert_eq!(served, want, "{label}: serving loop");
+    let stats = &completion.stats;
+    assert!(stats.drafted_tokens > 0, "{label}: {stats:?}");
+    let (beside_text, beside_completion) = collect(beside).unwrap();
+    let prompts = (stats.prompt_tokens + beside_completion.stats.prompt_tokens) as u64;
+    let status = core.status();
+    // Prompts decoded once, unless a rejection made a sequence decode again (no checkpoints).
+    // Whether the served reply had a rejection depends on when its drafts started.
+    let rejected = stats.drafted_tokens > stats.accepted_tokens;
+    let rebuilds = rejected && is_recurrent(name) && !source;
+    assert_eq!(
+        status.prompt_tokens_decoded > prompts,
+        rebuilds,
+        "{label}: {} prompt tokens decoded for prompts of {prompts}",
+        status.prompt_tokens_decoded
+    );
+    assert!(replays || stats.replayed_tokens == 0, "{label}: replayed where nothing needs it: {stats:?}");
+    assert_eq!(status.replayed_tokens, stats.replayed_tokens as u64, "{label}");
+    eprintln!("{label} served: {} of {} drafts kept, {} tokens replayed", stats.accepted_tokens, stats.drafted_tokens, stats.replayed_tokens);
+    assert_eq!(beside_text, engine.generate(&greedy("Once upon a time", 4)).unwrap().0, "{label}: the request beside");
 }

@@ -193,6 +193,33 @@ fn a_recurrent_checkpoint_returns_the_sequence_to_where_it_was_taken() {
     }
 }
 
+/// A sequence returned to a checkpoint right after a decode (a speculating slot whose drafts were
+/// rejected) leaves that decode's outputs as they were: the other sequences of the batch still
+/// draw from them.
+#[test]
+fn a_checkpoint_restore_leaves_the_last_decodes_outputs() {
+    for name in ["lfm2-tiny", "mamba-tiny"] {
+        let model = load(name);
+        let tokens = prompt(&model);
+        let n = tokens.len() as Pos;
+        let mut ctx = Context::new(&model, &params(2)).unwrap();
+        for seq in [0, 1] {
+            ctx.decode(&Batch::from_tokens(&tokens, 0, seq).unwrap()).unwrap();
+        }
+        let checkpoint = ctx.save_recurrent_checkpoint(0).unwrap();
+        let mut batch = Batch::new(4, 2).unwrap();
+        batch.add(tokens[1], n, &[0], true).unwrap();
+        batch.add(tokens[2], n, &[1], true).unwrap();
+        ctx.decode(&batch).unwrap();
+        let rows: Vec<Vec<f32>> = (0..2).map(|i| ctx.logits(i).unwrap().to_vec()).collect();
+        ctx.restore_recurrent_checkpoint(0, &checkpoint).unwrap();
+        for (i, row) in rows.iter().enumerate() {
+            let after = ctx.logits(i as i32).unwrap_or_else(|e| panic!("{name}: output {i} after the restore: {e}"));
+            assert_eq!(after, &row[..], "{name}: output {i} after the restore");
+        }
+    }
+}
+
 /// Two sequences verified in one decode (a serving step with two speculating slots) each drop
 /// their own rejected tail: a cut of one does not take the other's snapshots (LFM2; on Mamba,
 /// which has none, both are refused), and each goes on as a run that never decoded its tail.

@@ -54,9 +54,10 @@ struct Common {
     #[arg(long, global = true, default_value = "f16")]
     cache_type_v: exsa_engine::CacheType,
     /// Recurrent-state snapshots per sequence on models that take them (LFM2): a speculative
-    /// round drops its rejected drafts (at most this many) instead of decoding the sequence
-    /// again; drafts are capped at this length there. 0 (default): none. They cost every token
-    /// some speed (12-14 % for 8 on the LFM2-1.2B shape here), speculating or not.
+    /// round drops its rejected drafts (at most this many) instead of returning to a checkpoint
+    /// taken before the round and decoding its kept tokens again; drafts are capped at this
+    /// length there. 0 (default): none. They cost every token some speed (5-12 % for 8 on the
+    /// LFM2-1.2B shape here), speculating or not.
     #[arg(long, global = true, default_value_t = exsa_engine::SessionConfig::DEFAULT_RECURRENT_SNAPSHOTS)]
     recurrent_snapshots: u32,
     /// How embeddings pool a text's token vectors: mean, cls, last or rank (a reranker's
@@ -229,7 +230,8 @@ struct ServeArgs {
     prefill_chunk: Option<u32>,
     /// Recurrent checkpoints each slot keeps on models whose memory holds a recurrent state
     /// (LFM2, Mamba), taken at the end of each prompt: a chat's next turn returns to one and
-    /// decodes only what follows (llama-server's --ctx-checkpoints). 0: none.
+    /// decodes only what follows (llama-server's --ctx-checkpoints). 0: none. (A speculating
+    /// request holds one more while it runs, the point a rejected round returns to.)
     #[arg(long, default_value_t = exsa_engine::serving::ServingConfig::DEFAULT_CTX_CHECKPOINTS)]
     ctx_checkpoints: u32,
     /// The id of --model in the API (default: the GGUF's file name without extension).

@@ -113,7 +113,7 @@ fn render_decode_loops(loaded: &[(String, ServingStatus, usize)], out: &mut Stri
     let _ = writeln!(out, "# TYPE exsa_models_loaded gauge\nexsa_models_loaded {}", loaded.len());
     /// Name, type, help, and how to read it.
     type Series = (&'static str, &'static str, &'static str, fn(&ServingStatus, usize) -> u64);
-    let series: [Series; 13] = [
+    let series: [Series; 14] = [
         ("exsa_prompt_tokens_reused_total", "counter", "Prompt tokens found in a slot's cache, not decoded again.", |s, _| s.prompt_tokens_reused),
         (
             "exsa_prompt_tokens_copied_total",
@@ -133,6 +133,9 @@ fn render_decode_loops(loaded: &[(String, ServingStatus, usize)], out: &mut Stri
         ("exsa_slots", "gauge", "Slots of the model's decode loop.", |s, _| s.slots as u64),
         ("exsa_draft_tokens_total", "counter", "Tokens drafted by prompt lookup (speculative requests).", |s, _| s.drafted_tokens),
         ("exsa_draft_tokens_accepted_total", "counter", "Drafted tokens the sampler drew too (kept).", |s, _| s.accepted_tokens),
+        ("exsa_draft_tokens_replayed_total", "counter", "Tokens decoded again after rejected drafts a recurrent state could not drop.", |s, _| {
+            s.replayed_tokens
+        }),
         ("exsa_steps_without_drafts_total", "counter", "Steps built again without drafts: the KV cache had no room for them.", |s, _| {
             s.steps_without_drafts
         }),

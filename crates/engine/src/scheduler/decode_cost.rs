@@ -62,7 +62,8 @@ impl DecodeCost {
     }
 
     /// Whether a draft token pays in a step whose batch carries `generating` tokens before any
-    /// draft: it costs one token's part and brings `acceptance` tokens (the share of its
+    /// draft (one per generating slot; a token decoded again after a rejection is counted against
+    /// the acceptance instead): it costs one token's part and brings `acceptance` tokens (the share of its
     /// request's drafts that held), each worth what a token of this step costs,
     /// (fixed + generating) / generating token parts.
     pub(crate) fn drafts_pay(&self, generating: usize, acceptance: f64) -> bool {

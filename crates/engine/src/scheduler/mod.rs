@@ -30,7 +30,7 @@ use decode_cost::DecodeCost;
 pub(crate) use drafter::DraftModel;
 pub(crate) use request::Output;
 pub(crate) use request::Prepared;
-use request::{DraftSource, Request, Verified};
+use request::{DraftSource, Drafting, Request, Verified};
 pub(crate) use slot::CHECKPOINT_BEFORE_END;
 use slot::{Phase, Sequence, Slot};
 
@@ -53,6 +53,7 @@ pub(crate) struct Counters {
     pub(crate) kv_used: AtomicUsize,
     pub(crate) drafted_tokens: AtomicU64,
     pub(crate) accepted_tokens: AtomicU64,
+    pub(crate) replayed_tokens: AtomicU64,
     pub(crate) steps_without_drafts: AtomicU64,
     /// Recurrent checkpoints the slots keep, and their bytes (host memory).
     pub(crate) checkpoints: AtomicUsize,
@@ -107,8 +108,11 @@ pub(crate) struct Scheduler<'e, M: BackendModel + 'e, C> {
     /// Slots keep recurrent checkpoints (see [`Scheduler::set_checkpoints`]).
     checkpoints: bool,
     /// Most drafts of a round: what the memory can drop of one decode (recurrent snapshots);
-    /// no bound where it can drop any tail, or none at all (a rejection then rebuilds).
+    /// no bound where it can drop any tail, or none at all (see `rollback_points`).
     max_drafts: usize,
+    /// A recurrent state without snapshots: a round of drafts is preceded by a checkpoint it
+    /// returns to after a rejection (see [`Scheduler::rebuild`]).
+    rollback_points: bool,
 }
 
 impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
@@ -117,7 +121,9 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         let n_ctx = session.n_ctx() as usize;
         let n_batch = session.n_batch() as usize;
         let recurrent = session.memory_is_recurrent();
-        let max_drafts = session.rollback_limit().filter(|&n| n > 0).unwrap_or(usize::MAX);
+        let snapshots = session.rollback_limit().filter(|&n| n > 0);
+        let rollback_points = recurrent && snapshots.is_none() && session.keeps_checkpoints();
+        let max_drafts = snapshots.unwrap_or(usize::MAX);
         let mut scheduler = Scheduler {
             model,
             session,
@@ -135,6 +141,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             recurrent,
             checkpoints: false,
             max_drafts,
+            rollback_points,
         };
         scheduler.set_checkpoints(DEFAULT_CHECKPOINTS);
         scheduler
@@ -203,7 +210,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             .map(|s| match &s.phase {
                 Phase::Idle => 0,
                 Phase::Prefilling { prompt, .. } => prompt.len().max(s.seq.len()),
-                Phase::Generating { .. } => s.seq.len() + 1,
+                Phase::Generating { request, .. } => s.seq.len() + 1 + request.drafting.as_ref().map_or(0, |d| d.replay.len()),
             })
             .sum()
     }
@@ -385,35 +392,63 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                 request.chunk = 0;
             }
             let Phase::Generating { request, pending } = phase else { continue };
-            let pos = seq.len();
+            // The kept part of a rolled-back round first (see `rebuild`): decoded, no outputs.
+            let replay = request.drafting.as_ref().map_or(&[][..], |d| &d.replay[..]);
+            for (k, &token) in replay.iter().enumerate() {
+                self.session.batch_push(token, (seq.len() + k) as i32, seq.id(), false)?;
+            }
+            let pos = seq.len() + replay.len();
             request.output = Some(self.session.batch_len() as i32);
             self.session.batch_push(*pending, pos as i32, seq.id(), true)?;
             // Room: the batch less a token for every other slot.
-            // No drafts where they would not pay at this occupancy (see DecodeCost).
-            let room = if self.without_drafts || !self.cost.drafts_pay(generating, request.draft_acceptance()) {
+            let room = if self.without_drafts {
                 0
             } else {
                 request.draft_room(pos, self.n_ctx, self.n_batch.saturating_sub(self.session.batch_len() + n_slots)).min(self.max_drafts)
             };
-            let Some(drafting) = request.drafting.as_mut() else { continue };
-            drafting.drafts.clear();
-            if room == 0 {
+            // Where drafts would not pay at this occupancy (see DecodeCost), a lookup still
+            // predicts the next token, outside the batch: whether the draw matches it is free
+            // evidence of what drafts would bring (a draft model's prediction would cost a decode).
+            // Over a recurrent state llama.cpp splits a batch into micro-batches with as many
+            // tokens of every sequence: drafts beside other sequences' single tokens cost a
+            // second pass over the weights, which they do not earn on a CPU (measured on the
+            // LFM2-1.2B shape: 0.82-0.90 of no drafts at 4 streams). They draft alone.
+            let alone = !self.recurrent || generating == 1;
+            let pays = alone && self.cost.drafts_pay(generating, request.draft_acceptance());
+            let Some(Drafting { source, drafts, replay, shadow, .. }) = request.drafting.as_mut() else { continue };
+            drafts.clear();
+            *shadow = None;
+            // Nor while a rejected round is decoded again: its state is not one to mark (the
+            // replay is not in yet), and a rejection would replay the replay too.
+            let pays = pays && replay.is_empty();
+            let len = match (pays, *source) {
+                (true, _) => room,
+                (false, DraftSource::Lookup) => room.min(1),
+                (false, DraftSource::Model) => 0,
+            };
+            if len == 0 {
                 continue;
             }
-            // Drafted after the history with the pending token, which this batch decodes.
-            seq.push(*pending);
-            match (drafting.source, self.draft.as_mut()) {
-                (DraftSource::Lookup, _) => crate::speculative::draft(seq.tokens(), room, &mut drafting.drafts),
+            // Drafted after the history with the tokens this batch decodes.
+            match (*source, self.draft.as_mut()) {
+                (DraftSource::Lookup, _) => seq.with_ahead(replay, *pending, |history| crate::speculative::draft(history, len, drafts)),
                 (DraftSource::Model, Some(draft)) => {
-                    if draft.draft(seq.tokens(), room, &mut drafting.drafts).is_err() {
+                    if seq.with_ahead(replay, *pending, |history| draft.draft(history, len, drafts)).is_err() {
                         // A draft that cannot be made costs the round its drafts, not the request.
-                        drafting.drafts.clear();
+                        drafts.clear();
                     }
                 }
                 (DraftSource::Model, None) => {}
             }
-            seq.pop();
-            for (i, &draft) in drafting.drafts.iter().enumerate() {
+            if !pays {
+                *shadow = drafts.pop();
+                continue;
+            }
+            if !drafts.is_empty() && self.rollback_points {
+                // Before the decode: where the cache stands now is where a rejection returns.
+                seq.mark_rollback(&mut self.session);
+            }
+            for (i, &draft) in drafts.iter().enumerate() {
                 self.session.batch_push(draft, (pos + 1 + i) as i32, seq.id(), true)?;
             }
         }
@@ -490,6 +525,11 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                 }
                 Phase::Generating { request, pending } => {
                     let Some(first) = request.output else { continue };
+                    let round_start = seq.len();
+                    if let Some(drafting) = request.drafting.as_mut() {
+                        seq.extend(&drafting.replay);
+                        drafting.replay.clear();
+                    }
                     seq.push(*pending);
                     request.decoded(decode_ms);
                     let drafted = request.drafting.as_ref().is_some_and(|d| !d.drafts.is_empty());
@@ -499,7 +539,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                         && let Ok(kept) = &verified
                         && !seq.cut(&mut self.session, seq.len())
                     {
-                        self.rebuild(i, *kept);
+                        self.rebuild(i, *kept, round_start);
                         continue;
                     }
                     verified
@@ -516,21 +556,34 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         }
     }
 
-    /// The recurrent fallback: a cache that cannot be cut back (a recurrent state) after a round
-    /// of drafts is decoded again from its tokens, and the request goes on without speculation
-    /// (every rejected draft would cost that again); its next token waits until then.
-    fn rebuild(&mut self, i: usize, verified: Verified) {
+    /// A round of drafts whose rejected tail the memory could not drop (a recurrent state): the
+    /// sequence returns to the point marked before the round (see [`Sequence::mark_rollback`]),
+    /// else to its latest checkpoint within what it keeps, and decodes the rest again. From the
+    /// mark (at `round_start`) the rest is the round's kept tokens, decoded in the next step
+    /// before the next token: a rejection costs those tokens, never a prefill. From further back
+    /// (no mark: a backend that keeps no checkpoints) the rest is a prefill, the next token waits
+    /// until it is in, and the request goes on without speculation (every rejected draft would
+    /// cost that again).
+    fn rebuild(&mut self, i: usize, verified: Verified, round_start: usize) {
         let slot = &mut self.slots[i];
-        let tokens = slot.seq.take(&mut self.session);
-        match verified {
-            Verified::Next(pending) => {
-                let mut request = slot.phase.take_request().expect("a slot that drew has a request");
-                request.drafting = None;
-                slot.phase = Phase::Prefilling { request, prompt: tokens, done: 0, then: Some(pending), checkpoint_at: None };
-            }
-            // It ended: its tokens are not worth decoding again for a later request.
-            Verified::Ended(reason) => self.end(i, Ok(reason)),
-        }
+        let tokens = slot.seq.tokens().to_vec();
+        let kept = match slot.seq.return_to_rollback(&mut self.session) {
+            Some(kept) => kept,
+            None => slot.seq.keep_prefix(&mut self.session, &tokens),
+        };
+        let pending = match verified {
+            Verified::Next(pending) => pending,
+            // It ended: the cache stays as returned, for a later request.
+            Verified::Ended(reason) => return self.end(i, Ok(reason)),
+        };
+        let mut request = slot.phase.take_request().expect("a slot that drew has a request");
+        slot.phase = if kept >= round_start && request.drafting.is_some() {
+            request.replay(&tokens[kept..], &self.counters);
+            Phase::Generating { request, pending }
+        } else {
+            request.drafting = None;
+            Phase::Prefilling { request, prompt: tokens, done: kept, then: Some(pending), checkpoint_at: None }
+        };
     }
 
     /// The KV cache had no room for the step: every slot stands as before the batch, its cache
@@ -594,6 +647,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         let Some(mut request) = slot.phase.take_request() else { return };
         self.clock += 1;
         slot.last_used = self.clock;
+        slot.seq.forget_rollback();
         self.counters.busy_slots.fetch_sub(1, Ordering::Relaxed);
         match &outcome {
             Ok(reason) => request.finish(*reason),

@@ -45,6 +45,16 @@ pub(crate) struct Drafting {
     length: DraftLength,
     /// This step's drafts, decoded after the pending token (reused from step to step).
     pub(crate) drafts: Vec<TokenId>,
+    /// Tokens to decode again before the pending token: the kept part of a round whose rejected
+    /// drafts a recurrent state could not drop, after it returned to where it stood before the
+    /// round (see [`super::Sequence::mark_rollback`]).
+    pub(crate) replay: Vec<TokenId>,
+    /// This step's shadow draft: the token a lookup predicts next where drafts would not pay
+    /// (see [`Request::draft_acceptance`]); checked against the draw, never decoded.
+    pub(crate) shadow: Option<TokenId>,
+    /// Shadow drafts checked so far, and those the draw matched.
+    shadowed: usize,
+    shadow_kept: usize,
 }
 
 /// How a verification ended.
@@ -136,6 +146,10 @@ impl<S, C> Request<S, C> {
                 source: if matches!(speculation, Speculation::Draft { .. }) { DraftSource::Model } else { DraftSource::Lookup },
                 length: DraftLength::new(max_draft as usize),
                 drafts: Vec::with_capacity(max_draft as usize),
+                replay: Vec::with_capacity(max_draft as usize + 1),
+                shadow: None,
+                shadowed: 0,
+                shadow_kept: 0,
             }),
         };
         let request = Request {
@@ -237,10 +251,25 @@ impl<S, C> Request<S, C> {
         self.stats.decode_ms += decode_ms;
     }
 
-    /// The share of this request's drafted tokens that held so far, with one held and one
-    /// rejected assumed before any (a request that has not drafted yet may).
+    /// The share of the tokens this request decoded for speculation that brought a token: its
+    /// drafts that held, of its drafts and the tokens it decoded again after rejections (see
+    /// [`Request::replay`]: each bought nothing, like a rejected draft), with one held and one
+    /// rejected assumed before any (a request that has not drafted yet may). Shadow drafts count
+    /// as drafts: a request whose drafts stopped paying (its first rounds failed) starts again
+    /// once its lookups come true (its text begins to repeat).
     pub(crate) fn draft_acceptance(&self) -> f64 {
-        (self.stats.accepted_tokens as f64 + 1.0) / (self.stats.drafted_tokens as f64 + 2.0)
+        let (shadowed, shadow_kept) = self.drafting.as_ref().map_or((0, 0), |d| (d.shadowed, d.shadow_kept));
+        let spent = self.stats.drafted_tokens + self.stats.replayed_tokens + shadowed;
+        ((self.stats.accepted_tokens + shadow_kept) as f64 + 1.0) / (spent as f64 + 2.0)
+    }
+
+    /// Notes `tokens` (decoded already, then dropped with a rejected round) to decode again
+    /// before its pending token. A speculating request only.
+    pub(crate) fn replay(&mut self, tokens: &[TokenId], counters: &Counters) {
+        let Some(drafting) = self.drafting.as_mut() else { return };
+        drafting.replay.extend_from_slice(tokens);
+        self.stats.replayed_tokens += tokens.len();
+        counters.replayed_tokens.fetch_add(tokens.len() as u64, Ordering::Relaxed);
     }
 
     /// How many tokens may be drafted after the pending token at position `pos`: a position is
@@ -329,6 +358,12 @@ impl<S, C> Request<S, C> {
                     break;
                 }
             };
+            if let Some(drafting) = self.drafting.as_mut()
+                && let Some(shadow) = drafting.shadow.take()
+            {
+                drafting.shadowed += 1;
+                drafting.shadow_kept += usize::from(shadow == token);
+            }
             let is_draft = drafts.get(i) == Some(&token);
             kept += usize::from(is_draft);
             match self.accept(model, token, seq.len(), n_ctx, counters) {

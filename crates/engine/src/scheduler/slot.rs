@@ -16,6 +16,10 @@ pub(crate) struct Sequence<K> {
     checkpoints: Vec<Checkpoint<K>>,
     /// The most checkpoints kept (0: none taken).
     max_checkpoints: usize,
+    /// Where the cache stood before the current round of drafts (see
+    /// [`Sequence::mark_rollback`]): outside the bound and the prefix-reuse rule, only for
+    /// [`Sequence::return_to_rollback`].
+    rollback: Option<Checkpoint<K>>,
 }
 
 /// How many tokens before a prompt's end its checkpoint is taken.
@@ -32,7 +36,7 @@ pub(crate) struct Checkpoint<K> {
 impl<K: Clone> Sequence<K> {
     /// Sequence `id`, with room for `capacity` tokens (the context: the token loop never grows it).
     pub(crate) fn new(id: i32, capacity: usize) -> Self {
-        Sequence { id, tokens: Vec::with_capacity(capacity), checkpoints: Vec::new(), max_checkpoints: 0 }
+        Sequence { id, tokens: Vec::with_capacity(capacity), checkpoints: Vec::new(), max_checkpoints: 0, rollback: None }
     }
 
     /// Keeps up to `n` recurrent checkpoints (see [`Sequence::checkpoint`]).
@@ -68,8 +72,15 @@ impl<K: Clone> Sequence<K> {
         self.tokens.push(token);
     }
 
-    pub(crate) fn pop(&mut self) {
-        self.tokens.pop();
+    /// `f` of the tokens with `ahead` and then `next` after them (what a step is about to decode:
+    /// drafts follow it); the list is as before afterwards.
+    pub(crate) fn with_ahead<T>(&mut self, ahead: &[TokenId], next: TokenId, f: impl FnOnce(&[TokenId]) -> T) -> T {
+        let len = self.tokens.len();
+        self.tokens.extend_from_slice(ahead);
+        self.tokens.push(next);
+        let out = f(&self.tokens);
+        self.tokens.truncate(len);
+        out
     }
 
     /// How many leading tokens the cache shares with `prompt`.
@@ -111,6 +122,31 @@ impl<K: Clone> Sequence<K> {
         self.push_checkpoint(Checkpoint { len, bytes, state });
     }
 
+    /// Records where the cache stands now as the point a round of drafts decoded after it returns
+    /// to (the previous round's point goes): a recurrent state cannot drop a rejected tail, and a
+    /// checkpoint costs a copy of the recurrent state (about 160 KiB on the LFM2-1.2B shape)
+    /// where decoding the sequence again would cost a prefill. Nothing where the memory keeps no
+    /// checkpoints.
+    pub(crate) fn mark_rollback(&mut self, session: &mut impl BackendSession<Checkpoint = K>) {
+        let len = self.len();
+        if len == 0 || self.rollback.as_ref().is_some_and(|c| c.len == len) {
+            return;
+        }
+        self.rollback = session.seq_checkpoint(self.id).map(|(state, bytes)| Checkpoint { len, bytes, state });
+    }
+
+    /// Returns the cache to the point marked before the round of drafts, if it still holds it.
+    /// The tokens kept, or None without a mark (the cache is then as it was).
+    pub(crate) fn return_to_rollback(&mut self, session: &mut impl BackendSession<Checkpoint = K>) -> Option<usize> {
+        let mark = self.rollback.take()?;
+        Some(self.restore(session, &mark))
+    }
+
+    /// Drops the mark of [`Sequence::mark_rollback`] (its request ended: no round to return from).
+    pub(crate) fn forget_rollback(&mut self) {
+        self.rollback = None;
+    }
+
     /// Keeps `checkpoint`, later than every one kept, as the newest (the oldest goes when more
     /// than the bound would be kept; nothing is kept where the bound is 0). It must be of the
     /// tokens this cache holds.
@@ -148,14 +184,20 @@ impl<K: Clone> Sequence<K> {
             self.clear(session);
             return 0;
         }
-        self.tokens.truncate(checkpoint.len);
-        self.checkpoints.retain(|c| c.len <= checkpoint.len);
+        self.forget_after(checkpoint.len);
         checkpoint.len
     }
 
     /// The longest of its checkpoints within its first `len` tokens.
     pub(crate) fn checkpoint_within(&self, len: usize) -> Option<&Checkpoint<K>> {
         self.checkpoints.iter().rev().find(|c| c.len <= len)
+    }
+
+    /// The list and the checkpoints after a cut of the cache to its first `len` tokens.
+    fn forget_after(&mut self, len: usize) {
+        self.tokens.truncate(len);
+        self.checkpoints.retain(|c| c.len <= len);
+        self.rollback.take_if(|c| c.len > len);
     }
 
     /// Cuts the cache back to its first `len` tokens, also dropping whatever it holds beyond the
@@ -165,25 +207,14 @@ impl<K: Clone> Sequence<K> {
         if !session.seq_truncate(self.id, len as i32) {
             return false;
         }
-        self.tokens.truncate(len);
-        self.checkpoints.retain(|c| c.len <= len);
+        self.forget_after(len);
         true
     }
 
     /// Empties the cache.
     pub(crate) fn clear(&mut self, session: &mut impl BackendSession) {
         session.seq_clear(self.id);
-        self.tokens.clear();
-        self.checkpoints.clear();
-    }
-
-    /// Empties the cache and hands back the tokens it held, to be decoded again (the recurrent
-    /// fallback: a state that cannot be cut is rebuilt from its tokens).
-    pub(crate) fn take(&mut self, session: &mut impl BackendSession) -> Vec<TokenId> {
-        session.seq_clear(self.id);
-        self.checkpoints.clear();
-        let capacity = self.tokens.capacity();
-        std::mem::replace(&mut self.tokens, Vec::with_capacity(capacity))
+        self.forget_after(0);
     }
 }
 

@@ -26,6 +26,8 @@ struct FakeModel {
     next: Vec<TokenId>,
     /// Its memory is recurrent: a sequence can only be cut where it ends.
     recurrent: bool,
+    /// It keeps recurrent checkpoints (the source backend does; `crate` and `raw` do not).
+    checkpoints: bool,
     /// Every batch decoded, for tests that look at them: (token, position, sequence, output).
     batches: Mutex<Vec<Vec<Entry>>>,
 }
@@ -33,7 +35,22 @@ struct FakeModel {
 impl FakeModel {
     /// `next[t] = t + 1`, wrapping past EOG.
     fn counting() -> Self {
-        FakeModel { next: (0..VOCAB).map(|t| if t + 1 == VOCAB { 1 } else { t + 1 }).collect(), recurrent: false, batches: Mutex::default() }
+        FakeModel {
+            next: (0..VOCAB).map(|t| if t + 1 == VOCAB { 1 } else { t + 1 }).collect(),
+            recurrent: false,
+            checkpoints: false,
+            batches: Mutex::default(),
+        }
+    }
+
+    /// Its memory recurrent, keeping checkpoints as the source backend does.
+    fn recurrent(self) -> Self {
+        FakeModel { recurrent: true, checkpoints: true, ..self }
+    }
+
+    /// Its memory recurrent, keeping no checkpoints (the `crate` and `raw` backends).
+    fn recurrent_without_checkpoints(self) -> Self {
+        FakeModel { recurrent: true, ..self }
     }
 
     fn with_next(mut self, pairs: &[(TokenId, TokenId)]) -> Self {
@@ -246,12 +263,12 @@ impl BackendSession for FakeSession<'_> {
     }
 
     fn keeps_checkpoints(&self) -> bool {
-        self.model.recurrent
+        self.model.checkpoints
     }
 
     fn seq_checkpoint(&mut self, seq: i32) -> Option<(Vec<TokenId>, usize)> {
         let cache = &self.kv[seq as usize];
-        self.model.recurrent.then(|| (cache.clone(), 4 * cache.len()))
+        self.model.checkpoints.then(|| (cache.clone(), 4 * cache.len()))
     }
 
     /// As llama.cpp's: the checkpoint's positions must still be held (the caller keeps them as
@@ -422,24 +439,24 @@ fn drafts_are_verified_against_the_model_and_get_the_room_that_is_left() {
 
 /// Drafting adapts to occupancy: with every one of 8 slots generating, drafts that half hold
 /// (the prior for a request that has not drafted yet) would cost more than they bring on a CPU
-/// (`DecodeCost`'s prior), so no step carries any, though prompt lookup would find them; one
-/// request alone drafts.
+/// (`DecodeCost`'s prior), and the lookups made outside the batch fail (the text counts on where
+/// the prompt went back), so no step carries any; one request alone drafts.
 #[test]
 fn no_drafts_when_every_slot_of_a_full_batch_is_busy() {
-    let model = FakeModel::counting().with_next(&[(5, 6), (6, 5)]);
+    let model = FakeModel::counting();
     let mut s = scheduler(&model, 8, 512, 64);
     let names = ["a", "b", "c", "d", "e", "f", "g", "h"];
     for name in names {
         s.admit(prepared(&[5, 6, 5, 6, 5], 6, Speculation::Ngram { max_draft: 8 }), name).unwrap();
     }
     let ended = run(&mut s);
-    assert!(ended.iter().all(|e| e.2 == [6, 5, 6, 5, 6, 5]), "{ended:?}");
+    assert!(ended.iter().all(|e| e.2 == [6, 7, 8, 9, 10, 11]), "{ended:?}");
     let batches = model.batches.lock().unwrap().clone();
     assert_eq!(batches[0].len(), 8 * 5, "the prompts, together");
     assert!(batches[1..].iter().all(|b| b.len() == 8), "one token per slot, no drafts: {:?}", batches.iter().map(Vec::len).collect::<Vec<_>>());
     assert_eq!(s.counters.drafted_tokens.load(Ordering::Relaxed), 0);
     s.admit(prepared(&[5, 6, 5, 6, 5], 6, Speculation::Ngram { max_draft: 8 }), "alone").unwrap();
-    assert_eq!(run(&mut s)[0].2, [6, 5, 6, 5, 6, 5]);
+    assert_eq!(run(&mut s)[0].2, [6, 7, 8, 9, 10, 11]);
     assert!(s.counters.drafted_tokens.load(Ordering::Relaxed) > 0, "alone, it drafts");
 }
 
@@ -458,22 +475,89 @@ fn a_step_whose_drafts_do_not_fit_is_built_again_without_them() {
     assert!(s.counters.steps_without_drafts.load(Ordering::Relaxed) > 0);
 }
 
+/// After the prompt's "5 6" came 9 once: lookup drafts 9 after the next 6, the model says 7. A
+/// recurrent state cannot drop the rejected draft.
+const REJECTED_ONCE: [(TokenId, TokenId); 5] = [(5, 6), (6, 7), (7, 8), (8, 5), (9, 5)];
+
+fn plain_tokens(model: &FakeModel, prompt: &[TokenId], max_tokens: usize) -> Vec<TokenId> {
+    let mut plain = scheduler(model, 1, 64, 64);
+    plain.admit(prepared(prompt, max_tokens, Speculation::Off), "plain").unwrap();
+    run(&mut plain).remove(0).2
+}
+
 #[test]
-fn a_recurrent_state_that_cannot_be_cut_back_is_decoded_again_and_the_text_is_the_same() {
-    // After the prompt's "5 6" came 9 once: lookup drafts 9, the model says 7. A recurrent state
-    // cannot drop the rejected draft, so the sequence is decoded again, without speculation.
-    let pairs = [(5, 6), (6, 7), (7, 8), (8, 5), (9, 5)];
-    let plain_model = FakeModel::counting().with_next(&pairs);
-    let mut plain = scheduler(&plain_model, 1, 64, 64);
-    plain.admit(prepared(&[5, 6, 9, 5], 6, Speculation::Off), "plain").unwrap();
-    let want = run(&mut plain).remove(0).2;
-    let model = FakeModel { recurrent: true, ..FakeModel::counting().with_next(&pairs) };
+fn a_recurrent_state_returns_to_before_a_rejected_round_and_decodes_only_what_it_kept() {
+    let want = plain_tokens(&FakeModel::counting().with_next(&REJECTED_ONCE), &[5, 6, 9, 5], 24);
+    let model = FakeModel::counting().with_next(&REJECTED_ONCE).recurrent();
+    let mut s = scheduler(&model, 1, 64, 64);
+    // One draft a round: a rejection then costs little enough for drafting to go on.
+    s.admit(prepared(&[5, 6, 9, 5], 24, Speculation::Ngram { max_draft: 1 }), "spec").unwrap();
+    let ended = run(&mut s);
+    assert_eq!(ended[0].2, want);
+    let batches = model.batches.lock().unwrap();
+    assert!(!batches.iter().skip(1).any(|b| b[0].1 == 0), "the sequence was decoded again from its start");
+    // The round after "5 6" drafted 9 at position 5 and got 7: the next batch decodes the pending
+    // 6 at position 4 again (no output), then 7 with its output, and drafts go on.
+    let round = batches.iter().position(|b| b[..2] == [(6, 4, 0, true), (9, 5, 0, true)]).expect("the round that drafts 9");
+    assert_eq!(batches[round + 1][..2], [(6, 4, 0, false), (7, 5, 0, true)]);
+    let drafting_after = batches[round + 2..].iter().filter(|b| b.iter().filter(|e| e.3).count() > 1).count();
+    assert!(drafting_after > 0, "no drafts after the rejection");
+}
+
+/// A step that decodes a rejected round's kept tokens again drafts nothing: its state is not yet
+/// one to mark, and a rejection there would replay the replay as well.
+#[test]
+fn a_step_that_decodes_a_round_again_drafts_nothing() {
+    // The text cycles 1 2 3; the prompt once had 4 after "1 2": the first round drafts 1 2 4 1 after
+    // the pending 3 and keeps 1 2. Lookup would draft again at once.
+    let pairs = [(1, 2), (2, 3), (3, 1)];
+    let prompt = [1, 2, 3, 1, 2, 4, 1, 2];
+    let want = plain_tokens(&FakeModel::counting().with_next(&pairs), &prompt, 12);
+    let model = FakeModel::counting().with_next(&pairs).recurrent();
+    let mut s = scheduler(&model, 1, 64, 64);
+    s.admit(prepared(&prompt, 12, Speculation::Ngram { max_draft: 4 }), "spec").unwrap();
+    assert_eq!(run(&mut s)[0].2, want);
+    let batches = model.batches.lock().unwrap();
+    let round = batches.iter().position(|b| b[0] == (3, 8, 0, true)).expect("the first generation step");
+    assert_eq!(batches[round][1..], [(1, 9, 0, true), (2, 10, 0, true), (4, 11, 0, true), (1, 12, 0, true)], "the round that keeps two");
+    assert_eq!(batches[round + 1], [(3, 8, 0, false), (1, 9, 0, false), (2, 10, 0, false), (3, 11, 0, true)], "decoded again, no drafts");
+    assert!(batches[round + 2..].iter().any(|b| b.iter().filter(|e| e.3).count() > 1), "drafts after it");
+}
+
+/// A round whose four drafts all fail (plus the token decoded again) leaves the request's
+/// acceptance at 1 in 7, where drafts stop paying (see `DecodeCost`); the lookups it still makes
+/// outside the batch come true once the text repeats, and drafting starts again.
+#[test]
+fn drafts_that_stopped_paying_start_again_when_lookups_come_true() {
+    // After "5 6" the prompt had 9 9 9 5: the first round drafts those; the model says 7, and
+    // then cycles 7 8 5 6.
+    let pairs = [(5, 6), (6, 7), (7, 8), (8, 5), (9, 9)];
+    let prompt = [5, 6, 9, 9, 9, 5];
+    let want = plain_tokens(&FakeModel::counting().with_next(&pairs), &prompt, 24);
+    let model = FakeModel::counting().with_next(&pairs).recurrent();
+    let mut s = scheduler(&model, 1, 64, 64);
+    s.admit(prepared(&prompt, 24, Speculation::Ngram { max_draft: 4 }), "spec").unwrap();
+    assert_eq!(run(&mut s)[0].2, want);
+    let batches = model.batches.lock().unwrap();
+    let outputs = |b: &Vec<Entry>| b.iter().filter(|e| e.3).count();
+    let round = batches.iter().position(|b| b[0] == (6, 6, 0, true)).expect("the first generation step");
+    assert_eq!(batches[round], [(6, 6, 0, true), (9, 7, 0, true), (9, 8, 0, true), (9, 9, 0, true), (5, 10, 0, true)], "the failing round");
+    let resumed = batches[round + 1..].iter().position(|b| outputs(b) > 1).expect("drafting never started again") + round + 1;
+    assert!(resumed > round + 2, "drafts went on at once: the gate did not close");
+}
+
+#[test]
+fn a_recurrent_state_without_checkpoints_is_decoded_again_and_stops_speculating() {
+    let want = plain_tokens(&FakeModel::counting().with_next(&REJECTED_ONCE), &[5, 6, 9, 5], 6);
+    let model = FakeModel::counting().with_next(&REJECTED_ONCE).recurrent_without_checkpoints();
     let mut s = scheduler(&model, 1, 64, 64);
     s.admit(prepared(&[5, 6, 9, 5], 6, Speculation::Ngram { max_draft: 4 }), "spec").unwrap();
     let ended = run(&mut s);
     assert_eq!(ended[0].2, want);
-    // A batch restarting from position 0 of the sequence: the rebuild.
-    assert!(model.batches.lock().unwrap().iter().skip(1).any(|b| b[0].1 == 0), "no sequence was decoded again");
+    let batches = model.batches.lock().unwrap();
+    // A batch restarting from position 0 of the sequence: the rebuild; no drafts after it.
+    let rebuild = batches.iter().skip(1).position(|b| b[0].1 == 0).expect("no sequence was decoded again") + 1;
+    assert!(batches[rebuild..].iter().all(|b| b.iter().filter(|e| e.3).count() <= 1), "drafts after the rebuild");
 }
 
 #[test]
@@ -661,7 +745,7 @@ fn a_recurrent_state_returns_to_the_checkpoint_near_the_last_prompts_end() {
     let mut next = first.clone();
     next.extend([20, 21, 22, 9, 10]);
     let fresh = |checkpoints: usize, slot: Option<usize>| {
-        let model = FakeModel { recurrent: true, ..FakeModel::counting() };
+        let model = FakeModel::counting().recurrent();
         let counters = Arc::new(Counters::default());
         let config = SessionConfig { n_ctx: 64, n_batch: 64, n_ubatch: 64, n_seq: 2, ..SessionConfig::default() };
         let mut s = Scheduler::new(&model, model.session(&config).unwrap(), 2, Arc::clone(&counters));

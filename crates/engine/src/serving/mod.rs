@@ -252,6 +252,8 @@ pub struct ServingStatus {
     /// Speculation: tokens drafted by prompt lookup, and of those the ones kept.
     pub drafted_tokens: u64,
     pub accepted_tokens: u64,
+    /// Tokens decoded again after rounds whose rejected drafts a recurrent state could not drop.
+    pub replayed_tokens: u64,
     /// Steps built again without their drafts because the KV cache had no room for them.
     pub steps_without_drafts: u64,
 }
@@ -408,6 +410,7 @@ impl ServingCore {
             slots: self.slots,
             drafted_tokens: c.drafted_tokens.load(Ordering::Relaxed),
             accepted_tokens: c.accepted_tokens.load(Ordering::Relaxed),
+            replayed_tokens: c.replayed_tokens.load(Ordering::Relaxed),
             steps_without_drafts: c.steps_without_drafts.load(Ordering::Relaxed),
         }
     }

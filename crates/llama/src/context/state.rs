@@ -55,7 +55,8 @@ impl Context<'_> {
         self.sequence_state(seq_id, WHOLE)
     }
 
-    /// Restores one sequence's state into `dest_seq_id`.
+    /// Restores one sequence's state into `dest_seq_id`. The last decode's outputs stay readable
+    /// (the other sequences of that batch may still draw from them).
     pub fn load_sequence_state(&mut self, state: &[u8], dest_seq_id: SeqId) -> Result<(), StateError> {
         self.check_state_seq(dest_seq_id)?;
         self.read_sequence_state("llama_state_seq_set_data", state, dest_seq_id, WHOLE)
@@ -79,7 +80,10 @@ impl Context<'_> {
     }
 
     /// Reads `state` (the `flags` part of a sequence's state) into checked sequence `seq_id`;
-    /// `function` names the call in a caught exception.
+    /// `function` names the call in a caught exception. The last decode's outputs stay readable:
+    /// llama.cpp reads a sequence's state into the memory only, not the output buffers (a
+    /// sequence returned to a checkpoint while the others of its batch still draw from it).
+    /// Cut floors go: the recurrent memory may move cells to place the sequence.
     fn read_sequence_state(
         &mut self,
         function: &'static str,
@@ -87,7 +91,6 @@ impl Context<'_> {
         seq_id: SeqId,
         flags: sys::llama_state_seq_flags,
     ) -> Result<(), StateError> {
-        self.outputs.clear();
         self.forget_cut_floors();
         let mut read = 0;
         let (guarded, messages) = backend::capture(|| {
@@ -191,11 +194,11 @@ impl Context<'_> {
     }
 
     /// Loads a sequence state file into `dest_seq_id`; returns the tokens saved with it (at
-    /// most `max_tokens`).
+    /// most `max_tokens`). The last decode's outputs stay readable.
     pub fn load_sequence_state_file(&mut self, dest_seq_id: SeqId, path: &Path, max_tokens: usize) -> Result<Vec<Token>, StateError> {
         self.check_state_seq(dest_seq_id)?;
         let c_path = c_path(path)?;
-        self.outputs.clear();
+        // As `read_sequence_state`: the memory only, the last decode's outputs stay.
         self.forget_cut_floors();
         let mut tokens = vec![Token(0); max_tokens];
         let mut n = 0usize;
