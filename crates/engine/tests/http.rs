@@ -853,9 +853,15 @@ fn slots_save_restore_and_erase_their_caches_in_the_slot_folder_only() {
     let held = cached();
     let slot = 1;
     assert_eq!(held[0], 0, "{held:?}");
-    let tokens = held[slot];
     let decoded = first["timings"]["prompt_n"].as_u64().unwrap() + first["tokens_predicted"].as_u64().unwrap() - 1;
-    assert_eq!(tokens, decoded, "the prompt and the generated tokens but the last: {first}");
+    assert_eq!(held[slot], decoded, "the prompt and the generated tokens but the last: {first}");
+    // The prompt again, served by this cache: only its last token is decoded, over the cells the
+    // first decode wrote. A restored copy of the cache must give exactly this. (A whole-prompt
+    // decode, as the first, may part from it at a near tie: batch shapes round differently; on an
+    // AVX-512 Xeon without AMX this prompt's first token does.)
+    let reused = complete_in(1);
+    assert_eq!(reused["timings"]["prompt_n"], 1, "{reused}");
+    let tokens = cached()[slot];
 
     let (status, saved) = action(slot, "save", json!({ "filename": "france.bin" }));
     assert_eq!(status, 200, "{saved}");
@@ -876,7 +882,7 @@ fn slots_save_restore_and_erase_their_caches_in_the_slot_folder_only() {
     assert_eq!((restored["n_restored"].as_u64(), restored["n_read"].as_u64()), (Some(tokens), Some(written)));
     assert_eq!(cached()[other], tokens);
     let again = complete();
-    assert_eq!(again["content"], first["content"]);
+    assert_eq!(again["content"], reused["content"]);
     assert_eq!(again["timings"]["prompt_n"], 1, "the restored cache serves the prompt: {again}");
     assert_eq!(cached()[other], tokens, "the request ran in the slot holding the restored cache");
 
@@ -896,7 +902,14 @@ fn slots_save_restore_and_erase_their_caches_in_the_slot_folder_only() {
         assert_eq!((got, body["error"]["param"].as_str()), (status, Some(param)), "{act}: {body}");
     }
     assert!(!dir.parent().unwrap().join("escape.bin").exists());
-    assert_eq!(complete()["content"], first["content"], "a failed restore leaves the server serving");
+    // The failed restores emptied slot 0 (the erased slot 1 is empty too): the prompt is decoded
+    // whole again, as the first time.
+    let last = complete();
+    assert_eq!(
+        (&last["content"], &last["timings"]["prompt_n"]),
+        (&first["content"], &first["timings"]["prompt_n"]),
+        "a failed restore leaves the server serving"
+    );
 
     let server = Server::start(&["--parallel", "2"]);
     let r = client().post(server.url("/slots/0?action=erase")).send().unwrap();
