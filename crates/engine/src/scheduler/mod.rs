@@ -210,7 +210,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             .map(|s| match &s.phase {
                 Phase::Idle => 0,
                 Phase::Prefilling { prompt, .. } => prompt.len().max(s.seq.len()),
-                Phase::Generating { request, .. } => s.seq.len() + 1 + request.drafting.as_ref().map_or(0, |d| d.replay.len()),
+                Phase::Generating { request, .. } => s.seq.len() + 1 + request.pending_replay().len(),
             })
             .sum()
     }
@@ -393,7 +393,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             }
             let Phase::Generating { request, pending } = phase else { continue };
             // The kept part of a rolled-back round first (see `rebuild`): decoded, no outputs.
-            let replay = request.drafting.as_ref().map_or(&[][..], |d| &d.replay[..]);
+            let replay = request.pending_replay();
             for (k, &token) in replay.iter().enumerate() {
                 self.session.batch_push(token, (seq.len() + k) as i32, seq.id(), false)?;
             }

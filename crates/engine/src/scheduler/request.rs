@@ -263,6 +263,11 @@ impl<S, C> Request<S, C> {
         ((self.stats.accepted_tokens + shadow_kept) as f64 + 1.0) / (spent as f64 + 2.0)
     }
 
+    /// The tokens to decode again before the pending token (see [`Drafting::replay`]).
+    pub(crate) fn pending_replay(&self) -> &[TokenId] {
+        self.drafting.as_ref().map_or(&[], |d| &d.replay)
+    }
+
     /// Notes `tokens` (decoded already, then dropped with a rejected round) to decode again
     /// before its pending token. A speculating request only.
     pub(crate) fn replay(&mut self, tokens: &[TokenId], counters: &Counters) {

@@ -479,28 +479,35 @@ fn a_step_whose_drafts_do_not_fit_is_built_again_without_them() {
 /// recurrent state cannot drop the rejected draft.
 const REJECTED_ONCE: [(TokenId, TokenId); 5] = [(5, 6), (6, 7), (7, 8), (8, 5), (9, 5)];
 
-fn plain_tokens(model: &FakeModel, prompt: &[TokenId], max_tokens: usize) -> Vec<TokenId> {
-    let mut plain = scheduler(model, 1, 64, 64);
+/// The batches of one request speculating by prompt lookup (at most `max_draft` a round) on
+/// `model`, after checking that its tokens are those of a plain run over the same table.
+fn speculative_batches(model: &FakeModel, prompt: &[TokenId], max_tokens: usize, max_draft: u32) -> Vec<Vec<Entry>> {
+    let table = FakeModel { next: model.next.clone(), ..FakeModel::counting() };
+    let mut plain = scheduler(&table, 1, 64, 64);
     plain.admit(prepared(prompt, max_tokens, Speculation::Off), "plain").unwrap();
-    run(&mut plain).remove(0).2
+    let want = run(&mut plain).remove(0).2;
+    let mut s = scheduler(model, 1, 64, 64);
+    s.admit(prepared(prompt, max_tokens, Speculation::Ngram { max_draft }), "spec").unwrap();
+    assert_eq!(run(&mut s)[0].2, want, "speculation changed the tokens");
+    model.batches.lock().unwrap().clone()
+}
+
+/// The entries of a batch that have an output: the pending token and its drafts.
+fn outputs(batch: &[Entry]) -> usize {
+    batch.iter().filter(|e| e.3).count()
 }
 
 #[test]
 fn a_recurrent_state_returns_to_before_a_rejected_round_and_decodes_only_what_it_kept() {
-    let want = plain_tokens(&FakeModel::counting().with_next(&REJECTED_ONCE), &[5, 6, 9, 5], 24);
     let model = FakeModel::counting().with_next(&REJECTED_ONCE).recurrent();
-    let mut s = scheduler(&model, 1, 64, 64);
     // One draft a round: a rejection then costs little enough for drafting to go on.
-    s.admit(prepared(&[5, 6, 9, 5], 24, Speculation::Ngram { max_draft: 1 }), "spec").unwrap();
-    let ended = run(&mut s);
-    assert_eq!(ended[0].2, want);
-    let batches = model.batches.lock().unwrap();
+    let batches = speculative_batches(&model, &[5, 6, 9, 5], 24, 1);
     assert!(!batches.iter().skip(1).any(|b| b[0].1 == 0), "the sequence was decoded again from its start");
     // The round after "5 6" drafted 9 at position 5 and got 7: the next batch decodes the pending
     // 6 at position 4 again (no output), then 7 with its output, and drafts go on.
     let round = batches.iter().position(|b| b[..2] == [(6, 4, 0, true), (9, 5, 0, true)]).expect("the round that drafts 9");
     assert_eq!(batches[round + 1][..2], [(6, 4, 0, false), (7, 5, 0, true)]);
-    let drafting_after = batches[round + 2..].iter().filter(|b| b.iter().filter(|e| e.3).count() > 1).count();
+    let drafting_after = batches[round + 2..].iter().filter(|b| outputs(b) > 1).count();
     assert!(drafting_after > 0, "no drafts after the rejection");
 }
 
@@ -512,16 +519,12 @@ fn a_step_that_decodes_a_round_again_drafts_nothing() {
     // the pending 3 and keeps 1 2. Lookup would draft again at once.
     let pairs = [(1, 2), (2, 3), (3, 1)];
     let prompt = [1, 2, 3, 1, 2, 4, 1, 2];
-    let want = plain_tokens(&FakeModel::counting().with_next(&pairs), &prompt, 12);
     let model = FakeModel::counting().with_next(&pairs).recurrent();
-    let mut s = scheduler(&model, 1, 64, 64);
-    s.admit(prepared(&prompt, 12, Speculation::Ngram { max_draft: 4 }), "spec").unwrap();
-    assert_eq!(run(&mut s)[0].2, want);
-    let batches = model.batches.lock().unwrap();
+    let batches = speculative_batches(&model, &prompt, 12, 4);
     let round = batches.iter().position(|b| b[0] == (3, 8, 0, true)).expect("the first generation step");
     assert_eq!(batches[round][1..], [(1, 9, 0, true), (2, 10, 0, true), (4, 11, 0, true), (1, 12, 0, true)], "the round that keeps two");
     assert_eq!(batches[round + 1], [(3, 8, 0, false), (1, 9, 0, false), (2, 10, 0, false), (3, 11, 0, true)], "decoded again, no drafts");
-    assert!(batches[round + 2..].iter().any(|b| b.iter().filter(|e| e.3).count() > 1), "drafts after it");
+    assert!(batches[round + 2..].iter().any(|b| outputs(b) > 1), "drafts after it");
 }
 
 /// A round whose four drafts all fail (plus the token decoded again) leaves the request's
@@ -533,13 +536,8 @@ fn drafts_that_stopped_paying_start_again_when_lookups_come_true() {
     // then cycles 7 8 5 6.
     let pairs = [(5, 6), (6, 7), (7, 8), (8, 5), (9, 9)];
     let prompt = [5, 6, 9, 9, 9, 5];
-    let want = plain_tokens(&FakeModel::counting().with_next(&pairs), &prompt, 24);
     let model = FakeModel::counting().with_next(&pairs).recurrent();
-    let mut s = scheduler(&model, 1, 64, 64);
-    s.admit(prepared(&prompt, 24, Speculation::Ngram { max_draft: 4 }), "spec").unwrap();
-    assert_eq!(run(&mut s)[0].2, want);
-    let batches = model.batches.lock().unwrap();
-    let outputs = |b: &Vec<Entry>| b.iter().filter(|e| e.3).count();
+    let batches = speculative_batches(&model, &prompt, 24, 4);
     let round = batches.iter().position(|b| b[0] == (6, 6, 0, true)).expect("the first generation step");
     assert_eq!(batches[round], [(6, 6, 0, true), (9, 7, 0, true), (9, 8, 0, true), (9, 9, 0, true), (5, 10, 0, true)], "the failing round");
     let resumed = batches[round + 1..].iter().position(|b| outputs(b) > 1).expect("drafting never started again") + round + 1;
@@ -548,16 +546,11 @@ fn drafts_that_stopped_paying_start_again_when_lookups_come_true() {
 
 #[test]
 fn a_recurrent_state_without_checkpoints_is_decoded_again_and_stops_speculating() {
-    let want = plain_tokens(&FakeModel::counting().with_next(&REJECTED_ONCE), &[5, 6, 9, 5], 6);
     let model = FakeModel::counting().with_next(&REJECTED_ONCE).recurrent_without_checkpoints();
-    let mut s = scheduler(&model, 1, 64, 64);
-    s.admit(prepared(&[5, 6, 9, 5], 6, Speculation::Ngram { max_draft: 4 }), "spec").unwrap();
-    let ended = run(&mut s);
-    assert_eq!(ended[0].2, want);
-    let batches = model.batches.lock().unwrap();
+    let batches = speculative_batches(&model, &[5, 6, 9, 5], 6, 4);
     // A batch restarting from position 0 of the sequence: the rebuild; no drafts after it.
     let rebuild = batches.iter().skip(1).position(|b| b[0].1 == 0).expect("no sequence was decoded again") + 1;
-    assert!(batches[rebuild..].iter().all(|b| b.iter().filter(|e| e.3).count() <= 1), "drafts after the rebuild");
+    assert!(batches[rebuild..].iter().all(|b| outputs(b) <= 1), "drafts after the rebuild");
 }
 
 #[test]
