@@ -66,11 +66,31 @@ impl LevelResult {
     }
 }
 
+/// What every reply of a run is: its length (`ignore_eos`: a reply of another length fails the
+/// level, so that every server does the same work) and how its tokens are drawn.
+#[derive(Clone, Copy, Debug)]
+pub struct Replies {
+    pub max_tokens: usize,
+    /// 0: greedy. Above 0, each request carries a seed of its own (the same on every server
+    /// and round), so a run can be repeated; speculation keeps the distribution, not the draws.
+    pub temperature: f32,
+}
+
+impl Replies {
+    /// "exactly 96 greedy tokens", "exactly 96 tokens sampled at temperature 0.8".
+    pub fn describe(&self) -> String {
+        if self.temperature > 0.0 {
+            format!("exactly {} tokens sampled at temperature {}", self.max_tokens, self.temperature)
+        } else {
+            format!("exactly {} greedy tokens", self.max_tokens)
+        }
+    }
+}
+
 /// `concurrency` clients against `base` (an OpenAI-style server), each holding the
 /// conversations `scenario` gives it (`per_client` of them) and sending their turns in order,
-/// every reply `max_tokens` greedy tokens (`ignore_eos`: a reply of another length fails the
-/// level, so that both servers do the same work).
-pub fn run_level(base: &str, model: &str, scenario: Scenario, concurrency: usize, per_client: usize, max_tokens: usize) -> Result<LevelResult> {
+/// every reply as `replies` says.
+pub fn run_level(base: &str, model: &str, scenario: Scenario, concurrency: usize, per_client: usize, replies: Replies) -> Result<LevelResult> {
     let started = Instant::now();
     let results: Vec<Result<Vec<RequestTiming>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..concurrency)
@@ -80,11 +100,13 @@ pub fn run_level(base: &str, model: &str, scenario: Scenario, concurrency: usize
                     // (llama-server's keep-alive) would fail the request, not the server.
                     let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(600)).pool_max_idle_per_host(0).build()?;
                     let mut timings = Vec::new();
-                    for conversation in scenario.conversations(c, per_client) {
+                    for (k, conversation) in scenario.conversations(c, per_client).into_iter().enumerate() {
                         let mut messages: Vec<Value> = conversation.system.iter().map(|s| json!({ "role": "system", "content": s })).collect();
                         for (turn, text) in conversation.turns.iter().enumerate() {
                             messages.push(json!({ "role": "user", "content": text }));
-                            let (timing, reply) = one_request(&client, base, model, &messages, max_tokens, turn)?;
+                            let seed = (c * per_client + k) * 64 + turn;
+                            let body = chat_body(model, &messages, replies, seed, true);
+                            let (timing, reply) = one_request(&client, base, &body, replies.max_tokens, turn)?;
                             messages.push(json!({ "role": "assistant", "content": reply }));
                             timings.push(timing);
                         }
@@ -103,34 +125,27 @@ pub fn run_level(base: &str, model: &str, scenario: Scenario, concurrency: usize
     Ok(LevelResult { scenario, concurrency, wall_s, requests })
 }
 
-/// The body of a greedy chat request of exactly `max_tokens` tokens.
-pub fn chat_body(model: &str, messages: &[Value], max_tokens: usize, stream: bool) -> Value {
-    json!({
+/// The body of a chat request whose reply is as `replies` says (`seed`: its draws, when sampled).
+pub fn chat_body(model: &str, messages: &[Value], replies: Replies, seed: usize, stream: bool) -> Value {
+    let mut body = json!({
         "model": model,
         "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
+        "max_tokens": replies.max_tokens,
+        "temperature": replies.temperature,
         "ignore_eos": true,
         "stream": stream,
         "stream_options": { "include_usage": true },
-    })
+    });
+    if replies.temperature > 0.0 {
+        body["seed"] = json!(seed);
+    }
+    body
 }
 
 /// One streamed request: its timing and the reply's text.
-fn one_request(
-    client: &reqwest::blocking::Client,
-    base: &str,
-    model: &str,
-    messages: &[Value],
-    max_tokens: usize,
-    turn: usize,
-) -> Result<(RequestTiming, String)> {
+fn one_request(client: &reqwest::blocking::Client, base: &str, body: &Value, max_tokens: usize, turn: usize) -> Result<(RequestTiming, String)> {
     let sent = Instant::now();
-    let response = client
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&chat_body(model, messages, max_tokens, true))
-        .send()
-        .context("sending a chat request")?;
+    let response = client.post(format!("{base}/v1/chat/completions")).json(body).send().context("sending a chat request")?;
     if !response.status().is_success() {
         bail!("{} answered {}: {}", base, response.status(), response.text().unwrap_or_default());
     }

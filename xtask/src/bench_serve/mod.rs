@@ -51,9 +51,13 @@ pub struct Args {
     /// Conversations each client holds per level, one after another (multi-turn: one).
     #[arg(long, default_value_t = 2)]
     per_client: usize,
-    /// Tokens per reply (greedy, `ignore_eos`: every reply exactly this long).
+    /// Tokens per reply (`ignore_eos`: every reply exactly this long).
     #[arg(long, default_value_t = 96)]
     max_tokens: usize,
+    /// Sampling temperature of every reply (0: greedy). Above 0 each request has its own seed,
+    /// the same for every server and round.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
     /// Context shared by the slots: room for 16 long prompts' worth of traffic without
     /// evictions (shared-system: a 1,500-token prompt in each of 8 slots on a server that does
     /// not share it).
@@ -76,6 +80,12 @@ pub struct Args {
     /// measure speculation under load ("exsa serve +ngram" in the report).
     #[arg(long)]
     speculative: bool,
+}
+
+impl Args {
+    fn replies(&self) -> load::Replies {
+        load::Replies { max_tokens: self.max_tokens, temperature: self.temperature }
+    }
 }
 
 /// One server under test.
@@ -131,6 +141,9 @@ struct Sample {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        bail!("--temperature must be a finite number of at least 0, not {}", args.temperature);
+    }
     if args.rounds < 2 {
         bail!("--rounds must be at least 2 (the comparison pairs rounds)");
     }
@@ -180,7 +193,7 @@ pub fn run(args: &Args) -> Result<()> {
                 let result = (|| -> Result<Vec<LevelResult>> {
                     let mut levels = Vec::new();
                     for c in scenario.levels(&args.concurrency) {
-                        let level = load::run_level(&base, "default", scenario, c, args.per_client, args.max_tokens)
+                        let level = load::run_level(&base, "default", scenario, c, args.per_client, args.replies())
                             .with_context(|| format!("{} on {} at concurrency {c}", server.name(), scenario.name()))?;
                         eprintln!(
                             "round {}/{} {:<14} {:<20} c={c:<3} {:7.1} t/s aggregate",

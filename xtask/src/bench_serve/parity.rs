@@ -6,7 +6,7 @@
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use super::load::chat_body;
+use super::load::{Replies, chat_body};
 
 /// What one server makes of the probe chat.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub fn probe(base: &str, model: &str) -> Result<Probe> {
     let prompt = rendered["prompt"].as_str().with_context(|| format!("{base}/apply-template answered no prompt: {rendered}"))?.to_owned();
     let answer: Value = client
         .post(format!("{base}/v1/chat/completions"))
-        .json(&chat_body(model, &messages, 1, false))
+        .json(&chat_body(model, &messages, Replies { max_tokens: 1, temperature: 0.0 }, 0, false))
         .send()
         .and_then(|r| r.error_for_status())
         .and_then(|r| r.json())

@@ -39,14 +39,14 @@ impl Run<'_> {
         let scenarios: Vec<&str> = args.scenario.iter().map(|s| s.name()).collect();
         let mut md = format!(
             "# bench-serve\n\nCommand: `cargo xtask bench-serve` ({} rounds, scenarios {}, distinct at {:?} clients, {} slots, {} conversations per client, \
-             replies of exactly {} greedy tokens (ignore_eos, counted from usage), ctx {}, KV cache {})\n\
+             replies of {} (ignore_eos, counted from usage), ctx {}, KV cache {})\n\
              Model: {}\nMachine: {}\nChat template: the same for both servers (llama-server: {}), checked by a probe before the run.\n{}Took {:.1} min.\n",
             args.rounds,
             scenarios.join(", "),
             args.concurrency,
             args.slots,
             args.per_client,
-            args.max_tokens,
+            args.replies().describe(),
             args.ctx,
             args.cache_type.as_deref().unwrap_or("f16"),
             self.model.display(),
