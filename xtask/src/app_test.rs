@@ -2,6 +2,8 @@
 //! outside the workspace depends on the *packaged* `llama` crate (and through it llama-sys and
 //! llama-src, the pinned tree inside), builds offline with no other step, and runs on a model.
 //! It fails if the package is not self-contained: the app's build never sees `vendor/`.
+//! Then the program's user: `cargo install exsa-engine` from the packaged crates, offline, into a
+//! temporary root, and the installed `exsa generate` on the model.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -55,6 +57,49 @@ pub fn run(args: &Args) -> Result<()> {
     }
     check_output(&stdout, &unpacked)?;
     eprintln!("app-test: ok\n{}", stdout.trim());
+    install(&root, &dirs, &model)
+}
+
+/// `cargo install exsa-engine` from the packaged crates (by path, the others patched in as if
+/// from a registry), offline, into a temporary root; the installed program must generate.
+fn install(root: &Path, crate_dirs: &[PathBuf], model: &Path) -> Result<()> {
+    let engine = package::CRATES
+        .iter()
+        .zip(crate_dirs)
+        .find(|(name, _)| **name == "exsa-engine")
+        .map(|(_, dir)| dir)
+        .context("exsa-engine is not packaged")?;
+    let prefix = root.join("installed");
+    let _ = std::fs::remove_dir_all(&prefix);
+    eprintln!("app-test: cargo install exsa-engine from the packaged crates (offline)");
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["install", "--offline", "--path"]).arg(engine).arg("--root").arg(&prefix).env("CARGO_TARGET_DIR", root.join("target"));
+    for (name, dir) in package::CRATES.iter().zip(crate_dirs).filter(|(name, _)| **name != "exsa-engine") {
+        cmd.arg("--config").arg(format!("patch.crates-io.{name}.path={:?}", dir.display().to_string()));
+    }
+    for var in ["LLAMA_SYS_BUILD_CACHE", "LLAMA_CPP_DIR", "EXSA_MODEL", "CARGO_MANIFEST_DIR"] {
+        cmd.env_remove(var);
+    }
+    cmd.env("LLAMA_SYS_PROFILE", "none");
+    let output = cmd.output().context("cannot run cargo install")?;
+    if !output.status.success() {
+        bail!("cargo install exsa-engine from the packaged crates failed ({}):\n{}", output.status, String::from_utf8_lossy(&output.stderr).trim());
+    }
+    let exsa = prefix.join("bin").join(format!("exsa{}", std::env::consts::EXE_SUFFIX));
+    let out = Command::new(&exsa)
+        .args(["--log", "error", "generate", "--max-tokens", "8", "--model"])
+        .arg(model)
+        .arg("The capital of France is")
+        .output()
+        .with_context(|| format!("cannot run {}", exsa.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && !text.trim().is_empty(),
+        "the installed exsa did not generate ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("app-test: installed exsa generated {:?}", text.trim());
     Ok(())
 }
 

@@ -6,6 +6,8 @@ mod bench_embed;
 mod bench_serve;
 mod check_cuda;
 mod crate_shape;
+mod dist;
+mod dynamic_build;
 mod fetch_model;
 mod fuzz;
 mod gpu_bundle;
@@ -70,6 +72,8 @@ enum Command {
     ServerSuite(server_suite::Args),
     /// Everything a GPU machine without Rust needs to bench our build on its GPU (docs/gpu.md).
     GpuBundle(gpu_bundle::Args),
+    /// The release bundle: exsa with every x86-64 CPU variant, relocatable, as a tarball.
+    Dist(dist::Args),
 }
 
 /// Errors end the run with one `error:` line (the cause chain joined), never with a backtrace:
@@ -99,6 +103,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Tune(args) => tune::run(&args),
         Command::CheckCuda(args) => check_cuda::run(&args),
         Command::GpuBundle(args) => gpu_bundle::run(&args),
+        Command::Dist(args) => dist::run(&args),
         Command::BenchServe(args) => bench_serve::run(&args),
         Command::BenchEmbed(args) => bench_embed::run(&args),
         Command::TemplateParity(args) => template_parity::run(&args),

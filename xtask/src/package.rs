@@ -1,5 +1,6 @@
-//! `cargo xtask package`: `.crate` files of exsa-utf8, llama-src, llama-sys and llama that build
-//! anywhere.
+//! `cargo xtask package`: `.crate` files of exsa-utf8, llama-src, llama-sys, llama,
+//! exsa-bench-protocol and exsa-engine that build anywhere (`cargo install exsa-engine` from them
+//! gives the `exsa` program).
 //!
 //! llama-src's package must carry the pinned llama.cpp tree (as openssl-src carries OpenSSL), but
 //! the tree is never committed here: it is staged into `crates/llama-src/llama.cpp/` (git-ignored)
@@ -13,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use crate::{vendor, workspace};
 
 /// The packaged crates, dependencies first.
-pub const CRATES: &[&str] = &["exsa-utf8", "llama-src", "llama-sys", "llama"];
+pub const CRATES: &[&str] = &["exsa-utf8", "llama-src", "llama-sys", "llama", "exsa-bench-protocol", "exsa-engine"];
 
 #[derive(clap::Args, Default)]
 pub struct Args {}

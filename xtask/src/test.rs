@@ -2,8 +2,9 @@
 //! reported with their paths; the vendored source; the default model; the random-weight models
 //! of other architectures from `synth-models`; llama.cpp's chat template corpus), then runs every
 //! test of the workspace (the chat layer's included, on that corpus), the engine's
-//! tests once more per other backend and in the dynamic-backend mode,
-//! an app outside the workspace built against the packaged crates, rustfmt and clippy, the leak
+//! tests once more per other backend and in the dynamic-backend mode, the release bundle with
+//! every x86-64 CPU variant (`cargo xtask dist --check`), an app outside the workspace built
+//! against the packaged crates and `cargo install exsa-engine` from them, rustfmt and clippy, the leak
 //! check on Linux, llama.cpp's own server test suite against `exsa serve` (`cargo xtask
 //! server-suite`, its OpenAI-surface files), and the reduced CUDA check on Linux x86-64 (a toolkit from PyPI, ggml
 //! configured with CUDA, one CUDA source compiled). `--full` adds what CI leaves out to stay
@@ -15,7 +16,7 @@
 use anyhow::Result;
 
 use crate::{
-    app_test, check_cuda, fetch_model, leak_check, llama_tools, python, server_suite, setup, synth_models, template_parity, vendor, workspace,
+    app_test, check_cuda, dist, fetch_model, leak_check, llama_tools, python, server_suite, setup, synth_models, template_parity, vendor, workspace,
 };
 
 /// The `openai` client the server tests drive `exsa serve` with (`.cargo/config.toml`'s
@@ -111,6 +112,12 @@ pub fn run(args: &Args) -> Result<()> {
         "--test",
         "backend_dl",
     ]))?;
+    // The release bundle (`cargo xtask dist --check`): every x86-64 CPU variant, relocatable,
+    // unpacked without its build and compared with the native build, each variant this CPU runs
+    // forced once, the others refused.
+    if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        dist::run(&dist::Args::checked())?;
+    }
     app_test::run(&app_test::Args::default())?;
     // Lints on every target (tests, examples, benches: so the benches cannot rot unbuilt), for
     // the default backend and raw FFI. The crate backend is left out: linting it would build

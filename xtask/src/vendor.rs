@@ -41,6 +41,19 @@ fn existing_tree(hash: &str, pinned: &str, force: bool) -> Result<Existing> {
     Ok(Existing::Replace)
 }
 
+/// The llama.cpp tree builds use: LLAMA_CPP_DIR when set, else vendor/llama.cpp, vendored
+/// first when missing.
+pub fn source() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("LLAMA_CPP_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let vendored = workspace::root().join("vendor/llama.cpp");
+    if !vendored.join("ggml/CMakeLists.txt").is_file() {
+        run(&Args::default())?;
+    }
+    Ok(vendored)
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let pin = pin::read()?;
     let dest = workspace::root().join("vendor/llama.cpp");

@@ -58,7 +58,9 @@ pub use exsa_utf8::Utf8Decoder;
 /// Where the default model lives: `EXSA_MODEL`, else the workspace cache (`cargo xtask
 /// fetch-model` puts it there).
 pub fn default_model_path() -> std::path::PathBuf {
-    std::env::var_os("EXSA_MODEL")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/gemma-3-270m-q4_k_m.gguf"))
+    std::env::var_os("EXSA_MODEL").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        let file = "gemma-3-270m-q4_k_m.gguf";
+        // A relocatable build (a release bundle) has no model folder: the current one.
+        option_env!("EXSA_DEFAULT_MODEL_DIR").map_or_else(|| std::path::PathBuf::from(file), |dir| std::path::Path::new(dir).join(file))
+    })
 }

@@ -2,7 +2,8 @@
 //! ggml backend a module loaded at run time, the CPU's included. Runs only in such a build
 //! (`cargo test -p exsa-engine --no-default-features --features source,cli,backend-dl --test
 //! backend_dl`, part of `cargo xtask test`): the module is found and mapped into the process, the model generates, a folder named by
-//! EXSA_BACKEND_DIR is used alone, a folder without a CPU module is a clear error, and a CUDA
+//! EXSA_BACKEND_DIR is used alone, a folder without a CPU module is a clear error, the CPU module
+//! loaded is reported and EXSA_CPU_VARIANT chooses another of the folder by name, and a CUDA
 //! module that cannot load (as on a machine without a GPU driver) leaves the CPU running, with a
 //! warning that says so.
 #![cfg(feature = "backend-dl")]
@@ -86,5 +87,44 @@ fn a_cuda_module_that_cannot_load_leaves_the_cpu_running_and_says_so() {
     assert!(out.status.success(), "{stderr}");
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
     assert!(stderr.contains("no GPU was found") && stderr.contains("running on the CPU"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_cpu_module_is_reported_and_exsa_cpu_variant_chooses_among_the_folders_modules() {
+    // This build has one CPU module without variants (a bundle has one per instruction-set
+    // level, checked by `cargo xtask dist --check`), for the target's baseline: it scores on
+    // any x86-64 CPU and is chosen.
+    let variant = llama::backend_modules::cpu_variant().expect("a dynamic build reports its CPU module");
+    assert_eq!(variant.candidates.len(), 1, "{variant:?}");
+    assert_eq!(variant.chosen.name, "");
+    assert!(variant.chosen.score.is_some_and(|s| s > 0), "{variant:?}");
+    assert_eq!(variant.choice, llama::backend_modules::CpuChoice::BestScore);
+
+    // The same module under a variant's name beside it: forced by name, it is the one loaded.
+    let dir = dir_with_cpu_modules("variant");
+    let single = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap() == "libggml-cpu.so").unwrap();
+    std::fs::copy(&single, dir.join("libggml-cpu-mine.so")).unwrap();
+    let info = |variant: &str| {
+        Command::new(env!("CARGO_BIN_EXE_exsa"))
+            .env("EXSA_BACKEND_DIR", &dir)
+            .env("EXSA_CPU_VARIANT", variant)
+            .args(["--log", "error", "info"])
+            .output()
+            .unwrap()
+    };
+    let out = info("mine");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cpu = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["build_info"]["cpu_variant"].clone();
+    assert_eq!(cpu["variant"], "mine", "{cpu}");
+    assert_eq!(cpu["chosen_by"], "EXSA_CPU_VARIANT", "{cpu}");
+    assert_eq!(cpu["file"], dir.join("libggml-cpu-mine.so").display().to_string());
+    assert_eq!(cpu["candidates"].as_array().map(Vec::len), Some(2), "{cpu}");
+
+    // A name the folder lacks: refused by name, with the folder and what it has; no crash.
+    let out = info("pentium");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("EXSA_CPU_VARIANT=pentium") && stderr.contains(&*dir.to_string_lossy()) && stderr.contains("mine"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }

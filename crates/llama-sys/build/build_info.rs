@@ -27,6 +27,21 @@ pub struct BuildInfo {
     pub tuned_profile: String,
 }
 
+/// What a relocatable build records instead of a folder of the build machine.
+const NOT_RECORDED: &str = "(not recorded: relocatable build)";
+
+/// Definitions whose values are folders of the build machine (the CUDA toolkit's).
+const TOOLKIT_PATHS: &[&str] = &["CUDAToolkit_ROOT", "CMAKE_CUDA_COMPILER"];
+
+/// Compiler flags as recorded: a relocatable build leaves out its path maps
+/// (`-ffile-prefix-map=/build/folder=...`), which change no code and name the build's folders.
+fn recorded_flags(plan: &BuildPlan, flags: &str) -> String {
+    if !plan.relocatable {
+        return flags.trim().to_string();
+    }
+    flags.split_whitespace().filter(|f| !f.contains("-prefix-map=")).collect::<Vec<_>>().join(" ")
+}
+
 impl BuildInfo {
     pub fn collect(plan: &BuildPlan, source: &Source, target: &str, installed: &Installed, profile: &crate::profile::Profile) -> BuildInfo {
         let cache = std::fs::read_to_string(installed.cmake_cache()).unwrap_or_default();
@@ -50,13 +65,18 @@ impl BuildInfo {
             llama_cpp: source.pin.describe(),
             build_number: source.pin.build_number.unwrap_or(0),
             upstream_commit: if source.pin.upstream_commit.is_empty() { "unknown".into() } else { source.pin.upstream_commit.clone() },
-            source_dir: source.dir.display().to_string(),
+            // A relocatable build keeps the build machine's folders out of the program.
+            source_dir: if plan.relocatable { NOT_RECORDED.into() } else { source.dir.display().to_string() },
             target: target.to_string(),
             switches: plan.switches.iter().map(|(s, on)| (s.to_string(), *on)).collect(),
-            defines: plan.defines.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            c_flags: format!("{} {}", cache_var("CMAKE_C_FLAGS"), cache_var("CMAKE_C_FLAGS_RELEASE")).trim().to_string(),
-            cxx_flags: format!("{} {}", cache_var("CMAKE_CXX_FLAGS"), cache_var("CMAKE_CXX_FLAGS_RELEASE")).trim().to_string(),
-            ggml_cpu_flags,
+            defines: plan
+                .defines
+                .iter()
+                .map(|(k, v)| (k.clone(), if plan.relocatable && TOOLKIT_PATHS.contains(&k.as_str()) { NOT_RECORDED.into() } else { v.clone() }))
+                .collect(),
+            c_flags: recorded_flags(plan, &format!("{} {}", cache_var("CMAKE_C_FLAGS"), cache_var("CMAKE_C_FLAGS_RELEASE"))),
+            cxx_flags: recorded_flags(plan, &format!("{} {}", cache_var("CMAKE_CXX_FLAGS"), cache_var("CMAKE_CXX_FLAGS_RELEASE"))),
+            ggml_cpu_flags: recorded_flags(plan, &ggml_cpu_flags),
             c_compiler: compiler("C"),
             cxx_compiler: compiler("CXX"),
             tuned_profile: profile.path.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string()),

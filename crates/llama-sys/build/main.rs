@@ -80,8 +80,13 @@ fn main() {
 
     if plan.switches[&plan::Switch::BackendDl] {
         // The modules, for the llama crate to load; the shared libraries, for dependents to
-        // find at run time (links metadata: DEP_LLAMA_SOURCE_LIB_DIR).
-        println!("cargo:rustc-env=LLAMA_SYS_BACKEND_DIR={}", installed.root.join("bin").display());
+        // find at run time (links metadata: DEP_LLAMA_SOURCE_LIB_DIR). A relocatable build
+        // names neither folder to the program: it finds both beside itself or nowhere.
+        if plan.relocatable {
+            println!("cargo:relocatable=1");
+        } else {
+            println!("cargo:rustc-env=LLAMA_SYS_BACKEND_DIR={}", installed.root.join("bin").display());
+        }
         let dirs: Vec<String> = installed.lib_dirs().iter().map(|d| d.display().to_string()).collect();
         println!("cargo:lib_dir={}", dirs.join(":"));
     }

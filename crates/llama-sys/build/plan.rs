@@ -202,6 +202,8 @@ pub struct BuildPlan {
     pub search_paths: Vec<String>,
     /// Headers bindgen reads, relative to the llama.cpp source root.
     pub headers: Vec<&'static str>,
+    /// Whether the build may be moved to another machine ([`RELOCATABLE_VAR`]).
+    pub relocatable: bool,
 }
 
 /// A configuration the plan refuses, with the variable or feature at fault.
@@ -232,13 +234,29 @@ pub const DEFAULT_CUDA_ARCHS: &str = "86-real;89-real;90a-real;100a-real;120a-re
 /// C and C++ compilers for CMake (`gcc`/`g++`, `clang`/`clang++`, or paths): a tuning dimension.
 pub const CC_VAR: &str = "LLAMA_SYS_CC";
 pub const CXX_VAR: &str = "LLAMA_SYS_CXX";
+/// `1` builds for moving elsewhere (a release bundle): the shared libraries and modules of the
+/// dynamic-backend mode find each other in their own folder (`$ORIGIN`), and nothing of the
+/// build's folders is compiled in (no module folder to fall back on, no source path).
+pub const RELOCATABLE_VAR: &str = "LLAMA_SYS_RELOCATABLE";
 
 /// Every variable the plan reads, so the build script can watch them all.
 pub fn known_env_vars() -> Vec<String> {
     let mut vars: Vec<String> = Switch::ALL.iter().map(|s| s.env_var()).collect();
     vars.extend(
-        [OPT_LEVEL_VAR, CUDA_ARCHS_VAR, CUDA_NO_VMM_VAR, BLAS_VENDOR_VAR, CMAKE_ARGS_VAR, CFLAGS_VAR, CXXFLAGS_VAR, CUDA_PATH_VAR, CC_VAR, CXX_VAR]
-            .map(String::from),
+        [
+            OPT_LEVEL_VAR,
+            CUDA_ARCHS_VAR,
+            CUDA_NO_VMM_VAR,
+            BLAS_VENDOR_VAR,
+            CMAKE_ARGS_VAR,
+            CFLAGS_VAR,
+            CXXFLAGS_VAR,
+            CUDA_PATH_VAR,
+            CC_VAR,
+            CXX_VAR,
+            RELOCATABLE_VAR,
+        ]
+        .map(String::from),
     );
     vars
 }
@@ -261,6 +279,12 @@ impl BuildPlan {
         define("CMAKE_BUILD_TYPE", "Release");
         // Static libraries, but for the dynamic-backend mode: ggml then needs shared ones.
         define("BUILD_SHARED_LIBS", onoff(on(Switch::BackendDl)));
+        let relocatable = input.env.get(RELOCATABLE_VAR).map(|v| parse_bool(RELOCATABLE_VAR, v)).transpose()?.unwrap_or(false);
+        if relocatable && on(Switch::BackendDl) {
+            // Installed, the libraries and modules look for each other (and for what a bundle
+            // puts beside them: libgomp) in their own folder, wherever it is.
+            define("CMAKE_INSTALL_RPATH", if target.is_apple() { "@loader_path" } else { "$ORIGIN" });
+        }
         define("CMAKE_POSITION_INDEPENDENT_CODE", "ON");
         for off in [
             "LLAMA_BUILD_TESTS",
@@ -362,7 +386,7 @@ impl BuildPlan {
             headers.push("ggml/include/ggml-rpc.h");
         }
 
-        Ok(BuildPlan { switches, defines, c_flags, cxx_flags, links, search_paths, headers })
+        Ok(BuildPlan { switches, defines, c_flags, cxx_flags, links, search_paths, headers, relocatable })
     }
 
     /// A stable text form of everything that decides the compiled output; its hash names the
@@ -809,6 +833,25 @@ mod tests {
         assert!(err.0.contains("native") && err.0.contains("backend-dl"), "{err}");
         assert!(BuildPlan::new(&with_env(i.clone(), &Switch::Native.env_var(), "off")).is_ok());
         assert_eq!(Switch::BackendDl.env_var(), "LLAMA_SYS_BACKEND_DL");
+    }
+
+    #[test]
+    fn a_relocatable_dynamic_build_finds_its_libraries_beside_each_other() {
+        let mut i = input("x86_64-unknown-linux-gnu");
+        i.features.insert(Switch::BackendDl);
+        assert!(!plan(&i).relocatable);
+        assert_eq!(define(&plan(&i), "CMAKE_INSTALL_RPATH"), None);
+        let p = plan(&with_env(i.clone(), RELOCATABLE_VAR, "1"));
+        assert!(p.relocatable);
+        assert_eq!(define(&p, "CMAKE_INSTALL_RPATH"), Some("$ORIGIN"));
+        let mut mac = input("aarch64-apple-darwin");
+        mac.features.insert(Switch::BackendDl);
+        assert_eq!(define(&plan(&with_env(mac, RELOCATABLE_VAR, "on")), "CMAKE_INSTALL_RPATH"), Some("@loader_path"));
+        // A static build has no libraries to find: relocatable, it only compiles no paths in.
+        let p = plan(&with_env(input("x86_64-unknown-linux-gnu"), RELOCATABLE_VAR, "1"));
+        assert!(p.relocatable && define(&p, "CMAKE_INSTALL_RPATH").is_none());
+        let err = BuildPlan::new(&with_env(i, RELOCATABLE_VAR, "maybe")).unwrap_err();
+        assert!(err.0.contains(RELOCATABLE_VAR), "{err}");
     }
 
     #[test]

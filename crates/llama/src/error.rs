@@ -43,6 +43,51 @@ impl LoadError {
     }
 }
 
+/// Why no CPU module could be chosen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CpuVariantError {
+    /// [`crate::backend_modules::CPU_VARIANT_VAR`] names a variant the folder does not have.
+    #[error("EXSA_CPU_VARIANT={name}: {dir} has no such CPU variant (it has: {available})")]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// The folder.
+        dir: String,
+        /// The variants it has, joined.
+        available: String,
+    },
+    /// [`crate::backend_modules::CPU_VARIANT_VAR`] names a variant this CPU cannot run.
+    #[error(
+        "EXSA_CPU_VARIANT={name}: this CPU cannot run it (it lacks an instruction set the variant was built for; \
+         the CPU has: {features}); variants it can run: {runnable}"
+    )]
+    CannotRun {
+        /// The name asked for.
+        name: String,
+        /// The CPU's instruction sets that variants are built for, joined.
+        features: String,
+        /// The folder's variants this CPU runs, joined.
+        runnable: String,
+    },
+    /// No module of the folder runs on this CPU.
+    #[error("no CPU module in {dir} runs on this CPU (it has: {features}; the modules: {available})")]
+    NoneRuns {
+        /// The folder.
+        dir: String,
+        /// The CPU's instruction sets, joined.
+        features: String,
+        /// The variants of the folder, joined.
+        available: String,
+    },
+    /// ggml did not register the chosen module.
+    #[error("ggml could not load the CPU module {path}")]
+    LoadFailed {
+        /// The module's file.
+        path: String,
+    },
+}
+
 /// Why a model file could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -57,6 +102,10 @@ pub enum LoadErrorKind {
         /// The folders searched, joined.
         searched: String,
     },
+    /// A dynamic-backend build found CPU modules but could not run one: the one
+    /// [`crate::backend_modules::CPU_VARIANT_VAR`] names cannot run on this CPU, or none can.
+    #[error(transparent)]
+    CpuVariant(CpuVariantError),
     /// The file exists but cannot be read.
     #[error("cannot read it: {0}")]
     Io(#[source] std::io::Error),

@@ -171,6 +171,9 @@ impl Model {
         backend::init();
         let path = path.as_ref();
         gguf::check(path)?;
+        if let Some((_, refused)) = crate::backend_modules::refused() {
+            return Err(LoadError::new(path, LoadErrorKind::CpuVariant(refused.clone())));
+        }
         if crate::backend_modules::is_dynamic() && crate::backend_modules::loaded_from().is_none() {
             let searched = crate::backend_modules::search_dirs().iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
             return Err(LoadError::new(path, LoadErrorKind::NoBackend { searched }));

@@ -70,6 +70,9 @@ pub fn fix_line(built: &[Built]) -> String {
 }
 
 fn build(v: &Variant) -> Result<PathBuf> {
+    if v.bundle {
+        return build_bundle(v);
+    }
     let root = bench_root();
     let target = root.join("targets").join(v.target_key());
     let log_path = root.join("logs").join(format!("build-{}.log", v.name));
@@ -115,6 +118,22 @@ fn build(v: &Variant) -> Result<PathBuf> {
     std::fs::create_dir_all(dest.parent().expect("bin folder"))?;
     std::fs::copy(&built, &dest).with_context(|| format!("cannot copy {}", built.display()))?;
     Ok(dest)
+}
+
+/// The release bundle, its program and libraries copied into the variant's own folder (the
+/// program finds both beside itself, as in the bundle's `lib/`).
+fn build_bundle(v: &Variant) -> Result<PathBuf> {
+    let (bundle, _) = crate::dist::make(false)?;
+    let dest = bench_root().join("bin").join(&v.name);
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::create_dir_all(&dest)?;
+    for dir in ["bin", "lib"] {
+        for entry in std::fs::read_dir(bundle.dir.join(dir))? {
+            let path = entry?.path();
+            std::fs::copy(&path, dest.join(path.file_name().context("a bundle file without a name")?))?;
+        }
+    }
+    Ok(dest.join("exsa"))
 }
 
 /// The workspace as it was at `rev` (a commit, tag or branch), unpacked with `git archive` under

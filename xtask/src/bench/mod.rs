@@ -22,7 +22,8 @@ use run::RunSettings;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Variants to compare, baseline first (built-in: A, A-native, B, B-raw).
+    /// Variants to compare, baseline first (built-in: A, A-native, B, B-tuned, B-raw, B-amx,
+    /// B-noamx, B-dist (the release bundle of `cargo xtask dist`), B-rpc).
     #[arg(long, value_delimiter = ',', default_value = "A,B")]
     variants: Vec<String>,
     /// A TOML file of further variants ([[variant]] tables; see docs/benchmarks.md).

@@ -50,6 +50,11 @@ pub struct Variant {
     /// to measure a change against what came before it (see `build::source_tree`).
     #[serde(default)]
     pub git_rev: Option<String>,
+    /// Measure the release bundle (`cargo xtask dist`: dynamic backends, every x86-64 CPU
+    /// variant, the best one for this CPU loaded at start) instead of a build with the settings
+    /// above, which must then be left out.
+    #[serde(default)]
+    pub bundle: bool,
 }
 
 fn release() -> String {
@@ -73,6 +78,7 @@ impl Variant {
             flash_attn: None,
             rpc: Vec::new(),
             git_rev: None,
+            bundle: false,
         }
     }
 
@@ -120,6 +126,20 @@ impl Variant {
         if let Some(bad) = self.features.iter().find(|f| !switches.contains(f)) {
             bail!("variant {}: unknown llama-sys feature {bad:?} (known: {})", self.name, switches.join(", "));
         }
+        if self.bundle
+            && (self.backend != "source"
+                || !self.features.is_empty()
+                || !self.env.is_empty()
+                || !self.cmake_defines.is_empty()
+                || !self.cflags.is_empty()
+                || !self.cxxflags.is_empty()
+                || !self.rustflags.is_empty()
+                || self.llama_cpp_dir.is_some()
+                || self.git_rev.is_some()
+                || self.profile != "release")
+        {
+            bail!("variant {}: a bundle is built as `cargo xtask dist` builds it: backend source, and no build settings of its own", self.name);
+        }
         if !self.rpc.is_empty() && self.backend != "source" {
             bail!("variant {}: rpc-servers need backend source", self.name);
         }
@@ -163,7 +183,7 @@ pub fn tuned_profile_path() -> PathBuf {
         .join("exsa/tuned.toml")
 }
 
-/// A, A-native, B, B-tuned, B-raw, B-rpc, B-amx, B-noamx.
+/// A, A-native, B, B-tuned, B-raw, B-amx, B-noamx, B-dist, B-rpc.
 pub fn builtins() -> Vec<Variant> {
     vec![
         // The crate baseline exactly as `cargo add llama-cpp-2` gives it.
@@ -189,6 +209,9 @@ pub fn builtins() -> Vec<Variant> {
             env: [("LLAMA_SYS_PROFILE", "none"), ("LLAMA_SYS_AMX", "off")].map(|(k, v)| (k.to_string(), v.to_string())).into(),
             ..Variant::builtin("B-noamx", "source", "")
         },
+        // The release bundle (`cargo xtask dist`) against B: what loading the CPU code as the
+        // module for this CPU's instruction-set level costs against -march=native.
+        Variant { bundle: true, ..Variant::builtin("B-dist", "source", "") },
         // B with its layers on an rpc-server on loopback: what the network hop costs.
         Variant {
             env: [("LLAMA_SYS_PROFILE".to_string(), "none".to_string())].into(),
@@ -255,6 +278,7 @@ mod tests {
         )
         .unwrap();
         let v = resolve(Some(&good), &["B-lto".into()]).unwrap();
+        assert!(resolve(None, &["B-dist".into()]).unwrap()[0].bundle, "the built-in bundle variant");
         let env = v[0].build_env();
         assert!(env.contains(&("LLAMA_SYS_LTO".into(), "on".into())));
         assert!(env.contains(&("LLAMA_SYS_CMAKE_ARGS".into(), "-DGGML_AVX512=OFF".into())));
@@ -267,6 +291,8 @@ mod tests {
             ("[[variant]]\nname = \"A\"\nbackend = \"source\"\n", "defined twice"),
             ("[[variant]]\nname = \"X\"\nbackend = \"crate\"\nrpc = [\"loopback\"]\n", "need backend source"),
             ("[[variant]]\nname = \"X\"\nbackend = \"source\"\nrpc = [\"nowhere\"]\n", "neither"),
+            ("[[variant]]\nname = \"X\"\nbackend = \"source\"\nbundle = true\nfeatures = [\"lto\"]\n", "as `cargo xtask dist` builds it"),
+            ("[[variant]]\nname = \"X\"\nbackend = \"raw\"\nbundle = true\n", "as `cargo xtask dist` builds it"),
         ] {
             let path = dir.join("bad.toml");
             std::fs::write(&path, text).unwrap();

@@ -11,10 +11,10 @@
 //! limited; `stage-model.sh` joins and checks them.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+use crate::dynamic_build::DynamicBuild;
 use crate::workspace;
 
 mod report;
@@ -54,31 +54,17 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(out.join("bin"))?;
     std::fs::create_dir_all(out.join("lib"))?;
 
-    let exsa = build_exsa()?;
-    std::fs::copy(&exsa, out.join("bin/exsa"))?;
-    let libs = shared_libraries(&exsa)?;
-    let mut modules_dir = None;
-    for lib in &libs {
+    let build = DynamicBuild::build("gpu-bundle-build", "backend-dl", &[])?;
+    std::fs::copy(&build.exsa, out.join("bin/exsa"))?;
+    for lib in &build.libraries {
         let name = lib.file_name().context("a library path without a name")?;
         std::fs::copy(lib, out.join("lib").join(name)).with_context(|| format!("cannot copy {}", lib.display()))?;
-        // CMake installs the modules into bin/ beside the lib/ of the shared libraries.
-        modules_dir = modules_dir.or_else(|| lib.parent().and_then(Path::parent).map(|root| root.join("bin")));
     }
-    let modules_dir = modules_dir.context("exsa links no libllama: was it built with backend-dl?")?;
-    let mut cpu_modules = 0;
-    for entry in std::fs::read_dir(&modules_dir).with_context(|| format!("no backend modules in {}", modules_dir.display()))? {
-        let path = entry?.path();
-        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        if name.starts_with("libggml-cpu") && name.ends_with(".so") {
-            std::fs::copy(&path, out.join("bin").join(&name))?;
-            cpu_modules += 1;
-        }
-    }
-    if cpu_modules == 0 {
-        bail!("no libggml-cpu*.so in {}", modules_dir.display());
+    for module in build.modules("libggml-cpu")? {
+        std::fs::copy(&module, out.join("bin").join(module.file_name().context("a module without a name")?))?;
     }
 
-    copy_ggml_source(&llama_source()?, &out.join("ggml"))?;
+    copy_ggml_source(&crate::vendor::source()?, &out.join("ggml"))?;
     for (name, text) in [("run.sh", RUN_SH), ("serve_bench.py", SERVE_BENCH_PY), ("stage-model.sh", STAGE_MODEL_SH)] {
         std::fs::write(out.join(name), text)?;
         set_executable(&out.join(name))?;
@@ -91,49 +77,6 @@ pub fn run(args: &Args) -> Result<()> {
     eprintln!("gpu-bundle: there, `./stage-model.sh <parts folder> /tmp/model.gguf` for each batch of parts, then");
     eprintln!("gpu-bundle:   MODEL=/tmp/model.gguf OUT=<results> ./run.sh ; here: cargo xtask gpu-bundle --report <results>");
     Ok(())
-}
-
-/// `exsa` in release with dynamic backends, in a target folder of its own (its features differ
-/// from every other build's).
-fn build_exsa() -> Result<PathBuf> {
-    let target = workspace::target_dir().join("gpu-bundle-build");
-    workspace::run(
-        workspace::cargo()
-            .args(["build", "--release", "-p", "exsa-engine", "--bin", "exsa", "--features", "backend-dl"])
-            .env("CARGO_TARGET_DIR", &target),
-    )?;
-    Ok(target.join("release/exsa"))
-}
-
-/// llama.cpp's shared libraries that `exsa` loads, as the dynamic loader resolves them here.
-fn shared_libraries(exsa: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd").arg(exsa).output().context("cannot run ldd")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let libs = parse_ldd(&text);
-    if !["libllama", "libggml.", "libggml-base"].iter().all(|want| libs.iter().any(|l| l.to_string_lossy().contains(want))) {
-        bail!("{} does not load libllama, libggml and libggml-base from this build:\n{text}", exsa.display());
-    }
-    Ok(libs)
-}
-
-/// The llama.cpp libraries of `ldd` output (`libllama.so.0 => /path/libllama.so.0 (0x...)`).
-fn parse_ldd(text: &str) -> Vec<PathBuf> {
-    text.lines()
-        .filter_map(|l| l.split_once("=>"))
-        .filter(|(name, _)| name.trim().starts_with("libllama") || name.trim().starts_with("libggml"))
-        .filter_map(|(_, path)| path.split_whitespace().next().filter(|p| p.starts_with('/')).map(PathBuf::from))
-        .collect()
-}
-
-fn llama_source() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("LLAMA_CPP_DIR") {
-        return Ok(PathBuf::from(dir));
-    }
-    let vendored = workspace::root().join("vendor/llama.cpp");
-    if vendored.join("ggml/CMakeLists.txt").is_file() {
-        return Ok(vendored);
-    }
-    bail!("no llama.cpp source: run `cargo xtask vendor` (or set LLAMA_CPP_DIR)")
 }
 
 /// ggml's tree as its CMake needs it for the CUDA module alone: everything but the other
@@ -216,15 +159,6 @@ fn human_size(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ldd_lines_give_llamas_libraries() {
-        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibllama.so.0 => /t/lib/libllama.so.0 (0x7f)\n\
-                    \tlibggml.so.0 => /t/lib/libggml.so.0 (0x7f)\n\tlibggml-base.so.0 => /t/lib/libggml-base.so.0 (0x7f)\n\
-                    \tlibstdc++.so.6 => /usr/lib/libstdc++.so.6 (0x7f)\n\tlibggml-cpu.so => not found\n";
-        let libs = parse_ldd(text);
-        assert_eq!(libs, ["/t/lib/libllama.so.0", "/t/lib/libggml.so.0", "/t/lib/libggml-base.so.0"].map(PathBuf::from));
-    }
 
     #[test]
     fn the_model_splits_into_parts_that_join_to_it() {

@@ -39,6 +39,7 @@ impl Backend for SourceBackend {
         info["backend"] = "source".into();
         // Dynamic-backend builds: where the modules were loaded from (null: static, or none found).
         info["backend_modules"] = llama::backend_modules::loaded_from().map(|d| d.display().to_string()).into();
+        info["cpu_variant"] = cpu_variant_info();
         info
     }
 
@@ -62,6 +63,31 @@ impl Backend for SourceBackend {
             L::Error => llama::LogLevel::Error,
             L::Off => llama::LogLevel::Off,
         });
+    }
+}
+
+/// The CPU module a dynamic-backend build runs and why (null in a static build, whose CPU code
+/// is built in for the machine that built it): the variant, how it was chosen, every variant of
+/// the folder with its score on this CPU (0: cannot run here), and the CPU's instruction sets
+/// that decide it. A refused choice (`EXSA_CPU_VARIANT` naming one this CPU cannot run) is
+/// reported as `refused`.
+fn cpu_variant_info() -> serde_json::Value {
+    use llama::backend_modules as modules;
+    let name = |n: &str| if n.is_empty() { "(single module)".to_owned() } else { n.to_owned() };
+    if let Some(variant) = modules::cpu_variant() {
+        let candidates: Vec<serde_json::Value> =
+            variant.candidates.iter().map(|c| serde_json::json!({ "variant": name(&c.name), "score": c.score })).collect();
+        return serde_json::json!({
+            "variant": name(&variant.chosen.name),
+            "file": variant.chosen.path.display().to_string(),
+            "chosen_by": variant.choice.to_string(),
+            "candidates": candidates,
+            "cpu_features": modules::cpu_features(),
+        });
+    }
+    match modules::refused() {
+        Some((_, error)) => serde_json::json!({ "refused": error.to_string(), "cpu_features": modules::cpu_features() }),
+        None => serde_json::Value::Null,
     }
 }
 

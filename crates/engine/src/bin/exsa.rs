@@ -579,6 +579,9 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         },
         sse_keep_alive: Some(seconds("--sse-keep-alive", args.sse_keep_alive)?).filter(|d| !d.is_zero()),
     };
+    if let Some(line) = cpu_variant_line() {
+        eprintln!("{line}");
+    }
     http::run(sources, policy, config, |addr| {
         // One line on stdout per address, for scripts (and tests) that ask for port 0. A reader
         // that took the first and went away is no reason to stop.
@@ -587,6 +590,24 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         let _ = out.flush();
     })?;
     Ok(())
+}
+
+/// What CPU code a dynamic-backend build (a bundle) runs, and why, in one line; None in a static
+/// build (its CPU code is the build machine's).
+fn cpu_variant_line() -> Option<String> {
+    let info = Engine::build_info();
+    let cpu = &info["cpu_variant"];
+    if let Some(refused) = cpu["refused"].as_str() {
+        return Some(format!("CPU variant refused: {refused}"));
+    }
+    let features: Vec<&str> = cpu["cpu_features"].as_array()?.iter().filter_map(|f| f.as_str()).collect();
+    Some(format!(
+        "CPU variant {} (by {}; this CPU has {}), from {}",
+        cpu["variant"].as_str()?,
+        cpu["chosen_by"].as_str()?,
+        features.join(" "),
+        cpu["file"].as_str()?
+    ))
 }
 
 /// `secs` of the flag `flag` as a duration: finite and not negative.

@@ -1,5 +1,6 @@
 //! Process-wide initialisation, and llama.cpp's log routed into `tracing`.
 
+mod cpu_variant;
 pub mod modules;
 
 use std::cell::RefCell;

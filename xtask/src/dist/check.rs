@@ -1,0 +1,265 @@
+//! `cargo xtask dist --check`: the bundle runs without the build that made it, gives the native
+//! build's greedy tokens, and each CPU variant does what it should on this CPU.
+//!
+//! The tarball is unpacked into an empty folder, and the folder llama.cpp's libraries and
+//! modules were built into is renamed for the duration (restored after, whatever happens), so a
+//! bundle that still reached for it would fail. Then, against the native build (static,
+//! `-march=native`, this machine's default): the variant the bundle chooses, and every other
+//! variant this CPU runs (forced with `EXSA_CPU_VARIANT`), generate the native build's greedy
+//! tokens at every step up to the near-tie rule (where the two builds swap near-tied candidates,
+//! the bundle is fed the native tokens and compared on at every later step); each variant this
+//! CPU cannot run is refused with an error that names it, not a crash.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use exsa_bench_protocol::{GreedyStep, NEAR_TIE};
+use serde_json::{Value, json};
+
+use super::Bundle;
+use crate::dynamic_build::DynamicBuild;
+use crate::{server_process, workspace};
+
+/// The prompt and reply length every build is compared on.
+const PROMPT: &str = "The history of the printing press begins";
+const STEPS: usize = 48;
+/// The llama crate's `backend_modules::CPU_VARIANT_VAR`.
+const CPU_VARIANT_VAR: &str = "EXSA_CPU_VARIANT";
+
+pub fn run(bundle: &Bundle, build: &DynamicBuild, model: &Path) -> Result<()> {
+    let unpacked = std::env::temp_dir().join(format!("exsa-dist-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&unpacked);
+    std::fs::create_dir_all(&unpacked)?;
+    let status = Command::new("tar").arg("xzf").arg(&bundle.tarball).arg("-C").arg(&unpacked).status().context("cannot run tar")?;
+    if !status.success() {
+        bail!("tar could not unpack {} ({status})", bundle.tarball.display());
+    }
+    let exsa = unpacked.join(&bundle.name).join("bin/exsa");
+    let native = native_exsa()?;
+    let reference = Server::start(&native, model, None)?.trace(&[])?;
+
+    let built = build.modules_dir.parent().context("the modules folder has no parent")?;
+    let _away = OutOfReach::new(built)?;
+    let info = bundle_info(&exsa, model, None)?;
+    let cpu = &info["build_info"]["cpu_variant"];
+    let chosen = cpu["variant"].as_str().with_context(|| format!("`exsa info` names no CPU variant: {cpu}"))?.to_owned();
+    eprintln!("dist check: the bundle chose {chosen} ({}), CPU: {}", cpu["chosen_by"], cpu["cpu_features"]);
+    compare_variant(&exsa, model, None, &chosen, &reference)?;
+    let candidates = cpu["candidates"].as_array().context("`exsa info` lists no CPU variants")?;
+    for candidate in candidates {
+        let name = candidate["variant"].as_str().context("a CPU variant without a name")?;
+        match candidate["score"].as_i64() {
+            Some(0) => refused(&exsa, model, name)?,
+            _ if name == chosen => {}
+            _ => compare_variant(&exsa, model, Some(name), name, &reference)?,
+        }
+    }
+    let _ = std::fs::remove_dir_all(&unpacked);
+    Ok(())
+}
+
+/// This machine's native build of `exsa` (debug Rust, llama.cpp in Release as always).
+fn native_exsa() -> Result<PathBuf> {
+    workspace::run(workspace::cargo().args(["build", "-p", "exsa-engine", "--bin", "exsa"]).env("LLAMA_SYS_PROFILE", "none"))?;
+    Ok(workspace::target_dir().join("debug/exsa"))
+}
+
+/// `exsa info` of the bundle, with `variant` forced.
+fn bundle_info(exsa: &Path, model: &Path, variant: Option<&str>) -> Result<Value> {
+    let out = bundle_command(exsa, variant).arg("info").arg("--model").arg(model).output().context("cannot run the bundle's exsa")?;
+    if !out.status.success() {
+        bail!("the bundle's `exsa info` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout).context("`exsa info` printed no JSON")
+}
+
+/// The bundle's `exsa` with nothing of this build in its environment.
+fn bundle_command(exsa: &Path, variant: Option<&str>) -> Command {
+    let mut command = Command::new(exsa);
+    command.env_clear().env("PATH", "/usr/bin:/bin");
+    if let Some(variant) = variant {
+        command.env(CPU_VARIANT_VAR, variant);
+    }
+    command
+}
+
+fn compare_variant(exsa: &Path, model: &Path, forced: Option<&str>, name: &str, reference: &[GreedyStep]) -> Result<()> {
+    let server = Server::start(exsa, model, forced)?;
+    let steps = compare_every_step(reference, |forced_prefix| server.trace(forced_prefix))
+        .with_context(|| format!("the bundle's CPU variant {name} against the native build"))?;
+    eprintln!("dist check: variant {name}: {steps}");
+    Ok(())
+}
+
+/// Compares a build's greedy trace with `reference` at every step: where the two part at a
+/// near-tie swap, `trace` is asked again with the reference's tokens up to there forced, and
+/// the comparison goes on from the next step. `trace(forced)` gives the build's steps after the
+/// prompt and the `forced` tokens. Says how the traces matched.
+fn compare_every_step(reference: &[GreedyStep], mut trace: impl FnMut(&[i32]) -> Result<Vec<GreedyStep>>) -> Result<String> {
+    let tokens: Vec<i32> = reference.iter().map(|s| s.token).collect();
+    let mut at = 0;
+    let mut swaps = Vec::new();
+    while at < reference.len() {
+        let theirs = trace(&tokens[..at])?;
+        let ours = &reference[at..];
+        match ours.iter().zip(&theirs).position(|(a, b)| a.token != b.token) {
+            None if theirs.len() >= ours.len() => break,
+            None => bail!("the trace stopped after {} of {} steps", at + theirs.len(), reference.len()),
+            Some(k) if ours[k].is_near_tie_swap(&theirs[k], NEAR_TIE) => {
+                swaps.push(at + k);
+                at += k + 1;
+            }
+            Some(k) => bail!(
+                "step {} differs beyond a near tie: native {} (runner-up {} by {:.3}), bundle {} (runner-up {} by {:.3})",
+                at + k,
+                ours[k].token,
+                ours[k].runner_up,
+                ours[k].margin,
+                theirs[k].token,
+                theirs[k].runner_up,
+                theirs[k].margin
+            ),
+        }
+    }
+    Ok(if swaps.is_empty() {
+        format!("the same {} greedy tokens", reference.len())
+    } else {
+        format!("the same at all {} steps but near-tie swaps at {swaps:?} (compared on with the native tokens)", reference.len())
+    })
+}
+
+/// `variant` forced on a CPU that cannot run it: an error naming it, an exit, not a signal.
+fn refused(exsa: &Path, model: &Path, variant: &str) -> Result<()> {
+    let out = bundle_command(exsa, Some(variant)).arg("info").arg("--model").arg(model).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(code) if code != 0 && stderr.contains(&format!("{CPU_VARIANT_VAR}={variant}")) && stderr.contains("cannot run it") => {
+            eprintln!("dist check: variant {variant}: refused on this CPU (exit {code})");
+            Ok(())
+        }
+        _ => bail!("{CPU_VARIANT_VAR}={variant}, which this CPU cannot run, ended {}: {stderr}", out.status),
+    }
+}
+
+/// An `exsa serve` of one build, stopped when dropped.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(exsa: &Path, model: &Path, variant: Option<&str>) -> Result<Server> {
+        let port = server_process::free_port()?;
+        let log = std::env::temp_dir().join(format!("exsa-dist-check-{}-{}.log", std::process::id(), variant.unwrap_or("default")));
+        let mut command = bundle_command(exsa, variant);
+        command.args(["serve", "--parallel", "1", "--port", &port.to_string(), "--model"]).arg(model).stdin(Stdio::null());
+        let (child, base) = server_process::start_healthy(&mut command, "exsa serve", port, &log)?;
+        Ok(Server { child, base })
+    }
+
+    /// The greedy steps after the prompt and `forced`, with each step's top three.
+    fn trace(&self, forced: &[i32]) -> Result<Vec<GreedyStep>> {
+        let client = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(300)).build()?;
+        // Text, then token ids: one prompt (llama-server's mixed form).
+        let prompt = if forced.is_empty() {
+            json!(PROMPT)
+        } else {
+            Value::Array(std::iter::once(json!(PROMPT)).chain(forced.iter().map(|&t| json!(t))).collect())
+        };
+        let body = json!({ "prompt": prompt, "n_predict": STEPS - forced.len(), "n_probs": 3, "temperature": 0, "ignore_eos": true });
+        let answer: Value = client.post(format!("{}/completion", self.base)).json(&body).send()?.error_for_status()?.json()?;
+        let steps = answer["completion_probabilities"].as_array().with_context(|| format!("no completion_probabilities: {answer}"))?;
+        steps.iter().map(greedy_step).collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One entry of `completion_probabilities` (`{id, logprob, top_logprobs: [{id, logprob}]}`).
+fn greedy_step(step: &Value) -> Result<GreedyStep> {
+    let token = step["id"].as_i64().with_context(|| format!("a step without an id: {step}"))? as i32;
+    let top: Vec<(i32, f32)> = step["top_logprobs"]
+        .as_array()
+        .with_context(|| format!("a step without top_logprobs: {step}"))?
+        .iter()
+        .filter_map(|c| Some((c["id"].as_i64()? as i32, c["logprob"].as_f64()? as f32)))
+        .collect();
+    let [first, second, third] = top[..] else { bail!("a step without its top three: {step}") };
+    // Log-probabilities differ as the logits do.
+    Ok(GreedyStep { token, runner_up: second.0, margin: first.1 - second.1, third: Some((third.0, first.1 - third.1)) })
+}
+
+/// A folder renamed away while the check runs, and back when it ends.
+struct OutOfReach {
+    dir: PathBuf,
+    away: PathBuf,
+}
+
+impl OutOfReach {
+    fn new(dir: &Path) -> Result<OutOfReach> {
+        let away = dir.with_extension("out-of-reach");
+        std::fs::rename(dir, &away).with_context(|| format!("cannot move {} out of reach", dir.display()))?;
+        Ok(OutOfReach { dir: dir.to_owned(), away })
+    }
+}
+
+impl Drop for OutOfReach {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::rename(&self.away, &self.dir) {
+            eprintln!("dist check: could not move {} back to {}: {e}", self.away.display(), self.dir.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(token: i32, runner_up: i32, margin: f32) -> GreedyStep {
+        GreedyStep { token, runner_up, margin, third: None }
+    }
+
+    #[test]
+    fn a_near_tie_swap_is_followed_by_the_reference_tokens_and_compared_on() {
+        let reference = [step(1, 2, 1.0), step(3, 4, 0.1), step(5, 6, 1.0), step(7, 8, 1.0)];
+        // The build swaps step 1, then (fed 1, 3) agrees on.
+        let mut asked = Vec::new();
+        let said = compare_every_step(&reference, |forced| {
+            asked.push(forced.to_vec());
+            Ok(match forced.len() {
+                0 => vec![step(1, 2, 1.0), step(4, 3, 0.05), step(9, 9, 1.0), step(9, 9, 1.0)],
+                _ => vec![step(5, 6, 1.0), step(7, 8, 1.0)],
+            })
+        })
+        .unwrap();
+        assert_eq!(asked, [vec![], vec![1, 3]]);
+        assert!(said.contains("[1]"), "{said}");
+        // After the swap a real difference is still found.
+        let err = compare_every_step(&reference, |forced| {
+            Ok(match forced.len() {
+                0 => vec![step(1, 2, 1.0), step(4, 3, 0.05)],
+                _ => vec![step(5, 6, 1.0), step(8, 7, 2.0)],
+            })
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("step 3 differs"), "{err}");
+        // A short trace is a failure, not a match.
+        assert!(compare_every_step(&reference, |_| Ok(vec![step(1, 2, 1.0)])).is_err());
+    }
+
+    #[test]
+    fn a_step_reads_from_the_servers_probabilities() {
+        let entry =
+            json!({ "id": 5, "logprob": -0.1, "top_logprobs": [{"id": 5, "logprob": -0.1}, {"id": 7, "logprob": -0.4}, {"id": 9, "logprob": -2.1}] });
+        let s = greedy_step(&entry).unwrap();
+        assert_eq!((s.token, s.runner_up), (5, 7));
+        assert!((s.margin - 0.3).abs() < 1e-6 && s.third.is_some_and(|(t, gap)| t == 9 && (gap - 2.0).abs() < 1e-6));
+        assert!(greedy_step(&json!({ "id": 5, "top_logprobs": [{"id": 5, "logprob": -0.1}] })).is_err());
+    }
+}

@@ -1,0 +1,358 @@
+//! `cargo xtask dist`: the release bundle, one download that runs at native speed on any x86-64
+//! Linux machine. `exsa` is built with dynamic backends (llama-sys `backend-dl`) and ggml's
+//! `GGML_CPU_ALL_VARIANTS`: one CPU module per instruction-set level, from plain x86-64 to
+//! AVX-512 with VNNI/BF16 and AMX, of which the best one this CPU runs is loaded at start
+//! (`exsa info` says which and why; `EXSA_CPU_VARIANT` forces one). The build is relocatable
+//! (llama-sys `LLAMA_SYS_RELOCATABLE`): the program finds its libraries in `../lib` and the
+//! libraries each other beside themselves, and it names none of the build's folders.
+//!
+//! Written: `target/dist/exsa-<version>-x86_64-linux.tar.gz`, a folder of that name with
+//! `bin/exsa`, `lib/` (libllama, libggml, libggml-base, the modules, and the OpenMP runtime the
+//! CPU modules link, which a machine without GCC lacks), the licences and a README. Checked
+//! here before it is packed: every library search path is relative, no file names a folder of
+//! this build, and a module with ggml's AMX kernels (the Sapphire Rapids variant) carries
+//! llama-sys' fix of them (docs/amx.md). `--check` then proves it runs without the build
+//! ([`check`]).
+
+mod check;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::dynamic_build::{self, DynamicBuild};
+use crate::workspace;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Also build the CUDA module (the toolkit of `cargo xtask setup --cuda`, or CUDA_PATH).
+    #[arg(long)]
+    cuda: bool,
+    /// Then unpack the bundle into an empty folder with this build out of reach, check that it
+    /// generates the native build's greedy tokens with the CPU variant it chooses and with
+    /// every other variant this CPU runs, and that it refuses the variants it cannot run.
+    #[arg(long)]
+    check: bool,
+    /// Model for --check (default: the project's default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+impl Args {
+    /// The bundle of CPU variants, built and checked (`cargo xtask test` runs it).
+    pub fn checked() -> Args {
+        Args { cuda: false, check: true, model: None }
+    }
+}
+
+/// What the bundle is called, and its folder and tarball.
+pub struct Bundle {
+    pub name: String,
+    pub dir: PathBuf,
+    pub tarball: PathBuf,
+}
+
+impl Bundle {
+    pub fn new() -> Bundle {
+        let name = format!("exsa-{}-x86_64-linux", env!("CARGO_PKG_VERSION"));
+        let out = workspace::target_dir().join("dist");
+        Bundle { dir: out.join(&name), tarball: out.join(format!("{name}.tar.gz")), name }
+    }
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let (bundle, build) = make(args.cuda)?;
+    pack(&bundle)?;
+    let size = std::fs::metadata(&bundle.tarball)?.len();
+    eprintln!("dist: {} ({:.1} MiB)", bundle.tarball.display(), size as f64 / f64::from(1 << 20));
+    if args.check {
+        let model = args.model.clone().unwrap_or_else(crate::fetch_model::default_path);
+        check::run(&bundle, &build, &model)?;
+    }
+    println!("{}", bundle.tarball.display());
+    Ok(())
+}
+
+/// Builds and assembles the bundle's folder, checked relocatable (not packed).
+pub fn make(cuda: bool) -> Result<(Bundle, DynamicBuild)> {
+    if !(cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")) {
+        bail!("dist builds the x86-64 Linux bundle; run it on x86-64 Linux");
+    }
+    let bundle = Bundle::new();
+    let build = build(cuda)?;
+    assemble(&build, &bundle)?;
+    check_relocatable(&bundle.dir, &forbidden_paths())?;
+    Ok((bundle, build))
+}
+
+/// The relocatable dynamic-backend build with every CPU variant.
+fn build(cuda: bool) -> Result<DynamicBuild> {
+    // Source paths in assertion and panic messages name the build's folders: mapped to short
+    // names (the recorded flags leave the maps out).
+    let maps = path_maps();
+    let c_maps: Vec<String> = maps.iter().map(|(from, to)| format!("-ffile-prefix-map={}={to}", from.display())).collect();
+    let rust_maps: Vec<String> = maps.iter().map(|(from, to)| format!("--remap-path-prefix={}={to}", from.display())).collect();
+    let mut env = vec![
+        // The bundle runs on other machines: no tuned profile of this one.
+        ("LLAMA_SYS_PROFILE", "none".to_owned()),
+        ("LLAMA_SYS_RELOCATABLE", "1".to_owned()),
+        ("LLAMA_SYS_CMAKE_ARGS", "-DGGML_CPU_ALL_VARIANTS=ON".to_owned()),
+        ("LLAMA_SYS_CFLAGS", c_maps.join(" ")),
+        ("LLAMA_SYS_CXXFLAGS", c_maps.join(" ")),
+        // The shim and the chat layer, compiled by the `cc` crate.
+        ("CFLAGS", c_maps.join(" ")),
+        ("CXXFLAGS", c_maps.join(" ")),
+        ("RUSTFLAGS", rust_maps.join(" ")),
+    ];
+    let features = if cuda {
+        let toolkit = std::env::var_os("CUDA_PATH").map(PathBuf::from).unwrap_or_else(crate::setup::cuda::root);
+        if !toolkit.join("bin/nvcc").is_file() {
+            bail!("--cuda: no nvcc under {} (run `cargo xtask setup --cuda`, or set CUDA_PATH)", toolkit.display());
+        }
+        env.push(("CUDA_PATH", toolkit.display().to_string()));
+        "backend-dl,cuda"
+    } else {
+        "backend-dl"
+    };
+    DynamicBuild::build("dist-build", features, &env)
+}
+
+/// Writes the bundle's folder afresh.
+fn assemble(build: &DynamicBuild, bundle: &Bundle) -> Result<()> {
+    let dir = &bundle.dir;
+    let _ = std::fs::remove_dir_all(dir);
+    for sub in ["bin", "lib", "licenses"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    copy(&build.exsa, &dir.join("bin/exsa"))?;
+    let mut modules = build.modules("libggml-cpu")?;
+    check_amx_patched(&modules)?;
+    modules.extend(build.modules("libggml-cuda").unwrap_or_default());
+    for file in build.libraries.iter().chain(&modules) {
+        copy(file, &dir.join("lib").join(file.file_name().context("a library without a name")?))?;
+    }
+    // The CPU modules use OpenMP (as the native build does); a machine without GCC has no
+    // libgomp, so it travels, found beside the modules ($ORIGIN).
+    let gomp = dynamic_build::parse_ldd(&dynamic_build::ldd(&modules[0])?)
+        .into_iter()
+        .find(|(name, _)| name.starts_with("libgomp"))
+        .context("the CPU module does not link libgomp: was the build's OpenMP switched off?")?;
+    copy(&gomp.1, &dir.join("lib").join(&gomp.0))?;
+    let root = workspace::root();
+    for licence in ["LICENSE-MIT", "LICENSE-APACHE"] {
+        copy(&root.join(licence), &dir.join(licence))?;
+    }
+    let llama = crate::vendor::source()?;
+    copy(&llama.join("LICENSE"), &dir.join("licenses/llama.cpp-LICENSE"))?;
+    let gomp_copyright = Path::new("/usr/share/doc/libgomp1/copyright");
+    if gomp_copyright.is_file() {
+        copy(gomp_copyright, &dir.join("licenses/libgomp-copyright"))?;
+    }
+    std::fs::write(dir.join("README.md"), readme(bundle, &modules))?;
+    Ok(())
+}
+
+/// Text of llama-sys' AMX patch (crates/llama-sys/amx-fix/exsa_amx_probe.h) that a module
+/// compiled with it carries.
+const AMX_PATCH_MARK: &[u8] = b"AMX: cannot fork the probe process";
+/// A symbol of ggml's AMX matrix multiplication.
+const AMX_KERNEL: &[u8] = b"ggml_backend_amx_mul_mat";
+
+/// Fails naming each CPU module that carries ggml's AMX kernels without llama-sys' patch of them
+/// (unpatched, they crash on this tree: docs/amx.md); the Sapphire Rapids variant is built with
+/// AMX, so the patch must have applied to it.
+fn check_amx_patched(modules: &[PathBuf]) -> Result<()> {
+    let contains = |bytes: &[u8], needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    let mut unpatched = Vec::new();
+    for module in modules {
+        let bytes = std::fs::read(module)?;
+        if contains(&bytes, AMX_KERNEL) && !contains(&bytes, AMX_PATCH_MARK) {
+            unpatched.push(module.display().to_string());
+        }
+    }
+    if !unpatched.is_empty() {
+        bail!("CPU modules with ggml's AMX kernels but without llama-sys' fix of them (they would crash on AMX machines): {}", unpatched.join(", "));
+    }
+    Ok(())
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+fn readme(bundle: &Bundle, modules: &[PathBuf]) -> String {
+    let variants: Vec<String> =
+        modules.iter().filter_map(|m| m.file_name()?.to_str()?.strip_prefix("libggml-cpu-")?.strip_suffix(".so").map(str::to_owned)).collect();
+    format!(
+        "# {name}\n\n\
+         exsa: local LLM inference (llama.cpp compiled from source, a safe Rust engine, and a server\n\
+         that speaks OpenAI's, llama-server's and Ollama's APIs). Built {version} for x86-64 Linux\n\
+         (glibc), with one CPU backend per instruction-set level ({variants}): at start the best one\n\
+         this CPU runs is loaded.\n\n\
+         ## Run\n\n\
+         ```sh\n\
+         bin/exsa serve --model /path/to/model.gguf      # http://127.0.0.1:8080, OpenAI and Ollama APIs\n\
+         bin/exsa generate --model /path/to/model.gguf --prompt 'Hello'\n\
+         bin/exsa info --model /path/to/model.gguf       # the model, and the CPU variant loaded and why\n\
+         ```\n\n\
+         Models are GGUF files (llama.cpp's format), from anywhere: pass the path, or serve a folder of\n\
+         them with `--models-dir DIR`. Nothing is downloaded.\n\n\
+         `EXSA_CPU_VARIANT=haswell` (or another name above) forces one CPU variant; one this CPU cannot\n\
+         run is refused with the reason. For a production server see docs/deploy.md in the source\n\
+         (`--api-key`, `--max-queue`, `--cors-origin`, `--models-dir`, `--keep-alive`; TLS belongs\n\
+         to a reverse proxy in front).\n\n\
+         ## Licences\n\n\
+         exsa: MIT or Apache-2.0 (LICENSE-MIT, LICENSE-APACHE). llama.cpp and ggml: MIT\n\
+         (licenses/llama.cpp-LICENSE). lib/libgomp: GCC's OpenMP runtime, GPL-3.0 with the GCC\n\
+         Runtime Library Exception (licenses/libgomp-copyright).\n",
+        name = bundle.name,
+        version = env!("CARGO_PKG_VERSION"),
+        variants = variants.join(", "),
+    )
+}
+
+/// The build machine's folders that no file of the bundle may name: where this repository,
+/// its build outputs, cargo's registry and the llama.cpp build cache are.
+fn forbidden_paths() -> Vec<PathBuf> {
+    let mut paths = vec![workspace::root(), workspace::target_dir()];
+    if let Some(home) = std::env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo"))) {
+        paths.push(home);
+    }
+    if let Some(cache) = std::env::var_os("LLAMA_SYS_BUILD_CACHE") {
+        paths.push(PathBuf::from(cache));
+    }
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+/// The build machine's folders (those of [`forbidden_paths`] not inside another) and the
+/// names they take in the bundle's messages.
+fn path_maps() -> Vec<(PathBuf, String)> {
+    let paths = forbidden_paths();
+    let outermost: Vec<&PathBuf> = paths.iter().filter(|p| !paths.iter().any(|q| q != *p && p.starts_with(q))).collect();
+    outermost.into_iter().enumerate().map(|(i, p)| (p.clone(), format!("/build{i}"))).collect()
+}
+
+/// Fails naming each file of `dir` whose library search path is not relative to itself
+/// (`$ORIGIN`), and each that names one of `forbidden` (a folder of the build machine).
+fn check_relocatable(dir: &Path, forbidden: &[PathBuf]) -> Result<()> {
+    let mut problems = Vec::new();
+    for file in files_under(dir)? {
+        let bytes = std::fs::read(&file)?;
+        let rel = file.strip_prefix(dir).unwrap_or(&file).display().to_string();
+        if bytes.starts_with(b"\x7fELF") {
+            let out = Command::new("readelf").arg("-d").arg(&file).output().context("cannot run readelf (binutils)")?;
+            for path in search_paths(&String::from_utf8_lossy(&out.stdout)) {
+                if !path.starts_with("$ORIGIN") {
+                    problems.push(format!("{rel}: library search path {path}"));
+                }
+            }
+        }
+        for path in forbidden {
+            let needle = path.to_string_lossy();
+            if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                problems.push(format!("{rel}: names {needle}"));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("the bundle is not relocatable:\n  {}", problems.join("\n  "));
+    }
+    Ok(())
+}
+
+/// The entries of RUNPATH and RPATH in `readelf -d` output
+/// (`0x...1d (RUNPATH)  Library runpath: [$ORIGIN:$ORIGIN/../lib]`).
+fn search_paths(readelf: &str) -> Vec<String> {
+    readelf
+        .lines()
+        .filter(|l| l.contains("(RUNPATH)") || l.contains("(RPATH)"))
+        .filter_map(|l| Some(l[l.find('[')? + 1..l.rfind(']')?].to_owned()))
+        .flat_map(|list| list.split(':').map(str::to_owned).collect::<Vec<_>>())
+        .collect()
+}
+
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            files.extend(files_under(&entry.path())?);
+        } else {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// `tar czf`, the folder at the top of the archive.
+fn pack(bundle: &Bundle) -> Result<()> {
+    let parent = bundle.dir.parent().context("the bundle folder has no parent")?;
+    let status = Command::new("tar")
+        .arg("czf")
+        .arg(&bundle.tarball)
+        .arg("--owner=0")
+        .arg("--group=0")
+        .arg("-C")
+        .arg(parent)
+        .arg(&bundle.name)
+        .status()
+        .context("cannot run tar")?;
+    if !status.success() {
+        bail!("tar failed ({status})");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_forbidden_folder_is_inside_one_mapped_folder() {
+        let maps = path_maps();
+        for path in forbidden_paths() {
+            assert_eq!(maps.iter().filter(|(from, _)| path.starts_with(from)).count(), 1, "{}: {maps:?}", path.display());
+        }
+    }
+
+    #[test]
+    fn a_module_with_unpatched_amx_kernels_is_refused() {
+        let probe = std::fs::read_to_string(workspace::root().join("crates/llama-sys/amx-fix/exsa_amx_probe.h")).unwrap();
+        assert!(probe.contains(std::str::from_utf8(AMX_PATCH_MARK).unwrap()), "the mark is no longer the patch's text");
+        let dir = std::env::temp_dir().join(format!("exsa-dist-amx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (plain, patched, unpatched) =
+            (dir.join("libggml-cpu-haswell.so"), dir.join("libggml-cpu-sapphirerapids.so"), dir.join("libggml-cpu-zen4.so"));
+        std::fs::write(&plain, b"no amx here").unwrap();
+        std::fs::write(&patched, [AMX_KERNEL, b"\0", AMX_PATCH_MARK].concat()).unwrap();
+        check_amx_patched(&[plain.clone(), patched.clone()]).unwrap();
+        std::fs::write(&unpatched, AMX_KERNEL).unwrap();
+        let err = check_amx_patched(&[plain, patched, unpatched]).unwrap_err().to_string();
+        assert!(err.contains("zen4") && !err.contains("sapphirerapids"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn search_paths_are_read_from_readelf() {
+        let out = " 0x000000000000001d (RUNPATH)            Library runpath: [$ORIGIN:$ORIGIN/../lib]\n 0x000000000000000e (SONAME)  Library soname: [libllama.so.0]\n 0x000000000000000f (RPATH)  Library rpath: [/build/lib]\n";
+        assert_eq!(search_paths(out), ["$ORIGIN", "$ORIGIN/../lib", "/build/lib"]);
+        assert!(search_paths(" 0x01 (NEEDED) Shared library: [libc.so.6]\n").is_empty());
+    }
+
+    #[test]
+    fn a_file_naming_a_build_folder_or_searching_outside_itself_is_refused() {
+        let dir = std::env::temp_dir().join(format!("exsa-dist-check-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("lib")).unwrap();
+        std::fs::write(dir.join("lib/clean.txt"), b"nothing here").unwrap();
+        check_relocatable(&dir, &[PathBuf::from("/work/build")]).unwrap();
+        std::fs::write(dir.join("lib/dirty.bin"), b"\0\0/work/build/lib\0").unwrap();
+        let err = check_relocatable(&dir, &[PathBuf::from("/work/build")]).unwrap_err().to_string();
+        assert!(err.contains("lib/dirty.bin: names /work/build"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
