@@ -71,9 +71,15 @@ fn install(root: &Path, crate_dirs: &[PathBuf], model: &Path) -> Result<()> {
         .context("exsa-engine is not packaged")?;
     let prefix = root.join("installed");
     let _ = std::fs::remove_dir_all(&prefix);
+    // Installed from outside this workspace's folder, as from a registry's download: inside it,
+    // cargo takes the package for a member of the workspace that it is not.
+    let outside = std::env::temp_dir().join(format!("exsa-install-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&outside);
+    let source = outside.join(engine.file_name().context("the engine's package folder has no name")?);
+    crate::vendor::copy_tree(engine, &source)?;
     eprintln!("app-test: cargo install exsa-engine from the packaged crates (offline)");
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args(["install", "--offline", "--path"]).arg(engine).arg("--root").arg(&prefix).env("CARGO_TARGET_DIR", root.join("target"));
+    cmd.args(["install", "--offline", "--path"]).arg(&source).arg("--root").arg(&prefix).env("CARGO_TARGET_DIR", root.join("target"));
     for (name, dir) in package::CRATES.iter().zip(crate_dirs).filter(|(name, _)| **name != "exsa-engine") {
         cmd.arg("--config").arg(format!("patch.crates-io.{name}.path={:?}", dir.display().to_string()));
     }
@@ -82,6 +88,7 @@ fn install(root: &Path, crate_dirs: &[PathBuf], model: &Path) -> Result<()> {
     }
     cmd.env("LLAMA_SYS_PROFILE", "none");
     let output = cmd.output().context("cannot run cargo install")?;
+    let _ = std::fs::remove_dir_all(&outside);
     if !output.status.success() {
         bail!("cargo install exsa-engine from the packaged crates failed ({}):\n{}", output.status, String::from_utf8_lossy(&output.stderr).trim());
     }
