@@ -25,13 +25,20 @@ impl DynamicBuild {
     pub fn build(target_dir: &str, features: &str, env: &[(&str, String)]) -> Result<DynamicBuild> {
         let target = workspace::target_dir().join(target_dir);
         let mut cargo = workspace::cargo();
-        cargo.args(["build", "--release", "-p", "exsa-engine", "--bin", "exsa", "--features", features]).env("CARGO_TARGET_DIR", &target);
+        cargo
+            .args(["build", "--release", "-p", "exsa-engine", "--bin", "exsa", "--features", features, "--message-format=json-render-diagnostics"])
+            .env("CARGO_TARGET_DIR", &target)
+            .stderr(std::process::Stdio::inherit());
+        workspace::clear_build_env(&mut cargo);
         for (k, v) in env {
             cargo.env(k, v);
         }
-        workspace::run(&mut cargo)?;
+        let out = cargo.output().context("cannot run cargo build")?;
+        if !out.status.success() {
+            bail!("cargo build of exsa ({features}) failed ({})", out.status);
+        }
         let exsa = target.join("release/exsa");
-        let libraries = shared_libraries(&exsa, &library_dirs(&target.join("release/build"))?)?;
+        let libraries = shared_libraries(&exsa, &library_dirs(&String::from_utf8_lossy(&out.stdout))?)?;
         // CMake installs the modules into bin/ beside the lib/ of the shared libraries.
         let modules_dir = libraries
             .first()
@@ -60,24 +67,20 @@ impl DynamicBuild {
     }
 }
 
-/// Where llama-sys made the shared libraries (its links metadata `lib_dir`, in the output of its
-/// newest build-script run): a relocatable program does not name them itself.
-fn library_dirs(build_dir: &Path) -> Result<String> {
-    let mut found: Option<(std::time::SystemTime, String)> = None;
-    for entry in std::fs::read_dir(build_dir)? {
-        let output = entry?.path().join("output");
-        let name = output.parent().and_then(Path::file_name).unwrap_or_default().to_string_lossy().into_owned();
-        if !name.starts_with("llama-sys-") {
-            continue;
-        }
-        let (Ok(text), Ok(meta)) = (std::fs::read_to_string(&output), std::fs::metadata(&output)) else { continue };
-        let Some(dirs) = text.lines().find_map(|l| l.strip_prefix("cargo:lib_dir=")) else { continue };
-        let modified = meta.modified()?;
-        if found.as_ref().is_none_or(|(t, _)| modified > *t) {
-            found = Some((modified, dirs.to_owned()));
-        }
+/// Where this build's llama-sys made the shared libraries: the native search paths of its
+/// build script, from cargo's JSON messages (a relocatable program does not name them itself).
+fn library_dirs(messages: &str) -> Result<String> {
+    let dirs: Vec<String> = messages
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "build-script-executed" && m["package_id"].as_str().is_some_and(|id| id.contains("llama-sys")))
+        .flat_map(|m| m["linked_paths"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p.as_str().map(|p| p.split_once('=').map_or(p, |(_, dir)| dir).to_owned()))
+        .collect();
+    if dirs.is_empty() {
+        bail!("cargo reported no llama-sys build script with library folders");
     }
-    found.map(|(_, dirs)| dirs).with_context(|| format!("no llama-sys build with shared libraries under {}", build_dir.display()))
+    Ok(dirs.join(":"))
 }
 
 /// llama.cpp's shared libraries that `exsa` loads, as the dynamic loader resolves them here
@@ -111,6 +114,20 @@ pub fn parse_ldd(text: &str) -> Vec<(String, PathBuf)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn library_folders_come_from_llama_sys_build_script_message() {
+        let messages = concat!(
+            r#"{"reason":"compiler-artifact","package_id":"path+file:///w/crates/llama-sys#0.1.0"}"#,
+            "\n",
+            r#"{"reason":"build-script-executed","package_id":"path+file:///w/crates/llama-sys#0.1.0","linked_paths":["native=/w/target/llama-cmake/k/lib","/w/other"]}"#,
+            "\n",
+            r#"{"reason":"build-script-executed","package_id":"registry+https://x#ring@0.17.0","linked_paths":["native=/r"]}"#,
+            "\nnot json\n"
+        );
+        assert_eq!(library_dirs(messages).unwrap(), "/w/target/llama-cmake/k/lib:/w/other");
+        assert!(library_dirs("").is_err());
+    }
 
     #[test]
     fn ldd_lines_give_the_resolved_libraries() {

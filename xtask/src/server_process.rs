@@ -46,12 +46,15 @@ pub fn start_healthy(command: &mut Command, name: &str, port: u16, log: &Path) -
     let stderr = std::fs::File::create(log)?;
     let mut child = command.stdout(Stdio::null()).stderr(stderr).spawn().with_context(|| format!("starting {name}"))?;
     let base = format!("http://127.0.0.1:{port}");
-    match wait_healthy(&mut child, &base)? {
+    let started = wait_healthy(&mut child, &base);
+    if !matches!(started, Ok(Started::Healthy)) {
+        // Not left running (or unreaped) behind an error.
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    match started? {
         Started::Healthy => Ok((child, base)),
         Started::Exited(status) => bail!("{name} exited ({status}) before it became healthy (log in {})", log.display()),
-        Started::TimedOut => {
-            let _ = child.kill();
-            bail!("{name} did not become healthy within 120 s (log in {})", log.display())
-        }
+        Started::TimedOut => bail!("{name} did not become healthy within 120 s (log in {})", log.display()),
     }
 }

@@ -25,6 +25,18 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// Leaves out of `cmd`'s environment the caller's llama.cpp build settings (`LLAMA_SYS_*` but
+/// the shared CMake build cache, `LLAMA_CPP_DIR`) and cargo's encoded RUSTFLAGS, so that a build
+/// made for a purpose (a bench variant, the release bundle) gets only what it sets.
+pub fn clear_build_env(cmd: &mut Command) {
+    cmd.env_remove("CARGO_ENCODED_RUSTFLAGS");
+    for (key, _) in std::env::vars() {
+        if (key.starts_with("LLAMA_SYS_") && key != "LLAMA_SYS_BUILD_CACHE") || key == "LLAMA_CPP_DIR" {
+            cmd.env_remove(key);
+        }
+    }
+}
+
 /// Runs a command, inheriting stdio, and fails with its command line when it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");

@@ -25,6 +25,12 @@ pub struct GreedyStep {
 }
 
 impl GreedyStep {
+    /// The step that picked `token`, from its three best candidates with their logits (or
+    /// log-probabilities, which differ alike), best first.
+    pub fn from_top3(token: i32, [first, second, third]: [(i32, f32); 3]) -> GreedyStep {
+        GreedyStep { token, runner_up: second.0, margin: first.1 - second.1, third: Some((third.0, first.1 - third.1)) }
+    }
+
     /// How far below this step's top `token` was, when it was among the top three.
     pub fn gap_to(&self, token: i32) -> Option<f32> {
         if token == self.token {

@@ -351,9 +351,9 @@ fn trace(
     let mut last = tokens.len() as i32 - 1;
     let mut out = Vec::with_capacity(n);
     for (i, pos) in (tokens.len() as i32..).take(n).enumerate() {
-        let [top, second, third] = top3(session.last_logits()?);
+        let top = top3(session.last_logits()?);
         let t = session.sample_with(&mut greedy, last)?;
-        out.push(GreedyStep { token: t, runner_up: second.0, margin: top.1 - second.1, third: Some((third.0, top.1 - third.1)) });
+        out.push(GreedyStep::from_top3(t, top));
         session.decode(&[next(i, t)], pos, Outputs::Last)?;
         last = 0;
     }

@@ -93,15 +93,15 @@ fn a_cuda_module_that_cannot_load_leaves_the_cpu_running_and_says_so() {
 #[test]
 fn the_cpu_module_is_reported_and_exsa_cpu_variant_chooses_among_the_folders_modules() {
     // This build has one CPU module without variants (a bundle has one per instruction-set
-    // level, checked by `cargo xtask dist --check`), for the target's baseline: it scores on
-    // any x86-64 CPU and is chosen.
+    // level, checked by `cargo xtask dist --check`): by ggml's rule it is loaded unscored, as
+    // the only one.
     let variant = llama::backend_modules::cpu_variant().expect("a dynamic build reports its CPU module");
     assert_eq!(variant.candidates.len(), 1, "{variant:?}");
     assert_eq!(variant.chosen.name, "");
-    assert!(variant.chosen.score.is_some_and(|s| s > 0), "{variant:?}");
-    assert_eq!(variant.choice, llama::backend_modules::CpuChoice::BestScore);
+    assert_eq!(variant.choice, llama::backend_modules::CpuChoice::Only);
 
-    // The same module under a variant's name beside it: forced by name, it is the one loaded.
+    // The same module under a variant's name beside it: a variant that scores, chosen over the
+    // module without one; and forced by name, the one loaded.
     let dir = dir_with_cpu_modules("variant");
     let single = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).find(|p| p.file_name().unwrap() == "libggml-cpu.so").unwrap();
     std::fs::copy(&single, dir.join("libggml-cpu-mine.so")).unwrap();
@@ -113,6 +113,10 @@ fn the_cpu_module_is_reported_and_exsa_cpu_variant_chooses_among_the_folders_mod
             .output()
             .unwrap()
     };
+    let out = Command::new(env!("CARGO_BIN_EXE_exsa")).env("EXSA_BACKEND_DIR", &dir).args(["--log", "error", "info"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cpu = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["build_info"]["cpu_variant"].clone();
+    assert_eq!((cpu["variant"].as_str(), cpu["chosen_by"].as_str()), (Some("mine"), Some("the highest score on this CPU")), "{cpu}");
     let out = info("mine");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let cpu = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["build_info"]["cpu_variant"].clone();

@@ -82,13 +82,15 @@ fn main() {
         // The modules, for the llama crate to load; the shared libraries, for dependents to
         // find at run time (links metadata: DEP_LLAMA_SOURCE_LIB_DIR). A relocatable build
         // names neither folder to the program: it finds both beside itself or nowhere.
-        if plan.relocatable {
-            println!("cargo:relocatable=1");
-        } else {
+        if !plan.relocatable {
             println!("cargo:rustc-env=LLAMA_SYS_BACKEND_DIR={}", installed.root.join("bin").display());
         }
         let dirs: Vec<String> = installed.lib_dirs().iter().map(|d| d.display().to_string()).collect();
         println!("cargo:lib_dir={}", dirs.join(":"));
+    }
+    if plan.relocatable {
+        // For dependents (DEP_LLAMA_SOURCE_RELOCATABLE): compile in no folder of this build.
+        println!("cargo:relocatable=1");
     }
     println!("cargo:include={}", source.dir.join("include").display());
     println!("cargo:ggml_include={}", source.dir.join("ggml/include").display());

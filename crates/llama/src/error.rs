@@ -80,11 +80,20 @@ pub enum CpuVariantError {
         /// The variants of the folder, joined.
         available: String,
     },
-    /// ggml did not register the chosen module.
-    #[error("ggml could not load the CPU module {path}")]
+    /// The chosen module did not open, or ggml did not register it.
+    #[error("the CPU module {path} could not be loaded: {reason}")]
     LoadFailed {
         /// The module's file.
         path: String,
+        /// Why.
+        reason: String,
+    },
+    /// [`crate::backend_modules::CPU_VARIANT_VAR`] is set where this build does not choose
+    /// among CPU variants (only x86-64 builds do).
+    #[error("EXSA_CPU_VARIANT={name}: CPU variants are chosen on x86-64 only; unset it")]
+    NotHere {
+        /// The name asked for.
+        name: String,
     },
 }
 

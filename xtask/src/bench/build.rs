@@ -90,16 +90,11 @@ fn build(v: &Variant) -> Result<PathBuf> {
         .env("CARGO_TARGET_DIR", &target)
         // The CMake builds of llama.cpp are shared with this workspace's, also by an older tree.
         .env("LLAMA_SYS_BUILD_CACHE", workspace::target_dir().join("llama-cmake"))
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log));
     // A clean slate: the caller's LLAMA_SYS_* tuning must not leak into a variant that does
     // not ask for it. The shared CMake build cache stays.
-    for (key, _) in std::env::vars() {
-        if (key.starts_with("LLAMA_SYS_") && key != "LLAMA_SYS_BUILD_CACHE") || key == "LLAMA_CPP_DIR" {
-            cmd.env_remove(key);
-        }
-    }
+    workspace::clear_build_env(&mut cmd);
     for (k, val) in v.build_env() {
         cmd.env(k, val);
     }

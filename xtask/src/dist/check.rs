@@ -2,8 +2,8 @@
 //! build's greedy tokens, and each CPU variant does what it should on this CPU.
 //!
 //! The tarball is unpacked into an empty folder, and the folder llama.cpp's libraries and
-//! modules were built into is renamed for the duration (restored after, whatever happens), so a
-//! bundle that still reached for it would fail. Then, against the native build (static,
+//! modules were built into is renamed for the duration (restored when the check ends, or by
+//! the next check if this one was killed), so a bundle that still reached for it would fail. Then, against the native build (static,
 //! `-march=native`, this machine's default): the variant the bundle chooses, and every other
 //! variant this CPU runs (forced with `EXSA_CPU_VARIANT`), generate the native build's greedy
 //! tokens at every step up to the near-tie rule (where the two builds swap near-tied candidates,
@@ -45,13 +45,19 @@ pub fn run(bundle: &Bundle, build: &DynamicBuild, model: &Path) -> Result<()> {
     let cpu = &info["build_info"]["cpu_variant"];
     let chosen = cpu["variant"].as_str().with_context(|| format!("`exsa info` names no CPU variant: {cpu}"))?.to_owned();
     eprintln!("dist check: the bundle chose {chosen} ({}), CPU: {}", cpu["chosen_by"], cpu["cpu_features"]);
-    compare_variant(&exsa, model, None, &chosen, &reference)?;
     let candidates = cpu["candidates"].as_array().context("`exsa info` lists no CPU variants")?;
+    let best = candidates.iter().filter_map(|c| c["score"].as_i64()).max().unwrap_or(0);
+    let chosen_score = candidates.iter().find(|c| c["variant"] == chosen.as_str()).and_then(|c| c["score"].as_i64());
+    if chosen_score != Some(best) || best == 0 {
+        bail!("the bundle chose {chosen} (score {chosen_score:?}) where the best score on this CPU is {best}: {cpu}");
+    }
+    compare_variant(&exsa, model, None, &chosen, &reference)?;
     for candidate in candidates {
         let name = candidate["variant"].as_str().context("a CPU variant without a name")?;
         match candidate["score"].as_i64() {
+            // The module without a variant cannot be named; a bundle has none.
+            _ if name.is_empty() || name == chosen => {}
             Some(0) => refused(&exsa, model, name)?,
-            _ if name == chosen => {}
             _ => compare_variant(&exsa, model, Some(name), name, &reference)?,
         }
     }
@@ -167,7 +173,8 @@ impl Server {
         } else {
             Value::Array(std::iter::once(json!(PROMPT)).chain(forced.iter().map(|&t| json!(t))).collect())
         };
-        let body = json!({ "prompt": prompt, "n_predict": STEPS - forced.len(), "n_probs": 3, "temperature": 0, "ignore_eos": true });
+        let body =
+            json!({ "prompt": prompt, "n_predict": STEPS.saturating_sub(forced.len()).max(1), "n_probs": 3, "temperature": 0, "ignore_eos": true });
         let answer: Value = client.post(format!("{}/completion", self.base)).json(&body).send()?.error_for_status()?.json()?;
         let steps = answer["completion_probabilities"].as_array().with_context(|| format!("no completion_probabilities: {answer}"))?;
         steps.iter().map(greedy_step).collect()
@@ -191,8 +198,7 @@ fn greedy_step(step: &Value) -> Result<GreedyStep> {
         .filter_map(|c| Some((c["id"].as_i64()? as i32, c["logprob"].as_f64()? as f32)))
         .collect();
     let [first, second, third] = top[..] else { bail!("a step without its top three: {step}") };
-    // Log-probabilities differ as the logits do.
-    Ok(GreedyStep { token, runner_up: second.0, margin: first.1 - second.1, third: Some((third.0, first.1 - third.1)) })
+    Ok(GreedyStep::from_top3(token, [first, second, third]))
 }
 
 /// A folder renamed away while the check runs, and back when it ends.
@@ -204,6 +210,15 @@ struct OutOfReach {
 impl OutOfReach {
     fn new(dir: &Path) -> Result<OutOfReach> {
         let away = dir.with_extension("out-of-reach");
+        // A check killed before it put the folder back (no Drop ran) left it away: back first,
+        // or, where a later build made the folder again, the stale copy goes.
+        if away.exists() {
+            if dir.exists() {
+                std::fs::remove_dir_all(&away)?;
+            } else {
+                std::fs::rename(&away, dir)?;
+            }
+        }
         std::fs::rename(dir, &away).with_context(|| format!("cannot move {} out of reach", dir.display()))?;
         Ok(OutOfReach { dir: dir.to_owned(), away })
     }

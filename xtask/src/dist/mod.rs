@@ -82,7 +82,7 @@ pub fn make(cuda: bool) -> Result<(Bundle, DynamicBuild)> {
     let bundle = Bundle::new();
     let build = build(cuda)?;
     assemble(&build, &bundle)?;
-    check_relocatable(&bundle.dir, &forbidden_paths())?;
+    check_relocatable(&bundle.dir, &forbidden_paths()?)?;
     Ok((bundle, build))
 }
 
@@ -90,7 +90,7 @@ pub fn make(cuda: bool) -> Result<(Bundle, DynamicBuild)> {
 fn build(cuda: bool) -> Result<DynamicBuild> {
     // Source paths in assertion and panic messages name the build's folders: mapped to short
     // names (the recorded flags leave the maps out).
-    let maps = path_maps();
+    let maps = path_maps()?;
     let c_maps: Vec<String> = maps.iter().map(|(from, to)| format!("-ffile-prefix-map={}={to}", from.display())).collect();
     let rust_maps: Vec<String> = maps.iter().map(|(from, to)| format!("--remap-path-prefix={}={to}", from.display())).collect();
     let mut env = vec![
@@ -115,7 +115,11 @@ fn build(cuda: bool) -> Result<DynamicBuild> {
     } else {
         "backend-dl"
     };
-    DynamicBuild::build("dist-build", features, &env)
+    let build = DynamicBuild::build("dist-build", features, &env)?;
+    if cuda {
+        build.modules("libggml-cuda").context("--cuda: the build made no CUDA module")?;
+    }
+    Ok(build)
 }
 
 /// Writes the bundle's folder afresh.
@@ -128,6 +132,7 @@ fn assemble(build: &DynamicBuild, bundle: &Bundle) -> Result<()> {
     copy(&build.exsa, &dir.join("bin/exsa"))?;
     let mut modules = build.modules("libggml-cpu")?;
     check_amx_patched(&modules)?;
+    // The CUDA module when this build made one (`--cuda`; checked there).
     modules.extend(build.modules("libggml-cuda").unwrap_or_default());
     for file in build.libraries.iter().chain(&modules) {
         copy(file, &dir.join("lib").join(file.file_name().context("a library without a name")?))?;
@@ -214,26 +219,41 @@ fn readme(bundle: &Bundle, modules: &[PathBuf]) -> String {
 }
 
 /// The build machine's folders that no file of the bundle may name: where this repository,
-/// its build outputs, cargo's registry and the llama.cpp build cache are.
-fn forbidden_paths() -> Vec<PathBuf> {
-    let mut paths = vec![workspace::root(), workspace::target_dir()];
-    if let Some(home) = std::env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo"))) {
-        paths.push(home);
-    }
-    if let Some(cache) = std::env::var_os("LLAMA_SYS_BUILD_CACHE") {
-        paths.push(PathBuf::from(cache));
-    }
+/// its build outputs, cargo's registry, the llama.cpp build cache and another llama.cpp tree
+/// (`LLAMA_CPP_DIR`) are; absolute.
+fn forbidden_paths() -> Result<Vec<PathBuf>> {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set: where cargo's registry is cannot be told")?;
+    let mut paths = vec![workspace::root(), workspace::target_dir(), cargo_home];
+    paths.extend(["LLAMA_SYS_BUILD_CACHE", "LLAMA_CPP_DIR"].iter().filter_map(std::env::var_os).map(PathBuf::from));
+    let mut paths = paths.into_iter().map(|p| std::path::absolute(&p).with_context(|| format!("{}", p.display()))).collect::<Result<Vec<_>>>()?;
     paths.sort();
     paths.dedup();
-    paths
+    Ok(paths)
 }
 
 /// The build machine's folders (those of [`forbidden_paths`] not inside another) and the
-/// names they take in the bundle's messages.
-fn path_maps() -> Vec<(PathBuf, String)> {
-    let paths = forbidden_paths();
+/// names they take in the bundle's messages (`exsa-build-0/crates/...`).
+fn path_maps() -> Result<Vec<(PathBuf, String)>> {
+    let paths = forbidden_paths()?;
+    if let Some(spaced) = paths.iter().find(|p| p.to_string_lossy().contains(char::is_whitespace)) {
+        bail!("{} has a space: compiler flags that map it cannot be passed", spaced.display());
+    }
     let outermost: Vec<&PathBuf> = paths.iter().filter(|p| !paths.iter().any(|q| q != *p && p.starts_with(q))).collect();
-    outermost.into_iter().enumerate().map(|(i, p)| (p.clone(), format!("/build{i}"))).collect()
+    Ok(outermost.into_iter().enumerate().map(|(i, p)| (p.clone(), format!("exsa-build-{i}"))).collect())
+}
+
+/// Whether `bytes` name the folder `path` (or something in it): the path, not preceded by a
+/// character of a file name (`/other/work/main` does not name `/work/main`; `file:///work/main`
+/// does) and followed by `/`, a NUL or the end.
+fn names_path(bytes: &[u8], path: &[u8]) -> bool {
+    let part_of_path = |b: u8| b.is_ascii_alphanumeric() || b"._-".contains(&b);
+    bytes
+        .windows(path.len())
+        .enumerate()
+        .any(|(i, w)| w == path && (i == 0 || !part_of_path(bytes[i - 1])) && bytes.get(i + path.len()).is_none_or(|&b| b == b'/' || b == 0))
 }
 
 /// Fails naming each file of `dir` whose library search path is not relative to itself
@@ -245,16 +265,16 @@ fn check_relocatable(dir: &Path, forbidden: &[PathBuf]) -> Result<()> {
         let rel = file.strip_prefix(dir).unwrap_or(&file).display().to_string();
         if bytes.starts_with(b"\x7fELF") {
             let out = Command::new("readelf").arg("-d").arg(&file).output().context("cannot run readelf (binutils)")?;
+            // The program's own folder and the bundle's lib/ (exsa: `$ORIGIN/../lib`).
             for path in search_paths(&String::from_utf8_lossy(&out.stdout)) {
-                if !path.starts_with("$ORIGIN") {
+                if path != "$ORIGIN" && path != "$ORIGIN/../lib" {
                     problems.push(format!("{rel}: library search path {path}"));
                 }
             }
         }
         for path in forbidden {
-            let needle = path.to_string_lossy();
-            if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-                problems.push(format!("{rel}: names {needle}"));
+            if names_path(&bytes, path.as_os_str().as_encoded_bytes()) {
+                problems.push(format!("{rel}: names {}", path.display()));
             }
         }
     }
@@ -313,9 +333,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_folder_is_named_only_as_a_whole_path() {
+        for (text, named) in [
+            (&b"\0/work/main/crates/x.rs\0"[..], true),
+            (b"/work/main", true),
+            (b"at /work/main\0", true),
+            (b"/work/main2/x", false),
+            (b"/other/work/main/x", false),
+            (b"exsa-build-0/crates/x.rs", false),
+            (b"file:///work/main/x", true),
+        ] {
+            assert_eq!(names_path(text, b"/work/main"), named, "{}", String::from_utf8_lossy(text));
+        }
+        // A short folder name is not found inside longer ones (a workspace at /build, or /src).
+        assert!(!names_path(b"registry/src/index/x.rs exsa-build-0/src", b"/src"));
+    }
+
+    #[test]
     fn every_forbidden_folder_is_inside_one_mapped_folder() {
-        let maps = path_maps();
-        for path in forbidden_paths() {
+        let maps = path_maps().unwrap();
+        for path in forbidden_paths().unwrap() {
             assert_eq!(maps.iter().filter(|(from, _)| path.starts_with(from)).count(), 1, "{}: {maps:?}", path.display());
         }
     }
@@ -349,6 +386,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("exsa-dist-check-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("lib")).unwrap();
         std::fs::write(dir.join("lib/clean.txt"), b"nothing here").unwrap();
+        std::fs::write(dir.join("lib/mapped.txt"), b"exsa-build-0/crates/x.rs /work/builder").unwrap();
         check_relocatable(&dir, &[PathBuf::from("/work/build")]).unwrap();
         std::fs::write(dir.join("lib/dirty.bin"), b"\0\0/work/build/lib\0").unwrap();
         let err = check_relocatable(&dir, &[PathBuf::from("/work/build")]).unwrap_err().to_string();

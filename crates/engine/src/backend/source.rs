@@ -67,18 +67,17 @@ impl Backend for SourceBackend {
 }
 
 /// The CPU module a dynamic-backend build runs and why (null in a static build, whose CPU code
-/// is built in for the machine that built it): the variant, how it was chosen, every variant of
-/// the folder with its score on this CPU (0: cannot run here), and the CPU's instruction sets
-/// that decide it. A refused choice (`EXSA_CPU_VARIANT` naming one this CPU cannot run) is
-/// reported as `refused`.
+/// is built in for the machine that built it): the variant (empty for a module without one),
+/// how it was chosen, every module of the folder with its score on this CPU (0: cannot run
+/// here) or why it did not open, and the CPU's instruction sets that decide it. A refused
+/// choice (`EXSA_CPU_VARIANT` naming one this CPU cannot run) is reported as `refused`.
 fn cpu_variant_info() -> serde_json::Value {
     use llama::backend_modules as modules;
-    let name = |n: &str| if n.is_empty() { "(single module)".to_owned() } else { n.to_owned() };
     if let Some(variant) = modules::cpu_variant() {
         let candidates: Vec<serde_json::Value> =
-            variant.candidates.iter().map(|c| serde_json::json!({ "variant": name(&c.name), "score": c.score })).collect();
+            variant.candidates.iter().map(|c| serde_json::json!({ "variant": c.name, "score": c.score, "load_error": c.load_error })).collect();
         return serde_json::json!({
-            "variant": name(&variant.chosen.name),
+            "variant": variant.chosen.name,
             "file": variant.chosen.path.display().to_string(),
             "chosen_by": variant.choice.to_string(),
             "candidates": candidates,

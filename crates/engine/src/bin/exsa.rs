@@ -579,8 +579,9 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         },
         sse_keep_alive: Some(seconds("--sse-keep-alive", args.sse_keep_alive)?).filter(|d| !d.is_zero()),
     };
-    if let Some(line) = cpu_variant_line() {
-        eprintln!("{line}");
+    // A refused CPU variant would fail every model load to come: said now, once.
+    if let Some(line) = cpu_variant()? {
+        tracing::info!("{line}");
     }
     http::run(sources, policy, config, |addr| {
         // One line on stdout per address, for scripts (and tests) that ask for port 0. A reader
@@ -593,21 +594,22 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
 }
 
 /// What CPU code a dynamic-backend build (a bundle) runs, and why, in one line; None in a static
-/// build (its CPU code is the build machine's).
-fn cpu_variant_line() -> Option<String> {
+/// build (its CPU code is the build machine's). An error where the choice was refused.
+fn cpu_variant() -> Result<Option<String>, String> {
     let info = Engine::build_info();
     let cpu = &info["cpu_variant"];
     if let Some(refused) = cpu["refused"].as_str() {
-        return Some(format!("CPU variant refused: {refused}"));
+        return Err(refused.to_owned());
     }
-    let features: Vec<&str> = cpu["cpu_features"].as_array()?.iter().filter_map(|f| f.as_str()).collect();
-    Some(format!(
+    let Some(variant) = cpu["variant"].as_str() else { return Ok(None) };
+    let features: Vec<&str> = cpu["cpu_features"].as_array().into_iter().flatten().filter_map(|f| f.as_str()).collect();
+    Ok(Some(format!(
         "CPU variant {} (by {}; this CPU has {}), from {}",
-        cpu["variant"].as_str()?,
-        cpu["chosen_by"].as_str()?,
+        if variant.is_empty() { "(libggml-cpu)" } else { variant },
+        cpu["chosen_by"].as_str().unwrap_or("?"),
         features.join(" "),
-        cpu["file"].as_str()?
-    ))
+        cpu["file"].as_str().unwrap_or("?")
+    )))
 }
 
 /// `secs` of the flag `flag` as a duration: finite and not negative.

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 pub use crate::error::CpuVariantError;
 
 /// Names the CPU variant to load (`haswell`, `icelake`, ...) instead of the best one. One the CPU
-/// cannot run is refused before it is loaded, never left to fault on its first instruction.
+/// cannot run (its score 0) is refused with a typed error before any of its code is used (it is
+/// only opened to read its score, as ggml does), never left to fault on its first instruction.
 pub const CPU_VARIANT_VAR: &str = "EXSA_CPU_VARIANT";
 
 /// A CPU module of the folder, scored on this CPU.
@@ -22,14 +23,33 @@ pub struct CpuCandidate {
     pub name: String,
     /// The module's file.
     pub path: PathBuf,
-    /// The module's score on this CPU (0: it cannot run here); None where the module has none
-    /// (a single module built for the target's baseline, which runs on every CPU of it).
+    /// The module's score on this CPU (0: it cannot run here); None for the module without a
+    /// variant, which ggml does not score (it loads it only when no variant scores, and then
+    /// refuses it itself if it cannot run here), for a variant without a score function, and
+    /// for one that did not open.
     pub score: Option<i32>,
+    /// Why the module did not open (a library it needs is missing), if it did not.
+    pub load_error: Option<String>,
 }
 
 impl CpuCandidate {
+    /// The variant's name, or `(libggml-cpu)` for the module without one.
+    pub fn display_name(&self) -> &str {
+        if self.name.is_empty() { "(libggml-cpu)" } else { &self.name }
+    }
+
+    /// Whether nothing known says it cannot run here.
     fn runs_here(&self) -> bool {
-        self.score != Some(0)
+        self.load_error.is_none() && self.score != Some(0)
+    }
+
+    /// How it fared here, for messages: `zen4 (score 0)`, `x64 (not opened: ...)`.
+    fn describe(&self) -> String {
+        match (&self.load_error, self.score) {
+            (Some(error), _) => format!("{} (not opened: {error})", self.display_name()),
+            (None, Some(score)) => format!("{} (score {score})", self.display_name()),
+            (None, None) => self.display_name().to_owned(),
+        }
     }
 }
 
@@ -66,11 +86,13 @@ pub struct CpuVariant {
     pub candidates: Vec<CpuCandidate>,
 }
 
-/// Chooses among `candidates` (sorted by name): the one `forced` names, else the best score.
+/// Chooses among `candidates` by ggml's rule (`ggml_backend_load_best`): the first variant (by
+/// name) with the highest score above 0; none scoring, the module without a variant, if it
+/// opened. Or the one `forced` names, if nothing known says it cannot run here.
 pub fn choose(mut candidates: Vec<CpuCandidate>, forced: Option<&str>, dir: &Path) -> Result<CpuVariant, CpuVariantError> {
     candidates.sort_by(|a, b| a.name.cmp(&b.name));
-    let names = |pick: &dyn Fn(&CpuCandidate) -> bool| {
-        let list: Vec<&str> = candidates.iter().filter(|c| pick(c)).map(|c| display_name(&c.name)).collect();
+    let list = |pick: &dyn Fn(&CpuCandidate) -> bool, show: &dyn Fn(&CpuCandidate) -> String| {
+        let list: Vec<String> = candidates.iter().filter(|c| pick(c)).map(show).collect();
         if list.is_empty() { "none".to_owned() } else { list.join(", ") }
     };
     let (index, choice) = match forced {
@@ -78,13 +100,17 @@ pub fn choose(mut candidates: Vec<CpuCandidate>, forced: Option<&str>, dir: &Pat
             let index = candidates.iter().position(|c| c.name == name).ok_or_else(|| CpuVariantError::Unknown {
                 name: name.to_owned(),
                 dir: dir.display().to_string(),
-                available: names(&|_| true),
+                available: list(&|_| true, &|c| c.display_name().to_owned()),
             })?;
-            if !candidates[index].runs_here() {
+            let chosen = &candidates[index];
+            if let Some(error) = &chosen.load_error {
+                return Err(CpuVariantError::LoadFailed { path: chosen.path.display().to_string(), reason: error.clone() });
+            }
+            if !chosen.runs_here() {
                 return Err(CpuVariantError::CannotRun {
                     name: name.to_owned(),
                     features: cpu_features().join(" "),
-                    runnable: names(&CpuCandidate::runs_here),
+                    runnable: list(&CpuCandidate::runs_here, &|c| c.display_name().to_owned()),
                 });
             }
             (index, CpuChoice::Forced)
@@ -92,20 +118,20 @@ pub fn choose(mut candidates: Vec<CpuCandidate>, forced: Option<&str>, dir: &Pat
         None => {
             let mut best: Option<usize> = None;
             for (i, c) in candidates.iter().enumerate() {
-                if c.score.unwrap_or(0) > best.map_or(0, |b| candidates[b].score.unwrap_or(0)) {
+                let score = if c.name.is_empty() || c.load_error.is_some() { 0 } else { c.score.unwrap_or(0) };
+                if score > best.map_or(0, |b| candidates[b].score.unwrap_or(0)) {
                     best = Some(i);
                 }
             }
             match best {
                 Some(i) => (i, CpuChoice::BestScore),
-                // ggml's fallback when nothing scores: the module without a variant.
-                None => match candidates.iter().position(|c| c.name.is_empty() && c.score.is_none()) {
+                None => match candidates.iter().position(|c| c.name.is_empty() && c.load_error.is_none()) {
                     Some(i) => (i, CpuChoice::Only),
                     None => {
                         return Err(CpuVariantError::NoneRuns {
                             dir: dir.display().to_string(),
                             features: cpu_features().join(" "),
-                            available: names(&|_| true),
+                            available: list(&|_| true, &CpuCandidate::describe),
                         });
                     }
                 },
@@ -113,10 +139,6 @@ pub fn choose(mut candidates: Vec<CpuCandidate>, forced: Option<&str>, dir: &Pat
         }
     };
     Ok(CpuVariant { chosen: candidates[index].clone(), choice, candidates })
-}
-
-fn display_name(name: &str) -> &str {
-    if name.is_empty() { "(libggml-cpu)" } else { name }
 }
 
 /// The instruction sets of this CPU that ggml's x86 variants are built for (what decides which
@@ -138,8 +160,12 @@ pub fn cpu_features() -> Vec<&'static str> {
         // AMX's detection is not stable in std: CPUID leaf 7 (EDX bit 24: tiles, 25: int8), as
         // ggml's own check reads it.
         #[allow(unused_unsafe)]
-        // SAFETY: CPUID exists on every x86-64 CPU and leaf 7 is answered (zeros where unknown).
-        let leaf7 = unsafe { std::arch::x86_64::__cpuid_count(7, 0) };
+        // SAFETY: CPUID exists on every x86-64 CPU; leaf 7 is read only where the CPU has it
+        // (above its highest leaf it answers another leaf's data).
+        let leaf7 = unsafe {
+            let (highest, _) = std::arch::x86_64::__get_cpuid_max(0);
+            if highest >= 7 { std::arch::x86_64::__cpuid_count(7, 0) } else { std::arch::x86_64::CpuidResult { eax: 0, ebx: 0, ecx: 0, edx: 0 } }
+        };
         if leaf7.edx & (1 << 24) != 0 {
             found.push("AMX_TILE");
         }
@@ -159,7 +185,7 @@ mod tests {
     use super::*;
 
     fn candidate(name: &str, score: Option<i32>) -> CpuCandidate {
-        CpuCandidate { name: name.into(), path: PathBuf::from(format!("libggml-cpu-{name}.so")), score }
+        CpuCandidate { name: name.into(), path: PathBuf::from(format!("libggml-cpu-{name}.so")), score, load_error: None }
     }
 
     fn folder() -> Vec<CpuCandidate> {
@@ -202,10 +228,19 @@ mod tests {
     #[test]
     fn a_folder_without_variants_loads_its_one_module_and_one_where_none_runs_is_an_error() {
         let dir = Path::new("/b/lib");
-        let only = choose(vec![CpuCandidate { name: String::new(), path: "libggml-cpu.so".into(), score: None }], None, dir).unwrap();
+        let single = CpuCandidate { name: String::new(), path: "libggml-cpu.so".into(), score: None, load_error: None };
+        let only = choose(vec![single.clone()], None, dir).unwrap();
         assert_eq!(only.choice, CpuChoice::Only);
+        // A scoring variant wins over it; one that does not open is passed over and said why.
+        let v = choose(vec![single.clone(), candidate("haswell", Some(64))], None, dir).unwrap();
+        assert_eq!((v.chosen.name.as_str(), v.choice), ("haswell", CpuChoice::BestScore));
+        let broken = CpuCandidate { load_error: Some("libgomp.so.1: cannot open shared object file".into()), ..candidate("zen4", None) };
+        let err = choose(vec![broken.clone()], None, dir).unwrap_err();
+        assert!(err.to_string().contains("zen4 (not opened: libgomp.so.1"), "{err}");
+        let err = choose(vec![broken, candidate("x64", Some(1))], Some("zen4"), dir).unwrap_err();
+        assert!(matches!(&err, CpuVariantError::LoadFailed { reason, .. } if reason.contains("libgomp")), "{err:?}");
         let err = choose(vec![candidate("zen4", Some(0)), candidate("icelake", Some(0))], None, dir).unwrap_err();
-        assert!(matches!(&err, CpuVariantError::NoneRuns { available, .. } if available == "icelake, zen4"), "{err:?}");
+        assert!(matches!(&err, CpuVariantError::NoneRuns { available, .. } if available == "icelake (score 0), zen4 (score 0)"), "{err:?}");
         assert!(matches!(choose(Vec::new(), None, dir), Err(CpuVariantError::NoneRuns { .. })));
     }
 

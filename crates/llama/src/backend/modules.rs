@@ -101,40 +101,66 @@ pub(crate) fn load() {
     });
 }
 
-/// Every backend of `dir`: the best module of each (the CPU's as [`cpu_variant`] chooses).
-#[cfg(unix)]
+/// ggml's backends other than the CPU's, in the order its `ggml_backend_load_all_from_path`
+/// loads them (the CPU's comes last).
+const FAMILIES: &[&str] =
+    &["blas", "zendnn", "cann", "cuda", "hip", "metal", "rpc", "sycl", "vulkan", "virtgpu", "opencl", "hexagon", "musa", "openvino"];
+
+/// Every backend of `dir` by ggml's rule for each (as `ggml_backend_load_all_from_path`): of
+/// its variants (`libggml-cpu-haswell.so`), the first with the highest score on this machine;
+/// none scoring, its module without a variant (`libggml-cuda.so`), if that loads. The CPU's
+/// as [`cpu_variant`] says, then an out-of-tree module named by ggml's `GGML_BACKEND_PATH`.
+/// On x86-64 only: opening a variant to read its score runs its initialisers, which llama.cpp's
+/// own x86-64 releases rely on being safe on every CPU, and which is not so on every
+/// architecture (llama.cpp #14286: PowerPC variants fault when opened); elsewhere ggml loads
+/// the folder itself.
+#[cfg(all(unix, target_arch = "x86_64"))]
 fn load_folder(dir: PathBuf) -> Loaded {
+    use super::cpu_variant::choose;
     let modules = modules_of(&dir);
-    let mut families: Vec<&str> = modules.iter().map(|(family, _, _)| family.as_str()).filter(|f| *f != "cpu" && *f != "base").collect();
-    families.dedup();
-    for family in families {
-        // ggml's rule for each backend: the best score among its modules; none scoring, the
-        // module without a variant (CUDA's has no score), which ggml loads only if it loads.
-        let scored = modules.iter().filter(|(f, _, _)| f == family).map(|(_, variant, path)| (variant, path, unix::score(path)));
-        let best = scored.filter(|(_, _, score)| score.unwrap_or(0) > 0).max_by_key(|(_, _, score)| *score).map(|(_, path, _)| path.clone());
-        let path = best.or_else(|| modules.iter().find(|(f, v, _)| f == family && v.is_empty()).map(|(_, _, p)| p.clone()));
-        if let Some(path) = path {
-            // Silently skipped when it cannot load (CUDA's on a machine without the runtime).
-            register(&path);
+    let candidates = |family: &str| -> Vec<CpuCandidate> {
+        modules
+            .iter()
+            .filter(|(f, _, _)| f == family)
+            .map(|(_, variant, path)| {
+                // A module without a variant is not scored (ggml's rule): it only has to open.
+                let probe = unix::probe(path, !variant.is_empty());
+                CpuCandidate { name: variant.clone(), path: path.clone(), score: probe.score, load_error: probe.error }
+            })
+            .collect()
+    };
+    for family in FAMILIES {
+        // Skipped quietly when none of its modules opens (CUDA's on a machine without the CUDA
+        // runtime): the engine says when a GPU was asked for and none answered.
+        if let Ok(choice) = choose(candidates(family), None, &dir) {
+            register(&choice.chosen.path);
         }
     }
-    let candidates = modules
-        .iter()
-        .filter(|(family, _, _)| family == "cpu")
-        .map(|(_, variant, path)| CpuCandidate { name: variant.clone(), path: path.clone(), score: unix::score(path) })
-        .collect();
     let forced = std::env::var(CPU_VARIANT_VAR).ok().filter(|v| !v.is_empty());
-    match super::cpu_variant::choose(candidates, forced.as_deref(), &dir) {
+    let loaded = match choose(candidates("cpu"), forced.as_deref(), &dir) {
         Ok(variant) if register(&variant.chosen.path) => Loaded::From(dir, Some(variant)),
-        Ok(variant) => Loaded::Refused(dir, CpuVariantError::LoadFailed { path: variant.chosen.path.display().to_string() }),
+        Ok(variant) => Loaded::Refused(
+            dir,
+            CpuVariantError::LoadFailed {
+                path: variant.chosen.path.display().to_string(),
+                reason: "ggml did not register it (its log says why)".into(),
+            },
+        ),
         Err(error) => Loaded::Refused(dir, error),
+    };
+    if let Some(path) = std::env::var_os("GGML_BACKEND_PATH") {
+        register(Path::new(&path));
     }
+    loaded
 }
 
-/// Elsewhere ggml chooses among the folder's modules itself.
-#[cfg(not(unix))]
+/// Elsewhere ggml chooses among the folder's modules itself; EXSA_CPU_VARIANT is refused.
+#[cfg(not(all(unix, target_arch = "x86_64")))]
 fn load_folder(dir: PathBuf) -> Loaded {
-    if let Ok(c_dir) = CString::new(dir.to_string_lossy().into_owned()) {
+    if let Some(name) = std::env::var(CPU_VARIANT_VAR).ok().filter(|v| !v.is_empty()) {
+        return Loaded::Refused(dir, CpuVariantError::NotHere { name });
+    }
+    if let Some(c_dir) = c_path(&dir) {
         // SAFETY: a NUL-terminated path that outlives the call; ggml registers what it loads
         // for the rest of the process. Called once, under the init OnceLock.
         unsafe { sys::ggml_backend_load_all_from_path(c_dir.as_ptr()) };
@@ -142,43 +168,67 @@ fn load_folder(dir: PathBuf) -> Loaded {
     Loaded::From(dir, None)
 }
 
+/// `path` for C: its bytes as the OS has them, NUL-terminated (None if it holds a NUL).
+fn c_path(path: &Path) -> Option<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes()).ok()
+}
+
 /// Registers the module at `path` with ggml; whether it did.
 fn register(path: &Path) -> bool {
-    let Ok(c_path) = CString::new(path.to_string_lossy().into_owned()) else { return false };
+    let Some(c_path) = c_path(path) else { return false };
     // SAFETY: a NUL-terminated path that outlives the call. ggml loads the library, checks its
     // score and API version and registers it for the rest of the process, or returns null
     // (logged, nothing registered). Called from `load`, once, under the init OnceLock.
     !unsafe { sys::ggml_backend_load(c_path.as_ptr()) }.is_null()
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, target_arch = "x86_64"))]
 mod unix {
-    use std::ffi::{CString, c_int};
+    use std::ffi::{CStr, c_int};
     use std::path::Path;
 
-    /// A module's `ggml_backend_score()` on this machine: 0 when it cannot run here; None when it
-    /// has none, or does not load (its libraries missing: CUDA's without the runtime).
-    pub(super) fn score(path: &Path) -> Option<i32> {
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-        // SAFETY: dlopen of a NUL-terminated path; the handle is closed below. Like ggml's own
-        // choice (`ggml_backend_load_best`), this runs the module's initialisers: ggml builds
-        // every variant's so that loading it runs on any CPU of the target, and only what the
-        // score vouches for is ever called.
+    /// What opening a module told.
+    pub(super) struct Probe {
+        /// Its `ggml_backend_score()` on this machine when asked for and it has one (0: it
+        /// cannot run here).
+        pub score: Option<i32>,
+        /// Why it did not open (dlerror: a library it needs is missing, it is no library).
+        pub error: Option<String>,
+    }
+
+    /// Opens the module at `path` and closes it again, reading its score if `score`.
+    pub(super) fn probe(path: &Path, score: bool) -> Probe {
+        let Some(c_path) = super::c_path(path) else { return Probe { score: None, error: Some("a path with a NUL byte".into()) } };
+        // SAFETY: dlopen of a NUL-terminated path; the handle is closed below. This runs the
+        // module's initialisers, as ggml's own choice (`ggml_backend_load_best`) does: the
+        // folder's modules are trusted to be ggml's (the folder is the program's own, its
+        // `../lib`, the build's, or EXSA_BACKEND_DIR), whose x86-64 variants open on every
+        // x86-64 CPU (what llama.cpp's releases rely on); nothing else of one is run unless
+        // its score vouches for this CPU.
         let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
         if handle.is_null() {
-            return None;
+            // SAFETY: dlerror returns null or a NUL-terminated message valid until the next dl
+            // call on this thread; it is copied before any.
+            let error = unsafe {
+                let message = libc::dlerror();
+                if message.is_null() { "dlopen failed".to_owned() } else { CStr::from_ptr(message).to_string_lossy().into_owned() }
+            };
+            return Probe { score: None, error: Some(error) };
         }
-        // SAFETY: a live handle and a NUL-terminated name.
-        let symbol = unsafe { libc::dlsym(handle, c"ggml_backend_score".as_ptr()) };
-        let score = (!symbol.is_null()).then(|| {
-            // SAFETY: ggml's modules export `ggml_backend_score` as `int (*)(void)`
-            // (GGML_BACKEND_DL_SCORE_IMPL); it reads CPUID and never unwinds (C++ without throw).
-            let score: extern "C" fn() -> c_int = unsafe { std::mem::transmute(symbol) };
-            score()
-        });
+        let mut read = None;
+        if score {
+            // SAFETY: a live handle and a NUL-terminated name.
+            let symbol = unsafe { libc::dlsym(handle, c"ggml_backend_score".as_ptr()) };
+            if !symbol.is_null() {
+                // SAFETY: ggml's modules export `ggml_backend_score` as `int (*)(void)`
+                // (GGML_BACKEND_DL_SCORE_IMPL); it reads CPUID and never unwinds.
+                let f: extern "C" fn() -> c_int = unsafe { std::mem::transmute(symbol) };
+                read = Some(f());
+            }
+        }
         // SAFETY: the handle from dlopen above, closed once; nothing of it is used after.
         unsafe { libc::dlclose(handle) };
-        score
+        Probe { score: read, error: None }
     }
 }
 
@@ -198,13 +248,13 @@ fn modules_of(dir: &Path) -> Vec<(String, String, PathBuf)> {
     modules
 }
 
-/// The backend and variant a module's file name says: `libggml-cpu-haswell.so` ->
-/// ("cpu", "haswell"), `ggml-cuda.dll` -> ("cuda", ""); None for files ggml would not load
+/// The backend and variant a module's file name says, in ggml's form for this platform
+/// (`lib` and `.so`; on Windows `.dll` without `lib`): `libggml-cpu-haswell.so` -> ("cpu",
+/// "haswell"), `libggml-cuda.so` -> ("cuda", ""); None for files ggml would not load
 /// (`libggml-rpc.so.1`, `libggml-cpu-.so`, `notes.txt`).
 fn module_name(file: &str) -> Option<(&str, &str)> {
-    let stem = file.strip_prefix("lib").unwrap_or(file);
-    let stem = [".so", ".dylib", ".dll"].iter().find_map(|ext| stem.strip_suffix(ext))?;
-    let name = stem.strip_prefix("ggml-")?;
+    let (prefix, extension) = if cfg!(windows) { ("ggml-", ".dll") } else { ("libggml-", ".so") };
+    let name = file.strip_prefix(prefix)?.strip_suffix(extension)?;
     match name.split_once('-') {
         Some((family, variant)) if !family.is_empty() && !variant.is_empty() => Some((family, variant)),
         Some(_) => None,
@@ -212,11 +262,9 @@ fn module_name(file: &str) -> Option<(&str, &str)> {
     }
 }
 
-/// Whether `dir` has a module of backend `name` (`libggml-cuda.so`, `libggml-cpu-haswell.so`,
-/// `ggml-cpu.dll`, ...).
+/// Whether `dir` has a module of backend `name` (`libggml-cuda.so`, `libggml-cpu-haswell.so`).
 pub fn has_module(dir: &Path, name: &str) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else { return false };
-    entries.filter_map(|e| e.ok()).any(|e| module_name(&e.file_name().to_string_lossy()).is_some_and(|(family, _)| family == name))
+    modules_of(dir).iter().any(|(family, _, _)| family == name)
 }
 
 #[cfg(test)]
@@ -227,7 +275,7 @@ mod tests {
     fn modules_are_found_by_backend_name() {
         let dir = std::env::temp_dir().join(format!("exsa-modules-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for file in ["libggml-cpu-haswell.so", "ggml-cuda.dll", "libggml-base.so", "libggml-rpc.so.1", "notes.txt"] {
+        for file in ["libggml-cpu-haswell.so", "libggml-cuda.so", "libggml-base.so", "libggml-rpc.so.1", "ggml-vulkan.so", "notes.txt"] {
             std::fs::write(dir.join(file), b"").unwrap();
         }
         assert!(has_module(&dir, "cpu"));
@@ -236,11 +284,11 @@ mod tests {
         assert!(!has_module(&dir, "rpc"));
         assert_eq!(module_name("libggml-cpu-armv8.2_1.so"), Some(("cpu", "armv8.2_1")));
         assert_eq!(module_name("libggml-cpu.so"), Some(("cpu", "")));
-        assert_eq!(module_name("ggml-cuda.dll"), Some(("cuda", "")));
-        for other in ["libggml-cpu-.so", "libggml-.so", "libggml-cpu-x64.so.0", "libllama.so", "notes.txt"] {
+        for other in ["libggml-cpu-.so", "libggml-.so", "libggml-cpu-x64.so.0", "libllama.so", "ggml-cuda.dll", "libggml-cpu.dylib", "notes.txt"] {
             assert_eq!(module_name(other), None, "{other}");
         }
         assert!(!has_module(&dir, "metal"));
+        assert!(!has_module(&dir, "vulkan"), "not ggml's file name for a module on this platform");
         assert!(!has_module(&dir.join("missing"), "cpu"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
