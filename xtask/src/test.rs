@@ -2,16 +2,17 @@
 //! reported with their paths; the vendored source; the default model; the random-weight models
 //! of other architectures from `synth-models`; llama.cpp's chat template corpus), then runs every
 //! test of the workspace (the chat layer's included, on that corpus), the engine's
-//! tests once more per other backend and in the dynamic-backend mode, the release bundle with
-//! every x86-64 CPU variant (`cargo xtask dist --check`), an app outside the workspace built
-//! against the packaged crates and `cargo install exsa-engine` from them, rustfmt and clippy, the leak
+//! tests once more per other backend and in the dynamic-backend mode, an app outside the
+//! workspace built against the packaged crates and `cargo install exsa-engine` from them,
+//! rustfmt and clippy, the leak
 //! check on Linux, llama.cpp's own server test suite against `exsa serve` (`cargo xtask
 //! server-suite`, its OpenAI-surface files), and the reduced CUDA check on Linux x86-64 (a toolkit from PyPI, ggml
 //! configured with CUDA, one CUDA source compiled). `--full` adds what CI leaves out to stay
 //! within its time budget: the engine's tests over raw FFI, the statistical speculation tests on
 //! the other backends (`FULL_ONLY_ON_OTHER_BACKENDS`), the leak check under valgrind (~11 min),
 //! the chat template parity with llama-server (`cargo xtask template-parity`, which builds
-//! llama-server), and the whole server suite beside llama-server's own result.
+//! llama-server), the whole server suite beside llama-server's own result, and the release
+//! bundle with every x86-64 CPU variant (`cargo xtask dist --check`, ~20 min cold).
 
 use anyhow::Result;
 
@@ -38,7 +39,7 @@ const FULL_ONLY_ON_OTHER_BACKENDS: &[&str] =
 pub struct Args {
     /// Everything, also what CI leaves out to stay under its time budget (the engine over raw
     /// FFI, the statistical speculation tests once per backend, the leak check, the template
-    /// parity with llama-server). Run it before a change lands.
+    /// parity with llama-server, the release bundle). Run it before a change lands.
     #[arg(long)]
     full: bool,
     /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter. With them, only
@@ -114,8 +115,10 @@ pub fn run(args: &Args) -> Result<()> {
     ]))?;
     // The release bundle (`cargo xtask dist --check`): every x86-64 CPU variant, relocatable,
     // unpacked without its build and compared with the native build, each variant this CPU runs
-    // forced once, the others refused.
-    if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+    // forced once, the others refused. Full mode: on a clean clone it is a release build of
+    // the whole program and 14 builds of ggml's CPU code (about 20 minutes on two cores, cold;
+    // its compiler flags name the clone's folder, so no other build's cache serves it).
+    if args.full && cfg!(all(target_os = "linux", target_arch = "x86_64")) {
         dist::run(&dist::Args::checked())?;
     }
     app_test::run(&app_test::Args::default())?;
