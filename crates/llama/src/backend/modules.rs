@@ -129,7 +129,9 @@ fn load_folder(dir: PathBuf) -> Loaded {
             })
             .collect()
     };
-    for family in FAMILIES {
+    // Only the families the folder has modules of: for the others there is nothing to choose
+    // (and no error worth composing).
+    for family in FAMILIES.iter().filter(|family| modules.iter().any(|(f, _, _)| f == *family)) {
         // Skipped quietly when none of its modules opens (CUDA's on a machine without the CUDA
         // runtime): the engine says when a GPU was asked for and none answered.
         if let Ok(choice) = choose(candidates(family), None, &dir) {
