@@ -6,7 +6,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use exsa_engine::backend::{Active, Backend, BackendModel, BackendSession, Outputs};
-use exsa_engine::{Placement, SamplingParams, SessionConfig, Utf8Decoder};
+use exsa_engine::{EngineConfig, SamplingParams, SessionConfig, Utf8Decoder};
 
 const TEXT: &str = "The lighthouse keeper climbed the spiral stairs every evening at dusk, counting \
 the steps as his father had taught him: one hundred and twelve, no more, no fewer. Tonight the sea \
@@ -18,7 +18,7 @@ in the surf. He hurried down, heart quickening, and pulled it from the foam. Ins
 and tied with a faded ribbon, was a letter written in a careful hand, dated forty years before.";
 
 fn steps(c: &mut Criterion) {
-    let model = Active::load(&exsa_engine::default_model_path(), &Placement::default()).expect("the default model: run `cargo xtask fetch-model`");
+    let model = Active::load(&EngineConfig::new(exsa_engine::default_model_path())).expect("the default model: run `cargo xtask fetch-model`");
     let text: String = TEXT.chars().cycle().take(1000).collect();
     let mut tokens = Vec::new();
     // One group name for every backend, so criterion compares B against the saved A baseline.

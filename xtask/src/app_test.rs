@@ -110,7 +110,7 @@ fn install(root: &Path, crate_dirs: &[PathBuf], model: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The app's manifest: `llama` by version, as from a registry, with the packaged crates patched
+/// The app's manifest: `exsa-llama` by version (its library is `llama`, as in the workspace), as from a registry, with the packaged crates patched
 /// in by path (they are not on crates.io); the workspace's lockfile so that offline resolution
 /// picks the versions already in cargo's cache.
 fn write_app(app: &Path, crate_dirs: &[PathBuf]) -> Result<()> {
@@ -121,7 +121,7 @@ fn write_app(app: &Path, crate_dirs: &[PathBuf]) -> Result<()> {
         app.join("Cargo.toml"),
         format!(
             "[package]\nname = \"exsa-app-test\"\nversion = \"0.0.0\"\nedition = \"2021\"\npublish = false\n\n\
-             [dependencies]\nllama = \"0.1.0\"\n\n[patch.crates-io]\n{patches}\n[workspace]\n"
+             [dependencies]\nexsa-llama = \"0.1.0\"\n\n[patch.crates-io]\n{patches}\n[workspace]\n"
         ),
     )?;
     std::fs::write(app.join("src/main.rs"), APP_MAIN)?;

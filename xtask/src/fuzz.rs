@@ -27,7 +27,7 @@ pub fn run(args: &Args) -> Result<()> {
     eprintln!("fuzz: seed {seed}, {per_group} s per group (replay with --seed {seed})");
     workspace::run(
         workspace::cargo()
-            .args(["test", "--locked", "--release", "-p", "llama", "--features", "chat", "--test", "fuzz", "--", "--nocapture"])
+            .args(["test", "--locked", "--release", "-p", "exsa-llama", "--features", "chat", "--test", "fuzz", "--", "--nocapture"])
             .env("LLAMA_FUZZ_SEED", seed.to_string())
             .env("LLAMA_FUZZ_SECONDS", per_group.to_string())
             .env("LLAMA_FUZZ_CASES", u32::MAX.to_string()),

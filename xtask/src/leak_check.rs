@@ -57,7 +57,7 @@ pub struct Args {}
 pub fn run(_: &Args) -> Result<()> {
     let target_dir = workspace::target_dir().join("leak-check");
     let output = workspace::cargo()
-        .args(["test", "-p", "llama", "--features", "backend-dl", "--tests", "--no-run", "--locked", "--message-format=json"])
+        .args(["test", "-p", "exsa-llama", "--features", "backend-dl", "--tests", "--no-run", "--locked", "--message-format=json"])
         .env("LLAMA_SYS_NATIVE", "off")
         .env("CARGO_TARGET_DIR", &target_dir)
         .output()

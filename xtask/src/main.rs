@@ -8,6 +8,7 @@ mod check_cuda;
 mod crate_shape;
 mod dist;
 mod dynamic_build;
+mod examples;
 mod fetch_model;
 mod fuzz;
 mod gpu_bundle;
@@ -50,6 +51,8 @@ enum Command {
     Package(package::Args),
     /// Build and run an app outside the workspace against the packaged crates, offline.
     AppTest(app_test::Args),
+    /// Run every example of the workspace on the project's models (each checks its result).
+    Examples(examples::Args),
     /// Set everything up, then run every test of the workspace.
     Test(test::Args),
     /// The randomized safe-API test for longer, with a fresh seed.
@@ -96,6 +99,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::SynthModels(args) => synth_models::run(&args),
         Command::Package(args) => package::run(&args).map(|_| ()),
         Command::AppTest(args) => app_test::run(&args),
+        Command::Examples(args) => examples::run(&args),
         Command::Test(args) => test::run(&args),
         Command::LeakCheck(args) => leak_check::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use crate::{vendor, workspace};
 
 /// The packaged crates, dependencies first.
-pub const CRATES: &[&str] = &["exsa-utf8", "llama-src", "llama-sys", "llama", "exsa-bench-protocol", "exsa-engine"];
+pub const CRATES: &[&str] = &["exsa-utf8", "exsa-llama-src", "exsa-llama-sys", "exsa-llama", "exsa-bench-protocol", "exsa-engine"];
 
 #[derive(clap::Args, Default)]
 pub struct Args {}

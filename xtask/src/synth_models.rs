@@ -102,7 +102,9 @@ fn generate(site: &Path, generator: &Path, tokenizer: &Path, out: &Path, models:
 fn quantize(input: &Path, output: &Path) -> Result<()> {
     eprintln!("quantizing {} to Q4_K_M", input.display());
     let partial = output.with_extension("gguf.partial");
-    workspace::run(workspace::cargo().args(["run", "--quiet", "-p", "llama", "--example", "quantize", "--"]).arg(input).arg(&partial).arg("q4_k_m"))?;
+    workspace::run(
+        workspace::cargo().args(["run", "--quiet", "-p", "exsa-llama", "--example", "quantize", "--"]).arg(input).arg(&partial).arg("q4_k_m"),
+    )?;
     if !partial.is_file() {
         bail!("quantize wrote nothing at {}", partial.display());
     }

@@ -3,8 +3,9 @@
 //! of other architectures from `synth-models`; llama.cpp's chat template corpus), then runs every
 //! test of the workspace (the chat layer's included, on that corpus), the engine's
 //! tests once more per other backend and in the dynamic-backend mode, an app outside the
-//! workspace built against the packaged crates and `cargo install exsa-engine` from them,
-//! rustfmt and clippy, the leak
+//! workspace built against the packaged crates and `cargo install exsa-engine` from them, every
+//! example of the workspace (`cargo xtask examples`), rustfmt, clippy and the API docs
+//! (`cargo doc`, warnings denied), the leak
 //! check on Linux, llama.cpp's own server test suite against `exsa serve` (`cargo xtask
 //! server-suite`, its OpenAI-surface files), and the reduced CUDA check on Linux x86-64 (a toolkit from PyPI, ggml
 //! configured with CUDA, one CUDA source compiled). `--full` adds what CI leaves out to stay
@@ -17,7 +18,8 @@
 use anyhow::Result;
 
 use crate::{
-    app_test, check_cuda, dist, fetch_model, leak_check, llama_tools, python, server_suite, setup, synth_models, template_parity, vendor, workspace,
+    app_test, check_cuda, dist, examples, fetch_model, leak_check, llama_tools, python, server_suite, setup, synth_models, template_parity, vendor,
+    workspace,
 };
 
 /// The `openai` client the server tests drive `exsa serve` with (`.cargo/config.toml`'s
@@ -122,6 +124,8 @@ pub fn run(args: &Args) -> Result<()> {
         dist::run(&dist::Args::checked())?;
     }
     app_test::run(&app_test::Args::default())?;
+    // Every example of the workspace, run on the models (the engine's check their own results).
+    examples::run(&examples::Args::default())?;
     // Lints on every target (tests, examples, benches: so the benches cannot rot unbuilt), for
     // the default backend and raw FFI. The crate backend is left out: linting it would build
     // llama-cpp-sys-2's llama.cpp once more, for a module the tests above already compile.
@@ -154,6 +158,9 @@ pub fn run(args: &Args) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The API docs of every crate, as docs.rs would build them: a broken link, a bare URL or an
+    // undocumented public item (`#![warn(missing_docs)]` on every library) fails the run.
+    workspace::run(workspace::cargo().env("RUSTDOCFLAGS", "-D warnings").args(["doc", "--locked", "--workspace", "--no-deps"]))?;
     if args.full && cfg!(target_os = "linux") {
         leak_check::run(&leak_check::Args::default())?;
     }

@@ -3,6 +3,8 @@
 //! builds' greedy outputs differ for a real reason. The engine, xtask and the conformance tests
 //! all use these definitions, so the writer and the reader cannot drift apart.
 
+#![warn(missing_docs)]
+
 use serde::{Deserialize, Serialize};
 
 /// Below this top-1/top-2 logit margin, two correct builds may pick different greedy tokens:
@@ -13,6 +15,7 @@ pub const NEAR_TIE: f32 = 0.25;
 /// candidate with its distance from the top.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct GreedyStep {
+    /// The token picked (the most likely one).
     pub token: i32,
     /// The second most likely token.
     pub runner_up: i32,
@@ -95,7 +98,9 @@ pub struct Sample {
     pub test: String,
     /// Tokens the rate counts (prompt + generated for ppN+tgM).
     pub tokens: usize,
+    /// Wall-clock duration of the run, in seconds.
     pub seconds: f64,
+    /// `tokens / seconds`.
     pub tokens_per_s: f64,
     /// e2e only: from the request to the first generated token.
     pub time_to_first_token_ms: Option<f64>,
@@ -106,6 +111,8 @@ pub struct Sample {
     /// the model confirmed, in percent.
     #[serde(default)]
     pub tokens_per_decode: Option<f64>,
+    /// Speculative task tests only: the share of drafted tokens the model confirmed, in percent.
+    /// None elsewhere, and in reports written before it was recorded.
     #[serde(default)]
     pub draft_acceptance_percent: Option<f64>,
 }
@@ -136,31 +143,47 @@ pub struct TaskSetup {
     /// The chat prompt with the template applied (control-token text to be parsed, BOS to be
     /// added by the tokenizer).
     pub prompt: String,
+    /// Tokens generated at most.
     pub max_tokens: usize,
     /// Most tokens drafted per round (prompt lookup); 0 without speculation.
     pub max_draft: u32,
     /// 0: greedy.
     pub temperature: f32,
+    /// Top-k cut-off; 0: off.
     pub top_k: i32,
+    /// Top-p (nucleus) cut-off; 1: off.
     pub top_p: f32,
+    /// Min-p cut-off; 0: off.
     pub min_p: f32,
     /// 1: off.
     pub repeat_penalty: f32,
+    /// Tokens the penalties look back over (-1: the whole context).
     pub repeat_last_n: i32,
+    /// Seed of the sampler's random number generator.
     pub seed: u32,
 }
 
 /// What the engine reports about a model, the same for every backend.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ModelInfo {
+    /// The model file's path, as given.
     pub path: String,
+    /// A one-line description of the model: llama.cpp's model description (architecture, size
+    /// and file type) or, for the crate baseline, the GGUF's `general.name`; empty when unknown.
     pub description: String,
+    /// The GGUF's `general.architecture` (`gemma3`, `llama`, ...); empty when unknown.
     pub architecture: String,
+    /// Number of parameters.
     pub n_params: u64,
+    /// Size of the weights in bytes.
     pub size_bytes: u64,
+    /// Number of tokens in the vocabulary.
     pub n_vocab: i32,
+    /// The context length the model was trained with, in tokens.
     pub n_ctx_train: u32,
+    /// Width of the model's embeddings (hidden size).
     pub n_embd: usize,
+    /// Whether the model file carries a chat template.
     pub has_chat_template: bool,
     /// Where the weights went, as llama.cpp logged it at load (layers offloaded, each device's
     /// model buffer: local CPU, GPUs, rpc-servers); empty where the backend does not say.
@@ -173,10 +196,15 @@ pub struct ModelInfo {
 pub struct BenchReport {
     /// `source`, `crate` or `raw`.
     pub backend: String,
+    /// The model benchmarked.
     pub model: ModelInfo,
+    /// Threads used for generation (the session's `n_threads`).
     pub threads: i32,
+    /// Logical batch size: the most tokens submitted to one decode.
     pub n_batch: u32,
+    /// Physical batch size: the most tokens computed at once within a decode.
     pub n_ubatch: u32,
+    /// Flash attention as asked for: `on`, `off` or `auto`.
     pub flash_attn: String,
     /// Every timed run, in the order run.
     pub samples: Vec<Sample>,

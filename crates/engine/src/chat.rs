@@ -73,7 +73,9 @@ impl ChatMessage {
 /// A function the model may call.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tool {
+    /// The function's name, as the model calls it.
     pub name: String,
+    /// What the function does, for the model; None: no description.
     pub description: Option<String>,
     /// A JSON schema of its arguments (an object); None: any object.
     pub parameters: Option<Value>,
@@ -102,8 +104,12 @@ impl Tool {
 /// A call of a tool, as the model made it: `arguments` is JSON text.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ToolCall {
+    /// The call's id, which the tool message answering it names in `tool_call_id` (in a parsed
+    /// reply: the model's own, or `call_N` where its format writes none).
     pub id: String,
+    /// The called tool's name.
     pub name: String,
+    /// The arguments, as JSON text.
     pub arguments: String,
 }
 
@@ -176,11 +182,14 @@ impl std::str::FromStr for ReasoningFormat {
 /// What a chat asks of its template beyond the messages.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChatOptions {
+    /// Functions the model may call (default: none).
     pub tools: Vec<Tool>,
+    /// Whether and which tool the model must call (default [`ToolChoice::Auto`]).
     pub tool_choice: ToolChoice,
     /// Whether a reply may call several tools; None: as the template can (llama-server's
     /// default; the generic format of templates without tools calls one).
     pub parallel_tool_calls: Option<bool>,
+    /// How reasoning text in the reply is returned (default [`ReasoningFormat::Auto`]).
     pub reasoning_format: ReasoningFormat,
     /// Extra variables for the template (`enable_thinking`, ...).
     pub template_kwargs: Map<String, Value>,
@@ -213,7 +222,9 @@ pub enum Continuation {
     None,
     /// Where the message ends: its reasoning if it has no content, else its content.
     Auto,
+    /// Its content.
     Content,
+    /// Its reasoning text.
     Reasoning,
 }
 
@@ -274,6 +285,7 @@ pub struct ChatReply {
     pub content: String,
     /// Reasoning text the format sets apart.
     pub reasoning_content: String,
+    /// The tool calls the reply makes, in order.
     pub tool_calls: Vec<ToolCall>,
 }
 
@@ -281,8 +293,11 @@ pub struct ChatReply {
 /// first, then fragments of its arguments).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChatDelta {
+    /// Text to append to the reply's content.
     Content(String),
+    /// Text to append to the reply's reasoning text.
     Reasoning(String),
+    /// Part of a tool call.
     ToolCall {
         /// Which call (0, 1, ... in the reply's order).
         index: usize,
@@ -290,6 +305,7 @@ pub enum ChatDelta {
         id: Option<String>,
         /// Set on the call's first delta.
         name: Option<String>,
+        /// The next fragment of the call's arguments (JSON text).
         arguments: String,
     },
 }

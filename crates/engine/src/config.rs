@@ -11,7 +11,9 @@ use crate::token::TokenId;
 /// How to load a model and size its sessions.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
+    /// Path of the model's GGUF file.
     pub model: PathBuf,
+    /// Context parameters of the sessions the engine opens (default: [`SessionConfig::default`]).
     pub session: SessionConfig,
     /// Where the model's layers go: GPUs, rpc-servers (see `llama::rpc` for what a server's
     /// failure does).
@@ -25,9 +27,19 @@ pub struct EngineConfig {
     /// A smaller model with the same vocabulary, loaded beside the main one, that drafts tokens
     /// for [`Speculation::Draft`] requests.
     pub draft_model: Option<PathBuf>,
+    /// How the model's file is read: mmap, mlock, a progress callback (default:
+    /// [`LoadOptions::default`]). A draft model is read the same way.
+    pub load: LoadOptions,
+    /// LoRA adapters loaded with the model, in order, and applied with their scales to every
+    /// context the engine makes (sessions, owned sessions, a server's decode loop, embeddings);
+    /// [`SessionConfig::lora_scales`] changes the scales of one session. Not applied to a draft
+    /// model. Default: none.
+    pub lora: Vec<LoraConfig>,
 }
 
 impl EngineConfig {
+    /// A configuration for the model at `model`: default session parameters, placement and load
+    /// options, built-in chat formats, no fallback template, no draft model and no LoRA adapters.
     pub fn new(model: impl Into<PathBuf>) -> Self {
         EngineConfig {
             model: model.into(),
@@ -36,7 +48,80 @@ impl EngineConfig {
             chat_template_fallback: None,
             chat_templating: ChatTemplating::Builtin,
             draft_model: None,
+            load: LoadOptions::default(),
+            lora: Vec::new(),
         }
+    }
+}
+
+/// How a model's file is read into memory.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Map the file into memory instead of reading it (default true, llama.cpp's default where
+    /// the system can): the weights are paged in from the file as they are used, and several
+    /// processes loading the same file share them.
+    pub mmap: bool,
+    /// Lock the weights in RAM so that the system never pages them out (default false); the
+    /// process may need a raised `RLIMIT_MEMLOCK` (llama.cpp warns when it cannot lock).
+    pub mlock: bool,
+    /// Called with the load's progress (0.0..=1.0) as the weights are read; returning false
+    /// cancels the load, which then fails with [`EngineError::Load`] saying so. Called again from
+    /// 0.0 for a draft model's load. None (the default): no callback.
+    pub progress: Option<LoadProgress>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { mmap: true, mlock: false, progress: None }
+    }
+}
+
+/// A model load's progress callback ([`LoadOptions::progress`]): called with 0.0..=1.0 on the
+/// loading thread; returning false cancels the load. A panic in it is caught before it reaches
+/// llama.cpp, cancels the load, and resumes once llama.cpp has returned. Cloning shares the
+/// callback.
+#[derive(Clone)]
+pub struct LoadProgress(Arc<dyn Fn(f32) -> bool + Send + Sync>);
+
+impl LoadProgress {
+    /// A progress callback: `callback(progress)` returns whether to go on.
+    pub fn new(callback: impl Fn(f32) -> bool + Send + Sync + 'static) -> Self {
+        LoadProgress(Arc::new(callback))
+    }
+
+    /// Calls the callback: whether the load goes on.
+    pub fn call(&self, progress: f32) -> bool {
+        (self.0)(progress)
+    }
+}
+
+impl std::fmt::Debug for LoadProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadProgress(..)")
+    }
+}
+
+/// A LoRA adapter ([`EngineConfig::lora`]): a GGUF adapter file made for the engine's model,
+/// and the scale it is applied with (1.0: as trained; 0.0: not at all; negative values subtract
+/// it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    /// The adapter's GGUF file.
+    pub path: PathBuf,
+    /// The scale its update is applied with (default 1.0); must be finite.
+    pub scale: f32,
+}
+
+impl LoraConfig {
+    /// The adapter at `path`, at scale 1.0.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        LoraConfig { path: path.into(), scale: 1.0 }
+    }
+
+    /// This scale instead of 1.0.
+    pub fn scale(mut self, scale: f32) -> Self {
+        self.scale = scale;
+        self
     }
 }
 
@@ -55,7 +140,11 @@ pub enum ChatTemplating {
     /// The model's own Jinja template, or `override_source` (Jinja source, or `"chatml"`), with
     /// tools, reasoning and template options, through llama.cpp's chat layer, as its server
     /// renders chats: backend `source` with feature `jinja`.
-    Jinja { override_source: Option<String> },
+    Jinja {
+        /// The template to render with instead of the model's own: Jinja source, or `"chatml"`.
+        /// None: the model's own.
+        override_source: Option<String>,
+    },
 }
 
 /// Where a model's layers go.
@@ -94,12 +183,21 @@ impl Placement {
 pub struct SessionConfig {
     /// Context length in tokens; with several sequences, the size of the KV cache they share.
     pub n_ctx: u32,
+    /// Logical batch size: the most tokens one decode takes (default 2048). An embedded text must
+    /// fit in one batch.
     pub n_batch: u32,
+    /// Physical batch size: the most tokens computed at once inside a decode, at most `n_batch`
+    /// (default 512).
     pub n_ubatch: u32,
+    /// Threads for single-token generation (default: the available parallelism, 4 where it is
+    /// unknown).
     pub n_threads: i32,
+    /// Threads for prompt batches (default as `n_threads`).
     pub n_threads_batch: i32,
     /// None: llama.cpp decides.
     pub flash_attention: Option<bool>,
+    /// Compute embeddings (as well as logits). Default false; the engine's embedding and reranking
+    /// calls open sessions of their own with it set.
     pub embeddings: bool,
     /// Sequences decoded together in one context (a server's slots), sharing one KV cache of
     /// n_ctx tokens. 1 for a single-stream session.
@@ -121,6 +219,11 @@ pub struct SessionConfig {
     /// LFM2-1.2B-shaped model, with or without speculation (docs/benchmarks.md, "Speculation on
     /// LFM2").
     pub recurrent_snapshots: u32,
+    /// The scales this session applies the engine's LoRA adapters with, one per adapter of
+    /// [`EngineConfig::lora`] in its order (0.0 leaves an adapter out). None (the default): the
+    /// scales the engine was configured with. A list of another length is
+    /// [`EngineError::InvalidConfig`] when the session is made.
+    pub lora_scales: Option<Vec<f32>>,
 }
 
 /// The element type of the KV cache's keys or values: the types llama-server offers for
@@ -128,19 +231,29 @@ pub struct SessionConfig {
 /// f16's, q4_0 in about a quarter) and round what attention reads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum CacheType {
+    /// 32-bit float (`f32`).
     F32,
     #[default]
+    /// 16-bit float (`f16`), the default.
     F16,
+    /// bfloat16 (`bf16`).
     Bf16,
+    /// 8-bit quantized (`q8_0`).
     Q8_0,
+    /// 4-bit quantized (`q4_0`).
     Q4_0,
+    /// 4-bit quantized with a minimum per block (`q4_1`).
     Q4_1,
+    /// 4-bit non-linear quantized (`iq4_nl`).
     Iq4Nl,
+    /// 5-bit quantized (`q5_0`).
     Q5_0,
+    /// 5-bit quantized with a minimum per block (`q5_1`).
     Q5_1,
 }
 
 impl CacheType {
+    /// Every type.
     pub const ALL: [CacheType; 9] = [
         CacheType::F32,
         CacheType::F16,
@@ -250,6 +363,7 @@ impl Default for SessionConfig {
             cache_type_k: CacheType::F16,
             cache_type_v: CacheType::F16,
             recurrent_snapshots: Self::DEFAULT_RECURRENT_SNAPSHOTS,
+            lora_scales: None,
         }
     }
 }
@@ -258,6 +372,14 @@ impl SessionConfig {
     /// Recurrent snapshots by default: none (see [`SessionConfig::recurrent_snapshots`]).
     pub const DEFAULT_RECURRENT_SNAPSHOTS: u32 = 0;
 
+    /// Checks the parameters before any reaches llama.cpp.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::InvalidConfig`] naming the first bad field: `n_ctx` under 8, `n_ubatch` not
+    /// within 1..=`n_batch`, fewer than one thread, `n_seq` outside 1..=256, a quantized V cache
+    /// with flash attention off, or a LoRA scale that is not finite (the number of scales is
+    /// checked against the engine's adapters when the session is made).
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |field, value: String, reason| Err(EngineError::InvalidConfig { field, value, reason });
         if self.n_ctx < 8 {
@@ -278,13 +400,37 @@ impl SessionConfig {
         if self.cache_type_v.is_quantized() && self.flash_attention == Some(false) {
             return bad("cache_type_v", self.cache_type_v.to_string(), "a quantized V cache needs flash attention (on or auto)");
         }
+        if let Some(scales) = self.lora_scales.as_ref().filter(|s| !s.iter().all(|x| x.is_finite())) {
+            return bad("lora_scales", format!("{scales:?}"), "LoRA scales must be finite");
+        }
         Ok(())
+    }
+
+    /// The scales a session of these parameters applies its model's LoRA adapters with:
+    /// [`SessionConfig::lora_scales`], else `engine`'s (the engine's configured scales, one per
+    /// adapter).
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::InvalidConfig`] naming `lora_scales` when it holds another number of scales
+    /// than there are adapters.
+    pub(crate) fn lora_scales_for<'a>(&'a self, engine: &'a [f32]) -> Result<&'a [f32], EngineError> {
+        match &self.lora_scales {
+            None => Ok(engine),
+            Some(scales) if scales.len() == engine.len() => Ok(scales),
+            Some(scales) => Err(EngineError::InvalidConfig {
+                field: "lora_scales",
+                value: format!("{scales:?}"),
+                reason: "needs one scale per LoRA adapter of the engine (EngineConfig::lora)",
+            }),
+        }
     }
 }
 
 /// Sampling parameters of a request. Temperature 0 means greedy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
+    /// Divides the logits before the draw (default 0.8); 0: greedy, the most likely token.
     pub temperature: f32,
     /// 0: off.
     pub top_k: i32,
@@ -307,6 +453,7 @@ pub struct SamplingParams {
     pub grammar: Option<String>,
     /// When the grammar starts to apply.
     pub grammar_start: GrammarStart,
+    /// Seed of the random draw (default 0); unused when greedy.
     pub seed: u32,
 }
 
@@ -322,7 +469,12 @@ pub enum GrammarStart {
     /// Once the output matches one of `patterns` (regular expressions matched from the output's
     /// start; the grammar reads from the first group on) or one of `tokens` is drawn: a tool call
     /// starting, where the reply may also be prose.
-    Lazy { patterns: Vec<String>, tokens: Vec<TokenId> },
+    Lazy {
+        /// Regular expressions, each matched from the output's start.
+        patterns: Vec<String>,
+        /// Tokens whose drawing starts the grammar.
+        tokens: Vec<TokenId>,
+    },
 }
 
 impl Default for SamplingParams {
@@ -350,6 +502,7 @@ impl SamplingParams {
         SamplingParams { temperature: 0.0, ..Default::default() }
     }
 
+    /// Whether the temperature is 0: greedy decoding.
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
@@ -398,6 +551,15 @@ impl SamplingParams {
         }
     }
 
+    /// Checks every value's range.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::InvalidRequest`] naming the first bad field: a temperature that is negative
+    /// or not finite, a negative `top_k`, `top_p` outside (0, 1], `min_p` outside [0, 1], a
+    /// `repeat_penalty` that is not finite and positive, `repeat_last_n` under -1, a frequency or
+    /// presence penalty outside [-2, 2], a bias outside [-100, 100] (other than -inf), or an empty
+    /// grammar.
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |field, value: f32, reason| Err(EngineError::InvalidRequest { field, value: value.to_string(), reason });
         if !self.temperature.is_finite() || self.temperature < 0.0 {
@@ -442,17 +604,26 @@ pub enum SamplerStage {
     /// Repetition (divides), frequency and presence (subtract) penalties over the last `last_n`
     /// tokens.
     Penalties {
+        /// Tokens looked back over (0: none, -1: the whole context).
         last_n: i32,
+        /// Repetition penalty (1.0: off).
         repeat: f32,
+        /// Subtracted from a token's logit once per occurrence (0.0: off).
         frequency: f32,
+        /// Subtracted from a token's logit if it occurred at all (0.0: off).
         presence: f32,
     },
+    /// Keeps the k most likely tokens.
     TopK(i32),
+    /// Keeps the fewest most likely tokens whose probabilities add up to at least p.
     TopP(f32),
+    /// Keeps the tokens at least p times as likely as the most likely one.
     MinP(f32),
+    /// Divides the logits by this temperature.
     Temp(f32),
     /// Draw with a seeded RNG.
     Dist(u32),
+    /// Picks the most likely token.
     Greedy,
 }
 
@@ -463,14 +634,17 @@ pub enum SamplerStage {
 pub struct CancelToken(pub(crate) Arc<AtomicBool>);
 
 impl CancelToken {
+    /// A token not cancelled yet.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Cancels the generations that hold this token or a clone of it.
     pub fn cancel(&self) {
         self.0.store(true, Ordering::Relaxed);
     }
 
+    /// Whether [`CancelToken::cancel`] was called on this token or a clone of it.
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
@@ -482,14 +656,27 @@ pub enum Prompt {
     /// Text, tokenized with BOS where the model wants one. Control-token text (`<end_of_turn>`,
     /// ...) becomes control tokens only with `parse_special` (raw prompts written for a template
     /// need it).
-    Text { text: String, parse_special: bool },
+    Text {
+        /// The prompt text.
+        text: String,
+        /// Whether control-token text becomes control tokens.
+        parse_special: bool,
+    },
     /// A chat, formatted with the engine's template ([`crate::Engine::chat_template`]). The
     /// template's own control tokens are parsed; text inside message contents never becomes a
     /// control token (a user cannot forge turns by typing `<end_of_turn>`), unless
     /// `specials_in_messages`: that lets whoever writes a message forge turns, so it is only for
     /// trusted callers who build raw prompts through messages.
     /// `options` (tools, ...) need [`ChatTemplating::Jinja`] unless they are the defaults.
-    Chat { messages: Vec<ChatMessage>, specials_in_messages: bool, options: ChatOptions },
+    Chat {
+        /// The conversation so far, in order.
+        messages: Vec<ChatMessage>,
+        /// Whether control-token text inside message contents becomes control tokens (trusted
+        /// callers only, see above).
+        specials_in_messages: bool,
+        /// Tools and template options ([`ChatOptions::default`]: none).
+        options: ChatOptions,
+    },
     /// Token ids, decoded as they are.
     Tokens(Vec<TokenId>),
 }
@@ -518,6 +705,7 @@ pub struct GenerateOptions {
     pub max_tokens: usize,
     /// Generation stops before any of these; the stop text is not returned.
     pub stop: Vec<String>,
+    /// How each token is drawn (default: [`SamplingParams::default`]).
     pub sampling: SamplingParams,
     /// Cancels the generation from another thread.
     pub cancel: Option<CancelToken>,
@@ -569,6 +757,13 @@ impl Default for GenerateOptions {
 pub const MAX_LOGPROBS: usize = 20;
 
 impl GenerateOptions {
+    /// Checks the options (and their sampling parameters).
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::InvalidRequest`] naming the first bad field: `max_tokens` 0, an empty stop
+    /// sequence, a speculation `max_draft` outside 1..=64, more than 20 log-probability
+    /// candidates, or a bad sampling value (see [`SamplingParams::validate`]).
     pub fn validate(&self) -> Result<(), EngineError> {
         if self.max_tokens == 0 {
             return Err(EngineError::InvalidRequest { field: "max_tokens", value: "0".into(), reason: "must be at least 1" });
@@ -595,7 +790,9 @@ impl GenerateOptions {
 /// One generation request: what it starts from, and how to generate.
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
+    /// What the generation starts from.
     pub prompt: Prompt,
+    /// How to generate.
     pub options: GenerateOptions,
 }
 
@@ -687,10 +884,16 @@ pub enum Speculation {
     Off,
     /// Prompt lookup: up to `max_draft` tokens drafted from the continuation of the last few
     /// tokens' most recent earlier occurrence in the prompt or output.
-    Ngram { max_draft: u32 },
+    Ngram {
+        /// Most tokens drafted per round (1 to 64).
+        max_draft: u32,
+    },
     /// Up to `max_draft` tokens drafted greedily by the engine's draft model
     /// ([`EngineConfig::draft_model`]).
-    Draft { max_draft: u32 },
+    Draft {
+        /// Most tokens drafted per round (1 to 64).
+        max_draft: u32,
+    },
 }
 
 impl Speculation {

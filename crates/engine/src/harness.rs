@@ -23,9 +23,14 @@ use crate::token::{TokenId, TokenLogprobs};
 /// One benchmark test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Test {
+    /// `ppN`: decodes N prompt tokens.
     Prompt(usize),
+    /// `tgN`: generates N tokens, one decode each.
     Generate(usize),
+    /// `ppN+tgM`: N prompt tokens, then M generated, in one timing.
     PromptGenerate(usize, usize),
+    /// `e2eN` (`e2e`: 128): a chat of [`E2E_PROMPT`] through the engine, N tokens at most,
+    /// sampled with [`e2e_sampling`].
     EndToEnd(usize),
     /// A fixed task a user runs, 128 tokens at most, with speculation (prompt lookup, up to 8
     /// drafted tokens) or without: `task-rewrite`, `task-rewrite-spec`, ... (see
@@ -37,14 +42,19 @@ pub enum Test {
 /// (rewrite), one that condenses it (summary), one free.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Task {
+    /// Rename a variable in a short Python function: the answer quotes the input.
     Rewrite,
+    /// Summarise a paragraph in two sentences.
     Summary,
+    /// The e2e test's story prompt: free text.
     Free,
 }
 
 impl Task {
+    /// Every task.
     pub const ALL: [Task; 3] = [Task::Rewrite, Task::Summary, Task::Free];
 
+    /// The task's name in test names (`task-NAME`).
     pub fn name(self) -> &'static str {
         match self {
             Task::Rewrite => "rewrite",

@@ -26,6 +26,7 @@ use serde_json::{Map, Value};
 pub struct SchemaError {
     /// Where in the schema, as a JSON pointer (`#/properties/name`).
     pub path: String,
+    /// What is wrong there (an unsupported keyword, a bad value, ...).
     pub reason: String,
 }
 

@@ -20,6 +20,12 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
+// The backend interface and the measurement harness are public for the workspace's benches,
+// tests and the `exsa` program, not for apps: hidden from the docs and outside the stability
+// promise (README, "Stability").
+#[doc(hidden)]
 pub mod backend;
 mod chat;
 mod chat_tokens;
@@ -27,6 +33,7 @@ mod config;
 mod engine;
 mod error;
 #[cfg(feature = "bench")]
+#[doc(hidden)]
 pub mod harness;
 #[cfg(feature = "server")]
 pub mod http;
@@ -43,12 +50,13 @@ mod token_text;
 pub use backend::LlamaLogLevel;
 pub use chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, Continuation, ReasoningFormat, Tool, ToolCall, ToolChoice};
 pub use config::{
-    CacheType, CancelToken, ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, GrammarStart, Placement, Pooling, Prompt, SamplerStage,
-    SamplingParams, SessionConfig, Speculation,
+    CacheType, CancelToken, ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, GrammarStart, LoadOptions, LoadProgress, LoraConfig,
+    Placement, Pooling, Prompt, SamplerStage, SamplingParams, SessionConfig, Speculation,
 };
-pub use engine::{Engine, Generation, Session, TokenizeOptions, set_llama_log_level};
+pub use engine::{Engine, Generation, Session, SessionState, TokenizeOptions, set_llama_log_level};
 pub use error::{Cause, DecodeFailure, EngineError, Result, SlotFileAction};
 pub use outcome::{Completion, FinishReason, GenerationStats, SlotAction, SlotActionDone};
+pub use serving::OwnedSession;
 pub use templates::ReplyParser;
 pub use token::{FimTokens, TokenId, TokenLogprobs};
 // One UTF-8 stream decoder for the whole workspace, from a crate of its own: the `crate`

@@ -30,6 +30,7 @@ pub struct GenerationStats {
     pub prompt_tokens: usize,
     /// Of those, tokens already in the KV cache from an earlier request (not decoded again).
     pub prompt_tokens_reused: usize,
+    /// Tokens generated (an end-of-generation token not counted).
     pub completion_tokens: usize,
     /// From the request's arrival (before tokenizing) to the first generated token: queueing,
     /// tokenizing and prompt processing included.
@@ -46,12 +47,14 @@ pub struct GenerationStats {
     pub prompt_tokens_per_s: f64,
     /// Completion tokens per second as the user sees them: sampled, detokenized, streamed.
     pub generation_tokens_per_s: f64,
+    /// Why the generation ended; None while it has not.
     pub finish_reason: Option<FinishReason>,
     /// Decodes run during generation (prompt processing not counted): with speculation, fewer
     /// than the tokens generated.
     pub generation_decodes: usize,
     /// Speculation: tokens drafted, and of those the ones the model confirmed.
     pub drafted_tokens: usize,
+    /// Speculation: of the drafted tokens, the ones the model confirmed.
     pub accepted_tokens: usize,
     /// Speculation on a recurrent state: tokens decoded again because a round's rejected drafts
     /// could not be dropped (the kept part of the round, after its checkpoint).
@@ -69,7 +72,9 @@ impl GenerationStats {
 /// How a request ended and what it produced.
 #[derive(Clone, Debug)]
 pub struct Completion {
+    /// Why it ended.
     pub finish_reason: FinishReason,
+    /// What it measured.
     pub stats: GenerationStats,
     /// The generated tokens (an end-of-generation token is not listed).
     pub tokens: Vec<TokenId>,
@@ -94,6 +99,7 @@ pub struct PromptProgress {
 /// A slot of a serving loop, as of its last step.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SlotState {
+    /// The slot's index (0 to the number of slots - 1).
     pub id: usize,
     /// It has a request.
     pub processing: bool,
@@ -103,6 +109,7 @@ pub struct SlotState {
     pub cached_tokens: usize,
     /// Its request's prompt and generated tokens so far (0 without a request).
     pub prompt_tokens: usize,
+    /// Tokens its request has generated so far (0 without a request).
     pub generated_tokens: usize,
 }
 
@@ -126,6 +133,7 @@ pub struct SlotActionDone {
     pub tokens: usize,
     /// Bytes of the file written or read (0 for an erase).
     pub bytes: u64,
+    /// How long the action took, in milliseconds.
     pub ms: f64,
 }
 

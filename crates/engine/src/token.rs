@@ -7,7 +7,9 @@ pub type TokenId = i32;
 /// cuts), and the likeliest candidates at that step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenLogprobs {
+    /// The drawn token.
     pub token: TokenId,
+    /// Its log-probability (natural logarithm).
     pub logprob: f32,
     /// The `n` likeliest tokens, likeliest first.
     pub top: Vec<(TokenId, f32)>,
@@ -40,10 +42,16 @@ impl TokenLogprobs {
 /// what goes between; `repository` and `separator` mark files given as context.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FimTokens {
+    /// Before the text before the cursor (FIM prefix); None: the vocabulary has none.
     pub prefix: Option<TokenId>,
+    /// Before the text after the cursor (FIM suffix); None: the vocabulary has none.
     pub suffix: Option<TokenId>,
+    /// After both texts: the reply follows (FIM middle); None: the vocabulary has none.
     pub middle: Option<TokenId>,
+    /// Before the repository's name that opens the context files (FIM repo); None: the vocabulary
+    /// has none.
     pub repository: Option<TokenId>,
+    /// Before each context file's name (FIM file separator); None: the vocabulary has none.
     pub separator: Option<TokenId>,
 }
 

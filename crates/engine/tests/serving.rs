@@ -436,3 +436,80 @@ fn a_step_whose_drafts_do_not_fit_is_rebuilt_without_them() {
     check_served(&engine, repeating, &a, &eog);
     check_served(&engine, PROMPTS[4], &b, &eog);
 }
+
+/// An owned session is `'static + Send`: moved into another thread, it gives what a borrowed
+/// [`Session`] gives (both decode one sequence), and its next request reuses the cache.
+#[test]
+fn an_owned_session_moved_into_a_thread_gives_what_a_session_gives_and_reuses_its_cache() {
+    let engine = engine();
+    let request = banning_eog(&engine, greedy(PROMPTS[3], 24));
+    let next = banning_eog(&engine, greedy(&format!("{} Tokyo, and the capital of France is", PROMPTS[3]), 4));
+    let (expected, _) = engine.generate(&request).unwrap();
+    let owned = engine.owned_session().unwrap();
+    let (text, status) = std::thread::spawn(move || {
+        let (text, _) = owned.generate_text(&request).unwrap();
+        // The next request extends the first prompt: only the rest is decoded.
+        let (_, completion) = owned.generate_text(&next).unwrap();
+        assert!(completion.stats.prompt_tokens_reused > 0, "{:?}", completion.stats);
+        (text, owned.status())
+    })
+    .join()
+    .unwrap();
+    assert_eq!(text, expected);
+    assert_eq!((status.slots, status.busy_slots, status.generated_tokens), (1, 0, 24 + 4));
+}
+
+/// Polled by an async runtime, a request's `EventStream` gives the same events as the blocking
+/// receiver; dropped before its end (a task that gives up), it cancels its request, which frees
+/// the slot at the next step; a stream that reached its end cancels nothing.
+#[test]
+fn an_event_stream_gives_the_events_and_cancels_its_request_when_dropped_early() {
+    let engine = engine();
+    let owned = engine.owned_session().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let request = banning_eog(&engine, greedy(PROMPTS[0], 16));
+    let (expected, _) = engine.generate(&request).unwrap();
+    let shared = CancelToken::new();
+    runtime.block_on(async {
+        let mut stream = owned.stream(&request.clone().cancel(shared.clone())).unwrap();
+        let mut text = String::new();
+        let mut done = None;
+        while let Some(event) = stream.recv().await {
+            match event {
+                Event::Delta(d) => text.push_str(&d.text),
+                Event::Done(c) => done = Some(c),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(text, expected);
+        assert_eq!(done.expect("the stream ends with Done").stats.completion_tokens, 16);
+        // Ended: dropping it leaves the token (shared with other requests) alone.
+        drop(stream);
+        assert!(!shared.is_cancelled());
+
+        // A long prompt, decoded in n_batch chunks: the stream is dropped once its prefill has
+        // begun, before any event could tell the decode loop that nobody listens.
+        let long = "The quick brown fox jumps over the lazy dog. ".repeat(80);
+        let before = owned.status();
+        let stream = owned.stream(&greedy(&long, 400)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while owned.status().steps == before.steps {
+            assert!(Instant::now() < deadline, "prefill did not start");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(stream);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while owned.status().busy_slots > 0 {
+            assert!(Instant::now() < deadline, "the dropped stream's request still runs: {:?}", owned.status());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let decoded = owned.status().prompt_tokens_decoded - before.prompt_tokens_decoded;
+        let prompt_tokens = engine.tokenize(&long, false).unwrap().len() as u64;
+        assert!(prompt_tokens > 3 * 256, "{prompt_tokens} tokens: several chunks of n_batch 256");
+        assert!(decoded < prompt_tokens, "the whole prompt ({decoded} of {prompt_tokens} tokens) was decoded after its stream was dropped");
+        assert_eq!(owned.status().generated_tokens, before.generated_tokens, "the dropped stream's request generated");
+    });
+    // The session serves again.
+    let (_, again) = owned.generate_text(&greedy("Hello", 4)).unwrap();
+    assert_eq!(again.stats.completion_tokens, 4);
+}

@@ -293,7 +293,7 @@ fn sampled_speculation_keeps_the_distribution_with_penalties_a_bias_and_a_gramma
 fn same_seed_speculative_and_plain_draws_differ_only_at_rounding() {
     use exsa_engine::backend::{Active, Backend, BackendModel, BackendSession, Outputs};
     let engine = engine();
-    let model = Active::load(&default_model_path(), &Placement::default()).unwrap();
+    let model = Active::load(&EngineConfig::new(default_model_path())).unwrap();
     let mut session = engine.session().unwrap();
     const RUNS: u32 = 100;
     let (mut positions, mut differing, mut accepted) = (0, Vec::new(), 0);

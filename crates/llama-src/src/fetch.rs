@@ -9,6 +9,11 @@ use crate::Error;
 /// `name =version`, and returns the package's unpacked source folder in cargo's registry cache.
 /// The cache is tried first (`--offline`), so a machine that has the package never touches the
 /// network.
+///
+/// # Errors
+///
+/// [`Error::Io`] when the manifest cannot be written under `scratch`; [`Error::Fetch`] when
+/// `cargo` cannot be run, fails both offline and online, or does not list the package.
 pub fn fetch_package(cargo: &Path, name: &str, version: &str, scratch: &Path) -> Result<PathBuf, Error> {
     let io = |path: &Path| {
         let path = path.to_path_buf();

@@ -11,7 +11,9 @@
 //!    verified.
 //! 3. **Fetched**: the pinned crates.io package that ships the tree (the one the `llama-cpp-2`
 //!    baseline compiles), obtained through cargo itself so that its registry, mirrors, source
-//!    replacement and offline cache all apply, then verified against [`PIN`]'s tree hash.
+//!    replacement and offline cache all apply, then verified against [`PIN_TOML`]'s tree hash.
+
+#![warn(missing_docs)]
 
 mod fetch;
 mod pin;
@@ -29,16 +31,22 @@ pub const PIN_TOML: &str = include_str!("../llama.cpp.toml");
 /// Where [`locate`] found the tree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {
+    /// `llama.cpp/` inside this crate, staged by `cargo xtask package`.
     Packaged,
+    /// The workspace's `vendor/llama.cpp`, filled by `cargo xtask vendor`.
     Vendored,
+    /// The pinned package's tree in cargo's registry cache, verified against the pin's hash.
     Fetched,
 }
 
 /// A pinned llama.cpp tree on disk.
 #[derive(Clone, Debug)]
 pub struct Located {
+    /// The tree's root folder (the one holding `include/llama.h` and `CMakeLists.txt`).
     pub dir: PathBuf,
+    /// Where it was found.
     pub origin: Origin,
+    /// The pin it answers to ([`PIN_TOML`], parsed).
     pub pin: Pin,
 }
 
@@ -47,19 +55,29 @@ pub struct Located {
 pub enum Error {
     /// cargo could not obtain the package (offline without it in the cache, say).
     Fetch {
+        /// The package asked for.
         package: String,
+        /// Its exact version.
         version: String,
+        /// What went wrong: cargo's last line of error output, or why cargo could not run.
         detail: String,
     },
     /// The package's tree is not the pinned one.
     Mismatch {
+        /// The package fetched.
         package: String,
+        /// Its version.
         version: String,
+        /// The tree hash found (hex SHA-256, see [`tree_sha256`]).
         found: String,
+        /// The tree hash the pin expects.
         pinned: String,
     },
+    /// A file or folder could not be read or written.
     Io {
+        /// The file or folder.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
 }
@@ -92,6 +110,11 @@ impl std::error::Error for Error {
 /// The pinned tree: packaged, vendored, or fetched through `cargo` (the program to run, usually
 /// the `CARGO` that runs the caller) into its registry cache. `scratch` is a folder the fetch may
 /// write its throw-away manifest to.
+///
+/// # Errors
+///
+/// [`Error::Fetch`] when cargo cannot obtain the pinned package, [`Error::Mismatch`] when the
+/// fetched tree does not hash to the pin, [`Error::Io`] when it cannot be read.
 pub fn locate(cargo: &Path, scratch: &Path) -> Result<Located, Error> {
     let pin = Pin::parse(PIN_TOML);
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -5,6 +5,7 @@
 pub struct Pin {
     /// The crates.io package that ships the tree.
     pub package: String,
+    /// The package's exact version.
     pub version: String,
     /// The folder inside the package.
     pub folder: String,
@@ -14,6 +15,7 @@ pub struct Pin {
     pub build_number: Option<u32>,
     /// [`crate::tree_sha256`] of the folder.
     pub tree_sha256: String,
+    /// Number of files in the folder (0 when the pin does not say).
     pub files: usize,
 }
 
@@ -26,6 +28,8 @@ const HEADER: &str = "\
 ";
 
 impl Pin {
+    /// Reads a pin from `llama.cpp.toml` text. Comments, unknown keys and lines without `=` are
+    /// skipped; a missing key keeps its default (empty, None or 0), as does an unparsable number.
     pub fn parse(text: &str) -> Pin {
         let mut pin = Pin::default();
         for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
@@ -45,6 +49,8 @@ impl Pin {
         pin
     }
 
+    /// The pin as `llama.cpp.toml` text, with the file's explanatory header (a missing build
+    /// number is written as 0).
     pub fn to_toml(&self) -> String {
         format!(
             "{HEADER}package = {:?}\nversion = {:?}\nfolder = {:?}\nupstream_commit = {:?}\nbuild_number = {}\ntree_sha256 = {:?}\nfiles = {}\n",

@@ -8,6 +8,10 @@ use sha2::{Digest, Sha256};
 /// Every file's relative path ('/'-separated), size and bytes, in path order. Timestamps and
 /// permissions do not count, so a copy hashes like its original. Returns the hex digest and the
 /// number of files.
+///
+/// # Errors
+///
+/// The first I/O error met while walking the tree or reading a file.
 pub fn tree_sha256(root: &Path) -> io::Result<(String, usize)> {
     let mut files = Vec::new();
     collect_files(root, root, &mut files)?;

@@ -5,7 +5,7 @@
 //! ratio's range are printed.
 //!
 //! ```text
-//! cargo run --release -p llama-sys --example backend_sampling [-- MODEL.gguf [ROUNDS]]
+//! cargo run --release -p exsa-llama-sys --example backend_sampling [-- MODEL.gguf [ROUNDS]]
 //! ```
 //!
 //! The model defaults to `$EXSA_MODEL` (set by the workspace's .cargo/config.toml).

@@ -11,7 +11,10 @@ pub struct BuildInfo {
     pub build_number: u32,
     /// The upstream llama.cpp commit, or "unknown".
     pub upstream_commit: &'static str,
+    /// The folder of the llama.cpp tree compiled, or "(not recorded: relocatable build)" for a
+    /// `LLAMA_SYS_RELOCATABLE` build.
     pub source_dir: &'static str,
+    /// The target triple compiled for (`x86_64-unknown-linux-gnu`, ...).
     pub target: &'static str,
     /// Every switch of the build plan (`native`, `openmp`, `metal`, ...) and its value.
     pub switches: &'static [(&'static str, bool)],
@@ -19,12 +22,14 @@ pub struct BuildInfo {
     pub cmake_defines: &'static [(&'static str, &'static str)],
     /// CMAKE_C_FLAGS plus the release flags, as configured.
     pub c_flags: &'static str,
+    /// CMAKE_CXX_FLAGS plus the release flags, as configured.
     pub cxx_flags: &'static str,
     /// The flags ggml's CPU backend was compiled with, as CMake generated them: this is where
     /// `-march=native` (or an explicit ISA list) shows.
     pub ggml_cpu_flags: &'static str,
     /// Compiler path and the first line of its `--version`.
     pub c_compiler: &'static str,
+    /// C++ compiler path and the first line of its `--version`.
     pub cxx_compiler: &'static str,
     /// The tuned profile applied under the environment (`cargo xtask tune`), or "none".
     pub tuned_profile: &'static str,

@@ -1,7 +1,7 @@
 //! An interactive chat on the terminal. Each turn decodes only the tokens the KV cache does not
 //! already hold.
 //!
-//!     cargo run --release -p llama --example chat [-- --model PATH] [--template NAME]
+//!     cargo run --release -p exsa-llama --example chat [-- --model PATH] [--template NAME]
 //!
 //! The model's own chat template is used when it has one, else `--template` (default "gemma").
 

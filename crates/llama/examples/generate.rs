@@ -1,6 +1,6 @@
 //! Streams a greedy or sampled continuation of a prompt.
 //!
-//!     cargo run --release -p llama --example generate -- "Once upon a time" [max_tokens] [seed]
+//!     cargo run --release -p exsa-llama --example generate -- "Once upon a time" [max_tokens] [seed]
 //!
 //! The model is `EXSA_MODEL` (the default model, set by .cargo/config.toml) or `--model PATH`.
 

@@ -1,4 +1,4 @@
-//! Quantizes a GGUF: `cargo run -p llama --example quantize -- IN OUT [TYPE] [--allow-requantize]`,
+//! Quantizes a GGUF: `cargo run -p exsa-llama --example quantize -- IN OUT [TYPE] [--allow-requantize]`,
 //! TYPE one of f16, q8_0, q6_k, q5_k_m, q4_k_m (default), q4_0. `--allow-requantize` accepts an
 //! input that is already quantized (the AMX measurements requantize the default Q4_K_M model to
 //! Q8_0 and Q4_0). `cargo xtask synth-models` uses it for the LFM2-1.2B-shaped speed model.

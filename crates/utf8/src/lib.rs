@@ -1,5 +1,7 @@
 //! Streaming UTF-8: token pieces are bytes, and a character may span two or more tokens.
 
+#![warn(missing_docs)]
+
 /// Turns a stream of byte pieces into text without ever splitting a character: an incomplete
 /// sequence at the end of a piece waits for the next one. Invalid bytes become U+FFFD, as in
 /// `String::from_utf8_lossy`, so the output is always valid and nothing is silently dropped.

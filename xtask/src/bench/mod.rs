@@ -26,10 +26,10 @@ pub struct Args {
     /// B-noamx, B-dist (the release bundle of `cargo xtask dist`), B-rpc).
     #[arg(long, value_delimiter = ',', default_value = "A,B")]
     variants: Vec<String>,
-    /// A TOML file of further variants ([[variant]] tables; see docs/benchmarks.md).
+    /// A TOML file of further variants (`[[variant]]` tables; see docs/benchmarks.md).
     #[arg(long)]
     variants_file: Option<PathBuf>,
-    /// Tests in llama-bench's terms, plus e2e[N] (the engine's user-visible generation).
+    /// Tests in llama-bench's terms, plus `e2e[N]` (the engine's user-visible generation).
     #[arg(long, value_delimiter = ',', default_value = "pp512,tg128,e2e")]
     tests: Vec<String>,
     /// Interleaved rounds: each variant runs every test once per round, in its own process.

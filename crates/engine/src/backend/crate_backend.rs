@@ -5,20 +5,21 @@ use std::ffi::CStr;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use llama_cpp_2::LlamaLoraAdapterInitError;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
-use crate::config::{Placement, SamplerStage, SamplingParams, SessionConfig};
+use crate::config::{EngineConfig, LoadProgress, SamplerStage, SamplingParams, SessionConfig};
 use crate::error::{DecodeFailure, EngineError, SlotFileAction, cause};
 
 /// llama-cpp-2 refuses a second `LlamaBackend::init`, so the one instance lives here.
@@ -31,14 +32,22 @@ fn backend() -> &'static LlamaBackend {
 }
 
 #[derive(Debug)]
+/// Backend `crate` (Option A, the baseline): llama.cpp through the `llama-cpp-2` crate with its
+/// default features.
 pub struct CrateBackend;
 
 impl Backend for CrateBackend {
     const NAME: &'static str = "crate";
     type Model = CrateModel;
 
-    fn load(path: &Path, placement: &Placement) -> Result<CrateModel, EngineError> {
+    fn load(config: &EngineConfig) -> Result<CrateModel, EngineError> {
+        let (path, placement) = (config.model.as_path(), &config.placement);
         placement.local_only(Self::NAME)?;
+        let scales = super::lora_scales(&config.lora)?;
+        if config.lora.len() > 1 {
+            // `LlamaContext::lora_adapter_set` replaces the context's set with one adapter.
+            return Err(EngineError::Unsupported { what: "more than one LoRA adapter (llama-cpp-2 applies one at a time)", backend: Self::NAME });
+        }
         let n_gpu_layers = placement.n_gpu_layers;
         // llama-cpp-2 answers every bad file with "null result"; say at least which file.
         if !path.exists() {
@@ -47,9 +56,37 @@ impl Backend for CrateBackend {
         if path.is_dir() {
             return Err(EngineError::load(path, "is a directory, not a model file"));
         }
-        let params = LlamaModelParams::default().with_n_gpu_layers(n_gpu_layers.max(0) as u32);
-        let model = LlamaModel::load_from_file(backend(), path, &params).map_err(|e| EngineError::load(path, e))?;
-        Ok(CrateModel { model, path: path.display().to_string() })
+        let mut params = LlamaModelParams::default().with_n_gpu_layers(n_gpu_layers.max(0) as u32);
+        if !config.load.mmap || config.load.mlock {
+            // Only off the defaults: llama.cpp's own mode (mmap where it can) stays otherwise.
+            params = params.with_use_mmap(config.load.mmap).with_use_mlock(config.load.mlock);
+        }
+        let outcome = std::rc::Rc::new(std::cell::RefCell::new(ProgressOutcome::default()));
+        if let Some(progress) = config.load.progress.clone() {
+            params = params.with_progress_callback(guarded_progress(progress, std::rc::Rc::clone(&outcome)));
+        }
+        let loaded = LlamaModel::load_from_file(backend(), path, &params);
+        drop(params);
+        let outcome = outcome.take();
+        if let Some(panic) = outcome.panic {
+            drop(loaded);
+            std::panic::resume_unwind(panic);
+        }
+        let mut model = loaded.map_err(|e| if outcome.cancelled { EngineError::load_cancelled(path) } else { EngineError::load(path, e) })?;
+        let adapter = match config.lora.first() {
+            Some(lora) => {
+                super::check_adapter_file(&lora.path)?;
+                let adapter = model.lora_adapter_init(&lora.path).map_err(|e| match e {
+                    LlamaLoraAdapterInitError::NullResult => {
+                        EngineError::lora(&lora.path, "llama.cpp could not load it (not a LoRA adapter, or one for another model)")
+                    }
+                    e => EngineError::lora(&lora.path, e),
+                })?;
+                Some(Mutex::new(adapter))
+            }
+            None => None,
+        };
+        Ok(CrateModel { adapter, scales, model, path: path.display().to_string() })
     }
 
     fn build_info() -> serde_json::Value {
@@ -80,8 +117,45 @@ impl Backend for CrateBackend {
     }
 }
 
+/// What a load's progress callback did, for the load to act on once llama.cpp has returned.
+#[derive(Default)]
+struct ProgressOutcome {
+    /// The callback returned false.
+    cancelled: bool,
+    /// The callback panicked: resumed after the load.
+    panic: Option<Box<dyn std::any::Any + Send>>,
+}
+
+/// `progress` as llama-cpp-2 takes it, with what it does recorded in `outcome`: llama-cpp-2's
+/// trampoline does not catch a panic, which must not unwind into llama.cpp, so this does (and
+/// cancels the load).
+fn guarded_progress(progress: LoadProgress, outcome: std::rc::Rc<std::cell::RefCell<ProgressOutcome>>) -> impl FnMut(f32) -> bool + 'static {
+    move |p| {
+        let mut outcome = outcome.borrow_mut();
+        if outcome.panic.is_some() {
+            return false;
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| progress.call(p))) {
+            Ok(go_on) => {
+                outcome.cancelled = !go_on;
+                go_on
+            }
+            Err(panic) => {
+                outcome.panic = Some(panic);
+                false
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct CrateModel {
+    /// The LoRA adapter loaded for the model ([`EngineConfig::lora`], one at most), which
+    /// llama.cpp frees with the model. Behind a lock because llama-cpp-2 applies an adapter
+    /// through `&mut`.
+    adapter: Option<Mutex<LlamaLoraAdapter>>,
+    /// The engine's scales, one per adapter.
+    scales: Vec<f32>,
     model: LlamaModel,
     path: String,
 }
@@ -177,6 +251,7 @@ impl BackendModel for CrateModel {
     }
 
     fn session(&self, config: &SessionConfig) -> Result<CrateSession<'_>, EngineError> {
+        let scales = config.lora_scales_for(&self.scales)?;
         let mut params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(config.n_ctx))
             .with_n_batch(config.n_batch)
@@ -204,7 +279,11 @@ impl BackendModel for CrateModel {
                 Some(crate::Pooling::Rank) => return Err(EngineError::Unsupported { what: "rank pooling (reranking)", backend: "crate" }),
             });
         }
-        let ctx = self.model.new_context(backend(), params).map_err(|e| EngineError::Session(cause(e)))?;
+        let mut ctx = self.model.new_context(backend(), params).map_err(|e| EngineError::Session(cause(e)))?;
+        if let Some((adapter, scale)) = super::applied_adapters(self.adapter.as_slice(), scales).next() {
+            let mut adapter = adapter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            ctx.lora_adapter_set(&mut adapter, scale).map_err(|e| EngineError::Session(cause(e)))?;
+        }
         let n_batch = ctx.n_batch() as usize;
         Ok(CrateSession {
             ctx,

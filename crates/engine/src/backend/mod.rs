@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use crate::config::{Placement, SamplingParams, SessionConfig};
+use crate::config::{EngineConfig, LoraConfig, SamplingParams, SessionConfig};
 use crate::error::EngineError;
 pub use crate::token::TokenId;
 
@@ -54,10 +54,21 @@ pub use exsa_bench_protocol::ModelInfo;
 pub trait Backend: 'static {
     /// "source", "crate" or "raw".
     const NAME: &'static str;
+    /// The backend's loaded model.
     type Model: BackendModel;
 
-    /// Loads `path` with `placement`'s layer offload (and rpc-servers, where the backend can).
-    fn load(path: &Path, placement: &Placement) -> Result<Self::Model, EngineError>;
+    /// Loads `config.model` with `config.placement`'s layer offload (and rpc-servers, where the
+    /// backend can), read as `config.load` says, and then `config.lora`'s adapters, which every
+    /// session of the model applies (the rest of the configuration is the engine's).
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Load`] when the model cannot be loaded or the progress callback cancelled
+    /// it, [`EngineError::Lora`] naming an adapter that cannot be loaded for it,
+    /// [`EngineError::InvalidConfig`] for a LoRA scale that is not finite,
+    /// [`EngineError::Unsupported`] for what the backend cannot do (rpc-servers on `crate` and
+    /// `raw`, several adapters on `crate`).
+    fn load(config: &EngineConfig) -> Result<Self::Model, EngineError>;
 
     /// What was compiled, as JSON (flags, compiler, llama.cpp version).
     fn build_info() -> serde_json::Value;
@@ -82,10 +93,15 @@ pub trait Backend: 'static {
 /// How much of llama.cpp's log the engine forwards (`exsa --log`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LlamaLogLevel {
+    /// Every line, debug output included.
     Debug,
+    /// Information, warnings and errors.
     Info,
+    /// Warnings and errors.
     Warn,
+    /// Errors only.
     Error,
+    /// Nothing.
     Off,
 }
 
@@ -106,17 +122,28 @@ impl std::str::FromStr for LlamaLogLevel {
 
 /// A loaded model: tokenizer, templates, and a factory for sessions.
 pub trait BackendModel: Send + Sync + Sized {
+    /// The model's session: a context that borrows the model.
     type Session<'m>: BackendSession
     where
         Self: 'm;
 
+    /// What the model is (file, architecture, sizes), as reports and `/v1/models` show it.
     fn info(&self) -> ModelInfo;
+    /// Tokenizes `text` into `out`, replacing what it held: `add_special` adds BOS (and EOS) where
+    /// the model wants them, `parse_special` turns control-token text into control tokens.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Tokenize`] when the text cannot be tokenized.
     fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError>;
     /// Appends the bytes of a token's text; special tokens render as empty unless `special`
     /// (a chat format's tool-call markers, which its parser reads).
     fn piece(&self, token: TokenId, special: bool, out: &mut Vec<u8>) -> Result<(), EngineError>;
+    /// Whether `token` ends a generation (EOS, EOT and the model's other end tokens).
     fn is_eog(&self, token: TokenId) -> bool;
+    /// The vocabulary's beginning-of-sequence token.
     fn bos(&self) -> TokenId;
+    /// Number of tokens in the vocabulary.
     fn n_vocab(&self) -> i32;
     /// The vocabulary's fill-in-the-middle tokens.
     fn fim_tokens(&self) -> crate::FimTokens;
@@ -141,6 +168,15 @@ pub trait BackendModel: Send + Sync + Sized {
     fn check_servers(&self) -> Result<(), EngineError> {
         Ok(())
     }
+    /// A new session (context) of this model with `config`'s parameters, the model's LoRA
+    /// adapters applied with their scales (or `config.lora_scales`).
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Session`] when the context (or its batch) cannot be created or the adapters
+    /// cannot be applied, [`EngineError::InvalidConfig`] for `lora_scales` of another length than
+    /// the adapters, [`EngineError::Rpc`] when an rpc-server holding the model's layers is lost,
+    /// [`EngineError::Unsupported`] for a setting the backend lacks (rank pooling on `crate`).
     fn session(&self, config: &SessionConfig) -> Result<Self::Session<'_>, EngineError>;
 }
 
@@ -159,7 +195,9 @@ pub trait BackendSession {
     /// A recurrent checkpoint of one of its sequences (see [`BackendSession::seq_checkpoint`]).
     type Checkpoint: Clone + Send;
 
+    /// The context's size in tokens.
     fn n_ctx(&self) -> u32;
+    /// The most tokens one decode takes (the context's batch size).
     fn n_batch(&self) -> u32;
     /// Writes `tokens` at positions `start..` of sequence 0 into the session's batch (at most
     /// n_batch of them), without decoding: `decode` is `fill` and then the model run.
@@ -183,6 +221,7 @@ pub trait BackendSession {
     /// [`BackendSession::sample_with`] then reads at this entry's index (the batch length before
     /// the call).
     fn batch_push(&mut self, token: TokenId, pos: i32, seq: i32, output: bool) -> Result<(), EngineError>;
+    /// Entries in the batch.
     fn batch_len(&self) -> usize;
     /// Decodes the batch built with `batch_push`.
     fn batch_decode(&mut self) -> Result<(), EngineError>;
@@ -234,6 +273,55 @@ pub trait BackendSession {
     /// of more than `max_tokens` is refused). On failure the sequence may hold part of the file:
     /// the caller empties it.
     fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<TokenId>, EngineError>;
+    /// Sequence `seq`'s cache (attention cells, recurrent state) as bytes, for
+    /// [`BackendSession::seq_load_state`] of a context of the same model.
+    fn seq_state(&mut self, seq: i32) -> Result<Vec<u8>, EngineError> {
+        let _ = seq;
+        Err(states_as_bytes_unsupported())
+    }
+    /// Loads bytes of [`BackendSession::seq_state`] into empty sequence `seq`; bytes that are no
+    /// state of this model and context are an error, never read past. On failure the sequence
+    /// may hold part of it: the caller empties it.
+    fn seq_load_state(&mut self, seq: i32, state: &[u8]) -> Result<(), EngineError> {
+        let _ = (seq, state);
+        Err(states_as_bytes_unsupported())
+    }
+}
+
+/// Sessions as bytes need llama.cpp's state reader behind a C++ exception guard (a damaged
+/// state throws): the `llama` crate has one; llama-cpp-2 (restores only the states it made) and
+/// the raw backend do not use one.
+fn states_as_bytes_unsupported() -> EngineError {
+    EngineError::Unsupported {
+        what: "session states as bytes (backend source; state files work on every backend)",
+        backend: <Active as Backend>::NAME,
+    }
+}
+
+/// Checks [`EngineConfig::lora`] before any adapter is loaded: every scale finite. Returns the
+/// scales, in order.
+fn lora_scales(lora: &[LoraConfig]) -> Result<Vec<f32>, EngineError> {
+    match lora.iter().find(|l| !l.scale.is_finite()) {
+        Some(bad) => Err(EngineError::InvalidConfig {
+            field: "lora",
+            value: format!("{} at {}", bad.path.display(), bad.scale),
+            reason: "a LoRA scale must be finite",
+        }),
+        None => Ok(lora.iter().map(|l| l.scale).collect()),
+    }
+}
+
+/// The adapters a session applies, with their scales: those whose scale is not 0 (an adapter at
+/// scale 0 changes nothing, and is left out rather than computed).
+fn applied_adapters<'a, A>(adapters: &'a [A], scales: &'a [f32]) -> impl Iterator<Item = (&'a A, f32)> {
+    adapters.iter().zip(scales.iter().copied()).filter(|&(_, scale)| scale != 0.0)
+}
+
+/// Refuses an adapter file that does not exist, by name: before the binding sees it (`crate`'s
+/// asserts that it exists, `raw`'s llama.cpp call only logs).
+#[cfg(any(feature = "crate", feature = "raw"))]
+fn check_adapter_file(path: &Path) -> Result<(), EngineError> {
+    if path.is_file() { Ok(()) } else { Err(EngineError::lora(path, "adapter file not found")) }
 }
 
 /// The size of a file just written or read, for the slot state calls whose binding does not

@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use llama_sys as sys;
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
-use crate::config::{Placement, SamplerStage, SamplingParams, SessionConfig};
+use crate::config::{EngineConfig, LoadOptions, LoadProgress, SamplerStage, SamplingParams, SessionConfig};
 use crate::error::{DecodeFailure, EngineError, SlotFileAction, cause};
 
 #[derive(Debug)]
+/// Backend `raw`: our llama.cpp build through raw llama-sys calls, with no safe wrapper in between.
 pub struct RawBackend;
 
 /// Runs a llama.cpp call through llama-sys' exception guard (`exsa_*`): a C++ exception becomes
@@ -85,24 +86,50 @@ impl Backend for RawBackend {
         init();
     }
 
-    fn load(path: &Path, placement: &Placement) -> Result<RawModel, EngineError> {
+    fn load(config: &EngineConfig) -> Result<RawModel, EngineError> {
+        let (path, placement) = (config.model.as_path(), &config.placement);
         placement.local_only(Self::NAME)?;
+        let scales = super::lora_scales(&config.lora)?;
         let n_gpu_layers = placement.n_gpu_layers;
         init();
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| EngineError::load(path, "the path contains a NUL byte"))?;
-        // SAFETY: default params by value; the path is NUL-terminated and outlives the call.
+        let c_path = c_path(path).ok_or_else(|| EngineError::load(path, "the path contains a NUL byte"))?;
+        let mut progress = config.load.progress.as_ref().map(|callback| Progress { callback, cancelled: false, panic: None });
+        // SAFETY: default params by value; the path is NUL-terminated and outlives the call; the
+        // progress callback's user data is `progress`, alive (and not otherwise touched) until
+        // the call returns, and the trampoline matches llama_progress_callback and never unwinds.
         let raw = unsafe {
             let mut p = sys::llama_model_default_params();
             p.n_gpu_layers = n_gpu_layers;
+            p.load_mode = load_mode(&config.load, p.load_mode);
+            if let Some(progress) = &mut progress {
+                p.progress_callback = Some(progress_trampoline);
+                p.progress_callback_user_data = std::ptr::from_mut(progress).cast::<c_void>();
+            }
             sys::llama_model_load_from_file(c_path.as_ptr(), p)
         };
         // As the llama crate does (its src/openmp.rs): the load's OpenMP team, if any, ends here.
         // SAFETY: no arguments; ends only this thread's team, outside any parallel region.
         unsafe { sys::exsa_openmp_release_team() };
-        let raw = NonNull::new(raw).ok_or_else(|| EngineError::load(path, "llama.cpp could not load it"))?;
+        let (cancelled, panic) = progress.map_or((false, None), |p| (p.cancelled, p.panic));
+        if let Some(panic) = panic {
+            if let Some(raw) = NonNull::new(raw) {
+                // SAFETY: a model we own and nobody else has seen.
+                unsafe { sys::llama_model_free(raw.as_ptr()) };
+            }
+            std::panic::resume_unwind(panic);
+        }
+        let raw = NonNull::new(raw)
+            .ok_or_else(|| if cancelled { EngineError::load_cancelled(path) } else { EngineError::load(path, "llama.cpp could not load it") })?;
         // SAFETY: the vocab belongs to the live model.
         let vocab = unsafe { sys::llama_model_get_vocab(raw.as_ptr()) };
-        Ok(RawModel { raw, vocab, path: path.display().to_string() })
+        // Owned from here: on an adapter's failure, the drop frees the model and the adapters
+        // loaded before it.
+        let mut model = RawModel { raw, vocab, path: path.display().to_string(), adapters: Vec::new(), scales };
+        for lora in &config.lora {
+            let adapter = model.load_adapter(&lora.path)?;
+            model.adapters.push(adapter);
+        }
+        Ok(model)
     }
 
     fn build_info() -> serde_json::Value {
@@ -118,22 +145,96 @@ impl Backend for RawBackend {
     }
 }
 
+/// `path` as C reads it.
+fn c_path(path: &Path) -> Option<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes()).ok()
+}
+
+/// llama.cpp's load mode for `options` (`default`: llama.cpp's own, which maps the file where it
+/// can), as the llama crate's `ModelParams` sets it.
+fn load_mode(options: &LoadOptions, default: sys::llama_load_mode) -> sys::llama_load_mode {
+    match (options.mmap, options.mlock) {
+        (true, false) => default,
+        (true, true) => sys::LLAMA_LOAD_MODE_MMAP_MLOCK,
+        (false, true) => sys::LLAMA_LOAD_MODE_MLOCK,
+        (false, false) => sys::LLAMA_LOAD_MODE_NONE,
+    }
+}
+
+/// A load's progress callback and what became of it, for [`progress_trampoline`].
+struct Progress<'a> {
+    callback: &'a LoadProgress,
+    /// The callback returned false.
+    cancelled: bool,
+    /// The callback panicked: resumed once llama.cpp has returned.
+    panic: Option<Box<dyn std::any::Any + Send>>,
+}
+
+/// llama.cpp's progress callback: calls the engine's, catching a panic (unwinding into C is
+/// undefined), which cancels the load.
+extern "C" fn progress_trampoline(progress: f32, user: *mut c_void) -> bool {
+    // SAFETY: `user` is the Progress that RawBackend::load passed with this callback, alive for
+    // the load that calls it, on the loading thread, and not touched by anything else meanwhile.
+    let state = unsafe { &mut *user.cast::<Progress<'_>>() };
+    if state.panic.is_some() {
+        return false;
+    }
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.callback.call(progress))) {
+        Ok(go_on) => {
+            state.cancelled = !go_on;
+            go_on
+        }
+        Err(panic) => {
+            state.panic = Some(panic);
+            false
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct RawModel {
     raw: NonNull<sys::llama_model>,
     vocab: *const sys::llama_vocab,
     path: String,
+    /// The LoRA adapters loaded for the model ([`EngineConfig::lora`]), freed before it.
+    adapters: Vec<NonNull<sys::llama_adapter_lora>>,
+    /// The engine's scales, one per adapter.
+    scales: Vec<f32>,
 }
 
-// SAFETY: a loaded llama_model is read-only; llama.cpp supports sharing it across threads.
+// SAFETY: a loaded llama_model is read-only; llama.cpp supports sharing it across threads. Its
+// adapters are read-only too once loaded; the model's set of adapters, which loading and freeing
+// one changes, is only changed at load (before the model is shared) and on drop (by its owner).
 unsafe impl Send for RawModel {}
 // SAFETY: as above.
 unsafe impl Sync for RawModel {}
 
 impl Drop for RawModel {
     fn drop(&mut self) {
-        // SAFETY: sessions borrow the model, so none is alive.
-        unsafe { sys::llama_model_free(self.raw.as_ptr()) }
+        // SAFETY: sessions borrow the model, so none is alive, and none applies an adapter; each
+        // adapter belongs to this model and is freed once, before the model.
+        unsafe {
+            for adapter in self.adapters.drain(..) {
+                sys::llama_adapter_lora_free(adapter.as_ptr());
+            }
+            sys::llama_model_free(self.raw.as_ptr());
+        }
+    }
+}
+
+impl RawModel {
+    /// Loads the LoRA adapter at `path` for this model (while nothing else uses it: at load).
+    fn load_adapter(&mut self, path: &Path) -> Result<NonNull<sys::llama_adapter_lora>, EngineError> {
+        super::check_adapter_file(path)?;
+        let c_path = c_path(path).ok_or_else(|| EngineError::lora(path, "the path contains a NUL byte"))?;
+        let (mut adapter, mut err) = (std::ptr::null_mut(), sys::exsa_error::new());
+        // SAFETY: the model is live and not shared yet (`&mut self`); the path is NUL-terminated;
+        // `adapter` and `err` are live out-parameters. The guard catches a C++ exception.
+        let status = unsafe { sys::exsa_adapter_lora_init(self.raw.as_ptr(), c_path.as_ptr(), &mut adapter, &mut err) };
+        if status != sys::EXSA_OK as i32 {
+            return Err(EngineError::lora(path, format!("llama.cpp threw a C++ exception: {}", err.what())));
+        }
+        NonNull::new(adapter).ok_or_else(|| EngineError::lora(path, "llama.cpp could not load it (not a LoRA adapter, or one for another model)"))
     }
 }
 
@@ -367,6 +468,7 @@ impl BackendModel for RawModel {
     }
 
     fn session(&self, config: &SessionConfig) -> Result<RawSession<'_>, EngineError> {
+        let scales = config.lora_scales_for(&self.scales)?;
         // SAFETY: default params by value, then a context over the live model.
         let ctx = unsafe {
             let mut p = sys::llama_context_default_params();
@@ -402,7 +504,26 @@ impl BackendModel for RawModel {
             let n_batch = sys::llama_n_batch(ctx.as_ptr());
             (n_batch, sys::llama_n_ctx(ctx.as_ptr()), sys::llama_batch_init(n_batch as i32, 0, 1))
         };
-        Ok(RawSession { model: self, ctx, batch, n_batch, n_ctx, n_seq: config.n_seq as i32, abort: None, has_logits: false })
+        // Owned from here: on an error below, the drop frees the context and the batch.
+        let session = RawSession { model: self, ctx, batch, n_batch, n_ctx, n_seq: config.n_seq as i32, abort: None, has_logits: false };
+        let (mut adapters, mut scales): (Vec<_>, Vec<_>) = super::applied_adapters(&self.adapters, scales).map(|(a, s)| (a.as_ptr(), s)).unzip();
+        if !adapters.is_empty() {
+            let (mut code, mut err) = (0, sys::exsa_error::new());
+            // SAFETY: the adapters belong to this context's model, which outlives the context
+            // (the session borrows it), and are freed only with it; the two arrays are as long as
+            // the count passed; `code` and `err` are live out-parameters. The guard catches a C++
+            // exception.
+            let status = unsafe {
+                sys::exsa_set_adapters_lora(session.ctx.as_ptr(), adapters.as_mut_ptr(), adapters.len(), scales.as_mut_ptr(), &mut code, &mut err)
+            };
+            if status != sys::EXSA_OK as i32 {
+                return Err(EngineError::Session(cause(format!("llama.cpp threw a C++ exception applying the LoRA adapters: {}", err.what()))));
+            }
+            if code != 0 {
+                return Err(EngineError::Session(cause(format!("llama.cpp could not apply the LoRA adapters (code {code})"))));
+            }
+        }
+        Ok(session)
     }
 }
 

@@ -5,33 +5,55 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use llama::{
-    Batch, ChatEnding, ChatMessage, Context, ContextParams, FlashAttention, Model, ModelParams, Pooling, Sampler, SamplerChain, Token,
+    Batch, ChatEnding, ChatMessage, Context, ContextParams, FlashAttention, LoraAdapter, Model, ModelParams, Pooling, Sampler, SamplerChain, Token,
     TokenizeOptions,
 };
 
 use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
-use crate::config::{GrammarStart, Placement, SamplerStage, SamplingParams, SessionConfig};
+use crate::config::{EngineConfig, GrammarStart, SamplerStage, SamplingParams, SessionConfig};
 use crate::error::{DecodeFailure, EngineError, SlotFileAction, cause};
 
 #[derive(Debug)]
+/// Backend `source` (Option B): our llama.cpp build through the safe `llama` crate.
 pub struct SourceBackend;
 
 impl Backend for SourceBackend {
     const NAME: &'static str = "source";
     type Model = SourceModel;
 
-    fn load(path: &Path, placement: &Placement) -> Result<SourceModel, EngineError> {
+    fn load(config: &EngineConfig) -> Result<SourceModel, EngineError> {
+        let (path, placement) = (config.model.as_path(), &config.placement);
+        let scales = super::lora_scales(&config.lora)?;
         let params = ModelParams {
             n_gpu_layers: placement.n_gpu_layers,
             rpc_servers: placement.rpc_servers.clone(),
             tensor_split: placement.tensor_split.clone(),
+            use_mmap: config.load.mmap,
+            use_mlock: config.load.mlock,
             ..Default::default()
         };
-        let model = Model::load(path, &params).map_err(|e| EngineError::load(path, e))?;
+        // (The llama crate catches a panicking callback, cancels the load and resumes the panic
+        // once llama.cpp has returned.)
+        let loaded = match &config.load.progress {
+            Some(progress) => Model::load_with_progress(path, &params, |p| progress.call(p)),
+            None => Model::load(path, &params),
+        };
+        let model = Arc::new(loaded.map_err(|e| EngineError::load(path, e))?);
         if placement.n_gpu_layers != 0 {
             warn_if_no_gpu();
         }
-        Ok(SourceModel { model })
+        // SAFETY: the reference is to the model inside the Arc, whose address stays put however
+        // the Arc moves, and which nothing frees before the SourceModel holding both goes: the
+        // adapters borrowing it are dropped first (on an error below, as locals declared after
+        // it; afterwards, as SourceModel's field declared before it), and no adapter with this
+        // lifetime leaves the SourceModel (`SourceModel::adapters` shortens it to a borrow of
+        // the SourceModel). Shared references only: the Arc is never made mutable.
+        let for_adapters: &'static Model = unsafe { &*Arc::as_ptr(&model) };
+        let mut adapters = Vec::with_capacity(config.lora.len());
+        for lora in &config.lora {
+            adapters.push(LoraAdapter::load(for_adapters, &lora.path).map_err(|e| EngineError::lora(&lora.path, e))?);
+        }
+        Ok(SourceModel { adapters, scales, model })
     }
 
     fn build_info() -> serde_json::Value {
@@ -104,9 +126,19 @@ fn warn_if_no_gpu() {
     });
 }
 
+/// The model and the LoRA adapters loaded for it ([`EngineConfig::lora`]), which borrow it: the
+/// adapters hold a `'static` borrow of the model in its Arc, sound because they never leave this
+/// struct with that lifetime and are dropped before the model (fields drop in declaration order:
+/// keep `adapters` before `model`).
 #[derive(Debug)]
 pub struct SourceModel {
-    model: Model,
+    /// Freed before `model` (see above).
+    adapters: Vec<LoraAdapter<'static>>,
+    /// The engine's scales, one per adapter.
+    scales: Vec<f32>,
+    /// In an Arc (never cloned) for a stable address that moving the SourceModel does not
+    /// reborrow as unique, as moving a Box would.
+    model: Arc<Model>,
 }
 
 impl SourceModel {
@@ -114,6 +146,11 @@ impl SourceModel {
     #[cfg_attr(not(feature = "jinja"), allow(dead_code))]
     pub(crate) fn llama(&self) -> &Model {
         &self.model
+    }
+
+    /// The adapters, borrowed no longer than the model is.
+    fn adapters(&self) -> &[LoraAdapter<'_>] {
+        &self.adapters
     }
 }
 
@@ -229,6 +266,7 @@ impl BackendModel for SourceModel {
     }
 
     fn session(&self, config: &SessionConfig) -> Result<SourceSession<'_>, EngineError> {
+        let scales = config.lora_scales_for(&self.scales)?;
         let params = ContextParams {
             n_ctx: config.n_ctx,
             n_batch: config.n_batch,
@@ -256,10 +294,14 @@ impl BackendModel for SourceModel {
             },
             ..Default::default()
         };
-        let ctx = Context::new(&self.model, &params).map_err(|e| match e {
+        let mut ctx = Context::new(&self.model, &params).map_err(|e| match e {
             llama::ContextError::Rpc(lost) => EngineError::Rpc(cause(lost)),
             e => EngineError::Session(cause(e)),
         })?;
+        let applied: Vec<(&LoraAdapter<'_>, f32)> = super::applied_adapters(self.adapters(), scales).collect();
+        if !applied.is_empty() {
+            ctx.set_lora_adapters(&applied).map_err(|e| EngineError::Session(cause(e)))?;
+        }
         // Each token of a multi-sequence batch belongs to one sequence: one id per entry is enough.
         let batch = Batch::new(ctx.n_batch() as usize, 1).map_err(|e| EngineError::Session(cause(e)))?;
         Ok(SourceSession { ctx, batch })
@@ -383,6 +425,14 @@ impl<'m> BackendSession for SourceSession<'m> {
         let tokens =
             self.ctx.load_sequence_state_file(seq, path, max_tokens).map_err(|e| EngineError::slot_file(SlotFileAction::Restore, path, e))?;
         Ok(tokens.into_iter().map(|t| t.0).collect())
+    }
+
+    fn seq_state(&mut self, seq: i32) -> Result<Vec<u8>, EngineError> {
+        self.ctx.save_sequence_state(seq).map_err(|e| EngineError::state(SlotFileAction::Save, e))
+    }
+
+    fn seq_load_state(&mut self, seq: i32, state: &[u8]) -> Result<(), EngineError> {
+        self.ctx.load_sequence_state(state, seq).map_err(|e| EngineError::state(SlotFileAction::Restore, e))
     }
 }
 

@@ -298,7 +298,7 @@ struct ServeArgs {
     /// requests name files in it, never paths).
     #[arg(long, value_name = "DIR")]
     slot_save_path: Option<PathBuf>,
-    /// Let web pages of ORIGIN (scheme://host[:port]) call the server (CORS; repeatable; `*`:
+    /// Let web pages of ORIGIN (`scheme://host[:port]`) call the server (CORS; repeatable; `*`:
     /// any page, with a warning). Default: none, and no CORS headers.
     #[arg(long, value_name = "ORIGIN")]
     cors_origin: Vec<String>,
@@ -315,7 +315,7 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Tests: ppN, tgN, ppN+tgM, e2e[N] (comma-separated).
+    /// Tests: ppN, tgN, ppN+tgM, `e2e[N]` (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "pp512,tg128")]
     tests: Vec<Test>,
     /// Timed runs of each test in this process.

@@ -16,7 +16,7 @@ use crate::scheduler::Prepared;
 use crate::templates::{JinjaTemplates, RenderedChat, ReplyParser};
 
 pub use generation::Generation;
-pub use session::Session;
+pub use session::{Session, SessionState};
 
 pub(crate) type Model = <Active as Backend>::Model;
 /// The sampler type of the engine's backend.
@@ -63,10 +63,22 @@ fn batches(texts: &[Vec<TokenId>], n_batch: usize, max_seqs: usize) -> Vec<&[Vec
 }
 
 impl Engine {
-    /// Loads the model named in `config`.
+    /// Loads the model named in `config`, read as [`EngineConfig::load`] says, then its LoRA
+    /// adapters ([`EngineConfig::lora`]) and its draft model.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::InvalidConfig`] naming a bad session parameter (`lora_scales` of another
+    /// length than `lora`, too), a LoRA scale that is not finite or an unknown chat format;
+    /// [`EngineError::Load`] when the model cannot be loaded or the progress callback cancelled
+    /// the load; [`EngineError::Lora`] naming an adapter that is missing or not made for the
+    /// model; [`EngineError::DraftModel`] when the draft model cannot draft for it;
+    /// [`EngineError::Unsupported`] for what the backend lacks (rpc-servers outside backend
+    /// `source`, more than one adapter on backend `crate`).
     pub fn load(config: EngineConfig) -> Result<Engine, EngineError> {
         config.session.validate()?;
-        let model = Active::load(&config.model, &config.placement)?;
+        config.session.lora_scales_for(&config.lora.iter().map(|l| l.scale).collect::<Vec<_>>())?;
+        let model = Active::load(&config)?;
         let chat_template = match &config.chat_templating {
             ChatTemplating::Named(name) => {
                 // An unknown name fails here, not at the first chat.
@@ -89,9 +101,16 @@ impl Engine {
         };
         let draft = match &config.draft_model {
             Some(path) => {
-                // The draft model only drafts tokens: it renders no chat.
-                let draft_config =
-                    EngineConfig { model: path.clone(), draft_model: None, chat_templating: ChatTemplating::Builtin, ..config.clone() };
+                // The draft model only drafts tokens: it renders no chat, and the adapters are
+                // the main model's.
+                let draft_config = EngineConfig {
+                    model: path.clone(),
+                    draft_model: None,
+                    chat_templating: ChatTemplating::Builtin,
+                    lora: Vec::new(),
+                    session: SessionConfig { lora_scales: None, ..config.session.clone() },
+                    ..config.clone()
+                };
                 let draft = Engine::load(draft_config)?;
                 if let Some(reason) = vocabulary_difference(&model, &draft.model)? {
                     return Err(EngineError::DraftModel { path: path.clone(), reason });
@@ -108,6 +127,7 @@ impl Engine {
         self.draft.as_deref()
     }
 
+    /// The backend this build runs on: `source`, `crate` or `raw`.
     pub fn backend_name() -> &'static str {
         Active::NAME
     }
@@ -118,22 +138,28 @@ impl Engine {
         cfg!(all(feature = "source", feature = "jinja"))
     }
 
+    /// How llama.cpp was built for this program, as JSON (the backend's flags, the pinned tree,
+    /// the CPU variant a dynamic build chose): what `exsa info` prints. Its shape follows the
+    /// backend and is not part of the stable API.
     pub fn build_info() -> serde_json::Value {
         Active::build_info()
     }
 
     /// Serves this process's devices (GPUs, else the CPU with `threads` threads) as a ggml
     /// rpc-server on `endpoint` (`HOST:PORT`), for models loaded elsewhere with
-    /// [`EngineConfig::rpc_servers`]. Runs until the process ends; returns only the reason it
+    /// [`crate::Placement::rpc_servers`]. Runs until the process ends; returns only the reason it
     /// could not serve. The protocol has no authentication: see `llama::rpc`.
     pub fn serve_rpc(endpoint: &str, cache_dir: Option<&std::path::Path>, threads: usize) -> EngineError {
         Active::serve_rpc(endpoint, cache_dir, threads)
     }
 
+    /// llama.cpp's one-line system report (the CPU features and backends it uses).
     pub fn system_info() -> String {
         Active::system_info()
     }
 
+    /// The model's description (architecture, parameters, size, file type), in the shape
+    /// `exsa bench` reports it.
     pub fn model_info(&self) -> ModelInfo {
         self.model.info()
     }
@@ -171,6 +197,11 @@ impl Engine {
         self.session_with(&self.config.session)
     }
 
+    /// A session with `config`'s context parameters.
+    ///
+    /// # Errors
+    /// [`EngineError::InvalidConfig`] naming a bad parameter, or [`EngineError::Session`] when
+    /// llama.cpp cannot make the context (out of memory, a size it refuses).
     pub fn session_with(&self, config: &SessionConfig) -> Result<Session<'_>, EngineError> {
         Session::new(self, config)
     }

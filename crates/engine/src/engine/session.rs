@@ -10,8 +10,9 @@ use crate::backend::BackendModel;
 use crate::chat::{ChatMessage, ChatOptions, ChatReply};
 use crate::config::{GenerateOptions, GenerateRequest, Prompt, SessionConfig, Speculation};
 use crate::error::EngineError;
-use crate::outcome::GenerationStats;
+use crate::outcome::{GenerationStats, SlotAction, SlotActionDone};
 use crate::scheduler::{Counters, DraftModel, Scheduler};
+use crate::token::TokenId;
 
 /// A context with memory of what it decoded: a request that shares a prefix with the previous
 /// one decodes only the new suffix.
@@ -33,6 +34,7 @@ impl<'e> Session<'e> {
         Ok(Session { engine, scheduler: Scheduler::new(engine.model(), session, 1, Arc::new(Counters::default())) })
     }
 
+    /// The context's length in tokens (the KV cache's cells).
     pub fn n_ctx(&self) -> u32 {
         self.scheduler.n_ctx() as u32
     }
@@ -97,6 +99,48 @@ impl<'e> Session<'e> {
         Ok((text, generation.stats().clone()))
     }
 
+    /// What the cache holds (its tokens and their attention cells or recurrent state), as bytes
+    /// in memory: [`Session::restore_state`] of a session of the same model and context size
+    /// returns to it, so a prompt that extends those tokens decodes only the rest.
+    ///
+    /// # Errors
+    /// [`EngineError::Unsupported`] on backends other than `source` (state files work on every
+    /// backend: [`Session::save_state_file`]); [`EngineError::State`] when llama.cpp cannot write
+    /// it (an empty cache).
+    pub fn save_state(&mut self) -> Result<SessionState, EngineError> {
+        let (tokens, state) = self.scheduler.save_state(0)?;
+        Ok(SessionState { tokens, state })
+    }
+
+    /// Replaces the cache with `state` (from [`Session::save_state`]).
+    ///
+    /// # Errors
+    /// [`EngineError::State`] for a state of another model or context size, or of more tokens
+    /// than this context holds (the cache is then empty); [`EngineError::Unsupported`] as
+    /// [`Session::save_state`].
+    pub fn restore_state(&mut self, state: &SessionState) -> Result<(), EngineError> {
+        self.scheduler.restore_state(0, &state.tokens, &state.state)
+    }
+
+    /// Writes what the cache holds to `path`, in llama-server's slot file layout (llama-server
+    /// and `exsa serve` restore it into a slot, and this into a session).
+    ///
+    /// # Errors
+    /// [`EngineError::SlotFile`] naming the path when it cannot be written.
+    pub fn save_state_file(&mut self, path: impl Into<std::path::PathBuf>) -> Result<SlotActionDone, EngineError> {
+        self.scheduler.slot_action(0, &SlotAction::Save(path.into()))
+    }
+
+    /// Replaces the cache with the state file at `path` (from [`Session::save_state_file`], a
+    /// server's slot save, or llama.cpp's sequence state files).
+    ///
+    /// # Errors
+    /// [`EngineError::SlotFile`] naming the path for a file that cannot be read or is no state of
+    /// this model and context (the cache is then empty).
+    pub fn restore_state_file(&mut self, path: impl Into<std::path::PathBuf>) -> Result<SlotActionDone, EngineError> {
+        self.scheduler.slot_action(0, &SlotAction::Restore(path.into()))
+    }
+
     /// Gives the scheduler the draft model's context (greedy, this session's length) unless it
     /// has one: made on first use and kept, so that it too decodes only what is new.
     fn open_draft(&mut self) -> Result<(), EngineError> {
@@ -111,5 +155,62 @@ impl<'e> Session<'e> {
         let config = SessionConfig { n_ctx: self.n_ctx(), ..draft.session_config().clone() };
         self.scheduler.set_draft_model(DraftModel::new(draft.model(), &config)?);
         Ok(())
+    }
+}
+
+/// A [`Session`]'s cache as bytes ([`Session::save_state`]): the tokens it holds and llama.cpp's
+/// state of them. [`SessionState::to_bytes`] and [`SessionState::from_bytes`] carry it through
+/// a file, a database or the network.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionState {
+    tokens: Vec<TokenId>,
+    state: Vec<u8>,
+}
+
+impl std::fmt::Debug for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionState").field("tokens", &self.tokens.len()).field("state_bytes", &self.state.len()).finish()
+    }
+}
+
+impl SessionState {
+    /// What tells these bytes from others: "exsa" and a format version.
+    const MAGIC: [u8; 8] = *b"exsa\0st1";
+
+    /// The tokens the cache held.
+    pub fn tokens(&self) -> &[TokenId] {
+        &self.tokens
+    }
+
+    /// One buffer: a header, the token count and the tokens (little-endian), then the state.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(Self::MAGIC.len() + 8 + 4 * self.tokens.len() + self.state.len());
+        bytes.extend_from_slice(&Self::MAGIC);
+        bytes.extend_from_slice(&(self.tokens.len() as u64).to_le_bytes());
+        for token in &self.tokens {
+            bytes.extend_from_slice(&token.to_le_bytes());
+        }
+        bytes.extend_from_slice(&self.state);
+        bytes
+    }
+
+    /// Reads [`SessionState::to_bytes`]'s buffer back. Whether the state fits a session is
+    /// checked when it is restored.
+    ///
+    /// # Errors
+    /// [`EngineError::State`] saying what is wrong: another header, or a buffer shorter than its
+    /// token count.
+    pub fn from_bytes(bytes: &[u8]) -> Result<SessionState, EngineError> {
+        let fail = |why: &str| EngineError::state(crate::error::SlotFileAction::Restore, why.to_string());
+        let rest = bytes.strip_prefix(&Self::MAGIC).ok_or_else(|| fail("these bytes are no session state of exsa (another header)"))?;
+        let (count, rest) = rest.split_first_chunk::<8>().ok_or_else(|| fail("the bytes end before the token count"))?;
+        let tokens_len = usize::try_from(u64::from_le_bytes(*count))
+            .ok()
+            .and_then(|n| n.checked_mul(4))
+            .filter(|&n| n <= rest.len())
+            .ok_or_else(|| fail("the bytes are shorter than their token count says"))?;
+        let (tokens, state) = rest.split_at(tokens_len);
+        let tokens = tokens.chunks_exact(4).map(|c| TokenId::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        Ok(SessionState { tokens, state: state.to_vec() })
     }
 }

@@ -9,12 +9,18 @@ use crate::error::{DecodeFailure, EngineError, SlotFileAction};
 use crate::serving::SubmitError;
 
 #[derive(Debug)]
+/// An error response: the HTTP status and OpenAI's error object (`message`, `type`, `param`,
+/// `code`). A 503 response carries `Retry-After: 1`.
 pub struct ApiError {
+    /// The HTTP status.
     pub status: StatusCode,
+    /// OpenAI's error `type` (`invalid_request_error`, `server_error`, ...).
     pub kind: &'static str,
+    /// What went wrong, for people.
     pub message: String,
     /// The request field at fault (a client's own field name for an unknown one).
     pub param: Option<std::borrow::Cow<'static, str>>,
+    /// A machine-readable `code` (`context_length_exceeded`, `queue_full`, ...); None: null.
     pub code: Option<&'static str>,
     /// Fields beside `message` and `type` that say more (llama-server's context overflow gives
     /// `n_prompt_tokens` and `n_ctx`).
@@ -22,6 +28,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// A 400 `invalid_request_error` for the request field `param`; the message is prefixed with
+    /// the field's name.
     pub fn invalid(param: impl Into<std::borrow::Cow<'static, str>>, message: impl std::fmt::Display) -> ApiError {
         let param = param.into();
         ApiError {
@@ -34,10 +42,12 @@ impl ApiError {
         }
     }
 
+    /// An error of `status` and `kind` with no `param`, `code` or details.
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
         ApiError { status, kind, message: message.into(), param: None, code: None, details: Vec::new() }
     }
 
+    /// This error with `code` set.
     pub fn with_code(mut self, code: &'static str) -> ApiError {
         self.code = Some(code);
         self

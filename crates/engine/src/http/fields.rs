@@ -13,7 +13,9 @@ use super::error::ApiError;
 /// Which endpoint a request came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
+    /// OpenAI's `/v1/chat/completions`.
     Chat,
+    /// OpenAI's `/v1/completions`.
     Completions,
     /// llama-server's native `/completion`.
     Native,

@@ -20,7 +20,7 @@ use super::models::Loaded;
 use super::native::{NativeFields, Shape};
 use super::openai::{ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, Kind, Meta, ModelEntry, Sampling, TokenizeRequest};
 use super::responses::ResponsesRequest;
-use super::stream::{Answer, CancelOnDrop};
+use super::stream::Answer;
 use crate::config::{CancelToken, GenerateRequest};
 use crate::error::EngineError;
 use crate::serving::ServeRequest;
@@ -82,14 +82,14 @@ async fn answer_chat(state: Arc<AppState>, chat: ChatRequest, kind: Kind) -> Res
     let cancel = CancelToken::new();
     let request = chat.to_request(&state.config, cancel.clone());
     let answering = Answering::new(kind, &chat.sampling, &state.config);
-    generate(state, chat.sampling.model.as_deref(), request, cancel, answering).await
+    generate(state, chat.sampling.model.as_deref(), request, answering).await
 }
 
 pub(super) async fn completions(State(state): State<Arc<AppState>>, Body(body): Body<CompletionRequest>) -> Response {
     let cancel = CancelToken::new();
     let request = body.to_request(&state.config, cancel.clone());
     let answering = Answering::new(Kind::Completion, &body.sampling, &state.config);
-    generate(state, body.sampling.model.as_deref(), request, cancel, answering).await
+    generate(state, body.sampling.model.as_deref(), request, answering).await
 }
 
 /// How a generation request is answered.
@@ -184,13 +184,13 @@ pub(super) async fn generate(
     state: Arc<AppState>,
     model: Option<&str>,
     request: Result<GenerateRequest, ApiError>,
-    cancel: CancelToken,
     answering: Answering,
 ) -> Response {
     let Answering { kind, stream, include_usage, native, verbose, timings_per_token, choices, extra_prompts } = answering;
     let received = Instant::now();
-    // Dropped with the handler's future when the client goes before the answer starts.
-    let cancel = CancelOnDrop(cancel);
+    // Each choice's events cancel it when dropped before its end: with the handler's future when
+    // the client goes before the answer starts (a choice submitted while the next one is
+    // prepared included), with the answer after.
     let submitted = async {
         let request = request?;
         let model = state.models.get(model).await?;
@@ -250,7 +250,6 @@ pub(super) async fn generate(
         serial,
         timings_per_token,
         siblings: choices,
-        _cancel: Arc::new(cancel),
     };
     if stream { answer.stream() } else { answer.whole().await }
 }
@@ -258,7 +257,7 @@ pub(super) async fn generate(
 /// One choice of a request, submitted: its events, the parser of its reply, and the native shape
 /// of its response (or of its `__verbose` echo).
 pub(super) struct Choice {
-    pub(super) events: tokio::sync::mpsc::UnboundedReceiver<crate::serving::Event>,
+    pub(super) events: crate::serving::EventStream,
     pub(super) parser: Option<crate::ReplyParser>,
     pub(super) shape: Option<Shape>,
 }
@@ -289,8 +288,7 @@ pub(super) async fn submit(
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))??;
     let parser = prepared.take_reply_parser();
-    let (sink, events) = tokio::sync::mpsc::unbounded_channel();
-    model.core.submit_to(prepared, sink)?;
+    let events = model.core.stream(prepared)?;
     Ok(Choice { events, parser, shape })
 }
 

@@ -32,6 +32,7 @@ pub struct ModelSource {
     pub aliases: Vec<String>,
     /// Labels `/v1/models` lists with it (llama-server's `--tags`).
     pub tags: Vec<String>,
+    /// The model's GGUF file.
     pub path: PathBuf,
     /// Loaded at start and never unloaded (`--model`).
     pub pinned: bool,
@@ -70,6 +71,7 @@ pub struct ModelPolicy {
     pub engine: EngineConfig,
     /// Slots and queue of each loaded model's decode loop.
     pub slots: u32,
+    /// Requests waiting for a slot at most, per model ([`ServingConfig::max_queue`]).
     pub max_queue: usize,
     /// Prompt tokens of a step beside generating requests ([`ServingConfig::prefill_chunk`]).
     pub prefill_chunk: Option<u32>,

@@ -110,7 +110,7 @@ async fn native(state: Arc<AppState>, body: NativeRequest, infill: bool) -> Resp
     answering.native = Some(fields);
     answering.extra_prompts = extra_prompts;
     let id = model.id.clone();
-    generate(state, Some(&id), Ok(request), cancel, answering).await
+    generate(state, Some(&id), Ok(request), answering).await
 }
 
 impl NativeRequest {

@@ -22,7 +22,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::Stream;
 
 use super::AppState;
@@ -31,12 +30,12 @@ use super::handlers::{Choice, submit};
 use super::log;
 use super::models::Loaded;
 use super::openai::{ChatRequest, CompletionRequest};
-use super::stream::{CancelOnDrop, collect};
+use super::stream::collect;
 use crate::chat::{ChatDelta, ChatReply};
 use crate::config::CancelToken;
 use crate::error::EngineError;
 use crate::outcome::{Completion, FinishReason, GenerationStats};
-use crate::serving::Event;
+use crate::serving::{Event, EventStream};
 use crate::templates::ReplyParser;
 
 /// The Ollama version this surface follows (clients check it for features).
@@ -460,7 +459,7 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, bytes: Bytes) -> Re
     };
     let cancel = CancelToken::new();
     let generate = request.to_request(&state.config, cancel.clone());
-    answer(state, common, generate, num_ctx, cancel, Shape::Chat).await
+    answer(state, common, generate, num_ctx, Shape::Chat).await
 }
 
 /// `POST /api/generate`: a prompt with the model's chat template (as a user message, after
@@ -507,7 +506,7 @@ pub(super) async fn generate(State(state): State<Arc<AppState>>, bytes: Bytes) -
     let Some(request) = request else {
         return load_only(state, common).await;
     };
-    answer(state, common, request, num_ctx, cancel, Shape::Generate).await
+    answer(state, common, request, num_ctx, Shape::Generate).await
 }
 
 /// `/api/generate` without a prompt: the model loaded (or unloaded with `keep_alive: 0`).
@@ -600,11 +599,9 @@ async fn answer(
     common: Common,
     request: Result<crate::config::GenerateRequest, ApiError>,
     num_ctx: Option<usize>,
-    cancel: CancelToken,
     shape: Shape,
 ) -> Response {
     let received = Instant::now();
-    let cancel = CancelOnDrop(cancel);
     let submitted = async {
         let request = request?;
         let keep = keep_alive(common.keep_alive.as_ref())?;
@@ -619,7 +616,7 @@ async fn answer(
         Ok(s) => s,
         Err(e) => return refused(&state, e),
     };
-    let answer = OllamaAnswer { state, model, name: common.model, shape, received, _cancel: cancel };
+    let answer = OllamaAnswer { state, model, name: common.model, shape, received };
     if common.stream {
         let body = NdjsonStream { answer, events, parser, queue: VecDeque::new(), calls: Vec::new(), done: false };
         ([(header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(body)).into_response()
@@ -637,11 +634,10 @@ struct OllamaAnswer {
     name: String,
     shape: Shape,
     received: Instant,
-    _cancel: CancelOnDrop,
 }
 
 impl OllamaAnswer {
-    async fn whole(self, events: UnboundedReceiver<Event>, parser: Option<ReplyParser>) -> Response {
+    async fn whole(self, events: EventStream, parser: Option<ReplyParser>) -> Response {
         match collect(events, parser).await {
             Ok((text, reply, c)) => {
                 log::finished(&self.state, &self.model.id, "ollama", &c, self.received);
@@ -720,7 +716,8 @@ fn ollama_calls<'a>(calls: impl Iterator<Item = (&'a str, &'a str)>) -> (Vec<Val
 /// `{"error": "..."}`, as Ollama streams it.
 struct NdjsonStream {
     answer: OllamaAnswer,
-    events: UnboundedReceiver<Event>,
+    /// The request's events: dropped before their end (the client gone), they cancel it.
+    events: EventStream,
     parser: Option<ReplyParser>,
     queue: VecDeque<Bytes>,
     /// Tool calls being streamed: name and arguments so far.

@@ -12,7 +12,6 @@ use std::time::Instant;
 use axum::Json;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::Stream;
 
 use super::AppState;
@@ -22,28 +21,11 @@ use super::models::Loaded;
 use super::openai::{Delta, Kind, Meta, finish_reason};
 use super::{anthropic, responses};
 use crate::chat::{ChatDelta, ChatReply};
-use crate::config::CancelToken;
 use crate::error::EngineError;
 use crate::outcome::Completion;
 use crate::outcome::ms;
-use crate::serving::{Event, EventSink};
+use crate::serving::{Event, EventStream};
 use crate::templates::ReplyParser;
-
-impl EventSink for tokio::sync::mpsc::UnboundedSender<Event> {
-    fn send(&mut self, event: Event) -> bool {
-        tokio::sync::mpsc::UnboundedSender::send(self, event).is_ok()
-    }
-}
-
-/// Cancels its request when dropped: when axum drops a response stream or a handler future, the
-/// client has gone, and the decode loop stops the request at its next step.
-pub(super) struct CancelOnDrop(pub(super) CancelToken);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.cancel();
-    }
-}
 
 /// A submitted request, as its answer needs it.
 pub(super) struct Answer {
@@ -55,7 +37,10 @@ pub(super) struct Answer {
     pub(super) received: Instant,
     pub(super) include_usage: bool,
     pub(super) logprobs: bool,
-    pub(super) events: UnboundedReceiver<Event>,
+    /// The request's events. Dropped before its end (axum drops a response stream or a handler
+    /// future when the client has gone), it cancels the request at the decode loop's next step;
+    /// a choice that has ended cancels nothing, so the other choices of its request go on.
+    pub(super) events: EventStream,
     /// Reads a chat's reply as its format says (a chat rendered by its Jinja template).
     pub(super) parser: Option<ReplyParser>,
     /// llama-server's native response shape (`Kind::Native`).
@@ -68,10 +53,6 @@ pub(super) struct Answer {
     pub(super) timings_per_token: bool,
     /// The other choices of a request for several (`n`, or a native request's prompts).
     pub(super) siblings: Vec<super::handlers::Choice>,
-    /// Cancels the request when the last answer holding it is dropped (its client gone). The
-    /// choices of one request share it: a choice whose stream ends is dropped while the others
-    /// still generate, and must not cancel them.
-    pub(super) _cancel: Arc<CancelOnDrop>,
 }
 
 impl Answer {
@@ -114,7 +95,6 @@ impl Answer {
             serial: self.serial,
             timings_per_token: self.timings_per_token,
             siblings: Vec::new(),
-            _cancel: Arc::clone(&self._cancel),
         }
     }
 
@@ -122,7 +102,7 @@ impl Answer {
     pub(super) async fn whole(mut self) -> Response {
         let mut choices = Vec::with_capacity(1 + self.siblings.len());
         let first = super::handlers::Choice {
-            events: std::mem::replace(&mut self.events, tokio::sync::mpsc::unbounded_channel().1),
+            events: std::mem::replace(&mut self.events, EventStream::finished()),
             parser: self.parser.take(),
             shape: self.native.take(),
         };
@@ -206,21 +186,8 @@ fn anthropic_id(serial: u64) -> String {
 }
 
 /// One choice's whole text, its reply as its chat format reads it, and how it ended.
-pub(super) async fn collect(
-    mut events: UnboundedReceiver<Event>,
-    parser: Option<ReplyParser>,
-) -> Result<(String, Option<ChatReply>, Completion), ApiError> {
-    let mut text = String::new();
-    let completion = loop {
-        match events.recv().await {
-            Some(Event::Delta(d)) => text.push_str(&d.text),
-            Some(Event::Progress(_)) => {}
-            Some(Event::Done(c)) => break c,
-            Some(Event::Failed(e)) => return Err(e.into()),
-            // The decode loop stopped under the request.
-            None => return Err(EngineError::Cancelled.into()),
-        }
-    };
+pub(super) async fn collect(events: EventStream, parser: Option<ReplyParser>) -> Result<(String, Option<ChatReply>, Completion), ApiError> {
+    let (text, completion) = events.collect_text().await?;
     let reply = parser.map(|p| p.read_whole(&text)).transpose()?;
     Ok((text, reply, completion))
 }

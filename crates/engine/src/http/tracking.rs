@@ -154,7 +154,7 @@ impl HttpBody for Tracked {
             let error = timed_out(limit.limit);
             tracing::warn!("{}", error.message);
             this.ended = true;
-            // Dropping the stream cancels its request (see `stream::CancelOnDrop`).
+            // Dropping the stream cancels its request (`serving::EventStream` cancels on drop).
             this.inner = Body::empty();
             return Poll::Ready(Some(Ok(Frame::data(limit.shape.last_frame(&error)))));
         }

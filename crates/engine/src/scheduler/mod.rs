@@ -757,10 +757,43 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                 (tokens, 0)
             }
         };
+        self.slot_changed();
+        Ok(SlotActionDone { tokens, bytes, ms: ms(start.elapsed()) })
+    }
+
+    /// Idle slot `index`'s cache as bytes, with the tokens it holds.
+    pub(crate) fn save_state(&mut self, index: usize) -> Result<(Vec<TokenId>, Vec<u8>), EngineError> {
+        debug_assert!(self.slot_is_idle(index));
+        let seq = &self.slots[index].seq;
+        Ok((seq.tokens().to_vec(), self.session.seq_state(seq.id())?))
+    }
+
+    /// Replaces idle slot `index`'s cache with `state`, saved with `tokens` by
+    /// [`Scheduler::save_state`] (of a context of this model). On failure the slot is empty.
+    pub(crate) fn restore_state(&mut self, index: usize, tokens: &[TokenId], state: &[u8]) -> Result<(), EngineError> {
+        debug_assert!(self.slot_is_idle(index));
+        if tokens.len() > self.n_ctx {
+            return Err(EngineError::state(
+                crate::error::SlotFileAction::Restore,
+                format!("it holds {} tokens, more than the context's {}", tokens.len(), self.n_ctx),
+            ));
+        }
+        let seq = &mut self.slots[index].seq;
+        seq.clear(&mut self.session);
+        let loaded = self.session.seq_load_state(seq.id(), state);
+        match loaded {
+            Ok(()) => seq.extend(tokens),
+            Err(_) => seq.clear(&mut self.session),
+        }
+        self.slot_changed();
+        loaded
+    }
+
+    /// Publishes what a slot action changed: the cells held, the checkpoints, the slots.
+    fn slot_changed(&self) {
         self.counters.kv_used.store(self.slots.iter().map(|s| s.seq.len()).sum(), Ordering::Relaxed);
         self.publish_checkpoints();
         self.publish_slots();
-        Ok(SlotActionDone { tokens, bytes, ms: ms(start.elapsed()) })
     }
 
     /// Loads `path` into slot `index`'s emptied cache; returns the tokens it holds.

@@ -33,6 +33,7 @@ use std::thread::JoinHandle;
 use crate::backend::BackendModel;
 use crate::config::{GenerateRequest, SessionConfig};
 use crate::engine::{Engine, Sampler};
+pub use crate::error::SubmitError;
 use crate::error::{EngineError, cause};
 pub use crate::outcome::PromptProgress;
 use crate::outcome::{SlotAction, SlotActionDone};
@@ -40,6 +41,13 @@ use crate::scheduler::{Counters, Ended, Prepared, Scheduler};
 
 pub use crate::outcome::Completion;
 pub use crate::token::TokenLogprobs;
+
+mod owned_session;
+#[cfg(feature = "tokio")]
+mod stream;
+pub use owned_session::OwnedSession;
+#[cfg(feature = "tokio")]
+pub use stream::EventStream;
 
 /// How the serving core runs.
 #[derive(Clone, Debug)]
@@ -156,10 +164,14 @@ impl ServeRequest {
 /// before it got a slot is refused with `Failed(EngineError::Cancelled)`.
 #[derive(Debug)]
 pub enum Event {
+    /// Text and the tokens that made it.
     Delta(Delta),
     /// The prompt's progress, for requests that asked ([`crate::GenerateOptions::prompt_progress`]).
     Progress(PromptProgress),
+    /// The request ended: how, with every token and its statistics. The last event.
     Done(Completion),
+    /// The request failed (a prompt that does not fit, a decode error, a cancel before it got a
+    /// slot). The last event.
     Failed(EngineError),
 }
 
@@ -167,7 +179,9 @@ pub enum Event {
 /// held back for a stop-sequence check comes with the text it was held for).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Delta {
+    /// The text, valid UTF-8 and free of stop sequences.
     pub text: String,
+    /// The tokens drawn since the last delta.
     pub tokens: Vec<crate::TokenId>,
     /// With log-probabilities asked for: one entry per token of `tokens`.
     pub logprobs: Vec<crate::TokenLogprobs>,
@@ -214,17 +228,6 @@ pub fn collect(events: Receiver<Event>) -> Result<(String, Completion), EngineEr
     Err(EngineError::Cancelled)
 }
 
-/// Why a request was not accepted.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SubmitError {
-    #[error("the queue is full ({capacity} requests wait already); retry later")]
-    QueueFull { capacity: usize },
-    #[error("the server is shutting down")]
-    Stopped,
-    #[error("the request was prepared for another model")]
-    OtherEngine,
-}
-
 /// A snapshot of the decode loop's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServingStatus {
@@ -234,7 +237,9 @@ pub struct ServingStatus {
     pub busy_slots: usize,
     /// Decodes run.
     pub steps: u64,
+    /// Tokens generated, every request's together.
     pub generated_tokens: u64,
+    /// Prompt tokens decoded (those reused from a cache are not).
     pub prompt_tokens_decoded: u64,
     /// Prompt tokens found in a slot's cache and not decoded again.
     pub prompt_tokens_reused: u64,
@@ -243,14 +248,15 @@ pub struct ServingStatus {
     pub prompt_tokens_copied: u64,
     /// KV cache cells the slots hold, finished requests' caches (kept for reuse) included.
     pub kv_used: usize,
-    /// Recurrent checkpoints the slots keep ([`ServingConfig::ctx_checkpoints`]), and their
-    /// bytes (host memory).
+    /// Recurrent checkpoints the slots keep ([`ServingConfig::ctx_checkpoints`]).
     pub checkpoints: usize,
+    /// The bytes those checkpoints hold (host memory).
     pub checkpoint_bytes: usize,
     /// The decode loop's slots.
     pub slots: usize,
-    /// Speculation: tokens drafted by prompt lookup, and of those the ones kept.
+    /// Speculation: tokens drafted by prompt lookup.
     pub drafted_tokens: u64,
+    /// Of the drafted tokens, those the verification kept.
     pub accepted_tokens: u64,
     /// Tokens decoded again after rounds whose rejected drafts a recurrent state could not drop.
     pub replayed_tokens: u64,
@@ -343,6 +349,11 @@ impl ServingCore {
         }
     }
 
+    /// The engine the core serves.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
     /// Each slot as of the last step.
     pub fn slots(&self) -> Vec<crate::outcome::SlotState> {
         self.counters.slots.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -394,6 +405,7 @@ impl ServingCore {
         }
     }
 
+    /// The decode loop's counters now.
     pub fn status(&self) -> ServingStatus {
         let c = &self.counters;
         ServingStatus {

@@ -1,0 +1,145 @@
+//! Sessions that own their engine: `'static`, `Send` and `Sync`, for code that must move a
+//! session into a thread, an async task or a struct without a lifetime. A [`Session`] borrows
+//! its engine and runs each step on the caller's thread; an [`OwnedSession`] holds the engine in
+//! an `Arc` and runs its requests on a decode thread of its own: it is the serving core with one
+//! slot, so its requests follow the same rules as the server's and as a [`Session`]'s.
+//!
+//! [`Session`]: crate::Session
+
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+
+use super::{Event, ServeRequest, ServingConfig, ServingCore, ServingStatus, collect};
+use crate::config::{GenerateRequest, SessionConfig};
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::outcome::{Completion, SlotAction, SlotActionDone};
+
+// The constructors live with the type: the serving core builds on the engine, not the other way.
+impl Engine {
+    /// A session that owns (a reference count of) the engine, with its default context
+    /// parameters: it can be moved into a thread or an async task (see [`OwnedSession`]).
+    ///
+    /// # Errors
+    /// As [`Engine::session_with`].
+    pub fn owned_session(self: &Arc<Self>) -> Result<OwnedSession, EngineError> {
+        self.owned_session_with(self.session_config())
+    }
+
+    /// An [`OwnedSession`] with `config`'s context parameters.
+    ///
+    /// # Errors
+    /// As [`Engine::session_with`].
+    pub fn owned_session_with(self: &Arc<Self>, config: &SessionConfig) -> Result<OwnedSession, EngineError> {
+        OwnedSession::start(self, config)
+    }
+}
+
+/// A session that owns its engine (an `Arc`) and can be moved anywhere: requests run one at a
+/// time, in the order they were given, on the session's decode thread, over one context that
+/// remembers what it decoded (a request sharing a prefix with the previous one decodes only the
+/// new suffix, as in a [`crate::Session`]).
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use exsa_engine::{Engine, EngineConfig, GenerateRequest, serving::Event};
+///
+/// # fn main() -> Result<(), exsa_engine::EngineError> {
+/// let engine = Arc::new(Engine::load(EngineConfig::new("model.gguf"))?);
+/// let session = engine.owned_session()?;
+/// let worker = std::thread::spawn(move || -> Result<String, exsa_engine::EngineError> {
+///     let (text, _completion) = session.generate_text(&GenerateRequest::new("Once upon a time").max_tokens(32))?;
+///     Ok(text)
+/// });
+/// println!("{}", worker.join().expect("the worker panicked")?);
+/// # Ok(()) }
+/// ```
+///
+/// Dropping the session lets the requests it accepted run to their end (their receivers or
+/// streams still get every event), then stops its thread.
+#[derive(Debug)]
+pub struct OwnedSession {
+    core: ServingCore,
+}
+
+impl OwnedSession {
+    /// Requests that may wait behind the running one; more are refused at once
+    /// ([`EngineError::NotAccepted`]).
+    pub const MAX_WAITING: usize = 64;
+
+    fn start(engine: &Arc<Engine>, config: &SessionConfig) -> Result<OwnedSession, EngineError> {
+        let serving = ServingConfig { session: config.clone(), max_queue: Self::MAX_WAITING, ..ServingConfig::new(engine, 1) };
+        Ok(OwnedSession { core: ServingCore::start(Arc::clone(engine), serving)? })
+    }
+
+    /// Queues `request`; its events arrive on the returned receiver, which can be iterated on
+    /// any thread (see [`Event`] for their order). Dropping the receiver cancels the request at
+    /// its next step.
+    ///
+    /// # Errors
+    /// A request the engine refuses (the same checks as [`crate::Session::generate`]: an empty
+    /// or too long prompt, bad options, a grammar that does not parse), or
+    /// [`EngineError::NotAccepted`] when [`Self::MAX_WAITING`] requests wait already.
+    pub fn generate(&self, request: &GenerateRequest) -> Result<Receiver<Event>, EngineError> {
+        Ok(self.core.submit(self.prepare(request)?)?)
+    }
+
+    /// Runs `request` to its end: all its text and how it ended.
+    ///
+    /// # Errors
+    /// As [`Self::generate`], and the request's own failure (a decode error, a cancel before it
+    /// started).
+    pub fn generate_text(&self, request: &GenerateRequest) -> Result<(String, Completion), EngineError> {
+        collect(self.generate(request)?)
+    }
+
+    /// Queues `request`; its events come as an async stream, which cancels the request when
+    /// dropped before its end (an async task that is aborted or loses a `select!` stops its
+    /// generation).
+    ///
+    /// # Errors
+    /// As [`Self::generate`].
+    #[cfg(feature = "tokio")]
+    pub fn stream(&self, request: &GenerateRequest) -> Result<crate::serving::EventStream, EngineError> {
+        Ok(self.core.stream(self.prepare(request)?)?)
+    }
+
+    /// Writes what the cache holds to `path` once the requests given before have ended (as
+    /// [`crate::Session::save_state_file`]).
+    ///
+    /// # Errors
+    /// [`EngineError::SlotFile`] naming the path when it cannot be written;
+    /// [`EngineError::NotAccepted`] as [`Self::generate`].
+    pub fn save_state_file(&self, path: impl Into<std::path::PathBuf>) -> Result<SlotActionDone, EngineError> {
+        self.slot_action(SlotAction::Save(path.into()))
+    }
+
+    /// Replaces the cache with the state file at `path` once the requests given before have
+    /// ended (as [`crate::Session::restore_state_file`]).
+    ///
+    /// # Errors
+    /// [`EngineError::SlotFile`] naming the path for a file that cannot be read or is no state of
+    /// this model and context; [`EngineError::NotAccepted`] as [`Self::generate`].
+    pub fn restore_state_file(&self, path: impl Into<std::path::PathBuf>) -> Result<SlotActionDone, EngineError> {
+        self.slot_action(SlotAction::Restore(path.into()))
+    }
+
+    fn slot_action(&self, action: SlotAction) -> Result<SlotActionDone, EngineError> {
+        // The decode thread answers once the slot is idle; it ends only after answering.
+        self.core.slot_action(0, action)?.recv().map_err(|_| EngineError::Cancelled)?
+    }
+
+    /// The engine the session runs on.
+    pub fn engine(&self) -> &Arc<Engine> {
+        self.core.engine()
+    }
+
+    /// The session's counters (tokens decoded, reused from the cache, generated).
+    pub fn status(&self) -> ServingStatus {
+        self.core.status()
+    }
+
+    fn prepare(&self, request: &GenerateRequest) -> Result<ServeRequest, EngineError> {
+        ServeRequest::new(self.engine(), request)
+    }
+}

@@ -1,0 +1,247 @@
+//! How a model is loaded and adapted: [`EngineConfig::load`] (mmap, a progress callback that can
+//! cancel) and [`EngineConfig::lora`] with [`SessionConfig::lora_scales`], on the synthetic
+//! llama-tiny and its adapter llama-tiny-lora (`cargo xtask synth-models`: rank 4 on every
+//! attention query and output projection, random and large enough to change greedy choices).
+//! Each backend runs the same assertions; where one refuses a setting (several adapters on
+//! `crate`), the refusal is what is checked.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use exsa_engine::serving::{ServeRequest, ServingConfig, ServingCore, collect};
+use exsa_engine::*;
+
+fn synth(name: &str) -> PathBuf {
+    let dir = PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("EXSA_SYNTH_MODELS is set by .cargo/config.toml"));
+    let path = dir.join(name);
+    assert!(path.is_file(), "synthetic model missing at {}: run `cargo xtask synth-models`", path.display());
+    path
+}
+
+fn adapter() -> PathBuf {
+    synth("llama-tiny-lora.gguf")
+}
+
+/// llama-tiny with small sessions, and `lora`.
+fn config(lora: Vec<LoraConfig>) -> EngineConfig {
+    let mut config = EngineConfig::new(synth("llama-tiny.gguf"));
+    config.session = SessionConfig { n_ctx: 256, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    config.lora = lora;
+    config
+}
+
+fn load(lora: Vec<LoraConfig>) -> Engine {
+    Engine::load(config(lora)).unwrap_or_else(|e| panic!("llama-tiny loads: {e}"))
+}
+
+const PROMPT: &str = "Once upon a time, in a land far away,";
+const TOKENS: usize = 24;
+
+/// TOKENS greedy tokens (an end-of-generation token drawn or not: every run is that long).
+fn greedy() -> GenerateRequest {
+    let mut request = GenerateRequest::new(PROMPT).max_tokens(TOKENS).sampling(SamplingParams::greedy());
+    request.options.ignore_eos = true;
+    request
+}
+
+/// The greedy tokens of a fresh session with `session`'s parameters.
+fn tokens_with(engine: &Engine, session: &SessionConfig) -> Vec<TokenId> {
+    let mut session = engine.session_with(session).unwrap();
+    let mut generation = session.generate(&greedy()).unwrap();
+    while let Some(delta) = generation.next_text() {
+        delta.unwrap();
+    }
+    generation.tokens().to_vec()
+}
+
+fn tokens(engine: &Engine) -> Vec<TokenId> {
+    tokens_with(engine, engine.session_config())
+}
+
+fn scales(engine: &Engine, scales: &[f32]) -> SessionConfig {
+    SessionConfig { lora_scales: Some(scales.to_vec()), ..engine.session_config().clone() }
+}
+
+/// The greedy tokens of an owned session and of a serving core (two slots) of `engine`.
+fn owned_and_served(engine: Engine) -> (Vec<TokenId>, Vec<TokenId>) {
+    let engine = Arc::new(engine);
+    let (_, owned) = engine.owned_session().unwrap().generate_text(&greedy()).unwrap();
+    let core = ServingCore::start(Arc::clone(&engine), ServingConfig::new(&engine, 2)).unwrap();
+    let (_, served) = collect(core.submit(ServeRequest::new(&engine, &greedy()).unwrap()).unwrap()).unwrap();
+    (owned.tokens, served.tokens)
+}
+
+/// The adapter at scale 1 changes the greedy tokens, in every kind of context the engine makes
+/// (a session, an owned session, a serving core); at scale 0 it changes none of them.
+#[test]
+fn an_adapter_at_scale_one_changes_greedy_tokens_and_at_scale_zero_changes_none() {
+    let base = tokens(&load(Vec::new()));
+    assert_eq!(base.len(), TOKENS, "the base model generates {TOKENS} tokens: {base:?}");
+
+    let adapted_engine = load(vec![LoraConfig::new(adapter())]);
+    let adapted = tokens(&adapted_engine);
+    assert_ne!(adapted, base, "the adapter at scale 1 left every greedy token as it was");
+    let (owned, served) = owned_and_served(adapted_engine);
+    assert_eq!(owned, adapted, "an owned session applies the adapter too");
+    assert_eq!(served, adapted, "a serving core applies the adapter too");
+
+    let zero = load(vec![LoraConfig::new(adapter()).scale(0.0)]);
+    assert_eq!(tokens(&zero), base, "the adapter at scale 0 changed the greedy tokens");
+    let (owned, served) = owned_and_served(zero);
+    assert_eq!((owned, served), (base.clone(), base), "owned sessions and serving cores at scale 0");
+}
+
+/// [`SessionConfig::lora_scales`] sets one session's scales: an engine's adapter left out of one
+/// session, and an adapter loaded at scale 0 applied in another; a list of another length is
+/// refused by name, when the session is made and when the engine's own sessions would be.
+#[test]
+fn sessions_can_apply_the_adapters_at_scales_of_their_own() {
+    let base = tokens(&load(Vec::new()));
+    let engine = load(vec![LoraConfig::new(adapter())]);
+    let adapted = tokens(&engine);
+    assert_ne!(adapted, base);
+    assert_eq!(tokens_with(&engine, &scales(&engine, &[0.0])), base, "a session at scale 0 is the base model");
+    assert_eq!(tokens(&engine), adapted, "the engine's other sessions keep its scale");
+
+    let zero = load(vec![LoraConfig::new(adapter()).scale(0.0)]);
+    assert_eq!(tokens_with(&zero, &scales(&zero, &[1.0])), adapted, "a session at scale 1 of an engine at scale 0");
+
+    for wrong in [vec![], vec![1.0, 1.0]] {
+        match engine.session_with(&scales(&engine, &wrong)) {
+            Err(EngineError::InvalidConfig { field: "lora_scales", .. }) => {}
+            other => panic!("{wrong:?}: {other:?}"),
+        }
+    }
+    match engine.session_with(&scales(&engine, &[f32::NAN])) {
+        Err(EngineError::InvalidConfig { field: "lora_scales", .. }) => {}
+        other => panic!("NaN: {other:?}"),
+    }
+    let mut bad_default = config(vec![LoraConfig::new(adapter())]);
+    bad_default.session.lora_scales = Some(vec![1.0, 0.5]);
+    match Engine::load(bad_default) {
+        Err(EngineError::InvalidConfig { field: "lora_scales", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Several adapters apply together where the backend can (an adapter at scale 0 beside one at
+/// scale 1 is that one alone); backend `crate` applies one at a time, and refuses more.
+#[test]
+fn several_adapters_apply_together_or_are_refused_by_name() {
+    let (base, single) = (tokens(&load(Vec::new())), tokens(&load(vec![LoraConfig::new(adapter())])));
+    assert_ne!(single, base);
+    let two = Engine::load(config(vec![LoraConfig::new(adapter()), LoraConfig::new(adapter()).scale(0.0)]));
+    if Engine::backend_name() == "crate" {
+        match two {
+            Err(EngineError::Unsupported { what, backend: "crate" }) => assert!(what.contains("LoRA"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+        return;
+    }
+    let two = two.unwrap();
+    assert_eq!(tokens(&two), single, "scales [1, 0] are the first adapter alone");
+    assert_eq!(tokens_with(&two, &scales(&two, &[0.0, 1.0])), single, "scales [0, 1] are the second (the same file) alone");
+    assert_eq!(tokens_with(&two, &scales(&two, &[0.0, 0.0])), base, "scales [0, 0] are the base model");
+}
+
+/// A missing adapter file, a file that is a model rather than an adapter, and an adapter made
+/// for another architecture are each [`EngineError::Lora`] naming the file; a scale that is
+/// not finite is refused before anything loads.
+#[test]
+fn a_missing_or_foreign_adapter_is_a_lora_error_naming_its_file() {
+    let lora_error = |lora: &Path, base: &str| match Engine::load(EngineConfig { model: synth(base), ..config(vec![LoraConfig::new(lora)]) }) {
+        Err(e @ EngineError::Lora { .. }) => {
+            let EngineError::Lora { path, .. } = &e else { unreachable!() };
+            assert_eq!(path, lora);
+            assert!(e.to_string().contains(&lora.display().to_string()), "{e}");
+            e.to_string()
+        }
+        other => panic!("{} on {base}: {other:?}", lora.display()),
+    };
+    let missing = Path::new(env!("CARGO_TARGET_TMPDIR")).join("no-such-adapter.gguf");
+    let _ = std::fs::remove_file(&missing);
+    let message = lora_error(&missing, "llama-tiny.gguf");
+    assert!(message.contains("not found"), "{message}");
+    lora_error(&synth("llama-tiny.gguf"), "llama-tiny.gguf");
+    lora_error(&adapter(), "mamba-tiny.gguf");
+
+    match Engine::load(config(vec![LoraConfig::new(adapter()).scale(f32::INFINITY)])) {
+        Err(EngineError::InvalidConfig { field: "lora", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Reading the file instead of mapping it gives the same model: the same greedy tokens. On
+/// Linux the mapping is seen in `/proc/self/maps` (of a copy of the model that no other test
+/// loads): there while a mapped model lives, never for a read one.
+#[test]
+fn a_model_read_without_mmap_gives_the_same_greedy_tokens() {
+    let copy = Path::new(env!("CARGO_TARGET_TMPDIR")).join("load-options-mmap-llama-tiny.gguf");
+    std::fs::copy(synth("llama-tiny.gguf"), &copy).unwrap();
+    let with = |mmap: bool| {
+        let mut config = EngineConfig { model: copy.clone(), ..config(Vec::new()) };
+        // On the CPU, where the weights are read from the mapping for as long as the model lives.
+        config.placement.n_gpu_layers = 0;
+        config.load.mmap = mmap;
+        Engine::load(config).unwrap()
+    };
+    let mapped_now = || cfg!(target_os = "linux").then(|| std::fs::read_to_string("/proc/self/maps").unwrap().contains(copy.to_str().unwrap()));
+    let mapped = with(true);
+    let mapped_tokens = tokens(&mapped);
+    assert_ne!(mapped_now(), Some(false), "a model loaded with mmap is not mapped");
+    drop(mapped);
+    let read = with(false);
+    assert_ne!(mapped_now(), Some(true), "a model loaded without mmap is mapped");
+    assert_eq!(tokens(&read), mapped_tokens);
+    assert!(LoadOptions::default().mmap && !LoadOptions::default().mlock, "llama.cpp's defaults");
+}
+
+/// The progress callback sees values within 0..=1 that never decrease and end at 1; one that
+/// panics has its panic resumed after the load (never unwinding into llama.cpp, which would
+/// abort the process).
+#[test]
+fn a_progress_callback_sees_increasing_values_ending_at_one() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut config = config(Vec::new());
+    let record = Arc::clone(&seen);
+    config.load.progress = Some(LoadProgress::new(move |p| {
+        record.lock().unwrap().push(p);
+        true
+    }));
+    assert_eq!(format!("{:?}", config.load.progress.as_ref().unwrap()), "LoadProgress(..)");
+    let engine = Engine::load(config.clone()).unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "the callback was never called");
+    assert!(seen.iter().all(|p| (0.0..=1.0).contains(p)), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "progress went back: {seen:?}");
+    assert_eq!(seen.last(), Some(&1.0), "{seen:?}");
+    assert_eq!(tokens(&engine), tokens(&load(Vec::new())), "a load with a callback is the same model");
+
+    config.load.progress = Some(LoadProgress::new(|_| panic!("a panicking progress callback")));
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Engine::load(config))).unwrap_err();
+    assert_eq!(panic.downcast_ref::<&str>(), Some(&"a panicking progress callback"));
+}
+
+/// A callback returning false cancels the load: [`EngineError::Load`] saying so, after which the
+/// same model loads again.
+#[test]
+fn a_progress_callback_returning_false_cancels_the_load() {
+    let calls = Arc::new(Mutex::new(0));
+    let mut config = config(Vec::new());
+    let count = Arc::clone(&calls);
+    config.load.progress = Some(LoadProgress::new(move |_| {
+        *count.lock().unwrap() += 1;
+        false
+    }));
+    match Engine::load(config.clone()) {
+        Err(e @ EngineError::Load { .. }) => {
+            assert!(e.to_string().contains("cancelled by the progress callback"), "{e}");
+            let EngineError::Load { path, .. } = e else { unreachable!() };
+            assert_eq!(path, config.model);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(*calls.lock().unwrap() >= 1);
+    config.load.progress = None;
+    Engine::load(config).unwrap();
+}
