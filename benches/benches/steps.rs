@@ -43,7 +43,7 @@ fn steps(c: &mut Criterion) {
         })
     });
 
-    let config = SessionConfig { n_ctx: 1024, n_batch: 512, n_ubatch: 512, ..Default::default() };
+    let config = SessionConfig::default().n_ctx(1024).n_batch(512).n_ubatch(512);
     let mut session = model.session(&config).unwrap();
     let batch: Vec<i32> = tokens.iter().copied().cycle().take(512).collect();
     group.bench_function("fill_batch_512", |b| b.iter(|| session.fill(black_box(&batch), 0, Outputs::Last).unwrap()));
@@ -63,7 +63,7 @@ fn steps(c: &mut Criterion) {
     let mut greedy = model.sampler(&SamplingParams::greedy()).unwrap();
     group.bench_function("sample_greedy", |b| b.iter(|| black_box(session.sample_with(&mut greedy, 0).unwrap())));
     // The default chain (top-k 40, top-p 0.95, min-p 0.05, temperature 0.8), seeded.
-    let mut chain = model.sampler(&SamplingParams { seed: 1, ..Default::default() }).unwrap();
+    let mut chain = model.sampler(&SamplingParams::default().seed(1)).unwrap();
     group.bench_function("sample_chain_topk40_topp_minp_temp_dist", |b| b.iter(|| black_box(session.sample_with(&mut chain, 0).unwrap())));
     group.finish();
 }

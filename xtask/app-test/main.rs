@@ -6,7 +6,7 @@ use llama::{Batch, Context, ContextParams, Model, ModelParams, SamplerChain, Tok
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args().nth(1).ok_or("usage: app MODEL.gguf")?;
     let model = Model::load(&path, &ModelParams::default())?;
-    let mut ctx = Context::new(&model, &ContextParams { n_ctx: 256, ..Default::default() })?;
+    let mut ctx = Context::new(&model, &ContextParams::default().n_ctx(256))?;
     let mut sampler = SamplerChain::new().greedy().build(&model)?;
     let vocab = model.vocab();
     let prompt = vocab.tokenize("The capital of France is", TokenizeOptions::default())?;

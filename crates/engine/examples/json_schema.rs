@@ -38,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let grammar = json_schema_grammar(&schema)?;
 
     // Greedy, so the run is the same every time; the grammar applies from the first token.
-    let sampling = SamplingParams { grammar: Some(grammar), ..SamplingParams::greedy() };
+    let sampling = SamplingParams::greedy().grammar(grammar);
     let messages = [ChatMessage::new("user", "Describe a software developer as JSON.")];
     let request = GenerateRequest::chat(messages).max_tokens(128).sampling(sampling);
     let (text, stats) = engine.generate(&request)?;

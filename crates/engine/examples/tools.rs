@@ -14,20 +14,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (Some("--model"), Some(path)) => path.into(),
         _ => exsa_engine::default_model_path(),
     };
-    let engine = Engine::load(EngineConfig { chat_templating: ChatTemplating::Jinja { override_source: None }, ..EngineConfig::new(model) })?;
-    let weather = Tool {
-        name: "get_weather".into(),
-        description: Some("The current weather in a city.".into()),
-        parameters: Some(
-            json!({ "type": "object", "properties": { "city": { "type": "string", "enum": ["Paris", "London", "Tokyo"] } }, "required": ["city"] }),
-        ),
-    };
-    let options = GenerateOptions { max_tokens: 96, sampling: SamplingParams::greedy(), ..Default::default() };
+    let engine = Engine::load(EngineConfig::new(model).chat_templating(ChatTemplating::Jinja { override_source: None }))?;
+    let weather = Tool::new(
+        "get_weather",
+        json!({ "type": "object", "properties": { "city": { "type": "string", "enum": ["Paris", "London", "Tokyo"] } }, "required": ["city"] }),
+    )
+    .description("The current weather in a city.");
+    let options = GenerateOptions::default().max_tokens(96).sampling(SamplingParams::greedy());
     let mut session = engine.session()?;
 
     // The call, required: the grammar holds it to the tool's schema.
     let mut messages = vec![ChatMessage::new("user", "What is the weather in Paris?")];
-    let chat = ChatOptions { tools: vec![weather], tool_choice: ToolChoice::Required, ..Default::default() };
+    let chat = ChatOptions::default().tools(vec![weather]).tool_choice(ToolChoice::Required);
     let (reply, _) = session.chat_reply(&messages, &chat, options.clone())?;
     let call = reply.tool_calls.first().ok_or("the model made no call")?;
     let arguments: serde_json::Value = serde_json::from_str(&call.arguments)?;
@@ -36,7 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The result goes back; the model answers in text.
     messages.push(ChatMessage::tool_calls(reply.tool_calls.clone()));
     messages.push(ChatMessage::tool_result(call.id.clone(), json!({ "temperature_c": 18, "sky": "sunny" }).to_string()));
-    let chat = ChatOptions { tool_choice: ToolChoice::None, ..chat };
+    let chat = chat.tool_choice(ToolChoice::None);
     let (answer, stats) = session.chat_reply(&messages, &chat, options)?;
     println!("answer: {}", answer.content.trim());
     println!("({} prompt tokens, {} reused from the first turn)", stats.prompt_tokens, stats.prompt_tokens_reused);

@@ -9,6 +9,7 @@ use serde_json::{Map, Value, json};
 
 /// One chat message.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ChatMessage {
     /// "system", "user", "assistant" or "tool".
     pub role: String,
@@ -44,6 +45,55 @@ impl ChatMessage {
         ChatMessage { role: "tool".into(), content: content.into(), tool_call_id: Some(call_id.into()), ..Default::default() }
     }
 
+    /// Sets [`ChatMessage::role`].
+    #[must_use]
+    pub fn role(mut self, role: impl Into<String>) -> Self {
+        self.role = role.into();
+        self
+    }
+
+    /// Sets [`ChatMessage::content`].
+    #[must_use]
+    pub fn content(mut self, content: impl Into<String>) -> Self {
+        self.content = content.into();
+        self
+    }
+
+    /// Sets [`ChatMessage::content_parts`].
+    #[must_use]
+    pub fn content_parts(mut self, content_parts: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.content_parts = content_parts.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`ChatMessage::tool_calls`].
+    #[must_use]
+    pub fn with_tool_calls(mut self, tool_calls: impl Into<Vec<ToolCall>>) -> Self {
+        self.tool_calls = tool_calls.into();
+        self
+    }
+
+    /// Sets [`ChatMessage::tool_call_id`].
+    #[must_use]
+    pub fn tool_call_id(mut self, tool_call_id: impl Into<String>) -> Self {
+        self.tool_call_id = Some(tool_call_id.into());
+        self
+    }
+
+    /// Sets [`ChatMessage::name`].
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets [`ChatMessage::reasoning_content`].
+    #[must_use]
+    pub fn reasoning_content(mut self, reasoning_content: impl Into<String>) -> Self {
+        self.reasoning_content = Some(reasoning_content.into());
+        self
+    }
+
     /// Whether the message carries anything but a role and text.
     pub fn is_plain(&self) -> bool {
         self.tool_calls.is_empty() && self.tool_call_id.is_none() && self.name.is_none() && self.reasoning_content.is_none()
@@ -72,6 +122,7 @@ impl ChatMessage {
 
 /// A function the model may call.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Tool {
     /// The function's name, as the model calls it.
     pub name: String,
@@ -85,6 +136,27 @@ impl Tool {
     /// A tool with a name and a JSON schema of its arguments.
     pub fn new(name: impl Into<String>, parameters: Value) -> Self {
         Tool { name: name.into(), description: None, parameters: Some(parameters) }
+    }
+
+    /// Sets [`Tool::name`].
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets [`Tool::description`].
+    #[must_use]
+    pub fn description(mut self, description: impl Into<String>) -> Self {
+        self.description = Some(description.into());
+        self
+    }
+
+    /// Sets [`Tool::parameters`].
+    #[must_use]
+    pub fn parameters(mut self, parameters: Value) -> Self {
+        self.parameters = Some(parameters);
+        self
     }
 
     /// The tool in OpenAI's shape.
@@ -181,6 +253,7 @@ impl std::str::FromStr for ReasoningFormat {
 
 /// What a chat asks of its template beyond the messages.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct ChatOptions {
     /// Functions the model may call (default: none).
     pub tools: Vec<Tool>,
@@ -241,6 +314,55 @@ impl Continuation {
 }
 
 impl ChatOptions {
+    /// Sets [`ChatOptions::tools`].
+    #[must_use]
+    pub fn tools(mut self, tools: impl Into<Vec<Tool>>) -> Self {
+        self.tools = tools.into();
+        self
+    }
+
+    /// Sets [`ChatOptions::tool_choice`].
+    #[must_use]
+    pub fn tool_choice(mut self, tool_choice: ToolChoice) -> Self {
+        self.tool_choice = tool_choice;
+        self
+    }
+
+    /// Sets [`ChatOptions::parallel_tool_calls`].
+    #[must_use]
+    pub fn parallel_tool_calls(mut self, parallel_tool_calls: bool) -> Self {
+        self.parallel_tool_calls = Some(parallel_tool_calls);
+        self
+    }
+
+    /// Sets [`ChatOptions::reasoning_format`].
+    #[must_use]
+    pub fn reasoning_format(mut self, reasoning_format: ReasoningFormat) -> Self {
+        self.reasoning_format = reasoning_format;
+        self
+    }
+
+    /// Sets [`ChatOptions::template_kwargs`].
+    #[must_use]
+    pub fn template_kwargs(mut self, template_kwargs: Map<String, Value>) -> Self {
+        self.template_kwargs = template_kwargs;
+        self
+    }
+
+    /// Sets [`ChatOptions::add_generation_prompt`].
+    #[must_use]
+    pub fn add_generation_prompt(mut self, add_generation_prompt: bool) -> Self {
+        self.add_generation_prompt = add_generation_prompt;
+        self
+    }
+
+    /// Sets [`ChatOptions::continuation`].
+    #[must_use]
+    pub fn continuation(mut self, continuation: Continuation) -> Self {
+        self.continuation = continuation;
+        self
+    }
+
     /// Whether these are the defaults, which a built-in template can render too.
     pub fn is_plain(&self) -> bool {
         // Without tools, whether calls may be parallel changes nothing.

@@ -10,6 +10,7 @@ use crate::token::TokenId;
 
 /// How to load a model and size its sessions.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct EngineConfig {
     /// Path of the model's GGUF file.
     pub model: PathBuf,
@@ -52,10 +53,67 @@ impl EngineConfig {
             lora: Vec::new(),
         }
     }
+
+    /// Sets [`EngineConfig::model`].
+    #[must_use]
+    pub fn model(mut self, model: impl Into<PathBuf>) -> Self {
+        self.model = model.into();
+        self
+    }
+
+    /// Sets [`EngineConfig::session`].
+    #[must_use]
+    pub fn session(mut self, session: SessionConfig) -> Self {
+        self.session = session;
+        self
+    }
+
+    /// Sets [`EngineConfig::placement`].
+    #[must_use]
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// Sets [`EngineConfig::chat_template_fallback`].
+    #[must_use]
+    pub fn chat_template_fallback(mut self, template: impl Into<String>) -> Self {
+        self.chat_template_fallback = Some(template.into());
+        self
+    }
+
+    /// Sets [`EngineConfig::chat_templating`].
+    #[must_use]
+    pub fn chat_templating(mut self, chat_templating: ChatTemplating) -> Self {
+        self.chat_templating = chat_templating;
+        self
+    }
+
+    /// Sets [`EngineConfig::draft_model`].
+    #[must_use]
+    pub fn draft_model(mut self, path: impl Into<PathBuf>) -> Self {
+        self.draft_model = Some(path.into());
+        self
+    }
+
+    /// Sets [`EngineConfig::load`].
+    #[must_use]
+    pub fn load(mut self, load: LoadOptions) -> Self {
+        self.load = load;
+        self
+    }
+
+    /// Sets [`EngineConfig::lora`].
+    #[must_use]
+    pub fn lora(mut self, lora: impl Into<Vec<LoraConfig>>) -> Self {
+        self.lora = lora.into();
+        self
+    }
 }
 
 /// How a model's file is read into memory.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct LoadOptions {
     /// Map the file into memory instead of reading it (default true, llama.cpp's default where
     /// the system can): the weights are paged in from the file as they are used, and several
@@ -73,6 +131,29 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions { mmap: true, mlock: false, progress: None }
+    }
+}
+
+impl LoadOptions {
+    /// Sets [`LoadOptions::mmap`].
+    #[must_use]
+    pub fn mmap(mut self, mmap: bool) -> Self {
+        self.mmap = mmap;
+        self
+    }
+
+    /// Sets [`LoadOptions::mlock`].
+    #[must_use]
+    pub fn mlock(mut self, mlock: bool) -> Self {
+        self.mlock = mlock;
+        self
+    }
+
+    /// Sets [`LoadOptions::progress`].
+    #[must_use]
+    pub fn progress(mut self, progress: LoadProgress) -> Self {
+        self.progress = Some(progress);
+        self
     }
 }
 
@@ -105,6 +186,7 @@ impl std::fmt::Debug for LoadProgress {
 /// and the scale it is applied with (1.0: as trained; 0.0: not at all; negative values subtract
 /// it).
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct LoraConfig {
     /// The adapter's GGUF file.
     pub path: PathBuf,
@@ -118,7 +200,15 @@ impl LoraConfig {
         LoraConfig { path: path.into(), scale: 1.0 }
     }
 
-    /// This scale instead of 1.0.
+    /// Sets [`LoraConfig::path`].
+    #[must_use]
+    pub fn path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.path = path.into();
+        self
+    }
+
+    /// Sets [`LoraConfig::scale`] (instead of 1.0).
+    #[must_use]
     pub fn scale(mut self, scale: f32) -> Self {
         self.scale = scale;
         self
@@ -149,6 +239,7 @@ pub enum ChatTemplating {
 
 /// Where a model's layers go.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Placement {
     /// Layers offloaded to GPUs and rpc-servers where the build has them (-1: all, the default).
     pub n_gpu_layers: i32,
@@ -167,6 +258,27 @@ impl Default for Placement {
 }
 
 impl Placement {
+    /// Sets [`Placement::n_gpu_layers`].
+    #[must_use]
+    pub fn n_gpu_layers(mut self, n_gpu_layers: i32) -> Self {
+        self.n_gpu_layers = n_gpu_layers;
+        self
+    }
+
+    /// Sets [`Placement::rpc_servers`].
+    #[must_use]
+    pub fn rpc_servers(mut self, rpc_servers: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.rpc_servers = rpc_servers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`Placement::tensor_split`].
+    #[must_use]
+    pub fn tensor_split(mut self, tensor_split: impl Into<Vec<f32>>) -> Self {
+        self.tensor_split = tensor_split.into();
+        self
+    }
+
     /// An error for a backend that can only place layers on local devices.
     #[cfg(any(feature = "crate", feature = "raw"))]
     pub(crate) fn local_only(&self, backend: &'static str) -> Result<(), EngineError> {
@@ -180,6 +292,7 @@ impl Placement {
 
 /// Context parameters of a session.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct SessionConfig {
     /// Context length in tokens; with several sequences, the size of the KV cache they share.
     pub n_ctx: u32,
@@ -372,6 +485,97 @@ impl SessionConfig {
     /// Recurrent snapshots by default: none (see [`SessionConfig::recurrent_snapshots`]).
     pub const DEFAULT_RECURRENT_SNAPSHOTS: u32 = 0;
 
+    /// Sets [`SessionConfig::n_ctx`].
+    #[must_use]
+    pub fn n_ctx(mut self, n_ctx: u32) -> Self {
+        self.n_ctx = n_ctx;
+        self
+    }
+
+    /// Sets [`SessionConfig::n_batch`].
+    #[must_use]
+    pub fn n_batch(mut self, n_batch: u32) -> Self {
+        self.n_batch = n_batch;
+        self
+    }
+
+    /// Sets [`SessionConfig::n_ubatch`].
+    #[must_use]
+    pub fn n_ubatch(mut self, n_ubatch: u32) -> Self {
+        self.n_ubatch = n_ubatch;
+        self
+    }
+
+    /// Sets [`SessionConfig::n_threads`].
+    #[must_use]
+    pub fn n_threads(mut self, n_threads: i32) -> Self {
+        self.n_threads = n_threads;
+        self
+    }
+
+    /// Sets [`SessionConfig::n_threads_batch`].
+    #[must_use]
+    pub fn n_threads_batch(mut self, n_threads_batch: i32) -> Self {
+        self.n_threads_batch = n_threads_batch;
+        self
+    }
+
+    /// Sets [`SessionConfig::flash_attention`] (None: llama.cpp decides).
+    #[must_use]
+    pub fn flash_attention(mut self, flash_attention: Option<bool>) -> Self {
+        self.flash_attention = flash_attention;
+        self
+    }
+
+    /// Sets [`SessionConfig::embeddings`].
+    #[must_use]
+    pub fn embeddings(mut self, embeddings: bool) -> Self {
+        self.embeddings = embeddings;
+        self
+    }
+
+    /// Sets [`SessionConfig::n_seq`].
+    #[must_use]
+    pub fn n_seq(mut self, n_seq: u32) -> Self {
+        self.n_seq = n_seq;
+        self
+    }
+
+    /// Sets [`SessionConfig::pooling`] (None: as the model's file says).
+    #[must_use]
+    pub fn pooling(mut self, pooling: Option<Pooling>) -> Self {
+        self.pooling = pooling;
+        self
+    }
+
+    /// Sets [`SessionConfig::cache_type_k`].
+    #[must_use]
+    pub fn cache_type_k(mut self, cache_type_k: CacheType) -> Self {
+        self.cache_type_k = cache_type_k;
+        self
+    }
+
+    /// Sets [`SessionConfig::cache_type_v`].
+    #[must_use]
+    pub fn cache_type_v(mut self, cache_type_v: CacheType) -> Self {
+        self.cache_type_v = cache_type_v;
+        self
+    }
+
+    /// Sets [`SessionConfig::recurrent_snapshots`].
+    #[must_use]
+    pub fn recurrent_snapshots(mut self, recurrent_snapshots: u32) -> Self {
+        self.recurrent_snapshots = recurrent_snapshots;
+        self
+    }
+
+    /// Sets [`SessionConfig::lora_scales`].
+    #[must_use]
+    pub fn lora_scales(mut self, lora_scales: impl Into<Vec<f32>>) -> Self {
+        self.lora_scales = Some(lora_scales.into());
+        self
+    }
+
     /// Checks the parameters before any reaches llama.cpp.
     ///
     /// # Errors
@@ -429,6 +633,7 @@ impl SessionConfig {
 
 /// Sampling parameters of a request. Temperature 0 means greedy.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct SamplingParams {
     /// Divides the logits before the draw (default 0.8); 0: greedy, the most likely token.
     pub temperature: f32,
@@ -500,6 +705,90 @@ impl SamplingParams {
     /// Greedy decoding: the most likely token every step.
     pub fn greedy() -> Self {
         SamplingParams { temperature: 0.0, ..Default::default() }
+    }
+
+    /// Sets [`SamplingParams::temperature`].
+    #[must_use]
+    pub fn temperature(mut self, temperature: f32) -> Self {
+        self.temperature = temperature;
+        self
+    }
+
+    /// Sets [`SamplingParams::top_k`].
+    #[must_use]
+    pub fn top_k(mut self, top_k: i32) -> Self {
+        self.top_k = top_k;
+        self
+    }
+
+    /// Sets [`SamplingParams::top_p`].
+    #[must_use]
+    pub fn top_p(mut self, top_p: f32) -> Self {
+        self.top_p = top_p;
+        self
+    }
+
+    /// Sets [`SamplingParams::min_p`].
+    #[must_use]
+    pub fn min_p(mut self, min_p: f32) -> Self {
+        self.min_p = min_p;
+        self
+    }
+
+    /// Sets [`SamplingParams::repeat_penalty`].
+    #[must_use]
+    pub fn repeat_penalty(mut self, repeat_penalty: f32) -> Self {
+        self.repeat_penalty = repeat_penalty;
+        self
+    }
+
+    /// Sets [`SamplingParams::repeat_last_n`].
+    #[must_use]
+    pub fn repeat_last_n(mut self, repeat_last_n: i32) -> Self {
+        self.repeat_last_n = repeat_last_n;
+        self
+    }
+
+    /// Sets [`SamplingParams::frequency_penalty`].
+    #[must_use]
+    pub fn frequency_penalty(mut self, frequency_penalty: f32) -> Self {
+        self.frequency_penalty = frequency_penalty;
+        self
+    }
+
+    /// Sets [`SamplingParams::presence_penalty`].
+    #[must_use]
+    pub fn presence_penalty(mut self, presence_penalty: f32) -> Self {
+        self.presence_penalty = presence_penalty;
+        self
+    }
+
+    /// Sets [`SamplingParams::logit_bias`].
+    #[must_use]
+    pub fn logit_bias(mut self, logit_bias: impl IntoIterator<Item = (TokenId, f32)>) -> Self {
+        self.logit_bias = logit_bias.into_iter().collect();
+        self
+    }
+
+    /// Sets [`SamplingParams::grammar`].
+    #[must_use]
+    pub fn grammar(mut self, grammar: impl Into<String>) -> Self {
+        self.grammar = Some(grammar.into());
+        self
+    }
+
+    /// Sets [`SamplingParams::grammar_start`].
+    #[must_use]
+    pub fn grammar_start(mut self, grammar_start: GrammarStart) -> Self {
+        self.grammar_start = grammar_start;
+        self
+    }
+
+    /// Sets [`SamplingParams::seed`].
+    #[must_use]
+    pub fn seed(mut self, seed: u32) -> Self {
+        self.seed = seed;
+        self
     }
 
     /// Whether the temperature is 0: greedy decoding.
@@ -700,6 +989,7 @@ impl Prompt {
 
 /// How to generate: everything of a request but its prompt.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct GenerateOptions {
     /// Tokens generated at most (the context bounds it too).
     pub max_tokens: usize,
@@ -757,6 +1047,83 @@ impl Default for GenerateOptions {
 pub const MAX_LOGPROBS: usize = 20;
 
 impl GenerateOptions {
+    /// Sets [`GenerateOptions::max_tokens`].
+    #[must_use]
+    pub fn max_tokens(mut self, max_tokens: usize) -> Self {
+        self.max_tokens = max_tokens;
+        self
+    }
+
+    /// Sets [`GenerateOptions::stop`].
+    #[must_use]
+    pub fn stop(mut self, stop: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.stop = stop.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`GenerateOptions::sampling`].
+    #[must_use]
+    pub fn sampling(mut self, sampling: SamplingParams) -> Self {
+        self.sampling = sampling;
+        self
+    }
+
+    /// Sets [`GenerateOptions::cancel`].
+    #[must_use]
+    pub fn cancel(mut self, cancel: CancelToken) -> Self {
+        self.cancel = Some(cancel);
+        self
+    }
+
+    /// Sets [`GenerateOptions::speculation`].
+    #[must_use]
+    pub fn speculation(mut self, speculation: Speculation) -> Self {
+        self.speculation = speculation;
+        self
+    }
+
+    /// Sets [`GenerateOptions::logprobs`].
+    #[must_use]
+    pub fn logprobs(mut self, logprobs: usize) -> Self {
+        self.logprobs = Some(logprobs);
+        self
+    }
+
+    /// Sets [`GenerateOptions::post_sampling`].
+    #[must_use]
+    pub fn post_sampling(mut self, post_sampling: bool) -> Self {
+        self.post_sampling = post_sampling;
+        self
+    }
+
+    /// Sets [`GenerateOptions::preserved_tokens`].
+    #[must_use]
+    pub fn preserved_tokens(mut self, preserved_tokens: impl Into<Vec<TokenId>>) -> Self {
+        self.preserved_tokens = preserved_tokens.into();
+        self
+    }
+
+    /// Sets [`GenerateOptions::ignore_eos`].
+    #[must_use]
+    pub fn ignore_eos(mut self, ignore_eos: bool) -> Self {
+        self.ignore_eos = ignore_eos;
+        self
+    }
+
+    /// Sets [`GenerateOptions::prompt_progress`].
+    #[must_use]
+    pub fn prompt_progress(mut self, prompt_progress: bool) -> Self {
+        self.prompt_progress = prompt_progress;
+        self
+    }
+
+    /// Sets [`GenerateOptions::slot`].
+    #[must_use]
+    pub fn slot(mut self, slot: usize) -> Self {
+        self.slot = Some(slot);
+        self
+    }
+
     /// Checks the options (and their sampling parameters).
     ///
     /// # Errors
@@ -789,6 +1156,7 @@ impl GenerateOptions {
 
 /// One generation request: what it starts from, and how to generate.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct GenerateRequest {
     /// What the generation starts from.
     pub prompt: Prompt,
@@ -812,49 +1180,65 @@ impl GenerateRequest {
         GenerateRequest { prompt: Prompt::Tokens(tokens.into()), options: GenerateOptions::default() }
     }
 
-    /// These options instead of the current ones.
+    /// Sets [`GenerateRequest::prompt`].
+    #[must_use]
+    pub fn prompt(mut self, prompt: Prompt) -> Self {
+        self.prompt = prompt;
+        self
+    }
+
+    /// These options instead of the current ones (sets [`GenerateRequest::options`]).
+    #[must_use]
     pub fn with(self, options: GenerateOptions) -> Self {
         GenerateRequest { options, ..self }
     }
 
-    /// Tokens generated at most.
+    /// Tokens generated at most ([`GenerateOptions::max_tokens`]).
+    #[must_use]
     pub fn max_tokens(mut self, max_tokens: usize) -> Self {
-        self.options.max_tokens = max_tokens;
+        self.options = self.options.max_tokens(max_tokens);
         self
     }
 
-    /// Stop sequences.
+    /// Stop sequences ([`GenerateOptions::stop`]).
+    #[must_use]
     pub fn stop(mut self, stop: impl IntoIterator<Item = impl Into<String>>) -> Self {
-        self.options.stop = stop.into_iter().map(Into::into).collect();
+        self.options = self.options.stop(stop);
         self
     }
 
-    /// Sampling parameters.
+    /// Sampling parameters ([`GenerateOptions::sampling`]).
+    #[must_use]
     pub fn sampling(mut self, sampling: SamplingParams) -> Self {
-        self.options.sampling = sampling;
+        self.options = self.options.sampling(sampling);
         self
     }
 
-    /// A token that cancels the generation.
+    /// A token that cancels the generation ([`GenerateOptions::cancel`]).
+    #[must_use]
     pub fn cancel(mut self, cancel: CancelToken) -> Self {
-        self.options.cancel = Some(cancel);
+        self.options = self.options.cancel(cancel);
         self
     }
 
-    /// Speculative decoding.
+    /// Speculative decoding ([`GenerateOptions::speculation`]).
+    #[must_use]
     pub fn speculation(mut self, speculation: Speculation) -> Self {
-        self.options.speculation = speculation;
+        self.options = self.options.speculation(speculation);
         self
     }
 
-    /// Log-probabilities of each token and its `n` likeliest alternatives.
+    /// Log-probabilities of each token and its `n` likeliest alternatives
+    /// ([`GenerateOptions::logprobs`]).
+    #[must_use]
     pub fn logprobs(mut self, n: usize) -> Self {
-        self.options.logprobs = Some(n);
+        self.options = self.options.logprobs(n);
         self
     }
 
     /// Text prompts: parse control-token text into control tokens (see [`Prompt::Text`]); chats:
     /// let message contents hold control tokens (see [`Prompt::Chat`]). Tokens: no effect.
+    #[must_use]
     pub fn specials(mut self, on: bool) -> Self {
         match &mut self.prompt {
             Prompt::Text { parse_special, .. } => *parse_special = on,
@@ -983,6 +1367,68 @@ mod tests {
         assert_eq!(bad(GenerateRequest::new("x").speculation(Speculation::Ngram { max_draft: 0 })), "speculation");
         // The prompt is not the options' business: an empty one is found when it is tokenized.
         assert!(GenerateRequest::new("").logprobs(20).validate().is_ok());
+    }
+
+    #[test]
+    fn setters_set_their_own_fields() {
+        let literal = SessionConfig {
+            n_ctx: 11,
+            n_batch: 12,
+            n_ubatch: 13,
+            n_threads: 14,
+            n_threads_batch: 15,
+            flash_attention: Some(true),
+            embeddings: true,
+            n_seq: 16,
+            pooling: Some(Pooling::Cls),
+            cache_type_k: CacheType::Q8_0,
+            cache_type_v: CacheType::Q4_1,
+            recurrent_snapshots: 17,
+            lora_scales: Some(vec![0.5, 0.25]),
+        };
+        let built = SessionConfig::default()
+            .n_ctx(11)
+            .n_batch(12)
+            .n_ubatch(13)
+            .n_threads(14)
+            .n_threads_batch(15)
+            .flash_attention(Some(true))
+            .embeddings(true)
+            .n_seq(16)
+            .pooling(Some(Pooling::Cls))
+            .cache_type_k(CacheType::Q8_0)
+            .cache_type_v(CacheType::Q4_1)
+            .recurrent_snapshots(17)
+            .lora_scales(vec![0.5, 0.25]);
+        assert_eq!(built, literal);
+        let literal = SamplingParams {
+            temperature: 0.1,
+            top_k: 2,
+            top_p: 0.3,
+            min_p: 0.4,
+            repeat_penalty: 1.5,
+            repeat_last_n: 6,
+            frequency_penalty: 0.7,
+            presence_penalty: 0.8,
+            logit_bias: vec![(9, 1.0)],
+            grammar: Some("root ::= \"x\"".into()),
+            grammar_start: GrammarStart::AfterPrefill(vec![10]),
+            seed: 11,
+        };
+        let built = SamplingParams::default()
+            .temperature(0.1)
+            .top_k(2)
+            .top_p(0.3)
+            .min_p(0.4)
+            .repeat_penalty(1.5)
+            .repeat_last_n(6)
+            .frequency_penalty(0.7)
+            .presence_penalty(0.8)
+            .logit_bias(vec![(9, 1.0)])
+            .grammar("root ::= \"x\"")
+            .grammar_start(GrammarStart::AfterPrefill(vec![10]))
+            .seed(11);
+        assert_eq!(built, literal);
     }
 
     #[test]

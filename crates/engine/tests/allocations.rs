@@ -55,14 +55,14 @@ static GLOBAL: Counting = Counting;
 #[test]
 fn steady_state_generation_allocates_nothing_per_token() {
     let mut config = EngineConfig::new(default_model_path());
-    config.session = SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    config.session = SessionConfig::default().n_ctx(512).n_batch(512).n_ubatch(512).n_threads(2).n_threads_batch(2);
     let engine = Engine::load(config).expect("the default model: run `cargo xtask fetch-model`");
     let mut session = engine.session().unwrap();
     // A stop sequence that never appears keeps the matcher busy holding and releasing text.
     let request = GenerateRequest::new("Write a long story about a lighthouse keeper.")
         .max_tokens(96)
         .stop(["\n\n\n\n"])
-        .sampling(SamplingParams { seed: 3, ..Default::default() });
+        .sampling(SamplingParams::default().seed(3));
     let mut generation = session.generate(&request).unwrap();
     let mut text = String::with_capacity(1 << 16);
     let mut per_step = Vec::new();

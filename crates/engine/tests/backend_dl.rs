@@ -51,7 +51,7 @@ fn the_cpu_backend_is_a_loaded_module_and_generates() {
     assert!(maps.contains("libllama.so"), "llama.cpp is not a shared library here");
 
     let mut config = EngineConfig::new(default_model_path());
-    config.session = SessionConfig { n_ctx: 256, ..Default::default() };
+    config.session = SessionConfig::default().n_ctx(256);
     let engine = Engine::load(config).unwrap();
     let (text, stats) = engine.generate(&GenerateRequest::new("The capital of France is").max_tokens(8).sampling(SamplingParams::greedy())).unwrap();
     assert_eq!(stats.completion_tokens, 8);

@@ -31,7 +31,7 @@ fn exsa_bench_prints_a_report_that_parses_and_holds_what_was_asked() {
     assert!(greedy.iter().all(|s| s.margin >= 0.0 && s.token != s.runner_up));
     // The same build, in this process, through the harness: the same trace.
     let mut config = EngineConfig::new(model);
-    config.session = SessionConfig { n_threads: 2, n_threads_batch: 2, n_batch: 64, n_ubatch: 64, ..Default::default() };
+    config.session = SessionConfig::default().n_threads(2).n_threads_batch(2).n_batch(64).n_ubatch(64);
     let engine = Engine::load(config.clone()).unwrap();
     let here = harness::greedy_trace(&engine, &config.session, harness::EQUIVALENCE_PROMPT, 6).unwrap();
     assert_eq!(compare(&here, &greedy, NEAR_TIE), Equivalence::Identical);

@@ -7,7 +7,7 @@ fn engine() -> Engine {
     let path = default_model_path();
     assert!(path.is_file(), "default model missing at {}: run `cargo xtask fetch-model`", path.display());
     let mut config = EngineConfig::new(path);
-    config.session = SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    config.session = SessionConfig::default().n_ctx(512).n_batch(512).n_ubatch(512).n_threads(2).n_threads_batch(2);
     Engine::load(config).expect("engine loads")
 }
 

@@ -132,3 +132,32 @@ fn bad_input_exits_with_a_message_not_a_crash() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("q8_0"), "the valid types are listed: {}", text(&out.stderr));
 }
+
+/// `--lora` / `--lora-scaled` reach the engine (llama-tiny with its synthetic adapter: at scale
+/// 1 the greedy text changes, at 0 it is the plain text), `--no-mmap` loads the same model, and
+/// a missing adapter or a scale that is no number exits 1 naming it.
+#[test]
+fn lora_and_load_options_reach_the_engine() {
+    let synth = std::path::PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml"));
+    let (model, adapter) = (synth.join("llama-tiny.gguf"), synth.join("llama-tiny-lora.gguf"));
+    assert!(adapter.is_file(), "run `cargo xtask synth-models`");
+    let (model, adapter) = (model.to_str().unwrap(), adapter.to_str().unwrap());
+    let generate = |extra: &[&str]| {
+        let mut args = vec!["--log", "error", "--model", model];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["generate", "Once upon a time", "--max-tokens", "12", "--temperature", "0"]);
+        let out = exsa(&args);
+        assert_eq!(out.status.code(), Some(0), "{extra:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let plain = generate(&[]);
+    assert_ne!(generate(&["--lora", adapter]), plain);
+    assert_eq!(generate(&["--lora-scaled", adapter, "0"]), plain);
+    assert_eq!(generate(&["--no-mmap", "--mlock"]), plain);
+    let out = exsa(&["--log", "error", "--model", model, "--lora", "/no/such/adapter.gguf", "generate", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("/no/such/adapter.gguf"), "{}", text(&out.stderr));
+    let out = exsa(&["--log", "error", "--model", model, "--lora-scaled", adapter, "much", "generate", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("lora_scaled"), "{}", text(&out.stderr));
+}

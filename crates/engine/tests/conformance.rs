@@ -12,7 +12,7 @@ fn engine() -> &'static Engine {
         let path = default_model_path();
         assert!(path.is_file(), "default model missing at {}: run `cargo xtask fetch-model`", path.display());
         let mut config = EngineConfig::new(path);
-        config.session = SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+        config.session = SessionConfig::default().n_ctx(512).n_batch(512).n_ubatch(512).n_threads(2).n_threads_batch(2);
         Engine::load(config).expect("engine loads")
     })
 }
@@ -34,7 +34,7 @@ use harness::NEAR_TIE;
 /// as different kernels or weight layouts can); a divergence anywhere else fails.
 #[test]
 fn greedy_tokens_match_the_reference_on_every_backend() {
-    let config = SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    let config = SessionConfig::default().n_ctx(512).n_batch(512).n_ubatch(512).n_threads(2).n_threads_batch(2);
     let got: std::collections::BTreeMap<String, Vec<harness::GreedyStep>> =
         PROMPTS.iter().map(|p| (p.to_string(), harness::greedy_trace(engine(), &config, p, 24).unwrap())).collect();
     if std::env::var_os("EXSA_UPDATE_REFERENCE").is_some() {
@@ -224,13 +224,13 @@ fn bad_requests_get_typed_errors() {
         Err(EngineError::PromptTooLong { prompt_tokens, n_ctx: 512 }) => assert!(prompt_tokens > 512),
         other => panic!("expected PromptTooLong, got {other:?}"),
     }
-    let bad = GenerateRequest::new("x").sampling(SamplingParams { top_p: 1.5, ..Default::default() });
+    let bad = GenerateRequest::new("x").sampling(SamplingParams::default().top_p(1.5));
     assert!(matches!(e.generate(&bad), Err(EngineError::InvalidRequest { field: "top_p", .. })));
     let missing = Engine::load(EngineConfig::new("/no/such/model.gguf")).unwrap_err();
     assert!(matches!(&missing, EngineError::Load { path, .. } if path.ends_with("no/such/model.gguf")), "{missing}");
     assert!(missing.to_string().contains("/no/such/model.gguf"), "{missing}");
     assert!(std::error::Error::source(&missing).is_some(), "the binding's error is kept as the cause");
-    let zero = EngineConfig { session: SessionConfig { n_threads: 0, ..Default::default() }, ..EngineConfig::new(default_model_path()) };
+    let zero = EngineConfig::new(default_model_path()).session(SessionConfig::default().n_threads(0));
     assert!(matches!(Engine::load(zero), Err(EngineError::InvalidConfig { field: "n_threads", .. })));
 }
 
@@ -243,7 +243,7 @@ fn embeddings_have_the_model_width() {
 
 #[test]
 fn the_harness_measures_every_test_kind() {
-    let config = SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    let config = SessionConfig::default().n_ctx(512).n_batch(512).n_ubatch(512).n_threads(2).n_threads_batch(2);
     for test in ["pp32", "tg4", "pp16+tg4", "e2e8"] {
         let sample = harness::run(engine(), &config, test.parse().unwrap()).unwrap();
         assert_eq!(sample.test, test);

@@ -17,8 +17,14 @@ fn engine(path: PathBuf, pooling: Option<Pooling>) -> Engine {
 fn engine_with(path: PathBuf, pooling: Option<Pooling>, flash_attention: Option<bool>) -> Engine {
     assert!(path.is_file(), "model missing at {}: run `cargo xtask synth-models` / `fetch-model`", path.display());
     let mut config = EngineConfig::new(path);
-    config.session =
-        SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, pooling, flash_attention, ..Default::default() };
+    config.session = SessionConfig::default()
+        .n_ctx(512)
+        .n_batch(512)
+        .n_ubatch(512)
+        .n_threads(2)
+        .n_threads_batch(2)
+        .pooling(pooling)
+        .flash_attention(flash_attention);
     Engine::load(config).unwrap()
 }
 
@@ -165,7 +171,7 @@ fn a_reranker_scores_pairs() {
     assert_eq!(scores[0], scores[3], "the same document, the same score");
     assert!(scores[0] != scores[1] && scores[1] != scores[2] && scores[0] != scores[2], "{scores:?}");
     // "<bos>a cat<eos>[SEP]cats purr<eos>": 4 specials around the texts' tokens.
-    let plain = |text| reranker.tokenize_with(text, TokenizeOptions { add_special: false, parse_special: false }).unwrap().len();
+    let plain = |text| reranker.tokenize_with(text, TokenizeOptions::default().add_special(false)).unwrap().len();
     let pair = plain("a cat") + plain("cats purr") + 4;
     assert_eq!(scored[0].1, pair);
     let e = synth("bert-tiny").rerank("a cat", &["cats purr"]).unwrap_err();

@@ -119,7 +119,7 @@ struct Reference {
 impl Reference {
     fn load() -> Reference {
         let mut config = EngineConfig::new(default_model_path());
-        config.session = SessionConfig { n_ctx: 1024, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+        config.session = SessionConfig::default().n_ctx(1024).n_threads(2).n_threads_batch(2);
         Reference { engine: Engine::load(config).unwrap() }
     }
 
@@ -227,7 +227,7 @@ fn embeddings_tokenize_detokenize_and_latency_metrics() {
     let tokens: Value = http.post(server.url("/tokenize")).json(&json!({ "content": "Hello there" })).send().unwrap().json().unwrap();
     let ids: Vec<i64> = tokens["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
     // llama-server's defaults: no BOS, control-token text parsed.
-    let plain = exsa_engine::TokenizeOptions { add_special: false, parse_special: true };
+    let plain = exsa_engine::TokenizeOptions::default().add_special(false).parse_special(true);
     assert_eq!(ids, engine.tokenize_with("Hello there", plain).unwrap().iter().map(|&t| i64::from(t)).collect::<Vec<_>>());
     let with_bos: Value =
         http.post(server.url("/tokenize")).json(&json!({ "content": "Hello there", "add_special": true })).send().unwrap().json().unwrap();

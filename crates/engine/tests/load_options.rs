@@ -25,7 +25,7 @@ fn adapter() -> PathBuf {
 /// llama-tiny with small sessions, and `lora`.
 fn config(lora: Vec<LoraConfig>) -> EngineConfig {
     let mut config = EngineConfig::new(synth("llama-tiny.gguf"));
-    config.session = SessionConfig { n_ctx: 256, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    config.session = SessionConfig::default().n_ctx(256).n_batch(256).n_ubatch(256).n_threads(2).n_threads_batch(2);
     config.lora = lora;
     config
 }
@@ -59,7 +59,7 @@ fn tokens(engine: &Engine) -> Vec<TokenId> {
 }
 
 fn scales(engine: &Engine, scales: &[f32]) -> SessionConfig {
-    SessionConfig { lora_scales: Some(scales.to_vec()), ..engine.session_config().clone() }
+    engine.session_config().clone().lora_scales(scales.to_vec())
 }
 
 /// The greedy tokens of an owned session and of a serving core (two slots) of `engine`.
@@ -149,7 +149,7 @@ fn several_adapters_apply_together_or_are_refused_by_name() {
 /// not finite is refused before anything loads.
 #[test]
 fn a_missing_or_foreign_adapter_is_a_lora_error_naming_its_file() {
-    let lora_error = |lora: &Path, base: &str| match Engine::load(EngineConfig { model: synth(base), ..config(vec![LoraConfig::new(lora)]) }) {
+    let lora_error = |lora: &Path, base: &str| match Engine::load(config(vec![LoraConfig::new(lora)]).model(synth(base))) {
         Err(e @ EngineError::Lora { .. }) => {
             let EngineError::Lora { path, .. } = &e else { unreachable!() };
             assert_eq!(path, lora);
@@ -179,7 +179,7 @@ fn a_model_read_without_mmap_gives_the_same_greedy_tokens() {
     let copy = Path::new(env!("CARGO_TARGET_TMPDIR")).join("load-options-mmap-llama-tiny.gguf");
     std::fs::copy(synth("llama-tiny.gguf"), &copy).unwrap();
     let with = |mmap: bool| {
-        let mut config = EngineConfig { model: copy.clone(), ..config(Vec::new()) };
+        let mut config = config(Vec::new()).model(copy.clone());
         // On the CPU, where the weights are read from the mapping for as long as the model lives.
         config.placement.n_gpu_layers = 0;
         config.load.mmap = mmap;

@@ -93,7 +93,7 @@ impl Drop for RpcServer {
 
 fn config(rpc_servers: Vec<String>, n_gpu_layers: i32) -> EngineConfig {
     let mut config = EngineConfig::new(default_model_path());
-    config.session = SessionConfig { n_ctx: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    config.session = SessionConfig::default().n_ctx(512).n_threads(2).n_threads_batch(2);
     config.placement.rpc_servers = rpc_servers;
     config.placement.n_gpu_layers = n_gpu_layers;
     config

@@ -20,7 +20,7 @@ fn engine_with_ctx(n_ctx: u32) -> Arc<Engine> {
     let path = default_model_path();
     assert!(path.is_file(), "default model missing at {}: run `cargo xtask fetch-model`", path.display());
     let mut config = EngineConfig::new(path);
-    config.session = SessionConfig { n_ctx, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    config.session = SessionConfig::default().n_ctx(n_ctx).n_batch(256).n_ubatch(256).n_threads(2).n_threads_batch(2);
     Arc::new(Engine::load(config).expect("engine loads"))
 }
 
@@ -29,7 +29,7 @@ fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
 }
 
 fn start(engine: &Arc<Engine>, slots: u32, max_queue: usize) -> Result<ServingCore, EngineError> {
-    ServingCore::start(Arc::clone(engine), ServingConfig { max_queue, ..ServingConfig::new(engine, slots) })
+    ServingCore::start(Arc::clone(engine), ServingConfig::new(engine, slots).max_queue(max_queue))
 }
 
 const PROMPTS: [&str; 6] = [
@@ -79,10 +79,7 @@ fn traced(engine: &Arc<Engine>, prompt: &str, max_tokens: usize) -> ServeRequest
 
 /// The request with every end-of-generation token banned, so that it runs to `max_tokens`.
 fn banning_eog(engine: &Engine, request: GenerateRequest) -> GenerateRequest {
-    let sampling = SamplingParams {
-        logit_bias: engine.end_of_generation_tokens().into_iter().map(|t| (t, f32::NEG_INFINITY)).collect(),
-        ..request.options.sampling.clone()
-    };
+    let sampling = request.options.sampling.clone().logit_bias(engine.end_of_generation_tokens().into_iter().map(|t| (t, f32::NEG_INFINITY)));
     request.sampling(sampling)
 }
 
@@ -204,7 +201,7 @@ fn a_shared_prefix_is_copied_from_another_slot_and_gives_what_a_fresh_decode_giv
     let synth = std::path::PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml"));
     let synth_engine = |name: &str| {
         let mut config = EngineConfig::new(synth.join(format!("{name}.gguf")));
-        config.session = SessionConfig { n_ctx: 1024, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+        config.session = SessionConfig::default().n_ctx(1024).n_batch(256).n_ubatch(256).n_threads(2).n_threads_batch(2);
         Arc::new(Engine::load(config).unwrap_or_else(|e| panic!("{name} loads: {e}")))
     };
     let cases = [
@@ -254,7 +251,7 @@ fn a_next_turn_on_recurrent_memory_returns_to_the_last_prompts_checkpoint() {
     let mut checked = Vec::new();
     for name in ["lfm2-tiny", "mamba-tiny"] {
         let mut config = EngineConfig::new(synth.join(format!("{name}.gguf")));
-        config.session = SessionConfig { n_ctx: 1024, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+        config.session = SessionConfig::default().n_ctx(1024).n_batch(256).n_ubatch(256).n_threads(2).n_threads_batch(2);
         let engine = Arc::new(Engine::load(config).unwrap_or_else(|e| panic!("{name} loads: {e}")));
         let eog = engine.end_of_generation_tokens();
         let first = "User: Which tent suits a rainy week in the hills?\nAssistant:";
@@ -264,8 +261,7 @@ fn a_next_turn_on_recurrent_memory_returns_to_the_last_prompts_checkpoint() {
         // The `crate` and `raw` backends keep none, whatever the setting.
         let kept = |checkpoints: u32| checkpoints > 0 && Engine::backend_name() == "source";
         for checkpoints in [ServingConfig::DEFAULT_CTX_CHECKPOINTS, 0] {
-            let core =
-                ServingCore::start(Arc::clone(&engine), ServingConfig { ctx_checkpoints: checkpoints, ..ServingConfig::new(&engine, 2) }).unwrap();
+            let core = ServingCore::start(Arc::clone(&engine), ServingConfig::new(&engine, 2).ctx_checkpoints(checkpoints)).unwrap();
             let run = |prompt: &str, max_tokens: usize| {
                 let request = banning_eog(&engine, greedy(prompt, max_tokens).logprobs(5));
                 collect(core.submit(ServeRequest::new(&engine, &request).unwrap()).unwrap()).unwrap().1

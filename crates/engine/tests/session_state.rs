@@ -11,7 +11,7 @@ fn engine() -> Arc<Engine> {
     let path = default_model_path();
     assert!(path.is_file(), "default model missing at {}: run `cargo xtask fetch-model`", path.display());
     let mut config = EngineConfig::new(path);
-    config.session = SessionConfig { n_ctx: 512, n_batch: 256, n_ubatch: 256, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    config.session = SessionConfig::default().n_ctx(512).n_batch(256).n_ubatch(256).n_threads(2).n_threads_batch(2);
     Arc::new(Engine::load(config).expect("engine loads"))
 }
 

@@ -13,7 +13,7 @@ mod equivalence;
 
 fn engine() -> Engine {
     let mut config = EngineConfig::new(default_model_path());
-    config.session = SessionConfig { n_ctx: 2048, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    config.session = SessionConfig::default().n_ctx(2048).n_threads(2).n_threads_batch(2);
     Engine::load(config).expect("the default model loads")
 }
 
@@ -195,7 +195,7 @@ fn check_distribution(what: &str, runs: u32, mut draw: impl FnMut(&[u32], bool) 
 /// A chain cut to three candidates and flattened (top-k 3, temperature 2): every position is a
 /// real three-way draw.
 fn three_way(seed: u32) -> SamplingParams {
-    SamplingParams { temperature: 2.0, top_k: 3, top_p: 1.0, min_p: 0.0, repeat_penalty: 1.0, seed, ..Default::default() }
+    SamplingParams::default().temperature(2.0).top_k(3).top_p(1.0).min_p(0.0).repeat_penalty(1.0).seed(seed)
 }
 
 /// The three-way chain with every stage that keeps state or moves logits before the draw:
@@ -203,16 +203,15 @@ fn three_way(seed: u32) -> SamplingParams {
 /// tokens), a logit bias, and (backend source) a grammar, whose state must advance by the drawn
 /// tokens only, never by a rejected draft.
 fn three_way_with_everything(engine: &Engine, seed: u32) -> SamplingParams {
-    let word = |w: &str| engine.tokenize_with(w, TokenizeOptions { add_special: false, parse_special: false }).unwrap()[0];
+    let word = |w: &str| engine.tokenize_with(w, TokenizeOptions::default().add_special(false)).unwrap()[0];
     let grammar = (Engine::backend_name() == "source").then(|| r#"root ::= ("," | " red" | " green" | " blue" | " yellow" | " and")+"#.to_string());
-    SamplingParams {
-        repeat_penalty: 1.3,
-        frequency_penalty: 0.2,
-        presence_penalty: 0.4,
-        logit_bias: vec![(word(" blue"), 1.5), (word(" yellow"), 3.0)],
-        grammar,
-        ..three_way(seed)
-    }
+    let mut params = three_way(seed)
+        .repeat_penalty(1.3)
+        .frequency_penalty(0.2)
+        .presence_penalty(0.4)
+        .logit_bias(vec![(word(" blue"), 1.5), (word(" yellow"), 3.0)]);
+    params.grammar = grammar;
+    params
 }
 
 /// Single-stream draws.
@@ -236,7 +235,7 @@ fn single_stream_draws<'e>(engine: &'e Engine, sampling: impl Fn(u32) -> Samplin
 /// is learned from the decodes' times, see `DecodeCost`; at four streams of the default model a
 /// 2-core machine is near where they stop paying, and a loop that drafts little tests little.)
 fn served_draws(engine: &std::sync::Arc<Engine>, sampling: impl Fn(u32) -> SamplingParams) -> impl FnMut(&[u32], bool) -> Draws {
-    let config = ServingConfig { max_queue: 1024, ..ServingConfig::new(engine, 2) };
+    let config = ServingConfig::new(engine, 2).max_queue(1024);
     let core = ServingCore::start(std::sync::Arc::clone(engine), config).unwrap();
     let engine = std::sync::Arc::clone(engine);
     move |seeds: &[u32], speculate: bool| {
@@ -325,7 +324,7 @@ fn a_draft_model_drafts_for_a_model_with_its_vocabulary() {
     // The default model as its own draft: the same vocabulary, and greedy drafts that the main
     // model (the same weights) keeps nearly always.
     let mut config = EngineConfig::new(default_model_path());
-    config.session = SessionConfig { n_ctx: 2048, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    config.session = SessionConfig::default().n_ctx(2048).n_threads(2).n_threads_batch(2);
     config.draft_model = Some(default_model_path());
     let engine = Engine::load(config).expect("a model drafts for itself");
     let mut session = engine.session().unwrap();

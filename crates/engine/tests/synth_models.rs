@@ -22,7 +22,7 @@ fn engine_with(name: &str, adjust: impl FnOnce(&mut SessionConfig)) -> Engine {
     let path = dir.join(format!("{name}.gguf"));
     assert!(path.is_file(), "synthetic model missing at {}: run `cargo xtask synth-models`", path.display());
     let mut config = EngineConfig::new(path);
-    config.session = SessionConfig { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    config.session = SessionConfig::default().n_ctx(512).n_batch(512).n_ubatch(512).n_threads(2).n_threads_batch(2);
     adjust(&mut config.session);
     Engine::load(config).unwrap_or_else(|e| panic!("{name} loads: {e}"))
 }
@@ -170,8 +170,8 @@ fn speculation_matches_plain(name: &str, snapshots: u32) {
     let engine = std::sync::Arc::new(engine_with(name, |session| session.recurrent_snapshots = snapshots));
     // Random weights seldom repeat themselves: a bias confines the output to the prompt's
     // four words, so that it recurs (drafts) without being periodic (some drafts fail).
-    let words = engine.tokenize_with(" one two three four", TokenizeOptions { add_special: false, parse_special: false }).unwrap();
-    let sampling = SamplingParams { logit_bias: words.iter().map(|&t| (t, 50.0)).collect(), ..SamplingParams::greedy() };
+    let words = engine.tokenize_with(" one two three four", TokenizeOptions::default().add_special(false)).unwrap();
+    let sampling = SamplingParams::greedy().logit_bias(words.iter().map(|&t| (t, 50.0)));
     let plain = greedy(PROMPT, 48).sampling(sampling);
     let (want, _) = engine.generate(&plain).unwrap();
     let source = Engine::backend_name() == "source";

@@ -23,7 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let model = Model::load(&model_path, &ModelParams::default())?;
     let template = model.chat_template(None).unwrap_or(fallback);
-    let mut ctx = Context::new(&model, &ContextParams { n_ctx: 4096, ..Default::default() })?;
+    let mut ctx = Context::new(&model, &ContextParams::default().n_ctx(4096))?;
     let vocab = model.vocab();
     let mut sampler = SamplerChain::new().penalties(64, 1.15, 0.0, 0.0).top_k(40).top_p(0.95, 1).temp(0.7).dist(1234).build(&model)?;
 

@@ -23,7 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seed: Option<u32> = args.get(2).map(|s| s.parse()).transpose()?;
 
     let model = Model::load(&model_path, &ModelParams::default())?;
-    let mut ctx = Context::new(&model, &ContextParams { n_ctx: 2048, ..Default::default() })?;
+    let mut ctx = Context::new(&model, &ContextParams::default().n_ctx(2048))?;
     let vocab = model.vocab();
     let chain = SamplerChain::new();
     let mut sampler = match seed {

@@ -16,7 +16,7 @@
 //!
 //! # fn main() -> llama::Result<()> {
 //! let model = Model::load(std::env::var("EXSA_MODEL").unwrap(), &ModelParams::default())?;
-//! let mut ctx = Context::new(&model, &ContextParams { n_ctx: 512, ..Default::default() })?;
+//! let mut ctx = Context::new(&model, &ContextParams::default().n_ctx(512))?;
 //! let vocab = model.vocab();
 //! let prompt = vocab.tokenize("The three primary colours are", TokenizeOptions::default())?;
 //! let mut sampler = SamplerChain::new().greedy().build(&model)?;

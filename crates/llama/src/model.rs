@@ -25,6 +25,7 @@ pub enum SplitMode {
 
 /// Parameters for [`Model::load`].
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ModelParams {
     /// Layers to offload to the GPU; negative means all. Ignored without a GPU backend.
     pub n_gpu_layers: i32,
@@ -65,6 +66,62 @@ impl Default for ModelParams {
 }
 
 impl ModelParams {
+    /// Sets [`ModelParams::n_gpu_layers`].
+    #[must_use]
+    pub fn n_gpu_layers(mut self, n_gpu_layers: i32) -> Self {
+        self.n_gpu_layers = n_gpu_layers;
+        self
+    }
+
+    /// Sets [`ModelParams::split_mode`].
+    #[must_use]
+    pub fn split_mode(mut self, split_mode: SplitMode) -> Self {
+        self.split_mode = split_mode;
+        self
+    }
+
+    /// Sets [`ModelParams::main_gpu`].
+    #[must_use]
+    pub fn main_gpu(mut self, main_gpu: i32) -> Self {
+        self.main_gpu = main_gpu;
+        self
+    }
+
+    /// Sets [`ModelParams::use_mmap`].
+    #[must_use]
+    pub fn use_mmap(mut self, use_mmap: bool) -> Self {
+        self.use_mmap = use_mmap;
+        self
+    }
+
+    /// Sets [`ModelParams::use_mlock`].
+    #[must_use]
+    pub fn use_mlock(mut self, use_mlock: bool) -> Self {
+        self.use_mlock = use_mlock;
+        self
+    }
+
+    /// Sets [`ModelParams::vocab_only`].
+    #[must_use]
+    pub fn vocab_only(mut self, vocab_only: bool) -> Self {
+        self.vocab_only = vocab_only;
+        self
+    }
+
+    /// Sets [`ModelParams::rpc_servers`].
+    #[must_use]
+    pub fn rpc_servers(mut self, rpc_servers: Vec<String>) -> Self {
+        self.rpc_servers = rpc_servers;
+        self
+    }
+
+    /// Sets [`ModelParams::tensor_split`].
+    #[must_use]
+    pub fn tensor_split(mut self, tensor_split: Vec<f32>) -> Self {
+        self.tensor_split = tensor_split;
+        self
+    }
+
     fn to_raw(&self) -> sys::llama_model_params {
         // SAFETY: as above.
         let mut p = unsafe { sys::llama_model_default_params() };

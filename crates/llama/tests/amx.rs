@@ -220,7 +220,7 @@ fn child_process_entry() {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).init();
     let model = Model::load(std::env::var(MODEL_VAR).unwrap(), &ModelParams::default()).unwrap();
     let amx_buffer = model.placement().iter().any(|l| l.starts_with("AMX model buffer"));
-    let params = ContextParams { n_ctx: 512, n_batch: 512, n_ubatch: 512, n_threads: 2, n_threads_batch: 2, n_seq_max: 2, ..Default::default() };
+    let params = ContextParams::default().n_ctx(512).n_batch(512).n_ubatch(512).n_threads(2).n_threads_batch(2).n_seq_max(2);
     let mut ctx = Context::new(&model, &params).unwrap();
     let prompt = model.vocab().tokenize(PROMPT, TokenizeOptions::default()).unwrap();
     let forced: Option<Vec<Token>> = std::env::var(FORCE_VAR).ok().map(|s| s.split(',').map(|t| Token(t.parse().unwrap())).collect());

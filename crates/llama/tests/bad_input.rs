@@ -103,7 +103,7 @@ fn a_recurrent_convolution_kernel_that_is_not_f32_is_refused_at_load() {
 
 #[test]
 fn a_vocab_only_model_tokenizes_but_cannot_decode() {
-    let vocab_only = Model::load(model_path(), &ModelParams { vocab_only: true, ..Default::default() }).unwrap();
+    let vocab_only = Model::load(model_path(), &ModelParams::default().vocab_only(true)).unwrap();
     let tokens = vocab_only.vocab().tokenize("hello world", TokenizeOptions::default()).unwrap();
     assert!(tokens.len() >= 2);
     let err = Context::new(&vocab_only, &small_params()).unwrap_err();
@@ -113,11 +113,11 @@ fn a_vocab_only_model_tokenizes_but_cannot_decode() {
 #[test]
 fn zero_threads_and_bad_sizes_are_invalid_parameters() {
     for (params, name) in [
-        (ContextParams { n_threads: 0, ..small_params() }, "n_threads"),
-        (ContextParams { n_threads_batch: -1, ..small_params() }, "n_threads_batch"),
-        (ContextParams { n_batch: 0, ..small_params() }, "n_batch"),
-        (ContextParams { n_ubatch: 128, n_batch: 64, ..small_params() }, "n_ubatch"),
-        (ContextParams { n_seq_max: 0, ..small_params() }, "n_seq_max"),
+        (small_params().n_threads(0), "n_threads"),
+        (small_params().n_threads_batch(-1), "n_threads_batch"),
+        (small_params().n_batch(0), "n_batch"),
+        (small_params().n_ubatch(128).n_batch(64), "n_ubatch"),
+        (small_params().n_seq_max(0), "n_seq_max"),
     ] {
         match Context::new(model(), &params).unwrap_err() {
             ContextError::InvalidParam { name: got, .. } => assert_eq!(got, name),

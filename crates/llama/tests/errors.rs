@@ -30,16 +30,7 @@ fn model_paths_that_are_folders_or_hold_a_nul_are_named_errors() {
 fn a_full_kv_cache_is_no_kv_slot() {
     // Two sequences share 256 cells (one unified cache); each stays within its positions,
     // together they do not fit.
-    let params = ContextParams {
-        n_ctx: 256,
-        n_batch: 256,
-        n_ubatch: 256,
-        n_seq_max: 2,
-        unified_kv: true,
-        n_threads: 2,
-        n_threads_batch: 2,
-        ..Default::default()
-    };
+    let params = ContextParams::default().n_ctx(256).n_batch(256).n_ubatch(256).n_seq_max(2).unified_kv(true).n_threads(2).n_threads_batch(2);
     let mut ctx = Context::new(model(), &params).unwrap();
     let tokens: Vec<Token> = model().vocab().tokenize(&"one two three four ".repeat(40), TokenizeOptions::default()).unwrap();
     let fill = &tokens[..120];
@@ -121,17 +112,17 @@ fn a_lora_adapter_changes_the_logits_of_its_own_model_only() {
 #[test]
 fn an_averaging_embeddings_context_llama_cpp_would_abort_on_is_refused() {
     let bert = Model::load(synth_model("bert-tiny.gguf"), &ModelParams::default()).unwrap();
-    let params = |pooling, n_seq_max| ContextParams {
-        n_ctx: 513,
-        n_batch: 512,
-        n_ubatch: 512,
-        n_seq_max,
-        unified_kv: true,
-        embeddings: true,
-        pooling,
-        n_threads: 1,
-        n_threads_batch: 1,
-        ..ContextParams::default()
+    let params = |pooling, n_seq_max| {
+        ContextParams::default()
+            .n_ctx(513)
+            .n_batch(512)
+            .n_ubatch(512)
+            .n_seq_max(n_seq_max)
+            .unified_kv(true)
+            .embeddings(true)
+            .pooling(pooling)
+            .n_threads(1)
+            .n_threads_batch(1)
     };
     let err = Context::new(&bert, &params(Pooling::Mean, 5)).unwrap_err();
     assert!(matches!(err, ContextError::InvalidParam { name: "n_seq_max", .. }), "{err}");

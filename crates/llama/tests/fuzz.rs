@@ -129,8 +129,7 @@ fn run_group(group: &str) {
                 .map_err(|e| e.to_string())
         }
         "batches" => {
-            let params =
-                ContextParams { n_ctx: 128, n_batch: 32, n_ubatch: 32, n_seq_max: 4, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+            let params = ContextParams::default().n_ctx(128).n_batch(32).n_ubatch(32).n_seq_max(4).n_threads(2).n_threads_batch(2);
             let ctx = RefCell::new(Context::new(model(), &params).unwrap());
             runner
                 .run(&batch_case(), |case| {
@@ -468,7 +467,7 @@ fn run_gguf_case(mutations: &[Mutation], pristine: &[u8], path: &std::path::Path
     file.write_all(&head).unwrap();
     file.set_len(keep as u64).unwrap();
     file.sync_all().unwrap();
-    let params = ModelParams { vocab_only: true, ..ModelParams::default() };
+    let params = ModelParams::default().vocab_only(true);
     if let Some(m) = tally.note(Model::load(path, &params)) {
         drop(tally.note(m.vocab().tokenize("hello world", TokenizeOptions::default())));
     }

@@ -189,7 +189,7 @@ fn memory_operations_and_state_restore_reproduce_logits() {
 
 #[test]
 fn sequences_can_be_copied_saved_and_restored() {
-    let params = ContextParams { n_seq_max: 2, ..small_params() };
+    let params = small_params().n_seq_max(2);
     let mut ctx = Context::new(model(), &params).unwrap();
     let tokens = model().vocab().tokenize("one two three", TokenizeOptions::default()).unwrap();
     ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
@@ -237,7 +237,7 @@ fn the_abort_flag_cancels_a_decode() {
 
 #[test]
 fn an_abort_from_another_thread_stops_a_running_decode() {
-    let params = ContextParams { n_ctx: 1024, n_batch: 1024, n_ubatch: 1024, n_threads: 2, n_threads_batch: 2, ..Default::default() };
+    let params = ContextParams::default().n_ctx(1024).n_batch(1024).n_ubatch(1024).n_threads(2).n_threads_batch(2);
     let mut ctx = Context::new(model(), &params).unwrap();
     let tokens = model().vocab().tokenize(&"The quick brown fox jumps over the lazy dog. ".repeat(90), TokenizeOptions::default()).unwrap();
     assert!(tokens.len() > 900, "{}", tokens.len());
@@ -495,7 +495,7 @@ fn a_logit_bias_forces_a_token_and_mirostat_samples() {
 
 #[test]
 fn embeddings_are_produced_when_enabled() {
-    let params = ContextParams { embeddings: true, pooling: Pooling::Mean, ..small_params() };
+    let params = small_params().embeddings(true).pooling(Pooling::Mean);
     let mut ctx = Context::new(model(), &params).unwrap();
     let tokens = model().vocab().tokenize("an embedding", TokenizeOptions::default()).unwrap();
     ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
@@ -552,7 +552,7 @@ fn quantizing_a_small_model_runs_clean_under_the_leak_check() {
 fn quantize_writes_a_loadable_model() {
     let out = temp_path("requant-q8_0.gguf");
     quantize(&model_path(), &out, QuantType::Q8_0, 2, true).unwrap();
-    let q = Model::load(&out, &ModelParams { vocab_only: true, ..Default::default() }).unwrap();
+    let q = Model::load(&out, &ModelParams::default().vocab_only(true)).unwrap();
     assert_eq!(q.meta("general.file_type").as_deref(), Some("7"), "Q8_0 is ftype 7");
     let err = quantize(std::path::Path::new("/no/input.gguf"), &out, QuantType::Q4_0, 2, true).unwrap_err();
     assert!(matches!(err, QuantizeError::Input(_)), "{err}");

@@ -15,7 +15,7 @@ const PROMPT: &str = "The history of the printing press begins in Mainz, where J
 const NEAR_TIE: f32 = 0.5;
 
 fn params(t: KvType) -> ContextParams {
-    ContextParams { type_k: t, type_v: t, ..common::small_params() }
+    common::small_params().type_k(t).type_v(t)
 }
 
 /// Bytes per value: the type's block size over its values per block (ggml's layouts).
@@ -114,13 +114,13 @@ fn a_q8_0_cache_keeps_the_f16_caches_greedy_choices_at_every_step() {
 
 #[test]
 fn a_quantized_v_cache_without_flash_attention_is_a_typed_error() {
-    let off = ContextParams { flash_attention: FlashAttention::Off, ..params(KvType::Q8_0) };
+    let off = params(KvType::Q8_0).flash_attention(FlashAttention::Off);
     match Context::new(model(), &off) {
         Err(ContextError::InvalidParam { name, .. }) => assert_eq!(name, "type_v"),
         Err(e) => panic!("another error: {e}"),
         Ok(_) => panic!("a quantized V cache without flash attention was accepted"),
     }
     // Keys alone may be quantized without it.
-    let keys = ContextParams { flash_attention: FlashAttention::Off, type_k: KvType::Q8_0, ..common::small_params() };
+    let keys = common::small_params().flash_attention(FlashAttention::Off).type_k(KvType::Q8_0);
     Context::new(model(), &keys).expect("a q8_0 K cache with f16 values needs no flash attention");
 }

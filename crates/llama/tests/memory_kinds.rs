@@ -19,13 +19,13 @@ fn load(name: &str) -> Model {
 }
 
 fn params(n_seq_max: u32) -> ContextParams {
-    ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, n_seq_max, n_threads: 2, n_threads_batch: 2, ..Default::default() }
+    ContextParams::default().n_ctx(256).n_batch(64).n_ubatch(64).n_seq_max(n_seq_max).n_threads(2).n_threads_batch(2)
 }
 
 /// With `recurrent_snapshots`, the memory can be cut back by up to that many positions where
 /// llama.cpp supports it.
 fn with_snapshots(n: u32) -> ContextParams {
-    ContextParams { recurrent_snapshots: n, ..params(1) }
+    params(1).recurrent_snapshots(n)
 }
 
 fn prompt(model: &Model) -> Vec<Token> {
@@ -235,9 +235,9 @@ fn sequences_of_one_decode_each_drop_their_own_tail() {
 
         // llama.cpp keeps a sequence's last snapshots+1 tokens in one micro-batch and asserts so:
         // more snapshots than that is a parameter error, not an abort at the first decode.
-        let too_many = ContextParams { recurrent_snapshots: 63, ..params(2) };
+        let too_many = params(2).recurrent_snapshots(63);
         assert!(matches!(Context::new(&model, &too_many), Err(ContextError::InvalidParam { name: "recurrent_snapshots", .. })), "{name}");
-        let mut ctx = Context::new(&model, &ContextParams { recurrent_snapshots: 4, ..params(2) }).unwrap();
+        let mut ctx = Context::new(&model, &params(2).recurrent_snapshots(4)).unwrap();
         for seq in [0, 1] {
             ctx.decode(&Batch::from_tokens(&tokens, 0, seq).unwrap()).unwrap();
         }

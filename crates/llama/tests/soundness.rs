@@ -75,7 +75,7 @@ fn a_broken_grammar_is_a_typed_error() {
 
 #[test]
 fn an_encoder_batch_larger_than_n_ubatch_is_refused_before_llama_cpp_asserts() {
-    let params = ContextParams { n_batch: 64, n_ubatch: 16, ..small_params() };
+    let params = small_params().n_batch(64).n_ubatch(16);
     let mut ctx = Context::new(model(), &params).unwrap();
     assert_eq!(ctx.n_ubatch(), 16);
     let tokens: Vec<Token> = (0..32).map(|i| Token(1000 + i)).collect();

@@ -24,14 +24,12 @@ impl Backend for SourceBackend {
     fn load(config: &EngineConfig) -> Result<SourceModel, EngineError> {
         let (path, placement) = (config.model.as_path(), &config.placement);
         let scales = super::lora_scales(&config.lora)?;
-        let params = ModelParams {
-            n_gpu_layers: placement.n_gpu_layers,
-            rpc_servers: placement.rpc_servers.clone(),
-            tensor_split: placement.tensor_split.clone(),
-            use_mmap: config.load.mmap,
-            use_mlock: config.load.mlock,
-            ..Default::default()
-        };
+        let params = ModelParams::default()
+            .n_gpu_layers(placement.n_gpu_layers)
+            .rpc_servers(placement.rpc_servers.clone())
+            .tensor_split(placement.tensor_split.clone())
+            .use_mmap(config.load.mmap)
+            .use_mlock(config.load.mlock);
         // (The llama crate catches a panicking callback, cancels the load and resumes the panic
         // once llama.cpp has returned.)
         let loaded = match &config.load.progress {
@@ -267,33 +265,31 @@ impl BackendModel for SourceModel {
 
     fn session(&self, config: &SessionConfig) -> Result<SourceSession<'_>, EngineError> {
         let scales = config.lora_scales_for(&self.scales)?;
-        let params = ContextParams {
-            n_ctx: config.n_ctx,
-            n_batch: config.n_batch,
-            n_ubatch: config.n_ubatch,
-            n_seq_max: config.n_seq,
-            unified_kv: config.n_seq > 1,
-            n_threads: config.n_threads,
-            n_threads_batch: config.n_threads_batch,
-            flash_attention: match config.flash_attention {
+        let params = ContextParams::default()
+            .n_ctx(config.n_ctx)
+            .n_batch(config.n_batch)
+            .n_ubatch(config.n_ubatch)
+            .n_seq_max(config.n_seq)
+            .unified_kv(config.n_seq > 1)
+            .n_threads(config.n_threads)
+            .n_threads_batch(config.n_threads_batch)
+            .flash_attention(match config.flash_attention {
                 None => FlashAttention::Auto,
                 Some(true) => FlashAttention::On,
                 Some(false) => FlashAttention::Off,
-            },
-            type_k: kv_type(config.cache_type_k),
-            type_v: kv_type(config.cache_type_v),
-            recurrent_snapshots: config.recurrent_snapshots,
-            embeddings: config.embeddings,
-            pooling: match config.pooling {
+            })
+            .type_k(kv_type(config.cache_type_k))
+            .type_v(kv_type(config.cache_type_v))
+            .recurrent_snapshots(config.recurrent_snapshots)
+            .embeddings(config.embeddings)
+            .pooling(match config.pooling {
                 _ if !config.embeddings => Pooling::Unspecified,
                 None => Pooling::Unspecified,
                 Some(crate::Pooling::Mean) => Pooling::Mean,
                 Some(crate::Pooling::Cls) => Pooling::Cls,
                 Some(crate::Pooling::Last) => Pooling::Last,
                 Some(crate::Pooling::Rank) => Pooling::Rank,
-            },
-            ..Default::default()
-        };
+            });
         let mut ctx = Context::new(&self.model, &params).map_err(|e| match e {
             llama::ContextError::Rpc(lost) => EngineError::Rpc(cause(lost)),
             e => EngineError::Session(cause(e)),

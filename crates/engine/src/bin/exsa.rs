@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use exsa_engine::harness::{self, Test};
 use exsa_engine::{
-    ChatMessage, ChatTemplating, Engine, EngineConfig, EngineError, GenerateOptions, GenerateRequest, LlamaLogLevel, Placement, SamplingParams,
-    SessionConfig, Speculation, set_llama_log_level,
+    ChatMessage, ChatTemplating, Engine, EngineConfig, EngineError, GenerateOptions, GenerateRequest, LlamaLogLevel, LoadOptions, LoraConfig,
+    Placement, SamplingParams, SessionConfig, Speculation, set_llama_log_level,
 };
 
 #[derive(Parser)]
@@ -42,6 +42,19 @@ struct Common {
     /// 1,1; default: by free memory.
     #[arg(long, global = true, value_delimiter = ',')]
     tensor_split: Vec<f32>,
+    /// A LoRA adapter (llama.cpp's adapter GGUF) applied at scale 1 to every context of every
+    /// model loaded; repeatable.
+    #[arg(long, global = true, value_name = "PATH")]
+    lora: Vec<PathBuf>,
+    /// A LoRA adapter at SCALE (0 turns it off); repeatable.
+    #[arg(long, global = true, num_args = 2, value_names = ["PATH", "SCALE"])]
+    lora_scaled: Vec<String>,
+    /// Read the model into memory instead of mapping its file.
+    #[arg(long, global = true)]
+    no_mmap: bool,
+    /// Lock the model's memory in RAM, so that it is never swapped out.
+    #[arg(long, global = true)]
+    mlock: bool,
     /// Flash attention: on, off or auto.
     #[arg(long, global = true, default_value = "auto")]
     flash_attn: String,
@@ -127,13 +140,7 @@ enum SpeculativeKind {
 impl Sampling {
     /// The generation options these flags ask for.
     fn options(&self) -> GenerateOptions {
-        GenerateOptions {
-            max_tokens: self.max_tokens,
-            stop: self.stop.clone(),
-            sampling: self.params(),
-            speculation: self.speculation(),
-            ..GenerateOptions::default()
-        }
+        GenerateOptions::default().max_tokens(self.max_tokens).stop(self.stop.clone()).sampling(self.params()).speculation(self.speculation())
     }
 
     fn speculation(&self) -> Speculation {
@@ -145,15 +152,13 @@ impl Sampling {
     }
 
     fn params(&self) -> SamplingParams {
-        SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
-            seed: self.seed,
-            ..SamplingParams::default()
-        }
+        SamplingParams::default()
+            .temperature(self.temperature)
+            .top_k(self.top_k)
+            .top_p(self.top_p)
+            .min_p(self.min_p)
+            .repeat_penalty(self.repeat_penalty)
+            .seed(self.seed)
     }
 }
 
@@ -369,14 +374,12 @@ fn main() {
 }
 
 fn session_config(common: &Common) -> Result<SessionConfig, EngineError> {
-    let mut config = SessionConfig {
-        n_ctx: common.ctx,
-        pooling: common.pooling,
-        cache_type_k: common.cache_type_k,
-        cache_type_v: common.cache_type_v,
-        recurrent_snapshots: common.recurrent_snapshots,
-        ..Default::default()
-    };
+    let mut config = SessionConfig::default()
+        .n_ctx(common.ctx)
+        .pooling(common.pooling)
+        .cache_type_k(common.cache_type_k)
+        .cache_type_v(common.cache_type_v)
+        .recurrent_snapshots(common.recurrent_snapshots);
     if let Some(t) = common.threads {
         config.n_threads = t;
         config.n_threads_batch = t;
@@ -398,13 +401,28 @@ fn load(common: &Common, session: SessionConfig) -> Result<Engine, EngineError> 
 
 fn load_with_draft(common: &Common, session: SessionConfig, draft_model: Option<PathBuf>) -> Result<Engine, EngineError> {
     let model = common.model.clone().unwrap_or_else(exsa_engine::default_model_path);
-    Engine::load(EngineConfig { draft_model, ..engine_config(common, session, model) })
+    let mut config = engine_config(common, session, model)?;
+    config.draft_model = draft_model;
+    Engine::load(config)
 }
 
-/// The engine configuration the common options describe.
-fn engine_config(common: &Common, session: SessionConfig, model: PathBuf) -> EngineConfig {
-    let placement = Placement { n_gpu_layers: common.gpu_layers, rpc_servers: common.rpc.clone(), tensor_split: common.tensor_split.clone() };
-    EngineConfig { session, placement, ..EngineConfig::new(model) }
+/// The engine configuration the common options describe; a `--lora-scaled` scale that is no
+/// number is an error naming the option.
+fn engine_config(common: &Common, session: SessionConfig, model: PathBuf) -> Result<EngineConfig, EngineError> {
+    let placement = Placement::default().n_gpu_layers(common.gpu_layers).rpc_servers(common.rpc.clone()).tensor_split(common.tensor_split.clone());
+    let mut lora: Vec<LoraConfig> = common.lora.iter().map(LoraConfig::new).collect();
+    // clap takes two values per --lora-scaled.
+    for pair in common.lora_scaled.chunks_exact(2) {
+        let (path, scale) = (&pair[0], &pair[1]);
+        let scale = scale.parse::<f32>().map_err(|_| EngineError::InvalidConfig {
+            field: "lora_scaled",
+            value: scale.clone(),
+            reason: "the scale after the adapter's path must be a number",
+        })?;
+        lora.push(LoraConfig::new(path).scale(scale));
+    }
+    let load = LoadOptions::default().mmap(!common.no_mmap).mlock(common.mlock);
+    Ok(EngineConfig::new(model).session(session).placement(placement).lora(lora).load(load))
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
@@ -476,7 +494,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", serde_json::to_string_pretty(&info)?);
         }
         Command::Bench(args) => {
-            let session = SessionConfig { n_batch: args.batch, n_ubatch: args.ubatch, ..session };
+            let session = session.n_batch(args.batch).n_ubatch(args.ubatch);
             let engine = load(&cli.common, session.clone())?;
             if args.task_setup {
                 for test in args.tests.iter().filter(|t| matches!(t, Test::Task(..))) {
@@ -541,8 +559,8 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
     if args.max_loaded == 0 {
         return Err("--max-loaded must be at least 1".into());
     }
-    let session = SessionConfig { n_batch: args.batch, n_ubatch: args.batch.min(512), ..session };
-    let engine = EngineConfig { chat_templating: chat_templating(&args)?, ..engine_config(common, session, PathBuf::new()) };
+    let session = session.n_batch(args.batch).n_ubatch(args.batch.min(512));
+    let engine = engine_config(common, session, PathBuf::new())?.chat_templating(chat_templating(&args)?);
     let policy = ModelPolicy {
         engine,
         slots: args.parallel.unwrap_or_else(|| exsa_engine::serving::ServingConfig::default_slots(common.ctx)),
@@ -557,7 +575,7 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         SpeculativeKind::Ngram => Speculation::Ngram { max_draft: args.draft_max },
         SpeculativeKind::Draft => return Err("exsa serve drafts by prompt lookup only: use --speculative ngram or off".into()),
     };
-    GenerateOptions { speculation, ..GenerateOptions::default() }.validate()?;
+    GenerateOptions::default().speculation(speculation).validate()?;
     if let Some(dir) = &args.slot_save_path {
         std::fs::create_dir_all(dir).map_err(|e| format!("--slot-save-path {}: {e}", dir.display()))?;
     }
@@ -567,7 +585,7 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         max_body_bytes: args.max_body,
         speculation,
         reasoning_format: args.reasoning_format,
-        sampling: SamplingParams { temperature: args.temp, seed: args.seed, ..SamplingParams::default() },
+        sampling: SamplingParams::default().temperature(args.temp).seed(args.seed),
         max_tokens: args.n_predict,
         verbose: args.verbose,
         slots_endpoint: args.slots,

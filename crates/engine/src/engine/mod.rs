@@ -573,6 +573,7 @@ fn vocabulary_difference(target: &Model, draft: &Model) -> Result<Option<String>
 /// How [`Engine::tokenize_with`] treats text. (`llama::TokenizeOptions` says the same for the
 /// safe wrapper; the engine has its own because backend `crate` does not link `llama`.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TokenizeOptions {
     /// Add BOS (and whatever else the model adds around a whole text).
     pub add_special: bool,
@@ -583,6 +584,22 @@ pub struct TokenizeOptions {
 impl Default for TokenizeOptions {
     fn default() -> Self {
         TokenizeOptions { add_special: true, parse_special: false }
+    }
+}
+
+impl TokenizeOptions {
+    /// Sets [`TokenizeOptions::add_special`].
+    #[must_use]
+    pub fn add_special(mut self, add_special: bool) -> Self {
+        self.add_special = add_special;
+        self
+    }
+
+    /// Sets [`TokenizeOptions::parse_special`].
+    #[must_use]
+    pub fn parse_special(mut self, parse_special: bool) -> Self {
+        self.parse_special = parse_special;
+        self
     }
 }
 

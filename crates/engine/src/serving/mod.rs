@@ -51,6 +51,7 @@ pub use stream::EventStream;
 
 /// How the serving core runs.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ServingConfig {
     /// Sequences decoded together (`--parallel`).
     pub slots: u32,
@@ -104,6 +105,41 @@ impl ServingConfig {
             prefill_chunk: None,
             ctx_checkpoints: Self::DEFAULT_CTX_CHECKPOINTS,
         }
+    }
+
+    /// Sets [`ServingConfig::slots`] ([`ServingConfig::max_queue`] stays as it is).
+    #[must_use]
+    pub fn slots(mut self, slots: u32) -> Self {
+        self.slots = slots;
+        self
+    }
+
+    /// Sets [`ServingConfig::max_queue`].
+    #[must_use]
+    pub fn max_queue(mut self, max_queue: usize) -> Self {
+        self.max_queue = max_queue;
+        self
+    }
+
+    /// Sets [`ServingConfig::session`].
+    #[must_use]
+    pub fn session(mut self, session: SessionConfig) -> Self {
+        self.session = session;
+        self
+    }
+
+    /// Sets [`ServingConfig::prefill_chunk`].
+    #[must_use]
+    pub fn prefill_chunk(mut self, prefill_chunk: u32) -> Self {
+        self.prefill_chunk = Some(prefill_chunk);
+        self
+    }
+
+    /// Sets [`ServingConfig::ctx_checkpoints`].
+    #[must_use]
+    pub fn ctx_checkpoints(mut self, ctx_checkpoints: u32) -> Self {
+        self.ctx_checkpoints = ctx_checkpoints;
+        self
     }
 }
 

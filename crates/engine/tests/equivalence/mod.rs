@@ -60,7 +60,7 @@ pub fn check(engine: &Engine, prompt: &[i32], tokens: &[i32], logprobs: Option<&
         assert_eq!(lp.len(), tokens.len(), "{what}: one log-probability entry per token");
         assert!(lp.iter().zip(tokens).all(|(e, &t)| e.token == t), "{what}: the log-probabilities are of other tokens");
     }
-    let config = SessionConfig { n_ctx: (prompt.len() + tokens.len() + 8).max(64) as u32, ..engine.session_config().clone() };
+    let config = engine.session_config().clone().n_ctx((prompt.len() + tokens.len() + 8).max(64) as u32);
     let solo = harness::forced_logprobs(engine, &config, prompt, tokens, SOLO_TOP + banned.len()).expect("the solo reference decodes");
     let mut checked = Checked { steps: tokens.len(), ..Default::default() };
     for (k, s) in solo.iter().enumerate() {

@@ -81,6 +81,7 @@ pub enum Pooling {
 
 /// Parameters for [`Context::new`](crate::Context::new). Zero sizes mean "the model's" where llama.cpp allows it.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct ContextParams {
     /// Context length in tokens; 0 = the model's training context.
     pub n_ctx: u32,
@@ -142,6 +143,104 @@ impl Default for ContextParams {
 }
 
 impl ContextParams {
+    /// Sets [`ContextParams::n_ctx`].
+    #[must_use]
+    pub fn n_ctx(mut self, n_ctx: u32) -> Self {
+        self.n_ctx = n_ctx;
+        self
+    }
+
+    /// Sets [`ContextParams::n_batch`].
+    #[must_use]
+    pub fn n_batch(mut self, n_batch: u32) -> Self {
+        self.n_batch = n_batch;
+        self
+    }
+
+    /// Sets [`ContextParams::n_ubatch`].
+    #[must_use]
+    pub fn n_ubatch(mut self, n_ubatch: u32) -> Self {
+        self.n_ubatch = n_ubatch;
+        self
+    }
+
+    /// Sets [`ContextParams::n_seq_max`].
+    #[must_use]
+    pub fn n_seq_max(mut self, n_seq_max: u32) -> Self {
+        self.n_seq_max = n_seq_max;
+        self
+    }
+
+    /// Sets [`ContextParams::unified_kv`].
+    #[must_use]
+    pub fn unified_kv(mut self, unified_kv: bool) -> Self {
+        self.unified_kv = unified_kv;
+        self
+    }
+
+    /// Sets [`ContextParams::n_threads`].
+    #[must_use]
+    pub fn n_threads(mut self, n_threads: i32) -> Self {
+        self.n_threads = n_threads;
+        self
+    }
+
+    /// Sets [`ContextParams::n_threads_batch`].
+    #[must_use]
+    pub fn n_threads_batch(mut self, n_threads_batch: i32) -> Self {
+        self.n_threads_batch = n_threads_batch;
+        self
+    }
+
+    /// Sets [`ContextParams::flash_attention`].
+    #[must_use]
+    pub fn flash_attention(mut self, flash_attention: FlashAttention) -> Self {
+        self.flash_attention = flash_attention;
+        self
+    }
+
+    /// Sets [`ContextParams::type_k`].
+    #[must_use]
+    pub fn type_k(mut self, type_k: KvType) -> Self {
+        self.type_k = type_k;
+        self
+    }
+
+    /// Sets [`ContextParams::type_v`].
+    #[must_use]
+    pub fn type_v(mut self, type_v: KvType) -> Self {
+        self.type_v = type_v;
+        self
+    }
+
+    /// Sets [`ContextParams::embeddings`].
+    #[must_use]
+    pub fn embeddings(mut self, embeddings: bool) -> Self {
+        self.embeddings = embeddings;
+        self
+    }
+
+    /// Sets [`ContextParams::pooling`].
+    #[must_use]
+    pub fn pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = pooling;
+        self
+    }
+
+    /// Sets [`ContextParams::no_perf`].
+    #[must_use]
+    pub fn no_perf(mut self, no_perf: bool) -> Self {
+        self.no_perf = no_perf;
+        self
+    }
+
+    /// Sets [`ContextParams::recurrent_snapshots`].
+    #[must_use]
+    pub fn recurrent_snapshots(mut self, recurrent_snapshots: u32) -> Self {
+        self.recurrent_snapshots = recurrent_snapshots;
+        self
+    }
+
     pub(super) fn validate(&self) -> Result<(), ContextError> {
         let bad = |name, value: String, reason| Err(ContextError::InvalidParam { name, value, reason });
         if self.n_threads < 1 {
@@ -251,6 +350,43 @@ impl ContextParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each setter sets its own field (every field set to a value unlike its default).
+    #[test]
+    fn each_setter_sets_its_own_field() {
+        let built = ContextParams::default()
+            .n_ctx(1)
+            .n_batch(2)
+            .n_ubatch(3)
+            .n_seq_max(4)
+            .unified_kv(true)
+            .n_threads(5)
+            .n_threads_batch(6)
+            .flash_attention(FlashAttention::On)
+            .type_k(KvType::Q8_0)
+            .type_v(KvType::Q4_0)
+            .embeddings(true)
+            .pooling(Pooling::Cls)
+            .no_perf(true)
+            .recurrent_snapshots(7);
+        let literal = ContextParams {
+            n_ctx: 1,
+            n_batch: 2,
+            n_ubatch: 3,
+            n_seq_max: 4,
+            unified_kv: true,
+            n_threads: 5,
+            n_threads_batch: 6,
+            flash_attention: FlashAttention::On,
+            type_k: KvType::Q8_0,
+            type_v: KvType::Q4_0,
+            embeddings: true,
+            pooling: Pooling::Cls,
+            no_perf: true,
+            recurrent_snapshots: 7,
+        };
+        assert_eq!(built, literal);
+    }
 
     fn pooled(n_ctx: u32, n_batch: u32, n_ubatch: u32, n_seq_max: u32, unified_kv: bool) -> ContextParams {
         ContextParams { n_ctx, n_batch, n_ubatch, n_seq_max, unified_kv, embeddings: true, ..ContextParams::default() }

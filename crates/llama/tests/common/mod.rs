@@ -19,7 +19,7 @@ pub fn model() -> &'static Model {
 }
 
 pub fn small_params() -> ContextParams {
-    ContextParams { n_ctx: 256, n_batch: 64, n_ubatch: 64, n_threads: 2, n_threads_batch: 2, ..Default::default() }
+    ContextParams::default().n_ctx(256).n_batch(64).n_ubatch(64).n_threads(2).n_threads_batch(2)
 }
 
 pub fn context() -> Context<'static> {
