@@ -35,9 +35,16 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(&unpacked)?;
     let mut dirs = Vec::new();
     for file in &crates {
-        workspace::run(Command::new("tar").arg("-xzf").arg(file).arg("-C").arg(&unpacked))?;
+        // Each package in a folder named by its content: `cargo package` gives every file the
+        // same time stamp, so cargo's fingerprints (by path and time) would take a changed
+        // package in the folder of an earlier run for the build it already made. A new folder
+        // per content rebuilds what changed and reuses what did not.
+        let content = crate::hashing::file_sha256(file)?;
+        let folder = unpacked.join(&content[..16]);
+        std::fs::create_dir_all(&folder)?;
+        workspace::run(Command::new("tar").arg("-xzf").arg(file).arg("-C").arg(&folder))?;
         let name = file.file_stem().context("crate file name")?.to_string_lossy().into_owned();
-        dirs.push(unpacked.join(name));
+        dirs.push(folder.join(name));
     }
     let app = root.join("app");
     write_app(&app, &dirs)?;

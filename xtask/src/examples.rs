@@ -9,8 +9,8 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::Instant;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -147,25 +147,47 @@ impl Arg {
     }
 }
 
+/// How long one example may run once built; past it, it is killed and fails.
+const TIME_LIMIT: Duration = Duration::from_secs(600);
+
 fn run_one(example: &Example, paths: &Paths) -> Result<()> {
-    let mut cmd = workspace::cargo();
-    cmd.args(["run", "--locked", "-p", example.package, "--example", example.name]);
+    // Built first (no time limit: a cold build of an example is minutes), then run by path, so
+    // that the limit applies to the example alone and killing it leaves nothing behind.
+    let mut build = workspace::cargo();
+    build.args(["build", "--locked", "-p", example.package, "--example", example.name]);
     if !example.features.is_empty() {
-        cmd.args(["--features", &example.features.join(",")]);
+        build.args(["--features", &example.features.join(",")]);
     }
-    cmd.arg("--").args(example.args.iter().map(|a| a.resolve(paths)));
     // The test run's builds (no tuned llama.cpp profile), so nothing is built twice.
-    cmd.envs(test::ISOLATED_ENV);
-    let Some(input) = example.stdin else {
-        return workspace::run(cmd.stdin(Stdio::null()));
-    };
+    workspace::run(build.envs(test::ISOLATED_ENV))?;
+    let binary = workspace::target_dir().join("debug/examples").join(format!("{}{}", example.name, std::env::consts::EXE_SUFFIX));
+    let mut cmd = Command::new(&binary);
+    cmd.args(example.args.iter().map(|a| a.resolve(paths))).envs(test::ISOLATED_ENV);
+    // (.cargo/config.toml's [env], which `cargo run` would set, reaches it from xtask's own
+    // environment: xtask runs under `cargo run` too.)
     let shown = format!("{cmd:?}");
-    let mut child = cmd.stdin(Stdio::piped()).spawn().with_context(|| format!("cannot start {shown}"))?;
-    // Written whole, then closed: the example reads it and then sees the end of its input.
-    child.stdin.take().context("stdin is piped")?.write_all(input.as_bytes()).with_context(|| format!("cannot write to {shown}"))?;
-    let status = child.wait()?;
+    let mut child =
+        cmd.stdin(if example.stdin.is_some() { Stdio::piped() } else { Stdio::null() }).spawn().with_context(|| format!("cannot start {shown}"))?;
+    if let Some(input) = example.stdin {
+        // Written whole, then closed: the example reads it and then sees the end of its input.
+        child.stdin.take().context("stdin is piped")?.write_all(input.as_bytes()).with_context(|| format!("cannot write to {shown}"))?;
+    }
+    let deadline = Instant::now() + TIME_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            bail!("{shown} ran past {} s and was stopped", TIME_LIMIT.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     // An interactive example's last prompt has no line end.
-    eprintln!();
+    if example.stdin.is_some() {
+        eprintln!();
+    }
     if !status.success() {
         bail!("{shown} failed ({status})");
     }

@@ -192,6 +192,7 @@ pub enum EngineError {
 
 /// Why a decode loop ([`crate::serving::ServingCore`]) did not accept a request.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SubmitError {
     /// [`crate::serving::ServingConfig::max_queue`] requests wait already: retry later.
     #[error("the queue is full ({capacity} requests wait already); retry later")]

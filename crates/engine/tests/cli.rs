@@ -153,6 +153,8 @@ fn lora_and_load_options_reach_the_engine() {
     let plain = generate(&[]);
     assert_ne!(generate(&["--lora", adapter]), plain);
     assert_eq!(generate(&["--lora-scaled", adapter, "0"]), plain);
+    // A negative scale is a scale, not an option.
+    assert_ne!(generate(&["--lora-scaled", adapter, "-0.5"]), plain);
     assert_eq!(generate(&["--no-mmap", "--mlock"]), plain);
     let out = exsa(&["--log", "error", "--model", model, "--lora", "/no/such/adapter.gguf", "generate", "x"]);
     assert_eq!(out.status.code(), Some(1));

@@ -172,9 +172,13 @@ struct Progress<'a> {
 
 /// llama.cpp's progress callback: calls the engine's, catching a panic (unwinding into C is
 /// undefined), which cancels the load.
-extern "C" fn progress_trampoline(progress: f32, user: *mut c_void) -> bool {
+///
+/// # Safety
+/// `user` must point to a live `Progress` that nothing else touches during the call.
+unsafe extern "C" fn progress_trampoline(progress: f32, user: *mut c_void) -> bool {
     // SAFETY: `user` is the Progress that RawBackend::load passed with this callback, alive for
-    // the load that calls it, on the loading thread, and not touched by anything else meanwhile.
+    // the load that calls it, on the loading thread, and not touched by anything else meanwhile
+    // (the function's contract).
     let state = unsafe { &mut *user.cast::<Progress<'_>>() };
     if state.panic.is_some() {
         return false;

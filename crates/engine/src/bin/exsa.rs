@@ -47,7 +47,7 @@ struct Common {
     #[arg(long, global = true, value_name = "PATH")]
     lora: Vec<PathBuf>,
     /// A LoRA adapter at SCALE (0 turns it off); repeatable.
-    #[arg(long, global = true, num_args = 2, value_names = ["PATH", "SCALE"])]
+    #[arg(long, global = true, num_args = 2, value_names = ["PATH", "SCALE"], allow_negative_numbers = true)]
     lora_scaled: Vec<String>,
     /// Read the model into memory instead of mapping its file.
     #[arg(long, global = true)]

@@ -100,6 +100,7 @@ impl From<EngineError> for ApiError {
             // A file that is not a state of this model and context (or no room for it) is the
             // request's fault; a file that could not be written is the server's.
             EngineError::SlotFile { action: SlotFileAction::Restore, .. } => ApiError::invalid("filename", &e),
+            EngineError::NotAccepted(submit) => submit.clone().into(),
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()),
         }
     }

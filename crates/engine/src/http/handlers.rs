@@ -79,15 +79,13 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, Body(body): Body<Ch
 
 /// A chat (OpenAI's, or what a Responses or Messages request reads as), answered in `kind`'s shape.
 async fn answer_chat(state: Arc<AppState>, chat: ChatRequest, kind: Kind) -> Response {
-    let cancel = CancelToken::new();
-    let request = chat.to_request(&state.config, cancel.clone());
+    let request = chat.to_request(&state.config, CancelToken::new());
     let answering = Answering::new(kind, &chat.sampling, &state.config);
     generate(state, chat.sampling.model.as_deref(), request, answering).await
 }
 
 pub(super) async fn completions(State(state): State<Arc<AppState>>, Body(body): Body<CompletionRequest>) -> Response {
-    let cancel = CancelToken::new();
-    let request = body.to_request(&state.config, cancel.clone());
+    let request = body.to_request(&state.config, CancelToken::new());
     let answering = Answering::new(Kind::Completion, &body.sampling, &state.config);
     generate(state, body.sampling.model.as_deref(), request, answering).await
 }
@@ -209,6 +207,12 @@ pub(super) async fn generate(
             // Side by side: only the first choice takes a slot the request named.
             sibling.options.slot = None;
             requests.push(sibling);
+        }
+        // A token per choice: a choice's stream cancels its own request when dropped before its
+        // end (a parser failing mid-stream ends only that choice); a client that leaves drops
+        // every choice's stream.
+        for request in &mut requests {
+            request.options.cancel = Some(CancelToken::new());
         }
         if requests.len() > state.models.slots() as usize {
             let field = if choices > 1 { "n" } else { "prompt" };

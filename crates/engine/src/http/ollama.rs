@@ -457,8 +457,7 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, bytes: Bytes) -> Re
         Ok(p) => p,
         Err(e) => return refused(&state, e),
     };
-    let cancel = CancelToken::new();
-    let generate = request.to_request(&state.config, cancel.clone());
+    let generate = request.to_request(&state.config, CancelToken::new());
     answer(state, common, generate, num_ctx, Shape::Chat).await
 }
 
@@ -466,7 +465,6 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, bytes: Bytes) -> Re
 /// `system`), or as it is with `raw`. An empty prompt only loads (or, with `keep_alive: 0`,
 /// unloads) the model.
 pub(super) async fn generate(State(state): State<Arc<AppState>>, bytes: Bytes) -> Response {
-    let cancel = CancelToken::new();
     let prepared = (|| {
         let mut body: GenerateBody = body(&bytes)?;
         if body.images.as_ref().is_some_and(|i| !i.is_empty()) {
@@ -486,7 +484,7 @@ pub(super) async fn generate(State(state): State<Arc<AppState>>, bytes: Bytes) -
             }
             fields.insert("prompt".into(), json!(prompt));
             let request: CompletionRequest = serde_json::from_value(Value::Object(fields)).map_err(|e| ApiError::invalid("body", e.to_string()))?;
-            request.to_request(&state.config, cancel.clone())
+            request.to_request(&state.config, CancelToken::new())
         } else {
             let mut messages = Vec::new();
             if let Some(system) = body.system {
@@ -495,7 +493,7 @@ pub(super) async fn generate(State(state): State<Arc<AppState>>, bytes: Bytes) -
             messages.push(json!({ "role": "user", "content": prompt }));
             fields.insert("messages".into(), Value::Array(messages));
             let request: ChatRequest = serde_json::from_value(Value::Object(fields)).map_err(|e| ApiError::invalid("body", e.to_string()))?;
-            request.to_request(&state.config, cancel.clone())
+            request.to_request(&state.config, CancelToken::new())
         };
         Ok((body.common, Some(request), num_ctx))
     })();

@@ -772,15 +772,16 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// [`Scheduler::save_state`] (of a context of this model). On failure the slot is empty.
     pub(crate) fn restore_state(&mut self, index: usize, tokens: &[TokenId], state: &[u8]) -> Result<(), EngineError> {
         debug_assert!(self.slot_is_idle(index));
-        if tokens.len() > self.n_ctx {
-            return Err(EngineError::state(
-                crate::error::SlotFileAction::Restore,
-                format!("it holds {} tokens, more than the context's {}", tokens.len(), self.n_ctx),
-            ));
-        }
         let seq = &mut self.slots[index].seq;
         seq.clear(&mut self.session);
-        let loaded = self.session.seq_load_state(seq.id(), state);
+        let loaded = if tokens.len() > self.n_ctx {
+            Err(EngineError::state(
+                crate::error::SlotFileAction::Restore,
+                format!("it holds {} tokens, more than the context's {}", tokens.len(), self.n_ctx),
+            ))
+        } else {
+            self.session.seq_load_state(seq.id(), state, tokens.len())
+        };
         match loaded {
             Ok(()) => seq.extend(tokens),
             Err(_) => seq.clear(&mut self.session),

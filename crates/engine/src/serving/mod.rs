@@ -254,14 +254,25 @@ pub const BATCH_NEAR_TIE: f32 = 1.0;
 pub fn collect(events: Receiver<Event>) -> Result<(String, Completion), EngineError> {
     let mut text = String::new();
     for event in events {
-        match event {
-            Event::Delta(d) => text.push_str(&d.text),
-            Event::Progress(_) => {}
-            Event::Done(c) => return Ok((text, c)),
-            Event::Failed(e) => return Err(e),
+        if let Some(end) = gather(&mut text, event) {
+            return end.map(|c| (text, c));
         }
     }
     Err(EngineError::Cancelled)
+}
+
+/// Adds `event`'s text to `text`; the request's end once it comes (the one rule of [`collect`]
+/// and the async `EventStream::collect_text`).
+fn gather(text: &mut String, event: Event) -> Option<Result<Completion, EngineError>> {
+    match event {
+        Event::Delta(d) => {
+            text.push_str(&d.text);
+            None
+        }
+        Event::Progress(_) => None,
+        Event::Done(c) => Some(Ok(c)),
+        Event::Failed(e) => Some(Err(e)),
+    }
 }
 
 /// A snapshot of the decode loop's counters.

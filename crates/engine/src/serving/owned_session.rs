@@ -2,7 +2,9 @@
 //! session into a thread, an async task or a struct without a lifetime. A [`Session`] borrows
 //! its engine and runs each step on the caller's thread; an [`OwnedSession`] holds the engine in
 //! an `Arc` and runs its requests on a decode thread of its own: it is the serving core with one
-//! slot, so its requests follow the same rules as the server's and as a [`Session`]'s.
+//! slot, so its requests follow the same rules as the server's and as a [`Session`]'s (but one:
+//! the serving core drafts by prompt lookup only, so `Speculation::Draft` ends in
+//! [`Event::Failed`]).
 //!
 //! [`Session`]: crate::Session
 
@@ -56,7 +58,9 @@ impl Engine {
 /// ```
 ///
 /// Dropping the session lets the requests it accepted run to their end (their receivers or
-/// streams still get every event), then stops its thread.
+/// streams still get every event), then stops its thread: the drop waits for them, so in an
+/// async task drop it where blocking is allowed (`spawn_blocking`), or cancel the requests
+/// first. The state file calls wait too, for the requests given before them.
 #[derive(Debug)]
 pub struct OwnedSession {
     core: ServingCore,
@@ -73,8 +77,10 @@ impl OwnedSession {
     }
 
     /// Queues `request`; its events arrive on the returned receiver, which can be iterated on
-    /// any thread (see [`Event`] for their order). Dropping the receiver cancels the request at
-    /// its next step.
+    /// any thread (see [`Event`] for their order). A dropped receiver is seen when the next
+    /// event cannot be delivered, which ends the request; to stop one at once, during its
+    /// prompt's decode too, give it a [`crate::CancelToken`] (or use [`Self::stream`], whose
+    /// drop cancels).
     ///
     /// # Errors
     /// A request the engine refuses (the same checks as [`crate::Session::generate`]: an empty

@@ -13,8 +13,13 @@ use crate::config::CancelToken;
 
 impl ServingCore {
     /// Queues a request whose events come as an async [`EventStream`], which cancels the
-    /// request when dropped before its end (the request's own [`CancelToken`] where it has one,
-    /// else one made for it). Refused at once as [`ServingCore::submit_to`] refuses.
+    /// request when dropped before its end, through the request's own [`CancelToken`] where it
+    /// has one (else one made for it): requests given the same token stop together, so give one
+    /// token per request unless that is what is meant.
+    ///
+    /// # Errors
+    /// As [`ServingCore::submit_to`]: a full queue, a stopping core, a request prepared for
+    /// another engine.
     pub fn stream(&self, mut request: ServeRequest) -> Result<EventStream, SubmitError> {
         let cancel = request.prepared.options.cancel.get_or_insert_with(CancelToken::new).clone();
         let (sink, mut events) = EventStream::channel(cancel);
@@ -87,11 +92,8 @@ impl EventStream {
     pub async fn collect_text(mut self) -> Result<(String, super::Completion), crate::EngineError> {
         let mut text = String::new();
         while let Some(event) = self.recv().await {
-            match event {
-                Event::Delta(d) => text.push_str(&d.text),
-                Event::Progress(_) => {}
-                Event::Done(c) => return Ok((text, c)),
-                Event::Failed(e) => return Err(e),
+            if let Some(end) = super::gather(&mut text, event) {
+                return end.map(|c| (text, c));
             }
         }
         Err(crate::EngineError::Cancelled)
