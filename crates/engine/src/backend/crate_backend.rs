@@ -61,7 +61,7 @@ impl Backend for CrateBackend {
             // Only off the defaults: llama.cpp's own mode (mmap where it can) stays otherwise.
             params = params.with_use_mmap(config.load.mmap).with_use_mlock(config.load.mlock);
         }
-        let outcome = std::rc::Rc::new(std::cell::RefCell::new(ProgressOutcome::default()));
+        let outcome = std::rc::Rc::new(std::cell::RefCell::new(super::GuardedProgress::default()));
         if let Some(progress) = config.load.progress.clone() {
             params = params.with_progress_callback(guarded_progress(progress, std::rc::Rc::clone(&outcome)));
         }
@@ -117,35 +117,11 @@ impl Backend for CrateBackend {
     }
 }
 
-/// What a load's progress callback did, for the load to act on once llama.cpp has returned.
-#[derive(Default)]
-struct ProgressOutcome {
-    /// The callback returned false.
-    cancelled: bool,
-    /// The callback panicked: resumed after the load.
-    panic: Option<Box<dyn std::any::Any + Send>>,
-}
-
 /// `progress` as llama-cpp-2 takes it, with what it does recorded in `outcome`: llama-cpp-2's
 /// trampoline does not catch a panic, which must not unwind into llama.cpp, so this does (and
 /// cancels the load).
-fn guarded_progress(progress: LoadProgress, outcome: std::rc::Rc<std::cell::RefCell<ProgressOutcome>>) -> impl FnMut(f32) -> bool + 'static {
-    move |p| {
-        let mut outcome = outcome.borrow_mut();
-        if outcome.panic.is_some() {
-            return false;
-        }
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| progress.call(p))) {
-            Ok(go_on) => {
-                outcome.cancelled = !go_on;
-                go_on
-            }
-            Err(panic) => {
-                outcome.panic = Some(panic);
-                false
-            }
-        }
-    }
+fn guarded_progress(progress: LoadProgress, outcome: std::rc::Rc<std::cell::RefCell<super::GuardedProgress>>) -> impl FnMut(f32) -> bool + 'static {
+    move |p| outcome.borrow_mut().call(&progress, p)
 }
 
 #[derive(Debug)]

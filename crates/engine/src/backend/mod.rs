@@ -331,3 +331,35 @@ fn check_adapter_file(path: &Path) -> Result<(), EngineError> {
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
+
+/// What a load's progress callback did, for the load to act on once llama.cpp has returned:
+/// backends `raw` and `crate` hand llama.cpp the callback through C, where a panic must not
+/// unwind (the `llama` crate does the same for backend `source`).
+#[cfg(any(feature = "raw", feature = "crate"))]
+#[derive(Default)]
+struct GuardedProgress {
+    /// The callback returned false.
+    cancelled: bool,
+    /// The callback panicked: resumed once llama.cpp has returned.
+    panic: Option<Box<dyn std::any::Any + Send>>,
+}
+
+#[cfg(any(feature = "raw", feature = "crate"))]
+impl GuardedProgress {
+    /// Calls `callback`, catching a panic; false (cancel the load) once it panicked or said so.
+    fn call(&mut self, callback: &crate::config::LoadProgress, progress: f32) -> bool {
+        if self.panic.is_some() {
+            return false;
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback.call(progress))) {
+            Ok(go_on) => {
+                self.cancelled = !go_on;
+                go_on
+            }
+            Err(panic) => {
+                self.panic = Some(panic);
+                false
+            }
+        }
+    }
+}

@@ -93,7 +93,7 @@ impl Backend for RawBackend {
         let n_gpu_layers = placement.n_gpu_layers;
         init();
         let c_path = c_path(path).ok_or_else(|| EngineError::load(path, "the path contains a NUL byte"))?;
-        let mut progress = config.load.progress.as_ref().map(|callback| Progress { callback, cancelled: false, panic: None });
+        let mut progress = config.load.progress.as_ref().map(|callback| Progress { callback, outcome: Default::default() });
         // SAFETY: default params by value; the path is NUL-terminated and outlives the call; the
         // progress callback's user data is `progress`, alive (and not otherwise touched) until
         // the call returns, and the trampoline matches llama_progress_callback and never unwinds.
@@ -110,7 +110,7 @@ impl Backend for RawBackend {
         // As the llama crate does (its src/openmp.rs): the load's OpenMP team, if any, ends here.
         // SAFETY: no arguments; ends only this thread's team, outside any parallel region.
         unsafe { sys::exsa_openmp_release_team() };
-        let (cancelled, panic) = progress.map_or((false, None), |p| (p.cancelled, p.panic));
+        let (cancelled, panic) = progress.map_or((false, None), |p| (p.outcome.cancelled, p.outcome.panic));
         if let Some(panic) = panic {
             if let Some(raw) = NonNull::new(raw) {
                 // SAFETY: a model we own and nobody else has seen.
@@ -164,10 +164,7 @@ fn load_mode(options: &LoadOptions, default: sys::llama_load_mode) -> sys::llama
 /// A load's progress callback and what became of it, for [`progress_trampoline`].
 struct Progress<'a> {
     callback: &'a LoadProgress,
-    /// The callback returned false.
-    cancelled: bool,
-    /// The callback panicked: resumed once llama.cpp has returned.
-    panic: Option<Box<dyn std::any::Any + Send>>,
+    outcome: super::GuardedProgress,
 }
 
 /// llama.cpp's progress callback: calls the engine's, catching a panic (unwinding into C is
@@ -180,19 +177,7 @@ unsafe extern "C" fn progress_trampoline(progress: f32, user: *mut c_void) -> bo
     // the load that calls it, on the loading thread, and not touched by anything else meanwhile
     // (the function's contract).
     let state = unsafe { &mut *user.cast::<Progress<'_>>() };
-    if state.panic.is_some() {
-        return false;
-    }
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.callback.call(progress))) {
-        Ok(go_on) => {
-            state.cancelled = !go_on;
-            go_on
-        }
-        Err(panic) => {
-            state.panic = Some(panic);
-            false
-        }
-    }
+    state.outcome.call(state.callback, progress)
 }
 
 #[derive(Debug)]
