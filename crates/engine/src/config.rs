@@ -307,8 +307,9 @@ pub struct SessionConfig {
     pub n_threads: i32,
     /// Threads for prompt batches (default as `n_threads`).
     pub n_threads_batch: i32,
-    /// None: llama.cpp decides.
-    pub flash_attention: Option<bool>,
+    /// When attention runs as flash attention (default: [`FlashAttention::Auto`], llama.cpp
+    /// decides by the model and the device).
+    pub flash_attention: FlashAttention,
     /// Compute embeddings (as well as logits). Default false; the engine's embedding and reranking
     /// calls open sessions of their own with it set.
     pub embeddings: bool,
@@ -337,6 +338,33 @@ pub struct SessionConfig {
     /// scales the engine was configured with. A list of another length is
     /// [`EngineError::InvalidConfig`] when the session is made.
     pub lora_scales: Option<Vec<f32>>,
+}
+
+/// When attention runs as flash attention: the same three choices as the `llama` crate's
+/// `FlashAttention` and llama-server's `--flash-attn`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FlashAttention {
+    /// llama.cpp decides by the model and the device.
+    #[default]
+    Auto,
+    /// Always (a quantized V cache needs it).
+    On,
+    /// Never.
+    Off,
+}
+
+impl std::str::FromStr for FlashAttention {
+    type Err = EngineError;
+
+    /// `auto`, `on` or `off` (`1`/`true`, `0`/`false` too), as llama-server's `--flash-attn`.
+    fn from_str(s: &str) -> Result<Self, EngineError> {
+        match s {
+            "auto" => Ok(FlashAttention::Auto),
+            "on" | "1" | "true" => Ok(FlashAttention::On),
+            "off" | "0" | "false" => Ok(FlashAttention::Off),
+            other => Err(EngineError::InvalidConfig { field: "flash_attn", value: other.into(), reason: "use on, off or auto" }),
+        }
+    }
 }
 
 /// The element type of the KV cache's keys or values: the types llama-server offers for
@@ -469,7 +497,7 @@ impl Default for SessionConfig {
             n_ubatch: 512,
             n_threads: threads,
             n_threads_batch: threads,
-            flash_attention: None,
+            flash_attention: FlashAttention::Auto,
             embeddings: false,
             n_seq: 1,
             pooling: None,
@@ -520,9 +548,9 @@ impl SessionConfig {
         self
     }
 
-    /// Sets [`SessionConfig::flash_attention`] (None: llama.cpp decides).
+    /// Sets [`SessionConfig::flash_attention`].
     #[must_use]
-    pub fn flash_attention(mut self, flash_attention: Option<bool>) -> Self {
+    pub fn flash_attention(mut self, flash_attention: FlashAttention) -> Self {
         self.flash_attention = flash_attention;
         self
     }
@@ -601,7 +629,7 @@ impl SessionConfig {
         if !(1..=256).contains(&self.n_seq) {
             return bad("n_seq", self.n_seq.to_string(), "must be between 1 and 256");
         }
-        if self.cache_type_v.is_quantized() && self.flash_attention == Some(false) {
+        if self.cache_type_v.is_quantized() && self.flash_attention == FlashAttention::Off {
             return bad("cache_type_v", self.cache_type_v.to_string(), "a quantized V cache needs flash attention (on or auto)");
         }
         if let Some(scales) = self.lora_scales.as_ref().filter(|s| !s.iter().all(|x| x.is_finite())) {
@@ -1311,9 +1339,9 @@ mod tests {
         assert_eq!("Q8_0".parse::<CacheType>(), Ok(CacheType::Q8_0));
         let err = "q9".parse::<CacheType>().unwrap_err();
         assert!(err.contains("q9") && err.contains("iq4_nl"), "{err}");
-        let off = SessionConfig { flash_attention: Some(false), cache_type_v: CacheType::Q4_0, ..Default::default() };
+        let off = SessionConfig { flash_attention: FlashAttention::Off, cache_type_v: CacheType::Q4_0, ..Default::default() };
         assert!(matches!(off.validate(), Err(EngineError::InvalidConfig { field: "cache_type_v", .. })));
-        let keys_only = SessionConfig { flash_attention: Some(false), cache_type_k: CacheType::Q4_0, ..Default::default() };
+        let keys_only = SessionConfig { flash_attention: FlashAttention::Off, cache_type_k: CacheType::Q4_0, ..Default::default() };
         assert!(keys_only.validate().is_ok());
         assert!(SessionConfig { cache_type_v: CacheType::Q4_0, ..Default::default() }.validate().is_ok());
     }
@@ -1377,7 +1405,7 @@ mod tests {
             n_ubatch: 13,
             n_threads: 14,
             n_threads_batch: 15,
-            flash_attention: Some(true),
+            flash_attention: FlashAttention::On,
             embeddings: true,
             n_seq: 16,
             pooling: Some(Pooling::Cls),
@@ -1392,7 +1420,7 @@ mod tests {
             .n_ubatch(13)
             .n_threads(14)
             .n_threads_batch(15)
-            .flash_attention(Some(true))
+            .flash_attention(FlashAttention::On)
             .embeddings(true)
             .n_seq(16)
             .pooling(Some(Pooling::Cls))

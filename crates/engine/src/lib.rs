@@ -50,8 +50,8 @@ mod token_text;
 pub use backend::LlamaLogLevel;
 pub use chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, Continuation, ReasoningFormat, Tool, ToolCall, ToolChoice};
 pub use config::{
-    CacheType, CancelToken, ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, GrammarStart, LoadOptions, LoadProgress, LoraConfig,
-    Placement, Pooling, Prompt, SamplerStage, SamplingParams, SessionConfig, Speculation,
+    CacheType, CancelToken, ChatTemplating, EngineConfig, FlashAttention, GenerateOptions, GenerateRequest, GrammarStart, LoadOptions, LoadProgress,
+    LoraConfig, Placement, Pooling, Prompt, SamplerStage, SamplingParams, SessionConfig, Speculation,
 };
 pub use engine::{Engine, Generation, Session, SessionState, TokenizeOptions, set_llama_log_level};
 pub use error::{Cause, DecodeFailure, EngineError, Result, SlotFileAction};

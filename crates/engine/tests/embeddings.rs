@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use exsa_engine::*;
 
 fn engine(path: PathBuf, pooling: Option<Pooling>) -> Engine {
-    engine_with(path, pooling, None)
+    engine_with(path, pooling, FlashAttention::Auto)
 }
 
-fn engine_with(path: PathBuf, pooling: Option<Pooling>, flash_attention: Option<bool>) -> Engine {
+fn engine_with(path: PathBuf, pooling: Option<Pooling>, flash_attention: FlashAttention) -> Engine {
     assert!(path.is_file(), "model missing at {}: run `cargo xtask synth-models` / `fetch-model`", path.display());
     let mut config = EngineConfig::new(path);
     config.session = SessionConfig::default()
@@ -77,7 +77,8 @@ fn vectors_equal_those_of_llama_cpps_llama_embedding() {
     ];
     for ((path, pooling, name), flash_attention) in cases.into_iter().flat_map(|case| [(case.clone(), true), (case, false)]) {
         let (min_cosine, max_difference) = tolerance(&path);
-        let ours = engine_with(path.clone(), pooling, Some(flash_attention)).embed_many(&texts).unwrap();
+        let ours =
+            engine_with(path.clone(), pooling, if flash_attention { FlashAttention::On } else { FlashAttention::Off }).embed_many(&texts).unwrap();
         let theirs = llama_embeddings(&path, &texts, name, flash_attention);
         assert_eq!(theirs.len(), texts.len());
         let case = format!("{} ({name}, flash attention {flash_attention})", path.file_name().unwrap().to_string_lossy());

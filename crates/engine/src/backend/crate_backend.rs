@@ -240,9 +240,9 @@ impl BackendModel for CrateModel {
             .with_type_k(kv_type(config.cache_type_k))
             .with_type_v(kv_type(config.cache_type_v))
             .with_flash_attention_policy(match config.flash_attention {
-                None => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
-                Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                Some(false) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                crate::FlashAttention::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+                crate::FlashAttention::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                crate::FlashAttention::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
             });
         if config.embeddings {
             params = params.with_pooling_type(match config.pooling {

@@ -481,9 +481,9 @@ impl BackendModel for RawModel {
             p.type_k = ggml_type(config.cache_type_k);
             p.type_v = ggml_type(config.cache_type_v);
             p.flash_attn_type = match config.flash_attention {
-                None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
-                Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                crate::FlashAttention::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+                crate::FlashAttention::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                crate::FlashAttention::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
             };
             sys::llama_init_from_model(self.raw.as_ptr(), p)
         };

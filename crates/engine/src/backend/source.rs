@@ -274,9 +274,9 @@ impl BackendModel for SourceModel {
             .n_threads(config.n_threads)
             .n_threads_batch(config.n_threads_batch)
             .flash_attention(match config.flash_attention {
-                None => FlashAttention::Auto,
-                Some(true) => FlashAttention::On,
-                Some(false) => FlashAttention::Off,
+                crate::FlashAttention::Auto => FlashAttention::Auto,
+                crate::FlashAttention::On => FlashAttention::On,
+                crate::FlashAttention::Off => FlashAttention::Off,
             })
             .type_k(kv_type(config.cache_type_k))
             .type_v(kv_type(config.cache_type_v))

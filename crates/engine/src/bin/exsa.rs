@@ -384,14 +384,7 @@ fn session_config(common: &Common) -> Result<SessionConfig, EngineError> {
         config.n_threads = t;
         config.n_threads_batch = t;
     }
-    config.flash_attention = match common.flash_attn.as_str() {
-        "auto" => None,
-        "on" | "1" | "true" => Some(true),
-        "off" | "0" | "false" => Some(false),
-        other => {
-            return Err(EngineError::InvalidConfig { field: "flash_attn", value: other.into(), reason: "use on, off or auto" });
-        }
-    };
+    config.flash_attention = common.flash_attn.parse()?;
     Ok(config)
 }
 
