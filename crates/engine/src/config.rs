@@ -315,7 +315,7 @@ pub struct SessionConfig {
     pub embeddings: bool,
     /// Sequences decoded together in one context (a server's slots), sharing one KV cache of
     /// n_ctx tokens. 1 for a single-stream session.
-    pub n_seq: u32,
+    pub n_seq_max: u32,
     /// How an embeddings session pools each sequence's token vectors into one. None: as the
     /// model's file says (`<arch>.pooling_type`), mean where it says nothing (a generative model).
     pub pooling: Option<Pooling>,
@@ -499,7 +499,7 @@ impl Default for SessionConfig {
             n_threads_batch: threads,
             flash_attention: FlashAttention::Auto,
             embeddings: false,
-            n_seq: 1,
+            n_seq_max: 1,
             pooling: None,
             cache_type_k: CacheType::F16,
             cache_type_v: CacheType::F16,
@@ -562,10 +562,10 @@ impl SessionConfig {
         self
     }
 
-    /// Sets [`SessionConfig::n_seq`].
+    /// Sets [`SessionConfig::n_seq_max`].
     #[must_use]
-    pub fn n_seq(mut self, n_seq: u32) -> Self {
-        self.n_seq = n_seq;
+    pub fn n_seq_max(mut self, n_seq_max: u32) -> Self {
+        self.n_seq_max = n_seq_max;
         self
     }
 
@@ -609,7 +609,7 @@ impl SessionConfig {
     /// # Errors
     ///
     /// [`EngineError::InvalidConfig`] naming the first bad field: `n_ctx` under 8, `n_ubatch` not
-    /// within 1..=`n_batch`, fewer than one thread, `n_seq` outside 1..=256, a quantized V cache
+    /// within 1..=`n_batch`, fewer than one thread, `n_seq_max` outside 1..=256, a quantized V cache
     /// with flash attention off, or a LoRA scale that is not finite (the number of scales is
     /// checked against the engine's adapters when the session is made).
     pub fn validate(&self) -> Result<(), EngineError> {
@@ -626,8 +626,8 @@ impl SessionConfig {
         if self.n_threads_batch < 1 {
             return bad("n_threads_batch", self.n_threads_batch.to_string(), "at least one thread is needed");
         }
-        if !(1..=256).contains(&self.n_seq) {
-            return bad("n_seq", self.n_seq.to_string(), "must be between 1 and 256");
+        if !(1..=256).contains(&self.n_seq_max) {
+            return bad("n_seq_max", self.n_seq_max.to_string(), "must be between 1 and 256");
         }
         if self.cache_type_v.is_quantized() && self.flash_attention == FlashAttention::Off {
             return bad("cache_type_v", self.cache_type_v.to_string(), "a quantized V cache needs flash attention (on or auto)");
@@ -1407,7 +1407,7 @@ mod tests {
             n_threads_batch: 15,
             flash_attention: FlashAttention::On,
             embeddings: true,
-            n_seq: 16,
+            n_seq_max: 16,
             pooling: Some(Pooling::Cls),
             cache_type_k: CacheType::Q8_0,
             cache_type_v: CacheType::Q4_1,
@@ -1422,7 +1422,7 @@ mod tests {
             .n_threads_batch(15)
             .flash_attention(FlashAttention::On)
             .embeddings(true)
-            .n_seq(16)
+            .n_seq_max(16)
             .pooling(Some(Pooling::Cls))
             .cache_type_k(CacheType::Q8_0)
             .cache_type_v(CacheType::Q4_1)

@@ -323,7 +323,7 @@ pub fn forced_logprobs(
     if prompt.is_empty() || prompt.len() + forced.len() >= config.n_ctx as usize {
         return Err(EngineError::PromptTooLong { prompt_tokens: prompt.len() + forced.len(), n_ctx: config.n_ctx });
     }
-    let mut session = model.session(&SessionConfig { n_seq: 1, ..config.clone() })?;
+    let mut session = model.session(&SessionConfig { n_seq_max: 1, ..config.clone() })?;
     let n_batch = session.n_batch() as usize;
     let mut pos = 0;
     for chunk in prompt.chunks(n_batch) {

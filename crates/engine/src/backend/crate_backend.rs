@@ -235,8 +235,8 @@ impl BackendModel for CrateModel {
             .with_n_threads(config.n_threads)
             .with_n_threads_batch(config.n_threads_batch)
             .with_embeddings(config.embeddings)
-            .with_n_seq_max(config.n_seq)
-            .with_kv_unified(config.n_seq > 1)
+            .with_n_seq_max(config.n_seq_max)
+            .with_kv_unified(config.n_seq_max > 1)
             .with_type_k(kv_type(config.cache_type_k))
             .with_type_v(kv_type(config.cache_type_v))
             .with_flash_attention_policy(match config.flash_attention {
@@ -267,7 +267,7 @@ impl BackendModel for CrateModel {
             pending: Vec::new(),
             outputs: Vec::new(),
             abort: None,
-            n_seq: config.n_seq as i32,
+            n_seq_max: config.n_seq_max as i32,
             recurrent: self.model.is_recurrent() || self.model.is_hybrid(),
         })
     }
@@ -285,7 +285,7 @@ pub struct CrateSession<'m> {
     outputs: Vec<i32>,
     abort: Option<Arc<AtomicBool>>,
     /// Sequences the context holds (llama.cpp asserts ids below this).
-    n_seq: i32,
+    n_seq_max: i32,
 }
 
 impl std::fmt::Debug for CrateSession<'_> {
@@ -395,7 +395,7 @@ impl BackendSession for CrateSession<'_> {
 
     fn seq_copy(&mut self, src: i32, dst: i32) -> bool {
         // llama.cpp asserts sequence ids below the context's n_seq_max: checked first.
-        if !(0..self.n_seq).contains(&src) || !(0..self.n_seq).contains(&dst) {
+        if !(0..self.n_seq_max).contains(&src) || !(0..self.n_seq_max).contains(&dst) {
             return false;
         }
         self.ctx.copy_kv_cache_seq(src, dst, None, None).is_ok()
@@ -415,8 +415,8 @@ impl BackendSession for CrateSession<'_> {
 
     fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[TokenId]) -> Result<u64, EngineError> {
         let fail = |e: &dyn std::fmt::Display| EngineError::slot_file(SlotFileAction::Save, path, e.to_string());
-        if !(0..self.n_seq).contains(&seq) {
-            return Err(fail(&format!("no sequence {seq} in a context of {}", self.n_seq)));
+        if !(0..self.n_seq_max).contains(&seq) {
+            return Err(fail(&format!("no sequence {seq} in a context of {}", self.n_seq_max)));
         }
         let tokens: Vec<LlamaToken> = tokens.iter().map(|&t| LlamaToken::new(t)).collect();
         self.ctx.state_seq_save_file(path, seq, &tokens).map_err(|e| fail(&e))?;
@@ -425,8 +425,8 @@ impl BackendSession for CrateSession<'_> {
 
     fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<TokenId>, EngineError> {
         let fail = |e: &dyn std::fmt::Display| EngineError::slot_file(SlotFileAction::Restore, path, e.to_string());
-        if !(0..self.n_seq).contains(&seq) {
-            return Err(fail(&format!("no sequence {seq} in a context of {}", self.n_seq)));
+        if !(0..self.n_seq_max).contains(&seq) {
+            return Err(fail(&format!("no sequence {seq} in a context of {}", self.n_seq_max)));
         }
         self.outputs.clear();
         let (tokens, _) = self.ctx.state_seq_load_file(path, seq, max_tokens).map_err(|e| fail(&e))?;

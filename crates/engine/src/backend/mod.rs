@@ -187,7 +187,7 @@ pub type SamplerOf<'m, M> = <<M as BackendModel>::Session<'m> as BackendSession>
 pub type CheckpointOf<'m, M> = <<M as BackendModel>::Session<'m> as BackendSession>::Checkpoint;
 
 /// A context with its KV cache and a reusable batch. One or several sequences (a server's slots,
-/// made with `n_seq` > 1); samplers are the caller's, one per sequence, reading outputs by batch
+/// made with `n_seq_max` > 1); samplers are the caller's, one per sequence, reading outputs by batch
 /// index.
 pub trait BackendSession {
     /// A sampler chain of its own, for one sequence (see [`BackendModel::sampler`]).

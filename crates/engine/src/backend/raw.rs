@@ -466,8 +466,8 @@ impl BackendModel for RawModel {
             p.n_ubatch = config.n_ubatch;
             p.n_threads = config.n_threads;
             p.n_threads_batch = config.n_threads_batch;
-            p.n_seq_max = config.n_seq;
-            p.kv_unified = config.n_seq > 1;
+            p.n_seq_max = config.n_seq_max;
+            p.kv_unified = config.n_seq_max > 1;
             p.embeddings = config.embeddings;
             if config.embeddings {
                 p.pooling_type = match config.pooling {
@@ -494,7 +494,7 @@ impl BackendModel for RawModel {
             (n_batch, sys::llama_n_ctx(ctx.as_ptr()), sys::llama_batch_init(n_batch as i32, 0, 1))
         };
         // Owned from here: on an error below, the drop frees the context and the batch.
-        let session = RawSession { model: self, ctx, batch, n_batch, n_ctx, n_seq: config.n_seq as i32, abort: None, has_logits: false };
+        let session = RawSession { model: self, ctx, batch, n_batch, n_ctx, n_seq_max: config.n_seq_max as i32, abort: None, has_logits: false };
         let (mut adapters, mut scales): (Vec<_>, Vec<_>) = super::applied_adapters(&self.adapters, scales).map(|(a, s)| (a.as_ptr(), s)).unzip();
         if !adapters.is_empty() {
             let (mut code, mut err) = (0, sys::exsa_error::new());
@@ -524,7 +524,7 @@ pub struct RawSession<'m> {
     n_batch: u32,
     n_ctx: u32,
     /// Sequences the context holds (llama.cpp asserts ids below this).
-    n_seq: i32,
+    n_seq_max: i32,
     abort: Option<Arc<AtomicBool>>,
     has_logits: bool,
 }
@@ -631,8 +631,8 @@ impl BackendSession for RawSession<'_> {
     }
 
     fn sequence_embedding(&self, seq: i32) -> Result<Vec<f32>, EngineError> {
-        if !(0..self.n_seq).contains(&seq) {
-            return Err(EngineError::decode(DecodeFailure::NoOutput, format!("no sequence {seq} in a context of {}", self.n_seq)));
+        if !(0..self.n_seq_max).contains(&seq) {
+            return Err(EngineError::decode(DecodeFailure::NoOutput, format!("no sequence {seq} in a context of {}", self.n_seq_max)));
         }
         // SAFETY: null or the pooled row of sequence `seq` (an id of this context, checked).
         let p = unsafe { sys::llama_get_embeddings_seq(self.ctx.as_ptr(), seq) };
@@ -724,7 +724,7 @@ impl BackendSession for RawSession<'_> {
     }
 
     fn seq_copy(&mut self, src: i32, dst: i32) -> bool {
-        if !(0..self.n_seq).contains(&src) || !(0..self.n_seq).contains(&dst) {
+        if !(0..self.n_seq_max).contains(&src) || !(0..self.n_seq_max).contains(&dst) {
             return false;
         }
         // SAFETY: memory handle of the live context; both ids are below the context's n_seq_max
@@ -750,8 +750,8 @@ impl BackendSession for RawSession<'_> {
 
     fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[TokenId]) -> Result<u64, EngineError> {
         let fail = |reason: String| EngineError::slot_file(SlotFileAction::Save, path, reason);
-        if !(0..self.n_seq).contains(&seq) {
-            return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq)));
+        if !(0..self.n_seq_max).contains(&seq) {
+            return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq_max)));
         }
         let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| fail("the path contains a NUL byte".into()))?;
         // SAFETY: live context; the id is below its n_seq_max (checked: llama.cpp asserts it);
@@ -766,8 +766,8 @@ impl BackendSession for RawSession<'_> {
 
     fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<TokenId>, EngineError> {
         let fail = |reason: String| EngineError::slot_file(SlotFileAction::Restore, path, reason);
-        if !(0..self.n_seq).contains(&seq) {
-            return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq)));
+        if !(0..self.n_seq_max).contains(&seq) {
+            return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq_max)));
         }
         let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| fail("the path contains a NUL byte".into()))?;
         self.has_logits = false;

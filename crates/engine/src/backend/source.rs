@@ -269,8 +269,8 @@ impl BackendModel for SourceModel {
             .n_ctx(config.n_ctx)
             .n_batch(config.n_batch)
             .n_ubatch(config.n_ubatch)
-            .n_seq_max(config.n_seq)
-            .unified_kv(config.n_seq > 1)
+            .n_seq_max(config.n_seq_max)
+            .unified_kv(config.n_seq_max > 1)
             .n_threads(config.n_threads)
             .n_threads_batch(config.n_threads_batch)
             .flash_attention(match config.flash_attention {

@@ -312,21 +312,21 @@ impl Engine {
         // batch: llama.cpp aborts creating a mean- or rank-pooled context whose micro-batch
         // (one batch here) is not a multiple of its sequences (`llama::ContextParams`' check).
         let n_batch = base.n_batch as usize;
-        let n_seq = (1..=texts.len().clamp(1, MAX_EMBEDDED_TOGETHER)).rev().find(|n| n_batch.is_multiple_of(*n)).unwrap_or(1) as u32;
+        let n_seq_max = (1..=texts.len().clamp(1, MAX_EMBEDDED_TOGETHER)).rev().find(|n| n_batch.is_multiple_of(*n)).unwrap_or(1) as u32;
         // One micro-batch per batch, so models that attend both ways take a whole batch too; a
         // context of one batch's cells, emptied after each decode, since nothing is kept.
         let config = SessionConfig {
             embeddings: true,
             n_ubatch: base.n_batch,
             n_ctx: base.n_batch.saturating_add(1),
-            n_seq,
+            n_seq_max,
             pooling: Some(self.pooling()),
             ..base.clone()
         };
         config.validate()?;
         let mut session = self.model.session(&config)?;
         let mut out = Vec::with_capacity(texts.len());
-        for group in batches(texts, config.n_batch as usize, n_seq as usize) {
+        for group in batches(texts, config.n_batch as usize, n_seq_max as usize) {
             session.batch_clear();
             for (seq, tokens) in group.iter().enumerate() {
                 for (pos, &token) in tokens.iter().enumerate() {

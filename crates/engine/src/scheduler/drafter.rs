@@ -24,7 +24,7 @@ impl<M: BackendModel> std::fmt::Debug for DraftModel<'_, M> {
 impl<'e, M: BackendModel> DraftModel<'e, M> {
     /// The draft model's context: one sequence of `config`'s length.
     pub(crate) fn new(model: &'e M, config: &SessionConfig) -> Result<Self, EngineError> {
-        let config = SessionConfig { n_seq: 1, embeddings: false, ..config.clone() };
+        let config = SessionConfig { n_seq_max: 1, embeddings: false, ..config.clone() };
         let session = model.session(&config)?;
         Ok(DraftModel { model, greedy: model.sampler(&SamplingParams::greedy())?, seq: Sequence::new(0, config.n_ctx as usize), session })
     }

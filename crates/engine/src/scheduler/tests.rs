@@ -139,7 +139,7 @@ impl BackendModel for FakeModel {
             model: self,
             n_ctx: config.n_ctx as usize,
             n_batch: config.n_batch as usize,
-            kv: vec![Vec::new(); config.n_seq as usize],
+            kv: vec![Vec::new(); config.n_seq_max as usize],
             batch: Vec::new(),
             rows: Vec::new(),
             abort: None,
@@ -306,7 +306,7 @@ impl BackendSession for FakeSession<'_> {
 }
 
 fn scheduler(model: &FakeModel, slots: u32, n_ctx: u32, n_batch: u32) -> Scheduler<'_, FakeModel, &'static str> {
-    let config = SessionConfig { n_ctx, n_batch, n_ubatch: n_batch, n_seq: slots, ..SessionConfig::default() };
+    let config = SessionConfig { n_ctx, n_batch, n_ubatch: n_batch, n_seq_max: slots, ..SessionConfig::default() };
     Scheduler::new(model, model.session(&config).unwrap(), slots as usize, Arc::default())
 }
 
@@ -740,7 +740,7 @@ fn a_recurrent_state_returns_to_the_checkpoint_near_the_last_prompts_end() {
     let fresh = |checkpoints: usize, slot: Option<usize>| {
         let model = FakeModel::counting().recurrent();
         let counters = Arc::new(Counters::default());
-        let config = SessionConfig { n_ctx: 64, n_batch: 64, n_ubatch: 64, n_seq: 2, ..SessionConfig::default() };
+        let config = SessionConfig { n_ctx: 64, n_batch: 64, n_ubatch: 64, n_seq_max: 2, ..SessionConfig::default() };
         let mut s = Scheduler::new(&model, model.session(&config).unwrap(), 2, Arc::clone(&counters));
         s.set_checkpoints(checkpoints);
         s.admit(prepared(&first, 3, Speculation::Off), "first").unwrap();

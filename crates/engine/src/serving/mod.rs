@@ -358,7 +358,7 @@ impl ServingCore {
     /// Starts the decode thread over `engine`; returns once its context exists (or could not be
     /// made).
     pub fn start(engine: Arc<Engine>, config: ServingConfig) -> Result<ServingCore, EngineError> {
-        let session = SessionConfig { n_seq: config.slots, ..config.session.clone() };
+        let session = SessionConfig { n_seq_max: config.slots, ..config.session.clone() };
         session.validate()?;
         if config.max_queue == 0 {
             return Err(EngineError::InvalidConfig { field: "max_queue", value: "0".into(), reason: "must be at least 1" });
@@ -519,7 +519,8 @@ fn decode_loop(
         }
     };
     let _ = ready.send(Ok(()));
-    let mut scheduler: Scheduler<'_, _, Box<dyn EventSink>> = Scheduler::new(engine.model(), session, config.n_seq as usize, Arc::clone(&counters));
+    let mut scheduler: Scheduler<'_, _, Box<dyn EventSink>> =
+        Scheduler::new(engine.model(), session, config.n_seq_max as usize, Arc::clone(&counters));
     if let Some(tokens) = tuning.prefill_chunk {
         scheduler.set_prompt_chunk(tokens);
     }
