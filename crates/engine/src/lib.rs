@@ -47,7 +47,7 @@ mod templates;
 mod token;
 mod token_text;
 
-pub use backend::LlamaLogLevel;
+pub use backend::LogLevel;
 pub use chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, Continuation, ReasoningFormat, Tool, ToolCall, ToolChoice};
 pub use config::{
     CacheType, CancelToken, ChatTemplating, EngineConfig, FlashAttention, GenerateOptions, GenerateRequest, GrammarStart, LoadOptions, LoadProgress,

@@ -85,14 +85,14 @@ pub trait Backend: 'static {
 
     /// The lowest level of llama.cpp's own log lines that reach `tracing` (target `llama_cpp`,
     /// or `llama-cpp-2` for the crate baseline, which forwards all of them).
-    fn set_llama_log_level(level: LlamaLogLevel) {
+    fn set_llama_log_level(level: LogLevel) {
         let _ = level;
     }
 }
 
 /// How much of llama.cpp's log the engine forwards (`exsa --log`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum LlamaLogLevel {
+pub enum LogLevel {
     /// Every line, debug output included.
     Debug,
     /// Information, warnings and errors.
@@ -105,16 +105,16 @@ pub enum LlamaLogLevel {
     Off,
 }
 
-impl std::str::FromStr for LlamaLogLevel {
+impl std::str::FromStr for LogLevel {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
-            "debug" | "trace" => Ok(LlamaLogLevel::Debug),
-            "info" => Ok(LlamaLogLevel::Info),
-            "warn" | "warning" => Ok(LlamaLogLevel::Warn),
-            "error" => Ok(LlamaLogLevel::Error),
-            "off" | "none" => Ok(LlamaLogLevel::Off),
+            "debug" | "trace" => Ok(LogLevel::Debug),
+            "info" => Ok(LogLevel::Info),
+            "warn" | "warning" => Ok(LogLevel::Warn),
+            "error" => Ok(LogLevel::Error),
+            "off" | "none" => Ok(LogLevel::Off),
             other => Err(format!("{other:?} is not a log level (debug, info, warn, error, off)")),
         }
     }

@@ -73,8 +73,8 @@ impl Backend for RawBackend {
     const NAME: &'static str = "raw";
     type Model = RawModel;
 
-    fn set_llama_log_level(level: super::LlamaLogLevel) {
-        use super::LlamaLogLevel as L;
+    fn set_llama_log_level(level: super::LogLevel) {
+        use super::LogLevel as L;
         let min = match level {
             L::Debug => sys::GGML_LOG_LEVEL_DEBUG,
             L::Info => sys::GGML_LOG_LEVEL_INFO,

@@ -74,8 +74,8 @@ impl Backend for SourceBackend {
         llama::system_info()
     }
 
-    fn set_llama_log_level(level: super::LlamaLogLevel) {
-        use super::LlamaLogLevel as L;
+    fn set_llama_log_level(level: super::LogLevel) {
+        use super::LogLevel as L;
         llama::set_log_level(match level {
             L::Debug => llama::LogLevel::Debug,
             L::Info => llama::LogLevel::Info,

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use exsa_engine::harness::{self, Test};
 use exsa_engine::{
-    ChatMessage, ChatTemplating, Engine, EngineConfig, EngineError, GenerateOptions, GenerateRequest, LlamaLogLevel, LoadOptions, LoraConfig,
-    Placement, SamplingParams, SessionConfig, Speculation, set_llama_log_level,
+    ChatMessage, ChatTemplating, Engine, EngineConfig, EngineError, GenerateOptions, GenerateRequest, LoadOptions, LogLevel, LoraConfig, Placement,
+    SamplingParams, SessionConfig, Speculation, set_llama_log_level,
 };
 
 #[derive(Parser)]
@@ -360,7 +360,7 @@ fn main() {
         LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
     }
     // The filter only narrows what reaches it; the bindings drop lines below their own level first.
-    match log.parse::<LlamaLogLevel>() {
+    match log.parse::<LogLevel>() {
         Ok(level) => set_llama_log_level(level),
         Err(e) => {
             eprintln!("error: --log: {e}");

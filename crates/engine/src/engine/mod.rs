@@ -37,7 +37,7 @@ pub struct Engine {
 
 /// How much of llama.cpp's own log reaches `tracing` (default: warnings and errors), for every
 /// backend; `tracing`'s filters apply on top.
-pub fn set_llama_log_level(level: crate::backend::LlamaLogLevel) {
+pub fn set_llama_log_level(level: crate::backend::LogLevel) {
     <crate::backend::Active as crate::backend::Backend>::set_llama_log_level(level);
 }
 
