@@ -39,6 +39,22 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
+    /// The scales of [`EngineConfig::lora`], in order, checked before any adapter is loaded:
+    /// every one finite.
+    ///
+    /// # Errors
+    /// [`EngineError::InvalidConfig`] naming `lora` and the adapter whose scale is not finite.
+    pub(crate) fn adapter_scales(&self) -> Result<Vec<f32>, EngineError> {
+        match self.lora.iter().find(|l| !l.scale.is_finite()) {
+            Some(bad) => Err(EngineError::InvalidConfig {
+                field: "lora",
+                value: format!("{} at {}", bad.path.display(), bad.scale),
+                reason: "a LoRA scale must be finite",
+            }),
+            None => Ok(self.lora.iter().map(|l| l.scale).collect()),
+        }
+    }
+
     /// A configuration for the model at `model`: default session parameters, placement and load
     /// options, built-in chat formats, no fallback template, no draft model and no LoRA adapters.
     pub fn new(model: impl Into<PathBuf>) -> Self {

@@ -43,7 +43,7 @@ impl Backend for CrateBackend {
     fn load(config: &EngineConfig) -> Result<CrateModel, EngineError> {
         let (path, placement) = (config.model.as_path(), &config.placement);
         placement.local_only(Self::NAME)?;
-        let scales = super::lora_scales(&config.lora)?;
+        let scales = config.adapter_scales()?;
         if config.lora.len() > 1 {
             // `LlamaContext::lora_adapter_set` replaces the context's set with one adapter.
             return Err(EngineError::Unsupported { what: "more than one LoRA adapter (llama-cpp-2 applies one at a time)", backend: Self::NAME });

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use crate::config::{EngineConfig, LoraConfig, SamplingParams, SessionConfig};
+use crate::config::{EngineConfig, SamplingParams, SessionConfig};
 use crate::error::EngineError;
 pub use crate::token::TokenId;
 
@@ -296,19 +296,6 @@ fn states_as_bytes_unsupported() -> EngineError {
     EngineError::Unsupported {
         what: "session states as bytes (backend source; state files work on every backend)",
         backend: <Active as Backend>::NAME,
-    }
-}
-
-/// Checks [`EngineConfig::lora`] before any adapter is loaded: every scale finite. Returns the
-/// scales, in order.
-fn lora_scales(lora: &[LoraConfig]) -> Result<Vec<f32>, EngineError> {
-    match lora.iter().find(|l| !l.scale.is_finite()) {
-        Some(bad) => Err(EngineError::InvalidConfig {
-            field: "lora",
-            value: format!("{} at {}", bad.path.display(), bad.scale),
-            reason: "a LoRA scale must be finite",
-        }),
-        None => Ok(lora.iter().map(|l| l.scale).collect()),
     }
 }
 

@@ -89,7 +89,7 @@ impl Backend for RawBackend {
     fn load(config: &EngineConfig) -> Result<RawModel, EngineError> {
         let (path, placement) = (config.model.as_path(), &config.placement);
         placement.local_only(Self::NAME)?;
-        let scales = super::lora_scales(&config.lora)?;
+        let scales = config.adapter_scales()?;
         let n_gpu_layers = placement.n_gpu_layers;
         init();
         let c_path = c_path(path).ok_or_else(|| EngineError::load(path, "the path contains a NUL byte"))?;
@@ -753,7 +753,7 @@ impl BackendSession for RawSession<'_> {
         if !(0..self.n_seq_max).contains(&seq) {
             return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq_max)));
         }
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| fail("the path contains a NUL byte".into()))?;
+        let c_path = c_path(path).ok_or_else(|| fail("the path contains a NUL byte".into()))?;
         // SAFETY: live context; the id is below its n_seq_max (checked: llama.cpp asserts it);
         // the path is NUL-terminated; `tokens` is readable for its length (TokenId is
         // llama_token). llama_state_seq_save_file catches its own exceptions (returns 0).
@@ -769,7 +769,7 @@ impl BackendSession for RawSession<'_> {
         if !(0..self.n_seq_max).contains(&seq) {
             return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq_max)));
         }
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| fail("the path contains a NUL byte".into()))?;
+        let c_path = c_path(path).ok_or_else(|| fail("the path contains a NUL byte".into()))?;
         self.has_logits = false;
         let mut tokens: Vec<TokenId> = vec![0; max_tokens];
         let (mut n, mut read) = (0usize, 0usize);

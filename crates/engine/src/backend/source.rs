@@ -23,7 +23,7 @@ impl Backend for SourceBackend {
 
     fn load(config: &EngineConfig) -> Result<SourceModel, EngineError> {
         let (path, placement) = (config.model.as_path(), &config.placement);
-        let scales = super::lora_scales(&config.lora)?;
+        let scales = config.adapter_scales()?;
         let params = ModelParams::default()
             .n_gpu_layers(placement.n_gpu_layers)
             .rpc_servers(placement.rpc_servers.clone())

@@ -77,7 +77,7 @@ impl Engine {
     /// `source`, more than one adapter on backend `crate`).
     pub fn load(config: EngineConfig) -> Result<Engine, EngineError> {
         config.session.validate()?;
-        config.session.lora_scales_for(&config.lora.iter().map(|l| l.scale).collect::<Vec<_>>())?;
+        config.session.lora_scales_for(&config.adapter_scales()?)?;
         let model = Active::load(&config)?;
         let chat_template = match &config.chat_templating {
             ChatTemplating::Named(name) => {

@@ -21,7 +21,7 @@ use super::native::{NativeFields, Shape};
 use super::openai::{ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, Kind, Meta, ModelEntry, Sampling, TokenizeRequest};
 use super::responses::ResponsesRequest;
 use super::stream::Answer;
-use crate::config::{CancelToken, GenerateRequest};
+use crate::config::GenerateRequest;
 use crate::error::EngineError;
 use crate::serving::ServeRequest;
 
@@ -79,13 +79,13 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, Body(body): Body<Ch
 
 /// A chat (OpenAI's, or what a Responses or Messages request reads as), answered in `kind`'s shape.
 async fn answer_chat(state: Arc<AppState>, chat: ChatRequest, kind: Kind) -> Response {
-    let request = chat.to_request(&state.config, CancelToken::new());
+    let request = chat.to_request(&state.config);
     let answering = Answering::new(kind, &chat.sampling, &state.config);
     generate(state, chat.sampling.model.as_deref(), request, answering).await
 }
 
 pub(super) async fn completions(State(state): State<Arc<AppState>>, Body(body): Body<CompletionRequest>) -> Response {
-    let request = body.to_request(&state.config, CancelToken::new());
+    let request = body.to_request(&state.config);
     let answering = Answering::new(Kind::Completion, &body.sampling, &state.config);
     generate(state, body.sampling.model.as_deref(), request, answering).await
 }
@@ -158,7 +158,7 @@ pub(super) async fn count_message_tokens(State(state): State<Arc<AppState>>, Bod
 
 /// How many tokens a chat's prompt is, as it would be decoded.
 async fn input_tokens(state: &AppState, chat: ChatRequest) -> Result<usize, ApiError> {
-    let request = chat.to_request(&state.config, CancelToken::new())?;
+    let request = chat.to_request(&state.config)?;
     let model = state.models.get(chat.sampling.model.as_deref()).await?;
     tokio::task::spawn_blocking(move || ServeRequest::new(&model.engine, &request).map(|prepared| prepared.tokens().len()))
         .await
@@ -186,9 +186,10 @@ pub(super) async fn generate(
 ) -> Response {
     let Answering { kind, stream, include_usage, native, verbose, timings_per_token, choices, extra_prompts } = answering;
     let received = Instant::now();
-    // Each choice's events cancel it when dropped before its end: with the handler's future when
-    // the client goes before the answer starts (a choice submitted while the next one is
-    // prepared included), with the answer after.
+    // Each choice's events cancel it, and only it (the request carries no cancel token, so each
+    // choice's stream makes its own: a choice whose parser fails mid-stream ends alone), when
+    // dropped before its end: with the handler's future when the client goes before the answer
+    // starts (a choice submitted while the next one is prepared included), with the answer after.
     let submitted = async {
         let request = request?;
         let model = state.models.get(model).await?;
@@ -207,12 +208,6 @@ pub(super) async fn generate(
             // Side by side: only the first choice takes a slot the request named.
             sibling.options.slot = None;
             requests.push(sibling);
-        }
-        // A token per choice: a choice's stream cancels its own request when dropped before its
-        // end (a parser failing mid-stream ends only that choice); a client that leaves drops
-        // every choice's stream.
-        for request in &mut requests {
-            request.options.cancel = Some(CancelToken::new());
         }
         if requests.len() > state.models.slots() as usize {
             let field = if choices > 1 { "n" } else { "prompt" };

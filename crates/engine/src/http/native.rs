@@ -17,7 +17,7 @@ use super::handlers::{Answering, Body, generate};
 use super::log;
 use super::models::Loaded;
 use super::openai::{Kind, Sampling, timings};
-use crate::config::{CancelToken, GenerateOptions, GenerateRequest, Prompt};
+use crate::config::{GenerateOptions, GenerateRequest, Prompt};
 use crate::outcome::{Completion, FinishReason};
 use crate::token::TokenLogprobs;
 use crate::{TokenId, TokenizeOptions};
@@ -86,7 +86,6 @@ pub(super) async fn infill(State(state): State<Arc<AppState>>, Body(body): Body<
 }
 
 async fn native(state: Arc<AppState>, body: NativeRequest, infill: bool) -> Response {
-    let cancel = CancelToken::new();
     let model = match state.models.get(body.sampling.model.as_deref()).await {
         Ok(model) => model,
         Err(e) => return log::refused(&state, e),
@@ -99,8 +98,8 @@ async fn native(state: Arc<AppState>, body: NativeRequest, infill: bool) -> Resp
     answering.verbose = false;
     // Tokenizing the prompt and its bias texts can take a while: off the async workers.
     let built = {
-        let (state, model, cancel) = (Arc::clone(&state), Arc::clone(&model), cancel.clone());
-        tokio::task::spawn_blocking(move || body.into_request(&state, &model, infill, cancel)).await
+        let (state, model) = (Arc::clone(&state), Arc::clone(&model));
+        tokio::task::spawn_blocking(move || body.into_request(&state, &model, infill)).await
     };
     let (request, fields, extra_prompts) = match built {
         Ok(Ok(built)) => built,
@@ -116,13 +115,7 @@ async fn native(state: Arc<AppState>, body: NativeRequest, infill: bool) -> Resp
 impl NativeRequest {
     /// The request for the first prompt, what its response reports, and the other prompts (a
     /// choice each).
-    fn into_request(
-        mut self,
-        state: &AppState,
-        model: &Loaded,
-        infill: bool,
-        cancel: CancelToken,
-    ) -> Result<(GenerateRequest, NativeFields, Vec<Prompt>), ApiError> {
+    fn into_request(mut self, state: &AppState, model: &Loaded, infill: bool) -> Result<(GenerateRequest, NativeFields, Vec<Prompt>), ApiError> {
         super::fields::check(&self.other, super::fields::Endpoint::Native)?;
         match self.n_predict {
             Some(n) if n < -1 => return Err(ApiError::invalid("n_predict", "must be -1 (no limit) or more")),
@@ -133,7 +126,7 @@ impl NativeRequest {
         if n_probs > crate::config::MAX_LOGPROBS {
             return Err(ApiError::invalid("n_probs", format!("at most {}", crate::config::MAX_LOGPROBS)));
         }
-        let mut options = self.sampling.to_options(&state.config, cancel)?;
+        let mut options = self.sampling.to_options(&state.config)?;
         options.logprobs = (n_probs > 0).then_some(n_probs);
         options.post_sampling = self.post_sampling_probs == Some(true);
         if let Some(bias) = &self.logit_bias {

@@ -32,7 +32,6 @@ use super::models::Loaded;
 use super::openai::{ChatRequest, CompletionRequest};
 use super::stream::collect;
 use crate::chat::{ChatDelta, ChatReply};
-use crate::config::CancelToken;
 use crate::error::EngineError;
 use crate::outcome::{Completion, FinishReason, GenerationStats};
 use crate::serving::{Event, EventStream};
@@ -457,7 +456,7 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, bytes: Bytes) -> Re
         Ok(p) => p,
         Err(e) => return refused(&state, e),
     };
-    let generate = request.to_request(&state.config, CancelToken::new());
+    let generate = request.to_request(&state.config);
     answer(state, common, generate, num_ctx, Shape::Chat).await
 }
 
@@ -484,7 +483,7 @@ pub(super) async fn generate(State(state): State<Arc<AppState>>, bytes: Bytes) -
             }
             fields.insert("prompt".into(), json!(prompt));
             let request: CompletionRequest = serde_json::from_value(Value::Object(fields)).map_err(|e| ApiError::invalid("body", e.to_string()))?;
-            request.to_request(&state.config, CancelToken::new())
+            request.to_request(&state.config)
         } else {
             let mut messages = Vec::new();
             if let Some(system) = body.system {
@@ -493,7 +492,7 @@ pub(super) async fn generate(State(state): State<Arc<AppState>>, bytes: Bytes) -
             messages.push(json!({ "role": "user", "content": prompt }));
             fields.insert("messages".into(), Value::Array(messages));
             let request: ChatRequest = serde_json::from_value(Value::Object(fields)).map_err(|e| ApiError::invalid("body", e.to_string()))?;
-            request.to_request(&state.config, CancelToken::new())
+            request.to_request(&state.config)
         };
         Ok((body.common, Some(request), num_ctx))
     })();

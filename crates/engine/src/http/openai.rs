@@ -6,7 +6,7 @@ use serde_json::{Map, Value, json};
 use super::ServerConfig;
 use super::error::ApiError;
 use crate::chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, Continuation, ReasoningFormat, Tool, ToolCall, ToolChoice};
-use crate::config::{CancelToken, GenerateOptions, GenerateRequest, Prompt as EnginePrompt, SamplingParams, Speculation};
+use crate::config::{GenerateOptions, GenerateRequest, Prompt as EnginePrompt, SamplingParams, Speculation};
 use crate::outcome::{FinishReason, GenerationStats};
 use crate::token::TokenLogprobs;
 
@@ -222,9 +222,9 @@ pub enum Prompt {
 
 impl CompletionRequest {
     /// The engine request: the prompt as text, and the options.
-    pub fn to_request(&self, server: &ServerConfig, cancel: CancelToken) -> Result<GenerateRequest, ApiError> {
+    pub fn to_request(&self, server: &ServerConfig) -> Result<GenerateRequest, ApiError> {
         super::fields::check(&self.other, super::fields::Endpoint::Completions)?;
-        let options = self.sampling.to_options(server, cancel)?;
+        let options = self.sampling.to_options(server)?;
         Ok(GenerateRequest { prompt: EnginePrompt::text(self.prompt.text()?), options })
     }
 }
@@ -243,9 +243,9 @@ impl Sampling {
     /// The generation options these fields ask for, or a 400 naming the field that cannot be
     /// met. Unset fields take the server's defaults (`server.sampling`, `server.max_tokens`, as
     /// llama-server's command line sets them); `max_tokens` is at most the rest of the context
-    /// anyway. The server's speculation applies unless the request sets `speculative`. `cancel`
-    /// ends the generation when the client goes.
-    pub fn to_options(&self, server: &ServerConfig, cancel: CancelToken) -> Result<GenerateOptions, ApiError> {
+    /// anyway. The server's speculation applies unless the request sets `speculative`. No cancel
+    /// token: the request's event stream cancels it when the client goes.
+    pub fn to_options(&self, server: &ServerConfig) -> Result<GenerateOptions, ApiError> {
         self.choices()?;
         let defaults = &server.sampling;
         let sampling = SamplingParams {
@@ -280,7 +280,7 @@ impl Sampling {
             max_tokens,
             stop,
             sampling,
-            cancel: Some(cancel),
+            cancel: None,
             speculation,
             logprobs: self.logprobs()?,
             // llama-server's native field (`super::native`); OpenAI's logprobs are the model's.
@@ -384,9 +384,9 @@ fn schema_grammar(field: &'static str, schema: &Value) -> Result<String, ApiErro
 impl ChatRequest {
     /// The engine request: the messages as a chat prompt with its tools and template options,
     /// and the options, with the server's defaults for what the request leaves out.
-    pub fn to_request(&self, server: &ServerConfig, cancel: CancelToken) -> Result<GenerateRequest, ApiError> {
+    pub fn to_request(&self, server: &ServerConfig) -> Result<GenerateRequest, ApiError> {
         let (messages, chat) = self.chat(server.reasoning_format)?;
-        let options = self.sampling.to_options(server, cancel)?;
+        let options = self.sampling.to_options(server)?;
         Ok(GenerateRequest { prompt: EnginePrompt::chat_with(messages, chat), options })
     }
 
