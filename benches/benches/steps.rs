@@ -45,7 +45,7 @@ fn steps(c: &mut Criterion) {
 
     let config = SessionConfig::default().n_ctx(1024).n_batch(512).n_ubatch(512);
     let mut session = model.session(&config).unwrap();
-    let batch: Vec<i32> = tokens.iter().copied().cycle().take(512).collect();
+    let batch: Vec<_> = tokens.iter().copied().cycle().take(512).collect();
     group.bench_function("fill_batch_512", |b| b.iter(|| session.fill(black_box(&batch), 0, Outputs::Last).unwrap()));
 
     // One generation step at position 256 of a filled cache, as in tg.

@@ -1,7 +1,7 @@
 //! An app outside the exsa workspace that depends on the packaged `llama` crate: it loads a
 //! GGUF, generates a few greedy tokens and says which llama.cpp tree it was built from.
 
-use llama::{Batch, Context, ContextParams, Model, ModelParams, SamplerChain, TokenizeOptions};
+use llama::{Batch, Context, ContextParams, Model, ModelParams, SamplerChain, SpecialTokens, TokenizeOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args().nth(1).ok_or("usage: app MODEL.gguf")?;
@@ -16,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for pos in prompt.len()..prompt.len() + 8 {
         ctx.decode(&batch)?;
         let token = sampler.sample_last(&ctx)?;
-        vocab.piece_into(token, false, &mut text)?;
+        vocab.piece_into(token, SpecialTokens::Omit, &mut text)?;
         batch.clear();
         batch.add_output(token, pos as i32, 0)?;
     }

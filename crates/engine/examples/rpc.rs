@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use exsa_engine::harness::forced_trace;
 use exsa_engine::serving::BATCH_NEAR_TIE;
-use exsa_engine::{Engine, EngineConfig, GenerateRequest, SamplingParams, TokenId};
+use exsa_engine::{Engine, EngineConfig, GenerateRequest, SamplingParams, Token};
 
 const PROMPT: &str = "The history of the printing press begins";
 
@@ -65,7 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // The local run's candidates at that step (its tokens decoded up to it), with how far
             // each was behind the top.
             let step = forced_trace(&local, local.session_config(), PROMPT, &local_tokens[..=k])?[k];
-            match step.gap_to(split_tokens[k]) {
+            match step.gap_to(split_tokens[k].0) {
                 Some(gap) if gap < BATCH_NEAR_TIE => {
                     println!("parted at token {k}, a near tie: the split run's choice was {gap:.4} (logits) behind the local run's");
                 }
@@ -77,7 +77,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// A greedy continuation of [`PROMPT`]: its text and tokens.
-fn greedy(engine: &Engine, name: &str) -> Result<(String, Vec<TokenId>), Box<dyn std::error::Error>> {
+fn greedy(engine: &Engine, name: &str) -> Result<(String, Vec<Token>), Box<dyn std::error::Error>> {
     let mut session = engine.session()?;
     let mut generation = session.generate(&GenerateRequest::new(PROMPT).max_tokens(16).sampling(SamplingParams::greedy()))?;
     let mut text = String::new();

@@ -7,7 +7,7 @@
 //! special parsing is located in the rendered text and tokenized without it; the template's parts
 //! keep theirs. Chats with no such message tokenize exactly as before, in one piece.
 
-use crate::backend::{BackendModel, TokenId};
+use crate::backend::{BackendModel, Token};
 use crate::chat::ChatMessage;
 use crate::error::EngineError;
 
@@ -18,7 +18,7 @@ pub(crate) fn tokenize<M: BackendModel>(
     rendered: &str,
     messages: &[ChatMessage],
     specials_in_messages: bool,
-    out: &mut Vec<TokenId>,
+    out: &mut Vec<Token>,
 ) -> Result<(), EngineError> {
     let risky: Vec<(usize, &str)> = if specials_in_messages { Vec::new() } else { risky_contents(model, messages)? };
     if risky.is_empty() {

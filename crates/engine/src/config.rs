@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::chat::{ChatMessage, ChatOptions};
 use crate::error::EngineError;
-use crate::token::TokenId;
+use crate::token::Token;
 
 /// How to load a model and size its sessions.
 #[derive(Clone, Debug)]
@@ -696,7 +696,7 @@ pub struct SamplingParams {
     /// Subtracted from a token's logit if it occurred at all (OpenAI's; 0: off).
     pub presence_penalty: f32,
     /// Added to the given tokens' logits before anything else (-inf bans a token).
-    pub logit_bias: Vec<(TokenId, f32)>,
+    pub logit_bias: Vec<(Token, f32)>,
     /// A GBNF grammar (rule `root` first) every generated token must fit, checked the way
     /// llama.cpp's server does (see `llama::SamplerChain::constrain`). Backend `source` only.
     pub grammar: Option<String>,
@@ -714,7 +714,7 @@ pub enum GrammarStart {
     Immediately,
     /// From the first generated token, the grammar having read these tokens first: the end of
     /// the prompt that a chat format's grammar starts with (the opening of the assistant's turn).
-    AfterPrefill(Vec<TokenId>),
+    AfterPrefill(Vec<Token>),
     /// Once the output matches one of `patterns` (regular expressions matched from the output's
     /// start; the grammar reads from the first group on) or one of `tokens` is drawn: a tool call
     /// starting, where the reply may also be prose.
@@ -722,7 +722,7 @@ pub enum GrammarStart {
         /// Regular expressions, each matched from the output's start.
         patterns: Vec<String>,
         /// Tokens whose drawing starts the grammar.
-        tokens: Vec<TokenId>,
+        tokens: Vec<Token>,
     },
 }
 
@@ -809,7 +809,7 @@ impl SamplingParams {
 
     /// Sets [`SamplingParams::logit_bias`].
     #[must_use]
-    pub fn logit_bias(mut self, logit_bias: impl IntoIterator<Item = (TokenId, f32)>) -> Self {
+    pub fn logit_bias(mut self, logit_bias: impl IntoIterator<Item = (Token, f32)>) -> Self {
         self.logit_bias = logit_bias.into_iter().collect();
         self
     }
@@ -878,7 +878,7 @@ impl SamplingParams {
     /// (llama.cpp's logit-bias stage writes at the token's index unchecked).
     pub fn validate_for(&self, n_vocab: i32) -> Result<(), EngineError> {
         self.validate()?;
-        match self.logit_bias.iter().find(|(t, _)| !(0..n_vocab).contains(t)) {
+        match self.logit_bias.iter().find(|(t, _)| !t.in_vocab(n_vocab)) {
             Some((t, _)) => Err(EngineError::InvalidRequest { field: "logit_bias", value: t.to_string(), reason: "is not a token of this model" }),
             None => Ok(()),
         }
@@ -933,7 +933,7 @@ impl SamplingParams {
 #[derive(Clone, Debug, PartialEq)]
 pub enum SamplerStage {
     /// Biases added to the logits of single tokens.
-    LogitBias(Vec<(TokenId, f32)>),
+    LogitBias(Vec<(Token, f32)>),
     /// Repetition (divides), frequency and presence (subtract) penalties over the last `last_n`
     /// tokens.
     Penalties {
@@ -1011,7 +1011,7 @@ pub enum Prompt {
         options: ChatOptions,
     },
     /// Token ids, decoded as they are.
-    Tokens(Vec<TokenId>),
+    Tokens(Vec<Token>),
 }
 
 impl Prompt {
@@ -1056,7 +1056,7 @@ pub struct GenerateOptions {
     pub post_sampling: bool,
     /// Special tokens written into the text as their text rather than left out: a chat format's
     /// tool-call markers, which its parser reads (set by a chat with tools).
-    pub preserved_tokens: Vec<TokenId>,
+    pub preserved_tokens: Vec<Token>,
     /// Never draw an end-of-generation token: the text ends at `max_tokens`, a stop sequence or
     /// a full context.
     pub ignore_eos: bool,
@@ -1142,7 +1142,7 @@ impl GenerateOptions {
 
     /// Sets [`GenerateOptions::preserved_tokens`].
     #[must_use]
-    pub fn preserved_tokens(mut self, preserved_tokens: impl Into<Vec<TokenId>>) -> Self {
+    pub fn preserved_tokens(mut self, preserved_tokens: impl Into<Vec<Token>>) -> Self {
         self.preserved_tokens = preserved_tokens.into();
         self
     }
@@ -1220,7 +1220,7 @@ impl GenerateRequest {
     }
 
     /// A request for token ids as they are, with the default options.
-    pub fn tokens(tokens: impl Into<Vec<TokenId>>) -> Self {
+    pub fn tokens(tokens: impl Into<Vec<Token>>) -> Self {
         GenerateRequest { prompt: Prompt::Tokens(tokens.into()), options: GenerateOptions::default() }
     }
 
@@ -1373,7 +1373,7 @@ mod tests {
             (SamplingParams { repeat_penalty: 0.0, ..Default::default() }, "repeat_penalty"),
             (SamplingParams { frequency_penalty: 2.5, ..Default::default() }, "frequency_penalty"),
             (SamplingParams { presence_penalty: f32::NAN, ..Default::default() }, "presence_penalty"),
-            (SamplingParams { logit_bias: vec![(5, 101.0)], ..Default::default() }, "logit_bias"),
+            (SamplingParams { logit_bias: vec![(Token(5), 101.0)], ..Default::default() }, "logit_bias"),
             (SamplingParams { grammar: Some(String::new()), ..Default::default() }, "grammar"),
         ] {
             match p.validate() {
@@ -1392,8 +1392,8 @@ mod tests {
         let penalties = Penalties { last_n: 64, repeat: 1.1, frequency: 0.0, presence: 0.0 };
         assert_eq!(p.stages(), vec![penalties, TopK(40), TopP(0.95), MinP(0.05), Temp(0.8), Dist(7)]);
         // Biases come first, then one penalties stage for all three penalties.
-        let p = SamplingParams { logit_bias: vec![(3, -1.0)], presence_penalty: 0.5, ..SamplingParams::greedy() };
-        assert_eq!(p.stages(), vec![LogitBias(vec![(3, -1.0)]), Penalties { last_n: 64, repeat: 1.0, frequency: 0.0, presence: 0.5 }, Greedy]);
+        let p = SamplingParams { logit_bias: vec![(Token(3), -1.0)], presence_penalty: 0.5, ..SamplingParams::greedy() };
+        assert_eq!(p.stages(), vec![LogitBias(vec![(Token(3), -1.0)]), Penalties { last_n: 64, repeat: 1.0, frequency: 0.0, presence: 0.5 }, Greedy]);
         assert_eq!(SamplingParams::greedy().stages(), vec![Greedy]);
         let off = SamplingParams { top_k: 0, top_p: 1.0, min_p: 0.0, ..Default::default() };
         assert_eq!(off.stages(), vec![Temp(0.8), Dist(0)]);
@@ -1454,9 +1454,9 @@ mod tests {
             repeat_last_n: 6,
             frequency_penalty: 0.7,
             presence_penalty: 0.8,
-            logit_bias: vec![(9, 1.0)],
+            logit_bias: vec![(Token(9), 1.0)],
             grammar: Some("root ::= \"x\"".into()),
-            grammar_start: GrammarStart::AfterPrefill(vec![10]),
+            grammar_start: GrammarStart::AfterPrefill(vec![Token(10)]),
             seed: 11,
         };
         let built = SamplingParams::default()
@@ -1468,9 +1468,9 @@ mod tests {
             .repeat_last_n(6)
             .frequency_penalty(0.7)
             .presence_penalty(0.8)
-            .logit_bias(vec![(9, 1.0)])
+            .logit_bias(vec![(Token(9), 1.0)])
             .grammar("root ::= \"x\"")
-            .grammar_start(GrammarStart::AfterPrefill(vec![10]))
+            .grammar_start(GrammarStart::AfterPrefill(vec![Token(10)]))
             .seed(11);
         assert_eq!(built, literal);
     }

@@ -18,7 +18,7 @@ use crate::chat::ChatMessage;
 use crate::config::{GenerateOptions, SamplingParams, SessionConfig, Speculation};
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::token::{TokenId, TokenLogprobs};
+use crate::token::{Token, TokenLogprobs};
 
 /// One benchmark test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,7 +205,7 @@ pub fn e2e_sampling() -> SamplingParams {
 }
 
 /// Deterministic pseudo-random token ids: every variant decodes the same ones.
-fn random_tokens(n: usize, n_vocab: i32, bos: TokenId, seed: u64) -> Vec<TokenId> {
+fn random_tokens(n: usize, n_vocab: i32, bos: Token, seed: u64) -> Vec<Token> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(n);
     out.push(bos);
@@ -213,7 +213,7 @@ fn random_tokens(n: usize, n_vocab: i32, bos: TokenId, seed: u64) -> Vec<TokenId
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        out.push((state % n_vocab as u64) as TokenId);
+        out.push(Token((state % n_vocab as u64) as i32));
     }
     out
 }
@@ -291,8 +291,8 @@ fn end_to_end(engine: &Engine, config: &SessionConfig, test: Test, prompt: &str,
 pub const EQUIVALENCE_PROMPT: &str = "The history of the printing press begins";
 
 /// The greedy token ids of `prompt`: every variant must produce the same ones.
-pub fn greedy_tokens(engine: &Engine, config: &SessionConfig, prompt: &str, n: usize) -> Result<Vec<TokenId>, EngineError> {
-    Ok(greedy_trace(engine, config, prompt, n)?.into_iter().map(|s| s.token).collect())
+pub fn greedy_tokens(engine: &Engine, config: &SessionConfig, prompt: &str, n: usize) -> Result<Vec<Token>, EngineError> {
+    Ok(greedy_trace(engine, config, prompt, n)?.into_iter().map(|s| Token(s.token)).collect())
 }
 
 /// Greedy steps of `prompt` with their margins, for the equivalence check.
@@ -303,7 +303,7 @@ pub fn greedy_trace(engine: &Engine, config: &SessionConfig, prompt: &str, n: us
 /// The greedy steps of `prompt` while `forced` is decoded instead of each step's own choice
 /// (teacher forcing): every step sees the same text as the run that chose `forced`, so two
 /// builds stay comparable past a first near-tie swap, where free runs follow different text.
-pub fn forced_trace(engine: &Engine, config: &SessionConfig, prompt: &str, forced: &[TokenId]) -> Result<Vec<GreedyStep>, EngineError> {
+pub fn forced_trace(engine: &Engine, config: &SessionConfig, prompt: &str, forced: &[Token]) -> Result<Vec<GreedyStep>, EngineError> {
     trace(engine, config, prompt, forced.len(), |i, _| forced[i])
 }
 
@@ -315,8 +315,8 @@ pub fn forced_trace(engine: &Engine, config: &SessionConfig, prompt: &str, force
 pub fn forced_logprobs(
     engine: &Engine,
     config: &SessionConfig,
-    prompt: &[TokenId],
-    forced: &[TokenId],
+    prompt: &[Token],
+    forced: &[Token],
     top: usize,
 ) -> Result<Vec<TokenLogprobs>, EngineError> {
     let model = engine.model();
@@ -346,7 +346,7 @@ fn trace(
     config: &SessionConfig,
     prompt: &str,
     n: usize,
-    next: impl Fn(usize, TokenId) -> TokenId,
+    next: impl Fn(usize, Token) -> Token,
 ) -> Result<Vec<GreedyStep>, EngineError> {
     let model = engine.model();
     let mut session = model.session(config)?;
@@ -363,7 +363,8 @@ fn trace(
     for (i, pos) in (tokens.len() as i32..).take(n).enumerate() {
         let top = top3(session.last_logits()?);
         let t = session.sample_with(&mut greedy, last)?;
-        out.push(GreedyStep::from_top3(t, top));
+        // The bench protocol carries bare ids.
+        out.push(GreedyStep::from_top3(t.0, top.map(|(t, x)| (t.0, x))));
         session.decode(&[next(i, t)], pos, Outputs::Last)?;
         last = 0;
     }
@@ -371,12 +372,12 @@ fn trace(
 }
 
 /// The three best tokens with their logits, best first.
-fn top3(logits: &[f32]) -> [(TokenId, f32); 3] {
-    let mut best = [(0 as TokenId, f32::NEG_INFINITY); 3];
+fn top3(logits: &[f32]) -> [(Token, f32); 3] {
+    let mut best = [(Token(0), f32::NEG_INFINITY); 3];
     for (i, &x) in logits.iter().enumerate() {
         if let Some(slot) = best.iter().position(|&(_, y)| x > y) {
             best.copy_within(slot..2, slot + 1);
-            best[slot] = (i as TokenId, x);
+            best[slot] = (Token(i as i32), x);
         }
     }
     best
@@ -388,9 +389,9 @@ mod tests {
 
     #[test]
     fn the_top_three_come_best_first() {
-        assert_eq!(top3(&[0.5, 3.0, 2.25, -1.0]), [(1, 3.0), (2, 2.25), (0, 0.5)]);
-        assert_eq!(top3(&[1.0, 1.0, 1.0, 4.0]), [(3, 4.0), (0, 1.0), (1, 1.0)], "ties keep the first");
-        assert_eq!(top3(&[-1.0, 2.0, 5.0]), [(2, 5.0), (1, 2.0), (0, -1.0)]);
+        assert_eq!(top3(&[0.5, 3.0, 2.25, -1.0]), [(Token(1), 3.0), (Token(2), 2.25), (Token(0), 0.5)]);
+        assert_eq!(top3(&[1.0, 1.0, 1.0, 4.0]), [(Token(3), 4.0), (Token(0), 1.0), (Token(1), 1.0)], "ties keep the first");
+        assert_eq!(top3(&[-1.0, 2.0, 5.0]), [(Token(2), 5.0), (Token(1), 2.0), (Token(0), -1.0)]);
     }
 
     #[test]
@@ -407,10 +408,10 @@ mod tests {
 
     #[test]
     fn random_tokens_are_deterministic_in_range_and_start_with_bos() {
-        let a = random_tokens(100, 1000, 2, 1);
-        assert_eq!(a, random_tokens(100, 1000, 2, 1));
-        assert_ne!(a, random_tokens(100, 1000, 2, 2));
-        assert_eq!(a[0], 2);
-        assert!(a.iter().all(|t| (0..1000).contains(t)));
+        let a = random_tokens(100, 1000, Token(2), 1);
+        assert_eq!(a, random_tokens(100, 1000, Token(2), 1));
+        assert_ne!(a, random_tokens(100, 1000, Token(2), 2));
+        assert_eq!(a[0], Token(2));
+        assert!(a.iter().all(|t| (0..1000).contains(&t.0)));
     }
 }

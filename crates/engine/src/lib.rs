@@ -37,6 +37,7 @@ mod error;
 pub mod harness;
 #[cfg(feature = "server")]
 pub mod http;
+mod info;
 pub mod json_grammar;
 pub mod outcome;
 mod scheduler;
@@ -55,10 +56,11 @@ pub use config::{
 };
 pub use engine::{Engine, Generation, Session, SessionState, TokenizeOptions, set_llama_log_level};
 pub use error::{Cause, DecodeFailure, EngineError, Result, SlotFileAction};
+pub use info::{BuildInfo, ModelInfo};
 pub use outcome::{Completion, FinishReason, GenerationStats, SlotAction, SlotActionDone};
 pub use serving::OwnedSession;
 pub use templates::ReplyParser;
-pub use token::{FimTokens, TokenId, TokenLogprobs};
+pub use token::{FimTokens, Token, TokenLogprobs};
 // One UTF-8 stream decoder for the whole workspace, from a crate of its own: the `crate`
 // backend must not link llama-sys, so it cannot come through `llama`.
 pub use exsa_utf8::Utf8Decoder;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::token::{TokenId, TokenLogprobs};
+use crate::token::{Token, TokenLogprobs};
 
 /// Why a generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -77,7 +77,7 @@ pub struct Completion {
     /// What it measured.
     pub stats: GenerationStats,
     /// The generated tokens (an end-of-generation token is not listed).
-    pub tokens: Vec<TokenId>,
+    pub tokens: Vec<Token>,
     /// With log-probabilities asked for: one entry per drawn token (the end-of-generation token
     /// included).
     pub logprobs: Vec<TokenLogprobs>,

@@ -15,7 +15,7 @@
 //! sampled request, though drawn from the same distribution, may part from its plain twin
 //! wherever a draw lands near a boundary.
 
-use crate::token::TokenId;
+use crate::token::Token;
 
 /// The longest n-gram looked up; shorter ones are tried when it has no earlier occurrence.
 const MAX_NGRAM: usize = 4;
@@ -25,7 +25,7 @@ const MIN_NGRAM: usize = 2;
 /// Appends to `out` up to `max_len` tokens that followed the most recent earlier occurrence of
 /// the longest suffix of `history` (from [`MAX_NGRAM`] down to [`MIN_NGRAM`] tokens) that has
 /// one. Nothing when no suffix recurs.
-pub(crate) fn draft(history: &[TokenId], max_len: usize, out: &mut Vec<TokenId>) {
+pub(crate) fn draft(history: &[Token], max_len: usize, out: &mut Vec<Token>) {
     if max_len == 0 {
         return;
     }
@@ -72,10 +72,12 @@ impl DraftLength {
 mod tests {
     use super::*;
 
-    fn drafted(history: &[TokenId], max_len: usize) -> Vec<TokenId> {
+    /// The ids drafted after the ids of `history`.
+    fn drafted(history: &[i32], max_len: usize) -> Vec<i32> {
+        let history: Vec<Token> = history.iter().copied().map(Token).collect();
         let mut out = Vec::new();
-        draft(history, max_len, &mut out);
-        out
+        draft(&history, max_len, &mut out);
+        out.into_iter().map(|t| t.0).collect()
     }
 
     #[test]

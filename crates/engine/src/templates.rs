@@ -14,6 +14,7 @@ use crate::config::GrammarStart;
 use crate::error::EngineError;
 #[cfg(all(feature = "source", feature = "jinja"))]
 use crate::error::cause;
+use crate::token::Token;
 
 /// A chat rendered for generation.
 #[derive(Debug)]
@@ -40,7 +41,7 @@ pub(crate) enum GrammarText {
     Lazy {
         patterns: Vec<String>,
         words: Vec<String>,
-        tokens: Vec<i32>,
+        tokens: Vec<Token>,
     },
 }
 
@@ -50,9 +51,9 @@ impl GrammarText {
     /// `tokenize` reads special-token text, without BOS; `piece` is a token's text.
     pub(crate) fn to_start(
         &self,
-        tokenize: impl Fn(&str) -> Result<Vec<i32>, EngineError>,
-        piece: impl Fn(i32) -> Result<String, EngineError>,
-        preserved: &[i32],
+        tokenize: impl Fn(&str) -> Result<Vec<Token>, EngineError>,
+        piece: impl Fn(Token) -> Result<String, EngineError>,
+        preserved: &[Token],
     ) -> Result<GrammarStart, EngineError> {
         Ok(match self {
             GrammarText::Immediately => GrammarStart::Immediately,
@@ -131,7 +132,7 @@ impl JinjaTemplates {
                         TriggerKind::Word => words.push(trigger.value.clone()),
                         TriggerKind::Pattern => patterns.push(trigger.value.clone()),
                         TriggerKind::PatternFull => patterns.push(anchored(&trigger.value)),
-                        TriggerKind::Token => tokens.push(trigger.token),
+                        TriggerKind::Token => tokens.push(Token(trigger.token)),
                     }
                 }
                 GrammarText::Lazy { patterns, words, tokens }
@@ -345,20 +346,20 @@ mod tests {
     #[test]
     fn trigger_words_that_are_one_preserved_token_trigger_on_it() {
         let start = GrammarText::Lazy { patterns: vec!["x".into()], words: vec!["<tc>".into(), "[T]".into()], tokens: vec![] };
-        let tokenize = |w: &str| Ok(if w == "<tc>" { vec![7] } else { vec![1, 2] });
+        let tokenize = |w: &str| Ok(if w == "<tc>" { vec![Token(7)] } else { vec![Token(1), Token(2)] });
         let piece = |_| Ok(String::new());
         assert_eq!(
-            start.to_start(tokenize, piece, &[7]).unwrap(),
-            GrammarStart::Lazy { patterns: vec!["x".into(), "\\[T\\]".into()], tokens: vec![7] }
+            start.to_start(tokenize, piece, &[Token(7)]).unwrap(),
+            GrammarStart::Lazy { patterns: vec!["x".into(), "\\[T\\]".into()], tokens: vec![Token(7)] }
         );
         // Not preserved: the word stays a pattern.
         let start = GrammarText::Lazy { patterns: vec![], words: vec!["<tc>".into()], tokens: vec![] };
         assert_eq!(start.to_start(tokenize, piece, &[]).unwrap(), GrammarStart::Lazy { patterns: vec!["<tc>".into()], tokens: vec![] });
         // A prefill loses a space token its tokenizer put in front.
         let prefill = GrammarText::AfterPrefill("<tc>".into());
-        let spaced = |t: i32| Ok(if t == 1 { " ".to_string() } else { "x".to_string() });
-        assert_eq!(prefill.to_start(tokenize, spaced, &[]).unwrap(), GrammarStart::AfterPrefill(vec![7]));
+        let spaced = |t: Token| Ok(if t == Token(1) { " ".to_string() } else { "x".to_string() });
+        assert_eq!(prefill.to_start(tokenize, spaced, &[]).unwrap(), GrammarStart::AfterPrefill(vec![Token(7)]));
         let prefill = GrammarText::AfterPrefill("[T]".into());
-        assert_eq!(prefill.to_start(tokenize, spaced, &[]).unwrap(), GrammarStart::AfterPrefill(vec![2]));
+        assert_eq!(prefill.to_start(tokenize, spaced, &[]).unwrap(), GrammarStart::AfterPrefill(vec![Token(2)]));
     }
 }

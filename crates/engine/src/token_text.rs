@@ -6,7 +6,7 @@ use crate::backend::BackendModel;
 use crate::error::EngineError;
 use crate::outcome::FinishReason;
 use crate::stop::{StopMatcher, StopScan, TOKEN_TEXT_CAPACITY};
-use crate::token::TokenId;
+use crate::token::Token;
 use exsa_utf8::Utf8Decoder;
 
 /// The text state of one generation. Its buffers keep their allocations across tokens.
@@ -19,11 +19,11 @@ pub(crate) struct TokenText {
     /// The complete characters those bytes finished.
     decoded: String,
     /// Special tokens written as their text.
-    preserved: Vec<TokenId>,
+    preserved: Vec<Token>,
 }
 
 impl TokenText {
-    pub(crate) fn new(stop: &[String], preserved: Vec<TokenId>) -> Self {
+    pub(crate) fn new(stop: &[String], preserved: Vec<Token>) -> Self {
         TokenText {
             stop: StopMatcher::new(stop),
             utf8: Utf8Decoder::new(),
@@ -35,7 +35,7 @@ impl TokenText {
 
     /// Appends to `delta` the text `token` completes, holding back what may begin a stop
     /// sequence. True when a stop sequence has ended the text (the stop text is not emitted).
-    pub(crate) fn push(&mut self, model: &impl BackendModel, token: TokenId, delta: &mut String) -> Result<bool, EngineError> {
+    pub(crate) fn push(&mut self, model: &impl BackendModel, token: Token, delta: &mut String) -> Result<bool, EngineError> {
         self.piece.clear();
         model.piece(token, self.preserved.contains(&token), &mut self.piece)?;
         self.decoded.clear();

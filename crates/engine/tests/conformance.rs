@@ -49,7 +49,7 @@ fn greedy_tokens_match_the_reference_on_every_backend() {
         let Some(first) = want.iter().zip(have).position(|(w, h)| w.token != h.token) else { continue };
         // Past a first difference the free run follows other text: decode the reference's own
         // tokens instead and compare every step, each held to the near-tie rule.
-        let forced: Vec<i32> = want.iter().map(|s| s.token).collect();
+        let forced: Vec<Token> = want.iter().map(|s| Token(s.token)).collect();
         let steps = harness::forced_trace(engine(), &config, prompt, &forced).unwrap();
         assert_eq!(steps[..first], have[..first], "teacher forcing changes nothing before the first difference");
         let mut swaps = 0;

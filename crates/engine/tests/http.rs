@@ -85,7 +85,7 @@ fn chat_and_completions_stream_and_not_as_the_engine_generates() {
 /// One generated token as the server lists it: its id and log-probability.
 #[derive(Debug)]
 struct Step {
-    id: i32,
+    id: Token,
     logprob: f32,
 }
 
@@ -105,7 +105,7 @@ fn chat_with_logprobs_and(server: &Server, prompt: &str, max_tokens: u32, extra:
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| Step { id: t["id"].as_i64().unwrap() as i32, logprob: t["logprob"].as_f64().unwrap() as f32 })
+        .map(|t| Step { id: Token(t["id"].as_i64().unwrap() as i32), logprob: t["logprob"].as_f64().unwrap() as f32 })
         .collect();
     (text, steps)
 }
@@ -126,7 +126,7 @@ impl Reference {
     /// Every step of a server's greedy chat reply against a solo decode forced through the same
     /// tokens (see `equivalence`).
     fn check(&self, prompt: &str, steps: &[Step], what: &str) -> equivalence::Checked {
-        let tokens: Vec<i32> = steps.iter().map(|s| s.id).collect();
+        let tokens: Vec<Token> = steps.iter().map(|s| s.id).collect();
         let logprobs: Vec<exsa_engine::serving::TokenLogprobs> =
             steps.iter().zip(&tokens).map(|(s, &token)| exsa_engine::serving::TokenLogprobs { token, logprob: s.logprob, top: Vec::new() }).collect();
         let prompt = self.engine.chat_tokens(&[ChatMessage::new("user", prompt)], false).unwrap();
@@ -228,7 +228,7 @@ fn embeddings_tokenize_detokenize_and_latency_metrics() {
     let ids: Vec<i64> = tokens["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
     // llama-server's defaults: no BOS, control-token text parsed.
     let plain = exsa_engine::TokenizeOptions::default().add_special(false).parse_special(true);
-    assert_eq!(ids, engine.tokenize_with("Hello there", plain).unwrap().iter().map(|&t| i64::from(t)).collect::<Vec<_>>());
+    assert_eq!(ids, engine.tokenize("Hello there", plain).unwrap().iter().map(|&t| i64::from(t.0)).collect::<Vec<_>>());
     let with_bos: Value =
         http.post(server.url("/tokenize")).json(&json!({ "content": "Hello there", "add_special": true })).send().unwrap().json().unwrap();
     let with_bos: Vec<i64> = with_bos["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
@@ -584,7 +584,7 @@ fn streams_carry_the_tokens_and_logprobs_of_the_whole_response() {
     for e in events.iter().filter(|e| *e != "[DONE]") {
         let v: Value = serde_json::from_str(e).unwrap();
         if let Some(content) = v["choices"].get(0).and_then(|c| c["logprobs"]["content"].as_array()) {
-            ids.extend(content.iter().map(|t| t["id"].as_i64().unwrap() as i32));
+            ids.extend(content.iter().map(|t| Token(t["id"].as_i64().unwrap() as i32)));
         }
     }
     assert_eq!(streamed_text(&events).0, whole_text);

@@ -45,7 +45,7 @@ fn greedy() -> GenerateRequest {
 }
 
 /// The greedy tokens of a fresh session with `session`'s parameters.
-fn tokens_with(engine: &Engine, session: &SessionConfig) -> Vec<TokenId> {
+fn tokens_with(engine: &Engine, session: &SessionConfig) -> Vec<Token> {
     let mut session = engine.session_with(session).unwrap();
     let mut generation = session.generate(&greedy()).unwrap();
     while let Some(delta) = generation.next_text() {
@@ -54,7 +54,7 @@ fn tokens_with(engine: &Engine, session: &SessionConfig) -> Vec<TokenId> {
     generation.tokens().to_vec()
 }
 
-fn tokens(engine: &Engine) -> Vec<TokenId> {
+fn tokens(engine: &Engine) -> Vec<Token> {
     tokens_with(engine, engine.session_config())
 }
 
@@ -63,7 +63,7 @@ fn scales(engine: &Engine, scales: &[f32]) -> SessionConfig {
 }
 
 /// The greedy tokens of an owned session and of a serving core (two slots) of `engine`.
-fn owned_and_served(engine: Engine) -> (Vec<TokenId>, Vec<TokenId>) {
+fn owned_and_served(engine: Engine) -> (Vec<Token>, Vec<Token>) {
     let engine = Arc::new(engine);
     let (_, owned) = engine.owned_session().unwrap().generate_text(&greedy()).unwrap();
     let core = ServingCore::start(Arc::clone(&engine), ServingConfig::new(&engine, 2)).unwrap();

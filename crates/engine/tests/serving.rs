@@ -64,10 +64,10 @@ fn concurrent_requests_give_what_each_gives_alone() {
 
 /// Every step of a served greedy request against a solo decode forced through its tokens (see
 /// `equivalence`). The request must have asked for log-probabilities.
-fn check_served(engine: &Engine, prompt: &str, completion: &Completion, banned: &[i32]) -> equivalence::Checked {
-    let tokens = engine.tokenize(prompt, false).unwrap();
+fn check_served(engine: &Engine, prompt: &str, completion: &Completion, banned: &[Token]) -> equivalence::Checked {
+    let tokens = engine.tokenize(prompt, TokenizeOptions::default()).unwrap();
     // The log-probabilities include the end-of-generation step, which the tokens leave out.
-    let drawn: Vec<i32> = completion.logprobs.iter().map(|e| e.token).collect();
+    let drawn: Vec<Token> = completion.logprobs.iter().map(|e| e.token).collect();
     assert!(drawn.starts_with(&completion.tokens) && drawn.len() <= completion.tokens.len() + 1, "{prompt:?}: {completion:?}");
     equivalence::check(engine, &tokens, &drawn, Some(&completion.logprobs), banned, prompt)
 }
@@ -97,7 +97,7 @@ fn requests_admitted_mid_flight_and_reusing_prefixes_match_solo_runs() {
     for r in warm {
         collect(r).unwrap();
     }
-    let prefix_tokens = engine.tokenize(PREFIX, false).unwrap().len();
+    let prefix_tokens = engine.tokenize(PREFIX, TokenizeOptions::default()).unwrap().len();
     // Two requests reuse those slots' prefixes while a third, unrelated, decodes beside them; a
     // fourth and a fifth are admitted once the batch runs, one of them sharing the prefix.
     let first_wave = [prompt("What is fog?"), prompt("What is hail?"), PROMPTS[4].to_string()];
@@ -224,7 +224,7 @@ fn a_shared_prefix_is_copied_from_another_slot_and_gives_what_a_fresh_decode_giv
         in_slot(&first, 0, 4);
         // Slot 1 is empty: what it reuses, it takes from slot 0.
         let completion = in_slot(&second, 1, 24);
-        let (a, b) = (engine.tokenize(&first, false).unwrap(), engine.tokenize(&second, false).unwrap());
+        let (a, b) = (engine.tokenize(&first, TokenizeOptions::default()).unwrap(), engine.tokenize(&second, TokenizeOptions::default()).unwrap());
         let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
         let status = core.status();
         if copies {
@@ -256,7 +256,7 @@ fn a_next_turn_on_recurrent_memory_returns_to_the_last_prompts_checkpoint() {
         let eog = engine.end_of_generation_tokens();
         let first = "User: Which tent suits a rainy week in the hills?\nAssistant:";
         let next = format!("{first} A tunnel tent with a full fly.\nUser: And which stove?\nAssistant:");
-        let (a, b) = (engine.tokenize(first, false).unwrap(), engine.tokenize(&next, false).unwrap());
+        let (a, b) = (engine.tokenize(first, TokenizeOptions::default()).unwrap(), engine.tokenize(&next, TokenizeOptions::default()).unwrap());
         assert!(b.starts_with(&a), "{name}: the next turn's tokens extend the first's");
         // The `crate` and `raw` backends keep none, whatever the setting.
         let kept = |checkpoints: u32| checkpoints > 0 && Engine::backend_name() == "source";
@@ -500,7 +500,7 @@ fn an_event_stream_gives_the_events_and_cancels_its_request_when_dropped_early()
             std::thread::sleep(Duration::from_millis(10));
         }
         let decoded = owned.status().prompt_tokens_decoded - before.prompt_tokens_decoded;
-        let prompt_tokens = engine.tokenize(&long, false).unwrap().len() as u64;
+        let prompt_tokens = engine.tokenize(&long, TokenizeOptions::default()).unwrap().len() as u64;
         assert!(prompt_tokens > 3 * 256, "{prompt_tokens} tokens: several chunks of n_batch 256");
         assert!(decoded < prompt_tokens, "the whole prompt ({decoded} of {prompt_tokens} tokens) was decoded after its stream was dropped");
         assert_eq!(owned.status().generated_tokens, before.generated_tokens, "the dropped stream's request generated");

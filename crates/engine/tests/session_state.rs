@@ -92,7 +92,7 @@ fn damaged_or_foreign_states_are_refused_and_leave_the_cache_empty() {
     // A token list that does not match the state's positions.
     let mut short = b"exsa\0st1".to_vec();
     short.extend_from_slice(&1u64.to_le_bytes());
-    short.extend_from_slice(&saved.tokens()[0].to_le_bytes());
+    short.extend_from_slice(&saved.tokens()[0].0.to_le_bytes());
     short.extend_from_slice(state);
     let e = other.restore_state(&SessionState::from_bytes(&short).unwrap()).unwrap_err();
     assert!(e.to_string().contains("positions"), "{e}");

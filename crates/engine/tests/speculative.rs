@@ -27,7 +27,7 @@ fn request(prompt: &str, max_tokens: usize, speculation: Speculation) -> Generat
 }
 
 /// A single-stream generation's text, tokens and stats.
-fn generate(session: &mut Session<'_>, request: &GenerateRequest) -> (String, Vec<i32>, GenerationStats) {
+fn generate(session: &mut Session<'_>, request: &GenerateRequest) -> (String, Vec<Token>, GenerationStats) {
     let mut generation = session.generate(request).unwrap();
     let mut text = String::new();
     while let Some(delta) = generation.next_text() {
@@ -54,7 +54,7 @@ fn greedy_output_is_unchanged_and_quoted_text_is_drafted() {
     for (prompt, n) in prompts.into_iter().map(|p| (p, 64)) {
         let (_, tokens, stats) = generate(&mut session, &request(prompt, n, Speculation::Ngram { max_draft: 8 }));
         // Every step, also past a first near tie, against a plain decode forced through the same tokens.
-        checked.push(equivalence::check(&engine, &engine.tokenize(prompt, false).unwrap(), &tokens, None, &[], prompt));
+        checked.push(equivalence::check(&engine, &engine.tokenize(prompt, TokenizeOptions::default()).unwrap(), &tokens, None, &[], prompt));
         assert!(stats.accepted_tokens <= stats.drafted_tokens, "{stats:?}");
         assert!(stats.generation_decodes <= stats.completion_tokens, "{stats:?}");
         if prompt == REWRITE {
@@ -158,7 +158,7 @@ const POSITIONS: usize = 4;
 
 /// One sampled configuration's draws: for each seed, the reply's first [`POSITIONS`] tokens and
 /// its stats, plain or speculating.
-type Draws = Vec<(Vec<i32>, GenerationStats)>;
+type Draws = Vec<(Vec<Token>, GenerationStats)>;
 
 /// Over many seeds, the tokens at each drafted position follow the same distribution with
 /// speculation as without. The plain runs and the speculative runs use disjoint seeds, so this
@@ -167,7 +167,7 @@ type Draws = Vec<(Vec<i32>, GenerationStats)>;
 /// requests.
 fn check_distribution(what: &str, runs: u32, mut draw: impl FnMut(&[u32], bool) -> Draws) {
     // Per position, counts per token (keyed by id), for plain and speculative runs.
-    let mut counts: Vec<std::collections::BTreeMap<i32, [u32; 2]>> = vec![Default::default(); POSITIONS];
+    let mut counts: Vec<std::collections::BTreeMap<Token, [u32; 2]>> = vec![Default::default(); POSITIONS];
     let (mut drafted, mut accepted) = (0, 0);
     for arm in 0..2 {
         let seeds: Vec<u32> = (0..runs).map(|run| 1 + run + arm as u32 * runs).collect();
@@ -203,7 +203,7 @@ fn three_way(seed: u32) -> SamplingParams {
 /// tokens), a logit bias, and (backend source) a grammar, whose state must advance by the drawn
 /// tokens only, never by a rejected draft.
 fn three_way_with_everything(engine: &Engine, seed: u32) -> SamplingParams {
-    let word = |w: &str| engine.tokenize_with(w, TokenizeOptions::default().add_special(false)).unwrap()[0];
+    let word = |w: &str| engine.tokenize(w, TokenizeOptions::default().add_special(false)).unwrap()[0];
     let grammar = (Engine::backend_name() == "source").then(|| r#"root ::= ("," | " red" | " green" | " blue" | " yellow" | " and")+"#.to_string());
     let mut params = three_way(seed)
         .repeat_penalty(1.3)
@@ -296,7 +296,7 @@ fn same_seed_speculative_and_plain_draws_differ_only_at_rounding() {
     let mut session = engine.session().unwrap();
     const RUNS: u32 = 100;
     let (mut positions, mut differing, mut accepted) = (0, Vec::new(), 0);
-    let prompt = engine.tokenize(REPEATING, false).unwrap();
+    let prompt = engine.tokenize(REPEATING, TokenizeOptions::default()).unwrap();
     for seed in 1..=RUNS {
         let speculating = GenerateRequest::new(REPEATING).max_tokens(12).sampling(three_way(seed)).speculation(Speculation::Ngram { max_draft: 4 });
         let (_, tokens, stats) = generate(&mut session, &speculating);
@@ -329,7 +329,7 @@ fn a_draft_model_drafts_for_a_model_with_its_vocabulary() {
     let engine = Engine::load(config).expect("a model drafts for itself");
     let mut session = engine.session().unwrap();
     let (_, tokens, stats) = generate(&mut session, &request(FREE, 40, Speculation::Draft { max_draft: 6 }));
-    equivalence::check(&engine, &engine.tokenize(FREE, false).unwrap(), &tokens, None, &[], "drafted by a model");
+    equivalence::check(&engine, &engine.tokenize(FREE, TokenizeOptions::default()).unwrap(), &tokens, None, &[], "drafted by a model");
     assert!(stats.drafted_tokens >= 20 && stats.accepted_tokens * 10 >= stats.drafted_tokens * 8, "{stats:?}");
     assert!(stats.generation_decodes * 2 < stats.completion_tokens, "{stats:?}");
     // Sampled: the draft model's argmax is kept only where the sampler draws it.

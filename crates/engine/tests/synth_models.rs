@@ -64,7 +64,7 @@ fn prefix_reuse_and_rewinds_give_what_a_fresh_session_gives() {
         let mut session = engine.session().unwrap();
         let (_, a) = session.generate_text(&greedy(first, 6)).unwrap();
         assert_eq!(a.prompt_tokens_reused, 0);
-        let tokens = |p: &str| engine.tokenize(p, false).unwrap();
+        let tokens = |p: &str| engine.tokenize(p, TokenizeOptions::default()).unwrap();
         let mut earlier = vec![tokens(first)];
         let mut from_checkpoints = 0;
         for prompt in [longer.as_str(), longer.as_str(), sibling, first] {
@@ -77,7 +77,7 @@ fn prefix_reuse_and_rewinds_give_what_a_fresh_session_gives() {
                 // prompt lacks): only a checkpoint taken just before the end of an earlier prompt
                 // that this one extends that far can be returned to.
                 let reused = stats.prompt_tokens_reused;
-                let at = |e: &Vec<i32>| e.len().saturating_sub(exsa_engine::serving::ServingConfig::CHECKPOINT_BEFORE_END);
+                let at = |e: &Vec<Token>| e.len().saturating_sub(exsa_engine::serving::ServingConfig::CHECKPOINT_BEFORE_END);
                 let checkpointed = earlier.iter().any(|e| at(e) == reused && now.starts_with(&e[..at(e)]));
                 assert!(reused == 0 || checkpointed, "{name}: {prompt:?} reused {reused}");
                 from_checkpoints += reused;
@@ -170,7 +170,7 @@ fn speculation_matches_plain(name: &str, snapshots: u32) {
     let engine = std::sync::Arc::new(engine_with(name, |session| session.recurrent_snapshots = snapshots));
     // Random weights seldom repeat themselves: a bias confines the output to the prompt's
     // four words, so that it recurs (drafts) without being periodic (some drafts fail).
-    let words = engine.tokenize_with(" one two three four", TokenizeOptions::default().add_special(false)).unwrap();
+    let words = engine.tokenize(" one two three four", TokenizeOptions::default().add_special(false)).unwrap();
     let sampling = SamplingParams::greedy().logit_bias(words.iter().map(|&t| (t, 50.0)));
     let plain = greedy(PROMPT, 48).sampling(sampling);
     let (want, _) = engine.generate(&plain).unwrap();

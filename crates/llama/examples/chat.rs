@@ -7,7 +7,10 @@
 
 use std::io::{BufRead, Write};
 
-use llama::{Batch, ChatEnding, ChatMessage, Context, ContextParams, Model, ModelParams, SamplerChain, Token, TokenizeOptions, Utf8Decoder};
+use llama::{
+    Batch, ChatEnding, ChatMessage, Context, ContextParams, Model, ModelParams, Penalties, SamplerChain, SpecialTokens, Token, TokenizeOptions,
+    Utf8Decoder,
+};
 
 fn flag(args: &mut Vec<String>, name: &str) -> Option<String> {
     let i = args.iter().position(|a| a == name)?;
@@ -25,7 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let template = model.chat_template(None).unwrap_or(fallback);
     let mut ctx = Context::new(&model, &ContextParams::default().n_ctx(4096))?;
     let vocab = model.vocab();
-    let mut sampler = SamplerChain::new().penalties(64, 1.15, 0.0, 0.0).top_k(40).top_p(0.95, 1).temp(0.7).dist(1234).build(&model)?;
+    let mut sampler = SamplerChain::new().penalties(Penalties::default().repeat(1.15)).top_k(40).top_p(0.95, 1).temp(0.7).dist(1234).build(&model)?;
 
     let mut history: Vec<ChatMessage> = Vec::new();
     let mut cached: Vec<Token> = Vec::new();
@@ -59,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 break;
             }
             piece.clear();
-            vocab.piece_into(token, false, &mut piece)?;
+            vocab.piece_into(token, SpecialTokens::Omit, &mut piece)?;
             let before = reply.len();
             utf8.push(&piece, &mut reply);
             print!("{}", &reply[before..]);

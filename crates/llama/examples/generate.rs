@@ -6,7 +6,7 @@
 
 use std::io::Write;
 
-use llama::{Batch, Context, ContextParams, Model, ModelParams, SamplerChain, TokenizeOptions, Utf8Decoder};
+use llama::{Batch, Context, ContextParams, Model, ModelParams, SamplerChain, SpecialTokens, TokenizeOptions, Utf8Decoder};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
@@ -45,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             break;
         }
         piece.clear();
-        vocab.piece_into(token, false, &mut piece)?;
+        vocab.piece_into(token, SpecialTokens::Omit, &mut piece)?;
         text.clear();
         utf8.push(&piece, &mut text);
         write!(out, "{text}")?;

@@ -5,15 +5,15 @@
 
 use std::path::PathBuf;
 
-use llama::QuantType;
+use llama::{QuantType, QuantizeOptions, Requantize};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (flags, args): (Vec<_>, Vec<_>) = std::env::args_os().skip(1).partition(|a| a.to_string_lossy().starts_with("--"));
     let usage = "usage: quantize IN OUT [f16|q8_0|q6_k|q5_k_m|q4_k_m|q4_0] [--allow-requantize]";
-    let mut allow_requantize = false;
+    let mut requantize = Requantize::Refuse;
     for flag in &flags {
         match flag.to_str() {
-            Some("--allow-requantize") => allow_requantize = true,
+            Some("--allow-requantize") => requantize = Requantize::Allow,
             _ => return Err(format!("unknown option {flag:?}; {usage}").into()),
         }
     }
@@ -29,8 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("q4_0") => QuantType::Q4_0,
         Some(other) => return Err(format!("unknown type {other:?}; {usage}").into()),
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
-    llama::quantize(&input, &output, ty, threads, allow_requantize)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    llama::quantize(&input, &output, &QuantizeOptions::new(ty).threads(threads).requantize(requantize))?;
     println!("{}", output.display());
     Ok(())
 }

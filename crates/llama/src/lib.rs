@@ -12,7 +12,7 @@
 //! The load → tokenize → decode → sample loop (on the default model, `cargo xtask fetch-model`):
 //!
 //! ```
-//! use llama::{Batch, Context, ContextParams, Model, ModelParams, SamplerChain, TokenizeOptions, Utf8Decoder};
+//! use llama::{Batch, Context, ContextParams, Model, ModelParams, SamplerChain, SpecialTokens, TokenizeOptions, Utf8Decoder};
 //!
 //! # fn main() -> llama::Result<()> {
 //! let model = Model::load(std::env::var("EXSA_MODEL").unwrap(), &ModelParams::default())?;
@@ -31,7 +31,7 @@
 //!         break;
 //!     }
 //!     piece.clear();
-//!     vocab.piece_into(token, false, &mut piece)?;
+//!     vocab.piece_into(token, SpecialTokens::Omit, &mut piece)?;
 //!     utf8.push(&piece, &mut text);
 //!     batch.clear();
 //!     batch.add_output(token, pos, 0)?;
@@ -72,7 +72,7 @@ pub use backend::modules as backend_modules;
 pub use backend::{LogLevel, init, set_log_level};
 pub use batch::{Batch, BatchEntry, Pos, SeqId};
 pub use chat::{ChatEnding, ChatMessage, apply_template, builtin_templates};
-pub use context::{Context, ContextParams, FlashAttention, KvType, PerfCounters, Pooling, RecurrentCheckpoint};
+pub use context::{Context, ContextParams, FlashAttention, KvType, MemoryData, PerfCounters, Pooling, RecurrentCheckpoint};
 pub use error::{
     BatchError, ChatError, ContextError, CppException, DecodeError, Error, LlamaMessages, LoadError, LoadErrorKind, LoraError, OutputError,
     QuantizeError, Result, SamplerError, StateError, TokenizeError,
@@ -81,11 +81,11 @@ pub use exsa_utf8::Utf8Decoder;
 pub use gguf::{GgufSummary, check as check_gguf};
 pub use lora::LoraAdapter;
 pub use model::{Model, ModelParams, SplitMode};
-pub use quantize::{QuantType, quantize};
-pub use sampler::{GrammarTriggers, SampledFrom, Sampler, SamplerChain};
+pub use quantize::{QuantType, QuantizeOptions, Requantize, quantize};
+pub use sampler::{Dry, GrammarTriggers, Penalties, PenaltyWindow, SampledFrom, Sampler, SamplerChain};
 pub use system::{Capabilities, Device, DeviceKind, capabilities, devices, system_info};
 pub use token::Token;
-pub use vocab::{AddedSpecials, DetokenizeOptions, FimToken, TokenizeOptions, Vocab};
+pub use vocab::{AddedSpecials, DetokenizeOptions, FimToken, SpecialTokens, TokenizeOptions, Vocab};
 
 /// What exactly was compiled: see [`llama_sys::BuildInfo`].
 pub fn build_info() -> &'static llama_sys::BuildInfo {

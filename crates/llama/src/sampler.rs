@@ -41,16 +41,16 @@ enum Stage {
         seed: u32,
     },
     Penalties {
-        last_n: i32,
+        window: PenaltyWindow,
         repeat: f32,
-        freq: f32,
-        present: f32,
+        frequency: f32,
+        presence: f32,
     },
     Dry {
         multiplier: f32,
         base: f32,
-        allowed_length: i32,
-        last_n: i32,
+        allowed_length: u32,
+        window: PenaltyWindow,
         breakers: Vec<String>,
     },
     Mirostat {
@@ -138,6 +138,181 @@ pub struct GrammarTriggers {
     pub tokens: Vec<Token>,
 }
 
+/// The tokens a penalty stage looks at ([`Penalties::window`], [`Dry::window`]): llama.cpp's
+/// `last_n`. The tokens are those the chain accepted: sampled, or fed to [`Sampler::accept`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PenaltyWindow {
+    /// No token: the stage does nothing (llama.cpp's 0).
+    Off,
+    /// The last `n` tokens (`Last(0)` is `Off`). At most `i32::MAX`: a larger window fails
+    /// [`SamplerChain::build`] with [`SamplerError::InvalidParam`]. llama.cpp keeps a buffer of
+    /// `n` tokens for it.
+    Last(u32),
+    /// The whole context: as many tokens as the model's training context, the most any context
+    /// of it holds (llama.cpp's -1, counted as llama.cpp's own tools count it; its samplers take
+    /// -1 itself as 0, off).
+    WholeContext,
+}
+
+impl PenaltyWindow {
+    /// From llama.cpp's `last_n`: 0 is [`Off`](Self::Off), -1
+    /// [`WholeContext`](Self::WholeContext), `n > 0` [`Last(n)`](Self::Last); None below -1.
+    pub fn from_last_n(last_n: i32) -> Option<Self> {
+        match last_n {
+            0 => Some(PenaltyWindow::Off),
+            -1 => Some(PenaltyWindow::WholeContext),
+            n => u32::try_from(n).ok().map(PenaltyWindow::Last),
+        }
+    }
+
+    /// Whether llama.cpp can take the window (an `i32` count).
+    fn fits(self) -> bool {
+        !matches!(self, PenaltyWindow::Last(n) if i32::try_from(n).is_err())
+    }
+
+    /// llama.cpp's `last_n` for a stage of `model`'s chain: the whole context as a count, since
+    /// llama.cpp's samplers clamp negative windows to 0, which would switch the stage off
+    /// silently.
+    fn last_n(self, model: &Model) -> i32 {
+        match self {
+            PenaltyWindow::Off => 0,
+            // Validated to fit.
+            PenaltyWindow::Last(n) => i32::try_from(n).unwrap_or(i32::MAX),
+            PenaltyWindow::WholeContext => i32::try_from(model.n_ctx_train()).unwrap_or(i32::MAX),
+        }
+    }
+}
+
+/// Repetition, frequency and presence penalties ([`SamplerChain::penalties`]) on the tokens of a
+/// window: `Penalties::default().repeat(1.1)`. The default penalises nothing (each strength
+/// neutral: llama.cpp's defaults), over llama.cpp's default window of the last 64 tokens. Each
+/// value is checked when the chain is built; a bad one is [`SamplerError::InvalidParam`] naming
+/// the field. llama.cpp advises a cut (`top_k`, `top_p`) before this stage: it looks up every
+/// candidate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Penalties {
+    /// The tokens penalised: those in this window ([`PenaltyWindow::Last`]`(64)` by default).
+    pub window: PenaltyWindow,
+    /// Repetition penalty: the logit of a token in the window is divided by it where positive,
+    /// multiplied by it where not. Finite and > 0; 1.0 (the default) is off.
+    pub repeat: f32,
+    /// Frequency penalty: subtracted from a token's logit once per time it occurs in the window.
+    /// Finite; 0.0 (the default) is off.
+    pub frequency: f32,
+    /// Presence penalty: subtracted once from the logit of each token that occurs in the window.
+    /// Finite; 0.0 (the default) is off.
+    pub presence: f32,
+}
+
+impl Default for Penalties {
+    fn default() -> Self {
+        Penalties { window: PenaltyWindow::Last(64), repeat: 1.0, frequency: 0.0, presence: 0.0 }
+    }
+}
+
+impl Penalties {
+    /// Sets [`Penalties::window`].
+    #[must_use]
+    pub fn window(mut self, window: PenaltyWindow) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// Sets [`Penalties::repeat`].
+    #[must_use]
+    pub fn repeat(mut self, repeat: f32) -> Self {
+        self.repeat = repeat;
+        self
+    }
+
+    /// Sets [`Penalties::frequency`].
+    #[must_use]
+    pub fn frequency(mut self, frequency: f32) -> Self {
+        self.frequency = frequency;
+        self
+    }
+
+    /// Sets [`Penalties::presence`].
+    #[must_use]
+    pub fn presence(mut self, presence: f32) -> Self {
+        self.presence = presence;
+        self
+    }
+}
+
+/// DRY ("don't repeat yourself", [`SamplerChain::dry`]): a token that would extend a sequence
+/// already seen in the window, repeating `allowed_length` or more tokens, has
+/// `multiplier * base^(length - allowed_length)` subtracted from its logit. No repeat is matched
+/// across a sequence breaker. `Dry::default().multiplier(0.8)`: the default is off
+/// (multiplier 0), with llama.cpp's defaults for the rest. Each value is checked when the chain
+/// is built; a bad one is [`SamplerError::InvalidParam`] naming the field.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Dry {
+    /// How strong the penalty is. Finite and >= 0; 0.0 (the default) is off.
+    pub multiplier: f32,
+    /// How fast the penalty grows with the sequence's length. Finite and >= 1; 1.75 by default.
+    pub base: f32,
+    /// The longest repeat that goes unpenalised: a token that would make a repeat longer (extend
+    /// one of `allowed_length` tokens or more) is penalised. At most `i32::MAX`; 2 by default.
+    pub allowed_length: u32,
+    /// The tokens searched for repeats ([`PenaltyWindow::Last`]`(64)` by default).
+    pub window: PenaltyWindow,
+    /// Text that breaks a sequence, tokenized with the model's vocabulary (llama.cpp keeps 40
+    /// bytes of each, and skips empty ones): by default a newline, `:`, `"` and `*`.
+    pub breakers: Vec<String>,
+}
+
+impl Default for Dry {
+    fn default() -> Self {
+        Dry {
+            multiplier: 0.0,
+            base: 1.75,
+            allowed_length: 2,
+            window: PenaltyWindow::Last(64),
+            breakers: ["\n", ":", "\"", "*"].map(String::from).to_vec(),
+        }
+    }
+}
+
+impl Dry {
+    /// Sets [`Dry::multiplier`].
+    #[must_use]
+    pub fn multiplier(mut self, multiplier: f32) -> Self {
+        self.multiplier = multiplier;
+        self
+    }
+
+    /// Sets [`Dry::base`].
+    #[must_use]
+    pub fn base(mut self, base: f32) -> Self {
+        self.base = base;
+        self
+    }
+
+    /// Sets [`Dry::allowed_length`].
+    #[must_use]
+    pub fn allowed_length(mut self, allowed_length: u32) -> Self {
+        self.allowed_length = allowed_length;
+        self
+    }
+
+    /// Sets [`Dry::window`].
+    #[must_use]
+    pub fn window(mut self, window: PenaltyWindow) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// Sets [`Dry::breakers`].
+    #[must_use]
+    pub fn breakers<S: Into<String>>(mut self, breakers: impl IntoIterator<Item = S>) -> Self {
+        self.breakers = breakers.into_iter().map(Into::into).collect();
+        self
+    }
+}
+
 impl Default for SamplerChain {
     fn default() -> Self {
         SamplerChain { stages: Vec::new(), preselect: true, constraint: None }
@@ -201,17 +376,17 @@ impl SamplerChain {
     pub fn xtc(self, p: f32, t: f32, min_keep: usize, seed: u32) -> Self {
         self.with(Stage::Xtc { p, t, min_keep, seed })
     }
-    /// Repetition (`repeat`, 1.0 = off), frequency and presence (0.0 = off) penalties over the
-    /// last `last_n` tokens (0 = off, -1 = the whole context: the model's training context, the
-    /// most any context of it holds, as llama.cpp's own tools map it).
-    pub fn penalties(self, last_n: i32, repeat: f32, freq: f32, present: f32) -> Self {
-        self.with(Stage::Penalties { last_n, repeat, freq, present })
+    /// Repetition, frequency and presence penalties on the tokens of a window (see
+    /// [`Penalties`]): `.penalties(Penalties::default().repeat(1.1))`.
+    pub fn penalties(self, penalties: Penalties) -> Self {
+        let Penalties { window, repeat, frequency, presence } = penalties;
+        self.with(Stage::Penalties { window, repeat, frequency, presence })
     }
-    /// DRY ("don't repeat yourself") with its sequence breakers, over the last `last_n` tokens
-    /// (0 = off, -1 = the whole context, as for [`SamplerChain::penalties`]).
-    pub fn dry(self, multiplier: f32, base: f32, allowed_length: i32, last_n: i32, breakers: &[&str]) -> Self {
-        let breakers = breakers.iter().map(|s| s.to_string()).collect();
-        self.with(Stage::Dry { multiplier, base, allowed_length, last_n, breakers })
+    /// DRY ("don't repeat yourself"): penalises tokens that would extend a repeated sequence
+    /// (see [`Dry`]): `.dry(Dry::default().multiplier(0.8))`.
+    pub fn dry(self, dry: Dry) -> Self {
+        let Dry { multiplier, base, allowed_length, window, breakers } = dry;
+        self.with(Stage::Dry { multiplier, base, allowed_length, window, breakers })
     }
     /// Mirostat 1.0 with target surprise `tau`, learning rate `eta` and `m` tokens for its estimate.
     pub fn mirostat(self, seed: u32, tau: f32, eta: f32, m: i32) -> Self {
@@ -396,17 +571,17 @@ fn validate(stage: &Stage, n_vocab: i32) -> Result<(), SamplerError> {
             check(unit(*p), "p", p, "must be within 0..=1")?;
             check(unit(*t), "t", t, "must be within 0..=1")
         }
-        Stage::Penalties { last_n, repeat, freq, present } => {
-            check(*last_n >= -1, "last_n", last_n, "must be >= -1")?;
+        Stage::Penalties { window, repeat, frequency, presence } => {
+            check(window.fits(), "window", window, "must be at most i32::MAX tokens")?;
             check(repeat.is_finite() && *repeat > 0.0, "repeat", repeat, "must be finite and > 0 (1 = off)")?;
-            check(freq.is_finite(), "freq", freq, "must be finite")?;
-            check(present.is_finite(), "present", present, "must be finite")
+            check(frequency.is_finite(), "frequency", frequency, "must be finite")?;
+            check(presence.is_finite(), "presence", presence, "must be finite")
         }
-        Stage::Dry { multiplier, base, allowed_length, last_n, .. } => {
+        Stage::Dry { multiplier, base, allowed_length, window, .. } => {
             check(multiplier.is_finite() && *multiplier >= 0.0, "multiplier", multiplier, "must be finite and >= 0")?;
             check(base.is_finite() && *base >= 1.0, "base", base, "must be finite and >= 1")?;
-            check(*allowed_length >= 0, "allowed_length", allowed_length, "must be >= 0")?;
-            check(*last_n >= -1, "last_n", last_n, "must be >= -1")
+            check(i32::try_from(*allowed_length).is_ok(), "allowed_length", allowed_length, "must be at most i32::MAX")?;
+            check(window.fits(), "window", window, "must be at most i32::MAX tokens")
         }
         Stage::Mirostat { tau, eta, m, .. } => {
             check(tau.is_finite() && *tau > 0.0, "tau", tau, "must be finite and > 0")?;
@@ -427,12 +602,6 @@ fn validate(stage: &Stage, n_vocab: i32) -> Result<(), SamplerError> {
     }
 }
 
-/// `-1` ("the whole context") as a token count: llama.cpp's samplers clamp negative windows to 0,
-/// which would switch the stage off silently.
-fn window(last_n: i32, model: &Model) -> i32 {
-    if last_n == -1 { i32::try_from(model.n_ctx_train()).unwrap_or(i32::MAX) } else { last_n }
-}
-
 fn create(stage: &Stage, model: &Model) -> Result<NonNull<sys::llama_sampler>, SamplerError> {
     let vocab = model.vocab();
     let n_vocab = vocab.n_tokens();
@@ -450,10 +619,10 @@ fn create(stage: &Stage, model: &Model) -> Result<NonNull<sys::llama_sampler>, S
             Stage::MinP { p, min_keep } => (sys::llama_sampler_init_min_p(*p, *min_keep), None),
             Stage::Typical { p, min_keep } => (sys::llama_sampler_init_typical(*p, *min_keep), None),
             Stage::Xtc { p, t, min_keep, seed } => (sys::llama_sampler_init_xtc(*p, *t, *min_keep, *seed), None),
-            Stage::Penalties { last_n, repeat, freq, present } => {
-                (sys::llama_sampler_init_penalties(n_vocab, window(*last_n, model), *repeat, *freq, *present), None)
+            Stage::Penalties { window, repeat, frequency, presence } => {
+                (sys::llama_sampler_init_penalties(n_vocab, window.last_n(model), *repeat, *frequency, *presence), None)
             }
-            Stage::Dry { multiplier, base, allowed_length, last_n, breakers } => {
+            Stage::Dry { multiplier, base, allowed_length, window, breakers } => {
                 let owned: Vec<CString> = breakers
                     .iter()
                     .map(|b| CString::new(b.as_str()))
@@ -461,13 +630,15 @@ fn create(stage: &Stage, model: &Model) -> Result<NonNull<sys::llama_sampler>, S
                     .map_err(|_| SamplerError::Nul("a DRY sequence breaker"))?;
                 let mut ptrs: Vec<*const std::ffi::c_char> = owned.iter().map(|c| c.as_ptr()).collect();
                 let mut raw = std::ptr::null_mut();
-                let last_n = window(*last_n, model);
+                let last_n = window.last_n(model);
+                // Validated to fit.
+                let allowed_length = i32::try_from(*allowed_length).unwrap_or(i32::MAX);
                 crate::cpp::guard("llama_sampler_init_dry", |err| {
                     sys::exsa_sampler_init_dry(
                         vocab.as_ptr(),
                         *multiplier,
                         *base,
-                        *allowed_length,
+                        allowed_length,
                         last_n,
                         ptrs.as_mut_ptr(),
                         ptrs.len(),
@@ -810,6 +981,34 @@ mod tests {
     }
 
     #[test]
+    fn each_setter_sets_its_own_field() {
+        let window = PenaltyWindow::Last(7);
+        let penalties = Penalties::default().window(window).repeat(1.5).frequency(0.25).presence(0.5);
+        assert_eq!(penalties, Penalties { window, repeat: 1.5, frequency: 0.25, presence: 0.5 });
+        let dry = Dry::default().multiplier(0.8).base(2.0).allowed_length(3).window(window).breakers(["x", "y"]);
+        assert_eq!(dry, Dry { multiplier: 0.8, base: 2.0, allowed_length: 3, window, breakers: vec!["x".into(), "y".into()] });
+    }
+
+    #[test]
+    fn windows_map_llama_cpps_last_n_and_refuse_what_it_cannot_take() {
+        assert_eq!(PenaltyWindow::from_last_n(0), Some(PenaltyWindow::Off));
+        assert_eq!(PenaltyWindow::from_last_n(-1), Some(PenaltyWindow::WholeContext));
+        assert_eq!(PenaltyWindow::from_last_n(64), Some(PenaltyWindow::Last(64)));
+        assert_eq!(PenaltyWindow::from_last_n(-2), None);
+        let name = |stage: &Stage| match validate(stage, 1000) {
+            Err(SamplerError::InvalidParam { name, .. }) => Some(name),
+            _ => None,
+        };
+        let penalties = |window| Stage::Penalties { window, repeat: 1.1, frequency: 0.0, presence: 0.0 };
+        assert_eq!(name(&penalties(PenaltyWindow::Last(i32::MAX as u32))), None);
+        assert_eq!(name(&penalties(PenaltyWindow::Last(i32::MAX as u32 + 1))), Some("window"));
+        let dry = |dry: Dry| SamplerChain::new().dry(dry).stages.remove(0);
+        assert_eq!(name(&dry(Dry::default().multiplier(0.8))), None);
+        assert_eq!(name(&dry(Dry::default().allowed_length(u32::MAX))), Some("allowed_length"));
+        assert_eq!(name(&dry(Dry::default().window(PenaltyWindow::Last(u32::MAX)))), Some("window"));
+    }
+
+    #[test]
     fn only_chains_that_start_by_cutting_to_a_small_top_k_are_preselected() {
         let n_vocab = 262_144;
         let top_k = |k| Stage::TopK { k };
@@ -825,7 +1024,7 @@ mod tests {
         assert_eq!(preselection(&[top_k(top_k::MAX_K as i32 + 1), Stage::Dist { seed: 1 }], n_vocab), None);
         assert_eq!(preselection(&[top_k(40), Stage::Dist { seed: 1 }], 40), None);
         // A stage before top-k changes logits, so the row is not what top-k would see.
-        let penalties = Stage::Penalties { last_n: 64, repeat: 1.1, freq: 0.0, present: 0.0 };
+        let penalties = Stage::Penalties { window: PenaltyWindow::Last(64), repeat: 1.1, frequency: 0.0, presence: 0.0 };
         assert_eq!(preselection(&[penalties, top_k(40), Stage::Dist { seed: 1 }], n_vocab), None);
         assert_eq!(preselection(&[Stage::LogitBias { biases: vec![] }, Stage::Greedy], n_vocab), None);
         assert_eq!(preselection(&[Stage::Temp { t: 0.8 }, Stage::Dist { seed: 1 }], n_vocab), None);

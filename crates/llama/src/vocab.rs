@@ -31,6 +31,20 @@ pub struct DetokenizeOptions {
     pub unparse_special: bool,
 }
 
+/// Whether [`Vocab::piece`] and [`Vocab::piece_into`] write the text of control tokens
+/// (llama.cpp's `special` flag of `llama_token_to_piece`). Other tokens, user-defined ones
+/// included, are written either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SpecialTokens {
+    /// Control tokens (`<end_of_turn>`, BOS and EOS as most vocabularies mark them) and the
+    /// unknown token have an empty piece: text for a reader.
+    #[default]
+    Omit,
+    /// Control tokens and the unknown token are written as their text (`<end_of_turn>`), which
+    /// [`TokenizeOptions::parse_special`] turns back into the token.
+    Render,
+}
+
 /// The vocabulary of a [`Model`](crate::Model), borrowed from it.
 #[derive(Clone, Copy, Debug)]
 pub struct Vocab<'m> {
@@ -179,8 +193,10 @@ impl<'m> Vocab<'m> {
     }
 
     /// Appends the bytes of `token`'s text to `out`. Bytes, not a string: a piece may be part
-    /// of a multi-byte character; see [`crate::Utf8Decoder`]. `special` renders control tokens.
-    pub fn piece_into(&self, token: Token, special: bool, out: &mut Vec<u8>) -> Result<(), TokenizeError> {
+    /// of a multi-byte character; see [`crate::Utf8Decoder`]. `specials` says whether control
+    /// tokens are written as their text or left out.
+    pub fn piece_into(&self, token: Token, specials: SpecialTokens, out: &mut Vec<u8>) -> Result<(), TokenizeError> {
+        let special = specials == SpecialTokens::Render;
         self.check(token)?;
         let start = out.len();
         let mut room = 32usize;
@@ -200,10 +216,10 @@ impl<'m> Vocab<'m> {
         }
     }
 
-    /// The bytes of one token's text.
-    pub fn piece(&self, token: Token, special: bool) -> Result<Vec<u8>, TokenizeError> {
+    /// The bytes of one token's text (see [`Vocab::piece_into`]).
+    pub fn piece(&self, token: Token, specials: SpecialTokens) -> Result<Vec<u8>, TokenizeError> {
         let mut out = Vec::new();
-        self.piece_into(token, special, &mut out)?;
+        self.piece_into(token, specials, &mut out)?;
         Ok(out)
     }
 

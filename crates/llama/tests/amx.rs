@@ -83,7 +83,8 @@ fn models() -> Vec<PathBuf> {
     for (name, ty) in [("q8_0", QuantType::Q8_0), ("q4_0", QuantType::Q4_0)] {
         let path = common::temp_path(&format!("amx-default-{name}.gguf"));
         if !path.is_file() {
-            quantize(&default, &path, ty, 2, true).unwrap_or_else(|e| panic!("requantising to {name}: {e}"));
+            quantize(&default, &path, &QuantizeOptions::new(ty).threads(2).requantize(Requantize::Allow))
+                .unwrap_or_else(|e| panic!("requantising to {name}: {e}"));
         }
         out.push(path);
     }

@@ -197,7 +197,7 @@ fn bad_sampling_values_name_the_parameter() {
         (SamplerChain::new().temp(-1.0), "t"),
         (SamplerChain::new().top_p(1.5, 1), "p"),
         (SamplerChain::new().min_p(f32::NAN, 1), "p"),
-        (SamplerChain::new().penalties(64, 0.0, 0.0, 0.0), "repeat"),
+        (SamplerChain::new().penalties(Penalties::default().repeat(0.0)), "repeat"),
         (SamplerChain::new().mirostat_v2(1, -5.0, 0.1), "tau"),
         (SamplerChain::new().logit_bias(&[(Token(-4), 1.0)]), "token"),
     ] {
@@ -211,7 +211,7 @@ fn bad_sampling_values_name_the_parameter() {
 #[test]
 fn invalid_tokens_and_sequences_are_refused() {
     let vocab = model().vocab();
-    assert!(matches!(vocab.piece(Token(-1), false), Err(TokenizeError::InvalidToken { .. })));
+    assert!(matches!(vocab.piece(Token(-1), SpecialTokens::Omit), Err(TokenizeError::InvalidToken { .. })));
     assert!(matches!(vocab.detokenize(&[Token(1), Token(vocab.n_tokens())], DetokenizeOptions::default()), Err(TokenizeError::InvalidToken { .. })));
     let mut ctx = context();
     assert!(matches!(ctx.remove_range(5, 0, -1), Err(ContextError::InvalidParam { name: "seq_id", .. })));

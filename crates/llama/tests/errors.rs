@@ -87,7 +87,7 @@ fn a_lora_adapter_changes_the_logits_of_its_own_model_only() {
     let mut ctx = Context::new(&tiny, &common::small_params()).unwrap();
     let tokens = tiny.vocab().tokenize("Once upon a time", TokenizeOptions::default()).unwrap();
     let logits = |ctx: &mut Context<'_>| {
-        ctx.clear_memory(true);
+        ctx.clear_memory(MemoryData::Zero);
         ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
         ctx.logits(tokens.len() as i32 - 1).unwrap().to_vec()
     };

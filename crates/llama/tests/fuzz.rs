@@ -194,8 +194,8 @@ enum Stage {
     MinP(f32, usize),
     Typical(f32, usize),
     Xtc(f32, f32, usize, u32),
-    Penalties(i32, f32, f32, f32),
-    Dry(f32, f32, i32, i32, Vec<String>),
+    Penalties(PenaltyWindow, f32, f32, f32),
+    Dry(f32, f32, u32, PenaltyWindow, Vec<String>),
     Mirostat(u32, f32, f32, i32),
     MirostatV2(u32, f32, f32),
     Grammar(usize),
@@ -248,6 +248,15 @@ fn int() -> impl Strategy<Value = i32> {
     prop_oneof![4 => -3i32..300, 1 => Just(i32::MIN), 1 => Just(i32::MAX), 1 => Just(-1), 1 => Just(0)]
 }
 
+/// A count: small ones, the largest llama.cpp takes (an i32) and one beyond it.
+fn count() -> impl Strategy<Value = u32> {
+    prop_oneof![4 => 0u32..300, 1 => Just(i32::MAX as u32), 1 => Just(u32::MAX)]
+}
+
+fn window() -> impl Strategy<Value = PenaltyWindow> {
+    prop_oneof![4 => count().prop_map(PenaltyWindow::Last), 1 => Just(PenaltyWindow::Off), 1 => Just(PenaltyWindow::WholeContext)]
+}
+
 fn token_id() -> impl Strategy<Value = i32> {
     let n_vocab = 262_144;
     prop_oneof![6 => 0i32..n_vocab, 1 => Just(-1), 1 => Just(n_vocab), 1 => Just(i32::MAX), 1 => Just(i32::MIN)]
@@ -264,8 +273,8 @@ fn stage() -> impl Strategy<Value = Stage> {
         (float(), small.clone()).prop_map(|(p, k)| Stage::MinP(p, k)),
         (float(), small.clone()).prop_map(|(p, k)| Stage::Typical(p, k)),
         (float(), float(), small, any::<u32>()).prop_map(|(p, t, k, s)| Stage::Xtc(p, t, k, s)),
-        (int(), float(), float(), float()).prop_map(|(n, r, f, p)| Stage::Penalties(n, r, f, p)),
-        (float(), float(), int(), int(), prop::collection::vec("[a-z\\n.,]{0,3}", 0..3)).prop_map(|(m, b, a, n, br)| Stage::Dry(m, b, a, n, br)),
+        (window(), float(), float(), float()).prop_map(|(n, r, f, p)| Stage::Penalties(n, r, f, p)),
+        (float(), float(), count(), window(), prop::collection::vec("[a-z\\n.,]{0,3}", 0..3)).prop_map(|(m, b, a, n, br)| Stage::Dry(m, b, a, n, br)),
         (any::<u32>(), float(), float(), int()).prop_map(|(s, t, e, m)| Stage::Mirostat(s, t, e, m)),
         (any::<u32>(), float(), float()).prop_map(|(s, t, e)| Stage::MirostatV2(s, t, e)),
         (0..GRAMMARS.len()).prop_map(Stage::Grammar),
@@ -307,8 +316,8 @@ fn run_sampler_case(case: &SamplerCase, ctx: &Context<'_>, index: i32, tally: &m
             Stage::MinP(p, k) => chain.min_p(*p, *k),
             Stage::Typical(p, k) => chain.typical(*p, *k),
             Stage::Xtc(p, t, k, s) => chain.xtc(*p, *t, *k, *s),
-            Stage::Penalties(n, r, f, p) => chain.penalties(*n, *r, *f, *p),
-            Stage::Dry(m, b, a, n, br) => chain.dry(*m, *b, *a, *n, &br.iter().map(String::as_str).collect::<Vec<_>>()),
+            Stage::Penalties(n, r, f, p) => chain.penalties(Penalties::default().window(*n).repeat(*r).frequency(*f).presence(*p)),
+            Stage::Dry(m, b, a, n, br) => chain.dry(Dry::default().multiplier(*m).base(*b).allowed_length(*a).window(*n).breakers(br)),
             Stage::Mirostat(s, t, e, m) => chain.mirostat(*s, *t, *e, *m),
             Stage::MirostatV2(s, t, e) => chain.mirostat_v2(*s, *t, *e),
             Stage::Grammar(i) => chain.grammar(GRAMMARS[*i], "root"),
@@ -341,7 +350,7 @@ enum MemOp {
     Keep(i32),
     Shift(i32, i32, i32, i32),
     MaxPos(i32),
-    Clear(bool),
+    Clear(MemoryData),
     Logits(i32),
     Embeddings(i32),
     /// Save the state, damage it (flip a byte at a fraction of its length, or cut it), load it.
@@ -373,7 +382,7 @@ fn batch_case() -> impl Strategy<Value = BatchCase> {
         seq().prop_map(MemOp::Keep),
         (seq(), pos(), pos(), int()).prop_map(|(s, a, b, d)| MemOp::Shift(s, a, b, d)),
         seq().prop_map(MemOp::MaxPos),
-        any::<bool>().prop_map(MemOp::Clear),
+        prop_oneof![Just(MemoryData::Keep), Just(MemoryData::Zero)].prop_map(MemOp::Clear),
         int().prop_map(MemOp::Logits),
         int().prop_map(MemOp::Embeddings),
         (prop::option::of((0.0f64..1.0, any::<u8>())), prop::option::of(0.0f64..1.0)).prop_map(|(f, c)| MemOp::State(f, c)),
@@ -384,7 +393,7 @@ fn batch_case() -> impl Strategy<Value = BatchCase> {
 }
 
 fn run_batch_case(case: &BatchCase, ctx: &mut Context<'_>, tally: &mut Tally) {
-    ctx.clear_memory(true);
+    ctx.clear_memory(MemoryData::Zero);
     if let Some(mut batch) = tally.note(Batch::new(case.capacity, case.n_seq_max)) {
         for (token, pos, seq_ids, logits) in &case.entries {
             if tally.note(batch.add(Token(*token), *pos, seq_ids, *logits)).is_none() {

@@ -103,7 +103,7 @@ fn streaming_pieces_through_the_utf8_decoder_never_breaks_characters() {
     let mut split_somewhere = false;
     for t in tokens {
         piece.clear();
-        vocab.piece_into(t, false, &mut piece).unwrap();
+        vocab.piece_into(t, SpecialTokens::Omit, &mut piece).unwrap();
         split_somewhere |= std::str::from_utf8(&piece).is_err();
         let before = out.len();
         decoder.push(&piece, &mut out);
@@ -170,7 +170,7 @@ fn memory_operations_and_state_restore_reproduce_logits() {
     assert_eq!(ctx.last_logits().unwrap(), &first[..]);
 
     // Clear everything, restore the saved state, decode again: same logits.
-    ctx.clear_memory(true);
+    ctx.clear_memory(MemoryData::Zero);
     assert_eq!(ctx.max_position(0).unwrap(), None);
     ctx.load_state(&state).unwrap();
     assert_eq!(ctx.max_position(0).unwrap(), Some(n - 1));
@@ -181,7 +181,7 @@ fn memory_operations_and_state_restore_reproduce_logits() {
     let path = temp_path("state.bin");
     ctx.remove_range(0, n, -1).unwrap();
     ctx.save_state_file(&path, &tokens).unwrap();
-    ctx.clear_memory(true);
+    ctx.clear_memory(MemoryData::Zero);
     assert_eq!(ctx.load_state_file(&path, 64).unwrap(), tokens);
     ctx.decode(&step).unwrap();
     assert_eq!(ctx.last_logits().unwrap(), &first[..]);
@@ -212,7 +212,7 @@ fn sequences_can_be_copied_saved_and_restored() {
     assert!(ctx.load_sequence_state_file(1, std::path::Path::new("/no/state.bin"), 64).is_err());
 
     // A sequence decoded on its own is dropped by keep_only.
-    ctx.clear_memory(true);
+    ctx.clear_memory(MemoryData::Zero);
     ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
     ctx.decode(&Batch::from_tokens(&tokens[..2], 0, 1).unwrap()).unwrap();
     assert_eq!(ctx.max_position(1).unwrap(), Some(1));
@@ -230,7 +230,7 @@ fn the_abort_flag_cancels_a_decode() {
     let batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
     assert!(matches!(ctx.decode(&batch), Err(DecodeError::Aborted)));
     flag.store(false, std::sync::atomic::Ordering::Relaxed);
-    ctx.clear_memory(true);
+    ctx.clear_memory(MemoryData::Zero);
     ctx.decode(&batch).unwrap();
     ctx.set_abort_flag(None);
 }
@@ -246,7 +246,7 @@ fn an_abort_from_another_thread_stops_a_running_decode() {
     let started = std::time::Instant::now();
     ctx.decode(&batch).unwrap();
     let full = started.elapsed();
-    ctx.clear_memory(true);
+    ctx.clear_memory(MemoryData::Zero);
 
     let flag = Arc::new(AtomicBool::new(false));
     ctx.set_abort_flag(Some(flag.clone()));
@@ -265,7 +265,7 @@ fn an_abort_from_another_thread_stops_a_running_decode() {
     assert!(took < full * 3 / 4, "aborted after {took:?} of a {full:?} decode");
     // The context is usable again once the flag is down and its memory cleared.
     flag.store(false, std::sync::atomic::Ordering::Relaxed);
-    ctx.clear_memory(true);
+    ctx.clear_memory(MemoryData::Zero);
     ctx.decode(&Batch::from_tokens(&tokens[..8], 0, 0).unwrap()).unwrap();
     assert!(ctx.logits(7).unwrap().iter().all(|x| x.is_finite()));
 }
@@ -277,8 +277,8 @@ fn seeded_sampling_chains_are_reproducible_and_constrained() {
         let vocab = model().vocab();
         let tokens = vocab.tokenize("Once upon a time", TokenizeOptions::default()).unwrap();
         let mut sampler = SamplerChain::new()
-            .penalties(64, 1.1, 0.0, 0.0)
-            .dry(0.8, 1.75, 2, 64, &["\n"])
+            .penalties(Penalties::default().window(PenaltyWindow::Last(64)).repeat(1.1))
+            .dry(Dry::default().multiplier(0.8).base(1.75).allowed_length(2).window(PenaltyWindow::Last(64)).breakers(["\n"]))
             .top_k(40)
             .typical(1.0, 1)
             .top_p(0.95, 1)
@@ -320,7 +320,7 @@ fn preselected_candidates_sample_the_same_tokens_as_llama_cpps_full_array() {
             let mut fast = chain(seed).build(model()).unwrap();
             let mut full = chain(seed).preselect(false).build(model()).unwrap();
             assert!(fast.preselected().is_some() && full.preselected().is_none(), "{name}");
-            ctx.clear_memory(true);
+            ctx.clear_memory(MemoryData::Zero);
             let tokens = vocab.tokenize(prompt, TokenizeOptions::default()).unwrap();
             let mut batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
             let mut distinct = std::collections::HashSet::new();
@@ -356,7 +356,7 @@ fn a_listing_sample_draws_the_same_tokens_and_lists_what_the_chain_left() {
     let vocab = model().vocab();
     for (name, chain, most) in chains {
         let (mut plain, mut listing) = (chain(5).build(model()).unwrap(), chain(5).build(model()).unwrap());
-        ctx.clear_memory(true);
+        ctx.clear_memory(MemoryData::Zero);
         let tokens = vocab.tokenize("Today was the day. Today I would finally become a", TokenizeOptions::default()).unwrap();
         let mut batch = Batch::from_tokens(&tokens, 0, 0).unwrap();
         for pos in (tokens.len() as i32..).take(16) {
@@ -538,11 +538,11 @@ fn quantizing_a_small_model_runs_clean_under_the_leak_check() {
     let input = dir.join("llama-tiny-32k.gguf");
     assert!(input.is_file(), "{} missing: run `cargo xtask synth-models`", input.display());
     let out = temp_path("tiny-q8_0.gguf");
-    quantize(&input, &out, QuantType::Q8_0, 2, false).unwrap();
+    quantize(&input, &out, &QuantizeOptions::new(QuantType::Q8_0).threads(2)).unwrap();
     let q = Model::load(&out, &ModelParams::default()).unwrap();
     assert_eq!(q.meta("general.file_type").as_deref(), Some("7"), "Q8_0 is ftype 7");
     assert!(std::fs::metadata(&out).unwrap().len() < std::fs::metadata(&input).unwrap().len());
-    let err = quantize(&input, &input, QuantType::Q8_0, 2, false).unwrap_err();
+    let err = quantize(&input, &input, &QuantizeOptions::new(QuantType::Q8_0).threads(2)).unwrap_err();
     assert!(matches!(err, QuantizeError::SameFile { .. }), "{err}");
     drop(q);
     std::fs::remove_file(out).unwrap();
@@ -551,15 +551,16 @@ fn quantizing_a_small_model_runs_clean_under_the_leak_check() {
 #[test]
 fn quantize_writes_a_loadable_model() {
     let out = temp_path("requant-q8_0.gguf");
-    quantize(&model_path(), &out, QuantType::Q8_0, 2, true).unwrap();
+    quantize(&model_path(), &out, &QuantizeOptions::new(QuantType::Q8_0).threads(2).requantize(Requantize::Allow)).unwrap();
     let q = Model::load(&out, &ModelParams::default().vocab_only(true)).unwrap();
     assert_eq!(q.meta("general.file_type").as_deref(), Some("7"), "Q8_0 is ftype 7");
-    let err = quantize(std::path::Path::new("/no/input.gguf"), &out, QuantType::Q4_0, 2, true).unwrap_err();
+    let err = quantize(std::path::Path::new("/no/input.gguf"), &out, &QuantizeOptions::new(QuantType::Q4_0).threads(2).requantize(Requantize::Allow))
+        .unwrap_err();
     assert!(matches!(err, QuantizeError::Input(_)), "{err}");
     // A failure in the middle (this model's tensors are quantized already) leaves the earlier
     // output as it was and no partial file.
     let before = std::fs::read(&out).unwrap();
-    let err = quantize(&model_path(), &out, QuantType::Q4_0, 2, false).unwrap_err();
+    let err = quantize(&model_path(), &out, &QuantizeOptions::new(QuantType::Q4_0).threads(2)).unwrap_err();
     assert!(matches!(err, QuantizeError::Llama { .. }) && err.to_string().contains("requantizing"), "{err}");
     assert!(std::fs::read(&out).unwrap() == before, "the earlier output was changed");
     let partial = format!("{}.partial-", out.file_name().unwrap().to_string_lossy());
@@ -582,7 +583,7 @@ fn a_lazy_constraint_is_free_until_its_trigger_then_holds() {
     assert_eq!(generate_with(&mut asleep, POEM, 6), free);
     // Triggered by the first token the free chain draws: the grammar reads from that token on,
     // so a grammar starting with its text and then digits makes the rest digits.
-    let first = String::from_utf8(vocab.piece(free[0], false).unwrap()).unwrap();
+    let first = String::from_utf8(vocab.piece(free[0], SpecialTokens::Omit).unwrap()).unwrap();
     let escaped: String = first.chars().map(|c| if c == '"' || c == '\\' { format!("\\{c}") } else { c.to_string() }).collect();
     let grammar = format!(r#"root ::= "{escaped}" [0-9] [0-9] "!""#);
     let on_first = GrammarTriggers { patterns: vec![], tokens: vec![free[0]] };

@@ -53,7 +53,7 @@ fn adapter_file(name: &str) -> PathBuf {
 }
 
 fn last_logits(ctx: &mut Context<'_>) -> Vec<f32> {
-    ctx.clear_memory(true);
+    ctx.clear_memory(MemoryData::Zero);
     let tokens = model().vocab().tokenize("The capital of France is", TokenizeOptions::default()).unwrap();
     ctx.decode(&Batch::from_tokens(&tokens, 0, 0).unwrap()).unwrap();
     ctx.last_logits().unwrap().to_vec()

@@ -65,13 +65,13 @@ fn a_restored_state_continues_exactly_as_the_original() {
         ctx.decode(&Batch::from_tokens(last, n - 1, 0).unwrap()).unwrap();
         let original = greedy(&mut ctx, 0, n, 8);
 
-        ctx.clear_memory(true);
+        ctx.clear_memory(MemoryData::Zero);
         ctx.load_state(&whole).unwrap();
         assert_eq!(ctx.max_position(0).unwrap(), Some(n - 2), "{name}: whole state");
         ctx.decode(&Batch::from_tokens(last, n - 1, 0).unwrap()).unwrap();
         assert_eq!(greedy(&mut ctx, 0, n, 8), original, "{name}: whole state");
 
-        ctx.clear_memory(true);
+        ctx.clear_memory(MemoryData::Zero);
         ctx.load_sequence_state(&sequence, 0).unwrap();
         ctx.decode(&Batch::from_tokens(last, n - 1, 0).unwrap()).unwrap();
         assert_eq!(greedy(&mut ctx, 0, n, 8), original, "{name}: sequence state");

@@ -41,7 +41,7 @@ fn accepting_a_token_the_grammar_cannot_take_is_refused() {
     // The chain still works afterwards.
     let (ctx, last) = decoded("Answer yes or no: is water wet?");
     let token = sampler.sample(&ctx, last).unwrap();
-    let piece = String::from_utf8(model().vocab().piece(token, false).unwrap()).unwrap();
+    let piece = String::from_utf8(model().vocab().piece(token, SpecialTokens::Omit).unwrap()).unwrap();
     assert!("yes".starts_with(piece.trim()) || "no".starts_with(piece.trim()), "{piece:?}");
 }
 
@@ -89,10 +89,11 @@ fn an_encoder_batch_larger_than_n_ubatch_is_refused_before_llama_cpp_asserts() {
 
 #[test]
 fn penalties_over_the_whole_context_penalise() {
-    // last_n = -1 reached llama.cpp as -1, which it clamps to 0: the stage did nothing.
-    let generate = |last_n: i32| {
+    // The whole context (llama.cpp's last_n = -1) once reached llama.cpp as -1, which it clamps
+    // to 0: the stage did nothing.
+    let generate = |window: PenaltyWindow| {
         let (mut ctx, mut last) = decoded("one two one two one two one two");
-        let mut sampler = SamplerChain::new().penalties(last_n, 3.0, 0.0, 0.0).greedy().build(model()).unwrap();
+        let mut sampler = SamplerChain::new().penalties(Penalties::default().window(window).repeat(3.0)).greedy().build(model()).unwrap();
         let first = ctx.max_position(0).unwrap().unwrap() + 1;
         let mut out = Vec::new();
         for pos in first..first + 24 {
@@ -104,10 +105,10 @@ fn penalties_over_the_whole_context_penalise() {
         }
         out
     };
-    let off = generate(0);
-    let whole = generate(-1);
-    let window = generate(64);
-    assert_ne!(whole, off, "last_n = -1 must penalise");
+    let off = generate(PenaltyWindow::Off);
+    let whole = generate(PenaltyWindow::WholeContext);
+    let window = generate(PenaltyWindow::Last(64));
+    assert_ne!(whole, off, "the whole context must penalise");
     assert_eq!(whole, window, "within 64 tokens, the whole context and a 64-token window agree");
 }
 
@@ -132,7 +133,7 @@ fn quantizing_a_file_onto_itself_is_refused() {
     std::os::unix::fs::symlink(&copy, &link).unwrap();
     let dotted = copy.parent().unwrap().join(".").join(copy.file_name().unwrap());
     for output in [&copy, &link, &dotted] {
-        let err = quantize(&copy, output, QuantType::Q8_0, 1, true).unwrap_err();
+        let err = quantize(&copy, output, &QuantizeOptions::new(QuantType::Q8_0).threads(1).requantize(Requantize::Allow)).unwrap_err();
         assert!(matches!(err, QuantizeError::SameFile { .. }), "{}: {err}", output.display());
     }
     assert_eq!(std::fs::metadata(&copy).unwrap().len(), size, "the input is untouched");

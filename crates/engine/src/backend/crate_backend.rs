@@ -18,7 +18,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 
-use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
+use super::{Backend, BackendModel, BackendSession, BuildInfo, ModelInfo, Outputs, Token};
 use crate::config::{EngineConfig, LoadProgress, SamplerStage, SamplingParams, SessionConfig};
 use crate::error::{DecodeFailure, EngineError, SlotFileAction, cause};
 
@@ -89,14 +89,13 @@ impl Backend for CrateBackend {
         Ok(CrateModel { adapter, scales, model, path: path.display().to_string() })
     }
 
-    fn build_info() -> serde_json::Value {
+    fn build_info() -> BuildInfo {
         // llama-cpp-sys-2 does not export its flags; its build script's rules are: GGML_NATIVE
         // only with RUSTFLAGS=-C target-cpu=native, otherwise ggml's default ISA list plus
         // whatever rustc target features are on; OpenMP on (default feature); Release unless
         // the cargo profile is debug.
         let rustflags = env!("EXSA_RUSTFLAGS");
-        serde_json::json!({
-            "backend": "crate",
+        let record = serde_json::json!({
             "llama_cpp": "llama-cpp-2 0.1.160 over llama-cpp-sys-2 0.1.161",
             "features": "default (openmp, common)",
             "ggml_native": rustflags.contains("target-cpu=native"),
@@ -107,7 +106,8 @@ impl Backend for CrateBackend {
                 "avx512f": cfg!(target_feature = "avx512f"),
             },
             "rustflags": rustflags,
-        })
+        });
+        BuildInfo::from_json("crate", &record.to_string())
     }
 
     fn system_info() -> String {
@@ -155,26 +155,26 @@ impl BackendModel for CrateModel {
         }
     }
 
-    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
+    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<Token>) -> Result<(), EngineError> {
         out.clear();
-        out.extend(self.model.vocab().tokenize(text.as_bytes(), add_special, parse_special).into_iter().map(|t| t.0));
+        out.extend(self.model.vocab().tokenize(text.as_bytes(), add_special, parse_special).into_iter().map(|t| Token(t.0)));
         Ok(())
     }
 
-    fn piece(&self, token: TokenId, special: bool, out: &mut Vec<u8>) -> Result<(), EngineError> {
-        if !(0..self.model.n_vocab()).contains(&token) {
+    fn piece(&self, token: Token, special: bool, out: &mut Vec<u8>) -> Result<(), EngineError> {
+        if !token.in_vocab(self.model.n_vocab()) {
             return Err(EngineError::Tokenize(cause(format!("token {token} is outside the vocabulary"))));
         }
-        self.model.vocab().token_to_piece_into(LlamaToken(token), out, special, None);
+        self.model.vocab().token_to_piece_into(LlamaToken(token.0), out, special, None);
         Ok(())
     }
 
-    fn is_eog(&self, token: TokenId) -> bool {
-        self.model.vocab().is_eog(LlamaToken(token))
+    fn is_eog(&self, token: Token) -> bool {
+        self.model.vocab().is_eog(LlamaToken(token.0))
     }
 
-    fn bos(&self) -> TokenId {
-        self.model.vocab().bos().0
+    fn bos(&self) -> Token {
+        Token(self.model.vocab().bos().0)
     }
 
     fn n_vocab(&self) -> i32 {
@@ -185,7 +185,7 @@ impl BackendModel for CrateModel {
         let n_vocab = self.n_vocab();
         let vocab = self.model.vocab();
         // LLAMA_TOKEN_NULL (-1) where the vocabulary has none.
-        let some = |t: LlamaToken| (0..n_vocab).contains(&t.0).then_some(t.0);
+        let some = |t: LlamaToken| Some(Token(t.0)).filter(|t| t.in_vocab(n_vocab));
         crate::FimTokens {
             prefix: some(vocab.fim_pre()),
             suffix: some(vocab.fim_suf()),
@@ -308,7 +308,7 @@ impl BackendSession for CrateSession<'_> {
         self.ctx.n_batch()
     }
 
-    fn fill(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+    fn fill(&mut self, ids: &[Token], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.batch_clear();
         for (k, &t) in ids.iter().enumerate() {
             let logits = outputs == Outputs::Last && k + 1 == ids.len();
@@ -317,7 +317,7 @@ impl BackendSession for CrateSession<'_> {
         Ok(())
     }
 
-    fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+    fn decode(&mut self, ids: &[Token], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.fill(ids, start, outputs)?;
         self.batch_decode()
     }
@@ -343,9 +343,9 @@ impl BackendSession for CrateSession<'_> {
         self.pending.clear();
     }
 
-    fn batch_push(&mut self, token: TokenId, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
+    fn batch_push(&mut self, token: Token, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
         let index = self.batch.n_tokens();
-        self.batch.add(LlamaToken(token), pos, &[seq], output).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))?;
+        self.batch.add(LlamaToken(token.0), pos, &[seq], output).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))?;
         if output {
             self.pending.push(index);
         }
@@ -368,9 +368,9 @@ impl BackendSession for CrateSession<'_> {
         Ok(())
     }
 
-    fn sample_with(&mut self, sampler: &mut LlamaSampler, index: i32) -> Result<TokenId, EngineError> {
+    fn sample_with(&mut self, sampler: &mut LlamaSampler, index: i32) -> Result<Token, EngineError> {
         self.check_output(index)?;
-        Ok(sampler.sample(&self.ctx, index).0)
+        Ok(Token(sampler.sample(&self.ctx, index).0))
     }
 
     fn sample_listing(&mut self, _: &mut Self::Sampler, _: i32, _: usize) -> Result<crate::TokenLogprobs, EngineError> {
@@ -413,24 +413,24 @@ impl BackendSession for CrateSession<'_> {
         match *checkpoint {}
     }
 
-    fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[TokenId]) -> Result<u64, EngineError> {
+    fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[Token]) -> Result<u64, EngineError> {
         let fail = |e: &dyn std::fmt::Display| EngineError::slot_file(SlotFileAction::Save, path, e.to_string());
         if !(0..self.n_seq_max).contains(&seq) {
             return Err(fail(&format!("no sequence {seq} in a context of {}", self.n_seq_max)));
         }
-        let tokens: Vec<LlamaToken> = tokens.iter().map(|&t| LlamaToken::new(t)).collect();
+        let tokens: Vec<LlamaToken> = tokens.iter().map(|&t| LlamaToken::new(t.0)).collect();
         self.ctx.state_seq_save_file(path, seq, &tokens).map_err(|e| fail(&e))?;
         Ok(super::file_len(path))
     }
 
-    fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<TokenId>, EngineError> {
+    fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<Token>, EngineError> {
         let fail = |e: &dyn std::fmt::Display| EngineError::slot_file(SlotFileAction::Restore, path, e.to_string());
         if !(0..self.n_seq_max).contains(&seq) {
             return Err(fail(&format!("no sequence {seq} in a context of {}", self.n_seq_max)));
         }
         self.outputs.clear();
         let (tokens, _) = self.ctx.state_seq_load_file(path, seq, max_tokens).map_err(|e| fail(&e))?;
-        Ok(tokens.into_iter().map(|t| t.0).collect())
+        Ok(tokens.into_iter().map(|t| Token(t.0)).collect())
     }
 }
 
@@ -464,7 +464,7 @@ fn chain(model: &LlamaModel, p: &SamplingParams) -> Result<LlamaSampler, EngineE
     }
     let stages = p.stages().into_iter().map(|stage| match stage {
         SamplerStage::LogitBias(biases) => {
-            LlamaSampler::logit_bias(n_vocab, &biases.iter().map(|&(t, b)| LlamaLogitBias::new(LlamaToken(t), b)).collect::<Vec<_>>())
+            LlamaSampler::logit_bias(n_vocab, &biases.iter().map(|&(t, b)| LlamaLogitBias::new(LlamaToken(t.0), b)).collect::<Vec<_>>())
         }
         SamplerStage::Penalties { last_n, repeat, frequency, presence } => LlamaSampler::penalties(n_vocab, last_n, repeat, frequency, presence),
         SamplerStage::TopK(k) => LlamaSampler::top_k(k),

@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 
 use crate::config::{EngineConfig, SamplingParams, SessionConfig};
 use crate::error::EngineError;
-pub use crate::token::TokenId;
+pub use crate::token::Token;
 
 #[cfg(any(all(feature = "source", feature = "crate"), all(feature = "source", feature = "raw"), all(feature = "crate", feature = "raw")))]
 compile_error!(
@@ -46,9 +46,7 @@ pub enum Outputs {
     None,
 }
 
-/// What the engine reports about a model, the same for every backend (part of the bench
-/// protocol).
-pub use exsa_bench_protocol::ModelInfo;
+pub use crate::info::{BuildInfo, ModelInfo};
 
 /// A llama.cpp backend.
 pub trait Backend: 'static {
@@ -70,8 +68,8 @@ pub trait Backend: 'static {
     /// `raw`, several adapters on `crate`).
     fn load(config: &EngineConfig) -> Result<Self::Model, EngineError>;
 
-    /// What was compiled, as JSON (flags, compiler, llama.cpp version).
-    fn build_info() -> serde_json::Value;
+    /// What was compiled (llama.cpp's tree, flags, compiler).
+    fn build_info() -> BuildInfo;
 
     /// Serves this process's devices to other processes' models as a ggml rpc-server on
     /// `endpoint` (`HOST:PORT`) until the process ends; returns only on failure.
@@ -135,14 +133,14 @@ pub trait BackendModel: Send + Sync + Sized {
     /// # Errors
     ///
     /// [`EngineError::Tokenize`] when the text cannot be tokenized.
-    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError>;
+    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<Token>) -> Result<(), EngineError>;
     /// Appends the bytes of a token's text; special tokens render as empty unless `special`
     /// (a chat format's tool-call markers, which its parser reads).
-    fn piece(&self, token: TokenId, special: bool, out: &mut Vec<u8>) -> Result<(), EngineError>;
+    fn piece(&self, token: Token, special: bool, out: &mut Vec<u8>) -> Result<(), EngineError>;
     /// Whether `token` ends a generation (EOS, EOT and the model's other end tokens).
-    fn is_eog(&self, token: TokenId) -> bool;
+    fn is_eog(&self, token: Token) -> bool;
     /// The vocabulary's beginning-of-sequence token.
-    fn bos(&self) -> TokenId;
+    fn bos(&self) -> Token;
     /// Number of tokens in the vocabulary.
     fn n_vocab(&self) -> i32;
     /// The vocabulary's fill-in-the-middle tokens.
@@ -201,10 +199,10 @@ pub trait BackendSession {
     fn n_batch(&self) -> u32;
     /// Writes `tokens` at positions `start..` of sequence 0 into the session's batch (at most
     /// n_batch of them), without decoding: `decode` is `fill` and then the model run.
-    fn fill(&mut self, tokens: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError>;
+    fn fill(&mut self, tokens: &[Token], start: i32, outputs: Outputs) -> Result<(), EngineError>;
     /// Decodes `tokens` at positions `start..` in sequence 0 (at most n_batch of them); with
     /// [`Outputs::Last`], the last token's logits are at batch index `tokens.len() - 1`.
-    fn decode(&mut self, tokens: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError>;
+    fn decode(&mut self, tokens: &[Token], start: i32, outputs: Outputs) -> Result<(), EngineError>;
     /// The logits (n_vocab wide) of the last output of the last decode.
     fn last_logits(&self) -> Result<&[f32], EngineError>;
     /// Cancels a running decode while the flag is set.
@@ -220,14 +218,14 @@ pub trait BackendSession {
     /// Appends `token` at `pos` of sequence `seq`; `output` asks for its logits, which
     /// [`BackendSession::sample_with`] then reads at this entry's index (the batch length before
     /// the call).
-    fn batch_push(&mut self, token: TokenId, pos: i32, seq: i32, output: bool) -> Result<(), EngineError>;
+    fn batch_push(&mut self, token: Token, pos: i32, seq: i32, output: bool) -> Result<(), EngineError>;
     /// Entries in the batch.
     fn batch_len(&self) -> usize;
     /// Decodes the batch built with `batch_push`.
     fn batch_decode(&mut self) -> Result<(), EngineError>;
     /// Samples with `sampler` from the output at batch `index` of the last decode, and accepts
     /// the token into that sampler.
-    fn sample_with(&mut self, sampler: &mut Self::Sampler, index: i32) -> Result<TokenId, EngineError>;
+    fn sample_with(&mut self, sampler: &mut Self::Sampler, index: i32) -> Result<Token, EngineError>;
     /// [`BackendSession::sample_with`], also listing what the sampler drew from: the drawn
     /// token's probability after the chain's cuts and temperature, and the `n` likeliest
     /// candidates the chain left, as natural logarithms (see
@@ -268,11 +266,11 @@ pub trait BackendSession {
     /// Writes sequence `seq`'s cache and the `tokens` it holds to `path`, in llama.cpp's sequence
     /// state format (the one `llama_state_seq_save_file` writes, which llama-server's slot files
     /// also use); returns the bytes written.
-    fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[TokenId]) -> Result<u64, EngineError>;
+    fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[Token]) -> Result<u64, EngineError>;
     /// Loads a sequence state file into empty sequence `seq`; returns the tokens it holds (a file
     /// of more than `max_tokens` is refused). On failure the sequence may hold part of the file:
     /// the caller empties it.
-    fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<TokenId>, EngineError>;
+    fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<Token>, EngineError>;
     /// Sequence `seq`'s cache (attention cells, recurrent state) as bytes, for
     /// [`BackendSession::seq_load_state`] of a context of the same model.
     fn seq_state(&mut self, seq: i32) -> Result<Vec<u8>, EngineError> {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use llama_sys as sys;
 
-use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
+use super::{Backend, BackendModel, BackendSession, BuildInfo, ModelInfo, Outputs, Token};
 use crate::config::{EngineConfig, LoadOptions, LoadProgress, SamplerStage, SamplingParams, SessionConfig};
 use crate::error::{DecodeFailure, EngineError, SlotFileAction, cause};
 
@@ -132,10 +132,8 @@ impl Backend for RawBackend {
         Ok(model)
     }
 
-    fn build_info() -> serde_json::Value {
-        let mut info: serde_json::Value = serde_json::from_str(&sys::BUILD_INFO.to_json()).unwrap_or_default();
-        info["backend"] = "raw".into();
-        info
+    fn build_info() -> BuildInfo {
+        BuildInfo::from_json("raw", &sys::BUILD_INFO.to_json())
     }
 
     fn system_info() -> String {
@@ -268,7 +266,7 @@ impl BackendModel for RawModel {
         }
     }
 
-    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
+    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<Token>) -> Result<(), EngineError> {
         let len = i32::try_from(text.len())
             .map_err(|_| EngineError::Tokenize(cause(format!("a text of {} bytes is more than llama_tokenize takes", text.len()))))?;
         out.clear();
@@ -277,10 +275,10 @@ impl BackendModel for RawModel {
         for _ in 0..2 {
             let cap = i32::try_from(out.capacity()).unwrap_or(i32::MAX);
             let mut n = 0;
-            // SAFETY: text readable for len bytes; out has `cap` writable slots; `n` and the
-            // error slot are live out-parameters.
+            // SAFETY: text readable for len bytes; out has `cap` writable slots (Token is
+            // repr(transparent) over llama_token); `n` and the error slot are live out-parameters.
             guarded("llama_tokenize", |err| unsafe {
-                sys::exsa_tokenize(self.vocab, text.as_ptr().cast(), len, out.as_mut_ptr(), cap, add_special, parse_special, &mut n, err)
+                sys::exsa_tokenize(self.vocab, text.as_ptr().cast(), len, out.as_mut_ptr().cast(), cap, add_special, parse_special, &mut n, err)
             })?;
             if n >= 0 {
                 // SAFETY: llama.cpp wrote n tokens.
@@ -295,15 +293,15 @@ impl BackendModel for RawModel {
         Err(EngineError::Tokenize(cause("llama_tokenize failed")))
     }
 
-    fn piece(&self, token: TokenId, special: bool, out: &mut Vec<u8>) -> Result<(), EngineError> {
-        if !(0..self.n_vocab()).contains(&token) {
+    fn piece(&self, token: Token, special: bool, out: &mut Vec<u8>) -> Result<(), EngineError> {
+        if !token.in_vocab(self.n_vocab()) {
             return Err(EngineError::Tokenize(cause(format!("token {token} is outside the vocabulary"))));
         }
         let mut buf = [0u8; 256];
         let mut n = 0;
         // SAFETY: buf is writable for its length; the token is in range.
         guarded("llama_token_to_piece", |err| unsafe {
-            sys::exsa_token_to_piece(self.vocab, token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, special, &mut n, err)
+            sys::exsa_token_to_piece(self.vocab, token.0, buf.as_mut_ptr().cast(), buf.len() as i32, 0, special, &mut n, err)
         })?;
         if n >= 0 {
             out.extend_from_slice(&buf[..n as usize]);
@@ -315,26 +313,26 @@ impl BackendModel for RawModel {
         let mut again = 0;
         // SAFETY: out has -n writable bytes from `start`.
         guarded("llama_token_to_piece", |err| unsafe {
-            sys::exsa_token_to_piece(self.vocab, token, out[start..].as_mut_ptr().cast(), -n, 0, special, &mut again, err)
+            sys::exsa_token_to_piece(self.vocab, token.0, out[start..].as_mut_ptr().cast(), -n, 0, special, &mut again, err)
         })?;
         out.truncate(start + again.max(0) as usize);
         Ok(())
     }
 
-    fn is_eog(&self, token: TokenId) -> bool {
+    fn is_eog(&self, token: Token) -> bool {
         // SAFETY: a set look-up.
-        unsafe { sys::llama_vocab_is_eog(self.vocab, token) }
+        unsafe { sys::llama_vocab_is_eog(self.vocab, token.0) }
     }
 
-    fn bos(&self) -> TokenId {
+    fn bos(&self) -> Token {
         // SAFETY: field read.
-        unsafe { sys::llama_vocab_bos(self.vocab) }
+        Token(unsafe { sys::llama_vocab_bos(self.vocab) })
     }
 
     fn fim_tokens(&self) -> crate::FimTokens {
         let n_vocab = self.n_vocab();
         // LLAMA_TOKEN_NULL (-1) where the vocabulary has none.
-        let some = |t: TokenId| (0..n_vocab).contains(&t).then_some(t);
+        let some = |t: i32| Some(Token(t)).filter(|t| t.in_vocab(n_vocab));
         // SAFETY: field reads of the live vocab.
         unsafe {
             crate::FimTokens {
@@ -369,12 +367,12 @@ impl BackendModel for RawModel {
     fn pair_tokens(&self) -> crate::token::PairTokens {
         let n_vocab = self.n_vocab();
         // LLAMA_TOKEN_NULL (-1) where the vocabulary has none.
-        let some = |t: TokenId| (0..n_vocab).contains(&t).then_some(t);
+        let some = |t: i32| Some(Token(t)).filter(|t| t.in_vocab(n_vocab));
         // SAFETY: field reads of the live vocab.
         unsafe {
             let sep = some(sys::llama_vocab_sep(self.vocab));
             crate::token::PairTokens {
-                bos: sys::llama_vocab_get_add_bos(self.vocab).then(|| sys::llama_vocab_bos(self.vocab)),
+                bos: sys::llama_vocab_get_add_bos(self.vocab).then(|| Token(sys::llama_vocab_bos(self.vocab))),
                 eos: if sys::llama_vocab_get_add_eos(self.vocab) { some(sys::llama_vocab_eos(self.vocab)).or(sep) } else { None },
                 sep: if sys::llama_vocab_get_add_sep(self.vocab) { sep } else { None },
             }
@@ -430,7 +428,8 @@ impl BackendModel for RawModel {
             let stage = unsafe {
                 match stage {
                     SamplerStage::LogitBias(biases) => {
-                        let biases: Vec<sys::llama_logit_bias> = biases.iter().map(|&(token, bias)| sys::llama_logit_bias { token, bias }).collect();
+                        let biases: Vec<sys::llama_logit_bias> =
+                            biases.iter().map(|&(token, bias)| sys::llama_logit_bias { token: token.0, bias }).collect();
                         sys::llama_sampler_init_logit_bias(self.n_vocab(), biases.len() as i32, biases.as_ptr())
                     }
                     // -1 is the whole context: the model's training context, as the safe wrapper
@@ -575,7 +574,7 @@ impl BackendSession for RawSession<'_> {
         self.n_batch
     }
 
-    fn fill(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+    fn fill(&mut self, ids: &[Token], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         if ids.is_empty() || ids.len() > self.n_batch as usize {
             return Err(EngineError::decode(DecodeFailure::InvalidBatch, format!("{} tokens for a batch of {}", ids.len(), self.n_batch)));
         }
@@ -584,7 +583,7 @@ impl BackendSession for RawSession<'_> {
         unsafe {
             let b = &mut self.batch;
             for (i, &t) in ids.iter().enumerate() {
-                *b.token.add(i) = t;
+                *b.token.add(i) = t.0;
                 *b.pos.add(i) = start + i as i32;
                 *b.n_seq_id.add(i) = 1;
                 **b.seq_id.add(i) = 0;
@@ -595,7 +594,7 @@ impl BackendSession for RawSession<'_> {
         Ok(())
     }
 
-    fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+    fn decode(&mut self, ids: &[Token], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.fill(ids, start, outputs)?;
         let mut code = 0;
         // SAFETY: the batch was filled within its allocation just above.
@@ -657,7 +656,7 @@ impl BackendSession for RawSession<'_> {
         self.has_logits = false;
     }
 
-    fn batch_push(&mut self, token: TokenId, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
+    fn batch_push(&mut self, token: Token, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
         let i = self.batch.n_tokens as usize;
         if i >= self.n_batch as usize {
             return Err(EngineError::decode(DecodeFailure::InvalidBatch, format!("the batch holds {} tokens", self.n_batch)));
@@ -665,7 +664,7 @@ impl BackendSession for RawSession<'_> {
         // SAFETY: i < n_batch, the capacity the batch was allocated with, one sequence id each.
         unsafe {
             let b = &mut self.batch;
-            *b.token.add(i) = token;
+            *b.token.add(i) = token.0;
             *b.pos.add(i) = pos;
             *b.n_seq_id.add(i) = 1;
             **b.seq_id.add(i) = seq;
@@ -686,7 +685,7 @@ impl BackendSession for RawSession<'_> {
         decode_result(code)
     }
 
-    fn sample_with(&mut self, sampler: &mut RawSampler, index: i32) -> Result<TokenId, EngineError> {
+    fn sample_with(&mut self, sampler: &mut RawSampler, index: i32) -> Result<Token, EngineError> {
         // llama_sampler_sample aborts on an index without logits: ask for the row first, which
         // llama_get_logits_ith answers with null for such an index.
         self.logits_at(index)?;
@@ -694,7 +693,7 @@ impl BackendSession for RawSession<'_> {
         // SAFETY: batch entry `index` of the last decode has logits (checked just above); the
         // chain is ours (&mut), the context alive.
         guarded("llama_sampler_sample", |err| unsafe { sys::exsa_sampler_sample(sampler.0.as_ptr(), self.ctx.as_ptr(), index, &mut token, err) })?;
-        Ok(token)
+        Ok(Token(token))
     }
 
     fn sample_listing(&mut self, _: &mut Self::Sampler, _: i32, _: usize) -> Result<crate::TokenLogprobs, EngineError> {
@@ -748,36 +747,38 @@ impl BackendSession for RawSession<'_> {
         match *checkpoint {}
     }
 
-    fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[TokenId]) -> Result<u64, EngineError> {
+    fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[Token]) -> Result<u64, EngineError> {
         let fail = |reason: String| EngineError::slot_file(SlotFileAction::Save, path, reason);
         if !(0..self.n_seq_max).contains(&seq) {
             return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq_max)));
         }
         let c_path = c_path(path).ok_or_else(|| fail("the path contains a NUL byte".into()))?;
         // SAFETY: live context; the id is below its n_seq_max (checked: llama.cpp asserts it);
-        // the path is NUL-terminated; `tokens` is readable for its length (TokenId is
-        // llama_token). llama_state_seq_save_file catches its own exceptions (returns 0).
-        let written = unsafe { sys::llama_state_seq_save_file(self.ctx.as_ptr(), c_path.as_ptr(), seq, tokens.as_ptr(), tokens.len()) };
+        // the path is NUL-terminated; `tokens` is readable for its length (Token is
+        // repr(transparent) over llama_token). llama_state_seq_save_file catches its own exceptions (returns 0).
+        let written = unsafe { sys::llama_state_seq_save_file(self.ctx.as_ptr(), c_path.as_ptr(), seq, tokens.as_ptr().cast(), tokens.len()) };
         if written == 0 {
             return Err(fail("llama.cpp could not write it".into()));
         }
         Ok(written as u64)
     }
 
-    fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<TokenId>, EngineError> {
+    fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<Token>, EngineError> {
         let fail = |reason: String| EngineError::slot_file(SlotFileAction::Restore, path, reason);
         if !(0..self.n_seq_max).contains(&seq) {
             return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq_max)));
         }
         let c_path = c_path(path).ok_or_else(|| fail("the path contains a NUL byte".into()))?;
         self.has_logits = false;
-        let mut tokens: Vec<TokenId> = vec![0; max_tokens];
+        let mut tokens: Vec<Token> = vec![Token(0); max_tokens];
         let (mut n, mut read) = (0usize, 0usize);
         guarded("llama_state_seq_load_file", |err| {
             // SAFETY: live context, checked id, NUL-terminated path; `tokens` has `max_tokens`
-            // writable slots and llama.cpp writes at most that many (it refuses a file of more);
+            // writable slots (of llama_token's layout) and llama.cpp writes at most that many (it refuses a file of more);
             // `n`, `read` and `err` are live out-parameters; the shim catches C++ exceptions.
-            unsafe { sys::exsa_state_seq_load_file(self.ctx.as_ptr(), c_path.as_ptr(), seq, tokens.as_mut_ptr(), max_tokens, &mut n, &mut read, err) }
+            unsafe {
+                sys::exsa_state_seq_load_file(self.ctx.as_ptr(), c_path.as_ptr(), seq, tokens.as_mut_ptr().cast(), max_tokens, &mut n, &mut read, err)
+            }
         })
         .map_err(|e| fail(e.to_string()))?;
         if read == 0 {

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use llama::{
-    Batch, ChatEnding, ChatMessage, Context, ContextParams, FlashAttention, LoraAdapter, Model, ModelParams, Pooling, Sampler, SamplerChain, Token,
-    TokenizeOptions,
+    Batch, ChatEnding, ChatMessage, Context, ContextParams, FlashAttention, LoraAdapter, Model, ModelParams, Penalties, PenaltyWindow, Pooling,
+    Sampler, SamplerChain, SpecialTokens, Token as LlamaToken, TokenizeOptions,
 };
 
-use super::{Backend, BackendModel, BackendSession, ModelInfo, Outputs, TokenId};
+use super::{Backend, BackendModel, BackendSession, BuildInfo, ModelInfo, Outputs, Token};
 use crate::config::{EngineConfig, GrammarStart, SamplerStage, SamplingParams, SessionConfig};
 use crate::error::{DecodeFailure, EngineError, SlotFileAction, cause};
 
@@ -54,12 +54,11 @@ impl Backend for SourceBackend {
         Ok(SourceModel { adapters, scales, model })
     }
 
-    fn build_info() -> serde_json::Value {
-        let mut info: serde_json::Value = serde_json::from_str(&llama::build_info().to_json()).unwrap_or_default();
-        info["backend"] = "source".into();
+    fn build_info() -> BuildInfo {
+        let mut info = BuildInfo::from_json("source", &llama::build_info().to_json());
         // Dynamic-backend builds: where the modules were loaded from (null: static, or none found).
-        info["backend_modules"] = llama::backend_modules::loaded_from().map(|d| d.display().to_string()).into();
-        info["cpu_variant"] = cpu_variant_info();
+        info.details.insert("backend_modules".into(), llama::backend_modules::loaded_from().map(|d| d.display().to_string()).into());
+        info.details.insert("cpu_variant".into(), cpu_variant_info());
         info
     }
 
@@ -152,20 +151,23 @@ impl SourceModel {
     }
 }
 
-fn tokens(ids: &[TokenId]) -> &[Token] {
-    // SAFETY: Token is repr(transparent) over i32, so the slices have the same layout.
+/// The engine's tokens as the `llama` crate's: both are `repr(transparent)` over `i32`.
+fn tokens(ids: &[Token]) -> &[LlamaToken] {
+    // SAFETY: Token and LlamaToken are both repr(transparent) over i32, so the slices have the
+    // same layout.
     unsafe { std::slice::from_raw_parts(ids.as_ptr().cast(), ids.len()) }
 }
 
 /// The same allocation seen as tokens: tokenizing into the engine's buffer copies nothing.
-fn into_tokens(ids: Vec<TokenId>) -> Vec<Token> {
+fn into_tokens(ids: Vec<Token>) -> Vec<LlamaToken> {
     let mut ids = std::mem::ManuallyDrop::new(ids);
-    // SAFETY: Token is repr(transparent) over i32 (same size and alignment), so the allocation,
-    // its length and capacity describe a valid Vec<Token>; ManuallyDrop gives up the old owner.
+    // SAFETY: Token and LlamaToken are both repr(transparent) over i32 (same size and
+    // alignment), so the allocation, its length and capacity describe a valid Vec<LlamaToken>;
+    // ManuallyDrop gives up the old owner.
     unsafe { Vec::from_raw_parts(ids.as_mut_ptr().cast(), ids.len(), ids.capacity()) }
 }
 
-fn into_ids(tokens: Vec<Token>) -> Vec<TokenId> {
+fn into_ids(tokens: Vec<LlamaToken>) -> Vec<Token> {
     let mut tokens = std::mem::ManuallyDrop::new(tokens);
     // SAFETY: as in into_tokens, the other way round.
     unsafe { Vec::from_raw_parts(tokens.as_mut_ptr().cast(), tokens.len(), tokens.capacity()) }
@@ -190,29 +192,30 @@ impl BackendModel for SourceModel {
         }
     }
 
-    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
+    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool, out: &mut Vec<Token>) -> Result<(), EngineError> {
         let mut buf = into_tokens(std::mem::take(out));
         let result = self.model.vocab().tokenize_into(text, TokenizeOptions { add_special, parse_special }, &mut buf);
         *out = into_ids(buf);
         result.map_err(|e| EngineError::Tokenize(cause(e)))
     }
 
-    fn piece(&self, token: TokenId, special: bool, out: &mut Vec<u8>) -> Result<(), EngineError> {
-        self.model.vocab().piece_into(Token(token), special, out).map_err(|e| EngineError::Tokenize(cause(e)))
+    fn piece(&self, token: Token, special: bool, out: &mut Vec<u8>) -> Result<(), EngineError> {
+        let specials = if special { SpecialTokens::Render } else { SpecialTokens::Omit };
+        self.model.vocab().piece_into(token.into(), specials, out).map_err(|e| EngineError::Tokenize(cause(e)))
     }
 
-    fn is_eog(&self, token: TokenId) -> bool {
-        self.model.vocab().is_eog(Token(token))
+    fn is_eog(&self, token: Token) -> bool {
+        self.model.vocab().is_eog(token.into())
     }
 
-    fn bos(&self) -> TokenId {
-        self.model.vocab().bos().0
+    fn bos(&self) -> Token {
+        self.model.vocab().bos().into()
     }
 
     fn fim_tokens(&self) -> crate::FimTokens {
         use llama::FimToken;
         let vocab = self.model.vocab();
-        let get = |kind| vocab.fim(kind).map(|t| t.0);
+        let get = |kind| vocab.fim(kind).map(Token::from);
         crate::FimTokens {
             prefix: get(FimToken::Prefix),
             suffix: get(FimToken::Suffix),
@@ -240,9 +243,9 @@ impl BackendModel for SourceModel {
         let sep = vocab.sep();
         let eos = Some(vocab.eos()).filter(|&t| vocab.contains(t)).or(sep);
         crate::token::PairTokens {
-            bos: added.bos.then_some(vocab.bos().0),
-            eos: if added.eos { eos.map(|t| t.0) } else { None },
-            sep: if added.sep { sep.map(|t| t.0) } else { None },
+            bos: added.bos.then_some(vocab.bos().into()),
+            eos: if added.eos { eos.map(Token::from) } else { None },
+            sep: if added.sep { sep.map(Token::from) } else { None },
         }
     }
 
@@ -322,12 +325,12 @@ impl<'m> BackendSession for SourceSession<'m> {
         self.ctx.n_batch()
     }
 
-    fn fill(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+    fn fill(&mut self, ids: &[Token], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.batch.clear();
         self.batch.add_sequence(tokens(ids), start, 0, outputs == Outputs::Last).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))
     }
 
-    fn decode(&mut self, ids: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+    fn decode(&mut self, ids: &[Token], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.fill(ids, start, outputs)?;
         self.ctx.decode(&self.batch).map_err(decode_error)
     }
@@ -352,8 +355,8 @@ impl<'m> BackendSession for SourceSession<'m> {
         self.batch.clear();
     }
 
-    fn batch_push(&mut self, token: TokenId, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
-        self.batch.add(Token(token), pos, &[seq], output).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))
+    fn batch_push(&mut self, token: Token, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
+        self.batch.add(token.into(), pos, &[seq], output).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))
     }
 
     fn batch_len(&self) -> usize {
@@ -364,13 +367,17 @@ impl<'m> BackendSession for SourceSession<'m> {
         self.ctx.decode(&self.batch).map_err(decode_error)
     }
 
-    fn sample_with(&mut self, sampler: &mut Sampler<'m>, index: i32) -> Result<TokenId, EngineError> {
-        sampler.sample(&self.ctx, index).map(|t| t.0).map_err(|e| EngineError::Sampler(cause(e)))
+    fn sample_with(&mut self, sampler: &mut Sampler<'m>, index: i32) -> Result<Token, EngineError> {
+        sampler.sample(&self.ctx, index).map(Token::from).map_err(|e| EngineError::Sampler(cause(e)))
     }
 
     fn sample_listing(&mut self, sampler: &mut Sampler<'m>, index: i32, n: usize) -> Result<crate::TokenLogprobs, EngineError> {
         let drawn = sampler.sample_listing(&self.ctx, index, n).map_err(|e| EngineError::Sampler(cause(e)))?;
-        Ok(crate::TokenLogprobs { token: drawn.token.0, logprob: drawn.p.ln(), top: drawn.top.into_iter().map(|(t, p)| (t.0, p.ln())).collect() })
+        Ok(crate::TokenLogprobs {
+            token: drawn.token.into(),
+            logprob: drawn.p.ln(),
+            top: drawn.top.into_iter().map(|(t, p)| (t.into(), p.ln())).collect(),
+        })
     }
 
     fn logits_at(&self, index: i32) -> Result<&[f32], EngineError> {
@@ -411,16 +418,16 @@ impl<'m> BackendSession for SourceSession<'m> {
         self.ctx.restore_recurrent_checkpoint(seq, checkpoint).is_ok()
     }
 
-    fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[TokenId]) -> Result<u64, EngineError> {
-        let tokens: Vec<Token> = tokens.iter().map(|&t| Token(t)).collect();
-        self.ctx.save_sequence_state_file(seq, path, &tokens).map_err(|e| EngineError::slot_file(SlotFileAction::Save, path, e))?;
+    fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[Token]) -> Result<u64, EngineError> {
+        let tokens = self::tokens(tokens);
+        self.ctx.save_sequence_state_file(seq, path, tokens).map_err(|e| EngineError::slot_file(SlotFileAction::Save, path, e))?;
         Ok(super::file_len(path))
     }
 
-    fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<TokenId>, EngineError> {
+    fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<Token>, EngineError> {
         let tokens =
             self.ctx.load_sequence_state_file(seq, path, max_tokens).map_err(|e| EngineError::slot_file(SlotFileAction::Restore, path, e))?;
-        Ok(tokens.into_iter().map(|t| t.0).collect())
+        Ok(into_ids(tokens))
     }
 
     fn seq_state(&mut self, seq: i32) -> Result<Vec<u8>, EngineError> {
@@ -462,8 +469,12 @@ fn build_sampler<'m>(model: &'m Model, p: &SamplingParams) -> Result<Sampler<'m>
 /// its constraint.
 fn chain(p: &SamplingParams) -> SamplerChain {
     let chain = p.stages().into_iter().fold(SamplerChain::new(), |chain, stage| match stage {
-        SamplerStage::LogitBias(biases) => chain.logit_bias(&biases.iter().map(|&(t, b)| (Token(t), b)).collect::<Vec<_>>()),
-        SamplerStage::Penalties { last_n, repeat, frequency, presence } => chain.penalties(last_n, repeat, frequency, presence),
+        SamplerStage::LogitBias(biases) => chain.logit_bias(&biases.iter().map(|&(t, b)| (t.into(), b)).collect::<Vec<_>>()),
+        SamplerStage::Penalties { last_n, repeat, frequency, presence } => {
+            // SamplingParams::validate refused a last_n below -1 before the chain was built.
+            let window = PenaltyWindow::from_last_n(last_n).unwrap_or(PenaltyWindow::Off);
+            chain.penalties(Penalties::default().window(window).repeat(repeat).frequency(frequency).presence(presence))
+        }
         SamplerStage::TopK(k) => chain.top_k(k),
         SamplerStage::TopP(p) => chain.top_p(p, 1),
         SamplerStage::MinP(p) => chain.min_p(p, 1),

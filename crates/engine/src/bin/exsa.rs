@@ -513,7 +513,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             };
             let report = harness::BenchReport {
                 backend: Engine::backend_name().into(),
-                model: engine.model_info(),
+                model: engine.model_info().into(),
                 threads: session.n_threads,
                 n_batch: session.n_batch,
                 n_ubatch: session.n_ubatch,
@@ -521,7 +521,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 samples,
                 greedy,
                 system_info: Engine::system_info(),
-                build_info: Engine::build_info(),
+                build_info: serde_json::to_value(Engine::build_info())?,
             };
             println!("{}", serde_json::to_string(&report)?);
         }
@@ -608,7 +608,7 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
 /// build (its CPU code is the build machine's). An error where the choice was refused.
 fn cpu_variant() -> Result<Option<String>, String> {
     let info = Engine::build_info();
-    let cpu = &info["cpu_variant"];
+    let Some(cpu) = info.details.get("cpu_variant") else { return Ok(None) };
     if let Some(refused) = cpu["refused"].as_str() {
         return Err(refused.to_owned());
     }

@@ -5,7 +5,7 @@ use super::Session;
 use crate::error::EngineError;
 use crate::outcome::{FinishReason, GenerationStats};
 use crate::stop::TOKEN_TEXT_CAPACITY;
-use crate::token::TokenId;
+use crate::token::Token;
 
 /// A generation in progress: an iterator of text deltas, or, without an allocation per token,
 /// [`Generation::next_text`].
@@ -27,7 +27,7 @@ struct Finished {
     /// Whether the error was handed out (it is, once).
     reported: bool,
     stats: GenerationStats,
-    tokens: Vec<TokenId>,
+    tokens: Vec<Token>,
 }
 
 impl std::fmt::Debug for Generation<'_, '_> {
@@ -68,7 +68,7 @@ impl<'s, 'e> Generation<'s, 'e> {
     }
 
     /// The tokens generated so far (an end-of-generation token is not listed).
-    pub fn tokens(&self) -> &[TokenId] {
+    pub fn tokens(&self) -> &[Token] {
         match &self.ended {
             Some(ended) => &ended.tokens,
             None => self.session.scheduler.running(0).map(|(_, _, tokens)| tokens).expect("a running generation has its request"),

@@ -7,7 +7,7 @@ mod session;
 
 use std::time::Instant;
 
-use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, SamplerOf, TokenId};
+use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, SamplerOf, Token};
 use crate::chat::{ChatMessage, ChatOptions, Continuation};
 use crate::config::{ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, Prompt, SessionConfig};
 use crate::error::EngineError;
@@ -46,7 +46,7 @@ const MAX_EMBEDDED_TOGETHER: usize = 64;
 
 /// `texts` in order, cut into groups that fit one decode: at most `n_batch` tokens and
 /// `max_seqs` texts each.
-fn batches(texts: &[Vec<TokenId>], n_batch: usize, max_seqs: usize) -> Vec<&[Vec<TokenId>]> {
+fn batches(texts: &[Vec<Token>], n_batch: usize, max_seqs: usize) -> Vec<&[Vec<Token>]> {
     let mut groups = Vec::new();
     let (mut start, mut tokens) = (0, 0);
     for (i, text) in texts.iter().enumerate() {
@@ -138,10 +138,9 @@ impl Engine {
         cfg!(all(feature = "source", feature = "jinja"))
     }
 
-    /// How llama.cpp was built for this program, as JSON (the backend's flags, the pinned tree,
-    /// the CPU variant a dynamic build chose): what `exsa info` prints. Its shape follows the
-    /// backend and is not part of the stable API.
-    pub fn build_info() -> serde_json::Value {
+    /// How llama.cpp was built for this program: the backend, the llama.cpp tree, and in
+    /// [`BuildInfo::details`](crate::BuildInfo::details) the flags and the CPU variant a dynamic build chose.
+    pub fn build_info() -> crate::BuildInfo {
         Active::build_info()
     }
 
@@ -158,15 +157,14 @@ impl Engine {
         Active::system_info()
     }
 
-    /// The model's description (architecture, parameters, size, file type), in the shape
-    /// `exsa bench` reports it.
+    /// The model's description: its file, architecture, size and shape.
     pub fn model_info(&self) -> ModelInfo {
         self.model.info()
     }
 
     /// The bytes of a token's text (special tokens render as empty), for token-level output
     /// such as log-probabilities.
-    pub fn token_bytes(&self, token: TokenId) -> Result<Vec<u8>, EngineError> {
+    pub fn token_bytes(&self, token: Token) -> Result<Vec<u8>, EngineError> {
         let mut out = Vec::new();
         self.model.piece(token, false, &mut out)?;
         Ok(out)
@@ -174,7 +172,7 @@ impl Engine {
 
     /// The text of `tokens` with control tokens written out (`<bos>`, `<start_of_turn>`, ...), as
     /// llama-server shows a prompt; invalid UTF-8 (a character cut between tokens) replaced.
-    pub fn tokens_to_text_with_specials(&self, tokens: &[TokenId]) -> Result<String, EngineError> {
+    pub fn tokens_to_text_with_specials(&self, tokens: &[Token]) -> Result<String, EngineError> {
         let mut out = Vec::new();
         for &t in tokens {
             self.model.piece(t, true, &mut out)?;
@@ -306,7 +304,7 @@ impl Engine {
     }
 
     /// [`Engine::embed_many`] of texts already tokenized (each non-empty, within one batch).
-    pub(crate) fn embed_tokens(&self, texts: &[Vec<TokenId>]) -> Result<Vec<Vec<f32>>, EngineError> {
+    pub(crate) fn embed_tokens(&self, texts: &[Vec<Token>]) -> Result<Vec<Vec<f32>>, EngineError> {
         let base = &self.config.session;
         // Sequences per decode: as many as there are texts, up to a bound, and a divisor of the
         // batch: llama.cpp aborts creating a mean- or rank-pooled context whose micro-batch
@@ -353,7 +351,7 @@ impl Engine {
         let tokens = match &request.prompt {
             // BOS alone is no prompt.
             Prompt::Text { text, .. } if text.is_empty() => return Err(EngineError::EmptyPrompt),
-            Prompt::Text { text, parse_special } => self.tokenize(text, *parse_special)?,
+            Prompt::Text { text, parse_special } => self.tokenize(text, TokenizeOptions::default().parse_special(*parse_special))?,
             Prompt::Chat { messages, specials_in_messages, options: chat } => match &self.templates {
                 Some(templates) => {
                     if messages.is_empty() {
@@ -369,7 +367,7 @@ impl Engine {
             },
             Prompt::Tokens(tokens) => {
                 let n_vocab = self.model.n_vocab();
-                if let Some(bad) = tokens.iter().find(|t| !(0..n_vocab).contains(*t)) {
+                if let Some(bad) = tokens.iter().find(|t| !t.in_vocab(n_vocab)) {
                     return Err(EngineError::InvalidRequest { field: "prompt", value: bad.to_string(), reason: "is not a token of this model" });
                 }
                 tokens.clone()
@@ -390,7 +388,7 @@ impl Engine {
     /// What a rendered chat's format asks of the generation: its grammar (a request's own
     /// grammar cannot be combined with it), stop strings and special tokens written as text.
     fn apply_format(&self, rendered: &RenderedChat, options: &mut GenerateOptions) -> Result<(), EngineError> {
-        let word_tokens = |text: &str| self.tokenize_with(text, TokenizeOptions { add_special: false, parse_special: true });
+        let word_tokens = |text: &str| self.tokenize(text, TokenizeOptions { add_special: false, parse_special: true });
         for text in &rendered.preserved {
             if let [token] = word_tokens(text)?.as_slice() {
                 options.preserved_tokens.push(*token);
@@ -428,25 +426,24 @@ impl Engine {
 
     /// The prompt tokens of a chat, as [`Session::chat`] decodes them: the template's control
     /// tokens parsed, message contents kept as text unless `specials_in_messages`.
-    pub fn chat_tokens(&self, messages: &[ChatMessage], specials_in_messages: bool) -> Result<Vec<TokenId>, EngineError> {
+    pub fn chat_tokens(&self, messages: &[ChatMessage], specials_in_messages: bool) -> Result<Vec<Token>, EngineError> {
         let rendered = self.format_chat(messages)?;
         self.rendered_chat_tokens(&rendered, messages, specials_in_messages)
     }
 
-    fn rendered_chat_tokens(&self, rendered: &str, messages: &[ChatMessage], specials_in_messages: bool) -> Result<Vec<TokenId>, EngineError> {
+    fn rendered_chat_tokens(&self, rendered: &str, messages: &[ChatMessage], specials_in_messages: bool) -> Result<Vec<Token>, EngineError> {
         let mut tokens = Vec::new();
         crate::chat_tokens::tokenize(&self.model, rendered, messages, specials_in_messages, &mut tokens)?;
         Ok(tokens)
     }
 
-    /// Tokenizes a prompt: BOS added where the model wants one; control-token text parsed only
-    /// with `parse_special`.
-    pub fn tokenize(&self, text: &str, parse_special: bool) -> Result<Vec<TokenId>, EngineError> {
-        self.tokenize_with(text, TokenizeOptions { parse_special, ..TokenizeOptions::default() })
-    }
-
-    /// Tokenizes text with every choice explicit (e.g. a fragment, without BOS).
-    pub fn tokenize_with(&self, text: &str, options: TokenizeOptions) -> Result<Vec<TokenId>, EngineError> {
+    /// Tokenizes text: `TokenizeOptions::default()` for a prompt (BOS added where the model wants
+    /// one, control-token text left as text), `.add_special(false)` for a fragment,
+    /// `.parse_special(true)` to read `<start_of_turn>` and the like as their tokens.
+    ///
+    /// # Errors
+    /// [`EngineError::Tokenize`] when llama.cpp's tokenizer fails.
+    pub fn tokenize(&self, text: &str, options: TokenizeOptions) -> Result<Vec<Token>, EngineError> {
         let mut tokens = Vec::new();
         self.model.tokenize(text, options.add_special, options.parse_special, &mut tokens)?;
         Ok(tokens)
@@ -454,8 +451,8 @@ impl Engine {
 
     /// Every token that ends a generation (end of sequence, end of turn, ...): to ban them with
     /// a logit bias when a fixed number of tokens is wanted.
-    pub fn end_of_generation_tokens(&self) -> Vec<TokenId> {
-        (0..self.model.n_vocab()).filter(|&t| self.model.is_eog(t)).collect()
+    pub fn end_of_generation_tokens(&self) -> Vec<Token> {
+        (0..self.model.n_vocab()).map(Token).filter(|&t| self.model.is_eog(t)).collect()
     }
 
     /// [`EngineError::Rpc`] once an rpc-server holding the model's layers was lost: every
@@ -554,7 +551,7 @@ fn vocabulary_difference(target: &Model, draft: &Model) -> Result<Option<String>
         return Ok(Some(format!("its BOS token is {}, the main model's {}", draft.bos(), target.bos())));
     }
     let (mut a, mut b) = (Vec::new(), Vec::new());
-    for token in 0..n_target {
+    for token in (0..n_target).map(Token) {
         a.clear();
         b.clear();
         target.piece(token, false, &mut a)?;
@@ -570,7 +567,7 @@ fn vocabulary_difference(target: &Model, draft: &Model) -> Result<Option<String>
     Ok(None)
 }
 
-/// How [`Engine::tokenize_with`] treats text. (`llama::TokenizeOptions` says the same for the
+/// How [`Engine::tokenize`] treats text. (`llama::TokenizeOptions` says the same for the
 /// safe wrapper; the engine has its own because backend `crate` does not link `llama`.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -609,8 +606,8 @@ mod tests {
 
     #[test]
     fn embedded_texts_are_grouped_by_batch_room_and_sequence_count() {
-        let texts: Vec<Vec<TokenId>> = [3, 4, 2, 6, 1, 1, 1].iter().map(|&n| vec![1; n]).collect();
-        let sizes = |groups: Vec<&[Vec<TokenId>]>| groups.iter().map(|g| g.iter().map(Vec::len).collect::<Vec<_>>()).collect::<Vec<_>>();
+        let texts: Vec<Vec<Token>> = [3, 4, 2, 6, 1, 1, 1].iter().map(|&n| vec![Token(1); n]).collect();
+        let sizes = |groups: Vec<&[Vec<Token>]>| groups.iter().map(|g| g.iter().map(Vec::len).collect::<Vec<_>>()).collect::<Vec<_>>();
         assert_eq!(sizes(batches(&texts, 8, 64)), vec![vec![3, 4], vec![2, 6], vec![1, 1, 1]]);
         assert_eq!(sizes(batches(&texts, 8, 2)), vec![vec![3, 4], vec![2, 6], vec![1, 1], vec![1]]);
         assert_eq!(sizes(batches(&texts, 100, 64)), vec![vec![3, 4, 2, 6, 1, 1, 1]]);

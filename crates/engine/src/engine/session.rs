@@ -12,7 +12,7 @@ use crate::config::{GenerateOptions, GenerateRequest, Prompt, SessionConfig, Spe
 use crate::error::EngineError;
 use crate::outcome::{GenerationStats, SlotAction, SlotActionDone};
 use crate::scheduler::{Counters, DraftModel, Scheduler};
-use crate::token::TokenId;
+use crate::token::Token;
 
 /// A context with memory of what it decoded: a request that shares a prefix with the previous
 /// one decodes only the new suffix.
@@ -163,7 +163,7 @@ impl<'e> Session<'e> {
 /// a file, a database or the network.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SessionState {
-    tokens: Vec<TokenId>,
+    tokens: Vec<Token>,
     state: Vec<u8>,
 }
 
@@ -178,7 +178,7 @@ impl SessionState {
     const MAGIC: [u8; 8] = *b"exsa\0st1";
 
     /// The tokens the cache held.
-    pub fn tokens(&self) -> &[TokenId] {
+    pub fn tokens(&self) -> &[Token] {
         &self.tokens
     }
 
@@ -188,7 +188,7 @@ impl SessionState {
         bytes.extend_from_slice(&Self::MAGIC);
         bytes.extend_from_slice(&(self.tokens.len() as u64).to_le_bytes());
         for token in &self.tokens {
-            bytes.extend_from_slice(&token.to_le_bytes());
+            bytes.extend_from_slice(&token.0.to_le_bytes());
         }
         bytes.extend_from_slice(&self.state);
         bytes
@@ -210,7 +210,7 @@ impl SessionState {
             .filter(|&n| n <= rest.len())
             .ok_or_else(|| fail("the bytes are shorter than their token count says"))?;
         let (tokens, state) = rest.split_at(tokens_len);
-        let tokens = tokens.chunks_exact(4).map(|c| TokenId::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let tokens = tokens.chunks_exact(4).map(|c| Token(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect();
         Ok(SessionState { tokens, state: state.to_vec() })
     }
 }

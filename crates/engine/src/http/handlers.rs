@@ -24,6 +24,7 @@ use super::stream::Answer;
 use crate::config::GenerateRequest;
 use crate::error::EngineError;
 use crate::serving::ServeRequest;
+use crate::token::Token;
 
 /// 200 while the server can serve; 503 while it loads, or while a model lost an rpc-server and
 /// is not loaded again yet: a balancer polling this sends requests elsewhere meanwhile.
@@ -323,7 +324,8 @@ pub(super) async fn embed_texts(
         .run("input", move || {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             let vectors = engine.embed_many(&refs)?;
-            let counts = texts.iter().map(|t| engine.tokenize(t, false).map(|t| t.len())).collect::<Result<Vec<_>, _>>()?;
+            let counts =
+                texts.iter().map(|t| engine.tokenize(t, crate::TokenizeOptions::default()).map(|t| t.len())).collect::<Result<Vec<_>, _>>()?;
             Ok(vectors.into_iter().zip(counts).collect::<Vec<_>>())
         })
         .await?;
@@ -407,7 +409,7 @@ pub(super) async fn tokenize(State(state): State<Arc<AppState>>, Body(body): Bod
     let options = crate::TokenizeOptions { add_special: body.add_special.unwrap_or(false), parse_special: body.parse_special.unwrap_or(true) };
     let tokens = async {
         let model = state.models.get(body.model.as_deref()).await?;
-        let tokens = model.engine.tokenize_with(&body.content, options)?;
+        let tokens = model.engine.tokenize(&body.content, options)?;
         if !body.with_pieces {
             return Ok(json!(tokens));
         }
@@ -441,7 +443,7 @@ pub(super) async fn detokenize(State(state): State<Arc<AppState>>, Body(body): B
     }
     let mut bytes = Vec::new();
     for &t in &body.tokens {
-        match model.engine.token_bytes(t as i32) {
+        match model.engine.token_bytes(Token(t as i32)) {
             Ok(b) => bytes.extend(b),
             Err(e) => return log::refused(&state, e.into()),
         }

@@ -132,7 +132,10 @@ pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig,
             config,
             next_id: AtomicU64::new(1),
             metrics: metrics::Metrics::default(),
-            fingerprint: format!("b{}-exsa-{}", crate::Engine::build_info()["build_number"], env!("CARGO_PKG_VERSION")),
+            fingerprint: match crate::Engine::build_info().build_number {
+                Some(n) => format!("b{n}-exsa-{}", env!("CARGO_PKG_VERSION")),
+                None => format!("exsa-{}", env!("CARGO_PKG_VERSION")),
+            },
         });
         let app = routes::router(Arc::clone(&state), cors);
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();

@@ -20,7 +20,7 @@ use super::openai::{Kind, Sampling, timings};
 use crate::config::{GenerateOptions, GenerateRequest, Prompt};
 use crate::outcome::{Completion, FinishReason};
 use crate::token::TokenLogprobs;
-use crate::{TokenId, TokenizeOptions};
+use crate::{Token, TokenizeOptions};
 
 #[derive(Debug, Deserialize)]
 pub struct NativeRequest {
@@ -161,7 +161,7 @@ impl NativeRequest {
 
 impl Shape {
     /// The shape of a response to `options` over the prompt `tokens` (as prepared for decoding).
-    pub(super) fn new(model: &Loaded, tokens: &[TokenId], options: &GenerateOptions, stream: bool, fields: NativeFields) -> Result<Shape, ApiError> {
+    pub(super) fn new(model: &Loaded, tokens: &[Token], options: &GenerateOptions, stream: bool, fields: NativeFields) -> Result<Shape, ApiError> {
         let s = &options.sampling;
         let generation_settings = json!({
             "seed": s.seed, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "min_p": s.min_p,
@@ -190,15 +190,14 @@ impl NativeRequest {
     /// (`[FIM_REP]myproject\n[FIM_SEP]name\ntext...`, as much as the context leaves room for),
     /// then BOS where the model wants one, `[FIM_PRE]` prefix (at most 3/4 of a batch, its end)
     /// `prompt`, `[FIM_SUF]` suffix (what a quarter batch leaves room for, its start), `[FIM_MID]`.
-    fn infill_tokens(&self, model: &Loaded, server_max_tokens: Option<usize>) -> Result<Vec<TokenId>, ApiError> {
+    fn infill_tokens(&self, model: &Loaded, server_max_tokens: Option<usize>) -> Result<Vec<Token>, ApiError> {
         let fim = model.engine.fim_tokens();
         let (Some(pre), Some(suf), Some(mid)) = (fim.prefix, fim.suffix, fim.middle) else {
             return Err(ApiError::invalid("model", "this model has no fill-in-the-middle tokens (prefix, suffix and middle), so it cannot infill")
                 .with_code("not_supported"));
         };
-        let plain =
-            |text: &str| model.engine.tokenize_with(text, TokenizeOptions { add_special: false, parse_special: false }).map_err(ApiError::from);
-        let field = |name: &'static str, value: &Option<Value>| -> Result<Vec<TokenId>, ApiError> {
+        let plain = |text: &str| model.engine.tokenize(text, TokenizeOptions { add_special: false, parse_special: false }).map_err(ApiError::from);
+        let field = |name: &'static str, value: &Option<Value>| -> Result<Vec<Token>, ApiError> {
             match value {
                 None => Err(ApiError::invalid(name, "is required")),
                 Some(Value::String(text)) => plain(text),
@@ -255,7 +254,7 @@ impl NativeRequest {
         suffix.truncate(suffix_take);
         let mut tokens = extra[extra.len() - extra_take..].to_vec();
         // BOS where the model wants one (what tokenizing nothing with special tokens gives).
-        tokens.extend(model.engine.tokenize_with("", TokenizeOptions { add_special: true, parse_special: false })?);
+        tokens.extend(model.engine.tokenize("", TokenizeOptions { add_special: true, parse_special: false })?);
         tokens.push(pre);
         tokens.extend(prefix);
         tokens.extend(prompt);
@@ -267,7 +266,7 @@ impl NativeRequest {
 }
 
 /// The prompts of a request: one (text, token ids, or a list mixing both), or a list of such.
-fn prompts(prompt: &Value, model: &Loaded) -> Result<Vec<Vec<TokenId>>, ApiError> {
+fn prompts(prompt: &Value, model: &Loaded) -> Result<Vec<Vec<Token>>, ApiError> {
     match prompt {
         // A list without a token id at its top is a list of prompts.
         Value::Array(items) if !items.iter().any(Value::is_number) => {
@@ -282,10 +281,9 @@ fn prompts(prompt: &Value, model: &Loaded) -> Result<Vec<Vec<TokenId>>, ApiError
 
 /// One prompt's tokens: text is tokenized with control tokens parsed and BOS added (as
 /// llama-server does); in a list, BOS only when it starts with text.
-fn prompt_tokens(prompt: &Value, model: &Loaded) -> Result<Vec<TokenId>, ApiError> {
+fn prompt_tokens(prompt: &Value, model: &Loaded) -> Result<Vec<Token>, ApiError> {
     let bad = |reason: &str| ApiError::invalid("prompt", reason);
-    let text =
-        |t: &str, first: bool| model.engine.tokenize_with(t, TokenizeOptions { add_special: first, parse_special: true }).map_err(ApiError::from);
+    let text = |t: &str, first: bool| model.engine.tokenize(t, TokenizeOptions { add_special: first, parse_special: true }).map_err(ApiError::from);
     match prompt {
         Value::String(t) => text(t, true),
         Value::Object(o) => {
@@ -304,12 +302,12 @@ fn prompt_tokens(prompt: &Value, model: &Loaded) -> Result<Vec<TokenId>, ApiErro
 }
 
 /// A token id of this model, given as a JSON number; a 400 naming `field` otherwise.
-fn token_id(value: &Value, model: &Loaded, field: &'static str) -> Result<TokenId, ApiError> {
+fn token_id(value: &Value, model: &Loaded, field: &'static str) -> Result<Token, ApiError> {
     let n_vocab = model.engine.model_info().n_vocab;
     value
         .as_i64()
         .filter(|t| (0..i64::from(n_vocab)).contains(t))
-        .map(|t| t as TokenId)
+        .map(|t| Token(t as i32))
         .ok_or_else(|| ApiError::invalid(field, format!("{value} is not a token of this model (0..{n_vocab})")))
 }
 
@@ -319,8 +317,8 @@ fn mixed_tokens(
     items: &[Value],
     model: &Loaded,
     field: &'static str,
-    text: impl Fn(&str, usize) -> Result<Vec<TokenId>, ApiError>,
-) -> Result<Vec<TokenId>, ApiError> {
+    text: impl Fn(&str, usize) -> Result<Vec<Token>, ApiError>,
+) -> Result<Vec<Token>, ApiError> {
     let mut tokens = Vec::new();
     for (i, item) in items.iter().enumerate() {
         match item {
@@ -332,7 +330,7 @@ fn mixed_tokens(
 }
 
 /// llama-server's `logit_bias` forms, as token ids and biases (text keys bias each of their tokens).
-fn logit_bias(value: &Value, model: &Loaded) -> Result<Vec<(TokenId, f32)>, ApiError> {
+fn logit_bias(value: &Value, model: &Loaded) -> Result<Vec<(Token, f32)>, ApiError> {
     let bad = |reason: String| ApiError::invalid("logit_bias", reason);
     let pairs: Vec<(Value, &Value)> = match value {
         Value::Object(map) => map.iter().map(|(k, v)| (Value::String(k.clone()), v)).collect(),
@@ -360,7 +358,7 @@ fn logit_bias(value: &Value, model: &Loaded) -> Result<Vec<(TokenId, f32)>, ApiE
             // A key that reads as a number is a token id, any other a text.
             Value::String(s) => match s.parse::<i64>() {
                 Ok(t) => vec![token_id(&t.into(), model, "logit_bias")?],
-                Err(_) => model.engine.tokenize_with(s, TokenizeOptions { add_special: false, parse_special: false })?,
+                Err(_) => model.engine.tokenize(s, TokenizeOptions { add_special: false, parse_special: false })?,
             },
             other => return Err(bad(format!("{other} is not a token id or a text"))),
         };
@@ -383,7 +381,7 @@ fn stop_type(reason: FinishReason) -> &'static str {
 /// `top_probs`) as llama-server lists them.
 fn probabilities(entries: &[TokenLogprobs], model: &Loaded, post_sampling: bool) -> Value {
     let (value, top) = if post_sampling { ("prob", "top_probs") } else { ("logprob", "top_logprobs") };
-    let one = |t: TokenId, logprob: f32| {
+    let one = |t: Token, logprob: f32| {
         let bytes = model.engine.token_bytes(t).unwrap_or_default();
         // The text of the bytes' valid UTF-8 start (a token may end inside a character).
         let valid = std::str::from_utf8(&bytes).map_or_else(|e| e.valid_up_to(), str::len);

@@ -8,7 +8,7 @@ use super::error::ApiError;
 use crate::chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, Continuation, ReasoningFormat, Tool, ToolCall, ToolChoice};
 use crate::config::{GenerateOptions, GenerateRequest, Prompt as EnginePrompt, SamplingParams, Speculation};
 use crate::outcome::{FinishReason, GenerationStats};
-use crate::token::TokenLogprobs;
+use crate::token::{Token, TokenLogprobs};
 
 /// `stop`: one string or a list.
 #[derive(Debug, Deserialize)]
@@ -299,7 +299,7 @@ impl Sampling {
     }
 
     /// `logit_bias` as token ids and biases (token range checked against the model later).
-    fn logit_bias(&self) -> Result<Vec<(i32, f32)>, ApiError> {
+    fn logit_bias(&self) -> Result<Vec<(Token, f32)>, ApiError> {
         let Some(map) = &self.logit_bias else { return Ok(Vec::new()) };
         if map.len() > 1024 {
             return Err(ApiError::invalid("logit_bias", "at most 1024 tokens"));
@@ -308,7 +308,7 @@ impl Sampling {
             .map(|(token, bias)| {
                 let token = token.parse::<i32>().map_err(|_| ApiError::invalid("logit_bias", format!("key {token:?} is not a token id")))?;
                 let bias = bias.as_f64().ok_or_else(|| ApiError::invalid("logit_bias", format!("the bias of token {token} is not a number")))?;
-                Ok((token, bias as f32))
+                Ok((Token(token), bias as f32))
             })
             .collect()
     }
@@ -680,8 +680,8 @@ impl Kind {
 
     /// Log-probabilities in this kind's shape: chat's `content` list, or the legacy parallel
     /// lists of text completions. `text` gives a token's text.
-    pub fn logprobs(self, entries: &[TokenLogprobs], text: impl Fn(i32) -> Vec<u8>) -> Value {
-        let piece = |t: i32| String::from_utf8_lossy(&text(t)).into_owned();
+    pub fn logprobs(self, entries: &[TokenLogprobs], text: impl Fn(Token) -> Vec<u8>) -> Value {
+        let piece = |t: Token| String::from_utf8_lossy(&text(t)).into_owned();
         match self {
             Kind::Chat | Kind::Responses | Kind::Messages => {
                 let content: Vec<Value> = entries

@@ -6,7 +6,7 @@ use super::slot::Sequence;
 use crate::backend::{BackendModel, BackendSession, CheckpointOf, Outputs, SamplerOf};
 use crate::config::{SamplingParams, SessionConfig};
 use crate::error::EngineError;
-use crate::token::TokenId;
+use crate::token::Token;
 
 pub(crate) struct DraftModel<'e, M: BackendModel + 'e> {
     model: &'e M,
@@ -31,7 +31,7 @@ impl<'e, M: BackendModel> DraftModel<'e, M> {
 
     /// Appends to `out` up to `max_len` tokens the draft model generates greedily after `history`
     /// (the main sequence's tokens).
-    pub(crate) fn draft(&mut self, history: &[TokenId], max_len: usize, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
+    pub(crate) fn draft(&mut self, history: &[Token], max_len: usize, out: &mut Vec<Token>) -> Result<(), EngineError> {
         if max_len == 0 || history.len() + max_len >= self.session.n_ctx() as usize {
             return Ok(());
         }
@@ -43,7 +43,7 @@ impl<'e, M: BackendModel> DraftModel<'e, M> {
         drafted
     }
 
-    fn decode_and_draw(&mut self, history: &[TokenId], max_len: usize, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
+    fn decode_and_draw(&mut self, history: &[Token], max_len: usize, out: &mut Vec<Token>) -> Result<(), EngineError> {
         let reused = self.seq.keep_prefix(&mut self.session, history);
         let n_batch = self.session.n_batch() as usize;
         let mut last = 0;

@@ -38,7 +38,7 @@ use crate::backend::{BackendModel, BackendSession, CheckpointOf, SamplerOf};
 use crate::config::Speculation;
 use crate::error::{DecodeFailure, EngineError};
 use crate::outcome::{FinishReason, GenerationStats, SlotAction, SlotActionDone, ms};
-use crate::token::{TokenId, TokenLogprobs};
+use crate::token::{Token, TokenLogprobs};
 
 /// Counters of a scheduler, readable from other threads while it runs.
 #[derive(Debug, Default)]
@@ -71,7 +71,7 @@ pub(crate) struct Ended<C> {
     /// How it ended: the reason, or the error that failed it.
     pub(crate) outcome: Result<FinishReason, EngineError>,
     pub(crate) stats: GenerationStats,
-    pub(crate) tokens: Vec<TokenId>,
+    pub(crate) tokens: Vec<Token>,
     pub(crate) logprobs: Vec<TokenLogprobs>,
     /// How many of `tokens` and `logprobs` went out with earlier deltas.
     pub(crate) delivered: (usize, usize),
@@ -276,7 +276,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// (shared, in a unified cache: no decode, no new cells) and cut to the shared prefix.
     /// Returns the tokens `dst` then holds, or None when it copied nothing and `dst` holds the
     /// `kept` tokens it had.
-    fn copy_longer_prefix(&mut self, dst: usize, prompt: &[TokenId], kept: usize) -> Option<usize> {
+    fn copy_longer_prefix(&mut self, dst: usize, prompt: &[Token], kept: usize) -> Option<usize> {
         let recurrent = self.recurrent;
         let usable = |s: &Slot<_, _>| s.seq.reusable(prompt, recurrent);
         let donor = (0..self.slots.len()).filter(|&i| i != dst).max_by_key(|&i| usable(&self.slots[i]))?;
@@ -306,7 +306,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// Whether `prompt` should wait for a slot that is decoding a prompt it shares much of (the
     /// other choices of one request, a common system prompt), to copy those cells once they are
     /// in instead of decoding them again beside it.
-    pub(crate) fn awaits_shared_prefix(&self, prompt: &[TokenId]) -> bool {
+    pub(crate) fn awaits_shared_prefix(&self, prompt: &[Token]) -> bool {
         let cached = self.slots.iter().map(|s| s.seq.reusable(prompt, self.recurrent)).max().unwrap_or(0);
         self.slots.iter().any(|s| match &s.phase {
             Phase::Prefilling { prompt: theirs, then: None, .. } => {
@@ -677,7 +677,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     }
 
     /// Slot `i`'s running request: its text of the last step, stats and tokens so far.
-    pub(crate) fn running(&self, i: usize) -> Option<(&str, &GenerationStats, &[TokenId])> {
+    pub(crate) fn running(&self, i: usize) -> Option<(&str, &GenerationStats, &[Token])> {
         self.slots[i].phase.request().map(|r| (r.delta.as_str(), r.stats(), r.tokens()))
     }
 
@@ -687,7 +687,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     }
 
     /// The tokens slot `i`'s cache holds.
-    pub(crate) fn cached(&self, i: usize) -> &[TokenId] {
+    pub(crate) fn cached(&self, i: usize) -> &[Token] {
         self.slots[i].seq.tokens()
     }
 
@@ -762,7 +762,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     }
 
     /// Idle slot `index`'s cache as bytes, with the tokens it holds.
-    pub(crate) fn save_state(&mut self, index: usize) -> Result<(Vec<TokenId>, Vec<u8>), EngineError> {
+    pub(crate) fn save_state(&mut self, index: usize) -> Result<(Vec<Token>, Vec<u8>), EngineError> {
         debug_assert!(self.slot_is_idle(index));
         let seq = &self.slots[index].seq;
         Ok((seq.tokens().to_vec(), self.session.seq_state(seq.id())?))
@@ -770,7 +770,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
 
     /// Replaces idle slot `index`'s cache with `state`, saved with `tokens` by
     /// [`Scheduler::save_state`] (of a context of this model). On failure the slot is empty.
-    pub(crate) fn restore_state(&mut self, index: usize, tokens: &[TokenId], state: &[u8]) -> Result<(), EngineError> {
+    pub(crate) fn restore_state(&mut self, index: usize, tokens: &[Token], state: &[u8]) -> Result<(), EngineError> {
         debug_assert!(self.slot_is_idle(index));
         let seq = &mut self.slots[index].seq;
         seq.clear(&mut self.session);
@@ -845,7 +845,7 @@ pub(crate) const DEFAULT_CHECKPOINTS: usize = 8;
 /// covers at least half the prompt; otherwise the least valuable cache is given up: an empty
 /// slot, else the one used longest ago. (A prefix of a token or two, such as BOS, is not worth
 /// another prompt's whole cache.)
-fn choose_slot<R, K: Clone>(slots: &[Slot<R, K>], prompt: &[TokenId], recurrent: bool) -> Option<usize> {
+fn choose_slot<R, K: Clone>(slots: &[Slot<R, K>], prompt: &[Token], recurrent: bool) -> Option<usize> {
     let free = || slots.iter().enumerate().filter(|(_, s)| s.is_idle());
     let (best, best_common) = free().map(|(i, s)| (i, s.seq.reusable(prompt, recurrent))).max_by_key(|&(i, c)| (c, std::cmp::Reverse(i)))?;
     if best_common * 2 >= prompt.len() {

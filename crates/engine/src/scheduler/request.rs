@@ -15,14 +15,14 @@ use crate::outcome::{FinishReason, GenerationStats, PromptProgress, ms};
 
 use crate::speculative::DraftLength;
 use crate::stop::TOKEN_TEXT_CAPACITY;
-use crate::token::{TokenId, TokenLogprobs};
+use crate::token::{Token, TokenLogprobs};
 use crate::token_text::TokenText;
 
 /// A request ready to run: its prompt tokens, options and sampler, made by the caller (on its
 /// own thread, before the request is accepted: a grammar is parsed once, off the decode loop).
 #[derive(Debug)]
 pub(crate) struct Prepared<S> {
-    pub(crate) tokens: Vec<TokenId>,
+    pub(crate) tokens: Vec<Token>,
     pub(crate) options: GenerateOptions,
     pub(crate) sampler: S,
     /// When the request arrived: its time to first token counts from here.
@@ -44,14 +44,14 @@ pub(crate) struct Drafting {
     pub(crate) source: DraftSource,
     length: DraftLength,
     /// This step's drafts, decoded after the pending token (reused from step to step).
-    pub(crate) drafts: Vec<TokenId>,
+    pub(crate) drafts: Vec<Token>,
     /// Tokens to decode again before the pending token: the kept part of a round whose rejected
     /// drafts a recurrent state could not drop, after it returned to where it stood before the
     /// round (see [`super::Sequence::mark_rollback`]).
-    pub(crate) replay: Vec<TokenId>,
+    pub(crate) replay: Vec<Token>,
     /// This step's shadow draft: the token a lookup predicts next where drafts would not pay
     /// (see [`Request::draft_acceptance`]); checked against the draw, never decoded.
-    pub(crate) shadow: Option<TokenId>,
+    pub(crate) shadow: Option<Token>,
     /// Shadow drafts checked so far, and those the draw matched.
     shadowed: usize,
     shadow_kept: usize,
@@ -61,7 +61,7 @@ pub(crate) struct Drafting {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verified {
     /// The request goes on; this token is the next to decode.
-    Next(TokenId),
+    Next(Token),
     /// The request ended with the last token drawn.
     Ended(FinishReason),
 }
@@ -71,7 +71,7 @@ pub(crate) enum Verified {
 /// What a request produced since its last delivery.
 pub(crate) struct Output<'a> {
     pub(crate) text: &'a str,
-    pub(crate) tokens: &'a [TokenId],
+    pub(crate) tokens: &'a [Token],
     pub(crate) logprobs: &'a [TokenLogprobs],
     /// The request's statistics so far (generation timed to now).
     pub(crate) stats: GenerationStats,
@@ -94,7 +94,7 @@ pub(crate) struct Request<S, C> {
     text: TokenText,
     /// The text this step produced (cleared when a step starts).
     pub(crate) delta: String,
-    tokens: Vec<TokenId>,
+    tokens: Vec<Token>,
     drawn: Vec<TokenLogprobs>,
     /// How many of `tokens` and of `drawn` went out with a delivered text already.
     delivered: (usize, usize),
@@ -122,7 +122,7 @@ pub(crate) struct Request<S, C> {
 impl<S, C> Request<S, C> {
     /// A request admitted at `admitted` whose prompt reuses `reused` cached tokens, and its
     /// prompt; `n_ctx` bounds what it can generate (its buffers are sized once, here).
-    pub(crate) fn new(prepared: Prepared<S>, client: C, reused: usize, admitted: u64, n_ctx: usize) -> (Self, Vec<TokenId>) {
+    pub(crate) fn new(prepared: Prepared<S>, client: C, reused: usize, admitted: u64, n_ctx: usize) -> (Self, Vec<Token>) {
         let Prepared { tokens, options, sampler, arrived } = prepared;
         // The sampler was built from `sampling` and `ignore_eos` already.
         let GenerateOptions {
@@ -203,7 +203,7 @@ impl<S, C> Request<S, C> {
         &self.stats
     }
 
-    pub(crate) fn tokens(&self) -> &[TokenId] {
+    pub(crate) fn tokens(&self) -> &[Token] {
         &self.tokens
     }
 
@@ -264,13 +264,13 @@ impl<S, C> Request<S, C> {
     }
 
     /// The tokens to decode again before the pending token (see [`Drafting::replay`]).
-    pub(crate) fn pending_replay(&self) -> &[TokenId] {
+    pub(crate) fn pending_replay(&self) -> &[Token] {
         self.drafting.as_ref().map_or(&[], |d| &d.replay)
     }
 
     /// Notes `tokens` (decoded already, then dropped with a rejected round) to decode again
     /// before its pending token. A speculating request only.
-    pub(crate) fn replay(&mut self, tokens: &[TokenId], counters: &Counters) {
+    pub(crate) fn replay(&mut self, tokens: &[Token], counters: &Counters) {
         let Some(drafting) = self.drafting.as_mut() else { return };
         drafting.replay.extend_from_slice(tokens);
         self.stats.replayed_tokens += tokens.len();
@@ -287,7 +287,7 @@ impl<S, C> Request<S, C> {
 
     /// Draws the output at batch `index` with the request's sampler (its log-probabilities
     /// noted when asked for); the first draw is the one place time to first token is taken.
-    fn draw<Sess: BackendSession<Sampler = S>>(&mut self, session: &mut Sess, index: i32) -> Result<TokenId, EngineError> {
+    fn draw<Sess: BackendSession<Sampler = S>>(&mut self, session: &mut Sess, index: i32) -> Result<Token, EngineError> {
         let token = match self.logprobs {
             Some(n) if self.post_sampling => {
                 let listed = session.sample_listing(&mut self.sampler, index, n)?;
@@ -316,7 +316,7 @@ impl<S, C> Request<S, C> {
     fn accept(
         &mut self,
         model: &impl BackendModel,
-        token: TokenId,
+        token: Token,
         pos: usize,
         n_ctx: usize,
         counters: &Counters,
@@ -417,7 +417,7 @@ impl<S, C> Request<S, C> {
 
     /// What the request produced: its client, last text, stats, tokens and log-probabilities, and
     /// how many of those two went out with earlier texts.
-    pub(crate) fn into_parts(self) -> (C, String, GenerationStats, Vec<TokenId>, Vec<TokenLogprobs>, (usize, usize)) {
+    pub(crate) fn into_parts(self) -> (C, String, GenerationStats, Vec<Token>, Vec<TokenLogprobs>, (usize, usize)) {
         (self.client, self.delta, self.stats, self.tokens, self.drawn, self.delivered)
     }
 }

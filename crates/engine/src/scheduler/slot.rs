@@ -2,7 +2,7 @@
 //! request it runs.
 
 use crate::backend::BackendSession;
-use crate::token::TokenId;
+use crate::token::Token;
 
 /// One sequence of a context and the tokens its cache holds, in position order, with the
 /// recurrent checkpoints taken along it. Every change to the cache goes through it, so the list,
@@ -10,7 +10,7 @@ use crate::token::TokenId;
 #[derive(Debug)]
 pub(crate) struct Sequence<K> {
     id: i32,
-    tokens: Vec<TokenId>,
+    tokens: Vec<Token>,
     /// Recurrent checkpoints (see [`Sequence::checkpoint`]): where the cache stood after its
     /// first `len` tokens, by ascending `len`, each of them still a prefix of `tokens`.
     checkpoints: Vec<Checkpoint<K>>,
@@ -50,7 +50,7 @@ impl<K: Clone> Sequence<K> {
         self.id
     }
 
-    pub(crate) fn tokens(&self) -> &[TokenId] {
+    pub(crate) fn tokens(&self) -> &[Token] {
         &self.tokens
     }
 
@@ -64,17 +64,17 @@ impl<K: Clone> Sequence<K> {
     }
 
     /// Notes `tokens` as decoded after the others.
-    pub(crate) fn extend(&mut self, tokens: &[TokenId]) {
+    pub(crate) fn extend(&mut self, tokens: &[Token]) {
         self.tokens.extend_from_slice(tokens);
     }
 
-    pub(crate) fn push(&mut self, token: TokenId) {
+    pub(crate) fn push(&mut self, token: Token) {
         self.tokens.push(token);
     }
 
     /// `f` of the tokens with `ahead` and then `next` after them (what a step is about to decode:
     /// drafts follow it); the list is as before afterwards.
-    pub(crate) fn with_ahead<T>(&mut self, ahead: &[TokenId], next: TokenId, f: impl FnOnce(&[TokenId]) -> T) -> T {
+    pub(crate) fn with_ahead<T>(&mut self, ahead: &[Token], next: Token, f: impl FnOnce(&[Token]) -> T) -> T {
         let len = self.tokens.len();
         self.tokens.extend_from_slice(ahead);
         self.tokens.push(next);
@@ -84,7 +84,7 @@ impl<K: Clone> Sequence<K> {
     }
 
     /// How many leading tokens the cache shares with `prompt`.
-    pub(crate) fn common_prefix(&self, prompt: &[TokenId]) -> usize {
+    pub(crate) fn common_prefix(&self, prompt: &[Token]) -> usize {
         self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count()
     }
 
@@ -92,7 +92,7 @@ impl<K: Clone> Sequence<K> {
     /// leaving at least one prompt token to decode (its logits start the generation). A
     /// recurrent state (`recurrent`) is cut back only to a checkpoint, or not at all where the
     /// prompt goes on past all it holds.
-    pub(crate) fn reusable(&self, prompt: &[TokenId], recurrent: bool) -> usize {
+    pub(crate) fn reusable(&self, prompt: &[Token], recurrent: bool) -> usize {
         let common = self.common_prefix(prompt).min(prompt.len().saturating_sub(1));
         if !recurrent || common == self.len() {
             return common;
@@ -164,7 +164,7 @@ impl<K: Clone> Sequence<K> {
     /// cache shares with `prompt`, leaving at least one prompt token to decode; where the memory
     /// cannot cut there (a recurrent state), returns to the longest checkpoint within it, else
     /// starts from empty. Returns the tokens kept.
-    pub(crate) fn keep_prefix(&mut self, session: &mut impl BackendSession<Checkpoint = K>, prompt: &[TokenId]) -> usize {
+    pub(crate) fn keep_prefix(&mut self, session: &mut impl BackendSession<Checkpoint = K>, prompt: &[Token]) -> usize {
         let common = self.common_prefix(prompt).min(prompt.len().saturating_sub(1));
         if self.cut(session, common) {
             return common;
@@ -228,10 +228,10 @@ pub(crate) enum Phase<R> {
     /// recurrent fallback), None for a new request, whose first token comes from the prompt's
     /// last logits. `checkpoint_at`: where the prefill stops for a recurrent checkpoint (see
     /// [`Sequence::checkpoint_position`]).
-    Prefilling { request: R, prompt: Vec<TokenId>, done: usize, then: Option<TokenId>, checkpoint_at: Option<usize> },
+    Prefilling { request: R, prompt: Vec<Token>, done: usize, then: Option<Token>, checkpoint_at: Option<usize> },
     /// `pending` was drawn and handed to the request; the next step decodes it (with drafts after
     /// it when the request speculates).
-    Generating { request: R, pending: TokenId },
+    Generating { request: R, pending: Token },
 }
 
 impl<R> Phase<R> {

@@ -16,14 +16,14 @@ use crate::error::{DecodeFailure, EngineError};
 
 const VOCAB: i32 = 32;
 /// The fake's end-of-generation token.
-const EOG: TokenId = 0;
+const EOG: Token = Token(0);
 
-/// A batch entry as the fake sees it: token, position, sequence, whether it has an output.
-type Entry = (TokenId, i32, i32, bool);
+/// A batch entry as the fake records it: token id, position, sequence, whether it has an output.
+type Entry = (i32, i32, i32, bool);
 
 /// A model whose only knowledge is `next`: the token after each token.
 struct FakeModel {
-    next: Vec<TokenId>,
+    next: Vec<Token>,
     /// Its memory is recurrent: a sequence can only be cut where it ends.
     recurrent: bool,
     /// It keeps recurrent checkpoints (the source backend does; `crate` and `raw` do not).
@@ -36,7 +36,7 @@ impl FakeModel {
     /// `next[t] = t + 1`, wrapping past EOG.
     fn counting() -> Self {
         FakeModel {
-            next: (0..VOCAB).map(|t| if t + 1 == VOCAB { 1 } else { t + 1 }).collect(),
+            next: (0..VOCAB).map(|t| Token(if t + 1 == VOCAB { 1 } else { t + 1 })).collect(),
             recurrent: false,
             checkpoints: false,
             batches: Mutex::default(),
@@ -53,9 +53,10 @@ impl FakeModel {
         FakeModel { recurrent: true, ..self }
     }
 
-    fn with_next(mut self, pairs: &[(TokenId, TokenId)]) -> Self {
+    /// `next[t] = n` for each pair of ids `(t, n)`.
+    fn with_next(mut self, pairs: &[(i32, i32)]) -> Self {
         for &(t, n) in pairs {
-            self.next[t as usize] = n;
+            self.next[t as usize] = Token(n);
         }
         self
     }
@@ -66,7 +67,7 @@ struct FakeSession<'m> {
     n_ctx: usize,
     n_batch: usize,
     /// Each sequence's cache, position by position.
-    kv: Vec<Vec<TokenId>>,
+    kv: Vec<Vec<Token>>,
     batch: Vec<Entry>,
     /// The last decode's rows, by batch index.
     rows: Vec<Option<Vec<f32>>>,
@@ -83,23 +84,23 @@ impl BackendModel for FakeModel {
         ModelInfo { architecture: "fake".into(), n_vocab: VOCAB, ..Default::default() }
     }
 
-    fn tokenize(&self, text: &str, _: bool, _: bool, out: &mut Vec<TokenId>) -> Result<(), EngineError> {
+    fn tokenize(&self, text: &str, _: bool, _: bool, out: &mut Vec<Token>) -> Result<(), EngineError> {
         out.clear();
-        out.extend(text.bytes().map(|b| TokenId::from(b) % VOCAB));
+        out.extend(text.bytes().map(|b| Token(i32::from(b) % VOCAB)));
         Ok(())
     }
 
-    fn piece(&self, token: TokenId, _special: bool, out: &mut Vec<u8>) -> Result<(), EngineError> {
-        out.push(b'a' + (token % 26) as u8);
+    fn piece(&self, token: Token, _special: bool, out: &mut Vec<u8>) -> Result<(), EngineError> {
+        out.push(b'a' + (token.0 % 26) as u8);
         Ok(())
     }
 
-    fn is_eog(&self, token: TokenId) -> bool {
+    fn is_eog(&self, token: Token) -> bool {
         token == EOG
     }
 
-    fn bos(&self) -> TokenId {
-        1
+    fn bos(&self) -> Token {
+        Token(1)
     }
 
     fn n_vocab(&self) -> i32 {
@@ -150,7 +151,7 @@ impl BackendModel for FakeModel {
 impl BackendSession for FakeSession<'_> {
     type Sampler = FakeSampler;
     /// The cache as it stood.
-    type Checkpoint = Vec<TokenId>;
+    type Checkpoint = Vec<Token>;
 
     fn n_ctx(&self) -> u32 {
         self.n_ctx as u32
@@ -160,7 +161,7 @@ impl BackendSession for FakeSession<'_> {
         self.n_batch as u32
     }
 
-    fn fill(&mut self, tokens: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+    fn fill(&mut self, tokens: &[Token], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.batch_clear();
         for (i, &t) in tokens.iter().enumerate() {
             self.batch_push(t, start + i as i32, 0, outputs == Outputs::Last && i + 1 == tokens.len())?;
@@ -168,7 +169,7 @@ impl BackendSession for FakeSession<'_> {
         Ok(())
     }
 
-    fn decode(&mut self, tokens: &[TokenId], start: i32, outputs: Outputs) -> Result<(), EngineError> {
+    fn decode(&mut self, tokens: &[Token], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.fill(tokens, start, outputs)?;
         self.batch_decode()
     }
@@ -191,11 +192,11 @@ impl BackendSession for FakeSession<'_> {
         self.batch.clear();
     }
 
-    fn batch_push(&mut self, token: TokenId, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
+    fn batch_push(&mut self, token: Token, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
         if self.batch.len() == self.n_batch {
             return Err(EngineError::decode(DecodeFailure::InvalidBatch, "the batch is full"));
         }
-        self.batch.push((token, pos, seq, output));
+        self.batch.push((token.0, pos, seq, output));
         Ok(())
     }
 
@@ -218,19 +219,19 @@ impl BackendSession for FakeSession<'_> {
         for &(token, pos, seq, output) in &self.batch {
             let cache = &mut self.kv[seq as usize];
             assert_eq!(pos as usize, cache.len(), "token {token} of sequence {seq} at position {pos}, but the sequence holds {} tokens", cache.len());
-            cache.push(token);
+            cache.push(Token(token));
             self.rows.push(output.then(|| {
                 let mut row = vec![0.0; VOCAB as usize];
-                row[self.model.next[token as usize] as usize] = 1.0;
+                row[self.model.next[token as usize].0 as usize] = 1.0;
                 row
             }));
         }
         Ok(())
     }
 
-    fn sample_with(&mut self, _: &mut FakeSampler, index: i32) -> Result<TokenId, EngineError> {
+    fn sample_with(&mut self, _: &mut FakeSampler, index: i32) -> Result<Token, EngineError> {
         let row = self.logits_at(index)?;
-        Ok(row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(t, _)| t as TokenId).unwrap())
+        Ok(row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(t, _)| Token(t as i32)).unwrap())
     }
 
     fn logits_at(&self, index: i32) -> Result<&[f32], EngineError> {
@@ -266,14 +267,14 @@ impl BackendSession for FakeSession<'_> {
         self.model.checkpoints
     }
 
-    fn seq_checkpoint(&mut self, seq: i32) -> Option<(Vec<TokenId>, usize)> {
+    fn seq_checkpoint(&mut self, seq: i32) -> Option<(Vec<Token>, usize)> {
         let cache = &self.kv[seq as usize];
         self.model.checkpoints.then(|| (cache.clone(), 4 * cache.len()))
     }
 
     /// As llama.cpp's: the checkpoint's positions must still be held (the caller keeps them as
     /// they were); the fake also checks they are the same tokens.
-    fn seq_restore_checkpoint(&mut self, seq: i32, checkpoint: &Vec<TokenId>) -> bool {
+    fn seq_restore_checkpoint(&mut self, seq: i32, checkpoint: &Vec<Token>) -> bool {
         let cache = &mut self.kv[seq as usize];
         let ok = cache.starts_with(checkpoint);
         *cache = if ok { checkpoint.clone() } else { Vec::new() };
@@ -285,17 +286,17 @@ impl BackendSession for FakeSession<'_> {
     }
 
     /// The file holds the token list and the cache, as JSON.
-    fn seq_save_file(&mut self, seq: i32, path: &std::path::Path, tokens: &[TokenId]) -> Result<u64, EngineError> {
+    fn seq_save_file(&mut self, seq: i32, path: &std::path::Path, tokens: &[Token]) -> Result<u64, EngineError> {
         let text = serde_json::to_string(&(tokens, &self.kv[seq as usize])).unwrap();
         std::fs::write(path, &text).unwrap();
         Ok(text.len() as u64)
     }
 
     /// As llama.cpp: refuses a file whose cells the cache has no room for.
-    fn seq_load_file(&mut self, seq: i32, path: &std::path::Path, max_tokens: usize) -> Result<Vec<TokenId>, EngineError> {
+    fn seq_load_file(&mut self, seq: i32, path: &std::path::Path, max_tokens: usize) -> Result<Vec<Token>, EngineError> {
         let fail = |why: &str| EngineError::slot_file(crate::error::SlotFileAction::Restore, path, why.to_string());
         let text = std::fs::read_to_string(path).map_err(|e| fail(&e.to_string()))?;
-        let (list, cells): (Vec<TokenId>, Vec<TokenId>) = serde_json::from_str(&text).map_err(|e| fail(&e.to_string()))?;
+        let (list, cells): (Vec<Token>, Vec<Token>) = serde_json::from_str(&text).map_err(|e| fail(&e.to_string()))?;
         let used: usize = self.kv.iter().map(Vec::len).sum();
         if list.len() > max_tokens || used + cells.len() > self.n_ctx {
             return Err(fail("no room"));
@@ -310,9 +311,10 @@ fn scheduler(model: &FakeModel, slots: u32, n_ctx: u32, n_batch: u32) -> Schedul
     Scheduler::new(model, model.session(&config).unwrap(), slots as usize, Arc::default())
 }
 
-fn prepared(tokens: &[TokenId], max_tokens: usize, speculation: Speculation) -> Prepared<FakeSampler> {
+/// A request for `tokens`, given as tokens or as ids.
+fn prepared(tokens: &[impl Copy + Into<Token>], max_tokens: usize, speculation: Speculation) -> Prepared<FakeSampler> {
     Prepared {
-        tokens: tokens.to_vec(),
+        tokens: tokens.iter().map(|&t| t.into()).collect(),
         options: GenerateOptions { max_tokens, speculation, ..Default::default() },
         sampler: FakeSampler,
         arrived: Instant::now(),
@@ -321,7 +323,7 @@ fn prepared(tokens: &[TokenId], max_tokens: usize, speculation: Speculation) -> 
 
 /// Steps until every request has ended; each ended request's name, outcome and tokens, in the
 /// order they ended.
-fn run(s: &mut Scheduler<'_, FakeModel, &'static str>) -> Vec<(&'static str, Result<FinishReason, EngineError>, Vec<TokenId>)> {
+fn run(s: &mut Scheduler<'_, FakeModel, &'static str>) -> Vec<(&'static str, Result<FinishReason, EngineError>, Vec<Token>)> {
     let mut ended = Vec::new();
     for _ in 0..1000 {
         if s.is_idle() {
@@ -333,8 +335,14 @@ fn run(s: &mut Scheduler<'_, FakeModel, &'static str>) -> Vec<(&'static str, Res
     panic!("the requests did not end in 1000 steps");
 }
 
-fn tokens(from: TokenId, n: usize) -> Vec<TokenId> {
-    (from..from + n as TokenId).collect()
+/// The `n` tokens with ids from `from` on.
+fn tokens(from: i32, n: usize) -> Vec<Token> {
+    (from..from + n as i32).map(Token).collect()
+}
+
+/// The tokens with these ids.
+fn toks(ids: &[i32]) -> Vec<Token> {
+    ids.iter().copied().map(Token).collect()
 }
 
 #[test]
@@ -422,7 +430,7 @@ fn drafts_are_verified_against_the_model_and_get_the_room_that_is_left() {
     let mut s = scheduler(&model, 2, 64, 64);
     s.admit(prepared(&[5, 6, 5, 6, 5], 9, Speculation::Ngram { max_draft: 8 }), "a").unwrap();
     let ended = run(&mut s);
-    assert_eq!(ended[0].2, [6, 5, 6, 5, 6, 5, 6, 5, 6]);
+    assert_eq!(ended[0].2, toks(&[6, 5, 6, 5, 6, 5, 6, 5, 6]));
     // Drafts kept: fewer decodes than tokens (the prompt's, then fewer than 8 more).
     let decodes = model.batches.lock().unwrap().len();
     assert!(decodes < 1 + 8, "{decodes} decodes for 9 tokens");
@@ -450,13 +458,13 @@ fn no_drafts_when_every_slot_of_a_full_batch_is_busy() {
         s.admit(prepared(&[5, 6, 5, 6, 5], 6, Speculation::Ngram { max_draft: 8 }), name).unwrap();
     }
     let ended = run(&mut s);
-    assert!(ended.iter().all(|e| e.2 == [6, 7, 8, 9, 10, 11]), "{ended:?}");
+    assert!(ended.iter().all(|e| e.2 == toks(&[6, 7, 8, 9, 10, 11])), "{ended:?}");
     let batches = model.batches.lock().unwrap().clone();
     assert_eq!(batches[0].len(), 8 * 5, "the prompts, together");
     assert!(batches[1..].iter().all(|b| b.len() == 8), "one token per slot, no drafts: {:?}", batches.iter().map(Vec::len).collect::<Vec<_>>());
     assert_eq!(s.counters.drafted_tokens.load(Ordering::Relaxed), 0);
     s.admit(prepared(&[5, 6, 5, 6, 5], 6, Speculation::Ngram { max_draft: 8 }), "alone").unwrap();
-    assert_eq!(run(&mut s)[0].2, [6, 7, 8, 9, 10, 11]);
+    assert_eq!(run(&mut s)[0].2, toks(&[6, 7, 8, 9, 10, 11]));
     assert!(s.counters.drafted_tokens.load(Ordering::Relaxed) > 0, "alone, it drafts");
 }
 
@@ -471,17 +479,17 @@ fn a_step_whose_drafts_do_not_fit_is_built_again_without_them() {
     assert_eq!(s.cached(0).len(), 4);
     s.admit(prepared(&[5, 6, 5, 6, 5], 8, Speculation::Ngram { max_draft: 8 }), "a").unwrap();
     let ended = run(&mut s);
-    assert_eq!((ended[0].1.as_ref().ok(), &ended[0].2), (Some(&FinishReason::MaxTokens), &vec![6, 5, 6, 5, 6, 5, 6, 5]));
+    assert_eq!((ended[0].1.as_ref().ok(), &ended[0].2), (Some(&FinishReason::MaxTokens), &toks(&[6, 5, 6, 5, 6, 5, 6, 5])));
     assert!(s.counters.steps_without_drafts.load(Ordering::Relaxed) > 0);
 }
 
 /// After the prompt's "5 6" came 9 once: lookup drafts 9 after the next 6, the model says 7. A
 /// recurrent state cannot drop the rejected draft.
-const REJECTED_ONCE: [(TokenId, TokenId); 5] = [(5, 6), (6, 7), (7, 8), (8, 5), (9, 5)];
+const REJECTED_ONCE: [(i32, i32); 5] = [(5, 6), (6, 7), (7, 8), (8, 5), (9, 5)];
 
 /// The batches of one request speculating by prompt lookup (at most `max_draft` a round) on
 /// `model`, after checking that its tokens are those of a plain run over the same table.
-fn speculative_batches(model: &FakeModel, prompt: &[TokenId], max_tokens: usize, max_draft: u32) -> Vec<Vec<Entry>> {
+fn speculative_batches(model: &FakeModel, prompt: &[i32], max_tokens: usize, max_draft: u32) -> Vec<Vec<Entry>> {
     let table = FakeModel { next: model.next.clone(), ..FakeModel::counting() };
     let mut plain = scheduler(&table, 1, 64, 64);
     plain.admit(prepared(prompt, max_tokens, Speculation::Off), "plain").unwrap();
@@ -555,11 +563,11 @@ fn a_recurrent_state_without_checkpoints_is_decoded_again_and_stops_speculating(
 
 #[test]
 fn end_rules_end_of_text_max_tokens_and_a_full_context() {
-    let model = FakeModel::counting().with_next(&[(7, EOG)]);
+    let model = FakeModel::counting().with_next(&[(7, EOG.0)]);
     let mut s = scheduler(&model, 1, 64, 64);
     s.admit(prepared(&[4], 10, Speculation::Off), "eog").unwrap();
     let ended = run(&mut s);
-    assert_eq!((ended[0].1.as_ref().ok(), &ended[0].2), (Some(&FinishReason::EndOfText), &vec![5, 6, 7]));
+    assert_eq!((ended[0].1.as_ref().ok(), &ended[0].2), (Some(&FinishReason::EndOfText), &toks(&[5, 6, 7])));
     // 8 cells: a 3-token prompt, then tokens for positions 3..=7; the one for the last cell
     // leaves no position after it.
     let model = FakeModel::counting();
@@ -628,7 +636,7 @@ fn a_prompt_another_slot_is_decoding_waits_for_it_and_copies_its_cells() {
     // A later prompt extending it goes to a slot that holds it: reused from its own cache, not
     // copied.
     let mut longer = prompt.clone();
-    longer.extend([90, 91]);
+    longer.extend(toks(&[90, 91]));
     let third = s.admit(prepared(&longer, 1, Speculation::Off), "third").unwrap();
     assert!(s.running(third).unwrap().1.prompt_tokens_reused >= 20, "{:?}", s.running(third).unwrap().1);
     assert_eq!(s.counters.prompt_tokens_copied.load(Ordering::Relaxed), 16);
@@ -660,7 +668,7 @@ fn slot_actions_save_erase_and_restore_caches() {
     assert_eq!(restored.tokens, 13);
     assert_eq!((s.cached(2), &s.session.kv[2]), (&held[..], &held));
     let mut prompt = held.clone();
-    prompt.push(20);
+    prompt.push(Token(20));
     assert_eq!(s.admit(prepared(&prompt, 1, Speculation::Off), "b").unwrap(), 2, "the request goes to the slot holding its prefix");
     let ended = run(&mut s);
     assert_eq!(ended[0].1.as_ref().ok(), Some(&FinishReason::MaxTokens));
@@ -706,9 +714,9 @@ fn a_prompt_takes_at_most_the_prefill_chunk_of_a_step_while_others_generate() {
     s.set_prompt_chunk(8);
     // Alone, a prompt fills the batch.
     // 40-token prompts in a 32-token vocabulary.
-    let prompt = |shift: usize| -> Vec<TokenId> { (0..40).map(|i| 1 + ((i + shift) % 30) as TokenId).collect() };
-    let after = |last: TokenId, n: usize| -> Vec<TokenId> {
-        std::iter::successors(Some(last), |&t| Some(if t + 1 == VOCAB { 1 } else { t + 1 })).skip(1).take(n).collect()
+    let prompt = |shift: usize| -> Vec<Token> { (0..40).map(|i| Token(1 + ((i + shift) % 30) as i32)).collect() };
+    let after = |last: i32, n: usize| -> Vec<Token> {
+        std::iter::successors(Some(last), |&t| Some(if t + 1 == VOCAB { 1 } else { t + 1 })).skip(1).take(n).map(Token).collect()
     };
     let a = s.admit(prepared(&prompt(0), 30, Speculation::Off), "a").unwrap() as i32;
     s.step();
@@ -731,12 +739,12 @@ fn a_prompt_takes_at_most_the_prefill_chunk_of_a_step_while_others_generate() {
 /// with the same tokens as a fresh decode. Without checkpoints everything is decoded again.
 #[test]
 fn a_recurrent_state_returns_to_the_checkpoint_near_the_last_prompts_end() {
-    let first: Vec<TokenId> = vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+    let first: Vec<Token> = toks(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
     // Taken a few tokens before the first prompt's end (its tail may tokenize otherwise once a
     // reply follows it).
     let at = first.len() - CHECKPOINT_BEFORE_END;
     let mut next = first.clone();
-    next.extend([20, 21, 22, 9, 10]);
+    next.extend(toks(&[20, 21, 22, 9, 10]));
     let fresh = |checkpoints: usize, slot: Option<usize>| {
         let model = FakeModel::counting().recurrent();
         let counters = Arc::new(Counters::default());
@@ -755,7 +763,7 @@ fn a_recurrent_state_returns_to_the_checkpoint_near_the_last_prompts_end() {
         let start = batches[decoded_before][0].1;
         (out, counters.prompt_tokens_reused.load(Ordering::Relaxed), start)
     };
-    let want: Vec<TokenId> = tokens(11, 4);
+    let want: Vec<Token> = tokens(11, 4);
     // In the slot that ran the first turn, and in another one (the first slot's cells copied,
     // then returned to its checkpoint).
     for slot in [None, Some(1)] {

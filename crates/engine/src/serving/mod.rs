@@ -183,7 +183,7 @@ impl ServeRequest {
     }
 
     /// The prompt's tokens.
-    pub fn tokens(&self) -> &[crate::TokenId] {
+    pub fn tokens(&self) -> &[crate::Token] {
         &self.prepared.tokens
     }
 
@@ -218,7 +218,7 @@ pub struct Delta {
     /// The text, valid UTF-8 and free of stop sequences.
     pub text: String,
     /// The tokens drawn since the last delta.
-    pub tokens: Vec<crate::TokenId>,
+    pub tokens: Vec<crate::Token>,
     /// With log-probabilities asked for: one entry per token of `tokens`.
     pub logprobs: Vec<crate::TokenLogprobs>,
     /// The request's statistics so far (the last delta of a request has its final ones in `Done`).

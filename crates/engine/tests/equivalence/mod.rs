@@ -55,7 +55,7 @@ impl Checked {
 /// log-probabilities where it recorded them, one entry per token) against a solo decode forced
 /// through the same tokens. Tokens in `banned` (a -inf logit bias of the run) are never the solo
 /// top. Panics naming the first step that breaks a bound.
-pub fn check(engine: &Engine, prompt: &[i32], tokens: &[i32], logprobs: Option<&[TokenLogprobs]>, banned: &[i32], what: &str) -> Checked {
+pub fn check(engine: &Engine, prompt: &[Token], tokens: &[Token], logprobs: Option<&[TokenLogprobs]>, banned: &[Token], what: &str) -> Checked {
     if let Some(lp) = logprobs {
         assert_eq!(lp.len(), tokens.len(), "{what}: one log-probability entry per token");
         assert!(lp.iter().zip(tokens).all(|(e, &t)| e.token == t), "{what}: the log-probabilities are of other tokens");

@@ -6,6 +6,19 @@ use crate::batch::{Pos, SeqId};
 use crate::error::ContextError;
 use crate::sys;
 
+/// What [`Context::clear_memory`] does with the memory's data buffers (llama.cpp's `data` flag
+/// of `llama_memory_clear`). Either way every cell is freed: the memory holds no sequence
+/// afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryData {
+    /// Leave the buffers' contents as they are: only the metadata (which cell holds which
+    /// position of which sequence) is reset. Cheap.
+    Keep,
+    /// Also write zeros over the buffers (the whole cache's size, on the device that holds
+    /// it).
+    Zero,
+}
+
 impl Context<'_> {
     pub(super) fn memory(&self) -> sys::llama_memory_t {
         // SAFETY: the memory belongs to the live context.
@@ -80,11 +93,12 @@ impl Context<'_> {
         }
     }
 
-    /// Empties the KV cache (and its buffers too, with `data`).
-    pub fn clear_memory(&mut self, data: bool) {
+    /// Empties the memory (the KV cache, a recurrent state): every sequence and position is
+    /// removed. `data` says whether the buffers that held them are also zeroed.
+    pub fn clear_memory(&mut self, data: MemoryData) {
         self.forget_cut_floors();
         // SAFETY: valid memory handle of this context.
-        unsafe { sys::llama_memory_clear(self.memory(), data) };
+        unsafe { sys::llama_memory_clear(self.memory(), data == MemoryData::Zero) };
         self.outputs.clear();
     }
 

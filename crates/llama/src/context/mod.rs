@@ -19,6 +19,7 @@ use crate::lora::LoraAdapter;
 use crate::model::Model;
 use crate::{backend, sys};
 
+pub use memory::MemoryData;
 pub use params::{ContextParams, FlashAttention, KvType, Pooling};
 pub use runtime::PerfCounters;
 pub use state::RecurrentCheckpoint;
