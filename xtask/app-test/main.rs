@@ -1,7 +1,7 @@
 //! An app outside the exsa workspace that depends on the packaged `llama` crate: it loads a
 //! GGUF, generates a few greedy tokens and says which llama.cpp tree it was built from.
 
-use llama::{Batch, Context, ContextParams, Model, ModelParams, SamplerChain, SpecialTokens, TokenizeOptions};
+use llama::{Batch, Context, ContextParams, Model, ModelParams, Output, SamplerChain, SpecialTokens, TokenizeOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args().nth(1).ok_or("usage: app MODEL.gguf")?;
@@ -11,7 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vocab = model.vocab();
     let prompt = vocab.tokenize("The capital of France is", TokenizeOptions::default())?;
     let mut batch = Batch::new(prompt.len(), 1)?;
-    batch.add_sequence(&prompt, 0, 0, true)?;
+    batch.add_sequence(&prompt, 0, 0, Output::Compute)?;
     let mut text = Vec::new();
     for pos in prompt.len()..prompt.len() + 8 {
         ctx.decode(&batch)?;

@@ -13,14 +13,14 @@
 
 use std::path::PathBuf;
 
-use exsa_engine::{Engine, EngineConfig, Pooling};
+use exsa_engine::{Engine, EngineConfig, Pooling, l2_normalize};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (model, reranker) = parse_args()?;
 
     // Embeddings: any model embeds; the engine pools each text's token vectors as the model's
     // file says (mean for a generative model). The vectors come back as the model made them, not
-    // scaled to length 1: normalise them before comparing by dot product.
+    // scaled to length 1: `l2_normalize` them, and their dot product is their cosine similarity.
     let engine = Engine::load(EngineConfig::new(model))?;
     println!("embedding model pools by {:?}", engine.pooling());
     let texts = ["The cat sleeps on the warm windowsill.", "A kitten naps in the sun by the window.", "Stock markets fell sharply on Monday."];
@@ -33,7 +33,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         check(v.len() == width && width > 0, format!("vector widths differ: {} and {width}", v.len()))?;
         let norm = l2_norm(v);
         check(norm.is_finite() && norm > 0.0, format!("{text:?}: vector norm {norm}"))?;
-        let normalized = l2_normalized(v);
+        let mut normalized = v.clone();
+        l2_normalize(&mut normalized);
         let unit_norm = l2_norm(&normalized);
         check((unit_norm - 1.0).abs() < 1e-5, format!("{text:?}: normalised vector has norm {unit_norm}"))?;
         println!("{width} floats, norm {norm:8.3} (normalised: {unit_norm:.6}): {text:?}");
@@ -49,14 +50,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     check(cats > dot(&unit[0], &unit[2]) && cats > dot(&unit[1], &unit[2]), "the texts about cats are not the nearest pair".into())?;
     // A text embedded alone gives what it gave in the batch, up to float rounding (the default
     // model's tests allow a cosine of 0.997 between the two), and different texts differ by more.
-    let alone = l2_normalized(&engine.embed(texts[0])?);
+    let mut alone = engine.embed(texts[0])?;
+    l2_normalize(&mut alone);
     let same = dot(&alone, &unit[0]);
     println!("cosine {same:.6}: {:?} alone / in the batch", texts[0]);
     check(same >= 0.997, format!("the same text alone and in a batch: cosine {same}"))?;
     check(dot(&unit[0], &unit[2]) < 0.997, "two unrelated texts got the same vector".into())?;
 
     // Reranking: a reranker's pooling is `rank` (its file says so), and `rerank` returns one
-    // relevance score per document, in the documents' order, with the pair's length in tokens.
+    // `RerankScore` per document, in the documents' order: its `score` and the pair's length in
+    // `tokens`.
     let reranker = Engine::load(EngineConfig::new(reranker))?;
     check(reranker.pooling() == Pooling::Rank, format!("the reranker pools by {:?}, not Rank", reranker.pooling()))?;
     let query = "Where do cats like to sleep?";
@@ -68,22 +71,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let scored = reranker.rerank(query, &documents)?;
     check(scored.len() == documents.len(), format!("{} scores for {} documents", scored.len(), documents.len()))?;
-    check(scored.iter().all(|(score, tokens)| score.is_finite() && *tokens > 0), format!("scores and lengths: {scored:?}"))?;
+    check(scored.iter().all(|s| s.score.is_finite() && s.tokens > 0), format!("scores and lengths: {scored:?}"))?;
     // The same document scores the same, up to float rounding (where a pair sits in the batch
     // changes the order of some sums): pairs decoded together do not leak into each other.
-    let (first, again) = (scored[0].0, scored[3].0);
+    let (first, again) = (scored[0].score, scored[3].score);
     check((first - again).abs() < 1e-3, format!("one document, two scores: {first} and {again}"))?;
     // Higher is more relevant: rank by score, best first (as llama-server's /rerank answers).
     let mut ranking: Vec<usize> = (0..documents.len()).collect();
-    ranking.sort_by(|&a, &b| scored[b].0.total_cmp(&scored[a].0));
+    ranking.sort_by(|&a, &b| scored[b].score.total_cmp(&scored[a].score));
     println!("query {query:?}, ranked:");
     for (rank, &i) in ranking.iter().enumerate() {
-        println!("  {}. score {:+.5} ({} tokens): {:?}", rank + 1, scored[i].0, scored[i].1, documents[i]);
+        println!("  {}. score {:+.5} ({} tokens): {:?}", rank + 1, scored[i].score, scored[i].tokens, documents[i]);
     }
     let mut seen = ranking.clone();
     seen.sort_unstable();
     check(seen == (0..documents.len()).collect::<Vec<_>>(), format!("the ranking {ranking:?} is not a permutation of the documents"))?;
-    check(ranking.windows(2).all(|w| scored[w[0]].0 >= scored[w[1]].0), format!("the ranking {ranking:?} is not by descending score"))?;
+    check(ranking.windows(2).all(|w| scored[w[0]].score >= scored[w[1]].score), format!("the ranking {ranking:?} is not by descending score"))?;
     Ok(())
 }
 
@@ -114,10 +117,4 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 fn l2_norm(v: &[f32]) -> f32 {
     dot(v, v).sqrt()
-}
-
-/// `v` scaled to length 1 (the embeddings endpoints of `exsa serve` return vectors so).
-fn l2_normalized(v: &[f32]) -> Vec<f32> {
-    let norm = l2_norm(v);
-    v.iter().map(|x| x / norm).collect()
 }

@@ -1,13 +1,12 @@
-//! Structured output with the engine as a library: a JSON schema becomes a GBNF grammar
-//! (`exsa_engine::json_grammar`), the grammar constrains every sampled token, and the reply is
-//! JSON that the schema accepts. This is what `exsa serve` does for OpenAI's
-//! `response_format: {"type": "json_schema", ...}`.
+//! Structured output with the engine as a library: `SamplingParams::json_schema` makes a JSON
+//! schema into a GBNF grammar (`exsa_engine::json_grammar`), the grammar constrains every
+//! sampled token, and the reply is JSON that the schema accepts. This is what `exsa serve` does
+//! for OpenAI's `response_format: {"type": "json_schema", ...}`.
 //!
 //!     cargo run -p exsa-engine --example json_schema [-- --model PATH]
 //!
 //! The program parses the reply, checks it against the schema, and fails if it does not fit.
 
-use exsa_engine::json_grammar::json_schema_grammar;
 use exsa_engine::{ChatMessage, Engine, EngineConfig, FinishReason, GenerateRequest, SamplingParams};
 use serde_json::{Value, json};
 
@@ -33,12 +32,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         "required": ["name", "age", "role", "languages"]
     });
-    // A keyword the converter does not understand (`pattern`, `minimum`, ...) is an error here,
-    // never silently dropped.
-    let grammar = json_schema_grammar(&schema)?;
-
-    // Greedy, so the run is the same every time; the grammar applies from the first token.
-    let sampling = SamplingParams::greedy().grammar(grammar);
+    // Greedy, so the run is the same every time; the grammar applies from the first token. A
+    // keyword the converter does not understand (`pattern`, `minimum`, ...) is an error here
+    // (`EngineError::JsonSchema`, naming where it is), never silently dropped.
+    let sampling = SamplingParams::greedy().json_schema(&schema)?;
     let messages = [ChatMessage::new("user", "Describe a software developer as JSON.")];
     let request = GenerateRequest::chat(messages).max_tokens(128).sampling(sampling);
     let (text, stats) = engine.generate(&request)?;

@@ -9,18 +9,19 @@
 
 use crate::backend::{BackendModel, Token};
 use crate::chat::ChatMessage;
+use crate::config::SpecialText;
 use crate::error::EngineError;
 
 /// Tokenizes `rendered` (the chat `messages` through their template) into `out`.
-/// `specials_in_messages` turns the protection off (trusted callers only).
+/// [`SpecialText::Parse`] turns the protection off (trusted callers only).
 pub(crate) fn tokenize<M: BackendModel>(
     model: &M,
     rendered: &str,
     messages: &[ChatMessage],
-    specials_in_messages: bool,
+    specials: SpecialText,
     out: &mut Vec<Token>,
 ) -> Result<(), EngineError> {
-    let risky: Vec<(usize, &str)> = if specials_in_messages { Vec::new() } else { risky_contents(model, messages)? };
+    let risky: Vec<(usize, &str)> = if specials == SpecialText::Parse { Vec::new() } else { risky_contents(model, messages)? };
     if risky.is_empty() {
         return model.tokenize(rendered, true, true, out);
     }

@@ -821,6 +821,29 @@ impl SamplingParams {
         self
     }
 
+    /// Holds the output to JSON that `schema` describes: sets [`SamplingParams::grammar`] to the
+    /// schema's grammar, made by [`crate::json_grammar::json_schema_grammar`] (the conversion
+    /// `exsa serve` applies to `response_format` and `json_schema`; its notes say which keywords
+    /// are understood). Backend `source` only, as every grammar.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), exsa_engine::EngineError> {
+    /// let schema = serde_json::json!({ "type": "object", "properties": { "name": { "type": "string" } }, "required": ["name"] });
+    /// let sampling = exsa_engine::SamplingParams::greedy().json_schema(&schema)?;
+    /// assert!(sampling.grammar.is_some());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::JsonSchema`] naming where the schema has a keyword that would constrain
+    /// the output but is not understood (`pattern`, `minimum`, ...) or a bad value: it is
+    /// refused, never silently dropped.
+    pub fn json_schema(mut self, schema: &serde_json::Value) -> Result<Self, EngineError> {
+        self.grammar = Some(crate::json_grammar::json_schema_grammar(schema).map_err(EngineError::JsonSchema)?);
+        Ok(self)
+    }
+
     /// Sets [`SamplingParams::grammar_start`].
     #[must_use]
     pub fn grammar_start(mut self, grammar_start: GrammarStart) -> Self {
@@ -983,30 +1006,42 @@ impl CancelToken {
     }
 }
 
+/// What becomes of control-token text (`<end_of_turn>`, `<|im_start|>`, ...) in the text a
+/// caller gives: a prompt's text, or the contents of a chat's messages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SpecialText {
+    /// It stays text, tokenized like any other characters: whoever writes it cannot forge a turn
+    /// or a tool call. The default.
+    #[default]
+    Plain,
+    /// It becomes the control token it spells: for trusted callers who write raw prompts for a
+    /// template (llama-server's `parse_special`).
+    Parse,
+}
+
 /// What a generation starts from.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Prompt {
-    /// Text, tokenized with BOS where the model wants one. Control-token text (`<end_of_turn>`,
-    /// ...) becomes control tokens only with `parse_special` (raw prompts written for a template
-    /// need it).
+    /// Text, tokenized with BOS where the model wants one. Control-token text becomes control
+    /// tokens only with [`SpecialText::Parse`] (raw prompts written for a template need it).
     Text {
         /// The prompt text.
         text: String,
-        /// Whether control-token text becomes control tokens.
-        parse_special: bool,
+        /// What becomes of control-token text in it.
+        specials: SpecialText,
     },
     /// A chat, formatted with the engine's template ([`crate::Engine::chat_template`]). The
     /// template's own control tokens are parsed; text inside message contents never becomes a
-    /// control token (a user cannot forge turns by typing `<end_of_turn>`), unless
-    /// `specials_in_messages`: that lets whoever writes a message forge turns, so it is only for
-    /// trusted callers who build raw prompts through messages.
+    /// control token (a user cannot forge turns by typing `<end_of_turn>`), unless `specials`
+    /// is [`SpecialText::Parse`]: that lets whoever writes a message forge turns, so it is only
+    /// for trusted callers who build raw prompts through messages.
     /// `options` (tools, ...) need [`ChatTemplating::Jinja`] unless they are the defaults.
     Chat {
         /// The conversation so far, in order.
         messages: Vec<ChatMessage>,
-        /// Whether control-token text inside message contents becomes control tokens (trusted
-        /// callers only, see above).
-        specials_in_messages: bool,
+        /// What becomes of control-token text inside message contents (the template's own is
+        /// always parsed).
+        specials: SpecialText,
         /// Tools and template options ([`ChatOptions::default`]: none).
         options: ChatOptions,
     },
@@ -1017,17 +1052,17 @@ pub enum Prompt {
 impl Prompt {
     /// Text without control-token parsing.
     pub fn text(text: impl Into<String>) -> Self {
-        Prompt::Text { text: text.into(), parse_special: false }
+        Prompt::Text { text: text.into(), specials: SpecialText::Plain }
     }
 
     /// A chat whose message contents stay text.
     pub fn chat(messages: impl Into<Vec<ChatMessage>>) -> Self {
-        Prompt::Chat { messages: messages.into(), specials_in_messages: false, options: ChatOptions::default() }
+        Prompt::Chat { messages: messages.into(), specials: SpecialText::Plain, options: ChatOptions::default() }
     }
 
     /// A chat with tools or template options.
     pub fn chat_with(messages: impl Into<Vec<ChatMessage>>, options: ChatOptions) -> Self {
-        Prompt::Chat { messages: messages.into(), specials_in_messages: false, options }
+        Prompt::Chat { messages: messages.into(), specials: SpecialText::Plain, options }
     }
 }
 
@@ -1280,13 +1315,12 @@ impl GenerateRequest {
         self
     }
 
-    /// Text prompts: parse control-token text into control tokens (see [`Prompt::Text`]); chats:
-    /// let message contents hold control tokens (see [`Prompt::Chat`]). Tokens: no effect.
+    /// What becomes of control-token text in the prompt's text (see [`Prompt::Text`]) or its
+    /// messages' contents (see [`Prompt::Chat`]). Tokens: no effect.
     #[must_use]
-    pub fn specials(mut self, on: bool) -> Self {
+    pub fn specials(mut self, specials: SpecialText) -> Self {
         match &mut self.prompt {
-            Prompt::Text { parse_special, .. } => *parse_special = on,
-            Prompt::Chat { specials_in_messages, .. } => *specials_in_messages = on,
+            Prompt::Text { specials: s, .. } | Prompt::Chat { specials: s, .. } => *s = specials,
             Prompt::Tokens(_) => {}
         }
         self
@@ -1386,6 +1420,23 @@ mod tests {
     }
 
     #[test]
+    fn a_json_schema_becomes_the_grammar_or_an_error_naming_where_it_is_bad() {
+        let schema = serde_json::json!({ "type": "object", "properties": { "n": { "type": "integer" } }, "required": ["n"] });
+        let sampling = SamplingParams::greedy().json_schema(&schema).unwrap();
+        assert_eq!(sampling.grammar, Some(crate::json_grammar::json_schema_grammar(&schema).unwrap()));
+        assert!(sampling.is_greedy() && sampling.validate().is_ok());
+        // A keyword the converter cannot enforce is refused, with where it is.
+        let bad = serde_json::json!({ "type": "object", "properties": { "n": { "type": "string", "pattern": "^a" } } });
+        match SamplingParams::default().json_schema(&bad) {
+            Err(EngineError::JsonSchema(e)) => {
+                assert_eq!(e.path, "#/properties/n");
+                assert!(e.reason.contains("pattern"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn the_chain_is_the_usual_order_and_greedy_skips_the_truncations() {
         use SamplerStage::*;
         let p = SamplingParams { repeat_penalty: 1.1, seed: 7, ..Default::default() };
@@ -1477,8 +1528,9 @@ mod tests {
 
     #[test]
     fn specials_set_the_prompt_kinds_own_switch() {
-        assert_eq!(GenerateRequest::new("x").specials(true).prompt, Prompt::Text { text: "x".into(), parse_special: true });
-        let chat = GenerateRequest::chat(vec![ChatMessage::new("user", "x")]).specials(true);
-        assert!(matches!(chat.prompt, Prompt::Chat { specials_in_messages: true, .. }));
+        let parse = SpecialText::Parse;
+        assert_eq!(GenerateRequest::new("x").specials(parse).prompt, Prompt::Text { text: "x".into(), specials: parse });
+        let chat = GenerateRequest::chat(vec![ChatMessage::new("user", "x")]).specials(parse);
+        assert!(matches!(chat.prompt, Prompt::Chat { specials: SpecialText::Parse, .. }));
     }
 }

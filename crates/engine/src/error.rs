@@ -152,6 +152,11 @@ pub enum EngineError {
     /// The grammar a request asked for does not parse (or is too large).
     #[error("grammar: {0}")]
     Grammar(#[source] Cause),
+    /// A JSON schema given to [`crate::SamplingParams::json_schema`] cannot be made into a
+    /// grammar: a keyword that would constrain the output but is not understood, or a bad value.
+    /// The [`SchemaError`](crate::json_grammar::SchemaError) names where in the schema.
+    #[error("json_schema: {0}")]
+    JsonSchema(#[source] crate::json_grammar::SchemaError),
     /// The generation was cancelled: by its [`crate::CancelToken`], or by a server that stopped
     /// under it.
     #[error("the request was cancelled")]

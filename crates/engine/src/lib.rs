@@ -30,6 +30,7 @@ pub mod backend;
 mod chat;
 mod chat_tokens;
 mod config;
+mod embedding;
 mod engine;
 mod error;
 #[cfg(feature = "bench")]
@@ -52,8 +53,9 @@ pub use backend::LogLevel;
 pub use chat::{ChatDelta, ChatMessage, ChatOptions, ChatReply, Continuation, ReasoningFormat, Tool, ToolCall, ToolChoice};
 pub use config::{
     CacheType, CancelToken, ChatTemplating, EngineConfig, FlashAttention, GenerateOptions, GenerateRequest, GrammarStart, LoadOptions, LoadProgress,
-    LoraConfig, Placement, Pooling, Prompt, SamplerStage, SamplingParams, SessionConfig, Speculation,
+    LoraConfig, Placement, Pooling, Prompt, SamplerStage, SamplingParams, SessionConfig, SpecialText, Speculation,
 };
+pub use embedding::{RerankScore, l2_normalize};
 pub use engine::{Engine, Generation, Session, SessionState, TokenizeOptions, set_llama_log_level};
 pub use error::{Cause, DecodeFailure, EngineError, Result, SlotFileAction};
 pub use info::{BuildInfo, ModelInfo};

@@ -167,14 +167,14 @@ fn a_reranker_scores_pairs() {
         return;
     }
     let scored = scored.unwrap();
-    let scores: Vec<f32> = scored.iter().map(|&(s, _)| s).collect();
+    let scores: Vec<f32> = scored.iter().map(|s| s.score).collect();
     assert!(scores.iter().all(|s| s.is_finite()), "{scores:?}");
     assert_eq!(scores[0], scores[3], "the same document, the same score");
     assert!(scores[0] != scores[1] && scores[1] != scores[2] && scores[0] != scores[2], "{scores:?}");
     // "<bos>a cat<eos>[SEP]cats purr<eos>": 4 specials around the texts' tokens.
     let plain = |text| reranker.tokenize(text, TokenizeOptions::default().add_special(false)).unwrap().len();
     let pair = plain("a cat") + plain("cats purr") + 4;
-    assert_eq!(scored[0].1, pair);
+    assert_eq!(scored[0].tokens, pair);
     let e = synth("bert-tiny").rerank("a cat", &["cats purr"]).unwrap_err();
     assert!(matches!(e, EngineError::InvalidRequest { field: "model", .. }), "{e}");
 }

@@ -129,7 +129,7 @@ impl Reference {
         let tokens: Vec<Token> = steps.iter().map(|s| s.id).collect();
         let logprobs: Vec<exsa_engine::serving::TokenLogprobs> =
             steps.iter().zip(&tokens).map(|(s, &token)| exsa_engine::serving::TokenLogprobs { token, logprob: s.logprob, top: Vec::new() }).collect();
-        let prompt = self.engine.chat_tokens(&[ChatMessage::new("user", prompt)], false).unwrap();
+        let prompt = self.engine.chat_tokens(&[ChatMessage::new("user", prompt)], SpecialText::Plain).unwrap();
         equivalence::check(&self.engine, &prompt, &tokens, Some(&logprobs), &[], what)
     }
 }

@@ -34,7 +34,7 @@ fn a_state_saved_as_bytes_continues_in_another_session_as_in_the_first() {
     let cached = first.cached_tokens();
     let saved = match first.save_state() {
         Ok(saved) => saved,
-        Err(EngineError::Unsupported { what, .. }) if Engine::backend_name() != "source" => {
+        Err(EngineError::Unsupported { what, .. }) if Engine::backend_name() == "crate" => {
             assert!(what.contains("bytes"), "{what}");
             return;
         }
@@ -63,7 +63,7 @@ fn damaged_or_foreign_states_are_refused_and_leave_the_cache_empty() {
     let mut session = engine.session().unwrap();
     session.generate_text(&greedy(PROMPT, 4)).unwrap();
     let Ok(saved) = session.save_state() else {
-        assert_ne!(Engine::backend_name(), "source");
+        assert_eq!(Engine::backend_name(), "crate");
         return;
     };
     let bytes = saved.to_bytes();
@@ -130,4 +130,40 @@ fn a_state_file_restores_into_a_session_and_an_owned_session() {
     let e = owned.restore_state_file(dir.join("bad.bin")).unwrap_err();
     assert!(matches!(e, EngineError::SlotFile { .. }) && e.to_string().contains("bad.bin"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_owned_session_saves_and_restores_states_as_bytes() {
+    let engine = engine();
+    let owned = engine.owned_session().unwrap();
+    let (reply, _) = owned.generate_text(&greedy(PROMPT, 12)).unwrap();
+    let saved = match owned.save_state() {
+        Ok(saved) => saved,
+        Err(EngineError::Unsupported { what, .. }) if Engine::backend_name() == "crate" => {
+            assert!(what.contains("bytes"), "{what}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    assert!(!saved.tokens().is_empty());
+    let next = format!("{PROMPT}{reply} In the centuries that followed,");
+    let (expected, _) = owned.generate_text(&greedy(&next, 16)).unwrap();
+
+    // Into a plain session, and back into a fresh owned one: each continues as the first did,
+    // from the restored cache.
+    let mut session = engine.session().unwrap();
+    session.restore_state(&saved).unwrap();
+    assert_eq!(session.cached_tokens(), saved.tokens().len());
+    assert_eq!(continued(&mut session, &next).0, expected);
+    let fresh = engine.owned_session().unwrap();
+    fresh.restore_state(&SessionState::from_bytes(&saved.to_bytes()).unwrap()).unwrap();
+    let (text, completion) = fresh.generate_text(&greedy(&next, 16)).unwrap();
+    assert_eq!(text, expected);
+    assert!(completion.stats.prompt_tokens_reused >= saved.tokens().len() - 1, "{:?}", completion.stats);
+    // A state of more tokens than the context holds: a typed error.
+    let mut long = b"exsa\0st1".to_vec();
+    long.extend_from_slice(&1000u64.to_le_bytes());
+    long.extend(std::iter::repeat_n(0u8, 4000));
+    let e = fresh.restore_state(&SessionState::from_bytes(&long).unwrap()).unwrap_err();
+    assert!(matches!(e, EngineError::State { .. }), "{e}");
 }

@@ -326,7 +326,7 @@ fn a_draft_model_drafts_for_a_model_with_its_vocabulary() {
     let mut config = EngineConfig::new(default_model_path());
     config.session = SessionConfig::default().n_ctx(2048).n_threads(2).n_threads_batch(2);
     config.draft_model = Some(default_model_path());
-    let engine = Engine::load(config).expect("a model drafts for itself");
+    let engine = std::sync::Arc::new(Engine::load(config).expect("a model drafts for itself"));
     let mut session = engine.session().unwrap();
     let (_, tokens, stats) = generate(&mut session, &request(FREE, 40, Speculation::Draft { max_draft: 6 }));
     equivalence::check(&engine, &engine.tokenize(FREE, TokenizeOptions::default()).unwrap(), &tokens, None, &[], "drafted by a model");
@@ -336,6 +336,13 @@ fn a_draft_model_drafts_for_a_model_with_its_vocabulary() {
     let sampled = GenerateRequest::new(FREE).max_tokens(32).sampling(harness::e2e_sampling()).speculation(Speculation::Draft { max_draft: 6 });
     let (text, stats) = session.generate_text(&sampled).unwrap();
     assert!(!text.is_empty() && stats.drafted_tokens > 0 && stats.accepted_tokens <= stats.drafted_tokens, "{stats:?}");
+    drop(session);
+    // The serving core drafts with the same model: an owned session's greedy reply is the
+    // session's, token for token (the same scheduler over one sequence).
+    let owned = engine.owned_session().unwrap();
+    let (_, served) = owned.generate_text(&request(FREE, 40, Speculation::Draft { max_draft: 6 })).unwrap();
+    assert_eq!(served.tokens, tokens);
+    assert!(served.stats.drafted_tokens >= 20, "{:?}", served.stats);
 
     // A model with another vocabulary is refused at load, naming the difference.
     let other = PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml")).join("llama-tiny-32k.gguf");

@@ -6,7 +6,7 @@
 
 use std::io::Write;
 
-use llama::{Batch, Context, ContextParams, Model, ModelParams, SamplerChain, SpecialTokens, TokenizeOptions, Utf8Decoder};
+use llama::{Batch, Context, ContextParams, Model, ModelParams, Output, SamplerChain, SpecialTokens, TokenizeOptions, Utf8Decoder};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
@@ -34,7 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let tokens = vocab.tokenize(&prompt, TokenizeOptions::default())?;
     let mut batch = Batch::new(tokens.len().max(1), 1)?;
-    batch.add_sequence(&tokens, 0, 0, true)?;
+    batch.add_sequence(&tokens, 0, 0, Output::Compute)?;
     let (mut utf8, mut piece, mut text) = (Utf8Decoder::new(), Vec::new(), String::new());
     let mut out = std::io::stdout().lock();
     write!(out, "{prompt}")?;

@@ -12,6 +12,18 @@ pub type Pos = i32;
 /// `i32`, as llama.cpp takes it (where -1 means "every sequence").
 pub type SeqId = i32;
 
+/// Whether a decode computes a token's output row: its logits, or its embedding in an
+/// embeddings context (llama.cpp's `logits` flag of a batch entry). Only a token with an output
+/// can be sampled or read after the decode; each output costs a row of the vocabulary's width.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Output {
+    /// No output for this token: it only fills the cache (a prompt's tokens but the last).
+    #[default]
+    Skip,
+    /// An output row for this token (the last prompt token, each generated token).
+    Compute,
+}
+
 /// One entry of a [`Batch`], as [`Batch::entries`] reads it back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchEntry<'b> {
@@ -22,7 +34,7 @@ pub struct BatchEntry<'b> {
     /// The sequences it belongs to.
     pub seq_ids: &'b [SeqId],
     /// Whether the decode produces an output (logits, embeddings) for it.
-    pub output: bool,
+    pub output: Output,
 }
 
 /// Tokens with their positions, sequence ids and output flags. Every write is checked against
@@ -58,13 +70,13 @@ impl Batch {
     /// A single-sequence batch of `tokens` at positions `start..`, with logits for the last.
     pub fn from_tokens(tokens: &[Token], start: Pos, seq_id: SeqId) -> Result<Batch, BatchError> {
         let mut batch = Batch::new(tokens.len().max(1), 1)?;
-        batch.add_sequence(tokens, start, seq_id, true)?;
+        batch.add_sequence(tokens, start, seq_id, Output::Compute)?;
         Ok(batch)
     }
 
-    /// Appends one token at `pos` of the sequences `seq_ids`; `output` asks the decode for its
-    /// logits (and embeddings). For the usual case, see [`Batch::add_output`].
-    pub fn add(&mut self, token: Token, pos: Pos, seq_ids: &[SeqId], output: bool) -> Result<(), BatchError> {
+    /// Appends one token at `pos` of the sequences `seq_ids`, with an output row or not. For the
+    /// usual case, see [`Batch::add_output`].
+    pub fn add(&mut self, token: Token, pos: Pos, seq_ids: &[SeqId], output: Output) -> Result<(), BatchError> {
         let i = self.len();
         if i >= self.capacity {
             return Err(BatchError::Full { capacity: self.capacity });
@@ -89,7 +101,7 @@ impl Batch {
             *self.raw.n_seq_id.add(i) = seq_ids.len() as i32;
             let dst = *self.raw.seq_id.add(i);
             std::ptr::copy_nonoverlapping(seq_ids.as_ptr(), dst, seq_ids.len());
-            *self.raw.logits.add(i) = i8::from(output);
+            *self.raw.logits.add(i) = i8::from(output == Output::Compute);
         }
         self.raw.n_tokens += 1;
         Ok(())
@@ -97,12 +109,12 @@ impl Batch {
 
     /// Appends one token of one sequence, with an output: the next token of a generation.
     pub fn add_output(&mut self, token: Token, pos: Pos, seq_id: SeqId) -> Result<(), BatchError> {
-        self.add(token, pos, &[seq_id], true)
+        self.add(token, pos, &[seq_id], Output::Compute)
     }
 
-    /// Appends `tokens` to one sequence at consecutive positions from `start`; `output_last`
-    /// requests an output for the last one.
-    pub fn add_sequence(&mut self, tokens: &[Token], start: Pos, seq_id: SeqId, output_last: bool) -> Result<(), BatchError> {
+    /// Appends `tokens` to one sequence at consecutive positions from `start`; `last` is the last
+    /// token's output (the others have none).
+    pub fn add_sequence(&mut self, tokens: &[Token], start: Pos, seq_id: SeqId, last: Output) -> Result<(), BatchError> {
         if self.len() + tokens.len() > self.capacity {
             return Err(BatchError::Full { capacity: self.capacity });
         }
@@ -112,8 +124,8 @@ impl Batch {
             return Err(BatchError::PositionOverflow { start, len: tokens.len() });
         }
         for (k, &t) in tokens.iter().enumerate() {
-            let last = k + 1 == tokens.len();
-            self.add(t, start + k as i32, &[seq_id], output_last && last)?;
+            let output = if k + 1 == tokens.len() { last } else { Output::Skip };
+            self.add(t, start + k as i32, &[seq_id], output)?;
         }
         Ok(())
     }
@@ -148,7 +160,7 @@ impl Batch {
                     token: Token(*self.raw.token.add(i)),
                     pos: *self.raw.pos.add(i),
                     seq_ids: std::slice::from_raw_parts(*self.raw.seq_id.add(i), n),
-                    output: *self.raw.logits.add(i) != 0,
+                    output: if *self.raw.logits.add(i) != 0 { Output::Compute } else { Output::Skip },
                 }
             }
         })
@@ -173,31 +185,31 @@ mod tests {
     #[test]
     fn a_full_batch_refuses_more_tokens() {
         let mut b = Batch::new(2, 1).unwrap();
-        b.add(Token(1), 0, &[0], false).unwrap();
+        b.add(Token(1), 0, &[0], Output::Skip).unwrap();
         b.add_output(Token(2), 1, 0).unwrap();
-        assert_eq!(b.add(Token(3), 2, &[0], false), Err(BatchError::Full { capacity: 2 }));
+        assert_eq!(b.add(Token(3), 2, &[0], Output::Skip), Err(BatchError::Full { capacity: 2 }));
         assert_eq!(b.len(), 2);
         b.clear();
         assert!(b.is_empty());
-        b.add(Token(3), 0, &[0], false).unwrap();
+        b.add(Token(3), 0, &[0], Output::Skip).unwrap();
     }
 
     #[test]
     fn sequence_ids_are_checked_against_the_allocation() {
         let mut b = Batch::new(4, 2).unwrap();
-        assert_eq!(b.add(Token(1), 0, &[0, 1, 2], false), Err(BatchError::TooManySeqIds { given: 3, max: 2 }));
-        assert_eq!(b.add(Token(1), 0, &[], false), Err(BatchError::NoSeqId));
-        assert_eq!(b.add(Token(1), 0, &[-1], false), Err(BatchError::NegativeSeqId(-1)));
-        assert_eq!(b.add(Token(1), -3, &[0], false), Err(BatchError::NegativePosition(-3)));
-        b.add(Token(7), 5, &[0, 1], true).unwrap();
+        assert_eq!(b.add(Token(1), 0, &[0, 1, 2], Output::Skip), Err(BatchError::TooManySeqIds { given: 3, max: 2 }));
+        assert_eq!(b.add(Token(1), 0, &[], Output::Skip), Err(BatchError::NoSeqId));
+        assert_eq!(b.add(Token(1), 0, &[-1], Output::Skip), Err(BatchError::NegativeSeqId(-1)));
+        assert_eq!(b.add(Token(1), -3, &[0], Output::Skip), Err(BatchError::NegativePosition(-3)));
+        b.add(Token(7), 5, &[0, 1], Output::Compute).unwrap();
         let entries: Vec<_> = b.entries().collect();
-        assert_eq!(entries, vec![BatchEntry { token: Token(7), pos: 5, seq_ids: &[0, 1], output: true }]);
+        assert_eq!(entries, vec![BatchEntry { token: Token(7), pos: 5, seq_ids: &[0, 1], output: Output::Compute }]);
     }
 
     #[test]
     fn add_sequence_is_all_or_nothing() {
         let mut b = Batch::new(3, 1).unwrap();
-        assert!(b.add_sequence(&[Token(1), Token(2), Token(3), Token(4)], 0, 0, true).is_err());
+        assert!(b.add_sequence(&[Token(1), Token(2), Token(3), Token(4)], 0, 0, Output::Compute).is_err());
         assert!(b.is_empty());
         assert!(Batch::new(0, 1).is_err());
     }

@@ -70,7 +70,7 @@ mod vocab;
 
 pub use backend::modules as backend_modules;
 pub use backend::{LogLevel, init, set_log_level};
-pub use batch::{Batch, BatchEntry, Pos, SeqId};
+pub use batch::{Batch, BatchEntry, Output, Pos, SeqId};
 pub use chat::{ChatEnding, ChatMessage, apply_template, builtin_templates};
 pub use context::{Context, ContextParams, FlashAttention, KvType, MemoryData, PerfCounters, Pooling, RecurrentCheckpoint};
 pub use error::{

@@ -243,7 +243,7 @@ fn child_process_entry() {
             let mut batch = Batch::new(prompt.len() + forced.len(), 1).unwrap();
             let all: Vec<Token> = prompt.iter().chain(&forced).copied().collect();
             for (pos, &t) in all.iter().enumerate() {
-                batch.add(t, pos as i32, &[0], pos + 1 >= prompt.len()).unwrap();
+                batch.add(t, pos as i32, &[0], if pos + 1 >= prompt.len() { Output::Compute } else { Output::Skip }).unwrap();
             }
             ctx.decode(&batch).unwrap();
             for (i, &token) in forced.iter().enumerate() {
@@ -258,7 +258,7 @@ fn child_process_entry() {
             let mut batch = Batch::new(2 * all.len(), 2).unwrap();
             for seq in 0..2 {
                 for (pos, &t) in all.iter().enumerate() {
-                    batch.add(t, pos as i32, &[seq], seq == 1 && pos + 1 >= prompt.len()).unwrap();
+                    batch.add(t, pos as i32, &[seq], if seq == 1 && pos + 1 >= prompt.len() { Output::Compute } else { Output::Skip }).unwrap();
                 }
             }
             ctx.decode(&batch).unwrap();

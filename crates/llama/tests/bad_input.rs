@@ -134,7 +134,7 @@ fn decode_checks_batch_size_positions_sequences_and_tokens() {
     let n_ctx = ctx.n_ctx() as i32;
 
     let mut big = Batch::new(65, 1).unwrap();
-    big.add_sequence(&vec![Token(2); 65], 0, 0, true).unwrap();
+    big.add_sequence(&vec![Token(2); 65], 0, 0, Output::Compute).unwrap();
     assert!(matches!(ctx.decode(&big), Err(DecodeError::BatchTooLarge { n_tokens: 65, n_batch: 64 })));
 
     let mut past = Batch::new(1, 1).unwrap();
@@ -142,7 +142,7 @@ fn decode_checks_batch_size_positions_sequences_and_tokens() {
     assert!(matches!(ctx.decode(&past), Err(DecodeError::PositionOutOfRange { pos, .. }) if pos == n_ctx));
 
     let mut seq = Batch::new(1, 1).unwrap();
-    seq.add(Token(2), 0, &[3], true).unwrap();
+    seq.add(Token(2), 0, &[3], Output::Compute).unwrap();
     assert!(matches!(ctx.decode(&seq), Err(DecodeError::SeqIdOutOfRange { seq_id: 3, n_seq_max: 1, .. })));
 
     let mut tok = Batch::new(1, 1).unwrap();

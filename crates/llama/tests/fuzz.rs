@@ -396,7 +396,8 @@ fn run_batch_case(case: &BatchCase, ctx: &mut Context<'_>, tally: &mut Tally) {
     ctx.clear_memory(MemoryData::Zero);
     if let Some(mut batch) = tally.note(Batch::new(case.capacity, case.n_seq_max)) {
         for (token, pos, seq_ids, logits) in &case.entries {
-            if tally.note(batch.add(Token(*token), *pos, seq_ids, *logits)).is_none() {
+            let output = if *logits { Output::Compute } else { Output::Skip };
+            if tally.note(batch.add(Token(*token), *pos, seq_ids, output)).is_none() {
                 break;
             }
         }

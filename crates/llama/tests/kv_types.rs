@@ -44,7 +44,7 @@ fn state_growth(t: KvType) -> usize {
         let chunk: Vec<Token> = (0..32).map(|i| tokens[(start + i) % tokens.len()]).collect();
         let mut batch = Batch::new(32, 1).unwrap();
         for (i, &token) in chunk.iter().enumerate() {
-            batch.add(token, (start + i) as i32, &[0], i == 31).unwrap();
+            batch.add(token, (start + i) as i32, &[0], if i == 31 { Output::Compute } else { Output::Skip }).unwrap();
         }
         ctx.decode(&batch).unwrap_or_else(|e| panic!("{t:?}: {e}"));
         sizes.push(ctx.save_state().unwrap().len());

@@ -208,8 +208,8 @@ fn a_checkpoint_restore_leaves_the_last_decodes_outputs() {
         }
         let checkpoint = ctx.save_recurrent_checkpoint(0).unwrap();
         let mut batch = Batch::new(4, 2).unwrap();
-        batch.add(tokens[1], n, &[0], true).unwrap();
-        batch.add(tokens[2], n, &[1], true).unwrap();
+        batch.add(tokens[1], n, &[0], Output::Compute).unwrap();
+        batch.add(tokens[2], n, &[1], Output::Compute).unwrap();
         ctx.decode(&batch).unwrap();
         let rows: Vec<Vec<f32>> = (0..2).map(|i| ctx.logits(i).unwrap().to_vec()).collect();
         ctx.restore_recurrent_checkpoint(0, &checkpoint).unwrap();
@@ -245,7 +245,7 @@ fn sequences_of_one_decode_each_drop_their_own_tail() {
         let mut batch = Batch::new(8, 2).unwrap();
         for seq in [0, 1] {
             for (i, &t) in original[..3].iter().enumerate() {
-                batch.add(t, n + i as Pos, &[seq], true).unwrap();
+                batch.add(t, n + i as Pos, &[seq], Output::Compute).unwrap();
             }
         }
         ctx.decode(&batch).unwrap();

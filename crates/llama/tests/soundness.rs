@@ -174,8 +174,8 @@ fn a_header_string_length_is_capped_before_allocating() {
 fn batch_positions_that_would_overflow_are_refused() {
     let mut batch = Batch::new(8, 1).unwrap();
     let tokens = [Token(1); 4];
-    let err = batch.add_sequence(&tokens, i32::MAX - 1, 0, true).unwrap_err();
+    let err = batch.add_sequence(&tokens, i32::MAX - 1, 0, Output::Compute).unwrap_err();
     assert_eq!(err, BatchError::PositionOverflow { start: i32::MAX - 1, len: 4 });
     assert!(batch.is_empty(), "nothing was written");
-    batch.add_sequence(&tokens, i32::MAX - 3, 0, true).unwrap();
+    batch.add_sequence(&tokens, i32::MAX - 3, 0, Output::Compute).unwrap();
 }

@@ -288,11 +288,11 @@ pub trait BackendSession {
 }
 
 /// Sessions as bytes need llama.cpp's state reader behind a C++ exception guard (a damaged
-/// state throws): the `llama` crate has one; llama-cpp-2 (restores only the states it made) and
-/// the raw backend do not use one.
+/// state throws): backends `source` and `raw` read through llama-sys' shim, which has one;
+/// llama-cpp-2 has none (it restores only the states it made).
 fn states_as_bytes_unsupported() -> EngineError {
     EngineError::Unsupported {
-        what: "session states as bytes (backend source; state files work on every backend)",
+        what: "session states as bytes (backends source and raw; state files work on every backend)",
         backend: <Active as Backend>::NAME,
     }
 }

@@ -755,7 +755,8 @@ impl BackendSession for RawSession<'_> {
         let c_path = c_path(path).ok_or_else(|| fail("the path contains a NUL byte".into()))?;
         // SAFETY: live context; the id is below its n_seq_max (checked: llama.cpp asserts it);
         // the path is NUL-terminated; `tokens` is readable for its length (Token is
-        // repr(transparent) over llama_token). llama_state_seq_save_file catches its own exceptions (returns 0).
+        // repr(transparent) over llama_token). llama_state_seq_save_file catches its own
+        // exceptions (returns 0).
         let written = unsafe { sys::llama_state_seq_save_file(self.ctx.as_ptr(), c_path.as_ptr(), seq, tokens.as_ptr().cast(), tokens.len()) };
         if written == 0 {
             return Err(fail("llama.cpp could not write it".into()));
@@ -774,8 +775,9 @@ impl BackendSession for RawSession<'_> {
         let (mut n, mut read) = (0usize, 0usize);
         guarded("llama_state_seq_load_file", |err| {
             // SAFETY: live context, checked id, NUL-terminated path; `tokens` has `max_tokens`
-            // writable slots (of llama_token's layout) and llama.cpp writes at most that many (it refuses a file of more);
-            // `n`, `read` and `err` are live out-parameters; the shim catches C++ exceptions.
+            // writable slots (of llama_token's layout) and llama.cpp writes at most that many
+            // (it refuses a file of more); `n`, `read` and `err` are live out-parameters; the
+            // shim catches C++ exceptions.
             unsafe {
                 sys::exsa_state_seq_load_file(self.ctx.as_ptr(), c_path.as_ptr(), seq, tokens.as_mut_ptr().cast(), max_tokens, &mut n, &mut read, err)
             }
@@ -786,6 +788,55 @@ impl BackendSession for RawSession<'_> {
         }
         tokens.truncate(n.min(max_tokens));
         Ok(tokens)
+    }
+
+    fn seq_state(&mut self, seq: i32) -> Result<Vec<u8>, EngineError> {
+        let fail = |reason: String| EngineError::state(SlotFileAction::Save, reason);
+        if !(0..self.n_seq_max).contains(&seq) {
+            return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq_max)));
+        }
+        // SAFETY: size query on the live context for a checked id.
+        let size = unsafe { sys::llama_state_seq_get_size(self.ctx.as_ptr(), seq) };
+        if size == 0 {
+            return Err(fail("the sequence holds nothing".into()));
+        }
+        let mut state = vec![0u8; size];
+        // SAFETY: `state` is writable for `size` bytes; checked id. llama.cpp catches its own
+        // exceptions here (returns 0).
+        let written = unsafe { sys::llama_state_seq_get_data(self.ctx.as_ptr(), state.as_mut_ptr(), size, seq) };
+        if written != size {
+            return Err(fail(format!("llama.cpp wrote {written} bytes of {size}")));
+        }
+        Ok(state)
+    }
+
+    fn seq_load_state(&mut self, seq: i32, state: &[u8], tokens: usize) -> Result<(), EngineError> {
+        let fail = |reason: String| EngineError::state(SlotFileAction::Restore, reason);
+        if !(0..self.n_seq_max).contains(&seq) {
+            return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq_max)));
+        }
+        let mut read = 0usize;
+        // A whole sequence's state (no partial flags), read through the shim: llama.cpp throws on
+        // a damaged state.
+        guarded("llama_state_seq_set_data", |err| {
+            // SAFETY: `state` is readable for its length; checked id; `read` and `err` are live
+            // out-parameters; the shim catches C++ exceptions.
+            unsafe { sys::exsa_state_seq_set_data_ext(self.ctx.as_ptr(), state.as_ptr(), state.len(), seq, 0, &mut read, err) }
+        })
+        .map_err(|e| fail(e.to_string()))?;
+        if read == 0 {
+            return Err(fail("not a state of this model and context, or the KV cache has no room for it".into()));
+        }
+        if read != state.len() {
+            return Err(fail(format!("llama.cpp read {read} of its {} bytes", state.len())));
+        }
+        // SAFETY: live context's memory, checked id.
+        let last = unsafe { sys::llama_memory_seq_pos_max(sys::llama_get_memory(self.ctx.as_ptr()), seq) };
+        let held = usize::try_from(last + 1).unwrap_or(0);
+        if held != tokens {
+            return Err(fail(format!("the state holds {held} positions, its token list {tokens}")));
+        }
+        Ok(())
     }
 }
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use llama::{
-    Batch, ChatEnding, ChatMessage, Context, ContextParams, FlashAttention, LoraAdapter, Model, ModelParams, Penalties, PenaltyWindow, Pooling,
-    Sampler, SamplerChain, SpecialTokens, Token as LlamaToken, TokenizeOptions,
+    Batch, ChatEnding, ChatMessage, Context, ContextParams, FlashAttention, LoraAdapter, Model, ModelParams, Output, Penalties, PenaltyWindow,
+    Pooling, Sampler, SamplerChain, SpecialTokens, Token as LlamaToken, TokenizeOptions,
 };
 
 use super::{Backend, BackendModel, BackendSession, BuildInfo, ModelInfo, Outputs, Token};
@@ -327,7 +327,9 @@ impl<'m> BackendSession for SourceSession<'m> {
 
     fn fill(&mut self, ids: &[Token], start: i32, outputs: Outputs) -> Result<(), EngineError> {
         self.batch.clear();
-        self.batch.add_sequence(tokens(ids), start, 0, outputs == Outputs::Last).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))
+        self.batch
+            .add_sequence(tokens(ids), start, 0, if outputs == Outputs::Last { Output::Compute } else { Output::Skip })
+            .map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))
     }
 
     fn decode(&mut self, ids: &[Token], start: i32, outputs: Outputs) -> Result<(), EngineError> {
@@ -356,7 +358,9 @@ impl<'m> BackendSession for SourceSession<'m> {
     }
 
     fn batch_push(&mut self, token: Token, pos: i32, seq: i32, output: bool) -> Result<(), EngineError> {
-        self.batch.add(token.into(), pos, &[seq], output).map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))
+        self.batch
+            .add(token.into(), pos, &[seq], if output { Output::Compute } else { Output::Skip })
+            .map_err(|e| EngineError::decode(DecodeFailure::InvalidBatch, e))
     }
 
     fn batch_len(&self) -> usize {

@@ -566,7 +566,11 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
     let speculation = match args.speculative {
         SpeculativeKind::Off => Speculation::Off,
         SpeculativeKind::Ngram => Speculation::Ngram { max_draft: args.draft_max },
-        SpeculativeKind::Draft => return Err("exsa serve drafts by prompt lookup only: use --speculative ngram or off".into()),
+        SpeculativeKind::Draft => {
+            return Err(
+                "exsa serve drafts by prompt lookup: use --speculative ngram or off (a draft model is for `exsa generate --draft-model`)".into()
+            );
+        }
     };
     GenerateOptions::default().speculation(speculation).validate()?;
     if let Some(dir) = &args.slot_save_path {

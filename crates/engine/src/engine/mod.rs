@@ -9,10 +9,10 @@ use std::time::Instant;
 
 use crate::backend::{Active, Backend, BackendModel, BackendSession, ModelInfo, SamplerOf, Token};
 use crate::chat::{ChatMessage, ChatOptions, Continuation};
-use crate::config::{ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, Prompt, SessionConfig};
+use crate::config::{ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, Prompt, SessionConfig, SpecialText};
 use crate::error::EngineError;
 use crate::outcome::GenerationStats;
-use crate::scheduler::Prepared;
+use crate::scheduler::{DraftModel, Prepared};
 use crate::templates::{JinjaTemplates, RenderedChat, ReplyParser};
 
 pub use generation::Generation;
@@ -127,6 +127,14 @@ impl Engine {
         self.draft.as_deref()
     }
 
+    /// A context of the draft model for a scheduler whose sessions hold `n_ctx` tokens (greedy,
+    /// one sequence, the draft model's other settings); None without a draft model.
+    pub(crate) fn draft_context(&self, n_ctx: u32) -> Option<Result<DraftModel<'_, Model>, EngineError>> {
+        let draft = self.draft()?;
+        let config = SessionConfig { n_ctx, ..draft.session_config().clone() };
+        Some(DraftModel::new(draft.model(), &config))
+    }
+
     /// The backend this build runs on: `source`, `crate` or `raw`.
     pub fn backend_name() -> &'static str {
         Active::NAME
@@ -225,7 +233,12 @@ impl Engine {
         self.model.meta(key)
     }
 
-    /// The embedding of `text`, pooled as [`Engine::pooling`] says (see [`Engine::embed_many`]).
+    /// The embedding of `text`, pooled as [`Engine::pooling`] says (see [`Engine::embed_many`]),
+    /// as llama.cpp gives it: not normalised ([`crate::l2_normalize`] it to compare by cosine).
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::embed_many`].
     pub fn embed(&self, text: &str) -> Result<Vec<f32>, EngineError> {
         let mut one = self.embed_many(&[text])?;
         Ok(one.pop().unwrap_or_default())
@@ -236,6 +249,17 @@ impl Engine {
     /// in a sequence of its own. Each text
     /// must fit one batch (pooling covers one decode, so a longer text would be pooled over its
     /// last part only).
+    ///
+    /// The vectors are llama.cpp's pooled output, not normalised: for cosine similarity (what
+    /// OpenAI's and Ollama's embeddings, which `exsa serve` normalises, are compared by), scale
+    /// each with [`crate::l2_normalize`] and compare by dot product.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::EmptyPrompt`] for a text with no tokens, [`EngineError::EmbedTooLong`] for
+    /// one longer than a batch; [`EngineError::InvalidConfig`] for a bad session parameter;
+    /// [`EngineError::Tokenize`], [`EngineError::Session`] or [`EngineError::Decode`] when
+    /// llama.cpp fails.
     pub fn embed_many(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EngineError> {
         let base = &self.config.session;
         let mut tokenized = Vec::with_capacity(texts.len());
@@ -254,12 +278,19 @@ impl Engine {
     }
 
     /// A reranker's relevance score of each document for `query` (a model whose pooling is
-    /// rank), in the documents' order (higher is more relevant), with the length of the pair's
-    /// prompt in tokens. Each pair is the prompt
+    /// rank), one [`RerankScore`](crate::RerankScore) per document in the documents' order
+    /// (higher is more relevant; sort them to rank), with the length of the pair's prompt in
+    /// tokens. Each pair is the prompt
     /// llama-server builds: the model's `rerank` template with `{query}` and `{document}`
     /// filled in, else `[BOS] query [EOS] [SEP] document [EOS]` (each special token where the
     /// vocabulary adds it). The pairs are decoded together as embeddings are.
-    pub fn rerank(&self, query: &str, documents: &[&str]) -> Result<Vec<(f32, usize)>, EngineError> {
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::InvalidRequest`] naming `model` when the model is no reranker; as
+    /// [`Engine::embed_many`] otherwise (a pair longer than a batch: [`EngineError::EmbedTooLong`]);
+    /// [`EngineError::Unsupported`] on backend `crate`.
+    pub fn rerank(&self, query: &str, documents: &[&str]) -> Result<Vec<crate::RerankScore>, EngineError> {
         if self.pooling() != crate::Pooling::Rank {
             return Err(EngineError::InvalidRequest {
                 field: "model",
@@ -300,7 +331,11 @@ impl Engine {
             prompts.push(tokens);
         }
         let scores = self.embed_tokens(&prompts)?;
-        Ok(scores.into_iter().zip(&prompts).map(|(s, p)| (s.first().copied().unwrap_or(f32::NAN), p.len())).collect())
+        Ok(scores
+            .into_iter()
+            .zip(&prompts)
+            .map(|(s, p)| crate::RerankScore { score: s.first().copied().unwrap_or(f32::NAN), tokens: p.len() })
+            .collect())
     }
 
     /// [`Engine::embed_many`] of texts already tokenized (each non-empty, within one batch).
@@ -351,19 +386,19 @@ impl Engine {
         let tokens = match &request.prompt {
             // BOS alone is no prompt.
             Prompt::Text { text, .. } if text.is_empty() => return Err(EngineError::EmptyPrompt),
-            Prompt::Text { text, parse_special } => self.tokenize(text, TokenizeOptions::default().parse_special(*parse_special))?,
-            Prompt::Chat { messages, specials_in_messages, options: chat } => match &self.templates {
+            Prompt::Text { text, specials } => self.tokenize(text, TokenizeOptions::default().parse_special(*specials == SpecialText::Parse))?,
+            Prompt::Chat { messages, specials, options: chat } => match &self.templates {
                 Some(templates) => {
                     if messages.is_empty() {
                         return Err(EngineError::EmptyPrompt);
                     }
                     let rendered = templates.render(messages, chat)?;
-                    let tokens = self.rendered_chat_tokens(&rendered.prompt, messages, *specials_in_messages)?;
+                    let tokens = self.rendered_chat_tokens(&rendered.prompt, messages, *specials)?;
                     self.apply_format(&rendered, &mut options)?;
                     parser = Some(rendered.parser);
                     tokens
                 }
-                None => self.rendered_chat_tokens(&self.builtin_render(messages, chat)?, messages, *specials_in_messages)?,
+                None => self.rendered_chat_tokens(&self.builtin_render(messages, chat)?, messages, *specials)?,
             },
             Prompt::Tokens(tokens) => {
                 let n_vocab = self.model.n_vocab();
@@ -425,15 +460,15 @@ impl Engine {
     }
 
     /// The prompt tokens of a chat, as [`Session::chat`] decodes them: the template's control
-    /// tokens parsed, message contents kept as text unless `specials_in_messages`.
-    pub fn chat_tokens(&self, messages: &[ChatMessage], specials_in_messages: bool) -> Result<Vec<Token>, EngineError> {
+    /// tokens parsed, control-token text in message contents as `specials` says.
+    pub fn chat_tokens(&self, messages: &[ChatMessage], specials: SpecialText) -> Result<Vec<Token>, EngineError> {
         let rendered = self.format_chat(messages)?;
-        self.rendered_chat_tokens(&rendered, messages, specials_in_messages)
+        self.rendered_chat_tokens(&rendered, messages, specials)
     }
 
-    fn rendered_chat_tokens(&self, rendered: &str, messages: &[ChatMessage], specials_in_messages: bool) -> Result<Vec<Token>, EngineError> {
+    fn rendered_chat_tokens(&self, rendered: &str, messages: &[ChatMessage], specials: SpecialText) -> Result<Vec<Token>, EngineError> {
         let mut tokens = Vec::new();
-        crate::chat_tokens::tokenize(&self.model, rendered, messages, specials_in_messages, &mut tokens)?;
+        crate::chat_tokens::tokenize(&self.model, rendered, messages, specials, &mut tokens)?;
         Ok(tokens)
     }
 

@@ -11,7 +11,7 @@ use crate::chat::{ChatMessage, ChatOptions, ChatReply};
 use crate::config::{GenerateOptions, GenerateRequest, Prompt, SessionConfig, Speculation};
 use crate::error::EngineError;
 use crate::outcome::{GenerationStats, SlotAction, SlotActionDone};
-use crate::scheduler::{Counters, DraftModel, Scheduler};
+use crate::scheduler::{Counters, Scheduler};
 use crate::token::Token;
 
 /// A context with memory of what it decoded: a request that shares a prefix with the previous
@@ -104,7 +104,7 @@ impl<'e> Session<'e> {
     /// returns to it, so a prompt that extends those tokens decodes only the rest.
     ///
     /// # Errors
-    /// [`EngineError::Unsupported`] on backends other than `source` (state files work on every
+    /// [`EngineError::Unsupported`] on backend `crate` (state files work on every
     /// backend: [`Session::save_state_file`]); [`EngineError::State`] when llama.cpp cannot write
     /// it (an empty cache).
     pub fn save_state(&mut self) -> Result<SessionState, EngineError> {
@@ -147,13 +147,12 @@ impl<'e> Session<'e> {
         if self.scheduler.has_draft_model() {
             return Ok(());
         }
-        let draft = self.engine.draft().ok_or(EngineError::InvalidRequest {
+        let draft = self.engine.draft_context(self.n_ctx()).ok_or(EngineError::InvalidRequest {
             field: "speculation",
             value: "draft".into(),
             reason: "the engine has no draft model (EngineConfig::draft_model, --draft-model)",
         })?;
-        let config = SessionConfig { n_ctx: self.n_ctx(), ..draft.session_config().clone() };
-        self.scheduler.set_draft_model(DraftModel::new(draft.model(), &config)?);
+        self.scheduler.set_draft_model(draft?);
         Ok(())
     }
 }
@@ -163,8 +162,8 @@ impl<'e> Session<'e> {
 /// a file, a database or the network.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SessionState {
-    tokens: Vec<Token>,
-    state: Vec<u8>,
+    pub(crate) tokens: Vec<Token>,
+    pub(crate) state: Vec<u8>,
 }
 
 impl std::fmt::Debug for SessionState {

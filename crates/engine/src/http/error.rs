@@ -86,6 +86,7 @@ impl From<EngineError> for ApiError {
             EngineError::EmptyPrompt => ApiError::invalid("prompt", &e),
             EngineError::InvalidRequest { field, .. } => ApiError::invalid(*field, &e),
             EngineError::Grammar(_) => ApiError::invalid("grammar", &e),
+            EngineError::JsonSchema(schema) => ApiError::invalid("json_schema", schema),
             EngineError::Chat { field, .. } => ApiError::invalid(*field, &e),
             EngineError::Unsupported { .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", e.to_string()).with_code("unsupported")

@@ -332,18 +332,6 @@ pub(super) async fn embed_texts(
     Ok((model, computed))
 }
 
-/// `v` scaled to length 1 (a zero vector stays zero): embeddings compared by dot product, as
-/// OpenAI's and Ollama's clients compare them.
-pub(super) fn l2_normalized(mut v: Vec<f32>) -> Vec<f32> {
-    let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
-    if norm > 0.0 {
-        for x in &mut v {
-            *x = (f64::from(*x) / norm) as f32;
-        }
-    }
-    v
-}
-
 /// OpenAI's `POST /v1/embeddings`: L2-normalised vectors, as OpenAI's are.
 pub(super) async fn embeddings(State(state): State<Arc<AppState>>, Body(body): Body<EmbeddingRequest>) -> Response {
     let result = async {
@@ -367,8 +355,8 @@ pub(super) async fn embeddings(State(state): State<Arc<AppState>>, Body(body): B
         let data: Vec<serde_json::Value> = computed
             .into_iter()
             .enumerate()
-            .map(|(index, (v, _))| {
-                let v = l2_normalized(v);
+            .map(|(index, (mut v, _))| {
+                crate::l2_normalize(&mut v);
                 let embedding =
                     if base64 { json!(super::openai::base64(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())) } else { json!(v) };
                 json!({ "object": "embedding", "index": index, "embedding": embedding })

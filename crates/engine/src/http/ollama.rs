@@ -843,7 +843,13 @@ pub(super) async fn embed(State(state): State<Arc<AppState>>, bytes: Bytes) -> R
         let (_, computed) = super::handlers::embed_texts(&state, Some(&id), texts).await?;
         state.models.keep(&id, keep);
         let tokens: usize = computed.iter().map(|(_, n)| n).sum();
-        let embeddings: Vec<Vec<f32>> = computed.into_iter().map(|(v, _)| super::handlers::l2_normalized(v)).collect();
+        let embeddings: Vec<Vec<f32>> = computed
+            .into_iter()
+            .map(|(mut v, _)| {
+                crate::l2_normalize(&mut v);
+                v
+            })
+            .collect();
         state.metrics.count_ok(&GenerationStats { prompt_tokens: tokens, ..Default::default() });
         Ok::<_, ApiError>(json!({
             "model": body.model, "embeddings": embeddings, "total_duration": received.elapsed().as_nanos() as u64,

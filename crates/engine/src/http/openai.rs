@@ -869,4 +869,27 @@ mod tests {
             assert_eq!(base64(input.as_bytes()), want);
         }
     }
+
+    /// The library's `SamplingParams::json_schema` and the server's `json_schema` and
+    /// `response_format` give one grammar for one schema, and refuse the same schemas.
+    #[test]
+    fn a_schema_gives_the_library_the_grammar_it_gives_the_server() {
+        let schema = json!({ "type": "object", "properties": { "tags": { "type": "array", "items": { "enum": ["a", "b"] } } } });
+        let library = SamplingParams::default().json_schema(&schema).unwrap().grammar;
+        for body in [
+            json!({ "json_schema": schema }),
+            json!({ "response_format": { "type": "json_schema", "json_schema": { "schema": schema } } }),
+            json!({ "response_format": { "type": "json_object", "schema": schema } }),
+        ] {
+            let sampling: Sampling = serde_json::from_value(body.clone()).unwrap();
+            assert_eq!(sampling.grammar().unwrap(), library, "{body}");
+        }
+        let bad = json!({ "type": "integer", "minimum": 0 });
+        let server = serde_json::from_value::<Sampling>(json!({ "json_schema": bad })).unwrap().grammar().unwrap_err();
+        let library = SamplingParams::default().json_schema(&bad).unwrap_err();
+        assert!(matches!(&library, crate::EngineError::JsonSchema(e) if e.path == "#" && e.reason.contains("minimum")), "{library}");
+        // One message, whichever way the schema came.
+        assert_eq!(server.message, library.to_string());
+        assert_eq!(server.message, ApiError::from(library).message);
+    }
 }

@@ -70,11 +70,11 @@ async fn answer(state: &AppState, body: RerankRequest) -> Result<Value, ApiError
             engine.rerank(&query, &refs)
         })
         .await?;
-    let tokens: usize = scored.iter().map(|(_, n)| n).sum();
+    let tokens: usize = scored.iter().map(|s| s.tokens).sum();
     // TEI's `raw_scores: false`: the head's logit through a sigmoid, as TEI gives it.
     let squash = body.raw_scores == Some(false);
     let mut results: Vec<(usize, f32)> =
-        scored.iter().enumerate().map(|(i, &(score, _))| (i, if squash { 1.0 / (1.0 + (-score).exp()) } else { score })).collect();
+        scored.iter().enumerate().map(|(i, s)| (i, if squash { 1.0 / (1.0 + (-s.score).exp()) } else { s.score })).collect();
     results.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     results.truncate(body.top_n.unwrap_or(results.len()));
     state.metrics.count_ok(&crate::outcome::GenerationStats { prompt_tokens: tokens, ..Default::default() });

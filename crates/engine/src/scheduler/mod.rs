@@ -178,7 +178,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     }
 
     /// Gives [`Speculation::Draft`] requests a draft model (one context for the scheduler: meant
-    /// for a single stream).
+    /// for one stream at a time).
     pub(crate) fn set_draft_model(&mut self, draft: DraftModel<'e, M>) {
         self.draft = Some(draft);
     }
@@ -230,7 +230,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             Some(EngineError::InvalidRequest {
                 field: "speculation",
                 value: "draft".into(),
-                reason: "no draft model here (EngineConfig::draft_model, --draft-model; the serving loop drafts by prompt lookup only)",
+                reason: "no draft model here (EngineConfig::draft_model, --draft-model)",
             })
         } else {
             None

@@ -32,7 +32,7 @@ use std::thread::JoinHandle;
 
 use crate::backend::BackendModel;
 use crate::config::{GenerateRequest, SessionConfig};
-use crate::engine::{Engine, Sampler};
+use crate::engine::{Engine, Sampler, SessionState};
 pub use crate::error::SubmitError;
 use crate::error::{EngineError, cause};
 pub use crate::outcome::PromptProgress;
@@ -324,16 +324,27 @@ enum Job {
     Slot(SlotJob),
 }
 
-/// A slot action: it runs once the slot is idle, and its outcome goes back on `reply`.
+/// Work on one slot's cache: it runs once the slot is idle.
 struct SlotJob {
     slot: usize,
-    action: SlotAction,
-    reply: SyncSender<Result<SlotActionDone, EngineError>>,
+    work: SlotWork,
+}
+
+/// What a [`SlotJob`] does, with the channel its outcome goes back on.
+enum SlotWork {
+    Action(SlotAction, SyncSender<Result<SlotActionDone, EngineError>>),
+    SaveState(SyncSender<Result<SessionState, EngineError>>),
+    RestoreState(SessionState, SyncSender<Result<(), EngineError>>),
 }
 
 impl SlotJob {
     fn run<M: BackendModel, C>(self, scheduler: &mut Scheduler<'_, M, C>) {
-        let _ = self.reply.send(scheduler.slot_action(self.slot, &self.action));
+        let slot = self.slot;
+        match self.work {
+            SlotWork::Action(action, reply) => drop(reply.send(scheduler.slot_action(slot, &action))),
+            SlotWork::SaveState(reply) => drop(reply.send(scheduler.save_state(slot).map(|(tokens, state)| SessionState { tokens, state }))),
+            SlotWork::RestoreState(saved, reply) => drop(reply.send(scheduler.restore_state(slot, &saved.tokens, &saved.state))),
+        }
     }
 }
 
@@ -439,13 +450,34 @@ impl ServingCore {
     /// on the returned receiver. Refused at once when the queue is full; a slot the core does not
     /// have is [`EngineError::InvalidRequest`] (on the receiver).
     pub fn slot_action(&self, slot: usize, action: SlotAction) -> Result<Receiver<Result<SlotActionDone, EngineError>>, SubmitError> {
+        self.slot_job(slot, |reply| SlotWork::Action(action, reply))
+    }
+
+    /// Slot `slot`'s cache as a [`SessionState`] (as [`crate::Session::save_state`]), once no
+    /// request runs in it; queued and answered as [`ServingCore::slot_action`].
+    pub fn save_state(&self, slot: usize) -> Result<Receiver<Result<SessionState, EngineError>>, SubmitError> {
+        self.slot_job(slot, SlotWork::SaveState)
+    }
+
+    /// Replaces slot `slot`'s cache with `state` (as [`crate::Session::restore_state`]), once no
+    /// request runs in it; queued and answered as [`ServingCore::slot_action`].
+    pub fn restore_state(&self, slot: usize, state: SessionState) -> Result<Receiver<Result<(), EngineError>>, SubmitError> {
+        self.slot_job(slot, |reply| SlotWork::RestoreState(state, reply))
+    }
+
+    /// Queues the work `work` makes of a reply channel for slot `slot`.
+    fn slot_job<T>(
+        &self,
+        slot: usize,
+        work: impl FnOnce(SyncSender<Result<T, EngineError>>) -> SlotWork,
+    ) -> Result<Receiver<Result<T, EngineError>>, SubmitError> {
         let (reply, receiver) = mpsc::sync_channel(1);
         if slot >= self.slots {
             let _ = reply.send(Err(EngineError::no_such_slot(slot)));
             return Ok(receiver);
         }
         let queue = self.queue.as_ref().ok_or(SubmitError::Stopped)?;
-        match queue.try_send(Job::Slot(SlotJob { slot, action, reply })) {
+        match queue.try_send(Job::Slot(SlotJob { slot, work: work(reply) })) {
             Ok(()) => Ok(receiver),
             Err(TrySendError::Full(_)) => Err(SubmitError::QueueFull { capacity: self.max_queue }),
             Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
@@ -518,9 +550,22 @@ fn decode_loop(
             return;
         }
     };
+    // Requests with Speculation::Draft share one context of the draft model (one sequence that
+    // follows whichever slot drafts, re-decoding what differs: made for one stream), where the
+    // engine has a draft model.
+    let draft = match engine.draft_context(config.n_ctx).transpose() {
+        Ok(draft) => draft,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
     let _ = ready.send(Ok(()));
     let mut scheduler: Scheduler<'_, _, Box<dyn EventSink>> =
         Scheduler::new(engine.model(), session, config.n_seq_max as usize, Arc::clone(&counters));
+    if let Some(draft) = draft {
+        scheduler.set_draft_model(draft);
+    }
     if let Some(tokens) = tuning.prefill_chunk {
         scheduler.set_prompt_chunk(tokens);
     }

@@ -2,9 +2,8 @@
 //! session into a thread, an async task or a struct without a lifetime. A [`Session`] borrows
 //! its engine and runs each step on the caller's thread; an [`OwnedSession`] holds the engine in
 //! an `Arc` and runs its requests on a decode thread of its own: it is the serving core with one
-//! slot, so its requests follow the same rules as the server's and as a [`Session`]'s (but one:
-//! the serving core drafts by prompt lookup only, so `Speculation::Draft` ends in
-//! [`Event::Failed`]).
+//! slot, so its requests follow the same rules as the server's and as a [`Session`]'s
+//! (`Speculation::Draft` included, with the engine's draft model).
 //!
 //! [`Session`]: crate::Session
 
@@ -13,7 +12,7 @@ use std::sync::mpsc::Receiver;
 
 use super::{Event, ServeRequest, ServingConfig, ServingCore, ServingStatus, collect};
 use crate::config::{GenerateRequest, SessionConfig};
-use crate::engine::Engine;
+use crate::engine::{Engine, SessionState};
 use crate::error::EngineError;
 use crate::outcome::{Completion, SlotAction, SlotActionDone};
 
@@ -130,9 +129,26 @@ impl OwnedSession {
         self.slot_action(SlotAction::Restore(path.into()))
     }
 
+    /// What the cache holds, as bytes in memory, once the requests given before have ended (as
+    /// [`crate::Session::save_state`]).
+    ///
+    /// # Errors
+    /// As [`crate::Session::save_state`]; [`EngineError::NotAccepted`] as [`Self::generate`].
+    pub fn save_state(&self) -> Result<SessionState, EngineError> {
+        answer(self.core.save_state(0)?)
+    }
+
+    /// Replaces the cache with `state` once the requests given before have ended (as
+    /// [`crate::Session::restore_state`]).
+    ///
+    /// # Errors
+    /// As [`crate::Session::restore_state`]; [`EngineError::NotAccepted`] as [`Self::generate`].
+    pub fn restore_state(&self, state: &SessionState) -> Result<(), EngineError> {
+        answer(self.core.restore_state(0, state.clone())?)
+    }
+
     fn slot_action(&self, action: SlotAction) -> Result<SlotActionDone, EngineError> {
-        // The decode thread answers once the slot is idle; it ends only after answering.
-        self.core.slot_action(0, action)?.recv().map_err(|_| EngineError::Cancelled)?
+        answer(self.core.slot_action(0, action)?)
     }
 
     /// The engine the session runs on.
@@ -148,4 +164,10 @@ impl OwnedSession {
     fn prepare(&self, request: &GenerateRequest) -> Result<ServeRequest, EngineError> {
         ServeRequest::new(self.engine(), request)
     }
+}
+
+/// A slot job's outcome: the decode thread answers once the slot is idle, and ends only after
+/// answering.
+fn answer<T>(reply: Receiver<Result<T, EngineError>>) -> Result<T, EngineError> {
+    reply.recv().map_err(|_| EngineError::Cancelled)?
 }

@@ -225,7 +225,7 @@ impl<'m> Context<'m> {
         }
         match code {
             0 => {
-                self.outputs.extend(batch.entries().enumerate().filter(|(_, e)| e.output).map(|(i, _)| i as i32));
+                self.outputs.extend(batch.entries().enumerate().filter(|(_, e)| e.output == crate::batch::Output::Compute).map(|(i, _)| i as i32));
                 self.note_cut_floors(batch);
                 Ok(())
             }
