@@ -689,7 +689,9 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// 1.0: off.
     pub repeat_penalty: f32,
-    /// Tokens the repeat, frequency and presence penalties look back over.
+    /// Tokens the repeat, frequency and presence penalties look back over (llama-server's
+    /// `repeat_last_n`): 0 none, -1 the whole context (the model's training context), otherwise
+    /// that many (at most the training context). Below -1 is refused.
     pub repeat_last_n: i32,
     /// Subtracted from a token's logit once per time it occurred (OpenAI's; 0: off).
     pub frequency_penalty: f32,

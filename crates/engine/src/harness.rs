@@ -383,6 +383,28 @@ fn top3(logits: &[f32]) -> [(Token, f32); 3] {
     best
 }
 
+/// What `exsa bench` reports of the model: the engine's facts in the bench protocol's own type
+/// (the protocol is versioned apart from the engine's API, which never names it).
+#[doc(hidden)]
+impl From<crate::ModelInfo> for exsa_bench_protocol::ModelInfo {
+    fn from(info: crate::ModelInfo) -> Self {
+        let crate::ModelInfo { path, description, architecture, n_params, size_bytes, n_vocab, n_ctx_train, n_embd, has_chat_template, placement } =
+            info;
+        exsa_bench_protocol::ModelInfo {
+            path,
+            description,
+            architecture,
+            n_params,
+            size_bytes,
+            n_vocab,
+            n_ctx_train,
+            n_embd,
+            has_chat_template,
+            placement,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

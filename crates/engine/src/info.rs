@@ -31,26 +31,6 @@ pub struct ModelInfo {
     pub placement: Vec<String>,
 }
 
-/// The bench protocol carries the same facts (its own type: the protocol is versioned apart from
-/// the engine's API).
-impl From<ModelInfo> for exsa_bench_protocol::ModelInfo {
-    fn from(info: ModelInfo) -> Self {
-        let ModelInfo { path, description, architecture, n_params, size_bytes, n_vocab, n_ctx_train, n_embd, has_chat_template, placement } = info;
-        exsa_bench_protocol::ModelInfo {
-            path,
-            description,
-            architecture,
-            n_params,
-            size_bytes,
-            n_vocab,
-            n_ctx_train,
-            n_embd,
-            has_chat_template,
-            placement,
-        }
-    }
-}
-
 /// How llama.cpp was built for this program ([`Engine::build_info`](crate::Engine::build_info)):
 /// what `exsa info` prints under `build_info`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -73,16 +53,24 @@ pub struct BuildInfo {
 impl BuildInfo {
     /// `backend`'s record from the JSON object llama-sys writes (`llama_cpp`, `build_number` and
     /// the rest become details); an empty record for anything else.
+    // Backends source and raw read llama-sys' record; tested on every build.
+    #[cfg_attr(not(any(feature = "source", feature = "raw")), allow(dead_code))]
     pub(crate) fn from_json(backend: &'static str, json: &str) -> BuildInfo {
-        let mut details = match serde_json::from_str(json) {
-            Ok(serde_json::Value::Object(map)) => map,
+        BuildInfo::from_record(backend, serde_json::from_str(json).unwrap_or_default())
+    }
+
+    /// `backend`'s record as a JSON object (anything else: an empty record).
+    pub(crate) fn from_record(backend: &'static str, record: serde_json::Value) -> BuildInfo {
+        let mut details = match record {
+            serde_json::Value::Object(map) => map,
             _ => serde_json::Map::new(),
         };
         let llama_cpp = match details.remove("llama_cpp") {
             Some(serde_json::Value::String(tree)) => tree,
             _ => String::new(),
         };
-        let build_number = details.remove("build_number").and_then(|n| n.as_u64()).and_then(|n| u32::try_from(n).ok());
+        // llama-sys writes 0 for a tree without a build number (a crate package's).
+        let build_number = details.remove("build_number").and_then(|n| n.as_u64()).and_then(|n| u32::try_from(n).ok()).filter(|&n| n != 0);
         BuildInfo { backend, llama_cpp, build_number, details }
     }
 }
@@ -101,6 +89,7 @@ mod tests {
         assert_eq!(json, serde_json::json!({"backend": "raw", "llama_cpp": "llama-cpp-sys-2 0.1.161", "build_number": 7, "c_flags": "-O3"}));
         // A record without a build number, or no record at all.
         assert_eq!(BuildInfo::from_json("crate", r#"{"llama_cpp":"x"}"#).build_number, None);
+        assert_eq!(BuildInfo::from_json("source", r#"{"llama_cpp":"x","build_number":0}"#).build_number, None);
         assert!(BuildInfo::from_json("crate", "not json").details.is_empty());
     }
 }

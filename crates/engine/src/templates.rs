@@ -132,7 +132,7 @@ impl JinjaTemplates {
                         TriggerKind::Word => words.push(trigger.value.clone()),
                         TriggerKind::Pattern => patterns.push(trigger.value.clone()),
                         TriggerKind::PatternFull => patterns.push(anchored(&trigger.value)),
-                        TriggerKind::Token => tokens.push(Token(trigger.token)),
+                        TriggerKind::Token => tokens.extend(trigger.token.map(Token::from)),
                     }
                 }
                 GrammarText::Lazy { patterns, words, tokens }
@@ -229,7 +229,8 @@ impl ReplyParser {
 
     #[cfg(all(feature = "source", feature = "jinja"))]
     fn reparse(&mut self, partial: bool) -> Result<Vec<ChatDelta>, EngineError> {
-        let next = match self.prompt.parse(&self.text, partial) {
+        let reply = if partial { llama::chat_templates::ReplyText::Partial } else { llama::chat_templates::ReplyText::Complete };
+        let next = match self.prompt.parse(&self.text, reply) {
             Ok(next) => next,
             // Partial text the format cannot read yet: wait for more.
             Err(_) if partial => return Ok(Vec::new()),

@@ -14,7 +14,7 @@ fn engine() -> Engine {
 #[test]
 fn control_token_text_in_a_message_does_not_become_control_tokens() {
     let engine = engine();
-    let start_of_turn = engine.tokenize("<start_of_turn>", TokenizeOptions::default().parse_special(true)).unwrap();
+    let start_of_turn = engine.tokenize("<start_of_turn>", TokenizeOptions::default().specials(SpecialText::Parse)).unwrap();
     let start_of_turn = *start_of_turn.last().unwrap();
     let count = |tokens: &[Token]| tokens.iter().filter(|&&t| t == start_of_turn).count();
 
@@ -27,7 +27,7 @@ fn control_token_text_in_a_message_does_not_become_control_tokens() {
     let raw = engine.chat_tokens(&forged, SpecialText::Parse).unwrap();
     assert_eq!(count(&raw), 4, "with the opt-out, the message's control-token text is parsed");
     // A chat without control-token text tokenizes exactly as the whole rendered prompt did.
-    let whole = engine.tokenize(&engine.format_chat(&honest).unwrap(), TokenizeOptions::default().parse_special(true)).unwrap();
+    let whole = engine.tokenize(&engine.format_chat(&honest).unwrap(), TokenizeOptions::default().specials(SpecialText::Parse)).unwrap();
     assert_eq!(engine.chat_tokens(&honest, SpecialText::Plain).unwrap(), whole);
     // The protected prompt decodes back to the same text: nothing was dropped.
     assert!(protected.len() > raw.len());

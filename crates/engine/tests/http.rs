@@ -227,7 +227,7 @@ fn embeddings_tokenize_detokenize_and_latency_metrics() {
     let tokens: Value = http.post(server.url("/tokenize")).json(&json!({ "content": "Hello there" })).send().unwrap().json().unwrap();
     let ids: Vec<i64> = tokens["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
     // llama-server's defaults: no BOS, control-token text parsed.
-    let plain = exsa_engine::TokenizeOptions::default().add_special(false).parse_special(true);
+    let plain = exsa_engine::TokenizeOptions::default().add_special(false).specials(SpecialText::Parse);
     assert_eq!(ids, engine.tokenize("Hello there", plain).unwrap().iter().map(|&t| i64::from(t.0)).collect::<Vec<_>>());
     let with_bos: Value =
         http.post(server.url("/tokenize")).json(&json!({ "content": "Hello there", "add_special": true })).send().unwrap().json().unwrap();

@@ -146,7 +146,7 @@ pub enum PenaltyWindow {
     Off,
     /// The last `n` tokens (`Last(0)` is `Off`). At most `i32::MAX`: a larger window fails
     /// [`SamplerChain::build`] with [`SamplerError::InvalidParam`]. llama.cpp keeps a buffer of
-    /// `n` tokens for it.
+    /// `n` tokens for it; a window longer than the model's training context is that context.
     Last(u32),
     /// The whole context: as many tokens as the model's training context, the most any context
     /// of it holds (llama.cpp's -1, counted as llama.cpp's own tools count it; its samplers take
@@ -172,13 +172,15 @@ impl PenaltyWindow {
 
     /// llama.cpp's `last_n` for a stage of `model`'s chain: the whole context as a count, since
     /// llama.cpp's samplers clamp negative windows to 0, which would switch the stage off
-    /// silently.
+    /// silently. No window is longer than the training context, the most tokens any context of
+    /// the model holds: llama.cpp allocates the window's ring buffer up front, and a failed
+    /// allocation of a huge one would throw across the FFI boundary.
     fn last_n(self, model: &Model) -> i32 {
+        let whole = i32::try_from(model.n_ctx_train()).unwrap_or(i32::MAX);
         match self {
             PenaltyWindow::Off => 0,
-            // Validated to fit.
-            PenaltyWindow::Last(n) => i32::try_from(n).unwrap_or(i32::MAX),
-            PenaltyWindow::WholeContext => i32::try_from(model.n_ctx_train()).unwrap_or(i32::MAX),
+            PenaltyWindow::Last(n) => i32::try_from(n).unwrap_or(i32::MAX).min(whole),
+            PenaltyWindow::WholeContext => whole,
         }
     }
 }

@@ -15,7 +15,7 @@
 //! | [`Context::logits`](crate::Context::logits) / [`embeddings`](crate::Context::embeddings) | the index requested an output in the last decode; rows are `n_vocab`, `n_embd_out` wide (`n_cls_out` for rank pooling) |
 //! | memory operations | sequence ids; [`shift_range`](crate::Context::shift_range) only where `llama_memory_can_shift` (else llama.cpp aborts); on a recurrent state, [`remove_range`](crate::Context::remove_range) cuts back only within the last decode's tokens (llama.cpp accepts an earlier cut with snapshots on and restores a stale state: wrong results, silently) |
 //! | state | sequence ids; an empty state is an error; trailing bytes after a state are refused |
-//! | [`SamplerChain::build`](crate::SamplerChain::build) | every parameter's range; the chain ends with a selector (llama.cpp aborts otherwise); `last_n = -1` means the whole (training) context, which llama.cpp would silently clamp to 0 |
+//! | [`SamplerChain::build`](crate::SamplerChain::build) | every parameter's range; the chain ends with a selector (llama.cpp aborts otherwise); `PenaltyWindow::WholeContext` is the whole (training) context (llama.cpp would silently clamp its -1 to 0), and a window is never longer than that (llama.cpp allocates it up front) |
 //! | [`Sampler::sample`](crate::Sampler::sample) / [`accept`](crate::Sampler::accept) | model and output index; accepted tokens in the vocabulary; an all-NaN row or a chain whose stages rule out every candidate is an error before llama.cpp's accept runs |
 //! | [`Vocab`](crate::Vocab) | token ids in range; text length within `i32` |
 //! | [`quantize`](crate::quantize()) | input header; the output is not the input (also through links) |

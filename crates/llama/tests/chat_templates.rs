@@ -64,7 +64,7 @@ fn a_reply_parses_into_tool_calls_and_streams_as_deltas() {
     let templates = ChatTemplates::from_source(&template("NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use")).unwrap();
     let prompt = templates.apply(&request("auto")).unwrap();
     let reply = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
-    let message = prompt.parse(reply, false).unwrap();
+    let message = prompt.parse(reply, ReplyText::Complete).unwrap();
     assert_eq!(message.tool_calls.len(), 1, "{message:?}");
     assert_eq!(message.tool_calls[0].name, "get_weather");
     let arguments: serde_json::Value = serde_json::from_str(&message.tool_calls[0].arguments).unwrap();
@@ -77,7 +77,7 @@ fn a_reply_parses_into_tool_calls_and_streams_as_deltas() {
     let (mut name, mut args, mut content) = (String::new(), String::new(), String::new());
     let mut name_seen_before_arguments = true;
     for end in (1..=reply.len()).filter(|&i| reply.is_char_boundary(i)) {
-        let now = prompt.parse(&reply[..end], end < reply.len()).unwrap();
+        let now = prompt.parse(&reply[..end], if end < reply.len() { ReplyText::Partial } else { ReplyText::Complete }).unwrap();
         for delta in now.deltas_since(&previous).unwrap() {
             content.push_str(&delta.content_delta);
             if delta.tool_call_index.is_some() {
@@ -95,7 +95,7 @@ fn a_reply_parses_into_tool_calls_and_streams_as_deltas() {
     assert!(name_seen_before_arguments);
     assert_eq!(content.trim(), "");
 
-    let prose = prompt.parse("It is sunny in Paris.", false).unwrap();
+    let prose = prompt.parse("It is sunny in Paris.", ReplyText::Complete).unwrap();
     assert_eq!(prose.content, "It is sunny in Paris.");
     assert!(prose.tool_calls.is_empty());
 }
@@ -107,7 +107,7 @@ fn lfm2_templates_render_their_tool_list() {
     assert!(prompt.prompt.contains("<|tool_list_start|>") && prompt.prompt.contains("get_weather"), "{}", prompt.prompt);
     assert!(!prompt.grammar.is_empty(), "{prompt:?}");
     assert!(prompt.preserved_tokens.iter().any(|t| t.contains("tool_call_start")), "{:?}", prompt.preserved_tokens);
-    let call = prompt.parse("<|tool_call_start|>[get_weather(city=\"Paris\")]<|tool_call_end|>", false).unwrap();
+    let call = prompt.parse("<|tool_call_start|>[get_weather(city=\"Paris\")]<|tool_call_end|>", ReplyText::Complete).unwrap();
     assert_eq!(call.tool_calls.len(), 1, "{call:?}");
     assert_eq!(call.tool_calls[0].name, "get_weather");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&call.tool_calls[0].arguments).unwrap(), json!({ "city": "Paris" }));
@@ -139,7 +139,7 @@ fn the_default_models_template_renders_a_plain_chat() {
     let prompt = templates.apply(&json!({ "messages": [{ "role": "user", "content": "Hello" }] })).unwrap();
     assert!(prompt.prompt.contains("<|im_start|>user\nHello<|im_end|>"), "{}", prompt.prompt);
     assert!(prompt.prompt.ends_with("<|im_start|>assistant\n"), "{}", prompt.prompt);
-    let reply = prompt.parse("Hi there.", false).unwrap();
+    let reply = prompt.parse("Hi there.", ReplyText::Complete).unwrap();
     assert_eq!((reply.content.as_str(), reply.tool_calls.len()), ("Hi there.", 0));
 }
 
@@ -201,13 +201,13 @@ fn a_template_without_tools_gets_the_generic_json_format() {
     assert!(prompt.prompt.contains("You can call tools.") && prompt.prompt.contains("get_weather"), "{}", prompt.prompt);
     // Gemma 2 has no system role: the instructions join the first user turn.
     assert!(prompt.prompt.starts_with("<start_of_turn>user\n") || prompt.prompt.starts_with("<bos><start_of_turn>user\n"), "{}", prompt.prompt);
-    let call = prompt.parse(r#"{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}}"#, false).unwrap();
+    let call = prompt.parse(r#"{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}}"#, ReplyText::Complete).unwrap();
     assert_eq!(call.tool_calls.len(), 1, "{call:?}");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&call.tool_calls[0].arguments).unwrap(), json!({ "city": "Paris" }));
     // tool_choice none: the same format, a response only.
     let none = templates.apply(&request("none")).unwrap();
     assert!(none.is_generic() && !none.grammar.contains("tool_call"), "{}", none.grammar);
-    assert_eq!(none.parse(r#"{"response": "Sunny."}"#, false).unwrap().content, "Sunny.");
+    assert_eq!(none.parse(r#"{"response": "Sunny."}"#, ReplyText::Complete).unwrap().content, "Sunny.");
     // The schema a generic grammar is made from is llama.cpp's converter's: a bad one is an error.
     assert!(matches!(json_schema_grammar(&json!({ "$ref": "#/nowhere" })), Err(ChatTemplateError::Schema(_))));
     assert!(json_schema_grammar(&json!({ "type": "string", "pattern": "^a+$" })).unwrap().contains("root"));
@@ -219,11 +219,11 @@ fn reasoning_is_split_out_where_the_format_has_it() {
     let chat = json!({ "messages": [{ "role": "user", "content": "Hi" }], "reasoning_format": "auto" });
     let prompt = templates.apply(&chat).unwrap();
     assert!(prompt.supports_thinking, "{prompt:?}");
-    let reply = prompt.parse("<think>\nLet me think.\n</think>\n\nHello!", false).unwrap();
+    let reply = prompt.parse("<think>\nLet me think.\n</think>\n\nHello!", ReplyText::Complete).unwrap();
     assert_eq!((reply.reasoning_content.trim(), reply.content.trim()), ("Let me think.", "Hello!"), "{reply:?}");
     let mut inline = chat.clone();
     inline["reasoning_format"] = json!("none");
     let prompt = templates.apply(&inline).unwrap();
-    let reply = prompt.parse("<think>\nLet me think.\n</think>\n\nHello!", false).unwrap();
+    let reply = prompt.parse("<think>\nLet me think.\n</think>\n\nHello!", ReplyText::Complete).unwrap();
     assert!(reply.reasoning_content.is_empty() && reply.content.contains("<think>"), "{reply:?}");
 }

@@ -493,7 +493,7 @@ fn run_gguf_case(mutations: &[Mutation], pristine: &[u8], path: &std::path::Path
 
 #[cfg(feature = "chat")]
 mod templates {
-    use llama::chat_templates::ChatTemplates;
+    use llama::chat_templates::{ChatTemplates, ReplyText};
     use proptest::prelude::*;
     use serde_json::{Value, json};
 
@@ -685,8 +685,8 @@ mod templates {
         let Some(prompt) = tally.note(templates.apply(&request)) else { return };
         let reply = TEXTS[case.reply];
         let partial = &reply[..offset(reply, case.cut)];
-        let previous = tally.note(prompt.parse(partial, true)).unwrap_or_default();
-        if let Some(whole) = tally.note(prompt.parse(reply, false)) {
+        let previous = tally.note(prompt.parse(partial, ReplyText::Partial)).unwrap_or_default();
+        if let Some(whole) = tally.note(prompt.parse(reply, ReplyText::Complete)) {
             drop(tally.note(whole.deltas_since(&previous)));
         }
     }

@@ -107,7 +107,7 @@ impl Backend for CrateBackend {
             },
             "rustflags": rustflags,
         });
-        BuildInfo::from_json("crate", &record.to_string())
+        BuildInfo::from_record("crate", record)
     }
 
     fn system_info() -> String {
@@ -415,8 +415,8 @@ impl BackendSession for CrateSession<'_> {
 
     fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[Token]) -> Result<u64, EngineError> {
         let fail = |e: &dyn std::fmt::Display| EngineError::slot_file(SlotFileAction::Save, path, e.to_string());
-        if !(0..self.n_seq_max).contains(&seq) {
-            return Err(fail(&format!("no sequence {seq} in a context of {}", self.n_seq_max)));
+        if let Some(why) = super::no_such_seq(seq, self.n_seq_max) {
+            return Err(fail(&why));
         }
         let tokens: Vec<LlamaToken> = tokens.iter().map(|&t| LlamaToken::new(t.0)).collect();
         self.ctx.state_seq_save_file(path, seq, &tokens).map_err(|e| fail(&e))?;
@@ -425,8 +425,8 @@ impl BackendSession for CrateSession<'_> {
 
     fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<Token>, EngineError> {
         let fail = |e: &dyn std::fmt::Display| EngineError::slot_file(SlotFileAction::Restore, path, e.to_string());
-        if !(0..self.n_seq_max).contains(&seq) {
-            return Err(fail(&format!("no sequence {seq} in a context of {}", self.n_seq_max)));
+        if let Some(why) = super::no_such_seq(seq, self.n_seq_max) {
+            return Err(fail(&why));
         }
         self.outputs.clear();
         let (tokens, _) = self.ctx.state_seq_load_file(path, seq, max_tokens).map_err(|e| fail(&e))?;
@@ -466,7 +466,10 @@ fn chain(model: &LlamaModel, p: &SamplingParams) -> Result<LlamaSampler, EngineE
         SamplerStage::LogitBias(biases) => {
             LlamaSampler::logit_bias(n_vocab, &biases.iter().map(|&(t, b)| LlamaLogitBias::new(LlamaToken(t.0), b)).collect::<Vec<_>>())
         }
-        SamplerStage::Penalties { last_n, repeat, frequency, presence } => LlamaSampler::penalties(n_vocab, last_n, repeat, frequency, presence),
+        SamplerStage::Penalties { last_n, repeat, frequency, presence } => {
+            let last_n = super::penalty_window(last_n, i32::try_from(model.n_ctx_train()).unwrap_or(i32::MAX));
+            LlamaSampler::penalties(n_vocab, last_n, repeat, frequency, presence)
+        }
         SamplerStage::TopK(k) => LlamaSampler::top_k(k),
         SamplerStage::TopP(p) => LlamaSampler::top_p(p, 1),
         SamplerStage::MinP(p) => LlamaSampler::min_p(p, 1),

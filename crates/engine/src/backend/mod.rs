@@ -310,6 +310,27 @@ fn check_adapter_file(path: &Path) -> Result<(), EngineError> {
     if path.is_file() { Ok(()) } else { Err(EngineError::lora(path, "adapter file not found")) }
 }
 
+/// Why sequence `seq` is not one of a context of `n_seq_max` sequences' (llama.cpp asserts
+/// on such an id), or None when it is.
+// Used by the backends that call llama.cpp directly (`raw`, `crate`); tested on every build.
+#[cfg_attr(not(any(feature = "raw", feature = "crate")), allow(dead_code))]
+fn no_such_seq(seq: i32, n_seq_max: i32) -> Option<String> {
+    (!(0..n_seq_max).contains(&seq)).then(|| format!("no sequence {seq} in a context of {n_seq_max}"))
+}
+
+/// The window llama.cpp's penalty sampler gets for [`SamplerStage::Penalties`]' `last_n`
+/// (`SamplingParams::repeat_last_n`, validated >= -1) on backends that call it directly: -1 is
+/// the whole training context (llama.cpp's samplers would take -1 as 0, off), as the `llama`
+/// crate's `PenaltyWindow` reads it, and no window is longer than that context (llama.cpp
+/// allocates the window up front).
+///
+/// [`SamplerStage::Penalties`]: crate::SamplerStage::Penalties
+// Used by the backends that call llama.cpp directly (`raw`, `crate`); tested on every build.
+#[cfg_attr(not(any(feature = "raw", feature = "crate")), allow(dead_code))]
+fn penalty_window(last_n: i32, n_ctx_train: i32) -> i32 {
+    if last_n == -1 { n_ctx_train } else { last_n.min(n_ctx_train) }
+}
+
 /// The size of a file just written or read, for the slot state calls whose binding does not
 /// report it.
 #[cfg(any(feature = "source", feature = "crate"))]
@@ -346,5 +367,25 @@ impl GuardedProgress {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn penalty_windows_read_minus_one_as_the_context_and_never_exceed_it() {
+        assert_eq!(penalty_window(-1, 32_768), 32_768);
+        assert_eq!(penalty_window(0, 32_768), 0);
+        assert_eq!(penalty_window(64, 32_768), 64);
+        assert_eq!(penalty_window(i32::MAX, 32_768), 32_768);
+    }
+
+    #[test]
+    fn sequence_ids_outside_the_context_are_named() {
+        assert_eq!(no_such_seq(0, 1), None);
+        assert_eq!(no_such_seq(1, 1).as_deref(), Some("no sequence 1 in a context of 1"));
+        assert!(no_such_seq(-1, 4).is_some());
     }
 }

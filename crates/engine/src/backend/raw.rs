@@ -432,10 +432,8 @@ impl BackendModel for RawModel {
                             biases.iter().map(|&(token, bias)| sys::llama_logit_bias { token: token.0, bias }).collect();
                         sys::llama_sampler_init_logit_bias(self.n_vocab(), biases.len() as i32, biases.as_ptr())
                     }
-                    // -1 is the whole context: the model's training context, as the safe wrapper
-                    // reads it (llama.cpp would clamp -1 to 0, off).
                     SamplerStage::Penalties { last_n, repeat, frequency, presence } => {
-                        let last_n = if last_n == -1 { sys::llama_model_n_ctx_train(self.raw.as_ptr()) } else { last_n };
+                        let last_n = super::penalty_window(last_n, sys::llama_model_n_ctx_train(self.raw.as_ptr()));
                         sys::llama_sampler_init_penalties(self.n_vocab(), last_n, repeat, frequency, presence)
                     }
                     SamplerStage::TopK(k) => sys::llama_sampler_init_top_k(k),
@@ -630,8 +628,8 @@ impl BackendSession for RawSession<'_> {
     }
 
     fn sequence_embedding(&self, seq: i32) -> Result<Vec<f32>, EngineError> {
-        if !(0..self.n_seq_max).contains(&seq) {
-            return Err(EngineError::decode(DecodeFailure::NoOutput, format!("no sequence {seq} in a context of {}", self.n_seq_max)));
+        if let Some(why) = super::no_such_seq(seq, self.n_seq_max) {
+            return Err(EngineError::decode(DecodeFailure::NoOutput, why));
         }
         // SAFETY: null or the pooled row of sequence `seq` (an id of this context, checked).
         let p = unsafe { sys::llama_get_embeddings_seq(self.ctx.as_ptr(), seq) };
@@ -749,8 +747,8 @@ impl BackendSession for RawSession<'_> {
 
     fn seq_save_file(&mut self, seq: i32, path: &Path, tokens: &[Token]) -> Result<u64, EngineError> {
         let fail = |reason: String| EngineError::slot_file(SlotFileAction::Save, path, reason);
-        if !(0..self.n_seq_max).contains(&seq) {
-            return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq_max)));
+        if let Some(why) = super::no_such_seq(seq, self.n_seq_max) {
+            return Err(fail(why));
         }
         let c_path = c_path(path).ok_or_else(|| fail("the path contains a NUL byte".into()))?;
         // SAFETY: live context; the id is below its n_seq_max (checked: llama.cpp asserts it);
@@ -766,8 +764,8 @@ impl BackendSession for RawSession<'_> {
 
     fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<Token>, EngineError> {
         let fail = |reason: String| EngineError::slot_file(SlotFileAction::Restore, path, reason);
-        if !(0..self.n_seq_max).contains(&seq) {
-            return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq_max)));
+        if let Some(why) = super::no_such_seq(seq, self.n_seq_max) {
+            return Err(fail(why));
         }
         let c_path = c_path(path).ok_or_else(|| fail("the path contains a NUL byte".into()))?;
         self.has_logits = false;
@@ -792,8 +790,8 @@ impl BackendSession for RawSession<'_> {
 
     fn seq_state(&mut self, seq: i32) -> Result<Vec<u8>, EngineError> {
         let fail = |reason: String| EngineError::state(SlotFileAction::Save, reason);
-        if !(0..self.n_seq_max).contains(&seq) {
-            return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq_max)));
+        if let Some(why) = super::no_such_seq(seq, self.n_seq_max) {
+            return Err(fail(why));
         }
         // SAFETY: size query on the live context for a checked id.
         let size = unsafe { sys::llama_state_seq_get_size(self.ctx.as_ptr(), seq) };
@@ -812,8 +810,8 @@ impl BackendSession for RawSession<'_> {
 
     fn seq_load_state(&mut self, seq: i32, state: &[u8], tokens: usize) -> Result<(), EngineError> {
         let fail = |reason: String| EngineError::state(SlotFileAction::Restore, reason);
-        if !(0..self.n_seq_max).contains(&seq) {
-            return Err(fail(format!("no sequence {seq} in a context of {}", self.n_seq_max)));
+        if let Some(why) = super::no_such_seq(seq, self.n_seq_max) {
+            return Err(fail(why));
         }
         let mut read = 0usize;
         // A whole sequence's state (no partial flags), read through the shim: llama.cpp throws on

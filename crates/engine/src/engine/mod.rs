@@ -386,7 +386,7 @@ impl Engine {
         let tokens = match &request.prompt {
             // BOS alone is no prompt.
             Prompt::Text { text, .. } if text.is_empty() => return Err(EngineError::EmptyPrompt),
-            Prompt::Text { text, specials } => self.tokenize(text, TokenizeOptions::default().parse_special(*specials == SpecialText::Parse))?,
+            Prompt::Text { text, specials } => self.tokenize(text, TokenizeOptions::default().specials(*specials))?,
             Prompt::Chat { messages, specials, options: chat } => match &self.templates {
                 Some(templates) => {
                     if messages.is_empty() {
@@ -423,7 +423,7 @@ impl Engine {
     /// What a rendered chat's format asks of the generation: its grammar (a request's own
     /// grammar cannot be combined with it), stop strings and special tokens written as text.
     fn apply_format(&self, rendered: &RenderedChat, options: &mut GenerateOptions) -> Result<(), EngineError> {
-        let word_tokens = |text: &str| self.tokenize(text, TokenizeOptions { add_special: false, parse_special: true });
+        let word_tokens = |text: &str| self.tokenize(text, TokenizeOptions { add_special: false, specials: SpecialText::Parse });
         for text in &rendered.preserved {
             if let [token] = word_tokens(text)?.as_slice() {
                 options.preserved_tokens.push(*token);
@@ -474,13 +474,13 @@ impl Engine {
 
     /// Tokenizes text: `TokenizeOptions::default()` for a prompt (BOS added where the model wants
     /// one, control-token text left as text), `.add_special(false)` for a fragment,
-    /// `.parse_special(true)` to read `<start_of_turn>` and the like as their tokens.
+    /// `.specials(SpecialText::Parse)` to read `<start_of_turn>` and the like as their tokens.
     ///
     /// # Errors
     /// [`EngineError::Tokenize`] when llama.cpp's tokenizer fails.
     pub fn tokenize(&self, text: &str, options: TokenizeOptions) -> Result<Vec<Token>, EngineError> {
         let mut tokens = Vec::new();
-        self.model.tokenize(text, options.add_special, options.parse_special, &mut tokens)?;
+        self.model.tokenize(text, options.add_special, options.specials == SpecialText::Parse, &mut tokens)?;
         Ok(tokens)
     }
 
@@ -609,13 +609,14 @@ fn vocabulary_difference(target: &Model, draft: &Model) -> Result<Option<String>
 pub struct TokenizeOptions {
     /// Add BOS (and whatever else the model adds around a whole text).
     pub add_special: bool,
-    /// Turn control-token text (`<start_of_turn>`, ...) into control tokens.
-    pub parse_special: bool,
+    /// What becomes of control-token text (`<start_of_turn>`, ...): text (the default), or the
+    /// control tokens it spells.
+    pub specials: SpecialText,
 }
 
 impl Default for TokenizeOptions {
     fn default() -> Self {
-        TokenizeOptions { add_special: true, parse_special: false }
+        TokenizeOptions { add_special: true, specials: SpecialText::Plain }
     }
 }
 
@@ -627,10 +628,10 @@ impl TokenizeOptions {
         self
     }
 
-    /// Sets [`TokenizeOptions::parse_special`].
+    /// Sets [`TokenizeOptions::specials`].
     #[must_use]
-    pub fn parse_special(mut self, parse_special: bool) -> Self {
-        self.parse_special = parse_special;
+    pub fn specials(mut self, specials: SpecialText) -> Self {
+        self.specials = specials;
         self
     }
 }

@@ -394,7 +394,8 @@ pub(super) async fn apply_template(State(state): State<Arc<AppState>>, Body(body
 
 pub(super) async fn tokenize(State(state): State<Arc<AppState>>, Body(body): Body<TokenizeRequest>) -> Response {
     // llama-server's defaults: no BOS, control-token text parsed.
-    let options = crate::TokenizeOptions { add_special: body.add_special.unwrap_or(false), parse_special: body.parse_special.unwrap_or(true) };
+    let specials = if body.parse_special.unwrap_or(true) { crate::SpecialText::Parse } else { crate::SpecialText::Plain };
+    let options = crate::TokenizeOptions { add_special: body.add_special.unwrap_or(false), specials };
     let tokens = async {
         let model = state.models.get(body.model.as_deref()).await?;
         let tokens = model.engine.tokenize(&body.content, options)?;

@@ -132,10 +132,9 @@ pub fn run(sources: Vec<ModelSource>, policy: ModelPolicy, config: ServerConfig,
             config,
             next_id: AtomicU64::new(1),
             metrics: metrics::Metrics::default(),
-            fingerprint: match crate::Engine::build_info().build_number {
-                Some(n) => format!("b{n}-exsa-{}", env!("CARGO_PKG_VERSION")),
-                None => format!("exsa-{}", env!("CARGO_PKG_VERSION")),
-            },
+            // `b0` where the tree records no build number, as llama-server writes it (clients
+            // written for it check the leading `b`).
+            fingerprint: format!("b{}-exsa-{}", crate::Engine::build_info().build_number.unwrap_or(0), env!("CARGO_PKG_VERSION")),
         });
         let app = routes::router(Arc::clone(&state), cors);
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();

@@ -20,7 +20,7 @@ use super::openai::{Kind, Sampling, timings};
 use crate::config::{GenerateOptions, GenerateRequest, Prompt};
 use crate::outcome::{Completion, FinishReason};
 use crate::token::TokenLogprobs;
-use crate::{Token, TokenizeOptions};
+use crate::{SpecialText, Token, TokenizeOptions};
 
 #[derive(Debug, Deserialize)]
 pub struct NativeRequest {
@@ -196,7 +196,8 @@ impl NativeRequest {
             return Err(ApiError::invalid("model", "this model has no fill-in-the-middle tokens (prefix, suffix and middle), so it cannot infill")
                 .with_code("not_supported"));
         };
-        let plain = |text: &str| model.engine.tokenize(text, TokenizeOptions { add_special: false, parse_special: false }).map_err(ApiError::from);
+        let plain =
+            |text: &str| model.engine.tokenize(text, TokenizeOptions { add_special: false, specials: SpecialText::Plain }).map_err(ApiError::from);
         let field = |name: &'static str, value: &Option<Value>| -> Result<Vec<Token>, ApiError> {
             match value {
                 None => Err(ApiError::invalid(name, "is required")),
@@ -254,7 +255,7 @@ impl NativeRequest {
         suffix.truncate(suffix_take);
         let mut tokens = extra[extra.len() - extra_take..].to_vec();
         // BOS where the model wants one (what tokenizing nothing with special tokens gives).
-        tokens.extend(model.engine.tokenize("", TokenizeOptions { add_special: true, parse_special: false })?);
+        tokens.extend(model.engine.tokenize("", TokenizeOptions { add_special: true, specials: SpecialText::Plain })?);
         tokens.push(pre);
         tokens.extend(prefix);
         tokens.extend(prompt);
@@ -283,7 +284,8 @@ fn prompts(prompt: &Value, model: &Loaded) -> Result<Vec<Vec<Token>>, ApiError> 
 /// llama-server does); in a list, BOS only when it starts with text.
 fn prompt_tokens(prompt: &Value, model: &Loaded) -> Result<Vec<Token>, ApiError> {
     let bad = |reason: &str| ApiError::invalid("prompt", reason);
-    let text = |t: &str, first: bool| model.engine.tokenize(t, TokenizeOptions { add_special: first, parse_special: true }).map_err(ApiError::from);
+    let text =
+        |t: &str, first: bool| model.engine.tokenize(t, TokenizeOptions { add_special: first, specials: SpecialText::Parse }).map_err(ApiError::from);
     match prompt {
         Value::String(t) => text(t, true),
         Value::Object(o) => {
@@ -358,7 +360,7 @@ fn logit_bias(value: &Value, model: &Loaded) -> Result<Vec<(Token, f32)>, ApiErr
             // A key that reads as a number is a token id, any other a text.
             Value::String(s) => match s.parse::<i64>() {
                 Ok(t) => vec![token_id(&t.into(), model, "logit_bias")?],
-                Err(_) => model.engine.tokenize(s, TokenizeOptions { add_special: false, parse_special: false })?,
+                Err(_) => model.engine.tokenize(s, TokenizeOptions { add_special: false, specials: SpecialText::Plain })?,
             },
             other => return Err(bad(format!("{other} is not a token id or a text"))),
         };

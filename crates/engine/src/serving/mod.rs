@@ -31,7 +31,7 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
 use crate::backend::BackendModel;
-use crate::config::{GenerateRequest, SessionConfig};
+use crate::config::{GenerateRequest, SessionConfig, Speculation};
 use crate::engine::{Engine, Sampler, SessionState};
 pub use crate::error::SubmitError;
 use crate::error::{EngineError, cause};
@@ -301,7 +301,7 @@ pub struct ServingStatus {
     pub checkpoint_bytes: usize,
     /// The decode loop's slots.
     pub slots: usize,
-    /// Speculation: tokens drafted by prompt lookup.
+    /// Speculation: tokens drafted (by prompt lookup, or by the draft model).
     pub drafted_tokens: u64,
     /// Of the drafted tokens, those the verification kept.
     pub accepted_tokens: u64,
@@ -550,22 +550,9 @@ fn decode_loop(
             return;
         }
     };
-    // Requests with Speculation::Draft share one context of the draft model (one sequence that
-    // follows whichever slot drafts, re-decoding what differs: made for one stream), where the
-    // engine has a draft model.
-    let draft = match engine.draft_context(config.n_ctx).transpose() {
-        Ok(draft) => draft,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
     let _ = ready.send(Ok(()));
     let mut scheduler: Scheduler<'_, _, Box<dyn EventSink>> =
         Scheduler::new(engine.model(), session, config.n_seq_max as usize, Arc::clone(&counters));
-    if let Some(draft) = draft {
-        scheduler.set_draft_model(draft);
-    }
     if let Some(tokens) = tuning.prefill_chunk {
         scheduler.set_prompt_chunk(tokens);
     }
@@ -630,6 +617,21 @@ fn decode_loop(
             // The request's own Arc of the engine goes here; this thread's keeps the model alive
             // for the sampler (see `ServeRequest::new`).
             let ServeRequest { prepared, engine: _, parser: _ } = request;
+            if matches!(prepared.options.speculation, Speculation::Draft { .. }) && !scheduler.has_draft_model() {
+                // The draft model's context, made on first use as a Session makes it (its cache
+                // costs memory): one sequence, shared by the slots that draft with it, which
+                // follows whichever drafts and re-decodes what differs (made for one stream).
+                // Without a draft model the scheduler refuses the request.
+                match engine.draft_context(config.n_ctx) {
+                    Some(Ok(draft)) => scheduler.set_draft_model(draft),
+                    Some(Err(e)) => {
+                        let mut sink = sink;
+                        sink.send(Event::Failed(e));
+                        continue;
+                    }
+                    None => {}
+                }
+            }
             if let Err((mut sink, e)) = scheduler.admit(prepared, sink) {
                 sink.send(Event::Failed(e));
             }

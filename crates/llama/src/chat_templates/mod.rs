@@ -25,6 +25,7 @@ use serde_json::{Map, Value};
 
 use crate::model::Model;
 use crate::sys;
+use crate::token::Token;
 
 /// Why a chat template could not be loaded, applied, or its output parsed.
 #[derive(Debug, thiserror::Error)]
@@ -337,8 +338,24 @@ pub struct GrammarTrigger {
     pub kind: TriggerKind,
     /// The word or pattern (for `Token`, the token's text).
     pub value: String,
-    /// The token, for `Token` triggers (-1 otherwise).
-    pub token: i32,
+    /// The token, for `Token` triggers.
+    #[serde(deserialize_with = "trigger_token")]
+    pub token: Option<Token>,
+}
+
+/// A trigger's token as the shim writes it: its id, or -1 (`LLAMA_TOKEN_NULL`) for none.
+fn trigger_token<'de, D: serde::Deserializer<'de>>(ids: D) -> Result<Option<Token>, D::Error> {
+    let id = i32::deserialize(ids)?;
+    Ok((id >= 0).then_some(Token(id)))
+}
+
+/// How much of a reply [`ChatPrompt::parse`] is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyText {
+    /// The whole reply: the generation has ended.
+    Complete,
+    /// The reply so far (streaming): it may end mid-way through a tool call or a tag.
+    Partial,
 }
 
 /// The kinds of grammar triggers.
@@ -363,9 +380,10 @@ impl ChatPrompt {
     }
 
     /// Parses text the model generated for this prompt into content, reasoning text and tool
-    /// calls. `partial`: the text may end mid-way (streaming), and what is incomplete is held
-    /// back rather than failed.
-    pub fn parse(&self, text: &str, partial: bool) -> Result<AssistantMessage, ChatTemplateError> {
+    /// calls. With [`ReplyText::Partial`] the text may end mid-way (streaming): what is
+    /// incomplete is held back rather than failed.
+    pub fn parse(&self, text: &str, reply: ReplyText) -> Result<AssistantMessage, ChatTemplateError> {
+        let partial = reply == ReplyText::Partial;
         if let Some(generic) = &self.generic {
             return Ok(generic.parse(text, partial));
         }
