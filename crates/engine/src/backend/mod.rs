@@ -277,12 +277,13 @@ pub trait BackendSession {
         let _ = seq;
         Err(states_as_bytes_unsupported())
     }
-    /// Loads bytes of [`BackendSession::seq_state`] into empty sequence `seq`, which must then
-    /// hold `tokens` positions (the token list saved beside them); bytes that are no state of
-    /// this model and context, or of another length, are an error, never read past. On failure
-    /// the sequence may hold part of it: the caller empties it.
-    fn seq_load_state(&mut self, seq: i32, state: &[u8], tokens: usize) -> Result<(), EngineError> {
-        let _ = (seq, state, tokens);
+    /// Loads bytes of [`BackendSession::seq_state`] into empty sequence `seq`; returns how many
+    /// positions the sequence then holds (the caller checks them against the token list saved
+    /// beside the state). Bytes that are no state of this model and context, or of another
+    /// length, are an error, never read past. On failure the sequence may hold part of it: the
+    /// caller empties it.
+    fn seq_load_state(&mut self, seq: i32, state: &[u8]) -> Result<usize, EngineError> {
+        let _ = (seq, state);
         Err(states_as_bytes_unsupported())
     }
 }

@@ -780,7 +780,15 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                 format!("it holds {} tokens, more than the context's {}", tokens.len(), self.n_ctx),
             ))
         } else {
-            self.session.seq_load_state(seq.id(), state, tokens.len())
+            // Every backend reports the positions it restored; the one check is here.
+            self.session.seq_load_state(seq.id(), state).and_then(|held| {
+                if held == tokens.len() {
+                    Ok(())
+                } else {
+                    let why = format!("the state holds {held} positions, its token list {}", tokens.len());
+                    Err(EngineError::state(crate::error::SlotFileAction::Restore, why))
+                }
+            })
         };
         match loaded {
             Ok(()) => seq.extend(tokens),
