@@ -424,12 +424,14 @@ mod tests {
         let out = run(&["--port", "8080", "--hf-repo", "ggml-org/x", "-np", "-1", "-ctk", "q8_0", "-ctv", "q8_0"]);
         let line = String::from_utf8(out.stdout).unwrap();
         assert!(line.contains("--cache-type-k q8_0 --cache-type-v q8_0 serve --port 8080 --parallel 4"), "{line}");
-        let out = run(&["--port", "8080", "--hf-repo", "ggml-org/x", "--lora", "a.gguf"]);
-        assert_eq!(out.status.code(), Some(77));
-        let reason = std::fs::read_to_string(&unsupported).unwrap();
-        assert!(reason.contains("LoRA"), "{reason}");
+        // LoRA adapters, comma-separated as llama-server takes them, one --lora each for exsa.
+        let out = run(&["--port", "8080", "--hf-repo", "ggml-org/x", "--lora", "a.gguf,b.gguf", "--lora-init-without-apply"]);
+        let line = String::from_utf8(out.stdout).unwrap();
+        assert!(line.contains("--lora a.gguf --lora b.gguf --lora-init-without-apply serve --port 8080"), "{line}");
         let out = run(&["--port", "8080", "--no-such-option"]);
         assert_eq!(out.status.code(), Some(77), "an unknown option is refused, not passed on");
+        let reason = std::fs::read_to_string(&unsupported).unwrap();
+        assert!(reason.contains("--no-such-option"), "{reason}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1104,6 +1104,14 @@ pub struct GenerateOptions {
     /// free: its cache, as a slot action saved or restored it, serves the prompt. None: the free
     /// slot whose cache holds most of the prompt.
     pub slot: Option<usize>,
+    /// The scales this request applies the engine's LoRA adapters with, one per adapter of
+    /// [`EngineConfig::lora`] in its order (0.0 leaves one out; llama-server's per-request
+    /// `lora`). None: the session's ([`SessionConfig::lora_scales`], else the engine's).
+    /// llama.cpp applies one set of adapters to a whole decode, so in a server's decode loop
+    /// requests with other scales take turns with those of the step (each group gets its own
+    /// steps), and a slot's cache serves only a request with the scales it was decoded with (a
+    /// cache restored from a state or slot file counts as the session's).
+    pub lora_scales: Option<Vec<f32>>,
 }
 
 impl Default for GenerateOptions {
@@ -1120,6 +1128,7 @@ impl Default for GenerateOptions {
             ignore_eos: false,
             prompt_progress: false,
             slot: None,
+            lora_scales: None,
         }
     }
 }
@@ -1205,13 +1214,22 @@ impl GenerateOptions {
         self
     }
 
+    /// Sets [`GenerateOptions::lora_scales`].
+    #[must_use]
+    pub fn lora_scales(mut self, lora_scales: impl Into<Vec<f32>>) -> Self {
+        self.lora_scales = Some(lora_scales.into());
+        self
+    }
+
     /// Checks the options (and their sampling parameters).
     ///
     /// # Errors
     ///
     /// [`EngineError::InvalidRequest`] naming the first bad field: `max_tokens` 0, an empty stop
     /// sequence, a speculation `max_draft` outside 1..=64, more than 20 log-probability
-    /// candidates, or a bad sampling value (see [`SamplingParams::validate`]).
+    /// candidates, a LoRA scale that is not finite (their number is checked against the
+    /// engine's adapters when the request is prepared), or a bad sampling value (see
+    /// [`SamplingParams::validate`]).
     pub fn validate(&self) -> Result<(), EngineError> {
         if self.max_tokens == 0 {
             return Err(EngineError::InvalidRequest { field: "max_tokens", value: "0".into(), reason: "must be at least 1" });
@@ -1230,6 +1248,9 @@ impl GenerateOptions {
         }
         if let Some(n) = self.logprobs.filter(|&n| n > MAX_LOGPROBS) {
             return Err(EngineError::InvalidRequest { field: "logprobs", value: n.to_string(), reason: "at most 20 candidates per token" });
+        }
+        if let Some(scales) = self.lora_scales.as_ref().filter(|s| !s.iter().all(|x| x.is_finite())) {
+            return Err(EngineError::InvalidRequest { field: "lora_scales", value: format!("{scales:?}"), reason: "LoRA scales must be finite" });
         }
         self.sampling.validate()
     }

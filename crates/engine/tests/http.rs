@@ -1141,3 +1141,67 @@ fn requests_carry_ids_keep_streams_alive_and_stop_at_the_time_limit() {
     let r = http.post(server.url("/v1/chat/completions")).json(&chat_body("Hi", 3, false)).send().unwrap();
     assert_eq!(r.status(), 200, "{:?}", r.text());
 }
+
+/// llama-server's LoRA surface, on llama-tiny and its synthetic adapter: `GET /lora-adapters`
+/// lists the adapter (at scale 0 with `--lora-init-without-apply`); requests at other `lora`
+/// scales sent together each get every token they get alone; `POST /lora-adapters` sets the
+/// scales of requests without `lora` (an empty `lora` is the server's too, an empty POST turns
+/// every adapter off); an adapter the model lacks is a 400 naming `lora`.
+#[test]
+fn lora_adapters_apply_per_request_and_as_the_server_sets_them() {
+    let _one_at_a_time = common::one_at_a_time();
+    let synth = std::path::PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml"));
+    let (model, adapter) = (synth.join("llama-tiny.gguf"), synth.join("llama-tiny-lora.gguf"));
+    assert!(adapter.is_file(), "run `cargo xtask synth-models`");
+    let (model, adapter) = (model.to_str().unwrap(), adapter.to_str().unwrap());
+    let server = Server::start(&["--model", model, "--lora", adapter, "--lora-init-without-apply", "--parallel", "4", "--ctx", "1024"]);
+    let http = client();
+    let listed = |http: &reqwest::blocking::Client| http.get(server.url("/lora-adapters")).send().unwrap().json::<Value>().unwrap();
+    assert_eq!(listed(&http), json!([{ "id": 0, "path": adapter, "scale": 0.0 }]));
+
+    let complete = |lora: Option<Value>| {
+        let mut body = json!({ "prompt": "Once upon a time", "n_predict": 16, "temperature": 0, "ignore_eos": true, "return_tokens": true });
+        if let Some(lora) = lora {
+            body["lora"] = lora;
+        }
+        client().post(server.url("/completion")).json(&body).send().unwrap()
+    };
+    let tokens = |response: reqwest::blocking::Response| {
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().unwrap();
+        body["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>()
+    };
+    let at = |scale: f32| Some(json!([{ "id": 0, "scale": scale }]));
+    let scales = [0.0, 1.0, -0.5];
+    let alone: Vec<Vec<i64>> = scales.iter().map(|&s| tokens(complete(at(s)))).collect();
+    assert_eq!(alone[0].len(), 16);
+    assert_ne!(alone[0], alone[1], "the adapter at scale 1 changed no token");
+    assert_ne!(alone[1], alone[2], "scales 1 and -0.5 gave the same tokens");
+    assert_eq!(tokens(complete(None)), alone[0], "loaded without applying: requests without lora get scale 0");
+
+    let together: Vec<Vec<i64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = scales.iter().chain(&scales).map(|&scale| s.spawn(move || tokens(complete(at(scale))))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, got) in together.iter().enumerate() {
+        assert_eq!(got, &alone[i % 3], "scale {} sent beside the others", scales[i % 3]);
+    }
+
+    let set = |body: Value| http.post(server.url("/lora-adapters")).json(&body).send().unwrap();
+    let response = set(json!([{ "id": 0, "scale": 1.0, "path": "ignored" }]));
+    assert_eq!(response.json::<Value>().unwrap(), json!({ "success": true }));
+    assert_eq!(listed(&http)[0]["scale"], 1.0);
+    assert_eq!(tokens(complete(None)), alone[1], "the server's scale after POST /lora-adapters");
+    assert_eq!(tokens(complete(Some(json!([])))), alone[1], "an empty lora is the server's scales");
+    assert_eq!(tokens(complete(at(0.0))), alone[0], "a request's own scale over the server's");
+    assert_eq!(set(json!([])).status(), 200);
+    assert_eq!(tokens(complete(None)), alone[0], "an empty POST turns the adapter off");
+
+    for (response, what) in [(complete(Some(json!([{ "id": 1, "scale": 1.0 }]))), "a request"), (set(json!([{ "id": 1, "scale": 1.0 }])), "the POST")]
+    {
+        assert_eq!(response.status(), 400, "{what}");
+        let body: Value = response.json().unwrap();
+        assert_eq!(body["error"]["param"], "lora", "{what}: {body}");
+    }
+    assert_eq!(set(json!({ "id": 0 })).status(), 400, "not a list");
+}

@@ -124,6 +124,58 @@ fn sessions_can_apply_the_adapters_at_scales_of_their_own() {
     }
 }
 
+/// `request` at adapter `scales` of its own ([`GenerateOptions::lora_scales`]).
+fn at_scales(mut request: GenerateRequest, scales: &[f32]) -> GenerateRequest {
+    request.options.lora_scales = Some(scales.to_vec());
+    request
+}
+
+/// [`GenerateOptions::lora_scales`]: requests at other scales, served together by one serving
+/// core (submitted at once, so that they share its steps), each get at every step the tokens of
+/// a session made with their scales, and a request without scales the engine's; a session
+/// applies a request's scales to that request only (the cache it decoded is not reused at other
+/// scales); a list of another length is refused by name.
+#[test]
+fn requests_apply_the_adapters_at_scales_of_their_own_beside_each_other() {
+    let engine = Arc::new(load(vec![LoraConfig::new(adapter())]));
+    let references: Vec<(f32, Vec<Token>)> = [0.0, 1.0, -0.5].into_iter().map(|s| (s, tokens_with(&engine, &scales(&engine, &[s])))).collect();
+    assert_ne!(references[0].1, references[1].1, "the adapter changes nothing at scale 1");
+    assert_ne!(references[1].1, references[2].1, "scales 1 and -0.5 give the same tokens");
+
+    let core = ServingCore::start(Arc::clone(&engine), ServingConfig::new(&engine, 4)).unwrap();
+    let submit = |request: &GenerateRequest| core.submit(ServeRequest::new(&engine, request).unwrap()).unwrap();
+    let streams: Vec<_> = references.iter().map(|(s, _)| submit(&at_scales(greedy(), &[*s]))).collect();
+    let engines_own = submit(&greedy());
+    for ((scale, reference), stream) in references.iter().zip(streams) {
+        let (_, served) = collect(stream).unwrap();
+        assert_eq!(&served.tokens, reference, "served at scale {scale} beside the others");
+    }
+    assert_eq!(collect(engines_own).unwrap().1.tokens, references[1].1, "a request without scales gets the engine's (1)");
+
+    let mut session = engine.session().unwrap();
+    let mut generate = |request: &GenerateRequest| {
+        let mut generation = session.generate(request).unwrap();
+        while let Some(delta) = generation.next_text() {
+            delta.unwrap();
+        }
+        generation.tokens().to_vec()
+    };
+    assert_eq!(generate(&at_scales(greedy(), &[0.0])), references[0].1, "a session's request at scale 0");
+    assert_eq!(generate(&greedy()), references[1].1, "the session's next request, at its own scale again");
+    assert_eq!(generate(&at_scales(greedy(), &[-0.5])), references[2].1, "a session's request at scale -0.5");
+
+    for wrong in [vec![], vec![1.0, 1.0]] {
+        match ServeRequest::new(&engine, &at_scales(greedy(), &wrong)) {
+            Err(EngineError::InvalidRequest { field: "lora_scales", .. }) => {}
+            other => panic!("{wrong:?}: {:?}", other.map(|_| ())),
+        }
+    }
+    match ServeRequest::new(&engine, &at_scales(greedy(), &[f32::INFINITY])) {
+        Err(EngineError::InvalidRequest { field: "lora_scales", .. }) => {}
+        other => panic!("infinity: {:?}", other.map(|_| ())),
+    }
+}
+
 /// Several adapters apply together where the backend can (an adapter at scale 0 beside one at
 /// scale 1 is that one alone); backend `crate` applies one at a time, and refuses more.
 #[test]

@@ -255,13 +255,9 @@ impl BackendModel for CrateModel {
                 Some(crate::Pooling::Rank) => return Err(EngineError::Unsupported { what: "rank pooling (reranking)", backend: "crate" }),
             });
         }
-        let mut ctx = self.model.new_context(backend(), params).map_err(|e| EngineError::Session(cause(e)))?;
-        if let Some((adapter, scale)) = super::applied_adapters(self.adapter.as_slice(), scales).next() {
-            let mut adapter = adapter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            ctx.lora_adapter_set(&mut adapter, scale).map_err(|e| EngineError::Session(cause(e)))?;
-        }
+        let ctx = self.model.new_context(backend(), params).map_err(|e| EngineError::Session(cause(e)))?;
         let n_batch = ctx.n_batch() as usize;
-        Ok(CrateSession {
+        let mut session = CrateSession {
             ctx,
             batch: LlamaBatch::new(n_batch, 1),
             pending: Vec::new(),
@@ -269,7 +265,12 @@ impl BackendModel for CrateModel {
             abort: None,
             n_seq_max: config.n_seq_max as i32,
             recurrent: self.model.is_recurrent() || self.model.is_hybrid(),
-        })
+            adapter: self.adapter.as_ref(),
+        };
+        if scales.iter().any(|&s| s != 0.0) {
+            session.set_adapter_scales(scales)?;
+        }
+        Ok(session)
     }
 }
 
@@ -286,6 +287,9 @@ pub struct CrateSession<'m> {
     abort: Option<Arc<AtomicBool>>,
     /// Sequences the context holds (llama.cpp asserts ids below this).
     n_seq_max: i32,
+    /// The model's LoRA adapter (one at most), which [`BackendSession::set_adapter_scales`]
+    /// applies.
+    adapter: Option<&'m Mutex<LlamaLoraAdapter>>,
 }
 
 impl std::fmt::Debug for CrateSession<'_> {
@@ -421,6 +425,17 @@ impl BackendSession for CrateSession<'_> {
         let tokens: Vec<LlamaToken> = tokens.iter().map(|&t| LlamaToken::new(t.0)).collect();
         self.ctx.state_seq_save_file(path, seq, &tokens).map_err(|e| fail(&e))?;
         Ok(super::file_len(path))
+    }
+
+    fn set_adapter_scales(&mut self, scales: &[f32]) -> Result<(), EngineError> {
+        let Some(adapter) = self.adapter else { return Ok(()) };
+        let applied = super::applied_adapters(std::slice::from_ref(&adapter), scales).next().map(|(_, scale)| scale);
+        let mut adapter = adapter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // One adapter: set at its scale, or none applied.
+        match applied {
+            Some(scale) => self.ctx.lora_adapter_set(&mut adapter, scale).map_err(|e| EngineError::Session(cause(e))),
+            None => self.ctx.lora_adapter_remove(&mut adapter).map_err(|e| EngineError::Session(cause(e))),
+        }
     }
 
     fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<Token>, EngineError> {

@@ -271,6 +271,10 @@ pub trait BackendSession {
     /// of more than `max_tokens` is refused). On failure the sequence may hold part of the file:
     /// the caller empties it.
     fn seq_load_file(&mut self, seq: i32, path: &Path, max_tokens: usize) -> Result<Vec<Token>, EngineError>;
+    /// Applies the model's LoRA adapters with `scales`, one per adapter in their order (0.0
+    /// leaves one out), to every decode from now on, replacing the scales applied before. The
+    /// caller passes one scale per adapter.
+    fn set_adapter_scales(&mut self, scales: &[f32]) -> Result<(), EngineError>;
     /// Sequence `seq`'s cache (attention cells, recurrent state) as bytes, for
     /// [`BackendSession::seq_load_state`] of a context of the same model.
     fn seq_state(&mut self, seq: i32) -> Result<Vec<u8>, EngineError> {

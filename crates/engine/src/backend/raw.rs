@@ -491,23 +491,9 @@ impl BackendModel for RawModel {
             (n_batch, sys::llama_n_ctx(ctx.as_ptr()), sys::llama_batch_init(n_batch as i32, 0, 1))
         };
         // Owned from here: on an error below, the drop frees the context and the batch.
-        let session = RawSession { model: self, ctx, batch, n_batch, n_ctx, n_seq_max: config.n_seq_max as i32, abort: None, has_logits: false };
-        let (mut adapters, mut scales): (Vec<_>, Vec<_>) = super::applied_adapters(&self.adapters, scales).map(|(a, s)| (a.as_ptr(), s)).unzip();
-        if !adapters.is_empty() {
-            let (mut code, mut err) = (0, sys::exsa_error::new());
-            // SAFETY: the adapters belong to this context's model, which outlives the context
-            // (the session borrows it), and are freed only with it; the two arrays are as long as
-            // the count passed; `code` and `err` are live out-parameters. The guard catches a C++
-            // exception.
-            let status = unsafe {
-                sys::exsa_set_adapters_lora(session.ctx.as_ptr(), adapters.as_mut_ptr(), adapters.len(), scales.as_mut_ptr(), &mut code, &mut err)
-            };
-            if status != sys::EXSA_OK as i32 {
-                return Err(EngineError::Session(cause(format!("llama.cpp threw a C++ exception applying the LoRA adapters: {}", err.what()))));
-            }
-            if code != 0 {
-                return Err(EngineError::Session(cause(format!("llama.cpp could not apply the LoRA adapters (code {code})"))));
-            }
+        let mut session = RawSession { model: self, ctx, batch, n_batch, n_ctx, n_seq_max: config.n_seq_max as i32, abort: None, has_logits: false };
+        if scales.iter().any(|&s| s != 0.0) {
+            session.set_adapter_scales(scales)?;
         }
         Ok(session)
     }
@@ -831,6 +817,26 @@ impl BackendSession for RawSession<'_> {
         // SAFETY: live context's memory, checked id.
         let last = unsafe { sys::llama_memory_seq_pos_max(sys::llama_get_memory(self.ctx.as_ptr()), seq) };
         Ok(usize::try_from(last + 1).unwrap_or(0))
+    }
+
+    fn set_adapter_scales(&mut self, scales: &[f32]) -> Result<(), EngineError> {
+        let (mut adapters, mut scales): (Vec<_>, Vec<_>) =
+            super::applied_adapters(&self.model.adapters, scales).map(|(a, s)| (a.as_ptr(), s)).unzip();
+        let (mut code, mut err) = (0, sys::exsa_error::new());
+        // SAFETY: the adapters belong to this context's model, which outlives the context (the
+        // session borrows it), and are freed only with it; the two arrays are as long as the
+        // count passed (none: llama.cpp clears the set without reading them); `code` and `err`
+        // are live out-parameters. The guard catches a C++ exception.
+        let status = unsafe {
+            sys::exsa_set_adapters_lora(self.ctx.as_ptr(), adapters.as_mut_ptr(), adapters.len(), scales.as_mut_ptr(), &mut code, &mut err)
+        };
+        if status != sys::EXSA_OK as i32 {
+            return Err(EngineError::Session(cause(format!("llama.cpp threw a C++ exception applying the LoRA adapters: {}", err.what()))));
+        }
+        if code != 0 {
+            return Err(EngineError::Session(cause(format!("llama.cpp could not apply the LoRA adapters (code {code})"))));
+        }
+        Ok(())
     }
 }
 

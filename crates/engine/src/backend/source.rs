@@ -293,17 +293,17 @@ impl BackendModel for SourceModel {
                 Some(crate::Pooling::Last) => Pooling::Last,
                 Some(crate::Pooling::Rank) => Pooling::Rank,
             });
-        let mut ctx = Context::new(&self.model, &params).map_err(|e| match e {
+        let ctx = Context::new(&self.model, &params).map_err(|e| match e {
             llama::ContextError::Rpc(lost) => EngineError::Rpc(cause(lost)),
             e => EngineError::Session(cause(e)),
         })?;
-        let applied: Vec<(&LoraAdapter<'_>, f32)> = super::applied_adapters(self.adapters(), scales).collect();
-        if !applied.is_empty() {
-            ctx.set_lora_adapters(&applied).map_err(|e| EngineError::Session(cause(e)))?;
-        }
         // Each token of a multi-sequence batch belongs to one sequence: one id per entry is enough.
         let batch = Batch::new(ctx.n_batch() as usize, 1).map_err(|e| EngineError::Session(cause(e)))?;
-        Ok(SourceSession { ctx, batch })
+        let mut session = SourceSession { ctx, batch, adapters: self.adapters() };
+        if scales.iter().any(|&s| s != 0.0) {
+            session.set_adapter_scales(scales)?;
+        }
+        Ok(session)
     }
 }
 
@@ -311,6 +311,8 @@ impl BackendModel for SourceModel {
 pub struct SourceSession<'m> {
     ctx: Context<'m>,
     batch: Batch,
+    /// The model's LoRA adapters, which [`BackendSession::set_adapter_scales`] applies.
+    adapters: &'m [LoraAdapter<'m>],
 }
 
 impl<'m> BackendSession for SourceSession<'m> {
@@ -442,6 +444,11 @@ impl<'m> BackendSession for SourceSession<'m> {
         let fail = |e: String| EngineError::state(SlotFileAction::Restore, e);
         self.ctx.load_sequence_state(state, seq).map_err(|e| fail(e.to_string()))?;
         Ok(self.ctx.max_position(seq).map_err(|e| fail(e.to_string()))?.map_or(0, |last| last as usize + 1))
+    }
+
+    fn set_adapter_scales(&mut self, scales: &[f32]) -> Result<(), EngineError> {
+        let applied: Vec<(&LoraAdapter<'m>, f32)> = super::applied_adapters(self.adapters, scales).collect();
+        self.ctx.set_lora_adapters(&applied).map_err(|e| EngineError::Session(cause(e)))
     }
 }
 

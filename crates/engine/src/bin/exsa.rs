@@ -49,6 +49,11 @@ struct Common {
     /// A LoRA adapter at SCALE (0 turns it off); repeatable.
     #[arg(long, global = true, num_args = 2, value_names = ["PATH", "SCALE"], allow_negative_numbers = true)]
     lora_scaled: Vec<String>,
+    /// Load the adapters at scale 0, applied to nothing until `POST /lora-adapters` or a
+    /// request's `lora` sets a scale (llama-server's option). Adapter ids follow the order of
+    /// `--lora`, then `--lora-scaled`.
+    #[arg(long, global = true)]
+    lora_init_without_apply: bool,
     /// Read the model into memory instead of mapping its file.
     #[arg(long, global = true)]
     no_mmap: bool,
@@ -413,6 +418,9 @@ fn engine_config(common: &Common, session: SessionConfig, model: PathBuf) -> Res
             reason: "the scale after the adapter's path must be a number",
         })?;
         lora.push(LoraConfig::new(path).scale(scale));
+    }
+    if common.lora_init_without_apply {
+        lora.iter_mut().for_each(|adapter| adapter.scale = 0.0);
     }
     let load = LoadOptions::default().mmap(!common.no_mmap).mlock(common.mlock);
     Ok(EngineConfig::new(model).session(session).placement(placement).lora(lora).load(load))

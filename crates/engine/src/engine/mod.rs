@@ -198,6 +198,18 @@ impl Engine {
         &self.config.session
     }
 
+    /// The LoRA adapters loaded with the model, in order, with the scales they were configured
+    /// with ([`EngineConfig::lora`]).
+    pub fn lora(&self) -> &[crate::LoraConfig] {
+        &self.config.lora
+    }
+
+    /// The adapter scales a session of `config` is made with (the scales of requests that set
+    /// none; see [`crate::GenerateOptions::lora_scales`]).
+    pub(crate) fn session_adapter_scales(&self, config: &SessionConfig) -> Result<Vec<f32>, EngineError> {
+        Ok(config.lora_scales_for(&self.config.adapter_scales()?)?.to_vec())
+    }
+
     /// A session with the engine's default context parameters.
     pub fn session(&self) -> Result<Session<'_>, EngineError> {
         self.session_with(&self.config.session)
@@ -381,6 +393,13 @@ impl Engine {
     pub(crate) fn prepare(&self, request: &GenerateRequest) -> Result<(Prepared<Sampler<'_>>, Option<ReplyParser>), EngineError> {
         let arrived = Instant::now();
         request.validate()?;
+        if let Some(scales) = request.options.lora_scales.as_ref().filter(|s| s.len() != self.config.lora.len()) {
+            return Err(EngineError::InvalidRequest {
+                field: "lora_scales",
+                value: format!("{scales:?}"),
+                reason: "needs one scale per LoRA adapter of the engine (EngineConfig::lora)",
+            });
+        }
         let mut options = request.options.clone();
         let mut parser = None;
         let tokens = match &request.prompt {

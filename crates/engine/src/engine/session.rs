@@ -30,8 +30,9 @@ impl std::fmt::Debug for Session<'_> {
 impl<'e> Session<'e> {
     pub(super) fn new(engine: &'e Engine, config: &SessionConfig) -> Result<Self, EngineError> {
         config.validate()?;
+        let adapter_scales = engine.session_adapter_scales(config)?;
         let session = engine.model().session(config)?;
-        Ok(Session { engine, scheduler: Scheduler::new(engine.model(), session, 1, Arc::new(Counters::default())) })
+        Ok(Session { engine, scheduler: Scheduler::new(engine.model(), session, 1, Arc::new(Counters::default()), adapter_scales) })
     }
 
     /// The context's length in tokens (the KV cache's cells).

@@ -275,7 +275,8 @@ pub(super) async fn submit(
     let (mut prepared, shape) = tokio::task::spawn_blocking({
         let model = Arc::clone(model);
         move || {
-            let prepared = prepare(&model, &request, context)?;
+            let mut request = request;
+            let prepared = prepare(&model, &mut request, context)?;
             // The native shape (or the verbose echo of it) reports the prompt as prepared.
             let shape = match (native, verbose) {
                 (Some(fields), _) => Some(Shape::new(&model, prepared.tokens(), &request.options, stream, fields)?),
@@ -294,8 +295,10 @@ pub(super) async fn submit(
 
 /// The request for `model`'s decode loop: a prompt that does not fit the context (or the
 /// request's own bound on it) is the client's error, and the context bounds `max_tokens` (by
-/// default, all of what is left).
-fn prepare(model: &Loaded, request: &GenerateRequest, context: Option<usize>) -> Result<ServeRequest, ApiError> {
+/// default, all of what is left). Its adapter scales become one per adapter of the model (the
+/// model's current ones where it sets none: see [`Loaded::adapter_scales_for`]).
+fn prepare(model: &Loaded, request: &mut GenerateRequest, context: Option<usize>) -> Result<ServeRequest, ApiError> {
+    request.options.lora_scales = Some(model.adapter_scales_for(request.options.lora_scales.as_deref())?);
     let mut prepared = ServeRequest::new(&model.engine, request)?;
     let n_ctx = context.map_or(model.n_ctx, |c| c.min(model.n_ctx));
     let prompt_tokens = prepared.tokens().len();

@@ -8,7 +8,8 @@
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (streaming as SSE or not),
 //! `POST /v1/embeddings`, `GET /v1/models`, `POST /tokenize`, `POST /detokenize`, `GET /health`
-//! (open without the API key; 503 while the model loads), `GET /metrics` (Prometheus).
+//! (open without the API key; 503 while the model loads), `GET /metrics` (Prometheus),
+//! `GET`/`POST /lora-adapters` (the adapters' scales).
 //! Several models: see [`ModelSource`] and [`ModelPolicy`].
 
 mod anthropic;
@@ -18,6 +19,7 @@ mod error;
 pub mod fields;
 mod handlers;
 mod log;
+mod lora;
 mod metrics;
 mod models;
 mod native;

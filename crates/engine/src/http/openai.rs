@@ -156,6 +156,40 @@ pub struct Sampling {
     /// llama-server's extension: the slot to run in (-1: any), e.g. one whose cache a slot
     /// action restored.
     pub id_slot: Option<i64>,
+    /// llama-server's extension: the scales of the server's LoRA adapters for this request,
+    /// `[{"id": 0, "scale": 0.5}]`; adapters not listed are off. Unset or empty: the scales
+    /// `POST /lora-adapters` set (at start, `--lora`'s).
+    pub lora: Option<Vec<LoraField>>,
+}
+
+/// An entry of `lora` (other keys, such as the `path` `GET /lora-adapters` lists, are ignored:
+/// clients send that list back).
+#[derive(Debug, Deserialize)]
+pub struct LoraField {
+    pub id: usize,
+    pub scale: f32,
+}
+
+/// The most adapters a request or `POST /lora-adapters` can name (ids 0 to this less one).
+pub const MAX_LORA_ID: usize = 256;
+
+/// `lora` entries as one scale per adapter id, from 0 to the highest id listed; ids not listed
+/// are 0 (off). Whether the model has that many adapters is checked when the model is known
+/// ([`super::handlers`]: a longer list is a 400 naming `lora`). An empty list is None, as
+/// llama-server reads it: the server's scales.
+pub fn lora_scales(entries: &[LoraField]) -> Result<Option<Vec<f32>>, ApiError> {
+    let Some(last) = entries.iter().map(|e| e.id).max() else { return Ok(None) };
+    if last >= MAX_LORA_ID {
+        return Err(ApiError::invalid("lora", format!("adapter id {last} is not loaded")));
+    }
+    let mut scales = vec![0.0; last + 1];
+    for entry in entries {
+        if !entry.scale.is_finite() {
+            return Err(ApiError::invalid("lora", format!("the scale of adapter {} is not a finite number", entry.id)));
+        }
+        scales[entry.id] = entry.scale;
+    }
+    Ok(Some(scales))
 }
 
 /// The `speculative` field.
@@ -293,6 +327,7 @@ impl Sampling {
                 None | Some(-1) => None,
                 Some(n) => Some(usize::try_from(n).map_err(|_| ApiError::invalid("id_slot", format!("{n} is not a slot number (or -1 for any)")))?),
             },
+            lora_scales: lora_scales(self.lora.as_deref().unwrap_or_default())?,
         };
         options.validate()?;
         Ok(options)

@@ -8,7 +8,7 @@ use axum::middleware;
 use axum::routing::{get, post};
 
 use super::AppState;
-use super::{auth, handlers, metrics, native, ollama, props, rerank, slots, tracking};
+use super::{auth, handlers, lora, metrics, native, ollama, props, rerank, slots, tracking};
 
 /// The routes, behind `cors` where the server allows browser origins (outermost, so that a
 /// preflight, which carries no key, is answered for every route).
@@ -42,6 +42,7 @@ pub fn router(state: Arc<AppState>, cors: Option<tower_http::cors::CorsLayer>) -
         .route("/props", get(props::props))
         .route("/slots", get(props::slots))
         .route("/slots/{id}", post(slots::action))
+        .route("/lora-adapters", get(lora::list).post(lora::set))
         // Ollama's API (`super::ollama`).
         .route("/api/version", get(ollama::version))
         .route("/api/tags", get(ollama::tags))

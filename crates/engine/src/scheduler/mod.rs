@@ -113,11 +113,20 @@ pub(crate) struct Scheduler<'e, M: BackendModel + 'e, C> {
     /// A recurrent state without snapshots: a round of drafts is preceded by a checkpoint it
     /// returns to after a rejection (see [`Scheduler::rebuild`]).
     rollback_points: bool,
+    /// The LoRA adapter scales of requests that set none: those the session was made with.
+    default_scales: Vec<f32>,
+    /// The scales the session applies now, and those of this step's group of requests (see
+    /// [`Scheduler::choose_group`]).
+    applied_scales: Vec<f32>,
+    step_scales: Vec<f32>,
+    /// Steps that built a batch, for taking turns between groups of requests.
+    steps: u64,
 }
 
 impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
-    /// `slots` slots over `session` (a context of at least that many sequences).
-    pub(crate) fn new(model: &'e M, session: M::Session<'e>, slots: usize, counters: Arc<Counters>) -> Self {
+    /// `slots` slots over `session` (a context of at least that many sequences), which applies
+    /// the model's LoRA adapters with `adapter_scales` (those of requests that set none).
+    pub(crate) fn new(model: &'e M, session: M::Session<'e>, slots: usize, counters: Arc<Counters>, adapter_scales: Vec<f32>) -> Self {
         let n_ctx = session.n_ctx() as usize;
         let n_batch = session.n_batch() as usize;
         let recurrent = session.memory_is_recurrent();
@@ -142,6 +151,10 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             checkpoints: false,
             max_drafts,
             rollback_points,
+            applied_scales: adapter_scales.clone(),
+            step_scales: adapter_scales.clone(),
+            default_scales: adapter_scales,
+            steps: 0,
         };
         scheduler.set_checkpoints(DEFAULT_CHECKPOINTS);
         scheduler
@@ -239,9 +252,10 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             Some(slot) if slot >= self.slots.len() => Some(EngineError::no_such_slot(slot)),
             _ => None,
         });
+        let scales = self.scales_of(&prepared).to_vec();
         let chosen = match prepared.options.slot {
             Some(slot) => self.slots.get(slot).is_some_and(Slot::is_idle).then_some(slot),
-            None => choose_slot(&self.slots, tokens, self.recurrent),
+            None => choose_slot(&self.slots, tokens, &scales, self.recurrent),
         };
         let index = match (refused, chosen) {
             (Some(e), _) => return Err((client, e)),
@@ -251,14 +265,15 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         self.clock += 1;
         let single = self.slots.len() == 1;
         let slot = &mut self.slots[index];
+        slot.seq.adapt(&mut self.session, &scales);
         let kept = slot.seq.keep_prefix(&mut self.session, &prepared.tokens);
-        let copied = self.copy_longer_prefix(index, &prepared.tokens, kept);
+        let copied = self.copy_longer_prefix(index, &prepared.tokens, &scales, kept);
         let reused = copied.unwrap_or(kept);
         let slot = &mut self.slots[index];
         self.counters.busy_slots.fetch_add(1, Ordering::Relaxed);
         self.counters.prompt_tokens_reused.fetch_add(reused as u64, Ordering::Relaxed);
         self.counters.prompt_tokens_copied.fetch_add(copied.unwrap_or(0) as u64, Ordering::Relaxed);
-        let (request, prompt) = Request::new(prepared, client, reused, self.clock, self.n_ctx);
+        let (request, prompt) = Request::new(prepared, client, reused, self.clock, self.n_ctx, scales);
         let request = Box::new(request);
         if single {
             // One slot: every decode is this request's, so its cancel aborts a decode in
@@ -274,11 +289,12 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// Where another slot's cache holds more of `prompt` than slot `dst` kept of its own (a
     /// shared system prompt, the other choices of one request), its cells are copied into `dst`
     /// (shared, in a unified cache: no decode, no new cells) and cut to the shared prefix.
-    /// Returns the tokens `dst` then holds, or None when it copied nothing and `dst` holds the
-    /// `kept` tokens it had.
-    fn copy_longer_prefix(&mut self, dst: usize, prompt: &[Token], kept: usize) -> Option<usize> {
+    /// Only cells decoded with the request's adapter `scales` are copied (`dst` holds none of
+    /// others). Returns the tokens `dst` then holds, or None when it copied nothing and `dst`
+    /// holds the `kept` tokens it had.
+    fn copy_longer_prefix(&mut self, dst: usize, prompt: &[Token], scales: &[f32], kept: usize) -> Option<usize> {
         let recurrent = self.recurrent;
-        let usable = |s: &Slot<_, _>| s.seq.reusable(prompt, recurrent);
+        let usable = |s: &Slot<_, _>| s.seq.reusable(prompt, scales, recurrent);
         let donor = (0..self.slots.len()).filter(|&i| i != dst).max_by_key(|&i| usable(&self.slots[i]))?;
         let shared = usable(&self.slots[donor]);
         if shared < kept + MIN_COPIED_PREFIX {
@@ -305,11 +321,13 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
 
     /// Whether `prompt` should wait for a slot that is decoding a prompt it shares much of (the
     /// other choices of one request, a common system prompt), to copy those cells once they are
-    /// in instead of decoding them again beside it.
-    pub(crate) fn awaits_shared_prefix(&self, prompt: &[Token]) -> bool {
-        let cached = self.slots.iter().map(|s| s.seq.reusable(prompt, self.recurrent)).max().unwrap_or(0);
+    /// in instead of decoding them again beside it (a prompt of the same adapter scales: cells of
+    /// others are not copied).
+    pub(crate) fn awaits_shared_prefix<S>(&self, prepared: &Prepared<S>) -> bool {
+        let (prompt, scales) = (&prepared.tokens[..], self.scales_of(prepared));
+        let cached = self.slots.iter().map(|s| s.seq.reusable(prompt, scales, self.recurrent)).max().unwrap_or(0);
         self.slots.iter().any(|s| match &s.phase {
-            Phase::Prefilling { prompt: theirs, then: None, .. } => {
+            Phase::Prefilling { request, prompt: theirs, then: None, .. } if request.scales == scales => {
                 let common = theirs.iter().zip(prompt).take_while(|(a, b)| a == b).count();
                 // A recurrent state is copied only up to the checkpoint their prefill takes:
                 // waiting pays only where there will be one within what the prompts share.
@@ -325,8 +343,28 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         })
     }
 
-    /// One step: ends cancelled requests, decodes one batch, and lets each slot in it go on.
-    /// Does nothing when every slot is idle.
+    /// The LoRA adapter scales a request runs with: its own, else the session's.
+    fn scales_of<'a, S>(&'a self, prepared: &'a Prepared<S>) -> &'a [f32] {
+        prepared.options.lora_scales.as_deref().unwrap_or(&self.default_scales)
+    }
+
+    /// Chooses this step's group: the requests with the adapter scales of the one that has waited
+    /// longest for a step (the oldest first among equals). llama.cpp applies one set of adapters
+    /// to a whole decode, so requests of other scales wait for a step of their own; groups take
+    /// turns, none starves. Where all run with the same scales (no per-request adapters), the
+    /// group is every request.
+    fn choose_group(&mut self) {
+        let lead = self.slots.iter().filter_map(|s| s.phase.request()).min_by_key(|r| (r.last_step, r.admitted));
+        if let Some(lead) = lead
+            && lead.scales != self.step_scales
+        {
+            self.step_scales.clone_from(&lead.scales);
+        }
+    }
+
+    /// One step: ends cancelled requests, decodes one batch of one group of requests (see
+    /// [`Scheduler::choose_group`]), and lets each slot in it go on. Does nothing when every
+    /// slot is idle.
     pub(crate) fn step(&mut self) {
         for i in 0..self.slots.len() {
             if let Some(request) = self.slots[i].phase.request_mut() {
@@ -337,6 +375,8 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                 }
             }
         }
+        self.choose_group();
+        self.steps += 1;
         loop {
             self.session.batch_clear();
             let prompt_tokens = match self.build_batch() {
@@ -345,6 +385,12 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             };
             if self.session.batch_len() == 0 {
                 return;
+            }
+            if self.applied_scales != self.step_scales {
+                if let Err(e) = self.session.set_adapter_scales(&self.step_scales) {
+                    return self.fail_batch(&e);
+                }
+                self.applied_scales.clone_from(&self.step_scales);
             }
             let tokens = self.session.batch_len();
             let started = Instant::now();
@@ -380,16 +426,26 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         }
     }
 
-    /// The step's batch: the pending token of every generating slot, with its drafts, then prompt
-    /// chunks, oldest request first, up to n_batch tokens. Returns the prompt tokens in it.
+    /// The step's batch, of the step's group: the pending token of every generating slot, with
+    /// its drafts, then prompt chunks, oldest request first, up to n_batch tokens. Returns the
+    /// prompt tokens in it.
     fn build_batch(&mut self) -> Result<usize, EngineError> {
         let n_slots = self.slots.len();
-        let generating = self.slots.iter().filter(|s| matches!(s.phase, Phase::Generating { .. })).count();
+        let step_scales = &self.step_scales;
+        let in_group = |phase: &Phase<Running<'e, M, C>>| phase.request().is_some_and(|r| r.scales == *step_scales);
+        let generating = self.slots.iter().filter(|s| matches!(s.phase, Phase::Generating { .. }) && in_group(&s.phase)).count();
         for slot in &mut self.slots {
             let Slot { seq, phase, .. } = slot;
+            let member = in_group(phase);
             if let Some(request) = phase.request_mut() {
                 request.output = None;
                 request.chunk = 0;
+                if member {
+                    request.last_step = self.steps;
+                }
+            }
+            if !member {
+                continue;
             }
             let Phase::Generating { request, pending } = phase else { continue };
             // The kept part of a rolled-back round first (see `rebuild`): decoded, no outputs.
@@ -453,7 +509,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             }
         }
         self.prefilling.clear();
-        self.prefilling.extend((0..n_slots).filter(|&i| matches!(self.slots[i].phase, Phase::Prefilling { .. })));
+        self.prefilling.extend((0..n_slots).filter(|&i| matches!(self.slots[i].phase, Phase::Prefilling { .. }) && in_group(&self.slots[i].phase)));
         let slots = &self.slots;
         self.prefilling.sort_by_key(|&i| slots[i].phase.request().map_or(0, |r| r.admitted));
         let mut prompt_tokens = 0;
@@ -769,10 +825,12 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     }
 
     /// Replaces idle slot `index`'s cache with `state`, saved with `tokens` by
-    /// [`Scheduler::save_state`] (of a context of this model). On failure the slot is empty.
+    /// [`Scheduler::save_state`] (of a context of this model). On failure the slot is empty. The
+    /// cells count as decoded with the session's adapter scales (a state does not record any).
     pub(crate) fn restore_state(&mut self, index: usize, tokens: &[Token], state: &[u8]) -> Result<(), EngineError> {
         debug_assert!(self.slot_is_idle(index));
         let seq = &mut self.slots[index].seq;
+        seq.adapt(&mut self.session, &self.default_scales);
         seq.clear(&mut self.session);
         let loaded = if tokens.len() > self.n_ctx {
             Err(EngineError::state(
@@ -805,9 +863,11 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         self.publish_slots();
     }
 
-    /// Loads `path` into slot `index`'s emptied cache; returns the tokens it holds.
+    /// Loads `path` into slot `index`'s emptied cache; returns the tokens it holds. The cells
+    /// count as decoded with the session's adapter scales (a slot file does not record any).
     fn restore(&mut self, index: usize, path: &std::path::Path) -> Result<usize, EngineError> {
         let seq = &mut self.slots[index].seq;
+        seq.adapt(&mut self.session, &self.default_scales);
         seq.clear(&mut self.session);
         let loaded = self
             .session
@@ -853,9 +913,9 @@ pub(crate) const DEFAULT_CHECKPOINTS: usize = 8;
 /// covers at least half the prompt; otherwise the least valuable cache is given up: an empty
 /// slot, else the one used longest ago. (A prefix of a token or two, such as BOS, is not worth
 /// another prompt's whole cache.)
-fn choose_slot<R, K: Clone>(slots: &[Slot<R, K>], prompt: &[Token], recurrent: bool) -> Option<usize> {
+fn choose_slot<R, K: Clone>(slots: &[Slot<R, K>], prompt: &[Token], scales: &[f32], recurrent: bool) -> Option<usize> {
     let free = || slots.iter().enumerate().filter(|(_, s)| s.is_idle());
-    let (best, best_common) = free().map(|(i, s)| (i, s.seq.reusable(prompt, recurrent))).max_by_key(|&(i, c)| (c, std::cmp::Reverse(i)))?;
+    let (best, best_common) = free().map(|(i, s)| (i, s.seq.reusable(prompt, scales, recurrent))).max_by_key(|&(i, c)| (c, std::cmp::Reverse(i)))?;
     if best_common * 2 >= prompt.len() {
         return Some(best);
     }

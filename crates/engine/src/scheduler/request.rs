@@ -101,6 +101,10 @@ pub(crate) struct Request<S, C> {
     pub(crate) drafting: Option<Drafting>,
     /// The scheduler's clock at admission (the oldest request goes first, the newest gives way).
     pub(crate) admitted: u64,
+    /// The LoRA adapter scales it runs with (its own, else the session's).
+    pub(crate) scales: Vec<f32>,
+    /// The last step whose batch was its group's (see `Scheduler::choose_group`); 0 before any.
+    pub(crate) last_step: u64,
     arrived: Instant,
     /// When it got its slot: prompt processing is timed from here (not the queue before it).
     started: Instant,
@@ -121,8 +125,9 @@ pub(crate) struct Request<S, C> {
 
 impl<S, C> Request<S, C> {
     /// A request admitted at `admitted` whose prompt reuses `reused` cached tokens, and its
-    /// prompt; `n_ctx` bounds what it can generate (its buffers are sized once, here).
-    pub(crate) fn new(prepared: Prepared<S>, client: C, reused: usize, admitted: u64, n_ctx: usize) -> (Self, Vec<Token>) {
+    /// prompt; `n_ctx` bounds what it can generate (its buffers are sized once, here); it runs
+    /// with adapter `scales`.
+    pub(crate) fn new(prepared: Prepared<S>, client: C, reused: usize, admitted: u64, n_ctx: usize, scales: Vec<f32>) -> (Self, Vec<Token>) {
         let Prepared { tokens, options, sampler, arrived } = prepared;
         // The sampler was built from `sampling` and `ignore_eos` already.
         let GenerateOptions {
@@ -136,8 +141,9 @@ impl<S, C> Request<S, C> {
             sampling: _,
             ignore_eos: _,
             prompt_progress,
-            // The scheduler placed it already.
+            // The scheduler placed it already, and resolved its scales.
             slot: _,
+            lora_scales: _,
         } = options;
         let room = max_tokens.min(n_ctx);
         let drafting = match speculation {
@@ -166,6 +172,8 @@ impl<S, C> Request<S, C> {
             delivered: (0, 0),
             drafting,
             admitted,
+            scales,
+            last_step: 0,
             arrived,
             started: Instant::now(),
             abandoned: false,

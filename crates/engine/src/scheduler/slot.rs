@@ -20,6 +20,9 @@ pub(crate) struct Sequence<K> {
     /// [`Sequence::mark_rollback`]): outside the bound and the prefix-reuse rule, only for
     /// [`Sequence::return_to_rollback`].
     rollback: Option<Checkpoint<K>>,
+    /// The LoRA adapter scales its cells were decoded with (see [`Sequence::adapt`]): cells of
+    /// other scales hold other keys and values, so only a request with these reuses them.
+    adapter_scales: Vec<f32>,
 }
 
 /// How many tokens before a prompt's end its checkpoint is taken.
@@ -36,7 +39,17 @@ pub(crate) struct Checkpoint<K> {
 impl<K: Clone> Sequence<K> {
     /// Sequence `id`, with room for `capacity` tokens (the context: the token loop never grows it).
     pub(crate) fn new(id: i32, capacity: usize) -> Self {
-        Sequence { id, tokens: Vec::with_capacity(capacity), checkpoints: Vec::new(), max_checkpoints: 0, rollback: None }
+        Sequence { id, tokens: Vec::with_capacity(capacity), checkpoints: Vec::new(), max_checkpoints: 0, rollback: None, adapter_scales: Vec::new() }
+    }
+
+    /// Makes the sequence one of cells decoded with adapter `scales`: emptied first when it holds
+    /// cells of other scales (a request with other adapters cannot reuse them).
+    pub(crate) fn adapt(&mut self, session: &mut impl BackendSession, scales: &[f32]) {
+        if self.adapter_scales != scales {
+            self.clear(session);
+            self.adapter_scales.clear();
+            self.adapter_scales.extend_from_slice(scales);
+        }
     }
 
     /// Keeps up to `n` recurrent checkpoints (see [`Sequence::checkpoint`]).
@@ -88,11 +101,15 @@ impl<K: Clone> Sequence<K> {
         self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count()
     }
 
-    /// How much of `prompt` this cache can give a request: the longest prefix it shares with it,
-    /// leaving at least one prompt token to decode (its logits start the generation). A
-    /// recurrent state (`recurrent`) is cut back only to a checkpoint, or not at all where the
-    /// prompt goes on past all it holds.
-    pub(crate) fn reusable(&self, prompt: &[Token], recurrent: bool) -> usize {
+    /// How much of `prompt` this cache can give a request with adapter `scales`: nothing when its
+    /// cells were decoded with others (see [`Sequence::adapt`]), else the longest prefix it
+    /// shares with it, leaving at least one prompt token to decode (its logits start the
+    /// generation). A recurrent state (`recurrent`) is cut back only to a checkpoint, or not at
+    /// all where the prompt goes on past all it holds.
+    pub(crate) fn reusable(&self, prompt: &[Token], scales: &[f32], recurrent: bool) -> usize {
+        if self.adapter_scales != scales {
+            return 0;
+        }
         let common = self.common_prefix(prompt).min(prompt.len().saturating_sub(1));
         if !recurrent || common == self.len() {
             return common;

@@ -30,6 +30,8 @@ struct FakeModel {
     checkpoints: bool,
     /// Every batch decoded, for tests that look at them: (token, position, sequence, output).
     batches: Mutex<Vec<Vec<Entry>>>,
+    /// The adapter scales each of those batches was decoded with.
+    batch_scales: Mutex<Vec<Vec<f32>>>,
 }
 
 impl FakeModel {
@@ -40,6 +42,7 @@ impl FakeModel {
             recurrent: false,
             checkpoints: false,
             batches: Mutex::default(),
+            batch_scales: Mutex::default(),
         }
     }
 
@@ -72,6 +75,9 @@ struct FakeSession<'m> {
     /// The last decode's rows, by batch index.
     rows: Vec<Option<Vec<f32>>>,
     abort: Option<Arc<AtomicBool>>,
+    /// The adapter scales applied: an adapter at a scale other than 0 moves each prediction on
+    /// by one token, so that a decode with the wrong adapters shows in the output.
+    scales: Vec<f32>,
 }
 
 /// Greedy: the row's argmax.
@@ -144,6 +150,7 @@ impl BackendModel for FakeModel {
             batch: Vec::new(),
             rows: Vec::new(),
             abort: None,
+            scales: Vec::new(),
         })
     }
 }
@@ -215,6 +222,8 @@ impl BackendSession for FakeSession<'_> {
             return Err(EngineError::decode(DecodeFailure::NoKvSlot, "no room"));
         }
         self.model.batches.lock().unwrap().push(self.batch.clone());
+        self.model.batch_scales.lock().unwrap().push(self.scales.clone());
+        let shift = self.scales.iter().filter(|&&s| s != 0.0).count() as i32;
         self.rows.clear();
         for &(token, pos, seq, output) in &self.batch {
             let cache = &mut self.kv[seq as usize];
@@ -222,7 +231,7 @@ impl BackendSession for FakeSession<'_> {
             cache.push(Token(token));
             self.rows.push(output.then(|| {
                 let mut row = vec![0.0; VOCAB as usize];
-                row[self.model.next[token as usize].0 as usize] = 1.0;
+                row[((self.model.next[token as usize].0 + shift) % VOCAB) as usize] = 1.0;
                 row
             }));
         }
@@ -281,6 +290,11 @@ impl BackendSession for FakeSession<'_> {
         ok
     }
 
+    fn set_adapter_scales(&mut self, scales: &[f32]) -> Result<(), EngineError> {
+        self.scales = scales.to_vec();
+        Ok(())
+    }
+
     fn sample_listing(&mut self, _: &mut FakeSampler, _: i32, _: usize) -> Result<crate::TokenLogprobs, EngineError> {
         Err(EngineError::Unsupported { what: "post_sampling_probs", backend: "fake" })
     }
@@ -308,7 +322,7 @@ impl BackendSession for FakeSession<'_> {
 
 fn scheduler(model: &FakeModel, slots: u32, n_ctx: u32, n_batch: u32) -> Scheduler<'_, FakeModel, &'static str> {
     let config = SessionConfig { n_ctx, n_batch, n_ubatch: n_batch, n_seq_max: slots, ..SessionConfig::default() };
-    Scheduler::new(model, model.session(&config).unwrap(), slots as usize, Arc::default())
+    Scheduler::new(model, model.session(&config).unwrap(), slots as usize, Arc::default(), Vec::new())
 }
 
 /// A request for `tokens`, given as tokens or as ids.
@@ -437,11 +451,11 @@ fn drafts_are_verified_against_the_model_and_get_the_room_that_is_left() {
     assert!(s.counters.accepted_tokens.load(Ordering::Relaxed) >= 4, "{:?}", s.counters);
     // The rule: a position kept for the token after the drafts, max tokens, the batch's room,
     // the draft length.
-    let (request, _) = Request::new(prepared(&[1], 10, Speculation::Ngram { max_draft: 8 }), (), 0, 1, 64);
+    let (request, _) = Request::new(prepared(&[1], 10, Speculation::Ngram { max_draft: 8 }), (), 0, 1, 64, Vec::new());
     assert_eq!(request.draft_room(0, 64, 100), 8, "the draft length");
     assert_eq!(request.draft_room(60, 64, 100), 2, "two positions left after the pending token and one kept");
     assert_eq!(request.draft_room(0, 64, 3), 3, "the batch's room");
-    let plain = Request::new(prepared(&[1], 10, Speculation::Off), (), 0, 1, 64).0;
+    let plain = Request::new(prepared(&[1], 10, Speculation::Off), (), 0, 1, 64, Vec::new()).0;
     assert_eq!(plain.draft_room(0, 64, 100), 0);
 }
 
@@ -607,14 +621,19 @@ fn a_prompt_another_slot_is_decoding_waits_for_it_and_copies_its_cells() {
     let model = FakeModel::counting();
     let mut s = scheduler(&model, 3, 128, 8);
     let prompt = tokens(1, 20);
-    assert!(!s.awaits_shared_prefix(&prompt), "nothing to wait for");
+    let waits = |s: &Scheduler<'_, FakeModel, &'static str>, prompt: &[Token]| s.awaits_shared_prefix(&prepared(prompt, 4, Speculation::Off));
+    assert!(!waits(&s, &prompt), "nothing to wait for");
     s.admit(prepared(&prompt, 4, Speculation::Off), "first").unwrap();
     // The first prompt takes three steps of 8 tokens: the same prompt waits while they would
-    // bring it more than a few tokens, an unrelated one does not wait.
-    assert!(s.awaits_shared_prefix(&prompt));
-    assert!(!s.awaits_shared_prefix(&tokens(40, 20)));
+    // bring it more than a few tokens, an unrelated one does not wait, nor the same prompt with
+    // other adapter scales (those cells are not its to copy).
+    assert!(waits(&s, &prompt));
+    assert!(!waits(&s, &tokens(40, 20)));
+    let mut adapted = prepared(&prompt, 4, Speculation::Off);
+    adapted.options.lora_scales = Some(vec![1.0]);
+    assert!(!s.awaits_shared_prefix(&adapted));
     let mut steps = 0;
-    while s.awaits_shared_prefix(&prompt) {
+    while waits(&s, &prompt) {
         s.step();
         steps += 1;
     }
@@ -749,7 +768,7 @@ fn a_recurrent_state_returns_to_the_checkpoint_near_the_last_prompts_end() {
         let model = FakeModel::counting().recurrent();
         let counters = Arc::new(Counters::default());
         let config = SessionConfig { n_ctx: 64, n_batch: 64, n_ubatch: 64, n_seq_max: 2, ..SessionConfig::default() };
-        let mut s = Scheduler::new(&model, model.session(&config).unwrap(), 2, Arc::clone(&counters));
+        let mut s = Scheduler::new(&model, model.session(&config).unwrap(), 2, Arc::clone(&counters), Vec::new());
         s.set_checkpoints(checkpoints);
         s.admit(prepared(&first, 3, Speculation::Off), "first").unwrap();
         run(&mut s);
@@ -770,4 +789,56 @@ fn a_recurrent_state_returns_to_the_checkpoint_near_the_last_prompts_end() {
         assert_eq!(fresh(8, slot), (want.clone(), at as u64, at as i32), "slot {slot:?}");
     }
     assert_eq!(fresh(0, None), (want, 0, 0), "without checkpoints");
+}
+
+#[test]
+fn requests_with_other_adapter_scales_take_turns_and_never_share_cells() {
+    let model = FakeModel::counting();
+    let config = SessionConfig { n_ctx: 128, n_batch: 64, n_ubatch: 64, n_seq_max: 3, ..SessionConfig::default() };
+    // The session applies one adapter at 0: requests without scales of their own run so.
+    let mut s: Scheduler<'_, FakeModel, &'static str> = Scheduler::new(&model, model.session(&config).unwrap(), 3, Arc::default(), vec![0.0]);
+    let with_adapter = |tokens: &[i32], max_tokens| {
+        let mut p = prepared(tokens, max_tokens, Speculation::Off);
+        p.options.lora_scales = Some(vec![1.0]);
+        p
+    };
+    assert_eq!(s.admit(prepared(&[1, 2, 3, 4], 6, Speculation::Off), "plain").unwrap(), 0);
+    assert_eq!(s.admit(with_adapter(&[10, 11, 12, 13], 6), "adapted").unwrap(), 1);
+    assert_eq!(s.admit(with_adapter(&[20, 21], 3), "adapted2").unwrap(), 2);
+    let ended = run(&mut s);
+    let by_name = |n| ended.iter().find(|e| e.0 == n).map(|e| e.2.clone()).unwrap();
+    // Each drew from its own adapters at every step (the adapter moves each prediction on by one).
+    assert_eq!(by_name("plain"), tokens(5, 6));
+    assert_eq!(by_name("adapted"), toks(&[15, 17, 19, 21, 23, 25]));
+    assert_eq!(by_name("adapted2"), toks(&[23, 25, 27]));
+    // No batch mixed the groups: sequence 0 only in batches without the adapter, 1 and 2 only
+    // in batches with it; and the groups took turns, one step each, while both had requests.
+    let batches = model.batches.lock().unwrap().clone();
+    let scales = model.batch_scales.lock().unwrap().clone();
+    let adapted: Vec<bool> = scales.iter().map(|s| s == &[1.0]).collect();
+    for (batch, &adapted) in batches.iter().zip(&adapted) {
+        assert!(batch.iter().all(|e| (e.2 != 0) == adapted), "a batch mixed adapter scales: {batch:?} adapted={adapted}");
+    }
+    assert_eq!(adapted, [false, true, false, true, false, true, false, true, false, true, false, true], "{scales:?}");
+
+    // A cache decoded with other scales gives a prompt nothing; one with the same scales does.
+    let stats = |s: &Scheduler<'_, FakeModel, &'static str>, slot| s.running(slot).unwrap().1.prompt_tokens_reused;
+    let slot = s.admit(prepared(&[10, 11, 12, 13, 14], 1, Speculation::Off), "plain-again").unwrap();
+    assert_eq!(stats(&s, slot), 0, "cells decoded with the adapter were reused without it");
+    run(&mut s);
+    let slot = s.admit(with_adapter(&[10, 11, 12, 13, 15], 1), "adapted-again").unwrap();
+    assert_eq!((slot, stats(&s, slot)), (1, 4), "the adapter's own cells were not reused");
+    run(&mut s);
+
+    // A cache restored from a file counts as the session's scales (a file records none), also
+    // in a slot that held cells of other scales.
+    let file = std::env::temp_dir().join(format!("exsa-fake-adapter-slot-{}.json", std::process::id()));
+    s.slot_action(0, &SlotAction::Save(file.clone())).unwrap();
+    s.slot_action(0, &SlotAction::Erase).unwrap();
+    s.slot_action(1, &SlotAction::Restore(file.clone())).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    let mut restored = prepared(&[1, 2, 3, 4, 5, 6, 7, 8, 30], 1, Speculation::Off);
+    restored.options.slot = Some(1);
+    let slot = s.admit(restored, "plain-restored").unwrap();
+    assert_eq!((slot, stats(&s, slot)), (1, 8), "the restored cells were not reused at the session's scales");
 }

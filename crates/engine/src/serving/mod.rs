@@ -543,8 +543,9 @@ fn decode_loop(
     counters: Arc<Counters>,
     ready: SyncSender<Result<(), EngineError>>,
 ) {
-    let session = match engine.model().session(config) {
-        Ok(session) => session,
+    let made = engine.session_adapter_scales(config).and_then(|scales| Ok((engine.model().session(config)?, scales)));
+    let (session, adapter_scales) = match made {
+        Ok(made) => made,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
@@ -552,7 +553,7 @@ fn decode_loop(
     };
     let _ = ready.send(Ok(()));
     let mut scheduler: Scheduler<'_, _, Box<dyn EventSink>> =
-        Scheduler::new(engine.model(), session, config.n_seq_max as usize, Arc::clone(&counters));
+        Scheduler::new(engine.model(), session, config.n_seq_max as usize, Arc::clone(&counters), adapter_scales);
     if let Some(tokens) = tuning.prefill_chunk {
         scheduler.set_prompt_chunk(tokens);
     }
@@ -606,9 +607,11 @@ fn decode_loop(
             // A cancelled request is let through, to be refused.
             let cancelled = submission.request.prepared.options.cancel.as_ref().is_some_and(|c| c.is_cancelled());
             // A prompt much of which another slot is decoding waits for it, to copy its cells.
-            let tokens = &submission.request.prepared.tokens;
-            let pinned = submission.request.prepared.options.slot;
-            if !cancelled && (!scheduler.admits(tokens.len()) || scheduler.awaits_shared_prefix(tokens) || !scheduler.slot_free_for(pinned)) {
+            let prepared = &submission.request.prepared;
+            let pinned = prepared.options.slot;
+            if !cancelled
+                && (!scheduler.admits(prepared.tokens.len()) || scheduler.awaits_shared_prefix(prepared) || !scheduler.slot_free_for(pinned))
+            {
                 deferred = Some(submission);
                 break;
             }

@@ -1,0 +1,61 @@
+//! llama-server's `GET /lora-adapters` (the model's LoRA adapters and the scales requests get)
+//! and `POST /lora-adapters` (sets those scales). A request's own `lora` field overrides them
+//! for that request; see [`crate::GenerateOptions::lora_scales`] for how requests of different
+//! scales share the decode loop.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use super::handlers::Body;
+use super::log;
+use super::openai::{LoraField, lora_scales};
+
+/// Which model (default: the only one, or the pinned one), as llama-server's router takes it.
+#[derive(Deserialize)]
+pub(super) struct ModelQuery {
+    model: Option<String>,
+}
+
+/// `GET /lora-adapters`: each adapter by id, with its file and the scale requests without
+/// `lora` get.
+pub(super) async fn list(State(state): State<Arc<AppState>>, Query(query): Query<ModelQuery>) -> Response {
+    let model = match state.models.get(query.model.as_deref()).await {
+        Ok(model) => model,
+        Err(e) => return log::refused(&state, e),
+    };
+    let scales = model.adapter_scales.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let adapters: Vec<serde_json::Value> = model
+        .engine
+        .lora()
+        .iter()
+        .zip(scales)
+        .enumerate()
+        .map(|(id, (adapter, scale))| json!({ "id": id, "path": adapter.path.display().to_string(), "scale": scale }))
+        .collect();
+    Json(adapters).into_response()
+}
+
+/// `POST /lora-adapters` with `[{"id": 0, "scale": 0.5}, ...]`: the scales requests without
+/// `lora` get from now on; adapters not listed are off. Requests already running keep theirs.
+pub(super) async fn set(State(state): State<Arc<AppState>>, Query(query): Query<ModelQuery>, Body(entries): Body<Vec<LoraField>>) -> Response {
+    let result = async {
+        let model = state.models.get(query.model.as_deref()).await?;
+        // An empty list turns every adapter off (not "the server's scales", as in a request).
+        let scales = match lora_scales(&entries)? {
+            Some(scales) => model.adapter_scales_for(Some(&scales))?,
+            None => vec![0.0; model.engine.lora().len()],
+        };
+        *model.adapter_scales.write().unwrap_or_else(|p| p.into_inner()) = scales;
+        Ok::<_, super::ApiError>(())
+    };
+    match result.await {
+        Ok(()) => Json(json!({ "success": true })).into_response(),
+        Err(e) => log::refused(&state, e),
+    }
+}
