@@ -23,6 +23,8 @@ const GENERATOR: &str = "xtask/synth/synth_models.py";
 const TEST_MODELS: [&str; 7] = ["llama-tiny", "lfm2-tiny", "mamba-tiny", "llama-tiny-32k", "llama-tiny-lora", "bert-tiny", "bert-tiny-rerank"];
 /// Written in F16 and quantized to Q4_K_M: for bench-compare, not the tests.
 const BENCH_MODEL: &str = "lfm2-1.2b-shape";
+/// A LoRA adapter of the default model: for bench-serve, not the tests.
+const DEFAULT_ADAPTER: &str = "default-lora";
 
 #[derive(clap::Args, Default)]
 pub struct Args {
@@ -39,35 +41,79 @@ pub fn dir() -> PathBuf {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let tokenizer = fetch_model::run(&fetch_model::Args::default())?;
-    let site = python::site(GGUF_PACKAGE, GGUF_VERSION, "gguf")?;
-    let generator = workspace::root().join(GENERATOR);
-    let key = cache_key(&generator)?;
+    let generator = Generator::new()?;
     let out = dir();
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-
-    let stale: Vec<&str> = TEST_MODELS.into_iter().filter(|m| args.force || !is_current(&out.join(format!("{m}.gguf")), &key)).collect();
-    if !stale.is_empty() {
-        generate(&site, &generator, &tokenizer, &out, &stale)?;
-        for m in &stale {
-            write_key(&out.join(format!("{m}.gguf")), &key)?;
-        }
-    }
+    generator.ensure(&TEST_MODELS, args.force)?;
     for m in TEST_MODELS {
         println!("{}", out.join(format!("{m}.gguf")).display());
     }
     if args.bench {
         let quantized = out.join(format!("{BENCH_MODEL}-q4_k_m.gguf"));
-        if args.force || !is_current(&quantized, &key) {
+        if args.force || !is_current(&quantized, &generator.key) {
             let f16 = out.join(format!("{BENCH_MODEL}.gguf"));
-            generate(&site, &generator, &tokenizer, &out, &[BENCH_MODEL])?;
+            generator.generate(&[BENCH_MODEL])?;
             quantize(&f16, &quantized)?;
             std::fs::remove_file(&f16).with_context(|| format!("cannot remove {}", f16.display()))?;
-            write_key(&quantized, &key)?;
+            write_key(&quantized, &generator.key)?;
         }
         println!("{}", quantized.display());
     }
     Ok(())
+}
+
+/// The random LoRA adapter of the default model (rank 16 on its attention queries and values),
+/// for `bench-serve --scenario lora`: written when missing or stale.
+pub fn default_adapter() -> Result<PathBuf> {
+    Generator::new()?.ensure(&[DEFAULT_ADAPTER], false)?;
+    Ok(dir().join(format!("{DEFAULT_ADAPTER}.gguf")))
+}
+
+/// The Python generator with its inputs: the tokenizer source, the `gguf` package, the key.
+struct Generator {
+    tokenizer: PathBuf,
+    site: PathBuf,
+    script: PathBuf,
+    key: String,
+}
+
+impl Generator {
+    fn new() -> Result<Generator> {
+        let tokenizer = fetch_model::run(&fetch_model::Args::default())?;
+        let site = python::site(GGUF_PACKAGE, GGUF_VERSION, "gguf")?;
+        let script = workspace::root().join(GENERATOR);
+        let key = cache_key(&script)?;
+        std::fs::create_dir_all(dir()).with_context(|| format!("cannot create {}", dir().display()))?;
+        Ok(Generator { tokenizer, site, script, key })
+    }
+
+    /// Writes those of `models` that are missing or stale (all of them with `force`).
+    fn ensure(&self, models: &[&str], force: bool) -> Result<()> {
+        let stale: Vec<&str> = models.iter().copied().filter(|m| force || !is_current(&dir().join(format!("{m}.gguf")), &self.key)).collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        self.generate(&stale)?;
+        for m in &stale {
+            write_key(&dir().join(format!("{m}.gguf")), &self.key)?;
+        }
+        Ok(())
+    }
+
+    fn generate(&self, models: &[&str]) -> Result<()> {
+        let out = dir();
+        eprintln!("writing {} into {}", models.join(", "), out.display());
+        workspace::run(
+            python::python()
+                .env("PYTHONPATH", &self.site)
+                .arg(&self.script)
+                .arg("--tokenizer-from")
+                .arg(&self.tokenizer)
+                .arg("--out")
+                .arg(&out)
+                .args(models),
+        )
+        .context("the model generator failed")
+    }
 }
 
 /// What the models depend on: the generator's text, the gguf package's version and the
@@ -90,12 +136,6 @@ fn is_current(model: &Path, key: &str) -> bool {
 
 fn write_key(model: &Path, key: &str) -> Result<()> {
     std::fs::write(key_path(model), format!("{key}\n")).with_context(|| format!("cannot write the key of {}", model.display()))
-}
-
-fn generate(site: &Path, generator: &Path, tokenizer: &Path, out: &Path, models: &[&str]) -> Result<()> {
-    eprintln!("writing {} into {}", models.join(", "), out.display());
-    workspace::run(python::python().env("PYTHONPATH", site).arg(generator).arg("--tokenizer-from").arg(tokenizer).arg("--out").arg(out).args(models))
-        .context("the model generator failed")
 }
 
 /// Our own quantize (the safe wrapper's, through its example), from F16 to Q4_K_M.

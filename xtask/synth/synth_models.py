@@ -200,28 +200,52 @@ def feed_forward(w, i, n_embd, n_ff):
     w.normal(f"blk.{i}.ffn_down.weight", (n_embd, n_ff), n_ff**-0.5)
 
 
-# A LoRA adapter for llama-tiny (rank 4 on every attention query and output projection), random
-# and large enough to change the logits: the adapter tests' only adapter, since no published
-# adapter fits a model downloadable here.
-ADAPTERS = {"llama-tiny-lora": dict(base="llama-tiny", rank=4, alpha=8.0, targets=("attn_q", "attn_output"))}
+# LoRA adapters, random and large enough to change the logits, since no published adapter fits a
+# model downloadable here. `llama-tiny-lora` (rank 4 on every attention query and output
+# projection of llama-tiny) is the adapter tests' only adapter. `default-lora` fits the model the
+# tokenizer is copied from (the default model): rank 16 on every attention query and value
+# projection, as fine-tunes commonly target, for bench-serve's `lora` scenario (speed only).
+ADAPTERS = {
+    "llama-tiny-lora": dict(base="llama-tiny", rank=4, alpha=8.0, targets=("attn_q", "attn_output")),
+    "default-lora": dict(base=None, rank=16, alpha=16.0, targets=("attn_q", "attn_v")),
+}
 
 
-def write_adapter(name, spec, out_dir):
-    base = MODELS[spec["base"]]
-    n_embd, rank = base["n_embd"], spec["rank"]
-    head_dim = n_embd // base["n_head"]
+def adapted_shapes(spec, model_file):
+    """The base model's architecture and, for each layer, the (n_in, n_out) of each target
+    weight: from MODELS, or (base None) read from the GGUF at `model_file`."""
+    if spec["base"] is not None:
+        base = MODELS[spec["base"]]
+        n_embd, width = base["n_embd"], base["n_head"] * (base["n_embd"] // base["n_head"])
+        dims = {"attn_q": (n_embd, width), "attn_output": (width, n_embd)}
+        return base["arch"], [{t: dims[t] for t in spec["targets"]} for _ in range(base["n_layer"])]
+    reader = gguf.GGUFReader(model_file)
+    field = reader.get_field("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode()
+    # The reader gives ggml's order: ne[0] is the input width, ne[1] the output's.
+    weights = {t.name: (int(t.shape[0]), int(t.shape[1])) for t in reader.tensors if len(t.shape) == 2}
+    layers = []
+    while all(f"blk.{len(layers)}.{t}.weight" in weights for t in spec["targets"]):
+        layers.append({t: weights[f"blk.{len(layers)}.{t}.weight"] for t in spec["targets"]})
+    if not layers:
+        sys.exit(f"{model_file} has no {', '.join(spec['targets'])} weights to adapt")
+    return arch, layers
+
+
+def write_adapter(name, spec, model_file, out_dir):
+    arch, layers = adapted_shapes(spec, model_file)
+    rank = spec["rank"]
     path = os.path.join(out_dir, f"{name}.gguf")
-    writer = gguf.GGUFWriter(path + ".partial", base["arch"])
+    writer = gguf.GGUFWriter(path + ".partial", arch)
     writer.add_name(name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", spec["alpha"])
     w = Weights(writer, name, "f32")
-    for i in range(base["n_layer"]):
-        for target in spec["targets"]:
+    for i, targets in enumerate(layers):
+        for target, (n_in, n_out) in targets.items():
             # In ggml's order the base weight is [n_in, n_out]; A is [n_in, rank], B [rank, n_out]:
             # numpy shapes are the reverse.
-            n_out, n_in = (base["n_head"] * head_dim, n_embd) if target == "attn_q" else (n_embd, base["n_head"] * head_dim)
             w.normal(f"blk.{i}.{target}.weight.lora_a", (rank, n_in), n_in**-0.5)
             w.normal(f"blk.{i}.{target}.weight.lora_b", (n_out, rank), 1.0)
     writer.write_header_to_file()
@@ -358,7 +382,7 @@ def main():
     tokenizer = read_tokenizer(args.tokenizer_from)
     for name in args.models:
         if name in ADAPTERS:
-            write_adapter(name, ADAPTERS[name], args.out)
+            write_adapter(name, ADAPTERS[name], args.tokenizer_from, args.out)
         else:
             write_model(name, MODELS[name], tokenizer, args.out)
 

@@ -1106,11 +1106,13 @@ pub struct GenerateOptions {
     pub slot: Option<usize>,
     /// The scales this request applies the engine's LoRA adapters with, one per adapter of
     /// [`EngineConfig::lora`] in its order (0.0 leaves one out; llama-server's per-request
-    /// `lora`). None: the session's ([`SessionConfig::lora_scales`], else the engine's).
-    /// llama.cpp applies one set of adapters to a whole decode, so in a server's decode loop
-    /// requests with other scales take turns with those of the step (each group gets its own
-    /// steps), and a slot's cache serves only a request with the scales it was decoded with (a
-    /// cache restored from a state or slot file counts as the session's).
+    /// `lora`). None: the default ones, the session's ([`SessionConfig::lora_scales`], else the
+    /// engine's; a serving core's as [`crate::serving::ServingCore::set_adapter_scales`] sets
+    /// them). llama.cpp applies one set of adapters to a whole decode, so in a server's decode
+    /// loop requests of other scales take turns with those of the step (each group gets its own
+    /// steps), and a slot's cache serves only a request of the scales it was decoded with (a
+    /// [`crate::SessionState`] records them; a slot file cannot: a save refuses a cache of other
+    /// scales than the default ones, and a restored one counts as the default ones).
     pub lora_scales: Option<Vec<f32>>,
 }
 
@@ -1227,9 +1229,8 @@ impl GenerateOptions {
     ///
     /// [`EngineError::InvalidRequest`] naming the first bad field: `max_tokens` 0, an empty stop
     /// sequence, a speculation `max_draft` outside 1..=64, more than 20 log-probability
-    /// candidates, a LoRA scale that is not finite (their number is checked against the
-    /// engine's adapters when the request is prepared), or a bad sampling value (see
-    /// [`SamplingParams::validate`]).
+    /// candidates, or a bad sampling value (see [`SamplingParams::validate`]). LoRA scales are
+    /// checked against the engine's adapters when the request is prepared.
     pub fn validate(&self) -> Result<(), EngineError> {
         if self.max_tokens == 0 {
             return Err(EngineError::InvalidRequest { field: "max_tokens", value: "0".into(), reason: "must be at least 1" });
@@ -1248,9 +1249,6 @@ impl GenerateOptions {
         }
         if let Some(n) = self.logprobs.filter(|&n| n > MAX_LOGPROBS) {
             return Err(EngineError::InvalidRequest { field: "logprobs", value: n.to_string(), reason: "at most 20 candidates per token" });
-        }
-        if let Some(scales) = self.lora_scales.as_ref().filter(|s| !s.iter().all(|x| x.is_finite())) {
-            return Err(EngineError::InvalidRequest { field: "lora_scales", value: format!("{scales:?}"), reason: "LoRA scales must be finite" });
         }
         self.sampling.validate()
     }

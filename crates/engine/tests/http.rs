@@ -353,7 +353,12 @@ fn a_client_that_leaves_frees_its_slot_and_shutdown_drains() {
     let mut response = client().post(server.url("/v1/chat/completions")).json(&chat_body("Tell a long story.", 2000, true)).send().unwrap();
     let mut buf = [0u8; 512];
     let _ = response.read(&mut buf).unwrap();
-    assert_eq!(server.metric("exsa_busy_slots"), 1.0);
+    // The stream opens as the request is queued; the decode thread admits it a moment later.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.metric("exsa_busy_slots") < 1.0 {
+        assert!(Instant::now() < deadline, "the request never took a slot");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     drop(response);
     let deadline = Instant::now() + Duration::from_secs(20);
     while server.metric("exsa_busy_slots") > 0.0 {
@@ -1160,7 +1165,7 @@ fn lora_adapters_apply_per_request_and_as_the_server_sets_them() {
     assert_eq!(listed(&http), json!([{ "id": 0, "path": adapter, "scale": 0.0 }]));
 
     let complete = |lora: Option<Value>| {
-        let mut body = json!({ "prompt": "Once upon a time", "n_predict": 16, "temperature": 0, "ignore_eos": true, "return_tokens": true });
+        let mut body = json!({ "prompt": "Once upon a time", "n_predict": 48, "temperature": 0, "ignore_eos": true, "return_tokens": true });
         if let Some(lora) = lora {
             body["lora"] = lora;
         }
@@ -1174,7 +1179,7 @@ fn lora_adapters_apply_per_request_and_as_the_server_sets_them() {
     let at = |scale: f32| Some(json!([{ "id": 0, "scale": scale }]));
     let scales = [0.0, 1.0, -0.5];
     let alone: Vec<Vec<i64>> = scales.iter().map(|&s| tokens(complete(at(s)))).collect();
-    assert_eq!(alone[0].len(), 16);
+    assert_eq!(alone[0].len(), 48);
     assert_ne!(alone[0], alone[1], "the adapter at scale 1 changed no token");
     assert_ne!(alone[1], alone[2], "scales 1 and -0.5 gave the same tokens");
     assert_eq!(tokens(complete(None)), alone[0], "loaded without applying: requests without lora get scale 0");
@@ -1204,4 +1209,12 @@ fn lora_adapters_apply_per_request_and_as_the_server_sets_them() {
         assert_eq!(body["error"]["param"], "lora", "{what}: {body}");
     }
     assert_eq!(set(json!({ "id": 0 })).status(), 400, "not a list");
+    // Counting a chat's tokens reads `lora` as generating it does.
+    let count = |lora: Value| {
+        let body = json!({ "messages": [{ "role": "user", "content": "hi" }], "lora": lora });
+        http.post(server.url("/v1/chat/completions/input_tokens")).json(&body).send().unwrap()
+    };
+    assert_eq!(count(json!([{ "id": 0, "scale": 0.5 }])).status(), 200);
+    let refused: Value = count(json!([{ "id": 1, "scale": 0.5 }])).json().unwrap();
+    assert_eq!(refused["error"]["param"], "lora", "{refused}");
 }

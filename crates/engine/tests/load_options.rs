@@ -151,18 +151,45 @@ fn requests_apply_the_adapters_at_scales_of_their_own_beside_each_other() {
         assert_eq!(&served.tokens, reference, "served at scale {scale} beside the others");
     }
     assert_eq!(collect(engines_own).unwrap().1.tokens, references[1].1, "a request without scales gets the engine's (1)");
+    // The core's default scales, for requests without their own.
+    assert_eq!(core.adapter_scales(), [1.0]);
+    core.set_adapter_scales(vec![0.0]).unwrap();
+    assert_eq!(collect(submit(&greedy())).unwrap().1.tokens, references[0].1, "a request without scales after set_adapter_scales(0)");
+    for wrong in [vec![], vec![1.0, 1.0], vec![f32::NAN]] {
+        match core.set_adapter_scales(wrong.clone()) {
+            Err(EngineError::InvalidRequest { field: "lora_scales", .. }) => {}
+            other => panic!("{wrong:?}: {other:?}"),
+        }
+    }
 
-    let mut session = engine.session().unwrap();
-    let mut generate = |request: &GenerateRequest| {
+    // Each generation's tokens, and the prompt tokens it took from the cache.
+    let generate = |session: &mut Session<'_>, request: &GenerateRequest| {
         let mut generation = session.generate(request).unwrap();
         while let Some(delta) = generation.next_text() {
             delta.unwrap();
         }
-        generation.tokens().to_vec()
+        (generation.tokens().to_vec(), generation.stats().prompt_tokens_reused)
     };
-    assert_eq!(generate(&at_scales(greedy(), &[0.0])), references[0].1, "a session's request at scale 0");
-    assert_eq!(generate(&greedy()), references[1].1, "the session's next request, at its own scale again");
-    assert_eq!(generate(&at_scales(greedy(), &[-0.5])), references[2].1, "a session's request at scale -0.5");
+    let mut session = engine.session().unwrap();
+    assert_eq!(generate(&mut session, &at_scales(greedy(), &[0.0])).0, references[0].1, "a session's request at scale 0");
+    assert_eq!(generate(&mut session, &greedy()), (references[1].1.clone(), 0), "the next request, at the session's scale: nothing reused");
+    assert_eq!(generate(&mut session, &at_scales(greedy(), &[-0.5])).0, references[2].1, "a session's request at scale -0.5");
+
+    // A saved state records the scales its cache was decoded with: restored, it serves requests
+    // of those scales (and no other). Backend `crate` cannot save states as bytes.
+    if Engine::backend_name() != "crate" {
+        let saved = session.save_state().unwrap();
+        assert_eq!(saved.adapter_scales(), [-0.5]);
+        let saved = SessionState::from_bytes(&saved.to_bytes()).unwrap();
+        assert_eq!(saved.adapter_scales(), [-0.5], "the scales through bytes");
+        let mut restored = engine.session().unwrap();
+        restored.restore_state(&saved).unwrap();
+        let (tokens, reused) = generate(&mut restored, &at_scales(greedy(), &[-0.5]));
+        assert_eq!(tokens, references[2].1);
+        assert!(reused > 0, "the restored cache served nothing at its own scales");
+        restored.restore_state(&saved).unwrap();
+        assert_eq!(generate(&mut restored, &greedy()), (references[1].1.clone(), 0), "a restored cache of other scales reused");
+    }
 
     for wrong in [vec![], vec![1.0, 1.0]] {
         match ServeRequest::new(&engine, &at_scales(greedy(), &wrong)) {

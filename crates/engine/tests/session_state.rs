@@ -35,6 +35,17 @@ fn supported(saved: Result<SessionState, EngineError>) -> Option<SessionState> {
 }
 
 /// The saved session's own continuation, and the number of its cached tokens.
+/// `SessionState::to_bytes`'s layout around llama.cpp's `state`: `tokens` (the model has no
+/// adapters: no scales).
+fn state_bytes(tokens: &[i32], state: &[u8]) -> Vec<u8> {
+    let mut bytes = b"exsa\0st2".to_vec();
+    bytes.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
+    bytes.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+    bytes.extend_from_slice(&0u64.to_le_bytes());
+    bytes.extend_from_slice(state);
+    bytes
+}
+
 fn continued(session: &mut Session<'_>, next: &str) -> (String, GenerationStats) {
     session.generate_text(&greedy(next, 16)).unwrap()
 }
@@ -70,8 +81,15 @@ fn damaged_or_foreign_states_are_refused_and_leave_the_cache_empty() {
     session.generate_text(&greedy(PROMPT, 4)).unwrap();
     let Some(saved) = supported(session.save_state()) else { return };
     let bytes = saved.to_bytes();
-    // Not a state of exsa; a buffer shorter than its token count.
-    for (damaged, why) in [(b"GGUF and more".to_vec(), "header"), (bytes[..20].to_vec(), "shorter")] {
+    // Not a state of exsa, or of its earlier format; a buffer shorter than its token count, or
+    // than its scale count.
+    let mut earlier = bytes.clone();
+    earlier[..8].copy_from_slice(b"exsa\0st1");
+    let mut scales = state_bytes(&[], &[]);
+    scales.truncate(16);
+    scales.extend_from_slice(&1000u64.to_le_bytes());
+    let damaged_states = [(b"GGUF and more".to_vec(), "header"), (earlier, "header"), (bytes[..20].to_vec(), "token count"), (scales, "scale count")];
+    for (damaged, why) in damaged_states {
         match SessionState::from_bytes(&damaged) {
             Err(e @ EngineError::State { .. }) => assert!(e.to_string().contains(why), "{e}"),
             other => panic!("{other:?}"),
@@ -84,19 +102,13 @@ fn damaged_or_foreign_states_are_refused_and_leave_the_cache_empty() {
     assert!(matches!(other.restore_state(&cut), Err(EngineError::State { .. })));
     assert_eq!(other.cached_tokens(), 0);
     // More tokens than the context holds (the token list rewritten around the real state).
-    let state = &bytes[8 + 8 + 4 * saved.tokens().len()..];
-    let too_many = other.n_ctx() as usize + 1;
-    let mut long = b"exsa\0st1".to_vec();
-    long.extend_from_slice(&(too_many as u64).to_le_bytes());
-    long.extend(std::iter::repeat_n(2i32.to_le_bytes(), too_many).flatten());
-    long.extend_from_slice(state);
+    let state = &bytes[8 + 8 + 4 * saved.tokens().len() + 8..];
+    assert_eq!(state_bytes(&saved.tokens().iter().map(|t| t.0).collect::<Vec<_>>(), state), bytes, "the layout as to_bytes writes it");
+    let long = state_bytes(&vec![2; other.n_ctx() as usize + 1], state);
     let e = other.restore_state(&SessionState::from_bytes(&long).unwrap()).unwrap_err();
     assert!(e.to_string().contains("more than the context"), "{e}");
     // A token list that does not match the state's positions.
-    let mut short = b"exsa\0st1".to_vec();
-    short.extend_from_slice(&1u64.to_le_bytes());
-    short.extend_from_slice(&saved.tokens()[0].0.to_le_bytes());
-    short.extend_from_slice(state);
+    let short = state_bytes(&[saved.tokens()[0].0], state);
     let e = other.restore_state(&SessionState::from_bytes(&short).unwrap()).unwrap_err();
     assert!(e.to_string().contains("positions"), "{e}");
     assert_eq!(other.cached_tokens(), 0);
@@ -157,9 +169,7 @@ fn an_owned_session_saves_and_restores_states_as_bytes() {
     assert_eq!(text, expected);
     assert!(completion.stats.prompt_tokens_reused >= saved.tokens().len() - 1, "{:?}", completion.stats);
     // A state of more tokens than the context holds: a typed error.
-    let mut long = b"exsa\0st1".to_vec();
-    long.extend_from_slice(&1000u64.to_le_bytes());
-    long.extend(std::iter::repeat_n(0u8, 4000));
+    let long = state_bytes(&[0; 1000], &[]);
     let e = fresh.restore_state(&SessionState::from_bytes(&long).unwrap()).unwrap_err();
     assert!(matches!(e, EngineError::State { .. }), "{e}");
 }

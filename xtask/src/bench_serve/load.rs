@@ -105,7 +105,10 @@ pub fn run_level(base: &str, model: &str, scenario: Scenario, concurrency: usize
                         for (turn, text) in conversation.turns.iter().enumerate() {
                             messages.push(json!({ "role": "user", "content": text }));
                             let seed = (c * per_client + k) * 64 + turn;
-                            let body = chat_body(model, &messages, replies, seed, true);
+                            let mut body = chat_body(model, &messages, replies, seed, true);
+                            if let Some(lora) = scenario.lora(c) {
+                                body["lora"] = lora;
+                            }
                             let (timing, reply) = one_request(&client, base, &body, replies.max_tokens, turn)?;
                             messages.push(json!({ "role": "assistant", "content": reply }));
                             timings.push(timing);

@@ -35,7 +35,7 @@ pub struct Args {
     /// GGUF model (default: the project's default model).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// The kinds of traffic (all but `rewrite` by default).
+    /// The kinds of traffic (all but `rewrite` and `lora` by default).
     #[arg(long, value_delimiter = ',', default_value = "distinct,shared-system,multi-turn,long-prompt")]
     scenario: Vec<Scenario>,
     /// Concurrent clients of the `distinct` scenario, one level after another (the others run
@@ -80,6 +80,10 @@ pub struct Args {
     /// measure speculation under load ("exsa serve +ngram" in the report).
     #[arg(long)]
     speculative: bool,
+    /// The LoRA adapter both servers load for the `lora` scenario (default: a random one of the
+    /// default model's shape, written by `synth-models`; another model needs its own).
+    #[arg(long, value_name = "PATH")]
+    lora: Option<PathBuf>,
 }
 
 impl Args {
@@ -152,6 +156,12 @@ pub fn run(args: &Args) -> Result<()> {
         None => fetch_model::run(&fetch_model::Args::default())?,
     };
     let (servers, reference) = servers(args)?;
+    let adapter = match (&args.lora, args.scenario.contains(&Scenario::Lora)) {
+        (Some(path), _) => Some(path.clone()),
+        (None, true) if args.model.is_none() => Some(crate::synth_models::default_adapter()?),
+        (None, true) => bail!("--scenario lora on another model than the default needs --lora PATH (an adapter made for it)"),
+        (None, false) => None,
+    };
     let exsa = build_exsa(None)?;
     let baseline = args.baseline_rev.as_deref().map(|rev| build_exsa(Some(rev))).transpose()?;
     let llama_server = if args.no_llama_server { PathBuf::from("llama-server") } else { llama_tools::ensure("llama-server")? };
@@ -168,11 +178,11 @@ pub fn run(args: &Args) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let out = workspace::target_dir().join("bench-serve").join(crate::bench::timestamp());
     std::fs::create_dir_all(&out)?;
-    let launch = Launch { model: &model, args, threads, template: &template, out: &out };
+    let launch = Launch { model: &model, args, threads, template: &template, out: &out, adapter: adapter.as_deref() };
     // Before anything is measured: the servers answer the same prompts.
     let mut probes = Vec::new();
     for &server in &servers {
-        let (mut child, base) = launch.start(server, binary(server))?;
+        let (mut child, base) = launch.start(server, binary(server), Scenario::Distinct)?;
         let probe = parity::probe(&base, "default");
         let _ = child.kill();
         let _ = child.wait();
@@ -189,7 +199,7 @@ pub fn run(args: &Args) -> Result<()> {
             let mut order = servers.clone();
             order.rotate_left(round % servers.len());
             for server in order {
-                let (mut child, base) = launch.start(server, binary(server))?;
+                let (mut child, base) = launch.start(server, binary(server), scenario)?;
                 let result = (|| -> Result<Vec<LevelResult>> {
                     let mut levels = Vec::new();
                     for c in scenario.levels(&args.concurrency) {
@@ -311,14 +321,21 @@ struct Launch<'a> {
     threads: usize,
     template: &'a LlamaServerTemplate,
     out: &'a Path,
+    /// The LoRA adapter both servers load for the `lora` scenario.
+    adapter: Option<&'a Path>,
 }
 
 impl Launch<'_> {
-    /// Starts `server` on a free port and waits until /health answers 200.
-    fn start(&self, server: Contender, binary: &Path) -> Result<(Child, String)> {
+    /// Starts `server` on a free port for `scenario` (with the LoRA adapter for `lora`) and
+    /// waits until /health answers 200.
+    fn start(&self, server: Contender, binary: &Path, scenario: Scenario) -> Result<(Child, String)> {
         let port = server_process::free_port()?;
         let (slots, ctx, threads) = (self.args.slots.to_string(), self.args.ctx.to_string(), self.threads.to_string());
         let mut command = Command::new(binary);
+        if let (Scenario::Lora, Some(adapter)) = (scenario, self.adapter) {
+            // `--lora` is llama-server's name, and a global option of exsa's.
+            command.arg("--lora").arg(adapter);
+        }
         match server {
             Contender::Exsa | Contender::ExsaBaseline | Contender::ExsaSpeculative => {
                 command.arg("--model").arg(self.model).args(["--log", "error", "--ctx", &ctx, "--threads", &threads]);
@@ -409,10 +426,11 @@ mod tests {
     }
 
     #[test]
-    fn the_default_run_has_every_scenario_but_rewrite_and_five_rounds() {
+    fn the_default_run_has_every_scenario_but_rewrite_and_lora_and_five_rounds() {
         let cli = Cli::try_parse_from(["bench-serve"]).unwrap();
-        let all_but_rewrite: Vec<Scenario> = Scenario::value_variants().iter().copied().filter(|&s| s != Scenario::Rewrite).collect();
-        assert_eq!(cli.args.scenario, all_but_rewrite);
+        let default_scenarios: Vec<Scenario> =
+            Scenario::value_variants().iter().copied().filter(|&s| s != Scenario::Rewrite && s != Scenario::Lora).collect();
+        assert_eq!(cli.args.scenario, default_scenarios);
         assert_eq!(cli.args.rounds, 5);
     }
 }

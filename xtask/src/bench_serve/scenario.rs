@@ -3,6 +3,7 @@
 //! chat UIs and agent frameworks send). The scenarios are the traffic real deployments see.
 
 use serde::Serialize;
+use serde_json::{Value, json};
 
 /// A kind of traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -22,6 +23,10 @@ pub enum Scenario {
     /// Code to rewrite with a name changed: replies that repeat much of their prompt, where
     /// prompt lookup drafts well (for `--speculative`; not in the default run).
     Rewrite,
+    /// Short chats of their own, half the clients with the LoRA adapter both servers load
+    /// (`lora` at scale 1), half without (scale 0): two adapter configurations at once, which
+    /// llama.cpp cannot decode together (not in the default run: it needs an adapter).
+    Lora,
 }
 
 /// Turns of a `multi-turn` conversation.
@@ -42,7 +47,14 @@ impl Scenario {
             Scenario::MultiTurn => "multi-turn",
             Scenario::LongPrompt => "long-prompt",
             Scenario::Rewrite => "rewrite",
+            Scenario::Lora => "lora",
         }
+    }
+
+    /// The `lora` field client `client` sends (llama-server's per-request adapter scales), if
+    /// any: in `lora`, scale 1 for even clients and 0 for odd ones.
+    pub fn lora(self, client: usize) -> Option<Value> {
+        (self == Scenario::Lora).then(|| json!([{ "id": 0, "scale": if client.is_multiple_of(2) { 1.0 } else { 0.0 } }]))
     }
 
     /// The client counts this scenario runs at: `distinct` at the levels asked for, the others
@@ -54,6 +66,7 @@ impl Scenario {
             Scenario::MultiTurn => vec![4, 8],
             Scenario::LongPrompt => vec![8],
             Scenario::Rewrite => vec![1, 4, 8, 16],
+            Scenario::Lora => vec![2, 4, 8],
         }
     }
 
@@ -62,7 +75,7 @@ impl Scenario {
     pub fn conversations(self, client: usize, per_client: usize) -> Vec<Conversation> {
         let question = |k: usize| SHORT_PROMPTS[(client + k) % SHORT_PROMPTS.len()].to_string();
         match self {
-            Scenario::Distinct => (0..per_client).map(|k| Conversation { system: None, turns: vec![question(k)] }).collect(),
+            Scenario::Distinct | Scenario::Lora => (0..per_client).map(|k| Conversation { system: None, turns: vec![question(k)] }).collect(),
             Scenario::SharedSystem => (0..per_client)
                 .map(|k| Conversation {
                     system: Some(shared_system_prompt()),
@@ -224,6 +237,14 @@ mod tests {
         assert!((1300..1900).contains(&words), "{words} words");
         assert_eq!(Scenario::MultiTurn.conversations(3, 2), Scenario::MultiTurn.conversations(3, 5), "one conversation whatever per_client says");
         assert_eq!(Scenario::MultiTurn.conversations(3, 1)[0].turns.len(), TURNS);
+    }
+
+    #[test]
+    fn half_the_lora_clients_ask_for_the_adapter_and_the_others_for_none() {
+        let scales: Vec<f64> = (0..4).map(|c| Scenario::Lora.lora(c).unwrap()[0]["scale"].as_f64().unwrap()).collect();
+        assert_eq!(scales, [1.0, 0.0, 1.0, 0.0]);
+        assert_eq!(Scenario::Distinct.lora(0), None);
+        assert_eq!(Scenario::Lora.conversations(3, 2), Scenario::Distinct.conversations(3, 2), "the same chats as distinct");
     }
 
     #[test]

@@ -204,6 +204,22 @@ impl Engine {
         &self.config.lora
     }
 
+    /// Checks scales to apply the engine's LoRA adapters with: one per adapter, each finite.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::InvalidRequest`] naming `lora_scales`.
+    pub(crate) fn check_adapter_scales(&self, scales: &[f32]) -> Result<(), EngineError> {
+        let bad = |reason| Err(EngineError::InvalidRequest { field: "lora_scales", value: format!("{scales:?}"), reason });
+        if scales.len() != self.config.lora.len() {
+            return bad("needs one scale per LoRA adapter of the engine (EngineConfig::lora)");
+        }
+        if !scales.iter().all(|s| s.is_finite()) {
+            return bad("LoRA scales must be finite");
+        }
+        Ok(())
+    }
+
     /// The adapter scales a session of `config` is made with (the scales of requests that set
     /// none; see [`crate::GenerateOptions::lora_scales`]).
     pub(crate) fn session_adapter_scales(&self, config: &SessionConfig) -> Result<Vec<f32>, EngineError> {
@@ -393,12 +409,8 @@ impl Engine {
     pub(crate) fn prepare(&self, request: &GenerateRequest) -> Result<(Prepared<Sampler<'_>>, Option<ReplyParser>), EngineError> {
         let arrived = Instant::now();
         request.validate()?;
-        if let Some(scales) = request.options.lora_scales.as_ref().filter(|s| s.len() != self.config.lora.len()) {
-            return Err(EngineError::InvalidRequest {
-                field: "lora_scales",
-                value: format!("{scales:?}"),
-                reason: "needs one scale per LoRA adapter of the engine (EngineConfig::lora)",
-            });
+        if let Some(scales) = &request.options.lora_scales {
+            self.check_adapter_scales(scales)?;
         }
         let mut options = request.options.clone();
         let mut parser = None;

@@ -30,7 +30,7 @@ impl std::fmt::Debug for Session<'_> {
 impl<'e> Session<'e> {
     pub(super) fn new(engine: &'e Engine, config: &SessionConfig) -> Result<Self, EngineError> {
         config.validate()?;
-        let adapter_scales = engine.session_adapter_scales(config)?;
+        let adapter_scales = Arc::new(std::sync::RwLock::new(engine.session_adapter_scales(config)?));
         let session = engine.model().session(config)?;
         Ok(Session { engine, scheduler: Scheduler::new(engine.model(), session, 1, Arc::new(Counters::default()), adapter_scales) })
     }
@@ -109,8 +109,7 @@ impl<'e> Session<'e> {
     /// backend: [`Session::save_state_file`]); [`EngineError::State`] when llama.cpp cannot write
     /// it (an empty cache).
     pub fn save_state(&mut self) -> Result<SessionState, EngineError> {
-        let (tokens, state) = self.scheduler.save_state(0)?;
-        Ok(SessionState { tokens, state })
+        Ok(self.scheduler.save_state(0)?.into())
     }
 
     /// Replaces the cache with `state` (from [`Session::save_state`]).
@@ -120,14 +119,16 @@ impl<'e> Session<'e> {
     /// than this context holds (the cache is then empty); [`EngineError::Unsupported`] as
     /// [`Session::save_state`].
     pub fn restore_state(&mut self, state: &SessionState) -> Result<(), EngineError> {
-        self.scheduler.restore_state(0, &state.tokens, &state.state)
+        self.scheduler.restore_state(0, &state.tokens, &state.adapter_scales(), &state.state)
     }
 
     /// Writes what the cache holds to `path`, in llama-server's slot file layout (llama-server
     /// and `exsa serve` restore it into a slot, and this into a session).
     ///
     /// # Errors
-    /// [`EngineError::SlotFile`] naming the path when it cannot be written.
+    /// [`EngineError::SlotFile`] naming the path when it cannot be written;
+    /// [`EngineError::InvalidRequest`] naming `lora_scales` when the cache was decoded with other
+    /// LoRA adapter scales than the session's (a request's own), which the file cannot record.
     pub fn save_state_file(&mut self, path: impl Into<std::path::PathBuf>) -> Result<SlotActionDone, EngineError> {
         self.scheduler.slot_action(0, &SlotAction::Save(path.into()))
     }
@@ -158,12 +159,15 @@ impl<'e> Session<'e> {
     }
 }
 
-/// A [`Session`]'s cache as bytes ([`Session::save_state`]): the tokens it holds and llama.cpp's
-/// state of them. [`SessionState::to_bytes`] and [`SessionState::from_bytes`] carry it through
-/// a file, a database or the network.
+/// A [`Session`]'s cache as bytes ([`Session::save_state`]): the tokens it holds, the LoRA
+/// adapter scales they were decoded with, and llama.cpp's state of them.
+/// [`SessionState::to_bytes`] and [`SessionState::from_bytes`] carry it through a file, a
+/// database or the network.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SessionState {
     pub(crate) tokens: Vec<Token>,
+    /// The adapter scales, as the bits of each `f32` (so that states compare as bytes do).
+    adapter_scales: Vec<u32>,
     pub(crate) state: Vec<u8>,
 }
 
@@ -175,20 +179,31 @@ impl std::fmt::Debug for SessionState {
 
 impl SessionState {
     /// What tells these bytes from others: "exsa" and a format version.
-    const MAGIC: [u8; 8] = *b"exsa\0st1";
+    const MAGIC: [u8; 8] = *b"exsa\0st2";
 
     /// The tokens the cache held.
     pub fn tokens(&self) -> &[Token] {
         &self.tokens
     }
 
-    /// One buffer: a header, the token count and the tokens (little-endian), then the state.
+    /// The LoRA adapter scales the cache was decoded with (one per adapter of the engine): a
+    /// restored cache serves only requests of these scales.
+    pub fn adapter_scales(&self) -> Vec<f32> {
+        self.adapter_scales.iter().map(|&b| f32::from_bits(b)).collect()
+    }
+
+    /// One buffer: a header, the token count and the tokens, the scale count and the scales
+    /// (little-endian), then the state.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(Self::MAGIC.len() + 8 + 4 * self.tokens.len() + self.state.len());
+        let mut bytes = Vec::with_capacity(Self::MAGIC.len() + 16 + 4 * (self.tokens.len() + self.adapter_scales.len()) + self.state.len());
         bytes.extend_from_slice(&Self::MAGIC);
         bytes.extend_from_slice(&(self.tokens.len() as u64).to_le_bytes());
         for token in &self.tokens {
             bytes.extend_from_slice(&token.0.to_le_bytes());
+        }
+        bytes.extend_from_slice(&(self.adapter_scales.len() as u64).to_le_bytes());
+        for scale in &self.adapter_scales {
+            bytes.extend_from_slice(&scale.to_le_bytes());
         }
         bytes.extend_from_slice(&self.state);
         bytes
@@ -198,19 +213,28 @@ impl SessionState {
     /// checked when it is restored.
     ///
     /// # Errors
-    /// [`EngineError::State`] saying what is wrong: another header, or a buffer shorter than its
-    /// token count.
+    /// [`EngineError::State`] saying what is wrong: another header (another format version
+    /// too), or a buffer shorter than its token or scale count.
     pub fn from_bytes(bytes: &[u8]) -> Result<SessionState, EngineError> {
         let fail = |why: &str| EngineError::state(crate::error::SlotFileAction::Restore, why.to_string());
-        let rest = bytes.strip_prefix(&Self::MAGIC).ok_or_else(|| fail("these bytes are no session state of exsa (another header)"))?;
-        let (count, rest) = rest.split_first_chunk::<8>().ok_or_else(|| fail("the bytes end before the token count"))?;
-        let tokens_len = usize::try_from(u64::from_le_bytes(*count))
-            .ok()
-            .and_then(|n| n.checked_mul(4))
-            .filter(|&n| n <= rest.len())
-            .ok_or_else(|| fail("the bytes are shorter than their token count says"))?;
-        let (tokens, state) = rest.split_at(tokens_len);
-        let tokens = tokens.chunks_exact(4).map(|c| Token(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect();
-        Ok(SessionState { tokens, state: state.to_vec() })
+        let rest = bytes.strip_prefix(&Self::MAGIC).ok_or_else(|| fail("these bytes are no session state of this exsa (another header)"))?;
+        let (tokens, rest) = counted_words(rest).ok_or_else(|| fail("the bytes are shorter than their token count says"))?;
+        let (scales, state) = counted_words(rest).ok_or_else(|| fail("the bytes are shorter than their scale count says"))?;
+        Ok(SessionState { tokens: tokens.map(|w| Token(w as i32)).collect(), adapter_scales: scales.collect(), state: state.to_vec() })
     }
+}
+
+impl From<crate::scheduler::SavedCache> for SessionState {
+    fn from(saved: crate::scheduler::SavedCache) -> SessionState {
+        SessionState { tokens: saved.tokens, adapter_scales: saved.adapter_scales.iter().map(|s| s.to_bits()).collect(), state: saved.state }
+    }
+}
+
+/// A little-endian count (8 bytes) and that many 4-byte words, and the bytes after them; None
+/// where the bytes end before.
+fn counted_words(bytes: &[u8]) -> Option<(impl Iterator<Item = u32> + '_, &[u8])> {
+    let (count, rest) = bytes.split_first_chunk::<8>()?;
+    let len = usize::try_from(u64::from_le_bytes(*count)).ok()?.checked_mul(4).filter(|&n| n <= rest.len())?;
+    let (words, rest) = rest.split_at(len);
+    Some((words.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])), rest))
 }

@@ -157,14 +157,22 @@ pub(super) async fn count_message_tokens(State(state): State<Arc<AppState>>, Bod
     }
 }
 
+/// `request` prepared for `model`: a `lora` field's scales become one per adapter of the model
+/// (unset, the decode loop's default ones apply when it is admitted).
+fn serve_request(model: &Loaded, request: &mut GenerateRequest) -> Result<ServeRequest, ApiError> {
+    if let Some(listed) = &request.options.lora_scales {
+        request.options.lora_scales = Some(model.adapter_scales(listed)?);
+    }
+    Ok(ServeRequest::new(&model.engine, request)?)
+}
+
 /// How many tokens a chat's prompt is, as it would be decoded.
 async fn input_tokens(state: &AppState, chat: ChatRequest) -> Result<usize, ApiError> {
-    let request = chat.to_request(&state.config)?;
+    let mut request = chat.to_request(&state.config)?;
     let model = state.models.get(chat.sampling.model.as_deref()).await?;
-    tokio::task::spawn_blocking(move || ServeRequest::new(&model.engine, &request).map(|prepared| prepared.tokens().len()))
+    tokio::task::spawn_blocking(move || serve_request(&model, &mut request).map(|prepared| prepared.tokens().len()))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?
-        .map_err(ApiError::from)
 }
 
 /// llama-server's `POST /chat/completions/input_tokens`: how many tokens the chat's prompt is,
@@ -295,11 +303,9 @@ pub(super) async fn submit(
 
 /// The request for `model`'s decode loop: a prompt that does not fit the context (or the
 /// request's own bound on it) is the client's error, and the context bounds `max_tokens` (by
-/// default, all of what is left). Its adapter scales become one per adapter of the model (the
-/// model's current ones where it sets none: see [`Loaded::adapter_scales_for`]).
+/// default, all of what is left).
 fn prepare(model: &Loaded, request: &mut GenerateRequest, context: Option<usize>) -> Result<ServeRequest, ApiError> {
-    request.options.lora_scales = Some(model.adapter_scales_for(request.options.lora_scales.as_deref())?);
-    let mut prepared = ServeRequest::new(&model.engine, request)?;
+    let mut prepared = serve_request(model, request)?;
     let n_ctx = context.map_or(model.n_ctx, |c| c.min(model.n_ctx));
     let prompt_tokens = prepared.tokens().len();
     if prompt_tokens >= n_ctx {

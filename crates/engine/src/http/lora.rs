@@ -29,7 +29,7 @@ pub(super) async fn list(State(state): State<Arc<AppState>>, Query(query): Query
         Ok(model) => model,
         Err(e) => return log::refused(&state, e),
     };
-    let scales = model.adapter_scales.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let scales = model.core.adapter_scales();
     let adapters: Vec<serde_json::Value> = model
         .engine
         .lora()
@@ -47,11 +47,8 @@ pub(super) async fn set(State(state): State<Arc<AppState>>, Query(query): Query<
     let result = async {
         let model = state.models.get(query.model.as_deref()).await?;
         // An empty list turns every adapter off (not "the server's scales", as in a request).
-        let scales = match lora_scales(&entries)? {
-            Some(scales) => model.adapter_scales_for(Some(&scales))?,
-            None => vec![0.0; model.engine.lora().len()],
-        };
-        *model.adapter_scales.write().unwrap_or_else(|p| p.into_inner()) = scales;
+        let listed = lora_scales(&entries)?.unwrap_or_default();
+        model.core.set_adapter_scales(model.adapter_scales(&listed)?)?;
         Ok::<_, super::ApiError>(())
     };
     match result.await {

@@ -93,32 +93,23 @@ pub(crate) struct Loaded {
     /// Embeddings and rerank scores: computed apart from the decode loop, each in a context of
     /// its own sized for one batch (the weights are shared), one at a time.
     pub pooled: super::pooled::PooledQueue,
-    /// The scales of the model's LoRA adapters for requests that do not set `lora`: `--lora`'s
-    /// at load, then as `POST /lora-adapters` sets them (a model loaded again starts over).
-    pub adapter_scales: std::sync::RwLock<Vec<f32>>,
 }
 
 impl Loaded {
-    /// The adapter scales a request runs with: its own (`lora`, one per adapter id up to the
-    /// highest it listed; the others off), else the model's current ones.
+    /// A `lora` field's scales (one per adapter id up to the highest it listed, see
+    /// [`super::openai::lora_scales`]) as one per adapter of the model, the others off.
     ///
     /// # Errors
     ///
-    /// A 400 naming `lora` when the request lists an adapter the model does not have.
-    pub fn adapter_scales_for(&self, requested: Option<&[f32]>) -> Result<Vec<f32>, ApiError> {
+    /// A 400 naming `lora` when it lists an adapter the model does not have.
+    pub fn adapter_scales(&self, listed: &[f32]) -> Result<Vec<f32>, ApiError> {
         let n = self.engine.lora().len();
-        match requested {
-            None => Ok(self.adapter_scales.read().unwrap_or_else(|p| p.into_inner()).clone()),
-            Some(scales) if scales.len() > n => Err(ApiError::invalid(
-                "lora",
-                format!("adapter id {} is not loaded (the model has {n} adapters: GET /lora-adapters)", scales.len() - 1),
-            )),
-            Some(scales) => {
-                let mut all = scales.to_vec();
-                all.resize(n, 0.0);
-                Ok(all)
-            }
+        if listed.len() > n {
+            return Err(ApiError::invalid("lora", format!("adapter id {} is not loaded (the model has {n}: GET /lora-adapters)", listed.len() - 1)));
         }
+        let mut all = listed.to_vec();
+        all.resize(n, 0.0);
+        Ok(all)
     }
 }
 
@@ -517,9 +508,8 @@ impl Models {
             let engine = Arc::new(Engine::load(config)?);
             let serving = ServingConfig { slots, max_queue, prefill_chunk, ctx_checkpoints, session: engine.session_config().clone() };
             let n_ctx = serving.session.n_ctx as usize;
-            let adapter_scales = std::sync::RwLock::new(engine.session_adapter_scales(&serving.session)?);
             let core = ServingCore::start(Arc::clone(&engine), serving)?;
-            Ok::<_, EngineError>(Loaded { id, engine, core, n_ctx, pooled: super::pooled::PooledQueue::new(max_queue), adapter_scales })
+            Ok::<_, EngineError>(Loaded { id, engine, core, n_ctx, pooled: super::pooled::PooledQueue::new(max_queue) })
         })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?

@@ -40,6 +40,10 @@ use crate::error::{DecodeFailure, EngineError};
 use crate::outcome::{FinishReason, GenerationStats, SlotAction, SlotActionDone, ms};
 use crate::token::{Token, TokenLogprobs};
 
+/// The LoRA adapter scales of requests that set none, shared with whoever may change them
+/// while the scheduler runs (a server's `POST /lora-adapters`).
+pub(crate) type DefaultScales = Arc<std::sync::RwLock<Vec<f32>>>;
+
 /// Counters of a scheduler, readable from other threads while it runs.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -60,6 +64,15 @@ pub(crate) struct Counters {
     pub(crate) checkpoint_bytes: AtomicUsize,
     /// Each slot as of the last step (see [`Scheduler::publish_slots`]).
     pub(crate) slots: std::sync::Mutex<Vec<crate::outcome::SlotState>>,
+}
+
+/// A slot's cache as [`Scheduler::save_state`] saves it.
+pub(crate) struct SavedCache {
+    pub(crate) tokens: Vec<Token>,
+    /// The LoRA adapter scales its cells were decoded with.
+    pub(crate) adapter_scales: Vec<f32>,
+    /// llama.cpp's bytes of the cells.
+    pub(crate) state: Vec<u8>,
 }
 
 /// A request that ended, for its driver to deliver.
@@ -113,8 +126,9 @@ pub(crate) struct Scheduler<'e, M: BackendModel + 'e, C> {
     /// A recurrent state without snapshots: a round of drafts is preceded by a checkpoint it
     /// returns to after a rejection (see [`Scheduler::rebuild`]).
     rollback_points: bool,
-    /// The LoRA adapter scales of requests that set none: those the session was made with.
-    default_scales: Vec<f32>,
+    /// The LoRA adapter scales of requests that set none (at first, those the session was made
+    /// with).
+    default_scales: DefaultScales,
     /// The scales the session applies now, and those of this step's group of requests (see
     /// [`Scheduler::choose_group`]).
     applied_scales: Vec<f32>,
@@ -125,8 +139,9 @@ pub(crate) struct Scheduler<'e, M: BackendModel + 'e, C> {
 
 impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// `slots` slots over `session` (a context of at least that many sequences), which applies
-    /// the model's LoRA adapters with `adapter_scales` (those of requests that set none).
-    pub(crate) fn new(model: &'e M, session: M::Session<'e>, slots: usize, counters: Arc<Counters>, adapter_scales: Vec<f32>) -> Self {
+    /// the model's LoRA adapters with `default_scales` (the scales of requests that set none).
+    pub(crate) fn new(model: &'e M, session: M::Session<'e>, slots: usize, counters: Arc<Counters>, default_scales: DefaultScales) -> Self {
+        let applied = read(&default_scales);
         let n_ctx = session.n_ctx() as usize;
         let n_batch = session.n_batch() as usize;
         let recurrent = session.memory_is_recurrent();
@@ -151,9 +166,9 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             checkpoints: false,
             max_drafts,
             rollback_points,
-            applied_scales: adapter_scales.clone(),
-            step_scales: adapter_scales.clone(),
-            default_scales: adapter_scales,
+            step_scales: applied.clone(),
+            applied_scales: applied,
+            default_scales,
             steps: 0,
         };
         scheduler.set_checkpoints(DEFAULT_CHECKPOINTS);
@@ -252,7 +267,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             Some(slot) if slot >= self.slots.len() => Some(EngineError::no_such_slot(slot)),
             _ => None,
         });
-        let scales = self.scales_of(&prepared).to_vec();
+        let scales = self.scales_of(&prepared);
         let chosen = match prepared.options.slot {
             Some(slot) => self.slots.get(slot).is_some_and(Slot::is_idle).then_some(slot),
             None => choose_slot(&self.slots, tokens, &scales, self.recurrent),
@@ -325,6 +340,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// others are not copied).
     pub(crate) fn awaits_shared_prefix<S>(&self, prepared: &Prepared<S>) -> bool {
         let (prompt, scales) = (&prepared.tokens[..], self.scales_of(prepared));
+        let scales = &scales[..];
         let cached = self.slots.iter().map(|s| s.seq.reusable(prompt, scales, self.recurrent)).max().unwrap_or(0);
         self.slots.iter().any(|s| match &s.phase {
             Phase::Prefilling { request, prompt: theirs, then: None, .. } if request.scales == scales => {
@@ -343,9 +359,10 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         })
     }
 
-    /// The LoRA adapter scales a request runs with: its own, else the session's.
-    fn scales_of<'a, S>(&'a self, prepared: &'a Prepared<S>) -> &'a [f32] {
-        prepared.options.lora_scales.as_deref().unwrap_or(&self.default_scales)
+    /// The LoRA adapter scales a request runs with: its own, else the default ones as they are
+    /// now.
+    fn scales_of<S>(&self, prepared: &Prepared<S>) -> Vec<f32> {
+        prepared.options.lora_scales.clone().unwrap_or_else(|| read(&self.default_scales))
     }
 
     /// Chooses this step's group: the requests with the adapter scales of the one that has waited
@@ -386,8 +403,11 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             if self.session.batch_len() == 0 {
                 return;
             }
-            if self.applied_scales != self.step_scales {
+            let switched = self.applied_scales != self.step_scales;
+            if switched {
                 if let Err(e) = self.session.set_adapter_scales(&self.step_scales) {
+                    // What llama.cpp applies now is unknown: set again at the next step.
+                    self.applied_scales.clear();
                     return self.fail_batch(&e);
                 }
                 self.applied_scales.clone_from(&self.step_scales);
@@ -400,7 +420,9 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             let decode_ms = ms(started.elapsed());
             match decoded {
                 Ok(()) => {
-                    if prompt_tokens == 0 {
+                    // A decode after other adapters were applied rebuilds llama.cpp's graphs:
+                    // not what a step costs.
+                    if prompt_tokens == 0 && !switched {
                         self.cost.observe(tokens, decode_ms);
                     }
                     self.counters.steps.fetch_add(1, Ordering::Relaxed);
@@ -442,6 +464,9 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                 request.chunk = 0;
                 if member {
                     request.last_step = self.steps;
+                } else if let Some(drafting) = request.drafting.as_mut() {
+                    // Its last round's drafts, verified already: not this step's.
+                    drafting.drafts.clear();
                 }
             }
             if !member {
@@ -684,12 +709,13 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     }
 
     /// A failure other than a full cache that [`Scheduler::make_room`] could relieve (an internal
-    /// error, an aborted decode): every running request had tokens in the batch or depends on the
-    /// cache it may have half written, so each ends (cancelled ones as cancelled) and its cache
-    /// is emptied.
+    /// error, an aborted decode, adapters that could not be applied): every running request of
+    /// the step's group had tokens in the batch or depends on the cache it may have half written,
+    /// so each ends (cancelled ones as cancelled) and its cache is emptied. Requests of other
+    /// adapter scales had nothing in it and go on.
     fn fail_batch(&mut self, e: &EngineError) {
         for i in 0..self.slots.len() {
-            let Some(request) = self.slots[i].phase.request() else { continue };
+            let Some(request) = self.slots[i].phase.request().filter(|r| r.scales == self.step_scales) else { continue };
             let outcome = if request.is_cancelled() { Ok(FinishReason::Cancelled) } else { Err(e.clone()) };
             self.slots[i].seq.clear(&mut self.session);
             self.end(i, outcome);
@@ -796,6 +822,14 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         let (tokens, bytes) = match action {
             SlotAction::Save(path) => {
                 let seq = &self.slots[index].seq;
+                if seq.len() > 0 && !seq.decoded_with(&read(&self.default_scales)) {
+                    // Restored, its cells would count as the default scales' (a file records none).
+                    return Err(EngineError::InvalidRequest {
+                        field: "lora_scales",
+                        value: format!("{:?}", seq.adapter_scales()),
+                        reason: "the slot's cache was decoded with other LoRA adapter scales than the default ones, which a slot file cannot record",
+                    });
+                }
                 (seq.len(), self.session.seq_save_file(seq.id(), path, &slot_file::pack(seq.tokens()))?)
             }
             SlotAction::Restore(path) => {
@@ -817,20 +851,21 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         Ok(SlotActionDone { tokens, bytes, ms: ms(start.elapsed()) })
     }
 
-    /// Idle slot `index`'s cache as bytes, with the tokens it holds.
-    pub(crate) fn save_state(&mut self, index: usize) -> Result<(Vec<Token>, Vec<u8>), EngineError> {
+    /// Idle slot `index`'s cache as bytes, with the tokens it holds and the adapter scales they
+    /// were decoded with.
+    pub(crate) fn save_state(&mut self, index: usize) -> Result<SavedCache, EngineError> {
         debug_assert!(self.slot_is_idle(index));
         let seq = &self.slots[index].seq;
-        Ok((seq.tokens().to_vec(), self.session.seq_state(seq.id())?))
+        let state = self.session.seq_state(seq.id())?;
+        Ok(SavedCache { tokens: seq.tokens().to_vec(), adapter_scales: seq.adapter_scales().to_vec(), state })
     }
 
-    /// Replaces idle slot `index`'s cache with `state`, saved with `tokens` by
-    /// [`Scheduler::save_state`] (of a context of this model). On failure the slot is empty. The
-    /// cells count as decoded with the session's adapter scales (a state does not record any).
-    pub(crate) fn restore_state(&mut self, index: usize, tokens: &[Token], state: &[u8]) -> Result<(), EngineError> {
+    /// Replaces idle slot `index`'s cache with `state`, saved with `tokens` and adapter `scales`
+    /// by [`Scheduler::save_state`] (of a context of this model). On failure the slot is empty.
+    pub(crate) fn restore_state(&mut self, index: usize, tokens: &[Token], scales: &[f32], state: &[u8]) -> Result<(), EngineError> {
         debug_assert!(self.slot_is_idle(index));
         let seq = &mut self.slots[index].seq;
-        seq.adapt(&mut self.session, &self.default_scales);
+        seq.adapt(&mut self.session, scales);
         seq.clear(&mut self.session);
         let loaded = if tokens.len() > self.n_ctx {
             Err(EngineError::state(
@@ -864,10 +899,11 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     }
 
     /// Loads `path` into slot `index`'s emptied cache; returns the tokens it holds. The cells
-    /// count as decoded with the session's adapter scales (a slot file does not record any).
+    /// count as decoded with the default adapter scales as they are now (a slot file records
+    /// none; a save refuses a cache of others).
     fn restore(&mut self, index: usize, path: &std::path::Path) -> Result<usize, EngineError> {
         let seq = &mut self.slots[index].seq;
-        seq.adapt(&mut self.session, &self.default_scales);
+        seq.adapt(&mut self.session, &read(&self.default_scales));
         seq.clear(&mut self.session);
         let loaded = self
             .session
@@ -901,6 +937,11 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     pub(crate) fn forget(&mut self) {
         self.forget_idle(None);
     }
+}
+
+/// The default adapter scales as they are now.
+fn read(scales: &DefaultScales) -> Vec<f32> {
+    scales.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Fewer shared tokens than this are not worth copying another slot's cells for (or waiting).

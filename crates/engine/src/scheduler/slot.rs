@@ -42,10 +42,20 @@ impl<K: Clone> Sequence<K> {
         Sequence { id, tokens: Vec::with_capacity(capacity), checkpoints: Vec::new(), max_checkpoints: 0, rollback: None, adapter_scales: Vec::new() }
     }
 
+    /// The adapter scales its cells were decoded with.
+    pub(crate) fn adapter_scales(&self) -> &[f32] {
+        &self.adapter_scales
+    }
+
+    /// Whether its cells were decoded with adapter `scales`.
+    pub(crate) fn decoded_with(&self, scales: &[f32]) -> bool {
+        self.adapter_scales == scales
+    }
+
     /// Makes the sequence one of cells decoded with adapter `scales`: emptied first when it holds
     /// cells of other scales (a request with other adapters cannot reuse them).
     pub(crate) fn adapt(&mut self, session: &mut impl BackendSession, scales: &[f32]) {
-        if self.adapter_scales != scales {
+        if !self.decoded_with(scales) {
             self.clear(session);
             self.adapter_scales.clear();
             self.adapter_scales.extend_from_slice(scales);
@@ -107,7 +117,7 @@ impl<K: Clone> Sequence<K> {
     /// generation). A recurrent state (`recurrent`) is cut back only to a checkpoint, or not at
     /// all where the prompt goes on past all it holds.
     pub(crate) fn reusable(&self, prompt: &[Token], scales: &[f32], recurrent: bool) -> usize {
-        if self.adapter_scales != scales {
+        if !self.decoded_with(scales) {
             return 0;
         }
         let common = self.common_prefix(prompt).min(prompt.len().saturating_sub(1));

@@ -32,6 +32,8 @@ struct FakeModel {
     batches: Mutex<Vec<Vec<Entry>>>,
     /// The adapter scales each of those batches was decoded with.
     batch_scales: Mutex<Vec<Vec<f32>>>,
+    /// Adapter scales it cannot apply (as a backend that fails to).
+    refused_scales: Option<Vec<f32>>,
 }
 
 impl FakeModel {
@@ -43,6 +45,7 @@ impl FakeModel {
             checkpoints: false,
             batches: Mutex::default(),
             batch_scales: Mutex::default(),
+            refused_scales: None,
         }
     }
 
@@ -291,6 +294,10 @@ impl BackendSession for FakeSession<'_> {
     }
 
     fn set_adapter_scales(&mut self, scales: &[f32]) -> Result<(), EngineError> {
+        if self.model.refused_scales.as_deref() == Some(scales) {
+            self.scales = vec![f32::NAN];
+            return Err(EngineError::Session(crate::error::cause("the fake cannot apply these scales")));
+        }
         self.scales = scales.to_vec();
         Ok(())
     }
@@ -322,7 +329,7 @@ impl BackendSession for FakeSession<'_> {
 
 fn scheduler(model: &FakeModel, slots: u32, n_ctx: u32, n_batch: u32) -> Scheduler<'_, FakeModel, &'static str> {
     let config = SessionConfig { n_ctx, n_batch, n_ubatch: n_batch, n_seq_max: slots, ..SessionConfig::default() };
-    Scheduler::new(model, model.session(&config).unwrap(), slots as usize, Arc::default(), Vec::new())
+    Scheduler::new(model, model.session(&config).unwrap(), slots as usize, Arc::default(), Arc::default())
 }
 
 /// A request for `tokens`, given as tokens or as ids.
@@ -768,7 +775,7 @@ fn a_recurrent_state_returns_to_the_checkpoint_near_the_last_prompts_end() {
         let model = FakeModel::counting().recurrent();
         let counters = Arc::new(Counters::default());
         let config = SessionConfig { n_ctx: 64, n_batch: 64, n_ubatch: 64, n_seq_max: 2, ..SessionConfig::default() };
-        let mut s = Scheduler::new(&model, model.session(&config).unwrap(), 2, Arc::clone(&counters), Vec::new());
+        let mut s = Scheduler::new(&model, model.session(&config).unwrap(), 2, Arc::clone(&counters), Arc::default());
         s.set_checkpoints(checkpoints);
         s.admit(prepared(&first, 3, Speculation::Off), "first").unwrap();
         run(&mut s);
@@ -796,7 +803,8 @@ fn requests_with_other_adapter_scales_take_turns_and_never_share_cells() {
     let model = FakeModel::counting();
     let config = SessionConfig { n_ctx: 128, n_batch: 64, n_ubatch: 64, n_seq_max: 3, ..SessionConfig::default() };
     // The session applies one adapter at 0: requests without scales of their own run so.
-    let mut s: Scheduler<'_, FakeModel, &'static str> = Scheduler::new(&model, model.session(&config).unwrap(), 3, Arc::default(), vec![0.0]);
+    let mut s: Scheduler<'_, FakeModel, &'static str> =
+        Scheduler::new(&model, model.session(&config).unwrap(), 3, Arc::default(), Arc::new(std::sync::RwLock::new(vec![0.0])));
     let with_adapter = |tokens: &[i32], max_tokens| {
         let mut p = prepared(tokens, max_tokens, Speculation::Off);
         p.options.lora_scales = Some(vec![1.0]);
@@ -841,4 +849,35 @@ fn requests_with_other_adapter_scales_take_turns_and_never_share_cells() {
     restored.options.slot = Some(1);
     let slot = s.admit(restored, "plain-restored").unwrap();
     assert_eq!((slot, stats(&s, slot)), (1, 8), "the restored cells were not reused at the session's scales");
+    run(&mut s);
+    // A file cannot record scales: a cache decoded with others than the default ones is not saved.
+    let adapted_slot = s.admit(with_adapter(&[10, 11], 1), "adapted-last").unwrap();
+    run(&mut s);
+    match s.slot_action(adapted_slot, &SlotAction::Save(file.clone())) {
+        Err(EngineError::InvalidRequest { field: "lora_scales", reason, .. }) => assert!(reason.contains("slot file"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!file.exists());
+}
+
+/// Adapters that cannot be applied fail the requests of that step's group only: the others had
+/// nothing in its batch, go on, and are decoded with their own scales (applied again).
+#[test]
+fn adapters_that_cannot_be_applied_fail_only_their_group() {
+    let model = FakeModel { refused_scales: Some(vec![2.0]), ..FakeModel::counting() };
+    let config = SessionConfig { n_ctx: 128, n_batch: 64, n_ubatch: 64, n_seq_max: 3, ..SessionConfig::default() };
+    let mut s: Scheduler<'_, FakeModel, &'static str> =
+        Scheduler::new(&model, model.session(&config).unwrap(), 3, Arc::default(), Arc::new(std::sync::RwLock::new(vec![0.0])));
+    s.admit(prepared(&[1, 2, 3], 4, Speculation::Off), "plain").unwrap();
+    let mut refused = prepared(&[10, 11], 4, Speculation::Off);
+    refused.options.lora_scales = Some(vec![2.0]);
+    s.admit(refused, "refused").unwrap();
+    let mut adapted = prepared(&[20, 21], 3, Speculation::Off);
+    adapted.options.lora_scales = Some(vec![1.0]);
+    s.admit(adapted, "adapted").unwrap();
+    let ended = run(&mut s);
+    let outcome = |n| ended.iter().find(|e| e.0 == n).unwrap();
+    assert!(matches!(outcome("refused").1, Err(EngineError::Session(_))), "{:?}", outcome("refused").1);
+    assert_eq!(outcome("plain").2, tokens(4, 4));
+    assert_eq!(outcome("adapted").2, toks(&[23, 25, 27]));
 }

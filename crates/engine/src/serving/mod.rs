@@ -37,7 +37,7 @@ pub use crate::error::SubmitError;
 use crate::error::{EngineError, cause};
 pub use crate::outcome::PromptProgress;
 use crate::outcome::{SlotAction, SlotActionDone};
-use crate::scheduler::{Counters, Ended, Prepared, Scheduler};
+use crate::scheduler::{Counters, DefaultScales, Ended, Prepared, Scheduler};
 
 pub use crate::outcome::Completion;
 pub use crate::token::TokenLogprobs;
@@ -342,8 +342,10 @@ impl SlotJob {
         let slot = self.slot;
         match self.work {
             SlotWork::Action(action, reply) => drop(reply.send(scheduler.slot_action(slot, &action))),
-            SlotWork::SaveState(reply) => drop(reply.send(scheduler.save_state(slot).map(|(tokens, state)| SessionState { tokens, state }))),
-            SlotWork::RestoreState(saved, reply) => drop(reply.send(scheduler.restore_state(slot, &saved.tokens, &saved.state))),
+            SlotWork::SaveState(reply) => drop(reply.send(scheduler.save_state(slot).map(SessionState::from))),
+            SlotWork::RestoreState(saved, reply) => {
+                drop(reply.send(scheduler.restore_state(slot, &saved.tokens, &saved.adapter_scales(), &saved.state)))
+            }
         }
     }
 }
@@ -356,6 +358,8 @@ pub struct ServingCore {
     max_queue: usize,
     slots: usize,
     counters: Arc<Counters>,
+    /// The LoRA adapter scales of requests that set none, which the decode loop reads.
+    adapter_scales: DefaultScales,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -378,6 +382,8 @@ impl ServingCore {
             return Err(EngineError::InvalidConfig { field: "prefill_chunk", value: "0".into(), reason: "must be at least 1" });
         }
         let tuning = Tuning { prefill_chunk: config.prefill_chunk.map(|n| n as usize), checkpoints: config.ctx_checkpoints as usize };
+        let adapter_scales: DefaultScales = Arc::new(std::sync::RwLock::new(engine.session_adapter_scales(&session)?));
+        let loop_scales = Arc::clone(&adapter_scales);
         let (queue, requests) = mpsc::sync_channel(config.max_queue);
         let (ready_tx, ready) = mpsc::sync_channel(1);
         let counters = Arc::new(Counters::default());
@@ -385,7 +391,7 @@ impl ServingCore {
         let loop_engine = Arc::clone(&engine);
         let thread = std::thread::Builder::new()
             .name("exsa-decode".into())
-            .spawn(move || decode_loop(&loop_engine, &session, tuning, requests, loop_counters, ready_tx))
+            .spawn(move || decode_loop(&loop_engine, &session, tuning, requests, loop_counters, loop_scales, ready_tx))
             .map_err(|e| EngineError::Session(cause(e)))?;
         match ready.recv() {
             Ok(Ok(())) => Ok(ServingCore {
@@ -394,6 +400,7 @@ impl ServingCore {
                 max_queue: config.max_queue,
                 slots: config.slots as usize,
                 counters,
+                adapter_scales,
                 thread: Some(thread),
             }),
             Ok(Err(e)) => {
@@ -410,6 +417,27 @@ impl ServingCore {
     /// The engine the core serves.
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// The LoRA adapter scales requests that set none run with (one per adapter of the engine;
+    /// at start, the session's: [`crate::SessionConfig::lora_scales`], else the engine's).
+    pub fn adapter_scales(&self) -> Vec<f32> {
+        self.adapter_scales.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets the LoRA adapter scales of requests that set none ([`crate::GenerateOptions::lora_scales`]),
+    /// from the next admission on: running requests keep theirs. A slot file restored from
+    /// now on counts as decoded with these.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::InvalidRequest`] naming `lora_scales` for another number of scales than the
+    /// engine has adapters, or a scale that is not finite.
+    pub fn set_adapter_scales(&self, scales: impl Into<Vec<f32>>) -> Result<(), EngineError> {
+        let scales = scales.into();
+        self.engine.check_adapter_scales(&scales)?;
+        *self.adapter_scales.write().unwrap_or_else(|p| p.into_inner()) = scales;
+        Ok(())
     }
 
     /// Each slot as of the last step.
@@ -541,11 +569,11 @@ fn decode_loop(
     tuning: Tuning,
     requests: Receiver<Job>,
     counters: Arc<Counters>,
+    adapter_scales: DefaultScales,
     ready: SyncSender<Result<(), EngineError>>,
 ) {
-    let made = engine.session_adapter_scales(config).and_then(|scales| Ok((engine.model().session(config)?, scales)));
-    let (session, adapter_scales) = match made {
-        Ok(made) => made,
+    let session = match engine.model().session(config) {
+        Ok(session) => session,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
