@@ -135,6 +135,8 @@ pub(crate) struct Scheduler<'e, M: BackendModel + 'e, C> {
     step_scales: Vec<f32>,
     /// Steps that built a batch, for taking turns between groups of requests.
     steps: u64,
+    /// Steps the step's group has had in a row (see [`Scheduler::choose_group`]).
+    turn: usize,
 }
 
 impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
@@ -170,6 +172,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             applied_scales: applied,
             default_scales,
             steps: 0,
+            turn: 0,
         };
         scheduler.set_checkpoints(DEFAULT_CHECKPOINTS);
         scheduler
@@ -365,18 +368,25 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         prepared.options.lora_scales.clone().unwrap_or_else(|| read(&self.default_scales))
     }
 
-    /// Chooses this step's group: the requests with the adapter scales of the one that has waited
-    /// longest for a step (the oldest first among equals). llama.cpp applies one set of adapters
-    /// to a whole decode, so requests of other scales wait for a step of their own; groups take
-    /// turns, none starves. Where all run with the same scales (no per-request adapters), the
-    /// group is every request.
+    /// Chooses this step's group: the requests of one set of adapter scales. llama.cpp applies one
+    /// set of adapters to a whole decode, so requests of other scales wait for steps of their
+    /// own. Groups take turns of [`GROUP_TURN`] steps: the group that has the context keeps it
+    /// for its turn while it has requests, then the one whose request waited longest for a step
+    /// takes it (the oldest first among equals); none starves. Where all run with the same
+    /// scales (no per-request adapters), the group is every request and never changes.
     fn choose_group(&mut self) {
-        let lead = self.slots.iter().filter_map(|s| s.phase.request()).min_by_key(|r| (r.last_step, r.admitted));
+        let requests = || self.slots.iter().filter_map(|s| s.phase.request());
+        if self.turn < GROUP_TURN && requests().any(|r| r.scales == self.step_scales) {
+            self.turn += 1;
+            return;
+        }
+        let lead = requests().min_by_key(|r| (r.last_step, r.admitted));
         if let Some(lead) = lead
             && lead.scales != self.step_scales
         {
             self.step_scales.clone_from(&lead.scales);
         }
+        self.turn = 1;
     }
 
     /// One step: ends cancelled requests, decodes one batch of one group of requests (see
@@ -938,6 +948,13 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         self.forget_idle(None);
     }
 }
+
+/// Steps a group of requests of one set of adapter scales keeps the context for while others
+/// wait (see [`Scheduler::choose_group`]). Applying other adapters makes llama.cpp rebuild its
+/// graphs at the next decode: on the 2-core Xeon, switching every step cost about a fifth of
+/// the aggregate with two groups (docs/benchmarks.md, "LoRA"). A longer turn costs the waiting
+/// group's next token as many steps.
+const GROUP_TURN: usize = 8;
 
 /// The default adapter scales as they are now.
 fn read(scales: &DefaultScales) -> Vec<f32> {

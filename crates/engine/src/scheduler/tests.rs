@@ -810,24 +810,26 @@ fn requests_with_other_adapter_scales_take_turns_and_never_share_cells() {
         p.options.lora_scales = Some(vec![1.0]);
         p
     };
-    assert_eq!(s.admit(prepared(&[1, 2, 3, 4], 6, Speculation::Off), "plain").unwrap(), 0);
-    assert_eq!(s.admit(with_adapter(&[10, 11, 12, 13], 6), "adapted").unwrap(), 1);
+    assert_eq!(s.admit(prepared(&[1, 2, 3, 4], 12, Speculation::Off), "plain").unwrap(), 0);
+    assert_eq!(s.admit(with_adapter(&[10, 11, 12, 13], 12), "adapted").unwrap(), 1);
     assert_eq!(s.admit(with_adapter(&[20, 21], 3), "adapted2").unwrap(), 2);
     let ended = run(&mut s);
     let by_name = |n| ended.iter().find(|e| e.0 == n).map(|e| e.2.clone()).unwrap();
     // Each drew from its own adapters at every step (the adapter moves each prediction on by one).
-    assert_eq!(by_name("plain"), tokens(5, 6));
-    assert_eq!(by_name("adapted"), toks(&[15, 17, 19, 21, 23, 25]));
+    assert_eq!(by_name("plain"), tokens(5, 12));
+    assert_eq!(by_name("adapted"), toks(&[15, 17, 19, 21, 23, 25, 27, 29, 31, 2, 4, 6]));
     assert_eq!(by_name("adapted2"), toks(&[23, 25, 27]));
     // No batch mixed the groups: sequence 0 only in batches without the adapter, 1 and 2 only
-    // in batches with it; and the groups took turns, one step each, while both had requests.
+    // in batches with it; and the groups took turns of GROUP_TURN steps while both had requests
+    // (the first group's turn, the other's, then what each had left).
     let batches = model.batches.lock().unwrap().clone();
     let scales = model.batch_scales.lock().unwrap().clone();
     let adapted: Vec<bool> = scales.iter().map(|s| s == &[1.0]).collect();
     for (batch, &adapted) in batches.iter().zip(&adapted) {
         assert!(batch.iter().all(|e| (e.2 != 0) == adapted), "a batch mixed adapter scales: {batch:?} adapted={adapted}");
     }
-    assert_eq!(adapted, [false, true, false, true, false, true, false, true, false, true, false, true], "{scales:?}");
+    let turns: Vec<bool> = [&[false; GROUP_TURN][..], &[true; GROUP_TURN], &[false; 4], &[true; 4]].concat();
+    assert_eq!(adapted, turns, "{scales:?}");
 
     // A cache decoded with other scales gives a prompt nothing; one with the same scales does.
     let stats = |s: &Scheduler<'_, FakeModel, &'static str>, slot| s.running(slot).unwrap().1.prompt_tokens_reused;
