@@ -1109,10 +1109,10 @@ pub struct GenerateOptions {
     /// `lora`). None: the default ones, the session's ([`SessionConfig::lora_scales`], else the
     /// engine's; a serving core's as [`crate::serving::ServingCore::set_adapter_scales`] sets
     /// them). llama.cpp applies one set of adapters to a whole decode, so in a server's decode
-    /// loop requests of other scales take turns with those of the step (each group gets its own
-    /// steps), and a slot's cache serves only a request of the scales it was decoded with (a
-    /// [`crate::SessionState`] records them; a slot file cannot: a save refuses a cache of other
-    /// scales than the default ones, and a restored one counts as the default ones).
+    /// loop the groups of requests of equal scales take turns of a few steps each, and a slot's
+    /// cache serves only a request of the scales it was decoded with (a [`crate::SessionState`]
+    /// records them; a slot file cannot: a save refuses a cache of other scales than the default
+    /// ones, and a restored one counts as the default ones).
     pub lora_scales: Option<Vec<f32>>,
 }
 
