@@ -134,8 +134,9 @@ fn bad_input_exits_with_a_message_not_a_crash() {
 }
 
 /// `--lora` / `--lora-scaled` reach the engine (llama-tiny with its synthetic adapter: at scale
-/// 1 the greedy text changes, at 0 it is the plain text), `--no-mmap` loads the same model, and
-/// a missing adapter or a scale that is no number exits 1 naming it.
+/// 1 the greedy text changes, at 0 it is the plain text), `--no-mmap` loads the same model, a
+/// missing adapter or a scale that is no number exits 1 naming it, and one of the options given
+/// on both sides of the command (clap would keep one side's) exits 2.
 #[test]
 fn lora_and_load_options_reach_the_engine() {
     let synth = std::path::PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml"));
@@ -162,4 +163,9 @@ fn lora_and_load_options_reach_the_engine() {
     let out = exsa(&["--log", "error", "--model", model, "--lora-scaled", adapter, "much", "generate", "x"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("lora_scaled"), "{}", text(&out.stderr));
+    // Both options on both sides are read (in their order); one option on both sides is not.
+    assert_ne!(generate(&["--lora-scaled", adapter, "0.5", "--lora", adapter]), plain);
+    let out = exsa(&["--log", "error", "--model", model, "--lora", adapter, "generate", "x", "--lora", adapter]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("before the command or every one after it"), "{}", text(&out.stderr));
 }

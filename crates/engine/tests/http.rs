@@ -1217,4 +1217,24 @@ fn lora_adapters_apply_per_request_and_as_the_server_sets_them() {
     assert_eq!(count(json!([{ "id": 0, "scale": 0.5 }])).status(), 200);
     let refused: Value = count(json!([{ "id": 1, "scale": 0.5 }])).json().unwrap();
     assert_eq!(refused["error"]["param"], "lora", "{refused}");
+    drop(server);
+
+    // Adapter ids follow the command line's order of --lora and --lora-scaled, as llama-server
+    // numbers them (requests name adapters by id).
+    let dir = std::env::temp_dir().join(format!("exsa-lora-ids-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copies: Vec<String> = ["first", "second", "third"]
+        .iter()
+        .map(|name| {
+            let copy = dir.join(format!("{name}.gguf"));
+            std::fs::copy(adapter, &copy).unwrap();
+            copy.to_str().unwrap().to_owned()
+        })
+        .collect();
+    let server = Server::start(&["--model", model, "--lora-scaled", &copies[0], "0.5", "--lora", &copies[1], "--lora-scaled", &copies[2], "-1"]);
+    let listed: Value = http.get(server.url("/lora-adapters")).send().unwrap().json().unwrap();
+    let ids: Vec<(&str, f64)> = listed.as_array().unwrap().iter().map(|a| (a["path"].as_str().unwrap(), a["scale"].as_f64().unwrap())).collect();
+    assert_eq!(ids, [(copies[0].as_str(), 0.5), (copies[1].as_str(), 1.0), (copies[2].as_str(), -1.0)]);
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -4,7 +4,7 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use exsa_engine::harness::{self, Test};
 use exsa_engine::{
     ChatMessage, ChatTemplating, Engine, EngineConfig, EngineError, GenerateOptions, GenerateRequest, LoadOptions, LogLevel, LoraConfig, Placement,
@@ -50,10 +50,14 @@ struct Common {
     #[arg(long, global = true, num_args = 2, value_names = ["PATH", "SCALE"], allow_negative_numbers = true)]
     lora_scaled: Vec<String>,
     /// Load the adapters at scale 0, applied to nothing until `POST /lora-adapters` or a
-    /// request's `lora` sets a scale (llama-server's option). Adapter ids follow the order of
-    /// `--lora`, then `--lora-scaled`.
+    /// request's `lora` sets a scale (llama-server's option). Adapter ids follow the command
+    /// line's order of `--lora` and `--lora-scaled`, as llama-server numbers them.
     #[arg(long, global = true)]
     lora_init_without_apply: bool,
+    /// Every `--lora` and `--lora-scaled`, in the command line's order, before and after the
+    /// command alike (see [`adapter_options`]).
+    #[arg(skip)]
+    adapters: Vec<AdapterOption>,
     /// Read the model into memory instead of mapping its file.
     #[arg(long, global = true)]
     no_mmap: bool,
@@ -351,7 +355,19 @@ struct BenchArgs {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.common.adapters = adapter_options(&matches);
+    // clap keeps a global option's values from one side of the command only: an adapter given
+    // on the other side would be dropped without a word.
+    let given = adapter_occurrences(std::env::args_os().skip(1));
+    if given > cli.common.adapters.len() {
+        eprintln!(
+            "error: --lora/--lora-scaled: give every adapter before the command or every one after it ({given} given, {} read)",
+            cli.common.adapters.len()
+        );
+        std::process::exit(2);
+    }
     let (log, own) = (&cli.common.log, &cli.common.server_log);
     // llama.cpp's lines: target `llama_cpp` (ours), `llama-cpp-2` (the crate baseline's, whose
     // callsites name the crate, dashes included).
@@ -404,20 +420,63 @@ fn load_with_draft(common: &Common, session: SessionConfig, draft_model: Option<
     Engine::load(config)
 }
 
-/// The engine configuration the common options describe; a `--lora-scaled` scale that is no
-/// number is an error naming the option.
+/// A `--lora PATH` or a `--lora-scaled PATH SCALE`.
+#[derive(Clone, Debug, PartialEq)]
+enum AdapterOption {
+    Plain(PathBuf),
+    Scaled(String, String),
+}
+
+/// Every `--lora` and `--lora-scaled` in the command line's order: llama-server numbers the
+/// adapters so, and requests name them by that id. Read from every level of the matches, since
+/// clap keeps a global option's values given after the command in the command's matches only
+/// (and the ones before in the top level's); an occurrence seen at both levels (propagated) is
+/// counted once, by its position.
+fn adapter_options(matches: &ArgMatches) -> Vec<AdapterOption> {
+    let mut found: Vec<(usize, AdapterOption)> = Vec::new();
+    let mut level = Some(matches);
+    while let Some(m) = level {
+        if let (Some(at), Some(paths)) = (m.indices_of("lora"), m.get_many::<PathBuf>("lora")) {
+            found.extend(at.zip(paths).map(|(at, path)| (at, AdapterOption::Plain(path.clone()))));
+        }
+        if let (Some(at), Some(values)) = (m.indices_of("lora_scaled"), m.get_many::<String>("lora_scaled")) {
+            // Two values per occurrence: the path's position stands for it.
+            let values: Vec<(usize, &String)> = at.zip(values).collect();
+            found.extend(values.chunks_exact(2).map(|pair| (pair[0].0, AdapterOption::Scaled(pair[0].1.clone(), pair[1].1.clone()))));
+        }
+        level = m.subcommand().map(|(_, sub)| sub);
+    }
+    found.sort_by_key(|(at, _)| *at);
+    found.dedup_by_key(|(at, _)| *at);
+    found.into_iter().map(|(_, option)| option).collect()
+}
+
+/// How many `--lora` and `--lora-scaled` options `args` hold (up to a `--`, after which nothing
+/// is an option).
+fn adapter_occurrences(args: impl Iterator<Item = std::ffi::OsString>) -> usize {
+    args.map(|a| a.to_string_lossy().into_owned())
+        .take_while(|a| a != "--")
+        .filter(|a| ["--lora", "--lora-scaled"].iter().any(|o| a == o || a.starts_with(&format!("{o}="))))
+        .count()
+}
+
+/// The engine configuration the common options describe, its adapters in the command line's
+/// order (their ids); a `--lora-scaled` scale that is no number is an error naming the option.
 fn engine_config(common: &Common, session: SessionConfig, model: PathBuf) -> Result<EngineConfig, EngineError> {
     let placement = Placement::default().n_gpu_layers(common.gpu_layers).rpc_servers(common.rpc.clone()).tensor_split(common.tensor_split.clone());
-    let mut lora: Vec<LoraConfig> = common.lora.iter().map(LoraConfig::new).collect();
-    // clap takes two values per --lora-scaled.
-    for pair in common.lora_scaled.chunks_exact(2) {
-        let (path, scale) = (&pair[0], &pair[1]);
-        let scale = scale.parse::<f32>().map_err(|_| EngineError::InvalidConfig {
-            field: "lora_scaled",
-            value: scale.clone(),
-            reason: "the scale after the adapter's path must be a number",
-        })?;
-        lora.push(LoraConfig::new(path).scale(scale));
+    let mut lora = Vec::with_capacity(common.adapters.len());
+    for adapter in &common.adapters {
+        lora.push(match adapter {
+            AdapterOption::Plain(path) => LoraConfig::new(path),
+            AdapterOption::Scaled(path, scale) => {
+                let scale = scale.parse::<f32>().map_err(|_| EngineError::InvalidConfig {
+                    field: "lora_scaled",
+                    value: scale.clone(),
+                    reason: "the scale after the adapter's path must be a number",
+                })?;
+                LoraConfig::new(path).scale(scale)
+            }
+        });
     }
     if common.lora_init_without_apply {
         lora.iter_mut().for_each(|adapter| adapter.scale = 0.0);
