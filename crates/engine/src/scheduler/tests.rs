@@ -840,7 +840,7 @@ fn requests_with_other_adapter_scales_take_turns_and_never_share_cells() {
     assert_eq!((slot, stats(&s, slot)), (1, 4), "the adapter's own cells were not reused");
     run(&mut s);
 
-    // A cache restored from a file counts as the session's scales (a file records none), also
+    // A cache restored from a file counts as the default scales (a file records none), also
     // in a slot that held cells of other scales.
     let file = std::env::temp_dir().join(format!("exsa-fake-adapter-slot-{}.json", std::process::id()));
     s.slot_action(0, &SlotAction::Save(file.clone())).unwrap();
@@ -850,7 +850,7 @@ fn requests_with_other_adapter_scales_take_turns_and_never_share_cells() {
     let mut restored = prepared(&[1, 2, 3, 4, 5, 6, 7, 8, 30], 1, Speculation::Off);
     restored.options.slot = Some(1);
     let slot = s.admit(restored, "plain-restored").unwrap();
-    assert_eq!((slot, stats(&s, slot)), (1, 8), "the restored cells were not reused at the session's scales");
+    assert_eq!((slot, stats(&s, slot)), (1, 8), "the restored cells were not reused at the default scales");
     run(&mut s);
     // A file cannot record scales: a cache decoded with others than the default ones is not saved.
     let adapted_slot = s.admit(with_adapter(&[10, 11], 1), "adapted-last").unwrap();
