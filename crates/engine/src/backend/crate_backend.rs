@@ -267,9 +267,7 @@ impl BackendModel for CrateModel {
             recurrent: self.model.is_recurrent() || self.model.is_hybrid(),
             adapter: self.adapter.as_ref(),
         };
-        if scales.iter().any(|&s| s != 0.0) {
-            session.set_adapter_scales(scales)?;
-        }
+        super::apply_session_scales(&mut session, scales)?;
         Ok(session)
     }
 }

@@ -308,6 +308,12 @@ fn applied_adapters<'a, A>(adapters: &'a [A], scales: &'a [f32]) -> impl Iterato
     adapters.iter().zip(scales.iter().copied()).filter(|&(_, scale)| scale != 0.0)
 }
 
+/// Applies a new session's adapter scales: nothing to do where every scale is 0 (a new context
+/// applies no adapter).
+fn apply_session_scales(session: &mut impl BackendSession, scales: &[f32]) -> Result<(), EngineError> {
+    if scales.iter().all(|&s| s == 0.0) { Ok(()) } else { session.set_adapter_scales(scales) }
+}
+
 /// Refuses an adapter file that does not exist, by name: before the binding sees it (`crate`'s
 /// asserts that it exists, `raw`'s llama.cpp call only logs).
 #[cfg(any(feature = "crate", feature = "raw"))]

@@ -492,9 +492,7 @@ impl BackendModel for RawModel {
         };
         // Owned from here: on an error below, the drop frees the context and the batch.
         let mut session = RawSession { model: self, ctx, batch, n_batch, n_ctx, n_seq_max: config.n_seq_max as i32, abort: None, has_logits: false };
-        if scales.iter().any(|&s| s != 0.0) {
-            session.set_adapter_scales(scales)?;
-        }
+        super::apply_session_scales(&mut session, scales)?;
         Ok(session)
     }
 }

@@ -300,9 +300,7 @@ impl BackendModel for SourceModel {
         // Each token of a multi-sequence batch belongs to one sequence: one id per entry is enough.
         let batch = Batch::new(ctx.n_batch() as usize, 1).map_err(|e| EngineError::Session(cause(e)))?;
         let mut session = SourceSession { ctx, batch, adapters: self.adapters() };
-        if scales.iter().any(|&s| s != 0.0) {
-            session.set_adapter_scales(scales)?;
-        }
+        super::apply_session_scales(&mut session, scales)?;
         Ok(session)
     }
 }
