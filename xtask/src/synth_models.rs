@@ -19,8 +19,10 @@ const GGUF_VERSION: &str = "0.19.0";
 const GENERATOR: &str = "xtask/synth/synth_models.py";
 
 /// The models the tests use (one per kind of memory, one with another vocabulary, a LoRA
-/// adapter for llama-tiny, and a BERT embedder and reranker).
-const TEST_MODELS: [&str; 7] = ["llama-tiny", "lfm2-tiny", "mamba-tiny", "llama-tiny-32k", "llama-tiny-lora", "bert-tiny", "bert-tiny-rerank"];
+/// adapter for llama-tiny and the same made an activated LoRA, and a BERT embedder and
+/// reranker).
+const TEST_MODELS: [&str; 8] =
+    ["llama-tiny", "lfm2-tiny", "mamba-tiny", "llama-tiny-32k", "llama-tiny-lora", "llama-tiny-alora", "bert-tiny", "bert-tiny-rerank"];
 /// Written in F16 and quantized to Q4_K_M: for bench-compare, not the tests.
 const BENCH_MODEL: &str = "lfm2-1.2b-shape";
 /// A LoRA adapter of the default model: for bench-serve, not the tests.

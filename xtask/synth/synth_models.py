@@ -205,8 +205,14 @@ def feed_forward(w, i, n_embd, n_ff):
 # projection of llama-tiny) is the adapter tests' only adapter. `default-lora` fits the model the
 # tokenizer is copied from (the default model): rank 16 on every attention query and value
 # projection, as fine-tunes commonly target, for bench-serve's `lora` scenario (speed only).
+# `llama-tiny-lora` declares a task name and a prompt prefix (llama-server lists them);
+# `llama-tiny-alora` is the same adapter made an activated LoRA (aLoRA) by invocation tokens,
+# which the engine refuses.
 ADAPTERS = {
-    "llama-tiny-lora": dict(base="llama-tiny", rank=4, alpha=8.0, targets=("attn_q", "attn_output")),
+    "llama-tiny-lora": dict(
+        base="llama-tiny", rank=4, alpha=8.0, targets=("attn_q", "attn_output"), task_name="tiny-story", prompt_prefix="Story: "
+    ),
+    "llama-tiny-alora": dict(base="llama-tiny", rank=4, alpha=8.0, targets=("attn_q", "attn_output"), invocation_tokens=[106, 2364]),
     "default-lora": dict(base=None, rank=16, alpha=16.0, targets=("attn_q", "attn_v")),
 }
 
@@ -241,6 +247,14 @@ def write_adapter(name, spec, model_file, out_dir):
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", spec["alpha"])
+    for key in ("task_name", "prompt_prefix"):
+        if key in spec:
+            writer.add_string(f"adapter.lora.{key}", spec[key])
+    if "invocation_tokens" in spec:
+        # llama.cpp reads them as an array of uint32 only (the writer's default for ints is int32).
+        writer.add_key_value(
+            "adapter.alora.invocation_tokens", spec["invocation_tokens"], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32
+        )
     w = Weights(writer, name, "f32")
     for i, targets in enumerate(layers):
         for target, (n_in, n_out) in targets.items():

@@ -55,7 +55,7 @@ pub use config::{
     CacheType, CancelToken, ChatTemplating, EngineConfig, FlashAttention, GenerateOptions, GenerateRequest, GrammarStart, LoadOptions, LoadProgress,
     LoraConfig, Placement, Pooling, Prompt, SamplerStage, SamplingParams, SessionConfig, SpecialText, Speculation,
 };
-pub use embedding::{RerankScore, l2_normalize};
+pub use embedding::{EmbedOptions, EmbeddingNorm, RerankScore, l2_normalize};
 pub use engine::{Engine, Generation, Session, SessionState, TokenizeOptions, set_llama_log_level};
 pub use error::{Cause, DecodeFailure, EngineError, Result, SlotFileAction};
 pub use info::{BuildInfo, ModelInfo};

@@ -178,3 +178,30 @@ fn a_reranker_scores_pairs() {
     let e = synth("bert-tiny").rerank("a cat", &["cats purr"]).unwrap_err();
     assert!(matches!(e, EngineError::InvalidRequest { field: "model", .. }), "{e}");
 }
+
+/// [`Engine::embed_tokens`] of a text's tokens is the text's vector; an empty list, a list longer
+/// than a batch and an id outside the vocabulary are each refused by a typed error; so are
+/// adapter scales for adapters the engine does not have ([`EmbedOptions::lora_scales`]).
+#[test]
+fn token_lists_embed_as_their_texts_and_bad_ones_are_typed_errors() {
+    let engine = synth("bert-tiny");
+    let text = "a cat on a mat";
+    let tokens = engine.tokenize(text, TokenizeOptions::default()).unwrap();
+    let from_tokens = engine.embed_tokens(std::slice::from_ref(&tokens), &EmbedOptions::default()).unwrap();
+    assert_eq!(from_tokens, [engine.embed(text).unwrap()]);
+    let n_vocab = engine.model_info().n_vocab;
+    let cases: [(Vec<Token>, &str); 3] =
+        [(Vec::new(), "empty"), (vec![tokens[0]; 513], "longer than a batch"), (vec![Token(n_vocab)], "outside the vocabulary")];
+    for (input, what) in cases {
+        match engine.embed_tokens(&[input], &EmbedOptions::default()) {
+            Err(EngineError::EmptyPrompt) if what == "empty" => {}
+            Err(EngineError::EmbedTooLong { tokens: 513, n_batch: 512 }) if what == "longer than a batch" => {}
+            Err(EngineError::InvalidRequest { field: "tokens", .. }) if what == "outside the vocabulary" => {}
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    match engine.embed_many_with(&[text], &EmbedOptions::default().lora_scales(vec![1.0])) {
+        Err(EngineError::InvalidRequest { field: "lora_scales", .. }) => {}
+        other => panic!("scales of an adapter the engine lacks: {other:?}"),
+    }
+}

@@ -80,6 +80,27 @@ fn chat_and_completions_stream_and_not_as_the_engine_generates() {
         engine.generate(&GenerateRequest::new("The capital of France is").max_tokens(8).stop(["\n"]).sampling(SamplingParams::greedy())).unwrap();
     assert_eq!(completion["choices"][0]["text"].as_str().unwrap(), want);
     assert_eq!(completion["object"], "text_completion");
+
+    // OpenAI's other prompt shapes: the text's token ids give the same text; a list of prompts
+    // is a choice each, in order (at most a slot each); text and ids mixed in one prompt is a
+    // 400 naming `prompt` (llama-server's /completion takes that).
+    let complete = |prompt: Value| {
+        let body = json!({ "prompt": prompt, "max_tokens": 8, "temperature": 0, "stop": ["\n"] });
+        http.post(server.url("/v1/completions")).json(&body).send().unwrap()
+    };
+    let ids: Vec<i64> = engine.tokenize("The capital of France is", TokenizeOptions::default()).unwrap().iter().map(|t| i64::from(t.0)).collect();
+    let from_ids: Value = complete(json!(ids)).json().unwrap();
+    assert_eq!(from_ids["choices"][0]["text"], want, "{from_ids}");
+    let listed: Value = complete(json!([ids, "Name a colour:"])).json().unwrap();
+    let (other, _) = engine.generate(&GenerateRequest::new("Name a colour:").max_tokens(8).stop(["\n"]).sampling(SamplingParams::greedy())).unwrap();
+    let choices: Vec<(i64, &str)> =
+        listed["choices"].as_array().unwrap().iter().map(|c| (c["index"].as_i64().unwrap(), c["text"].as_str().unwrap())).collect();
+    assert_eq!(choices, [(0, want.as_str()), (1, other.as_str())], "{listed}");
+    for prompt in [json!(["a", "b", "c"]), json!([1, "text"]), json!([]), json!({ "prompt_string": "x" })] {
+        let response = complete(prompt.clone());
+        assert_eq!(response.status(), 400, "{prompt}");
+        assert_eq!(response.json::<Value>().unwrap()["error"]["param"], "prompt", "{prompt}");
+    }
 }
 
 /// One generated token as the server lists it: its id and log-probability.
@@ -208,12 +229,72 @@ fn embeddings_tokenize_detokenize_and_latency_metrics() {
     for (a, b) in local.iter().zip(&first) {
         assert!((a / local_norm - b).abs() <= 1e-4, "{a} / {local_norm} vs {b}");
     }
+    // llama-server's `embd_normalize`: -1 the pooled vector as it is, 0 scaled to the i16
+    // range; a number it does not define is a 400 naming it.
+    let normalized = |n: i64| -> Vec<f32> {
+        let body = json!({ "input": ["Hello there", "Good night"], "embd_normalize": n });
+        let v: Value = http.post(server.url("/v1/embeddings")).json(&body).send().unwrap().json().unwrap();
+        v["data"][0]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let unscaled = normalized(-1);
+    for (a, b) in unscaled.iter().zip(&local) {
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "unscaled: {a} vs {b}");
+    }
+    let max_abs = normalized(0).iter().fold(0.0_f32, |m, x| m.max(x.abs()));
+    assert!((max_abs - 32760.0).abs() < 0.05, "max absolute {max_abs}");
+    let r = http.post(server.url("/v1/embeddings")).json(&json!({ "input": "x", "embd_normalize": -2 })).send().unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().unwrap()["error"]["param"], "embd_normalize");
+    let vector = |v: &Value| -> Vec<f32> { v["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+    // llama-server's inputs: the text's token ids (BOS and all, as the text is tokenized), the
+    // text as OpenAI content parts, and as a prompt_string object each give the text's vector;
+    // a list mixing them is one input each. Its native routes (and `content` instead of
+    // `input`) answer the bare list of `[vector]`s.
+    let tokenized: Value =
+        http.post(server.url("/tokenize")).json(&json!({ "content": "Hello there", "add_special": true })).send().unwrap().json().unwrap();
+    let ids = tokenized["tokens"].clone();
+    let parts = json!({ "content": [{ "type": "text", "text": "Hello " }, { "type": "text", "text": "there" }] });
+    let inputs = json!([ "Hello there", ids, parts, { "prompt_string": "Hello there" }, "Good night" ]);
+    let mixed: Value = http.post(server.url("/v1/embeddings")).json(&json!({ "input": inputs })).send().unwrap().json().unwrap();
+    let mixed: Vec<Vec<f32>> = mixed["data"].as_array().unwrap().iter().map(&vector).collect();
+    assert_eq!(mixed.len(), 5);
+    for (i, v) in mixed[1..4].iter().enumerate() {
+        let cosine: f32 = v.iter().zip(&mixed[0]).map(|(a, b)| a * b).sum();
+        assert!(cosine > 0.999, "input {}: cosine {cosine} with the text's vector", i + 1);
+    }
+    let cosine: f32 = mixed[4].iter().zip(&mixed[0]).map(|(a, b)| a * b).sum();
+    assert!(cosine < 0.999, "another text gave the same vector (cosine {cosine})");
+    let one: Value = http.post(server.url("/v1/embeddings")).json(&json!({ "input": ids })).send().unwrap().json().unwrap();
+    assert_eq!(one["data"].as_array().unwrap().len(), 1, "token ids are one input: {one}");
+    for (route, body) in [
+        ("/embedding", json!({ "content": "Hello there" })),
+        ("/embeddings", json!({ "input": ["Hello there"] })),
+        ("/v1/embeddings", json!({ "content": "Hello there" })),
+    ] {
+        let native: Value = http.post(server.url(route)).json(&body).send().unwrap().json().unwrap();
+        let list = native.as_array().unwrap_or_else(|| panic!("{route}: {native}"));
+        assert_eq!((list.len(), &list[0]["index"]), (1, &json!(0)), "{route}: {native}");
+        let v: Vec<f32> = list[0]["embedding"][0].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let cosine: f32 = v.iter().zip(&mixed[0]).map(|(a, b)| a * b).sum();
+        assert!(cosine > 0.999, "{route}: cosine {cosine}");
+    }
+    for (body, param) in [
+        (json!({ "input": [] }), "input"),
+        (json!({ "input": [1, 999_999_999] }), "input"),
+        (json!({ "input": { "content": [{ "type": "image_url", "image_url": { "url": "data:," } }] } }), "input"),
+        (json!({ "input": { "content": "a string" } }), "input"),
+        (json!({ "input": "x", "content": "x" }), "content"),
+        (json!({ "content": "x", "encoding_format": "base64" }), "encoding_format"),
+    ] {
+        let r = http.post(server.url("/v1/embeddings")).json(&body).send().unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        assert_eq!(r.json::<Value>().unwrap()["error"]["param"], param, "{body}");
+    }
     // 32 texts in one request (decoded together) give the vectors 32 single requests give, up to
     // the rounding of a batched decode (this model's, amplified: see tests/embeddings.rs'
     // `tolerance`).
     let texts: Vec<String> = (0..32).map(|i| format!("Sentence number {i} is about {}.", ["cats", "rain", "ships", "bread"][i % 4])).collect();
     let many: Value = http.post(server.url("/v1/embeddings")).json(&json!({ "input": texts })).send().unwrap().json().unwrap();
-    let vector = |v: &Value| -> Vec<f32> { v["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
     for (i, text) in texts.iter().enumerate() {
         let one: Value = http.post(server.url("/v1/embeddings")).json(&json!({ "input": text })).send().unwrap().json().unwrap();
         let (batched, single) = (vector(&many["data"][i]), vector(&one["data"][0]));
@@ -1151,7 +1232,8 @@ fn requests_carry_ids_keep_streams_alive_and_stop_at_the_time_limit() {
 /// lists the adapter (at scale 0 with `--lora-init-without-apply`); requests at other `lora`
 /// scales sent together each get every token they get alone; `POST /lora-adapters` sets the
 /// scales of requests without `lora` (an empty `lora` is the server's too, an empty POST turns
-/// every adapter off); an adapter the model lacks is a 400 naming `lora`.
+/// every adapter off), embeddings' too; `generation_settings` echoes a request's scales; an
+/// adapter the model lacks is a 400 naming `lora`.
 #[test]
 fn lora_adapters_apply_per_request_and_as_the_server_sets_them() {
     let _one_at_a_time = common::one_at_a_time();
@@ -1162,7 +1244,9 @@ fn lora_adapters_apply_per_request_and_as_the_server_sets_them() {
     let server = Server::start(&["--model", model, "--lora", adapter, "--lora-init-without-apply", "--parallel", "4", "--ctx", "1024"]);
     let http = client();
     let listed = |http: &reqwest::blocking::Client| http.get(server.url("/lora-adapters")).send().unwrap().json::<Value>().unwrap();
-    assert_eq!(listed(&http), json!([{ "id": 0, "path": adapter, "scale": 0.0 }]));
+    // With the task name and prompt prefix its file declares (backend `crate` reads none).
+    let (task, prefix) = if Engine::backend_name() == "crate" { ("", "") } else { ("tiny-story", "Story: ") };
+    assert_eq!(listed(&http), json!([{ "id": 0, "path": adapter, "scale": 0.0, "task_name": task, "prompt_prefix": prefix }]));
 
     let complete = |lora: Option<Value>| {
         let mut body = json!({ "prompt": "Once upon a time", "n_predict": 48, "temperature": 0, "ignore_eos": true, "return_tokens": true });
@@ -1199,8 +1283,29 @@ fn lora_adapters_apply_per_request_and_as_the_server_sets_them() {
     assert_eq!(tokens(complete(None)), alone[1], "the server's scale after POST /lora-adapters");
     assert_eq!(tokens(complete(Some(json!([])))), alone[1], "an empty lora is the server's scales");
     assert_eq!(tokens(complete(at(0.0))), alone[0], "a request's own scale over the server's");
+    // Embeddings and rerank take the server's scales too (as llama-server's do), or their own.
+    let embed = |lora: Option<Value>| {
+        let mut body = json!({ "input": "Once upon a time", "embd_normalize": -1 });
+        if let Some(lora) = lora {
+            body["lora"] = lora;
+        }
+        let response = http.post(server.url("/v1/embeddings")).json(&body).send().unwrap();
+        assert_eq!(response.status(), 200);
+        response.json::<Value>().unwrap()["data"][0]["embedding"].clone()
+    };
+    let (embedded_off, embedded_on) = (embed(at(0.0)), embed(at(1.0)));
+    assert_ne!(embedded_off, embedded_on, "the adapter changed no embedding");
+    assert_eq!(embed(None), embedded_on, "embeddings take the server's scale");
+    // The native response echoes the request's own scales (none: an empty list).
+    let settings = |lora| complete(lora).json::<Value>().unwrap()["generation_settings"]["lora"].clone();
+    assert_eq!(settings(at(0.5)), json!([{ "id": 0, "scale": 0.5 }]));
+    assert_eq!(settings(None), json!([]));
     assert_eq!(set(json!([])).status(), 200);
     assert_eq!(tokens(complete(None)), alone[0], "an empty POST turns the adapter off");
+    assert_eq!(embed(None), embedded_off, "embeddings after the empty POST");
+    let response = http.post(server.url("/v1/embeddings")).json(&json!({ "input": "x", "lora": [{ "id": 1, "scale": 1.0 }] })).send().unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(response.json::<Value>().unwrap()["error"]["param"], "lora");
 
     for (response, what) in [(complete(Some(json!([{ "id": 1, "scale": 1.0 }]))), "a request"), (set(json!([{ "id": 1, "scale": 1.0 }])), "the POST")]
     {

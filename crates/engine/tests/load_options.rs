@@ -250,6 +250,49 @@ fn a_missing_or_foreign_adapter_is_a_lora_error_naming_its_file() {
     }
 }
 
+/// Embeddings apply the adapters at the scales the call gives ([`EmbedOptions::lora_scales`]),
+/// else at the engine's: at scale 0 the vector is the base model's.
+#[test]
+fn embeddings_apply_the_adapters_at_the_calls_scales() {
+    let base = load(Vec::new()).embed(PROMPT).unwrap();
+    let engine = load(vec![LoraConfig::new(adapter()).scale(0.0)]);
+    assert_eq!(engine.embed(PROMPT).unwrap(), base, "loaded at scale 0");
+    let at = |scale: f32| engine.embed_many_with(&[PROMPT], &EmbedOptions::default().lora_scales(vec![scale])).unwrap().remove(0);
+    assert_eq!(at(0.0), base);
+    let adapted = at(1.0);
+    assert_ne!(adapted, base, "the adapter at scale 1 left the embedding as it was");
+    assert_eq!(load(vec![LoraConfig::new(adapter())]).embed(PROMPT).unwrap(), adapted, "loaded at scale 1");
+}
+
+/// An adapter's file metadata is readable ([`Engine::lora_meta`]: llama-tiny-lora declares a
+/// task name and a prompt prefix), except on backend `crate`, which reads none. An activated
+/// LoRA (aLoRA, llama-tiny-alora: the same weights with invocation tokens) is refused naming
+/// its file where the backend can tell (not `crate`): applied to every token, it would answer
+/// otherwise than it was made for.
+#[test]
+fn adapter_metadata_is_read_and_an_activated_lora_is_refused() {
+    let engine = load(vec![LoraConfig::new(adapter())]);
+    let (task, prefix) = (engine.lora_meta(0, "adapter.lora.task_name"), engine.lora_meta(0, "adapter.lora.prompt_prefix"));
+    assert_eq!(engine.lora_meta(0, "adapter.no_such_key"), None);
+    assert_eq!(engine.lora_meta(1, "adapter.lora.task_name"), None, "no adapter 1");
+    let alora = synth("llama-tiny-alora.gguf");
+    let loaded = Engine::load(config(vec![LoraConfig::new(&alora)]));
+    if Engine::backend_name() == "crate" {
+        assert_eq!((task, prefix), (None, None));
+        loaded.unwrap();
+        return;
+    }
+    assert_eq!(task.as_deref(), Some("tiny-story"));
+    assert_eq!(prefix.as_deref(), Some("Story: "));
+    match loaded {
+        Err(e @ EngineError::Lora { .. }) => {
+            let message = e.to_string();
+            assert!(message.contains(&alora.display().to_string()) && message.contains("aLoRA"), "{message}");
+        }
+        other => panic!("an aLoRA loaded: {:?}", other.map(|_| ())),
+    }
+}
+
 /// Reading the file instead of mapping it gives the same model: the same greedy tokens. On
 /// Linux the mapping is seen in `/proc/self/maps` (of a copy of the model that no other test
 /// loads): there while a mapped model lives, never for a read one.

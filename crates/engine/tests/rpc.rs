@@ -166,14 +166,28 @@ fn bad_endpoints_and_refused_connections_are_errors() {
     // The process is still here and loads the model locally afterwards.
     Engine::load(config(Vec::new(), 0)).unwrap();
 
-    // The CLI says the same and exits 1.
-    let out = Command::new(env!("CARGO_BIN_EXE_exsa"))
-        .args(["--log", "error", "--rpc", &format!("127.0.0.1:{port}"), "generate", "hello", "--max-tokens", "2"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    // The CLI says the same and exits 1, whichever side of the command the option is on.
+    let exsa = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_exsa")).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let endpoint = format!("127.0.0.1:{port}");
+    for args in [
+        ["--log", "error", "--rpc", &endpoint, "generate", "hello", "--max-tokens", "2"],
+        ["--log", "error", "generate", "hello", "--max-tokens", "2", "--rpc", &endpoint],
+    ] {
+        let (code, stderr) = exsa(&args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(&endpoint), "{args:?}: {stderr}");
+    }
+    // On both sides, clap would keep one side's servers: refused (usage error, exit 2), as is
+    // --tensor-split so.
+    let (code, stderr) = exsa(&["--log", "error", "--rpc", &endpoint, "generate", "hello", "--rpc", "127.0.0.1:1"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--rpc") && stderr.contains("before the command or every one after it"), "{stderr}");
+    let (code, stderr) = exsa(&["--log", "error", "--tensor-split", "1,1", "generate", "hello", "--tensor-split", "2"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--tensor-split"), "{stderr}");
 }
 
 #[test]

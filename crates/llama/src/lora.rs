@@ -1,12 +1,13 @@
 //! LoRA adapters.
 
+use std::ffi::CString;
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::error::LoraError;
-use crate::model::Model;
-use crate::{backend, sys};
+use crate::model::{Model, read_c_string};
+use crate::{Token, backend, sys};
 
 /// A LoRA adapter loaded for a model, freed when the last clone of it is dropped and no context
 /// still applies it (a context keeps the adapters it applies alive).
@@ -51,6 +52,35 @@ impl<'m> LoraAdapter<'m> {
         guarded?;
         let raw = NonNull::new(raw).ok_or_else(|| LoraError::Load { path: path.to_path_buf(), messages })?;
         Ok(LoraAdapter { handle: Arc::new(Handle { raw, model }) })
+    }
+
+    /// One metadata value of the adapter's file as text (llama-server lists
+    /// `adapter.lora.task_name` and `adapter.lora.prompt_prefix`); None when the file has no
+    /// such key.
+    pub fn meta(&self, key: &str) -> Option<String> {
+        let key = CString::new(key).ok()?;
+        // SAFETY: a live adapter, whose metadata is read-only once loaded; the key is
+        // NUL-terminated; the buffer contract is snprintf's.
+        read_c_string(|buf, len| unsafe { sys::llama_adapter_meta_val_str(self.as_ptr(), key.as_ptr(), buf, len) })
+    }
+
+    /// An activated LoRA's (aLoRA's) invocation tokens: such an adapter is meant to apply only
+    /// from the last place these tokens occur in the prompt on (llama-server does so; llama.cpp
+    /// itself applies an adapter to every token of a decode). Empty for a plain adapter.
+    pub fn alora_invocation_tokens(&self) -> Vec<Token> {
+        // SAFETY: reads a field of a live adapter.
+        let n = unsafe { sys::llama_adapter_get_alora_n_invocation_tokens(self.as_ptr()) };
+        if n == 0 {
+            return Vec::new();
+        }
+        // SAFETY: as above; the adapter owns `n` tokens there, read-only once loaded, and alive
+        // while `self` is (copied out before it can go).
+        let tokens = unsafe { sys::llama_adapter_get_alora_invocation_tokens(self.as_ptr()) };
+        if tokens.is_null() {
+            return Vec::new();
+        }
+        // SAFETY: as above; `n` came from the same vector, whose size fits memory.
+        unsafe { std::slice::from_raw_parts(tokens, n as usize) }.iter().map(|&t| Token(t)).collect()
     }
 
     /// The raw handle; it stays owned by this adapter.

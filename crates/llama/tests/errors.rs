@@ -99,6 +99,16 @@ fn a_lora_adapter_changes_the_logits_of_its_own_model_only() {
     ctx.set_lora_adapters(&[]).unwrap();
     assert_eq!(logits(&mut ctx), base, "without the adapter the model is itself again");
 
+    // Its file's metadata, and no invocation tokens (a plain adapter); the activated LoRA's
+    // tokens as its file lists them.
+    assert_eq!(adapter.meta("adapter.lora.task_name").as_deref(), Some("tiny-story"));
+    assert_eq!(adapter.meta("adapter.lora.prompt_prefix").as_deref(), Some("Story: "));
+    assert_eq!(adapter.meta("adapter.no_such_key"), None);
+    assert_eq!(adapter.meta("bad\0key"), None);
+    assert!(adapter.alora_invocation_tokens().is_empty());
+    let alora = LoraAdapter::load(&tiny, synth_model("llama-tiny-alora.gguf")).unwrap();
+    assert_eq!(alora.alora_invocation_tokens(), [Token(106), Token(2364)]);
+
     // Another model's context, another architecture: each refused by name.
     let mut other = common::context();
     assert!(matches!(other.set_lora_adapters(&[(&adapter, 1.0)]), Err(LoraError::WrongModel)));

@@ -199,6 +199,11 @@ impl BackendModel for CrateModel {
         self.model.meta_val_str(key).ok()
     }
 
+    fn adapter_meta(&self, _adapter: usize, _key: &str) -> Option<String> {
+        // llama-cpp-2 keeps the adapter's handle to itself and reads no adapter metadata.
+        None
+    }
+
     fn named_template(&self, name: &str) -> Option<String> {
         self.model.chat_template(Some(name)).ok().and_then(|t| t.to_string().ok())
     }

@@ -128,6 +128,10 @@ impl Backend for RawBackend {
         for lora in &config.lora {
             let adapter = model.load_adapter(&lora.path)?;
             model.adapters.push(adapter);
+            // SAFETY: reads a field of the adapter just loaded (owned by `model` from here, so
+            // freed by its drop on the refusal).
+            let invocation_tokens = unsafe { sys::llama_adapter_get_alora_n_invocation_tokens(adapter.as_ptr()) };
+            super::refuse_alora(&lora.path, usize::try_from(invocation_tokens).unwrap_or(usize::MAX))?;
         }
         Ok(model)
     }
@@ -354,6 +358,14 @@ impl BackendModel for RawModel {
         let key = CString::new(key).ok()?;
         // SAFETY: snprintf contract on a live model; the key is NUL-terminated.
         snprintf(|b, l| unsafe { sys::llama_model_meta_val_str(self.raw.as_ptr(), key.as_ptr(), b, l) })
+    }
+
+    fn adapter_meta(&self, adapter: usize, key: &str) -> Option<String> {
+        let adapter = self.adapters.get(adapter)?;
+        let key = CString::new(key).ok()?;
+        // SAFETY: snprintf contract on a live adapter of this model (freed with it), whose
+        // metadata is read-only once loaded; the key is NUL-terminated.
+        snprintf(|b, l| unsafe { sys::llama_adapter_meta_val_str(adapter.as_ptr(), key.as_ptr(), b, l) })
     }
 
     fn named_template(&self, name: &str) -> Option<String> {

@@ -49,7 +49,9 @@ impl Backend for SourceBackend {
         let for_adapters: &'static Model = unsafe { &*Arc::as_ptr(&model) };
         let mut adapters = Vec::with_capacity(config.lora.len());
         for lora in &config.lora {
-            adapters.push(LoraAdapter::load(for_adapters, &lora.path).map_err(|e| EngineError::lora(&lora.path, e))?);
+            let adapter = LoraAdapter::load(for_adapters, &lora.path).map_err(|e| EngineError::lora(&lora.path, e))?;
+            super::refuse_alora(&lora.path, adapter.alora_invocation_tokens().len())?;
+            adapters.push(adapter);
         }
         Ok(SourceModel { adapters, scales, model })
     }
@@ -231,6 +233,10 @@ impl BackendModel for SourceModel {
 
     fn meta(&self, key: &str) -> Option<String> {
         self.model.meta(key)
+    }
+
+    fn adapter_meta(&self, adapter: usize, key: &str) -> Option<String> {
+        self.adapters.get(adapter)?.meta(key)
     }
 
     fn named_template(&self, name: &str) -> Option<String> {

@@ -55,7 +55,7 @@ struct Common {
     #[arg(long, global = true)]
     lora_init_without_apply: bool,
     /// Every `--lora` and `--lora-scaled`, in the command line's order, before and after the
-    /// command alike (see [`adapter_options`]).
+    /// command alike (see [`read_repeated_globals`]).
     #[arg(skip)]
     adapters: Vec<AdapterOption>,
     /// Read the model into memory instead of mapping its file.
@@ -357,15 +357,8 @@ struct BenchArgs {
 fn main() {
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    cli.common.adapters = adapter_options(&matches);
-    // clap keeps a global option's values from one side of the command only: an adapter given
-    // on the other side would be dropped without a word.
-    let given = adapter_occurrences(std::env::args_os().skip(1));
-    if given > cli.common.adapters.len() {
-        eprintln!(
-            "error: --lora/--lora-scaled: give every adapter before the command or every one after it ({given} given, {} read)",
-            cli.common.adapters.len()
-        );
+    if let Err(e) = read_repeated_globals(&matches, &mut cli.common) {
+        eprintln!("error: {e}");
         std::process::exit(2);
     }
     let (log, own) = (&cli.common.log, &cli.common.server_log);
@@ -427,37 +420,70 @@ enum AdapterOption {
     Scaled(String, String),
 }
 
-/// Every `--lora` and `--lora-scaled` in the command line's order: llama-server numbers the
-/// adapters so, and requests name them by that id. Read from every level of the matches, since
-/// clap keeps a global option's values given after the command in the command's matches only
-/// (and the ones before in the top level's); an occurrence seen at both levels (propagated) is
-/// counted once, by its position.
-fn adapter_options(matches: &ArgMatches) -> Vec<AdapterOption> {
-    let mut found: Vec<(usize, AdapterOption)> = Vec::new();
+/// Each occurrence of the global option `id`, with its position in the command line and its
+/// values, in the command line's order. Read from every level of the matches, since clap keeps
+/// a global option's values given after the command in the command's matches only (and the
+/// ones before in the top level's); an occurrence seen at both levels (propagated) is counted
+/// once, by its position.
+fn occurrences<T: Clone + Send + Sync + 'static>(matches: &ArgMatches, id: &str) -> Vec<(usize, Vec<T>)> {
+    let mut found = Vec::new();
     let mut level = Some(matches);
     while let Some(m) = level {
-        if let (Some(at), Some(paths)) = (m.indices_of("lora"), m.get_many::<PathBuf>("lora")) {
-            found.extend(at.zip(paths).map(|(at, path)| (at, AdapterOption::Plain(path.clone()))));
-        }
-        if let (Some(at), Some(values)) = (m.indices_of("lora_scaled"), m.get_many::<String>("lora_scaled")) {
-            // Two values per occurrence: the path's position stands for it.
-            let values: Vec<(usize, &String)> = at.zip(values).collect();
-            found.extend(values.chunks_exact(2).map(|pair| (pair[0].0, AdapterOption::Scaled(pair[0].1.clone(), pair[1].1.clone()))));
+        if let (Ok(Some(each)), Some(mut at)) = (m.try_get_occurrences::<T>(id), m.indices_of(id)) {
+            for values in each {
+                let values: Vec<T> = values.cloned().collect();
+                // One index per value (a delimited list's too): the first one stands for the
+                // occurrence.
+                let first = at.next();
+                at.by_ref().take(values.len().saturating_sub(1)).for_each(drop);
+                found.extend(first.map(|first| (first, values)));
+            }
         }
         level = m.subcommand().map(|(_, sub)| sub);
     }
     found.sort_by_key(|(at, _)| *at);
     found.dedup_by_key(|(at, _)| *at);
-    found.into_iter().map(|(_, option)| option).collect()
+    found
 }
 
-/// How many `--lora` and `--lora-scaled` options `args` hold (up to a `--`, after which nothing
-/// is an option).
-fn adapter_occurrences(args: impl Iterator<Item = std::ffi::OsString>) -> usize {
-    args.map(|a| a.to_string_lossy().into_owned())
-        .take_while(|a| a != "--")
-        .filter(|a| ["--lora", "--lora-scaled"].iter().any(|o| a == o || a.starts_with(&format!("{o}="))))
-        .count()
+/// Reads the repeatable global options (`--lora`, `--lora-scaled`, `--rpc`, `--tensor-split`)
+/// from both sides of the command, in the command line's order: adapter ids follow the order of
+/// `--lora` and `--lora-scaled` together, as llama-server numbers them (requests name adapters
+/// by id).
+///
+/// # Errors
+///
+/// An option given both before and after the command: clap keeps one side's values only, so
+/// the other side's would be dropped without a word.
+fn read_repeated_globals(matches: &ArgMatches, common: &mut Common) -> Result<(), String> {
+    let plain = occurrences::<PathBuf>(matches, "lora");
+    let scaled = occurrences::<String>(matches, "lora_scaled");
+    let rpc = occurrences::<String>(matches, "rpc");
+    let tensor_split = occurrences::<f32>(matches, "tensor_split");
+    let argv: Vec<String> = std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
+    for (flag, read) in [("--lora", plain.len()), ("--lora-scaled", scaled.len()), ("--rpc", rpc.len()), ("--tensor-split", tensor_split.len())] {
+        let given = count_option(&argv, flag);
+        if given > read {
+            return Err(format!("{flag}: give every one before the command or every one after it ({given} given, {read} read)"));
+        }
+    }
+    let mut adapters: Vec<(usize, AdapterOption)> =
+        plain.into_iter().filter_map(|(at, paths)| Some((at, AdapterOption::Plain(paths.into_iter().next()?)))).collect();
+    adapters.extend(scaled.into_iter().filter_map(|(at, v)| match <[String; 2]>::try_from(v) {
+        Ok([path, scale]) => Some((at, AdapterOption::Scaled(path, scale))),
+        Err(_) => None,
+    }));
+    adapters.sort_by_key(|(at, _)| *at);
+    common.adapters = adapters.into_iter().map(|(_, adapter)| adapter).collect();
+    common.rpc = rpc.into_iter().flat_map(|(_, v)| v).collect();
+    common.tensor_split = tensor_split.into_iter().flat_map(|(_, v)| v).collect();
+    Ok(())
+}
+
+/// How many times the option `flag` occurs in `args` (up to a `--`, after which nothing is an
+/// option).
+fn count_option(args: &[String], flag: &str) -> usize {
+    args.iter().take_while(|a| *a != "--").filter(|a| *a == flag || a.strip_prefix(flag).is_some_and(|rest| rest.starts_with('='))).count()
 }
 
 /// The engine configuration the common options describe, its adapters in the command line's

@@ -204,6 +204,14 @@ impl Engine {
         &self.config.lora
     }
 
+    /// A metadata value of the file of LoRA adapter `adapter` (an index of [`Engine::lora`]), as
+    /// text: llama-server lists `adapter.lora.task_name` and `adapter.lora.prompt_prefix`. None
+    /// for a key the file lacks, an index past the adapters, or on backend `crate` (which reads
+    /// no adapter metadata).
+    pub fn lora_meta(&self, adapter: usize, key: &str) -> Option<String> {
+        self.model.adapter_meta(adapter, key)
+    }
+
     /// Checks scales to apply the engine's LoRA adapters with: one per adapter, each finite.
     ///
     /// # Errors
@@ -289,20 +297,46 @@ impl Engine {
     /// [`EngineError::Tokenize`], [`EngineError::Session`] or [`EngineError::Decode`] when
     /// llama.cpp fails.
     pub fn embed_many(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EngineError> {
-        let base = &self.config.session;
+        self.embed_many_with(texts, &crate::EmbedOptions::default())
+    }
+
+    /// [`Engine::embed_many`] with `options` (e.g. other LoRA adapter scales).
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::embed_many`]; [`EngineError::InvalidRequest`] naming `lora_scales` for
+    /// scales that are not one finite number per adapter.
+    pub fn embed_many_with(&self, texts: &[&str], options: &crate::EmbedOptions) -> Result<Vec<Vec<f32>>, EngineError> {
         let mut tokenized = Vec::with_capacity(texts.len());
         for text in texts {
             let mut tokens = Vec::new();
             self.model.tokenize(text, true, false, &mut tokens)?;
+            tokenized.push(tokens);
+        }
+        self.embed_tokens(&tokenized, options)
+    }
+
+    /// [`Engine::embed_many_with`] of texts already tokenized (as [`Engine::tokenize`] gives
+    /// them, or token ids from elsewhere): each list's embedding.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::embed_many_with`]; [`EngineError::InvalidRequest`] naming `tokens` for an
+    /// id that is not a token of this model.
+    pub fn embed_tokens(&self, inputs: &[Vec<Token>], options: &crate::EmbedOptions) -> Result<Vec<Vec<f32>>, EngineError> {
+        let (n_batch, n_vocab) = (self.config.session.n_batch, self.model.n_vocab());
+        for tokens in inputs {
             if tokens.is_empty() {
                 return Err(EngineError::EmptyPrompt);
             }
-            if tokens.len() > base.n_batch as usize {
-                return Err(EngineError::EmbedTooLong { tokens: tokens.len(), n_batch: base.n_batch });
+            if tokens.len() > n_batch as usize {
+                return Err(EngineError::EmbedTooLong { tokens: tokens.len(), n_batch });
             }
-            tokenized.push(tokens);
+            if let Some(bad) = tokens.iter().find(|t| !t.in_vocab(n_vocab)) {
+                return Err(EngineError::InvalidRequest { field: "tokens", value: bad.to_string(), reason: "is not a token of this model" });
+            }
         }
-        self.embed_tokens(&tokenized)
+        self.pool(inputs, options)
     }
 
     /// A reranker's relevance score of each document for `query` (a model whose pooling is
@@ -319,6 +353,15 @@ impl Engine {
     /// [`Engine::embed_many`] otherwise (a pair longer than a batch: [`EngineError::EmbedTooLong`]);
     /// [`EngineError::Unsupported`] on backend `crate`.
     pub fn rerank(&self, query: &str, documents: &[&str]) -> Result<Vec<crate::RerankScore>, EngineError> {
+        self.rerank_with(query, documents, &crate::EmbedOptions::default())
+    }
+
+    /// [`Engine::rerank`] with `options` (e.g. other LoRA adapter scales).
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::rerank`] and [`Engine::embed_many_with`].
+    pub fn rerank_with(&self, query: &str, documents: &[&str], options: &crate::EmbedOptions) -> Result<Vec<crate::RerankScore>, EngineError> {
         if self.pooling() != crate::Pooling::Rank {
             return Err(EngineError::InvalidRequest {
                 field: "model",
@@ -326,7 +369,6 @@ impl Engine {
                 reason: "is not a reranker (its pooling is not rank; a reranker's GGUF says so, or --pooling rank)",
             });
         }
-        let n_batch = self.config.session.n_batch as usize;
         let template = self.model.named_template("rerank");
         let pair = self.model.pair_tokens();
         let mut prompts = Vec::with_capacity(documents.len());
@@ -350,15 +392,9 @@ impl Engine {
                     tokens.extend(pair.eos);
                 }
             }
-            if tokens.is_empty() {
-                return Err(EngineError::EmptyPrompt);
-            }
-            if tokens.len() > n_batch {
-                return Err(EngineError::EmbedTooLong { tokens: tokens.len(), n_batch: n_batch as u32 });
-            }
             prompts.push(tokens);
         }
-        let scores = self.embed_tokens(&prompts)?;
+        let scores = self.embed_tokens(&prompts, options)?;
         Ok(scores
             .into_iter()
             .zip(&prompts)
@@ -366,9 +402,13 @@ impl Engine {
             .collect())
     }
 
-    /// [`Engine::embed_many`] of texts already tokenized (each non-empty, within one batch).
-    pub(crate) fn embed_tokens(&self, texts: &[Vec<Token>]) -> Result<Vec<Vec<f32>>, EngineError> {
+    /// [`Engine::embed_tokens`] of checked token lists (each non-empty, within one batch, of
+    /// this vocabulary).
+    fn pool(&self, texts: &[Vec<Token>], options: &crate::EmbedOptions) -> Result<Vec<Vec<f32>>, EngineError> {
         let base = &self.config.session;
+        if let Some(scales) = &options.lora_scales {
+            self.check_adapter_scales(scales)?;
+        }
         // Sequences per decode: as many as there are texts, up to a bound, and a divisor of the
         // batch: llama.cpp aborts creating a mean- or rank-pooled context whose micro-batch
         // (one batch here) is not a multiple of its sequences (`llama::ContextParams`' check).
@@ -382,6 +422,7 @@ impl Engine {
             n_ctx: base.n_batch.saturating_add(1),
             n_seq_max,
             pooling: Some(self.pooling()),
+            lora_scales: options.lora_scales.clone().or_else(|| base.lora_scales.clone()),
             ..base.clone()
         };
         config.validate()?;

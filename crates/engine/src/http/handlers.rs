@@ -18,7 +18,7 @@ use super::error::ApiError;
 use super::log;
 use super::models::Loaded;
 use super::native::{NativeFields, Shape};
-use super::openai::{ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, Kind, Meta, ModelEntry, Sampling, TokenizeRequest};
+use super::openai::{ChatRequest, CompletionRequest, DetokenizeRequest, Kind, Meta, ModelEntry, Sampling, TokenizeRequest};
 use super::responses::ResponsesRequest;
 use super::stream::Answer;
 use crate::config::GenerateRequest;
@@ -86,8 +86,11 @@ async fn answer_chat(state: Arc<AppState>, chat: ChatRequest, kind: Kind) -> Res
 }
 
 pub(super) async fn completions(State(state): State<Arc<AppState>>, Body(body): Body<CompletionRequest>) -> Response {
-    let request = body.to_request(&state.config);
-    let answering = Answering::new(Kind::Completion, &body.sampling, &state.config);
+    let mut answering = Answering::new(Kind::Completion, &body.sampling, &state.config);
+    let request = body.to_request(&state.config).map(|(request, extra_prompts)| {
+        answering.extra_prompts = extra_prompts;
+        request
+    });
     generate(state, body.sampling.model.as_deref(), request, answering).await
 }
 
@@ -103,7 +106,7 @@ pub(super) struct Answering {
     pub(super) verbose: bool,
     /// Every streamed chunk carries the timings so far.
     pub(super) timings_per_token: bool,
-    /// A native request's prompts after the first: a choice each (llama-server's array response).
+    /// A request's prompts after the first (a list of prompts): a choice each.
     pub(super) extra_prompts: Vec<crate::config::Prompt>,
     /// Choices (`n`): that many completions of the prompt, each with its own seed (the request's,
     /// then the next ones), decoded side by side.
@@ -313,74 +316,6 @@ fn prepare(model: &Loaded, request: &mut GenerateRequest, context: Option<usize>
     }
     prepared.limit_max_tokens(n_ctx - prompt_tokens);
     Ok(prepared)
-}
-
-/// Each text's embedding as the model pools it (decoded together), and its token count: the
-/// one embedding path of both API surfaces. A reranker's model (rank pooling) gives scores, not
-/// embeddings: refused.
-pub(super) async fn embed_texts(
-    state: &AppState,
-    model: Option<&str>,
-    texts: Vec<String>,
-) -> Result<(Arc<Loaded>, Vec<(Vec<f32>, usize)>), ApiError> {
-    let model = state.models.get(model).await?;
-    if model.engine.pooling() == crate::Pooling::Rank {
-        return Err(ApiError::invalid("model", format!("{} is a reranker (rank pooling): it scores pairs at /v1/rerank", model.id)));
-    }
-    let engine = Arc::clone(&model.engine);
-    let computed = model
-        .pooled
-        .run("input", move || {
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let vectors = engine.embed_many(&refs)?;
-            let counts =
-                texts.iter().map(|t| engine.tokenize(t, crate::TokenizeOptions::default()).map(|t| t.len())).collect::<Result<Vec<_>, _>>()?;
-            Ok(vectors.into_iter().zip(counts).collect::<Vec<_>>())
-        })
-        .await?;
-    Ok((model, computed))
-}
-
-/// OpenAI's `POST /v1/embeddings`: L2-normalised vectors, as OpenAI's are.
-pub(super) async fn embeddings(State(state): State<Arc<AppState>>, Body(body): Body<EmbeddingRequest>) -> Response {
-    let result = async {
-        let base64 = match body.encoding_format.as_deref() {
-            None | Some("float") => false,
-            Some("base64") => true,
-            Some(other) => return Err(ApiError::invalid("encoding_format", format!("{other:?} is not float or base64"))),
-        };
-        if body.dimensions.is_some() {
-            return Err(ApiError::invalid("dimensions", "embeddings are not shortened here (the model's width is returned); leave it out"));
-        }
-        if let Some(name) = body.other.keys().find(|k| *k != "user") {
-            return Err(ApiError::invalid(
-                name.clone(),
-                format!("{name} is not a field of embedding requests here; it would be ignored, so it is refused"),
-            ));
-        }
-        let texts = body.input.texts(64)?;
-        let (model, computed) = embed_texts(&state, body.model.as_deref(), texts).await?;
-        let tokens: usize = computed.iter().map(|(_, n)| n).sum();
-        let data: Vec<serde_json::Value> = computed
-            .into_iter()
-            .enumerate()
-            .map(|(index, (mut v, _))| {
-                crate::l2_normalize(&mut v);
-                let embedding =
-                    if base64 { json!(super::openai::base64(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())) } else { json!(v) };
-                json!({ "object": "embedding", "index": index, "embedding": embedding })
-            })
-            .collect();
-        Ok((json!({ "object": "list", "data": data, "model": model.id, "usage": { "prompt_tokens": tokens, "total_tokens": tokens } }), tokens))
-    }
-    .await;
-    match result {
-        Ok((v, prompt_tokens)) => {
-            state.metrics.count_ok(&crate::outcome::GenerationStats { prompt_tokens, ..Default::default() });
-            Json(v).into_response()
-        }
-        Err(e) => log::refused(&state, e),
-    }
 }
 
 /// llama-server's `/apply-template`: a chat request rendered to its prompt, without generating.

@@ -22,8 +22,8 @@ pub(super) struct ModelQuery {
     model: Option<String>,
 }
 
-/// `GET /lora-adapters`: each adapter by id, with its file and the scale requests without
-/// `lora` get.
+/// `GET /lora-adapters`: each adapter by id, with its file, the scale requests without `lora`
+/// get, and the task name and prompt prefix its file declares (empty when it declares none).
 pub(super) async fn list(State(state): State<Arc<AppState>>, Query(query): Query<ModelQuery>) -> Response {
     let model = match state.models.get(query.model.as_deref()).await {
         Ok(model) => model,
@@ -36,7 +36,16 @@ pub(super) async fn list(State(state): State<Arc<AppState>>, Query(query): Query
         .iter()
         .zip(scales)
         .enumerate()
-        .map(|(id, (adapter, scale))| json!({ "id": id, "path": adapter.path.display().to_string(), "scale": scale }))
+        .map(|(id, (adapter, scale))| {
+            let meta = |key: &str| model.engine.lora_meta(id, key).unwrap_or_default();
+            json!({
+                "id": id,
+                "path": adapter.path.display().to_string(),
+                "scale": scale,
+                "task_name": meta("adapter.lora.task_name"),
+                "prompt_prefix": meta("adapter.lora.prompt_prefix"),
+            })
+        })
         .collect();
     Json(adapters).into_response()
 }

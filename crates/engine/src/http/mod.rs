@@ -7,7 +7,7 @@
 //! decode step; SIGTERM or Ctrl-C stops accepting and lets every accepted request finish.
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (streaming as SSE or not),
-//! `POST /v1/embeddings`, `GET /v1/models`, `POST /tokenize`, `POST /detokenize`, `GET /health`
+//! `POST /v1/embeddings` (llama-server's native `/embedding` and `/embeddings` too), `GET /v1/models`, `POST /tokenize`, `POST /detokenize`, `GET /health`
 //! (open without the API key; 503 while the model loads), `GET /metrics` (Prometheus),
 //! `GET`/`POST /lora-adapters` (the adapters' scales).
 //! Several models: see [`ModelSource`] and [`ModelPolicy`].
@@ -15,6 +15,7 @@
 mod anthropic;
 mod auth;
 mod cors;
+mod embeddings;
 mod error;
 pub mod fields;
 mod handlers;

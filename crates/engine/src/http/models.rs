@@ -111,6 +111,17 @@ impl Loaded {
         all.resize(n, 0.0);
         Ok(all)
     }
+
+    /// What an embedding or rerank call runs with: the `lora` field's scales
+    /// ([`Loaded::adapter_scales`]), else the ones requests get now (`POST /lora-adapters`),
+    /// as llama-server's embeddings take them.
+    pub fn embed_options(&self, listed: Option<&[f32]>) -> Result<crate::EmbedOptions, ApiError> {
+        let scales = match listed {
+            Some(listed) => self.adapter_scales(listed)?,
+            None => self.core.adapter_scales(),
+        };
+        Ok(crate::EmbedOptions::default().lora_scales(scales))
+    }
 }
 
 struct Entry {

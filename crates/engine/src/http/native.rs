@@ -16,7 +16,7 @@ use super::error::ApiError;
 use super::handlers::{Answering, Body, generate};
 use super::log;
 use super::models::Loaded;
-use super::openai::{Kind, Sampling, timings};
+use super::openai::{Kind, Sampling, prompts, timings};
 use crate::config::{GenerateOptions, GenerateRequest, Prompt};
 use crate::outcome::{Completion, FinishReason};
 use crate::token::TokenLogprobs;
@@ -142,7 +142,7 @@ impl NativeRequest {
                 if self.prompt.is_null() {
                     return Err(ApiError::invalid("prompt", "is required"));
                 }
-                prompts(&self.prompt, model)?
+                prompts(&self.prompt, "prompt", |p| prompt_tokens(p, model, "prompt"))?
             }
             true => vec![self.infill_tokens(model, state.config.max_tokens)?],
         }
@@ -173,6 +173,9 @@ impl Shape {
             "ignore_eos": options.ignore_eos, "stream": stream, "n_probs": options.logprobs.unwrap_or(0),
             "grammar": s.grammar.clone().unwrap_or_default(),
             "logit_bias": s.logit_bias.iter().map(|&(token, bias)| json!({ "token": token, "bias": bias })).collect::<Vec<_>>(),
+            // The request's own adapter scales (every adapter, the unlisted ones at 0); empty
+            // when it set none and got the server's, as llama-server echoes them.
+            "lora": options.lora_scales.iter().flatten().enumerate().map(|(id, scale)| json!({ "id": id, "scale": scale })).collect::<Vec<_>>(),
         });
         Ok(Shape {
             fields,
@@ -266,39 +269,25 @@ impl NativeRequest {
     }
 }
 
-/// The prompts of a request: one (text, token ids, or a list mixing both), or a list of such.
-fn prompts(prompt: &Value, model: &Loaded) -> Result<Vec<Vec<Token>>, ApiError> {
-    match prompt {
-        // A list without a token id at its top is a list of prompts.
-        Value::Array(items) if !items.iter().any(Value::is_number) => {
-            if items.is_empty() {
-                return Err(ApiError::invalid("prompt", "the list is empty"));
-            }
-            items.iter().map(|p| prompt_tokens(p, model)).collect()
-        }
-        one => Ok(vec![prompt_tokens(one, model)?]),
-    }
-}
-
-/// One prompt's tokens: text is tokenized with control tokens parsed and BOS added (as
-/// llama-server does); in a list, BOS only when it starts with text.
-fn prompt_tokens(prompt: &Value, model: &Loaded) -> Result<Vec<Token>, ApiError> {
-    let bad = |reason: &str| ApiError::invalid("prompt", reason);
+/// One prompt's tokens (of the request's `field`): text is tokenized with control tokens
+/// parsed and BOS added (as llama-server does); in a list, BOS only when it starts with text.
+pub(super) fn prompt_tokens(prompt: &Value, model: &Loaded, field: &'static str) -> Result<Vec<Token>, ApiError> {
+    let bad = |reason: &str| ApiError::invalid(field, reason);
     let text =
         |t: &str, first: bool| model.engine.tokenize(t, TokenizeOptions { add_special: first, specials: SpecialText::Parse }).map_err(ApiError::from);
     match prompt {
         Value::String(t) => text(t, true),
         Value::Object(o) => {
             if o.get("multimodal_data").is_some_and(|m| !m.is_null()) {
-                return Err(ApiError::invalid("prompt", "multimodal_data: this server takes text only"));
+                return Err(ApiError::invalid(field, "multimodal_data: this server takes text only"));
             }
             match o.get("prompt_string") {
-                Some(inner @ (Value::String(_) | Value::Array(_))) => prompt_tokens(inner, model),
+                Some(inner @ (Value::String(_) | Value::Array(_))) => prompt_tokens(inner, model, field),
                 _ => Err(bad("an object prompt needs prompt_string")),
             }
         }
         // Token ids, perhaps mixed with text.
-        Value::Array(items) => mixed_tokens(items, model, "prompt", |t, i| text(t, i == 0)),
+        Value::Array(items) => mixed_tokens(items, model, field, |t, i| text(t, i == 0)),
         _ => Err(bad("must be text, token ids, a list mixing both, or a list of those")),
     }
 }

@@ -483,7 +483,8 @@ pub(super) async fn generate(State(state): State<Arc<AppState>>, bytes: Bytes) -
             }
             fields.insert("prompt".into(), json!(prompt));
             let request: CompletionRequest = serde_json::from_value(Value::Object(fields)).map_err(|e| ApiError::invalid("body", e.to_string()))?;
-            request.to_request(&state.config)
+            // One text: one prompt.
+            request.to_request(&state.config).map(|(request, _)| request)
         } else {
             let mut messages = Vec::new();
             if let Some(system) = body.system {
@@ -839,8 +840,8 @@ pub(super) async fn embed(State(state): State<Arc<AppState>>, bytes: Bytes) -> R
         }
         let keep = keep_alive(body.keep_alive.as_ref())?;
         let id = resolve(&state, &body.model)?;
-        let texts = body.input.texts(64)?;
-        let (_, computed) = super::handlers::embed_texts(&state, Some(&id), texts).await?;
+        let texts = body.input.texts(super::embeddings::MAX_INPUTS)?;
+        let (_, computed) = super::embeddings::embed_inputs(&state, Some(&id), super::embeddings::EmbedInput::Texts(texts), None).await?;
         state.models.keep(&id, keep);
         let tokens: usize = computed.iter().map(|(_, n)| n).sum();
         let embeddings: Vec<Vec<f32>> = computed
@@ -881,7 +882,8 @@ pub(super) async fn embeddings(State(state): State<Arc<AppState>>, bytes: Bytes)
         }
         let keep = keep_alive(body.keep_alive.as_ref())?;
         let id = resolve(&state, &body.model)?;
-        let (_, mut computed) = super::handlers::embed_texts(&state, Some(&id), vec![body.prompt]).await?;
+        let (_, mut computed) =
+            super::embeddings::embed_inputs(&state, Some(&id), super::embeddings::EmbedInput::Texts(vec![body.prompt]), None).await?;
         state.models.keep(&id, keep);
         let (embedding, tokens) = computed.pop().unwrap_or_default();
         state.metrics.count_ok(&GenerationStats { prompt_tokens: tokens, ..Default::default() });

@@ -238,7 +238,8 @@ pub struct ChatRequest {
 
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
-    pub prompt: Prompt,
+    /// A text, token ids, or a list of either (a choice each, as OpenAI answers them).
+    pub prompt: Value,
     #[serde(flatten)]
     pub sampling: Sampling,
     /// Every field not named above: see [`fields::check`].
@@ -246,7 +247,7 @@ pub struct CompletionRequest {
     pub other: Map<String, Value>,
 }
 
-/// `prompt`: one string (a list of one is accepted too).
+/// Ollama's embedding `input`: one text or a list of texts.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Prompt {
@@ -255,21 +256,48 @@ pub enum Prompt {
 }
 
 impl CompletionRequest {
-    /// The engine request: the prompt as text, and the options.
-    pub fn to_request(&self, server: &ServerConfig) -> Result<GenerateRequest, ApiError> {
+    /// The engine request for the first prompt (text, control-token text left as text), and
+    /// the other prompts of a list (a choice each).
+    pub fn to_request(&self, server: &ServerConfig) -> Result<(GenerateRequest, Vec<EnginePrompt>), ApiError> {
         super::fields::check(&self.other, super::fields::Endpoint::Completions)?;
         let options = self.sampling.to_options(server)?;
-        Ok(GenerateRequest { prompt: EnginePrompt::text(self.prompt.text()?), options })
+        let mut listed = prompts(&self.prompt, "prompt", completion_prompt)?.into_iter();
+        let first = listed.next().ok_or_else(|| ApiError::invalid("prompt", "the list is empty"))?;
+        Ok((GenerateRequest { prompt: first, options }, listed.collect()))
     }
 }
 
-impl Prompt {
-    fn text(&self) -> Result<String, ApiError> {
-        match self {
-            Prompt::One(p) => Ok(p.clone()),
-            Prompt::Many(v) if v.len() == 1 => Ok(v[0].clone()),
-            Prompt::Many(_) => Err(ApiError::invalid("prompt", "a list of prompts is not supported; send one per request")),
+/// The prompts of a request's `field`, each read by `one`: one prompt (text, token ids, or a
+/// list mixing both), or a list of such, as llama-server tells them apart.
+pub(super) fn prompts<T>(prompt: &Value, field: &'static str, one: impl Fn(&Value) -> Result<T, ApiError>) -> Result<Vec<T>, ApiError> {
+    match prompt {
+        // A list without a token id at its top is a list of prompts.
+        Value::Array(items) if !items.iter().any(Value::is_number) => {
+            if items.is_empty() {
+                return Err(ApiError::invalid(field, "the list is empty"));
+            }
+            items.iter().map(one).collect()
         }
+        single => Ok(vec![one(single)?]),
+    }
+}
+
+/// One prompt of OpenAI's `prompt`: a text, or token ids (checked against the vocabulary when
+/// the model is known). Text and ids mixed in one prompt is llama-server's `/completion`'s.
+fn completion_prompt(prompt: &Value) -> Result<EnginePrompt, ApiError> {
+    match prompt {
+        Value::String(text) => Ok(EnginePrompt::text(text.clone())),
+        Value::Array(ids) if !ids.is_empty() && ids.iter().all(Value::is_number) => ids
+            .iter()
+            .map(|id| {
+                id.as_i64()
+                    .and_then(|t| i32::try_from(t).ok())
+                    .map(Token)
+                    .ok_or_else(|| ApiError::invalid("prompt", format!("{id} is not a token id")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(EnginePrompt::Tokens),
+        _ => Err(ApiError::invalid("prompt", "must be a text, token ids, or a list of either (text and ids mixed in one prompt: /completion)")),
     }
 }
 
@@ -821,20 +849,6 @@ pub struct ModelEntry {
     /// llama-server's: the other names requests may use, and the model's labels.
     pub aliases: Vec<String>,
     pub tags: Vec<String>,
-}
-
-/// `POST /v1/embeddings`.
-#[derive(Debug, Deserialize)]
-pub struct EmbeddingRequest {
-    pub input: Prompt,
-    pub model: Option<String>,
-    /// "float" (default) or "base64" (little-endian f32 bytes).
-    pub encoding_format: Option<String>,
-    /// OpenAI's shortened embeddings: refused (this server returns the model's width).
-    pub dimensions: Option<u32>,
-    /// Any other field: `user` is accepted (a label); the rest is refused by name.
-    #[serde(flatten)]
-    pub other: Map<String, Value>,
 }
 
 impl Prompt {

@@ -41,6 +41,8 @@ pub(super) struct RerankRequest {
     return_text: bool,
     raw_scores: Option<bool>,
     truncate: Option<bool>,
+    /// llama-server's `lora`: adapter scales for this request; unset or empty, the server's.
+    lora: Option<Vec<super::openai::LoraField>>,
     #[serde(flatten)]
     other: Map<String, Value>,
 }
@@ -61,13 +63,15 @@ pub(super) async fn rerank(State(state): State<Arc<AppState>>, Body(body): Body<
 
 async fn answer(state: &AppState, body: RerankRequest) -> Result<Value, ApiError> {
     let (shape, documents) = documents(&body)?;
+    let lora = super::openai::lora_scales(body.lora.as_deref().unwrap_or_default())?;
     let model = state.models.get(body.model.as_deref()).await?;
+    let options = model.embed_options(lora.as_deref())?;
     let (engine, query, texts) = (Arc::clone(&model.engine), body.query.clone(), documents.clone());
     let scored = model
         .pooled
         .run(if shape == Shape::Tei { "texts" } else { "documents" }, move || {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            engine.rerank(&query, &refs)
+            engine.rerank_with(&query, &refs, &options)
         })
         .await?;
     let tokens: usize = scored.iter().map(|s| s.tokens).sum();

@@ -8,7 +8,7 @@ use axum::middleware;
 use axum::routing::{get, post};
 
 use super::AppState;
-use super::{auth, handlers, lora, metrics, native, ollama, props, rerank, slots, tracking};
+use super::{auth, embeddings, handlers, lora, metrics, native, ollama, props, rerank, slots, tracking};
 
 /// The routes, behind `cors` where the server allows browser origins (outermost, so that a
 /// preflight, which carries no key, is answered for every route).
@@ -31,8 +31,9 @@ pub fn router(state: Arc<AppState>, cors: Option<tower_http::cors::CorsLayer>) -
         .route("/responses", post(handlers::responses))
         .route("/v1/models", get(handlers::models))
         .route("/models", get(handlers::models))
-        .route("/v1/embeddings", post(handlers::embeddings))
-        .route("/embeddings", post(handlers::embeddings))
+        .route("/v1/embeddings", post(embeddings::openai))
+        .route("/embeddings", post(embeddings::native))
+        .route("/embedding", post(embeddings::native))
         .route("/v1/rerank", post(rerank::rerank))
         .route("/rerank", post(rerank::rerank))
         .route("/apply-template", post(handlers::apply_template))

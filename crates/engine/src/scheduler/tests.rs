@@ -123,6 +123,9 @@ impl BackendModel for FakeModel {
     fn meta(&self, _: &str) -> Option<String> {
         None
     }
+    fn adapter_meta(&self, _: usize, _: &str) -> Option<String> {
+        None
+    }
 
     fn named_template(&self, _: &str) -> Option<String> {
         None
