@@ -79,7 +79,7 @@ pub enum EngineError {
     },
     /// A text to embed (or a reranking pair) is longer than one batch, over which its pooling
     /// runs.
-    #[error("the text to embed is {tokens} tokens, more than one batch ({n_batch}) pools; raise n_batch or split the text")]
+    #[error("the text to embed is too large: {tokens} tokens, more than one batch ({n_batch}) pools; raise n_batch or split the text")]
     EmbedTooLong {
         /// The text's length in tokens.
         tokens: usize,
