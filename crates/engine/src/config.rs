@@ -474,6 +474,10 @@ pub enum Pooling {
     /// A reranker's relevance score: its classification head over the sequence (one number per
     /// label, usually one).
     Rank,
+    /// None: a vector per token ([`crate::Engine::token_embeddings`]; llama-server's
+    /// `--pooling none`). [`crate::Engine::embed`] and its kin, which give one vector per text,
+    /// refuse it.
+    None,
 }
 
 impl Pooling {
@@ -498,8 +502,8 @@ impl std::str::FromStr for Pooling {
             "cls" => Ok(Pooling::Cls),
             "last" => Ok(Pooling::Last),
             "rank" => Ok(Pooling::Rank),
-            "none" => Err("pooling none gives a vector per token, not per text: choose mean, cls, last or rank".into()),
-            other => Err(format!("{other:?} is not a pooling (mean, cls, last, rank)")),
+            "none" => Ok(Pooling::None),
+            other => Err(format!("{other:?} is not a pooling (mean, cls, last, rank, none)")),
         }
     }
 }

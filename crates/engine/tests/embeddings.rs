@@ -205,3 +205,30 @@ fn token_lists_embed_as_their_texts_and_bad_ones_are_typed_errors() {
         other => panic!("scales of an adapter the engine lacks: {other:?}"),
     }
 }
+
+/// [`Engine::token_embeddings`] gives a vector per token, whatever the engine pools: on an
+/// encoder their mean is the mean-pooled embedding. An engine that pools none refuses the
+/// calls that give one vector per text.
+#[test]
+fn token_embeddings_give_a_vector_per_token_whose_mean_is_the_mean_pooled_one() {
+    let dir = PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("EXSA_SYNTH_MODELS is set by .cargo/config.toml"));
+    let mean = engine(dir.join("bert-tiny.gguf"), Some(Pooling::Mean));
+    let texts = ["a cat on a mat", "rain over the sea tonight"];
+    let tokens: Vec<Vec<Token>> = texts.iter().map(|t| mean.tokenize(t, TokenizeOptions::default()).unwrap()).collect();
+    let rows = mean.token_embeddings(&tokens, &EmbedOptions::default()).unwrap();
+    let pooled = mean.embed_tokens(&tokens, &EmbedOptions::default()).unwrap();
+    for ((rows, tokens), pooled) in rows.iter().zip(&tokens).zip(&pooled) {
+        assert_eq!(rows.len(), tokens.len(), "a vector per token");
+        let average: Vec<f32> = (0..pooled.len()).map(|i| rows.iter().map(|r| r[i]).sum::<f32>() / rows.len() as f32).collect();
+        for (a, b) in average.iter().zip(pooled) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "mean of the token vectors {a}, mean-pooled {b}");
+        }
+    }
+    assert_ne!(rows[0][0], rows[0][1], "different tokens, different vectors");
+    let none = engine(dir.join("bert-tiny.gguf"), Some(Pooling::None));
+    assert_eq!(none.token_embeddings(&tokens, &EmbedOptions::default()).unwrap(), rows);
+    match none.embed(texts[0]) {
+        Err(EngineError::InvalidRequest { field: "pooling", .. }) => {}
+        other => panic!("one vector per text from an engine that pools none: {other:?}"),
+    }
+}

@@ -194,6 +194,35 @@ fn eight_concurrent_requests_each_give_what_they_give_alone() {
     }
 }
 
+/// `--pooling none` (llama-server's): the native `/embeddings` gives a vector per token of each
+/// input, as llama.cpp gives them (not normalised); OpenAI's and Ollama's embeddings, one vector
+/// per text, are a 400 naming the model.
+#[test]
+fn a_model_that_pools_none_gives_a_vector_per_token_at_the_native_route_only() {
+    let _one_at_a_time = common::one_at_a_time();
+    let server = Server::start(&["--parallel", "1", "--pooling", "none"]);
+    let http = client();
+    let tokenized: Value =
+        http.post(server.url("/tokenize")).json(&json!({ "content": "hello hello hello", "add_special": true })).send().unwrap().json().unwrap();
+    let n_tokens = tokenized["tokens"].as_array().unwrap().len();
+    let native: Value = http.post(server.url("/embeddings")).json(&json!({ "input": ["hello hello hello", "hi"] })).send().unwrap().json().unwrap();
+    let rows = native[0]["embedding"].as_array().unwrap_or_else(|| panic!("{native}"));
+    assert_eq!(rows.len(), n_tokens, "a vector per token: {native}");
+    assert_eq!(native[1]["index"], 1);
+    for row in rows {
+        let row: Vec<f32> = row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        assert_eq!(row.len(), 640);
+        assert!((norm(&row) - 1.0).abs() > 1e-3, "a token's vector is given as it is, not normalised");
+    }
+    for (route, body) in [("/v1/embeddings", json!({ "input": "hi" })), ("/api/embed", json!({ "model": "gemma-3-270m-q4_k_m", "input": "hi" }))] {
+        let r = http.post(server.url(route)).json(&body).send().unwrap();
+        let status = r.status();
+        let body: Value = r.json().unwrap();
+        assert_eq!(status, 400, "{route}: {body}");
+        assert!(body.to_string().contains("pools nothing"), "{route}: {body}");
+    }
+}
+
 #[test]
 fn embeddings_tokenize_detokenize_and_latency_metrics() {
     let _one_at_a_time = common::one_at_a_time();

@@ -255,6 +255,7 @@ impl BackendModel for CrateModel {
                 Some(crate::Pooling::Mean) => LlamaPoolingType::Mean,
                 Some(crate::Pooling::Cls) => LlamaPoolingType::Cls,
                 Some(crate::Pooling::Last) => LlamaPoolingType::Last,
+                Some(crate::Pooling::None) => LlamaPoolingType::None,
                 // The crate reads every pooled row as n_embd floats; a rank-pooled row is
                 // n_cls_out long, so reading it would run past its end.
                 Some(crate::Pooling::Rank) => return Err(EngineError::Unsupported { what: "rank pooling (reranking)", backend: "crate" }),
@@ -343,6 +344,11 @@ impl BackendSession for CrateSession<'_> {
 
     fn sequence_embedding(&self, seq: i32) -> Result<Vec<f32>, EngineError> {
         self.ctx.embeddings_seq_ith(seq).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
+    }
+
+    fn token_embedding(&self, index: i32) -> Result<Vec<f32>, EngineError> {
+        // llama.cpp checks the index (an error, not an abort: null) before the crate reads.
+        self.ctx.embeddings_ith(index).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
     }
 
     fn batch_clear(&mut self) {

@@ -216,6 +216,9 @@ pub trait BackendSession {
     /// Sequence `seq`'s pooled embedding from the last decode (sessions built with `embeddings`,
     /// pooled as their config says; a rank-pooled one is the classification head's output).
     fn sequence_embedding(&self, seq: i32) -> Result<Vec<f32>, EngineError>;
+    /// The embedding of the batch's token at `index` (an output of the last decode) in a
+    /// context that pools none.
+    fn token_embedding(&self, index: i32) -> Result<Vec<f32>, EngineError>;
     /// Empties the batch (keeping its allocation).
     fn batch_clear(&mut self);
     /// Appends `token` at `pos` of sequence `seq`; `output` asks for its logits, which

@@ -485,6 +485,7 @@ impl BackendModel for RawModel {
                     Some(crate::Pooling::Cls) => sys::LLAMA_POOLING_TYPE_CLS,
                     Some(crate::Pooling::Last) => sys::LLAMA_POOLING_TYPE_LAST,
                     Some(crate::Pooling::Rank) => sys::LLAMA_POOLING_TYPE_RANK,
+                    Some(crate::Pooling::None) => sys::LLAMA_POOLING_TYPE_NONE,
                 };
             }
             p.type_k = ggml_type(config.cache_type_k);
@@ -641,6 +642,20 @@ impl BackendSession for RawSession<'_> {
                 sys::llama_model_n_embd_out(self.model.raw.as_ptr()).max(0) as usize
             }
         };
+        // SAFETY: as above.
+        Ok(unsafe { std::slice::from_raw_parts(p, width) }.to_vec())
+    }
+
+    fn token_embedding(&self, index: i32) -> Result<Vec<f32>, EngineError> {
+        // SAFETY: a live context; llama.cpp checks the index against the last decode's outputs
+        // (null, with its exception caught inside, for one that is not).
+        let p = unsafe { sys::llama_get_embeddings_ith(self.ctx.as_ptr(), index) };
+        if p.is_null() {
+            return Err(EngineError::decode(DecodeFailure::NoOutput, format!("no embedding of batch token {index}")));
+        }
+        // SAFETY: a field read of the live model; a token's row is n_embd_out floats, valid
+        // until the next decode, which needs &mut self.
+        let width = unsafe { sys::llama_model_n_embd_out(self.model.raw.as_ptr()) }.max(0) as usize;
         // SAFETY: as above.
         Ok(unsafe { std::slice::from_raw_parts(p, width) }.to_vec())
     }

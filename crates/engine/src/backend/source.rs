@@ -298,6 +298,7 @@ impl BackendModel for SourceModel {
                 Some(crate::Pooling::Cls) => Pooling::Cls,
                 Some(crate::Pooling::Last) => Pooling::Last,
                 Some(crate::Pooling::Rank) => Pooling::Rank,
+                Some(crate::Pooling::None) => Pooling::None,
             });
         let ctx = Context::new(&self.model, &params).map_err(|e| match e {
             llama::ContextError::Rpc(lost) => EngineError::Rpc(cause(lost)),
@@ -357,6 +358,10 @@ impl<'m> BackendSession for SourceSession<'m> {
 
     fn sequence_embedding(&self, seq: i32) -> Result<Vec<f32>, EngineError> {
         self.ctx.sequence_embeddings(seq).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
+    }
+
+    fn token_embedding(&self, index: i32) -> Result<Vec<f32>, EngineError> {
+        self.ctx.embeddings(index).map(<[f32]>::to_vec).map_err(|e| EngineError::decode(DecodeFailure::NoOutput, e))
     }
 
     fn batch_clear(&mut self) {

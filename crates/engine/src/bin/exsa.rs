@@ -82,8 +82,9 @@ struct Common {
     /// LFM2-1.2B shape here), speculating or not.
     #[arg(long, global = true, default_value_t = exsa_engine::SessionConfig::DEFAULT_RECURRENT_SNAPSHOTS)]
     recurrent_snapshots: u32,
-    /// How embeddings pool a text's token vectors: mean, cls, last or rank (a reranker's
-    /// score). Default: what the model's file says, mean where it says nothing.
+    /// How embeddings pool a text's token vectors: mean, cls, last, rank (a reranker's score)
+    /// or none (a vector per token, at llama-server's native `/embeddings` only). Default: what
+    /// the model's file says, mean where it says nothing.
     #[arg(long, global = true)]
     pooling: Option<exsa_engine::Pooling>,
     /// Show llama.cpp's log at this level and above (debug, info, warn, error).

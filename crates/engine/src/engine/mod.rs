@@ -324,19 +324,28 @@ impl Engine {
     /// As [`Engine::embed_many_with`]; [`EngineError::InvalidRequest`] naming `tokens` for an
     /// id that is not a token of this model.
     pub fn embed_tokens(&self, inputs: &[Vec<Token>], options: &crate::EmbedOptions) -> Result<Vec<Vec<f32>>, EngineError> {
-        let (n_batch, n_vocab) = (self.config.session.n_batch, self.model.n_vocab());
-        for tokens in inputs {
-            if tokens.is_empty() {
-                return Err(EngineError::EmptyPrompt);
-            }
-            if tokens.len() > n_batch as usize {
-                return Err(EngineError::EmbedTooLong { tokens: tokens.len(), n_batch });
-            }
-            if let Some(bad) = tokens.iter().find(|t| !t.in_vocab(n_vocab)) {
-                return Err(EngineError::InvalidRequest { field: "tokens", value: bad.to_string(), reason: "is not a token of this model" });
-            }
+        let pooling = self.pooling();
+        if pooling == crate::Pooling::None {
+            return Err(EngineError::InvalidRequest {
+                field: "pooling",
+                value: "none".into(),
+                reason: "gives a vector per token, not per text: see Engine::token_embeddings",
+            });
         }
-        self.pool(inputs, options)
+        let rows = self.embedding_rows(inputs, options, pooling)?;
+        Ok(rows.into_iter().map(|mut one| one.pop().unwrap_or_default()).collect())
+    }
+
+    /// Each token's embedding, for each list of tokens (as [`Engine::tokenize`] gives them):
+    /// llama.cpp's output for the token, pooled with nothing and not normalised (llama-server's
+    /// `--pooling none`), whatever [`Engine::pooling`] says. Decoded as [`Engine::embed_many`]
+    /// decodes texts.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::embed_tokens`].
+    pub fn token_embeddings(&self, inputs: &[Vec<Token>], options: &crate::EmbedOptions) -> Result<Vec<Vec<Vec<f32>>>, EngineError> {
+        self.embedding_rows(inputs, options, crate::Pooling::None)
     }
 
     /// A reranker's relevance score of each document for `query` (a model whose pooling is
@@ -402,13 +411,32 @@ impl Engine {
             .collect())
     }
 
-    /// [`Engine::embed_tokens`] of checked token lists (each non-empty, within one batch, of
-    /// this vocabulary).
-    fn pool(&self, texts: &[Vec<Token>], options: &crate::EmbedOptions) -> Result<Vec<Vec<f32>>, EngineError> {
+    /// Each token list's rows from an embedding context of `pooling`: its pooled row, or with
+    /// [`crate::Pooling::None`] a row per token. Lists that are empty, longer than a batch or
+    /// hold an id outside the vocabulary are refused.
+    fn embedding_rows(
+        &self,
+        texts: &[Vec<Token>],
+        options: &crate::EmbedOptions,
+        pooling: crate::Pooling,
+    ) -> Result<Vec<Vec<Vec<f32>>>, EngineError> {
         let base = &self.config.session;
+        let n_vocab = self.model.n_vocab();
+        for tokens in texts {
+            if tokens.is_empty() {
+                return Err(EngineError::EmptyPrompt);
+            }
+            if tokens.len() > base.n_batch as usize {
+                return Err(EngineError::EmbedTooLong { tokens: tokens.len(), n_batch: base.n_batch });
+            }
+            if let Some(bad) = tokens.iter().find(|t| !t.in_vocab(n_vocab)) {
+                return Err(EngineError::InvalidRequest { field: "tokens", value: bad.to_string(), reason: "is not a token of this model" });
+            }
+        }
         if let Some(scales) = &options.lora_scales {
             self.check_adapter_scales(scales)?;
         }
+        let per_token = pooling == crate::Pooling::None;
         // Sequences per decode: as many as there are texts, up to a bound, and a divisor of the
         // batch: llama.cpp aborts creating a mean- or rank-pooled context whose micro-batch
         // (one batch here) is not a multiple of its sequences (`llama::ContextParams`' check).
@@ -421,7 +449,7 @@ impl Engine {
             n_ubatch: base.n_batch,
             n_ctx: base.n_batch.saturating_add(1),
             n_seq_max,
-            pooling: Some(self.pooling()),
+            pooling: Some(pooling),
             lora_scales: options.lora_scales.clone().or_else(|| base.lora_scales.clone()),
             ..base.clone()
         };
@@ -432,13 +460,20 @@ impl Engine {
             session.batch_clear();
             for (seq, tokens) in group.iter().enumerate() {
                 for (pos, &token) in tokens.iter().enumerate() {
-                    session.batch_push(token, pos as i32, seq as i32, pos + 1 == tokens.len())?;
+                    // Pooled: the last token's output stands for the sequence; none: every one.
+                    session.batch_push(token, pos as i32, seq as i32, per_token || pos + 1 == tokens.len())?;
                 }
             }
             session.batch_decode()?;
-            for seq in 0..group.len() as i32 {
-                out.push(session.sequence_embedding(seq)?);
-                session.seq_clear(seq);
+            let mut index = 0;
+            for (seq, tokens) in group.iter().enumerate() {
+                out.push(if per_token {
+                    (index..index + tokens.len()).map(|i| session.token_embedding(i as i32)).collect::<Result<Vec<_>, _>>()?
+                } else {
+                    vec![session.sequence_embedding(seq as i32)?]
+                });
+                index += tokens.len();
+                session.seq_clear(seq as i32);
             }
         }
         Ok(out)

@@ -5,9 +5,10 @@
 //! Both shapes read llama-server's inputs (OpenAI's are among them): a text, token ids, a list
 //! mixing both, an object with a `prompt_string` or with OpenAI `content` parts (text only), or
 //! a list of those. OpenAI's answer is `{"data": [{"embedding": [...]}], "usage"}`; the native
-//! one is the bare list `[{"index", "embedding": [[...]]}]` (a list of vectors per input, as
-//! llama-server answers it for pooled models). A request with `content` instead of `input` is
-//! answered in the native shape wherever it comes, as llama-server answers it.
+//! one is the bare list `[{"index", "embedding": [[...]]}]`: a list of vectors per input, the
+//! pooled one, or with `--pooling none` one per token (not normalised), as llama-server answers
+//! it. A request with `content` instead of `input` is answered in the native shape wherever it
+//! comes, as llama-server answers it; a model that pools none has no OpenAI answer (400).
 
 use std::sync::Arc;
 
@@ -25,7 +26,7 @@ use super::log;
 use super::models::Loaded;
 use super::native::prompt_tokens;
 use super::openai::{LoraField, lora_scales, prompts};
-use crate::{EmbeddingNorm, Token, TokenizeOptions};
+use crate::{EmbeddingNorm, Pooling, Token, TokenizeOptions};
 
 /// The most inputs one request embeds.
 pub(super) const MAX_INPUTS: usize = 64;
@@ -100,15 +101,21 @@ async fn answer(state: Arc<AppState>, body: EmbeddingRequest, shape: Shape) -> R
             })?,
         };
         let lora = lora_scales(body.lora.as_deref().unwrap_or_default())?;
-        let (model, computed) = embed_inputs(&state, body.model.as_deref(), EmbedInput::Json(input), lora.as_deref()).await?;
+        let rows = if shape == Shape::Native { Rows::PerTokenToo } else { Rows::Pooled };
+        let (model, computed) = embed_inputs(&state, body.model.as_deref(), EmbedInput::Json(input), lora.as_deref(), rows).await?;
         let tokens: usize = computed.iter().map(|(_, n)| n).sum();
-        let vectors = computed.into_iter().map(|(mut v, _)| {
-            norm.apply(&mut v);
-            v
+        // Pooled vectors are scaled; a model's vectors per token are given as they are.
+        let pooled = model.engine.pooling() != Pooling::None;
+        let vectors = computed.into_iter().map(|(mut rows, _)| {
+            if pooled {
+                rows.iter_mut().for_each(|v| norm.apply(v));
+            }
+            rows
         });
         let answer = match shape {
             Shape::OpenAi => {
                 let data: Vec<Value> = vectors
+                    .map(|mut rows| rows.pop().unwrap_or_default())
                     .enumerate()
                     .map(|(index, v)| {
                         let embedding = if base64 {
@@ -121,7 +128,7 @@ async fn answer(state: Arc<AppState>, body: EmbeddingRequest, shape: Shape) -> R
                     .collect();
                 json!({ "object": "list", "data": data, "model": model.id, "usage": { "prompt_tokens": tokens, "total_tokens": tokens } })
             }
-            Shape::Native => Value::Array(vectors.enumerate().map(|(index, v)| json!({ "index": index, "embedding": [v] })).collect()),
+            Shape::Native => Value::Array(vectors.enumerate().map(|(index, rows)| json!({ "index": index, "embedding": rows })).collect()),
         };
         Ok((answer, tokens))
     }
@@ -180,18 +187,36 @@ fn content_tokens(content: &Value, model: &Loaded) -> Result<Vec<Token>, ApiErro
     prompt_tokens(&Value::String(text), model, "input")
 }
 
-/// Each input's embedding as the model pools it (decoded together), not normalised, and its
-/// token count. `lora`: the request's adapter scales (None: the server's). A reranker's model
-/// (rank pooling) gives scores, not embeddings: refused.
+/// Which rows an answer can give.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rows {
+    /// One pooled vector per input: a model that pools none is refused.
+    Pooled,
+    /// That, or a vector per token where the model pools none (llama-server's native shape).
+    PerTokenToo,
+}
+
+/// Each input's embedding rows (decoded together), not normalised, and its token count: one
+/// pooled row, or a row per token where the model pools none (`rows` must allow it). `lora`:
+/// the request's adapter scales (None: the server's). A reranker's model (rank pooling) gives
+/// scores, not embeddings: refused.
 pub(super) async fn embed_inputs(
     state: &AppState,
     model: Option<&str>,
     input: EmbedInput,
     lora: Option<&[f32]>,
-) -> Result<(Arc<Loaded>, Vec<(Vec<f32>, usize)>), ApiError> {
+    rows: Rows,
+) -> Result<(Arc<Loaded>, Vec<(Vec<Vec<f32>>, usize)>), ApiError> {
     let model = state.models.get(model).await?;
-    if model.engine.pooling() == crate::Pooling::Rank {
+    let pooling = model.engine.pooling();
+    if pooling == Pooling::Rank {
         return Err(ApiError::invalid("model", format!("{} is a reranker (rank pooling): it scores pairs at /v1/rerank", model.id)));
+    }
+    if pooling == Pooling::None && rows == Rows::Pooled {
+        return Err(ApiError::invalid(
+            "model",
+            format!("{} pools nothing (--pooling none: a vector per token), which this API cannot answer: see /embeddings", model.id),
+        ));
     }
     let options = model.embed_options(lora)?;
     // Tokenizing can take a while: off the async workers, and before the pooled queue's turn.
@@ -203,6 +228,12 @@ pub(super) async fn embed_inputs(
     };
     let counts: Vec<usize> = tokenized.iter().map(Vec::len).collect();
     let engine = Arc::clone(&model.engine);
-    let vectors = model.pooled.run("input", move || engine.embed_tokens(&tokenized, &options)).await?;
-    Ok((model, vectors.into_iter().zip(counts).collect()))
+    let computed = model
+        .pooled
+        .run("input", move || match pooling {
+            Pooling::None => engine.token_embeddings(&tokenized, &options),
+            _ => engine.embed_tokens(&tokenized, &options).map(|vectors| vectors.into_iter().map(|v| vec![v]).collect()),
+        })
+        .await?;
+    Ok((model, computed.into_iter().zip(counts).collect()))
 }

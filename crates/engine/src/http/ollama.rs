@@ -841,12 +841,16 @@ pub(super) async fn embed(State(state): State<Arc<AppState>>, bytes: Bytes) -> R
         let keep = keep_alive(body.keep_alive.as_ref())?;
         let id = resolve(&state, &body.model)?;
         let texts = body.input.texts(super::embeddings::MAX_INPUTS)?;
-        let (_, computed) = super::embeddings::embed_inputs(&state, Some(&id), super::embeddings::EmbedInput::Texts(texts), None).await?;
+        let (_, computed) =
+            super::embeddings::embed_inputs(&state, Some(&id), super::embeddings::EmbedInput::Texts(texts), None, super::embeddings::Rows::Pooled)
+                .await?;
         state.models.keep(&id, keep);
         let tokens: usize = computed.iter().map(|(_, n)| n).sum();
         let embeddings: Vec<Vec<f32>> = computed
             .into_iter()
-            .map(|(mut v, _)| {
+            .map(|(mut rows, _)| {
+                // Pooled: one row each.
+                let mut v = rows.pop().unwrap_or_default();
                 crate::l2_normalize(&mut v);
                 v
             })
@@ -882,10 +886,18 @@ pub(super) async fn embeddings(State(state): State<Arc<AppState>>, bytes: Bytes)
         }
         let keep = keep_alive(body.keep_alive.as_ref())?;
         let id = resolve(&state, &body.model)?;
-        let (_, mut computed) =
-            super::embeddings::embed_inputs(&state, Some(&id), super::embeddings::EmbedInput::Texts(vec![body.prompt]), None).await?;
+        let (_, mut computed) = super::embeddings::embed_inputs(
+            &state,
+            Some(&id),
+            super::embeddings::EmbedInput::Texts(vec![body.prompt]),
+            None,
+            super::embeddings::Rows::Pooled,
+        )
+        .await?;
         state.models.keep(&id, keep);
-        let (embedding, tokens) = computed.pop().unwrap_or_default();
+        let (mut rows, tokens) = computed.pop().unwrap_or_default();
+        // Pooled: one row.
+        let embedding = rows.pop().unwrap_or_default();
         state.metrics.count_ok(&GenerationStats { prompt_tokens: tokens, ..Default::default() });
         Ok::<_, ApiError>(json!({ "embedding": embedding }))
     }

@@ -200,6 +200,9 @@ impl BackendSession for FakeSession<'_> {
     fn sequence_embedding(&self, _: i32) -> Result<Vec<f32>, EngineError> {
         Err(EngineError::Unsupported { what: "embeddings", backend: "fake" })
     }
+    fn token_embedding(&self, _: i32) -> Result<Vec<f32>, EngineError> {
+        Err(EngineError::Unsupported { what: "embeddings", backend: "fake" })
+    }
 
     fn batch_clear(&mut self) {
         self.batch.clear();
