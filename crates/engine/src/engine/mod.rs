@@ -322,7 +322,8 @@ impl Engine {
     /// # Errors
     ///
     /// As [`Engine::embed_many_with`]; [`EngineError::InvalidRequest`] naming `tokens` for an
-    /// id that is not a token of this model.
+    /// id that is not a token of this model, or naming `pooling` for an engine that pools none
+    /// ([`crate::Pooling::None`]: see [`Engine::token_embeddings`]).
     pub fn embed_tokens(&self, inputs: &[Vec<Token>], options: &crate::EmbedOptions) -> Result<Vec<Vec<f32>>, EngineError> {
         let pooling = self.pooling();
         if pooling == crate::Pooling::None {
