@@ -1,9 +1,10 @@
 """The official `ollama` Python client against a running `exsa serve` (run by ollama_client.rs).
 
-Usage: ollama_client.py BASE_URL MODEL ON_DEMAND_MODEL BACKEND. MODEL was given with --model
-(pinned); ON_DEMAND_MODEL comes from --models-dir (loaded on its first request); on BACKEND crate
-grammars (JSON format) are refused. Exits 0 when every check
-holds; an assertion error names the first that did not.
+Usage: ollama_client.py BASE_URL MODEL ON_DEMAND_MODEL BACKEND JINJA. MODEL was given with --model
+(pinned); ON_DEMAND_MODEL comes from --models-dir (loaded on its first request); grammars (JSON
+format) are refused on every BACKEND but source, tools where JINJA is "no-jinja" (a build without
+llama.cpp's chat layer). Exits 0 when every check holds; an assertion error names the first that
+did not.
 """
 
 import json
@@ -14,7 +15,7 @@ import urllib.request
 
 import ollama
 
-base, model, on_demand, backend = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+base, model, on_demand, backend, jinja = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "jinja"
 client = ollama.Client(host=base, timeout=120)
 greedy = {"temperature": 0, "num_predict": 12}
 
@@ -54,10 +55,10 @@ raw = client.generate(model=model, prompt="The capital of France is", raw=True, 
 assert raw.response and raw.eval_count <= 12, raw
 
 # JSON output: "json" and a schema, through the grammar (refused by name where grammars are).
-if backend == "crate":
+if backend != "source":
     try:
         client.chat(model=model, messages=[{"role": "user", "content": "A cat as JSON."}], format="json")
-        raise AssertionError("a grammar was accepted on the crate backend")
+        raise AssertionError(f"a grammar was accepted on backend {backend}")
     except ollama.ResponseError as e:
         assert e.status_code == 400 and "grammar" in e.error, e
 else:
@@ -86,11 +87,12 @@ history = [
     {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
     {"role": "tool", "content": "Sunny, 21 degrees", "tool_name": "get_weather"},
 ]
-if backend == "crate":
-    # The crate baseline renders chats without llama.cpp's Jinja layer: tools are refused by name.
+if not jinja:
+    # A build without llama.cpp's Jinja layer (the crate baseline's, raw FFI's): tools are
+    # refused by name.
     try:
         client.chat(model=model, messages=history, tools=tools, options=greedy)
-        raise AssertionError("tools were accepted on the crate backend")
+        raise AssertionError(f"tools were accepted without the chat layer (backend {backend})")
     except ollama.ResponseError as e:
         assert e.status_code == 400 and "tools" in e.error, e
 else:

@@ -17,5 +17,6 @@ fn the_official_ollama_client_works_against_the_server() {
     let synth = std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml");
     let model = std::env::var("EXSA_MODEL").expect("set by .cargo/config.toml");
     let server = Server::start(&["--model", &model, "--parallel", "2", "--models-dir", &synth]);
-    common::run_ollama_script("ollama_client.py", &[&server.base, "gemma-3-270m-q4_k_m", "lfm2-tiny", Engine::backend_name()]);
+    let jinja = if Engine::has_jinja() { "jinja" } else { "no-jinja" };
+    common::run_ollama_script("ollama_client.py", &[&server.base, "gemma-3-270m-q4_k_m", "lfm2-tiny", Engine::backend_name(), jinja]);
 }
