@@ -204,6 +204,16 @@ impl Engine {
         &self.config.lora
     }
 
+    /// Refuses token ids outside this model's vocabulary: [`EngineError::InvalidRequest`]
+    /// naming `field` and the first such id.
+    fn check_in_vocab(&self, tokens: &[Token], field: &'static str) -> Result<(), EngineError> {
+        let n_vocab = self.model.n_vocab();
+        match tokens.iter().find(|t| !t.in_vocab(n_vocab)) {
+            Some(bad) => Err(EngineError::InvalidRequest { field, value: bad.to_string(), reason: "is not a token of this model" }),
+            None => Ok(()),
+        }
+    }
+
     /// A metadata value of the file of LoRA adapter `adapter` (an index of [`Engine::lora`]), as
     /// text: llama-server lists `adapter.lora.task_name` and `adapter.lora.prompt_prefix`. None
     /// for a key the file lacks, an index past the adapters, or on backend `crate` (which reads
@@ -307,13 +317,14 @@ impl Engine {
     /// As [`Engine::embed_many`]; [`EngineError::InvalidRequest`] naming `lora_scales` for
     /// scales that are not one finite number per adapter.
     pub fn embed_many_with(&self, texts: &[&str], options: &crate::EmbedOptions) -> Result<Vec<Vec<f32>>, EngineError> {
-        let mut tokenized = Vec::with_capacity(texts.len());
-        for text in texts {
-            let mut tokens = Vec::new();
-            self.model.tokenize(text, true, false, &mut tokens)?;
-            tokenized.push(tokens);
-        }
+        let tokenized = texts.iter().map(|text| self.embedding_tokens(text)).collect::<Result<Vec<_>, _>>()?;
         self.embed_tokens(&tokenized, options)
+    }
+
+    /// A text to embed as [`Engine::embed_many`] tokenizes it: BOS where the model wants one,
+    /// control-token text left as text.
+    pub(crate) fn embedding_tokens(&self, text: &str) -> Result<Vec<Token>, EngineError> {
+        self.tokenize(text, TokenizeOptions::default())
     }
 
     /// [`Engine::embed_many_with`] of texts already tokenized (as [`Engine::tokenize`] gives
@@ -422,7 +433,6 @@ impl Engine {
         pooling: crate::Pooling,
     ) -> Result<Vec<Vec<Vec<f32>>>, EngineError> {
         let base = &self.config.session;
-        let n_vocab = self.model.n_vocab();
         for tokens in texts {
             if tokens.is_empty() {
                 return Err(EngineError::EmptyPrompt);
@@ -430,9 +440,7 @@ impl Engine {
             if tokens.len() > base.n_batch as usize {
                 return Err(EngineError::EmbedTooLong { tokens: tokens.len(), n_batch: base.n_batch });
             }
-            if let Some(bad) = tokens.iter().find(|t| !t.in_vocab(n_vocab)) {
-                return Err(EngineError::InvalidRequest { field: "tokens", value: bad.to_string(), reason: "is not a token of this model" });
-            }
+            self.check_in_vocab(tokens, "tokens")?;
         }
         if let Some(scales) = &options.lora_scales {
             self.check_adapter_scales(scales)?;
@@ -509,10 +517,7 @@ impl Engine {
                 None => self.rendered_chat_tokens(&self.builtin_render(messages, chat)?, messages, *specials)?,
             },
             Prompt::Tokens(tokens) => {
-                let n_vocab = self.model.n_vocab();
-                if let Some(bad) = tokens.iter().find(|t| !t.in_vocab(n_vocab)) {
-                    return Err(EngineError::InvalidRequest { field: "prompt", value: bad.to_string(), reason: "is not a token of this model" });
-                }
+                self.check_in_vocab(tokens, "prompt")?;
                 tokens.clone()
             }
         };

@@ -26,7 +26,7 @@ use super::log;
 use super::models::Loaded;
 use super::native::prompt_tokens;
 use super::openai::{LoraField, lora_scales, prompts};
-use crate::{EmbeddingNorm, Pooling, Token, TokenizeOptions};
+use crate::{EmbeddingNorm, Pooling, Token};
 
 /// The most inputs one request embeds.
 pub(super) const MAX_INPUTS: usize = 64;
@@ -156,7 +156,7 @@ impl EmbedInput {
     fn tokens(&self, model: &Loaded) -> Result<Vec<Vec<Token>>, ApiError> {
         let tokenized = match self {
             EmbedInput::Texts(texts) => {
-                texts.iter().map(|t| model.engine.tokenize(t, TokenizeOptions::default()).map_err(ApiError::from)).collect::<Result<Vec<_>, _>>()?
+                texts.iter().map(|t| model.engine.embedding_tokens(t).map_err(ApiError::from)).collect::<Result<Vec<_>, _>>()?
             }
             EmbedInput::Json(input) => prompts(input, "input", |one| match one {
                 Value::Object(o) if o.contains_key("content") => content_tokens(&o["content"], model),
