@@ -1112,11 +1112,14 @@ pub struct GenerateOptions {
     /// [`EngineConfig::lora`] in its order (0.0 leaves one out; llama-server's per-request
     /// `lora`). None: the default ones, the session's ([`SessionConfig::lora_scales`], else the
     /// engine's; a serving core's as [`crate::serving::ServingCore::set_adapter_scales`] sets
-    /// them). llama.cpp applies one set of adapters to a whole decode, so in a server's decode
-    /// loop the groups of requests of equal scales take turns of a few steps each, and a slot's
-    /// cache serves only a request of the scales it was decoded with (a [`crate::SessionState`]
-    /// records them; a slot file cannot: a save refuses a cache of other scales than the default
-    /// ones, and a restored one counts as the default ones).
+    /// them). An enabled activated LoRA applies from its invocation in the prompt on (see
+    /// [`crate::Engine::lora_invocation`]; two enabled are [`crate::EngineError::InvalidRequest`]
+    /// naming `lora_scales`). llama.cpp applies one set of adapters to a whole decode, so in a
+    /// server's decode loop the groups of requests decoding with equal scales take turns of a few
+    /// steps each, and a slot's cache serves a request only where it decoded each position with
+    /// the scales the request gives it (a [`crate::SessionState`] records them; a slot file
+    /// cannot: a save refuses a cache of other scales than the default ones, and a restored one
+    /// counts as decoded with them).
     pub lora_scales: Option<Vec<f32>>,
 }
 

@@ -319,6 +319,11 @@ fn embeddings_tokenize_detokenize_and_latency_metrics() {
         assert_eq!(r.status(), 400, "{body}");
         assert_eq!(r.json::<Value>().unwrap()["error"]["param"], param, "{body}");
     }
+    // More than 64 inputs are refused by their count, before any is tokenized (a bad one among
+    // them is not what the answer names).
+    let many = [vec![json!([999_999_999])], vec![json!("x"); 64]].concat();
+    let r: Value = http.post(server.url("/v1/embeddings")).json(&json!({ "input": many })).send().unwrap().json().unwrap();
+    assert!(r["error"]["message"].as_str().unwrap().contains("1 to 64 inputs"), "{r}");
     // 32 texts in one request (decoded together) give the vectors 32 single requests give, up to
     // the rounding of a batched decode (this model's, amplified: see tests/embeddings.rs'
     // `tolerance`).
@@ -1306,9 +1311,13 @@ fn lora_adapters_apply_per_request_and_as_the_server_sets_them() {
     }
 
     let set = |body: Value| http.post(server.url("/lora-adapters")).json(&body).send().unwrap();
+    let props_lora =
+        || http.get(server.url("/props")).send().unwrap().json::<Value>().unwrap()["default_generation_settings"]["params"]["lora"].clone();
+    assert_eq!(props_lora(), json!([{ "id": 0, "scale": 0.0 }]), "/props lists the scales requests get");
     let response = set(json!([{ "id": 0, "scale": 1.0, "path": "ignored" }]));
     assert_eq!(response.json::<Value>().unwrap(), json!({ "success": true }));
     assert_eq!(listed(&http)[0]["scale"], 1.0);
+    assert_eq!(props_lora(), json!([{ "id": 0, "scale": 1.0 }]));
     assert_eq!(tokens(complete(None)), alone[1], "the server's scale after POST /lora-adapters");
     assert_eq!(tokens(complete(Some(json!([])))), alone[1], "an empty lora is the server's scales");
     assert_eq!(tokens(complete(at(0.0))), alone[0], "a request's own scale over the server's");
@@ -1374,4 +1383,71 @@ fn lora_adapters_apply_per_request_and_as_the_server_sets_them() {
     assert_eq!(ids, [(copies[0].as_str(), 0.5), (copies[1].as_str(), 1.0), (copies[2].as_str(), -1.0)]);
     drop(server);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An activated LoRA (llama-tiny-alora: llama-tiny-lora's weights with the invocation
+/// `<end_of_turn>user`, tokens 106 and 2364) applies as llama-server applies it: every token
+/// of each completion is llama-server's, for a prompt with the invocation, one without it (the
+/// adapter stays off) and one with it twice (from the last on). llama-server's answers are
+/// taken without its prompt cache (it reuses cells decoded with the adapter for a prompt whose
+/// invocation comes later); ours with the cache, in an order that reuses every kind of cell:
+/// the same prompt, a longer one, one without the adapter. `GET /lora-adapters` lists the
+/// invocation as llama-server does; embeddings of a text with the invocation are refused by
+/// name (they decode a text with one set of adapters). Backend `crate` cannot read an
+/// invocation: it applies such an adapter to every token.
+#[test]
+fn an_activated_lora_applies_from_its_invocation_as_llama_server_applies_it() {
+    let _one_at_a_time = common::one_at_a_time();
+    if Engine::backend_name() == "crate" {
+        return;
+    }
+    let synth = std::path::PathBuf::from(std::env::var("EXSA_SYNTH_MODELS").expect("set by .cargo/config.toml"));
+    let (model, alora) = (synth.join("llama-tiny.gguf"), synth.join("llama-tiny-alora.gguf"));
+    assert!(alora.is_file(), "run `cargo xtask synth-models`");
+    let (model, alora) = (model.to_str().unwrap(), alora.to_str().unwrap());
+    let once = "Once upon a time, in a land far away,<end_of_turn>user\nTell me what happened next";
+    let twice = format!("{once} to the fox<end_of_turn>user\nAnd then");
+    let prompts = [once, "Once upon a time, in a land far away, a fox", twice.as_str()];
+    let complete = |base: &str, prompt: &str, lora: Option<f32>, cache: bool| {
+        let mut body =
+            json!({ "prompt": prompt, "n_predict": 24, "temperature": 0, "ignore_eos": true, "return_tokens": true, "cache_prompt": cache });
+        if let Some(scale) = lora {
+            body["lora"] = json!([{ "id": 0, "scale": scale }]);
+        }
+        let response = client().post(format!("{base}/completion")).json(&body).send().unwrap();
+        assert_eq!(response.status(), 200, "{prompt:?}");
+        let body: Value = response.json().unwrap();
+        body["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect::<Vec<_>>()
+    };
+    let (listed, reference, base) = {
+        let llama = common::LlamaServer::start(&["-m", model, "--lora", alora, "-c", "1024", "-np", "1"]);
+        let listed: Value = client().get(llama.url("/lora-adapters")).send().unwrap().json().unwrap();
+        let reference: Vec<Vec<i64>> = prompts.iter().map(|p| complete(&llama.base, p, None, false)).collect();
+        (listed, reference, complete(&llama.base, once, Some(0.0), false))
+    };
+    assert_eq!(listed[0]["alora_invocation_tokens"], json!([106, 2364]), "{listed}");
+    assert_ne!(reference[0], base, "the activated adapter changed no token");
+
+    let server = Server::start(&["--model", model, "--lora", alora, "--parallel", "2", "--ctx", "1024"]);
+    let ours: Value = client().get(server.url("/lora-adapters")).send().unwrap().json().unwrap();
+    for key in ["alora_invocation_tokens", "alora_invocation_string"] {
+        assert_eq!(ours[0][key], listed[0][key], "{key}");
+    }
+    for round in 0..2 {
+        for (prompt, reference) in prompts.iter().zip(&reference) {
+            assert_eq!(&complete(&server.base, prompt, None, true), reference, "round {round}: {prompt:?}");
+        }
+        assert_eq!(complete(&server.base, once, Some(0.0), true), base, "round {round}: the adapter off");
+    }
+    let embed = |input: Value| client().post(server.url("/v1/embeddings")).json(&json!({ "input": input })).send().unwrap();
+    assert_eq!(embed(json!(prompts[1])).status(), 200, "without the invocation");
+    // With it in the text, at a text's start (where it would apply to every token), or in one
+    // text of several.
+    for input in [json!(once), json!([106, 2364, 1000, 300]), json!([prompts[1], once])] {
+        let refused = embed(input.clone());
+        assert_eq!(refused.status(), 400, "{input}");
+        let refused: Value = refused.json().unwrap();
+        assert_eq!(refused["error"]["param"], "lora", "{refused}");
+        assert!(refused["error"]["message"].as_str().unwrap().contains("aLoRA"), "{refused}");
+    }
 }

@@ -266,30 +266,67 @@ fn embeddings_apply_the_adapters_at_the_calls_scales() {
 
 /// An adapter's file metadata is readable ([`Engine::lora_meta`]: llama-tiny-lora declares a
 /// task name and a prompt prefix), except on backend `crate`, which reads none. An activated
-/// LoRA (aLoRA, llama-tiny-alora: the same weights with invocation tokens) is refused naming
-/// its file where the backend can tell (not `crate`): applied to every token, it would answer
-/// otherwise than it was made for.
+/// LoRA (aLoRA, llama-tiny-alora: the same weights with invocation tokens) loads, and says its
+/// invocation where the backend can read it (not `crate`): a prompt without the invocation gets
+/// the base model's tokens, one with it others, in a session and in a serving core alike, and
+/// its session state carries where the adapter applied from through bytes; two such adapters
+/// enabled in one request are refused by name (`http.rs` compares every token with
+/// llama-server's).
 #[test]
-fn adapter_metadata_is_read_and_an_activated_lora_is_refused() {
+fn adapter_metadata_is_read_and_an_activated_lora_applies_from_its_invocation() {
     let engine = load(vec![LoraConfig::new(adapter())]);
     let (task, prefix) = (engine.lora_meta(0, "adapter.lora.task_name"), engine.lora_meta(0, "adapter.lora.prompt_prefix"));
     assert_eq!(engine.lora_meta(0, "adapter.no_such_key"), None);
     assert_eq!(engine.lora_meta(1, "adapter.lora.task_name"), None, "no adapter 1");
-    let alora = synth("llama-tiny-alora.gguf");
-    let loaded = Engine::load(config(vec![LoraConfig::new(&alora)]));
+    assert!(engine.lora_invocation(0).is_empty() && engine.lora_invocation(1).is_empty(), "a plain adapter");
+    let alora = load(vec![LoraConfig::new(synth("llama-tiny-alora.gguf"))]);
     if Engine::backend_name() == "crate" {
         assert_eq!((task, prefix), (None, None));
-        loaded.unwrap();
+        assert!(alora.lora_invocation(0).is_empty());
         return;
     }
     assert_eq!(task.as_deref(), Some("tiny-story"));
     assert_eq!(prefix.as_deref(), Some("Story: "));
-    match loaded {
-        Err(e @ EngineError::Lora { .. }) => {
-            let message = e.to_string();
-            assert!(message.contains(&alora.display().to_string()) && message.contains("aLoRA"), "{message}");
+    assert_eq!(alora.lora_invocation(0), [Token(106), Token(2364)]);
+
+    let base = load(Vec::new());
+    let invoked = format!("{PROMPT}<end_of_turn>user\nGo on");
+    // The greedy tokens of `prompt` (control-token text parsed) in `session`, and its stats.
+    let generate_in = |session: &mut Session<'_>, prompt: &str| {
+        let mut request = greedy();
+        request.prompt = Prompt::Text { text: prompt.to_owned(), specials: SpecialText::Parse };
+        let mut generation = session.generate(&request).unwrap();
+        while let Some(delta) = generation.next_text() {
+            delta.unwrap();
         }
-        other => panic!("an aLoRA loaded: {:?}", other.map(|_| ())),
+        (generation.tokens().to_vec(), generation.stats().clone())
+    };
+    // Those of a new session, and its state after.
+    let run = |engine: &Engine, prompt: &str| {
+        let mut session = engine.session().unwrap();
+        let (tokens, _) = generate_in(&mut session, prompt);
+        (tokens, session.save_state().unwrap())
+    };
+    assert_eq!(run(&alora, PROMPT).0, run(&base, PROMPT).0, "the adapter applied without its invocation");
+    let (with, state) = run(&alora, &invoked);
+    assert_eq!(with.len(), TOKENS);
+    assert_ne!(with, run(&base, &invoked).0, "the adapter changed nothing after its invocation");
+    let restored = SessionState::from_bytes(&state.to_bytes()).unwrap();
+    assert_eq!(restored.activation(), state.activation());
+    let (at, scales) = state.activation().expect("the state says where the adapter applied from");
+    assert_eq!((state.adapter_scales(), scales), (vec![0.0], vec![1.0]));
+    assert_eq!(state.tokens()[at + 1..at + 3], [Token(106), Token(2364)], "from the token before the invocation");
+    // Restored, it serves the same prompt up to its last token, the adapter's cells included.
+    let mut session = alora.session().unwrap();
+    session.restore_state(&restored).unwrap();
+    let (again, stats) = generate_in(&mut session, &invoked);
+    assert_eq!((again, stats.prompt_tokens_reused), (with, stats.prompt_tokens - 1));
+
+    let two = load(vec![LoraConfig::new(synth("llama-tiny-alora.gguf")), LoraConfig::new(synth("llama-tiny-alora.gguf"))]);
+    let mut session = two.session().unwrap();
+    match session.generate(&greedy()) {
+        Err(EngineError::InvalidRequest { field: "lora_scales", .. }) => {}
+        other => panic!("two activated adapters: {:?}", other.map(|_| ())),
     }
 }
 

@@ -36,14 +36,21 @@ fn supported(saved: Result<SessionState, EngineError>) -> Option<SessionState> {
 
 /// The saved session's own continuation, and the number of its cached tokens.
 /// `SessionState::to_bytes`'s layout around llama.cpp's `state`: `tokens` (the model has no
-/// adapters: no scales).
+/// adapters: no scales, no activated LoRA's position and scales).
 fn state_bytes(tokens: &[i32], state: &[u8]) -> Vec<u8> {
-    let mut bytes = b"exsa\0st2".to_vec();
+    let mut bytes = b"exsa\0st3".to_vec();
     bytes.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
     bytes.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
     bytes.extend_from_slice(&0u64.to_le_bytes());
+    bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+    bytes.extend_from_slice(&0u64.to_le_bytes());
     bytes.extend_from_slice(state);
     bytes
+}
+
+/// The length of [`state_bytes`]' header for `tokens` tokens.
+fn header_len(tokens: usize) -> usize {
+    8 + 8 + 4 * tokens + 8 + 8 + 8
 }
 
 fn continued(session: &mut Session<'_>, next: &str) -> (String, GenerationStats) {
@@ -81,14 +88,26 @@ fn damaged_or_foreign_states_are_refused_and_leave_the_cache_empty() {
     session.generate_text(&greedy(PROMPT, 4)).unwrap();
     let Some(saved) = supported(session.save_state()) else { return };
     let bytes = saved.to_bytes();
-    // Not a state of exsa, or of its earlier format; a buffer shorter than its token count, or
-    // than its scale count.
+    // Not a state of exsa, or of its earlier format; a buffer shorter than its token count,
+    // than its scale count, than the activated LoRA's position or its scale count.
     let mut earlier = bytes.clone();
-    earlier[..8].copy_from_slice(b"exsa\0st1");
+    earlier[..8].copy_from_slice(b"exsa\0st2");
     let mut scales = state_bytes(&[], &[]);
     scales.truncate(16);
     scales.extend_from_slice(&1000u64.to_le_bytes());
-    let damaged_states = [(b"GGUF and more".to_vec(), "header"), (earlier, "header"), (bytes[..20].to_vec(), "token count"), (scales, "scale count")];
+    let mut activation = state_bytes(&[], &[]);
+    activation.truncate(24);
+    let no_position = activation.clone();
+    activation.extend_from_slice(&3u64.to_le_bytes());
+    activation.extend_from_slice(&1000u64.to_le_bytes());
+    let damaged_states = [
+        (b"GGUF and more".to_vec(), "header"),
+        (earlier, "header"),
+        (bytes[..20].to_vec(), "token count"),
+        (scales, "scale count"),
+        (no_position, "activation's position"),
+        (activation, "activation's scale count"),
+    ];
     for (damaged, why) in damaged_states {
         match SessionState::from_bytes(&damaged) {
             Err(e @ EngineError::State { .. }) => assert!(e.to_string().contains(why), "{e}"),
@@ -102,7 +121,7 @@ fn damaged_or_foreign_states_are_refused_and_leave_the_cache_empty() {
     assert!(matches!(other.restore_state(&cut), Err(EngineError::State { .. })));
     assert_eq!(other.cached_tokens(), 0);
     // More tokens than the context holds (the token list rewritten around the real state).
-    let state = &bytes[8 + 8 + 4 * saved.tokens().len() + 8..];
+    let state = &bytes[header_len(saved.tokens().len())..];
     assert_eq!(state_bytes(&saved.tokens().iter().map(|t| t.0).collect::<Vec<_>>(), state), bytes, "the layout as to_bytes writes it");
     let long = state_bytes(&vec![2; other.n_ctx() as usize + 1], state);
     let e = other.restore_state(&SessionState::from_bytes(&long).unwrap()).unwrap_err();

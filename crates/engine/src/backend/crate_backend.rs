@@ -204,6 +204,11 @@ impl BackendModel for CrateModel {
         None
     }
 
+    fn adapter_invocation(&self, _adapter: usize) -> &[Token] {
+        // Nor an activated LoRA's invocation: such an adapter applies to every token here.
+        &[]
+    }
+
     fn named_template(&self, name: &str) -> Option<String> {
         self.model.chat_template(Some(name)).ok().and_then(|t| t.to_string().ok())
     }

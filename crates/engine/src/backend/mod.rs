@@ -150,6 +150,10 @@ pub trait BackendModel: Send + Sync + Sized {
     /// A metadata value of the file of LoRA adapter `adapter` ([`EngineConfig::lora`]'s index),
     /// as text; None where the backend cannot read it (`crate`).
     fn adapter_meta(&self, adapter: usize, key: &str) -> Option<String>;
+    /// The invocation tokens of adapter `adapter` where it is an activated LoRA (aLoRA: meant
+    /// to apply only from where they occur in the prompt on); empty for a plain adapter, and
+    /// where the backend cannot read them (`crate`).
+    fn adapter_invocation(&self, adapter: usize) -> &[Token];
     /// A named template of the model's file (`tokenizer.chat_template.<name>`: a reranker's
     /// `rerank` prompt, with `{query}` and `{document}`).
     fn named_template(&self, name: &str) -> Option<String>;
@@ -318,22 +322,6 @@ fn applied_adapters<'a, A>(adapters: &'a [A], scales: &'a [f32]) -> impl Iterato
 /// applies no adapter).
 fn apply_session_scales(session: &mut impl BackendSession, scales: &[f32]) -> Result<(), EngineError> {
     if scales.iter().all(|&s| s == 0.0) { Ok(()) } else { session.set_adapter_scales(scales) }
-}
-
-/// Refuses an activated LoRA (aLoRA: an adapter with invocation tokens, meant to apply only
-/// from where they occur in the prompt on, as llama-server applies it): this engine applies an
-/// adapter to every token, which would answer otherwise than the adapter was made for.
-#[cfg(any(feature = "source", feature = "raw"))]
-fn refuse_alora(path: &Path, invocation_tokens: usize) -> Result<(), EngineError> {
-    match invocation_tokens {
-        0 => Ok(()),
-        n => Err(EngineError::lora(
-            path,
-            format!(
-                "is an activated LoRA (aLoRA, {n} invocation tokens), meant to apply only after them; this engine applies adapters to every token, so it does not load it"
-            ),
-        )),
-    }
 }
 
 /// Refuses an adapter file that does not exist, by name: before the binding sees it (`crate`'s

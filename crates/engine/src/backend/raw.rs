@@ -124,14 +124,11 @@ impl Backend for RawBackend {
         let vocab = unsafe { sys::llama_model_get_vocab(raw.as_ptr()) };
         // Owned from here: on an adapter's failure, the drop frees the model and the adapters
         // loaded before it.
-        let mut model = RawModel { raw, vocab, path: path.display().to_string(), adapters: Vec::new(), scales };
+        let mut model = RawModel { raw, vocab, path: path.display().to_string(), adapters: Vec::new(), invocations: Vec::new(), scales };
         for lora in &config.lora {
             let adapter = model.load_adapter(&lora.path)?;
             model.adapters.push(adapter);
-            // SAFETY: reads a field of the adapter just loaded (owned by `model` from here, so
-            // freed by its drop on the refusal).
-            let invocation_tokens = unsafe { sys::llama_adapter_get_alora_n_invocation_tokens(adapter.as_ptr()) };
-            super::refuse_alora(&lora.path, usize::try_from(invocation_tokens).unwrap_or(usize::MAX))?;
+            model.invocations.push(alora_invocation(adapter));
         }
         Ok(model)
     }
@@ -189,6 +186,8 @@ pub struct RawModel {
     path: String,
     /// The LoRA adapters loaded for the model ([`EngineConfig::lora`]), freed before it.
     adapters: Vec<NonNull<sys::llama_adapter_lora>>,
+    /// Each adapter's activated-LoRA invocation (empty for a plain adapter).
+    invocations: Vec<Vec<Token>>,
     /// The engine's scales, one per adapter.
     scales: Vec<f32>,
 }
@@ -227,6 +226,21 @@ impl RawModel {
         }
         NonNull::new(adapter).ok_or_else(|| EngineError::lora(path, "llama.cpp could not load it (not a LoRA adapter, or one for another model)"))
     }
+}
+
+/// An adapter's activated-LoRA invocation tokens, copied out (empty for a plain adapter).
+fn alora_invocation(adapter: NonNull<sys::llama_adapter_lora>) -> Vec<Token> {
+    // SAFETY: reads a field of a live adapter, read-only once loaded.
+    let n = unsafe { sys::llama_adapter_get_alora_n_invocation_tokens(adapter.as_ptr()) };
+    // SAFETY: as above.
+    let tokens = unsafe { sys::llama_adapter_get_alora_invocation_tokens(adapter.as_ptr()) };
+    let Ok(n) = usize::try_from(n) else { return Vec::new() };
+    if n == 0 || tokens.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: the adapter owns `n` tokens at `tokens` (its invocation vector, whose size fits
+    // memory), read-only and alive while the adapter is; copied out here.
+    unsafe { std::slice::from_raw_parts(tokens, n) }.iter().map(|&t| Token(t)).collect()
 }
 
 fn snprintf(mut f: impl FnMut(*mut std::ffi::c_char, usize) -> i32) -> Option<String> {
@@ -366,6 +380,10 @@ impl BackendModel for RawModel {
         // SAFETY: snprintf contract on a live adapter of this model (freed with it), whose
         // metadata is read-only once loaded; the key is NUL-terminated.
         snprintf(|b, l| unsafe { sys::llama_adapter_meta_val_str(adapter.as_ptr(), key.as_ptr(), b, l) })
+    }
+
+    fn adapter_invocation(&self, adapter: usize) -> &[Token] {
+        self.invocations.get(adapter).map_or(&[], Vec::as_slice)
     }
 
     fn named_template(&self, name: &str) -> Option<String> {

@@ -49,11 +49,10 @@ impl Backend for SourceBackend {
         let for_adapters: &'static Model = unsafe { &*Arc::as_ptr(&model) };
         let mut adapters = Vec::with_capacity(config.lora.len());
         for lora in &config.lora {
-            let adapter = LoraAdapter::load(for_adapters, &lora.path).map_err(|e| EngineError::lora(&lora.path, e))?;
-            super::refuse_alora(&lora.path, adapter.alora_invocation_tokens().len())?;
-            adapters.push(adapter);
+            adapters.push(LoraAdapter::load(for_adapters, &lora.path).map_err(|e| EngineError::lora(&lora.path, e))?);
         }
-        Ok(SourceModel { adapters, scales, model })
+        let invocations = adapters.iter().map(|a| a.alora_invocation_tokens().into_iter().map(Token::from).collect()).collect();
+        Ok(SourceModel { adapters, invocations, scales, model })
     }
 
     fn build_info() -> BuildInfo {
@@ -133,6 +132,8 @@ fn warn_if_no_gpu() {
 pub struct SourceModel {
     /// Freed before `model` (see above).
     adapters: Vec<LoraAdapter<'static>>,
+    /// Each adapter's activated-LoRA invocation (empty for a plain adapter).
+    invocations: Vec<Vec<Token>>,
     /// The engine's scales, one per adapter.
     scales: Vec<f32>,
     /// In an Arc (never cloned) for a stable address that moving the SourceModel does not
@@ -237,6 +238,10 @@ impl BackendModel for SourceModel {
 
     fn adapter_meta(&self, adapter: usize, key: &str) -> Option<String> {
         self.adapters.get(adapter)?.meta(key)
+    }
+
+    fn adapter_invocation(&self, adapter: usize) -> &[Token] {
+        self.invocations.get(adapter).map_or(&[], Vec::as_slice)
     }
 
     fn named_template(&self, name: &str) -> Option<String> {

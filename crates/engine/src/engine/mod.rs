@@ -12,7 +12,7 @@ use crate::chat::{ChatMessage, ChatOptions, Continuation};
 use crate::config::{ChatTemplating, EngineConfig, GenerateOptions, GenerateRequest, Prompt, SessionConfig, SpecialText};
 use crate::error::EngineError;
 use crate::outcome::GenerationStats;
-use crate::scheduler::{DraftModel, Prepared};
+use crate::scheduler::{AdapterPlan, DraftModel, Prepared};
 use crate::templates::{JinjaTemplates, RenderedChat, ReplyParser};
 
 pub use generation::Generation;
@@ -222,6 +222,17 @@ impl Engine {
         self.model.adapter_meta(adapter, key)
     }
 
+    /// The invocation tokens of LoRA adapter `adapter` (an index of [`Engine::lora`]) where it is
+    /// an activated LoRA (aLoRA): a request that enables it decodes its prompt without it up to
+    /// the token before the last place these tokens occur, and from there on (the generation
+    /// too) with it, as llama-server does; without them in the prompt it does not apply. A
+    /// request may enable one such adapter (beside plain ones). Empty for a plain adapter, an
+    /// index past the adapters, and on backend `crate` (which cannot read them, and applies such
+    /// an adapter to every token).
+    pub fn lora_invocation(&self, adapter: usize) -> &[Token] {
+        self.model.adapter_invocation(adapter)
+    }
+
     /// Checks scales to apply the engine's LoRA adapters with: one per adapter, each finite.
     ///
     /// # Errors
@@ -315,7 +326,8 @@ impl Engine {
     /// # Errors
     ///
     /// As [`Engine::embed_many`]; [`EngineError::InvalidRequest`] naming `lora_scales` for
-    /// scales that are not one finite number per adapter.
+    /// scales that are not one finite number per adapter, or that enable an activated LoRA
+    /// whose invocation occurs in a text (or two such adapters: see [`Engine::lora_invocation`]).
     pub fn embed_many_with(&self, texts: &[&str], options: &crate::EmbedOptions) -> Result<Vec<Vec<f32>>, EngineError> {
         let tokenized = texts.iter().map(|text| self.embedding_tokens(text)).collect::<Result<Vec<_>, _>>()?;
         self.embed_tokens(&tokenized, options)
@@ -423,6 +435,33 @@ impl Engine {
             .collect())
     }
 
+    /// The LoRA adapter scales embeddings of `texts` decode with: `options`', else the session's.
+    /// An activated LoRA applies from its invocation on, which one decode of whole texts with
+    /// one set of adapters cannot do: it is left out where no text holds its invocation (as for
+    /// a prompt without it), and the request is refused where one does.
+    fn embedding_scales(&self, texts: &[Vec<Token>], options: &crate::EmbedOptions) -> Result<Vec<f32>, EngineError> {
+        let scales = match &options.lora_scales {
+            Some(scales) => {
+                self.check_adapter_scales(scales)?;
+                scales.clone()
+            }
+            None => self.session_adapter_scales(&self.config.session)?,
+        };
+        let plan = |tokens: &[Token]| AdapterPlan::for_prompt(scales.clone(), tokens, |adapter| self.model.adapter_invocation(adapter));
+        // What a text without an invocation gets: every activated LoRA left out.
+        let without = plan(&[])?;
+        for tokens in texts {
+            if plan(tokens)? != without {
+                return Err(EngineError::InvalidRequest {
+                    field: "lora_scales",
+                    value: format!("{scales:?}"),
+                    reason: "enables an activated LoRA (aLoRA) whose invocation occurs in a text to embed: it would apply from there on, which embeddings cannot do (they decode a text with one set of adapters)",
+                });
+            }
+        }
+        Ok(without.base().to_vec())
+    }
+
     /// Each token list's rows from an embedding context of `pooling`: its pooled row, or with
     /// [`crate::Pooling::None`] a row per token. Lists that are empty, longer than a batch or
     /// hold an id outside the vocabulary are refused.
@@ -442,9 +481,7 @@ impl Engine {
             }
             self.check_in_vocab(tokens, "tokens")?;
         }
-        if let Some(scales) = &options.lora_scales {
-            self.check_adapter_scales(scales)?;
-        }
+        let lora_scales = self.embedding_scales(texts, options)?;
         let per_token = pooling == crate::Pooling::None;
         // Sequences per decode: as many as there are texts, up to a bound, and a divisor of the
         // batch: llama.cpp aborts creating a mean- or rank-pooled context whose micro-batch
@@ -459,7 +496,7 @@ impl Engine {
             n_ctx: base.n_batch.saturating_add(1),
             n_seq_max,
             pooling: Some(pooling),
-            lora_scales: options.lora_scales.clone().or_else(|| base.lora_scales.clone()),
+            lora_scales: Some(lora_scales),
             ..base.clone()
         };
         config.validate()?;

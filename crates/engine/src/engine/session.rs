@@ -11,7 +11,7 @@ use crate::chat::{ChatMessage, ChatOptions, ChatReply};
 use crate::config::{GenerateOptions, GenerateRequest, Prompt, SessionConfig, Speculation};
 use crate::error::EngineError;
 use crate::outcome::{GenerationStats, SlotAction, SlotActionDone};
-use crate::scheduler::{Counters, Scheduler};
+use crate::scheduler::{AdapterPlan, Counters, Scheduler};
 use crate::token::Token;
 
 /// A context with memory of what it decoded: a request that shares a prefix with the previous
@@ -119,7 +119,7 @@ impl<'e> Session<'e> {
     /// than this context holds (the cache is then empty); [`EngineError::Unsupported`] as
     /// [`Session::save_state`].
     pub fn restore_state(&mut self, state: &SessionState) -> Result<(), EngineError> {
-        self.scheduler.restore_state(0, &state.tokens, &state.adapter_scales(), &state.state)
+        self.scheduler.restore_state(0, &state.tokens, &state.adapters(), &state.state)
     }
 
     /// Writes what the cache holds to `path`, in llama-server's slot file layout (llama-server
@@ -160,7 +160,8 @@ impl<'e> Session<'e> {
 }
 
 /// A [`Session`]'s cache as bytes ([`Session::save_state`]): the tokens it holds, the LoRA
-/// adapter scales they were decoded with, and llama.cpp's state of them.
+/// adapter scales they were decoded with (two sets where an activated LoRA applied from its
+/// invocation on), and llama.cpp's state of them.
 /// [`SessionState::to_bytes`] and [`SessionState::from_bytes`] carry it through a file, a
 /// database or the network.
 #[derive(Clone, PartialEq, Eq)]
@@ -168,6 +169,8 @@ pub struct SessionState {
     pub(crate) tokens: Vec<Token>,
     /// The adapter scales, as the bits of each `f32` (so that states compare as bytes do).
     adapter_scales: Vec<u32>,
+    /// Where an activated LoRA applied from, and the scales from there on (bits too).
+    activation: Option<(u64, Vec<u32>)>,
     pub(crate) state: Vec<u8>,
 }
 
@@ -179,23 +182,42 @@ impl std::fmt::Debug for SessionState {
 
 impl SessionState {
     /// What tells these bytes from others: "exsa" and a format version.
-    const MAGIC: [u8; 8] = *b"exsa\0st2";
+    const MAGIC: [u8; 8] = *b"exsa\0st3";
 
     /// The tokens the cache held.
     pub fn tokens(&self) -> &[Token] {
         &self.tokens
     }
 
-    /// The LoRA adapter scales the cache was decoded with (one per adapter of the engine): a
-    /// restored cache serves only requests of these scales.
+    /// The LoRA adapter scales the cache was decoded with (one per adapter of the engine), before
+    /// an activated LoRA applied where one did ([`SessionState::activation`]): a
+    /// restored cache serves a request only where it decodes with the same scales.
     pub fn adapter_scales(&self) -> Vec<f32> {
-        self.adapter_scales.iter().map(|&b| f32::from_bits(b)).collect()
+        floats(&self.adapter_scales)
     }
 
-    /// One buffer: a header, the token count and the tokens, the scale count and the scales
-    /// (little-endian), then the state.
+    /// Where an activated LoRA applied from (the position of the token before its invocation,
+    /// see [`crate::Engine::lora_invocation`]), and the scales the cache was decoded with from
+    /// there on; None where no such adapter applied.
+    pub fn activation(&self) -> Option<(usize, Vec<f32>)> {
+        self.activation.as_ref().map(|(at, scales)| (usize::try_from(*at).unwrap_or(usize::MAX), floats(scales)))
+    }
+
+    /// The scales of each position, as the scheduler reads them.
+    pub(crate) fn adapters(&self) -> AdapterPlan {
+        match self.activation() {
+            Some((at, scales)) => AdapterPlan::activated(self.adapter_scales(), at, scales),
+            None => AdapterPlan::uniform(self.adapter_scales()),
+        }
+    }
+
+    /// One buffer: a header, the token count and the tokens, the scale count and the scales,
+    /// the activation's position (`u64::MAX`: none) with its scale count and scales (all
+    /// little-endian), then the state.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(Self::MAGIC.len() + 16 + 4 * (self.tokens.len() + self.adapter_scales.len()) + self.state.len());
+        let (at, activated) = self.activation.as_ref().map_or((u64::MAX, &[][..]), |(at, scales)| (*at, &scales[..]));
+        let words = self.tokens.len() + self.adapter_scales.len() + activated.len();
+        let mut bytes = Vec::with_capacity(Self::MAGIC.len() + 32 + 4 * words + self.state.len());
         bytes.extend_from_slice(&Self::MAGIC);
         bytes.extend_from_slice(&(self.tokens.len() as u64).to_le_bytes());
         for token in &self.tokens {
@@ -203,6 +225,11 @@ impl SessionState {
         }
         bytes.extend_from_slice(&(self.adapter_scales.len() as u64).to_le_bytes());
         for scale in &self.adapter_scales {
+            bytes.extend_from_slice(&scale.to_le_bytes());
+        }
+        bytes.extend_from_slice(&at.to_le_bytes());
+        bytes.extend_from_slice(&(activated.len() as u64).to_le_bytes());
+        for scale in activated {
             bytes.extend_from_slice(&scale.to_le_bytes());
         }
         bytes.extend_from_slice(&self.state);
@@ -214,20 +241,35 @@ impl SessionState {
     ///
     /// # Errors
     /// [`EngineError::State`] saying what is wrong: another header (another format version
-    /// too), or a buffer shorter than its token or scale count.
+    /// too), or a buffer shorter than its token or scale counts.
     pub fn from_bytes(bytes: &[u8]) -> Result<SessionState, EngineError> {
         let fail = |why: &str| EngineError::state(crate::error::SlotFileAction::Restore, why.to_string());
         let rest = bytes.strip_prefix(&Self::MAGIC).ok_or_else(|| fail("these bytes are no session state of this exsa (another header)"))?;
         let (tokens, rest) = counted_words(rest).ok_or_else(|| fail("the bytes are shorter than their token count says"))?;
-        let (scales, state) = counted_words(rest).ok_or_else(|| fail("the bytes are shorter than their scale count says"))?;
-        Ok(SessionState { tokens: tokens.map(|w| Token(w as i32)).collect(), adapter_scales: scales.collect(), state: state.to_vec() })
+        let (scales, rest) = counted_words(rest).ok_or_else(|| fail("the bytes are shorter than their scale count says"))?;
+        let (at, rest) = rest.split_first_chunk::<8>().ok_or_else(|| fail("the bytes end before the activation's position"))?;
+        let (activated, state) = counted_words(rest).ok_or_else(|| fail("the bytes are shorter than their activation's scale count says"))?;
+        let at = u64::from_le_bytes(*at);
+        Ok(SessionState {
+            tokens: tokens.map(|w| Token(w as i32)).collect(),
+            adapter_scales: scales.collect(),
+            activation: (at != u64::MAX).then(|| (at, activated.collect())),
+            state: state.to_vec(),
+        })
     }
 }
 
 impl From<crate::scheduler::SavedCache> for SessionState {
     fn from(saved: crate::scheduler::SavedCache) -> SessionState {
-        SessionState { tokens: saved.tokens, adapter_scales: saved.adapter_scales.iter().map(|s| s.to_bits()).collect(), state: saved.state }
+        let bits = |scales: &[f32]| scales.iter().map(|s| s.to_bits()).collect();
+        let activation = saved.adapters.activation().map(|a| (a.at as u64, bits(&a.scales)));
+        SessionState { tokens: saved.tokens, adapter_scales: bits(saved.adapters.base()), activation, state: saved.state }
     }
+}
+
+/// The `f32`s of these bits.
+fn floats(bits: &[u32]) -> Vec<f32> {
+    bits.iter().map(|&b| f32::from_bits(b)).collect()
 }
 
 /// A little-endian count (8 bytes) and that many 4-byte words, and the bytes after them; None

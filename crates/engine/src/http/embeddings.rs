@@ -152,8 +152,15 @@ pub(super) enum EmbedInput {
 
 impl EmbedInput {
     /// Each input's tokens; a 400 naming `input` for one of no known shape, or more than
-    /// [`MAX_INPUTS`].
+    /// [`MAX_INPUTS`] (counted before any is tokenized).
     fn tokens(&self, model: &Loaded) -> Result<Vec<Vec<Token>>, ApiError> {
+        let inputs = match self {
+            EmbedInput::Texts(texts) => texts.len(),
+            EmbedInput::Json(input) => super::openai::listed_prompts(input).map_or(1, <[Value]>::len),
+        };
+        if inputs == 0 || inputs > MAX_INPUTS {
+            return Err(ApiError::invalid("input", format!("1 to {MAX_INPUTS} inputs")));
+        }
         let tokenized = match self {
             EmbedInput::Texts(texts) => {
                 texts.iter().map(|t| model.engine.embedding_tokens(t).map_err(ApiError::from)).collect::<Result<Vec<_>, _>>()?
@@ -163,9 +170,6 @@ impl EmbedInput {
                 other => prompt_tokens(other, model, "input"),
             })?,
         };
-        if tokenized.is_empty() || tokenized.len() > MAX_INPUTS {
-            return Err(ApiError::invalid("input", format!("1 to {MAX_INPUTS} inputs")));
-        }
         Ok(tokenized)
     }
 }

@@ -84,6 +84,8 @@ impl From<EngineError> for ApiError {
                 error
             }
             EngineError::EmptyPrompt => ApiError::invalid("prompt", &e),
+            // The engine's per-adapter scales are what a request's `lora` field gave.
+            EngineError::InvalidRequest { field: "lora_scales", .. } => ApiError::invalid("lora", &e),
             EngineError::InvalidRequest { field, .. } => ApiError::invalid(*field, &e),
             EngineError::Grammar(_) => ApiError::invalid("grammar", &e),
             EngineError::JsonSchema(schema) => ApiError::invalid("json_schema", schema),

@@ -23,7 +23,8 @@ pub(super) struct ModelQuery {
 }
 
 /// `GET /lora-adapters`: each adapter by id, with its file, the scale requests without `lora`
-/// get, and the task name and prompt prefix its file declares (empty when it declares none).
+/// get, the task name and prompt prefix its file declares (empty when it declares none), and an
+/// activated LoRA's invocation.
 pub(super) async fn list(State(state): State<Arc<AppState>>, Query(query): Query<ModelQuery>) -> Response {
     let model = match state.models.get(query.model.as_deref()).await {
         Ok(model) => model,
@@ -38,16 +39,30 @@ pub(super) async fn list(State(state): State<Arc<AppState>>, Query(query): Query
         .enumerate()
         .map(|(id, (adapter, scale))| {
             let meta = |key: &str| model.engine.lora_meta(id, key).unwrap_or_default();
-            json!({
+            let mut entry = json!({
                 "id": id,
                 "path": adapter.path.display().to_string(),
                 "scale": scale,
                 "task_name": meta("adapter.lora.task_name"),
                 "prompt_prefix": meta("adapter.lora.prompt_prefix"),
-            })
+            });
+            let invocation = model.engine.lora_invocation(id);
+            if !invocation.is_empty() {
+                // An activated LoRA: what turns it on, as llama-server lists it (each token's
+                // text, control tokens as written).
+                entry["alora_invocation_string"] = model.engine.tokens_to_text_with_specials(invocation).unwrap_or_default().into();
+                entry["alora_invocation_tokens"] = json!(invocation);
+            }
+            entry
         })
         .collect();
     Json(adapters).into_response()
+}
+
+/// Adapter `scales` as llama-server's `generation_settings` and `/props` list them:
+/// `[{"id", "scale"}]`, every adapter in id order.
+pub(super) fn scale_entries(scales: &[f32]) -> serde_json::Value {
+    scales.iter().enumerate().map(|(id, scale)| json!({ "id": id, "scale": scale })).collect()
 }
 
 /// `POST /lora-adapters` with `[{"id": 0, "scale": 0.5}, ...]`: the scales requests without

@@ -175,7 +175,7 @@ impl Shape {
             "logit_bias": s.logit_bias.iter().map(|&(token, bias)| json!({ "token": token, "bias": bias })).collect::<Vec<_>>(),
             // The request's own adapter scales (every adapter, the unlisted ones at 0); empty
             // when it set none and got the server's, as llama-server echoes them.
-            "lora": options.lora_scales.iter().flatten().enumerate().map(|(id, scale)| json!({ "id": id, "scale": scale })).collect::<Vec<_>>(),
+            "lora": super::lora::scale_entries(options.lora_scales.as_deref().unwrap_or_default()),
         });
         Ok(Shape {
             fields,

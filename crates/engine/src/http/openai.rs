@@ -270,15 +270,19 @@ impl CompletionRequest {
 /// The prompts of a request's `field`, each read by `one`: one prompt (text, token ids, or a
 /// list mixing both), or a list of such, as llama-server tells them apart.
 pub(super) fn prompts<T>(prompt: &Value, field: &'static str, one: impl Fn(&Value) -> Result<T, ApiError>) -> Result<Vec<T>, ApiError> {
+    match listed_prompts(prompt) {
+        Some([]) => Err(ApiError::invalid(field, "the list is empty")),
+        Some(items) => items.iter().map(one).collect(),
+        None => Ok(vec![one(prompt)?]),
+    }
+}
+
+/// The prompts of a list of prompts (a list without a token id at its top), as llama-server
+/// tells it from one prompt; None for one prompt.
+pub(super) fn listed_prompts(prompt: &Value) -> Option<&[Value]> {
     match prompt {
-        // A list without a token id at its top is a list of prompts.
-        Value::Array(items) if !items.iter().any(Value::is_number) => {
-            if items.is_empty() {
-                return Err(ApiError::invalid(field, "the list is empty"));
-            }
-            items.iter().map(one).collect()
-        }
-        single => Ok(vec![one(single)?]),
+        Value::Array(items) if !items.iter().any(Value::is_number) => Some(items),
+        _ => None,
     }
 }
 

@@ -38,8 +38,11 @@ pub(super) async fn props(State(state): State<Arc<AppState>>) -> Response {
         Err(e) => return log::refused(&state, e),
     };
     let info = model.engine.model_info();
+    let mut params = generation_settings(&state);
+    // The scales requests without `lora` get now (`POST /lora-adapters` sets them).
+    params["lora"] = super::lora::scale_entries(&model.core.adapter_scales());
     Json(json!({
-        "default_generation_settings": { "n_ctx": model.n_ctx, "params": generation_settings(&state) },
+        "default_generation_settings": { "n_ctx": model.n_ctx, "params": params },
         "total_slots": state.models.slots(),
         "model_alias": model.id,
         "model_path": info.path,

@@ -14,6 +14,7 @@
 //! nothing of it is kept), the step is built again without drafts, then with the caches idle
 //! slots keep dropped, then without the newest request, which fails.
 
+mod adapter_plan;
 mod decode_cost;
 mod drafter;
 mod request;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
+pub(crate) use adapter_plan::AdapterPlan;
 use decode_cost::DecodeCost;
 pub(crate) use drafter::DraftModel;
 pub(crate) use request::Output;
@@ -69,8 +71,8 @@ pub(crate) struct Counters {
 /// A slot's cache as [`Scheduler::save_state`] saves it.
 pub(crate) struct SavedCache {
     pub(crate) tokens: Vec<Token>,
-    /// The LoRA adapter scales its cells were decoded with.
-    pub(crate) adapter_scales: Vec<f32>,
+    /// The LoRA adapter scales its cells were decoded with, by position.
+    pub(crate) adapters: AdapterPlan,
     /// llama.cpp's bytes of the cells.
     pub(crate) state: Vec<u8>,
 }
@@ -270,28 +272,27 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             Some(slot) if slot >= self.slots.len() => Some(EngineError::no_such_slot(slot)),
             _ => None,
         });
-        let scales = self.scales_of(&prepared);
+        let plan = match refused.map_or_else(|| self.plan_of(&prepared), Err) {
+            Ok(plan) => plan,
+            Err(e) => return Err((client, e)),
+        };
         let chosen = match prepared.options.slot {
             Some(slot) => self.slots.get(slot).is_some_and(Slot::is_idle).then_some(slot),
-            None => choose_slot(&self.slots, tokens, &scales, self.recurrent),
+            None => choose_slot(&self.slots, &prepared.tokens, &plan, self.recurrent),
         };
-        let index = match (refused, chosen) {
-            (Some(e), _) => return Err((client, e)),
-            (None, None) => return Err((client, EngineError::Session(crate::error::cause("no free slot")))),
-            (None, Some(index)) => index,
-        };
+        let Some(index) = chosen else { return Err((client, EngineError::Session(crate::error::cause("no free slot")))) };
         self.clock += 1;
         let single = self.slots.len() == 1;
         let slot = &mut self.slots[index];
-        slot.seq.adapt(&mut self.session, &scales);
+        slot.seq.adapt(&mut self.session, &plan);
         let kept = slot.seq.keep_prefix(&mut self.session, &prepared.tokens);
-        let copied = self.copy_longer_prefix(index, &prepared.tokens, &scales, kept);
+        let copied = self.copy_longer_prefix(index, &prepared.tokens, &plan, kept);
         let reused = copied.unwrap_or(kept);
         let slot = &mut self.slots[index];
         self.counters.busy_slots.fetch_add(1, Ordering::Relaxed);
         self.counters.prompt_tokens_reused.fetch_add(reused as u64, Ordering::Relaxed);
         self.counters.prompt_tokens_copied.fetch_add(copied.unwrap_or(0) as u64, Ordering::Relaxed);
-        let (request, prompt) = Request::new(prepared, client, reused, self.clock, self.n_ctx, scales);
+        let (request, prompt) = Request::new(prepared, client, reused, self.clock, self.n_ctx, plan);
         let request = Box::new(request);
         if single {
             // One slot: every decode is this request's, so its cancel aborts a decode in
@@ -307,19 +308,19 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// Where another slot's cache holds more of `prompt` than slot `dst` kept of its own (a
     /// shared system prompt, the other choices of one request), its cells are copied into `dst`
     /// (shared, in a unified cache: no decode, no new cells) and cut to the shared prefix.
-    /// Only cells decoded with the request's adapter `scales` are copied (`dst` holds none of
-    /// others). Returns the tokens `dst` then holds, or None when it copied nothing and `dst`
-    /// holds the `kept` tokens it had.
-    fn copy_longer_prefix(&mut self, dst: usize, prompt: &[Token], scales: &[f32], kept: usize) -> Option<usize> {
+    /// Only cells decoded with the scales of the request's adapter `plan` are kept (`dst` holds
+    /// none of others). Returns the tokens `dst` then holds, or None when it copied nothing and
+    /// `dst` holds the `kept` tokens it had.
+    fn copy_longer_prefix(&mut self, dst: usize, prompt: &[Token], plan: &AdapterPlan, kept: usize) -> Option<usize> {
         let recurrent = self.recurrent;
-        let usable = |s: &Slot<_, _>| s.seq.reusable(prompt, scales, recurrent);
+        let usable = |s: &Slot<_, _>| s.seq.reusable(prompt, plan, recurrent);
         let donor = (0..self.slots.len()).filter(|&i| i != dst).max_by_key(|&i| usable(&self.slots[i]))?;
         let shared = usable(&self.slots[donor]);
         if shared < kept + MIN_COPIED_PREFIX {
             return None;
         }
         let donor = &self.slots[donor].seq;
-        let (src_id, tokens) = (donor.id(), donor.tokens().to_vec());
+        let (src_id, tokens, adapters) = (donor.id(), donor.tokens().to_vec(), donor.adapters().clone());
         // A recurrent state holds one position, the donor's last: copied from the middle of the
         // donor's sequence it is returned to the donor's checkpoint there (see `reusable`),
         // which the copy holds the tokens of.
@@ -330,24 +331,27 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             return Some(0);
         }
         seq.extend(&tokens);
+        seq.set_adapters(adapters);
         if let Some(checkpoint) = checkpoint {
             seq.push_checkpoint(checkpoint);
         }
-        // The one prefix rule, now over the copy.
+        // The one adapter rule and the one prefix rule, now over the copy.
+        seq.adapt(&mut self.session, plan);
         Some(seq.keep_prefix(&mut self.session, prompt))
     }
 
     /// Whether `prompt` should wait for a slot that is decoding a prompt it shares much of (the
     /// other choices of one request, a common system prompt), to copy those cells once they are
-    /// in instead of decoding them again beside it (a prompt of the same adapter scales: cells of
-    /// others are not copied).
+    /// in instead of decoding them again beside it (as far as both decode each position with the
+    /// same adapter scales: cells of others are not copied).
     pub(crate) fn awaits_shared_prefix<S>(&self, prepared: &Prepared<S>) -> bool {
-        let (prompt, scales) = (&prepared.tokens[..], self.scales_of(prepared));
-        let scales = &scales[..];
-        let cached = self.slots.iter().map(|s| s.seq.reusable(prompt, scales, self.recurrent)).max().unwrap_or(0);
+        // A request that cannot run is refused at admission, not kept waiting.
+        let Ok(plan) = self.plan_of(prepared) else { return false };
+        let prompt = &prepared.tokens[..];
+        let cached = self.slots.iter().map(|s| s.seq.reusable(prompt, &plan, self.recurrent)).max().unwrap_or(0);
         self.slots.iter().any(|s| match &s.phase {
-            Phase::Prefilling { request, prompt: theirs, then: None, .. } if request.scales == scales => {
-                let common = theirs.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+            Phase::Prefilling { request, prompt: theirs, then: None, .. } => {
+                let common = theirs.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(request.adapters.agrees_until(&plan));
                 // A recurrent state is copied only up to the checkpoint their prefill takes:
                 // waiting pays only where there will be one within what the prompts share.
                 let usable = if !self.recurrent {
@@ -362,29 +366,33 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         })
     }
 
-    /// The LoRA adapter scales a request runs with: its own, else the default ones as they are
-    /// now.
-    fn scales_of<S>(&self, prepared: &Prepared<S>) -> Vec<f32> {
-        prepared.options.lora_scales.clone().unwrap_or_else(|| read(&self.default_scales))
+    /// The LoRA adapter scales a request runs with, by position: its own, else the default ones
+    /// as they are now, an activated LoRA's from its invocation in the prompt on (see
+    /// [`AdapterPlan::for_prompt`]).
+    fn plan_of<S>(&self, prepared: &Prepared<S>) -> Result<AdapterPlan, EngineError> {
+        let scales = prepared.options.lora_scales.clone().unwrap_or_else(|| read(&self.default_scales));
+        AdapterPlan::for_prompt(scales, &prepared.tokens, |adapter| self.model.adapter_invocation(adapter))
     }
 
     /// Chooses this step's group: the requests of one set of adapter scales. llama.cpp applies one
     /// set of adapters to a whole decode, so requests of other scales wait for steps of their
     /// own. Groups take turns of [`GROUP_TURN`] steps: the group that has the context keeps it
     /// for its turn while it has requests, then the one whose request waited longest for a step
-    /// takes it (the oldest first among equals); none starves. Where all run with the same
-    /// scales (no per-request adapters), the group is every request and never changes.
+    /// takes it (the oldest first among equals); none starves. A request's group is that of the
+    /// next position it decodes (an activated LoRA's prompt changes group where the adapter
+    /// starts). Where all decode with the same scales (no per-request or activated adapters),
+    /// the group is every request and never changes.
     fn choose_group(&mut self) {
-        let requests = || self.slots.iter().filter_map(|s| s.phase.request());
-        if self.turn < GROUP_TURN && requests().any(|r| r.scales == self.step_scales) {
+        let requests = || self.slots.iter().filter_map(|s| Some((s.phase.request()?, group_of(&s.phase)?)));
+        if self.turn < GROUP_TURN && requests().any(|(_, group)| group == self.step_scales) {
             self.turn += 1;
             return;
         }
-        let lead = requests().min_by_key(|r| (r.last_step, r.admitted));
+        let lead = requests().min_by_key(|(r, _)| (r.last_step, r.admitted)).map(|(_, group)| group);
         if let Some(lead) = lead
-            && lead.scales != self.step_scales
+            && lead != self.step_scales
         {
-            self.step_scales.clone_from(&lead.scales);
+            self.step_scales = lead.to_vec();
         }
         self.turn = 1;
     }
@@ -463,8 +471,8 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// prompt tokens in it.
     fn build_batch(&mut self) -> Result<usize, EngineError> {
         let n_slots = self.slots.len();
-        let step_scales = &self.step_scales;
-        let in_group = |phase: &Phase<Running<'e, M, C>>| phase.request().is_some_and(|r| r.scales == *step_scales);
+        let step_scales = &self.step_scales[..];
+        let in_group = |phase: &Phase<Running<'e, M, C>>| group_of(phase) == Some(step_scales);
         let generating = self.slots.iter().filter(|s| matches!(s.phase, Phase::Generating { .. }) && in_group(&s.phase)).count();
         for slot in &mut self.slots {
             let Slot { seq, phase, .. } = slot;
@@ -557,6 +565,8 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             let Slot { seq, phase, .. } = &mut self.slots[i];
             let Phase::Prefilling { request, prompt, done, then, checkpoint_at } = phase else { continue };
             let end = checkpoint_at.filter(|&at| *done < at).unwrap_or(prompt.len());
+            // Not past where its adapter scales change: the rest is another group's.
+            let end = request.adapters.change_after(*done).map_or(end, |at| at.min(end));
             let n = room.min(end - *done);
             for (k, &token) in prompt[*done..*done + n].iter().enumerate() {
                 // The last prompt token's logits give the first token, unless the sequence is
@@ -725,7 +735,10 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// adapter scales had nothing in it and go on.
     fn fail_batch(&mut self, e: &EngineError) {
         for i in 0..self.slots.len() {
-            let Some(request) = self.slots[i].phase.request().filter(|r| r.scales == self.step_scales) else { continue };
+            if group_of(&self.slots[i].phase) != Some(&self.step_scales[..]) {
+                continue;
+            }
+            let Some(request) = self.slots[i].phase.request() else { continue };
             let outcome = if request.is_cancelled() { Ok(FinishReason::Cancelled) } else { Err(e.clone()) };
             self.slots[i].seq.clear(&mut self.session);
             self.end(i, outcome);
@@ -832,11 +845,11 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         let (tokens, bytes) = match action {
             SlotAction::Save(path) => {
                 let seq = &self.slots[index].seq;
-                if seq.len() > 0 && !seq.decoded_with(&read(&self.default_scales)) {
+                if self.file_plan(seq.tokens()).agrees_until(seq.adapters()) < seq.len() {
                     // Restored, its cells would count as the default scales' (a file records none).
                     return Err(EngineError::InvalidRequest {
                         field: "lora_scales",
-                        value: format!("{:?}", seq.adapter_scales()),
+                        value: format!("{:?}", seq.adapters()),
                         reason: "the slot's cache was decoded with other LoRA adapter scales than the default ones, which a slot file cannot record",
                     });
                 }
@@ -867,15 +880,16 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         debug_assert!(self.slot_is_idle(index));
         let seq = &self.slots[index].seq;
         let state = self.session.seq_state(seq.id())?;
-        Ok(SavedCache { tokens: seq.tokens().to_vec(), adapter_scales: seq.adapter_scales().to_vec(), state })
+        Ok(SavedCache { tokens: seq.tokens().to_vec(), adapters: seq.adapters().clone(), state })
     }
 
-    /// Replaces idle slot `index`'s cache with `state`, saved with `tokens` and adapter `scales`
-    /// by [`Scheduler::save_state`] (of a context of this model). On failure the slot is empty.
-    pub(crate) fn restore_state(&mut self, index: usize, tokens: &[Token], scales: &[f32], state: &[u8]) -> Result<(), EngineError> {
+    /// Replaces idle slot `index`'s cache with `state`, saved with `tokens` and adapter
+    /// `adapters` by [`Scheduler::save_state`] (of a context of this model). On failure the slot
+    /// is empty.
+    pub(crate) fn restore_state(&mut self, index: usize, tokens: &[Token], adapters: &AdapterPlan, state: &[u8]) -> Result<(), EngineError> {
         debug_assert!(self.slot_is_idle(index));
         let seq = &mut self.slots[index].seq;
-        seq.adapt(&mut self.session, scales);
+        seq.adapt(&mut self.session, adapters);
         seq.clear(&mut self.session);
         let loaded = if tokens.len() > self.n_ctx {
             Err(EngineError::state(
@@ -913,7 +927,6 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// none; a save refuses a cache of others).
     fn restore(&mut self, index: usize, path: &std::path::Path) -> Result<usize, EngineError> {
         let seq = &mut self.slots[index].seq;
-        seq.adapt(&mut self.session, &read(&self.default_scales));
         seq.clear(&mut self.session);
         let loaded = self
             .session
@@ -921,7 +934,10 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
             .and_then(|list| slot_file::unpack(list).map_err(|why| EngineError::slot_file(crate::error::SlotFileAction::Restore, path, why)));
         match loaded {
             Ok(tokens) => {
+                let plan = self.file_plan(&tokens);
+                let seq = &mut self.slots[index].seq;
                 seq.extend(&tokens);
+                seq.set_adapters(plan);
                 Ok(tokens.len())
             }
             Err(e) => {
@@ -929,6 +945,15 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                 Err(e)
             }
         }
+    }
+
+    /// The adapter scales a slot file's cells of `tokens` count as decoded with (a file records
+    /// none): the default scales', an activated LoRA's from its invocation in them on, as a
+    /// request of those tokens would decode them (where that request would be refused, two
+    /// activated LoRAs enabled, none of their cells serve anything).
+    fn file_plan(&self, tokens: &[Token]) -> AdapterPlan {
+        let default = read(&self.default_scales);
+        AdapterPlan::for_prompt(default.clone(), tokens, |adapter| self.model.adapter_invocation(adapter)).unwrap_or(AdapterPlan::uniform(default))
     }
 
     /// Empties the caches idle slots keep for reuse (but `keep`'s); false when none held any.
@@ -957,6 +982,17 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
 /// streams pause longer.
 const GROUP_TURN: usize = 8;
 
+/// The adapter scales of the next position a slot's request decodes (its prompt's where it
+/// prefills, else its generation's): the group of requests it belongs to now (see
+/// [`Scheduler::choose_group`]).
+fn group_of<S, C>(phase: &Phase<Box<Request<S, C>>>) -> Option<&[f32]> {
+    match phase {
+        Phase::Idle => None,
+        Phase::Prefilling { request, done, .. } => Some(request.adapters.scales_at(*done)),
+        Phase::Generating { request, .. } => Some(request.adapters.scales_at(usize::MAX)),
+    }
+}
+
 /// The default adapter scales as they are now.
 fn read(scales: &DefaultScales) -> Vec<f32> {
     scales.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -972,9 +1008,9 @@ pub(crate) const DEFAULT_CHECKPOINTS: usize = 8;
 /// covers at least half the prompt; otherwise the least valuable cache is given up: an empty
 /// slot, else the one used longest ago. (A prefix of a token or two, such as BOS, is not worth
 /// another prompt's whole cache.)
-fn choose_slot<R, K: Clone>(slots: &[Slot<R, K>], prompt: &[Token], scales: &[f32], recurrent: bool) -> Option<usize> {
+fn choose_slot<R, K: Clone>(slots: &[Slot<R, K>], prompt: &[Token], plan: &AdapterPlan, recurrent: bool) -> Option<usize> {
     let free = || slots.iter().enumerate().filter(|(_, s)| s.is_idle());
-    let (best, best_common) = free().map(|(i, s)| (i, s.seq.reusable(prompt, scales, recurrent))).max_by_key(|&(i, c)| (c, std::cmp::Reverse(i)))?;
+    let (best, best_common) = free().map(|(i, s)| (i, s.seq.reusable(prompt, plan, recurrent))).max_by_key(|&(i, c)| (c, std::cmp::Reverse(i)))?;
     if best_common * 2 >= prompt.len() {
         return Some(best);
     }

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::Counters;
+use super::adapter_plan::AdapterPlan;
 use super::slot::Sequence;
 use crate::backend::{BackendModel, BackendSession};
 use crate::config::{CancelToken, GenerateOptions, Speculation};
@@ -101,8 +102,9 @@ pub(crate) struct Request<S, C> {
     pub(crate) drafting: Option<Drafting>,
     /// The scheduler's clock at admission (the oldest request goes first, the newest gives way).
     pub(crate) admitted: u64,
-    /// The LoRA adapter scales it runs with (its own, else the session's).
-    pub(crate) scales: Vec<f32>,
+    /// The LoRA adapter scales it runs with, by position (its own, else the session's; an
+    /// activated LoRA's from its invocation on).
+    pub(crate) adapters: AdapterPlan,
     /// The last step whose batch was its group's (see `Scheduler::choose_group`); 0 before any.
     pub(crate) last_step: u64,
     arrived: Instant,
@@ -126,8 +128,8 @@ pub(crate) struct Request<S, C> {
 impl<S, C> Request<S, C> {
     /// A request admitted at `admitted` whose prompt reuses `reused` cached tokens, and its
     /// prompt; `n_ctx` bounds what it can generate (its buffers are sized once, here); it runs
-    /// with adapter `scales`.
-    pub(crate) fn new(prepared: Prepared<S>, client: C, reused: usize, admitted: u64, n_ctx: usize, scales: Vec<f32>) -> (Self, Vec<Token>) {
+    /// with adapter `adapters`.
+    pub(crate) fn new(prepared: Prepared<S>, client: C, reused: usize, admitted: u64, n_ctx: usize, adapters: AdapterPlan) -> (Self, Vec<Token>) {
         let Prepared { tokens, options, sampler, arrived } = prepared;
         // The sampler was built from `sampling` and `ignore_eos` already.
         let GenerateOptions {
@@ -172,7 +174,7 @@ impl<S, C> Request<S, C> {
             delivered: (0, 0),
             drafting,
             admitted,
-            scales,
+            adapters,
             last_step: 0,
             arrived,
             started: Instant::now(),

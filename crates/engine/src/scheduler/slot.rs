@@ -1,6 +1,7 @@
 //! A slot: one sequence of the shared context, the tokens its cache holds, and the phase of the
 //! request it runs.
 
+use super::adapter_plan::AdapterPlan;
 use crate::backend::BackendSession;
 use crate::token::Token;
 
@@ -20,9 +21,10 @@ pub(crate) struct Sequence<K> {
     /// [`Sequence::mark_rollback`]): outside the bound and the prefix-reuse rule, only for
     /// [`Sequence::return_to_rollback`].
     rollback: Option<Checkpoint<K>>,
-    /// The LoRA adapter scales its cells were decoded with (see [`Sequence::adapt`]): cells of
-    /// other scales hold other keys and values, so only a request with these reuses them.
-    adapter_scales: Vec<f32>,
+    /// The LoRA adapter scales its cells were decoded with, by position (see
+    /// [`Sequence::adapt`]): cells of other scales hold other keys and values, so a request
+    /// reuses only those its own plan decodes with the same scales.
+    adapters: AdapterPlan,
 }
 
 /// How many tokens before a prompt's end its checkpoint is taken.
@@ -39,27 +41,39 @@ pub(crate) struct Checkpoint<K> {
 impl<K: Clone> Sequence<K> {
     /// Sequence `id`, with room for `capacity` tokens (the context: the token loop never grows it).
     pub(crate) fn new(id: i32, capacity: usize) -> Self {
-        Sequence { id, tokens: Vec::with_capacity(capacity), checkpoints: Vec::new(), max_checkpoints: 0, rollback: None, adapter_scales: Vec::new() }
-    }
-
-    /// The adapter scales its cells were decoded with.
-    pub(crate) fn adapter_scales(&self) -> &[f32] {
-        &self.adapter_scales
-    }
-
-    /// Whether its cells were decoded with adapter `scales`.
-    pub(crate) fn decoded_with(&self, scales: &[f32]) -> bool {
-        self.adapter_scales == scales
-    }
-
-    /// Makes the sequence one of cells decoded with adapter `scales`: emptied first when it holds
-    /// cells of other scales (a request with other adapters cannot reuse them).
-    pub(crate) fn adapt(&mut self, session: &mut impl BackendSession, scales: &[f32]) {
-        if !self.decoded_with(scales) {
-            self.clear(session);
-            self.adapter_scales.clear();
-            self.adapter_scales.extend_from_slice(scales);
+        Sequence {
+            id,
+            tokens: Vec::with_capacity(capacity),
+            checkpoints: Vec::new(),
+            max_checkpoints: 0,
+            rollback: None,
+            adapters: AdapterPlan::default(),
         }
+    }
+
+    /// The adapter scales its cells were decoded with, by position.
+    pub(crate) fn adapters(&self) -> &AdapterPlan {
+        &self.adapters
+    }
+
+    /// Notes the plan the cells it holds were decoded with (cells copied from another sequence
+    /// carry that sequence's).
+    pub(crate) fn set_adapters(&mut self, plan: AdapterPlan) {
+        self.adapters = plan;
+    }
+
+    /// Makes the sequence one of cells decoded with adapter `plan`: cut back first to the cells
+    /// whose positions both plans decode with the same scales (a request with other adapters
+    /// cannot reuse the others), as [`Sequence::keep_within`] cuts.
+    pub(crate) fn adapt(&mut self, session: &mut impl BackendSession<Checkpoint = K>, plan: &AdapterPlan) {
+        if self.adapters == *plan {
+            return;
+        }
+        let agreed = self.adapters.agrees_until(plan);
+        if agreed < self.len() {
+            self.keep_within(session, agreed);
+        }
+        self.adapters.clone_from(plan);
     }
 
     /// Keeps up to `n` recurrent checkpoints (see [`Sequence::checkpoint`]).
@@ -111,16 +125,13 @@ impl<K: Clone> Sequence<K> {
         self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count()
     }
 
-    /// How much of `prompt` this cache can give a request with adapter `scales`: nothing when its
-    /// cells were decoded with others (see [`Sequence::adapt`]), else the longest prefix it
-    /// shares with it, leaving at least one prompt token to decode (its logits start the
+    /// How much of `prompt` this cache can give a request with adapter `plan`: the longest prefix
+    /// it shares with it whose cells were decoded with the plan's scales (see
+    /// [`Sequence::adapt`]), leaving at least one prompt token to decode (its logits start the
     /// generation). A recurrent state (`recurrent`) is cut back only to a checkpoint, or not at
     /// all where the prompt goes on past all it holds.
-    pub(crate) fn reusable(&self, prompt: &[Token], scales: &[f32], recurrent: bool) -> usize {
-        if !self.decoded_with(scales) {
-            return 0;
-        }
-        let common = self.common_prefix(prompt).min(prompt.len().saturating_sub(1));
+    pub(crate) fn reusable(&self, prompt: &[Token], plan: &AdapterPlan, recurrent: bool) -> usize {
+        let common = self.common_prefix(prompt).min(self.adapters.agrees_until(plan)).min(prompt.len().saturating_sub(1));
         if !recurrent || common == self.len() {
             return common;
         }
@@ -192,11 +203,17 @@ impl<K: Clone> Sequence<K> {
     /// cannot cut there (a recurrent state), returns to the longest checkpoint within it, else
     /// starts from empty. Returns the tokens kept.
     pub(crate) fn keep_prefix(&mut self, session: &mut impl BackendSession<Checkpoint = K>, prompt: &[Token]) -> usize {
-        let common = self.common_prefix(prompt).min(prompt.len().saturating_sub(1));
-        if self.cut(session, common) {
-            return common;
+        self.keep_within(session, self.common_prefix(prompt).min(prompt.len().saturating_sub(1)))
+    }
+
+    /// Keeps at most the first `len` tokens: cut there, or where the memory cannot cut (a
+    /// recurrent state), returned to the longest checkpoint within them, else emptied. Returns
+    /// the tokens kept.
+    fn keep_within(&mut self, session: &mut impl BackendSession<Checkpoint = K>, len: usize) -> usize {
+        if self.cut(session, len) {
+            return len;
         }
-        let Some(checkpoint) = self.checkpoint_within(common).cloned() else {
+        let Some(checkpoint) = self.checkpoint_within(len).cloned() else {
             self.clear(session);
             return 0;
         };

@@ -34,6 +34,8 @@ struct FakeModel {
     batch_scales: Mutex<Vec<Vec<f32>>>,
     /// Adapter scales it cannot apply (as a backend that fails to).
     refused_scales: Option<Vec<f32>>,
+    /// Each adapter's activated-LoRA invocation (none: plain adapters).
+    invocations: Vec<Vec<Token>>,
 }
 
 impl FakeModel {
@@ -46,6 +48,7 @@ impl FakeModel {
             batches: Mutex::default(),
             batch_scales: Mutex::default(),
             refused_scales: None,
+            invocations: Vec::new(),
         }
     }
 
@@ -125,6 +128,10 @@ impl BackendModel for FakeModel {
     }
     fn adapter_meta(&self, _: usize, _: &str) -> Option<String> {
         None
+    }
+
+    fn adapter_invocation(&self, adapter: usize) -> &[Token] {
+        self.invocations.get(adapter).map_or(&[], Vec::as_slice)
     }
 
     fn named_template(&self, _: &str) -> Option<String> {
@@ -464,11 +471,11 @@ fn drafts_are_verified_against_the_model_and_get_the_room_that_is_left() {
     assert!(s.counters.accepted_tokens.load(Ordering::Relaxed) >= 4, "{:?}", s.counters);
     // The rule: a position kept for the token after the drafts, max tokens, the batch's room,
     // the draft length.
-    let (request, _) = Request::new(prepared(&[1], 10, Speculation::Ngram { max_draft: 8 }), (), 0, 1, 64, Vec::new());
+    let (request, _) = Request::new(prepared(&[1], 10, Speculation::Ngram { max_draft: 8 }), (), 0, 1, 64, AdapterPlan::default());
     assert_eq!(request.draft_room(0, 64, 100), 8, "the draft length");
     assert_eq!(request.draft_room(60, 64, 100), 2, "two positions left after the pending token and one kept");
     assert_eq!(request.draft_room(0, 64, 3), 3, "the batch's room");
-    let plain = Request::new(prepared(&[1], 10, Speculation::Off), (), 0, 1, 64, Vec::new()).0;
+    let plain = Request::new(prepared(&[1], 10, Speculation::Off), (), 0, 1, 64, AdapterPlan::default()).0;
     assert_eq!(plain.draft_room(0, 64, 100), 0);
 }
 
@@ -888,4 +895,66 @@ fn adapters_that_cannot_be_applied_fail_only_their_group() {
     assert!(matches!(outcome("refused").1, Err(EngineError::Session(_))), "{:?}", outcome("refused").1);
     assert_eq!(outcome("plain").2, tokens(4, 4));
     assert_eq!(outcome("adapted").2, toks(&[23, 25, 27]));
+}
+
+/// An activated LoRA applies from the token before its invocation in the prompt on
+/// (llama-server's rule): the prompt before that is decoded without the adapter, in a batch of
+/// its own, the rest and the generation with it. A cache serves a later request only where both decode with the same
+/// scales: all of it for the same invocation, the part before it for a request without the
+/// adapter, and a plain prefix for a request whose invocation comes later.
+#[test]
+fn an_activated_lora_applies_from_its_invocation_and_its_cells_are_reused_where_the_scales_agree() {
+    let model = FakeModel { invocations: vec![toks(&[7, 8])], ..FakeModel::counting() };
+    let config = SessionConfig { n_ctx: 128, n_batch: 64, n_ubatch: 64, n_seq_max: 1, ..SessionConfig::default() };
+    let mut s: Scheduler<'_, FakeModel, &'static str> =
+        Scheduler::new(&model, model.session(&config).unwrap(), 1, Arc::default(), Arc::new(std::sync::RwLock::new(vec![0.0])));
+    let activated = |tokens: &[i32]| {
+        let mut p = prepared(tokens, 4, Speculation::Off);
+        p.options.lora_scales = Some(vec![1.0]);
+        p
+    };
+    let reused = |s: &Scheduler<'_, FakeModel, &'static str>| s.running(0).unwrap().1.prompt_tokens_reused;
+
+    s.admit(activated(&[1, 2, 3, 7, 8, 9]), "activated").unwrap();
+    // The adapter moves each prediction on by one: 9 -> 11, 11 -> 13, and so on.
+    assert_eq!(run(&mut s)[0].2, toks(&[11, 13, 15, 17]));
+    let batches = model.batches.lock().unwrap().clone();
+    let scales = model.batch_scales.lock().unwrap().clone();
+    let ids = |batch: &[Entry]| batch.iter().map(|e| e.0).collect::<Vec<_>>();
+    let without = |scales: &[f32]| scales.iter().all(|&s| s == 0.0);
+    assert!(ids(&batches[0]) == [1, 2] && without(&scales[0]), "the prompt before the invocation: {batches:?} {scales:?}");
+    assert_eq!((ids(&batches[1]), &scales[1]), (vec![3, 7, 8, 9], &vec![1.0]), "the invocation and the rest");
+    assert!(scales[2..].iter().all(|s| s == &[1.0]), "the generation: {scales:?}");
+
+    // The same invocation: every cell serves (the drawn tokens 11, 13 and 15 were decoded).
+    s.admit(activated(&[1, 2, 3, 7, 8, 9, 11, 13, 20]), "again").unwrap();
+    assert_eq!(reused(&s), 8);
+    assert_eq!(run(&mut s)[0].2, toks(&[22, 24, 26, 28]));
+    // Without the adapter: only the cells before the adapter's.
+    s.admit(prepared(&[1, 2, 3, 7, 8, 9, 11, 13, 20], 4, Speculation::Off), "plain").unwrap();
+    assert_eq!(reused(&s), 2);
+    assert_eq!(run(&mut s)[0].2, tokens(21, 4));
+    // Its invocation later: the plain cells before it.
+    s.admit(activated(&[1, 2, 3, 7, 8, 9, 11, 13, 20, 7, 8, 5]), "later").unwrap();
+    assert_eq!(reused(&s), 8);
+    assert_eq!(run(&mut s)[0].2, toks(&[7, 9, 11, 13]));
+    // Not in the prompt: the adapter does not apply.
+    s.admit(activated(&[1, 2, 3, 7, 9]), "absent").unwrap();
+    assert_eq!(run(&mut s)[0].2, tokens(10, 4));
+    assert!(without(model.batch_scales.lock().unwrap().last().unwrap()));
+
+    // Enabled by default: a slot file (which records no scales) saves such a cache, and its
+    // cells count as a request of their tokens would decode them, so they serve it again.
+    let mut d: Scheduler<'_, FakeModel, &'static str> =
+        Scheduler::new(&model, model.session(&config).unwrap(), 1, Arc::default(), Arc::new(std::sync::RwLock::new(vec![1.0])));
+    d.admit(prepared(&[1, 2, 3, 7, 8, 9], 4, Speculation::Off), "default").unwrap();
+    assert_eq!(run(&mut d)[0].2, toks(&[11, 13, 15, 17]));
+    let file = std::env::temp_dir().join(format!("exsa-fake-alora-slot-{}.json", std::process::id()));
+    d.slot_action(0, &SlotAction::Save(file.clone())).unwrap();
+    d.slot_action(0, &SlotAction::Erase).unwrap();
+    d.slot_action(0, &SlotAction::Restore(file.clone())).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    d.admit(prepared(&[1, 2, 3, 7, 8, 9, 11, 13, 15, 20], 1, Speculation::Off), "restored").unwrap();
+    assert_eq!(d.running(0).unwrap().1.prompt_tokens_reused, 9);
+    assert_eq!(run(&mut d)[0].2, toks(&[22]));
 }

@@ -343,9 +343,7 @@ impl SlotJob {
         match self.work {
             SlotWork::Action(action, reply) => drop(reply.send(scheduler.slot_action(slot, &action))),
             SlotWork::SaveState(reply) => drop(reply.send(scheduler.save_state(slot).map(SessionState::from))),
-            SlotWork::RestoreState(saved, reply) => {
-                drop(reply.send(scheduler.restore_state(slot, &saved.tokens, &saved.adapter_scales(), &saved.state)))
-            }
+            SlotWork::RestoreState(saved, reply) => drop(reply.send(scheduler.restore_state(slot, &saved.tokens, &saved.adapters(), &saved.state))),
         }
     }
 }
