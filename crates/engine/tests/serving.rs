@@ -509,3 +509,36 @@ fn an_event_stream_gives_the_events_and_cancels_its_request_when_dropped_early()
     let (_, again) = owned.generate_text(&greedy("Hello", 4)).unwrap();
     assert_eq!(again.stats.completion_tokens, 4);
 }
+
+/// A session's [`Generation::logprobs`] lists what a served [`Completion::logprobs`] lists for
+/// the same request (one slot each: the same decodes): the same draws with their
+/// log-probabilities and candidates, growing while the generation runs; a request that asks for
+/// none lists none.
+#[test]
+fn a_sessions_generation_lists_the_log_probabilities_a_served_completion_lists() {
+    let engine = engine();
+    let request = greedy(PROMPTS[0], 12).logprobs(3);
+    let core = start(&engine, 1, 4).unwrap();
+    let (_, served) = collect(core.submit(ServeRequest::new(&engine, &request).unwrap()).unwrap()).unwrap();
+    assert!(served.logprobs.len() >= served.tokens.len() && !served.tokens.is_empty(), "{:?}", served.logprobs);
+
+    let mut session = engine.session().unwrap();
+    let mut generation = session.generate(&request).unwrap();
+    let mut seen = Vec::new();
+    while generation.next_text().transpose().unwrap().is_some() {
+        seen.push(generation.logprobs().len());
+    }
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]) && seen[0] >= 1, "drawn so far, step by step: {seen:?}");
+    let listed = generation.logprobs().to_vec();
+    assert_eq!(listed.len(), served.logprobs.len());
+    for (i, (ours, theirs)) in listed.iter().zip(&served.logprobs).enumerate() {
+        assert_eq!(ours.token, theirs.token, "draw {i}");
+        assert!((ours.logprob - theirs.logprob).abs() < 1e-4, "draw {i}: {} against {}", ours.logprob, theirs.logprob);
+        let candidates = |l: &TokenLogprobs| l.top.iter().map(|c| c.0).collect::<Vec<_>>();
+        assert_eq!((ours.top.len(), candidates(ours)), (3, candidates(theirs)), "draw {i}");
+    }
+    drop(generation);
+    let mut plain = session.generate(&greedy(PROMPTS[0], 4)).unwrap();
+    while plain.next_text().transpose().unwrap().is_some() {}
+    assert!(plain.logprobs().is_empty());
+}

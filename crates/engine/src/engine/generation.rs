@@ -5,7 +5,7 @@ use super::Session;
 use crate::error::EngineError;
 use crate::outcome::{FinishReason, GenerationStats};
 use crate::stop::TOKEN_TEXT_CAPACITY;
-use crate::token::Token;
+use crate::token::{Token, TokenLogprobs};
 
 /// A generation in progress: an iterator of text deltas, or, without an allocation per token,
 /// [`Generation::next_text`].
@@ -28,6 +28,7 @@ struct Finished {
     reported: bool,
     stats: GenerationStats,
     tokens: Vec<Token>,
+    logprobs: Vec<TokenLogprobs>,
 }
 
 impl std::fmt::Debug for Generation<'_, '_> {
@@ -75,6 +76,17 @@ impl<'s, 'e> Generation<'s, 'e> {
         }
     }
 
+    /// The log-probabilities of the tokens drawn so far, where the request asked for them
+    /// ([`crate::GenerateOptions::logprobs`]; empty otherwise): one entry per drawn token (the
+    /// end-of-generation token included) with its `n` likeliest candidates, as
+    /// [`crate::Completion::logprobs`] lists them.
+    pub fn logprobs(&self) -> &[TokenLogprobs] {
+        match &self.ended {
+            Some(ended) => &ended.logprobs,
+            None => self.session.scheduler.running_logprobs(0),
+        }
+    }
+
     /// The next text delta, lent until the next call: what the iterator yields, without
     /// allocating a `String` for it. None once the generation has finished.
     pub fn next_text(&mut self) -> Option<Result<&str, EngineError>> {
@@ -100,7 +112,8 @@ impl<'s, 'e> Generation<'s, 'e> {
         self.unsent = true;
         if let Some(ended) = scheduler.take_ended().next() {
             self.delta.push_str(&ended.delta);
-            self.ended = Some(Finished { outcome: ended.outcome, reported: false, stats: ended.stats, tokens: ended.tokens });
+            self.ended =
+                Some(Finished { outcome: ended.outcome, reported: false, stats: ended.stats, tokens: ended.tokens, logprobs: ended.logprobs });
         } else if let Some((delta, _, _)) = scheduler.running(0) {
             self.delta.push_str(delta);
         }

@@ -786,6 +786,11 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
         self.slots[i].phase.request().map(|r| (r.delta.as_str(), r.stats(), r.tokens()))
     }
 
+    /// Slot `i`'s running request's log-probabilities so far (empty where it asked for none).
+    pub(crate) fn running_logprobs(&self, i: usize) -> &[TokenLogprobs] {
+        self.slots[i].phase.request().map_or(&[], |r| r.logprobs())
+    }
+
     /// Whether slot `i` is decoding a prompt.
     pub(crate) fn is_prefilling(&self, i: usize) -> bool {
         matches!(self.slots[i].phase, Phase::Prefilling { .. })

@@ -217,6 +217,11 @@ impl<S, C> Request<S, C> {
         &self.tokens
     }
 
+    /// The log-probabilities of its draws so far, where it asked for them.
+    pub(crate) fn logprobs(&self) -> &[TokenLogprobs] {
+        &self.drawn
+    }
+
     /// `processed` of its `total` prompt tokens are in the cache: reported if it asked.
     pub(crate) fn prompt_processed(&mut self, processed: usize, total: usize) {
         if self.reports_progress {
