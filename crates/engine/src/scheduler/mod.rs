@@ -597,11 +597,14 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
                     if request.chunk == 0 {
                         continue;
                     }
-                    seq.extend(&prompt[*done..*done + request.chunk]);
+                    let start = *done;
+                    seq.extend(&prompt[start..start + request.chunk]);
                     *done += request.chunk;
-                    if *checkpoint_at == Some(*done) {
-                        // Where a later prompt (the next turn) comes back to, the state being
-                        // one that cannot be cut back.
+                    // Where a later prompt comes back to, the state being one that cannot be cut
+                    // back: the next turn, or, where an activated LoRA starts, a request without
+                    // it (the base model's prompt before its invocation is what such an adapter
+                    // lets requests share).
+                    if *checkpoint_at == Some(*done) || request.adapters.change_after(start) == Some(*done) {
                         seq.checkpoint(&mut self.session);
                     }
                     if then.is_none() {

@@ -958,3 +958,21 @@ fn an_activated_lora_applies_from_its_invocation_and_its_cells_are_reused_where_
     assert_eq!(d.running(0).unwrap().1.prompt_tokens_reused, 9);
     assert_eq!(run(&mut d)[0].2, toks(&[22]));
 }
+
+/// Over a recurrent state, which is cut back only to a checkpoint, the prefill of a request with
+/// an activated LoRA takes one where the adapter starts: a request without the adapter then
+/// reuses the base model's prompt before the invocation.
+#[test]
+fn a_recurrent_state_keeps_a_checkpoint_where_an_activated_lora_starts() {
+    let model = FakeModel { invocations: vec![toks(&[7, 8])], ..FakeModel::counting().recurrent() };
+    let config = SessionConfig { n_ctx: 128, n_batch: 64, n_ubatch: 64, n_seq_max: 1, ..SessionConfig::default() };
+    let mut s: Scheduler<'_, FakeModel, &'static str> =
+        Scheduler::new(&model, model.session(&config).unwrap(), 1, Arc::default(), Arc::new(std::sync::RwLock::new(vec![0.0])));
+    let mut activated = prepared(&[1, 2, 3, 7, 8, 9, 10, 11, 12], 2, Speculation::Off);
+    activated.options.lora_scales = Some(vec![1.0]);
+    s.admit(activated, "activated").unwrap();
+    assert_eq!(run(&mut s)[0].2, toks(&[14, 16]));
+    s.admit(prepared(&[1, 2, 3, 7, 8, 9, 10, 11, 12, 13], 2, Speculation::Off), "plain").unwrap();
+    assert_eq!(s.running(0).unwrap().1.prompt_tokens_reused, 2, "the base model's cells before the adapter's");
+    assert_eq!(run(&mut s)[0].2, tokens(14, 2));
+}
