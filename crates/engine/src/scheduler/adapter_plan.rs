@@ -24,8 +24,8 @@ pub(crate) struct AdapterPlan {
     activation: Option<Activation>,
 }
 
-/// Where an activated LoRA's invocation starts, and the scales from there on (its own among
-/// them).
+/// Where an activated LoRA starts to apply (the token before its invocation), and the scales
+/// from there on (its own among them).
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Activation {
     pub(crate) at: usize,
