@@ -931,8 +931,8 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     }
 
     /// Loads `path` into slot `index`'s emptied cache; returns the tokens it holds. The cells
-    /// count as decoded with the default adapter scales as they are now (a slot file records
-    /// none; a save refuses a cache of others).
+    /// count as decoded as [`Scheduler::file_plan`] says (a slot file records no scales; a save
+    /// refuses a cache of others).
     fn restore(&mut self, index: usize, path: &std::path::Path) -> Result<usize, EngineError> {
         let seq = &mut self.slots[index].seq;
         seq.clear(&mut self.session);
