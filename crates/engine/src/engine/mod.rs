@@ -447,7 +447,7 @@ impl Engine {
             }
             None => self.session_adapter_scales(&self.config.session)?,
         };
-        let plan = |tokens: &[Token]| AdapterPlan::for_prompt(scales.clone(), tokens, |adapter| self.model.adapter_invocation(adapter));
+        let plan = |tokens: &[Token]| AdapterPlan::for_model(scales.clone(), tokens, &self.model);
         // What a text without an invocation gets: every activated LoRA left out.
         let without = plan(&[])?;
         for tokens in texts {

@@ -13,6 +13,7 @@
 //! follows llama-server, so that `exsa serve` answers as the server its clients were written
 //! for does (the HTTP tests compare every token with it).
 
+use crate::backend::BackendModel;
 use crate::error::EngineError;
 use crate::token::Token;
 
@@ -69,6 +70,15 @@ impl AdapterPlan {
             Some(start) => Self::activated(base, start.saturating_sub(1), scales),
             None => Self::uniform(base),
         })
+    }
+
+    /// [`for_prompt`](Self::for_prompt) with `model`'s adapters' invocations: the plan of a
+    /// request to `model`.
+    ///
+    /// # Errors
+    /// As [`for_prompt`](Self::for_prompt).
+    pub(crate) fn for_model(scales: Vec<f32>, prompt: &[Token], model: &impl BackendModel) -> Result<Self, EngineError> {
+        Self::for_prompt(scales, prompt, |adapter| model.adapter_invocation(adapter))
     }
 
     /// The scales position `pos` is decoded with.

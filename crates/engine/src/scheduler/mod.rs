@@ -371,7 +371,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// [`AdapterPlan::for_prompt`]).
     fn plan_of<S>(&self, prepared: &Prepared<S>) -> Result<AdapterPlan, EngineError> {
         let scales = prepared.options.lora_scales.clone().unwrap_or_else(|| read(&self.default_scales));
-        AdapterPlan::for_prompt(scales, &prepared.tokens, |adapter| self.model.adapter_invocation(adapter))
+        AdapterPlan::for_model(scales, &prepared.tokens, self.model)
     }
 
     /// Chooses this step's group: the requests of one set of adapter scales. llama.cpp applies one
@@ -961,7 +961,7 @@ impl<'e, M: BackendModel, C> Scheduler<'e, M, C> {
     /// activated LoRAs enabled, none of their cells serve anything).
     fn file_plan(&self, tokens: &[Token]) -> AdapterPlan {
         let default = read(&self.default_scales);
-        AdapterPlan::for_prompt(default.clone(), tokens, |adapter| self.model.adapter_invocation(adapter)).unwrap_or(AdapterPlan::uniform(default))
+        AdapterPlan::for_model(default.clone(), tokens, self.model).unwrap_or(AdapterPlan::uniform(default))
     }
 
     /// Empties the caches idle slots keep for reuse (but `keep`'s); false when none held any.
