@@ -8,7 +8,9 @@
 //! variant this CPU runs (forced with `EXSA_CPU_VARIANT`), generate the native build's greedy
 //! tokens at every step up to the near-tie rule (where the two builds swap near-tied candidates,
 //! the bundle is fed the native tokens and compared on at every later step); each variant this
-//! CPU cannot run is refused with an error that names it, not a crash.
+//! CPU cannot run is refused with an error that names it, not a crash. On a CPU with AMX, a
+//! variant compiled with ggml's AMX kernels (Sapphire Rapids) must run them, llama-sys' fix of
+//! them included (llama.cpp's log names their buffer), and no other variant may.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,6 +28,11 @@ const PROMPT: &str = "The history of the printing press begins";
 const STEPS: usize = 48;
 /// The llama crate's `backend_modules::CPU_VARIANT_VAR`.
 const CPU_VARIANT_VAR: &str = "EXSA_CPU_VARIANT";
+/// llama.cpp's log line (at level info) when it puts weights in the buffer of ggml's AMX
+/// kernels: they, not the AVX-512 ones, run that model's matrix multiplications.
+const AMX_BUFFER_LOG: &str = "AMX model buffer size";
+/// What ggml's `system_info` says of a CPU module compiled with the AMX kernels.
+const AMX_COMPILED: &str = "AMX_INT8 = 1";
 
 pub fn run(bundle: &Bundle, build: &DynamicBuild, model: &Path) -> Result<()> {
     let unpacked = std::env::temp_dir().join(format!("exsa-dist-check-{}", std::process::id()));
@@ -51,14 +58,18 @@ pub fn run(bundle: &Bundle, build: &DynamicBuild, model: &Path) -> Result<()> {
     if chosen_score != Some(best) || best == 0 {
         bail!("the bundle chose {chosen} (score {chosen_score:?}) where the best score on this CPU is {best}: {cpu}");
     }
-    compare_variant(&exsa, model, None, &chosen, &reference)?;
+    let cpu_has_amx = ["AMX_TILE", "AMX_INT8"].iter().all(|f| cpu["cpu_features"].as_array().is_some_and(|have| have.iter().any(|h| h == f)));
+    compare_variant(&exsa, model, None, &chosen, &reference, amx_expected(cpu_has_amx, &info))?;
     for candidate in candidates {
         let name = candidate["variant"].as_str().context("a CPU variant without a name")?;
         match candidate["score"].as_i64() {
             // The module without a variant cannot be named; a bundle has none.
             _ if name.is_empty() || name == chosen => {}
             Some(0) => refused(&exsa, model, name)?,
-            _ => compare_variant(&exsa, model, Some(name), name, &reference)?,
+            _ => {
+                let amx = amx_expected(cpu_has_amx, &bundle_info(&exsa, model, Some(name))?);
+                compare_variant(&exsa, model, Some(name), name, &reference, amx)?;
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&unpacked);
@@ -90,11 +101,29 @@ fn bundle_command(exsa: &Path, variant: Option<&str>) -> Command {
     command
 }
 
-fn compare_variant(exsa: &Path, model: &Path, forced: Option<&str>, name: &str, reference: &[GreedyStep]) -> Result<()> {
+/// Whether a variant whose `exsa info` is `info` must run ggml's AMX kernels: it was compiled
+/// with them and the CPU has AMX. (llama-sys' probe would fall back to the AVX-512 kernels where
+/// a tile multiply fails; on a CPU that has AMX that fallback would hide a broken patch.)
+fn amx_expected(cpu_has_amx: bool, info: &Value) -> bool {
+    cpu_has_amx && info["system_info"].as_str().is_some_and(|s| s.contains(AMX_COMPILED))
+}
+
+/// Compares the variant's greedy tokens with the native build's, and checks that it ran ggml's
+/// AMX kernels exactly where `amx` says it must.
+fn compare_variant(exsa: &Path, model: &Path, forced: Option<&str>, name: &str, reference: &[GreedyStep], amx: bool) -> Result<()> {
     let server = Server::start(exsa, model, forced)?;
     let steps = compare_every_step(reference, |forced_prefix| server.trace(forced_prefix))
         .with_context(|| format!("the bundle's CPU variant {name} against the native build"))?;
-    eprintln!("dist check: variant {name}: {steps}");
+    let ran_amx = std::fs::read_to_string(&server.log)?.contains(AMX_BUFFER_LOG);
+    if ran_amx != amx {
+        bail!(
+            "the bundle's CPU variant {name} {} ggml's AMX kernels where {} (log in {})",
+            if ran_amx { "ran" } else { "did not run" },
+            if amx { "it has them and the CPU has AMX" } else { "it should not" },
+            server.log.display()
+        );
+    }
+    eprintln!("dist check: variant {name}: {steps}{}", if ran_amx { ", with ggml's AMX kernels" } else { "" });
     Ok(())
 }
 
@@ -152,6 +181,8 @@ fn refused(exsa: &Path, model: &Path, variant: &str) -> Result<()> {
 struct Server {
     child: Child,
     base: String,
+    /// Its stderr: llama.cpp's log at level info.
+    log: PathBuf,
 }
 
 impl Server {
@@ -159,9 +190,9 @@ impl Server {
         let port = server_process::free_port()?;
         let log = std::env::temp_dir().join(format!("exsa-dist-check-{}-{}.log", std::process::id(), variant.unwrap_or("default")));
         let mut command = bundle_command(exsa, variant);
-        command.args(["serve", "--parallel", "1", "--port", &port.to_string(), "--model"]).arg(model).stdin(Stdio::null());
+        command.args(["serve", "--log", "info", "--parallel", "1", "--port", &port.to_string(), "--model"]).arg(model).stdin(Stdio::null());
         let (child, base) = server_process::start_healthy(&mut command, "exsa serve", port, &log)?;
-        Ok(Server { child, base })
+        Ok(Server { child, base, log })
     }
 
     /// The greedy steps after the prompt and `forced`, with each step's top three.
