@@ -86,7 +86,8 @@ impl Variant {
     pub fn build_env(&self) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = vec![("RUSTFLAGS".into(), self.rustflags.clone())];
         for f in &self.features {
-            env.push((format!("LLAMA_SYS_{}", f.to_ascii_uppercase()), "on".into()));
+            // llama-sys' `Switch::env_var`: a feature's name upper-cased, `-` as `_`.
+            env.push((format!("LLAMA_SYS_{}", f.to_ascii_uppercase().replace('-', "_")), "on".into()));
         }
         if !self.cmake_defines.is_empty() {
             let args: Vec<String> = self.cmake_defines.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
@@ -282,6 +283,9 @@ mod tests {
         let env = v[0].build_env();
         assert!(env.contains(&("LLAMA_SYS_LTO".into(), "on".into())));
         assert!(env.contains(&("LLAMA_SYS_CMAKE_ARGS".into(), "-DGGML_AVX512=OFF".into())));
+        // A switch whose name has a dash is set by the variable llama-sys reads.
+        let dashed = Variant { features: vec!["backend-dl".into()], ..Variant::builtin("X", "source", "") };
+        assert!(dashed.build_env().contains(&("LLAMA_SYS_BACKEND_DL".into(), "on".into())), "{:?}", dashed.build_env());
 
         for (text, needle) in [
             ("[[variant]]\nname = \"X\"\nbackend = \"gpu\"\n", "unknown backend"),
