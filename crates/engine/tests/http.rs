@@ -69,15 +69,18 @@ fn chat_and_completions_stream_and_not_as_the_engine_generates() {
     assert_eq!(usage["usage"]["completion_tokens"], 16);
     assert!(usage["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0, "{usage}");
 
+    // Four tokens: this model's fifth after the prompt is a near tie (" United" against
+    // " country", 0.04 logits apart), which ggml's AMX kernels round either way depending on how
+    // the prompt was batched (whole, or its last token after a cached prefix).
     let completion: Value = http
         .post(server.url("/v1/completions"))
-        .json(&json!({ "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "stop": ["\n"] }))
+        .json(&json!({ "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "stop": ["\n"] }))
         .send()
         .unwrap()
         .json()
         .unwrap();
     let (want, _) =
-        engine.generate(&GenerateRequest::new("The capital of France is").max_tokens(8).stop(["\n"]).sampling(SamplingParams::greedy())).unwrap();
+        engine.generate(&GenerateRequest::new("The capital of France is").max_tokens(4).stop(["\n"]).sampling(SamplingParams::greedy())).unwrap();
     assert_eq!(completion["choices"][0]["text"].as_str().unwrap(), want);
     assert_eq!(completion["object"], "text_completion");
 
@@ -85,14 +88,14 @@ fn chat_and_completions_stream_and_not_as_the_engine_generates() {
     // is a choice each, in order (at most a slot each); text and ids mixed in one prompt is a
     // 400 naming `prompt` (llama-server's /completion takes that).
     let complete = |prompt: Value| {
-        let body = json!({ "prompt": prompt, "max_tokens": 8, "temperature": 0, "stop": ["\n"] });
+        let body = json!({ "prompt": prompt, "max_tokens": 4, "temperature": 0, "stop": ["\n"] });
         http.post(server.url("/v1/completions")).json(&body).send().unwrap()
     };
     let ids: Vec<i64> = engine.tokenize("The capital of France is", TokenizeOptions::default()).unwrap().iter().map(|t| i64::from(t.0)).collect();
     let from_ids: Value = complete(json!(ids)).json().unwrap();
     assert_eq!(from_ids["choices"][0]["text"], want, "{from_ids}");
     let listed: Value = complete(json!([ids, "Name a colour:"])).json().unwrap();
-    let (other, _) = engine.generate(&GenerateRequest::new("Name a colour:").max_tokens(8).stop(["\n"]).sampling(SamplingParams::greedy())).unwrap();
+    let (other, _) = engine.generate(&GenerateRequest::new("Name a colour:").max_tokens(4).stop(["\n"]).sampling(SamplingParams::greedy())).unwrap();
     let choices: Vec<(i64, &str)> =
         listed["choices"].as_array().unwrap().iter().map(|c| (c["index"].as_i64().unwrap(), c["text"].as_str().unwrap())).collect();
     assert_eq!(choices, [(0, want.as_str()), (1, other.as_str())], "{listed}");

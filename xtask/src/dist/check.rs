@@ -8,9 +8,10 @@
 //! variant this CPU runs (forced with `EXSA_CPU_VARIANT`), generate the native build's greedy
 //! tokens at every step up to the near-tie rule (where the two builds swap near-tied candidates,
 //! the bundle is fed the native tokens and compared on at every later step); each variant this
-//! CPU cannot run is refused with an error that names it, not a crash. On a CPU with AMX, a
-//! variant compiled with ggml's AMX kernels (Sapphire Rapids) must run them, llama-sys' fix of
-//! them included (llama.cpp's log names their buffer), and no other variant may.
+//! CPU cannot run is refused with an error that names it, not a crash. Where the native build
+//! runs ggml's AMX kernels (a CPU with AMX, a model of types they take), a variant compiled with
+//! them (Sapphire Rapids) must run them too, llama-sys' fix of them included (llama.cpp's log
+//! names their buffer), and no other variant may.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -43,8 +44,10 @@ pub fn run(bundle: &Bundle, build: &DynamicBuild, model: &Path) -> Result<()> {
         bail!("tar could not unpack {} ({status})", bundle.tarball.display());
     }
     let exsa = unpacked.join(&bundle.name).join("bin/exsa");
-    let native = native_exsa()?;
-    let reference = Server::start(&native, model, None)?.trace(&[])?;
+    let native = Server::start(&native_exsa()?, model, None)?;
+    let reference = native.trace(&[])?;
+    let native_ran_amx = native.ran_amx()?;
+    drop(native);
 
     let built = build.modules_dir.parent().context("the modules folder has no parent")?;
     let _away = OutOfReach::new(built)?;
@@ -58,8 +61,7 @@ pub fn run(bundle: &Bundle, build: &DynamicBuild, model: &Path) -> Result<()> {
     if chosen_score != Some(best) || best == 0 {
         bail!("the bundle chose {chosen} (score {chosen_score:?}) where the best score on this CPU is {best}: {cpu}");
     }
-    let cpu_has_amx = ["AMX_TILE", "AMX_INT8"].iter().all(|f| cpu["cpu_features"].as_array().is_some_and(|have| have.iter().any(|h| h == f)));
-    compare_variant(&exsa, model, None, &chosen, &reference, amx_expected(cpu_has_amx, &info))?;
+    compare_variant(&exsa, model, None, &chosen, &reference, amx_expected(native_ran_amx, &info))?;
     for candidate in candidates {
         let name = candidate["variant"].as_str().context("a CPU variant without a name")?;
         match candidate["score"].as_i64() {
@@ -67,7 +69,7 @@ pub fn run(bundle: &Bundle, build: &DynamicBuild, model: &Path) -> Result<()> {
             _ if name.is_empty() || name == chosen => {}
             Some(0) => refused(&exsa, model, name)?,
             _ => {
-                let amx = amx_expected(cpu_has_amx, &bundle_info(&exsa, model, Some(name))?);
+                let amx = amx_expected(native_ran_amx, &bundle_info(&exsa, model, Some(name))?);
                 compare_variant(&exsa, model, Some(name), name, &reference, amx)?;
             }
         }
@@ -102,10 +104,12 @@ fn bundle_command(exsa: &Path, variant: Option<&str>) -> Command {
 }
 
 /// Whether a variant whose `exsa info` is `info` must run ggml's AMX kernels: it was compiled
-/// with them and the CPU has AMX. (llama-sys' probe would fall back to the AVX-512 kernels where
-/// a tile multiply fails; on a CPU that has AMX that fallback would hide a broken patch.)
-fn amx_expected(cpu_has_amx: bool, info: &Value) -> bool {
-    cpu_has_amx && info["system_info"].as_str().is_some_and(|s| s.contains(AMX_COMPILED))
+/// with them, and the native build ran them on this CPU with this model (so the CPU has AMX,
+/// the probe passed, and the model's weights are of types the AMX kernels take). llama-sys'
+/// probe falls back to the AVX-512 kernels where a tile multiply fails; where the native build
+/// got past it, that fallback in the bundle would hide a broken module.
+fn amx_expected(native_ran_amx: bool, info: &Value) -> bool {
+    native_ran_amx && info["system_info"].as_str().is_some_and(|s| s.contains(AMX_COMPILED))
 }
 
 /// Compares the variant's greedy tokens with the native build's, and checks that it ran ggml's
@@ -114,12 +118,12 @@ fn compare_variant(exsa: &Path, model: &Path, forced: Option<&str>, name: &str, 
     let server = Server::start(exsa, model, forced)?;
     let steps = compare_every_step(reference, |forced_prefix| server.trace(forced_prefix))
         .with_context(|| format!("the bundle's CPU variant {name} against the native build"))?;
-    let ran_amx = std::fs::read_to_string(&server.log)?.contains(AMX_BUFFER_LOG);
+    let ran_amx = server.ran_amx()?;
     if ran_amx != amx {
         bail!(
             "the bundle's CPU variant {name} {} ggml's AMX kernels where {} (log in {})",
             if ran_amx { "ran" } else { "did not run" },
-            if amx { "it has them and the CPU has AMX" } else { "it should not" },
+            if amx { "it has them and the native build ran them" } else { "it should not" },
             server.log.display()
         );
     }
@@ -193,6 +197,12 @@ impl Server {
         command.args(["serve", "--log", "info", "--parallel", "1", "--port", &port.to_string(), "--model"]).arg(model).stdin(Stdio::null());
         let (child, base) = server_process::start_healthy(&mut command, "exsa serve", port, &log)?;
         Ok(Server { child, base, log })
+    }
+
+    /// Whether it put the model's weights in the buffer of ggml's AMX kernels (its log says so).
+    fn ran_amx(&self) -> Result<bool> {
+        let log = std::fs::read_to_string(&self.log).with_context(|| format!("reading {}", self.log.display()))?;
+        Ok(log.contains(AMX_BUFFER_LOG))
     }
 
     /// The greedy steps after the prompt and `forced`, with each step's top three.
