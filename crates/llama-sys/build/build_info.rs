@@ -7,7 +7,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use crate::cmake_build::Installed;
-use crate::plan::BuildPlan;
+use crate::plan::{BuildPlan, is_path_map};
 use crate::source::Source;
 use crate::tools;
 
@@ -34,12 +34,14 @@ const NOT_RECORDED: &str = "(not recorded: relocatable build)";
 const TOOLKIT_PATHS: &[&str] = &["CUDAToolkit_ROOT", "CMAKE_CUDA_COMPILER"];
 
 /// Compiler flags as recorded: a relocatable build leaves out its path maps
-/// (`-ffile-prefix-map=/build/folder=...`), which change no code and name the build's folders.
+/// (`-ffile-prefix-map=/build/folder=...`, and nvcc's `-Xcompiler=` list of them), which change
+/// no code and name the build's folders.
 fn recorded_flags(plan: &BuildPlan, flags: &str) -> String {
     if !plan.relocatable {
         return flags.trim().to_string();
     }
-    flags.split_whitespace().filter(|f| !f.contains("-prefix-map=")).collect::<Vec<_>>().join(" ")
+    let path_maps = |f: &str| is_path_map(f) || f.strip_prefix("-Xcompiler=").is_some_and(|list| list.split(',').all(is_path_map));
+    flags.split_whitespace().filter(|f| !path_maps(f)).collect::<Vec<_>>().join(" ")
 }
 
 impl BuildInfo {
@@ -72,7 +74,14 @@ impl BuildInfo {
             defines: plan
                 .defines
                 .iter()
-                .map(|(k, v)| (k.clone(), if plan.relocatable && TOOLKIT_PATHS.contains(&k.as_str()) { NOT_RECORDED.into() } else { v.clone() }))
+                .map(|(k, v)| {
+                    let recorded = match k.as_str() {
+                        _ if plan.relocatable && TOOLKIT_PATHS.contains(&k.as_str()) => NOT_RECORDED.into(),
+                        "CMAKE_CUDA_FLAGS" => recorded_flags(plan, v),
+                        _ => v.clone(),
+                    };
+                    (k.clone(), recorded)
+                })
                 .collect(),
             c_flags: recorded_flags(plan, &format!("{} {}", cache_var("CMAKE_C_FLAGS"), cache_var("CMAKE_C_FLAGS_RELEASE"))),
             cxx_flags: recorded_flags(plan, &format!("{} {}", cache_var("CMAKE_CXX_FLAGS"), cache_var("CMAKE_CXX_FLAGS_RELEASE"))),

@@ -378,6 +378,17 @@ impl BuildPlan {
 
         c_flags.extend(parse_compiler_flags(CFLAGS_VAR, input.env.get(CFLAGS_VAR))?);
         cxx_flags.extend(parse_compiler_flags(CXXFLAGS_VAR, input.env.get(CXXFLAGS_VAR))?);
+        if on(Switch::Cuda) {
+            // nvcc preprocesses device code with the host compiler too, but takes none of the C++
+            // flags: the path maps go to it by hand, or ggml-cuda's assertion messages name the
+            // build's folders (a relocatable build, `cargo xtask dist --cuda`, must not).
+            let maps: Vec<&str> = cxx_flags.iter().map(String::as_str).filter(|f| is_path_map(f)).collect();
+            if !maps.is_empty() {
+                let host = format!("-Xcompiler={}", maps.join(","));
+                let flags = defines.entry("CMAKE_CUDA_FLAGS".to_string()).or_default();
+                *flags = if flags.is_empty() { host } else { format!("{flags} {host}") };
+            }
+        }
         let (links, search_paths) = link_list(input, &switches, cuda_vmm);
 
         let mut headers =
@@ -534,6 +545,12 @@ fn parse_cmake_args(args: &str) -> Result<Vec<(String, String)>, PlanError> {
             Ok((name.to_string(), value.to_string()))
         })
         .collect()
+}
+
+/// Whether a GCC/Clang flag maps source paths in the output (`-ffile-prefix-map=FROM=TO`, and
+/// the macro and debug-info forms): it changes no code, only what the output names.
+pub fn is_path_map(flag: &str) -> bool {
+    ["-ffile-prefix-map=", "-fmacro-prefix-map=", "-fdebug-prefix-map="].iter().any(|m| flag.starts_with(m))
 }
 
 fn parse_compiler_flags(var: &str, raw: Option<&String>) -> Result<Vec<String>, PlanError> {
@@ -1024,6 +1041,21 @@ mod tests {
         assert!(p.c_flags.ends_with(&["-fno-plt".to_string(), "-mtune=znver3".to_string()]), "{:?}", p.c_flags);
         let err = BuildPlan::new(&with_env(input("x86_64-unknown-linux-gnu"), CXXFLAGS_VAR, "-O2 ;rm")).unwrap_err();
         assert!(err.0.starts_with(CXXFLAGS_VAR), "{err}");
+    }
+
+    #[test]
+    fn a_cuda_build_hands_the_path_maps_to_nvcc() {
+        let maps = "-O2 -ffile-prefix-map=/b/src=exsa-build-0 -fmacro-prefix-map=/home/u/.cargo=exsa-build-1";
+        let cuda = with_env(with_env(input("x86_64-unknown-linux-gnu"), "LLAMA_SYS_CUDA", "on"), CXXFLAGS_VAR, maps);
+        assert_eq!(
+            define(&plan(&cuda), "CMAKE_CUDA_FLAGS"),
+            Some("-Xcompiler=-ffile-prefix-map=/b/src=exsa-build-0,-fmacro-prefix-map=/home/u/.cargo=exsa-build-1")
+        );
+        // Beside flags asked for by name; and not at all without CUDA, or without maps.
+        let asked = with_env(cuda.clone(), CMAKE_ARGS_VAR, "-DCMAKE_CUDA_FLAGS=-lineinfo");
+        assert!(define(&plan(&asked), "CMAKE_CUDA_FLAGS").is_some_and(|f| f.starts_with("-lineinfo -Xcompiler=-ffile-prefix-map=")));
+        assert_eq!(define(&plan(&with_env(input("x86_64-unknown-linux-gnu"), CXXFLAGS_VAR, maps)), "CMAKE_CUDA_FLAGS"), None);
+        assert_eq!(define(&plan(&with_env(cuda, CXXFLAGS_VAR, "-O2")), "CMAKE_CUDA_FLAGS"), None);
     }
 
     #[test]

@@ -118,7 +118,7 @@ fn build(v: &Variant) -> Result<PathBuf> {
 /// The release bundle, its program and libraries copied into the variant's own folder (the
 /// program finds both beside itself, as in the bundle's `lib/`).
 fn build_bundle(v: &Variant) -> Result<PathBuf> {
-    let (bundle, _) = crate::dist::make(false)?;
+    let (bundle, _) = crate::dist::make(None)?;
     let dest = bench_root().join("bin").join(&v.name);
     let _ = std::fs::remove_dir_all(&dest);
     std::fs::create_dir_all(&dest)?;

@@ -34,6 +34,10 @@ const CPU_VARIANT_VAR: &str = "EXSA_CPU_VARIANT";
 const AMX_BUFFER_LOG: &str = "AMX model buffer size";
 /// What ggml's `system_info` says of a CPU module compiled with the AMX kernels.
 const AMX_COMPILED: &str = "AMX_INT8 = 1";
+/// The engine's warning when a build that can use CUDA finds no GPU (`warn_if_no_gpu`).
+const NO_GPU_WARNING: &str = "this build can use CUDA, but no GPU was found";
+/// llama.cpp's log line (level info) when it puts weights on the first CUDA device.
+const OFFLOADED_LOG: &str = "CUDA0 model buffer size";
 
 pub fn run(bundle: &Bundle, build: &DynamicBuild, model: &Path) -> Result<()> {
     let unpacked = std::env::temp_dir().join(format!("exsa-dist-check-{}", std::process::id()));
@@ -44,14 +48,14 @@ pub fn run(bundle: &Bundle, build: &DynamicBuild, model: &Path) -> Result<()> {
         bail!("tar could not unpack {} ({status})", bundle.tarball.display());
     }
     let exsa = unpacked.join(&bundle.name).join("bin/exsa");
-    let native = Server::start(&native_exsa()?, model, None)?;
+    let native = Server::start(&Launch::plain(&native_exsa()?), model)?;
     let reference = native.trace(&[])?;
     let native_ran_amx = native.ran_amx()?;
     drop(native);
 
     let built = build.modules_dir.parent().context("the modules folder has no parent")?;
     let _away = OutOfReach::new(built)?;
-    let info = bundle_info(&exsa, model, None)?;
+    let info = bundle_info(&Launch::plain(&exsa), model)?;
     let cpu = &info["build_info"]["cpu_variant"];
     let chosen = cpu["variant"].as_str().with_context(|| format!("`exsa info` names no CPU variant: {cpu}"))?.to_owned();
     eprintln!("dist check: the bundle chose {chosen} ({}), CPU: {}", cpu["chosen_by"], cpu["cpu_features"]);
@@ -61,7 +65,7 @@ pub fn run(bundle: &Bundle, build: &DynamicBuild, model: &Path) -> Result<()> {
     if chosen_score != Some(best) || best == 0 {
         bail!("the bundle chose {chosen} (score {chosen_score:?}) where the best score on this CPU is {best}: {cpu}");
     }
-    compare_variant(&exsa, model, None, &chosen, &reference, amx_expected(native_ran_amx, &info))?;
+    compare_variant(&Launch::plain(&exsa), model, &chosen, &reference, amx_expected(native_ran_amx, &info))?;
     for candidate in candidates {
         let name = candidate["variant"].as_str().context("a CPU variant without a name")?;
         match candidate["score"].as_i64() {
@@ -69,10 +73,14 @@ pub fn run(bundle: &Bundle, build: &DynamicBuild, model: &Path) -> Result<()> {
             _ if name.is_empty() || name == chosen => {}
             Some(0) => refused(&exsa, model, name)?,
             _ => {
-                let amx = amx_expected(native_ran_amx, &bundle_info(&exsa, model, Some(name))?);
-                compare_variant(&exsa, model, Some(name), name, &reference, amx)?;
+                let forced = Launch { variant: Some(name), ..Launch::plain(&exsa) };
+                let amx = amx_expected(native_ran_amx, &bundle_info(&forced, model)?);
+                compare_variant(&forced, model, name, &reference, amx)?;
             }
         }
+    }
+    if has_cuda_module(&exsa) {
+        check_cuda(&exsa, model, &reference, native_ran_amx)?;
     }
     let _ = std::fs::remove_dir_all(&unpacked);
     Ok(())
@@ -84,23 +92,103 @@ fn native_exsa() -> Result<PathBuf> {
     Ok(workspace::target_dir().join("debug/exsa"))
 }
 
-/// `exsa info` of the bundle, with `variant` forced.
-fn bundle_info(exsa: &Path, model: &Path, variant: Option<&str>) -> Result<Value> {
-    let out = bundle_command(exsa, variant).arg("info").arg("--model").arg(model).output().context("cannot run the bundle's exsa")?;
+/// `exsa info` of the bundle, run as `launch` says.
+fn bundle_info(launch: &Launch, model: &Path) -> Result<Value> {
+    let out = launch.command().arg("info").arg("--model").arg(model).output().context("cannot run the bundle's exsa")?;
     if !out.status.success() {
         bail!("the bundle's `exsa info` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
     }
     serde_json::from_slice(&out.stdout).context("`exsa info` printed no JSON")
 }
 
-/// The bundle's `exsa` with nothing of this build in its environment.
-fn bundle_command(exsa: &Path, variant: Option<&str>) -> Command {
-    let mut command = Command::new(exsa);
-    command.env_clear().env("PATH", "/usr/bin:/bin");
-    if let Some(variant) = variant {
-        command.env(CPU_VARIANT_VAR, variant);
+/// How one `exsa` runs: nothing of this build in its environment, a CPU variant forced or not,
+/// and the dynamic loader's search path (the CUDA runtime's folder) or none.
+struct Launch<'a> {
+    exsa: &'a Path,
+    variant: Option<&'a str>,
+    library_path: Option<&'a Path>,
+}
+
+impl<'a> Launch<'a> {
+    fn plain(exsa: &'a Path) -> Launch<'a> {
+        Launch { exsa, variant: None, library_path: None }
     }
-    command
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(self.exsa);
+        command.env_clear().env("PATH", "/usr/bin:/bin");
+        if let Some(variant) = self.variant {
+            command.env(CPU_VARIANT_VAR, variant);
+        }
+        if let Some(dir) = self.library_path {
+            command.env("LD_LIBRARY_PATH", dir);
+        }
+        command
+    }
+
+    /// A short name for its log file.
+    fn tag(&self) -> String {
+        format!("{}{}", self.variant.unwrap_or("default"), if self.library_path.is_some() { "-libpath" } else { "" })
+    }
+}
+
+/// Whether the bundle carries the CUDA module (`dist --cuda`).
+fn has_cuda_module(exsa: &Path) -> bool {
+    exsa.parent().and_then(Path::parent).is_some_and(|root| root.join("lib/libggml-cuda.so").is_file())
+}
+
+/// The bundle's CUDA module must cost nothing where it cannot run and be used where it can:
+/// - as unpacked, with nothing on the loader's path, it is skipped on a machine without the CUDA
+///   runtime (`exsa info` names the library it lacked), and the bundle ran on the CPU above;
+/// - with the runtime of the toolkit that built it on LD_LIBRARY_PATH, ggml registers it; where
+///   no GPU answers (no driver, no device), the bundle runs on the CPU, says so once, and gives
+///   the native tokens as before; where one does, llama.cpp's log must say the layers went to
+///   it, and the tokens are compared by the same rule.
+fn check_cuda(exsa: &Path, model: &Path, reference: &[GreedyStep], native_ran_amx: bool) -> Result<()> {
+    let plain = bundle_info(&Launch::plain(exsa), model)?;
+    match cuda_module(&plain)?["error"].as_str() {
+        Some(error) if error.contains("libcu") => eprintln!("dist check: CUDA module without the CUDA runtime: skipped ({error})"),
+        Some(error) => bail!("the bundle's CUDA module did not open, but not for want of the CUDA runtime: {error}"),
+        None => eprintln!("dist check: CUDA module registered with this machine's own CUDA runtime"),
+    }
+    let runtime = super::cuda_toolkit()?.join("lib64");
+    let launch = Launch { library_path: Some(&runtime), ..Launch::plain(exsa) };
+    let info = bundle_info(&launch, model)?;
+    if let Some(error) = cuda_module(&info)?["error"].as_str() {
+        bail!("the bundle's CUDA module was not registered with the CUDA runtime of {} on the loader's path: {error}", runtime.display());
+    }
+    let gpus: Vec<&str> = info["build_info"]["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["kind"] == "gpu")
+        .filter_map(|d| d["description"].as_str())
+        .collect();
+    // On a GPU the weights leave the CPU, and its AMX kernels with them.
+    let amx = gpus.is_empty() && amx_expected(native_ran_amx, &info);
+    let server = compare_variant(&launch, model, "with the CUDA module", reference, amx)?;
+    let log = std::fs::read_to_string(&server.log).with_context(|| format!("reading {}", server.log.display()))?;
+    let (expected, said) =
+        if gpus.is_empty() { ("that it runs on the CPU", NO_GPU_WARNING) } else { ("that the layers went to the GPU", OFFLOADED_LOG) };
+    if !log.contains(said) {
+        bail!("the bundle with its CUDA module (GPUs: {gpus:?}) did not say {expected} ({said:?} not in {})", server.log.display());
+    }
+    eprintln!(
+        "dist check: CUDA module registered; {}",
+        if gpus.is_empty() { "no GPU here, ran on the CPU and said so".to_owned() } else { format!("ran on {}", gpus.join(", ")) }
+    );
+    Ok(())
+}
+
+/// The CUDA module's entry of `exsa info`'s `other_backend_modules`.
+fn cuda_module(info: &Value) -> Result<&Value> {
+    let modules = &info["build_info"]["other_backend_modules"];
+    modules
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["backend"] == "cuda")
+        .with_context(|| format!("`exsa info` lists no CUDA module though the bundle has one: {modules}"))
 }
 
 /// Whether a variant whose `exsa info` is `info` must run ggml's AMX kernels: it was compiled
@@ -113,9 +201,9 @@ fn amx_expected(native_ran_amx: bool, info: &Value) -> bool {
 }
 
 /// Compares the variant's greedy tokens with the native build's, and checks that it ran ggml's
-/// AMX kernels exactly where `amx` says it must.
-fn compare_variant(exsa: &Path, model: &Path, forced: Option<&str>, name: &str, reference: &[GreedyStep], amx: bool) -> Result<()> {
-    let server = Server::start(exsa, model, forced)?;
+/// AMX kernels exactly where `amx` says it must. The server, still running, for more checks.
+fn compare_variant(launch: &Launch, model: &Path, name: &str, reference: &[GreedyStep], amx: bool) -> Result<Server> {
+    let server = Server::start(launch, model)?;
     let steps = compare_every_step(reference, |forced_prefix| server.trace(forced_prefix))
         .with_context(|| format!("the bundle's CPU variant {name} against the native build"))?;
     let ran_amx = server.ran_amx()?;
@@ -128,7 +216,7 @@ fn compare_variant(exsa: &Path, model: &Path, forced: Option<&str>, name: &str, 
         );
     }
     eprintln!("dist check: variant {name}: {steps}{}", if ran_amx { ", with ggml's AMX kernels" } else { "" });
-    Ok(())
+    Ok(server)
 }
 
 /// Compares a build's greedy trace with `reference` at every step: where the two part at a
@@ -170,7 +258,7 @@ fn compare_every_step(reference: &[GreedyStep], mut trace: impl FnMut(&[i32]) ->
 
 /// `variant` forced on a CPU that cannot run it: an error naming it, an exit, not a signal.
 fn refused(exsa: &Path, model: &Path, variant: &str) -> Result<()> {
-    let out = bundle_command(exsa, Some(variant)).arg("info").arg("--model").arg(model).output()?;
+    let out = Launch { variant: Some(variant), ..Launch::plain(exsa) }.command().arg("info").arg("--model").arg(model).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     match out.status.code() {
         Some(code) if code != 0 && stderr.contains(&format!("{CPU_VARIANT_VAR}={variant}")) && stderr.contains("cannot run it") => {
@@ -190,10 +278,10 @@ struct Server {
 }
 
 impl Server {
-    fn start(exsa: &Path, model: &Path, variant: Option<&str>) -> Result<Server> {
+    fn start(launch: &Launch, model: &Path) -> Result<Server> {
         let port = server_process::free_port()?;
-        let log = std::env::temp_dir().join(format!("exsa-dist-check-{}-{}.log", std::process::id(), variant.unwrap_or("default")));
-        let mut command = bundle_command(exsa, variant);
+        let log = std::env::temp_dir().join(format!("exsa-dist-check-{}-{}.log", std::process::id(), launch.tag()));
+        let mut command = launch.command();
         command.args(["serve", "--log", "info", "--parallel", "1", "--port", &port.to_string(), "--model"]).arg(model).stdin(Stdio::null());
         let (child, base) = server_process::start_healthy(&mut command, "exsa serve", port, &log)?;
         Ok(Server { child, base, log })

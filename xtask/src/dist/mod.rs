@@ -29,6 +29,11 @@ pub struct Args {
     /// Also build the CUDA module (the toolkit of `cargo xtask setup --cuda`, or CUDA_PATH).
     #[arg(long)]
     cuda: bool,
+    /// With --cuda: the CUDA architectures to compile for (LLAMA_SYS_CUDA_ARCHITECTURES, e.g.
+    /// `90-real`); default: llama-sys' list, which a release wants and which takes hours on a
+    /// small machine (docs/gpu.md).
+    #[arg(long, requires = "cuda")]
+    cuda_archs: Option<String>,
     /// Then unpack the bundle into an empty folder with this build out of reach, check that it
     /// generates the native build's greedy tokens with the CPU variant it chooses and with
     /// every other variant this CPU runs, and that it refuses the variants it cannot run.
@@ -42,7 +47,7 @@ pub struct Args {
 impl Args {
     /// The bundle of CPU variants, built and checked (`cargo xtask test` runs it).
     pub fn checked() -> Args {
-        Args { cuda: false, check: true, model: None }
+        Args { cuda: false, cuda_archs: None, check: true, model: None }
     }
 }
 
@@ -62,7 +67,8 @@ impl Bundle {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let (bundle, build) = make(args.cuda)?;
+    let cuda = args.cuda.then(|| Cuda { archs: args.cuda_archs.clone() });
+    let (bundle, build) = make(cuda.as_ref())?;
     pack(&bundle)?;
     let size = std::fs::metadata(&bundle.tarball)?.len();
     eprintln!("dist: {} ({:.1} MiB)", bundle.tarball.display(), size as f64 / f64::from(1 << 20));
@@ -74,8 +80,14 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Builds and assembles the bundle's folder, checked relocatable (not packed).
-pub fn make(cuda: bool) -> Result<(Bundle, DynamicBuild)> {
+/// The CUDA module's build: the architectures, or llama-sys' list.
+pub struct Cuda {
+    pub archs: Option<String>,
+}
+
+/// Builds and assembles the bundle's folder, checked relocatable (not packed), with the CUDA
+/// module when `cuda` says how.
+pub fn make(cuda: Option<&Cuda>) -> Result<(Bundle, DynamicBuild)> {
     if !(cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")) {
         bail!("dist builds the x86-64 Linux bundle; run it on x86-64 Linux");
     }
@@ -87,7 +99,7 @@ pub fn make(cuda: bool) -> Result<(Bundle, DynamicBuild)> {
 }
 
 /// The relocatable dynamic-backend build with every CPU variant.
-fn build(cuda: bool) -> Result<DynamicBuild> {
+fn build(cuda: Option<&Cuda>) -> Result<DynamicBuild> {
     // Source paths in assertion and panic messages name the build's folders: mapped to short
     // names (the recorded flags leave the maps out).
     let maps = path_maps()?;
@@ -105,21 +117,29 @@ fn build(cuda: bool) -> Result<DynamicBuild> {
         ("CXXFLAGS", c_maps.join(" ")),
         ("RUSTFLAGS", rust_maps.join(" ")),
     ];
-    let features = if cuda {
-        let toolkit = std::env::var_os("CUDA_PATH").map(PathBuf::from).unwrap_or_else(crate::setup::cuda::root);
-        if !toolkit.join("bin/nvcc").is_file() {
-            bail!("--cuda: no nvcc under {} (run `cargo xtask setup --cuda`, or set CUDA_PATH)", toolkit.display());
+    let features = if let Some(cuda) = cuda {
+        env.push(("CUDA_PATH", cuda_toolkit()?.display().to_string()));
+        if let Some(archs) = &cuda.archs {
+            env.push(("LLAMA_SYS_CUDA_ARCHITECTURES", archs.clone()));
         }
-        env.push(("CUDA_PATH", toolkit.display().to_string()));
         "backend-dl,cuda"
     } else {
         "backend-dl"
     };
     let build = DynamicBuild::build("dist-build", features, &env)?;
-    if cuda {
+    if cuda.is_some() {
         build.modules("libggml-cuda").context("--cuda: the build made no CUDA module")?;
     }
     Ok(build)
+}
+
+/// The CUDA toolkit: CUDA_PATH, else the one `cargo xtask setup --cuda` assembles.
+pub fn cuda_toolkit() -> Result<PathBuf> {
+    let toolkit = std::env::var_os("CUDA_PATH").map(PathBuf::from).unwrap_or_else(crate::setup::cuda::root);
+    if !toolkit.join("bin/nvcc").is_file() {
+        bail!("--cuda: no nvcc under {} (run `cargo xtask setup --cuda`, or set CUDA_PATH)", toolkit.display());
+    }
+    Ok(toolkit)
 }
 
 /// Writes the bundle's folder afresh.
@@ -154,7 +174,11 @@ fn assemble(build: &DynamicBuild, bundle: &Bundle) -> Result<()> {
     if gomp_copyright.is_file() {
         copy(gomp_copyright, &dir.join("licenses/libgomp-copyright"))?;
     }
-    std::fs::write(dir.join("README.md"), readme(bundle, &modules))?;
+    let cuda_runtime = match modules.iter().find(|m| m.file_name().is_some_and(|n| n == "libggml-cuda.so")) {
+        Some(cuda) => Some(needed_libraries(&readelf(cuda)?).into_iter().filter(|l| l.starts_with("libcu")).collect::<Vec<String>>()),
+        None => None,
+    };
+    std::fs::write(dir.join("README.md"), readme(bundle, &modules, cuda_runtime.as_deref()))?;
     Ok(())
 }
 
@@ -187,9 +211,25 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-fn readme(bundle: &Bundle, modules: &[PathBuf]) -> String {
+/// The bundle's README; `cuda_runtime`: the CUDA libraries its CUDA module needs, when it has one.
+fn readme(bundle: &Bundle, modules: &[PathBuf], cuda_runtime: Option<&[String]>) -> String {
     let variants: Vec<String> =
         modules.iter().filter_map(|m| m.file_name()?.to_str()?.strip_prefix("libggml-cpu-")?.strip_suffix(".so").map(str::to_owned)).collect();
+    let cuda = cuda_runtime.map_or_else(String::new, |libraries| {
+        format!(
+            "## NVIDIA GPUs
+
+             lib/libggml-cuda.so is ggml's CUDA backend. It needs the NVIDIA driver and the CUDA runtime
+             libraries ({}), which the bundle does not carry: install them (NVIDIA's packages, or the
+             `nvidia-cuda-runtime` and `nvidia-cublas` wheels) and put their folder on LD_LIBRARY_PATH.
+             Without them the module is skipped and exsa runs on the CPU; `bin/exsa info` says why
+             (`other_backend_modules`) and lists the GPUs found (`devices`). `--gpu-layers N` puts N
+             layers on the GPU (default: all).
+
+",
+            libraries.join(", ")
+        )
+    });
     format!(
         "# {name}\n\n\
          exsa: local LLM inference (llama.cpp compiled from source, a safe Rust engine, and a server\n\
@@ -208,6 +248,7 @@ fn readme(bundle: &Bundle, modules: &[PathBuf]) -> String {
          run is refused with the reason. For a production server see docs/deploy.md in the source\n\
          (`--api-key`, `--max-queue`, `--cors-origin`, `--models-dir`, `--keep-alive`; TLS belongs\n\
          to a reverse proxy in front).\n\n\
+         {cuda}\
          ## Licences\n\n\
          exsa: MIT or Apache-2.0 (LICENSE-MIT, LICENSE-APACHE). llama.cpp and ggml: MIT\n\
          (licenses/llama.cpp-LICENSE). lib/libgomp: GCC's OpenMP runtime, GPL-3.0 with the GCC\n\
@@ -264,9 +305,8 @@ fn check_relocatable(dir: &Path, forbidden: &[PathBuf]) -> Result<()> {
         let bytes = std::fs::read(&file)?;
         let rel = file.strip_prefix(dir).unwrap_or(&file).display().to_string();
         if bytes.starts_with(b"\x7fELF") {
-            let out = Command::new("readelf").arg("-d").arg(&file).output().context("cannot run readelf (binutils)")?;
             // The program's own folder and the bundle's lib/ (exsa: `$ORIGIN/../lib`).
-            for path in search_paths(&String::from_utf8_lossy(&out.stdout)) {
+            for path in search_paths(&readelf(&file)?) {
                 if path != "$ORIGIN" && path != "$ORIGIN/../lib" {
                     problems.push(format!("{rel}: library search path {path}"));
                 }
@@ -282,6 +322,17 @@ fn check_relocatable(dir: &Path, forbidden: &[PathBuf]) -> Result<()> {
         bail!("the bundle is not relocatable:\n  {}", problems.join("\n  "));
     }
     Ok(())
+}
+
+/// `readelf -d` of an ELF file: its dynamic section.
+fn readelf(file: &Path) -> Result<String> {
+    let out = Command::new("readelf").arg("-d").arg(file).output().context("cannot run readelf (binutils)")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The libraries a file of `readelf -d` output needs (`(NEEDED)  Shared library: [libcudart.so.13]`).
+fn needed_libraries(readelf: &str) -> Vec<String> {
+    readelf.lines().filter(|l| l.contains("(NEEDED)")).filter_map(|l| Some(l[l.find('[')? + 1..l.rfind(']')?].to_owned())).collect()
 }
 
 /// The entries of RUNPATH and RPATH in `readelf -d` output
@@ -379,6 +430,9 @@ mod tests {
         let out = " 0x000000000000001d (RUNPATH)            Library runpath: [$ORIGIN:$ORIGIN/../lib]\n 0x000000000000000e (SONAME)  Library soname: [libllama.so.0]\n 0x000000000000000f (RPATH)  Library rpath: [/build/lib]\n";
         assert_eq!(search_paths(out), ["$ORIGIN", "$ORIGIN/../lib", "/build/lib"]);
         assert!(search_paths(" 0x01 (NEEDED) Shared library: [libc.so.6]\n").is_empty());
+        let cuda = " 0x01 (NEEDED)  Shared library: [libggml-base.so.0]\n 0x01 (NEEDED)  Shared library: [libcudart.so.13]\n 0x0e (SONAME)  Library soname: [libggml-cuda.so]\n";
+        assert_eq!(needed_libraries(cuda), ["libggml-base.so.0", "libcudart.so.13"]);
+        assert!(needed_libraries(out).is_empty());
     }
 
     #[test]

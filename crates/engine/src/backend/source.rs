@@ -60,6 +60,8 @@ impl Backend for SourceBackend {
         // Dynamic-backend builds: where the modules were loaded from (null: static, or none found).
         info.details.insert("backend_modules".into(), llama::backend_modules::loaded_from().map(|d| d.display().to_string()).into());
         info.details.insert("cpu_variant".into(), cpu_variant_info());
+        info.details.insert("other_backend_modules".into(), other_modules_info());
+        info.details.insert("devices".into(), devices_info());
         info
     }
 
@@ -108,6 +110,33 @@ fn cpu_variant_info() -> serde_json::Value {
         Some((_, error)) => serde_json::json!({ "refused": error.to_string(), "cpu_features": modules::cpu_features() }),
         None => serde_json::Value::Null,
     }
+}
+
+/// The dynamic-backend folder's modules other than the CPU's (a bundle's `libggml-cuda.so`):
+/// each one's backend and file, whether ggml registered it, and if not why (a library it needs,
+/// such as the CUDA runtime, is missing).
+fn other_modules_info() -> serde_json::Value {
+    llama::backend_modules::other_modules()
+        .iter()
+        .map(|m| serde_json::json!({ "backend": m.backend, "file": m.path.display().to_string(), "registered": m.error.is_none(), "error": m.error }))
+        .collect()
+}
+
+/// The devices llama.cpp can use: the CPU, and each GPU a registered backend found.
+fn devices_info() -> serde_json::Value {
+    llama::devices()
+        .iter()
+        .map(|d| {
+            let kind = match d.kind {
+                llama::DeviceKind::Cpu => "cpu",
+                llama::DeviceKind::Gpu => "gpu",
+                llama::DeviceKind::IntegratedGpu => "integrated_gpu",
+                llama::DeviceKind::Accelerator => "accelerator",
+                llama::DeviceKind::Other => "other",
+            };
+            serde_json::json!({ "name": d.name, "description": d.description, "kind": kind, "memory_total": d.memory_total })
+        })
+        .collect()
 }
 
 /// A build that can use CUDA (compiled in, or a loaded module beside it) on a machine where no GPU

@@ -692,6 +692,9 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
     if let Some(line) = cpu_variant()? {
         tracing::info!("{line}");
     }
+    for line in other_backend_modules() {
+        tracing::info!("{line}");
+    }
     http::run(sources, policy, config, |addr| {
         // One line on stdout per address, for scripts (and tests) that ask for port 0. A reader
         // that took the first and went away is no reason to stop.
@@ -719,6 +722,24 @@ fn cpu_variant() -> Result<Option<String>, String> {
         features.join(" "),
         cpu["file"].as_str().unwrap_or("?")
     )))
+}
+
+/// One line per backend module other than the CPU's in a dynamic-backend build (a bundle's
+/// CUDA module): loaded, or not and why, so that a machine without the CUDA runtime says why it
+/// runs on the CPU.
+fn other_backend_modules() -> Vec<String> {
+    let info = Engine::build_info();
+    let Some(modules) = info.details.get("other_backend_modules").and_then(|m| m.as_array()) else { return Vec::new() };
+    modules
+        .iter()
+        .map(|m| {
+            let (backend, file) = (m["backend"].as_str().unwrap_or("?"), m["file"].as_str().unwrap_or("?"));
+            match m["error"].as_str() {
+                None => format!("backend {backend}: loaded {file}"),
+                Some(error) => format!("backend {backend}: not loaded ({error})"),
+            }
+        })
+        .collect()
 }
 
 /// `secs` of the flag `flag` as a duration: finite and not negative.

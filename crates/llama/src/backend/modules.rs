@@ -28,10 +28,26 @@ pub const BACKEND_DIR_VAR: &str = "EXSA_BACKEND_DIR";
 enum Loaded {
     /// A static build, or no folder held a CPU module.
     Nothing,
-    /// The folder, and its CPU module (None on platforms where ggml chose it).
-    From(PathBuf, Option<CpuVariant>),
+    /// The folder, its CPU module (None on platforms where ggml chose it), and what became of
+    /// its other backends' modules.
+    From(PathBuf, Option<CpuVariant>, Vec<BackendModule>),
     /// The folder held CPU modules, but none could be chosen or loaded.
-    Refused(PathBuf, CpuVariantError),
+    Refused(PathBuf, CpuVariantError, Vec<BackendModule>),
+}
+
+/// A module of a backend other than the CPU's (CUDA's) in the folder, and what became of it: a
+/// bundle built with CUDA carries `libggml-cuda.so` to machines with and without the CUDA
+/// runtime and a GPU, and this says which it found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendModule {
+    /// ggml's name of the backend: `cuda`, `vulkan`, ...
+    pub backend: &'static str,
+    /// The module registered with ggml, or (none was) the first of the backend's modules.
+    pub path: PathBuf,
+    /// Why it was not registered (the loader's message: a library it needs is missing); None
+    /// when it was. A registered module may still have found no device (a CUDA runtime without
+    /// a GPU or driver): [`crate::devices`] lists what it found.
+    pub error: Option<String>,
 }
 
 static LOADED: OnceLock<Loaded> = OnceLock::new();
@@ -51,7 +67,7 @@ fn loaded() -> &'static Loaded {
 /// says so).
 pub fn loaded_from() -> Option<&'static Path> {
     match loaded() {
-        Loaded::From(dir, _) => Some(dir),
+        Loaded::From(dir, _, _) => Some(dir),
         _ => None,
     }
 }
@@ -59,7 +75,7 @@ pub fn loaded_from() -> Option<&'static Path> {
 /// The CPU module that was loaded and why; None in a static build (its CPU code is built in).
 pub fn cpu_variant() -> Option<&'static CpuVariant> {
     match loaded() {
-        Loaded::From(_, variant) => variant.as_ref(),
+        Loaded::From(_, variant, _) => variant.as_ref(),
         _ => None,
     }
 }
@@ -68,8 +84,17 @@ pub fn cpu_variant() -> Option<&'static CpuVariant> {
 /// or none runs here), with the folder.
 pub fn refused() -> Option<(&'static Path, &'static CpuVariantError)> {
     match loaded() {
-        Loaded::Refused(dir, error) => Some((dir, error)),
+        Loaded::Refused(dir, error, _) => Some((dir, error)),
         _ => None,
+    }
+}
+
+/// The folder's modules of backends other than the CPU's, each registered with ggml or not and
+/// why (empty in a static build, or where ggml chose among the folder's modules itself).
+pub fn other_modules() -> &'static [BackendModule] {
+    match loaded() {
+        Loaded::From(_, _, others) | Loaded::Refused(_, _, others) => others,
+        Loaded::Nothing => &[],
     }
 }
 
@@ -129,26 +154,29 @@ fn load_folder(dir: PathBuf) -> Loaded {
             })
             .collect()
     };
-    // Only the families the folder has modules of: for the others there is nothing to choose
-    // (and no error worth composing).
-    for family in FAMILIES.iter().filter(|family| modules.iter().any(|(f, _, _)| f == *family)) {
-        // Skipped quietly when none of its modules opens (CUDA's on a machine without the CUDA
-        // runtime): the engine says when a GPU was asked for and none answered.
-        if let Ok(choice) = choose(candidates(family), None, &dir) {
-            register(&choice.chosen.path);
-        }
+    // Only the families the folder has modules of: for the others there is nothing to choose.
+    // One whose modules do not open (CUDA's on a machine without the CUDA runtime) is skipped,
+    // and `other_modules` says why; the engine says when a GPU was asked for and none answered.
+    let mut others = Vec::new();
+    for &family in FAMILIES.iter().filter(|family| modules.iter().any(|(f, _, _)| f == *family)) {
+        let candidates = candidates(family);
+        let first = candidates[0].path.clone();
+        let (path, error) = match choose(candidates.clone(), None, &dir) {
+            Ok(choice) if register(&choice.chosen.path) => (choice.chosen.path, None),
+            Ok(choice) => (choice.chosen.path, Some(NOT_REGISTERED.to_owned())),
+            Err(_) => (first, Some(why_none_opened(&candidates))),
+        };
+        others.push(BackendModule { backend: family, path, error });
     }
     let forced = std::env::var(CPU_VARIANT_VAR).ok().filter(|v| !v.is_empty());
     let loaded = match choose(candidates("cpu"), forced.as_deref(), &dir) {
-        Ok(variant) if register(&variant.chosen.path) => Loaded::From(dir, Some(variant)),
+        Ok(variant) if register(&variant.chosen.path) => Loaded::From(dir, Some(variant), others),
         Ok(variant) => Loaded::Refused(
             dir,
-            CpuVariantError::LoadFailed {
-                path: variant.chosen.path.display().to_string(),
-                reason: "ggml did not register it (its log says why)".into(),
-            },
+            CpuVariantError::LoadFailed { path: variant.chosen.path.display().to_string(), reason: NOT_REGISTERED.into() },
+            others,
         ),
-        Err(error) => Loaded::Refused(dir, error),
+        Err(error) => Loaded::Refused(dir, error, others),
     };
     if let Some(path) = std::env::var_os("GGML_BACKEND_PATH") {
         register(Path::new(&path));
@@ -160,14 +188,34 @@ fn load_folder(dir: PathBuf) -> Loaded {
 #[cfg(not(all(unix, target_arch = "x86_64")))]
 fn load_folder(dir: PathBuf) -> Loaded {
     if let Some(name) = std::env::var(CPU_VARIANT_VAR).ok().filter(|v| !v.is_empty()) {
-        return Loaded::Refused(dir, CpuVariantError::NotHere { name });
+        return Loaded::Refused(dir, CpuVariantError::NotHere { name }, Vec::new());
     }
     if let Some(c_dir) = c_path(&dir) {
         // SAFETY: a NUL-terminated path that outlives the call; ggml registers what it loads
         // for the rest of the process. Called once, under the init OnceLock.
         unsafe { sys::ggml_backend_load_all_from_path(c_dir.as_ptr()) };
     }
-    Loaded::From(dir, None)
+    Loaded::From(dir, None, Vec::new())
+}
+
+/// Why a module that opened and was chosen is not in use: ggml refused it.
+const NOT_REGISTERED: &str = "ggml did not register it (its log says why)";
+
+/// Why none of a backend's modules was chosen: each one's reason (the loader's message), or
+/// that it does not run on this machine.
+#[cfg(all(unix, target_arch = "x86_64"))]
+fn why_none_opened(candidates: &[CpuCandidate]) -> String {
+    let reasons: Vec<String> = candidates
+        .iter()
+        .map(|c| {
+            let file = c.path.file_name().unwrap_or_default().to_string_lossy();
+            match &c.load_error {
+                Some(error) => format!("{file}: {error}"),
+                None => format!("{file}: it does not run on this machine (score {})", c.score.unwrap_or(0)),
+            }
+        })
+        .collect();
+    reasons.join("; ")
 }
 
 /// `path` for C: its bytes as the OS has them, NUL-terminated (None if it holds a NUL).
