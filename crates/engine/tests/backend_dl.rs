@@ -5,7 +5,7 @@
 //! EXSA_BACKEND_DIR is used alone, a folder without a CPU module is a clear error, the CPU module
 //! loaded is reported and EXSA_CPU_VARIANT chooses another of the folder by name, and a CUDA
 //! module that cannot load (as on a machine without a GPU driver) leaves the CPU running, with a
-//! warning that says so.
+//! warning that says so and `exsa info` saying why.
 #![cfg(feature = "backend-dl")]
 
 use std::path::{Path, PathBuf};
@@ -87,6 +87,20 @@ fn a_cuda_module_that_cannot_load_leaves_the_cpu_running_and_says_so() {
     assert!(out.status.success(), "{stderr}");
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
     assert!(stderr.contains("no GPU was found") && stderr.contains("running on the CPU"), "{stderr}");
+    // `exsa info` names the module, that it was not registered and the loader's reason, and
+    // lists the CPU as the only device.
+    let out = exsa(&dir, &["--log", "error", "info"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let modules = &info["build_info"]["other_backend_modules"];
+    let [cuda] = modules.as_array().expect("a list").as_slice() else { panic!("one module besides the CPU's: {modules}") };
+    assert_eq!(cuda["backend"], "cuda");
+    assert_eq!(cuda["file"], dir.join("libggml-cuda.so").display().to_string());
+    assert_eq!(cuda["registered"], false);
+    // The loader's own words, after the module's name (glibc: "file too short").
+    assert!(cuda["error"].as_str().is_some_and(|e| e.strip_prefix("libggml-cuda.so: ").is_some_and(|why| why.len() > 3)), "{cuda}");
+    let devices = info["build_info"]["devices"].as_array().expect("a list of devices");
+    assert!(!devices.is_empty() && devices.iter().all(|d| d["kind"] == "cpu"), "{devices:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -217,16 +217,13 @@ fn readme(bundle: &Bundle, modules: &[PathBuf], cuda_runtime: Option<&[String]>)
         modules.iter().filter_map(|m| m.file_name()?.to_str()?.strip_prefix("libggml-cpu-")?.strip_suffix(".so").map(str::to_owned)).collect();
     let cuda = cuda_runtime.map_or_else(String::new, |libraries| {
         format!(
-            "## NVIDIA GPUs
-
-             lib/libggml-cuda.so is ggml's CUDA backend. It needs the NVIDIA driver and the CUDA runtime
-             libraries ({}), which the bundle does not carry: install them (NVIDIA's packages, or the
-             `nvidia-cuda-runtime` and `nvidia-cublas` wheels) and put their folder on LD_LIBRARY_PATH.
-             Without them the module is skipped and exsa runs on the CPU; `bin/exsa info` says why
-             (`other_backend_modules`) and lists the GPUs found (`devices`). `--gpu-layers N` puts N
-             layers on the GPU (default: all).
-
-",
+            "## NVIDIA GPUs\n\n\
+             lib/libggml-cuda.so is ggml's CUDA backend. It needs the NVIDIA driver and the CUDA runtime\n\
+             libraries ({}), which the bundle does not carry: install them (NVIDIA's packages, or the\n\
+             `nvidia-cuda-runtime` and `nvidia-cublas` wheels) and put their folder on LD_LIBRARY_PATH.\n\
+             Without them the module is skipped and exsa runs on the CPU; `bin/exsa info` says why\n\
+             (`other_backend_modules`) and lists the GPUs found (`devices`). `--gpu-layers N` puts N\n\
+             layers on the GPU (default: all).\n\n",
             libraries.join(", ")
         )
     });
