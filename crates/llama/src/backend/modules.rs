@@ -210,6 +210,8 @@ fn why_none_opened(candidates: &[CpuCandidate]) -> String {
         .map(|c| {
             let file = c.path.file_name().unwrap_or_default().to_string_lossy();
             match &c.load_error {
+                // The loader names the module itself when the module is what it could not read.
+                Some(error) if error.contains(&*file) => error.clone(),
                 Some(error) => format!("{file}: {error}"),
                 None => format!("{file}: it does not run on this machine (score {})", c.score.unwrap_or(0)),
             }
