@@ -167,10 +167,9 @@ fn check_cuda(exsa: &Path, model: &Path, reference: &[GreedyStep], native_ran_am
     // On a GPU the weights leave the CPU, and its AMX kernels with them.
     let amx = gpus.is_empty() && amx_expected(native_ran_amx, &info);
     let server = compare_variant(&launch, model, "with the CUDA module", reference, amx)?;
-    let log = std::fs::read_to_string(&server.log).with_context(|| format!("reading {}", server.log.display()))?;
     let (expected, said) =
         if gpus.is_empty() { ("that it runs on the CPU", NO_GPU_WARNING) } else { ("that the layers went to the GPU", OFFLOADED_LOG) };
-    if !log.contains(said) {
+    if !server.log_says(said)? {
         bail!("the bundle with its CUDA module (GPUs: {gpus:?}) did not say {expected} ({said:?} not in {})", server.log.display());
     }
     eprintln!(
@@ -289,8 +288,13 @@ impl Server {
 
     /// Whether it put the model's weights in the buffer of ggml's AMX kernels (its log says so).
     fn ran_amx(&self) -> Result<bool> {
+        self.log_says(AMX_BUFFER_LOG)
+    }
+
+    /// Whether its log so far holds `text`.
+    fn log_says(&self, text: &str) -> Result<bool> {
         let log = std::fs::read_to_string(&self.log).with_context(|| format!("reading {}", self.log.display()))?;
-        Ok(log.contains(AMX_BUFFER_LOG))
+        Ok(log.contains(text))
     }
 
     /// The greedy steps after the prompt and `forced`, with each step's top three.

@@ -329,7 +329,12 @@ fn readelf(file: &Path) -> Result<String> {
 
 /// The libraries a file of `readelf -d` output needs (`(NEEDED)  Shared library: [libcudart.so.13]`).
 fn needed_libraries(readelf: &str) -> Vec<String> {
-    readelf.lines().filter(|l| l.contains("(NEEDED)")).filter_map(|l| Some(l[l.find('[')? + 1..l.rfind(']')?].to_owned())).collect()
+    readelf.lines().filter(|l| l.contains("(NEEDED)")).filter_map(bracketed).map(str::to_owned).collect()
+}
+
+/// The value of a `readelf -d` line, between its brackets.
+fn bracketed(line: &str) -> Option<&str> {
+    line.get(line.find('[')? + 1..line.rfind(']')?)
 }
 
 /// The entries of RUNPATH and RPATH in `readelf -d` output
@@ -338,8 +343,8 @@ fn search_paths(readelf: &str) -> Vec<String> {
     readelf
         .lines()
         .filter(|l| l.contains("(RUNPATH)") || l.contains("(RPATH)"))
-        .filter_map(|l| Some(l[l.find('[')? + 1..l.rfind(']')?].to_owned()))
-        .flat_map(|list| list.split(':').map(str::to_owned).collect::<Vec<_>>())
+        .filter_map(bracketed)
+        .flat_map(|list| list.split(':').map(str::to_owned))
         .collect()
 }
 

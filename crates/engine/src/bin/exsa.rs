@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use exsa_engine::harness::{self, Test};
 use exsa_engine::{
-    ChatMessage, ChatTemplating, Engine, EngineConfig, EngineError, GenerateOptions, GenerateRequest, LoadOptions, LogLevel, LoraConfig, Placement,
-    SamplingParams, SessionConfig, Speculation, set_llama_log_level,
+    BuildInfo, ChatMessage, ChatTemplating, Engine, EngineConfig, EngineError, GenerateOptions, GenerateRequest, LoadOptions, LogLevel, LoraConfig,
+    Placement, SamplingParams, SessionConfig, Speculation, set_llama_log_level,
 };
 
 #[derive(Parser)]
@@ -689,10 +689,11 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
         sse_keep_alive: Some(seconds("--sse-keep-alive", args.sse_keep_alive)?).filter(|d| !d.is_zero()),
     };
     // A refused CPU variant would fail every model load to come: said now, once.
-    if let Some(line) = cpu_variant()? {
+    let build_info = Engine::build_info();
+    if let Some(line) = cpu_variant(&build_info)? {
         tracing::info!("{line}");
     }
-    for line in other_backend_modules() {
+    for line in other_backend_modules(&build_info) {
         tracing::info!("{line}");
     }
     http::run(sources, policy, config, |addr| {
@@ -707,8 +708,7 @@ fn serve(common: &Common, session: SessionConfig, args: ServeArgs) -> Result<(),
 
 /// What CPU code a dynamic-backend build (a bundle) runs, and why, in one line; None in a static
 /// build (its CPU code is the build machine's). An error where the choice was refused.
-fn cpu_variant() -> Result<Option<String>, String> {
-    let info = Engine::build_info();
+fn cpu_variant(info: &BuildInfo) -> Result<Option<String>, String> {
     let Some(cpu) = info.details.get("cpu_variant") else { return Ok(None) };
     if let Some(refused) = cpu["refused"].as_str() {
         return Err(refused.to_owned());
@@ -727,8 +727,7 @@ fn cpu_variant() -> Result<Option<String>, String> {
 /// One line per backend module other than the CPU's in a dynamic-backend build (a bundle's
 /// CUDA module): loaded, or not and why, so that a machine without the CUDA runtime says why it
 /// runs on the CPU.
-fn other_backend_modules() -> Vec<String> {
-    let info = Engine::build_info();
+fn other_backend_modules(info: &BuildInfo) -> Vec<String> {
     let Some(modules) = info.details.get("other_backend_modules").and_then(|m| m.as_array()) else { return Vec::new() };
     modules
         .iter()

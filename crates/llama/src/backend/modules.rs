@@ -160,11 +160,10 @@ fn load_folder(dir: PathBuf) -> Loaded {
     let mut others = Vec::new();
     for &family in FAMILIES.iter().filter(|family| modules.iter().any(|(f, _, _)| f == *family)) {
         let candidates = candidates(family);
-        let first = candidates[0].path.clone();
         let (path, error) = match choose(candidates.clone(), None, &dir) {
             Ok(choice) if register(&choice.chosen.path) => (choice.chosen.path, None),
             Ok(choice) => (choice.chosen.path, Some(NOT_REGISTERED.to_owned())),
-            Err(_) => (first, Some(why_none_opened(&candidates))),
+            Err(_) => (candidates[0].path.clone(), Some(why_none_opened(&candidates))),
         };
         others.push(BackendModule { backend: family, path, error });
     }
