@@ -22,6 +22,7 @@ pub struct BuildInfo {
     pub c_flags: String,
     pub cxx_flags: String,
     pub ggml_cpu_flags: String,
+    pub cpu_variant_flags: Vec<(String, String)>,
     pub c_compiler: String,
     pub cxx_compiler: String,
     pub tuned_profile: String,
@@ -58,11 +59,13 @@ impl BuildInfo {
             let path = cache_var(&format!("CMAKE_{lang}_COMPILER"));
             format!("{path} ({})", tools::compiler_version(&path))
         };
-        let ggml_cpu_flags = std::fs::read_to_string(installed.ggml_cpu_flags_file())
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("CXX_FLAGS = ").map(|f| f.trim().to_string()))
-            .unwrap_or_default();
+        let cxx_flags_of = |flags_make: &Path| {
+            std::fs::read_to_string(flags_make)
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("CXX_FLAGS = ").map(|f| recorded_flags(plan, f)))
+                .unwrap_or_default()
+        };
         BuildInfo {
             llama_cpp: source.pin.describe(),
             build_number: source.pin.build_number.unwrap_or(0),
@@ -85,7 +88,8 @@ impl BuildInfo {
                 .collect(),
             c_flags: recorded_flags(plan, &format!("{} {}", cache_var("CMAKE_C_FLAGS"), cache_var("CMAKE_C_FLAGS_RELEASE"))),
             cxx_flags: recorded_flags(plan, &format!("{} {}", cache_var("CMAKE_CXX_FLAGS"), cache_var("CMAKE_CXX_FLAGS_RELEASE"))),
-            ggml_cpu_flags: recorded_flags(plan, &ggml_cpu_flags),
+            ggml_cpu_flags: cxx_flags_of(&installed.ggml_cpu_flags_file()),
+            cpu_variant_flags: installed.cpu_variant_flags_files().iter().map(|(variant, file)| (variant.clone(), cxx_flags_of(file))).collect(),
             c_compiler: compiler("C"),
             cxx_compiler: compiler("CXX"),
             tuned_profile: profile.path.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string()),
@@ -109,6 +113,11 @@ impl BuildInfo {
             self.cxx_compiler,
             self.tuned_profile
         ));
+        // Appended only where there are variants, so a build without them keeps the hash it had
+        // before they were recorded.
+        if !self.cpu_variant_flags.is_empty() {
+            h.update(format!("|{:?}", self.cpu_variant_flags));
+        }
         hex(&h.finalize())[..12].to_string()
     }
 
@@ -119,7 +128,7 @@ impl BuildInfo {
         let switches = self.switches.iter().map(|(k, v)| format!("({k:?}, {v})")).collect::<Vec<_>>().join(", ");
         writeln!(
             s,
-            "/// What this build of llama.cpp is, and how it was compiled.\npub const BUILD_INFO: BuildInfo = BuildInfo {{\n    llama_cpp: {:?},\n    build_number: {},\n    upstream_commit: {:?},\n    source_dir: {:?},\n    target: {:?},\n    switches: &[{switches}],\n    cmake_defines: &[{}],\n    c_flags: {:?},\n    cxx_flags: {:?},\n    ggml_cpu_flags: {:?},\n    c_compiler: {:?},\n    cxx_compiler: {:?},\n    tuned_profile: {:?},\n    hash: {:?},\n}};",
+            "/// What this build of llama.cpp is, and how it was compiled.\npub const BUILD_INFO: BuildInfo = BuildInfo {{\n    llama_cpp: {:?},\n    build_number: {},\n    upstream_commit: {:?},\n    source_dir: {:?},\n    target: {:?},\n    switches: &[{switches}],\n    cmake_defines: &[{}],\n    c_flags: {:?},\n    cxx_flags: {:?},\n    ggml_cpu_flags: {:?},\n    cpu_variant_flags: &[{}],\n    c_compiler: {:?},\n    cxx_compiler: {:?},\n    tuned_profile: {:?},\n    hash: {:?},\n}};",
             self.llama_cpp,
             self.build_number,
             self.upstream_commit,
@@ -129,6 +138,7 @@ impl BuildInfo {
             self.c_flags,
             self.cxx_flags,
             self.ggml_cpu_flags,
+            pairs(&self.cpu_variant_flags),
             self.c_compiler,
             self.cxx_compiler,
             self.tuned_profile,

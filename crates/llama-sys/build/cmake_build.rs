@@ -23,6 +23,27 @@ impl Installed {
     pub fn ggml_cpu_flags_file(&self) -> PathBuf {
         self.root.join("build/ggml/src/CMakeFiles/ggml-cpu.dir/flags.make")
     }
+
+    /// The same for each of ggml's CPU variants (GGML_CPU_ALL_VARIANTS: `ggml-cpu-haswell`, ...):
+    /// the variant and its file, in name order; none without variants. Only targets of the last
+    /// configure count (CMake lists them anew each time; a folder may keep older ones).
+    pub fn cpu_variant_flags_files(&self) -> Vec<(String, PathBuf)> {
+        let listed = std::fs::read_to_string(self.root.join("build/CMakeFiles/TargetDirectories.txt")).unwrap_or_default();
+        let mut files: Vec<(String, PathBuf)> = listed
+            .lines()
+            .map(|line| PathBuf::from(line.trim()))
+            .filter_map(|dir| {
+                let name = dir.file_name()?.to_string_lossy().into_owned();
+                let variant = name.strip_prefix("ggml-cpu-")?.strip_suffix(".dir")?;
+                // `ggml-cpu-<variant>-feats`: the variant's feature check, compiled without its
+                // instruction sets.
+                (!variant.ends_with("-feats")).then(|| (variant.to_owned(), dir.join("flags.make")))
+            })
+            .filter(|(_, file)| file.is_file())
+            .collect();
+        files.sort();
+        files
+    }
 }
 
 /// The build folder of flag set `key`. `cache` is LLAMA_SYS_BUILD_CACHE when set (the workspace

@@ -14,6 +14,7 @@ mod shim;
 mod source;
 mod source_patch;
 mod tools;
+mod variant_tuning;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -56,7 +57,8 @@ fn main() {
     let rpc_patch =
         if rpc { patch(&rpc_patch::SPEC, &source, &manifest_dir, &cmake_version, "losing an rpc-server mid-run ends the process") } else { None };
     let patches: Vec<&source_patch::Patch> = rpc_patch.iter().chain(amx_patch.iter()).collect();
-    let key = cache_key(&plan, &target, &source, &patches);
+    let tuning = tuning_script(&plan, &cmake_version);
+    let key = cache_key(&plan, &target, &source, &patches, tuning.as_deref());
     let cache = env::var("LLAMA_SYS_BUILD_CACHE").map(PathBuf::from);
     // A relative path would be taken from this crate's folder (where cargo runs build scripts)
     // and then from CMake's build folder: from neither place the user meant.
@@ -64,7 +66,7 @@ fn main() {
         fail(&format!("LLAMA_SYS_BUILD_CACHE must be an absolute path (got {})", relative.display()));
     }
     let root = cmake_build::root(cache.as_deref(), &out_dir, &key);
-    let project_include = write_patches(&root, &patches);
+    let project_include = write_project_scripts(&root, &patches, tuning.as_deref());
     let installed = cmake_build::build(&plan, &source.dir, root, project_include.as_deref());
     // The guards call into llama.cpp, and the chat layer into both: a static library must come
     // before those it uses.
@@ -154,6 +156,25 @@ fn cmake_version() -> String {
     std::process::Command::new(&cmake).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
 }
 
+/// The CPU variants' tuning script, where the plan tunes them and CMake can run it (like the
+/// patches, it defers to the end of the configure step); without such a CMake, generic tuning
+/// with a warning, or an error where it was asked for by name.
+fn tuning_script(plan: &BuildPlan, cmake_version: &str) -> Option<String> {
+    if !plan.tune_cpu_variants {
+        return None;
+    }
+    if !source_patch::cmake_supports(cmake_version) {
+        let (major, minor) = source_patch::MIN_CMAKE;
+        let why = format!("tuning ggml's CPU variants needs CMake {major}.{minor} or newer, found {:?}", cmake_version.lines().next().unwrap_or(""));
+        if env::var(plan::CPU_VARIANT_TUNE_VAR).is_some() {
+            fail(&format!("{}=on: {why}", plan::CPU_VARIANT_TUNE_VAR));
+        }
+        println!("cargo:warning=llama-sys: {why}; they keep the compiler's generic tuning");
+        return None;
+    }
+    Some(variant_tuning::script())
+}
+
 /// A patch of the tree (rpc_patch.rs, amx_patch.rs), prepared. The pinned tree must take it;
 /// another tree (LLAMA_CPP_DIR) or a CMake too old builds unpatched, with a warning that says
 /// `unpatched_means`.
@@ -181,24 +202,37 @@ fn patch(
     }
 }
 
-/// Writes each patch into the build folder; returns the script CMake runs at `project()`.
-fn write_patches(root: &std::path::Path, patches: &[&source_patch::Patch]) -> Option<PathBuf> {
+/// Writes each patch, and the CPU variants' tuning script when there is one, into the build
+/// folder; returns the script CMake runs at `project()`.
+fn write_project_scripts(root: &std::path::Path, patches: &[&source_patch::Patch], tuning: Option<&str>) -> Option<PathBuf> {
+    fn cannot_write(path: &std::path::Path, e: std::io::Error) -> ! {
+        fail(&format!("cannot write into {}: {e}", path.display()))
+    }
     let mut scripts = Vec::new();
     for patch in patches {
         let dir = root.join(format!("exsa-{}-patch", patch.id()));
         let script = patch.write(&dir).unwrap_or_else(|e| fail(&format!("cannot write the {} patch to {}: {e}", patch.id(), dir.display())));
         scripts.push(script);
     }
-    source_patch::write_project_include(root, &scripts).unwrap_or_else(|e| fail(&format!("cannot write into {}: {e}", root.display())))
+    if let Some(text) = tuning {
+        std::fs::create_dir_all(root).unwrap_or_else(|e| cannot_write(root, e));
+        let script = root.join("exsa-tune-cpu-variants.cmake");
+        source_patch::write_if_changed(&script, text).unwrap_or_else(|e| cannot_write(&script, e));
+        scripts.push(script);
+    }
+    source_patch::write_project_include(root, &scripts).unwrap_or_else(|e| cannot_write(root, e))
 }
 
-/// Names the cached build folder: the plan, the target, the source tree, the patches, and the
-/// CFLAGS the cc crate forwards to CMake.
-fn cache_key(plan: &BuildPlan, target: &Target, source: &source::Source, patches: &[&source_patch::Patch]) -> String {
+/// Names the cached build folder: the plan, the target, the source tree, the patches, the CPU
+/// variants' tuning, and the CFLAGS the cc crate forwards to CMake.
+fn cache_key(plan: &BuildPlan, target: &Target, source: &source::Source, patches: &[&source_patch::Patch], tuning: Option<&str>) -> String {
     let mut h = Sha256::new();
     h.update(plan.fingerprint());
     for patch in patches {
         h.update(patch.fingerprint());
+    }
+    if let Some(text) = tuning {
+        h.update(text);
     }
     h.update(&target.triple);
     h.update(source.dir.display().to_string());

@@ -204,6 +204,9 @@ pub struct BuildPlan {
     pub headers: Vec<&'static str>,
     /// Whether the build may be moved to another machine ([`RELOCATABLE_VAR`]).
     pub relocatable: bool,
+    /// Whether ggml's x86 CPU variants get their family's `-mtune` ([`CPU_VARIANT_TUNE_VAR`],
+    /// variant_tuning.rs).
+    pub tune_cpu_variants: bool,
 }
 
 /// A configuration the plan refuses, with the variable or feature at fault.
@@ -238,6 +241,9 @@ pub const CXX_VAR: &str = "LLAMA_SYS_CXX";
 /// dynamic-backend mode find each other in their own folder (`$ORIGIN`), and nothing of the
 /// build's folders is compiled in (no module folder to fall back on, no source path).
 pub const RELOCATABLE_VAR: &str = "LLAMA_SYS_RELOCATABLE";
+/// `off` leaves ggml's x86 CPU variants (a dynamic-backend build with GGML_CPU_ALL_VARIANTS) at
+/// the compiler's generic tuning; on by default there (variant_tuning.rs).
+pub const CPU_VARIANT_TUNE_VAR: &str = "LLAMA_SYS_CPU_VARIANT_TUNE";
 
 /// Every variable the plan reads, so the build script can watch them all.
 pub fn known_env_vars() -> Vec<String> {
@@ -255,6 +261,7 @@ pub fn known_env_vars() -> Vec<String> {
             CC_VAR,
             CXX_VAR,
             RELOCATABLE_VAR,
+            CPU_VARIANT_TUNE_VAR,
         ]
         .map(String::from),
     );
@@ -389,6 +396,7 @@ impl BuildPlan {
                 *flags = if flags.is_empty() { host } else { format!("{flags} {host}") };
             }
         }
+        let tune_cpu_variants = tune_cpu_variants(input, &switches, &defines)?;
         let (links, search_paths) = link_list(input, &switches, cuda_vmm);
 
         let mut headers =
@@ -397,7 +405,7 @@ impl BuildPlan {
             headers.push("ggml/include/ggml-rpc.h");
         }
 
-        Ok(BuildPlan { switches, defines, c_flags, cxx_flags, links, search_paths, headers, relocatable })
+        Ok(BuildPlan { switches, defines, c_flags, cxx_flags, links, search_paths, headers, relocatable, tune_cpu_variants })
     }
 
     /// A stable text form of everything that decides the compiled output; its hash names the
@@ -474,6 +482,23 @@ fn resolve_switches(input: &PlanInput) -> Result<BTreeMap<Switch, bool>, PlanErr
         switches.insert(Switch::Amx, input.amx_patched && switches[&Switch::Native]);
     }
     Ok(switches)
+}
+
+/// Whether the CPU variants are tuned: where there are variants (x86, dynamic backends,
+/// GGML_CPU_ALL_VARIANTS) and the compiler takes GCC's flags, unless turned off. Asked for where
+/// it cannot act, an error.
+fn tune_cpu_variants(input: &PlanInput, switches: &BTreeMap<Switch, bool>, defines: &BTreeMap<String, String>) -> Result<bool, PlanError> {
+    let all_variants =
+        defines.get("GGML_CPU_ALL_VARIANTS").is_some_and(|v| ["ON", "1", "TRUE", "YES", "Y"].contains(&v.to_ascii_uppercase().as_str()));
+    let applies = input.target.is_x86() && switches[&Switch::BackendDl] && all_variants && input.compiler != CompilerFamily::Msvc;
+    match input.env.get(CPU_VARIANT_TUNE_VAR).map(|v| parse_bool(CPU_VARIANT_TUNE_VAR, v)).transpose()? {
+        Some(true) if !applies => Err(PlanError(format!(
+            "{CPU_VARIANT_TUNE_VAR}=on tunes ggml's x86 CPU variants, which only a backend-dl build ({}) for x86 with GCC or Clang and {CMAKE_ARGS_VAR}=-DGGML_CPU_ALL_VARIANTS=ON has",
+            Switch::BackendDl.env_var()
+        ))),
+        Some(asked) => Ok(asked),
+        None => Ok(applies),
+    }
 }
 
 /// GGML_CUDA_NO_VMM: asked for, or forced by a toolkit without the driver stub to link.
@@ -869,6 +894,35 @@ mod tests {
         assert!(p.relocatable && define(&p, "CMAKE_INSTALL_RPATH").is_none());
         let err = BuildPlan::new(&with_env(i, RELOCATABLE_VAR, "maybe")).unwrap_err();
         assert!(err.0.contains(RELOCATABLE_VAR), "{err}");
+    }
+
+    #[test]
+    fn the_cpu_variants_are_tuned_in_an_x86_dynamic_build_unless_turned_off() {
+        let all_variants = |mut i: PlanInput| {
+            i.features.insert(Switch::BackendDl);
+            with_env(i, CMAKE_ARGS_VAR, "-DGGML_CPU_ALL_VARIANTS=ON")
+        };
+        let dl = all_variants(input("x86_64-unknown-linux-gnu"));
+        assert!(plan(&dl).tune_cpu_variants);
+        assert!(!plan(&with_env(dl.clone(), CPU_VARIANT_TUNE_VAR, "off")).tune_cpu_variants);
+        let mut clang = dl.clone();
+        clang.compiler = CompilerFamily::Clang;
+        assert!(plan(&clang).tune_cpu_variants);
+        // Where there are no variants to tune, or the compiler takes no -mtune: off, and an
+        // error when asked for.
+        let static_build = input("x86_64-unknown-linux-gnu");
+        let mut one_module = input("x86_64-unknown-linux-gnu");
+        one_module.features.insert(Switch::BackendDl);
+        let arm = all_variants(input("aarch64-unknown-linux-gnu"));
+        let mut msvc = all_variants(input("x86_64-pc-windows-msvc"));
+        msvc.compiler = CompilerFamily::Msvc;
+        for i in [static_build, one_module, arm, msvc] {
+            assert!(!plan(&i).tune_cpu_variants, "{} {:?}", i.target.triple, i.env);
+            let err = BuildPlan::new(&with_env(i, CPU_VARIANT_TUNE_VAR, "on")).unwrap_err();
+            assert!(err.0.contains(CPU_VARIANT_TUNE_VAR) && err.0.contains("GGML_CPU_ALL_VARIANTS"), "{err}");
+        }
+        let err = BuildPlan::new(&with_env(dl, CPU_VARIANT_TUNE_VAR, "sometimes")).unwrap_err();
+        assert!(err.0.contains(CPU_VARIANT_TUNE_VAR), "{err}");
     }
 
     #[test]

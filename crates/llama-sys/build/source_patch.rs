@@ -101,7 +101,8 @@ impl Patch {
     }
 }
 
-/// One CMAKE_PROJECT_INCLUDE script that runs each patch's swap script.
+/// One CMAKE_PROJECT_INCLUDE script that runs each of `scripts` (the patches' swap scripts, and
+/// the CPU variants' tuning: variant_tuning.rs).
 pub fn write_project_include(root: &Path, scripts: &[PathBuf]) -> std::io::Result<Option<PathBuf>> {
     if scripts.is_empty() {
         return Ok(None);

@@ -27,6 +27,11 @@ pub struct BuildInfo {
     /// The flags ggml's CPU backend was compiled with, as CMake generated them: this is where
     /// `-march=native` (or an explicit ISA list) shows.
     pub ggml_cpu_flags: &'static str,
+    /// With one CPU module per instruction-set level (a dynamic-backend build with
+    /// GGML_CPU_ALL_VARIANTS, as `cargo xtask dist` makes): each variant (`haswell`, ...) and the
+    /// flags it was compiled with, in name order; empty otherwise (and then `ggml_cpu_flags` is
+    /// the CPU code's).
+    pub cpu_variant_flags: &'static [(&'static str, &'static str)],
     /// Compiler path and the first line of its `--version`.
     pub c_compiler: &'static str,
     /// C++ compiler path and the first line of its `--version`.
@@ -40,6 +45,16 @@ pub struct BuildInfo {
 include!(concat!(env!("OUT_DIR"), "/build_info.rs"));
 
 impl BuildInfo {
+    /// The flags CPU module `variant` was compiled with, if this build made it: a variant's
+    /// (`haswell`, ...), or for `""`, the one module of a build without variants
+    /// (`ggml_cpu_flags`).
+    pub fn cpu_variant_flags(&self, variant: &str) -> Option<&'static str> {
+        if variant.is_empty() {
+            return Some(self.ggml_cpu_flags).filter(|f| !f.is_empty());
+        }
+        self.cpu_variant_flags.iter().find(|(n, _)| *n == variant).map(|(_, f)| *f)
+    }
+
     /// Whether a switch of the build plan was on.
     pub fn switch(&self, name: &str) -> Option<bool> {
         self.switches.iter().find(|(n, _)| *n == name).map(|(_, on)| *on)
@@ -64,13 +79,16 @@ impl BuildInfo {
         s.push_str("\"switches\":{");
         let switches: Vec<String> = self.switches.iter().map(|(k, v)| format!("{}:{v}", json_str(k))).collect();
         s.push_str(&switches.join(","));
-        s.push_str("},\"cmake_defines\":{");
-        let defines: Vec<String> = self.cmake_defines.iter().map(|(k, v)| format!("{}:{}", json_str(k), json_str(v))).collect();
-        s.push_str(&defines.join(","));
         s.push_str("},");
+        let object = |s: &mut String, k: &str, pairs: &[(&str, &str)]| {
+            let members: Vec<String> = pairs.iter().map(|(k, v)| format!("{}:{}", json_str(k), json_str(v))).collect();
+            let _ = write!(s, "{}:{{{}}},", json_str(k), members.join(","));
+        };
+        object(&mut s, "cmake_defines", self.cmake_defines);
         field(&mut s, "c_flags", self.c_flags);
         field(&mut s, "cxx_flags", self.cxx_flags);
         field(&mut s, "ggml_cpu_flags", self.ggml_cpu_flags);
+        object(&mut s, "cpu_variant_flags", self.cpu_variant_flags);
         field(&mut s, "c_compiler", self.c_compiler);
         field(&mut s, "cxx_compiler", self.cxx_compiler);
         field(&mut s, "tuned_profile", self.tuned_profile);
@@ -124,5 +142,6 @@ mod tests {
         let json = BUILD_INFO.to_json();
         assert!(json.starts_with('{') && json.ends_with('}'));
         assert!(json.contains(BUILD_INFO.hash));
+        assert!(BUILD_INFO.cpu_variant_flags.is_empty() && json.contains("\"cpu_variant_flags\":{},"), "a static build has no variants: {json}");
     }
 }

@@ -77,6 +77,10 @@ mod rpc_patch;
 #[allow(dead_code)]
 mod amx_patch;
 
+#[cfg(test)]
+#[path = "../build/variant_tuning.rs"]
+mod variant_tuning;
+
 // The build script's tuned-profile reader, tested here with stand-ins for the two build-script
 // helpers it calls (`super::env::var`, `super::fail`).
 #[cfg(test)]

@@ -115,10 +115,12 @@ fn build(v: &Variant) -> Result<PathBuf> {
     Ok(dest)
 }
 
-/// The release bundle, its program and libraries copied into the variant's own folder (the
-/// program finds both beside itself, as in the bundle's `lib/`).
+/// The release bundle (with the variant's llama-sys variables over its own), its program and
+/// libraries copied into the variant's own folder (the program finds both beside itself, as in
+/// the bundle's `lib/`).
 fn build_bundle(v: &Variant) -> Result<PathBuf> {
-    let (bundle, _) = crate::dist::make(None)?;
+    let overrides: Vec<(String, String)> = v.env.iter().map(|(k, val)| (k.clone(), val.clone())).collect();
+    let (bundle, _) = crate::dist::make(None, &overrides)?;
     let dest = bench_root().join("bin").join(&v.name);
     let _ = std::fs::remove_dir_all(&dest);
     std::fs::create_dir_all(&dest)?;

@@ -52,7 +52,8 @@ pub struct Variant {
     pub git_rev: Option<String>,
     /// Measure the release bundle (`cargo xtask dist`: dynamic backends, every x86-64 CPU
     /// variant, the best one for this CPU loaded at start) instead of a build with the settings
-    /// above, which must then be left out.
+    /// above, which must then be left out but for `env` (llama-sys variables over the bundle's
+    /// own, e.g. `LLAMA_SYS_CPU_VARIANT_TUNE = "off"`).
     #[serde(default)]
     pub bundle: bool,
 }
@@ -130,7 +131,6 @@ impl Variant {
         if self.bundle
             && (self.backend != "source"
                 || !self.features.is_empty()
-                || !self.env.is_empty()
                 || !self.cmake_defines.is_empty()
                 || !self.cflags.is_empty()
                 || !self.cxxflags.is_empty()
@@ -139,7 +139,10 @@ impl Variant {
                 || self.git_rev.is_some()
                 || self.profile != "release")
         {
-            bail!("variant {}: a bundle is built as `cargo xtask dist` builds it: backend source, and no build settings of its own", self.name);
+            bail!(
+                "variant {}: a bundle is built as `cargo xtask dist` builds it: backend source, and no build settings of its own but llama-sys variables (`env`)",
+                self.name
+            );
         }
         if !self.rpc.is_empty() && self.backend != "source" {
             bail!("variant {}: rpc-servers need backend source", self.name);
@@ -297,6 +300,7 @@ mod tests {
             ("[[variant]]\nname = \"X\"\nbackend = \"source\"\nrpc = [\"nowhere\"]\n", "neither"),
             ("[[variant]]\nname = \"X\"\nbackend = \"source\"\nbundle = true\nfeatures = [\"lto\"]\n", "as `cargo xtask dist` builds it"),
             ("[[variant]]\nname = \"X\"\nbackend = \"raw\"\nbundle = true\n", "as `cargo xtask dist` builds it"),
+            ("[[variant]]\nname = \"X\"\nbackend = \"source\"\nbundle = true\ncflags = \"-O2\"\n", "as `cargo xtask dist` builds it"),
         ] {
             let path = dir.join("bad.toml");
             std::fs::write(&path, text).unwrap();

@@ -60,6 +60,8 @@ pub fn run(bundle: &Bundle, build: &DynamicBuild, model: &Path) -> Result<()> {
     let chosen = cpu["variant"].as_str().with_context(|| format!("`exsa info` names no CPU variant: {cpu}"))?.to_owned();
     eprintln!("dist check: the bundle chose {chosen} ({}), CPU: {}", cpu["chosen_by"], cpu["cpu_features"]);
     let candidates = cpu["candidates"].as_array().context("`exsa info` lists no CPU variants")?;
+    check_variant_flags(&info["build_info"]["cpu_variant_flags"], candidates)?;
+    eprintln!("dist check: {chosen} was compiled with {}", cpu["flags"]);
     let best = candidates.iter().filter_map(|c| c["score"].as_i64()).max().unwrap_or(0);
     let chosen_score = candidates.iter().find(|c| c["variant"] == chosen.as_str()).and_then(|c| c["score"].as_i64());
     if chosen_score != Some(best) || best == 0 {
@@ -83,6 +85,32 @@ pub fn run(bundle: &Bundle, build: &DynamicBuild, model: &Path) -> Result<()> {
         check_cuda(&exsa, model, &reference, native_ran_amx)?;
     }
     let _ = std::fs::remove_dir_all(&unpacked);
+    Ok(())
+}
+
+/// llama-sys' table of the `-mtune` each CPU variant gets (its build/variant_tuning.rs).
+mod tuning {
+    include!("../../../crates/llama-sys/build/variant_tuning_table.rs");
+}
+
+/// `exsa info` records the flags of every CPU module of the bundle (`flags`:
+/// `build_info.cpu_variant_flags`), and each variant llama-sys tunes carries its `-mtune`: the
+/// compiler took it, and the tuning script ran.
+fn check_variant_flags(flags: &Value, candidates: &[Value]) -> Result<()> {
+    for name in candidates.iter().filter_map(|c| c["variant"].as_str()) {
+        let Some(recorded) = flags[name].as_str().filter(|f| f.contains("-O")) else {
+            bail!("`exsa info` records no compile flags for CPU variant {name}: {flags}");
+        };
+        if let Some((_, cpu)) = tuning::TUNING.iter().find(|(variant, _)| *variant == name) {
+            if !recorded.split_whitespace().any(|f| f == format!("-mtune={cpu}")) {
+                bail!("CPU variant {name} was compiled without -mtune={cpu} (llama-sys tunes it): {recorded}");
+            }
+        }
+    }
+    let missing: Vec<&str> = tuning::TUNING.iter().map(|(variant, _)| *variant).filter(|v| !candidates.iter().any(|c| c["variant"] == *v)).collect();
+    if !missing.is_empty() {
+        bail!("the bundle has no CPU variant {} that llama-sys tunes: did ggml rename its variants?", missing.join(", "));
+    }
     Ok(())
 }
 
@@ -371,6 +399,27 @@ mod tests {
 
     fn step(token: i32, runner_up: i32, margin: f32) -> GreedyStep {
         GreedyStep { token, runner_up, margin, third: None }
+    }
+
+    #[test]
+    fn every_variant_needs_its_flags_and_each_tuned_one_its_mtune() {
+        let tuned = |name: &str| tuning::TUNING.iter().find(|(v, _)| *v == name).map(|(_, cpu)| format!(" -mtune={cpu}")).unwrap_or_default();
+        let names: Vec<&str> = ["x64", "haswell", "zen4"].into_iter().chain(tuning::TUNING.iter().map(|(v, _)| *v)).collect();
+        let candidates: Vec<Value> = names.iter().map(|n| json!({ "variant": n, "score": 1 })).collect();
+        let flags = |skip_tune: &str| -> Value {
+            names.iter().map(|n| (n.to_string(), json!(format!("-O3 -mavx2{}", if *n == skip_tune { String::new() } else { tuned(n) })))).collect()
+        };
+        check_variant_flags(&flags(""), &candidates).unwrap();
+
+        let err = check_variant_flags(&flags("sapphirerapids"), &candidates).unwrap_err().to_string();
+        assert!(err.contains("sapphirerapids was compiled without -mtune=sapphirerapids"), "{err}");
+        let mut no_flags = flags("");
+        no_flags.as_object_mut().unwrap().remove("haswell");
+        let err = check_variant_flags(&no_flags, &candidates).unwrap_err().to_string();
+        assert!(err.contains("no compile flags for CPU variant haswell"), "{err}");
+        let renamed: Vec<Value> = candidates.iter().filter(|c| c["variant"] != "alderlake").cloned().collect();
+        let err = check_variant_flags(&flags(""), &renamed).unwrap_err().to_string();
+        assert!(err.contains("no CPU variant alderlake"), "{err}");
     }
 
     #[test]

@@ -68,7 +68,7 @@ impl Bundle {
 
 pub fn run(args: &Args) -> Result<()> {
     let cuda = args.cuda.then(|| Cuda { archs: args.cuda_archs.clone() });
-    let (bundle, build) = make(cuda.as_ref())?;
+    let (bundle, build) = make(cuda.as_ref(), &[])?;
     pack(&bundle)?;
     let size = std::fs::metadata(&bundle.tarball)?.len();
     eprintln!("dist: {} ({:.1} MiB)", bundle.tarball.display(), size as f64 / f64::from(1 << 20));
@@ -86,20 +86,22 @@ pub struct Cuda {
 }
 
 /// Builds and assembles the bundle's folder, checked relocatable (not packed), with the CUDA
-/// module when `cuda` says how.
-pub fn make(cuda: Option<&Cuda>) -> Result<(Bundle, DynamicBuild)> {
+/// module when `cuda` says how. `overrides`: llama-sys variables over the bundle's defaults (a
+/// benchmark's bundle variant, e.g. `LLAMA_SYS_CPU_VARIANT_TUNE=off`); one the bundle's build
+/// sets itself is refused.
+pub fn make(cuda: Option<&Cuda>, overrides: &[(String, String)]) -> Result<(Bundle, DynamicBuild)> {
     if !(cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")) {
         bail!("dist builds the x86-64 Linux bundle; run it on x86-64 Linux");
     }
     let bundle = Bundle::new();
-    let build = build(cuda)?;
+    let build = build(cuda, overrides)?;
     assemble(&build, &bundle)?;
     check_relocatable(&bundle.dir, &forbidden_paths()?)?;
     Ok((bundle, build))
 }
 
 /// The relocatable dynamic-backend build with every CPU variant.
-fn build(cuda: Option<&Cuda>) -> Result<DynamicBuild> {
+fn build(cuda: Option<&Cuda>, overrides: &[(String, String)]) -> Result<DynamicBuild> {
     // Source paths in assertion and panic messages name the build's folders: mapped to short
     // names (the recorded flags leave the maps out).
     let maps = path_maps()?;
@@ -126,6 +128,15 @@ fn build(cuda: Option<&Cuda>) -> Result<DynamicBuild> {
     } else {
         "backend-dl"
     };
+    for (var, value) in overrides {
+        if !var.starts_with("LLAMA_SYS_") {
+            bail!("{var} is no llama-sys variable (LLAMA_SYS_*): a bundle takes no other build setting");
+        }
+        if env.iter().any(|(own, _)| own == var) {
+            bail!("{var} is set by the bundle's build itself and cannot be overridden");
+        }
+        env.push((var.as_str(), value.clone()));
+    }
     let build = DynamicBuild::build("dist-build", features, &env)?;
     if cuda.is_some() {
         build.modules("libggml-cuda").context("--cuda: the build made no CUDA module")?;

@@ -90,7 +90,8 @@ impl Backend for SourceBackend {
 
 /// The CPU module a dynamic-backend build runs and why (null in a static build, whose CPU code
 /// is built in for the machine that built it): the variant (empty for a module without one),
-/// how it was chosen, every module of the folder with its score on this CPU (0: cannot run
+/// how it was chosen, the flags it was compiled with (null where this build did not record
+/// them: a module from elsewhere), every module of the folder with its score on this CPU (0: cannot run
 /// here) or why it did not open, and the CPU's instruction sets that decide it. A refused
 /// choice (`EXSA_CPU_VARIANT` naming one this CPU cannot run) is reported as `refused`.
 fn cpu_variant_info() -> serde_json::Value {
@@ -102,6 +103,7 @@ fn cpu_variant_info() -> serde_json::Value {
             "variant": variant.chosen.name,
             "file": variant.chosen.path.display().to_string(),
             "chosen_by": variant.choice.to_string(),
+            "flags": llama::build_info().cpu_variant_flags(&variant.chosen.name),
             "candidates": candidates,
             "cpu_features": modules::cpu_features(),
         });
