@@ -115,6 +115,9 @@ fn the_cpu_module_is_reported_and_exsa_cpu_variant_chooses_among_the_folders_mod
     assert_eq!(variant.candidates.len(), 1, "{variant:?}");
     assert_eq!(variant.chosen.name, "");
     assert_eq!(variant.choice, llama::backend_modules::CpuChoice::Only);
+    // Its flags are the build's CPU flags (no variants: ggml's portable x86-64 level).
+    let flags = llama::build_info().cpu_variant_flags("").expect("the build's CPU module has recorded flags");
+    assert!(flags.contains("-O") && !flags.contains("-march=native"), "{flags}");
 
     // The same module under a variant's name beside it: a variant that scores, chosen over the
     // module without one; and forced by name, the one loaded.
@@ -140,6 +143,7 @@ fn the_cpu_module_is_reported_and_exsa_cpu_variant_chooses_among_the_folders_mod
     assert_eq!(cpu["chosen_by"], "EXSA_CPU_VARIANT", "{cpu}");
     assert_eq!(cpu["file"], dir.join("libggml-cpu-mine.so").display().to_string());
     assert_eq!(cpu["candidates"].as_array().map(Vec::len), Some(2), "{cpu}");
+    assert!(cpu["flags"].is_null(), "a module this build did not make has no recorded flags: {cpu}");
 
     // A name the folder lacks: refused by name, with the folder and what it has; no crash.
     let out = info("pentium");

@@ -101,10 +101,10 @@ fn check_variant_flags(flags: &Value, candidates: &[Value]) -> Result<()> {
         let Some(recorded) = flags[name].as_str().filter(|f| f.contains("-O")) else {
             bail!("`exsa info` records no compile flags for CPU variant {name}: {flags}");
         };
-        if let Some((_, cpu)) = tuning::TUNING.iter().find(|(variant, _)| *variant == name) {
-            if !recorded.split_whitespace().any(|f| f == format!("-mtune={cpu}")) {
-                bail!("CPU variant {name} was compiled without -mtune={cpu} (llama-sys tunes it): {recorded}");
-            }
+        if let Some((_, cpu)) = tuning::TUNING.iter().find(|(variant, _)| *variant == name)
+            && !recorded.split_whitespace().any(|f| f == format!("-mtune={cpu}"))
+        {
+            bail!("CPU variant {name} was compiled without -mtune={cpu} (llama-sys tunes it): {recorded}");
         }
     }
     let missing: Vec<&str> = tuning::TUNING.iter().map(|(variant, _)| *variant).filter(|v| !candidates.iter().any(|c| c["variant"] == *v)).collect();
