@@ -3,15 +3,17 @@
 //!
 //! The tarball is unpacked into an empty folder, and the folder llama.cpp's libraries and
 //! modules were built into is renamed for the duration (restored when the check ends, or by
-//! the next check if this one was killed), so a bundle that still reached for it would fail. Then, against the native build (static,
-//! `-march=native`, this machine's default): the variant the bundle chooses, and every other
-//! variant this CPU runs (forced with `EXSA_CPU_VARIANT`), generate the native build's greedy
-//! tokens at every step up to the near-tie rule (where the two builds swap near-tied candidates,
-//! the bundle is fed the native tokens and compared on at every later step); each variant this
-//! CPU cannot run is refused with an error that names it, not a crash. Where the native build
-//! runs ggml's AMX kernels (a CPU with AMX, a model of types they take), a variant compiled with
-//! them (Sapphire Rapids) must run them too, llama-sys' fix of them included (llama.cpp's log
-//! names their buffer), and no other variant may.
+//! the next check if this one was killed), so a bundle that still reached for it would fail.
+//! Then, against the native build (static, `-march=native`, this machine's default): the
+//! variant the bundle chooses, and every other variant this CPU runs (forced with
+//! `EXSA_CPU_VARIANT`), generate the native build's greedy tokens at every step up to the
+//! near-tie rule (where the two builds swap near-tied candidates, the bundle is fed the native
+//! tokens and compared on at every later step); each variant this CPU cannot run is refused with
+//! an error that names it, not a crash. `exsa info` records every variant's compile flags, and
+//! each variant llama-sys tunes carries its `-mtune`. Where the native build runs ggml's AMX
+//! kernels (a CPU with AMX, a model of types they take), a variant compiled with them (Sapphire
+//! Rapids) must run them too, llama-sys' fix of them included (llama.cpp's log names their
+//! buffer), and no other variant may.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -2,7 +2,8 @@
 //! Linux machine. `exsa` is built with dynamic backends (llama-sys `backend-dl`) and ggml's
 //! `GGML_CPU_ALL_VARIANTS`: one CPU module per instruction-set level, from plain x86-64 to
 //! AVX-512 with VNNI/BF16 and AMX, of which the best one this CPU runs is loaded at start
-//! (`exsa info` says which and why; `EXSA_CPU_VARIANT` forces one). The build is relocatable
+//! (`exsa info` says which and why; `EXSA_CPU_VARIANT` forces one); each variant that one CPU
+//! family loads is tuned for it (llama-sys `build/variant_tuning.rs`). The build is relocatable
 //! (llama-sys `LLAMA_SYS_RELOCATABLE`): the program finds its libraries in `../lib` and the
 //! libraries each other beside themselves, and it names none of the build's folders.
 //!

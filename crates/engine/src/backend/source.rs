@@ -90,9 +90,9 @@ impl Backend for SourceBackend {
 
 /// The CPU module a dynamic-backend build runs and why (null in a static build, whose CPU code
 /// is built in for the machine that built it): the variant (empty for a module without one),
-/// how it was chosen, the flags it was compiled with (null where this build did not record
-/// them: a module from elsewhere), every module of the folder with its score on this CPU (0: cannot run
-/// here) or why it did not open, and the CPU's instruction sets that decide it. A refused
+/// how it was chosen, the flags it was compiled with (null where this build did not record them:
+/// a module from elsewhere), every module of the folder with its score on this CPU (0: cannot
+/// run here) or why it did not open, and the CPU's instruction sets that decide it. A refused
 /// choice (`EXSA_CPU_VARIANT` naming one this CPU cannot run) is reported as `refused`.
 fn cpu_variant_info() -> serde_json::Value {
     use llama::backend_modules as modules;
