@@ -396,7 +396,7 @@ impl BuildPlan {
                 *flags = if flags.is_empty() { host } else { format!("{flags} {host}") };
             }
         }
-        let tune_cpu_variants = tune_cpu_variants(input, &switches, &defines)?;
+        let tune_cpu_variants = tune_cpu_variants(input, &switches)?;
         let (links, search_paths) = link_list(input, &switches, cuda_vmm);
 
         let mut headers =
@@ -478,19 +478,37 @@ fn resolve_switches(input: &PlanInput) -> Result<BTreeMap<Switch, bool>, PlanErr
     // Unasked, AMX comes with native flags (-march=native enables it where the CPU has it) once
     // the patch makes ggml's AMX kernels correct; a non-native build names no AMX CPU.
     let amx_asked = input.env.contains_key(&Switch::Amx.env_var()) || input.features.contains(&Switch::Amx);
-    if !amx_asked {
+    if target.is_x86() && all_cpu_variants(input)? {
+        // With one module per instruction-set level, ggml decides AMX per variant (its
+        // Sapphire Rapids variant has it) whatever GGML_AMX_* say: the switch reports that, and
+        // cannot be set.
+        if amx_asked {
+            return Err(PlanError(format!(
+                "{} (amx) does not act on a build with GGML_CPU_ALL_VARIANTS, whose Sapphire Rapids variant always has AMX; \
+                 unset it (EXSA_AMX=off turns AMX off at run time)",
+                Switch::Amx.env_var()
+            )));
+        }
+        switches.insert(Switch::Amx, true);
+    } else if !amx_asked {
         switches.insert(Switch::Amx, input.amx_patched && switches[&Switch::Native]);
     }
     Ok(switches)
 }
 
+/// Whether the build makes one CPU module per instruction-set level: GGML_CPU_ALL_VARIANTS on
+/// (through LLAMA_SYS_CMAKE_ARGS, the only way to set it).
+fn all_cpu_variants(input: &PlanInput) -> Result<bool, PlanError> {
+    let Some(args) = input.env.get(CMAKE_ARGS_VAR) else { return Ok(false) };
+    let on = |v: &str| ["ON", "1", "TRUE", "YES", "Y"].contains(&v.to_ascii_uppercase().as_str());
+    Ok(parse_cmake_args(args)?.iter().rev().find(|(k, _)| k == "GGML_CPU_ALL_VARIANTS").is_some_and(|(_, v)| on(v)))
+}
+
 /// Whether the CPU variants are tuned: where there are variants (x86, dynamic backends,
 /// GGML_CPU_ALL_VARIANTS) and the compiler takes GCC's flags, unless turned off. Asked for where
 /// it cannot act, an error.
-fn tune_cpu_variants(input: &PlanInput, switches: &BTreeMap<Switch, bool>, defines: &BTreeMap<String, String>) -> Result<bool, PlanError> {
-    let all_variants =
-        defines.get("GGML_CPU_ALL_VARIANTS").is_some_and(|v| ["ON", "1", "TRUE", "YES", "Y"].contains(&v.to_ascii_uppercase().as_str()));
-    let applies = input.target.is_x86() && switches[&Switch::BackendDl] && all_variants && input.compiler != CompilerFamily::Msvc;
+fn tune_cpu_variants(input: &PlanInput, switches: &BTreeMap<Switch, bool>) -> Result<bool, PlanError> {
+    let applies = input.target.is_x86() && switches[&Switch::BackendDl] && all_cpu_variants(input)? && input.compiler != CompilerFamily::Msvc;
     match input.env.get(CPU_VARIANT_TUNE_VAR).map(|v| parse_bool(CPU_VARIANT_TUNE_VAR, v)).transpose()? {
         Some(true) if !applies => Err(PlanError(format!(
             "{CPU_VARIANT_TUNE_VAR}=on tunes ggml's x86 CPU variants, which only a backend-dl build ({}) for x86 with GCC or Clang and {CMAKE_ARGS_VAR}=-DGGML_CPU_ALL_VARIANTS=ON has",
@@ -1012,6 +1030,22 @@ mod tests {
         assert_eq!(define(&p, "CMAKE_C_FLAGS_RELEASE"), Some("-O2 -DNDEBUG"));
         assert_eq!(define(&p, "CMAKE_CXX_FLAGS_RELEASE"), Some("-O2 -DNDEBUG"));
         assert!(!plan(&input("x86_64-unknown-linux-gnu")).defines.contains_key("CMAKE_C_FLAGS_RELEASE"));
+    }
+
+    #[test]
+    fn a_build_of_every_cpu_variant_reports_amx_as_ggml_decides_it_and_refuses_to_set_it() {
+        let mut i = with_env(input("x86_64-unknown-linux-gnu"), CMAKE_ARGS_VAR, "-DGGML_CPU_ALL_VARIANTS=ON");
+        i.features.insert(Switch::BackendDl);
+        // Not native, and even unpatched: ggml's Sapphire Rapids variant has AMX.
+        i.amx_patched = false;
+        assert!(plan(&i).switches[&Switch::Amx]);
+        for value in ["off", "on"] {
+            let err = BuildPlan::new(&with_env(i.clone(), &Switch::Amx.env_var(), value)).unwrap_err();
+            assert!(err.0.contains("LLAMA_SYS_AMX") && err.0.contains("GGML_CPU_ALL_VARIANTS") && err.0.contains("EXSA_AMX=off"), "{err}");
+        }
+        // The last definition counts, as in CMake.
+        let off_again = with_env(i.clone(), CMAKE_ARGS_VAR, "-DGGML_CPU_ALL_VARIANTS=ON -DGGML_CPU_ALL_VARIANTS=OFF");
+        assert!(!plan(&off_again).switches[&Switch::Amx]);
     }
 
     #[test]
