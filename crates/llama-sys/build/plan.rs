@@ -270,7 +270,9 @@ pub fn known_env_vars() -> Vec<String> {
 
 impl BuildPlan {
     pub fn new(input: &PlanInput) -> Result<BuildPlan, PlanError> {
-        let switches = resolve_switches(input)?;
+        // Read once: AMX's switch and the variants' tuning both follow it.
+        let all_variants = all_cpu_variants(input)?;
+        let switches = resolve_switches(input, all_variants)?;
         let on = |s: Switch| switches[&s];
         let target = &input.target;
 
@@ -396,7 +398,7 @@ impl BuildPlan {
                 *flags = if flags.is_empty() { host } else { format!("{flags} {host}") };
             }
         }
-        let tune_cpu_variants = tune_cpu_variants(input, &switches)?;
+        let tune_cpu_variants = tune_cpu_variants(input, &switches, all_variants)?;
         let (links, search_paths) = link_list(input, &switches, cuda_vmm);
 
         let mut headers =
@@ -420,7 +422,7 @@ impl BuildPlan {
     }
 }
 
-fn resolve_switches(input: &PlanInput) -> Result<BTreeMap<Switch, bool>, PlanError> {
+fn resolve_switches(input: &PlanInput, all_variants: bool) -> Result<BTreeMap<Switch, bool>, PlanError> {
     let mut switches = BTreeMap::new();
     for s in Switch::ALL {
         let value = match input.env.get(&s.env_var()) {
@@ -478,7 +480,7 @@ fn resolve_switches(input: &PlanInput) -> Result<BTreeMap<Switch, bool>, PlanErr
     // Unasked, AMX comes with native flags (-march=native enables it where the CPU has it) once
     // the patch makes ggml's AMX kernels correct; a non-native build names no AMX CPU.
     let amx_asked = input.env.contains_key(&Switch::Amx.env_var()) || input.features.contains(&Switch::Amx);
-    if target.is_x86() && all_cpu_variants(input)? {
+    if target.is_x86() && all_variants {
         // With one module per instruction-set level, ggml decides AMX per variant (its
         // Sapphire Rapids variant has it) whatever GGML_AMX_* say: the switch reports that, and
         // cannot be set.
@@ -507,8 +509,8 @@ fn all_cpu_variants(input: &PlanInput) -> Result<bool, PlanError> {
 /// Whether the CPU variants are tuned: where there are variants (x86, dynamic backends,
 /// GGML_CPU_ALL_VARIANTS) and the compiler takes GCC's flags, unless turned off. Asked for where
 /// it cannot act, an error.
-fn tune_cpu_variants(input: &PlanInput, switches: &BTreeMap<Switch, bool>) -> Result<bool, PlanError> {
-    let applies = input.target.is_x86() && switches[&Switch::BackendDl] && all_cpu_variants(input)? && input.compiler != CompilerFamily::Msvc;
+fn tune_cpu_variants(input: &PlanInput, switches: &BTreeMap<Switch, bool>, all_variants: bool) -> Result<bool, PlanError> {
+    let applies = input.target.is_x86() && switches[&Switch::BackendDl] && all_variants && input.compiler != CompilerFamily::Msvc;
     match input.env.get(CPU_VARIANT_TUNE_VAR).map(|v| parse_bool(CPU_VARIANT_TUNE_VAR, v)).transpose()? {
         Some(true) if !applies => Err(PlanError(format!(
             "{CPU_VARIANT_TUNE_VAR}=on tunes ggml's x86 CPU variants, which only a backend-dl build ({}) for x86 with GCC or Clang and {CMAKE_ARGS_VAR}=-DGGML_CPU_ALL_VARIANTS=ON has",
